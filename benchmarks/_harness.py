@@ -1,0 +1,117 @@
+"""Shared timing, table and JSON helpers for the benchmarks in this folder.
+
+Every benchmark measures its contenders side by side in one process run and reports ratios
+(see BENCHMARKS.md): absolute times on a shared machine move from run to run, ratios hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Wall-clock times of repeated calls, in seconds."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    times_s: tuple[float, ...]
+
+    def rate(self, units: float) -> float:
+        """Units per second at the median time (e.g. rows/s for ``units=rows``)."""
+        return units / self.median_s if self.median_s > 0 else float("inf")
+
+
+def measure(fn: Callable[[], Any], *, reps: int = 7, warmup: int = 2) -> Stats:
+    """Time ``fn()`` ``reps`` times after ``warmup`` untimed calls.
+
+    The garbage collector runs before each call (not inside the timing) so one contender's
+    garbage is not billed to the next.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return Stats(statistics.median(times), min(times), max(times), tuple(times))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux ``ru_maxrss`` is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return info
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Print (and return) a Markdown table, numbers formatted for reading."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-2):
+                return f"{v:.3g}"
+            return f"{v:,.2f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)
+    ]
+    lines = [
+        f"### {title}",
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "| " + " | ".join("-" * w for w in widths) + " |",
+    ]
+    lines += [
+        "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus machine info and a timestamp) to ``results/<name>.json``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    doc = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info()}
+    doc.update(payload)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
