@@ -1,0 +1,69 @@
+"""The fusion registry: one fused implementation per op kind.
+
+A fused implementation receives every op of one kind found in one step of the engine (one per
+feature, each with its own parameters) and their input values, and returns the outputs in the
+same order, exactly equal to running each op's ``apply`` on its own value. The engine calls it
+once per step and kind. Registering one for a new op kind is all it takes to fuse that kind::
+
+    @register_fused("clip")
+    def fused_clip(ops, values):
+        ...
+        return outputs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ._op import Op
+from ._values import Value
+from .exceptions import RegistrationError
+
+__all__ = ["FusedFn", "fused_implementation", "fused_kinds", "register_fused"]
+
+FusedFn = Callable[[Sequence[Op], Sequence[Value]], list[Value]]
+
+_FUSED: dict[str, FusedFn] = {}
+
+
+def register_fused(
+    kind: str, fn: FusedFn | None = None, *, replace: bool = False
+) -> Callable[[FusedFn], FusedFn] | FusedFn:
+    """Register the fused implementation of op kind ``kind``; usable as a decorator.
+
+    Args:
+        kind: the op kind (``Op.kind``) the implementation fuses.
+        fn: ``fn(ops, values) -> outputs``; omitted when used as ``@register_fused(kind)``.
+        replace: allow replacing an existing registration (otherwise an error).
+
+    Returns:
+        ``fn`` (or a decorator returning it unchanged).
+
+    Raises:
+        RegistrationError: ``kind`` already has an implementation and ``replace`` is false, or
+            ``fn`` is not callable.
+    """
+
+    def register(f: FusedFn) -> FusedFn:
+        if not callable(f):
+            raise RegistrationError(f"fused implementation of {kind!r} must be callable")
+        if kind in _FUSED and not replace:
+            raise RegistrationError(
+                f"op kind {kind!r} already has a fused implementation; pass replace=True"
+            )
+        _FUSED[kind] = f
+        return f
+
+    if not isinstance(kind, str) or not kind:
+        raise RegistrationError(f"op kind must be a non-empty string, got {kind!r}")
+    return register if fn is None else register(fn)
+
+
+def fused_implementation(kind: str) -> FusedFn | None:
+    """The fused implementation registered for ``kind``, or ``None`` (ops then run one by one)."""
+    return _FUSED.get(kind)
+
+
+def fused_kinds() -> tuple[str, ...]:
+    """The op kinds that have a fused implementation, sorted."""
+    return tuple(sorted(_FUSED))

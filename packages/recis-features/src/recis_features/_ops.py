@@ -1,0 +1,479 @@
+"""The built-in ops. Each ``apply`` is the per-feature path, the reference for fusion."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+import recis_kernels as rk
+from recis_kernels import RaggedTensor
+
+from ._op import SourceOp, Transform, require
+from ._values import Value, dtype_from_name, dtype_kind, dtype_names, flat, rebuild
+from .exceptions import SerializationError
+
+__all__ = [
+    "Bucketize",
+    "FeatureCross",
+    "FillMissing",
+    "Hash",
+    "IDMultiHash",
+    "Lambda",
+    "Log1p",
+    "Mod",
+    "Normalize",
+    "SelectField",
+    "SelectFields",
+    "SequenceTruncate",
+]
+
+_INT64_MAX = 2**63 - 1
+HASH_ALGORITHMS = ("farm", "murmur")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class SelectField(SourceOp):
+    """Read one column of the batch, optionally casting its (element) dtype.
+
+    Args:
+        column: the column name.
+        dtype: ``None`` to keep the column's dtype, else one of ``"int32"``, ``"int64"``,
+            ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``.
+    """
+
+    kind = "select"
+
+    def __init__(self, column: str, dtype: str | None = None) -> None:
+        require(isinstance(column, str) and column != "", self.kind, f"bad column {column!r}")
+        require(
+            dtype is None or dtype in dtype_names(),
+            self.kind,
+            f"dtype must be one of {', '.join(dtype_names())}, got {dtype!r}",
+        )
+        self.column = column
+        self.dtype = dtype
+
+    def params(self) -> dict[str, Any]:
+        return {"column": self.column, "dtype": self.dtype}
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    def output_kind(self, input_kind: str) -> str:
+        return "any" if self.dtype is None else dtype_kind(dtype_from_name(self.dtype))
+
+    def read(self, columns: Mapping[str, Value]) -> Value:
+        value = columns[self.column]
+        if self.dtype is None:
+            return value
+        dtype = dtype_from_name(self.dtype)
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype)
+        if isinstance(value, RaggedTensor):
+            return value.with_values(value.values.to(dtype), value.weights)
+        return value
+
+
+class SelectFields(SourceOp):
+    """Read two id columns as a pair, the input of :class:`FeatureCross`.
+
+    Args:
+        columns: the two column names, in cross order.
+    """
+
+    kind = "select_fields"
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        columns = list(columns) if not isinstance(columns, str) else [columns]
+        require(len(columns) == 2, self.kind, f"needs exactly 2 columns, got {len(columns)}")
+        require(
+            all(isinstance(c, str) and c for c in columns), self.kind, f"bad columns {columns!r}"
+        )
+        self._columns = tuple(columns)
+
+    def params(self) -> dict[str, Any]:
+        return {"columns": list(self._columns)}
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self._columns
+
+    def output_kind(self, input_kind: str) -> str:
+        return "pair"
+
+    def read(self, columns: Mapping[str, Value]) -> Value:
+        return tuple(columns[c] for c in self._columns)
+
+
+class Hash(Transform):
+    """Hash strings to int64 ids: FarmHash Fingerprint64 or MurmurHash64A (seed 0).
+
+    Input: a list of strings (one per row, output ``(B,)``), or a ragged ``uint8`` value whose
+    innermost rows are the strings' bytes (one level: output ``(B,)``; two levels: a ragged of
+    ids with the outer offsets).
+
+    Args:
+        algorithm: ``"farm"`` or ``"murmur"``.
+        buckets: ``0`` for the full 64-bit hash, else the unsigned remainder by ``buckets``.
+    """
+
+    kind = "hash"
+    accepts: ClassVar[frozenset[str]] = frozenset({"strings"})
+
+    def __init__(self, algorithm: str = "farm", buckets: int = 0) -> None:
+        require(
+            algorithm in HASH_ALGORITHMS,
+            self.kind,
+            f"algorithm must be 'farm' or 'murmur', got {algorithm!r}",
+        )
+        require(
+            _is_int(buckets) and 0 <= buckets <= _INT64_MAX,
+            self.kind,
+            f"buckets must be an integer in [0, 2**63), got {buckets!r}",
+        )
+        self.algorithm = algorithm
+        self.buckets = buckets
+
+    def params(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "buckets": self.buckets}
+
+    def output_kind(self, input_kind: str) -> str:
+        return "ids"
+
+    def apply(self, value: Value) -> Value:
+        if isinstance(value, list):
+            return rk.hash_strings(value, self.algorithm, self.buckets)
+        inner = value.offsets[-1]
+        hashed = rk.hash_bytes(value.values, inner, self.algorithm, self.buckets)
+        if len(value.offsets) == 1:
+            return hashed
+        return RaggedTensor(hashed, list(value.offsets[:-1]))
+
+
+class Mod(Transform):
+    """Unsigned 64-bit remainder of int64 ids by ``n`` (dense or ragged).
+
+    Args:
+        n: the modulus, ``1 <= n < 2**63``.
+    """
+
+    kind = "mod"
+    accepts: ClassVar[frozenset[str]] = frozenset({"ids"})
+
+    def __init__(self, n: int) -> None:
+        require(
+            _is_int(n) and 1 <= n <= _INT64_MAX,
+            self.kind,
+            f"n must be an integer in [1, 2**63), got {n!r}",
+        )
+        self.n = n
+
+    def params(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def apply(self, value: Value) -> Value:
+        return rebuild(value, rk.mod(flat(value).to(torch.int64), self.n))
+
+
+class Bucketize(Transform):
+    """Bucket floats: bucket = number of boundaries ``<=`` x (a value on a boundary goes up).
+
+    Args:
+        boundaries: strictly increasing finite numbers (at least one). Output ids are in
+            ``[0, len(boundaries)]``; NaN goes to the last bucket.
+    """
+
+    kind = "bucketize"
+    accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
+
+    def __init__(self, boundaries: Sequence[float]) -> None:
+        b = list(boundaries)
+        require(len(b) > 0, self.kind, "boundaries must not be empty")
+        require(
+            all(_is_number(x) and math.isfinite(x) for x in b),
+            self.kind,
+            "boundaries must be finite numbers",
+        )
+        require(
+            all(x < y for x, y in itertools.pairwise(b)),
+            self.kind,
+            "boundaries must be strictly increasing",
+        )
+        self.boundaries = tuple(float(x) for x in b)
+
+    def params(self) -> dict[str, Any]:
+        return {"boundaries": list(self.boundaries)}
+
+    def output_kind(self, input_kind: str) -> str:
+        return "ids"
+
+    def boundary_tensor(self, device: torch.device) -> torch.Tensor:
+        """The boundaries as a float64 tensor on ``device``."""
+        return torch.tensor(self.boundaries, dtype=torch.float64, device=device)
+
+    def apply(self, value: Value) -> Value:
+        x = flat(value)
+        return rebuild(value, rk.bucketize(x, self.boundary_tensor(x.device)))
+
+
+def as_rows(value: torch.Tensor | RaggedTensor) -> RaggedTensor:
+    """A dense ``(B,)`` or ``(B, k)`` value as a one-level ragged value (``k`` ids per row)."""
+    if isinstance(value, RaggedTensor):
+        return value
+    rows = value.shape[0]
+    per_row = math.prod(value.shape[1:])
+    offsets = torch.arange(rows + 1, dtype=torch.int64, device=value.device) * per_row
+    return RaggedTensor(value.reshape(-1), [offsets])
+
+
+class FeatureCross(Transform):
+    """Cross two id columns: per row, every pair of distinct ids, hashed to int64.
+
+    Each pair ``(a, b)`` hashes with MurmurHash64A over the 16 little-endian bytes of ``a``
+    then ``b``; weights multiply. Dense ``(B,)`` / ``(B, k)`` inputs are rows of 1 / k ids.
+    Output: a one-level ragged of int64 ids. Follows :class:`SelectFields`.
+    """
+
+    kind = "cross"
+    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
+
+    def output_kind(self, input_kind: str) -> str:
+        return "ids"
+
+    def mismatch(self, value: Value) -> str | None:
+        expected = "a pair of id columns"
+        if not isinstance(value, tuple) or len(value) != 2:
+            return expected
+        for part in value:
+            if (
+                not isinstance(part, (torch.Tensor, RaggedTensor))
+                or dtype_kind(flat(part).dtype) != "ids"
+            ):
+                return expected
+            if isinstance(part, RaggedTensor) and len(part.offsets) != 1:
+                return expected + " (one ragged level each)"
+        return None
+
+    def apply(self, value: Value) -> Value:
+        a, b = (as_rows(part) for part in value)
+        return rk.feature_cross(a, b)
+
+
+class IDMultiHash(Transform):
+    """Hash each id with several independent hash functions into given bucket counts.
+
+    Output: the ids' structure with a trailing dimension of ``len(buckets)``: dense ``(B,)``
+    becomes ``(B, H)``; a ragged value gets ``(N, H)`` values.
+
+    Args:
+        buckets: positive bucket counts, one per hash function.
+    """
+
+    kind = "multi_hash"
+    accepts: ClassVar[frozenset[str]] = frozenset({"ids"})
+
+    def __init__(self, buckets: Sequence[int]) -> None:
+        b = list(buckets)
+        require(len(b) > 0, self.kind, "buckets must not be empty")
+        require(
+            all(_is_int(x) and 1 <= x <= _INT64_MAX for x in b),
+            self.kind,
+            f"buckets must be integers in [1, 2**63), got {b!r}",
+        )
+        self.buckets = tuple(b)
+
+    def params(self) -> dict[str, Any]:
+        return {"buckets": list(self.buckets)}
+
+    def apply(self, value: Value) -> Value:
+        hashed = rk.multi_hash(flat(value).to(torch.int64), list(self.buckets))
+        if isinstance(value, RaggedTensor):
+            return value.with_values(hashed, value.weights)
+        return hashed.reshape(*value.shape, len(self.buckets))
+
+
+class SequenceTruncate(Transform):
+    """Truncate ragged sequences to at most ``length`` items, keeping the head or the tail.
+
+    With ``levels=3`` (rows of sequences of id lists) the sequence level is truncated and then
+    padded with empty lists up to ``length``.
+
+    Args:
+        length: the maximum sequence length (``>= 0``).
+        side: ``"head"`` keeps the first items, ``"tail"`` the last.
+        levels: ``2`` for ``[B, L]`` ragged values (one offsets array), ``3`` for ``[B, L, K]``.
+    """
+
+    kind = "truncate"
+    accepts: ClassVar[frozenset[str]] = frozenset({"ids", "floats", "strings"})
+
+    def __init__(self, length: int, side: str = "head", levels: int = 2) -> None:
+        require(_is_int(length) and length >= 0, self.kind, f"length must be >= 0, got {length!r}")
+        require(side in ("head", "tail"), self.kind, f"side must be 'head' or 'tail', got {side!r}")
+        require(levels in (2, 3), self.kind, f"levels must be 2 or 3, got {levels!r}")
+        self.length = length
+        self.side = side
+        self.levels = levels
+
+    def params(self) -> dict[str, Any]:
+        return {"length": self.length, "side": self.side, "levels": self.levels}
+
+    def expectation(self) -> str:
+        return f"a ragged value with {self.levels - 1} offset level(s)"
+
+    def mismatch(self, value: Value) -> str | None:
+        if isinstance(value, RaggedTensor) and len(value.offsets) == self.levels - 1:
+            return None
+        return self.expectation()
+
+    def apply(self, value: Value) -> Value:
+        return rk.truncate(value, self.length, self.side).values
+
+
+class FillMissing(Transform):
+    """Fill missing entries: NaN floats become ``value``; an empty ragged row gets one ``value``.
+
+    Dense floats and one-level ragged values (ids or floats) are accepted; filled ragged
+    entries get weight 1.
+
+    Args:
+        value: the fill value (an integer for id columns).
+    """
+
+    kind = "fill_missing"
+    accepts: ClassVar[frozenset[str]] = frozenset({"ids", "floats"})
+
+    def __init__(self, value: float) -> None:
+        require(_is_number(value), self.kind, f"value must be a number, got {value!r}")
+        self.value = value
+
+    def params(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def expectation(self) -> str:
+        return "dense floats or a one-level ragged value"
+
+    def mismatch(self, value: Value) -> str | None:
+        if isinstance(value, RaggedTensor):
+            kind = dtype_kind(value.values.dtype)
+            if len(value.offsets) != 1 or kind not in ("ids", "floats"):
+                return self.expectation()
+            if kind == "ids" and not _is_int(self.value):
+                return f"floats, since the fill value {self.value!r} is not an integer"
+            return None
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+            return None
+        return self.expectation()
+
+    def apply(self, value: Value) -> Value:
+        if isinstance(value, torch.Tensor):
+            return value.masked_fill(value.isnan(), self.value)
+        return _fill_empty_rows(value, self.value)
+
+
+def _fill_empty_rows(r: RaggedTensor, fill: float) -> RaggedTensor:
+    """Give every empty row of a one-level ragged value a single ``fill`` element."""
+    values = r.values
+    if values.dtype.is_floating_point:
+        values = torch.where(values.isnan(), torch.full_like(values, fill), values)
+    offsets = r.offsets[0]
+    lengths = offsets[1:] - offsets[:-1]
+    empty = lengths == 0
+    new_lengths = lengths + empty.to(torch.int64)
+    new_offsets = torch.zeros_like(offsets)
+    torch.cumsum(new_lengths, 0, out=new_offsets[1:])
+    # An old element moves right by the number of empty rows before its own row.
+    shift = torch.repeat_interleave(new_offsets[:-1] - offsets[:-1], lengths)
+    positions = torch.arange(values.shape[0], device=values.device) + shift
+    out = torch.full((int(new_offsets[-1]),), fill, dtype=values.dtype, device=values.device)
+    out[positions] = values
+    weights = None
+    if r.weights is not None:
+        weights = torch.ones(out.shape[0], dtype=r.weights.dtype, device=out.device)
+        weights[positions] = r.weights
+    return RaggedTensor(out, [new_offsets], weights)
+
+
+class Normalize(Transform):
+    """Standardize floats: ``(x - mean) / std``.
+
+    Args:
+        mean: subtracted first.
+        std: then divided by; must be positive.
+    """
+
+    kind = "normalize"
+    accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
+
+    def __init__(self, mean: float, std: float) -> None:
+        require(_is_number(mean) and math.isfinite(mean), self.kind, f"bad mean {mean!r}")
+        require(
+            _is_number(std) and math.isfinite(std) and std > 0,
+            self.kind,
+            f"std must be a positive finite number, got {std!r}",
+        )
+        self.mean = mean
+        self.std = std
+
+    def params(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std}
+
+    def apply(self, value: Value) -> Value:
+        x = flat(value)
+        return rebuild(value, (x - self.mean) / self.std)
+
+
+class Log1p(Transform):
+    """``log(1 + x)`` of floats (``x < -1`` gives NaN, as ``torch.log1p``)."""
+
+    kind = "log1p"
+    accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
+
+    def apply(self, value: Value) -> Value:
+        return rebuild(value, torch.log1p(flat(value)))
+
+
+class Lambda(Transform):
+    """Run a Python function on the feature's value: the escape hatch, never fused.
+
+    A feature holding a ``Lambda`` cannot be serialized; two ``Lambda`` ops are equal only when
+    they hold the same function object.
+
+    Args:
+        fn: called with the value, returns the new value.
+    """
+
+    kind = "lambda"
+
+    def __init__(self, fn: Callable[[Value], Value]) -> None:
+        require(callable(fn), self.kind, f"fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def params(self) -> dict[str, Any]:
+        return {"fn": getattr(self.fn, "__qualname__", repr(self.fn))}
+
+    def to_dict(self) -> dict[str, Any]:
+        raise SerializationError(
+            f"op lambda ({self.params()['fn']}) cannot be serialized; use a registered op"
+        )
+
+    def key(self) -> str:
+        return f"lambda:{id(self.fn)}"
+
+    def output_kind(self, input_kind: str) -> str:
+        return "any"
+
+    def apply(self, value: Value) -> Value:
+        return self.fn(value)

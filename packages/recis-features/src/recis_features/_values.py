@@ -1,0 +1,136 @@
+"""The values that flow between ops, and conversions from batch columns.
+
+A value is one of:
+
+- a dense ``torch.Tensor``: ``(B,)`` or ``(B, k)``;
+- a :class:`recis_kernels.RaggedTensor` (ids, floats, or ``uint8`` bytes of strings);
+- a ``list`` of ``str``/``bytes`` (one string per row);
+- a ``tuple`` of values (the output of :class:`SelectFields`, consumed by a cross).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from recis_kernels import RaggedTensor
+
+from .exceptions import FeatureTypeError
+
+Value = torch.Tensor | RaggedTensor | list | tuple
+
+_INT_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64})
+_DTYPES = {
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (one of :data:`_DTYPES`)."""
+    return _DTYPES[name]
+
+
+def dtype_names() -> tuple[str, ...]:
+    """Names accepted wherever a dtype is given as a string."""
+    return tuple(_DTYPES)
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """``"floats"``, ``"ids"``, ``"bytes"`` or ``"other"`` for a tensor dtype."""
+    if dtype.is_floating_point:
+        return "floats"
+    if dtype in _INT_DTYPES:
+        return "ids"
+    if dtype == torch.uint8:
+        return "bytes"
+    return "other"
+
+
+def value_kind(value: Any) -> str:
+    """The kind of a value, as ops declare what they accept.
+
+    Returns:
+        ``"floats"``, ``"ids"``, ``"strings"``, ``"pair"`` or ``"other"``. A ragged ``uint8``
+        value and a list of strings are both ``"strings"``.
+    """
+    if isinstance(value, torch.Tensor):
+        kind = dtype_kind(value.dtype)
+        return "ids" if kind == "bytes" else kind
+    if isinstance(value, RaggedTensor):
+        kind = dtype_kind(value.values.dtype)
+        return "strings" if kind == "bytes" else kind
+    if isinstance(value, list):
+        return "strings"
+    if isinstance(value, tuple):
+        return "pair"
+    return "other"
+
+
+def describe(value: Any) -> str:
+    """A short human description of a value for error messages."""
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"dense {dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, RaggedTensor):
+        dtype = str(value.values.dtype).removeprefix("torch.")
+        return f"ragged {dtype} with {len(value.offsets)} offset level(s)"
+    if isinstance(value, list):
+        return f"strings (list of {len(value)})"
+    if isinstance(value, tuple):
+        return f"tuple of {len(value)} values"
+    return f"object of type {type(value).__name__}"
+
+
+def _is_string_list(column: Sequence[Any]) -> bool:
+    return all(isinstance(s, (str, bytes)) for s in column)
+
+
+def as_value(column: Any, column_name: str) -> Value:
+    """Convert a batch column to a value without copying its data.
+
+    Args:
+        column: a ``torch.Tensor``, a ``RaggedTensor``, any object with ``.values`` and
+            ``.offsets`` (a recis-io ragged column), a NumPy array, or a list of strings.
+        column_name: the column's name, for the error message.
+
+    Raises:
+        FeatureTypeError: the column has none of the supported types.
+    """
+    if isinstance(column, (torch.Tensor, RaggedTensor)):
+        return column
+    if hasattr(column, "values") and hasattr(column, "offsets"):
+        return RaggedTensor.from_column(column)
+    if isinstance(column, (list, tuple)) and _is_string_list(column):
+        return list(column)
+    kind = getattr(getattr(column, "dtype", None), "kind", None)
+    if kind in ("O", "U", "S"):
+        strings = column.tolist()
+        if _is_string_list(strings):
+            return strings
+    elif kind is not None and hasattr(column, "__array_interface__"):
+        return torch.from_numpy(column)
+    raise FeatureTypeError(
+        f"column {column_name!r} has unsupported type {type(column).__name__}, expected a "
+        "tensor, a ragged column (.values/.offsets) or a list of strings"
+    )
+
+
+def flat(value: torch.Tensor | RaggedTensor) -> torch.Tensor:
+    """The elements of a dense or ragged value as one 1-D tensor (a view, no copy)."""
+    if isinstance(value, RaggedTensor):
+        return value.values
+    return value.reshape(-1)
+
+
+def rebuild(value: torch.Tensor | RaggedTensor, elements: torch.Tensor) -> Value:
+    """``value``'s structure (shape or offsets and weights) around new ``elements``."""
+    if isinstance(value, RaggedTensor):
+        return value.with_values(elements, value.weights)
+    return elements.reshape(value.shape)
