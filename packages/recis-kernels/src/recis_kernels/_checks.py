@@ -1,0 +1,46 @@
+"""Argument checks shared by the ops; every message names the argument and the op."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from recis_kernels.exceptions import ShapeError, UnsupportedDeviceError, UnsupportedDtypeError
+
+__all__ = ["check_1d", "check_dtype", "check_same_device", "check_tensor"]
+
+
+def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise UnsupportedDtypeError(
+            f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}"
+        )
+    return value
+
+
+def check_dtype(op: str, name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise UnsupportedDtypeError(
+            f"{op}: {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected {names}"
+        )
+
+
+def check_1d(op: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.dim() != 1:
+        raise ShapeError(f"{op}: {name} must be 1-d, got shape {tuple(tensor.shape)}")
+
+
+def check_same_device(op: str, tensors: dict[str, torch.Tensor | None]) -> torch.device:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {t.device}" for k, t in present.items())
+        raise UnsupportedDeviceError(f"{op}: tensors must share one device, got {where}")
+    return next(iter(devices)) if devices else torch.device("cpu")
+
+
+def grid_for(n: int, block: int = 256, cap: int = 65535 * 8) -> int:
+    """Grid size of a grid-stride loop over ``n`` elements."""
+    return max(0, min((n + block - 1) // block, cap))

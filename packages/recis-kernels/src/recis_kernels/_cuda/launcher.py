@@ -1,0 +1,125 @@
+"""Loading compiled kernels into the current CUDA context and launching them on torch's stream."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from recis_kernels._cuda.compiler import compile_kernel
+from recis_kernels.exceptions import CudaUnavailableError, KernelLaunchError
+
+__all__ = ["launch"]
+
+_functions: dict[tuple[int, str, str], object] = {}
+_modules: dict[tuple[int, str], object] = {}
+_lock = threading.Lock()
+
+# Scalar argument kinds accepted by :func:`launch`, mapped to their C types.
+_CTYPES = {
+    "ptr": ctypes.c_void_p,
+    "i64": ctypes.c_int64,
+    "i32": ctypes.c_int32,
+    "u64": ctypes.c_uint64,
+    "f32": ctypes.c_float,
+    "f64": ctypes.c_double,
+}
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:
+        raise CudaUnavailableError(
+            "the cuda backend needs cuda-python; install the extra with "
+            "`pip install recis-kernels[cuda]`"
+        ) from exc
+    return driver
+
+
+def _check(driver, result, what: str) -> None:
+    if result != driver.CUresult.CUDA_SUCCESS:
+        _, msg = driver.cuGetErrorString(result)
+        text = msg.decode() if msg else str(result)
+        raise KernelLaunchError(f"cuda driver call {what} failed: {text}")
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _function(device: torch.device, module_name: str, kernel: str):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fkey = (index, module_name, kernel)
+    with _lock:
+        fn = _functions.get(fkey)
+    if fn is not None:
+        return fn
+    driver = _driver()
+    # torch creates and makes current the primary context of the device on first use; the
+    # module must be loaded into that same context for launches on torch's streams.
+    torch.cuda.init()
+    with torch.cuda.device(index):
+        torch.cuda.current_stream()
+        compiled = compile_kernel(module_name, _arch(torch.device("cuda", index)))
+        with _lock:
+            module = _modules.get((index, module_name))
+            if module is None:
+                err, module = driver.cuModuleLoadData(compiled.cubin)
+                _check(driver, err, f"cuModuleLoadData({module_name!r}, {compiled.arch})")
+                _modules[(index, module_name)] = module
+            err, fn = driver.cuModuleGetFunction(module, kernel.encode())
+            _check(driver, err, f"cuModuleGetFunction({module_name!r}, {kernel!r})")
+            _functions[fkey] = fn
+    return fn
+
+
+def launch(
+    module_name: str,
+    kernel: str,
+    grid: int | tuple[int, int, int],
+    block: int | tuple[int, int, int],
+    args: Sequence[tuple[str, object]],
+    *,
+    device: torch.device,
+    shared_mem: int = 0,
+) -> None:
+    """Launch ``kernel`` from ``cuda/<module_name>.cu`` on torch's current stream of ``device``.
+
+    Args:
+        module_name: file stem of the ``.cu`` source.
+        kernel: ``extern "C"`` name of the kernel.
+        grid: grid size (x or (x, y, z)).
+        block: block size (x or (x, y, z)).
+        args: ``(kind, value)`` pairs in kernel parameter order; kind is one of ``ptr``
+            (a tensor, whose ``data_ptr()`` is passed, or an int address), ``i64``, ``i32``,
+            ``u64``, ``f32``, ``f64``.
+        device: CUDA device the tensors live on.
+        shared_mem: dynamic shared memory in bytes.
+
+    Raises:
+        CudaUnavailableError: cuda-python is missing.
+        KernelCompileError: the source does not compile for the device's arch.
+        KernelLaunchError: the driver refused to load or launch.
+    """
+    grid3 = (grid, 1, 1) if isinstance(grid, int) else grid
+    block3 = (block, 1, 1) if isinstance(block, int) else block
+    if grid3[0] == 0:
+        return
+    driver = _driver()
+    fn = _function(device, module_name, kernel)
+    values = []
+    types = []
+    for kind, value in args:
+        if kind == "ptr" and isinstance(value, torch.Tensor):
+            value = value.data_ptr()
+        values.append(value)
+        types.append(_CTYPES[kind])
+    stream = torch.cuda.current_stream(device).cuda_stream
+    (err,) = driver.cuLaunchKernel(
+        fn, *grid3, *block3, shared_mem, driver.CUstream(stream), (tuple(values), tuple(types)), 0
+    )
+    _check(driver, err, f"cuLaunchKernel({module_name!r}, {kernel!r})")

@@ -1,0 +1,1 @@
+"""One module per op family; each exposes plain functions backed by ``torch.ops.recis``."""

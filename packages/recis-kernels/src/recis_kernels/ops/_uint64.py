@@ -1,0 +1,45 @@
+"""Unsigned 64-bit arithmetic on int64 tensors (torch has no full uint64 support).
+
+Addition, subtraction, multiplication and xor wrap identically for signed and unsigned 64-bit
+integers, so only right shifts and remainders need care.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["const", "rotr", "shr", "umod", "umod_const"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def const(value: int) -> int:
+    """The int64 with the same bit pattern as the unsigned 64-bit ``value``."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of the 64-bit pattern by ``0 < s < 64``."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def rotr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Right rotation of the 64-bit pattern by ``0 <= s < 64``."""
+    if s == 0:
+        return x
+    return shr(x, s) | (x << (64 - s))
+
+
+def umod(x: torch.Tensor, n: torch.Tensor | int, two64_mod_n: torch.Tensor | int) -> torch.Tensor:
+    """``(uint64)x % n`` for ``0 < n < 2**63``, given ``2**64 % n`` (per element or scalar)."""
+    r = torch.remainder(x, n)
+    # A negative x stands for x + 2**64, so add 2**64 % n; stated as r - (n - c) to stay in range.
+    adjusted = r - (n - two64_mod_n)
+    adjusted = torch.where(adjusted < 0, adjusted + n, adjusted)
+    return torch.where(x < 0, adjusted, r)
+
+
+def umod_const(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(uint64)x % n`` for a Python int ``0 < n < 2**63``."""
+    return umod(x, n, (1 << 64) % n)

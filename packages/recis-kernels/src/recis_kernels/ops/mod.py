@@ -1,0 +1,117 @@
+"""``mod`` / ``fused_mod``: unsigned 64-bit remainder of int64 ids.
+
+Ids are 64-bit patterns: ``-1`` is ``2**64 - 1``, so ``mod(tensor([-1]), 10)`` is ``5``
+(``18446744073709551615 % 10``). This matches hashing pipelines that treat ids as ``uint64``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_dtype, check_same_device, check_tensor, grid_for
+from recis_kernels.ops._packing import pack, unpack
+from recis_kernels.ops._uint64 import umod
+
+__all__ = ["fused_mod", "mod"]
+
+_OP = "mod"
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_n(op: str, where: str, n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= _INT64_MAX:
+        raise ValueError(f"{op}: {where} must be an int in [1, 2**63 - 1], got {n!r}")
+    return n
+
+
+def mod(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Unsigned 64-bit remainder ``(uint64)ids % n``.
+
+    Args:
+        ids: int64 tensor of any shape.
+        n: modulus in ``[1, 2**63 - 1]``.
+
+    Returns:
+        int64 tensor shaped like ``ids`` with values in ``[0, n)``.
+
+    Raises:
+        UnsupportedDtypeError: ``ids`` is not int64.
+        ValueError: ``n`` out of range.
+
+    Example:
+        >>> mod(torch.tensor([7, -1]), 10)
+        tensor([7, 5])
+    """
+    check_tensor(_OP, "ids", ids)
+    check_dtype(_OP, "ids", ids, (torch.int64,))
+    _check_n(_OP, "n", n)
+    return torch.ops.recis.fused_mod(ids.reshape(-1), [ids.numel()], [n]).view(ids.shape)
+
+
+def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch.Tensor]:
+    """:func:`mod` over several features in one pass (one kernel launch on CUDA).
+
+    Args:
+        ids_list: K int64 tensors of any shapes, on one device.
+        ns: K moduli, ``ns[k]`` for ``ids_list[k]``.
+
+    Returns:
+        K int64 tensors shaped like the inputs.
+    """
+    op = "fused_mod"
+    if len(ids_list) != len(ns):
+        raise ValueError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
+    if not ids_list:
+        return []
+    for k, ids in enumerate(ids_list):
+        check_tensor(op, f"ids_list[{k}]", ids)
+        check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
+        _check_n(op, f"ns[{k}]", ns[k])
+    check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
+    packed, sizes = pack(ids_list)
+    out = torch.ops.recis.fused_mod(packed, sizes, list(ns))
+    return unpack(out, sizes, [t.shape for t in ids_list])
+
+
+def _fused_mod_cpu(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
+    if len(ns) == 1:
+        return umod(ids, ns[0], (1 << 64) % ns[0])
+    counts = torch.tensor(sizes, device=ids.device)
+    n = torch.tensor(ns, dtype=torch.int64, device=ids.device).repeat_interleave(counts)
+    c = torch.tensor([(1 << 64) % v for v in ns], device=ids.device).repeat_interleave(counts)
+    return umod(ids, n, c)
+
+
+def _fused_mod_cuda(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
+    from recis_kernels._cuda import launch
+
+    out = torch.empty_like(ids)
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    feature_offsets = torch.tensor(bounds, dtype=torch.int64, device=ids.device)
+    ns_t = torch.tensor(ns, dtype=torch.int64, device=ids.device)
+    n = ids.numel()
+    launch(
+        "mod", "fused_mod", grid_for(n), 256,
+        [("ptr", ids), ("ptr", feature_offsets), ("ptr", ns_t), ("i64", len(ns)), ("i64", n),
+         ("ptr", out)],
+        device=ids.device,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("recis::fused_mod", mutates_args=())
+def _fused_mod_op(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
+    ids = ids.contiguous()
+    if use_cuda_kernels(ids.device):
+        return _fused_mod_cuda(ids, sizes, ns)
+    return _fused_mod_cpu(ids, sizes, ns)
+
+
+@_fused_mod_op.register_fake
+def _(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
+    return torch.empty_like(ids)

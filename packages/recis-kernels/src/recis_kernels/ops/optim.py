@@ -1,0 +1,220 @@
+"""Sparse optimizer updates of touched rows, in place, with torch's numerics.
+
+Every function updates ``param`` and its optimizer state for ``N`` touched rows in one pass.
+The tensors are usually column views of one gathered ``(N, W)`` float32 buffer holding, per
+row, the embedding followed by its optimizer state (the layout of a recis hash table row), so
+one gather and one scatter move everything an update needs.
+
+State that torch keeps per parameter (the step count used by bias correction and learning-rate
+decay) is kept per row here: a row inserted late starts its own count at 1, exactly as if a torch
+optimizer had been created for that row when it was inserted. Row counts are float32, exact up
+to 2**24 updates of one row.
+
+State layout per optimizer (``D`` = embedding dim), see :data:`STATE_WIDTH`:
+
+=====================  =======================================  =========================
+optimizer              state columns                            initial values
+=====================  =======================================  =========================
+``sgd``                none
+``adagrad``            ``sum (D)``, ``step (1)``                ``initial_accumulator_value``, 0
+``rowwise_adagrad``    ``sum (1)``                              0
+``adam`` / ``adamw``   ``exp_avg (D)``, ``exp_avg_sq (D)``, ``step (1)``  0
+``ftrl``               ``accum (D)``, ``linear (D)``            ``initial_accumulator_value``, 0
+=====================  =======================================  =========================
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "STATE_WIDTH",
+    "adagrad_rows_",
+    "adam_rows_",
+    "ftrl_rows_",
+    "rowwise_adagrad_rows_",
+    "sgd_rows_",
+    "state_width",
+]
+
+#: State columns per row as ``(per-dim multiplier, extra columns)``.
+STATE_WIDTH: dict[str, tuple[int, int]] = {
+    "sgd": (0, 0),
+    "adagrad": (1, 1),
+    "rowwise_adagrad": (0, 1),
+    "adam": (2, 1),
+    "adamw": (2, 1),
+    "ftrl": (2, 0),
+}
+
+
+def state_width(optimizer: str, dim: int) -> int:
+    """Optimizer state columns per row for an embedding of ``dim`` columns."""
+    per_dim, extra = STATE_WIDTH[optimizer]
+    return per_dim * dim + extra
+
+
+def _col(values: torch.Tensor) -> torch.Tensor:
+    # Per-row scalars computed in float64 (as torch computes its Python-float scalars), then
+    # rounded to float32 the way torch rounds a Python scalar applied to a float32 tensor.
+    return values.to(torch.float32)[:, None]
+
+
+def sgd_rows_(
+    param: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float = 0.0
+) -> None:
+    """``torch.optim.SGD`` (no momentum) on rows.
+
+    Args:
+        param: ``(N, D) float32`` rows, updated in place.
+        grad: ``(N, D) float32`` gradients.
+        lr: learning rate.
+        weight_decay: L2 penalty added to the gradient.
+    """
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    param.add_(grad, alpha=-lr)
+
+
+def adagrad_rows_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state_sum: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+) -> None:
+    """``torch.optim.Adagrad`` on rows.
+
+    Args:
+        param: ``(N, D) float32`` rows, updated in place.
+        grad: ``(N, D) float32`` gradients.
+        state_sum: ``(N, D) float32`` running sums of squared gradients, updated in place.
+        step: ``(N,) float32`` per-row update counts, incremented in place.
+        lr: learning rate.
+        lr_decay: learning-rate decay per row update.
+        weight_decay: L2 penalty added to the gradient.
+        eps: added to the root of the sum.
+    """
+    step.add_(1)
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    clr = _col(lr / (1 + (step.double() - 1) * lr_decay))
+    state_sum.addcmul_(grad, grad, value=1)
+    std = state_sum.sqrt().add_(eps)
+    param.sub_(clr * (grad / std))
+
+
+def rowwise_adagrad_rows_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state_sum: torch.Tensor,
+    *,
+    lr: float,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """Row-wise Adagrad (one accumulator per row, as FBGEMM's ``EXACT_ROWWISE_ADAGRAD``).
+
+    ``G += mean(g**2)`` over the row; ``param -= lr * g / (sqrt(G) + eps)``.
+
+    Args:
+        param: ``(N, D) float32`` rows, updated in place.
+        grad: ``(N, D) float32`` gradients.
+        state_sum: ``(N, 1) float32`` accumulators, updated in place.
+        lr: learning rate.
+        eps: added to the root of the accumulator.
+        weight_decay: L2 penalty added to the gradient.
+    """
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    state_sum.add_(grad.square().mean(dim=1, keepdim=True))
+    param.sub_(lr * grad / (state_sum.sqrt() + eps))
+
+
+def adam_rows_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> None:
+    """``torch.optim.Adam`` (``decoupled=False``) or ``torch.optim.AdamW`` on rows.
+
+    Args:
+        param: ``(N, D) float32`` rows, updated in place.
+        grad: ``(N, D) float32`` gradients.
+        exp_avg: ``(N, D) float32`` first moments, updated in place.
+        exp_avg_sq: ``(N, D) float32`` second moments, updated in place.
+        step: ``(N,) float32`` per-row update counts, incremented in place.
+        lr: learning rate.
+        beta1: first-moment decay.
+        beta2: second-moment decay.
+        eps: added to the bias-corrected root of the second moment.
+        weight_decay: L2 penalty (Adam) or decoupled decay factor (AdamW).
+        decoupled: AdamW's ``param *= 1 - lr * weight_decay`` instead of an L2 gradient term.
+    """
+    step.add_(1)
+    if weight_decay:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    s = step.double()
+    step_size = _col(lr / (1 - beta1**s))
+    bc2_sqrt = _col((1 - beta2**s).sqrt())
+    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    param.sub_(step_size * (exp_avg / denom))
+
+
+def ftrl_rows_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    accum: torch.Tensor,
+    linear: torch.Tensor,
+    *,
+    lr: float,
+    lr_power: float = -0.5,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    beta: float = 0.0,
+) -> None:
+    """FTRL-proximal (McMahan et al. 2013, TensorFlow's ``ApplyFtrl`` numerics) on rows.
+
+    ``n' = n + g**2``; ``z += g - (n'**-p - n**-p) / lr * w``;
+    ``w = (sign(z) * l1 - z) / ((beta + n'**-p) / lr + 2 * l2)`` where ``|z| > l1``, else 0,
+    with ``p = lr_power``.
+
+    Args:
+        param: ``(N, D) float32`` rows, overwritten in place.
+        grad: ``(N, D) float32`` gradients.
+        accum: ``(N, D) float32`` squared-gradient accumulators ``n``, updated in place.
+        linear: ``(N, D) float32`` linear terms ``z``, updated in place.
+        lr: learning rate (alpha).
+        lr_power: power of the accumulator in the per-coordinate rate (``-0.5``: square root).
+        l1: L1 regularization strength.
+        l2: L2 regularization strength.
+        beta: the beta of the per-coordinate rate.
+    """
+    accum_new = accum + grad * grad
+    if lr_power == -0.5:
+        root_new, root_old = accum_new.sqrt(), accum.sqrt()
+    else:
+        root_new, root_old = accum_new.pow(-lr_power), accum.pow(-lr_power)
+    linear.add_(grad - (root_new - root_old) / lr * param)
+    quadratic = (beta + root_new) / lr + 2 * l2
+    shrunk = (torch.sign(linear) * l1 - linear) / quadratic
+    param.copy_(torch.where(linear.abs() > l1, shrunk, torch.zeros_like(shrunk)))
+    accum.copy_(accum_new)

@@ -1,0 +1,102 @@
+"""Grouping distinct ids by the rank that owns them (row-wise sharding)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from recis_kernels._checks import check_1d, check_dtype, check_tensor
+from recis_kernels.exceptions import ShapeError
+from recis_kernels.ops.hash_table import fmix64
+
+__all__ = ["PartitionResult", "owner_rank", "partition_ids"]
+
+
+class PartitionResult(NamedTuple):
+    """Output of :func:`partition_ids`.
+
+    Attributes:
+        ids: ``(U,) int64`` distinct ids grouped by owner rank (rank 0 first), ascending inside
+            each group.
+        counts: ``(world_size,) int64`` number of ids each rank owns.
+        inverse: ``(N,) int64`` position of each input id in ``ids``.
+    """
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+    inverse: torch.Tensor
+
+
+def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank owning each id: ``fmix64(id)`` (MurmurHash3 finalizer) as unsigned 64-bit, mod world size.
+
+    Args:
+        ids: ``(N,) int64``.
+        world_size: number of ranks, ``>= 1``.
+
+    Returns:
+        ``(N,) int64`` ranks in ``[0, world_size)``.
+    """
+    h = fmix64(ids)
+    # Unsigned remainder from the signed bits: (2**64 + h) % w for negative h.
+    r = torch.remainder(h, world_size)
+    neg = h < 0
+    if bool(neg.any()):
+        wrap = (1 << 64) % world_size
+        r = torch.where(neg, torch.remainder(r + wrap, world_size), r)
+    return r
+
+
+@torch.library.custom_op("recis::partition_ids", mutates_args=())
+def _partition_op(
+    ids: torch.Tensor, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _partition_ids_cpu(ids, world_size)
+
+
+@_partition_op.register_fake
+def _partition_fake(
+    ids: torch.Tensor, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = torch.library.get_ctx().new_dynamic_size()
+    return ids.new_empty(n), ids.new_empty(world_size), torch.empty_like(ids)
+
+
+def _partition_ids_cpu(
+    ids: torch.Tensor, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    rank = owner_rank(u, world_size)
+    # A stable sort by rank keeps ids ascending inside each rank's group.
+    _, order = torch.sort(rank, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=ids.device)
+    counts = torch.bincount(rank, minlength=world_size)
+    return u[order], counts, position[inverse]
+
+
+def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
+    """Deduplicate ids and group them by owner rank for an all-to-all exchange.
+
+    The owner of an id is :func:`owner_rank`: the MurmurHash3 64-bit finalizer of the id's bits,
+    read as an unsigned integer, modulo ``world_size``.
+
+    Args:
+        ids: ``(N,) int64`` ids, duplicates allowed.
+        world_size: number of ranks, ``>= 1``.
+
+    Returns:
+        ``PartitionResult(ids (U,), counts (world_size,), inverse (N,))``: rank ``r`` owns
+        ``ids[sum(counts[:r]) : sum(counts[:r+1])]`` and ``result.ids[inverse] == ids``.
+
+    Raises:
+        UnsupportedDtypeError: ``ids`` is not int64.
+        ShapeError: ``ids`` is not 1-d or ``world_size < 1``.
+    """
+    check_tensor("partition_ids", "ids", ids)
+    check_dtype("partition_ids", "ids", ids, (torch.int64,))
+    check_1d("partition_ids", "ids", ids)
+    if int(world_size) < 1:
+        raise ShapeError(f"partition_ids: world_size must be >= 1, got {world_size}")
+    return PartitionResult(*_partition_op(ids, int(world_size)))

@@ -1,0 +1,160 @@
+"""Blocked row storage: rows of a fixed width in fixed-size blocks that grow without copying.
+
+Row ``r`` lives in block ``r >> block_shift`` at offset ``r & (block_rows - 1)``. ``blocks`` is
+the block pointer table (a Python list of ``(block_rows, width)`` tensors on the CPU path).
+Adding rows appends blocks; existing rows never move, so a table can grow while views of its
+rows stay valid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recis_kernels._checks import check_1d, check_dtype, check_tensor
+from recis_kernels.exceptions import ShapeError
+
+__all__ = ["RowStore"]
+
+
+class RowStore:
+    """Rows of ``width`` elements of ``dtype`` in blocks of ``block_rows`` rows.
+
+    Args:
+        width: elements per row.
+        dtype: element dtype.
+        block_rows: rows per block (rounded up to a power of two).
+        device: where the blocks live.
+
+    Example:
+        >>> s = RowStore(4)
+        >>> s.reserve(3)
+        >>> s.scatter(torch.tensor([2]), torch.ones(1, 4))
+        >>> s.gather(torch.tensor([2, 0]))
+        tensor([[1., 1., 1., 1.],
+                [0., 0., 0., 0.]])
+    """
+
+    def __init__(
+        self,
+        width: int,
+        dtype: torch.dtype = torch.float32,
+        block_rows: int = 1 << 16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if width < 1:
+            raise ShapeError(f"RowStore: width must be >= 1, got {width}")
+        self.width = int(width)
+        self.dtype = dtype
+        self.block_shift = max(0, int(block_rows) - 1).bit_length()
+        self.block_rows = 1 << self.block_shift
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.blocks: list[torch.Tensor] = []
+
+    @property
+    def capacity(self) -> int:
+        """Rows addressable without adding a block."""
+        return len(self.blocks) * self.block_rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all blocks."""
+        return sum(b.numel() * b.element_size() for b in self.blocks)
+
+    def reserve(self, num_rows: int) -> None:
+        """Add zero-filled blocks until rows ``[0, num_rows)`` exist."""
+        while self.capacity < num_rows:
+            self.blocks.append(
+                torch.zeros(self.block_rows, self.width, dtype=self.dtype, device=self.device)
+            )
+
+    def _check_rows(self, op: str, rows: torch.Tensor) -> None:
+        check_tensor(op, "rows", rows)
+        check_dtype(op, "rows", rows, (torch.int64,))
+        check_1d(op, "rows", rows)
+
+    def _columns(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.width if stop is None else stop
+        if not 0 <= start < stop <= self.width:
+            raise ShapeError(f"RowStore: columns [{start}, {stop}) outside a row of {self.width}")
+        return start, stop
+
+    def _groups(self, rows: torch.Tensor):
+        """(block index, positions in ``rows``, offsets in the block) per block touched."""
+        if len(self.blocks) == 1:
+            yield 0, None, rows
+            return
+        blk = rows >> self.block_shift
+        low = rows & (self.block_rows - 1)
+        for b in torch.unique(blk).tolist():
+            pos = (blk == b).nonzero().squeeze(1)
+            yield b, pos, low[pos]
+
+    def gather(self, rows: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Copy rows (columns ``[start, stop)``) into a new ``(N, stop - start)`` tensor.
+
+        Args:
+            rows: ``(N,) int64`` row indices below :attr:`capacity`, duplicates allowed.
+            start: first column.
+            stop: end column (default: the row width).
+        """
+        self._check_rows("RowStore.gather", rows)
+        start, stop = self._columns(start, stop)
+        out = torch.empty(rows.numel(), stop - start, dtype=self.dtype, device=self.device)
+        if rows.numel() == 0:
+            return out
+        for b, pos, low in self._groups(rows):
+            src = (
+                self.blocks[b][:, start:stop]
+                if (start, stop) != (0, self.width)
+                else self.blocks[b]
+            )
+            if pos is None:
+                torch.index_select(src, 0, low, out=out)
+            else:
+                out[pos] = src.index_select(0, low)
+        return out
+
+    def scatter(self, rows: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+        """Overwrite rows (columns from ``start``) with ``values``; rows must be distinct.
+
+        Args:
+            rows: ``(N,) int64`` distinct row indices.
+            values: ``(N, W)`` with ``start + W <= width``, cast to the store dtype.
+            start: first column written.
+        """
+        self._check_rows("RowStore.scatter", rows)
+        stop = self._check_values("RowStore.scatter", rows, values, start)
+        for b, pos, low in self._groups(rows):
+            dst = (
+                self.blocks[b][:, start:stop]
+                if (start, stop) != (0, self.width)
+                else self.blocks[b]
+            )
+            dst.index_copy_(0, low, values if pos is None else values[pos])
+
+    def scatter_add(self, rows: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+        """Add ``values`` into rows (columns from ``start``); duplicate rows accumulate.
+
+        Duplicates are reduced first (one sum per distinct row), then added once per row.
+
+        Args:
+            rows: ``(N,) int64`` row indices, duplicates allowed.
+            values: ``(N, W)`` with ``start + W <= width``.
+            start: first column updated.
+        """
+        self._check_rows("RowStore.scatter_add", rows)
+        self._check_values("RowStore.scatter_add", rows, values, start)
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(uniq.numel(), values.shape[1], dtype=values.dtype, device=self.device)
+        summed.scatter_add_(0, inverse[:, None].expand(-1, values.shape[1]), values)
+        current = self.gather(uniq, start, start + values.shape[1])
+        self.scatter(uniq, current + summed.to(self.dtype), start)
+
+    def _check_values(self, op: str, rows: torch.Tensor, values: torch.Tensor, start: int) -> int:
+        check_tensor(op, "values", values)
+        if values.dim() != 2 or values.shape[0] != rows.numel():
+            raise ShapeError(
+                f"{op}: values has shape {tuple(values.shape)}, expected ({rows.numel()}, W)"
+            )
+        _, stop = self._columns(start, start + values.shape[1])
+        return stop

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import builtins
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import recis_kernels as rk
+from recis_kernels import _backend
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", "auto"), ("CPU", "cpu"), ("cuda", "cuda")])
+def test_backend_reads_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("RECIS_KERNELS_BACKEND", value)
+    assert rk.backend() == expected
+
+
+def test_backend_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("RECIS_KERNELS_BACKEND", "tpu")
+    with pytest.raises(rk.BackendError, match="must be one of auto, cpu, cuda, got 'tpu'"):
+        _backend.backend()
+
+
+def test_cpu_tensors_never_use_kernels(monkeypatch):
+    monkeypatch.setenv("RECIS_KERNELS_BACKEND", "cuda")
+    assert not _backend.use_cuda_kernels(torch.device("cpu"))
+
+
+def test_cuda_backend_without_cuda_python_names_the_extra(monkeypatch):
+    monkeypatch.setenv("RECIS_KERNELS_BACKEND", "cuda")
+    monkeypatch.setattr(_backend, "cuda_python_available", lambda: False)
+    with pytest.raises(rk.CudaUnavailableError, match=r"recis-kernels\[cuda\]"):
+        _backend.use_cuda_kernels(torch.device("cuda", 0))
+    monkeypatch.setenv("RECIS_KERNELS_BACKEND", "auto")
+    assert not _backend.use_cuda_kernels(torch.device("cuda", 0))
+
+
+def test_compile_without_cuda_python_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("cuda"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    from recis_kernels._cuda import compiler
+
+    compiler._memory_cache.clear()
+    with pytest.raises(rk.CudaUnavailableError, match=r"recis-kernels\[cuda\]"):
+        rk.compile_kernel("mod", "sm_80")
+
+
+def test_import_does_not_load_cuda_python():
+    # torch itself may import parts of cuda-python; recis-kernels must add none of them.
+    code = (
+        "import sys, torch; before = set(sys.modules); import recis_kernels; "
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('cuda')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXTREME_IDS, INT64_MAX
+from hypothesis import given
+from hypothesis import strategies as st
+
+import recis_kernels as rk
+
+ids_st = st.lists(
+    st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.sampled_from(EXTREME_IDS)), max_size=40
+)
+n_st = st.one_of(
+    st.integers(1, 1000), st.integers(1, INT64_MAX), st.sampled_from([1, 2, INT64_MAX])
+)
+
+
+def ref_mod(ids: list[int], n: int) -> list[int]:
+    return [(i % (1 << 64)) % n for i in ids]
+
+
+@given(ids=ids_st, n=n_st)
+def test_mod_matches_python_unsigned(ids, n):
+    out = rk.mod(torch.tensor(ids, dtype=torch.int64), n)
+    assert out.dtype == torch.int64
+    assert out.tolist() == ref_mod(ids, n)
+
+
+@given(data=st.lists(st.tuples(ids_st, n_st), max_size=5))
+def test_fused_mod_matches_per_feature(data):
+    ids_list = [torch.tensor(i, dtype=torch.int64) for i, _ in data]
+    outs = rk.fused_mod(ids_list, [n for _, n in data])
+    assert len(outs) == len(data)
+    for out, (ids, n) in zip(outs, data, strict=True):
+        assert out.tolist() == ref_mod(ids, n)
+
+
+def test_mod_keeps_shape_and_examples(device):
+    ids = torch.tensor([[7, -1], [INT64_MAX, -(1 << 63)]], device=device)
+    out = rk.mod(ids, 10)
+    assert out.shape == (2, 2)
+    assert out.cpu().tolist() == [[7, 5], [7, 8]]
+
+
+def test_fused_mod_device_matches_cpu(device):
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(-(1 << 62), 1 << 62, (n,), generator=g) for n in (0, 1, 1000, 5000)]
+    ns = [7, 1 << 40, 3, INT64_MAX]
+    expected = rk.fused_mod(ids, ns)
+    got = rk.fused_mod([t.to(device) for t in ids], ns)
+    for e, o in zip(expected, got, strict=True):
+        assert torch.equal(e, o.cpu())
+
+
+@pytest.mark.parametrize("n", [0, -3, 1 << 63, 2.5, True])
+def test_mod_rejects_bad_modulus(n):
+    with pytest.raises(ValueError, match=r"mod: n must be an int in \[1, 2\*\*63 - 1\]"):
+        rk.mod(torch.tensor([1]), n)
+
+
+def test_mod_rejects_non_int64():
+    with pytest.raises(rk.UnsupportedDtypeError, match="mod: ids has dtype int32, expected int64"):
+        rk.mod(torch.tensor([1], dtype=torch.int32), 3)
+
+
+def test_fused_mod_rejects_count_mismatch():
+    with pytest.raises(ValueError, match="got 1 id tensors but 2 moduli"):
+        rk.fused_mod([torch.tensor([1])], [2, 3])
+
+
+def test_mod_opcheck():
+    torch.library.opcheck(
+        torch.ops.recis.fused_mod.default, (torch.tensor([1, -1, 5]), [1, 2], [3, 4])
+    )
