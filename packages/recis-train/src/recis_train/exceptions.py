@@ -1,0 +1,45 @@
+"""Exceptions raised by recis-train.
+
+Every error derives from :class:`RecisTrainError`; each leaf also derives from the builtin a
+caller would naturally catch (``ValueError``, ``FileNotFoundError``, ``RuntimeError``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "MetricInputError",
+    "ModelOutputError",
+    "NonFiniteLossError",
+    "RecisTrainError",
+]
+
+
+class RecisTrainError(Exception):
+    """Base class of every recis-train error."""
+
+
+class ConfigError(RecisTrainError, ValueError):
+    """Training arguments, a pipeline or a hook are configured with an invalid value."""
+
+
+class MetricInputError(RecisTrainError, ValueError):
+    """A metric received predictions, labels or groups it cannot use."""
+
+
+class ModelOutputError(RecisTrainError, TypeError):
+    """The model returned something that is neither a loss nor a dict of per-task losses."""
+
+
+class NonFiniteLossError(RecisTrainError, FloatingPointError):
+    """The loss of a training step is NaN or infinite."""
+
+
+class CheckpointError(RecisTrainError, RuntimeError):
+    """A checkpoint cannot be written, or is incomplete or inconsistent when read."""
+
+
+class CheckpointNotFoundError(RecisTrainError, FileNotFoundError):
+    """No complete checkpoint exists where one was asked for."""

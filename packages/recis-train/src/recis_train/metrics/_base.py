@@ -1,0 +1,140 @@
+"""The streaming metric protocol and the helpers every metric shares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recis_train.exceptions import MetricInputError
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo and others take CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def as_flat(value: Any, what: str, metric: str, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as a detached 1-d CPU tensor of ``dtype``, or a clear error naming it."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise MetricInputError(
+                f"{metric}: {what} must be a tensor, got {type(value).__name__}"
+            ) from err
+    if value.is_complex():
+        raise MetricInputError(f"{metric}: {what} must be real, got dtype {value.dtype}")
+    return value.detach().reshape(-1).to("cpu", dtype)
+
+
+def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary: bool) -> None:
+    """Validate one batch of predictions and labels (same length, finite, labels in range)."""
+    if preds.numel() != labels.numel():
+        raise MetricInputError(
+            f"{metric}: preds has {preds.numel()} elements but labels has {labels.numel()}"
+        )
+    if not bool(torch.isfinite(preds).all()):
+        raise MetricInputError(f"{metric}: preds contain nan or inf")
+    if labels.numel() == 0:
+        return
+    if binary:
+        bad = (labels != 0) & (labels != 1)
+        if bool(bad.any()):
+            found = labels[bad][0].item()
+            raise MetricInputError(f"{metric}: labels must be 0 or 1, found {found}")
+    elif bool(((labels < 0) | (labels > 1) | ~torch.isfinite(labels)).any()):
+        raise MetricInputError(f"{metric}: labels must lie in [0, 1]")
+
+
+class Metric:
+    """A streaming metric: ``update`` per batch, ``compute`` at the end, ``reset`` to start over.
+
+    Subclasses keep their state as named tensors in ``self._state`` and say how each combines
+    across ranks: ``"sum"`` states are all-reduced, ``"cat"`` states are all-gathered and
+    concatenated. When ``torch.distributed`` is initialized with more than one rank, ``compute``
+    combines every rank's state first, so every rank returns the same value for the whole data.
+    It is a collective call then: every rank must call it.
+    """
+
+    #: state name -> "sum" or "cat"
+    _reductions: Mapping[str, str] = {}
+
+    def __init__(self) -> None:
+        self._state: dict[str, Any] = {}
+        self.reset()
+
+    def _initial_state(self) -> dict[str, torch.Tensor]:
+        """Fresh state: "cat" entries are the empty tensor their chunks concatenate to."""
+        raise NotImplementedError
+
+    def _compute(self, state: Mapping[str, torch.Tensor]) -> float:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self._state = {
+            name: [value] if self._reductions[name] == "cat" else value
+            for name, value in self._initial_state().items()
+        }
+
+    def compute(self) -> float:
+        """The metric over every batch seen since the last reset (on every rank when distributed)."""
+        return self._compute(self._synced_state())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's state as CPU tensors (what a checkpoint stores)."""
+        return {name: self._local(name).clone() for name in self._state}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore a state produced by :meth:`state_dict` of the same metric type."""
+        expected = set(self._initial_state())
+        if set(state) != expected:
+            raise MetricInputError(
+                f"{type(self).__name__}: state has keys {sorted(state)}, expected {sorted(expected)}"
+            )
+        for name, value in state.items():
+            tensor = torch.as_tensor(value).clone()
+            self._state[name] = [tensor] if self._reductions[name] == "cat" else tensor
+
+    def _append(self, name: str, value: torch.Tensor) -> None:
+        # Chunks are concatenated once at compute time, not on every update (quadratic copying).
+        self._state[name].append(value)
+
+    def _local(self, name: str) -> torch.Tensor:
+        value = self._state[name]
+        if self._reductions[name] == "cat":
+            merged = torch.cat(value)
+            self._state[name] = [merged]
+            return merged
+        return value
+
+    def _synced_state(self) -> dict[str, torch.Tensor]:
+        local = {name: self._local(name) for name in self._state}
+        if _world_size() == 1:
+            return local
+        synced = {}
+        for name, tensor in local.items():
+            if self._reductions[name] == "sum":
+                reduced = tensor.to(_collective_device(), copy=True)
+                dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+                synced[name] = reduced.cpu()
+            else:
+                # Ranks hold different lengths; object gather avoids a pad-and-trim protocol.
+                gathered: list[Any] = [None] * _world_size()
+                dist.all_gather_object(gathered, tensor)
+                synced[name] = torch.cat(gathered)
+        return synced
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

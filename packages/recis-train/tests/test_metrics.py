@@ -1,0 +1,254 @@
+"""Metrics against definitional NumPy references written here (no sklearn)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recis_train.exceptions import MetricInputError
+from recis_train.metrics import AUROC, GAUC, Calibration, LogLoss
+
+
+def pairwise_auc(preds: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counting 1/2, over all pairs."""
+    pos, neg = preds[labels == 1], preds[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def tf_auc(preds: np.ndarray, labels: np.ndarray, n: int = 200) -> float:
+    thresholds = [-1e-7] + [(i + 1) / (n - 1) for i in range(n - 2)] + [1 + 1e-7]
+    tpr, fpr = [], []
+    for t in thresholds:
+        predicted = preds > t
+        tp = np.sum(predicted & (labels == 1))
+        fp = np.sum(predicted & (labels == 0))
+        fn = np.sum(~predicted & (labels == 1))
+        tn = np.sum(~predicted & (labels == 0))
+        tpr.append((tp + 1e-6) / (tp + fn + 1e-6))
+        fpr.append(fp / (fp + tn + 1e-6))
+    return sum((fpr[i] - fpr[i + 1]) * (tpr[i] + tpr[i + 1]) / 2 for i in range(n - 1))
+
+
+def grouped_reference(preds, labels, groups) -> float:
+    total, weight = 0.0, 0
+    for g in np.unique(groups):
+        mask = groups == g
+        auc = pairwise_auc(preds[mask], labels[mask])
+        if not math.isnan(auc):
+            total += auc * mask.sum()
+            weight += mask.sum()
+    return total / weight if weight else math.nan
+
+
+def batches(n: int, size: int):
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+# Scores drawn from a small grid so ties are frequent.
+scores = st.lists(st.integers(0, 12), min_size=1, max_size=120)
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=scores, data=st.data())
+def test_exact_auroc_matches_pairwise_definition(raw, data):
+    preds = np.array(raw, dtype=np.float64) / 12
+    labels = np.array(data.draw(st.lists(st.integers(0, 1), min_size=len(raw), max_size=len(raw))))
+    size = data.draw(st.integers(1, 50))
+    metric = AUROC()
+    for s in batches(len(preds), size):
+        metric.update(torch.tensor(preds[s]), torch.tensor(labels[s]))
+    expected = pairwise_auc(preds, labels)
+    if math.isnan(expected):
+        assert math.isnan(metric.compute())
+    else:
+        assert metric.compute() == pytest.approx(expected, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 300), size=st.integers(1, 64))
+def test_thresholded_auroc_matches_tf_definition(seed, n, size):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.3).astype(np.int64)
+    # Include values on and next to thresholds: p > t is strict.
+    preds = np.where(rng.random(n) < 0.3, rng.integers(0, 200, n) / 199, rng.random(n))
+    preds = np.clip(preds + labels * 0.1, 0, 1)
+    metric = AUROC("thresholded")
+    for s in batches(n, size):
+        metric.update(torch.tensor(preds[s]), torch.tensor(labels[s]))
+    assert metric.compute() == pytest.approx(tf_auc(preds, labels), abs=1e-9)
+
+
+def test_thresholded_close_to_exact_on_smooth_scores():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(20_000) < 0.4).astype(np.int64)
+    preds = 1 / (1 + np.exp(-(rng.normal(size=20_000) + labels)))
+    exact, approx = AUROC(), AUROC("thresholded")
+    for m in (exact, approx):
+        m.update(torch.tensor(preds), torch.tensor(labels))
+    assert abs(exact.compute() - approx.compute()) < 2e-3
+    assert exact.compute() == pytest.approx(pairwise_auc(preds, labels), abs=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 200), size=st.integers(1, 40))
+def test_gauc_exact_across_batch_boundaries(seed, n, size):
+    rng = np.random.default_rng(seed)
+    groups = np.sort(rng.integers(-3, 6, n))  # sorted: every group spans batch boundaries
+    labels = rng.integers(0, 2, n)
+    preds = rng.integers(0, 5, n) / 4
+    metric = GAUC()
+    for s in batches(n, size):
+        metric.update(
+            torch.tensor(preds[s]), torch.tensor(labels[s]), groups=torch.tensor(groups[s])
+        )
+    expected = grouped_reference(preds, labels, groups)
+    got = metric.compute()
+    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-12)
+
+
+def test_gauc_skips_single_class_groups_and_weights_by_size():
+    metric = GAUC()
+    # group 1: 4 rows, AUC 0.75; group 2: 2 rows, AUC 0; group 3: single class, skipped
+    metric.update([0.9, 0.2, 0.5, 0.6], [1, 0, 0, 1], groups=[1, 1, 1, 1])
+    metric.update([0.1, 0.8, 0.3], [1, 0, 1], groups=[2, 2, 3])
+    assert metric.compute() == pytest.approx((4 * 1.0 + 2 * 0.0) / 6)
+    metric.reset()
+    metric.update([0.3], [1], groups=[5])
+    assert math.isnan(metric.compute())
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 200), size=st.integers(1, 50))
+def test_logloss_and_calibration_streaming(seed, n, size):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n).astype(np.float64)
+    preds = rng.random(n)
+    preds[:2] = [0.0, 1.0][: min(n, 2)]  # clipped, never infinite
+    ll, cal = LogLoss(), Calibration()
+    for s in batches(n, size):
+        ll.update(torch.tensor(preds[s]), torch.tensor(labels[s]))
+        cal.update(torch.tensor(preds[s]), torch.tensor(labels[s]))
+    p = np.clip(preds, 1e-7, 1 - 1e-7)
+    expected = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    assert ll.compute() == pytest.approx(expected, rel=1e-12)
+    mean_pred, mean_label = cal.means()
+    assert mean_pred == pytest.approx(preds.mean(), rel=1e-12)
+    assert mean_label == pytest.approx(labels.mean(), rel=1e-12)
+    if labels.sum():
+        assert cal.compute() == pytest.approx(preds.mean() / labels.mean(), rel=1e-12)
+    else:
+        assert math.isnan(cal.compute())
+
+
+def test_logloss_from_logits_matches_probabilities():
+    logits = torch.tensor([-3.0, 0.0, 2.5, 10.0])
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    a, b = LogLoss(from_logits=True), LogLoss()
+    a.update(logits, labels)
+    b.update(torch.sigmoid(logits.double()), labels)
+    assert a.compute() == pytest.approx(b.compute(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (AUROC, ([0.1, 0.2], [1]), "preds has 2 elements but labels has 1"),
+        (AUROC, ([0.1, float("nan")], [1, 0]), "preds contain nan or inf"),
+        (AUROC, ([0.1, 0.2], [1, 2]), "labels must be 0 or 1, found 2.0"),
+        (LogLoss, ([1.5], [1]), "preds must be probabilities in [0, 1]"),
+        (Calibration, ([0.5], [-1]), "labels must lie in [0, 1]"),
+    ],
+)
+def test_bad_input_is_named(make, args, message):
+    with pytest.raises(MetricInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        make().update(*args)
+
+
+def test_bad_configuration_and_groups():
+    with pytest.raises(MetricInputError, match="mode must be 'exact' or 'thresholded'"):
+        AUROC("roc")
+    with pytest.raises(MetricInputError, match="groups must be integer ids"):
+        GAUC().update([0.1], [1], groups=[0.5])
+    with pytest.raises(MetricInputError, match="groups has 1 elements but preds has 2"):
+        GAUC().update([0.1, 0.2], [1, 0], groups=[1])
+
+
+@pytest.mark.parametrize("make", [AUROC, lambda: AUROC("thresholded"), GAUC, LogLoss, Calibration])
+def test_state_dict_round_trip_continues_identically(make):
+    rng = np.random.default_rng(1)
+    preds, labels, groups = rng.random(100), rng.integers(0, 2, 100), rng.integers(0, 9, 100)
+
+    def feed(metric, s):
+        extra = {"groups": torch.tensor(groups[s])} if isinstance(metric, GAUC) else {}
+        metric.update(torch.tensor(preds[s]), torch.tensor(labels[s]), **extra)
+
+    whole, first = make(), make()
+    feed(whole, slice(0, 100))
+    feed(first, slice(0, 60))
+    second = make()
+    second.load_state_dict(first.state_dict())
+    feed(second, slice(60, 100))
+    assert second.compute() == pytest.approx(whole.compute(), abs=1e-12)
+    with pytest.raises(MetricInputError, match="state has keys"):
+        second.load_state_dict({"bogus": torch.zeros(1)})
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rng = np.random.default_rng(7)
+    n = 90
+    preds, labels, groups = rng.random(n), rng.integers(0, 2, n), rng.integers(0, 6, n)
+    mine = slice(rank * n // world, (rank + 1) * n // world)
+    metrics = {
+        "auc": AUROC(),
+        "tf": AUROC("thresholded"),
+        "gauc": GAUC(),
+        "ll": LogLoss(),
+        "cal": Calibration(),
+    }
+    for name, m in metrics.items():
+        extra = {"groups": torch.tensor(groups[mine])} if name == "gauc" else {}
+        m.update(torch.tensor(preds[mine]), torch.tensor(labels[mine]), **extra)
+    queue.put((rank, {name: m.compute() for name, m in metrics.items()}))
+    dist.destroy_process_group()
+
+
+def test_metrics_sync_across_two_gloo_ranks(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init_file = str(tmp_path / "store")
+    env = dict(os.environ)
+    procs = [
+        ctx.Process(target=_distributed_worker, args=(r, 2, init_file, queue)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert env == dict(os.environ)
+    rng = np.random.default_rng(7)
+    preds, labels, groups = rng.random(90), rng.integers(0, 2, 90), rng.integers(0, 6, 90)
+    p = np.clip(preds, 1e-7, 1 - 1e-7)
+    expected = {
+        "auc": pairwise_auc(preds, labels),
+        "tf": tf_auc(preds, labels),
+        "gauc": grouped_reference(preds, labels, groups),
+        "ll": -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)),
+        "cal": preds.mean() / labels.mean(),
+    }
+    for rank in (0, 1):
+        for name, value in expected.items():
+            assert results[rank][name] == pytest.approx(value, abs=1e-9), (rank, name)
