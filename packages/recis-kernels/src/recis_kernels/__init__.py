@@ -19,7 +19,19 @@ from recis_kernels.exceptions import (
     UnsupportedDeviceError,
     UnsupportedDtypeError,
 )
+from recis_kernels.ops.hash_table import IdMap, IdMapExport, fmix64
 from recis_kernels.ops.mod import fused_mod, mod
+from recis_kernels.ops.optim import (
+    adagrad_rows_,
+    adam_rows_,
+    ftrl_rows_,
+    rowwise_adagrad_rows_,
+    sgd_rows_,
+    state_width,
+)
+from recis_kernels.ops.partition import PartitionResult, owner_rank, partition_ids
+from recis_kernels.ops.row_store import RowStore
+from recis_kernels.ops.unique import UniqueResult, unique
 from recis_kernels.ragged import RaggedTensor
 
 __version__ = "0.1.0"
@@ -28,21 +40,36 @@ __all__ = [
     "BackendError",
     "CompiledKernel",
     "CudaUnavailableError",
+    "IdMap",
+    "IdMapExport",
     "KernelCompileError",
     "KernelLaunchError",
+    "PartitionResult",
     "RaggedError",
     "RaggedTensor",
     "RecisKernelsError",
+    "RowStore",
     "ShapeError",
+    "UniqueResult",
     "UnsupportedDeviceError",
     "UnsupportedDtypeError",
     "__version__",
+    "adagrad_rows_",
+    "adam_rows_",
     "backend",
     "cache_dir",
     "compile_all",
     "compile_kernel",
     "cuda_python_available",
+    "fmix64",
+    "ftrl_rows_",
     "fused_mod",
     "kernel_names",
     "mod",
+    "owner_rank",
+    "partition_ids",
+    "rowwise_adagrad_rows_",
+    "sgd_rows_",
+    "state_width",
+    "unique",
 ]

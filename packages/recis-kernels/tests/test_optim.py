@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recis_kernels import (
+    adagrad_rows_,
+    adam_rows_,
+    ftrl_rows_,
+    rowwise_adagrad_rows_,
+    sgd_rows_,
+    state_width,
+)
+
+N, D, STEPS = 5, 4, 6
+
+
+def _grads(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, D, generator=g) for _ in range(STEPS)]
+
+
+def _torch_reference(cls, params: torch.Tensor, grads, **kw) -> torch.Tensor:
+    p = torch.nn.Parameter(params.clone())
+    opt = cls([p], **kw)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_matches_torch(weight_decay: float, decoupled: bool) -> None:
+    init = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    grads = _grads(2)
+    buf = torch.zeros(N, D + state_width("adam", D))
+    buf[:, :D] = init
+    for g in grads:
+        adam_rows_(
+            buf[:, :D],
+            g,
+            buf[:, D : 2 * D],
+            buf[:, 2 * D : 3 * D],
+            buf[:, 3 * D],
+            lr=0.01,
+            beta1=0.8,
+            beta2=0.95,
+            eps=1e-6,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+        )
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    ref = _torch_reference(
+        cls, init, grads, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay
+    )
+    torch.testing.assert_close(buf[:, :D], ref, rtol=1e-6, atol=1e-6)
+    assert buf[:, 3 * D].tolist() == [float(STEPS)] * N
+
+
+def test_adam_rows_keep_their_own_step() -> None:
+    """A row first touched at global step 3 is bias-corrected as its own step 1."""
+    init = torch.randn(2, D)
+    g = torch.randn(2, D)
+    buf = torch.zeros(2, 3 * D + 1)
+    buf[:, :D] = init
+    buf[0, 3 * D] = 2.0
+    adam_rows_(
+        buf[1:, :D], g[1:], buf[1:, D : 2 * D], buf[1:, 2 * D : 3 * D], buf[1:, 3 * D], lr=0.1
+    )
+    ref = _torch_reference(torch.optim.Adam, init[1:], [g[1:]], lr=0.1)
+    torch.testing.assert_close(buf[1:, :D], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("lr_decay", "weight_decay"), [(0.0, 0.0), (0.05, 0.1)])
+def test_adagrad_matches_torch(lr_decay: float, weight_decay: float) -> None:
+    init = torch.randn(N, D)
+    grads = _grads(3)
+    param, state = init.clone(), torch.full((N, D), 0.1)
+    step = torch.zeros(N)
+    for g in grads:
+        adagrad_rows_(param, g, state, step, lr=0.05, lr_decay=lr_decay, weight_decay=weight_decay)
+    ref = _torch_reference(
+        torch.optim.Adagrad,
+        init,
+        grads,
+        lr=0.05,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        initial_accumulator_value=0.1,
+    )
+    torch.testing.assert_close(param, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_sgd_matches_torch() -> None:
+    init = torch.randn(N, D)
+    grads = _grads(4)
+    param = init.clone()
+    for g in grads:
+        sgd_rows_(param, g, lr=0.1, weight_decay=0.01)
+    ref = _torch_reference(torch.optim.SGD, init, grads, lr=0.1, weight_decay=0.01)
+    torch.testing.assert_close(param, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_rowwise_adagrad_matches_numpy() -> None:
+    init = torch.randn(N, D)
+    grads = _grads(5)
+    param, state = init.clone(), torch.zeros(N, 1)
+    p, G = init.double().numpy(), np.zeros((N, 1))
+    for g in grads:
+        rowwise_adagrad_rows_(param, g, state, lr=0.1, eps=1e-8, weight_decay=0.01)
+        gd = g.double().numpy() + 0.01 * p
+        G += (gd**2).mean(axis=1, keepdims=True)
+        p = p - 0.1 * gd / (np.sqrt(G) + 1e-8)
+    np.testing.assert_allclose(param.numpy(), p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.numpy(), G, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("l1", "l2", "beta"), [(0.0, 0.0, 0.0), (0.05, 0.1, 1.0)])
+def test_ftrl_matches_numpy(l1: float, l2: float, beta: float) -> None:
+    grads = _grads(6)
+    param, accum, linear = torch.zeros(N, D), torch.full((N, D), 0.1), torch.zeros(N, D)
+    w, n, z = np.zeros((N, D)), np.full((N, D), 0.1), np.zeros((N, D))
+    lr = 0.5
+    for g in grads:
+        ftrl_rows_(param, g, accum, linear, lr=lr, l1=l1, l2=l2, beta=beta)
+        gd = g.double().numpy()
+        n_new = n + gd**2
+        z += gd - (np.sqrt(n_new) - np.sqrt(n)) / lr * w
+        n = n_new
+        quad = (beta + np.sqrt(n)) / lr + 2 * l2
+        w = np.where(np.abs(z) > l1, (np.sign(z) * l1 - z) / quad, 0.0)
+    np.testing.assert_allclose(param.numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(linear.numpy(), z, rtol=1e-5, atol=1e-6)
+
+
+def test_state_widths() -> None:
+    assert [state_width(k, 8) for k in ("sgd", "adagrad", "rowwise_adagrad", "adam", "ftrl")] == [
+        0,
+        9,
+        1,
+        17,
+        16,
+    ]

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recis_kernels import ShapeError, owner_rank, partition_ids
+
+INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
+MASK = (1 << 64) - 1
+
+
+def _fmix64_ref(x: int) -> int:
+    x &= MASK
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & MASK
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & MASK
+    return x ^ (x >> 33)
+
+
+@given(st.lists(st.one_of(INT64, st.integers(-5, 5)), max_size=150), st.integers(1, 7))
+def test_partition_matches_python(values: list[int], world_size: int) -> None:
+    ids = torch.tensor(values, dtype=torch.int64)
+    out = partition_ids(ids, world_size)
+    owners = {v: _fmix64_ref(v) % world_size for v in set(values)}
+    expected = sorted(set(values), key=lambda v: (owners[v], v))
+    assert out.ids.tolist() == expected
+    assert out.counts.tolist() == [
+        sum(1 for o in owners.values() if o == r) for r in range(world_size)
+    ]
+    assert out.ids[out.inverse].tolist() == values
+
+
+def test_owner_rank_is_unsigned_hash_mod() -> None:
+    ids = torch.tensor([0, -1, -(1 << 63), (1 << 63) - 1, 12345])
+    for w in (1, 2, 3, 5, 8):
+        assert owner_rank(ids, w).tolist() == [_fmix64_ref(v) % w for v in ids.tolist()]
+
+
+def test_partition_on_device(device: torch.device) -> None:
+    ids = torch.tensor([3, 1, 3, -7], device=device)
+    out = partition_ids(ids, 2)
+    assert out.ids.device.type == device.type
+    assert int(out.counts.sum()) == 3
+    assert out.ids[out.inverse].tolist() == [3, 1, 3, -7]
+
+
+def test_partition_rejects_bad_world_size() -> None:
+    with pytest.raises(ShapeError, match="world_size must be >= 1, got 0"):
+        partition_ids(torch.tensor([1]), 0)

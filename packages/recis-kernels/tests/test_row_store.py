@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recis_kernels import RowStore, ShapeError
+
+
+@given(
+    st.integers(1, 9),
+    st.lists(st.integers(0, 40), max_size=60),
+    st.sampled_from([4, 8, 64]),
+)
+def test_gather_scatter_add_match_numpy(width: int, rows: list[int], block_rows: int) -> None:
+    store = RowStore(width, block_rows=block_rows)
+    store.reserve(41)
+    assert store.capacity >= 41
+    ref = np.zeros((41, width), dtype=np.float64)
+    base = torch.arange(41 * width, dtype=torch.float32).reshape(41, width)
+    store.scatter(torch.arange(41), base)
+    ref[:] = base.numpy()
+    idx = torch.tensor(rows, dtype=torch.int64)
+    vals = torch.linspace(-1, 1, len(rows) * width).reshape(len(rows), width)
+    store.scatter_add(idx, vals)
+    np.add.at(ref, np.array(rows, dtype=np.int64), vals.numpy().astype(np.float64))
+    np.testing.assert_allclose(store.gather(torch.arange(41)).numpy(), ref, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(store.gather(idx).numpy(), ref[rows].reshape(-1, width), atol=1e-5)
+
+
+def test_column_ranges_and_growth_keep_rows(device: torch.device) -> None:
+    store = RowStore(6, block_rows=2, device=device)
+    store.reserve(3)
+    store.scatter(torch.tensor([2, 0], device=device), torch.ones(2, 2, device=device), start=4)
+    store.reserve(9)
+    assert len(store.blocks) == 5
+    got = store.gather(torch.tensor([0, 1, 2], device=device), 3, 6)
+    assert got.tolist() == [[0, 1, 1], [0, 0, 0], [0, 1, 1]]
+
+
+def test_row_store_rejects_bad_columns() -> None:
+    store = RowStore(4)
+    store.reserve(1)
+    with pytest.raises(ShapeError, match=r"columns \[2, 6\) outside a row of 4"):
+        store.scatter(torch.tensor([0]), torch.ones(1, 4), start=2)
+    with pytest.raises(ShapeError, match="values has shape"):
+        store.scatter_add(torch.tensor([0, 0]), torch.ones(1, 4))
