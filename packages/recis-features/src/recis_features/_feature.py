@@ -120,6 +120,10 @@ class Feature:
         source = self._ops[0] if self._ops else None
         return source.columns if isinstance(source, SourceOp) else ()
 
+    def rename(self, name: str) -> Feature:
+        """The same chain under another output name."""
+        return Feature(name, self._ops)
+
     def then(self, op: Op) -> Feature:
         """A new feature with ``op`` appended (the way to chain a custom op)."""
         return Feature(self._name, (*self._ops, op))

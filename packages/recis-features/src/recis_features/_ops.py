@@ -183,6 +183,9 @@ class Mod(Transform):
     def params(self) -> dict[str, Any]:
         return {"n": self.n}
 
+    def output_kind(self, input_kind: str) -> str:
+        return "ids"
+
     def apply(self, value: Value) -> Value:
         return rebuild(value, rk.mod(flat(value).to(torch.int64), self.n))
 
@@ -252,8 +255,11 @@ class FeatureCross(Transform):
     def output_kind(self, input_kind: str) -> str:
         return "ids"
 
+    def expectation(self) -> str:
+        return "a pair of id columns"
+
     def mismatch(self, value: Value) -> str | None:
-        expected = "a pair of id columns"
+        expected = self.expectation()
         if not isinstance(value, tuple) or len(value) != 2:
             return expected
         for part in value:
@@ -296,6 +302,9 @@ class IDMultiHash(Transform):
 
     def params(self) -> dict[str, Any]:
         return {"buckets": list(self.buckets)}
+
+    def output_kind(self, input_kind: str) -> str:
+        return "ids"
 
     def apply(self, value: Value) -> Value:
         hashed = rk.multi_hash(flat(value).to(torch.int64), list(self.buckets))
@@ -430,6 +439,9 @@ class Normalize(Transform):
     def params(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std}
 
+    def output_kind(self, input_kind: str) -> str:
+        return "floats"
+
     def apply(self, value: Value) -> Value:
         x = flat(value)
         return rebuild(value, (x - self.mean) / self.std)
@@ -440,6 +452,9 @@ class Log1p(Transform):
 
     kind = "log1p"
     accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
+
+    def output_kind(self, input_kind: str) -> str:
+        return "floats"
 
     def apply(self, value: Value) -> Value:
         return rebuild(value, torch.log1p(flat(value)))

@@ -1,0 +1,252 @@
+"""FeatureEngine behaviour: pass-through, sharing, duplicates, conflicts, errors, duck typing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same, ragged
+
+from recis_features import (
+    Feature,
+    FeatureConflictError,
+    FeatureDefinitionError,
+    FeatureEngine,
+    FeatureTypeError,
+    MissingColumnError,
+    SerializationError,
+)
+from recis_kernels import RaggedTensor
+
+
+def _batch() -> dict[str, object]:
+    return {
+        "user_id": torch.tensor([5, -1, 123, 7]),
+        "price": torch.tensor([0.5, float("nan"), 3.0, 10.0]),
+        "clicks": ragged([[1, 2, 3], [], [4], [5, 6]]),
+        "label": torch.tensor([0, 1, 0, 1]),
+    }
+
+
+def test_outputs_match_each_feature_computed_alone(device: torch.device) -> None:
+    features = [
+        Feature("uid").select("user_id").mod(10),
+        Feature("uid_small").select("user_id").mod(3),
+        Feature("price").select("price").fill_missing(-1.0).normalize(1.0, 4.0),
+        Feature("clicks").select("clicks").mod(4),
+    ]
+    batch = {
+        k: (v.to(device) if isinstance(v, (torch.Tensor, RaggedTensor)) else v)
+        for k, v in _batch().items()
+    }
+    out = FeatureEngine(features)(batch)
+    for f in features:
+        assert_same(out[f.name], f(batch))
+    assert out["uid"].tolist() == [5, 5, 3, 7]  # -1 is 2**64 - 1, whose remainder by 10 is 5
+    assert out["price"].tolist() == [-0.125, -0.5, 0.5, 2.25]
+
+
+def test_unused_columns_pass_through_unchanged_and_can_be_switched_off() -> None:
+    batch = _batch()
+    features = [Feature("uid").select("user_id").mod(10)]
+    out = FeatureEngine(features)(batch)
+    assert list(out) == ["uid", "price", "clicks", "label"]
+    assert out["price"] is batch["price"]
+    assert out["clicks"] is batch["clicks"]
+    assert "user_id" not in out
+    assert list(FeatureEngine(features, passthrough=False)(batch)) == ["uid"]
+
+
+def test_identical_duplicates_are_kept_once_and_shared_prefixes_run_once() -> None:
+    calls: list[int] = []
+
+    def count(v: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return v
+
+    shared = Feature("a").select("user_id").map(count)
+    engine = FeatureEngine([shared.mod(10), shared.mod(10), shared.rename("b").mod(7)])
+    out = engine(_batch())
+    assert len(engine.features) == 2
+    assert len(calls) == 1
+    assert out["a"].tolist() == [5, 5, 3, 7]
+    assert out["b"].tolist() == [5, 1, 4, 0]
+
+
+def test_plan_groups_each_kind_of_a_step_into_one_call() -> None:
+    engine = FeatureEngine(
+        [
+            Feature("a").select("user_id").mod(10),
+            Feature("b").select("user_id").mod(7),
+            Feature("c").select("price").normalize(0.0, 1.0),
+        ]
+    )
+    plan = engine.plan()
+    assert len(plan) == 2
+    assert plan[1] == [
+        {"kind": "mod", "ops": 2, "features": ["a", "b"], "fused": True},
+        {"kind": "normalize", "ops": 1, "features": ["c"], "fused": False},
+    ]
+    assert plan[0][0]["kind"] == "select"
+    assert plan[0][0]["ops"] == 2  # one select per distinct column
+
+
+def test_conflicting_definitions_under_one_name_raise() -> None:
+    with pytest.raises(FeatureConflictError) as info:
+        FeatureEngine([Feature("a").select("x").mod(10), Feature("a").select("x").mod(11)])
+    assert str(info.value) == (
+        "feature 'a' is defined twice differently: Feature('a').SelectField(column='x', "
+        "dtype=None).Mod(n=10) and Feature('a').SelectField(column='x', dtype=None).Mod(n=11)"
+    )
+
+
+def test_feature_named_like_a_pass_through_column_raises() -> None:
+    engine = FeatureEngine([Feature("label").select("user_id").mod(10)])
+    with pytest.raises(FeatureConflictError) as info:
+        engine(_batch())
+    assert str(info.value) == (
+        "feature 'label' has the name of a pass-through column; rename the feature or build "
+        "the engine with passthrough=False"
+    )
+    out = FeatureEngine([Feature("label").select("user_id").mod(10)], passthrough=False)(_batch())
+    assert out["label"].tolist() == [5, 5, 3, 7]
+
+
+def test_missing_column_raises_with_the_feature_and_the_columns() -> None:
+    engine = FeatureEngine([Feature("uid").select("uid_column").mod(10)])
+    with pytest.raises(MissingColumnError) as info:
+        engine(_batch())
+    assert str(info.value) == (
+        "feature 'uid': column 'uid_column' is not in the batch (columns: clicks, label, price, "
+        "user_id)"
+    )
+    assert isinstance(info.value, KeyError)
+
+
+@pytest.mark.parametrize(
+    ("feature", "message"),
+    [
+        (
+            Feature("p").select("user_id").bucketize([1.0]),
+            "feature 'p': op bucketize (step 1) expects floats, found dense int64 tensor of "
+            "shape (4,)",
+        ),
+        (
+            Feature("p").select("price").mod(3),
+            "feature 'p': op mod (step 1) expects ids, found dense float32 tensor of shape (4,)",
+        ),
+        (
+            Feature("p").select("price").hash("farm"),
+            "feature 'p': op hash (step 1) expects strings, found dense float32 tensor of "
+            "shape (4,)",
+        ),
+        (
+            Feature("p").select("user_id").truncate(3),
+            "feature 'p': op truncate (step 1) expects a ragged value with 1 offset level(s), "
+            "found dense int64 tensor of shape (4,)",
+        ),
+        (
+            Feature("p").select("clicks").truncate(3, levels=3),
+            "feature 'p': op truncate (step 1) expects a ragged value with 2 offset level(s), "
+            "found ragged int64 with 1 offset level(s)",
+        ),
+        (
+            Feature("p").select_fields(["user_id", "price"]).cross(),
+            "feature 'p': op cross (step 1) expects a pair of id columns, found tuple of 2 values",
+        ),
+        (
+            Feature("p").select("user_id").fill_missing(0),
+            "feature 'p': op fill_missing (step 1) expects dense floats or a one-level ragged "
+            "value, found dense int64 tensor of shape (4,)",
+        ),
+    ],
+)
+def test_wrong_value_kinds_raise_at_the_first_batch(feature: Feature, message: str) -> None:
+    with pytest.raises(FeatureTypeError) as info:
+        FeatureEngine([feature])(_batch())
+    assert str(info.value) == message
+    with pytest.raises(FeatureTypeError) as info:
+        feature(_batch())
+    assert str(info.value) == message
+
+
+def test_unsupported_column_type_raises() -> None:
+    engine = FeatureEngine([Feature("a").select("x").mod(3)])
+    with pytest.raises(FeatureTypeError) as info:
+        engine({"x": {1: 2}})
+    assert str(info.value) == (
+        "column 'x' has unsupported type dict, expected a tensor, a ragged column "
+        "(.values/.offsets) or a list of strings"
+    )
+
+
+def test_incomplete_features_are_rejected_by_the_engine() -> None:
+    with pytest.raises(FeatureDefinitionError, match="feature 'a': has no ops"):
+        FeatureEngine([Feature("a")])
+    with pytest.raises(FeatureDefinitionError, match="engine features must be Feature objects"):
+        FeatureEngine(["a"])  # type: ignore[list-item]
+
+
+class _IoColumn:
+    """What a recis-io ragged column looks like to this package: values and offsets."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values = values
+        self.offsets = offsets
+
+
+def test_duck_typed_ragged_and_numpy_columns_are_used_without_copying() -> None:
+    values = np.array([3, 4, 5, 6], dtype=np.int64)
+    col = _IoColumn(values, np.array([0, 2, 2, 4], dtype=np.int64))
+    dense = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    engine = FeatureEngine(
+        [
+            Feature("seq").select("seq").map(lambda r: r),
+            Feature("x").select("x").map(lambda t: t),
+        ]
+    )
+    out = engine({"seq": col, "x": dense})
+    assert isinstance(out["seq"], RaggedTensor)
+    assert out["seq"].values.data_ptr() == values.ctypes.data
+    assert out["x"].data_ptr() == dense.ctypes.data
+    assert out["seq"].offsets[0].tolist() == [0, 2, 2, 4]
+
+
+def test_empty_batch() -> None:
+    engine = FeatureEngine(
+        [
+            Feature("a").select("ids").mod(10),
+            Feature("b").select("seq").fill_missing(0).mod(3),
+        ]
+    )
+    out = engine({"ids": torch.zeros(0, dtype=torch.int64), "seq": ragged([])})
+    assert out["a"].shape == (0,)
+    assert len(out["b"]) == 0
+
+
+def test_engine_round_trips_through_json_and_keeps_its_fingerprint() -> None:
+    engine = FeatureEngine(
+        [
+            Feature("b").select("price").log1p().bucketize([0.1, 1.0]),
+            Feature("a").select("user_id").mod(10),
+        ],
+        passthrough=False,
+    )
+    data = json.loads(json.dumps(engine.to_dict()))
+    restored = FeatureEngine.from_dict(data)
+    assert restored.features == engine.features
+    assert restored.passthrough is False
+    assert restored.fingerprint() == engine.fingerprint()
+    reordered = FeatureEngine(list(reversed(engine.features)))
+    assert reordered.fingerprint() == engine.fingerprint()
+    assert FeatureEngine(engine.features[:1]).fingerprint() != engine.fingerprint()
+
+
+def test_engine_config_errors() -> None:
+    with pytest.raises(SerializationError, match="must be a dict with a 'features' list"):
+        FeatureEngine.from_dict({"feature": []})
+    with pytest.raises(SerializationError) as info:
+        FeatureEngine.from_dict({"format": 9, "features": []})
+    assert str(info.value) == "engine config has format 9, this version reads 1"
