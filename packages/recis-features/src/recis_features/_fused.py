@@ -2,19 +2,29 @@
 
 Each gathers the elements of every feature's value, makes one recis-kernels call for the whole
 group (per-feature parameters passed alongside), and puts the results back into each value's
-structure.
+structure. Ops with a bucket count (``hash``, ``multi_hash``) hash the whole group unreduced and
+take every feature's remainder in one ``fused_mod``: the kernels define ``buckets > 0`` as exactly
+that unsigned remainder.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
 import recis_kernels as rk
+from recis_kernels import RaggedTensor
 
 from ._fusion import register_fused
-from ._ops import Mod
+from ._ops import (
+    Bucketize,
+    FillMissing,
+    Hash,
+    IDMultiHash,
+    Mod,
+)
 from ._values import Value, flat, rebuild
 
 __all__: list[str] = []
@@ -26,3 +36,113 @@ def fused_mod(ops: Sequence[Mod], values: Sequence[Value]) -> list[Value]:
     ids = [flat(v).to(torch.int64) for v in values]
     outs = rk.fused_mod(ids, [op.n for op in ops])
     return [rebuild(v, o) for v, o in zip(values, outs, strict=True)]
+
+
+@register_fused("bucketize")
+def fused_bucketize(ops: Sequence[Bucketize], values: Sequence[Value]) -> list[Value]:
+    """All ``bucketize`` ops of a step as one ``recis_kernels.fused_bucketize`` call."""
+    xs = [flat(v) for v in values]
+    bounds = [op.boundary_tensor(x.device) for op, x in zip(ops, xs, strict=True)]
+    outs = rk.fused_bucketize(xs, bounds)
+    return [rebuild(v, o) for v, o in zip(values, outs, strict=True)]
+
+
+def _reduce(hashes: list[torch.Tensor], buckets: list[int]) -> list[torch.Tensor]:
+    """Unsigned remainders of the hashes whose bucket count is non-zero, in one call."""
+    todo = [k for k, b in enumerate(buckets) if b > 0]
+    if todo:
+        reduced = rk.fused_mod([hashes[k] for k in todo], [buckets[k] for k in todo])
+        for k, r in zip(todo, reduced, strict=True):
+            hashes[k] = r
+    return hashes
+
+
+def _hash_group(algorithm: str, values: list[Value]) -> list[torch.Tensor]:
+    """Unreduced hashes of the innermost strings of each value: one call per input layout."""
+    out: list[torch.Tensor | None] = [None] * len(values)
+    lists = [k for k, v in enumerate(values) if isinstance(v, list)]
+    if lists:
+        hashed = rk.hash_strings([s for k in lists for s in values[k]], algorithm, 0)
+        for k, h in zip(lists, hashed.split([len(values[k]) for k in lists]), strict=True):
+            out[k] = h
+    raggeds = [k for k, v in enumerate(values) if not isinstance(v, list)]
+    if raggeds:
+        datas = [values[k].values for k in raggeds]
+        starts = torch.tensor([0] + [d.shape[0] for d in datas]).cumsum(0).tolist()
+        offsets = [values[k].offsets[-1] for k in raggeds]
+        joined = torch.cat(
+            [offsets[0][:1]] + [o[1:] + s for o, s in zip(offsets, starts, strict=False)]
+        )
+        hashed = rk.hash_bytes(torch.cat(datas), joined, algorithm, 0)
+        for k, h in zip(raggeds, hashed.split([o.shape[0] - 1 for o in offsets]), strict=True):
+            out[k] = h
+    return out  # type: ignore[return-value]
+
+
+@register_fused("hash")
+def fused_hash(ops: Sequence[Hash], values: Sequence[Value]) -> list[Value]:
+    """All ``hash`` ops of a step: one hashing call per algorithm and input layout, then one
+    ``fused_mod`` for every bucketed feature."""
+    by_algorithm: dict[str, list[int]] = defaultdict(list)
+    for k, op in enumerate(ops):
+        by_algorithm[op.algorithm].append(k)
+    hashes: list[torch.Tensor] = [torch.empty(0)] * len(ops)
+    for algorithm, members in by_algorithm.items():
+        for k, h in zip(members, _hash_group(algorithm, [values[k] for k in members]), strict=True):
+            hashes[k] = h
+    hashes = _reduce(hashes, [op.buckets for op in ops])
+    outs: list[Value] = []
+    for v, h in zip(values, hashes, strict=True):
+        if isinstance(v, list) or len(v.offsets) == 1:
+            outs.append(h)
+        else:
+            outs.append(RaggedTensor(h, list(v.offsets[:-1]), validate=False))
+    return outs
+
+
+@register_fused("multi_hash")
+def fused_multi_hash(ops: Sequence[IDMultiHash], values: Sequence[Value]) -> list[Value]:
+    """All ``multi_hash`` ops of a step: one unreduced ``multi_hash`` per number of hashes, then
+    one ``fused_mod`` over every (feature, hash) column with a bucket count."""
+    by_width: dict[int, list[int]] = defaultdict(list)
+    for k, op in enumerate(ops):
+        by_width[len(op.buckets)].append(k)
+    outs: list[Value] = [None] * len(ops)  # type: ignore[list-item]
+    for width, members in by_width.items():
+        ids = [flat(values[k]).to(torch.int64) for k in members]
+        full = rk.multi_hash(torch.cat(ids), [0] * width).split([i.shape[0] for i in ids])
+        columns = [h[:, j] for h in full for j in range(width)]
+        buckets = [b for k in members for b in ops[k].buckets]
+        columns = _reduce(columns, buckets)
+        for m, k in enumerate(members):
+            hashed = torch.stack(columns[m * width : (m + 1) * width], dim=-1)
+            v = values[k]
+            if isinstance(v, RaggedTensor):
+                outs[k] = v.with_values(hashed, v.weights)
+            else:
+                outs[k] = hashed.reshape(*v.shape, width)
+    return outs
+
+
+@register_fused("fill_missing")
+def fused_fill_missing(ops: Sequence[FillMissing], values: Sequence[Value]) -> list[Value]:
+    """Dense floats of one dtype in one masked pass; ragged values row by row as ``apply``."""
+    outs: list[Value] = [None] * len(ops)  # type: ignore[list-item]
+    dense: dict[torch.dtype, list[int]] = defaultdict(list)
+    for k, (op, v) in enumerate(zip(ops, values, strict=True)):
+        if isinstance(v, torch.Tensor):
+            dense[v.dtype].append(k)
+        else:
+            outs[k] = op.apply(v)
+    for members in dense.values():
+        xs = [values[k].reshape(-1) for k in members]
+        sizes = [x.shape[0] for x in xs]
+        packed = torch.cat(xs)
+        fills = torch.tensor([ops[k].value for k in members], dtype=packed.dtype)
+        fills = fills.to(packed.device).repeat_interleave(
+            torch.tensor(sizes, device=packed.device), output_size=packed.shape[0]
+        )
+        filled = torch.where(packed.isnan(), fills, packed)
+        for k, part in zip(members, filled.split(sizes), strict=True):
+            outs[k] = part.view(values[k].shape)
+    return outs

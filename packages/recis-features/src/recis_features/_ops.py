@@ -193,9 +193,12 @@ class Mod(Transform):
 class Bucketize(Transform):
     """Bucket floats: bucket = number of boundaries ``<=`` x (a value on a boundary goes up).
 
+    Comparisons run in float64, so a float32 value and a boundary compare exactly. Fill NaN
+    first (:class:`FillMissing`) if it matters: NaN goes to bucket 0.
+
     Args:
-        boundaries: strictly increasing finite numbers (at least one). Output ids are in
-            ``[0, len(boundaries)]``; NaN goes to the last bucket.
+        boundaries: strictly increasing finite numbers (at least one). Output ids are int64 in
+            ``[0, len(boundaries)]``.
     """
 
     kind = "bucketize"
@@ -215,6 +218,7 @@ class Bucketize(Transform):
             "boundaries must be strictly increasing",
         )
         self.boundaries = tuple(float(x) for x in b)
+        self._tensors: dict[torch.device, torch.Tensor] = {}
 
     def params(self) -> dict[str, Any]:
         return {"boundaries": list(self.boundaries)}
@@ -223,8 +227,12 @@ class Bucketize(Transform):
         return "ids"
 
     def boundary_tensor(self, device: torch.device) -> torch.Tensor:
-        """The boundaries as a float64 tensor on ``device``."""
-        return torch.tensor(self.boundaries, dtype=torch.float64, device=device)
+        """The boundaries as a float64 tensor on ``device`` (built once per device)."""
+        tensor = self._tensors.get(device)
+        if tensor is None:
+            tensor = torch.tensor(self.boundaries, dtype=torch.float64, device=device)
+            self._tensors[device] = tensor
+        return tensor
 
     def apply(self, value: Value) -> Value:
         x = flat(value)
@@ -284,7 +292,7 @@ class IDMultiHash(Transform):
     becomes ``(B, H)``; a ragged value gets ``(N, H)`` values.
 
     Args:
-        buckets: positive bucket counts, one per hash function.
+        buckets: bucket counts, one per hash function; ``0`` keeps the full 64-bit hash.
     """
 
     kind = "multi_hash"
@@ -294,9 +302,9 @@ class IDMultiHash(Transform):
         b = list(buckets)
         require(len(b) > 0, self.kind, "buckets must not be empty")
         require(
-            all(_is_int(x) and 1 <= x <= _INT64_MAX for x in b),
+            all(_is_int(x) and 0 <= x <= _INT64_MAX for x in b),
             self.kind,
-            f"buckets must be integers in [1, 2**63), got {b!r}",
+            f"buckets must be integers in [0, 2**63), got {b!r}",
         )
         self.buckets = tuple(b)
 
