@@ -20,6 +20,7 @@ from recis_kernels import RaggedTensor
 from ._fusion import register_fused
 from ._ops import (
     Bucketize,
+    FeatureCross,
     FillMissing,
     Hash,
     IDMultiHash,
@@ -122,6 +123,21 @@ def fused_multi_hash(ops: Sequence[IDMultiHash], values: Sequence[Value]) -> lis
             else:
                 outs[k] = hashed.reshape(*v.shape, width)
     return outs
+
+
+@register_fused("cross")
+def fused_cross(ops: Sequence[FeatureCross], values: Sequence[Value]) -> list[Value]:
+    """All ``cross`` ops of a step as one ``recis_kernels.fused_feature_cross`` call."""
+    pairs = [FeatureCross.rows(v) for v in values]
+    outs = rk.fused_feature_cross(pairs)
+    # Weights of a group mixing weighted and unweighted pairs are filled for every pair; a pair
+    # with no weights of its own has none when crossed alone, so drop them to match.
+    return [
+        o
+        if a.weights is not None or b.weights is not None or o.weights is None
+        else o.with_values(o.values)
+        for o, (a, b) in zip(outs, pairs, strict=True)
+    ]
 
 
 @register_fused("fill_missing")

@@ -159,7 +159,7 @@ class Hash(Transform):
         hashed = rk.hash_bytes(value.values, inner, self.algorithm, self.buckets)
         if len(value.offsets) == 1:
             return hashed
-        return RaggedTensor(hashed, list(value.offsets[:-1]))
+        return RaggedTensor(hashed, list(value.offsets[:-1]), validate=False)
 
 
 class Mod(Transform):
@@ -246,7 +246,7 @@ def as_rows(value: torch.Tensor | RaggedTensor) -> RaggedTensor:
     rows = value.shape[0]
     per_row = math.prod(value.shape[1:])
     offsets = torch.arange(rows + 1, dtype=torch.int64, device=value.device) * per_row
-    return RaggedTensor(value.reshape(-1), [offsets])
+    return RaggedTensor(value.reshape(-1), [offsets], validate=False)
 
 
 class FeatureCross(Transform):
@@ -280,9 +280,17 @@ class FeatureCross(Transform):
                 return expected + " (one ragged level each)"
         return None
 
-    def apply(self, value: Value) -> Value:
+    @staticmethod
+    def rows(value: Value) -> tuple[RaggedTensor, RaggedTensor]:
+        """The pair as two one-level ragged int64 id values, the kernel's input."""
         a, b = (as_rows(part) for part in value)
-        return rk.feature_cross(a, b)
+        return tuple(
+            r if r.values.dtype == torch.int64 else r.with_values(r.values.long(), r.weights)
+            for r in (a, b)
+        )  # type: ignore[return-value]
+
+    def apply(self, value: Value) -> Value:
+        return rk.feature_cross(*self.rows(value))
 
 
 class IDMultiHash(Transform):
@@ -420,7 +428,7 @@ def _fill_empty_rows(r: RaggedTensor, fill: float) -> RaggedTensor:
     if r.weights is not None:
         weights = torch.ones(out.shape[0], dtype=r.weights.dtype, device=out.device)
         weights[positions] = r.weights
-    return RaggedTensor(out, [new_offsets], weights)
+    return RaggedTensor(out, [new_offsets], weights, validate=False)
 
 
 class Normalize(Transform):
