@@ -85,7 +85,7 @@ def test_inner_level_validation_error():
 
 
 def test_construction_errors():
-    with pytest.raises(rk.RaggedError, match="offsets\\[0\\] must be int64, got torch.int32"):
+    with pytest.raises(rk.RaggedError, match=r"offsets\[0\] must be int64, got torch.int32"):
         RaggedTensor(torch.tensor([1]), torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(rk.RaggedError, match="weights must be float32"):
         RaggedTensor(

@@ -19,7 +19,12 @@ from recis_kernels.exceptions import (
     UnsupportedDeviceError,
     UnsupportedDtypeError,
 )
+from recis_kernels.ops.bucketize import bucketize, fused_bucketize
+from recis_kernels.ops.dense import dense_to_ragged, ragged_to_dense
+from recis_kernels.ops.feature_cross import feature_cross, fused_feature_cross
 from recis_kernels.ops.hash_table import IdMap, IdMapExport, fmix64
+from recis_kernels.ops.hashing import hash_bytes, hash_strings
+from recis_kernels.ops.mix import mix64, multi_hash
 from recis_kernels.ops.mod import fused_mod, mod
 from recis_kernels.ops.optim import (
     adagrad_rows_,
@@ -31,6 +36,8 @@ from recis_kernels.ops.optim import (
 )
 from recis_kernels.ops.partition import PartitionResult, owner_rank, partition_ids
 from recis_kernels.ops.row_store import RowStore
+from recis_kernels.ops.segment_reduce import segment_reduce
+from recis_kernels.ops.truncate import TruncateResult, fused_truncate, truncate
 from recis_kernels.ops.unique import UniqueResult, unique
 from recis_kernels.ragged import RaggedTensor
 
@@ -50,6 +57,7 @@ __all__ = [
     "RecisKernelsError",
     "RowStore",
     "ShapeError",
+    "TruncateResult",
     "UniqueResult",
     "UnsupportedDeviceError",
     "UnsupportedDtypeError",
@@ -57,19 +65,32 @@ __all__ = [
     "adagrad_rows_",
     "adam_rows_",
     "backend",
+    "bucketize",
     "cache_dir",
     "compile_all",
     "compile_kernel",
     "cuda_python_available",
+    "dense_to_ragged",
+    "feature_cross",
     "fmix64",
     "ftrl_rows_",
+    "fused_bucketize",
+    "fused_feature_cross",
     "fused_mod",
+    "fused_truncate",
+    "hash_bytes",
+    "hash_strings",
     "kernel_names",
+    "mix64",
     "mod",
+    "multi_hash",
     "owner_rank",
     "partition_ids",
+    "ragged_to_dense",
     "rowwise_adagrad_rows_",
+    "segment_reduce",
     "sgd_rows_",
     "state_width",
+    "truncate",
     "unique",
 ]

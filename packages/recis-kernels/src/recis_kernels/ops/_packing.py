@@ -22,3 +22,49 @@ def unpack(
 ) -> list[torch.Tensor]:
     """Split a packed result back into tensors of the given shapes."""
     return [p.view(s) for p, s in zip(packed.split(list(sizes)), shapes, strict=True)]
+
+
+def concat_rows(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
+    """Stack the rows of several 2-level ragged ``(values, offsets, weights)`` into one.
+
+    Returns the packed values, offsets, weights (``None`` when no part has weights; parts without
+    weights count as weight 1) and each part's row count.
+    """
+    rows = [o.numel() - 1 for _, o, _ in parts]
+    if len(parts) == 1:
+        v, o, w = parts[0]
+        return v, o, w, rows
+    values = torch.cat([v for v, _, _ in parts])
+    pieces = []
+    base = 0
+    for v, o, _ in parts:
+        pieces.append(o[:-1] + base)
+        base += v.shape[0]
+    pieces.append(torch.tensor([base], dtype=torch.int64, device=values.device))
+    offsets = torch.cat(pieces)
+    weights = None
+    if any(w is not None for _, _, w in parts):
+        weights = torch.cat(
+            [w if w is not None else torch.ones(v.shape[0], device=v.device) for v, _, w in parts]
+        )
+    return values, offsets, weights, rows
+
+
+def split_rows(
+    values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, rows: Sequence[int]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Inverse of :func:`concat_rows` on an op's packed 2-level result."""
+    if len(rows) == 1:
+        return [(values, offsets, weights)]
+    row_bounds = [0]
+    for r in rows:
+        row_bounds.append(row_bounds[-1] + r)
+    value_bounds = offsets[torch.tensor(row_bounds, device=offsets.device)].tolist()
+    out = []
+    for k in range(len(rows)):
+        lo, hi = value_bounds[k], value_bounds[k + 1]
+        off = offsets[row_bounds[k] : row_bounds[k + 1] + 1] - lo
+        out.append((values[lo:hi], off, None if weights is None else weights[lo:hi]))
+    return out

@@ -1,0 +1,19 @@
+#include "recis_common.cuh"
+
+#define RECIS_GOLDEN 0x9e3779b97f4a7c15ULL
+
+extern "C" __global__ void mix64(const i64* ids, i64 n, i64* out) {
+  RECIS_GRID_STRIDE(i, n) { out[i] = (i64)recis_fmix64((u64)ids[i]); }
+}
+
+// out[i, k] = fmix64(ids[i] + (k + 1) * golden) % buckets[k] (unsigned; no remainder when 0).
+extern "C" __global__ void multi_hash(const i64* ids, i64 n, const i64* buckets, i64 k_count,
+                                      i64* out) {
+  RECIS_GRID_STRIDE(j, n * k_count) {
+    const i64 i = j / k_count;
+    const i64 k = j % k_count;
+    const u64 h = recis_fmix64((u64)ids[i] + (u64)(k + 1) * RECIS_GOLDEN);
+    const i64 b = buckets[k];
+    out[j] = b > 0 ? (i64)(h % (u64)b) : (i64)h;
+  }
+}

@@ -1,0 +1,79 @@
+#include "recis_common.cuh"
+
+// Pooling of ragged row segments. mode: 0 sum, 1 mean (sum w e / sum w), 2 sqrtn
+// (sum w e / sqrt(sum w^2)), 3 tile (first T rows of each segment, zero padded).
+// weights may be null (every weight 1). One thread per (segment, column): consecutive threads
+// read consecutive columns of the same row, so loads coalesce.
+
+template <typename T>
+__device__ __forceinline__ T seg_scale(const float* w, i64 start, i64 end, int mode) {
+  if (mode == 0 || mode == 3) return T(1);
+  T acc = 0;
+  for (i64 i = start; i < end; ++i) {
+    const T wi = w ? (T)w[i] : T(1);
+    acc += mode == 1 ? wi : wi * wi;
+  }
+  if (acc == T(0)) return T(0);
+  return mode == 1 ? T(1) / acc : T(1) / sqrt(acc);
+}
+
+template <typename T>
+__device__ void pooled_fwd(const T* rows, const i64* off, const float* w, i64 B, i64 D, int mode,
+                           T* out) {
+  RECIS_GRID_STRIDE(j, B * D) {
+    const i64 b = j / D, d = j % D;
+    const i64 start = off[b], end = off[b + 1];
+    T acc = 0;
+    for (i64 i = start; i < end; ++i) acc += (w ? (T)w[i] : T(1)) * rows[i * D + d];
+    out[j] = acc * seg_scale<T>(w, start, end, mode);
+  }
+}
+
+template <typename T>
+__device__ void tile_fwd(const T* rows, const i64* off, const float* w, i64 B, i64 D, i64 L,
+                         T* out) {
+  RECIS_GRID_STRIDE(j, B * L * D) {
+    const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
+    const i64 i = off[b] + t;
+    out[j] = i < off[b + 1] ? (w ? (T)w[i] : T(1)) * rows[i * D + d] : T(0);
+  }
+}
+
+template <typename T>
+__device__ void pooled_bwd(const T* grad, const i64* off, const float* w, i64 B, i64 D, int mode,
+                           T* grad_rows) {
+  RECIS_GRID_STRIDE(j, B * D) {
+    const i64 b = j / D, d = j % D;
+    const i64 start = off[b], end = off[b + 1];
+    const T g = grad[j] * seg_scale<T>(w, start, end, mode);
+    for (i64 i = start; i < end; ++i) grad_rows[i * D + d] = (w ? (T)w[i] : T(1)) * g;
+  }
+}
+
+// grad_rows must be zeroed: rows past the first L of a segment receive no gradient.
+template <typename T>
+__device__ void tile_bwd(const T* grad, const i64* off, const float* w, i64 B, i64 D, i64 L,
+                         T* grad_rows) {
+  RECIS_GRID_STRIDE(j, B * L * D) {
+    const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
+    const i64 i = off[b] + t;
+    if (i < off[b + 1]) grad_rows[i * D + d] = (w ? (T)w[i] : T(1)) * grad[j];
+  }
+}
+
+#define RECIS_SEGMENT_KERNELS(T, SUFFIX)                                                        \
+  extern "C" __global__ void segment_reduce_fwd_##SUFFIX(const T* rows, const i64* off,         \
+                                                         const float* w, i64 B, i64 D, int mode, \
+                                                         i64 L, T* out) {                       \
+    if (mode == 3) tile_fwd<T>(rows, off, w, B, D, L, out);                                     \
+    else pooled_fwd<T>(rows, off, w, B, D, mode, out);                                          \
+  }                                                                                             \
+  extern "C" __global__ void segment_reduce_bwd_##SUFFIX(const T* grad, const i64* off,         \
+                                                         const float* w, i64 B, i64 D, int mode, \
+                                                         i64 L, T* grad_rows) {                 \
+    if (mode == 3) tile_bwd<T>(grad, off, w, B, D, L, grad_rows);                               \
+    else pooled_bwd<T>(grad, off, w, B, D, mode, grad_rows);                                    \
+  }
+
+RECIS_SEGMENT_KERNELS(float, f32)
+RECIS_SEGMENT_KERNELS(double, f64)

@@ -1,0 +1,164 @@
+"""``bucketize`` / ``fused_bucketize``: bucket = number of boundaries ``<= x``.
+
+With boundaries ``[0, 10, 20]``: ``x < 0 -> 0``, ``0 <= x < 10 -> 1``, ``x = 10 -> 2`` (a value equal
+to a boundary goes to the upper bucket), ``x >= 20 -> 3``; NaN goes to bucket 0. Comparison happens
+in float64 when either side is floating point, else in int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_same_device, check_tensor, grid_for
+from recis_kernels.exceptions import ShapeError, UnsupportedDtypeError
+from recis_kernels.ops._packing import pack, unpack
+
+__all__ = ["bucketize", "fused_bucketize"]
+
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _boundaries(op: str, where: str, b: torch.Tensor | Sequence[float], device) -> torch.Tensor:
+    t = b if isinstance(b, torch.Tensor) else torch.tensor(list(b))
+    if t.dtype not in _INTS + _FLOATS:
+        raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {t.dtype}")
+    if t.dim() != 1:
+        raise ShapeError(f"{op}: {where} must be 1-d, got shape {tuple(t.shape)}")
+    if t.is_floating_point() and bool(t.isnan().any()):
+        raise ValueError(f"{op}: {where} must not contain NaN")
+    if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
+        raise ValueError(f"{op}: {where} must be sorted in non-decreasing order")
+    return t.to(device)
+
+
+def _check_x(op: str, where: str, x: object) -> torch.Tensor:
+    check_tensor(op, where, x)
+    if x.dtype not in _INTS + _FLOATS:
+        raise UnsupportedDtypeError(
+            f"{op}: {where} must be an integer or float tensor, got {x.dtype}"
+        )
+    return x
+
+
+def bucketize(x: torch.Tensor, boundaries: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Bucket index of each value: the number of ``boundaries`` that are ``<= x``.
+
+    Args:
+        x: integer or float tensor of any shape.
+        boundaries: ``(M,)`` sorted (non-decreasing) boundaries, tensor or sequence.
+
+    Returns:
+        int64 tensor shaped like ``x`` with values in ``[0, M]``.
+
+    Example:
+        >>> bucketize(torch.tensor([-1.0, 0.0, 5.0, 10.0]), [0.0, 10.0])
+        tensor([0, 1, 1, 2])
+    """
+    return fused_bucketize([x], [boundaries], _op="bucketize")[0]
+
+
+def fused_bucketize(
+    xs: Sequence[torch.Tensor],
+    boundaries_list: Sequence[torch.Tensor | Sequence[float]],
+    *,
+    _op: str = "fused_bucketize",
+) -> list[torch.Tensor]:
+    """:func:`bucketize` of K features, each with its own boundaries, in one pass.
+
+    Args:
+        xs: K integer or float tensors on one device.
+        boundaries_list: K sorted boundary tensors or sequences.
+
+    Returns:
+        K int64 tensors shaped like ``xs``.
+    """
+    op = _op
+    if len(xs) != len(boundaries_list):
+        raise ValueError(f"{op}: got {len(xs)} inputs but {len(boundaries_list)} boundary lists")
+    if not xs:
+        return []
+    for k, x in enumerate(xs):
+        _check_x(op, "x" if op == "bucketize" else f"xs[{k}]", x)
+    device = check_same_device(op, {f"xs[{k}]": x for k, x in enumerate(xs)})
+    bounds = [
+        _boundaries(op, "boundaries" if op == "bucketize" else f"boundaries_list[{k}]", b, device)
+        for k, b in enumerate(boundaries_list)
+    ]
+    floating = any(t.is_floating_point() for t in [*xs, *bounds])
+    dtype = torch.float64 if floating else torch.int64
+    packed, sizes = pack([x.to(dtype) for x in xs])
+    packed_b, b_sizes = pack([b.to(dtype) for b in bounds])
+    out = torch.ops.recis.fused_bucketize(packed, sizes, packed_b, b_sizes)
+    return unpack(out, sizes, [x.shape for x in xs])
+
+
+def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
+    k = len(sizes)
+    if k == 1:
+        out = torch.searchsorted(bounds, xs, right=True)
+    else:
+        big = torch.finfo(xs.dtype).max if xs.is_floating_point() else torch.iinfo(xs.dtype).max
+        table = _pad_rows(bounds, b_sizes, big)
+        values = _pad_rows(xs, sizes, 0)
+        found = torch.searchsorted(table, values, right=True)
+        # Padding equals the dtype's maximum, so a maximal x may count it; clamp to the real count.
+        found = torch.minimum(found, torch.tensor(b_sizes, device=xs.device)[:, None])
+        mask = (
+            torch.arange(values.shape[1], device=xs.device)
+            < torch.tensor(sizes, device=xs.device)[:, None]
+        )
+        out = found[mask]
+    if xs.is_floating_point():
+        out = torch.where(xs.isnan(), 0, out)
+    return out
+
+
+def _pad_rows(flat: torch.Tensor, sizes: list[int], fill) -> torch.Tensor:
+    width = max(sizes) if sizes else 0
+    table = flat.new_full((len(sizes), width), fill)
+    lengths = torch.tensor(sizes, device=flat.device)
+    mask = torch.arange(width, device=flat.device) < lengths[:, None]
+    table[mask] = flat
+    return table
+
+
+def _fused_bucketize_cuda(xs, sizes, bounds, b_sizes):
+    from recis_kernels._cuda import launch
+
+    out = torch.empty(xs.numel(), dtype=torch.int64, device=xs.device)
+    x_off = _offsets(sizes, xs.device)
+    b_off = _offsets(b_sizes, xs.device)
+    if bounds.numel() == 0:
+        bounds = bounds.new_zeros(1)
+    suffix = "f64" if xs.dtype == torch.float64 else "i64"
+    n = xs.numel()
+    args = [("ptr", xs), ("ptr", x_off), ("ptr", bounds), ("ptr", b_off), ("i64", len(sizes)),
+            ("i64", n), ("ptr", out)]  # fmt: skip
+    launch("bucketize", f"fused_bucketize_{suffix}", grid_for(n), 256, args, device=xs.device)
+    return out
+
+
+def _offsets(sizes: list[int], device) -> torch.Tensor:
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    return torch.tensor(bounds, dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("recis::fused_bucketize", mutates_args=())
+def _fused_bucketize_op(
+    xs: torch.Tensor, sizes: list[int], bounds: torch.Tensor, b_sizes: list[int]
+) -> torch.Tensor:
+    xs, bounds = xs.contiguous(), bounds.contiguous()
+    if use_cuda_kernels(xs.device):
+        return _fused_bucketize_cuda(xs, sizes, bounds, b_sizes)
+    return _fused_bucketize_cpu(xs, sizes, bounds, b_sizes)
+
+
+@_fused_bucketize_op.register_fake
+def _(xs, sizes, bounds, b_sizes):
+    return xs.new_empty(xs.shape, dtype=torch.int64)

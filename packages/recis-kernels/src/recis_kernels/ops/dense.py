@@ -1,0 +1,261 @@
+"""``ragged_to_dense`` / ``dense_to_ragged`` for 2-level ``(B, L)`` and 3-level ``(B, S, L)`` data.
+
+Example (2 levels, ``pad_value=0``)::
+
+    values  = [1, 2, 3]                 dense = [[1, 2],
+    offsets = [[0, 2, 2, 3]]                     [0, 0],
+                                                 [3, 0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_dtype, check_tensor, grid_for
+from recis_kernels.exceptions import RaggedError, ShapeError
+from recis_kernels.ragged import RaggedTensor
+
+__all__ = ["dense_to_ragged", "ragged_to_dense"]
+
+_WORDS = {
+    1: (torch.uint8, "w1"),
+    2: (torch.int16, "w2"),
+    4: (torch.int32, "w4"),
+    8: (torch.int64, "w8"),
+}
+
+
+def ragged_to_dense(
+    r: RaggedTensor,
+    pad_value: float | int = 0,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Pad a 2- or 3-level ragged tensor to a dense one.
+
+    Args:
+        r: ragged tensor with values ``(N, *E)`` and 1 or 2 offsets levels.
+        pad_value: value written to padding slots (cast to the values' dtype).
+        shape: dense shape ``(B, L)`` or ``(B, S, L)`` (without the trailing ``E`` dims); ``None``
+            entries (or ``shape=None``) take the longest row of that level. Rows longer than the
+            requested length keep their head.
+
+    Returns:
+        ``(B, L, *E)`` or ``(B, S, L, *E)`` tensor of the values' dtype.
+
+    Raises:
+        RaggedError: more than 3 levels, or ``shape`` of the wrong length or batch size.
+    """
+    op = "ragged_to_dense"
+    if not isinstance(r, RaggedTensor):
+        raise RaggedError(f"{op}: expected a RaggedTensor, got {type(r).__name__}")
+    if r.num_levels > 2:
+        raise RaggedError(
+            f"{op}: supports 2 or 3 levels (1 or 2 offsets), got {r.num_levels} offsets"
+        )
+    dims = _resolve_dims(op, r, shape)
+    pad = torch.tensor(pad_value, dtype=r.values.dtype, device=r.values.device)
+    return torch.ops.recis.ragged_to_dense(r.values, list(r.offsets), pad, dims)
+
+
+def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) -> list[int]:
+    wanted: list[int | None] = [None] * r.num_levels
+    if shape is not None:
+        shape = list(shape)
+        if len(shape) != r.num_levels + 1:
+            raise RaggedError(
+                f"{op}: shape must have {r.num_levels + 1} entries for {r.num_levels + 1} levels, "
+                f"got {len(shape)}"
+            )
+        if shape[0] is not None and shape[0] != len(r):
+            raise RaggedError(
+                f"{op}: shape[0] is {shape[0]} but the ragged tensor has {len(r)} rows"
+            )
+        wanted = shape[1:]
+    dims = []
+    for level, want in enumerate(wanted):
+        if want is None:
+            lengths = r.lengths(level)
+            want = int(lengths.max()) if lengths.numel() else 0
+        if want < 0:
+            raise RaggedError(f"{op}: dense lengths must be >= 0, got {want}")
+        dims.append(int(want))
+    return dims
+
+
+def _ragged_to_dense_cpu(values, offsets, pad, dims):
+    n = values.shape[0]
+    # Per value: the index of its row along each dense dimension.
+    coords: list[torch.Tensor] = []
+    inner_index = torch.arange(n, device=values.device)
+    keep = torch.ones(n, dtype=torch.bool, device=values.device)
+    owner = inner_index
+    for level in range(len(offsets) - 1, -1, -1):
+        off = offsets[level]
+        rows = off.numel() - 1
+        row_of = torch.repeat_interleave(
+            torch.arange(rows, device=values.device),
+            off.diff(),
+            output_size=_rows_below(offsets, level, n),
+        )
+        pos = torch.arange(row_of.numel(), device=values.device) - off[row_of]
+        coords.insert(0, pos[owner])
+        keep &= pos[owner] < dims[level]
+        owner = row_of[owner]
+    batch = offsets[0].numel() - 1
+    out = pad.expand(batch, *dims, *values.shape[1:]).clone()
+    index = (owner[keep], *(c[keep] for c in coords))
+    out[index] = values[keep]
+    return out
+
+
+def _rows_below(offsets: list[torch.Tensor], level: int, n: int) -> int:
+    return n if level == len(offsets) - 1 else offsets[level + 1].numel() - 1
+
+
+def _ragged_to_dense_cuda(values, offsets, pad, dims):
+    from recis_kernels._cuda import launch
+
+    batch = offsets[0].numel() - 1
+    size = values.element_size()
+    word_dtype, suffix = _WORDS[size]
+    inner = 1
+    for d in values.shape[1:]:
+        inner *= d
+    out = torch.empty((batch, *dims, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    words = (values.view(word_dtype), pad.reshape(1).view(word_dtype), out.view(word_dtype))
+    total = out.numel()
+    if len(offsets) == 1:
+        args = [("ptr", words[0]), ("ptr", offsets[0]), ("ptr", words[1]), ("i64", batch),
+                ("i64", dims[0]), ("i64", inner), ("ptr", words[2])]  # fmt: skip
+        launch(
+            "dense", f"ragged_to_dense2_{suffix}", grid_for(total), 256, args, device=values.device
+        )
+    else:
+        args = [("ptr", words[0]), ("ptr", offsets[0]), ("ptr", offsets[1]), ("ptr", words[1]),
+                ("i64", batch), ("i64", dims[0]), ("i64", dims[1]), ("i64", inner),
+                ("ptr", words[2])]  # fmt: skip
+        launch(
+            "dense", f"ragged_to_dense3_{suffix}", grid_for(total), 256, args, device=values.device
+        )
+    return out
+
+
+@torch.library.custom_op("recis::ragged_to_dense", mutates_args=())
+def _ragged_to_dense_op(
+    values: torch.Tensor, offsets: list[torch.Tensor], pad: torch.Tensor, dims: list[int]
+) -> torch.Tensor:
+    values = values.contiguous()
+    offsets = [o.contiguous() for o in offsets]
+    if (
+        use_cuda_kernels(values.device)
+        and values.element_size() in _WORDS
+        and values.dtype != torch.bool
+    ):
+        return _ragged_to_dense_cuda(values, offsets, pad, dims)
+    return _ragged_to_dense_cpu(values, offsets, pad, dims)
+
+
+@_ragged_to_dense_op.register_fake
+def _(values, offsets, pad, dims):
+    return values.new_empty((offsets[0].shape[0] - 1, *dims, *values.shape[1:]))
+
+
+def dense_to_ragged(
+    dense: torch.Tensor,
+    lengths: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    pad_value: float | int | None = None,
+) -> RaggedTensor:
+    """Turn a padded ``(B, L)`` or ``(B, S, L)`` tensor into a ragged one.
+
+    Row lengths come from, in order of precedence:
+
+    - ``lengths``: ``(B,)`` int64 for 2-d input; ``[(B,), (B, S)]`` (sub-rows per row, values per
+      sub-row) for 3-d input. Each must fit the dense size.
+    - ``pad_value``: trailing entries equal to ``pad_value`` are stripped from every row (inner
+      padding is kept); for 3-d input, trailing sub-rows left empty are then stripped too.
+    - neither: every row is full (length ``L``, and ``S`` sub-rows).
+
+    This op is a composition of torch operations (a masked select) on every device.
+
+    Args:
+        dense: ``(B, L)`` or ``(B, S, L)`` tensor.
+        lengths: optional explicit lengths, see above.
+        pad_value: optional padding value to strip, see above.
+
+    Returns:
+        Ragged tensor with 1 (2-d input) or 2 (3-d input) offsets levels.
+
+    Raises:
+        ShapeError: ``dense`` is not 2-d or 3-d, or lengths have the wrong shape.
+        RaggedError: a length is negative or exceeds the dense size.
+    """
+    op = "dense_to_ragged"
+    check_tensor(op, "dense", dense)
+    if dense.dim() not in (2, 3):
+        raise ShapeError(
+            f"{op}: dense must be 2-d (B, L) or 3-d (B, S, L), got shape {tuple(dense.shape)}"
+        )
+    lens = _dense_lengths(op, dense, lengths, pad_value)
+    if dense.dim() == 2:
+        (row_len,) = lens
+        mask = torch.arange(dense.shape[1], device=dense.device) < row_len[:, None]
+        return RaggedTensor(dense[mask], _offsets(row_len), validate=False)
+    outer, inner = lens
+    sub_mask = torch.arange(dense.shape[1], device=dense.device) < outer[:, None]
+    kept_inner = inner[sub_mask]
+    value_mask = torch.arange(dense.shape[2], device=dense.device) < kept_inner[:, None]
+    values = dense[sub_mask][value_mask]
+    return RaggedTensor(values, [_offsets(outer), _offsets(kept_inner)], validate=False)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
+def _dense_lengths(op, dense, lengths, pad_value) -> list[torch.Tensor]:
+    b = dense.shape[0]
+    if lengths is not None:
+        given = [lengths] if isinstance(lengths, torch.Tensor) else list(lengths)
+        shapes = [(b,)] if dense.dim() == 2 else [(b,), (b, dense.shape[1])]
+        if len(given) != len(shapes):
+            raise ShapeError(
+                f"{op}: {dense.dim()}-d dense needs {len(shapes)} lengths tensors, got {len(given)}"
+            )
+        for k, (t, shape) in enumerate(zip(given, shapes, strict=True)):
+            check_tensor(op, f"lengths[{k}]", t)
+            check_dtype(op, f"lengths[{k}]", t, (torch.int64,))
+            if tuple(t.shape) != shape:
+                raise ShapeError(
+                    f"{op}: lengths[{k}] must have shape {shape}, got {tuple(t.shape)}"
+                )
+            limit = dense.shape[k + 1]
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) > limit):
+                raise RaggedError(
+                    f"{op}: lengths[{k}] must lie in [0, {limit}], got values in [{int(t.min())}, {int(t.max())}]"
+                )
+        return [t.to(dense.device) for t in given]
+    if pad_value is not None:
+        nonpad = dense != pad_value
+        inner = _trailing_length(nonpad)
+        if dense.dim() == 2:
+            return [inner]
+        return [_trailing_length(inner > 0), inner]
+    full = [torch.full((b,), dense.shape[1], dtype=torch.int64, device=dense.device)]
+    if dense.dim() == 3:
+        full.append(
+            torch.full((b, dense.shape[1]), dense.shape[2], dtype=torch.int64, device=dense.device)
+        )
+    return full
+
+
+def _trailing_length(nonpad: torch.Tensor) -> torch.Tensor:
+    """Length up to and including the last True along the last dimension."""
+    if nonpad.shape[-1] == 0:
+        return torch.zeros(nonpad.shape[:-1], dtype=torch.int64, device=nonpad.device)
+    pos = torch.arange(1, nonpad.shape[-1] + 1, device=nonpad.device)
+    return (pos * nonpad).amax(dim=-1)

@@ -1,0 +1,190 @@
+"""``feature_cross`` / ``fused_feature_cross``: hashed Cartesian product of two ragged id lists.
+
+Per row, the distinct ids of ``a`` (first occurrences, in order) are paired with the distinct ids
+of ``b``, a-major; each pair ``(x, y)`` becomes ``MurmurHash64A(le64(x) ++ le64(y), seed=0)`` (the
+16 little-endian bytes of the two ids) and its weight is ``w_a(x) * w_b(y)`` (the weight of the
+first occurrence; a missing weight counts as 1)::
+
+    a = [[1, 2, 1], [],  [5]]          out row 0: h(1,7) h(1,8) h(2,7) h(2,8)
+    b = [[7, 8],    [3], [6, 6]]       out row 1: (empty)    out row 2: h(5,6)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_same_device, grid_for
+from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
+from recis_kernels.ops._packing import concat_rows, split_rows
+from recis_kernels.ops._uint64 import const, shr
+from recis_kernels.ragged import RaggedTensor
+
+__all__ = ["feature_cross", "fused_feature_cross"]
+
+_M = const(0xC6A4A7935BD1E995)
+
+
+def _check(op: str, name: str, r: object) -> RaggedTensor:
+    if not isinstance(r, RaggedTensor):
+        raise RaggedError(f"{op}: {name} must be a RaggedTensor, got {type(r).__name__}")
+    if r.num_levels != 1:
+        raise RaggedError(
+            f"{op}: {name} must have 2 levels (one offsets tensor), got {r.num_levels + 1}"
+        )
+    if r.values.dtype != torch.int64 or r.values.dim() != 1:
+        raise UnsupportedDtypeError(
+            f"{op}: {name}.values must be 1-d int64 ids, got {r.values.dtype} of shape {tuple(r.values.shape)}"
+        )
+    return r
+
+
+def feature_cross(a: RaggedTensor, b: RaggedTensor) -> RaggedTensor:
+    """Cross two ragged id features row by row (see the module docstring for the exact rule).
+
+    Args:
+        a: 2-level ragged int64 ids, ``B`` rows, optional weights.
+        b: 2-level ragged int64 ids, ``B`` rows, optional weights.
+
+    Returns:
+        2-level ragged int64 hashes with ``B`` rows; row ``i`` has
+        ``distinct(a[i]) * distinct(b[i])`` values. Weights are set when ``a`` or ``b`` has them.
+
+    Raises:
+        RaggedError: not 2-level ragged tensors, or different row counts.
+    """
+    return fused_feature_cross([(a, b)], _op="feature_cross")[0]
+
+
+def fused_feature_cross(
+    pairs: Sequence[tuple[RaggedTensor, RaggedTensor]], *, _op: str = "fused_feature_cross"
+) -> list[RaggedTensor]:
+    """:func:`feature_cross` of K feature pairs in one pass (one kernel launch on CUDA).
+
+    Args:
+        pairs: K ``(a, b)`` pairs of 2-level ragged int64 id tensors on one device.
+
+    Returns:
+        K ragged tensors of crossed ids.
+    """
+    op = _op
+    if not pairs:
+        return []
+    for k, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise RaggedError(f"{op}: pairs[{k}] must be an (a, b) pair of RaggedTensors")
+        a, b = (
+            _check(op, f"pairs[{k}][{j}]" if op != "feature_cross" else "ab"[j], r)
+            for j, r in enumerate(pair)
+        )
+        if len(a) != len(b):
+            raise RaggedError(f"{op}: pairs[{k}] has {len(a)} rows in a but {len(b)} in b")
+    tensors = {}
+    for k, (a, b) in enumerate(pairs):
+        tensors[f"pairs[{k}][0]"] = a.values
+        tensors[f"pairs[{k}][1]"] = b.values
+    check_same_device(op, tensors)
+    av, ao, aw, rows = concat_rows([(a.values, a.offsets[0], a.weights) for a, _ in pairs])
+    bv, bo, bw, _ = concat_rows([(b.values, b.offsets[0], b.weights) for _, b in pairs])
+    weighted = aw is not None or bw is not None
+    values, offsets, weights = torch.ops.recis.feature_cross(av, ao, aw, bv, bo, bw)
+    parts = split_rows(values, offsets, weights if weighted else None, rows)
+    return [RaggedTensor(v, o, w, validate=False) for v, o, w in parts]
+
+
+def _distinct(values, offsets, weights):
+    """Keep the first occurrence of each id within each row, in order."""
+    n = values.numel()
+    lengths = offsets.diff()
+    row = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=values.device), lengths, output_size=n
+    )
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]
+    sv, sr = values[order], row[order]
+    first = torch.ones(n, dtype=torch.bool, device=values.device)
+    if n > 1:
+        first[1:] = (sv[1:] != sv[:-1]) | (sr[1:] != sr[:-1])
+    keep = torch.zeros(n, dtype=torch.bool, device=values.device)
+    keep[order[first]] = True
+    new_lengths = torch.zeros_like(lengths).index_add_(0, row[keep], torch.ones_like(row[keep]))
+    new_offsets = torch.zeros_like(offsets)
+    torch.cumsum(new_lengths, 0, out=new_offsets[1:])
+    w = None if weights is None else weights[keep]
+    return values[keep], new_offsets, w
+
+
+def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = torch.full_like(x, const(16 * 0xC6A4A7935BD1E995))
+    for k in (x, y):
+        k = k * _M
+        k = (k ^ shr(k, 47)) * _M
+        h = (h ^ k) * _M
+    h = h ^ shr(h, 47)
+    h = h * _M
+    return h ^ shr(h, 47)
+
+
+def _cross_layout(ao, bo):
+    la, lb = ao.diff(), bo.diff()
+    out_len = la * lb
+    out_off = torch.zeros_like(ao)
+    torch.cumsum(out_len, 0, out=out_off[1:])
+    return lb, out_len, out_off
+
+
+def _cross_cpu(av, ao, aw, bv, bo, bw):
+    lb, out_len, out_off = _cross_layout(ao, bo)
+    total = int(out_off[-1])
+    orow = torch.repeat_interleave(
+        torch.arange(out_len.numel(), device=av.device), out_len, output_size=total
+    )
+    t = torch.arange(total, device=av.device) - out_off[orow]
+    lbr = lb[orow]
+    ia = ao[orow] + torch.div(t, lbr, rounding_mode="floor")
+    ib = bo[orow] + torch.remainder(t, lbr)
+    return _pair_hash(av[ia], bv[ib]), out_off, aw[ia] * bw[ib]
+
+
+def _cross_cuda(av, ao, aw, bv, bo, bw):
+    from recis_kernels._cuda import launch
+
+    _, _, out_off = _cross_layout(ao, bo)
+    total = int(out_off[-1])
+    out_v = torch.empty(total, dtype=torch.int64, device=av.device)
+    out_w = torch.empty(total, dtype=torch.float32, device=av.device)
+    rows = ao.numel() - 1
+    args = [("ptr", av), ("ptr", ao), ("ptr", aw), ("ptr", bv), ("ptr", bo), ("ptr", bw),
+            ("ptr", out_off), ("i64", rows), ("i64", total), ("ptr", out_v), ("ptr", out_w)]  # fmt: skip
+    launch("feature_cross", "feature_cross", grid_for(total), 256, args, device=av.device)
+    return out_v, out_off, out_w
+
+
+@torch.library.custom_op("recis::feature_cross", mutates_args=())
+def _feature_cross_op(
+    a_values: torch.Tensor,
+    a_offsets: torch.Tensor,
+    a_weights: torch.Tensor | None,
+    b_values: torch.Tensor,
+    b_offsets: torch.Tensor,
+    b_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    av, ao, aw = _distinct(a_values.contiguous(), a_offsets.contiguous(), a_weights)
+    bv, bo, bw = _distinct(b_values.contiguous(), b_offsets.contiguous(), b_weights)
+    aw = torch.ones(av.numel(), device=av.device) if aw is None else aw.contiguous()
+    bw = torch.ones(bv.numel(), device=bv.device) if bw is None else bw.contiguous()
+    if use_cuda_kernels(av.device):
+        return _cross_cuda(av, ao, aw, bv, bo, bw)
+    return _cross_cpu(av, ao, aw, bv, bo, bw)
+
+
+@_feature_cross_op.register_fake
+def _(a_values, a_offsets, a_weights, b_values, b_offsets, b_weights):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (
+        a_values.new_empty(n),
+        a_offsets.new_empty(a_offsets.shape),
+        a_values.new_empty(n, dtype=torch.float32),
+    )

@@ -1,0 +1,209 @@
+"""String hashing: FarmHash Fingerprint64 and MurmurHash64A (seed 0) of ragged byte strings.
+
+Strings are given as one byte buffer and offsets (the Arrow string layout)::
+
+    strings = ["ab", "", "xyz"]
+    data    = b"abxyz"               (uint8, N = 5)
+    offsets = [0, 2, 2, 5]           (int64, S + 1)
+
+Both hashes are bit-exact with the reference C++ implementations (``util::Fingerprint64`` of
+FarmHash, Austin Appleby's ``MurmurHash64A`` with seed 0); the unsigned 64-bit result is returned
+as the int64 with the same bits. ``buckets > 0`` reduces it to the unsigned remainder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_1d, check_dtype, check_same_device, check_tensor, grid_for
+from recis_kernels.ops._farm import farm_fingerprint64, murmur64a
+from recis_kernels.ops._uint64 import umod_const
+
+__all__ = ["hash_bytes", "hash_strings"]
+
+_ALGORITHMS = {"farm": 0, "murmur": 1}
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_args(op: str, algorithm: str, buckets: int) -> None:
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be 'farm' or 'murmur', got {algorithm!r}")
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 0 <= buckets <= _INT64_MAX:
+        raise ValueError(f"{op}: buckets must be an int in [0, 2**63 - 1], got {buckets!r}")
+
+
+def hash_bytes(
+    data: torch.Tensor, offsets: torch.Tensor, algorithm: str = "farm", buckets: int = 0
+) -> torch.Tensor:
+    """Hash each byte string ``data[offsets[i]:offsets[i+1]]``.
+
+    Args:
+        data: ``(N,)`` uint8 bytes of all strings, back to back.
+        offsets: ``(S+1,)`` int64 string boundaries, starting at 0, non-decreasing, ending at N.
+        algorithm: ``"farm"`` (FarmHash Fingerprint64) or ``"murmur"`` (MurmurHash64A, seed 0).
+        buckets: when > 0, return ``(uint64)hash % buckets``.
+
+    Returns:
+        ``(S,)`` int64 hashes.
+
+    Raises:
+        UnsupportedDtypeError: ``data`` is not uint8 or ``offsets`` not int64.
+        ShapeError: an argument is not 1-d.
+        ValueError: unknown algorithm, bad bucket count, or malformed offsets.
+
+    Example:
+        >>> hash_bytes(torch.tensor(list(b"alphabet"), dtype=torch.uint8), torch.tensor([0, 8]))
+        tensor([-2427165924636348523])
+    """
+    op = "hash_bytes"
+    check_tensor(op, "data", data)
+    check_tensor(op, "offsets", offsets)
+    check_dtype(op, "data", data, (torch.uint8,))
+    check_dtype(op, "offsets", offsets, (torch.int64,))
+    check_1d(op, "data", data)
+    check_1d(op, "offsets", offsets)
+    check_same_device(op, {"data": data, "offsets": offsets})
+    _check_args(op, algorithm, buckets)
+    if offsets.numel() == 0:
+        raise ValueError(f"{op}: offsets must hold at least one entry (S + 1 for S strings)")
+    if data.device.type == "cpu":
+        _check_offsets(op, offsets, data.numel())
+    return torch.ops.recis.hash_bytes(data, offsets, algorithm, buckets)
+
+
+def _check_offsets(op: str, offsets: torch.Tensor, n: int) -> None:
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):
+        raise ValueError(
+            f"{op}: offsets must start at 0, be non-decreasing and end at len(data) = {n}, got "
+            f"first {int(offsets[0])}, last {int(offsets[-1])}"
+        )
+
+
+def hash_strings(strings: Any, algorithm: str = "farm", buckets: int = 0) -> torch.Tensor:
+    """Hash Python strings, a numpy object/bytes array, or a pyarrow string/binary array.
+
+    ``str`` values are hashed as UTF-8. Arrow nulls and ``None`` hash like the empty string.
+    Arrow arrays are read through their buffers without per-string Python work.
+
+    Args:
+        strings: sequence of ``str``/``bytes``, numpy array, or pyarrow (chunked) array.
+        algorithm: ``"farm"`` or ``"murmur"``.
+        buckets: when > 0, return ``(uint64)hash % buckets``.
+
+    Returns:
+        ``(S,)`` int64 hashes on the CPU.
+    """
+    op = "hash_strings"
+    _check_args(op, algorithm, buckets)
+    data, offsets = _to_ragged_bytes(op, strings)
+    return hash_bytes(data, offsets, algorithm, buckets)
+
+
+def _to_ragged_bytes(op: str, strings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    arrow = _from_arrow(strings)
+    if arrow is not None:
+        return arrow
+    if isinstance(strings, (str, bytes)):
+        raise TypeError(
+            f"{op}: expected a sequence of strings, got a single {type(strings).__name__}"
+        )
+    encoded = [_encode(op, s) for s in _iterate(strings)]
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return torch.from_numpy(data), torch.from_numpy(offsets)
+
+
+def _iterate(strings: Any) -> Iterable[Any]:
+    if isinstance(strings, np.ndarray):
+        return strings.reshape(-1).tolist()
+    return strings
+
+
+def _encode(op: str, s: Any) -> bytes:
+    if s is None:
+        return b""
+    if isinstance(s, str):
+        return s.encode("utf-8")
+    if isinstance(s, (bytes, bytearray, memoryview)):
+        return bytes(s)
+    raise TypeError(f"{op}: strings must be str or bytes, got {type(s).__name__}")
+
+
+def _from_arrow(strings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return None
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    if not isinstance(strings, pa.Array):
+        return None
+    t = strings.type
+    if pa.types.is_string_view(t) if hasattr(pa.types, "is_string_view") else False:
+        strings = strings.cast(pa.large_string())
+    elif pa.types.is_binary_view(t) if hasattr(pa.types, "is_binary_view") else False:
+        strings = strings.cast(pa.large_binary())
+    t = strings.type
+    if pa.types.is_string(t) or pa.types.is_binary(t):
+        offset_dtype = np.int32
+    elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        offset_dtype = np.int64
+    else:
+        raise TypeError(f"hash_strings: arrow array must hold strings or binary, got {t}")
+    if strings.null_count:
+        # Null slots may carry arbitrary bytes; replace them by empty strings first.
+        strings = strings.fill_null(
+            b"" if pa.types.is_binary(t) or pa.types.is_large_binary(t) else ""
+        )
+    _, off_buf, data_buf = strings.buffers()
+    n = len(strings)
+    raw = np.frombuffer(off_buf, dtype=offset_dtype)[strings.offset : strings.offset + n + 1]
+    offsets = raw.astype(np.int64) - (int(raw[0]) if n + 1 else 0)
+    start, stop = int(raw[0]), int(raw[-1])
+    data = (
+        np.frombuffer(data_buf, dtype=np.uint8)[start:stop]
+        if data_buf is not None
+        else np.zeros(0, np.uint8)
+    )
+    return torch.from_numpy(data.copy()), torch.from_numpy(offsets)
+
+
+def _hash_bytes_cpu(data, offsets, algorithm, buckets):
+    fn = farm_fingerprint64 if algorithm == "farm" else murmur64a
+    h = fn(data, offsets)
+    return umod_const(h, buckets) if buckets > 0 else h
+
+
+def _hash_bytes_cuda(data, offsets, algorithm, buckets):
+    from recis_kernels._cuda import launch
+
+    n = offsets.numel() - 1
+    out = torch.empty(n, dtype=torch.int64, device=data.device)
+    if data.numel() == 0:
+        data = torch.zeros(1, dtype=torch.uint8, device=data.device)
+    args = [("ptr", data), ("ptr", offsets), ("i64", n), ("i32", _ALGORITHMS[algorithm]),
+            ("i64", buckets), ("ptr", out)]  # fmt: skip
+    launch("hashing", "hash_bytes", grid_for(n), 256, args, device=data.device)
+    return out
+
+
+@torch.library.custom_op("recis::hash_bytes", mutates_args=())
+def _hash_bytes_op(
+    data: torch.Tensor, offsets: torch.Tensor, algorithm: str, buckets: int
+) -> torch.Tensor:
+    data, offsets = data.contiguous(), offsets.contiguous()
+    if use_cuda_kernels(data.device):
+        return _hash_bytes_cuda(data, offsets, algorithm, buckets)
+    return _hash_bytes_cpu(data, offsets, algorithm, buckets)
+
+
+@_hash_bytes_op.register_fake
+def _(data, offsets, algorithm, buckets):
+    return offsets.new_empty(offsets.shape[0] - 1)

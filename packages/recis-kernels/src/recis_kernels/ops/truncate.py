@@ -1,0 +1,264 @@
+"""``truncate`` / ``fused_truncate``: cap ragged rows at ``max_len`` entries, keeping head or tail.
+
+2 levels, ``max_len=2``::
+
+    rows    [[1, 2, 3], [4], []]
+    head -> [[1, 2],    [4], []]      dropped [1, 0, 0]   padded [0, 1, 2]
+    tail -> [[2, 3],    [4], []]
+
+``padded`` counts the slots a dense ``(B, max_len)`` view would pad; the ragged rows themselves
+are not padded.
+
+3 levels (rows of sub-rows, e.g. sessions of events with several ids each): the sub-row level is
+truncated to ``max_len`` sub-rows per row (inner lists are kept whole) and then padded with empty
+sub-rows, so every row has exactly ``max_len`` sub-rows; ``max_len=2``, head::
+
+    [[[1], [2, 3], [4]], [[5]]]  ->  [[[1], [2, 3]], [[5], []]]    dropped [1, 0]  padded [0, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import grid_for
+from recis_kernels.exceptions import RaggedError
+from recis_kernels.ragged import RaggedTensor
+
+__all__ = ["TruncateResult", "fused_truncate", "truncate"]
+
+
+class TruncateResult(NamedTuple):
+    """Result of :func:`truncate`.
+
+    Attributes:
+        values: the truncated ragged tensor (same number of levels as the input).
+        dropped: ``(B,)`` int64 entries removed per row (sub-rows for 3 levels).
+        padded: ``(B,)`` int64 ``max(max_len - len, 0)`` per row: padding added (3 levels) or
+            needed for a dense ``(B, max_len)`` view (2 levels).
+    """
+
+    values: RaggedTensor
+    dropped: torch.Tensor
+    padded: torch.Tensor
+
+
+def _check(op, where, r, max_len, side) -> None:
+    if not isinstance(r, RaggedTensor):
+        raise RaggedError(f"{op}: {where} must be a RaggedTensor, got {type(r).__name__}")
+    if r.num_levels not in (1, 2):
+        raise RaggedError(f"{op}: {where} must have 2 or 3 levels, got {r.num_levels + 1}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"{op}: max_len for {where} must be an int >= 0, got {max_len!r}")
+    if side not in ("head", "tail"):
+        raise ValueError(f"{op}: side for {where} must be 'head' or 'tail', got {side!r}")
+
+
+def truncate(r: RaggedTensor, max_len: int, side: str = "head") -> TruncateResult:
+    """Keep at most ``max_len`` entries per row (see the module docstring for 3 levels).
+
+    Args:
+        r: 2- or 3-level ragged tensor; values of any dtype and optional weights follow along.
+        max_len: maximum row length, ``>= 0``.
+        side: ``"head"`` keeps the first entries, ``"tail"`` the last.
+
+    Returns:
+        :class:`TruncateResult` with the truncated tensor and per-row drop/pad counts.
+    """
+    _check("truncate", "r", r, max_len, side)
+    return fused_truncate([r], [max_len], [side], _checked=True)[0]
+
+
+def fused_truncate(
+    rs: Sequence[RaggedTensor],
+    max_lens: Sequence[int],
+    sides: Sequence[str],
+    *,
+    _checked: bool = False,
+) -> list[TruncateResult]:
+    """:func:`truncate` of K features: one pass for all 2-level inputs and one for all 3-level.
+
+    Args:
+        rs: K ragged tensors on one device.
+        max_lens: K maximum lengths.
+        sides: K of ``"head"`` / ``"tail"``.
+
+    Returns:
+        K :class:`TruncateResult`.
+    """
+    op = "fused_truncate"
+    if not len(rs) == len(max_lens) == len(sides):
+        raise ValueError(
+            f"{op}: got {len(rs)} inputs, {len(max_lens)} max_lens and {len(sides)} sides"
+        )
+    if not _checked:
+        for k, (r, m, s) in enumerate(zip(rs, max_lens, sides, strict=True)):
+            _check(op, f"rs[{k}]", r, m, s)
+    results: list[TruncateResult | None] = [None] * len(rs)
+    for levels in (1, 2):
+        group = [k for k, r in enumerate(rs) if r.num_levels == levels]
+        if not group:
+            continue
+        packed = _concat([rs[k] for k in group])
+        row_max = _per_row([max_lens[k] for k in group], [len(rs[k]) for k in group], packed.device)
+        row_tail = _per_row(
+            [sides[k] == "tail" for k in group], [len(rs[k]) for k in group], packed.device
+        )
+        out, dropped, padded = (_truncate2 if levels == 1 else _truncate3)(
+            packed, row_max, row_tail
+        )
+        for k, part in zip(
+            group, _split(out, dropped, padded, [len(rs[k]) for k in group]), strict=True
+        ):
+            results[k] = part
+    return results  # type: ignore[return-value]
+
+
+def _per_row(params, rows, device) -> torch.Tensor:
+    return torch.repeat_interleave(
+        torch.tensor(params, device=device), torch.tensor(rows, device=device)
+    )
+
+
+def _truncate2(r: RaggedTensor, row_max, row_tail):
+    index, new_off = torch.ops.recis.truncate_index(r.offsets[0], row_max, row_tail)
+    lengths = r.lengths()
+    out = RaggedTensor(
+        r.values[index], new_off, None if r.weights is None else r.weights[index], validate=False
+    )
+    return out, (lengths - row_max).clamp(min=0), (row_max - lengths).clamp(min=0)
+
+
+def _truncate3(r: RaggedTensor, row_max, row_tail):
+    sub_index, kept_off = torch.ops.recis.truncate_index(r.offsets[0], row_max, row_tail)
+    sub_lengths = r.lengths(1)
+    sub_starts = r.offsets[1][:-1]
+    kept_len = sub_lengths[sub_index]
+    # Values of the kept sub-rows, in order: expand each kept sub-row into its value range.
+    total = int(kept_len.sum()) if kept_len.numel() else 0
+    owner = torch.repeat_interleave(
+        torch.arange(kept_len.numel(), device=r.device), kept_len, output_size=total
+    )
+    kept_base = torch.zeros_like(kept_len)
+    if kept_len.numel():
+        kept_base[1:] = torch.cumsum(kept_len, 0)[:-1]
+    value_index = (
+        sub_starts[sub_index][owner] + torch.arange(total, device=r.device) - kept_base[owner]
+    )
+    # Pad every row to exactly max_len sub-rows with empty sub-rows at its end.
+    batch = len(r)
+    kept_rows = kept_off.diff()
+    new_off0 = torch.zeros(batch + 1, dtype=torch.int64, device=r.device)
+    torch.cumsum(row_max, 0, out=new_off0[1:])
+    row_of_kept = torch.repeat_interleave(
+        torch.arange(batch, device=r.device), kept_rows, output_size=sub_index.numel()
+    )
+    slot = (
+        new_off0[row_of_kept]
+        + torch.arange(sub_index.numel(), device=r.device)
+        - kept_off[row_of_kept]
+    )
+    padded_len = torch.zeros(int(new_off0[-1]), dtype=torch.int64, device=r.device)
+    padded_len[slot] = kept_len
+    new_off1 = torch.zeros(padded_len.numel() + 1, dtype=torch.int64, device=r.device)
+    torch.cumsum(padded_len, 0, out=new_off1[1:])
+    weights = None if r.weights is None else r.weights[value_index]
+    out = RaggedTensor(r.values[value_index], [new_off0, new_off1], weights, validate=False)
+    lengths = r.lengths()
+    return out, (lengths - row_max).clamp(min=0), (row_max - lengths).clamp(min=0)
+
+
+def _concat(rs: Sequence[RaggedTensor]) -> RaggedTensor:
+    if len(rs) == 1:
+        return rs[0]
+    levels = rs[0].num_levels
+    offsets = []
+    for level in range(levels):
+        pieces, base = [], 0
+        for r in rs:
+            o = r.offsets[level]
+            pieces.append(o[:-1] + base)
+            base += int(o[-1])
+        pieces.append(torch.tensor([base], dtype=torch.int64, device=rs[0].device))
+        offsets.append(torch.cat(pieces))
+    values = torch.cat([r.values for r in rs])
+    weights = None
+    if any(r.weights is not None for r in rs):
+        weights = torch.cat(
+            [
+                r.weights
+                if r.weights is not None
+                else torch.ones(r.values.shape[0], device=r.device)
+                for r in rs
+            ]
+        )
+    return RaggedTensor(values, offsets, weights, validate=False)
+
+
+def _split(out: RaggedTensor, dropped, padded, rows: list[int]) -> list[TruncateResult]:
+    if len(rows) == 1:
+        return [TruncateResult(out, dropped, padded)]
+    parts = []
+    start = 0
+    for n in rows:
+        parts.append(
+            TruncateResult(
+                out[start : start + n], dropped[start : start + n], padded[start : start + n]
+            )
+        )
+        start += n
+    return parts
+
+
+def _truncate_index_cpu(offsets, row_max, row_tail):
+    lengths = offsets.diff()
+    kept = torch.minimum(lengths, row_max)
+    new_off = torch.zeros_like(offsets)
+    torch.cumsum(kept, 0, out=new_off[1:])
+    total = int(new_off[-1])
+    row = torch.repeat_interleave(
+        torch.arange(kept.numel(), device=offsets.device), kept, output_size=total
+    )
+    pos = torch.arange(total, device=offsets.device) - new_off[row]
+    skip = torch.where(row_tail, lengths - kept, 0)
+    return offsets[row] + pos + skip[row], new_off
+
+
+def _truncate_index_cuda(offsets, row_max, row_tail):
+    from recis_kernels._cuda import launch
+
+    kept = torch.minimum(offsets.diff(), row_max)
+    new_off = torch.zeros_like(offsets)
+    torch.cumsum(kept, 0, out=new_off[1:])
+    total = int(new_off[-1])
+    index = torch.empty(total, dtype=torch.int64, device=offsets.device)
+    tail = row_tail.to(torch.uint8)
+    args = [
+        ("ptr", offsets),
+        ("ptr", new_off),
+        ("ptr", tail),
+        ("i64", kept.numel()),
+        ("i64", total),
+        ("ptr", index),
+    ]
+    launch("truncate", "truncate_index", grid_for(total), 256, args, device=offsets.device)
+    return index, new_off
+
+
+@torch.library.custom_op("recis::truncate_index", mutates_args=())
+def _truncate_index_op(
+    offsets: torch.Tensor, row_max: torch.Tensor, row_tail: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets, row_max, row_tail = offsets.contiguous(), row_max.contiguous(), row_tail.contiguous()
+    if use_cuda_kernels(offsets.device):
+        return _truncate_index_cuda(offsets, row_max, row_tail)
+    return _truncate_index_cpu(offsets, row_max, row_tail)
+
+
+@_truncate_index_op.register_fake
+def _(offsets, row_max, row_tail):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return offsets.new_empty(n), torch.empty_like(offsets)
