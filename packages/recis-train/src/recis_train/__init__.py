@@ -1,6 +1,29 @@
 """recis-train: the Trainer, pipelines, metrics and checkpoints of recis."""
 
 from recis_train import metrics
+from recis_train._arguments import TrainingArguments
+from recis_train._checkpoint import CheckpointManager
+from recis_train._hooks import EarlyStopping, Hook, LoggingHook, TableStatsHook, find_tables
+from recis_train._outputs import StepOutput, parse_output
+from recis_train._sparse import EmbeddingCheckpoint, SparseCheckpoint
+from recis_train._state import seed_everything
+from recis_train._trainer import Trainer
 from recis_train.exceptions import RecisTrainError
 
-__all__ = ["RecisTrainError", "metrics"]
+__all__ = [
+    "CheckpointManager",
+    "EarlyStopping",
+    "EmbeddingCheckpoint",
+    "Hook",
+    "LoggingHook",
+    "RecisTrainError",
+    "SparseCheckpoint",
+    "StepOutput",
+    "TableStatsHook",
+    "Trainer",
+    "TrainingArguments",
+    "find_tables",
+    "metrics",
+    "parse_output",
+    "seed_everything",
+]

@@ -1,0 +1,187 @@
+"""``TrainingArguments``: every knob of a training run, from code, YAML, JSON or CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from recis_train.exceptions import ConfigError
+
+_PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    """Settings of one training run.
+
+    Attributes:
+        output_dir: where checkpoints and logs go.
+        train_steps: stop after this many optimizer steps (``None``: run ``epochs`` passes).
+        epochs: passes over the training data (each restarts the iterable).
+        eval_steps: batches per evaluation (``None``: the whole evaluation data).
+        eval_every: evaluate every N optimizer steps in ``train_and_evaluate`` (0: at the end).
+        log_every: the logging hook prints every N optimizer steps.
+        save_every: checkpoint every N optimizer steps (0: only at the end of training).
+        max_to_keep: complete checkpoints kept on disk (older ones are deleted).
+        gradient_accumulation_steps: micro-batches summed into one optimizer step.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds loss scaling).
+        grad_clip: clip the global norm of dense gradients to this value (``None``: no clip).
+        seed: seeds torch, numpy and random at the start of a fresh run.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (CUDA when available).
+        deterministic: ask torch for deterministic algorithms (bit-exact resume on CPU).
+        resume: ``train()`` first restores the latest checkpoint in ``output_dir`` if one exists.
+        save_at_end: write a checkpoint when training ends.
+    """
+
+    output_dir: str = "recis-output"
+    train_steps: int | None = None
+    epochs: int = 1
+    eval_steps: int | None = None
+    eval_every: int = 0
+    log_every: int = 50
+    save_every: int = 0
+    max_to_keep: int = 3
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    resume: bool = True
+    save_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "log_every", "max_to_keep", "gradient_accumulation_steps")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1 or None, got {value}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.mixed_precision not in _PRECISIONS:
+            raise ConfigError(
+                f"mixed_precision must be one of {list(_PRECISIONS)}, got {self.mixed_precision!r}"
+            )
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps", "xpu"))):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a plain, JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "dict") -> TrainingArguments:
+        """Build from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"{source}: expected a mapping of argument names, got {type(values).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown training argument(s) {unknown}")
+        coerced = {name: _coerce(name, value, source) for name, value in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainingArguments:
+        """Load from a JSON file holding one object."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid json ({err})") from err
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainingArguments:
+        """Load from a YAML file holding one mapping."""
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid yaml ({err})") from err
+        return cls.from_dict(values or {}, source=str(path))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainingArguments:
+        """Load from ``.json``, ``.yaml`` or ``.yml`` by the file's suffix."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".json":
+            return cls.from_json(path)
+        if suffix in (".yaml", ".yml"):
+            return cls.from_yaml(path)
+        raise ConfigError(f"{path}: expected a .json, .yaml or .yml file")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per argument (``--train-steps 100``, ``--no-resume``) and ``--config``."""
+        parser.add_argument("--config", help="a .json/.yaml file of training arguments")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if _base_type(f.name) is bool:
+                parser.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None
+                )
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper())
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None) -> TrainingArguments:
+        """Parse CLI flags; values given as flags override those of ``--config``."""
+        parser = argparse.ArgumentParser(description="recis training arguments")
+        cls.add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace) -> TrainingArguments:
+        """Build from a namespace filled by a parser that :meth:`add_arguments` extended."""
+        values: dict[str, Any] = {}
+        config = getattr(namespace, "config", None)
+        if config:
+            values.update(cls.from_file(config).to_dict())
+        for f in dataclasses.fields(cls):
+            given = getattr(namespace, f.name, None)
+            if given is not None:
+                values[f.name] = given
+        return cls.from_dict(values, source="command line")
+
+
+def _base_type(name: str) -> type:
+    hint = typing.get_type_hints(TrainingArguments)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert strings from flags/YAML to the field's type; reject what does not fit."""
+    target = _base_type(name)
+    if value is None or (
+        isinstance(value, target) and not (target is int and isinstance(value, bool))
+    ):
+        return value
+    if isinstance(value, str):
+        if value.lower() in ("none", "null") and target is not str:
+            return None
+        if target is bool and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        try:
+            return target(value)
+        except ValueError:
+            pass
+    elif target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{source}: {name} must be {target.__name__}, got {value!r}")

@@ -1,0 +1,184 @@
+"""Atomic, rotating checkpoints: one directory per step, renamed into place when complete."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recis_train.exceptions import CheckpointError, CheckpointNotFoundError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d{9,})$")
+_log = logging.getLogger("recis_train")
+
+#: writes one part of a checkpoint into the given (temporary) directory
+Writer = Callable[[Path], None]
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Writes, lists, rotates and finds checkpoints under ``root``.
+
+    A checkpoint is the directory ``root/step-000000123``. It is written under a temporary name,
+    its files flushed to disk, its ``manifest.json`` written last, then renamed into place, so a
+    crash or an error mid-save never leaves a directory that :meth:`latest` would pick; the
+    previous checkpoints stay as they were. After a successful save, complete checkpoints beyond
+    ``max_to_keep`` are deleted, oldest first.
+
+    Args:
+        root: directory holding the checkpoints (created on first save).
+        max_to_keep: complete checkpoints kept.
+    """
+
+    def __init__(self, root: str | Path, *, max_to_keep: int = 3) -> None:
+        self.root = Path(root)
+        self.max_to_keep = max_to_keep
+
+    def path_for(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` lives."""
+        return self.root / f"step-{step:09d}"
+
+    def save(self, step: int, writers: Mapping[str, Writer], meta: Mapping[str, Any]) -> Path:
+        """Write a checkpoint of ``step``; each writer fills its own subdirectory.
+
+        Args:
+            step: the global step it captures.
+            writers: part name -> a function writing that part into the directory it is given.
+            meta: JSON-serializable facts stored in the manifest (e.g. the training arguments).
+
+        Returns:
+            The checkpoint's final directory.
+
+        Raises:
+            CheckpointError: a writer failed; nothing of this save is left behind.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+        final = self.path_for(step)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for part, write in writers.items():
+                (tmp / part).mkdir()
+                write(tmp / part)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "created": time.time(),
+                "parts": sorted(writers),
+                "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
+                "meta": dict(meta),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception):
+                raise CheckpointError(
+                    f"saving checkpoint of step {step} to {final} failed: {err}"
+                ) from err
+            raise
+        self._rotate()
+        return final
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = _NAME.match(path.name)
+            if match and path.is_dir() and self._is_complete(path):
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or ``None``."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    @staticmethod
+    def read_manifest(path: str | Path) -> dict[str, Any]:
+        """The manifest of a checkpoint directory, checked for completeness."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise CheckpointNotFoundError(f"{path} is not a complete checkpoint (no {MANIFEST})")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path / MANIFEST} is not valid json: {err}") from err
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint format {manifest.get('format_version')}, expected {FORMAT_VERSION}"
+            )
+        missing = [f for f in manifest.get("files", []) if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint is missing file(s) {missing}")
+        return manifest
+
+    def _is_complete(self, path: Path) -> bool:
+        try:
+            self.read_manifest(path)
+        except (CheckpointError, OSError) as err:
+            _log.warning("skipping incomplete checkpoint %s: %s", path, err)
+            return False
+        return True
+
+    def _rotate(self) -> None:
+        done = self.complete()
+        for old in done[: max(0, len(done) - self.max_to_keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _remove_stale_temporaries(self) -> None:
+        # Left by a process killed mid-save; never picked up by latest().
+        for path in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Save a flat name -> tensor mapping as safetensors (copies break any memory sharing)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file written by :func:`save_tensors`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def save_object(obj: Any, path: Path) -> None:
+    """Save nested state (optimizers, schedulers, RNG) with torch's serializer."""
+    torch.save(obj, path)
+
+
+def load_object(path: Path) -> Any:
+    """Load state saved by :func:`save_object`; only tensors and plain containers are allowed."""
+    return torch.load(path, map_location="cpu", weights_only=True)

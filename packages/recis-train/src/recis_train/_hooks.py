@@ -1,0 +1,238 @@
+"""Hooks: code that runs at fixed points of the training loop (logging, early stop, stats)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+from recis_train.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from recis_train._trainer import Trainer
+
+
+class Hook:
+    """Base class of hooks; override any subset of the methods.
+
+    Hooks run in the order given to the :class:`~recis_train.Trainer`. ``logs`` passed to
+    :meth:`on_step_end` holds ``loss`` (the step's weighted total), one ``loss/<task>`` per task,
+    ``lr``, ``samples`` (rows in the step) and ``step``.
+    """
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Before the first step (after a restore)."""
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        """After every optimizer step."""
+
+    def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        """After every evaluation, with its results."""
+
+    def on_save(self, trainer: Trainer, path: str) -> None:
+        """After a checkpoint was written to ``path``."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After the last step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in checkpoints (hooks that count or remember override this)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class LoggingHook(Hook):
+    """Progress with loss, learning rate, samples/s and ETA.
+
+    On an interactive terminal it redraws one progress line; otherwise (files, CI logs) it
+    prints a plain line every ``every`` steps. Evaluation results always get their own line.
+
+    Args:
+        every: steps between lines (default: the trainer's ``log_every``).
+        stream: where to write (default ``sys.stderr``).
+    """
+
+    def __init__(self, every: int | None = None, *, stream: IO[str] | None = None) -> None:
+        self.every = every
+        self.stream = stream
+        self._window_start = 0.0
+        self._window_samples = 0
+
+    @property
+    def _out(self) -> IO[str]:
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _interactive(self) -> bool:
+        isatty = getattr(self._out, "isatty", None)
+        return bool(isatty and isatty())
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._window_start = time.perf_counter()
+        self._window_samples = 0
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        self._window_samples += int(logs.get("samples", 0))
+        every = self.every or trainer.args.log_every
+        step = trainer.global_step
+        if step % every and not self._interactive():
+            return
+        now = time.perf_counter()
+        rate = self._window_samples / max(now - self._window_start, 1e-9)
+        total = trainer.total_steps
+        line = f"step {step}" + (f"/{total}" if total else "")
+        line += f" loss {logs['loss']:.5f}"
+        tasks = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in logs.items() if k.startswith("loss/")]
+        if tasks:
+            line += " (" + ", ".join(tasks) + ")"
+        line += f" lr {logs['lr']:.3g} samples/s {rate:,.0f}"
+        if total and step % every == 0:
+            steps_per_s = rate / max(logs.get("samples", 1), 1)
+            line += f" eta {_duration((total - step) / max(steps_per_s, 1e-9))}"
+        if self._interactive():
+            self._out.write("\r" + line.ljust(100))
+        else:
+            self._out.write(line + "\n")
+        self._out.flush()
+        if step % every == 0:
+            self._window_start, self._window_samples = now, 0
+
+    def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        text = " ".join(f"{k} {v:.5f}" for k, v in metrics.items())
+        prefix = "\n" if self._interactive() else ""
+        self._out.write(f"{prefix}eval at step {trainer.global_step}: {text}\n")
+        self._out.flush()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self._interactive():
+            self._out.write("\n")
+            self._out.flush()
+
+
+class EarlyStopping(Hook):
+    """Stop training when an evaluation metric stops improving.
+
+    Args:
+        monitor: the key of :meth:`Trainer.evaluate`'s result to watch (e.g. ``"auc"``,
+            ``"click/auc"``, ``"loss"``).
+        mode: ``"max"`` (higher is better) or ``"min"``.
+        patience: evaluations without improvement tolerated before stopping.
+        min_delta: smallest change that counts as an improvement.
+    """
+
+    def __init__(
+        self, monitor: str, *, mode: str = "max", patience: int = 2, min_delta: float = 0.0
+    ):
+        if mode not in ("max", "min"):
+            raise ConfigError(f"EarlyStopping: mode must be 'max' or 'min', got {mode!r}")
+        if patience < 1:
+            raise ConfigError(f"EarlyStopping: patience must be at least 1, got {patience}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.bad_evaluations = 0
+        self.stopped_at: int | None = None
+
+    def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise ConfigError(
+                f"EarlyStopping: metric {self.monitor!r} not in evaluation results {sorted(metrics)}"
+            )
+        value = metrics[self.monitor]
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.bad_evaluations = value, 0
+            return
+        self.bad_evaluations += 1
+        if self.bad_evaluations >= self.patience:
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = state.get("best")
+        self.bad_evaluations = int(state.get("bad_evaluations", 0))
+
+
+def find_tables(model: Any) -> dict[str, Any]:
+    """Objects in ``model`` that report table statistics through a ``stats()`` method.
+
+    Duck-typed so any embedding implementation can take part: a submodule (or a submodule's
+    attribute) with a callable ``stats`` returning a mapping of numbers.
+    """
+    found: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        candidates = [(name, module)]
+        tables = getattr(module, "tables", None)
+        if isinstance(tables, Mapping):
+            candidates += [(f"{name}.{k}" if name else str(k), v) for k, v in tables.items()]
+        for label, obj in candidates:
+            if callable(getattr(obj, "stats", None)) and label not in found:
+                found[label or type(obj).__name__] = obj
+    return found
+
+
+class TableStatsHook(Hook):
+    """Logs embedding-table statistics (size, growth, hit rate, evictions) every N steps.
+
+    Any object found by :func:`find_tables` is reported; the latest snapshot is kept in
+    :attr:`history` as ``(step, {table: stats})`` for reports and plots.
+
+    Args:
+        every: steps between snapshots.
+        stream: where to write lines (``None``: keep snapshots without printing).
+        tables: a function returning ``{name: table}`` (default: :func:`find_tables` of the model).
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        *,
+        stream: IO[str] | None = None,
+        tables: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        if every < 1:
+            raise ConfigError(f"TableStatsHook: every must be at least 1, got {every}")
+        self.every, self.stream, self._tables = every, stream, tables
+        self.history: list[tuple[int, dict[str, dict[str, float]]]] = []
+
+    def snapshot(self, trainer: Trainer) -> dict[str, dict[str, float]]:
+        tables = self._tables() if self._tables else find_tables(trainer.model)
+        stats = {}
+        for name, table in tables.items():
+            raw = table.stats()
+            raw = raw if isinstance(raw, Mapping) else vars(raw)
+            stats[name] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+        return stats
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        if trainer.global_step % self.every:
+            return
+        stats = self.snapshot(trainer)
+        previous = self.history[-1][1] if self.history else {}
+        self.history.append((trainer.global_step, stats))
+        if self.stream is None:
+            return
+        for name, values in stats.items():
+            parts = [f"{k} {v:g}" for k, v in values.items()]
+            rows = values.get("rows", values.get("size"))
+            before = previous.get(name, {}).get("rows", previous.get(name, {}).get("size"))
+            if rows is not None and before is not None:
+                parts.append(f"growth {rows - before:+g}")
+            lookups, hits = values.get("lookups"), values.get("hits")
+            if lookups:
+                parts.append(f"hit_rate {(hits or 0) / lookups:.3f}")
+            self.stream.write(f"table {name} at step {trainer.global_step}: {' '.join(parts)}\n")
+        self.stream.flush()

@@ -1,0 +1,89 @@
+"""Reading what a model returns: one loss, or per-task losses with weights and predictions."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from recis_train.exceptions import ModelOutputError
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """A model output in one shape.
+
+    Attributes:
+        loss: the scalar the trainer differentiates (weighted sum of task losses).
+        losses: task name -> its unweighted scalar loss (``{"loss": loss}`` for one loss).
+        predictions: task name -> (B,) probabilities, for metrics (may be empty).
+        labels: task name -> (B,) labels matching ``predictions``.
+        groups: (B,) group ids for grouped metrics such as GAUC, or ``None``.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    predictions: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    groups: torch.Tensor | None
+
+
+def _per_task(value: Any, key: str) -> dict[str, torch.Tensor]:
+    if value is None:
+        return {}
+    if isinstance(value, torch.Tensor):
+        return {"": value}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ModelOutputError(
+        f"model output {key!r} must be a tensor or a dict of tensors, got {type(value).__name__}"
+    )
+
+
+def parse_output(output: Any) -> StepOutput:
+    """Normalize a model's return value.
+
+    Accepted forms: a scalar loss tensor; or a mapping with ``"loss"`` (a scalar) or
+    ``"losses"`` (task -> scalar) and optionally ``"weights"`` (task -> float, default 1),
+    ``"predictions"`` and ``"labels"`` (a (B,) tensor or task -> (B,) tensor), and
+    ``"groups"`` ((B,) ids).
+    """
+    if isinstance(output, torch.Tensor):
+        return StepOutput(_scalar(output, "loss"), {"loss": output}, {}, {}, None)
+    if not isinstance(output, Mapping):
+        raise ModelOutputError(
+            f"model must return a loss tensor or a dict with 'loss' or 'losses', got {type(output).__name__}"
+        )
+    if "losses" in output:
+        losses = output["losses"]
+        if not isinstance(losses, Mapping) or not losses:
+            raise ModelOutputError("model output 'losses' must be a non-empty dict of task -> loss")
+        weights = output.get("weights") or {}
+        unknown = sorted(set(weights) - set(losses))
+        if unknown:
+            raise ModelOutputError(f"model output 'weights' names unknown task(s) {unknown}")
+        losses = {name: _scalar(value, f"losses[{name!r}]") for name, value in losses.items()}
+        total = sum(float(weights.get(name, 1.0)) * value for name, value in losses.items())
+        loss = total if isinstance(total, torch.Tensor) else torch.tensor(total)
+    elif "loss" in output:
+        loss = _scalar(output["loss"], "loss")
+        losses = {"loss": loss}
+    else:
+        raise ModelOutputError(
+            f"model output dict needs 'loss' or 'losses', got keys {sorted(output)}"
+        )
+    predictions = _per_task(output.get("predictions"), "predictions")
+    labels = _per_task(output.get("labels"), "labels")
+    missing = sorted(set(predictions) - set(labels))
+    if missing:
+        raise ModelOutputError(f"model output has predictions without labels for task(s) {missing}")
+    return StepOutput(loss, losses, predictions, labels, output.get("groups"))
+
+
+def _scalar(value: Any, key: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ModelOutputError(f"model output {key!r} must be a scalar tensor, got {shape}")
+    return value.reshape(())

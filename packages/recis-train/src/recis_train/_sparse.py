@@ -1,0 +1,71 @@
+"""How embedding tables get into checkpoints: the seam between the trainer and recis-embedding."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+
+_EMBEDDING_PACKAGE = "recis_embedding"
+
+
+class SparseCheckpoint(Protocol):
+    """Saves and loads the parts of a model that the dense ``state_dict`` does not carry."""
+
+    def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+        """Write the tables (and the sparse optimizer's per-row state) into ``directory``."""
+
+    def load(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+        """Load what :meth:`save` wrote into the model and optimizer."""
+
+    def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``state`` without the entries this object saves itself."""
+
+
+def _embedding_prefixes(model: nn.Module) -> list[str]:
+    """Module paths in ``model`` whose class comes from recis-embedding (outermost only)."""
+    prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__module__.split(".")[0] != _EMBEDDING_PACKAGE:
+            continue
+        if not any(name == p or name.startswith(p + ".") for p in prefixes):
+            prefixes.append(name)
+    return prefixes
+
+
+class EmbeddingCheckpoint:
+    """Checkpoints recis-embedding tables with ``recis_embedding.save`` / ``load``.
+
+    The tables' entries (if any appear in the model's ``state_dict``) are left out of the
+    dense file, so each row is stored once, in recis-embedding's open format.
+    """
+
+    def __init__(self, prefixes: list[str]) -> None:
+        self.prefixes = prefixes
+
+    def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+        import recis_embedding
+
+        recis_embedding.save(str(directory / "tables"), model, sparse_optimizer)
+
+    def load(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+        import recis_embedding
+
+        recis_embedding.load(str(directory / "tables"), model, sparse_optimizer)
+
+    def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        def owned(key: str) -> bool:
+            return any(p == "" or key.startswith(p + ".") for p in self.prefixes)
+
+        return {k: v for k, v in state.items() if not owned(k)}
+
+
+def default_sparse_checkpoint(model: nn.Module) -> SparseCheckpoint | None:
+    """An :class:`EmbeddingCheckpoint` when ``model`` holds recis-embedding modules, else None."""
+    if importlib.util.find_spec(_EMBEDDING_PACKAGE) is None:
+        return None
+    prefixes = _embedding_prefixes(model)
+    return EmbeddingCheckpoint(prefixes) if prefixes else None

@@ -1,0 +1,53 @@
+"""Trains the toy model with checkpoints; run twice after a SIGKILL, it must finish identically.
+
+Usage: python _resume_script.py OUT_DIR RESULT_FILE
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from _toy import ToyModel, ToyReader, make_optimizers
+
+from recis_train import Hook, Trainer, TrainingArguments, seed_everything
+
+NUM_ROWS, BATCH = 2_000, 20
+
+
+class PrintStep(Hook):
+    def on_step_end(self, trainer, logs):
+        print(f"step {trainer.global_step}", flush=True)
+
+
+def main(out_dir: str, result_file: str) -> None:
+    seed_everything(0)
+    model = ToyModel(NUM_ROWS)
+    dense, sparse = make_optimizers(model)
+    schedule = torch.optim.lr_scheduler.StepLR(dense, step_size=7, gamma=0.9)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        epochs=2,
+        save_every=5,
+        max_to_keep=2,
+        gradient_accumulation_steps=2,
+        grad_clip=1.0,
+        device="cpu",
+        deterministic=True,
+    )
+    trainer = Trainer(
+        model,
+        args,
+        train_data=ToyReader(NUM_ROWS, BATCH),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+        lr_schedulers=[schedule],
+        hooks=[PrintStep()],
+    )
+    trainer.train()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, result_file)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], sys.argv[2])

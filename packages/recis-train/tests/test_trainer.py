@@ -1,0 +1,257 @@
+"""The training loop: learning, accumulation, clipping, precision, errors, evaluation, hooks."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from _toy import ToyModel, ToyReader, make_optimizers
+from torch import nn
+
+from recis_train import (
+    EarlyStopping,
+    Hook,
+    LoggingHook,
+    TableStatsHook,
+    Trainer,
+    TrainingArguments,
+    seed_everything,
+)
+from recis_train.exceptions import ConfigError, ModelOutputError, NonFiniteLossError
+from recis_train.metrics import AUROC, GAUC, LogLoss
+
+
+def make_trainer(tmp_path, *, model=None, rows=1_000, batch=50, eval_rows=400, **kwargs):
+    seed_everything(0)
+    model = model or ToyModel(rows, tasks=kwargs.pop("tasks", ("click",)))
+    dense, sparse = make_optimizers(model)
+    defaults = {"output_dir": str(tmp_path), "device": "cpu", "save_at_end": False}
+    args = TrainingArguments(**(defaults | kwargs.pop("args", {})))
+    return Trainer(
+        model,
+        args,
+        train_data=kwargs.pop("train_data", ToyReader(rows, batch)),
+        eval_data=ToyReader(eval_rows, 100, seed=1),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+        **kwargs,
+    )
+
+
+def test_trains_to_the_planted_signal(tmp_path):
+    trainer = make_trainer(tmp_path, args={"epochs": 3})
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert trainer.global_step == 60
+    assert after["auc"] > 0.8 > before["auc"] - 0.05
+    assert after["loss"] < before["loss"]
+    assert after["logloss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert int(trainer.model.seen.sum()) == 3 * 1_000
+
+
+def test_multi_task_losses_weights_and_metrics(tmp_path):
+    trainer = make_trainer(tmp_path, tasks=("click", "conv"), args={"train_steps": 5})
+    logs = trainer.train()
+    assert logs["loss"] == pytest.approx(logs["loss/click"] + 0.5 * logs["loss/conv"], rel=1e-5)
+    results = trainer.evaluate()
+    assert {"click/auc", "conv/auc", "click/logloss", "conv/calibration"} <= set(results)
+    # Metrics equal those computed by hand over the same evaluation batches.
+    model, auc = trainer.model.eval(), AUROC()
+    with torch.no_grad():
+        for batch in ToyReader(400, 100, seed=1):
+            auc.update(model(batch)["predictions"]["conv"], batch["conv"])
+    assert results["conv/auc"] == pytest.approx(auc.compute(), abs=1e-12)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    finals = []
+    for batch, accumulate in ((40, 1), (20, 2), (10, 4)):
+        seed_everything(3)
+        trainer = make_trainer(
+            tmp_path / str(batch),
+            model=ToyModel(0, dropout=0.0),
+            batch=batch,
+            args={"gradient_accumulation_steps": accumulate, "train_steps": 10},
+        )
+        trainer.train()
+        finals.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(finals[2], finals[0], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_clip_bounds_the_dense_gradient_norm(tmp_path):
+    norms = []
+
+    class Recorder(Hook):
+        pass
+
+    model = ToyModel(0)
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, **kwargs):
+        params = list(params)
+        original(params, max_norm, **kwargs)
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+
+    trainer = make_trainer(tmp_path, model=model, args={"grad_clip": 0.01, "train_steps": 4})
+    torch.nn.utils.clip_grad_norm_, saved = spy, torch.nn.utils.clip_grad_norm_
+    try:
+        trainer.train()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = saved
+    assert len(norms) == 4
+    assert max(norms) <= 0.01 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    trainer = make_trainer(tmp_path, args={"mixed_precision": precision, "epochs": 2})
+    logs = trainer.train()
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert trainer.evaluate()["auc"] > 0.75
+
+
+def test_fp16_with_sparse_optimizer_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="mixed_precision 'fp16' needs loss scaling"):
+        make_trainer(tmp_path, args={"mixed_precision": "fp16"})
+
+
+class PoisonedModel(ToyModel):
+    def forward(self, batch):
+        out = super().forward(batch)
+        if int(batch["row"][0]) == 150:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_loss_names_step_and_batch_and_keeps_parameters(tmp_path):
+    snapshots = []
+
+    class Snapshot(Hook):
+        def on_step_end(self, trainer, logs):
+            snapshots.append({k: v.clone() for k, v in trainer.model.named_parameters()})
+
+    trainer = make_trainer(tmp_path, model=PoisonedModel(1_000, dropout=0.0), hooks=[Snapshot()])
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"loss is nan at step 4 \(epoch 0, batch 3 of the epoch, micro-batch 1 of 1\)",
+    ):
+        trainer.train()
+    assert trainer.global_step == 3
+    for name, value in trainer.model.named_parameters():
+        assert torch.equal(value, snapshots[-1][name]), name
+        assert value.grad is None, name
+
+
+class BadModel(nn.Module):
+    def __init__(self, output):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.output = output
+
+    def forward(self, batch):
+        return self.output(self.w)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (lambda w: [w.sum()], "model must return a loss tensor or a dict"),
+        (lambda w: w.repeat(3), r"model output 'loss' must be a scalar tensor, got \(3,\)"),
+        (lambda w: {"score": w.sum()}, "model output dict needs 'loss' or 'losses'"),
+        (lambda w: {"losses": {"a": w.sum()}, "weights": {"b": 1.0}}, r"unknown task\(s\) \['b'\]"),
+        (lambda w: {"loss": w.sum(), "predictions": w}, r"predictions without labels"),
+    ],
+)
+def test_bad_model_output_is_named(tmp_path, output, message):
+    model = BadModel(output)
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu"),
+        train_data=[{"x": torch.zeros(2)}],
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    with pytest.raises(ModelOutputError, match=message):
+        trainer.train()
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
+    stop = EarlyStopping("auc", patience=2, min_delta=1.0)  # nothing improves by a whole unit
+    trainer = make_trainer(tmp_path, args={"epochs": 5, "eval_every": 3}, hooks=[stop])
+    trainer.train_and_evaluate()
+    assert stop.stopped_at == 9
+    assert trainer.global_step == 9
+    with pytest.raises(ConfigError, match="metric 'gauc' not in evaluation results"):
+        EarlyStopping("gauc").on_evaluate(trainer, {"auc": 0.5})
+
+
+def test_logging_hook_prints_plain_lines_when_not_a_tty(tmp_path):
+    stream = io.StringIO()
+    trainer = make_trainer(
+        tmp_path, args={"train_steps": 6, "log_every": 3}, hooks=[LoggingHook(stream=stream)]
+    )
+    trainer.train()
+    trainer.evaluate()
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[1] for line in lines[:2]] == ["3/6", "6/6"]
+    assert "samples/s" in lines[0]
+    assert "eta" in lines[0]
+    assert "\r" not in stream.getvalue()
+    assert lines[2].startswith("eval at step 6: loss ")
+
+
+def test_table_stats_hook_reports_growth_and_hit_rate(tmp_path):
+    class Table:
+        def __init__(self):
+            self.rows = 0
+
+        def stats(self):
+            self.rows += 10
+            return {"rows": self.rows, "lookups": 100, "hits": 75}
+
+    class WithTable(ToyModel):
+        def __init__(self):
+            super().__init__(0)
+            self.tables = {"user": Table()}
+
+    stream = io.StringIO()
+    hook = TableStatsHook(every=2, stream=stream)
+    trainer = make_trainer(tmp_path, model=WithTable(), args={"train_steps": 4}, hooks=[hook])
+    trainer.train()
+    assert [step for step, _ in hook.history] == [2, 4]
+    assert hook.history[1][1]["user"]["rows"] == 20
+    assert (
+        "table user at step 4: rows 20 lookups 100 hits 75 growth +10 hit_rate 0.750"
+        in stream.getvalue()
+    )
+
+
+def test_gauc_needs_groups_and_uses_them(tmp_path):
+    class Grouped(ToyModel):
+        def forward(self, batch):
+            return super().forward(batch) | {"groups": batch["ids"]}
+
+    trainer = make_trainer(
+        tmp_path,
+        model=Grouped(0),
+        metrics={"gauc": GAUC, "logloss": LogLoss},
+        args={"train_steps": 3},
+    )
+    trainer.train()
+    assert 0.0 <= trainer.evaluate()["gauc"] <= 1.0
+    plain = make_trainer(tmp_path / "p", metrics={"gauc": GAUC})
+    with pytest.raises(ConfigError, match=r"'gauc' \(GAUC\) needs the model to return 'groups'"):
+        plain.evaluate()
+
+
+def test_rejects_what_is_not_a_model_or_optimizer(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    with pytest.raises(ConfigError, match=r"model must be a torch\.nn\.Module, got function"):
+        Trainer(lambda b: b, args, train_data=[], dense_optimizer=None)  # type: ignore[arg-type]
+    model = ToyModel(0)
+    with pytest.raises(
+        ConfigError, match=r"dense_optimizer must be a torch\.optim\.Optimizer, got list"
+    ):
+        Trainer(model, args, train_data=[], dense_optimizer=[])  # type: ignore[arg-type]
