@@ -12,7 +12,7 @@ from _toy import ToyModel, ToyReader, make_optimizers
 
 from recis_train import Hook, Trainer, TrainingArguments, seed_everything
 
-NUM_ROWS, BATCH = 2_000, 20
+NUM_ROWS, BATCH = 1_200, 20
 
 
 class PrintStep(Hook):

@@ -176,8 +176,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if isinstance(value, str):
         if value.lower() in ("none", "null") and target is not str:
             return None
-        if target is bool and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if target is bool:
+            if value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ConfigError(f"{source}: {name} must be bool, got {value!r}")
         try:
             return target(value)
         except ValueError:

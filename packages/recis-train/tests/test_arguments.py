@@ -1,0 +1,81 @@
+"""TrainingArguments from code, JSON, YAML and command-line flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recis_train import TrainingArguments
+from recis_train.exceptions import ConfigError
+
+
+def test_defaults_round_trip_through_dict():
+    args = TrainingArguments()
+    assert TrainingArguments.from_dict(args.to_dict()) == args
+
+
+def test_from_json_and_yaml(tmp_path):
+    (tmp_path / "a.json").write_text(
+        json.dumps({"train_steps": 10, "grad_clip": 1, "device": "cpu"})
+    )
+    (tmp_path / "a.yaml").write_text("train_steps: 10\ngrad_clip: 1.0\ndevice: cpu\n")
+    from_json = TrainingArguments.from_file(tmp_path / "a.json")
+    from_yaml = TrainingArguments.from_file(tmp_path / "a.yaml")
+    assert from_json == from_yaml
+    assert from_yaml.grad_clip == 1.0
+    assert isinstance(from_json.grad_clip, float)
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("train_steps: 10\nmixed_precision: bf16\n")
+    args = TrainingArguments.from_cli(
+        [
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--train-steps",
+            "25",
+            "--no-resume",
+            "--grad-clip",
+            "none",
+        ]
+    )
+    assert (args.train_steps, args.mixed_precision, args.resume, args.grad_clip) == (
+        25,
+        "bf16",
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"train_stepz": 3}, r"unknown training argument\(s\) \['train_stepz'\]"),
+        ({"epochs": 0}, "epochs must be at least 1, got 0"),
+        ({"train_steps": 0}, "train_steps must be at least 1 or None, got 0"),
+        (
+            {"mixed_precision": "fp8"},
+            r"mixed_precision must be one of \['no', 'bf16', 'fp16'\], got 'fp8'",
+        ),
+        ({"grad_clip": -1.0}, "grad_clip must be positive or None, got -1.0"),
+        ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
+        ({"seed": "abc"}, "dict: seed must be int, got 'abc'"),
+        ({"resume": "maybe"}, "dict: resume must be bool, got 'maybe'"),
+        ({"save_every": -2}, "save_every must be 0 or more, got -2"),
+    ],
+)
+def test_bad_values_are_named(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainingArguments.from_dict(values)
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.json: invalid json"):
+        TrainingArguments.from_file(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
+        TrainingArguments.from_file(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=r"expected a \.json, \.yaml or \.yml file"):
+        TrainingArguments.from_file(tmp_path / "args.toml")
