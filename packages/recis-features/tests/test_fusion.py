@@ -121,31 +121,90 @@ FLOAT = st.floats(-100, 100, width=32) | st.just(math.nan)
 
 @st.composite
 def batches(draw: st.DrawFn) -> dict[str, object]:
-    """Dense ids, dense floats (with NaN), ragged ids (empty rows, maybe weights)."""
+    """Dense ids, dense floats (with NaN), ragged ids (empty rows, maybe weights), ragged floats,
+    3-level ragged ids, strings as a list and as ragged bytes."""
     b = draw(ROWS)
     ids = draw(st.lists(INT64, min_size=b, max_size=b))
     floats = draw(st.lists(FLOAT, min_size=b, max_size=b))
-    lengths = draw(st.lists(st.integers(0, 5), min_size=b, max_size=b))
-    values = draw(st.lists(INT64, min_size=sum(lengths), max_size=sum(lengths)))
-    offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
-    weights = None
-    if draw(st.booleans()):
-        weights = torch.tensor(
-            draw(st.lists(st.floats(0, 4, width=32), min_size=len(values), max_size=len(values))),
-            dtype=torch.float32,
-        )
+    strings = draw(st.lists(st.text(max_size=6), min_size=b, max_size=b))
+    encoded = [s.encode() for s in strings]
+    byte_offsets = torch.tensor([0, *(len(e) for e in encoded)], dtype=torch.int64).cumsum(0)
     return {
         "ids": torch.tensor(ids, dtype=torch.int64),
         "ids2d": torch.tensor(ids, dtype=torch.int64).repeat_interleave(2).view(b, 2),
         "floats": torch.tensor(floats, dtype=torch.float32),
-        "seq": RaggedTensor(torch.tensor(values, dtype=torch.int64), [offsets], weights),
+        "seq": draw(ragged_values(b, INT64, weighted=draw(st.booleans()))),
+        "seq_w": draw(ragged_values(b, st.integers(-50, 50), weighted=True)),
+        "fseq": draw(ragged_values(b, FLOAT, weighted=False, dtype=torch.float32)),
+        "nested": draw(nested_values(b)),
+        "strings": strings,
+        "bytes": RaggedTensor(
+            torch.tensor(list(b"".join(encoded)), dtype=torch.uint8), [byte_offsets]
+        ),
     }
 
 
-def _templates(draw: st.DrawFn, name: str) -> Feature:
+@st.composite
+def ragged_values(
+    draw: st.DrawFn,
+    rows: int,
+    elements: st.SearchStrategy,
+    weighted: bool,
+    dtype: torch.dtype = torch.int64,
+) -> RaggedTensor:
+    lengths = draw(st.lists(st.integers(0, 5), min_size=rows, max_size=rows))
+    values = draw(st.lists(elements, min_size=sum(lengths), max_size=sum(lengths)))
+    offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+    weights = None
+    if weighted:
+        weights = torch.tensor(
+            draw(st.lists(st.floats(0, 4, width=32), min_size=len(values), max_size=len(values))),
+            dtype=torch.float32,
+        )
+    return RaggedTensor(torch.tensor(values, dtype=dtype), [offsets], weights)
+
+
+@st.composite
+def nested_values(draw: st.DrawFn, rows: int) -> RaggedTensor:
+    """3-level ragged ids: rows of sub-rows of ids."""
+    outer = draw(st.lists(st.integers(0, 4), min_size=rows, max_size=rows))
+    inner = draw(st.lists(st.integers(0, 3), min_size=sum(outer), max_size=sum(outer)))
+    values = draw(st.lists(INT64, min_size=sum(inner), max_size=sum(inner)))
+    return RaggedTensor(
+        torch.tensor(values, dtype=torch.int64),
+        [
+            torch.tensor([0, *outer], dtype=torch.int64).cumsum(0),
+            torch.tensor([0, *inner], dtype=torch.int64).cumsum(0),
+        ],
+    )
+
+
+BOUNDARIES = st.lists(st.floats(-100, 100), min_size=1, max_size=6, unique=True).map(sorted)
+BUCKETS = st.integers(0, 2**63 - 1) | st.integers(1, 100)
+TEMPLATES = [
+    "mod",
+    "mod2d",
+    "seq_mod",
+    "floats",
+    "cast",
+    "bucketize",
+    "ragged_bucketize",
+    "hash",
+    "hash_bytes",
+    "cross",
+    "cross_dense",
+    "truncate",
+    "truncate_floats",
+    "truncate_nested",
+    "multi_hash",
+]
+
+
+def _template(draw: st.DrawFn, name: str) -> Feature:
     f = Feature(name)
     n = st.integers(1, 2**63 - 1)
-    choice = draw(st.sampled_from(["mod", "mod2d", "seq_mod", "floats", "cast"]))
+    choice = draw(st.sampled_from(TEMPLATES))
+    side = draw(st.sampled_from(["head", "tail"]))
     if choice == "mod":
         return f.select("ids").mod(draw(n))
     if choice == "mod2d":
@@ -156,16 +215,40 @@ def _templates(draw: st.DrawFn, name: str) -> Feature:
         return (
             f.select("floats").fill_missing(0.0).normalize(draw(FLOAT.filter(math.isfinite)), 2.0)
         )
-    return f.select("floats", dtype="float64").log1p()
+    if choice == "cast":
+        return f.select("floats", dtype="float64").log1p()
+    if choice == "bucketize":
+        return f.select("floats").bucketize(draw(BOUNDARIES))
+    if choice == "ragged_bucketize":
+        return f.select("fseq").fill_missing(1.0).bucketize(draw(BOUNDARIES))
+    if choice == "hash":
+        return f.select("strings").hash(draw(st.sampled_from(["farm", "murmur"])), draw(BUCKETS))
+    if choice == "hash_bytes":
+        return f.select("bytes").hash(draw(st.sampled_from(["farm", "murmur"])), draw(BUCKETS))
+    if choice == "cross":
+        cols = draw(st.sampled_from([["seq", "seq_w"], ["ids", "seq"], ["seq_w", "ids"]]))
+        return f.select_fields(cols).cross().mod(draw(n))
+    if choice == "cross_dense":
+        return f.select_fields(["ids", "ids2d"]).cross()
+    if choice == "truncate":
+        return f.select(draw(st.sampled_from(["seq", "seq_w"]))).truncate(
+            draw(st.integers(0, 6)), side
+        )
+    if choice == "truncate_floats":
+        return f.select("fseq").truncate(draw(st.integers(0, 6)), side)
+    if choice == "truncate_nested":
+        return f.select("nested").truncate(draw(st.integers(0, 5)), side, levels=3)
+    widths = draw(st.lists(BUCKETS, min_size=1, max_size=3))
+    return f.select(draw(st.sampled_from(["ids", "seq", "ids2d"]))).multi_hash(widths)
 
 
 @st.composite
 def feature_sets(draw: st.DrawFn) -> list[Feature]:
-    count = draw(st.integers(1, 6))
-    return [_templates(draw, f"f{i}") for i in range(count)]
+    count = draw(st.integers(1, 8))
+    return [_template(draw, f"f{i}") for i in range(count)]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(features=feature_sets(), batch=batches())
 def test_fused_engine_equals_unfused_engine_and_each_feature_alone(
     features: list[Feature], batch: dict[str, object]

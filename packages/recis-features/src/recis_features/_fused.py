@@ -25,6 +25,7 @@ from ._ops import (
     Hash,
     IDMultiHash,
     Mod,
+    SequenceTruncate,
 )
 from ._values import Value, flat, rebuild
 
@@ -130,14 +131,38 @@ def fused_cross(ops: Sequence[FeatureCross], values: Sequence[Value]) -> list[Va
     """All ``cross`` ops of a step as one ``recis_kernels.fused_feature_cross`` call."""
     pairs = [FeatureCross.rows(v) for v in values]
     outs = rk.fused_feature_cross(pairs)
-    # Weights of a group mixing weighted and unweighted pairs are filled for every pair; a pair
-    # with no weights of its own has none when crossed alone, so drop them to match.
+    # A group mixing weighted and unweighted pairs gets weights for every pair; a pair with no
+    # weights of its own has none when crossed alone.
     return [
-        o
-        if a.weights is not None or b.weights is not None or o.weights is None
-        else o.with_values(o.values)
+        o if a.weights is not None else _unweighted_like(o, b)
         for o, (a, b) in zip(outs, pairs, strict=True)
     ]
+
+
+def _unweighted_like(out: RaggedTensor, source: RaggedTensor) -> RaggedTensor:
+    """``out`` without the all-ones weights a fused call fills in for an unweighted input."""
+    if source.weights is None and out.weights is not None:
+        return out.with_values(out.values)
+    return out
+
+
+@register_fused("truncate")
+def fused_truncate(ops: Sequence[SequenceTruncate], values: Sequence[Value]) -> list[Value]:
+    """All ``truncate`` ops of a step: one ``recis_kernels.fused_truncate`` call per value
+    dtype (the kernel packs its inputs together, so they must share one)."""
+    by_layout: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = defaultdict(list)
+    for k, v in enumerate(values):
+        by_layout[(v.values.dtype, tuple(v.values.shape[1:]))].append(k)
+    outs: list[Value] = [None] * len(ops)  # type: ignore[list-item]
+    for members in by_layout.values():
+        results = rk.fused_truncate(
+            [values[k] for k in members],
+            [ops[k].length for k in members],
+            [ops[k].side for k in members],
+        )
+        for k, result in zip(members, results, strict=True):
+            outs[k] = _unweighted_like(result.values, values[k])
+    return outs
 
 
 @register_fused("fill_missing")
