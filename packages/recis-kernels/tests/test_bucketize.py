@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import recis_kernels as rk
+
+floats = st.floats(allow_nan=False, width=32)
+
+
+def ref(xs, bounds):
+    return [
+        0 if (isinstance(x, float) and math.isnan(x)) else sum(b <= x for b in bounds) for x in xs
+    ]
+
+
+@given(
+    xs=st.lists(st.one_of(floats, st.just(float("nan"))), max_size=30),
+    bounds=st.lists(floats, max_size=10),
+)
+def test_bucketize_float_matches_reference(xs, bounds):
+    bounds = sorted(bounds)
+    got = rk.bucketize(
+        torch.tensor(xs, dtype=torch.float32), torch.tensor(bounds, dtype=torch.float32)
+    )
+    assert got.dtype == torch.int64
+    assert got.tolist() == ref(xs, bounds)
+
+
+@given(
+    xs=st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=30),
+    bounds=st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=10),
+)
+def test_bucketize_int64_is_exact(xs, bounds):
+    bounds = sorted(bounds)
+    got = rk.bucketize(torch.tensor(xs, dtype=torch.int64), torch.tensor(bounds, dtype=torch.int64))
+    assert got.tolist() == ref(xs, bounds)
+
+
+@given(
+    data=st.lists(
+        st.tuples(st.lists(floats, max_size=20), st.lists(floats, max_size=6)), max_size=5
+    )
+)
+def test_fused_bucketize_matches_per_feature(data):
+    xs = [torch.tensor(x, dtype=torch.float64) for x, _ in data]
+    bounds = [sorted(b) for _, b in data]
+    outs = rk.fused_bucketize(xs, bounds)
+    assert [o.tolist() for o in outs] == [ref(x, b) for (x, _), b in zip(data, bounds, strict=True)]
+
+
+def test_boundary_goes_to_upper_bucket_and_shapes():
+    x = torch.tensor([[-1.0, 0.0], [5.0, 10.0]])
+    out = rk.bucketize(x, [0.0, 10.0])
+    assert out.tolist() == [[0, 1], [1, 2]]
+    assert rk.bucketize(torch.tensor([float("inf"), float("-inf")]), [0.0]).tolist() == [1, 0]
+    assert rk.bucketize(torch.tensor([1, 5]), []).tolist() == [0, 0]
+
+
+def test_mixed_int_and_float():
+    outs = rk.fused_bucketize([torch.tensor([1, 2, 3]), torch.tensor([0.5])], [[2], [0.0, 1.0]])
+    assert [o.tolist() for o in outs] == [[0, 1, 1], [1]]
+
+
+def test_bucketize_errors():
+    with pytest.raises(
+        ValueError, match="bucketize: boundaries must be sorted in non-decreasing order"
+    ):
+        rk.bucketize(torch.tensor([1.0]), [2.0, 1.0])
+    with pytest.raises(ValueError, match="bucketize: boundaries must not contain NaN"):
+        rk.bucketize(torch.tensor([1.0]), [float("nan")])
+    with pytest.raises(rk.ShapeError, match=r"boundaries must be 1-d, got shape \(1, 1\)"):
+        rk.bucketize(torch.tensor([1.0]), torch.tensor([[1.0]]))
+    with pytest.raises(
+        rk.UnsupportedDtypeError, match="bucketize: x must be an integer or float tensor"
+    ):
+        rk.bucketize(torch.tensor([True]), [1.0])
+    with pytest.raises(ValueError, match="fused_bucketize: got 1 inputs but 2 boundary lists"):
+        rk.fused_bucketize([torch.tensor([1.0])], [[1.0], [2.0]])
+
+
+def test_bucketize_device_matches_cpu(device):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g) * 10 for n in (0, 1, 500, 3000)] + [
+        torch.randint(-50, 50, (100,), generator=g)
+    ]
+    bounds = [[], [0.0], torch.linspace(-20, 20, 33).tolist(), [-1.0, -1.0, 2.0], [-10, 0, 10]]
+    cpu = rk.fused_bucketize(xs, bounds)
+    dev = rk.fused_bucketize([x.to(device) for x in xs], bounds)
+    for c, d in zip(cpu, dev, strict=True):
+        assert torch.equal(c, d.cpu())
+
+
+def test_bucketize_opcheck():
+    torch.library.opcheck(
+        torch.ops.recis.fused_bucketize.default,
+        (
+            torch.tensor([0.5, 3.0, -1.0], dtype=torch.float64),
+            [2, 1],
+            torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
+            [2, 1],
+        ),
+    )

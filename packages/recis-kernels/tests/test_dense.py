@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ragged3_from_rows, ragged3_rows, ragged_from_rows, ragged_rows
+from hypothesis import given
+from hypothesis import strategies as st
+
+import recis_kernels as rk
+
+rows_st = st.lists(st.lists(st.integers(1, 100), max_size=6), max_size=6)
+rows3_st = st.lists(st.lists(st.lists(st.integers(1, 100), max_size=3), max_size=4), max_size=4)
+
+
+def pad(row, n, value):
+    return (list(row) + [value] * n)[:n]
+
+
+@given(rows=rows_st, max_len=st.one_of(st.none(), st.integers(0, 7)))
+def test_to_dense2_matches_reference(rows, max_len):
+    r = ragged_from_rows(rows)
+    dense = rk.ragged_to_dense(
+        r, pad_value=-1, shape=None if max_len is None else [len(rows), max_len]
+    )
+    width = max_len if max_len is not None else max((len(x) for x in rows), default=0)
+    assert dense.shape == (len(rows), width)
+    assert dense.tolist() == [pad(x, width, -1) for x in rows]
+
+
+@given(rows=rows3_st)
+def test_to_dense3_matches_reference(rows):
+    r = ragged3_from_rows(rows)
+    dense = r.to_dense(pad_value=0)
+    s = max((len(x) for x in rows), default=0)
+    sub = max((len(y) for x in rows for y in x), default=0)
+    expected = [[pad(y, sub, 0) for y in x] + [[0] * sub] * (s - len(x)) for x in rows]
+    assert dense.tolist() == expected
+    back = rk.dense_to_ragged(dense, pad_value=0)
+    # Values never equal the padding, so stripping trailing padding recovers the rows up to
+    # trailing empty sub-rows.
+    assert ragged3_rows(back) == [_strip_empty(x) for x in rows]
+
+
+def _strip_empty(subs):
+    subs = list(subs)
+    while subs and not subs[-1]:
+        subs.pop()
+    return subs
+
+
+@given(rows=rows_st)
+def test_dense_roundtrip2(rows):
+    r = ragged_from_rows(rows)
+    dense = r.to_dense(pad_value=0)
+    back = rk.RaggedTensor.from_dense(dense, pad_value=0)
+    assert ragged_rows(back) == rows
+    back2 = rk.dense_to_ragged(dense, lengths=r.lengths())
+    assert ragged_rows(back2) == rows
+
+
+def test_dense_extras():
+    r = rk.RaggedTensor(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 3]))
+    assert r.to_dense().tolist() == [[[0, 1], [0, 0]], [[2, 3], [4, 5]]]
+    r3 = ragged3_from_rows([[[1, 2, 3], [4]], [[5]]])
+    assert r3.to_dense(max_len=(1, 2)).tolist() == [[[1, 2]], [[5, 0]]]
+    full = rk.dense_to_ragged(torch.ones(2, 3, 4))
+    assert full.lengths(0).tolist() == [3, 3]
+    assert full.values.numel() == 24
+    explicit = rk.dense_to_ragged(
+        torch.arange(8).view(2, 2, 2),
+        lengths=[torch.tensor([1, 2]), torch.tensor([[2, 0], [1, 2]])],
+    )
+    assert ragged3_rows(explicit) == [[[0, 1]], [[4], [6, 7]]]
+    # Inner padding is kept, only trailing padding is stripped.
+    assert ragged_rows(rk.dense_to_ragged(torch.tensor([[0, 5, 0, 0]]), pad_value=0)) == [[0, 5]]
+
+
+def test_dense_errors():
+    r = ragged_from_rows([[1]])
+    with pytest.raises(rk.RaggedError, match="shape must have 2 entries for 2 levels, got 3"):
+        rk.ragged_to_dense(r, shape=[1, 2, 3])
+    with pytest.raises(rk.RaggedError, match="shape\\[0\\] is 4 but the ragged tensor has 1 rows"):
+        rk.ragged_to_dense(r, shape=[4, 2])
+    with pytest.raises(
+        rk.ShapeError, match="dense must be 2-d \\(B, L\\) or 3-d \\(B, S, L\\), got shape \\(3,\\)"
+    ):
+        rk.dense_to_ragged(torch.zeros(3))
+    with pytest.raises(
+        rk.RaggedError, match="lengths\\[0\\] must lie in \\[0, 2\\], got values in \\[0, 3\\]"
+    ):
+        rk.dense_to_ragged(torch.zeros(2, 2), lengths=torch.tensor([0, 3]))
+    with pytest.raises(rk.ShapeError, match="3-d dense needs 2 lengths tensors, got 1"):
+        rk.dense_to_ragged(torch.zeros(2, 2, 2), lengths=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.float32, torch.float16, torch.uint8, torch.float64]
+)
+def test_to_dense_device_matches_cpu(device, dtype):
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 9, (200,), generator=g)
+    values = torch.randint(0, 100, (int(lengths.sum()), 3), generator=g).to(dtype)
+    r = rk.RaggedTensor(values, torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]))
+    r3 = ragged3_from_rows([[[1, 2], [3]], [], [[4, 5, 6]]])
+    for rr, shape in ((r, None), (r, [200, 4]), (r3, None), (r3, [3, 1, 2])):
+        cpu = rk.ragged_to_dense(rr, pad_value=7, shape=shape)
+        dev = rk.ragged_to_dense(rr.to(device), pad_value=7, shape=shape)
+        assert torch.equal(cpu, dev.cpu())

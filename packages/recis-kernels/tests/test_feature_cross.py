@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from conftest import EXTREME_IDS, ragged_from_rows, ragged_rows, signed64
+from hash_reference import murmur64a
+from hypothesis import given
+from hypothesis import strategies as st
+
+import recis_kernels as rk
+
+id_st = st.one_of(
+    st.integers(-3, 3), st.sampled_from(EXTREME_IDS), st.integers(-(1 << 63), (1 << 63) - 1)
+)
+
+
+def pair_hash(x: int, y: int) -> int:
+    return signed64(murmur64a(struct.pack("<qq", x, y)))
+
+
+def distinct(row, weights):
+    seen, ids, ws = set(), [], []
+    for v, w in zip(row, weights, strict=True):
+        if v not in seen:
+            seen.add(v)
+            ids.append(v)
+            ws.append(w)
+    return ids, ws
+
+
+def ref_cross(a_rows, b_rows, a_w, b_w):
+    out, out_w = [], []
+    for ra, rb, wa, wb in zip(a_rows, b_rows, a_w, b_w, strict=True):
+        ia, ja = distinct(ra, wa)
+        ib, jb = distinct(rb, wb)
+        out.append([pair_hash(x, y) for x in ia for y in ib])
+        out_w.append([p * q for p in ja for q in jb])
+    return out, out_w
+
+
+@st.composite
+def pair_st(draw):
+    n = draw(st.integers(0, 6))
+    a = [draw(st.lists(id_st, max_size=5)) for _ in range(n)]
+    b = [draw(st.lists(id_st, max_size=5)) for _ in range(n)]
+    aw = [[draw(st.sampled_from([0.5, 1.0, 2.0])) for _ in r] for r in a]
+    bw = [[draw(st.sampled_from([0.25, 1.0, 3.0])) for _ in r] for r in b]
+    return a, b, aw, bw
+
+
+@given(case=pair_st(), weighted=st.booleans())
+def test_feature_cross_matches_reference(case, weighted):
+    a, b, aw, bw = case
+    ra = ragged_from_rows(a, aw if weighted else None)
+    rb = ragged_from_rows(b, bw)
+    out = rk.feature_cross(ra, rb)
+    exp, exp_w = ref_cross(a, b, aw if weighted else [[1.0] * len(r) for r in a], bw)
+    assert ragged_rows(out) == exp
+    assert out.weights.tolist() == [w for r in exp_w for w in r]
+    out.validate()
+
+
+def test_unweighted_cross_has_no_weights_and_uses_murmur_bytes():
+    a = ragged_from_rows([[1, 2, 1], [], [5]])
+    b = ragged_from_rows([[7, 8], [3], [6, 6]])
+    out = rk.feature_cross(a, b)
+    assert out.weights is None
+    assert out.offsets[0].tolist() == [0, 4, 4, 5]
+    data = torch.tensor(list(struct.pack("<qq", 1, 7)), dtype=torch.uint8)
+    assert out.values[0].item() == rk.hash_bytes(data, torch.tensor([0, 16]), "murmur").item()
+
+
+@given(cases=st.lists(pair_st(), max_size=4))
+def test_fused_cross_matches_per_pair(cases):
+    pairs = [(ragged_from_rows(a, aw), ragged_from_rows(b)) for a, b, aw, _ in cases]
+    fused = rk.fused_feature_cross(pairs)
+    assert len(fused) == len(pairs)
+    for got, (a, b) in zip(fused, pairs, strict=True):
+        single = rk.feature_cross(a, b)
+        assert torch.equal(got.values, single.values)
+        assert torch.equal(got.offsets[0], single.offsets[0])
+        assert torch.equal(got.weights, single.weights)
+
+
+def test_cross_errors():
+    a = ragged_from_rows([[1]])
+    with pytest.raises(
+        rk.RaggedError, match="feature_cross: pairs\\[0\\] has 1 rows in a but 2 in b"
+    ):
+        rk.feature_cross(a, ragged_from_rows([[1], [2]]))
+    with pytest.raises(
+        rk.UnsupportedDtypeError, match=r"feature_cross: b\.values must be 1-d int64 ids"
+    ):
+        rk.feature_cross(a, ragged_from_rows([[1.0]], dtype=torch.float32))
+    with pytest.raises(rk.RaggedError, match="feature_cross: a must be a RaggedTensor"):
+        rk.feature_cross(torch.tensor([1]), a)
+    with pytest.raises(
+        rk.RaggedError, match="fused_feature_cross: pairs\\[0\\] must be an \\(a, b\\) pair"
+    ):
+        rk.fused_feature_cross([(a,)])
+
+
+def test_cross_device_matches_cpu(device):
+    g = torch.Generator().manual_seed(1)
+    rows = 300
+    la = torch.randint(0, 6, (rows,), generator=g)
+    lb = torch.randint(0, 6, (rows,), generator=g)
+    a = rk.RaggedTensor(
+        torch.randint(-5, 5, (int(la.sum()),), generator=g),
+        torch.cat([torch.zeros(1, dtype=torch.int64), la.cumsum(0)]),
+    )
+    b = rk.RaggedTensor(
+        torch.randint(-(1 << 62), 1 << 62, (int(lb.sum()),), generator=g),
+        torch.cat([torch.zeros(1, dtype=torch.int64), lb.cumsum(0)]),
+        torch.rand(int(lb.sum()), generator=g),
+    )
+    cpu = rk.fused_feature_cross([(a, b), (b, a)])
+    dev = rk.fused_feature_cross([(a.to(device), b.to(device)), (b.to(device), a.to(device))])
+    for c, d in zip(cpu, dev, strict=True):
+        assert torch.equal(c.values, d.values.cpu())
+        assert torch.equal(c.offsets[0], d.offsets[0].cpu())
+        assert torch.equal(c.weights, d.weights.cpu())

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ragged3_from_rows, ragged3_rows, ragged_from_rows, ragged_rows
+from hypothesis import given
+from hypothesis import strategies as st
+
+import recis_kernels as rk
+
+rows_st = st.lists(st.lists(st.integers(-100, 100), max_size=7), max_size=6)
+rows3_st = st.lists(st.lists(st.lists(st.integers(-100, 100), max_size=3), max_size=5), max_size=5)
+
+
+def cut(row, max_len, side):
+    if len(row) <= max_len:
+        return list(row)
+    return list(row[:max_len]) if side == "head" else list(row[len(row) - max_len :])
+
+
+@given(rows=rows_st, max_len=st.integers(0, 8), side=st.sampled_from(["head", "tail"]))
+def test_truncate2_matches_reference(rows, max_len, side):
+    weights = [[float(v) for v in r] for r in rows]
+    res = rk.truncate(ragged_from_rows(rows, weights), max_len, side)
+    assert ragged_rows(res.values) == [cut(r, max_len, side) for r in rows]
+    assert res.values.weights.tolist() == [float(v) for r in rows for v in cut(r, max_len, side)]
+    assert res.dropped.tolist() == [max(len(r) - max_len, 0) for r in rows]
+    assert res.padded.tolist() == [max(max_len - len(r), 0) for r in rows]
+    res.values.validate()
+
+
+@given(rows=rows3_st, max_len=st.integers(0, 6), side=st.sampled_from(["head", "tail"]))
+def test_truncate3_pads_outer_level(rows, max_len, side):
+    res = rk.truncate(ragged3_from_rows(rows), max_len, side)
+    expected = [cut(r, max_len, side) + [[]] * max(max_len - len(r), 0) for r in rows]
+    assert ragged3_rows(res.values) == expected
+    assert res.values.lengths(0).tolist() == [max_len] * len(rows)
+    assert res.dropped.tolist() == [max(len(r) - max_len, 0) for r in rows]
+    assert res.padded.tolist() == [max(max_len - len(r), 0) for r in rows]
+    res.values.validate()
+
+
+@given(
+    feats=st.lists(
+        st.tuples(
+            st.one_of(rows_st, rows3_st), st.integers(0, 5), st.sampled_from(["head", "tail"])
+        ),
+        max_size=5,
+    )
+)
+def test_fused_truncate_matches_single(feats):
+    rs = []
+    for rows, _, _ in feats:
+        three = any(isinstance(x, list) for r in rows for x in r)
+        rs.append(ragged3_from_rows(rows) if three else ragged_from_rows(rows))
+    fused = rk.fused_truncate(rs, [m for _, m, _ in feats], [s for _, _, s in feats])
+    for got, r, (_, m, s) in zip(fused, rs, feats, strict=True):
+        single = rk.truncate(r, m, s)
+        assert torch.equal(got.values.values, single.values.values)
+        for x, y in zip(got.values.offsets, single.values.offsets, strict=True):
+            assert torch.equal(x, y)
+        assert torch.equal(got.dropped, single.dropped)
+        assert torch.equal(got.padded, single.padded)
+
+
+def test_truncate_errors():
+    r = ragged_from_rows([[1, 2]])
+    with pytest.raises(
+        ValueError, match="truncate: side for r must be 'head' or 'tail', got 'middle'"
+    ):
+        rk.truncate(r, 1, "middle")
+    with pytest.raises(ValueError, match="truncate: max_len for r must be an int >= 0, got -1"):
+        rk.truncate(r, -1)
+    with pytest.raises(rk.RaggedError, match="truncate: r must be a RaggedTensor"):
+        rk.truncate(torch.tensor([1]), 1)
+    with pytest.raises(ValueError, match="fused_truncate: got 1 inputs, 2 max_lens and 1 sides"):
+        rk.fused_truncate([r], [1, 2], ["head"])
+
+
+def test_truncate_device_matches_cpu(device):
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(0, 40, (500,), generator=g)
+    r = rk.RaggedTensor(
+        torch.randint(0, 1000, (int(lengths.sum()),), generator=g),
+        torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+        torch.rand(int(lengths.sum()), generator=g),
+    )
+    r3 = ragged3_from_rows([[[1, 2], [3], [], [4, 5, 6]], [], [[7]]])
+    for side in ("head", "tail"):
+        cpu = rk.fused_truncate([r, r3, r], [10, 2, 0], [side, side, "head"])
+        dev = rk.fused_truncate(
+            [r.to(device), r3.to(device), r.to(device)], [10, 2, 0], [side, side, "head"]
+        )
+        for c, d in zip(cpu, dev, strict=True):
+            assert torch.equal(c.values.values, d.values.values.cpu())
+            for x, y in zip(c.values.offsets, d.values.offsets, strict=True):
+                assert torch.equal(x, y.cpu())
+            assert torch.equal(c.dropped, d.dropped.cpu())
