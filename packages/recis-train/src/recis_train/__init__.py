@@ -4,6 +4,8 @@ from recis_train import metrics
 from recis_train._arguments import TrainingArguments
 from recis_train._checkpoint import CheckpointManager
 from recis_train._hooks import EarlyStopping, Hook, LoggingHook, TableStatsHook, find_tables
+from recis_train._multistage import MultiStage, Stage
+from recis_train._multitask import MultiTask, Task
 from recis_train._outputs import StepOutput, parse_output
 from recis_train._sparse import EmbeddingCheckpoint, SparseCheckpoint
 from recis_train._state import seed_everything
@@ -16,10 +18,14 @@ __all__ = [
     "EmbeddingCheckpoint",
     "Hook",
     "LoggingHook",
+    "MultiStage",
+    "MultiTask",
     "RecisTrainError",
     "SparseCheckpoint",
+    "Stage",
     "StepOutput",
     "TableStatsHook",
+    "Task",
     "Trainer",
     "TrainingArguments",
     "find_tables",

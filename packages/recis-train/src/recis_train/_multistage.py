@@ -1,0 +1,172 @@
+"""``MultiStage``: consecutive training stages over one model (pretrain, finetune, calibrate)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis_train._arguments import TrainingArguments
+from recis_train._hooks import Hook
+from recis_train._trainer import MetricFactory, Trainer
+from recis_train.exceptions import ConfigError
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of a :class:`MultiStage` run.
+
+    Attributes:
+        name: the stage's name (its checkpoints live in ``output_dir/<name>``).
+        train_data: the stage's training batches.
+        dense_optimizer: builds the stage's optimizer from its trainable dense parameters.
+        eval_data: evaluated at the end of the stage (and every ``eval_every`` steps).
+        args: overrides of the run's :class:`TrainingArguments` (e.g. ``train_steps``).
+        trainable: module name prefixes that train; every other parameter is frozen.
+            ``None`` means all modules not listed in ``frozen``.
+        frozen: module name prefixes frozen in this stage.
+        sparse_optimizer: builds the stage's sparse optimizer from the model, or ``None``.
+        lr_schedulers: builds the stage's schedulers from its dense optimizer.
+    """
+
+    name: str
+    train_data: Iterable[Any]
+    dense_optimizer: OptimizerFactory
+    eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    trainable: Sequence[str] | None = None
+    frozen: Sequence[str] = ()
+    sparse_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+    lr_schedulers: Callable[[torch.optim.Optimizer], Sequence[Any]] | None = None
+
+
+def _matches(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class _Frozen:
+    """Sets ``requires_grad`` for one stage and restores every flag afterwards."""
+
+    def __init__(self, model: nn.Module, stage: Stage) -> None:
+        self.model, self.stage = model, stage
+        self.saved: dict[str, bool] = {}
+
+    def __enter__(self) -> list[nn.Parameter]:
+        trainable = []
+        for name, param in self.model.named_parameters():
+            self.saved[name] = param.requires_grad
+            train = (self.stage.trainable is None or _matches(name, self.stage.trainable)) and not (
+                _matches(name, self.stage.frozen)
+            )
+            param.requires_grad_(train and param.requires_grad)
+            if param.requires_grad:
+                trainable.append(param)
+        if not trainable:
+            raise ConfigError(f"stage {self.stage.name!r}: no trainable parameter is left")
+        return trainable
+
+    def __exit__(self, *exc: object) -> None:
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self.saved[name])
+
+
+class MultiStage:
+    """Runs stages one after another on one model, each a full :class:`Trainer` run.
+
+    Each stage has its own data, length, optimizer, frozen modules and evaluation, and its own
+    checkpoint directory ``output_dir/<stage name>``. Rerunning the same command after an
+    interruption skips finished stages (loading the last one's weights) and resumes the
+    interrupted stage from its latest checkpoint.
+
+    Args:
+        model: the model all stages train.
+        args: the base arguments; each stage's ``args`` override them.
+        stages: the stages, in order (unique names).
+        hooks: hooks shared by every stage.
+        metrics: metric factories for evaluation (as for :class:`Trainer`).
+
+    Example:
+        >>> MultiStage(model, args, [
+        ...     Stage("pretrain", clicks, lambda ps: torch.optim.Adam(ps), args={"epochs": 1}),
+        ...     Stage("finetune", recent, lambda ps: torch.optim.SGD(ps, lr=1e-3),
+        ...           frozen=["embedding"], eval_data=holdout),
+        ... ]).run()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        stages: Sequence[Stage],
+        *,
+        hooks: Sequence[Hook] = (),
+        metrics: Mapping[str, MetricFactory] | None = None,
+    ) -> None:
+        names = [s.name for s in stages]
+        if not stages or len(set(names)) != len(names):
+            raise ConfigError(f"MultiStage needs stages with unique names, got {names}")
+        self.model, self.args, self.stages = model, args, list(stages)
+        self.hooks, self.metrics = list(hooks), metrics
+        self.results: dict[str, dict[str, float]] = {}
+
+    def _stage_args(self, stage: Stage) -> TrainingArguments:
+        values = self.args.to_dict() | dict(stage.args)
+        values["output_dir"] = str(Path(self.args.output_dir) / stage.name)
+        return TrainingArguments.from_dict(values, source=f"stage {stage.name!r}")
+
+    def _trainers(self) -> Iterator[tuple[Stage, Trainer]]:
+        previous: Trainer | None = None
+        for stage in self.stages:
+            args = self._stage_args(stage)
+            with _Frozen(self.model, stage) as trainable:
+                trainer = Trainer(
+                    self.model,
+                    args,
+                    train_data=stage.train_data,
+                    eval_data=stage.eval_data,
+                    dense_optimizer=stage.dense_optimizer(trainable),
+                    sparse_optimizer=stage.sparse_optimizer(self.model)
+                    if stage.sparse_optimizer
+                    else None,
+                    lr_schedulers=(),
+                    hooks=self.hooks,
+                    metrics=self.metrics,
+                )
+                if stage.lr_schedulers is not None:
+                    trainer.lr_schedulers = list(stage.lr_schedulers(trainer.dense_optimizer))
+                if previous is not None and trainer.checkpoints.latest() is None:
+                    # A fresh stage starts from the weights the previous stage ended with.
+                    latest = previous.checkpoints.latest()
+                    if latest is not None:
+                        trainer.restore(latest, parts=("dense", "sparse"))
+                yield stage, trainer
+            previous = trainer
+
+    def run(self) -> dict[str, dict[str, float]]:
+        """Run every stage; return each stage's final evaluation (empty without eval data)."""
+        skipped: Trainer | None = None
+        for stage, trainer in self._trainers():
+            done = Path(trainer.args.output_dir) / "stage-done.json"
+            if done.is_file():
+                self.results[stage.name] = json.loads(done.read_text())
+                skipped = trainer
+                continue
+            skipped = None
+            if stage.eval_data is not None:
+                results = trainer.train_and_evaluate()
+            else:
+                trainer.train()
+                results = {}
+            self.results[stage.name] = results
+            done.write_text(json.dumps(results))
+        if skipped is not None and skipped.checkpoints.latest() is not None:
+            # Everything had finished before: leave the model as the last stage ended.
+            skipped.restore(skipped.checkpoints.latest(), parts=("dense", "sparse"))
+        return self.results
