@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -169,19 +170,31 @@ class EarlyStopping(Hook):
 def find_tables(model: Any) -> dict[str, Any]:
     """Objects in ``model`` that report table statistics through a ``stats()`` method.
 
-    Duck-typed so any embedding implementation can take part: a submodule (or a submodule's
-    attribute) with a callable ``stats`` returning a mapping of numbers.
+    Duck-typed so any embedding implementation can take part: a submodule with a callable
+    ``stats``, the values of a submodule's ``tables`` dict, or the entries of a submodule's
+    ``physical`` list (recis-embedding's fused tables, named by their logical tables).
     """
     found: dict[str, Any] = {}
     for name, module in model.named_modules():
-        candidates = [(name, module)]
+        candidates: list[tuple[str, Any]] = [(name, module)]
         tables = getattr(module, "tables", None)
         if isinstance(tables, Mapping):
             candidates += [(f"{name}.{k}" if name else str(k), v) for k, v in tables.items()]
+        for table in getattr(module, "physical", None) or ():
+            label = "+".join(getattr(table, "names", ())) or f"table{len(found)}"
+            candidates.append((f"{name}.{label}" if name else label, table))
         for label, obj in candidates:
             if callable(getattr(obj, "stats", None)) and label not in found:
                 found[label or type(obj).__name__] = obj
     return found
+
+
+def _numbers(raw: Any) -> dict[str, float]:
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        raw = dataclasses.asdict(raw)
+    elif not isinstance(raw, Mapping):
+        raw = vars(raw)
+    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
 
 
 class TableStatsHook(Hook):
@@ -212,9 +225,7 @@ class TableStatsHook(Hook):
         tables = self._tables() if self._tables else find_tables(trainer.model)
         stats = {}
         for name, table in tables.items():
-            raw = table.stats()
-            raw = raw if isinstance(raw, Mapping) else vars(raw)
-            stats[name] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+            stats[name] = _numbers(table.stats())
         return stats
 
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
