@@ -85,9 +85,11 @@ class RowStore:
             return
         blk = rows >> self.block_shift
         low = rows & (self.block_rows - 1)
-        for b in torch.unique(blk).tolist():
-            pos = (blk == b).nonzero().squeeze(1)
-            yield b, pos, low[pos]
+        counts = torch.bincount(blk, minlength=len(self.blocks)).tolist()
+        for b, count in enumerate(counts):
+            if count:
+                pos = (blk == b).nonzero().squeeze(1)
+                yield b, pos, low.index_select(0, pos)
 
     def gather(self, rows: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Copy rows (columns ``[start, stop)``) into a new ``(N, stop - start)`` tensor.
@@ -111,7 +113,7 @@ class RowStore:
             if pos is None:
                 torch.index_select(src, 0, low, out=out)
             else:
-                out[pos] = src.index_select(0, low)
+                out.index_copy_(0, pos, src.index_select(0, low))
         return out
 
     def scatter(self, rows: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
@@ -130,7 +132,7 @@ class RowStore:
                 if (start, stop) != (0, self.width)
                 else self.blocks[b]
             )
-            dst.index_copy_(0, low, values if pos is None else values[pos])
+            dst.index_copy_(0, low, values if pos is None else values.index_select(0, pos))
 
     def scatter_add(self, rows: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
         """Add ``values`` into rows (columns from ``start``); duplicate rows accumulate.

@@ -1,0 +1,181 @@
+"""Embedding training step: recis dynamic tables vs nn.EmbeddingBag + SparseAdam (and FBGEMM TBE).
+
+Workload (BENCHMARKS.md): 26 single-id Zipf features + 1 behaviour sequence (~30 ids), batch
+4096, dim 16, from the seeded click log of ``benchmarks/data.py``. Each contender runs forward,
+backward of the same loss (a fixed linear head over the concatenated pooled embeddings) and its
+sparse optimizer step on the same batches, cycling over a few pre-built batches.
+
+- recis: one ``EmbeddingEngine`` (all 27 tables fuse into one physical dynamic hash table: no
+  modulo, no fixed size) with ``SparseAdam`` and with ``SparseRowWiseAdagrad``.
+- anchor (a): one ``nn.EmbeddingBag(sparse=True)`` per feature, ids modulo its vocabulary size,
+  ``torch.optim.SparseAdam``.
+- anchor (b): FBGEMM table-batched embeddings on CPU with row-wise Adagrad, only when
+  ``fbgemm_gpu`` imports; otherwise reported as not measured.
+
+Run: ``python benchmarks/bench_embedding.py [--batches 6] [--reps 7] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import measure, print_table, write_json
+from data import VOCAB_SIZES, generate_table
+
+BATCH = 4096
+DIM = 16
+FEATURES = [f"C{j + 1}" for j in range(26)]
+
+
+def make_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of ``{C1..C26: (B,) int64, seq: (values, offsets)}``."""
+    table = generate_table(n * BATCH, seed=seed)
+    batches = []
+    for k in range(n):
+        part = table.slice(k * BATCH, BATCH)
+        b: dict[str, torch.Tensor] = {
+            f: torch.from_numpy(part.column(f).to_numpy().copy()) for f in FEATURES
+        }
+        seq = part.column("seq").combine_chunks()
+        offsets = torch.from_numpy(seq.offsets.to_numpy().astype("int64").copy())
+        offsets -= int(offsets[0])
+        values = torch.from_numpy(seq.values.to_numpy().copy())[: int(offsets[-1])]
+        b["seq_values"], b["seq_offsets"] = values, offsets
+        batches.append(b)
+    return batches
+
+
+def _head(num_features: int) -> torch.Tensor:
+    return torch.randn(num_features * DIM, generator=torch.Generator().manual_seed(7)) / 100
+
+
+def recis_step_factory(batches, optimizer: str):
+    from recis_embedding import EmbeddingEngine, EmbeddingOption, SparseAdam, SparseRowWiseAdagrad
+    from recis_kernels import RaggedTensor
+
+    options = {f: EmbeddingOption(DIM) for f in FEATURES}
+    options["seq"] = EmbeddingOption(DIM, shared_name="C2")
+    engine = EmbeddingEngine(options)
+    opt = (
+        SparseAdam(engine, lr=1e-3)
+        if optimizer == "adam"
+        else SparseRowWiseAdagrad(engine, lr=0.05)
+    )
+    head = _head(len(options))
+    inputs = []
+    for b in batches:
+        d = {f: b[f] for f in FEATURES}
+        d["seq"] = RaggedTensor(b["seq_values"], b["seq_offsets"], validate=False)
+        inputs.append(d)
+    state = {"i": 0}
+
+    def step() -> None:
+        batch = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        out = engine(batch)
+        x = torch.cat([out[f] for f in options], dim=1)
+        loss = (x @ head).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step, engine
+
+
+def embedding_bag_step_factory(batches):
+    sizes = [*VOCAB_SIZES, VOCAB_SIZES[1]]
+    bags = [torch.nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in sizes]
+    opt = torch.optim.SparseAdam([p for b in bags for p in b.parameters()], lr=1e-3)
+    head = _head(len(bags))
+    inputs = []
+    for b in batches:
+        feats = []
+        for j, f in enumerate(FEATURES):
+            ids = torch.remainder(b[f], sizes[j])
+            feats.append((ids, torch.arange(BATCH)))
+        feats.append((torch.remainder(b["seq_values"], sizes[-1]), b["seq_offsets"][:-1]))
+        inputs.append(feats)
+    state = {"i": 0}
+
+    def step() -> None:
+        feats = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        x = torch.cat([bag(ids, off) for bag, (ids, off) in zip(bags, feats, strict=True)], dim=1)
+        loss = (x @ head).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = make_batches(args.batches)
+    ids_per_batch = sum(b[f].numel() for b in batches for f in FEATURES) / len(batches) + sum(
+        b["seq_values"].numel() for b in batches
+    ) / len(batches)
+
+    results = {}
+    recis_adam, engine = recis_step_factory(batches, "adam")
+    for _ in range(len(batches)):  # one pass so tables hold the ids of the cycle
+        recis_adam()
+    results["recis + SparseAdam"] = measure(recis_adam, reps=args.reps, warmup=1)
+    rows_adam = len(engine.physical[0])
+    recis_rw, _ = recis_step_factory(batches, "rowwise")
+    for _ in range(len(batches)):
+        recis_rw()
+    results["recis + SparseRowWiseAdagrad"] = measure(recis_rw, reps=args.reps, warmup=1)
+    bag_step = embedding_bag_step_factory(batches)
+    results["nn.EmbeddingBag + SparseAdam"] = measure(bag_step, reps=args.reps, warmup=2)
+
+    try:
+        import fbgemm_gpu  # noqa: F401
+
+        fbgemm = "installed but not wired into this benchmark"
+    except ImportError:
+        fbgemm = "not measured (fbgemm_gpu not installed)"
+
+    base = results["nn.EmbeddingBag + SparseAdam"].rate(BATCH)
+    rows = []
+    for name, st in results.items():
+        rate = st.rate(BATCH)
+        rows.append([name, rate, st.median_s * 1e3, rate / base])
+    rows.append(["FBGEMM TBE (CPU, row-wise Adagrad)", fbgemm, "", ""])
+    print_table(
+        f"embedding train step: batch {BATCH}, 26 single-id + 1 sequence feature, dim {DIM}, "
+        f"{ids_per_batch:,.0f} ids/batch, torch threads {torch.get_num_threads()}",
+        ["contender", "samples/s", "median ms/step", "x EmbeddingBag+SparseAdam"],
+        rows,
+    )
+    write_json(
+        "embedding",
+        {
+            "batch": BATCH,
+            "dim": DIM,
+            "ids_per_batch": ids_per_batch,
+            "recis_table_rows": rows_adam,
+            "fbgemm": fbgemm,
+            "results": {
+                k: {"samples_per_s": v.rate(BATCH), "median_s": v.median_s, "times_s": v.times_s}
+                for k, v in results.items()
+            },
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""recis-embedding: dynamic hash embedding tables, table fusion, sparse optimizers, checkpoints."""
+
+from recis_embedding._engine import DynamicEmbedding, EmbeddingEngine
+from recis_embedding._initializers import (
+    Constant,
+    Initializer,
+    KaimingNormal,
+    KaimingUniform,
+    Normal,
+    TruncatedNormal,
+    Uniform,
+    XavierNormal,
+    XavierUniform,
+)
+from recis_embedding._optim import (
+    SparseAdagrad,
+    SparseAdam,
+    SparseAdamW,
+    SparseFTRL,
+    SparseOptimizer,
+    SparseRowWiseAdagrad,
+    SparseSGD,
+    sparse_parameters,
+)
+from recis_embedding._options import EmbeddingOption
+from recis_embedding._table import HashTable, TableStats
+from recis_embedding.exceptions import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    OptimizerError,
+    RecisEmbeddingError,
+    TableFullError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Constant",
+    "DynamicEmbedding",
+    "EmbeddingEngine",
+    "EmbeddingOption",
+    "HashTable",
+    "Initializer",
+    "InputError",
+    "KaimingNormal",
+    "KaimingUniform",
+    "Normal",
+    "OptimizerError",
+    "RecisEmbeddingError",
+    "SparseAdagrad",
+    "SparseAdam",
+    "SparseAdamW",
+    "SparseFTRL",
+    "SparseOptimizer",
+    "SparseRowWiseAdagrad",
+    "SparseSGD",
+    "TableFullError",
+    "TableStats",
+    "TruncatedNormal",
+    "Uniform",
+    "XavierNormal",
+    "XavierUniform",
+    "__version__",
+    "sparse_parameters",
+]

@@ -1,0 +1,340 @@
+"""``EmbeddingEngine`` and ``DynamicEmbedding``: fused dynamic-table lookups as ``nn.Module``s."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis_embedding._inputs import Ids, as_ids
+from recis_embedding._options import EmbeddingOption
+from recis_embedding._pooling import bag_weights, padded_gather, pool, segment_ids
+from recis_embedding._table import HashTable
+from recis_embedding.exceptions import ConfigError, InputError
+
+__all__ = ["DynamicEmbedding", "EmbeddingEngine"]
+
+_POOLED = ("sum", "mean", "sqrtn")
+
+
+class EmbeddingEngine(nn.Module):
+    """Embeds a dict of id features with dynamic hash tables; dict in, dict out.
+
+    Features name a table (``shared_name``, default the feature name). Tables whose options
+    have equal storage properties are fused into one physical :class:`HashTable` (each keeps
+    its own table index and all 64 id bits); per physical table the ids of all features are
+    deduplicated once and read with one gather, and features with equal runtime properties are
+    pooled by one reduce. Fusion never changes results or checkpoint names.
+
+    Inputs per feature: dense ``(B,)``/``(B, k)`` int64, a ``RaggedTensor`` with 2 or 3 levels
+    (optional weights), or any column with ``.values``/``.offsets``. Outputs:
+
+    - ``sum``/``mean``/``sqrtn``: ``(B, D)`` (3-level input: ``(B, S, D)``, S the longest row);
+    - ``tile``: ``(B, tile_len * D)``;
+    - ``None`` (sequence): ``(B, L, D)`` zero-padded, plus ``"<feature>_mask"`` ``(B, L)`` bool.
+
+    Keys without an option pass through unchanged. In training mode unseen ids are inserted
+    (subject to admission); in ``eval()`` mode nothing is inserted and unknown ids read the
+    option's ``default_value``.
+
+    Args:
+        options: feature name -> :class:`EmbeddingOption`.
+        fuse: fuse tables with equal storage properties (``False`` keeps one physical table per
+            logical table; results are identical).
+
+    Example:
+        >>> engine = EmbeddingEngine({"user": EmbeddingOption(8), "item": EmbeddingOption(8)})
+        >>> out = engine({"user": torch.tensor([[3], [5]]), "item": torch.tensor([[7], [7]])})
+        >>> out["user"].shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, options: Mapping[str, EmbeddingOption], *, fuse: bool = True) -> None:
+        super().__init__()
+        self.options = dict(options)
+        self.fuse = fuse
+        self.logical: dict[str, tuple[HashTable, int]] = {}
+        self.physical: list[HashTable] = []
+        self._table_of: dict[str, str] = {}
+        self._first_option: dict[str, EmbeddingOption] = {}
+        by_storage: dict[Any, HashTable] = {}
+        for feature, option in self.options.items():
+            if not isinstance(option, EmbeddingOption):
+                raise ConfigError(
+                    f"feature {feature!r}: expected an EmbeddingOption, got {type(option).__name__}"
+                )
+            name = option.shared_name or feature
+            self._table_of[feature] = name
+            if name in self.logical:
+                self._check_shared(feature, name, option)
+                continue
+            key = option.storage_key() if fuse else (name,)
+            table = by_storage.get(key)
+            if table is None:
+                table = _new_table(name, option)
+                by_storage[key] = table
+                self.physical.append(table)
+                index = 0
+            else:
+                index = table.add_table(name, option.initializer)
+            self.logical[name] = (table, index)
+            self._first_option[name] = option
+
+    def _check_shared(self, feature: str, name: str, option: EmbeddingOption) -> None:
+        first = self._first_option[name]
+        if first.storage_key() != option.storage_key() or first.initializer != option.initializer:
+            raise ConfigError(
+                f"feature {feature!r} shares table {name!r} but differs in dim, dtype, device, "
+                f"initializer or policies from the table's first feature"
+            )
+
+    def table(self, name: str) -> tuple[HashTable, int]:
+        """The physical table holding logical table ``name`` and its table index there."""
+        if name not in self.logical:
+            raise InputError(f"no table {name!r} (tables: {sorted(self.logical)})")
+        return self.logical[name]
+
+    def table_options(self) -> dict[str, EmbeddingOption]:
+        """Logical table name -> the option that created it."""
+        return dict(self._first_option)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Embed every feature that has an option; other keys pass through."""
+        out: dict[str, Any] = dict(batch)
+        groups: dict[int, list[str]] = {}
+        for feature in self.options:
+            if feature not in batch:
+                raise InputError(f"batch has no column for feature {feature!r}")
+            table, _ = self.logical[self._table_of[feature]]
+            groups.setdefault(id(table), []).append(feature)
+        for features in groups.values():
+            out.update(self._lookup_group(features, batch))
+        return out
+
+    def _lookup_group(self, features: list[str], batch: Mapping[str, Any]) -> dict[str, Any]:
+        table, _ = self.logical[self._table_of[features[0]]]
+        ids = [as_ids(f, batch[f]) for f in features]
+        for f, i in zip(features, ids, strict=True):
+            if i.values.device != table.device:
+                raise InputError(
+                    f"feature {f!r}: ids are on {i.values.device}, its table on {table.device}"
+                )
+        emb, inverse = self._dedup_and_read(table, features, ids)
+        parts = torch.split(inverse, [i.values.numel() for i in ids])
+        runtime: dict[Any, list[int]] = {}
+        for k, f in enumerate(features):
+            runtime.setdefault(self.options[f].runtime_key(), []).append(k)
+        out: dict[str, Any] = {}
+        whole = len(runtime) == 1
+        for members in runtime.values():
+            option = self.options[features[members[0]]]
+            self._group_grouping = self._grouping if whole else None
+            if option.combiner in _POOLED:
+                out.update(
+                    self._pooled(
+                        option,
+                        [features[k] for k in members],
+                        [ids[k] for k in members],
+                        [parts[k] for k in members],
+                        emb,
+                    )
+                )
+            else:
+                for k in members:
+                    out.update(self._padded(option, features[k], ids[k], parts[k], emb))
+        return out
+
+    def _dedup_and_read(
+        self, table: HashTable, features: list[str], ids: list[Ids]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.cat([i.values for i in ids]) if len(ids) > 1 else ids[0].values
+        per_feature = torch.tensor(
+            [self.logical[self._table_of[f]][1] for f in features], dtype=torch.int32
+        ).to(values.device)
+        counts = torch.tensor([i.values.numel() for i in ids]).to(values.device)
+        tabs = torch.repeat_interleave(per_feature, counts)
+        keys, key_tabs, inverse, self._grouping = _dedup(values, tabs)
+        if self.training:
+            admit = None
+            if table.admission is not None:
+                admit = table.admission.admit(table, keys, key_tabs)
+            rows, _ = table.find_or_insert(keys, key_tabs, admit=admit)
+        else:
+            rows = table.find(keys, key_tabs)
+        # The distinct keys make `rows` distinct too, except -1 for ids not in the table.
+        present = rows >= 0
+        if bool(present.all()):
+            emb = table.read(rows)
+        else:
+            emb = torch.full((rows.numel(), table.dim), table.default_value, device=rows.device)
+            idx = present.nonzero().squeeze(1)
+            emb[idx] = table.read(rows[idx])
+        if self.training:
+            if table.eviction is not None:
+                table.eviction.touch(table, rows, inverse)
+            if torch.is_grad_enabled() and self._trainable(table):
+                emb.requires_grad_(True)
+                table.pending.append((rows, emb))
+        return emb, inverse
+
+    def _trainable(self, table: HashTable) -> bool:
+        name = table.names[0]
+        return self._first_option[name].trainable
+
+    def _pooled(
+        self,
+        option: EmbeddingOption,
+        features: list[str],
+        ids: list[Ids],
+        parts: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        emb: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        bags, weights, counts, segs = [], [], [], []
+        shift = 0
+        any_weights = option.use_weight and any(i.weights is not None for i in ids)
+        singles = all(i.singles for i in ids) and not any_weights and option.combiner == "sum"
+        for i in ids:
+            n, m = i.values.numel(), i.bags.numel() - 1
+            w = i.weights if option.use_weight else None
+            if w is None and (any_weights or option.combiner != "sum"):
+                w = torch.ones(n, device=emb.device)
+            weights.append(bag_weights(i.bags, w, option.combiner, n))
+            bags.append(i.bags[:-1] + shift)
+            if not singles:
+                seg = torch.arange(n, device=emb.device) if i.singles else segment_ids(i.bags, n)
+                segs.append(seg + sum(counts))
+            counts.append(m)
+            shift += n
+        all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
+        w_all = None if weights[0] is None else torch.cat(weights)
+        inverse = torch.cat(parts) if len(parts) > 1 else parts[0]
+        seg_all = None if singles else torch.cat(segs)
+        pooled = pool(emb, inverse, all_bags, seg_all, w_all, singles, self._group_grouping)
+        out = {}
+        for f, i, p in zip(features, ids, torch.split(pooled, counts), strict=True):
+            if i.outer is not None:
+                longest = int((i.outer[1:] - i.outer[:-1]).max()) if i.outer.numel() > 1 else 0
+                p = padded_gather(p, torch.arange(p.shape[0], device=p.device), i.outer, longest)[0]
+            out[f] = p
+        return out
+
+    def _padded(
+        self,
+        option: EmbeddingOption,
+        feature: str,
+        ids: Ids,
+        inverse: torch.Tensor,
+        emb: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if ids.outer is not None:
+            raise InputError(
+                f"feature {feature!r}: combiner {option.combiner!r} takes 2-level ids, got 3 levels"
+            )
+        lengths = ids.bags[1:] - ids.bags[:-1]
+        if option.combiner == "tile":
+            length = int(option.combiner_kwargs["tile_len"])
+            values, _ = padded_gather(emb, inverse, ids.bags, length)
+            return {feature: values.reshape(values.shape[0], -1)}
+        length = option.combiner_kwargs.get("max_len")
+        if length is None:
+            length = int(lengths.max()) if lengths.numel() else 0
+        values, mask = padded_gather(emb, inverse, ids.bags, int(length))
+        return {feature: values, f"{feature}_mask": mask}
+
+
+_TABLE_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15, odd: a bijection on ids per table
+
+
+def _dedup(
+    values: torch.Tensor, tabs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct ``(table, id)`` pairs of a fused lookup, with the inverse mapping.
+
+    Pairs are deduplicated through one int64 key ``id ^ (table * K)``. Two different pairs can
+    share a key only with different tables, which the check below detects (each key must map
+    back to one table); the exact lexicographic path then runs instead, so no ids ever merge.
+
+    Returns:
+        ``(ids (U,), tables (U,) int32, inverse (N,), grouping)`` (see :func:`_sort_unique`;
+        ``None`` after the exact path).
+    """
+    key = values ^ (tabs.to(torch.int64) * _TABLE_MIX)
+    uniq, inverse, grouping = _sort_unique(key)
+    key_tabs = torch.empty(uniq.numel(), dtype=torch.int32, device=values.device)
+    key_tabs.scatter_(0, inverse, tabs)
+    if not torch.equal(key_tabs.index_select(0, inverse), tabs):
+        pairs = torch.stack([tabs.to(torch.int64), values], dim=1)
+        up, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        return up[:, 1].contiguous(), up[:, 0].to(torch.int32), inverse, None
+    return uniq ^ (key_tabs.to(torch.int64) * _TABLE_MIX), key_tabs, inverse, grouping
+
+
+def _sort_unique(
+    key: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Distinct keys, inverse, and the sort that grouped them.
+
+    The grouping ``(order, offsets)`` lists the occurrences of distinct key ``u`` as
+    ``order[offsets[u]:offsets[u + 1]]``; the backward pass reuses it instead of sorting again.
+    """
+    n = key.numel()
+    sorted_key, order = torch.sort(key)
+    flags = torch.ones(n, dtype=torch.bool, device=key.device)
+    if n > 1:
+        torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])
+    starts = flags.nonzero().squeeze(1)
+    rank = torch.cumsum(flags, 0) - 1
+    inverse = torch.empty(n, dtype=torch.int64, device=key.device)
+    inverse.index_copy_(0, order, rank)
+    offsets = torch.cat([starts, torch.tensor([n], device=key.device)])
+    return sorted_key.index_select(0, starts), inverse, (order, offsets)
+
+
+def _new_table(name: str, option: EmbeddingOption) -> HashTable:
+    table = HashTable(
+        option.embedding_dim,
+        name=name,
+        initializer=option.initializer,
+        dtype=option.dtype,
+        device=option.device,
+        capacity=option.capacity,
+        default_value=option.default_value,
+    )
+    table.admission = option.admission
+    table.eviction = option.eviction
+    return table
+
+
+class DynamicEmbedding(nn.Module):
+    """One dynamic hash embedding table as an ``nn.Module``.
+
+    Args:
+        option: the table's :class:`EmbeddingOption`.
+        name: table name (default ``option.shared_name`` or ``"embedding"``).
+
+    ``forward(ids)`` takes what :class:`EmbeddingEngine` takes for one feature and returns the
+    output tensor; with ``combiner=None`` it returns ``(values (B, L, D), mask (B, L))``.
+
+    Example:
+        >>> emb = DynamicEmbedding(EmbeddingOption(4, combiner="mean"))
+        >>> emb(torch.tensor([[1, 2], [3, 3]])).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, option: EmbeddingOption, name: str | None = None) -> None:
+        super().__init__()
+        self.name = name or option.shared_name or "embedding"
+        self.engine = EmbeddingEngine({self.name: option.replace(shared_name=self.name)})
+
+    @property
+    def table(self) -> HashTable:
+        """The underlying :class:`HashTable`."""
+        return self.engine.logical[self.name][0]
+
+    def forward(self, ids: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.engine({self.name: ids})
+        if f"{self.name}_mask" in out:
+            return out[self.name], out[f"{self.name}_mask"]
+        return out[self.name]

@@ -1,0 +1,189 @@
+"""Seeded, per-id reproducible initializers for embedding rows.
+
+A row's initial vector depends only on ``(initializer seed, table name, id, column)``: column
+``j`` of id ``x`` draws its random bits from a counter-based hash,
+``fmix64(fmix64(x ^ table_seed) + (j + 1) * 0x9E3779B97F4A7C15)`` (MurmurHash3's finalizer), so
+the same id gets the same vector whatever the batch order, the fusion or the sharding.
+``table_seed`` mixes the initializer's ``seed`` with the CRC-32 of the table name.
+
+Xavier and Kaiming initializers take their fans from the embedding dim: a row is treated as a
+``(1, dim)`` weight whose ``fan_in = fan_out = dim``, so Xavier uses ``std = gain * sqrt(1 /
+dim)`` and Kaiming ``std = gain / sqrt(dim)`` (uniform variants: bound ``= sqrt(3) * std``).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from recis_embedding.exceptions import ConfigError
+from recis_kernels import fmix64
+
+__all__ = [
+    "Constant",
+    "Initializer",
+    "KaimingNormal",
+    "KaimingUniform",
+    "Normal",
+    "TruncatedNormal",
+    "Uniform",
+    "XavierNormal",
+    "XavierUniform",
+    "table_seed",
+]
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+
+
+def table_seed(seed: int, name: str) -> int:
+    """The 64-bit seed of table ``name`` under initializer seed ``seed``."""
+    mixed = fmix64(
+        torch.tensor([(seed * 0x100000001) ^ zlib.crc32(name.encode())], dtype=torch.int64)
+    )
+    return int(mixed.item())
+
+
+def _uniform01(ids: torch.Tensor, dim: int, seed: int, stream: int = 0) -> torch.Tensor:
+    """``(N, dim)`` float64 uniforms in (0, 1) from the ids' bits."""
+    base = fmix64(ids ^ (seed + stream * 0x5851F42D4C957F2D))
+    cols = (torch.arange(1, dim + 1, dtype=torch.int64, device=ids.device) * _GOLDEN)[None, :]
+    bits = fmix64(base[:, None] + cols)
+    top53 = (bits >> 11) & ((1 << 53) - 1)
+    return (top53.to(torch.float64) + 0.5) / float(1 << 53)
+
+
+def _normal(ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    # Box-Muller on two independent uniform streams.
+    u1, u2 = _uniform01(ids, dim, seed, 0), _uniform01(ids, dim, seed, 1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+@dataclass(frozen=True)
+class Initializer:
+    """Base class: ``init(ids, dim, table_name) -> (N, dim) float32``.
+
+    Subclass and override :meth:`sample` for a custom initializer; it must be a pure function
+    of its arguments so that rows stay reproducible.
+    """
+
+    seed: int = 0
+
+    def __call__(self, ids: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+        """Initial vectors of ``ids``: ``(N,) int64`` -> ``(N, dim) float32``."""
+        return self.sample(ids, dim, table_seed(self.seed, name)).to(torch.float32)
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        """``(N, dim)`` values for ``ids`` under the 64-bit table seed ``seed``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample()")
+
+
+@dataclass(frozen=True)
+class Constant(Initializer):
+    """Every value equals ``value``."""
+
+    value: float = 0.0
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        return torch.full((ids.numel(), dim), float(self.value), device=ids.device)
+
+
+@dataclass(frozen=True)
+class Uniform(Initializer):
+    """Uniform on ``[low, high)``."""
+
+    low: float = -0.05
+    high: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ConfigError(f"Uniform initializer needs low < high, got {self.low}, {self.high}")
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        return self.low + (self.high - self.low) * _uniform01(ids, dim, seed)
+
+
+@dataclass(frozen=True)
+class Normal(Initializer):
+    """Normal with ``mean`` and ``std``."""
+
+    mean: float = 0.0
+    std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.std <= 0:
+            raise ConfigError(f"Normal initializer needs std > 0, got {self.std}")
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        return self.mean + self.std * _normal(ids, dim, seed)
+
+
+@dataclass(frozen=True)
+class TruncatedNormal(Initializer):
+    """Normal with ``mean`` and ``std`` truncated to ``[mean + a*std, mean + b*std]``.
+
+    Sampled exactly by the inverse CDF (no rejection), so every id costs the same.
+    """
+
+    mean: float = 0.0
+    std: float = 0.01
+    a: float = -2.0
+    b: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.std <= 0 or not self.a < self.b:
+            raise ConfigError(
+                f"TruncatedNormal initializer needs std > 0 and a < b, got std={self.std}, "
+                f"a={self.a}, b={self.b}"
+            )
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        cdf_a = 0.5 * (1 + math.erf(self.a / math.sqrt(2)))
+        cdf_b = 0.5 * (1 + math.erf(self.b / math.sqrt(2)))
+        u = cdf_a + (cdf_b - cdf_a) * _uniform01(ids, dim, seed)
+        z = math.sqrt(2) * torch.erfinv(2 * u - 1)
+        return self.mean + self.std * z.clamp(self.a, self.b)
+
+
+@dataclass(frozen=True)
+class XavierUniform(Initializer):
+    """Uniform with bound ``gain * sqrt(3 / dim)`` (``fan_in = fan_out = dim``)."""
+
+    gain: float = 1.0
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        bound = self.gain * math.sqrt(3.0 / dim)
+        return bound * (2 * _uniform01(ids, dim, seed) - 1)
+
+
+@dataclass(frozen=True)
+class XavierNormal(Initializer):
+    """Normal with ``std = gain * sqrt(1 / dim)`` (``fan_in = fan_out = dim``)."""
+
+    gain: float = 1.0
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        return self.gain * math.sqrt(1.0 / dim) * _normal(ids, dim, seed)
+
+
+@dataclass(frozen=True)
+class KaimingUniform(Initializer):
+    """Uniform with bound ``gain * sqrt(3 / dim)``, ``gain = sqrt(2)`` (ReLU) by default."""
+
+    gain: float = math.sqrt(2.0)
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        bound = self.gain * math.sqrt(3.0 / dim)
+        return bound * (2 * _uniform01(ids, dim, seed) - 1)
+
+
+@dataclass(frozen=True)
+class KaimingNormal(Initializer):
+    """Normal with ``std = gain / sqrt(dim)``, ``gain = sqrt(2)`` (ReLU) by default."""
+
+    gain: float = math.sqrt(2.0)
+
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        return self.gain / math.sqrt(dim) * _normal(ids, dim, seed)

@@ -1,0 +1,87 @@
+"""Normalizing lookup inputs (dense ids, RaggedTensor, recis-io columns) to one packed form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from recis_embedding.exceptions import InputError
+from recis_kernels import RaggedTensor
+
+__all__ = ["Ids", "as_ids"]
+
+
+@dataclass
+class Ids:
+    """One feature's ids in packed form.
+
+    Attributes:
+        values: ``(N,) int64`` ids.
+        bags: ``(M+1,) int64`` offsets of the innermost rows (the bags that pooling reduces).
+        outer: ``(B+1,) int64`` offsets of 3-level inputs over the bags, else ``None``.
+        weights: ``(N,) float32`` per-id weights or ``None``.
+        singles: every bag holds exactly one id (a dense ``[B]`` / ``[B, 1]`` input).
+    """
+
+    values: torch.Tensor
+    bags: torch.Tensor
+    outer: torch.Tensor | None
+    weights: torch.Tensor | None
+    singles: bool
+
+    @property
+    def num_rows(self) -> int:
+        """Outer rows ``B``."""
+        src = self.outer if self.outer is not None else self.bags
+        return src.numel() - 1
+
+
+def as_ids(name: str, value: Any) -> Ids:
+    """Convert a dense tensor, RaggedTensor or ``(values, offsets)`` column to :class:`Ids`."""
+    if isinstance(value, torch.Tensor):
+        return _dense(name, value)
+    if not isinstance(value, RaggedTensor):
+        if hasattr(value, "values") and hasattr(value, "offsets"):
+            value = RaggedTensor.from_column(value)
+        else:
+            raise InputError(
+                f"feature {name!r}: ids must be a tensor, a RaggedTensor or a column with "
+                f".values/.offsets, got {type(value).__name__}"
+            )
+    return _ragged(name, value)
+
+
+def _check_values(name: str, values: torch.Tensor) -> None:
+    if values.dtype != torch.int64:
+        raise InputError(f"feature {name!r}: ids must be int64, got {values.dtype}")
+
+
+def _dense(name: str, ids: torch.Tensor) -> Ids:
+    _check_values(name, ids)
+    if ids.dim() == 1:
+        ids = ids[:, None]
+    if ids.dim() != 2:
+        raise InputError(
+            f"feature {name!r}: dense ids must be [B] or [B, k], got shape {tuple(ids.shape)}"
+        )
+    b, k = ids.shape
+    bags = torch.arange(0, b * k + 1, k, device=ids.device) if k else ids.new_zeros(b + 1)
+    return Ids(ids.reshape(-1), bags, None, None, singles=k == 1)
+
+
+def _ragged(name: str, r: RaggedTensor) -> Ids:
+    _check_values(name, r.values)
+    if r.values.dim() != 1:
+        raise InputError(f"feature {name!r}: ragged ids must have 1-d values")
+    if r.num_levels == 1:
+        outer, bags = None, r.offsets[0]
+    elif r.num_levels == 2:
+        outer, bags = r.offsets[0], r.offsets[1]
+    else:
+        raise InputError(
+            f"feature {name!r}: ragged ids must have 2 or 3 levels, got {r.num_levels + 1}"
+        )
+    weights = None if r.weights is None else r.weights.to(torch.float32)
+    return Ids(r.values, bags.to(torch.int64), outer, weights, singles=False)

@@ -1,0 +1,388 @@
+"""Sparse optimizers over hash tables: ``torch.optim.Optimizer`` subclasses updating touched rows.
+
+A lookup in training mode records, per physical table, the distinct rows it read and the
+``(U, D)`` leaf tensor holding them. After ``backward()`` that leaf's ``.grad`` is the gradient
+of exactly those rows. ``step()`` gathers every recorded row once (embedding and optimizer state
+side by side), applies the update in float32 with torch's numerics, and writes the rows back.
+Gradients of several micro-batches accumulate until ``zero_grad()``, as dense gradients do.
+Learning rates live in ``param_groups`` so torch LR schedulers drive them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis_embedding._table import HashTable
+from recis_embedding.exceptions import OptimizerError
+from recis_kernels import (
+    adagrad_rows_,
+    adam_rows_,
+    ftrl_rows_,
+    rowwise_adagrad_rows_,
+    sgd_rows_,
+)
+
+__all__ = [
+    "SparseAdagrad",
+    "SparseAdam",
+    "SparseAdamW",
+    "SparseFTRL",
+    "SparseOptimizer",
+    "SparseRowWiseAdagrad",
+    "SparseSGD",
+    "sparse_parameters",
+]
+
+
+_NON_NEGATIVE = ("lr", "eps", "weight_decay", "lr_decay", "l1", "l2", "beta")
+
+
+def sparse_parameters(model: nn.Module) -> list[HashTable]:
+    """Every trainable physical :class:`HashTable` of the embedding modules inside ``model``."""
+    from recis_embedding._engine import EmbeddingEngine
+
+    tables: dict[int, HashTable] = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingEngine):
+            for table in module.physical:
+                if module.table_options()[table.names[0]].trainable:
+                    tables.setdefault(id(table), table)
+    return list(tables.values())
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Base class: an optimizer over :class:`HashTable` rows.
+
+    Subclasses set ``kind`` and implement :meth:`_slots` and :meth:`_update`.
+    """
+
+    kind = ""
+
+    def __init__(self, tables: Iterable[HashTable] | nn.Module, defaults: dict[str, Any]) -> None:
+        if isinstance(tables, nn.Module):
+            tables = sparse_parameters(tables)
+        tables = list(tables)
+        if not tables:
+            raise OptimizerError(f"{type(self).__name__} got no tables to optimize")
+        for t in tables:
+            if not isinstance(t, HashTable):
+                raise OptimizerError(
+                    f"{type(self).__name__} optimizes HashTables (see sparse_parameters), got "
+                    f"{type(t).__name__}"
+                )
+        for key, value in defaults.items():
+            if key in _NON_NEGATIVE and value < 0:
+                raise OptimizerError(f"{type(self).__name__}: {key} must be >= 0, got {value}")
+        super().__init__([t.handle for t in tables], defaults)
+        for t in tables:
+            slots, init = self._slots(t.dim)
+            t.configure_state(self.kind, slots, init)
+
+    def tables(self) -> list[HashTable]:
+        """The tables this optimizer updates."""
+        return [p._recis_table for g in self.param_groups for p in g["params"]]
+
+    def _slots(self, dim: int) -> tuple[list[tuple[str, int]], torch.Tensor]:
+        raise NotImplementedError
+
+    def _update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+    ) -> None:
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients recorded since the last ``zero_grad()``."""
+        for table in self.tables():
+            table.pending.clear()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Update every row touched since the last ``zero_grad()``; returns ``closure()``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for handle in group["params"]:
+                self._step_table(handle._recis_table, group)
+        return loss
+
+    def _step_table(self, table: HashTable, group: dict[str, Any]) -> None:
+        rows, grads = _collect(table)
+        if rows is None:
+            return
+        full = table.read_full(rows)
+        widths = [table.emb_words] + [w for _, w in table.slots]
+        # Contiguous copies: elementwise kernels on strided column views are several times slower.
+        parts = [p.contiguous() for p in torch.split(full, widths, dim=1)]
+        param = table._from_words(parts[0])
+        state = {name: part for (name, _), part in zip(table.slots, parts[1:], strict=True)}
+        self._update(param, grads, state, group)
+        parts[0] = table._to_words(param)
+        table.write_full(rows, torch.cat(parts, dim=1))
+        table.step += 1
+        if table.eviction is not None:
+            table.eviction.after_step(table)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters only; row state lives in the tables (saved by checkpoints)."""
+        return {
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.param_groups
+            ]
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters written by :meth:`state_dict`."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise OptimizerError(
+                f"state has {len(groups)} param groups, optimizer has {len(self.param_groups)}"
+            )
+        for mine, saved in zip(self.param_groups, groups, strict=True):
+            mine.update(saved)
+
+
+def _collect(table: HashTable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    entries = [(r, e.grad) for r, e in table.pending if e.grad is not None]
+    if not entries:
+        return None, None
+    rows = torch.cat([r for r, _ in entries]) if len(entries) > 1 else entries[0][0]
+    grads = torch.cat([g for _, g in entries]) if len(entries) > 1 else entries[0][1]
+    if len(entries) > 1:
+        rows, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(rows.numel(), grads.shape[1], device=grads.device)
+        grads = summed.index_add_(0, inverse, grads)
+    # Row -1 stands for ids that were not in the table (default value); it is never updated.
+    keep = rows >= 0
+    if not bool(keep.all()):
+        rows, grads = rows[keep], grads[keep]
+    if rows.numel() == 0:
+        return None, None
+    return rows, grads
+
+
+class SparseSGD(SparseOptimizer):
+    """``torch.optim.SGD`` (no momentum) on touched rows.
+
+    Args:
+        tables: tables (from :func:`sparse_parameters`) or a model to collect them from.
+        lr: learning rate.
+        weight_decay: L2 penalty.
+    """
+
+    kind = "sgd"
+
+    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0) -> None:
+        super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
+
+    def _slots(self, dim):
+        return [], torch.zeros(0)
+
+    def _update(self, param, grad, state, group):
+        sgd_rows_(param, grad, lr=group["lr"], weight_decay=group["weight_decay"])
+
+
+class SparseAdagrad(SparseOptimizer):
+    """``torch.optim.Adagrad`` on touched rows (per-row step count for ``lr_decay``).
+
+    Args:
+        tables: tables or a model.
+        lr: learning rate.
+        lr_decay: learning-rate decay per row update.
+        weight_decay: L2 penalty.
+        initial_accumulator_value: starting value of the squared-gradient sums.
+        eps: added to the root of the sum.
+    """
+
+    kind = "adagrad"
+
+    def __init__(
+        self,
+        tables,
+        lr: float = 0.01,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+    ) -> None:
+        self._init_acc = float(initial_accumulator_value)
+        super().__init__(
+            tables, {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps}
+        )
+
+    def _slots(self, dim):
+        init = torch.cat([torch.full((dim,), self._init_acc), torch.zeros(1)])
+        return [("sum", dim), ("step", 1)], init
+
+    def _update(self, param, grad, state, group):
+        adagrad_rows_(
+            param,
+            grad,
+            state["sum"],
+            state["step"][:, 0],
+            lr=group["lr"],
+            lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+        )
+
+
+class SparseRowWiseAdagrad(SparseOptimizer):
+    """Row-wise Adagrad: one accumulator per row (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``).
+
+    Args:
+        tables: tables or a model.
+        lr: learning rate.
+        eps: added to the root of the accumulator.
+        weight_decay: L2 penalty.
+    """
+
+    kind = "rowwise_adagrad"
+
+    def __init__(
+        self, tables, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(tables, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+
+    def _slots(self, dim):
+        return [("sum", 1)], torch.zeros(1)
+
+    def _update(self, param, grad, state, group):
+        rowwise_adagrad_rows_(
+            param,
+            grad,
+            state["sum"],
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+
+
+class SparseAdam(SparseOptimizer):
+    """``torch.optim.Adam`` on touched rows, bias correction by each row's own step count.
+
+    Args:
+        tables: tables or a model.
+        lr: learning rate.
+        betas: moment decays.
+        eps: added to the bias-corrected root of the second moment.
+        weight_decay: L2 penalty.
+    """
+
+    kind = "adam"
+    _decoupled = False
+
+    def __init__(
+        self,
+        tables,
+        lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise OptimizerError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
+        super().__init__(
+            tables, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        )
+
+    def _slots(self, dim):
+        return [("exp_avg", dim), ("exp_avg_sq", dim), ("step", 1)], torch.zeros(2 * dim + 1)
+
+    def _update(self, param, grad, state, group):
+        beta1, beta2 = group["betas"]
+        adam_rows_(
+            param,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["step"][:, 0],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=self._decoupled,
+        )
+
+
+class SparseAdamW(SparseAdam):
+    """``torch.optim.AdamW`` on touched rows (decoupled weight decay, default 0.01)."""
+
+    kind = "adamw"
+    _decoupled = True
+
+    def __init__(
+        self,
+        tables,
+        lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class SparseFTRL(SparseOptimizer):
+    """FTRL-proximal (TensorFlow ``Ftrl`` numerics) on touched rows.
+
+    Args:
+        tables: tables or a model.
+        lr: learning rate.
+        lr_power: power of the accumulator (``-0.5``: square root).
+        l1: L1 strength.
+        l2: L2 strength.
+        beta: beta of the per-coordinate rate.
+        initial_accumulator_value: starting value of the accumulators (TensorFlow: 0.1).
+    """
+
+    kind = "ftrl"
+
+    def __init__(
+        self,
+        tables,
+        lr: float = 0.01,
+        lr_power: float = -0.5,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        beta: float = 0.0,
+        initial_accumulator_value: float = 0.1,
+    ) -> None:
+        if lr_power > 0:
+            raise OptimizerError(f"SparseFTRL: lr_power must be <= 0, got {lr_power}")
+        if initial_accumulator_value <= 0:
+            raise OptimizerError(
+                f"SparseFTRL: initial_accumulator_value must be > 0, got "
+                f"{initial_accumulator_value}"
+            )
+        self._init_acc = float(initial_accumulator_value)
+        super().__init__(
+            tables, {"lr": lr, "lr_power": float(lr_power), "l1": l1, "l2": l2, "beta": beta}
+        )
+
+    def _slots(self, dim):
+        return [("accum", dim), ("linear", dim)], torch.cat(
+            [torch.full((dim,), self._init_acc), torch.zeros(dim)]
+        )
+
+    def _update(self, param, grad, state, group):
+        ftrl_rows_(
+            param,
+            grad,
+            state["accum"],
+            state["linear"],
+            lr=group["lr"],
+            lr_power=group["lr_power"],
+            l1=group["l1"],
+            l2=group["l2"],
+            beta=group["beta"],
+        )

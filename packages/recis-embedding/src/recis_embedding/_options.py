@@ -1,0 +1,120 @@
+"""``EmbeddingOption``: how one feature is embedded, and which options fuse."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+import torch
+
+from recis_embedding._initializers import Initializer, TruncatedNormal
+from recis_embedding.exceptions import ConfigError
+
+__all__ = ["COMBINERS", "EmbeddingOption"]
+
+COMBINERS = ("sum", "mean", "sqrtn", "tile", None)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(eq=False)
+class EmbeddingOption:
+    """How one feature is embedded.
+
+    Args:
+        embedding_dim: columns per embedding vector.
+        shared_name: table name; features with the same ``shared_name`` share one table. Default:
+            the feature name.
+        combiner: ``"sum"``, ``"mean"`` (``Σw·e / Σw``), ``"sqrtn"`` (``Σw·e / sqrt(Σw²)``),
+            ``"tile"`` (first ``tile_len`` ids of each row side by side, zero-padded:
+            ``(B, tile_len * dim)``) or ``None`` for a sequence output ``(B, L, dim)``.
+        combiner_kwargs: ``{"tile_len": L}`` for ``"tile"``; ``{"max_len": L}`` to fix the
+            sequence length of ``combiner=None`` (default: the longest row of the batch).
+        initializer: seeded per-id initializer (default ``TruncatedNormal(std=0.01)``).
+        dtype: storage dtype of the embeddings: float32, bfloat16 or float16 (optimizer math is
+            float32 in every case).
+        device: where the table lives (default CPU).
+        trainable: whether a sparse optimizer updates the table.
+        use_weight: whether per-id weights of a ragged input scale the pooling.
+        admission: admission policy (default: admit every id).
+        eviction: eviction policy (default: never evict).
+        capacity: maximum rows of the table (default unbounded). A full table with no eviction
+            policy raises :class:`~recis_embedding.TableFullError`.
+        default_value: what an id that is not (yet) in the table reads in ``eval()`` mode or
+            while admission holds it back.
+
+    Tables of options with equal *storage* properties (dim, dtype, device, trainable,
+    admission, eviction, capacity) are fused into one physical table; lookups with equal
+    *runtime* properties (combiner and its kwargs, use_weight) are served by one reduce.
+    """
+
+    embedding_dim: int
+    _: KW_ONLY
+    shared_name: str | None = None
+    combiner: str | None = "sum"
+    combiner_kwargs: dict[str, Any] | None = None
+    initializer: Initializer = field(default_factory=lambda: TruncatedNormal(std=0.01))
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str | None = None
+    trainable: bool = True
+    use_weight: bool = True
+    admission: Any = None
+    eviction: Any = None
+    capacity: int | None = None
+    default_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be a positive int, got {self.embedding_dim!r}")
+        if self.combiner not in COMBINERS:
+            raise ConfigError(
+                f"combiner must be one of 'sum', 'mean', 'sqrtn', 'tile' or None, got "
+                f"{self.combiner!r}"
+            )
+        kwargs = dict(self.combiner_kwargs or {})
+        allowed = {"tile": {"tile_len"}, None: {"max_len"}}.get(self.combiner, set())
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise ConfigError(
+                f"combiner_kwargs {sorted(unknown)} not accepted by combiner {self.combiner!r}"
+            )
+        if self.combiner == "tile" and int(kwargs.get("tile_len", 0)) < 1:
+            raise ConfigError("combiner 'tile' needs combiner_kwargs={'tile_len': L} with L >= 1")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(
+                f"dtype must be float32, bfloat16 or float16, got {str(self.dtype)!r}"
+            )
+        if not isinstance(self.initializer, Initializer):
+            raise ConfigError(
+                f"initializer must be a recis_embedding Initializer, got "
+                f"{type(self.initializer).__name__}"
+            )
+        if self.capacity is not None and self.capacity < 1:
+            raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
+        self.combiner_kwargs = kwargs
+        self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+
+    def storage_key(self) -> tuple:
+        """What must match for two tables to share one physical table."""
+        return (
+            self.embedding_dim,
+            self.dtype,
+            str(self.device),
+            self.trainable,
+            _policy_key(self.admission),
+            _policy_key(self.eviction),
+            self.capacity,
+            self.default_value,
+        )
+
+    def runtime_key(self) -> tuple:
+        """What must match for two lookups to share one reduce."""
+        return (self.combiner, tuple(sorted(self.combiner_kwargs.items())), self.use_weight)
+
+    def replace(self, **changes: Any) -> EmbeddingOption:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _policy_key(policy: Any) -> Any:
+    return None if policy is None else (type(policy).__name__, repr(policy))

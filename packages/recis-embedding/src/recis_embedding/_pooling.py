@@ -1,0 +1,169 @@
+"""Reductions from deduplicated embedding rows to per-bag outputs, with hand-written backward.
+
+The forward reads rows ``emb[inverse]``; the backward accumulates gradients straight into the
+``(U, D)`` gradient of the distinct rows with one ``scatter_add`` (duplicates reduced there),
+so no per-occurrence gradient tensor outlives the call and no dense table gradient exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bag_weights", "padded_gather", "pool", "segment_ids"]
+
+
+def bag_weights(
+    bags: torch.Tensor, weights: torch.Tensor | None, mode: str, n: int
+) -> torch.Tensor | None:
+    """Per-id multipliers realizing ``mode`` as a weighted sum over each bag.
+
+    ``sum``: ``w``; ``mean``: ``w / Σw``; ``sqrtn``: ``w / sqrt(Σw²)`` (bags with zero total get 0).
+
+    Args:
+        bags: ``(M+1,) int64`` bag offsets over the ``n`` ids.
+        weights: ``(n,) float32`` or ``None`` (all ones).
+        mode: ``"sum"``, ``"mean"`` or ``"sqrtn"``.
+        n: number of ids.
+
+    Returns:
+        ``(n,) float32``, or ``None`` for an unweighted sum.
+    """
+    if mode == "sum":
+        return weights
+    lengths = bags[1:] - bags[:-1]
+    seg = segment_ids(bags, n)
+    w = weights if weights is not None else torch.ones(n, device=bags.device)
+    terms = w if mode == "mean" else w * w
+    total = torch.zeros(lengths.numel(), device=bags.device).index_add_(0, seg, terms)
+    if mode == "sqrtn":
+        total = total.sqrt()
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    return torch.where(total[seg] != 0, w / safe[seg], torch.zeros_like(w))
+
+
+def segment_ids(bags: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n,) int64`` bag index of every id, from ``(M+1,)`` bag offsets over ``n`` ids."""
+    if bags.numel() <= 2:
+        return torch.zeros(n, dtype=torch.int64, device=bags.device)
+    marks = torch.zeros(n + 1, dtype=torch.int64, device=bags.device)
+    # Each bag start bumps the running count; empty bags bump the same position twice.
+    marks.index_add_(
+        0, bags[1:-1], torch.ones(bags.numel() - 2, dtype=torch.int64, device=bags.device)
+    )
+    return torch.cumsum(marks[:n], 0)
+
+
+def _rows_grad(
+    grad_out: torch.Tensor,
+    out_rows: torch.Tensor | None,
+    inverse: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_rows: int,
+    grouping: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """``grad[u] = Σ_{i: inverse[i] = u} w_i * grad_out[out_rows[i]]`` as one pooled gather.
+
+    Occurrences are grouped by distinct row with one sort of ``inverse``; the sum per row is then
+    an ``embedding_bag`` over ``grad_out``, which reduces duplicates without atomics.
+    """
+    if grouping is not None:
+        order, offsets = grouping
+    else:
+        small = num_rows < 2**31
+        order = torch.argsort(inverse.to(torch.int32) if small else inverse)
+        counts = torch.bincount(inverse, minlength=num_rows)
+        offsets = torch.zeros(num_rows + 1, dtype=torch.int64, device=inverse.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+    index = order if out_rows is None else out_rows.index_select(0, order)
+    w = None if weights is None else weights.index_select(0, order)
+    return F.embedding_bag(
+        index, grad_out, offsets, mode="sum", per_sample_weights=w, include_last_offset=True
+    )
+
+
+class _Pool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, emb, inverse, bags, seg, weights, singles, grouping):  # type: ignore[override]
+        ctx.num_rows = emb.shape[0]
+        ctx.grouping = grouping
+        ctx.singles = singles
+        ctx.has_weights = weights is not None
+        if singles:
+            ctx.save_for_backward(inverse)
+            return emb.index_select(0, inverse)
+        ctx.save_for_backward(inverse, seg, weights if weights is not None else torch.empty(0))
+        return F.embedding_bag(
+            inverse, emb, bags, mode="sum", per_sample_weights=weights, include_last_offset=True
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_out = grad_out.contiguous()
+        if ctx.singles:
+            (inverse,) = ctx.saved_tensors
+            grad = _rows_grad(grad_out, None, inverse, None, ctx.num_rows, ctx.grouping)
+        else:
+            inverse, seg, weights = ctx.saved_tensors
+            w = weights if ctx.has_weights else None
+            grad = _rows_grad(grad_out, seg, inverse, w, ctx.num_rows, ctx.grouping)
+        return grad, None, None, None, None, None, None
+
+
+def pool(
+    emb: torch.Tensor,
+    inverse: torch.Tensor,
+    bags: torch.Tensor,
+    seg: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    singles: bool,
+    grouping: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Weighted sum of ``emb[inverse]`` over each bag.
+
+    Args:
+        emb: ``(U, D) float32`` distinct rows.
+        inverse: ``(N,) int64`` row of each id in ``emb``.
+        bags: ``(M+1,) int64`` bag offsets over the ids.
+        seg: ``(N,) int64`` bag of each id (see :func:`segment_ids`); unused when ``singles``.
+        weights: ``(N,) float32`` multipliers or ``None``.
+        singles: every bag holds exactly one id and there are no weights (a gather suffices).
+        grouping: optional ``(order, offsets)`` grouping the ids by row of ``emb`` (from the
+            dedup sort), so the backward pass needs no sort of its own.
+
+    Returns:
+        ``(M, D) float32``.
+    """
+    if inverse.numel() == 0:
+        return emb.new_zeros(bags.numel() - 1, emb.shape[1]) + 0 * emb.sum()
+    singles = singles and weights is None
+    if not singles and seg is None:
+        seg = segment_ids(bags, inverse.numel())
+    return _Pool.apply(emb, inverse, bags, seg, weights, singles, grouping)
+
+
+def padded_gather(
+    emb: torch.Tensor, inverse: torch.Tensor, bags: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each bag, left-aligned and zero-padded to ``max_len`` (longer bags truncated).
+
+    Args:
+        emb: ``(U, D)`` distinct rows.
+        inverse: ``(N,) int64`` row of each id in ``emb``.
+        bags: ``(M+1,) int64`` bag offsets.
+        max_len: output length ``L``.
+
+    Returns:
+        ``(values (M, L, D), mask (M, L) bool)``.
+    """
+    m, d = bags.numel() - 1, emb.shape[1]
+    lengths = bags[1:] - bags[:-1]
+    seg = torch.repeat_interleave(torch.arange(m, device=bags.device), lengths)
+    col = torch.arange(inverse.numel(), device=bags.device) - bags[:-1].repeat_interleave(lengths)
+    keep = (col < max_len).nonzero().squeeze(1)
+    pos = seg[keep] * max_len + col[keep]
+    vals = emb.index_select(0, inverse[keep])
+    out = emb.new_zeros(m * max_len, d).index_copy(0, pos, vals)
+    mask = torch.zeros(m * max_len, dtype=torch.bool, device=bags.device)
+    mask[pos] = True
+    return out.view(m, max_len, d), mask.view(m, max_len)

@@ -1,0 +1,408 @@
+"""``HashTable``: dynamic embedding rows keyed by full 64-bit ids, with optimizer state beside them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+from recis_embedding._initializers import Initializer, TruncatedNormal
+from recis_embedding.exceptions import ConfigError, InputError, TableFullError
+from recis_kernels import IdMap, RowStore
+
+__all__ = ["HashTable", "TableStats"]
+
+_BLOCK_ROWS = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TableStats:
+    """Counters of one physical table (all its logical tables together).
+
+    Attributes:
+        rows: live keys.
+        capacity: maximum live keys (``None``: unbounded).
+        slots: slots of the id map (grows by rehash).
+        bytes: bytes of row storage plus id map.
+        lookups: ids looked up (training and eval, duplicates counted).
+        inserts: keys inserted.
+        hits: looked-up ids found in the table.
+        admissions_rejected: ids an admission policy kept out.
+        evictions: keys removed by an eviction policy.
+    """
+
+    rows: int
+    capacity: int | None
+    slots: int
+    bytes: int
+    lookups: int
+    inserts: int
+    hits: int
+    admissions_rejected: int
+    evictions: int
+
+
+class HashTable:
+    """Embedding rows for one or more logical tables, keyed by ``(table, int64 id)``.
+
+    Each row holds the embedding (in ``dtype``, packed into float32 words) followed by the
+    optimizer state in float32, so one gather brings everything an update needs. Rows live in
+    fixed-size blocks that grow without copying; the id map grows by rehash. Every int64 id,
+    including ``0``, ``-1``, ``INT64_MIN`` and ``INT64_MAX``, is a valid key, and fused logical
+    tables keep all 64 id bits.
+
+    Args:
+        embedding_dim: columns per embedding.
+        name: name of logical table 0.
+        initializer: initializer of logical table 0 (default ``TruncatedNormal(std=0.01)``).
+        dtype: storage dtype of embeddings: float32, bfloat16 or float16.
+        device: where the rows live.
+        capacity: maximum live keys (default unbounded).
+        default_value: what :meth:`lookup` returns for an absent id.
+
+    Example:
+        >>> t = HashTable(4, name="user")
+        >>> rows, is_new = t.find_or_insert(torch.tensor([42, -1]))
+        >>> t.embeddings(torch.tensor([42])).shape
+        torch.Size([1, 4])
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        *,
+        name: str = "table",
+        initializer: Initializer | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        capacity: int | None = None,
+        default_value: float = 0.0,
+    ) -> None:
+        if embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.dim = int(embedding_dim)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.capacity = capacity
+        self.default_value = float(default_value)
+        elem = torch.empty(0, dtype=dtype).element_size()
+        self.emb_words = math.ceil(self.dim * elem / 4)
+        self.names: list[str] = []
+        self.initializers: list[Initializer] = []
+        self.optimizer_kind: str | None = None
+        self.slots: list[tuple[str, int]] = []
+        self.state_width = 0
+        self._state_init = torch.empty(0)
+        self._map = IdMap(device=self.device)
+        self._store = RowStore(self.emb_words, torch.float32, _BLOCK_ROWS, self.device)
+        self._counts = dict.fromkeys(
+            ("lookups", "inserts", "hits", "admissions_rejected", "evictions"), 0
+        )
+        self.admission = None
+        self.eviction = None
+        self.step = 0
+        self.last_seen = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.frequency = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # torch optimizers only accept tensors; this empty leaf stands for the table.
+        self.handle = torch.empty(0)
+        self.handle._recis_table = self  # type: ignore[attr-defined]
+        self.add_table(name, initializer or TruncatedNormal(std=0.01))
+
+    # ----------------------------------------------------------------- logical tables
+    def add_table(self, name: str, initializer: Initializer) -> int:
+        """Register a logical table in this physical table; returns its table index."""
+        if name in self.names:
+            raise ConfigError(f"table {name!r} is already part of this hash table")
+        self.names.append(name)
+        self.initializers.append(initializer)
+        return len(self.names) - 1
+
+    def table_index(self, table: int | str) -> int:
+        """Index of a logical table given by index or name."""
+        if isinstance(table, str):
+            if table not in self.names:
+                raise InputError(f"no table {table!r} in this hash table (tables: {self.names})")
+            return self.names.index(table)
+        if not 0 <= table < len(self.names):
+            raise InputError(f"table index {table} out of range [0, {len(self.names)})")
+        return table
+
+    def _tables(self, ids: torch.Tensor, table: int | str | torch.Tensor) -> torch.Tensor | int:
+        if isinstance(table, torch.Tensor):
+            return table
+        return self.table_index(table)
+
+    def _check_ids(self, what: str, ids: torch.Tensor) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids)
+            raise InputError(f"HashTable.{what}: ids must be a 1-d int64 tensor, got {got}")
+        if ids.device != self.device:
+            raise InputError(
+                f"HashTable.{what}: ids are on {ids.device}, the table lives on {self.device}"
+            )
+
+    # ----------------------------------------------------------------- lookups
+    def find(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> torch.Tensor:
+        """Rows of ``ids`` (``-1`` where absent); never inserts.
+
+        Args:
+            ids: ``(N,) int64``.
+            table: logical table (index or name), or ``(N,)`` table indices.
+
+        Returns:
+            ``(N,) int64`` row indices.
+        """
+        self._check_ids("find", ids)
+        rows = self._map.find(ids, self._tables(ids, table))
+        self._counts["lookups"] += ids.numel()
+        self._counts["hits"] += int((rows >= 0).sum())
+        return rows
+
+    def find_or_insert(
+        self,
+        ids: torch.Tensor,
+        table: int | str | torch.Tensor = 0,
+        *,
+        admit: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``ids``, inserting absent ones with their initial vectors.
+
+        Args:
+            ids: ``(N,) int64``, duplicates allowed.
+            table: logical table (index or name), or ``(N,)`` table indices.
+            admit: optional ``(N,) bool``: absent ids with ``False`` are not inserted (row ``-1``).
+
+        Returns:
+            ``(rows (N,) int64, is_new (N,) bool)``.
+
+        Raises:
+            TableFullError: inserting would exceed ``capacity`` (nothing is inserted then).
+        """
+        self._check_ids("find_or_insert", ids)
+        tabs = self._tables(ids, table)
+        if isinstance(tabs, int):
+            tabs = torch.full_like(ids, tabs, dtype=torch.int32)
+        rows = self._map.find(ids, tabs)
+        self._counts["lookups"] += ids.numel()
+        miss = rows < 0
+        is_new = torch.zeros_like(miss)
+        if not bool(miss.any()):
+            self._counts["hits"] += ids.numel()
+            return rows, is_new
+        self._counts["hits"] += ids.numel() - int(miss.sum())
+        if admit is not None:
+            miss = miss & admit
+        idx = miss.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return rows, is_new
+        self._check_capacity(ids[idx], tabs[idx])
+        new_rows, fresh = self._map.find_or_insert(ids[idx], tabs[idx])
+        rows[idx] = new_rows
+        is_new[idx] = fresh
+        self._initialize(new_rows, ids[idx], tabs[idx])
+        return rows, is_new
+
+    def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor) -> None:
+        if self.capacity is None:
+            return
+        pairs = torch.stack([ids, tabs.to(torch.int64)], dim=1)
+        needed = torch.unique(pairs, dim=0).shape[0]
+        if self._map.size + needed > self.capacity:
+            raise TableFullError(
+                f"table {self.names[0]!r} is full: {self._map.size} rows, capacity "
+                f"{self.capacity}, {needed} new ids; set an eviction policy or a larger capacity"
+            )
+
+    def _initialize(self, rows: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor) -> None:
+        rows, first = _first_occurrence(rows)
+        ids, tabs = ids[first], tabs[first]
+        self._store.reserve(self._map.num_rows)
+        self._grow_row_arrays(self._map.num_rows)
+        emb = torch.empty(rows.numel(), self.dim, device=self.device)
+        for t in torch.unique(tabs).tolist():
+            sel = (tabs == t).nonzero().squeeze(1)
+            emb[sel] = self.initializers[t](ids[sel], self.dim, self.names[t]).to(self.device)
+        full = torch.empty(rows.numel(), self.emb_words + self.state_width, device=self.device)
+        full[:, : self.emb_words] = self._to_words(emb)
+        if self.state_width:
+            full[:, self.emb_words :] = self._state_init.to(self.device)
+        self._store.scatter(rows, full)
+        self._counts["inserts"] += rows.numel()
+        self.frequency[rows] = 0
+        self.last_seen[rows] = self.step
+        self._dirty[rows] = True
+
+    def _grow_row_arrays(self, n: int) -> None:
+        if self.last_seen.numel() >= n:
+            return
+        size = max(n, 2 * self.last_seen.numel())
+        for attr in ("last_seen", "frequency", "_dirty"):
+            old = getattr(self, attr)
+            new = torch.zeros(size, dtype=old.dtype, device=self.device)
+            new[: old.numel()] = old
+            setattr(self, attr, new)
+
+    def lookup(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> torch.Tensor:
+        """Embeddings of ``ids`` without inserting; absent ids read ``default_value``.
+
+        Args:
+            ids: ``(N,) int64``.
+            table: logical table (index or name), or ``(N,)`` table indices.
+
+        Returns:
+            ``(N, dim) float32``.
+        """
+        rows = self.find(ids, table)
+        out = torch.full((ids.numel(), self.dim), self.default_value, device=self.device)
+        hit = (rows >= 0).nonzero().squeeze(1)
+        out[hit] = self.read(rows[hit])
+        return out
+
+    # ----------------------------------------------------------------- rows
+    def _to_words(self, emb: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return emb
+        packed = torch.zeros(emb.shape[0], self.emb_words * 2, dtype=self.dtype, device=emb.device)
+        packed[:, : self.dim] = emb
+        return packed.view(torch.float32)
+
+    def _from_words(self, words: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return words
+        return words.contiguous().view(self.dtype)[:, : self.dim].to(torch.float32)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(N, dim) float32`` embeddings of existing rows."""
+        return self._from_words(self._store.gather(rows, 0, self.emb_words))
+
+    def write(self, rows: torch.Tensor, emb: torch.Tensor) -> None:
+        """Overwrite the embeddings of distinct existing rows with ``(N, dim)`` values."""
+        self._store.scatter(rows, self._to_words(emb.to(torch.float32)))
+        self._dirty[rows] = True
+
+    def read_full(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(N, emb_words + state_width) float32``: packed embedding words and optimizer state."""
+        return self._store.gather(rows)
+
+    def write_full(self, rows: torch.Tensor, full: torch.Tensor) -> None:
+        """Overwrite whole rows (distinct) with values laid out as :meth:`read_full` returns."""
+        self._store.scatter(rows, full)
+        self._dirty[rows] = True
+
+    def read_slot(self, rows: torch.Tensor, slot: str) -> torch.Tensor:
+        """``(N, width)`` float32 optimizer slot ``slot`` of existing rows."""
+        start, stop = self._slot_range(slot)
+        return self._store.gather(rows, start, stop)
+
+    def write_slot(self, rows: torch.Tensor, slot: str, values: torch.Tensor) -> None:
+        """Overwrite optimizer slot ``slot`` of distinct existing rows."""
+        start, _ = self._slot_range(slot)
+        self._store.scatter(rows, values.to(torch.float32), start)
+
+    def _slot_range(self, slot: str) -> tuple[int, int]:
+        start = self.emb_words
+        for name, width in self.slots:
+            if name == slot:
+                return start, start + width
+            start += width
+        raise InputError(f"no optimizer slot {slot!r} (slots: {[s for s, _ in self.slots]})")
+
+    # ----------------------------------------------------------------- optimizer state
+    def configure_state(
+        self, kind: str, slots: Sequence[tuple[str, int]], init: torch.Tensor
+    ) -> None:
+        """Lay rows out for optimizer ``kind`` (state columns initialized to ``init``).
+
+        Existing rows keep their embeddings; their new state columns take ``init``.
+        """
+        if self.optimizer_kind == kind and list(slots) == self.slots:
+            return
+        if self.optimizer_kind is not None:
+            raise ConfigError(
+                f"table {self.names[0]!r} already has optimizer state for {self.optimizer_kind!r}; "
+                f"one sparse optimizer per table"
+            )
+        width = sum(w for _, w in slots)
+        old = self._store
+        self._store = RowStore(self.emb_words + width, torch.float32, _BLOCK_ROWS, self.device)
+        self._store.reserve(old.capacity)
+        for i, block in enumerate(old.blocks):
+            self._store.blocks[i][:, : self.emb_words] = block
+            self._store.blocks[i][:, self.emb_words :] = init
+        self.optimizer_kind, self.slots, self.state_width = kind, list(slots), width
+        self._state_init = init.to(torch.float32).clone()
+
+    # ----------------------------------------------------------------- erase and export
+    def erase(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> int:
+        """Remove ids (absent ones are ignored); returns how many were removed."""
+        self._check_ids("erase", ids)
+        return self._erase(ids, self._tables(ids, table))
+
+    def _erase(self, ids: torch.Tensor, tabs: torch.Tensor | int) -> int:
+        if isinstance(tabs, int):
+            tabs = torch.full_like(ids, tabs, dtype=torch.int32)
+        present = self._map.find(ids, tabs) >= 0
+        ids, tabs = ids[present], tabs[present]
+        freed = self._map.erase(ids, tabs)
+        if freed.numel():
+            self._erased.append((ids, tabs))
+        return int(freed.numel())
+
+    def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, table indices, rows)`` of every live key, sorted by table then id."""
+        keys, tabs, rows = self._map.export()
+        order = torch.argsort(keys, stable=True)
+        order = order[torch.argsort(tabs[order], stable=True)]
+        return keys[order], tabs[order], rows[order]
+
+    def ids(self, table: int | str = 0) -> torch.Tensor:
+        """``(K,) int64`` ids of a logical table, ascending."""
+        t = self.table_index(table)
+        keys, tabs, _ = self.export()
+        return keys[tabs == t]
+
+    def embeddings(self, ids: torch.Tensor | None = None, table: int | str = 0) -> torch.Tensor:
+        """``(K, dim) float32`` embeddings of ``ids`` (default: all ids of the table, ascending).
+
+        Absent ids read ``default_value``.
+        """
+        if ids is None:
+            ids = self.ids(table)
+        return self.lookup(ids, table)
+
+    def __len__(self) -> int:
+        return self._map.size
+
+    def stats(self) -> TableStats:
+        """Current counters; see :class:`TableStats`."""
+        m = self._map
+        map_bytes = sum(
+            t.numel() * t.element_size()
+            for t in (m.slot_keys, m.slot_tabs, m.slot_rows, m.slot_state)
+        )
+        return TableStats(
+            rows=m.size,
+            capacity=self.capacity,
+            slots=m.capacity,
+            bytes=self._store.nbytes + map_bytes,
+            **self._counts,
+        )
+
+    def count(self, key: str, n: int) -> None:
+        """Add ``n`` to counter ``key`` (used by admission and eviction policies)."""
+        self._counts[key] += n
+
+
+def _first_occurrence(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows and the index of each one's first occurrence in ``rows``."""
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    first = torch.full((uniq.numel(),), rows.numel(), dtype=torch.int64, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), "amin")
+    return uniq, first

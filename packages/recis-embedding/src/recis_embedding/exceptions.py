@@ -1,0 +1,40 @@
+"""Exception hierarchy of recis-embedding.
+
+Every error raised on purpose derives from :class:`RecisEmbeddingError`; the leaves also derive
+from the matching builtin so callers may catch ``ValueError``, ``KeyError`` or ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "OptimizerError",
+    "RecisEmbeddingError",
+    "TableFullError",
+]
+
+
+class RecisEmbeddingError(Exception):
+    """Base class of every error raised by recis-embedding."""
+
+
+class ConfigError(RecisEmbeddingError, ValueError):
+    """An option, initializer or policy has an invalid value."""
+
+
+class InputError(RecisEmbeddingError, ValueError):
+    """Ids given to a lookup have the wrong type, dtype, shape or device."""
+
+
+class TableFullError(RecisEmbeddingError, RuntimeError):
+    """A table reached its capacity and has no eviction policy to make room."""
+
+
+class OptimizerError(RecisEmbeddingError, ValueError):
+    """A sparse optimizer got invalid hyperparameters or tables it cannot serve."""
+
+
+class CheckpointError(RecisEmbeddingError, ValueError):
+    """A checkpoint is missing, corrupt (checksum mismatch) or does not match the model."""

@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import EXTREME_IDS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recis_embedding import (
+    ConfigError,
+    DynamicEmbedding,
+    EmbeddingEngine,
+    EmbeddingOption,
+    InputError,
+    Normal,
+    SparseSGD,
+)
+from recis_kernels import RaggedTensor
+
+DIM = 3
+INIT = Normal(std=1.0)
+ID = st.one_of(st.integers(-8, 8), st.sampled_from(EXTREME_IDS))
+ROWS = st.lists(st.lists(st.tuples(ID, st.floats(0.25, 4.0)), max_size=5), min_size=1, max_size=6)
+
+
+def vec(x: int, table: str) -> torch.Tensor:
+    return INIT(torch.tensor([x]), DIM, table)[0].double()
+
+
+def ragged(rows, weights: bool = True) -> RaggedTensor:
+    values = torch.tensor([x for r in rows for x, _ in r], dtype=torch.int64)
+    w = torch.tensor([w for r in rows for _, w in r], dtype=torch.float32)
+    offsets = torch.tensor([0, *torch.tensor([len(r) for r in rows]).cumsum(0).tolist()])
+    return RaggedTensor(values, offsets, weights=w if weights else None)
+
+
+def expected_pool(rows, combiner: str, table: str, use_weight: bool = True) -> torch.Tensor:
+    out = []
+    for r in rows:
+        acc = torch.zeros(DIM, dtype=torch.float64)
+        ws = [w if use_weight else 1.0 for _, w in r]
+        for (x, _), w in zip(r, ws, strict=True):
+            acc += w * vec(x, table)
+        norm = {"sum": 1.0, "mean": sum(ws), "sqrtn": math.sqrt(sum(w * w for w in ws))}[combiner]
+        out.append(acc / norm if norm else acc * 0)
+    return torch.stack(out).float()
+
+
+@given(ROWS, st.sampled_from(["sum", "mean", "sqrtn"]), st.booleans())
+def test_pooled_lookup_matches_reference(rows, combiner: str, use_weight: bool) -> None:
+    engine = EmbeddingEngine(
+        {"f": EmbeddingOption(DIM, combiner=combiner, initializer=INIT, use_weight=use_weight)}
+    )
+    out = engine({"f": ragged(rows)})["f"]
+    torch.testing.assert_close(
+        out, expected_pool(rows, combiner, "f", use_weight), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_three_level_input_pools_inner_rows() -> None:
+    r = RaggedTensor(
+        torch.tensor([1, 2, 3, 4]), [torch.tensor([0, 2, 2, 3]), torch.tensor([0, 2, 3, 4])]
+    )
+    out = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})({"f": r})["f"]
+    assert out.shape == (3, 2, DIM)
+    exp = torch.zeros(3, 2, DIM, dtype=torch.float64)
+    exp[0, 0] = vec(1, "f") + vec(2, "f")
+    exp[0, 1] = vec(3, "f")
+    exp[2, 0] = vec(4, "f")
+    torch.testing.assert_close(out, exp.float())
+
+
+def test_sequence_and_tile_outputs() -> None:
+    rows = [[(5, 1.0), (6, 1.0), (5, 1.0)], [], [(-1, 1.0)]]
+    engine = EmbeddingEngine(
+        {
+            "s": EmbeddingOption(DIM, combiner=None, initializer=INIT, shared_name="t"),
+            "k": EmbeddingOption(
+                DIM,
+                combiner="tile",
+                combiner_kwargs={"tile_len": 2},
+                initializer=INIT,
+                shared_name="t",
+            ),
+        }
+    )
+    out = engine({"s": ragged(rows), "k": ragged(rows)})
+    assert out["s"].shape == (3, 3, DIM)
+    assert out["s_mask"].tolist() == [[True] * 3, [False] * 3, [True, False, False]]
+    torch.testing.assert_close(out["s"][0, 2], vec(5, "t").float())
+    assert not out["s"][1].detach().any()
+    assert out["k"].shape == (3, 2 * DIM)
+    torch.testing.assert_close(out["k"][0], torch.cat([vec(5, "t"), vec(6, "t")]).float())
+    torch.testing.assert_close(out["k"][2, DIM:], torch.zeros(DIM))
+
+
+def test_dense_inputs_columns_and_passthrough() -> None:
+    engine = EmbeddingEngine({"a": EmbeddingOption(DIM, initializer=INIT, combiner="mean")})
+    dense = torch.tensor([[1, 2], [3, 3]])
+    col = SimpleNamespace(values=torch.tensor([1, 2, 3, 3]), offsets=torch.tensor([0, 2, 4]))
+    out_dense = engine({"a": dense, "label": "kept"})
+    assert out_dense["label"] == "kept"
+    torch.testing.assert_close(out_dense["a"], engine({"a": col})["a"])
+    torch.testing.assert_close(out_dense["a"][1], vec(3, "a").float())
+
+
+def test_fused_and_unfused_tables_give_identical_results() -> None:
+    def build(fuse: bool) -> tuple[EmbeddingEngine, SparseSGD]:
+        opts = {
+            "u": EmbeddingOption(DIM, initializer=INIT),
+            "i": EmbeddingOption(DIM, initializer=INIT, combiner="mean"),
+            "h": EmbeddingOption(DIM, initializer=INIT, shared_name="i"),
+        }
+        engine = EmbeddingEngine(opts, fuse=fuse)
+        return engine, SparseSGD(engine, lr=0.5)
+
+    fused, opt_f = build(True)
+    plain, opt_p = build(False)
+    assert len(fused.physical) == 1
+    assert len(plain.physical) == 2
+    ids = torch.tensor(EXTREME_IDS)
+    batch = {"u": ids[:, None], "i": RaggedTensor(ids, torch.tensor([0, 3, 7])), "h": ids[:2, None]}
+    for engine, opt in ((fused, opt_f), (plain, opt_p)):
+        out = engine(batch)
+        (out["u"].sum() + 2 * out["i"].square().sum() + out["h"].sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    for name in ("u", "i"):
+        tf, kf = fused.table(name)
+        tp, kp = plain.table(name)
+        assert torch.equal(tf.ids(kf), tp.ids(kp))
+        assert torch.equal(tf.embeddings(table=kf), tp.embeddings(table=kp))
+    # The same id in two fused tables is two keys: different vectors, different updates.
+    tf, _ = fused.table("u")
+    one = torch.tensor([1])
+    assert not torch.equal(tf.embeddings(one, "u"), tf.embeddings(one, "i"))
+
+
+def test_eval_mode_never_inserts() -> None:
+    emb = DynamicEmbedding(EmbeddingOption(DIM, initializer=INIT, default_value=0.5))
+    emb(torch.tensor([[1], [2]]))
+    emb.eval()
+    out = emb(torch.tensor([[1], [99]]))
+    torch.testing.assert_close(out[0], vec(1, "embedding").float())
+    assert out[1].tolist() == [0.5] * DIM
+    assert len(emb.table) == 2
+
+
+def test_gradients_match_dense_autograd() -> None:
+    engine = EmbeddingEngine(
+        {
+            "a": EmbeddingOption(DIM, initializer=INIT, combiner="sqrtn", shared_name="t"),
+            "b": EmbeddingOption(DIM, initializer=INIT, shared_name="t"),
+        }
+    )
+    opt = SparseSGD(engine, lr=1.0)
+    rows = [[(1, 2.0), (2, 1.0), (1, 1.0)], [(3, 0.5)]]
+    ids = [1, 2, 3]
+    before = torch.stack([vec(x, "t") for x in ids]).float().requires_grad_(True)
+    out = engine({"a": ragged(rows), "b": torch.tensor([[2], [2]])})
+    target = torch.randn(2, DIM)
+    ((out["a"] * target).sum() + (out["b"] * target).square().sum()).backward()
+    opt.step()
+    # The same loss on a dense parameter with plain torch ops.
+    idx = {x: k for k, x in enumerate(ids)}
+    pooled = []
+    for r in rows:
+        w = torch.tensor([w for _, w in r])
+        e = before[[idx[x] for x, _ in r]]
+        pooled.append((w[:, None] * e).sum(0) / w.square().sum().sqrt())
+    b = before[[idx[2], idx[2]]]
+    ((torch.stack(pooled) * target).sum() + (b * target).square().sum()).backward()
+    table, _ = engine.table("t")
+    torch.testing.assert_close(
+        table.embeddings(torch.tensor(ids)), (before - before.grad).detach(), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_configuration_and_input_errors() -> None:
+    with pytest.raises(ConfigError, match="combiner must be one of"):
+        EmbeddingOption(4, combiner="max")
+    with pytest.raises(ConfigError, match="tile_len"):
+        EmbeddingOption(4, combiner="tile")
+    with pytest.raises(ConfigError, match="shares table 't' but differs"):
+        EmbeddingEngine(
+            {"a": EmbeddingOption(4, shared_name="t"), "b": EmbeddingOption(8, shared_name="t")}
+        )
+    engine = EmbeddingEngine({"a": EmbeddingOption(4)})
+    with pytest.raises(InputError, match="batch has no column for feature 'a'"):
+        engine({"b": torch.tensor([1])})
+    with pytest.raises(InputError, match="feature 'a': ids must be int64"):
+        engine({"a": torch.tensor([1.0])})
+    with pytest.raises(InputError, match="feature 'a': ids must be a tensor"):
+        engine({"a": [1, 2]})

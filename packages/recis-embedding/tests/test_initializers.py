@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recis_embedding import (
+    ConfigError,
+    Constant,
+    KaimingNormal,
+    KaimingUniform,
+    Normal,
+    TruncatedNormal,
+    Uniform,
+    XavierNormal,
+    XavierUniform,
+)
+
+IDS = torch.arange(-20_000, 20_000, dtype=torch.int64) * 7919
+
+
+@pytest.mark.parametrize(
+    ("init", "mean", "std", "bound"),
+    [
+        (Uniform(low=-0.5, high=0.5), 0.0, math.sqrt(1 / 12), 0.5),
+        (Normal(mean=1.0, std=0.5), 1.0, 0.5, None),
+        (TruncatedNormal(std=1.0), 0.0, 0.8796, 2.0),
+        (XavierUniform(), 0.0, math.sqrt(1 / 16), math.sqrt(3 / 16)),
+        (XavierNormal(), 0.0, math.sqrt(1 / 16), None),
+        (KaimingUniform(), 0.0, math.sqrt(2 / 16), math.sqrt(6 / 16)),
+        (KaimingNormal(), 0.0, math.sqrt(2 / 16), None),
+    ],
+)
+def test_moments_and_bounds(init, mean: float, std: float, bound: float | None) -> None:
+    x = init(IDS, 16, "t")
+    assert x.shape == (IDS.numel(), 16)
+    assert x.dtype == torch.float32
+    assert abs(float(x.mean()) - mean) < 0.02 * max(std, 1)
+    assert abs(float(x.std()) / std - 1) < 0.02
+    if bound is not None:
+        assert float((x - mean).abs().max()) <= bound + 1e-6
+
+
+def test_same_id_same_vector_whatever_the_batch() -> None:
+    init = Normal(seed=3)
+    full = init(IDS[:100], 8, "t")
+    shuffled = torch.randperm(100)
+    assert torch.equal(init(IDS[:100][shuffled], 8, "t"), full[shuffled])
+    assert not torch.equal(init(IDS[:100], 8, "other"), full)
+    assert not torch.equal(Normal(seed=4)(IDS[:100], 8, "t"), full)
+
+
+def test_constant_and_invalid_parameters() -> None:
+    assert Constant(value=0.25)(torch.tensor([5]), 3, "t").tolist() == [[0.25] * 3]
+    with pytest.raises(ConfigError, match="low < high"):
+        Uniform(low=1.0, high=0.0)
+    with pytest.raises(ConfigError, match="std > 0"):
+        Normal(std=0.0)

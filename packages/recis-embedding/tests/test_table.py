@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXTREME_IDS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recis_embedding import (
+    ConfigError,
+    Constant,
+    HashTable,
+    InputError,
+    Normal,
+    TableFullError,
+)
+
+IDS = st.lists(
+    st.one_of(
+        st.integers(-30, 30), st.sampled_from(EXTREME_IDS), st.integers(-(1 << 63), (1 << 63) - 1)
+    ),
+    max_size=80,
+)
+
+
+@given(st.lists(IDS, max_size=6), st.lists(IDS, max_size=3))
+def test_table_matches_dict_of_vectors(batches: list[list[int]], erases: list[list[int]]) -> None:
+    table = HashTable(3, name="t", initializer=Normal(std=1.0))
+    ref: dict[int, torch.Tensor] = {}
+    for k, batch in enumerate(batches):
+        ids = torch.tensor(batch, dtype=torch.int64)
+        rows, is_new = table.find_or_insert(ids)
+        for x, new in zip(batch, is_new.tolist(), strict=True):
+            assert new == (x not in ref)
+        emb = table.read(rows)
+        for x, e in zip(batch, emb, strict=True):
+            if x not in ref:
+                ref[x] = Normal(std=1.0)(torch.tensor([x]), 3, "t")[0]
+            torch.testing.assert_close(e, ref[x])
+        if k < len(erases):
+            gone = torch.tensor(erases[k], dtype=torch.int64)
+            assert table.erase(gone) == len(set(erases[k]) & set(ref))
+            for x in erases[k]:
+                ref.pop(x, None)
+        assert len(table) == len(ref)
+        assert table.ids().tolist() == sorted(ref)
+    probe = torch.tensor([*sorted(ref), 12345678901], dtype=torch.int64)
+    expected = [ref[x] for x in sorted(ref)] + [torch.zeros(3)]
+    torch.testing.assert_close(table.lookup(probe), torch.stack(expected))
+
+
+def test_every_id_is_a_key_and_high_bits_matter() -> None:
+    table = HashTable(2, initializer=Constant(value=1.0))
+    ids = torch.tensor(EXTREME_IDS)
+    rows, is_new = table.find_or_insert(ids)
+    assert len(set(rows.tolist())) == len(EXTREME_IDS)
+    assert bool(is_new.all())
+    table.write(rows, torch.arange(2 * len(EXTREME_IDS), dtype=torch.float32).view(-1, 2))
+    got = table.lookup(ids)
+    assert got[:, 0].tolist() == [2.0 * i for i in range(len(EXTREME_IDS))]
+
+
+def test_logical_tables_keep_ids_apart() -> None:
+    table = HashTable(2, name="a", initializer=Constant(value=1.0))
+    b = table.add_table("b", Constant(value=2.0))
+    ids = torch.tensor([7, -1])
+    table.find_or_insert(ids, "a")
+    table.find_or_insert(ids, b)
+    assert table.lookup(ids, "a").tolist() == [[1.0, 1.0]] * 2
+    assert table.lookup(ids, "b").tolist() == [[2.0, 2.0]] * 2
+    assert table.erase(torch.tensor([7]), "a") == 1
+    assert table.ids("a").tolist() == [-1]
+    assert table.ids("b").tolist() == [-1, 7]
+
+
+def test_capacity_raises_instead_of_dropping_keys() -> None:
+    table = HashTable(2, capacity=3)
+    table.find_or_insert(torch.tensor([1, 2, 2]))
+    with pytest.raises(TableFullError, match="capacity 3, 2 new ids"):
+        table.find_or_insert(torch.tensor([3, 4, 1]))
+    assert table.ids().tolist() == [1, 2]
+    table.find_or_insert(torch.tensor([3, 3, 1]))
+    assert len(table) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_storage_rounds_once(dtype: torch.dtype) -> None:
+    table = HashTable(5, dtype=dtype, initializer=Normal(std=1.0))
+    ids = torch.tensor([3, 9])
+    rows, _ = table.find_or_insert(ids)
+    expected = Normal(std=1.0)(ids, 5, "table").to(dtype).float()
+    assert torch.equal(table.read(rows), expected)
+    table.write(rows, torch.full((2, 5), 0.1))
+    assert torch.equal(table.read(rows), torch.full((2, 5), 0.1).to(dtype).float())
+
+
+def test_stats_count_lookups_inserts_and_hits() -> None:
+    table = HashTable(4)
+    table.find_or_insert(torch.tensor([1, 2, 1]))
+    table.find(torch.tensor([1, 5]))
+    s = table.stats()
+    # The repeated 1 in the first call was absent when looked up: only the find hits.
+    assert (s.rows, s.lookups, s.inserts, s.hits) == (2, 5, 2, 1)
+    assert s.bytes > 0
+
+
+def test_bad_input_is_rejected() -> None:
+    table = HashTable(4)
+    with pytest.raises(InputError, match="ids must be a 1-d int64 tensor"):
+        table.find(torch.tensor([1.0]))
+    with pytest.raises(InputError, match="no table 'x'"):
+        table.find(torch.tensor([1]), "x")
+    with pytest.raises(ConfigError, match="embedding_dim must be >= 1"):
+        HashTable(0)
