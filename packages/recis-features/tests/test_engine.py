@@ -250,3 +250,54 @@ def test_engine_config_errors() -> None:
     with pytest.raises(SerializationError) as info:
         FeatureEngine.from_dict({"format": 9, "features": []})
     assert str(info.value) == "engine config has format 9, this version reads 1"
+
+
+def _every_op_batch(device: torch.device) -> dict[str, object]:
+    words = [b"red", b"", b"blue", b"green"]
+    byte_offsets = torch.tensor([0, 3, 3, 7, 12])
+    nested = RaggedTensor(
+        torch.tensor([1, 2, 3, 4, 5]),
+        [torch.tensor([0, 3, 3, 3, 4]), torch.tensor([0, 1, 3, 4, 5])],
+    )
+    batch = {
+        **_batch(),
+        "item_id": torch.tensor([[1, 2], [3, 3], [4, 5], [6, 7]]),
+        "words": RaggedTensor(
+            torch.tensor(list(b"".join(words)), dtype=torch.uint8), [byte_offsets]
+        ),
+        "weighted": ragged([[1, 1, 2], [3], [], [4]], weights=True),
+        "nested": nested,
+    }
+    return {k: v.to(device) for k, v in batch.items()}  # type: ignore[union-attr]
+
+
+EVERY_OP = [
+    Feature("m").select("user_id").mod(1000),
+    Feature("m2").select("item_id").mod(3),
+    Feature("b").select("price").fill_missing(0.0).bucketize([0.0, 1.0, 5.0]),
+    Feature("n").select("price").normalize(1.0, 2.0).log1p(),
+    Feature("h").select("words").hash("farm", buckets=100),
+    Feature("h2").select("words").hash("murmur"),
+    Feature("x").select_fields(["user_id", "weighted"]).cross().mod(1 << 20),
+    Feature("x2").select_fields(["item_id", "clicks"]).cross(),
+    Feature("t").select("clicks").truncate(2, side="tail"),
+    Feature("t2").select("weighted").fill_missing(0).truncate(1),
+    Feature("t3").select("nested").truncate(2, levels=3),
+    Feature("mh").select("weighted").multi_hash([7, 0, 11]),
+]
+
+
+def test_every_op_fused_matches_unfused_and_the_cpu(device: torch.device) -> None:
+    batch = _every_op_batch(device)
+    fused = FeatureEngine(EVERY_OP, passthrough=False)(batch)
+    unfused = FeatureEngine(EVERY_OP, passthrough=False, fused=False)(batch)
+    on_cpu = FeatureEngine(EVERY_OP, passthrough=False, fused=False)(
+        _every_op_batch(torch.device("cpu"))
+    )
+    for f in EVERY_OP:
+        assert_same(fused[f.name], unfused[f.name])
+        value = fused[f.name]
+        assert value.device.type == device.type
+        assert_same(value.to("cpu"), on_cpu[f.name])
+    assert fused["m"].tolist() == [5, (2**64 - 1) % 1000, 123, 7]
+    assert fused["t3"].offsets[0].tolist() == [0, 2, 4, 6, 8]
