@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recis_embedding import (
+    EmbeddingEngine,
+    EmbeddingOption,
+    Normal,
+    OptimizerError,
+    SparseAdagrad,
+    SparseAdam,
+    SparseAdamW,
+    SparseFTRL,
+    SparseRowWiseAdagrad,
+    SparseSGD,
+    sparse_parameters,
+)
+
+DIM = 4
+IDS = torch.tensor([11, -3, 1 << 60, 7])
+INIT = Normal(std=1.0)
+
+
+def _batches(steps: int) -> list[torch.Tensor]:
+    """Every batch touches every id (so per-row and global step counts agree)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        extra = IDS[torch.randint(0, 4, (6,), generator=g)]
+        out.append(torch.cat([IDS, extra])[torch.randperm(10, generator=g)].view(5, 2))
+    return out
+
+
+def _loss(pooled: torch.Tensor, k: int) -> torch.Tensor:
+    target = torch.linspace(-1, 1, pooled.numel()).view_as(pooled) * (k + 1)
+    return (pooled - target).square().sum()
+
+
+def _run_recis(make_opt, steps: int) -> torch.Tensor:
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+    opt = make_opt(engine)
+    for k, ids in enumerate(_batches(steps)):
+        _loss(engine({"f": ids})["f"], k).backward()
+        opt.step()
+        opt.zero_grad()
+    return engine.table("f")[0].embeddings(IDS)
+
+
+def _run_torch(make_opt, steps: int) -> torch.Tensor:
+    weight = torch.nn.Parameter(INIT(IDS, DIM, "f").clone())
+    opt = make_opt([weight])
+    index = {x: k for k, x in enumerate(IDS.tolist())}
+    for k, ids in enumerate(_batches(steps)):
+        local = torch.tensor([index[x] for x in ids.view(-1).tolist()]).view(ids.shape)
+        _loss(F.embedding_bag(local, weight, mode="sum"), k).backward()
+        opt.step()
+        opt.zero_grad()
+    return weight.detach()
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (
+            lambda e: SparseSGD(e, lr=0.05, weight_decay=0.1),
+            lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=0.1),
+        ),
+        (
+            lambda e: SparseAdagrad(
+                e, lr=0.1, lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.2
+            ),
+            lambda p: torch.optim.Adagrad(
+                p, lr=0.1, lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.2
+            ),
+        ),
+        (
+            lambda e: SparseAdam(e, lr=0.05, betas=(0.8, 0.9), weight_decay=0.1),
+            lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.9), weight_decay=0.1),
+        ),
+        (
+            lambda e: SparseAdamW(e, lr=0.05, weight_decay=0.2),
+            lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.2),
+        ),
+    ],
+    ids=["sgd", "adagrad", "adam", "adamw"],
+)
+def test_matches_torch_optimizer_on_touched_rows(ours, theirs) -> None:
+    torch.testing.assert_close(_run_recis(ours, 5), _run_torch(theirs, 5), rtol=1e-6, atol=1e-6)
+
+
+def test_untouched_rows_and_state_stay_put() -> None:
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+    opt = SparseAdam(engine, lr=0.1)
+    engine({"f": torch.tensor([[1], [2]])})["f"].sum().backward()
+    opt.step()
+    opt.zero_grad()
+    table, _ = engine.table("f")
+    before = table.embeddings(torch.tensor([2]))
+    engine({"f": torch.tensor([[1]])})["f"].sum().backward()
+    opt.step()
+    rows = table.find(torch.tensor([1, 2]))
+    assert table.read_slot(rows, "step")[:, 0].tolist() == [2.0, 1.0]
+    assert torch.equal(table.embeddings(torch.tensor([2])), before)
+
+
+def test_lr_scheduler_drives_the_learning_rate() -> None:
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+    opt = SparseSGD(engine, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    table, _ = engine.table("f")
+    ids = torch.tensor([[5]])
+    engine({"f": ids})  # inserts id 5
+    opt.zero_grad()
+    deltas = []
+    for _ in range(3):
+        before = table.embeddings(torch.tensor([5]))
+        engine({"f": ids})["f"].sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        deltas.append(float((before - table.embeddings(torch.tensor([5])))[0, 0]))
+    assert deltas == pytest.approx([1.0, 0.5, 0.25])
+
+
+def test_gradient_accumulation_over_micro_batches() -> None:
+    def run(micro: bool) -> torch.Tensor:
+        engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+        opt = SparseAdam(engine, lr=0.1)
+        ids = torch.tensor([[1], [2], [1], [3]])
+        if micro:
+            for half in (ids[:2], ids[2:]):
+                engine({"f": half})["f"].square().sum().backward()
+        else:
+            engine({"f": ids})["f"].square().sum().backward()
+        opt.step()
+        return engine.table("f")[0].embeddings(torch.tensor([1, 2, 3]))
+
+    torch.testing.assert_close(run(True), run(False))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda e: SparseRowWiseAdagrad(e, lr=0.1), lambda e: SparseFTRL(e, lr=0.5, l1=0.01)]
+)
+def test_rowwise_adagrad_and_ftrl_update_and_keep_state(make) -> None:
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+    opt = make(engine)
+    table, _ = engine.table("f")
+    engine({"f": torch.tensor([[4]])})["f"].sum().backward()
+    before = table.embeddings(torch.tensor([4]))
+    opt.step()
+    after = table.embeddings(torch.tensor([4]))
+    assert not torch.equal(before, after)
+    first_slot = table.slots[0][0]
+    assert bool((table.read_slot(table.find(torch.tensor([4])), first_slot) > 0).all())
+
+
+def test_low_precision_tables_update_in_float32() -> None:
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT, dtype=torch.bfloat16)})
+    opt = SparseSGD(engine, lr=0.5)
+    table, _ = engine.table("f")
+    start = INIT(torch.tensor([9]), DIM, "f").bfloat16().float()
+    engine({"f": torch.tensor([[9]])})["f"].sum().backward()
+    assert torch.equal(table.embeddings(torch.tensor([9])), start)
+    opt.step()
+    assert torch.equal(table.embeddings(torch.tensor([9])), (start - 0.5).bfloat16().float())
+
+
+def test_sparse_parameters_and_errors() -> None:
+    model = torch.nn.Sequential(
+        EmbeddingEngine({"a": EmbeddingOption(4), "b": EmbeddingOption(8)}),
+        EmbeddingEngine({"c": EmbeddingOption(4, trainable=False)}),
+    )
+    tables = sparse_parameters(model)
+    assert sorted(t.dim for t in tables) == [4, 8]
+    assert not any(p is t.handle for p in model.parameters() for t in tables)
+    with pytest.raises(OptimizerError, match="got no tables"):
+        SparseSGD([])
+    with pytest.raises(OptimizerError, match="lr must be >= 0"):
+        SparseSGD(tables, lr=-1.0)
+    SparseSGD(tables[:1])
+    with pytest.raises(Exception, match="one sparse optimizer per table"):
+        SparseAdam(tables[:1])
