@@ -268,7 +268,7 @@ def _every_op_batch(device: torch.device) -> dict[str, object]:
         "weighted": ragged([[1, 1, 2], [3], [], [4]], weights=True),
         "nested": nested,
     }
-    return {k: v.to(device) for k, v in batch.items()}  # type: ignore[union-attr]
+    return {k: v.to(device) for k, v in batch.items()}  # type: ignore[attr-defined]
 
 
 EVERY_OP = [

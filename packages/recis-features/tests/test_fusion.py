@@ -82,7 +82,7 @@ def test_registration_errors() -> None:
     with pytest.raises(RegistrationError, match="op kind must be a non-empty string"):
         register_fused("", _fused_clip)
     with pytest.raises(RegistrationError, match="must be callable"):
-        register_fused("test_other", 3)  # type: ignore[arg-type]
+        register_fused("test_other", 3)  # type: ignore[call-overload]
     with pytest.raises(RegistrationError) as info:
 
         class Duplicate(Transform):

@@ -109,11 +109,11 @@ class FeatureEngine(nn.Module):
             self._outputs.append((f.name, parent))
         depth = max((n.step for n in self._nodes), default=-1) + 1
         self._steps: list[list[_Group]] = [[] for _ in range(depth)]
-        for i, node in enumerate(self._nodes):
-            groups = self._steps[node.step]
-            group = next((g for g in groups if g.kind == node.op.kind), None)
+        for i, n in enumerate(self._nodes):
+            groups = self._steps[n.step]
+            group = next((g for g in groups if g.kind == n.op.kind), None)
             if group is None:
-                groups.append(group := _Group(node.op.kind, []))
+                groups.append(group := _Group(n.op.kind, []))
             group.nodes.append(i)
 
     @property

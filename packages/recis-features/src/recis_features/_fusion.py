@@ -14,21 +14,31 @@ once per step and kind. Registering one for a new op kind is all it takes to fus
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
 
-from ._op import Op
 from ._values import Value
 from .exceptions import RegistrationError
 
 __all__ = ["FusedFn", "fused_implementation", "fused_kinds", "register_fused"]
 
-FusedFn = Callable[[Sequence[Op], Sequence[Value]], list[Value]]
+FusedFn = Callable[[Sequence[Any], Sequence[Value]], list[Value]]
+"""``fn(ops, values) -> outputs``: the ops of one kind in one step, their inputs, their outputs."""
 
+_F = TypeVar("_F", bound=FusedFn)
 _FUSED: dict[str, FusedFn] = {}
+
+
+@overload
+def register_fused(kind: str, fn: None = None, *, replace: bool = False) -> Callable[[_F], _F]: ...
+
+
+@overload
+def register_fused(kind: str, fn: _F, *, replace: bool = False) -> _F: ...
 
 
 def register_fused(
     kind: str, fn: FusedFn | None = None, *, replace: bool = False
-) -> Callable[[FusedFn], FusedFn] | FusedFn:
+) -> Callable[[_F], _F] | FusedFn:
     """Register the fused implementation of op kind ``kind``; usable as a decorator.
 
     Args:
@@ -44,7 +54,7 @@ def register_fused(
             ``fn`` is not callable.
     """
 
-    def register(f: FusedFn) -> FusedFn:
+    def register(f: _F) -> _F:
         if not callable(f):
             raise RegistrationError(f"fused implementation of {kind!r} must be callable")
         if kind in _FUSED and not replace:

@@ -11,7 +11,7 @@ A value is one of:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -19,7 +19,8 @@ from recis_kernels import RaggedTensor
 
 from .exceptions import FeatureTypeError
 
-Value = torch.Tensor | RaggedTensor | list | tuple
+# Values are told apart at runtime (``value_kind``), so the alias stays ``Any`` for the checker.
+Value: TypeAlias = Any
 
 _INT_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64})
 _DTYPES = {
