@@ -105,3 +105,16 @@ def test_bucketize_opcheck():
             [2, 1],
         ),
     )
+
+
+@given(
+    xs=st.lists(st.lists(floats, min_size=5, max_size=5), min_size=2, max_size=4),
+    bounds=st.data(),
+)
+def test_fused_bucketize_equal_sized_float32(xs, bounds):
+    bs = [sorted(bounds.draw(st.lists(floats, max_size=6))) for _ in xs]
+    outs = rk.fused_bucketize(
+        [torch.tensor(x, dtype=torch.float32) for x in xs],
+        [torch.tensor(b, dtype=torch.float32) for b in bs],
+    )
+    assert [o.tolist() for o in outs] == [ref(x, b) for x, b in zip(xs, bs, strict=True)]

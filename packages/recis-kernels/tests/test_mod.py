@@ -73,3 +73,10 @@ def test_mod_opcheck():
     torch.library.opcheck(
         torch.ops.recis.fused_mod.default, (torch.tensor([1, -1, 5]), [1, 2], [3, 4])
     )
+
+
+@given(data=st.lists(ids_st.map(lambda x: (x + [0] * 6)[:6]), min_size=2, max_size=5), ns=st.data())
+def test_fused_mod_equal_sized_features(data, ns):
+    moduli = [ns.draw(n_st) for _ in data]
+    outs = rk.fused_mod([torch.tensor(i, dtype=torch.int64) for i in data], moduli)
+    assert [o.tolist() for o in outs] == [ref_mod(i, n) for i, n in zip(data, moduli, strict=True)]

@@ -170,9 +170,11 @@ def _run_nvrtc(nvrtc, name, arch, source, headers, opts, key) -> CompiledKernel:
             )
         err, size = nvrtc.nvrtcGetCUBINSize(prog)
         _check(nvrtc, err, f"cubin size query for {name!r}")
-        cubin = b" " * size
-        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        # A fresh mutable buffer: NVRTC writes into it (never into a shared bytes object).
+        buf = bytearray(size)
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, buf)
         _check(nvrtc, err, f"cubin retrieval for {name!r}")
+        cubin = bytes(buf)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return CompiledKernel(name=name, arch=arch, cubin=cubin, key=key, log=log)
@@ -181,10 +183,10 @@ def _run_nvrtc(nvrtc, name, arch, source, headers, opts, key) -> CompiledKernel:
 def _program_log(nvrtc, prog) -> str:
     err, size = nvrtc.nvrtcGetProgramLogSize(prog)
     _check(nvrtc, err, "log size query")
-    buf = b" " * size
+    buf = bytearray(size)
     (err,) = nvrtc.nvrtcGetProgramLog(prog, buf)
     _check(nvrtc, err, "log retrieval")
-    return buf.rstrip(b"\0").decode(errors="replace")
+    return bytes(buf).rstrip(b"\0").decode(errors="replace")
 
 
 def _disk_path(name: str, arch: str, key: str) -> Path:

@@ -15,6 +15,7 @@ __all__ = ["launch"]
 
 _functions: dict[tuple[int, str, str], object] = {}
 _modules: dict[tuple[int, str], object] = {}
+_contexts: dict[int, object] = {}
 _lock = threading.Lock()
 
 # Scalar argument kinds accepted by :func:`launch`, mapped to their C types.
@@ -51,6 +52,26 @@ def _arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
+def _make_current(driver, index: int) -> None:
+    """Make the primary context of device ``index`` current on this thread.
+
+    torch allocates in the primary context; modules must be loaded and launched in that same
+    context, whichever device the calling thread last used.
+    """
+    ctx = _contexts.get(index)
+    if ctx is None:
+        err, dev = driver.cuDeviceGet(index)
+        _check(driver, err, f"cuDeviceGet({index})")
+        err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
+        _check(driver, err, f"cuDevicePrimaryCtxRetain({index})")
+        _contexts[index] = ctx
+    err, current = driver.cuCtxGetCurrent()
+    _check(driver, err, "cuCtxGetCurrent")
+    if int(current) != int(ctx):
+        (err,) = driver.cuCtxSetCurrent(ctx)
+        _check(driver, err, f"cuCtxSetCurrent(device {index})")
+
+
 def _function(device: torch.device, module_name: str, kernel: str):
     index = device.index if device.index is not None else torch.cuda.current_device()
     fkey = (index, module_name, kernel)
@@ -59,21 +80,17 @@ def _function(device: torch.device, module_name: str, kernel: str):
     if fn is not None:
         return fn
     driver = _driver()
-    # torch creates and makes current the primary context of the device on first use; the
-    # module must be loaded into that same context for launches on torch's streams.
-    torch.cuda.init()
-    with torch.cuda.device(index):
-        torch.cuda.current_stream()
-        compiled = compile_kernel(module_name, _arch(torch.device("cuda", index)))
-        with _lock:
-            module = _modules.get((index, module_name))
-            if module is None:
-                err, module = driver.cuModuleLoadData(compiled.cubin)
-                _check(driver, err, f"cuModuleLoadData({module_name!r}, {compiled.arch})")
-                _modules[(index, module_name)] = module
-            err, fn = driver.cuModuleGetFunction(module, kernel.encode())
-            _check(driver, err, f"cuModuleGetFunction({module_name!r}, {kernel!r})")
-            _functions[fkey] = fn
+    compiled = compile_kernel(module_name, _arch(torch.device("cuda", index)))
+    with _lock:
+        _make_current(driver, index)
+        module = _modules.get((index, module_name))
+        if module is None:
+            err, module = driver.cuModuleLoadData(compiled.cubin)
+            _check(driver, err, f"cuModuleLoadData({module_name!r}, {compiled.arch})")
+            _modules[(index, module_name)] = module
+        err, fn = driver.cuModuleGetFunction(module, kernel.encode())
+        _check(driver, err, f"cuModuleGetFunction({module_name!r}, {kernel!r})")
+        _functions[fkey] = fn
     return fn
 
 
@@ -111,6 +128,8 @@ def launch(
         return
     driver = _driver()
     fn = _function(device, module_name, kernel)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _make_current(driver, index)
     values = []
     types = []
     for kind, value in args:

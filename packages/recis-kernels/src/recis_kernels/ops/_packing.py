@@ -47,7 +47,10 @@ def concat_rows(
     weights = None
     if any(w is not None for _, _, w in parts):
         weights = torch.cat(
-            [w if w is not None else torch.ones(v.shape[0], device=v.device) for v, _, w in parts]
+            [
+                w if w is not None else torch.ones(v.shape[0], dtype=torch.float32, device=v.device)
+                for v, _, w in parts
+            ]
         )
     return values, offsets, weights, rows
 

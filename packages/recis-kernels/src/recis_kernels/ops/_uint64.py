@@ -34,10 +34,13 @@ def rotr(x: torch.Tensor, s: int) -> torch.Tensor:
 def umod(x: torch.Tensor, n: torch.Tensor | int, two64_mod_n: torch.Tensor | int) -> torch.Tensor:
     """``(uint64)x % n`` for ``0 < n < 2**63``, given ``2**64 % n`` (per element or scalar)."""
     r = torch.remainder(x, n)
+    negative = x < 0
+    if x.device.type == "cpu" and not bool(negative.any()):
+        return r
     # A negative x stands for x + 2**64, so add 2**64 % n; stated as r - (n - c) to stay in range.
     adjusted = r - (n - two64_mod_n)
     adjusted = torch.where(adjusted < 0, adjusted + n, adjusted)
-    return torch.where(x < 0, adjusted, r)
+    return torch.where(negative, adjusted, r)
 
 
 def umod_const(x: torch.Tensor, n: int) -> torch.Tensor:

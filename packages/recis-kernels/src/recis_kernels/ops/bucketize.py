@@ -2,7 +2,8 @@
 
 With boundaries ``[0, 10, 20]``: ``x < 0 -> 0``, ``0 <= x < 10 -> 1``, ``x = 10 -> 2`` (a value equal
 to a boundary goes to the upper bucket), ``x >= 20 -> 3``; NaN goes to bucket 0. Comparison happens
-in float64 when either side is floating point, else in int64.
+in float64 when either side is floating point (float32 when both are float32, which compares
+identically), else in int64.
 """
 
 from __future__ import annotations
@@ -88,18 +89,37 @@ def fused_bucketize(
         _boundaries(op, "boundaries" if op == "bucketize" else f"boundaries_list[{k}]", b, device)
         for k, b in enumerate(boundaries_list)
     ]
-    floating = any(t.is_floating_point() for t in [*xs, *bounds])
-    dtype = torch.float64 if floating else torch.int64
+    dtype = _common_dtype([*xs, *bounds])
     packed, sizes = pack([x.to(dtype) for x in xs])
     packed_b, b_sizes = pack([b.to(dtype) for b in bounds])
     out = torch.ops.recis.fused_bucketize(packed, sizes, packed_b, b_sizes)
     return unpack(out, sizes, [x.shape for x in xs])
 
 
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when any side is floating point (exact for every float and int32), else int64."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point:
+        return torch.int64
+    # float32 against float32 compares identically in float32; anything mixed goes to float64.
+    return (
+        torch.float32
+        if dtype == torch.float32 and all(t.dtype == torch.float32 for t in tensors)
+        else torch.float64
+    )
+
+
 def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     k = len(sizes)
     if k == 1:
         out = torch.searchsorted(bounds, xs, right=True)
+    elif len(set(sizes)) == 1:
+        big = torch.finfo(xs.dtype).max if xs.is_floating_point() else torch.iinfo(xs.dtype).max
+        table = _pad_rows(bounds, b_sizes, big)
+        found = torch.searchsorted(table, xs.view(k, -1), right=True)
+        out = torch.minimum(found, torch.tensor(b_sizes, device=xs.device)[:, None]).view(-1)
     else:
         big = torch.finfo(xs.dtype).max if xs.is_floating_point() else torch.iinfo(xs.dtype).max
         table = _pad_rows(bounds, b_sizes, big)
@@ -134,7 +154,9 @@ def _fused_bucketize_cuda(xs, sizes, bounds, b_sizes):
     b_off = _offsets(b_sizes, xs.device)
     if bounds.numel() == 0:
         bounds = bounds.new_zeros(1)
-    suffix = "f64" if xs.dtype == torch.float64 else "i64"
+    if xs.is_floating_point():
+        xs, bounds = xs.to(torch.float64), bounds.to(torch.float64)
+    suffix = "f64" if xs.is_floating_point() else "i64"
     n = xs.numel()
     args = [("ptr", xs), ("ptr", x_off), ("ptr", bounds), ("ptr", b_off), ("i64", len(sizes)),
             ("i64", n), ("ptr", out)]  # fmt: skip

@@ -86,6 +86,14 @@ def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) 
 
 
 def _ragged_to_dense_cpu(values, offsets, pad, dims):
+    if len(offsets) == 1:
+        lengths = offsets[0].diff()
+        if lengths.numel() == 0 or int(lengths.max()) <= dims[0]:
+            # No row is cut: a row-major boolean mask places the values in one scatter.
+            out = pad.expand(lengths.numel(), dims[0], *values.shape[1:]).clone()
+            mask = torch.arange(dims[0], device=values.device) < lengths[:, None]
+            out[mask] = values
+            return out
     n = values.shape[0]
     # Per value: the index of its row along each dense dimension.
     coords: list[torch.Tensor] = []

@@ -173,8 +173,16 @@ def _feature_cross_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     av, ao, aw = _distinct(a_values.contiguous(), a_offsets.contiguous(), a_weights)
     bv, bo, bw = _distinct(b_values.contiguous(), b_offsets.contiguous(), b_weights)
-    aw = torch.ones(av.numel(), device=av.device) if aw is None else aw.contiguous()
-    bw = torch.ones(bv.numel(), device=bv.device) if bw is None else bw.contiguous()
+    aw = (
+        torch.ones(av.numel(), dtype=torch.float32, device=av.device)
+        if aw is None
+        else aw.contiguous()
+    )
+    bw = (
+        torch.ones(bv.numel(), dtype=torch.float32, device=bv.device)
+        if bw is None
+        else bw.contiguous()
+    )
     if use_cuda_kernels(av.device):
         return _cross_cuda(av, ao, aw, bv, bo, bw)
     return _cross_cpu(av, ao, aw, bv, bo, bw)

@@ -79,10 +79,14 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
 def _fused_mod_cpu(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
     if len(ns) == 1:
         return umod(ids, ns[0], (1 << 64) % ns[0])
+    n = torch.tensor(ns, dtype=torch.int64, device=ids.device)
+    c = torch.tensor([(1 << 64) % v for v in ns], device=ids.device)
+    if len(set(sizes)) == 1:
+        # Equal-sized features (one batch): broadcast per-feature moduli over a (K, B) view
+        # instead of materializing per-element parameters.
+        return umod(ids.view(len(sizes), -1), n[:, None], c[:, None]).view(-1)
     counts = torch.tensor(sizes, device=ids.device)
-    n = torch.tensor(ns, dtype=torch.int64, device=ids.device).repeat_interleave(counts)
-    c = torch.tensor([(1 << 64) % v for v in ns], device=ids.device).repeat_interleave(counts)
-    return umod(ids, n, c)
+    return umod(ids, n.repeat_interleave(counts), c.repeat_interleave(counts))
 
 
 def _fused_mod_cuda(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:

@@ -191,7 +191,7 @@ def _concat(rs: Sequence[RaggedTensor]) -> RaggedTensor:
             [
                 r.weights
                 if r.weights is not None
-                else torch.ones(r.values.shape[0], device=r.device)
+                else torch.ones(r.values.shape[0], dtype=torch.float32, device=r.device)
                 for r in rs
             ]
         )
