@@ -169,3 +169,71 @@ def test_sigkill_at_a_random_step_then_rerun_equals_an_uninterrupted_run(tmp_pat
     assert_same(resumed, whole)
     # Every row trained on exactly once per epoch: none skipped, none repeated.
     assert torch.equal(resumed["seen"], torch.full((1_200,), 2)), f"killed at step {kill_at}"
+
+
+class TableModel(ToyModel):
+    """Keeps an extra "table" outside the state_dict, like recis-embedding's hash tables."""
+
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.table = torch.zeros(4)
+
+    def forward(self, batch):
+        self.table += batch["click"][:4].sum()  # changes every step, bit-exactly reproducible
+        return super().forward(batch)
+
+
+class TableCheckpoint:
+    def __init__(self):
+        self.saved, self.loaded = 0, 0
+
+    def save(self, directory, model, sparse_optimizer):
+        state = {"table": model.table, "embedding": model.embedding.weight.detach()}
+        torch.save(state, directory / "table.pt")
+        self.saved += 1
+
+    def load(self, directory, model, sparse_optimizer):
+        state = torch.load(directory / "table.pt", weights_only=True)
+        model.table = state["table"]
+        with torch.no_grad():
+            model.embedding.weight.copy_(state["embedding"])
+        self.loaded += 1
+
+    def filter_dense(self, state):
+        return {k: v for k, v in state.items() if not k.startswith("embedding.")}
+
+
+def test_sparse_checkpoint_seam_saves_and_restores_tables(tmp_path):
+    def make(**args):
+        seed_everything(0)
+        model = TableModel(600)
+        dense, sparse = make_optimizers(model)
+        hook = TableCheckpoint()
+        settings = {"output_dir": str(tmp_path / "run"), "device": "cpu", "save_every": 7}
+        trainer = Trainer(
+            model,
+            TrainingArguments(**(settings | args)),
+            train_data=ToyReader(600, 30),
+            dense_optimizer=dense,
+            sparse_optimizer=sparse,
+            sparse_checkpoint=hook,
+        )
+        return trainer, hook
+
+    whole, _ = make(output_dir=str(tmp_path / "whole"))
+    whole.train()
+    cut, hook = make(train_steps=7)
+    cut.train()
+    assert hook.saved == 1
+    path = cut.checkpoints.latest()
+    assert (path / "sparse" / "table.pt").is_file()
+    # The dense file leaves out what the sparse part owns.
+    from safetensors.torch import load_file
+
+    assert "embedding.weight" not in load_file(str(path / "dense" / "model.safetensors"))
+    resumed, hook = make()
+    resumed.train()
+    assert hook.loaded == 1
+    assert torch.equal(resumed.model.table, whole.model.table)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

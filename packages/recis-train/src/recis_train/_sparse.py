@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from recis_train.exceptions import CheckpointError
+
 _EMBEDDING_PACKAGE = "recis_embedding"
 
 
@@ -47,20 +49,28 @@ class EmbeddingCheckpoint:
         self.prefixes = prefixes
 
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
-        import recis_embedding
-
-        recis_embedding.save(str(directory / "tables"), model, sparse_optimizer)
+        _function("save")(str(directory / "tables"), model, sparse_optimizer)
 
     def load(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
-        import recis_embedding
-
-        recis_embedding.load(str(directory / "tables"), model, sparse_optimizer)
+        _function("load")(str(directory / "tables"), model, sparse_optimizer)
 
     def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
         def owned(key: str) -> bool:
             return any(p == "" or key.startswith(p + ".") for p in self.prefixes)
 
         return {k: v for k, v in state.items() if not owned(k)}
+
+
+def _function(name: str) -> Any:
+    import recis_embedding
+
+    found = getattr(recis_embedding, name, None)
+    if not callable(found):
+        raise CheckpointError(
+            f"the model holds recis-embedding tables but recis_embedding has no {name}(); "
+            "upgrade recis-embedding or pass sparse_checkpoint= to the Trainer"
+        )
+    return found
 
 
 def default_sparse_checkpoint(model: nn.Module) -> SparseCheckpoint | None:

@@ -53,11 +53,6 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's settings (lr, betas, ...) without the parameters themselves."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
 class Trainer:
     """Runs training and evaluation of one model and keeps it resumable.
 
@@ -395,9 +390,9 @@ class Trainer:
         if self._scaler is not None:
             state["scaler"] = self._scaler.state_dict()
         if self.sparse_optimizer is not None:
-            state["sparse_hyperparameters"] = _hyperparameters(self.sparse_optimizer)
-            if self.sparse_checkpoint is None:
-                state["sparse_optimizer"] = self.sparse_optimizer.state_dict()
+            # recis-embedding's holds hyperparameters only (rows live in the tables); a torch
+            # sparse optimizer's holds its per-parameter state too.
+            state["sparse_optimizer"] = self.sparse_optimizer.state_dict()
         return state
 
     def _dense_state(self) -> dict[str, torch.Tensor]:
@@ -492,14 +487,7 @@ class Trainer:
             hook.load_state_dict(saved)
         if self._scaler is not None and "scaler" in state:
             self._scaler.load_state_dict(state["scaler"])
-        if self.sparse_optimizer is not None:
-            if "sparse_optimizer" in state:
-                self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
-            for group, saved in zip(
-                self.sparse_optimizer.param_groups,
-                state.get("sparse_hyperparameters", []),
-                strict=False,
-            ):
-                group.update(saved)
+        if self.sparse_optimizer is not None and "sparse_optimizer" in state:
+            self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         set_rng_state(state["rng"])
