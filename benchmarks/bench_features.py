@@ -5,21 +5,23 @@ features (``mod`` with per-feature moduli), 13 dense features (NaN filled, then 
 per-feature boundaries), one behaviour sequence (``truncate`` to its last 50 ids) and 2 crosses
 (``cross`` then ``mod``): 42 features.
 
-Contenders, run back to back on the same batches:
+Contenders, run back to back on the same batches, for the full set and for each part alone:
 
 - ``FeatureEngine`` (fused): one call per op kind and step.
 - per-feature loop: for every feature its transforms as one call each (``recis_kernels.mod``,
-  ``torch.bucketize``, ``recis_kernels.truncate``, ``recis_kernels.feature_cross``), the way a
-  hand-written preprocessing loop runs them.
-- ``FeatureEngine(fused=False)``: the engine running every op on its own (engine overhead only).
+  ``nan_to_num`` + ``torch.bucketize``, ``recis_kernels.truncate``,
+  ``recis_kernels.feature_cross``), the way a hand-written preprocessing loop runs them.
+- ``FeatureEngine(fused=False)``: the engine running every op on its own.
 
-Before timing, every contender's outputs are checked equal. Run: ``python benchmarks/bench_features.py``.
+Before timing, every contender's outputs are checked equal. Run: ``python benchmarks/bench_features.py [--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,21 +43,30 @@ def _boundaries(j: int) -> list[float]:
     return [float(np.float32(b)) for b in np.logspace(-2, 1.5, 8 + j)]
 
 
-def make_features() -> list[Feature]:
-    features = [
-        Feature(f"C{j + 1}").select(f"C{j + 1}").mod(int(VOCAB_SIZES[j]) + 7 * j)
-        for j in range(NUM_SPARSE)
-    ]
-    features += [
+def _categorical() -> list[Feature]:
+    return [Feature(f"C{j + 1}").select(f"C{j + 1}").mod(_modulus(j)) for j in range(NUM_SPARSE)]
+
+
+def _dense() -> list[Feature]:
+    return [
         Feature(f"I{j + 1}").select(f"I{j + 1}").fill_missing(0.0).bucketize(_boundaries(j))
         for j in range(NUM_DENSE)
     ]
-    features.append(Feature("seq").select("seq").truncate(SEQ_LEN, side="tail"))
-    features += [
+
+
+def _sequence() -> list[Feature]:
+    return [Feature("seq").select("seq").truncate(SEQ_LEN, side="tail")]
+
+
+def _crosses() -> list[Feature]:
+    return [
         Feature(f"{a}_x_{b}").select_fields([a, b]).cross().mod(n)
         for (a, b), n in zip(CROSSES, CROSS_BUCKETS, strict=True)
     ]
-    return features
+
+
+def _modulus(j: int) -> int:
+    return int(VOCAB_SIZES[j]) + 7 * j
 
 
 def make_batches(count: int, batch_size: int) -> list[dict[str, object]]:
@@ -78,24 +89,56 @@ def make_batches(count: int, batch_size: int) -> list[dict[str, object]]:
     return batches
 
 
-def per_feature_loop(batch: dict[str, object]) -> dict[str, object]:
-    """The same transforms, one call per feature and transform."""
-    out: dict[str, object] = {}
+def loop_categorical(batch: dict[str, Any], out: dict[str, Any]) -> None:
     for j in range(NUM_SPARSE):
-        out[f"C{j + 1}"] = rk.mod(batch[f"C{j + 1}"], int(VOCAB_SIZES[j]) + 7 * j)
+        out[f"C{j + 1}"] = rk.mod(batch[f"C{j + 1}"], _modulus(j))
+
+
+def loop_dense(batch: dict[str, Any], out: dict[str, Any]) -> None:
     for j in range(NUM_DENSE):
         x = batch[f"I{j + 1}"].nan_to_num(nan=0.0)
         out[f"I{j + 1}"] = torch.bucketize(x, BOUNDARIES[j], right=True)
+
+
+def loop_sequence(batch: dict[str, Any], out: dict[str, Any]) -> None:
     out["seq"] = rk.truncate(batch["seq"], SEQ_LEN, "tail").values
+
+
+def loop_crosses(batch: dict[str, Any], out: dict[str, Any]) -> None:
     for (a, b), n in zip(CROSSES, CROSS_BUCKETS, strict=True):
         unit = torch.arange(batch[a].shape[0] + 1, dtype=torch.int64)
         ra, rb = (RaggedTensor(batch[c], [unit]) for c in (a, b))
         crossed = rk.feature_cross(ra, rb)
         out[f"{a}_x_{b}"] = crossed.with_values(rk.mod(crossed.values, n), crossed.weights)
-    return out
 
 
 BOUNDARIES = [torch.tensor(_boundaries(j), dtype=torch.float32) for j in range(NUM_DENSE)]
+
+# (workload, its features, its per-feature loop); the first is the full 42-feature set.
+_PARTS = [
+    ("26 categorical: mod", _categorical, loop_categorical),
+    ("13 dense: fill_missing + bucketize", _dense, loop_dense),
+    ("1 sequence: truncate", _sequence, loop_sequence),
+    ("2 crosses: cross + mod", _crosses, loop_crosses),
+]
+
+
+def workloads() -> list[tuple[str, list[Feature], Callable[[dict[str, Any]], dict[str, Any]]]]:
+    """The full feature set, then each of its parts alone."""
+
+    def loop_of(parts: list[Callable[[dict[str, Any], dict[str, Any]], None]]) -> Callable:
+        def run(batch: dict[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for part in parts:
+                part(batch, out)
+            return out
+
+        return run
+
+    every = [f for _, make, _ in _PARTS for f in make()]
+    result = [(f"all {len(every)} features", every, loop_of([loop for *_, loop in _PARTS]))]
+    result += [(name, make(), loop_of([loop])) for name, make, loop in _PARTS]
+    return result
 
 
 def _same(a: object, b: object) -> bool:
@@ -121,37 +164,58 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     batches = make_batches(args.batches, args.batch_size)
-    features = make_features()
-    fused = FeatureEngine(features, passthrough=False)
-    unfused = FeatureEngine(features, passthrough=False, fused=False)
-
-    for batch in batches[:2]:
-        ref = per_feature_loop(batch)
-        for engine in (fused, unfused):
-            got = engine(batch)
-            bad = [name for name in ref if not _same(got[name], ref[name])]
-            if bad:
-                print(f"outputs differ from the per-feature loop for {bad}", file=sys.stderr)
-                return 1
-
-    contenders = {
-        "FeatureEngine (fused)": lambda: [fused(b) for b in batches],
-        "per-feature loop": lambda: [per_feature_loop(b) for b in batches],
-        "FeatureEngine(fused=False)": lambda: [unfused(b) for b in batches],
-    }
-    stats = {name: measure(fn, reps=args.reps) for name, fn in contenders.items()}
     rows_total = args.batches * args.batch_size
-    base = stats["FeatureEngine (fused)"].median_s
-    calls = sum(len(step) for step in fused.plan())
-    rows = [
-        [name, s.median_s / args.batches * 1e3, s.rate(rows_total), s.median_s / base]
-        for name, s in stats.items()
-    ]
+    table, results = [], {}
+    for name, features, loop in workloads():
+        fused = FeatureEngine(features, passthrough=False)
+        unfused = FeatureEngine(features, passthrough=False, fused=False)
+        for batch in batches[:2]:
+            ref = loop(batch)
+            for engine in (fused, unfused):
+                got = engine(batch)
+                bad = [f for f in ref if not _same(got[f], ref[f])]
+                if bad:
+                    print(f"{name}: outputs differ from the loop for {bad}", file=sys.stderr)
+                    return 1
+        stats = {
+            "fused": measure(lambda e=fused: [e(b) for b in batches], reps=args.reps),
+            "loop": measure(lambda f=loop: [f(b) for b in batches], reps=args.reps),
+            "unfused": measure(lambda e=unfused: [e(b) for b in batches], reps=args.reps),
+        }
+        per_batch = {k: s.median_s / args.batches * 1e3 for k, s in stats.items()}
+        calls = sum(len(step) for step in fused.plan())
+        table.append(
+            [
+                name,
+                calls,
+                per_batch["fused"],
+                per_batch["loop"],
+                per_batch["unfused"],
+                per_batch["loop"] / per_batch["fused"],
+                per_batch["unfused"] / per_batch["fused"],
+            ]
+        )
+        results[name] = {
+            "features": len(features),
+            "engine_calls_per_batch": calls,
+            "ms_per_batch": per_batch,
+            "rows_per_s": {k: s.rate(rows_total) for k, s in stats.items()},
+            "fused_speedup_vs_loop": per_batch["loop"] / per_batch["fused"],
+            "fused_speedup_vs_unfused_engine": per_batch["unfused"] / per_batch["fused"],
+        }
     print_table(
-        f"features: {len(features)} features, batch {args.batch_size}, {calls} engine calls, "
-        f"{torch.get_num_threads()} thread(s)",
-        ["contender", "ms / batch", "rows/s", "fused speed-up"],
-        rows,
+        f"features: batch {args.batch_size}, {args.batches} batches, "
+        f"{torch.get_num_threads()} thread(s); ms per batch (median of {args.reps})",
+        [
+            "workload",
+            "engine calls",
+            "fused engine",
+            "per-feature loop",
+            "engine fused=False",
+            "speed-up vs loop",
+            "speed-up vs fused=False",
+        ],
+        table,
     )
     write_json(
         "features",
@@ -159,18 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "batches": args.batches,
             "threads": torch.get_num_threads(),
-            "features": len(features),
-            "engine_calls_per_batch": calls,
-            "plan": fused.plan(),
-            "results": {
-                name: {
-                    "median_s_per_batch": s.median_s / args.batches,
-                    "rows_per_s": s.rate(rows_total),
-                    "fused_speedup": s.median_s / base,
-                }
-                for name, s in stats.items()
-            },
             "target_speedup_vs_loop": 3.0,
+            "workloads": results,
         },
     )
     return 0
