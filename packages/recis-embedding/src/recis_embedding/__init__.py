@@ -1,5 +1,6 @@
 """recis-embedding: dynamic hash embedding tables, table fusion, sparse optimizers, checkpoints."""
 
+from recis_embedding._checkpoint import FORMAT_VERSION, CheckpointReader, load, save
 from recis_embedding._engine import DynamicEmbedding, EmbeddingEngine
 from recis_embedding._initializers import (
     Constant,
@@ -36,7 +37,9 @@ from recis_embedding.exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointReader",
     "ConfigError",
     "Constant",
     "DynamicEmbedding",
@@ -64,5 +67,7 @@ __all__ = [
     "XavierNormal",
     "XavierUniform",
     "__version__",
+    "load",
+    "save",
     "sparse_parameters",
 ]

@@ -110,6 +110,7 @@ class HashTable:
         self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
         self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_checkpoint: object = None
         # torch optimizers only accept tensors; this empty leaf stands for the table.
         self.handle = torch.empty(0)
         self.handle._recis_table = self  # type: ignore[attr-defined]
@@ -338,6 +339,40 @@ class HashTable:
             self._store.blocks[i][:, self.emb_words :] = init
         self.optimizer_kind, self.slots, self.state_width = kind, list(slots), width
         self._state_init = init.to(torch.float32).clone()
+
+    def state_init(self, slot: str) -> torch.Tensor:
+        """Initial value of optimizer slot ``slot`` for a new row, ``(width,) float32``."""
+        start, stop = self._slot_range(slot)
+        off = self.emb_words
+        return self._state_init[start - off : stop - off].to(self.device)
+
+    # ----------------------------------------------------------------- checkpoint support
+    def clear(self) -> None:
+        """Remove every key and row (logical tables, optimizer layout and counters stay)."""
+        self._map.clear()
+        self._store = RowStore(
+            self.emb_words + self.state_width, torch.float32, _BLOCK_ROWS, self.device
+        )
+        for attr in ("last_seen", "frequency", "_dirty"):
+            setattr(self, attr, getattr(self, attr)[:0].clone())
+        self._erased.clear()
+        self.pending.clear()
+        self.step = 0
+
+    def mark_saved(self, path: object) -> None:
+        """Record a save (or load) at ``path``: later deltas hold changes made after it."""
+        self.last_checkpoint = path
+        self._dirty.zero_()
+        self._erased.clear()
+
+    def dirty_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(N,) bool``: which rows changed since the last save."""
+        return self._dirty[rows]
+
+    def erased_ids(self, table: int) -> torch.Tensor:
+        """Ids of logical table ``table`` erased since the last save."""
+        parts = [ids[tabs == table] for ids, tabs in self._erased]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     # ----------------------------------------------------------------- erase and export
     def erase(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> int:

@@ -1,0 +1,388 @@
+"""Checkpoints as open files: safetensors per table and shard, a JSON manifest, atomic writes.
+
+Layout of a checkpoint directory (format version 1)::
+
+    manifest.json
+    dense.safetensors                                  the model's state_dict (dense tensors)
+    sparse/<table>.shard-<r>-of-<w>.safetensors        one file per logical table and shard
+
+A table file holds, for the ``K`` ids it saves (ascending):
+
+- ``ids`` ``(K,) int64``;
+- ``embeddings`` ``(K, D)`` in the table's storage dtype;
+- ``slot.<name>`` ``(K, width) float32`` per optimizer slot (e.g. ``slot.exp_avg``);
+- ``meta.frequency`` and ``meta.last_seen`` ``(K,) int64`` (admission/eviction state);
+- ``erased`` ``(E,) int64`` in delta checkpoints: ids removed since the previous save.
+
+The manifest records the format version, the kind (``full`` or ``delta``, with the ``parent``
+checkpoint a delta applies to), the world size, per table its dim, dtype, optimizer kind and
+slots, row count, step and files, the sparse optimizer's hyperparameters, and a SHA-256 per file.
+Everything is written into a temporary sibling directory and renamed into place, so an
+interrupted save leaves the previous checkpoint untouched; checksums are verified on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recis_embedding._engine import EmbeddingEngine
+from recis_embedding._optim import SparseOptimizer
+from recis_embedding._table import HashTable
+from recis_embedding.exceptions import CheckpointError
+
+__all__ = ["FORMAT_VERSION", "CheckpointReader", "load", "save"]
+
+FORMAT_VERSION = 1
+_FORMAT = "recis-embedding-checkpoint"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _engines(model: nn.Module) -> list[EmbeddingEngine]:
+    return [m for m in model.modules() if isinstance(m, EmbeddingEngine)]
+
+
+def _logical_tables(model: nn.Module) -> dict[str, tuple[HashTable, int]]:
+    tables: dict[str, tuple[HashTable, int]] = {}
+    for engine in _engines(model):
+        for name, entry in engine.logical.items():
+            if name in tables and tables[name][0] is not entry[0]:
+                raise CheckpointError(f"two embedding modules both define table {name!r}")
+            tables[name] = entry
+    return tables
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    sparse_optimizer: SparseOptimizer | None = None,
+    *,
+    delta: bool = False,
+) -> Path:
+    """Write a checkpoint of ``model``'s tables (and dense state) to directory ``path``.
+
+    Args:
+        path: checkpoint directory (created; an existing one is replaced atomically).
+        model: a module containing :class:`EmbeddingEngine`/``DynamicEmbedding`` modules.
+        sparse_optimizer: its hyperparameters are saved too (row state is in the tables).
+        delta: write only rows changed (and ids erased) since the previous save of these
+            tables; the manifest names that save as ``parent``.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: ``delta=True`` without a previous save of these tables.
+    """
+    path = Path(path)
+    tables = _logical_tables(model)
+    physical = {id(t): t for t, _ in tables.values()}.values()
+    parents = {getattr(t, "last_checkpoint", None) for t in physical}
+    if delta and (None in parents or len(parents) != 1):
+        raise CheckpointError(
+            "delta checkpoint needs a previous save (or load) of the same tables to build on"
+        )
+    if delta and Path(str(next(iter(parents)))) == path.resolve():
+        raise CheckpointError(f"a delta checkpoint cannot replace its own parent {path}")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        _write(tmp, model, tables, sparse_optimizer, delta, parents)
+    except BaseException:
+        # A failed save must not leave half-written files next to the previous checkpoint.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace(tmp, path)
+    for table in physical:
+        table.mark_saved(path.resolve())
+    return path
+
+
+def _write(
+    tmp: Path,
+    model: nn.Module,
+    tables: dict[str, tuple[HashTable, int]],
+    sparse_optimizer: SparseOptimizer | None,
+    delta: bool,
+    parents: set[Any],
+) -> None:
+    (tmp / "sparse").mkdir(parents=True)
+    manifest: dict[str, Any] = {
+        "format": _FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "delta" if delta else "full",
+        "parent": str(next(iter(parents))) if delta else None,
+        "world_size": 1,
+        "tables": {},
+        "optimizer": None,
+        "files": {},
+    }
+    for name, (table, index) in sorted(tables.items()):
+        manifest["tables"][name] = _save_table(tmp, name, table, index, delta)
+    dense = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(dense, str(tmp / "dense.safetensors"))
+    if sparse_optimizer is not None:
+        manifest["optimizer"] = {
+            "class": type(sparse_optimizer).__name__,
+            "state": sparse_optimizer.state_dict(),
+        }
+    for f in sorted(tmp.rglob("*.safetensors")):
+        manifest["files"][f.relative_to(tmp).as_posix()] = _sha256(f)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _save_table(root: Path, name: str, table: HashTable, index: int, delta: bool) -> dict[str, Any]:
+    keys, tabs, rows = table.export()
+    mine = tabs == index
+    ids, rows = keys[mine], rows[mine]
+    tensors: dict[str, torch.Tensor] = {}
+    if delta:
+        changed = table.dirty_rows(rows)
+        ids, rows = ids[changed], rows[changed]
+        tensors["erased"] = table.erased_ids(index)
+    full = table.read_full(rows)
+    emb = table._from_words(full[:, : table.emb_words]).to(table.dtype)
+    tensors.update({"ids": ids, "embeddings": emb})
+    start = table.emb_words
+    for slot, width in table.slots:
+        tensors[f"slot.{slot}"] = full[:, start : start + width].contiguous()
+        start += width
+    tensors["meta.frequency"] = table.frequency[rows].clone()
+    tensors["meta.last_seen"] = table.last_seen[rows].clone()
+    fname = f"sparse/{quote(name, safe='')}.shard-00000-of-00001.safetensors"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(root / fname))
+    return {
+        "dim": table.dim,
+        "dtype": _dtype_name(table.dtype),
+        "optimizer": table.optimizer_kind,
+        "slots": [[s, w] for s, w in table.slots],
+        "rows": int(ids.numel()),
+        "step": table.step,
+        "files": [fname],
+    }
+
+
+class CheckpointReader:
+    """Reads a checkpoint without building a model.
+
+    Args:
+        path: checkpoint directory.
+        verify: check every file's SHA-256 against the manifest.
+
+    Raises:
+        CheckpointError: missing or unreadable manifest, unknown format version, bad checksum.
+
+    Example:
+        >>> r = CheckpointReader("ckpt/step-100")
+        >>> r.tables()
+        ['item', 'user']
+        >>> r.read("user", "embeddings").shape
+        torch.Size([5123, 16])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            raise CheckpointError(f"no checkpoint at {self.path} (missing manifest.json)")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"corrupt manifest {mpath}: {exc}") from exc
+        if self.manifest.get("format") != _FORMAT:
+            raise CheckpointError(f"{mpath} is not a recis-embedding checkpoint manifest")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {self.path} has format version {self.manifest.get('format_version')}, "
+                f"this recis-embedding reads version {FORMAT_VERSION}"
+            )
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Check every file's SHA-256 against the manifest."""
+        for rel, digest in self.manifest["files"].items():
+            f = self.path / rel
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint {self.path} is missing file {rel}")
+            if _sha256(f) != digest:
+                raise CheckpointError(f"checksum mismatch for {rel} in checkpoint {self.path}")
+
+    @property
+    def kind(self) -> str:
+        """``"full"`` or ``"delta"``."""
+        return self.manifest["kind"]
+
+    @property
+    def parent(self) -> Path | None:
+        """The checkpoint a delta applies to."""
+        p = self.manifest.get("parent")
+        return Path(p) if p else None
+
+    def tables(self) -> list[str]:
+        """Logical table names, sorted."""
+        return sorted(self.manifest["tables"])
+
+    def table_info(self, table: str) -> dict[str, Any]:
+        """Manifest entry of a table (dim, dtype, optimizer, slots, rows, step, files)."""
+        if table not in self.manifest["tables"]:
+            raise CheckpointError(f"checkpoint {self.path} has no table {table!r}")
+        return self.manifest["tables"][table]
+
+    def keys(self, table: str) -> list[str]:
+        """Tensor names stored for ``table`` (``ids``, ``embeddings``, ``slot.*``, ``meta.*``)."""
+        first = self.path / self.table_info(table)["files"][0]
+        return sorted(load_file(str(first)).keys())
+
+    def read(self, table: str, key: str = "embeddings") -> torch.Tensor:
+        """Tensor ``key`` of ``table``, concatenated over its shard files."""
+        parts = []
+        for rel in self.table_info(table)["files"]:
+            data = load_file(str(self.path / rel))
+            if key not in data:
+                raise CheckpointError(f"table {table!r} has no tensor {key!r} in {rel}")
+            parts.append(data[key])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def read_all(self, table: str) -> dict[str, torch.Tensor]:
+        """Every tensor of ``table``, concatenated over shards."""
+        return {k: self.read(table, k) for k in self.keys(table)}
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        """The model's dense ``state_dict`` tensors."""
+        return load_file(str(self.path / "dense.safetensors"))
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    sparse_optimizer: SparseOptimizer | None = None,
+    *,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore ``model``'s tables (and dense state, and optimizer hyperparameters) from ``path``.
+
+    A delta checkpoint is applied on top of its parent chain (loaded first). Tables are replaced,
+    not merged: after loading, each table holds exactly the checkpoint's rows.
+
+    Args:
+        path: checkpoint directory.
+        model: a module with the same embedding tables (fusion may differ).
+        sparse_optimizer: receives the saved hyperparameters; its tables receive optimizer slots.
+        strict: every table of the model must be in the checkpoint, and dense keys must match.
+
+    Returns:
+        The manifest of ``path``.
+
+    Raises:
+        CheckpointError: corrupt files, missing tables, dim or optimizer-slot mismatch.
+    """
+    chain = [CheckpointReader(path)]
+    while chain[-1].kind == "delta":
+        parent = chain[-1].parent
+        if parent is None or not (parent / "manifest.json").is_file():
+            raise CheckpointError(f"delta checkpoint {chain[-1].path} lacks its parent {parent}")
+        chain.append(CheckpointReader(parent))
+    chain.reverse()
+    tables = _logical_tables(model)
+    _check_tables(chain[-1], tables, strict)
+    cleared: set[int] = set()
+    for reader in chain:
+        for name, (table, index) in tables.items():
+            if name not in reader.manifest["tables"]:
+                continue
+            if reader.kind == "full" and id(table) not in cleared:
+                table.clear()
+                cleared.add(id(table))
+            _load_table(reader, name, table, index)
+    try:
+        model.load_state_dict(chain[-1].dense(), strict=strict)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"dense state of {chain[-1].path} does not match the model: {exc}"
+        ) from exc
+    if sparse_optimizer is not None and chain[-1].manifest.get("optimizer"):
+        state = chain[-1].manifest["optimizer"]["state"]
+        for group in state["param_groups"]:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        sparse_optimizer.load_state_dict(state)
+    for table, _ in tables.values():
+        table.mark_saved(Path(path).resolve())
+    return chain[-1].manifest
+
+
+def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool) -> None:
+    saved = set(reader.manifest["tables"])
+    missing = sorted(set(tables) - saved)
+    if strict and missing:
+        raise CheckpointError(f"checkpoint {reader.path} has no tables {missing}")
+    for name, (table, _) in tables.items():
+        if name not in saved:
+            continue
+        info = reader.manifest["tables"][name]
+        if info["dim"] != table.dim:
+            raise CheckpointError(
+                f"table {name!r}: checkpoint has dim {info['dim']}, model has {table.dim}"
+            )
+        slots = [tuple(s) for s in info["slots"]]
+        if table.slots and slots != table.slots:
+            raise CheckpointError(
+                f"table {name!r}: checkpoint optimizer {info['optimizer']!r} slots {slots} do not "
+                f"match the model's {table.optimizer_kind!r} slots {table.slots}"
+            )
+
+
+def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int) -> None:
+    data = reader.read_all(name)
+    if "erased" in data and data["erased"].numel():
+        table.erase(data["erased"].to(table.device), index)
+    ids = data["ids"].to(table.device)
+    if ids.numel() == 0:
+        table.step = max(table.step, int(reader.table_info(name)["step"]))
+        return
+    rows, _ = table.find_or_insert(ids, index)
+    emb = data["embeddings"].to(device=table.device, dtype=torch.float32)
+    parts = [table._to_words(emb)]
+    for slot, width in table.slots:
+        key = f"slot.{slot}"
+        parts.append(
+            data[key].to(table.device)
+            if key in data
+            else table.state_init(slot).expand(ids.numel(), width)
+        )
+    table.write_full(rows, torch.cat(parts, dim=1))
+    table.frequency[rows] = data["meta.frequency"].to(table.device)
+    table.last_seen[rows] = data["meta.last_seen"].to(table.device)
+    table.step = int(reader.table_info(name)["step"])

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import recis_embedding._checkpoint as ckpt_mod
+from recis_embedding import (
+    CheckpointError,
+    CheckpointReader,
+    EmbeddingEngine,
+    EmbeddingOption,
+    Normal,
+    SparseAdam,
+    load,
+    save,
+)
+from recis_kernels import RaggedTensor
+
+DIM = 4
+
+
+class Model(torch.nn.Module):
+    def __init__(self, fuse: bool = True, dim: int = DIM) -> None:
+        super().__init__()
+        init = Normal(std=0.5)
+        self.emb = EmbeddingEngine(
+            {
+                "user": EmbeddingOption(dim, initializer=init),
+                "item": EmbeddingOption(dim, initializer=init, combiner="mean"),
+                "hist": EmbeddingOption(dim, initializer=init, shared_name="item"),
+            },
+            fuse=fuse,
+        )
+        self.head = torch.nn.Linear(3 * dim, 1)
+
+    def forward(self, batch):
+        out = self.emb(batch)
+        return self.head(torch.cat([out["user"], out["item"], out["hist"]], 1)).square().mean()
+
+
+def batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(-50, 50, (8,), generator=g) * (1 << 58)
+    return {
+        "user": ids[:4, None],
+        "item": RaggedTensor(ids, torch.tensor([0, 2, 5, 5, 8])),
+        "hist": ids[4:, None],
+    }
+
+
+def train(model: Model, opt: SparseAdam, dense: torch.optim.Optimizer, steps: range) -> None:
+    for k in steps:
+        model(batch(k)).backward()
+        opt.step()
+        dense.step()
+        opt.zero_grad()
+        dense.zero_grad()
+
+
+def build(fuse: bool = True) -> tuple[Model, SparseAdam, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Model(fuse)
+    return model, SparseAdam(model, lr=0.05), torch.optim.SGD(model.head.parameters(), lr=0.1)
+
+
+def state(model: Model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (table, index) in sorted(model.emb.logical.items()):
+        ids = table.ids(index)
+        rows = table.find(ids, index)
+        out[f"{name}.ids"] = ids
+        out[f"{name}.rows"] = table.read_full(rows)
+    out.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_save_load_continues_training_identically(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(3))
+    save(tmp_path / "c", model, opt)
+    dense_state = dense.state_dict()
+    train(model, opt, dense, range(3, 6))
+
+    other, opt2, dense2 = build(fuse=False)  # fusion never changes checkpoint contents
+    load(tmp_path / "c", other, opt2)
+    dense2.load_state_dict(dense_state)
+    train(other, opt2, dense2, range(3, 6))
+    for name in ("user", "item"):
+        ta, ia = model.emb.table(name)
+        tb, ib = other.emb.table(name)
+        assert torch.equal(ta.ids(ia), tb.ids(ib))
+        assert torch.equal(ta.embeddings(table=ia), tb.embeddings(table=ib))
+    assert torch.equal(model.head.weight, other.head.weight)
+
+
+def test_delta_chain_loads_like_a_full_save(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "base", model, opt)
+    train(model, opt, dense, range(2, 4))
+    save(tmp_path / "d1", model, opt, delta=True)
+    table, index = model.emb.table("user")
+    gone = table.ids(index)[:2]
+    table.erase(gone, index)
+    train(model, opt, dense, range(4, 5))
+    save(tmp_path / "d2", model, opt, delta=True)
+    save(tmp_path / "full", model, opt)
+
+    reader = CheckpointReader(tmp_path / "d2")
+    assert reader.kind == "delta"
+    assert reader.read("user", "erased").tolist() == gone.tolist()
+    assert reader.table_info("user")["rows"] < len(table)
+
+    from_delta, opt_d, _ = build()
+    load(tmp_path / "d2", from_delta, opt_d)
+    from_full, opt_f, _ = build()
+    load(tmp_path / "full", from_full, opt_f)
+    assert_same(state(from_delta), state(from_full))
+    assert_same(state(from_full), state(model))
+
+
+def test_files_are_plain_safetensors_with_sorted_ids(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "c", model, opt)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["tables"]["item"]["optimizer"] == "adam"
+    assert manifest["optimizer"]["class"] == "SparseAdam"
+    data = load_file(str(tmp_path / "c" / manifest["tables"]["item"]["files"][0]))
+    assert sorted(data) == [
+        "embeddings",
+        "ids",
+        "meta.frequency",
+        "meta.last_seen",
+        "slot.exp_avg",
+        "slot.exp_avg_sq",
+        "slot.step",
+    ]
+    assert data["ids"].tolist() == sorted(data["ids"].tolist())
+    table, index = model.emb.table("item")
+    assert torch.equal(data["embeddings"], table.embeddings(data["ids"], index))
+    assert CheckpointReader(tmp_path / "c").tables() == ["item", "user"]
+
+
+def test_corrupt_and_mismatched_checkpoints_raise(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    save(tmp_path / "c", model, opt)
+    with pytest.raises(CheckpointError, match="dim 4, model has 8"):
+        load(tmp_path / "c", Model(dim=8))
+    f = next((tmp_path / "c" / "sparse").iterdir())
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch for sparse/"):
+        load(tmp_path / "c", build()[0])
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        CheckpointReader(tmp_path / "nothing")
+    fresh, _, _ = build()
+    with pytest.raises(CheckpointError, match="delta checkpoint needs a previous save"):
+        save(tmp_path / "d", fresh, delta=True)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    save(tmp_path / "c", model, opt)
+    before = (tmp_path / "c" / "manifest.json").read_text()
+    train(model, opt, dense, range(1, 2))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path / "c", model, opt)
+    assert (tmp_path / "c" / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    CheckpointReader(tmp_path / "c")
