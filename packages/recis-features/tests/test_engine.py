@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import assert_same, ragged
 
+import recis_kernels as rk
 from recis_features import (
     Feature,
     FeatureConflictError,
@@ -212,6 +213,33 @@ def test_duck_typed_ragged_and_numpy_columns_are_used_without_copying() -> None:
     assert out["seq"].values.data_ptr() == values.ctypes.data
     assert out["x"].data_ptr() == dense.ctypes.data
     assert out["seq"].offsets[0].tolist() == [0, 2, 2, 4]
+
+
+class _IoRagged:
+    """A recis-io ``Ragged``: tensors, offsets as a tuple; strings as their UTF-8 bytes."""
+
+    def __init__(self, values: torch.Tensor, offsets: tuple[torch.Tensor, ...]) -> None:
+        self.values = values
+        self.offsets = offsets
+
+
+def test_recis_io_string_and_nested_columns() -> None:
+    words = _IoRagged(torch.tensor(list(b"abcd"), dtype=torch.uint8), (torch.tensor([0, 2, 2, 4]),))
+    lists = _IoRagged(
+        torch.tensor([1, 2, 3, 4]), (torch.tensor([0, 2, 3]), torch.tensor([0, 1, 3, 4]))
+    )
+    engine = FeatureEngine(
+        [
+            Feature("w").select("words").hash("murmur", buckets=10),
+            Feature("l").select("lists").truncate(1, levels=3),
+        ]
+    )
+    out = engine({"words": words, "lists": lists})
+    expected = [(h % 2**64) % 10 for h in rk.hash_strings(["ab", "", "cd"], "murmur").tolist()]
+    assert out["w"].tolist() == expected
+    assert out["l"].offsets[0].tolist() == [0, 1, 2]
+    assert out["l"].offsets[1].tolist() == [0, 1, 2]
+    assert out["l"].values.tolist() == [1, 4]
 
 
 def test_empty_batch() -> None:

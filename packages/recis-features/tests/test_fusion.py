@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import ClassVar
@@ -253,9 +254,14 @@ def feature_sets(draw: st.DrawFn) -> list[Feature]:
 def test_fused_engine_equals_unfused_engine_and_each_feature_alone(
     features: list[Feature], batch: dict[str, object]
 ) -> None:
-    fused = FeatureEngine(features, passthrough=False)(batch)
+    engine = FeatureEngine(features, passthrough=False)
+    fused = engine(batch)
     unfused = FeatureEngine(features, passthrough=False, fused=False)(batch)
-    assert list(fused) == list(unfused)
+    restored = FeatureEngine.from_dict(json.loads(json.dumps(engine.to_dict())))
+    assert restored.fingerprint() == engine.fingerprint()
+    again = restored(batch)
+    assert list(fused) == list(unfused) == list(again)
     for f in features:
         assert_same(fused[f.name], unfused[f.name])
         assert_same(fused[f.name], f(batch))
+        assert_same(again[f.name], fused[f.name])
