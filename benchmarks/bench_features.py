@@ -13,19 +13,21 @@ Contenders, run back to back on the same batches, for the full set and for each 
   ``recis_kernels.feature_cross``), the way a hand-written preprocessing loop runs them.
 - ``FeatureEngine(fused=False)``: the engine running every op on its own.
 
-Before timing, every contender's outputs are checked equal. Run: ``python benchmarks/bench_features.py [--threads 1]``.
+Before timing, every contender's outputs are checked equal; the contenders are then timed in
+turns. Run: ``python benchmarks/bench_features.py [--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from _harness import measure, print_table, write_json
+from _harness import Stats, measure, print_table, write_json
 from data import NUM_DENSE, NUM_SPARSE, VOCAB_SIZES, generate_table
 
 import recis_kernels as rk
@@ -151,6 +153,20 @@ def _same(a: object, b: object) -> bool:
     return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _interleaved(contenders: dict[str, Callable[[], Any]], reps: int) -> dict[str, Stats]:
+    """Time the contenders in turns (one repetition each per round), so that load from other
+    processes on a shared machine falls on all of them alike; medians over the rounds."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            times[name].append(measure(fn, reps=1, warmup=0).median_s)
+    return {
+        name: Stats(statistics.median(t), min(t), max(t), tuple(t)) for name, t in times.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -177,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                 if bad:
                     print(f"{name}: outputs differ from the loop for {bad}", file=sys.stderr)
                     return 1
-        stats = {
-            "fused": measure(lambda e=fused: [e(b) for b in batches], reps=args.reps),
-            "loop": measure(lambda f=loop: [f(b) for b in batches], reps=args.reps),
-            "unfused": measure(lambda e=unfused: [e(b) for b in batches], reps=args.reps),
-        }
+        stats = _interleaved(
+            {
+                "fused": lambda e=fused: [e(b) for b in batches],
+                "loop": lambda f=loop: [f(b) for b in batches],
+                "unfused": lambda e=unfused: [e(b) for b in batches],
+            },
+            args.reps,
+        )
         per_batch = {k: s.median_s / args.batches * 1e3 for k, s in stats.items()}
         calls = sum(len(step) for step in fused.plan())
         table.append(
