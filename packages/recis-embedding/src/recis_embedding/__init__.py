@@ -24,6 +24,17 @@ from recis_embedding._optim import (
     sparse_parameters,
 )
 from recis_embedding._options import EmbeddingOption
+from recis_embedding._policies import (
+    AdmissionPolicy,
+    CapacityEviction,
+    EvictionPolicy,
+    FrequencyAdmission,
+    ProbabilityAdmission,
+    ReadOnlyAdmission,
+    StaleEviction,
+    make_policy,
+    register_policy,
+)
 from recis_embedding._table import HashTable, TableStats
 from recis_embedding.exceptions import (
     CheckpointError,
@@ -38,6 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "AdmissionPolicy",
+    "CapacityEviction",
     "CheckpointError",
     "CheckpointReader",
     "ConfigError",
@@ -45,6 +58,8 @@ __all__ = [
     "DynamicEmbedding",
     "EmbeddingEngine",
     "EmbeddingOption",
+    "EvictionPolicy",
+    "FrequencyAdmission",
     "HashTable",
     "Initializer",
     "InputError",
@@ -52,6 +67,8 @@ __all__ = [
     "KaimingUniform",
     "Normal",
     "OptimizerError",
+    "ProbabilityAdmission",
+    "ReadOnlyAdmission",
     "RecisEmbeddingError",
     "SparseAdagrad",
     "SparseAdam",
@@ -60,6 +77,7 @@ __all__ = [
     "SparseOptimizer",
     "SparseRowWiseAdagrad",
     "SparseSGD",
+    "StaleEviction",
     "TableFullError",
     "TableStats",
     "TruncatedNormal",
@@ -68,6 +86,8 @@ __all__ = [
     "XavierUniform",
     "__version__",
     "load",
+    "make_policy",
+    "register_policy",
     "save",
     "sparse_parameters",
 ]

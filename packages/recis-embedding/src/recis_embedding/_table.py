@@ -203,18 +203,26 @@ class HashTable:
         idx = miss.nonzero().squeeze(1)
         if idx.numel() == 0:
             return rows, is_new
-        self._check_capacity(ids[idx], tabs[idx])
+        self._check_capacity(ids[idx], tabs[idx], rows[rows >= 0])
         new_rows, fresh = self._map.find_or_insert(ids[idx], tabs[idx])
         rows[idx] = new_rows
         is_new[idx] = fresh
         self._initialize(new_rows, ids[idx], tabs[idx])
         return rows, is_new
 
-    def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor) -> None:
+    def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor, protect: torch.Tensor) -> None:
         if self.capacity is None:
             return
         pairs = torch.stack([ids, tabs.to(torch.int64)], dim=1)
         needed = torch.unique(pairs, dim=0).shape[0]
+        over = self._map.size + needed - self.capacity
+        if (
+            over > 0
+            and self.eviction is not None
+            and needed <= self.capacity - protect.unique().numel()
+            and self.eviction.make_room(self, over, protect)
+        ):
+            return
         if self._map.size + needed > self.capacity:
             raise TableFullError(
                 f"table {self.names[0]!r} is full: {self._map.size} rows, capacity "

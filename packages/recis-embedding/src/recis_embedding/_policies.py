@@ -1,0 +1,231 @@
+"""Admission and eviction policies for dynamic tables.
+
+Admission decides, in training mode, whether an id that is not in its table yet gets a row; an
+id held back reads the table's default value and receives no update. Eviction removes rows:
+after optimizer steps (staleness) or to make room when a table with a ``capacity`` is full
+(least-frequently or least-recently used). Every rejection and eviction is counted in
+:meth:`HashTable.stats`; nothing is dropped silently.
+
+Custom policies subclass :class:`AdmissionPolicy` or :class:`EvictionPolicy`;
+:func:`register_policy` makes them constructible by name with :func:`make_policy` (for configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recis_embedding.exceptions import ConfigError
+from recis_kernels import IdMap, fmix64
+
+if TYPE_CHECKING:
+    from recis_embedding._table import HashTable
+
+__all__ = [
+    "AdmissionPolicy",
+    "CapacityEviction",
+    "EvictionPolicy",
+    "FrequencyAdmission",
+    "ProbabilityAdmission",
+    "ReadOnlyAdmission",
+    "StaleEviction",
+    "make_policy",
+    "register_policy",
+]
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_policy(name: str, cls: type | None = None):
+    """Register a policy class under ``name`` (usable as a decorator)."""
+
+    def add(c: type) -> type:
+        if not issubclass(c, (AdmissionPolicy, EvictionPolicy)):
+            raise ConfigError(f"policy {name!r} must subclass AdmissionPolicy or EvictionPolicy")
+        _REGISTRY[name] = c
+        return c
+
+    return add(cls) if cls is not None else add
+
+
+def make_policy(name: str, **kwargs: Any) -> AdmissionPolicy | EvictionPolicy:
+    """Construct the policy registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown policy {name!r} (registered: {sorted(_REGISTRY)})")
+    return _REGISTRY[name](**kwargs)
+
+
+class AdmissionPolicy:
+    """Decides which absent ids get a row in training mode."""
+
+    def admit(self, table: HashTable, ids: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """``(N,) bool`` for distinct ``(table, id)`` keys: may an absent key be inserted."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint (default: none)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class ReadOnlyAdmission(AdmissionPolicy):
+    """Never insert: training reads existing rows and updates them, unknown ids read the default."""
+
+    def admit(self, table, ids, tables):
+        absent = table._map.find(ids, tables) < 0
+        table.count("admissions_rejected", int(absent.sum()))
+        return torch.zeros_like(absent)
+
+
+@dataclass(frozen=True)
+class ProbabilityAdmission(AdmissionPolicy):
+    """Insert an absent id with probability ``p``, decided by a hash of (id, seed, table step).
+
+    Deterministic for a given id and step, so runs are reproducible.
+    """
+
+    p: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ConfigError(f"ProbabilityAdmission needs 0 <= p <= 1, got {self.p}")
+
+    def admit(self, table, ids, tables):
+        absent = table._map.find(ids, tables) < 0
+        salt = (self.seed * 0x2545F4914F6CDD1D) ^ (table.step * 0x9E3779B1)
+        h = fmix64(ids ^ salt ^ tables.to(torch.int64))
+        u = ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+        ok = u < self.p
+        table.count("admissions_rejected", int((absent & ~ok).sum()))
+        return ok
+
+
+class FrequencyAdmission(AdmissionPolicy):
+    """Insert an id once it has been looked up in ``threshold`` batches (training mode).
+
+    Until then it reads the default value and is counted in a side map, so the table itself
+    holds only ids that proved frequent.
+
+    Args:
+        threshold: batches an id must appear in before it is admitted (1 admits at once).
+    """
+
+    def __init__(self, threshold: int = 2) -> None:
+        if threshold < 1:
+            raise ConfigError(f"FrequencyAdmission needs threshold >= 1, got {threshold}")
+        self.threshold = int(threshold)
+        self._seen: dict[int, tuple[IdMap, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"FrequencyAdmission(threshold={self.threshold})"
+
+    def admit(self, table, ids, tables):
+        absent = table._map.find(ids, tables) < 0
+        idx = absent.nonzero().squeeze(1)
+        ok = torch.ones_like(absent)
+        if idx.numel() == 0:
+            return ok
+        counter, counts = self._seen.get(id(table), (IdMap(device=table.device), None))
+        rows, _ = counter.find_or_insert(ids[idx], tables[idx])
+        if counts is None or counts.numel() < counter.num_rows:
+            grown = torch.zeros(
+                max(counter.num_rows, 16) * 2, dtype=torch.int64, device=table.device
+            )
+            if counts is not None:
+                grown[: counts.numel()] = counts
+            counts = grown
+        counts[rows] += 1
+        ready = counts[rows] >= self.threshold
+        ok[idx] = ready
+        if bool(ready.any()):
+            done = ready.nonzero().squeeze(1)
+            counts[rows[done]] = 0
+            counter.erase(ids[idx][done], tables[idx][done])
+        table.count("admissions_rejected", int((~ready).sum()))
+        self._seen[id(table)] = (counter, counts)
+        return ok
+
+
+class EvictionPolicy:
+    """Removes rows after optimizer steps or to make room in a full table."""
+
+    def touch(self, table: HashTable, rows: torch.Tensor, inverse: torch.Tensor) -> None:
+        """Record a training lookup of distinct ``rows`` (``-1``: absent) used ``inverse`` times."""
+        present = rows >= 0
+        counts = torch.bincount(inverse, minlength=rows.numel())
+        table.last_seen[rows[present]] = table.step
+        table.frequency[rows[present]] += counts[present]
+
+    def after_step(self, table: HashTable) -> None:
+        """Called after each optimizer step of ``table`` (default: nothing)."""
+
+    def make_room(self, table: HashTable, needed: int, protect: torch.Tensor) -> bool:
+        """Free ``needed`` rows of a full table, never one of the rows in ``protect`` (in use by
+        the current lookup); ``False`` if this policy does not evict for room."""
+        return False
+
+
+def _evict(table: HashTable, rows_mask_fn) -> int:
+    keys, tabs, rows = table._map.export()
+    victims = rows_mask_fn(rows)
+    if victims.numel() == 0:
+        return 0
+    n = table._erase(keys[victims], tabs[victims])
+    table.count("evictions", n)
+    return n
+
+
+@dataclass(frozen=True)
+class StaleEviction(EvictionPolicy):
+    """Evict ids not looked up in training for more than ``steps`` optimizer steps."""
+
+    steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"StaleEviction needs steps >= 1, got {self.steps}")
+
+    def after_step(self, table):
+        def stale(rows):
+            return ((table.step - table.last_seen[rows]) > self.steps).nonzero().squeeze(1)
+
+        _evict(table, stale)
+
+
+@dataclass(frozen=True)
+class CapacityEviction(EvictionPolicy):
+    """When a table with a ``capacity`` is full, evict least-frequently (``"lfu"``) or
+    least-recently (``"lru"``) used rows to make room; ties go to the older row."""
+
+    policy: str = "lfu"
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("lfu", "lru"):
+            raise ConfigError(
+                f"CapacityEviction policy must be 'lfu' or 'lru', got {self.policy!r}"
+            )
+
+    def make_room(self, table, needed, protect):
+        def coldest(rows):
+            free = ~torch.isin(rows, protect)
+            candidates = free.nonzero().squeeze(1)
+            rows = rows[candidates]
+            primary = table.frequency[rows] if self.policy == "lfu" else table.last_seen[rows]
+            order = torch.argsort(table.last_seen[rows], stable=True)
+            order = order[torch.argsort(primary[order], stable=True)]
+            return candidates[order[:needed]]
+
+        return _evict(table, coldest) >= needed
+
+
+for _name, _cls in {
+    "read_only": ReadOnlyAdmission,
+    "probability": ProbabilityAdmission,
+    "frequency": FrequencyAdmission,
+    "stale": StaleEviction,
+    "capacity": CapacityEviction,
+}.items():
+    register_policy(_name, _cls)
