@@ -9,6 +9,7 @@ identically), else in int64.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
 import torch
 
@@ -173,7 +174,10 @@ def _offsets(sizes: list[int], device) -> torch.Tensor:
 
 @torch.library.custom_op("recis::fused_bucketize", mutates_args=())
 def _fused_bucketize_op(
-    xs: torch.Tensor, sizes: list[int], bounds: torch.Tensor, b_sizes: list[int]
+    xs: torch.Tensor,
+    sizes: List[int],  # noqa: UP006
+    bounds: torch.Tensor,
+    b_sizes: List[int],  # noqa: UP006
 ) -> torch.Tensor:
     xs, bounds = xs.contiguous(), bounds.contiguous()
     if use_cuda_kernels(xs.device):

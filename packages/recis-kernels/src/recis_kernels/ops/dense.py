@@ -10,6 +10,7 @@ Example (2 levels, ``pad_value=0``)::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
 import torch
 
@@ -153,7 +154,10 @@ def _ragged_to_dense_cuda(values, offsets, pad, dims):
 
 @torch.library.custom_op("recis::ragged_to_dense", mutates_args=())
 def _ragged_to_dense_op(
-    values: torch.Tensor, offsets: list[torch.Tensor], pad: torch.Tensor, dims: list[int]
+    values: torch.Tensor,
+    offsets: List[torch.Tensor],  # noqa: UP006
+    pad: torch.Tensor,
+    dims: List[int],  # noqa: UP006
 ) -> torch.Tensor:
     values = values.contiguous()
     offsets = [o.contiguous() for o in offsets]

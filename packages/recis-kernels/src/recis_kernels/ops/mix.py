@@ -12,6 +12,7 @@ ratio constant before mixing: ``h_k = fmix64(id + (k + 1) * 0x9e3779b97f4a7c15)`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
 import torch
 
@@ -115,7 +116,7 @@ def _(ids):
 
 
 @torch.library.custom_op("recis::multi_hash", mutates_args=())
-def _multi_hash_op(ids: torch.Tensor, buckets: list[int]) -> torch.Tensor:
+def _multi_hash_op(ids: torch.Tensor, buckets: List[int]) -> torch.Tensor:  # noqa: UP006
     ids = ids.contiguous()
     if not use_cuda_kernels(ids.device):
         return _multi_hash_cpu(ids, buckets)

@@ -7,6 +7,7 @@ Ids are 64-bit patterns: ``-1`` is ``2**64 - 1``, so ``mod(tensor([-1]), 10)`` i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
 import torch
 
@@ -109,7 +110,7 @@ def _fused_mod_cuda(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch
 
 
 @torch.library.custom_op("recis::fused_mod", mutates_args=())
-def _fused_mod_op(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
+def _fused_mod_op(ids: torch.Tensor, sizes: List[int], ns: List[int]) -> torch.Tensor:  # noqa: UP006
     ids = ids.contiguous()
     if use_cuda_kernels(ids.device):
         return _fused_mod_cuda(ids, sizes, ns)
