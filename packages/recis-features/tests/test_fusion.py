@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from recis_features import (
     Feature,
     FeatureEngine,
+    FillMissing,
     Mod,
     RegistrationError,
     Transform,
@@ -265,3 +266,17 @@ def test_fused_engine_equals_unfused_engine_and_each_feature_alone(
         assert_same(fused[f.name], unfused[f.name])
         assert_same(fused[f.name], f(batch))
         assert_same(again[f.name], fused[f.name])
+
+
+def test_packed_fill_of_dense_floats_equals_each_fill(device: torch.device) -> None:
+    from recis_features._fused import fill_dense_packed
+
+    ops = [FillMissing(-1.0), FillMissing(2.5), FillMissing(0.0)]
+    xs = [
+        torch.tensor([1.0, math.nan, 3.0], device=device),
+        torch.tensor([[math.nan, 5.0], [6.0, math.nan]], device=device),
+        torch.zeros(0, device=device),
+    ]
+    for got, op, x in zip(fill_dense_packed(ops, xs), ops, xs, strict=True):
+        assert_same(got, op.apply(x))
+    assert fill_dense_packed(ops, xs)[1].tolist() == [[2.5, 5.0], [6.0, 2.5]]
