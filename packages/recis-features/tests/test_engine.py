@@ -329,3 +329,12 @@ def test_every_op_fused_matches_unfused_and_the_cpu(device: torch.device) -> Non
         assert_same(value.to("cpu"), on_cpu[f.name])
     assert fused["m"].tolist() == [5, (2**64 - 1) % 1000, 123, 7]
     assert fused["t3"].offsets[0].tolist() == [0, 2, 4, 6, 8]
+
+
+def test_casting_strings_raises() -> None:
+    engine = FeatureEngine([Feature("c").select("city", dtype="int64").mod(3)])
+    with pytest.raises(FeatureTypeError) as info:
+        engine({"city": ["a", "b"]})
+    assert str(info.value) == (
+        "column 'city' holds strings (list of 2), which cannot be cast to int64"
+    )

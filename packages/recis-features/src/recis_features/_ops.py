@@ -13,8 +13,8 @@ import recis_kernels as rk
 from recis_kernels import RaggedTensor
 
 from ._op import SourceOp, Transform, require
-from ._values import Value, dtype_from_name, dtype_kind, dtype_names, flat, rebuild
-from .exceptions import SerializationError
+from ._values import Value, describe, dtype_from_name, dtype_kind, dtype_names, flat, rebuild
+from .exceptions import FeatureTypeError, SerializationError
 
 __all__ = [
     "Bucketize",
@@ -83,7 +83,9 @@ class SelectField(SourceOp):
             return value.to(dtype)
         if isinstance(value, RaggedTensor):
             return value.with_values(value.values.to(dtype), value.weights)
-        return value
+        raise FeatureTypeError(
+            f"column {self.column!r} holds {describe(value)}, which cannot be cast to {self.dtype}"
+        )
 
 
 class SelectFields(SourceOp):
@@ -163,7 +165,10 @@ class Hash(Transform):
 
 
 class Mod(Transform):
-    """Unsigned 64-bit remainder of int64 ids by ``n`` (dense or ragged).
+    """Unsigned 64-bit remainder of ids by ``n``: ``-1`` is ``2**64 - 1``.
+
+    Input: integer ids, dense ``(B,)`` / ``(B, k)`` or ragged (values ``(N,)``). Output: int64
+    in ``[0, n)`` with the same shape, or the same offsets and weights.
 
     Args:
         n: the modulus, ``1 <= n < 2**63``.
@@ -193,8 +198,10 @@ class Mod(Transform):
 class Bucketize(Transform):
     """Bucket floats: bucket = number of boundaries ``<=`` x (a value on a boundary goes up).
 
-    Comparisons run in float64, so a float32 value and a boundary compare exactly. Fill NaN
-    first (:class:`FillMissing`) if it matters: NaN goes to bucket 0.
+    Input: floats, dense ``(B,)`` / ``(B, k)`` or ragged. Output: int64 bucket ids with the same
+    shape, or the same offsets and weights. Comparisons run in float64, so a float32 value and a
+    boundary compare exactly. Fill NaN first (:class:`FillMissing`) if it matters: NaN goes to
+    bucket 0.
 
     Args:
         boundaries: strictly increasing finite numbers (at least one). Output ids are int64 in
@@ -332,6 +339,11 @@ class IDMultiHash(Transform):
 class SequenceTruncate(Transform):
     """Truncate ragged sequences to at most ``length`` items, keeping the head or the tail.
 
+    Two levels, ``length=2``, ``side="tail"``::
+
+        rows    [[1, 2, 3], [], [4]]     values [1, 2, 3, 4]   offsets [0, 3, 3, 4]
+        kept    [[2, 3], [], [4]]        values [2, 3, 4]      offsets [0, 2, 2, 3]
+
     With ``levels=3`` (rows of sequences of id lists) the sequence level is truncated and then
     padded with empty lists up to ``length``.
 
@@ -371,7 +383,10 @@ class FillMissing(Transform):
     """Fill missing entries: NaN floats become ``value``; an empty ragged row gets one ``value``.
 
     Dense floats and one-level ragged values (ids or floats) are accepted; filled ragged
-    entries get weight 1.
+    entries get weight 1. With ``value=0``::
+
+        rows    [[3, 4], [], [5]]        values [3, 4, 5]      offsets [0, 2, 2, 3]
+        filled  [[3, 4], [0], [5]]       values [3, 4, 0, 5]   offsets [0, 2, 3, 4]
 
     Args:
         value: the fill value (an integer for id columns).
@@ -432,7 +447,7 @@ def _fill_empty_rows(r: RaggedTensor, fill: float) -> RaggedTensor:
 
 
 class Normalize(Transform):
-    """Standardize floats: ``(x - mean) / std``.
+    """Standardize floats: ``(x - mean) / std``, elementwise on dense or ragged values.
 
     Args:
         mean: subtracted first.
