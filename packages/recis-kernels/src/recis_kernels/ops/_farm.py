@@ -24,24 +24,28 @@ M = const(0xC6A4A7935BD1E995)
 Fetch = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _fetchers(data: torch.Tensor) -> tuple[Fetch, Fetch, torch.Tensor]:
+def _fetchers(data: torch.Tensor) -> tuple[Fetch, Fetch, Callable[[torch.Tensor], torch.Tensor]]:
     # Padding lets every 8-byte read of a short string stay in bounds; the extra bytes are never
-    # mixed into a hash because each length class only reads inside its string.
-    padded = torch.cat([data.to(torch.int64), data.new_zeros(8, dtype=torch.int64)])
+    # mixed into a hash because each length class only reads inside its string. Bytes stay uint8
+    # and are widened per read, so memory stays at the size of the input.
+    padded = torch.cat([data, data.new_zeros(8)])
+
+    def byte(pos: torch.Tensor) -> torch.Tensor:
+        return padded[pos].to(torch.int64)
 
     def fetch64(pos: torch.Tensor) -> torch.Tensor:
-        word = padded[pos]
+        word = byte(pos)
         for k in range(1, 8):
-            word = word | (padded[pos + k] << (8 * k))
+            word = word | (byte(pos + k) << (8 * k))
         return word
 
     def fetch32(pos: torch.Tensor) -> torch.Tensor:
-        word = padded[pos]
+        word = byte(pos)
         for k in range(1, 4):
-            word = word | (padded[pos + k] << (8 * k))
+            word = word | (byte(pos + k) << (8 * k))
         return word
 
-    return fetch64, fetch32, padded
+    return fetch64, fetch32, byte
 
 
 def _shift_mix(v: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,7 @@ def _hash_len16(u: torch.Tensor, v: torch.Tensor, mul: torch.Tensor | int) -> to
     return b * mul
 
 
-def _len0to16(fetch64, fetch32, padded, s, n):
+def _len0to16(fetch64, fetch32, byte, s, n):
     out = torch.full_like(s, K2)
     mul = K2 + n * 2
     big = n >= 8
@@ -75,7 +79,7 @@ def _len0to16(fetch64, fetch32, padded, s, n):
     small = (n > 0) & (n < 4)
     if small.any():
         ss, nn = s[small], n[small]
-        a, b, c = padded[ss], padded[ss + (nn >> 1)], padded[ss + nn - 1]
+        a, b, c = byte(ss), byte(ss + (nn >> 1)), byte(ss + nn - 1)
         y = a + (b << 8)
         z = nn + (c << 2)
         out[small] = _shift_mix(y * K2 ^ z * K0) * K2
@@ -159,12 +163,12 @@ def _len_over64(fetch64, s, n):
 
 def farm_fingerprint64(data: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """FarmHash Fingerprint64 of each ``data[offsets[i]:offsets[i+1]]``; int64 ``(S,)``."""
-    fetch64, fetch32, padded = _fetchers(data)
+    fetch64, fetch32, byte = _fetchers(data)
     starts = offsets[:-1]
     lens = offsets.diff()
     out = torch.empty_like(starts)
     classes = (
-        (lens <= 16, lambda s, n: _len0to16(fetch64, fetch32, padded, s, n)),
+        (lens <= 16, lambda s, n: _len0to16(fetch64, fetch32, byte, s, n)),
         ((lens > 16) & (lens <= 32), lambda s, n: _len17to32(fetch64, s, n)),
         ((lens > 32) & (lens <= 64), lambda s, n: _len33to64(fetch64, s, n)),
         (lens > 64, lambda s, n: _len_over64(fetch64, s, n)),
@@ -177,7 +181,7 @@ def farm_fingerprint64(data: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
 
 def murmur64a(data: torch.Tensor, offsets: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """MurmurHash64A of each ``data[offsets[i]:offsets[i+1]]``; int64 ``(S,)``."""
-    fetch64, _, padded = _fetchers(data)
+    fetch64, _, byte = _fetchers(data)
     starts = offsets[:-1]
     lens = offsets.diff()
     h = const(seed) ^ (lens * M)
@@ -191,8 +195,7 @@ def murmur64a(data: torch.Tensor, offsets: torch.Tensor, seed: int = 0) -> torch
     tail_start = starts + blocks * 8
     tail = torch.zeros_like(h)
     for k in range(7):
-        byte = padded[tail_start + k]
-        tail = tail | torch.where(tail_len > k, byte << (8 * k), 0)
+        tail = tail | torch.where(tail_len > k, byte(tail_start + k) << (8 * k), 0)
     h = torch.where(tail_len > 0, (h ^ tail) * M, h)
     h = h ^ shr(h, 47)
     h = h * M

@@ -146,9 +146,10 @@ def _from_arrow(strings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not isinstance(strings, pa.Array):
         return None
     t = strings.type
-    if pa.types.is_string_view(t) if hasattr(pa.types, "is_string_view") else False:
+    # View layouts (pyarrow >= 16) have no offsets buffer; convert them to the offsets layout.
+    if getattr(pa.types, "is_string_view", lambda _: False)(t):
         strings = strings.cast(pa.large_string())
-    elif pa.types.is_binary_view(t) if hasattr(pa.types, "is_binary_view") else False:
+    elif getattr(pa.types, "is_binary_view", lambda _: False)(t):
         strings = strings.cast(pa.large_binary())
     t = strings.type
     if pa.types.is_string(t) or pa.types.is_binary(t):
