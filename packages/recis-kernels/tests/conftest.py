@@ -89,3 +89,67 @@ def signed64(x: int) -> int:
     """The int64 with the bit pattern of the unsigned 64-bit ``x``."""
     x &= (1 << 64) - 1
     return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# -- optional host emulation of the CUDA kernels -------------------------------------------------
+
+# Kernel sources that are plain grid-stride loops; each is launched by the op module of its name.
+EMULATED_KERNELS = ("mod", "hashing", "mix", "bucketize", "dense", "feature_cross", "truncate",
+                    "segment_reduce")  # fmt: skip
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--emulate-kernels",
+        action="store_true",
+        help="compile the grid-stride CUDA kernels as host C++ ($CXX, default g++) and run every "
+        "op through its kernel launch path on CPU tensors",
+    )
+
+
+@pytest.fixture(scope="session")
+def _host_kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from recis_kernels._cuda import compiler
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        raise pytest.UsageError("--emulate-kernels needs a C++ compiler (set CXX)")
+    out = tmp_path_factory.mktemp("host-kernels")
+    shim = Path(__file__).with_name("host_shim.h")
+    src = compiler._source_dir()
+    libs = {}
+    for name in EMULATED_KERNELS:
+        lib = out / f"lib{name}.so"
+        cmd = [cxx, "-x", "c++", "-std=c++17", "-O1", "-w", "-shared", "-fPIC", "-include", str(shim),
+               "-I", str(src), str(src / f"{name}.cu"), "-o", str(lib)]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        libs[name] = ctypes.CDLL(str(lib))
+    return libs
+
+
+@pytest.fixture(autouse=True)
+def _emulate_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    if not request.config.getoption("--emulate-kernels"):
+        return
+    import importlib
+
+    import recis_kernels._cuda as cuda_pkg
+    from recis_kernels._cuda.launcher import _CTYPES
+
+    libs = request.getfixturevalue("_host_kernels")
+
+    def host_launch(module_name, kernel, grid, block, args, *, device, shared_mem=0):
+        fn = getattr(libs[module_name], kernel)
+        fn.restype = None
+        fn.argtypes = [_CTYPES[kind] for kind, _ in args]
+        fn(*[v.data_ptr() if isinstance(v, torch.Tensor) else v for _, v in args])
+
+    monkeypatch.setattr(cuda_pkg, "launch", host_launch)
+    for module in EMULATED_KERNELS:
+        mod = importlib.import_module(f"recis_kernels.ops.{module}")
+        monkeypatch.setattr(mod, "use_cuda_kernels", lambda device: True)
