@@ -105,51 +105,101 @@ def save(
         )
     if delta and Path(str(next(iter(parents)))) == path.resolve():
         raise CheckpointError(f"a delta checkpoint cannot replace its own parent {path}")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shard = _shard_context(model)
+    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
+    tmp = (
+        path.parent / f".{path.name}.tmp"
+        if shard
+        else path.parent / f".{path.name}.tmp-{os.getpid()}"
+    )
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "sparse").mkdir(parents=True)
+    _barrier(shard)
     try:
-        _write(tmp, model, tables, sparse_optimizer, delta, parents)
+        infos = {
+            name: _save_table(tmp, name, table, index, delta, rank, world)
+            for name, (table, index) in sorted(tables.items())
+        }
+        files = {
+            f.relative_to(tmp).as_posix(): _sha256(f)
+            for f in sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
+        }
+        gathered = _gather(shard, (infos, files))
+        if rank == 0:
+            _write(tmp, model, gathered, sparse_optimizer, delta, parents, world)
     except BaseException:
         # A failed save must not leave half-written files next to the previous checkpoint.
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace(tmp, path)
+    if rank == 0:
+        _replace(tmp, path)
+    _barrier(shard)
     for table in physical:
         table.mark_saved(path.resolve())
     return path
 
 
+def _shard_context(model: nn.Module):
+    contexts = {id(e.shard): e.shard for e in _engines(model) if e.shard is not None}
+    if not contexts:
+        return None
+    if len(contexts) > 1 or any(e.shard is None for e in _engines(model)):
+        raise CheckpointError("all embedding modules of a model must share one sharding context")
+    return next(iter(contexts.values()))
+
+
+def _barrier(shard) -> None:
+    if shard is not None:
+        torch.distributed.barrier(group=shard.group)
+
+
+def _gather(shard, item):
+    if shard is None:
+        return [item]
+    out: list[Any] = [None] * shard.world_size
+    torch.distributed.all_gather_object(out, item, group=shard.group)
+    return out
+
+
 def _write(
     tmp: Path,
     model: nn.Module,
-    tables: dict[str, tuple[HashTable, int]],
+    gathered: list[tuple[dict[str, Any], dict[str, str]]],
     sparse_optimizer: SparseOptimizer | None,
     delta: bool,
     parents: set[Any],
+    world: int,
 ) -> None:
-    (tmp / "sparse").mkdir(parents=True)
+    tables: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for infos, shard_files in gathered:
+        files.update(shard_files)
+        for name, info in infos.items():
+            if name not in tables:
+                tables[name] = dict(info, files=[], rows=0)
+            tables[name]["files"] += info["files"]
+            tables[name]["rows"] += info["rows"]
     manifest: dict[str, Any] = {
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": "delta" if delta else "full",
         "parent": str(next(iter(parents))) if delta else None,
-        "world_size": 1,
-        "tables": {},
+        "world_size": world,
+        "tables": tables,
         "optimizer": None,
-        "files": {},
+        "files": files,
     }
-    for name, (table, index) in sorted(tables.items()):
-        manifest["tables"][name] = _save_table(tmp, name, table, index, delta)
     dense = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(dense, str(tmp / "dense.safetensors"))
+    files["dense.safetensors"] = _sha256(tmp / "dense.safetensors")
     if sparse_optimizer is not None:
         manifest["optimizer"] = {
             "class": type(sparse_optimizer).__name__,
             "state": sparse_optimizer.state_dict(),
         }
-    for f in sorted(tmp.rglob("*.safetensors")):
-        manifest["files"][f.relative_to(tmp).as_posix()] = _sha256(f)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -162,7 +212,9 @@ def _replace(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
-def _save_table(root: Path, name: str, table: HashTable, index: int, delta: bool) -> dict[str, Any]:
+def _save_table(
+    root: Path, name: str, table: HashTable, index: int, delta: bool, rank: int, world: int
+) -> dict[str, Any]:
     keys, tabs, rows = table.export()
     mine = tabs == index
     ids, rows = keys[mine], rows[mine]
@@ -180,7 +232,7 @@ def _save_table(root: Path, name: str, table: HashTable, index: int, delta: bool
         start += width
     tensors["meta.frequency"] = table.frequency[rows].clone()
     tensors["meta.last_seen"] = table.last_seen[rows].clone()
-    fname = f"sparse/{quote(name, safe='')}.shard-00000-of-00001.safetensors"
+    fname = f"sparse/{quote(name, safe='')}.shard-{rank:05d}-of-{world:05d}.safetensors"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(root / fname))
     return {
         "dim": table.dim,
@@ -316,6 +368,7 @@ def load(
         chain.append(CheckpointReader(parent))
     chain.reverse()
     tables = _logical_tables(model)
+    shard = _shard_context(model)
     _check_tables(chain[-1], tables, strict)
     cleared: set[int] = set()
     for reader in chain:
@@ -325,7 +378,7 @@ def load(
             if reader.kind == "full" and id(table) not in cleared:
                 table.clear()
                 cleared.add(id(table))
-            _load_table(reader, name, table, index)
+            _load_table(reader, name, table, index, shard)
     try:
         model.load_state_dict(chain[-1].dense(), strict=strict)
     except RuntimeError as exc:
@@ -364,8 +417,12 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
             )
 
 
-def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int) -> None:
+def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int, shard) -> None:
     data = reader.read_all(name)
+    if shard is not None:
+        # Resharding: whatever world size wrote the files, keep the ids this rank owns.
+        mine = shard.owns(data["ids"])
+        data = {k: (v if k == "erased" else v[mine]) for k, v in data.items()}
     if "erased" in data and data["erased"].numel():
         table.erase(data["erased"].to(table.device), index)
     ids = data["ids"].to(table.device)

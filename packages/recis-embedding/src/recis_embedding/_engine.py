@@ -11,6 +11,7 @@ from torch import nn
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
 from recis_embedding._pooling import bag_weights, padded_gather, pool, segment_ids
+from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
 
@@ -43,6 +44,10 @@ class EmbeddingEngine(nn.Module):
         options: feature name -> :class:`EmbeddingOption`.
         fuse: fuse tables with equal storage properties (``False`` keeps one physical table per
             logical table; results are identical).
+        shard: spread every table's rows over the ranks of ``process_group`` (row-wise, owner =
+            ``recis_kernels.owner_rank(id, world_size)``); needs ``torch.distributed``
+            initialized, and every rank must run the same lookups and optimizer steps.
+        process_group: the group to shard over (default: the whole world).
 
     Example:
         >>> engine = EmbeddingEngine({"user": EmbeddingOption(8), "item": EmbeddingOption(8)})
@@ -51,10 +56,18 @@ class EmbeddingEngine(nn.Module):
         torch.Size([2, 8])
     """
 
-    def __init__(self, options: Mapping[str, EmbeddingOption], *, fuse: bool = True) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, EmbeddingOption],
+        *,
+        fuse: bool = True,
+        shard: bool = False,
+        process_group: object = None,
+    ) -> None:
         super().__init__()
         self.options = dict(options)
         self.fuse = fuse
+        self.shard = ShardContext(process_group) if shard else None
         self.logical: dict[str, tuple[HashTable, int]] = {}
         self.physical: list[HashTable] = []
         self._table_of: dict[str, str] = {}
@@ -156,6 +169,25 @@ class EmbeddingEngine(nn.Module):
         counts = torch.tensor([i.values.numel() for i in ids]).to(values.device)
         tabs = torch.repeat_interleave(per_feature, counts)
         keys, key_tabs, inverse, self._grouping = _dedup(values, tabs)
+        exchange, num_local = None, keys.numel()
+        if self.shard is not None:
+            keys, key_tabs, exchange = self.shard.route(keys, key_tabs)
+        rows, emb = self._serve(table, keys, key_tabs)
+        if exchange is not None:
+            emb = exchange.from_owners(emb, num_local)
+        if self.training:
+            if table.eviction is not None:
+                uses = inverse if exchange is None else torch.arange(rows.numel())
+                table.eviction.touch(table, rows, uses)
+            if torch.is_grad_enabled() and self._trainable(table):
+                emb.requires_grad_(True)
+                table.pending.append(Pending(rows, emb, exchange))
+        return emb, inverse
+
+    def _serve(
+        self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and embeddings of distinct keys this rank owns (inserting in training mode)."""
         if self.training:
             admit = None
             if table.admission is not None:
@@ -163,21 +195,13 @@ class EmbeddingEngine(nn.Module):
             rows, _ = table.find_or_insert(keys, key_tabs, admit=admit)
         else:
             rows = table.find(keys, key_tabs)
-        # The distinct keys make `rows` distinct too, except -1 for ids not in the table.
         present = rows >= 0
         if bool(present.all()):
-            emb = table.read(rows)
-        else:
-            emb = torch.full((rows.numel(), table.dim), table.default_value, device=rows.device)
-            idx = present.nonzero().squeeze(1)
-            emb[idx] = table.read(rows[idx])
-        if self.training:
-            if table.eviction is not None:
-                table.eviction.touch(table, rows, inverse)
-            if torch.is_grad_enabled() and self._trainable(table):
-                emb.requires_grad_(True)
-                table.pending.append((rows, emb))
-        return emb, inverse
+            return rows, table.read(rows)
+        emb = torch.full((rows.numel(), table.dim), table.default_value, device=rows.device)
+        idx = present.nonzero().squeeze(1)
+        emb[idx] = table.read(rows[idx])
+        return rows, emb
 
     def _trainable(self, table: HashTable) -> bool:
         name = table.names[0]

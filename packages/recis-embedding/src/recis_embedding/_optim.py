@@ -152,12 +152,18 @@ class SparseOptimizer(torch.optim.Optimizer):
 
 
 def _collect(table: HashTable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    entries = [(r, e.grad) for r, e in table.pending if e.grad is not None]
+    # Every pending entry is visited, even without a gradient: sharded entries exchange
+    # gradients collectively and all ranks must take part.
+    entries = [
+        (p.rows, g, p.exchange is not None)
+        for p in table.pending
+        if (g := p.gradient()) is not None
+    ]
     if not entries:
         return None, None
-    rows = torch.cat([r for r, _ in entries]) if len(entries) > 1 else entries[0][0]
-    grads = torch.cat([g for _, g in entries]) if len(entries) > 1 else entries[0][1]
-    if len(entries) > 1:
+    rows = torch.cat([r for r, _, _ in entries]) if len(entries) > 1 else entries[0][0]
+    grads = torch.cat([g for _, g, _ in entries]) if len(entries) > 1 else entries[0][1]
+    if len(entries) > 1 or entries[0][2]:
         rows, inverse = torch.unique(rows, return_inverse=True)
         summed = torch.zeros(rows.numel(), grads.shape[1], device=grads.device)
         grads = summed.index_add_(0, inverse, grads)

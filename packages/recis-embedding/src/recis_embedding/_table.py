@@ -109,7 +109,7 @@ class HashTable:
         self.frequency = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
         self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending: list = []  # recis_embedding._sharding.Pending entries
         self.last_checkpoint: object = None
         # torch optimizers only accept tensors; this empty leaf stands for the table.
         self.handle = torch.empty(0)

@@ -1,0 +1,135 @@
+"""Row-wise sharding over 2 and 3 CPU processes (gloo) against a single-process run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from recis_embedding import EmbeddingEngine, EmbeddingOption, Normal, SparseAdam, load, save
+from recis_kernels import RaggedTensor, owner_rank
+
+B, DIM, STEPS = 4, 3, 3
+FEATURES = ("user", "hist")
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+
+def make_engine(shard: bool, group: object = None) -> EmbeddingEngine:
+    init = Normal(std=0.5)
+    return EmbeddingEngine(
+        {
+            "user": EmbeddingOption(DIM, initializer=init),
+            "hist": EmbeddingOption(DIM, initializer=init, combiner="mean"),
+        },
+        shard=shard,
+        process_group=group,
+    )
+
+
+def rank_batch(step: int, rank: int) -> dict:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    ids = torch.randint(-6, 6, (10,), generator=g) * ((1 << 61) + 1)
+    lengths = torch.tensor([3, 0, 2, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return {"user": ids[:B, None], "hist": RaggedTensor(ids[B : B + 6], offsets)}
+
+
+def global_batch(step: int, world: int) -> dict:
+    parts = [rank_batch(step, r) for r in range(world)]
+    values = torch.cat([p["hist"].values for p in parts])
+    lengths = torch.cat([p["hist"].lengths() for p in parts])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return {"user": torch.cat([p["user"] for p in parts]), "hist": RaggedTensor(values, offsets)}
+
+
+def loss(out: dict, step: int, rows: slice) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    total = 0
+    for f in FEATURES:
+        target = torch.randn(64, DIM, generator=g)[rows]
+        total = total + (out[f] - target).square().sum()
+    return total
+
+
+def table_state(engine: EmbeddingEngine) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (table, index) in sorted(engine.logical.items()):
+        ids = table.ids(index)
+        out[f"{name}.ids"] = ids
+        out[f"{name}.rows"] = table.read_full(table.find(ids, index))
+    return out
+
+
+def _worker(rank: int, world: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=world)
+    # Phase 1: ranks 0 and 1 train a table sharded over a 2-rank group and save it.
+    pair = dist.new_group([0, 1])
+    if rank < 2:
+        engine = make_engine(shard=True, group=pair)
+        opt = SparseAdam(engine, lr=0.05)
+        outs = []
+        for k in range(STEPS):
+            out = engine(rank_batch(k, rank))
+            outs.append({f: out[f].detach().clone() for f in FEATURES})
+            loss(out, k, slice(rank * B, (rank + 1) * B)).backward()
+            opt.step()
+            opt.zero_grad()
+        save(Path(root) / "ckpt2", engine, opt)
+        torch.save({"outs": outs, "state": table_state(engine)}, Path(root) / f"train-{rank}.pt")
+    dist.barrier()
+    # Phase 2: all 3 ranks load the 2-shard checkpoint and save it as 3 shards.
+    engine = make_engine(shard=True)
+    opt = SparseAdam(engine, lr=0.05)
+    load(Path(root) / "ckpt2", engine, opt)
+    save(Path(root) / "ckpt3", engine, opt)
+    torch.save({"state": table_state(engine)}, Path(root) / f"reshard-{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
+
+    # The same data in one process: both ranks' batches concatenated, losses summed.
+    ref = make_engine(shard=False)
+    opt = SparseAdam(ref, lr=0.05)
+    ref_outs = []
+    for k in range(STEPS):
+        out = ref(global_batch(k, 2))
+        ref_outs.append({f: out[f].detach().clone() for f in FEATURES})
+        loss(out, k, slice(0, 2 * B)).backward()
+        opt.step()
+        opt.zero_grad()
+    expected = table_state(ref)
+
+    ranks = [torch.load(tmp_path / f"train-{r}.pt") for r in range(2)]
+    for k in range(STEPS):
+        for f in FEATURES:
+            got = torch.cat([ranks[r]["outs"][k][f] for r in range(2)])
+            torch.testing.assert_close(got, ref_outs[k][f], rtol=1e-6, atol=1e-6)
+    for name in ("user", "hist"):
+        ids = torch.cat([ranks[r]["state"][f"{name}.ids"] for r in range(2)])
+        for r in range(2):
+            owned = ranks[r]["state"][f"{name}.ids"]
+            assert bool((owner_rank(owned, 2) == r).all())
+        order = torch.argsort(ids)
+        assert torch.equal(ids[order], expected[f"{name}.ids"])
+        rows = torch.cat([ranks[r]["state"][f"{name}.rows"] for r in range(2)])[order]
+        torch.testing.assert_close(rows, expected[f"{name}.rows"], rtol=1e-6, atol=1e-6)
+
+    # Resharding: the 2-rank checkpoint loaded into 3 ranks, their checkpoint into 1 process.
+    for r in range(3):
+        state = torch.load(tmp_path / f"reshard-{r}.pt")["state"]
+        assert bool((owner_rank(state["user.ids"], 3) == r).all())
+    single = make_engine(shard=False)
+    load(tmp_path / "ckpt3", single, SparseAdam(single, lr=0.05))
+    got = table_state(single)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
