@@ -162,7 +162,7 @@ class FeatureEngine(nn.Module):
             FeatureTypeError: an op got a value of the wrong kind.
             FeatureConflictError: a pass-through column has a feature's name.
         """
-        values: list[Value] = [None] * len(self._nodes)  # type: ignore[list-item]
+        values: list[Value] = [None] * len(self._nodes)
         columns = self._read_columns(batch)
         for groups in self._steps:
             for group in groups:

@@ -109,7 +109,7 @@ def fused_multi_hash(ops: Sequence[IDMultiHash], values: Sequence[Value]) -> lis
     by_width: dict[int, list[int]] = defaultdict(list)
     for k, op in enumerate(ops):
         by_width[len(op.buckets)].append(k)
-    outs: list[Value] = [None] * len(ops)  # type: ignore[list-item]
+    outs: list[Value] = [None] * len(ops)
     for width, members in by_width.items():
         ids = [flat(values[k]).to(torch.int64) for k in members]
         full = rk.multi_hash(torch.cat(ids), [0] * width).split([i.shape[0] for i in ids])
@@ -153,7 +153,7 @@ def fused_truncate(ops: Sequence[SequenceTruncate], values: Sequence[Value]) -> 
     by_layout: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = defaultdict(list)
     for k, v in enumerate(values):
         by_layout[(v.values.dtype, tuple(v.values.shape[1:]))].append(k)
-    outs: list[Value] = [None] * len(ops)  # type: ignore[list-item]
+    outs: list[Value] = [None] * len(ops)
     for members in by_layout.values():
         results = rk.fused_truncate(
             [values[k] for k in members],

@@ -79,7 +79,7 @@ class Op:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.key() == other.key()  # type: ignore[attr-defined]
+        return type(other) is type(self) and self.key() == other.key()
 
     def __hash__(self) -> int:
         return hash(self.key())
