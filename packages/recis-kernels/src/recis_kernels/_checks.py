@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ def check_1d(op: str, name: str, tensor: torch.Tensor) -> None:
         raise ShapeError(f"{op}: {name} must be 1-d, got shape {tuple(tensor.shape)}")
 
 
-def check_same_device(op: str, tensors: dict[str, torch.Tensor | None]) -> torch.device:
+def check_same_device(op: str, tensors: Mapping[str, torch.Tensor | None]) -> torch.device:
     present = {k: t for k, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:

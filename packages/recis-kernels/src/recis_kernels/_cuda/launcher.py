@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -13,9 +14,9 @@ from recis_kernels.exceptions import CudaUnavailableError, KernelLaunchError
 
 __all__ = ["launch"]
 
-_functions: dict[tuple[int, str, str], object] = {}
-_modules: dict[tuple[int, str], object] = {}
-_contexts: dict[int, object] = {}
+_functions: dict[tuple[int, str, str], Any] = {}
+_modules: dict[tuple[int, str], Any] = {}
+_contexts: dict[int, Any] = {}
 _lock = threading.Lock()
 
 # Scalar argument kinds accepted by :func:`launch`, mapped to their C types.

@@ -146,8 +146,8 @@ def _len_over64(fetch64, s, n):
         p = torch.where(active, s + 64 * t, s)
         nx, ny, nz, nv, nw = _block(fetch64, p, x, y, z, v, w, K1, last=False)
         x, y, z = (torch.where(active, a, b) for a, b in ((nx, x), (ny, y), (nz, z)))
-        v = tuple(torch.where(active, a, b) for a, b in zip(nv, v, strict=True))
-        w = tuple(torch.where(active, a, b) for a, b in zip(nw, w, strict=True))
+        v = (torch.where(active, nv[0], v[0]), torch.where(active, nv[1], v[1]))
+        w = (torch.where(active, nw[0], w[0]), torch.where(active, nw[1], w[1]))
     mul = K1 + ((z & 0xFF) << 1)
     last64 = s + n - 64
     w0 = w[0] + ((n - 1) & 63)
@@ -194,8 +194,8 @@ def murmur64a(data: torch.Tensor, offsets: torch.Tensor, seed: int = 0) -> torch
     tail_len = lens & 7
     tail_start = starts + blocks * 8
     tail = torch.zeros_like(h)
-    for k in range(7):
-        tail = tail | torch.where(tail_len > k, byte(tail_start + k) << (8 * k), 0)
+    for j in range(7):
+        tail = tail | torch.where(tail_len > j, byte(tail_start + j) << (8 * j), 0)
     h = torch.where(tail_len > 0, (h ^ tail) * M, h)
     h = h ^ shr(h, 47)
     h = h * M

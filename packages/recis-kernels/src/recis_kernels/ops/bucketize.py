@@ -38,12 +38,12 @@ def _boundaries(op: str, where: str, b: torch.Tensor | Sequence[float], device) 
 
 
 def _check_x(op: str, where: str, x: object) -> torch.Tensor:
-    check_tensor(op, where, x)
-    if x.dtype not in _INTS + _FLOATS:
+    t = check_tensor(op, where, x)
+    if t.dtype not in _INTS + _FLOATS:
         raise UnsupportedDtypeError(
-            f"{op}: {where} must be an integer or float tensor, got {x.dtype}"
+            f"{op}: {where} must be an integer or float tensor, got {t.dtype}"
         )
-    return x
+    return t
 
 
 def bucketize(x: torch.Tensor, boundaries: torch.Tensor | Sequence[float]) -> torch.Tensor:

@@ -206,7 +206,7 @@ def _split(out: RaggedTensor, dropped, padded, rows: list[int]) -> list[Truncate
     for n in rows:
         parts.append(
             TruncateResult(
-                out[start : start + n], dropped[start : start + n], padded[start : start + n]
+                out._slice(start, start + n), dropped[start : start + n], padded[start : start + n]
             )
         )
         start += n
