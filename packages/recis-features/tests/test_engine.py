@@ -338,3 +338,18 @@ def test_casting_strings_raises() -> None:
     assert str(info.value) == (
         "column 'city' holds strings (list of 2), which cannot be cast to int64"
     )
+
+
+def test_engines_pickle_and_deepcopy() -> None:
+    import copy
+    import pickle
+
+    engine = FeatureEngine(
+        [Feature("a").select("user_id").mod(7), Feature("b").select("price").bucketize([1.0])]
+    )
+    expected = engine(_batch())
+    for clone in (pickle.loads(pickle.dumps(engine)), copy.deepcopy(engine)):
+        assert clone.fingerprint() == engine.fingerprint()
+        got = clone(_batch())
+        for name in ("a", "b"):
+            assert_same(got[name], expected[name])
