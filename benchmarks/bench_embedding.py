@@ -88,8 +88,9 @@ def recis_step_factory(batches, optimizer: str):
     return step, engine
 
 
-def embedding_bag_step_factory(batches):
-    sizes = [*VOCAB_SIZES, VOCAB_SIZES[1]]
+def embedding_bag_step_factory(batches, static_rows: int):
+    vocab = [*VOCAB_SIZES, VOCAB_SIZES[1]]
+    sizes = [static_rows] * len(vocab) if static_rows else vocab
     bags = [torch.nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in sizes]
     opt = torch.optim.SparseAdam([p for b in bags for p in b.parameters()], lr=1e-3)
     head = _head(len(bags))
@@ -120,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--static-rows",
+        type=int,
+        default=1_000_000,
+        help="rows per nn.EmbeddingBag table (ids modulo it; RESEARCH.md's anchor used 1M); "
+        "0: each feature's vocabulary size",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(len(batches)):
         recis_rw()
     results["recis + SparseRowWiseAdagrad"] = measure(recis_rw, reps=args.reps, warmup=1)
-    bag_step = embedding_bag_step_factory(batches)
+    bag_step = embedding_bag_step_factory(batches, args.static_rows)
     results["nn.EmbeddingBag + SparseAdam"] = measure(bag_step, reps=args.reps, warmup=2)
+    del bag_step
 
     try:
         import fbgemm_gpu  # noqa: F401
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(["FBGEMM TBE (CPU, row-wise Adagrad)", fbgemm, "", ""])
     print_table(
         f"embedding train step: batch {BATCH}, 26 single-id + 1 sequence feature, dim {DIM}, "
-        f"{ids_per_batch:,.0f} ids/batch, torch threads {torch.get_num_threads()}",
+        f"{ids_per_batch:,.0f} ids/batch, EmbeddingBag rows/table "
+        f"{args.static_rows or 'vocabulary'}, torch threads {torch.get_num_threads()}",
         ["contender", "samples/s", "median ms/step", "x EmbeddingBag+SparseAdam"],
         rows,
     )
@@ -166,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": BATCH,
             "dim": DIM,
             "ids_per_batch": ids_per_batch,
+            "static_rows": args.static_rows,
             "recis_table_rows": rows_adam,
             "fbgemm": fbgemm,
             "results": {
