@@ -8,7 +8,20 @@ import torch
 
 from recis_kernels.exceptions import ShapeError, UnsupportedDeviceError, UnsupportedDtypeError
 
-__all__ = ["check_1d", "check_dtype", "check_same_device", "check_tensor"]
+__all__ = [
+    "can_inspect",
+    "check_1d",
+    "check_dtype",
+    "check_same_device",
+    "check_tensor",
+    "grid_for",
+]
+
+
+def can_inspect(t: torch.Tensor) -> bool:
+    """Whether checks that read ``t``'s values are cheap and allowed: a CPU tensor, outside
+    ``torch.compile`` tracing (where reading values would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recis_kernels._checks import can_inspect
 from recis_kernels.exceptions import RaggedError
 
 __all__ = ["RaggedTensor"]
@@ -96,7 +97,7 @@ class RaggedTensor:
         self.values = values
         self.offsets: list[torch.Tensor] = offs
         self.weights = weights
-        if validate or (validate is None and values.device.type == "cpu"):
+        if validate or (validate is None and can_inspect(values)):
             self.validate()
 
     # -- structure -------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def _boundaries(op: str, where: str, b: torch.Tensor | Sequence[float], device) 
         raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {t.dtype}")
     if t.dim() != 1:
         raise ShapeError(f"{op}: {where} must be 1-d, got shape {tuple(t.shape)}")
+    if torch.compiler.is_compiling():
+        return t.to(device)
     if t.is_floating_point() and bool(t.isnan().any()):
         raise ValueError(f"{op}: {where} must not contain NaN")
     if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):

@@ -15,7 +15,7 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
-from recis_kernels._checks import check_dtype, check_tensor, grid_for
+from recis_kernels._checks import can_inspect, check_dtype, check_tensor, grid_for
 from recis_kernels.exceptions import RaggedError, ShapeError
 from recis_kernels.ragged import RaggedTensor
 
@@ -246,7 +246,7 @@ def _dense_lengths(op, dense, lengths, pad_value) -> list[torch.Tensor]:
                     f"{op}: lengths[{k}] must have shape {shape}, got {tuple(t.shape)}"
                 )
             limit = dense.shape[k + 1]
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) > limit):
+            if can_inspect(t) and t.numel() and (int(t.min()) < 0 or int(t.max()) > limit):
                 raise RaggedError(
                     f"{op}: lengths[{k}] must lie in [0, {limit}], got values in [{int(t.min())}, {int(t.max())}]"
                 )

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
-from recis_kernels._checks import check_1d, check_dtype, check_same_device, check_tensor, grid_for
+from recis_kernels._checks import (
+    can_inspect,
+    check_1d,
+    check_dtype,
+    check_same_device,
+    check_tensor,
+    grid_for,
+)
 from recis_kernels.ops._farm import farm_fingerprint64, murmur64a
 from recis_kernels.ops._uint64 import umod_const
 
@@ -71,7 +78,7 @@ def hash_bytes(
     _check_args(op, algorithm, buckets)
     if offsets.numel() == 0:
         raise ValueError(f"{op}: offsets must hold at least one entry (S + 1 for S strings)")
-    if data.device.type == "cpu":
+    if can_inspect(offsets):
         _check_offsets(op, offsets, data.numel())
     return torch.ops.recis.hash_bytes(data, offsets, algorithm, buckets)
 

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
-from recis_kernels._checks import check_1d, check_dtype, check_same_device, check_tensor, grid_for
+from recis_kernels._checks import (
+    can_inspect,
+    check_1d,
+    check_dtype,
+    check_same_device,
+    check_tensor,
+    grid_for,
+)
 from recis_kernels.exceptions import ShapeError
 
 __all__ = ["segment_reduce"]
@@ -75,7 +82,7 @@ def segment_reduce(
             raise ValueError(f"{op}: tile mode needs tile_len as an int >= 1, got {tile_len!r}")
     elif tile_len is not None:
         raise ValueError(f"{op}: tile_len only applies to mode 'tile', got mode {mode!r}")
-    if offsets.device.type == "cpu" and (int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]):
+    if can_inspect(offsets) and (int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]):
         raise ShapeError(
             f"{op}: offsets must start at 0 and end at the number of rows ({rows.shape[0]}), "
             f"got {int(offsets[0])} and {int(offsets[-1])}"
