@@ -32,31 +32,27 @@ def _torch_reference(cls, params: torch.Tensor, grads, **kw) -> torch.Tensor:
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_adam_matches_torch(weight_decay: float, decoupled: bool) -> None:
+@pytest.mark.parametrize("layout", ["row_views", "separate"])
+def test_adam_matches_torch(weight_decay: float, decoupled: bool, layout: str) -> None:
     init = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
     grads = _grads(2)
-    buf = torch.zeros(N, D + state_width("adam", D))
-    buf[:, :D] = init
+    if layout == "row_views":  # column views of one (N, 3D + 1) row buffer
+        buf = torch.zeros(N, 3 * D + 1)
+        buf[:, :D] = init
+        param, m, v, step = buf[:, :D], buf[:, D : 2 * D], buf[:, 2 * D : 3 * D], buf[:, 3 * D]
+    else:  # contiguous tensors: the layout the CUDA kernel takes
+        param, m, v, step = init.clone(), torch.zeros(N, D), torch.zeros(N, D), torch.zeros(N)
     for g in grads:
         adam_rows_(
-            buf[:, :D],
-            g,
-            buf[:, D : 2 * D],
-            buf[:, 2 * D : 3 * D],
-            buf[:, 3 * D],
-            lr=0.01,
-            beta1=0.8,
-            beta2=0.95,
-            eps=1e-6,
-            weight_decay=weight_decay,
-            decoupled=decoupled,
-        )
+            param, g, m, v, step, lr=0.01, beta1=0.8, beta2=0.95, eps=1e-6,
+            weight_decay=weight_decay, decoupled=decoupled,
+        )  # fmt: skip
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     ref = _torch_reference(
         cls, init, grads, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay
     )
-    torch.testing.assert_close(buf[:, :D], ref, rtol=1e-6, atol=1e-6)
-    assert buf[:, 3 * D].tolist() == [float(STEPS)] * N
+    torch.testing.assert_close(param, ref, rtol=1e-6, atol=1e-6)
+    assert step.tolist() == [float(STEPS)] * N
 
 
 def test_adam_rows_keep_their_own_step() -> None:

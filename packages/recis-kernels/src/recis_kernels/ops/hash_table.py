@@ -14,6 +14,10 @@ of being packed into its bits. A key's home slot is ``fmix64(id + table * 0x9E37
 rehashing live keys and dropping tombstones) before full plus erased slots would exceed
 :data:`MAX_LOAD_FACTOR` of the capacity, so a probe always ends at an empty slot.
 
+On CUDA, lookups (``find``, and the lookup half of ``find_or_insert``) run the
+``find_slots`` kernel of ``cuda/hash_table.cu``, one thread per query; inserts use the torch
+rounds below on the device.
+
 The torch implementation runs probe *rounds*: every query still unresolved looks at its current
 slot in one vectorized step, so the Python loop runs once per probe distance, not once per key.
 Concurrent inserts of the same free slot are resolved by letting the earliest query (in input
@@ -26,7 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from recis_kernels._checks import check_1d, check_dtype, check_tensor
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_1d, check_dtype, check_tensor, grid_for
 from recis_kernels.exceptions import ShapeError
 
 __all__ = ["MAX_LOAD_FACTOR", "IdMap", "IdMapExport", "fmix64"]
@@ -155,6 +160,8 @@ class IdMap:
         return rows
 
     def _find_slots(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        if keys.numel() and use_cuda_kernels(keys.device):
+            return self._find_slots_cuda(keys.contiguous(), tabs.contiguous())
         mask = self.capacity - 1
         out = torch.full_like(keys, -1)
         idx = torch.arange(keys.numel(), device=keys.device)
@@ -171,6 +178,30 @@ class IdMap:
             if not bool(go_on.any()):
                 break
             idx, k, t, p = idx[go_on], k[go_on], t[go_on], (p[go_on] + 1) & mask
+        return out
+
+    def _find_slots_cuda(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        from recis_kernels._cuda import launch
+
+        out = torch.empty_like(keys)
+        n = keys.numel()
+        launch(
+            "hash_table",
+            "find_slots",
+            grid_for(n),
+            256,
+            [
+                ("ptr", self.slot_keys),
+                ("ptr", self.slot_tabs),
+                ("ptr", self.slot_state),
+                ("i64", self.capacity - 1),
+                ("ptr", keys),
+                ("ptr", tabs),
+                ("i64", n),
+                ("ptr", out),
+            ],
+            device=keys.device,
+        )
         return out
 
     def find_or_insert(

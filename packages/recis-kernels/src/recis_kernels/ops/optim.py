@@ -5,6 +5,9 @@ The tensors are usually column views of one gathered ``(N, W)`` float32 buffer h
 row, the embedding followed by its optimizer state (the layout of a recis hash table row), so
 one gather and one scatter move everything an update needs.
 
+On CUDA tensors (contiguous float32) each update is one NVRTC kernel from ``cuda/optim.cu``;
+elsewhere it is the torch code below, the reference in tests.
+
 State that torch keeps per parameter (the step count used by bias correction and learning-rate
 decay) is kept per row here: a row inserted late starts its own count at 1, exactly as if a torch
 optimizer had been created for that row when it was inserted. Row counts are float32, exact up
@@ -26,6 +29,9 @@ optimizer              state columns                            initial values
 from __future__ import annotations
 
 import torch
+
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import grid_for
 
 __all__ = [
     "STATE_WIDTH",
@@ -54,6 +60,20 @@ def state_width(optimizer: str, dim: int) -> int:
     return per_dim * dim + extra
 
 
+def _kernel(*tensors: torch.Tensor) -> bool:
+    """Whether the NVRTC kernel can run: CUDA backend and contiguous float32 arguments."""
+    first = tensors[0]
+    if not use_cuda_kernels(first.device):
+        return False
+    return all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+
+
+def _launch(kernel: str, n: int, args: list) -> None:
+    from recis_kernels._cuda import launch
+
+    launch("optim", kernel, grid_for(n), 256, args, device=args[0][1].device)
+
+
 def _col(values: torch.Tensor) -> torch.Tensor:
     # Per-row scalars computed in float64 (as torch computes its Python-float scalars), then
     # rounded to float32 the way torch rounds a Python scalar applied to a float32 tensor.
@@ -71,6 +91,21 @@ def sgd_rows_(
         lr: learning rate.
         weight_decay: L2 penalty added to the gradient.
     """
+    if _kernel(param, grad):
+        n, d = param.shape
+        _launch(
+            "sgd_rows",
+            n * d,
+            [
+                ("ptr", param),
+                ("ptr", grad),
+                ("i64", n),
+                ("i64", d),
+                ("f32", lr),
+                ("f32", weight_decay),
+            ],
+        )
+        return
     if weight_decay:
         grad = grad.add(param, alpha=weight_decay)
     param.add_(grad, alpha=-lr)
@@ -100,6 +135,25 @@ def adagrad_rows_(
         eps: added to the root of the sum.
     """
     step.add_(1)
+    if _kernel(param, grad, state_sum, step):
+        n, d = param.shape
+        _launch(
+            "adagrad_rows",
+            n * d,
+            [
+                ("ptr", param),
+                ("ptr", grad),
+                ("ptr", state_sum),
+                ("ptr", step),
+                ("i64", n),
+                ("i64", d),
+                ("f64", lr),
+                ("f64", lr_decay),
+                ("f32", weight_decay),
+                ("f32", eps),
+            ],
+        )
+        return
     if weight_decay:
         grad = grad.add(param, alpha=weight_decay)
     clr = _col(lr / (1 + (step.double() - 1) * lr_decay))
@@ -129,6 +183,23 @@ def rowwise_adagrad_rows_(
         eps: added to the root of the accumulator.
         weight_decay: L2 penalty added to the gradient.
     """
+    if _kernel(param, grad, state_sum):
+        n, d = param.shape
+        _launch(
+            "rowwise_adagrad_rows",
+            n,
+            [
+                ("ptr", param),
+                ("ptr", grad),
+                ("ptr", state_sum),
+                ("i64", n),
+                ("i64", d),
+                ("f32", lr),
+                ("f32", eps),
+                ("f32", weight_decay),
+            ],
+        )
+        return
     if weight_decay:
         grad = grad.add(param, alpha=weight_decay)
     state_sum.add_(grad.square().mean(dim=1, keepdim=True))
@@ -165,6 +236,33 @@ def adam_rows_(
         decoupled: AdamW's ``param *= 1 - lr * weight_decay`` instead of an L2 gradient term.
     """
     step.add_(1)
+    if _kernel(param, grad, exp_avg, exp_avg_sq, step):
+        n, d = param.shape
+        l2 = 0.0 if decoupled else weight_decay
+        decay = 1 - lr * weight_decay if decoupled else 1.0
+        _launch(
+            "adam_rows",
+            n * d,
+            [
+                ("ptr", param),
+                ("ptr", grad),
+                ("ptr", exp_avg),
+                ("ptr", exp_avg_sq),
+                ("ptr", step),
+                ("i64", n),
+                ("i64", d),
+                ("f64", lr),
+                ("f32", 1 - beta1),
+                ("f32", beta2),
+                ("f32", 1 - beta2),
+                ("f64", beta1),
+                ("f64", beta2),
+                ("f32", eps),
+                ("f32", l2),
+                ("f32", decay),
+            ],
+        )
+        return
     if weight_decay:
         if decoupled:
             param.mul_(1 - lr * weight_decay)
@@ -208,6 +306,26 @@ def ftrl_rows_(
         l2: L2 regularization strength.
         beta: the beta of the per-coordinate rate.
     """
+    if _kernel(param, grad, accum, linear):
+        n, d = param.shape
+        _launch(
+            "ftrl_rows",
+            n * d,
+            [
+                ("ptr", param),
+                ("ptr", grad),
+                ("ptr", accum),
+                ("ptr", linear),
+                ("i64", n),
+                ("i64", d),
+                ("f32", lr),
+                ("f32", lr_power),
+                ("f32", l1),
+                ("f32", l2),
+                ("f32", beta),
+            ],
+        )
+        return
     accum_new = accum + grad * grad
     if lr_power == -0.5:
         root_new, root_old = accum_new.sqrt(), accum.sqrt()

@@ -3,14 +3,18 @@
 Row ``r`` lives in block ``r >> block_shift`` at offset ``r & (block_rows - 1)``. ``blocks`` is
 the block pointer table (a Python list of ``(block_rows, width)`` tensors on the CPU path).
 Adding rows appends blocks; existing rows never move, so a table can grow while views of its
-rows stay valid.
+rows stay valid. On CUDA (float32 rows) gathers and scatters are single launches of
+``cuda/row_store.cu`` that read the block pointer table on the device and move 16-byte
+``float4`` groups when the row width and column range are multiples of 4; ``scatter_add``
+reduces duplicate rows first, so every row is written by exactly one thread (no atomics).
 """
 
 from __future__ import annotations
 
 import torch
 
-from recis_kernels._checks import check_1d, check_dtype, check_tensor
+from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._checks import check_1d, check_dtype, check_tensor, grid_for
 from recis_kernels.exceptions import ShapeError
 
 __all__ = ["RowStore"]
@@ -104,6 +108,9 @@ class RowStore:
         out = torch.empty(rows.numel(), stop - start, dtype=self.dtype, device=self.device)
         if rows.numel() == 0:
             return out
+        if self._kernel():
+            self._launch("gather_rows", rows, start, stop - start, out, None)
+            return out
         for b, pos, low in self._groups(rows):
             src = (
                 self.blocks[b][:, start:stop]
@@ -126,6 +133,10 @@ class RowStore:
         """
         self._check_rows("RowStore.scatter", rows)
         stop = self._check_values("RowStore.scatter", rows, values, start)
+        if self._kernel() and rows.numel():
+            src = values.to(self.dtype).contiguous()
+            self._launch("scatter_rows", rows, start, stop - start, src, 0)
+            return
         for b, pos, low in self._groups(rows):
             dst = (
                 self.blocks[b][:, start:stop]
@@ -151,6 +162,46 @@ class RowStore:
         summed.scatter_add_(0, inverse[:, None].expand(-1, values.shape[1]), values)
         current = self.gather(uniq, start, start + values.shape[1])
         self.scatter(uniq, current + summed.to(self.dtype), start)
+
+    def _kernel(self) -> bool:
+        return self.dtype == torch.float32 and use_cuda_kernels(self.device)
+
+    def _block_table(self) -> torch.Tensor:
+        """The block pointer table on the device (rebuilt when blocks were added)."""
+        table = getattr(self, "_ptrs", None)
+        if table is None or table.numel() != len(self.blocks):
+            ptrs = [b.data_ptr() for b in self.blocks]
+            table = torch.tensor(ptrs, dtype=torch.int64).to(self.device)
+            self._ptrs = table
+        return table
+
+    def _launch(
+        self,
+        kernel: str,
+        rows: torch.Tensor,
+        start: int,
+        cols: int,
+        data: torch.Tensor,
+        accumulate: int | None,
+    ) -> None:
+        from recis_kernels._cuda import launch
+
+        rows = rows.contiguous()
+        aligned = self.width % 4 == 0 and start % 4 == 0 and cols % 4 == 0
+        vec4 = int(aligned and data.data_ptr() % 16 == 0)
+        n = rows.numel() * ((cols + 3) // 4)
+        args = [
+            ("ptr", self._block_table()),
+            ("i32", self.block_shift),
+            ("i64", self.width),
+            ("ptr", rows),
+            ("i64", rows.numel()),
+            ("i64", start),
+            ("i64", cols),
+            ("i32", vec4),
+        ]
+        args += [("ptr", data)] if accumulate is None else [("i32", accumulate), ("ptr", data)]
+        launch("row_store", kernel, grid_for(n), 256, args, device=self.device)
 
     def _check_values(self, op: str, rows: torch.Tensor, values: torch.Tensor, start: int) -> int:
         check_tensor(op, "values", values)
