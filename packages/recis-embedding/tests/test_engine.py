@@ -195,3 +195,18 @@ def test_configuration_and_input_errors() -> None:
         engine({"a": torch.tensor([1.0])})
     with pytest.raises(InputError, match="feature 'a': ids must be a tensor"):
         engine({"a": [1, 2]})
+
+
+def test_fused_keys_that_share_a_mixed_dedup_key_stay_apart() -> None:
+    """The fused dedup key is ``id ^ (table * K)``; ids built to collide on it stay distinct."""
+    k = -7046029254386353131  # the mixing constant of the fused dedup key
+    a, b = 12345, 12345 ^ k  # (table 0, a) and (table 1, b) share the key a
+    engine = EmbeddingEngine(
+        {"x": EmbeddingOption(DIM, initializer=INIT), "y": EmbeddingOption(DIM, initializer=INIT)}
+    )
+    assert len(engine.physical) == 1
+    out = engine({"x": torch.tensor([[a], [b]]), "y": torch.tensor([[b], [a]])})
+    torch.testing.assert_close(out["x"], torch.stack([vec(a, "x"), vec(b, "x")]).float())
+    torch.testing.assert_close(out["y"], torch.stack([vec(b, "y"), vec(a, "y")]).float())
+    table, _ = engine.table("x")
+    assert len(table) == 4

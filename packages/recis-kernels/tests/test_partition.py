@@ -50,3 +50,9 @@ def test_partition_on_device(device: torch.device) -> None:
 def test_partition_rejects_bad_world_size() -> None:
     with pytest.raises(ShapeError, match="world_size must be >= 1, got 0"):
         partition_ids(torch.tensor([1]), 0)
+
+
+def test_partition_op_registration() -> None:
+    from recis_kernels.ops.partition import _partition_op
+
+    torch.library.opcheck(_partition_op, (torch.tensor([3, -1, 3, 0]), 3))

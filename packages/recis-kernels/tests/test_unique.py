@@ -34,3 +34,9 @@ def test_unique_rejects_bad_input() -> None:
         unique(torch.tensor([1], dtype=torch.int32))
     with pytest.raises(ShapeError, match="unique: ids must be 1-d"):
         unique(torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_unique_op_registration() -> None:
+    from recis_kernels.ops.unique import _unique_op
+
+    torch.library.opcheck(_unique_op, (torch.tensor([3, -1, 3, 0]),))
