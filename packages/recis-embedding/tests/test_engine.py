@@ -210,3 +210,24 @@ def test_fused_keys_that_share_a_mixed_dedup_key_stay_apart() -> None:
     torch.testing.assert_close(out["y"], torch.stack([vec(b, "y"), vec(a, "y")]).float())
     table, _ = engine.table("x")
     assert len(table) == 4
+
+
+def test_ragged_sequence_output_keeps_offsets_and_gradients() -> None:
+    engine = EmbeddingEngine(
+        {
+            "s": EmbeddingOption(
+                DIM, combiner=None, combiner_kwargs={"ragged": True}, initializer=INIT
+            )
+        }
+    )
+    opt = SparseSGD(engine, lr=1.0)
+    r = ragged([[(4, 1.0), (5, 1.0)], [], [(4, 1.0)]])
+    out = engine({"s": r})["s"]
+    assert isinstance(out, RaggedTensor)
+    assert out.offsets[0].tolist() == [0, 2, 2, 3]
+    torch.testing.assert_close(out.values[2], vec(4, "s").float())
+    out.values.sum().backward()
+    opt.step()
+    torch.testing.assert_close(
+        engine.table("s")[0].embeddings(torch.tensor([4])), (vec(4, "s") - 2).float()[None]
+    )

@@ -14,6 +14,7 @@ from recis_embedding._pooling import bag_weights, padded_gather, pool, segment_i
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
+from recis_kernels import RaggedTensor
 
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
@@ -34,7 +35,8 @@ class EmbeddingEngine(nn.Module):
 
     - ``sum``/``mean``/``sqrtn``: ``(B, D)`` (3-level input: ``(B, S, D)``, S the longest row);
     - ``tile``: ``(B, tile_len * D)``;
-    - ``None`` (sequence): ``(B, L, D)`` zero-padded, plus ``"<feature>_mask"`` ``(B, L)`` bool.
+    - ``None`` (sequence): ``(B, L, D)`` zero-padded, plus ``"<feature>_mask"`` ``(B, L)`` bool;
+      with ``combiner_kwargs={"ragged": True}`` a ``RaggedTensor`` of ``(N, D)`` rows.
 
     Keys without an option pass through unchanged. In training mode unseen ids are inserted
     (subject to admission); in ``eval()`` mode nothing is inserted and unknown ids read the
@@ -261,6 +263,9 @@ class EmbeddingEngine(nn.Module):
             length = int(option.combiner_kwargs["tile_len"])
             values, _ = padded_gather(emb, inverse, ids.bags, length)
             return {feature: values.reshape(values.shape[0], -1)}
+        if option.combiner_kwargs.get("ragged"):
+            rows = emb.index_select(0, inverse)
+            return {feature: RaggedTensor(rows, ids.bags, validate=False)}
         length = option.combiner_kwargs.get("max_len")
         if length is None:
             length = int(lengths.max()) if lengths.numel() else 0

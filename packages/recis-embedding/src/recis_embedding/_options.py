@@ -28,8 +28,9 @@ class EmbeddingOption:
         combiner: ``"sum"``, ``"mean"`` (``Σw·e / Σw``), ``"sqrtn"`` (``Σw·e / sqrt(Σw²)``),
             ``"tile"`` (first ``tile_len`` ids of each row side by side, zero-padded:
             ``(B, tile_len * dim)``) or ``None`` for a sequence output ``(B, L, dim)``.
-        combiner_kwargs: ``{"tile_len": L}`` for ``"tile"``; ``{"max_len": L}`` to fix the
-            sequence length of ``combiner=None`` (default: the longest row of the batch).
+        combiner_kwargs: ``{"tile_len": L}`` for ``"tile"``; for ``combiner=None``,
+            ``{"max_len": L}`` fixes the padded length (default: the longest row of the batch)
+            and ``{"ragged": True}`` returns a ``RaggedTensor`` of ``(N, dim)`` rows instead.
         initializer: seeded per-id initializer (default ``TruncatedNormal(std=0.01)``).
         dtype: storage dtype of the embeddings: float32, bfloat16 or float16 (optimizer math is
             float32 in every case).
@@ -72,7 +73,7 @@ class EmbeddingOption:
                 f"{self.combiner!r}"
             )
         kwargs = dict(self.combiner_kwargs or {})
-        allowed = {"tile": {"tile_len"}, None: {"max_len"}}.get(self.combiner, set())
+        allowed = {"tile": {"tile_len"}, None: {"max_len", "ragged"}}.get(self.combiner, set())
         unknown = set(kwargs) - allowed
         if unknown:
             raise ConfigError(
