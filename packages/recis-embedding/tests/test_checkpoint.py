@@ -187,3 +187,20 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -
     assert (tmp_path / "c" / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     CheckpointReader(tmp_path / "c")
+
+
+def test_frequency_admission_counters_survive_a_checkpoint(tmp_path) -> None:
+    from recis_embedding import FrequencyAdmission, SparseSGD
+
+    def make():
+        e = EmbeddingEngine({"f": EmbeddingOption(DIM, admission=FrequencyAdmission(threshold=2))})
+        return e, SparseSGD(e, lr=0.1)
+
+    engine, opt = make()
+    engine({"f": torch.tensor([[1], [2]])})
+    save(tmp_path / "c", engine, opt)
+    assert CheckpointReader(tmp_path / "c").read("f", "admission.ids").tolist() == [1, 2]
+    restored, opt2 = make()
+    load(tmp_path / "c", restored, opt2)
+    restored({"f": torch.tensor([[2], [3]])})  # 2 reaches the threshold, 3 is counted once
+    assert restored.table("f")[0].ids().tolist() == [2]

@@ -11,7 +11,9 @@ A table file holds, for the ``K`` ids it saves (ascending):
 - ``ids`` ``(K,) int64``;
 - ``embeddings`` ``(K, D)`` in the table's storage dtype;
 - ``slot.<name>`` ``(K, width) float32`` per optimizer slot (e.g. ``slot.exp_avg``);
-- ``meta.frequency`` and ``meta.last_seen`` ``(K,) int64`` (admission/eviction state);
+- ``meta.frequency`` and ``meta.last_seen`` ``(K,) int64`` (eviction state);
+- ``admission.<key>``: the admission policy's state (``FrequencyAdmission``: ``ids`` and
+  ``counts`` of ids still being counted);
 - ``erased`` ``(E,) int64`` in delta checkpoints: ids removed since the previous save.
 
 The manifest records the format version, the kind (``full`` or ``delta``, with the ``parent``
@@ -232,6 +234,9 @@ def _save_table(
         start += width
     tensors["meta.frequency"] = table.frequency[rows].clone()
     tensors["meta.last_seen"] = table.last_seen[rows].clone()
+    if table.admission is not None:
+        for key, value in table.admission.state(table, index).items():
+            tensors[f"admission.{key}"] = value
     fname = f"sparse/{quote(name, safe='')}.shard-{rank:05d}-of-{world:05d}.safetensors"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(root / fname))
     return {
@@ -419,10 +424,19 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
 
 def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int, shard) -> None:
     data = reader.read_all(name)
+    admission = {
+        k.removeprefix("admission."): v for k, v in data.items() if k.startswith("admission.")
+    }
+    data = {k: v for k, v in data.items() if not k.startswith("admission.")}
     if shard is not None:
         # Resharding: whatever world size wrote the files, keep the ids this rank owns.
         mine = shard.owns(data["ids"])
         data = {k: (v if k == "erased" else v[mine]) for k, v in data.items()}
+        if "ids" in admission:
+            held = shard.owns(admission["ids"])
+            admission = {k: v[held] for k, v in admission.items()}
+    if admission and table.admission is not None:
+        table.admission.load_state(table, index, admission)
     if "erased" in data and data["erased"].numel():
         table.erase(data["erased"].to(table.device), index)
     ids = data["ids"].to(table.device)

@@ -64,9 +64,16 @@ class AdmissionPolicy:
         """``(N,) bool`` for distinct ``(table, id)`` keys: may an absent key be inserted."""
         raise NotImplementedError
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors to checkpoint (default: none)."""
+    def state(self, table: HashTable, index: int) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint for logical table ``index`` (default: none).
+
+        Keys are stored as ``admission.<key>`` in the table's checkpoint file; rows must be
+        aligned with an ``ids`` tensor so shards can be filtered by owner on load.
+        """
         return {}
+
+    def load_state(self, table: HashTable, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state` returned (default: nothing)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,46 @@ class FrequencyAdmission(AdmissionPolicy):
 
     def __repr__(self) -> str:
         return f"FrequencyAdmission(threshold={self.threshold})"
+
+    def state(self, table, index):
+        counter, counts = self._seen.get(id(table), (None, None))
+        if counter is None:
+            return {
+                "ids": torch.empty(0, dtype=torch.int64),
+                "counts": torch.empty(0, dtype=torch.int64),
+            }
+        keys, tabs, rows = counter.export()
+        mine = (tabs == index) & (counts[rows] > 0)
+        ids, seen = keys[mine], counts[rows[mine]]
+        order = torch.argsort(ids)
+        return {"ids": ids[order], "counts": seen[order]}
+
+    def load_state(self, table, index, state):
+        # Each checkpoint holds the complete counters of the table: replace, do not merge.
+        counter, counts = self._seen.get(id(table), (IdMap(device=table.device), None))
+        keys, tabs, rows = counter.export()
+        old = tabs == index
+        counter.erase(keys[old], tabs[old])
+        if counts is not None:
+            counts[rows[old]] = 0
+        ids, seen = state["ids"].to(table.device), state["counts"].to(table.device)
+        if ids.numel() == 0:
+            self._seen[id(table)] = (counter, counts)
+            return
+        tabs = torch.full_like(ids, index, dtype=torch.int32)
+        rows, _ = counter.find_or_insert(ids, tabs)
+        counts = self._grow(counts, counter.num_rows, table.device)
+        counts[rows] = seen
+        self._seen[id(table)] = (counter, counts)
+
+    @staticmethod
+    def _grow(counts: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        if counts is not None and counts.numel() >= n:
+            return counts
+        grown = torch.zeros(max(n, 16) * 2, dtype=torch.int64, device=device)
+        if counts is not None:
+            grown[: counts.numel()] = counts
+        return grown
 
     def admit(self, table, ids, tables):
         absent = table._map.find(ids, tables) < 0
