@@ -61,3 +61,36 @@ def test_import_does_not_load_cuda_python():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class FakeResult:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FakeResult) and other.name == self.name
+
+    __hash__ = object.__hash__
+
+
+class FakeDriver:
+    class CUresult:
+        CUDA_SUCCESS = FakeResult("CUDA_SUCCESS")
+
+    @staticmethod
+    def cuGetErrorString(result):
+        return None, b"an illegal memory access was encountered"
+
+
+def test_driver_errors_name_the_call():
+    from recis_kernels._cuda import launcher
+
+    launcher._check(FakeDriver, FakeDriver.CUresult.CUDA_SUCCESS, "cuLaunchKernel")
+    with pytest.raises(
+        rk.KernelLaunchError, match=r"cuLaunchKernel\('mod', 'fused_mod'\) failed: an illegal"
+    ):
+        launcher._check(
+            FakeDriver,
+            FakeResult("CUDA_ERROR_ILLEGAL_ADDRESS"),
+            "cuLaunchKernel('mod', 'fused_mod')",
+        )

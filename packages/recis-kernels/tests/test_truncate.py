@@ -31,7 +31,11 @@ def test_truncate2_matches_reference(rows, max_len, side):
 
 @given(rows=rows3_st, max_len=st.integers(0, 6), side=st.sampled_from(["head", "tail"]))
 def test_truncate3_pads_outer_level(rows, max_len, side):
-    res = rk.truncate(ragged3_from_rows(rows), max_len, side)
+    r = ragged3_from_rows(rows)
+    r = rk.RaggedTensor(r.values, r.offsets, r.values.to(torch.float32))
+    res = rk.truncate(r, max_len, side)
+    # Weights were set equal to the values, so they must still match after truncation.
+    assert torch.equal(res.values.weights, res.values.values.to(torch.float32))
     expected = [cut(r, max_len, side) + [[]] * max(max_len - len(r), 0) for r in rows]
     assert ragged3_rows(res.values) == expected
     assert res.values.lengths(0).tolist() == [max_len] * len(rows)
