@@ -183,6 +183,7 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
     trainer.train_and_evaluate()
     assert stop.stopped_at == 9
     assert trainer.global_step == 9
+    assert [step for step, _ in trainer.history["eval"]] == [3, 6, 9]
     with pytest.raises(ConfigError, match="metric 'gauc' not in evaluation results"):
         EarlyStopping("gauc").on_evaluate(trainer, {"auc": 0.5})
 

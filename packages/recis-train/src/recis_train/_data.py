@@ -11,8 +11,8 @@ import torch
 
 def move_to(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor on ``device`` (non-blocking; batches keep their own type)."""
-    if device.type == "cpu" and not isinstance(obj, torch.Tensor) and not hasattr(obj, "to"):
-        return obj
+    if device.type == "cpu":
+        return obj  # readers produce host memory; a no-op .to() could still copy
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if hasattr(obj, "to") and not isinstance(obj, (Mapping, list, tuple)):

@@ -182,6 +182,8 @@ class Trainer:
         if self.eval_data is None:
             raise ConfigError("train_and_evaluate needs eval_data")
         self._run(evaluate_every=self.args.eval_every)
+        if self.history["eval"] and self.history["eval"][-1][0] == self.global_step:
+            return dict(self.history["eval"][-1][1])  # the loop just evaluated this step
         return self.evaluate()
 
     def _run(self, evaluate_every: int) -> dict[str, float]:
