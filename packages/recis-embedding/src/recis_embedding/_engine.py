@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,7 +15,7 @@ from recis_embedding._pooling import bag_weights, padded_gather, pool, segment_i
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
-from recis_kernels import RaggedTensor
+from recis_kernels import RaggedTensor, fmix64
 
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
@@ -307,9 +308,14 @@ def _sort_unique(
 
     The grouping ``(order, offsets)`` lists the occurrences of distinct key ``u`` as
     ``order[offsets[u]:offsets[u + 1]]``; the backward pass reuses it instead of sorting again.
+    Distinct keys come out in an unspecified but deterministic order.
     """
     n = key.numel()
-    sorted_key, order = torch.sort(key)
+    order = _packed_order(key) if key.device.type == "cpu" and 1 < n < (1 << 32) else None
+    if order is None:
+        sorted_key, order = torch.sort(key)
+    else:
+        sorted_key = key.index_select(0, order)
     flags = torch.ones(n, dtype=torch.bool, device=key.device)
     if n > 1:
         torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])
@@ -319,6 +325,27 @@ def _sort_unique(
     inverse.index_copy_(0, order, rank)
     offsets = torch.cat([starts, torch.tensor([n], device=key.device)])
     return sorted_key.index_select(0, starts), inverse, (order, offsets)
+
+
+def _packed_order(key: torch.Tensor) -> torch.Tensor | None:
+    """A permutation that makes equal keys adjacent, from one sort of plain int64 values.
+
+    Each value packs the high bits of ``fmix64(key)`` (a bijection) above the key's position, so
+    numpy's vectorized sort of values (several times faster than an argsort) groups equal keys.
+    Two different keys can only share a group when their hashes agree on all high bits; that is
+    detected and the caller falls back to an exact argsort.
+    """
+    n = key.numel()
+    bits = (n - 1).bit_length()
+    low = (1 << bits) - 1
+    packed = (fmix64(key) & ~low) | torch.arange(n, dtype=torch.int64)
+    ordered = torch.from_numpy(np.sort(packed.numpy()))
+    order = ordered & low
+    sorted_key = key.index_select(0, order)
+    same_hash = (ordered[1:] >> bits) == (ordered[:-1] >> bits)
+    if bool((same_hash & (sorted_key[1:] != sorted_key[:-1])).any()):
+        return None
+    return order
 
 
 def _new_table(name: str, option: EmbeddingOption) -> HashTable:
