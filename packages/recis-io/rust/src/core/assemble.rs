@@ -1,0 +1,176 @@
+//! Packing rows of decoded units into one contiguous batch buffer: each value is copied once,
+//! columns are laid out one after another, every region aligned to 64 bytes.
+
+use std::sync::Arc;
+
+use super::column::ColumnPlan;
+use super::prepare::PreparedUnit;
+
+const ALIGN: usize = 64;
+
+/// Where one column's arrays sit in a batch buffer (byte offsets from the buffer start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnLayout {
+    pub values_at: usize,
+    /// Number of elements of the output type (for `[B, k]` columns, `B * k`).
+    pub values_len: usize,
+    /// `(byte offset, length)` of each int64 offsets array, outermost first.
+    pub offsets: Vec<(usize, usize)>,
+}
+
+/// The layout of a whole batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub rows: usize,
+    pub nbytes: usize,
+    pub columns: Vec<ColumnLayout>,
+}
+
+/// Rows `[start, end)` of a decoded unit, in batch order.
+pub type Piece = (Arc<PreparedUnit>, usize, usize);
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// The ranges a piece covers at each ragged level and at the leaf.
+fn ranges(unit: &PreparedUnit, col: usize, a: usize, b: usize) -> (Vec<(usize, usize)>, (usize, usize)) {
+    let mut r = (a, b);
+    let mut levels = Vec::with_capacity(unit.columns[col].offsets.len());
+    for off in &unit.columns[col].offsets {
+        levels.push(r);
+        r = (off[r.0] as usize, off[r.1] as usize);
+    }
+    (levels, r)
+}
+
+pub fn layout(plans: &[ColumnPlan], pieces: &[Piece]) -> BatchLayout {
+    let rows: usize = pieces.iter().map(|(_, a, b)| b - a).sum();
+    let mut at = 0;
+    let mut columns = Vec::with_capacity(plans.len());
+    for (c, plan) in plans.iter().enumerate() {
+        let levels = plan.ragged_levels();
+        let mut counts = vec![0usize; levels];
+        let mut leaf = 0;
+        for (unit, a, b) in pieces {
+            let (lv, r) = ranges(unit, c, *a, *b);
+            for (n, (x, y)) in counts.iter_mut().zip(lv) {
+                *n += y - x;
+            }
+            leaf += r.1 - r.0;
+        }
+        let values_len = leaf * plan.fixed;
+        let values_at = at;
+        at = align(at + values_len * plan.out.size());
+        let offsets = counts
+            .iter()
+            .map(|&n| {
+                let here = at;
+                at = align(at + (n + 1) * 8);
+                (here, n + 1)
+            })
+            .collect();
+        columns.push(ColumnLayout {
+            values_at,
+            values_len,
+            offsets,
+        });
+    }
+    BatchLayout {
+        rows,
+        nbytes: at.max(ALIGN),
+        columns,
+    }
+}
+
+/// Copies `pieces` into `dst` following `layout`. `dst` must be at least `layout.nbytes` long.
+pub fn fill(plans: &[ColumnPlan], pieces: &[Piece], layout: &BatchLayout, dst: &mut [u8]) {
+    assert!(dst.len() >= layout.nbytes, "batch buffer too small");
+    for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
+        let size = plan.out.size() * plan.fixed;
+        let mut v = cl.values_at;
+        let mut cursors: Vec<(usize, i64)> = cl.offsets.iter().map(|&(at, _)| (at, 0)).collect();
+        for &(at, _) in &cl.offsets {
+            dst[at..at + 8].copy_from_slice(&0i64.to_le_bytes());
+        }
+        for (unit, a, b) in pieces {
+            let col = &unit.columns[c];
+            let (lv, r) = ranges(unit, c, *a, *b);
+            for ((l, (x, y)), cur) in lv.into_iter().enumerate().zip(cursors.iter_mut()) {
+                let off = &col.offsets[l];
+                let base = cur.1 - off[x];
+                let out = &mut dst[cur.0 + 8..cur.0 + 8 + (y - x) * 8];
+                for (slot, o) in out.chunks_exact_mut(8).zip(&off[x + 1..=y]) {
+                    slot.copy_from_slice(&(base + o).to_le_bytes());
+                }
+                cur.0 += (y - x) * 8;
+                cur.1 += off[y] - off[x];
+            }
+            let bytes = &col.values.as_slice()[r.0 * size..r.1 * size];
+            dst[v..v + bytes.len()].copy_from_slice(bytes);
+            v += bytes.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::column::{ColumnSpec, DType, Leaf};
+    use crate::core::prepare::Prepared;
+    use arrow::buffer::Buffer;
+    use arrow::datatypes::DataType;
+
+    fn list_plan() -> ColumnPlan {
+        ColumnPlan {
+            spec: ColumnSpec::plain("x"),
+            file_type: DataType::Null,
+            list_levels: 1,
+            fixed: 1,
+            leaf: Leaf::Number(DType::I32),
+            out: DType::I32,
+        }
+    }
+
+    fn unit(lists: &[&[i32]]) -> Arc<PreparedUnit> {
+        let mut off = vec![0i64];
+        let mut vals = Vec::new();
+        for l in lists {
+            vals.extend_from_slice(l);
+            off.push(vals.len() as i64);
+        }
+        Arc::new(PreparedUnit {
+            rows: lists.len(),
+            columns: vec![Prepared {
+                values: Buffer::from_vec(vals),
+                offsets: vec![off],
+            }],
+        })
+    }
+
+    fn i64s(b: &[u8]) -> Vec<i64> {
+        b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn pieces_from_two_units_are_joined() {
+        let plans = vec![list_plan()];
+        let u1 = unit(&[&[1, 2], &[], &[3]]);
+        let u2 = unit(&[&[4], &[5, 6, 7]]);
+        let pieces: Vec<Piece> = vec![(u1, 1, 3), (u2, 0, 2)];
+        let lay = layout(&plans, &pieces);
+        assert_eq!(lay.rows, 4);
+        let mut buf = vec![0u8; lay.nbytes];
+        fill(&plans, &pieces, &lay, &mut buf);
+        let cl = &lay.columns[0];
+        let vals: Vec<i32> = buf[cl.values_at..cl.values_at + cl.values_len * 4]
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(vals, vec![3, 4, 5, 6, 7]);
+        let (at, n) = cl.offsets[0];
+        assert_eq!(i64s(&buf[at..at + n * 8]), vec![0, 0, 1, 2, 5]);
+        assert_eq!(cl.values_at % ALIGN, 0);
+        assert_eq!(at % ALIGN, 0);
+    }
+}

@@ -1,0 +1,15 @@
+//! The reader core: file metadata, the deterministic plan, decoding on a thread pool and
+//! packing decoded values into batch buffers. No Python types live here.
+
+pub mod assemble;
+pub mod column;
+pub mod error;
+pub mod hash;
+pub mod plan;
+pub mod pool;
+pub mod prepare;
+pub mod reader;
+pub mod ring;
+pub mod source;
+
+pub use error::{Error, Result};

@@ -1,0 +1,296 @@
+//! The deterministic reading plan: which rows a shard reads in an epoch, and in what order.
+//!
+//! An epoch orders the units (file, row group / stripe) in file order, or by a permutation
+//! seeded with `(seed, epoch)` when shuffling, and lays their rows end to end. Shard `s` of `S`
+//! takes the contiguous slice `[s * n, (s + 1) * n)` of that sequence with `n = total / S`, so
+//! every shard gets the same number of rows; the last `total % S` rows of the epoch's order are
+//! not read in that epoch. With shuffling, the shard's slice is cut into windows of `window`
+//! rows and each window is permuted with a seed of `(seed, epoch, shard, window)`. Positions in
+//! a shard are therefore a pure function of the inputs, which is what makes the cursor exact.
+
+use super::error::{Error, Result};
+
+/// A decodable piece of a file: a Parquet row group or an ORC stripe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unit {
+    pub file: usize,
+    pub group: usize,
+    pub rows: usize,
+}
+
+/// Rows `[start, end)` of unit `unit`: one decode task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub unit: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// What the plan depends on besides the units and the epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct Sharding {
+    pub shuffle: bool,
+    pub seed: u64,
+    pub window: usize,
+    pub shard: usize,
+    pub shards: usize,
+}
+
+/// The rows of one shard in one epoch.
+#[derive(Debug)]
+pub struct ShardPlan {
+    pub segments: Vec<Segment>,
+    /// Position of each segment's first row in the shard sequence; one extra entry at the end.
+    pub starts: Vec<usize>,
+    pub rows: usize,
+    window: usize,
+    window_seed: Option<u64>,
+    cached: Option<(usize, Vec<u32>)>,
+}
+
+/// SplitMix64: a small, well-mixed generator whose sequence is fixed for a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(parts: &[u64]) -> Rng {
+        let mut state = 0x243f_6a88_85a3_08d3u64;
+        for &p in parts {
+            state = Rng(state ^ p).next_u64();
+        }
+        Rng(state)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform index below `n` (`n > 0`), by rejection so no index is favoured.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let v = self.next_u64();
+            if v < zone {
+                return v % n;
+            }
+        }
+    }
+
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+pub fn rows_per_shard(total: usize, shards: usize) -> usize {
+    total / shards.max(1)
+}
+
+impl ShardPlan {
+    pub fn new(units: &[Unit], cfg: &Sharding, epoch: u64) -> Result<ShardPlan> {
+        if cfg.shards == 0 || cfg.shard >= cfg.shards {
+            return Err(Error::InvalidArgument(format!(
+                "shard {} is out of range for {} shards",
+                cfg.shard, cfg.shards
+            )));
+        }
+        let mut order: Vec<usize> = (0..units.len()).collect();
+        if cfg.shuffle {
+            Rng::new(&[cfg.seed, epoch, 1]).shuffle(&mut order);
+        }
+        let total: usize = units.iter().map(|u| u.rows).sum();
+        let per = rows_per_shard(total, cfg.shards);
+        let (lo, hi) = (cfg.shard * per, (cfg.shard + 1) * per);
+        let mut segments = Vec::new();
+        let mut starts = Vec::new();
+        let mut pos = 0;
+        for &u in &order {
+            let rows = units[u].rows;
+            let (a, b) = (pos.max(lo), (pos + rows).min(hi));
+            if a < b {
+                starts.push(a - lo);
+                segments.push(Segment {
+                    unit: u,
+                    start: a - pos,
+                    end: b - pos,
+                });
+            }
+            pos += rows;
+        }
+        starts.push(per);
+        let window_seed = cfg.shuffle.then(|| {
+            Rng::new(&[cfg.seed, epoch, 2, cfg.shard as u64, cfg.shards as u64]).next_u64()
+        });
+        Ok(ShardPlan {
+            segments,
+            starts,
+            rows: per,
+            window: cfg.window.max(1),
+            window_seed,
+            cached: None,
+        })
+    }
+
+    /// Index of the segment holding shard position `pos`.
+    pub fn segment_of(&self, pos: usize) -> usize {
+        self.starts.partition_point(|&s| s <= pos).saturating_sub(1)
+    }
+
+    /// First shard position whose row may be needed by a batch starting at `pos`.
+    pub fn first_needed(&self, pos: usize) -> usize {
+        match self.window_seed {
+            Some(_) => pos - pos % self.window,
+            None => pos,
+        }
+    }
+
+    /// Last shard position (exclusive) whose row may be needed by a batch ending at `end`.
+    pub fn last_needed(&self, end: usize) -> usize {
+        match self.window_seed {
+            Some(_) if end > 0 => ((end - 1) / self.window + 1) * self.window,
+            _ => end,
+        }
+        .min(self.rows)
+    }
+
+    /// Appends the source (segment, row in segment) of positions `[a, b)` as runs of
+    /// consecutive rows: `(segment, first row, last row + 1)`.
+    pub fn sources(&mut self, a: usize, b: usize, out: &mut Vec<(usize, usize, usize)>) {
+        let mut pos = a;
+        while pos < b {
+            match self.window_seed {
+                None => {
+                    let seg = self.segment_of(pos);
+                    let end = self.starts[seg + 1].min(b);
+                    let first = pos - self.starts[seg];
+                    push_run(out, seg, first, first + end - pos);
+                    pos = end;
+                }
+                Some(seed) => {
+                    let w = pos / self.window;
+                    let base = w * self.window;
+                    let len = self.window.min(self.rows - base);
+                    if self.cached.as_ref().is_none_or(|(cw, _)| *cw != w) {
+                        let mut perm: Vec<u32> = (0..len as u32).collect();
+                        Rng::new(&[seed, w as u64]).shuffle(&mut perm);
+                        self.cached = Some((w, perm));
+                    }
+                    let perm = &self.cached.as_ref().expect("cached window").1;
+                    let end = (base + len).min(b);
+                    for p in pos..end {
+                        let src = base + perm[p - base] as usize;
+                        let seg = self.segment_of(src);
+                        let row = src - self.starts[seg];
+                        push_run(out, seg, row, row + 1);
+                    }
+                    pos = end;
+                }
+            }
+        }
+    }
+}
+
+fn push_run(out: &mut Vec<(usize, usize, usize)>, seg: usize, a: usize, b: usize) {
+    if let Some(last) = out.last_mut() {
+        if last.0 == seg && last.2 == a {
+            last.2 = b;
+            return;
+        }
+    }
+    out.push((seg, a, b));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn units() -> Vec<Unit> {
+        [5, 7, 3, 10, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| Unit {
+                file: i / 2,
+                group: i % 2,
+                rows,
+            })
+            .collect()
+    }
+
+    fn global_rows(plan: &mut ShardPlan, units: &[Unit]) -> Vec<usize> {
+        let base: Vec<usize> = units
+            .iter()
+            .scan(0, |acc, u| {
+                let b = *acc;
+                *acc += u.rows;
+                Some(b)
+            })
+            .collect();
+        let mut runs = Vec::new();
+        plan.sources(0, plan.rows, &mut runs);
+        let mut rows = Vec::new();
+        for (seg, a, b) in runs {
+            let s = plan.segments[seg];
+            rows.extend((a..b).map(|r| base[s.unit] + s.start + r));
+        }
+        rows
+    }
+
+    #[test]
+    fn shards_are_disjoint_equal_and_cover_all_but_the_remainder() {
+        let units = units();
+        for shuffle in [false, true] {
+            let mut all = Vec::new();
+            for shard in 0..3 {
+                let cfg = Sharding {
+                    shuffle,
+                    seed: 7,
+                    window: 4,
+                    shard,
+                    shards: 3,
+                };
+                let mut plan = ShardPlan::new(&units, &cfg, 1).unwrap();
+                let rows = global_rows(&mut plan, &units);
+                assert_eq!(rows.len(), 26 / 3);
+                all.extend(rows);
+            }
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(all.len(), 3 * (26 / 3));
+        }
+    }
+
+    #[test]
+    fn shuffle_depends_on_seed_and_epoch_only() {
+        let units = units();
+        let cfg = Sharding {
+            shuffle: true,
+            seed: 3,
+            window: 6,
+            shard: 0,
+            shards: 1,
+        };
+        let a = global_rows(&mut ShardPlan::new(&units, &cfg, 0).unwrap(), &units);
+        let b = global_rows(&mut ShardPlan::new(&units, &cfg, 0).unwrap(), &units);
+        let c = global_rows(&mut ShardPlan::new(&units, &cfg, 1).unwrap(), &units);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, (0..26).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bad_shard_is_rejected() {
+        let cfg = Sharding {
+            shuffle: false,
+            seed: 0,
+            window: 1,
+            shard: 2,
+            shards: 2,
+        };
+        assert!(ShardPlan::new(&units(), &cfg, 0).is_err());
+    }
+}

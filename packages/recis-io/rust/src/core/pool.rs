@@ -1,0 +1,159 @@
+//! A bounded pool of decode threads. Segments are handed out in plan order and their results
+//! kept by index, so what the consumer sees never depends on which thread finished first.
+//! Workers run at most `lookahead` segments past the oldest one still needed, which bounds
+//! memory whatever the data set size.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use super::error::{Error, Result};
+use super::plan::Segment;
+use super::prepare::PreparedUnit;
+use super::source::Source;
+
+type Decoded = std::result::Result<Arc<PreparedUnit>, Error>;
+
+struct State {
+    next: usize,
+    limit: usize,
+    done: BTreeMap<usize, Decoded>,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    source: Arc<Source>,
+    segments: Vec<Segment>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked while holding the lock left consistent data (it only inserts
+        // finished results), so the poison flag carries no information here.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Decodes the segments of one shard plan on `threads` threads.
+pub struct Executor {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    lookahead: usize,
+}
+
+impl Executor {
+    pub fn start(
+        source: Arc<Source>,
+        segments: Vec<Segment>,
+        first: usize,
+        threads: usize,
+        lookahead: usize,
+    ) -> Result<Executor> {
+        let lookahead = lookahead.max(1);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                next: first,
+                limit: first + lookahead,
+                done: BTreeMap::new(),
+                stop: false,
+            }),
+            wake: Condvar::new(),
+            source,
+            segments,
+        });
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("recis-io-decode-{i}"))
+                .spawn(move || work(&shared))
+                .map_err(|e| Error::Internal(format!("cannot start a decode thread: {e}")))?;
+            handles.push(handle);
+        }
+        Ok(Executor {
+            shared,
+            threads: handles,
+            lookahead,
+        })
+    }
+
+    /// Waits for segments `lo..=hi` and returns them in order.
+    pub fn get(&self, lo: usize, hi: usize) -> Result<Vec<Arc<PreparedUnit>>> {
+        let mut st = self.shared.lock();
+        if st.limit <= hi {
+            st.limit = hi + 1;
+            self.shared.wake.notify_all();
+        }
+        let mut out = Vec::with_capacity(hi + 1 - lo);
+        for idx in lo..=hi {
+            loop {
+                match st.done.get(&idx) {
+                    Some(Ok(unit)) => {
+                        out.push(unit.clone());
+                        break;
+                    }
+                    Some(Err(e)) => return Err(e.clone()),
+                    None if st.next <= idx && st.stop => {
+                        return Err(Error::Internal("the reader was closed".into()))
+                    }
+                    None => st = self.shared.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Frees segments below `low`; workers may then run up to `low + lookahead`.
+    pub fn release_below(&self, low: usize) {
+        let mut st = self.shared.lock();
+        st.done = st.done.split_off(&low);
+        st.limit = st.limit.max(low + self.lookahead);
+        self.shared.wake.notify_all();
+    }
+}
+
+fn work(shared: &Shared) {
+    loop {
+        let idx = {
+            let mut st = shared.lock();
+            loop {
+                if st.stop {
+                    return;
+                }
+                if st.next < shared.segments.len() && st.next < st.limit {
+                    break;
+                }
+                st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.next += 1;
+            st.next - 1
+        };
+        let seg = &shared.segments[idx];
+        let result = catch_unwind(AssertUnwindSafe(|| shared.source.decode(seg)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(Error::Internal(format!("decoding failed unexpectedly: {what}")))
+            })
+            .map(Arc::new);
+        let mut st = shared.lock();
+        st.done.insert(idx, result);
+        shared.wake.notify_all();
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Turns one decoded Arrow column into flat output form: the values in the output element type
+//! with nulls already filled (or an error), and the list offsets of every level rebased to 0.
+//! This runs on the decode threads, so hashing and casting stay off the consumer's path.
+
+use arrow::array::{Array, ArrayRef, AsArray, GenericByteArray};
+use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
+use arrow::compute::cast;
+use arrow::datatypes::{
+    ArrowNativeType, ByteArrayType, DataType, GenericBinaryType, GenericStringType,
+};
+
+use super::column::{ColumnPlan, DType, Fill, Leaf};
+use super::error::{Error, Result};
+
+/// One column of one decoded unit, ready to be copied into batch buffers.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Little-endian elements of the output type (the bytes of unhashed strings); no nulls.
+    pub values: Buffer,
+    /// Offsets of each ragged level, outermost first, each starting at 0.
+    pub offsets: Vec<Vec<i64>>,
+}
+
+/// All requested columns of one decoded (file, row group / stripe, row range) unit.
+#[derive(Debug)]
+pub struct PreparedUnit {
+    pub rows: usize,
+    pub columns: Vec<Prepared>,
+}
+
+/// Prepares `array` according to `plan`; `at` names the file and unit for error messages.
+pub fn prepare(plan: &ColumnPlan, array: &ArrayRef, at: &str) -> Result<Prepared> {
+    let mut offsets = Vec::with_capacity(plan.ragged_levels());
+    let mut arr = array.clone();
+    for _ in 0..plan.list_levels {
+        let (level, child) = match arr.data_type() {
+            DataType::List(_) => {
+                let l = arr.as_list::<i32>();
+                rebase(l.offsets().iter().map(|&o| o as i64), l.values())
+            }
+            DataType::LargeList(_) => {
+                let l = arr.as_list::<i64>();
+                rebase(l.offsets().iter().copied(), l.values())
+            }
+            other => return Err(changed_type(plan, other, at)),
+        };
+        offsets.push(level);
+        arr = child;
+    }
+    let mut extra_nulls = None;
+    if plan.fixed > 1 {
+        let DataType::FixedSizeList(_, _) = arr.data_type() else {
+            return Err(changed_type(plan, arr.data_type(), at));
+        };
+        let l = arr.as_fixed_size_list();
+        let k = plan.fixed;
+        let child = l.values().slice(0, l.len() * k);
+        extra_nulls = l.nulls().filter(|n| n.null_count() > 0).map(|n| {
+            NullBuffer::new(BooleanBuffer::from_iter(
+                (0..l.len() * k).map(|i| n.is_valid(i / k)),
+            ))
+        });
+        arr = child;
+    }
+    let values = match plan.leaf {
+        Leaf::Number(_) => numbers(plan, &arr, extra_nulls, at)?,
+        Leaf::Text => text(plan, &arr, extra_nulls, &mut offsets, at)?,
+    };
+    Ok(Prepared { values, offsets })
+}
+
+fn rebase(offsets: impl Iterator<Item = i64>, values: &ArrayRef) -> (Vec<i64>, ArrayRef) {
+    let raw: Vec<i64> = offsets.collect();
+    let first = raw[0];
+    let last = *raw.last().unwrap_or(&first);
+    let level = raw.iter().map(|o| o - first).collect();
+    (level, values.slice(first as usize, (last - first) as usize))
+}
+
+fn changed_type(plan: &ColumnPlan, found: &DataType, at: &str) -> Error {
+    Error::Schema(format!(
+        "column '{}' has type {found}, expected {} ({at})",
+        plan.spec.name, plan.file_type
+    ))
+}
+
+fn no_fill(plan: &ColumnPlan, at: &str) -> Error {
+    Error::Schema(format!(
+        "column '{}' has nulls and no fill value, give Column('{}', fill=...) ({at})",
+        plan.spec.name, plan.spec.name
+    ))
+}
+
+fn merged_nulls(arr: &ArrayRef, extra: Option<NullBuffer>) -> Option<NullBuffer> {
+    let own = arr.logical_nulls().filter(|n| n.null_count() > 0);
+    NullBuffer::union(own.as_ref(), extra.as_ref()).filter(|n| n.null_count() > 0)
+}
+
+/// The bytes written for a null: the fill, NaN for floats without one.
+fn null_bytes(plan: &ColumnPlan, at: &str) -> Result<Vec<u8>> {
+    let out = plan.out;
+    let as_f64 = match (&plan.spec.fill, out.is_float()) {
+        (Some(Fill::Int(v)), _) => *v as f64,
+        (Some(Fill::Float(v)), _) => *v,
+        (None, true) => f64::NAN,
+        _ => return Err(no_fill(plan, at)),
+    };
+    let as_i64 = match &plan.spec.fill {
+        Some(Fill::Int(v)) => *v,
+        _ => as_f64 as i64,
+    };
+    Ok(match out {
+        DType::Bool => vec![u8::from(as_i64 != 0)],
+        DType::I8 | DType::U8 => vec![as_i64 as u8],
+        DType::I16 | DType::U16 => (as_i64 as u16).to_le_bytes().to_vec(),
+        DType::I32 | DType::U32 => (as_i64 as u32).to_le_bytes().to_vec(),
+        DType::I64 | DType::U64 => as_i64.to_le_bytes().to_vec(),
+        DType::F16 => half::f16::from_f64(as_f64).to_le_bytes().to_vec(),
+        DType::F32 => (as_f64 as f32).to_le_bytes().to_vec(),
+        DType::F64 => as_f64.to_le_bytes().to_vec(),
+    })
+}
+
+fn numbers(
+    plan: &ColumnPlan,
+    arr: &ArrayRef,
+    extra: Option<NullBuffer>,
+    at: &str,
+) -> Result<Buffer> {
+    let target = plan.out.arrow();
+    let arr = if arr.data_type() == &target {
+        arr.clone()
+    } else {
+        cast(arr, &target).map_err(|e| {
+            Error::Schema(format!(
+                "column '{}' cannot be cast to {}: {e} ({at})",
+                plan.spec.name,
+                plan.out.name()
+            ))
+        })?
+    };
+    let nulls = merged_nulls(&arr, extra);
+    let n = arr.len();
+    let size = plan.out.size();
+    if plan.out == DType::Bool {
+        let bits = arr.as_boolean().values();
+        let mut bytes: Vec<u8> = bits.iter().map(u8::from).collect();
+        if let Some(nulls) = &nulls {
+            let fill = null_bytes(plan, at)?[0];
+            for i in nulls.iter().enumerate().filter(|(_, v)| !v).map(|(i, _)| i) {
+                bytes[i] = fill;
+            }
+        }
+        return Ok(Buffer::from_vec(bytes));
+    }
+    let data = arr.to_data();
+    let raw = data.buffers()[0].slice_with_length(data.offset() * size, n * size);
+    let Some(nulls) = nulls else {
+        return Ok(raw);
+    };
+    let fill = null_bytes(plan, at)?;
+    let mut bytes = raw.as_slice().to_vec();
+    for i in nulls.iter().enumerate().filter(|(_, v)| !v).map(|(i, _)| i) {
+        bytes[i * size..(i + 1) * size].copy_from_slice(&fill);
+    }
+    Ok(Buffer::from_vec(bytes))
+}
+
+fn text(
+    plan: &ColumnPlan,
+    arr: &ArrayRef,
+    extra: Option<NullBuffer>,
+    offsets: &mut Vec<Vec<i64>>,
+    at: &str,
+) -> Result<Buffer> {
+    let nulls = merged_nulls(arr, extra);
+    let arr = match arr.data_type() {
+        DataType::Utf8View => cast(arr, &DataType::LargeUtf8),
+        DataType::BinaryView => cast(arr, &DataType::LargeBinary),
+        _ => Ok(arr.clone()),
+    }
+    .map_err(|e| Error::corrupt(at, e))?;
+    match arr.data_type() {
+        DataType::Utf8 => bytes_of::<GenericStringType<i32>>(plan, &arr, nulls, offsets, at),
+        DataType::LargeUtf8 => bytes_of::<GenericStringType<i64>>(plan, &arr, nulls, offsets, at),
+        DataType::Binary => bytes_of::<GenericBinaryType<i32>>(plan, &arr, nulls, offsets, at),
+        DataType::LargeBinary => {
+            bytes_of::<GenericBinaryType<i64>>(plan, &arr, nulls, offsets, at)
+        }
+        other => Err(changed_type(plan, other, at)),
+    }
+}
+
+fn bytes_of<T: ByteArrayType>(
+    plan: &ColumnPlan,
+    arr: &ArrayRef,
+    nulls: Option<NullBuffer>,
+    offsets: &mut Vec<Vec<i64>>,
+    at: &str,
+) -> Result<Buffer>
+where
+    T::Native: AsRef<[u8]>,
+{
+    let a: &GenericByteArray<T> = arr.as_bytes::<T>();
+    let n = a.len();
+    let is_null = |i: usize| nulls.as_ref().is_some_and(|m| m.is_null(i));
+    if let Some(kind) = plan.spec.hash {
+        let fill = match &plan.spec.fill {
+            Some(Fill::Int(v)) => Some(*v),
+            _ => None,
+        };
+        let buckets = plan.spec.buckets;
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = if is_null(i) {
+                fill.ok_or_else(|| no_fill(plan, at))?
+            } else {
+                let h = kind.hash(a.value(i).as_ref());
+                (if buckets > 0 { h % buckets } else { h }) as i64
+            };
+            ids.push(id);
+        }
+        return Ok(Buffer::from_vec(ids));
+    }
+    if nulls.is_none() {
+        let offs = a.value_offsets();
+        let first = offs[0].as_usize();
+        let last = offs[n].as_usize();
+        offsets.push(offs.iter().map(|o| (o.as_usize() - first) as i64).collect());
+        return Ok(Buffer::from(&a.value_data()[first..last]));
+    }
+    let fill = match &plan.spec.fill {
+        Some(Fill::Text(t)) => t.as_slice(),
+        _ => return Err(no_fill(plan, at)),
+    };
+    let mut bytes = Vec::new();
+    let mut level = Vec::with_capacity(n + 1);
+    level.push(0i64);
+    for i in 0..n {
+        bytes.extend_from_slice(if is_null(i) { fill } else { a.value(i).as_ref() });
+        level.push(bytes.len() as i64);
+    }
+    offsets.push(level);
+    Ok(Buffer::from_vec(bytes))
+}

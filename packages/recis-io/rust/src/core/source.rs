@@ -1,0 +1,272 @@
+//! Files and their metadata, read once, and the decoding of one unit with projection.
+
+use std::fs::File;
+
+use arrow::array::{RecordBatch, RecordBatchReader};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{Schema, SchemaRef};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
+};
+use parquet::arrow::ProjectionMask;
+
+use super::column::{ColumnPlan, ColumnSpec};
+use super::error::{Error, Result};
+use super::plan::{Segment, Unit};
+use super::prepare::{prepare, PreparedUnit};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Parquet,
+    Orc,
+}
+
+impl Format {
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "parquet" => Ok(Format::Parquet),
+            "orc" => Ok(Format::Orc),
+            other => Err(Error::InvalidArgument(format!(
+                "format must be 'parquet' or 'orc', got '{other}'"
+            ))),
+        }
+    }
+
+    fn unit_name(self) -> &'static str {
+        match self {
+            Format::Parquet => "row group",
+            Format::Orc => "stripe",
+        }
+    }
+}
+
+enum Meta {
+    Parquet(ArrowReaderMetadata),
+    /// Stripe byte offsets: orc-rust re-reads the small footer per unit, the stripes are
+    /// picked by offset.
+    Orc(Vec<u64>),
+}
+
+struct FileMeta {
+    path: String,
+    format: Format,
+    schema: SchemaRef,
+    meta: Meta,
+}
+
+/// The data set: files, their units, and the columns to read.
+pub struct Source {
+    files: Vec<FileMeta>,
+    pub units: Vec<Unit>,
+    pub columns: Vec<ColumnPlan>,
+}
+
+fn open(path: &str) -> Result<File> {
+    File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound(path.to_string()),
+        _ => Error::corrupt(path, e),
+    })
+}
+
+fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
+    let file = open(path)?;
+    let (schema, meta, rows) = match format {
+        Format::Parquet => {
+            let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+                .map_err(|e| Error::corrupt(path, e))?;
+            let rows = m
+                .metadata()
+                .row_groups()
+                .iter()
+                .map(|g| g.num_rows().max(0) as usize)
+                .collect();
+            (m.schema().clone(), Meta::Parquet(m), rows)
+        }
+        Format::Orc => {
+            let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
+                .map_err(|e| Error::corrupt(path, e))?;
+            let stripes = b.file_metadata().stripe_metadatas();
+            let rows = stripes.iter().map(|s| s.number_of_rows() as usize).collect();
+            let offsets = stripes.iter().map(|s| s.offset()).collect();
+            (b.schema(), Meta::Orc(offsets), rows)
+        }
+    };
+    let fm = FileMeta {
+        path: path.to_string(),
+        format,
+        schema,
+        meta,
+    };
+    Ok((fm, rows))
+}
+
+impl Source {
+    /// Reads every file's metadata and checks the requested columns against each schema.
+    /// `specs` empty means every column of the first file.
+    pub fn open(paths: &[(String, Format)], specs: &[ColumnSpec]) -> Result<Source> {
+        if paths.is_empty() {
+            return Err(Error::InvalidArgument("no input files".into()));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut units = Vec::new();
+        for (i, (path, format)) in paths.iter().enumerate() {
+            let (fm, rows) = read_meta(path, *format)?;
+            units.extend(rows.into_iter().enumerate().filter(|(_, r)| *r > 0).map(
+                |(group, rows)| Unit {
+                    file: i,
+                    group,
+                    rows,
+                },
+            ));
+            files.push(fm);
+        }
+        let first = &files[0];
+        let specs: Vec<ColumnSpec> = if specs.is_empty() {
+            first.schema.fields().iter().map(|f| ColumnSpec::plain(f.name())).collect()
+        } else {
+            specs.to_vec()
+        };
+        let columns = specs
+            .iter()
+            .map(|s| {
+                let field = find(&first.schema, &s.name, &first.path)?;
+                ColumnPlan::resolve(s, field)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for f in &files[1..] {
+            for c in &columns {
+                let field = find(&f.schema, &c.spec.name, &f.path)?;
+                if field.data_type() != &c.file_type {
+                    return Err(Error::Schema(format!(
+                        "column '{}' has type {} in {}, but {} in {}",
+                        c.spec.name,
+                        field.data_type(),
+                        f.path,
+                        c.file_type,
+                        first.path
+                    )));
+                }
+            }
+        }
+        Ok(Source {
+            files,
+            units,
+            columns,
+        })
+    }
+
+    pub fn total_rows(&self) -> usize {
+        self.units.iter().map(|u| u.rows).sum()
+    }
+
+    /// Decodes rows `[start, end)` of one unit and prepares every requested column.
+    pub fn decode(&self, seg: &Segment) -> Result<PreparedUnit> {
+        let unit = self.units[seg.unit];
+        let fm = &self.files[unit.file];
+        let at = format!("{}, {} {}", fm.path, fm.format.unit_name(), unit.group);
+        let batch = match &fm.meta {
+            Meta::Parquet(m) => self.decode_parquet(fm, m, unit, seg),
+            Meta::Orc(offsets) => self.decode_orc(fm, offsets, unit, seg),
+        }
+        .map_err(|e| match e {
+            Error::Corrupt { msg, .. } => Error::Corrupt { path: at.clone(), msg },
+            other => other,
+        })?;
+        if batch.num_rows() != seg.end - seg.start {
+            return Err(Error::corrupt(
+                &at,
+                format!("expected {} rows, decoded {}", seg.end - seg.start, batch.num_rows()),
+            ));
+        }
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| {
+                let array = batch
+                    .column_by_name(&c.spec.name)
+                    .ok_or_else(|| Error::Schema(format!("column '{}' not found ({at})", c.spec.name)))?;
+                prepare(c, array, &at)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PreparedUnit {
+            rows: batch.num_rows(),
+            columns,
+        })
+    }
+
+    fn decode_parquet(
+        &self,
+        fm: &FileMeta,
+        m: &ArrowReaderMetadata,
+        unit: Unit,
+        seg: &Segment,
+    ) -> Result<RecordBatch> {
+        let file = open(&fm.path)?;
+        let roots: Vec<usize> = self
+            .columns
+            .iter()
+            .filter_map(|c| fm.schema.index_of(&c.spec.name).ok())
+            .collect();
+        let mask = ProjectionMask::roots(m.parquet_schema(), roots);
+        let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, m.clone())
+            .with_row_groups(vec![unit.group])
+            .with_projection(mask)
+            .with_batch_size(unit.rows.max(1));
+        if seg.start > 0 || seg.end < unit.rows {
+            let sel = vec![
+                RowSelector::skip(seg.start),
+                RowSelector::select(seg.end - seg.start),
+            ];
+            builder = builder.with_row_selection(RowSelection::from(sel));
+        }
+        let reader = builder.build().map_err(|e| Error::corrupt(&fm.path, e))?;
+        let schema = reader.schema();
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::corrupt(&fm.path, e))?;
+        single(schema, batches, &fm.path)
+    }
+
+    fn decode_orc(
+        &self,
+        fm: &FileMeta,
+        offsets: &[u64],
+        unit: Unit,
+        seg: &Segment,
+    ) -> Result<RecordBatch> {
+        let file = open(&fm.path)?;
+        let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
+            .map_err(|e| Error::corrupt(&fm.path, e))?;
+        let names: Vec<&str> = self.columns.iter().map(|c| c.spec.name.as_str()).collect();
+        let mask = orc_rust::projection::ProjectionMask::named_roots(
+            b.file_metadata().root_data_type(),
+            &names,
+        );
+        let offset = offsets[unit.group] as usize;
+        let reader = b
+            .with_projection(mask)
+            .with_file_byte_range(offset..offset + 1)
+            .with_batch_size(unit.rows.max(1))
+            .build();
+        let schema = reader.schema();
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::corrupt(&fm.path, e))?;
+        let batch = single(schema, batches, &fm.path)?;
+        Ok(batch.slice(seg.start, seg.end - seg.start))
+    }
+}
+
+fn single(schema: SchemaRef, mut batches: Vec<RecordBatch>, path: &str) -> Result<RecordBatch> {
+    if batches.len() == 1 {
+        return Ok(batches.pop().expect("one batch"));
+    }
+    concat_batches(&schema, &batches).map_err(|e| Error::corrupt(path, e))
+}
+
+fn find<'a>(schema: &'a Schema, name: &str, path: &str) -> Result<&'a arrow::datatypes::Field> {
+    schema
+        .field_with_name(name)
+        .map_err(|_| Error::Schema(format!("column '{name}' not found in {path}")))
+}

@@ -1,0 +1,41 @@
+//! Maps core errors onto the exception classes of `recis_io.exceptions`.
+
+use pyo3::prelude::*;
+use pyo3::types::PyType;
+
+use crate::core::Error;
+
+fn class_name(e: &Error) -> &'static str {
+    match e {
+        Error::NotFound(_) => "DataFileNotFoundError",
+        Error::Schema(_) => "SchemaError",
+        Error::Corrupt { .. } => "CorruptFileError",
+        Error::InvalidArgument(_) => "InvalidArgumentError",
+        Error::Internal(_) => "RecisIOError",
+    }
+}
+
+/// Converts a core error, importing the class from Python so `except` clauses written against
+/// `recis_io.exceptions` catch it.
+pub fn to_pyerr(e: Error) -> PyErr {
+    Python::attach(|py| {
+        let class = py
+            .import("recis_io.exceptions")
+            .and_then(|m| m.getattr(class_name(&e)))
+            .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
+        match class {
+            Ok(class) => PyErr::from_type(class, e.to_string()),
+            Err(import_error) => import_error,
+        }
+    })
+}
+
+pub trait IntoPyResult<T> {
+    fn py(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyResult<T> for Result<T, Error> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(to_pyerr)
+    }
+}

@@ -1,0 +1,235 @@
+//! The `Reader` class: one shard's batch stream, driven by `recis_io.Dataset`.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
+
+use super::dlpack::slab_capsule;
+use super::errors::IntoPyResult;
+use super::hash_kind;
+use crate::core::assemble::BatchLayout;
+use crate::core::column::{ColumnSpec, DType, Fill, Leaf};
+use crate::core::plan::Sharding;
+use crate::core::reader::{Options, Reader as CoreReader};
+use crate::core::ring::Ring;
+use crate::core::source::{Format, Source};
+use crate::core::Error;
+
+type Layout = (usize, Vec<(usize, usize, Vec<(usize, usize)>)>);
+
+fn layout_tuple(l: &BatchLayout) -> Layout {
+    let cols = l
+        .columns
+        .iter()
+        .map(|c| (c.values_at, c.values_len, c.offsets.clone()))
+        .collect();
+    (l.rows, cols)
+}
+
+fn fill_of(name: &str, v: &Bound<'_, PyAny>) -> PyResult<Fill> {
+    if v.is_instance_of::<PyBool>() {
+        return Ok(Fill::Int(i64::from(v.extract::<bool>()?)));
+    }
+    if v.is_instance_of::<PyInt>() {
+        return Ok(Fill::Int(v.extract()?));
+    }
+    if v.is_instance_of::<PyFloat>() {
+        return Ok(Fill::Float(v.extract()?));
+    }
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(Fill::Text(s.to_str()?.as_bytes().to_vec()));
+    }
+    if let Ok(b) = v.cast::<PyBytes>() {
+        return Ok(Fill::Text(b.as_bytes().to_vec()));
+    }
+    Err(PyTypeError::new_err(format!(
+        "fill of column '{name}' must be a number or a string"
+    )))
+}
+
+type SpecTuple<'py> = (
+    String,
+    Option<Bound<'py, PyAny>>,
+    Option<String>,
+    u64,
+    Option<String>,
+);
+
+fn spec_of(t: SpecTuple<'_>) -> PyResult<ColumnSpec> {
+    let (name, fill, hash, buckets, dtype) = t;
+    let fill = fill.map(|f| fill_of(&name, &f)).transpose()?;
+    let hash = hash.map(|h| hash_kind(&h)).transpose().py()?;
+    let dtype = dtype
+        .map(|d| {
+            DType::from_name(&d).ok_or_else(|| {
+                Error::InvalidArgument(format!("column '{name}' has unknown dtype '{d}'"))
+            })
+        })
+        .transpose()
+        .py()?;
+    Ok(ColumnSpec {
+        name,
+        fill,
+        hash,
+        buckets,
+        dtype,
+    })
+}
+
+/// One shard's stream of packed batches.
+#[pyclass(module = "recis_io._recis_io")]
+pub struct Reader {
+    inner: CoreReader,
+    ring: Arc<Ring>,
+}
+
+#[pymethods]
+impl Reader {
+    #[new]
+    #[pyo3(signature = (
+        paths, columns, *, batch_size, drop_last, shuffle, seed, window, shard, shards,
+        epochs, num_threads, prefetch
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        paths: Vec<(String, String)>,
+        columns: Option<Vec<SpecTuple<'_>>>,
+        batch_size: usize,
+        drop_last: bool,
+        shuffle: bool,
+        seed: u64,
+        window: usize,
+        shard: usize,
+        shards: usize,
+        epochs: u64,
+        num_threads: usize,
+        prefetch: usize,
+    ) -> PyResult<Reader> {
+        let specs = columns
+            .unwrap_or_default()
+            .into_iter()
+            .map(spec_of)
+            .collect::<PyResult<Vec<_>>>()?;
+        let files = paths
+            .into_iter()
+            .map(|(p, f)| Format::from_name(&f).map(|f| (p, f)))
+            .collect::<Result<Vec<_>, _>>()
+            .py()?;
+        let source = py.detach(|| Source::open(&files, &specs)).py()?;
+        let opts = Options {
+            batch_size,
+            drop_last,
+            sharding: Sharding {
+                shuffle,
+                seed,
+                window,
+                shard,
+                shards,
+            },
+            epochs,
+            threads: num_threads,
+            prefetch,
+        };
+        let inner = CoreReader::new(Arc::new(source), opts).py()?;
+        Ok(Reader {
+            inner,
+            ring: Ring::new(prefetch + 2),
+        })
+    }
+
+    /// `(name, dtype, fixed width, ragged levels, text kind)` of every output column; the
+    /// text kind is "string" or "binary" for unhashed text, "" otherwise.
+    fn schema(&self) -> Vec<(String, String, usize, usize, String)> {
+        self.inner
+            .source()
+            .columns
+            .iter()
+            .map(|c| {
+                let fixed = if c.fixed > 1 { c.fixed } else { 0 };
+                let text = match (c.leaf, c.spec.hash) {
+                    (Leaf::Text, None) if c.file_type.to_string().contains("Utf8") => "string",
+                    (Leaf::Text, None) => "binary",
+                    _ => "",
+                };
+                let (name, dtype) = (c.spec.name.clone(), c.out.name().to_string());
+                (name, dtype, fixed, c.ragged_levels(), text.to_string())
+            })
+            .collect()
+    }
+
+    #[getter]
+    fn total_rows(&self) -> usize {
+        self.inner.source().total_rows()
+    }
+
+    #[getter]
+    fn shard_rows(&self) -> usize {
+        self.inner.shard_rows()
+    }
+
+    #[getter]
+    fn batches_per_epoch(&self) -> usize {
+        self.inner.batches_per_epoch()
+    }
+
+    fn cursor(&self) -> (u64, usize) {
+        self.inner.cursor()
+    }
+
+    fn seek(&mut self, epoch: u64, pos: usize) -> PyResult<()> {
+        self.inner.seek(epoch, pos).py()
+    }
+
+    /// Stops the decode threads; iteration resumes from the cursor.
+    fn pause(&mut self, py: Python<'_>) {
+        let inner = &mut self.inner;
+        py.detach(|| inner.pause());
+    }
+
+    /// Decodes the next batch (GIL released); returns its size in bytes, `None` at the end.
+    fn prepare(&mut self, py: Python<'_>) -> PyResult<Option<usize>> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.prepare_next().map(|l| l.map(|l| l.nbytes)))
+            .py()
+    }
+
+    /// Packs the prepared batch into caller-owned memory (`ptr`, `nbytes`), for pinned
+    /// buffers allocated by torch.
+    fn fill_into(&mut self, py: Python<'_>, ptr: usize, nbytes: usize) -> PyResult<Layout> {
+        if ptr == 0 {
+            return Err(Error::InvalidArgument("batch buffer pointer is null".into())).py();
+        }
+        let inner = &mut self.inner;
+        let layout = py
+            .detach(|| {
+                // SAFETY: the caller passes the address and size of a live, writable buffer
+                // (a torch tensor it keeps alive across this call).
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, nbytes) };
+                inner.fill_pending(dst)
+            })
+            .py()?;
+        Ok(layout_tuple(&layout))
+    }
+
+    /// Packs the prepared batch into a buffer from the ring and returns it as a DLPack
+    /// capsule with the layout.
+    fn fill_owned<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Layout)> {
+        let inner = &mut self.inner;
+        let ring = &self.ring;
+        let (slab, layout) = py
+            .detach(|| {
+                let need = inner
+                    .prepare_next()?
+                    .map(|l| l.nbytes)
+                    .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
+                let mut slab = ring.take(need);
+                let layout = inner.fill_pending(slab.as_mut_bytes())?;
+                Ok::<_, Error>((slab, layout))
+            })
+            .py()?;
+        Ok((slab_capsule(py, slab)?, layout_tuple(&layout)))
+    }
+}

@@ -1,0 +1,199 @@
+"""Batches: a mapping of column name to tensor or ragged column, all in one buffer."""
+
+from __future__ import annotations
+
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+_TORCH_DTYPES = {
+    "bool": torch.bool,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+class Ragged:
+    """A column whose rows hold variable-length lists.
+
+    ``values`` holds every innermost element of the batch in row order. ``offsets`` is a tuple
+    of int64 tensors, one per list level, outermost first; level ``l`` has one more entry than
+    it has items and starts at 0, so items of row ``i`` are ``offsets[0][i]:offsets[0][i+1]``.
+    A ``list<int64>`` column therefore has one offsets tensor of length ``B + 1``; a
+    ``list<list<int64>>`` has two; an unhashed string column holds its UTF-8 bytes as uint8
+    values with one offsets tensor (one more level for a list of strings).
+
+    Example:
+        Three rows ``[[1, 2], [], [3]]`` give::
+
+            values  = tensor([1, 2, 3])
+            offsets = (tensor([0, 2, 2, 3]),)
+
+        Two rows ``[[[1], [2, 3]], [[4]]]`` give::
+
+            values  = tensor([1, 2, 3, 4])
+            offsets = (tensor([0, 2, 3]), tensor([0, 1, 3, 4]))
+
+    Attributes:
+        values: ``(N,)`` innermost elements.
+        offsets: int64 tensors, outermost first; ``offsets[0]`` has shape ``(B + 1,)``.
+    """
+
+    __slots__ = ("offsets", "values")
+
+    def __init__(self, values: torch.Tensor, offsets: tuple[torch.Tensor, ...]) -> None:
+        self.values = values
+        self.offsets = tuple(offsets)
+
+    def __len__(self) -> int:
+        return self.offsets[0].numel() - 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Ragged:
+        """Returns the column on ``device`` (one copy per tensor)."""
+        return Ragged(
+            self.values.to(device, non_blocking=non_blocking),
+            tuple(o.to(device, non_blocking=non_blocking) for o in self.offsets),
+        )
+
+    def row(self, i: int) -> Any:
+        """Returns row ``i`` as nested Python lists (handy in tests and debugging)."""
+
+        def level(depth: int, a: int, b: int) -> Any:
+            if depth == len(self.offsets):
+                return self.values[a:b].tolist()
+            off = self.offsets[depth]
+            return [level(depth + 1, int(off[j]), int(off[j + 1])) for j in range(a, b)]
+
+        return level(1, int(self.offsets[0][i]), int(self.offsets[0][i + 1]))
+
+    def __repr__(self) -> str:
+        return f"Ragged(values={self.values!r}, offsets={self.offsets!r})"
+
+
+Value = torch.Tensor | Ragged
+
+
+@dataclass(frozen=True)
+class _ColumnInfo:
+    name: str
+    dtype: str
+    fixed: int
+    levels: int
+    text: str
+
+
+def _views(
+    buffer: torch.Tensor, infos: list[_ColumnInfo], layout: tuple[int, list[Any]]
+) -> dict[str, Value]:
+    rows, cols = layout
+    out: dict[str, Value] = {}
+    for info, (values_at, values_len, offsets) in zip(infos, cols, strict=False):
+        dtype = _TORCH_DTYPES[info.dtype]
+        size = torch.empty((), dtype=dtype).element_size()
+        values = buffer[values_at : values_at + values_len * size].view(dtype)
+        if info.levels:
+            offs = tuple(buffer[at : at + n * 8].view(torch.int64) for at, n in offsets)
+            out[info.name] = Ragged(values, offs)
+        elif info.fixed:
+            out[info.name] = values.view(rows, info.fixed)
+        else:
+            out[info.name] = values
+    return out
+
+
+class Batch(Mapping[str, Value]):
+    """One batch: column name to ``(B,)`` / ``(B, k)`` tensor or :class:`Ragged`.
+
+    Every column is a view into one contiguous buffer, so moving a batch to a GPU is a single
+    host-to-device copy. ``len(batch)`` is the number of rows ``B``; use ``batch.keys()`` for
+    the columns.
+    """
+
+    def __init__(
+        self,
+        buffer: torch.Tensor,
+        infos: list[_ColumnInfo],
+        layout: tuple[int, list[Any]],
+    ) -> None:
+        self._buffer = buffer
+        self._infos = infos
+        self._layout = layout
+        self._columns = _views(buffer, infos, layout)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The ``(nbytes,)`` uint8 buffer every column views."""
+        return self._buffer
+
+    @property
+    def device(self) -> torch.device:
+        return self._buffer.device
+
+    def __getitem__(self, name: str) -> Value:
+        return self._columns[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return int(self._layout[0])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._columns
+
+    def keys(self) -> KeysView[str]:
+        return self._columns.keys()
+
+    def values(self) -> ValuesView[Value]:
+        return self._columns.values()
+
+    def items(self) -> ItemsView[str, Value]:
+        return self._columns.items()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Returns the batch on ``device`` with one copy of the whole buffer.
+
+        Args:
+            device: Target device, for example ``"cuda"``.
+            non_blocking: Asynchronous copy; overlaps with compute when the buffer is pinned.
+        """
+        target = self._buffer.to(device, non_blocking=non_blocking)
+        if target is self._buffer:
+            return self
+        return Batch(target, self._infos, self._layout)
+
+    def pin_memory(self) -> Batch:
+        """Returns the batch in pinned host memory (one copy, unless already pinned)."""
+        if self._buffer.is_pinned():
+            return self
+        return Batch(self._buffer.pin_memory(), self._infos, self._layout)
+
+    def to_arrow(self) -> pa.RecordBatch:
+        """Returns the batch as a ``pyarrow.RecordBatch`` sharing this batch's memory.
+
+        Dense columns become primitive arrays, ``(B, k)`` columns fixed-size lists, ragged
+        columns ``large_list`` (int64 offsets), unhashed strings ``large_string`` /
+        ``large_binary``. Bool columns are copied (Arrow packs bools into bits). Needs the
+        ``arrow`` extra and a CPU batch.
+        """
+        from ._arrow import to_record_batch
+
+        return to_record_batch(self)
+
+    def __repr__(self) -> str:
+        cols = ", ".join(self._columns)
+        return f"Batch(rows={len(self)}, columns=[{cols}])"

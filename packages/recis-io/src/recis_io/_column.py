@@ -1,0 +1,85 @@
+"""Per-column read options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .exceptions import InvalidArgumentError
+
+_HASHES = ("farm", "murmur")
+_DTYPES = {
+    torch.bool: "bool",
+    torch.int8: "int8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.uint8: "uint8",
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """Options for one column, given in ``Dataset(columns=[...])``.
+
+    Args:
+        name: Column name in the files.
+        fill: Value written in place of nulls. Integer and bool columns (and hashed strings)
+            with nulls and no ``fill`` raise :class:`~recis_io.exceptions.SchemaError`; float
+            columns without ``fill`` read nulls as NaN; unhashed strings take a ``str`` fill.
+        hash: ``"farm"`` (FarmHash Fingerprint64) or ``"murmur"`` (MurmurHash64A, seed 0)
+            turns a string column, or a list of strings, into int64 ids while reading.
+        buckets: With ``hash``, ids become the unsigned hash modulo ``buckets`` (0 keeps the
+            full 64 bits, reinterpreted as int64).
+        dtype: Output element type (``torch.dtype`` or its name such as ``"float32"``);
+            numeric columns are cast while decoding.
+
+    Example:
+        >>> Column("user_id", hash="farm", buckets=1_000_000, fill=0)
+        Column(name='user_id', fill=0, hash='farm', buckets=1000000, dtype=None)
+    """
+
+    name: str
+    fill: int | float | str | None = None
+    hash: str | None = None
+    buckets: int = 0
+    dtype: torch.dtype | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidArgumentError(f"column name must be a non-empty string, got {self.name!r}")
+        if self.hash is not None and self.hash not in _HASHES:
+            raise InvalidArgumentError(
+                f"column '{self.name}' has hash={self.hash!r}, expected 'farm' or 'murmur'"
+            )
+        if isinstance(self.buckets, bool) or not isinstance(self.buckets, int):
+            raise InvalidArgumentError(f"column '{self.name}' has non-integer buckets")
+        if self.buckets < 0 or self.buckets >= 2**64:
+            raise InvalidArgumentError(
+                f"column '{self.name}' has buckets={self.buckets}, expected 0 <= buckets < 2**64"
+            )
+        if self.fill is not None and not isinstance(self.fill, (int, float, str)):
+            raise InvalidArgumentError(
+                f"column '{self.name}' has fill of type {type(self.fill).__name__}, "
+                "expected a number or a string"
+            )
+        _dtype_name(self)
+
+    def _spec(self) -> tuple[str, int | float | str | None, str | None, int, str | None]:
+        return (self.name, self.fill, self.hash, self.buckets, _dtype_name(self))
+
+
+def _dtype_name(col: Column) -> str | None:
+    if col.dtype is None:
+        return None
+    if isinstance(col.dtype, torch.dtype):
+        if col.dtype not in _DTYPES:
+            raise InvalidArgumentError(f"column '{col.name}' has unsupported dtype {col.dtype}")
+        return _DTYPES[col.dtype]
+    if isinstance(col.dtype, str) and col.dtype in _DTYPES.values():
+        return col.dtype
+    raise InvalidArgumentError(f"column '{col.name}' has unknown dtype {col.dtype!r}")

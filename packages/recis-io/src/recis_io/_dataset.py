@@ -1,0 +1,314 @@
+"""The Dataset: configuration, sharding, resumable iteration."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ._batch import Batch, _ColumnInfo
+from ._column import Column
+from ._paths import PathLike, resolve_paths
+from ._recis_io import Reader
+from .exceptions import ForkedReaderError, InvalidArgumentError
+
+_STATE_VERSION = 1
+_DEVICES = ("cpu", "pinned", "cuda")
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            auto = (dist.get_rank(), dist.get_world_size())
+        else:
+            auto = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        rank = auto[0] if rank is None else rank
+        world_size = auto[1] if world_size is None else world_size
+    world_size = _positive("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise InvalidArgumentError(f"rank must be in [0, {world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def _device_kind(device: str | torch.device) -> tuple[str, torch.device | None]:
+    text = str(device)
+    if text in ("cpu", "pinned"):
+        return text, None
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise InvalidArgumentError(f"device must be one of {_DEVICES}, got {text!r}") from e
+    if dev.type != "cuda":
+        raise InvalidArgumentError(f"device must be one of {_DEVICES}, got {text!r}")
+    if not torch.cuda.is_available():
+        raise InvalidArgumentError(
+            f"device {text!r} needs CUDA, but torch.cuda.is_available() is false"
+        )
+    return "cuda", dev
+
+
+class Dataset(IterableDataset):
+    """Reads Parquet/ORC files into fixed-size batches of torch tensors.
+
+    Decoding runs on a pool of native threads with the GIL released; the order of rows depends
+    only on the inputs and ``seed`` (never on thread timing), so runs are reproducible and
+    :meth:`state_dict` can resume exactly.
+
+    Each epoch lays the files' row groups (stripes for ORC) end to end, in file order or in a
+    seeded permutation when ``shuffle`` is set, and gives shard ``s`` of ``S`` the contiguous
+    slice ``[s * n, (s + 1) * n)`` with ``n = total_rows // S``. Shards are therefore disjoint,
+    equally sized (every rank sees the same number of batches), and together cover the data
+    except the last ``total_rows % S`` rows of each epoch's order (with shuffle these differ
+    from epoch to epoch). With ``shuffle`` the shard's rows are also permuted within windows of
+    ``shuffle_window`` rows. Under a ``DataLoader`` with workers, shards are
+    ``rank * num_workers + worker_id`` out of ``world_size * num_workers``.
+
+    Args:
+        paths: A file, directory or glob, or a sequence of them (``.parquet``/``.pq``/``.orc``).
+        batch_size: Rows per batch; batches span row-group boundaries.
+        columns: Column names or :class:`Column` options; ``None`` reads every column of the
+            first file. Each output keeps the order given here.
+        format: ``"auto"`` (by file suffix), ``"parquet"`` or ``"orc"``.
+        num_threads: Decode threads (default: the CPUs this process may use).
+        prefetch: Decoded row groups kept ready beyond those the current batch needs, and the
+            number of spare batch buffers kept for reuse; memory stays bounded by it.
+        drop_last: Drop each epoch's final batch when it is smaller than ``batch_size``.
+        shuffle: Permute row groups per epoch and rows within windows.
+        seed: Seed of every permutation.
+        shuffle_window: Rows per in-shard shuffle window (memory holds about one window).
+        rank: This process's rank (default: ``torch.distributed`` if initialized, else the
+            ``RANK`` environment variable, else 0).
+        world_size: Number of ranks (same defaults, ``WORLD_SIZE``, else 1).
+        epochs: Passes over the data per iteration.
+        device: ``"cpu"``; ``"pinned"`` (page-locked buffers when CUDA is available, plain
+            CPU memory otherwise); or ``"cuda"``/``"cuda:N"`` (pinned buffers, each batch
+            moved with one non-blocking copy).
+
+    Raises:
+        DataFileNotFoundError: A path matched no file.
+        SchemaError: A column is missing, unsupported, or typed differently across files.
+        CorruptFileError: A file's metadata cannot be read.
+        InvalidArgumentError: An option is out of range.
+
+    Example:
+        >>> ds = Dataset("data/", batch_size=8192,
+        ...              columns=["label", Column("user", hash="farm", fill=0)])
+        >>> for batch in ds:
+        ...     batch["label"]           # (B,) tensor
+        ...     batch["user"]            # (B,) int64 ids
+    """
+
+    def __init__(
+        self,
+        paths: PathLike | Sequence[PathLike],
+        *,
+        batch_size: int,
+        columns: Sequence[str | Column] | None = None,
+        format: str = "auto",
+        num_threads: int | None = None,
+        prefetch: int = 2,
+        drop_last: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_window: int = 65536,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.batch_size = _positive("batch_size", batch_size)
+        self.num_threads = _positive("num_threads", num_threads or _default_threads())
+        self.prefetch = _positive("prefetch", prefetch, minimum=0)
+        self.shuffle_window = _positive("shuffle_window", shuffle_window)
+        self.epochs = _positive("epochs", epochs, minimum=0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        self.shuffle = bool(shuffle)
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self._device_kind, self._device = _device_kind(device)
+        self.columns = None if columns is None else [_as_column(c) for c in columns]
+        self._files = resolve_paths(paths, format)
+        # Opening a reader once validates every file and column now rather than mid-training.
+        probe = self._reader(0, 1)
+        self.total_rows: int = probe.total_rows
+        self._infos = [_ColumnInfo(*t) for t in probe.schema()]
+        self._cursor: tuple[int, int] = (0, 0)
+        self._resume: tuple[int, int] | None = None
+        self._shard: tuple[int, int] = (self.rank, self.world_size)
+
+    def _reader(self, shard: int, shards: int) -> Reader:
+        specs = None if self.columns is None else [c._spec() for c in self.columns]
+        return Reader(
+            self._files,
+            specs,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            window=self.shuffle_window,
+            shard=shard,
+            shards=shards,
+            epochs=self.epochs,
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+        )
+
+    @property
+    def files(self) -> list[str]:
+        """The data files, in plan order."""
+        return [p for p, _ in self._files]
+
+    def _current_shard(self) -> tuple[int, int]:
+        info = get_worker_info()
+        if info is None:
+            return self.rank, self.world_size
+        return (
+            self.rank * info.num_workers + info.id,
+            self.world_size * info.num_workers,
+        )
+
+    def batches_per_epoch(self) -> int:
+        """Batches each shard yields per epoch (the same on every rank)."""
+        rows = self.total_rows // self._current_shard()[1]
+        if self.drop_last:
+            return rows // self.batch_size
+        return -(-rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        shard, shards = self._current_shard()
+        reader = self._reader(shard, shards)
+        start = self._resume if self._resume is not None else (0, 0)
+        self._resume = None
+        reader.seek(*start)
+        self._cursor = start
+        self._shard = (shard, shards)
+        return _BatchIterator(self, reader)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor after the last batch this object yielded: small and JSON-serializable.
+
+        With a multi-worker ``DataLoader`` the workers iterate copies of the dataset, so take
+        the state from an in-process iteration (the recommended setup: threads, not workers).
+        """
+        epoch, row = self._resume if self._resume is not None else self._cursor
+        return {
+            "version": _STATE_VERSION,
+            "epoch": epoch,
+            "row": row,
+            "shard": self._shard[0],
+            "shards": self._shard[1],
+            "total_rows": self.total_rows,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "shuffle_window": self.shuffle_window,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Makes the next iteration continue exactly after the batch the state was taken at.
+
+        Raises:
+            InvalidArgumentError: The state is malformed or was taken with a different data
+                set, shuffle, seed, window or sharding.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise InvalidArgumentError(f"not a recis-io state (version {_STATE_VERSION})")
+        expected = {
+            "total_rows": self.total_rows,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "shards": self._current_shard()[1],
+        }
+        if self.shuffle:
+            expected["shuffle_window"] = self.shuffle_window
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise InvalidArgumentError(
+                    f"state has {key}={state.get(key)!r}, this dataset has {value!r}"
+                )
+        epoch, row = state.get("epoch"), state.get("row")
+        if not (isinstance(epoch, int) and isinstance(row, int) and epoch >= 0 and row >= 0):
+            raise InvalidArgumentError(f"state has invalid cursor epoch={epoch!r} row={row!r}")
+        if row > self.total_rows // expected["shards"]:
+            raise InvalidArgumentError(f"state row {row} is past the end of the shard")
+        self._resume = (epoch, row)
+        self._cursor = (epoch, row)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(files={len(self._files)}, rows={self.total_rows}, "
+            f"batch_size={self.batch_size}, shuffle={self.shuffle})"
+        )
+
+
+def _as_column(c: str | Column) -> Column:
+    if isinstance(c, Column):
+        return c
+    if isinstance(c, str):
+        return Column(c)
+    raise InvalidArgumentError(f"columns must hold names or Column objects, got {c!r}")
+
+
+class _BatchIterator(Iterator[Batch]):
+    def __init__(self, dataset: Dataset, reader: Reader) -> None:
+        self._ds = dataset
+        self._reader: Reader | None = reader
+        self._pid = os.getpid()
+
+    def __iter__(self) -> _BatchIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if os.getpid() != self._pid:
+            raise ForkedReaderError(
+                "this iterator was started before the process forked; start iterating in the "
+                "child (DataLoader workers do) or use multiprocessing_context='spawn'"
+            )
+        reader = self._reader
+        if reader is None:
+            raise StopIteration
+        nbytes = reader.prepare()
+        if nbytes is None:
+            self._close()
+            raise StopIteration
+        kind = self._ds._device_kind
+        if kind == "cpu" or not torch.cuda.is_available():
+            capsule, layout = reader.fill_owned()
+            buffer = torch.utils.dlpack.from_dlpack(capsule)
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            layout = reader.fill_into(buffer.data_ptr(), nbytes)
+        self._ds._cursor = tuple(reader.cursor())  # type: ignore[assignment]
+        batch = Batch(buffer, self._ds._infos, layout)
+        if kind == "cuda":
+            batch = batch.to(self._ds._device, non_blocking=True)
+        return batch
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.pause()
+            self._reader = None
+
+    def __del__(self) -> None:
+        if self._reader is not None and os.getpid() == self._pid:
+            self._reader.pause()

@@ -1,0 +1,60 @@
+"""The native reader (private; use :class:`recis_io.Dataset`)."""
+
+from typing import Any
+
+Layout = tuple[int, list[tuple[int, int, list[tuple[int, int]]]]]
+Spec = tuple[str, int | float | str | None, str | None, int, str | None]
+
+def hash_bytes(data: bytes, kind: str, buckets: int = 0) -> int:
+    """Hashes ``data`` as the reader hashes strings.
+
+    Args:
+        data: The raw bytes (UTF-8 for strings).
+        kind: ``"farm"`` (FarmHash Fingerprint64) or ``"murmur"`` (MurmurHash64A, seed 0).
+        buckets: When positive, the unsigned hash modulo ``buckets``.
+
+    Returns:
+        The id as a signed 64-bit integer (the hash's bits reinterpreted).
+
+    Raises:
+        InvalidArgumentError: ``kind`` is not a known hash.
+    """
+
+class Reader:
+    """One shard's stream of packed batches; decodes on native threads."""
+
+    def __init__(
+        self,
+        paths: list[tuple[str, str]],
+        columns: list[Spec] | None,
+        *,
+        batch_size: int,
+        drop_last: bool,
+        shuffle: bool,
+        seed: int,
+        window: int,
+        shard: int,
+        shards: int,
+        epochs: int,
+        num_threads: int,
+        prefetch: int,
+    ) -> None: ...
+    def schema(self) -> list[tuple[str, str, int, int, str]]:
+        """``(name, dtype, fixed width or 0, ragged levels, text kind)`` per output column."""
+    @property
+    def total_rows(self) -> int: ...
+    @property
+    def shard_rows(self) -> int: ...
+    @property
+    def batches_per_epoch(self) -> int: ...
+    def cursor(self) -> tuple[int, int]:
+        """``(epoch, row)`` of the next row this reader hands out."""
+    def seek(self, epoch: int, pos: int) -> None: ...
+    def pause(self) -> None:
+        """Stops the decode threads; reading resumes from the cursor."""
+    def prepare(self) -> int | None:
+        """Decodes the next batch; returns its size in bytes, ``None`` after the last one."""
+    def fill_into(self, ptr: int, nbytes: int) -> Layout:
+        """Packs the prepared batch into caller-owned memory at ``ptr``."""
+    def fill_owned(self) -> tuple[Any, Layout]:
+        """Packs the prepared batch into a reused buffer returned as a DLPack capsule."""

@@ -1,0 +1,41 @@
+"""Exceptions raised by recis-io.
+
+Every error derives from :class:`RecisIOError`; the leaves also derive from the builtin a
+caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``RuntimeError``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptFileError",
+    "DataFileNotFoundError",
+    "ForkedReaderError",
+    "InvalidArgumentError",
+    "RecisIOError",
+    "SchemaError",
+]
+
+
+class RecisIOError(Exception):
+    """Base class of every recis-io error."""
+
+
+class DataFileNotFoundError(RecisIOError, FileNotFoundError):
+    """A path, directory or glob matched no readable data file."""
+
+
+class SchemaError(RecisIOError, ValueError):
+    """A missing column, an unsupported type, files whose types disagree, or nulls in a
+    column that has no ``fill`` value."""
+
+
+class CorruptFileError(RecisIOError):
+    """A file that is not valid Parquet/ORC or is truncated; the message names the file."""
+
+
+class InvalidArgumentError(RecisIOError, ValueError):
+    """An option out of range or of the wrong kind."""
+
+
+class ForkedReaderError(RecisIOError, RuntimeError):
+    """An iterator started in one process was used in a forked child."""

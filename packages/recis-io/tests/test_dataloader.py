@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from recis_io import Dataset, ForkedReaderError
+
+from .conftest import write_ids
+
+ROWS = [300, 250]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return write_ids(tmp_path_factory.mktemp("dl"), "parquet", ROWS, 64)
+
+
+def _ids(loader: DataLoader) -> list[int]:
+    return [i for batch in loader for i in batch["id"].tolist()]
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        pytest.param(
+            "fork",
+            marks=pytest.mark.skipif(
+                "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
+            ),
+        ),
+        "spawn",
+    ],
+)
+def test_workers_read_disjoint_shares(files, context: str) -> None:
+    ds = Dataset(files, batch_size=32, num_threads=2)
+    # Threads started in the parent must not break forked children: iterate once first.
+    assert len(next(iter(ds))) == 32
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context=context,
+    )
+    got = _ids(loader)
+    assert len(got) == len(set(got)) == sum(ROWS) - sum(ROWS) % 2
+    assert all(0 <= i < sum(ROWS) for i in got)
+
+
+def test_iterator_used_across_fork_raises_clearly(files) -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork")
+    it = iter(Dataset(files, batch_size=16))
+    next(it)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report what using the parent's iterator does
+        try:
+            next(it)
+            code = b"no error"
+        except ForkedReaderError as e:
+            code = b"ok" if "spawn" in str(e) else b"bad message"
+        except BaseException:  # anything else is a failure the parent must see
+            code = b"other error"
+        os.write(write, code)
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 64) == b"ok"
+    assert status == 0
+    # The parent's iterator keeps working.
+    assert next(it)["id"].tolist() == list(range(16, 32))
+
+
+def test_batches_keep_memory_alive_after_iteration_ends(files) -> None:
+    kept = list(Dataset(files, batch_size=100))
+    assert torch.cat([b["id"] for b in kept]).tolist() == list(range(sum(ROWS)))

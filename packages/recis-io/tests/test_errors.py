@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from recis_io import (
+    Column,
+    CorruptFileError,
+    DataFileNotFoundError,
+    Dataset,
+    InvalidArgumentError,
+    RecisIOError,
+    SchemaError,
+)
+
+from .conftest import ids_table, write
+
+
+def test_missing_file_is_file_not_found(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet") as info:
+        Dataset(tmp_path / "nope.parquet", batch_size=4)
+    assert isinstance(info.value, RecisIOError)
+    with pytest.raises(DataFileNotFoundError, match="matches no files"):
+        Dataset(str(tmp_path / "*.parquet"), batch_size=4)
+    with pytest.raises(DataFileNotFoundError, match="holds no"):
+        Dataset(tmp_path, batch_size=4)
+
+
+@pytest.mark.parametrize("keep", [0, 0.5, 0.95])
+def test_truncated_file_names_the_file(tmp_path, fmt: str, keep: float) -> None:
+    good = write(ids_table(500), tmp_path / f"good.{fmt}", fmt, 100)
+    data = good.read_bytes()
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CorruptFileError, match="bad"):
+        list(Dataset([good, bad], batch_size=64))
+
+
+def test_corrupt_pages_name_the_file_and_unit(tmp_path) -> None:
+    good = write(ids_table(2000), tmp_path / "c.parquet", "parquet", 500)
+    data = bytearray(good.read_bytes())
+    # Scramble the data pages but keep the footer intact, so only decoding can notice.
+    for i in range(8, len(data) // 2):
+        data[i] ^= 0x5A
+    good.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"c\.parquet"):
+        list(Dataset(good, batch_size=64, num_threads=2))
+
+
+def test_garbage_file_is_corrupt(tmp_path, fmt: str) -> None:
+    p = tmp_path / f"g.{fmt}"
+    p.write_bytes(b"this is not a columnar file at all" * 10)
+    with pytest.raises(CorruptFileError, match=r"g\."):
+        Dataset(p, batch_size=2)
+
+
+def test_empty_file_reads_nothing(tmp_path, fmt: str) -> None:
+    p = write(ids_table(0), tmp_path / f"e.{fmt}", fmt, 10)
+    ds = Dataset(p, batch_size=4)
+    assert ds.total_rows == 0
+    assert list(ds) == []
+
+
+def test_missing_column_is_schema_error(tmp_path, fmt: str) -> None:
+    p = write(ids_table(10), tmp_path / f"m.{fmt}", fmt, 10)
+    with pytest.raises(SchemaError, match="column 'nope' not found"):
+        Dataset(p, batch_size=4, columns=["nope"])
+
+
+def test_mismatched_files_are_schema_errors(tmp_path) -> None:
+    a = write(ids_table(10), tmp_path / "a.parquet", "parquet", 10)
+    other = pa.table({"id": pa.array(["x"] * 10), "seq": pa.array([[1]] * 10)})
+    b = write(other, tmp_path / "b.parquet", "parquet", 10)
+    with pytest.raises(SchemaError, match=r"column 'id' has type Utf8 in .*b\.parquet"):
+        Dataset([a, b], batch_size=4)
+    c = write(pa.table({"id": pa.array([1])}), tmp_path / "c.parquet", "parquet", 10)
+    with pytest.raises(ValueError, match="column 'seq' not found"):
+        Dataset([a, c], batch_size=4)
+
+
+def test_nulls_in_id_column_without_fill(tmp_path, fmt: str) -> None:
+    p = write(pa.table({"u": pa.array([1, None, 3])}), tmp_path / f"n.{fmt}", fmt, 10)
+    with pytest.raises(SchemaError, match="column 'u' has nulls and no fill value"):
+        list(Dataset(p, batch_size=4))
+    s = write(pa.table({"s": pa.array(["a", None])}), tmp_path / f"s.{fmt}", fmt, 10)
+    with pytest.raises(SchemaError, match="column 's' has nulls"):
+        list(Dataset(s, batch_size=4, columns=[Column("s", hash="farm")]))
+
+
+def test_unsupported_type(tmp_path) -> None:
+    p = write(pa.table({"d": pa.array([1, 2], pa.date32())}), tmp_path / "d.parquet", "parquet", 1)
+    with pytest.raises(SchemaError, match="column 'd' has unsupported type"):
+        Dataset(p, batch_size=4)
+
+
+def test_bad_options(tmp_path) -> None:
+    p = write(ids_table(10), tmp_path / "o.parquet", "parquet", 10)
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        Dataset(p, batch_size=0)
+    with pytest.raises(InvalidArgumentError, match="rank"):
+        Dataset(p, batch_size=1, rank=2, world_size=2)
+    with pytest.raises(InvalidArgumentError, match="format"):
+        Dataset(p, batch_size=1, format="csv")
+    with pytest.raises(InvalidArgumentError, match="device"):
+        Dataset(p, batch_size=1, device="tpu")
+    with pytest.raises(InvalidArgumentError, match="hash"):
+        Column("x", hash="sha1")
+    with pytest.raises(SchemaError, match="hash needs a string column"):
+        Dataset(p, batch_size=1, columns=[Column("id", hash="farm")])
+    with pytest.raises(InvalidArgumentError, match="buckets without hash"):
+        Dataset(p, batch_size=1, columns=[Column("id", buckets=3)])
+    other = tmp_path / "x.bin"
+    other.write_bytes(p.read_bytes())
+    with pytest.raises(InvalidArgumentError, match="cannot tell the format"):
+        Dataset(other, batch_size=1)
+    assert len(list(Dataset(tmp_path / "x.bin", batch_size=4, format="parquet"))) == 3

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recis_io import Dataset, InvalidArgumentError
+
+from .conftest import write_ids
+
+ROWS = [130, 0, 77, 200]  # an empty file in the middle is fine
+TOTAL = sum(ROWS)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return write_ids(tmp_path_factory.mktemp("ids"), "parquet", ROWS, 32)
+
+
+def ids(ds: Dataset) -> list[list[int]]:
+    return [b["id"].tolist() for b in ds]
+
+
+def test_plain_order_is_file_order(files) -> None:
+    got = list(itertools.chain.from_iterable(ids(Dataset(files, batch_size=50))))
+    assert got == list(range(TOTAL))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_shards_are_disjoint_equal_and_cover(files, shuffle: bool, world: int) -> None:
+    per_rank = []
+    for rank in range(world):
+        ds = Dataset(files, batch_size=16, shuffle=shuffle, seed=3, rank=rank, world_size=world)
+        batches = ids(ds)
+        assert len(batches) == ds.batches_per_epoch()
+        per_rank.append([i for b in batches for i in b])
+    assert len({len(r) for r in per_rank}) == 1
+    assert len({len(ids) for ids in [per_rank[0]]}) == 1
+    seen = [i for r in per_rank for i in r]
+    assert len(seen) == len(set(seen)) == TOTAL - TOTAL % world
+    assert set(seen) <= set(range(TOTAL))
+
+
+def test_shuffle_is_a_seeded_permutation_per_epoch(files) -> None:
+    ds = Dataset(files, batch_size=64, shuffle=True, seed=11, epochs=2, shuffle_window=50)
+    flat = [i for b in ids(ds) for i in b]
+    first, second = flat[:TOTAL], flat[TOTAL:]
+    assert sorted(first) == sorted(second) == list(range(TOTAL))
+    assert first != second
+    assert first != list(range(TOTAL))
+    again = Dataset(files, batch_size=64, shuffle=True, seed=11, epochs=2, shuffle_window=50)
+    assert [i for b in ids(again) for i in b] == flat
+    other = Dataset(files, batch_size=64, shuffle=True, seed=12, epochs=2, shuffle_window=50)
+    assert [i for b in ids(other) for i in b] != flat
+
+
+def test_order_does_not_depend_on_threads(files) -> None:
+    runs = [
+        ids(Dataset(files, batch_size=33, shuffle=True, seed=5, num_threads=t, prefetch=p))
+        for t, p in [(1, 0), (2, 1), (4, 6)]
+    ]
+    assert runs[0] == runs[1] == runs[2]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cut=st.integers(0, 40),
+    shuffle=st.booleans(),
+    threads=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    world=st.integers(1, 3),
+    batch=st.sampled_from([7, 32, 100]),
+    drop_last=st.booleans(),
+)
+def test_resume_is_exact(files, cut, shuffle, threads, world, batch, drop_last) -> None:
+    rank = world - 1
+
+    def make(t: int) -> Dataset:
+        return Dataset(
+            files,
+            batch_size=batch,
+            shuffle=shuffle,
+            seed=9,
+            shuffle_window=40,
+            epochs=3,
+            rank=rank,
+            world_size=world,
+            num_threads=t,
+            drop_last=drop_last,
+        )
+
+    reference = ids(make(threads[0]))
+    first = make(threads[0])
+    head = []
+    it = iter(first)
+    for batch_ids in itertools.islice(it, cut):
+        head.append(batch_ids["id"].tolist())
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = make(threads[1])
+    resumed.load_state_dict(state)
+    tail = ids(resumed)
+    assert head + tail == reference
+
+
+def test_new_iteration_restarts_without_loaded_state(files) -> None:
+    ds = Dataset(files, batch_size=100)
+    first = ids(ds)
+    assert ds.state_dict()["row"] == TOTAL
+    assert ds.state_dict()["epoch"] == 0
+    assert ids(ds) == first
+
+
+def test_state_from_another_setup_is_rejected(files) -> None:
+    state = Dataset(files, batch_size=10, shuffle=True, seed=1).state_dict()
+    with pytest.raises(InvalidArgumentError, match="seed"):
+        Dataset(files, batch_size=10, shuffle=True, seed=2).load_state_dict(state)
+    with pytest.raises(InvalidArgumentError, match="shards"):
+        Dataset(files, batch_size=10, shuffle=True, seed=1, world_size=2, rank=0).load_state_dict(
+            state
+        )
+    with pytest.raises(InvalidArgumentError, match="not a recis-io state"):
+        Dataset(files, batch_size=10).load_state_dict({"epoch": 0})
+
+
+def test_rank_defaults_from_environment(files, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ds = Dataset(files, batch_size=10)
+    assert (ds.rank, ds.world_size) == (1, 4)
+    assert sum(len(b) for b in ids(ds)) == TOTAL // 4

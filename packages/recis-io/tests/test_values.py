@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from recis_io import Batch, Column, Dataset, Ragged
+
+from .conftest import write
+
+N = 97
+
+
+def rows_of(batch: Batch, name: str, text: bool = False) -> list:
+    col = batch[name]
+    if isinstance(col, Ragged):
+        rows = [col.row(i) for i in range(len(col))]
+        if text and len(col.offsets) == 2:
+            return [[bytes(x).decode() for x in r] for r in rows]
+        if text:
+            return [bytes(r).decode() for r in rows]
+        return rows
+    return col.tolist()
+
+
+def collect(ds: Dataset, text: frozenset[str] = frozenset()) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for batch in ds:
+        for name in batch:
+            out.setdefault(name, []).extend(rows_of(batch, name, name in text))
+    return out
+
+
+def base_table(fmt: str) -> pa.Table:
+    cols = {
+        "i8": pa.array([i % 100 - 50 for i in range(N)], pa.int8()),
+        "i16": pa.array([i * 300 - 9000 for i in range(N)], pa.int16()),
+        "i32": pa.array([i * 70000 for i in range(N)], pa.int32()),
+        "i64": pa.array([i * 2**40 - 2**50 for i in range(N)], pa.int64()),
+        "f32": pa.array([i / 3 for i in range(N)], pa.float32()),
+        "f64": pa.array([i / 7 - 3 for i in range(N)], pa.float64()),
+        "b": pa.array([i % 3 == 0 for i in range(N)], pa.bool_()),
+        "s": pa.array([f"row-{i}" * (i % 4) for i in range(N)], pa.string()),
+        "l": pa.array([list(range(i, i + i % 5)) for i in range(N)], pa.list_(pa.int64())),
+        "ll": pa.array(
+            [[[j] * (j % 3) for j in range(i % 4)] for i in range(N)],
+            pa.list_(pa.list_(pa.int32())),
+        ),
+        "ls": pa.array([[f"w{j}" for j in range(i % 3)] for i in range(N)], pa.list_(pa.string())),
+    }
+    if fmt == "parquet":
+        cols["u8"] = pa.array([i % 256 for i in range(N)], pa.uint8())
+        cols["u64"] = pa.array([2**63 + i for i in range(N)], pa.uint64())
+        cols["fx"] = pa.array([[i, i + 0.5, -i] for i in range(N)], pa.list_(pa.float32(), 3))
+    return pa.table(cols)
+
+
+@pytest.mark.parametrize("batch_size", [1, 10, 32, 200])
+def test_values_equal_pyarrow(tmp_path, fmt: str, batch_size: int) -> None:
+    table = base_table(fmt)
+    path = write(table, tmp_path / f"t.{fmt}", fmt, 16)
+    got = collect(Dataset(path, batch_size=batch_size), text=frozenset({"s", "ls"}))
+    expected = table.to_pydict()
+    assert set(got) == set(expected)
+    for name, values in expected.items():
+        if name.startswith("f"):
+            flat_got = torch.tensor(got[name]).flatten().tolist()
+            flat_exp = torch.tensor(values, dtype=torch.float64).flatten().tolist()
+            assert flat_got == pytest.approx(flat_exp, rel=1e-6), name
+        else:
+            assert got[name] == values, name
+
+
+def test_dtypes_and_shapes(tmp_path) -> None:
+    path = write(base_table("parquet"), tmp_path / "t.parquet", "parquet", 50)
+    batch = next(iter(Dataset(path, batch_size=8)))
+    assert len(batch) == 8
+    assert batch["i8"].dtype == torch.int8
+    assert batch["b"].dtype == torch.bool
+    assert batch["u64"].dtype == torch.uint64
+    assert batch["fx"].shape == (8, 3)
+    assert batch["f32"].shape == (8,)
+    ll = batch["ll"]
+    assert isinstance(ll, Ragged)
+    assert len(ll.offsets) == 2
+    assert all(o.dtype == torch.int64 for o in ll.offsets)
+    assert ll.offsets[0].shape == (9,)
+    assert ll.offsets[0][0] == 0
+    # Every column is a view into the one batch buffer.
+    base = batch.buffer.data_ptr()
+    end = base + batch.buffer.numel()
+    for value in batch.values():
+        tensors = [value.values, *value.offsets] if isinstance(value, Ragged) else [value]
+        for t in tensors:
+            assert base <= t.data_ptr() <= end
+
+
+def test_nulls_with_and_without_fill(tmp_path, fmt: str) -> None:
+    table = pa.table(
+        {
+            "i": pa.array([1, None, 3, None], pa.int64()),
+            "f": pa.array([1.5, None, None, 4.0], pa.float64()),
+            "b": pa.array([True, None, False, None], pa.bool_()),
+            "s": pa.array(["a", None, "c", None], pa.string()),
+            "l": pa.array([[1, None], None, [], [None]], pa.list_(pa.int64())),
+        }
+    )
+    path = write(table, tmp_path / f"n.{fmt}", fmt, 2)
+    cols = [
+        Column("i", fill=-1),
+        "f",
+        Column("b", fill=True),
+        Column("s", fill="?"),
+        Column("l", fill=0),
+    ]
+    got = collect(Dataset(path, batch_size=3, columns=cols), text=frozenset({"s"}))
+    assert got["i"] == [1, -1, 3, -1]
+    assert got["f"][0] == 1.5
+    assert math.isnan(got["f"][1])
+    assert math.isnan(got["f"][2])
+    assert got["b"] == [True, True, False, True]
+    assert got["s"] == ["a", "?", "c", "?"]
+    # A null list reads as an empty list; null elements take the fill.
+    assert got["l"] == [[1, 0], [], [], [0]]
+    cast = collect(Dataset(path, batch_size=4, columns=[Column("i", fill=9, dtype="float32")]))
+    assert cast["i"] == [1.0, 9.0, 3.0, 9.0]
+
+
+def test_column_order_and_projection(tmp_path, fmt: str) -> None:
+    path = write(base_table(fmt), tmp_path / f"t.{fmt}", fmt, 30)
+    batch = next(iter(Dataset(path, batch_size=5, columns=["l", "i8"])))
+    assert list(batch) == ["l", "i8"]
+    assert batch["i8"].tolist() == [-50, -49, -48, -47, -46]
+
+
+def test_batches_span_row_groups_and_last_is_smaller(tmp_path, fmt: str) -> None:
+    table = pa.table({"x": pa.array(range(103), pa.int64())})
+    path = write(table, tmp_path / f"x.{fmt}", fmt, 10)
+    sizes = [len(b) for b in Dataset(path, batch_size=25)]
+    assert sizes == [25, 25, 25, 25, 3]
+    sizes = [len(b) for b in Dataset(path, batch_size=25, drop_last=True)]
+    assert sizes == [25, 25, 25, 25]
+
+
+def test_to_arrow_round_trips(tmp_path) -> None:
+    table = base_table("parquet").drop_columns(["ll"])
+    path = write(table, tmp_path / "t.parquet", "parquet", 40)
+    batch = next(iter(Dataset(path, batch_size=N)))
+    rb = batch.to_arrow()
+    assert rb.num_rows == N
+    for name in table.column_names:
+        assert rb.column(name).to_pylist() == table.column(name).to_pylist(), name
+
+
+def test_batch_to_device_is_one_copy(tmp_path, device: str) -> None:
+    path = write(base_table("parquet"), tmp_path / "t.parquet", "parquet", 40)
+    batch = next(iter(Dataset(path, batch_size=16)))
+    moved = batch.to(device, non_blocking=True)
+    assert moved.device.type == device
+    assert moved["l"].values.tolist() == batch["l"].values.tolist()
+    assert moved["fx"].tolist() == batch["fx"].tolist()
+    assert moved["i64"].data_ptr() - moved.buffer.data_ptr() == (
+        batch["i64"].data_ptr() - batch.buffer.data_ptr()
+    )
