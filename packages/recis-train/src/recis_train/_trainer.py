@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ class Trainer:
             hook.on_train_end(self)
         return logs
 
-    def _batches(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+    def _batches(self) -> Generator[tuple[Any, dict[str, Any]], None, None]:
         """(batch on the device, cursor after it), one batch ahead when copying to a GPU."""
         pending = None
         for batch in self.stream:
@@ -375,7 +375,7 @@ class Trainer:
                         )
                     metric.update(preds.float(), labels, groups=out.groups)
                 else:
-                    metric.update(preds.float(), labels)  # type: ignore[call-arg]
+                    metric.update(preds.float(), labels)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ checkpoints
 
