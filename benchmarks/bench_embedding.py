@@ -12,12 +12,18 @@ sparse optimizer step on the same batches, cycling over a few pre-built batches.
 - anchor (b): FBGEMM table-batched embeddings on CPU with row-wise Adagrad, only when
   ``fbgemm_gpu`` imports; otherwise reported as not measured.
 
-Run: ``python benchmarks/bench_embedding.py [--batches 6] [--reps 7] [--threads N]``.
+Contenders are timed in interleaved rounds (one step of each per round), each after one warm-up
+pass over the batch cycle. On a shared 2-core machine use ``--threads 1``: with torch's default
+two OpenMP threads and other work on the cores, every contender slows down by an order of
+magnitude (spinning threads wait for a descheduled sibling).
+
+Run: ``python benchmarks/bench_embedding.py [--batches 6] [--reps 15] [--threads N]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import measure, print_table, write_json
+from _harness import Stats, measure, print_table, write_json
+
 from data import VOCAB_SIZES, generate_table
 
 BATCH = 4096
@@ -116,10 +123,22 @@ def embedding_bag_step_factory(batches, static_rows: int):
     return step
 
 
+def interleaved(contenders: dict, reps: int) -> dict[str, Stats]:
+    """Time one step of each contender per round, ``reps`` rounds: on a shared machine, load
+    changes then hit every contender alike instead of whichever ran during a busy spell."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            times[name] += measure(fn, reps=1, warmup=0).times_s
+    return {
+        name: Stats(statistics.median(t), min(t), max(t), tuple(t)) for name, t in times.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15, help="timed rounds (one step each)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument(
         "--static-rows",
@@ -136,19 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         b["seq_values"].numel() for b in batches
     ) / len(batches)
 
-    results = {}
     recis_adam, engine = recis_step_factory(batches, "adam")
-    for _ in range(len(batches)):  # one pass so tables hold the ids of the cycle
-        recis_adam()
-    results["recis + SparseAdam"] = measure(recis_adam, reps=args.reps, warmup=1)
-    rows_adam = len(engine.physical[0])
     recis_rw, _ = recis_step_factory(batches, "rowwise")
-    for _ in range(len(batches)):
-        recis_rw()
-    results["recis + SparseRowWiseAdagrad"] = measure(recis_rw, reps=args.reps, warmup=1)
     bag_step = embedding_bag_step_factory(batches, args.static_rows)
-    results["nn.EmbeddingBag + SparseAdam"] = measure(bag_step, reps=args.reps, warmup=2)
-    del bag_step
+    contenders = {
+        "recis + SparseAdam": recis_adam,
+        "recis + SparseRowWiseAdagrad": recis_rw,
+        "nn.EmbeddingBag + SparseAdam": bag_step,
+    }
+    # Warm-up: one pass over the batch cycle, so dynamic tables hold the cycle's ids and the
+    # static tables' optimizer state is allocated.
+    for fn in contenders.values():
+        measure(fn, reps=1, warmup=len(batches))
+    results = interleaved(contenders, args.reps)
+    rows_adam = len(engine.physical[0])
 
     try:
         import fbgemm_gpu  # noqa: F401
