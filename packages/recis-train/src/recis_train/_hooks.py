@@ -20,7 +20,8 @@ class Hook:
 
     Hooks run in the order given to the :class:`~recis_train.Trainer`. ``logs`` passed to
     :meth:`on_step_end` holds ``loss`` (the step's weighted total), one ``loss/<task>`` per task,
-    ``lr``, ``samples`` (rows in the step) and ``step``.
+    ``lr``, ``samples`` (rows in the step), ``step`` and ``step_time`` (seconds, from taking the
+    first micro-batch's output to the end of the optimizer step).
     """
 
     def on_train_begin(self, trainer: Trainer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,21 +197,23 @@ class Trainer:
             hook.on_train_begin(self)
         logs: dict[str, float] = {}
         batches = self._batches()
-        while not self.should_stop:
-            if self.args.train_steps is not None and self.global_step >= self.args.train_steps:
-                break
-            micro = self._take(batches)
-            if not micro:
-                break
-            logs = self._step(micro)
-            if self.args.save_every and self.global_step % self.args.save_every == 0:
-                self.save()
-            if evaluate_every and self.global_step % evaluate_every == 0:
-                self.evaluate()
-        # The prefetcher may hold a batch already taken from the data: rewind to the cursor of
-        # the last batch trained on so a later call continues exactly there.
-        batches.close()
-        self.stream.load_state_dict(self._cursor)
+        try:
+            while not self.should_stop:
+                if self.args.train_steps is not None and self.global_step >= self.args.train_steps:
+                    break
+                micro = self._take(batches)
+                if not micro:
+                    break
+                logs = self._step(micro)
+                if self.args.save_every and self.global_step % self.args.save_every == 0:
+                    self.save()
+                if evaluate_every and self.global_step % evaluate_every == 0:
+                    self.evaluate()
+        finally:
+            # The prefetcher may hold a batch already taken from the data: rewind to the cursor
+            # of the last batch trained on so a later call continues exactly there.
+            batches.close()
+            self.stream.load_state_dict(self._cursor)
         if self.args.save_at_end and self._last_saved_step != self.global_step:
             self.save()
         for hook in self.hooks:
@@ -243,6 +246,7 @@ class Trainer:
         return micro
 
     def _step(self, micro: list[tuple[Any, dict[str, Any]]]) -> dict[str, float]:
+        started = time.perf_counter()
         self.model.train()
         totals: dict[str, float] = {}
         samples = 0
@@ -266,6 +270,7 @@ class Trainer:
             "lr": float(self.dense_optimizer.param_groups[0]["lr"]),
             "samples": float(samples),
             "step": float(self.global_step),
+            "step_time": time.perf_counter() - started,
         }
         self.history["train"].append((self.global_step, logs))
         for hook in self.hooks:
