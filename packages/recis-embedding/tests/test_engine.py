@@ -231,3 +231,22 @@ def test_ragged_sequence_output_keeps_offsets_and_gradients() -> None:
     torch.testing.assert_close(
         engine.table("s")[0].embeddings(torch.tensor([4])), (vec(4, "s") - 2).float()[None]
     )
+
+
+def test_dedup_paths_agree() -> None:
+    from recis_embedding._engine import _dedup, _exact_dedup
+
+    k = -7046029254386353131
+    values = torch.tensor([5, 5, 12345, 12345 ^ k, -1, 5, 1 << 62])
+    tabs = torch.tensor([0, 1, 0, 1, 0, 0, 1], dtype=torch.int32)
+    for fn in (_dedup, _exact_dedup):
+        ids, id_tabs, inverse, _ = fn(values, tabs)
+        assert torch.equal(ids[inverse], values)
+        assert torch.equal(id_tabs[inverse], tabs)
+        assert len(set(zip(ids.tolist(), id_tabs.tolist(), strict=True))) == ids.numel() == 6
+    # The colliding pair ends in the exact lexicographic path, which has no grouping to reuse.
+    assert _dedup(values, tabs)[3] is None
+    ids, id_tabs, inverse, grouping = _dedup(values[:3], tabs[:3])
+    order, offsets = grouping
+    assert sorted(inverse[order].tolist()) == inverse[order].tolist()
+    assert offsets.tolist()[-1] == 3

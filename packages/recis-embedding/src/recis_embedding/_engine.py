@@ -15,7 +15,7 @@ from recis_embedding._pooling import bag_weights, padded_gather, pool, segment_i
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
-from recis_kernels import RaggedTensor, fmix64
+from recis_kernels import RaggedTensor
 
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
@@ -275,77 +275,81 @@ class EmbeddingEngine(nn.Module):
 
 
 _TABLE_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15, odd: a bijection on ids per table
+_MUL = -4658895280553007687  # 0xBF58476D1CE4E5B9, odd multiplier of the grouping hash
 
 
 def _dedup(
     values: torch.Tensor, tabs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Distinct ``(table, id)`` pairs of a fused lookup, with the inverse mapping.
 
-    Pairs are deduplicated through one int64 key ``id ^ (table * K)``. Two different pairs can
-    share a key only with different tables, which the check below detects (each key must map
-    back to one table); the exact lexicographic path then runs instead, so no ids ever merge.
-
     Returns:
-        ``(ids (U,), tables (U,) int32, inverse (N,), grouping)`` (see :func:`_sort_unique`;
-        ``None`` after the exact path).
+        ``(ids (U,), tables (U,) int32, inverse (N,), grouping)``: ``grouping`` is
+        ``(order, offsets)``, listing the positions of distinct pair ``u`` as
+        ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass), or ``None``.
+    """
+    n = values.numel()
+    if values.device.type == "cpu" and 1 < n < (1 << 32):
+        found = _packed_dedup(values, tabs)
+        if found is not None:
+            return found
+    return _exact_dedup(values, tabs)
+
+
+def _packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
+    """Group equal pairs with one vectorized sort of plain int64 values (CPU).
+
+    Each value packs the high bits of a hash of the pair above the pair's position, so numpy's
+    sort of values (several times faster than an argsort) makes equal pairs adjacent. Two
+    different pairs can share a group only when their hashes agree on every high bit; that is
+    detected and ``None`` sends the caller to the exact path.
+    """
+    n = values.numel()
+    bits = (n - 1).bit_length()
+    low = (1 << bits) - 1
+    h = (values ^ (tabs.to(torch.int64) * _TABLE_MIX)) * _MUL
+    h ^= (h >> 29) & ((1 << 35) - 1)
+    packed = (h & ~low) | torch.arange(n, dtype=torch.int64)
+    ordered = torch.from_numpy(np.sort(packed.numpy()))
+    order = ordered & low
+    sv, st = values.index_select(0, order), tabs.index_select(0, order)
+    flags = torch.ones(n, dtype=torch.bool)
+    flags[1:] = (sv[1:] != sv[:-1]) | (st[1:] != st[:-1])
+    same_hash = (ordered[1:] >> bits) == (ordered[:-1] >> bits)
+    if bool((same_hash & flags[1:]).any()):
+        return None
+    starts = flags.nonzero().squeeze(1)
+    inverse = torch.empty(n, dtype=torch.int64)
+    inverse.index_copy_(0, order, torch.cumsum(flags, 0) - 1)
+    offsets = torch.cat([starts, torch.tensor([n])])
+    return sv.index_select(0, starts), st.index_select(0, starts), inverse, (order, offsets)
+
+
+def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
+    """Sort-based dedup on any device.
+
+    Pairs are keyed by ``id ^ (table * K)``. Two different pairs can share a key only with
+    different tables, which the check below detects (each key must map back to one table); the
+    lexicographic ``unique`` over pairs then runs instead, so no ids ever merge.
     """
     key = values ^ (tabs.to(torch.int64) * _TABLE_MIX)
-    uniq, inverse, grouping = _sort_unique(key)
+    n = key.numel()
+    sorted_key, order = torch.sort(key)
+    flags = torch.ones(n, dtype=torch.bool, device=key.device)
+    if n > 1:
+        torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])
+    starts = flags.nonzero().squeeze(1)
+    inverse = torch.empty(n, dtype=torch.int64, device=key.device)
+    inverse.index_copy_(0, order, torch.cumsum(flags, 0) - 1)
+    uniq = sorted_key.index_select(0, starts)
     key_tabs = torch.empty(uniq.numel(), dtype=torch.int32, device=values.device)
     key_tabs.scatter_(0, inverse, tabs)
     if not torch.equal(key_tabs.index_select(0, inverse), tabs):
         pairs = torch.stack([tabs.to(torch.int64), values], dim=1)
         up, inverse = torch.unique(pairs, dim=0, return_inverse=True)
         return up[:, 1].contiguous(), up[:, 0].to(torch.int32), inverse, None
+    grouping = (order, torch.cat([starts, torch.tensor([n], device=key.device)]))
     return uniq ^ (key_tabs.to(torch.int64) * _TABLE_MIX), key_tabs, inverse, grouping
-
-
-def _sort_unique(
-    key: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Distinct keys, inverse, and the sort that grouped them.
-
-    The grouping ``(order, offsets)`` lists the occurrences of distinct key ``u`` as
-    ``order[offsets[u]:offsets[u + 1]]``; the backward pass reuses it instead of sorting again.
-    Distinct keys come out in an unspecified but deterministic order.
-    """
-    n = key.numel()
-    order = _packed_order(key) if key.device.type == "cpu" and 1 < n < (1 << 32) else None
-    if order is None:
-        sorted_key, order = torch.sort(key)
-    else:
-        sorted_key = key.index_select(0, order)
-    flags = torch.ones(n, dtype=torch.bool, device=key.device)
-    if n > 1:
-        torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])
-    starts = flags.nonzero().squeeze(1)
-    rank = torch.cumsum(flags, 0) - 1
-    inverse = torch.empty(n, dtype=torch.int64, device=key.device)
-    inverse.index_copy_(0, order, rank)
-    offsets = torch.cat([starts, torch.tensor([n], device=key.device)])
-    return sorted_key.index_select(0, starts), inverse, (order, offsets)
-
-
-def _packed_order(key: torch.Tensor) -> torch.Tensor | None:
-    """A permutation that makes equal keys adjacent, from one sort of plain int64 values.
-
-    Each value packs the high bits of ``fmix64(key)`` (a bijection) above the key's position, so
-    numpy's vectorized sort of values (several times faster than an argsort) groups equal keys.
-    Two different keys can only share a group when their hashes agree on all high bits; that is
-    detected and the caller falls back to an exact argsort.
-    """
-    n = key.numel()
-    bits = (n - 1).bit_length()
-    low = (1 << bits) - 1
-    packed = (fmix64(key) & ~low) | torch.arange(n, dtype=torch.int64)
-    ordered = torch.from_numpy(np.sort(packed.numpy()))
-    order = ordered & low
-    sorted_key = key.index_select(0, order)
-    same_hash = (ordered[1:] >> bits) == (ordered[:-1] >> bits)
-    if bool((same_hash & (sorted_key[1:] != sorted_key[:-1])).any()):
-        return None
-    return order
 
 
 def _new_table(name: str, option: EmbeddingOption) -> HashTable:
