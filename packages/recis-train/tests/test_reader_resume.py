@@ -1,0 +1,62 @@
+"""Resume over a real recis-io reader: its cursor goes into the checkpoint and comes back."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from _toy import NUM_DENSE, ToyModel, make_optimizers, make_rows
+
+import recis_io
+from recis_train import Trainer, TrainingArguments, seed_everything
+
+ROWS = 900
+
+
+def write_parquet(path):
+    rows = make_rows(ROWS, seed=3)
+    columns = {f"d{i}": pa.array(rows["dense"][:, i].numpy()) for i in range(NUM_DENSE)}
+    columns |= {k: pa.array(rows[k].numpy()) for k in ("ids", "click", "conv", "row")}
+    # Several row groups so batches cross row-group boundaries and shuffling has units to permute.
+    pq.write_table(pa.table(columns), path, row_group_size=128)
+
+
+class ColumnsModel(ToyModel):
+    def forward(self, batch):
+        dense = torch.stack([batch[f"d{i}"] for i in range(NUM_DENSE)], dim=1)
+        return super().forward(
+            {**{k: batch[k] for k in ("ids", "click", "conv", "row")}, "dense": dense}
+        )
+
+
+def build(out, path, **args):
+    seed_everything(0)
+    model = ColumnsModel(ROWS)
+    dense, sparse = make_optimizers(model)
+    reader = recis_io.Dataset([str(path)], batch_size=40, shuffle=True, seed=11, epochs=2)
+    settings = {"output_dir": str(out), "device": "cpu", "save_every": 5, "deterministic": True}
+    trainer = Trainer(
+        model,
+        TrainingArguments(**(settings | args)),
+        train_data=reader,
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+    )
+    return trainer
+
+
+def test_resume_over_recis_io_continues_with_the_next_sample(tmp_path):
+    path = tmp_path / "clicks.parquet"
+    write_parquet(path)
+    whole = build(tmp_path / "whole", path)
+    whole.train()
+    # 23 batches per reader epoch: step 27 is inside the reader's second epoch.
+    cut = build(tmp_path / "cut", path, train_steps=27)
+    cut.train()
+    assert cut.checkpoints.latest().name == "step-000000027"
+    resumed = build(tmp_path / "cut", path)
+    resumed.train()
+    assert resumed.global_step == whole.global_step
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert torch.equal(resumed.model.seen, torch.full((ROWS,), 2))
