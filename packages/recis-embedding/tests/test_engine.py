@@ -250,3 +250,26 @@ def test_dedup_paths_agree() -> None:
     order, offsets = grouping
     assert sorted(inverse[order].tolist()) == inverse[order].tolist()
     assert offsets.tolist()[-1] == 3
+
+
+def test_device_results_match_cpu(device: torch.device) -> None:
+    def run(dev: torch.device) -> tuple[dict, torch.Tensor]:
+        opts = {
+            "u": EmbeddingOption(4, initializer=INIT, device=dev),
+            "s": EmbeddingOption(4, initializer=INIT, device=dev, combiner="mean"),
+        }
+        engine = EmbeddingEngine(opts)
+        opt = SparseSGD(engine, lr=0.5)
+        r = RaggedTensor(torch.tensor(EXTREME_IDS), torch.tensor([0, 3, 3, 7]))
+        batch = {"u": torch.tensor(EXTREME_IDS[:3]).to(dev)[:, None], "s": r.to(dev)}
+        out = engine(batch)
+        (out["u"].square().sum() + out["s"].sum()).backward()
+        opt.step()
+        table, index = engine.table("s")
+        return {k: v.detach().cpu() for k, v in out.items()}, table.embeddings(table=index).cpu()
+
+    out_dev, emb_dev = run(device)
+    out_cpu, emb_cpu = run(torch.device("cpu"))
+    for key in out_cpu:
+        torch.testing.assert_close(out_dev[key], out_cpu[key])
+    torch.testing.assert_close(emb_dev, emb_cpu)
