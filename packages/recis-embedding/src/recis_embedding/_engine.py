@@ -218,7 +218,11 @@ class EmbeddingEngine(nn.Module):
         parts: tuple[torch.Tensor, ...] | list[torch.Tensor],
         emb: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        bags, weights, counts, segs = [], [], [], []
+        bags: list[torch.Tensor] = []
+        weights: list[torch.Tensor | None] = []
+        counts: list[int] = []
+        segs: list[torch.Tensor] = []
+        mode = option.combiner or "sum"
         shift = 0
         any_weights = option.use_weight and any(i.weights is not None for i in ids)
         singles = all(i.singles for i in ids) and not any_weights and option.combiner == "sum"
@@ -227,7 +231,7 @@ class EmbeddingEngine(nn.Module):
             w = i.weights if option.use_weight else None
             if w is None and (any_weights or option.combiner != "sum"):
                 w = torch.ones(n, device=emb.device)
-            weights.append(bag_weights(i.bags, w, option.combiner, n))
+            weights.append(bag_weights(i.bags, w, mode, n))
             bags.append(i.bags[:-1] + shift)
             if not singles:
                 seg = torch.arange(n, device=emb.device) if i.singles else segment_ids(i.bags, n)
@@ -235,7 +239,8 @@ class EmbeddingEngine(nn.Module):
             counts.append(m)
             shift += n
         all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
-        w_all = None if weights[0] is None else torch.cat(weights)
+        present = [w for w in weights if w is not None]
+        w_all = torch.cat(present) if len(present) == len(weights) else None
         inverse = torch.cat(parts) if len(parts) > 1 else parts[0]
         seg_all = None if singles else torch.cat(segs)
         pooled = pool(emb, inverse, all_bags, seg_all, w_all, singles, self._group_grouping)
@@ -254,23 +259,24 @@ class EmbeddingEngine(nn.Module):
         ids: Ids,
         inverse: torch.Tensor,
         emb: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Any]:
+        kwargs = option.combiner_kwargs or {}
         if ids.outer is not None:
             raise InputError(
                 f"feature {feature!r}: combiner {option.combiner!r} takes 2-level ids, got 3 levels"
             )
         lengths = ids.bags[1:] - ids.bags[:-1]
         if option.combiner == "tile":
-            length = int(option.combiner_kwargs["tile_len"])
+            length = int(kwargs["tile_len"])
             values, _ = padded_gather(emb, inverse, ids.bags, length)
             return {feature: values.reshape(values.shape[0], -1)}
-        if option.combiner_kwargs.get("ragged"):
+        if kwargs.get("ragged"):
             rows = emb.index_select(0, inverse)
             return {feature: RaggedTensor(rows, ids.bags, validate=False)}
-        length = option.combiner_kwargs.get("max_len")
-        if length is None:
-            length = int(lengths.max()) if lengths.numel() else 0
-        values, mask = padded_gather(emb, inverse, ids.bags, int(length))
+        max_len = kwargs.get("max_len")
+        if max_len is None:
+            max_len = int(lengths.max()) if lengths.numel() else 0
+        values, mask = padded_gather(emb, inverse, ids.bags, int(max_len))
         return {feature: values, f"{feature}_mask": mask}
 
 

@@ -116,9 +116,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_table(self, table: HashTable, group: dict[str, Any]) -> None:
-        rows, grads = _collect(table)
-        if rows is None:
+        collected = _collect(table)
+        if collected is None:
             return
+        rows, grads = collected
         full = table.read_full(rows)
         widths = [table.emb_words] + [w for _, w in table.slots]
         # Contiguous copies: elementwise kernels on strided column views are several times slower.
@@ -151,7 +152,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             mine.update(saved)
 
 
-def _collect(table: HashTable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _collect(table: HashTable) -> tuple[torch.Tensor, torch.Tensor] | None:
     # Every pending entry is visited, even without a gradient: sharded entries exchange
     # gradients collectively and all ranks must take part.
     entries = [
@@ -160,7 +161,7 @@ def _collect(table: HashTable) -> tuple[torch.Tensor | None, torch.Tensor | None
         if (g := p.gradient()) is not None
     ]
     if not entries:
-        return None, None
+        return None
     rows = torch.cat([r for r, _, _ in entries]) if len(entries) > 1 else entries[0][0]
     grads = torch.cat([g for _, g, _ in entries]) if len(entries) > 1 else entries[0][1]
     if len(entries) > 1 or entries[0][2]:
@@ -172,7 +173,7 @@ def _collect(table: HashTable) -> tuple[torch.Tensor | None, torch.Tensor | None
     if not bool(keep.all()):
         rows, grads = rows[keep], grads[keep]
     if rows.numel() == 0:
-        return None, None
+        return None
     return rows, grads
 
 

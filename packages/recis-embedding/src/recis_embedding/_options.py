@@ -110,7 +110,8 @@ class EmbeddingOption:
 
     def runtime_key(self) -> tuple:
         """What must match for two lookups to share one reduce."""
-        return (self.combiner, tuple(sorted(self.combiner_kwargs.items())), self.use_weight)
+        kwargs = self.combiner_kwargs or {}
+        return (self.combiner, tuple(sorted(kwargs.items())), self.use_weight)
 
     def replace(self, **changes: Any) -> EmbeddingOption:
         """A copy with some fields changed."""

@@ -124,14 +124,14 @@ class FrequencyAdmission(AdmissionPolicy):
         if threshold < 1:
             raise ConfigError(f"FrequencyAdmission needs threshold >= 1, got {threshold}")
         self.threshold = int(threshold)
-        self._seen: dict[int, tuple[IdMap, torch.Tensor]] = {}
+        self._seen: dict[int, tuple[IdMap, torch.Tensor | None]] = {}
 
     def __repr__(self) -> str:
         return f"FrequencyAdmission(threshold={self.threshold})"
 
     def state(self, table, index):
         counter, counts = self._seen.get(id(table), (None, None))
-        if counter is None:
+        if counter is None or counts is None:
             return {
                 "ids": torch.empty(0, dtype=torch.int64),
                 "counts": torch.empty(0, dtype=torch.int64),

@@ -14,6 +14,7 @@ Every rank must run the same sequence of lookups and optimizer steps (as with DD
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ class Exchange:
     order: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
-    group: object
+    group: Any
 
     def to_owners(self, local: torch.Tensor) -> torch.Tensor:
         """``(U, D)`` per-local-key rows -> ``(R, D)`` rows in the owners' received order."""
@@ -77,7 +78,7 @@ class Exchange:
 class ShardContext:
     """The process group a sharded engine spreads its rows over."""
 
-    def __init__(self, group: object = None) -> None:
+    def __init__(self, group: Any = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError(
                 "sharded embeddings need torch.distributed initialized (e.g. under torchrun, "
