@@ -40,10 +40,10 @@ def params(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
-def assert_same(a, b):
+def assert_same(a, b, context=""):
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], b[key]), f"{key} {context}"
 
 
 @pytest.mark.parametrize("stateful", [True, False])
@@ -166,7 +166,7 @@ def test_sigkill_at_a_random_step_then_rerun_equals_an_uninterrupted_run(tmp_pat
     run_script(tmp_path / "cut", tmp_path / "cut.pt")
     whole = torch.load(tmp_path / "whole.pt", weights_only=True)
     resumed = torch.load(tmp_path / "cut.pt", weights_only=True)
-    assert_same(resumed, whole)
+    assert_same(resumed, whole, f"(killed at step {kill_at})")
     # Every row trained on exactly once per epoch: none skipped, none repeated.
     assert torch.equal(resumed["seen"], torch.full((1_200,), 2)), f"killed at step {kill_at}"
 
