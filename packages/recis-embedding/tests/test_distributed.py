@@ -82,6 +82,13 @@ def _worker(rank: int, world: int, root: str) -> None:
             opt.zero_grad()
         save(Path(root) / "ckpt2", engine, opt)
         torch.save({"outs": outs, "state": table_state(engine)}, Path(root) / f"train-{rank}.pt")
+        # 1 -> 2: the single-process checkpoint of the same training loads into this shard.
+        resharded = make_engine(shard=True, group=pair)
+        load(Path(root) / "ckpt1", resharded, SparseAdam(resharded, lr=0.05))
+        mine, loaded = table_state(engine), table_state(resharded)
+        assert mine.keys() == loaded.keys()
+        for key in mine:
+            torch.testing.assert_close(loaded[key], mine[key], rtol=1e-6, atol=1e-6)
     dist.barrier()
     # Phase 2: all 3 ranks load the 2-shard checkpoint and save it as 3 shards.
     engine = make_engine(shard=True)
@@ -94,8 +101,6 @@ def _worker(rank: int, world: int, root: str) -> None:
 
 
 def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
-
     # The same data in one process: both ranks' batches concatenated, losses summed.
     ref = make_engine(shard=False)
     opt = SparseAdam(ref, lr=0.05)
@@ -107,6 +112,9 @@ def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> No
         opt.step()
         opt.zero_grad()
     expected = table_state(ref)
+
+    save(tmp_path / "ckpt1", ref, opt)
+    mp.spawn(_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
 
     ranks = [torch.load(tmp_path / f"train-{r}.pt") for r in range(2)]
     for k in range(STEPS):
@@ -123,7 +131,7 @@ def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> No
         rows = torch.cat([ranks[r]["state"][f"{name}.rows"] for r in range(2)])[order]
         torch.testing.assert_close(rows, expected[f"{name}.rows"], rtol=1e-6, atol=1e-6)
 
-    # Resharding: the 2-rank checkpoint loaded into 3 ranks, their checkpoint into 1 process.
+    # Resharding 1 -> 2 was checked in the workers; 2 -> 3 and 3 -> 1 here.
     for r in range(3):
         state = torch.load(tmp_path / f"reshard-{r}.pt")["state"]
         assert bool((owner_rank(state["user.ids"], 3) == r).all())
