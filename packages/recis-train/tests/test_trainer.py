@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from recis_train import (
     EarlyStopping,
     Hook,
     LoggingHook,
+    ProfilerHook,
     TableStatsHook,
     Trainer,
     TrainingArguments,
@@ -256,3 +258,15 @@ def test_rejects_what_is_not_a_model_or_optimizer(tmp_path):
         ConfigError, match=r"dense_optimizer must be a torch\.optim\.Optimizer, got list"
     ):
         Trainer(model, args, train_data=[], dense_optimizer=[])  # type: ignore[arg-type]
+
+
+def test_profiler_hook_writes_a_trace_of_the_chosen_steps(tmp_path):
+    hook = ProfilerHook(str(tmp_path / "prof"), start=2, steps=2)
+    trainer = make_trainer(tmp_path, args={"train_steps": 5}, hooks=[hook])
+    trainer.train()
+    trace = json.loads((tmp_path / "prof" / "trace-step2.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any("addmm" in name or "linear" in name for name in names)
+    assert "Name" in hook.table
+    with pytest.raises(ConfigError, match="start and steps must be at least 1, got 0, 2"):
+        ProfilerHook(str(tmp_path), start=0, steps=2)

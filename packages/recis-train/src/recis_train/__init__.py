@@ -3,7 +3,14 @@
 from recis_train import metrics
 from recis_train._arguments import TrainingArguments
 from recis_train._checkpoint import CheckpointManager
-from recis_train._hooks import EarlyStopping, Hook, LoggingHook, TableStatsHook, find_tables
+from recis_train._hooks import (
+    EarlyStopping,
+    Hook,
+    LoggingHook,
+    ProfilerHook,
+    TableStatsHook,
+    find_tables,
+)
 from recis_train._multistage import MultiStage, Stage
 from recis_train._multitask import MultiTask, Task
 from recis_train._outputs import StepOutput, parse_output
@@ -20,6 +27,7 @@ __all__ = [
     "LoggingHook",
     "MultiStage",
     "MultiTask",
+    "ProfilerHook",
     "RecisTrainError",
     "SparseCheckpoint",
     "Stage",

@@ -248,3 +248,64 @@ class TableStatsHook(Hook):
                 parts.append(f"hit_rate {(hits or 0) / lookups:.3f}")
             self.stream.write(f"table {name} at step {trainer.global_step}: {' '.join(parts)}\n")
         self.stream.flush()
+
+
+class ProfilerHook(Hook):
+    """Profiles a window of steps with ``torch.profiler`` and writes a Chrome/Perfetto trace.
+
+    Steps ``[start, start + steps)`` are recorded (CPU, and CUDA when available); the trace is
+    written to ``output_dir/trace-step<start>.json`` (open it in ``chrome://tracing`` or
+    https://ui.perfetto.dev), and :attr:`table` keeps the top operators by self time.
+
+    Args:
+        output_dir: where the trace goes.
+        start: first profiled step (after warm-up steps, so lazy setup is not measured).
+        steps: profiled steps.
+        row_limit: operators kept in :attr:`table`.
+    """
+
+    def __init__(self, output_dir: str, *, start: int = 5, steps: int = 3, row_limit: int = 15):
+        if start < 1 or steps < 1:
+            raise ConfigError(
+                f"ProfilerHook: start and steps must be at least 1, got {start}, {steps}"
+            )
+        self.output_dir, self.start, self.steps, self.row_limit = (
+            output_dir,
+            start,
+            steps,
+            row_limit,
+        )
+        self.trace_path: str | None = None
+        self.table = ""
+        self._profiler: Any = None
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        import torch.profiler as tp
+
+        step = trainer.global_step
+        if step == self.start - 1 and self._profiler is None:
+            activities = [tp.ProfilerActivity.CPU]
+            if trainer.device.type == "cuda":
+                activities.append(tp.ProfilerActivity.CUDA)
+            self._profiler = tp.profile(activities=activities, record_shapes=False)
+            self._profiler.__enter__()
+        elif step == self.start + self.steps - 1 and self._profiler is not None:
+            self._finish()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self._profiler is not None:
+            self._finish()  # training ended inside the window: keep what was recorded
+
+    def _finish(self) -> None:
+        from pathlib import Path
+
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        out = Path(self.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"trace-step{self.start}.json"
+        profiler.export_chrome_trace(str(path))
+        self.trace_path = str(path)
+        self.table = profiler.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=self.row_limit
+        )
