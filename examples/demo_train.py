@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         device="cuda" if torch.cuda.is_available() else "cpu",
         resume=True,
     )
+    # A fresh demo every time: checkpoints of an earlier invocation would be resumed from.
+    shutil.rmtree(out / "run", ignore_errors=True)
     # First run: stop half way, as if the job had been preempted.
     first = build(
         out,
@@ -247,12 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_files,
         batch_size,
     )
-    if first.global_step == 0 and first.checkpoints.latest() is None:
-        t0 = time.perf_counter()
-        first.train_and_evaluate()
-        first_time, first_steps = time.perf_counter() - t0, first.global_step
-    else:
-        first_time, first_steps = 0.0, 0
+    t0 = time.perf_counter()
+    first.train_and_evaluate()
+    first_time, first_steps = time.perf_counter() - t0, first.global_step
     # Second run: everything built afresh; train() restores the latest checkpoint and goes on.
     second = build(out, args, train_files, eval_files, batch_size)
     t0 = time.perf_counter()
