@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import IterableDataset
+
 ROOT = Path(__file__).resolve().parent
 BATCH = 8192
 CONTENDERS = ("recis", "recis_hash", "a", "b", "c")
@@ -83,12 +85,13 @@ def _arrow_to_torch(batch: Any) -> dict[str, Any]:
     return out
 
 
-class _RowGroups:
+class _RowGroups(IterableDataset):
     """Contender (c): an IterableDataset doing (b) per row group, split across workers."""
 
     def __init__(self, files: list[str]) -> None:
         import pyarrow.parquet as pq
 
+        super().__init__()
         self.units = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
 
     def __iter__(self):

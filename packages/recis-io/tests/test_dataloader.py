@@ -12,6 +12,9 @@ from recis_io import Dataset, ForkedReaderError
 from .conftest import write_ids
 
 ROWS = [300, 250]
+# Python 3.12+ warns when forking a process that runs threads (ours, torch's); the tests here
+# fork on purpose to show it is handled.
+FORK_WARNING = "ignore:.*fork.*:DeprecationWarning"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,7 @@ def _ids(loader: DataLoader) -> list[int]:
         "spawn",
     ],
 )
+@pytest.mark.filterwarnings(FORK_WARNING)
 def test_workers_read_disjoint_shares(files, context: str) -> None:
     ds = Dataset(files, batch_size=32, num_threads=2)
     # Threads started in the parent must not break forked children: iterate once first.
@@ -50,6 +54,7 @@ def test_workers_read_disjoint_shares(files, context: str) -> None:
     assert all(0 <= i < sum(ROWS) for i in got)
 
 
+@pytest.mark.filterwarnings(FORK_WARNING)
 def test_iterator_used_across_fork_raises_clearly(files) -> None:
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork")

@@ -164,3 +164,18 @@ def test_batch_to_device_is_one_copy(tmp_path, device: str) -> None:
     assert moved["i64"].data_ptr() - moved.buffer.data_ptr() == (
         batch["i64"].data_ptr() - batch.buffer.data_ptr()
     )
+
+
+def test_buffers_are_reused_only_after_batches_are_dropped(tmp_path) -> None:
+    table = pa.table({"x": pa.array(range(100), pa.int64())})
+    path = write(table, tmp_path / "r.parquet", "parquet", 10)
+    it = iter(Dataset(path, batch_size=16, prefetch=1))
+    first = next(it)
+    ptr = first.buffer.data_ptr()
+    kept = next(it)
+    assert kept.buffer.data_ptr() != ptr
+    del first
+    third = next(it)
+    assert third.buffer.data_ptr() == ptr
+    assert kept["x"].tolist() == list(range(16, 32))
+    assert third["x"].tolist() == list(range(32, 48))

@@ -34,7 +34,12 @@ fn align(n: usize) -> usize {
 }
 
 /// The ranges a piece covers at each ragged level and at the leaf.
-fn ranges(unit: &PreparedUnit, col: usize, a: usize, b: usize) -> (Vec<(usize, usize)>, (usize, usize)) {
+fn ranges(
+    unit: &PreparedUnit,
+    col: usize,
+    a: usize,
+    b: usize,
+) -> (Vec<(usize, usize)>, (usize, usize)) {
     let mut r = (a, b);
     let mut levels = Vec::with_capacity(unit.columns[col].offsets.len());
     for off in &unit.columns[col].offsets {
@@ -149,7 +154,9 @@ mod tests {
     }
 
     fn i64s(b: &[u8]) -> Vec<i64> {
-        b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+        b.chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     #[test]

@@ -39,7 +39,11 @@ const DTYPES: [(DType, &str); 12] = [
 
 impl DType {
     pub fn name(self) -> &'static str {
-        DTYPES.iter().find(|(d, _)| *d == self).map(|(_, n)| *n).unwrap_or("?")
+        DTYPES
+            .iter()
+            .find(|(d, _)| *d == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?")
     }
 
     pub fn from_name(name: &str) -> Option<DType> {

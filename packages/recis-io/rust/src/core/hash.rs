@@ -274,7 +274,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for len in 0..data.len() {
             assert!(seen.insert(fingerprint64(&data[..len])));
-            assert_eq!(fingerprint64(&data[..len]), fingerprint64(&data[..len].to_vec()));
+            assert_eq!(
+                fingerprint64(&data[..len]),
+                fingerprint64(&data[..len].to_vec())
+            );
         }
     }
 }

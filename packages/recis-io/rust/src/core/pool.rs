@@ -10,10 +10,10 @@ use std::thread::JoinHandle;
 
 use super::error::{Error, Result};
 use super::plan::Segment;
-use super::prepare::PreparedUnit;
+use super::prepare::PreparedSegment;
 use super::source::Source;
 
-type Decoded = std::result::Result<Arc<PreparedUnit>, Error>;
+type Decoded = std::result::Result<Arc<PreparedSegment>, Error>;
 
 struct State {
     next: usize,
@@ -81,7 +81,7 @@ impl Executor {
     }
 
     /// Waits for segments `lo..=hi` and returns them in order.
-    pub fn get(&self, lo: usize, hi: usize) -> Result<Vec<Arc<PreparedUnit>>> {
+    pub fn get(&self, lo: usize, hi: usize) -> Result<Vec<Arc<PreparedSegment>>> {
         let mut st = self.shared.lock();
         if st.limit <= hi {
             st.limit = hi + 1;
@@ -139,7 +139,9 @@ fn work(shared: &Shared) {
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
-                Err(Error::Internal(format!("decoding failed unexpectedly: {what}")))
+                Err(Error::Internal(format!(
+                    "decoding failed unexpectedly: {what}"
+                )))
             })
             .map(Arc::new);
         let mut st = shared.lock();

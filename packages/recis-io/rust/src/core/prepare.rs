@@ -9,6 +9,9 @@ use arrow::datatypes::{
     ArrowNativeType, ByteArrayType, DataType, GenericBinaryType, GenericStringType,
 };
 
+use std::sync::Arc;
+
+use super::assemble::Piece;
 use super::column::{ColumnPlan, DType, Fill, Leaf};
 use super::error::{Error, Result};
 
@@ -26,6 +29,31 @@ pub struct Prepared {
 pub struct PreparedUnit {
     pub rows: usize,
     pub columns: Vec<Prepared>,
+}
+
+/// A decoded segment as a list of chunks of at most a few thousand rows. Decoding in chunks
+/// keeps each allocation small enough for the allocator to recycle, instead of faulting in
+/// fresh pages for whole-row-group arrays.
+#[derive(Debug)]
+pub struct PreparedSegment {
+    pub chunks: Vec<Arc<PreparedUnit>>,
+    /// First row of each chunk within the segment; one extra entry at the end.
+    pub starts: Vec<usize>,
+}
+
+impl PreparedSegment {
+    /// Appends the pieces covering rows `[a, b)` of the segment.
+    pub fn pieces(&self, a: usize, b: usize, out: &mut Vec<Piece>) {
+        let mut i = self.starts.partition_point(|&s| s <= a).saturating_sub(1);
+        let mut pos = a;
+        while pos < b {
+            let (s, e) = (self.starts[i], self.starts[i + 1]);
+            let end = b.min(e);
+            out.push((self.chunks[i].clone(), pos - s, end - s));
+            pos = end;
+            i += 1;
+        }
+    }
 }
 
 /// Prepares `array` according to `plan`; `at` names the file and unit for error messages.
@@ -184,9 +212,7 @@ fn text(
         DataType::Utf8 => bytes_of::<GenericStringType<i32>>(plan, &arr, nulls, offsets, at),
         DataType::LargeUtf8 => bytes_of::<GenericStringType<i64>>(plan, &arr, nulls, offsets, at),
         DataType::Binary => bytes_of::<GenericBinaryType<i32>>(plan, &arr, nulls, offsets, at),
-        DataType::LargeBinary => {
-            bytes_of::<GenericBinaryType<i64>>(plan, &arr, nulls, offsets, at)
-        }
+        DataType::LargeBinary => bytes_of::<GenericBinaryType<i64>>(plan, &arr, nulls, offsets, at),
         other => Err(changed_type(plan, other, at)),
     }
 }
@@ -237,7 +263,11 @@ where
     let mut level = Vec::with_capacity(n + 1);
     level.push(0i64);
     for i in 0..n {
-        bytes.extend_from_slice(if is_null(i) { fill } else { a.value(i).as_ref() });
+        bytes.extend_from_slice(if is_null(i) {
+            fill
+        } else {
+            a.value(i).as_ref()
+        });
         level.push(bytes.len() as i64);
     }
     offsets.push(level);

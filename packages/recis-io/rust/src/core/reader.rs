@@ -154,11 +154,11 @@ impl Reader {
         plan.sources(self.pos, end, &mut runs);
         let lo = runs.iter().map(|r| r.0).min().unwrap_or(0);
         let hi = runs.iter().map(|r| r.0).max().unwrap_or(0);
-        let units = exec.get(lo, hi)?;
-        let pieces: Vec<Piece> = runs
-            .into_iter()
-            .map(|(s, a, b)| (units[s - lo].clone(), a, b))
-            .collect();
+        let segments = exec.get(lo, hi)?;
+        let mut pieces: Vec<Piece> = Vec::with_capacity(runs.len());
+        for (s, a, b) in runs {
+            segments[s - lo].pieces(a, b, &mut pieces);
+        }
         let low = if end < plan.rows {
             plan.segment_of(plan.first_needed(end))
         } else {

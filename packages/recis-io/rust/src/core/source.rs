@@ -1,9 +1,9 @@
 //! Files and their metadata, read once, and the decoding of one unit with projection.
 
 use std::fs::File;
+use std::sync::Arc;
 
-use arrow::array::{RecordBatch, RecordBatchReader};
-use arrow::compute::concat_batches;
+use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
@@ -14,7 +14,20 @@ use parquet::arrow::ProjectionMask;
 use super::column::{ColumnPlan, ColumnSpec};
 use super::error::{Error, Result};
 use super::plan::{Segment, Unit};
-use super::prepare::{prepare, PreparedUnit};
+use super::prepare::{prepare, PreparedSegment, PreparedUnit};
+
+/// Rows per decoded chunk, `RECIS_IO_DECODE_ROWS` or 8192. Small chunks let the allocator
+/// recycle memory between chunks; large ones lower per-chunk overhead.
+fn chunk_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("RECIS_IO_DECODE_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(8192)
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -87,7 +100,10 @@ fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
             let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
                 .map_err(|e| Error::corrupt(path, e))?;
             let stripes = b.file_metadata().stripe_metadatas();
-            let rows = stripes.iter().map(|s| s.number_of_rows() as usize).collect();
+            let rows = stripes
+                .iter()
+                .map(|s| s.number_of_rows() as usize)
+                .collect();
             let offsets = stripes.iter().map(|s| s.offset()).collect();
             (b.schema(), Meta::Orc(offsets), rows)
         }
@@ -123,7 +139,12 @@ impl Source {
         }
         let first = &files[0];
         let specs: Vec<ColumnSpec> = if specs.is_empty() {
-            first.schema.fields().iter().map(|f| ColumnSpec::plain(f.name())).collect()
+            first
+                .schema
+                .fields()
+                .iter()
+                .map(|f| ColumnSpec::plain(f.name()))
+                .collect()
         } else {
             specs.to_vec()
         };
@@ -161,32 +182,46 @@ impl Source {
     }
 
     /// Decodes rows `[start, end)` of one unit and prepares every requested column.
-    pub fn decode(&self, seg: &Segment) -> Result<PreparedUnit> {
+    pub fn decode(&self, seg: &Segment) -> Result<PreparedSegment> {
         let unit = self.units[seg.unit];
         let fm = &self.files[unit.file];
         let at = format!("{}, {} {}", fm.path, fm.format.unit_name(), unit.group);
-        let batch = match &fm.meta {
+        let batches = match &fm.meta {
             Meta::Parquet(m) => self.decode_parquet(fm, m, unit, seg),
             Meta::Orc(offsets) => self.decode_orc(fm, offsets, unit, seg),
         }
         .map_err(|e| match e {
-            Error::Corrupt { msg, .. } => Error::Corrupt { path: at.clone(), msg },
+            Error::Corrupt { msg, .. } => Error::Corrupt {
+                path: at.clone(),
+                msg,
+            },
             other => other,
         })?;
-        if batch.num_rows() != seg.end - seg.start {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if rows != seg.end - seg.start {
             return Err(Error::corrupt(
                 &at,
-                format!("expected {} rows, decoded {}", seg.end - seg.start, batch.num_rows()),
+                format!("expected {} rows, decoded {rows}", seg.end - seg.start),
             ));
         }
+        let mut chunks = Vec::with_capacity(batches.len());
+        let mut starts = vec![0];
+        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+            chunks.push(Arc::new(self.prepare_batch(batch, &at)?));
+            starts.push(starts[starts.len() - 1] + batch.num_rows());
+        }
+        Ok(PreparedSegment { chunks, starts })
+    }
+
+    fn prepare_batch(&self, batch: &RecordBatch, at: &str) -> Result<PreparedUnit> {
         let columns = self
             .columns
             .iter()
             .map(|c| {
-                let array = batch
-                    .column_by_name(&c.spec.name)
-                    .ok_or_else(|| Error::Schema(format!("column '{}' not found ({at})", c.spec.name)))?;
-                prepare(c, array, &at)
+                let array = batch.column_by_name(&c.spec.name).ok_or_else(|| {
+                    Error::Schema(format!("column '{}' not found ({at})", c.spec.name))
+                })?;
+                prepare(c, array, at)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(PreparedUnit {
@@ -201,7 +236,7 @@ impl Source {
         m: &ArrowReaderMetadata,
         unit: Unit,
         seg: &Segment,
-    ) -> Result<RecordBatch> {
+    ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
         let roots: Vec<usize> = self
             .columns
@@ -212,7 +247,7 @@ impl Source {
         let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, m.clone())
             .with_row_groups(vec![unit.group])
             .with_projection(mask)
-            .with_batch_size(unit.rows.max(1));
+            .with_batch_size(chunk_rows());
         if seg.start > 0 || seg.end < unit.rows {
             let sel = vec![
                 RowSelector::skip(seg.start),
@@ -221,11 +256,9 @@ impl Source {
             builder = builder.with_row_selection(RowSelection::from(sel));
         }
         let reader = builder.build().map_err(|e| Error::corrupt(&fm.path, e))?;
-        let schema = reader.schema();
-        let batches = reader
+        reader
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::corrupt(&fm.path, e))?;
-        single(schema, batches, &fm.path)
+            .map_err(|e| Error::corrupt(&fm.path, e))
     }
 
     fn decode_orc(
@@ -234,7 +267,7 @@ impl Source {
         offsets: &[u64],
         unit: Unit,
         seg: &Segment,
-    ) -> Result<RecordBatch> {
+    ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
         let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
             .map_err(|e| Error::corrupt(&fm.path, e))?;
@@ -247,22 +280,27 @@ impl Source {
         let reader = b
             .with_projection(mask)
             .with_file_byte_range(offset..offset + 1)
-            .with_batch_size(unit.rows.max(1))
+            .with_batch_size(chunk_rows())
             .build();
-        let schema = reader.schema();
         let batches = reader
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::corrupt(&fm.path, e))?;
-        let batch = single(schema, batches, &fm.path)?;
-        Ok(batch.slice(seg.start, seg.end - seg.start))
+        Ok(slice_rows(batches, seg.start, seg.end))
     }
 }
 
-fn single(schema: SchemaRef, mut batches: Vec<RecordBatch>, path: &str) -> Result<RecordBatch> {
-    if batches.len() == 1 {
-        return Ok(batches.pop().expect("one batch"));
+/// Rows `[start, end)` of a sequence of batches.
+fn slice_rows(batches: Vec<RecordBatch>, start: usize, end: usize) -> Vec<RecordBatch> {
+    let mut out = Vec::with_capacity(batches.len());
+    let mut pos = 0;
+    for b in batches {
+        let (a, z) = (pos.max(start), (pos + b.num_rows()).min(end));
+        if a < z {
+            out.push(b.slice(a - pos, z - a));
+        }
+        pos += b.num_rows();
     }
-    concat_batches(&schema, &batches).map_err(|e| Error::corrupt(path, e))
+    out
 }
 
 fn find<'a>(schema: &'a Schema, name: &str, path: &str) -> Result<&'a arrow::datatypes::Field> {

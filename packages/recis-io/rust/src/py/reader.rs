@@ -200,7 +200,10 @@ impl Reader {
     /// buffers allocated by torch.
     fn fill_into(&mut self, py: Python<'_>, ptr: usize, nbytes: usize) -> PyResult<Layout> {
         if ptr == 0 {
-            return Err(Error::InvalidArgument("batch buffer pointer is null".into())).py();
+            return Err(Error::InvalidArgument(
+                "batch buffer pointer is null".into(),
+            ))
+            .py();
         }
         let inner = &mut self.inner;
         let layout = py
