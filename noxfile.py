@@ -192,7 +192,7 @@ def test_gpu(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every script in examples/ on a small data size."""
-    _install(session, PACKAGES)
+    _install(session, PACKAGES, extras=("demo",))
     session.install(*SHARED_TEST_TOOLS)
     scripts = sorted((ROOT / "examples").glob("*.py"))
     out = ROOT / "target" / "examples"
@@ -209,8 +209,8 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: the end-to-end demo on this machine (see README)."""
-    _install(session, PACKAGES)
+    """The main job: the end-to-end training demo on this machine (see README)."""
+    _install(session, PACKAGES, extras=("demo",))
     session.install(*SHARED_TEST_TOOLS)
     session.run("python", str(ROOT / "examples" / "demo.py"), *session.posargs)
 
