@@ -269,15 +269,11 @@ mod tests {
     }
 
     #[test]
-    fn every_length_branch_is_deterministic_and_distinct() {
+    fn prefixes_of_every_length_hash_apart() {
         let data: Vec<u8> = (0..300u32).map(|i| (i * 31 % 251) as u8).collect();
         let mut seen = std::collections::HashSet::new();
         for len in 0..data.len() {
             assert!(seen.insert(fingerprint64(&data[..len])));
-            assert_eq!(
-                fingerprint64(&data[..len]),
-                fingerprint64(&data[..len].to_vec())
-            );
         }
     }
 }
