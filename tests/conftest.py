@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_data_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("recis_bench_data", ROOT / "benchmarks" / "data.py")
-    assert spec is not None and spec.loader is not None
+    spec = importlib.util.spec_from_file_location(
+        "recis_bench_data", ROOT / "benchmarks" / "data.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -59,7 +59,11 @@ def test_package_layout(pkg_dir: Path) -> None:
         assert (src / required).is_file(), f"{pkg_dir.name} lacks src/{import_name}/{required}"
     init = ast.parse((src / "__init__.py").read_text())
     assigned = {
-        t.id for node in init.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+        t.id
+        for node in init.body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
     }
     assert "__all__" in assigned, f"{import_name}/__init__.py defines no __all__"
 
@@ -81,7 +85,11 @@ def test_version_in_readme_package_table(pkg_dir: Path) -> None:
     if version is None:  # dynamic: the Rust crate's version
         cargo = next(pkg_dir.glob("**/Cargo.toml"))
         version = tomllib.loads(cargo.read_text())["package"]["version"]
-    row = [line for line in (ROOT / "README.md").read_text().splitlines() if f"`{pkg_dir.name}`" in line]
+    row = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if f"`{pkg_dir.name}`" in line
+    ]
     assert row, f"README's package table has no row for {pkg_dir.name}"
     assert version in row[0], f"README lists {row[0]!r}, but {pkg_dir.name} is at {version}"
 
@@ -102,4 +110,6 @@ def test_imports_follow_the_dependency_table(pkg_dir: Path) -> None:
     allowed = ALLOWED_IMPORTS[me] | {me}
     for path in (pkg_dir / "src").rglob("*.py"):
         bad = _imported_recis_modules(path) - allowed
-        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; {me} may import {sorted(allowed)}"
+        assert not bad, (
+            f"{path.relative_to(ROOT)} imports {sorted(bad)}; {me} may import {sorted(allowed)}"
+        )

@@ -188,7 +188,9 @@ class SparseSGD(SparseOptimizer):
 
     kind = "sgd"
 
-    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, tables: Iterable[HashTable] | nn.Module, lr: float = 0.01, weight_decay: float = 0.0
+    ) -> None:
         super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
 
     def _slots(self, dim):
@@ -214,7 +216,7 @@ class SparseAdagrad(SparseOptimizer):
 
     def __init__(
         self,
-        tables,
+        tables: Iterable[HashTable] | nn.Module,
         lr: float = 0.01,
         lr_decay: float = 0.0,
         weight_decay: float = 0.0,
@@ -256,7 +258,11 @@ class SparseRowWiseAdagrad(SparseOptimizer):
     kind = "rowwise_adagrad"
 
     def __init__(
-        self, tables, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0
+        self,
+        tables: Iterable[HashTable] | nn.Module,
+        lr: float = 0.01,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
     ) -> None:
         super().__init__(tables, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
@@ -290,7 +296,7 @@ class SparseAdam(SparseOptimizer):
 
     def __init__(
         self,
-        tables,
+        tables: Iterable[HashTable] | nn.Module,
         lr: float = 0.001,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -330,7 +336,7 @@ class SparseAdamW(SparseAdam):
 
     def __init__(
         self,
-        tables,
+        tables: Iterable[HashTable] | nn.Module,
         lr: float = 0.001,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -356,7 +362,7 @@ class SparseFTRL(SparseOptimizer):
 
     def __init__(
         self,
-        tables,
+        tables: Iterable[HashTable] | nn.Module,
         lr: float = 0.01,
         lr_power: float = -0.5,
         l1: float = 0.0,
