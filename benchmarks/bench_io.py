@@ -192,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                 LABELS[n],
                 m["rows_per_s"],
                 recis / m["rows_per_s"],
-                max(m["peak_rss_mib"], m["peak_child_rss_mib"]),
+                m["peak_rss_mib"],
+                m["peak_child_rss_mib"] if n == "c" else "",
             ]
             for n, m in measured.items()
         ]
         print_table(
             f"IO, {variant}, {args.rows:,} rows, batch {BATCH} ({os.cpu_count()} CPUs)",
-            ["contender", "rows/s", "recis ratio", "peak RSS MiB (own or per worker)"],
+            ["contender", "rows/s", "recis speedup", "peak RSS MiB", "worker peak RSS MiB"],
             rows,
         )
     path = write_json("io", results)
