@@ -300,7 +300,7 @@ class _BatchIterator(Iterator[Batch]):
             layout = reader.fill_into(buffer.data_ptr(), nbytes)
         self._ds._cursor = tuple(reader.cursor())  # type: ignore[assignment]
         batch = Batch(buffer, self._ds._infos, layout)
-        if kind == "cuda":
+        if kind == "cuda" and self._ds._device is not None:
             batch = batch.to(self._ds._device, non_blocking=True)
         return batch
 

@@ -1,9 +1,11 @@
 """The native reader (private; use :class:`recis_io.Dataset`)."""
 
-from typing import Any
+from typing import Any, final
 
-Layout = tuple[int, list[tuple[int, int, list[tuple[int, int]]]]]
-Spec = tuple[str, int | float | str | None, str | None, int, str | None]
+__all__ = ["Reader", "hash_bytes"]
+
+_Layout = tuple[int, list[tuple[int, int, list[tuple[int, int]]]]]
+_Spec = tuple[str, int | float | str | None, str | None, int, str | None]
 
 def hash_bytes(data: bytes, kind: str, buckets: int = 0) -> int:
     """Hashes ``data`` as the reader hashes strings.
@@ -20,13 +22,14 @@ def hash_bytes(data: bytes, kind: str, buckets: int = 0) -> int:
         InvalidArgumentError: ``kind`` is not a known hash.
     """
 
+@final
 class Reader:
     """One shard's stream of packed batches; decodes on native threads."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         paths: list[tuple[str, str]],
-        columns: list[Spec] | None,
+        columns: list[_Spec] | None,
         *,
         batch_size: int,
         drop_last: bool,
@@ -38,7 +41,7 @@ class Reader:
         epochs: int,
         num_threads: int,
         prefetch: int,
-    ) -> None: ...
+    ) -> Reader: ...
     def schema(self) -> list[tuple[str, str, int, int, str]]:
         """``(name, dtype, fixed width or 0, ragged levels, text kind)`` per output column."""
     @property
@@ -54,7 +57,7 @@ class Reader:
         """Stops the decode threads; reading resumes from the cursor."""
     def prepare(self) -> int | None:
         """Decodes the next batch; returns its size in bytes, ``None`` after the last one."""
-    def fill_into(self, ptr: int, nbytes: int) -> Layout:
+    def fill_into(self, ptr: int, nbytes: int) -> _Layout:
         """Packs the prepared batch into caller-owned memory at ``ptr``."""
-    def fill_owned(self) -> tuple[Any, Layout]:
+    def fill_owned(self) -> tuple[Any, _Layout]:
         """Packs the prepared batch into a reused buffer returned as a DLPack capsule."""
