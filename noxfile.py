@@ -120,7 +120,9 @@ def _install(session: nox.Session, packages: list[str], extras: tuple[str, ...] 
         for p in closure
     ]
     requirements = [r for p in packages for r in _extras(p, extras)]
-    session.install(*specs, *requirements)
+    # --no-sources: siblings come from exactly these paths and wheels, not the workspace's
+    # editable sources (which would clash with the freshly built Rust wheel).
+    session.install("--no-sources", *specs, *requirements)
 
 
 @nox.session
