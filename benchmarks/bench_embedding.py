@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import Stats, measure, print_table, write_json
-
 from data import VOCAB_SIZES, generate_table
 
 BATCH = 4096

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from _harness import Stats, measure, print_table, write_json
-from data import NUM_DENSE, NUM_SPARSE, VOCAB_SIZES, generate_table
 
 import recis_kernels as rk
 from recis_features import Feature, FeatureEngine
 from recis_kernels import RaggedTensor
+
+from _harness import Stats, measure, print_table, write_json
+from data import NUM_DENSE, NUM_SPARSE, VOCAB_SIZES, generate_table
 
 SEQ_LEN = 50
 CROSSES = (("C1", "C2"), ("C3", "C4"))

@@ -27,9 +27,10 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _harness import measure, print_table, write_json
 
 import recis_kernels as rk
+
+from _harness import measure, print_table, write_json
 
 BATCH = 4096
 NUM_SPARSE = 26
