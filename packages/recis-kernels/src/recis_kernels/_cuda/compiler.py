@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from recis_kernels.exceptions import CudaUnavailableError, KernelCompileError
 
@@ -67,15 +68,16 @@ def cache_dir() -> Path:
     return Path(base) / "recis-kernels"
 
 
-def _nvrtc():
+def cuda_bindings(module: str) -> Any:
+    """``cuda.bindings.<module>`` (``nvrtc``, ``driver``), or the error naming the extra."""
     try:
-        from cuda.bindings import nvrtc
+        # The import statement machinery (not importlib) so import hooks see the request.
+        return __import__(f"cuda.bindings.{module}", fromlist=[module])
     except ImportError as exc:
         raise CudaUnavailableError(
             "the cuda backend needs cuda-python; install the extra with "
             "`pip install recis-kernels[cuda]`"
         ) from exc
-    return nvrtc
 
 
 def _check(nvrtc, result, what: str) -> None:
@@ -123,7 +125,7 @@ def compile_kernel(name: str, arch: str = "sm_90", options: tuple[str, ...] = ()
     path = _source_dir() / f"{name}.cu"
     if not path.is_file():
         raise ValueError(f"no kernel source named {name!r}; known: {kernel_names()}")
-    nvrtc = _nvrtc()
+    nvrtc = cuda_bindings("nvrtc")
     source = path.read_bytes()
     headers = _headers()
     opts = (*_BASE_OPTIONS, f"--gpu-architecture={arch}", *options)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from recis_kernels._cuda.compiler import compile_kernel
-from recis_kernels.exceptions import CudaUnavailableError, KernelLaunchError
+from recis_kernels._cuda.compiler import compile_kernel, cuda_bindings
+from recis_kernels.exceptions import KernelLaunchError
 
 __all__ = ["launch"]
 
@@ -28,17 +28,6 @@ _CTYPES = {
     "f32": ctypes.c_float,
     "f64": ctypes.c_double,
 }
-
-
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError as exc:
-        raise CudaUnavailableError(
-            "the cuda backend needs cuda-python; install the extra with "
-            "`pip install recis-kernels[cuda]`"
-        ) from exc
-    return driver
 
 
 def _check(driver, result, what: str) -> None:
@@ -80,7 +69,7 @@ def _function(device: torch.device, module_name: str, kernel: str):
         fn = _functions.get(fkey)
     if fn is not None:
         return fn
-    driver = _driver()
+    driver = cuda_bindings("driver")
     compiled = compile_kernel(module_name, _arch(torch.device("cuda", index)))
     with _lock:
         _make_current(driver, index)
@@ -127,7 +116,7 @@ def launch(
     block3 = (block, 1, 1) if isinstance(block, int) else block
     if grid3[0] == 0:
         return
-    driver = _driver()
+    driver = cuda_bindings("driver")
     fn = _function(device, module_name, kernel)
     index = device.index if device.index is not None else torch.cuda.current_device()
     _make_current(driver, index)
