@@ -17,6 +17,7 @@ from recis_train._outputs import StepOutput, parse_output
 from recis_train._sparse import EmbeddingCheckpoint, SparseCheckpoint
 from recis_train._state import seed_everything
 from recis_train._trainer import Trainer
+from recis_train._warmstart import WarmStartResult, warm_start
 from recis_train.exceptions import RecisTrainError
 
 __all__ = [
@@ -36,8 +37,10 @@ __all__ = [
     "Task",
     "Trainer",
     "TrainingArguments",
+    "WarmStartResult",
     "find_tables",
     "metrics",
     "parse_output",
     "seed_everything",
+    "warm_start",
 ]

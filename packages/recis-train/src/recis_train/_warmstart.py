@@ -1,0 +1,317 @@
+"""Warm start: load chosen dense tensors and embedding tables from another run's checkpoint.
+
+:meth:`Trainer.restore` loads whole parts of a checkpoint; :func:`warm_start` picks names
+inside them, e.g. only the sparse tables, or every tower but the one being retrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis_train._checkpoint import MANIFEST, CheckpointManager, load_tensors
+from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, ConfigError
+
+_PARTS = ("dense", "sparse")
+_EMBEDDING_FORMAT = "recis-embedding-checkpoint"
+_GLOB = frozenset("*?[")
+
+
+@dataclasses.dataclass
+class WarmStartResult:
+    """What :func:`warm_start` loaded.
+
+    Attributes:
+        checkpoint: the checkpoint directory read.
+        dense: ``state_dict`` keys loaded into the model.
+        tables: logical table name -> rows loaded.
+        skipped: selected names of the checkpoint that the model does not have.
+    """
+
+    checkpoint: Path
+    dense: list[str] = dataclasses.field(default_factory=list)
+    tables: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A glob (``*``, ``?``, ``[...]``) matches the whole name; a plain pattern is a prefix:
+    the name itself or anything below it (``"tower"`` matches ``"tower.0.weight"``)."""
+    if _GLOB & set(pattern):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.startswith(pattern + ".")
+
+
+class _Selection:
+    """Applies include/exclude patterns and remembers which include patterns matched."""
+
+    def __init__(self, include: Sequence[str] | None, exclude: Sequence[str]) -> None:
+        for label, patterns in (("include", include or ()), ("exclude", exclude)):
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(
+                    f"warm_start: {label} must be a sequence of name patterns, got {patterns!r}"
+                )
+        self.include, self.exclude = include, tuple(exclude)
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> bool:
+        if any(_matches(name, p) for p in self.exclude):
+            return False
+        if self.include is None:
+            return True
+        hits = [p for p in self.include if _matches(name, p)]
+        self.used.update(hits)
+        return bool(hits)
+
+    def unused(self) -> list[str]:
+        return [p for p in self.include or () if p not in self.used]
+
+
+def _resolve(path: str | Path) -> tuple[Path, Path | None, Path | None]:
+    """(checkpoint dir, dense safetensors file or None, recis-embedding checkpoint or None).
+
+    ``path`` may be a trainer checkpoint (``step-…``), a directory of them (the latest complete
+    one is taken; a run's ``output_dir`` works too), or a recis-embedding checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"warm_start: no checkpoint directory at {path}")
+    if not (path / MANIFEST).is_file():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        latest = CheckpointManager(root).latest()
+        if latest is None:
+            raise CheckpointNotFoundError(f"warm_start: no complete checkpoint in {path}")
+        path = latest
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / MANIFEST} is not valid json: {err}") from err
+    if manifest.get("format") == _EMBEDDING_FORMAT:
+        return path, path / "dense.safetensors", path
+    parts = CheckpointManager.read_manifest(path)["parts"]
+    dense = path / "dense" / "model.safetensors" if "dense" in parts else None
+    tables = path / "sparse" / "tables" if "sparse" in parts else None
+    if tables is not None and not (tables / MANIFEST).is_file():
+        tables = None  # a custom SparseCheckpoint wrote this part in its own layout
+    return path, dense, tables
+
+
+def _fit_dense(
+    model: nn.Module, saved: dict[str, torch.Tensor], names: list[str], result: WarmStartResult
+) -> dict[str, torch.Tensor]:
+    """The selected tensors the model has, checked for shape (others go to ``skipped``)."""
+    own = model.state_dict()
+    chosen: dict[str, torch.Tensor] = {}
+    misfits = []
+    for key in names:
+        if key not in own:
+            result.skipped.append(key)
+        elif own[key].shape != saved[key].shape:
+            misfits.append(f"{key} {tuple(saved[key].shape)} vs {tuple(own[key].shape)}")
+        else:
+            chosen[key] = saved[key]
+    if misfits:
+        raise CheckpointError(
+            f"warm_start: tensors of {result.checkpoint} do not fit the model's shapes "
+            f"(checkpoint vs model: {', '.join(misfits)}); exclude them"
+        )
+    return chosen
+
+
+def _model_tables(model: nn.Module) -> dict[str, tuple[Any, int, Any]]:
+    """Logical table name -> (physical table, table index, shard context or None)."""
+    found: dict[str, tuple[Any, int, Any]] = {}
+    for module in model.modules():
+        logical = getattr(module, "logical", None)
+        if not isinstance(logical, dict) or not hasattr(module, "physical"):
+            continue
+        for name, (table, index) in logical.items():
+            found[name] = (table, index, getattr(module, "shard", None))
+    return found
+
+
+def _reader_chain(directory: Path) -> list[Any]:
+    """The recis-embedding checkpoint and the parents a delta builds on, oldest first."""
+    from recis_embedding import CheckpointError as EmbeddingCheckpointError
+    from recis_embedding import CheckpointReader
+
+    try:
+        chain = [CheckpointReader(directory)]
+        while chain[-1].kind == "delta":
+            chain.append(CheckpointReader(_parent_of(chain[-1])))
+    except EmbeddingCheckpointError as err:
+        raise CheckpointError(f"warm_start: {err}") from err
+    return chain[::-1]
+
+
+def _parent_of(delta: Any) -> Path:
+    """Where a delta's parent is: its recorded path, else its path relative to the delta
+    (the manifest keeps both when it has both; the pair was moved together)."""
+    candidates = [delta.parent] if delta.parent is not None else []
+    relative = delta.manifest.get("parent_relative")
+    if relative:
+        candidates.append(delta.path / relative)
+    expected = delta.manifest.get("parent_id")
+    for candidate in candidates:
+        manifest = candidate / MANIFEST
+        if manifest.is_file() and (
+            expected is None or json.loads(manifest.read_text()).get("id") == expected
+        ):
+            return candidate
+    raise CheckpointError(
+        f"warm_start: delta checkpoint {delta.path} lacks its parent (looked in "
+        f"{[str(c) for c in candidates]})"
+    )
+
+
+def _fit_tables(
+    model: nn.Module,
+    reader: Any,
+    names: list[str],
+    optimizer_state: bool,
+    result: WarmStartResult,
+) -> dict[str, tuple[Any, int, Any]]:
+    """The selected tables the model has, checked for dim and optimizer slots."""
+    own = _model_tables(model)
+    chosen = {}
+    for name in names:
+        if name not in own:
+            result.skipped.append(name)
+            continue
+        table = own[name][0]
+        info = reader.table_info(name)
+        if info["dim"] != table.dim:
+            raise CheckpointError(
+                f"warm_start: table {name!r} has dim {info['dim']} in {reader.path}, "
+                f"the model's has {table.dim}; exclude it"
+            )
+        slots = [tuple(s) for s in info["slots"]]
+        if optimizer_state and slots != list(table.slots):
+            raise CheckpointError(
+                f"warm_start: table {name!r} has optimizer slots {slots} in {reader.path}, the "
+                f"model's table has {table.slots}; pass optimizer_state=False"
+            )
+        chosen[name] = own[name]
+    return chosen
+
+
+def _load_table(reader: Any, name: str, entry: tuple[Any, int, Any], optimizer_state: bool) -> None:
+    table, index, shard = entry
+    keys = ["ids", "embeddings"]
+    if optimizer_state:
+        keys += [f"slot.{slot}" for slot, _ in table.slots]
+    data = {k: reader.read(name, k) for k in keys}
+    if reader.kind == "full":
+        old = table.ids(index)
+        if old.numel():
+            table.erase(old, index)  # the checkpoint's rows replace the table's
+    else:
+        erased = reader.read(name, "erased")
+        if erased.numel():
+            table.erase(erased.to(table.device), index)
+    if shard is not None:
+        mine = shard.owns(data["ids"])  # whatever world size wrote them, keep this rank's ids
+        data = {k: v[mine] for k, v in data.items()}
+    ids = data.pop("ids").to(table.device)
+    if ids.numel() == 0:
+        return
+    rows, _ = table.find_or_insert(ids, index)
+    table.write(rows, data.pop("embeddings").to(device=table.device, dtype=torch.float32))
+    for key, values in data.items():
+        table.write_slot(rows, key.removeprefix("slot."), values.to(table.device))
+
+
+def warm_start(
+    target: Any,
+    path: str | Path,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    parts: Iterable[str] = _PARTS,
+    optimizer_state: bool = False,
+) -> WarmStartResult:
+    """Initialize a model from another run's checkpoint, choosing what to take by name.
+
+    Dense tensors are named by their ``state_dict`` key (``"body.mlp.0.weight"``); embedding
+    tables by their logical table name (``"C1"``, or an option's ``shared_name``). A pattern
+    with ``*``, ``?`` or ``[...]`` is a glob over the whole name; any other pattern matches
+    that name and everything below it (``"body.mlp"`` matches ``"body.mlp.0.weight"``).
+    A name is taken when it matches an ``include`` pattern (every name when ``include`` is
+    ``None``) and no ``exclude`` pattern.
+
+    A selected table replaces the model's rows of that logical table (tables fused with it
+    keep theirs); rows get fresh eviction counters, and fresh optimizer state unless
+    ``optimizer_state`` is set. Nothing of the source run's step, optimizers or data cursor is
+    loaded: call this after building the :class:`~recis_train.Trainer` and before training
+    (with ``resume=True``, only when ``trainer.checkpoints.latest()`` is ``None``, or a
+    restarted job would overwrite its own progress).
+
+    Args:
+        target: an ``nn.Module``, or a :class:`~recis_train.Trainer` (its model).
+        path: a trainer checkpoint (``…/checkpoints/step-000001000``), a directory holding
+            them or a run's ``output_dir`` (the latest complete checkpoint is used), or a
+            ``recis_embedding.save`` directory.
+        include: name patterns to load (default: everything in ``parts``).
+        exclude: name patterns to leave as they are.
+        parts: ``"dense"`` tensors and/or ``"sparse"`` tables; ``parts=("sparse",)`` takes
+            only embedding tables.
+        optimizer_state: also load the sparse optimizer's per-row state (the slots must be
+            those of the model's sparse optimizer, which must already exist).
+
+    Returns:
+        A :class:`WarmStartResult` naming what was loaded and what the model lacked.
+
+    Raises:
+        ConfigError: unknown parts, malformed patterns, or an ``include`` pattern that matches
+            nothing in the checkpoint (a typo would otherwise load nothing silently).
+        CheckpointNotFoundError: no checkpoint at ``path``.
+        CheckpointError: a selected tensor or table does not fit the model (shape, dim, slots),
+            or the checkpoint is incomplete or corrupt.
+
+    Example:
+        >>> warm_start(model, "pretrain/checkpoints", parts=("sparse",), exclude=["C1"])
+        WarmStartResult(checkpoint=..., dense=[], tables={'C2': 5123, ...}, skipped=[])
+    """
+    parts = tuple(parts)
+    unknown = sorted(set(parts) - set(_PARTS))
+    if unknown or not parts:
+        raise ConfigError(f"warm_start: parts must be a non-empty subset of {list(_PARTS)}")
+    model = target if isinstance(target, nn.Module) else getattr(target, "model", None)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"warm_start: target must be an nn.Module or a Trainer, got {type(target).__name__}"
+        )
+    checkpoint, dense_file, tables_dir = _resolve(path)
+    for part, where in (("dense", dense_file), ("sparse", tables_dir)):
+        if part in parts and where is None:
+            raise CheckpointError(f"warm_start: checkpoint {checkpoint} has no {part} part")
+    select = _Selection(include, exclude)
+    result = WarmStartResult(checkpoint)
+    # Check everything before loading anything: a typo or a misfit leaves the model untouched.
+    saved = load_tensors(dense_file) if "dense" in parts and dense_file is not None else {}
+    dense_names = [k for k in sorted(saved) if select(k)]
+    chain = _reader_chain(tables_dir) if "sparse" in parts and tables_dir is not None else []
+    table_names = [t for t in chain[-1].tables() if select(t)] if chain else []
+    unused = select.unused()
+    if unused:
+        raise ConfigError(
+            f"warm_start: include pattern(s) {unused} match nothing in the {'/'.join(parts)} "
+            f"part(s) of {checkpoint}"
+        )
+    dense = _fit_dense(model, saved, dense_names, result)
+    tables = _fit_tables(model, chain[-1], table_names, optimizer_state, result) if chain else {}
+    model.load_state_dict(dense, strict=False)
+    result.dense.extend(dense)
+    for name, (table, index, shard) in tables.items():
+        for reader in chain:
+            if name in reader.manifest["tables"]:
+                _load_table(reader, name, (table, index, shard), optimizer_state)
+        result.tables[name] = int(table.ids(index).numel())
+    return result

@@ -1,0 +1,249 @@
+"""warm_start: dense tensors and embedding tables from another run, chosen by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _toy import NUM_DENSE, ToyReader
+from torch import nn
+
+import recis_embedding as emb
+from recis_train import Trainer, TrainingArguments, seed_everything, warm_start
+from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, ConfigError
+
+
+class TwoTables(nn.Module):
+    """A user and an item table (fused into one physical table) under an MLP."""
+
+    def __init__(self, hidden: int = 8, item_dim: int = 4):
+        super().__init__()
+        self.embeddings = emb.EmbeddingEngine(
+            {"user": emb.EmbeddingOption(4), "item": emb.EmbeddingOption(item_dim)}
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(NUM_DENSE + 4 + item_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, batch):
+        ids = batch["ids"].reshape(-1, 1)
+        out = self.embeddings({"user": ids, "item": ids % 7})
+        x = torch.cat([batch["dense"], out["user"], out["item"]], dim=1)
+        logits = self.mlp(x)[:, 0]
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+
+
+def train_source(out, steps=6):
+    seed_everything(0)
+    model = TwoTables()
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(out), device="cpu", train_steps=steps),
+        train_data=ToyReader(200, 25),
+        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.05),
+        sparse_optimizer=emb.SparseAdam(model, lr=0.05),
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return train_source(tmp_path_factory.mktemp("source"))
+
+
+def rows(model, name):
+    engine = model.embeddings
+    table, index = engine.table(name)
+    ids = torch.sort(table.ids(index)).values
+    return ids, table.embeddings(ids, index)
+
+
+def fresh(**kwargs):
+    torch.manual_seed(123)
+    return TwoTables(**kwargs)
+
+
+def test_everything_is_loaded_by_default(source):
+    model = fresh()
+    result = warm_start(model, source.checkpoints.latest())
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    for name in ("user", "item"):
+        ids, values = rows(model, name)
+        want_ids, want_values = rows(source.model, name)
+        assert torch.equal(ids, want_ids)
+        assert torch.equal(values, want_values)
+        assert result.tables[name] == len(want_ids) > 0
+    assert sorted(result.dense) == sorted(source.model.state_dict())
+    assert result.skipped == []
+
+
+def test_only_sparse_tables_leave_dense_weights_alone(source):
+    model = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = warm_start(model, source.args.output_dir, parts=("sparse",))
+    assert result.dense == []
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(rows(model, "item")[1], rows(source.model, "item")[1])
+
+
+def test_exclude_keeps_a_fused_neighbour_table_as_it_was(source):
+    model = fresh()
+    model.train()
+    model(next(iter(ToyReader(40, 40, seed=5))))  # the target's own user rows
+    own_user = rows(model, "user")
+    result = warm_start(model, source.checkpoints.latest(), exclude=["user", "mlp.2"])
+    assert set(result.tables) == {"item"}
+    assert torch.equal(rows(model, "user")[0], own_user[0])
+    assert torch.equal(rows(model, "user")[1], own_user[1])
+    assert torch.equal(rows(model, "item")[1], rows(source.model, "item")[1])
+    assert sorted(result.dense) == ["mlp.0.bias", "mlp.0.weight"]
+    assert not torch.equal(model.mlp[2].weight, source.model.mlp[2].weight)
+
+
+def test_a_full_table_replaces_rows_the_target_had(source):
+    model = fresh()
+    model.train()
+    model(
+        {
+            "ids": torch.tensor([1000, 1001]),
+            "dense": torch.zeros(2, NUM_DENSE),
+            "click": torch.zeros(2),
+        }
+    )
+    warm_start(model, source.checkpoints.latest(), parts=("sparse",))
+    assert torch.equal(rows(model, "user")[0], rows(source.model, "user")[0])
+
+
+@pytest.mark.parametrize(
+    ("include", "dense", "tables"),
+    [
+        (["mlp.*.bias"], ["mlp.0.bias", "mlp.2.bias"], set()),
+        (["mlp.0"], ["mlp.0.bias", "mlp.0.weight"], set()),
+        (["it?m"], [], {"item"}),
+        (["user", "mlp.2.weight"], ["mlp.2.weight"], {"user"}),
+    ],
+)
+def test_include_patterns_pick_names(source, include, dense, tables):
+    result = warm_start(fresh(), source.checkpoints.latest(), include=include)
+    assert sorted(result.dense) == dense
+    assert set(result.tables) == tables
+
+
+def test_an_include_pattern_matching_nothing_changes_nothing(source):
+    model = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"\['mlpp'\] match nothing"):
+        warm_start(model, source.checkpoints.latest(), include=["mlp.0", "mlpp"])
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert len(rows(model, "item")[0]) == 0
+
+
+def test_a_table_of_another_dim_is_an_error_unless_excluded(source):
+    model = fresh(item_dim=6)
+    before = model.mlp[2].weight.clone()
+    with pytest.raises(CheckpointError, match="'item' has dim 4"):
+        warm_start(model, source.checkpoints.latest(), exclude=["mlp.0"])
+    assert torch.equal(model.mlp[2].weight, before)  # nothing loaded before the error
+    assert len(rows(model, "user")[0]) == 0
+    result = warm_start(model, source.checkpoints.latest(), parts=("sparse",), exclude=["item"])
+    assert set(result.tables) == {"user"}
+
+
+def test_a_tensor_of_another_shape_is_an_error(source):
+    with pytest.raises(CheckpointError, match=r"mlp.0.weight \(8, 14\) vs \(5, 14\)"):
+        warm_start(fresh(hidden=5), source.checkpoints.latest())
+    result = warm_start(fresh(hidden=5), source.checkpoints.latest(), exclude=["mlp"])
+    assert result.dense == []
+
+
+def test_names_the_model_lacks_are_reported(source):
+    class UserOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings = emb.EmbeddingEngine({"user": emb.EmbeddingOption(4)})
+
+    result = warm_start(UserOnly(), source.checkpoints.latest())
+    assert set(result.tables) == {"user"}
+    assert "item" in result.skipped
+    assert "mlp.0.weight" in result.skipped
+
+
+def test_optimizer_state_is_fresh_unless_asked_for(source):
+    src_table, src_index = source.model.embeddings.table("user")
+    ids = src_table.ids(src_index)
+    want = src_table.read_slot(src_table.find(ids, src_index), "exp_avg")
+    assert want.abs().sum() > 0
+    for asked in (False, True):
+        model = fresh()
+        emb.SparseAdam(model, lr=0.05)
+        warm_start(model, source.checkpoints.latest(), optimizer_state=asked)
+        table, index = model.embeddings.table("user")
+        got = table.read_slot(table.find(ids, index), "exp_avg")
+        assert torch.equal(got, want) == asked
+
+
+def test_optimizer_state_needs_matching_slots(source):
+    model = fresh()
+    emb.SparseSGD(model, lr=0.05)
+    with pytest.raises(CheckpointError, match="optimizer slots"):
+        warm_start(model, source.checkpoints.latest(), parts=("sparse",), optimizer_state=True)
+
+
+def test_a_recis_embedding_checkpoint_and_a_trainer_target(source, tmp_path):
+    emb.save(tmp_path / "tables", source.model)
+    seed_everything(1)
+    model = fresh()
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path / "run"), device="cpu"),
+        train_data=ToyReader(50, 25),
+        dense_optimizer=torch.optim.Adam(model.parameters()),
+    )
+    result = warm_start(trainer, tmp_path / "tables", include=["user", "mlp"])
+    assert set(result.tables) == {"user"}
+    assert torch.equal(model.mlp[0].weight, source.model.mlp[0].weight)
+    assert torch.equal(rows(model, "user")[1], rows(source.model, "user")[1])
+
+
+def test_a_delta_checkpoint_is_applied_over_its_parent(tmp_path):
+    model = fresh()
+    opt = emb.SparseSGD(model, lr=0.5)
+
+    def step(ids):
+        batch = {
+            "ids": ids,
+            "dense": torch.ones(len(ids), NUM_DENSE),
+            "click": torch.ones(len(ids)),
+        }
+        model(batch).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(torch.arange(10))
+    emb.save(tmp_path / "full", model)
+    step(torch.arange(5, 15))
+    table, index = model.embeddings.table("user")
+    table.erase(torch.tensor([0, 1]), index)
+    emb.save(tmp_path / "delta", model, delta=True)
+    target = fresh()
+    warm_start(target, tmp_path / "delta", parts=("sparse",))
+    for name in ("user", "item"):
+        ids, values = rows(target, name)
+        want_ids, want_values = rows(model, name)
+        assert torch.equal(ids, want_ids)
+        assert torch.equal(values, want_values)
+    assert 0 not in rows(target, "user")[0].tolist()
+
+
+def test_bad_arguments(source, tmp_path):
+    with pytest.raises(CheckpointNotFoundError):
+        warm_start(fresh(), tmp_path)
+    with pytest.raises(ConfigError, match="parts"):
+        warm_start(fresh(), source.checkpoints.latest(), parts=("trainer",))
+    with pytest.raises(ConfigError, match="sequence of name patterns"):
+        warm_start(fresh(), source.checkpoints.latest(), include="mlp")
+    with pytest.raises(ConfigError, match=r"nn\.Module or a Trainer"):
+        warm_start(object(), source.checkpoints.latest())
