@@ -9,6 +9,7 @@ from recis_train._hooks import (
     LoggingHook,
     ProfilerHook,
     TableStatsHook,
+    TensorBoardHook,
     find_tables,
 )
 from recis_train._multistage import MultiStage, Stage
@@ -35,6 +36,7 @@ __all__ = [
     "StepOutput",
     "TableStatsHook",
     "Task",
+    "TensorBoardHook",
     "Trainer",
     "TrainingArguments",
     "WarmStartResult",

@@ -309,3 +309,97 @@ class ProfilerHook(Hook):
         self.table = profiler.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=self.row_limit
         )
+
+
+class TensorBoardHook(Hook):
+    """Writes training logs, evaluation results and table statistics as TensorBoard scalars.
+
+    Per optimizer step: ``train/loss``, ``train/loss/<task>``, ``train/lr`` and
+    ``train/samples_per_s`` (rows over the step's time). Per evaluation: ``eval/<key>`` for every
+    result (``eval/click/auc``, ``eval/loss``, …). Every ``stats_every`` steps: the numeric
+    statistics of each table :func:`find_tables` finds, as ``tables/<table>/<stat>`` (rows,
+    bytes, lookups, hits, evictions, …; on a sharded run, rank 0's shard). A resumed run drops
+    events the interrupted one wrote after its checkpoint, so curves do not fold back. Runs on
+    rank 0 only when training is distributed.
+
+    Needs the ``tensorboard`` package (``pip install 'recis-train[tensorboard]'``); view with
+    ``tensorboard --logdir <log_dir>``.
+
+    Args:
+        log_dir: where event files go (default: ``<output_dir>/tensorboard`` of the trainer
+            running the hook, so each :class:`~recis_train.MultiStage` stage gets its own run).
+        stats_every: steps between table statistics (default: the trainer's ``log_every``;
+            ``0``: never).
+
+    Attributes:
+        written_to: the directory of the latest event file.
+
+    Raises:
+        ImportError: tensorboard is not installed.
+    """
+
+    rank_zero_only = True
+
+    def __init__(self, log_dir: str | None = None, *, stats_every: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(
+                "TensorBoardHook needs the tensorboard package: "
+                "pip install 'recis-train[tensorboard]'"
+            ) from err
+        if stats_every is not None and stats_every < 0:
+            raise ConfigError(f"TensorBoardHook: stats_every must be 0 or more, got {stats_every}")
+        self._writer_class = SummaryWriter
+        self.log_dir, self.stats_every = log_dir, stats_every
+        self.writer: Any = None
+        self.written_to: str | None = None
+
+    def _open(self, trainer: Trainer, purge_step: int | None = None) -> Any:
+        if self.writer is None:
+            from pathlib import Path
+
+            where = self.log_dir or str(Path(trainer.args.output_dir) / "tensorboard")
+            self.writer = self._writer_class(where, purge_step=purge_step)
+            self.written_to = where
+        return self.writer
+
+    def close(self) -> None:
+        """Flush and close the event file (the next event opens a new one)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.close()  # a new run (or stage) may write elsewhere
+        # A resumed run drops events logged after its checkpoint by the run that was cut short.
+        step = trainer.global_step
+        self._open(trainer, purge_step=step + 1 if step else None)
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        writer, step = self._open(trainer), trainer.global_step
+        for key, value in logs.items():
+            if key == "loss" or key.startswith("loss/") or key == "lr":
+                writer.add_scalar(f"train/{key}", value, step)
+        if logs.get("step_time"):
+            rate = logs.get("samples", 0.0) / logs["step_time"]
+            writer.add_scalar("train/samples_per_s", rate, step)
+        every = trainer.args.log_every if self.stats_every is None else self.stats_every
+        if every and step % every == 0:
+            for name, table in find_tables(trainer.model).items():
+                for stat, value in _numbers(table.stats()).items():
+                    writer.add_scalar(f"tables/{name}/{stat}", value, step)
+
+    def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        was_open = self.writer is not None  # evaluate() may run after training ended
+        writer = self._open(trainer)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"eval/{key}", value, trainer.global_step)
+        if was_open:
+            writer.flush()
+        else:
+            self.close()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.close()
