@@ -204,3 +204,52 @@ def test_frequency_admission_counters_survive_a_checkpoint(tmp_path) -> None:
     load(tmp_path / "c", restored, opt2)
     restored({"f": torch.tensor([[2], [3]])})  # 2 reaches the threshold, 3 is counted once
     assert restored.table("f")[0].ids().tolist() == [2]
+
+
+def test_delta_after_its_parent_was_renamed_needs_and_checks_the_new_place(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    save(tmp_path / "other", model, opt)  # an earlier save: not the parent
+    train(model, opt, dense, range(1, 2))
+    # Like a trainer's checkpoint: written inside a temporary directory, renamed when complete.
+    save(tmp_path / ".writing" / "tables", model, opt)
+    (tmp_path / ".writing").rename(tmp_path / "step-2")
+    train(model, opt, dense, range(2, 4))
+    with pytest.raises(CheckpointError, match=r"no longer exists .* pass parent="):
+        save(tmp_path / "d1", model, opt, delta=True)
+    train_state = state(model)
+    # The failed attempt marked nothing saved: the delta still holds every change since step 2.
+    save(tmp_path / "d1", model, opt, delta=True, parent=tmp_path / "step-2" / "tables")
+    assert CheckpointReader(tmp_path / "d1").parent == (tmp_path / "step-2" / "tables").resolve()
+    loaded, opt_l, _ = build()
+    load(tmp_path / "d1", loaded, opt_l)
+    assert_same(state(loaded), train_state)
+
+    with pytest.raises(CheckpointError, match="not the previous save of these tables"):
+        save(tmp_path / "d2", model, opt, delta=True, parent=tmp_path / "other")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        save(tmp_path / "d2", model, opt, delta=True, parent=tmp_path / "nowhere")
+
+
+def test_delta_whose_parent_was_overwritten_refuses_to_load(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "base", model, opt)
+    train(model, opt, dense, range(2, 3))
+    save(tmp_path / "d1", model, opt, delta=True)
+    train(model, opt, dense, range(3, 4))
+    save(tmp_path / "base", model, opt)  # a later full save replaces the delta's parent
+    with pytest.raises(CheckpointError, match="overwritten by a later save"):
+        load(tmp_path / "d1", build()[0])
+
+
+def test_delta_chain_moved_as_a_whole_still_loads(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "a" / "base", model, opt)
+    train(model, opt, dense, range(2, 4))
+    save(tmp_path / "a" / "d1", model, opt, delta=True)
+    (tmp_path / "a").rename(tmp_path / "b")
+    loaded, opt_l, _ = build()
+    load(tmp_path / "b" / "d1", loaded, opt_l)
+    assert_same(state(loaded), state(model))

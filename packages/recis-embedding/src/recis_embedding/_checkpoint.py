@@ -16,8 +16,9 @@ A table file holds, for the ``K`` ids it saves (ascending):
   ``counts`` of ids still being counted);
 - ``erased`` ``(E,) int64`` in delta checkpoints: ids removed since the previous save.
 
-The manifest records the format version, the kind (``full`` or ``delta``, with the ``parent``
-checkpoint a delta applies to), the world size, per table its dim, dtype, optimizer kind and
+The manifest records the format version, a random ``id`` of this save, the kind (``full`` or
+``delta``, with the ``parent`` checkpoint a delta applies to: its absolute path, its path relative
+to the delta, and its ``parent_id``), the world size, per table its dim, dtype, optimizer kind and
 slots, row count, step and files, the sparse optimizer's hyperparameters, and a SHA-256 per file.
 Everything is written into a temporary sibling directory and renamed into place, so an
 interrupted save leaves the previous checkpoint untouched; checksums are verified on load.
@@ -25,10 +26,12 @@ interrupted save leaves the previous checkpoint untouched; checksums are verifie
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -47,6 +50,14 @@ __all__ = ["FORMAT_VERSION", "CheckpointReader", "load", "save"]
 FORMAT_VERSION = 1
 _FORMAT = "recis-embedding-checkpoint"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Saved:
+    """Where a table was last saved or loaded, and the ``id`` of that checkpoint's manifest."""
+
+    path: Path
+    id: str | None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -81,6 +92,7 @@ def save(
     sparse_optimizer: SparseOptimizer | None = None,
     *,
     delta: bool = False,
+    parent: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a checkpoint of ``model``'s tables (and dense state) to directory ``path``.
 
@@ -90,23 +102,22 @@ def save(
         sparse_optimizer: its hyperparameters are saved too (row state is in the tables).
         delta: write only rows changed (and ids erased) since the previous save of these
             tables; the manifest names that save as ``parent``.
+        parent: where the previous save lives now, when its directory was moved or renamed
+            after saving (e.g. a save into a temporary directory renamed into place); it must
+            be that same save. Default: where the tables were last saved or loaded.
 
     Returns:
         The checkpoint directory.
 
     Raises:
-        CheckpointError: ``delta=True`` without a previous save of these tables.
+        CheckpointError: ``delta=True`` without a previous save of these tables, or the
+            previous save is no longer where it was written (and ``parent`` is not given), or
+            ``parent`` is not the previous save.
     """
     path = Path(path)
     tables = _logical_tables(model)
     physical = {id(t): t for t, _ in tables.values()}.values()
-    parents = {getattr(t, "last_checkpoint", None) for t in physical}
-    if delta and (None in parents or len(parents) != 1):
-        raise CheckpointError(
-            "delta checkpoint needs a previous save (or load) of the same tables to build on"
-        )
-    if delta and Path(str(next(iter(parents)))) == path.resolve():
-        raise CheckpointError(f"a delta checkpoint cannot replace its own parent {path}")
+    previous = _previous_save(physical, path, parent) if delta else None
     shard = _shard_context(model)
     rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
     tmp = (
@@ -128,9 +139,10 @@ def save(
             f.relative_to(tmp).as_posix(): _sha256(f)
             for f in sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
         }
-        gathered = _gather(shard, (infos, files))
+        gathered = _gather(shard, (infos, files, uuid.uuid4().hex))
+        save_id = gathered[0][2]  # rank 0's, the same on every rank
         if rank == 0:
-            _write(tmp, model, gathered, sparse_optimizer, delta, parents, world)
+            _write(tmp, model, gathered, sparse_optimizer, previous, path, world, save_id)
     except BaseException:
         # A failed save must not leave half-written files next to the previous checkpoint.
         if rank == 0:
@@ -140,8 +152,35 @@ def save(
         _replace(tmp, path)
     _barrier(shard)
     for table in physical:
-        table.mark_saved(path.resolve())
+        table.mark_saved(_Saved(path.resolve(), save_id))
     return path
+
+
+def _previous_save(physical: Any, path: Path, parent: str | os.PathLike[str] | None) -> _Saved:
+    """The save a delta builds on, checked to still be where the delta will point."""
+    saves = {getattr(t, "last_checkpoint", None) for t in physical}
+    last = next(iter(saves))
+    if len(saves) != 1 or not isinstance(last, _Saved):
+        raise CheckpointError(
+            "delta checkpoint needs a previous save (or load) of the same tables to build on"
+        )
+    where = Path(parent).resolve() if parent is not None else last.path
+    if where == path.resolve():
+        raise CheckpointError(f"a delta checkpoint cannot replace its own parent {path}")
+    if not (where / "manifest.json").is_file():
+        if parent is not None:
+            raise CheckpointError(f"parent {where} is not a checkpoint (missing manifest.json)")
+        raise CheckpointError(
+            f"the previous save of these tables, {where}, no longer exists (moved or renamed "
+            "after saving?); pass parent= the directory it lives in now, or save a full checkpoint"
+        )
+    found = CheckpointReader(where, verify=False).manifest.get("id")
+    if last.id is not None and found != last.id:
+        raise CheckpointError(
+            f"{where} holds checkpoint {found}, not the previous save of these tables "
+            f"({last.id}); a delta must build on the save its tables were last saved or loaded from"
+        )
+    return _Saved(where, last.id)
 
 
 def _shard_context(model: nn.Module):
@@ -169,15 +208,16 @@ def _gather(shard, item):
 def _write(
     tmp: Path,
     model: nn.Module,
-    gathered: list[tuple[dict[str, Any], dict[str, str]]],
+    gathered: list[tuple[dict[str, Any], dict[str, str], str]],
     sparse_optimizer: SparseOptimizer | None,
-    delta: bool,
-    parents: set[Any],
+    previous: _Saved | None,
+    path: Path,
     world: int,
+    save_id: str,
 ) -> None:
     tables: dict[str, Any] = {}
     files: dict[str, str] = {}
-    for infos, shard_files in gathered:
+    for infos, shard_files, _ in gathered:
         files.update(shard_files)
         for name, info in infos.items():
             if name not in tables:
@@ -187,8 +227,14 @@ def _write(
     manifest: dict[str, Any] = {
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
-        "kind": "delta" if delta else "full",
-        "parent": str(next(iter(parents))) if delta else None,
+        "id": save_id,
+        "kind": "delta" if previous is not None else "full",
+        "parent": str(previous.path) if previous is not None else None,
+        # Relative to the delta, so a chain moved or copied as a whole still loads.
+        "parent_relative": (
+            os.path.relpath(previous.path, path.resolve()) if previous is not None else None
+        ),
+        "parent_id": previous.id if previous is not None else None,
         "world_size": world,
         "tables": tables,
         "optimizer": None,
@@ -367,10 +413,7 @@ def load(
     """
     chain = [CheckpointReader(path)]
     while chain[-1].kind == "delta":
-        parent = chain[-1].parent
-        if parent is None or not (parent / "manifest.json").is_file():
-            raise CheckpointError(f"delta checkpoint {chain[-1].path} lacks its parent {parent}")
-        chain.append(CheckpointReader(parent))
+        chain.append(_parent_reader(chain[-1]))
     chain.reverse()
     tables = _logical_tables(model)
     shard = _shard_context(model)
@@ -397,8 +440,27 @@ def load(
                 group["betas"] = tuple(group["betas"])
         sparse_optimizer.load_state_dict(state)
     for table, _ in tables.values():
-        table.mark_saved(Path(path).resolve())
+        table.mark_saved(_Saved(Path(path).resolve(), chain[-1].manifest.get("id")))
     return chain[-1].manifest
+
+
+def _parent_reader(delta: CheckpointReader) -> CheckpointReader:
+    """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta."""
+    manifest = delta.manifest
+    candidates = [delta.parent] if delta.parent is not None else []
+    if manifest.get("parent_relative"):
+        candidates.append(delta.path / manifest["parent_relative"])
+    found = next((p for p in candidates if (p / "manifest.json").is_file()), None)
+    if found is None:
+        raise CheckpointError(f"delta checkpoint {delta.path} lacks its parent {delta.parent}")
+    reader = CheckpointReader(found)
+    expected = manifest.get("parent_id")
+    if expected is not None and reader.manifest.get("id") != expected:
+        raise CheckpointError(
+            f"delta checkpoint {delta.path} applies to checkpoint {expected}, but its parent "
+            f"{found} now holds checkpoint {reader.manifest.get('id')} (overwritten by a later save?)"
+        )
+    return reader
 
 
 def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool) -> None:
