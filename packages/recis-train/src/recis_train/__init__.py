@@ -14,6 +14,7 @@ from recis_train._hooks import (
 )
 from recis_train._multistage import MultiStage, Stage
 from recis_train._multitask import MultiTask, Task
+from recis_train._online import Online, WatchDirectory, WindowResult
 from recis_train._outputs import StepOutput, parse_output
 from recis_train._sparse import EmbeddingCheckpoint, SparseCheckpoint
 from recis_train._state import seed_everything
@@ -29,6 +30,7 @@ __all__ = [
     "LoggingHook",
     "MultiStage",
     "MultiTask",
+    "Online",
     "ProfilerHook",
     "RecisTrainError",
     "SparseCheckpoint",
@@ -40,6 +42,8 @@ __all__ = [
     "Trainer",
     "TrainingArguments",
     "WarmStartResult",
+    "WatchDirectory",
+    "WindowResult",
     "find_tables",
     "metrics",
     "parse_output",

@@ -14,6 +14,7 @@ __all__ = [
     "ModelOutputError",
     "NonFiniteLossError",
     "RecisTrainError",
+    "SourceNotFoundError",
 ]
 
 
@@ -43,3 +44,7 @@ class CheckpointError(RecisTrainError, RuntimeError):
 
 class CheckpointNotFoundError(RecisTrainError, FileNotFoundError):
     """No complete checkpoint exists where one was asked for."""
+
+
+class SourceNotFoundError(RecisTrainError, FileNotFoundError):
+    """A data source (e.g. a watched directory) does not exist."""

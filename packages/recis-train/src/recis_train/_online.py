@@ -1,0 +1,433 @@
+"""``Online``: windowed streaming training (test on each new window, train on it, commit it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis_train._arguments import TrainingArguments
+from recis_train._data import DataStream
+from recis_train._hooks import Hook
+from recis_train._sparse import EmbeddingCheckpoint, default_sparse_checkpoint
+from recis_train._trainer import MetricFactory, Trainer
+from recis_train.exceptions import CheckpointError, ConfigError, SourceNotFoundError
+
+_log = logging.getLogger("recis_train")
+
+#: builds the batches of one window from its files (called once per pass over the window)
+DataFactory = Callable[[list[str]], Iterable[Any]]
+WindowSource = Iterable["str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"]
+_EXPORT_POINTER = "export.json"
+
+
+@dataclasses.dataclass
+class WatchDirectory:
+    """A directory polled for new data files, in sorted name order.
+
+    Names starting with ``.`` or ``_`` are never read (the Hadoop/Spark convention for files still
+    being written or bookkeeping files): a writer should write ``.part-7.parquet`` and rename it
+    to ``part-7.parquet`` when complete, or use a ``marker``.
+
+    Attributes:
+        directory: the directory to watch (it must exist).
+        pattern: glob of data files, relative to ``directory`` (or to a window's subdirectory).
+        marker: ``None``: each new data file is a window. A name (e.g. ``"_SUCCESS"``): each
+            subdirectory holding a file of that name is a window of all its data files (an
+            hourly partition a writer marks complete); unmarked subdirectories wait.
+        poll_interval: seconds between looks when nothing new is there.
+        idle_timeout: stop after this many seconds without a new window (``None``: keep
+            watching until ``max_windows``).
+    """
+
+    directory: str | os.PathLike[str]
+    pattern: str = "*.parquet"
+    marker: str | None = None
+    poll_interval: float = 30.0
+    idle_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.poll_interval < 0:
+            raise ConfigError(f"poll_interval must be 0 or more, got {self.poll_interval}")
+        if self.idle_timeout is not None and self.idle_timeout < 0:
+            raise ConfigError(f"idle_timeout must be 0 or more or None, got {self.idle_timeout}")
+
+    def ready(self) -> list[list[str]]:
+        """Every complete window present now (absolute paths), in sorted order.
+
+        Raises:
+            SourceNotFoundError: the directory does not exist.
+        """
+        root = Path(self.directory).resolve()
+        if not root.is_dir():
+            raise SourceNotFoundError(f"watched directory {root} does not exist")
+        if self.marker is None:
+            return [[str(p)] for p in _data_files(root, self.pattern)]
+        parts = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
+        return [
+            [str(p) for p in _data_files(d, self.pattern)]
+            for d in parts
+            if (d / self.marker).is_file()
+        ]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _data_files(directory: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in directory.glob(pattern) if p.is_file() and not _hidden(p.name))
+
+
+@dataclasses.dataclass
+class WindowResult:
+    """What happened to one window.
+
+    Attributes:
+        index: the window's position among all windows trained (0 first), across restarts.
+        files: the window's files, as the source named them.
+        metrics: evaluation of the model on this window *before* training on it (``{}`` when
+            skipped: the first window of an untrained model, see ``evaluate_untrained``).
+        train: ``loss`` (mean over the window's steps), ``steps`` and ``samples``.
+        step: the trainer's global step after the window.
+        export: the directory of the window's embedding export (``None`` without tables).
+        export_kind: ``"full"`` or ``"delta"``.
+        export_rows: embedding rows in the export (all tables).
+        export_bytes: bytes of the export's files.
+        seconds: wall time of the window (evaluation, training, export, checkpoint).
+    """
+
+    index: int
+    files: list[str]
+    metrics: dict[str, float]
+    train: dict[str, float]
+    step: int
+    export: str | None = None
+    export_kind: str | None = None
+    export_rows: int = 0
+    export_bytes: int = 0
+    seconds: float = 0.0
+
+
+class _Progress(Hook):
+    """The committed offsets: every finished window, kept in the trainer's checkpoints."""
+
+    def __init__(self) -> None:
+        self.windows: list[WindowResult] = []
+
+    def done_files(self) -> set[str]:
+        return {f for w in self.windows for f in w.files}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": [dataclasses.asdict(w) for w in self.windows]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.windows = [WindowResult(**w) for w in state.get("windows", [])]
+
+
+class _ExportedTables:
+    """The trainer's sparse checkpoint part: a pointer to the window's embedding export.
+
+    Online writes every window's tables (in full or as a delta) to ``exports/``; the trainer's
+    checkpoint names that export instead of storing the tables a second time, and a restore
+    loads the export's chain of deltas.
+    """
+
+    def __init__(self, inner: EmbeddingCheckpoint, output_dir: Path) -> None:
+        self.inner, self.output_dir = inner, output_dir
+        self.current: Path | None = None
+
+    def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+        if self.current is None:
+            raise CheckpointError("no embedding export to point the checkpoint at")
+        relative = os.path.relpath(self.current, self.output_dir)
+        (directory / _EXPORT_POINTER).write_text(json.dumps({"export": relative}))
+
+    def load(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+        pointer = directory / _EXPORT_POINTER
+        if not pointer.is_file():
+            raise CheckpointError(f"{directory} has no {_EXPORT_POINTER}: not an online checkpoint")
+        export = self.output_dir / json.loads(pointer.read_text())["export"]
+        import recis_embedding
+
+        try:
+            recis_embedding.load(str(export), model, sparse_optimizer)
+        except recis_embedding.CheckpointError as err:
+            raise CheckpointError(f"loading the embedding export {export} failed: {err}") from err
+        self.current = export
+
+    def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        return self.inner.filter_dense(state)
+
+
+def _as_window(item: Any, position: int) -> list[str]:
+    """One source item (a path or a sequence of paths) as a list of path strings."""
+    if isinstance(item, (str, os.PathLike)):
+        return [os.fspath(item)]
+    if isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
+        if not item:
+            raise ConfigError(f"window {position} of the source is empty")
+        bad = [p for p in item if not isinstance(p, (str, os.PathLike))]
+        if bad:
+            raise ConfigError(
+                f"window {position} of the source holds {type(bad[0]).__name__} {bad[0]!r}, "
+                "expected file paths"
+            )
+        return [os.fspath(p) for p in item]
+    raise ConfigError(
+        f"window {position} of the source is {type(item).__name__} {item!r}, "
+        "expected a file path or a sequence of file paths"
+    )
+
+
+def _check_args(args: TrainingArguments) -> TrainingArguments:
+    """The trainer's arguments: Online alone decides when to save, evaluate and restore."""
+    if args.train_steps is not None:
+        raise ConfigError(
+            f"Online trains each window to its end; train_steps must be None, got {args.train_steps}"
+        )
+    for name in ("save_every", "eval_every"):
+        if getattr(args, name):
+            raise ConfigError(
+                f"Online saves and evaluates once per window; {name} must be 0, "
+                f"got {getattr(args, name)}"
+            )
+    return dataclasses.replace(args, resume=False, save_at_end=False)
+
+
+class Online:
+    """Trains one model on a stream of windows of new files, committing each one.
+
+    Per window, in order:
+
+    1. **evaluate** the current model on the window (prequential "test, then train": the
+       metrics measure the model on data it has not seen yet). The first window of a run that
+       has not trained yet is not evaluated, since an untrained model's metrics say nothing;
+       ``evaluate_untrained=True`` evaluates it too (e.g. a model warm-started from a batch run);
+    2. **train** on it, ``args.epochs`` passes;
+    3. **export** the embedding tables to ``output_dir/exports/window-<index>``: in full for the
+       first window (and every ``full_every`` windows), else a delta of the rows changed by this
+       window (``recis_embedding.save(..., delta=True)``), whose parent is the previous export;
+       ``recis_embedding.load`` of any export rebuilds the tables as they were after its window;
+    4. **checkpoint** (``output_dir/checkpoints``): dense weights, optimizer and RNG state, and
+       the committed offsets (every finished window's files and results). The checkpoint points
+       at the window's export rather than storing the tables again.
+
+    Rerunning after a crash restores the latest checkpoint (with ``args.resume``, the default)
+    and continues with the first window not committed; a window interrupted half way is trained
+    again from the state before it, with the same result an uninterrupted run would have had.
+    A file is trained at most once: windows whose files are all committed are skipped, and
+    committed files are dropped from a window that mixes old and new ones.
+
+    Args:
+        model: the model (returns a loss or a dict, as for :class:`Trainer`).
+        args: training arguments; ``train_steps``, ``save_every`` and ``eval_every`` must be
+            unset (Online decides those per window), ``eval_steps`` caps each evaluation.
+        source: the windows: a :class:`WatchDirectory` (or a directory path, watched with its
+            defaults), or an iterable whose items are each a path or a sequence of paths.
+        make_data: ``make_data(paths)`` returns an iterable of batches of those files (e.g. a
+            ``recis_io.Dataset``); called once for the evaluation and once for training.
+        dense_optimizer: a torch optimizer over the dense parameters.
+        sparse_optimizer: an optimizer over embedding tables.
+        lr_schedulers: torch LR schedulers, stepped once per optimizer step.
+        hooks: :class:`Hook` objects for the trainer.
+        metrics: metric factories for the evaluations (as for :class:`Trainer`).
+        max_windows: stop once this many windows are committed (counting those before a
+            restart); ``None``: until the source ends.
+        full_every: export the tables in full every this many windows (``None``: only the
+            first), bounding the delta chain a load walks.
+        evaluate_untrained: evaluate the first window even though the model has not trained.
+        on_window: called with each window's :class:`WindowResult` once it is committed.
+
+    Example:
+        >>> online = Online(model, TrainingArguments(output_dir="online"),
+        ...                 WatchDirectory("/data/clicks", marker="_SUCCESS", poll_interval=60),
+        ...                 lambda paths: recis_io.Dataset(paths, batch_size=4096),
+        ...                 dense_optimizer=torch.optim.Adam(dense_params),
+        ...                 sparse_optimizer=recis_embedding.SparseAdam(model))
+        >>> for window in online.run():
+        ...     print(window.index, window.metrics.get("auc"), window.export)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        source: WatchDirectory | str | os.PathLike[str] | WindowSource,
+        make_data: DataFactory,
+        *,
+        dense_optimizer: torch.optim.Optimizer,
+        sparse_optimizer: torch.optim.Optimizer | None = None,
+        lr_schedulers: Sequence[Any] = (),
+        hooks: Sequence[Hook] = (),
+        metrics: Mapping[str, MetricFactory] | None = None,
+        max_windows: int | None = None,
+        full_every: int | None = None,
+        evaluate_untrained: bool = False,
+        on_window: Callable[[WindowResult], None] | None = None,
+    ) -> None:
+        if isinstance(source, (str, os.PathLike)):
+            source = WatchDirectory(source)
+        if isinstance(source, WatchDirectory):
+            source.ready()  # a missing directory fails now, not at the first poll
+        elif not isinstance(source, Iterable):
+            raise ConfigError(
+                f"source must be a WatchDirectory, a directory or an iterable of windows, "
+                f"got {type(source).__name__}"
+            )
+        if not callable(make_data):
+            raise ConfigError(f"make_data must be callable, got {type(make_data).__name__}")
+        for name, value in (("max_windows", max_windows), ("full_every", full_every)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1 or None, got {value}")
+        self.source, self.make_data = source, make_data
+        self.max_windows, self.full_every = max_windows, full_every
+        self.evaluate_untrained, self.on_window = evaluate_untrained, on_window
+        self.output_dir = Path(args.output_dir)
+        self.progress = _Progress()
+        inner = default_sparse_checkpoint(model)
+        self.tables = (
+            _ExportedTables(inner, self.output_dir)
+            if isinstance(inner, EmbeddingCheckpoint)
+            else None
+        )
+        self.trainer = Trainer(
+            model,
+            _check_args(args),
+            train_data=[],
+            dense_optimizer=dense_optimizer,
+            sparse_optimizer=sparse_optimizer,
+            lr_schedulers=lr_schedulers,
+            hooks=[self.progress, *hooks],
+            metrics=metrics,
+            sparse_checkpoint=self.tables,
+        )
+        self.resume = args.resume
+        self.epochs = args.epochs
+
+    @property
+    def results(self) -> list[WindowResult]:
+        """Every committed window's result, oldest first (restored ones included)."""
+        return list(self.progress.windows)
+
+    def run(self) -> list[WindowResult]:
+        """Process windows until the source ends, ``max_windows``, or the idle timeout.
+
+        Returns:
+            Every committed window's :class:`WindowResult`, including those committed before a
+            restart.
+
+        Raises:
+            ConfigError: a source item is not a path or a non-empty sequence of paths, or
+                ``make_data`` returned something that is not iterable.
+            SourceNotFoundError: the watched directory does not exist (any more).
+        """
+        if self.resume:
+            restored = self.trainer.restore(missing_ok=True)
+            if restored is not None:
+                _log.info(
+                    "online: resuming after %d committed window(s) (%s)",
+                    len(self.progress.windows),
+                    restored,
+                )
+        for files in self._windows():
+            if self._finished():
+                break
+            self._process(files)
+        return self.results
+
+    def _finished(self) -> bool:
+        return self.max_windows is not None and len(self.progress.windows) >= self.max_windows
+
+    def _windows(self) -> Iterator[list[str]]:
+        """New windows, with committed files left out, read lazily so commits are seen."""
+        if isinstance(self.source, WatchDirectory):
+            yield from self._watch(self.source)
+            return
+        for position, item in enumerate(self.source):
+            done = self.progress.done_files()
+            files = [f for f in _as_window(item, position) if f not in done]
+            if files:
+                yield files
+
+    def _watch(self, source: WatchDirectory) -> Iterator[list[str]]:
+        idle_since = time.monotonic()
+        while not self._finished():
+            done = self.progress.done_files()
+            pending = [w for w in source.ready() if any(f not in done for f in w)]
+            if pending:
+                yield [f for f in pending[0] if f not in done]
+                idle_since = time.monotonic()
+                continue
+            idle = time.monotonic() - idle_since
+            if source.idle_timeout is not None and idle >= source.idle_timeout:
+                return
+            time.sleep(source.poll_interval)
+
+    def _data(self, files: list[str]) -> Iterable[Any]:
+        data = self.make_data(list(files))
+        if not isinstance(data, Iterable):
+            raise ConfigError(
+                f"make_data({files}) returned {type(data).__name__}, expected an iterable of batches"
+            )
+        return data
+
+    def _process(self, files: list[str]) -> None:
+        started = time.perf_counter()
+        trainer, index = self.trainer, len(self.progress.windows)
+        metrics: dict[str, float] = {}
+        if trainer.global_step > 0 or self.evaluate_untrained:
+            metrics = trainer.evaluate(self._data(files))
+        first = len(trainer.history["train"])
+        trainer.train_data = self._data(files)
+        trainer.stream = DataStream(trainer.train_data, self.epochs)
+        trainer.train()
+        logs = [entry for _, entry in trainer.history["train"][first:]]
+        result = WindowResult(
+            index=index,
+            files=list(files),
+            metrics=metrics,
+            train={
+                "loss": sum(e["loss"] for e in logs) / len(logs) if logs else float("nan"),
+                "steps": float(len(logs)),
+                "samples": float(sum(e["samples"] for e in logs)),
+            },
+            step=trainer.global_step,
+        )
+        if self.tables is not None:
+            self._export(self.tables, result)
+        result.seconds = time.perf_counter() - started
+        self.progress.windows.append(result)
+        try:
+            trainer.save()
+        except BaseException:
+            self.progress.windows.pop()  # not committed: the window is trained again
+            raise
+        _log.info("online: window %d committed (%s)", index, ", ".join(files))
+        if self.on_window is not None:
+            self.on_window(result)
+
+    def _export(self, tables: _ExportedTables, result: WindowResult) -> None:
+        import recis_embedding
+
+        path = self.output_dir / "exports" / f"window-{result.index:06d}"
+        full = tables.current is None or (
+            self.full_every is not None and result.index % self.full_every == 0
+        )
+        # Any optimizer's hyperparameters are saved; recis-embedding's keep the row state in the tables.
+        sparse_optimizer: Any = self.trainer.sparse_optimizer
+        recis_embedding.save(str(path), self.trainer.model, sparse_optimizer, delta=not full)
+        tables.current = path
+        manifest = recis_embedding.CheckpointReader(path, verify=False).manifest
+        result.export = str(path)
+        result.export_kind = "full" if full else "delta"
+        result.export_rows = sum(int(t["rows"]) for t in manifest["tables"].values())
+        result.export_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

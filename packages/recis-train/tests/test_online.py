@@ -1,0 +1,252 @@
+"""Online: windowed streaming training over new files, with deltas and committed offsets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from _toy import NUM_DENSE, make_rows
+from torch import nn
+
+import recis_embedding as emb
+from recis_train import Online, TrainingArguments, WatchDirectory, seed_everything
+from recis_train.exceptions import ConfigError, SourceNotFoundError
+
+ROWS = 48
+BATCH = 16
+
+
+def write_hour(path: Path, hour: int) -> str:
+    """One window's file: rows with a planted signal, tagged with their hour."""
+    rows = make_rows(ROWS, seed=hour)
+    columns = {f"d{i}": rows["dense"][:, i].numpy() for i in range(NUM_DENSE)}
+    columns |= {"ids": rows["ids"].numpy(), "click": rows["click"].numpy()}
+    columns["hour"] = [hour] * ROWS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def read(paths: list[str]):
+    """make_data: batches of BATCH rows of the files, in order."""
+    for path in paths:
+        table = pq.read_table(path)
+        for start in range(0, table.num_rows, BATCH):
+            part = table.slice(start, BATCH)
+
+            def column(name: str, part: pa.Table = part) -> torch.Tensor:
+                return torch.tensor(part[name].to_numpy())
+
+            yield {
+                "dense": torch.stack([column(f"d{i}") for i in range(NUM_DENSE)], dim=1),
+                "ids": column("ids"),
+                "click": column("click"),
+                "hour": column("hour"),
+            }
+
+
+class Model(nn.Module):
+    """A dynamic table and an MLP with dropout; logs which hour it evaluates or trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
+        self.mlp = nn.Sequential(
+            nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 1)
+        )
+        self.log: list[tuple[str, int]] = []
+
+    def forward(self, batch):
+        self.log.append(("train" if self.training else "eval", int(batch["hour"][0])))
+        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
+        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+        return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
+
+
+def build(out: Path, source, make_data=read, **options) -> Online:
+    seed_everything(0)
+    model = Model()
+    args = TrainingArguments(output_dir=str(out), device="cpu", log_every=1000)
+    return Online(
+        model,
+        args,
+        source,
+        make_data,
+        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.02),
+        sparse_optimizer=emb.SparseAdam(model, lr=0.02),
+        **options,
+    )
+
+
+def table_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    table, index = model.embeddings.table("ids")
+    ids = torch.sort(table.ids(index)).values
+    state = {"ids": ids, "rows": table.read_full(table.find(ids, index))}
+    state |= {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def hours(tmp_path: Path) -> list[str]:
+    return [write_hour(tmp_path / "data" / f"hour-{h:02d}.parquet", h) for h in range(4)]
+
+
+def test_iterator_windows_are_evaluated_before_training(tmp_path, hours):
+    online = build(tmp_path / "run", [hours[0], [hours[1], hours[2]], Path(hours[3])])
+    results = online.run()
+    assert [r.files for r in results] == [[hours[0]], [hours[1], hours[2]], [hours[3]]]
+    assert [r.index for r in results] == [0, 1, 2]
+    # Test, then train: each window is evaluated by the model of the windows before it.
+    phases = []
+    for mode, hour in online.trainer.model.log:
+        if not phases or phases[-1] != (mode, hour):
+            phases.append((mode, hour))
+    assert phases == [
+        ("train", 0),
+        ("eval", 1),
+        ("eval", 2),
+        ("train", 1),
+        ("train", 2),
+        ("eval", 3),
+        ("train", 3),
+    ]
+    assert results[0].metrics == {}  # the untrained model's first window is not evaluated
+    assert set(results[1].metrics) >= {"auc", "logloss", "loss"}
+    assert [r.train["samples"] for r in results] == [ROWS, 2 * ROWS, ROWS]
+    assert [r.step for r in results] == [3, 9, 12]
+    assert [r.export_kind for r in results] == ["full", "delta", "delta"]
+    assert all(r.export_bytes > 0 for r in results)
+
+
+def test_evaluate_untrained_evaluates_the_first_window_too(tmp_path, hours):
+    online = build(tmp_path / "run", [hours[0]], evaluate_untrained=True)
+    (result,) = online.run()
+    assert online.trainer.model.log[0] == ("eval", 0)
+    assert 0.0 <= result.metrics["auc"] <= 1.0
+
+
+def test_base_and_deltas_load_to_the_live_state_after_every_window(tmp_path, hours):
+    live: list[dict[str, torch.Tensor]] = []
+    online = build(
+        tmp_path / "run",
+        hours,
+        full_every=3,
+        on_window=lambda r: live.append(table_state(online.trainer.model)),
+    )
+    results = online.run()
+    assert [r.export_kind for r in results] == ["full", "delta", "delta", "full"]
+    total = len(live[2]["ids"])
+    assert 0 < results[2].export_rows < total  # a delta holds only this window's rows
+    for result, state in zip(results, live, strict=True):
+        fresh = Model()
+        emb.load(result.export, fresh, emb.SparseAdam(fresh, lr=0.02))
+        assert_same(table_state(fresh), state)
+
+
+def test_restart_after_a_crash_resumes_at_the_next_window_identically(tmp_path, hours):
+    whole = build(tmp_path / "whole", hours)
+    expected = whole.run()
+
+    calls: list[tuple[str, ...]] = []
+    crash = [True]
+
+    def crashing(paths):
+        calls.append(tuple(paths))
+        # Window 2's training pass (its second read, after the evaluation) dies half way.
+        if crash[0] and paths == [hours[2]] and calls.count((hours[2],)) == 2:
+            crash[0] = False
+            yield from list(read(paths))[:1]
+            raise RuntimeError("preempted")
+        yield from read(paths)
+
+    with pytest.raises(RuntimeError, match="preempted"):
+        build(tmp_path / "cut", hours, crashing).run()
+    calls.clear()
+    resumed = build(tmp_path / "cut", hours, crashing)
+    results = resumed.run()
+    assert calls == [(hours[2],), (hours[2],), (hours[3],), (hours[3],)]  # 0 and 1 are done
+    assert [r.files for r in results] == [r.files for r in expected]
+    for got, want in zip(results, expected, strict=True):
+        assert got.metrics == want.metrics
+        assert got.train == want.train
+        assert got.export_rows == want.export_rows
+    assert_same(table_state(resumed.trainer.model), table_state(whole.trainer.model))
+    # Nothing is left to do: a third run trains nothing and reports the same windows.
+    again = build(tmp_path / "cut", hours)
+    assert [r.files for r in again.run()] == [r.files for r in expected]
+    assert again.trainer.model.log == []
+
+
+def test_watched_directory_takes_new_files_in_order(tmp_path, hours):
+    watched = tmp_path / "watched"
+    write_hour(watched / "hour-01.parquet", 1)
+    write_hour(watched / "hour-00.parquet", 0)
+    write_hour(watched / ".hour-05.parquet", 5)  # still being written
+    write_hour(watched / "_hour-06.parquet", 6)  # bookkeeping, never data
+
+    def arrive(result):
+        if result.index == 0:  # a file lands while the run is going
+            write_hour(watched / "hour-02.parquet", 2)
+
+    source = WatchDirectory(watched, poll_interval=0.01, idle_timeout=0.2)
+    online = build(tmp_path / "run", source, on_window=arrive)
+    results = online.run()
+    names = [[Path(f).name for f in r.files] for r in results]
+    assert names == [["hour-00.parquet"], ["hour-01.parquet"], ["hour-02.parquet"]]
+    # Restarted later with one more file: only that one is trained.
+    write_hour(watched / "hour-03.parquet", 3)
+    again = build(tmp_path / "run", source)
+    assert [Path(r.files[0]).name for r in again.run()][3:] == ["hour-03.parquet"]
+    assert {hour for _, hour in again.trainer.model.log} == {3}
+
+
+def test_watched_directory_with_markers_and_max_windows(tmp_path):
+    watched = tmp_path / "watched"
+    for hour in range(3):
+        write_hour(watched / f"hour={hour:02d}" / "part-0.parquet", hour)
+        write_hour(watched / f"hour={hour:02d}" / "part-1.parquet", hour)
+        if hour != 1:
+            (watched / f"hour={hour:02d}" / "_SUCCESS").touch()
+    source = WatchDirectory(watched, marker="_SUCCESS", poll_interval=0.01, idle_timeout=0.1)
+    results = build(tmp_path / "run", source, max_windows=1).run()
+    assert [[Path(f).relative_to(watched).as_posix() for f in r.files] for r in results] == [
+        ["hour=00/part-0.parquet", "hour=00/part-1.parquet"]
+    ]
+    results = build(tmp_path / "run", source).run()  # hour=01 is not marked complete
+    assert [Path(r.files[0]).parent.name for r in results] == ["hour=00", "hour=02"]
+
+
+def test_bad_sources_raise_clear_errors_and_keep_committed_windows(tmp_path, hours):
+    with pytest.raises(SourceNotFoundError, match=r"watched directory .*missing does not exist"):
+        build(tmp_path / "run", tmp_path / "missing")
+    assert issubclass(SourceNotFoundError, FileNotFoundError)
+    with pytest.raises(ConfigError, match="window 1 of the source is int 42"):
+        build(tmp_path / "run", [hours[0], 42]).run()
+    with pytest.raises(ConfigError, match="window 0 of the source is empty"):
+        build(tmp_path / "other", [[]]).run()
+    with pytest.raises(ConfigError, match="holds int 7, expected file paths"):
+        build(tmp_path / "other", [[hours[0], 7]]).run()
+    with pytest.raises(ConfigError, match="returned NoneType, expected an iterable"):
+        build(tmp_path / "other", [hours[0]], lambda paths: None).run()
+    with pytest.raises(ConfigError, match="train_steps must be None"):
+        Online(
+            Model(),
+            TrainingArguments(output_dir=str(tmp_path / "other"), train_steps=5),
+            [hours[0]],
+            read,
+            dense_optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+        )
+    # The window before the bad item was committed; a fixed source continues after it.
+    fixed = build(tmp_path / "run", [hours[0], hours[1]])
+    assert [r.files for r in fixed.run()] == [[hours[0]], [hours[1]]]
+    assert {hour for _, hour in fixed.trainer.model.log} == {1}
