@@ -193,10 +193,10 @@ def test_gpu(session: nox.Session) -> None:
 
 @nox.session
 def examples(session: nox.Session) -> None:
-    """Run every script in examples/ on a small data size."""
+    """Run every script in examples/ on a small data size (``_*.py`` are their shared modules)."""
     _install(session, PACKAGES, extras=("demo",))
     session.install(*SHARED_TEST_TOOLS)
-    scripts = sorted((ROOT / "examples").glob("*.py"))
+    scripts = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
     out = ROOT / "target" / "examples"
     for script in scripts:
         session.run("python", str(script), "--small", "--out", str(out / script.stem))
