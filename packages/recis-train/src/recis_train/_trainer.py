@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -22,7 +23,8 @@ from recis_train._checkpoint import (
     save_tensors,
 )
 from recis_train._data import DataStream, batch_rows, move_to
-from recis_train._hooks import Hook
+from recis_train._distributed import DistributedContext, own_rank_state
+from recis_train._hooks import Hook, LoggingHook
 from recis_train._outputs import StepOutput, parse_output
 from recis_train._sparse import SparseCheckpoint, default_sparse_checkpoint
 from recis_train._state import rng_state, seed_everything, set_rng_state
@@ -66,6 +68,18 @@ class Trainer:
     and optionally ``"weights"`` (task -> float), ``"predictions"`` / ``"labels"`` ((B,) tensors
     or task -> (B,) tensors) and ``"groups"`` ((B,) ids for GAUC). Predictions are probabilities.
 
+    Under ``torchrun`` (``torch.distributed`` initialized with two or more ranks) it trains
+    data-parallel: constructing it and every call of ``train``, ``evaluate``, ``save`` and
+    ``restore`` are collective, every rank makes them. The dense parameters are wrapped in
+    ``DistributedDataParallel`` and the embedding tables must be sharded
+    (``EmbeddingEngine(shard=True)``); gradients of ``loss / world_size`` are summed over the
+    ranks, so ``W`` ranks of ``b`` rows per step train as one process with ``W * b`` rows and
+    the mean loss. Ranks stop together when any rank runs out of data, logs are cross-rank
+    means (``samples`` the sum), only rank 0 runs ``LoggingHook`` (and hooks with
+    ``rank_zero_only = True``), evaluation covers every rank's rows with synced metrics, and
+    checkpoints are written together: dense and trainer state by rank 0, each table shard by
+    its owner, into one directory on a file system all ranks share.
+
     Args:
         model: the ``nn.Module``; moved to ``args.device``.
         args: the run's :class:`TrainingArguments`.
@@ -82,6 +96,8 @@ class Trainer:
             may name its own per task).
         sparse_checkpoint: how embedding tables are saved (default: recis-embedding's
             ``save``/``load`` when the model holds its tables, else nothing extra).
+        ddp_options: keyword arguments of ``DistributedDataParallel`` (e.g.
+            ``find_unused_parameters=True``) when running distributed.
 
     Example:
         >>> trainer = Trainer(model, TrainingArguments(output_dir="out", train_steps=100),
@@ -102,6 +118,7 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         metrics: Mapping[str, MetricFactory] | None = None,
         sparse_checkpoint: SparseCheckpoint | None = None,
+        ddp_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,8 +131,17 @@ class Trainer:
                 "mixed_precision 'fp16' needs loss scaling, which sparse optimizers do not undo; use 'bf16'"
             )
         self.args = args
+        self.distributed = DistributedContext.detect()
         self.device = _resolve_device(args.device)
+        if self.distributed is not None:
+            self.device = self.distributed.device(self.device)
+            self.distributed.check_tables(model)
         self.model = model.to(self.device)
+        self._ddp = (
+            self.distributed.wrap(self.model, self.device, ddp_options or {})
+            if self.distributed is not None
+            else None
+        )
         self.train_data = train_data
         self.eval_data = eval_data
         self.dense_optimizer = dense_optimizer
@@ -143,6 +169,27 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 when not distributed)."""
+        return self.distributed.rank if self.distributed is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks training together (1 when not distributed)."""
+        return self.distributed.world_size if self.distributed is not None else 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is rank 0, the rank that prints logs and writes shared files."""
+        return self.rank == 0
+
+    def _hooks(self) -> list[Hook]:
+        """The hooks this rank runs: all of them, except rank-0-only ones on other ranks."""
+        if self.is_main_process:
+            return self.hooks
+        return [h for h in self.hooks if not _rank_zero_only(h)]
 
     @property
     def total_steps(self) -> int | None:
@@ -193,15 +240,15 @@ class Trainer:
         if not self._restored and self.global_step == 0:
             seed_everything(self.args.seed)
         self.should_stop = False
-        for hook in self.hooks:
+        for hook in self._hooks():
             hook.on_train_begin(self)
         logs: dict[str, float] = {}
         batches = self._batches()
         try:
-            while not self.should_stop:
+            while True:
                 if self.args.train_steps is not None and self.global_step >= self.args.train_steps:
                     break
-                micro = self._take(batches)
+                micro = self._agree(self._take(batches) if not self.should_stop else [])
                 if not micro:
                     break
                 logs = self._step(micro)
@@ -216,7 +263,7 @@ class Trainer:
             self.stream.load_state_dict(self._cursor)
         if self.args.save_at_end and self._last_saved_step != self.global_step:
             self.save()
-        for hook in self.hooks:
+        for hook in self._hooks():
             hook.on_train_end(self)
         return logs
 
@@ -245,17 +292,38 @@ class Trainer:
             micro.append((batch, cursor))
         return micro
 
+    def _agree(self, micro: list[Any]) -> list[Any]:
+        """The micro-batches every rank has: ranks stop together when one runs out of data.
+
+        Every rank must run the same number of forward passes (sharded lookups and DDP are
+        collective), so each trains on as many micro-batches as the rank with the fewest; the
+        cursor then points after the last batch trained, and the others are read again.
+        """
+        if self.distributed is None:
+            return micro
+        return micro[: self.distributed.agree_count(len(micro))]
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        # Accumulated micro-batches all-reduce their gradients once, with the last backward.
+        if self._ddp is None or last:
+            return contextlib.nullcontext()
+        return self._ddp.no_sync()
+
     def _step(self, micro: list[tuple[Any, dict[str, Any]]]) -> dict[str, float]:
         started = time.perf_counter()
         self.model.train()
+        forward = self._ddp if self._ddp is not None else self.model
         totals: dict[str, float] = {}
         samples = 0
         for index, (batch, cursor) in enumerate(micro):
-            with self._autocast():
-                out = parse_output(self.model(batch))
-            self._check_finite(out, index, len(micro), cursor)
-            loss = out.loss / len(micro)
-            (self._scaler.scale(loss) if self._scaler else loss).backward()
+            with self._sync(index == len(micro) - 1):
+                with self._autocast():
+                    out = parse_output(forward(batch))
+                self._check_finite(out, index, len(micro), cursor)
+                # Gradients are summed over the ranks: dividing by the world size makes the
+                # step that of the mean loss over every rank's rows.
+                loss = out.loss / (len(micro) * self.world_size)
+                (self._scaler.scale(loss) if self._scaler else loss).backward()
             totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach()) / len(micro)
             if len(out.losses) > 1 or "loss" not in out.losses:
                 for task, value in out.losses.items():
@@ -265,6 +333,8 @@ class Trainer:
         self._optimizer_step()
         self._cursor = micro[-1][1]
         self.global_step += 1
+        if self.distributed is not None:
+            totals, samples = self.distributed.mean_logs(totals, samples)
         logs = {
             **totals,
             "lr": float(self.dense_optimizer.param_groups[0]["lr"]),
@@ -273,21 +343,30 @@ class Trainer:
             "step_time": time.perf_counter() - started,
         }
         self.history["train"].append((self.global_step, logs))
-        for hook in self.hooks:
+        for hook in self._hooks():
             hook.on_step_end(self, logs)
         return logs
 
     def _check_finite(
         self, out: StepOutput, index: int, count: int, cursor: Mapping[str, Any]
     ) -> None:
-        if torch.isfinite(out.loss.detach()).item():
+        finite = bool(torch.isfinite(out.loss.detach()).item())
+        # Every rank learns of a bad loss anywhere, so no rank waits in a backward alone.
+        bad = [] if self.distributed is None else self.distributed.nonfinite_ranks(finite)
+        if finite and not bad:
             return
         self._zero_grad()  # gradients of earlier micro-batches must not leak into a retry
+        if finite:
+            raise NonFiniteLossError(
+                f"loss is not finite on rank(s) {bad} at step {self.global_step + 1} "
+                f"(micro-batch {index + 1} of {count}); see the error of those ranks"
+            )
         tasks = ", ".join(f"{k} {float(v.detach()):g}" for k, v in out.losses.items())
+        where = f" on rank {self.rank}" if self.distributed is not None else ""
         raise NonFiniteLossError(
-            f"loss is {float(out.loss.detach())} at step {self.global_step + 1} (epoch {cursor['epoch']}, "
-            f"batch {cursor['consumed'] - 1} of the epoch, micro-batch {index + 1} of {count}); "
-            f"task losses: {tasks}"
+            f"loss is {float(out.loss.detach())}{where} at step {self.global_step + 1} (epoch "
+            f"{cursor['epoch']}, batch {cursor['consumed'] - 1} of the epoch, micro-batch "
+            f"{index + 1} of {count}); task losses: {tasks}"
         )
 
     def _optimizer_step(self) -> None:
@@ -326,6 +405,8 @@ class Trainer:
         """Evaluate on ``eval_data`` (default: the trainer's), at most ``eval_steps`` batches.
 
         The model runs in ``eval()`` mode without gradients (embedding tables insert no new ids).
+        Distributed, each rank evaluates its own ``eval_data`` (a recis-io ``Dataset`` reads its
+        shard) and the results cover every rank's rows: losses and metrics are synced.
 
         Returns:
             ``loss`` (row-weighted mean), ``loss/<task>``, and ``<task>/<metric>`` for every
@@ -342,12 +423,11 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad():
-                for index, batch in enumerate(data):
-                    if self.args.eval_steps is not None and index >= self.args.eval_steps:
-                        break
-                    batch = move_to(batch, self.device)
+                for batch, counts in self._eval_batches(data):
                     with self._autocast():
                         out = parse_output(self.model(batch))
+                    if not counts:
+                        continue
                     n = batch_rows(batch)
                     rows += n
                     sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
@@ -359,14 +439,47 @@ class Trainer:
                     self._update_metrics(metrics, out)
         finally:
             self.model.train(was_training)
+        if self.distributed is not None:
+            keys = sorted(sums)
+            total = self.distributed.reduce([rows] + [sums[k] for k in keys])
+            rows, sums = int(total[0]), dict(zip(keys, total[1:], strict=True))
         results = {k: v / rows for k, v in sums.items()} if rows else {}
         for task, named in metrics.items():
             for name, metric in named.items():
                 results[f"{task}/{name}" if task else name] = metric.compute()
         self.history["eval"].append((self.global_step, results))
-        for hook in self.hooks:
+        for hook in self._hooks():
             hook.on_evaluate(self, results)
         return results
+
+    def _eval_batches(self, data: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+        """Evaluation batches on the device, each with whether its output counts.
+
+        Distributed, the ranks run forward passes in lockstep (sharded lookups are collective)
+        until every rank is out of data; a rank that is out already repeats its last batch, whose
+        output is not counted (in ``eval()`` mode a lookup changes no table).
+        """
+        limit = self.args.eval_steps
+        batches = itertools.islice(data, limit) if limit is not None else iter(data)
+        if self.distributed is None:
+            for batch in batches:
+                yield move_to(batch, self.device), True
+            return
+        last = None
+        while True:
+            batch = next(batches, None)
+            have = batch is not None
+            ready, started = self.distributed.reduce([have, have or last is not None])
+            if not ready:
+                return
+            if started < self.world_size:
+                raise ConfigError(
+                    f"{self.world_size - int(started)} of {self.world_size} ranks have no "
+                    "evaluation batch while others have some; give every rank evaluation data"
+                )
+            if have:
+                last = move_to(batch, self.device)
+            yield last, have
 
     def _update_metrics(self, metrics: dict[str, dict[str, Metric]], out: StepOutput) -> None:
         for task, preds in out.predictions.items():
@@ -400,6 +513,11 @@ class Trainer:
             # recis-embedding's holds hyperparameters only (rows live in the tables); a torch
             # sparse optimizer's holds its per-parameter state too.
             state["sparse_optimizer"] = self.sparse_optimizer.state_dict()
+        if self.distributed is not None:
+            # Each rank reads its own shard of the data and draws from its own RNG; the dense
+            # optimizer, schedulers and hooks are alike on every rank, so rank 0's stand for all.
+            mine = {"cursor": self._cursor, "rng": state["rng"]}
+            state["ranks"] = self.distributed.gather(mine)
         return state
 
     def _dense_state(self) -> dict[str, torch.Tensor]:
@@ -409,22 +527,44 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically) and return its directory."""
-        writers = {
-            "dense": lambda d: save_tensors(self._dense_state(), d / "model.safetensors"),
-            "trainer": lambda d: save_object(self._trainer_state(), d / "state.pt"),
-        }
-        if self.sparse_checkpoint is not None:
-            writers["sparse"] = lambda d: self.sparse_checkpoint.save(  # type: ignore[union-attr]
-                d, self.model, self.sparse_optimizer
-            )
-        path = self.checkpoints.save(
-            self.global_step, writers, {"args": self.args.to_dict(), "epoch": self._cursor["epoch"]}
-        )
+        """Write a checkpoint of the current step (atomically) and return its directory.
+
+        Distributed, every rank must call it; it returns once the checkpoint is complete.
+        """
+        meta = {"args": self.args.to_dict(), "epoch": self._cursor["epoch"]}
+        sparse = self._save_sparse if self.sparse_checkpoint is not None else None
+        if self.distributed is None:
+            writers = {
+                "dense": lambda d: save_tensors(self._dense_state(), d / "model.safetensors"),
+                "trainer": lambda d: save_object(self._trainer_state(), d / "state.pt"),
+            }
+            if sparse is not None:
+                writers["sparse"] = sparse
+            path = self.checkpoints.save(self.global_step, writers, meta)
+        else:
+            path = self._save_distributed(sparse, meta)
         self._last_saved_step = self.global_step
-        for hook in self.hooks:
+        for hook in self._hooks():
             hook.on_save(self, str(path))
         return path
+
+    def _save_sparse(self, directory: Path) -> None:
+        self.sparse_checkpoint.save(directory, self.model, self.sparse_optimizer)  # type: ignore[union-attr]
+
+    def _save_distributed(
+        self, sparse: Callable[[Path], None] | None, meta: dict[str, Any]
+    ) -> Path:
+        assert self.distributed is not None
+        state = self._trainer_state()  # collective: gathers every rank's cursor and RNG
+        writers = {}
+        if self.distributed.is_main:
+            dense = self._dense_state()
+            writers = {
+                "dense": lambda d: save_tensors(dense, d / "model.safetensors"),
+                "trainer": lambda d: save_object(state, d / "state.pt"),
+            }
+        meta = {**meta, "world_size": self.world_size}
+        return self.distributed.save(self.checkpoints, self.global_step, writers, sparse, meta)
 
     def restore(
         self,
@@ -455,6 +595,8 @@ class Trainer:
                 f"restore: unknown part(s) {unknown}, expected a subset of {list(_PARTS)}"
             )
         found = Path(path) if path is not None else self.checkpoints.latest()
+        if self.distributed is not None:
+            found = self.distributed.choose_checkpoint(found)
         if found is None:
             if missing_ok:
                 return None
@@ -465,7 +607,8 @@ class Trainer:
         if "sparse" in parts and self.sparse_checkpoint is not None:
             self.sparse_checkpoint.load(found / "sparse", self.model, self.sparse_optimizer)
         if "trainer" in parts:
-            self._load_trainer(load_object(found / "trainer" / "state.pt"))
+            file = found / "trainer" / "state.pt"
+            self._load_trainer(load_object(file), file)
             self._restored = True
         _log.info("restored checkpoint %s (parts %s)", found, list(parts))
         return found
@@ -482,9 +625,10 @@ class Trainer:
                 f"unexpected {sorted(unexpected)})"
             )
 
-    def _load_trainer(self, state: Mapping[str, Any]) -> None:
+    def _load_trainer(self, state: Mapping[str, Any], file: Path) -> None:
+        own = own_rank_state(state, self.rank, self.world_size, file)
         self.global_step = int(state["global_step"])
-        self._cursor = dict(state["cursor"])
+        self._cursor = dict(own["cursor"])
         self._last_saved_step = self.global_step
         self.stream.load_state_dict(self._cursor)
         self.dense_optimizer.load_state_dict(state["dense_optimizer"])
@@ -497,4 +641,9 @@ class Trainer:
         if self.sparse_optimizer is not None and "sparse_optimizer" in state:
             self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         self.history = {k: list(v) for k, v in state["history"].items()}
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
+
+
+def _rank_zero_only(hook: Hook) -> bool:
+    """Whether ``hook`` runs on rank 0 only: ``LoggingHook``, or ``rank_zero_only = True``."""
+    return bool(getattr(hook, "rank_zero_only", isinstance(hook, LoggingHook)))

@@ -1,0 +1,250 @@
+"""Data-parallel training over ``torch.distributed``: the collectives the Trainer runs per rank.
+
+Under ``torchrun`` every rank runs the same :class:`~recis_train.Trainer` loop on its own share
+of the data. The dense parameters are replicated and wrapped in ``DistributedDataParallel``;
+the embedding tables are sharded by id over the ranks by recis-embedding (they hold no
+``nn.Parameter``, so DDP never sees them). Every rank back-propagates ``loss / world_size``
+and both kinds of gradient are *summed* over the ranks: DDP through :func:`sum_gradients`
+(a communication hook that all-reduces without DDP's own division) and the sharded tables
+through their all-to-all, which adds the gradients every rank computed for a row. So a run of
+``W`` ranks with ``b`` rows per rank takes exactly the steps of one process training on the
+``W * b`` rows of all ranks with the mean loss, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from recis_train._checkpoint import CheckpointManager, Writer
+from recis_train.exceptions import CheckpointError, ConfigError
+
+__all__ = ["DistributedContext", "own_rank_state", "sum_gradients"]
+
+
+def sum_gradients(group: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: all-reduce a gradient bucket as a sum (no division by the world)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class DistributedContext:
+    """This process's rank in an initialized default process group with two or more ranks.
+
+    Args:
+        rank: this process's rank.
+        world_size: number of ranks.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    @classmethod
+    def detect(cls) -> DistributedContext | None:
+        """The context of the default process group, or ``None`` outside a multi-rank run."""
+        if not dist.is_available() or not dist.is_initialized():
+            return None
+        world = dist.get_world_size()
+        return cls(dist.get_rank(), world) if world > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the rank that prints and writes shared files)."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ setup
+
+    def device(self, device: torch.device) -> torch.device:
+        """``device`` with a CUDA index chosen per rank (``LOCAL_RANK``) when none was given."""
+        if device.type != "cuda":
+            return device
+        if device.index is None:
+            local = os.environ.get("LOCAL_RANK")
+            index = int(local) if local is not None else self.rank % torch.cuda.device_count()
+            device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        return device
+
+    def wrap(
+        self, model: nn.Module, device: torch.device, options: Mapping[str, Any]
+    ) -> DistributedDataParallel | None:
+        """``model`` in DDP summing gradients over the ranks; ``None`` without dense parameters.
+
+        DDP broadcasts rank 0's parameters and buffers here, so every rank starts alike.
+        """
+        if not any(p.requires_grad for p in model.parameters()):
+            return None
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids, **dict(options))
+        # DDP compares a hook's annotations with the classes themselves; this module's are
+        # strings (postponed evaluation), so it gets an unannotated wrapper.
+        ddp.register_comm_hook(None, lambda state, bucket: sum_gradients(state, bucket))
+        return ddp
+
+    def check_tables(self, model: nn.Module) -> None:
+        """Raise if ``model`` holds recis-embedding tables that are not sharded over the ranks.
+
+        Unsharded tables would be trained by each rank on its own data and drift apart.
+        """
+        if importlib.util.find_spec("recis_embedding") is None:
+            return
+        from recis_embedding import EmbeddingEngine
+
+        for name, module in model.named_modules():
+            if not isinstance(module, EmbeddingEngine):
+                continue
+            where = name or type(model).__name__
+            if module.shard is None:
+                raise ConfigError(
+                    f"embedding module {where!r} is not sharded; under torch.distributed "
+                    f"({self.world_size} ranks) build it with EmbeddingEngine(..., shard=True) "
+                    "so every id has one owner rank"
+                )
+            if module.shard.world_size != self.world_size:
+                raise ConfigError(
+                    f"embedding module {where!r} is sharded over {module.shard.world_size} ranks "
+                    f"but the trainer runs on {self.world_size}; shard it over the default group"
+                )
+
+    # ------------------------------------------------------------------ collectives
+
+    def _collective_device(self) -> torch.device:
+        # NCCL reduces only CUDA tensors; gloo and the others take CPU tensors.
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        """``values`` combined elementwise over the ranks (``"sum"``, ``"min"`` or ``"max"``)."""
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(tensor, op=ops[op])
+        return [float(v) for v in tensor.cpu()]
+
+    def agree_count(self, count: int) -> int:
+        """The smallest ``count`` over the ranks: how many micro-batches every rank can train."""
+        return int(self.reduce([count], "min")[0])
+
+    def mean_logs(self, logs: Mapping[str, float], samples: int) -> tuple[dict[str, float], int]:
+        """``logs`` averaged over the ranks (same keys on every rank) and the summed ``samples``."""
+        keys = sorted(logs)
+        reduced = self.reduce([logs[k] for k in keys] + [samples])
+        means = {k: v / self.world_size for k, v in zip(keys, reduced[:-1], strict=True)}
+        return {k: means[k] for k in logs}, int(reduced[-1])
+
+    def nonfinite_ranks(self, finite: bool) -> list[int]:
+        """Ranks whose loss was not finite (every rank gets the same list)."""
+        flags = [0.0] * self.world_size
+        flags[self.rank] = 0.0 if finite else 1.0
+        return [r for r, flag in enumerate(self.reduce(flags)) if flag]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank got here."""
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(
+        self,
+        manager: CheckpointManager,
+        step: int,
+        writers: Mapping[str, Writer],
+        sparse: Callable[[Path], None] | None,
+        meta: Mapping[str, Any],
+    ) -> Path:
+        """Write a checkpoint of ``step`` together (a collective call).
+
+        Rank 0 writes ``writers`` (dense and trainer state) through ``manager`` into its
+        temporary directory and sends that directory to the others; then every rank runs
+        ``sparse`` into its ``sparse/`` part (recis-embedding writes one file per table and shard,
+        each rank its own); then rank 0 writes the manifest and renames the directory into
+        place. Every rank returns only after that, so the checkpoint is complete for all.
+
+        Raises:
+            CheckpointError: the save failed on rank 0 (raised on every rank).
+        """
+        if self.is_main:
+            return self._save_main(manager, step, writers, sparse, meta)
+        if sparse is not None:
+            directory = self.broadcast(None)
+            if directory is not None:
+                sparse(Path(directory))
+        error = self.broadcast(None)
+        if error is not None:
+            raise CheckpointError(f"rank 0 failed to save the checkpoint of step {step}: {error}")
+        return manager.path_for(step)
+
+    def _save_main(
+        self,
+        manager: CheckpointManager,
+        step: int,
+        writers: Mapping[str, Writer],
+        sparse: Callable[[Path], None] | None,
+        meta: Mapping[str, Any],
+    ) -> Path:
+        announced = False
+
+        def write_sparse(directory: Path) -> None:
+            nonlocal announced
+            self.broadcast(str(directory))
+            announced = True
+            sparse(directory)  # type: ignore[misc]
+
+        parts = dict(writers)
+        if sparse is not None:
+            parts["sparse"] = write_sparse  # last: the other parts are written by then
+        try:
+            path = manager.save(step, parts, meta)
+        except BaseException as err:
+            if sparse is not None and not announced:
+                self.broadcast(None)
+            self.broadcast(str(err) or type(err).__name__)
+            raise
+        self.broadcast(None)
+        return path
+
+    def choose_checkpoint(self, found: Path | None) -> Path | None:
+        """Rank 0's choice of checkpoint, so every rank restores the same one."""
+        chosen = self.broadcast(None if found is None else str(found))
+        return None if chosen is None else Path(chosen)
+
+
+def own_rank_state(state: Mapping[str, Any], rank: int, world_size: int, file: Path) -> Any:
+    """This rank's part of a saved trainer state (data cursor, RNG), checked against the world.
+
+    A checkpoint of ``W`` ranks stores every rank's part under ``"ranks"``; one of a single
+    process has none (its own part is the state itself).
+
+    Raises:
+        CheckpointError: the checkpoint was written by a different number of ranks.
+    """
+    saved = state.get("ranks")
+    written = 1 if saved is None else len(saved)
+    if written != world_size:
+        raise CheckpointError(
+            f"{file}: written by {written} rank(s), this run has {world_size}; the data cursors "
+            "resume only the same number of ranks (restore parts=('dense', 'sparse') to "
+            "warm-start: tables reshard on load)"
+        )
+    return state if saved is None else saved[rank]

@@ -1,0 +1,254 @@
+"""The Trainer on 2 CPU ranks (gloo) against the same training in one process.
+
+The comparison that is exact: rank ``r`` trains on batches of ``B`` rows and one process on
+batches of ``2 * B`` rows, rank 0's rows then rank 1's, with the mean loss. The trainer sums
+gradients over the ranks of ``loss / world_size`` (dense through DDP, sharded tables through
+their all-to-all), so every step's dense and sparse gradient is the mean over the same ``2 * B``
+rows in both runs, and so are the logged losses. Embedding rows start from per-id seeded
+values and the dense model from the same seed, so only float summation order differs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _toy import NUM_DENSE, make_rows
+from torch import nn
+
+import recis_embedding as emb
+from recis_train import LoggingHook, Trainer, TrainingArguments, seed_everything
+from recis_train.exceptions import CheckpointError, ConfigError
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+B = 8
+WORLD = 2
+TRAIN_BATCHES = (5, 7)  # uneven shares: rank 1 has two batches more, which nobody trains
+EVAL_BATCHES = (3, 2)  # rank 1 runs out first and repeats its last batch uncounted
+STEPS = min(TRAIN_BATCHES)
+
+
+class ShardedModel(nn.Module):
+    """Sharded (or plain) embedding of one id column + an MLP over it and dense features."""
+
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        option = emb.EmbeddingOption(4, initializer=emb.Normal(std=0.3))
+        self.embeddings = emb.EmbeddingEngine({"ids": option}, shard=shard)
+        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, batch):
+        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
+        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+        return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
+
+
+def batches(rank: int, count: int, size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    rows = make_rows(WORLD * max(TRAIN_BATCHES) * B, seed)
+    starts = [(k * WORLD + rank) * size for k in range(count)]
+    return [{k: v[s : s + size] for k, v in rows.items()} for s in starts]
+
+
+def merged(parts: list[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """One batch per step holding every rank's batch of that step, rank 0's rows first."""
+    steps = min(len(p) for p in parts)
+    return [{k: torch.cat([p[i][k] for p in parts]) for k in parts[0][0]} for i in range(steps)]
+
+
+def build(out: Path, train_data, eval_data, *, shard: bool, stream=None, **args) -> Trainer:
+    seed_everything(0)
+    model = ShardedModel(shard)
+    settings = {"output_dir": str(out), "device": "cpu", "log_every": 1}
+    return Trainer(
+        model,
+        TrainingArguments(**(settings | args)),
+        train_data=train_data,
+        eval_data=eval_data,
+        # Plain SGD: a gradient off by a constant factor changes the result (Adam's would not).
+        dense_optimizer=torch.optim.SGD(model.mlp.parameters(), lr=0.5),
+        sparse_optimizer=emb.SparseSGD(model, lr=0.5),
+        hooks=[LoggingHook(stream=stream if stream is not None else io.StringIO())],
+    )
+
+
+def table_state(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    table = emb.sparse_parameters(trainer.model)[0]
+    ids = torch.sort(table.ids()).values
+    return ids, table.embeddings(ids)
+
+
+def snapshot(trainer: Trainer) -> dict:
+    ids, rows = table_state(trainer)
+    return {
+        "step": trainer.global_step,
+        "losses": [logs["loss"] for _, logs in trainer.history["train"]],
+        "samples": [logs["samples"] for _, logs in trainer.history["train"]],
+        "dense": {k: v.clone() for k, v in trainer.model.mlp.state_dict().items()},
+        "ids": ids,
+        "rows": rows,
+    }
+
+
+def _worker(rank: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=WORLD)
+    out = Path(root)
+    train = batches(rank, TRAIN_BATCHES[rank], B, seed=0)
+    evals = batches(rank, EVAL_BATCHES[rank], B, seed=1)
+    result: dict = {}
+    try:
+        unsharded = ShardedModel(shard=False)
+        with pytest.raises(ConfigError, match="not sharded"):
+            Trainer(
+                unsharded,
+                TrainingArguments(output_dir=str(out / "x"), device="cpu"),
+                train_data=[],
+                dense_optimizer=torch.optim.SGD(unsharded.mlp.parameters(), lr=0.1),
+            )
+
+        log = io.StringIO()
+        whole = build(out / "whole", train, evals, shard=True, stream=log)
+        result["eval"] = whole.train_and_evaluate()
+        result["whole"] = snapshot(whole)
+        result["log"] = log.getvalue()
+        result["cursor"] = whole._cursor
+
+        # Micro-batches 2 per step: the last step has 1 on rank 0, so rank 1 trains 1 too.
+        accum = build(out / "accum", train, evals, shard=True, gradient_accumulation_steps=2)
+        accum.train()
+        result["accum"] = snapshot(accum)
+
+        # Interrupted after 3 steps, then rebuilt and resumed from the 2-rank checkpoint.
+        cut = build(out / "cut", train, evals, shard=True, train_steps=3)
+        cut.train()
+        resumed = build(out / "cut", train, evals, shard=True)
+        resumed.restore()
+        result["restored_step"] = resumed.global_step
+        resumed.train()
+        result["resumed"] = snapshot(resumed)
+    finally:
+        torch.save(result, out / f"rank-{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+    return root, [torch.load(root / f"rank-{r}.pt") for r in range(WORLD)]
+
+
+def single_train() -> list[dict[str, torch.Tensor]]:
+    return merged([batches(r, TRAIN_BATCHES[r], B, seed=0) for r in range(WORLD)])
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Trainer, dict[str, float]]:
+    out = tmp_path_factory.mktemp("single")
+    evals = [b for r in range(WORLD) for b in batches(r, EVAL_BATCHES[r], B, seed=1)]
+    trainer = build(out, single_train(), evals, shard=False)
+    return trainer, trainer.train_and_evaluate()
+
+
+def assert_same_training(got: list[dict], expected: dict) -> None:
+    for result in got:
+        torch.testing.assert_close(result["losses"], expected["losses"], rtol=1e-5, atol=1e-6)
+        for key, value in expected["dense"].items():
+            torch.testing.assert_close(result["dense"][key], value, rtol=1e-5, atol=1e-6)
+    # Each rank holds the rows of the ids it owns; together they are the single table.
+    ids = torch.cat([r["ids"] for r in got])
+    rows = torch.cat([r["rows"] for r in got])
+    order = torch.argsort(ids)
+    assert torch.equal(ids[order], expected["ids"])
+    assert set(got[0]["ids"].tolist()).isdisjoint(got[1]["ids"].tolist())
+    torch.testing.assert_close(rows[order], expected["rows"], rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_stop_together_when_one_runs_out(ranks):
+    _, results = ranks
+    for rank, result in enumerate(results):
+        assert result["whole"]["step"] == STEPS, rank
+        # The cursor points after the last batch trained: rank 1's spare batches stay unread.
+        assert result["cursor"]["consumed"] == STEPS, rank
+
+
+def test_two_ranks_train_like_one_process_on_both_shares(ranks, single):
+    _, results = ranks
+    trainer, _ = single
+    expected = snapshot(trainer)
+    assert expected["step"] == STEPS
+    assert_same_training([r["whole"] for r in results], expected)
+    for result in results:
+        assert result["whole"]["samples"] == [float(WORLD * B)] * STEPS
+
+
+def test_gradient_accumulation_matches_one_process(ranks, tmp_path):
+    _, results = ranks
+    trainer = build(tmp_path, single_train(), [], shard=False, gradient_accumulation_steps=2)
+    trainer.train()
+    expected = snapshot(trainer)
+    assert expected["step"] == 3
+    assert_same_training([r["accum"] for r in results], expected)
+    assert results[0]["accum"]["samples"] == [32.0, 32.0, 16.0]
+
+
+def test_evaluation_covers_every_rank_and_is_synced(ranks, single):
+    _, results = ranks
+    _, expected = single
+    assert set(expected) == {"loss", "auc", "logloss", "calibration"}
+    for result in results:
+        assert result["eval"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert result["eval"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_only_rank_zero_logs(ranks):
+    _, results = ranks
+    lines = results[0]["log"].splitlines()
+    assert sum(line.startswith("step ") for line in lines) == STEPS
+    assert any(line.startswith(f"eval at step {STEPS}") for line in lines)
+    assert results[1]["log"] == ""
+
+
+def test_two_rank_checkpoint_resumes_exactly(ranks):
+    root, results = ranks
+    for result in results:
+        assert result["restored_step"] == 3
+        whole, resumed = result["whole"], result["resumed"]
+        assert resumed["step"] == whole["step"]
+        assert resumed["losses"] == whole["losses"]  # history restored, then the same steps
+        for key, value in whole["dense"].items():
+            assert torch.equal(resumed["dense"][key], value), key
+        assert torch.equal(resumed["ids"], whole["ids"])
+        assert torch.equal(resumed["rows"], whole["rows"])
+    latest = root / "cut" / "checkpoints" / f"step-{STEPS:09d}"
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert manifest["meta"]["world_size"] == WORLD
+    shards = sorted(p.name for p in (latest / "sparse" / "tables" / "sparse").iterdir())
+    assert shards == [f"ids.shard-{r:05d}-of-{WORLD:05d}.safetensors" for r in range(WORLD)]
+    state = torch.load(latest / "trainer" / "state.pt", weights_only=True)
+    assert [s["cursor"]["consumed"] for s in state["ranks"]] == [STEPS, STEPS]
+
+
+def test_one_process_warm_starts_from_two_ranks_but_does_not_resume(ranks, tmp_path):
+    root, results = ranks
+    latest = root / "cut" / "checkpoints" / f"step-{STEPS:09d}"
+    trainer = build(tmp_path, [], [], shard=False)
+    with pytest.raises(CheckpointError, match="written by 2 rank"):
+        trainer.restore(latest)
+    trainer.restore(latest, parts=("dense", "sparse"))
+    ids, rows = table_state(trainer)
+    both = torch.cat([r["resumed"]["ids"] for r in results])
+    order = torch.argsort(both)
+    assert torch.equal(ids, both[order])
+    assert torch.equal(rows, torch.cat([r["resumed"]["rows"] for r in results])[order])
+    for key, value in results[0]["resumed"]["dense"].items():
+        assert torch.equal(trainer.model.mlp.state_dict()[key], value), key
