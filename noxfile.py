@@ -234,6 +234,20 @@ def bench(session: nox.Session) -> None:
         session.run("python", str(available[name]))
 
 
+# fbgemm-gpu-cpu ships C++ ops compiled against one torch release and fails to load its
+# libraries under any other, so both are pinned together (fbgemm-gpu-cpu 1.9.0 <-> torch 2.14).
+FBGEMM_PINS = ("torch==2.14.*", "fbgemm-gpu-cpu==1.9.0")
+
+
+@nox.session(name="bench-fbgemm", default=False)
+def bench_fbgemm(session: nox.Session) -> None:
+    """The embedding benchmark with FBGEMM TBE on CPU as a contender (own pinned environment)."""
+    session.install(*FBGEMM_PINS)
+    _install(session, ["recis-embedding"])
+    session.install(*SHARED_TEST_TOOLS)
+    session.run("python", str(ROOT / "benchmarks" / "bench_embedding.py"), *session.posargs)
+
+
 def _cargo_manifest(package: str) -> str:
     manifest = _pyprojects()[package]["tool"]["maturin"].get("manifest-path", "Cargo.toml")
     return str(_pyprojects()[package]["_dir"] / manifest)

@@ -9,8 +9,11 @@ sparse optimizer step on the same batches, cycling over a few pre-built batches.
   modulo, no fixed size) with ``SparseAdam`` and with ``SparseRowWiseAdagrad``.
 - anchor (a): one ``nn.EmbeddingBag(sparse=True)`` per feature, ids modulo its vocabulary size,
   ``torch.optim.SparseAdam``.
-- anchor (b): FBGEMM table-batched embeddings on CPU with row-wise Adagrad, only when
-  ``fbgemm_gpu`` imports; otherwise reported as not measured.
+- anchor (b): FBGEMM table-batched embeddings on CPU (``SplitTableBatchedEmbeddingBagsCodegen``,
+  one fp32 table per feature sized to its vocabulary, ids modulo it, the sequence sum-pooled over
+  C2's table) with exact row-wise Adagrad fused into the backward, at the recis row-wise
+  Adagrad contender's learning rate. Only when ``fbgemm_gpu`` imports (``nox -s bench-fbgemm``
+  makes an environment with matching torch and fbgemm-gpu-cpu); otherwise not measured.
 
 Contenders are timed in interleaved rounds (one step of each per round), each after one warm-up
 pass over the batch cycle. On a shared 2-core machine use ``--threads 1``: with torch's default
@@ -37,6 +40,7 @@ from data import VOCAB_SIZES, generate_table
 BATCH = 4096
 DIM = 16
 FEATURES = [f"C{j + 1}" for j in range(26)]
+ROWWISE_ADAGRAD_LR = 0.05  # the recis row-wise Adagrad contender and FBGEMM TBE's fused one
 
 
 def make_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -71,7 +75,7 @@ def recis_step_factory(batches, optimizer: str):
     opt = (
         SparseAdam(engine, lr=1e-3)
         if optimizer == "adam"
-        else SparseRowWiseAdagrad(engine, lr=0.05)
+        else SparseRowWiseAdagrad(engine, lr=ROWWISE_ADAGRAD_LR)
     )
     head = _head(len(options))
     inputs = []
@@ -122,6 +126,72 @@ def embedding_bag_step_factory(batches, static_rows: int):
     return step
 
 
+def fbgemm_step_factory(batches, lr: float):
+    """FBGEMM table-batched embeddings on CPU with fused exact row-wise Adagrad.
+
+    One table per single-id feature (rows = its vocabulary size, ids modulo it); the sequence
+    sum-pools over C2's table, as the recis contender shares it. Inputs are the flat ids and
+    offsets of the 27 features in feature-major order (``27 * B + 1`` offsets). Bounds checks
+    are off: the ids are already reduced into range.
+    """
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+        BoundsCheckMode,
+        ComputeDevice,
+        EmbeddingLocation,
+        PoolingMode,
+    )
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    sizes = list(VOCAB_SIZES)
+    feature_table_map = [*range(len(FEATURES)), 1]  # the sequence reads C2's table
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(n, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in sizes],
+        feature_table_map=feature_table_map,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=lr,
+        eps=1e-8,
+        pooling_mode=PoolingMode.SUM,
+        weights_precision=SparseType.FP32,
+        device=torch.device("cpu"),
+        bounds_check_mode=BoundsCheckMode.NONE,
+    )
+    # TBE's CPU weights start at zero, which would make every gradient (and update) zero;
+    # start them like recis' default initializer (normal, std 0.01).
+    with torch.no_grad():
+        tbe.weights_host.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(11))
+    head = _head(len(feature_table_map))
+    inputs = []
+    for b in batches:
+        ids = [torch.remainder(b[f], sizes[j]) for j, f in enumerate(FEATURES)]
+        ids.append(torch.remainder(b["seq_values"], sizes[1]))
+        lengths = [torch.ones(BATCH, dtype=torch.int64)] * len(FEATURES)
+        lengths.append(torch.diff(b["seq_offsets"]))
+        offsets = torch.zeros(len(feature_table_map) * BATCH + 1, dtype=torch.int64)
+        torch.cumsum(torch.cat(lengths), 0, out=offsets[1:])
+        inputs.append((torch.cat(ids).contiguous(), offsets))
+    state = {"i": 0}
+
+    def step() -> None:
+        indices, offsets = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        x = tbe(indices, offsets)
+        loss = (x @ head).square().mean()
+        loss.backward()  # the row-wise Adagrad update is fused into TBE's backward
+
+    with torch.no_grad():
+        out = tbe(*inputs[0])
+    want = (BATCH, len(feature_table_map) * DIM)
+    if out.shape != want or not bool(torch.isfinite(out).all()) or not bool(out.any()):
+        raise RuntimeError(
+            f"FBGEMM TBE forward gave shape {tuple(out.shape)} (want {want}), "
+            f"finite: {bool(torch.isfinite(out).all())}, nonzero: {bool(out.any())}"
+        )
+    return step
+
+
 def interleaved(contenders: dict, reps: int) -> dict[str, Stats]:
     """Time one step of each contender per round, ``reps`` rounds: on a shared machine, load
     changes then hit every contender alike instead of whichever ran during a busy spell."""
@@ -162,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "recis + SparseRowWiseAdagrad": recis_rw,
         "nn.EmbeddingBag + SparseAdam": bag_step,
     }
+    fbgemm_name = "FBGEMM TBE (CPU, row-wise Adagrad)"
+    try:
+        import fbgemm_gpu
+    except ImportError:
+        fbgemm = "not measured (fbgemm_gpu not installed)"
+    else:
+        fbgemm = f"fbgemm_gpu {getattr(fbgemm_gpu, '__version__', '?')}, torch {torch.__version__}"
+        contenders[fbgemm_name] = fbgemm_step_factory(batches, ROWWISE_ADAGRAD_LR)
     # Warm-up: one pass over the batch cycle, so dynamic tables hold the cycle's ids and the
     # static tables' optimizer state is allocated.
     for fn in contenders.values():
@@ -169,19 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     results = interleaved(contenders, args.reps)
     rows_adam = len(engine.physical[0])
 
-    try:
-        import fbgemm_gpu  # noqa: F401
-
-        fbgemm = "installed but not wired into this benchmark"
-    except ImportError:
-        fbgemm = "not measured (fbgemm_gpu not installed)"
-
     base = results["nn.EmbeddingBag + SparseAdam"].rate(BATCH)
     rows = []
     for name, st in results.items():
         rate = st.rate(BATCH)
         rows.append([name, rate, st.median_s * 1e3, rate / base])
-    rows.append(["FBGEMM TBE (CPU, row-wise Adagrad)", fbgemm, "", ""])
+    if fbgemm_name not in results:
+        rows.append([fbgemm_name, fbgemm, "", ""])
     print_table(
         f"embedding train step: batch {BATCH}, 26 single-id + 1 sequence feature, dim {DIM}, "
         f"{ids_per_batch:,.0f} ids/batch, EmbeddingBag rows/table "
@@ -189,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         ["contender", "samples/s", "median ms/step", "x EmbeddingBag+SparseAdam"],
         rows,
     )
+    recis_vs_tbe = None
+    if fbgemm_name in results:
+        recis_vs_tbe = results["recis + SparseRowWiseAdagrad"].rate(BATCH) / results[
+            fbgemm_name
+        ].rate(BATCH)
+        print(f"recis + SparseRowWiseAdagrad vs {fbgemm_name} ({fbgemm}): {recis_vs_tbe:.2f}x")
     write_json(
         "embedding",
         {
@@ -198,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             "static_rows": args.static_rows,
             "recis_table_rows": rows_adam,
             "fbgemm": fbgemm,
+            "recis_rowwise_vs_fbgemm_tbe": recis_vs_tbe,
             "results": {
                 k: {"samples_per_s": v.rate(BATCH), "median_s": v.median_s, "times_s": v.times_s}
                 for k, v in results.items()
