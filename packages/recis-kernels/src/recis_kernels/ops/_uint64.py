@@ -34,13 +34,14 @@ def rotr(x: torch.Tensor, s: int) -> torch.Tensor:
 def umod(x: torch.Tensor, n: torch.Tensor | int, two64_mod_n: torch.Tensor | int) -> torch.Tensor:
     """``(uint64)x % n`` for ``0 < n < 2**63``, given ``2**64 % n`` (per element or scalar)."""
     r = torch.remainder(x, n)
-    negative = x < 0
-    if x.device.type == "cpu" and not bool(negative.any()):
+    if x.device.type == "cpu" and (x.numel() == 0 or int(x.min()) >= 0):
         return r
-    # A negative x stands for x + 2**64, so add 2**64 % n; stated as r - (n - c) to stay in range.
-    adjusted = r - (n - two64_mod_n)
-    adjusted = torch.where(adjusted < 0, adjusted + n, adjusted)
-    return torch.where(negative, adjusted, r)
+    # A negative x stands for x + 2**64, so add 2**64 % n: stated as r - (n - c), plus n when
+    # that is negative, it stays in range for every n. ``v >> 63`` is all ones exactly where v
+    # is negative, which selects without a comparison pass.
+    r -= (x >> 63) & (n - two64_mod_n)
+    r += (r >> 63) & n
+    return r
 
 
 def umod_const(x: torch.Tensor, n: int) -> torch.Tensor:

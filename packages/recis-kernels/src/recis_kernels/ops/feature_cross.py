@@ -98,6 +98,8 @@ def _distinct(values, offsets, weights):
     """Keep the first occurrence of each id within each row, in order."""
     n = values.numel()
     lengths = offsets.diff()
+    if n == 0 or int(lengths.max()) <= 1:
+        return values, offsets, weights  # no row holds two ids: nothing to drop
     row = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=values.device), lengths, output_size=n
     )
@@ -138,6 +140,9 @@ def _cross_layout(ao, bo):
 def _cross_cpu(av, ao, aw, bv, bo, bw):
     lb, out_len, out_off = _cross_layout(ao, bo)
     total = int(out_off[-1])
+    if total == out_len.numel() and bool((out_len == 1).all()):
+        # One id on each side of every row (single-valued features): pair value by value.
+        return _pair_hash(av[:total], bv[:total]), out_off, aw[:total] * bw[:total]
     orow = torch.repeat_interleave(
         torch.arange(out_len.numel(), device=av.device), out_len, output_size=total
     )
@@ -145,7 +150,12 @@ def _cross_cpu(av, ao, aw, bv, bo, bw):
     lbr = lb[orow]
     ia = ao[orow] + torch.div(t, lbr, rounding_mode="floor")
     ib = bo[orow] + torch.remainder(t, lbr)
-    return _pair_hash(av[ia], bv[ib]), out_off, aw[ia] * bw[ib]
+    pick = torch.Tensor.index_select
+    return (
+        _pair_hash(pick(av, 0, ia), pick(bv, 0, ib)),
+        out_off,
+        pick(aw, 0, ia) * pick(bw, 0, ib),
+    )
 
 
 def _cross_cuda(av, ao, aw, bv, bo, bw):

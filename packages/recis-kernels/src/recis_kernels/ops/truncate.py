@@ -129,9 +129,9 @@ def _per_row(params, rows, device) -> torch.Tensor:
 def _truncate2(r: RaggedTensor, row_max, row_tail):
     index, new_off = torch.ops.recis.truncate_index(r.offsets[0], row_max, row_tail)
     lengths = r.lengths()
-    out = RaggedTensor(
-        r.values[index], new_off, None if r.weights is None else r.weights[index], validate=False
-    )
+    # index_select: the same gather as r.values[index], without advanced indexing's overhead.
+    weights = None if r.weights is None else r.weights.index_select(0, index)
+    out = RaggedTensor(r.values.index_select(0, index), new_off, weights, validate=False)
     return out, (lengths - row_max).clamp(min=0), (row_max - lengths).clamp(min=0)
 
 
@@ -168,8 +168,9 @@ def _truncate3(r: RaggedTensor, row_max, row_tail):
     padded_len[slot] = kept_len
     new_off1 = torch.zeros(padded_len.numel() + 1, dtype=torch.int64, device=r.device)
     torch.cumsum(padded_len, 0, out=new_off1[1:])
-    weights = None if r.weights is None else r.weights[value_index]
-    out = RaggedTensor(r.values[value_index], [new_off0, new_off1], weights, validate=False)
+    weights = None if r.weights is None else r.weights.index_select(0, value_index)
+    values = r.values.index_select(0, value_index)
+    out = RaggedTensor(values, [new_off0, new_off1], weights, validate=False)
     lengths = r.lengths()
     return out, (lengths - row_max).clamp(min=0), (row_max - lengths).clamp(min=0)
 
@@ -222,12 +223,13 @@ def _truncate_index_cpu(offsets, row_max, row_tail):
     new_off = torch.zeros_like(offsets)
     torch.cumsum(kept, 0, out=new_off[1:])
     total = int(new_off[-1])
-    row = torch.repeat_interleave(
-        torch.arange(kept.numel(), device=offsets.device), kept, output_size=total
-    )
-    pos = torch.arange(total, device=offsets.device) - new_off[row]
-    skip = torch.where(row_tail, lengths - kept, 0)
-    return offsets[row] + pos + skip[row], new_off
+    # Output position p of row i reads offsets[i] + skip[i] + (p - new_off[i]): one per-row base,
+    # expanded once, instead of gathering three per-row tensors per output element.
+    base = offsets[:-1] - new_off[:-1]
+    base += torch.where(row_tail, lengths - kept, 0)
+    index = torch.repeat_interleave(base, kept, output_size=total)
+    index += torch.arange(total, device=offsets.device)
+    return index, new_off
 
 
 def _truncate_index_cuda(offsets, row_max, row_tail):
