@@ -66,6 +66,17 @@ def test_mixed_int_and_float():
     assert [o.tolist() for o in outs] == [[0, 1, 1], [1]]
 
 
+def test_fused_errors_name_the_list_and_allow_steps_between_lists():
+    xs = [torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([1.0])]
+    # Each list is sorted; the packed lists step down from one list to the next, which is fine.
+    outs = rk.fused_bucketize(xs, [[5.0, 6.0], [1.0, 2.0], []])
+    assert [o.tolist() for o in outs] == [[0], [1], [0]]
+    with pytest.raises(ValueError, match=r"boundaries_list\[2\] must be sorted"):
+        rk.fused_bucketize(xs, [[5.0, 6.0], [], [3.0, 1.0]])
+    with pytest.raises(ValueError, match=r"boundaries_list\[1\] must not contain NaN"):
+        rk.fused_bucketize(xs, [[0.0], [float("nan")], [1.0]])
+
+
 def test_bucketize_errors():
     with pytest.raises(
         ValueError, match="bucketize: boundaries must be sorted in non-decreasing order"
@@ -118,3 +129,40 @@ def test_fused_bucketize_equal_sized_float32(xs, bounds):
         [torch.tensor(b, dtype=torch.float32) for b in bs],
     )
     assert [o.tolist() for o in outs] == [ref(x, b) for x, b in zip(xs, bs, strict=True)]
+
+
+ints64 = st.integers(-(1 << 63), (1 << 63) - 1)
+
+
+@given(
+    xs=st.lists(
+        st.lists(
+            st.one_of(ints64, st.sampled_from([(1 << 63) - 1, -(1 << 63), 0])),
+            min_size=4,
+            max_size=4,
+        ),
+        min_size=2,
+        max_size=4,
+    ),
+    bounds=st.data(),
+    many=st.booleans(),
+)
+def test_fused_bucketize_equal_sized_int64(xs, bounds, many):
+    # Few boundaries take the counting path, many (over 32) the binary search; both exact,
+    # including a maximal x against padding and boundaries equal to the dtype's extremes.
+    size = st.integers(33, 40) if many else st.integers(0, 6)
+    bs = [
+        sorted(bounds.draw(st.lists(ints64, min_size=n, max_size=n)))
+        for n in (bounds.draw(size) for _ in xs)
+    ]
+    outs = rk.fused_bucketize(
+        [torch.tensor(x, dtype=torch.int64) for x in xs],
+        [torch.tensor(b, dtype=torch.int64) for b in bs],
+    )
+    assert [o.tolist() for o in outs] == [ref(x, b) for x, b in zip(xs, bs, strict=True)]
+
+
+def test_fused_bucketize_nan_and_infinities_with_padding():
+    xs = [torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])] * 2
+    outs = rk.fused_bucketize(xs, [[0.0], [0.0, 1.0, float("inf")]])
+    assert [o.tolist() for o in outs] == [[0, 1, 0, 1], [0, 3, 0, 2]]

@@ -14,7 +14,33 @@ def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     sizes = [t.numel() for t in tensors]
     if len(tensors) == 1:
         return tensors[0].reshape(-1), sizes
+    adjacent = _adjacent(tensors)
+    if adjacent is not None:
+        return adjacent, sizes
     return torch.cat([t.reshape(-1) for t in tensors]), sizes
+
+
+def _adjacent(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One view over ``tensors`` when they already lie back to back in one buffer (the parts of
+    an earlier fused result, or columns of one packed batch), so packing them copies nothing."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or first.requires_grad:
+        return None
+    end = first.data_ptr()
+    storage = first.untyped_storage().data_ptr()
+    for t in tensors:
+        if (
+            t.dtype != first.dtype
+            or t.device != first.device
+            or t.requires_grad
+            or not t.is_contiguous()
+            or t.data_ptr() != end
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        end += t.numel() * t.element_size()
+    total = (end - first.data_ptr()) // first.element_size()
+    return first.as_strided((total,), (1,), first.storage_offset())
 
 
 def unpack(
