@@ -167,15 +167,15 @@ def fused_truncate(ops: Sequence[SequenceTruncate], values: Sequence[Value]) -> 
 
 @register_fused("fill_missing")
 def fused_fill_missing(ops: Sequence[FillMissing], values: Sequence[Value]) -> list[Value]:
-    """Dense CUDA floats of one dtype in one masked pass; everything else op by op.
+    """Dense floats of one dtype and device in one masked pass; everything else op by op.
 
-    On the CPU a masked fill costs a few microseconds per feature, less than packing the
-    features together would, so there the ops run one by one.
+    The filled features come back as consecutive parts of one buffer, so a fused op of the next
+    step (a ``bucketize``, say) takes them without packing again.
     """
     outs: list[Value] = [None] * len(ops)
     dense: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
     for k, (op, v) in enumerate(zip(ops, values, strict=True)):
-        if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
             dense[(v.dtype, v.device)].append(k)
         else:
             outs[k] = op.apply(v)
@@ -190,10 +190,13 @@ def fill_dense_packed(ops: Sequence[FillMissing], xs: Sequence[torch.Tensor]) ->
     """NaN replaced by each op's value in dense float tensors of one dtype and device, in one
     masked pass over the packed elements."""
     sizes = [x.numel() for x in xs]
-    packed = torch.cat([x.reshape(-1) for x in xs])
-    fills = torch.tensor([op.value for op in ops], dtype=packed.dtype).to(packed.device)
-    fills = fills.repeat_interleave(
-        torch.tensor(sizes, device=packed.device), output_size=packed.shape[0]
-    )
-    filled = torch.where(packed.isnan(), fills, packed)
+    packed = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1)
+    if len({op.value for op in ops}) == 1:
+        filled = packed.nan_to_num(nan=ops[0].value, posinf=torch.inf, neginf=-torch.inf)
+    else:
+        fills = torch.tensor([op.value for op in ops], dtype=packed.dtype).to(packed.device)
+        fills = fills.repeat_interleave(
+            torch.tensor(sizes, device=packed.device), output_size=packed.shape[0]
+        )
+        filled = torch.where(packed.isnan(), fills, packed)
     return [part.view(x.shape) for part, x in zip(filled.split(sizes), xs, strict=True)]
