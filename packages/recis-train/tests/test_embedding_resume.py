@@ -70,3 +70,21 @@ def test_resume_with_dynamic_tables_is_bit_exact(tmp_path):
     assert torch.equal(rows_a, rows_b)
     stats = resumed.hooks[0].history[-1][1]
     assert next(iter(stats.values()))["rows"] == len(ids_a)
+
+
+def test_tables_no_sparse_optimizer_steps_keep_no_lookup_records(tmp_path):
+    # Frozen tables (no sparse optimizer): what lookups recorded is dropped every step,
+    # not kept for an update that never comes.
+    seed_everything(0)
+    model = TableModel()
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", train_steps=5),
+        train_data=ToyReader(100, 25),
+        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.02),
+    )
+    trainer.train()
+    tables = emb.sparse_parameters(model)
+    assert tables
+    assert all(len(table.pending) == 0 for table in tables)
+    assert tables[0].stats().rows > 0

@@ -161,6 +161,7 @@ class Trainer:
         self.history: dict[str, list[tuple[int, dict[str, float]]]] = {"train": [], "eval": []}
         self._cursor = self.stream.state_dict()
         self._restored = False
+        self._tables: list[Any] | None = None
         self._last_saved_step: int | None = None
         self._scaler = (
             torch.amp.GradScaler(self.device.type) if args.mixed_precision == "fp16" else None
@@ -391,6 +392,21 @@ class Trainer:
         self.dense_optimizer.zero_grad(set_to_none=True)
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.zero_grad(set_to_none=True)
+        # Lookups record the rows they touched on their table until an optimizer consumes them;
+        # a table no sparse optimizer steps (none given, or a stage training other tables)
+        # would keep every step's record, so drop what is left.
+        for table in self._recording_tables():
+            table.pending.clear()
+
+    def _recording_tables(self) -> list[Any]:
+        if self._tables is None:
+            try:
+                from recis_embedding import sparse_parameters
+            except ImportError:  # a model without recis-embedding tables
+                self._tables = []
+            else:
+                self._tables = sparse_parameters(self.model)
+        return self._tables
 
     # ------------------------------------------------------------------ evaluation
 
