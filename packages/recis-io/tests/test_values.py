@@ -179,3 +179,17 @@ def test_buffers_are_reused_only_after_batches_are_dropped(tmp_path) -> None:
     assert third.buffer.data_ptr() == ptr
     assert kept["x"].tolist() == list(range(16, 32))
     assert third["x"].tolist() == list(range(32, 48))
+
+
+def test_arrow_pycapsule_interface_shares_the_batch_memory(tmp_path) -> None:
+    table = base_table("parquet").drop_columns(["ll"])
+    path = write(table, tmp_path / "t.parquet", "parquet", 40)
+    batch = next(iter(Dataset(path, batch_size=N)))
+    # Any Arrow consumer takes the batch through the C data interface.
+    rb = pa.record_batch(batch)
+    assert rb.equals(batch.to_arrow())
+    assert pa.schema(batch) == rb.schema
+    assert rb.column("i64").buffers()[1].address == batch["i64"].data_ptr()
+    assert rb.column("l").values.buffers()[1].address == batch["l"].values.data_ptr()
+    del batch  # the arrays keep the batch's buffer alive
+    assert rb.column("i64").to_pylist() == table.column("i64").to_pylist()[:N]

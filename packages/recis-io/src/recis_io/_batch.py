@@ -194,6 +194,17 @@ class Batch(Mapping[str, Value]):
 
         return to_record_batch(self)
 
+    def __arrow_c_schema__(self) -> Any:
+        """The batch's Arrow schema as an ``ArrowSchema`` PyCapsule (Arrow PyCapsule interface)."""
+        return self.to_arrow().schema.__arrow_c_schema__()
+
+    def __arrow_c_array__(self, requested_schema: Any = None) -> tuple[Any, Any]:
+        """The batch as ``ArrowSchema`` and ``ArrowArray`` (a struct array) PyCapsules: the Arrow
+        C data interface, so any Arrow consumer (``pyarrow.record_batch(batch)``, polars,
+        DuckDB, ...) takes the batch without copying its values (the arrays point into the
+        batch's buffer, which stays alive until the consumer releases them)."""
+        return self.to_arrow().__arrow_c_array__(requested_schema)
+
     def __repr__(self) -> str:
         cols = ", ".join(self._columns)
         return f"Batch(rows={len(self)}, columns=[{cols}])"
