@@ -6,6 +6,7 @@ integers, so only right shifts and remainders need care.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["const", "rotr", "shr", "umod", "umod_const"]
@@ -33,6 +34,11 @@ def rotr(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def umod(x: torch.Tensor, n: torch.Tensor | int, two64_mod_n: torch.Tensor | int) -> torch.Tensor:
     """``(uint64)x % n`` for ``0 < n < 2**63``, given ``2**64 % n`` (per element or scalar)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # NumPy has native unsigned 64-bit remainders: one pass, no fix-up of negative ids.
+        xu = x.detach().contiguous().numpy().view(np.uint64)
+        nu = np.uint64(n) if isinstance(n, int) else n.detach().cpu().numpy().astype(np.uint64)
+        return torch.from_numpy((xu % nu).view(np.int64))
     r = torch.remainder(x, n)
     if x.device.type == "cpu" and (x.numel() == 0 or int(x.min()) >= 0):
         return r
