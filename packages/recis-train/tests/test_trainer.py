@@ -270,3 +270,16 @@ def test_profiler_hook_writes_a_trace_of_the_chosen_steps(tmp_path):
     assert "Name" in hook.table
     with pytest.raises(ConfigError, match="start and steps must be at least 1, got 0, 2"):
         ProfilerHook(str(tmp_path), start=0, steps=2)
+
+
+def test_set_train_data_trains_the_next_call_on_new_data_from_its_start(tmp_path):
+    trainer = make_trainer(tmp_path, rows=500, args={"train_steps": 4})
+    trainer.train()  # 4 of the 10 batches of the first data
+    seen = int(trainer.model.seen.sum())
+    trainer.set_train_data(ToyReader(300, 50, seed=2))
+    trainer.args.train_steps = 100
+    trainer.train()
+    # All 6 batches of the new data, from its first row, and the step count carries on.
+    assert trainer.global_step == 4 + 6
+    assert int(trainer.model.seen.sum()) == seen + 300
+    assert trainer.stream.state_dict()["consumed"] == 6

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from recis_train._arguments import TrainingArguments
-from recis_train._data import DataStream
 from recis_train._hooks import Hook
 from recis_train._sparse import EmbeddingCheckpoint, default_sparse_checkpoint
 from recis_train._trainer import MetricFactory, Trainer
@@ -387,8 +386,7 @@ class Online:
         if trainer.global_step > 0 or self.evaluate_untrained:
             metrics = trainer.evaluate(self._data(files))
         first = len(trainer.history["train"])
-        trainer.train_data = self._data(files)
-        trainer.stream = DataStream(trainer.train_data, self.epochs)
+        trainer.set_train_data(self._data(files), epochs=self.epochs)
         trainer.train()
         logs = [entry for _, entry in trainer.history["train"][first:]]
         result = WindowResult(

@@ -212,6 +212,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def set_train_data(self, train_data: Iterable[Any], *, epochs: int | None = None) -> None:
+        """Train the next ``train()`` call on new data (e.g. the next window of a stream).
+
+        The data cursor starts over on the new data; the step count, optimizers and
+        everything else carry on.
+
+        Args:
+            train_data: the new iterable of batches (see the class's ``train_data``).
+            epochs: passes over it (default: ``args.epochs``).
+        """
+        self.train_data = train_data
+        self.stream = DataStream(train_data, self.args.epochs if epochs is None else epochs)
+        self._cursor = self.stream.state_dict()
+
     def train(self) -> dict[str, float]:
         """Train until ``train_steps``, the end of the data, or a hook asks to stop.
 
