@@ -13,6 +13,9 @@ Contenders per op:
 - torch: the obvious torch implementation (``torch.remainder``, ``torch.bucketize``,
   ``F.embedding_bag`` / ``index_add_``, per-row slicing for truncate and cross, ...), where one
   exists.
+- id map: ``IdMap.find`` / ``find_or_insert`` for one step's 110k ids (40k distinct) over a map of
+  1M ``(id, table)`` pairs, vs a Python ``dict`` and vs ``torch.unique`` + ``searchsorted`` over a
+  sorted key array.
 
 Before timing, recis outputs are checked against the torch contender where both compute the same
 thing. Run: ``python benchmarks/bench_kernels.py`` (``--quick`` for a smoke run, ``--threads 1``
@@ -229,6 +232,65 @@ def bench_to_dense(x):
     }, BATCH
 
 
+MAP_KEYS = 1_000_000
+LOOKUPS = 110_000
+DISTINCT = 40_000
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+
+
+def _lookup_batch(g, keys, tabs, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LOOKUPS ids drawn from DISTINCT (id, table) pairs, the first ``new`` of them absent."""
+    pick = torch.randint(0, keys.numel(), (DISTINCT,), generator=g)
+    k, t = keys[pick], tabs[pick]
+    k[:new] = torch.randint(-(1 << 63), (1 << 63) - 1, (new,), generator=g)
+    sel = torch.randint(0, DISTINCT, (LOOKUPS,), generator=g)
+    return k[sel], t[sel]
+
+
+def bench_id_map(x):
+    """One step's id lookups in a fused id map of MAP_KEYS (id, table) pairs over 27 tables."""
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randint(-(1 << 63), (1 << 63) - 1, (MAP_KEYS,), generator=g)
+    tabs = torch.randint(0, NUM_SPARSE + 1, (MAP_KEYS,), generator=g, dtype=torch.int32)
+    m = rk.IdMap()
+    m.find_or_insert(keys, tabs)
+    q_keys, q_tabs = _lookup_batch(g, keys, tabs, new=0)
+    # A stream where 5% of each step's distinct ids are new: a fresh batch for each of the
+    # (at most 9) warmup and timed calls.
+    stream = [_lookup_batch(g, keys, tabs, new=DISTINCT // 20) for _ in range(12)]
+    calls = iter(stream)
+
+    rows = m.export()
+    pairs = zip(rows.keys.tolist(), rows.tables.tolist(), strict=True)
+    as_dict = dict(zip(pairs, rows.rows.tolist(), strict=True))
+
+    def dict_find():
+        return [as_dict.get(p, -1) for p in zip(q_keys.tolist(), q_tabs.tolist(), strict=True)]
+
+    # Sorted array of ``id + table * golden`` (a baseline: it may merge distinct pairs).
+    packed = rows.keys + rows.tables.to(torch.int64) * _GOLDEN
+    sorted_packed, order = torch.sort(packed)
+    sorted_rows = rows.rows[order]
+
+    def sorted_find():
+        uq, inverse = torch.unique(q_keys + q_tabs.to(torch.int64) * _GOLDEN, return_inverse=True)
+        at = torch.searchsorted(sorted_packed, uq).clamp(max=sorted_packed.numel() - 1)
+        found = torch.where(sorted_packed[at] == uq, sorted_rows[at], -1)
+        return found[inverse]
+
+    expected = m.find(q_keys, q_tabs)
+    assert bool((expected >= 0).all())
+    assert expected.tolist() == dict_find()
+    assert torch.equal(sorted_find(), expected)
+    return {
+        "recis IdMap.find": lambda: m.find(q_keys, q_tabs),
+        "recis IdMap.find_or_insert (all present)": lambda: m.find_or_insert(q_keys, q_tabs),
+        "recis IdMap.find_or_insert (5% new)": lambda: m.find_or_insert(*next(calls)),
+        "python dict.get": dict_find,
+        "torch.unique + searchsorted (sorted array)": sorted_find,
+    }, LOOKUPS
+
+
 BENCHES = {
     "mod": bench_mod,
     "bucketize": bench_bucketize,
@@ -238,6 +300,7 @@ BENCHES = {
     "truncate": bench_truncate,
     "segment_reduce": bench_segment_reduce,
     "ragged_to_dense": bench_to_dense,
+    "id_map": bench_id_map,
 }
 
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from idmap_reference import ReferenceIdMap
 
 from recis_kernels import IdMap, ShapeError, UnsupportedDtypeError
-from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR
+from recis_kernels.ops.hash_table import FULL, MAX_LOAD_FACTOR
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 KEYS = st.one_of(
@@ -100,3 +101,82 @@ def test_idmap_rejects_bad_input() -> None:
         m.find(torch.tensor([1], dtype=torch.int32))
     with pytest.raises(ShapeError, match=r"IdMap\.find_or_insert: tables has shape"):
         m.find_or_insert(torch.tensor([1, 2]), torch.tensor([0]))
+
+
+def _assert_same_state(m: IdMap, ref: ReferenceIdMap) -> None:
+    assert m.capacity == ref.capacity
+    assert (m.size, m.erased, m.next_row) == (ref.size, ref.erased, ref.next_row)
+    assert torch.equal(m.slot_state, ref.slot_state)
+    full = m.slot_state == FULL
+    assert torch.equal(m.slot_keys[full], ref.slot_keys[full])
+    assert torch.equal(m.slot_tabs[full], ref.slot_tabs[full])
+    assert torch.equal(m.slot_rows[full], ref.slot_rows[full])
+    assert torch.equal(m.free_rows, ref.free_rows)
+
+
+# Few distinct keys in small tables: long clusters, probes that wrap past the last slot,
+# claims lost to earlier keys, duplicates in a batch and tombstones reused by inserts.
+SMALL_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "insert", "find", "erase"]),
+        st.lists(st.tuples(st.integers(-40, 40), st.integers(0, 1)), max_size=80),
+    ),
+    max_size=10,
+)
+
+
+@given(SMALL_OPS, st.sampled_from([16, 64]))
+def test_idmap_matches_reference_rounds_exactly(ops, capacity) -> None:
+    m, ref = IdMap(capacity=capacity), ReferenceIdMap(capacity=capacity)
+    for op, pairs in ops:
+        keys = torch.tensor([k for k, _ in pairs], dtype=torch.int64)
+        tabs = torch.tensor([t for _, t in pairs], dtype=torch.int32)
+        if op == "insert":
+            rows, is_new = m.find_or_insert(keys, tabs)
+            ref_rows, ref_new = ref.find_or_insert(keys, tabs)
+            assert rows.tolist() == ref_rows.tolist()
+            assert is_new.tolist() == ref_new.tolist()
+        elif op == "find":
+            assert m.find(keys, tabs).tolist() == ref.find(keys, tabs).tolist()
+        else:
+            assert m.erase(keys, tabs).tolist() == ref.erase(keys, tabs).tolist()
+        _assert_same_state(m, ref)
+
+
+def test_large_batches_match_reference_rounds_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    m, ref = IdMap(capacity=16), ReferenceIdMap(capacity=16)
+    pool = torch.randint(INT64_MIN, INT64_MAX, (12_000,), generator=g)
+    for step in range(6):
+        pick = torch.randint(0, 2_000 * (step + 1), (8_000,), generator=g)
+        keys = pool[pick]
+        tabs = (pick % 3).to(torch.int32)
+        rows, is_new = m.find_or_insert(keys, tabs)
+        ref_rows, ref_new = ref.find_or_insert(keys, tabs)
+        assert torch.equal(rows, ref_rows)
+        assert torch.equal(is_new, ref_new)
+        # Probe past the end of long clusters: keys absent from the map.
+        missing = torch.randint(INT64_MIN, INT64_MAX, (4_000,), generator=g)
+        assert torch.equal(m.find(missing, 1), ref.find(missing, torch.ones_like(tabs[:4_000])))
+        gone = keys[:1_500]
+        assert torch.equal(m.erase(gone, tabs[:1_500]), ref.erase(gone, tabs[:1_500]))
+        _assert_same_state(m, ref)
+
+
+def test_pairs_with_equal_premix_values_stay_distinct() -> None:
+    # key + table * 0x9E3779B97F4A7C15 (wrapping) is equal for the three pairs, so they share a
+    # home slot and one sort key; they must still get three rows.
+    def signed(x: int) -> int:
+        x %= 1 << 64
+        return x - (1 << 64) if x > INT64_MAX else x
+
+    one, two = signed(0x9E3779B97F4A7C15), signed(2 * 0x9E3779B97F4A7C15)
+    keys = torch.tensor([two, one, 0, one, two, 0])
+    tabs = torch.tensor([0, 1, 2, 1, 0, 2], dtype=torch.int32)
+    m, ref = IdMap(capacity=16), ReferenceIdMap(capacity=16)
+    rows, is_new = m.find_or_insert(keys, tabs)
+    assert rows.tolist() == [0, 1, 2, 1, 0, 2]
+    assert is_new.tolist() == [True] * 6
+    ref.find_or_insert(keys, tabs)
+    _assert_same_state(m, ref)
+    assert m.find(keys, tabs).tolist() == [0, 1, 2, 1, 0, 2]

@@ -18,10 +18,18 @@ On CUDA, lookups (``find``, and the lookup half of ``find_or_insert``) run the
 ``find_slots`` kernel of ``cuda/hash_table.cu``, one thread per query; inserts use the torch
 rounds below on the device.
 
-The torch implementation runs probe *rounds*: every query still unresolved looks at its current
-slot in one vectorized step, so the Python loop runs once per probe distance, not once per key.
-Concurrent inserts of the same free slot are resolved by letting the earliest query (in input
-order) win; the others re-examine the slot in the next round, which makes inserts deterministic.
+The torch implementation is vectorized over the queries; its Python loops run once per *round*,
+never once per key.
+
+- Lookups: the first round looks at every query's home slot (most keys end there: a hit or an
+  empty slot); the queries left scan windows of consecutive slots (4, then 8, 16, ... up to 64)
+  per round and stop at the first hit or empty slot, so long probes need a few rounds.
+- Inserts (``find_or_insert``): a lookup first; the missing keys are then reduced to their
+  distinct pairs (first occurrence order) and placed in claim rounds: every key looks at its
+  current slot, the earliest key (in input order) on a free slot takes it, the others on it
+  move on a round later and keys on a full slot move on at once. This makes placement
+  deterministic; new rows are handed out in claiming order (round by round, input order within
+  a round).
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 _C1 = -49064778989728563  # 0xff51afd7ed558ccd
 _C2 = -4265267296055464877  # 0xc4ceb9fe1a85ec53
 _LOW31 = (1 << 31) - 1
+# Slots a probe scans per round after the home slot (doubling each round up to the maximum).
+_WINDOW = 4
+_MAX_WINDOW = 64
 
 
 def fmix64(x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +66,78 @@ def fmix64(x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(N,) int64`` mixed bits; a bijection on 64-bit values.
     """
-    # torch's >> is arithmetic on int64; masking the 33-bit shift keeps it logical.
-    x = x ^ ((x >> 33) & _LOW31)
-    x = x * _C1
-    x = x ^ ((x >> 33) & _LOW31)
-    x = x * _C2
-    return x ^ ((x >> 33) & _LOW31)
+    # torch's >> is arithmetic on int64; masking the 33-bit shift keeps it logical. The first
+    # xor makes a new tensor (the input is left alone); the rest works in place on it.
+    y = x >> 33
+    y &= _LOW31
+    x = x ^ y
+    x *= _C1
+    torch.bitwise_right_shift(x, 33, out=y)
+    y &= _LOW31
+    x ^= y
+    x *= _C2
+    torch.bitwise_right_shift(x, 33, out=y)
+    y &= _LOW31
+    x ^= y
+    return x
 
 
 def _home(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tensor:
-    return fmix64(keys + tabs.to(torch.int64) * _GOLDEN) & mask
+    h = tabs.to(torch.int64)
+    h *= _GOLDEN
+    h += keys
+    h = fmix64(h)
+    h &= mask
+    return h
+
+
+def _first_per_slot(p: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """Positions (ascending) of the first query on each free slot of ``p``."""
+    cand = free.nonzero().squeeze(1)
+    if cand.numel() <= 1:
+        return cand
+    sp, order = torch.sort(p.index_select(0, cand), stable=True)
+    first = torch.ones_like(sp, dtype=torch.bool)
+    torch.ne(sp[1:], sp[:-1], out=first[1:])
+    if bool(first.all()):
+        return cand
+    return torch.sort(cand.index_select(0, order[first])).values
+
+
+def _first_occurrences(keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct ``(key, table)`` pairs in order of first occurrence.
+
+    One stable sort on ``key + table * 0x9E3779B97F4A7C15`` groups equal pairs; only if two
+    different pairs share that value (``key`` differs by a multiple of the constant), pairs are
+    sorted by key and table instead.
+
+    Returns:
+        ``(first, inverse)``: ``first`` holds the position of each distinct pair's first
+        occurrence (ascending), ``inverse`` the index into ``first`` of every pair.
+    """
+    n = keys.numel()
+    head = torch.ones(n, dtype=torch.bool, device=keys.device)
+    if n <= 1:
+        return head.nonzero().squeeze(1), torch.zeros_like(keys)
+    pre = tabs.to(torch.int64)
+    pre *= _GOLDEN
+    pre += keys
+    sorted_pre, order = torch.sort(pre, stable=True)
+    torch.ne(sorted_pre[1:], sorted_pre[:-1], out=head[1:])
+    sk = keys.index_select(0, order)
+    if not bool((head[1:] | (sk[1:] == sk[:-1])).all()):
+        order = torch.sort(tabs, stable=True).indices
+        order = order.index_select(0, torch.sort(keys.index_select(0, order), stable=True).indices)
+        sk, st = keys.index_select(0, order), tabs.index_select(0, order)
+        head[1:] = (sk[1:] != sk[:-1]) | (st[1:] != st[:-1])
+    # A stable sort keeps each group's first occurrence at its head.
+    heads = order[head]
+    is_first = torch.zeros_like(head)
+    is_first[heads] = True
+    rank = torch.cumsum(is_first, 0) - 1
+    inverse = torch.empty_like(order)
+    inverse[order] = rank.index_select(0, heads).index_select(0, torch.cumsum(head, 0) - 1)
+    return is_first.nonzero().squeeze(1), inverse
 
 
 class IdMapExport(NamedTuple):
@@ -153,32 +226,62 @@ class IdMap:
         """
         _check_keys("IdMap.find", keys)
         tabs = _as_tables("IdMap.find", keys, tables)
-        slots = self._find_slots(keys, tabs)
-        rows = torch.full_like(keys, -1)
-        hit = slots >= 0
-        rows[hit] = self.slot_rows.index_select(0, slots[hit])
-        return rows
+        return self._rows_of(self._find_slots(keys, tabs))
+
+    def _rows_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row of each slot, ``-1`` for slot ``-1``."""
+        rows = self.slot_rows.index_select(0, slots.clamp(min=0))
+        return torch.where(slots >= 0, rows, -1)
 
     def _find_slots(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         if keys.numel() and use_cuda_kernels(keys.device):
             return self._find_slots_cuda(keys.contiguous(), tabs.contiguous())
+        return self._find_slots_torch(keys, tabs)
+
+    def _find_slots_torch(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        """Slot of each key, ``-1`` where absent: the home slot for all, then windows of slots.
+
+        Most keys end at their home slot (a hit or an empty slot), so the first round looks at
+        that one slot for every query with no compaction. The few left scan windows of
+        ``_WINDOW`` (then twice as many) consecutive slots per round, taking the first hit or
+        empty slot of the window; consecutive slots share cache lines, so a window costs little
+        more than one slot and the tail of long probes needs a handful of rounds, not one per
+        probe distance.
+        """
         mask = self.capacity - 1
-        out = torch.full_like(keys, -1)
-        idx = torch.arange(keys.numel(), device=keys.device)
-        k, t, p = keys, tabs, _home(keys, tabs, mask)
-        while idx.numel():
-            st = self.slot_state.index_select(0, p)
+        p = _home(keys, tabs, mask)
+        st = self.slot_state.index_select(0, p)
+        hit = (
+            (self.slot_keys.index_select(0, p) == keys)
+            & (self.slot_tabs.index_select(0, p) == tabs)
+            & (st == FULL)
+        )
+        out = torch.where(hit, p, -1)
+        idx = ((st != EMPTY) & ~hit).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return out
+        k, t, p = keys.index_select(0, idx), tabs.index_select(0, idx), p.index_select(0, idx)
+        width = _WINDOW
+        while True:
+            n = idx.numel()
+            win = (p.unsqueeze(1) + torch.arange(1, width + 1, device=p.device)) & mask
+            flat = win.view(-1)
+            st = self.slot_state.index_select(0, flat).view(n, width)
             hit = (
-                (st == FULL)
-                & (self.slot_keys.index_select(0, p) == k)
-                & (self.slot_tabs.index_select(0, p) == t)
+                (self.slot_keys.index_select(0, flat).view(n, width) == k.unsqueeze(1))
+                & (self.slot_tabs.index_select(0, flat).view(n, width) == t.unsqueeze(1))
+                & (st == FULL)
             )
-            out[idx[hit]] = p[hit]
-            go_on = (st != EMPTY) & ~hit
+            stop = hit | (st == EMPTY)
+            first = stop.to(torch.uint8).argmax(1, keepdim=True)
+            found = hit.gather(1, first).squeeze(1)
+            out.index_put_((idx[found],), win.gather(1, first).squeeze(1)[found])
+            go_on = ~stop.any(1)
             if not bool(go_on.any()):
-                break
-            idx, k, t, p = idx[go_on], k[go_on], t[go_on], (p[go_on] + 1) & mask
-        return out
+                return out
+            idx, k, t = idx[go_on], k[go_on], t[go_on]
+            p = (p[go_on] + width) & mask
+            width = min(2 * width, _MAX_WINDOW)
 
     def _find_slots_cuda(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         from recis_kernels._cuda import launch
@@ -220,13 +323,14 @@ class IdMap:
         tabs = _as_tables("IdMap.find_or_insert", keys, tables)
         slots = self._find_slots(keys, tabs)
         is_new = slots < 0
-        rows = torch.empty_like(keys)
-        hit = ~is_new
-        rows[hit] = self.slot_rows.index_select(0, slots[hit])
+        rows = self._rows_of(slots)
         miss = is_new.nonzero().squeeze(1)
         if miss.numel():
             self._reserve(self.size + miss.numel())
-            rows[miss] = self.slot_rows[self._insert(keys[miss], tabs[miss])]
+            mk, mt = keys.index_select(0, miss), tabs.index_select(0, miss)
+            first, inverse = _first_occurrences(mk, mt)
+            new_slots = self._insert(mk.index_select(0, first), mt.index_select(0, first))
+            rows[miss] = self.slot_rows.index_select(0, new_slots.index_select(0, inverse))
         return rows, is_new
 
     def _reserve(self, live: int) -> None:
@@ -242,16 +346,14 @@ class IdMap:
         full = self.slot_state == FULL
         keys, tabs, rows = self.slot_keys[full], self.slot_tabs[full], self.slot_rows[full]
         self._allocate(capacity)
-        slots = self._claim(keys, tabs, dedup=False)
+        slots, _ = self._claim(keys, tabs)
         self.slot_rows[slots] = rows
 
     def _insert(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
-        before = self.size
-        slots = self._claim(keys, tabs, dedup=True)
-        fresh_slots = self._last_claimed
-        n_new = fresh_slots.numel()
-        self.slot_rows[fresh_slots] = self._allocate_rows(n_new)
-        self.size = before + n_new
+        """Place distinct absent keys, give them rows in claiming order; returns their slots."""
+        slots, claimed = self._claim(keys, tabs)
+        self.slot_rows[claimed] = self._allocate_rows(claimed.numel())
+        self.size += claimed.numel()
         return slots
 
     def _allocate_rows(self, n: int) -> torch.Tensor:
@@ -262,59 +364,45 @@ class IdMap:
         self.next_row += n - reuse
         return torch.cat([recycled, fresh])
 
-    def _claim(self, keys: torch.Tensor, tabs: torch.Tensor, *, dedup: bool) -> torch.Tensor:
-        """Place absent keys into free slots; returns each key's slot.
+    def _claim(self, keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Place distinct keys, all absent from the map, into free slots.
 
-        With ``dedup`` an equal key placed earlier in the same call is matched instead of being
-        placed twice. The slots claimed by this call are left in ``self._last_claimed`` in
-        claiming order.
+        Every round each unplaced key looks at its current slot; of the keys on one free slot
+        the earliest (in input order) takes it and the others stay, to find it full next round
+        and move on, like keys on a full slot do at once. As the keys are distinct and absent,
+        a full slot never holds one of them, so only the slot states are read.
+
+        Returns:
+            ``(slots, claimed)``: each key's slot, and the slots in claiming order (round by
+            round, input order within a round).
         """
         mask = self.capacity - 1
         out = torch.empty_like(keys)
         idx = torch.arange(keys.numel(), device=keys.device)
-        k, t, p = keys, tabs, _home(keys, tabs, mask)
+        p = _home(keys, tabs, mask)
         claimed = []
         while idx.numel():
             st = self.slot_state.index_select(0, p)
             free = st != FULL
-            if dedup:
-                same = (
-                    ~free
-                    & (self.slot_keys.index_select(0, p) == k)
-                    & (self.slot_tabs.index_select(0, p) == t)
-                )
-                out[idx[same]] = p[same]
-            else:
-                same = torch.zeros_like(free)
-            winners = self._winners(p, free)
-            wp = p[winners]
-            self.erased -= int((st[winners] == ERASED).sum())
-            self.slot_keys[wp] = k[winners]
-            self.slot_tabs[wp] = t[winners]
+            won = _first_per_slot(p, free)
+            wp = p.index_select(0, won)
+            wi = idx.index_select(0, won)
+            if self.erased:
+                self.erased -= int((st.index_select(0, won) == ERASED).sum())
+            self.slot_keys[wp] = keys.index_select(0, wi)
+            self.slot_tabs[wp] = tabs.index_select(0, wi)
             self.slot_state[wp] = FULL
-            out[idx[winners]] = wp
+            out[wi] = wp
             claimed.append(wp)
-            # Losers of a claim stay on the slot: next round it is full and may hold their key.
-            stay = free & ~winners
-            keep = ~winners & ~same
-            advance = keep & ~stay
-            p = torch.where(advance, (p + 1) & mask, p)
-            idx, k, t, p = idx[keep], k[keep], t[keep], p[keep]
-        self._last_claimed = torch.cat(claimed) if claimed else keys.new_empty(0)
-        return out
-
-    @staticmethod
-    def _winners(p: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-        """Mask of the first query (in order) on each free slot."""
-        cand = free.nonzero().squeeze(1)
-        winners = torch.zeros_like(free)
-        if cand.numel() == 0:
-            return winners
-        sp, order = torch.sort(p[cand], stable=True)
-        first = torch.ones_like(sp, dtype=torch.bool)
-        first[1:] = sp[1:] != sp[:-1]
-        winners[cand[order[first]]] = True
-        return winners
+            if won.numel() == idx.numel():
+                break
+            keep = torch.ones_like(free)
+            keep[won] = False
+            # Keys on a full slot move on now; the losers of a claim move on next round.
+            p = torch.where(free, p, (p + 1) & mask)
+            idx, p = idx[keep], p[keep]
+        claimed_slots = torch.cat(claimed) if claimed else keys.new_empty(0)
+        return out, claimed_slots
 
     def erase(self, keys: torch.Tensor, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """Remove keys; their rows go to the free list.

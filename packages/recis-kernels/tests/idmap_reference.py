@@ -1,0 +1,140 @@
+"""The first, plainest torch implementation of ``IdMap``: one probe distance per round.
+
+Kept as the reference the optimized map must match exactly: same rows, same ``is_new``, same
+slot placement (hence the same export order) and the same capacity after every call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recis_kernels.ops.hash_table import EMPTY, ERASED, FULL, MAX_LOAD_FACTOR, fmix64
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+
+
+def _home(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tensor:
+    return fmix64(keys + tabs.to(torch.int64) * _GOLDEN) & mask
+
+
+class ReferenceIdMap:
+    """Same layout and contract as ``IdMap`` (CPU only)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._allocate(max(16, 1 << max(0, int(capacity) - 1).bit_length()))
+        self.size = 0
+        self.next_row = 0
+        self.free_rows = torch.empty(0, dtype=torch.int64)
+
+    def _allocate(self, capacity: int) -> None:
+        self.slot_keys = torch.zeros(capacity, dtype=torch.int64)
+        self.slot_tabs = torch.zeros(capacity, dtype=torch.int32)
+        self.slot_rows = torch.zeros(capacity, dtype=torch.int64)
+        self.slot_state = torch.zeros(capacity, dtype=torch.int8)
+        self.erased = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_keys.numel()
+
+    def find(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        slots = self._find_slots(keys, tabs)
+        rows = torch.full_like(keys, -1)
+        hit = slots >= 0
+        rows[hit] = self.slot_rows[slots[hit]]
+        return rows
+
+    def _find_slots(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        mask = self.capacity - 1
+        out = torch.full_like(keys, -1)
+        idx = torch.arange(keys.numel())
+        k, t, p = keys, tabs, _home(keys, tabs, mask)
+        while idx.numel():
+            st = self.slot_state[p]
+            hit = (st == FULL) & (self.slot_keys[p] == k) & (self.slot_tabs[p] == t)
+            out[idx[hit]] = p[hit]
+            go_on = (st != EMPTY) & ~hit
+            idx, k, t, p = idx[go_on], k[go_on], t[go_on], (p[go_on] + 1) & mask
+        return out
+
+    def find_or_insert(
+        self, keys: torch.Tensor, tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self._find_slots(keys, tabs)
+        is_new = slots < 0
+        rows = torch.empty_like(keys)
+        rows[~is_new] = self.slot_rows[slots[~is_new]]
+        miss = is_new.nonzero().squeeze(1)
+        if miss.numel():
+            self._reserve(self.size + miss.numel())
+            before = self.size
+            slots = self._claim(keys[miss], tabs[miss], dedup=True)
+            fresh = self._last_claimed
+            self.slot_rows[fresh] = self._allocate_rows(fresh.numel())
+            self.size = before + fresh.numel()
+            rows[miss] = self.slot_rows[slots]
+        return rows, is_new
+
+    def _reserve(self, live: int) -> None:
+        if live + self.erased <= MAX_LOAD_FACTOR * self.capacity:
+            return
+        capacity = self.capacity
+        while live > MAX_LOAD_FACTOR * capacity:
+            capacity *= 2
+        full = self.slot_state == FULL
+        keys, tabs, rows = self.slot_keys[full], self.slot_tabs[full], self.slot_rows[full]
+        self._allocate(capacity)
+        self.slot_rows[self._claim(keys, tabs, dedup=False)] = rows
+
+    def _allocate_rows(self, n: int) -> torch.Tensor:
+        reuse = min(n, self.free_rows.numel())
+        recycled = self.free_rows[:reuse]
+        self.free_rows = self.free_rows[reuse:]
+        fresh = torch.arange(self.next_row, self.next_row + n - reuse)
+        self.next_row += n - reuse
+        return torch.cat([recycled, fresh])
+
+    def _claim(self, keys: torch.Tensor, tabs: torch.Tensor, *, dedup: bool) -> torch.Tensor:
+        mask = self.capacity - 1
+        out = torch.empty_like(keys)
+        idx = torch.arange(keys.numel())
+        k, t, p = keys, tabs, _home(keys, tabs, mask)
+        claimed = []
+        while idx.numel():
+            st = self.slot_state[p]
+            free = st != FULL
+            same = torch.zeros_like(free)
+            if dedup:
+                same = ~free & (self.slot_keys[p] == k) & (self.slot_tabs[p] == t)
+                out[idx[same]] = p[same]
+            # The first query (in order) on each free slot wins it.
+            cand = free.nonzero().squeeze(1)
+            winners = torch.zeros_like(free)
+            sp, order = torch.sort(p[cand], stable=True)
+            first = torch.ones_like(sp, dtype=torch.bool)
+            first[1:] = sp[1:] != sp[:-1]
+            winners[cand[order[first]]] = True
+            wp = p[winners]
+            self.erased -= int((st[winners] == ERASED).sum())
+            self.slot_keys[wp] = k[winners]
+            self.slot_tabs[wp] = t[winners]
+            self.slot_state[wp] = FULL
+            out[idx[winners]] = wp
+            claimed.append(wp)
+            # Losers of a claim stay on the slot: next round it is full and may hold their key.
+            stay = free & ~winners
+            keep = ~winners & ~same
+            p = torch.where(keep & ~stay, (p + 1) & mask, p)
+            idx, k, t, p = idx[keep], k[keep], t[keep], p[keep]
+        self._last_claimed = torch.cat(claimed) if claimed else keys.new_empty(0)
+        return out
+
+    def erase(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        slots = self._find_slots(keys, tabs)
+        slots = torch.unique(slots[slots >= 0])
+        rows = self.slot_rows[slots]
+        self.slot_state[slots] = ERASED
+        self.size -= slots.numel()
+        self.erased += slots.numel()
+        self.free_rows = torch.cat([self.free_rows, rows])
+        return rows
