@@ -97,8 +97,16 @@ def _extras(package: str, names: tuple[str, ...]) -> list[str]:
     return [r for r in reqs if _requirement_name(r) not in _pyprojects()]
 
 
+# Wheels built by this nox run: an abi3 wheel serves every session's interpreter, and building
+# again per session would recompile pyo3 and the crate (maturin points pyo3 at each venv).
+_BUILT: dict[str, Path] = {}
+
+
 def _build_wheel(session: nox.Session, package: str) -> Path:
-    """Build a Rust package's release wheel (abi3) and return its path."""
+    """Build a Rust package's release wheel (abi3) once per nox run and return its path."""
+    built = _BUILT.get(package)
+    if built is not None and built.is_file():
+        return built
     out = TARGET_DIR / "wheels" / package
     shutil.rmtree(out, ignore_errors=True)
     session.install("maturin>=1.7,<2")
@@ -107,6 +115,7 @@ def _build_wheel(session: nox.Session, package: str) -> Path:
     wheels = sorted(out.glob("*.whl"))
     if len(wheels) != 1:
         session.error(f"expected one wheel for {package} in {out}, found {wheels}")
+    _BUILT[package] = wheels[0]
     return wheels[0]
 
 
