@@ -244,12 +244,30 @@ def test_dedup_paths_agree() -> None:
         assert torch.equal(ids[inverse], values)
         assert torch.equal(id_tabs[inverse], tabs)
         assert len(set(zip(ids.tolist(), id_tabs.tolist(), strict=True))) == ids.numel() == 6
-    # The colliding pair ends in the exact lexicographic path, which has no grouping to reuse.
-    assert _dedup(values, tabs)[3] is None
-    ids, id_tabs, inverse, grouping = _dedup(values[:3], tabs[:3])
+    # The CPU path keeps tables apart in its sort key, so the colliding pair keeps a grouping;
+    # the exact path resolves it lexicographically, which leaves no grouping to reuse.
+    assert _exact_dedup(values, tabs)[3] is None
+    ids, id_tabs, inverse, grouping = _dedup(values, tabs)
     order, offsets = grouping
     assert sorted(inverse[order].tolist()) == inverse[order].tolist()
-    assert offsets.tolist()[-1] == 3
+    assert offsets.tolist()[-1] == values.numel()
+    for u in range(ids.numel()):  # each group lists its positions in ascending order
+        group = order[offsets[u] : offsets[u + 1]].tolist()
+        assert group == sorted(group)
+
+
+def test_dedup_falls_back_when_packed_hashes_collide() -> None:
+    from recis_embedding._engine import _MUL, _dedup, _packed_dedup
+
+    inv = pow(_MUL % (1 << 64), -1, 1 << 64)
+    other = inv - (1 << 64) if inv >= 1 << 63 else inv  # other * _MUL == 1: same high bits as 0
+    values = torch.tensor([0, other, 0, 7])
+    tabs = torch.zeros(4, dtype=torch.int64)
+    assert _packed_dedup(values, tabs) is None
+    ids, id_tabs, inverse, _ = _dedup(values, tabs)
+    assert torch.equal(ids[inverse], values)
+    assert id_tabs.tolist() == [0, 0, 0]
+    assert sorted(ids.tolist()) == sorted({0, other, 7})
 
 
 def test_device_results_match_cpu(device: torch.device) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -57,3 +58,23 @@ def test_constant_and_invalid_parameters() -> None:
         Uniform(low=1.0, high=0.0)
     with pytest.raises(ConfigError, match="std > 0"):
         Normal(std=0.0)
+
+
+def test_rows_of_several_tables_equal_per_table_initialization() -> None:
+    from recis_embedding._initializers import init_rows
+
+    @dataclasses.dataclass(frozen=True)
+    class Doubled(Normal):
+        def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+            return 2 * super().sample(ids, dim, seed)
+
+    inits = [Normal(seed=1), Normal(seed=2), Uniform(), Normal(seed=1, std=0.5), Doubled()]
+    names = ["a", "b", "c", "d", "e"]
+    ids = IDS[:500]
+    tabs = torch.arange(500) % 5
+    out = init_rows(ids, tabs, 6, inits, names)
+    for t in range(5):
+        sel = tabs == t
+        assert torch.equal(out[sel], inits[t](ids[sel], 6, names[t]))
+    only = tabs < 2  # every table sampled in one call
+    assert torch.equal(init_rows(ids[only], tabs[only], 6, inits, names), out[only])

@@ -11,7 +11,7 @@ from torch import nn
 
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
-from recis_embedding._pooling import bag_weights, padded_gather, pool, segment_ids
+from recis_embedding._pooling import bag_weights, padded_gather, pool
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
@@ -138,7 +138,9 @@ class EmbeddingEngine(nn.Module):
                     f"feature {f!r}: ids are on {i.values.device}, its table on {table.device}"
                 )
         emb, inverse = self._dedup_and_read(table, features, ids)
-        parts = torch.split(inverse, [i.values.numel() for i in ids])
+        starts = [0]
+        for i in ids:
+            starts.append(starts[-1] + i.values.numel())
         runtime: dict[Any, list[int]] = {}
         for k, f in enumerate(features):
             runtime.setdefault(self.options[f].runtime_key(), []).append(k)
@@ -148,18 +150,20 @@ class EmbeddingEngine(nn.Module):
             option = self.options[features[members[0]]]
             self._group_grouping = self._grouping if whole else None
             if option.combiner in _POOLED:
+                first, last = members[0], members[-1]
+                if last - first + 1 == len(members):  # adjacent features: one slice
+                    part = inverse[starts[first] : starts[last + 1]]
+                else:
+                    part = torch.cat([inverse[starts[k] : starts[k + 1]] for k in members])
                 out.update(
                     self._pooled(
-                        option,
-                        [features[k] for k in members],
-                        [ids[k] for k in members],
-                        [parts[k] for k in members],
-                        emb,
+                        option, [features[k] for k in members], [ids[k] for k in members], part, emb
                     )
                 )
             else:
                 for k in members:
-                    out.update(self._padded(option, features[k], ids[k], parts[k], emb))
+                    part = inverse[starts[k] : starts[k + 1]]
+                    out.update(self._padded(option, features[k], ids[k], part, emb))
         return out
 
     def _dedup_and_read(
@@ -167,7 +171,7 @@ class EmbeddingEngine(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         values = torch.cat([i.values for i in ids]) if len(ids) > 1 else ids[0].values
         per_feature = torch.tensor(
-            [self.logical[self._table_of[f]][1] for f in features], dtype=torch.int32
+            [self.logical[self._table_of[f]][1] for f in features], dtype=torch.int64
         ).to(values.device)
         counts = torch.tensor([i.values.numel() for i in ids]).to(values.device)
         tabs = torch.repeat_interleave(per_feature, counts)
@@ -215,35 +219,34 @@ class EmbeddingEngine(nn.Module):
         option: EmbeddingOption,
         features: list[str],
         ids: list[Ids],
-        parts: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        inverse: torch.Tensor,
         emb: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        bags: list[torch.Tensor] = []
-        weights: list[torch.Tensor | None] = []
-        counts: list[int] = []
-        segs: list[torch.Tensor] = []
         mode = option.combiner or "sum"
-        shift = 0
         any_weights = option.use_weight and any(i.weights is not None for i in ids)
         singles = all(i.singles for i in ids) and not any_weights and option.combiner == "sum"
+        weights: list[torch.Tensor | None] = []
+        bags: list[torch.Tensor] = []
+        counts: list[int] = []
+        shift = 0
         for i in ids:
-            n, m = i.values.numel(), i.bags.numel() - 1
-            w = i.weights if option.use_weight else None
-            if w is None and (any_weights or option.combiner != "sum"):
-                w = torch.ones(n, device=emb.device)
-            weights.append(bag_weights(i.bags, w, mode, n))
-            bags.append(i.bags[:-1] + shift)
+            n = i.values.numel()
             if not singles:
-                seg = torch.arange(n, device=emb.device) if i.singles else segment_ids(i.bags, n)
-                segs.append(seg + sum(counts))
-            counts.append(m)
+                w = i.weights if option.use_weight else None
+                if w is None and (any_weights or option.combiner != "sum"):
+                    w = torch.ones(n, device=emb.device)
+                weights.append(bag_weights(i.bags, w, mode, n))
+                bags.append(i.bags[:-1] + shift if shift else i.bags[:-1])
+            counts.append(i.bags.numel() - 1)
             shift += n
-        all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
-        present = [w for w in weights if w is not None]
-        w_all = torch.cat(present) if len(present) == len(weights) else None
-        inverse = torch.cat(parts) if len(parts) > 1 else parts[0]
-        seg_all = None if singles else torch.cat(segs)
-        pooled = pool(emb, inverse, all_bags, seg_all, w_all, singles, self._group_grouping)
+        if singles:
+            all_bags = torch.arange(shift + 1, device=emb.device)
+            w_all = None
+        else:
+            all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
+            present = [w for w in weights if w is not None]
+            w_all = torch.cat(present) if len(present) == len(weights) else None
+        pooled = pool(emb, inverse, all_bags, None, w_all, singles, self._group_grouping)
         out = {}
         for f, i, p in zip(features, ids, torch.split(pooled, counts), strict=True):
             if i.outer is not None:
@@ -289,46 +292,63 @@ def _dedup(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Distinct ``(table, id)`` pairs of a fused lookup, with the inverse mapping.
 
+    Args:
+        values: ``(N,) int64`` ids.
+        tabs: ``(N,)`` int32 or int64 table index of every id.
+
     Returns:
         ``(ids (U,), tables (U,) int32, inverse (N,), grouping)``: ``grouping`` is
-        ``(order, offsets)``, listing the positions of distinct pair ``u`` as
-        ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass), or ``None``.
+        ``(order, offsets)``, listing the positions of distinct pair ``u`` in ascending order
+        as ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass), or ``None``.
     """
     n = values.numel()
-    if values.device.type == "cpu" and 1 < n < (1 << 32):
+    if values.device.type == "cpu" and n > 1:
         found = _packed_dedup(values, tabs)
         if found is not None:
             return found
     return _exact_dedup(values, tabs)
 
 
+_MIN_HASH_BITS = 24  # below this many hash bits per packed value, collisions get likely
+
+
 def _packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
     """Group equal pairs with one vectorized sort of plain int64 values (CPU).
 
-    Each value packs the high bits of a hash of the pair above the pair's position, so numpy's
-    sort of values (several times faster than an argsort) makes equal pairs adjacent. Two
-    different pairs can share a group only when their hashes agree on every high bit; that is
-    detected and ``None`` sends the caller to the exact path.
+    Each value packs, from the top, the high bits of a multiplicative hash of the id, the table
+    index and the position, so numpy's sort of values (several times faster than an argsort)
+    makes equal pairs adjacent, each group in ascending position order. Two different ids of
+    one table share a group only when their hashes agree on every kept bit; that is detected
+    and ``None`` sends the caller to the exact path.
     """
     n = values.numel()
     bits = (n - 1).bit_length()
-    low = (1 << bits) - 1
-    h = (values ^ (tabs.to(torch.int64) * _TABLE_MIX)) * _MUL
-    h ^= (h >> 29) & ((1 << 35) - 1)
-    packed = (h & ~low) | torch.arange(n, dtype=torch.int64)
+    tab_bits = int(tabs.max()).bit_length()
+    low_bits = bits + tab_bits
+    if 64 - low_bits < _MIN_HASH_BITS:
+        return None
+    packed = values * _MUL
+    packed &= -(1 << low_bits)
+    if tab_bits:
+        packed |= tabs.to(torch.int64) << bits
+    packed |= torch.arange(n, dtype=torch.int64)
     ordered = torch.from_numpy(np.sort(packed.numpy()))
-    order = ordered & low
-    sv, st = values.index_select(0, order), tabs.index_select(0, order)
-    flags = torch.ones(n, dtype=torch.bool)
-    flags[1:] = (sv[1:] != sv[:-1]) | (st[1:] != st[:-1])
-    same_hash = (ordered[1:] >> bits) == (ordered[:-1] >> bits)
-    if bool((same_hash & flags[1:]).any()):
+    order = ordered & ((1 << bits) - 1)
+    sv = values.index_select(0, order)
+    group = ordered >> bits
+    flags = torch.empty(n, dtype=torch.bool)
+    flags[0] = True
+    torch.ne(group[1:], group[:-1], out=flags[1:])
+    # Sorted neighbours with different ids but one group are two ids whose hashes collide.
+    if bool(torch.gt(sv[1:] != sv[:-1], flags[1:]).any()):
         return None
     starts = flags.nonzero().squeeze(1)
+    flags[0] = False
     inverse = torch.empty(n, dtype=torch.int64)
-    inverse.index_copy_(0, order, torch.cumsum(flags, 0) - 1)
+    inverse.index_copy_(0, order, torch.cumsum(flags, 0))
     offsets = torch.cat([starts, torch.tensor([n])])
-    return sv.index_select(0, starts), st.index_select(0, starts), inverse, (order, offsets)
+    key_tabs = (group.index_select(0, starts) & ((1 << tab_bits) - 1)).to(torch.int32)
+    return sv.index_select(0, starts), key_tabs, inverse, (order, offsets)
 
 
 def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
@@ -338,6 +358,7 @@ def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
     different tables, which the check below detects (each key must map back to one table); the
     lexicographic ``unique`` over pairs then runs instead, so no ids ever merge.
     """
+    tabs = tabs.to(torch.int32)
     key = values ^ (tabs.to(torch.int64) * _TABLE_MIX)
     n = key.numel()
     sorted_key, order = torch.sort(key)

@@ -13,8 +13,11 @@ dim)`` and Kaiming ``std = gain / sqrt(dim)`` (uniform variants: bound ``= sqrt(
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +35,14 @@ __all__ = [
     "Uniform",
     "XavierNormal",
     "XavierUniform",
+    "init_rows",
     "table_seed",
 ]
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 
 
+@functools.lru_cache(maxsize=4096)
 def table_seed(seed: int, name: str) -> int:
     """The 64-bit seed of table ``name`` under initializer seed ``seed``."""
     mixed = fmix64(
@@ -46,8 +51,10 @@ def table_seed(seed: int, name: str) -> int:
     return int(mixed.item())
 
 
-def _uniform01(ids: torch.Tensor, dim: int, seed: int, stream: int = 0) -> torch.Tensor:
-    """``(N, dim)`` float64 uniforms in (0, 1) from the ids' bits."""
+def _uniform01(
+    ids: torch.Tensor, dim: int, seed: int | torch.Tensor, stream: int = 0
+) -> torch.Tensor:
+    """``(N, dim)`` float64 uniforms in (0, 1) from the ids' bits (``seed``: int or ``(N,)``)."""
     base = fmix64(ids ^ (seed + stream * 0x5851F42D4C957F2D))
     cols = (torch.arange(1, dim + 1, dtype=torch.int64, device=ids.device) * _GOLDEN)[None, :]
     bits = fmix64(base[:, None] + cols)
@@ -55,7 +62,7 @@ def _uniform01(ids: torch.Tensor, dim: int, seed: int, stream: int = 0) -> torch
     return (top53.to(torch.float64) + 0.5) / float(1 << 53)
 
 
-def _normal(ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+def _normal(ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
     # Box-Muller on two independent uniform streams.
     u1, u2 = _uniform01(ids, dim, seed, 0), _uniform01(ids, dim, seed, 1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
@@ -86,7 +93,7 @@ class Constant(Initializer):
 
     value: float = 0.0
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return torch.full((ids.numel(), dim), float(self.value), device=ids.device)
 
 
@@ -101,7 +108,7 @@ class Uniform(Initializer):
         if not self.low < self.high:
             raise ConfigError(f"Uniform initializer needs low < high, got {self.low}, {self.high}")
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return self.low + (self.high - self.low) * _uniform01(ids, dim, seed)
 
 
@@ -116,7 +123,7 @@ class Normal(Initializer):
         if self.std <= 0:
             raise ConfigError(f"Normal initializer needs std > 0, got {self.std}")
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return self.mean + self.std * _normal(ids, dim, seed)
 
 
@@ -139,7 +146,7 @@ class TruncatedNormal(Initializer):
                 f"a={self.a}, b={self.b}"
             )
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         cdf_a = 0.5 * (1 + math.erf(self.a / math.sqrt(2)))
         cdf_b = 0.5 * (1 + math.erf(self.b / math.sqrt(2)))
         u = cdf_a + (cdf_b - cdf_a) * _uniform01(ids, dim, seed)
@@ -153,7 +160,7 @@ class XavierUniform(Initializer):
 
     gain: float = 1.0
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         bound = self.gain * math.sqrt(3.0 / dim)
         return bound * (2 * _uniform01(ids, dim, seed) - 1)
 
@@ -164,7 +171,7 @@ class XavierNormal(Initializer):
 
     gain: float = 1.0
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return self.gain * math.sqrt(1.0 / dim) * _normal(ids, dim, seed)
 
 
@@ -174,7 +181,7 @@ class KaimingUniform(Initializer):
 
     gain: float = math.sqrt(2.0)
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         bound = self.gain * math.sqrt(3.0 / dim)
         return bound * (2 * _uniform01(ids, dim, seed) - 1)
 
@@ -185,5 +192,65 @@ class KaimingNormal(Initializer):
 
     gain: float = math.sqrt(2.0)
 
-    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return self.gain / math.sqrt(dim) * _normal(ids, dim, seed)
+
+
+def _batchable(init: Initializer) -> bool:
+    """Whether ``init.sample`` is a built-in one, which also takes a ``(N,)`` tensor of seeds."""
+    sample = type(init).sample
+    return sample is not Initializer.sample and sample.__module__ == __name__
+
+
+def init_rows(
+    ids: torch.Tensor,
+    tabs: torch.Tensor,
+    dim: int,
+    initializers: Sequence[Initializer],
+    names: Sequence[str],
+) -> torch.Tensor:
+    """Initial vectors of ids of several logical tables: ``(N, dim) float32``.
+
+    Equal to ``initializers[t](ids[i:i+1], dim, names[t])`` for every id ``i`` of table ``t``.
+    Tables whose built-in initializers differ at most in ``seed`` are sampled together, in one
+    call with a per-id seed, so a batch of new ids costs a few tensor operations whatever the
+    number of tables.
+
+    Args:
+        ids: ``(N,) int64`` ids.
+        tabs: ``(N,)`` table index of every id.
+        dim: columns per vector.
+        initializers: initializer of every table index.
+        names: name of every table index.
+    """
+    out = torch.empty(ids.numel(), dim, device=ids.device)
+    present = torch.unique(tabs).tolist()
+    if len(present) == 1:
+        t = present[0]
+        out[:] = initializers[t](ids, dim, names[t]).to(out.device)
+        return out
+    groups: dict[object, list[int]] = {}
+    for t in present:
+        init = initializers[t]
+        key = dataclasses.replace(init, seed=0) if _batchable(init) else ("single", t)
+        groups.setdefault(key, []).append(t)
+    for members in groups.values():
+        init = initializers[members[0]]
+        # Built-in samplers take a (N,) tensor of seeds as well as an int (see _batchable).
+        sample: Callable[..., torch.Tensor] = init.sample
+        if len(members) == 1:
+            sel = (tabs == members[0]).nonzero().squeeze(1)
+            out[sel] = init(ids[sel], dim, names[members[0]]).to(out.device)
+            continue
+        seeds = torch.zeros(len(initializers), dtype=torch.int64, device=ids.device)
+        for t in members:
+            seeds[t] = table_seed(initializers[t].seed, names[t])
+        if len(members) == len(present):
+            out[:] = sample(ids, dim, seeds[tabs.to(torch.int64)]).to(torch.float32)
+            continue
+        mask = torch.zeros(len(initializers), dtype=torch.bool, device=ids.device)
+        mask[members] = True
+        sel = mask[tabs.to(torch.int64)].nonzero().squeeze(1)
+        seed = seeds[tabs.to(torch.int64)[sel]]
+        out[sel] = sample(ids[sel], dim, seed).to(torch.float32)
+    return out

@@ -89,10 +89,17 @@ class _Pool(torch.autograd.Function):
         ctx.grouping = grouping
         ctx.singles = singles
         ctx.has_weights = weights is not None
+        ctx.has_seg = seg is not None
         if singles:
             ctx.save_for_backward(inverse)
             return emb.index_select(0, inverse)
-        ctx.save_for_backward(inverse, seg, weights if weights is not None else torch.empty(0))
+        empty = torch.empty(0)
+        ctx.save_for_backward(
+            inverse,
+            bags,
+            seg if seg is not None else empty,
+            weights if weights is not None else empty,
+        )
         return F.embedding_bag(
             inverse, emb, bags, mode="sum", per_sample_weights=weights, include_last_offset=True
         )
@@ -104,7 +111,9 @@ class _Pool(torch.autograd.Function):
             (inverse,) = ctx.saved_tensors
             grad = _rows_grad(grad_out, None, inverse, None, ctx.num_rows, ctx.grouping)
         else:
-            inverse, seg, weights = ctx.saved_tensors
+            inverse, bags, seg, weights = ctx.saved_tensors
+            if not ctx.has_seg:  # only training needs the bag of every id
+                seg = segment_ids(bags, inverse.numel())
             w = weights if ctx.has_weights else None
             grad = _rows_grad(grad_out, seg, inverse, w, ctx.num_rows, ctx.grouping)
         return grad, None, None, None, None, None, None
@@ -125,7 +134,8 @@ def pool(
         emb: ``(U, D) float32`` distinct rows.
         inverse: ``(N,) int64`` row of each id in ``emb``.
         bags: ``(M+1,) int64`` bag offsets over the ids.
-        seg: ``(N,) int64`` bag of each id (see :func:`segment_ids`); unused when ``singles``.
+        seg: ``(N,) int64`` bag of each id (see :func:`segment_ids`), or ``None`` to compute
+            it in the backward pass when a gradient is needed; unused when ``singles``.
         weights: ``(N,) float32`` multipliers or ``None``.
         singles: every bag holds exactly one id and there are no weights (a gather suffices).
         grouping: optional ``(order, offsets)`` grouping the ids by row of ``emb`` (from the
@@ -137,8 +147,6 @@ def pool(
     if inverse.numel() == 0:
         return emb.new_zeros(bags.numel() - 1, emb.shape[1]) + 0 * emb.sum()
     singles = singles and weights is None
-    if not singles and seg is None:
-        seg = segment_ids(bags, inverse.numel())
     return _Pool.apply(emb, inverse, bags, seg, weights, singles, grouping)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from recis_embedding._initializers import Initializer, TruncatedNormal
+from recis_embedding._initializers import Initializer, TruncatedNormal, init_rows
 from recis_embedding.exceptions import ConfigError, InputError, TableFullError
 from recis_kernels import IdMap, RowStore
 
@@ -234,10 +234,7 @@ class HashTable:
         ids, tabs = ids[first], tabs[first]
         self._store.reserve(self._map.num_rows)
         self._grow_row_arrays(self._map.num_rows)
-        emb = torch.empty(rows.numel(), self.dim, device=self.device)
-        for t in torch.unique(tabs).tolist():
-            sel = (tabs == t).nonzero().squeeze(1)
-            emb[sel] = self.initializers[t](ids[sel], self.dim, self.names[t]).to(self.device)
+        emb = init_rows(ids, tabs, self.dim, self.initializers, self.names)
         full = torch.empty(rows.numel(), self.emb_words + self.state_width, device=self.device)
         full[:, : self.emb_words] = self._to_words(emb)
         if self.state_width:
