@@ -12,7 +12,7 @@ from recis_kernels import RowStore, ShapeError
 @given(
     st.integers(1, 9),
     st.lists(st.integers(0, 40), max_size=60),
-    st.sampled_from([4, 8, 64]),
+    st.sampled_from([4, 8, 16, 64]),  # 11, 6, 3 and 1 blocks
 )
 def test_gather_scatter_add_match_numpy(width: int, rows: list[int], block_rows: int) -> None:
     store = RowStore(width, block_rows=block_rows)
@@ -47,3 +47,19 @@ def test_row_store_rejects_bad_columns() -> None:
         store.scatter(torch.tensor([0]), torch.ones(1, 4), start=2)
     with pytest.raises(ShapeError, match="values has shape"):
         store.scatter_add(torch.tensor([0, 0]), torch.ones(1, 4))
+
+
+@given(
+    st.lists(st.integers(0, 40), unique=True, max_size=41),
+    st.sampled_from([4, 16, 64]),
+    st.integers(0, 4),
+)
+def test_scatter_then_gather_columns_in_any_order(rows: list[int], block_rows: int, start: int):
+    store = RowStore(5, block_rows=block_rows)
+    store.reserve(41)
+    idx = torch.tensor(rows, dtype=torch.int64)
+    vals = torch.arange(len(rows) * (5 - start), dtype=torch.float32).reshape(len(rows), 5 - start)
+    store.scatter(idx, vals, start=start)
+    assert torch.equal(store.gather(idx, start, 5), vals)
+    untouched = sorted(set(range(41)) - set(rows))
+    assert not store.gather(torch.tensor(untouched, dtype=torch.int64)).any()

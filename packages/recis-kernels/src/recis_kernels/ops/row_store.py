@@ -83,17 +83,24 @@ class RowStore:
         return start, stop
 
     def _groups(self, rows: torch.Tensor):
-        """(block index, positions in ``rows``, offsets in the block) per block touched."""
-        if len(self.blocks) == 1:
-            yield 0, None, rows
-            return
+        """(block index, slice of the grouped order, offsets in the block) per block touched,
+        and the grouped order: ``order`` lists positions in ``rows`` block by block (ascending
+        within a block), so block ``b``'s rows are ``rows[order[sl]]``."""
         blk = rows >> self.block_shift
         low = rows & (self.block_rows - 1)
         counts = torch.bincount(blk, minlength=len(self.blocks)).tolist()
-        for b, count in enumerate(counts):
-            if count:
-                pos = (blk == b).nonzero().squeeze(1)
-                yield b, pos, low.index_select(0, pos)
+        touched = [b for b, count in enumerate(counts) if count]
+        if len(touched) <= 4:
+            # A few blocks: one comparison pass per block beats sorting the block indices.
+            order = torch.cat([(blk == b).nonzero().squeeze(1) for b in touched])
+        else:
+            order = torch.argsort(blk, stable=True)
+        low = low.index_select(0, order)
+        groups, at = [], 0
+        for b in touched:
+            groups.append((b, slice(at, at + counts[b]), low[at : at + counts[b]]))
+            at += counts[b]
+        return groups, order
 
     def gather(self, rows: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Copy rows (columns ``[start, stop)``) into a new ``(N, stop - start)`` tensor.
@@ -111,17 +118,23 @@ class RowStore:
         if self._kernel():
             self._launch("gather_rows", rows, start, stop - start, out, None)
             return out
-        for b, pos, low in self._groups(rows):
-            src = (
-                self.blocks[b][:, start:stop]
-                if (start, stop) != (0, self.width)
-                else self.blocks[b]
-            )
-            if pos is None:
-                torch.index_select(src, 0, low, out=out)
-            else:
-                out.index_copy_(0, pos, src.index_select(0, low))
+        if len(self.blocks) == 1:
+            torch.index_select(self._block(0, start, stop), 0, rows, out=out)
+            return out
+        # Gather block by block into consecutive slices, then put the rows back in the asked
+        # order with one more gather (the inverse of the grouping order).
+        groups, order = self._groups(rows)
+        grouped = torch.empty_like(out)
+        for b, sl, low in groups:
+            torch.index_select(self._block(b, start, stop), 0, low, out=grouped[sl])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        torch.index_select(grouped, 0, inverse, out=out)
         return out
+
+    def _block(self, b: int, start: int, stop: int) -> torch.Tensor:
+        block = self.blocks[b]
+        return block if (start, stop) == (0, self.width) else block[:, start:stop]
 
     def scatter(self, rows: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
         """Overwrite rows (columns from ``start``) with ``values``; rows must be distinct.
@@ -137,13 +150,15 @@ class RowStore:
             src = values.to(self.dtype).contiguous()
             self._launch("scatter_rows", rows, start, stop - start, src, 0)
             return
-        for b, pos, low in self._groups(rows):
-            dst = (
-                self.blocks[b][:, start:stop]
-                if (start, stop) != (0, self.width)
-                else self.blocks[b]
-            )
-            dst.index_copy_(0, low, values if pos is None else values.index_select(0, pos))
+        if rows.numel() == 0:
+            return
+        if len(self.blocks) == 1:
+            self._block(0, start, stop).index_copy_(0, rows, values.to(self.dtype))
+            return
+        groups, order = self._groups(rows)
+        grouped = values.index_select(0, order)
+        for b, sl, low in groups:
+            self._block(b, start, stop).index_copy_(0, low, grouped[sl].to(self.dtype))
 
     def scatter_add(self, rows: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
         """Add ``values`` into rows (columns from ``start``); duplicate rows accumulate.
