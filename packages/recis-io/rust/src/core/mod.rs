@@ -3,6 +3,7 @@
 
 pub mod assemble;
 pub mod column;
+pub mod direct;
 pub mod error;
 pub mod hash;
 pub mod plan;

@@ -125,7 +125,7 @@ fn merged_nulls(arr: &ArrayRef, extra: Option<NullBuffer>) -> Option<NullBuffer>
 }
 
 /// The bytes written for a null: the fill, NaN for floats without one.
-fn null_bytes(plan: &ColumnPlan, at: &str) -> Result<Vec<u8>> {
+pub(crate) fn null_bytes(plan: &ColumnPlan, at: &str) -> Result<Vec<u8>> {
     let out = plan.out;
     let as_f64 = match (&plan.spec.fill, out.is_float()) {
         (Some(Fill::Int(v)), _) => *v as f64,

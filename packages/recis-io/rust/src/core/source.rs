@@ -12,6 +12,7 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 
 use super::column::{ColumnPlan, ColumnSpec};
+use super::direct::{self, DirectColumn};
 use super::error::{Error, Result};
 use super::plan::{Segment, Unit};
 use super::prepare::{prepare, PreparedSegment, PreparedUnit};
@@ -66,6 +67,8 @@ struct FileMeta {
     format: Format,
     schema: SchemaRef,
     meta: Meta,
+    /// How each requested column is decoded without the Arrow reader, when all of them can be.
+    direct: Option<Vec<DirectColumn>>,
 }
 
 /// The data set: files, their units, and the columns to read.
@@ -113,6 +116,7 @@ fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
         format,
         schema,
         meta,
+        direct: None,
     };
     Ok((fm, rows))
 }
@@ -170,6 +174,11 @@ impl Source {
                 }
             }
         }
+        for f in &mut files {
+            if let Meta::Parquet(m) = &f.meta {
+                f.direct = direct::plan(m.metadata(), &columns);
+            }
+        }
         Ok(Source {
             files,
             units,
@@ -186,6 +195,27 @@ impl Source {
         let unit = self.units[seg.unit];
         let fm = &self.files[unit.file];
         let at = format!("{}, {} {}", fm.path, fm.format.unit_name(), unit.group);
+        if let (Meta::Parquet(m), Some(cols)) = (&fm.meta, &fm.direct) {
+            let file = open(&fm.path)?;
+            let units = direct::decode(
+                file,
+                m.metadata(),
+                unit.group,
+                cols,
+                &self.columns,
+                seg.start,
+                seg.end,
+                chunk_rows(),
+                &at,
+            )?;
+            let mut chunks = Vec::with_capacity(units.len());
+            let mut starts = vec![0];
+            for u in units {
+                starts.push(starts[starts.len() - 1] + u.rows);
+                chunks.push(Arc::new(u));
+            }
+            return Ok(PreparedSegment { chunks, starts });
+        }
         let batches = match &fm.meta {
             Meta::Parquet(m) => self.decode_parquet(fm, m, unit, seg),
             Meta::Orc(offsets) => self.decode_orc(fm, offsets, unit, seg),

@@ -1,0 +1,317 @@
+//! Direct Parquet decoding for the common column shapes: a flat number column, or a list of
+//! numbers, whose file type already is the output type. Values are decoded straight into the
+//! vectors that become the prepared buffers, nulls are filled in place, and list offsets come
+//! from the repetition levels, so no Arrow arrays, validity bitmaps or second copies are made.
+//! Every other column goes through the Arrow reader and `prepare`.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use arrow::buffer::Buffer;
+use parquet::basic::{Repetition, Type as PhysicalType};
+use parquet::column::reader::{ColumnReader, ColumnReaderImpl};
+use parquet::data_type::DataType as ParquetType;
+use parquet::file::metadata::ParquetMetaData;
+use parquet::file::properties::ReaderProperties;
+use parquet::file::reader::RowGroupReader;
+use parquet::file::serialized_reader::SerializedRowGroupReader;
+
+use super::column::{ColumnPlan, DType, Leaf};
+use super::error::{Error, Result};
+use super::prepare::{null_bytes, Prepared, PreparedUnit};
+
+/// How one requested column is read directly from one file.
+#[derive(Clone, Copy, Debug)]
+pub struct DirectColumn {
+    /// Index of the leaf column in the file's Parquet schema.
+    leaf: usize,
+    /// For a list: the definition level from which a level is an element (below it the row's
+    /// list is null or empty). `None` for a flat column.
+    element_def: Option<i16>,
+    /// Definition level of a present value.
+    max_def: i16,
+}
+
+/// The direct plan of every requested column of a file, or `None` when one of them needs the
+/// Arrow reader.
+pub fn plan(meta: &ParquetMetaData, columns: &[ColumnPlan]) -> Option<Vec<DirectColumn>> {
+    columns.iter().map(|c| plan_column(meta, c)).collect()
+}
+
+fn plan_column(meta: &ParquetMetaData, plan: &ColumnPlan) -> Option<DirectColumn> {
+    let Leaf::Number(d) = plan.leaf else {
+        return None;
+    };
+    if plan.out != d || plan.fixed != 1 || plan.list_levels > 1 {
+        return None;
+    }
+    let physical = match d {
+        DType::I32 => PhysicalType::INT32,
+        DType::I64 => PhysicalType::INT64,
+        DType::F32 => PhysicalType::FLOAT,
+        DType::F64 => PhysicalType::DOUBLE,
+        _ => return None,
+    };
+    let schema = meta.file_metadata().schema_descr();
+    let mut leaves = (0..schema.num_columns())
+        .filter(|&i| schema.get_column_root(i).name() == plan.spec.name.as_str());
+    let leaf = leaves.next()?;
+    if leaves.next().is_some() {
+        return None;
+    }
+    let descr = schema.column(leaf);
+    if descr.physical_type() != physical {
+        return None;
+    }
+    let root = schema.get_column_root(leaf);
+    let max_def = descr.max_def_level();
+    if plan.list_levels == 0 {
+        let flat = root.is_primitive()
+            && root.get_basic_info().repetition() != Repetition::REPEATED
+            && descr.max_rep_level() == 0
+            && max_def <= 1;
+        return flat.then_some(DirectColumn {
+            leaf,
+            element_def: None,
+            max_def,
+        });
+    }
+    // The standard three-level list: `optional group (LIST) { repeated group { leaf } }`.
+    if !root.is_group() || root.get_fields().len() != 1 || descr.max_rep_level() != 1 {
+        return None;
+    }
+    let rep = &root.get_fields()[0];
+    if !rep.is_group()
+        || rep.get_basic_info().repetition() != Repetition::REPEATED
+        || rep.get_fields().len() != 1
+    {
+        return None;
+    }
+    let item = &rep.get_fields()[0];
+    if !item.is_primitive() || item.get_basic_info().repetition() == Repetition::REPEATED {
+        return None;
+    }
+    let element_def = i16::from(root.is_optional()) + 1;
+    if max_def != element_def + i16::from(item.is_optional()) {
+        return None;
+    }
+    Some(DirectColumn {
+        leaf,
+        element_def: Some(element_def),
+        max_def,
+    })
+}
+
+/// A value type the direct path decodes.
+trait Native: Copy + Default {
+    fn from_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! native {
+    ($($t:ty),*) => {$(
+        impl Native for $t {
+            fn from_le(bytes: &[u8]) -> Self {
+                <$t>::from_le_bytes(bytes.try_into().expect("fill has the element size"))
+            }
+        }
+    )*};
+}
+native!(i32, i64, f32, f64);
+
+/// One column's reader, typed.
+enum Typed {
+    I32(ColumnReaderImpl<parquet::data_type::Int32Type>),
+    I64(ColumnReaderImpl<parquet::data_type::Int64Type>),
+    F32(ColumnReaderImpl<parquet::data_type::FloatType>),
+    F64(ColumnReaderImpl<parquet::data_type::DoubleType>),
+}
+
+/// Level buffers reused across chunks of one column.
+#[derive(Default)]
+struct Levels {
+    def: Vec<i16>,
+    rep: Vec<i16>,
+}
+
+/// Decodes rows `[start, end)` of row group `group` in chunks of `chunk` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    file: File,
+    meta: &ParquetMetaData,
+    group: usize,
+    cols: &[DirectColumn],
+    plans: &[ColumnPlan],
+    start: usize,
+    end: usize,
+    chunk: usize,
+    at: &str,
+) -> Result<Vec<PreparedUnit>> {
+    let corrupt = |e: parquet::errors::ParquetError| Error::corrupt(at, e);
+    let props = Arc::new(ReaderProperties::builder().build());
+    let rg = SerializedRowGroupReader::new(Arc::new(file), meta.row_group(group), None, props)
+        .map_err(corrupt)?;
+    let mut readers = Vec::with_capacity(cols.len());
+    for c in cols {
+        let mut r = match rg.get_column_reader(c.leaf).map_err(corrupt)? {
+            ColumnReader::Int32ColumnReader(r) => Typed::I32(r),
+            ColumnReader::Int64ColumnReader(r) => Typed::I64(r),
+            ColumnReader::FloatColumnReader(r) => Typed::F32(r),
+            ColumnReader::DoubleColumnReader(r) => Typed::F64(r),
+            _ => return Err(Error::Internal("direct column of another type".into())),
+        };
+        if start > 0 {
+            let skipped = match &mut r {
+                Typed::I32(r) => r.skip_records(start),
+                Typed::I64(r) => r.skip_records(start),
+                Typed::F32(r) => r.skip_records(start),
+                Typed::F64(r) => r.skip_records(start),
+            }
+            .map_err(corrupt)?;
+            if skipped != start {
+                return Err(Error::corrupt(
+                    at,
+                    format!("expected to skip {start} rows, skipped {skipped}"),
+                ));
+            }
+        }
+        readers.push(r);
+    }
+    let mut levels: Vec<Levels> = cols.iter().map(|_| Levels::default()).collect();
+    let mut out = Vec::with_capacity((end - start).div_ceil(chunk.max(1)));
+    let mut pos = start;
+    while pos < end {
+        let rows = chunk.max(1).min(end - pos);
+        let mut columns = Vec::with_capacity(cols.len());
+        for (((c, plan), r), lv) in cols.iter().zip(plans).zip(&mut readers).zip(&mut levels) {
+            let p = match r {
+                Typed::I32(r) => read_column(r, c, plan, lv, rows, at)?,
+                Typed::I64(r) => read_column(r, c, plan, lv, rows, at)?,
+                Typed::F32(r) => read_column(r, c, plan, lv, rows, at)?,
+                Typed::F64(r) => read_column(r, c, plan, lv, rows, at)?,
+            };
+            columns.push(p);
+        }
+        out.push(PreparedUnit { rows, columns });
+        pos += rows;
+    }
+    Ok(out)
+}
+
+fn read_column<T>(
+    reader: &mut ColumnReaderImpl<T>,
+    col: &DirectColumn,
+    plan: &ColumnPlan,
+    lv: &mut Levels,
+    rows: usize,
+    at: &str,
+) -> Result<Prepared>
+where
+    T: ParquetType,
+    T::T: Native,
+    Vec<T::T>: Into<Buffer>,
+{
+    lv.def.clear();
+    lv.rep.clear();
+    let mut values: Vec<T::T> = Vec::new();
+    let mut got = 0;
+    while got < rows {
+        let (records, _, levels) = reader
+            .read_records(
+                rows - got,
+                (col.max_def > 0).then_some(&mut lv.def),
+                col.element_def.is_some().then_some(&mut lv.rep),
+                &mut values,
+            )
+            .map_err(|e| Error::corrupt(at, e))?;
+        if records == 0 && levels == 0 {
+            break;
+        }
+        got += records;
+    }
+    if got != rows {
+        return Err(Error::corrupt(
+            at,
+            format!(
+                "column '{}': expected {rows} rows, decoded {got}",
+                plan.spec.name
+            ),
+        ));
+    }
+    let fill = |plan: &ColumnPlan| -> Result<T::T> { Ok(T::T::from_le(&null_bytes(plan, at)?)) };
+    match col.element_def {
+        None => {
+            if col.max_def > 0 && values.len() < rows {
+                spread(&mut values, &lv.def, col.max_def, fill(plan)?);
+            }
+            Ok(Prepared {
+                values: values.into(),
+                offsets: Vec::new(),
+            })
+        }
+        Some(element_def) => {
+            let mut offsets = Vec::with_capacity(rows + 1);
+            let mut n = 0i64;
+            for (&r, &d) in lv.rep.iter().zip(&lv.def) {
+                if r == 0 {
+                    offsets.push(n);
+                }
+                n += i64::from(d >= element_def);
+            }
+            offsets.push(n);
+            if offsets.len() != rows + 1 {
+                return Err(Error::corrupt(
+                    at,
+                    format!(
+                        "column '{}': expected {rows} lists, decoded {}",
+                        plan.spec.name,
+                        offsets.len() - 1
+                    ),
+                ));
+            }
+            if (values.len() as i64) < n {
+                let value = fill(plan)?;
+                let elements: Vec<i16> = lv
+                    .def
+                    .iter()
+                    .copied()
+                    .filter(|&d| d >= element_def)
+                    .collect();
+                spread(&mut values, &elements, col.max_def, value);
+            }
+            Ok(Prepared {
+                values: values.into(),
+                offsets: vec![offsets],
+            })
+        }
+    }
+}
+
+/// Turns the dense non-null `values` into one value per entry of `def`, writing `fill` where the
+/// level is below `present`. Works in place from the back, so each value moves once.
+fn spread<V: Copy>(values: &mut Vec<V>, def: &[i16], present: i16, fill: V) {
+    let mut j = values.len();
+    values.resize(def.len(), fill);
+    for (i, &d) in def.iter().enumerate().rev() {
+        if d >= present {
+            j -= 1;
+            values[i] = values[j];
+        } else {
+            values[i] = fill;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn spread_fills_nulls_in_place() {
+        let mut v = vec![1i64, 2, 3];
+        spread(&mut v, &[0, 1, 1, 0, 1, 0], 1, -7);
+        assert_eq!(v, vec![-7, 1, 2, -7, 3, -7]);
+        let mut all = vec![5i64, 6];
+        spread(&mut all, &[1, 1], 1, 0);
+        assert_eq!(all, vec![5, 6]);
+    }
+}
