@@ -22,7 +22,6 @@ Run ``python examples/online.py --small --out DIR`` for a quick run (CI does thi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 import time
@@ -43,23 +42,11 @@ from recis_train import (
     seed_everything,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-DENSE = [f"I{i}" for i in range(1, 14)]
-SPARSE = [f"C{i}" for i in range(1, 27)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DENSE, SPARSE, load_data_module
+
 DIM = 8
-
-
-def load_data_module() -> Any:
-    """``benchmarks/data.py`` of this repository (not an installed package)."""
-    spec = importlib.util.spec_from_file_location(
-        "recis_bench_data", ROOT / "benchmarks" / "data.py"
-    )
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load {ROOT / 'benchmarks' / 'data.py'}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 class Landing:

@@ -18,7 +18,6 @@ every rank adds its table shard. Every rank then prints what it did; rank 0 prin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,9 +35,12 @@ import recis_features as rf
 import recis_io
 from recis_train import LoggingHook, Trainer, TrainingArguments, find_tables, seed_everything
 
-ROOT = Path(__file__).resolve().parent.parent
-DENSE = [f"I{i}" for i in range(1, 14)]
-SPARSE = [f"C{i}" for i in range(1, 9)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DENSE, load_data_module
+from _common import SPARSE as ALL_SPARSE
+
+SPARSE = ALL_SPARSE[:8]  # a smaller model: 8 categorical fields
 DIM = 8
 
 
@@ -58,19 +60,6 @@ def launch(argv: list[str], nproc: int) -> int:
     command += ["--nproc-per-node", str(nproc), str(Path(__file__).resolve()), *argv]
     print("launching: python", " ".join(command[1:]), flush=True)
     return subprocess.run(command, check=False).returncode
-
-
-def load_data_module() -> Any:
-    """``benchmarks/data.py`` of this repository (not an installed package)."""
-    spec = importlib.util.spec_from_file_location(
-        "recis_bench_data", ROOT / "benchmarks" / "data.py"
-    )
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load {ROOT / 'benchmarks' / 'data.py'}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def ensure_data(out: Path, train_rows: int, eval_rows: int) -> None:
