@@ -246,15 +246,33 @@ def bench(session: nox.Session) -> None:
 # fbgemm-gpu-cpu ships C++ ops compiled against one torch release and fails to load its
 # libraries under any other, so both are pinned together (fbgemm-gpu-cpu 1.9.0 <-> torch 2.14).
 FBGEMM_PINS = ("torch==2.14.*", "fbgemm-gpu-cpu==1.9.0")
+# torchrec requires fbgemm-gpu, the CUDA build, which would replace fbgemm-gpu-cpu (both are the
+# module fbgemm_gpu): torchrec goes in without its dependencies and these go in beside it.
+TORCHREC_PIN = "torchrec==1.9.2"
+TORCHREC_DEPS = ("tensordict", "torchmetrics==1.0.3", "pyre-extensions", "tqdm")
+FBGEMM_BENCHMARKS = {"embedding": ["recis-embedding"], "e2e": ["recis-train"]}
 
 
 @nox.session(name="bench-fbgemm", default=False)
 def bench_fbgemm(session: nox.Session) -> None:
-    """The embedding benchmark with FBGEMM TBE on CPU as a contender (own pinned environment)."""
+    """A benchmark with FBGEMM on CPU as a contender, in its own pinned environment.
+
+    ``nox -s bench-fbgemm`` runs ``bench_embedding.py`` (FBGEMM TBE); ``-- e2e`` runs
+    ``bench_e2e.py`` with TorchRec's fused EmbeddingBagCollection. Further arguments go to the
+    script (``-- e2e --threads 1``; ``-- --threads 1`` for the embedding benchmark).
+    """
+    name, args = "embedding", list(session.posargs)
+    if args and not args[0].startswith("-"):
+        name, args = args[0], args[1:]
+    if name not in FBGEMM_BENCHMARKS:
+        session.error(f"unknown benchmark {name!r}; available: {sorted(FBGEMM_BENCHMARKS)}")
     session.install(*FBGEMM_PINS)
-    _install(session, ["recis-embedding"])
-    session.install(*SHARED_TEST_TOOLS)
-    session.run("python", str(ROOT / "benchmarks" / "bench_embedding.py"), *session.posargs)
+    _install(session, FBGEMM_BENCHMARKS[name])
+    session.install(*FBGEMM_PINS, *SHARED_TEST_TOOLS)
+    if name == "e2e":
+        session.install(*FBGEMM_PINS, *TORCHREC_DEPS)
+        session.install("--no-deps", TORCHREC_PIN)
+    session.run("python", str(ROOT / "benchmarks" / f"bench_{name}.py"), *args)
 
 
 def _cargo_manifest(package: str) -> str:

@@ -2,12 +2,12 @@
 
 Workload: the seeded click log with its planted signal (``data.py``, ``signal=True``): a
 training set of ``--rows`` rows in 4 Parquet files and a held-out file of ``--rows // 5`` rows.
-Both contenders train the demo's multi-task DeepFM (``examples/demo.py``: 26 categorical
+Every contender trains the demo's multi-task DeepFM (``examples/demo.py``: 26 categorical
 fields and the behaviour sequence, its 50 most recent ids mean-pooled through the item table, at
 dim 8; FM interactions + MLP over them and the 13 log1p dense features; click and conversion
 heads, conversion weighted 0.5) for the same number of steps of the same batch size, one pass
 over the training set, with Adam (lr 2e-3) on the dense parameters and sparse Adam (lr 5e-3)
-on the embeddings, embeddings initialized N(0, 0.01²) truncated.
+on the embeddings (TorchRec: see below), embeddings initialized N(0, 0.01²) truncated.
 
 - recis: ``recis_io.Dataset`` (shuffled) → ``FeatureEngine`` → ``EmbeddingEngine`` (dynamic
   hash tables, all fused into one; no id modulo) → ``recis_train.Trainer`` with
@@ -17,18 +17,30 @@ on the embeddings, embeddings initialized N(0, 0.01²) truncated.
   order, rows shuffled within each), one ``nn.EmbeddingBag(sparse=True)`` of ``--table-rows`` rows
   per field (ids modulo that; the sequence reads the ``C2`` bag), ``torch.optim.SparseAdam`` on
   the bags and ``torch.optim.Adam`` on the rest.
-- TorchRec: not wired in. The report says why when ``torchrec`` does not import and run an
-  ``EmbeddingBagCollection`` here. Tried with torch 2.15.0 on CPU (2026-11): ``pip install
-  torchrec`` resolves torchrec 1.9.2 with fbgemm-gpu 1.9.0, whose CUDA build cannot load without
-  ``libnvidia-ml.so.1``, and fbgemm-gpu-cpu 1.9.0 fails with an undefined torch symbol
-  (``c10::report_overflow``): it is built for another torch release.
+- TorchRec, where ``torchrec`` imports and runs (otherwise the report says why and the row reads
+  "not measured"): the same DataLoader; the batch turned into a ``KeyedJaggedTensor`` (26
+  single-id features and the sequence, ids modulo ``--table-rows``) for one
+  ``FusedEmbeddingBagCollection`` of 26 ``EmbeddingBagConfig`` tables, the sequence a second
+  feature of the ``C2`` table (TorchRec pools per table, so that table pools by MEAN, which is
+  SUM for ``C2``'s one id per row; the others by SUM). Its FBGEMM TBE kernels update the rows
+  inside the backward pass with exact row-wise Adagrad (``--torchrec-lr``, default the same
+  5e-3): FBGEMM's CPU kernels have no Adam (``Optimizer adam is not supported in CPU mode``).
+  ``torchrec.optim.apply_optimizer_in_backward`` on a plain ``EmbeddingBagCollection`` is not
+  used: unsharded, it steps a torch optimizer on each table's dense gradient, not through TBE.
+  ``torch.optim.Adam`` on the rest. Runs with torchrec 1.9.2 on torch 2.14 with
+  fbgemm-gpu-cpu 1.9.0 (``nox -s bench-fbgemm -- e2e``: torchrec installed without its
+  dependencies, since it asks for the CUDA fbgemm-gpu). With torch 2.15 it does not: the CUDA
+  fbgemm-gpu 1.9.0 cannot load without ``libnvidia-ml.so.1`` and fbgemm-gpu-cpu 1.9.0 fails
+  with an undefined torch symbol (``c10::report_overflow``).
 
 Reported per contender: training samples/s over the whole training run (reading, features,
-lookups, forward, backward and both optimizer steps; evaluation excluded), and the held-out AUC
-per task after training (the same ``recis_train.metrics.AUROC`` for both); ratios are recis over
-PyTorch. On a shared 2-core machine use ``--threads 1`` (see ``bench_embedding.py``).
+lookups, forward, backward and the optimizer steps; evaluation excluded), and the held-out AUC
+per task after training (the same ``recis_train.metrics.AUROC`` for all); ratios are over
+PyTorch, and the last line gives recis over TorchRec. On a shared 2-core machine use
+``--threads 1`` (see ``bench_embedding.py``).
 
-Run: ``python benchmarks/bench_e2e.py [--rows 200000] [--batch 4096] [--threads N]``.
+Run: ``python benchmarks/bench_e2e.py [--rows 200000] [--batch 4096] [--threads N]``; with
+TorchRec: ``nox -s bench-fbgemm -- e2e [--threads N]``.
 """
 
 from __future__ import annotations
@@ -188,6 +200,26 @@ class ParquetBatches(torch.utils.data.IterableDataset):
             yield to_tensors(pending)
 
 
+class DeepFMTop(nn.Module):
+    """The demo's DeepFM above its embeddings: FM interactions + MLP, a logit per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        fields = len(SPARSE) + 1
+        self.dense_norm = nn.BatchNorm1d(len(DENSE))
+        self.mlp = nn.Sequential(
+            nn.Linear(fields * DIM + len(DENSE), 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU()
+        )
+        self.heads = nn.ModuleDict({t: nn.Linear(64 + 1, 1) for t in TASKS})
+
+    def forward(self, fields: torch.Tensor, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``fields (B, F, D)`` pooled embeddings and ``dense (B, 13)`` → ``{task: (B,)}``."""
+        fm = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1, keepdim=True)
+        deep = self.mlp(torch.cat([fields.flatten(1), self.dense_norm(dense)], dim=1))
+        shared = torch.cat([deep, fm], dim=1)
+        return {t: head(shared)[:, 0] for t, head in self.heads.items()}
+
+
 class TorchDeepFM(nn.Module):
     """The demo's DeepFM with fixed-size ``nn.EmbeddingBag`` tables (ids modulo their size)."""
 
@@ -199,12 +231,7 @@ class TorchDeepFM(nn.Module):
             nn.init.trunc_normal_(bag.weight, std=0.01, a=-0.02, b=0.02)
         self.item = bags[SPARSE.index("C2")]  # the sequence reads the item table
         self.bags = nn.ModuleList(bags)
-        fields = len(SPARSE) + 1
-        self.dense_norm = nn.BatchNorm1d(len(DENSE))
-        self.mlp = nn.Sequential(
-            nn.Linear(fields * DIM + len(DENSE), 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU()
-        )
-        self.heads = nn.ModuleDict({t: nn.Linear(64 + 1, 1) for t in TASKS})
+        self.top = DeepFMTop()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids = torch.remainder(batch["ids"], self.table_rows)
@@ -216,30 +243,26 @@ class TorchDeepFM(nn.Module):
                 seq, self.item.weight, batch["seq_offsets"], mode="mean", sparse=True
             )
         )
-        fields = torch.stack(pooled, dim=1)  # (B, F, D)
-        fm = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1, keepdim=True)
-        deep = self.mlp(torch.cat([fields.flatten(1), self.dense_norm(batch["dense"])], dim=1))
-        shared = torch.cat([deep, fm], dim=1)
-        return {t: head(shared)[:, 0] for t, head in self.heads.items()}
+        return self.top(torch.stack(pooled, dim=1), batch["dense"])
 
 
-def train_torch(
+def fit(
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
     train: list[Path],
     held_out: list[Path],
     steps: int,
     batch: int,
     device: str,
-    table_rows: int,
     workers: int,
 ) -> dict[str, float]:
+    """Train ``model`` on the DataLoader for ``steps`` steps, then its held-out AUC per task.
+
+    ``optimizers`` are stepped after every backward pass (an optimizer fused into the backward
+    pass, like TorchRec's, is not among them).
+    """
     from recis_train.metrics import AUROC
 
-    torch.manual_seed(0)
-    model = TorchDeepFM(table_rows).to(device)
-    sparse = [p for bag in model.bags for p in bag.parameters()]
-    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    dense_opt = torch.optim.Adam(dense, lr=DENSE_LR)
-    sparse_opt = torch.optim.SparseAdam(sparse, lr=SPARSE_LR)
     loader = torch.utils.data.DataLoader(
         ParquetBatches(train, batch, shuffle=True),
         batch_size=None,
@@ -259,10 +282,10 @@ def train_torch(
             for t, (c, weight) in TASKS.items()
         )
         loss.backward()  # type: ignore[union-attr]
-        dense_opt.step()
-        sparse_opt.step()
-        dense_opt.zero_grad(set_to_none=True)
-        sparse_opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         samples += int(data["label"].shape[0])
         done += 1
     seconds = time.perf_counter() - start
@@ -282,21 +305,132 @@ def train_torch(
     }
 
 
-def torchrec_status() -> str:
-    """Why TorchRec is not measured (it is wired in only when it imports and runs here)."""
+def train_torch(
+    train: list[Path],
+    held_out: list[Path],
+    steps: int,
+    batch: int,
+    device: str,
+    table_rows: int,
+    workers: int,
+) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = TorchDeepFM(table_rows).to(device)
+    sparse = [p for bag in model.bags for p in bag.parameters()]
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    optimizers = [
+        torch.optim.Adam(dense, lr=DENSE_LR),
+        torch.optim.SparseAdam(sparse, lr=SPARSE_LR),
+    ]
+    return fit(model, optimizers, train, held_out, steps, batch, device, workers)
+
+
+# ----------------------------------------------------------------------------- TorchRec
+
+KEYS = [*SPARSE, "seq"]  # the KeyedJaggedTensor's features, in the order of the model's fields
+
+
+class TorchRecDeepFM(nn.Module):
+    """The demo's DeepFM over one TorchRec ``FusedEmbeddingBagCollection`` (FBGEMM TBE).
+
+    One ``EmbeddingBagConfig`` of ``table_rows`` rows per categorical field (ids modulo that),
+    the sequence a second feature of the ``C2`` table. TorchRec pools per table, not per feature,
+    so the ``C2`` table pools by MEAN (the sequence's combiner), which for ``C2``'s single id per
+    row is its SUM; the other 25 tables pool by SUM. The collection updates its rows inside the
+    backward pass with FBGEMM's exact row-wise Adagrad (``optimizer_type=RowWiseAdagrad``):
+    FBGEMM's CPU kernels have no Adam.
+    """
+
+    def __init__(self, table_rows: int, lr: float, device: torch.device) -> None:
+        from torchrec import EmbeddingBagConfig, PoolingType
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+        from torchrec.optim import RowWiseAdagrad
+
+        super().__init__()
+        self.table_rows = table_rows
+        tables = [
+            EmbeddingBagConfig(
+                name=c,
+                embedding_dim=DIM,
+                num_embeddings=table_rows,
+                feature_names=[c, "seq"] if c == "C2" else [c],
+                pooling=PoolingType.MEAN if c == "C2" else PoolingType.SUM,
+            )
+            for c in SPARSE
+        ]
+        self.ebc = FusedEmbeddingBagCollection(
+            tables=tables,
+            optimizer_type=RowWiseAdagrad,
+            optimizer_kwargs={"lr": lr},
+            device=device,
+        )
+        for bag in self.ebc.embedding_bags.values():  # views of the TBE's weights
+            nn.init.trunc_normal_(bag.weight, std=0.01, a=-0.02, b=0.02)
+        self.top = DeepFMTop().to(device)
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Everything but the embeddings (those the fused optimizer updates)."""
+        return list(self.top.parameters())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from torchrec import KeyedJaggedTensor
+
+        ids = torch.remainder(batch["ids"], self.table_rows)  # (B, 26)
+        seq = torch.remainder(batch["seq"], self.table_rows)
+        end = torch.tensor([seq.numel()], dtype=torch.int64, device=seq.device)
+        seq_lengths = torch.diff(batch["seq_offsets"], append=end)
+        features = KeyedJaggedTensor.from_lengths_sync(
+            KEYS,
+            torch.cat([ids.t().reshape(-1), seq]),  # feature-major: all of C1, then C2, ...
+            torch.cat([torch.ones(ids.numel(), dtype=torch.int64, device=ids.device), seq_lengths]),
+        )
+        pooled = self.ebc(features).to_dict()
+        return self.top(torch.stack([pooled[k] for k in KEYS], dim=1), batch["dense"])
+
+
+def train_torchrec(
+    train: list[Path],
+    held_out: list[Path],
+    steps: int,
+    batch: int,
+    device: str,
+    table_rows: int,
+    workers: int,
+    sparse_lr: float,
+) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = TorchRecDeepFM(table_rows, sparse_lr, torch.device(device))
+    dense_opt = torch.optim.Adam(model.dense_parameters(), lr=DENSE_LR)
+    return fit(model, [dense_opt], train, held_out, steps, batch, device, workers)
+
+
+def torchrec_status(device: str) -> str | None:
+    """None when TorchRec's fused collection runs a step on ``device``, else why not."""
     try:
-        import torchrec  # noqa: F401
-        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+        from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+        from torchrec.optim import RowWiseAdagrad
 
         config = EmbeddingBagConfig(
             name="t", embedding_dim=4, num_embeddings=8, feature_names=["f"]
         )
-        ebc = EmbeddingBagCollection(tables=[config], device=torch.device("cpu"))
-        ebc(KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([1]), torch.tensor([1])))
+        ebc = FusedEmbeddingBagCollection(
+            tables=[config],
+            optimizer_type=RowWiseAdagrad,
+            optimizer_kwargs={"lr": 0.1},
+            device=torch.device(device),
+        )
+        before = ebc.embedding_bags["t"].weight.detach().clone()
+        ids = torch.tensor([1, 3], device=device)
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.ones_like(ids))
+        ebc(kjt).values().sum().backward()
+        changed = (ebc.embedding_bags["t"].weight.detach() != before).any(1)
+        if changed.nonzero().flatten().tolist() != [1, 3]:
+            return "not measured: the fused collection's backward did not update the rows it read"
     except Exception as err:  # an ImportError, or fbgemm_gpu failing to load its library
         text = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         return f"not measured: torchrec does not import and run here ({type(err).__name__}: {text})"
-    return "not measured: torchrec imports, but its contender is not wired into this benchmark"
+    return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -316,7 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     ap.add_argument(
-        "--table-rows", type=int, default=1 << 18, help="rows per nn.EmbeddingBag (ids modulo it)"
+        "--table-rows",
+        type=int,
+        default=1 << 18,
+        help="rows per PyTorch/TorchRec table (ids modulo it)",
+    )
+    ap.add_argument(
+        "--torchrec-lr",
+        type=float,
+        default=SPARSE_LR,
+        help="learning rate of TorchRec's fused row-wise Adagrad on the embeddings",
     )
     ap.add_argument("--reps", type=int, default=1, help="training runs per contender")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
@@ -338,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             root / "eval", rows=max(args.rows // 5, 10_000), files=1, seed=1, **common
         )
         demo = load_demo()
+        torchrec = torchrec_status(device)
         runs: dict[str, list[dict[str, float]]] = {"recis": [], "PyTorch": []}
-        for rep in range(args.reps):  # alternated, so a busy spell hits both alike
+        if torchrec is None:
+            runs["TorchRec"] = []
+        for rep in range(args.reps):  # alternated, so a busy spell hits all alike
             runs["recis"].append(
                 train_recis(demo, train, held_out, steps, args.batch, device, Path(tmp) / f"{rep}")
             )
@@ -348,8 +494,20 @@ def main(argv: list[str] | None = None) -> int:
                     train, held_out, steps, args.batch, device, args.table_rows, args.workers
                 )
             )
+            if "TorchRec" in runs:
+                runs["TorchRec"].append(
+                    train_torchrec(
+                        train,
+                        held_out,
+                        steps,
+                        args.batch,
+                        device,
+                        args.table_rows,
+                        args.workers,
+                        args.torchrec_lr,
+                    )
+                )
     results = {name: median_run(r) for name, r in runs.items()}
-    torchrec = torchrec_status()
     base = results["PyTorch"]
     rows = []
     for name, r in results.items():
@@ -366,11 +524,12 @@ def main(argv: list[str] | None = None) -> int:
                 r["conversion_auc"] / base["conversion_auc"],
             ]
         )
-    rows.append(["TorchRec", "", "not measured", "", "", "", "", ""])
+    if torchrec is not None:
+        rows.append(["TorchRec", "", "not measured", "", "", "", "", ""])
     print_table(
         f"end to end, demo DeepFM: {args.rows:,} training rows, batch {args.batch}, "
         f"{steps} steps, median of {args.reps} run(s), {device}, torch threads {torch.get_num_threads()}, "
-        f"DataLoader workers {args.workers}, EmbeddingBag rows/table {args.table_rows:,}",
+        f"DataLoader workers {args.workers}, PyTorch/TorchRec rows/table {args.table_rows:,}",
         [
             "contender",
             "steps",
@@ -383,6 +542,19 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    if torchrec is None:
+        import fbgemm_gpu
+        import torchrec as trec
+
+        ours, theirs = results["recis"], results["TorchRec"]
+        torchrec = (
+            f"torchrec {trec.__version__}, fbgemm_gpu {fbgemm_gpu.__version__}: "
+            "FusedEmbeddingBagCollection (FBGEMM TBE), embeddings by fused exact row-wise "
+            f"Adagrad lr {args.torchrec_lr:g}, dense by Adam lr {DENSE_LR:g}; "
+            f"recis / TorchRec: samples/s {ours['samples_per_s'] / theirs['samples_per_s']:.2f}x, "
+            f"click AUC {ours['click_auc'] / theirs['click_auc']:.3f}x, "
+            f"conversion AUC {ours['conversion_auc'] / theirs['conversion_auc']:.3f}x"
+        )
     print(f"TorchRec: {torchrec}")
     write_json(
         "e2e",
@@ -394,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "table_rows": args.table_rows,
             "torchrec": torchrec,
+            "torchrec_lr": args.torchrec_lr,
             "reps": args.reps,
             "results": results,
         },
