@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from recis_io import Batch, Column, Dataset, Ragged
+from recis_io.exceptions import SchemaError
 
 from .conftest import write
 
@@ -126,6 +127,42 @@ def test_nulls_with_and_without_fill(tmp_path, fmt: str) -> None:
     assert got["l"] == [[1, 0], [], [], [0]]
     cast = collect(Dataset(path, batch_size=4, columns=[Column("i", fill=9, dtype="float32")]))
     assert cast["i"] == [1.0, 9.0, 3.0, 9.0]
+
+
+def test_number_columns_match_across_decode_paths(tmp_path, fmt: str) -> None:
+    # Number columns alone take the direct Parquet path; next to a string column every column
+    # goes through Arrow. Both must give the same values, also for a shard starting mid-group.
+    n = 50
+    table = pa.table(
+        {
+            "i": pa.array([None if i % 3 == 0 else i for i in range(n)], pa.int64()),
+            "f": pa.array([None if i % 4 == 1 else i / 2 for i in range(n)], pa.float32()),
+            "r": pa.array(range(n), pa.int32()),
+            "l": pa.array(
+                [None if i % 5 == 0 else [i, None][: i % 3] for i in range(n)],
+                pa.list_(pa.int64()),
+            ),
+            "s": pa.array([str(i) for i in range(n)], pa.string()),
+        }
+    )
+    schema = table.schema.set(2, pa.field("r", pa.int32(), nullable=False))
+    path = write(table.cast(schema), tmp_path / f"d.{fmt}", fmt, 7)
+    numbers = [Column("i", fill=-1), "f", "r", Column("l", fill=7)]
+    for rank in range(3):
+        direct = collect(Dataset(path, batch_size=6, columns=numbers, rank=rank, world_size=3))
+        mixed = collect(
+            Dataset(path, batch_size=6, columns=[*numbers, "s"], rank=rank, world_size=3)
+        )
+        rows = range(rank * 16, rank * 16 + 16)
+        assert direct["i"] == mixed["i"] == [-1 if i % 3 == 0 else i for i in rows]
+        f = [None if i % 4 == 1 else i / 2 for i in rows]
+        for got in (direct["f"], mixed["f"]):
+            assert [None if math.isnan(x) else x for x in got] == f
+        assert direct["r"] == mixed["r"] == list(rows)
+        lists = [[] if i % 5 == 0 else [i, 7][: i % 3] for i in rows]
+        assert direct["l"] == mixed["l"] == lists
+    with pytest.raises(SchemaError, match="column 'i' has nulls and no fill value"):
+        collect(Dataset(path, batch_size=6, columns=["i"]))
 
 
 def test_column_order_and_projection(tmp_path, fmt: str) -> None:
