@@ -83,3 +83,29 @@ def test_iterator_used_across_fork_raises_clearly(files) -> None:
 def test_batches_keep_memory_alive_after_iteration_ends(files) -> None:
     kept = list(Dataset(files, batch_size=100))
     assert torch.cat([b["id"] for b in kept]).tolist() == list(range(sum(ROWS)))
+
+
+# torchdata calls a torch API that newer torch releases deprecate.
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+def test_stateful_dataloader_resumes_every_worker_exactly(files) -> None:
+    # torchdata's StatefulDataLoader keeps each worker's Dataset.state_dict(): stopping after a
+    # few batches and resuming in new worker processes continues the same sequence.
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader() -> StatefulDataLoader:
+        ds = Dataset(files, batch_size=16, shuffle=True, seed=1, shuffle_window=40)
+        return StatefulDataLoader(
+            ds, batch_size=None, num_workers=2, multiprocessing_context="spawn"
+        )
+
+    full = [b["id"].tolist() for b in loader()]
+    first = loader()
+    it = iter(first)
+    head = [next(it)["id"].tolist() for _ in range(5)]
+    state = first.state_dict()
+    del it, first
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b["id"].tolist() for b in resumed]
+    assert head + rest == full
+    assert len({i for b in full for i in b}) == sum(len(b) for b in full)

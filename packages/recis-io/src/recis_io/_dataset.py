@@ -207,8 +207,9 @@ class Dataset(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """The cursor after the last batch this object yielded: small and JSON-serializable.
 
-        With a multi-worker ``DataLoader`` the workers iterate copies of the dataset, so take
-        the state from an in-process iteration (the recommended setup: threads, not workers).
+        With a multi-worker ``DataLoader`` the workers iterate copies of the dataset, so this
+        object's state does not follow them: use torchdata's ``StatefulDataLoader``, which
+        keeps every worker's state, or read with threads in one process (``num_threads``).
         """
         epoch, row = self._resume if self._resume is not None else self._cursor
         return {
