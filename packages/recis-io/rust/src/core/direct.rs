@@ -2,7 +2,8 @@
 //! numbers, whose file type already is the output type. Values are decoded straight into the
 //! vectors that become the prepared buffers, nulls are filled in place, and list offsets come
 //! from the repetition levels, so no Arrow arrays, validity bitmaps or second copies are made.
-//! Every other column goes through the Arrow reader and `prepare`.
+//! Every other column of the same file goes through the Arrow reader and `prepare`, and the two
+//! are merged chunk by chunk.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use parquet::file::serialized_reader::SerializedRowGroupReader;
 
 use super::column::{ColumnPlan, DType, Leaf};
 use super::error::{Error, Result};
-use super::prepare::{null_bytes, Prepared, PreparedUnit};
+use super::prepare::{null_bytes, Prepared};
 
 /// How one requested column is read directly from one file.
 #[derive(Clone, Copy, Debug)]
@@ -32,9 +33,9 @@ pub struct DirectColumn {
     max_def: i16,
 }
 
-/// The direct plan of every requested column of a file, or `None` when one of them needs the
-/// Arrow reader.
-pub fn plan(meta: &ParquetMetaData, columns: &[ColumnPlan]) -> Option<Vec<DirectColumn>> {
+/// The direct plan of each requested column of a file: `None` for a column that needs the Arrow
+/// reader.
+pub fn plan(meta: &ParquetMetaData, columns: &[ColumnPlan]) -> Vec<Option<DirectColumn>> {
     columns.iter().map(|c| plan_column(meta, c)).collect()
 }
 
@@ -133,25 +134,24 @@ struct Levels {
     rep: Vec<i16>,
 }
 
-/// Decodes rows `[start, end)` of row group `group` in chunks of `chunk` rows.
-#[allow(clippy::too_many_arguments)]
+/// Decodes rows `[start, end)` of row group `group` of the columns `cols` (each with its plan),
+/// in consecutive chunks of `sizes` rows. Returns, per chunk, the prepared columns in the order
+/// of `cols`.
 pub fn decode(
     file: File,
     meta: &ParquetMetaData,
     group: usize,
-    cols: &[DirectColumn],
-    plans: &[ColumnPlan],
+    cols: &[(DirectColumn, &ColumnPlan)],
     start: usize,
-    end: usize,
-    chunk: usize,
+    sizes: &[usize],
     at: &str,
-) -> Result<Vec<PreparedUnit>> {
+) -> Result<Vec<Vec<Prepared>>> {
     let corrupt = |e: parquet::errors::ParquetError| Error::corrupt(at, e);
     let props = Arc::new(ReaderProperties::builder().build());
     let rg = SerializedRowGroupReader::new(Arc::new(file), meta.row_group(group), None, props)
         .map_err(corrupt)?;
     let mut readers = Vec::with_capacity(cols.len());
-    for c in cols {
+    for (c, _) in cols {
         let mut r = match rg.get_column_reader(c.leaf).map_err(corrupt)? {
             ColumnReader::Int32ColumnReader(r) => Typed::I32(r),
             ColumnReader::Int64ColumnReader(r) => Typed::I64(r),
@@ -177,12 +177,10 @@ pub fn decode(
         readers.push(r);
     }
     let mut levels: Vec<Levels> = cols.iter().map(|_| Levels::default()).collect();
-    let mut out = Vec::with_capacity((end - start).div_ceil(chunk.max(1)));
-    let mut pos = start;
-    while pos < end {
-        let rows = chunk.max(1).min(end - pos);
+    let mut out = Vec::with_capacity(sizes.len());
+    for &rows in sizes {
         let mut columns = Vec::with_capacity(cols.len());
-        for (((c, plan), r), lv) in cols.iter().zip(plans).zip(&mut readers).zip(&mut levels) {
+        for (((c, plan), r), lv) in cols.iter().zip(&mut readers).zip(&mut levels) {
             let p = match r {
                 Typed::I32(r) => read_column(r, c, plan, lv, rows, at)?,
                 Typed::I64(r) => read_column(r, c, plan, lv, rows, at)?,
@@ -191,8 +189,7 @@ pub fn decode(
             };
             columns.push(p);
         }
-        out.push(PreparedUnit { rows, columns });
-        pos += rows;
+        out.push(columns);
     }
     Ok(out)
 }

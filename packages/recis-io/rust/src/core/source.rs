@@ -67,8 +67,9 @@ struct FileMeta {
     format: Format,
     schema: SchemaRef,
     meta: Meta,
-    /// How each requested column is decoded without the Arrow reader, when all of them can be.
-    direct: Option<Vec<DirectColumn>>,
+    /// Per requested column, how it is decoded without the Arrow reader, when it can be
+    /// (Parquet only; empty for ORC).
+    direct: Vec<Option<DirectColumn>>,
 }
 
 /// The data set: files, their units, and the columns to read.
@@ -116,7 +117,7 @@ fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
         format,
         schema,
         meta,
-        direct: None,
+        direct: Vec::new(),
     };
     Ok((fm, rows))
 }
@@ -190,39 +191,90 @@ impl Source {
         self.units.iter().map(|u| u.rows).sum()
     }
 
-    /// Decodes rows `[start, end)` of one unit and prepares every requested column.
+    /// Decodes rows `[start, end)` of one unit and prepares every requested column. Columns
+    /// with a direct plan are decoded straight into their buffers; the others are read with the
+    /// Arrow reader (projected to just them) and prepared, and both land in the same chunks.
     pub fn decode(&self, seg: &Segment) -> Result<PreparedSegment> {
         let unit = self.units[seg.unit];
         let fm = &self.files[unit.file];
         let at = format!("{}, {} {}", fm.path, fm.format.unit_name(), unit.group);
-        if let (Meta::Parquet(m), Some(cols)) = (&fm.meta, &fm.direct) {
-            let file = open(&fm.path)?;
-            let units = direct::decode(
-                file,
+        let direct_of = |i: usize| fm.direct.get(i).copied().flatten();
+        let direct: Vec<(DirectColumn, &ColumnPlan)> = (self.columns.iter().enumerate())
+            .filter_map(|(i, c)| direct_of(i).map(|d| (d, c)))
+            .collect();
+        let rest: Vec<&ColumnPlan> = (self.columns.iter().enumerate())
+            .filter(|(i, _)| direct_of(*i).is_none())
+            .map(|(_, c)| c)
+            .collect();
+        let want = seg.end - seg.start;
+        let batches = if rest.is_empty() {
+            Vec::new()
+        } else {
+            self.decode_arrow(fm, unit, seg, &rest, &at)?
+        };
+        let sizes: Vec<usize> = if rest.is_empty() {
+            let chunk = chunk_rows();
+            (0..want.div_ceil(chunk))
+                .map(|k| chunk.min(want - k * chunk))
+                .collect()
+        } else {
+            batches.iter().map(|b| b.num_rows()).collect()
+        };
+        let mut decoded = match (&fm.meta, direct.is_empty()) {
+            (_, true) => Vec::new(),
+            (Meta::Parquet(m), false) => direct::decode(
+                open(&fm.path)?,
                 m.metadata(),
                 unit.group,
-                cols,
-                &self.columns,
+                &direct,
                 seg.start,
-                seg.end,
-                chunk_rows(),
+                &sizes,
                 &at,
-            )?;
-            let mut chunks = Vec::with_capacity(units.len());
-            let mut starts = vec![0];
-            for u in units {
-                starts.push(starts[starts.len() - 1] + u.rows);
-                chunks.push(Arc::new(u));
+            )?,
+            (Meta::Orc(_), false) => {
+                return Err(Error::Internal("direct plan for an ORC file".into()))
             }
-            return Ok(PreparedSegment { chunks, starts });
         }
+        .into_iter();
+        let mut chunks = Vec::with_capacity(sizes.len());
+        let mut starts = vec![0];
+        for (k, &rows) in sizes.iter().enumerate() {
+            let mut from_direct = decoded.next().unwrap_or_default().into_iter();
+            let columns = (self.columns.iter().enumerate())
+                .map(|(i, c)| match direct_of(i) {
+                    Some(_) => from_direct
+                        .next()
+                        .ok_or_else(|| Error::Internal("direct column missing".into())),
+                    None => {
+                        let array = batches[k].column_by_name(&c.spec.name).ok_or_else(|| {
+                            Error::Schema(format!("column '{}' not found ({at})", c.spec.name))
+                        })?;
+                        prepare(c, array, &at)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            chunks.push(Arc::new(PreparedUnit { rows, columns }));
+            starts.push(starts[starts.len() - 1] + rows);
+        }
+        Ok(PreparedSegment { chunks, starts })
+    }
+
+    /// The non-empty Arrow batches of rows `[start, end)` of one unit, projected to `cols`.
+    fn decode_arrow(
+        &self,
+        fm: &FileMeta,
+        unit: Unit,
+        seg: &Segment,
+        cols: &[&ColumnPlan],
+        at: &str,
+    ) -> Result<Vec<RecordBatch>> {
         let batches = match &fm.meta {
-            Meta::Parquet(m) => self.decode_parquet(fm, m, unit, seg),
-            Meta::Orc(offsets) => self.decode_orc(fm, offsets, unit, seg),
+            Meta::Parquet(m) => self.decode_parquet(fm, m, unit, seg, cols),
+            Meta::Orc(offsets) => self.decode_orc(fm, offsets, unit, seg, cols),
         }
         .map_err(|e| match e {
             Error::Corrupt { msg, .. } => Error::Corrupt {
-                path: at.clone(),
+                path: at.to_string(),
                 msg,
             },
             other => other,
@@ -230,34 +282,11 @@ impl Source {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         if rows != seg.end - seg.start {
             return Err(Error::corrupt(
-                &at,
+                at,
                 format!("expected {} rows, decoded {rows}", seg.end - seg.start),
             ));
         }
-        let mut chunks = Vec::with_capacity(batches.len());
-        let mut starts = vec![0];
-        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            chunks.push(Arc::new(self.prepare_batch(batch, &at)?));
-            starts.push(starts[starts.len() - 1] + batch.num_rows());
-        }
-        Ok(PreparedSegment { chunks, starts })
-    }
-
-    fn prepare_batch(&self, batch: &RecordBatch, at: &str) -> Result<PreparedUnit> {
-        let columns = self
-            .columns
-            .iter()
-            .map(|c| {
-                let array = batch.column_by_name(&c.spec.name).ok_or_else(|| {
-                    Error::Schema(format!("column '{}' not found ({at})", c.spec.name))
-                })?;
-                prepare(c, array, at)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(PreparedUnit {
-            rows: batch.num_rows(),
-            columns,
-        })
+        Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
     }
 
     fn decode_parquet(
@@ -266,10 +295,10 @@ impl Source {
         m: &ArrowReaderMetadata,
         unit: Unit,
         seg: &Segment,
+        cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
-        let roots: Vec<usize> = self
-            .columns
+        let roots: Vec<usize> = cols
             .iter()
             .filter_map(|c| fm.schema.index_of(&c.spec.name).ok())
             .collect();
@@ -297,11 +326,12 @@ impl Source {
         offsets: &[u64],
         unit: Unit,
         seg: &Segment,
+        cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
         let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
             .map_err(|e| Error::corrupt(&fm.path, e))?;
-        let names: Vec<&str> = self.columns.iter().map(|c| c.spec.name.as_str()).collect();
+        let names: Vec<&str> = cols.iter().map(|c| c.spec.name.as_str()).collect();
         let mask = orc_rust::projection::ProjectionMask::named_roots(
             b.file_metadata().root_data_type(),
             &names,
