@@ -7,6 +7,9 @@ row group, with dictionary and plain string pages, and with several pages per co
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -198,3 +201,23 @@ def test_string_nulls_without_fill_fail(tmp_path) -> None:
         list(Dataset(path, batch_size=50, columns=["r", "s"]))
     with pytest.raises(recis_io.exceptions.SchemaError, match="column 's' has nulls"):
         list(Dataset(path, batch_size=50, columns=["r", Column("s", hash="farm")]))
+
+
+def test_small_decode_chunks(tmp_path) -> None:
+    # Chunks of 4 rows (set before the reader starts, so in a fresh process): direct and Arrow
+    # columns meet at many chunk edges, and dictionary hashes carry over from chunk to chunk.
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import pathlib, sys; from tests import test_mixed as t; p = pathlib.Path(sys.argv[1]); "
+        "t.test_all_columns_in_one_dataset(p); t.test_mixed_columns_equal_pyarrow(p, 1)"
+    )
+    env = {**os.environ, "RECIS_IO_DECODE_ROWS": "4"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr

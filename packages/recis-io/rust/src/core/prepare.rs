@@ -2,11 +2,11 @@
 //! with nulls already filled (or an error), and the list offsets of every level rebased to 0.
 //! This runs on the decode threads, so hashing and casting stay off the consumer's path.
 
-use arrow::array::{Array, ArrayRef, AsArray, GenericByteArray};
+use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, GenericByteArray};
 use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
 use arrow::compute::cast;
 use arrow::datatypes::{
-    ArrowNativeType, ByteArrayType, DataType, GenericBinaryType, GenericStringType,
+    ArrowNativeType, ByteArrayType, DataType, GenericBinaryType, GenericStringType, Int32Type,
 };
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use super::assemble::Piece;
 use super::column::{ColumnPlan, DType, Fill, Leaf};
 use super::error::{Error, Result};
+use super::hash::HashKind;
 
 /// One column of one decoded unit, ready to be copied into batch buffers.
 #[derive(Debug)]
@@ -56,8 +57,46 @@ impl PreparedSegment {
     }
 }
 
+/// The hashes of the entries of one string dictionary, each computed the first time a row uses
+/// it. Dictionary-encoded string columns repeat few distinct values, so a hashed column costs
+/// one hash per distinct value instead of one per row.
+#[derive(Default)]
+pub struct DictHashes {
+    /// The dictionary the hashes belong to, held so its buffers stay the same while compared.
+    dict: Option<ArrayRef>,
+    hashes: Vec<u64>,
+    known: Vec<bool>,
+}
+
+impl DictHashes {
+    /// Starts over unless `values` is the dictionary already memoized (the same buffers).
+    fn use_dict(&mut self, values: &ArrayRef) {
+        let same = self.dict.as_ref().is_some_and(|d| {
+            let (a, b) = (d.to_data(), values.to_data());
+            a.len() == b.len()
+                && a.offset() == b.offset()
+                && a.buffers().len() == b.buffers().len()
+                && (a.buffers().iter().zip(b.buffers()))
+                    .all(|(x, y)| x.as_ptr() == y.as_ptr() && x.len() == y.len())
+        });
+        if !same {
+            self.dict = Some(values.clone());
+            self.hashes.clear();
+            self.hashes.resize(values.len(), 0);
+            self.known.clear();
+            self.known.resize(values.len(), false);
+        }
+    }
+}
+
 /// Prepares `array` according to `plan`; `at` names the file and unit for error messages.
-pub fn prepare(plan: &ColumnPlan, array: &ArrayRef, at: &str) -> Result<Prepared> {
+/// `memo` carries the dictionary hashes of a hashed string column from one chunk to the next.
+pub fn prepare(
+    plan: &ColumnPlan,
+    array: &ArrayRef,
+    memo: &mut DictHashes,
+    at: &str,
+) -> Result<Prepared> {
     let mut offsets = Vec::with_capacity(plan.ragged_levels());
     let mut arr = array.clone();
     for _ in 0..plan.list_levels {
@@ -92,7 +131,7 @@ pub fn prepare(plan: &ColumnPlan, array: &ArrayRef, at: &str) -> Result<Prepared
     }
     let values = match plan.leaf {
         Leaf::Number(_) => numbers(plan, &arr, extra_nulls, at)?,
-        Leaf::Text => text(plan, &arr, extra_nulls, &mut offsets, at)?,
+        Leaf::Text => text(plan, &arr, extra_nulls, &mut offsets, memo, at)?,
     };
     Ok(Prepared { values, offsets })
 }
@@ -199,9 +238,33 @@ fn text(
     arr: &ArrayRef,
     extra: Option<NullBuffer>,
     offsets: &mut Vec<Vec<i64>>,
+    memo: &mut DictHashes,
     at: &str,
 ) -> Result<Buffer> {
-    let nulls = merged_nulls(arr, extra);
+    let nulls = merged_nulls(arr, extra.clone());
+    if let DataType::Dictionary(key, value) = arr.data_type() {
+        if let (Some(kind), DataType::Int32) = (plan.spec.hash, key.as_ref()) {
+            let dict = arr.as_dictionary::<Int32Type>();
+            memo.use_dict(dict.values());
+            return match value.as_ref() {
+                DataType::Utf8 => {
+                    dict_ids::<GenericStringType<i32>>(plan, kind, dict, nulls, memo, at)
+                }
+                DataType::LargeUtf8 => {
+                    dict_ids::<GenericStringType<i64>>(plan, kind, dict, nulls, memo, at)
+                }
+                DataType::Binary => {
+                    dict_ids::<GenericBinaryType<i32>>(plan, kind, dict, nulls, memo, at)
+                }
+                DataType::LargeBinary => {
+                    dict_ids::<GenericBinaryType<i64>>(plan, kind, dict, nulls, memo, at)
+                }
+                other => Err(changed_type(plan, other, at)),
+            };
+        }
+        let plain = cast(arr, value).map_err(|e| Error::corrupt(at, e))?;
+        return text(plan, &plain, extra, offsets, memo, at);
+    }
     let arr = match arr.data_type() {
         DataType::Utf8View => cast(arr, &DataType::LargeUtf8),
         DataType::BinaryView => cast(arr, &DataType::LargeBinary),
@@ -215,6 +278,54 @@ fn text(
         DataType::LargeBinary => bytes_of::<GenericBinaryType<i64>>(plan, &arr, nulls, offsets, at),
         other => Err(changed_type(plan, other, at)),
     }
+}
+
+/// The ids of a dictionary-encoded string column: each entry is hashed once (see
+/// [`DictHashes`]), the same bits `bytes_of` gives for the strings themselves.
+fn dict_ids<T: ByteArrayType>(
+    plan: &ColumnPlan,
+    kind: HashKind,
+    dict: &DictionaryArray<Int32Type>,
+    nulls: Option<NullBuffer>,
+    memo: &mut DictHashes,
+    at: &str,
+) -> Result<Buffer>
+where
+    T::Native: AsRef<[u8]>,
+{
+    let values: &GenericByteArray<T> = dict.values().as_bytes::<T>();
+    let keys = dict.keys().values();
+    let buckets = plan.spec.buckets;
+    let fill = match &plan.spec.fill {
+        Some(Fill::Int(v)) => Some(*v),
+        _ => None,
+    };
+    let mut ids = Vec::with_capacity(keys.len());
+    for (i, &k) in keys.iter().enumerate() {
+        if nulls.as_ref().is_some_and(|m| m.is_null(i)) {
+            ids.push(fill.ok_or_else(|| no_fill(plan, at))?);
+            continue;
+        }
+        let k = usize::try_from(k)
+            .ok()
+            .filter(|&k| k < values.len())
+            .ok_or_else(|| {
+                Error::corrupt(
+                    at,
+                    format!(
+                        "column '{}': dictionary key {k} out of range",
+                        plan.spec.name
+                    ),
+                )
+            })?;
+        if !memo.known[k] {
+            memo.hashes[k] = kind.hash(values.value(k).as_ref());
+            memo.known[k] = true;
+        }
+        let h = memo.hashes[k];
+        ids.push((if buckets > 0 { h % buckets } else { h }) as i64);
+    }
+    Ok(Buffer::from_vec(ids))
 }
 
 fn bytes_of<T: ByteArrayType>(

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
     RowSelector,
@@ -15,7 +15,7 @@ use super::column::{ColumnPlan, ColumnSpec};
 use super::direct::{self, DirectColumn};
 use super::error::{Error, Result};
 use super::plan::{Segment, Unit};
-use super::prepare::{prepare, PreparedSegment, PreparedUnit};
+use super::prepare::{prepare, DictHashes, PreparedSegment, PreparedUnit};
 
 /// Rows per decoded chunk, `RECIS_IO_DECODE_ROWS` or 8192. Small chunks let the allocator
 /// recycle memory between chunks; large ones lower per-chunk overhead.
@@ -178,6 +178,9 @@ impl Source {
         for f in &mut files {
             if let Meta::Parquet(m) = &f.meta {
                 f.direct = direct::plan(m.metadata(), &columns);
+                if let Some(hinted) = dictionary_hint(m, &columns, &f.path)? {
+                    f.meta = Meta::Parquet(hinted);
+                }
             }
         }
         Ok(Source {
@@ -236,12 +239,13 @@ impl Source {
             }
         }
         .into_iter();
+        let mut memos: Vec<DictHashes> = self.columns.iter().map(|_| Default::default()).collect();
         let mut chunks = Vec::with_capacity(sizes.len());
         let mut starts = vec![0];
         for (k, &rows) in sizes.iter().enumerate() {
             let mut from_direct = decoded.next().unwrap_or_default().into_iter();
-            let columns = (self.columns.iter().enumerate())
-                .map(|(i, c)| match direct_of(i) {
+            let columns = (self.columns.iter().enumerate().zip(&mut memos))
+                .map(|((i, c), memo)| match direct_of(i) {
                     Some(_) => from_direct
                         .next()
                         .ok_or_else(|| Error::Internal("direct column missing".into())),
@@ -249,7 +253,7 @@ impl Source {
                         let array = batches[k].column_by_name(&c.spec.name).ok_or_else(|| {
                             Error::Schema(format!("column '{}' not found ({at})", c.spec.name))
                         })?;
-                        prepare(c, array, &at)
+                        prepare(c, array, memo, &at)
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -347,6 +351,46 @@ impl Source {
             .map_err(|e| Error::corrupt(&fm.path, e))?;
         Ok(slice_rows(batches, seg.start, seg.end))
     }
+}
+
+/// Reader metadata that reads hashed flat string columns as dictionaries (`Dictionary(Int32, _)`),
+/// so dictionary-encoded pages arrive as keys into one dictionary per column chunk and each
+/// distinct string is hashed once. `None` when no column is hashed.
+fn dictionary_hint(
+    m: &ArrowReaderMetadata,
+    columns: &[ColumnPlan],
+    path: &str,
+) -> Result<Option<ArrowReaderMetadata>> {
+    let hashed = |name: &str| {
+        columns.iter().any(|c| {
+            c.spec.name == name && c.spec.hash.is_some() && c.list_levels == 0 && c.fixed == 1
+        })
+    };
+    let schema = m.schema();
+    let mut changed = false;
+    let fields: Vec<Field> = (schema.fields().iter())
+        .map(|f| match f.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary | DataType::LargeBinary
+                if hashed(f.name()) =>
+            {
+                changed = true;
+                let dict = DataType::Dictionary(
+                    Box::new(DataType::Int32),
+                    Box::new(f.data_type().clone()),
+                );
+                f.as_ref().clone().with_data_type(dict)
+            }
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    if !changed {
+        return Ok(None);
+    }
+    let hinted = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let options = ArrowReaderOptions::new().with_schema(hinted);
+    ArrowReaderMetadata::try_new(m.metadata().clone(), options)
+        .map(Some)
+        .map_err(|e| Error::corrupt(path, e))
 }
 
 /// Rows `[start, end)` of a sequence of batches.
