@@ -179,8 +179,13 @@ def cargo_test(session: nox.Session) -> None:
 def test(session: nox.Session, package: str) -> None:
     """One package's tests, in a fresh environment holding only it and its dependencies."""
     _install(session, [package], extras=("test", "cuda"))
+    # A package may ask for more runs of its suite with extra pytest options, listed in its
+    # pyproject as ``[tool.recis] extra-test-runs = [[...], ...]``.
+    extra_runs = _pyprojects()[package].get("tool", {}).get("recis", {}).get("extra-test-runs", [])
     with session.chdir(_pyprojects()[package]["_dir"]):
         session.run("pytest", "tests", *session.posargs)
+        for options in extra_runs:
+            session.run("pytest", "tests", *options, *session.posargs)
 
 
 @nox.session(name="test-integration")
