@@ -119,6 +119,16 @@ def test_dense_launches(checker, dtype):
     assert checker.launched == [f"ragged_to_dense2_{suffix}", f"ragged_to_dense3_{suffix}"]
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.int64])
+def test_dense_to_ragged_launches(checker, dtype):
+    dense._dense_to_ragged_cuda(torch.ones(2, 3, dtype=dtype), [torch.tensor([0, 1, 3])])
+    dense._dense_to_ragged_cuda(
+        torch.ones(2, 2, 3, dtype=dtype), [torch.tensor([0, 2, 3]), torch.tensor([0, 1, 3, 4])]
+    )
+    suffix = {1: "w1", 2: "w2", 4: "w4", 8: "w8"}[torch.tensor([], dtype=dtype).element_size()]
+    assert checker.launched == [f"dense_to_ragged2_{suffix}", f"dense_to_ragged3_{suffix}"]
+
+
 def test_cross_launch(checker):
     v, o, w = torch.tensor([1, 2]), torch.tensor([0, 2]), torch.ones(2)
     feature_cross._cross_cuda(v, o, w, v, o, w)
@@ -153,7 +163,12 @@ def test_every_kernel_is_launched_somewhere():
         "hashing": {"hash_bytes"},
         "mix": {"mix64", "multi_hash"},
         "bucketize": {"fused_bucketize_f64", "fused_bucketize_i64"},
-        "dense": {f"ragged_to_dense{n}_w{w}" for n in (2, 3) for w in (1, 2, 4, 8)},
+        "dense": {
+            f"{kind}{n}_w{w}"
+            for kind in ("ragged_to_dense", "dense_to_ragged")
+            for n in (2, 3)
+            for w in (1, 2, 4, 8)
+        },
         "feature_cross": {"feature_cross"},
         "truncate": {"truncate_index"},
         "segment_reduce": {

@@ -106,3 +106,26 @@ def test_to_dense_device_matches_cpu(device, dtype):
         cpu = rk.ragged_to_dense(rr, pad_value=7, shape=shape)
         dev = rk.ragged_to_dense(rr.to(device), pad_value=7, shape=shape)
         assert torch.equal(cpu, dev.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.float16, torch.uint8])
+def test_from_dense_device_matches_cpu(device, dtype):
+    g = torch.Generator().manual_seed(4)
+    dense2 = torch.randint(0, 3, (300, 9), generator=g).to(dtype)
+    dense3 = torch.randint(0, 3, (50, 4, 6), generator=g).to(dtype)
+    for dense in (dense2, dense3):
+        cpu = rk.dense_to_ragged(dense, pad_value=0)
+        dev = rk.dense_to_ragged(dense.to(device), pad_value=0)
+        assert torch.equal(cpu.values, dev.values.cpu())
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.offsets, dev.offsets, strict=True))
+
+
+def test_dense_to_ragged_gradient_and_opcheck():
+    dense2 = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+    lengths = torch.tensor([2, 0, 4])
+    torch.autograd.gradcheck(lambda d: rk.dense_to_ragged(d, lengths=lengths).values, (dense2,))
+    dense3 = torch.randn(2, 3, 2, dtype=torch.double, requires_grad=True)
+    lens3 = [torch.tensor([2, 1]), torch.tensor([[1, 2, 0], [2, 0, 0]])]
+    torch.autograd.gradcheck(lambda d: rk.dense_to_ragged(d, lengths=lens3).values, (dense3,))
+    offsets = [torch.tensor([0, 2, 2, 6])]
+    torch.library.opcheck(torch.ops.recis.dense_to_ragged_values, (torch.randn(3, 4), offsets))

@@ -190,7 +190,10 @@ def dense_to_ragged(
       padding is kept); for 3-d input, trailing sub-rows left empty are then stripped too.
     - neither: every row is full (length ``L``, and ``S`` sub-rows).
 
-    This op is a composition of torch operations (a masked select) on every device.
+    The row lengths are torch operations; the values are copied by one kernel launch on CUDA
+    (``dense_to_ragged{2,3}`` in ``cuda/dense.cu``) and one masked select on the CPU.
+    Differentiable: the gradient of the values goes back to their dense positions (zero
+    elsewhere).
 
     Args:
         dense: ``(B, L)`` or ``(B, S, L)`` tensor.
@@ -212,15 +215,77 @@ def dense_to_ragged(
         )
     lens = _dense_lengths(op, dense, lengths, pad_value)
     if dense.dim() == 2:
-        (row_len,) = lens
-        mask = torch.arange(dense.shape[1], device=dense.device) < row_len[:, None]
-        return RaggedTensor(dense[mask], _offsets(row_len), validate=False)
-    outer, inner = lens
-    sub_mask = torch.arange(dense.shape[1], device=dense.device) < outer[:, None]
-    kept_inner = inner[sub_mask]
-    value_mask = torch.arange(dense.shape[2], device=dense.device) < kept_inner[:, None]
-    values = dense[sub_mask][value_mask]
-    return RaggedTensor(values, [_offsets(outer), _offsets(kept_inner)], validate=False)
+        offsets = [_offsets(lens[0])]
+    else:
+        outer, inner = lens
+        sub_mask = torch.arange(dense.shape[1], device=dense.device) < outer[:, None]
+        offsets = [_offsets(outer), _offsets(inner[sub_mask])]
+    values = torch.ops.recis.dense_to_ragged_values(dense, offsets)
+    return RaggedTensor(values, offsets, validate=False)
+
+
+def _dense_to_ragged_cpu(dense: torch.Tensor, offsets: list[torch.Tensor]) -> torch.Tensor:
+    rows = torch.arange(dense.shape[1], device=dense.device) < offsets[0].diff()[:, None]
+    if len(offsets) == 1:
+        return dense[rows]
+    values = torch.arange(dense.shape[2], device=dense.device) < offsets[1].diff()[:, None]
+    return dense[rows][values]
+
+
+def _dense_to_ragged_cuda(dense: torch.Tensor, offsets: list[torch.Tensor]) -> torch.Tensor:
+    from recis_kernels._cuda import launch
+
+    word_dtype, suffix = _WORDS[dense.element_size()]
+    total = int(offsets[-1][-1])
+    out = torch.empty(total, dtype=dense.dtype, device=dense.device)
+    if total == 0:
+        return out
+    src, dst = dense.view(word_dtype), out.view(word_dtype)
+    batch = dense.shape[0]
+    if len(offsets) == 1:
+        args = [("ptr", src), ("ptr", offsets[0]), ("i64", batch), ("i64", dense.shape[1]),
+                ("ptr", dst)]  # fmt: skip
+        name = f"dense_to_ragged2_{suffix}"
+    else:
+        args = [("ptr", src), ("ptr", offsets[0]), ("ptr", offsets[1]), ("i64", batch),
+                ("i64", dense.shape[1]), ("i64", dense.shape[2]), ("ptr", dst)]  # fmt: skip
+        name = f"dense_to_ragged3_{suffix}"
+    launch("dense", name, grid_for(dense.numel()), 256, args, device=dense.device)
+    return out
+
+
+@torch.library.custom_op("recis::dense_to_ragged_values", mutates_args=())
+def _dense_to_ragged_values_op(
+    dense: torch.Tensor,
+    offsets: List[torch.Tensor],  # noqa: UP006
+) -> torch.Tensor:
+    dense = dense.contiguous()
+    offsets = [o.contiguous() for o in offsets]
+    if use_cuda_kernels(dense.device) and dense.element_size() in _WORDS:
+        return _dense_to_ragged_cuda(dense, offsets)
+    return _dense_to_ragged_cpu(dense, offsets)
+
+
+@_dense_to_ragged_values_op.register_fake
+def _(dense, offsets):
+    return dense.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+
+def _dense_to_ragged_setup(ctx, inputs, output) -> None:
+    dense, offsets = inputs
+    ctx.dims = list(dense.shape[1:])
+    ctx.save_for_backward(*offsets)
+
+
+def _dense_to_ragged_backward(ctx, grad):
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    dense_grad = torch.ops.recis.ragged_to_dense(grad, list(ctx.saved_tensors), zero, ctx.dims)
+    return dense_grad, [None] * len(ctx.saved_tensors)
+
+
+_dense_to_ragged_values_op.register_autograd(
+    _dense_to_ragged_backward, setup_context=_dense_to_ragged_setup
+)
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:
