@@ -132,6 +132,8 @@ enum Typed {
 struct Levels {
     def: Vec<i16>,
     rep: Vec<i16>,
+    /// Values (with nulls) of the previous chunk: the capacity to reserve for the next one.
+    values: usize,
 }
 
 /// Decodes rows `[start, end)` of row group `group` of the columns `cols` (each with its plan),
@@ -209,7 +211,7 @@ where
 {
     lv.def.clear();
     lv.rep.clear();
-    let mut values: Vec<T::T> = Vec::new();
+    let mut values: Vec<T::T> = Vec::with_capacity(rows.max(lv.values));
     let mut got = 0;
     while got < rows {
         let (records, _, levels) = reader
@@ -234,6 +236,7 @@ where
             ),
         ));
     }
+    lv.values = lv.def.len().max(values.len());
     let fill = |plan: &ColumnPlan| -> Result<T::T> { Ok(T::T::from_le(&null_bytes(plan, at)?)) };
     match col.element_def {
         None => {

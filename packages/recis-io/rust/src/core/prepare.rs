@@ -364,7 +364,8 @@ where
         let first = offs[0].as_usize();
         let last = offs[n].as_usize();
         offsets.push(offs.iter().map(|o| (o.as_usize() - first) as i64).collect());
-        return Ok(Buffer::from(&a.value_data()[first..last]));
+        // The batch's own value bytes, shared rather than copied.
+        return Ok(a.values().slice_with_length(first, last - first));
     }
     let fill = match &plan.spec.fill {
         Some(Fill::Text(t)) => t.as_slice(),
