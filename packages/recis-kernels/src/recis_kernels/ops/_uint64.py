@@ -40,8 +40,6 @@ def umod(x: torch.Tensor, n: torch.Tensor | int, two64_mod_n: torch.Tensor | int
         nu = np.uint64(n) if isinstance(n, int) else n.detach().cpu().numpy().astype(np.uint64)
         return torch.from_numpy((xu % nu).view(np.int64))
     r = torch.remainder(x, n)
-    if x.device.type == "cpu" and (x.numel() == 0 or int(x.min()) >= 0):
-        return r
     # A negative x stands for x + 2**64, so add 2**64 % n: stated as r - (n - c), plus n when
     # that is negative, it stays in range for every n. ``v >> 63`` is all ones exactly where v
     # is negative, which selects without a comparison pass.
