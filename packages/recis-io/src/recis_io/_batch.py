@@ -95,18 +95,30 @@ class _ColumnInfo:
     levels: int
     text: str
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.dtype]
+
 
 def _views(
     buffer: torch.Tensor, infos: list[_ColumnInfo], layout: tuple[int, list[Any]]
 ) -> dict[str, Value]:
     rows, cols = layout
+    # Cut every region out of the buffer in one split (regions are in buffer order, with
+    # alignment gaps between them), then reinterpret each region as its column's dtype.
+    dtypes = [info.torch_dtype for info in infos]
+    edges: list[int] = []
+    for dtype, (values_at, values_len, offsets) in zip(dtypes, cols, strict=True):
+        edges += (values_at, values_at + values_len * dtype.itemsize)
+        for at, n in offsets:
+            edges += (at, at + n * 8)
+    sizes = [b - a for a, b in zip([0, *edges], edges, strict=False)]
+    pieces = iter(buffer[: edges[-1]].split(sizes)[1::2] if edges else ())
     out: dict[str, Value] = {}
-    for info, (values_at, values_len, offsets) in zip(infos, cols, strict=False):
-        dtype = _TORCH_DTYPES[info.dtype]
-        size = torch.empty((), dtype=dtype).element_size()
-        values = buffer[values_at : values_at + values_len * size].view(dtype)
+    for info, dtype, (_, _, offsets) in zip(infos, dtypes, cols, strict=True):
+        values = next(pieces).view(dtype)
         if info.levels:
-            offs = tuple(buffer[at : at + n * 8].view(torch.int64) for at, n in offsets)
+            offs = tuple(next(pieces).view(torch.int64) for _ in offsets)
             out[info.name] = Ragged(values, offs)
         elif info.fixed:
             out[info.name] = values.view(rows, info.fixed)
