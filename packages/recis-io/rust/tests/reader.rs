@@ -41,6 +41,7 @@ fn options(batch: usize, shuffle: bool, shard: usize, shards: usize, threads: us
             shards,
         },
         epochs: 1,
+        pack: false,
         threads,
         prefetch: 1,
     }

@@ -155,6 +155,9 @@ class Dataset(IterableDataset):
         self._cursor: tuple[int, int] = (0, 0)
         self._resume: tuple[int, int] | None = None
         self._shard: tuple[int, int] = (self.rank, self.world_size)
+        # A finished iterator's reader, kept for the next pass: its decode buffers are already
+        # allocated. Only used in the process that made it (never across a fork or pickle).
+        self._idle: tuple[int, tuple[int, int], Reader] | None = (os.getpid(), (0, 1), probe)
 
     def _reader(self, shard: int, shards: int) -> Reader:
         specs = None if self.columns is None else [c._spec() for c in self.columns]
@@ -171,6 +174,8 @@ class Dataset(IterableDataset):
             epochs=self.epochs,
             num_threads=self.num_threads,
             prefetch=self.prefetch,
+            # Batches in reader-owned CPU memory can be decoded chunks themselves.
+            pack=self._device_kind == "cpu" or not torch.cuda.is_available(),
         )
 
     @property
@@ -194,15 +199,29 @@ class Dataset(IterableDataset):
             return rows // self.batch_size
         return -(-rows // self.batch_size)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_idle"] = None
+        return state
+
+    def _take_reader(self, shard: int, shards: int) -> Reader:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle[0] == os.getpid() and idle[1] == (shard, shards):
+            return idle[2]
+        return self._reader(shard, shards)
+
+    def _give_back(self, key: tuple[int, int], reader: Reader) -> None:
+        self._idle = (os.getpid(), key, reader)
+
     def __iter__(self) -> Iterator[Batch]:
         shard, shards = self._current_shard()
-        reader = self._reader(shard, shards)
+        reader = self._take_reader(shard, shards)
         start = self._resume if self._resume is not None else (0, 0)
         self._resume = None
         reader.seek(*start)
         self._cursor = start
         self._shard = (shard, shards)
-        return _BatchIterator(self, reader)
+        return _BatchIterator(self, reader, (shard, shards))
 
     def state_dict(self) -> dict[str, Any]:
         """The cursor after the last batch this object yielded: small and JSON-serializable.
@@ -271,9 +290,10 @@ def _as_column(c: str | Column) -> Column:
 
 
 class _BatchIterator(Iterator[Batch]):
-    def __init__(self, dataset: Dataset, reader: Reader) -> None:
+    def __init__(self, dataset: Dataset, reader: Reader, key: tuple[int, int]) -> None:
         self._ds = dataset
         self._reader: Reader | None = reader
+        self._key = key
         self._pid = os.getpid()
 
     def __iter__(self) -> _BatchIterator:
@@ -308,8 +328,9 @@ class _BatchIterator(Iterator[Batch]):
     def _close(self) -> None:
         if self._reader is not None:
             self._reader.pause()
+            self._ds._give_back(self._key, self._reader)
             self._reader = None
 
     def __del__(self) -> None:
         if self._reader is not None and os.getpid() == self._pid:
-            self._reader.pause()
+            self._close()

@@ -41,6 +41,7 @@ class Reader:
         epochs: int,
         num_threads: int,
         prefetch: int,
+        pack: bool = False,
     ) -> Reader: ...
     def schema(self) -> list[tuple[str, str, int, int, str]]:
         """``(name, dtype, fixed width or 0, ragged levels, text kind)`` per output column."""
@@ -60,4 +61,4 @@ class Reader:
     def fill_into(self, ptr: int, nbytes: int) -> _Layout:
         """Packs the prepared batch into caller-owned memory at ``ptr``."""
     def fill_owned(self) -> tuple[Any, _Layout]:
-        """Packs the prepared batch into a reused buffer returned as a DLPack capsule."""
+        """The prepared batch as a DLPack capsule: a packed chunk, or a reused buffer packed now."""

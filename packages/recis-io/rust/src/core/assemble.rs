@@ -1,10 +1,16 @@
 //! Packing rows of decoded units into one contiguous batch buffer: each value is copied once,
 //! columns are laid out one after another, every region aligned to 64 bytes.
 
+use std::fmt;
+use std::ops::Deref;
+use std::ptr::NonNull;
 use std::sync::Arc;
 
+use arrow::buffer::Buffer;
+
 use super::column::ColumnPlan;
-use super::prepare::PreparedUnit;
+use super::prepare::{Prepared, PreparedUnit};
+use super::ring::Slab;
 
 const ALIGN: usize = 64;
 
@@ -49,25 +55,40 @@ fn ranges(
     (levels, r)
 }
 
-pub fn layout(plans: &[ColumnPlan], pieces: &[Piece]) -> BatchLayout {
+pub fn layout<U: Deref<Target = PreparedUnit>>(
+    plans: &[ColumnPlan],
+    pieces: &[(U, usize, usize)],
+) -> BatchLayout {
     let rows: usize = pieces.iter().map(|(_, a, b)| b - a).sum();
-    let mut at = 0;
-    let mut columns = Vec::with_capacity(plans.len());
-    for (c, plan) in plans.iter().enumerate() {
-        let levels = plan.ragged_levels();
-        let mut counts = vec![0usize; levels];
+    let counts = plans.iter().enumerate().map(|(c, plan)| {
+        let mut levels = vec![0usize; plan.ragged_levels()];
         let mut leaf = 0;
         for (unit, a, b) in pieces {
             let (lv, r) = ranges(unit, c, *a, *b);
-            for (n, (x, y)) in counts.iter_mut().zip(lv) {
+            for (n, (x, y)) in levels.iter_mut().zip(lv) {
                 *n += y - x;
             }
             leaf += r.1 - r.0;
         }
+        (levels, leaf)
+    });
+    layout_of_counts(plans, rows, counts)
+}
+
+/// The layout of a batch of `rows` rows whose column `c` has `counts[c] = (items per ragged
+/// level, leaf items)`.
+pub fn layout_of_counts(
+    plans: &[ColumnPlan],
+    rows: usize,
+    counts: impl IntoIterator<Item = (Vec<usize>, usize)>,
+) -> BatchLayout {
+    let mut at = 0;
+    let mut columns = Vec::with_capacity(plans.len());
+    for (plan, (levels, leaf)) in plans.iter().zip(counts) {
         let values_len = leaf * plan.fixed;
         let values_at = at;
         at = align(at + values_len * plan.out.size());
-        let offsets = counts
+        let offsets = levels
             .iter()
             .map(|&n| {
                 let here = at;
@@ -89,7 +110,12 @@ pub fn layout(plans: &[ColumnPlan], pieces: &[Piece]) -> BatchLayout {
 }
 
 /// Copies `pieces` into `dst` following `layout`. `dst` must be at least `layout.nbytes` long.
-pub fn fill(plans: &[ColumnPlan], pieces: &[Piece], layout: &BatchLayout, dst: &mut [u8]) {
+pub fn fill<U: Deref<Target = PreparedUnit>>(
+    plans: &[ColumnPlan],
+    pieces: &[(U, usize, usize)],
+    layout: &BatchLayout,
+    dst: &mut [u8],
+) {
     assert!(dst.len() >= layout.nbytes, "batch buffer too small");
     for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
         let size = plan.out.size() * plan.fixed;
@@ -118,11 +144,49 @@ pub fn fill(plans: &[ColumnPlan], pieces: &[Piece], layout: &BatchLayout, dst: &
     }
 }
 
+/// A decoded chunk already packed in the layout of a batch made of exactly its rows. The chunk's
+/// columns view this buffer, and a batch that is the whole chunk is handed out as it is.
+pub struct Packed {
+    pub slab: Arc<Slab>,
+    pub layout: BatchLayout,
+}
+
+impl fmt::Debug for Packed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Packed({} bytes)", self.layout.nbytes)
+    }
+}
+
+/// Points the value buffers of `columns` at their regions of `slab`, packed per `layout`.
+pub fn view_slab(
+    plans: &[ColumnPlan],
+    columns: &mut [Prepared],
+    slab: Slab,
+    layout: BatchLayout,
+) -> Packed {
+    let slab = Arc::new(slab);
+    for ((col, plan), cl) in columns.iter_mut().zip(plans).zip(&layout.columns) {
+        let len = cl.values_len * plan.out.size();
+        assert!(
+            cl.values_at + len <= slab.len(),
+            "column region outside the slab"
+        );
+        // SAFETY: the region lies inside the slab (checked above), and the buffer keeps the
+        // slab alive through its owner; nothing writes to a packed chunk.
+        col.values = unsafe {
+            let ptr = NonNull::new_unchecked(slab.as_ptr().add(cl.values_at).cast_mut());
+            Buffer::from_custom_allocation(ptr, len, slab.clone())
+        };
+    }
+    Packed { slab, layout }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::column::{ColumnSpec, DType, Leaf};
     use crate::core::prepare::Prepared;
+    use crate::core::ring::Ring;
     use arrow::buffer::Buffer;
     use arrow::datatypes::DataType;
 
@@ -145,6 +209,7 @@ mod tests {
             off.push(vals.len() as i64);
         }
         Arc::new(PreparedUnit {
+            packed: None,
             rows: lists.len(),
             columns: vec![Prepared {
                 values: Buffer::from_vec(vals),
@@ -179,5 +244,34 @@ mod tests {
         assert_eq!(i64s(&buf[at..at + n * 8]), vec![0, 0, 1, 2, 5]);
         assert_eq!(cl.values_at % ALIGN, 0);
         assert_eq!(at % ALIGN, 0);
+    }
+
+    #[test]
+    fn a_packed_unit_views_its_slab_and_fills_like_before() {
+        let plans = vec![list_plan()];
+        let u = unit(&[&[1, 2], &[], &[3, 4, 5]]);
+        let batch = layout(&plans, &[(u.clone(), 0, 3)]);
+        let mut want = vec![0u8; batch.nbytes];
+        fill(&plans, &[(u.clone(), 0, 3)], &batch, &mut want);
+        let ring = Ring::new(2);
+        let mut plain = Arc::try_unwrap(u).unwrap();
+        let mut slab = ring.take(batch.nbytes);
+        slab.as_mut_bytes().copy_from_slice(&want);
+        plain.packed = Some(view_slab(&plans, &mut plain.columns, slab, batch.clone()));
+        let packed = Arc::new(plain);
+        let p = packed.packed.as_ref().unwrap();
+        assert_eq!(p.layout, batch);
+        let ptr = p.slab.as_ptr();
+        // SAFETY: the slab holds `nbytes` initialized bytes.
+        let got = unsafe { std::slice::from_raw_parts(ptr, batch.nbytes) };
+        assert_eq!(got, &want[..]);
+        let v = &packed.columns[0].values;
+        assert_eq!(v.as_ptr(), ptr.wrapping_add(batch.columns[0].values_at));
+        // Rows 1..3 of the packed unit still fill like the unpacked one.
+        let part = layout(&plans, &[(packed.clone(), 1, 3)]);
+        let mut buf = vec![0u8; part.nbytes];
+        fill(&plans, &[(packed, 1, 3)], &part, &mut buf);
+        let (at, n) = part.columns[0].offsets[0];
+        assert_eq!(i64s(&buf[at..at + n * 8]), vec![0, 0, 3]);
     }
 }

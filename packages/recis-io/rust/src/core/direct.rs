@@ -17,9 +17,11 @@ use parquet::file::properties::ReaderProperties;
 use parquet::file::reader::RowGroupReader;
 use parquet::file::serialized_reader::SerializedRowGroupReader;
 
+use super::assemble::{layout_of_counts, view_slab, Packed};
 use super::column::{ColumnPlan, DType, Leaf};
 use super::error::{Error, Result};
 use super::prepare::{null_bytes, Prepared};
+use super::ring::Ring;
 
 /// How one requested column is read directly from one file.
 #[derive(Clone, Copy, Debug)]
@@ -136,9 +138,15 @@ struct Levels {
     values: usize,
 }
 
+/// Where chunks are packed as batches: every output column (all decoded here, in this order),
+/// the ring of batch buffers, and the batch size (only chunks of exactly that many rows are
+/// packed).
+pub type PackInto<'a> = (&'a [ColumnPlan], &'a std::sync::Arc<Ring>, usize);
+
 /// Decodes rows `[start, end)` of row group `group` of the columns `cols` (each with its plan),
 /// in consecutive chunks of `sizes` rows. Returns, per chunk, the prepared columns in the order
-/// of `cols`.
+/// of `cols`, and the chunk packed as a batch when `pack` asks for it.
+#[allow(clippy::too_many_arguments)]
 pub fn decode(
     file: File,
     meta: &ParquetMetaData,
@@ -146,8 +154,9 @@ pub fn decode(
     cols: &[(DirectColumn, &ColumnPlan)],
     start: usize,
     sizes: &[usize],
+    pack: Option<PackInto<'_>>,
     at: &str,
-) -> Result<Vec<Vec<Prepared>>> {
+) -> Result<Vec<(Vec<Prepared>, Option<Packed>)>> {
     let corrupt = |e: parquet::errors::ParquetError| Error::corrupt(at, e);
     let props = Arc::new(ReaderProperties::builder().build());
     let rg = SerializedRowGroupReader::new(Arc::new(file), meta.row_group(group), None, props)
@@ -180,20 +189,85 @@ pub fn decode(
     }
     let mut levels: Vec<Levels> = cols.iter().map(|_| Levels::default()).collect();
     let mut out = Vec::with_capacity(sizes.len());
-    for &rows in sizes {
-        let mut columns = Vec::with_capacity(cols.len());
-        for (((c, plan), r), lv) in cols.iter().zip(&mut readers).zip(&mut levels) {
-            let p = match r {
-                Typed::I32(r) => read_column(r, c, plan, lv, rows, at)?,
-                Typed::I64(r) => read_column(r, c, plan, lv, rows, at)?,
-                Typed::F32(r) => read_column(r, c, plan, lv, rows, at)?,
-                Typed::F64(r) => read_column(r, c, plan, lv, rows, at)?,
-            };
-            columns.push(p);
+    let mut read = |k: usize, lv: &mut Levels, rows: usize| -> Result<Prepared> {
+        let (c, plan) = &cols[k];
+        match &mut readers[k] {
+            Typed::I32(r) => read_column(r, c, plan, lv, rows, at),
+            Typed::I64(r) => read_column(r, c, plan, lv, rows, at),
+            Typed::F32(r) => read_column(r, c, plan, lv, rows, at),
+            Typed::F64(r) => read_column(r, c, plan, lv, rows, at),
         }
-        out.push(columns);
+    };
+    for &rows in sizes {
+        match pack {
+            Some((plans, ring, batch)) if rows == batch && plans.len() == cols.len() => {
+                out.push(decode_packed(
+                    cols,
+                    plans,
+                    ring,
+                    &mut levels,
+                    rows,
+                    &mut read,
+                )?);
+            }
+            _ => {
+                let columns = (0..cols.len())
+                    .zip(&mut levels)
+                    .map(|(k, lv)| read(k, lv, rows))
+                    .collect::<Result<Vec<_>>>()?;
+                out.push((columns, None));
+            }
+        }
     }
     Ok(out)
+}
+
+/// Decodes one chunk straight into a batch buffer: list columns first (their lengths fix the
+/// layout), then every flat column, each copied into the buffer right after decoding while it
+/// is still in cache, so its decode buffer is reused at once by the next column.
+fn decode_packed(
+    cols: &[(DirectColumn, &ColumnPlan)],
+    plans: &[ColumnPlan],
+    ring: &std::sync::Arc<Ring>,
+    levels: &mut [Levels],
+    rows: usize,
+    read: &mut impl FnMut(usize, &mut Levels, usize) -> Result<Prepared>,
+) -> Result<(Vec<Prepared>, Option<Packed>)> {
+    let mut lists: Vec<Option<Prepared>> = Vec::with_capacity(cols.len());
+    for (k, ((c, _), lv)) in cols.iter().zip(levels.iter_mut()).enumerate() {
+        lists.push(match c.element_def {
+            Some(_) => Some(read(k, lv, rows)?),
+            None => None,
+        });
+    }
+    let counts = lists.iter().map(|l| match l {
+        Some(p) => {
+            let off = &p.offsets[0];
+            (vec![off.len() - 1], off[off.len() - 1] as usize)
+        }
+        None => (Vec::new(), rows),
+    });
+    let layout = layout_of_counts(plans, rows, counts);
+    let mut slab = ring.take(layout.nbytes);
+    let dst = slab.as_mut_bytes();
+    let mut columns = Vec::with_capacity(cols.len());
+    for (k, (list, cl)) in lists.into_iter().zip(&layout.columns).enumerate() {
+        let p = match list {
+            Some(p) => p,
+            None => read(k, &mut levels[k], rows)?,
+        };
+        let bytes = p.values.as_slice();
+        dst[cl.values_at..cl.values_at + bytes.len()].copy_from_slice(bytes);
+        for (off, &(at, n)) in p.offsets.iter().zip(&cl.offsets) {
+            let out = &mut dst[at..at + n * 8];
+            for (slot, o) in out.chunks_exact_mut(8).zip(off) {
+                slot.copy_from_slice(&o.to_le_bytes());
+            }
+        }
+        columns.push(p);
+    }
+    let packed = view_slab(plans, &mut columns, slab, layout);
+    Ok((columns, Some(packed)))
 }
 
 fn read_column<T>(

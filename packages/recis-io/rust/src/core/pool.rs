@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use super::error::{Error, Result};
 use super::plan::Segment;
 use super::prepare::PreparedSegment;
-use super::source::Source;
+use super::source::{Packing, Source};
 
 type Decoded = std::result::Result<Arc<PreparedSegment>, Error>;
 
@@ -27,6 +27,9 @@ struct Shared {
     wake: Condvar,
     source: Arc<Source>,
     segments: Vec<Segment>,
+    /// Position of each segment's first row in the shard sequence.
+    starts: Vec<usize>,
+    packing: Option<Packing>,
 }
 
 impl Shared {
@@ -45,9 +48,12 @@ pub struct Executor {
 }
 
 impl Executor {
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         source: Arc<Source>,
         segments: Vec<Segment>,
+        starts: Vec<usize>,
+        packing: Option<Packing>,
         first: usize,
         threads: usize,
         lookahead: usize,
@@ -63,6 +69,8 @@ impl Executor {
             wake: Condvar::new(),
             source,
             segments,
+            starts,
+            packing,
         });
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads.max(1) {
@@ -132,18 +140,21 @@ fn work(shared: &Shared) {
             st.next - 1
         };
         let seg = &shared.segments[idx];
-        let result = catch_unwind(AssertUnwindSafe(|| shared.source.decode(seg)))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                Err(Error::Internal(format!(
-                    "decoding failed unexpectedly: {what}"
-                )))
-            })
-            .map(Arc::new);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let pos = shared.starts.get(idx).copied().unwrap_or(0);
+            shared.source.decode(seg, pos, shared.packing.as_ref())
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Error::Internal(format!(
+                "decoding failed unexpectedly: {what}"
+            )))
+        })
+        .map(Arc::new);
         let mut st = shared.lock();
         st.done.insert(idx, result);
         shared.wake.notify_all();

@@ -11,7 +11,7 @@ use arrow::datatypes::{
 
 use std::sync::Arc;
 
-use super::assemble::Piece;
+use super::assemble::{Packed, Piece};
 use super::column::{ColumnPlan, DType, Fill, Leaf};
 use super::error::{Error, Result};
 use super::hash::HashKind;
@@ -30,6 +30,10 @@ pub struct Prepared {
 pub struct PreparedUnit {
     pub rows: usize,
     pub columns: Vec<Prepared>,
+    /// The unit already packed as a batch of its rows (see [`assemble::pack`]).
+    ///
+    /// [`assemble::pack`]: super::assemble::pack
+    pub packed: Option<Packed>,
 }
 
 /// A decoded segment as a list of chunks of at most a few thousand rows. Decoding in chunks

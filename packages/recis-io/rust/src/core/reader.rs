@@ -7,7 +7,12 @@ use super::assemble::{self, BatchLayout, Piece};
 use super::error::{Error, Result};
 use super::plan::{rows_per_shard, ShardPlan, Sharding};
 use super::pool::Executor;
-use super::source::Source;
+use super::ring::{Ring, Slab};
+use super::source::{Packing, Source};
+
+/// Smallest batch for which decoded chunks are packed as batches: smaller chunks would cost
+/// more in per-chunk decoding overhead than packing saves.
+pub const PACK_MIN_BATCH: usize = 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -18,6 +23,10 @@ pub struct Options {
     pub threads: usize,
     /// Decoded segments kept ready beyond the ones the current batch needs.
     pub prefetch: usize,
+    /// Pack decoded chunks as batches on the decode threads (for batches handed out in
+    /// reader-owned memory, see [`Reader::take_packed`]); only without shuffling and for
+    /// batches of at least [`PACK_MIN_BATCH`] rows.
+    pub pack: bool,
 }
 
 /// A batch whose rows are known and decoded, waiting for a buffer to be packed into.
@@ -25,6 +34,8 @@ pub struct Pending {
     pieces: Vec<Piece>,
     pub layout: BatchLayout,
     end: usize,
+    /// The batch is one whole packed chunk: its buffer, ready as it is.
+    packed: Option<Arc<Slab>>,
 }
 
 pub struct Reader {
@@ -35,6 +46,7 @@ pub struct Reader {
     plan: Option<ShardPlan>,
     exec: Option<Executor>,
     pending: Option<Pending>,
+    ring: Arc<Ring>,
 }
 
 impl Reader {
@@ -49,7 +61,13 @@ impl Reader {
                 s.shard, s.shards
             )));
         }
+        // Packed chunks wait in decoded segments: keep enough free buffers for the whole
+        // lookahead, so buffers are reused instead of allocated and zeroed again.
+        let max_rows = source.units.iter().map(|u| u.rows).max().unwrap_or(0);
+        let lookahead = opts.threads.max(1) + opts.prefetch;
+        let keep = opts.prefetch + 2 + lookahead * max_rows.div_ceil(opts.batch_size);
         Ok(Reader {
+            ring: Ring::new(keep.min(4096)),
             source,
             opts,
             epoch: 0,
@@ -62,6 +80,11 @@ impl Reader {
 
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    /// The ring batch buffers come from.
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.ring
     }
 
     /// Rows this shard reads per epoch.
@@ -114,9 +137,17 @@ impl Reader {
         let plan = ShardPlan::new(&self.source.units, &self.opts.sharding, self.epoch)?;
         let first = plan.segment_of(plan.first_needed(self.pos));
         let threads = self.opts.threads.max(1);
+        let o = &self.opts;
+        let packing =
+            (o.pack && !o.sharding.shuffle && o.batch_size >= PACK_MIN_BATCH).then(|| Packing {
+                ring: self.ring.clone(),
+                batch: o.batch_size,
+            });
         let exec = Executor::start(
             self.source.clone(),
             plan.segments.clone(),
+            plan.starts.clone(),
+            packing,
             first,
             threads,
             threads + self.opts.prefetch,
@@ -165,13 +196,29 @@ impl Reader {
             plan.segments.len()
         };
         exec.release_below(low);
-        let layout = assemble::layout(&self.source.columns, &pieces);
+        let whole = match pieces.as_slice() {
+            [(unit, 0, b)] if *b == unit.rows => unit.packed.as_ref(),
+            _ => None,
+        };
+        let (layout, packed) = match whole {
+            Some(p) => (p.layout.clone(), Some(p.slab.clone())),
+            None => (assemble::layout(&self.source.columns, &pieces), None),
+        };
         self.pending = Some(Pending {
             pieces,
             layout,
             end,
+            packed,
         });
         Ok(self.pending.as_ref().map(|p| &p.layout))
+    }
+
+    /// The prepared batch's buffer when the batch is one whole packed chunk (advancing the
+    /// cursor past it); `None` leaves the batch to [`Reader::fill_pending`].
+    pub fn take_packed(&mut self) -> Option<(Arc<Slab>, BatchLayout)> {
+        let p = self.pending.take_if(|p| p.packed.is_some())?;
+        self.pos = p.end;
+        Some((p.packed.expect("checked above"), p.layout))
     }
 
     /// Packs the prepared batch into `dst` and advances the cursor past it.

@@ -16,6 +16,7 @@ use super::direct::{self, DirectColumn};
 use super::error::{Error, Result};
 use super::plan::{Segment, Unit};
 use super::prepare::{prepare, DictHashes, PreparedSegment, PreparedUnit};
+use super::ring::Ring;
 
 /// Rows per decoded chunk, `RECIS_IO_DECODE_ROWS` or 8192. Small chunks let the allocator
 /// recycle memory between chunks; large ones lower per-chunk overhead.
@@ -28,6 +29,16 @@ fn chunk_rows() -> usize {
             .filter(|&n: &usize| n > 0)
             .unwrap_or(8192)
     })
+}
+
+/// Packing of decoded chunks as batches. Chunks are cut at batch boundaries, and each chunk of
+/// exactly `batch` rows is packed into a buffer from `ring` on the decode thread, so the batch
+/// it makes is handed to the consumer without another copy. Used for files whose columns all
+/// decode directly (the others are read in chunks that do not line up with batches).
+#[derive(Clone)]
+pub struct Packing {
+    pub ring: Arc<Ring>,
+    pub batch: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,7 +208,14 @@ impl Source {
     /// Decodes rows `[start, end)` of one unit and prepares every requested column. Columns
     /// with a direct plan are decoded straight into their buffers; the others are read with the
     /// Arrow reader (projected to just them) and prepared, and both land in the same chunks.
-    pub fn decode(&self, seg: &Segment) -> Result<PreparedSegment> {
+    /// `pos` is the segment's first position in the shard's sequence, which places batch
+    /// boundaries for `packing`.
+    pub fn decode(
+        &self,
+        seg: &Segment,
+        pos: usize,
+        packing: Option<&Packing>,
+    ) -> Result<PreparedSegment> {
         let unit = self.units[seg.unit];
         let fm = &self.files[unit.file];
         let at = format!("{}, {} {}", fm.path, fm.format.unit_name(), unit.group);
@@ -215,7 +233,20 @@ impl Source {
         } else {
             self.decode_arrow(fm, unit, seg, &rest, &at)?
         };
-        let sizes: Vec<usize> = if rest.is_empty() {
+        let packing = packing.filter(|p| rest.is_empty() && !direct.is_empty() && p.batch > 0);
+        let sizes: Vec<usize> = if let Some(p) = packing {
+            let lead = ((p.batch - pos % p.batch) % p.batch).min(want);
+            let mut sizes = Vec::with_capacity(want / p.batch + 2);
+            if lead > 0 {
+                sizes.push(lead);
+            }
+            let mut left = want - lead;
+            while left > 0 {
+                sizes.push(left.min(p.batch));
+                left -= left.min(p.batch);
+            }
+            sizes
+        } else if rest.is_empty() {
             let chunk = chunk_rows();
             (0..want.div_ceil(chunk))
                 .map(|k| chunk.min(want - k * chunk))
@@ -232,6 +263,7 @@ impl Source {
                 &direct,
                 seg.start,
                 &sizes,
+                packing.map(|p| (self.columns.as_slice(), &p.ring, p.batch)),
                 &at,
             )?,
             (Meta::Orc(_), false) => {
@@ -243,7 +275,8 @@ impl Source {
         let mut chunks = Vec::with_capacity(sizes.len());
         let mut starts = vec![0];
         for (k, &rows) in sizes.iter().enumerate() {
-            let mut from_direct = decoded.next().unwrap_or_default().into_iter();
+            let (from_direct, packed) = decoded.next().unwrap_or_default();
+            let mut from_direct = from_direct.into_iter();
             let columns = (self.columns.iter().enumerate().zip(&mut memos))
                 .map(|((i, c), memo)| match direct_of(i) {
                     Some(_) => from_direct
@@ -257,7 +290,11 @@ impl Source {
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
-            chunks.push(Arc::new(PreparedUnit { rows, columns }));
+            chunks.push(Arc::new(PreparedUnit {
+                rows,
+                columns,
+                packed,
+            }));
             starts.push(starts[starts.len() - 1] + rows);
         }
         Ok(PreparedSegment { chunks, starts })

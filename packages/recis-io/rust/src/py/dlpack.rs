@@ -1,7 +1,9 @@
 //! Hands a ring buffer to torch without copying, through a DLPack capsule. The buffer returns
-//! to its ring when torch frees the last tensor viewing it.
+//! to its ring when torch frees the last tensor viewing it (and, for a packed chunk, when the
+//! reader has released the chunk too).
 
 use std::ffi::{c_void, CStr};
+use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -41,8 +43,23 @@ struct DLManagedTensor {
     deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
 }
 
+/// A batch buffer handed to torch: the batch's own, or a packed chunk's, shared with it.
+pub enum SlabRef {
+    Own(Slab),
+    Shared(Arc<Slab>),
+}
+
+impl SlabRef {
+    fn slab(&self) -> &Slab {
+        match self {
+            SlabRef::Own(s) => s,
+            SlabRef::Shared(s) => s,
+        }
+    }
+}
+
 struct Owner {
-    _slab: Slab,
+    slab: SlabRef,
     shape: [i64; 1],
 }
 
@@ -73,12 +90,12 @@ unsafe extern "C" fn destroy_capsule(capsule: *mut ffi::PyObject) {
 }
 
 /// A "dltensor" capsule holding `slab` as a 1-D uint8 CPU tensor.
-pub fn slab_capsule(py: Python<'_>, slab: Slab) -> PyResult<Bound<'_, PyAny>> {
+pub fn slab_capsule(py: Python<'_>, slab: SlabRef) -> PyResult<Bound<'_, PyAny>> {
     let mut owner = Box::new(Owner {
-        shape: [slab.len() as i64],
-        _slab: slab,
+        shape: [slab.slab().len() as i64],
+        slab,
     });
-    let data = owner._slab.as_ptr() as *mut c_void;
+    let data = owner.slab.slab().as_ptr() as *mut c_void;
     let shape = owner.shape.as_mut_ptr();
     let managed = Box::into_raw(Box::new(DLManagedTensor {
         dl_tensor: DLTensor {

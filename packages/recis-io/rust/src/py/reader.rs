@@ -6,14 +6,13 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 
-use super::dlpack::slab_capsule;
+use super::dlpack::{slab_capsule, SlabRef};
 use super::errors::IntoPyResult;
 use super::hash_kind;
 use crate::core::assemble::BatchLayout;
 use crate::core::column::{ColumnSpec, DType, Fill, Leaf};
 use crate::core::plan::Sharding;
 use crate::core::reader::{Options, Reader as CoreReader};
-use crate::core::ring::Ring;
 use crate::core::source::{Format, Source};
 use crate::core::Error;
 
@@ -82,7 +81,6 @@ fn spec_of(t: SpecTuple<'_>) -> PyResult<ColumnSpec> {
 #[pyclass(module = "recis_io._recis_io")]
 pub struct Reader {
     inner: CoreReader,
-    ring: Arc<Ring>,
 }
 
 #[pymethods]
@@ -90,7 +88,7 @@ impl Reader {
     #[new]
     #[pyo3(signature = (
         paths, columns, *, batch_size, drop_last, shuffle, seed, window, shard, shards,
-        epochs, num_threads, prefetch
+        epochs, num_threads, prefetch, pack = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -107,6 +105,7 @@ impl Reader {
         epochs: u64,
         num_threads: usize,
         prefetch: usize,
+        pack: bool,
     ) -> PyResult<Reader> {
         let specs = columns
             .unwrap_or_default()
@@ -132,12 +131,10 @@ impl Reader {
             epochs,
             threads: num_threads,
             prefetch,
+            pack,
         };
         let inner = CoreReader::new(Arc::new(source), opts).py()?;
-        Ok(Reader {
-            inner,
-            ring: Ring::new(prefetch + 2),
-        })
+        Ok(Reader { inner })
     }
 
     /// `(name, dtype, fixed width, ragged levels, text kind)` of every output column; the
@@ -217,20 +214,22 @@ impl Reader {
         Ok(layout_tuple(&layout))
     }
 
-    /// Packs the prepared batch into a buffer from the ring and returns it as a DLPack
-    /// capsule with the layout.
+    /// Returns the prepared batch as a DLPack capsule with its layout: the packed chunk itself
+    /// when the batch is one (see `pack`), else a buffer from the ring packed now.
     fn fill_owned<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Layout)> {
         let inner = &mut self.inner;
-        let ring = &self.ring;
         let (slab, layout) = py
             .detach(|| {
                 let need = inner
                     .prepare_next()?
                     .map(|l| l.nbytes)
                     .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
-                let mut slab = ring.take(need);
+                if let Some((slab, layout)) = inner.take_packed() {
+                    return Ok((SlabRef::Shared(slab), layout));
+                }
+                let mut slab = inner.ring().take(need);
                 let layout = inner.fill_pending(slab.as_mut_bytes())?;
-                Ok::<_, Error>((slab, layout))
+                Ok::<_, Error>((SlabRef::Own(slab), layout))
             })
             .py()?;
         Ok((slab_capsule(py, slab)?, layout_tuple(&layout)))
