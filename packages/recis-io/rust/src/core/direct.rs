@@ -6,15 +6,18 @@
 //! are merged chunk by chunk.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use arrow::buffer::Buffer;
+use bytes::{Buf, Bytes};
 use parquet::basic::{Repetition, Type as PhysicalType};
 use parquet::column::reader::{ColumnReader, ColumnReaderImpl};
 use parquet::data_type::DataType as ParquetType;
+use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::ReaderProperties;
-use parquet::file::reader::RowGroupReader;
+use parquet::file::reader::{ChunkReader, Length, RowGroupReader};
 use parquet::file::serialized_reader::SerializedRowGroupReader;
 
 use super::assemble::{layout_of_counts, view_slab, Packed};
@@ -105,6 +108,91 @@ fn plan_column(meta: &ParquetMetaData, plan: &ColumnPlan) -> Option<DirectColumn
     })
 }
 
+/// The column chunks one segment decodes, read with one positioned read per run of adjacent
+/// chunks and served to the page readers from memory: no system call, file handle or read
+/// buffer per page.
+struct Chunks {
+    /// `(file offset, bytes)` of each run, sorted by offset.
+    runs: Vec<(u64, Bytes)>,
+    file_len: u64,
+}
+
+impl Chunks {
+    fn read(mut file: File, spans: impl Iterator<Item = (u64, u64)>, at: &str) -> Result<Chunks> {
+        let io = |e: std::io::Error| Error::corrupt(at, e);
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut spans: Vec<(u64, u64)> = spans.map(|(start, len)| (start, start + len)).collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (a, b) in spans {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let mut runs = Vec::with_capacity(merged.len());
+        for (a, b) in merged {
+            if b > file_len {
+                return Err(Error::corrupt(
+                    at,
+                    format!("column data at bytes {a}..{b} is past the end of the file ({file_len} bytes)"),
+                ));
+            }
+            let len = usize::try_from(b - a).map_err(|e| Error::corrupt(at, e))?;
+            let mut buf = Vec::with_capacity(len);
+            file.seek(SeekFrom::Start(a)).map_err(io)?;
+            (&mut file).take(b - a).read_to_end(&mut buf).map_err(io)?;
+            if buf.len() != len {
+                return Err(Error::corrupt(
+                    at,
+                    format!("expected {len} bytes at offset {a}, read {}", buf.len()),
+                ));
+            }
+            runs.push((a, Bytes::from(buf)));
+        }
+        Ok(Chunks { runs, file_len })
+    }
+
+    /// The bytes from file offset `start` to the end of the run holding it.
+    fn from(&self, start: u64) -> parquet::errors::Result<Bytes> {
+        let i = self.runs.partition_point(|(base, _)| *base <= start);
+        let hit = i.checked_sub(1).map(|i| &self.runs[i]);
+        match hit {
+            Some((base, data)) if start - base <= data.len() as u64 => {
+                Ok(data.slice((start - base) as usize..))
+            }
+            _ => Err(ParquetError::EOF(format!(
+                "no column data was read at file offset {start}"
+            ))),
+        }
+    }
+}
+
+impl Length for Chunks {
+    fn len(&self) -> u64 {
+        self.file_len
+    }
+}
+
+impl ChunkReader for Chunks {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(self.from(start)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let rest = self.from(start)?;
+        if rest.len() < length {
+            return Err(ParquetError::EOF(format!(
+                "expected {length} bytes at file offset {start}, the column data has {}",
+                rest.len()
+            )));
+        }
+        Ok(rest.slice(..length))
+    }
+}
+
 /// A value type the direct path decodes.
 trait Native: Copy + Default {
     fn from_le(bytes: &[u8]) -> Self;
@@ -159,7 +247,12 @@ pub fn decode(
 ) -> Result<Vec<(Vec<Prepared>, Option<Packed>)>> {
     let corrupt = |e: parquet::errors::ParquetError| Error::corrupt(at, e);
     let props = Arc::new(ReaderProperties::builder().build());
-    let rg = SerializedRowGroupReader::new(Arc::new(file), meta.row_group(group), None, props)
+    let group_meta = meta.row_group(group);
+    let spans = cols
+        .iter()
+        .map(|(c, _)| group_meta.column(c.leaf).byte_range());
+    let chunks = Chunks::read(file, spans, at)?;
+    let rg = SerializedRowGroupReader::new(Arc::new(chunks), group_meta, None, props)
         .map_err(corrupt)?;
     let mut readers = Vec::with_capacity(cols.len());
     for (c, _) in cols {
@@ -285,7 +378,9 @@ where
 {
     lv.def.clear();
     lv.rep.clear();
-    let mut values: Vec<T::T> = Vec::with_capacity(rows.max(lv.values));
+    // List columns vary in length from chunk to chunk: leave headroom over the previous chunk
+    // so the vector is not reallocated (and copied) while decoding.
+    let mut values: Vec<T::T> = Vec::with_capacity(rows.max(lv.values + lv.values / 4));
     let mut got = 0;
     while got < rows {
         let (records, _, levels) = reader
@@ -323,25 +418,29 @@ where
             })
         }
         Some(element_def) => {
-            let mut offsets = Vec::with_capacity(rows + 1);
-            let mut n = 0i64;
+            // Branch-free: every level writes the running count to the slot of the next list
+            // start, and a level that starts a list (repetition level 0) moves to the next
+            // slot. The count is clamped to the last slot, so corrupt levels cannot write
+            // outside the vector; they are reported below.
+            let mut offsets = vec![0i64; rows + 2];
+            let last = rows + 1;
+            let (mut k, mut n) = (0usize, 0i64);
             for (&r, &d) in lv.rep.iter().zip(&lv.def) {
-                if r == 0 {
-                    offsets.push(n);
-                }
+                offsets[k] = n;
+                k = (k + usize::from(r == 0)).min(last);
                 n += i64::from(d >= element_def);
             }
-            offsets.push(n);
-            if offsets.len() != rows + 1 {
+            if k != rows {
                 return Err(Error::corrupt(
                     at,
                     format!(
-                        "column '{}': expected {rows} lists, decoded {}",
-                        plan.spec.name,
-                        offsets.len() - 1
+                        "column '{}': expected {rows} lists, decoded {k}",
+                        plan.spec.name
                     ),
                 ));
             }
+            offsets[k] = n;
+            offsets.truncate(rows + 1);
             if (values.len() as i64) < n {
                 let value = fill(plan)?;
                 let elements: Vec<i16> = lv
