@@ -135,3 +135,23 @@ def test_resume_and_shards_with_packing(files: list[Path]) -> None:
         per = 7200 // 2
         sub = {k: v[rank * per : (rank + 1) * per] for k, v in want.items()}
         check(list(shard), sub)
+
+
+def test_shuffled_batches_keep_every_row_whole(files: list[Path]) -> None:
+    """Shuffled batches are gathered row by row (in source order, written to their places):
+    every row's columns must still belong to one source row, each row read exactly once."""
+    want = expected(files)
+    index = {v: i for i, v in enumerate(want["id"])}
+    ds = Dataset(files, batch_size=500, columns=COLUMNS, shuffle=True, seed=3, shuffle_window=2000)
+    seen = []
+    for batch in ds:
+        ids = batch["id"].tolist()
+        for name in ("f", "n", "d", "seq"):
+            got = rows_of([batch], name)
+            for v, g in zip(ids, got, strict=True):
+                w = want[name][index[v]]
+                same = g == w or (isinstance(w, float) and math.isclose(g, w, rel_tol=1e-6))
+                assert same, f"column {name} of the row with id {v}: {g!r} != {w!r}"
+        seen += ids
+    assert sorted(seen) == sorted(want["id"])
+    assert seen != want["id"]

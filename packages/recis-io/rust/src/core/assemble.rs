@@ -39,22 +39,6 @@ fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-/// The ranges a piece covers at each ragged level and at the leaf.
-fn ranges(
-    unit: &PreparedUnit,
-    col: usize,
-    a: usize,
-    b: usize,
-) -> (Vec<(usize, usize)>, (usize, usize)) {
-    let mut r = (a, b);
-    let mut levels = Vec::with_capacity(unit.columns[col].offsets.len());
-    for off in &unit.columns[col].offsets {
-        levels.push(r);
-        r = (off[r.0] as usize, off[r.1] as usize);
-    }
-    (levels, r)
-}
-
 pub fn layout<U: Deref<Target = PreparedUnit>>(
     plans: &[ColumnPlan],
     pieces: &[(U, usize, usize)],
@@ -62,11 +46,17 @@ pub fn layout<U: Deref<Target = PreparedUnit>>(
     let rows: usize = pieces.iter().map(|(_, a, b)| b - a).sum();
     let counts = plans.iter().enumerate().map(|(c, plan)| {
         let mut levels = vec![0usize; plan.ragged_levels()];
+        if levels.is_empty() {
+            return (levels, rows);
+        }
         let mut leaf = 0;
         for (unit, a, b) in pieces {
-            let (lv, r) = ranges(unit, c, *a, *b);
-            for (n, (x, y)) in levels.iter_mut().zip(lv) {
-                *n += y - x;
+            // Walk the piece's range down the levels (no allocation per piece: shuffled
+            // batches are made of thousands of one-row pieces).
+            let mut r = (*a, *b);
+            for (n, off) in levels.iter_mut().zip(&unit.columns[c].offsets) {
+                *n += r.1 - r.0;
+                r = (off[r.0] as usize, off[r.1] as usize);
             }
             leaf += r.1 - r.0;
         }
@@ -117,18 +107,56 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
     dst: &mut [u8],
 ) {
     assert!(dst.len() >= layout.nbytes, "batch buffer too small");
+    // Flat columns of a shuffled batch (thousands of one-row pieces) are gathered in source
+    // order, each piece written to its place in the batch: reads then walk each chunk forwards
+    // (which the hardware prefetches) and the scattered writes stay within the batch's column.
+    let by_source = (pieces.len() > 64).then(|| {
+        let mut at = 0;
+        // (chunk address, first row in the chunk, piece, first row in the batch)
+        let mut order: Vec<(usize, usize, usize, usize)> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, (unit, a, b))| {
+                let row = at;
+                at += b - a;
+                (&**unit as *const PreparedUnit as usize, *a, i, row)
+            })
+            .collect();
+        order.sort_unstable_by_key(|&(unit, a, _, _)| (unit, a));
+        order
+    });
     for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
         let size = plan.out.size() * plan.fixed;
         let mut v = cl.values_at;
+        if cl.offsets.is_empty() {
+            match &by_source {
+                Some(order) => {
+                    for &(_, _, i, row) in order {
+                        let (unit, a, b) = &pieces[i];
+                        let src = unit.columns[c].values.as_slice();
+                        copy_rows(&mut dst[v + row * size..], src, *a, *b, size);
+                    }
+                }
+                None => {
+                    for (unit, a, b) in pieces {
+                        let src = unit.columns[c].values.as_slice();
+                        copy_rows(&mut dst[v..], src, *a, *b, size);
+                        v += (b - a) * size;
+                    }
+                }
+            }
+            continue;
+        }
+        // Per level: where the next offset goes and the running count it continues from.
         let mut cursors: Vec<(usize, i64)> = cl.offsets.iter().map(|&(at, _)| (at, 0)).collect();
         for &(at, _) in &cl.offsets {
             dst[at..at + 8].copy_from_slice(&0i64.to_le_bytes());
         }
         for (unit, a, b) in pieces {
             let col = &unit.columns[c];
-            let (lv, r) = ranges(unit, c, *a, *b);
-            for ((l, (x, y)), cur) in lv.into_iter().enumerate().zip(cursors.iter_mut()) {
-                let off = &col.offsets[l];
+            let mut r = (*a, *b);
+            for (off, cur) in col.offsets.iter().zip(cursors.iter_mut()) {
+                let (x, y) = r;
                 let base = cur.1 - off[x];
                 let out = &mut dst[cur.0 + 8..cur.0 + 8 + (y - x) * 8];
                 for (slot, o) in out.chunks_exact_mut(8).zip(&off[x + 1..=y]) {
@@ -136,11 +164,22 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
                 }
                 cur.0 += (y - x) * 8;
                 cur.1 += off[y] - off[x];
+                r = (off[x] as usize, off[y] as usize);
             }
-            let bytes = &col.values.as_slice()[r.0 * size..r.1 * size];
-            dst[v..v + bytes.len()].copy_from_slice(bytes);
-            v += bytes.len();
+            copy_rows(&mut dst[v..], col.values.as_slice(), r.0, r.1, size);
+            v += (r.1 - r.0) * size;
         }
+    }
+}
+
+/// Copies elements `[a, b)` of `size` bytes each from `src` to the start of `dst`. One element
+/// of a common size is copied with a fixed-size move instead of a `memcpy` call (shuffled
+/// batches copy row by row).
+fn copy_rows(dst: &mut [u8], src: &[u8], a: usize, b: usize, size: usize) {
+    match (b - a, size) {
+        (1, 8) => dst[..8].copy_from_slice(&src[a * 8..a * 8 + 8]),
+        (1, 4) => dst[..4].copy_from_slice(&src[a * 4..a * 4 + 4]),
+        (n, _) => dst[..n * size].copy_from_slice(&src[a * size..b * size]),
     }
 }
 
