@@ -108,6 +108,14 @@ fn plan_column(meta: &ParquetMetaData, plan: &ColumnPlan) -> Option<DirectColumn
     })
 }
 
+/// Read buffers kept per decode thread.
+const KEEP_READ_BUFFERS: usize = 4;
+
+thread_local! {
+    static READ_BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The column chunks one segment decodes, read with one positioned read per run of adjacent
 /// chunks and served to the page readers from memory: no system call, file handle or read
 /// buffer per page.
@@ -139,7 +147,14 @@ impl Chunks {
                 ));
             }
             let len = usize::try_from(b - a).map_err(|e| Error::corrupt(at, e))?;
-            let mut buf = Vec::with_capacity(len);
+            let mut buf = READ_BUFFERS.with_borrow_mut(|free| {
+                let best = (0..free.len())
+                    .filter(|&i| free[i].capacity() >= len)
+                    .min_by_key(|&i| free[i].capacity());
+                best.map(|i| free.swap_remove(i)).unwrap_or_default()
+            });
+            buf.clear();
+            buf.reserve_exact(len);
             file.seek(SeekFrom::Start(a)).map_err(io)?;
             (&mut file).take(b - a).read_to_end(&mut buf).map_err(io)?;
             if buf.len() != len {
@@ -151,6 +166,20 @@ impl Chunks {
             runs.push((a, Bytes::from(buf)));
         }
         Ok(Chunks { runs, file_len })
+    }
+
+    /// Keeps this segment's read buffers for the next segment decoded on this thread: fresh
+    /// buffers of this size are faulted in (and zeroed) page by page by the kernel.
+    fn recycle(self) {
+        READ_BUFFERS.with_borrow_mut(|free| {
+            for (_, bytes) in self.runs {
+                if free.len() < KEEP_READ_BUFFERS {
+                    if let Ok(m) = bytes.try_into_mut() {
+                        free.push(Vec::from(m));
+                    }
+                }
+            }
+        });
     }
 
     /// The bytes from file offset `start` to the end of the run holding it.
@@ -251,9 +280,9 @@ pub fn decode(
     let spans = cols
         .iter()
         .map(|(c, _)| group_meta.column(c.leaf).byte_range());
-    let chunks = Chunks::read(file, spans, at)?;
-    let rg = SerializedRowGroupReader::new(Arc::new(chunks), group_meta, None, props)
-        .map_err(corrupt)?;
+    let chunks = Arc::new(Chunks::read(file, spans, at)?);
+    let rg =
+        SerializedRowGroupReader::new(chunks.clone(), group_meta, None, props).map_err(corrupt)?;
     let mut readers = Vec::with_capacity(cols.len());
     for (c, _) in cols {
         let mut r = match rg.get_column_reader(c.leaf).map_err(corrupt)? {
@@ -280,6 +309,23 @@ pub fn decode(
         }
         readers.push(r);
     }
+    let decoded = decode_chunks(cols, &mut readers, sizes, pack, at);
+    drop(readers);
+    drop(rg);
+    if let Ok(chunks) = Arc::try_unwrap(chunks) {
+        chunks.recycle();
+    }
+    decoded
+}
+
+/// Reads consecutive chunks of `sizes` rows from `readers` (one per column of `cols`).
+fn decode_chunks(
+    cols: &[(DirectColumn, &ColumnPlan)],
+    readers: &mut [Typed],
+    sizes: &[usize],
+    pack: Option<PackInto<'_>>,
+    at: &str,
+) -> Result<Vec<(Vec<Prepared>, Option<Packed>)>> {
     let mut levels: Vec<Levels> = cols.iter().map(|_| Levels::default()).collect();
     let mut out = Vec::with_capacity(sizes.len());
     let mut read = |k: usize, lv: &mut Levels, rows: usize| -> Result<Prepared> {
