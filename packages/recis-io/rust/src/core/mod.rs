@@ -2,6 +2,7 @@
 //! packing decoded values into batch buffers. No Python types live here.
 
 pub mod assemble;
+pub mod chunks;
 pub mod column;
 pub mod direct;
 pub mod error;

@@ -11,6 +11,7 @@ use parquet::arrow::arrow_reader::{
 };
 use parquet::arrow::ProjectionMask;
 
+use super::chunks::{Chunks, SharedChunks};
 use super::column::{ColumnPlan, ColumnSpec};
 use super::direct::{self, DirectColumn};
 use super::error::{Error, Result};
@@ -343,11 +344,18 @@ impl Source {
             .iter()
             .filter_map(|c| fm.schema.index_of(&c.spec.name).ok())
             .collect();
-        let mask = ProjectionMask::roots(m.parquet_schema(), roots);
-        let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, m.clone())
-            .with_row_groups(vec![unit.group])
-            .with_projection(mask)
-            .with_batch_size(chunk_rows());
+        let schema = m.parquet_schema();
+        let group = m.metadata().row_group(unit.group);
+        let spans = (0..schema.num_columns())
+            .filter(|&leaf| roots.contains(&schema.get_column_root_idx(leaf)))
+            .map(|leaf| group.column(leaf).byte_range());
+        let chunks = SharedChunks(Arc::new(Chunks::read(file, spans, &fm.path)?));
+        let mask = ProjectionMask::roots(schema, roots);
+        let mut builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(chunks.clone(), m.clone())
+                .with_row_groups(vec![unit.group])
+                .with_projection(mask)
+                .with_batch_size(chunk_rows());
         if seg.start > 0 || seg.end < unit.rows {
             let sel = vec![
                 RowSelector::skip(seg.start),
@@ -356,9 +364,11 @@ impl Source {
             builder = builder.with_row_selection(RowSelection::from(sel));
         }
         let reader = builder.build().map_err(|e| Error::corrupt(&fm.path, e))?;
-        reader
+        let batches = reader
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::corrupt(&fm.path, e))
+            .map_err(|e| Error::corrupt(&fm.path, e));
+        chunks.recycle();
+        batches
     }
 
     fn decode_orc(
