@@ -9,7 +9,9 @@ offsets, each run in its own fresh process so peak memory is its own:
 
 - recis: ``recis_io.Dataset`` with its native decode threads (exactly 8192-row batches, one
   packed buffer per batch). Strings are read as bytes + offsets like the others, and once more
-  hashed to int64 ids (FarmHash) while reading.
+  hashed to int64 ids (FarmHash) while reading. One more recis row reads with ``shuffle=True``
+  (row groups permuted, rows shuffled within 65,536-row windows, as for training); the
+  contenders do not shuffle, so compare that row with recis's own unshuffled one.
 - (a) ``pyarrow.parquet.read_table(use_threads=True)``: decode only, no tensors (an upper
   bound on decoding speed, not a loader).
 - (b) ``pyarrow.dataset(...).to_batches(batch_size=8192)`` converted to torch tensors.
@@ -35,10 +37,11 @@ from torch.utils.data import IterableDataset
 
 ROOT = Path(__file__).resolve().parent
 BATCH = 8192
-CONTENDERS = ("recis", "recis_hash", "a", "b", "c")
+CONTENDERS = ("recis", "recis_hash", "recis_shuffle", "a", "b", "c")
 LABELS = {
     "recis": "recis_io.Dataset",
     "recis_hash": "recis_io.Dataset, strings hashed",
+    "recis_shuffle": "recis_io.Dataset, shuffle=True",
     "a": "(a) pq.read_table, decode only",
     "b": "(b) ds.to_batches -> torch",
     "c": "(c) DataLoader(2 workers) of (b)",
@@ -111,14 +114,14 @@ def _pass_fn(name: str, files: list[str], strings: bool):
     import pyarrow.parquet as pq
     import torch
 
-    if name in ("recis", "recis_hash"):
+    if name in ("recis", "recis_hash", "recis_shuffle"):
         from recis_io import Column, Dataset
 
         cols: list[Any] = ["label", *(Column(f"I{j}", fill=0.0) for j in range(1, 14))]
         hashed = name == "recis_hash"
         cols += [Column(f"C{j}", hash="farm" if hashed else None) for j in range(1, 27)]
         cols.append("seq")
-        ds = Dataset(files, batch_size=BATCH, columns=cols)
+        ds = Dataset(files, batch_size=BATCH, columns=cols, shuffle=name == "recis_shuffle")
         return lambda: sum(len(b) for b in ds)
     if name == "a":
         return lambda: pq.read_table(files, use_threads=True).num_rows
