@@ -152,6 +152,13 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
         for &(at, _) in &cl.offsets {
             dst[at..at + 8].copy_from_slice(&0i64.to_le_bytes());
         }
+        // With many pieces, the values are copied in a second pass in source order (see
+        // `by_source`); the first pass, in batch order, writes the offsets and notes where each
+        // piece's values come from and go.
+        let mut leaves: Vec<(usize, usize, usize)> = Vec::new();
+        if by_source.is_some() {
+            leaves.reserve(pieces.len());
+        }
         for (unit, a, b) in pieces {
             let col = &unit.columns[c];
             let mut r = (*a, *b);
@@ -166,8 +173,18 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
                 cur.1 += off[y] - off[x];
                 r = (off[x] as usize, off[y] as usize);
             }
-            copy_rows(&mut dst[v..], col.values.as_slice(), r.0, r.1, size);
+            match by_source {
+                Some(_) => leaves.push((r.0, r.1, v)),
+                None => copy_rows(&mut dst[v..], col.values.as_slice(), r.0, r.1, size),
+            }
             v += (r.1 - r.0) * size;
+        }
+        if let Some(order) = &by_source {
+            for &(_, _, i, _) in order {
+                let (x, y, at) = leaves[i];
+                let src = pieces[i].0.columns[c].values.as_slice();
+                copy_rows(&mut dst[at..], src, x, y, size);
+            }
         }
     }
 }
