@@ -53,6 +53,34 @@ def test_fused_bucketize_matches_per_feature(data):
     assert [o.tolist() for o in outs] == [ref(x, b) for (x, _), b in zip(data, bounds, strict=True)]
 
 
+doubles = st.floats(allow_nan=False, width=64)
+
+
+@given(
+    data=st.lists(
+        st.tuples(
+            st.lists(st.one_of(floats, st.just(float("nan"))), min_size=4, max_size=4),
+            st.lists(
+                st.one_of(doubles, floats.map(lambda f: math.nextafter(f, math.inf))), max_size=6
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_float32_values_against_float64_boundaries(data):
+    """float64 boundaries that fall between, above or below float32 numbers, with float32
+    values (compared in float32 after rounding the boundaries up): buckets as in exact math."""
+    xs = [torch.tensor(x, dtype=torch.float32) for x, _ in data]
+    bounds = [sorted(b) for _, b in data]
+    outs = rk.fused_bucketize(xs, [torch.tensor(b, dtype=torch.float64) for b in bounds])
+    # float32 -> Python float is exact, so the reference compares in exact float64 arithmetic.
+    expected = [ref(x.tolist(), b) for x, b in zip(xs, bounds, strict=True)]
+    assert [o.tolist() for o in outs] == expected
+    single = rk.bucketize(xs[0], torch.tensor(bounds[0], dtype=torch.float64))
+    assert single.tolist() == expected[0]
+
+
 def test_boundary_goes_to_upper_bucket_and_shapes():
     x = torch.tensor([[-1.0, 0.0], [5.0, 10.0]])
     out = rk.bucketize(x, [0.0, 10.0])

@@ -1,9 +1,11 @@
 """``bucketize`` / ``fused_bucketize``: bucket = number of boundaries ``<= x``.
 
 With boundaries ``[0, 10, 20]``: ``x < 0 -> 0``, ``0 <= x < 10 -> 1``, ``x = 10 -> 2`` (a value equal
-to a boundary goes to the upper bucket), ``x >= 20 -> 3``; NaN goes to bucket 0. Comparison happens
-in float64 when either side is floating point (float32 when both are float32, which compares
-identically), else in int64.
+to a boundary goes to the upper bucket), ``x >= 20 -> 3``; NaN goes to bucket 0. float32 values are
+compared in float32 against floating boundaries rounded up to the next float32 (for a float32
+``x``, ``x >= b`` exactly when ``x >= roundup32(b)``), which halves the memory traffic of a float64
+comparison and gives the same buckets. Other floating inputs compare in float64, integers in
+int64.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
+import numpy as np
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
@@ -31,26 +34,28 @@ def _boundaries(op: str, where: str, b: torch.Tensor | Sequence[float], device) 
         raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {t.dtype}")
     if t.dim() != 1:
         raise ShapeError(f"{op}: {where} must be 1-d, got shape {tuple(t.shape)}")
-    return t.to(device)
+    return t if t.device == device else t.to(device)
 
 
 def _check_order(op: str, wheres: Sequence[str], packed: torch.Tensor, sizes: list[int]) -> None:
     """Every boundary list free of NaN and non-decreasing, checked over the packed lists at
-    once; the error names the first list that is not."""
+    once (on a host copy: boundary lists are short); the error names the first list that is
+    not."""
     if torch.compiler.is_compiling() or packed.numel() == 0:
         return
-    bad = packed.isnan() if packed.is_floating_point() else None
-    if bad is not None and bool(bad.any()):
-        k = _owner(int(bad.nonzero()[0]), sizes)
-        raise ValueError(f"{op}: {wheres[k]} must not contain NaN")
-    if packed.numel() > 1:
-        # A step down between two neighbours of one list (not across a list boundary).
-        down = packed[1:] < packed[:-1]
-        starts = torch.tensor(sizes[:-1], dtype=torch.int64).cumsum(0) - 1
-        down[starts[(starts >= 0) & (starts < down.numel())].to(down.device)] = False
-        if bool(down.any()):
-            k = _owner(int(down.nonzero()[0]) + 1, sizes)
-            raise ValueError(f"{op}: {wheres[k]} must be sorted in non-decreasing order")
+    b = packed.detach().cpu().numpy()
+    if b.dtype.kind == "f":
+        bad = np.flatnonzero(np.isnan(b))
+        if bad.size:
+            raise ValueError(f"{op}: {wheres[_owner(int(bad[0]), sizes)]} must not contain NaN")
+    # A step down between two neighbours of one list (not across a list boundary).
+    down = b[1:] < b[:-1]
+    ends = np.cumsum(sizes[:-1], dtype=np.int64) - 1
+    down[ends[(ends >= 0) & (ends < down.size)]] = False
+    steps = np.flatnonzero(down)
+    if steps.size:
+        k = _owner(int(steps[0]) + 1, sizes)
+        raise ValueError(f"{op}: {wheres[k]} must be sorted in non-decreasing order")
 
 
 def _owner(position: int, sizes: Sequence[int]) -> int:
@@ -120,11 +125,21 @@ def fused_bucketize(
         _boundaries(op, where, b, device) for where, b in zip(wheres, boundaries_list, strict=True)
     ]
     dtype = _common_dtype([*xs, *bounds])
-    packed, sizes = pack([x.to(dtype) for x in xs])
-    packed_b, b_sizes = pack([b.to(dtype) for b in bounds])
+    packed_b, b_sizes = pack([_as(b, dtype) for b in bounds])
     _check_order(op, wheres, packed_b, b_sizes)
+    if (
+        dtype == torch.float64
+        and all(x.dtype == torch.float32 for x in xs)
+        and all(b.is_floating_point() for b in bounds)
+    ):
+        packed_b, dtype = _round_up_to_float32(packed_b), torch.float32
+    packed, sizes = pack([_as(x, dtype) for x in xs])
     out = torch.ops.recis.fused_bucketize(packed, sizes, packed_b, b_sizes)
     return unpack(out, sizes, [x.shape for x in xs])
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -142,6 +157,19 @@ def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     )
 
 
+def _round_up_to_float32(b: torch.Tensor) -> torch.Tensor:
+    """Each float64 boundary as the smallest float32 ``>=`` it (``inf`` above float32's range).
+
+    For a float32 ``x`` and any real ``b``, ``x >= b`` holds exactly when ``x >= roundup32(b)``
+    (no float32 lies in between), so float32 values compare in float32 with the same result.
+    """
+    near = b.to(torch.float32)
+    low = near.to(torch.float64) < b
+    if bool(low.any()):
+        near = torch.where(low, torch.nextafter(near, near.new_tensor(torch.inf)), near)
+    return near
+
+
 # Up to this many boundaries per feature, counting with comparisons beats binary search.
 _COUNT_MAX = 32
 
@@ -157,15 +185,7 @@ def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
         # only a maximal x counts, so integer counts are clamped to the real number.
         floating = xs.is_floating_point()
         table = _pad_rows(bounds, b_sizes, float("nan") if floating else torch.iinfo(xs.dtype).max)
-        values = xs.view(k, -1)
-        # Byte counters (at most _COUNT_MAX) added to in place: a third of the memory traffic
-        # of int64 counters, and no dtype promotion per column.
-        counts = torch.zeros(values.shape, dtype=torch.uint8, device=xs.device)
-        hit = torch.empty(values.shape, dtype=torch.bool, device=xs.device)
-        for j in range(table.shape[1]):
-            torch.ge(values, table[:, j : j + 1], out=hit)
-            counts.add_(hit.view(torch.uint8))
-        out = counts.view(-1).to(torch.int64)
+        out = _count_at_most(xs.view(k, -1), table).view(-1).to(torch.int64)
         if not floating:
             out = torch.minimum(out.view(k, -1), torch.tensor(b_sizes, device=xs.device)[:, None])
         return out.view(-1)
@@ -189,6 +209,29 @@ def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     if xs.is_floating_point():
         out = torch.where(xs.isnan(), 0, out)
     return out
+
+
+def _count_at_most(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per element of row k of ``values``, how many of ``table[k]`` are ``<= `` it, as uint8.
+
+    Byte counters (at most _COUNT_MAX) added to in place: a third of the memory traffic of int64
+    counters, and no dtype promotion per column. On the CPU NumPy runs the comparison against a
+    broadcast column two to three times faster than torch, so it does the counting there.
+    """
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        v, t = values.numpy(), table.numpy()
+        tally = np.zeros(v.shape, dtype=np.uint8)
+        le = np.empty(v.shape, dtype=np.bool_)
+        for j in range(t.shape[1]):
+            np.greater_equal(v, t[:, j : j + 1], out=le)
+            np.add(tally, le.view(np.uint8), out=tally)
+        return torch.from_numpy(tally)
+    counts = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    hit = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+    for j in range(table.shape[1]):
+        torch.ge(values, table[:, j : j + 1], out=hit)
+        counts.add_(hit.view(torch.uint8))
+    return counts
 
 
 def _pad_rows(flat: torch.Tensor, sizes: list[int], fill) -> torch.Tensor:

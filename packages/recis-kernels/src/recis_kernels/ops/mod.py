@@ -14,7 +14,7 @@ import torch
 from recis_kernels._backend import use_cuda_kernels
 from recis_kernels._checks import check_dtype, check_same_device, check_tensor, grid_for
 from recis_kernels.ops._packing import pack, unpack
-from recis_kernels.ops._uint64 import umod
+from recis_kernels.ops._uint64 import umod, umod_segments
 
 __all__ = ["fused_mod", "mod"]
 
@@ -78,6 +78,8 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
 
 
 def _fused_mod_cpu(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
+    if not torch.compiler.is_compiling():
+        return umod_segments(ids, sizes, ns)
     if len(ns) == 1:
         return umod(ids, ns[0], (1 << 64) % ns[0])
     n = torch.tensor(ns, dtype=torch.int64, device=ids.device)
