@@ -165,10 +165,7 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
             for (off, cur) in col.offsets.iter().zip(cursors.iter_mut()) {
                 let (x, y) = r;
                 let base = cur.1 - off[x];
-                let out = &mut dst[cur.0 + 8..cur.0 + 8 + (y - x) * 8];
-                for (slot, o) in out.chunks_exact_mut(8).zip(&off[x + 1..=y]) {
-                    slot.copy_from_slice(&(base + o).to_le_bytes());
-                }
+                write_offsets(&mut dst[cur.0 + 8..], base, &off[x + 1..=y]);
                 cur.0 += (y - x) * 8;
                 cur.1 += off[y] - off[x];
                 r = (off[x] as usize, off[y] as usize);
@@ -186,6 +183,13 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
                 copy_rows(&mut dst[at..], src, x, y, size);
             }
         }
+    }
+}
+
+/// Writes `base + o` for each offset `o` of `off` as little-endian int64s at the start of `dst`.
+pub fn write_offsets(dst: &mut [u8], base: i64, off: &[i64]) {
+    for (slot, o) in dst[..off.len() * 8].chunks_exact_mut(8).zip(off) {
+        slot.copy_from_slice(&(base + o).to_le_bytes());
     }
 }
 

@@ -89,6 +89,14 @@ impl Chunks {
         });
     }
 
+    /// [`Chunks::recycle`] for chunks that readers shared, once the last reference is dropped
+    /// (nothing happens while another reference is alive).
+    pub fn recycle_shared(chunks: Arc<Chunks>) {
+        if let Ok(chunks) = Arc::try_unwrap(chunks) {
+            chunks.recycle();
+        }
+    }
+
     /// The bytes from file offset `start` to the end of the run holding it.
     fn from(&self, start: u64) -> parquet::errors::Result<Bytes> {
         let i = self.runs.partition_point(|(base, _)| *base <= start);
@@ -155,8 +163,6 @@ impl ChunkReader for SharedChunks {
 impl SharedChunks {
     /// Recycles the buffers if no other reference is left.
     pub fn recycle(self) {
-        if let Ok(chunks) = Arc::try_unwrap(self.0) {
-            chunks.recycle();
-        }
+        Chunks::recycle_shared(self.0);
     }
 }

@@ -17,7 +17,7 @@ use parquet::file::properties::ReaderProperties;
 use parquet::file::reader::RowGroupReader;
 use parquet::file::serialized_reader::SerializedRowGroupReader;
 
-use super::assemble::{layout_of_counts, view_slab, Packed};
+use super::assemble::{layout_of_counts, view_slab, write_offsets, Packed};
 use super::chunks::Chunks;
 use super::column::{ColumnPlan, DType, Leaf};
 use super::error::{Error, Result};
@@ -196,9 +196,7 @@ pub fn decode(
     let decoded = decode_chunks(cols, &mut readers, sizes, pack, at);
     drop(readers);
     drop(rg);
-    if let Ok(chunks) = Arc::try_unwrap(chunks) {
-        chunks.recycle();
-    }
+    Chunks::recycle_shared(chunks);
     decoded
 }
 
@@ -282,10 +280,7 @@ fn decode_packed(
         let bytes = p.values.as_slice();
         dst[cl.values_at..cl.values_at + bytes.len()].copy_from_slice(bytes);
         for (off, &(at, n)) in p.offsets.iter().zip(&cl.offsets) {
-            let out = &mut dst[at..at + n * 8];
-            for (slot, o) in out.chunks_exact_mut(8).zip(off) {
-                slot.copy_from_slice(&o.to_le_bytes());
-            }
+            write_offsets(&mut dst[at..at + n * 8], 0, off);
         }
         columns.push(p);
     }

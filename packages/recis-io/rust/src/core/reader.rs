@@ -49,6 +49,12 @@ pub struct Reader {
     ring: Arc<Ring>,
 }
 
+/// How many segments are decoded (or waiting, decoded) ahead of the one being read: one per
+/// thread plus `prefetch`.
+fn lookahead(opts: &Options) -> usize {
+    opts.threads.max(1) + opts.prefetch
+}
+
 impl Reader {
     pub fn new(source: Arc<Source>, opts: Options) -> Result<Reader> {
         if opts.batch_size == 0 {
@@ -64,8 +70,7 @@ impl Reader {
         // Packed chunks wait in decoded segments: keep enough free buffers for the whole
         // lookahead, so buffers are reused instead of allocated and zeroed again.
         let max_rows = source.units.iter().map(|u| u.rows).max().unwrap_or(0);
-        let lookahead = opts.threads.max(1) + opts.prefetch;
-        let keep = opts.prefetch + 2 + lookahead * max_rows.div_ceil(opts.batch_size);
+        let keep = opts.prefetch + 2 + lookahead(&opts) * max_rows.div_ceil(opts.batch_size);
         Ok(Reader {
             ring: Ring::new(keep.min(4096)),
             source,
@@ -136,7 +141,6 @@ impl Reader {
     fn start_epoch(&mut self) -> Result<()> {
         let plan = ShardPlan::new(&self.source.units, &self.opts.sharding, self.epoch)?;
         let first = plan.segment_of(plan.first_needed(self.pos));
-        let threads = self.opts.threads.max(1);
         let o = &self.opts;
         let packing =
             (o.pack && !o.sharding.shuffle && o.batch_size >= PACK_MIN_BATCH).then(|| Packing {
@@ -149,8 +153,8 @@ impl Reader {
             plan.starts.clone(),
             packing,
             first,
-            threads,
-            threads + self.opts.prefetch,
+            o.threads.max(1),
+            lookahead(o),
         )?;
         self.plan = Some(plan);
         self.exec = Some(exec);
