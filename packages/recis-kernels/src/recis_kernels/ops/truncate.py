@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
@@ -218,6 +219,8 @@ def _split(out: RaggedTensor, dropped, padded, rows: list[int]) -> list[Truncate
 
 
 def _truncate_index_cpu(offsets, row_max, row_tail):
+    if not torch.compiler.is_compiling():
+        return _truncate_index_numpy(offsets, row_max, row_tail)
     lengths = offsets.diff()
     kept = torch.minimum(lengths, row_max)
     new_off = torch.zeros_like(offsets)
@@ -230,6 +233,21 @@ def _truncate_index_cpu(offsets, row_max, row_tail):
     index = torch.repeat_interleave(base, kept, output_size=total)
     index += torch.arange(total, device=offsets.device)
     return index, new_off
+
+
+def _truncate_index_numpy(offsets, row_max, row_tail):
+    """:func:`_truncate_index_cpu` in NumPy, whose ``repeat`` expands the per-row bases about
+    twice as fast as ``torch.repeat_interleave`` (same arithmetic)."""
+    off = offsets.numpy()
+    lengths = np.diff(off)
+    kept = np.minimum(lengths, row_max.numpy())
+    new_off = np.zeros_like(off)
+    np.cumsum(kept, out=new_off[1:])
+    base = off[:-1] - new_off[:-1]
+    base += np.where(row_tail.numpy(), lengths - kept, 0)
+    index = np.repeat(base, kept)
+    index += np.arange(index.size, dtype=np.int64)
+    return torch.from_numpy(index), torch.from_numpy(new_off)
 
 
 def _truncate_index_cuda(offsets, row_max, row_tail):
