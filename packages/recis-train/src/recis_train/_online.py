@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from recis_train._arguments import TrainingArguments
+from recis_train._distributed import DistributedContext
 from recis_train._hooks import Hook
 from recis_train._sparse import EmbeddingCheckpoint, default_sparse_checkpoint
 from recis_train._trainer import MetricFactory, Trainer
@@ -26,6 +27,8 @@ _log = logging.getLogger("recis_train")
 DataFactory = Callable[[list[str]], Iterable[Any]]
 WindowSource = Iterable["str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"]
 _EXPORT_POINTER = "export.json"
+#: a watched directory has no new window yet: poll again after ``poll_interval``
+_WAIT = "wait"
 
 
 @dataclasses.dataclass
@@ -147,6 +150,9 @@ class _ExportedTables:
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
         if self.current is None:
             raise CheckpointError("no embedding export to point the checkpoint at")
+        ctx = DistributedContext.detect()
+        if ctx is not None and not ctx.is_main:
+            return  # every rank holds the same pointer; rank 0 writes it
         relative = os.path.relpath(self.current, self.output_dir)
         (directory / _EXPORT_POINTER).write_text(json.dumps({"export": relative}))
 
@@ -187,6 +193,22 @@ def _as_window(item: Any, position: int) -> list[str]:
     )
 
 
+def _reporting_errors(
+    decisions: Iterator[list[str] | str], ctx: DistributedContext
+) -> Iterator[list[str] | str]:
+    """Rank 0's decisions; an error reading the source is sent to the other ranks (which raise
+    it too) before it is raised here, so that no rank is left waiting for a decision."""
+    while True:
+        try:
+            decision = next(decisions)
+        except StopIteration:
+            return
+        except Exception as err:
+            ctx.broadcast((type(err).__name__, str(err)))
+            raise
+        yield decision
+
+
 def _check_args(args: TrainingArguments) -> TrainingArguments:
     """The trainer's arguments: Online alone decides when to save, evaluate and restore."""
     if args.train_steps is not None:
@@ -225,6 +247,11 @@ class Online:
     again from the state before it, with the same result an uninterrupted run would have had.
     A file is trained at most once: windows whose files are all committed are skipped, and
     committed files are dropped from a window that mixes old and new ones.
+
+    Under ``torchrun`` every rank builds and runs the same ``Online`` (tables sharded as for
+    :class:`Trainer`): rank 0 alone reads ``source`` and sends each rank the next window, and
+    ``make_data`` returns this rank's share of a window's files (``recis_io.Dataset`` shards by
+    rank on its own).
 
     Args:
         model: the model (returns a loss or a dict, as for :class:`Trainer`).
@@ -347,7 +374,37 @@ class Online:
         return self.max_windows is not None and len(self.progress.windows) >= self.max_windows
 
     def _windows(self) -> Iterator[list[str]]:
-        """New windows, with committed files left out, read lazily so commits are seen."""
+        """New windows, with committed files left out, read lazily so commits are seen.
+
+        Under ``torchrun`` rank 0 alone reads the source and sends every rank each decision (a
+        window, "nothing new yet" or "no more windows"), one per poll, so that all ranks train
+        the same windows and none waits inside a collective for longer than a poll.
+        """
+        ctx = self.trainer.distributed
+        if ctx is None:
+            decisions = self._decisions()
+        elif ctx.is_main:
+            decisions = _reporting_errors(self._decisions(), ctx)
+        else:
+            decisions = iter(())
+        while True:
+            decision = next(decisions, None)
+            if ctx is not None:
+                decision = ctx.broadcast(decision)
+                if isinstance(decision, tuple):  # rank 0 failed to read the source
+                    kind, message = decision
+                    error = {"ConfigError": ConfigError, "SourceNotFoundError": SourceNotFoundError}
+                    raise error.get(kind, RuntimeError)(f"on rank 0: {message}")
+            if decision is None:
+                return
+            if decision == _WAIT:
+                assert isinstance(self.source, WatchDirectory)
+                time.sleep(self.source.poll_interval)
+                continue
+            yield list(decision)
+
+    def _decisions(self) -> Iterator[list[str] | str]:
+        """The next window, or :data:`_WAIT` when a watched directory has nothing new yet."""
         if isinstance(self.source, WatchDirectory):
             yield from self._watch(self.source)
             return
@@ -357,7 +414,7 @@ class Online:
             if files:
                 yield files
 
-    def _watch(self, source: WatchDirectory) -> Iterator[list[str]]:
+    def _watch(self, source: WatchDirectory) -> Iterator[list[str] | str]:
         idle_since = time.monotonic()
         while not self._finished():
             done = self.progress.done_files()
@@ -369,7 +426,7 @@ class Online:
             idle = time.monotonic() - idle_since
             if source.idle_timeout is not None and idle >= source.idle_timeout:
                 return
-            time.sleep(source.poll_interval)
+            yield _WAIT
 
     def _data(self, files: list[str]) -> Iterable[Any]:
         data = self.make_data(list(files))
@@ -409,7 +466,8 @@ class Online:
         except BaseException:
             self.progress.windows.pop()  # not committed: the window is trained again
             raise
-        _log.info("online: window %d committed (%s)", index, ", ".join(files))
+        if trainer.distributed is None or trainer.distributed.is_main:
+            _log.info("online: window %d committed (%s)", index, ", ".join(files))
         if self.on_window is not None:
             self.on_window(result)
 
