@@ -155,3 +155,35 @@ def test_shuffled_batches_keep_every_row_whole(files: list[Path]) -> None:
         seen += ids
     assert sorted(seen) == sorted(want["id"])
     assert seen != want["id"]
+
+
+def test_shuffled_strings_and_nested_lists_keep_every_row_whole(tmp_path: Path) -> None:
+    """Shuffled gathering of string columns (one offsets level over bytes, short and long) and
+    of nested lists (two offsets levels): every row equals its source row."""
+    n = 3000
+    rows = range(n)
+    t = pa.table(
+        {
+            "id": pa.array(rows, pa.int64()),
+            # Lengths 0..40 cover the short-copy cases (under 4, 4-7, 8-16 bytes) and memcpy.
+            "s": pa.array(["x" * (i % 41) + str(i) * (i % 3) for i in rows]),
+            "nest": pa.array(
+                [[[i, -i][: j % 3] for j in range(i % 4)] for i in rows],
+                pa.list_(pa.list_(pa.int64())),
+            ),
+        }
+    )
+    path = tmp_path / "strings.parquet"
+    pq.write_table(t, path, row_group_size=700)
+    want = {name: t[name].to_pylist() for name in t.column_names}
+    ds = Dataset([path], batch_size=400, shuffle=True, seed=5, shuffle_window=1500)
+    seen = []
+    for batch in ds:
+        ids = batch["id"].tolist()
+        strings = [bytes(r).decode() for r in rows_of([batch], "s")]
+        for i, s, nested in zip(ids, strings, rows_of([batch], "nest"), strict=True):
+            assert s == want["s"][i], f"row {i}"
+            assert nested == want["nest"][i], f"row {i}"
+        seen += ids
+    assert sorted(seen) == list(rows)
+    assert seen != list(rows)

@@ -39,9 +39,49 @@ fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// The order in which to read `pieces`: by chunk, then by first row. Shuffled batches hold
+/// thousands of one-row pieces from random rows; reading them in batch order jumps through the
+/// chunks (a cache miss per row and column), while source order walks each chunk forwards,
+/// which the hardware prefetches. `None` for batches of few pieces, read in batch order.
+pub fn source_order<U: Deref<Target = PreparedUnit>>(
+    pieces: &[(U, usize, usize)],
+) -> Option<Vec<u32>> {
+    if pieces.len() <= 64 {
+        return None;
+    }
+    let mut keyed: Vec<(usize, usize, u32)> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, (unit, a, _))| (&**unit as *const PreparedUnit as usize, *a, i as u32))
+        .collect();
+    keyed.sort_unstable();
+    Some(keyed.into_iter().map(|(_, _, i)| i).collect())
+}
+
+/// The pieces' indices in `order`, or `0..pieces.len()`.
+fn visit(order: Option<&[u32]>, n: usize) -> impl Iterator<Item = usize> + '_ {
+    let (ordered, all) = match order {
+        Some(o) => (Some(o.iter().map(|&i| i as usize)), None),
+        None => (None, Some(0..n)),
+    };
+    ordered
+        .into_iter()
+        .flatten()
+        .chain(all.into_iter().flatten())
+}
+
 pub fn layout<U: Deref<Target = PreparedUnit>>(
     plans: &[ColumnPlan],
     pieces: &[(U, usize, usize)],
+) -> BatchLayout {
+    layout_in(plans, pieces, source_order(pieces).as_deref())
+}
+
+/// [`layout`], reading the pieces in `order` (see [`source_order`]).
+pub fn layout_in<U: Deref<Target = PreparedUnit>>(
+    plans: &[ColumnPlan],
+    pieces: &[(U, usize, usize)],
+    order: Option<&[u32]>,
 ) -> BatchLayout {
     let rows: usize = pieces.iter().map(|(_, a, b)| b - a).sum();
     let counts = plans.iter().enumerate().map(|(c, plan)| {
@@ -50,7 +90,8 @@ pub fn layout<U: Deref<Target = PreparedUnit>>(
             return (levels, rows);
         }
         let mut leaf = 0;
-        for (unit, a, b) in pieces {
+        for i in visit(order, pieces.len()) {
+            let (unit, a, b) = &pieces[i];
             // Walk the piece's range down the levels (no allocation per piece: shuffled
             // batches are made of thousands of one-row pieces).
             let mut r = (*a, *b);
@@ -106,82 +147,145 @@ pub fn fill<U: Deref<Target = PreparedUnit>>(
     layout: &BatchLayout,
     dst: &mut [u8],
 ) {
+    fill_in(plans, pieces, source_order(pieces).as_deref(), layout, dst)
+}
+
+/// [`fill`], reading the pieces in `order` (see [`source_order`]); each piece is still written
+/// to its place in the batch.
+pub fn fill_in<U: Deref<Target = PreparedUnit>>(
+    plans: &[ColumnPlan],
+    pieces: &[(U, usize, usize)],
+    order: Option<&[u32]>,
+    layout: &BatchLayout,
+    dst: &mut [u8],
+) {
     assert!(dst.len() >= layout.nbytes, "batch buffer too small");
-    // Flat columns of a shuffled batch (thousands of one-row pieces) are gathered in source
-    // order, each piece written to its place in the batch: reads then walk each chunk forwards
-    // (which the hardware prefetches) and the scattered writes stay within the batch's column.
-    let by_source = (pieces.len() > 64).then(|| {
+    // With an order: each piece's first row in the batch, and per list column each piece's
+    // (first value in its chunk, value count, first value in the batch).
+    let mut first_row = Vec::new();
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    if order.is_some() {
+        first_row.reserve(pieces.len());
         let mut at = 0;
-        // (chunk address, first row in the chunk, piece, first row in the batch)
-        let mut order: Vec<(usize, usize, usize, usize)> = pieces
-            .iter()
-            .enumerate()
-            .map(|(i, (unit, a, b))| {
-                let row = at;
-                at += b - a;
-                (&**unit as *const PreparedUnit as usize, *a, i, row)
-            })
-            .collect();
-        order.sort_unstable_by_key(|&(unit, a, _, _)| (unit, a));
-        order
-    });
+        for (_, a, b) in pieces {
+            first_row.push(at);
+            at += b - a;
+        }
+        spans.resize(pieces.len(), (0, 0, 0));
+    }
     for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
         let size = plan.out.size() * plan.fixed;
-        let mut v = cl.values_at;
-        if cl.offsets.is_empty() {
-            match &by_source {
-                Some(order) => {
-                    for &(_, _, i, row) in order {
-                        let (unit, a, b) = &pieces[i];
-                        let src = unit.columns[c].values.as_slice();
-                        copy_rows(&mut dst[v + row * size..], src, *a, *b, size);
-                    }
-                }
-                None => {
-                    for (unit, a, b) in pieces {
-                        let src = unit.columns[c].values.as_slice();
-                        copy_rows(&mut dst[v..], src, *a, *b, size);
-                        v += (b - a) * size;
-                    }
+        let v = cl.values_at;
+        match (order, cl.offsets.len()) {
+            (Some(order), 0) => {
+                for &i in order {
+                    let (unit, a, b) = &pieces[i as usize];
+                    let src = unit.columns[c].values.as_slice();
+                    let at = v + first_row[i as usize] * size;
+                    copy_rows(&mut dst[at..], src, *a, *b, size);
                 }
             }
-            continue;
-        }
-        // Per level: where the next offset goes and the running count it continues from.
-        let mut cursors: Vec<(usize, i64)> = cl.offsets.iter().map(|&(at, _)| (at, 0)).collect();
-        for &(at, _) in &cl.offsets {
-            dst[at..at + 8].copy_from_slice(&0i64.to_le_bytes());
-        }
-        // With many pieces, the values are copied in a second pass in source order (see
-        // `by_source`); the first pass, in batch order, writes the offsets and notes where each
-        // piece's values come from and go.
-        let mut leaves: Vec<(usize, usize, usize)> = Vec::new();
-        if by_source.is_some() {
-            leaves.reserve(pieces.len());
-        }
-        for (unit, a, b) in pieces {
-            let col = &unit.columns[c];
-            let mut r = (*a, *b);
-            for (off, cur) in col.offsets.iter().zip(cursors.iter_mut()) {
-                let (x, y) = r;
-                let base = cur.1 - off[x];
-                write_offsets(&mut dst[cur.0 + 8..], base, &off[x + 1..=y]);
-                cur.0 += (y - x) * 8;
-                cur.1 += off[y] - off[x];
-                r = (off[x] as usize, off[y] as usize);
+            (None, 0) => {
+                let mut at = v;
+                for (unit, a, b) in pieces {
+                    copy_rows(
+                        &mut dst[at..],
+                        unit.columns[c].values.as_slice(),
+                        *a,
+                        *b,
+                        size,
+                    );
+                    at += (b - a) * size;
+                }
             }
-            match by_source {
-                Some(_) => leaves.push((r.0, r.1, v)),
-                None => copy_rows(&mut dst[v..], col.values.as_slice(), r.0, r.1, size),
-            }
-            v += (r.1 - r.0) * size;
+            (Some(order), 1) => fill_list(c, pieces, order, &mut spans, cl, size, dst),
+            _ => fill_nested(c, pieces, order, cl, size, dst),
         }
-        if let Some(order) = &by_source {
-            for &(_, _, i, _) in order {
-                let (x, y, at) = leaves[i];
-                let src = pieces[i].0.columns[c].values.as_slice();
-                copy_rows(&mut dst[at..], src, x, y, size);
-            }
+    }
+}
+
+/// One list column (one offsets level) of many pieces: the chunks' offsets are read and the
+/// values copied in source `order`; only the batch's own offsets are written in batch order.
+fn fill_list<U: Deref<Target = PreparedUnit>>(
+    c: usize,
+    pieces: &[(U, usize, usize)],
+    order: &[u32],
+    spans: &mut [(usize, usize, usize)],
+    cl: &ColumnLayout,
+    size: usize,
+    dst: &mut [u8],
+) {
+    for &i in order {
+        let (unit, a, b) = &pieces[i as usize];
+        let off = &unit.columns[c].offsets[0];
+        let (x, y) = (off[*a] as usize, off[*b] as usize);
+        spans[i as usize] = (x, y - x, 0);
+    }
+    let (at, _) = cl.offsets[0];
+    dst[at..at + 8].copy_from_slice(&0i64.to_le_bytes());
+    let mut slot = at + 8;
+    let mut total = 0usize;
+    for ((unit, a, b), span) in pieces.iter().zip(spans.iter_mut()) {
+        span.2 = total;
+        if b - a == 1 {
+            total += span.1;
+            dst[slot..slot + 8].copy_from_slice(&(total as i64).to_le_bytes());
+        } else {
+            let off = &unit.columns[c].offsets[0];
+            write_offsets(&mut dst[slot..], total as i64 - off[*a], &off[a + 1..=*b]);
+            total += span.1;
+        }
+        slot += (b - a) * 8;
+    }
+    for &i in order {
+        let (x, n, to) = spans[i as usize];
+        let src = pieces[i as usize].0.columns[c].values.as_slice();
+        copy_rows(&mut dst[cl.values_at + to * size..], src, x, x + n, size);
+    }
+}
+
+/// A column of nested lists (or any column of few pieces): offsets level by level in batch
+/// order; with an `order`, the values are copied in a second pass in that order.
+fn fill_nested<U: Deref<Target = PreparedUnit>>(
+    c: usize,
+    pieces: &[(U, usize, usize)],
+    order: Option<&[u32]>,
+    cl: &ColumnLayout,
+    size: usize,
+    dst: &mut [u8],
+) {
+    let mut v = cl.values_at;
+    // Per level: where the next offset goes and the running count it continues from.
+    let mut cursors: Vec<(usize, i64)> = cl.offsets.iter().map(|&(at, _)| (at, 0)).collect();
+    for &(at, _) in &cl.offsets {
+        dst[at..at + 8].copy_from_slice(&0i64.to_le_bytes());
+    }
+    // With an order, the first pass notes where each piece's values come from and go.
+    let mut leaves: Vec<(usize, usize, usize)> = Vec::new();
+    if order.is_some() {
+        leaves.reserve(pieces.len());
+    }
+    for (unit, a, b) in pieces {
+        let col = &unit.columns[c];
+        let mut r = (*a, *b);
+        for (off, cur) in col.offsets.iter().zip(cursors.iter_mut()) {
+            let (x, y) = r;
+            write_offsets(&mut dst[cur.0 + 8..], cur.1 - off[x], &off[x + 1..=y]);
+            cur.0 += (y - x) * 8;
+            cur.1 += off[y] - off[x];
+            r = (off[x] as usize, off[y] as usize);
+        }
+        match order {
+            Some(_) => leaves.push((r.0, r.1, v)),
+            None => copy_rows(&mut dst[v..], col.values.as_slice(), r.0, r.1, size),
+        }
+        v += (r.1 - r.0) * size;
+    }
+    if let Some(order) = order {
+        for &i in order {
+            let (x, y, at) = leaves[i as usize];
+            let src = pieces[i as usize].0.columns[c].values.as_slice();
+            copy_rows(&mut dst[at..], src, x, y, size);
         }
     }
 }
@@ -200,7 +304,21 @@ fn copy_rows(dst: &mut [u8], src: &[u8], a: usize, b: usize, size: usize) {
     match (b - a, size) {
         (1, 8) => dst[..8].copy_from_slice(&src[a * 8..a * 8 + 8]),
         (1, 4) => dst[..4].copy_from_slice(&src[a * 4..a * 4 + 4]),
-        (n, _) => dst[..n * size].copy_from_slice(&src[a * size..b * size]),
+        (n, _) => {
+            let (s, len) = (&src[a * size..b * size], n * size);
+            match len {
+                // Short strings: two overlapping fixed-size moves instead of a `memcpy` call.
+                8..=16 => {
+                    dst[..8].copy_from_slice(&s[..8]);
+                    dst[len - 8..len].copy_from_slice(&s[len - 8..]);
+                }
+                4..=7 => {
+                    dst[..4].copy_from_slice(&s[..4]);
+                    dst[len - 4..len].copy_from_slice(&s[len - 4..]);
+                }
+                _ => dst[..len].copy_from_slice(s),
+            }
+        }
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Options {
 /// A batch whose rows are known and decoded, waiting for a buffer to be packed into.
 pub struct Pending {
     pieces: Vec<Piece>,
+    /// The order to read the pieces in (see [`assemble::source_order`]).
+    order: Option<Vec<u32>>,
     pub layout: BatchLayout,
     end: usize,
     /// The batch is one whole packed chunk: its buffer, ready as it is.
@@ -204,12 +206,17 @@ impl Reader {
             [(unit, 0, b)] if *b == unit.rows => unit.packed.as_ref(),
             _ => None,
         };
+        let order = assemble::source_order(&pieces);
         let (layout, packed) = match whole {
             Some(p) => (p.layout.clone(), Some(p.slab.clone())),
-            None => (assemble::layout(&self.source.columns, &pieces), None),
+            None => {
+                let layout = assemble::layout_in(&self.source.columns, &pieces, order.as_deref());
+                (layout, None)
+            }
         };
         self.pending = Some(Pending {
             pieces,
+            order,
             layout,
             end,
             packed,
@@ -239,7 +246,8 @@ impl Reader {
                 dst.len()
             )));
         }
-        assemble::fill(&self.source.columns, &p.pieces, &p.layout, dst);
+        let order = p.order.as_deref();
+        assemble::fill_in(&self.source.columns, &p.pieces, order, &p.layout, dst);
         self.pos = p.end;
         Ok(p.layout)
     }
