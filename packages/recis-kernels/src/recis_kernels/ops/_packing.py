@@ -47,7 +47,9 @@ def unpack(
     packed: torch.Tensor, sizes: Sequence[int], shapes: Sequence[torch.Size]
 ) -> list[torch.Tensor]:
     """Split a packed result back into tensors of the given shapes."""
-    return [p.view(s) for p, s in zip(packed.split(list(sizes)), shapes, strict=True)]
+    parts = packed.split(list(sizes))
+    # Flat inputs need no view (a view costs microseconds: fused calls unpack dozens of parts).
+    return [p if p.shape == s else p.view(s) for p, s in zip(parts, shapes, strict=True)]
 
 
 def concat_rows(
