@@ -141,9 +141,9 @@ class MultiStage:
                 )
                 if stage.lr_schedulers is not None:
                     trainer.lr_schedulers = list(stage.lr_schedulers(trainer.dense_optimizer))
-                if previous is not None and trainer.checkpoints.latest() is None:
+                if previous is not None and _latest(trainer) is None:
                     # A fresh stage starts from the weights the previous stage ended with.
-                    latest = previous.checkpoints.latest()
+                    latest = _latest(previous)
                     if latest is not None:
                         trainer.restore(latest, parts=("dense", "sparse"))
                 yield stage, trainer
@@ -154,7 +154,9 @@ class MultiStage:
         skipped: Trainer | None = None
         for stage, trainer in self._trainers():
             done = Path(trainer.args.output_dir) / "stage-done.json"
-            if done.is_file():
+            ctx = trainer.distributed
+            # Under torchrun every rank skips the stages rank 0 found finished.
+            if done.is_file() if ctx is None else ctx.broadcast(done.is_file()):
                 self.results[stage.name] = json.loads(done.read_text())
                 skipped = trainer
                 continue
@@ -165,8 +167,16 @@ class MultiStage:
                 trainer.train()
                 results = {}
             self.results[stage.name] = results
-            done.write_text(json.dumps(results))
-        if skipped is not None and skipped.checkpoints.latest() is not None:
+            if ctx is None or ctx.is_main:
+                done.write_text(json.dumps(results))
+        last = _latest(skipped) if skipped is not None else None
+        if skipped is not None and last is not None:
             # Everything had finished before: leave the model as the last stage ended.
-            skipped.restore(skipped.checkpoints.latest(), parts=("dense", "sparse"))
+            skipped.restore(last, parts=("dense", "sparse"))
         return self.results
+
+
+def _latest(trainer: Trainer) -> Path | None:
+    """The trainer's latest checkpoint; under torchrun rank 0's, so every rank loads the same."""
+    found = trainer.checkpoints.latest()
+    return found if trainer.distributed is None else trainer.distributed.choose_checkpoint(found)
