@@ -10,6 +10,7 @@ values and the dense model from the same seed, so only float summation order dif
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 from pathlib import Path
@@ -98,8 +99,19 @@ def snapshot(trainer: Trainer) -> dict:
     }
 
 
+def join_gloo(root: str, rank: int) -> None:
+    """Join the test's 2-rank gloo group; a rank left waiting fails instead of hanging."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{root}/init",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+
 def _worker(rank: int, root: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=WORLD)
+    join_gloo(root, rank)
     out = Path(root)
     train = batches(rank, TRAIN_BATCHES[rank], B, seed=0)
     evals = batches(rank, EVAL_BATCHES[rank], B, seed=1)

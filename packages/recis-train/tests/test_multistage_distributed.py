@@ -8,14 +8,13 @@ rank and leaves the model as the last stage ended.
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import WORLD, B, ShardedModel, batches, merged
+from test_distributed import WORLD, B, ShardedModel, batches, join_gloo, merged
 
 import recis_embedding as emb
 from recis_train import MultiStage, Stage, TrainingArguments, seed_everything
@@ -62,13 +61,7 @@ def state(model: ShardedModel) -> dict:
 
 
 def _worker(rank: int, root: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{root}/init",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    join_gloo(root, rank)
     out = Path(root)
     data = (
         batches(rank, PRETRAIN, B, seed=0),

@@ -8,7 +8,6 @@ single process up to float summation order (see ``test_distributed.py``).
 
 from __future__ import annotations
 
-import datetime
 import io
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _toy import NUM_DENSE, make_rows
-from torch import nn
+from test_distributed import WORLD, B, ShardedModel, join_gloo
 
 import recis_embedding as emb
 from recis_train import LoggingHook, Online, TrainingArguments, WatchDirectory, seed_everything
@@ -29,24 +28,8 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
 )
 
-WORLD = 2
-B = 8
 ROWS = 4 * WORLD * B  # per window file: 4 batches per rank
 HOURS = 4
-
-
-class Model(nn.Module):
-    def __init__(self, shard: bool) -> None:
-        super().__init__()
-        option = emb.EmbeddingOption(4, initializer=emb.Normal(std=0.3))
-        self.embeddings = emb.EmbeddingEngine({"ids": option}, shard=shard)
-        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def forward(self, batch):
-        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
-        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
-        return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
 
 
 def write_hours(directory: Path) -> list[str]:
@@ -84,7 +67,7 @@ def reader(rank: int, world: int, batch: int):
 
 def build(out: Path, source, make_data, *, shard: bool, stream=None, **options) -> Online:
     seed_everything(0)
-    model = Model(shard)
+    model = ShardedModel(shard)
     args = TrainingArguments(output_dir=str(out), device="cpu", log_every=1)
     return Online(
         model,
@@ -116,13 +99,7 @@ def summary(results) -> list[dict]:
 
 
 def _worker(rank: int, root: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{root}/init",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),  # a rank left waiting fails instead of hanging
-    )
+    join_gloo(root, rank)
     out = Path(root)
     data = out / "data"
     make_data = reader(rank, WORLD, B)
@@ -200,7 +177,7 @@ def test_two_ranks_match_one_process_window_by_window(ranks, single):
 def test_two_rank_export_chain_loads_into_one_process(ranks, single):
     _, results = ranks
     online, _ = single
-    model = Model(shard=False)
+    model = ShardedModel(shard=False)
     emb.load(results[0]["second"][-1]["export"], model, emb.SparseSGD(model, lr=0.5))
     table, index = model.embeddings.table("ids")
     ids = torch.sort(table.ids(index)).values
