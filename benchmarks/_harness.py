@@ -35,11 +35,15 @@ class Stats:
         return units / self.median_s if self.median_s > 0 else float("inf")
 
 
-def measure(fn: Callable[[], Any], *, reps: int = 7, warmup: int = 2) -> Stats:
+def measure(fn: Callable[[], Any], *, reps: int = 7, warmup: int = 2, settle: int = 0) -> Stats:
     """Time ``fn()`` ``reps`` times after ``warmup`` untimed calls.
 
     The garbage collector runs before each call (not inside the timing) so one contender's
-    garbage is not billed to the next.
+    garbage is not billed to the next. ``settle`` untimed calls then run between the collection
+    and the timed call, for calls of a few milliseconds: on the 2-core benchmark VM, code and
+    data left untouched for tens of milliseconds (by a full collection, or by the contender
+    timed before) cost 1-2 ms to touch again (a 4096-element ``torch.add`` takes about 1 ms
+    right after a 60 ms pause, 3 us otherwise), which would swamp such a call.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
@@ -48,6 +52,8 @@ def measure(fn: Callable[[], Any], *, reps: int = 7, warmup: int = 2) -> Stats:
     times = []
     for _ in range(reps):
         gc.collect()
+        for _ in range(settle):
+            fn()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)

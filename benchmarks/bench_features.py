@@ -14,7 +14,9 @@ Contenders, run back to back on the same batches, for the full set and for each 
 - ``FeatureEngine(fused=False)``: the engine running every op on its own.
 
 Before timing, every contender's outputs are checked equal; the contenders are then timed in
-turns. Run: ``python benchmarks/bench_features.py [--threads 1]``.
+turns, each timed pass right after an untimed pass of its own (see ``_harness.measure``'s
+``settle``), so a pass is timed in the steady state a training loop runs it in. Run:
+``python benchmarks/bench_features.py [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def _interleaved(contenders: dict[str, Callable[[], Any]], reps: int) -> dict[st
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
-            times[name].append(measure(fn, reps=1, warmup=0).median_s)
+            times[name].append(measure(fn, reps=1, warmup=0, settle=1).median_s)
     return {
         name: Stats(statistics.median(t), min(t), max(t), tuple(t)) for name, t in times.items()
     }
