@@ -194,11 +194,12 @@ def fbgemm_step_factory(batches, lr: float):
 
 def interleaved(contenders: dict, reps: int) -> dict[str, Stats]:
     """Time one step of each contender per round, ``reps`` rounds: on a shared machine, load
-    changes then hit every contender alike instead of whichever ran during a busy spell."""
+    changes then hit every contender alike instead of whichever ran during a busy spell. Each
+    timed step follows an untimed step of the same contender (``settle``, see ``measure``)."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
-            times[name] += measure(fn, reps=1, warmup=0).times_s
+            times[name] += measure(fn, reps=1, warmup=0, settle=1).times_s
     return {
         name: Stats(statistics.median(t), min(t), max(t), tuple(t)) for name, t in times.items()
     }

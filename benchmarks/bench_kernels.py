@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         contenders, units = bench(inputs)
-        stats = {label: measure(fn, reps=reps, warmup=warmup) for label, fn in contenders.items()}
+        stats = {
+            label: measure(fn, reps=reps, warmup=warmup, settle=1)
+            for label, fn in contenders.items()
+        }
         first = next(iter(stats))
         rows = []
         for label, s in stats.items():
