@@ -94,3 +94,33 @@ def test_driver_errors_name_the_call():
             FakeResult("CUDA_ERROR_ILLEGAL_ADDRESS"),
             "cuLaunchKernel('mod', 'fused_mod')",
         )
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _path(*args) -> str:
+    return _backend.run_op(lambda *a: "dispatcher", lambda *a: "direct", *args)
+
+
+def test_run_op_skips_the_dispatcher_only_for_plain_eager_tensors(monkeypatch):
+    x = torch.arange(4)
+    w = torch.ones(4, requires_grad=True)
+    assert _path(x, [1, 2], "sum") == "direct"
+    assert _path(x, [x, x]) == "direct"
+    assert _path(x, w) == "dispatcher"  # the registered autograd must see it
+    assert _path(x, [x, w]) == "dispatcher"
+    with torch.no_grad():
+        assert _path(x, w) == "direct"
+    assert _path(x.as_subclass(_Sub)) == "dispatcher"
+    assert _path(torch.empty(4, device="meta")) == "dispatcher"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _path(x) == "dispatcher"
+
+
+def test_ops_give_the_same_results_through_the_dispatcher():
+    ids = torch.tensor([7, -1, 1 << 40, 0])
+    direct = rk.fused_mod([ids, ids[:2]], [10, 3])
+    through = rk.ops.mod._fused_mod_op(torch.cat([ids, ids[:2]]), [4, 2], [10, 3])
+    assert torch.equal(torch.cat(direct), through)

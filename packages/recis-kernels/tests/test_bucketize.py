@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -79,6 +80,58 @@ def test_float32_values_against_float64_boundaries(data):
     assert [o.tolist() for o in outs] == expected
     single = rk.bucketize(xs[0], torch.tensor(bounds[0], dtype=torch.float64))
     assert single.tolist() == expected[0]
+
+
+def _table_boundary_lists() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    f32 = np.float32
+    one = f32(1.0)
+    return [
+        np.logspace(-2, 1.5, 13).astype(f32),
+        # Two distinct boundaries in one table cell (a relative gap far below 1/128), and
+        # duplicates, which keep the cell settled by the table.
+        np.array([-5.0, one, np.nextafter(one, f32(2)), 3.0, 3.0, 3.0, 7.5], dtype=f32),
+        np.array([-np.inf, -1e-45, -0.0, 1e-45, 1e30, np.inf], dtype=f32),
+        np.array([], dtype=f32),
+        np.sort(rng.standard_normal(254).astype(f32) * 100),  # the most a table takes
+        np.sort(rng.standard_normal(255).astype(f32) * 100),  # one more: binary search
+    ]
+
+
+def _edge_values(bounds: list[np.ndarray], n: int) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    f32 = np.float32
+    every = np.concatenate(bounds)
+    near = [every, np.nextafter(every, f32(-np.inf)), np.nextafter(every, f32(np.inf))]
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 3.4e38, -3.4e38], dtype=f32
+    )
+    # Random bit patterns: every sign, exponent, denormals, infinities and NaN payloads.
+    bits = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32).view(f32)
+    spread = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4, n)).astype(f32)
+    values = np.concatenate([*near, special, bits, spread])
+    return values[rng.permutation(values.size)]
+
+
+@pytest.mark.parametrize("equal_sizes", [True, False])
+@pytest.mark.parametrize("lists", [5, 6], ids=["bucket-table", "binary-search"])
+def test_large_float32_batches_bucket_exactly(equal_sizes, lists):
+    """Batches large enough for the bucket table (lists of up to 254 boundaries), and the same
+    with a 255-boundary list, which sends the call to binary search over a padded table: every
+    boundary, its neighbouring floats, signed zeros, denormals, infinities and NaN payloads
+    bucket exactly as by a search of each list alone."""
+    bounds = _table_boundary_lists()[:lists]
+    values = _edge_values(bounds, 6000)
+    sizes = [values.size - (0 if equal_sizes else 97 * k) for k in range(lists)]
+    xs = [torch.from_numpy(np.roll(values, 13 * k)[:size]) for k, size in enumerate(sizes)]
+    outs = rk.fused_bucketize(xs, [torch.from_numpy(b) for b in bounds])
+    for x, b, out in zip(xs, bounds, outs, strict=True):
+        v = x.numpy()
+        expected = np.where(np.isnan(v), 0, np.searchsorted(b, v, side="right"))
+        assert out.dtype == torch.int64
+        np.testing.assert_array_equal(out.numpy(), expected)
+    single = rk.bucketize(xs[1], torch.from_numpy(bounds[1]))
+    assert torch.equal(single, outs[1])
 
 
 def test_boundary_goes_to_upper_bucket_and_shapes():

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import torch
 
 from recis_kernels.exceptions import BackendError, CudaUnavailableError
 
-__all__ = ["backend", "cuda_python_available", "use_cuda_kernels"]
+__all__ = ["backend", "cuda_python_available", "run_op", "use_cuda_kernels"]
 
 _CHOICES = ("auto", "cpu", "cuda")
 
@@ -56,3 +58,33 @@ def use_cuda_kernels(device: torch.device) -> bool:
             "`pip install recis-kernels[cuda]`"
         )
     return False
+
+
+_DIRECT_DEVICES = ("cpu", "cuda")
+
+
+def _plain(args: tuple[Any, ...]) -> bool:
+    grad = torch.is_grad_enabled()
+    for a in args:
+        for t in a if isinstance(a, list) else (a,):
+            if isinstance(t, torch.Tensor) and (
+                type(t) is not torch.Tensor
+                or (grad and t.requires_grad)
+                or t.device.type not in _DIRECT_DEVICES
+            ):
+                return False
+    return True
+
+
+def run_op(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:
+    """Run the custom op ``op`` whose implementation is ``impl``.
+
+    Eager calls on plain CPU or CUDA tensors that need no gradient run ``impl`` directly: going
+    through torch's dispatcher costs tens of microseconds a call, as much as the work itself on
+    a batch of a few thousand ids, and buys nothing there. Everything else goes through ``op``:
+    ``torch.compile`` and export, tensor subclasses (fake and functional tensors), meta tensors
+    and inputs that need gradients (the op's registered autograd).
+    """
+    if not torch.compiler.is_compiling() and _plain(args):
+        return impl(*args)
+    return op(*args)

@@ -10,15 +10,17 @@ int64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
 import numpy as np
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import check_same_device, check_tensor, grid_for
 from recis_kernels.exceptions import ShapeError, UnsupportedDtypeError
+from recis_kernels.ops import _bucket_table
 from recis_kernels.ops._packing import pack, unpack
 
 __all__ = ["bucketize", "fused_bucketize"]
@@ -134,7 +136,7 @@ def fused_bucketize(
     ):
         packed_b, dtype = _round_up_to_float32(packed_b), torch.float32
     packed, sizes = pack([_as(x, dtype) for x in xs])
-    out = torch.ops.recis.fused_bucketize(packed, sizes, packed_b, b_sizes)
+    out = run_op(_fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes)
     return unpack(out, sizes, [x.shape for x in xs])
 
 
@@ -174,8 +176,22 @@ def _round_up_to_float32(b: torch.Tensor) -> torch.Tensor:
 _COUNT_MAX = 32
 
 
+# From this many values on, float32 inputs are bucketed through a bucket table (see
+# ``_bucket_table``): its one-time build (about a millisecond per boundary list) is then
+# quickly paid back, and smaller calls keep to a search.
+_TABLE_MIN_VALUES = 1024
+
+
 def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     k = len(sizes)
+    if (
+        xs.dtype == torch.float32
+        and xs.numel() >= _TABLE_MIN_VALUES
+        and max(b_sizes) <= _bucket_table.MAX_BOUNDARIES
+        and not torch.compiler.is_compiling()
+    ):
+        table = _bucket_table.table_for(bounds.numpy(), b_sizes)
+        return torch.from_numpy(_bucket_table.lookup(xs.numpy(), sizes, table))
     if k == 1:
         out = torch.searchsorted(bounds, xs, right=True)
     elif len(set(sizes)) == 1 and max(b_sizes) <= _COUNT_MAX:
@@ -190,16 +206,16 @@ def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
             out = torch.minimum(out.view(k, -1), torch.tensor(b_sizes, device=xs.device)[:, None])
         return out.view(-1)
     elif len(set(sizes)) == 1:
-        big = torch.finfo(xs.dtype).max if xs.is_floating_point() else torch.iinfo(xs.dtype).max
+        big = _padding(xs.dtype)
         table = _pad_rows(bounds, b_sizes, big)
         found = torch.searchsorted(table, xs.view(k, -1), right=True)
         out = torch.minimum(found, torch.tensor(b_sizes, device=xs.device)[:, None]).view(-1)
     else:
-        big = torch.finfo(xs.dtype).max if xs.is_floating_point() else torch.iinfo(xs.dtype).max
+        big = _padding(xs.dtype)
         table = _pad_rows(bounds, b_sizes, big)
         values = _pad_rows(xs, sizes, 0)
         found = torch.searchsorted(table, values, right=True)
-        # Padding equals the dtype's maximum, so a maximal x may count it; clamp to the real count.
+        # A maximal x (+inf, or the integer maximum) counts the padding; clamp to the real count.
         found = torch.minimum(found, torch.tensor(b_sizes, device=xs.device)[:, None])
         mask = (
             torch.arange(values.shape[1], device=xs.device)
@@ -209,6 +225,13 @@ def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     if xs.is_floating_point():
         out = torch.where(xs.isnan(), 0, out)
     return out
+
+
+def _padding(dtype: torch.dtype) -> float | int:
+    """Padding after each boundary list of a search table: no smaller than any boundary, so a
+    padded row stays sorted (an infinite boundary included); the values it counts (+inf, or an
+    integer dtype's maximum) are clamped back to the list's length."""
+    return math.inf if dtype.is_floating_point else torch.iinfo(dtype).max
 
 
 def _count_at_most(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -268,8 +291,7 @@ def _offsets(sizes: list[int], device) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int64, device=device)
 
 
-@torch.library.custom_op("recis::fused_bucketize", mutates_args=())
-def _fused_bucketize_op(
+def _fused_bucketize_impl(
     xs: torch.Tensor,
     sizes: List[int],  # noqa: UP006
     bounds: torch.Tensor,
@@ -279,6 +301,11 @@ def _fused_bucketize_op(
     if use_cuda_kernels(xs.device):
         return _fused_bucketize_cuda(xs, sizes, bounds, b_sizes)
     return _fused_bucketize_cpu(xs, sizes, bounds, b_sizes)
+
+
+_fused_bucketize_op = torch.library.custom_op("recis::fused_bucketize", mutates_args=())(
+    _fused_bucketize_impl
+)
 
 
 @_fused_bucketize_op.register_fake

@@ -14,7 +14,7 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import can_inspect, check_dtype, check_tensor, grid_for
 from recis_kernels.exceptions import RaggedError, ShapeError
 from recis_kernels.ragged import RaggedTensor
@@ -58,7 +58,7 @@ def ragged_to_dense(
         )
     dims = _resolve_dims(op, r, shape)
     pad = torch.tensor(pad_value, dtype=r.values.dtype, device=r.values.device)
-    return torch.ops.recis.ragged_to_dense(r.values, list(r.offsets), pad, dims)
+    return run_op(_ragged_to_dense_op, _ragged_to_dense_impl, r.values, list(r.offsets), pad, dims)
 
 
 def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) -> list[int]:
@@ -152,8 +152,7 @@ def _ragged_to_dense_cuda(values, offsets, pad, dims):
     return out
 
 
-@torch.library.custom_op("recis::ragged_to_dense", mutates_args=())
-def _ragged_to_dense_op(
+def _ragged_to_dense_impl(
     values: torch.Tensor,
     offsets: List[torch.Tensor],  # noqa: UP006
     pad: torch.Tensor,
@@ -168,6 +167,11 @@ def _ragged_to_dense_op(
     ):
         return _ragged_to_dense_cuda(values, offsets, pad, dims)
     return _ragged_to_dense_cpu(values, offsets, pad, dims)
+
+
+_ragged_to_dense_op = torch.library.custom_op("recis::ragged_to_dense", mutates_args=())(
+    _ragged_to_dense_impl
+)
 
 
 @_ragged_to_dense_op.register_fake
@@ -220,7 +224,7 @@ def dense_to_ragged(
         outer, inner = lens
         sub_mask = torch.arange(dense.shape[1], device=dense.device) < outer[:, None]
         offsets = [_offsets(outer), _offsets(inner[sub_mask])]
-    values = torch.ops.recis.dense_to_ragged_values(dense, offsets)
+    values = run_op(_dense_to_ragged_values_op, _dense_to_ragged_values_impl, dense, offsets)
     return RaggedTensor(values, offsets, validate=False)
 
 
@@ -254,8 +258,7 @@ def _dense_to_ragged_cuda(dense: torch.Tensor, offsets: list[torch.Tensor]) -> t
     return out
 
 
-@torch.library.custom_op("recis::dense_to_ragged_values", mutates_args=())
-def _dense_to_ragged_values_op(
+def _dense_to_ragged_values_impl(
     dense: torch.Tensor,
     offsets: List[torch.Tensor],  # noqa: UP006
 ) -> torch.Tensor:
@@ -264,6 +267,11 @@ def _dense_to_ragged_values_op(
     if use_cuda_kernels(dense.device) and dense.element_size() in _WORDS:
         return _dense_to_ragged_cuda(dense, offsets)
     return _dense_to_ragged_cpu(dense, offsets)
+
+
+_dense_to_ragged_values_op = torch.library.custom_op(
+    "recis::dense_to_ragged_values", mutates_args=()
+)(_dense_to_ragged_values_impl)
 
 
 @_dense_to_ragged_values_op.register_fake
@@ -279,7 +287,9 @@ def _dense_to_ragged_setup(ctx, inputs, output) -> None:
 
 def _dense_to_ragged_backward(ctx, grad):
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    dense_grad = torch.ops.recis.ragged_to_dense(grad, list(ctx.saved_tensors), zero, ctx.dims)
+    dense_grad = run_op(
+        _ragged_to_dense_op, _ragged_to_dense_impl, grad, list(ctx.saved_tensors), zero, ctx.dims
+    )
     return dense_grad, [None] * len(ctx.saved_tensors)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import check_same_device, grid_for
 from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
 from recis_kernels.ops._packing import concat_rows, split_rows
@@ -89,7 +89,9 @@ def fused_feature_cross(
     av, ao, aw, rows = concat_rows([(a.values, a.offsets[0], a.weights) for a, _ in pairs])
     bv, bo, bw, _ = concat_rows([(b.values, b.offsets[0], b.weights) for _, b in pairs])
     weighted = aw is not None or bw is not None
-    values, offsets, weights = torch.ops.recis.feature_cross(av, ao, aw, bv, bo, bw)
+    values, offsets, weights = run_op(
+        _feature_cross_op, _feature_cross_impl, av, ao, aw, bv, bo, bw
+    )
     parts = split_rows(values, offsets, weights if weighted else None, rows)
     return [RaggedTensor(v, o, w, validate=False) for v, o, w in parts]
 
@@ -172,8 +174,7 @@ def _cross_cuda(av, ao, aw, bv, bo, bw):
     return out_v, out_off, out_w
 
 
-@torch.library.custom_op("recis::feature_cross", mutates_args=())
-def _feature_cross_op(
+def _feature_cross_impl(
     a_values: torch.Tensor,
     a_offsets: torch.Tensor,
     a_weights: torch.Tensor | None,
@@ -196,6 +197,11 @@ def _feature_cross_op(
     if use_cuda_kernels(av.device):
         return _cross_cuda(av, ao, aw, bv, bo, bw)
     return _cross_cpu(av, ao, aw, bv, bo, bw)
+
+
+_feature_cross_op = torch.library.custom_op("recis::feature_cross", mutates_args=())(
+    _feature_cross_impl
+)
 
 
 @_feature_cross_op.register_fake

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_1d,
@@ -80,7 +80,7 @@ def hash_bytes(
         raise ValueError(f"{op}: offsets must hold at least one entry (S + 1 for S strings)")
     if can_inspect(offsets):
         _check_offsets(op, offsets, data.numel())
-    return torch.ops.recis.hash_bytes(data, offsets, algorithm, buckets)
+    return run_op(_hash_bytes_op, _hash_bytes_impl, data, offsets, algorithm, buckets)
 
 
 def _check_offsets(op: str, offsets: torch.Tensor, n: int) -> None:
@@ -202,14 +202,16 @@ def _hash_bytes_cuda(data, offsets, algorithm, buckets):
     return out
 
 
-@torch.library.custom_op("recis::hash_bytes", mutates_args=())
-def _hash_bytes_op(
+def _hash_bytes_impl(
     data: torch.Tensor, offsets: torch.Tensor, algorithm: str, buckets: int
 ) -> torch.Tensor:
     data, offsets = data.contiguous(), offsets.contiguous()
     if use_cuda_kernels(data.device):
         return _hash_bytes_cuda(data, offsets, algorithm, buckets)
     return _hash_bytes_cpu(data, offsets, algorithm, buckets)
+
+
+_hash_bytes_op = torch.library.custom_op("recis::hash_bytes", mutates_args=())(_hash_bytes_impl)
 
 
 @_hash_bytes_op.register_fake

@@ -16,7 +16,7 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import check_dtype, check_tensor, grid_for
 from recis_kernels.ops._uint64 import const, shr, umod
 
@@ -51,7 +51,7 @@ def mix64(ids: torch.Tensor) -> torch.Tensor:
     """
     check_tensor("mix64", "ids", ids)
     check_dtype("mix64", "ids", ids, (torch.int64,))
-    return torch.ops.recis.mix64(ids.reshape(-1)).view(ids.shape)
+    return run_op(_mix64_op, _mix64_impl, ids.reshape(-1)).view(ids.shape)
 
 
 def multi_hash(ids: torch.Tensor, buckets: Sequence[int]) -> torch.Tensor:
@@ -73,7 +73,7 @@ def multi_hash(ids: torch.Tensor, buckets: Sequence[int]) -> torch.Tensor:
     for k, b in enumerate(buckets):
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= _INT64_MAX:
             raise ValueError(f"{op}: buckets[{k}] must be an int in [0, 2**63 - 1], got {b!r}")
-    out = torch.ops.recis.multi_hash(ids.reshape(-1), buckets)
+    out = run_op(_multi_hash_op, _multi_hash_impl, ids.reshape(-1), buckets)
     return out.view(*ids.shape, len(buckets))
 
 
@@ -90,8 +90,7 @@ def _multi_hash_cpu(ids, buckets):
     return torch.where(b > 0, reduced, h)
 
 
-@torch.library.custom_op("recis::mix64", mutates_args=())
-def _mix64_op(ids: torch.Tensor) -> torch.Tensor:
+def _mix64_impl(ids: torch.Tensor) -> torch.Tensor:
     ids = ids.contiguous()
     if not use_cuda_kernels(ids.device):
         return _mix64_cpu(ids)
@@ -110,13 +109,15 @@ def _mix64_op(ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_mix64_op = torch.library.custom_op("recis::mix64", mutates_args=())(_mix64_impl)
+
+
 @_mix64_op.register_fake
 def _(ids):
     return torch.empty_like(ids)
 
 
-@torch.library.custom_op("recis::multi_hash", mutates_args=())
-def _multi_hash_op(ids: torch.Tensor, buckets: List[int]) -> torch.Tensor:  # noqa: UP006
+def _multi_hash_impl(ids: torch.Tensor, buckets: List[int]) -> torch.Tensor:  # noqa: UP006
     ids = ids.contiguous()
     if not use_cuda_kernels(ids.device):
         return _multi_hash_cpu(ids, buckets)
@@ -129,6 +130,9 @@ def _multi_hash_op(ids: torch.Tensor, buckets: List[int]) -> torch.Tensor:  # no
     args = [("ptr", ids), ("i64", n), ("ptr", b), ("i64", k), ("ptr", out)]
     launch("mix", "multi_hash", grid_for(n * k), 256, args, device=ids.device)
     return out
+
+
+_multi_hash_op = torch.library.custom_op("recis::multi_hash", mutates_args=())(_multi_hash_impl)
 
 
 @_multi_hash_op.register_fake

@@ -11,7 +11,7 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import check_dtype, check_same_device, check_tensor, grid_for
 from recis_kernels.ops._packing import pack, unpack
 from recis_kernels.ops._uint64 import umod, umod_segments
@@ -49,7 +49,9 @@ def mod(ids: torch.Tensor, n: int) -> torch.Tensor:
     check_tensor(_OP, "ids", ids)
     check_dtype(_OP, "ids", ids, (torch.int64,))
     _check_n(_OP, "n", n)
-    return torch.ops.recis.fused_mod(ids.reshape(-1), [ids.numel()], [n]).view(ids.shape)
+    return run_op(_fused_mod_op, _fused_mod_impl, ids.reshape(-1), [ids.numel()], [n]).view(
+        ids.shape
+    )
 
 
 def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch.Tensor]:
@@ -73,7 +75,7 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         _check_n(op, f"ns[{k}]", ns[k])
     check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
     packed, sizes = pack(ids_list)
-    out = torch.ops.recis.fused_mod(packed, sizes, list(ns))
+    out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
     return unpack(out, sizes, [t.shape for t in ids_list])
 
 
@@ -111,12 +113,14 @@ def _fused_mod_cuda(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch
     return out
 
 
-@torch.library.custom_op("recis::fused_mod", mutates_args=())
-def _fused_mod_op(ids: torch.Tensor, sizes: List[int], ns: List[int]) -> torch.Tensor:  # noqa: UP006
+def _fused_mod_impl(ids: torch.Tensor, sizes: List[int], ns: List[int]) -> torch.Tensor:  # noqa: UP006
     ids = ids.contiguous()
     if use_cuda_kernels(ids.device):
         return _fused_mod_cuda(ids, sizes, ns)
     return _fused_mod_cpu(ids, sizes, ns)
+
+
+_fused_mod_op = torch.library.custom_op("recis::fused_mod", mutates_args=())(_fused_mod_impl)
 
 
 @_fused_mod_op.register_fake

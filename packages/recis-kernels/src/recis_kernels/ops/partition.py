@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from recis_kernels._backend import run_op
 from recis_kernels._checks import check_1d, check_dtype, check_tensor
 from recis_kernels.exceptions import ShapeError
 from recis_kernels.ops.hash_table import fmix64
@@ -48,11 +49,13 @@ def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
     return r
 
 
-@torch.library.custom_op("recis::partition_ids", mutates_args=())
-def _partition_op(
+def _partition_impl(
     ids: torch.Tensor, world_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _partition_ids_cpu(ids, world_size)
+
+
+_partition_op = torch.library.custom_op("recis::partition_ids", mutates_args=())(_partition_impl)
 
 
 @_partition_op.register_fake
@@ -99,4 +102,4 @@ def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
     check_1d("partition_ids", "ids", ids)
     if int(world_size) < 1:
         raise ShapeError(f"partition_ids: world_size must be >= 1, got {world_size}")
-    return PartitionResult(*_partition_op(ids, int(world_size)))
+    return PartitionResult(*run_op(_partition_op, _partition_impl, ids, int(world_size)))

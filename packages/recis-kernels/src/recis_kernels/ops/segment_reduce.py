@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_1d,
@@ -87,7 +87,9 @@ def segment_reduce(
             f"{op}: offsets must start at 0 and end at the number of rows ({rows.shape[0]}), "
             f"got {int(offsets[0])} and {int(offsets[-1])}"
         )
-    return torch.ops.recis.segment_reduce(rows, offsets, weights, mode, tile_len or 0)
+    return run_op(
+        _segment_reduce_op, _segment_reduce_impl, rows, offsets, weights, mode, tile_len or 0
+    )
 
 
 def _segments(offsets: torch.Tensor, n: int) -> torch.Tensor:
@@ -177,8 +179,7 @@ def _kernel_ok(t: torch.Tensor, weights) -> bool:
     )
 
 
-@torch.library.custom_op("recis::segment_reduce", mutates_args=())
-def _segment_reduce_op(
+def _segment_reduce_impl(
     rows: torch.Tensor,
     offsets: torch.Tensor,
     weights: torch.Tensor | None,
@@ -194,14 +195,18 @@ def _segment_reduce_op(
     return out
 
 
+_segment_reduce_op = torch.library.custom_op("recis::segment_reduce", mutates_args=())(
+    _segment_reduce_impl
+)
+
+
 @_segment_reduce_op.register_fake
 def _(rows, offsets, weights, mode, tile_len):
     width = rows.shape[1] * (tile_len if mode == "tile" else 1)
     return rows.new_empty(offsets.shape[0] - 1, width)
 
 
-@torch.library.custom_op("recis::segment_reduce_backward", mutates_args=())
-def _segment_reduce_backward_op(
+def _segment_reduce_backward_impl(
     grad: torch.Tensor,
     offsets: torch.Tensor,
     weights: torch.Tensor | None,
@@ -216,6 +221,11 @@ def _segment_reduce_backward_op(
     out = grad.new_zeros(num_rows, d) if mode == "tile" else grad.new_empty(num_rows, d)
     _launch("bwd", grad, offsets, weights, mode, tile_len, d, out)
     return out
+
+
+_segment_reduce_backward_op = torch.library.custom_op(
+    "recis::segment_reduce_backward", mutates_args=()
+)(_segment_reduce_backward_impl)
 
 
 @_segment_reduce_backward_op.register_fake
@@ -238,8 +248,15 @@ def _backward(ctx, grad):
     offsets, weights, rows, out = ctx.saved_tensors
     grad_rows = None
     if ctx.needs_input_grad[0]:
-        grad_rows = torch.ops.recis.segment_reduce_backward(
-            grad, offsets, weights, ctx.mode, ctx.tile_len, ctx.num_rows
+        grad_rows = run_op(
+            _segment_reduce_backward_op,
+            _segment_reduce_backward_impl,
+            grad,
+            offsets,
+            weights,
+            ctx.mode,
+            ctx.tile_len,
+            ctx.num_rows,
         )
     grad_w = None
     if ctx.weights_need_grad and ctx.needs_input_grad[2]:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import grid_for
 from recis_kernels.exceptions import RaggedError
 from recis_kernels.ragged import RaggedTensor
@@ -128,7 +128,9 @@ def _per_row(params, rows, device) -> torch.Tensor:
 
 
 def _truncate2(r: RaggedTensor, row_max, row_tail):
-    index, new_off = torch.ops.recis.truncate_index(r.offsets[0], row_max, row_tail)
+    index, new_off = run_op(
+        _truncate_index_op, _truncate_index_impl, r.offsets[0], row_max, row_tail
+    )
     lengths = r.lengths()
     # index_select: the same gather as r.values[index], without advanced indexing's overhead.
     weights = None if r.weights is None else r.weights.index_select(0, index)
@@ -137,7 +139,9 @@ def _truncate2(r: RaggedTensor, row_max, row_tail):
 
 
 def _truncate3(r: RaggedTensor, row_max, row_tail):
-    sub_index, kept_off = torch.ops.recis.truncate_index(r.offsets[0], row_max, row_tail)
+    sub_index, kept_off = run_op(
+        _truncate_index_op, _truncate_index_impl, r.offsets[0], row_max, row_tail
+    )
     sub_lengths = r.lengths(1)
     sub_starts = r.offsets[1][:-1]
     kept_len = sub_lengths[sub_index]
@@ -271,14 +275,18 @@ def _truncate_index_cuda(offsets, row_max, row_tail):
     return index, new_off
 
 
-@torch.library.custom_op("recis::truncate_index", mutates_args=())
-def _truncate_index_op(
+def _truncate_index_impl(
     offsets: torch.Tensor, row_max: torch.Tensor, row_tail: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     offsets, row_max, row_tail = offsets.contiguous(), row_max.contiguous(), row_tail.contiguous()
     if use_cuda_kernels(offsets.device):
         return _truncate_index_cuda(offsets, row_max, row_tail)
     return _truncate_index_cpu(offsets, row_max, row_tail)
+
+
+_truncate_index_op = torch.library.custom_op("recis::truncate_index", mutates_args=())(
+    _truncate_index_impl
+)
 
 
 @_truncate_index_op.register_fake

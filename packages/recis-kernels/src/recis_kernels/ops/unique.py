@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from recis_kernels._backend import run_op
 from recis_kernels._checks import check_1d, check_dtype, check_tensor
 
 __all__ = ["UniqueResult", "unique"]
@@ -25,9 +26,11 @@ class UniqueResult(NamedTuple):
     counts: torch.Tensor
 
 
-@torch.library.custom_op("recis::unique", mutates_args=())
-def _unique_op(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unique_impl(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _unique_cpu(ids)
+
+
+_unique_op = torch.library.custom_op("recis::unique", mutates_args=())(_unique_impl)
 
 
 @_unique_op.register_fake
@@ -63,4 +66,4 @@ def unique(ids: torch.Tensor) -> UniqueResult:
     check_tensor("unique", "ids", ids)
     check_dtype("unique", "ids", ids, (torch.int64,))
     check_1d("unique", "ids", ids)
-    return UniqueResult(*_unique_op(ids))
+    return UniqueResult(*run_op(_unique_op, _unique_impl, ids))
