@@ -247,3 +247,19 @@ def test_fused_bucketize_nan_and_infinities_with_padding():
     xs = [torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])] * 2
     outs = rk.fused_bucketize(xs, [[0.0], [0.0, 1.0, float("inf")]])
     assert [o.tolist() for o in outs] == [[0, 1, 0, 1], [0, 3, 0, 2]]
+
+
+def test_boundary_tensors_changed_in_place_are_checked_and_used_again():
+    """Boundaries prepared for one call are reused for the same tensors; an in-place change
+    is seen (new buckets, and the order check runs again)."""
+    x = torch.linspace(0, 10, 2048)
+    b = torch.tensor([2.0, 4.0])
+    first = rk.fused_bucketize([x, x], [b, b])
+    assert torch.equal(rk.fused_bucketize([x, x], [b, b])[1], first[1])
+    b[1] = 8.0
+    again = rk.fused_bucketize([x, x], [b, b])
+    assert torch.equal(again[0], rk.bucketize(x, [2.0, 8.0]))
+    assert not torch.equal(again[0], first[0])
+    b[0] = 9.0
+    with pytest.raises(ValueError, match=r"boundaries_list\[0\] must be sorted"):
+        rk.fused_bucketize([x, x], [b, b])

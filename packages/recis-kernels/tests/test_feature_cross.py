@@ -62,6 +62,28 @@ def test_feature_cross_matches_reference(case, weighted):
     out.validate()
 
 
+@given(
+    ids=st.lists(st.tuples(id_st, id_st, st.sampled_from([0.5, 2.0]), st.sampled_from([3.0, 1.0]))),
+    sides=st.sampled_from(["", "a", "b", "ab"]),
+)
+def test_single_id_rows_cross_value_by_value(ids, sides):
+    """One id on each side of every row (crosses of single-valued features): same hashes and
+    weight products as the general rule, and no weights when neither side has any."""
+    a, b = [[x] for x, *_ in ids], [[y] for _, y, *_ in ids]
+    wa, wb = [[w] for *_, w, _ in ids], [[w] for *_, w in ids]
+    ra = ragged_from_rows(a, wa if "a" in sides else None)
+    rb = ragged_from_rows(b, wb if "b" in sides else None)
+    out = rk.feature_cross(ra, rb)
+    ones = [[1.0]] * len(ids)
+    exp, exp_w = ref_cross(a, b, wa if "a" in sides else ones, wb if "b" in sides else ones)
+    assert ragged_rows(out) == exp
+    assert out.offsets[0].tolist() == list(range(len(ids) + 1))
+    if sides:
+        assert out.weights.tolist() == [w for (w,) in exp_w]
+    else:
+        assert out.weights is None
+
+
 def test_unweighted_cross_has_no_weights_and_uses_murmur_bytes():
     a = ragged_from_rows([[1, 2, 1], [], [5]])
     b = ragged_from_rows([[7, 8], [3], [6, 6]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["pack", "unpack"]
@@ -65,13 +66,7 @@ def concat_rows(
         v, o, w = parts[0]
         return v, o, w, rows
     values = torch.cat([v for v, _, _ in parts])
-    pieces = []
-    base = 0
-    for v, o, _ in parts:
-        pieces.append(o[:-1] + base)
-        base += v.shape[0]
-    pieces.append(torch.tensor([base], dtype=torch.int64, device=values.device))
-    offsets = torch.cat(pieces)
+    offsets = _stacked_offsets([o for _, o, _ in parts], [v.shape[0] for v, _, _ in parts])
     weights = None
     if any(w is not None for _, _, w in parts):
         weights = torch.cat(
@@ -83,6 +78,32 @@ def concat_rows(
     return values, offsets, weights, rows
 
 
+def _host(t: torch.Tensor) -> bool:
+    """Whether ``t``'s few bookkeeping ops are cheaper in NumPy (eager, on the CPU)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _stacked_offsets(offsets: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
+    """Offsets of ragged parts stacked row-wise: each part's offsets shifted by the values
+    before it (``counts``: each part's number of values)."""
+    if _host(offsets[0]):
+        out = np.empty(sum(o.numel() - 1 for o in offsets) + 1, dtype=np.int64)
+        row = base = 0
+        for o, n in zip(offsets, counts, strict=True):
+            m = o.numel() - 1
+            np.add(o.numpy()[:-1], base, out=out[row : row + m])
+            row, base = row + m, base + n
+        out[-1] = base
+        return torch.from_numpy(out)
+    pieces = []
+    base = 0
+    for o, n in zip(offsets, counts, strict=True):
+        pieces.append(o[:-1] + base)
+        base += n
+    pieces.append(torch.tensor([base], dtype=torch.int64, device=offsets[0].device))
+    return torch.cat(pieces)
+
+
 def split_rows(
     values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, rows: Sequence[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -92,10 +113,16 @@ def split_rows(
     row_bounds = [0]
     for r in rows:
         row_bounds.append(row_bounds[-1] + r)
-    value_bounds = offsets[torch.tensor(row_bounds, device=offsets.device)].tolist()
+    host = _host(offsets)
+    if host:
+        offsets_np = offsets.numpy()
+        value_bounds = offsets_np[row_bounds].tolist()
+    else:
+        value_bounds = offsets[torch.tensor(row_bounds, device=offsets.device)].tolist()
     out = []
     for k in range(len(rows)):
         lo, hi = value_bounds[k], value_bounds[k + 1]
-        off = offsets[row_bounds[k] : row_bounds[k + 1] + 1] - lo
+        first, last = row_bounds[k], row_bounds[k + 1] + 1
+        off = torch.from_numpy(offsets_np[first:last] - lo) if host else offsets[first:last] - lo
         out.append((values[lo:hi], off, None if weights is None else weights[lo:hi]))
     return out

@@ -11,6 +11,8 @@ int64.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
@@ -119,6 +121,16 @@ def fused_bucketize(
     for k, x in enumerate(xs):
         _check_x(op, "x" if op == "bucketize" else f"xs[{k}]", x)
     device = check_same_device(op, {f"xs[{k}]": x for k, x in enumerate(xs)})
+    packed_b, b_sizes, dtype = _prepared_boundaries(op, boundaries_list, xs, device)
+    packed, sizes = pack([_as(x, dtype) for x in xs])
+    out = run_op(_fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes)
+    return unpack(out, sizes, [x.shape for x in xs])
+
+
+def _prepare(
+    op: str, boundaries_list: Sequence[torch.Tensor | Sequence[float]], xs, device
+) -> tuple[torch.Tensor, list[int], torch.dtype]:
+    """The boundary lists checked and packed in the dtype the values compare in."""
     wheres = [
         "boundaries" if op == "bucketize" else f"boundaries_list[{k}]"
         for k in range(len(boundaries_list))
@@ -135,9 +147,45 @@ def fused_bucketize(
         and all(b.is_floating_point() for b in bounds)
     ):
         packed_b, dtype = _round_up_to_float32(packed_b), torch.float32
-    packed, sizes = pack([_as(x, dtype) for x in xs])
-    out = run_op(_fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes)
-    return unpack(out, sizes, [x.shape for x in xs])
+    return packed_b, b_sizes, dtype
+
+
+# Prepared boundaries of recent calls, keyed by the identity and version counter of each
+# boundary tensor: a feature pipeline passes the same tensors batch after batch, and checking,
+# converting and packing them again costs more than bucketing a few thousand values. An entry
+# holds its tensors, so their ids cannot be reused while it lives; an in-place change bumps a
+# tensor's version and misses the cache.
+_PREPARED_MAX = 64
+_prepared: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], tuple]] = OrderedDict()
+_prepared_lock = threading.Lock()
+
+
+def _prepared_boundaries(op, boundaries_list, xs, device):
+    key = _prepared_key(op, boundaries_list, xs, device)
+    if key is None:
+        return _prepare(op, boundaries_list, xs, device)
+    with _prepared_lock:
+        hit = _prepared.get(key)
+        if hit is not None:
+            _prepared.move_to_end(key)
+            return hit[1]
+    result = _prepare(op, boundaries_list, xs, device)
+    with _prepared_lock:
+        _prepared[key] = (tuple(boundaries_list), result)  # type: ignore[arg-type]
+        while len(_prepared) > _PREPARED_MAX:
+            _prepared.popitem(last=False)
+    return result
+
+
+def _prepared_key(op, boundaries_list, xs, device) -> tuple | None:
+    if torch.compiler.is_compiling():
+        return None
+    ident = []
+    for b in boundaries_list:
+        if type(b) is not torch.Tensor or b.is_inference():
+            return None  # lists are converted anew; inference tensors keep no version counter
+        ident.append((id(b), b._version))
+    return (op, tuple(ident), tuple(x.dtype for x in xs), device)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from recis_kernels._backend import run_op, use_cuda_kernels
@@ -121,6 +122,8 @@ def _distinct(values, offsets, weights):
 
 
 def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(_pair_hash_numpy(x.numpy(), y.numpy()))
     h = torch.full_like(x, const(16 * 0xC6A4A7935BD1E995))
     for k in (x, y):
         k = k * _M
@@ -131,6 +134,31 @@ def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return h ^ shr(h, 47)
 
 
+_M_U64 = np.uint64(0xC6A4A7935BD1E995)
+_SEED_U64 = np.uint64((16 * 0xC6A4A7935BD1E995) & ((1 << 64) - 1))
+
+
+def _pair_hash_numpy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """:func:`_pair_hash` on the CPU: NumPy's unsigned arithmetic, in place, without the
+    masking that a logical shift needs on signed torch tensors (the same bits)."""
+    h = np.full(x.shape, _SEED_U64, dtype=np.uint64)
+    k = np.empty_like(h)
+    t = np.empty_like(h)
+    for ids in (x, y):
+        np.multiply(ids.view(np.uint64), _M_U64, out=k)
+        np.right_shift(k, np.uint64(47), out=t)
+        k ^= t
+        k *= _M_U64
+        h ^= k
+        h *= _M_U64
+    np.right_shift(h, np.uint64(47), out=t)
+    h ^= t
+    h *= _M_U64
+    np.right_shift(h, np.uint64(47), out=t)
+    h ^= t
+    return h.view(np.int64)
+
+
 def _cross_layout(ao, bo):
     la, lb = ao.diff(), bo.diff()
     out_len = la * lb
@@ -139,12 +167,26 @@ def _cross_layout(ao, bo):
     return lb, out_len, out_off
 
 
+def _product(aw, ia, bw, ib, n: int, device) -> torch.Tensor:
+    """Per output the product of its pair's weights (a missing side counts as 1); empty when
+    neither side is weighted. ``ia``/``ib`` pick the pair's entries (``None``: the first ``n``)."""
+    picked = [
+        w[:n] if i is None else w.index_select(0, i)
+        for w, i in ((aw, ia), (bw, ib))
+        if w is not None
+    ]
+    if not picked:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    return picked[0] * picked[1] if len(picked) == 2 else picked[0].clone()
+
+
 def _cross_cpu(av, ao, aw, bv, bo, bw):
+    rows = ao.numel() - 1
+    if av.numel() == rows == bv.numel() and _one_per_row(ao) and _one_per_row(bo):
+        # One id on each side of every row (single-valued features): pair value by value.
+        return _pair_hash(av, bv), ao.clone(), _product(aw, None, bw, None, rows, av.device)
     lb, out_len, out_off = _cross_layout(ao, bo)
     total = int(out_off[-1])
-    if total == out_len.numel() and bool((out_len == 1).all()):
-        # One id on each side of every row (single-valued features): pair value by value.
-        return _pair_hash(av[:total], bv[:total]), out_off, aw[:total] * bw[:total]
     orow = torch.repeat_interleave(
         torch.arange(out_len.numel(), device=av.device), out_len, output_size=total
     )
@@ -156,8 +198,15 @@ def _cross_cpu(av, ao, aw, bv, bo, bw):
     return (
         _pair_hash(pick(av, 0, ia), pick(bv, 0, ib)),
         out_off,
-        pick(aw, 0, ia) * pick(bw, 0, ib),
+        _product(aw, ia, bw, ib, total, av.device),
     )
+
+
+def _one_per_row(offsets: torch.Tensor) -> bool:
+    """Whether ``offsets`` is ``0, 1, ..., rows`` (every row holds exactly one id)."""
+    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        return bool((np.diff(offsets.numpy()) == 1).all())
+    return bool((offsets.diff() == 1).all())
 
 
 def _cross_cuda(av, ao, aw, bv, bo, bw):
@@ -182,21 +231,18 @@ def _feature_cross_impl(
     b_offsets: torch.Tensor,
     b_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crossed values, offsets and weights; the weights are empty when neither side has any."""
     av, ao, aw = _distinct(a_values.contiguous(), a_offsets.contiguous(), a_weights)
     bv, bo, bw = _distinct(b_values.contiguous(), b_offsets.contiguous(), b_weights)
-    aw = (
-        torch.ones(av.numel(), dtype=torch.float32, device=av.device)
-        if aw is None
-        else aw.contiguous()
+    if not use_cuda_kernels(av.device):
+        return _cross_cpu(av, ao, aw, bv, bo, bw)
+    weighted = aw is not None or bw is not None
+    aw, bw = (
+        torch.ones(v.numel(), dtype=torch.float32, device=v.device) if w is None else w.contiguous()
+        for v, w in ((av, aw), (bv, bw))
     )
-    bw = (
-        torch.ones(bv.numel(), dtype=torch.float32, device=bv.device)
-        if bw is None
-        else bw.contiguous()
-    )
-    if use_cuda_kernels(av.device):
-        return _cross_cuda(av, ao, aw, bv, bo, bw)
-    return _cross_cpu(av, ao, aw, bv, bo, bw)
+    values, offsets, weights = _cross_cuda(av, ao, aw, bv, bo, bw)
+    return values, offsets, weights if weighted else weights[:0]
 
 
 _feature_cross_op = torch.library.custom_op("recis::feature_cross", mutates_args=())(
@@ -210,5 +256,7 @@ def _(a_values, a_offsets, a_weights, b_values, b_offsets, b_weights):
     return (
         a_values.new_empty(n),
         a_offsets.new_empty(a_offsets.shape),
-        a_values.new_empty(n, dtype=torch.float32),
+        a_values.new_empty(
+            0 if a_weights is None and b_weights is None else n, dtype=torch.float32
+        ),
     )
