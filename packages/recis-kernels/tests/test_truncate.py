@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import recis_kernels as rk
+from recis_kernels import RaggedTensor
 
 rows_st = st.lists(st.lists(st.integers(-100, 100), max_size=7), max_size=6)
 rows3_st = st.lists(st.lists(st.lists(st.integers(-100, 100), max_size=3), max_size=5), max_size=5)
@@ -100,3 +101,30 @@ def test_truncate_device_matches_cpu(device):
             for x, y in zip(c.values.offsets, d.values.offsets, strict=True):
                 assert torch.equal(x, y.cpu())
             assert torch.equal(c.dropped, d.dropped.cpu())
+
+
+@pytest.mark.parametrize("values_dtype", [torch.int64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_host_truncation_matches_the_torch_path(monkeypatch, values_dtype, weighted):
+    """Eager CPU truncation (by deletion, in NumPy) equals the torch path that compiled code
+    runs: values with trailing dims, dtypes NumPy lacks, weights, both sides, fused features."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 40, (300,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    values = torch.randn(n, 3, generator=gen).mul(100).to(values_dtype)
+    weights = torch.rand(n, generator=gen) if weighted else None
+    r = RaggedTensor(values, [offsets], weights)
+    short = RaggedTensor(values[: int(offsets[7])], [offsets[:8]], None)
+    args = ([r, short, r], [10, 2, 50], ["tail", "head", "head"])
+    host = rk.fused_truncate(*args)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    reference = rk.fused_truncate(*args)
+    for got, want in zip(host, reference, strict=True):
+        assert torch.equal(got.values.values, want.values.values)
+        assert torch.equal(got.values.offsets[0], want.values.offsets[0])
+        assert (got.values.weights is None) == (want.values.weights is None)
+        if got.values.weights is not None:
+            assert torch.equal(got.values.weights, want.values.weights)
+        assert torch.equal(got.dropped, want.dropped)
+        assert torch.equal(got.padded, want.padded)

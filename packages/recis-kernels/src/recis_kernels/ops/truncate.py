@@ -104,13 +104,16 @@ def fused_truncate(
         if not group:
             continue
         packed = _concat([rs[k] for k in group])
-        row_max = _per_row([max_lens[k] for k in group], [len(rs[k]) for k in group], packed.device)
-        row_tail = _per_row(
-            [sides[k] == "tail" for k in group], [len(rs[k]) for k in group], packed.device
-        )
-        out, dropped, padded = (_truncate2 if levels == 1 else _truncate3)(
-            packed, row_max, row_tail
-        )
+        rows = [len(rs[k]) for k in group]
+        maxes, tails = [max_lens[k] for k in group], [sides[k] == "tail" for k in group]
+        if levels == 1 and _on_host(packed):
+            out, dropped, padded = _truncate2_host(packed, maxes, tails, rows)
+        else:
+            row_max = _per_row(maxes, rows, packed.device)
+            row_tail = _per_row(tails, rows, packed.device)
+            out, dropped, padded = (_truncate2 if levels == 1 else _truncate3)(
+                packed, row_max, row_tail
+            )
         for k, part in zip(
             group, _split(out, dropped, padded, [len(rs[k]) for k in group]), strict=True
         ):
@@ -125,6 +128,61 @@ def _per_row(params, rows, device) -> torch.Tensor:
         torch.tensor(rows, device=device),
         output_size=sum(rows),
     )
+
+
+def _on_host(r: RaggedTensor) -> bool:
+    """Whether the 2-level truncation can run in NumPy: eager, plain CPU tensors, no gradient."""
+    return (
+        r.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and all(
+            type(t) is torch.Tensor and not t.requires_grad
+            for t in (r.values, r.offsets[0], r.weights)
+            if t is not None
+        )
+    )
+
+
+def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: list[int]):
+    """:func:`_truncate2` on the host, by deletion: only the truncated rows (usually a few) are
+    visited, and one masked copy keeps everything else, instead of an index per kept value."""
+    off = r.offsets[0].numpy()
+    lengths = np.diff(off)
+    row_max = np.repeat(np.array(maxes, dtype=np.int64), rows)
+    kept = np.minimum(lengths, row_max)
+    new_off = np.empty_like(off)
+    new_off[0] = 0
+    np.cumsum(kept, out=new_off[1:])
+    skip = lengths - kept
+    cut = np.flatnonzero(skip)
+    if cut.size:
+        # Dropped entries of each cut row: its first ``skip`` entries for the tail side, the
+        # ones after the first ``kept`` for the head side; expanded into positions.
+        tail = np.repeat(np.array(tails, dtype=np.bool_), rows)[cut]
+        starts = off[cut] + np.where(tail, 0, kept[cut])
+        counts = skip[cut]
+        before = np.zeros(cut.size, dtype=np.int64)
+        np.cumsum(counts[:-1], out=before[1:])
+        drop = np.repeat(starts - before, counts)
+        drop += np.arange(drop.size, dtype=np.int64)
+        keep = np.ones(off[-1], dtype=np.bool_)
+        keep[drop] = False
+        values, weights = (None if t is None else _masked(t, keep) for t in (r.values, r.weights))
+    else:
+        values = r.values.clone()
+        weights = None if r.weights is None else r.weights.clone()
+    out = RaggedTensor(values, torch.from_numpy(new_off), weights, validate=False)
+    dropped = torch.from_numpy(skip)
+    padded = torch.from_numpy(row_max - kept)
+    return out, dropped, padded
+
+
+def _masked(t: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """The rows of ``t`` where ``keep`` holds, in NumPy where the dtype has a NumPy twin."""
+    try:
+        return torch.from_numpy(np.compress(keep, t.numpy(), axis=0))
+    except TypeError:  # bfloat16 and other dtypes NumPy lacks
+        return t[torch.from_numpy(keep)]
 
 
 def _truncate2(r: RaggedTensor, row_max, row_tail):
