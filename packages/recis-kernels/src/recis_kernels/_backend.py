@@ -21,7 +21,7 @@ import torch
 
 from recis_kernels.exceptions import BackendError, CudaUnavailableError
 
-__all__ = ["backend", "cuda_python_available", "run_op", "use_cuda_kernels"]
+__all__ = ["backend", "cuda_python_available", "on_host", "run_op", "use_cuda_kernels"]
 
 _CHOICES = ("auto", "cpu", "cuda")
 
@@ -88,3 +88,15 @@ def run_op(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:
     if not torch.compiler.is_compiling() and _plain(args):
         return impl(*args)
     return op(*args)
+
+
+def on_host(tensors) -> bool:
+    """Whether an op's CPU path may work on these tensors' memory in NumPy: eager, plain CPU
+    tensors (``None`` entries are skipped) that need no gradient."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(
+        type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad
+        for t in tensors
+        if t is not None
+    )

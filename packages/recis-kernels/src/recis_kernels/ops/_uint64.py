@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["const", "rotr", "shr", "umod", "umod_const", "umod_segments"]
+__all__ = ["const", "rotr", "shr", "umod", "umod_const", "umod_parts", "umod_segments"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -57,20 +57,28 @@ def umod_const(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def umod_segments(x: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
     """``(uint64)x % ns[k]`` over consecutive segments of ``sizes[k]`` elements of a flat CPU
-    tensor, ``0 < ns[k] < 2**63``.
+    tensor, ``0 < ns[k] < 2**63``."""
+    x = x.detach().contiguous()
+    return umod_parts(list(x.split(sizes)), ns)
+
+
+def umod_parts(xs: list[torch.Tensor], ns: list[int]) -> torch.Tensor:
+    """``(uint64)xs[k] % ns[k]`` for flat CPU tensors, ``0 < ns[k] < 2**63``, written one
+    after another into one flat int64 tensor.
 
     NumPy divides an unsigned array by a scalar with a precomputed multiplicative inverse
-    (libdivide) instead of a hardware division per element, so each segment is reduced as
+    (libdivide) instead of a hardware division per element, so each part is reduced as
     ``x - (x // n) * n`` with its own scalar: about twice as fast as one broadcast remainder.
     """
-    xu = x.detach().contiguous().numpy().view(np.uint64)
-    out = np.empty_like(xu)
+    out = np.empty(sum(x.numel() for x in xs), dtype=np.uint64)
     start = 0
-    for size, n in zip(sizes, ns, strict=True):
+    for x, n in zip(xs, ns, strict=True):
+        xs_ = x.numpy().view(np.uint64)
+        size = xs_.shape[0]
         divisor = np.uint64(n)
-        xs, q = xu[start : start + size], out[start : start + size]
-        np.floor_divide(xs, divisor, out=q)
+        q = out[start : start + size]
+        np.floor_divide(xs_, divisor, out=q)
         np.multiply(q, divisor, out=q)
-        np.subtract(xs, q, out=q)
+        np.subtract(xs_, q, out=q)
         start += size
     return torch.from_numpy(out.view(np.int64))

@@ -11,10 +11,10 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 
 import torch
 
-from recis_kernels._backend import run_op, use_cuda_kernels
+from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import check_dtype, check_same_device, check_tensor, grid_for
 from recis_kernels.ops._packing import pack, unpack
-from recis_kernels.ops._uint64 import umod, umod_segments
+from recis_kernels.ops._uint64 import umod, umod_parts, umod_segments
 
 __all__ = ["fused_mod", "mod"]
 
@@ -74,6 +74,12 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
         _check_n(op, f"ns[{k}]", ns[k])
     check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
+    if on_host(ids_list):
+        # Each feature is reduced straight from its own memory into its part of one output:
+        # no packed copy of the inputs.
+        sizes = [t.numel() for t in ids_list]
+        out = umod_parts([t.reshape(-1) for t in ids_list], list(ns))
+        return unpack(out, sizes, [t.shape for t in ids_list])
     packed, sizes = pack(ids_list)
     out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
     return unpack(out, sizes, [t.shape for t in ids_list])

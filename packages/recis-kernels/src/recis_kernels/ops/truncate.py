@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from recis_kernels._backend import run_op, use_cuda_kernels
+from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import grid_for
 from recis_kernels.exceptions import RaggedError
 from recis_kernels.ragged import RaggedTensor
@@ -106,7 +106,7 @@ def fused_truncate(
         packed = _concat([rs[k] for k in group])
         rows = [len(rs[k]) for k in group]
         maxes, tails = [max_lens[k] for k in group], [sides[k] == "tail" for k in group]
-        if levels == 1 and _on_host(packed):
+        if levels == 1 and on_host((packed.values, packed.offsets[0], packed.weights)):
             out, dropped, padded = _truncate2_host(packed, maxes, tails, rows)
         else:
             row_max = _per_row(maxes, rows, packed.device)
@@ -127,19 +127,6 @@ def _per_row(params, rows, device) -> torch.Tensor:
         torch.tensor(params, device=device),
         torch.tensor(rows, device=device),
         output_size=sum(rows),
-    )
-
-
-def _on_host(r: RaggedTensor) -> bool:
-    """Whether the 2-level truncation can run in NumPy: eager, plain CPU tensors, no gradient."""
-    return (
-        r.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and all(
-            type(t) is torch.Tensor and not t.requires_grad
-            for t in (r.values, r.offsets[0], r.weights)
-            if t is not None
-        )
     )
 
 
