@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["pack", "unpack"]
+__all__ = ["concat_rows", "pack", "split_rows", "stacked_offsets", "unpack"]
 
 
 def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -66,7 +66,7 @@ def concat_rows(
         v, o, w = parts[0]
         return v, o, w, rows
     values = torch.cat([v for v, _, _ in parts])
-    offsets = _stacked_offsets([o for _, o, _ in parts], [v.shape[0] for v, _, _ in parts])
+    offsets = stacked_offsets([o for _, o, _ in parts], [v.shape[0] for v, _, _ in parts])
     weights = None
     if any(w is not None for _, _, w in parts):
         weights = torch.cat(
@@ -83,7 +83,7 @@ def _host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _stacked_offsets(offsets: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
+def stacked_offsets(offsets: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
     """Offsets of ragged parts stacked row-wise: each part's offsets shifted by the values
     before it (``counts``: each part's number of values)."""
     if _host(offsets[0]):

@@ -27,6 +27,7 @@ import torch
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import grid_for
 from recis_kernels.exceptions import RaggedError
+from recis_kernels.ops._packing import stacked_offsets
 from recis_kernels.ragged import RaggedTensor
 
 __all__ = ["TruncateResult", "fused_truncate", "truncate"]
@@ -229,15 +230,16 @@ def _concat(rs: Sequence[RaggedTensor]) -> RaggedTensor:
     if len(rs) == 1:
         return rs[0]
     levels = rs[0].num_levels
-    offsets = []
-    for level in range(levels):
-        pieces, base = [], 0
-        for r in rs:
-            o = r.offsets[level]
-            pieces.append(o[:-1] + base)
-            base += int(o[-1])
-        pieces.append(torch.tensor([base], dtype=torch.int64, device=rs[0].device))
-        offsets.append(torch.cat(pieces))
+    offsets = [
+        stacked_offsets(
+            [r.offsets[level] for r in rs],
+            [
+                r.values.shape[0] if level == levels - 1 else r.offsets[level + 1].numel() - 1
+                for r in rs
+            ],
+        )
+        for level in range(levels)
+    ]
     values = torch.cat([r.values for r in rs])
     weights = None
     if any(r.weights is not None for r in rs):
