@@ -127,11 +127,11 @@ def flat(value: torch.Tensor | RaggedTensor) -> torch.Tensor:
     """The elements of a dense or ragged value as one 1-D tensor (a view, no copy)."""
     if isinstance(value, RaggedTensor):
         return value.values
-    return value.reshape(-1)
+    return value if value.dim() == 1 else value.reshape(-1)
 
 
 def rebuild(value: torch.Tensor | RaggedTensor, elements: torch.Tensor) -> Value:
     """``value``'s structure (shape or offsets and weights) around new ``elements``."""
     if isinstance(value, RaggedTensor):
         return value.with_values(elements, value.weights)
-    return elements.reshape(value.shape)
+    return elements if elements.shape == value.shape else elements.reshape(value.shape)
