@@ -59,15 +59,28 @@ pub fn source_order<U: Deref<Target = PreparedUnit>>(
 }
 
 /// The pieces' indices in `order`, or `0..pieces.len()`.
-fn visit(order: Option<&[u32]>, n: usize) -> impl Iterator<Item = usize> + '_ {
-    let (ordered, all) = match order {
-        Some(o) => (Some(o.iter().map(|&i| i as usize)), None),
-        None => (None, Some(0..n)),
-    };
-    ordered
-        .into_iter()
-        .flatten()
-        .chain(all.into_iter().flatten())
+fn visit(order: Option<&[u32]>, n: usize) -> Visit<'_> {
+    match order {
+        Some(o) => Visit::Ordered(o.iter()),
+        None => Visit::All(0..n),
+    }
+}
+
+/// Iterator of [`visit`].
+enum Visit<'a> {
+    Ordered(std::slice::Iter<'a, u32>),
+    All(std::ops::Range<usize>),
+}
+
+impl Iterator for Visit<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Visit::Ordered(it) => it.next().map(|&i| i as usize),
+            Visit::All(range) => range.next(),
+        }
+    }
 }
 
 pub fn layout<U: Deref<Target = PreparedUnit>>(
