@@ -111,9 +111,7 @@ def loop_sequence(batch: dict[str, Any], out: dict[str, Any]) -> None:
 
 def loop_crosses(batch: dict[str, Any], out: dict[str, Any]) -> None:
     for (a, b), n in zip(CROSSES, CROSS_BUCKETS, strict=True):
-        unit = torch.arange(batch[a].shape[0] + 1, dtype=torch.int64)
-        ra, rb = (RaggedTensor(batch[c], [unit]) for c in (a, b))
-        crossed = rk.feature_cross(ra, rb)
+        crossed = rk.feature_cross(batch[a], batch[b])  # single-valued: one id per row
         out[f"{a}_x_{b}"] = crossed.with_values(rk.mod(crossed.values, n), crossed.weights)
 
 

@@ -84,6 +84,28 @@ def test_single_id_rows_cross_value_by_value(ids, sides):
         assert out.weights is None
 
 
+@given(
+    ids=st.lists(st.tuples(id_st, id_st), max_size=8),
+    more=st.lists(st.tuples(id_st, id_st), max_size=8),
+)
+def test_dense_single_valued_sides_cross_like_one_id_rows(ids, more):
+    """A (B,) int64 tensor is a feature with one id per row: dense pairs, mixed dense/ragged
+    pairs and their ragged equivalents give the same crosses."""
+    dense = [
+        tuple(torch.tensor([t[j] for t in p], dtype=torch.int64) for j in (0, 1))
+        for p in (ids, more)
+    ]
+    ragged = [tuple(ragged_from_rows([[v] for v in t.tolist()]) for t in pair) for pair in dense]
+    mixed = [(dense[0][0], ragged[0][1]), (ragged[1][0], dense[1][1])]
+    expected = rk.fused_feature_cross(ragged)
+    for got in (rk.fused_feature_cross(dense), rk.fused_feature_cross(mixed)):
+        for g, e in zip(got, expected, strict=True):
+            assert torch.equal(g.values, e.values)
+            assert torch.equal(g.offsets[0], e.offsets[0])
+            assert g.weights is None
+    assert ragged_rows(expected[0]) == [[pair_hash(x, y)] for x, y in ids]
+
+
 def test_unweighted_cross_has_no_weights_and_uses_murmur_bytes():
     a = ragged_from_rows([[1, 2, 1], [], [5]])
     b = ragged_from_rows([[7, 8], [3], [6, 6]])
@@ -116,8 +138,18 @@ def test_cross_errors():
         rk.UnsupportedDtypeError, match=r"feature_cross: b\.values must be 1-d int64 ids"
     ):
         rk.feature_cross(a, ragged_from_rows([[1.0]], dtype=torch.float32))
-    with pytest.raises(rk.RaggedError, match="feature_cross: a must be a RaggedTensor"):
-        rk.feature_cross(torch.tensor([1]), a)
+    with pytest.raises(
+        rk.RaggedError, match="feature_cross: a must be a RaggedTensor or a 1-d int64 tensor"
+    ):
+        rk.feature_cross([1], a)
+    with pytest.raises(
+        rk.UnsupportedDtypeError,
+        match=r"feature_cross: b as a dense tensor must be 1-d int64 ids \(one per row\), got "
+        r"torch.int64 of shape \(1, 1\)",
+    ):
+        rk.feature_cross(a, torch.tensor([[1]]))
+    with pytest.raises(rk.RaggedError, match="pairs\\[0\\] has 1 rows in a but 2 in b"):
+        rk.fused_feature_cross([(torch.tensor([1]), torch.tensor([1, 2]))])
     with pytest.raises(
         rk.RaggedError, match="fused_feature_cross: pairs\\[0\\] must be an \\(a, b\\) pair"
     ):

@@ -138,14 +138,18 @@ def fused_cross(ops: Sequence[FeatureCross], values: Sequence[Value]) -> list[Va
     # A group mixing weighted and unweighted pairs gets weights for every pair; a pair with no
     # weights of its own has none when crossed alone.
     return [
-        o if a.weights is not None else _unweighted_like(o, b)
+        o if _weights(a) is not None else _unweighted_like(o, b)
         for o, (a, b) in zip(outs, pairs, strict=True)
     ]
 
 
-def _unweighted_like(out: RaggedTensor, source: RaggedTensor) -> RaggedTensor:
+def _weights(x: torch.Tensor | RaggedTensor) -> torch.Tensor | None:
+    return x.weights if isinstance(x, RaggedTensor) else None
+
+
+def _unweighted_like(out: RaggedTensor, source: torch.Tensor | RaggedTensor) -> RaggedTensor:
     """``out`` without the all-ones weights a fused call fills in for an unweighted input."""
-    if source.weights is None and out.weights is not None:
+    if _weights(source) is None and out.weights is not None:
         return out.with_values(out.values)
     return out
 

@@ -256,6 +256,13 @@ def as_rows(value: torch.Tensor | RaggedTensor) -> RaggedTensor:
     return RaggedTensor(value.reshape(-1), [offsets], validate=False)
 
 
+def _cross_side(part: torch.Tensor | RaggedTensor) -> torch.Tensor | RaggedTensor:
+    if isinstance(part, torch.Tensor) and part.dim() == 1:
+        return part if part.dtype == torch.int64 else part.long()
+    r = as_rows(part)
+    return r if r.values.dtype == torch.int64 else r.with_values(r.values.long(), r.weights)
+
+
 class FeatureCross(Transform):
     """Cross two id columns: per row, every pair of distinct ids, hashed to int64.
 
@@ -288,13 +295,10 @@ class FeatureCross(Transform):
         return None
 
     @staticmethod
-    def rows(value: Value) -> tuple[RaggedTensor, RaggedTensor]:
-        """The pair as two one-level ragged int64 id values, the kernel's input."""
-        a, b = (as_rows(part) for part in value)
-        return tuple(
-            r if r.values.dtype == torch.int64 else r.with_values(r.values.long(), r.weights)
-            for r in (a, b)
-        )  # type: ignore[return-value]
+    def rows(value: Value) -> tuple[torch.Tensor | RaggedTensor, torch.Tensor | RaggedTensor]:
+        """The pair as the kernel's int64 id inputs: a ``(B,)`` column as it is (one id per
+        row), anything else as one-level ragged rows."""
+        return tuple(_cross_side(part) for part in value)  # type: ignore[return-value]
 
     def apply(self, value: Value) -> Value:
         return rk.feature_cross(*self.rows(value))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from recis_kernels._backend import run_op, use_cuda_kernels
+from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import check_same_device, grid_for
 from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
 from recis_kernels.ops._packing import concat_rows, split_rows
@@ -28,9 +28,21 @@ __all__ = ["feature_cross", "fused_feature_cross"]
 _M = const(0xC6A4A7935BD1E995)
 
 
-def _check(op: str, name: str, r: object) -> RaggedTensor:
+Ids = RaggedTensor | torch.Tensor
+
+
+def _check(op: str, name: str, r: object) -> Ids:
+    if isinstance(r, torch.Tensor):
+        if r.dtype != torch.int64 or r.dim() != 1:
+            raise UnsupportedDtypeError(
+                f"{op}: {name} as a dense tensor must be 1-d int64 ids (one per row), got "
+                f"{r.dtype} of shape {tuple(r.shape)}"
+            )
+        return r
     if not isinstance(r, RaggedTensor):
-        raise RaggedError(f"{op}: {name} must be a RaggedTensor, got {type(r).__name__}")
+        raise RaggedError(
+            f"{op}: {name} must be a RaggedTensor or a 1-d int64 tensor, got {type(r).__name__}"
+        )
     if r.num_levels != 1:
         raise RaggedError(
             f"{op}: {name} must have 2 levels (one offsets tensor), got {r.num_levels + 1}"
@@ -42,12 +54,13 @@ def _check(op: str, name: str, r: object) -> RaggedTensor:
     return r
 
 
-def feature_cross(a: RaggedTensor, b: RaggedTensor) -> RaggedTensor:
-    """Cross two ragged id features row by row (see the module docstring for the exact rule).
+def feature_cross(a: Ids, b: Ids) -> RaggedTensor:
+    """Cross two id features row by row (see the module docstring for the exact rule).
 
     Args:
-        a: 2-level ragged int64 ids, ``B`` rows, optional weights.
-        b: 2-level ragged int64 ids, ``B`` rows, optional weights.
+        a: 2-level ragged int64 ids, ``B`` rows, optional weights; or a ``(B,)`` int64 tensor,
+            one id per row (a single-valued feature).
+        b: the same for the other side.
 
     Returns:
         2-level ragged int64 hashes with ``B`` rows; row ``i`` has
@@ -55,17 +68,20 @@ def feature_cross(a: RaggedTensor, b: RaggedTensor) -> RaggedTensor:
 
     Raises:
         RaggedError: not 2-level ragged tensors, or different row counts.
+        UnsupportedDtypeError: ids that are not int64 (or a dense side that is not 1-d).
     """
     return fused_feature_cross([(a, b)], _op="feature_cross")[0]
 
 
 def fused_feature_cross(
-    pairs: Sequence[tuple[RaggedTensor, RaggedTensor]], *, _op: str = "fused_feature_cross"
+    pairs: Sequence[tuple[Ids, Ids]], *, _op: str = "fused_feature_cross"
 ) -> list[RaggedTensor]:
     """:func:`feature_cross` of K feature pairs in one pass (one kernel launch on CUDA).
 
     Args:
-        pairs: K ``(a, b)`` pairs of 2-level ragged int64 id tensors on one device.
+        pairs: K ``(a, b)`` pairs of 2-level ragged int64 ids or ``(B,)`` int64 tensors (one id
+            per row), on one device. Pairs of two dense tensors, the cross of two
+            single-valued features, are hashed value by value without any row bookkeeping.
 
     Returns:
         K ragged tensors of crossed ids.
@@ -75,7 +91,7 @@ def fused_feature_cross(
         return []
     for k, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise RaggedError(f"{op}: pairs[{k}] must be an (a, b) pair of RaggedTensors")
+            raise RaggedError(f"{op}: pairs[{k}] must be an (a, b) pair of id features")
         a, b = (
             _check(op, f"pairs[{k}][{j}]" if op != "feature_cross" else "ab"[j], r)
             for j, r in enumerate(pair)
@@ -84,17 +100,52 @@ def fused_feature_cross(
             raise RaggedError(f"{op}: pairs[{k}] has {len(a)} rows in a but {len(b)} in b")
     tensors = {}
     for k, (a, b) in enumerate(pairs):
-        tensors[f"pairs[{k}][0]"] = a.values
-        tensors[f"pairs[{k}][1]"] = b.values
+        tensors[f"pairs[{k}][0]"] = _ids(a)
+        tensors[f"pairs[{k}][1]"] = _ids(b)
     check_same_device(op, tensors)
-    av, ao, aw, rows = concat_rows([(a.values, a.offsets[0], a.weights) for a, _ in pairs])
-    bv, bo, bw, _ = concat_rows([(b.values, b.offsets[0], b.weights) for _, b in pairs])
+    dense = all(isinstance(x, torch.Tensor) for pair in pairs for x in pair)
+    if dense and on_host(tensors.values()):
+        return _cross_dense_host(pairs)  # type: ignore[arg-type]
+    ragged = [(_as_ragged(a), _as_ragged(b)) for a, b in pairs]
+    av, ao, aw, rows = concat_rows([(a.values, a.offsets[0], a.weights) for a, _ in ragged])
+    bv, bo, bw, _ = concat_rows([(b.values, b.offsets[0], b.weights) for _, b in ragged])
     weighted = aw is not None or bw is not None
     values, offsets, weights = run_op(
         _feature_cross_op, _feature_cross_impl, av, ao, aw, bv, bo, bw
     )
     parts = split_rows(values, offsets, weights if weighted else None, rows)
     return [RaggedTensor(v, o, w, validate=False) for v, o, w in parts]
+
+
+def _ids(x: Ids) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x.values
+
+
+def _unit_offsets(rows: int, device) -> torch.Tensor:
+    return torch.arange(rows + 1, dtype=torch.int64, device=device)
+
+
+def _as_ragged(x: Ids) -> RaggedTensor:
+    """A dense side as ragged rows of one id each."""
+    if isinstance(x, RaggedTensor):
+        return x
+    return RaggedTensor(x, [_unit_offsets(x.shape[0], x.device)], validate=False)
+
+
+def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[RaggedTensor]:
+    """Pairs of single-valued features on the host: one hash per row, all pairs at once."""
+    if len(pairs) == 1:
+        av, bv = pairs[0]
+    else:
+        av, bv = (torch.cat([p[j] for p in pairs]) for j in (0, 1))
+    hashes = _pair_hash(av, bv)
+    out, start = [], 0
+    for a, _ in pairs:
+        rows = a.shape[0]
+        part = hashes[start : start + rows]
+        out.append(RaggedTensor(part, [_unit_offsets(rows, a.device)], validate=False))
+        start += rows
+    return out
 
 
 def _distinct(values, offsets, weights):
