@@ -238,8 +238,8 @@ def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
         and max(b_sizes) <= _bucket_table.MAX_BOUNDARIES
         and not torch.compiler.is_compiling()
     ):
-        table = _bucket_table.table_for(bounds.numpy(), b_sizes)
-        return torch.from_numpy(_bucket_table.lookup(xs.numpy(), sizes, table))
+        lut = _bucket_table.table_for(bounds.numpy(), b_sizes)
+        return torch.from_numpy(_bucket_table.lookup(xs.numpy(), sizes, lut))
     if k == 1:
         out = torch.searchsorted(bounds, xs, right=True)
     elif len(set(sizes)) == 1 and max(b_sizes) <= _COUNT_MAX:

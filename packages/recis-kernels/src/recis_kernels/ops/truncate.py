@@ -155,7 +155,8 @@ def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: 
         drop += np.arange(drop.size, dtype=np.int64)
         keep = np.ones(off[-1], dtype=np.bool_)
         keep[drop] = False
-        values, weights = (None if t is None else _masked(t, keep) for t in (r.values, r.weights))
+        values = _masked(r.values, keep)
+        weights = None if r.weights is None else _masked(r.weights, keep)
     else:
         values = r.values.clone()
         weights = None if r.weights is None else r.weights.clone()
