@@ -115,6 +115,9 @@ def test_run_op_skips_the_dispatcher_only_for_plain_eager_tensors(monkeypatch):
         assert _path(x, w) == "direct"
     assert _path(x.as_subclass(_Sub)) == "dispatcher"
     assert _path(torch.empty(4, device="meta")) == "dispatcher"
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "is_tracing", lambda: True)
+        assert _path(x) == "dispatcher"  # a trace records the op, not NumPy work
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _path(x) == "dispatcher"
 

@@ -82,10 +82,11 @@ def run_op(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:
     Eager calls on plain CPU or CUDA tensors that need no gradient run ``impl`` directly: going
     through torch's dispatcher costs tens of microseconds a call, as much as the work itself on
     a batch of a few thousand ids, and buys nothing there. Everything else goes through ``op``:
-    ``torch.compile`` and export, tensor subclasses (fake and functional tensors), meta tensors
-    and inputs that need gradients (the op's registered autograd).
+    ``torch.compile`` and export, ``torch.jit.trace`` (which records the op), tensor subclasses
+    (fake and functional tensors), meta tensors and inputs that need gradients (the op's
+    registered autograd).
     """
-    if not torch.compiler.is_compiling() and _plain(args):
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _plain(args):
         return impl(*args)
     return op(*args)
 
@@ -93,7 +94,7 @@ def run_op(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:
 def on_host(tensors) -> bool:
     """Whether an op's CPU path may work on these tensors' memory in NumPy: eager, plain CPU
     tensors (``None`` entries are skipped) that need no gradient."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return all(
         type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad
