@@ -257,7 +257,9 @@ def bench_id_map(x):
     q_keys, q_tabs = _lookup_batch(g, keys, tabs, new=0)
     # A stream where 5% of each step's distinct ids are new: a fresh batch for each of the
     # (at most 9) warmup and timed calls.
-    stream = [_lookup_batch(g, keys, tabs, new=DISTINCT // 20) for _ in range(12)]
+    # One batch per call: warm-up, and an untimed settling call before each timed one
+    # (``measure(..., settle=1)`` in main), with room to spare.
+    stream = [_lookup_batch(g, keys, tabs, new=DISTINCT // 20) for _ in range(24)]
     calls = iter(stream)
 
     rows = m.export()
