@@ -127,3 +127,18 @@ def test_ops_give_the_same_results_through_the_dispatcher():
     direct = rk.fused_mod([ids, ids[:2]], [10, 3])
     through = rk.ops.mod._fused_mod_op(torch.cat([ids, ids[:2]]), [4, 2], [10, 3])
     assert torch.equal(torch.cat(direct), through)
+
+
+def test_torch_implementations_keep_off_numpy_for_other_devices():
+    """The torch implementations also serve CUDA tensors when the kernels are off
+    (``RECIS_KERNELS_BACKEND=cpu``): their NumPy shortcuts are for CPU tensors only. Meta
+    tensors stand in for a device whose memory NumPy cannot read."""
+    from recis_kernels.ops import bucketize, mod
+
+    ids = torch.empty(4096, dtype=torch.int64, device="meta")
+    assert mod._fused_mod_cpu(ids, [2048, 2048], [10, 7]).device.type == "meta"
+    xs = torch.empty(4096, dtype=torch.float32, device="meta")
+    bounds = torch.empty(6, dtype=torch.float32, device="meta")
+    out = bucketize._fused_bucketize_cpu(xs, [2048, 2048], bounds, [3, 3])
+    assert out.device.type == "meta"
+    assert out.shape == (4096,)

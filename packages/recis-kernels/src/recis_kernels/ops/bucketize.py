@@ -233,7 +233,8 @@ _TABLE_MIN_VALUES = 1024
 def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     k = len(sizes)
     if (
-        xs.dtype == torch.float32
+        xs.device.type == "cpu"
+        and xs.dtype == torch.float32
         and xs.numel() >= _TABLE_MIN_VALUES
         and max(b_sizes) <= _bucket_table.MAX_BOUNDARIES
         and not torch.compiler.is_compiling()

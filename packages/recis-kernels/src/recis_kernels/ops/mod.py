@@ -86,7 +86,8 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
 
 
 def _fused_mod_cpu(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
-    if not torch.compiler.is_compiling():
+    # The torch implementation; it also runs on CUDA tensors when the kernels are not used.
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
         return umod_segments(ids, sizes, ns)
     if len(ns) == 1:
         return umod(ids, ns[0], (1 << 64) % ns[0])

@@ -271,7 +271,8 @@ def _split(out: RaggedTensor, dropped, padded, rows: list[int]) -> list[Truncate
 
 
 def _truncate_index_cpu(offsets, row_max, row_tail):
-    if not torch.compiler.is_compiling():
+    # The torch implementation; it also runs on CUDA tensors when the kernels are not used.
+    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         return _truncate_index_numpy(offsets, row_max, row_tail)
     lengths = offsets.diff()
     kept = torch.minimum(lengths, row_max)
