@@ -207,4 +207,7 @@ def fill_dense_packed(ops: Sequence[FillMissing], xs: Sequence[torch.Tensor]) ->
             torch.tensor(sizes, device=packed.device), output_size=packed.shape[0]
         )
         filled = torch.where(packed.isnan(), fills, packed)
-    return [part.view(x.shape) for part, x in zip(filled.split(sizes), xs, strict=True)]
+    return [
+        part if part.shape == x.shape else part.view(x.shape)
+        for part, x in zip(filled.split(sizes), xs, strict=True)
+    ]
