@@ -75,6 +75,16 @@ def test_every_length_up_to_200():
         assert got == [signed64(ref(s)) for s in strings]
 
 
+@pytest.mark.parametrize("algorithm", ["farm", "murmur"])
+def test_strings_at_the_end_of_the_bytes(algorithm):
+    """Empty and short strings ending the buffer (words are read at their start, up to the
+    last byte): each still hashes as the reference."""
+    ref = farm64 if algorithm == "farm" else murmur64a
+    for strings in ([b"abcdefghij", b""], [b"", b""], [b"x" * 70, b"a", b""], [b"abc"]):
+        got = rk.hash_bytes(*pack(strings), algorithm).tolist()
+        assert got == [signed64(ref(s)) for s in strings]
+
+
 def test_hash_strings_inputs_agree():
     words = ["alphabet", "", "ünïcode", "x" * 70]
     expected = rk.hash_bytes(*pack([w.encode() for w in words]), "murmur").tolist()
