@@ -85,6 +85,30 @@ def test_strings_at_the_end_of_the_bytes(algorithm):
         assert got == [signed64(ref(s)) for s in strings]
 
 
+def test_torch_implementation_matches_reference():
+    """The torch version (what compiled code and CUDA tensors without the kernels run; eager
+    CPU calls use NumPy) on every length class, against the references."""
+    from recis_kernels.ops import _farm
+
+    strings = [bytes((i * 11 + j) % 256 for j in range(i)) for i in range(201)] + [b""]
+    data, offsets = pack(strings)
+    for fn, ref in ((_farm.farm_fingerprint64, farm64), (_farm.murmur64a, murmur64a)):
+        assert fn(data, offsets).tolist() == [signed64(ref(s)) for s in strings]
+
+
+@given(strings=bytes_st)
+def test_numpy_and_torch_implementations_agree(strings):
+    from recis_kernels.ops import _farm, _farm_host
+
+    data, offsets = pack(strings)
+    for torch_fn, host_fn in (
+        (_farm.farm_fingerprint64, _farm_host.farm_fingerprint64),
+        (_farm.murmur64a, _farm_host.murmur64a),
+    ):
+        host = host_fn(data.numpy(), offsets.numpy())
+        assert torch_fn(data, offsets).tolist() == host.tolist()
+
+
 def test_hash_strings_inputs_agree():
     words = ["alphabet", "", "ünïcode", "x" * 70]
     expected = rk.hash_bytes(*pack([w.encode() for w in words]), "murmur").tolist()

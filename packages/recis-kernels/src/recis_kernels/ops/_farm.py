@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from recis_kernels.ops._uint64 import const, rotr, shr
@@ -30,8 +29,6 @@ def _fetchers(data: torch.Tensor) -> tuple[Fetch, Fetch, Callable[[torch.Tensor]
     # mixed into a hash because each length class only reads inside its string. Bytes stay uint8
     # and are widened per read, so memory stays at the size of the input.
     padded = torch.cat([data, data.new_zeros(8)])
-    if padded.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _host_fetchers(padded)
 
     def byte(pos: torch.Tensor) -> torch.Tensor:
         return padded[pos].to(torch.int64)
@@ -49,31 +46,6 @@ def _fetchers(data: torch.Tensor) -> tuple[Fetch, Fetch, Callable[[torch.Tensor]
         return word
 
     return fetch64, fetch32, byte
-
-
-def _host_fetchers(
-    padded: torch.Tensor,
-) -> tuple[Fetch, Fetch, Callable[[torch.Tensor], torch.Tensor]]:
-    """The fetchers over CPU bytes: NumPy views of the buffer as little-endian words starting
-    at every byte (overlapping, unaligned), so a word at any position is one gather instead of
-    one per byte."""
-    raw = padded.numpy()
-    # A word may start at any byte of the data or at its end (an empty last string is read at
-    # its start and its result discarded), and ends inside the 8 bytes of padding at the latest.
-    end = raw.size - 8
-    words64 = np.ndarray((end + 1,), dtype="<u8", buffer=raw, strides=(1,))
-    words32 = np.ndarray((end + 5,), dtype="<u4", buffer=raw, strides=(1,))
-
-    def word_at(words: np.ndarray) -> Fetch:
-        def fetch(pos: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(words.take(pos.numpy()).astype(np.int64, copy=False))
-
-        return fetch
-
-    def byte(pos: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(raw.take(pos.numpy()).astype(np.int64))
-
-    return word_at(words64), word_at(words32), byte
 
 
 def _shift_mix(v: torch.Tensor) -> torch.Tensor:

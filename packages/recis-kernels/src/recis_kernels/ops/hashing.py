@@ -28,6 +28,7 @@ from recis_kernels._checks import (
     check_tensor,
     grid_for,
 )
+from recis_kernels.ops import _farm_host
 from recis_kernels.ops._farm import farm_fingerprint64, murmur64a
 from recis_kernels.ops._uint64 import umod_const
 
@@ -184,8 +185,12 @@ def _from_arrow(strings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _hash_bytes_cpu(data, offsets, algorithm, buckets):
-    fn = farm_fingerprint64 if algorithm == "farm" else murmur64a
-    h = fn(data, offsets)
+    # The torch implementation; it also runs on CUDA tensors when the kernels are not used.
+    if data.device.type == "cpu" and not torch.compiler.is_compiling():
+        fn = _farm_host.farm_fingerprint64 if algorithm == "farm" else _farm_host.murmur64a
+        h = torch.from_numpy(fn(data.numpy(), offsets.numpy()))
+    else:
+        h = (farm_fingerprint64 if algorithm == "farm" else murmur64a)(data, offsets)
     return umod_const(h, buckets) if buckets > 0 else h
 
 
