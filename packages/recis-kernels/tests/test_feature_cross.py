@@ -106,6 +106,22 @@ def test_dense_single_valued_sides_cross_like_one_id_rows(ids, more):
     assert ragged_rows(expected[0]) == [[pair_hash(x, y)] for x, y in ids]
 
 
+@pytest.mark.parametrize("longest", [2, 16, 17, 40])
+def test_repeated_ids_in_rows_of_every_length(longest):
+    """Repeats are dropped by comparing neighbours up to 16 ids apart in rows up to 16 long,
+    and by sorting in longer rows: the same crosses as the reference either way."""
+    gen = torch.Generator().manual_seed(longest)
+    lengths = torch.randint(0, longest + 1, (60,), generator=gen).tolist()
+    lengths[0] = longest
+    a = [torch.randint(-3, 4, (n,), generator=gen).tolist() for n in lengths]
+    b = [torch.randint(0, 3, (n % 4,), generator=gen).tolist() for n in lengths]
+    wa = [[float(1 + (v % 3)) for v in r] for r in a]
+    out = rk.feature_cross(ragged_from_rows(a, wa), ragged_from_rows(b))
+    exp, exp_w = ref_cross(a, b, wa, [[1.0] * len(r) for r in b])
+    assert ragged_rows(out) == exp
+    assert out.weights.tolist() == [w for r in exp_w for w in r]
+
+
 def test_unweighted_cross_has_no_weights_and_uses_murmur_bytes():
     a = ragged_from_rows([[1, 2, 1], [], [5]])
     b = ragged_from_rows([[7, 8], [3], [6, 6]])

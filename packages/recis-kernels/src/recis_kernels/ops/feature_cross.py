@@ -148,12 +148,41 @@ def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> lis
     return out
 
 
+# Rows up to this long find their repeated ids by comparing each id with the ones 1, 2, ...
+# places before it (a vectorized pass per distance) instead of sorting every id.
+_SHIFT_MAX = 16
+
+
 def _distinct(values, offsets, weights):
     """Keep the first occurrence of each id within each row, in order."""
     n = values.numel()
     lengths = offsets.diff()
-    if n == 0 or int(lengths.max()) <= 1:
+    longest = int(lengths.max()) if n else 0
+    if longest <= 1:
         return values, offsets, weights  # no row holds two ids: nothing to drop
+    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=n)
+    if longest <= _SHIFT_MAX:
+        keep = ~_repeats_by_shifts(values, starts, longest)
+    else:
+        keep = _first_by_sort(values, lengths, n)
+    # Kept ids before each position; read at the row boundaries, the new offsets.
+    before = torch.zeros(n + 1, dtype=offsets.dtype, device=offsets.device)
+    torch.cumsum(keep, 0, out=before[1:])
+    w = None if weights is None else weights[keep]
+    return values[keep], before[offsets], w
+
+
+def _repeats_by_shifts(values, starts, longest: int) -> torch.Tensor:
+    """Ids equal to an earlier id of their row, rows at most ``longest`` long."""
+    pos = torch.arange(values.numel(), device=values.device) - starts
+    repeat = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    for d in range(1, longest):
+        repeat[d:] |= (values[d:] == values[:-d]) & (pos[d:] >= d)
+    return repeat
+
+
+def _first_by_sort(values, lengths, n: int) -> torch.Tensor:
+    """First occurrences of each id in its row, by a stable sort of (row, id)."""
     row = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=values.device), lengths, output_size=n
     )
@@ -161,15 +190,10 @@ def _distinct(values, offsets, weights):
     order = order[torch.argsort(row[order], stable=True)]
     sv, sr = values[order], row[order]
     first = torch.ones(n, dtype=torch.bool, device=values.device)
-    if n > 1:
-        first[1:] = (sv[1:] != sv[:-1]) | (sr[1:] != sr[:-1])
+    first[1:] = (sv[1:] != sv[:-1]) | (sr[1:] != sr[:-1])
     keep = torch.zeros(n, dtype=torch.bool, device=values.device)
     keep[order[first]] = True
-    new_lengths = torch.zeros_like(lengths).index_add_(0, row[keep], torch.ones_like(row[keep]))
-    new_offsets = torch.zeros_like(offsets)
-    torch.cumsum(new_lengths, 0, out=new_offsets[1:])
-    w = None if weights is None else weights[keep]
-    return values[keep], new_offsets, w
+    return keep
 
 
 def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -211,11 +235,11 @@ def _pair_hash_numpy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _cross_layout(ao, bo):
+    """Row lengths of both sides and the offsets of the crossed rows."""
     la, lb = ao.diff(), bo.diff()
-    out_len = la * lb
     out_off = torch.zeros_like(ao)
-    torch.cumsum(out_len, 0, out=out_off[1:])
-    return lb, out_len, out_off
+    torch.cumsum(la * lb, 0, out=out_off[1:])
+    return la, lb, out_off
 
 
 def _product(aw, ia, bw, ib, n: int, device) -> torch.Tensor:
@@ -236,15 +260,21 @@ def _cross_cpu(av, ao, aw, bv, bo, bw):
     if av.numel() == rows == bv.numel() and _one_per_row(ao) and _one_per_row(bo):
         # One id on each side of every row (single-valued features): pair value by value.
         return _pair_hash(av, bv), ao.clone(), _product(aw, None, bw, None, rows, av.device)
-    lb, out_len, out_off = _cross_layout(ao, bo)
+    la, lb, out_off = _cross_layout(ao, bo)
     total = int(out_off[-1])
-    orow = torch.repeat_interleave(
-        torch.arange(out_len.numel(), device=av.device), out_len, output_size=total
+    # a-major pairs without a division per output: each id of a is repeated once per id of b in
+    # its row, and the b side runs through that row's ids once per repeat.
+    device = av.device
+    row_of_a = torch.repeat_interleave(
+        torch.arange(rows, device=device), la, output_size=av.numel()
     )
-    t = torch.arange(total, device=av.device) - out_off[orow]
-    lbr = lb[orow]
-    ia = ao[orow] + torch.div(t, lbr, rounding_mode="floor")
-    ib = bo[orow] + torch.remainder(t, lbr)
+    per_a = lb.index_select(0, row_of_a)
+    ia = torch.repeat_interleave(torch.arange(av.numel(), device=device), per_a, output_size=total)
+    block_start = torch.cumsum(per_a, 0) - per_a
+    ib = torch.repeat_interleave(
+        bo.index_select(0, row_of_a) - block_start, per_a, output_size=total
+    )
+    ib += torch.arange(total, device=device)
     pick = torch.Tensor.index_select
     return (
         _pair_hash(pick(av, 0, ia), pick(bv, 0, ib)),
@@ -263,7 +293,7 @@ def _one_per_row(offsets: torch.Tensor) -> bool:
 def _cross_cuda(av, ao, aw, bv, bo, bw):
     from recis_kernels._cuda import launch
 
-    _, _, out_off = _cross_layout(ao, bo)
+    *_, out_off = _cross_layout(ao, bo)
     total = int(out_off[-1])
     out_v = torch.empty(total, dtype=torch.int64, device=av.device)
     out_w = torch.empty(total, dtype=torch.float32, device=av.device)
