@@ -19,8 +19,9 @@ __all__ = [
 
 
 def can_inspect(t: torch.Tensor) -> bool:
-    """Whether checks that read ``t``'s values are cheap and allowed: a CPU tensor, outside
-    ``torch.compile`` tracing (where reading values would break the graph)."""
+    """Whether reading ``t``'s values on the host is cheap and allowed: a CPU tensor, outside
+    ``torch.compile`` tracing (where reading values would break the graph). Checks of values use
+    it, and so do the NumPy shortcuts of the torch implementations."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["concat_rows", "pack", "split_rows", "stacked_offsets", "unpack"]
+from recis_kernels._checks import can_inspect
+
+__all__ = ["concat_rows", "pack", "split_rows", "stacked_offsets", "stacked_weights", "unpack"]
 
 
 def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -67,26 +69,29 @@ def concat_rows(
         return v, o, w, rows
     values = torch.cat([v for v, _, _ in parts])
     offsets = stacked_offsets([o for _, o, _ in parts], [v.shape[0] for v, _, _ in parts])
-    weights = None
-    if any(w is not None for _, _, w in parts):
-        weights = torch.cat(
-            [
-                w if w is not None else torch.ones(v.shape[0], dtype=torch.float32, device=v.device)
-                for v, _, w in parts
-            ]
-        )
+    weights = stacked_weights([v for v, _, _ in parts], [w for _, _, w in parts])
     return values, offsets, weights, rows
 
 
-def _host(t: torch.Tensor) -> bool:
-    """Whether ``t``'s few bookkeeping ops are cheaper in NumPy (eager, on the CPU)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+def stacked_weights(
+    values: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]
+) -> torch.Tensor | None:
+    """The parts' weights stacked like their values (a part without weights counts as weight 1);
+    ``None`` when no part has weights."""
+    if all(w is None for w in weights):
+        return None
+    return torch.cat(
+        [
+            w if w is not None else torch.ones(v.shape[0], dtype=torch.float32, device=v.device)
+            for v, w in zip(values, weights, strict=True)
+        ]
+    )
 
 
 def stacked_offsets(offsets: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
     """Offsets of ragged parts stacked row-wise: each part's offsets shifted by the values
     before it (``counts``: each part's number of values)."""
-    if _host(offsets[0]):
+    if can_inspect(offsets[0]):
         out = np.empty(sum(o.numel() - 1 for o in offsets) + 1, dtype=np.int64)
         row = base = 0
         for o, n in zip(offsets, counts, strict=True):
@@ -113,7 +118,7 @@ def split_rows(
     row_bounds = [0]
     for r in rows:
         row_bounds.append(row_bounds[-1] + r)
-    host = _host(offsets)
+    host = can_inspect(offsets)
     if host:
         offsets_np = offsets.numpy()
         value_bounds = offsets_np[row_bounds].tolist()

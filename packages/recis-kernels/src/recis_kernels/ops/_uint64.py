@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recis_kernels._checks import can_inspect
+
 __all__ = ["const", "rotr", "shr", "umod", "umod_const", "umod_parts", "umod_segments"]
 
 _MASK64 = (1 << 64) - 1
@@ -34,7 +36,7 @@ def rotr(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def umod(x: torch.Tensor, n: torch.Tensor | int, two64_mod_n: torch.Tensor | int) -> torch.Tensor:
     """``(uint64)x % n`` for ``0 < n < 2**63``, given ``2**64 % n`` (per element or scalar)."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(x):
         if isinstance(n, int):
             return umod_segments(x.reshape(-1), [x.numel()], [n]).view(x.shape)
         # NumPy has native unsigned 64-bit remainders: one pass, no fix-up of negative ids.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import run_op, use_cuda_kernels
-from recis_kernels._checks import check_same_device, check_tensor, grid_for
+from recis_kernels._checks import can_inspect, check_same_device, check_tensor, grid_for
 from recis_kernels.exceptions import ShapeError, UnsupportedDtypeError
 from recis_kernels.ops import _bucket_table
 from recis_kernels.ops._packing import pack, unpack
@@ -233,11 +233,10 @@ _TABLE_MIN_VALUES = 1024
 def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     k = len(sizes)
     if (
-        xs.device.type == "cpu"
+        can_inspect(xs)
         and xs.dtype == torch.float32
         and xs.numel() >= _TABLE_MIN_VALUES
         and max(b_sizes) <= _bucket_table.MAX_BOUNDARIES
-        and not torch.compiler.is_compiling()
     ):
         lut = _bucket_table.table_for(bounds.numpy(), b_sizes)
         return torch.from_numpy(_bucket_table.lookup(xs.numpy(), sizes, lut))
@@ -290,7 +289,7 @@ def _count_at_most(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     counters, and no dtype promotion per column. On the CPU NumPy runs the comparison against a
     broadcast column two to three times faster than torch, so it does the counting there.
     """
-    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(values):
         v, t = values.numpy(), table.numpy()
         tally = np.zeros(v.shape, dtype=np.uint8)
         le = np.empty(v.shape, dtype=np.bool_)

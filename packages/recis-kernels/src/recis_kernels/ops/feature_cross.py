@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import check_same_device, grid_for
+from recis_kernels._checks import can_inspect, check_same_device, grid_for
 from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
 from recis_kernels.ops._packing import concat_rows, split_rows
 from recis_kernels.ops._uint64 import const, shr
@@ -197,7 +197,7 @@ def _first_by_sort(values, lengths, n: int) -> torch.Tensor:
 
 
 def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(x):
         return torch.from_numpy(_pair_hash_numpy(x.numpy(), y.numpy()))
     h = torch.full_like(x, const(16 * 0xC6A4A7935BD1E995))
     for k in (x, y):
@@ -285,7 +285,7 @@ def _cross_cpu(av, ao, aw, bv, bo, bw):
 
 def _one_per_row(offsets: torch.Tensor) -> bool:
     """Whether ``offsets`` is ``0, 1, ..., rows`` (every row holds exactly one id)."""
-    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(offsets):
         return bool((np.diff(offsets.numpy()) == 1).all())
     return bool((offsets.diff() == 1).all())
 

@@ -186,7 +186,7 @@ def _from_arrow(strings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def _hash_bytes_cpu(data, offsets, algorithm, buckets):
     # The torch implementation; it also runs on CUDA tensors when the kernels are not used.
-    if data.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(data):
         fn = _farm_host.farm_fingerprint64 if algorithm == "farm" else _farm_host.murmur64a
         h = torch.from_numpy(fn(data.numpy(), offsets.numpy()))
     else:

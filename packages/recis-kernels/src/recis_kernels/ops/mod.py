@@ -12,7 +12,13 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import check_dtype, check_same_device, check_tensor, grid_for
+from recis_kernels._checks import (
+    can_inspect,
+    check_dtype,
+    check_same_device,
+    check_tensor,
+    grid_for,
+)
 from recis_kernels.ops._packing import pack, unpack
 from recis_kernels.ops._uint64 import umod, umod_parts, umod_segments
 
@@ -87,7 +93,7 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
 
 def _fused_mod_cpu(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Tensor:
     # The torch implementation; it also runs on CUDA tensors when the kernels are not used.
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(ids):
         return umod_segments(ids, sizes, ns)
     if len(ns) == 1:
         return umod(ids, ns[0], (1 << 64) % ns[0])

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import grid_for
+from recis_kernels._checks import can_inspect, grid_for
 from recis_kernels.exceptions import RaggedError
-from recis_kernels.ops._packing import stacked_offsets
+from recis_kernels.ops._packing import stacked_offsets, stacked_weights
 from recis_kernels.ragged import RaggedTensor
 
 __all__ = ["TruncateResult", "fused_truncate", "truncate"]
@@ -242,16 +242,7 @@ def _concat(rs: Sequence[RaggedTensor]) -> RaggedTensor:
         for level in range(levels)
     ]
     values = torch.cat([r.values for r in rs])
-    weights = None
-    if any(r.weights is not None for r in rs):
-        weights = torch.cat(
-            [
-                r.weights
-                if r.weights is not None
-                else torch.ones(r.values.shape[0], dtype=torch.float32, device=r.device)
-                for r in rs
-            ]
-        )
+    weights = stacked_weights([r.values for r in rs], [r.weights for r in rs])
     return RaggedTensor(values, offsets, weights, validate=False)
 
 
@@ -272,7 +263,7 @@ def _split(out: RaggedTensor, dropped, padded, rows: list[int]) -> list[Truncate
 
 def _truncate_index_cpu(offsets, row_max, row_tail):
     # The torch implementation; it also runs on CUDA tensors when the kernels are not used.
-    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+    if can_inspect(offsets):
         return _truncate_index_numpy(offsets, row_max, row_tail)
     lengths = offsets.diff()
     kept = torch.minimum(lengths, row_max)
