@@ -63,3 +63,39 @@ def test_scatter_then_gather_columns_in_any_order(rows: list[int], block_rows: i
     assert torch.equal(store.gather(idx, start, 5), vals)
     untouched = sorted(set(range(41)) - set(rows))
     assert not store.gather(torch.tensor(untouched, dtype=torch.int64)).any()
+
+
+@given(
+    st.lists(st.integers(0, 40), unique=True, max_size=41),
+    st.sampled_from([4, 16, 64]),  # 11, 3 and 1 blocks
+    st.integers(0, 3),
+)
+def test_update_applies_fn_to_each_row_once(rows: list[int], block_rows: int, start: int):
+    store = RowStore(5, block_rows=block_rows)
+    store.reserve(41)
+    base = torch.arange(41 * 5, dtype=torch.float32).reshape(41, 5)
+    store.scatter(torch.arange(41), base)
+    idx = torch.tensor(rows, dtype=torch.int64)
+    # A per-row operand in the order of ``rows``, as an optimizer's gradients are.
+    delta = torch.arange(len(rows), dtype=torch.float32)[:, None] * 1000 + 1000
+    seen: list[torch.Tensor | None] = []
+
+    def fn(current: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
+        seen.append(which)
+        d = delta if which is None else delta.index_select(0, which)
+        return current + d
+
+    store.update(idx, fn, start, 4)
+    assert len(seen) == (1 if rows else 0)
+    want = base.clone()
+    want[idx, start:4] += delta
+    assert torch.equal(store.gather(torch.arange(41)), want)
+
+
+def test_update_rejects_a_result_of_the_wrong_shape() -> None:
+    for block_rows in (2, 64):  # several blocks, one block
+        store = RowStore(4, block_rows=block_rows)
+        store.reserve(4)
+        with pytest.raises(ShapeError, match=r"fn returned \(3, 3\), expected shape \(3, 4\)"):
+            store.update(torch.tensor([0, 2, 3]), lambda cur, which: cur[:, :3])
+        assert not store.gather(torch.arange(4)).any()  # nothing written

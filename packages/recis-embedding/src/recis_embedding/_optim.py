@@ -120,15 +120,20 @@ class SparseOptimizer(torch.optim.Optimizer):
         if collected is None:
             return
         rows, grads = collected
-        full = table.read_full(rows)
         widths = [table.emb_words] + [w for _, w in table.slots]
-        # Contiguous copies: elementwise kernels on strided column views are several times slower.
-        parts = [p.contiguous() for p in torch.split(full, widths, dim=1)]
-        param = table._from_words(parts[0])
-        state = {name: part for (name, _), part in zip(table.slots, parts[1:], strict=True)}
-        self._update(param, grads, state, group)
-        parts[0] = table._to_words(param)
-        table.write_full(rows, torch.cat(parts, dim=1))
+
+        def update(full: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
+            # Contiguous copies: elementwise kernels on strided column views are several
+            # times slower.
+            parts = [p.contiguous() for p in torch.split(full, widths, dim=1)]
+            param = table._from_words(parts[0])
+            state = {name: part for (name, _), part in zip(table.slots, parts[1:], strict=True)}
+            g = grads if which is None else grads.index_select(0, which)
+            self._update(param, g, state, group)
+            parts[0] = table._to_words(param)
+            return torch.cat(parts, dim=1)
+
+        table.update_full(rows, update)
         table.step += 1
         if table.eviction is not None:
             table.eviction.after_step(table)

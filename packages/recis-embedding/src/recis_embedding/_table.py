@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -300,6 +300,18 @@ class HashTable:
     def write_full(self, rows: torch.Tensor, full: torch.Tensor) -> None:
         """Overwrite whole rows (distinct) with values laid out as :meth:`read_full` returns."""
         self._store.scatter(rows, full)
+        self._dirty[rows] = True
+
+    def update_full(
+        self,
+        rows: torch.Tensor,
+        fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    ) -> None:
+        """Update whole rows (distinct) in place: ``fn(full, which)`` gets rows laid out as
+        :meth:`read_full` returns, in the order ``rows[which]`` (``which`` ``None``: the order
+        of ``rows``), and returns their new values in that order. Cheaper than a read and a
+        write: the rows are visited in storage order and never put back in the asked order."""
+        self._store.update(rows, fn)
         self._dirty[rows] = True
 
     def read_slot(self, rows: torch.Tensor, slot: str) -> torch.Tensor:

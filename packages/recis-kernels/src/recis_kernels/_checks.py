@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from recis_kernels.exceptions import ShapeError, UnsupportedDeviceError, UnsupportedDtypeError
@@ -15,6 +16,7 @@ __all__ = [
     "check_same_device",
     "check_tensor",
     "grid_for",
+    "masked_rows",
 ]
 
 
@@ -23,6 +25,27 @@ def can_inspect(t: torch.Tensor) -> bool:
     ``torch.compile`` tracing (where reading values would break the graph). Checks of values use
     it, and so do the NumPy shortcuts of the torch implementations."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def masked_rows(t: torch.Tensor, keep: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``t[keep]`` for a boolean ``keep``; on the host through NumPy where ``t`` allows it.
+
+    NumPy's boolean indexing copies runs of kept rows at once: on masks that keep long runs
+    (truncation, dropping a few repeats) it is several times as fast as torch's on the CPU, and
+    on random masks about as fast as ``torch.masked_select``."""
+    if isinstance(keep, np.ndarray):
+        if can_inspect(t) and not t.requires_grad:
+            try:
+                return torch.from_numpy(t.numpy()[keep])
+            except TypeError:  # bfloat16 and other dtypes NumPy lacks
+                pass
+        keep = torch.from_numpy(keep).to(t.device)
+    elif can_inspect(t) and can_inspect(keep) and not t.requires_grad:
+        try:
+            return torch.from_numpy(t.numpy()[keep.numpy()])
+        except TypeError:
+            pass
+    return t[keep]
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, check_same_device, grid_for
+from recis_kernels._checks import can_inspect, check_same_device, grid_for, masked_rows
 from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
 from recis_kernels.ops._packing import concat_rows, split_rows
 from recis_kernels.ops._uint64 import const, shr
@@ -168,8 +168,8 @@ def _distinct(values, offsets, weights):
     # Kept ids before each position; read at the row boundaries, the new offsets.
     before = torch.zeros(n + 1, dtype=offsets.dtype, device=offsets.device)
     torch.cumsum(keep, 0, out=before[1:])
-    w = None if weights is None else weights[keep]
-    return values[keep], before[offsets], w
+    w = None if weights is None else masked_rows(weights, keep)
+    return masked_rows(values, keep), before[offsets], w
 
 
 def _repeats_by_shifts(values, starts, longest: int) -> torch.Tensor:

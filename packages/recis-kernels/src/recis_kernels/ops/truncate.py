@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, grid_for
+from recis_kernels._checks import can_inspect, grid_for, masked_rows
 from recis_kernels.exceptions import RaggedError
 from recis_kernels.ops._packing import stacked_offsets, stacked_weights
 from recis_kernels.ragged import RaggedTensor
@@ -155,8 +155,8 @@ def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: 
         drop += np.arange(drop.size, dtype=np.int64)
         keep = np.ones(off[-1], dtype=np.bool_)
         keep[drop] = False
-        values = _masked(r.values, keep)
-        weights = None if r.weights is None else _masked(r.weights, keep)
+        values = masked_rows(r.values, keep)
+        weights = None if r.weights is None else masked_rows(r.weights, keep)
     else:
         values = r.values.clone()
         weights = None if r.weights is None else r.weights.clone()
@@ -164,14 +164,6 @@ def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: 
     dropped = torch.from_numpy(skip)
     padded = torch.from_numpy(row_max - kept)
     return out, dropped, padded
-
-
-def _masked(t: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
-    """The rows of ``t`` where ``keep`` holds, in NumPy where the dtype has a NumPy twin."""
-    try:
-        return torch.from_numpy(np.compress(keep, t.numpy(), axis=0))
-    except TypeError:  # bfloat16 and other dtypes NumPy lacks
-        return t[torch.from_numpy(keep)]
 
 
 def _truncate2(r: RaggedTensor, row_max, row_tail):
