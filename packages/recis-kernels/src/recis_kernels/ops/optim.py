@@ -203,7 +203,8 @@ def rowwise_adagrad_rows_(
     if weight_decay:
         grad = grad.add(param, alpha=weight_decay)
     state_sum.add_(grad.square().mean(dim=1, keepdim=True))
-    param.sub_(lr * grad / (state_sum.sqrt() + eps))
+    # param + (-lr * grad) / denom: the same roundings as param - lr * grad / denom, in one pass.
+    param.addcdiv_(grad, state_sum.sqrt().add_(eps), value=-lr)
 
 
 def adam_rows_(
