@@ -1,4 +1,5 @@
-"""The first, plainest torch implementation of ``IdMap``: one probe distance per round.
+"""The plainest torch implementation of ``IdMap``: lookups one probe distance per round,
+claims walking on one slot at a time in a Python loop over the keys.
 
 Kept as the reference the optimized map must match exactly: same rows, same ``is_new``, same
 slot placement (hence the same export order) and the same capacity after every call.
@@ -11,6 +12,7 @@ import torch
 from recis_kernels.ops.hash_table import EMPTY, ERASED, FULL, MAX_LOAD_FACTOR, fmix64
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+CLAIM_WINDOW = 16  # slots a key on a full slot walks on per claim round
 
 
 def _home(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tensor:
@@ -121,13 +123,29 @@ class ReferenceIdMap:
             self.slot_state[wp] = FULL
             out[idx[winners]] = wp
             claimed.append(wp)
-            # Losers of a claim stay on the slot: next round it is full and may hold their key.
-            stay = free & ~winners
             keep = ~winners & ~same
-            p = torch.where(keep & ~stay, (p + 1) & mask, p)
-            idx, k, t, p = idx[keep], k[keep], t[keep], p[keep]
+            idx, k, t, p = idx[keep], k[keep], t[keep], p[keep].clone()
+            # Everyone left stands on a full slot: walk on, one slot at a time, up to
+            # CLAIM_WINDOW slots, stopping on a slot that is not full, or (with duplicates) on
+            # the slot that now holds the key: next round finds it there.
+            for j in range(idx.numel()):
+                q = int(p[j])
+                for _ in range(CLAIM_WINDOW):
+                    if dedup and self._holds(q, k[j], t[j]):
+                        break
+                    q = (q + 1) & mask
+                    if self.slot_state[q] != FULL:
+                        break
+                p[j] = q
         self._last_claimed = torch.cat(claimed) if claimed else keys.new_empty(0)
         return out
+
+    def _holds(self, slot: int, key: torch.Tensor, tab: torch.Tensor) -> bool:
+        return bool(
+            self.slot_state[slot] == FULL
+            and self.slot_keys[slot] == key
+            and self.slot_tabs[slot] == tab
+        )
 
     def erase(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         slots = self._find_slots(keys, tabs)
