@@ -11,7 +11,7 @@ from torch import nn
 
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
-from recis_embedding._pooling import bag_weights, padded_gather, pool
+from recis_embedding._pooling import bag_weights, padded_gather, pool, repeat_values
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
@@ -174,7 +174,7 @@ class EmbeddingEngine(nn.Module):
             [self.logical[self._table_of[f]][1] for f in features], dtype=torch.int64
         ).to(values.device)
         counts = torch.tensor([i.values.numel() for i in ids]).to(values.device)
-        tabs = torch.repeat_interleave(per_feature, counts)
+        tabs = repeat_values(per_feature, counts, values.numel())
         keys, key_tabs, inverse, self._grouping = _dedup(values, tabs)
         exchange, num_local = None, keys.numel()
         if self.shard is not None:

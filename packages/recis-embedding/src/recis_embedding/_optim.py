@@ -122,14 +122,23 @@ class SparseOptimizer(torch.optim.Optimizer):
         rows, grads = collected
         widths = [table.emb_words] + [w for _, w in table.slots]
 
+        # On the CPU the update works in place on column views of the rows read (fewer
+        # passes than copying the columns out and back); the CUDA kernels take contiguous
+        # columns.
+        in_place = rows.device.type == "cpu"
+
         def update(full: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
-            # Contiguous copies: elementwise kernels on strided column views are several
-            # times slower.
-            parts = [p.contiguous() for p in torch.split(full, widths, dim=1)]
+            parts = list(torch.split(full, widths, dim=1))
+            if not in_place:
+                parts = [p.contiguous() for p in parts]
             param = table._from_words(parts[0])
             state = {name: part for (name, _), part in zip(table.slots, parts[1:], strict=True)}
             g = grads if which is None else grads.index_select(0, which)
             self._update(param, g, state, group)
+            if in_place:
+                if param is not parts[0]:  # narrower dtypes: param is a float32 copy
+                    parts[0].copy_(table._to_words(param))
+                return full
             parts[0] = table._to_words(param)
             return torch.cat(parts, dim=1)
 

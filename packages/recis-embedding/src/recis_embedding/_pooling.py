@@ -7,10 +7,11 @@ so no per-occurrence gradient tensor outlives the call and no dense table gradie
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bag_weights", "padded_gather", "pool", "segment_ids"]
+__all__ = ["bag_weights", "padded_gather", "pool", "repeat_values", "segment_ids"]
 
 
 def bag_weights(
@@ -46,12 +47,22 @@ def segment_ids(bags: torch.Tensor, n: int) -> torch.Tensor:
     """``(n,) int64`` bag index of every id, from ``(M+1,)`` bag offsets over ``n`` ids."""
     if bags.numel() <= 2:
         return torch.zeros(n, dtype=torch.int64, device=bags.device)
-    marks = torch.zeros(n + 1, dtype=torch.int64, device=bags.device)
-    # Each bag start bumps the running count; empty bags bump the same position twice.
-    marks.index_add_(
-        0, bags[1:-1], torch.ones(bags.numel() - 2, dtype=torch.int64, device=bags.device)
-    )
-    return torch.cumsum(marks[:n], 0)
+    m = bags.numel() - 1
+    return repeat_values(torch.arange(m, device=bags.device), bags[1:] - bags[:-1], n)
+
+
+def repeat_values(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``values[k]`` repeated ``counts[k]`` times (``total`` in all), as
+    ``torch.repeat_interleave``; on the CPU through NumPy's ``repeat``, about twice as fast."""
+    if (
+        values.device.type == "cpu"
+        and type(values) is torch.Tensor
+        and type(counts) is torch.Tensor
+        and not values.requires_grad
+        and not torch.compiler.is_compiling()
+    ):
+        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+    return torch.repeat_interleave(values, counts, output_size=total)
 
 
 def _rows_grad(
