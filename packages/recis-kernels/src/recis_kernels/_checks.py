@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ __all__ = [
     "check_dtype",
     "check_same_device",
     "check_tensor",
+    "common_device",
     "grid_for",
     "masked_rows",
 ]
@@ -67,6 +68,23 @@ def check_dtype(op: str, name: str, tensor: torch.Tensor, allowed: Sequence[torc
 def check_1d(op: str, name: str, tensor: torch.Tensor) -> None:
     if tensor.dim() != 1:
         raise ShapeError(f"{op}: {name} must be 1-d, got shape {tuple(tensor.shape)}")
+
+
+def common_device(
+    tensors: Sequence[object], dtypes: Collection[torch.dtype]
+) -> torch.device | None:
+    """The one device of ``tensors`` when every one is a tensor of one of ``dtypes``, else
+    ``None``. A fused op checks its K inputs with this in one pass, and runs its per-input
+    checks (which build the error message naming the input) only when it says ``None``."""
+    device = None
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+            return None
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return None
+    return device
 
 
 def check_same_device(op: str, tensors: Mapping[str, torch.Tensor | None]) -> torch.device:

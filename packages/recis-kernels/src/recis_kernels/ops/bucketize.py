@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, check_same_device, check_tensor, grid_for
+from recis_kernels._checks import (
+    can_inspect,
+    check_same_device,
+    check_tensor,
+    common_device,
+    grid_for,
+)
 from recis_kernels.exceptions import ShapeError, UnsupportedDtypeError
 from recis_kernels.ops import _bucket_table
 from recis_kernels.ops._packing import pack, unpack
@@ -118,9 +124,11 @@ def fused_bucketize(
         raise ValueError(f"{op}: got {len(xs)} inputs but {len(boundaries_list)} boundary lists")
     if not xs:
         return []
-    for k, x in enumerate(xs):
-        _check_x(op, "x" if op == "bucketize" else f"xs[{k}]", x)
-    device = check_same_device(op, {f"xs[{k}]": x for k, x in enumerate(xs)})
+    device = common_device(xs, _INTS + _FLOATS)
+    if device is None:
+        for k, x in enumerate(xs):
+            _check_x(op, "x" if op == "bucketize" else f"xs[{k}]", x)
+        device = check_same_device(op, {f"xs[{k}]": x for k, x in enumerate(xs)})
     packed_b, b_sizes, dtype = _prepared_boundaries(op, boundaries_list, xs, device)
     packed, sizes = pack([_as(x, dtype) for x in xs])
     out = run_op(_fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes)

@@ -17,6 +17,7 @@ from recis_kernels._checks import (
     check_dtype,
     check_same_device,
     check_tensor,
+    common_device,
     grid_for,
 )
 from recis_kernels.ops._packing import pack, unpack
@@ -75,11 +76,13 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         raise ValueError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
     if not ids_list:
         return []
-    for k, ids in enumerate(ids_list):
-        check_tensor(op, f"ids_list[{k}]", ids)
-        check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
-        _check_n(op, f"ns[{k}]", ns[k])
-    check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
+    valid_ns = all(type(n) is int and 0 < n <= _INT64_MAX for n in ns)
+    if not valid_ns or common_device(ids_list, (torch.int64,)) is None:
+        for k, ids in enumerate(ids_list):
+            check_tensor(op, f"ids_list[{k}]", ids)
+            check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
+            _check_n(op, f"ns[{k}]", ns[k])
+        check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
     if on_host(ids_list):
         # Each feature is reduced straight from its own memory into its part of one output:
         # no packed copy of the inputs.
