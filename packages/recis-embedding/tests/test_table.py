@@ -104,6 +104,22 @@ def test_stats_count_lookups_inserts_and_hits() -> None:
     assert s.bytes > 0
 
 
+def test_distinct_ids_insert_like_any_ids() -> None:
+    # The engine passes deduplicated ids with distinct=True; rows, vectors and state must not
+    # depend on it.
+    ids = torch.tensor([7, -3, 1 << 62, 11, 5, 9, 2, 8])
+    tabs = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.int32)
+    plain, fast = HashTable(4, name="a"), HashTable(4, name="a")
+    for t in (plain, fast):
+        t.add_table("b", Normal(std=0.1))
+    for part in (slice(0, 3), slice(2, 8)):
+        want = plain.find_or_insert(ids[part], tabs[part])
+        got = fast.find_or_insert(ids[part], tabs[part], distinct=True)
+        assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True))
+    assert torch.equal(plain.read(torch.arange(8)), fast.read(torch.arange(8)))
+    assert plain.stats() == fast.stats()
+
+
 def test_bad_input_is_rejected() -> None:
     table = HashTable(4)
     with pytest.raises(InputError, match="ids must be a 1-d int64 tensor"):

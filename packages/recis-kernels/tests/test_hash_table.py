@@ -180,3 +180,25 @@ def test_pairs_with_equal_premix_values_stay_distinct() -> None:
     ref.find_or_insert(keys, tabs)
     _assert_same_state(m, ref)
     assert m.find(keys, tabs).tolist() == [0, 1, 2, 1, 0, 2]
+
+
+@given(SMALL_OPS, st.sampled_from([16, 64]), st.booleans())
+def test_insert_absent_gives_the_rows_of_find_or_insert(ops, capacity, dedup_first) -> None:
+    # Inserting what find() reported absent (optionally deduplicated, as distinct pairs) leaves
+    # the map exactly as find_or_insert does.
+    m, ref = IdMap(capacity=capacity), IdMap(capacity=capacity)
+    for _, pairs in ops:
+        keys = torch.tensor([k for k, _ in pairs], dtype=torch.int64)
+        tabs = torch.tensor([t for _, t in pairs], dtype=torch.int32)
+        if dedup_first and pairs:
+            seen = dict.fromkeys(pairs)
+            keys = torch.tensor([k for k, _ in seen], dtype=torch.int64)
+            tabs = torch.tensor([t for _, t in seen], dtype=torch.int32)
+        want, _ = ref.find_or_insert(keys, tabs)
+        rows = m.find(keys, tabs)
+        miss = (rows < 0).nonzero().squeeze(1)
+        rows[miss] = m.insert_absent(keys[miss], tabs[miss], distinct=dedup_first)
+        assert rows.tolist() == want.tolist()
+        assert (m.capacity, m.size) == (ref.capacity, ref.size)
+        assert torch.equal(m.slot_state, ref.slot_state)
+        assert torch.equal(m.slot_rows[m.slot_state == FULL], ref.slot_rows[ref.slot_state == FULL])

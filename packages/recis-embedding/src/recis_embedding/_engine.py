@@ -199,7 +199,9 @@ class EmbeddingEngine(nn.Module):
             admit = None
             if table.admission is not None:
                 admit = table.admission.admit(table, keys, key_tabs)
-            rows, _ = table.find_or_insert(keys, key_tabs, admit=admit)
+            # Deduplicated keys are distinct, except those served for several ranks.
+            distinct = self.shard is None
+            rows, _ = table.find_or_insert(keys, key_tabs, admit=admit, distinct=distinct)
         else:
             rows = table.find(keys, key_tabs)
         present = rows >= 0

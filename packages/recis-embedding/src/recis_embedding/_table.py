@@ -172,6 +172,7 @@ class HashTable:
         table: int | str | torch.Tensor = 0,
         *,
         admit: torch.Tensor | None = None,
+        distinct: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``ids``, inserting absent ones with their initial vectors.
 
@@ -179,6 +180,8 @@ class HashTable:
             ids: ``(N,) int64``, duplicates allowed.
             table: logical table (index or name), or ``(N,)`` table indices.
             admit: optional ``(N,) bool``: absent ids with ``False`` are not inserted (row ``-1``).
+            distinct: no ``(id, table)`` pair repeats in the call (deduplicated ids, as the
+                embedding engine passes), which spares deduplicating the new ones.
 
         Returns:
             ``(rows (N,) int64, is_new (N,) bool)``.
@@ -204,10 +207,12 @@ class HashTable:
         if idx.numel() == 0:
             return rows, is_new
         self._check_capacity(ids[idx], tabs[idx], rows[rows >= 0])
-        new_rows, fresh = self._map.find_or_insert(ids[idx], tabs[idx])
+        # The map just reported these absent: insert them without a second lookup.
+        new_ids, new_tabs = ids[idx], tabs[idx]
+        new_rows = self._map.insert_absent(new_ids, new_tabs, distinct=distinct)
         rows[idx] = new_rows
-        is_new[idx] = fresh
-        self._initialize(new_rows, ids[idx], tabs[idx])
+        is_new[idx] = True
+        self._initialize(new_rows, new_ids, new_tabs, distinct=distinct)
         return rows, is_new
 
     def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor, protect: torch.Tensor) -> None:
@@ -229,9 +234,12 @@ class HashTable:
                 f"{self.capacity}, {needed} new ids; set an eviction policy or a larger capacity"
             )
 
-    def _initialize(self, rows: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor) -> None:
-        rows, first = _first_occurrence(rows)
-        ids, tabs = ids[first], tabs[first]
+    def _initialize(
+        self, rows: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor, *, distinct: bool = False
+    ) -> None:
+        if not distinct:
+            rows, first = _first_occurrence(rows)
+            ids, tabs = ids[first], tabs[first]
         self._store.reserve(self._map.num_rows)
         self._grow_row_arrays(self._map.num_rows)
         emb = init_rows(ids, tabs, self.dim, self.initializers, self.names)

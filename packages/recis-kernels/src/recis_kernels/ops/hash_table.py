@@ -353,12 +353,43 @@ class IdMap:
         rows = self._rows_of(slots)
         miss = is_new.nonzero().squeeze(1)
         if miss.numel():
-            self._reserve(self.size + miss.numel())
             mk, mt = keys.index_select(0, miss), tabs.index_select(0, miss)
-            first, inverse = _first_occurrences(mk, mt)
-            new_slots = self._insert(mk.index_select(0, first), mt.index_select(0, first))
-            rows[miss] = self.slot_rows.index_select(0, new_slots.index_select(0, inverse))
+            rows[miss] = self._insert_rows(mk, mt, distinct=False)
         return rows, is_new
+
+    def insert_absent(
+        self, keys: torch.Tensor, tables: torch.Tensor | int = 0, *, distinct: bool = False
+    ) -> torch.Tensor:
+        """Insert keys that :meth:`find` just reported absent, without looking them up again.
+
+        Gives the same rows as :meth:`find_or_insert` would for these keys. The caller
+        guarantees absence (a key already in the map would get a second slot); with
+        ``distinct`` it also guarantees that no ``(key, table)`` pair repeats, which skips the
+        deduplication.
+
+        Args:
+            keys: ``(N,) int64`` ids absent from the map.
+            tables: table index, one int or ``(N,)`` ints.
+            distinct: the pairs are known to be distinct.
+
+        Returns:
+            ``(N,) int64`` rows (repeated pairs share one).
+        """
+        _check_keys("IdMap.insert_absent", keys)
+        tabs = _as_tables("IdMap.insert_absent", keys, tables)
+        if keys.numel() == 0:
+            return keys.new_empty(0)
+        return self._insert_rows(keys, tabs, distinct=distinct)
+
+    def _insert_rows(
+        self, keys: torch.Tensor, tabs: torch.Tensor, *, distinct: bool
+    ) -> torch.Tensor:
+        self._reserve(self.size + keys.numel())
+        if distinct:
+            return self.slot_rows.index_select(0, self._insert(keys, tabs))
+        first, inverse = _first_occurrences(keys, tabs)
+        new_slots = self._insert(keys.index_select(0, first), tabs.index_select(0, first))
+        return self.slot_rows.index_select(0, new_slots.index_select(0, inverse))
 
     def _reserve(self, live: int) -> None:
         """Grow so ``live`` keys fit under the load factor, counting current tombstones."""
