@@ -99,3 +99,18 @@ def test_update_rejects_a_result_of_the_wrong_shape() -> None:
         with pytest.raises(ShapeError, match=r"fn returned \(3, 3\), expected shape \(3, 4\)"):
             store.update(torch.tensor([0, 2, 3]), lambda cur, which: cur[:, :3])
         assert not store.gather(torch.arange(4)).any()  # nothing written
+
+
+def test_rows_outside_the_store_are_rejected() -> None:
+    store = RowStore(2, block_rows=4)
+    store.reserve(12)  # 3 blocks
+    before = store.gather(torch.arange(12)).clone()
+    for bad in ([0, 12], [-1, 3], [5, 4 * 256 + 1]):
+        rows = torch.tensor(bad)
+        with pytest.raises(IndexError, match=r"rows must lie in \[0, 12\)"):
+            store.gather(rows)
+        with pytest.raises(IndexError, match=r"rows must lie in \[0, 12\)"):
+            store.scatter(rows, torch.ones(2, 2))
+        with pytest.raises(IndexError, match=r"rows must lie in \[0, 12\)"):
+            store.update(rows, lambda cur, which: cur + 1)
+    assert torch.equal(store.gather(torch.arange(12)), before)

@@ -94,8 +94,15 @@ class RowStore:
         if can_inspect(rows) and len(self.blocks) <= 1 << 16:
             # NumPy sorts 8- and 16-bit keys stably by radix sort: one linear pass, several
             # times faster than torch's comparison sort or a comparison pass per block.
-            small = blk.numpy().astype(np.uint8 if len(self.blocks) <= 1 << 8 else np.uint16)
-            counts = np.bincount(small, minlength=len(self.blocks)).tolist()
+            wide = blk.numpy()
+            found = np.bincount(wide, minlength=len(self.blocks)) if wide.min() >= 0 else None
+            if found is None or found.size > len(self.blocks):
+                raise IndexError(
+                    f"RowStore: rows must lie in [0, {self.capacity}), got rows from "
+                    f"{int(rows.min())} to {int(rows.max())}"
+                )
+            counts = found.tolist()
+            small = wide.astype(np.uint8 if len(self.blocks) <= 1 << 8 else np.uint16)
             order = torch.from_numpy(np.argsort(small, kind="stable"))
         else:
             counts = torch.bincount(blk, minlength=len(self.blocks)).tolist()
