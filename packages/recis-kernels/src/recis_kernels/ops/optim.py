@@ -274,8 +274,9 @@ def adam_rows_(
     s = step.double()
     step_size = _col(lr / (1 - beta1**s))
     bc2_sqrt = _col((1 - beta2**s).sqrt())
-    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-    param.sub_(step_size * (exp_avg / denom))
+    # The same operations as torch's Adam on per-row scalars, in place on two temporaries.
+    denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
+    param.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size))
 
 
 def ftrl_rows_(
