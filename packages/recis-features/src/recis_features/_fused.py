@@ -27,7 +27,7 @@ from ._ops import (
     Mod,
     SequenceTruncate,
 )
-from ._values import Value, flat, rebuild
+from ._values import Value, as_int64, flat, rebuild
 
 __all__: list[str] = []
 
@@ -35,13 +35,9 @@ __all__: list[str] = []
 @register_fused("mod")
 def fused_mod(ops: Sequence[Mod], values: Sequence[Value]) -> list[Value]:
     """All ``mod`` ops of a step as one ``recis_kernels.fused_mod`` call."""
-    ids = [_as_int64(flat(v)) for v in values]
+    ids = [as_int64(flat(v)) for v in values]
     outs = rk.fused_mod(ids, [op.n for op in ops])
     return [rebuild(v, o) for v, o in zip(values, outs, strict=True)]
-
-
-def _as_int64(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int64 else t.to(torch.int64)
 
 
 @register_fused("bucketize")
@@ -115,7 +111,7 @@ def fused_multi_hash(ops: Sequence[IDMultiHash], values: Sequence[Value]) -> lis
         by_width[len(op.buckets)].append(k)
     outs: list[Value] = [None] * len(ops)
     for width, members in by_width.items():
-        ids = [_as_int64(flat(values[k])) for k in members]
+        ids = [as_int64(flat(values[k])) for k in members]
         full = rk.multi_hash(torch.cat(ids), [0] * width).split([i.shape[0] for i in ids])
         columns = [h[:, j] for h in full for j in range(width)]
         buckets = [b for k in members for b in ops[k].buckets]

@@ -13,7 +13,16 @@ import recis_kernels as rk
 from recis_kernels import RaggedTensor
 
 from ._op import SourceOp, Transform, require
-from ._values import Value, describe, dtype_from_name, dtype_kind, dtype_names, flat, rebuild
+from ._values import (
+    Value,
+    as_int64,
+    describe,
+    dtype_from_name,
+    dtype_kind,
+    dtype_names,
+    flat,
+    rebuild,
+)
 from .exceptions import FeatureTypeError, SerializationError
 
 __all__ = [
@@ -192,7 +201,7 @@ class Mod(Transform):
         return "ids"
 
     def apply(self, value: Value) -> Value:
-        return rebuild(value, rk.mod(flat(value).to(torch.int64), self.n))
+        return rebuild(value, rk.mod(as_int64(flat(value)), self.n))
 
 
 class Bucketize(Transform):
@@ -258,9 +267,9 @@ def as_rows(value: torch.Tensor | RaggedTensor) -> RaggedTensor:
 
 def _cross_side(part: torch.Tensor | RaggedTensor) -> torch.Tensor | RaggedTensor:
     if isinstance(part, torch.Tensor) and part.dim() == 1:
-        return part if part.dtype == torch.int64 else part.long()
+        return as_int64(part)
     r = as_rows(part)
-    return r if r.values.dtype == torch.int64 else r.with_values(r.values.long(), r.weights)
+    return r if r.values.dtype == torch.int64 else r.with_values(as_int64(r.values), r.weights)
 
 
 class FeatureCross(Transform):
@@ -334,7 +343,7 @@ class IDMultiHash(Transform):
         return "ids"
 
     def apply(self, value: Value) -> Value:
-        hashed = rk.multi_hash(flat(value).to(torch.int64), list(self.buckets))
+        hashed = rk.multi_hash(as_int64(flat(value)), list(self.buckets))
         if isinstance(value, RaggedTensor):
             return value.with_values(hashed, value.weights)
         return hashed.reshape(*value.shape, len(self.buckets))

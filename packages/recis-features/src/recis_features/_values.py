@@ -130,6 +130,11 @@ def flat(value: torch.Tensor | RaggedTensor) -> torch.Tensor:
     return value if value.dim() == 1 else value.reshape(-1)
 
 
+def as_int64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int64, without a conversion call when it already is."""
+    return t if t.dtype == torch.int64 else t.to(torch.int64)
+
+
 def rebuild(value: torch.Tensor | RaggedTensor, elements: torch.Tensor) -> Value:
     """``value``'s structure (shape or offsets and weights) around new ``elements``."""
     if isinstance(value, RaggedTensor):

@@ -34,19 +34,14 @@ def masked_rows(t: torch.Tensor, keep: torch.Tensor | np.ndarray) -> torch.Tenso
     NumPy's boolean indexing copies runs of kept rows at once: on masks that keep long runs
     (truncation, dropping a few repeats) it is several times as fast as torch's on the CPU, and
     on random masks about as fast as ``torch.masked_select``."""
-    if isinstance(keep, np.ndarray):
-        if can_inspect(t) and not t.requires_grad:
+    if can_inspect(t) and not t.requires_grad:
+        mask = keep if isinstance(keep, np.ndarray) else keep.numpy() if can_inspect(keep) else None
+        if mask is not None:
             try:
-                return torch.from_numpy(t.numpy()[keep])
+                return torch.from_numpy(t.numpy()[mask])
             except TypeError:  # bfloat16 and other dtypes NumPy lacks
                 pass
-        keep = torch.from_numpy(keep).to(t.device)
-    elif can_inspect(t) and can_inspect(keep) and not t.requires_grad:
-        try:
-            return torch.from_numpy(t.numpy()[keep.numpy()])
-        except TypeError:
-            pass
-    return t[keep]
+    return t[torch.from_numpy(keep).to(t.device) if isinstance(keep, np.ndarray) else keep]
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

@@ -7,7 +7,7 @@ Ids are 64-bit patterns: ``-1`` is ``2**64 - 1``, so ``mod(tensor([-1]), 10)`` i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
+from typing import List, TypeGuard  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
 import torch
 
@@ -29,8 +29,12 @@ _OP = "mod"
 _INT64_MAX = (1 << 63) - 1
 
 
+def _valid_n(n: object) -> TypeGuard[int]:
+    return not isinstance(n, bool) and isinstance(n, int) and 0 < n <= _INT64_MAX
+
+
 def _check_n(op: str, where: str, n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= _INT64_MAX:
+    if not _valid_n(n):
         raise ValueError(f"{op}: {where} must be an int in [1, 2**63 - 1], got {n!r}")
     return n
 
@@ -76,8 +80,7 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         raise ValueError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
     if not ids_list:
         return []
-    valid_ns = all(type(n) is int and 0 < n <= _INT64_MAX for n in ns)
-    if not valid_ns or common_device(ids_list, (torch.int64,)) is None:
+    if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:
         for k, ids in enumerate(ids_list):
             check_tensor(op, f"ids_list[{k}]", ids)
             check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))

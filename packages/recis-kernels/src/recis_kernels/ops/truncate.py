@@ -115,9 +115,7 @@ def fused_truncate(
             out, dropped, padded = (_truncate2 if levels == 1 else _truncate3)(
                 packed, row_max, row_tail
             )
-        for k, part in zip(
-            group, _split(out, dropped, padded, [len(rs[k]) for k in group]), strict=True
-        ):
+        for k, part in zip(group, _split(out, dropped, padded, rows), strict=True):
             results[k] = part
     return results  # type: ignore[return-value]
 
