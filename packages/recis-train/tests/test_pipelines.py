@@ -16,7 +16,7 @@ from recis_train import (
     TrainingArguments,
     seed_everything,
 )
-from recis_train.exceptions import ConfigError
+from recis_train.exceptions import ConfigError, LabelError
 from recis_train.metrics import AUROC, LogLoss
 
 
@@ -93,6 +93,42 @@ def test_multitask_names_a_missing_label():
     model = MultiTask(Body(), [Task("buy", nn.Linear(16, 1), label="purchase")])
     with pytest.raises(ConfigError, match="task 'buy': batch has no label column 'purchase'"):
         model(next(iter(ToyReader(8, 8))))
+
+
+def test_multitask_takes_a_column_of_labels_and_keeps_soft_ones():
+    model = MultiTask(Body(), [Task("click", nn.Linear(16, 1), label="click")])
+    batch = next(iter(ToyReader(8, 8)))
+    flat = model(batch)
+    column = model({**batch, "click": batch["click"].reshape(8, 1)})
+    torch.testing.assert_close(column["losses"]["click"], flat["losses"]["click"])
+    assert column["labels"]["click"].shape == (8,)
+    soft = model({**batch, "click": torch.full((8,), 0.25)})
+    assert torch.isfinite(soft["losses"]["click"])
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 0.0, 0.0, 1.0]), "holds 2 at row 2; binary"),
+        (torch.tensor([0, 1, 0, 0, 1, 0, 0, -1]), "holds -1 at row 7; binary"),
+        (torch.zeros(4), r"has shape \(4,\), expected one label per row \(8 rows\)"),
+        ([0.0] * 8, "must be a tensor, got list"),
+    ],
+)
+def test_multitask_rejects_labels_that_do_not_fit_the_task(labels, message):
+    model = MultiTask(Body(), [Task("click", nn.Linear(16, 1), label="click")])
+    batch = next(iter(ToyReader(8, 8)))
+    with pytest.raises(LabelError, match="task 'click': label column 'click' " + message):
+        model({**batch, "click": labels})
+
+
+def test_multitask_leaves_label_values_to_a_custom_loss():
+    mse = MultiTask(
+        Body(), [Task("stay", nn.Linear(16, 1), label="t", loss=nn.functional.mse_loss)]
+    )
+    batch = next(iter(ToyReader(8, 8)))
+    out = mse({**batch, "t": torch.linspace(-3, 40, 8)})
+    assert torch.isfinite(out["losses"]["stay"])
 
 
 def stages():

@@ -283,3 +283,33 @@ def test_set_train_data_trains_the_next_call_on_new_data_from_its_start(tmp_path
     assert trainer.global_step == 4 + 6
     assert int(trainer.model.seen.sum()) == seen + 300
     assert trainer.stream.state_dict()["consumed"] == 6
+
+
+def test_warns_when_the_data_runs_out_before_train_steps(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, rows=200, batch=50, args={"train_steps": 10, "epochs": 2})
+    with caplog.at_level("WARNING", logger="recis_train"):
+        trainer.train()
+    assert trainer.global_step == 8
+    assert "the training data ran out at step 8 of train_steps=10 (2 pass(es)" in caplog.text
+
+
+def test_warns_when_the_data_gives_no_batches(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, train_data=[])
+    with caplog.at_level("WARNING", logger="recis_train"):
+        trainer.train()
+    assert trainer.global_step == 0
+    assert "train() ran no step: the training data gave no batches" in caplog.text
+    caplog.clear()
+    done = make_trainer(tmp_path / "done", rows=100, batch=50)
+    done.train()
+    with caplog.at_level("WARNING", logger="recis_train"):
+        done.train()  # the one pass is over: nothing left to train on
+    assert "the run had finished its 1 pass(es) over the data already" in caplog.text
+
+
+def test_no_warning_when_train_steps_are_reached_or_a_hook_stops(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="recis_train"):
+        make_trainer(tmp_path, rows=200, batch=50, args={"train_steps": 4}).train()
+        make_trainer(tmp_path / "all", rows=200, batch=50).train()
+    assert "ran out" not in caplog.text
+    assert "no step" not in caplog.text

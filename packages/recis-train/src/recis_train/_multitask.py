@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recis_train.exceptions import ConfigError, ModelOutputError
+from recis_train.exceptions import ConfigError, LabelError, ModelOutputError
 from recis_train.metrics import Metric
 
 
@@ -22,7 +22,8 @@ class Task:
         head: maps the shared representation ``(B, H)`` to logits ``(B,)`` or ``(B, 1)``.
         label: the batch column holding the task's 0/1 (or soft) labels.
         weight: the task's weight in the total loss.
-        loss: ``loss(logits, labels) -> scalar`` (default: binary cross-entropy on logits).
+        loss: ``loss(logits, labels) -> scalar`` (default: binary cross-entropy on logits,
+            for which every batch's labels are checked to lie in ``[0, 1]``).
         metrics: metric name -> factory for this task (default: the trainer's).
     """
 
@@ -34,6 +35,35 @@ class Task:
         nn.functional.binary_cross_entropy_with_logits
     )
     metrics: Mapping[str, Callable[[], Metric]] | None = None
+
+
+_BCE = nn.functional.binary_cross_entropy_with_logits
+
+
+def _labels(task: Task, target: Any, rows: int) -> torch.Tensor:
+    """``target`` as ``(rows,)``, checked to fit the task (raises :class:`LabelError`).
+
+    One label per row is required; with the default loss (binary cross-entropy) every label
+    must lie in ``[0, 1]`` (soft labels included), since the loss is silently wrong outside.
+    NaN labels are left to the trainer's non-finite loss check, which names the step.
+    """
+    where = f"task {task.name!r}: label column {task.label!r}"
+    if not isinstance(target, torch.Tensor):
+        raise LabelError(f"{where} must be a tensor, got {type(target).__name__}")
+    if target.numel() != rows:
+        raise LabelError(
+            f"{where} has shape {tuple(target.shape)}, expected one label per row ({rows} rows)"
+        )
+    target = target.reshape(rows)
+    if task.loss is _BCE and rows:
+        bad = (target < 0) | (target > 1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise LabelError(
+                f"{where} holds {float(target[row]):g} at row {row}; binary cross-entropy "
+                "needs labels in [0, 1] (set Task.loss for other targets)"
+            )
+    return target
 
 
 class MultiTask(nn.Module):
@@ -85,7 +115,7 @@ class MultiTask(nn.Module):
             logits = logits[:, 0]
             if task.label not in batch:
                 raise ConfigError(f"task {task.name!r}: batch has no label column {task.label!r}")
-            target = batch[task.label]
+            target = _labels(task, batch[task.label], logits.shape[0])
             losses[task.name] = task.loss(logits.float(), target.to(torch.float32))
             predictions[task.name] = torch.sigmoid(logits.detach().float())
             labels[task.name] = target

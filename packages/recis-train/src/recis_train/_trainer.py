@@ -258,6 +258,7 @@ class Trainer:
         for hook in self._hooks():
             hook.on_train_begin(self)
         logs: dict[str, float] = {}
+        first = (self.global_step, self.stream.epoch or self.stream.consumed)
         batches = self._batches()
         try:
             while True:
@@ -276,11 +277,36 @@ class Trainer:
             # of the last batch trained on so a later call continues exactly there.
             batches.close()
             self.stream.load_state_dict(self._cursor)
+        self._warn_if_data_ran_out(*first)
         if self.args.save_at_end and self._last_saved_step != self.global_step:
             self.save()
         for hook in self._hooks():
             hook.on_train_end(self)
         return logs
+
+    def _warn_if_data_ran_out(self, first_step: int, started_within: int) -> None:
+        """Logs a warning when training stopped for want of data, not by request.
+
+        ``started_within`` is non-zero when the call began past the data's first batch.
+        """
+        wanted = self.args.train_steps
+        if self.should_stop or (wanted is not None and self.global_step >= wanted):
+            return
+        if wanted is not None:
+            _log.warning(
+                "the training data ran out at step %d of train_steps=%d (%d pass(es) over the "
+                "data); raise epochs or give more data to train that many steps",
+                self.global_step,
+                wanted,
+                self.stream.epochs,
+            )
+        elif self.global_step == first_step:
+            _log.warning(
+                "train() ran no step: %s",
+                f"the run had finished its {self.stream.epochs} pass(es) over the data already"
+                if started_within
+                else "the training data gave no batches",
+            )
 
     def _batches(self) -> Generator[tuple[Any, dict[str, Any]], None, None]:
         """(batch on the device, cursor after it), one batch ahead when copying to a GPU."""

@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "LabelError",
     "MetricInputError",
     "ModelOutputError",
     "NonFiniteLossError",
@@ -24,6 +25,11 @@ class RecisTrainError(Exception):
 
 class ConfigError(RecisTrainError, ValueError):
     """Training arguments, a pipeline or a hook are configured with an invalid value."""
+
+
+class LabelError(RecisTrainError, ValueError):
+    """A batch's label column does not fit its task: not one label per row, or values the
+    task's loss does not accept (binary cross-entropy: outside ``[0, 1]``)."""
 
 
 class MetricInputError(RecisTrainError, ValueError):

@@ -25,15 +25,41 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn corrupt(path: &str, msg: impl std::fmt::Display) -> Self {
-        let text = msg.to_string();
-        let mut chars = text.chars();
-        let lowered = match chars.next() {
-            Some(c) => c.to_lowercase().chain(chars).collect(),
-            None => String::new(),
-        };
         Error::Corrupt {
             path: path.to_string(),
-            msg: lowered.trim_end_matches('.').to_string(),
+            msg: lower_first_word(&msg.to_string())
+                .trim_end_matches('.')
+                .to_string(),
         }
+    }
+}
+
+/// `text` with its first letter lowered to read on after "cannot read …:", unless the first
+/// word is an acronym ("EOF: …" stays "EOF: …").
+fn lower_first_word(text: &str) -> String {
+    let mut chars = text.chars();
+    match (chars.next(), chars.next()) {
+        (Some(a), Some(b)) if a.is_uppercase() && b.is_uppercase() => text.to_string(),
+        (Some(a), _) => a.to_lowercase().chain(text.chars().skip(1)).collect(),
+        (None, _) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn corrupt_messages_read_on_and_keep_acronyms() {
+        let msg = |e: Error| e.to_string();
+        assert_eq!(
+            msg(Error::corrupt("f.parquet", "Invalid page header.")),
+            "cannot read f.parquet: invalid page header"
+        );
+        assert_eq!(
+            msg(Error::corrupt("f.parquet", "EOF: file too small")),
+            "cannot read f.parquet: EOF: file too small"
+        );
+        assert_eq!(msg(Error::corrupt("f", "")), "cannot read f: ");
     }
 }
