@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from recis_embedding._host import repeat_values, true_positions
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
-from recis_embedding._pooling import bag_weights, padded_gather, pool, repeat_values
+from recis_embedding._pooling import bag_weights, padded_gather, pool
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
@@ -208,7 +209,7 @@ class EmbeddingEngine(nn.Module):
         if bool(present.all()):
             return rows, table.read(rows)
         emb = torch.full((rows.numel(), table.dim), table.default_value, device=rows.device)
-        idx = present.nonzero().squeeze(1)
+        idx = true_positions(present)
         emb[idx] = table.read(rows[idx])
         return rows, emb
 
@@ -344,7 +345,7 @@ def _packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
     # Sorted neighbours with different ids but one group are two ids whose hashes collide.
     if bool(torch.gt(sv[1:] != sv[:-1], flags[1:]).any()):
         return None
-    starts = flags.nonzero().squeeze(1)
+    starts = true_positions(flags)
     flags[0] = False
     inverse = torch.empty(n, dtype=torch.int64)
     inverse.index_copy_(0, order, torch.cumsum(flags, 0))
@@ -367,7 +368,7 @@ def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
     flags = torch.ones(n, dtype=torch.bool, device=key.device)
     if n > 1:
         torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])
-    starts = flags.nonzero().squeeze(1)
+    starts = true_positions(flags)
     inverse = torch.empty(n, dtype=torch.int64, device=key.device)
     inverse.index_copy_(0, order, torch.cumsum(flags, 0) - 1)
     uniq = sorted_key.index_select(0, starts)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recis_embedding._host import true_positions
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import fmix64
 
@@ -239,7 +240,7 @@ def init_rows(
         # Built-in samplers take a (N,) tensor of seeds as well as an int (see _batchable).
         sample: Callable[..., torch.Tensor] = init.sample
         if len(members) == 1:
-            sel = (tabs == members[0]).nonzero().squeeze(1)
+            sel = true_positions(tabs == members[0])
             out[sel] = init(ids[sel], dim, names[members[0]]).to(out.device)
             continue
         seeds = torch.zeros(len(initializers), dtype=torch.int64, device=ids.device)
@@ -250,7 +251,7 @@ def init_rows(
             continue
         mask = torch.zeros(len(initializers), dtype=torch.bool, device=ids.device)
         mask[members] = True
-        sel = mask[tabs.to(torch.int64)].nonzero().squeeze(1)
+        sel = true_positions(mask[tabs.to(torch.int64)])
         seed = seeds[tabs.to(torch.int64)[sel]]
         out[sel] = sample(ids[sel], dim, seed).to(torch.float32)
     return out

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from recis_embedding._host import true_positions
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import IdMap, fmix64
 
@@ -171,7 +172,7 @@ class FrequencyAdmission(AdmissionPolicy):
 
     def admit(self, table, ids, tables):
         absent = table._map.find(ids, tables) < 0
-        idx = absent.nonzero().squeeze(1)
+        idx = true_positions(absent)
         ok = torch.ones_like(absent)
         if idx.numel() == 0:
             return ok
@@ -188,7 +189,7 @@ class FrequencyAdmission(AdmissionPolicy):
         ready = counts[rows] >= self.threshold
         ok[idx] = ready
         if bool(ready.any()):
-            done = ready.nonzero().squeeze(1)
+            done = true_positions(ready)
             counts[rows[done]] = 0
             counter.erase(ids[idx][done], tables[idx][done])
         table.count("admissions_rejected", int((~ready).sum()))
@@ -237,7 +238,7 @@ class StaleEviction(EvictionPolicy):
 
     def after_step(self, table):
         def stale(rows):
-            return ((table.step - table.last_seen[rows]) > self.steps).nonzero().squeeze(1)
+            return true_positions((table.step - table.last_seen[rows]) > self.steps)
 
         _evict(table, stale)
 
@@ -258,7 +259,7 @@ class CapacityEviction(EvictionPolicy):
     def make_room(self, table, needed, protect):
         def coldest(rows):
             free = ~torch.isin(rows, protect)
-            candidates = free.nonzero().squeeze(1)
+            candidates = true_positions(free)
             rows = rows[candidates]
             primary = table.frequency[rows] if self.policy == "lfu" else table.last_seen[rows]
             order = torch.argsort(table.last_seen[rows], stable=True)

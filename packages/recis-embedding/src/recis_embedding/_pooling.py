@@ -7,11 +7,12 @@ so no per-occurrence gradient tensor outlives the call and no dense table gradie
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bag_weights", "padded_gather", "pool", "repeat_values", "segment_ids"]
+from recis_embedding._host import repeat_values, true_positions
+
+__all__ = ["bag_weights", "padded_gather", "pool", "segment_ids"]
 
 
 def bag_weights(
@@ -49,20 +50,6 @@ def segment_ids(bags: torch.Tensor, n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.int64, device=bags.device)
     m = bags.numel() - 1
     return repeat_values(torch.arange(m, device=bags.device), bags[1:] - bags[:-1], n)
-
-
-def repeat_values(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
-    """``values[k]`` repeated ``counts[k]`` times (``total`` in all), as
-    ``torch.repeat_interleave``; on the CPU through NumPy's ``repeat``, about twice as fast."""
-    if (
-        values.device.type == "cpu"
-        and type(values) is torch.Tensor
-        and type(counts) is torch.Tensor
-        and not values.requires_grad
-        and not torch.compiler.is_compiling()
-    ):
-        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
-    return torch.repeat_interleave(values, counts, output_size=total)
 
 
 def _rows_grad(
@@ -179,7 +166,7 @@ def padded_gather(
     lengths = bags[1:] - bags[:-1]
     seg = torch.repeat_interleave(torch.arange(m, device=bags.device), lengths)
     col = torch.arange(inverse.numel(), device=bags.device) - bags[:-1].repeat_interleave(lengths)
-    keep = (col < max_len).nonzero().squeeze(1)
+    keep = true_positions(col < max_len)
     pos = seg[keep] * max_len + col[keep]
     vals = emb.index_select(0, inverse[keep])
     out = emb.new_zeros(m * max_len, d).index_copy(0, pos, vals)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from recis_embedding._host import true_positions
 from recis_embedding._initializers import Initializer, TruncatedNormal, init_rows
 from recis_embedding.exceptions import ConfigError, InputError, TableFullError
 from recis_kernels import IdMap, RowStore
@@ -203,7 +204,7 @@ class HashTable:
         self._counts["hits"] += ids.numel() - int(miss.sum())
         if admit is not None:
             miss = miss & admit
-        idx = miss.nonzero().squeeze(1)
+        idx = true_positions(miss)
         if idx.numel() == 0:
             return rows, is_new
         self._check_capacity(ids[idx], tabs[idx], rows[rows >= 0])
@@ -275,7 +276,7 @@ class HashTable:
         """
         rows = self.find(ids, table)
         out = torch.full((ids.numel(), self.dim), self.default_value, device=self.device)
-        hit = (rows >= 0).nonzero().squeeze(1)
+        hit = true_positions(rows >= 0)
         out[hit] = self.read(rows[hit])
         return out
 

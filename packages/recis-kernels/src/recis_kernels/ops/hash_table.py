@@ -41,7 +41,14 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
-from recis_kernels._checks import can_inspect, check_1d, check_dtype, check_tensor, grid_for
+from recis_kernels._checks import (
+    can_inspect,
+    check_1d,
+    check_dtype,
+    check_tensor,
+    flat_nonzero,
+    grid_for,
+)
 from recis_kernels.exceptions import ShapeError
 
 __all__ = ["MAX_LOAD_FACTOR", "IdMap", "IdMapExport", "fmix64"]
@@ -97,7 +104,7 @@ def _home(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tensor:
 
 def _first_per_slot(p: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     """Positions (ascending) of the first query on each free slot of ``p``."""
-    cand = free.nonzero().squeeze(1)
+    cand = flat_nonzero(free)
     if cand.numel() <= 1:
         return cand
     if can_inspect(p) and (won := _first_per_slot_host(p, cand)) is not None:
@@ -145,7 +152,7 @@ def _first_occurrences(keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Te
     n = keys.numel()
     head = torch.ones(n, dtype=torch.bool, device=keys.device)
     if n <= 1:
-        return head.nonzero().squeeze(1), torch.zeros_like(keys)
+        return flat_nonzero(head), torch.zeros_like(keys)
     pre = tabs.to(torch.int64)
     pre *= _GOLDEN
     pre += keys
@@ -164,7 +171,7 @@ def _first_occurrences(keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Te
     rank = torch.cumsum(is_first, 0) - 1
     inverse = torch.empty_like(order)
     inverse[order] = rank.index_select(0, heads).index_select(0, torch.cumsum(head, 0) - 1)
-    return is_first.nonzero().squeeze(1), inverse
+    return flat_nonzero(is_first), inverse
 
 
 class IdMapExport(NamedTuple):
@@ -284,7 +291,7 @@ class IdMap:
             & (st == FULL)
         )
         out = torch.where(hit, p, -1)
-        idx = ((st != EMPTY) & ~hit).nonzero().squeeze(1)
+        idx = flat_nonzero((st != EMPTY) & ~hit)
         if idx.numel() == 0:
             return out
         k, t, p = keys.index_select(0, idx), tabs.index_select(0, idx), p.index_select(0, idx)
@@ -351,7 +358,7 @@ class IdMap:
         slots = self._find_slots(keys, tabs)
         is_new = slots < 0
         rows = self._rows_of(slots)
-        miss = is_new.nonzero().squeeze(1)
+        miss = flat_nonzero(is_new)
         if miss.numel():
             mk, mt = keys.index_select(0, miss), tabs.index_select(0, miss)
             rows[miss] = self._insert_rows(mk, mt, distinct=False)
