@@ -256,6 +256,30 @@ def test_dedup_paths_agree() -> None:
         assert group == sorted(group)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_dedup_matches_the_exact_one_on_random_pairs(seed: int) -> None:
+    from recis_embedding._engine import _exact_dedup, _packed_dedup
+
+    gen = torch.Generator().manual_seed(seed)
+    n = 5_000
+    pool = torch.cat([torch.randint(-(2**63), 2**63 - 1, (60,), generator=gen), torch.arange(40)])
+    values = pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
+    tabs = torch.randint(0, 5, (n,), generator=gen)
+    packed = _packed_dedup(values, tabs)
+    assert packed is not None
+    ids, id_tabs, inverse, (order, offsets) = packed
+    exact = _exact_dedup(values, tabs)
+    assert ids.numel() == exact[0].numel()
+    assert torch.equal(ids[inverse], values)
+    assert torch.equal(id_tabs[inverse].to(torch.int64), tabs)
+    assert inverse.dtype == order.dtype == offsets.dtype == torch.int64
+    assert id_tabs.dtype == torch.int32
+    for u in range(0, ids.numel(), 37):  # groups list their positions in ascending order
+        group = order[offsets[u] : offsets[u + 1]]
+        assert torch.equal(inverse[group], torch.full_like(group, u))
+        assert group.tolist() == sorted(group.tolist())
+
+
 def test_dedup_falls_back_when_packed_hashes_collide() -> None:
     from recis_embedding._engine import _MUL, _dedup, _packed_dedup
 

@@ -316,42 +316,52 @@ _MIN_HASH_BITS = 24  # below this many hash bits per packed value, collisions ge
 
 
 def _packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
-    """Group equal pairs with one vectorized sort of plain int64 values (CPU).
+    """Group equal pairs with one vectorized sort of plain int64 values (CPU, in NumPy).
 
     Each value packs, from the top, the high bits of a multiplicative hash of the id, the table
     index and the position, so numpy's sort of values (several times faster than an argsort)
     makes equal pairs adjacent, each group in ascending position order. Two different ids of
     one table share a group only when their hashes agree on every kept bit; that is detected
-    and ``None`` sends the caller to the exact path.
+    and ``None`` sends the caller to the exact path. The passes run in NumPy, whose loops over
+    these index arrays are faster than torch's on one thread (the whole function: about 4.0
+    vs 4.8 ms for the embedding benchmark's 225k ids).
     """
     n = values.numel()
     bits = (n - 1).bit_length()
-    tab_bits = int(tabs.max()).bit_length()
+    v = values.numpy()
+    t = tabs.numpy().astype(np.int64, copy=False)
+    tab_bits = int(t.max()).bit_length()
     low_bits = bits + tab_bits
     if 64 - low_bits < _MIN_HASH_BITS:
         return None
-    packed = values * _MUL
-    packed &= -(1 << low_bits)
+    packed = v * np.int64(_MUL)  # wraps modulo 2**64, as intended
+    packed &= np.int64(-(1 << low_bits))
     if tab_bits:
-        packed |= tabs.to(torch.int64) << bits
-    packed |= torch.arange(n, dtype=torch.int64)
-    ordered = torch.from_numpy(np.sort(packed.numpy()))
-    order = ordered & ((1 << bits) - 1)
-    sv = values.index_select(0, order)
-    group = ordered >> bits
-    flags = torch.empty(n, dtype=torch.bool)
+        packed |= t << np.int64(bits)
+    packed |= np.arange(n, dtype=np.int64)
+    packed.sort()
+    order = packed & np.int64((1 << bits) - 1)
+    sv = np.take(v, order)
+    group = packed >> np.int64(bits)
+    flags = np.empty(n, dtype=bool)
     flags[0] = True
-    torch.ne(group[1:], group[:-1], out=flags[1:])
+    np.not_equal(group[1:], group[:-1], out=flags[1:])
     # Sorted neighbours with different ids but one group are two ids whose hashes collide.
-    if bool(torch.gt(sv[1:] != sv[:-1], flags[1:]).any()):
+    if np.greater(sv[1:] != sv[:-1], flags[1:]).any():
         return None
-    starts = true_positions(flags)
+    starts = np.flatnonzero(flags)
     flags[0] = False
-    inverse = torch.empty(n, dtype=torch.int64)
-    inverse.index_copy_(0, order, torch.cumsum(flags, 0))
-    offsets = torch.cat([starts, torch.tensor([n])])
-    key_tabs = (group.index_select(0, starts) & ((1 << tab_bits) - 1)).to(torch.int32)
-    return sv.index_select(0, starts), key_tabs, inverse, (order, offsets)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = torch.cumsum(torch.from_numpy(flags), 0).numpy()  # torch's is the faster
+    offsets = np.append(starts, n).astype(np.int64, copy=False)
+    key_tabs = (group[starts] & np.int64((1 << tab_bits) - 1)).astype(np.int32)
+    grouping = (torch.from_numpy(order), torch.from_numpy(offsets))
+    return (
+        torch.from_numpy(sv[starts]),
+        torch.from_numpy(key_tabs),
+        torch.from_numpy(inverse),
+        grouping,
+    )
 
 
 def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
