@@ -202,3 +202,33 @@ def test_insert_absent_gives_the_rows_of_find_or_insert(ops, capacity, dedup_fir
         assert (m.capacity, m.size) == (ref.capacity, ref.size)
         assert torch.equal(m.slot_state, ref.slot_state)
         assert torch.equal(m.slot_rows[m.slot_state == FULL], ref.slot_rows[ref.slot_state == FULL])
+
+
+@given(SMALL_OPS, st.sampled_from([16, 64]))
+def test_host_and_torch_probes_agree(ops, capacity) -> None:
+    """The CPU finds slots in NumPy; the torch spelling (other devices without kernels) must
+    probe the same slots, tombstones and wrapped clusters included."""
+    m = IdMap(capacity=capacity)
+    for op, pairs in ops:
+        keys = torch.tensor([k for k, _ in pairs], dtype=torch.int64)
+        tabs = torch.tensor([t for _, t in pairs], dtype=torch.int32)
+        if op == "insert":
+            m.find_or_insert(keys, tabs)
+        elif op == "erase":
+            m.erase(keys, tabs)
+        probe = torch.cat([keys, keys + 41])  # present and absent pairs
+        ptabs = torch.cat([tabs, tabs])
+        host = m._find_slots_host(probe, ptabs)
+        assert torch.equal(host, m._find_slots_torch(probe, ptabs))
+
+
+def test_torch_home_matches_the_host_one_on_extreme_keys() -> None:
+    """``_home`` runs in NumPy on the CPU; its torch spelling must give the same slots."""
+    from recis_kernels.ops import hash_table as ht
+
+    keys = torch.tensor([0, 1, -1, INT64_MIN, INT64_MAX, 0x9E3779B97F4A7C15 - (1 << 64)])
+    tabs = torch.tensor([0, 5, 2**31 - 1, 1, 0, 3], dtype=torch.int32)
+    for mask in (15, (1 << 40) - 1):
+        host = torch.from_numpy(ht._home_host(keys.numpy(), tabs.numpy(), mask))
+        assert torch.equal(host, ht._home_torch(keys, tabs, mask))
+        assert torch.equal(host, ht._home(keys, tabs, mask))
