@@ -232,3 +232,26 @@ def test_torch_home_matches_the_host_one_on_extreme_keys() -> None:
         host = torch.from_numpy(ht._home_host(keys.numpy(), tabs.numpy(), mask))
         assert torch.equal(host, ht._home_torch(keys, tabs, mask))
         assert torch.equal(host, ht._home(keys, tabs, mask))
+
+
+@pytest.mark.parametrize("capacity", [64, 1 << 12])
+def test_host_and_torch_claims_place_keys_alike(capacity) -> None:
+    """The CPU claims slots in NumPy; the torch spelling must place every key on the same
+    slot in the same round, over tombstones and full clusters."""
+    import copy
+
+    g = torch.Generator().manual_seed(capacity)
+    m = IdMap(capacity=capacity)
+    pool = torch.randint(INT64_MIN, INT64_MAX, (capacity,), generator=g)
+    m.find_or_insert(pool[: capacity // 4], 0)
+    m.erase(pool[: capacity // 16], 0)
+    keys = pool[capacity // 4 : capacity // 4 + capacity // 5]  # distinct and absent
+    tabs = (torch.arange(keys.numel()) % 3).to(torch.int32)
+    host, torch_map = m, copy.deepcopy(m)
+    a = host._claim_host(keys, tabs)
+    b = torch_map._claim_torch(keys, tabs)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+    for name in ("slot_state", "slot_keys", "slot_tabs"):
+        assert torch.equal(getattr(host, name), getattr(torch_map, name))
+    assert host.erased == torch_map.erased

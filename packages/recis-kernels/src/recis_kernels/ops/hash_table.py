@@ -131,8 +131,6 @@ def _first_per_slot(p: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     cand = flat_nonzero(free)
     if cand.numel() <= 1:
         return cand
-    if can_inspect(p) and (won := _first_per_slot_host(p, cand)) is not None:
-        return won
     sp, order = torch.sort(p.index_select(0, cand), stable=True)
     first = torch.ones_like(sp, dtype=torch.bool)
     torch.ne(sp[1:], sp[:-1], out=first[1:])
@@ -141,25 +139,32 @@ def _first_per_slot(p: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     return torch.sort(cand.index_select(0, order[first])).values
 
 
-def _first_per_slot_host(p: torch.Tensor, cand: torch.Tensor) -> torch.Tensor | None:
-    """:func:`_first_per_slot` in NumPy: one plain sort of ``slot << bits | position`` values
-    instead of a stable argsort, several times faster; ``None`` when they do not fit 63 bits."""
-    bits = max(1, (p.numel() - 1).bit_length())
-    c = cand.numpy()
-    packed = p.numpy()[c]
-    if int(packed.max()).bit_length() + bits > 63:
-        return None
-    packed <<= bits
-    packed |= c
-    packed.sort()
-    slot = packed >> bits
-    first = np.ones(packed.size, dtype=np.bool_)
+def _first_per_slot_host(p: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """:func:`_first_per_slot` on NumPy arrays.
+
+    One plain sort of ``slot << bits | position`` values replaces the stable argsort (several
+    times faster), unless those values would not fit 63 bits.
+    """
+    cand = np.flatnonzero(free)
+    if cand.size <= 1:
+        return cand
+    sp = p[cand]
+    bits = max(1, (p.size - 1).bit_length())
+    if int(sp.max()).bit_length() + bits <= 63:
+        packed = sp << bits
+        packed |= cand
+        packed.sort()
+        slot, pos = packed >> bits, packed & ((1 << bits) - 1)
+    else:
+        order = np.argsort(sp, kind="stable")
+        slot, pos = sp[order], cand[order]
+    first = np.ones(cand.size, dtype=np.bool_)
     np.not_equal(slot[1:], slot[:-1], out=first[1:])
     if first.all():
         return cand
-    won = packed[first] & ((1 << bits) - 1)
+    won = pos[first]
     won.sort()
-    return torch.from_numpy(won)
+    return won
 
 
 def _first_occurrences(keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,6 +512,13 @@ class IdMap:
             ``(slots, claimed)``: each key's slot, and the slots in claiming order (round by
             round, input order within a round).
         """
+        if can_inspect(keys):
+            return self._claim_host(keys, tabs)
+        return self._claim_torch(keys, tabs)
+
+    def _claim_torch(
+        self, keys: torch.Tensor, tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = self.capacity - 1
         out = torch.empty_like(keys)
         idx = torch.arange(keys.numel(), device=keys.device)
@@ -540,6 +552,48 @@ class IdMap:
             p = torch.where(open_.any(1), ahead, win[:, -1])
         claimed_slots = torch.cat(claimed) if claimed else keys.new_empty(0)
         return out, claimed_slots
+
+    def _claim_host(
+        self, keys: torch.Tensor, tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_claim` in NumPy, round for round the same placement, writing the slot
+        arrays through NumPy views (about twice as fast on the host)."""
+        mask = self.capacity - 1
+        state, slot_keys = self.slot_state.numpy(), self.slot_keys.numpy()
+        slot_tabs = self.slot_tabs.numpy()
+        k, t = keys.numpy(), tabs.numpy()
+        out = np.empty(k.size, dtype=np.int64)
+        idx = np.arange(k.size)
+        p = _home_host(k, t, mask)
+        steps = np.arange(1, _CLAIM_WINDOW + 1)
+        claimed = []
+        while idx.size:
+            st = np.take(state, p)
+            free = st != FULL
+            won = _first_per_slot_host(p, free)
+            wp, wi = p[won], idx[won]
+            if self.erased:
+                self.erased -= int(np.count_nonzero(st[won] == ERASED))
+            slot_keys[wp] = k[wi]
+            slot_tabs[wp] = t[wi]
+            state[wp] = FULL
+            out[wi] = wp
+            claimed.append(wp)
+            if won.size == idx.size:
+                break
+            keep = np.ones(idx.size, dtype=np.bool_)
+            keep[won] = False
+            idx, p = idx[keep], p[keep]
+            # Everyone left stands on a full slot: move to the first slot of the window that
+            # is not full, or past the window.
+            win = p[:, None] + steps
+            win &= mask
+            open_ = np.take(state, win) != FULL
+            first = open_.argmax(1)
+            row = np.arange(p.size)
+            p = np.where(open_[row, first], win[row, first], win[:, -1])
+        claimed_slots = np.concatenate(claimed) if claimed else np.empty(0, dtype=np.int64)
+        return torch.from_numpy(out), torch.from_numpy(claimed_slots)
 
     def erase(self, keys: torch.Tensor, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """Remove keys; their rows go to the free list.
