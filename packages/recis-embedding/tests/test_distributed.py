@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def make_engine(shard: bool, group: object = None) -> EmbeddingEngine:
+def make_engine(shard: bool, group: object = None, *, concat: bool = False) -> EmbeddingEngine:
     init = Normal(std=0.5)
     return EmbeddingEngine(
         {
@@ -29,6 +29,7 @@ def make_engine(shard: bool, group: object = None) -> EmbeddingEngine:
         },
         shard=shard,
         process_group=group,
+        concat={"both": list(FEATURES)} if concat else None,
     )
 
 
@@ -71,7 +72,8 @@ def _worker(rank: int, world: int, root: str) -> None:
     # Phase 1: ranks 0 and 1 train a table sharded over a 2-rank group and save it.
     pair = dist.new_group([0, 1])
     if rank < 2:
-        engine = make_engine(shard=True, group=pair)
+        # Pooled batch-major into one joined output: the same values as the reference.
+        engine = make_engine(shard=True, group=pair, concat=True)
         opt = SparseAdam(engine, lr=0.05)
         outs = []
         for k in range(STEPS):

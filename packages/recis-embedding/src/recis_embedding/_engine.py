@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,17 @@ from recis_kernels import RaggedTensor
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
 _POOLED = ("sum", "mean", "sqrtn")
+
+
+class _Joined(NamedTuple):
+    """The ids of a concatenation in batch-major order, ready for one pooled reduce."""
+
+    values: torch.Tensor  # (N,) ids: row 0's of every member, then row 1's, ...
+    tabs: torch.Tensor  # (N,) table index of each id
+    bags: torch.Tensor  # (B * members + 1,) offsets of the (row, member) bags
+    weights: torch.Tensor | None  # (N,) multipliers realizing each member's combiner
+    singles: bool  # one id per bag and no weights: a gather suffices
+    rows: int  # B
 
 
 class EmbeddingEngine(nn.Module):
@@ -52,6 +63,13 @@ class EmbeddingEngine(nn.Module):
             ``recis_kernels.owner_rank(id, world_size)``); needs ``torch.distributed``
             initialized, and every rank must run the same lookups and optimizer steps.
         process_group: the group to shard over (default: the whole world).
+        concat: output name -> pooled features (2-level inputs, equal ``B``) to join into one
+            ``(B, sum of dims)`` output under that name, in the listed order, as TorchRec's
+            ``KeyedTensor.values()``; each listed feature's output is then a view of it. When
+            the features share a physical table they are pooled batch-major straight into it
+            (no concatenation copy forward or backward); otherwise the outputs are
+            concatenated. Values are those of ``torch.cat`` of the outputs; gradients of one
+            row add up in another order, so they agree up to rounding.
 
     Example:
         >>> engine = EmbeddingEngine({"user": EmbeddingOption(8), "item": EmbeddingOption(8)})
@@ -67,6 +85,7 @@ class EmbeddingEngine(nn.Module):
         fuse: bool = True,
         shard: bool = False,
         process_group: object = None,
+        concat: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         self.options = dict(options)
@@ -98,6 +117,30 @@ class EmbeddingEngine(nn.Module):
                 index = table.add_table(name, option.initializer)
             self.logical[name] = (table, index)
             self._first_option[name] = option
+        self.concat = self._check_concat(concat or {})
+
+    def _check_concat(self, concat: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        seen: dict[str, str] = {}
+        for name, features in concat.items():
+            where = f"concat {name!r}"
+            if name in self.options:
+                raise ConfigError(f"{where}: the name is also a feature's; pick another key")
+            if isinstance(features, str) or not features:
+                raise ConfigError(f"{where}: expected a non-empty list of feature names")
+            for f in features:
+                if f not in self.options:
+                    raise ConfigError(f"{where}: {f!r} has no EmbeddingOption")
+                if self.options[f].combiner not in _POOLED:
+                    raise ConfigError(
+                        f"{where}: {f!r} has combiner {self.options[f].combiner!r}; only pooled "
+                        f"features ({', '.join(_POOLED)}) are concatenated"
+                    )
+                if f in seen:
+                    raise ConfigError(f"{where}: {f!r} is already in concat {seen[f]!r}")
+                seen[f] = name
+            groups[name] = list(features)
+        return groups
 
     def _check_shared(self, feature: str, name: str, option: EmbeddingOption) -> None:
         first = self._first_option[name]
@@ -127,29 +170,137 @@ class EmbeddingEngine(nn.Module):
             table, _ = self.logical[self._table_of[feature]]
             groups.setdefault(id(table), []).append(feature)
         for features in groups.values():
-            out.update(self._lookup_group(features, batch))
+            # Concatenations whose features all live in this table are pooled batch-major,
+            # straight into their (B, sum of dims) output.
+            mine = [
+                (name, members)
+                for name, members in self.concat.items()
+                if set(members) <= set(features)
+            ]
+            taken = {f for _, members in mine for f in members}
+            rest = [f for f in features if f not in taken]
+            out.update(self._lookup_group(mine, rest, batch))
+        for name, members in self.concat.items():
+            if name not in out:  # features of several tables: joined after pooling
+                for f in members:
+                    if out[f].dim() != 2:
+                        raise InputError(
+                            f"concat {name!r}: feature {f!r} gives shape "
+                            f"{tuple(out[f].shape)}; only (B, D) outputs join"
+                        )
+                out[name] = torch.cat([out[f] for f in members], dim=1)
         return out
 
-    def _lookup_group(self, features: list[str], batch: Mapping[str, Any]) -> dict[str, Any]:
-        table, _ = self.logical[self._table_of[features[0]]]
-        ids = [as_ids(f, batch[f]) for f in features]
-        for f, i in zip(features, ids, strict=True):
+    def _lookup_group(
+        self,
+        concat: list[tuple[str, list[str]]],
+        features: list[str],
+        batch: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Lookups of one physical table: the batch-major concatenations ``concat`` and the
+        other ``features``, all through one dedup and one read."""
+        first = concat[0][1][0] if concat else features[0]
+        table, _ = self.logical[self._table_of[first]]
+        ordered = [f for _, members in concat for f in members] + features
+        ids = {f: as_ids(f, batch[f]) for f in ordered}
+        for f, i in ids.items():
             if i.values.device != table.device:
                 raise InputError(
                     f"feature {f!r}: ids are on {i.values.device}, its table on {table.device}"
                 )
-        emb, inverse = self._dedup_and_read(table, features, ids)
+        parts = [self._batch_major(name, members, ids) for name, members in concat]
+        values = [p.values for p in parts] + [ids[f].values for f in features]
+        tabs = [p.tabs for p in parts] + [
+            self._tabs_of(f, ids[f].values.numel(), table.device) for f in features
+        ]
+        emb, inverse, grouping = self._dedup_and_read(
+            table,
+            torch.cat(values) if len(values) > 1 else values[0],
+            torch.cat(tabs) if len(tabs) > 1 else tabs[0],
+        )
+        out: dict[str, Any] = {}
+        at = 0
+        for (name, members), part in zip(concat, parts, strict=True):
+            n = part.values.numel()
+            whole = n == inverse.numel()
+            pooled = pool(
+                emb,
+                inverse[at : at + n],
+                part.bags,
+                None,
+                part.weights,
+                part.singles,
+                grouping if whole else None,
+            )
+            joined = pooled.view(part.rows, -1)
+            out[name] = joined
+            dim = emb.shape[1]
+            for j, f in enumerate(members):
+                out[f] = joined[:, j * dim : (j + 1) * dim]
+            at += n
+        if features:
+            out.update(self._lookup_rest(features, ids, inverse[at:], emb, grouping, at == 0))
+        return out
+
+    def _tabs_of(self, feature: str, n: int, device: torch.device) -> torch.Tensor:
+        index = self.logical[self._table_of[feature]][1]
+        return torch.full((n,), index, dtype=torch.int64, device=device)
+
+    def _batch_major(self, name: str, members: list[str], ids: Mapping[str, Ids]) -> _Joined:
+        """The ids of ``members`` reordered row by row: row 0's ids of each member in turn,
+        then row 1's, and so on, with bag offsets over ``(row, member)`` and the per-id
+        multipliers of each member's combiner."""
+        parts = [ids[f] for f in members]
+        rows = parts[0].bags.numel() - 1
+        for f, i in zip(members, parts, strict=True):
+            if i.outer is not None:
+                raise InputError(
+                    f"concat {name!r}: feature {f!r} has 3-level ids; only (B, D) outputs join"
+                )
+            if i.bags.numel() - 1 != rows:
+                raise InputError(
+                    f"concat {name!r}: feature {f!r} has {i.bags.numel() - 1} rows, "
+                    f"{members[0]!r} has {rows}"
+                )
+        options = [self.options[f] for f in members]
+        tabs = [self.logical[self._table_of[f]][1] for f in members]
+        # Per-id multipliers realizing each member's combiner (none at all for plain sums).
+        mults: list[torch.Tensor | None] = []
+        for o, i in zip(options, parts, strict=True):
+            raw = i.weights if o.use_weight else None
+            if o.combiner != "sum" and raw is None:
+                raw = torch.ones(i.values.numel(), device=i.values.device)
+            mults.append(bag_weights(i.bags, raw, o.combiner or "sum", i.values.numel()))
+        weights: list[torch.Tensor] = []
+        if any(w is not None for w in mults):
+            weights = [
+                torch.ones(i.values.numel(), device=i.values.device) if w is None else w
+                for i, w in zip(parts, mults, strict=True)
+            ]
+        if parts[0].values.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _batch_major_host(parts, tabs, weights, rows)
+        return _batch_major_torch(parts, tabs, weights, rows)
+
+    def _lookup_rest(
+        self,
+        features: list[str],
+        ids: Mapping[str, Ids],
+        inverse: torch.Tensor,
+        emb: torch.Tensor,
+        grouping: tuple[torch.Tensor, torch.Tensor] | None,
+        alone: bool,
+    ) -> dict[str, Any]:
+        """Outputs of features looked up feature by feature (``inverse`` covers theirs)."""
         starts = [0]
-        for i in ids:
-            starts.append(starts[-1] + i.values.numel())
+        for f in features:
+            starts.append(starts[-1] + ids[f].values.numel())
         runtime: dict[Any, list[int]] = {}
         for k, f in enumerate(features):
             runtime.setdefault(self.options[f].runtime_key(), []).append(k)
         out: dict[str, Any] = {}
-        whole = len(runtime) == 1
+        whole = alone and len(runtime) == 1
         for members in runtime.values():
             option = self.options[features[members[0]]]
-            self._group_grouping = self._grouping if whole else None
             if option.combiner in _POOLED:
                 first, last = members[0], members[-1]
                 if last - first + 1 == len(members):  # adjacent features: one slice
@@ -158,25 +309,24 @@ class EmbeddingEngine(nn.Module):
                     part = torch.cat([inverse[starts[k] : starts[k + 1]] for k in members])
                 out.update(
                     self._pooled(
-                        option, [features[k] for k in members], [ids[k] for k in members], part, emb
+                        option,
+                        [features[k] for k in members],
+                        [ids[features[k]] for k in members],
+                        part,
+                        emb,
+                        grouping if whole else None,
                     )
                 )
             else:
                 for k in members:
                     part = inverse[starts[k] : starts[k + 1]]
-                    out.update(self._padded(option, features[k], ids[k], part, emb))
+                    out.update(self._padded(option, features[k], ids[features[k]], part, emb))
         return out
 
     def _dedup_and_read(
-        self, table: HashTable, features: list[str], ids: list[Ids]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        values = torch.cat([i.values for i in ids]) if len(ids) > 1 else ids[0].values
-        per_feature = torch.tensor(
-            [self.logical[self._table_of[f]][1] for f in features], dtype=torch.int64
-        ).to(values.device)
-        counts = torch.tensor([i.values.numel() for i in ids]).to(values.device)
-        tabs = repeat_values(per_feature, counts, values.numel())
-        keys, key_tabs, inverse, self._grouping = _dedup(values, tabs)
+        self, table: HashTable, values: torch.Tensor, tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        keys, key_tabs, inverse, grouping = _dedup(values, tabs)
         exchange, num_local = None, keys.numel()
         if self.shard is not None:
             keys, key_tabs, exchange = self.shard.route(keys, key_tabs)
@@ -190,7 +340,7 @@ class EmbeddingEngine(nn.Module):
             if torch.is_grad_enabled() and self._trainable(table):
                 emb.requires_grad_(True)
                 table.pending.append(Pending(rows, emb, exchange))
-        return emb, inverse
+        return emb, inverse, grouping
 
     def _serve(
         self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor
@@ -224,6 +374,7 @@ class EmbeddingEngine(nn.Module):
         ids: list[Ids],
         inverse: torch.Tensor,
         emb: torch.Tensor,
+        grouping: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> dict[str, torch.Tensor]:
         mode = option.combiner or "sum"
         any_weights = option.use_weight and any(i.weights is not None for i in ids)
@@ -249,7 +400,7 @@ class EmbeddingEngine(nn.Module):
             all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
             present = [w for w in weights if w is not None]
             w_all = torch.cat(present) if len(present) == len(weights) else None
-        pooled = pool(emb, inverse, all_bags, None, w_all, singles, self._group_grouping)
+        pooled = pool(emb, inverse, all_bags, None, w_all, singles, grouping)
         out = {}
         for f, i, p in zip(features, ids, torch.split(pooled, counts), strict=True):
             if i.outer is not None:
@@ -284,6 +435,85 @@ class EmbeddingEngine(nn.Module):
             max_len = int(lengths.max()) if lengths.numel() else 0
         values, mask = padded_gather(emb, inverse, ids.bags, int(max_len))
         return {feature: values, f"{feature}_mask": mask}
+
+
+def _batch_major_host(
+    parts: list[Ids], tabs: list[int], weights: list[torch.Tensor], rows: int
+) -> _Joined:
+    """:meth:`EmbeddingEngine._batch_major` on the CPU, in NumPy: each member's ids are
+    written to their batch-major places (a single id per row is one strided write)."""
+    m = len(parts)
+    if all(i.singles for i in parts) and not weights:
+        values = np.stack([i.values.numpy() for i in parts], axis=1).reshape(-1)
+        tab = np.tile(np.asarray(tabs, dtype=np.int64), rows)
+        one_each = torch.arange(values.size + 1)
+        return _Joined(torch.from_numpy(values), torch.from_numpy(tab), one_each, None, True, rows)
+    lengths = np.ones((rows, m), dtype=np.int64)
+    for j, i in enumerate(parts):
+        if not i.singles:
+            np.subtract(i.bags[1:].numpy(), i.bags[:-1].numpy(), out=lengths[:, j])
+    bags = np.zeros(rows * m + 1, dtype=np.int64)
+    np.cumsum(lengths.reshape(-1), out=bags[1:])
+    n = int(bags[-1])
+    starts = bags[:-1].reshape(rows, m)  # where each (row, member) bag begins
+    values = np.empty(n, dtype=np.int64)
+    tab = np.empty(n, dtype=np.int64)
+    w = np.empty(n, dtype=np.float32) if weights else None
+    for j, i in enumerate(parts):
+        if i.singles:
+            at = starts[:, j]
+        else:
+            # Id k of row r goes to starts[r, j] + (k - own[r]).
+            own = i.bags.numpy()
+            at = np.repeat(starts[:, j] - own[:-1], lengths[:, j])
+            at += np.arange(at.size, dtype=np.int64)
+        values[at] = i.values.numpy()
+        tab[at] = tabs[j]
+        if w is not None:
+            w[at] = weights[j].numpy()
+    return _Joined(
+        torch.from_numpy(values),
+        torch.from_numpy(tab),
+        torch.from_numpy(bags),
+        None if w is None else torch.from_numpy(w),
+        False,
+        rows,
+    )
+
+
+def _batch_major_torch(
+    parts: list[Ids], tabs: list[int], weights: list[torch.Tensor], rows: int
+) -> _Joined:
+    """:func:`_batch_major_host` in torch, for other devices."""
+    m = len(parts)
+    device = parts[0].values.device
+    if all(i.singles for i in parts) and not weights:
+        values = torch.stack([i.values for i in parts], dim=1).reshape(-1)
+        tab = torch.tensor(tabs, dtype=torch.int64, device=device).repeat(rows)
+        bags = torch.arange(values.numel() + 1, device=device)
+        return _Joined(values, tab, bags, None, True, rows)
+    lengths = torch.ones((rows, m), dtype=torch.int64, device=device)
+    for j, i in enumerate(parts):
+        if not i.singles:
+            lengths[:, j] = i.bags[1:] - i.bags[:-1]
+    bags = torch.zeros(rows * m + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lengths.reshape(-1), 0, out=bags[1:])
+    n = int(bags[-1])
+    starts = bags[:-1].reshape(rows, m)
+    values = torch.empty(n, dtype=torch.int64, device=device)
+    tab = torch.empty(n, dtype=torch.int64, device=device)
+    w = torch.empty(n, dtype=torch.float32, device=device) if weights else None
+    for j, i in enumerate(parts):
+        if i.singles:
+            at = starts[:, j]
+        else:
+            at = repeat_values(starts[:, j] - i.bags[:-1], lengths[:, j], i.values.numel())
+            at += torch.arange(at.numel(), device=device)
+        values[at] = i.values
+        tab[at] = tabs[j]
+        if w is not None:
+            w[at] = weights[j]
+    return _Joined(values, tab, bags, w, False, rows)
 
 
 _TABLE_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15, odd: a bijection on ids per table
