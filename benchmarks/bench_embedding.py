@@ -6,7 +6,9 @@ backward of the same loss (a fixed linear head over the concatenated pooled embe
 sparse optimizer step on the same batches, cycling over a few pre-built batches.
 
 - recis: one ``EmbeddingEngine`` (all 27 tables fuse into one physical dynamic hash table: no
-  modulo, no fixed size) with ``SparseAdam`` and with ``SparseRowWiseAdagrad``.
+  modulo, no fixed size) with ``SparseAdam`` and with ``SparseRowWiseAdagrad``; the head reads
+  its ``concat`` output, the 27 pooled features as one ``(B, 27 * 16)`` tensor (what TBE
+  returns; the ``nn.EmbeddingBag`` contender concatenates its 27 outputs with ``torch.cat``).
 - anchor (a): one ``nn.EmbeddingBag(sparse=True)`` per feature, ids modulo its vocabulary size,
   ``torch.optim.SparseAdam``.
 - anchor (b): FBGEMM table-batched embeddings on CPU (``SplitTableBatchedEmbeddingBagsCodegen``,
@@ -71,7 +73,7 @@ def recis_step_factory(batches, optimizer: str):
 
     options = {f: EmbeddingOption(DIM) for f in FEATURES}
     options["seq"] = EmbeddingOption(DIM, shared_name="C2")
-    engine = EmbeddingEngine(options)
+    engine = EmbeddingEngine(options, concat={"all": list(options)})
     opt = (
         SparseAdam(engine, lr=1e-3)
         if optimizer == "adam"
@@ -88,8 +90,7 @@ def recis_step_factory(batches, optimizer: str):
     def step() -> None:
         batch = inputs[state["i"] % len(inputs)]
         state["i"] += 1
-        out = engine(batch)
-        x = torch.cat([out[f] for f in options], dim=1)
+        x = engine(batch)["all"]
         loss = (x @ head).square().mean()
         loss.backward()
         opt.step()

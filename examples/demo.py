@@ -104,7 +104,8 @@ class DeepFM(nn.Module):
         self.features = feature_engine()
         options = {c: emb.EmbeddingOption(DIM, combiner="sum", device=device) for c in SPARSE}
         options["seq"] = emb.EmbeddingOption(DIM, shared_name="C2", combiner="mean", device=device)
-        self.embeddings = emb.EmbeddingEngine(options)
+        # All 27 pooled fields as one (B, 27 * DIM) output, pooled straight into it.
+        self.embeddings = emb.EmbeddingEngine(options, concat={"fields": [*SPARSE, "seq"]})
         fields = len(SPARSE) + 1
         self.dense_norm = nn.BatchNorm1d(len(DENSE))
         self.mlp = nn.Sequential(
@@ -117,7 +118,7 @@ class DeepFM(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         values = self.embeddings(self.features(batch))
-        fields = torch.stack([values[c] for c in [*SPARSE, "seq"]], dim=1)  # (B, F, D)
+        fields = values["fields"].view(-1, len(SPARSE) + 1, DIM)  # (B, F, D)
         dense = self.dense_norm(torch.stack([values[c].float() for c in DENSE], dim=1))
         # FM second order: ½((Σ e)² − Σ e²), summed over the embedding dimension.
         fm = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1, keepdim=True)

@@ -54,7 +54,8 @@ class DLRM(nn.Module):
         super().__init__()
         self.features = feature_engine(seq_len=None)
         self.embeddings = emb.EmbeddingEngine(
-            {c: emb.EmbeddingOption(DIM, combiner="sum", device=device) for c in SPARSE}
+            {c: emb.EmbeddingOption(DIM, combiner="sum", device=device) for c in SPARSE},
+            concat={"fields": SPARSE},  # the 26 pooled ids as one (B, 26 * DIM) output
         )
         self.bottom = mlp([len(DENSE), 64, DIM])
         vectors = len(SPARSE) + 1
@@ -65,7 +66,8 @@ class DLRM(nn.Module):
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         values = self.embeddings(self.features(batch))
         bottom = self.bottom(dense_matrix(values))  # (B, D)
-        vectors = torch.stack([bottom, *(values[c] for c in SPARSE)], dim=1)  # (B, 27, D)
+        fields = values["fields"].view(-1, len(SPARSE), DIM)
+        vectors = torch.cat([bottom.unsqueeze(1), fields], dim=1)  # (B, 27, D)
         dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)  # (B, 27 * 27)
         logits = self.top(torch.cat([bottom, dots[:, self.pairs]], dim=1))[:, 0]
         labels = batch["label"]

@@ -55,7 +55,7 @@ class MMoE(nn.Module):
         self.features = feature_engine()
         options = {c: emb.EmbeddingOption(DIM, combiner="sum", device=device) for c in SPARSE}
         options["seq"] = emb.EmbeddingOption(DIM, shared_name="C2", combiner="mean", device=device)
-        self.embeddings = emb.EmbeddingEngine(options)
+        self.embeddings = emb.EmbeddingEngine(options, concat={"fields": [*SPARSE, "seq"]})
         self.dense_norm = nn.BatchNorm1d(len(DENSE))
         width = (len(SPARSE) + 1) * DIM + len(DENSE)
         self.experts = nn.ModuleList(mlp([width, 64, 32]) for _ in range(experts))
@@ -66,8 +66,7 @@ class MMoE(nn.Module):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         values = self.embeddings(self.features(batch))
-        fields = [values[c] for c in [*SPARSE, "seq"]]
-        x = torch.cat([*fields, self.dense_norm(dense_matrix(values))], dim=1)
+        x = torch.cat([values["fields"], self.dense_norm(dense_matrix(values))], dim=1)
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, 32)
         out = {}
         for task in TASKS:

@@ -64,7 +64,7 @@ class ClickConversion(nn.Module):
         self.features = feature_engine()
         options = {c: emb.EmbeddingOption(DIM, combiner="sum", device=device) for c in SPARSE}
         options["seq"] = emb.EmbeddingOption(DIM, shared_name="C2", combiner="mean", device=device)
-        self.embeddings = emb.EmbeddingEngine(options)
+        self.embeddings = emb.EmbeddingEngine(options, concat={"fields": [*SPARSE, "seq"]})
         # LayerNorm, not BatchNorm: a frozen bottom must not move its statistics either.
         self.bottom = nn.Sequential(
             nn.LayerNorm((len(SPARSE) + 1) * DIM + len(DENSE)),
@@ -79,8 +79,7 @@ class ClickConversion(nn.Module):
         # Frozen tables: lookups record nothing for a sparse optimizer to apply (or release).
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_tables):
             values = self.embeddings(self.features(batch))
-        fields = [values[c] for c in [*SPARSE, "seq"]]
-        x = torch.cat([*fields, dense_matrix(values)], dim=1)
+        x = torch.cat([values["fields"], dense_matrix(values)], dim=1)
         shared = self.bottom(x)
         losses, predictions, labels = {}, {}, {}
         for task, column in TASKS.items():
