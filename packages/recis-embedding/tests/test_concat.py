@@ -165,27 +165,37 @@ def test_inputs_that_cannot_join_are_named() -> None:
         wide(batch() | {"user": torch.arange(2), "wide": three})
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_host_and_torch_batch_major_orders_agree(weighted) -> None:
+@pytest.mark.parametrize("kind", ["plain", "per bag", "per id"])
+def test_host_and_torch_batch_major_orders_agree(kind) -> None:
     """The CPU reorders ids in NumPy; the torch spelling (other devices) must agree."""
     from recis_embedding._engine import _batch_major_host, _batch_major_torch
     from recis_embedding._inputs import as_ids
 
     data = batch(3)
     parts = [as_ids(f, data[f]) for f in ("user", "seq", "tags", "item")]
-    weights = [torch.rand(i.values.numel()) for i in parts] if weighted else []
-    host = _batch_major_host(parts, [0, 1, 2, 1], weights, B)
-    other = _batch_major_torch(parts, [0, 1, 2, 1], weights, B)
+    scales = [None, None, None, None]
+    mults = [None, None, None, None]
+    if kind != "plain":
+        scales[2] = torch.full((B,), 1 / 3)  # tags: three ids per row, mean
+        scales[1] = torch.rand(B)
+    if kind == "per id":
+        mults[1], scales[1] = torch.rand(parts[1].values.numel()), None
+    host = _batch_major_host(parts, [0, 1, 2, 1], scales, mults, B)
+    other = _batch_major_torch(parts, [0, 1, 2, 1], scales, mults, B)
     for a, b in zip(host, other, strict=True):
         assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
     # Row 0 holds user, its two seq ids, three tags and item, in that order.
     seq_row0 = data["seq"].values[:2].tolist()
-    first_row = [
-        data["user"][0].item(),
-        *seq_row0,
-        *data["tags"][0].tolist(),
-        data["item"][0, 0].item(),
-    ]
+    tags_row0 = data["tags"][0].tolist()
+    first_row = [data["user"][0].item(), *seq_row0, *tags_row0, data["item"][0, 0].item()]
     assert host.values[:7].tolist() == first_row
     assert host.bags[:5].tolist() == [0, 1, 3, 6, 7]
     assert host.tabs[:7].tolist() == [0, 1, 1, 2, 2, 2, 1]
+    if kind == "plain":
+        assert host.weights is None
+    else:
+        w = host.weights[:7]
+        seq_w = mults[1][:2] if kind == "per id" else scales[1][0].repeat(2)
+        assert torch.equal(w[1:3], seq_w)
+        assert torch.equal(w[3:6], torch.full((3,), 1 / 3))
+        assert w[0] == w[6] == 1

@@ -12,7 +12,7 @@ from torch import nn
 from recis_embedding._host import repeat_values, true_positions
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
-from recis_embedding._pooling import bag_weights, padded_gather, pool
+from recis_embedding._pooling import bag_weights, padded_gather, per_bag_scale, pool
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
@@ -264,22 +264,23 @@ class EmbeddingEngine(nn.Module):
                 )
         options = [self.options[f] for f in members]
         tabs = [self.logical[self._table_of[f]][1] for f in members]
-        # Per-id multipliers realizing each member's combiner (none at all for plain sums).
+        # Each member's combiner as multipliers: one per bag (1, 1/L or 1/sqrt(L)) when it
+        # has no per-id weights, else one per id.
+        scales: list[torch.Tensor | None] = []
         mults: list[torch.Tensor | None] = []
         for o, i in zip(options, parts, strict=True):
+            mode = o.combiner or "sum"
             raw = i.weights if o.use_weight else None
-            if o.combiner != "sum" and raw is None:
-                raw = torch.ones(i.values.numel(), device=i.values.device)
-            mults.append(bag_weights(i.bags, raw, o.combiner or "sum", i.values.numel()))
-        weights: list[torch.Tensor] = []
-        if any(w is not None for w in mults):
-            weights = [
-                torch.ones(i.values.numel(), device=i.values.device) if w is None else w
-                for i, w in zip(parts, mults, strict=True)
-            ]
+            if raw is None:
+                plain = mode == "sum"
+                scales.append(None if plain else per_bag_scale(i.bags[1:] - i.bags[:-1], mode))
+                mults.append(None)
+            else:
+                scales.append(None)
+                mults.append(bag_weights(i.bags, raw, mode, i.values.numel()))
         if parts[0].values.device.type == "cpu" and not torch.compiler.is_compiling():
-            return _batch_major_host(parts, tabs, weights, rows)
-        return _batch_major_torch(parts, tabs, weights, rows)
+            return _batch_major_host(parts, tabs, scales, mults, rows)
+        return _batch_major_torch(parts, tabs, scales, mults, rows)
 
     def _lookup_rest(
         self,
@@ -387,7 +388,7 @@ class EmbeddingEngine(nn.Module):
             n = i.values.numel()
             if not singles:
                 w = i.weights if option.use_weight else None
-                if w is None and (any_weights or option.combiner != "sum"):
+                if w is None and any_weights and mode == "sum":
                     w = torch.ones(n, device=emb.device)
                 weights.append(bag_weights(i.bags, w, mode, n))
                 bags.append(i.bags[:-1] + shift if shift else i.bags[:-1])
@@ -438,43 +439,63 @@ class EmbeddingEngine(nn.Module):
 
 
 def _batch_major_host(
-    parts: list[Ids], tabs: list[int], weights: list[torch.Tensor], rows: int
+    parts: list[Ids],
+    tabs: list[int],
+    scales: list[torch.Tensor | None],
+    mults: list[torch.Tensor | None],
+    rows: int,
 ) -> _Joined:
-    """:meth:`EmbeddingEngine._batch_major` on the CPU, in NumPy: each member's ids are
-    written to their batch-major places (a single id per row is one strided write)."""
+    """:meth:`EmbeddingEngine._batch_major` on the CPU, in NumPy: one permutation of the
+    members' ids laid end to end, applied to ids and table indices; multipliers come per bag
+    (one repeat) unless some member has per-id weights."""
     m = len(parts)
-    if all(i.singles for i in parts) and not weights:
+    sizes = [i.values.numel() for i in parts]
+    plain = all(s is None for s in scales) and all(w is None for w in mults)
+    if plain and all(i.singles for i in parts):
         values = np.stack([i.values.numpy() for i in parts], axis=1).reshape(-1)
         tab = np.tile(np.asarray(tabs, dtype=np.int64), rows)
         one_each = torch.arange(values.size + 1)
         return _Joined(torch.from_numpy(values), torch.from_numpy(tab), one_each, None, True, rows)
     lengths = np.ones((rows, m), dtype=np.int64)
+    first = np.empty((rows, m), dtype=np.int64)  # where each (row, member) bag starts, end to end
+    starts = np.cumsum(sizes) - sizes
+    np.add(np.arange(rows)[:, None], starts, out=first)  # right for single-id members
     for j, i in enumerate(parts):
         if not i.singles:
-            np.subtract(i.bags[1:].numpy(), i.bags[:-1].numpy(), out=lengths[:, j])
-    bags = np.zeros(rows * m + 1, dtype=np.int64)
-    np.cumsum(lengths.reshape(-1), out=bags[1:])
-    n = int(bags[-1])
-    starts = bags[:-1].reshape(rows, m)  # where each (row, member) bag begins
-    values = np.empty(n, dtype=np.int64)
-    tab = np.empty(n, dtype=np.int64)
-    w = np.empty(n, dtype=np.float32) if weights else None
-    for j, i in enumerate(parts):
-        if i.singles:
-            at = starts[:, j]
-        else:
-            # Id k of row r goes to starts[r, j] + (k - own[r]).
             own = i.bags.numpy()
-            at = np.repeat(starts[:, j] - own[:-1], lengths[:, j])
-            at += np.arange(at.size, dtype=np.int64)
-        values[at] = i.values.numpy()
-        tab[at] = tabs[j]
-        if w is not None:
-            w[at] = weights[j].numpy()
+            np.subtract(own[1:], own[:-1], out=lengths[:, j])
+            np.add(own[:-1], starts[j], out=first[:, j])
+    flat = lengths.reshape(-1)
+    bags = torch.zeros(rows * m + 1, dtype=torch.int64)
+    torch.cumsum(torch.from_numpy(flat), 0, out=bags[1:])
+    offsets = bags.numpy()
+    n = int(offsets[-1])
+    # Id k of a bag starting at offsets[q] comes from first[q] + (k - offsets[q]).
+    perm = np.repeat(first.reshape(-1) - offsets[:-1], flat)
+    perm += np.arange(n, dtype=np.int64)
+    values = np.take(np.concatenate([i.values.numpy() for i in parts]), perm)
+    tab = np.take(np.repeat(np.asarray(tabs, dtype=np.int64), sizes), perm)
+    w = None
+    if any(x is not None for x in mults):
+        per_id = [
+            x.numpy()
+            if x is not None
+            else np.repeat(s.numpy(), lengths[:, j])
+            if s is not None
+            else np.ones(sizes[j], dtype=np.float32)
+            for j, (x, s) in enumerate(zip(mults, scales, strict=True))
+        ]
+        w = np.take(np.concatenate(per_id), perm)
+    elif not plain:
+        per_bag = np.ones((rows, m), dtype=np.float32)
+        for j, s in enumerate(scales):
+            if s is not None:
+                per_bag[:, j] = s.numpy()
+        w = np.repeat(per_bag.reshape(-1), flat)
     return _Joined(
         torch.from_numpy(values),
         torch.from_numpy(tab),
-        torch.from_numpy(bags),
+        bags,
         None if w is None else torch.from_numpy(w),
         False,
         rows,
@@ -482,37 +503,58 @@ def _batch_major_host(
 
 
 def _batch_major_torch(
-    parts: list[Ids], tabs: list[int], weights: list[torch.Tensor], rows: int
+    parts: list[Ids],
+    tabs: list[int],
+    scales: list[torch.Tensor | None],
+    mults: list[torch.Tensor | None],
+    rows: int,
 ) -> _Joined:
     """:func:`_batch_major_host` in torch, for other devices."""
     m = len(parts)
     device = parts[0].values.device
-    if all(i.singles for i in parts) and not weights:
+    sizes = [i.values.numel() for i in parts]
+    plain = all(s is None for s in scales) and all(w is None for w in mults)
+    if plain and all(i.singles for i in parts):
         values = torch.stack([i.values for i in parts], dim=1).reshape(-1)
         tab = torch.tensor(tabs, dtype=torch.int64, device=device).repeat(rows)
         bags = torch.arange(values.numel() + 1, device=device)
         return _Joined(values, tab, bags, None, True, rows)
     lengths = torch.ones((rows, m), dtype=torch.int64, device=device)
-    for j, i in enumerate(parts):
-        if not i.singles:
-            lengths[:, j] = i.bags[1:] - i.bags[:-1]
-    bags = torch.zeros(rows * m + 1, dtype=torch.int64, device=device)
-    torch.cumsum(lengths.reshape(-1), 0, out=bags[1:])
-    n = int(bags[-1])
-    starts = bags[:-1].reshape(rows, m)
-    values = torch.empty(n, dtype=torch.int64, device=device)
-    tab = torch.empty(n, dtype=torch.int64, device=device)
-    w = torch.empty(n, dtype=torch.float32, device=device) if weights else None
+    first = torch.empty((rows, m), dtype=torch.int64, device=device)
+    at = 0
     for j, i in enumerate(parts):
         if i.singles:
-            at = starts[:, j]
+            first[:, j] = torch.arange(at, at + rows, device=device)
         else:
-            at = repeat_values(starts[:, j] - i.bags[:-1], lengths[:, j], i.values.numel())
-            at += torch.arange(at.numel(), device=device)
-        values[at] = i.values
-        tab[at] = tabs[j]
-        if w is not None:
-            w[at] = weights[j]
+            lengths[:, j] = i.bags[1:] - i.bags[:-1]
+            first[:, j] = i.bags[:-1] + at
+        at += sizes[j]
+    flat = lengths.reshape(-1)
+    bags = torch.zeros(rows * m + 1, dtype=torch.int64, device=device)
+    torch.cumsum(flat, 0, out=bags[1:])
+    n = int(bags[-1])
+    perm = repeat_values(first.reshape(-1) - bags[:-1], flat, n)
+    perm += torch.arange(n, device=device)
+    values = torch.cat([i.values for i in parts]).index_select(0, perm)
+    member = torch.tensor(tabs, dtype=torch.int64, device=device)
+    tab = repeat_values(member, torch.tensor(sizes, device=device), n).index_select(0, perm)
+    w = None
+    if any(x is not None for x in mults):
+        per_id = [
+            x
+            if x is not None
+            else repeat_values(s, lengths[:, j], sizes[j])
+            if s is not None
+            else torch.ones(sizes[j], device=device)
+            for j, (x, s) in enumerate(zip(mults, scales, strict=True))
+        ]
+        w = torch.cat(per_id).index_select(0, perm)
+    elif not plain:
+        per_bag = torch.ones((rows, m), device=device)
+        for j, s in enumerate(scales):
+            if s is not None:
+                per_bag[:, j] = s
+        w = repeat_values(per_bag.reshape(-1), flat, n)
     return _Joined(values, tab, bags, w, False, rows)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from recis_embedding._host import repeat_values, true_positions
 
-__all__ = ["bag_weights", "padded_gather", "pool", "segment_ids"]
+__all__ = ["bag_weights", "padded_gather", "per_bag_scale", "pool", "segment_ids"]
 
 
 def bag_weights(
@@ -34,6 +34,8 @@ def bag_weights(
     if mode == "sum":
         return weights
     lengths = bags[1:] - bags[:-1]
+    if weights is None:  # one multiplier per bag, 1/L or 1/sqrt(L): no per-id sums needed
+        return repeat_values(per_bag_scale(lengths, mode), lengths, n)
     seg = segment_ids(bags, n)
     w = weights if weights is not None else torch.ones(n, device=bags.device)
     terms = w if mode == "mean" else w * w
@@ -42,6 +44,18 @@ def bag_weights(
         total = total.sqrt()
     safe = torch.where(total != 0, total, torch.ones_like(total))
     return torch.where(total[seg] != 0, w / safe[seg], torch.zeros_like(w))
+
+
+def per_bag_scale(lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(M,) float32`` multiplier of every id of an unweighted bag of each length: 1 for
+    ``sum``, ``1/L`` for ``mean``, ``1/sqrt(L)`` for ``sqrtn`` (the same roundings as
+    :func:`bag_weights` with unit weights; empty bags get a value no id uses)."""
+    if mode == "sum":
+        return torch.ones(lengths.numel(), device=lengths.device)
+    total = lengths.to(torch.float32)
+    if mode == "sqrtn":
+        total = total.sqrt()
+    return 1.0 / torch.where(total != 0, total, torch.ones_like(total))
 
 
 def segment_ids(bags: torch.Tensor, n: int) -> torch.Tensor:
