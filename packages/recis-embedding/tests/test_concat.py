@@ -199,3 +199,13 @@ def test_host_and_torch_batch_major_orders_agree(kind) -> None:
         assert torch.equal(w[1:3], seq_w)
         assert torch.equal(w[3:6], torch.full((3,), 1 / 3))
         assert w[0] == w[6] == 1
+
+
+@pytest.mark.parametrize("mode", ["mean", "sqrtn"])
+def test_unweighted_bags_scale_per_bag_exactly_as_unit_weights(mode) -> None:
+    from recis_embedding._pooling import bag_weights
+
+    lengths = torch.randint(0, 200, (3_000,), generator=torch.Generator().manual_seed(0))
+    bags = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(bags[-1])
+    assert torch.equal(bag_weights(bags, None, mode, n), bag_weights(bags, torch.ones(n), mode, n))
