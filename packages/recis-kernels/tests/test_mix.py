@@ -67,3 +67,20 @@ def test_mix_device_matches_cpu(device):
 def test_mix_opcheck():
     torch.library.opcheck(torch.ops.recis.mix64.default, (torch.tensor([1, -1]),))
     torch.library.opcheck(torch.ops.recis.multi_hash.default, (torch.tensor([1, -1]), [3, 0]))
+
+
+@given(ids=ids_st)
+def test_fmix64_host_and_torch_spellings_match_the_reference(ids):
+    from recis_kernels.ops.hash_table import _fmix64_torch
+
+    x = torch.tensor(ids, dtype=torch.int64)
+    want = [signed64(fmix64(i)) for i in ids]
+    assert rk.fmix64(x).tolist() == want  # NumPy on the CPU
+    assert _fmix64_torch(x).tolist() == want
+    assert x.tolist() == ids  # the input is left alone
+
+
+def test_fmix64_keeps_the_shape():
+    x = torch.arange(-50, 50).view(10, 10)
+    assert torch.equal(rk.fmix64(x).view(-1), rk.fmix64(x.reshape(-1)))
+    assert torch.equal(rk.fmix64(x.t()), rk.fmix64(x).t())  # strided input

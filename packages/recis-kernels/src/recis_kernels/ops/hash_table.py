@@ -77,6 +77,12 @@ def fmix64(x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(N,) int64`` mixed bits; a bijection on 64-bit values.
     """
+    if x.dtype == torch.int64 and can_inspect(x):
+        return torch.from_numpy(_fmix64_host(x.numpy()))
+    return _fmix64_torch(x)
+
+
+def _fmix64_torch(x: torch.Tensor) -> torch.Tensor:
     # torch's >> is arithmetic on int64; masking the 33-bit shift keeps it logical. The first
     # xor makes a new tensor (the input is left alone); the rest works in place on it.
     y = x >> 33
@@ -97,15 +103,26 @@ _U64 = np.uint64
 _GOLDEN_U, _C1_U, _C2_U = (np.uint64(c % (1 << 64)) for c in (_GOLDEN, _C1, _C2))
 
 
+def _fmix64_in_place(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer on a uint64 array, in place (NumPy's shifts are logical)."""
+    for c in (_C1_U, _C2_U):
+        h ^= h >> _U64(33)
+        h *= c
+    h ^= h >> _U64(33)
+    return h
+
+
+def _fmix64_host(x: np.ndarray) -> np.ndarray:
+    """:func:`fmix64` of an int64 array in NumPy (about twice as fast as the torch spelling)."""
+    return _fmix64_in_place(x.astype(np.uint64)).view(np.int64)
+
+
 def _home_host(keys: np.ndarray, tabs: np.ndarray, mask: int) -> np.ndarray:
     """:func:`_home` in NumPy's unsigned arithmetic (twice as fast on the host)."""
     h = tabs.astype(np.uint64)
     h *= _GOLDEN_U
     h += keys.view(np.uint64)
-    for c in (_C1_U, _C2_U):
-        h ^= h >> _U64(33)
-        h *= c
-    h ^= h >> _U64(33)
+    _fmix64_in_place(h)
     h &= _U64(mask)
     return h.view(np.int64)
 
