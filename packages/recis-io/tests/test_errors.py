@@ -47,6 +47,23 @@ def test_corrupt_pages_name_the_file_and_unit(tmp_path) -> None:
         list(Dataset(good, batch_size=64, num_threads=2))
 
 
+def test_corrupt_pages_surface_through_shuffled_batches(tmp_path) -> None:
+    """Shuffled batches are assembled on a thread of their own: its decoding error reaches
+    the caller, after the batches read before it, and reading again raises it again."""
+    good = write(ids_table(2000), tmp_path / "a.parquet", "parquet", 500)
+    bad = write(ids_table(2000), tmp_path / "b.parquet", "parquet", 500)
+    data = bytearray(bad.read_bytes())
+    for i in range(8, len(data) // 2):
+        data[i] ^= 0x5A
+    bad.write_bytes(bytes(data))
+    ds = Dataset([good, bad], batch_size=100, shuffle=True, seed=1, shuffle_window=500)
+    it = iter(ds)
+    with pytest.raises(CorruptFileError, match=r"b\.parquet"):
+        list(it)
+    with pytest.raises(CorruptFileError, match=r"b\.parquet"):
+        next(it)
+
+
 def test_garbage_file_is_corrupt(tmp_path, fmt: str) -> None:
     p = tmp_path / f"g.{fmt}"
     p.write_bytes(b"this is not a columnar file at all" * 10)

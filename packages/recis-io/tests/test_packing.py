@@ -187,3 +187,50 @@ def test_shuffled_strings_and_nested_lists_keep_every_row_whole(tmp_path: Path) 
         seen += ids
     assert sorted(seen) == list(rows)
     assert seen != list(rows)
+
+
+def _stream(ds: Dataset, reader, stop_after: int | None = None) -> list[tuple[dict, tuple]]:
+    """Every batch of ``reader`` as (columns as lists, cursor after it)."""
+    from recis_io._batch import Batch
+
+    out = []
+    while reader.prepare() is not None:
+        capsule, layout = reader.fill_owned()
+        batch = Batch(torch.utils.dlpack.from_dlpack(capsule), ds._infos, layout)
+        columns = {name: rows_of([batch], name) for name in ("id", "f", "n", "seq", "d")}
+        out.append((columns, tuple(reader.cursor())))
+        if stop_after is not None and len(out) == stop_after:
+            break
+    return out
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_batches_assembled_ahead_equal_those_assembled_in_turn(files, epochs) -> None:
+    """Shuffled CPU batches are assembled on a thread of their own (``pack=True``); they,
+    their layouts and the cursor after each must be those of assembling in turn."""
+    from recis_io._recis_io import Reader
+
+    ds = Dataset(files, batch_size=700, columns=COLUMNS, shuffle=True, seed=5, epochs=epochs)
+    specs = [c._spec() for c in ds.columns]
+
+    def reader(ahead: bool) -> Reader:
+        return Reader(
+            ds._files, specs, batch_size=700, drop_last=False, shuffle=True, seed=5,
+            window=ds.shuffle_window, shard=0, shards=1, epochs=epochs, num_threads=2,
+            prefetch=2, pack=ahead,
+        )  # fmt: skip
+
+    in_turn = _stream(ds, reader(False))
+    assert len(in_turn) == epochs * math.ceil(7200 / 700)
+    assert _stream(ds, reader(True)) == in_turn
+    # Stopping, seeking back and pausing restart the thread at the cursor.
+    r = reader(True)
+    head = _stream(ds, r, stop_after=4)
+    r.seek(*head[1][1])
+    r.pause()
+    assert head[:2] + _stream(ds, r) == in_turn
+    r.seek(0, 0)
+    assert r.prepare() is not None  # received, not handed out: the cursor stays
+    assert tuple(r.cursor()) == (0, 0)
+    r.seek(0, 0)
+    assert _stream(ds, r) == in_turn

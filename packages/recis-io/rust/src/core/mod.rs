@@ -1,6 +1,7 @@
 //! The reader core: file metadata, the deterministic plan, decoding on a thread pool and
 //! packing decoded values into batch buffers. No Python types live here.
 
+pub mod ahead;
 pub mod assemble;
 pub mod chunks;
 pub mod column;

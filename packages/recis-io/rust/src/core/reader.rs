@@ -85,6 +85,27 @@ impl Reader {
         })
     }
 
+    /// A second reader over the same source and options, at this one's cursor and sharing its
+    /// ring of buffers: what [`Ahead`](super::ahead::Ahead) assembles with.
+    pub fn fork(&self) -> Result<Reader> {
+        let mut other = Reader::new(self.source.clone(), self.opts)?;
+        other.ring = self.ring.clone();
+        other.seek(self.epoch, self.pos)?;
+        Ok(other)
+    }
+
+    /// Whether batches are assembled ahead on a thread of their own: for shuffled batches
+    /// handed out in reader-owned buffers (each is gathered row by row, which is worth taking
+    /// off the caller's thread).
+    pub fn assembles_ahead(&self) -> bool {
+        self.opts.pack && self.opts.sharding.shuffle
+    }
+
+    /// Batches the assembling thread keeps ready.
+    pub fn ahead_depth(&self) -> usize {
+        self.opts.prefetch.max(1)
+    }
+
     pub fn source(&self) -> &Source {
         &self.source
     }

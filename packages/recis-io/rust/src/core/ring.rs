@@ -60,6 +60,11 @@ impl Slab {
         unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), len) }
     }
 
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_bytes`, read-only.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), self.len) }
+    }
+
     pub fn as_ptr(&self) -> *const u8 {
         self.buf.as_ptr().cast()
     }

@@ -9,6 +9,7 @@ use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 use super::dlpack::{slab_capsule, SlabRef};
 use super::errors::IntoPyResult;
 use super::hash_kind;
+use crate::core::ahead::{Ahead, Assembled, Buffer};
 use crate::core::assemble::BatchLayout;
 use crate::core::column::{ColumnSpec, DType, Fill, Leaf};
 use crate::core::plan::Sharding;
@@ -81,6 +82,53 @@ fn spec_of(t: SpecTuple<'_>) -> PyResult<ColumnSpec> {
 #[pyclass(module = "recis_io._recis_io")]
 pub struct Reader {
     inner: CoreReader,
+    /// The assembling thread, when batches are assembled ahead (see `assembles_ahead`).
+    ahead: Option<Ahead>,
+    /// The next batch, received from `ahead` by `prepare` and not handed out yet.
+    ready: Option<Assembled>,
+}
+
+impl Reader {
+    /// Receives the next assembled batch into `ready` (starting the thread at the cursor if
+    /// needed); `None` at the end. On an error the thread is dropped, so a later call starts
+    /// again from the cursor.
+    fn receive(&mut self) -> Result<Option<usize>, Error> {
+        if let Some(a) = &self.ready {
+            return Ok(Some(a.layout.nbytes));
+        }
+        if self.ahead.is_none() {
+            self.ahead = Some(Ahead::start(self.inner.fork()?, self.inner.ahead_depth())?);
+        }
+        let ahead = self.ahead.as_mut().expect("started above");
+        match ahead.recv() {
+            Ok(Some(a)) => {
+                let nbytes = a.layout.nbytes;
+                self.ready = Some(a);
+                Ok(Some(nbytes))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.ahead = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands out the received batch: the cursor moves past it.
+    fn deliver(&mut self) -> Result<Assembled, Error> {
+        let a = self
+            .ready
+            .take()
+            .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
+        self.inner.seek(a.cursor.0, a.cursor.1)?;
+        Ok(a)
+    }
+
+    /// Stops the assembling thread and forgets a batch received but not handed out.
+    fn stop_ahead(&mut self) {
+        self.ready = None;
+        self.ahead = None;
+    }
 }
 
 #[pymethods]
@@ -134,7 +182,11 @@ impl Reader {
             pack,
         };
         let inner = CoreReader::new(Arc::new(source), opts).py()?;
-        Ok(Reader { inner })
+        Ok(Reader {
+            inner,
+            ahead: None,
+            ready: None,
+        })
     }
 
     /// `(name, dtype, fixed width, ragged levels, text kind)` of every output column; the
@@ -176,18 +228,27 @@ impl Reader {
         self.inner.cursor()
     }
 
-    fn seek(&mut self, epoch: u64, pos: usize) -> PyResult<()> {
-        self.inner.seek(epoch, pos).py()
+    fn seek(&mut self, py: Python<'_>, epoch: u64, pos: usize) -> PyResult<()> {
+        py.detach(|| {
+            self.stop_ahead();
+            self.inner.seek(epoch, pos)
+        })
+        .py()
     }
 
-    /// Stops the decode threads; iteration resumes from the cursor.
+    /// Stops the decode (and assembling) threads; iteration resumes from the cursor.
     fn pause(&mut self, py: Python<'_>) {
-        let inner = &mut self.inner;
-        py.detach(|| inner.pause());
+        py.detach(|| {
+            self.stop_ahead();
+            self.inner.pause();
+        });
     }
 
     /// Decodes the next batch (GIL released); returns its size in bytes, `None` at the end.
     fn prepare(&mut self, py: Python<'_>) -> PyResult<Option<usize>> {
+        if self.inner.assembles_ahead() {
+            return py.detach(|| self.receive()).py();
+        }
         let inner = &mut self.inner;
         py.detach(|| inner.prepare_next().map(|l| l.map(|l| l.nbytes)))
             .py()
@@ -202,13 +263,25 @@ impl Reader {
             ))
             .py();
         }
-        let inner = &mut self.inner;
         let layout = py
             .detach(|| {
                 // SAFETY: the caller passes the address and size of a live, writable buffer
                 // (a torch tensor it keeps alive across this call).
                 let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, nbytes) };
-                inner.fill_pending(dst)
+                if !self.inner.assembles_ahead() {
+                    return self.inner.fill_pending(dst);
+                }
+                self.receive()?;
+                let need = self.ready.as_ref().map_or(0, |a| a.layout.nbytes);
+                if need > dst.len() {
+                    return Err(Error::InvalidArgument(format!(
+                        "batch buffer has {} bytes, the batch needs {need}",
+                        dst.len()
+                    )));
+                }
+                let a = self.deliver()?;
+                dst[..need].copy_from_slice(&a.buffer.bytes()[..need]);
+                Ok(a.layout)
             })
             .py()?;
         Ok(layout_tuple(&layout))
@@ -217,6 +290,20 @@ impl Reader {
     /// Returns the prepared batch as a DLPack capsule with its layout: the packed chunk itself
     /// when the batch is one (see `pack`), else a buffer from the ring packed now.
     fn fill_owned<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Layout)> {
+        if self.inner.assembles_ahead() {
+            let a = py
+                .detach(|| {
+                    self.receive()?
+                        .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
+                    self.deliver()
+                })
+                .py()?;
+            let slab = match a.buffer {
+                Buffer::Own(s) => SlabRef::Own(s),
+                Buffer::Shared(s) => SlabRef::Shared(s),
+            };
+            return Ok((slab_capsule(py, slab)?, layout_tuple(&a.layout)));
+        }
         let inner = &mut self.inner;
         let (slab, layout) = py
             .detach(|| {
