@@ -210,9 +210,9 @@ class EmbeddingEngine(nn.Module):
                 )
         parts = [self._batch_major(name, members, ids) for name, members in concat]
         values = [p.values for p in parts] + [ids[f].values for f in features]
-        tabs = [p.tabs for p in parts] + [
-            self._tabs_of(f, ids[f].values.numel(), table.device) for f in features
-        ]
+        tabs = [p.tabs for p in parts]
+        if features:
+            tabs.append(self._tabs_of(features, ids, table.device))
         emb, inverse, grouping = self._dedup_and_read(
             table,
             torch.cat(values) if len(values) > 1 else values[0],
@@ -242,9 +242,16 @@ class EmbeddingEngine(nn.Module):
             out.update(self._lookup_rest(features, ids, inverse[at:], emb, grouping, at == 0))
         return out
 
-    def _tabs_of(self, feature: str, n: int, device: torch.device) -> torch.Tensor:
-        index = self.logical[self._table_of[feature]][1]
-        return torch.full((n,), index, dtype=torch.int64, device=device)
+    def _table_index(self, feature: str) -> int:
+        return self.logical[self._table_of[feature]][1]
+
+    def _tabs_of(
+        self, features: list[str], ids: Mapping[str, Ids], device: torch.device
+    ) -> torch.Tensor:
+        """The table index of every id of ``features``, their ids laid end to end."""
+        sizes = [ids[f].values.numel() for f in features]
+        index = torch.tensor([self._table_index(f) for f in features], dtype=torch.int64)
+        return repeat_values(index.to(device), torch.tensor(sizes).to(device), sum(sizes))
 
     def _batch_major(self, name: str, members: list[str], ids: Mapping[str, Ids]) -> _Joined:
         """The ids of ``members`` reordered row by row: row 0's ids of each member in turn,
@@ -263,7 +270,7 @@ class EmbeddingEngine(nn.Module):
                     f"{members[0]!r} has {rows}"
                 )
         options = [self.options[f] for f in members]
-        tabs = [self.logical[self._table_of[f]][1] for f in members]
+        tabs = [self._table_index(f) for f in members]
         # Each member's combiner as multipliers: one per bag (1, 1/L or 1/sqrt(L)) when it
         # has no per-id weights, else one per id.
         scales: list[torch.Tensor | None] = []

@@ -37,7 +37,7 @@ def bag_weights(
     if weights is None:  # one multiplier per bag, 1/L or 1/sqrt(L): no per-id sums needed
         return repeat_values(per_bag_scale(lengths, mode), lengths, n)
     seg = segment_ids(bags, n)
-    w = weights if weights is not None else torch.ones(n, device=bags.device)
+    w = weights
     terms = w if mode == "mean" else w * w
     total = torch.zeros(lengths.numel(), device=bags.device).index_add_(0, seg, terms)
     if mode == "sqrtn":

@@ -258,7 +258,8 @@ class Trainer:
         for hook in self._hooks():
             hook.on_train_begin(self)
         logs: dict[str, float] = {}
-        first = (self.global_step, self.stream.epoch or self.stream.consumed)
+        first_step = self.global_step
+        past_start = self.stream.epoch > 0 or self.stream.consumed > 0
         batches = self._batches()
         try:
             while True:
@@ -277,18 +278,16 @@ class Trainer:
             # of the last batch trained on so a later call continues exactly there.
             batches.close()
             self.stream.load_state_dict(self._cursor)
-        self._warn_if_data_ran_out(*first)
+        self._warn_if_data_ran_out(first_step, past_start)
         if self.args.save_at_end and self._last_saved_step != self.global_step:
             self.save()
         for hook in self._hooks():
             hook.on_train_end(self)
         return logs
 
-    def _warn_if_data_ran_out(self, first_step: int, started_within: int) -> None:
-        """Logs a warning when training stopped for want of data, not by request.
-
-        ``started_within`` is non-zero when the call began past the data's first batch.
-        """
+    def _warn_if_data_ran_out(self, first_step: int, past_start: bool) -> None:
+        """Logs a warning when training stopped for want of data, not by request
+        (``past_start``: the call began past the data's first batch)."""
         wanted = self.args.train_steps
         if self.should_stop or (wanted is not None and self.global_step >= wanted):
             return
@@ -304,7 +303,7 @@ class Trainer:
             _log.warning(
                 "train() ran no step: %s",
                 f"the run had finished its {self.stream.epochs} pass(es) over the data already"
-                if started_within
+                if past_start
                 else "the training data gave no batches",
             )
 
