@@ -88,7 +88,8 @@ class Dataset(IterableDataset):
         format: ``"auto"`` (by file suffix), ``"parquet"`` or ``"orc"``.
         num_threads: Decode threads (default: the CPUs this process may use).
         prefetch: Decoded row groups kept ready beyond those the current batch needs, and the
-            number of spare batch buffers kept for reuse; memory stays bounded by it.
+            number of spare batch buffers kept for reuse; memory stays bounded by it and
+            ``num_threads`` (about 4 to 10 decoded row groups, see the guide's Memory section).
         drop_last: Drop each epoch's final batch when it is smaller than ``batch_size``.
         shuffle: Permute row groups per epoch and rows within windows.
         seed: Seed of every permutation.
