@@ -49,6 +49,31 @@ pub fn source_order<U: Deref<Target = PreparedUnit>>(
     if pieces.len() <= 64 {
         return None;
     }
+    // Chunks get small ranks in first-seen order (any grouping by chunk will do), so each
+    // piece sorts as one u64 `(rank, first row, index)`, several times as fast as sorting
+    // tuples. Batches of many chunks or huge chunks take the tuple sort.
+    let mut units: Vec<*const PreparedUnit> = Vec::new();
+    let mut keys: Vec<u64> = Vec::with_capacity(pieces.len());
+    let fits = pieces.len() < 1 << 24;
+    for (i, (unit, a, _)) in pieces.iter().enumerate() {
+        let ptr = &**unit as *const PreparedUnit;
+        let rank = match units.iter().rposition(|&u| u == ptr) {
+            Some(r) => r,
+            None => {
+                units.push(ptr);
+                units.len() - 1
+            }
+        };
+        if !fits || rank >= 1 << 16 || *a >= 1 << 24 || units.len() > 256 {
+            keys.clear();
+            break;
+        }
+        keys.push(((rank as u64) << 48) | ((*a as u64) << 24) | i as u64);
+    }
+    if keys.len() == pieces.len() {
+        keys.sort_unstable();
+        return Some(keys.into_iter().map(|k| (k & 0xff_ffff) as u32).collect());
+    }
     let mut keyed: Vec<(usize, usize, u32)> = pieces
         .iter()
         .enumerate()
@@ -177,7 +202,8 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
     // (first value in its chunk, value count, first value in the batch).
     let mut first_row = Vec::new();
     let mut spans: Vec<(usize, usize, usize)> = Vec::new();
-    if order.is_some() {
+    let mut runs = Runs::default();
+    if let Some(order) = order {
         first_row.reserve(pieces.len());
         let mut at = 0;
         for (_, a, b) in pieces {
@@ -185,18 +211,15 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
             at += b - a;
         }
         spans.resize(pieces.len(), (0, 0, 0));
+        runs = Runs::of(pieces, order, &first_row);
     }
     for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
         let size = plan.out.size() * plan.fixed;
         let v = cl.values_at;
         match (order, cl.offsets.len()) {
             (Some(order), 0) => {
-                for &i in order {
-                    let (unit, a, b) = &pieces[i as usize];
-                    let src = unit.columns[c].values.as_slice();
-                    let at = v + first_row[i as usize] * size;
-                    copy_rows(&mut dst[at..], src, *a, *b, size);
-                }
+                let region = &mut dst[v..v + cl.values_len * plan.out.size()];
+                runs.fill_flat(c, pieces, order, &first_row, size, region);
             }
             (None, 0) => {
                 let mut at = v;
@@ -215,6 +238,114 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
             _ => fill_nested(c, pieces, order, cl, size, dst),
         }
     }
+}
+
+/// The pieces in source order cut into runs of one chunk each, with every single-row piece's
+/// (row in its chunk, row in the batch): a flat column of a shuffled batch is then gathered
+/// chunk by chunk in a tight loop, looking each chunk's column up once instead of per row.
+#[derive(Default)]
+struct Runs {
+    /// `(a piece of the run, start, end)`: positions `start..end` of `order` and of `rows`.
+    runs: Vec<(usize, usize, usize)>,
+    /// Per position of `order`: `(row in the chunk, row in the batch)` of a single-row piece,
+    /// `None` for the whole run when one of its pieces has several rows.
+    rows: Vec<(u32, u32)>,
+    single: Vec<bool>,
+}
+
+impl Runs {
+    fn of<U: Deref<Target = PreparedUnit>>(
+        pieces: &[(U, usize, usize)],
+        order: &[u32],
+        first_row: &[usize],
+    ) -> Runs {
+        let mut out = Runs {
+            runs: Vec::new(),
+            rows: Vec::with_capacity(order.len()),
+            single: Vec::new(),
+        };
+        let mut last: *const PreparedUnit = std::ptr::null();
+        for (k, &i) in order.iter().enumerate() {
+            let (unit, a, b) = &pieces[i as usize];
+            let ptr = &**unit as *const PreparedUnit;
+            if ptr != last {
+                last = ptr;
+                out.runs.push((i as usize, k, k));
+                out.single.push(true);
+            }
+            let run = out.runs.last_mut().expect("pushed above");
+            run.2 = k + 1;
+            let one =
+                b - a == 1 && *a <= u32::MAX as usize && first_row[i as usize] <= u32::MAX as usize;
+            if !one {
+                *out.single.last_mut().expect("pushed above") = false;
+            }
+            out.rows.push((*a as u32, first_row[i as usize] as u32));
+        }
+        out
+    }
+
+    /// Copies flat column `c` (elements of `size` bytes) of every piece into `region`, the
+    /// column's values in the batch.
+    fn fill_flat<U: Deref<Target = PreparedUnit>>(
+        &self,
+        c: usize,
+        pieces: &[(U, usize, usize)],
+        order: &[u32],
+        first_row: &[usize],
+        size: usize,
+        region: &mut [u8],
+    ) {
+        for (&(piece, start, end), &single) in self.runs.iter().zip(&self.single) {
+            let src = pieces[piece].0.columns[c].values.as_slice();
+            let rows = &self.rows[start..end];
+            match (single, size) {
+                (true, 8) => gather::<8>(region, src, rows),
+                (true, 4) => gather::<4>(region, src, rows),
+                (true, 2) => gather::<2>(region, src, rows),
+                (true, 1) => gather::<1>(region, src, rows),
+                _ => {
+                    for &i in &order[start..end] {
+                        let (_, a, b) = &pieces[i as usize];
+                        let at = first_row[i as usize] * size;
+                        copy_rows(&mut region[at..], src, *a, *b, size);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst` element `to` = `src` element `from` for each `(from, to)` of `rows`, elements of `N`
+/// bytes.
+#[inline]
+fn gather<const N: usize>(dst: &mut [u8], src: &[u8], rows: &[(u32, u32)]) {
+    // The source rows ascend with gaps, so nearly every one is a cache miss the hardware does
+    // not foresee: ask for the row `AHEAD` places on while copying this one.
+    const AHEAD: usize = 16;
+    for (k, &(from, to)) in rows.iter().enumerate() {
+        if let Some(&(next, _)) = rows.get(k + AHEAD) {
+            prefetch(src, next as usize * N);
+        }
+        let (from, to) = (from as usize * N, to as usize * N);
+        dst[to..to + N].copy_from_slice(&src[from..from + N]);
+    }
+}
+
+/// Hints that `data[at]` will be read soon (nothing where it is out of range or the target has
+/// no prefetch instruction).
+#[inline(always)]
+fn prefetch(data: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < data.len() {
+        // SAFETY: a prefetch never faults and `at` is inside `data` anyway.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
 }
 
 /// One list column (one offsets level) of many pieces: the chunks' offsets are read and the
@@ -413,6 +544,86 @@ mod tests {
         b.chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
             .collect()
+    }
+
+    fn flat_plan(out: DType) -> ColumnPlan {
+        ColumnPlan {
+            spec: ColumnSpec::plain("f"),
+            file_type: DataType::Null,
+            list_levels: 0,
+            fixed: 1,
+            leaf: Leaf::Number(out),
+            out,
+        }
+    }
+
+    #[test]
+    fn source_order_fills_the_same_bytes_as_batch_order() {
+        // Chunks with an int64 and an int32 column and a list column; a batch of single-row
+        // pieces in random order plus a few multi-row pieces, as shuffled batches are made.
+        let plans = vec![flat_plan(DType::I64), flat_plan(DType::I32), list_plan()];
+        let units: Vec<Arc<PreparedUnit>> = (0..5)
+            .map(|u| {
+                let rows = 300 + 7 * u;
+                let wide: Vec<i64> = (0..rows).map(|r| (u * 1000 + r) as i64 * -3).collect();
+                let narrow: Vec<i32> = (0..rows).map(|r| (u * 1000 + r) as i32).collect();
+                let mut off = vec![0i64];
+                let mut vals = Vec::new();
+                for r in 0..rows {
+                    vals.extend((0..(r % 4) as i32).map(|k| (u * 1000 + r) as i32 * 10 + k));
+                    off.push(vals.len() as i64);
+                }
+                Arc::new(PreparedUnit {
+                    packed: None,
+                    rows,
+                    columns: vec![
+                        Prepared {
+                            values: Buffer::from_vec(wide),
+                            offsets: vec![],
+                        },
+                        Prepared {
+                            values: Buffer::from_vec(narrow),
+                            offsets: vec![],
+                        },
+                        Prepared {
+                            values: Buffer::from_vec(vals),
+                            offsets: vec![off],
+                        },
+                    ],
+                })
+            })
+            .collect();
+        let mut rng = crate::core::plan::Rng::new(&[7]);
+        let mut pieces: Vec<Piece> = Vec::new();
+        for k in 0..900 {
+            let u = &units[rng.below(5) as usize];
+            let a = rng.below(u.rows as u64 - 3) as usize;
+            let len = if k % 97 == 0 { 3 } else { 1 };
+            pieces.push((u.clone(), a, a + len));
+        }
+        let order = source_order(&pieces).expect("many pieces are ordered");
+        let lay = layout_in(&plans, &pieces, Some(&order));
+        assert_eq!(lay, layout_in(&plans, &pieces, None));
+        let mut want = vec![0u8; lay.nbytes];
+        fill_in(&plans, &pieces, None, &lay, &mut want);
+        let mut got = vec![0u8; lay.nbytes];
+        fill_in(&plans, &pieces, Some(&order), &lay, &mut got);
+        assert_eq!(got, want);
+        // The order visits chunks one at a time, rows ascending within each.
+        let key = |i: u32| {
+            let (u, a, _) = &pieces[i as usize];
+            (Arc::as_ptr(u), *a)
+        };
+        let mut seen = Vec::new();
+        for w in order.windows(2) {
+            let (p, q) = (key(w[0]), key(w[1]));
+            if p.0 == q.0 {
+                assert!(p.1 <= q.1);
+            } else {
+                assert!(!seen.contains(&q.0), "a chunk visited twice");
+                seen.push(p.0);
+            }
+        }
     }
 
     #[test]
