@@ -630,15 +630,20 @@ def _packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
         return None
     starts = np.flatnonzero(flags)
     flags[0] = False
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = torch.cumsum(torch.from_numpy(flags), 0).numpy()  # torch's is the faster
+    # Ranked and scattered in int32 where they fit: half the bytes, which makes torch's
+    # cumulative sum (faster than NumPy's) and the scatter about twice as fast.
+    small = n < 1 << 31
+    inverse = np.empty(n, dtype=np.int32 if small else np.int64)
+    flags_t = torch.from_numpy(flags)
+    ranks = torch.cumsum(flags_t, 0, dtype=torch.int32 if small else torch.int64)
+    inverse[order] = ranks.numpy()
     offsets = np.append(starts, n).astype(np.int64, copy=False)
     key_tabs = (group[starts] & np.int64((1 << tab_bits) - 1)).astype(np.int32)
     grouping = (torch.from_numpy(order), torch.from_numpy(offsets))
     return (
         torch.from_numpy(sv[starts]),
         torch.from_numpy(key_tabs),
-        torch.from_numpy(inverse),
+        torch.from_numpy(inverse.astype(np.int64, copy=False)),
         grouping,
     )
 
