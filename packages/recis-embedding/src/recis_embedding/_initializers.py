@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from recis_embedding._host import true_positions
@@ -197,6 +198,19 @@ class KaimingNormal(Initializer):
         return self.gain / math.sqrt(dim) * _normal(ids, dim, seed)
 
 
+@functools.lru_cache(maxsize=1024)
+def _group_key(init: Initializer) -> Initializer:
+    """``init`` without its seed: initializers equal up to their seeds sample together."""
+    return dataclasses.replace(init, seed=0)
+
+
+def _present(tabs: torch.Tensor, count: int) -> list[int]:
+    """The distinct table indices in ``tabs`` (all below ``count``), ascending."""
+    if tabs.device.type == "cpu":
+        return np.flatnonzero(np.bincount(tabs.numpy(), minlength=count)).tolist()
+    return torch.unique(tabs).tolist()
+
+
 def _batchable(init: Initializer) -> bool:
     """Whether ``init.sample`` is a built-in one, which also takes a ``(N,)`` tensor of seeds."""
     sample = type(init).sample
@@ -225,7 +239,7 @@ def init_rows(
         names: name of every table index.
     """
     out = torch.empty(ids.numel(), dim, device=ids.device)
-    present = torch.unique(tabs).tolist()
+    present = _present(tabs, len(initializers))
     if len(present) == 1:
         t = present[0]
         out[:] = initializers[t](ids, dim, names[t]).to(out.device)
@@ -233,7 +247,7 @@ def init_rows(
     groups: dict[object, list[int]] = {}
     for t in present:
         init = initializers[t]
-        key = dataclasses.replace(init, seed=0) if _batchable(init) else ("single", t)
+        key = _group_key(init) if _batchable(init) else ("single", t)
         groups.setdefault(key, []).append(t)
     for members in groups.values():
         init = initializers[members[0]]

@@ -207,18 +207,21 @@ class HashTable:
         idx = true_positions(miss)
         if idx.numel() == 0:
             return rows, is_new
-        self._check_capacity(ids[idx], tabs[idx], rows[rows >= 0])
-        # The map just reported these absent: insert them without a second lookup.
         new_ids, new_tabs = ids[idx], tabs[idx]
+        self._check_capacity(new_ids, new_tabs, rows)
+        # The map just reported these absent: insert them without a second lookup.
         new_rows = self._map.insert_absent(new_ids, new_tabs, distinct=distinct)
         rows[idx] = new_rows
         is_new[idx] = True
         self._initialize(new_rows, new_ids, new_tabs, distinct=distinct)
         return rows, is_new
 
-    def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor, protect: torch.Tensor) -> None:
+    def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor, rows: torch.Tensor) -> None:
+        """Make room for the absent ``ids`` (evicting, but never the found ``rows >= 0``) or
+        raise :class:`TableFullError`."""
         if self.capacity is None:
             return
+        protect = rows[rows >= 0]
         pairs = torch.stack([ids, tabs.to(torch.int64)], dim=1)
         needed = torch.unique(pairs, dim=0).shape[0]
         over = self._map.size + needed - self.capacity
