@@ -495,8 +495,10 @@ class IdMap:
         self._rehash(capacity)
 
     def _rehash(self, capacity: int) -> None:
-        full = self.slot_state == FULL
-        keys, tabs, rows = self.slot_keys[full], self.slot_tabs[full], self.slot_rows[full]
+        full = flat_nonzero(self.slot_state == FULL)
+        keys = self.slot_keys.index_select(0, full)
+        tabs = self.slot_tabs.index_select(0, full)
+        rows = self.slot_rows.index_select(0, full)
         self._allocate(capacity)
         slots, _ = self._claim(keys, tabs)
         self.slot_rows[slots] = rows
