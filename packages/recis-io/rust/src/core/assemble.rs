@@ -51,7 +51,8 @@ pub fn source_order<U: Deref<Target = PreparedUnit>>(
     }
     // Chunks get small ranks in first-seen order (any grouping by chunk will do), so each
     // piece sorts as one u64 `(rank, first row, index)`, several times as fast as sorting
-    // tuples. Batches of many chunks or huge chunks take the tuple sort.
+    // tuples. Batches from more than 64 chunks, or of huge chunks or batches, take the tuple
+    // sort.
     let mut units: Vec<*const PreparedUnit> = Vec::new();
     let mut keys: Vec<u64> = Vec::with_capacity(pieces.len());
     let fits = pieces.len() < 1 << 24;
@@ -64,7 +65,7 @@ pub fn source_order<U: Deref<Target = PreparedUnit>>(
                 units.len() - 1
             }
         };
-        if !fits || rank >= 1 << 16 || *a >= 1 << 24 || units.len() > 256 {
+        if !fits || *a >= 1 << 24 || units.len() > 64 {
             keys.clear();
             break;
         }
@@ -559,10 +560,17 @@ mod tests {
 
     #[test]
     fn source_order_fills_the_same_bytes_as_batch_order() {
+        // Few chunks (ranked keys) and more than 64 (the tuple sort).
+        for chunks in [5, 70] {
+            source_order_case(chunks);
+        }
+    }
+
+    fn source_order_case(chunks: usize) {
         // Chunks with an int64 and an int32 column and a list column; a batch of single-row
         // pieces in random order plus a few multi-row pieces, as shuffled batches are made.
         let plans = vec![flat_plan(DType::I64), flat_plan(DType::I32), list_plan()];
-        let units: Vec<Arc<PreparedUnit>> = (0..5)
+        let units: Vec<Arc<PreparedUnit>> = (0..chunks)
             .map(|u| {
                 let rows = 300 + 7 * u;
                 let wide: Vec<i64> = (0..rows).map(|r| (u * 1000 + r) as i64 * -3).collect();
@@ -596,7 +604,7 @@ mod tests {
         let mut rng = crate::core::plan::Rng::new(&[7]);
         let mut pieces: Vec<Piece> = Vec::new();
         for k in 0..900 {
-            let u = &units[rng.below(5) as usize];
+            let u = &units[rng.below(chunks as u64) as usize];
             let a = rng.below(u.rows as u64 - 3) as usize;
             let len = if k % 97 == 0 { 3 } else { 1 };
             pieces.push((u.clone(), a, a + len));
@@ -608,7 +616,7 @@ mod tests {
         fill_in(&plans, &pieces, None, &lay, &mut want);
         let mut got = vec![0u8; lay.nbytes];
         fill_in(&plans, &pieces, Some(&order), &lay, &mut got);
-        assert_eq!(got, want);
+        assert_eq!(got, want, "{chunks} chunks");
         // The order visits chunks one at a time, rows ascending within each.
         let key = |i: u32| {
             let (u, a, _) = &pieces[i as usize];
@@ -620,7 +628,10 @@ mod tests {
             if p.0 == q.0 {
                 assert!(p.1 <= q.1);
             } else {
-                assert!(!seen.contains(&q.0), "a chunk visited twice");
+                assert!(
+                    !seen.contains(&q.0),
+                    "a chunk visited twice ({chunks} chunks)"
+                );
                 seen.push(p.0);
             }
         }
