@@ -78,3 +78,13 @@ def test_rows_of_several_tables_equal_per_table_initialization() -> None:
         assert torch.equal(out[sel], inits[t](ids[sel], 6, names[t]))
     only = tabs < 2  # every table sampled in one call
     assert torch.equal(init_rows(ids[only], tabs[only], 6, inits, names), out[only])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_distinct_small_equals_torch_unique(dtype: torch.dtype) -> None:
+    from recis_embedding._host import distinct_small
+
+    gen = torch.Generator().manual_seed(5)
+    for n, count in [(0, 3), (1, 1), (50, 7), (4000, 300)]:
+        values = torch.randint(0, count, (n,), generator=gen, dtype=dtype)
+        assert distinct_small(values, count) == torch.unique(values).tolist()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["repeat_values", "true_positions"]
+__all__ = ["distinct_small", "repeat_values", "true_positions"]
 
 
 def _host(t: torch.Tensor) -> bool:
@@ -19,6 +19,15 @@ def _host(t: torch.Tensor) -> bool:
         and not t.requires_grad
         and not torch.compiler.is_compiling()
     )
+
+
+def distinct_small(values: torch.Tensor, count: int) -> list[int]:
+    """The distinct entries of a 1-D tensor of ints in ``[0, count)``, ascending, as
+    ``torch.unique(values).tolist()``; on the CPU through NumPy's ``bincount`` (one linear pass
+    instead of a sort)."""
+    if _host(values):
+        return np.flatnonzero(np.bincount(values.numpy(), minlength=count)).tolist()
+    return torch.unique(values).tolist()
 
 
 def repeat_values(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:

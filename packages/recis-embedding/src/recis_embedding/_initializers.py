@@ -20,10 +20,9 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from recis_embedding._host import true_positions
+from recis_embedding._host import distinct_small, true_positions
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import fmix64
 
@@ -204,13 +203,6 @@ def _group_key(init: Initializer) -> Initializer:
     return dataclasses.replace(init, seed=0)
 
 
-def _present(tabs: torch.Tensor, count: int) -> list[int]:
-    """The distinct table indices in ``tabs`` (all below ``count``), ascending."""
-    if tabs.device.type == "cpu":
-        return np.flatnonzero(np.bincount(tabs.numpy(), minlength=count)).tolist()
-    return torch.unique(tabs).tolist()
-
-
 def _batchable(init: Initializer) -> bool:
     """Whether ``init.sample`` is a built-in one, which also takes a ``(N,)`` tensor of seeds."""
     sample = type(init).sample
@@ -239,7 +231,7 @@ def init_rows(
         names: name of every table index.
     """
     out = torch.empty(ids.numel(), dim, device=ids.device)
-    present = _present(tabs, len(initializers))
+    present = distinct_small(tabs, len(initializers))
     if len(present) == 1:
         t = present[0]
         out[:] = initializers[t](ids, dim, names[t]).to(out.device)
