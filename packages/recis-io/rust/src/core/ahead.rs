@@ -8,32 +8,17 @@
 //! (batches, cursor, errors) is exactly what the reader would give on the caller's thread.
 
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use super::assemble::BatchLayout;
 use super::error::{Error, Result};
 use super::reader::Reader;
-use super::ring::Slab;
-
-/// A batch buffer: one the assembler packed, or a whole packed chunk shared with the decoder.
-pub enum Buffer {
-    Own(Slab),
-    Shared(Arc<Slab>),
-}
-
-impl Buffer {
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Buffer::Own(s) => s.as_bytes(),
-            Buffer::Shared(s) => s.as_bytes(),
-        }
-    }
-}
+use super::ring::SlabRef;
 
 /// One assembled batch and the cursor after it.
 pub struct Assembled {
-    pub buffer: Buffer,
+    pub buffer: SlabRef,
     pub layout: BatchLayout,
     pub cursor: (u64, usize),
 }
@@ -92,20 +77,9 @@ impl Ahead {
 }
 
 fn next_batch(reader: &mut Reader) -> Message {
-    let Some(need) = reader.prepare_next()?.map(|l| l.nbytes) else {
-        return Ok(None);
-    };
-    if let Some((slab, layout)) = reader.take_packed() {
-        return Ok(Some(Assembled {
-            buffer: Buffer::Shared(slab),
-            layout,
-            cursor: reader.cursor(),
-        }));
-    }
-    let mut slab = reader.ring().take(need);
-    let layout = reader.fill_pending(slab.as_mut_bytes())?;
-    Ok(Some(Assembled {
-        buffer: Buffer::Own(slab),
+    let next = reader.next_buffer()?;
+    Ok(next.map(|(buffer, layout)| Assembled {
+        buffer,
         layout,
         cursor: reader.cursor(),
     }))

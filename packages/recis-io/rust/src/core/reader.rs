@@ -7,7 +7,7 @@ use super::assemble::{self, BatchLayout, Piece};
 use super::error::{Error, Result};
 use super::plan::{rows_per_shard, ShardPlan, Sharding};
 use super::pool::Executor;
-use super::ring::{Ring, Slab};
+use super::ring::{Ring, Slab, SlabRef};
 use super::source::{Packing, Source};
 
 /// Smallest batch for which decoded chunks are packed as batches: smaller chunks would cost
@@ -24,7 +24,7 @@ pub struct Options {
     /// Decoded segments kept ready beyond the ones the current batch needs.
     pub prefetch: usize,
     /// Pack decoded chunks as batches on the decode threads (for batches handed out in
-    /// reader-owned memory, see [`Reader::take_packed`]); only without shuffling and for
+    /// reader-owned memory, see [`Reader::next_buffer`]); only without shuffling and for
     /// batches of at least [`PACK_MIN_BATCH`] rows.
     pub pack: bool,
 }
@@ -108,11 +108,6 @@ impl Reader {
 
     pub fn source(&self) -> &Source {
         &self.source
-    }
-
-    /// The ring batch buffers come from.
-    pub fn ring(&self) -> &Arc<Ring> {
-        &self.ring
     }
 
     /// Rows this shard reads per epoch.
@@ -247,7 +242,7 @@ impl Reader {
 
     /// The prepared batch's buffer when the batch is one whole packed chunk (advancing the
     /// cursor past it); `None` leaves the batch to [`Reader::fill_pending`].
-    pub fn take_packed(&mut self) -> Option<(Arc<Slab>, BatchLayout)> {
+    fn take_packed(&mut self) -> Option<(Arc<Slab>, BatchLayout)> {
         let p = self.pending.take_if(|p| p.packed.is_some())?;
         self.pos = p.end;
         Some((p.packed.expect("checked above"), p.layout))
@@ -259,17 +254,39 @@ impl Reader {
             .pending
             .take()
             .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
-        if dst.len() < p.layout.nbytes {
-            let need = p.layout.nbytes;
+        if let Err(e) = check_fits(dst, p.layout.nbytes) {
             self.pending = Some(p);
-            return Err(Error::InvalidArgument(format!(
-                "batch buffer has {} bytes, the batch needs {need}",
-                dst.len()
-            )));
+            return Err(e);
         }
         let order = p.order.as_deref();
         assemble::fill_in(&self.source.columns, &p.pieces, order, &p.layout, dst);
         self.pos = p.end;
         Ok(p.layout)
     }
+
+    /// The next batch in a buffer of its own, the cursor moved past it: the packed chunk
+    /// itself when the batch is one, else a ring buffer packed now. `None` after the last
+    /// epoch.
+    pub fn next_buffer(&mut self) -> Result<Option<(SlabRef, BatchLayout)>> {
+        let Some(need) = self.prepare_next()?.map(|l| l.nbytes) else {
+            return Ok(None);
+        };
+        if let Some((slab, layout)) = self.take_packed() {
+            return Ok(Some((SlabRef::Shared(slab), layout)));
+        }
+        let mut slab = self.ring.take(need);
+        let layout = self.fill_pending(slab.as_mut_bytes())?;
+        Ok(Some((SlabRef::Own(slab), layout)))
+    }
+}
+
+/// An error unless `dst` holds a batch of `need` bytes.
+pub fn check_fits(dst: &[u8], need: usize) -> Result<()> {
+    if dst.len() < need {
+        return Err(Error::InvalidArgument(format!(
+            "batch buffer has {} bytes, the batch needs {need}",
+            dst.len()
+        )));
+    }
+    Ok(())
 }

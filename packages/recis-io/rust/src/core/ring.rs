@@ -89,6 +89,22 @@ impl Drop for Slab {
     }
 }
 
+/// A batch buffer as it is handed out: one of its own, or a packed chunk shared with the
+/// decoded segment that views it.
+pub enum SlabRef {
+    Own(Slab),
+    Shared(Arc<Slab>),
+}
+
+impl SlabRef {
+    pub fn slab(&self) -> &Slab {
+        match self {
+            SlabRef::Own(s) => s,
+            SlabRef::Shared(s) => s,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,11 @@
 //! reader has released the chunk too).
 
 use std::ffi::{c_void, CStr};
-use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::core::ring::Slab;
+use crate::core::ring::SlabRef;
 
 const NAME: &CStr = c"dltensor";
 
@@ -44,20 +43,6 @@ struct DLManagedTensor {
 }
 
 /// A batch buffer handed to torch: the batch's own, or a packed chunk's, shared with it.
-pub enum SlabRef {
-    Own(Slab),
-    Shared(Arc<Slab>),
-}
-
-impl SlabRef {
-    fn slab(&self) -> &Slab {
-        match self {
-            SlabRef::Own(s) => s,
-            SlabRef::Shared(s) => s,
-        }
-    }
-}
-
 struct Owner {
     slab: SlabRef,
     shape: [i64; 1],

@@ -6,14 +6,14 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 
-use super::dlpack::{slab_capsule, SlabRef};
+use super::dlpack::slab_capsule;
 use super::errors::IntoPyResult;
 use super::hash_kind;
-use crate::core::ahead::{Ahead, Assembled, Buffer};
+use crate::core::ahead::{Ahead, Assembled};
 use crate::core::assemble::BatchLayout;
 use crate::core::column::{ColumnSpec, DType, Fill, Leaf};
 use crate::core::plan::Sharding;
-use crate::core::reader::{Options, Reader as CoreReader};
+use crate::core::reader::{check_fits, Options, Reader as CoreReader};
 use crate::core::source::{Format, Source};
 use crate::core::Error;
 
@@ -273,14 +273,9 @@ impl Reader {
                 }
                 self.receive()?;
                 let need = self.ready.as_ref().map_or(0, |a| a.layout.nbytes);
-                if need > dst.len() {
-                    return Err(Error::InvalidArgument(format!(
-                        "batch buffer has {} bytes, the batch needs {need}",
-                        dst.len()
-                    )));
-                }
+                check_fits(dst, need)?;
                 let a = self.deliver()?;
-                dst[..need].copy_from_slice(&a.buffer.bytes()[..need]);
+                dst[..need].copy_from_slice(&a.buffer.slab().as_bytes()[..need]);
                 Ok(a.layout)
             })
             .py()?;
@@ -290,33 +285,15 @@ impl Reader {
     /// Returns the prepared batch as a DLPack capsule with its layout: the packed chunk itself
     /// when the batch is one (see `pack`), else a buffer from the ring packed now.
     fn fill_owned<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Layout)> {
-        if self.inner.assembles_ahead() {
-            let a = py
-                .detach(|| {
-                    self.receive()?
-                        .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
-                    self.deliver()
-                })
-                .py()?;
-            let slab = match a.buffer {
-                Buffer::Own(s) => SlabRef::Own(s),
-                Buffer::Shared(s) => SlabRef::Shared(s),
-            };
-            return Ok((slab_capsule(py, slab)?, layout_tuple(&a.layout)));
-        }
-        let inner = &mut self.inner;
         let (slab, layout) = py
             .detach(|| {
-                let need = inner
-                    .prepare_next()?
-                    .map(|l| l.nbytes)
-                    .ok_or_else(|| Error::Internal("no batch is prepared".into()))?;
-                if let Some((slab, layout)) = inner.take_packed() {
-                    return Ok((SlabRef::Shared(slab), layout));
+                let none = || Error::Internal("no batch is prepared".into());
+                if self.inner.assembles_ahead() {
+                    self.receive()?.ok_or_else(none)?;
+                    let a = self.deliver()?;
+                    return Ok((a.buffer, a.layout));
                 }
-                let mut slab = inner.ring().take(need);
-                let layout = inner.fill_pending(slab.as_mut_bytes())?;
-                Ok::<_, Error>((SlabRef::Own(slab), layout))
+                self.inner.next_buffer()?.ok_or_else(none)
             })
             .py()?;
         Ok((slab_capsule(py, slab)?, layout_tuple(&layout)))
