@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recis_embedding._host import repeat_values, true_positions
+from recis_embedding._host import on_host, repeat_values, true_positions
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
 from recis_embedding._pooling import bag_weights, padded_gather, per_bag_scale, pool
@@ -285,7 +285,7 @@ class EmbeddingEngine(nn.Module):
             else:
                 scales.append(None)
                 mults.append(bag_weights(i.bags, raw, mode, i.values.numel()))
-        if parts[0].values.device.type == "cpu" and not torch.compiler.is_compiling():
+        if on_host(parts[0].values):
             return _batch_major_host(parts, tabs, scales, mults, rows)
         return _batch_major_torch(parts, tabs, scales, mults, rows)
 

@@ -37,13 +37,12 @@ def bag_weights(
     if weights is None:  # one multiplier per bag, 1/L or 1/sqrt(L): no per-id sums needed
         return repeat_values(per_bag_scale(lengths, mode), lengths, n)
     seg = segment_ids(bags, n)
-    w = weights
-    terms = w if mode == "mean" else w * w
+    terms = weights if mode == "mean" else weights * weights
     total = torch.zeros(lengths.numel(), device=bags.device).index_add_(0, seg, terms)
     if mode == "sqrtn":
         total = total.sqrt()
     safe = torch.where(total != 0, total, torch.ones_like(total))
-    return torch.where(total[seg] != 0, w / safe[seg], torch.zeros_like(w))
+    return torch.where(total[seg] != 0, weights / safe[seg], torch.zeros_like(weights))
 
 
 def per_bag_scale(lengths: torch.Tensor, mode: str) -> torch.Tensor:
