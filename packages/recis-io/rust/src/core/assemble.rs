@@ -246,12 +246,18 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
 /// chunk by chunk in a tight loop, looking each chunk's column up once instead of per row.
 #[derive(Default)]
 struct Runs {
-    /// `(a piece of the run, start, end)`: positions `start..end` of `order` and of `rows`.
-    runs: Vec<(usize, usize, usize)>,
-    /// Per position of `order`: `(row in the chunk, row in the batch)` of a single-row piece,
-    /// `None` for the whole run when one of its pieces has several rows.
+    /// One per run: a piece of it, its positions `start..end` in `order` and `rows`, and
+    /// whether all its pieces are single rows (else it is copied piece by piece).
+    runs: Vec<Run>,
+    /// Per position of `order`: `(row in the chunk, row in the batch)` of the piece's first row.
     rows: Vec<(u32, u32)>,
-    single: Vec<bool>,
+}
+
+struct Run {
+    piece: usize,
+    start: usize,
+    end: usize,
+    single: bool,
 }
 
 impl Runs {
@@ -263,7 +269,6 @@ impl Runs {
         let mut out = Runs {
             runs: Vec::new(),
             rows: Vec::with_capacity(order.len()),
-            single: Vec::new(),
         };
         let mut last: *const PreparedUnit = std::ptr::null();
         for (k, &i) in order.iter().enumerate() {
@@ -271,17 +276,18 @@ impl Runs {
             let ptr = &**unit as *const PreparedUnit;
             if ptr != last {
                 last = ptr;
-                out.runs.push((i as usize, k, k));
-                out.single.push(true);
+                out.runs.push(Run {
+                    piece: i as usize,
+                    start: k,
+                    end: k,
+                    single: true,
+                });
             }
             let run = out.runs.last_mut().expect("pushed above");
-            run.2 = k + 1;
-            let one =
-                b - a == 1 && *a <= u32::MAX as usize && first_row[i as usize] <= u32::MAX as usize;
-            if !one {
-                *out.single.last_mut().expect("pushed above") = false;
-            }
-            out.rows.push((*a as u32, first_row[i as usize] as u32));
+            run.end = k + 1;
+            let to = first_row[i as usize];
+            run.single &= b - a == 1 && *a <= u32::MAX as usize && to <= u32::MAX as usize;
+            out.rows.push((*a as u32, to as u32));
         }
         out
     }
@@ -297,7 +303,13 @@ impl Runs {
         size: usize,
         region: &mut [u8],
     ) {
-        for (&(piece, start, end), &single) in self.runs.iter().zip(&self.single) {
+        for &Run {
+            piece,
+            start,
+            end,
+            single,
+        } in &self.runs
+        {
             let src = pieces[piece].0.columns[c].values.as_slice();
             let rows = &self.rows[start..end];
             match (single, size) {
