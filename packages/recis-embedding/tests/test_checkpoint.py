@@ -253,3 +253,32 @@ def test_delta_chain_moved_as_a_whole_still_loads(tmp_path) -> None:
     loaded, opt_l, _ = build()
     load(tmp_path / "b" / "d1", loaded, opt_l)
     assert_same(state(loaded), state(model))
+
+
+def test_loading_some_fused_tables_keeps_the_others(tmp_path) -> None:
+    small = EmbeddingEngine({"a": EmbeddingOption(DIM)})
+    small({"a": torch.tensor([1, 2])})
+    save(tmp_path / "a", small)
+    for fuse in (True, False):
+        e = EmbeddingEngine({"a": EmbeddingOption(DIM), "b": EmbeddingOption(DIM)}, fuse=fuse)
+        e({"a": torch.tensor([7]), "b": torch.tensor([10, 11])})
+        b_before = e.table("b")[0].embeddings(table=e.table("b")[1])
+        load(tmp_path / "a", e, strict=False)
+        (ta, ia), (tb, ib) = e.table("a"), e.table("b")
+        assert ta.ids(ia).tolist() == [1, 2], fuse
+        assert tb.ids(ib).tolist() == [10, 11], fuse
+        assert torch.equal(tb.embeddings(table=ib), b_before)
+
+
+def test_optimizer_state_loads_only_into_its_own_optimizer(tmp_path) -> None:
+    from recis_embedding import SparseAdamW
+
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "c", model, opt)
+    other = Model()
+    with pytest.raises(CheckpointError, match="SparseAdam sparse optimizer; it cannot be loaded"):
+        load(tmp_path / "c", other, SparseAdamW(other, lr=0.05))
+    bare = Model()
+    with pytest.warns(UserWarning, match="create the sparse optimizer before load"):
+        load(tmp_path / "c", bare)

@@ -163,6 +163,8 @@ def test_inputs_that_cannot_join_are_named() -> None:
     )  # two tables: joined after pooling
     with pytest.raises(InputError, match="concat 'x': feature 'wide' gives shape \\(2, 1, 8\\)"):
         wide(batch() | {"user": torch.arange(2), "wide": three})
+    with pytest.raises(InputError, match="concat 'x': feature 'wide' has 3 rows, 'user' has 2"):
+        wide(batch() | {"user": torch.arange(2), "wide": torch.arange(3)})
 
 
 @pytest.mark.parametrize("kind", ["plain", "per bag", "per id"])

@@ -88,3 +88,19 @@ def test_distinct_small_equals_torch_unique(dtype: torch.dtype) -> None:
     for n, count in [(0, 3), (1, 1), (50, 7), (4000, 300)]:
         values = torch.randint(0, count, (n,), generator=gen, dtype=dtype)
         assert distinct_small(values, count) == torch.unique(values).tolist()
+
+
+@pytest.mark.parametrize("seed", [2**31, 2**40, 2**70, -(2**63) - 5])
+def test_any_int_seed_works_modulo_2_64(seed: int) -> None:
+    ids = torch.tensor([1, 2, 3])
+    for init in (Uniform(seed=seed), Normal(seed=seed)):
+        got = init(ids, 4, "t")
+        assert got.shape == (3, 4)
+        assert bool(torch.isfinite(got).all())
+        same = dataclasses.replace(init, seed=seed + 2**64)
+        assert torch.equal(got, same(ids, 4, "t"))
+
+
+def test_a_seed_must_be_an_int() -> None:
+    with pytest.raises(ConfigError, match=r"Normal initializer needs an int seed, got 1\.5"):
+        Normal(seed=1.5)

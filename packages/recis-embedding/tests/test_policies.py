@@ -121,3 +121,92 @@ def test_policy_registry() -> None:
         make_policy("nope")
     with pytest.raises(ConfigError, match="threshold >= 1"):
         FrequencyAdmission(threshold=0)
+
+
+def test_eviction_never_takes_a_row_whose_gradient_is_pending() -> None:
+    # Two micro-batches before one optimizer step: the first one's rows are in use until the
+    # step, so the second one's new id may not take one of them (with its gradient).
+    engine = EmbeddingEngine(
+        {
+            "f": EmbeddingOption(
+                1, capacity=3, eviction=CapacityEviction("lru"), initializer=Constant(value=0.0)
+            )
+        }
+    )
+    opt = SparseSGD(engine, lr=1.0)
+    table, _ = engine.table("f")
+    step(engine, opt, [9])  # an idle row, free to evict
+    (100 * engine({"f": torch.tensor([1, 2])})["f"]).sum().backward()
+    engine({"f": torch.tensor([3])})["f"].sum().backward()  # evicts 9, not 1 or 2
+    opt.step()
+    assert table.ids().tolist() == [1, 2, 3]
+    got = table.embeddings(torch.tensor([1, 2, 3]))[:, 0].tolist()
+    assert got == [-100.0, -100.0, -1.0]
+    opt.zero_grad()
+    (100 * engine({"f": torch.tensor([1, 2, 3])})["f"]).sum().backward()
+    with pytest.raises(TableFullError, match="may not evict"):
+        engine({"f": torch.tensor([4])})
+
+
+def test_erasing_a_row_drops_its_pending_gradient() -> None:
+    engine, opt = engine_with()
+    table, _ = engine.table("f")
+    (100 * engine({"f": torch.tensor([1, 2])})["f"]).sum().backward()
+    table.erase(torch.tensor([1]))
+    engine({"f": torch.tensor([3])})["f"].sum().backward()  # reuses 1's row
+    opt.step()
+    torch.testing.assert_close(
+        table.embeddings(torch.tensor([2, 3])), torch.tensor([[-9.0] * DIM, [0.9] * DIM])
+    )
+
+
+def test_stale_eviction_counts_steps_without_gradients_for_the_table() -> None:
+    engine = EmbeddingEngine(
+        {
+            "f": EmbeddingOption(DIM, eviction=StaleEviction(steps=1)),
+            "g": EmbeddingOption(DIM + 1),
+        }
+    )
+    opt = SparseSGD(engine, lr=0.1)
+    table, _ = engine.table("f")
+    empty = torch.empty(2, 0, dtype=torch.int64)
+    for ids in ([[1], [2]], empty, empty):
+        out = engine({"f": torch.as_tensor(ids), "g": torch.tensor([[5], [6]])})
+        (out["f"].sum() + out["g"].sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert table.step == 3
+    assert table.ids().tolist() == []
+
+
+@pytest.mark.parametrize("seed", [7, 100, 2**40, -3])
+def test_probability_admission_takes_any_int_seed(seed: int) -> None:
+    engine, opt = engine_with(admission=ProbabilityAdmission(p=0.5, seed=seed))
+    step(engine, opt, list(range(100)))
+    assert 0 < len(engine.table("f")[0]) < 100
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"admission": "frequency"}, "admission must be an AdmissionPolicy"),
+        ({"admission": StaleEviction(3)}, "admission must be an AdmissionPolicy"),
+        ({"eviction": FrequencyAdmission(2)}, "eviction must be an EvictionPolicy"),
+        ({"capacity": 2.5}, "capacity must be an int"),
+        ({"default_value": "x"}, "default_value must be a number"),
+        ({"combiner": "tile", "combiner_kwargs": {"tile_len": 2.5}}, "int L >= 1, got 2.5"),
+        ({"combiner": None, "combiner_kwargs": {"max_len": -1}}, "'max_len' must be an int"),
+        ({"combiner": None, "combiner_kwargs": {"ragged": 1}}, "'ragged' must be a bool"),
+        ({"trainable": "yes"}, "trainable must be a bool"),
+    ],
+)
+def test_option_values_are_checked_up_front(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        EmbeddingOption(DIM, **kw)
+
+
+def test_policies_check_their_seeds() -> None:
+    with pytest.raises(ConfigError, match="int seed"):
+        ProbabilityAdmission(p=0.5, seed=1.5)
+    with pytest.raises(ConfigError, match="p <= 1"):
+        ProbabilityAdmission(p="0.5")

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -417,15 +418,27 @@ def load(
     chain.reverse()
     tables = _logical_tables(model)
     shard = _shard_context(model)
+    _check_optimizer(chain[-1], sparse_optimizer)
     _check_tables(chain[-1], tables, strict)
-    cleared: set[int] = set()
+    _warn_unplaced_state(chain[-1], tables)
+    cleared: set[tuple[int, int]] = set()
     for reader in chain:
+        saved = reader.manifest["tables"]
         for name, (table, index) in tables.items():
-            if name not in reader.manifest["tables"]:
+            if name not in saved:
                 continue
-            if reader.kind == "full" and id(table) not in cleared:
-                table.clear()
-                cleared.add(id(table))
+            if reader.kind == "full" and (id(table), index) not in cleared:
+                # A full checkpoint replaces the logical tables it holds; the other logical
+                # tables fused into the same physical table keep their rows.
+                siblings = {n: i for n, (t, i) in tables.items() if t is table}
+                if all(n in saved for n in siblings):
+                    table.clear()
+                    cleared.update((id(table), i) for i in siblings.values())
+                else:
+                    keys, tabs, _ = table._map.export()
+                    mine = tabs == index
+                    table._erase(keys[mine], tabs[mine])
+                    cleared.add((id(table), index))
             _load_table(reader, name, table, index, shard)
     try:
         model.load_state_dict(chain[-1].dense(), strict=strict)
@@ -463,6 +476,31 @@ def _parent_reader(delta: CheckpointReader) -> CheckpointReader:
     return reader
 
 
+def _check_optimizer(reader: CheckpointReader, sparse_optimizer: SparseOptimizer | None) -> None:
+    """The saved optimizer state must be loaded by the optimizer that saved it."""
+    saved = reader.manifest.get("optimizer")
+    if sparse_optimizer is not None and saved:
+        mine = type(sparse_optimizer).__name__
+        if saved.get("class") != mine:
+            raise CheckpointError(
+                f"checkpoint {reader.path} holds the state of a {saved.get('class')} sparse "
+                f"optimizer; it cannot be loaded into a {mine}"
+            )
+
+
+def _warn_unplaced_state(reader: CheckpointReader, tables: dict[str, Any]) -> None:
+    for name, (table, _) in tables.items():
+        info = reader.manifest["tables"].get(name)
+        if info and info["slots"] and not table.slots:
+            warnings.warn(
+                f"checkpoint {reader.path}: table {name!r} has {info['optimizer']} optimizer "
+                f"state, but the model's table has no sparse optimizer, so only its embeddings "
+                f"are loaded. To resume training, create the sparse optimizer before load() "
+                f"and pass it as sparse_optimizer.",
+                stacklevel=3,
+            )
+
+
 def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool) -> None:
     saved = set(reader.manifest["tables"])
     missing = sorted(set(tables) - saved)
@@ -477,7 +515,11 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
                 f"table {name!r}: checkpoint has dim {info['dim']}, model has {table.dim}"
             )
         slots = [tuple(s) for s in info["slots"]]
-        if table.slots and slots != table.slots:
+        if (
+            slots
+            and table.slots
+            and (slots != table.slots or info["optimizer"] != table.optimizer_kind)
+        ):
             raise CheckpointError(
                 f"table {name!r}: checkpoint optimizer {info['optimizer']!r} slots {slots} do not "
                 f"match the model's {table.optimizer_kind!r} slots {table.slots}"

@@ -182,11 +182,17 @@ class EmbeddingEngine(nn.Module):
             out.update(self._lookup_group(mine, rest, batch))
         for name, members in self.concat.items():
             if name not in out:  # features of several tables: joined after pooling
+                rows = out[members[0]].shape[0]
                 for f in members:
                     if out[f].dim() != 2:
                         raise InputError(
                             f"concat {name!r}: feature {f!r} gives shape "
                             f"{tuple(out[f].shape)}; only (B, D) outputs join"
+                        )
+                    if out[f].shape[0] != rows:
+                        raise InputError(
+                            f"concat {name!r}: feature {f!r} has {out[f].shape[0]} rows, "
+                            f"{members[0]!r} has {rows}"
                         )
                 out[name] = torch.cat([out[f] for f in members], dim=1)
         return out

@@ -43,11 +43,25 @@ __all__ = [
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 
 
+def int64_bits(x: int) -> int:
+    """The Python int ``x`` taken modulo 2**64, as the signed int64 with those 64 bits."""
+    return ((x + (1 << 63)) & ((1 << 64) - 1)) - (1 << 63)
+
+
+def check_seed(owner: str, seed: object) -> None:
+    """Raise :class:`ConfigError` unless ``seed`` is an int (any size: it is used modulo 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{owner} needs an int seed, got {seed!r}")
+
+
 @functools.lru_cache(maxsize=4096)
 def table_seed(seed: int, name: str) -> int:
     """The 64-bit seed of table ``name`` under initializer seed ``seed``."""
+    check_seed("initializer", seed)
     mixed = fmix64(
-        torch.tensor([(seed * 0x100000001) ^ zlib.crc32(name.encode())], dtype=torch.int64)
+        torch.tensor(
+            [int64_bits((seed * 0x100000001) ^ zlib.crc32(name.encode()))], dtype=torch.int64
+        )
     )
     return int(mixed.item())
 
@@ -56,7 +70,8 @@ def _uniform01(
     ids: torch.Tensor, dim: int, seed: int | torch.Tensor, stream: int = 0
 ) -> torch.Tensor:
     """``(N, dim)`` float64 uniforms in (0, 1) from the ids' bits (``seed``: int or ``(N,)``)."""
-    base = fmix64(ids ^ (seed + stream * 0x5851F42D4C957F2D))
+    salt = seed + stream * 0x5851F42D4C957F2D
+    base = fmix64(ids ^ (int64_bits(salt) if isinstance(salt, int) else salt))
     cols = (torch.arange(1, dim + 1, dtype=torch.int64, device=ids.device) * _GOLDEN)[None, :]
     bits = fmix64(base[:, None] + cols)
     top53 = (bits >> 11) & ((1 << 53) - 1)
@@ -78,6 +93,9 @@ class Initializer:
     """
 
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_seed(f"{type(self).__name__} initializer", self.seed)
 
     def __call__(self, ids: torch.Tensor, dim: int, name: str) -> torch.Tensor:
         """Initial vectors of ``ids``: ``(N,) int64`` -> ``(N, dim) float32``."""
@@ -106,6 +124,7 @@ class Uniform(Initializer):
     high: float = 0.05
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.low < self.high:
             raise ConfigError(f"Uniform initializer needs low < high, got {self.low}, {self.high}")
 
@@ -121,6 +140,7 @@ class Normal(Initializer):
     std: float = 0.01
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.std <= 0:
             raise ConfigError(f"Normal initializer needs std > 0, got {self.std}")
 
@@ -141,6 +161,7 @@ class TruncatedNormal(Initializer):
     b: float = 2.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.std <= 0 or not self.a < self.b:
             raise ConfigError(
                 f"TruncatedNormal initializer needs std > 0 and a < b, got std={self.std}, "

@@ -117,9 +117,17 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def _step_table(self, table: HashTable, group: dict[str, Any]) -> None:
         collected = _collect(table)
-        if collected is None:
-            return
-        rows, grads = collected
+        if collected is not None:
+            self._apply(table, group, *collected)
+        # Every optimizer step advances the table's clock, with or without gradients for it,
+        # so eviction ages rows by optimizer steps (and every shard keeps the same clock).
+        table.step += 1
+        if table.eviction is not None:
+            table.eviction.after_step(table)
+
+    def _apply(
+        self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor
+    ) -> None:
         widths = [table.emb_words] + [w for _, w in table.slots]
 
         # On the CPU the update works in place on column views of the rows read (fewer
@@ -143,9 +151,6 @@ class SparseOptimizer(torch.optim.Optimizer):
             return torch.cat(parts, dim=1)
 
         table.update_full(rows, update)
-        table.step += 1
-        if table.eviction is not None:
-            table.eviction.after_step(table)
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters only; row state lives in the tables (saved by checkpoints)."""

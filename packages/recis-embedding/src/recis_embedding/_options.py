@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from recis_embedding._initializers import Initializer, TruncatedNormal
+from recis_embedding._policies import AdmissionPolicy, EvictionPolicy
 from recis_embedding.exceptions import ConfigError
 
 __all__ = ["COMBINERS", "EmbeddingOption"]
@@ -79,8 +80,17 @@ class EmbeddingOption:
             raise ConfigError(
                 f"combiner_kwargs {sorted(unknown)} not accepted by combiner {self.combiner!r}"
             )
-        if self.combiner == "tile" and int(kwargs.get("tile_len", 0)) < 1:
-            raise ConfigError("combiner 'tile' needs combiner_kwargs={'tile_len': L} with L >= 1")
+        if self.combiner == "tile" and not _positive_int(kwargs.get("tile_len")):
+            raise ConfigError(
+                f"combiner 'tile' needs combiner_kwargs={{'tile_len': L}} with an int L >= 1, got "
+                f"{kwargs.get('tile_len')!r}"
+            )
+        if kwargs.get("max_len") is not None and not _positive_int(kwargs["max_len"]):
+            raise ConfigError(
+                f"combiner_kwargs 'max_len' must be an int >= 1 or None, got {kwargs['max_len']!r}"
+            )
+        if not isinstance(kwargs.get("ragged", False), bool):
+            raise ConfigError(f"combiner_kwargs 'ragged' must be a bool, got {kwargs['ragged']!r}")
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"dtype must be float32, bfloat16 or float16, got {str(self.dtype)!r}"
@@ -90,8 +100,23 @@ class EmbeddingOption:
                 f"initializer must be a recis_embedding Initializer, got "
                 f"{type(self.initializer).__name__}"
             )
-        if self.capacity is not None and self.capacity < 1:
-            raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
+        if self.capacity is not None and not _positive_int(self.capacity):
+            raise ConfigError(f"capacity must be an int >= 1 or None, got {self.capacity!r}")
+        if self.admission is not None and not isinstance(self.admission, AdmissionPolicy):
+            raise ConfigError(
+                f"admission must be an AdmissionPolicy (e.g. FrequencyAdmission(2), or "
+                f"make_policy('frequency', threshold=2)) or None, got {self.admission!r}"
+            )
+        if self.eviction is not None and not isinstance(self.eviction, EvictionPolicy):
+            raise ConfigError(
+                f"eviction must be an EvictionPolicy (e.g. StaleEviction(10), or "
+                f"make_policy('stale', steps=10)) or None, got {self.eviction!r}"
+            )
+        for flag in ("trainable", "use_weight"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if isinstance(self.default_value, bool) or not isinstance(self.default_value, (int, float)):
+            raise ConfigError(f"default_value must be a number, got {self.default_value!r}")
         self.combiner_kwargs = kwargs
         self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
 
@@ -116,6 +141,10 @@ class EmbeddingOption:
     def replace(self, **changes: Any) -> EmbeddingOption:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _positive_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def _policy_key(policy: Any) -> Any:

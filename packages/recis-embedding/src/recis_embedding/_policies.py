@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recis_embedding._host import true_positions
+from recis_embedding._initializers import check_seed, int64_bits
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import IdMap, fmix64
 
@@ -98,12 +99,14 @@ class ProbabilityAdmission(AdmissionPolicy):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
+        check_seed("ProbabilityAdmission", self.seed)
+        p = self.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ConfigError(f"ProbabilityAdmission needs 0 <= p <= 1, got {self.p}")
 
     def admit(self, table, ids, tables):
         absent = table._map.find(ids, tables) < 0
-        salt = (self.seed * 0x2545F4914F6CDD1D) ^ (table.step * 0x9E3779B1)
+        salt = int64_bits((self.seed * 0x2545F4914F6CDD1D) ^ (table.step * 0x9E3779B1))
         h = fmix64(ids ^ salt ^ tables.to(torch.int64))
         u = ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
         ok = u < self.p

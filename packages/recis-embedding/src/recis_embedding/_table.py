@@ -27,9 +27,12 @@ class TableStats:
         capacity: maximum live keys (``None``: unbounded).
         slots: slots of the id map (grows by rehash).
         bytes: bytes of row storage plus id map.
-        lookups: ids looked up (training and eval, duplicates counted).
+        lookups: ids passed to :meth:`HashTable.find` and :meth:`HashTable.find_or_insert`
+            (training and eval). An id repeated within one call counts each time; the
+            embedding engine deduplicates each batch first, so through it this counts the
+            distinct ``(table, id)`` keys of each batch.
         inserts: keys inserted.
-        hits: looked-up ids found in the table.
+        hits: of those lookups, the ids found in the table.
         admissions_rejected: ids an admission policy kept out.
         evictions: keys removed by an eviction policy.
     """
@@ -221,7 +224,11 @@ class HashTable:
         raise :class:`TableFullError`."""
         if self.capacity is None:
             return
-        protect = rows[rows >= 0]
+        # Rows read by earlier lookups whose gradients are still pending (gradient
+        # accumulation, or several lookups per step) are in use too: evicting one would hand
+        # its row, and the gradient waiting for it, to a new id.
+        protect = torch.cat([rows, *(p.rows for p in self.pending)])
+        protect = protect[protect >= 0]
         pairs = torch.stack([ids, tabs.to(torch.int64)], dim=1)
         needed = torch.unique(pairs, dim=0).shape[0]
         over = self._map.size + needed - self.capacity
@@ -233,9 +240,16 @@ class HashTable:
         ):
             return
         if self._map.size + needed > self.capacity:
+            advice = (
+                "set an eviction policy or a larger capacity"
+                if self.eviction is None
+                else f"the rows {type(self.eviction).__name__} may not evict (read by this "
+                f"lookup or by earlier lookups of this optimizer step) leave too little room; "
+                f"set a larger capacity"
+            )
             raise TableFullError(
                 f"table {self.names[0]!r} is full: {self._map.size} rows, capacity "
-                f"{self.capacity}, {needed} new ids; set an eviction policy or a larger capacity"
+                f"{self.capacity}, {needed} new ids; {advice}"
             )
 
     def _initialize(
@@ -417,6 +431,9 @@ class HashTable:
         freed = self._map.erase(ids, tabs)
         if freed.numel():
             self._erased.append((ids, tabs))
+            # A pending gradient of a freed row must not reach the id that reuses the row.
+            for p in self.pending:
+                p.rows = torch.where(torch.isin(p.rows, freed), -1, p.rows)
         return int(freed.numel())
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
