@@ -15,6 +15,7 @@ from recis_features import (
     FeatureConflictError,
     FeatureDefinitionError,
     FeatureEngine,
+    FeatureInputError,
     FeatureTypeError,
     MissingColumnError,
     SerializationError,
@@ -353,3 +354,62 @@ def test_engines_pickle_and_deepcopy() -> None:
         got = clone(_batch())
         for name in ("a", "b"):
             assert_same(got[name], expected[name])
+
+
+class _Column:
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values, self.offsets = values, offsets
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_data_the_kernels_refuse_is_named_by_feature_and_column(fused: bool) -> None:
+    cross = Feature("ux").select_fields(["user_id", "item_id"]).cross()
+    with pytest.raises(
+        FeatureInputError, match=r"feature 'ux': op cross: .* has 3 rows in a but 2"
+    ):
+        FeatureEngine([cross], fused=fused)(
+            {"user_id": torch.tensor([1, 2, 3]), "item_id": torch.tensor([1, 2])}
+        )
+    bad = {"clicks": _Column(np.array([1, 2, 3]), np.array([0, 5]))}
+    mod = Feature("c").select("clicks").mod(3)
+    for run in (FeatureEngine([mod], fused=fused), mod):
+        with pytest.raises(FeatureInputError, match="feature 'c': column 'clicks': ragged offsets"):
+            run(bad)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (
+            {"x": RaggedTensor(torch.ones(2, 2), torch.tensor([0, 2, 2]))},
+            "expects a one-level ragged value with one number per element",
+        ),
+        (
+            {"x": torch.tensor([1.0, float("nan")], dtype=torch.float16)},
+            r"can hold the fill value 100000\.0",
+        ),
+    ],
+)
+def test_fill_missing_refuses_values_it_cannot_fill(batch: dict, message: str) -> None:
+    feature = Feature("e").select("x").fill_missing(1e5)
+    for run in (FeatureEngine([feature]), FeatureEngine([feature], fused=False), feature):
+        with pytest.raises(FeatureTypeError, match=message):
+            run(batch)
+
+
+def test_fill_value_must_be_finite_and_ops_a_list() -> None:
+    with pytest.raises(FeatureDefinitionError, match="value must be a finite number, got nan"):
+        Feature("a").select("x").fill_missing(float("nan"))
+    with pytest.raises(SerializationError, match="'ops' must be a list of op configs, got 5"):
+        Feature.from_dict({"name": "a", "ops": 5})
+
+
+@pytest.mark.parametrize("buckets", [[5], [5, 7]])
+def test_fused_multi_hash_of_ragged_values_with_a_trailing_dim(buckets: list[int]) -> None:
+    col = RaggedTensor(torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([0, 2, 3]))
+    feature = Feature("h").select("pairs").multi_hash(buckets)
+    alone = feature({"pairs": col})
+    assert alone.values.shape == (3, 2, len(buckets))
+    for fused in (True, False):
+        got = FeatureEngine([feature], fused=fused)({"pairs": col})["h"]
+        assert torch.equal(got.values, alone.values), fused

@@ -32,6 +32,7 @@ from recis_features._ops import (
 from recis_features.exceptions import (
     FeatureConflictError,
     FeatureDefinitionError,
+    FeatureInputError,
     FeatureTypeError,
     MissingColumnError,
     RecisFeaturesError,
@@ -48,6 +49,7 @@ __all__ = [
     "FeatureCross",
     "FeatureDefinitionError",
     "FeatureEngine",
+    "FeatureInputError",
     "FeatureTypeError",
     "FillMissing",
     "FusedFn",

@@ -8,10 +8,19 @@ from typing import Any
 
 from torch import nn
 
-from ._feature import Feature, check_value, fingerprint_of, missing_column_error
+from recis_kernels import RecisKernelsError
+
+from ._feature import (
+    Feature,
+    check_value,
+    column_value,
+    fingerprint_of,
+    input_error,
+    missing_column_error,
+)
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
-from ._values import Value, as_value
+from ._values import Value
 from .exceptions import FeatureConflictError, FeatureDefinitionError, SerializationError
 
 __all__ = ["FeatureEngine"]
@@ -187,7 +196,7 @@ class FeatureEngine(nn.Module):
                 if c not in columns:
                     if c not in batch:
                         raise missing_column_error(f.name, c, batch)
-                    columns[c] = as_value(batch[c], c)
+                    columns[c] = column_value(f.name, c, batch[c])
         return columns
 
     def _run_group(self, group: _Group, values: list[Value], columns: dict[str, Value]) -> None:
@@ -201,10 +210,14 @@ class FeatureEngine(nn.Module):
         for node, value in zip(nodes, inputs, strict=True):
             check_value(node.features[0], node.op, node.step, value)
         fused = fused_implementation(group.kind) if self.fused else None
-        if fused is not None:
-            outputs = fused([n.op for n in nodes], inputs)
-        else:
-            outputs = [n.op.apply(v) for n, v in zip(nodes, inputs, strict=True)]  # type: ignore[attr-defined]
+        try:
+            if fused is not None:
+                outputs = fused([n.op for n in nodes], inputs)
+            else:
+                outputs = [n.op.apply(v) for n, v in zip(nodes, inputs, strict=True)]  # type: ignore[attr-defined]
+        except RecisKernelsError as exc:
+            names = sorted({f for n in nodes for f in n.features})
+            raise input_error(names, nodes[0].op, exc) from exc
         for i, value in zip(group.nodes, outputs, strict=True):
             values[i] = value
 

@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from recis_kernels import RecisKernelsError
+
 from ._op import Op, SourceOp
 from ._ops import (
     Bucketize,
@@ -25,6 +27,7 @@ from ._ops import (
 from ._values import Value, as_value, describe
 from .exceptions import (
     FeatureDefinitionError,
+    FeatureInputError,
     FeatureTypeError,
     MissingColumnError,
     SerializationError,
@@ -207,10 +210,13 @@ class Feature:
         missing = [c for c in source.columns if c not in batch]
         if missing:
             raise missing_column_error(self._name, missing[0], batch)
-        value = source.read({c: as_value(batch[c], c) for c in source.columns})
+        value = source.read({c: column_value(self._name, c, batch[c]) for c in source.columns})
         for step, op in enumerate(self._ops[1:], start=1):
             check_value(self._name, op, step, value)
-            value = op.apply(value)  # type: ignore[attr-defined]
+            try:
+                value = op.apply(value)  # type: ignore[attr-defined]
+            except RecisKernelsError as exc:
+                raise input_error([self._name], op, exc) from exc
         return value
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +239,10 @@ class Feature:
         """
         if not isinstance(data, Mapping) or "name" not in data or "ops" not in data:
             raise SerializationError(f"feature config must have 'name' and 'ops', got {data!r}")
+        if not isinstance(data["ops"], Sequence) or isinstance(data["ops"], (str, bytes)):
+            raise SerializationError(
+                f"feature {data['name']!r}: 'ops' must be a list of op configs, got {data['ops']!r}"
+            )
         try:
             ops = [Op.from_dict(op) for op in data["ops"]]
         except SerializationError as exc:
@@ -258,6 +268,20 @@ class Feature:
     def __repr__(self) -> str:
         chain = ".".join(repr(op) for op in self._ops)
         return f"Feature({self._name!r}){'.' if chain else ''}{chain}"
+
+
+def column_value(feature: str, column: str, raw: Any) -> Value:
+    """``as_value`` of a batch column, its errors naming the feature and column."""
+    try:
+        return as_value(raw, column)
+    except RecisKernelsError as exc:
+        raise FeatureInputError(f"feature {feature!r}: column {column!r}: {exc}") from exc
+
+
+def input_error(features: Sequence[str], op: Op, exc: Exception) -> FeatureInputError:
+    """The error for an op that the kernels refused on these features' data."""
+    who = f"feature {features[0]!r}" if len(features) == 1 else f"features {list(features)}"
+    return FeatureInputError(f"{who}: op {op.kind}: {exc}")
 
 
 def check_value(feature: str, op: Op, step: int, value: Value) -> None:

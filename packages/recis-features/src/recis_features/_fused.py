@@ -111,18 +111,18 @@ def fused_multi_hash(ops: Sequence[IDMultiHash], values: Sequence[Value]) -> lis
         by_width[len(op.buckets)].append(k)
     outs: list[Value] = [None] * len(ops)
     for width, members in by_width.items():
-        ids = [as_int64(flat(values[k])) for k in members]
-        full = rk.multi_hash(torch.cat(ids), [0] * width).split([i.shape[0] for i in ids])
+        # Elements of any shape (ragged values may be (N, D)) are hashed as one flat run.
+        shapes = [_element_shape(values[k]) for k in members]
+        ids = [as_int64(flat(values[k])).reshape(-1) for k in members]
+        full = rk.multi_hash(torch.cat(ids), [0] * width).split([i.numel() for i in ids])
         columns = [h[:, j] for h in full for j in range(width)]
         buckets = [b for k in members for b in ops[k].buckets]
         columns = _reduce(columns, buckets)
         for m, k in enumerate(members):
             hashed = torch.stack(columns[m * width : (m + 1) * width], dim=-1)
+            hashed = hashed.reshape(*shapes[m], width)
             v = values[k]
-            if isinstance(v, RaggedTensor):
-                outs[k] = v.with_values(hashed, v.weights)
-            else:
-                outs[k] = hashed.reshape(*v.shape, width)
+            outs[k] = v.with_values(hashed, v.weights) if isinstance(v, RaggedTensor) else hashed
     return outs
 
 
@@ -137,6 +137,11 @@ def fused_cross(ops: Sequence[FeatureCross], values: Sequence[Value]) -> list[Va
         o if _weights(a) is not None else _unweighted_like(o, b)
         for o, (a, b) in zip(outs, pairs, strict=True)
     ]
+
+
+def _element_shape(value: Value) -> torch.Size:
+    """Shape of a dense value, or of a ragged value's elements."""
+    return value.values.shape if isinstance(value, RaggedTensor) else value.shape
 
 
 def _weights(x: torch.Tensor | RaggedTensor) -> torch.Tensor | None:

@@ -409,7 +409,11 @@ class FillMissing(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"ids", "floats"})
 
     def __init__(self, value: float) -> None:
-        require(_is_number(value), self.kind, f"value must be a number, got {value!r}")
+        require(
+            _is_number(value) and math.isfinite(value),
+            self.kind,
+            f"value must be a finite number, got {value!r}",
+        )
         self.value = value
 
     def params(self) -> dict[str, Any]:
@@ -423,12 +427,20 @@ class FillMissing(Transform):
             kind = dtype_kind(value.values.dtype)
             if len(value.offsets) != 1 or kind not in ("ids", "floats"):
                 return self.expectation()
+            if value.values.dim() != 1:
+                return "a one-level ragged value with one number per element"
             if kind == "ids" and not _is_int(self.value):
                 return f"floats, since the fill value {self.value!r} is not an integer"
-            return None
+            return self._fits(value.values.dtype)
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
-            return None
+            return self._fits(value.dtype)
         return self.expectation()
+
+    def _fits(self, dtype: torch.dtype) -> str | None:
+        info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+        if info.min <= self.value <= info.max:
+            return None
+        return f"values that can hold the fill value {self.value!r} ({dtype} spans {info.min} to {info.max})"
 
     def apply(self, value: Value) -> Value:
         if isinstance(value, torch.Tensor):

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "FeatureConflictError",
     "FeatureDefinitionError",
+    "FeatureInputError",
     "FeatureTypeError",
     "MissingColumnError",
     "RecisFeaturesError",
@@ -27,6 +28,11 @@ class FeatureDefinitionError(RecisFeaturesError, ValueError):
 
 class FeatureConflictError(RecisFeaturesError, ValueError):
     """Two different definitions share one output name."""
+
+
+class FeatureInputError(RecisFeaturesError, ValueError):
+    """A column's data cannot be used as given (e.g. ragged offsets that do not fit the values,
+    or columns of one cross with different row counts)."""
 
 
 class FeatureTypeError(RecisFeaturesError, TypeError):
