@@ -263,3 +263,58 @@ def test_boundary_tensors_changed_in_place_are_checked_and_used_again():
     b[0] = 9.0
     with pytest.raises(ValueError, match=r"boundaries_list\[0\] must be sorted"):
         rk.fused_bucketize([x, x], [b, b])
+
+
+def test_list_boundaries_are_exact_python_numbers():
+    # Python floats used to be rounded to float32 (torch.tensor's default dtype).
+    x = torch.tensor([0.1, 0.3, 1e10 + 1], dtype=torch.float64)
+    assert rk.bucketize(x, [0.1, 0.3, 1e10 + 1]).tolist() == [1, 2, 3]
+    # float32(0.7) = 0.699999988... < 0.7: below the exact boundary, above its float32 rounding.
+    x32 = torch.tensor([0.7, 0.70000005], dtype=torch.float32)
+    assert rk.bucketize(x32, [0.7]).tolist() == [0, 1]
+    assert rk.bucketize(x32, (0.5, 0.7)).tolist() == [1, 2]
+    assert rk.bucketize(torch.tensor([2**60 + 1, 2**60]), [2**60 + 1]).tolist() == [1, 0]
+    with pytest.raises(rk.UnsupportedDtypeError, match="bucketize: boundaries must be numeric"):
+        rk.bucketize(x, ["a"])
+
+
+def test_fused_features_of_mixed_dtypes_bucket_as_alone():
+    ids = torch.tensor([2**53, 2**53 + 1, 2**62 + 1, -(2**62)])
+    ib = torch.tensor([2**53 + 1, 2**62 + 2])
+    f32 = torch.tensor([0.25, 0.75, 0.7])
+    f64 = torch.tensor([0.1, 0.7], dtype=torch.float64)
+    i32 = torch.tensor([3, 9], dtype=torch.int32)
+    xs = [f32, ids, f64, i32, ids]
+    bs = [torch.tensor([0.5]), ib, [0.1, 0.7], [4, 9], [0.5, 2.0**62]]
+    fused = rk.fused_bucketize(xs, bs)
+    assert fused[1].tolist() == [0, 1, 1, 0]
+    for got, x, b in zip(fused, xs, bs, strict=True):
+        assert torch.equal(got, rk.bucketize(x, b))
+    assert [o.tolist() for o in fused[2:4]] == [[1, 2], [0, 2]]
+
+
+def test_boundaries_changed_without_a_version_bump_are_not_served_stale():
+    x = torch.tensor([5.0, 15.0, 25.0])
+    b = torch.tensor([10.0, 20.0], dtype=torch.float64)
+    assert rk.bucketize(x, b).tolist() == [0, 1, 2]
+    b.numpy()[:] = [0.0, 1.0]  # a NumPy view does not bump the version counter
+    assert rk.bucketize(x, b).tolist() == [2, 2, 2]
+    b.data.copy_(torch.tensor([30.0, 40.0], dtype=torch.float64))  # nor does .data
+    assert rk.bucketize(x, b).tolist() == [0, 0, 0]
+    b.data = torch.tensor([10.0], dtype=torch.float64)  # a new shape, same tensor object
+    assert rk.bucketize(x, b).tolist() == [0, 1, 1]
+    b.numpy()[:] = [float("nan")]  # and the order check runs again
+    with pytest.raises(ValueError, match="bucketize: boundaries must not contain NaN"):
+        rk.bucketize(x, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_bucketize_on_meta_tensors(dtype):
+    x = torch.empty(2, 3, dtype=dtype, device="meta")
+    for b in (torch.tensor([1.0, 2.0], device="meta"), [1.0, 2.5]):
+        out = rk.bucketize(x, b)
+        assert out.device.type == "meta"
+        assert out.shape == (2, 3)
+        assert out.dtype == torch.int64
+    outs = rk.fused_bucketize([x, x[0]], [[1.0], torch.tensor([1], device="meta")])
+    assert [o.shape for o in outs] == [(2, 3), (3,)]

@@ -129,3 +129,20 @@ def test_dense_to_ragged_gradient_and_opcheck():
     torch.autograd.gradcheck(lambda d: rk.dense_to_ragged(d, lengths=lens3).values, (dense3,))
     offsets = [torch.tensor([0, 2, 2, 6])]
     torch.library.opcheck(torch.ops.recis.dense_to_ragged_values, (torch.randn(3, 4), offsets))
+
+
+def test_dense_to_ragged_strips_a_nan_pad():
+    # NaN != NaN: a NaN pad used to strip nothing.
+    nan = float("nan")
+    d = torch.tensor([[1.0, nan], [nan, nan], [nan, 2.0]])
+    r = rk.dense_to_ragged(d, pad_value=nan)
+    assert r.offsets[0].tolist() == [0, 1, 1, 3]
+    assert torch.equal(r.values[:1], torch.tensor([1.0]))
+    assert r.values[1].isnan()  # inner NaN padding is kept
+    assert r.values[2] == 2.0
+    d3 = torch.tensor([[[1.0, nan], [nan, nan]], [[nan, nan], [nan, nan]]])
+    r3 = rk.dense_to_ragged(d3, pad_value=nan)
+    assert [o.tolist() for o in r3.offsets] == [[0, 1, 1], [0, 1]]
+    # An integer tensor holds no NaN: nothing is stripped.
+    ri = rk.dense_to_ragged(torch.tensor([[1, 0]]), pad_value=nan)
+    assert ri.offsets[0].tolist() == [0, 2]

@@ -192,3 +192,15 @@ def test_cross_device_matches_cpu(device):
         assert torch.equal(c.values, d.values.cpu())
         assert torch.equal(c.offsets[0], d.offsets[0].cpu())
         assert torch.equal(c.weights, d.weights.cpu())
+
+
+def test_fused_cross_adds_no_weights_to_unweighted_pairs():
+    w = rk.RaggedTensor(torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([2.0, 3.0]))
+    u = rk.RaggedTensor(torch.tensor([1, 2]), torch.tensor([0, 2]))
+    b = rk.RaggedTensor(torch.tensor([5]), torch.tensor([0, 1]))
+    out = rk.fused_feature_cross([(w, b), (u, b), (b, w)])
+    assert out[0].weights.tolist() == [2.0, 3.0]
+    assert out[1].weights is None
+    assert rk.feature_cross(u, b).weights is None
+    assert out[2].weights.tolist() == [2.0, 3.0]
+    assert torch.equal(out[1].values, rk.feature_cross(u, b).values)

@@ -255,3 +255,27 @@ def test_host_and_torch_claims_place_keys_alike(capacity) -> None:
     for name in ("slot_state", "slot_keys", "slot_tabs"):
         assert torch.equal(getattr(host, name), getattr(torch_map, name))
     assert host.erased == torch_map.erased
+
+
+@pytest.mark.parametrize(
+    ("tables", "error", "match"),
+    [
+        (
+            torch.tensor([2**32]),
+            ValueError,
+            r"IdMap\.\w+: tables must be in \[0, 2147483647\], got 4294967296",
+        ),
+        (torch.tensor([-1]), ValueError, r"tables must be in \[0, 2147483647\], got -1"),
+        (2**31, ValueError, r"tables must be in \[0, 2147483647\], got 2147483648"),
+        (torch.tensor([0.7]), UnsupportedDtypeError, r"IdMap\.\w+: tables has dtype float32"),
+    ],
+)
+def test_idmap_rejects_tables_it_cannot_store(tables, error, match):
+    # Tables are stored as int32: 2**32 used to alias table 0 and 0.7 to truncate to it.
+    m = IdMap()
+    for call in (m.find_or_insert, m.find, m.erase):
+        with pytest.raises(error, match=match):
+            call(torch.tensor([1]), tables)
+    assert m.find(torch.tensor([1]), 0).tolist() == [-1]
+    rows, _ = m.find_or_insert(torch.tensor([1, 1]), torch.tensor([2**31 - 1, 0]))
+    assert rows.tolist() == [0, 1]

@@ -141,3 +141,17 @@ def test_segment_reduce_opcheck():
     torch.library.opcheck(
         torch.ops.recis.segment_reduce.default, (rows.requires_grad_(), off, None, "tile", 2)
     )
+
+
+@pytest.mark.parametrize(
+    ("offsets", "where"),
+    [([0, 3, 1, 3], r"offsets\[1\] = 3 > offsets\[2\] = 1"), ([0, -1, 3], r"offsets\[0\] = 0")],
+)
+def test_segment_reduce_rejects_decreasing_offsets(offsets, where):
+    with pytest.raises(
+        rk.ShapeError, match=f"segment_reduce: offsets must be non-decreasing.*{where}"
+    ):
+        rk.segment_reduce(torch.ones(3, 2), torch.tensor(offsets))
+    # Equal neighbours are empty segments, not an error.
+    out = rk.segment_reduce(torch.ones(3, 2), torch.tensor([0, 0, 3, 3]))
+    assert out.tolist() == [[0.0, 0.0], [3.0, 3.0], [0.0, 0.0]]

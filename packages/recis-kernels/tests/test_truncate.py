@@ -128,3 +128,34 @@ def test_host_truncation_matches_the_torch_path(monkeypatch, values_dtype, weigh
             assert torch.equal(got.values.weights, want.values.weights)
         assert torch.equal(got.dropped, want.dropped)
         assert torch.equal(got.padded, want.padded)
+
+
+def test_fused_truncate_keeps_each_inputs_dtype_and_shape():
+    # Mixed values dtypes and trailing shapes used to be concatenated (int64 ids promoted to
+    # float32, or a raw torch.cat error); each result must equal truncate of its input alone.
+    ids = RaggedTensor(torch.tensor([2**40 + 1, 7, 2**62 + 3]), torch.tensor([0, 2, 3]))
+    flt = RaggedTensor(torch.tensor([0.5, 1.5]), torch.tensor([0, 1, 2]))
+    emb = RaggedTensor(torch.arange(12.0).view(3, 4), torch.tensor([0, 3]))
+    ids2 = RaggedTensor(torch.tensor([2**53 + 1]), torch.tensor([0, 1]))
+    rs = [ids, flt, emb, ids2]
+    fused = rk.fused_truncate(rs, [1, 5, 2, 5], ["head", "tail", "tail", "head"])
+    for got, r, m, s in zip(fused, rs, [1, 5, 2, 5], ["head", "tail", "tail", "head"], strict=True):
+        alone = rk.truncate(r, m, s)
+        assert got.values.values.dtype == r.values.dtype
+        assert torch.equal(got.values.values, alone.values.values)
+        assert torch.equal(got.values.offsets[0], alone.values.offsets[0])
+        assert torch.equal(got.dropped, alone.dropped)
+        assert torch.equal(got.padded, alone.padded)
+    assert fused[0].values.values.tolist() == [2**40 + 1, 2**62 + 3]
+
+
+def test_fused_truncate_adds_no_weights_to_unweighted_inputs():
+    w = RaggedTensor(torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([2.0, 3.0]))
+    u = RaggedTensor(torch.tensor([1, 2]), torch.tensor([0, 2]))
+    u3 = ragged3_from_rows([[[1], [2, 3]]])
+    w3 = RaggedTensor(u3.values, u3.offsets, torch.tensor([0.5, 1.0, 2.0]))
+    out = rk.fused_truncate([w, u, w3, u3], [1, 1, 1, 1], ["head"] * 4)
+    assert out[0].values.weights.tolist() == [2.0]
+    assert out[1].values.weights is None
+    assert out[2].values.weights.tolist() == [0.5]
+    assert out[3].values.weights is None

@@ -9,6 +9,7 @@ Example (2 levels, ``pad_value=0``)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
@@ -190,8 +191,8 @@ def dense_to_ragged(
 
     - ``lengths``: ``(B,)`` int64 for 2-d input; ``[(B,), (B, S)]`` (sub-rows per row, values per
       sub-row) for 3-d input. Each must fit the dense size.
-    - ``pad_value``: trailing entries equal to ``pad_value`` are stripped from every row (inner
-      padding is kept); for 3-d input, trailing sub-rows left empty are then stripped too.
+    - ``pad_value``: trailing entries equal to ``pad_value`` (NaN entries for a NaN pad) are
+      stripped from every row (inner padding is kept); for 3-d input, trailing sub-rows left empty are then stripped too.
     - neither: every row is full (length ``L``, and ``S`` sub-rows).
 
     The row lengths are torch operations; the values are copied by one kernel launch on CUDA
@@ -327,7 +328,9 @@ def _dense_lengths(op, dense, lengths, pad_value) -> list[torch.Tensor]:
                 )
         return [t.to(dense.device) for t in given]
     if pad_value is not None:
-        nonpad = dense != pad_value
+        # NaN equals nothing, itself included: a NaN pad is found by isnan.
+        nan_pad = isinstance(pad_value, float) and math.isnan(pad_value)
+        nonpad = ~dense.isnan() if nan_pad else dense != pad_value
         inner = _trailing_length(nonpad)
         if dense.dim() == 2:
             return [inner]

@@ -114,7 +114,13 @@ def fused_feature_cross(
         _feature_cross_op, _feature_cross_impl, av, ao, aw, bv, bo, bw
     )
     parts = split_rows(values, offsets, weights if weighted else None, rows)
-    return [RaggedTensor(v, o, w, validate=False) for v, o, w in parts]
+    # The packed weights count a missing side as 1, so a pair with no weighted side gets ones
+    # there; like the unfused op, its result has no weights.
+    own = [a.weights is not None or b.weights is not None for a, b in ragged]
+    return [
+        RaggedTensor(v, o, w if has else None, validate=False)
+        for (v, o, w), has in zip(parts, own, strict=True)
+    ]
 
 
 def _ids(x: Ids) -> torch.Tensor:

@@ -234,14 +234,29 @@ class IdMapExport(NamedTuple):
     rows: torch.Tensor
 
 
+# Table indices are stored as int32; anything outside [0, _TABLE_MAX] would alias another table.
+_TABLE_MAX = 2**31 - 1
+_TABLE_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def _as_tables(op: str, keys: torch.Tensor, tables: torch.Tensor | int) -> torch.Tensor:
-    if isinstance(tables, int):
+    if isinstance(tables, int) and not isinstance(tables, bool):
+        if not 0 <= tables <= _TABLE_MAX:
+            raise ValueError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {tables}")
         return torch.full(keys.shape, tables, dtype=torch.int32, device=keys.device)
     check_tensor(op, "tables", tables)
+    check_dtype(op, "tables", tables, _TABLE_DTYPES)
     if tables.shape != keys.shape:
         raise ShapeError(
             f"{op}: tables has shape {tuple(tables.shape)}, expected {tuple(keys.shape)} like keys"
         )
+    if can_inspect(tables) and tables.numel():
+        # Host tables only: reading device values would synchronize every lookup.
+        t = tables.numpy()
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high > _TABLE_MAX:
+            bad = low if low < 0 else high
+            raise ValueError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {bad}")
     return tables.to(torch.int32)
 
 
@@ -299,7 +314,7 @@ class IdMap:
 
         Args:
             keys: ``(N,) int64`` ids.
-            tables: table index, one int or ``(N,)`` ints.
+            tables: table index in ``[0, 2**31 - 1]``, one int or ``(N,)`` integer tensor.
 
         Returns:
             ``(N,) int64`` row indices.
@@ -435,7 +450,7 @@ class IdMap:
 
         Args:
             keys: ``(N,) int64`` ids, duplicates allowed.
-            tables: table index, one int or ``(N,)`` ints.
+            tables: table index in ``[0, 2**31 - 1]``, one int or ``(N,)`` integer tensor.
 
         Returns:
             ``(rows (N,) int64, is_new (N,) bool)``: ``is_new`` marks keys absent before the call.
@@ -463,7 +478,7 @@ class IdMap:
 
         Args:
             keys: ``(N,) int64`` ids absent from the map.
-            tables: table index, one int or ``(N,)`` ints.
+            tables: table index in ``[0, 2**31 - 1]``, one int or ``(N,)`` integer tensor.
             distinct: the pairs are known to be distinct.
 
         Returns:
@@ -619,7 +634,7 @@ class IdMap:
 
         Args:
             keys: ``(N,) int64`` ids (absent ones and duplicates are ignored).
-            tables: table index, one int or ``(N,)`` ints.
+            tables: table index in ``[0, 2**31 - 1]``, one int or ``(N,)`` integer tensor.
 
         Returns:
             ``(E,) int64`` rows that were freed.

@@ -14,6 +14,7 @@ Gradients flow to ``rows`` and to ``weights`` (when it requires grad).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from recis_kernels._backend import run_op, use_cuda_kernels
@@ -54,7 +55,8 @@ def segment_reduce(
 
     Raises:
         UnsupportedDtypeError: rows not floating, offsets not int64.
-        ShapeError: wrong dimensions or lengths.
+        ShapeError: wrong dimensions or lengths, or offsets that do not run from 0 to N
+            without decreasing (checked for offsets on the host).
         ValueError: unknown mode or missing/invalid tile_len.
     """
     op = "segment_reduce"
@@ -87,6 +89,15 @@ def segment_reduce(
             f"{op}: offsets must start at 0 and end at the number of rows ({rows.shape[0]}), "
             f"got {int(offsets[0])} and {int(offsets[-1])}"
         )
+    if can_inspect(offsets):
+        # Host offsets only, like the check above: reading device offsets would synchronize.
+        down = np.flatnonzero(np.diff(offsets.numpy()) < 0)
+        if down.size:
+            k = int(down[0])
+            raise ShapeError(
+                f"{op}: offsets must be non-decreasing, got offsets[{k}] = "
+                f"{int(offsets[k])} > offsets[{k + 1}] = {int(offsets[k + 1])}"
+            )
     return run_op(
         _segment_reduce_op, _segment_reduce_impl, rows, offsets, weights, mode, tile_len or 0
     )

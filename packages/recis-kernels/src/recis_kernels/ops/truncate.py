@@ -27,7 +27,7 @@ import torch
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import can_inspect, grid_for, masked_rows
 from recis_kernels.exceptions import RaggedError
-from recis_kernels.ops._packing import stacked_offsets, stacked_weights
+from recis_kernels.ops._packing import stacked_offsets
 from recis_kernels.ragged import RaggedTensor
 
 __all__ = ["TruncateResult", "fused_truncate", "truncate"]
@@ -81,7 +81,9 @@ def fused_truncate(
     *,
     _checked: bool = False,
 ) -> list[TruncateResult]:
-    """:func:`truncate` of K features: one pass for all 2-level inputs and one for all 3-level.
+    """:func:`truncate` of K features: one pass per group of inputs with the same number of
+    levels, values dtype and trailing shape, and weights dtype (or none). Each result equals
+    :func:`truncate` of its input alone (dtype kept; weights only where the input has them).
 
     Args:
         rs: K ragged tensors on one device.
@@ -100,10 +102,7 @@ def fused_truncate(
         for k, (r, m, s) in enumerate(zip(rs, max_lens, sides, strict=True)):
             _check(op, f"rs[{k}]", r, m, s)
     results: list[TruncateResult | None] = [None] * len(rs)
-    for levels in (1, 2):
-        group = [k for k, r in enumerate(rs) if r.num_levels == levels]
-        if not group:
-            continue
+    for levels, group in _groups(rs):
         packed = _concat([rs[k] for k in group])
         rows = [len(rs[k]) for k in group]
         maxes, tails = [max_lens[k] for k in group], [sides[k] == "tail" for k in group]
@@ -118,6 +117,25 @@ def fused_truncate(
         for k, part in zip(group, _split(out, dropped, padded, rows), strict=True):
             results[k] = part
     return results  # type: ignore[return-value]
+
+
+def _groups(rs: Sequence[RaggedTensor]) -> list[tuple[int, list[int]]]:
+    """Indices of the inputs that can share one pass, in input order: same levels, values dtype,
+    trailing value shape, device and weights (dtype, or none). Concatenating anything else would
+    promote the values (an int64 id through float32 loses its low bits), fail on the shapes, or
+    give an unweighted input weights of 1."""
+    groups: dict[tuple, list[int]] = {}
+    for k, r in enumerate(rs):
+        w = r.weights
+        key = (
+            r.num_levels,
+            r.values.dtype,
+            r.values.shape[1:],
+            r.values.device,
+            None if w is None else (w.dtype, w.shape[1:]),
+        )
+        groups.setdefault(key, []).append(k)
+    return [(key[0], group) for key, group in groups.items()]
 
 
 def _per_row(params, rows, device) -> torch.Tensor:
@@ -232,7 +250,8 @@ def _concat(rs: Sequence[RaggedTensor]) -> RaggedTensor:
         for level in range(levels)
     ]
     values = torch.cat([r.values for r in rs])
-    weights = stacked_weights([r.values for r in rs], [r.weights for r in rs])
+    # The group shares one weights dtype, or none (see _groups): no weight of 1 is invented.
+    weights = None if rs[0].weights is None else torch.cat([r.weights for r in rs])
     return RaggedTensor(values, offsets, weights, validate=False)
 
 
