@@ -58,7 +58,8 @@ def test_cli_flags_override_the_config_file(tmp_path):
             {"mixed_precision": "fp8"},
             r"mixed_precision must be one of \['no', 'bf16', 'fp16'\], got 'fp8'",
         ),
-        ({"grad_clip": -1.0}, "grad_clip must be positive or None, got -1.0"),
+        ({"grad_clip": -1.0}, "grad_clip must be positive and finite, or None, got -1.0"),
+        ({"grad_clip": "inf"}, "grad_clip must be positive and finite, or None, got inf"),
         ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({"seed": "abc"}, "dict: seed must be int, got 'abc'"),
         ({"resume": "maybe"}, "dict: resume must be bool, got 'maybe'"),
@@ -79,3 +80,30 @@ def test_bad_files_are_named(tmp_path):
         TrainingArguments.from_file(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match=r"expected a \.json, \.yaml or \.yml file"):
         TrainingArguments.from_file(tmp_path / "args.toml")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": 1.5}, r"epochs must be int, got 1\.5 \(float\)"),
+        ({"train_steps": "10"}, r"train_steps must be int or None, got '10' \(str\)"),
+        ({"eval_steps": 2.0}, r"eval_steps must be int or None, got 2\.0 \(float\)"),
+        ({"log_every": True}, r"log_every must be int, got True \(bool\)"),
+        ({"output_dir": None}, r"output_dir must be str or pathlib\.Path, got None"),
+        ({"mixed_precision": None}, r"mixed_precision must be str, got None"),
+        ({"grad_clip": "1.0"}, r"grad_clip must be float or None, got '1\.0' \(str\)"),
+        ({"resume": 1}, r"resume must be bool, got 1 \(int\)"),
+        ({"grad_clip": float("nan")}, "grad_clip must be positive and finite, or None, got nan"),
+    ],
+)
+def test_values_given_in_python_are_checked_like_loaded_ones(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainingArguments(**values)
+
+
+def test_python_values_of_a_compatible_type_are_normalized(tmp_path):
+    args = TrainingArguments(output_dir=tmp_path, grad_clip=1)
+    assert args.output_dir == str(tmp_path)
+    assert isinstance(args.grad_clip, float)
+    assert args.grad_clip == 1.0
+    assert TrainingArguments.from_dict(args.to_dict()) == args

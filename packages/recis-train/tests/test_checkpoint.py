@@ -14,7 +14,14 @@ import pytest
 import torch
 from _toy import ToyModel, ToyReader, make_optimizers
 
-from recis_train import CheckpointManager, Trainer, TrainingArguments, seed_everything
+from recis_train import (
+    CheckpointManager,
+    EarlyStopping,
+    Hook,
+    Trainer,
+    TrainingArguments,
+    seed_everything,
+)
 from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -237,3 +244,169 @@ def test_sparse_checkpoint_seam_saves_and_restores_tables(tmp_path):
     assert torch.equal(resumed.model.table, whole.model.table)
     for key, value in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+class CrashInEvaluation(Hook):
+    """Raises during the evaluation of step ``at`` (``None``: never), like a kill there."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_evaluate(self, trainer, metrics):
+        if trainer.global_step == self.at:
+            raise RuntimeError(f"crash in the evaluation of step {self.at}")
+
+
+def build_evaluated(out, crash_at=None):
+    """Evaluates every 2 steps, saves every 2; stops at the second evaluation (step 4)."""
+    seed_everything(0)
+    model = ToyModel(600)
+    dense, sparse = make_optimizers(model)
+    stop = EarlyStopping("auc", patience=1, min_delta=1.0)  # nothing improves by a whole unit
+    args = TrainingArguments(
+        output_dir=str(out), device="cpu", eval_every=2, save_every=2, deterministic=True
+    )
+    return Trainer(
+        model,
+        args,
+        train_data=ToyReader(600, 30),
+        eval_data=ToyReader(200, 50, seed=1),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+        hooks=[CrashInEvaluation(crash_at), stop],
+    )
+
+
+def test_a_crash_during_an_evaluation_resumes_to_the_same_early_stop(tmp_path):
+    whole = build_evaluated(tmp_path / "whole")
+    whole.train_and_evaluate()
+    assert whole.hooks[1].stopped_at == whole.global_step == 4
+    cut = build_evaluated(tmp_path / "cut", crash_at=4)
+    with pytest.raises(RuntimeError, match="crash in the evaluation of step 4"):
+        cut.train_and_evaluate()
+    resumed = build_evaluated(tmp_path / "cut")
+    results = resumed.train_and_evaluate()
+    assert resumed.global_step == 4
+    assert resumed.hooks[1].stopped_at == 4
+    assert [step for step, _ in resumed.history["eval"]] == [2, 4]
+    assert results == whole.history["eval"][-1][1]
+
+
+def test_running_an_early_stopped_run_again_trains_no_further(tmp_path, caplog):
+    first = build_evaluated(tmp_path)
+    final = first.train_and_evaluate()
+    assert first.global_step == 4
+    again = build_evaluated(tmp_path)
+    assert again.train_and_evaluate() == final
+    assert "checkpoint of step 4 records that a hook stopped the run" in caplog.text
+    assert again.global_step == 4
+    assert again.hooks[1].stopped_at == 4
+    assert [step for step, _ in again.history["eval"]] == [2, 4]
+    assert_same(params(again), params(first))
+
+
+def no_schedulers(trainer):
+    trainer.lr_schedulers = []
+
+
+def sgd(trainer):
+    trainer.dense_optimizer = torch.optim.SGD(trainer.model.dense_parameters(), lr=0.1)
+
+
+def no_sparse_optimizer(trainer):
+    trainer.sparse_optimizer = None
+
+
+@pytest.mark.parametrize(
+    ("args", "change", "message"),
+    [
+        ({"gradient_accumulation_steps": 2}, None, r"gradient_accumulation_steps 1 \(now 2\)"),
+        ({"seed": 5}, None, r"seed 0 \(now 5\)"),
+        ({}, sgd, r"dense_optimizer torch\.optim\.adam\.Adam \(now torch\.optim\.sgd\.SGD\)"),
+        (
+            {},
+            no_sparse_optimizer,
+            r"sparse_optimizer torch\.optim\.sparse_adam\.SparseAdam \(now None\)",
+        ),
+        (
+            {},
+            no_schedulers,
+            r"lr_schedulers \['torch\.optim\.lr_scheduler\.ExponentialLR'\] \(now \[\]\)",
+        ),
+        (
+            {"rows": 300},
+            None,
+            r"model\.safetensors: dense parameter\(s\) do not fit the model's shapes \(checkpoint vs model: seen \(600,\) vs \(300,\)\)",
+        ),
+    ],
+)
+def test_resuming_a_changed_setup_names_the_change_and_loads_nothing(
+    tmp_path, args, change, message
+):
+    build(tmp_path, train_steps=4).train()
+    trainer = build(tmp_path, train_steps=8, **args)
+    if change is not None:
+        change(trainer)
+    before = params(trainer)
+    with pytest.raises(CheckpointError, match=f"step-000000004.*{message}"):
+        trainer.train()
+    assert trainer.global_step == 0
+    assert_same(params(trainer), before)
+
+
+def test_resume_may_extend_the_run_and_change_how_often_it_saves(tmp_path):
+    whole = build(tmp_path / "whole", epochs=3)
+    whole.train()
+    build(tmp_path / "cut", train_steps=10, save_every=5).train()
+    extended = build(tmp_path / "cut", epochs=3, save_every=7, max_to_keep=5)
+    extended.train()
+    assert extended.global_step == whole.global_step == 60
+    assert_same(params(extended), params(whole))
+
+
+def test_resuming_past_the_end_of_changed_data_is_an_error(tmp_path):
+    batches = list(ToyReader(600, 30))
+    build(tmp_path, data=batches, train_steps=12, save_every=12).train()
+    with pytest.raises(
+        ConfigError, match="resuming at batch 12 of epoch 1, but train_data has only 5"
+    ):
+        build(tmp_path, data=batches[:5]).train()
+
+
+def write(text):
+    return {"dense": lambda d: (d / "a.txt").write_text(text)}
+
+
+def test_a_failed_save_over_the_same_step_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, max_to_keep=1)
+    path = manager.save(7, write("old"), {})
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint of step 7 .* failed: disk gone"):
+        manager.save(7, write("new"), {})
+    monkeypatch.undo()
+    assert manager.complete() == [path]
+    assert (path / "dense" / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    manager.save(7, write("new"), {})
+    assert (path / "dense" / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("new_in_place", [False, True])
+def test_a_save_killed_while_replacing_a_step_is_recovered(tmp_path, new_in_place):
+    manager = CheckpointManager(tmp_path, max_to_keep=1)
+    path = manager.save(7, write("old"), {})
+    aside = tmp_path / ".replaced-step-000000007-4242"
+    path.rename(aside)  # as if killed after moving the old checkpoint aside
+    if new_in_place:
+        CheckpointManager(tmp_path / "other").save(7, write("new"), {}).rename(path)
+    assert manager.latest() == path
+    assert (path / "dense" / "a.txt").read_text() == ("new" if new_in_place else "old")
+    assert not aside.exists()

@@ -252,3 +252,21 @@ def test_metrics_sync_across_two_gloo_ranks(tmp_path):
     for rank in (0, 1):
         for name, value in expected.items():
             assert results[rank][name] == pytest.approx(value, abs=1e-9), (rank, name)
+
+
+@pytest.mark.parametrize("score", [-0.5, 1.5, 3.0])
+def test_thresholded_auroc_rejects_scores_outside_zero_one(score):
+    auc = AUROC("thresholded")
+    with pytest.raises(MetricInputError, match=f"needs predictions in \\[0, 1\\], found {score:g}"):
+        auc.update(torch.tensor([0.2, score]), torch.tensor([0, 1]))
+    assert math.isnan(auc.compute())  # the rejected batch left nothing behind
+    exact = AUROC()
+    exact.update(torch.tensor([0.2, score]), torch.tensor([0, 1]))
+    assert exact.compute() == (1.0 if score > 0.2 else 0.0)  # exact mode takes any real scores
+
+
+def test_auroc_of_no_data_is_nan_in_both_modes():
+    for auc in (AUROC(), AUROC("thresholded")):
+        assert math.isnan(auc.compute())
+        auc.update(torch.zeros(0), torch.zeros(0))
+        assert math.isnan(auc.compute())

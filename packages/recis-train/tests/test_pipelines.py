@@ -16,8 +16,8 @@ from recis_train import (
     TrainingArguments,
     seed_everything,
 )
-from recis_train.exceptions import ConfigError, LabelError
-from recis_train.metrics import AUROC, LogLoss
+from recis_train.exceptions import ConfigError, LabelError, MetricInputError
+from recis_train.metrics import AUROC, Calibration, LogLoss
 
 
 class Body(nn.Module):
@@ -190,3 +190,35 @@ def test_multistage_rejects_duplicate_names_and_all_frozen(tmp_path):
     )
     with pytest.raises(ConfigError, match="stage 'x': no trainable parameter is left"):
         MultiStage(model, args, [frozen]).run()
+
+
+def test_multitask_names_a_missing_group_column():
+    model = MultiTask(Body(), [Task("click", nn.Linear(16, 1), label="click")], group_column="user")
+    with pytest.raises(
+        ConfigError, match=r"group_column 'user': batch has no such column .*tasks \['click'\]"
+    ):
+        model(next(iter(ToyReader(8, 8))))
+
+
+def test_soft_labels_evaluate_with_metrics_that_accept_them(tmp_path):
+    batches = [{**b, "click": torch.sigmoid(b["dense"][:, 0])} for b in ToyReader(64, 32)]
+
+    def trainer(**metrics):
+        seed_everything(0)
+        model = MultiTask(Body(), [Task("click", nn.Linear(16, 1), label="click", **metrics)])
+        args = TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False)
+        return Trainer(
+            model,
+            args,
+            train_data=batches,
+            eval_data=batches,
+            dense_optimizer=torch.optim.Adam(model.parameters()),
+        )
+
+    with pytest.raises(
+        MetricInputError, match=r"labels must be 0 or 1, found 0\.\d+; soft labels need metrics"
+    ):
+        trainer().evaluate()
+    results = trainer(metrics={"logloss": LogLoss, "calibration": Calibration}).evaluate()
+    assert sorted(results) == ["click/calibration", "click/logloss", "loss", "loss/click"]
+    assert results["click/logloss"] == pytest.approx(results["loss"], rel=1e-4)

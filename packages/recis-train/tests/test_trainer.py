@@ -313,3 +313,82 @@ def test_no_warning_when_train_steps_are_reached_or_a_hook_stops(tmp_path, caplo
         make_trainer(tmp_path / "all", rows=200, batch=50).train()
     assert "ran out" not in caplog.text
     assert "no step" not in caplog.text
+
+
+class IterableOnce:
+    """An iterable (not an iterator) that gives its batches on the first iteration only."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def __iter__(self):
+        return self.batches
+
+
+def test_a_one_shot_iterator_for_more_than_one_epoch_is_refused_up_front(tmp_path):
+    batches = list(ToyReader(200, 50))
+    with pytest.raises(ConfigError, match=r"one-shot iterator \(generator\) but epochs=2"):
+        make_trainer(tmp_path, train_data=(b for b in batches), args={"epochs": 2})
+    trainer = make_trainer(tmp_path, train_data=(b for b in batches))
+    trainer.train()
+    assert trainer.global_step == 4  # one epoch of a generator is fine
+
+
+def test_a_one_shot_iterable_is_an_error_when_its_second_epoch_is_empty(tmp_path):
+    trainer = make_trainer(
+        tmp_path, train_data=IterableOnce(ToyReader(200, 50)), args={"epochs": 2}
+    )
+    with pytest.raises(ConfigError, match="no batch in epoch 2 of 2 after giving some in epoch 1"):
+        trainer.train()
+    assert trainer.global_step == 4
+
+
+def test_a_one_shot_eval_iterator_is_refused_for_a_second_evaluation(tmp_path):
+    trainer = make_trainer(tmp_path, args={"train_steps": 4, "eval_every": 2})
+    trainer.eval_data = (b for b in ToyReader(200, 100, seed=1))
+    with pytest.raises(ConfigError, match=r"one-shot iterator \(generator\) but eval_every=2"):
+        trainer.train_and_evaluate()
+    assert trainer.global_step == 0
+    assert "auc" in trainer.evaluate()
+    with pytest.raises(
+        ConfigError, match=r"one-shot iterator .* that an earlier evaluation consumed"
+    ):
+        trainer.evaluate()
+    assert trainer.evaluate(list(ToyReader(200, 100, seed=1)))["auc"] > 0  # explicit data is fine
+
+
+class StepOnly:
+    def __init__(self):
+        self.global_step, self.should_stop = 0, False
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_early_stopping_never_takes_nan_as_the_best_value(mode):
+    stop, trainer = EarlyStopping("auc", mode=mode, patience=2), StepOnly()
+    sign = 1 if mode == "max" else -1
+    for step, value in [(1, float("nan")), (2, 0.70 * sign), (3, 0.75 * sign), (4, float("nan"))]:
+        trainer.global_step = step
+        stop.on_evaluate(trainer, {"auc": value})
+    assert stop.best == 0.75 * sign
+    assert stop.bad_evaluations == 1
+    assert not trainer.should_stop
+    trainer.global_step = 5
+    stop.on_evaluate(trainer, {"auc": float("nan")})
+    assert trainer.should_stop
+    assert stop.stopped_at == 5
+
+
+@pytest.mark.parametrize(
+    ("batches", "epochs", "accumulation"),
+    [(13, 3, 2), (13, 1, 2), (12, 3, 5), (7, 2, 1), (5, 1, 8)],
+)
+def test_total_steps_is_the_number_of_steps_trained(tmp_path, batches, epochs, accumulation):
+    trainer = make_trainer(
+        tmp_path,
+        rows=batches * 10,
+        batch=10,
+        args={"epochs": epochs, "gradient_accumulation_steps": accumulation},
+    )
+    expected = trainer.total_steps
+    trainer.train()
+    assert trainer.global_step == expected

@@ -247,3 +247,29 @@ def test_bad_arguments(source, tmp_path):
         warm_start(fresh(), source.checkpoints.latest(), include="mlp")
     with pytest.raises(ConfigError, match=r"nn\.Module or a Trainer"):
         warm_start(object(), source.checkpoints.latest())
+
+
+def test_default_parts_are_those_the_checkpoint_has(tmp_path):
+    def plain():
+        torch.manual_seed(0)
+        return nn.Linear(3, 1)
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = plain()
+
+        def forward(self, x):
+            return self.linear(x).pow(2).mean()
+
+    donor = Plain()
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", train_steps=3)
+    optimizer = torch.optim.SGD(donor.parameters(), lr=0.1)
+    Trainer(donor, args, train_data=[torch.ones(4, 3)] * 3, dense_optimizer=optimizer).train()
+    target = Plain()
+    result = warm_start(target, tmp_path)
+    assert result.dense == ["linear.bias", "linear.weight"]
+    assert result.tables == {}
+    assert torch.equal(target.linear.weight, donor.linear.weight)
+    with pytest.raises(CheckpointError, match="step-000000003 has no sparse part"):
+        warm_start(Plain(), tmp_path, parts=("sparse",))

@@ -57,6 +57,12 @@ class TrainingArguments:
     save_at_end: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, Path):
+            self.output_dir = str(self.output_dir)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        if self.grad_clip is not None:
+            self.grad_clip = float(self.grad_clip)
         positive = ("epochs", "log_every", "max_to_keep", "gradient_accumulation_steps")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -72,8 +78,10 @@ class TrainingArguments:
             raise ConfigError(
                 f"mixed_precision must be one of {list(_PRECISIONS)}, got {self.mixed_precision!r}"
             )
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
+            raise ConfigError(
+                f"grad_clip must be positive and finite, or None, got {self.grad_clip}"
+            )
         if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps", "xpu"))):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -164,6 +172,26 @@ def _base_type(name: str) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+def _optional(name: str) -> bool:
+    hint = typing.get_type_hints(TrainingArguments)[name]
+    return type(None) in typing.get_args(hint)
+
+
+def _check_type(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` has the field's type (ints for floats too)."""
+    target = _base_type(name)
+    if value is None and _optional(name):
+        return
+    fits = isinstance(value, target) and not (target is int and isinstance(value, bool))
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        fits = True
+    if not fits:
+        wanted = f"{target.__name__} or None" if _optional(name) else target.__name__
+        if name == "output_dir":
+            wanted = "str or pathlib.Path"
+        raise ConfigError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -43,8 +43,11 @@ class CheckpointManager:
     A checkpoint is the directory ``root/step-000000123``. It is written under a temporary name,
     its files flushed to disk, its ``manifest.json`` written last, then renamed into place, so a
     crash or an error mid-save never leaves a directory that :meth:`latest` would pick; the
-    previous checkpoints stay as they were. After a successful save, complete checkpoints beyond
-    ``max_to_keep`` are deleted, oldest first.
+    previous checkpoints stay as they were. Saving a step that has a checkpoint already replaces
+    it without a moment where neither is complete: the old directory is renamed aside to
+    ``.replaced-step-...``, the new one renamed in, then the old one deleted; if the process
+    dies in between, :meth:`complete` puts the old one back. After a successful save, complete
+    checkpoints beyond ``max_to_keep`` are deleted, oldest first.
 
     Args:
         root: directory holding the checkpoints (created on first save).
@@ -93,9 +96,7 @@ class CheckpointManager:
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            self._move_into_place(tmp, final)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, Exception):
@@ -106,10 +107,39 @@ class CheckpointManager:
         self._rotate()
         return final
 
+    def _move_into_place(self, tmp: Path, final: Path) -> None:
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        aside = self.root / f".replaced-{final.name}-{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside, final)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _recover_replaced(self) -> None:
+        # Left by a process that died while replacing a checkpoint: the old one is put back
+        # unless the new one made it into place.
+        for aside in sorted(self.root.glob(".replaced-step-*")):
+            final = self.root / aside.name.split("-", 1)[1].rsplit("-", 1)[0]
+            try:
+                if final.exists():
+                    shutil.rmtree(aside)
+                else:
+                    os.replace(aside, final)
+                    _log.warning("restored checkpoint %s, left aside by an interrupted save", final)
+            except FileNotFoundError:
+                pass  # another process (rank) recovered it first
+
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.root.is_dir():
             return []
+        self._recover_replaced()
         found = []
         for path in self.root.iterdir():
             match = _NAME.match(path.name)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from recis_train.exceptions import ConfigError
+
 
 def move_to(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor on ``device`` (non-blocking; batches keep their own type)."""
@@ -59,9 +61,24 @@ class DataStream:
     loads it, so the reader continues with exactly the next sample. Otherwise resuming
     re-iterates the current epoch and skips the batches already consumed, which is exact for
     any deterministic iterable.
+
+    Every epoch iterates ``data`` again, so more than one epoch needs an iterable that can be
+    iterated again (a list, a ``DataLoader``, a recis-io ``Dataset``), not a one-shot iterator
+    such as a generator.
+
+    Raises:
+        ConfigError: ``epochs > 1`` and ``data`` is an iterator; (while iterating) an epoch
+            after a non-empty one gave no batch (``data`` is one-shot), or resuming skips more
+            batches than the epoch has (the data changed since the checkpoint).
     """
 
     def __init__(self, data: Iterable[Any], epochs: int) -> None:
+        if epochs > 1 and isinstance(data, Iterator):
+            raise ConfigError(
+                f"train_data is a one-shot iterator ({type(data).__name__}) but epochs={epochs} "
+                "passes over it were asked for; give a list or another iterable that can be "
+                "iterated again (e.g. a DataLoader), or set epochs=1"
+            )
         self.data = data
         self.epochs = epochs
         self.epoch = 0
@@ -82,8 +99,17 @@ class DataStream:
         self._resume = True
 
     def __iter__(self) -> Iterator[Any]:
+        nonempty_epoch = None  # an epoch this iteration saw batches in
         while self.epoch < self.epochs:
             yield from self._epoch()
+            if self.consumed:
+                nonempty_epoch = self.epoch
+            elif nonempty_epoch is not None:
+                raise ConfigError(
+                    f"train_data gave no batch in epoch {self.epoch + 1} of {self.epochs} after "
+                    f"giving some in epoch {nonempty_epoch + 1}: it can be iterated only once; "
+                    "give a list or another iterable that can be iterated again, or set epochs=1"
+                )
             self.epoch += 1
             self.consumed = 0
             self._reader_state = None
@@ -97,8 +123,12 @@ class DataStream:
                 skip = self.consumed
         self._resume = False
         iterator = iter(self.data)
-        for _ in itertools.islice(iterator, skip):
-            pass
+        skipped = sum(1 for _ in itertools.islice(iterator, skip))
+        if skipped < skip:
+            raise ConfigError(
+                f"resuming at batch {skip} of epoch {self.epoch + 1}, but train_data has only "
+                f"{skipped} batch(es) in it: the training data changed since the checkpoint"
+            )
         for batch in iterator:
             self.consumed += 1
             if self._stateful:

@@ -131,6 +131,9 @@ class EarlyStopping(Hook):
         mode: ``"max"`` (higher is better) or ``"min"``.
         patience: evaluations without improvement tolerated before stopping.
         min_delta: smallest change that counts as an improvement.
+
+    A NaN result (e.g. the AUC of an evaluation slice with one class) counts as no improvement
+    and never becomes the best value; the first finite result does.
     """
 
     def __init__(
@@ -152,7 +155,10 @@ class EarlyStopping(Hook):
             )
         value = metrics[self.monitor]
         sign = 1.0 if self.mode == "max" else -1.0
-        if self.best is None or sign * (value - self.best) > self.min_delta:
+        improved = not math.isnan(value) and (
+            self.best is None or sign * (value - self.best) > self.min_delta
+        )
+        if improved:
             self.best, self.bad_evaluations = value, 0
             return
         self.bad_evaluations += 1
@@ -161,11 +167,16 @@ class EarlyStopping(Hook):
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_evaluations": self.bad_evaluations}
+        return {
+            "best": self.best,
+            "bad_evaluations": self.bad_evaluations,
+            "stopped_at": self.stopped_at,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best = state.get("best")
         self.bad_evaluations = int(state.get("bad_evaluations", 0))
+        self.stopped_at = state.get("stopped_at")
 
 
 def find_tables(model: Any) -> dict[str, Any]:

@@ -126,5 +126,12 @@ class MultiTask(nn.Module):
             "labels": labels,
         }
         if self.group_column is not None:
+            if self.group_column not in batch:
+                raise ConfigError(
+                    f"MultiTask group_column {self.group_column!r}: batch has no such column "
+                    f"(its group ids go with the predictions of tasks "
+                    f"{[t.name for t in self.tasks]}); give the batch that column, or "
+                    "group_column=None"
+                )
             out["groups"] = batch[self.group_column]
         return out

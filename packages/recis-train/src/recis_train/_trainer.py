@@ -45,6 +45,14 @@ DEFAULT_METRICS: Mapping[str, MetricFactory] = {
     "calibration": Calibration,
 }
 _PARTS = ("dense", "sparse", "trainer")
+#: training arguments a resume must keep: a step is ``gradient_accumulation_steps`` batches, and
+#: the saved RNG state continues the run of the saved seed (a new one would be ignored)
+FIXED_ON_RESUME = ("gradient_accumulation_steps", "seed")
+
+
+def _class_name(obj: Any) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -161,6 +169,8 @@ class Trainer:
         self.history: dict[str, list[tuple[int, dict[str, float]]]] = {"train": [], "eval": []}
         self._cursor = self.stream.state_dict()
         self._restored = False
+        self._stopped_at_restore = False
+        self._evaluated_iterator = False  # the trainer's eval_data, if an iterator, is used up
         self._tables: list[Any] | None = None
         self._last_saved_step: int | None = None
         self._scaler = (
@@ -201,7 +211,8 @@ class Trainer:
             batches = len(self.train_data)  # type: ignore[arg-type]
         except TypeError:
             return None
-        return math.ceil(batches / self.args.gradient_accumulation_steps) * self.args.epochs
+        # Accumulation runs across epoch boundaries: a step may take batches of two epochs.
+        return math.ceil(batches * self.args.epochs / self.args.gradient_accumulation_steps)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         precision = self.args.mixed_precision
@@ -225,6 +236,7 @@ class Trainer:
         self.train_data = train_data
         self.stream = DataStream(train_data, self.args.epochs if epochs is None else epochs)
         self._cursor = self.stream.state_dict()
+        self._stopped_at_restore = False  # a stop asked for on the old data ended that run only
 
     def train(self) -> dict[str, float]:
         """Train until ``train_steps``, the end of the data, or a hook asks to stop.
@@ -239,22 +251,38 @@ class Trainer:
     def train_and_evaluate(self) -> dict[str, float]:
         """Train, evaluating every ``eval_every`` steps and at the end.
 
+        Each evaluation runs before the checkpoint of its step is written, so a checkpoint holds
+        it and the hooks' reaction (e.g. :class:`EarlyStopping` asking to stop): a run resumed
+        after a crash evaluates and stops where the uninterrupted run would, and running a
+        finished run again trains no further.
+
         Returns:
             The final evaluation's results.
         """
         if self.eval_data is None:
             raise ConfigError("train_and_evaluate needs eval_data")
-        self._run(evaluate_every=self.args.eval_every)
-        if self.history["eval"] and self.history["eval"][-1][0] == self.global_step:
-            return dict(self.history["eval"][-1][1])  # the loop just evaluated this step
-        return self.evaluate()
+        if self.args.eval_every and isinstance(self.eval_data, Iterator):
+            raise ConfigError(
+                f"eval_data is a one-shot iterator ({type(self.eval_data).__name__}) but "
+                f"eval_every={self.args.eval_every} evaluates it repeatedly; give a list, another "
+                "iterable that can be iterated again, or a function returning a fresh iterable"
+            )
+        self._run(evaluate_every=self.args.eval_every, evaluate_at_end=True)
+        return dict(self.history["eval"][-1][1])
 
-    def _run(self, evaluate_every: int) -> dict[str, float]:
+    def _run(self, evaluate_every: int, evaluate_at_end: bool = False) -> dict[str, float]:
         if self.args.resume and not self._restored:
             self.restore(missing_ok=True)
         if not self._restored and self.global_step == 0:
             seed_everything(self.args.seed)
-        self.should_stop = False
+        # A run restored from a checkpoint written after a hook asked to stop is finished.
+        self.should_stop, self._stopped_at_restore = self._stopped_at_restore, False
+        if self.should_stop:
+            _log.warning(
+                "train() runs no step: the checkpoint of step %d records that a hook stopped "
+                "the run there; use another output_dir to train further",
+                self.global_step,
+            )
         for hook in self._hooks():
             hook.on_train_begin(self)
         logs: dict[str, float] = {}
@@ -269,16 +297,22 @@ class Trainer:
                 if not micro:
                     break
                 logs = self._step(micro)
-                if self.args.save_every and self.global_step % self.args.save_every == 0:
-                    self.save()
+                # Evaluate before saving: the checkpoint of this step then holds the evaluation
+                # and what the hooks made of it (EarlyStopping's count, a request to stop).
                 if evaluate_every and self.global_step % evaluate_every == 0:
                     self.evaluate()
+                if self.args.save_every and self.global_step % self.args.save_every == 0:
+                    self.save()
         finally:
             # The prefetcher may hold a batch already taken from the data: rewind to the cursor
             # of the last batch trained on so a later call continues exactly there.
             batches.close()
             self.stream.load_state_dict(self._cursor)
         self._warn_if_data_ran_out(first_step, past_start)
+        if evaluate_at_end and not (
+            self.history["eval"] and self.history["eval"][-1][0] == self.global_step
+        ):
+            self.evaluate()
         if self.args.save_at_end and self._last_saved_step != self.global_step:
             self.save()
         for hook in self._hooks():
@@ -470,6 +504,14 @@ class Trainer:
         source = eval_data if eval_data is not None else self.eval_data
         if source is None:
             raise ConfigError("evaluate needs eval_data (given to the trainer or to evaluate)")
+        if source is self.eval_data and isinstance(source, Iterator):
+            if self._evaluated_iterator:
+                raise ConfigError(
+                    f"eval_data is a one-shot iterator ({type(source).__name__}) that an earlier "
+                    "evaluation consumed; give the trainer a list, another iterable that can be "
+                    "iterated again, or a function returning a fresh iterable"
+                )
+            self._evaluated_iterator = True
         data = source() if callable(source) and not hasattr(source, "__iter__") else source
         metrics: dict[str, dict[str, Metric]] = {}
         sums: dict[str, float] = {}
@@ -561,6 +603,8 @@ class Trainer:
             "rng": rng_state(),
             "hooks": [h.state_dict() for h in self.hooks],
             "history": self.history,
+            "stopped": self.should_stop,
+            "classes": self._state_classes(),
         }
         if self._scaler is not None:
             state["scaler"] = self._scaler.state_dict()
@@ -574,6 +618,16 @@ class Trainer:
             mine = {"cursor": self._cursor, "rng": state["rng"]}
             state["ranks"] = self.distributed.gather(mine)
         return state
+
+    def _state_classes(self) -> dict[str, Any]:
+        """The classes whose state the trainer part holds, checked on resume."""
+        return {
+            "dense_optimizer": _class_name(self.dense_optimizer),
+            "sparse_optimizer": _class_name(self.sparse_optimizer)
+            if self.sparse_optimizer is not None
+            else None,
+            "lr_schedulers": [_class_name(s) for s in self.lr_schedulers],
+        }
 
     def _dense_state(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
@@ -642,7 +696,10 @@ class Trainer:
 
         Raises:
             CheckpointNotFoundError: no complete checkpoint (and not ``missing_ok``).
-            CheckpointError: the checkpoint is incomplete or does not fit the model.
+            CheckpointError: the checkpoint is incomplete or does not fit the model; or, loading
+                the ``"trainer"`` part, it was written with another optimizer class, other LR
+                schedulers, or another ``gradient_accumulation_steps`` or ``seed``. Nothing is
+                loaded then.
         """
         unknown = sorted(set(parts) - set(_PARTS))
         if unknown:
@@ -656,20 +713,70 @@ class Trainer:
             if missing_ok:
                 return None
             raise CheckpointNotFoundError(f"no complete checkpoint in {self.checkpoints.root}")
-        self.checkpoints.read_manifest(found)
-        if "dense" in parts:
-            self._load_dense(found / "dense" / "model.safetensors")
+        manifest = self.checkpoints.read_manifest(found)
+        # Everything is checked before anything is loaded, so a refused resume changes nothing.
+        trainer_file = found / "trainer" / "state.pt"
+        trainer_state = load_object(trainer_file) if "trainer" in parts else None
+        if trainer_state is not None:
+            self._check_resumable(manifest, trainer_state, found)
+        dense_file = found / "dense" / "model.safetensors"
+        dense = load_tensors(dense_file) if "dense" in parts else None
+        if dense is not None:
+            self._check_dense_shapes(dense, dense_file)
+            self._load_dense(dense, dense_file)
         if "sparse" in parts and self.sparse_checkpoint is not None:
             self.sparse_checkpoint.load(found / "sparse", self.model, self.sparse_optimizer)
-        if "trainer" in parts:
-            file = found / "trainer" / "state.pt"
-            self._load_trainer(load_object(file), file)
+        if trainer_state is not None:
+            self._load_trainer(trainer_state, trainer_file)
             self._restored = True
         _log.info("restored checkpoint %s (parts %s)", found, list(parts))
         return found
 
-    def _load_dense(self, file: Path) -> None:
-        tensors = load_tensors(file)
+    def _check_resumable(
+        self, manifest: Mapping[str, Any], state: Mapping[str, Any], path: Path
+    ) -> None:
+        """Raises :class:`CheckpointError` naming each way this trainer differs from the one
+        that wrote ``path`` in what its trainer state cannot carry over."""
+        saved_args = manifest.get("meta", {}).get("args", {})
+        differences = [
+            f"{name} {saved_args[name]!r} (now {getattr(self.args, name)!r})"
+            for name in FIXED_ON_RESUME
+            if name in saved_args and saved_args[name] != getattr(self.args, name)
+        ]
+        saved = state.get("classes")
+        if saved is not None:  # checkpoints of earlier versions do not record them
+            now = self._state_classes()
+            differences += [
+                f"{key} {saved[key]} (now {now[key]})"
+                for key in ("dense_optimizer", "sparse_optimizer", "lr_schedulers")
+                if saved[key] != now[key]
+            ]
+        elif len(state["lr_schedulers"]) != len(self.lr_schedulers):
+            differences.append(
+                f"{len(state['lr_schedulers'])} lr scheduler(s) (now {len(self.lr_schedulers)})"
+            )
+        if differences:
+            raise CheckpointError(
+                f"{path}: cannot resume, the checkpoint was written with "
+                + "; ".join(differences)
+                + "; keep them as they were, use another output_dir, or restore "
+                "parts=('dense', 'sparse') to start a new run from its weights"
+            )
+
+    def _check_dense_shapes(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+        own = self.model.state_dict()
+        wrong = [
+            f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
+            for name, tensor in sorted(tensors.items())
+            if name in own and tuple(own[name].shape) != tuple(tensor.shape)
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{file}: dense parameter(s) do not fit the model's shapes (checkpoint vs "
+                f"model: {', '.join(wrong)})"
+            )
+
+    def _load_dense(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         if self.sparse_checkpoint is not None:
             # Table entries come back through the sparse part, not the dense file.
@@ -696,6 +803,7 @@ class Trainer:
         if self.sparse_optimizer is not None and "sparse_optimizer" in state:
             self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self._stopped_at_restore = bool(state.get("stopped", False))
         set_rng_state(own["rng"])
 
 

@@ -234,7 +234,7 @@ def warm_start(
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    parts: Iterable[str] = _PARTS,
+    parts: Iterable[str] | None = None,
     optimizer_state: bool = False,
 ) -> WarmStartResult:
     """Initialize a model from another run's checkpoint, choosing what to take by name.
@@ -261,7 +261,8 @@ def warm_start(
         include: name patterns to load (default: everything in ``parts``).
         exclude: name patterns to leave as they are.
         parts: ``"dense"`` tensors and/or ``"sparse"`` tables; ``parts=("sparse",)`` takes
-            only embedding tables.
+            only embedding tables (default: the parts the checkpoint has; a part asked for
+            explicitly must be there).
         optimizer_state: also load the sparse optimizer's per-row state (the slots must be
             those of the model's sparse optimizer, which must already exist).
 
@@ -279,9 +280,8 @@ def warm_start(
         >>> warm_start(model, "pretrain/checkpoints", parts=("sparse",), exclude=["C1"])
         WarmStartResult(checkpoint=..., dense=[], tables={'C2': 5123, ...}, skipped=[])
     """
-    parts = tuple(parts)
-    unknown = sorted(set(parts) - set(_PARTS))
-    if unknown or not parts:
+    asked = tuple(parts) if parts is not None else None
+    if asked is not None and (not asked or set(asked) - set(_PARTS)):
         raise ConfigError(f"warm_start: parts must be a non-empty subset of {list(_PARTS)}")
     model = target if isinstance(target, nn.Module) else getattr(target, "model", None)
     if not isinstance(model, nn.Module):
@@ -289,9 +289,16 @@ def warm_start(
             f"warm_start: target must be an nn.Module or a Trainer, got {type(target).__name__}"
         )
     checkpoint, dense_file, tables_dir = _resolve(path)
-    for part, where in (("dense", dense_file), ("sparse", tables_dir)):
-        if part in parts and where is None:
+    present = tuple(p for p, where in (("dense", dense_file), ("sparse", tables_dir)) if where)
+    parts = asked if asked is not None else present
+    for part in parts:
+        if part not in present:
             raise CheckpointError(f"warm_start: checkpoint {checkpoint} has no {part} part")
+    if not parts:
+        raise CheckpointError(
+            f"warm_start: checkpoint {checkpoint} has neither a dense nor a sparse part "
+            "warm_start can read"
+        )
     select = _Selection(include, exclude)
     result = WarmStartResult(checkpoint)
     # Check everything before loading anything: a typo or a misfit leaves the model untouched.

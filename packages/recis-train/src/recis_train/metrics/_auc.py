@@ -74,7 +74,9 @@ class AUROC(Metric):
     fixed thresholds (constant memory) and matches TensorFlow's ``tf.compat.v1.metrics.auc``:
     thresholds ``-1e-7, 1/(n-1), …, (n-2)/(n-1), 1+1e-7``, a prediction is positive iff it is
     strictly above the threshold, and the curve is integrated with the trapezoid rule.
-    Predictions are probabilities in [0, 1] for the thresholded mode; any real scores for exact.
+    Predictions are probabilities in [0, 1] for the thresholded mode (others raise
+    :class:`~recis_train.exceptions.MetricInputError`); any real scores for exact. With no data
+    both modes return NaN.
 
     Args:
         mode: ``"exact"`` or ``"thresholded"``.
@@ -124,6 +126,13 @@ class AUROC(Metric):
             self._append("preds", p)
             self._append("labels", y)
             return
+        outside = (p < 0) | (p > 1)
+        if bool(outside.any()):
+            raise MetricInputError(
+                f"AUROC: the thresholded mode needs predictions in [0, 1], found "
+                f"{p[outside][0].item():g}; pass probabilities (e.g. sigmoid of logits) or use "
+                "mode='exact', which takes any real scores"
+            )
         below = torch.searchsorted(self._thresholds, p, side="left")
         size = self.num_thresholds + 1
         self._state["pos"] += torch.bincount(below, weights=y, minlength=size)
@@ -134,6 +143,8 @@ class AUROC(Metric):
             y = state["labels"]
             auc, _ = grouped_auc(torch.zeros_like(y, dtype=torch.int64), state["preds"], y)
             return float(auc[0]) if auc.numel() else float("nan")
+        if not float(state["pos"].sum() + state["neg"].sum()):
+            return float("nan")
         # tp[i]: positives above threshold i = positives with more than i thresholds below them.
         tp = state["pos"].flip(0).cumsum(0).flip(0)[1:]
         fp = state["neg"].flip(0).cumsum(0).flip(0)[1:]

@@ -52,7 +52,14 @@ def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary
         bad = (labels != 0) & (labels != 1)
         if bool(bad.any()):
             found = labels[bad][0].item()
-            raise MetricInputError(f"{metric}: labels must be 0 or 1, found {found}")
+            hint = (
+                "; soft labels need metrics that accept them: pass e.g. "
+                "metrics={'logloss': LogLoss, 'calibration': Calibration} to the Trainer "
+                "(or a Task)"
+                if 0 < found < 1
+                else ""
+            )
+            raise MetricInputError(f"{metric}: labels must be 0 or 1, found {found}{hint}")
     elif bool(((labels < 0) | (labels > 1) | ~torch.isfinite(labels)).any()):
         raise MetricInputError(f"{metric}: labels must lie in [0, 1]")
 
