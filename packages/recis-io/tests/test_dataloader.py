@@ -109,3 +109,36 @@ def test_stateful_dataloader_resumes_every_worker_exactly(files) -> None:
     rest = [b["id"].tolist() for b in resumed]
     assert head + rest == full
     assert len({i for b in full for i in b}) == sum(len(b) for b in full)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_keep_their_type_through_a_dataloader(files, workers: int) -> None:
+    from recis_io import Batch
+
+    loader = DataLoader(
+        Dataset(files, batch_size=50),
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context="spawn" if workers else None,
+    )
+    batches = list(loader)
+    assert all(type(b) is Batch for b in batches)
+    assert all(len(b) == b["id"].shape[0] for b in batches)
+    assert [len(b) for b in batches[:5]] == [50] * 5
+    first = batches[0]
+    assert first.to_arrow().num_rows == 50
+    assert first["id"].data_ptr() == first.buffer.data_ptr()
+    ids = sorted(i for b in batches for i in b["id"].tolist())
+    assert ids == list(range(sum(ROWS)))
+
+
+def test_batch_from_other_columns_is_a_type_error(files) -> None:
+    from recis_io import Batch
+
+    batch = next(iter(Dataset(files, batch_size=10)))
+    assert Batch(dict(batch.items())) is not batch
+    assert len(Batch(dict(batch.items()))) == 10
+    with pytest.raises(TypeError, match="columns of an existing batch"):
+        Batch({"id": batch["id"].clone(), "seq": batch["seq"]})
+    with pytest.raises(TypeError, match="columns of an existing batch"):
+        Batch({"id": batch["id"]})

@@ -126,6 +126,57 @@ def test_state_from_another_setup_is_rejected(files) -> None:
         Dataset(files, batch_size=10).load_state_dict({"epoch": 0})
 
 
+def test_state_of_another_rank_is_rejected(files) -> None:
+    ds = Dataset(files, batch_size=10, world_size=2, rank=0)
+    next(iter(ds))
+    state = ds.state_dict()
+    assert state["shard"] == 0
+    with pytest.raises(InvalidArgumentError, match=r"state has shard=0, this dataset has 1"):
+        Dataset(files, batch_size=10, world_size=2, rank=1).load_state_dict(state)
+    Dataset(files, batch_size=10, world_size=2, rank=0).load_state_dict(state)
+
+
+def test_state_of_other_files_is_rejected(tmp_path, files) -> None:
+    state = json.loads(json.dumps(Dataset(files, batch_size=10).state_dict()))
+    assert state["version"] == 2
+    assert state["files"] == [[p.name, rows] for p, rows in zip(files, ROWS, strict=True)]
+    # The same rows in differently named files, or one file's rows moved to another.
+    for name in ("renamed", "moved", "empty", "copy"):
+        (tmp_path / name).mkdir()
+    renamed = write_ids(tmp_path / "renamed", "parquet", ROWS, 32)
+    for i, p in enumerate(renamed):
+        p.rename(p.with_name(f"other-{i}.parquet"))
+    moved = write_ids(tmp_path / "moved", "parquet", [ROWS[0] - 1, 1, *ROWS[2:]], 32)
+    with pytest.raises(InvalidArgumentError, match=r"state file 0 is \['part-0\.parquet', 130\]"):
+        Dataset(sorted((tmp_path / "renamed").iterdir()), batch_size=10).load_state_dict(state)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"state file 0 is .* this dataset has \['part-0\.parquet', 129\]",
+    ):
+        Dataset(moved, batch_size=10).load_state_dict(state)
+    # An extra empty file keeps total_rows, so the file list is what differs.
+    empty = write_ids(tmp_path / "empty", "parquet", [0], 32)
+    with pytest.raises(
+        InvalidArgumentError, match=r"state was taken over 4 files, this dataset has 5"
+    ):
+        Dataset([*files, *empty], batch_size=10).load_state_dict(state)
+    # The same files copied elsewhere resume.
+    copy = write_ids(tmp_path / "copy", "parquet", ROWS, 32)
+    Dataset(copy, batch_size=10).load_state_dict(state)
+
+
+def test_state_of_version_one_still_loads(files) -> None:
+    ds = Dataset(files, batch_size=10)
+    it = iter(ds)
+    next(it)
+    state = ds.state_dict()
+    del it
+    state = {k: v for k, v in state.items() if k != "files"} | {"version": 1}
+    resumed = Dataset(files, batch_size=10)
+    resumed.load_state_dict(state)
+    assert next(iter(resumed))["id"].tolist() == list(range(10, 20))
+
+
 def test_rank_defaults_from_environment(files, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")

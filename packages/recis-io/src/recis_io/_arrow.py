@@ -40,7 +40,9 @@ def _array(pa_mod, info: _ColumnInfo, value) -> pa.Array:
                 [None, _buffer(pa_mod, last), _buffer(pa_mod, value.values)],
             )
         else:
-            arr = _flat(pa_mod, info, value.values)
+            arr = _flat(pa_mod, info, value.values.reshape(-1))
+            if value.values.dim() == 2:
+                arr = pa_mod.FixedSizeListArray.from_arrays(arr, value.values.shape[1])
         for off in reversed(levels):
             arr = pa_mod.LargeListArray.from_arrays(
                 pa_mod.Array.from_buffers(

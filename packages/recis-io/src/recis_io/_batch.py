@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,7 @@ class Ragged:
             offsets = (tensor([0, 2, 3]), tensor([0, 1, 3, 4]))
 
     Attributes:
-        values: ``(N,)`` innermost elements.
+        values: ``(N,)`` innermost elements (``(N, k)`` for lists of fixed-size lists).
         offsets: int64 tensors, outermost first; ``offsets[0]`` has shape ``(B + 1,)``.
     """
 
@@ -117,6 +118,9 @@ def _views(
     out: dict[str, Value] = {}
     for info, dtype, (_, _, offsets) in zip(infos, dtypes, cols, strict=True):
         values = next(pieces).view(dtype)
+        if info.fixed and info.levels:
+            # A list of fixed-size lists: each list item is a row of k values.
+            values = values.view(-1, info.fixed)
         if info.levels:
             offs = tuple(next(pieces).view(torch.int64) for _ in offsets)
             out[info.name] = Ragged(values, offs)
@@ -127,24 +131,74 @@ def _views(
     return out
 
 
+class _Columns(dict):
+    """A batch's columns with the buffer, infos and layout they come from, shared by every
+    ``Batch`` rebuilt from them."""
+
+    def __init__(self, buffer: torch.Tensor, infos: list[_ColumnInfo], layout: Any) -> None:
+        super().__init__(_views(buffer, infos, layout))
+        self.buffer, self.infos, self.layout = buffer, infos, layout
+
+
+# Live column sets by the id of their first column. Live columns keep that column alive, so the
+# id names them alone; `Batch(columns)` uses this to rebuild a batch from its own columns.
+_LIVE: weakref.WeakValueDictionary[int, _Columns] = weakref.WeakValueDictionary()
+
+
+def _register(columns: _Columns) -> None:
+    if columns:
+        _LIVE[id(next(iter(columns.values())))] = columns
+
+
+def _columns_of(columns: Mapping[str, Any]) -> _Columns:
+    first = next(iter(columns.values()), None)
+    known = _LIVE.get(id(first))
+    if (
+        known is None
+        or list(columns) != list(known)
+        or any(columns[k] is not v for k, v in known.items())
+    ):
+        # A TypeError lets torch's default_convert fall back to a plain dict.
+        raise TypeError("Batch(columns) takes the columns of an existing batch, unchanged")
+    return known
+
+
 class Batch(Mapping[str, Value]):
     """One batch: column name to ``(B,)`` / ``(B, k)`` tensor or :class:`Ragged`.
 
     Every column is a view into one contiguous buffer, so moving a batch to a GPU is a single
     host-to-device copy. ``len(batch)`` is the number of rows ``B``; use ``batch.keys()`` for
     the columns.
+
+    ``Batch(columns)`` with the unchanged columns of a batch (a ``dict`` of
+    ``batch.items()``) gives a batch over the same buffer and column objects; other mappings
+    raise ``TypeError``. This is how a ``DataLoader`` rebuilds each
+    batch it receives (``default_convert`` calls ``type(batch)({...})``), so batches keep their
+    type, ``len`` and methods through ``DataLoader(ds, batch_size=None)``.
     """
 
     def __init__(
         self,
-        buffer: torch.Tensor,
-        infos: list[_ColumnInfo],
-        layout: tuple[int, list[Any]],
+        buffer: torch.Tensor | Mapping[str, Value],
+        infos: list[_ColumnInfo] | None = None,
+        layout: tuple[int, list[Any]] | None = None,
     ) -> None:
-        self._buffer = buffer
-        self._infos = infos
-        self._layout = layout
-        self._columns = _views(buffer, infos, layout)
+        if isinstance(buffer, Mapping):
+            columns = _columns_of(buffer)
+        elif infos is None or layout is None:
+            raise TypeError("Batch(buffer, infos, layout) needs the infos and layout")
+        else:
+            columns = _Columns(buffer, infos, layout)
+            _register(columns)
+        self._buffer = columns.buffer
+        self._infos = columns.infos
+        self._layout = columns.layout
+        self._columns = columns
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A batch sent from a DataLoader worker is rebuilt here without __init__.
+        self.__dict__.update(state)
+        _register(self._columns)
 
     @property
     def buffer(self) -> torch.Tensor:

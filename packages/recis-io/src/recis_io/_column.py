@@ -16,10 +16,19 @@ _DTYPES = {
     torch.int32: "int32",
     torch.int64: "int64",
     torch.uint8: "uint8",
+    # torch has uint16/32/64 since 2.3, with few ops beyond copies and views.
+    torch.uint16: "uint16",
+    torch.uint32: "uint32",
+    torch.uint64: "uint64",
     torch.float16: "float16",
     torch.float32: "float32",
     torch.float64: "float64",
 }
+# torch >= 2.3 has uint16/32/64 (with limited op support); the names work on any torch.
+for _name in ("uint16", "uint32", "uint64"):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        _DTYPES[getattr(torch, _name)] = _name
+_DTYPE_NAMES = frozenset(_DTYPES.values()) | {"uint16", "uint32", "uint64"}
 
 
 @dataclass(frozen=True)
@@ -28,15 +37,19 @@ class Column:
 
     Args:
         name: Column name in the files.
-        fill: Value written in place of nulls. Integer and bool columns (and hashed strings)
-            with nulls and no ``fill`` raise :class:`~recis_io.exceptions.SchemaError`; float
-            columns without ``fill`` read nulls as NaN; unhashed strings take a ``str`` fill.
+        fill: Value written in place of nulls. Integer, bool and string columns (hashed or
+            not) with nulls and no ``fill`` raise :class:`~recis_io.exceptions.SchemaError`;
+            float columns without ``fill`` read nulls as NaN; unhashed strings take a ``str``
+            fill (``""`` for an empty string). A number must fit the output dtype (no
+            fraction for an integer dtype), or the dataset raises
+            :class:`~recis_io.exceptions.InvalidArgumentError`.
         hash: ``"farm"`` (FarmHash Fingerprint64) or ``"murmur"`` (MurmurHash64A, seed 0)
             turns a string column, or a list of strings, into int64 ids while reading.
         buckets: With ``hash``, ids become the unsigned hash modulo ``buckets`` (0 keeps the
             full 64 bits, reinterpreted as int64).
-        dtype: Output element type (``torch.dtype`` or its name such as ``"float32"``);
-            numeric columns are cast while decoding.
+        dtype: Output element type (``torch.dtype`` or its name such as ``"float32"``,
+            ``"uint16"``); numeric columns are cast while decoding, and a value the dtype
+            cannot hold raises :class:`~recis_io.exceptions.SchemaError`.
 
     Example:
         >>> Column("user_id", hash="farm", buckets=1_000_000, fill=0)
@@ -80,6 +93,6 @@ def _dtype_name(col: Column) -> str | None:
         if col.dtype not in _DTYPES:
             raise InvalidArgumentError(f"column '{col.name}' has unsupported dtype {col.dtype}")
         return _DTYPES[col.dtype]
-    if isinstance(col.dtype, str) and col.dtype in _DTYPES.values():
+    if isinstance(col.dtype, str) and col.dtype in _DTYPE_NAMES:
         return col.dtype
     raise InvalidArgumentError(f"column '{col.name}' has unknown dtype {col.dtype!r}")

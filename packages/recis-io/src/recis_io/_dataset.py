@@ -16,7 +16,9 @@ from ._paths import PathLike, resolve_paths
 from ._recis_io import Reader
 from .exceptions import ForkedReaderError, InvalidArgumentError
 
-_STATE_VERSION = 1
+# Version 2 adds "files" (the data set's identity); version 1 states still load without it.
+_STATE_VERSION = 2
+_STATE_VERSIONS = (1, 2)
 _DEVICES = ("cpu", "pinned", "cuda")
 
 
@@ -27,10 +29,56 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+# The native reader takes sizes and counts as 64-bit integers.
+_MAX_INT = 2**63 - 1
+# Each decode thread is an OS thread with its own buffers.
+_MAX_THREADS = 4096
+
+
+def _positive(name: str, value: Any, minimum: int = 1, maximum: int = _MAX_INT) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidArgumentError(
+            f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}"
+        )
     return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    # bool("no") is True: a string or number here is a mistake, not a flag.
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"environment variable {name}={text!r} is not an integer"
+        ) from None
+
+
+def _as_columns(columns: Sequence[str | Column] | None) -> list[Column] | None:
+    if columns is None:
+        return None
+    if isinstance(columns, (str, bytes, Column)):
+        raise InvalidArgumentError(
+            f"columns must be a list of names or Column objects, got {columns!r}; "
+            f"pass [{columns!r}] for one column"
+        )
+    out = [_as_column(c) for c in columns]
+    if not out:
+        raise InvalidArgumentError("columns must name at least one column, or be None for all")
+    seen: set[str] = set()
+    for c in out:
+        if c.name in seen:
+            raise InvalidArgumentError(f"columns name '{c.name}' more than once")
+        seen.add(c.name)
+    return out
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -38,7 +86,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             auto = (dist.get_rank(), dist.get_world_size())
         else:
-            auto = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+            auto = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1))
         rank = auto[0] if rank is None else rank
         world_size = auto[1] if world_size is None else world_size
     world_size = _positive("world_size", world_size)
@@ -83,15 +131,18 @@ class Dataset(IterableDataset):
     Args:
         paths: A file, directory or glob, or a sequence of them (``.parquet``/``.pq``/``.orc``).
         batch_size: Rows per batch; batches span row-group boundaries.
-        columns: Column names or :class:`Column` options; ``None`` reads every column of the
-            first file. Each output keeps the order given here.
+        columns: A list of column names or :class:`Column` options, at least one and each
+            name once; ``None`` reads every column of the first file. Each output keeps the
+            order given here.
         format: ``"auto"`` (by file suffix), ``"parquet"`` or ``"orc"``.
-        num_threads: Decode threads (default: the CPUs this process may use).
+        num_threads: Decode threads, 1 to 4096 (default ``None``: the CPUs this process may
+            use).
         prefetch: Decoded row groups kept ready beyond those the current batch needs, and the
             number of spare batch buffers kept for reuse; memory stays bounded by it and
             ``num_threads`` (about 4 to 10 decoded row groups, see the guide's Memory section).
-        drop_last: Drop each epoch's final batch when it is smaller than ``batch_size``.
-        shuffle: Permute row groups per epoch and rows within windows.
+        drop_last: Drop each epoch's final batch when it is smaller than ``batch_size``
+            (a bool).
+        shuffle: Permute row groups per epoch and rows within windows (a bool).
         seed: Seed of every permutation.
         shuffle_window: Rows per in-shard shuffle window (memory holds about one window).
         rank: This process's rank (default: ``torch.distributed`` if initialized, else the
@@ -106,7 +157,9 @@ class Dataset(IterableDataset):
         DataFileNotFoundError: A path matched no file.
         SchemaError: A column is missing, unsupported, or typed differently across files.
         CorruptFileError: A file's metadata cannot be read.
-        InvalidArgumentError: An option is out of range.
+        InvalidArgumentError: An option is out of range (sizes and counts go up to
+            ``2**63 - 1``) or of the wrong type, or the ``RANK``/``WORLD_SIZE`` environment
+            variable is not an integer.
 
     Example:
         >>> ds = Dataset("data/", batch_size=8192,
@@ -136,22 +189,29 @@ class Dataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.batch_size = _positive("batch_size", batch_size)
-        self.num_threads = _positive("num_threads", num_threads or _default_threads())
+        threads = _default_threads() if num_threads is None else num_threads
+        self.num_threads = _positive("num_threads", threads, maximum=_MAX_THREADS)
         self.prefetch = _positive("prefetch", prefetch, minimum=0)
         self.shuffle_window = _positive("shuffle_window", shuffle_window)
         self.epochs = _positive("epochs", epochs, minimum=0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.seed = seed
-        self.drop_last = bool(drop_last)
-        self.shuffle = bool(shuffle)
+        self.drop_last = _flag("drop_last", drop_last)
+        self.shuffle = _flag("shuffle", shuffle)
         self.rank, self.world_size = _rank_world(rank, world_size)
         self._device_kind, self._device = _device_kind(device)
-        self.columns = None if columns is None else [_as_column(c) for c in columns]
+        self.columns = _as_columns(columns)
         self._files = resolve_paths(paths, format)
         # Opening a reader once validates every file and column now rather than mid-training.
         probe = self._reader(0, 1)
         self.total_rows: int = probe.total_rows
+        # What a state checks the files against: names (not directories, so a copied data set
+        # resumes) and row counts, in plan order.
+        self._identity = [
+            [os.path.basename(p), rows]
+            for (p, _), rows in zip(self._files, probe.file_rows, strict=True)
+        ]
         self._infos = [_ColumnInfo(*t) for t in probe.schema()]
         self._cursor: tuple[int, int] = (0, 0)
         self._resume: tuple[int, int] | None = None
@@ -239,6 +299,7 @@ class Dataset(IterableDataset):
             "shard": self._shard[0],
             "shards": self._shard[1],
             "total_rows": self.total_rows,
+            "files": [list(f) for f in self._identity],
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "seed": self.seed,
@@ -249,28 +310,32 @@ class Dataset(IterableDataset):
         """Makes the next iteration continue exactly after the batch the state was taken at.
 
         Raises:
-            InvalidArgumentError: The state is malformed or was taken with a different data
-                set, shuffle, seed, window or sharding.
+            InvalidArgumentError: The state is malformed or was taken with different files
+                (names and row counts), shuffle, seed, window, shard or number of shards.
         """
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise InvalidArgumentError(f"not a recis-io state (version {_STATE_VERSION})")
-        expected = {
+        if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
+            raise InvalidArgumentError(
+                f"not a recis-io state (version {_STATE_VERSION}, or 1 from recis-io 0.1)"
+            )
+        shard, shards = self._current_shard()
+        expected: dict[str, Any] = {
             "total_rows": self.total_rows,
             "shuffle": self.shuffle,
             "seed": self.seed,
-            "shards": self._current_shard()[1],
+            "shards": shards,
+            "shard": shard,
         }
+        if state["version"] >= 2:
+            expected["files"] = self._identity
         if self.shuffle:
             expected["shuffle_window"] = self.shuffle_window
         for key, value in expected.items():
             if state.get(key) != value:
-                raise InvalidArgumentError(
-                    f"state has {key}={state.get(key)!r}, this dataset has {value!r}"
-                )
+                raise InvalidArgumentError(_mismatch(key, state.get(key), value))
         epoch, row = state.get("epoch"), state.get("row")
         if not (isinstance(epoch, int) and isinstance(row, int) and epoch >= 0 and row >= 0):
             raise InvalidArgumentError(f"state has invalid cursor epoch={epoch!r} row={row!r}")
-        if row > self.total_rows // expected["shards"]:
+        if row > self.total_rows // shards:
             raise InvalidArgumentError(f"state row {row} is past the end of the shard")
         self._resume = (epoch, row)
         self._cursor = (epoch, row)
@@ -280,6 +345,16 @@ class Dataset(IterableDataset):
             f"Dataset(files={len(self._files)}, rows={self.total_rows}, "
             f"batch_size={self.batch_size}, shuffle={self.shuffle})"
         )
+
+
+def _mismatch(key: str, got: Any, have: Any) -> str:
+    if key != "files":
+        return f"state has {key}={got!r}, this dataset has {have!r}"
+    if not isinstance(got, list) or len(got) != len(have):
+        n = len(got) if isinstance(got, list) else got
+        return f"state was taken over {n!r} files, this dataset has {len(have)}"
+    i, (a, b) = next((i, p) for i, p in enumerate(zip(got, have, strict=True)) if p[0] != p[1])
+    return f"state file {i} is {a!r} ([name, rows]), this dataset has {b!r}"
 
 
 def _as_column(c: str | Column) -> Column:

@@ -48,6 +48,9 @@ class Reader:
     @property
     def total_rows(self) -> int: ...
     @property
+    def file_rows(self) -> list[int]:
+        """Rows of each file, in the order the paths were given."""
+    @property
     def shard_rows(self) -> int: ...
     @property
     def batches_per_epoch(self) -> int: ...

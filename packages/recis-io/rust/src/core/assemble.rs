@@ -155,7 +155,7 @@ pub fn layout_of_counts(
     let mut at = 0;
     let mut columns = Vec::with_capacity(plans.len());
     for (plan, (levels, leaf)) in plans.iter().zip(counts) {
-        let values_len = leaf * plan.fixed;
+        let values_len = leaf * plan.width();
         let values_at = at;
         at = align(at + values_len * plan.out.size());
         let offsets = levels
@@ -215,7 +215,7 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
         runs = Runs::of(pieces, order, &first_row);
     }
     for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
-        let size = plan.out.size() * plan.fixed;
+        let size = plan.out.size() * plan.width();
         let v = cl.values_at;
         match (order, cl.offsets.len()) {
             (Some(order), 0) => {
@@ -530,7 +530,7 @@ mod tests {
             spec: ColumnSpec::plain("x"),
             file_type: DataType::Null,
             list_levels: 1,
-            fixed: 1,
+            fixed: None,
             leaf: Leaf::Number(DType::I32),
             out: DType::I32,
         }
@@ -564,7 +564,7 @@ mod tests {
             spec: ColumnSpec::plain("f"),
             file_type: DataType::Null,
             list_levels: 0,
-            fixed: 1,
+            fixed: None,
             leaf: Leaf::Number(out),
             out,
         }

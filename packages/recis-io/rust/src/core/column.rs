@@ -89,7 +89,8 @@ impl DType {
 /// Value written in place of a null.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fill {
-    Int(i64),
+    /// Wide enough for every int64 and uint64 value; checked against the output dtype.
+    Int(i128),
     Float(f64),
     Text(Vec<u8>),
 }
@@ -130,8 +131,9 @@ pub struct ColumnPlan {
     pub file_type: DataType,
     /// Variable-length list levels in the file (`list<list<x>>` has two).
     pub list_levels: usize,
-    /// Width of a fixed-size list at the leaf, 1 when there is none.
-    pub fixed: usize,
+    /// Width of the fixed-size list at the leaf (inside any list levels), `None` when there is
+    /// none; a width of 1 still gives a `(B, 1)` output.
+    pub fixed: Option<usize>,
     pub leaf: Leaf,
     pub out: DType,
 }
@@ -140,6 +142,11 @@ impl ColumnPlan {
     /// Offset arrays handed out: the list levels, plus one for the bytes of unhashed strings.
     pub fn ragged_levels(&self) -> usize {
         self.list_levels + usize::from(self.leaf == Leaf::Text && self.spec.hash.is_none())
+    }
+
+    /// Output elements per innermost item: the fixed-size list width, else 1.
+    pub fn width(&self) -> usize {
+        self.fixed.unwrap_or(1)
     }
 
     pub fn resolve(spec: &ColumnSpec, field: &Field) -> Result<ColumnPlan> {
@@ -152,30 +159,30 @@ impl ColumnPlan {
         };
         let mut dt = field.data_type();
         let mut list_levels = 0;
-        let mut fixed = 1;
-        loop {
-            match dt {
-                DataType::List(f) | DataType::LargeList(f) if fixed == 1 => {
-                    list_levels += 1;
-                    dt = f.data_type();
-                }
-                DataType::FixedSizeList(f, k) if fixed == 1 && *k > 0 => {
-                    fixed = *k as usize;
-                    dt = f.data_type();
-                }
-                _ => break,
-            }
+        // List levels, then at most one fixed-size list of numbers or strings at the leaf:
+        // a fixed-size list of lists (or of fixed-size lists) has no output layout.
+        while let DataType::List(f) | DataType::LargeList(f) = dt {
+            list_levels += 1;
+            dt = f.data_type();
+        }
+        let mut fixed = None;
+        if let DataType::FixedSizeList(f, k) = dt {
+            fixed = Some(
+                usize::try_from(*k)
+                    .ok()
+                    .filter(|&k| k > 0)
+                    .ok_or_else(unsupported)?,
+            );
+            dt = f.data_type();
         }
         let leaf = match dt {
-            DataType::Utf8
-            | DataType::LargeUtf8
-            | DataType::Binary
-            | DataType::LargeBinary
-            | DataType::Utf8View
-            | DataType::BinaryView => Leaf::Text,
+            t if is_text(t) => Leaf::Text,
+            // Read as its strings (hashed once per distinct value when `hash` is set).
+            DataType::Dictionary(_, v) if is_text(v) => Leaf::Text,
             other => Leaf::Number(DType::from_arrow(other).ok_or_else(unsupported)?),
         };
         let out = check_options(spec, leaf, fixed)?;
+        check_fill(spec, out)?;
         Ok(ColumnPlan {
             spec: spec.clone(),
             file_type: field.data_type().clone(),
@@ -187,7 +194,19 @@ impl ColumnPlan {
     }
 }
 
-fn check_options(spec: &ColumnSpec, leaf: Leaf, fixed: usize) -> Result<DType> {
+fn is_text(dt: &DataType) -> bool {
+    matches!(
+        dt,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::Utf8View
+            | DataType::BinaryView
+    )
+}
+
+fn check_options(spec: &ColumnSpec, leaf: Leaf, fixed: Option<usize>) -> Result<DType> {
     let name = &spec.name;
     if spec.buckets > 0 && spec.hash.is_none() {
         return Err(Error::InvalidArgument(format!(
@@ -223,7 +242,7 @@ fn check_options(spec: &ColumnSpec, leaf: Leaf, fixed: usize) -> Result<DType> {
             Ok(DType::I64)
         }
         Leaf::Text => {
-            if spec.dtype.is_some() || fixed > 1 {
+            if spec.dtype.is_some() || fixed.is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "column '{name}' holds strings, give hash= to turn them into ids"
                 )));
@@ -236,6 +255,63 @@ fn check_options(spec: &ColumnSpec, leaf: Leaf, fixed: usize) -> Result<DType> {
             Ok(DType::U8)
         }
     }
+}
+
+/// The integers `d` holds, `None` for floats.
+fn int_range(d: DType) -> Option<(i128, i128)> {
+    Some(match d {
+        DType::Bool => (0, 1),
+        DType::I8 => (i8::MIN.into(), i8::MAX.into()),
+        DType::I16 => (i16::MIN.into(), i16::MAX.into()),
+        DType::I32 => (i32::MIN.into(), i32::MAX.into()),
+        DType::I64 => (i64::MIN.into(), i64::MAX.into()),
+        DType::U8 => (0, u8::MAX.into()),
+        DType::U16 => (0, u16::MAX.into()),
+        DType::U32 => (0, u32::MAX.into()),
+        DType::U64 => (0, u64::MAX.into()),
+        DType::F16 | DType::F32 | DType::F64 => return None,
+    })
+}
+
+/// The largest finite value of a float dtype.
+fn float_max(d: DType) -> f64 {
+    match d {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::F32 => f32::MAX.into(),
+        _ => f64::MAX,
+    }
+}
+
+/// Refuses a fill the output dtype cannot hold, so a null never reads as a wrapped or
+/// truncated value.
+fn check_fill(spec: &ColumnSpec, out: DType) -> Result<()> {
+    let name = &spec.name;
+    let fits = match (&spec.fill, int_range(out)) {
+        (None | Some(Fill::Text(_)), _) => return Ok(()),
+        (Some(Fill::Int(v)), Some((lo, hi))) => (lo..=hi).contains(v),
+        // `as` saturates, so a huge float lands outside every range.
+        (Some(Fill::Float(v)), Some((lo, hi))) => {
+            v.is_finite() && v.fract() == 0.0 && (lo..=hi).contains(&(*v as i128))
+        }
+        (Some(Fill::Int(v)), None) => (*v as f64).abs() <= float_max(out),
+        (Some(Fill::Float(v)), None) => !v.is_finite() || v.abs() <= float_max(out),
+    };
+    if fits {
+        return Ok(());
+    }
+    let shown = match &spec.fill {
+        Some(Fill::Int(v)) => v.to_string(),
+        Some(Fill::Float(v)) => format!("{v:?}"),
+        _ => String::new(),
+    };
+    let range = match int_range(out) {
+        Some((lo, hi)) => format!("an integer in [{lo}, {hi}]"),
+        None => format!("a value in [-{m:e}, {m:e}] or nan/inf", m = float_max(out)),
+    };
+    Err(Error::InvalidArgument(format!(
+        "column '{name}' has fill {shown}, out of range for {}: expected {range}",
+        out.name()
+    )))
 }
 
 #[cfg(test)]
@@ -273,5 +349,79 @@ mod tests {
         let f = Field::new("d", DataType::Date32, true);
         let err = ColumnPlan::resolve(&ColumnSpec::plain("d"), &f).unwrap_err();
         assert!(err.to_string().contains("unsupported type"));
+    }
+
+    fn plan_of(dt: DataType, spec: &ColumnSpec) -> Result<ColumnPlan> {
+        ColumnPlan::resolve(spec, &Field::new(&spec.name, dt, true))
+    }
+
+    fn fsl(dt: DataType, k: i32) -> DataType {
+        DataType::FixedSizeList(Arc::new(Field::new("item", dt, true)), k)
+    }
+
+    fn list(dt: DataType) -> DataType {
+        DataType::List(Arc::new(Field::new("item", dt, true)))
+    }
+
+    #[test]
+    fn fixed_size_lists_keep_their_width_and_level() {
+        let spec = ColumnSpec::plain("x");
+        let one = plan_of(fsl(DataType::Int64, 1), &spec).unwrap();
+        assert_eq!((one.fixed, one.list_levels, one.width()), (Some(1), 0, 1));
+        let nested = plan_of(list(fsl(DataType::Int32, 2)), &spec).unwrap();
+        assert_eq!(
+            (nested.fixed, nested.list_levels, nested.width()),
+            (Some(2), 1, 2)
+        );
+        let plain = plan_of(DataType::Int64, &spec).unwrap();
+        assert_eq!((plain.fixed, plain.width()), (None, 1));
+        for k in [1, 2] {
+            let err = plan_of(fsl(list(DataType::Int64), k), &spec).unwrap_err();
+            assert!(
+                matches!(&err, Error::Schema(m) if m.contains("unsupported type")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn dictionary_strings_are_text() {
+        let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        let mut spec = ColumnSpec::plain("c");
+        assert_eq!(plan_of(dict.clone(), &spec).unwrap().leaf, Leaf::Text);
+        spec.hash = Some(HashKind::Farm);
+        assert_eq!(plan_of(dict, &spec).unwrap().out, DType::I64);
+    }
+
+    #[test]
+    fn fills_must_fit_the_output_dtype() {
+        let case = |dt: DataType, dtype: Option<DType>, fill: Fill| {
+            let mut spec = ColumnSpec::plain("v");
+            spec.dtype = dtype;
+            spec.fill = Some(fill);
+            plan_of(dt, &spec).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let int8 = || (DataType::Int8, None);
+        assert!(case(int8().0, int8().1, Fill::Int(127)).is_ok());
+        let err = case(int8().0, int8().1, Fill::Int(1000)).unwrap_err();
+        assert_eq!(
+            err,
+            "column 'v' has fill 1000, out of range for int8: expected an integer in [-128, 127]"
+        );
+        assert!(case(DataType::UInt8, None, Fill::Int(-1)).is_err());
+        assert!(case(DataType::Int64, None, Fill::Float(2.9)).is_err());
+        assert!(case(DataType::Int64, None, Fill::Float(f64::NAN)).is_err());
+        assert!(case(DataType::Int64, None, Fill::Float(2.0)).is_ok());
+        assert!(case(DataType::Int64, None, Fill::Int(1 << 63)).is_err());
+        assert!(case(DataType::UInt64, None, Fill::Int(1 << 63)).is_ok());
+        assert!(case(DataType::Boolean, None, Fill::Int(2)).is_err());
+        assert!(case(DataType::Float32, Some(DType::F16), Fill::Int(70000)).is_err());
+        assert!(case(
+            DataType::Float32,
+            Some(DType::F16),
+            Fill::Float(f64::INFINITY)
+        )
+        .is_ok());
+        assert!(case(DataType::Float64, None, Fill::Float(1e300)).is_ok());
     }
 }

@@ -46,7 +46,7 @@ fn plan_column(meta: &ParquetMetaData, plan: &ColumnPlan) -> Option<DirectColumn
     let Leaf::Number(d) = plan.leaf else {
         return None;
     };
-    if plan.out != d || plan.fixed != 1 || plan.list_levels > 1 {
+    if plan.out != d || plan.fixed.is_some() || plan.list_levels > 1 {
         return None;
     }
     let physical = match d {

@@ -6,8 +6,10 @@ use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, GenericByteArray};
 use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
 use arrow::compute::cast;
 use arrow::datatypes::{
-    ArrowNativeType, ByteArrayType, DataType, GenericBinaryType, GenericStringType, Int32Type,
+    ArrowNativeType, ByteArrayType, DataType, Float16Type, Float32Type, Float64Type,
+    GenericBinaryType, GenericStringType, Int32Type,
 };
+use arrow::util::display::array_value_to_string;
 
 use std::sync::Arc;
 
@@ -119,12 +121,11 @@ pub fn prepare(
         arr = child;
     }
     let mut extra_nulls = None;
-    if plan.fixed > 1 {
+    if let Some(k) = plan.fixed {
         let DataType::FixedSizeList(_, _) = arr.data_type() else {
             return Err(changed_type(plan, arr.data_type(), at));
         };
         let l = arr.as_fixed_size_list();
-        let k = plan.fixed;
         let child = l.values().slice(0, l.len() * k);
         extra_nulls = l.nulls().filter(|n| n.null_count() > 0).map(|n| {
             NullBuffer::new(BooleanBuffer::from_iter(
@@ -176,16 +177,17 @@ pub(crate) fn null_bytes(plan: &ColumnPlan, at: &str) -> Result<Vec<u8>> {
         (None, true) => f64::NAN,
         _ => return Err(no_fill(plan, at)),
     };
-    let as_i64 = match &plan.spec.fill {
+    // `ColumnPlan::resolve` checked that the fill fits `out`, so these casts are exact.
+    let as_int = match &plan.spec.fill {
         Some(Fill::Int(v)) => *v,
-        _ => as_f64 as i64,
+        _ => as_f64 as i128,
     };
     Ok(match out {
-        DType::Bool => vec![u8::from(as_i64 != 0)],
-        DType::I8 | DType::U8 => vec![as_i64 as u8],
-        DType::I16 | DType::U16 => (as_i64 as u16).to_le_bytes().to_vec(),
-        DType::I32 | DType::U32 => (as_i64 as u32).to_le_bytes().to_vec(),
-        DType::I64 | DType::U64 => as_i64.to_le_bytes().to_vec(),
+        DType::Bool => vec![u8::from(as_int != 0)],
+        DType::I8 | DType::U8 => vec![as_int as u8],
+        DType::I16 | DType::U16 => (as_int as u16).to_le_bytes().to_vec(),
+        DType::I32 | DType::U32 => (as_int as u32).to_le_bytes().to_vec(),
+        DType::I64 | DType::U64 => (as_int as u64).to_le_bytes().to_vec(),
         DType::F16 => half::f16::from_f64(as_f64).to_le_bytes().to_vec(),
         DType::F32 => (as_f64 as f32).to_le_bytes().to_vec(),
         DType::F64 => as_f64.to_le_bytes().to_vec(),
@@ -202,13 +204,15 @@ fn numbers(
     let arr = if arr.data_type() == &target {
         arr.clone()
     } else {
-        cast(arr, &target).map_err(|e| {
+        let cast_arr = cast(arr, &target).map_err(|e| {
             Error::Schema(format!(
                 "column '{}' cannot be cast to {}: {e} ({at})",
                 plan.spec.name,
                 plan.out.name()
             ))
-        })?
+        })?;
+        check_cast(plan, arr, &cast_arr, at)?;
+        cast_arr
     };
     let nulls = merged_nulls(&arr, extra);
     let n = arr.len();
@@ -235,6 +239,54 @@ fn numbers(
         bytes[i * size..(i + 1) * size].copy_from_slice(&fill);
     }
     Ok(Buffer::from_vec(bytes))
+}
+
+/// Refuses a cast that lost a value: Arrow's cast turns a value the target cannot hold (an
+/// integer out of range, a NaN or infinite float cast to an integer) into a null, and a float
+/// too large for a narrower float into an infinity.
+fn check_cast(plan: &ColumnPlan, from: &ArrayRef, to: &ArrayRef, at: &str) -> Result<()> {
+    let lost = |i: usize| {
+        if from.is_null(i) {
+            return false;
+        }
+        if to.is_null(i) {
+            return true;
+        }
+        let became_infinite = match plan.out {
+            DType::F16 => to.as_primitive::<Float16Type>().value(i).is_infinite(),
+            DType::F32 => to.as_primitive::<Float32Type>().value(i).is_infinite(),
+            _ => false,
+        };
+        became_infinite && !is_infinite(from, i)
+    };
+    let any_infinite = match plan.out {
+        DType::F16 => (to.as_primitive::<Float16Type>().values().iter()).any(|v| v.is_infinite()),
+        DType::F32 => (to.as_primitive::<Float32Type>().values().iter()).any(|v| v.is_infinite()),
+        _ => false,
+    };
+    if to.null_count() == from.null_count() && !any_infinite {
+        return Ok(());
+    }
+    let Some(i) = (0..from.len()).find(|&i| lost(i)) else {
+        return Ok(());
+    };
+    let value = array_value_to_string(from, i).unwrap_or_else(|_| "?".into());
+    Err(Error::Schema(format!(
+        "column '{}' has value {value} that overflows {} ({at})",
+        plan.spec.name,
+        plan.out.name()
+    )))
+}
+
+/// Whether element `i` of a float array is infinite (an infinity cast to a narrower float is
+/// not an overflow).
+fn is_infinite(arr: &ArrayRef, i: usize) -> bool {
+    match arr.data_type() {
+        DataType::Float16 => arr.as_primitive::<Float16Type>().value(i).is_infinite(),
+        DataType::Float32 => arr.as_primitive::<Float32Type>().value(i).is_infinite(),
+        DataType::Float64 => arr.as_primitive::<Float64Type>().value(i).is_infinite(),
+        _ => false,
+    }
 }
 
 fn text(
@@ -301,7 +353,8 @@ where
     let keys = dict.keys().values();
     let buckets = plan.spec.buckets;
     let fill = match &plan.spec.fill {
-        Some(Fill::Int(v)) => Some(*v),
+        // A hashed column's fill was checked to fit int64.
+        Some(Fill::Int(v)) => Some(*v as i64),
         _ => None,
     };
     let mut ids = Vec::with_capacity(keys.len());
@@ -347,7 +400,8 @@ where
     let is_null = |i: usize| nulls.as_ref().is_some_and(|m| m.is_null(i));
     if let Some(kind) = plan.spec.hash {
         let fill = match &plan.spec.fill {
-            Some(Fill::Int(v)) => Some(*v),
+            // A hashed column's fill was checked to fit int64.
+            Some(Fill::Int(v)) => Some(*v as i64),
             _ => None,
         };
         let buckets = plan.spec.buckets;

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
     RowSelector,
@@ -175,7 +175,7 @@ impl Source {
         for f in &files[1..] {
             for c in &columns {
                 let field = find(&f.schema, &c.spec.name, &f.path)?;
-                if field.data_type() != &c.file_type {
+                if logical(field.data_type()) != logical(&c.file_type) {
                     return Err(Error::Schema(format!(
                         "column '{}' has type {} in {}, but {} in {}",
                         c.spec.name,
@@ -204,6 +204,15 @@ impl Source {
 
     pub fn total_rows(&self) -> usize {
         self.units.iter().map(|u| u.rows).sum()
+    }
+
+    /// Rows of each file, in the order the files were given.
+    pub fn file_rows(&self) -> Vec<usize> {
+        let mut rows = vec![0; self.files.len()];
+        for u in &self.units {
+            rows[u.file] += u.rows;
+        }
+        rows
     }
 
     /// Decodes rows `[start, end)` of one unit and prepares every requested column. Columns
@@ -410,7 +419,7 @@ fn dictionary_hint(
 ) -> Result<Option<ArrowReaderMetadata>> {
     let hashed = |name: &str| {
         columns.iter().any(|c| {
-            c.spec.name == name && c.spec.hash.is_some() && c.list_levels == 0 && c.fixed == 1
+            c.spec.name == name && c.spec.hash.is_some() && c.list_levels == 0 && c.fixed.is_none()
         })
     };
     let schema = m.schema();
@@ -440,6 +449,23 @@ fn dictionary_hint(
         .map_err(|e| Error::corrupt(path, e))
 }
 
+/// `dt` without what does not change how a column is read (the decode step takes either form):
+/// list item names and nullability (Parquet writers name items `element`, ORC `item`), 32- or
+/// 64-bit offsets and views, and the dictionary encoding of strings.
+fn logical(dt: &DataType) -> DataType {
+    let item = |f: &FieldRef| Arc::new(Field::new("item", logical(f.data_type()), true));
+    match dt {
+        DataType::List(f) | DataType::LargeList(f) => DataType::List(item(f)),
+        DataType::FixedSizeList(f, k) => DataType::FixedSizeList(item(f), *k),
+        DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
+        DataType::LargeBinary | DataType::BinaryView => DataType::Binary,
+        DataType::Dictionary(_, v) if matches!(logical(v), DataType::Utf8 | DataType::Binary) => {
+            logical(v)
+        }
+        other => other.clone(),
+    }
+}
+
 /// Rows `[start, end)` of a sequence of batches.
 fn slice_rows(batches: Vec<RecordBatch>, start: usize, end: usize) -> Vec<RecordBatch> {
     let mut out = Vec::with_capacity(batches.len());
@@ -458,4 +484,29 @@ fn find<'a>(schema: &'a Schema, name: &str, path: &str) -> Result<&'a arrow::dat
     schema
         .field_with_name(name)
         .map_err(|_| Error::Schema(format!("column '{name}' not found in {path}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(name: &str, dt: DataType, nullable: bool) -> DataType {
+        DataType::List(Arc::new(Field::new(name, dt, nullable)))
+    }
+
+    #[test]
+    fn logical_types_ignore_item_names_and_encodings() {
+        let parquet = list("element", DataType::Int64, true);
+        let orc = list("item", DataType::Int64, false);
+        assert_eq!(logical(&parquet), logical(&orc));
+        let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::LargeUtf8));
+        assert_eq!(logical(&dict), DataType::Utf8);
+        assert_ne!(
+            logical(&parquet),
+            logical(&list("item", DataType::Int32, true))
+        );
+        assert_ne!(logical(&DataType::Utf8), logical(&DataType::Binary));
+        let num_dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Int64));
+        assert_ne!(logical(&num_dict), DataType::Int64);
+    }
 }

@@ -30,10 +30,16 @@ fn layout_tuple(l: &BatchLayout) -> Layout {
 
 fn fill_of(name: &str, v: &Bound<'_, PyAny>) -> PyResult<Fill> {
     if v.is_instance_of::<PyBool>() {
-        return Ok(Fill::Int(i64::from(v.extract::<bool>()?)));
+        return Ok(Fill::Int(i128::from(v.extract::<bool>()?)));
     }
     if v.is_instance_of::<PyInt>() {
-        return Ok(Fill::Int(v.extract()?));
+        // Every int64 and uint64 fits; the range of the column's dtype is checked in the core.
+        return v.extract::<i128>().map(Fill::Int).or_else(|_| {
+            Err(Error::InvalidArgument(format!(
+                "column '{name}' has fill {v}, out of range for every dtype"
+            )))
+            .py()
+        });
     }
     if v.is_instance_of::<PyFloat>() {
         return Ok(Fill::Float(v.extract()?));
@@ -197,7 +203,7 @@ impl Reader {
             .columns
             .iter()
             .map(|c| {
-                let fixed = if c.fixed > 1 { c.fixed } else { 0 };
+                let fixed = c.fixed.unwrap_or(0);
                 let text = match (c.leaf, c.spec.hash) {
                     (Leaf::Text, None) if c.file_type.to_string().contains("Utf8") => "string",
                     (Leaf::Text, None) => "binary",
@@ -212,6 +218,12 @@ impl Reader {
     #[getter]
     fn total_rows(&self) -> usize {
         self.inner.source().total_rows()
+    }
+
+    /// Rows of each file, in the order the paths were given.
+    #[getter]
+    fn file_rows(&self) -> Vec<usize> {
+        self.inner.source().file_rows()
     }
 
     #[getter]
