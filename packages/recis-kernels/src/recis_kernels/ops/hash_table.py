@@ -244,7 +244,7 @@ def _as_tables(op: str, keys: torch.Tensor, tables: torch.Tensor | int) -> torch
         if not 0 <= tables <= _TABLE_MAX:
             raise ValueError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {tables}")
         return torch.full(keys.shape, tables, dtype=torch.int32, device=keys.device)
-    check_tensor(op, "tables", tables)
+    tables = check_tensor(op, "tables", tables)
     check_dtype(op, "tables", tables, _TABLE_DTYPES)
     if tables.shape != keys.shape:
         raise ShapeError(

@@ -251,7 +251,11 @@ def _concat(rs: Sequence[RaggedTensor]) -> RaggedTensor:
     ]
     values = torch.cat([r.values for r in rs])
     # The group shares one weights dtype, or none (see _groups): no weight of 1 is invented.
-    weights = None if rs[0].weights is None else torch.cat([r.weights for r in rs])
+    weights = (
+        None
+        if rs[0].weights is None
+        else torch.cat([r.weights for r in rs if r.weights is not None])
+    )
     return RaggedTensor(values, offsets, weights, validate=False)
 
 
