@@ -183,3 +183,51 @@ def test_rank_defaults_from_environment(files, monkeypatch: pytest.MonkeyPatch) 
     ds = Dataset(files, batch_size=10)
     assert (ds.rank, ds.world_size) == (1, 4)
     assert sum(len(b) for b in ids(ds)) == TOTAL // 4
+
+
+def test_set_epoch_reads_that_epochs_order(files) -> None:
+    def make(**kw) -> Dataset:
+        return Dataset(files, batch_size=64, shuffle=True, seed=11, shuffle_window=50, **kw)
+
+    flat = [i for b in ids(make(epochs=3)) for i in b]
+    ds = make()
+    assert [i for b in ids(ds) for i in b] == [i for b in ids(ds) for i in b]  # no set_epoch
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert [i for b in ids(ds) for i in b] == flat[epoch * TOTAL : (epoch + 1) * TOTAL]
+    two = make(epochs=2)
+    two.set_epoch(1)
+    assert [i for b in ids(two) for i in b] == flat[TOTAL:]
+
+
+def test_a_state_taken_after_set_epoch_resumes_in_that_epoch(files) -> None:
+    def make() -> Dataset:
+        return Dataset(files, batch_size=32, shuffle=True, seed=5, shuffle_window=40)
+
+    ds = make()
+    ds.set_epoch(4)
+    reference = ids(ds)
+    ds.set_epoch(4)
+    it = iter(ds)
+    head = [next(it)["id"].tolist() for _ in range(3)]
+    state = json.loads(json.dumps(ds.state_dict()))
+    assert (state["epoch"], state["first_epoch"]) == (4, 4)
+    del it
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + ids(resumed) == reference
+    again = make()
+    again.load_state_dict(state)
+    again.set_epoch(4)  # the same epoch, as an epoch loop calls it: fine
+    assert head + ids(again) == reference
+    wrong = make()
+    wrong.load_state_dict(state)
+    wrong.set_epoch(7)
+    with pytest.raises(InvalidArgumentError, match="resume from is in epoch 4, but this pass"):
+        iter(wrong)
+
+
+@pytest.mark.parametrize("epoch", [-1, 1.0, True, 2**63])
+def test_set_epoch_checks_its_argument(files, epoch) -> None:
+    with pytest.raises(InvalidArgumentError, match="set_epoch: epoch must be an int"):
+        Dataset(files, batch_size=8).set_epoch(epoch)

@@ -29,11 +29,13 @@ class ColumnsModel(ToyModel):
         )
 
 
-def build(out, path, **args):
+def build(out, path, reader_epochs=2, **args):
     seed_everything(0)
     model = ColumnsModel(ROWS)
     dense, sparse = make_optimizers(model)
-    reader = recis_io.Dataset([str(path)], batch_size=40, shuffle=True, seed=11, epochs=2)
+    reader = recis_io.Dataset(
+        [str(path)], batch_size=40, shuffle=True, seed=11, epochs=reader_epochs
+    )
     settings = {"output_dir": str(out), "device": "cpu", "save_every": 5, "deterministic": True}
     trainer = Trainer(
         model,
@@ -60,3 +62,29 @@ def test_resume_over_recis_io_continues_with_the_next_sample(tmp_path):
     for key, value in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
     assert torch.equal(resumed.model.seen, torch.full((ROWS,), 2))
+
+
+def test_trainer_epochs_read_a_new_order_each_and_resume_exactly(tmp_path):
+    path = tmp_path / "clicks.parquet"
+    write_parquet(path)
+    orders = []
+    whole = build(tmp_path / "whole", path, reader_epochs=1, epochs=2)
+    forward = whole.model.forward
+
+    def record(batch):
+        orders.append(batch["row"].tolist())
+        return forward(batch)
+
+    whole.model.forward = record
+    whole.train()
+    rows = [r for batch in orders for r in batch]
+    first, second = rows[:ROWS], rows[ROWS:]
+    assert sorted(first) == sorted(second) == list(range(ROWS))
+    assert first != second  # the trainer calls set_epoch: each epoch is shuffled anew
+    cut = build(tmp_path / "cut", path, reader_epochs=1, epochs=2, train_steps=27)
+    cut.train()
+    resumed = build(tmp_path / "cut", path, reader_epochs=1, epochs=2)
+    resumed.train()
+    assert resumed.global_step == whole.global_step
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

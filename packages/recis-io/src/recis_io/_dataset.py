@@ -128,6 +128,11 @@ class Dataset(IterableDataset):
     ``shuffle_window`` rows. Under a ``DataLoader`` with workers, shards are
     ``rank * num_workers + worker_id`` out of ``world_size * num_workers``.
 
+    Epochs are numbered from 0 and each has its own permutation. An iteration reads epochs
+    ``k .. k + epochs - 1``, where ``k`` is 0 unless :meth:`set_epoch` says otherwise: call
+    ``ds.set_epoch(epoch)`` before each pass of an epoch loop (as with ``DistributedSampler``),
+    or every pass reads epoch 0's order again.
+
     Args:
         paths: A file, directory or glob, or a sequence of them (``.parquet``/``.pq``/``.orc``).
         batch_size: Rows per batch; batches span row-group boundaries.
@@ -215,6 +220,9 @@ class Dataset(IterableDataset):
         self._infos = [_ColumnInfo(*t) for t in probe.schema()]
         self._cursor: tuple[int, int] = (0, 0)
         self._resume: tuple[int, int] | None = None
+        # First epoch of the next iteration (set_epoch), and of the current or last one.
+        self._first_epoch = 0
+        self._pass_first = 0
         self._shard: tuple[int, int] = (self.rank, self.world_size)
         # A finished iterator's reader, kept for the next pass: its decode buffers are already
         # allocated. Only used in the process that made it (never across a fork or pickle).
@@ -274,12 +282,39 @@ class Dataset(IterableDataset):
     def _give_back(self, key: tuple[int, int], reader: Reader) -> None:
         self._idle = (os.getpid(), key, reader)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration read epochs ``epoch .. epoch + epochs - 1``.
+
+        With ``shuffle`` each epoch has its own order of row groups and rows, a function of
+        ``seed`` and the epoch only, so ``set_epoch(e)`` then one pass reads exactly what the
+        ``e``-th epoch of a single iteration with more ``epochs`` would. A state taken during
+        such a pass resumes within it (:meth:`load_state_dict` restores the epoch range).
+
+        Raises:
+            InvalidArgumentError: ``epoch`` is not an int in ``[0, 2**62]``.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= 2**62:
+            raise InvalidArgumentError(
+                f"set_epoch: epoch must be an int in [0, 2**62], got {epoch!r}"
+            )
+        self._first_epoch = epoch
+
     def __iter__(self) -> Iterator[Batch]:
         shard, shards = self._current_shard()
+        first = self._first_epoch
+        end = first + self.epochs
+        start = self._resume if self._resume is not None else (first, 0)
+        if not first <= start[0] <= end:
+            raise InvalidArgumentError(
+                f"the state to resume from is in epoch {start[0]}, but this pass reads epochs "
+                f"{first} to {end - 1} (set_epoch({first})); call set_epoch with the epoch the "
+                f"state was taken in, or load the state after set_epoch"
+            )
         reader = self._take_reader(shard, shards)
-        start = self._resume if self._resume is not None else (0, 0)
         self._resume = None
+        reader.set_end_epoch(end)
         reader.seek(*start)
+        self._pass_first = first
         self._cursor = start
         self._shard = (shard, shards)
         return _BatchIterator(self, reader, (shard, shards))
@@ -291,11 +326,13 @@ class Dataset(IterableDataset):
         object's state does not follow them: use torchdata's ``StatefulDataLoader``, which
         keeps every worker's state, or read with threads in one process (``num_threads``).
         """
+        pending = self._resume is not None
         epoch, row = self._resume if self._resume is not None else self._cursor
         return {
             "version": _STATE_VERSION,
             "epoch": epoch,
             "row": row,
+            "first_epoch": self._first_epoch if pending else self._pass_first,
             "shard": self._shard[0],
             "shards": self._shard[1],
             "total_rows": self.total_rows,
@@ -337,6 +374,10 @@ class Dataset(IterableDataset):
             raise InvalidArgumentError(f"state has invalid cursor epoch={epoch!r} row={row!r}")
         if row > self.total_rows // shards:
             raise InvalidArgumentError(f"state row {row} is past the end of the shard")
+        first = state.get("first_epoch", 0)
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= epoch:
+            raise InvalidArgumentError(f"state has invalid first_epoch={first!r} (epoch {epoch})")
+        self._first_epoch = first
         self._resume = (epoch, row)
         self._cursor = (epoch, row)
 

@@ -57,6 +57,8 @@ class Reader:
     def cursor(self) -> tuple[int, int]:
         """``(epoch, row)`` of the next row this reader hands out."""
     def seek(self, epoch: int, pos: int) -> None: ...
+    def set_end_epoch(self, end: int) -> None:
+        """Makes the reader end when its cursor reaches epoch ``end``."""
     def pause(self) -> None:
         """Stops the decode threads; reading resumes from the cursor."""
     def prepare(self) -> int | None:

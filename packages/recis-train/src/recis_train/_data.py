@@ -62,6 +62,9 @@ class DataStream:
     re-iterates the current epoch and skips the batches already consumed, which is exact for
     any deterministic iterable.
 
+    Before each epoch's pass, ``data.set_epoch(epoch)`` is called when ``data`` has it (a
+    recis-io ``Dataset``, so a shuffled one reads a new order every epoch).
+
     Every epoch iterates ``data`` again, so more than one epoch needs an iterable that can be
     iterated again (a list, a ``DataLoader``, a recis-io ``Dataset``), not a one-shot iterator
     such as a generator.
@@ -115,6 +118,9 @@ class DataStream:
             self._reader_state = None
 
     def _epoch(self) -> Iterator[Any]:
+        set_epoch = getattr(self.data, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)
         skip = 0
         if self._resume and self.consumed:
             if self._stateful and self._reader_state is not None:

@@ -19,6 +19,7 @@ pub struct Options {
     pub batch_size: usize,
     pub drop_last: bool,
     pub sharding: Sharding,
+    /// The reader ends when its cursor reaches this epoch (see [`Reader::set_end_epoch`]).
     pub epochs: u64,
     pub threads: usize,
     /// Decoded segments kept ready beyond the ones the current batch needs.
@@ -147,6 +148,13 @@ impl Reader {
         self.epoch = epoch;
         self.pos = pos;
         Ok(())
+    }
+
+    /// Makes the reader end when its cursor reaches epoch `end` (epochs are numbered from 0;
+    /// each has its own permutation when shuffling), so a pass can read epochs `k..end`.
+    pub fn set_end_epoch(&mut self, end: u64) {
+        self.pause();
+        self.opts.epochs = end;
     }
 
     /// Stops the decode threads; a later call starts them again from the cursor.

@@ -248,6 +248,14 @@ impl Reader {
         .py()
     }
 
+    /// Makes the reader end when its cursor reaches epoch `end`.
+    fn set_end_epoch(&mut self, py: Python<'_>, end: u64) {
+        py.detach(|| {
+            self.stop_ahead();
+            self.inner.set_end_epoch(end);
+        });
+    }
+
     /// Stops the decode (and assembling) threads; iteration resumes from the cursor.
     fn pause(&mut self, py: Python<'_>) {
         py.detach(|| {
