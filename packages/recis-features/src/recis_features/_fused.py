@@ -129,14 +129,8 @@ def fused_multi_hash(ops: Sequence[IDMultiHash], values: Sequence[Value]) -> lis
 @register_fused("cross")
 def fused_cross(ops: Sequence[FeatureCross], values: Sequence[Value]) -> list[Value]:
     """All ``cross`` ops of a step as one ``recis_kernels.fused_feature_cross`` call."""
-    pairs = [FeatureCross.rows(v) for v in values]
-    outs = rk.fused_feature_cross(pairs)
-    # A group mixing weighted and unweighted pairs gets weights for every pair; a pair with no
-    # weights of its own has none when crossed alone.
-    return [
-        o if _weights(a) is not None else _unweighted_like(o, b)
-        for o, (a, b) in zip(outs, pairs, strict=True)
-    ]
+    # Like the unfused op, the kernel gives weights only to pairs with a weighted side.
+    return list(rk.fused_feature_cross([FeatureCross.rows(v) for v in values]))
 
 
 def _element_shape(value: Value) -> torch.Size:
@@ -144,34 +138,12 @@ def _element_shape(value: Value) -> torch.Size:
     return value.values.shape if isinstance(value, RaggedTensor) else value.shape
 
 
-def _weights(x: torch.Tensor | RaggedTensor) -> torch.Tensor | None:
-    return x.weights if isinstance(x, RaggedTensor) else None
-
-
-def _unweighted_like(out: RaggedTensor, source: torch.Tensor | RaggedTensor) -> RaggedTensor:
-    """``out`` without the all-ones weights a fused call fills in for an unweighted input."""
-    if _weights(source) is None and out.weights is not None:
-        return out.with_values(out.values)
-    return out
-
-
 @register_fused("truncate")
 def fused_truncate(ops: Sequence[SequenceTruncate], values: Sequence[Value]) -> list[Value]:
-    """All ``truncate`` ops of a step: one ``recis_kernels.fused_truncate`` call per value
-    dtype (the kernel packs its inputs together, so they must share one)."""
-    by_layout: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = defaultdict(list)
-    for k, v in enumerate(values):
-        by_layout[(v.values.dtype, tuple(v.values.shape[1:]))].append(k)
-    outs: list[Value] = [None] * len(ops)
-    for members in by_layout.values():
-        results = rk.fused_truncate(
-            [values[k] for k in members],
-            [ops[k].length for k in members],
-            [ops[k].side for k in members],
-        )
-        for k, result in zip(members, results, strict=True):
-            outs[k] = _unweighted_like(result.values, values[k])
-    return outs
+    """All ``truncate`` ops of a step as one ``recis_kernels.fused_truncate`` call (which runs
+    one pass per group of inputs of one layout and keeps each input's dtype and weights)."""
+    results = rk.fused_truncate(list(values), [op.length for op in ops], [op.side for op in ops])
+    return [r.values for r in results]
 
 
 @register_fused("fill_missing")

@@ -440,7 +440,10 @@ class FillMissing(Transform):
         info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
         if info.min <= self.value <= info.max:
             return None
-        return f"values that can hold the fill value {self.value!r} ({dtype} spans {info.min} to {info.max})"
+        return (
+            f"values that can hold the fill value {self.value!r} ({dtype} spans {info.min} to "
+            f"{info.max})"
+        )
 
     def apply(self, value: Value) -> Value:
         if isinstance(value, torch.Tensor):

@@ -293,11 +293,7 @@ class Dataset(IterableDataset):
         Raises:
             InvalidArgumentError: ``epoch`` is not an int in ``[0, 2**62]``.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= 2**62:
-            raise InvalidArgumentError(
-                f"set_epoch: epoch must be an int in [0, 2**62], got {epoch!r}"
-            )
-        self._first_epoch = epoch
+        self._first_epoch = _positive("set_epoch: epoch", epoch, minimum=0, maximum=2**62)
 
     def __iter__(self) -> Iterator[Batch]:
         shard, shards = self._current_shard()

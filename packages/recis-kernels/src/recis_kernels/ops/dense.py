@@ -192,7 +192,8 @@ def dense_to_ragged(
     - ``lengths``: ``(B,)`` int64 for 2-d input; ``[(B,), (B, S)]`` (sub-rows per row, values per
       sub-row) for 3-d input. Each must fit the dense size.
     - ``pad_value``: trailing entries equal to ``pad_value`` (NaN entries for a NaN pad) are
-      stripped from every row (inner padding is kept); for 3-d input, trailing sub-rows left empty are then stripped too.
+      stripped from every row (inner padding is kept); for 3-d input, trailing sub-rows left
+      empty are then stripped too.
     - neither: every row is full (length ``L``, and ``S`` sub-rows).
 
     The row lengths are torch operations; the values are copied by one kernel launch on CUDA
