@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -250,3 +251,15 @@ def test_bad_sources_raise_clear_errors_and_keep_committed_windows(tmp_path, hou
     fixed = build(tmp_path / "run", [hours[0], hours[1]])
     assert [r.files for r in fixed.run()] == [[hours[0]], [hours[1]]]
     assert {hour for _, hour in fixed.trainer.model.log} == {1}
+
+
+def test_a_window_without_rows_is_committed_and_the_stream_goes_on(tmp_path, hours):
+    empty = tmp_path / "data" / "empty.parquet"
+    pq.write_table(pq.read_table(hours[0]).slice(0, 0), empty)
+    results = build(tmp_path / "run", [hours[0], str(empty), hours[1]]).run()
+    assert [r.train["steps"] for r in results] == [3, 0, 3]
+    assert math.isnan(results[1].train["loss"])
+    assert (results[1].metrics, results[1].export_rows, results[1].step) == ({}, 0, 3)
+    again = build(tmp_path / "run", [hours[0], str(empty), hours[1], hours[2]])
+    assert [r.index for r in again.run()] == [0, 1, 2, 3]
+    assert {hour for _, hour in again.trainer.model.log} == {2}

@@ -186,7 +186,11 @@ def test_multistage_rejects_duplicate_names_and_all_frozen(tmp_path):
     with pytest.raises(ConfigError, match="unique names"):
         MultiStage(model, args, stages() + stages())
     frozen = Stage(
-        "x", ToyReader(10, 5), lambda ps: torch.optim.SGD(ps, lr=0.1), trainable=["nothing"]
+        "x",
+        ToyReader(10, 5),
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        trainable=["body.mlp"],
+        frozen=["body", "heads"],
     )
     with pytest.raises(ConfigError, match="stage 'x': no trainable parameter is left"):
         MultiStage(model, args, [frozen]).run()

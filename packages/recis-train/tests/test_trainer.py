@@ -138,7 +138,8 @@ def test_nan_loss_names_step_and_batch_and_keeps_parameters(tmp_path):
     trainer = make_trainer(tmp_path, model=PoisonedModel(1_000, dropout=0.0), hooks=[Snapshot()])
     with pytest.raises(
         NonFiniteLossError,
-        match=r"loss is nan at step 4 \(epoch 0, batch 3 of the epoch, micro-batch 1 of 1\)",
+        match=r"loss is nan at step 4 \(epoch 1 of 1, batch 4 of that epoch, micro-batch 1 of 1; "
+        r"counted from 1\)",
     ):
         trainer.train()
     assert trainer.global_step == 3

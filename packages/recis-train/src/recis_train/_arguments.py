@@ -30,7 +30,8 @@ class TrainingArguments:
         save_every: checkpoint every N optimizer steps (0: only at the end of training).
         max_to_keep: complete checkpoints kept on disk (older ones are deleted).
         gradient_accumulation_steps: micro-batches summed into one optimizer step.
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds loss scaling).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds loss scaling,
+            works on CPU too, and cannot be combined with a sparse optimizer).
         grad_clip: clip the global norm of dense gradients to this value (``None``: no clip).
         seed: seeds torch, numpy and random at the start of a fresh run.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (CUDA when available).
@@ -114,7 +115,10 @@ class TrainingArguments:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainingArguments:
-        """Load from a YAML file holding one mapping."""
+        """Load from a YAML file holding one mapping.
+
+        YAML 1.1 reads an unquoted ``no`` as false; ``mixed_precision: no`` means ``"no"``.
+        """
         import yaml
 
         try:
@@ -136,15 +140,26 @@ class TrainingArguments:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add one ``--flag`` per argument (``--train-steps 100``, ``--no-resume``) and ``--config``."""
-        parser.add_argument("--config", help="a .json/.yaml file of training arguments")
+        parser.add_argument(
+            "--config",
+            help="a .json/.yaml file of training arguments; flags given override its values",
+        )
+        helps = _field_help()
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            text = helps.get(f.name)
             if _base_type(f.name) is bool:
                 parser.add_argument(
-                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None
+                    flag,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=text,
                 )
             else:
-                parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper())
+                parser.add_argument(
+                    flag, dest=f.name, default=None, metavar=f.name.upper(), help=text
+                )
 
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None) -> TrainingArguments:
@@ -165,6 +180,27 @@ class TrainingArguments:
             if given is not None:
                 values[f.name] = given
         return cls.from_dict(values, source="command line")
+
+
+def _field_help() -> dict[str, str]:
+    """Each field's description from the ``Attributes:`` section of the class docstring, with
+    its default, for ``--help``."""
+    helps: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    lines = (TrainingArguments.__doc__ or "").split("Attributes:", 1)[-1].splitlines()
+    for line in lines:
+        text = line.strip()
+        name, _, rest = text.partition(": ")
+        if name.isidentifier() and rest and line.startswith(" " * 8) and line[8] != " ":
+            current = helps[name] = [rest]
+        elif text and current is not None:
+            current.append(text)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    return {
+        name: " ".join(parts).replace("``", "").replace("%", "%%").rstrip(".")
+        + f" (default: {defaults[name]})"
+        for name, parts in helps.items()
+    }
 
 
 def _base_type(name: str) -> type:
@@ -197,6 +233,8 @@ def _check_type(name: str, value: Any) -> None:
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert strings from flags/YAML to the field's type; reject what does not fit."""
     target = _base_type(name)
+    if name == "mixed_precision" and value is False:
+        return "no"  # YAML 1.1 (PyYAML) reads an unquoted `no` as false
     if value is None or (
         isinstance(value, target) and not (target is int and isinstance(value, bool))
     ):

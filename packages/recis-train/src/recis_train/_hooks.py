@@ -6,7 +6,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from recis_train.exceptions import ConfigError
@@ -22,7 +22,21 @@ class Hook:
     :meth:`on_step_end` holds ``loss`` (the step's weighted total), one ``loss/<task>`` per task,
     ``lr``, ``samples`` (rows in the step), ``step`` and ``step_time`` (seconds, from taking the
     first micro-batch's output to the end of the optimizer step).
+
+    Checkpoints keep each hook's :meth:`state_dict` under the hook's :attr:`state_key`, not its
+    position, so a resumed run may add, drop or reorder stateless hooks. A checkpoint whose hook
+    state no hook of the resumed trainer takes (or whose state a hook rejects) cannot be resumed:
+    :class:`~recis_train.exceptions.CheckpointError` names the hook.
     """
+
+    @property
+    def state_key(self) -> str:
+        """The name this hook's state is kept under in checkpoints (default: the class name).
+
+        Hooks of one class in one trainer get ``#2``, ``#3``, … appended in order; override it
+        when two hooks of one class keep different state (as :class:`EarlyStopping` does).
+        """
+        return type(self).__qualname__
 
     def on_train_begin(self, trainer: Trainer) -> None:
         """Before the first step (after a restore)."""
@@ -45,6 +59,17 @@ class Hook:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def hook_keys(hooks: Sequence[Hook]) -> list[str]:
+    """Each hook's checkpoint key: its :attr:`Hook.state_key`, ``#<n>`` added to repeats."""
+    keys: list[str] = []
+    seen: dict[str, int] = {}
+    for hook in hooks:
+        key = getattr(hook, "state_key", None) or type(hook).__qualname__
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return keys
 
 
 def _duration(seconds: float) -> str:
@@ -133,7 +158,10 @@ class EarlyStopping(Hook):
         min_delta: smallest change that counts as an improvement.
 
     A NaN result (e.g. the AUC of an evaluation slice with one class) counts as no improvement
-    and never becomes the best value; the first finite result does.
+    and never becomes the best value; the first finite result does. A fresh run (a trainer that
+    has neither trained nor evaluated yet, e.g. the next stage of a
+    :class:`~recis_train.MultiStage` run sharing this hook) starts with a clean state; a resumed
+    run continues with the state of its checkpoint.
     """
 
     def __init__(
@@ -166,6 +194,11 @@ class EarlyStopping(Hook):
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
 
+    @property
+    def state_key(self) -> str:
+        """``EarlyStopping(<monitor>)``: the state of one metric never loads into another's."""
+        return f"EarlyStopping({self.monitor})"
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
@@ -177,6 +210,12 @@ class EarlyStopping(Hook):
         self.best = state.get("best")
         self.bad_evaluations = int(state.get("bad_evaluations", 0))
         self.stopped_at = state.get("stopped_at")
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        # A fresh trainer (e.g. the next stage of a MultiStage run sharing this hook) starts
+        # watching anew; a resumed one has loaded this hook's state from its checkpoint.
+        if trainer.global_step == 0 and not trainer.history["eval"]:
+            self.best, self.bad_evaluations, self.stopped_at = None, 0, None
 
 
 def find_tables(model: Any) -> dict[str, Any]:
@@ -290,18 +329,25 @@ class ProfilerHook(Hook):
         self.table = ""
         self._profiler: Any = None
 
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._start_if_due(trainer)  # start=1: the window opens before the first step
+
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        if trainer.global_step == self.start + self.steps - 1 and self._profiler is not None:
+            self._finish()
+        else:
+            self._start_if_due(trainer)
+
+    def _start_if_due(self, trainer: Trainer) -> None:
         import torch.profiler as tp
 
-        step = trainer.global_step
-        if step == self.start - 1 and self._profiler is None:
-            activities = [tp.ProfilerActivity.CPU]
-            if trainer.device.type == "cuda":
-                activities.append(tp.ProfilerActivity.CUDA)
-            self._profiler = tp.profile(activities=activities, record_shapes=False)
-            self._profiler.__enter__()
-        elif step == self.start + self.steps - 1 and self._profiler is not None:
-            self._finish()
+        if trainer.global_step != self.start - 1 or self._profiler is not None:
+            return
+        activities = [tp.ProfilerActivity.CPU]
+        if trainer.device.type == "cuda":
+            activities.append(tp.ProfilerActivity.CUDA)
+        self._profiler = tp.profile(activities=activities, record_shapes=False)
+        self._profiler.__enter__()
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._profiler is not None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from recis_train._arguments import TrainingArguments
 from recis_train._hooks import Hook
+from recis_train._sparse import embedding_prefixes as _embedding_prefixes
 from recis_train._trainer import MetricFactory, Trainer
 from recis_train.exceptions import ConfigError
 
@@ -31,7 +32,10 @@ class Stage:
         args: overrides of the run's :class:`TrainingArguments` (e.g. ``train_steps``).
         trainable: module name prefixes that train; every other parameter is frozen.
             ``None`` means all modules not listed in ``frozen``.
-        frozen: module name prefixes frozen in this stage.
+        frozen: module name prefixes frozen in this stage. A frozen recis-embedding module
+            (e.g. ``"embeddings"``) looks ids up without inserting or updating any row, so
+            its tables and their optimizer slots stay as they were, sparse optimizer or not.
+            Every prefix must name a module or parameter of the model.
         sparse_optimizer: builds the stage's sparse optimizer from the model, or ``None``.
         lr_schedulers: builds the stage's schedulers from its dense optimizer.
     """
@@ -51,28 +55,74 @@ def _matches(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _check_prefixes(model: nn.Module, stage: Stage) -> None:
+    """Raises :class:`ConfigError` for a ``trainable`` or ``frozen`` prefix naming no module or
+    parameter of ``model`` (a typo would otherwise train what was meant to be frozen)."""
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    for field in ("trainable", "frozen"):
+        prefixes = getattr(stage, field) or ()
+        if isinstance(prefixes, str):
+            raise ConfigError(
+                f"stage {stage.name!r}: {field} must be a list of module name prefixes, got the "
+                f"string {prefixes!r}"
+            )
+        unknown = [p for p in prefixes if not any(_matches(n, [p]) for n in names)]
+        if unknown:
+            top = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"stage {stage.name!r}: {field} prefix(es) {unknown} name no module or parameter "
+                f"of the model (its top-level modules: {top})"
+            )
+
+
 class _Frozen:
-    """Sets ``requires_grad`` for one stage and restores every flag afterwards."""
+    """Freezes one stage's modules and restores every flag afterwards.
+
+    Dense parameters get ``requires_grad=False``. Embedding modules (recis-embedding's, whose
+    tables are not parameters) under a frozen prefix run every lookup as in evaluation: no id
+    is inserted, no row is recorded for the sparse optimizer and no eviction counter moves, so
+    the table and its optimizer slots stay exactly as the stage found them.
+    """
 
     def __init__(self, model: nn.Module, stage: Stage) -> None:
         self.model, self.stage = model, stage
         self.saved: dict[str, bool] = {}
+        self.handles: list[Any] = []
+        self.modes: dict[int, bool] = {}
+
+    def _trains(self, name: str) -> bool:
+        trainable = self.stage.trainable is None or _matches(name, self.stage.trainable)
+        return trainable and not _matches(name, self.stage.frozen)
 
     def __enter__(self) -> list[nn.Parameter]:
         trainable = []
         for name, param in self.model.named_parameters():
             self.saved[name] = param.requires_grad
-            train = (self.stage.trainable is None or _matches(name, self.stage.trainable)) and not (
-                _matches(name, self.stage.frozen)
-            )
-            param.requires_grad_(train and param.requires_grad)
+            param.requires_grad_(self._trains(name) and param.requires_grad)
             if param.requires_grad:
                 trainable.append(param)
         if not trainable:
             raise ConfigError(f"stage {self.stage.name!r}: no trainable parameter is left")
+        for name in _embedding_prefixes(self.model):
+            if not self._trains(name):
+                module = self.model.get_submodule(name)
+                self.handles.append(module.register_forward_pre_hook(self._lookup_only))
+                self.handles.append(module.register_forward_hook(self._restore_mode))
         return trainable
 
+    def _lookup_only(self, module: nn.Module, inputs: Any) -> None:
+        # Evaluation mode is the embedding modules' read-only lookup; the trainer sets the whole
+        # model to training mode before every step, so it is switched per forward pass.
+        self.modes[id(module)] = module.training
+        module.train(False)
+
+    def _restore_mode(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        module.train(self.modes.pop(id(module), module.training))
+
     def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
         for name, param in self.model.named_parameters():
             param.requires_grad_(self.saved[name])
 
@@ -115,6 +165,15 @@ class MultiStage:
         self.model, self.args, self.stages = model, args, list(stages)
         self.hooks, self.metrics = list(hooks), metrics
         self.results: dict[str, dict[str, float]] = {}
+        # Every stage is checked now, not after the stages before it have trained.
+        for stage in self.stages:
+            _check_prefixes(model, stage)
+            if not self._stage_args(stage).save_at_end:
+                raise ConfigError(
+                    f"stage {stage.name!r}: save_at_end must be True in a MultiStage run; the "
+                    "next stage, and a rerun after an interruption, start from the checkpoint "
+                    "that ends each stage"
+                )
 
     def _stage_args(self, stage: Stage) -> TrainingArguments:
         values = self.args.to_dict() | dict(stage.args)
@@ -168,6 +227,7 @@ class MultiStage:
                 results = {}
             self.results[stage.name] = results
             if ctx is None or ctx.is_main:
+                done.parent.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(results))
         last = _latest(skipped) if skipped is not None else None
         if skipped is not None and last is not None:

@@ -27,7 +27,7 @@ class SparseCheckpoint(Protocol):
         """``state`` without the entries this object saves itself."""
 
 
-def _embedding_prefixes(model: nn.Module) -> list[str]:
+def embedding_prefixes(model: nn.Module) -> list[str]:
     """Module paths in ``model`` whose class comes from recis-embedding (outermost only)."""
     prefixes: list[str] = []
     for name, module in model.named_modules():
@@ -77,5 +77,5 @@ def default_sparse_checkpoint(model: nn.Module) -> SparseCheckpoint | None:
     """An :class:`EmbeddingCheckpoint` when ``model`` holds recis-embedding modules, else None."""
     if importlib.util.find_spec(_EMBEDDING_PACKAGE) is None:
         return None
-    prefixes = _embedding_prefixes(model)
+    prefixes = embedding_prefixes(model)
     return EmbeddingCheckpoint(prefixes) if prefixes else None

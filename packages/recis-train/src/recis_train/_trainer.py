@@ -24,7 +24,7 @@ from recis_train._checkpoint import (
 )
 from recis_train._data import DataStream, batch_rows, move_to
 from recis_train._distributed import DistributedContext, own_rank_state
-from recis_train._hooks import Hook, LoggingHook
+from recis_train._hooks import Hook, LoggingHook, hook_keys
 from recis_train._outputs import StepOutput, parse_output
 from recis_train._sparse import SparseCheckpoint, default_sparse_checkpoint
 from recis_train._state import rng_state, seed_everything, set_rng_state
@@ -439,8 +439,8 @@ class Trainer:
         where = f" on rank {self.rank}" if self.distributed is not None else ""
         raise NonFiniteLossError(
             f"loss is {float(out.loss.detach())}{where} at step {self.global_step + 1} (epoch "
-            f"{cursor['epoch']}, batch {cursor['consumed'] - 1} of the epoch, micro-batch "
-            f"{index + 1} of {count}); task losses: {tasks}"
+            f"{cursor['epoch'] + 1} of {self.stream.epochs}, batch {cursor['consumed']} of that "
+            f"epoch, micro-batch {index + 1} of {count}; counted from 1); task losses: {tasks}"
         )
 
     def _optimizer_step(self) -> None:
@@ -601,7 +601,9 @@ class Trainer:
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "lr_schedulers": [s.state_dict() for s in self.lr_schedulers],
             "rng": rng_state(),
-            "hooks": [h.state_dict() for h in self.hooks],
+            "hooks": dict(
+                zip(hook_keys(self.hooks), (h.state_dict() for h in self.hooks), strict=True)
+            ),
             "history": self.history,
             "stopped": self.should_stop,
             "classes": self._state_classes(),
@@ -755,6 +757,7 @@ class Trainer:
             differences.append(
                 f"{len(state['lr_schedulers'])} lr scheduler(s) (now {len(self.lr_schedulers)})"
             )
+        self._check_hook_states(state.get("hooks", {}), path)
         if differences:
             raise CheckpointError(
                 f"{path}: cannot resume, the checkpoint was written with "
@@ -762,6 +765,33 @@ class Trainer:
                 + "; keep them as they were, use another output_dir, or restore "
                 "parts=('dense', 'sparse') to start a new run from its weights"
             )
+
+    def _check_hook_states(self, saved: Any, path: Path) -> None:
+        """Raises :class:`CheckpointError` when hook state in ``path`` has no hook to go to."""
+        if not isinstance(saved, Mapping):
+            return  # checkpoints of earlier versions: a list matched by position
+        keys = set(hook_keys(self.hooks))
+        orphans = sorted(k for k, v in saved.items() if v and k not in keys)
+        if orphans:
+            raise CheckpointError(
+                f"{path}: cannot resume, the checkpoint holds the state of hook(s) {orphans} "
+                f"that this trainer does not have (its hooks: {sorted(keys)}); give the trainer "
+                "those hooks again, or use another output_dir"
+            )
+
+    def _load_hooks(self, saved: Any, file: Path) -> None:
+        if not isinstance(saved, Mapping):
+            saved = dict(zip(hook_keys(self.hooks), saved, strict=False))
+        for key, hook in zip(hook_keys(self.hooks), self.hooks, strict=True):
+            if key not in saved:
+                continue  # a hook new to this run starts fresh
+            try:
+                hook.load_state_dict(saved[key])
+            except Exception as err:
+                raise CheckpointError(
+                    f"{file}: hook {key!r} cannot load its saved state ({type(err).__name__}: "
+                    f"{err})"
+                ) from err
 
     def _check_dense_shapes(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
         own = self.model.state_dict()
@@ -796,8 +826,7 @@ class Trainer:
         self.dense_optimizer.load_state_dict(state["dense_optimizer"])
         for scheduler, saved in zip(self.lr_schedulers, state["lr_schedulers"], strict=True):
             scheduler.load_state_dict(saved)
-        for hook, saved in zip(self.hooks, state["hooks"], strict=False):
-            hook.load_state_dict(saved)
+        self._load_hooks(state["hooks"], file)
         if self._scaler is not None and "scaler" in state:
             self._scaler.load_state_dict(state["scaler"])
         if self.sparse_optimizer is not None and "sparse_optimizer" in state:

@@ -75,8 +75,9 @@ class AUROC(Metric):
     thresholds ``-1e-7, 1/(n-1), …, (n-2)/(n-1), 1+1e-7``, a prediction is positive iff it is
     strictly above the threshold, and the curve is integrated with the trapezoid rule.
     Predictions are probabilities in [0, 1] for the thresholded mode (others raise
-    :class:`~recis_train.exceptions.MetricInputError`); any real scores for exact. With no data
-    both modes return NaN.
+    :class:`~recis_train.exceptions.MetricInputError`); any real scores for exact. With no data,
+    or with labels of one class only (the AUC is undefined), both modes return NaN; there
+    ``tf.compat.v1.metrics.auc`` returns 0.0 (only positives) or about 1.0 (only negatives).
 
     Args:
         mode: ``"exact"`` or ``"thresholded"``.
@@ -143,7 +144,9 @@ class AUROC(Metric):
             y = state["labels"]
             auc, _ = grouped_auc(torch.zeros_like(y, dtype=torch.int64), state["preds"], y)
             return float(auc[0]) if auc.numel() else float("nan")
-        if not float(state["pos"].sum() + state["neg"].sum()):
+        if not float(state["pos"].sum()) or not float(state["neg"].sum()):
+            # One class only: TF's formula gives 0.0 (all positive) or about 1.0 (all negative),
+            # numbers that would pass for a real AUC; undefined is reported as NaN instead.
             return float("nan")
         # tp[i]: positives above threshold i = positives with more than i thresholds below them.
         tp = state["pos"].flip(0).cumsum(0).flip(0)[1:]

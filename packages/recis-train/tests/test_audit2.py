@@ -1,0 +1,349 @@
+"""Frozen tables, hook state by key, hooks across stages, arguments from files, one-class AUC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _toy import NUM_DENSE, ToyModel, ToyReader, make_optimizers
+from torch import nn
+
+import recis_embedding as emb
+from recis_train import (
+    EarlyStopping,
+    Hook,
+    LoggingHook,
+    MultiStage,
+    ProfilerHook,
+    Stage,
+    Trainer,
+    TrainingArguments,
+    seed_everything,
+)
+from recis_train.exceptions import CheckpointError, ConfigError
+from recis_train.metrics import AUROC
+
+
+class TableModel(nn.Module):
+    """A recis-embedding table and an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
+        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, batch):
+        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
+        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+
+
+def table_rows(model: TableModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted ids and their full rows (embedding and optimizer slots)."""
+    table, index = model.embeddings.table("ids")
+    ids = torch.sort(table.ids(index)).values
+    return ids, table.read_full(table.find(ids, index))
+
+
+def shifted(reader: ToyReader, offset: int) -> list[dict[str, torch.Tensor]]:
+    """The reader's batches with ids moved out of the range the first stage saw."""
+    return [{**b, "ids": b["ids"] + offset} for b in reader]
+
+
+def test_a_frozen_embedding_module_keeps_its_rows_and_optimizer_slots(tmp_path):
+    seed_everything(0)
+    model = TableModel()
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def adam(params):
+        return torch.optim.Adam(params, lr=0.05)
+
+    def sparse(m):
+        return emb.SparseAdam(m, lr=0.05)
+
+    pretrain = Stage("pretrain", ToyReader(200, 50), adam, sparse_optimizer=sparse)
+    MultiStage(model, args, [pretrain]).run()
+    ids, rows = table_rows(model)
+    mlp = {k: v.clone() for k, v in model.mlp.state_dict().items()}
+    # Finetune: half the ids are new to the table; the stage has a sparse optimizer.
+    data = ToyReader(200, 50, seed=1)
+    finetune = Stage(
+        "finetune",
+        [*shifted(data, 0), *shifted(data, 25)],
+        adam,
+        frozen=["embeddings"],
+        sparse_optimizer=sparse,
+    )
+    MultiStage(model, args, [pretrain, finetune]).run()
+    after_ids, after_rows = table_rows(model)
+    assert torch.equal(after_ids, ids)  # no id inserted
+    assert torch.equal(after_rows, rows)  # embeddings and Adam slots untouched
+    assert not torch.equal(model.mlp.state_dict()["0.weight"], mlp["0.weight"])
+    assert model.embeddings.training  # the module's mode is restored after each lookup
+
+
+def test_a_table_outside_the_trainable_prefixes_is_frozen_too(tmp_path):
+    seed_everything(0)
+    model = TableModel()
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def sparse(m):
+        return emb.SparseAdagrad(m, lr=0.1)
+
+    first = Stage(
+        "a", ToyReader(100, 50), lambda ps: torch.optim.SGD(ps, lr=0.1), sparse_optimizer=sparse
+    )
+    MultiStage(model, args, [first]).run()
+    ids, rows = table_rows(model)
+    second = Stage(
+        "b",
+        shifted(ToyReader(100, 50, seed=2), 10),
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        trainable=["mlp"],
+        sparse_optimizer=sparse,
+    )
+    MultiStage(model, args, [first, second]).run()
+    assert all(torch.equal(a, b) for a, b in zip(table_rows(model), (ids, rows), strict=True))
+
+
+class Counter(Hook):
+    """A hook with state: the number of steps it saw."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, trainer, logs):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+
+
+def toy_trainer(out, hooks, train_steps=4):
+    seed_everything(0)
+    model = ToyModel()
+    dense, sparse = make_optimizers(model)
+    args = TrainingArguments(
+        output_dir=str(out), device="cpu", train_steps=train_steps, log_every=1000
+    )
+    return Trainer(
+        model,
+        args,
+        train_data=ToyReader(400, 20),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+        hooks=hooks,
+    )
+
+
+def test_hook_state_follows_the_hook_not_its_position(tmp_path, capsys):
+    stop, counter = EarlyStopping("auc", patience=3), Counter()
+    first = toy_trainer(tmp_path, [stop, counter])
+    first.train()
+    stop.best, stop.bad_evaluations = 0.75, 2
+    first.save()
+    assert counter.steps == 4
+    # Resumed with the hooks reordered and a stateless hook added in front.
+    stop2, counter2 = EarlyStopping("auc", patience=3), Counter()
+    trainer = toy_trainer(tmp_path, [LoggingHook(), counter2, stop2], train_steps=6)
+    trainer.restore()
+    assert counter2.steps == 4
+    assert (stop2.best, stop2.bad_evaluations) == (0.75, 2)
+
+
+def test_hook_state_without_its_hook_is_refused_and_named(tmp_path):
+    toy_trainer(tmp_path, [Counter(), EarlyStopping("auc")]).train()
+    trainer = toy_trainer(tmp_path, [Counter()], train_steps=6)
+    with pytest.raises(CheckpointError, match=r"hook\(s\) \['EarlyStopping\(auc\)'\]"):
+        trainer.restore()
+    assert trainer.global_step == 0  # nothing was loaded
+
+    class Picky(Counter):
+        state_key = "Counter"
+
+        def load_state_dict(self, state):
+            raise KeyError("epoch")
+
+    with pytest.raises(CheckpointError, match="hook 'Counter' cannot load its saved state"):
+        toy_trainer(tmp_path, [Picky(), EarlyStopping("auc")], train_steps=6).restore()
+
+
+def test_repeated_hooks_of_one_class_keep_their_own_state(tmp_path):
+    first, second = Counter(), Counter()
+    second.steps = 100
+    toy_trainer(tmp_path, [first, second]).train()
+    again = [Counter(), Counter()]
+    toy_trainer(tmp_path, [LoggingHook(), *again], train_steps=6).restore()
+    assert [h.steps for h in again] == [4, 104]
+
+
+def test_early_stopping_shared_by_stages_starts_fresh_in_each_stage(tmp_path):
+    seed_everything(0)
+    model = ToyModel(dropout=0.0)
+    stop = EarlyStopping("loss", mode="min", patience=1, min_delta=10.0)
+    evaluations = []
+
+    class Steps(Hook):
+        def on_evaluate(self, trainer, metrics):
+            evaluations.append((trainer.args.output_dir.rsplit("/", 1)[-1], trainer.global_step))
+
+    def stage(name, seed):
+        def dense(params):  # the sparse-gradient embedding is left out (no sparse optimizer)
+            return torch.optim.Adam([p for p in params if p is not model.embedding.weight], lr=0.01)
+
+        return Stage(
+            name,
+            ToyReader(200, 20, seed=seed),
+            dense,
+            eval_data=ToyReader(60, 30, seed=3),
+        )
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), device="cpu", log_every=1000, eval_every=2, train_steps=10
+    )
+    MultiStage(model, args, [stage("a", 0), stage("b", 1)], hooks=[stop, Steps()]).run()
+    # Each stage: the first evaluation is its best, the second one stops it (patience 1).
+    assert evaluations == [("a", 2), ("a", 4), ("b", 2), ("b", 4)]
+    assert stop.stopped_at == 4
+
+
+def test_profiler_hook_starting_at_the_first_step_records_it(tmp_path):
+    hook = ProfilerHook(str(tmp_path / "trace"), start=1, steps=2)
+    toy_trainer(tmp_path / "run", [hook]).train()
+    assert hook.trace_path is not None
+    assert hook.trace_path.endswith("trace-step1.json")
+    assert "aten::" in hook.table
+
+
+def test_yaml_mixed_precision_no_is_the_string_no(tmp_path):
+    config = tmp_path / "args.yaml"
+    config.write_text("mixed_precision: no\ngrad_clip: 1e-3\nresume: off\n")
+    args = TrainingArguments.from_file(config)
+    assert (args.mixed_precision, args.grad_clip, args.resume) == ("no", 1e-3, False)
+    config.write_text("mixed_precision: yes\n")
+    with pytest.raises(ValueError, match="mixed_precision must be str, got True"):
+        TrainingArguments.from_file(config)
+
+
+def test_cli_help_describes_each_flag(capsys):
+    with pytest.raises(SystemExit):
+        TrainingArguments.from_cli(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--gradient-accumulation-steps GRADIENT_ACCUMULATION_STEPS micro-batches" in text
+    assert "(default: 1)" in text
+    assert "--resume, --no-resume train() first restores" in text
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_thresholded_auroc_of_one_class_is_nan_like_exact(label):
+    for mode in ("exact", "thresholded"):
+        auc = AUROC(mode)
+        auc.update(torch.tensor([0.1, 0.5, 0.9]), torch.full((3,), label))
+        assert math.isnan(auc.compute()), mode
+
+
+def test_multistage_checks_every_stage_before_training_any(tmp_path):
+    model = TableModel()
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    first = Stage("a", ToyReader(100, 50), lambda ps: torch.optim.SGD(ps, lr=0.1))
+    typo = Stage("b", ToyReader(100, 50), first.dense_optimizer, args={"train_step": 5})
+    with pytest.raises(
+        ConfigError, match=r"stage 'b'.*unknown training argument\(s\) \['train_step'\]"
+    ):
+        MultiStage(model, args, [first, typo])
+    # The next stage and a rerun start from the checkpoint that ends a stage: it is required.
+    unsaved = TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False)
+    with pytest.raises(ConfigError, match="stage 'a': save_at_end must be True"):
+        MultiStage(model, unsaved, [first])
+    assert not (tmp_path / "a").exists()
+
+
+def test_fp16_on_cpu_trains_with_loss_scaling(tmp_path):
+    seed_everything(0)
+    model = ToyModel()
+    model.embedding.weight.requires_grad_(False)  # dense only: fp16 refuses sparse optimizers
+    args = TrainingArguments(
+        output_dir=str(tmp_path), device="cpu", mixed_precision="fp16", epochs=2, grad_clip=1.0
+    )
+    trainer = Trainer(
+        model,
+        args,
+        train_data=ToyReader(600, 50),
+        eval_data=ToyReader(200, 100, seed=1),
+        dense_optimizer=torch.optim.Adam(model.dense_parameters(), lr=0.05),
+    )
+    assert math.isfinite(trainer.train()["loss"])
+    assert trainer._scaler is not None
+    assert trainer._scaler.get_scale() > 1
+    assert trainer.evaluate()["auc"] > 0.7
+
+
+def test_multistage_killed_in_stage_two_resumes_to_the_uninterrupted_result(tmp_path):
+    def run(out, crash_at=None):
+        seed_everything(0)
+        model = TableModel()
+        args = TrainingArguments(
+            output_dir=str(out), device="cpu", log_every=1000, save_every=2, deterministic=True
+        )
+
+        def sparse(m):
+            return emb.SparseAdam(m, lr=0.05)
+
+        class Stream:
+            """Stage two's data (ids partly new to the table); dies at batch ``crash_at``."""
+
+            def __iter__(self):
+                for i, batch in enumerate(ToyReader(300, 50, seed=1)):
+                    if i == crash_at:
+                        raise RuntimeError("killed")
+                    yield {**batch, "ids": batch["ids"] + 20}
+
+        stages = [
+            Stage(
+                "a",
+                ToyReader(200, 50),
+                lambda ps: torch.optim.Adam(ps, lr=0.05),
+                sparse_optimizer=sparse,
+            ),
+            Stage(
+                "b",
+                Stream(),
+                lambda ps: torch.optim.Adam(ps, lr=0.05),
+                frozen=["embeddings"],
+                sparse_optimizer=sparse,
+                eval_data=ToyReader(100, 50, seed=3),
+            ),
+        ]
+        return model, MultiStage(model, args, stages).run()
+
+    whole, expected = run(tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "cut", crash_at=3)  # after stage b's checkpoint of step 2
+    resumed, results = run(tmp_path / "cut")
+    assert results == expected
+    for got, want in zip(table_rows(resumed), table_rows(whole), strict=True):
+        assert torch.equal(got, want)
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"frozen": ["embedding"]}, r"frozen prefix\(es\) \['embedding'\] name no module"),
+        ({"trainable": ["mlp", "tower"]}, r"trainable prefix\(es\) \['tower'\] name no module"),
+        ({"frozen": "embeddings"}, "frozen must be a list of module name prefixes"),
+    ],
+)
+def test_stage_prefixes_that_name_nothing_are_refused_up_front(tmp_path, options, message):
+    model = TableModel()
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    stage = Stage("s", ToyReader(100, 50), lambda ps: torch.optim.SGD(ps, lr=0.1), **options)
+    with pytest.raises(ConfigError, match=r"stage 's': " + message):
+        MultiStage(model, args, [stage])
+    ok = Stage("s", [], lambda ps: torch.optim.SGD(ps, lr=0.1), frozen=["embeddings", "mlp.0"])
+    MultiStage(model, args, [ok])
