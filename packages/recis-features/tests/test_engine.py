@@ -156,7 +156,8 @@ def test_missing_column_raises_with_the_feature_and_the_columns() -> None:
         ),
         (
             Feature("p").select_fields(["user_id", "price"]).cross(),
-            "feature 'p': op cross (step 1) expects a pair of id columns, found tuple of 2 values",
+            "feature 'p': op cross (step 1) expects a pair of id columns, found a pair (dense "
+            "int64 tensor of shape (4,), dense float32 tensor of shape (4,))",
         ),
         (
             Feature("p").select("user_id").fill_missing(0),
@@ -179,7 +180,7 @@ def test_unsupported_column_type_raises() -> None:
     with pytest.raises(FeatureTypeError) as info:
         engine({"x": {1: 2}})
     assert str(info.value) == (
-        "column 'x' has unsupported type dict, expected a tensor, a ragged column "
+        "feature 'a': column 'x' has unsupported type dict, expected a tensor, a ragged column "
         "(.values/.offsets) or a list of strings"
     )
 
@@ -337,7 +338,8 @@ def test_casting_strings_raises() -> None:
     with pytest.raises(FeatureTypeError) as info:
         engine({"city": ["a", "b"]})
     assert str(info.value) == (
-        "column 'city' holds strings (list of 2), which cannot be cast to int64"
+        "feature 'c': op select (step 0): column 'city' holds strings (list of 2), which "
+        "cannot be cast to int64"
     )
 
 

@@ -68,7 +68,9 @@ class ReferenceIdMap:
         rows[~is_new] = self.slot_rows[slots[~is_new]]
         miss = is_new.nonzero().squeeze(1)
         if miss.numel():
-            self._reserve(self.size + miss.numel())
+            # Room for the distinct new pairs: repeats take no slot.
+            distinct = set(zip(keys[miss].tolist(), tabs[miss].tolist(), strict=True))
+            self._reserve(self.size + len(distinct))
             before = self.size
             slots = self._claim(keys[miss], tabs[miss], dedup=True)
             fresh = self._last_claimed

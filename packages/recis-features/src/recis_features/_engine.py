@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -17,6 +17,7 @@ from ._feature import (
     fingerprint_of,
     input_error,
     missing_column_error,
+    read_source,
 )
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
@@ -204,7 +205,7 @@ class FeatureEngine(nn.Module):
         if nodes[0].parent < 0:
             for i, node in zip(group.nodes, nodes, strict=True):
                 assert isinstance(node.op, SourceOp)
-                values[i] = node.op.read(columns)
+                values[i] = read_source(node.features[0], node.op, columns)
             return
         inputs = [values[node.parent] for node in nodes]
         for node, value in zip(nodes, inputs, strict=True):
@@ -234,7 +235,8 @@ class FeatureEngine(nn.Module):
         """Rebuild an engine from :meth:`to_dict`'s output.
 
         Raises:
-            SerializationError: not an engine config, or an unsupported format version.
+            SerializationError: not an engine config, an unsupported format version,
+                ``features`` not a list, ``passthrough`` not a bool, or a bad feature config.
         """
         if not isinstance(data, Mapping) or "features" not in data:
             raise SerializationError("engine config must be a dict with a 'features' list")
@@ -243,8 +245,17 @@ class FeatureEngine(nn.Module):
             raise SerializationError(
                 f"engine config has format {version!r}, this version reads {_FORMAT_VERSION}"
             )
-        features = [Feature.from_dict(f) for f in data["features"]]
-        return cls(features, passthrough=bool(data.get("passthrough", True)), fused=fused)
+        passthrough = data.get("passthrough", True)
+        if not isinstance(passthrough, bool):
+            # bool("false") is True: a quoted flag would silently keep every column.
+            raise SerializationError(
+                f"engine config 'passthrough' must be true or false, got {passthrough!r}"
+            )
+        raw = data["features"]
+        if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
+            raise SerializationError(f"engine config 'features' must be a list, got {raw!r}")
+        features = [Feature.from_dict(f) for f in raw]
+        return cls(features, passthrough=passthrough, fused=fused)
 
     def fingerprint(self) -> str:
         """Stable SHA-256 hex digest of the transforms (feature order and pass-through aside):

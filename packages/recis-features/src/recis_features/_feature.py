@@ -210,7 +210,9 @@ class Feature:
         missing = [c for c in source.columns if c not in batch]
         if missing:
             raise missing_column_error(self._name, missing[0], batch)
-        value = source.read({c: column_value(self._name, c, batch[c]) for c in source.columns})
+        value = read_source(
+            self._name, source, {c: column_value(self._name, c, batch[c]) for c in source.columns}
+        )
         for step, op in enumerate(self._ops[1:], start=1):
             check_value(self._name, op, step, value)
             try:
@@ -276,6 +278,16 @@ def column_value(feature: str, column: str, raw: Any) -> Value:
         return as_value(raw, column)
     except RecisKernelsError as exc:
         raise FeatureInputError(f"feature {feature!r}: column {column!r}: {exc}") from exc
+    except FeatureTypeError as exc:
+        raise FeatureTypeError(f"feature {feature!r}: {exc}") from exc
+
+
+def read_source(feature: str, op: SourceOp, columns: Mapping[str, Value]) -> Value:
+    """``op.read(columns)``, its type errors naming the feature and the op."""
+    try:
+        return op.read(columns)
+    except FeatureTypeError as exc:
+        raise FeatureTypeError(f"feature {feature!r}: op {op.kind} (step 0): {exc}") from exc
 
 
 def input_error(features: Sequence[str], op: Op, exc: Exception) -> FeatureInputError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
+from ._op import SourceOp, op_kinds
 from ._values import Value
 from .exceptions import RegistrationError
 
@@ -50,8 +51,9 @@ def register_fused(
         ``fn`` (or a decorator returning it unchanged).
 
     Raises:
-        RegistrationError: ``kind`` already has an implementation and ``replace`` is false, or
-            ``fn`` is not callable.
+        RegistrationError: ``kind`` already has an implementation and ``replace`` is false,
+            ``fn`` is not callable, or ``kind`` is ``"lambda"`` or a source op's kind (those
+            always run op by op).
     """
 
     def register(f: _F) -> _F:
@@ -66,6 +68,14 @@ def register_fused(
 
     if not isinstance(kind, str) or not kind:
         raise RegistrationError(f"op kind must be a non-empty string, got {kind!r}")
+    if kind == "lambda":
+        raise RegistrationError("op kind 'lambda' runs op by op and cannot be fused")
+    source = op_kinds().get(kind)
+    if source is not None and issubclass(source, SourceOp):
+        raise RegistrationError(
+            f"op kind {kind!r} is a source op ({source.__qualname__}): sources read columns "
+            "and are never fused"
+        )
     return register if fn is None else register(fn)
 
 

@@ -71,7 +71,7 @@ class Op:
             raise SerializationError(f"unknown op kind {kind!r} (known: {known})")
         try:
             return cls(**params)
-        except TypeError as exc:
+        except (TypeError, FeatureDefinitionError) as exc:
             raise SerializationError(f"op {kind!r} has bad parameters {params!r}: {exc}") from exc
 
     def key(self) -> str:

@@ -478,8 +478,8 @@ class Normalize(Transform):
     """Standardize floats: ``(x - mean) / std``, elementwise on dense or ragged values.
 
     Args:
-        mean: subtracted first.
-        std: then divided by; must be positive.
+        mean: subtracted first (kept as a float).
+        std: then divided by; must be positive (kept as a float).
     """
 
     kind = "normalize"
@@ -492,8 +492,10 @@ class Normalize(Transform):
             self.kind,
             f"std must be a positive finite number, got {std!r}",
         )
-        self.mean = mean
-        self.std = std
+        # Stored as floats, like Bucketize's boundaries: Normalize(0, 1) and
+        # Normalize(0.0, 1.0) compute the same values, so they are one op with one fingerprint.
+        self.mean = float(mean)
+        self.std = float(std)
 
     def params(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std}

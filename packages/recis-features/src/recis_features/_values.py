@@ -85,7 +85,8 @@ def describe(value: Any) -> str:
     if isinstance(value, list):
         return f"strings (list of {len(value)})"
     if isinstance(value, tuple):
-        return f"tuple of {len(value)} values"
+        parts = ", ".join(describe(v) for v in value)
+        return f"a pair ({parts})" if len(value) == 2 else f"a tuple of {len(value)} ({parts})"
     return f"object of type {type(value).__name__}"
 
 

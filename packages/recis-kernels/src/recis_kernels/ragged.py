@@ -167,12 +167,21 @@ class RaggedTensor:
             max_len: length of the last dense dimension (an int), or one length per ragged
                 dimension (``(S, L)`` for 3 levels). Longer rows keep their head. ``None`` uses the
                 longest row.
+
+        Raises:
+            RaggedError: ``max_len`` names more lengths than there are ragged dimensions.
         """
         from recis_kernels.ops.dense import ragged_to_dense
 
         shape = None
         if max_len is not None:
             lens = [max_len] if isinstance(max_len, int) else list(max_len)
+            if not 1 <= len(lens) <= self.num_levels:
+                wanted = "one length (L)" if self.num_levels == 1 else "one or two lengths (S, L)"
+                raise RaggedError(
+                    f"to_dense: max_len of a {self.num_levels + 1}-level ragged tensor must be an "
+                    f"int or {wanted}, got {len(lens)} lengths"
+                )
             shape = [None] * (self.num_levels - len(lens)) + lens
             shape = [len(self), *shape]
         return ragged_to_dense(self, pad_value=pad_value, shape=shape)

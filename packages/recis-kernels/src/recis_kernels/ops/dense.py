@@ -10,6 +10,7 @@ Example (2 levels, ``pad_value=0``)::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.List only)
 
@@ -39,7 +40,8 @@ def ragged_to_dense(
 
     Args:
         r: ragged tensor with values ``(N, *E)`` and 1 or 2 offsets levels.
-        pad_value: value written to padding slots (cast to the values' dtype).
+        pad_value: value written to padding slots (cast to the values' dtype, which must hold
+            it exactly when it is an integer or bool dtype).
         shape: dense shape ``(B, L)`` or ``(B, S, L)`` (without the trailing ``E`` dims); ``None``
             entries (or ``shape=None``) take the longest row of that level. Rows longer than the
             requested length keep their head.
@@ -48,7 +50,9 @@ def ragged_to_dense(
         ``(B, L, *E)`` or ``(B, S, L, *E)`` tensor of the values' dtype.
 
     Raises:
-        RaggedError: more than 3 levels, or ``shape`` of the wrong length or batch size.
+        RaggedError: more than 3 levels, ``shape`` of the wrong length or batch size, or a
+            ``pad_value`` that integer (or bool) values cannot hold exactly (a fraction, or
+            outside the dtype's range).
     """
     op = "ragged_to_dense"
     if not isinstance(r, RaggedTensor):
@@ -58,8 +62,36 @@ def ragged_to_dense(
             f"{op}: supports 2 or 3 levels (1 or 2 offsets), got {r.num_levels} offsets"
         )
     dims = _resolve_dims(op, r, shape)
+    _check_pad(op, pad_value, r.values.dtype)
     pad = torch.tensor(pad_value, dtype=r.values.dtype, device=r.values.device)
     return run_op(_ragged_to_dense_op, _ragged_to_dense_impl, r.values, list(r.offsets), pad, dims)
+
+
+def _check_pad(op: str, pad_value: object, dtype: torch.dtype) -> None:
+    """Refuse a pad value that integer (or bool) values cannot hold exactly: a fraction would be
+    truncated and an out-of-range value wrapped or refused deep in torch, and either way the
+    padding could equal a real value (``0.5`` padding ids as ``0``, ``-1`` as uint8 ``255``)."""
+    if not isinstance(pad_value, numbers.Real):
+        raise RaggedError(f"{op}: pad_value must be a number, got {type(pad_value).__name__}")
+    if dtype.is_floating_point:
+        return
+    if dtype == torch.bool:
+        low, high = 0, 1
+    else:
+        info = torch.iinfo(dtype)
+        low, high = info.min, info.max
+    whole: int | None
+    if isinstance(pad_value, numbers.Integral):
+        whole = int(pad_value)
+    else:
+        number = float(pad_value)
+        whole = int(number) if number.is_integer() else None
+    if whole is None or not low <= whole <= high:
+        name = str(dtype).removeprefix("torch.")
+        raise RaggedError(
+            f"{op}: pad_value {pad_value!r} cannot be held exactly by {name} values "
+            f"(integers in [{low}, {high}])"
+        )
 
 
 def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) -> list[int]:
@@ -79,8 +111,11 @@ def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) 
     dims = []
     for level, want in enumerate(wanted):
         if want is None:
+            # The longest row: never negative, and not compared on the host, as under
+            # torch.compile it is a data-dependent size.
             lengths = r.lengths(level)
-            want = int(lengths.max()) if lengths.numel() else 0
+            dims.append(int(lengths.max()) if lengths.numel() else 0)
+            continue
         if want < 0:
             raise RaggedError(f"{op}: dense lengths must be >= 0, got {want}")
         dims.append(int(want))

@@ -72,12 +72,18 @@ def fmix64(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's 64-bit finalizer on int64 bits (wrapping arithmetic, logical shifts).
 
     Args:
-        x: ``(N,) int64``.
+        x: int64 tensor of any shape.
 
     Returns:
-        ``(N,) int64`` mixed bits; a bijection on 64-bit values.
+        int64 mixed bits shaped like ``x``; a bijection on 64-bit values.
+
+    Raises:
+        UnsupportedDtypeError: ``x`` is not an int64 tensor (narrower ids would be mixed as
+            32-bit words and hash differently from the same id as int64).
     """
-    if x.dtype == torch.int64 and can_inspect(x):
+    check_tensor("fmix64", "x", x)
+    check_dtype("fmix64", "x", x, (torch.int64,))
+    if can_inspect(x):
         return torch.from_numpy(_fmix64_host(x.numpy()))
     return _fmix64_torch(x)
 
@@ -138,7 +144,7 @@ def _home_torch(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tens
     h = tabs.to(torch.int64)
     h *= _GOLDEN
     h += keys
-    h = fmix64(h)
+    h = _fmix64_torch(h)
     h &= mask
     return h
 
@@ -493,10 +499,13 @@ class IdMap:
     def _insert_rows(
         self, keys: torch.Tensor, tabs: torch.Tensor, *, distinct: bool
     ) -> torch.Tensor:
-        self._reserve(self.size + keys.numel())
         if distinct:
+            self._reserve(self.size + keys.numel())
             return self.slot_rows.index_select(0, self._insert(keys, tabs))
         first, inverse = _first_occurrences(keys, tabs)
+        # Room for the distinct new keys only: repeats of one key take no slot, so they must
+        # not grow the map (a batch repeating 3 new ids 100000 times used to take 2**20 slots).
+        self._reserve(self.size + first.numel())
         new_slots = self._insert(keys.index_select(0, first), tabs.index_select(0, first))
         return self.slot_rows.index_select(0, new_slots.index_select(0, inverse))
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from recis_kernels._backend import run_op
 from recis_kernels._checks import check_1d, check_dtype, check_tensor
 from recis_kernels.exceptions import ShapeError
+from recis_kernels.ops._uint64 import umod_const
 from recis_kernels.ops.hash_table import fmix64
 
 __all__ = ["PartitionResult", "owner_rank", "partition_ids"]
@@ -32,21 +34,33 @@ class PartitionResult(NamedTuple):
 def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
     """Rank owning each id: ``fmix64(id)`` (MurmurHash3 finalizer) as unsigned 64-bit, mod world size.
 
+    Branch-free (no host synchronization on CUDA, one graph under ``torch.compile``).
+
     Args:
-        ids: ``(N,) int64``.
-        world_size: number of ranks, ``>= 1``.
+        ids: int64 tensor of any shape.
+        world_size: number of ranks, an int ``>= 1``.
 
     Returns:
-        ``(N,) int64`` ranks in ``[0, world_size)``.
+        int64 ranks in ``[0, world_size)``, shaped like ``ids``.
+
+    Raises:
+        UnsupportedDtypeError: ``ids`` is not an int64 tensor (the rank of an id must not
+            depend on the dtype it arrives in).
+        ShapeError: ``world_size`` is not an int ``>= 1``.
     """
-    h = fmix64(ids)
+    check_tensor("owner_rank", "ids", ids)
+    check_dtype("owner_rank", "ids", ids, (torch.int64,))
+    world_size = _check_world_size("owner_rank", world_size)
     # Unsigned remainder from the signed bits: (2**64 + h) % w for negative h.
-    r = torch.remainder(h, world_size)
-    neg = h < 0
-    if bool(neg.any()):
-        wrap = (1 << 64) % world_size
-        r = torch.where(neg, torch.remainder(r + wrap, world_size), r)
-    return r
+    return umod_const(fmix64(ids), world_size)
+
+
+def _check_world_size(op: str, world_size: object) -> int:
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)):
+        raise ShapeError(f"{op}: world_size must be an int >= 1, got {world_size!r}")
+    if int(world_size) < 1:
+        raise ShapeError(f"{op}: world_size must be >= 1, got {world_size}")
+    return int(world_size)
 
 
 def _partition_impl(
@@ -100,6 +114,5 @@ def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
     check_tensor("partition_ids", "ids", ids)
     check_dtype("partition_ids", "ids", ids, (torch.int64,))
     check_1d("partition_ids", "ids", ids)
-    if int(world_size) < 1:
-        raise ShapeError(f"partition_ids: world_size must be >= 1, got {world_size}")
-    return PartitionResult(*run_op(_partition_op, _partition_impl, ids, int(world_size)))
+    world_size = _check_world_size("partition_ids", world_size)
+    return PartitionResult(*run_op(_partition_op, _partition_impl, ids, world_size))

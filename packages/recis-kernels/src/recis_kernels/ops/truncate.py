@@ -201,13 +201,12 @@ def _truncate3(r: RaggedTensor, row_max, row_tail):
     sub_starts = r.offsets[1][:-1]
     kept_len = sub_lengths[sub_index]
     # Values of the kept sub-rows, in order: expand each kept sub-row into its value range.
-    total = int(kept_len.sum()) if kept_len.numel() else 0
+    # No branch on the number of kept sub-rows: it is data-dependent under torch.compile.
+    total = int(kept_len.sum())
     owner = torch.repeat_interleave(
         torch.arange(kept_len.numel(), device=r.device), kept_len, output_size=total
     )
-    kept_base = torch.zeros_like(kept_len)
-    if kept_len.numel():
-        kept_base[1:] = torch.cumsum(kept_len, 0)[:-1]
+    kept_base = torch.cumsum(kept_len, 0) - kept_len
     value_index = (
         sub_starts[sub_index][owner] + torch.arange(total, device=r.device) - kept_base[owner]
     )
