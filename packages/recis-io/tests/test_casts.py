@@ -119,3 +119,16 @@ def test_unhashed_string_nulls_need_a_string_fill(tmp_path) -> None:
         next(iter(Dataset(path, batch_size=3)))
     col = next(iter(Dataset(path, batch_size=3, columns=[Column("s", fill="")])))["s"]
     assert [bytes(col.row(i)) for i in range(3)] == [b"a", b"", b"b"]
+
+
+def test_unhashed_string_and_binary_nulls_take_a_bytes_fill(tmp_path) -> None:
+    # The guide's Nulls section: a str or bytes fill; bytes are written as they are.
+    path = tmp_path / "b.parquet"
+    table = pa.table({"b": pa.array([b"\xff", None]), "s": pa.array(["a", None])})
+    pq.write_table(table, path)
+    cols = [Column("b", fill=b"\x00\x01"), Column("s", fill=b"z")]
+    batch = next(iter(Dataset(path, batch_size=2, columns=cols)))
+    assert [bytes(batch["b"].row(i)) for i in range(2)] == [b"\xff", b"\x00\x01"]
+    assert [bytes(batch["s"].row(i)) for i in range(2)] == [b"a", b"z"]
+    with pytest.raises(InvalidArgumentError, match=r"column 'n' has fill of type bytearray"):
+        Column("n", fill=bytearray(b"x"))  # type: ignore[arg-type]

@@ -142,3 +142,21 @@ def test_batch_from_other_columns_is_a_type_error(files) -> None:
         Batch({"id": batch["id"].clone(), "seq": batch["seq"]})
     with pytest.raises(TypeError, match="columns of an existing batch"):
         Batch({"id": batch["id"]})
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.filterwarnings(FORK_WARNING)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_batches_per_epoch_counts_the_loaders_workers(files, drop_last: bool) -> None:
+    # 550 rows, 2 ranks, 3 workers: shards of 91 rows, 3 batches of 32 (2 when dropping the
+    # last), so each rank's loader yields 9 (or 6) batches, not ceil(275 / 32) = 9 (or 8).
+    seen: list[int] = []
+    for rank in range(2):
+        ds = Dataset(
+            files, batch_size=32, num_threads=1, rank=rank, world_size=2, drop_last=drop_last
+        )
+        batches = list(DataLoader(ds, batch_size=None, num_workers=3))
+        assert len(batches) == ds.batches_per_epoch(num_workers=3) == (6 if drop_last else 9)
+        assert ds.batches_per_epoch() == (8 if drop_last else 9)
+        seen += [i for b in batches for i in b["id"].tolist()]
+    assert len(seen) == len(set(seen)) == 6 * (91 - 91 % 32 if drop_last else 91)

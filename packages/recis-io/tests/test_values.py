@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recis_io import Batch, Column, Dataset, Ragged
-from recis_io.exceptions import SchemaError
+from recis_io.exceptions import InvalidArgumentError, SchemaError
 
 from .conftest import write
 
@@ -201,6 +201,19 @@ def test_batch_to_device_is_one_copy(tmp_path, device: str) -> None:
     assert moved["i64"].data_ptr() - moved.buffer.data_ptr() == (
         batch["i64"].data_ptr() - batch.buffer.data_ptr()
     )
+
+
+@pytest.mark.parametrize("target", [torch.float32, torch.int64, "bogus"])
+def test_batch_to_refuses_what_is_not_a_device(tmp_path, target) -> None:
+    # Converting the one uint8 buffer to a dtype would reinterpret every column's bytes.
+    path = write(base_table("parquet"), tmp_path / "t.parquet", "parquet", 40)
+    batch = next(iter(Dataset(path, batch_size=16)))
+    with pytest.raises(InvalidArgumentError, match=r"Batch\.to takes a device"):
+        batch.to(target)
+    with pytest.raises(InvalidArgumentError, match=r"Ragged\.to takes a device"):
+        batch["ll"].to(target)
+    assert batch.to(torch.device("cpu"))["i64"].tolist() == batch["i64"].tolist()
+    assert batch["ll"].to("cpu").offsets[1].dtype == torch.int64
 
 
 def test_buffers_are_reused_only_after_batches_are_dropped(tmp_path) -> None:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 
 
 def _buffer(pa_mod, t: torch.Tensor) -> pa.Buffer:
+    if t.numel() == 0:
+        # torch gives an empty tensor a null data pointer, which Arrow refuses as the data of
+        # a string array (a batch of only empty strings): an empty buffer of its own instead.
+        return pa_mod.py_buffer(b"")
     # The base keeps the torch tensor (and so the batch memory) alive as long as arrow needs it.
     return pa_mod.foreign_buffer(t.data_ptr(), t.numel() * t.element_size(), base=t)
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .exceptions import InvalidArgumentError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -64,7 +66,12 @@ class Ragged:
         return self.offsets[0].numel() - 1
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Ragged:
-        """Returns the column on ``device`` (one copy per tensor)."""
+        """Returns the column on ``device`` (one copy per tensor).
+
+        Raises:
+            InvalidArgumentError: ``device`` is not a device (a dtype, for example).
+        """
+        device = _device(device, "Ragged")
         return Ragged(
             self.values.to(device, non_blocking=non_blocking),
             tuple(o.to(device, non_blocking=non_blocking) for o in self.offsets),
@@ -86,6 +93,18 @@ class Ragged:
 
 
 Value = torch.Tensor | Ragged
+
+
+def _device(device: Any, owner: str) -> torch.device:
+    # `tensor.to(torch.float32)` converts values; here it would reinterpret the bytes of
+    # every column (and the offsets), so anything but a device is refused.
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise InvalidArgumentError(
+            f"{owner}.to takes a device such as 'cuda' or 'cpu', got {device!r}; "
+            "columns keep the dtypes they were read with (convert a column itself instead)"
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -236,8 +255,11 @@ class Batch(Mapping[str, Value]):
         Args:
             device: Target device, for example ``"cuda"``.
             non_blocking: Asynchronous copy; overlaps with compute when the buffer is pinned.
+
+        Raises:
+            InvalidArgumentError: ``device`` is not a device (a dtype, for example).
         """
-        target = self._buffer.to(device, non_blocking=non_blocking)
+        target = self._buffer.to(_device(device, "Batch"), non_blocking=non_blocking)
         if target is self._buffer:
             return self
         return Batch(target, self._infos, self._layout)

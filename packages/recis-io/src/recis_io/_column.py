@@ -40,7 +40,7 @@ class Column:
         fill: Value written in place of nulls. Integer, bool and string columns (hashed or
             not) with nulls and no ``fill`` raise :class:`~recis_io.exceptions.SchemaError`;
             float columns without ``fill`` read nulls as NaN; unhashed strings take a ``str``
-            fill (``""`` for an empty string). A number must fit the output dtype (no
+            (written as UTF-8) or ``bytes`` fill (``""`` for an empty string). A number must fit the output dtype (no
             fraction for an integer dtype), or the dataset raises
             :class:`~recis_io.exceptions.InvalidArgumentError`.
         hash: ``"farm"`` (FarmHash Fingerprint64) or ``"murmur"`` (MurmurHash64A, seed 0)
@@ -49,7 +49,9 @@ class Column:
             full 64 bits, reinterpreted as int64).
         dtype: Output element type (``torch.dtype`` or its name such as ``"float32"``,
             ``"uint16"``); numeric columns are cast while decoding, and a value the dtype
-            cannot hold raises :class:`~recis_io.exceptions.SchemaError`.
+            cannot hold raises :class:`~recis_io.exceptions.SchemaError`. With a dtype,
+            files may store the column as different numeric types (int32 in one file, int64
+            in another); without one they must agree.
 
     Example:
         >>> Column("user_id", hash="farm", buckets=1_000_000, fill=0)
@@ -57,7 +59,7 @@ class Column:
     """
 
     name: str
-    fill: int | float | str | None = None
+    fill: int | float | str | bytes | None = None
     hash: str | None = None
     buckets: int = 0
     dtype: torch.dtype | str | None = None
@@ -75,14 +77,14 @@ class Column:
             raise InvalidArgumentError(
                 f"column '{self.name}' has buckets={self.buckets}, expected 0 <= buckets < 2**64"
             )
-        if self.fill is not None and not isinstance(self.fill, (int, float, str)):
+        if self.fill is not None and not isinstance(self.fill, (int, float, str, bytes)):
             raise InvalidArgumentError(
                 f"column '{self.name}' has fill of type {type(self.fill).__name__}, "
-                "expected a number or a string"
+                "expected a number, a str or bytes"
             )
         _dtype_name(self)
 
-    def _spec(self) -> tuple[str, int | float | str | None, str | None, int, str | None]:
+    def _spec(self) -> tuple[str, int | float | str | bytes | None, str | None, int, str | None]:
         return (self.name, self.fill, self.hash, self.buckets, _dtype_name(self))
 
 

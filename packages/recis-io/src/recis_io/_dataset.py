@@ -135,6 +135,8 @@ class Dataset(IterableDataset):
 
     Args:
         paths: A file, directory or glob, or a sequence of them (``.parquet``/``.pq``/``.orc``).
+            Directories and globs skip hidden and ``_``-prefixed names (``_SUCCESS``,
+            ``_temporary/``) that a wildcard or the directory walk would take in.
         batch_size: Rows per batch; batches span row-group boundaries.
         columns: A list of column names or :class:`Column` options, at least one and each
             name once; ``None`` reads every column of the first file. Each output keeps the
@@ -160,7 +162,8 @@ class Dataset(IterableDataset):
 
     Raises:
         DataFileNotFoundError: A path matched no file.
-        SchemaError: A column is missing, unsupported, or typed differently across files.
+        SchemaError: A column is missing, unsupported, or typed differently across files
+            (numbers of different types need the :class:`Column`'s ``dtype``).
         CorruptFileError: A file's metadata cannot be read.
         InvalidArgumentError: An option is out of range (sizes and counts go up to
             ``2**63 - 1``) or of the wrong type, or the ``RANK``/``WORLD_SIZE`` environment
@@ -261,12 +264,27 @@ class Dataset(IterableDataset):
             self.world_size * info.num_workers,
         )
 
-    def batches_per_epoch(self) -> int:
-        """Batches each shard yields per epoch (the same on every rank)."""
-        rows = self.total_rows // self._current_shard()[1]
+    def batches_per_epoch(self, num_workers: int = 0) -> int:
+        """Batches this rank yields per epoch (the same on every rank).
+
+        Args:
+            num_workers: The ``num_workers`` of the ``DataLoader`` that reads this dataset:
+                each worker reads a shard of its own, so the loader yields the sum of its
+                workers' batches (each worker's last batch may be smaller). 0 (the default)
+                is reading without a ``DataLoader`` or with ``num_workers=0``; inside a
+                worker the count is that worker's own.
+
+        Raises:
+            InvalidArgumentError: ``num_workers`` is not an int in ``[0, 4096]``.
+        """
+        workers = _positive("num_workers", num_workers, minimum=0, maximum=_MAX_THREADS)
+        if get_worker_info() is not None:
+            workers = 1
+        workers = max(1, workers)
+        rows = self.total_rows // (self._current_shard()[1] * workers)
         if self.drop_last:
-            return rows // self.batch_size
-        return -(-rows // self.batch_size)
+            return workers * (rows // self.batch_size)
+        return workers * -(-rows // self.batch_size)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -289,6 +307,8 @@ class Dataset(IterableDataset):
         ``seed`` and the epoch only, so ``set_epoch(e)`` then one pass reads exactly what the
         ``e``-th epoch of a single iteration with more ``epochs`` would. A state taken during
         such a pass resumes within it (:meth:`load_state_dict` restores the epoch range).
+        ``DataLoader`` workers started with ``persistent_workers=True`` keep the dataset they
+        were given, so this does not reach them: use non-persistent workers, or ``epochs``.
 
         Raises:
             InvalidArgumentError: ``epoch`` is not an int in ``[0, 2**62]``.

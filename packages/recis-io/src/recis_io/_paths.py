@@ -21,15 +21,37 @@ def _format_of(path: Path, fmt: str) -> str | None:
     return _SUFFIXES.get(path.suffix.lower())
 
 
-def _hidden(path: Path) -> bool:
-    return path.name.startswith((".", "_"))
+def _hidden_name(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _hidden_below(path: Path, root: Path) -> bool:
+    # Any name under the root counts: Spark's `_temporary/` or a `.git/` hold no data files.
+    return any(_hidden_name(part) for part in path.relative_to(root).parts)
+
+
+def _hidden_match(match: str, pattern: str) -> bool:
+    """Whether a glob match passes through a hidden or ``_``-prefixed name the pattern did
+    not spell out (``data/*`` skips ``data/_SUCCESS``, ``data/_part*`` still matches)."""
+    got, pat = Path(match).parts, Path(pattern).parts
+    # Names matched by `**` were not spelled out; the pattern's other parts match one name each,
+    # those before `**` from the start, those after it from the end.
+    cut = pat.index("**") if "**" in pat else len(pat)
+    tail = len(pat) - cut - 1 if cut < len(pat) else 0
+    spelled = list(zip(got[:cut], pat[:cut], strict=False))
+    spelled += list(zip(got[len(got) - tail :], pat[len(pat) - tail :], strict=False))
+    if any(_hidden_name(part) for part in got[cut : len(got) - tail]):
+        return True
+    return any(_hidden_name(g) and not p.startswith(g[0]) for g, p in spelled)
 
 
 def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[str, str]]:
     """Expands ``paths`` into ``(file, format)`` pairs in a stable order.
 
-    Directories contribute their data files (recursively, sorted, hidden and ``_``-prefixed
-    names skipped); globs are expanded and sorted; explicit files keep the given order.
+    Directories contribute their data files (recursively, sorted, skipping every file whose
+    path below the directory has a hidden or ``_``-prefixed name, such as ``_SUCCESS`` or
+    ``_temporary/``); globs are expanded and sorted, skipping the hidden and ``_``-prefixed
+    names the pattern matched with a wildcard; explicit files keep the given order.
     """
     if fmt not in _FORMATS:
         raise InvalidArgumentError(f"format must be one of {', '.join(_FORMATS)}, got {fmt!r}")
@@ -40,16 +62,21 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
         text = os.fspath(raw)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden_below(p, path))
             found = [p for p in found if _format_of(p, fmt)]
             if not found:
                 raise DataFileNotFoundError(f"directory {text} holds no .parquet or .orc files")
+        elif path.is_file():
+            # Before globbing: a file named `part[1].parquet` is that file, not a pattern.
+            found = [path]
         elif glob.has_magic(text):
-            found = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file()]
+            found = [
+                Path(p)
+                for p in sorted(glob.glob(text, recursive=True))
+                if Path(p).is_file() and not _hidden_match(p, text)
+            ]
             if not found:
                 raise DataFileNotFoundError(f"pattern {text} matches no files")
-        elif path.is_file():
-            found = [path]
         else:
             raise DataFileNotFoundError(f"file not found: {text}")
         for p in found:

@@ -5,7 +5,7 @@ from typing import Any, final
 __all__ = ["Reader", "hash_bytes"]
 
 _Layout = tuple[int, list[tuple[int, int, list[tuple[int, int]]]]]
-_Spec = tuple[str, int | float | str | None, str | None, int, str | None]
+_Spec = tuple[str, int | float | str | bytes | None, str | None, int, str | None]
 
 def hash_bytes(data: bytes, kind: str, buckets: int = 0) -> int:
     """Hashes ``data`` as the reader hashes strings.

@@ -12,7 +12,7 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 
 use super::chunks::{Chunks, SharedChunks};
-use super::column::{ColumnPlan, ColumnSpec};
+use super::column::{ColumnPlan, ColumnSpec, Leaf};
 use super::direct::{self, DirectColumn};
 use super::error::{Error, Result};
 use super::plan::{Segment, Unit};
@@ -169,27 +169,25 @@ impl Source {
             .iter()
             .map(|s| {
                 let field = find(&first.schema, &s.name, &first.path)?;
-                ColumnPlan::resolve(s, field)
+                ColumnPlan::resolve(s, field).map_err(|e| in_file(e, &first.path))
             })
             .collect::<Result<Vec<_>>>()?;
+        // Each file's own plan of each column: the same layout as the first file's, the leaf
+        // type may differ where `dtype` casts every file's numbers to one output type.
+        let mut file_plans = vec![columns.clone()];
         for f in &files[1..] {
-            for c in &columns {
-                let field = find(&f.schema, &c.spec.name, &f.path)?;
-                if logical(field.data_type()) != logical(&c.file_type) {
-                    return Err(Error::Schema(format!(
-                        "column '{}' has type {} in {}, but {} in {}",
-                        c.spec.name,
-                        field.data_type(),
-                        f.path,
-                        c.file_type,
-                        first.path
-                    )));
-                }
-            }
+            let plans = columns
+                .iter()
+                .map(|c| {
+                    let field = find(&f.schema, &c.spec.name, &f.path)?;
+                    file_plan(c, field, &f.path, &first.path)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            file_plans.push(plans);
         }
-        for f in &mut files {
+        for (f, plans) in files.iter_mut().zip(&file_plans) {
             if let Meta::Parquet(m) = &f.meta {
-                f.direct = direct::plan(m.metadata(), &columns);
+                f.direct = direct::plan(m.metadata(), plans);
                 if let Some(hinted) = dictionary_hint(m, &columns, &f.path)? {
                     f.meta = Meta::Parquet(hinted);
                 }
@@ -449,6 +447,36 @@ fn dictionary_hint(
         .map_err(|e| Error::corrupt(path, e))
 }
 
+/// How column `c` (planned from the first file, `first`) is read from a later file whose field
+/// is `field`. The types must agree up to [`logical`], except that with an explicit `dtype` the
+/// numbers of each file may have any numeric type: they are cast while decoding, and a value
+/// the dtype cannot hold is an error then (see `prepare`).
+fn file_plan(c: &ColumnPlan, field: &Field, path: &str, first: &str) -> Result<ColumnPlan> {
+    if logical(field.data_type()) == logical(&c.file_type) {
+        return Ok(c.clone());
+    }
+    let mismatch = |hint: &str| {
+        Error::Schema(format!(
+            "column '{}' has type {} in {path}, but {} in {first}{hint}",
+            c.spec.name,
+            field.data_type(),
+            c.file_type
+        ))
+    };
+    let Ok(own) = ColumnPlan::resolve(&c.spec, field) else {
+        return Err(mismatch(""));
+    };
+    let same_layout = own.list_levels == c.list_levels && own.fixed == c.fixed;
+    match (own.leaf, c.leaf) {
+        (Leaf::Number(_), Leaf::Number(_)) if same_layout && c.spec.dtype.is_some() => Ok(own),
+        (Leaf::Number(_), Leaf::Number(_)) if same_layout => Err(mismatch(&format!(
+            "; give Column('{}', dtype=...) to read both as one type",
+            c.spec.name
+        ))),
+        _ => Err(mismatch("")),
+    }
+}
+
 /// `dt` without what does not change how a column is read (the decode step takes either form):
 /// list item names and nullability (Parquet writers name items `element`, ORC `item`), 32- or
 /// 64-bit offsets and views, and the dictionary encoding of strings.
@@ -480,6 +508,14 @@ fn slice_rows(batches: Vec<RecordBatch>, start: usize, end: usize) -> Vec<Record
     out
 }
 
+/// A schema error of the column plan, naming the file whose schema it was planned from.
+fn in_file(e: Error, path: &str) -> Error {
+    match e {
+        Error::Schema(msg) => Error::Schema(format!("{msg} (file {path})")),
+        other => other,
+    }
+}
+
 fn find<'a>(schema: &'a Schema, name: &str, path: &str) -> Result<&'a arrow::datatypes::Field> {
     schema
         .field_with_name(name)
@@ -489,9 +525,42 @@ fn find<'a>(schema: &'a Schema, name: &str, path: &str) -> Result<&'a arrow::dat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::column::DType;
 
     fn list(name: &str, dt: DataType, nullable: bool) -> DataType {
         DataType::List(Arc::new(Field::new(name, dt, nullable)))
+    }
+
+    fn plan_of(dt: DataType, dtype: Option<DType>) -> ColumnPlan {
+        let mut spec = ColumnSpec::plain("x");
+        spec.dtype = dtype;
+        ColumnPlan::resolve(&spec, &Field::new("x", dt, true)).unwrap()
+    }
+
+    #[test]
+    fn other_number_types_in_later_files_need_a_dtype() {
+        let later = |first: &ColumnPlan, dt: DataType| {
+            file_plan(first, &Field::new("x", dt, true), "b.parquet", "a.parquet")
+        };
+        let err = later(&plan_of(DataType::Int32, None), DataType::Int64).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "column 'x' has type Int64 in b.parquet, but Int32 in a.parquet; \
+             give Column('x', dtype=...) to read both as one type"
+        );
+        let first = plan_of(DataType::Int32, Some(DType::I64));
+        let own = later(&first, DataType::Int64).unwrap();
+        assert_eq!((own.leaf, own.out), (Leaf::Number(DType::I64), DType::I64));
+        let own = later(&first, DataType::Float64).unwrap();
+        assert_eq!((own.leaf, own.out), (Leaf::Number(DType::F64), DType::I64));
+        let lists = plan_of(list("item", DataType::Float32, true), Some(DType::F64));
+        let own = later(&lists, list("element", DataType::Float64, true)).unwrap();
+        assert_eq!((own.list_levels, own.out), (1, DType::F64));
+        // Another layout, or strings, stay mismatches whatever the dtype.
+        for dt in [list("item", DataType::Int64, true), DataType::Utf8] {
+            let err = later(&first, dt).unwrap_err().to_string();
+            assert!(err.ends_with("but Int32 in a.parquet"), "{err}");
+        }
     }
 
     #[test]

@@ -1,0 +1,213 @@
+"""Which files a data set is made of, and files whose column types differ.
+
+Directories and globs skip what data-writing jobs leave next to their output (``_SUCCESS``,
+``_temporary/``, ``.crc`` and other hidden names); an explicit ``dtype`` reads numbers stored
+as different types in different files (Parquet or ORC) as one output type.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from recis_io import Column, Dataset, SchemaError
+from recis_io.exceptions import DataFileNotFoundError
+
+from .conftest import write
+
+
+def ids(start: int, stop: int, typ: pa.DataType | None = None) -> pa.Table:
+    return pa.table({"id": pa.array(range(start, stop), typ or pa.int64())})
+
+
+def read_ids(ds: Dataset) -> list[int]:
+    return [v for b in ds for v in b["id"].tolist()]
+
+
+@pytest.fixture
+def job_output(tmp_path: Path) -> Path:
+    """A directory as a Spark-like job leaves it: data files next to markers and leftovers."""
+    out = tmp_path / "out"
+    (out / "day=1").mkdir(parents=True)
+    write(ids(0, 5), out / "part-0.parquet", "parquet", 2)
+    write(ids(5, 9), out / "day=1" / "part-1.orc", "orc", 4)
+    (out / "_SUCCESS").write_bytes(b"")
+    (out / ".part-0.parquet.crc").write_bytes(b"crc")
+    for leftover in ("_temporary/0/part-9.parquet", ".spark-staging/part-8.parquet"):
+        (out / leftover).parent.mkdir(parents=True)
+        (out / leftover).write_bytes(b"not yet a parquet file")
+    return out
+
+
+def test_directory_skips_hidden_and_underscore_directories(job_output: Path) -> None:
+    ds = Dataset(job_output, batch_size=4)
+    assert [Path(f).relative_to(job_output).as_posix() for f in ds.files] == [
+        "day=1/part-1.orc",
+        "part-0.parquet",
+    ]
+    assert sorted(read_ids(ds)) == list(range(9))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("*", ["part-0.parquet"]),
+        ("**/*.parquet", ["part-0.parquet"]),
+        ("**/*", ["day=1/part-1.orc", "part-0.parquet"]),
+        ("_temporary/*/*.parquet", ["_temporary/0/part-9.parquet"]),
+    ],
+)
+def test_glob_skips_hidden_names_it_did_not_spell_out(
+    job_output: Path, pattern: str, expected: list[str]
+) -> None:
+    if expected[0].startswith("_temporary"):
+        # Spelled out, an underscore name is matched; the file is not valid Parquet.
+        (job_output / expected[0]).unlink()
+        write(ids(0, 2), job_output / expected[0], "parquet", 2)
+    ds = Dataset(str(job_output / pattern), batch_size=4)
+    assert [Path(f).relative_to(job_output).as_posix() for f in ds.files] == expected
+
+
+def test_glob_of_only_hidden_files_matches_nothing(job_output: Path) -> None:
+    with pytest.raises(DataFileNotFoundError, match="matches no files"):
+        Dataset(str(job_output / "**" / "part-9.parquet"), batch_size=4)
+
+
+# Each case: the files' (type, format, values), the dtype and fill, and the values read.
+CASES = [
+    (
+        [
+            (pa.int32(), "parquet", [1, None]),
+            (pa.int64(), "orc", [2**40, 3]),
+            (pa.int16(), "parquet", [4]),
+        ],
+        torch.int64,
+        -1,
+        [1, -1, 2**40, 3, 4],
+    ),
+    (
+        [(pa.int64(), "orc", [-5]), (pa.uint8(), "parquet", [255, 0]), (pa.int32(), "orc", [7])],
+        torch.int64,
+        None,
+        [-5, 255, 0, 7],
+    ),
+    (
+        [(pa.float32(), "parquet", [0.5, None]), (pa.float64(), "orc", [1e300, 2.25])],
+        torch.float64,
+        None,
+        [0.5, math.nan, 1e300, 2.25],
+    ),
+    (
+        [
+            (pa.float64(), "orc", [2.5, None]),
+            (pa.int32(), "parquet", [3]),
+            (pa.float32(), "orc", [1.5]),
+        ],
+        torch.float32,
+        0.5,
+        [2.5, 0.5, 3.0, 1.5],
+    ),
+]
+
+
+@pytest.mark.parametrize("lists", [False, True])
+@pytest.mark.parametrize(("files", "dtype", "fill", "expected"), CASES)
+def test_explicit_dtype_reads_files_of_different_number_types(
+    tmp_path: Path, files: list, dtype: torch.dtype, fill, expected: list, lists: bool
+) -> None:
+    paths = []
+    for i, (typ, fmt, values) in enumerate(files):
+        if lists:
+            # Each value as a list of two; a null as a list holding a null.
+            col = pa.array([[v, v] for v in values], pa.list_(typ))
+        else:
+            col = pa.array(values, typ)
+        paths.append(write(pa.table({"x": col}), tmp_path / f"f{i}.{fmt}", fmt, 2))
+    ds = Dataset(paths, batch_size=3, columns=[Column("x", dtype=dtype, fill=fill)])
+    got: list = []
+    for b in ds:
+        col = b["x"]
+        flat = col.values if lists else col
+        assert flat.dtype == dtype
+        got += flat.tolist()
+    want = [v for v in expected for _ in range(2)] if lists else expected
+    assert got == pytest.approx(want, nan_ok=True)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+def test_dtype_cast_of_a_later_file_checks_each_value(tmp_path: Path, fmt: str) -> None:
+    a = write(ids(0, 3, pa.int32()), tmp_path / "a.parquet", "parquet", 3)
+    b = write(pa.table({"id": pa.array([1, 2**40], pa.int64())}), tmp_path / f"b.{fmt}", fmt, 2)
+    ds = Dataset([a, b], batch_size=2, columns=[Column("id", dtype="int32")])
+    unit = "row group" if fmt == "parquet" else "stripe"
+    with pytest.raises(
+        SchemaError, match=rf"value 1099511627776 that overflows int32 \(.*b\.{fmt}, {unit} 0\)"
+    ):
+        read_ids(ds)
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "dtype", "value"),
+    [
+        (pa.int32(), pa.uint32(), "int32", 2**32 - 1),
+        (pa.int64(), pa.uint64(), "int64", 2**63),
+    ],
+)
+def test_unsigned_later_file_is_not_read_as_signed(
+    tmp_path: Path, first: pa.DataType, later: pa.DataType, dtype: str, value: int
+) -> None:
+    # Stored with the same physical Parquet type as the first file's numbers: still checked.
+    a = write(ids(0, 3, first), tmp_path / "a.parquet", "parquet", 3)
+    b = write(pa.table({"id": pa.array([5, value], later)}), tmp_path / "b.parquet", "parquet", 2)
+    ds = Dataset([a, b], batch_size=2, columns=[Column("id", dtype=dtype)])
+    with pytest.raises(SchemaError, match=rf"value {value} that overflows {dtype} \(.*b\.parquet"):
+        read_ids(ds)
+    small = write(pa.table({"id": pa.array([5, 6], later)}), tmp_path / "c.parquet", "parquet", 2)
+    got = read_ids(Dataset([a, small], batch_size=2, columns=[Column("id", dtype=dtype)]))
+    assert got == [0, 1, 2, 5, 6]
+
+
+def test_different_number_types_without_dtype_name_both_files(tmp_path: Path) -> None:
+    a = write(ids(0, 3, pa.int32()), tmp_path / "a.parquet", "parquet", 3)
+    b = write(ids(3, 5, pa.int64()), tmp_path / "b.orc", "orc", 2)
+    pattern = (
+        r"column 'id' has type Int64 in .*b\.orc, but Int32 in .*a\.parquet; "
+        r"give Column\('id', dtype=\.\.\.\) to read both as one type"
+    )
+    with pytest.raises(SchemaError, match=pattern):
+        Dataset([a, b], batch_size=2)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pa.table({"x": pa.array(["1", "2"])}),
+        pa.table({"x": pa.array([[1], [2]], pa.list_(pa.int64()))}),
+    ],
+)
+def test_dtype_does_not_join_strings_or_other_layouts(tmp_path: Path, other: pa.Table) -> None:
+    a = write(pa.table({"x": pa.array([1, 2], pa.int64())}), tmp_path / "a.parquet", "parquet", 2)
+    b = write(other, tmp_path / "b.parquet", "parquet", 2)
+    with pytest.raises(SchemaError, match=r"column 'x' has type .* in .*b\.parquet, but Int64 in"):
+        Dataset([a, b], batch_size=2, columns=[Column("x", dtype="int64")])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+def test_unsupported_type_names_the_file(tmp_path: Path, fmt: str) -> None:
+    p = write(pa.table({"d": pa.array([1, 2], pa.date32())}), tmp_path / f"d.{fmt}", fmt, 1)
+    with pytest.raises(
+        SchemaError, match=rf"column 'd' has unsupported type Date32 \(file .*d\.{fmt}\)"
+    ):
+        Dataset(p, batch_size=4)
+
+
+def test_existing_file_with_glob_characters_is_that_file(tmp_path: Path) -> None:
+    named = write(ids(0, 2), tmp_path / "part[1].parquet", "parquet", 2)
+    write(ids(5, 6), tmp_path / "part1.parquet", "parquet", 2)
+    assert read_ids(Dataset(named, batch_size=4)) == [0, 1]
+    # As a pattern the brackets are a character class.
+    assert read_ids(Dataset(str(tmp_path / "part[0-9].parquet"), batch_size=4)) == [5]
