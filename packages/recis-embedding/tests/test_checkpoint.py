@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import recis_embedding._checkpoint as ckpt_mod
 from recis_embedding import (
+    CapacityEviction,
     CheckpointError,
     CheckpointReader,
     EmbeddingEngine,
@@ -282,3 +283,59 @@ def test_optimizer_state_loads_only_into_its_own_optimizer(tmp_path) -> None:
     bare = Model()
     with pytest.warns(UserWarning, match="create the sparse optimizer before load"):
         load(tmp_path / "c", bare)
+
+
+def test_delta_carries_the_eviction_statistics_of_rows_only_read(tmp_path) -> None:
+    # A frozen table's rows are never written, but lookups change their LFU/LRU statistics.
+    def make():
+        option = EmbeddingOption(
+            DIM, trainable=False, capacity=10, eviction=CapacityEviction("lfu")
+        )
+        return EmbeddingEngine({"f": option})
+
+    engine = make()
+    engine({"f": torch.tensor([[1], [2], [3]])})
+    save(tmp_path / "base", engine)
+    engine({"f": torch.tensor([[1], [1], [2]])})
+    save(tmp_path / "delta", engine, delta=True)
+    save(tmp_path / "full", engine)
+    for name in ("delta", "full"):
+        loaded = make()
+        load(tmp_path / name, loaded)
+        table, _ = loaded.table("f")
+        rows = table.find(torch.tensor([1, 2, 3]))
+        assert table.frequency[rows].tolist() == [3, 2, 1], name
+
+
+def test_a_changed_manifest_fails_its_checksum(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "c", model, opt)
+    path = tmp_path / "c" / "manifest.json"
+    text = path.read_text()
+    path.write_text(text.replace('"lr": 0.05', '"lr": 0.07'))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch for manifest\.json"):
+        load(tmp_path / "c", build()[0])
+    path.write_text(text)
+    CheckpointReader(tmp_path / "c")
+
+
+def test_a_failed_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    save(tmp_path / "c", model, opt)
+    before = (tmp_path / "c" / "manifest.json").read_text()
+    train(model, opt, dense, range(1, 2))
+    real = ckpt_mod.os.replace
+
+    def replace(src, dst):
+        if ".tmp" in str(src):
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save(tmp_path / "c", model, opt)
+    monkeypatch.undo()
+    assert (tmp_path / "c" / "manifest.json").read_text() == before
+    CheckpointReader(tmp_path / "c")

@@ -9,7 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recis_embedding import EmbeddingEngine, EmbeddingOption, Normal, SparseAdam, load, save
+from recis_embedding import (
+    CapacityEviction,
+    EmbeddingEngine,
+    EmbeddingOption,
+    FrequencyAdmission,
+    Normal,
+    SparseAdam,
+    load,
+    save,
+)
 from recis_kernels import RaggedTensor, owner_rank
 
 B, DIM, STEPS = 4, 3, 3
@@ -91,6 +100,7 @@ def _worker(rank: int, world: int, root: str) -> None:
         assert mine.keys() == loaded.keys()
         for key in mine:
             torch.testing.assert_close(loaded[key], mine[key], rtol=1e-6, atol=1e-6)
+        policy_training(rank, pair, root)
     dist.barrier()
     # Phase 2: all 3 ranks load the 2-shard checkpoint and save it as 3 shards.
     engine = make_engine(shard=True)
@@ -117,6 +127,7 @@ def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> No
 
     save(tmp_path / "ckpt1", ref, opt)
     mp.spawn(_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
+    check_policy_training(tmp_path)
 
     ranks = [torch.load(tmp_path / f"train-{r}.pt") for r in range(2)]
     for k in range(STEPS):
@@ -143,3 +154,98 @@ def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> No
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
+
+
+def policy_engine(shard: bool, group: object = None) -> EmbeddingEngine:
+    return EmbeddingEngine(
+        {
+            "f": EmbeddingOption(
+                DIM,
+                initializer=Normal(std=0.5),
+                admission=FrequencyAdmission(threshold=2),
+                eviction=CapacityEviction("lfu"),
+                capacity=1000,
+            ),
+            "t": EmbeddingOption(DIM, combiner="tile", combiner_kwargs={"tile_len": 2}),
+        },
+        shard=shard,
+        process_group=group,
+    )
+
+
+def policy_batch(step: int, rank: int) -> dict:
+    # Id 7 is used twice by every rank's batch; rank 1's tile feature has no rows at all.
+    g = torch.Generator().manual_seed(10 * step + rank)
+    ids = torch.randint(0, 6, (6,), generator=g)
+    ids[:2] = 7
+    rows = 0 if rank == 1 else 2
+    tile = RaggedTensor(ids[: 2 * rows], torch.arange(0, 2 * rows + 1, 2))
+    return {"f": RaggedTensor(ids, torch.tensor([0, 3, 4, 6])), "t": tile}
+
+
+def policy_state(engine: EmbeddingEngine) -> dict:
+    table, index = engine.table("f")
+    ids = table.ids(index)
+    rows = table.find(ids, index)
+    stats = table.stats()
+    return {
+        "ids": ids,
+        "rows": table.read_full(rows),
+        "frequency": table.frequency[rows].clone(),
+        "last_seen": table.last_seen[rows].clone(),
+        "counted": table.admission.state(table, index)["ids"],
+        "stats": (stats.lookups, stats.hits, stats.admissions_rejected),
+    }
+
+
+def policy_loss(out: dict) -> torch.Tensor:
+    return out["f"].square().sum() + out["t"].sin().sum()
+
+
+def policy_reference() -> dict:
+    """The policy engine trained in one process on both ranks' batches."""
+    engine = policy_engine(shard=False)
+    opt = SparseAdam(engine, lr=0.05)
+    for k in range(STEPS):
+        parts = [policy_batch(k, r) for r in range(2)]
+        joined = {}
+        for f in ("f", "t"):
+            values = torch.cat([p[f].values for p in parts])
+            lengths = torch.cat([p[f].lengths() for p in parts])
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            joined[f] = RaggedTensor(values, offsets)
+        policy_loss(engine(joined)).backward()
+        opt.step()
+        opt.zero_grad()
+    return policy_state(engine)
+
+
+def policy_training(rank: int, group: object, root: str) -> None:
+    """Ranks 0 and 1 train the policy engine sharded over ``group``."""
+    engine = policy_engine(shard=True, group=group)
+    opt = SparseAdam(engine, lr=0.05)
+    for k in range(STEPS):
+        out = engine(policy_batch(k, rank))
+        # zero_grad between forward and backward, as torch's own tutorials do.
+        opt.zero_grad()
+        policy_loss(out).backward()
+        opt.step()
+    torch.save(policy_state(engine), Path(root) / f"policy-{rank}.pt")
+
+
+def check_policy_training(root: Path) -> None:
+    """Admission, eviction statistics and rows of the sharded run equal one process's."""
+    expected = policy_reference()
+    ranks = [torch.load(root / f"policy-{r}.pt") for r in range(2)]
+    ids = torch.cat([s["ids"] for s in ranks])
+    order = torch.argsort(ids)
+    assert torch.equal(ids[order], expected["ids"])
+    for key in ("frequency", "last_seen"):
+        assert torch.equal(torch.cat([s[key] for s in ranks])[order], expected[key]), key
+    rows = torch.cat([s["rows"] for s in ranks])[order]
+    torch.testing.assert_close(rows, expected["rows"], rtol=1e-6, atol=1e-6)
+    counted = torch.cat([s["counted"] for s in ranks]).sort().values
+    assert torch.equal(counted, expected["counted"])
+    # Each key is served once per step by its owner, however many ranks asked for it.
+    summed = tuple(sum(s["stats"][i] for s in ranks) for i in range(3))
+    assert summed == expected["stats"]

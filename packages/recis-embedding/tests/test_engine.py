@@ -315,3 +315,16 @@ def test_device_results_match_cpu(device: torch.device) -> None:
     for key in out_cpu:
         torch.testing.assert_close(out_dev[key], out_cpu[key])
     torch.testing.assert_close(emb_dev, emb_cpu)
+
+
+def test_empty_batches_keep_every_output_shape() -> None:
+    none = RaggedTensor(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    options = {
+        "k": EmbeddingOption(DIM, combiner="tile", combiner_kwargs={"tile_len": 2}),
+        "s": EmbeddingOption(DIM, combiner=None),
+        "m": EmbeddingOption(DIM, combiner="mean"),
+    }
+    out = EmbeddingEngine(options)({f: none for f in options})
+    assert out["k"].shape == (0, 2 * DIM)
+    assert out["s"].shape == (0, 0, DIM)
+    assert out["m"].shape == (0, DIM)

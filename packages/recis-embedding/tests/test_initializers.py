@@ -9,6 +9,7 @@ import torch
 from recis_embedding import (
     ConfigError,
     Constant,
+    Initializer,
     KaimingNormal,
     KaimingUniform,
     Normal,
@@ -104,3 +105,21 @@ def test_any_int_seed_works_modulo_2_64(seed: int) -> None:
 def test_a_seed_must_be_an_int() -> None:
     with pytest.raises(ConfigError, match=r"Normal initializer needs an int seed, got 1\.5"):
         Normal(seed=1.5)
+
+
+def test_positional_arguments_are_the_initializers_own_fields() -> None:
+    # The seed is keyword-only: Normal(0.0, 0.5) is mean 0 and std 0.5, as in torch.nn.init.
+    assert Normal(0.0, 0.5) == Normal(mean=0.0, std=0.5)
+    assert Normal(1, 2) == Normal(mean=1, std=2, seed=0)
+    assert Constant(0.3) == Constant(value=0.3)
+    assert TruncatedNormal(0, 1, -0.5, 1.5).a == -0.5
+    assert Uniform(-1, 2, seed=3) == Uniform(low=-1, high=2, seed=3)
+
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(Initializer):
+        scale: float  # a custom field without a default
+
+        def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
+            return torch.full((ids.numel(), dim), self.scale)
+
+    assert Scaled(2.0, seed=4)(torch.tensor([1]), 2, "t").tolist() == [[2.0, 2.0]]

@@ -182,3 +182,29 @@ def test_sparse_parameters_and_errors() -> None:
     SparseSGD(tables[:1])
     with pytest.raises(Exception, match="one sparse optimizer per table"):
         SparseAdam(tables[:1])
+
+
+def test_zero_grad_between_forward_and_backward_keeps_the_lookups_gradient() -> None:
+    # torch's tutorials call zero_grad() after the forward pass; the rows read must still train.
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+    opt = SparseSGD(engine, lr=0.5)
+    table, _ = engine.table("f")
+    ids = torch.tensor([[3], [5]])
+    before = INIT(ids[:, 0], DIM, "f")
+    out = engine({"f": ids})["f"]
+    opt.zero_grad()
+    out.sum().backward()
+    opt.step()
+    torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 0.5)
+    # A gradient computed before zero_grad() is dropped, as torch drops a parameter's.
+    engine({"f": ids})["f"].sum().backward()
+    opt.zero_grad()
+    opt.step()
+    torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 0.5)
+    # And a lookup an optimizer step went past is not applied again after zero_grad().
+    out = engine({"f": ids})["f"]
+    opt.step()
+    opt.zero_grad()
+    out.sum().backward()
+    opt.step()
+    torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 0.5)

@@ -210,3 +210,30 @@ def test_policies_check_their_seeds() -> None:
         ProbabilityAdmission(p=0.5, seed=1.5)
     with pytest.raises(ConfigError, match="p <= 1"):
         ProbabilityAdmission(p="0.5")
+
+
+def test_probability_admission_is_the_same_fused_or_not() -> None:
+    ids = torch.arange(64)[:, None]
+    admitted = {}
+    for fuse in (True, False):
+        options = {
+            name: EmbeddingOption(DIM, admission=ProbabilityAdmission(p=0.5, seed=1))
+            for name in ("a", "b")
+        }
+        engine = EmbeddingEngine(options, fuse=fuse)
+        engine({"a": ids, "b": ids})
+        admitted[fuse] = {n: engine.table(n)[0].ids(engine.table(n)[1]).tolist() for n in "ab"}
+    assert admitted[True] == admitted[False]
+    # Each table draws its own decisions.
+    assert admitted[True]["a"] != admitted[True]["b"]
+
+
+def test_each_table_keeps_its_own_capacity_when_tables_could_fuse() -> None:
+    ids = torch.tensor([[1], [2], [3]])
+    for fuse in (True, False):
+        options = {name: EmbeddingOption(DIM, capacity=3) for name in ("a", "b")}
+        engine = EmbeddingEngine(options, fuse=fuse)
+        engine({"a": ids, "b": ids})
+        assert [len(engine.table(n)[0].ids(engine.table(n)[1])) for n in "ab"] == [3, 3]
+        with pytest.raises(TableFullError, match="capacity 3, 1 new ids"):
+            engine({"a": torch.tensor([[4]]), "b": ids})

@@ -19,7 +19,9 @@ A table file holds, for the ``K`` ids it saves (ascending):
 The manifest records the format version, a random ``id`` of this save, the kind (``full`` or
 ``delta``, with the ``parent`` checkpoint a delta applies to: its absolute path, its path relative
 to the delta, and its ``parent_id``), the world size, per table its dim, dtype, optimizer kind and
-slots, row count, step and files, the sparse optimizer's hyperparameters, and a SHA-256 per file.
+slots, row count, step and files, the sparse optimizer's hyperparameters, a SHA-256 per file,
+and ``manifest_sha256``: the SHA-256 of the manifest's own canonical JSON (``indent=2``, sorted
+keys) without that entry.
 Everything is written into a temporary sibling directory and renamed into place, so an
 interrupted save leaves the previous checkpoint untouched; checksums are verified on load.
 """
@@ -249,14 +251,27 @@ def _write(
             "class": type(sparse_optimizer).__name__,
             "state": sparse_optimizer.state_dict(),
         }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON without its own ``manifest_sha256`` entry."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, indent=2, sort_keys=True).encode()).hexdigest()
 
 
 def _replace(tmp: Path, path: Path) -> None:
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        # The new checkpoint could not take its place: put the previous one back.
+        if old.exists():
+            os.replace(old, path)
+        raise
     if old.exists():
         shutil.rmtree(old)
 
@@ -302,7 +317,7 @@ class CheckpointReader:
 
     Args:
         path: checkpoint directory.
-        verify: check every file's SHA-256 against the manifest.
+        verify: check the manifest's SHA-256 and every file's against the manifest.
 
     Raises:
         CheckpointError: missing or unreadable manifest, unknown format version, bad checksum.
@@ -335,7 +350,11 @@ class CheckpointReader:
             self.verify()
 
     def verify(self) -> None:
-        """Check every file's SHA-256 against the manifest."""
+        """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest."""
+        if self.manifest.get("manifest_sha256") != _manifest_digest(self.manifest):
+            raise CheckpointError(
+                f"checksum mismatch for manifest.json in checkpoint {self.path} (edited or corrupt)"
+            )
         for rel, digest in self.manifest["files"].items():
             f = self.path / rel
             if not f.is_file():

@@ -39,9 +39,10 @@ class EmbeddingEngine(nn.Module):
 
     Features name a table (``shared_name``, default the feature name). Tables whose options
     have equal storage properties are fused into one physical :class:`HashTable` (each keeps
-    its own table index and all 64 id bits); per physical table the ids of all features are
-    deduplicated once and read with one gather, and features with equal runtime properties are
-    pooled by one reduce. Fusion never changes results or checkpoint names.
+    its own table index and all 64 id bits), except tables with a ``capacity``, which keep
+    their own; per physical table the ids of all features are deduplicated once and read with
+    one gather, and features with equal runtime properties are pooled by one reduce. Fusion
+    never changes results or checkpoint names.
 
     Inputs per feature: dense ``(B,)``/``(B, k)`` int64, a ``RaggedTensor`` with 2 or 3 levels
     (optional weights), or any column with ``.values``/``.offsets``. Outputs:
@@ -106,7 +107,10 @@ class EmbeddingEngine(nn.Module):
             if name in self.logical:
                 self._check_shared(feature, name, option)
                 continue
-            key = option.storage_key() if fuse else (name,)
+            # A capacity bounds one logical table: a fused physical table would share it
+            # among its logical tables (and evict across them), so such tables stand alone.
+            alone = not fuse or option.capacity is not None
+            key = (name,) if alone else option.storage_key()
             table = by_storage.get(key)
             if table is None:
                 table = _new_table(name, option)
@@ -341,20 +345,45 @@ class EmbeddingEngine(nn.Module):
         self, table: HashTable, values: torch.Tensor, tabs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         keys, key_tabs, inverse, grouping = _dedup(values, tabs)
-        exchange, num_local = None, keys.numel()
-        if self.shard is not None:
-            keys, key_tabs, exchange = self.shard.route(keys, key_tabs)
-        rows, emb = self._serve(table, keys, key_tabs)
-        if exchange is not None:
-            emb = exchange.from_owners(emb, num_local)
+        if self.shard is None:
+            rows, emb = self._serve(table, keys, key_tabs)
+            exchange, touched, uses = None, rows, inverse
+        else:
+            rows, emb, exchange, touched, uses = self._serve_sharded(table, keys, key_tabs, inverse)
         if self.training:
             if table.eviction is not None:
-                uses = inverse if exchange is None else torch.arange(rows.numel())
-                table.eviction.touch(table, rows, uses)
+                table.eviction.touch(table, touched, uses)
+                # Eviction state changed: the next delta checkpoint must carry these rows.
+                table.mark_changed(touched)
             if torch.is_grad_enabled() and self._trainable(table):
                 emb.requires_grad_(True)
                 table.pending.append(Pending(rows, emb, exchange))
         return emb, inverse, grouping
+
+    def _serve_sharded(
+        self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor, inverse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """:meth:`_serve` of a sharded lookup: the local distinct keys go to their owners, which
+        serve each key once however many ranks asked for it, and the rows come back.
+
+        Returns:
+            ``(rows (R,), emb (U, D), exchange, owned (K,), uses)``: the rows read for the keys
+            this rank received, in received order; the embeddings of the local keys; the
+            routing; the rows of the distinct keys this rank served; and, per use of one of
+            those keys by any rank's batch, its index into ``owned``.
+        """
+        assert self.shard is not None
+        num_local = keys.numel()
+        counts = torch.bincount(inverse, minlength=num_local)
+        served, served_tabs, served_uses, exchange = self.shard.route(keys, key_tabs, counts)
+        # A key asked for by several ranks arrives once per rank; admission, insertion and
+        # the eviction statistics see it once, with all its uses, as one process would.
+        ukeys, utabs, back, _ = _dedup(served, served_tabs)
+        owned, emb = self._serve(table, ukeys, utabs)
+        uses = repeat_values(back, served_uses, int(served_uses.sum()))
+        rows = owned.index_select(0, back)
+        emb = exchange.from_owners(emb.index_select(0, back), num_local)
+        return rows, emb, exchange, owned, uses
 
     def _serve(
         self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor
@@ -364,9 +393,7 @@ class EmbeddingEngine(nn.Module):
             admit = None
             if table.admission is not None:
                 admit = table.admission.admit(table, keys, key_tabs)
-            # Deduplicated keys are distinct, except those served for several ranks.
-            distinct = self.shard is None
-            rows, _ = table.find_or_insert(keys, key_tabs, admit=admit, distinct=distinct)
+            rows, _ = table.find_or_insert(keys, key_tabs, admit=admit, distinct=True)
         else:
             rows = table.find(keys, key_tabs)
         present = rows >= 0
@@ -440,7 +467,7 @@ class EmbeddingEngine(nn.Module):
         if option.combiner == "tile":
             length = int(kwargs["tile_len"])
             values, _ = padded_gather(emb, inverse, ids.bags, length)
-            return {feature: values.reshape(values.shape[0], -1)}
+            return {feature: values.reshape(values.shape[0], length * emb.shape[1])}
         if kwargs.get("ragged"):
             rows = emb.index_select(0, inverse)
             return {feature: RaggedTensor(rows, ids.bags, validate=False)}

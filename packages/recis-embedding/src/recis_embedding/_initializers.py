@@ -18,7 +18,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 
@@ -90,8 +90,16 @@ class Initializer:
 
     Subclass and override :meth:`sample` for a custom initializer; it must be a pure function
     of its arguments so that rows stay reproducible.
+
+    Args:
+        seed: keyword-only; any int (used modulo 2**64). Positional arguments are the
+            subclass's own fields: ``Normal(0.0, 0.5)`` is ``Normal(mean=0.0, std=0.5)``.
     """
 
+    # Keyword-only, so positional arguments go to the subclass's own fields
+    # (``Normal(0.0, 0.5)`` is mean 0, std 0.5) and custom subclasses may add fields
+    # without defaults.
+    _: KW_ONLY
     seed: int = 0
 
     def __post_init__(self) -> None:

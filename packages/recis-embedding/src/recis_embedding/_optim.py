@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recis_embedding._sharding import awaiting_backward
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import OptimizerError
 from recis_kernels import (
@@ -99,9 +100,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget the gradients recorded since the last ``zero_grad()``."""
+        """Forget the gradients computed so far, as ``torch.optim.Optimizer.zero_grad`` does.
+
+        A lookup whose ``backward()`` has not run yet keeps the gradient it will get, as a
+        torch parameter would: ``out = model(x); opt.zero_grad(); loss.backward();
+        opt.step()`` updates the rows ``x`` read. Lookups that already have their gradient,
+        or that an optimizer step went past, are forgotten.
+        """
         for table in self.tables():
-            table.pending.clear()
+            table.pending[:] = awaiting_backward(table.pending)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -119,6 +126,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         collected = _collect(table)
         if collected is not None:
             self._apply(table, group, *collected)
+        for pending in table.pending:
+            pending.stepped = True
         # Every optimizer step advances the table's clock, with or without gradients for it,
         # so eviction ages rows by optimizer steps (and every shard keeps the same clock).
         table.step += 1

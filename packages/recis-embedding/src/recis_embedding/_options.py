@@ -40,13 +40,15 @@ class EmbeddingOption:
         use_weight: whether per-id weights of a ragged input scale the pooling.
         admission: admission policy (default: admit every id).
         eviction: eviction policy (default: never evict).
-        capacity: maximum rows of the table (default unbounded). A full table with no eviction
-            policy raises :class:`~recis_embedding.TableFullError`.
+        capacity: maximum rows of the table (default unbounded; of each rank's shard when the
+            engine is sharded). A full table with no eviction policy raises
+            :class:`~recis_embedding.TableFullError`.
         default_value: what an id that is not (yet) in the table reads in ``eval()`` mode or
             while admission holds it back.
 
     Tables of options with equal *storage* properties (dim, dtype, device, trainable,
-    admission, eviction, capacity) are fused into one physical table; lookups with equal
+    admission, eviction, default value) and no ``capacity`` are fused into one physical table
+    (a table with a ``capacity`` keeps its own, so the bound is its own); lookups with equal
     *runtime* properties (combiner and its kwargs, use_weight) are served by one reduce.
     """
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recis_embedding._host import true_positions
-from recis_embedding._initializers import check_seed, int64_bits
+from recis_embedding._initializers import check_seed, int64_bits, table_seed
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import IdMap, fmix64
 
@@ -90,9 +90,12 @@ class ReadOnlyAdmission(AdmissionPolicy):
 
 @dataclass(frozen=True)
 class ProbabilityAdmission(AdmissionPolicy):
-    """Insert an absent id with probability ``p``, decided by a hash of (id, seed, table step).
+    """Insert an absent id with probability ``p``, decided by a hash of (id, logical table
+    name, seed, table step).
 
-    Deterministic for a given id and step, so runs are reproducible.
+    Deterministic for a given id, table and step, so runs are reproducible, and the same
+    whether or not the table is fused with others (the name, not the fused table index, enters
+    the hash).
     """
 
     p: float = 0.5
@@ -107,7 +110,12 @@ class ProbabilityAdmission(AdmissionPolicy):
     def admit(self, table, ids, tables):
         absent = table._map.find(ids, tables) < 0
         salt = int64_bits((self.seed * 0x2545F4914F6CDD1D) ^ (table.step * 0x9E3779B1))
-        h = fmix64(ids ^ salt ^ tables.to(torch.int64))
+        names = torch.tensor(
+            [table_seed(self.seed, name) for name in table.names],
+            dtype=torch.int64,
+            device=ids.device,
+        )
+        h = fmix64(ids ^ salt ^ names[tables.to(torch.int64)])
         u = ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
         ok = u < self.p
         table.count("admissions_rejected", int((absent & ~ok).sum()))
@@ -204,7 +212,8 @@ class EvictionPolicy:
     """Removes rows after optimizer steps or to make room in a full table."""
 
     def touch(self, table: HashTable, rows: torch.Tensor, inverse: torch.Tensor) -> None:
-        """Record a training lookup of distinct ``rows`` (``-1``: absent) used ``inverse`` times."""
+        """Record a training lookup of distinct ``rows`` (``-1``: absent): row ``rows[u]`` was
+        used once per entry ``u`` of ``inverse`` (for a sharded table, by every rank's batch)."""
         present = rows >= 0
         counts = torch.bincount(inverse, minlength=rows.numel())
         table.last_seen[rows[present]] = table.step

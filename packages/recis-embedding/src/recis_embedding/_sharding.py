@@ -2,11 +2,13 @@
 
 Rank ``r`` owns the rows of the ids with ``recis_kernels.owner_rank(id, world_size) == r``. A
 sharded lookup deduplicates the ids of a fused group locally, sends each distinct
-``(table, id)`` key to its owner with one all-to-all, lets the owner find or insert it and read
-its row, and receives the rows back with a second all-to-all. The optimizer step sends each
-rank's gradient of those rows back to their owners (a third all-to-all) and the owners update
-their rows; gradients from several ranks for one row are summed, so a run on ``W`` ranks equals
-one process training on the concatenated batches with the sum of the per-rank losses.
+``(table, id)`` key to its owner with one all-to-all (with its table index and how many times
+the local batch uses it), lets the owner find or insert each key once however many ranks asked
+for it and read its row, and receives the rows back with a second all-to-all. The optimizer
+step sends each rank's gradient of those rows back to their owners (a third all-to-all) and the
+owners update their rows; gradients from several ranks for one row are summed, so a run on
+``W`` ranks equals one process training on the concatenated batches with the sum of the
+per-rank losses.
 
 Every rank must run the same sequence of lookups and optimizer steps (as with DDP).
 """
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import owner_rank
 
-__all__ = ["Exchange", "Pending", "ShardContext"]
+__all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward"]
 
 
 @dataclass
@@ -34,11 +36,13 @@ class Pending:
             absent); for a sharded lookup, the rows requested by all ranks, in received order.
         leaf: ``(U, D)`` tensor the lookup returned; ``leaf.grad`` is its gradient.
         exchange: for sharded lookups, how to route ``leaf.grad`` back to the owners.
+        stepped: an optimizer step has applied (or gone past) this lookup's gradient.
     """
 
     rows: torch.Tensor
     leaf: torch.Tensor
     exchange: Exchange | None = None
+    stepped: bool = False
 
     def gradient(self) -> torch.Tensor | None:
         """Gradient of ``rows`` (``(R, D)``), after the exchange for sharded lookups."""
@@ -89,19 +93,49 @@ class ShardContext:
         self.world_size = dist.get_world_size(group)
 
     def route(
-        self, keys: torch.Tensor, tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Exchange]:
-        """Send distinct local keys to their owners; returns the keys this rank must serve."""
+        self, keys: torch.Tensor, tabs: torch.Tensor, uses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Exchange]:
+        """Send distinct local keys to their owners; returns the keys this rank must serve.
+
+        Args:
+            keys: ``(U,) int64`` distinct local ids.
+            tabs: ``(U,)`` their table indices.
+            uses: ``(U,) int64`` how many times the local batch uses each key (the owner's
+                eviction statistics count every use, as one process would).
+
+        Returns:
+            ``(keys (R,), tables (R,) int32, uses (R,) int64, exchange)``: the keys sent to this
+            rank, in received order (a key asked for by several ranks arrives once per rank).
+        """
         owner = owner_rank(keys, self.world_size)
         order = torch.argsort(owner, stable=True)
         counts = torch.bincount(owner, minlength=self.world_size)
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.group)
         ex = Exchange(order, counts.tolist(), recv.tolist(), self.group)
-        served_keys = ex.to_owners(keys[:, None])[:, 0]
-        served_tabs = ex.to_owners(tabs.to(torch.int64)[:, None])[:, 0].to(torch.int32)
-        return served_keys, served_tabs, ex
+        packed = torch.stack([keys, tabs.to(torch.int64), uses.to(torch.int64)], dim=1)
+        served = ex.to_owners(packed)
+        return served[:, 0], served[:, 1].to(torch.int32), served[:, 2], ex
 
     def owns(self, ids: torch.Tensor) -> torch.Tensor:
         """``(N,) bool``: which ids this rank owns."""
         return owner_rank(ids, self.world_size) == self.rank
+
+
+def awaiting_backward(pending: list[Pending]) -> list[Pending]:
+    """The lookups of ``pending`` whose gradient is still to come: no optimizer step has
+    gone past them and ``backward()`` has not reached them yet.
+
+    For sharded lookups a gradient arrived if it arrived on any rank, so every rank keeps the
+    same entries and later gradient exchanges still pair up.
+    """
+    fresh = [p for p in pending if not p.stepped]
+    waiting = [p.leaf.grad is None for p in fresh]
+    sharded = [(p.leaf.device, p.exchange.group) for p in fresh if p.exchange is not None]
+    if sharded:
+        device, group = sharded[0]
+        # On the leaves' device: NCCL reduces only CUDA tensors.
+        flags = torch.tensor(waiting, dtype=torch.int32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        waiting = [bool(w) for w in flags.tolist()]
+    return [p for p, w in zip(fresh, waiting, strict=True) if w]

@@ -408,6 +408,11 @@ class HashTable:
         self._dirty.zero_()
         self._erased.clear()
 
+    def mark_changed(self, rows: torch.Tensor) -> None:
+        """Record that ``rows`` changed other than through a write (their eviction statistics),
+        so the next delta checkpoint saves them; ``-1`` entries are ignored."""
+        self._dirty[rows[rows >= 0]] = True
+
     def dirty_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``(N,) bool``: which rows changed since the last save."""
         return self._dirty[rows]
