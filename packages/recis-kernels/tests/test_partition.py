@@ -2,22 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hash_reference import fmix64 as _fmix64_ref
 from hypothesis import given
 from hypothesis import strategies as st
 
 from recis_kernels import ShapeError, owner_rank, partition_ids
 
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
-MASK = (1 << 64) - 1
-
-
-def _fmix64_ref(x: int) -> int:
-    x &= MASK
-    x ^= x >> 33
-    x = (x * 0xFF51AFD7ED558CCD) & MASK
-    x ^= x >> 33
-    x = (x * 0xC4CEB9FE1A85EC53) & MASK
-    return x ^ (x >> 33)
 
 
 @given(st.lists(st.one_of(INT64, st.integers(-5, 5)), max_size=150), st.integers(1, 7))

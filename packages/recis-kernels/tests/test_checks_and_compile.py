@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hash_reference import fmix64 as _fmix64_ref
 
 from recis_kernels import (
     IdMap,
@@ -16,17 +17,6 @@ from recis_kernels import (
     partition_ids,
     truncate,
 )
-
-MASK = (1 << 64) - 1
-
-
-def _fmix64_ref(x: int) -> int:
-    x &= MASK
-    x ^= x >> 33
-    x = (x * 0xFF51AFD7ED558CCD) & MASK
-    x ^= x >> 33
-    x = (x * 0xC4CEB9FE1A85EC53) & MASK
-    return x ^ (x >> 33)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
