@@ -142,6 +142,7 @@ def test_files_are_plain_safetensors_with_sorted_ids(tmp_path) -> None:
         "embeddings",
         "ids",
         "meta.frequency",
+        "meta.inserted",
         "meta.last_seen",
         "slot.exp_avg",
         "slot.exp_avg_sq",

@@ -11,11 +11,13 @@ import torch.multiprocessing as mp
 
 from recis_embedding import (
     CapacityEviction,
+    Constant,
     EmbeddingEngine,
     EmbeddingOption,
     FrequencyAdmission,
     Normal,
     SparseAdam,
+    SparseSGD,
     load,
     save,
 )
@@ -101,6 +103,7 @@ def _worker(rank: int, world: int, root: str) -> None:
         for key in mine:
             torch.testing.assert_close(loaded[key], mine[key], rtol=1e-6, atol=1e-6)
         policy_training(rank, pair, root)
+        eviction_training(rank, pair, root)
     dist.barrier()
     # Phase 2: all 3 ranks load the 2-shard checkpoint and save it as 3 shards.
     engine = make_engine(shard=True)
@@ -128,6 +131,7 @@ def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> No
     save(tmp_path / "ckpt1", ref, opt)
     mp.spawn(_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
     check_policy_training(tmp_path)
+    check_eviction_training(tmp_path)
 
     ranks = [torch.load(tmp_path / f"train-{r}.pt") for r in range(2)]
     for k in range(STEPS):
@@ -193,6 +197,7 @@ def policy_state(engine: EmbeddingEngine) -> dict:
         "rows": table.read_full(rows),
         "frequency": table.frequency[rows].clone(),
         "last_seen": table.last_seen[rows].clone(),
+        "inserted": table.inserted[rows].clone(),
         "counted": table.admission.state(table, index)["ids"],
         "stats": (stats.lookups, stats.hits, stats.admissions_rejected),
     }
@@ -240,7 +245,7 @@ def check_policy_training(root: Path) -> None:
     ids = torch.cat([s["ids"] for s in ranks])
     order = torch.argsort(ids)
     assert torch.equal(ids[order], expected["ids"])
-    for key in ("frequency", "last_seen"):
+    for key in ("frequency", "last_seen", "inserted"):
         assert torch.equal(torch.cat([s[key] for s in ranks])[order], expected[key]), key
     rows = torch.cat([s["rows"] for s in ranks])[order]
     torch.testing.assert_close(rows, expected["rows"], rtol=1e-6, atol=1e-6)
@@ -249,3 +254,42 @@ def check_policy_training(root: Path) -> None:
     # Each key is served once per step by its owner, however many ranks asked for it.
     summed = tuple(sum(s["stats"][i] for s in ranks) for i in range(3))
     assert summed == expected["stats"]
+
+
+# Capacity eviction per shard: ids 100..119 are inserted at step 0, ids 0..19 at step 1, all
+# are used once more at step 2 (equal uses and last step seen), and step 3 inserts new ids.
+EVICT_OLD, EVICT_YOUNG, EVICT_NEW = range(100, 120), range(20), range(1000, 1030)
+
+
+def eviction_capacity() -> int:
+    owners = owner_rank(torch.tensor([*EVICT_OLD, *EVICT_YOUNG]), 2)
+    return int(torch.bincount(owners, minlength=2).max())
+
+
+def eviction_training(rank: int, group: object, root: str) -> None:
+    option = EmbeddingOption(
+        1,
+        initializer=Constant(value=0.0),
+        capacity=eviction_capacity(),
+        eviction=CapacityEviction("lru"),
+    )
+    engine = EmbeddingEngine({"f": option}, shard=True, process_group=group)
+    opt = SparseSGD(engine, lr=0.1)
+    old, young, new = (list(r)[rank::2] for r in (EVICT_OLD, EVICT_YOUNG, EVICT_NEW))
+    for ids in (old, young, young + old, new):
+        engine({"f": torch.tensor(ids)[:, None]})["f"].sum().backward()
+        opt.step()
+        opt.zero_grad()
+    table, index = engine.table("f")
+    torch.save(table.ids(index), Path(root) / f"evict-{rank}.pt")
+
+
+def check_eviction_training(root: Path) -> None:
+    """Each shard evicts its own rows in the documented order: first inserted, then by id."""
+    capacity = eviction_capacity()
+    for rank in range(2):
+        aged = [i for i in [*EVICT_OLD, *EVICT_YOUNG] if owner_rank(torch.tensor([i]), 2) == rank]
+        new = [i for i in EVICT_NEW if owner_rank(torch.tensor([i]), 2) == rank]
+        over = max(0, len(aged) + len(new) - capacity)
+        expected = sorted(aged[over:] + new)
+        assert torch.load(root / f"evict-{rank}.pt").tolist() == expected, rank

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recis_embedding import (
     CapacityEviction,
@@ -10,12 +12,15 @@ from recis_embedding import (
     EmbeddingEngine,
     EmbeddingOption,
     FrequencyAdmission,
+    HashTable,
     ProbabilityAdmission,
     ReadOnlyAdmission,
     SparseSGD,
     StaleEviction,
     TableFullError,
+    load,
     make_policy,
+    save,
 )
 
 DIM = 2
@@ -103,6 +108,92 @@ def test_capacity_eviction_makes_room(policy: str, survivor: int) -> None:
     ids = table.ids().tolist()
     assert ids == sorted([survivor, 4, 5])
     assert table.stats().evictions == 2
+
+
+def tied_history(engine: EmbeddingEngine, opt: SparseSGD) -> None:
+    """Ids 100..109 inserted at step 0, ids 0..9 at step 1, then all 20 used once more at step
+    2: every row has 2 uses and was last seen at step 2, so only the insertion step and the id
+    tell them apart."""
+    old, young = list(range(100, 110)), list(range(10))
+    step(engine, opt, old)
+    step(engine, opt, young)
+    step(engine, opt, young[::-1] + old[::-1])
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_capacity_eviction_ties_go_to_the_row_inserted_first_then_the_smaller_id(
+    policy: str,
+) -> None:
+    engine, opt = engine_with(capacity=20, eviction=CapacityEviction(policy))
+    table, _ = engine.table("f")
+    tied_history(engine, opt)
+    step(engine, opt, [50, 51, 52, 53, 54])
+    assert table.ids().tolist() == [*range(10), 50, 51, 52, 53, 54, *range(105, 110)]
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_capacity_eviction_ties_in_one_step_go_to_the_smaller_ids(policy: str) -> None:
+    big, small = 2**63 - 1, -(2**63)
+    ids = [17, -1, big, 0, 5, small, -40, 3]
+    engine, opt = engine_with(capacity=len(ids), eviction=CapacityEviction(policy))
+    table, _ = engine.table("f")
+    step(engine, opt, ids)
+    step(engine, opt, [1000, 1001, 1002])
+    assert table.ids().tolist() == [0, 3, 5, 17, 1000, 1001, 1002, big]
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_capacity_eviction_order_survives_a_checkpoint(tmp_path, policy: str) -> None:
+    engine, opt = engine_with(capacity=20, eviction=CapacityEviction(policy))
+    tied_history(engine, opt)
+    save(tmp_path / "c", engine, opt)
+    loaded, loaded_opt = engine_with(capacity=20, eviction=CapacityEviction(policy))
+    load(tmp_path / "c", loaded, loaded_opt)
+    for e, o in ((engine, opt), (loaded, loaded_opt)):
+        step(e, o, [50, 51, 52, 53, 54])
+    expected = [*range(10), 50, 51, 52, 53, 54, *range(105, 110)]
+    assert engine.table("f")[0].ids().tolist() == expected
+    assert loaded.table("f")[0].ids().tolist() == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    keys=st.lists(
+        st.tuples(st.integers(-3, 3), st.integers(0, 1), st.integers(0, 2)),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda k: k[:2],
+    ),
+    new=st.integers(1, 4),
+    policy=st.sampled_from(["lfu", "lru"]),
+)
+def test_capacity_eviction_follows_the_documented_order(keys, new: int, policy: str) -> None:
+    # (id, logical table, step inserted at); last_seen and frequency are set apart from
+    # insertion so that every level of the order decides some cases.
+    new = min(new, len(keys))
+    table = HashTable(1, capacity=len(keys))
+    table.add_table("other", Constant(value=0.0))
+    table.eviction = CapacityEviction(policy)
+    for ids, tabs, at in keys:
+        table.step = at
+        table.find_or_insert(torch.tensor([ids]), tabs)
+    rows = {k[:2]: int(table.find(torch.tensor([k[0]]), k[1])) for k in keys}
+    for i, (ids, tabs, _) in enumerate(keys):
+        table.frequency[rows[ids, tabs]] = i % 2
+        table.last_seen[rows[ids, tabs]] = 3 + i % 3
+    use = table.frequency if policy == "lfu" else table.last_seen
+
+    def age(k: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        return int(use[rows[k[:2]]]), k[2], k[0], k[1]
+
+    victims = sorted(keys, key=age)[:new]
+    table.step = 9
+    table.find_or_insert(torch.arange(100, 100 + new), 1)
+    kept = {(ids, tabs) for ids, tabs, _ in keys} - {v[:2] for v in victims}
+    for t in (0, 1):
+        expected = sorted([i for i, tab in kept if tab == t] + ([*range(100, 100 + new)] * t))
+        assert table.ids(t).tolist() == expected
+    assert table.stats().evictions == len(victims)
 
 
 def test_full_table_without_room_raises() -> None:

@@ -128,3 +128,77 @@ def test_bad_input_is_rejected() -> None:
         table.find(torch.tensor([1]), "x")
     with pytest.raises(ConfigError, match="embedding_dim must be >= 1"):
         HashTable(0)
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        (torch.tensor([0, 5]), r"table index 5 out of range \[0, 2\)"),
+        (torch.tensor([0]), r"table indices of shape \(1,\), expected \(2,\) like the ids"),
+        (torch.tensor([0.0, 1.0]), "table indices must be an integer tensor, got torch.float32"),
+        (torch.tensor([-1, 0]), r"table index -1 out of range \[0, 2\)"),
+    ],
+)
+def test_bad_table_indices_are_rejected_and_change_nothing(table: torch.Tensor, match: str) -> None:
+    t = HashTable(2, initializer=Constant(value=1.0))
+    t.add_table("other", Constant(value=2.0))
+    ids = torch.tensor([1, 2])
+    for call in (t.find_or_insert, t.find, t.erase, t.lookup):
+        with pytest.raises(InputError, match=match):
+            call(ids, table)
+    assert len(t) == 0
+    assert t.stats().lookups == 0
+
+
+def test_bad_admit_masks_are_rejected() -> None:
+    t = HashTable(2)
+    with pytest.raises(InputError, match=r"admit must be a bool tensor of shape \(2,\)"):
+        t.find_or_insert(torch.tensor([1, 2]), admit=torch.tensor([True]))
+    with pytest.raises(InputError, match=r"admit must be a bool tensor of shape \(2,\)"):
+        t.find_or_insert(torch.tensor([1, 2]), admit=torch.tensor([1, 0]))
+    assert len(t) == 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"capacity": 0}, "capacity must be an int >= 1 or None, got 0"),
+        ({"capacity": 2.5}, "capacity must be an int >= 1 or None, got 2.5"),
+        ({"capacity": True}, "capacity must be an int >= 1 or None, got True"),
+        ({"default_value": "x"}, "default_value must be a number, got 'x'"),
+        ({"initializer": "normal"}, "initializer must be an Initializer, got 'normal'"),
+    ],
+)
+def test_table_arguments_are_checked_up_front(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        HashTable(2, **kw)
+
+
+def test_table_names_and_indices_are_checked() -> None:
+    t = HashTable(2)
+    with pytest.raises(ConfigError, match="initializer must be an Initializer"):
+        t.add_table("other", None)
+    assert t.names == ["table"]
+    with pytest.raises(InputError, match="table must be a table name or index, got True"):
+        t.find(torch.tensor([1]), True)
+    with pytest.raises(InputError, match=r"table must be a table name or index, got 0\.0"):
+        t.find(torch.tensor([1]), 0.0)
+
+
+class Failing(Constant):
+    def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+        raise RuntimeError("initializer failed")
+
+
+def test_a_failing_initializer_inserts_nothing() -> None:
+    t = HashTable(2, initializer=Constant(value=1.0))
+    t.add_table("bad", Failing(value=0.0))
+    t.find_or_insert(torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="initializer failed"):
+        t.find_or_insert(torch.tensor([2, 3, 4]), torch.tensor([0, 1, 1]))
+    assert t.export()[0].tolist() == [1]
+    assert t.find(torch.tensor([2, 3]), torch.tensor([0, 1])).tolist() == [-1, -1]
+    assert t.stats().inserts == 1
+    _, is_new = t.find_or_insert(torch.tensor([2]))
+    assert is_new.tolist() == [True]
+    torch.testing.assert_close(t.embeddings(torch.tensor([1, 2])), torch.ones(2, 2))

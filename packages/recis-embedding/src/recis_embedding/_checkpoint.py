@@ -11,7 +11,9 @@ A table file holds, for the ``K`` ids it saves (ascending):
 - ``ids`` ``(K,) int64``;
 - ``embeddings`` ``(K, D)`` in the table's storage dtype;
 - ``slot.<name>`` ``(K, width) float32`` per optimizer slot (e.g. ``slot.exp_avg``);
-- ``meta.frequency`` and ``meta.last_seen`` ``(K,) int64`` (eviction state);
+- ``meta.frequency``, ``meta.last_seen`` and ``meta.inserted`` ``(K,) int64`` (eviction state:
+  training uses, last step looked up in training, step inserted at; ``meta.inserted`` is 0 for
+  every row when a file lacks it);
 - ``admission.<key>``: the admission policy's state (``FrequencyAdmission``: ``ids`` and
   ``counts`` of ids still being counted);
 - ``erased`` ``(E,) int64`` in delta checkpoints: ids removed since the previous save.
@@ -296,6 +298,7 @@ def _save_table(
         start += width
     tensors["meta.frequency"] = table.frequency[rows].clone()
     tensors["meta.last_seen"] = table.last_seen[rows].clone()
+    tensors["meta.inserted"] = table.inserted[rows].clone()
     if table.admission is not None:
         for key, value in table.admission.state(table, index).items():
             tensors[f"admission.{key}"] = value
@@ -579,4 +582,8 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     table.write_full(rows, torch.cat(parts, dim=1))
     table.frequency[rows] = data["meta.frequency"].to(table.device)
     table.last_seen[rows] = data["meta.last_seen"].to(table.device)
+    # Files written before rows recorded their insertion step: capacity eviction then breaks
+    # ties by id alone.
+    inserted = data.get("meta.inserted")
+    table.inserted[rows] = 0 if inserted is None else inserted.to(table.device)
     table.step = int(reader.table_info(name)["step"])

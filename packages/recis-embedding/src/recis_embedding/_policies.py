@@ -228,9 +228,10 @@ class EvictionPolicy:
         return False
 
 
-def _evict(table: HashTable, rows_mask_fn) -> int:
+def _evict(table: HashTable, victims_fn) -> int:
+    """Erase the keys ``victims_fn(keys, tabs, rows)`` picks (positions into the map's export)."""
     keys, tabs, rows = table._map.export()
-    victims = rows_mask_fn(rows)
+    victims = victims_fn(keys, tabs, rows)
     if victims.numel() == 0:
         return 0
     n = table._erase(keys[victims], tabs[victims])
@@ -249,7 +250,7 @@ class StaleEviction(EvictionPolicy):
             raise ConfigError(f"StaleEviction needs steps >= 1, got {self.steps}")
 
     def after_step(self, table):
-        def stale(rows):
+        def stale(keys, tabs, rows):
             return true_positions((table.step - table.last_seen[rows]) > self.steps)
 
         _evict(table, stale)
@@ -258,7 +259,16 @@ class StaleEviction(EvictionPolicy):
 @dataclass(frozen=True)
 class CapacityEviction(EvictionPolicy):
     """When a table with a ``capacity`` is full, evict least-frequently (``"lfu"``) or
-    least-recently (``"lru"``) used rows to make room; ties go to the older row."""
+    least-recently (``"lru"``) used rows to make room; ties go to the older row.
+
+    Rows are evicted in ascending order of, first, their training uses (``"lfu"``) or the
+    last optimizer step at which training looked them up (``"lru"``); then of the table step
+    at which they were inserted (the older row first); then of their id (as a signed int64);
+    then of their logical table index. The order depends only on these per-row values, which
+    checkpoints save, never on where a row sits in the hash map: it is the same in every run,
+    after a save and load, and on each shard of a sharded table (a shard evicts among its own
+    rows).
+    """
 
     policy: str = "lfu"
 
@@ -269,16 +279,36 @@ class CapacityEviction(EvictionPolicy):
             )
 
     def make_room(self, table, needed, protect):
-        def coldest(rows):
-            free = ~torch.isin(rows, protect)
-            candidates = true_positions(free)
+        def coldest(keys, tabs, rows):
+            candidates = true_positions(~torch.isin(rows, protect))
             rows = rows[candidates]
             primary = table.frequency[rows] if self.policy == "lfu" else table.last_seen[rows]
-            order = torch.argsort(table.last_seen[rows], stable=True)
-            order = order[torch.argsort(primary[order], stable=True)]
-            return candidates[order[:needed]]
+            order = (primary, table.inserted[rows], keys[candidates], tabs[candidates])
+            return candidates[_smallest(order, needed)]
 
         return _evict(table, coldest) >= needed
+
+
+def _smallest(keys: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+    """Positions of the ``k`` smallest entries in the lexicographic order of ``keys`` (equal
+    length tensors, most significant first; together they must tell every entry apart), in no
+    particular order. Costs a linear selection per key instead of sorting."""
+    n = keys[0].numel()
+    if k >= n:
+        return torch.arange(n, device=keys[0].device)
+    chosen = []
+    tied = torch.arange(n, device=keys[0].device)
+    for key in keys:
+        values = key[tied]
+        bound = torch.kthvalue(values, k).values
+        below = true_positions(values < bound)
+        chosen.append(tied[below])
+        k -= below.numel()
+        tied = tied[true_positions(values == bound)]
+        if tied.numel() <= k:
+            break
+    chosen.append(tied[:k])
+    return torch.cat(chosen)
 
 
 for _name, _cls in {

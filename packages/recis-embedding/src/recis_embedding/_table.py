@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from recis_embedding._host import true_positions
+from recis_embedding._host import on_host, true_positions
 from recis_embedding._initializers import Initializer, TruncatedNormal, init_rows
 from recis_embedding.exceptions import ConfigError, InputError, TableFullError
 from recis_kernels import IdMap, RowStore
@@ -16,6 +16,7 @@ from recis_kernels import IdMap, RowStore
 __all__ = ["HashTable", "TableStats"]
 
 _BLOCK_ROWS = 1 << 16
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,12 @@ class HashTable:
             raise ConfigError(f"embedding_dim must be >= 1, got {embedding_dim}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if capacity is not None and (
+            isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1
+        ):
+            raise ConfigError(f"capacity must be an int >= 1 or None, got {capacity!r}")
+        if isinstance(default_value, bool) or not isinstance(default_value, (int, float)):
+            raise ConfigError(f"default_value must be a number, got {default_value!r}")
         self.dim = int(embedding_dim)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -109,6 +116,9 @@ class HashTable:
         self.admission = None
         self.eviction = None
         self.step = 0
+        # Per row, for eviction policies: the step a row was inserted at, the last step
+        # training looked it up, and its training uses.
+        self.inserted = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.last_seen = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.frequency = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
@@ -125,6 +135,10 @@ class HashTable:
         """Register a logical table in this physical table; returns its table index."""
         if name in self.names:
             raise ConfigError(f"table {name!r} is already part of this hash table")
+        if not isinstance(initializer, Initializer):
+            raise ConfigError(
+                f"table {name!r}: initializer must be an Initializer, got {initializer!r}"
+            )
         self.names.append(name)
         self.initializers.append(initializer)
         return len(self.names) - 1
@@ -135,14 +149,46 @@ class HashTable:
             if table not in self.names:
                 raise InputError(f"no table {table!r} in this hash table (tables: {self.names})")
             return self.names.index(table)
+        if isinstance(table, bool) or not isinstance(table, int):
+            raise InputError(f"table must be a table name or index, got {table!r}")
         if not 0 <= table < len(self.names):
             raise InputError(f"table index {table} out of range [0, {len(self.names)})")
         return table
 
-    def _tables(self, ids: torch.Tensor, table: int | str | torch.Tensor) -> torch.Tensor | int:
-        if isinstance(table, torch.Tensor):
-            return table
-        return self.table_index(table)
+    def _tables(
+        self, what: str, ids: torch.Tensor, table: int | str | torch.Tensor
+    ) -> torch.Tensor | int:
+        if not isinstance(table, torch.Tensor):
+            return self.table_index(table)
+        if table.dtype not in _INDEX_DTYPES:
+            raise InputError(
+                f"HashTable.{what}: table indices must be an integer tensor, got {table.dtype}"
+            )
+        if table.shape != ids.shape:
+            raise InputError(
+                f"HashTable.{what}: table indices of shape {tuple(table.shape)}, expected "
+                f"{tuple(ids.shape)} like the ids"
+            )
+        if table.device != self.device:
+            raise InputError(
+                f"HashTable.{what}: table indices are on {table.device}, the table lives on "
+                f"{self.device}"
+            )
+        if on_host(table):
+            # Device indices are checked where ids are inserted only: reading them here
+            # would synchronize every lookup.
+            self._check_table_range(what, table)
+        return table
+
+    def _check_table_range(self, what: str, tabs: torch.Tensor) -> None:
+        if tabs.numel() == 0:
+            return
+        low, high = (int(v) for v in torch.aminmax(tabs))
+        if low < 0 or high >= len(self.names):
+            raise InputError(
+                f"HashTable.{what}: table index {low if low < 0 else high} out of range "
+                f"[0, {len(self.names)})"
+            )
 
     def _check_ids(self, what: str, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
@@ -165,7 +211,7 @@ class HashTable:
             ``(N,) int64`` row indices.
         """
         self._check_ids("find", ids)
-        rows = self._map.find(ids, self._tables(ids, table))
+        rows = self._map.find(ids, self._tables("find", ids, table))
         self._counts["lookups"] += ids.numel()
         self._counts["hits"] += int((rows >= 0).sum())
         return rows
@@ -191,10 +237,30 @@ class HashTable:
             ``(rows (N,) int64, is_new (N,) bool)``.
 
         Raises:
+            InputError: ``ids``, table indices or ``admit`` of the wrong dtype, shape or device,
+                or a table index out of range (indices on a GPU are checked for the ids to
+                insert only, so that lookups do not synchronize).
             TableFullError: inserting would exceed ``capacity`` (nothing is inserted then).
+
+        An initializer that raises inserts nothing either.
         """
         self._check_ids("find_or_insert", ids)
-        tabs = self._tables(ids, table)
+        tabs = self._tables("find_or_insert", ids, table)
+        if admit is not None and (
+            not isinstance(admit, torch.Tensor)
+            or admit.dtype != torch.bool
+            or admit.shape != ids.shape
+            or admit.device != self.device
+        ):
+            got = (
+                f"{admit.dtype} {tuple(admit.shape)} on {admit.device}"
+                if isinstance(admit, torch.Tensor)
+                else type(admit).__name__
+            )
+            raise InputError(
+                f"HashTable.find_or_insert: admit must be a bool tensor of shape "
+                f"{tuple(ids.shape)} on {self.device}, got {got}"
+            )
         if isinstance(tabs, int):
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)
         rows = self._map.find(ids, tabs)
@@ -211,12 +277,19 @@ class HashTable:
         if idx.numel() == 0:
             return rows, is_new
         new_ids, new_tabs = ids[idx], tabs[idx]
+        if not on_host(new_tabs):
+            self._check_table_range("find_or_insert", new_tabs)
         self._check_capacity(new_ids, new_tabs, rows)
         # The map just reported these absent: insert them without a second lookup.
         new_rows = self._map.insert_absent(new_ids, new_tabs, distinct=distinct)
+        try:
+            self._initialize(new_rows, new_ids, new_tabs, distinct=distinct)
+        except BaseException:
+            # An initializer failed: the keys must not stay in the map without their rows.
+            self._map.erase(new_ids, new_tabs)
+            raise
         rows[idx] = new_rows
         is_new[idx] = True
-        self._initialize(new_rows, new_ids, new_tabs, distinct=distinct)
         return rows, is_new
 
     def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor, rows: torch.Tensor) -> None:
@@ -268,6 +341,7 @@ class HashTable:
         self._store.scatter(rows, full)
         self._counts["inserts"] += rows.numel()
         self.frequency[rows] = 0
+        self.inserted[rows] = self.step
         self.last_seen[rows] = self.step
         self._dirty[rows] = True
 
@@ -275,7 +349,7 @@ class HashTable:
         if self.last_seen.numel() >= n:
             return
         size = max(n, 2 * self.last_seen.numel())
-        for attr in ("last_seen", "frequency", "_dirty"):
+        for attr in ("inserted", "last_seen", "frequency", "_dirty"):
             old = getattr(self, attr)
             new = torch.zeros(size, dtype=old.dtype, device=self.device)
             new[: old.numel()] = old
@@ -396,7 +470,7 @@ class HashTable:
         self._store = RowStore(
             self.emb_words + self.state_width, torch.float32, _BLOCK_ROWS, self.device
         )
-        for attr in ("last_seen", "frequency", "_dirty"):
+        for attr in ("inserted", "last_seen", "frequency", "_dirty"):
             setattr(self, attr, getattr(self, attr)[:0].clone())
         self._erased.clear()
         self.pending.clear()
@@ -426,7 +500,7 @@ class HashTable:
     def erase(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> int:
         """Remove ids (absent ones are ignored); returns how many were removed."""
         self._check_ids("erase", ids)
-        return self._erase(ids, self._tables(ids, table))
+        return self._erase(ids, self._tables("erase", ids, table))
 
     def _erase(self, ids: torch.Tensor, tabs: torch.Tensor | int) -> int:
         if isinstance(tabs, int):
