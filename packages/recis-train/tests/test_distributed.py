@@ -23,7 +23,7 @@ from _toy import NUM_DENSE, make_rows
 from torch import nn
 
 import recis_embedding as emb
-from recis_train import LoggingHook, Trainer, TrainingArguments, seed_everything
+from recis_train import LoggingHook, ProfilerHook, Trainer, TrainingArguments, seed_everything
 from recis_train.exceptions import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.skipif(
@@ -110,6 +110,29 @@ def join_gloo(root: str, rank: int) -> None:
     )
 
 
+class FailingData:
+    """``batches`` that raise ``OSError`` (e.g. a corrupt file) when batch ``fail_at`` is read."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], fail_at: int) -> None:
+        self.batches = batches
+        self.fail_at = fail_at
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches):
+            if index == self.fail_at:
+                raise OSError("corrupt file part-00001.parquet")
+            yield batch
+
+
+def error_of(call) -> tuple[str, str] | None:
+    """The type name and message of what ``call()`` raised, or ``None``."""
+    try:
+        call()
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return None
+
+
 def _worker(rank: int, root: str) -> None:
     join_gloo(root, rank)
     out = Path(root)
@@ -135,8 +158,11 @@ def _worker(rank: int, root: str) -> None:
 
         # Micro-batches 2 per step: the last step has 1 on rank 0, so rank 1 trains 1 too.
         accum = build(out / "accum", train, evals, shard=True, gradient_accumulation_steps=2)
+        profiler = ProfilerHook(str(out / "profile"), start=1, steps=1)
+        accum.hooks.append(profiler)
         accum.train()
         result["accum"] = snapshot(accum)
+        result["trace"] = profiler.trace_path
 
         # Interrupted after 3 steps, then rebuilt and resumed from the 2-rank checkpoint.
         cut = build(out / "cut", train, evals, shard=True, train_steps=3)
@@ -146,6 +172,14 @@ def _worker(rank: int, root: str) -> None:
         result["restored_step"] = resumed.global_step
         resumed.train()
         result["resumed"] = snapshot(resumed)
+
+        # Rank 1's data fails at its third training batch, then at its second evaluation batch.
+        bad_train = FailingData(train, 2) if rank == 1 else train
+        failing = build(out / "failing", bad_train, evals, shard=True)
+        result["train_error"] = error_of(failing.train)
+        result["train_error_step"] = failing.global_step
+        bad_evals = FailingData(evals, 1) if rank == 1 else evals
+        result["eval_error"] = error_of(lambda: failing.evaluate(bad_evals))
     finally:
         torch.save(result, out / f"rank-{rank}.pt")
         dist.destroy_process_group()
@@ -230,6 +264,15 @@ def test_only_rank_zero_logs(ranks):
     assert results[1]["log"] == ""
 
 
+def test_each_rank_writes_its_own_profiler_trace(ranks):
+    root, results = ranks
+    paths = [Path(r["trace"]) for r in results]
+    assert [p.name for p in paths] == [f"trace-step1-rank{r}.json" for r in range(WORLD)]
+    assert sorted(p.name for p in (root / "profile").iterdir()) == [p.name for p in paths]
+    for path in paths:
+        assert json.loads(path.read_text())["traceEvents"]
+
+
 def test_two_rank_checkpoint_resumes_exactly(ranks):
     root, results = ranks
     for result in results:
@@ -254,8 +297,13 @@ def test_one_process_warm_starts_from_two_ranks_but_does_not_resume(ranks, tmp_p
     root, results = ranks
     latest = root / "cut" / "checkpoints" / f"step-{STEPS:09d}"
     trainer = build(tmp_path, [], [], shard=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(CheckpointError, match="written by 2 rank"):
         trainer.restore(latest)
+    # Refused before anything was loaded: the model is as it was.
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not emb.sparse_parameters(trainer.model)[0].ids().numel()
     trainer.restore(latest, parts=("dense", "sparse"))
     ids, rows = table_state(trainer)
     both = torch.cat([r["resumed"]["ids"] for r in results])
@@ -264,3 +312,18 @@ def test_one_process_warm_starts_from_two_ranks_but_does_not_resume(ranks, tmp_p
     assert torch.equal(rows, torch.cat([r["resumed"]["rows"] for r in results])[order])
     for key, value in results[0]["resumed"]["dense"].items():
         assert torch.equal(trainer.model.mlp.state_dict()[key], value), key
+
+
+def test_a_data_error_on_one_rank_ends_every_rank_naming_it(ranks):
+    _, results = ranks
+    # The failing rank raises its own error; the other learns of it instead of waiting.
+    assert results[1]["train_error"] == ("OSError", "corrupt file part-00001.parquet")
+    kind, message = results[0]["train_error"]
+    assert kind == "RankFailedError"
+    assert "training data for step 3 failed on rank(s) [1]" in message
+    assert "rank 1: OSError: corrupt file part-00001.parquet" in message
+    assert [r["train_error_step"] for r in results] == [2, 2]
+    assert results[1]["eval_error"] == ("OSError", "corrupt file part-00001.parquet")
+    kind, message = results[0]["eval_error"]
+    assert kind == "RankFailedError"
+    assert "evaluation batch 2 (counted from 1) failed on rank(s) [1]" in message

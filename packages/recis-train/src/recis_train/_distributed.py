@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from recis_train._checkpoint import CheckpointManager, Writer
-from recis_train.exceptions import CheckpointError, ConfigError
+from recis_train.exceptions import CheckpointError, ConfigError, RankFailedError
 
 __all__ = ["DistributedContext", "own_rank_state", "sum_gradients"]
 
@@ -130,9 +130,37 @@ class DistributedContext:
         dist.all_reduce(tensor, op=ops[op])
         return [float(v) for v in tensor.cpu()]
 
-    def agree_count(self, count: int) -> int:
-        """The smallest ``count`` over the ranks: how many micro-batches every rank can train."""
-        return int(self.reduce([count], "min")[0])
+    def agree_count(self, count: int, error: Exception | None = None, what: str = "") -> int:
+        """The smallest ``count`` over the ranks: how many micro-batches every rank can train.
+
+        Args:
+            count: micro-batches this rank has.
+            error: what this rank failed with while taking them, if it did.
+            what: what the ranks were doing, for the error message.
+
+        Raises:
+            RankFailedError: another rank passed an ``error`` (see :meth:`fail_together`).
+        """
+        lowest, failed = self.reduce([-count, float(error is not None)], "max")
+        if failed:
+            self.fail_together(error, what)
+        return int(-lowest)
+
+    def fail_together(self, error: Exception | None, what: str) -> None:
+        """Raise on every rank after one or more ranks failed (a collective call).
+
+        Every rank learned already (from a collective) that some rank failed; here they
+        exchange the errors. A rank that failed raises its own ``error``; the others raise
+        :class:`RankFailedError` naming the failed ranks and their errors.
+        """
+        reports = self.gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        raise RankFailedError(
+            f"{what} failed on rank(s) {[rank for rank, _ in failed]}: "
+            + "; ".join(f"rank {rank}: {report}" for rank, report in failed)
+        )
 
     def mean_logs(self, logs: Mapping[str, float], samples: int) -> tuple[dict[str, float], int]:
         """``logs`` averaged over the ranks (same keys on every rank) and the summed ``samples``."""

@@ -305,7 +305,9 @@ class ProfilerHook(Hook):
 
     Steps ``[start, start + steps)`` are recorded (CPU, and CUDA when available); the trace is
     written to ``output_dir/trace-step<start>.json`` (open it in ``chrome://tracing`` or
-    https://ui.perfetto.dev), and :attr:`table` keeps the top operators by self time.
+    https://ui.perfetto.dev), and :attr:`table` keeps the top operators by self time. In a
+    distributed run every rank profiles its own steps and writes
+    ``trace-step<start>-rank<r>.json``.
 
     Args:
         output_dir: where the trace goes.
@@ -334,7 +336,7 @@ class ProfilerHook(Hook):
 
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
         if trainer.global_step == self.start + self.steps - 1 and self._profiler is not None:
-            self._finish()
+            self._finish(trainer)
         else:
             self._start_if_due(trainer)
 
@@ -351,16 +353,18 @@ class ProfilerHook(Hook):
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._profiler is not None:
-            self._finish()  # training ended inside the window: keep what was recorded
+            self._finish(trainer)  # training ended inside the window: keep what was recorded
 
-    def _finish(self) -> None:
+    def _finish(self, trainer: Trainer) -> None:
         from pathlib import Path
 
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
         out = Path(self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"trace-step{self.start}.json"
+        # Ranks share output_dir: each writes its own file, not one rank over another's.
+        suffix = f"-rank{trainer.rank}" if trainer.world_size > 1 else ""
+        path = out / f"trace-step{self.start}{suffix}.json"
         profiler.export_chrome_trace(str(path))
         self.trace_path = str(path)
         self.table = profiler.key_averages().table(

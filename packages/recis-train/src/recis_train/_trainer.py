@@ -293,7 +293,7 @@ class Trainer:
             while True:
                 if self.args.train_steps is not None and self.global_step >= self.args.train_steps:
                     break
-                micro = self._agree(self._take(batches) if not self.should_stop else [])
+                micro = self._agree(batches)
                 if not micro:
                     break
                 logs = self._step(micro)
@@ -338,7 +338,10 @@ class Trainer:
                 "train() ran no step: %s",
                 f"the run had finished its {self.stream.epochs} pass(es) over the data already"
                 if past_start
-                else "the training data gave no batches",
+                else "the training data gave no batches"
+                if self.distributed is None
+                else "the training data of at least one rank gave no batches (ranks train "
+                "together, as many steps as the rank with the fewest batches)",
             )
 
     def _batches(self) -> Generator[tuple[Any, dict[str, Any]], None, None]:
@@ -366,16 +369,29 @@ class Trainer:
             micro.append((batch, cursor))
         return micro
 
-    def _agree(self, micro: list[Any]) -> list[Any]:
-        """The micro-batches every rank has: ranks stop together when one runs out of data.
+    def _agree(self, batches: Iterator[tuple[Any, dict[str, Any]]]) -> list[Any]:
+        """The next step's micro-batches every rank has: ranks stop together when one runs out
+        of data (or a hook asked to stop).
 
         Every rank must run the same number of forward passes (sharded lookups and DDP are
         collective), so each trains on as many micro-batches as the rank with the fewest; the
-        cursor then points after the last batch trained, and the others are read again.
+        cursor then points after the last batch trained, and the others are read again. A rank
+        whose data raises tells the others, which raise :class:`RankFailedError` naming it,
+        instead of waiting for it in the next collective.
         """
         if self.distributed is None:
-            return micro
-        return micro[: self.distributed.agree_count(len(micro))]
+            return self._take(batches) if not self.should_stop else []
+        micro: list[Any] = []
+        error = None
+        try:
+            if not self.should_stop:
+                micro = self._take(batches)
+        except Exception as err:
+            error = err
+        agreed = self.distributed.agree_count(
+            len(micro), error, f"reading the training data for step {self.global_step + 1}"
+        )
+        return micro[:agreed]
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         # Accumulated micro-batches all-reduce their gradients once, with the last backward.
@@ -563,12 +579,24 @@ class Trainer:
                 yield move_to(batch, self.device), True
             return
         last = None
+        taken = 0
         while True:
-            batch = next(batches, None)
+            error = None
+            try:
+                batch = next(batches, None)
+            except Exception as err:
+                batch, error = None, err
             have = batch is not None
-            ready, started = self.distributed.reduce([have, have or last is not None])
+            ready, started, failed = self.distributed.reduce(
+                [have, have or last is not None, error is not None]
+            )
+            if failed:
+                self.distributed.fail_together(
+                    error, f"reading evaluation batch {taken + 1} (counted from 1)"
+                )
             if not ready:
                 return
+            taken += 1
             if started < self.world_size:
                 raise ConfigError(
                     f"{self.world_size - int(started)} of {self.world_size} ranks have no "
@@ -700,8 +728,8 @@ class Trainer:
             CheckpointNotFoundError: no complete checkpoint (and not ``missing_ok``).
             CheckpointError: the checkpoint is incomplete or does not fit the model; or, loading
                 the ``"trainer"`` part, it was written with another optimizer class, other LR
-                schedulers, or another ``gradient_accumulation_steps`` or ``seed``. Nothing is
-                loaded then.
+                schedulers, another ``gradient_accumulation_steps`` or ``seed``, or by another
+                number of ranks. Nothing is loaded then.
         """
         unknown = sorted(set(parts) - set(_PARTS))
         if unknown:
@@ -721,6 +749,7 @@ class Trainer:
         trainer_state = load_object(trainer_file) if "trainer" in parts else None
         if trainer_state is not None:
             self._check_resumable(manifest, trainer_state, found)
+            own_rank_state(trainer_state, self.rank, self.world_size, trainer_file)
         dense_file = found / "dense" / "model.safetensors"
         dense = load_tensors(dense_file) if "dense" in parts else None
         if dense is not None:

@@ -14,6 +14,7 @@ __all__ = [
     "MetricInputError",
     "ModelOutputError",
     "NonFiniteLossError",
+    "RankFailedError",
     "RecisTrainError",
     "SourceNotFoundError",
 ]
@@ -42,6 +43,11 @@ class ModelOutputError(RecisTrainError, TypeError):
 
 class NonFiniteLossError(RecisTrainError, FloatingPointError):
     """The loss of a training step is NaN or infinite."""
+
+
+class RankFailedError(RecisTrainError, RuntimeError):
+    """Another rank of a distributed run failed (e.g. reading its data); raised on the ranks
+    that did not, naming the ranks that did and their errors, so that none is left waiting."""
 
 
 class CheckpointError(RecisTrainError, RuntimeError):
