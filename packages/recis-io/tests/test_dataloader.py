@@ -160,3 +160,40 @@ def test_batches_per_epoch_counts_the_loaders_workers(files, drop_last: bool) ->
         assert ds.batches_per_epoch() == (8 if drop_last else 9)
         seen += [i for b in batches for i in b["id"].tolist()]
     assert len(seen) == len(set(seen)) == 6 * (91 - 91 % 32 if drop_last else 91)
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        pytest.param(
+            "fork",
+            marks=pytest.mark.skipif(
+                "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
+            ),
+        ),
+        "spawn",
+    ],
+)
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_set_epoch_reaches_persistent_workers(files, context: str) -> None:
+    # Persistent workers keep their copy of the dataset for the whole run; the epoch set in
+    # the main process before each pass must still decide their order.
+    def epochs(persistent: bool) -> list[list[int]]:
+        ds = Dataset(files, batch_size=16, shuffle=True, seed=3, shuffle_window=40)
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=2,
+            multiprocessing_context=context,
+            persistent_workers=persistent,
+        )
+        got = []
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            got.append(_ids(loader))
+        return got
+
+    persistent = epochs(True)
+    assert persistent == epochs(False)
+    assert persistent[0] != persistent[1]
+    assert sorted(persistent[0]) == sorted(persistent[1])

@@ -223,8 +223,10 @@ class Dataset(IterableDataset):
         self._infos = [_ColumnInfo(*t) for t in probe.schema()]
         self._cursor: tuple[int, int] = (0, 0)
         self._resume: tuple[int, int] | None = None
-        # First epoch of the next iteration (set_epoch), and of the current or last one.
-        self._first_epoch = 0
+        # First epoch of the next iteration (set_epoch), in shared memory so that DataLoader
+        # workers, which iterate copies of this object (persistent ones for the whole run),
+        # read what the main process set; and the first epoch of the current or last pass.
+        self._next_first = torch.zeros((), dtype=torch.int64).share_memory_()
         self._pass_first = 0
         self._shard: tuple[int, int] = (self.rank, self.world_size)
         # A finished iterator's reader, kept for the next pass: its decode buffers are already
@@ -307,13 +309,22 @@ class Dataset(IterableDataset):
         ``seed`` and the epoch only, so ``set_epoch(e)`` then one pass reads exactly what the
         ``e``-th epoch of a single iteration with more ``epochs`` would. A state taken during
         such a pass resumes within it (:meth:`load_state_dict` restores the epoch range).
-        ``DataLoader`` workers started with ``persistent_workers=True`` keep the dataset they
-        were given, so this does not reach them: use non-persistent workers, or ``epochs``.
+        The epoch is kept in shared memory, so ``DataLoader`` workers (persistent ones too,
+        started with fork or spawn) read it when their next pass starts: call it before
+        ``iter(loader)``, as with ``DistributedSampler``.
 
         Raises:
             InvalidArgumentError: ``epoch`` is not an int in ``[0, 2**62]``.
         """
         self._first_epoch = _positive("set_epoch: epoch", epoch, minimum=0, maximum=2**62)
+
+    @property
+    def _first_epoch(self) -> int:
+        return int(self._next_first)
+
+    @_first_epoch.setter
+    def _first_epoch(self, epoch: int) -> None:
+        self._next_first.fill_(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         shard, shards = self._current_shard()
