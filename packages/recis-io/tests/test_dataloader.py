@@ -15,6 +15,15 @@ ROWS = [300, 250]
 # Python 3.12+ warns when forking a process that runs threads (ours, torch's); the tests here
 # fork on purpose to show it is handled.
 FORK_WARNING = "ignore:.*fork.*:DeprecationWarning"
+CONTEXTS = [
+    pytest.param(
+        "fork",
+        marks=pytest.mark.skipif(
+            "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
+        ),
+    ),
+    "spawn",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +35,7 @@ def _ids(loader: DataLoader) -> list[int]:
     return [i for batch in loader for i in batch["id"].tolist()]
 
 
-@pytest.mark.parametrize(
-    "context",
-    [
-        pytest.param(
-            "fork",
-            marks=pytest.mark.skipif(
-                "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
-            ),
-        ),
-        "spawn",
-    ],
-)
+@pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.filterwarnings(FORK_WARNING)
 def test_workers_read_disjoint_shares(files, context: str) -> None:
     ds = Dataset(files, batch_size=32, num_threads=2)
@@ -162,18 +160,7 @@ def test_batches_per_epoch_counts_the_loaders_workers(files, drop_last: bool) ->
     assert len(seen) == len(set(seen)) == 6 * (91 - 91 % 32 if drop_last else 91)
 
 
-@pytest.mark.parametrize(
-    "context",
-    [
-        pytest.param(
-            "fork",
-            marks=pytest.mark.skipif(
-                "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
-            ),
-        ),
-        "spawn",
-    ],
-)
+@pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.filterwarnings(FORK_WARNING)
 def test_set_epoch_reaches_persistent_workers(files, context: str) -> None:
     # Persistent workers keep their copy of the dataset for the whole run; the epoch set in
