@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.orc as orc
 import pytest
 
 from recis_io import (
@@ -131,3 +134,59 @@ def test_bad_options(tmp_path) -> None:
     with pytest.raises(InvalidArgumentError, match="cannot tell the format"):
         Dataset(other, batch_size=1)
     assert len(list(Dataset(tmp_path / "x.bin", batch_size=4, format="parquet"))) == 3
+
+
+def _zeroed(path: Path, start: int, length: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[start : start + length] = bytes(length)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_orc_footer_is_corrupt_not_a_panic(tmp_path) -> None:
+    """A zstd frame of the footer cut short makes the ORC decoder panic; that is a corrupt
+    file, raised when the dataset opens it."""
+    p = write(ids_table(500), tmp_path / "f.orc", "orc", 100)
+    meta = orc.ORCFile(p)
+    footer = meta.file_length - 1 - meta.file_postscript_length - meta.file_footer_length
+    _zeroed(p, footer, 8)
+    with pytest.raises(CorruptFileError, match=r"f\.orc: the decoder failed"):
+        Dataset(p, batch_size=64)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_corrupt_orc_stripe_is_corrupt_not_a_panic(tmp_path, shuffle: bool) -> None:
+    """Zeroed bytes inside the first stripe's compressed streams make the ORC decoder panic on
+    a decode thread; the error names the file and stripe, shuffled or not."""
+    good = write(ids_table(500), tmp_path / "good.orc", "orc", 100)
+    bad = _zeroed(write(ids_table(500), tmp_path / "s.orc", "orc", 100), 100, 40)
+    ds = Dataset([good, bad], batch_size=64, shuffle=shuffle, num_threads=2)
+    with pytest.raises(CorruptFileError, match=r"s\.orc, stripe 0: the decoder failed"):
+        list(ds)
+
+
+def test_orc_footer_with_looping_types_is_corrupt(tmp_path) -> None:
+    """A footer whose list type names itself as its element would send the ORC schema parser
+    into endless recursion (a stack overflow that kills the process); it is a corrupt file."""
+    p = tmp_path / "loop.orc"
+    table = pa.table({"seq": pa.array([[1, 2], [3]], pa.list_(pa.int64()))})
+    orc.write_table(table, p, compression="uncompressed")
+    data = p.read_bytes()
+    # Type 1 of the footer: kind LIST (field 1 = 10), packed subtypes (field 2) = [2].
+    list_type = bytes([0x08, 0x0A, 0x12, 0x01, 0x02])
+    assert data.count(list_type) == 1
+    p.write_bytes(data.replace(list_type, list_type[:-1] + b"\x01"))
+    with pytest.raises(
+        CorruptFileError, match=r"loop\.orc: malformed footer: type 1 lists subtype 1"
+    ):
+        Dataset(p, batch_size=2)
+
+
+def test_fill_out_of_range_names_the_file(tmp_path) -> None:
+    """A fill that does not fit the column's type names the file the type was read from (a
+    corrupt footer can turn a float column into a bool one)."""
+    p = write(pa.table({"b": pa.array([True, None])}), tmp_path / "b.parquet", "parquet", 10)
+    with pytest.raises(
+        InvalidArgumentError, match=r"out of range for bool: .*\(file .*b\.parquet\)"
+    ):
+        Dataset(p, batch_size=2, columns=[Column("b", fill=2)])

@@ -34,6 +34,27 @@ impl Error {
     }
 }
 
+/// Runs `f`, turning a panic inside it into a corrupt-file error naming `path`. The decoder
+/// crates assert (or `unwrap`) on some malformed input instead of returning an error; a file
+/// that trips one is corrupt, whatever thread reads it.
+pub(crate) fn guard<T>(path: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(Error::corrupt(
+            path,
+            format!("the decoder failed: {}", panic_message(panic.as_ref())),
+        ))
+    })
+}
+
+/// The message a panic was raised with (empty when it carried something else).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 /// `text` with its first letter lowered to read on after "cannot read …:", unless the first
 /// word is an acronym ("EOF: …" stays "EOF: …").
 fn lower_first_word(text: &str) -> String {
@@ -61,5 +82,17 @@ mod tests {
             "cannot read f.parquet: EOF: file too small"
         );
         assert_eq!(msg(Error::corrupt("f", "")), "cannot read f: ");
+    }
+
+    #[test]
+    fn guard_turns_a_panic_into_a_corrupt_file_error() {
+        let err = super::guard::<u8>("f.orc", || Ok("x".parse::<u8>().unwrap())).unwrap_err();
+        assert!(matches!(&err, Error::Corrupt { path, .. } if path == "f.orc"));
+        assert_eq!(
+            err.to_string(),
+            "cannot read f.orc: the decoder failed: called `Result::unwrap()` on an `Err` value: \
+             ParseIntError { kind: InvalidDigit }"
+        );
+        assert_eq!(super::guard("f.orc", || Ok(3)).unwrap(), 3);
     }
 }

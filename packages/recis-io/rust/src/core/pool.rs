@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::error::{Error, Result};
+use super::error::{panic_message, Error, Result};
 use super::plan::Segment;
 use super::prepare::PreparedSegment;
 use super::source::{Packing, Source};
@@ -145,13 +145,9 @@ fn work(shared: &Shared) {
             shared.source.decode(seg, pos, shared.packing.as_ref())
         }))
         .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
             Err(Error::Internal(format!(
-                "decoding failed unexpectedly: {what}"
+                "decoding failed unexpectedly: {}",
+                panic_message(panic.as_ref())
             )))
         })
         .map(Arc::new);

@@ -14,7 +14,8 @@ use parquet::arrow::ProjectionMask;
 use super::chunks::{Chunks, SharedChunks};
 use super::column::{ColumnPlan, ColumnSpec, Leaf};
 use super::direct::{self, DirectColumn};
-use super::error::{Error, Result};
+use super::error::{guard, Error, Result};
+use super::orc_types;
 use super::plan::{Segment, Unit};
 use super::prepare::{prepare, DictHashes, PreparedSegment, PreparedUnit};
 use super::ring::Ring;
@@ -99,7 +100,14 @@ fn open(path: &str) -> Result<File> {
 }
 
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
-    let file = open(path)?;
+    let mut file = open(path)?;
+    if format == Format::Orc {
+        orc_types::check(&mut file, path)?;
+    }
+    guard(path, || read_meta_of(file, path, format))
+}
+
+fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let (schema, meta, rows) = match format {
         Format::Parquet => {
             let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
@@ -227,6 +235,18 @@ impl Source {
         let unit = self.units[seg.unit];
         let fm = &self.files[unit.file];
         let at = format!("{}, {} {}", fm.path, fm.format.unit_name(), unit.group);
+        guard(&at, || self.decode_unit(fm, unit, seg, pos, packing, &at))
+    }
+
+    fn decode_unit(
+        &self,
+        fm: &FileMeta,
+        unit: Unit,
+        seg: &Segment,
+        pos: usize,
+        packing: Option<&Packing>,
+        at: &str,
+    ) -> Result<PreparedSegment> {
         let direct_of = |i: usize| fm.direct.get(i).copied().flatten();
         let direct: Vec<(DirectColumn, &ColumnPlan)> = (self.columns.iter().enumerate())
             .filter_map(|(i, c)| direct_of(i).map(|d| (d, c)))
@@ -239,7 +259,7 @@ impl Source {
         let batches = if rest.is_empty() {
             Vec::new()
         } else {
-            self.decode_arrow(fm, unit, seg, &rest, &at)?
+            self.decode_arrow(fm, unit, seg, &rest, at)?
         };
         let packing = packing.filter(|p| rest.is_empty() && !direct.is_empty() && p.batch > 0);
         let sizes: Vec<usize> = if let Some(p) = packing {
@@ -272,7 +292,7 @@ impl Source {
                 seg.start,
                 &sizes,
                 packing.map(|p| (self.columns.as_slice(), &p.ring, p.batch)),
-                &at,
+                at,
             )?,
             (Meta::Orc(_), false) => {
                 return Err(Error::Internal("direct plan for an ORC file".into()))
@@ -294,7 +314,7 @@ impl Source {
                         let array = batches[k].column_by_name(&c.spec.name).ok_or_else(|| {
                             Error::Schema(format!("column '{}' not found ({at})", c.spec.name))
                         })?;
-                        prepare(c, array, memo, &at)
+                        prepare(c, array, memo, at)
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -508,10 +528,12 @@ fn slice_rows(batches: Vec<RecordBatch>, start: usize, end: usize) -> Vec<Record
     out
 }
 
-/// A schema error of the column plan, naming the file whose schema it was planned from.
+/// An error of the column plan (a schema problem, or an option that does not fit the column's
+/// type), naming the file whose schema it was planned from.
 fn in_file(e: Error, path: &str) -> Error {
     match e {
         Error::Schema(msg) => Error::Schema(format!("{msg} (file {path})")),
+        Error::InvalidArgument(msg) => Error::InvalidArgument(format!("{msg} (file {path})")),
         other => other,
     }
 }
