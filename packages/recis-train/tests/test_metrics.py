@@ -213,17 +213,24 @@ def _distributed_worker(rank: int, world: int, init_file: str, queue) -> None:
     n = 90
     preds, labels, groups = rng.random(n), rng.integers(0, 2, n), rng.integers(0, 6, n)
     mine = slice(rank * n // world, (rank + 1) * n // world)
-    metrics = {
-        "auc": AUROC(),
-        "tf": AUROC("thresholded"),
-        "gauc": GAUC(),
-        "ll": LogLoss(),
-        "cal": Calibration(),
-    }
-    for name, m in metrics.items():
-        extra = {"groups": torch.tensor(groups[mine])} if name == "gauc" else {}
-        m.update(torch.tensor(preds[mine]), torch.tensor(labels[mine]), **extra)
-    queue.put((rank, {name: m.compute() for name, m in metrics.items()}))
+    # Second: rank 0 holds every row, rank 1 only batches with no row (a task that left every
+    # row of rank 1 out, e.g. by its mask); the sync must give the same numbers.
+    everything = slice(0, n) if rank == 0 else slice(0, 0)
+    results = []
+    for share in (mine, everything):
+        metrics = {
+            "auc": AUROC(),
+            "tf": AUROC("thresholded"),
+            "gauc": GAUC(),
+            "ll": LogLoss(),
+            "cal": Calibration(),
+        }
+        for name, m in metrics.items():
+            for part in (share, slice(0, 0)):
+                extra = {"groups": torch.tensor(groups[part])} if name == "gauc" else {}
+                m.update(torch.tensor(preds[part]), torch.tensor(labels[part]), **extra)
+        results.append({name: m.compute() for name, m in metrics.items()})
+    queue.put((rank, results))
     dist.destroy_process_group()
 
 
@@ -253,8 +260,10 @@ def test_metrics_sync_across_two_gloo_ranks(tmp_path):
         "cal": preds.mean() / labels.mean(),
     }
     for rank in (0, 1):
-        for name, value in expected.items():
-            assert results[rank][name] == pytest.approx(value, abs=1e-9), (rank, name)
+        for split in (0, 1):
+            for name, value in expected.items():
+                got = results[rank][split][name]
+                assert got == pytest.approx(value, abs=1e-9), (rank, split, name)
 
 
 @pytest.mark.parametrize("score", [-0.5, 1.5, 3.0])

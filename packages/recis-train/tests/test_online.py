@@ -68,10 +68,10 @@ class Model(nn.Module):
         return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
 
 
-def build(out: Path, source, make_data=read, **options) -> Online:
+def build(out: Path, source, make_data=read, *, arguments=None, **options) -> Online:
     seed_everything(0)
     model = Model()
-    args = TrainingArguments(output_dir=str(out), device="cpu", log_every=1000)
+    args = TrainingArguments(output_dir=str(out), device="cpu", log_every=1000, **arguments or {})
     return Online(
         model,
         args,
@@ -263,3 +263,68 @@ def test_a_window_without_rows_is_committed_and_the_stream_goes_on(tmp_path, hou
     again = build(tmp_path / "run", [hours[0], str(empty), hours[1], hours[2]])
     assert [r.index for r in again.run()] == [0, 1, 2, 3]
     assert {hour for _, hour in again.trainer.model.log} == {2}
+
+
+def assert_same_run(got: Online, want: Online) -> None:
+    """Same windows, results, tables, dense weights and optimizer state."""
+    pairs = zip(got.results, want.results, strict=True)
+    for a, b in pairs:
+        assert (a.files, a.metrics, a.train, a.step) == (b.files, b.metrics, b.train, b.step)
+        assert (a.export_kind, a.export_rows) == (b.export_kind, b.export_rows)
+    assert_same(table_state(got.trainer.model), table_state(want.trainer.model))
+    adam = got.trainer.dense_optimizer.state_dict()["state"]
+    expected = want.trainer.dense_optimizer.state_dict()["state"]
+    assert adam.keys() == expected.keys()
+    for key in adam:
+        assert_same(adam[key], expected[key])
+    assert got.trainer.global_step == want.trainer.global_step
+
+
+def test_retrying_after_a_failure_in_the_first_window_starts_it_over(tmp_path, hours):
+    whole = build(tmp_path / "whole", hours[:3])
+    whole.run()
+    broken = [True]
+
+    def corrupt_once(paths):
+        for position, batch in enumerate(read(paths)):
+            if broken[0] and paths == [hours[0]] and position == 2:
+                raise OSError(f"{paths[0]}: corrupt row group")
+            yield batch
+
+    online = build(tmp_path / "cut", hours[:3], corrupt_once)
+    with pytest.raises(OSError, match="corrupt row group"):
+        online.run()
+    assert online.trainer.global_step == 2  # two steps of window 0 trained, nothing committed
+    broken[0] = False  # the file is fixed
+    assert [r.index for r in online.run()] == [0, 1, 2]
+    assert_same_run(online, whole)
+    assert not (tmp_path / "cut" / ".online-initial").exists()
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_retrying_after_a_failure_in_a_later_window_goes_back_to_its_commit(
+    tmp_path, hours, resume
+):
+    # Two batches per step: the bad batch fails in the forward pass of a step whose first
+    # batch has already put gradients on the weights and inserted ids into the table.
+    arguments = {"gradient_accumulation_steps": 2, "resume": resume}
+    whole = build(tmp_path / "whole", hours[:3], arguments=arguments)
+    whole.run()
+    passes: list[str] = []
+    broken = [True]
+
+    def bad_batch_once(paths):
+        passes.append(paths[0])
+        for position, batch in enumerate(read(paths)):
+            # The training pass of window 1 (its second read, after the evaluation).
+            if broken[0] and paths == [hours[1]] and passes.count(hours[1]) == 2 and position:
+                batch = {**batch, "click": batch["click"][:-1]}  # a row short: BCE raises
+            yield batch
+
+    online = build(tmp_path / "cut", hours[:3], bad_batch_once, arguments=arguments)
+    with pytest.raises(ValueError, match="must be the same as input size"):
+        online.run()
+    assert [r.index for r in online.results] == [0]
+    broken[0] = False
+    assert [r.index for r in online.run()] == [0, 1, 2]
+    assert_same_run(online, whole)

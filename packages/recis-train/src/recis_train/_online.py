@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +29,8 @@ _log = logging.getLogger("recis_train")
 DataFactory = Callable[[list[str]], Iterable[Any]]
 WindowSource = Iterable["str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"]
 _EXPORT_POINTER = "export.json"
+#: where the tables are kept as they were before the first window, until a window is committed
+_INITIAL_TABLES = ".online-initial"
 #: a watched directory has no new window yet: poll again after ``poll_interval``
 _WAIT = "wait"
 
@@ -193,6 +197,28 @@ def _as_window(item: Any, position: int) -> list[str]:
     )
 
 
+@dataclasses.dataclass
+class _InitialState:
+    """The state before the first window, to go back to while no window is committed.
+
+    Attributes:
+        trainer: the trainer part of a checkpoint (optimizers, schedulers, RNG, step, cursor,
+            hooks and the committed offsets), deep-copied.
+        dense: the dense parameters and buffers, cloned.
+        tables: where the embedding tables were saved (``None``: the model has none).
+        export: the export the checkpoints pointed at then.
+        restored: whether the trainer had been restored from a checkpoint.
+        last_saved_step: the step the trainer had last saved or restored.
+    """
+
+    trainer: dict[str, Any]
+    dense: dict[str, torch.Tensor]
+    tables: Path | None
+    export: Path | None
+    restored: bool
+    last_saved_step: int | None
+
+
 def _reporting_errors(
     decisions: Iterator[list[str] | str], ctx: DistributedContext
 ) -> Iterator[list[str] | str]:
@@ -247,6 +273,12 @@ class Online:
     again from the state before it, with the same result an uninterrupted run would have had.
     A file is trained at most once: windows whose files are all committed are skipped, and
     committed files are dropped from a window that mixes old and new ones.
+
+    The same holds for calling :meth:`run` again on the same object after it raised inside a
+    window (e.g. reading a corrupt file, which was then fixed or removed): the model, the
+    tables, both optimizers, the LR schedulers, the RNG and the offsets first go back to the
+    last committed window (its checkpoint), or to their state before the first window when no
+    window was committed, so the retry ends as a run that never saw the failure.
 
     Under ``torchrun`` every rank builds and runs the same ``Online`` (tables sharded as for
     :class:`Trainer`): rank 0 alone reads ``source`` and sends each rank the next window, and
@@ -338,6 +370,12 @@ class Online:
         )
         self.resume = args.resume
         self.epochs = args.epochs
+        #: the checkpoint of the last window committed (or restored), what a retry goes back to
+        self._committed: Path | None = None
+        #: the state before the first window, while no window is committed
+        self._initial: _InitialState | None = None
+        #: a window began and was not committed (its run raised): roll back before going on
+        self._uncommitted = False
 
     @property
     def results(self) -> list[WindowResult]:
@@ -351,19 +389,27 @@ class Online:
             Every committed window's :class:`WindowResult`, including those committed before a
             restart.
 
+        A call after one that raised inside a window first restores the last committed state
+        (see the class description).
+
         Raises:
             ConfigError: a source item is not a path or a non-empty sequence of paths, or
                 ``make_data`` returned something that is not iterable.
             SourceNotFoundError: the watched directory does not exist (any more).
         """
+        restored = None
         if self.resume:
             restored = self.trainer.restore(missing_ok=True)
             if restored is not None:
+                self._committed = restored
                 _log.info(
                     "online: resuming after %d committed window(s) (%s)",
                     len(self.progress.windows),
                     restored,
                 )
+        if self._uncommitted and restored is None:
+            self._roll_back()
+        self._uncommitted = False
         for files in self._windows():
             if self._finished():
                 break
@@ -436,7 +482,61 @@ class Online:
             )
         return data
 
+    def _keep_initial_state(self) -> None:
+        """Keep the state before the first window (nothing committed yet) for a retry."""
+        trainer = self.trainer
+        tables = None
+        if self.tables is not None:
+            import recis_embedding
+
+            tables = self.output_dir / _INITIAL_TABLES
+            recis_embedding.save(str(tables), trainer.model, trainer.sparse_optimizer)  # type: ignore[arg-type]
+        self._initial = _InitialState(
+            trainer=copy.deepcopy(trainer._trainer_state()),
+            dense={k: v.detach().clone() for k, v in trainer._dense_state().items()},
+            tables=tables,
+            export=self.tables.current if self.tables is not None else None,
+            restored=trainer._restored,
+            last_saved_step=trainer._last_saved_step,
+        )
+
+    def _drop_initial_state(self) -> None:
+        """A window is committed: its checkpoint is what a retry goes back to from now on."""
+        initial, self._initial = self._initial, None
+        if initial is None or initial.tables is None:
+            return
+        ctx = self.trainer.distributed
+        if ctx is None or ctx.is_main:
+            shutil.rmtree(initial.tables, ignore_errors=True)
+
+    def _roll_back(self) -> None:
+        """Back to the last committed window, or to the state before the first window."""
+        trainer = self.trainer
+        if self._committed is not None:
+            _log.info("online: going back to the last committed window (%s)", self._committed)
+            trainer.restore(self._committed)
+            return
+        initial = self._initial
+        if initial is None:
+            return  # the failure came before the first window changed anything
+        _log.info("online: going back to the state before the first window")
+        if initial.tables is not None:
+            import recis_embedding
+
+            recis_embedding.load(str(initial.tables), trainer.model, trainer.sparse_optimizer)  # type: ignore[arg-type]
+        where = self.output_dir / _INITIAL_TABLES
+        trainer._load_dense(initial.dense, where)
+        trainer._load_trainer(copy.deepcopy(initial.trainer), where)
+        trainer._restored = initial.restored
+        trainer._last_saved_step = initial.last_saved_step
+        if self.tables is not None:
+            self.tables.current = initial.export
+        trainer._zero_grad()
+
     def _process(self, files: list[str]) -> None:
+        if self._committed is None and self._initial is None:
+            self._keep_initial_state()
+        self._uncommitted = True
         started = time.perf_counter()
         trainer, index = self.trainer, len(self.progress.windows)
         metrics: dict[str, float] = {}
@@ -462,10 +562,12 @@ class Online:
         result.seconds = time.perf_counter() - started
         self.progress.windows.append(result)
         try:
-            trainer.save()
+            self._committed = trainer.save()
         except BaseException:
             self.progress.windows.pop()  # not committed: the window is trained again
             raise
+        self._uncommitted = False
+        self._drop_initial_state()
         if trainer.distributed is None or trainer.distributed.is_main:
             _log.info("online: window %d committed (%s)", index, ", ".join(files))
         if self.on_window is not None:

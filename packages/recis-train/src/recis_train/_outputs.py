@@ -20,14 +20,22 @@ class StepOutput:
         losses: task name -> its unweighted scalar loss (``{"loss": loss}`` for one loss).
         predictions: task name -> (B,) probabilities, for metrics (may be empty).
         labels: task name -> (B,) labels matching ``predictions``.
-        groups: (B,) group ids for grouped metrics such as GAUC, or ``None``.
+        groups: (B,) group ids for grouped metrics such as GAUC, shared by every task; or
+            task name -> that task's group ids, matching its ``predictions`` (a task whose
+            predictions hold only some rows of the batch); or ``None``.
     """
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
     predictions: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
-    groups: torch.Tensor | None
+    groups: torch.Tensor | dict[str, torch.Tensor] | None
+
+    def task_groups(self, task: str) -> torch.Tensor | None:
+        """The group ids matching ``predictions[task]`` (``None`` when there are none)."""
+        if isinstance(self.groups, dict):
+            return self.groups.get(task)
+        return self.groups
 
 
 def _per_task(value: Any, key: str) -> dict[str, torch.Tensor]:
@@ -48,7 +56,7 @@ def parse_output(output: Any) -> StepOutput:
     Accepted forms: a scalar loss tensor; or a mapping with ``"loss"`` (a scalar) or
     ``"losses"`` (task -> scalar) and optionally ``"weights"`` (task -> float, default 1),
     ``"predictions"`` and ``"labels"`` (a (B,) tensor or task -> (B,) tensor), and
-    ``"groups"`` ((B,) ids).
+    ``"groups"`` ((B,) ids, or task -> ids of the rows in that task's predictions).
     """
     if isinstance(output, torch.Tensor):
         return StepOutput(_scalar(output, "loss"), {"loss": output}, {}, {}, None)
@@ -79,7 +87,10 @@ def parse_output(output: Any) -> StepOutput:
     missing = sorted(set(predictions) - set(labels))
     if missing:
         raise ModelOutputError(f"model output has predictions without labels for task(s) {missing}")
-    return StepOutput(loss, losses, predictions, labels, output.get("groups"))
+    groups = output.get("groups")
+    if isinstance(groups, Mapping):
+        groups = _per_task(groups, "groups")
+    return StepOutput(loss, losses, predictions, labels, groups)
 
 
 def _scalar(value: Any, key: str) -> torch.Tensor:

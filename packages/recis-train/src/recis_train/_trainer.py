@@ -74,7 +74,8 @@ class Trainer:
 
     The model returns a scalar loss, or a dict with ``"loss"`` or ``"losses"`` (task -> loss),
     and optionally ``"weights"`` (task -> float), ``"predictions"`` / ``"labels"`` ((B,) tensors
-    or task -> (B,) tensors) and ``"groups"`` ((B,) ids for GAUC). Predictions are probabilities.
+    or task -> (B,) tensors) and ``"groups"`` ((B,) ids for GAUC, or task -> ids matching that
+    task's predictions). Predictions are probabilities.
 
     Under ``torchrun`` (``torch.distributed`` initialized with two or more ranks) it trains
     data-parallel: constructing it and every call of ``train``, ``evaluate``, ``save`` and
@@ -531,6 +532,7 @@ class Trainer:
         data = source() if callable(source) and not hasattr(source, "__iter__") else source
         metrics: dict[str, dict[str, Metric]] = {}
         sums: dict[str, float] = {}
+        task_rows: dict[str, float] = {}  # rows each task's loss is the mean over
         rows = 0
         was_training = self.model.training
         self.model.eval()
@@ -546,17 +548,27 @@ class Trainer:
                     sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
                     if len(out.losses) > 1 or "loss" not in out.losses:
                         for task, value in out.losses.items():
-                            sums[f"loss/{task}"] = (
-                                sums.get(f"loss/{task}", 0.0) + float(value.detach()) * n
-                            )
+                            # A task's loss is its mean over the rows it kept (all of them,
+                            # unless it leaves rows with unknown labels out): weigh it by those.
+                            kept = out.labels[task].numel() if task in out.labels else n
+                            key = f"loss/{task}"
+                            sums[key] = sums.get(key, 0.0) + float(value.detach()) * kept
+                            task_rows[key] = task_rows.get(key, 0) + kept
                     self._update_metrics(metrics, out)
         finally:
             self.model.train(was_training)
         if self.distributed is not None:
-            keys = sorted(sums)
-            total = self.distributed.reduce([rows] + [sums[k] for k in keys])
-            rows, sums = int(total[0]), dict(zip(keys, total[1:], strict=True))
-        results = {k: v / rows for k, v in sums.items()} if rows else {}
+            keys, tasks = sorted(sums), sorted(task_rows)
+            total = self.distributed.reduce(
+                [rows] + [sums[k] for k in keys] + [task_rows[k] for k in tasks]
+            )
+            rows, sums = int(total[0]), dict(zip(keys, total[1 : 1 + len(keys)], strict=True))
+            task_rows = dict(zip(tasks, total[1 + len(keys) :], strict=True))
+        results = (
+            {k: _mean(v, task_rows[k]) if k in task_rows else v / rows for k, v in sums.items()}
+            if rows
+            else {}
+        )
         for task, named in metrics.items():
             for name, metric in named.items():
                 results[f"{task}/{name}" if task else name] = metric.compute()
@@ -612,11 +624,13 @@ class Trainer:
             labels = out.labels[task]
             for name, metric in named.items():
                 if isinstance(metric, GAUC):
-                    if out.groups is None:
+                    groups = out.task_groups(task)
+                    if groups is None:
                         raise ConfigError(
                             f"metric {name!r} (GAUC) needs the model to return 'groups'"
+                            + (f" for task {task!r}" if isinstance(out.groups, dict) else "")
                         )
-                    metric.update(preds.float(), labels, groups=out.groups)
+                    metric.update(preds.float(), labels, groups=groups)
                 else:
                     metric.update(preds.float(), labels)  # type: ignore[attr-defined]
 
@@ -760,6 +774,8 @@ class Trainer:
         if trainer_state is not None:
             self._load_trainer(trainer_state, trainer_file)
             self._restored = True
+        # Gradients of a step cut short (e.g. by a bad batch) belong to no checkpoint.
+        self._zero_grad()
         _log.info("restored checkpoint %s (parts %s)", found, list(parts))
         return found
 
@@ -863,6 +879,11 @@ class Trainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._stopped_at_restore = bool(state.get("stopped", False))
         set_rng_state(own["rng"])
+
+
+def _mean(total: float, count: float) -> float:
+    """``total / count``, NaN for no rows (a task that kept no row of the evaluation)."""
+    return total / count if count else float("nan")
 
 
 def _rank_zero_only(hook: Hook) -> bool:

@@ -30,7 +30,8 @@ class ConfigError(RecisTrainError, ValueError):
 
 class LabelError(RecisTrainError, ValueError):
     """A batch's label column does not fit its task: not one label per row, or values the
-    task's loss does not accept (binary cross-entropy: outside ``[0, 1]``)."""
+    task's loss does not accept (binary cross-entropy: outside ``[0, 1]``); or the task's mask
+    is not one bool (or 0/1 number) per row."""
 
 
 class MetricInputError(RecisTrainError, ValueError):
