@@ -114,12 +114,21 @@ def feature_engine(seq_len: int | None = SEQ_LEN) -> rf.FeatureEngine:
     return rf.FeatureEngine(features)
 
 
-def constant_logloss(files: Sequence[Path], column: str) -> float:
-    """Log loss of always predicting the base rate of ``column`` (what a model must beat)."""
+def constant_logloss(files: Sequence[Path], column: str, *, where: str | None = None) -> float:
+    """Log loss of always predicting the base rate of ``column`` (what a model must beat).
+
+    With ``where``, only rows whose ``where`` column is nonzero count (a task trained with
+    ``Task(mask=where)``).
+    """
     positives = rows = 0.0
-    for batch in reader(files, 65_536, shuffle=False, labels=(column,), sequence=False):
+    labels_read = (column,) if where is None else (column, where)
+    for batch in reader(files, 65_536, shuffle=False, labels=labels_read, sequence=False):
         labels = batch[column]
         assert isinstance(labels, torch.Tensor)
+        if where is not None:
+            kept = batch[where]
+            assert isinstance(kept, torch.Tensor)
+            labels = labels[kept != 0]
         positives += float(labels.sum())
         rows += int(labels.shape[0])
     rate = positives / rows
