@@ -94,8 +94,9 @@ def signed64(x: int) -> int:
 # -- optional host emulation of the CUDA kernels -------------------------------------------------
 
 # Kernel sources that are plain grid-stride loops; each is launched by the op module of its name.
+# row_store's block pointer table holds the blocks' data pointers, host addresses for CPU blocks.
 EMULATED_KERNELS = ("mod", "hashing", "mix", "bucketize", "dense", "feature_cross", "truncate",
-                    "segment_reduce")  # fmt: skip
+                    "segment_reduce", "row_store")  # fmt: skip
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -107,49 +108,63 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+class HostKernels:
+    """The kernel sources compiled as host C++ (``$CXX``, default g++), each on first use."""
+
+    def __init__(self, out) -> None:
+        import shutil
+
+        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+        if cxx is None:
+            raise pytest.UsageError("host kernels need a C++ compiler (set CXX)")
+        self.cxx, self.out, self.libs = cxx, out, {}
+
+    def __getitem__(self, name: str):
+        import ctypes
+        import subprocess
+        from pathlib import Path
+
+        from recis_kernels._cuda import compiler
+
+        if name not in self.libs:
+            lib = self.out / f"lib{name}.so"
+            shim = Path(__file__).with_name("host_shim.h")
+            src = compiler._source_dir()
+            cmd = [self.cxx, "-x", "c++", "-std=c++17", "-O1", "-w", "-shared", "-fPIC", "-include",
+                   str(shim), "-I", str(src), str(src / f"{name}.cu"), "-o", str(lib)]  # fmt: skip
+            subprocess.run(cmd, check=True)
+            self.libs[name] = ctypes.CDLL(str(lib))
+        return self.libs[name]
+
+    def launch(self, module_name, kernel, grid, block, args, *, device, shared_mem=0):
+        """Stand-in for ``recis_kernels._cuda.launch`` running the kernel on CPU tensors."""
+        from recis_kernels._cuda.launcher import _CTYPES
+
+        fn = getattr(self[module_name], kernel)
+        fn.restype = None
+        fn.argtypes = [_CTYPES[kind] for kind, _ in args]
+        fn(*[v.data_ptr() if isinstance(v, torch.Tensor) else v for _, v in args])
+
+
 @pytest.fixture(scope="session")
-def _host_kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    import ctypes
-    import shutil
-    import subprocess
-    from pathlib import Path
+def _host_kernels(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
+    return HostKernels(tmp_path_factory.mktemp("host-kernels"))
 
-    from recis_kernels._cuda import compiler
 
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        raise pytest.UsageError("--emulate-kernels needs a C++ compiler (set CXX)")
-    out = tmp_path_factory.mktemp("host-kernels")
-    shim = Path(__file__).with_name("host_shim.h")
-    src = compiler._source_dir()
-    libs = {}
-    for name in EMULATED_KERNELS:
-        lib = out / f"lib{name}.so"
-        cmd = [cxx, "-x", "c++", "-std=c++17", "-O1", "-w", "-shared", "-fPIC", "-include", str(shim),
-               "-I", str(src), str(src / f"{name}.cu"), "-o", str(lib)]  # fmt: skip
-        subprocess.run(cmd, check=True)
-        libs[name] = ctypes.CDLL(str(lib))
-    return libs
+def use_host_kernels(kernels: HostKernels, monkeypatch: pytest.MonkeyPatch, modules) -> None:
+    """Send the ops of ``modules`` (names in EMULATED_KERNELS) through their kernels on CPU."""
+    import importlib
+
+    import recis_kernels._cuda as cuda_pkg
+
+    monkeypatch.setattr(cuda_pkg, "launch", kernels.launch)
+    for module in modules:
+        mod = importlib.import_module(f"recis_kernels.ops.{module}")
+        monkeypatch.setattr(mod, "use_cuda_kernels", lambda device: True)
 
 
 @pytest.fixture(autouse=True)
 def _emulate_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     if not request.config.getoption("--emulate-kernels"):
         return
-    import importlib
-
-    import recis_kernels._cuda as cuda_pkg
-    from recis_kernels._cuda.launcher import _CTYPES
-
-    libs = request.getfixturevalue("_host_kernels")
-
-    def host_launch(module_name, kernel, grid, block, args, *, device, shared_mem=0):
-        fn = getattr(libs[module_name], kernel)
-        fn.restype = None
-        fn.argtypes = [_CTYPES[kind] for kind, _ in args]
-        fn(*[v.data_ptr() if isinstance(v, torch.Tensor) else v for _, v in args])
-
-    monkeypatch.setattr(cuda_pkg, "launch", host_launch)
-    for module in EMULATED_KERNELS:
-        mod = importlib.import_module(f"recis_kernels.ops.{module}")
-        monkeypatch.setattr(mod, "use_cuda_kernels", lambda device: True)
+    use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, EMULATED_KERNELS)

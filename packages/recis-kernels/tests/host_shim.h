@@ -1,14 +1,25 @@
 // Compiles recis-kernels' CUDA sources as host C++ for --emulate-kernels: one "thread" with
 // gridDim = blockDim = 1 walks every iteration of each grid-stride loop in order. Valid for
-// kernels without shared memory, synchronization, atomics or warp intrinsics.
+// kernels without shared memory, synchronization or warp intrinsics; atomicCAS is the plain
+// compare-and-swap of that single thread.
 #pragma once
 #include <cmath>
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 struct recis_dim3 {
   unsigned x, y, z;
 };
 static const recis_dim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0};
 static const recis_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare,
+                                    unsigned long long value) {
+  const unsigned long long old = *p;
+  if (old == compare) *p = value;
+  return old;
+}
 using std::sqrt;

@@ -24,6 +24,7 @@ from recis_kernels.ops import (
     hashing,
     mix,
     mod,
+    row_store,
     segment_reduce,
     truncate,
 )
@@ -156,6 +157,16 @@ def test_segment_reduce_launches(checker, dtype, mode):
     assert checker.launched == [f"segment_reduce_fwd_{suffix}", f"segment_reduce_bwd_{suffix}"] * 2
 
 
+@pytest.mark.parametrize("width", [4, 3])
+def test_row_store_launches(checker, monkeypatch, width):
+    monkeypatch.setattr(row_store, "use_cuda_kernels", lambda device: True)
+    store = rk.RowStore(width, block_rows=4)
+    store.reserve(5)
+    store.gather(torch.tensor([1, 4]))
+    store.scatter(torch.tensor([1, 4]), torch.ones(2, width))
+    assert checker.launched == ["gather_rows", "scatter_rows"]
+
+
 def test_every_kernel_is_launched_somewhere():
     """Guard against a kernel with no launch site (dead code that is never checked)."""
     launched_by_ops = {
@@ -174,6 +185,7 @@ def test_every_kernel_is_launched_somewhere():
         "segment_reduce": {
             f"segment_reduce_{d}_{t}" for d in ("fwd", "bwd") for t in ("f32", "f64")
         },
+        "row_store": {"gather_rows", "scatter_rows"},
     }
     for name, kernels in launched_by_ops.items():
         assert set(ptx_signatures(name)) == kernels

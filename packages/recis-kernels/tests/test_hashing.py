@@ -139,6 +139,11 @@ def test_hash_errors():
     ):
         rk.hash_bytes(data.to(torch.int8), offsets)
     with pytest.raises(ValueError, match=r"offsets must start at 0.*end at len\(data\) = 2"):
+        rk.hash_bytes(data, torch.tensor([0, 1]))
+    with pytest.raises(
+        rk.IndexOutOfRangeError,
+        match=r"hash_bytes: offsets\[1\] = 3 is out of range, expected a value in \[0, 2\]",
+    ):
         rk.hash_bytes(data, torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="expected a sequence of strings, got a single str"):
         rk.hash_strings("abc")

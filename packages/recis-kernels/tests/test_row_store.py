@@ -105,12 +105,13 @@ def test_rows_outside_the_store_are_rejected() -> None:
     store = RowStore(2, block_rows=4)
     store.reserve(12)  # 3 blocks
     before = store.gather(torch.arange(12)).clone()
-    for bad in ([0, 12], [-1, 3], [5, 4 * 256 + 1]):
+    for bad, pos in (([0, 12], 1), ([-1, 3], 0), ([5, 4 * 256 + 1], 1)):
         rows = torch.tensor(bad)
-        with pytest.raises(IndexError, match=r"rows must lie in \[0, 12\)"):
+        msg = rf"rows\[{pos}\] = {bad[pos]} is out of range, expected a value in \[0, 11\]"
+        with pytest.raises(IndexError, match="RowStore.gather: " + msg):
             store.gather(rows)
-        with pytest.raises(IndexError, match=r"rows must lie in \[0, 12\)"):
+        with pytest.raises(IndexError, match="RowStore.scatter: " + msg):
             store.scatter(rows, torch.ones(2, 2))
-        with pytest.raises(IndexError, match=r"rows must lie in \[0, 12\)"):
+        with pytest.raises(IndexError, match="RowStore.update: " + msg):
             store.update(rows, lambda cur, which: cur + 1)
     assert torch.equal(store.gather(torch.arange(12)), before)

@@ -8,9 +8,11 @@ from recis_kernels._cuda.compiler import (
     compile_kernel,
     kernel_names,
 )
+from recis_kernels._cuda.index_errors import check_index_errors
 from recis_kernels.exceptions import (
     BackendError,
     CudaUnavailableError,
+    IndexOutOfRangeError,
     KernelCompileError,
     KernelLaunchError,
     RaggedError,
@@ -49,6 +51,7 @@ __all__ = [
     "CudaUnavailableError",
     "IdMap",
     "IdMapExport",
+    "IndexOutOfRangeError",
     "KernelCompileError",
     "KernelLaunchError",
     "PartitionResult",
@@ -67,6 +70,7 @@ __all__ = [
     "backend",
     "bucketize",
     "cache_dir",
+    "check_index_errors",
     "compile_all",
     "compile_kernel",
     "cuda_python_available",

@@ -7,17 +7,24 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import torch
 
-from recis_kernels.exceptions import ShapeError, UnsupportedDeviceError, UnsupportedDtypeError
+from recis_kernels.exceptions import (
+    IndexOutOfRangeError,
+    ShapeError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+)
 
 __all__ = [
     "can_inspect",
     "check_1d",
     "check_dtype",
+    "check_index_range",
     "check_same_device",
     "check_tensor",
     "common_device",
     "flat_nonzero",
     "grid_for",
+    "index_error",
     "masked_rows",
 ]
 
@@ -52,6 +59,28 @@ def masked_rows(t: torch.Tensor, keep: torch.Tensor | np.ndarray) -> torch.Tenso
             except TypeError:  # bfloat16 and other dtypes NumPy lacks
                 pass
     return t[torch.from_numpy(keep).to(t.device) if isinstance(keep, np.ndarray) else keep]
+
+
+def index_error(
+    op: str, name: str, pos: int, value: int, low: int, high: int
+) -> IndexOutOfRangeError:
+    """The error for ``name[pos] = value`` outside ``[low, high)``; the kernels' device-side
+    checks report theirs with the same message."""
+    return IndexOutOfRangeError(
+        f"{op}: {name}[{pos}] = {value} is out of range, expected a value in [{low}, {high - 1}]"
+    )
+
+
+def check_index_range(op: str, name: str, index: torch.Tensor, low: int, high: int) -> None:
+    """Raise :func:`index_error` for the first entry of host int64 ``index`` outside
+    ``[low, high)``; two reductions when every entry is in range."""
+    if not index.numel():
+        return
+    values = index.numpy()
+    if int(values.min()) >= low and int(values.max()) < high:
+        return
+    pos = int(np.flatnonzero((values < low) | (values >= high))[0])
+    raise index_error(op, name, pos, int(values[pos]), low, high)
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "CudaUnavailableError",
+    "IndexOutOfRangeError",
     "KernelCompileError",
     "KernelLaunchError",
     "RaggedError",
@@ -29,6 +30,16 @@ class RaggedError(RecisKernelsError, ValueError):
 
 class ShapeError(RecisKernelsError, ValueError):
     """A tensor argument has the wrong number of dimensions or mismatched lengths."""
+
+
+class IndexOutOfRangeError(RecisKernelsError, IndexError, ValueError):
+    """An index or offset argument addresses memory outside what it indexes (a row past a
+    store's capacity, offsets past the values). The message names the op, the argument, the
+    position and the value. On CUDA the kernels detect it and the error is raised where the
+    package next reads the device, or by :func:`recis_kernels.check_index_errors`.
+
+    It is an ``IndexError``, and a ``ValueError`` like the other malformed-argument errors
+    (offsets were reported as ``ValueError`` before they were checked by position)."""
 
 
 class UnsupportedDtypeError(RecisKernelsError, TypeError):

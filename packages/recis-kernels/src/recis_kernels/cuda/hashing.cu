@@ -161,12 +161,20 @@ __device__ u64 murmur64a(const u8* s, u64 len) {
   return h;
 }
 
-// algorithm: 0 = farm, 1 = murmur. buckets > 0 takes the unsigned remainder.
-extern "C" __global__ void hash_bytes(const u8* data, const i64* offsets, i64 num_strings,
-                                      int algorithm, i64 buckets, i64* out) {
+// algorithm: 0 = farm, 1 = murmur. buckets > 0 takes the unsigned remainder. String i is
+// data[offsets[i] : offsets[i + 1]] of num_bytes; a string whose offsets are not
+// 0 <= offsets[i] <= offsets[i + 1] <= num_bytes is reported (argument 0, "offsets") and hashes
+// to 0 without reading data.
+extern "C" __global__ void hash_bytes(const u8* data, i64 num_bytes, const i64* offsets,
+                                      i64 num_strings, int algorithm, i64 buckets, i64* out,
+                                      RECIS_ERR_PARAMS) {
   RECIS_GRID_STRIDE(i, num_strings) {
-    const i64 start = offsets[i];
-    const u64 len = (u64)(offsets[i + 1] - start);
+    const i64 start = offsets[i], end = offsets[i + 1];
+    if (!recis_row_in_range(err, err_site, 0, i, start, end, num_bytes)) {
+      out[i] = 0;
+      continue;
+    }
+    const u64 len = (u64)(end - start);
     u64 h = algorithm == 0 ? farm_fingerprint64(data + start, len) : murmur64a(data + start, len);
     out[i] = buckets > 0 ? (i64)(h % (u64)buckets) : (i64)h;
   }

@@ -37,3 +37,52 @@ __device__ __forceinline__ i64 recis_find_row(const i64* offsets, i64 nrows, i64
   }
   return lo;
 }
+
+// Range checks of index and offset inputs.
+//
+// On CUDA the ops do not read index inputs on the host before a launch (that would synchronize
+// every call), so each kernel checks, where it uses an input value to address memory, that the
+// value lies in [lo, hi). A bad value is never dereferenced: the access is skipped (a gather
+// writes zeros) and the first bad value since the last check is recorded in the device's error
+// buffer `err` (RECIS_ERR_WORDS int64: claim, site, argument, position, value, lo, hi), which
+// the Python side reads where an op synchronizes anyway and raises IndexOutOfRangeError naming
+// the op, the argument, the position and the value (see recis_kernels/_cuda/index_errors.py).
+//
+// This rather than a device-side trap/assert: a trap kills the CUDA context (every later call of
+// the process fails, in unrelated code too, and the process must restart) and says only
+// "device-side assert triggered"; the buffer keeps the context usable, names what was wrong,
+// and costs nothing on the fast path beyond one unsigned compare against a bound held in a
+// register (the failure path is out of line). `site` is the launch site's id from Python, `arg`
+// the position of the checked argument in that site's argument names.
+#define RECIS_ERR_WORDS 8
+
+__device__ __noinline__ void recis_report_index(i64* err, i64 site, int arg, i64 pos, i64 value,
+                                                i64 lo, i64 hi) {
+  if (atomicCAS((u64*)err, 0ULL, 1ULL) == 0ULL) {
+    err[1] = site;
+    err[2] = arg;
+    err[3] = pos;
+    err[4] = value;
+    err[5] = lo;
+    err[6] = hi;
+  }
+}
+
+// Whether lo <= value < hi; when not, records (site, arg, pos, value, lo, hi) in err.
+__device__ __forceinline__ bool recis_in_range(i64* err, i64 site, int arg, i64 pos, i64 value,
+                                               i64 lo, i64 hi) {
+  if ((u64)value - (u64)lo < (u64)hi - (u64)lo) return true;
+  recis_report_index(err, site, arg, pos, value, lo, hi);
+  return false;
+}
+
+// Whether 0 <= start <= end <= bound for the row split by offsets[b] = start and
+// offsets[b + 1] = end (offsets addressing `bound` elements); reports the first bad entry.
+__device__ __forceinline__ bool recis_row_in_range(i64* err, i64 site, int arg, i64 b, i64 start,
+                                                   i64 end, i64 bound) {
+  return recis_in_range(err, site, arg, b, start, 0, bound + 1) &&
+         recis_in_range(err, site, arg, b + 1, end, start, bound + 1);
+}
+
+// The arguments every checked kernel takes last, after its own.
+#define RECIS_ERR_PARAMS i64 *err, i64 err_site

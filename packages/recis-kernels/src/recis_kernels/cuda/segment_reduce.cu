@@ -3,7 +3,9 @@
 // Pooling of ragged row segments. mode: 0 sum, 1 mean (sum w e / sum w), 2 sqrtn
 // (sum w e / sqrt(sum w^2)), 3 tile (first T rows of each segment, zero padded).
 // weights may be null (every weight 1). One thread per (segment, column): consecutive threads
-// read consecutive columns of the same row, so loads coalesce.
+// read consecutive columns of the same row, so loads coalesce. N is the number of rows of the
+// (N, D) rows (forward) or grad_rows (backward) array; a segment whose offsets are not
+// 0 <= off[b] <= off[b + 1] <= N is reported (argument 0, "offsets") and treated as empty.
 
 template <typename T>
 __device__ __forceinline__ T seg_scale(const float* w, i64 start, i64 end, int mode) {
@@ -18,11 +20,12 @@ __device__ __forceinline__ T seg_scale(const float* w, i64 start, i64 end, int m
 }
 
 template <typename T>
-__device__ void pooled_fwd(const T* rows, const i64* off, const float* w, i64 B, i64 D, int mode,
-                           T* out) {
+__device__ void pooled_fwd(const T* rows, i64 N, const i64* off, const float* w, i64 B, i64 D,
+                           int mode, T* out, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * D) {
     const i64 b = j / D, d = j % D;
-    const i64 start = off[b], end = off[b + 1];
+    i64 start = off[b], end = off[b + 1];
+    if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
     T acc = 0;
     for (i64 i = start; i < end; ++i) acc += (w ? (T)w[i] : T(1)) * rows[i * D + d];
     out[j] = acc * seg_scale<T>(w, start, end, mode);
@@ -30,21 +33,24 @@ __device__ void pooled_fwd(const T* rows, const i64* off, const float* w, i64 B,
 }
 
 template <typename T>
-__device__ void tile_fwd(const T* rows, const i64* off, const float* w, i64 B, i64 D, i64 L,
-                         T* out) {
+__device__ void tile_fwd(const T* rows, i64 N, const i64* off, const float* w, i64 B, i64 D, i64 L,
+                         T* out, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * L * D) {
     const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
-    const i64 i = off[b] + t;
-    out[j] = i < off[b + 1] ? (w ? (T)w[i] : T(1)) * rows[i * D + d] : T(0);
+    i64 start = off[b], end = off[b + 1];
+    if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
+    const i64 i = start + t;
+    out[j] = i < end ? (w ? (T)w[i] : T(1)) * rows[i * D + d] : T(0);
   }
 }
 
 template <typename T>
-__device__ void pooled_bwd(const T* grad, const i64* off, const float* w, i64 B, i64 D, int mode,
-                           T* grad_rows) {
+__device__ void pooled_bwd(const T* grad, i64 N, const i64* off, const float* w, i64 B, i64 D,
+                           int mode, T* grad_rows, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * D) {
     const i64 b = j / D, d = j % D;
-    const i64 start = off[b], end = off[b + 1];
+    i64 start = off[b], end = off[b + 1];
+    if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
     const T g = grad[j] * seg_scale<T>(w, start, end, mode);
     for (i64 i = start; i < end; ++i) grad_rows[i * D + d] = (w ? (T)w[i] : T(1)) * g;
   }
@@ -52,27 +58,30 @@ __device__ void pooled_bwd(const T* grad, const i64* off, const float* w, i64 B,
 
 // grad_rows must be zeroed: rows past the first L of a segment receive no gradient.
 template <typename T>
-__device__ void tile_bwd(const T* grad, const i64* off, const float* w, i64 B, i64 D, i64 L,
-                         T* grad_rows) {
+__device__ void tile_bwd(const T* grad, i64 N, const i64* off, const float* w, i64 B, i64 D, i64 L,
+                         T* grad_rows, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * L * D) {
     const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
-    const i64 i = off[b] + t;
-    if (i < off[b + 1]) grad_rows[i * D + d] = (w ? (T)w[i] : T(1)) * grad[j];
+    i64 start = off[b], end = off[b + 1];
+    if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
+    const i64 i = start + t;
+    if (i < end) grad_rows[i * D + d] = (w ? (T)w[i] : T(1)) * grad[j];
   }
 }
 
 #define RECIS_SEGMENT_KERNELS(T, SUFFIX)                                                        \
-  extern "C" __global__ void segment_reduce_fwd_##SUFFIX(const T* rows, const i64* off,         \
+  extern "C" __global__ void segment_reduce_fwd_##SUFFIX(const T* rows, i64 N, const i64* off,  \
                                                          const float* w, i64 B, i64 D, int mode, \
-                                                         i64 L, T* out) {                       \
-    if (mode == 3) tile_fwd<T>(rows, off, w, B, D, L, out);                                     \
-    else pooled_fwd<T>(rows, off, w, B, D, mode, out);                                          \
+                                                         i64 L, T* out, RECIS_ERR_PARAMS) {     \
+    if (mode == 3) tile_fwd<T>(rows, N, off, w, B, D, L, out, err, err_site);                   \
+    else pooled_fwd<T>(rows, N, off, w, B, D, mode, out, err, err_site);                        \
   }                                                                                             \
-  extern "C" __global__ void segment_reduce_bwd_##SUFFIX(const T* grad, const i64* off,         \
+  extern "C" __global__ void segment_reduce_bwd_##SUFFIX(const T* grad, i64 N, const i64* off,  \
                                                          const float* w, i64 B, i64 D, int mode, \
-                                                         i64 L, T* grad_rows) {                 \
-    if (mode == 3) tile_bwd<T>(grad, off, w, B, D, L, grad_rows);                               \
-    else pooled_bwd<T>(grad, off, w, B, D, mode, grad_rows);                                    \
+                                                         i64 L, T* grad_rows,                   \
+                                                         RECIS_ERR_PARAMS) {                    \
+    if (mode == 3) tile_bwd<T>(grad, N, off, w, B, D, L, grad_rows, err, err_site);             \
+    else pooled_bwd<T>(grad, N, off, w, B, D, mode, grad_rows, err, err_site);                  \
   }
 
 RECIS_SEGMENT_KERNELS(float, f32)

@@ -161,7 +161,7 @@ def _rows_below(offsets: list[torch.Tensor], level: int, n: int) -> int:
 
 
 def _ragged_to_dense_cuda(values, offsets, pad, dims):
-    from recis_kernels._cuda import launch
+    from recis_kernels._cuda import index_errors, launch
 
     batch = offsets[0].numel() - 1
     size = values.element_size()
@@ -172,19 +172,21 @@ def _ragged_to_dense_cuda(values, offsets, pad, dims):
     out = torch.empty((batch, *dims, *values.shape[1:]), dtype=values.dtype, device=values.device)
     words = (values.view(word_dtype), pad.reshape(1).view(word_dtype), out.view(word_dtype))
     total = out.numel()
+    nvalues = values.shape[0]
+    device = values.device
     if len(offsets) == 1:
-        args = [("ptr", words[0]), ("ptr", offsets[0]), ("ptr", words[1]), ("i64", batch),
-                ("i64", dims[0]), ("i64", inner), ("ptr", words[2])]  # fmt: skip
-        launch(
-            "dense", f"ragged_to_dense2_{suffix}", grid_for(total), 256, args, device=values.device
-        )
+        args = [("ptr", words[0]), ("i64", nvalues), ("ptr", offsets[0]), ("ptr", words[1]),
+                ("i64", batch), ("i64", dims[0]), ("i64", inner), ("ptr", words[2]),
+                *index_errors.error_args(device, "ragged_to_dense", ("offsets",))]  # fmt: skip
+        launch("dense", f"ragged_to_dense2_{suffix}", grid_for(total), 256, args, device=device)
     else:
-        args = [("ptr", words[0]), ("ptr", offsets[0]), ("ptr", offsets[1]), ("ptr", words[1]),
+        args = [("ptr", words[0]), ("i64", nvalues), ("ptr", offsets[0]),
+                ("i64", offsets[1].numel() - 1), ("ptr", offsets[1]), ("ptr", words[1]),
                 ("i64", batch), ("i64", dims[0]), ("i64", dims[1]), ("i64", inner),
-                ("ptr", words[2])]  # fmt: skip
-        launch(
-            "dense", f"ragged_to_dense3_{suffix}", grid_for(total), 256, args, device=values.device
-        )
+                ("ptr", words[2]),
+                *index_errors.error_args(device, "ragged_to_dense", ("offsets[0]", "offsets[1]"))]  # fmt: skip
+        launch("dense", f"ragged_to_dense3_{suffix}", grid_for(total), 256, args, device=device)
+    index_errors.after_launch(device)
     return out
 
 
@@ -274,24 +276,33 @@ def _dense_to_ragged_cpu(dense: torch.Tensor, offsets: list[torch.Tensor]) -> to
 
 
 def _dense_to_ragged_cuda(dense: torch.Tensor, offsets: list[torch.Tensor]) -> torch.Tensor:
-    from recis_kernels._cuda import launch
+    from recis_kernels._cuda import index_errors, launch
 
     word_dtype, suffix = _WORDS[dense.element_size()]
-    total = int(offsets[-1][-1])
+    total = index_errors.host_int(offsets[-1][-1])
+    if total < 0:
+        raise RaggedError(f"dense_to_ragged: lengths must be >= 0, got a total length of {total}")
     out = torch.empty(total, dtype=dense.dtype, device=dense.device)
     if total == 0:
         return out
     src, dst = dense.view(word_dtype), out.view(word_dtype)
     batch = dense.shape[0]
+    # Offsets are running sums of the lengths, which a device check would have to synchronize
+    # for; a negative or too long length is caught by the kernel, as a bad offset.
+    device = dense.device
     if len(offsets) == 1:
         args = [("ptr", src), ("ptr", offsets[0]), ("i64", batch), ("i64", dense.shape[1]),
-                ("ptr", dst)]  # fmt: skip
+                ("i64", total), ("ptr", dst),
+                *index_errors.error_args(device, "dense_to_ragged", ("offsets",))]  # fmt: skip
         name = f"dense_to_ragged2_{suffix}"
     else:
-        args = [("ptr", src), ("ptr", offsets[0]), ("ptr", offsets[1]), ("i64", batch),
-                ("i64", dense.shape[1]), ("i64", dense.shape[2]), ("ptr", dst)]  # fmt: skip
+        args = [("ptr", src), ("ptr", offsets[0]), ("i64", offsets[1].numel() - 1),
+                ("ptr", offsets[1]), ("i64", batch), ("i64", dense.shape[1]),
+                ("i64", dense.shape[2]), ("i64", total), ("ptr", dst),
+                *index_errors.error_args(device, "dense_to_ragged", ("offsets[0]", "offsets[1]"))]  # fmt: skip
         name = f"dense_to_ragged3_{suffix}"
-    launch("dense", name, grid_for(dense.numel()), 256, args, device=dense.device)
+    launch("dense", name, grid_for(dense.numel()), 256, args, device=device)
+    index_errors.after_launch(device)
     return out
 
 

@@ -297,16 +297,20 @@ def _one_per_row(offsets: torch.Tensor) -> bool:
 
 
 def _cross_cuda(av, ao, aw, bv, bo, bw):
-    from recis_kernels._cuda import launch
+    from recis_kernels._cuda import index_errors, launch
 
     *_, out_off = _cross_layout(ao, bo)
-    total = int(out_off[-1])
-    out_v = torch.empty(total, dtype=torch.int64, device=av.device)
-    out_w = torch.empty(total, dtype=torch.float32, device=av.device)
+    device = av.device
+    total = index_errors.host_int(out_off[-1])
+    out_v = torch.empty(total, dtype=torch.int64, device=device)
+    out_w = torch.empty(total, dtype=torch.float32, device=device)
     rows = ao.numel() - 1
-    args = [("ptr", av), ("ptr", ao), ("ptr", aw), ("ptr", bv), ("ptr", bo), ("ptr", bw),
-            ("ptr", out_off), ("i64", rows), ("i64", total), ("ptr", out_v), ("ptr", out_w)]  # fmt: skip
-    launch("feature_cross", "feature_cross", grid_for(total), 256, args, device=av.device)
+    args = [("ptr", av), ("i64", av.numel()), ("ptr", ao), ("ptr", aw), ("ptr", bv),
+            ("i64", bv.numel()), ("ptr", bo), ("ptr", bw), ("ptr", out_off), ("i64", rows),
+            ("i64", total), ("ptr", out_v), ("ptr", out_w),
+            *index_errors.error_args(device, "feature_cross", ("a offsets", "b offsets"))]  # fmt: skip
+    launch("feature_cross", "feature_cross", grid_for(total), 256, args, device=device)
+    index_errors.after_launch(device)
     return out_v, out_off, out_w
 
 

@@ -24,9 +24,11 @@ from recis_kernels._checks import (
     can_inspect,
     check_1d,
     check_dtype,
+    check_index_range,
     check_same_device,
     check_tensor,
     grid_for,
+    index_error,
 )
 from recis_kernels.ops import _farm_host
 from recis_kernels.ops._farm import farm_fingerprint64, murmur64a
@@ -85,7 +87,15 @@ def hash_bytes(
 
 
 def _check_offsets(op: str, offsets: torch.Tensor, n: int) -> None:
-    if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):
+    # An offset outside [0, len(data)] or below the one before it would address bytes outside
+    # data: named by position, as the CUDA kernel names it.
+    check_index_range(op, "offsets", offsets, 0, n + 1)
+    off = offsets.numpy()
+    down = np.flatnonzero(off[1:] < off[:-1])
+    if down.size:
+        k = int(down[0]) + 1
+        raise index_error(op, "offsets", k, int(off[k]), int(off[k - 1]), n + 1)
+    if int(off[0]) != 0 or int(off[-1]) != n:
         raise ValueError(
             f"{op}: offsets must start at 0, be non-decreasing and end at len(data) = {n}, got "
             f"first {int(offsets[0])}, last {int(offsets[-1])}"
@@ -195,15 +205,19 @@ def _hash_bytes_cpu(data, offsets, algorithm, buckets):
 
 
 def _hash_bytes_cuda(data, offsets, algorithm, buckets):
-    from recis_kernels._cuda import launch
+    from recis_kernels._cuda import index_errors, launch
 
     n = offsets.numel() - 1
-    out = torch.empty(n, dtype=torch.int64, device=data.device)
-    if data.numel() == 0:
-        data = torch.zeros(1, dtype=torch.uint8, device=data.device)
-    args = [("ptr", data), ("ptr", offsets), ("i64", n), ("i32", _ALGORITHMS[algorithm]),
-            ("i64", buckets), ("ptr", out)]  # fmt: skip
-    launch("hashing", "hash_bytes", grid_for(n), 256, args, device=data.device)
+    device = data.device
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    num_bytes = data.numel()
+    if num_bytes == 0:
+        data = torch.zeros(1, dtype=torch.uint8, device=device)
+    args = [("ptr", data), ("i64", num_bytes), ("ptr", offsets), ("i64", n),
+            ("i32", _ALGORITHMS[algorithm]), ("i64", buckets), ("ptr", out),
+            *index_errors.error_args(device, "hash_bytes", ("offsets",))]  # fmt: skip
+    launch("hashing", "hash_bytes", grid_for(n), 256, args, device=device)
+    index_errors.after_launch(device)
     return out
 
 

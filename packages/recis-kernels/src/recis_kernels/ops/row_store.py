@@ -7,6 +7,11 @@ rows stay valid. On CUDA (float32 rows) gathers and scatters are single launches
 ``cuda/row_store.cu`` that read the block pointer table on the device and move 16-byte
 ``float4`` groups when the row width and column range are multiples of 4; ``scatter_add``
 reduces duplicate rows first, so every row is written by exactly one thread (no atomics).
+
+Rows outside ``[0, capacity)`` raise :class:`~recis_kernels.IndexOutOfRangeError` naming the op,
+the position and the row. Host rows are checked before any work; the CUDA kernels check each
+row on the device, skip a bad one (a gather returns zeros for it) and record it, and the error
+is raised where the package next reads the device (see :func:`recis_kernels.check_index_errors`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,17 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import use_cuda_kernels
-from recis_kernels._checks import can_inspect, check_1d, check_dtype, check_tensor, grid_for
+from recis_kernels._checks import (
+    can_inspect,
+    check_1d,
+    check_dtype,
+    check_index_range,
+    check_tensor,
+    flat_nonzero,
+    grid_for,
+    index_error,
+)
+from recis_kernels._cuda import index_errors
 from recis_kernels.exceptions import ShapeError
 
 __all__ = ["RowStore"]
@@ -78,6 +93,16 @@ class RowStore:
         check_tensor(op, "rows", rows)
         check_dtype(op, "rows", rows, (torch.int64,))
         check_1d(op, "rows", rows)
+        if can_inspect(rows):
+            check_index_range(op, "rows", rows, 0, self.capacity)
+
+    def _check_device_rows(self, op: str, rows: torch.Tensor, low: int, high: int) -> None:
+        """Raise for device ``rows`` (whose least and greatest entries are ``low`` and
+        ``high``, already read) that leave ``[0, capacity)``, naming the first bad position."""
+        if rows.numel() and (low < 0 or high >= self.capacity):
+            bad = (rows < 0) | (rows >= self.capacity)
+            pos = int(flat_nonzero(bad)[0])
+            raise index_error(op, "rows", pos, int(rows[pos]), 0, self.capacity)
 
     def _columns(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.width if stop is None else stop
@@ -85,26 +110,24 @@ class RowStore:
             raise ShapeError(f"RowStore: columns [{start}, {stop}) outside a row of {self.width}")
         return start, stop
 
-    def _groups(self, rows: torch.Tensor):
+    def _groups(self, op: str, rows: torch.Tensor):
         """(block index, slice of the grouped order, offsets in the block) per block touched,
         and the grouped order: ``order`` lists positions in ``rows`` block by block (ascending
-        within a block), so block ``b``'s rows are ``rows[order[sl]]``."""
+        within a block), so block ``b``'s rows are ``rows[order[sl]]``. Host rows were
+        checked by :meth:`_check_rows`; device rows are checked here, where the counts are
+        read anyway."""
         blk = rows >> self.block_shift
         low = rows & (self.block_rows - 1)
         if can_inspect(rows) and len(self.blocks) <= 1 << 16:
             # NumPy sorts 8- and 16-bit keys stably by radix sort: one linear pass, several
             # times faster than torch's comparison sort or a comparison pass per block.
             wide = blk.numpy()
-            found = np.bincount(wide, minlength=len(self.blocks)) if wide.min() >= 0 else None
-            if found is None or found.size > len(self.blocks):
-                raise IndexError(
-                    f"RowStore: rows must lie in [0, {self.capacity}), got rows from "
-                    f"{int(rows.min())} to {int(rows.max())}"
-                )
-            counts = found.tolist()
+            counts = np.bincount(wide, minlength=len(self.blocks)).tolist()
             small = wide.astype(np.uint8 if len(self.blocks) <= 1 << 8 else np.uint16)
             order = torch.from_numpy(np.argsort(small, kind="stable"))
         else:
+            least, greatest = torch.stack(torch.aminmax(rows)).tolist()
+            self._check_device_rows(op, rows, least, greatest)
             counts = torch.bincount(blk, minlength=len(self.blocks)).tolist()
             order = torch.argsort(blk, stable=True)
         touched = [b for b, count in enumerate(counts) if count]
@@ -123,20 +146,23 @@ class RowStore:
             start: first column.
             stop: end column (default: the row width).
         """
-        self._check_rows("RowStore.gather", rows)
-        start, stop = self._columns(start, stop)
+        op = "RowStore.gather"
+        self._check_rows(op, rows)
+        return self._gather(op, rows, *self._columns(start, stop))
+
+    def _gather(self, op: str, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         out = torch.empty(rows.numel(), stop - start, dtype=self.dtype, device=self.device)
         if rows.numel() == 0:
             return out
         if self._kernel():
-            self._launch("gather_rows", rows, start, stop - start, out, None)
+            self._launch(op, "gather_rows", rows, start, stop - start, out, None)
             return out
         if len(self.blocks) == 1:
             torch.index_select(self._block(0, start, stop), 0, rows, out=out)
             return out
         # Gather block by block into consecutive slices, then put the rows back in the asked
         # order with one scatter.
-        groups, order = self._groups(rows)
+        groups, order = self._groups(op, rows)
         grouped = self._gather_grouped(groups, start, stop)
         out.index_copy_(0, order, grouped)
         return out
@@ -169,16 +195,17 @@ class RowStore:
             start: first column.
             stop: end column (default: the row width).
         """
-        self._check_rows("RowStore.update", rows)
+        op = "RowStore.update"
+        self._check_rows(op, rows)
         start, stop = self._columns(start, stop)
         if rows.numel() == 0:
             return
         whole = self._kernel() or len(self.blocks) == 1
         if whole:
             groups, which = [], None
-            current = self.gather(rows, start, stop)
+            current = self._gather(op, rows, start, stop)
         else:
-            groups, which = self._groups(rows)
+            groups, which = self._groups(op, rows)
             current = self._gather_grouped(groups, start, stop)
         new = fn(current, which)
         if not isinstance(new, torch.Tensor) or new.shape != current.shape:
@@ -187,7 +214,7 @@ class RowStore:
                 f"RowStore.update: fn returned {got}, expected shape {tuple(current.shape)}"
             )
         if whole:
-            self.scatter(rows, new, start)
+            self._scatter(op, rows, new, start, stop)
             return
         for b, sl, low in groups:
             self._block(b, start, stop).index_copy_(0, low, new[sl].to(self.dtype))
@@ -204,18 +231,24 @@ class RowStore:
             values: ``(N, W)`` with ``start + W <= width``, cast to the store dtype.
             start: first column written.
         """
-        self._check_rows("RowStore.scatter", rows)
-        stop = self._check_values("RowStore.scatter", rows, values, start)
+        op = "RowStore.scatter"
+        self._check_rows(op, rows)
+        stop = self._check_values(op, rows, values, start)
+        self._scatter(op, rows, values, start, stop)
+
+    def _scatter(
+        self, op: str, rows: torch.Tensor, values: torch.Tensor, start: int, stop: int
+    ) -> None:
         if self._kernel() and rows.numel():
             src = values.to(self.dtype).contiguous()
-            self._launch("scatter_rows", rows, start, stop - start, src, 0)
+            self._launch(op, "scatter_rows", rows, start, stop - start, src, 0)
             return
         if rows.numel() == 0:
             return
         if len(self.blocks) == 1:
             self._block(0, start, stop).index_copy_(0, rows, values.to(self.dtype))
             return
-        groups, order = self._groups(rows)
+        groups, order = self._groups(op, rows)
         grouped = values.index_select(0, order)
         for b, sl, low in groups:
             self._block(b, start, stop).index_copy_(0, low, grouped[sl].to(self.dtype))
@@ -230,13 +263,19 @@ class RowStore:
             values: ``(N, W)`` with ``start + W <= width``.
             start: first column updated.
         """
-        self._check_rows("RowStore.scatter_add", rows)
-        self._check_values("RowStore.scatter_add", rows, values, start)
+        op = "RowStore.scatter_add"
+        self._check_rows(op, rows)
+        stop = self._check_values(op, rows, values, start)
         uniq, inverse = torch.unique(rows, return_inverse=True)
+        if uniq.numel() and not can_inspect(rows):
+            # unique synchronized to size its output; its ends, read with the pending kernel
+            # errors, bound every row, so a bad row is named at its position in ``rows``.
+            least, greatest = index_errors.host_ints(torch.stack((uniq[0], uniq[-1])))
+            self._check_device_rows(op, rows, least, greatest)
         summed = torch.zeros(uniq.numel(), values.shape[1], dtype=values.dtype, device=self.device)
         summed.scatter_add_(0, inverse[:, None].expand(-1, values.shape[1]), values)
-        current = self.gather(uniq, start, start + values.shape[1])
-        self.scatter(uniq, current + summed.to(self.dtype), start)
+        current = self._gather(op, uniq, start, stop)
+        self._scatter(op, uniq, current + summed.to(self.dtype), start, stop)
 
     def _kernel(self) -> bool:
         return self.dtype == torch.float32 and use_cuda_kernels(self.device)
@@ -252,6 +291,7 @@ class RowStore:
 
     def _launch(
         self,
+        op: str,
         kernel: str,
         rows: torch.Tensor,
         start: int,
@@ -269,6 +309,7 @@ class RowStore:
             ("ptr", self._block_table()),
             ("i32", self.block_shift),
             ("i64", self.width),
+            ("i64", self.capacity),
             ("ptr", rows),
             ("i64", rows.numel()),
             ("i64", start),
@@ -276,7 +317,9 @@ class RowStore:
             ("i32", vec4),
         ]
         args += [("ptr", data)] if accumulate is None else [("i32", accumulate), ("ptr", data)]
+        args += index_errors.error_args(self.device, op, ("rows",))
         launch("row_store", kernel, grid_for(n), 256, args, device=self.device)
+        index_errors.after_launch(self.device)
 
     def _check_values(self, op: str, rows: torch.Tensor, values: torch.Tensor, start: int) -> int:
         check_tensor(op, "values", values)

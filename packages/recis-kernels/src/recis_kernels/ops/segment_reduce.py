@@ -162,14 +162,19 @@ def _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows):
 
 
 def _launch(direction, src, offsets, weights, mode, tile_len, d, out):
-    from recis_kernels._cuda import launch
+    from recis_kernels._cuda import index_errors, launch
 
     b = offsets.numel() - 1
     suffix = "f32" if src.dtype == torch.float32 else "f64"
     w = weights.to(torch.float32).contiguous() if weights is not None else 0
     total = b * d * (tile_len if mode == "tile" else 1)
-    args = [("ptr", src), ("ptr", offsets), ("ptr", w), ("i64", b), ("i64", d),
-            ("i32", _MODES[mode]), ("i64", tile_len), ("ptr", out)]  # fmt: skip
+    # The offsets split the rows of the (N, D) array on the row side: the input forward, the
+    # gradient output backward.
+    num_rows = (src if direction == "fwd" else out).shape[0]
+    op = "segment_reduce" if direction == "fwd" else "segment_reduce (backward)"
+    args = [("ptr", src), ("i64", num_rows), ("ptr", offsets), ("ptr", w), ("i64", b),
+            ("i64", d), ("i32", _MODES[mode]), ("i64", tile_len), ("ptr", out),
+            *index_errors.error_args(src.device, op, ("offsets",))]  # fmt: skip
     launch(
         "segment_reduce",
         f"segment_reduce_{direction}_{suffix}",
@@ -178,6 +183,7 @@ def _launch(direction, src, offsets, weights, mode, tile_len, d, out):
         args,
         device=src.device,
     )
+    index_errors.after_launch(src.device)
 
 
 def _kernel_ok(t: torch.Tensor, weights) -> bool:

@@ -307,12 +307,14 @@ def _truncate_index_numpy(offsets, row_max, row_tail):
 
 
 def _truncate_index_cuda(offsets, row_max, row_tail):
-    from recis_kernels._cuda import launch
+    from recis_kernels._cuda import index_errors, launch
 
     kept = torch.minimum(offsets.diff(), row_max)
     new_off = torch.zeros_like(offsets)
     torch.cumsum(kept, 0, out=new_off[1:])
-    total = int(new_off[-1])
+    # The kernel reads no memory through input values (its index feeds torch's checked
+    # gathers); the read of the total also raises what earlier kernels recorded.
+    total = index_errors.host_int(new_off[-1])
     index = torch.empty(total, dtype=torch.int64, device=offsets.device)
     tail = row_tail.to(torch.uint8)
     args = [
