@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from recis_io import Dataset, ForkedReaderError
+from recis_io import Batch, Column, Dataset, ForkedReaderError, Ragged
 
 from .conftest import write_ids
 
@@ -184,3 +184,68 @@ def test_set_epoch_reaches_persistent_workers(files, context: str) -> None:
     assert persistent == epochs(False)
     assert persistent[0] != persistent[1]
     assert sorted(persistent[0]) == sorted(persistent[1])
+
+
+def _can_pin() -> bool:
+    try:
+        torch.empty(1).pin_memory()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ragged_batch(tmp_path) -> Batch:
+    import pyarrow as pa
+
+    from .conftest import write
+
+    rows = [[1, 2], [], [3], None, [4, 5, 6]]
+    table = pa.table({"h": pa.array(rows, pa.list_(pa.int64())), "s": ["a", "bc", "", "d", "e"]})
+    path = write(table, tmp_path / "r.parquet", "parquet", 5)
+    return next(iter(Dataset(path, batch_size=5, columns=["h", Column("s", fill="")])))
+
+
+def _same(a: Ragged, b: Ragged) -> bool:
+    return (
+        a.values.tolist() == b.values.tolist()
+        and len(a.offsets) == len(b.offsets)
+        and all(x.tolist() == y.tolist() for x, y in zip(a.offsets, b.offsets, strict=True))
+    )
+
+
+def test_ragged_columns_pin_like_tensors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DataLoader(pin_memory=True)`` pins what it finds through each object's own
+    ``pin_memory()``: a ragged column (in a batch, or in a dict a collate function made) pins
+    its tensors and stays a ``Ragged``; without CUDA it raises what a tensor raises."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = _ragged_batch(tmp_path)
+    col = batch["h"]
+    assert not col.is_pinned()
+    assert not batch.is_pinned()
+    if not _can_pin():
+        with pytest.raises(RuntimeError) as plain:
+            torch.empty(1).pin_memory()
+        with pytest.raises(type(plain.value)):
+            col.pin_memory()
+        # What torch does where it can pin, copying into page-locked memory, stood in for by a
+        # copy that records what it pinned, to check what a ragged column pins and returns.
+        pinned: set[int] = set()
+
+        def fake_pin(self: torch.Tensor, *args: object) -> torch.Tensor:
+            out = self.clone()
+            pinned.add(out.data_ptr())
+            return out
+
+        monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.data_ptr() in pinned)
+    for name in ("h", "s"):
+        got = pin_memory({name: batch[name]})[name]
+        assert type(got) is Ragged
+        assert got.is_pinned()
+        assert _same(got, batch[name])
+        assert got.pin_memory() is got  # pinned already: no second copy
+    whole = pin_memory(batch)
+    assert type(whole) is Batch
+    assert whole.is_pinned()
+    assert _same(whole["h"], col)

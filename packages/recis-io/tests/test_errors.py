@@ -165,6 +165,24 @@ def test_corrupt_orc_stripe_is_corrupt_not_a_panic(tmp_path, shuffle: bool) -> N
         list(ds)
 
 
+def test_caught_decoder_panics_print_nothing(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A decoder panic that becomes a CorruptFileError (on opening or on a decode thread) is
+    reported once, in the error, not also as a Rust panic message on stderr."""
+    footer = write(ids_table(500), tmp_path / "f.orc", "orc", 100)
+    meta = orc.ORCFile(footer)
+    at = meta.file_length - 1 - meta.file_postscript_length - meta.file_footer_length
+    _zeroed(footer, at, 8)
+    stripe = _zeroed(write(ids_table(500), tmp_path / "s.orc", "orc", 100), 100, 40)
+    capfd.readouterr()
+    with pytest.raises(CorruptFileError, match=r"f\.orc: the decoder failed: \S"):
+        Dataset(footer, batch_size=64)
+    with pytest.raises(CorruptFileError, match=r"s\.orc, stripe 0: the decoder failed: \S"):
+        list(Dataset(stripe, batch_size=64, num_threads=2))
+    err = capfd.readouterr().err
+    assert "panicked" not in err, err
+    assert "RUST_BACKTRACE" not in err, err
+
+
 def test_orc_footer_with_looping_types_is_corrupt(tmp_path) -> None:
     """A footer whose list type names itself as its element would send the ORC schema parser
     into endless recursion (a stack overflow that kills the process); it is a corrupt file."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from recis_io import Column, Dataset, SchemaError
-from recis_io.exceptions import DataFileNotFoundError
+from recis_io.exceptions import DataFileNotFoundError, InvalidArgumentError
 
 from .conftest import write
 
@@ -211,3 +211,37 @@ def test_existing_file_with_glob_characters_is_that_file(tmp_path: Path) -> None
     assert read_ids(Dataset(named, batch_size=4)) == [0, 1]
     # As a pattern the brackets are a character class.
     assert read_ids(Dataset(str(tmp_path / "part[0-9].parquet"), batch_size=4)) == [5]
+
+
+def test_a_file_reached_twice_is_refused_naming_it_and_both_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a file twice per epoch would break exactly-once reading: a file that two
+    entries of ``paths`` reach is an error naming the file and both entries."""
+    data = tmp_path / "data"
+    data.mkdir()
+    a = write(ids(0, 5), data / "a.parquet", "parquet", 5)
+    write(ids(5, 9), data / "b.parquet", "parquet", 5)
+    monkeypatch.chdir(data)
+    cases = [
+        ([data, a], [repr(str(data)), repr(str(a))]),  # a directory and a file inside it
+        ([a, a], [repr(str(a))]),  # one file twice
+        ([str(data / "*.parquet"), str(data / "a*")], ["*.parquet", "a*"]),  # two globs
+        (["a.parquet", "./a.parquet"], ["'a.parquet'", "'./a.parquet'"]),  # relative spellings
+        ([a, tmp_path / "data" / ".." / "data" / "a.parquet"], [repr(str(a))]),
+    ]
+    for paths, entries in cases:
+        with pytest.raises(InvalidArgumentError, match="twice") as info:
+            Dataset(paths, batch_size=4)
+        message = str(info.value)
+        assert str(a.resolve()) in message, message
+        for entry in entries:
+            assert entry in message, message
+    # A link to a file reaches that file too.
+    link = tmp_path / "link.parquet"
+    link.symlink_to(a)
+    with pytest.raises(InvalidArgumentError, match=r"twice, .*link\.parquet"):
+        Dataset([a, link], batch_size=4)
+    # Distinct files, in whatever spelling, still read every row once.
+    ds = Dataset(["./a.parquet", str(data / "b*")], batch_size=4)
+    assert sorted(read_ids(ds)) == list(range(9))

@@ -113,3 +113,55 @@ def test_brotli_parquet_reads(tmp_path) -> None:
     assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "BROTLI"
     got = [b["x"] for b in Dataset(path, batch_size=256, columns=["x", "s"])]
     assert torch.cat(got).tolist() == list(range(1000))
+
+
+def test_dictionary_number_columns_read_as_their_values(tmp_path) -> None:
+    """Numbers stored dictionary-encoded (``dictionary_encode()`` on ints or floats, kept as
+    such in the file's Arrow schema) read as the plain values pyarrow decodes. ORC has no
+    dictionary encoding of numbers, and pyarrow refuses to write one there."""
+    n = 300
+    ints = [None if i % 7 == 3 else (i % 5) * 1000 - 2000 for i in range(n)]
+    floats = [None if i % 11 == 0 else (i % 3) / 4 for i in range(n)]
+    lists = [None if i % 9 == 0 else [i % 4] * (i % 3) for i in range(n)]
+    table = pa.table(
+        {
+            "i64": pa.array(ints, pa.int64()).dictionary_encode(),
+            "f64": pa.array(floats, pa.float64()).dictionary_encode(),
+            "i8": pa.array([i % 3 - 1 for i in range(n)], pa.int8()).dictionary_encode(),
+            "f32": pa.array(floats, pa.float32()).dictionary_encode(),
+            "l": pa.array(lists, pa.list_(pa.dictionary(pa.int32(), pa.int64()))),
+        }
+    )
+    path = tmp_path / "dict.parquet"
+    pq.write_table(table, path, row_group_size=128)
+    # pyarrow's own decoding, as plain values.
+    want = pq.read_table(path)
+    assert pq.read_schema(path).field("i64").type == pa.int64()
+    columns = [Column("i64", fill=-1), "f64", "i8", "f32", "l"]
+    got: dict[str, list] = {c: [] for c in want.column_names}
+    for batch in Dataset(path, batch_size=100, columns=columns):
+        for name in ("i64", "f64", "i8", "f32"):
+            got[name] += batch[name].tolist()
+        got["l"] += [batch["l"].row(i) for i in range(len(batch))]
+    assert got["i64"] == [-1 if v is None else v for v in want["i64"].to_pylist()]
+    for name in ("f64", "f32"):
+        expected = want[name].to_numpy(zero_copy_only=False).tolist()
+        assert [repr(v) for v in got[name]] == [repr(v) for v in expected], name
+    assert got["i8"] == want["i8"].to_pylist()
+    assert got["l"] == [v or [] for v in want["l"].to_pylist()]
+    outs = next(iter(Dataset(path, batch_size=4, columns=columns)))
+    assert (outs["i64"].dtype, outs["i8"].dtype, outs["f32"].dtype) == (
+        torch.int64,
+        torch.int8,
+        torch.float32,
+    )
+    # With a dtype the values are cast (the dictionary's values, not its keys).
+    cast = Dataset(path, batch_size=1000, columns=[Column("i64", fill=0, dtype=torch.float64)])
+    assert torch.cat([b["i64"] for b in cast]).tolist() == [
+        0.0 if v is None else float(v) for v in want["i64"].to_pylist()
+    ]
+    # A file storing the same column plainly is the same type.
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"i8": pa.array([5, 6], pa.int8())}), plain)
+    mixed = Dataset([path, plain], batch_size=1000, columns=["i8"])
+    assert torch.cat([b["i8"] for b in mixed]).tolist() == [*want["i8"].to_pylist(), 5, 6]

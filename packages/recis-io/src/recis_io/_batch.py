@@ -77,6 +77,22 @@ class Ragged:
             tuple(o.to(device, non_blocking=non_blocking) for o in self.offsets),
         )
 
+    def pin_memory(self) -> Ragged:
+        """Returns the column in pinned (page-locked) host memory: one copy per tensor, none
+        when it is already pinned. ``DataLoader(pin_memory=True)`` calls this for ragged
+        columns it finds in the batches it pins.
+
+        Raises:
+            RuntimeError: Torch cannot pin memory here (no CUDA device), as for a tensor.
+        """
+        if self.is_pinned():
+            return self
+        return Ragged(self.values.pin_memory(), tuple(o.pin_memory() for o in self.offsets))
+
+    def is_pinned(self) -> bool:
+        """Whether the values and every offsets tensor are in pinned host memory."""
+        return self.values.is_pinned() and all(o.is_pinned() for o in self.offsets)
+
     def row(self, i: int) -> Any:
         """Returns row ``i`` as nested Python lists (handy in tests and debugging)."""
 
@@ -265,10 +281,18 @@ class Batch(Mapping[str, Value]):
         return Batch(target, self._infos, self._layout)
 
     def pin_memory(self) -> Batch:
-        """Returns the batch in pinned host memory (one copy, unless already pinned)."""
+        """Returns the batch in pinned host memory (one copy, unless already pinned).
+
+        Raises:
+            RuntimeError: Torch cannot pin memory here (no CUDA device), as for a tensor.
+        """
         if self._buffer.is_pinned():
             return self
         return Batch(self._buffer.pin_memory(), self._infos, self._layout)
+
+    def is_pinned(self) -> bool:
+        """Whether the batch's buffer (and so every column) is in pinned host memory."""
+        return bool(self._buffer.is_pinned())
 
     def to_arrow(self) -> pa.RecordBatch:
         """Returns the batch as a ``pyarrow.RecordBatch`` sharing this batch's memory.

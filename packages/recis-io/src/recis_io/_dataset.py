@@ -136,7 +136,9 @@ class Dataset(IterableDataset):
     Args:
         paths: A file, directory or glob, or a sequence of them (``.parquet``/``.pq``/``.orc``).
             Directories and globs skip hidden and ``_``-prefixed names (``_SUCCESS``,
-            ``_temporary/``) that a wildcard or the directory walk would take in.
+            ``_temporary/``) that a wildcard or the directory walk would take in. Each file
+            may be reached once (not by a directory and a path inside it, two globs, or a
+            link and its target), so every row is read once per epoch.
         batch_size: Rows per batch; batches span row-group boundaries.
         columns: A list of column names or :class:`Column` options, at least one and each
             name once; ``None`` reads every column of the first file. Each output keeps the
@@ -165,9 +167,9 @@ class Dataset(IterableDataset):
         SchemaError: A column is missing, unsupported, or typed differently across files
             (numbers of different types need the :class:`Column`'s ``dtype``).
         CorruptFileError: A file's metadata cannot be read.
-        InvalidArgumentError: An option is out of range (sizes and counts go up to
-            ``2**63 - 1``) or of the wrong type, or the ``RANK``/``WORLD_SIZE`` environment
-            variable is not an integer.
+        InvalidArgumentError: Two entries of ``paths`` reach the same file, an option is out
+            of range (sizes and counts go up to ``2**63 - 1``) or of the wrong type, or the
+            ``RANK``/``WORLD_SIZE`` environment variable is not an integer.
 
     Example:
         >>> ds = Dataset("data/", batch_size=8192,

@@ -52,12 +52,20 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
     path below the directory has a hidden or ``_``-prefixed name, such as ``_SUCCESS`` or
     ``_temporary/``); globs are expanded and sorted, skipping the hidden and ``_``-prefixed
     names the pattern matched with a wildcard; explicit files keep the given order.
+
+    Every file may be reached once: a file that two entries reach (a directory and a file
+    inside it, one file listed twice, two globs matching it, ``./a.parquet`` and
+    ``a.parquet``, a link and its target) would be read twice per epoch, so it raises
+    :class:`InvalidArgumentError` naming the file and both entries.
     """
     if fmt not in _FORMATS:
         raise InvalidArgumentError(f"format must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[tuple[str, str]] = []
+    # Each file's identity (device and inode, else its resolved path) -> the entry that
+    # reached it and the path it was found as.
+    seen: dict[object, tuple[str, Path]] = {}
     for raw in paths:
         text = os.fspath(raw)
         path = Path(text)
@@ -85,7 +93,32 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
                 raise InvalidArgumentError(
                     f"cannot tell the format of {p} from its name, pass format='parquet' or 'orc'"
                 )
+            key = _identity(p)
+            if key in seen:
+                raise InvalidArgumentError(_twice(p, seen[key], text))
+            seen[key] = (text, p)
             out.append((str(p), f))
     if not out:
         raise DataFileNotFoundError("no input files given")
     return out
+
+
+def _identity(path: Path) -> object:
+    """What makes two paths one file: the device and inode (shared by links to it), or the
+    resolved path where the file system has no inode numbers."""
+    st = path.stat()
+    if st.st_ino:
+        return (st.st_dev, st.st_ino)
+    return os.path.realpath(path)
+
+
+def _twice(path: Path, first: tuple[str, Path], entry: str) -> str:
+    """The error for a file reached twice: by ``first`` (entry, path found) and by ``entry``."""
+    first_entry, first_path = first
+    by = f"both by {entry!r}" if first_entry == entry else f"by {first_entry!r} and by {entry!r}"
+    if first_path != path:
+        by += f" (as {first_path} and as {path})"
+    return (
+        f"paths reach the file {os.path.realpath(path)} twice, {by}; "
+        "give each file once, or its rows would be read twice per epoch"
+    )

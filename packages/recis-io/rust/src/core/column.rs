@@ -179,6 +179,10 @@ impl ColumnPlan {
             t if is_text(t) => Leaf::Text,
             // Read as its strings (hashed once per distinct value when `hash` is set).
             DataType::Dictionary(_, v) if is_text(v) => Leaf::Text,
+            // Read as its values, like a plain column of the dictionary's value type.
+            DataType::Dictionary(_, v) => {
+                Leaf::Number(DType::from_arrow(v).ok_or_else(unsupported)?)
+            }
             other => Leaf::Number(DType::from_arrow(other).ok_or_else(unsupported)?),
         };
         let out = check_options(spec, leaf, fixed)?;
@@ -391,6 +395,21 @@ mod tests {
         assert_eq!(plan_of(dict.clone(), &spec).unwrap().leaf, Leaf::Text);
         spec.hash = Some(HashKind::Farm);
         assert_eq!(plan_of(dict, &spec).unwrap().out, DType::I64);
+    }
+
+    #[test]
+    fn dictionary_numbers_read_as_their_values() {
+        let dict = |k: DataType, v: DataType| DataType::Dictionary(Box::new(k), Box::new(v));
+        let spec = ColumnSpec::plain("n");
+        let plan = plan_of(dict(DataType::Int32, DataType::Int64), &spec).unwrap();
+        assert_eq!(
+            (plan.leaf, plan.out),
+            (Leaf::Number(DType::I64), DType::I64)
+        );
+        let plan = plan_of(list(dict(DataType::Int8, DataType::Float32)), &spec).unwrap();
+        assert_eq!((plan.list_levels, plan.out), (1, DType::F32));
+        let err = plan_of(dict(DataType::Int32, DataType::Date32), &spec).unwrap_err();
+        assert!(err.to_string().contains("unsupported type"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The single error type of the reader core.
 
+use std::cell::Cell;
+use std::sync::Once;
+
 /// Everything that can go wrong while planning or reading.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
@@ -34,11 +37,42 @@ impl Error {
     }
 }
 
-/// Runs `f`, turning a panic inside it into a corrupt-file error naming `path`. The decoder
-/// crates assert (or `unwrap`) on some malformed input instead of returning an error; a file
-/// that trips one is corrupt, whatever thread reads it.
+thread_local! {
+    /// How many [`guard`] calls this thread is inside. Their panics are caught and reported in
+    /// the error they become, so the panic hook keeps quiet about them.
+    static GUARDED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether this thread is inside [`guard`], where a panic becomes an error instead of a message.
+pub(crate) fn in_guard() -> bool {
+    GUARDED.try_with(|g| g.get() > 0).unwrap_or(false)
+}
+
+/// Installs, once per process, a panic hook that stays silent for panics inside [`guard`] and
+/// hands every other panic to the hook that was installed before it (the default hook prints
+/// "thread ... panicked at ..."), so only panics nobody catches are printed.
+fn install_quiet_hook() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !in_guard() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic inside it into a corrupt-file error naming `path` and carrying the
+/// panic's message. The decoder crates assert (or `unwrap`) on some malformed input instead of
+/// returning an error; a file that trips one is corrupt, whatever thread reads it. The panic is
+/// not printed (see [`install_quiet_hook`]): the error says it all.
 pub(crate) fn guard<T>(path: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    install_quiet_hook();
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    caught.unwrap_or_else(|panic| {
         Err(Error::corrupt(
             path,
             format!("the decoder failed: {}", panic_message(panic.as_ref())),
@@ -94,5 +128,20 @@ mod tests {
              ParseIntError { kind: InvalidDigit }"
         );
         assert_eq!(super::guard("f.orc", || Ok(3)).unwrap(), 3);
+    }
+
+    #[test]
+    fn guards_nest_and_end_with_their_call() {
+        assert!(!super::in_guard());
+        let inside = super::guard("f.orc", || Ok(super::in_guard())).unwrap();
+        assert!(inside);
+        // Nested guards: the outer one is still active after the inner one caught its panic.
+        let outer = super::guard("f.orc", || {
+            let inner = super::guard::<()>("f.orc", || panic!("inner"));
+            assert!(inner.is_err());
+            Ok(super::in_guard())
+        });
+        assert!(outer.unwrap());
+        assert!(!super::in_guard());
     }
 }

@@ -200,6 +200,15 @@ fn numbers(
     extra: Option<NullBuffer>,
     at: &str,
 ) -> Result<Buffer> {
+    // A dictionary-encoded column is read as its values (keys that are null stay null).
+    let unpacked;
+    let arr = match arr.data_type() {
+        DataType::Dictionary(_, value) => {
+            unpacked = cast(arr, value).map_err(|e| Error::corrupt(at, e))?;
+            &unpacked
+        }
+        _ => arr,
+    };
     let target = plan.out.arrow();
     let arr = if arr.data_type() == &target {
         arr.clone()

@@ -499,7 +499,7 @@ fn file_plan(c: &ColumnPlan, field: &Field, path: &str, first: &str) -> Result<C
 
 /// `dt` without what does not change how a column is read (the decode step takes either form):
 /// list item names and nullability (Parquet writers name items `element`, ORC `item`), 32- or
-/// 64-bit offsets and views, and the dictionary encoding of strings.
+/// 64-bit offsets and views, and dictionary encoding (of strings and of numbers).
 fn logical(dt: &DataType) -> DataType {
     let item = |f: &FieldRef| Arc::new(Field::new("item", logical(f.data_type()), true));
     match dt {
@@ -507,9 +507,7 @@ fn logical(dt: &DataType) -> DataType {
         DataType::FixedSizeList(f, k) => DataType::FixedSizeList(item(f), *k),
         DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
         DataType::LargeBinary | DataType::BinaryView => DataType::Binary,
-        DataType::Dictionary(_, v) if matches!(logical(v), DataType::Utf8 | DataType::Binary) => {
-            logical(v)
-        }
+        DataType::Dictionary(_, v) => logical(v),
         other => other.clone(),
     }
 }
@@ -598,6 +596,6 @@ mod tests {
         );
         assert_ne!(logical(&DataType::Utf8), logical(&DataType::Binary));
         let num_dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Int64));
-        assert_ne!(logical(&num_dict), DataType::Int64);
+        assert_eq!(logical(&num_dict), DataType::Int64);
     }
 }
