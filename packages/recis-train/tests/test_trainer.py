@@ -20,6 +20,7 @@ from recis_train import (
     TrainingArguments,
     seed_everything,
 )
+from recis_train._outputs import parse_output
 from recis_train.exceptions import ConfigError, ModelOutputError, NonFiniteLossError
 from recis_train.metrics import AUROC, GAUC, LogLoss
 
@@ -146,6 +147,29 @@ def test_nan_loss_names_step_and_batch_and_keeps_parameters(tmp_path):
     for name, value in trainer.model.named_parameters():
         assert torch.equal(value, snapshots[-1][name]), name
         assert value.grad is None, name
+
+
+def test_an_index_a_cuda_kernel_met_out_of_range_ends_the_step(tmp_path, monkeypatch):
+    # On CUDA the kernels skip an out-of-range index and record it; the trainer reads the
+    # record where it already waits for the step's loss and raises it, keeping the parameters.
+    import recis_kernels
+
+    checked = []
+
+    def recorded(device):
+        checked.append(device)
+        raise recis_kernels.IndexOutOfRangeError("RowStore.gather: rows[1] = 12 is out of range")
+
+    monkeypatch.setattr(recis_kernels, "check_index_errors", recorded)
+    trainer = make_trainer(tmp_path)
+    output = parse_output({"loss": torch.tensor(0.5, requires_grad=True)})
+    cursor = {"epoch": 0, "consumed": 1}
+    trainer._check_finite(output, 0, 1, cursor)  # on the CPU there is nothing to read
+    assert checked == []
+    trainer.device = torch.device("cuda", 0)
+    with pytest.raises(recis_kernels.IndexOutOfRangeError, match=r"rows\[1\] = 12"):
+        trainer._check_finite(output, 0, 1, cursor)
+    assert checked == [torch.device("cuda", 0)]
 
 
 class BadModel(nn.Module):

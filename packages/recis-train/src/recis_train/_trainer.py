@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import recis_kernels
 from recis_train._arguments import TrainingArguments
 from recis_train._checkpoint import (
     CheckpointManager,
@@ -442,15 +443,29 @@ class Trainer:
         self, out: StepOutput, index: int, count: int, cursor: Mapping[str, Any]
     ) -> None:
         finite = bool(torch.isfinite(out.loss.detach()).item())
-        # Every rank learns of a bad loss anywhere, so no rank waits in a backward alone.
-        bad = [] if self.distributed is None else self.distributed.nonfinite_ranks(finite)
-        if finite and not bad:
+        index_error = None
+        if self.device.type == "cuda":
+            # The loss read above waited for this micro-batch's kernels: an out-of-range index
+            # one of them met (e.g. bad ragged offsets; the kernel skipped it and recorded it)
+            # is raised here, naming the op, instead of training on its zeros.
+            try:
+                recis_kernels.check_index_errors(self.device)
+            except recis_kernels.IndexOutOfRangeError as error:
+                index_error = error
+        # Every rank learns of a bad loss (or index) anywhere, so no rank waits in a backward
+        # alone.
+        ok = finite and index_error is None
+        bad = [] if self.distributed is None else self.distributed.nonfinite_ranks(ok)
+        if ok and not bad:
             return
         self._zero_grad()  # gradients of earlier micro-batches must not leak into a retry
+        if index_error is not None:
+            raise index_error
         if finite:
             raise NonFiniteLossError(
-                f"loss is not finite on rank(s) {bad} at step {self.global_step + 1} "
-                f"(micro-batch {index + 1} of {count}); see the error of those ranks"
+                f"loss is not finite (or an index was out of range) on rank(s) {bad} at step "
+                f"{self.global_step + 1} (micro-batch {index + 1} of {count}); see the error of "
+                "those ranks"
             )
         tasks = ", ".join(f"{k} {float(v.detach()):g}" for k, v in out.losses.items())
         where = f" on rank {self.rank}" if self.distributed is not None else ""
