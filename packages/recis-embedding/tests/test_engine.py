@@ -184,7 +184,7 @@ def test_configuration_and_input_errors() -> None:
         EmbeddingOption(4, combiner="max")
     with pytest.raises(ConfigError, match="tile_len"):
         EmbeddingOption(4, combiner="tile")
-    with pytest.raises(ConfigError, match="shares table 't' but differs"):
+    with pytest.raises(ConfigError, match="features 'a' and 'b' share table 't' but"):
         EmbeddingEngine(
             {"a": EmbeddingOption(4, shared_name="t"), "b": EmbeddingOption(8, shared_name="t")}
         )

@@ -431,8 +431,12 @@ def load(
     Returns:
         The manifest of ``path``.
 
+    Embeddings saved in another storage dtype are cast to the table's (float32 to float16 or
+    bfloat16 rounds to nearest; the other way is exact).
+
     Raises:
-        CheckpointError: corrupt files, missing tables, dim or optimizer-slot mismatch.
+        CheckpointError: corrupt files, missing tables, dim or optimizer-slot mismatch, or
+            saved embeddings too large for the table's dtype (beyond float16's 65504).
     """
     chain = [CheckpointReader(path)]
     while chain[-1].kind == "delta":
@@ -443,6 +447,7 @@ def load(
     _check_optimizer(chain[-1], sparse_optimizer)
     _check_tables(chain[-1], tables, strict)
     _warn_unplaced_state(chain[-1], tables)
+    _check_casts(chain, tables)
     cleared: set[tuple[int, int]] = set()
     for reader in chain:
         saved = reader.manifest["tables"]
@@ -546,6 +551,27 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
                 f"table {name!r}: checkpoint optimizer {info['optimizer']!r} slots {slots} do not "
                 f"match the model's {table.optimizer_kind!r} slots {table.slots}"
             )
+
+
+def _check_casts(chain: list[CheckpointReader], tables: dict[str, Any]) -> None:
+    """Embeddings saved in another dtype are cast to the table's (rounded to nearest); a
+    finite value the table's dtype cannot hold would become infinite: refuse it before any
+    table changes."""
+    for reader in chain:
+        for name, (table, _) in tables.items():
+            info = reader.manifest["tables"].get(name)
+            if not info or info["dtype"] == _dtype_name(table.dtype) or not info["rows"]:
+                continue
+            emb = reader.read(name).to(torch.float32)
+            lost = emb.isfinite() & ~emb.to(table.dtype).isfinite()
+            if bool(lost.any()):
+                worst = float(emb[lost].abs().max())
+                raise CheckpointError(
+                    f"table {name!r} of checkpoint {reader.path}: {int(lost.sum())} embedding "
+                    f"values saved as {info['dtype']} (largest magnitude {worst:g}) overflow "
+                    f"the table's {_dtype_name(table.dtype)} (max "
+                    f"{torch.finfo(table.dtype).max:g}); load into a table of a wider dtype"
+                )
 
 
 def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int, shard) -> None:

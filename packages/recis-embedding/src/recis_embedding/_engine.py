@@ -21,6 +21,27 @@ from recis_kernels import RaggedTensor
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
 _POOLED = ("sum", "mean", "sqrtn")
+# What features sharing one table must agree on (the table's storage properties).
+_SHARED_FIELDS = (
+    "embedding_dim",
+    "dtype",
+    "device",
+    "trainable",
+    "initializer",
+    "admission",
+    "eviction",
+    "capacity",
+    "default_value",
+)
+
+
+def _shared_value(option: EmbeddingOption, field: str) -> Any:
+    value = getattr(option, field)
+    if field in ("admission", "eviction"):
+        return None if value is None else (type(value).__name__, repr(value))
+    if field == "device":
+        return str(value)
+    return value
 
 
 class _Joined(NamedTuple):
@@ -55,6 +76,12 @@ class EmbeddingEngine(nn.Module):
     Keys without an option pass through unchanged. In training mode unseen ids are inserted
     (subject to admission); in ``eval()`` mode nothing is inserted and unknown ids read the
     option's ``default_value``.
+
+    Features sharing a table must agree on its storage options (a conflict raises
+    :class:`~recis_embedding.ConfigError` naming both features); combiners may differ.
+    Tables are neither parameters nor buffers: ``state_dict()`` holds no embeddings (save them
+    with :func:`recis_embedding.save`), and ``.to()``/``.double()``/``.half()`` leave each
+    table on the device and in the dtype of its option.
 
     Args:
         options: feature name -> :class:`EmbeddingOption`.
@@ -148,10 +175,17 @@ class EmbeddingEngine(nn.Module):
 
     def _check_shared(self, feature: str, name: str, option: EmbeddingOption) -> None:
         first = self._first_option[name]
-        if first.storage_key() != option.storage_key() or first.initializer != option.initializer:
+        differ = [
+            f"{field}={getattr(first, field)!r} vs {getattr(option, field)!r}"
+            for field in _SHARED_FIELDS
+            if _shared_value(first, field) != _shared_value(option, field)
+        ]
+        if differ:
+            owner = next(f for f, t in self._table_of.items() if t == name and f != feature)
             raise ConfigError(
-                f"feature {feature!r} shares table {name!r} but differs in dim, dtype, device, "
-                f"initializer or policies from the table's first feature"
+                f"features {owner!r} and {feature!r} share table {name!r} but their options "
+                f"differ in {'; '.join(differ)}; features of one table must agree on its "
+                f"storage (combiner, combiner_kwargs and use_weight may differ)"
             )
 
     def table(self, name: str) -> tuple[HashTable, int]:

@@ -39,7 +39,14 @@ __all__ = [
 ]
 
 
+# Tables (from sparse_parameters), param group dicts ({"params": [tables], "lr": ...}), or a
+# model to collect the tables from.
+Tables = Iterable[HashTable] | Iterable[dict[str, Any]] | nn.Module
+
 _NON_NEGATIVE = ("lr", "eps", "weight_decay", "lr_decay", "l1", "l2", "beta")
+# Every sparse optimizer's hyperparameters: a saved group naming one this optimizer lacks was
+# written by another optimizer.
+_HYPERPARAMETERS = frozenset({*_NON_NEGATIVE, "betas", "lr_power"})
 
 
 def sparse_parameters(model: nn.Module) -> list[HashTable]:
@@ -63,25 +70,74 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     kind = ""
 
-    def __init__(self, tables: Iterable[HashTable] | nn.Module, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tables: Tables,
+        defaults: dict[str, Any],
+    ) -> None:
         if isinstance(tables, nn.Module):
             tables = sparse_parameters(tables)
-        tables = list(tables)
-        if not tables:
+        groups = list(tables)
+        if not groups:
             raise OptimizerError(f"{type(self).__name__} got no tables to optimize")
+        self._check_hyperparameters(defaults, "")
+        if not all(isinstance(g, dict) for g in groups):
+            if any(isinstance(g, dict) for g in groups):
+                raise OptimizerError(
+                    f"{type(self).__name__}: pass either tables or param group dicts, not both"
+                )
+            groups = [{"params": groups}]
+        # torch's constructor hands every group to add_param_group, which takes tables.
+        super().__init__(groups, defaults)  # type: ignore[arg-type]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of tables with their own hyperparameters, as torch's does.
+
+        ``param_group["params"]`` holds the tables (or a model to collect them
+        from); the group's other entries override the optimizer's defaults, e.g.
+        ``{"params": [table], "lr": 0.1}``. The tables get this optimizer's state columns.
+
+        Raises:
+            OptimizerError: a group without tables, something other than a table in it, or a
+                negative hyperparameter.
+        """
+        name = type(self).__name__
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise OptimizerError(
+                f"{name}: a param group is a dict with 'params' (a list of HashTables), got "
+                f"{param_group!r}"
+            )
+        params = param_group["params"]
+        if isinstance(params, nn.Module):
+            tables: list[Any] = sparse_parameters(params)
+        elif isinstance(params, (HashTable, torch.Tensor)):
+            tables = [params]
+        else:
+            tables = list(params)
+        resolved = []
         for t in tables:
+            owner = getattr(t, "_recis_table", None)
+            if isinstance(t, torch.Tensor) and isinstance(owner, HashTable):
+                t = owner  # a table's handle, as param_groups hold them
             if not isinstance(t, HashTable):
                 raise OptimizerError(
-                    f"{type(self).__name__} optimizes HashTables (see sparse_parameters), got "
-                    f"{type(t).__name__}"
+                    f"{name} optimizes HashTables (see sparse_parameters), got {type(t).__name__}"
                 )
-        for key, value in defaults.items():
-            if key in _NON_NEGATIVE and value < 0:
-                raise OptimizerError(f"{type(self).__name__}: {key} must be >= 0, got {value}")
-        super().__init__([t.handle for t in tables], defaults)
-        for t in tables:
+            resolved.append(t)
+        if not resolved:
+            raise OptimizerError(f"{name}: param group has no tables to optimize")
+        self._check_hyperparameters(param_group, " in a param group")
+        for t in resolved:
             slots, init = self._slots(t.dim)
             t.configure_state(self.kind, slots, init)
+        super().add_param_group({**param_group, "params": [t.handle for t in resolved]})
+
+    def _check_hyperparameters(self, values: dict[str, Any], where: str) -> None:
+        for key, value in values.items():
+            if key in _NON_NEGATIVE and value < 0:
+                raise OptimizerError(
+                    f"{type(self).__name__}: {key} must be >= 0{where}, got {value}"
+                )
 
     def tables(self) -> list[HashTable]:
         """The tables this optimizer updates."""
@@ -170,13 +226,34 @@ class SparseOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore hyperparameters written by :meth:`state_dict`."""
+        """Restore hyperparameters written by :meth:`state_dict`, group by group.
+
+        Each group keeps its own tables: a ``"params"`` entry (as torch optimizers write) is
+        ignored, never put in place of the tables.
+
+        Raises:
+            OptimizerError: a different number of groups, or groups written by an optimizer
+                with other hyperparameters (another sparse optimizer class).
+        """
+        name = type(self).__name__
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise OptimizerError(
-                f"state has {len(groups)} param groups, optimizer has {len(self.param_groups)}"
+                f"{name}: state has {len(groups)} param groups, optimizer has "
+                f"{len(self.param_groups)}"
             )
-        for mine, saved in zip(self.param_groups, groups, strict=True):
+        for k, (mine, saved) in enumerate(zip(self.param_groups, groups, strict=True)):
+            saved = {key: value for key, value in saved.items() if key != "params"}
+            missing = sorted(set(self.defaults) - set(saved))
+            foreign = sorted((set(saved) & _HYPERPARAMETERS) - set(self.defaults))
+            if missing or foreign:
+                raise OptimizerError(
+                    f"{name}: param group {k} of the state does not fit this optimizer "
+                    f"(missing {missing}, not hyperparameters of {name}: {foreign}); was it "
+                    f"written by another optimizer?"
+                )
+            if "betas" in saved:
+                saved["betas"] = tuple(saved["betas"])
             mine.update(saved)
 
 
@@ -209,16 +286,16 @@ class SparseSGD(SparseOptimizer):
     """``torch.optim.SGD`` (no momentum) on touched rows.
 
     Args:
-        tables: tables (from :func:`sparse_parameters`) or a model to collect them from.
+        tables: tables (from :func:`sparse_parameters`), a model to collect them from, or
+            param group dicts as for torch optimizers (``[{"params": [t1], "lr": 0.1},
+            {"params": [t2]}]``: per-group hyperparameters over the defaults).
         lr: learning rate.
         weight_decay: L2 penalty.
     """
 
     kind = "sgd"
 
-    def __init__(
-        self, tables: Iterable[HashTable] | nn.Module, lr: float = 0.01, weight_decay: float = 0.0
-    ) -> None:
+    def __init__(self, tables: Tables, lr: float = 0.01, weight_decay: float = 0.0) -> None:
         super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
 
     def _slots(self, dim):
@@ -232,7 +309,7 @@ class SparseAdagrad(SparseOptimizer):
     """``torch.optim.Adagrad`` on touched rows (per-row step count for ``lr_decay``).
 
     Args:
-        tables: tables or a model.
+        tables: tables, a model, or param group dicts (see :class:`SparseSGD`).
         lr: learning rate.
         lr_decay: learning-rate decay per row update.
         weight_decay: L2 penalty.
@@ -244,7 +321,7 @@ class SparseAdagrad(SparseOptimizer):
 
     def __init__(
         self,
-        tables: Iterable[HashTable] | nn.Module,
+        tables: Tables,
         lr: float = 0.01,
         lr_decay: float = 0.0,
         weight_decay: float = 0.0,
@@ -277,7 +354,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
     """Row-wise Adagrad: one accumulator per row (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``).
 
     Args:
-        tables: tables or a model.
+        tables: tables, a model, or param group dicts (see :class:`SparseSGD`).
         lr: learning rate.
         eps: added to the root of the accumulator.
         weight_decay: L2 penalty.
@@ -287,7 +364,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
 
     def __init__(
         self,
-        tables: Iterable[HashTable] | nn.Module,
+        tables: Tables,
         lr: float = 0.01,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -312,7 +389,7 @@ class SparseAdam(SparseOptimizer):
     """``torch.optim.Adam`` on touched rows, bias correction by each row's own step count.
 
     Args:
-        tables: tables or a model.
+        tables: tables, a model, or param group dicts (see :class:`SparseSGD`).
         lr: learning rate.
         betas: moment decays.
         eps: added to the bias-corrected root of the second moment.
@@ -324,7 +401,7 @@ class SparseAdam(SparseOptimizer):
 
     def __init__(
         self,
-        tables: Iterable[HashTable] | nn.Module,
+        tables: Tables,
         lr: float = 0.001,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -364,7 +441,7 @@ class SparseAdamW(SparseAdam):
 
     def __init__(
         self,
-        tables: Iterable[HashTable] | nn.Module,
+        tables: Tables,
         lr: float = 0.001,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -377,7 +454,7 @@ class SparseFTRL(SparseOptimizer):
     """FTRL-proximal (TensorFlow ``Ftrl`` numerics) on touched rows.
 
     Args:
-        tables: tables or a model.
+        tables: tables, a model, or param group dicts (see :class:`SparseSGD`).
         lr: learning rate.
         lr_power: power of the accumulator (``-0.5``: square root).
         l1: L1 strength.
@@ -390,7 +467,7 @@ class SparseFTRL(SparseOptimizer):
 
     def __init__(
         self,
-        tables: Iterable[HashTable] | nn.Module,
+        tables: Tables,
         lr: float = 0.01,
         lr_power: float = -0.5,
         l1: float = 0.0,

@@ -36,8 +36,11 @@ class EmbeddingOption:
         dtype: storage dtype of the embeddings: float32, bfloat16 or float16 (optimizer math is
             float32 in every case).
         device: where the table lives (default CPU).
-        trainable: whether a sparse optimizer updates the table.
-        use_weight: whether per-id weights of a ragged input scale the pooling.
+        trainable: whether a sparse optimizer updates the table (``False``: left out of
+            :func:`~recis_embedding.sparse_parameters` and of autograd; training lookups still
+            insert unseen ids unless ``admission=ReadOnlyAdmission()``).
+        use_weight: whether per-id weights of a ragged input scale the pooling (``False``:
+            every id counts 1).
         admission: admission policy (default: admit every id).
         eviction: eviction policy (default: never evict).
         capacity: maximum rows of the table (default unbounded; of each rank's shard when the

@@ -126,7 +126,9 @@ class FrequencyAdmission(AdmissionPolicy):
     """Insert an id once it has been looked up in ``threshold`` batches (training mode).
 
     Until then it reads the default value and is counted in a side map, so the table itself
-    holds only ids that proved frequent.
+    holds only ids that proved frequent. The counts live with the table
+    (``table.admission_state``), so a copy of a model (``copy.deepcopy``, ``pickle``) keeps
+    counting where the original was, and one policy object may serve several tables.
 
     Args:
         threshold: batches an id must appear in before it is admitted (1 admits at once).
@@ -136,13 +138,12 @@ class FrequencyAdmission(AdmissionPolicy):
         if threshold < 1:
             raise ConfigError(f"FrequencyAdmission needs threshold >= 1, got {threshold}")
         self.threshold = int(threshold)
-        self._seen: dict[int, tuple[IdMap, torch.Tensor | None]] = {}
 
     def __repr__(self) -> str:
         return f"FrequencyAdmission(threshold={self.threshold})"
 
     def state(self, table, index):
-        counter, counts = self._seen.get(id(table), (None, None))
+        counter, counts = table.admission_state or (None, None)
         if counter is None or counts is None:
             return {
                 "ids": torch.empty(0, dtype=torch.int64),
@@ -156,7 +157,7 @@ class FrequencyAdmission(AdmissionPolicy):
 
     def load_state(self, table, index, state):
         # Each checkpoint holds the complete counters of the table: replace, do not merge.
-        counter, counts = self._seen.get(id(table), (IdMap(device=table.device), None))
+        counter, counts = table.admission_state or (IdMap(device=table.device), None)
         keys, tabs, rows = counter.export()
         old = tabs == index
         counter.erase(keys[old], tabs[old])
@@ -164,13 +165,13 @@ class FrequencyAdmission(AdmissionPolicy):
             counts[rows[old]] = 0
         ids, seen = state["ids"].to(table.device), state["counts"].to(table.device)
         if ids.numel() == 0:
-            self._seen[id(table)] = (counter, counts)
+            table.admission_state = (counter, counts)
             return
         tabs = torch.full_like(ids, index, dtype=torch.int32)
         rows, _ = counter.find_or_insert(ids, tabs)
         counts = self._grow(counts, counter.num_rows, table.device)
         counts[rows] = seen
-        self._seen[id(table)] = (counter, counts)
+        table.admission_state = (counter, counts)
 
     @staticmethod
     def _grow(counts: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -187,7 +188,7 @@ class FrequencyAdmission(AdmissionPolicy):
         ok = torch.ones_like(absent)
         if idx.numel() == 0:
             return ok
-        counter, counts = self._seen.get(id(table), (IdMap(device=table.device), None))
+        counter, counts = table.admission_state or (IdMap(device=table.device), None)
         rows, _ = counter.find_or_insert(ids[idx], tables[idx])
         if counts is None or counts.numel() < counter.num_rows:
             grown = torch.zeros(
@@ -204,7 +205,7 @@ class FrequencyAdmission(AdmissionPolicy):
             counts[rows[done]] = 0
             counter.erase(ids[idx][done], tables[idx][done])
         table.count("admissions_rejected", int((~ready).sum()))
-        self._seen[id(table)] = (counter, counts)
+        table.admission_state = (counter, counts)
         return ok
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -115,6 +116,9 @@ class HashTable:
         )
         self.admission = None
         self.eviction = None
+        # What the admission policy keeps per table (FrequencyAdmission: its counters); it
+        # lives here so that copies of the table carry it.
+        self.admission_state: Any = None
         self.step = 0
         # Per row, for eviction policies: the step a row was inserted at, the last step
         # training looked it up, and its training uses.
