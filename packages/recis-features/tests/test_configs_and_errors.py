@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_same
 
+import recis_kernels as rk
 from recis_features import (
     Feature,
     FeatureConflictError,
@@ -118,7 +119,7 @@ def test_an_unsupported_column_type_names_the_feature() -> None:
     feature = Feature("age_bucket").select("age").bucketize([18.0])
     message = (
         "feature 'age_bucket': column 'age' has unsupported type int, expected a tensor, a "
-        "ragged column (.values/.offsets) or a list of strings"
+        "ragged column (.values/.offsets), a NumPy array or a list of strings"
     )
     for run in (feature, FeatureEngine([feature])):
         with pytest.raises(FeatureTypeError) as info:
@@ -186,9 +187,12 @@ def _guide_blocks() -> list[str]:
 def test_the_guide_examples_run_as_written() -> None:
     """The worked example gives the table's values, and the guide's fused clip equals each
     feature's own clip for features of different dtypes in one step."""
-    example, engine_block, clip_block = _guide_blocks()
+    example, engine_block, sequence_block, clip_block = _guide_blocks()
     ns: dict[str, Any] = {}
     exec(example + engine_block, ns)
+    exec(sequence_block, ns)
+    assert ns["ids"].offsets[0].tolist() == [0, 2, 2, 3]
+    assert ns["ids"].values.tolist() == rk.hash_strings(["bb", "ccc", "d"], "farm", 10_000).tolist()
     out, batch = ns["out"], ns["batch"]
     assert out["user"].tolist() == [973020, 350684, 42]
     assert out["item"].tolist() == [7, 7, 8]

@@ -181,7 +181,7 @@ def test_unsupported_column_type_raises() -> None:
         engine({"x": {1: 2}})
     assert str(info.value) == (
         "feature 'a': column 'x' has unsupported type dict, expected a tensor, a ragged column "
-        "(.values/.offsets) or a list of strings"
+        "(.values/.offsets), a NumPy array or a list of strings"
     )
 
 
@@ -297,6 +297,11 @@ def _every_op_batch(device: torch.device) -> dict[str, object]:
         ),
         "weighted": ragged([[1, 1, 2], [3], [], [4]], weights=True),
         "nested": nested,
+        # list<string> rows [["red", ""], [], ["blue", "green"], []]
+        "phrases": RaggedTensor(
+            torch.tensor(list(b"".join(words)), dtype=torch.uint8),
+            [torch.tensor([0, 2, 2, 4, 4]), byte_offsets],
+        ),
     }
     return {k: v.to(device) for k, v in batch.items()}  # type: ignore[attr-defined]
 
@@ -313,6 +318,8 @@ EVERY_OP = [
     Feature("t").select("clicks").truncate(2, side="tail"),
     Feature("t2").select("weighted").fill_missing(0).truncate(1),
     Feature("t3").select("nested").truncate(2, levels=3),
+    Feature("t4").select("phrases").truncate(1, side="tail"),
+    Feature("t5").select("phrases").truncate(1).hash("murmur", buckets=50),
     Feature("mh").select("weighted").multi_hash([7, 0, 11]),
 ]
 
@@ -331,6 +338,9 @@ def test_every_op_fused_matches_unfused_and_the_cpu(device: torch.device) -> Non
         assert_same(value.to("cpu"), on_cpu[f.name])
     assert fused["m"].tolist() == [5, (2**64 - 1) % 1000, 123, 7]
     assert fused["t3"].offsets[0].tolist() == [0, 2, 4, 6, 8]
+    assert fused["t4"].offsets[0].tolist() == [0, 1, 1, 2, 2]
+    assert bytes(fused["t4"].values.tolist()) == b"green"
+    assert fused["t5"].offsets[0].tolist() == [0, 1, 1, 2, 2]
 
 
 def test_casting_strings_raises() -> None:

@@ -259,7 +259,11 @@ class FeatureEngine(nn.Module):
 
     def fingerprint(self) -> str:
         """Stable SHA-256 hex digest of the transforms (feature order and pass-through aside):
-        record it with a checkpoint to know exactly which transforms produced its ids."""
+        record it with a checkpoint to know exactly which transforms produced its ids.
+
+        Raises:
+            SerializationError: a feature holds a :class:`Lambda` (not serializable).
+        """
         return fingerprint_of(
             sorted((f.to_dict() for f in self._features), key=lambda d: d["name"])
         )

@@ -283,11 +283,13 @@ def column_value(feature: str, column: str, raw: Any) -> Value:
 
 
 def read_source(feature: str, op: SourceOp, columns: Mapping[str, Value]) -> Value:
-    """``op.read(columns)``, its type errors naming the feature and the op."""
+    """``op.read(columns)``, its type and input errors naming the feature and the op."""
     try:
         return op.read(columns)
     except FeatureTypeError as exc:
         raise FeatureTypeError(f"feature {feature!r}: op {op.kind} (step 0): {exc}") from exc
+    except FeatureInputError as exc:
+        raise FeatureInputError(f"feature {feature!r}: op {op.kind} (step 0): {exc}") from exc
 
 
 def input_error(features: Sequence[str], op: Op, exc: Exception) -> FeatureInputError:

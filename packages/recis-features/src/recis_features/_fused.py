@@ -26,6 +26,9 @@ from ._ops import (
     IDMultiHash,
     Mod,
     SequenceTruncate,
+    gather_strings,
+    is_string_ragged,
+    string_positions,
 )
 from ._values import Value, as_int64, flat, rebuild
 
@@ -142,8 +145,14 @@ def _element_shape(value: Value) -> torch.Size:
 def fused_truncate(ops: Sequence[SequenceTruncate], values: Sequence[Value]) -> list[Value]:
     """All ``truncate`` ops of a step as one ``recis_kernels.fused_truncate`` call (which runs
     one pass per group of inputs of one layout and keeps each input's dtype and weights)."""
-    results = rk.fused_truncate(list(values), [op.length for op in ops], [op.side for op in ops])
-    return [r.values for r in results]
+    # Sequences of strings are truncated as the positions of their strings (int64, in the same
+    # pass as id sequences of that layout), then the kept strings' bytes are gathered whole.
+    inputs = [string_positions(v) if is_string_ragged(v) else v for v in values]
+    results = rk.fused_truncate(inputs, [op.length for op in ops], [op.side for op in ops])
+    return [
+        gather_strings(v, r.values) if is_string_ragged(v) else r.values
+        for v, r in zip(values, results, strict=True)
+    ]
 
 
 @register_fused("fill_missing")

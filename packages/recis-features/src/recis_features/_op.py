@@ -34,6 +34,8 @@ class Op:
 
     kind: ClassVar[str] = ""
     accepts: ClassVar[frozenset[str]] = frozenset({"any"})
+    serializable: ClassVar[bool] = True
+    """Whether configs can hold the op (``False`` for :class:`Lambda`, which holds a function)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,7 +61,8 @@ class Op:
         """Rebuild an op from :meth:`to_dict`'s output.
 
         Raises:
-            SerializationError: the dict names no op or an unknown kind, or has bad parameters.
+            SerializationError: the dict names no op, an unknown kind or ``"lambda"`` (never
+                serializable), or has bad parameters.
         """
         if not isinstance(data, Mapping) or "op" not in data:
             raise SerializationError(f"op config must be a dict with an 'op' key, got {data!r}")
@@ -69,6 +72,11 @@ class Op:
         if cls is None:
             known = ", ".join(sorted(_OP_KINDS))
             raise SerializationError(f"unknown op kind {kind!r} (known: {known})")
+        if not cls.serializable:
+            raise SerializationError(
+                f"op {kind!r} holds a Python function and cannot be built from a config; "
+                "subclass Transform with a registered kind instead"
+            )
         try:
             return cls(**params)
         except (TypeError, FeatureDefinitionError) as exc:

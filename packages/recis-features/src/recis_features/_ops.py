@@ -23,7 +23,7 @@ from ._values import (
     flat,
     rebuild,
 )
-from .exceptions import FeatureTypeError, SerializationError
+from .exceptions import FeatureInputError, FeatureTypeError, SerializationError
 
 __all__ = [
     "Bucketize",
@@ -58,7 +58,11 @@ class SelectField(SourceOp):
     Args:
         column: the column name.
         dtype: ``None`` to keep the column's dtype, else one of ``"int32"``, ``"int64"``,
-            ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``.
+            ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``. A cast to a float
+            dtype rounds to the nearest value; a cast to an integer dtype must give back every
+            value exactly when cast back (``uint64`` ids keep their 64 bits as ``int64``, the
+            way ``mod`` and ``hash`` read them), else a batch holding a fraction, a NaN
+            or an out-of-range value raises :class:`~recis_features.FeatureInputError`.
     """
 
     kind = "select"
@@ -89,12 +93,37 @@ class SelectField(SourceOp):
             return value
         dtype = dtype_from_name(self.dtype)
         if isinstance(value, torch.Tensor):
-            return value.to(dtype)
+            return self._cast(value, dtype)
         if isinstance(value, RaggedTensor):
-            return value.with_values(value.values.to(dtype), value.weights)
+            return value.with_values(self._cast(value.values, dtype), value.weights)
         raise FeatureTypeError(
             f"column {self.column!r} holds {describe(value)}, which cannot be cast to {self.dtype}"
         )
+
+    def _cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` as ``dtype``; a cast to integers must keep every value exactly."""
+        out = t.to(dtype)
+        if dtype.is_floating_point or t.dtype == dtype or _widens(t.dtype, dtype):
+            return out
+        lost = out.to(t.dtype) != t
+        if bool(lost.any()):
+            first = t[lost][0].item()
+            source = str(t.dtype).removeprefix("torch.")
+            raise FeatureInputError(
+                f"column {self.column!r} holds {source} values that {self.dtype} cannot hold "
+                f"exactly (such as {first!r}); a cast to integers never truncates, rounds or wraps"
+            )
+        return out
+
+
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every ``source`` value (bool or integer) is a value of the integer ``target``."""
+    if source == torch.bool:
+        return True
+    if source.is_floating_point or source.is_complex or target.is_floating_point:
+        return False
+    src, dst = torch.iinfo(source), torch.iinfo(target)
+    return src.min >= dst.min and src.max <= dst.max
 
 
 class SelectFields(SourceOp):
@@ -130,6 +159,9 @@ class SelectFields(SourceOp):
 
 class Hash(Transform):
     """Hash strings to int64 ids: FarmHash Fingerprint64 or MurmurHash64A (seed 0).
+
+    The hash runs over each string's raw bytes (UTF-8 for ``str``) and its 64 bits are read as
+    int64: the ids recis-io's hashed string columns hold. There is no seed parameter.
 
     Input: a list of strings (one per row, output ``(B,)``), or a ragged ``uint8`` value whose
     innermost rows are the strings' bytes (one level: output ``(B,)``; two levels: a ragged of
@@ -316,6 +348,9 @@ class FeatureCross(Transform):
 class IDMultiHash(Transform):
     """Hash each id with several independent hash functions into given bucket counts.
 
+    Hash ``k`` is MurmurHash3's ``fmix64(id + (k + 1) * 0x9e3779b97f4a7c15)`` (64-bit wrapping
+    arithmetic), then the unsigned remainder by ``buckets[k]``, as int64.
+
     Output: the ids' structure with a trailing dimension of ``len(buckets)``: dense ``(B,)``
     becomes ``(B, H)``; a ragged value gets ``(N, H)`` values.
 
@@ -349,6 +384,48 @@ class IDMultiHash(Transform):
         return hashed.reshape(*value.shape, len(self.buckets))
 
 
+def is_string_ragged(value: Value) -> bool:
+    """Whether ``value`` is a ragged value of strings (``uint8`` bytes, the last offsets
+    delimiting the strings)."""
+    return isinstance(value, RaggedTensor) and value.values.dtype == torch.uint8
+
+
+def string_positions(value: RaggedTensor) -> RaggedTensor:
+    """The strings of a ragged string value as their positions ``0, 1, ...`` under the outer
+    offsets: the structure a truncation acts on, without the bytes."""
+    outer = list(value.offsets[:-1])
+    count = value.offsets[-1].shape[0] - 1
+    positions = torch.arange(count, dtype=torch.int64, device=value.values.device)
+    return RaggedTensor(positions, outer, validate=False)
+
+
+def gather_strings(value: RaggedTensor, kept: RaggedTensor) -> RaggedTensor:
+    """The strings of ``value`` at the positions ``kept`` holds, whole, under ``kept``'s
+    offsets (the inverse of :func:`string_positions` after a truncation)."""
+    starts_all = value.offsets[-1]
+    index = kept.values
+    starts = starts_all[:-1].index_select(0, index)
+    lengths = starts_all[1:].index_select(0, index) - starts
+    byte_offsets = torch.zeros(index.shape[0] + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(lengths, 0, out=byte_offsets[1:])
+    total = int(byte_offsets[-1])
+    owner = torch.repeat_interleave(
+        torch.arange(index.shape[0], device=index.device), lengths, output_size=total
+    )
+    byte_index = (
+        starts.index_select(0, owner)
+        + torch.arange(total, device=index.device)
+        - byte_offsets[:-1].index_select(0, owner)
+    )
+    weights = None if value.weights is None else value.weights.index_select(0, byte_index)
+    return RaggedTensor(
+        value.values.index_select(0, byte_index),
+        [*kept.offsets, byte_offsets],
+        weights,
+        validate=False,
+    )
+
+
 class SequenceTruncate(Transform):
     """Truncate ragged sequences to at most ``length`` items, keeping the head or the tail.
 
@@ -360,10 +437,18 @@ class SequenceTruncate(Transform):
     With ``levels=3`` (rows of sequences of id lists) the sequence level is truncated and then
     padded with empty lists up to ``length``.
 
+    Strings are items: a sequence of strings (a ``list<string>`` column, ragged ``uint8``
+    bytes with two offsets arrays) has two levels, and truncation keeps each row's first or
+    last ``length`` strings whole; it never cuts inside a string and never adds strings (with
+    ``levels=3``, rows of lists of strings are padded with empty lists, which hash to no ids).
+    A string column with one string per row is not a sequence: truncating it raises
+    :class:`~recis_features.FeatureTypeError`.
+
     Args:
         length: the maximum sequence length (``>= 0``).
         side: ``"head"`` keeps the first items, ``"tail"`` the last.
-        levels: ``2`` for ``[B, L]`` ragged values (one offsets array), ``3`` for ``[B, L, K]``.
+        levels: ``2`` for ``[B, L]`` ragged values (one offsets array, one more for strings),
+            ``3`` for ``[B, L, K]``.
     """
 
     kind = "truncate"
@@ -383,12 +468,29 @@ class SequenceTruncate(Transform):
     def expectation(self) -> str:
         return f"a ragged value with {self.levels - 1} offset level(s)"
 
+    def _string_expectation(self, value: Value) -> str:
+        levels = f"ragged bytes with {self.levels} offset levels"
+        if isinstance(value, list) or len(value.offsets) == 1:
+            return (
+                f"a sequence of strings per row ({levels}), not one string per row: truncate "
+                "keeps whole strings and never cuts one"
+            )
+        rows = "lists of strings" if self.levels == 2 else "lists of lists of strings"
+        return f"rows of {rows} ({levels})"
+
     def mismatch(self, value: Value) -> str | None:
+        if isinstance(value, list) or is_string_ragged(value):
+            if is_string_ragged(value) and len(value.offsets) == self.levels:
+                return None
+            return self._string_expectation(value)
         if isinstance(value, RaggedTensor) and len(value.offsets) == self.levels - 1:
             return None
         return self.expectation()
 
     def apply(self, value: Value) -> Value:
+        if is_string_ragged(value):
+            kept = rk.truncate(string_positions(value), self.length, self.side).values
+            return gather_strings(value, kept)
         return rk.truncate(value, self.length, self.side).values
 
 
@@ -524,7 +626,9 @@ class Log1p(Transform):
 class Lambda(Transform):
     """Run a Python function on the feature's value: the escape hatch, never fused.
 
-    A feature holding a ``Lambda`` cannot be serialized; two ``Lambda`` ops are equal only when
+    A feature holding a ``Lambda`` cannot be serialized: ``to_dict`` (and so an engine's
+    ``to_dict`` and ``fingerprint``) raises :class:`~recis_features.SerializationError`, and
+    ``from_dict`` refuses a config naming ``"lambda"``. Two ``Lambda`` ops are equal only when
     they hold the same function object.
 
     Args:
@@ -532,6 +636,7 @@ class Lambda(Transform):
     """
 
     kind = "lambda"
+    serializable = False
 
     def __init__(self, fn: Callable[[Value], Value]) -> None:
         require(callable(fn), self.kind, f"fn must be callable, got {type(fn).__name__}")

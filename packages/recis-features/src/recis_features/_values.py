@@ -10,8 +10,9 @@ A value is one of:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import torch
 
@@ -103,25 +104,62 @@ def as_value(column: Any, column_name: str) -> Value:
         column_name: the column's name, for the error message.
 
     Raises:
-        FeatureTypeError: the column has none of the supported types.
+        FeatureTypeError: the column has none of the supported types, is a list (or NumPy
+            object/string array) with an item that is not a string, or is a NumPy array torch
+            cannot share without a copy (negative strides, foreign byte order, a dtype torch
+            lacks, a 0-d array).
     """
     if isinstance(column, (torch.Tensor, RaggedTensor)):
         return column
     if hasattr(column, "values") and hasattr(column, "offsets"):
         return RaggedTensor.from_column(column)
-    if isinstance(column, (list, tuple)) and _is_string_list(column):
-        return list(column)
+    if isinstance(column, (list, tuple)):
+        if _is_string_list(column):
+            return list(column)
+        _not_strings(column, column_name, type(column).__name__)
     kind = getattr(getattr(column, "dtype", None), "kind", None)
     if kind in ("O", "U", "S"):
         strings = column.tolist()
-        if _is_string_list(strings):
+        if isinstance(strings, list) and _is_string_list(strings):
             return strings
+        if isinstance(strings, list):
+            _not_strings(strings, column_name, f"NumPy array of dtype {column.dtype}")
     elif kind is not None and hasattr(column, "__array_interface__"):
-        return torch.from_numpy(column)
+        return _from_numpy(column, column_name)
     raise FeatureTypeError(
         f"column {column_name!r} has unsupported type {type(column).__name__}, expected a "
-        "tensor, a ragged column (.values/.offsets) or a list of strings"
+        "tensor, a ragged column (.values/.offsets), a NumPy array or a list of strings"
     )
+
+
+def _not_strings(items: Sequence[Any], column_name: str, what: str) -> NoReturn:
+    """Raise for a sequence column that is not all strings, naming the first item that is not."""
+    bad = next(i for i, s in enumerate(items) if not isinstance(s, (str, bytes)))
+    raise FeatureTypeError(
+        f"column {column_name!r} is a {what} whose item {bad} is {type(items[bad]).__name__}, "
+        "expected strings (str or bytes) only; numbers go in a tensor or NumPy array"
+    )
+
+
+def _from_numpy(array: Any, column_name: str) -> torch.Tensor:
+    """A NumPy array as a tensor sharing its memory, or a :class:`FeatureTypeError` naming
+    the column when torch cannot share it (dtype, byte order, negative strides, 0-d)."""
+    if array.ndim == 0:
+        raise FeatureTypeError(
+            f"column {column_name!r} is a single NumPy {type(array).__name__}, expected an "
+            "array with one value per row"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Read-only arrays (from Arrow, memory maps) are fine: no op writes to its input.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array)
+    except (TypeError, ValueError) as exc:
+        raise FeatureTypeError(
+            f"column {column_name!r} is a NumPy array torch cannot share (dtype {array.dtype}, "
+            f"strides {array.strides}): it needs a numeric or bool dtype in native byte order "
+            "and no negative strides; pass np.ascontiguousarray(column, dtype=...)"
+        ) from exc
 
 
 def flat(value: torch.Tensor | RaggedTensor) -> torch.Tensor:

@@ -1,0 +1,542 @@
+"""Sequences of strings, hashes against their published definitions, casts and column types.
+
+The hash references below are written from the published algorithms (MurmurHash64A of
+Austin Appleby's MurmurHash2, seed 0; FarmHash ``Fingerprint64``, i.e. ``farmhashna::Hash64``;
+MurmurHash3's ``fmix64``), independently of recis-kernels.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same, ragged, rows_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recis_features import (
+    Feature,
+    FeatureEngine,
+    FeatureInputError,
+    FeatureTypeError,
+    SequenceTruncate,
+    SerializationError,
+)
+from recis_kernels import RaggedTensor
+
+SETTINGS = settings(max_examples=30, deadline=None)
+M64 = (1 << 64) - 1
+
+# -- reference hashes ----------------------------------------------------------------------------
+
+
+def murmur64a(data: bytes) -> int:
+    """MurmurHash64A, seed 0, as an unsigned 64-bit integer."""
+    m, r = 0xC6A4A7935BD1E995, 47
+    h = (len(data) * m) & M64
+    full = len(data) // 8 * 8
+    for i in range(0, full, 8):
+        k = (int.from_bytes(data[i : i + 8], "little") * m) & M64
+        k = ((k ^ (k >> r)) * m) & M64
+        h = ((h ^ k) * m) & M64
+    if len(data) > full:
+        h = ((h ^ int.from_bytes(data[full:], "little")) * m) & M64
+    h = ((h ^ (h >> r)) * m) & M64
+    return h ^ (h >> r)
+
+
+_K0, _K1, _K2 = 0xC3A5C85C97CB3127, 0xB492B66FBE98F273, 0x9AE16A3B2F90404F
+
+
+def _rot(v: int, s: int) -> int:
+    return ((v >> s) | (v << (64 - s))) & M64
+
+
+def _u64(s: bytes, i: int) -> int:
+    return int.from_bytes(s[i : i + 8], "little")
+
+
+def _u32(s: bytes, i: int) -> int:
+    return int.from_bytes(s[i : i + 4], "little")
+
+
+def _len16(u: int, v: int, mul: int) -> int:
+    a = ((u ^ v) * mul) & M64
+    a ^= a >> 47
+    b = ((v ^ a) * mul) & M64
+    b ^= b >> 47
+    return (b * mul) & M64
+
+
+def _weak32(s: bytes, i: int, a: int, b: int) -> tuple[int, int]:
+    w, x, y, z = _u64(s, i), _u64(s, i + 8), _u64(s, i + 16), _u64(s, i + 24)
+    a = (a + w) & M64
+    b = _rot((b + a + z) & M64, 21)
+    c = a
+    a = (a + x + y) & M64
+    b = (b + _rot(a, 44)) & M64
+    return (a + z) & M64, (b + c) & M64
+
+
+def farm64(s: bytes) -> int:
+    """FarmHash Fingerprint64 (``farmhashna::Hash64``) as an unsigned 64-bit integer."""
+    n = len(s)
+    mul = (_K2 + 2 * n) & M64
+    if n == 0:
+        return _K2
+    if n < 4:
+        y = (s[0] + (s[n >> 1] << 8)) & 0xFFFFFFFF
+        z = (n + (s[n - 1] << 2)) & 0xFFFFFFFF
+        v = ((y * _K2) ^ (z * _K0)) & M64
+        return ((v ^ (v >> 47)) * _K2) & M64
+    if n < 8:
+        return _len16((n + (_u32(s, 0) << 3)) & M64, _u32(s, n - 4), mul)
+    if n <= 16:
+        a = (_u64(s, 0) + _K2) & M64
+        b = _u64(s, n - 8)
+        return _len16((_rot(b, 37) * mul + a) & M64, ((_rot(a, 25) + b) * mul) & M64, mul)
+    a = (_u64(s, 0) * _K1) & M64 if n <= 32 else (_u64(s, 0) * _K2) & M64
+    b, c = _u64(s, 8), (_u64(s, n - 8) * mul) & M64
+    d = (_u64(s, n - 16) * _K2) & M64
+    if n <= 32:
+        return _len16(
+            (_rot((a + b) & M64, 43) + _rot(c, 30) + d) & M64,
+            (a + _rot((b + _K2) & M64, 18) + c) & M64,
+            mul,
+        )
+    if n <= 64:
+        y = (_rot((a + b) & M64, 43) + _rot(c, 30) + d) & M64
+        z = _len16(y, (a + _rot((b + _K2) & M64, 18) + c) & M64, mul)
+        e, f = (_u64(s, 16) * mul) & M64, _u64(s, 24)
+        g = ((y + _u64(s, n - 32)) * mul) & M64
+        h = ((z + _u64(s, n - 24)) * mul) & M64
+        return _len16(
+            (_rot((e + f) & M64, 43) + _rot(g, 30) + h) & M64,
+            (e + _rot((f + a) & M64, 18) + g) & M64,
+            mul,
+        )
+    x, y = 81, (81 * _K1 + 113) & M64
+    z = (((y * _K2 + 113) & M64) ^ (((y * _K2 + 113) & M64) >> 47)) * _K2 & M64
+    v, w = (0, 0), (0, 0)
+    x = (x * _K2 + _u64(s, 0)) & M64
+    for i in range(0, (n - 1) // 64 * 64, 64):
+        x = (_rot((x + y + v[0] + _u64(s, i + 8)) & M64, 37) * _K1) & M64
+        y = (_rot((y + v[1] + _u64(s, i + 48)) & M64, 42) * _K1) & M64
+        x ^= w[1]
+        y = (y + v[0] + _u64(s, i + 40)) & M64
+        z = (_rot((z + w[0]) & M64, 33) * _K1) & M64
+        v = _weak32(s, i, (v[1] * _K1) & M64, (x + w[0]) & M64)
+        w = _weak32(s, i + 32, (z + w[1]) & M64, (y + _u64(s, i + 16)) & M64)
+        z, x = x, z
+    mul = (_K1 + ((z & 0xFF) << 1)) & M64
+    i = n - 64
+    w0 = (w[0] + ((n - 1) & 63)) & M64
+    v = ((v[0] + w0) & M64, v[1])
+    w = ((w0 + v[0]) & M64, w[1])
+    x = (_rot((x + y + v[0] + _u64(s, i + 8)) & M64, 37) * mul) & M64
+    y = (_rot((y + v[1] + _u64(s, i + 48)) & M64, 42) * mul) & M64
+    x ^= (w[1] * 9) & M64
+    y = (y + v[0] * 9 + _u64(s, i + 40)) & M64
+    z = (_rot((z + w[0]) & M64, 33) * mul) & M64
+    v = _weak32(s, i, (v[1] * mul) & M64, (x + w[0]) & M64)
+    w = _weak32(s, i + 32, (z + w[1]) & M64, (y + _u64(s, i + 16)) & M64)
+    z, x = x, z
+    return _len16(
+        (_len16(v[0], w[0], mul) + (y ^ (y >> 47)) * _K0 + z) & M64,
+        (_len16(v[1], w[1], mul) + x) & M64,
+        mul,
+    )
+
+
+def fmix64(k: int) -> int:
+    k = ((k ^ (k >> 33)) * 0xFF51AFD7ED558CCD) & M64
+    k = ((k ^ (k >> 33)) * 0xC4CEB9FE1A85EC53) & M64
+    return k ^ (k >> 33)
+
+
+def as_int64(h: int) -> int:
+    return h - (1 << 64) if h >> 63 else h
+
+
+REFERENCE = {"farm": farm64, "murmur": murmur64a}
+# Every length class of both hashes (0..140 bytes covers FarmHash's 0-16, 17-32, 33-64 and the
+# 64-byte loop with 1 to 64 bytes left), non-ASCII text, NUL bytes, and long inputs.
+STRINGS: list[bytes] = [
+    b"",
+    b"\x00",
+    b"a\x00b",
+    b"\x00" * 9,
+    "héllo wörld".encode(),
+    "中文 😀".encode(),
+    bytes(range(256)),
+    bytes(range(256)) * 17,
+] + [bytes((7 * i + j) % 256 for j in range(i)) for i in range(1, 141)]
+
+
+def test_reference_hashes_match_published_values() -> None:
+    # Fixed points of the definitions: FarmHash of "" is k2; MurmurHash64A of "" is 0.
+    assert farm64(b"") == _K2
+    assert murmur64a(b"") == 0
+
+
+@pytest.mark.parametrize("algorithm", ["farm", "murmur"])
+@pytest.mark.parametrize("buckets", [0, 1, 97, 2**40 + 7, 2**63 - 1])
+def test_hash_matches_the_published_definition(algorithm: str, buckets: int) -> None:
+    ref = REFERENCE[algorithm]
+    expected = [as_int64(ref(s)) if buckets == 0 else ref(s) % buckets for s in STRINGS]
+    offsets = torch.tensor([0, *map(len, STRINGS)]).cumsum(0)
+    as_bytes = RaggedTensor(torch.tensor(list(b"".join(STRINGS)), dtype=torch.uint8), [offsets])
+    feature = Feature("h").select("s").hash(algorithm, buckets)
+    other = Feature("o").select("s").hash("murmur" if algorithm == "farm" else "farm", 3)
+    for column in (STRINGS, as_bytes):
+        assert feature({"s": column}).tolist() == expected
+        fused = FeatureEngine([feature, other])({"s": column})
+        assert fused["h"].dtype == torch.int64
+        assert fused["h"].tolist() == expected
+
+
+def test_hash_of_text_is_the_hash_of_its_utf8_bytes() -> None:
+    text = ["", "é", "日本語", "a\x00", "😀" * 30]
+    out = Feature("h").select("s").hash("farm")({"s": text})
+    assert out.tolist() == [as_int64(farm64(t.encode())) for t in text]
+
+
+# -- multi_hash and cross ------------------------------------------------------------------------
+
+
+def test_multi_hash_matches_its_definition() -> None:
+    ids = [0, 1, -1, 2**63 - 1, -(2**63), 123456789]
+    buckets = [7, 0, 2**63 - 1, 1]
+    expected = []
+    for x in ids:
+        row = []
+        for k, b in enumerate(buckets):
+            h = fmix64((x + (k + 1) * 0x9E3779B97F4A7C15) & M64)
+            row.append(as_int64(h) if b == 0 else h % b)
+        expected.append(row)
+    feature = Feature("m").select("x").multi_hash(buckets)
+    for fused in (True, False):
+        engine = FeatureEngine([feature, Feature("n").select("x").multi_hash([3])], fused=fused)
+        out = engine({"x": torch.tensor(ids)})["m"]
+        assert out.dtype == torch.int64
+        assert out.tolist() == expected
+
+
+def _cross_rows(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    out = []
+    for ra, rb in zip(a, b, strict=True):
+        out.append(
+            [
+                as_int64(
+                    murmur64a((x & M64).to_bytes(8, "little") + (y & M64).to_bytes(8, "little"))
+                )
+                for x in dict.fromkeys(ra)
+                for y in dict.fromkeys(rb)
+            ]
+        )
+    return out
+
+
+def test_cross_matches_murmur_of_the_two_ids() -> None:
+    a = [[1, 2, 1], [], [5], [-1, 2**63 - 1]]
+    b = [[7, 8], [3], [6, 6], [-(2**63)]]
+    dense = torch.tensor([4, -5, 6, 0], dtype=torch.int32)
+    batch = {"a": ragged(a, weights=True), "b": ragged(b), "d": dense}
+    features = [
+        Feature("ab").select_fields(["a", "b"]).cross(),
+        Feature("ad").select_fields(["a", "d"]).cross(),
+        Feature("db").select_fields(["d", "b"]).cross(),
+    ]
+    for fused in (True, False):
+        out = FeatureEngine(features, fused=fused)(batch)
+        assert rows_of(out["ab"]) == _cross_rows(a, b)
+        assert rows_of(out["ad"]) == _cross_rows(a, [[x] for x in dense.tolist()])
+        assert rows_of(out["db"]) == _cross_rows([[x] for x in dense.tolist()], b)
+        # Weights of the first occurrences of ``a`` (1, 2, -, 4, 5, 6), times 1 for ``d``.
+        assert out["ad"].weights.tolist() == [1.0, 2.0, 4.0, 5.0, 6.0]
+        assert out["db"].weights is None
+
+
+# -- sequences of strings ------------------------------------------------------------------------
+
+
+def _string_rows(rows: list[list[bytes]]) -> RaggedTensor:
+    """A list<string> column as recis-io gives it: bytes, string offsets, byte offsets."""
+    words = [w for row in rows for w in row]
+    outer = torch.tensor([0, *map(len, rows)]).cumsum(0)
+    inner = torch.tensor([0, *map(len, words)]).cumsum(0)
+    data = torch.tensor(list(b"".join(words)), dtype=torch.uint8)
+    return RaggedTensor(data, [outer, inner])
+
+
+def _strings_of(r: RaggedTensor) -> list[list[bytes]]:
+    outer, inner = (o.tolist() for o in r.offsets)
+    data = bytes(r.values.tolist())
+    words = [data[a:b] for a, b in itertools.pairwise(inner)]
+    return [words[a:b] for a, b in itertools.pairwise(outer)]
+
+
+def _kept(rows: list[list], length: int, side: str) -> list[list]:
+    return [row[:length] if side == "head" else row[max(len(row) - length, 0) :] for row in rows]
+
+
+WORDS = st.lists(st.lists(st.binary(max_size=5), max_size=5), max_size=6)
+
+
+@SETTINGS
+@given(rows=WORDS, length=st.integers(0, 6), side=st.sampled_from(["head", "tail"]))
+def test_truncate_keeps_whole_strings_and_never_pads(
+    rows: list[list[bytes]], length: int, side: str
+) -> None:
+    out = SequenceTruncate(length, side).apply(_string_rows(rows))
+    assert out.values.dtype == torch.uint8
+    assert _strings_of(out) == _kept(rows, length, side)
+    hashed = (
+        Feature("h").select("s").truncate(length, side).hash("murmur")({"s": _string_rows(rows)})
+    )
+    assert rows_of(hashed) == [
+        [as_int64(murmur64a(w)) for w in row] for row in _kept(rows, length, side)
+    ]
+
+
+@SETTINGS
+@given(
+    words=WORDS,
+    ids=st.lists(st.lists(st.integers(-9, 9), max_size=5), max_size=6),
+    lengths=st.lists(st.integers(0, 4), min_size=4, max_size=4),
+    sides=st.lists(st.sampled_from(["head", "tail"]), min_size=4, max_size=4),
+)
+def test_fused_truncate_of_strings_and_ids_equals_unfused(
+    words: list[list[bytes]], ids: list[list[int]], lengths: list[int], sides: list[str]
+) -> None:
+    rows = max(len(words), len(ids))
+    words += [[]] * (rows - len(words))
+    ids += [[]] * (rows - len(ids))
+    batch = {"w": _string_rows(words), "i": ragged(ids)}
+    features = [
+        Feature("w0").select("w").truncate(lengths[0], sides[0]),
+        Feature("w1").select("w").truncate(lengths[1], sides[1]).hash("farm", 1000),
+        Feature("i0").select("i").truncate(lengths[2], sides[2]),
+        Feature("i1").select("i").truncate(lengths[3], sides[3]),
+    ]
+    fused = FeatureEngine(features, passthrough=False)(batch)
+    unfused = FeatureEngine(features, passthrough=False, fused=False)(batch)
+    for f in features:
+        assert_same(fused[f.name], unfused[f.name])
+    assert _strings_of(fused["w0"]) == _kept(words, lengths[0], sides[0])
+    assert rows_of(fused["w1"]) == [
+        [farm64(w) % 1000 for w in row] for row in _kept(words, lengths[1], sides[1])
+    ]
+    assert rows_of(fused["i0"]) == _kept(ids, lengths[2], sides[2])
+
+
+def test_truncate_of_lists_of_lists_of_strings_pads_with_empty_lists_only() -> None:
+    # rows: [[["a", "bb"], ["c"]], [], [[""], ["dd", "e"], ["f"]]]
+    words = [b"a", b"bb", b"c", b"", b"dd", b"e", b"f"]
+    value = RaggedTensor(
+        torch.tensor(list(b"".join(words)), dtype=torch.uint8),
+        [
+            torch.tensor([0, 2, 2, 5]),
+            torch.tensor([0, 2, 3, 4, 6, 7]),
+            torch.tensor([0, *map(len, words)]).cumsum(0),
+        ],
+    )
+    features = [
+        Feature("t").select("x").truncate(2, "tail", levels=3),
+        Feature("u").select("x").truncate(1, levels=3).hash("murmur"),
+    ]
+    for fused in (True, False):
+        out = FeatureEngine(features, fused=fused)({"x": value})
+        assert [o.tolist() for o in out["t"].offsets] == [
+            [0, 2, 4, 6],
+            [0, 2, 3, 3, 3, 5, 6],
+            [0, 1, 3, 4, 6, 7, 8],
+        ]
+        assert bytes(out["t"].values.tolist()) == b"abbcddef"
+        # Row 1 gets one empty list (no ids); row 2 keeps its real empty string.
+        assert [o.tolist() for o in out["u"].offsets] == [[0, 1, 2, 3], [0, 2, 2, 3]]
+        assert out["u"].values.tolist() == [as_int64(murmur64a(w)) for w in (b"a", b"bb", b"")]
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        ["ab", "cde"],
+        RaggedTensor(torch.tensor(list(b"abcde"), dtype=torch.uint8), [torch.tensor([0, 2, 5])]),
+    ],
+)
+def test_truncating_a_string_column_with_one_string_per_row_raises(column: object) -> None:
+    feature = Feature("city").select("city").truncate(1)
+    found = (
+        "strings (list of 2)" if isinstance(column, list) else "ragged uint8 with 1 offset level(s)"
+    )
+    message = (
+        "feature 'city': op truncate (step 1) expects a sequence of strings per row (ragged "
+        "bytes with 2 offset levels), not one string per row: truncate keeps whole strings and "
+        f"never cuts one, found {found}"
+    )
+    for run in (feature, FeatureEngine([feature]), FeatureEngine([feature], fused=False)):
+        with pytest.raises(FeatureTypeError) as info:
+            run({"city": column})
+        assert str(info.value) == message
+
+
+def test_truncate_levels_3_on_a_list_of_strings_raises() -> None:
+    feature = Feature("w").select("w").truncate(2, levels=3)
+    with pytest.raises(FeatureTypeError) as info:
+        feature({"w": _string_rows([[b"a", b"b"]])})
+    assert str(info.value) == (
+        "feature 'w': op truncate (step 1) expects rows of lists of lists of strings (ragged "
+        "bytes with 3 offset levels), found ragged uint8 with 2 offset level(s)"
+    )
+
+
+def test_truncate_and_hash_of_recis_io_string_columns(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    recis_io = pytest.importorskip("recis_io")
+    lists = [["a", "bb", "ccc"], [], ["d"], ["", "é", "😀", "x" * 70]]
+    ids = [[1, 2, 3], [], [4], [5, 6]]
+    table = pa.table(
+        {
+            "words": pa.array(lists, pa.list_(pa.string())),
+            "ids": pa.array(ids, pa.list_(pa.int64())),
+            "city": pa.array(["hz", "bj", "", "sh"], pa.string()),
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    (batch,) = list(recis_io.Dataset(tmp_path / "t.parquet", batch_size=8))
+    features = [
+        Feature("w").select("words").truncate(2, "tail").hash("farm", 1000),
+        Feature("w1").select("words").truncate(1).hash("murmur"),
+        Feature("i").select("ids").truncate(1, "tail"),
+    ]
+    for fused in (True, False):
+        out = FeatureEngine(features, fused=fused, passthrough=False)(batch)
+        assert rows_of(out["w"]) == [
+            [farm64(w.encode()) % 1000 for w in row] for row in _kept(lists, 2, "tail")
+        ]
+        assert rows_of(out["w1"]) == [
+            [as_int64(murmur64a(w.encode())) for w in row] for row in _kept(lists, 1, "head")
+        ]
+        assert rows_of(out["i"]) == _kept(ids, 1, "tail")
+    with pytest.raises(FeatureTypeError, match="not one string per row"):
+        FeatureEngine([Feature("c").select("city").truncate(1)])(batch)
+
+
+# -- select(dtype=...) casts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "shown"),
+    [
+        (torch.tensor([1.0, 1.5]), "int64", "1.5"),
+        (torch.tensor([1.0, float("nan")]), "int64", "nan"),
+        (torch.tensor([1.0, 1e19], dtype=torch.float64), "int64", "1e+19"),
+        (torch.tensor([5, 2**40 + 3]), "int32", "1099511627779"),
+    ],
+)
+def test_a_cast_to_integers_that_loses_values_raises(
+    values: torch.Tensor, dtype: str, shown: str
+) -> None:
+    feature = Feature("n").select("x", dtype).mod(1000)
+    source = str(values.dtype).removeprefix("torch.")
+    message = (
+        f"feature 'n': op select (step 0): column 'x' holds {source} values that {dtype} cannot "
+        f"hold exactly (such as {shown}); a cast to integers never truncates, rounds or wraps"
+    )
+    for run in (feature, FeatureEngine([feature])):
+        with pytest.raises(FeatureInputError) as info:
+            run({"x": values})
+        assert str(info.value) == message
+    ragged_column = RaggedTensor(values, [torch.tensor([0, 2])])
+    with pytest.raises(FeatureInputError, match="cannot hold exactly"):
+        feature({"x": ragged_column})
+
+
+def test_exact_casts_to_integers_and_casts_to_floats_pass() -> None:
+    assert Feature("a").select("x", "int64")(
+        {"x": torch.tensor([1.0, -3.0, 2.0**40])}
+    ).tolist() == [
+        1,
+        -3,
+        2**40,
+    ]
+    assert (
+        Feature("a").select("x", "int32")({"x": torch.tensor([5, -(2**31)])}).dtype == torch.int32
+    )
+    # uint64 ids keep their 64 bits as int64, as mod and hash read them.
+    out = Feature("a").select("x", "int64").mod(10)({"x": np.array([2**64 - 1], dtype=np.uint64)})
+    assert out.tolist() == [(2**64 - 1) % 10]
+    # A cast to floats rounds, as documented.
+    out = Feature("a").select("x", "float32")({"x": torch.tensor([2**40 + 1])})
+    assert out.dtype == torch.float32
+    assert out.tolist() == [2.0**40]
+
+
+# -- column types --------------------------------------------------------------------------------
+
+
+def test_read_only_numpy_columns_are_used_without_a_warning() -> None:
+    array = np.arange(5, dtype=np.int64)
+    array.flags.writeable = False
+    # pytest turns warnings into errors here (filterwarnings = error).
+    out = FeatureEngine([Feature("m").select("x").mod(3)])({"x": array})
+    assert out["m"].tolist() == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        (
+            np.arange(4)[::-1],
+            "feature 'm': column 'x' is a NumPy array torch cannot share (dtype int64, strides "
+            "(-8,)): it needs a numeric or bool dtype in native byte order and no negative "
+            "strides; pass np.ascontiguousarray(column, dtype=...)",
+        ),
+        (
+            np.arange(4, dtype=">i8"),
+            "feature 'm': column 'x' is a NumPy array torch cannot share (dtype >i8, strides "
+            "(8,)): it needs a numeric or bool dtype in native byte order and no negative "
+            "strides; pass np.ascontiguousarray(column, dtype=...)",
+        ),
+        (
+            np.int64(3),
+            "feature 'm': column 'x' is a single NumPy int64, expected an array with one value "
+            "per row",
+        ),
+        (
+            [1, 2],
+            "feature 'm': column 'x' is a list whose item 0 is int, expected strings (str or "
+            "bytes) only; numbers go in a tensor or NumPy array",
+        ),
+        (
+            ["a", None],
+            "feature 'm': column 'x' is a list whose item 1 is NoneType, expected strings (str "
+            "or bytes) only; numbers go in a tensor or NumPy array",
+        ),
+    ],
+)
+def test_unusable_columns_raise_naming_the_feature_and_column(column: object, message: str) -> None:
+    engine = FeatureEngine([Feature("m").select("x").mod(3)])
+    with pytest.raises(FeatureTypeError) as info:
+        engine({"x": column})
+    assert str(info.value) == message
+
+
+# -- lambda and configs --------------------------------------------------------------------------
+
+
+def test_a_lambda_is_refused_both_ways_by_configs() -> None:
+    feature = Feature("x").select("x").map(abs)
+    with pytest.raises(SerializationError, match=r"op lambda \(abs\) cannot be serialized"):
+        FeatureEngine([feature]).fingerprint()
+    config = {"name": "x", "ops": [{"op": "select", "column": "x"}, {"op": "lambda", "fn": "abs"}]}
+    with pytest.raises(SerializationError) as info:
+        Feature.from_dict(config)
+    assert str(info.value) == (
+        "feature 'x': op 'lambda' holds a Python function and cannot be built from a config; "
+        "subclass Transform with a registered kind instead"
+    )
