@@ -61,6 +61,9 @@ def test_cli_flags_override_the_config_file(tmp_path):
         ({"grad_clip": -1.0}, "grad_clip must be positive and finite, or None, got -1.0"),
         ({"grad_clip": "inf"}, "grad_clip must be positive and finite, or None, got inf"),
         ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
+        ({"device": "cuda:x"}, r"device must be .*, got 'cuda:x'"),
+        ({"device": "cudafoo"}, r"device must be .*, got 'cudafoo'"),
+        ({"device": "cuda:"}, r"device must be .*, got 'cuda:'"),
         ({"seed": "abc"}, "dict: seed must be int, got 'abc'"),
         ({"resume": "maybe"}, "dict: resume must be bool, got 'maybe'"),
         ({"save_every": -2}, "save_every must be 0 or more, got -2"),
@@ -94,6 +97,7 @@ def test_bad_files_are_named(tmp_path):
         ({"grad_clip": "1.0"}, r"grad_clip must be float or None, got '1\.0' \(str\)"),
         ({"resume": 1}, r"resume must be bool, got 1 \(int\)"),
         ({"grad_clip": float("nan")}, "grad_clip must be positive and finite, or None, got nan"),
+        ({"output_dir": ""}, "output_dir must name a directory, got an empty string"),
     ],
 )
 def test_values_given_in_python_are_checked_like_loaded_ones(values, message):

@@ -87,6 +87,35 @@ def test_restore_picks_latest_complete_and_rotates(tmp_path):
     assert fresh.global_step == 9
 
 
+@pytest.mark.parametrize("damaged", ["dense/model.safetensors", "trainer/state.pt"])
+def test_a_truncated_newest_checkpoint_is_passed_over(tmp_path, damaged):
+    whole = build(tmp_path / "whole", train_steps=12)
+    whole.train()
+    trainer = build(tmp_path / "run", train_steps=12, save_every=3, max_to_keep=2)
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    file = root / "step-000000012" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # a disk that filled up
+    assert trainer.checkpoints.latest() == root / "step-000000009"
+    with pytest.raises(CheckpointError, match=rf"step-000000012: .*{damaged} \(\d+ bytes, written"):
+        build(tmp_path / "run").restore(root / "step-000000012")
+    resumed = build(tmp_path / "run", train_steps=12, save_every=3, max_to_keep=2)
+    resumed.train()  # resumes from step 9 and writes step 12 again
+    assert_same(params(resumed), params(whole))
+    assert [p.name for p in resumed.checkpoints.complete()] == ["step-000000009", "step-000000012"]
+
+
+def test_an_unreadable_checkpoint_file_is_named(tmp_path):
+    trainer = build(tmp_path, train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    # Same size, other bytes: not caught by the manifest, so loading it names the file.
+    file = path / "dense" / "model.safetensors"
+    file.write_bytes(b"\xff" * file.stat().st_size)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read the tensors"):
+        build(tmp_path).restore()
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     trainer = build(tmp_path, train_steps=4, save_every=4)
     trainer.train()
@@ -313,6 +342,11 @@ def sgd(trainer):
     trainer.dense_optimizer = torch.optim.SGD(trainer.model.dense_parameters(), lr=0.1)
 
 
+def float_counter(trainer):
+    # An integer buffer that became float: loading would cast the counts without a word.
+    trainer.model.seen = trainer.model.seen.float()
+
+
 def no_sparse_optimizer(trainer):
     trainer.sparse_optimizer = None
 
@@ -336,7 +370,12 @@ def no_sparse_optimizer(trainer):
         (
             {"rows": 300},
             None,
-            r"model\.safetensors: dense parameter\(s\) do not fit the model's shapes \(checkpoint vs model: seen \(600,\) vs \(300,\)\)",
+            r"model\.safetensors: dense parameter\(s\) do not fit the model's shapes or dtypes \(checkpoint vs model: seen \(600,\) vs \(300,\)\)",
+        ),
+        (
+            {},
+            float_counter,
+            r"model\.safetensors: .* do not fit the model's shapes or dtypes \(checkpoint vs model: seen torch\.int64 vs torch\.float32\)",
         ),
     ],
 )

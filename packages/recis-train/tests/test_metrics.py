@@ -27,9 +27,11 @@ def pairwise_auc(preds: np.ndarray, labels: np.ndarray) -> float:
 
 
 def tf_auc(preds: np.ndarray, labels: np.ndarray, n: int = 200) -> float:
+    """``tf.compat.v1.metrics.auc``: predictions and thresholds compared in float32."""
     thresholds = [-1e-7] + [(i + 1) / (n - 1) for i in range(n - 2)] + [1 + 1e-7]
+    preds = preds.astype(np.float32)
     tpr, fpr = [], []
-    for t in thresholds:
+    for t in np.array(thresholds, dtype=np.float32):
         predicted = preds > t
         tp = np.sum(predicted & (labels == 1))
         fp = np.sum(predicted & (labels == 0))
@@ -90,6 +92,19 @@ def test_thresholded_auroc_matches_tf_definition(seed, n, size):
         assert math.isnan(metric.compute())
     else:
         assert metric.compute() == pytest.approx(tf_auc(preds, labels), abs=1e-9)
+
+
+@pytest.mark.parametrize("num_thresholds", [101, 200])
+def test_thresholded_auroc_compares_in_float32_like_tf(num_thresholds):
+    # Scores rounded to two decimals sit on the thresholds of num_thresholds=101 (0.01 apart):
+    # in float32, as TF compares, 0.37 is not above the threshold 0.37; in float64 the float32
+    # score 0.37 is 0.3700000048 and would be.
+    rng = np.random.default_rng(3)
+    labels = (rng.random(400) < 0.4).astype(np.int64)
+    preds = np.round(np.clip(rng.random(400) * 0.8 + labels * 0.2, 0, 1), 2).astype(np.float32)
+    metric = AUROC("thresholded", num_thresholds=num_thresholds)
+    metric.update(torch.from_numpy(preds), torch.tensor(labels))
+    assert metric.compute() == pytest.approx(tf_auc(preds, labels, num_thresholds), abs=1e-12)
 
 
 def test_thresholded_close_to_exact_on_smooth_scores():
@@ -205,6 +220,25 @@ def test_state_dict_round_trip_continues_identically(make):
     assert second.compute() == pytest.approx(whole.compute(), abs=1e-12)
     with pytest.raises(MetricInputError, match="state has keys"):
         second.load_state_dict({"bogus": torch.zeros(1)})
+
+
+def test_a_state_of_another_configuration_is_refused():
+    small = AUROC("thresholded", num_thresholds=10)
+    small.update(torch.tensor([0.1, 0.9]), torch.tensor([0, 1]))
+    target = AUROC("thresholded", num_thresholds=200)
+    with pytest.raises(
+        MetricInputError, match=r"state 'pos' has shape \(11,\), expected shape \(201,\)"
+    ):
+        target.load_state_dict(small.state_dict())
+    assert math.isnan(target.compute())  # nothing was loaded
+    with pytest.raises(MetricInputError, match="different numbers of rows"):
+        AUROC().load_state_dict({"preds": torch.zeros(3), "labels": torch.zeros(2)})
+    with pytest.raises(MetricInputError, match="expected 1-d"):
+        GAUC().load_state_dict(
+            {"preds": torch.zeros(2, 1), "labels": torch.zeros(2), "groups": torch.zeros(2)}
+        )
+    with pytest.raises(MetricInputError, match=r"state 'count' has shape \(2,\)"):
+        LogLoss().load_state_dict({"loss_sum": torch.tensor(1.0), "count": torch.ones(2)})
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, queue) -> None:

@@ -417,3 +417,47 @@ def test_total_steps_is_the_number_of_steps_trained(tmp_path, batches, epochs, a
     expected = trainer.total_steps
     trainer.train()
     assert trainer.global_step == expected
+
+
+def test_progress_counts_to_the_end_of_the_data_when_train_steps_is_beyond_it(tmp_path):
+    # 10 batches, one epoch: the run ends at step 10, not at train_steps=100.
+    out = io.StringIO()
+    trainer = make_trainer(
+        tmp_path,
+        rows=100,
+        batch=10,
+        args={"train_steps": 100, "log_every": 5},
+        hooks=[LoggingHook(stream=out)],
+    )
+    assert trainer.total_steps == 10
+    trainer.train()
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["5/10", "10/10"]
+    assert " eta 0m00s" in lines[-1]
+    assert make_trainer(tmp_path, rows=100, batch=10, args={"train_steps": 4}).total_steps == 4
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "xpu:0"])
+def test_a_device_torch_does_not_have_is_a_config_error(tmp_path, device, monkeypatch):
+    for backend in ("mps", "xpu"):
+        if hasattr(torch, backend):
+            monkeypatch.setattr(getattr(torch, backend), "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=f"device '{device}' was asked for but torch sees no"):
+        make_trainer(tmp_path, args={"device": device})
+
+
+def test_a_cuda_index_beyond_the_devices_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(
+        ConfigError, match=r"'cuda:2' .* torch sees 2 cuda device\(s\) \(indices 0 to 1\)"
+    ):
+        make_trainer(tmp_path, args={"device": "cuda:2"})
+
+
+def test_a_metric_instance_instead_of_a_factory_is_refused_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"metrics: 'auc' must be a zero-argument function"):
+        make_trainer(tmp_path, metrics={"auc": AUROC("thresholded")})
+    trainer = make_trainer(tmp_path, metrics={"auc": lambda: AUROC("thresholded")})
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["auc"] == second["auc"]  # each evaluation counts its own rows only

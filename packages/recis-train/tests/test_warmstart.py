@@ -159,6 +159,65 @@ def test_a_tensor_of_another_shape_is_an_error(source):
     assert result.dense == []
 
 
+def test_a_tensor_of_another_kind_of_dtype_is_an_error(tmp_path):
+    from _toy import ToyModel, make_optimizers
+
+    donor = ToyModel(40)
+    dense, sparse = make_optimizers(donor)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", train_steps=2)
+    Trainer(
+        donor, args, train_data=ToyReader(40, 10), dense_optimizer=dense, sparse_optimizer=sparse
+    ).train()
+    target = ToyModel(40)
+    target.seen = target.seen.float()  # an int64 counter in the checkpoint
+    before = target.mlp[0].weight.clone()
+    with pytest.raises(CheckpointError, match=r"seen torch\.int64 vs torch\.float32\); exclude"):
+        warm_start(target, tmp_path)
+    assert torch.equal(target.mlp[0].weight, before)  # nothing loaded
+    # Floating point precisions differ freely: the values are cast to the model's.
+    wide = ToyModel(40).double()
+    result = warm_start(wide, tmp_path, exclude=["seen"])
+    assert "mlp.0.weight" in result.dense
+    assert wide.mlp[0].weight.dtype == torch.float64
+    assert torch.equal(wide.mlp[0].weight, donor.mlp[0].weight.double())
+
+
+def test_rename_loads_a_moved_module_and_a_renamed_table(source):
+    class Moved(nn.Module):
+        """TwoTables with the MLP under ``head.body`` and the user table renamed."""
+
+        def __init__(self):
+            super().__init__()
+            self.embeddings = emb.EmbeddingEngine(
+                {"member": emb.EmbeddingOption(4), "item": emb.EmbeddingOption(4)}
+            )
+            self.head = nn.Module()
+            self.head.body = nn.Sequential(nn.Linear(NUM_DENSE + 8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    target = Moved()
+    path = source.checkpoints.latest()
+    result = warm_start(
+        target, path, rename={"mlp": "head.body", "user": "member"}, exclude=["mlp.2"]
+    )
+    assert result.dense == ["head.body.0.bias", "head.body.0.weight"]
+    assert set(result.tables) == {"member", "item"}
+    assert result.skipped == []
+    assert torch.equal(target.head.body[0].weight, source.model.mlp[0].weight)
+    assert not torch.equal(target.head.body[2].weight, source.model.mlp[2].weight)
+    want_ids, want_values = rows(source.model, "user")
+    ids, values = rows(target, "member")
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(values, want_values)
+    # Without rename the moved names are only skipped.
+    plain = warm_start(Moved(), path, parts=("dense",))
+    assert plain.dense == []
+    assert "mlp.0.weight" in plain.skipped
+    with pytest.raises(ConfigError, match=r"rename prefix\(es\) \['tower'\] match nothing"):
+        warm_start(Moved(), path, rename={"tower": "head.body"})
+    with pytest.raises(ConfigError, match=r"maps tables 'item' and 'user' .* both to 'item'"):
+        warm_start(Moved(), path, rename={"user": "item"})
+
+
 def test_names_the_model_lacks_are_reported(source):
     class UserOnly(nn.Module):
         def __init__(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 from recis_train.exceptions import ConfigError
 
 _PRECISIONS = ("no", "bf16", "fp16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
 
 
 @dataclasses.dataclass
@@ -23,7 +25,9 @@ class TrainingArguments:
     Attributes:
         output_dir: where checkpoints and logs go.
         train_steps: stop after this many optimizer steps (``None``: run ``epochs`` passes).
-        epochs: passes over the training data (each restarts the iterable).
+        epochs: passes over the training data (each restarts the iterable). With both set,
+            training stops at whichever comes first: ``train_steps`` steps, or the end of
+            ``epochs`` passes (with a warning that the data ran out).
         eval_steps: batches per evaluation (``None``: the whole evaluation data).
         eval_every: evaluate every N optimizer steps in ``train_and_evaluate`` (0: at the end).
         log_every: the logging hook prints every N optimizer steps.
@@ -62,6 +66,8 @@ class TrainingArguments:
             self.output_dir = str(self.output_dir)
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name))
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir must name a directory, got an empty string")
         if self.grad_clip is not None:
             self.grad_clip = float(self.grad_clip)
         positive = ("epochs", "log_every", "max_to_keep", "gradient_accumulation_steps")
@@ -83,8 +89,11 @@ class TrainingArguments:
             raise ConfigError(
                 f"grad_clip must be positive and finite, or None, got {self.grad_clip}"
             )
-        if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps", "xpu"))):
-            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(
+                f"device must be 'auto', 'cpu' or 'cuda[:N]' (or 'mps', 'xpu[:N]'), got "
+                f"{self.device!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a plain, JSON-serializable dict."""

@@ -86,12 +86,16 @@ class CheckpointManager:
             for part, write in writers.items():
                 (tmp / part).mkdir()
                 write(tmp / part)
+            files = {
+                str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()
+            }
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "step": step,
                 "created": time.time(),
                 "parts": sorted(writers),
-                "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
+                "files": sorted(files),
+                "sizes": dict(sorted(files.items())),
                 "meta": dict(meta),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -169,6 +173,17 @@ class CheckpointManager:
         missing = [f for f in manifest.get("files", []) if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: checkpoint is missing file(s) {missing}")
+        # Checkpoints written before sizes were recorded have none to check.
+        wrong = [
+            f"{name} ({(path / name).stat().st_size} bytes, written {size})"
+            for name, size in manifest.get("sizes", {}).items()
+            if (path / name).stat().st_size != size
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{path}: checkpoint file(s) changed size since they were written, truncated or "
+                f"overwritten: {', '.join(wrong)}"
+            )
         return manifest
 
     def _is_complete(self, path: Path) -> bool:
@@ -198,10 +213,19 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file written by :func:`save_tensors`."""
+    """Load a safetensors file written by :func:`save_tensors`.
+
+    Raises:
+        CheckpointError: the file is missing or not a readable safetensors file (names it).
+    """
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot read the tensors ({type(err).__name__}: {err})"
+        ) from err
 
 
 def save_object(obj: Any, path: Path) -> None:
@@ -210,5 +234,14 @@ def save_object(obj: Any, path: Path) -> None:
 
 
 def load_object(path: Path) -> Any:
-    """Load state saved by :func:`save_object`; only tensors and plain containers are allowed."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load state saved by :func:`save_object`; only tensors and plain containers are allowed.
+
+    Raises:
+        CheckpointError: the file is missing or cannot be read (names it).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot read the state ({type(err).__name__}: {err})"
+        ) from err

@@ -60,8 +60,18 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but torch sees no cuda device")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if backend is None or not callable(available) or not available():
+        raise ConfigError(f"device {name!r} was asked for but torch sees no {device.type} device")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ConfigError(
+            f"device {name!r} was asked for but torch sees {count()} {device.type} device(s) "
+            f"(indices 0 to {count() - 1})"
+        )
     return device
 
 
@@ -158,7 +168,9 @@ class Trainer:
         self.sparse_optimizer = sparse_optimizer
         self.lr_schedulers = list(lr_schedulers)
         self.hooks = list(hooks)
-        self.metric_factories = dict(metrics if metrics is not None else DEFAULT_METRICS)
+        self.metric_factories = _check_factories(
+            dict(metrics if metrics is not None else DEFAULT_METRICS), "metrics"
+        )
         self.sparse_checkpoint = (
             sparse_checkpoint if sparse_checkpoint is not None else default_sparse_checkpoint(model)
         )
@@ -206,15 +218,17 @@ class Trainer:
 
     @property
     def total_steps(self) -> int | None:
-        """Optimizer steps this run will take, when known."""
-        if self.args.train_steps is not None:
-            return self.args.train_steps
+        """Optimizer steps this run will take, when known: ``train_steps``, or the steps of
+        ``epochs`` passes over data with a length, whichever is fewer (training stops at the
+        first of the two)."""
+        wanted = self.args.train_steps
         try:
             batches = len(self.train_data)  # type: ignore[arg-type]
         except TypeError:
-            return None
+            return wanted
         # Accumulation runs across epoch boundaries: a step may take batches of two epochs.
-        return math.ceil(batches * self.args.epochs / self.args.gradient_accumulation_steps)
+        passes = math.ceil(batches * self.stream.epochs / self.args.gradient_accumulation_steps)
+        return passes if wanted is None else min(wanted, passes)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         precision = self.args.mixed_precision
@@ -519,7 +533,9 @@ class Trainer:
         per_task = getattr(self.model, "task_metrics", None)
         factories = self.metric_factories
         if callable(per_task):
-            factories = dict(per_task().get(task, factories))
+            factories = _check_factories(
+                dict(per_task().get(task, factories)), f"task_metrics() of task {task!r}"
+            )
         return {name: make() for name, make in factories.items()}
 
     def evaluate(self, eval_data: Iterable[Any] | None = None) -> dict[str, float]:
@@ -860,10 +876,19 @@ class Trainer:
             for name, tensor in sorted(tensors.items())
             if name in own and tuple(own[name].shape) != tuple(tensor.shape)
         ]
+        # Floating point values are cast to the model's precision; other kinds (an integer
+        # counter saved as float, a float loaded into an integer buffer) would change silently.
+        wrong += [
+            f"{name} {tensor.dtype} vs {own[name].dtype}"
+            for name, tensor in sorted(tensors.items())
+            if name in own
+            and tensor.dtype != own[name].dtype
+            and not (tensor.dtype.is_floating_point and own[name].dtype.is_floating_point)
+        ]
         if wrong:
             raise CheckpointError(
-                f"{file}: dense parameter(s) do not fit the model's shapes (checkpoint vs "
-                f"model: {', '.join(wrong)})"
+                f"{file}: dense parameter(s) do not fit the model's shapes or dtypes (checkpoint "
+                f"vs model: {', '.join(wrong)})"
             )
 
     def _load_dense(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
@@ -894,6 +919,22 @@ class Trainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._stopped_at_restore = bool(state.get("stopped", False))
         set_rng_state(own["rng"])
+
+
+def _check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricFactory]:
+    """``factories`` if every value makes a fresh metric, else a :class:`ConfigError`.
+
+    A metric instance is refused: every evaluation needs its own, or one evaluation's rows
+    would count in the next.
+    """
+    for name, make in factories.items():
+        if isinstance(make, Metric) or not callable(make):
+            raise ConfigError(
+                f"{where}: {name!r} must be a zero-argument function making a metric (e.g. "
+                f"AUROC, or lambda: AUROC('thresholded')), got {make!r}; each evaluation "
+                "makes its own metrics"
+            )
+    return factories
 
 
 def _mean(total: float, count: float) -> float:

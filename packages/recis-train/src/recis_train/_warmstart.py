@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,23 +103,65 @@ def _resolve(path: str | Path) -> tuple[Path, Path | None, Path | None]:
     return path, dense, tables
 
 
+class _Renaming:
+    """Maps checkpoint names to model names by prefix and remembers which prefixes matched."""
+
+    def __init__(self, rename: Mapping[str, str] | None) -> None:
+        rename = dict(rename or {})
+        for old, new in rename.items():
+            if not isinstance(old, str) or not isinstance(new, str) or not old or not new:
+                raise ConfigError(
+                    f"warm_start: rename must map non-empty name prefixes to non-empty name "
+                    f"prefixes, got {old!r}: {new!r}"
+                )
+            if _GLOB & set(old):
+                raise ConfigError(f"warm_start: rename prefix {old!r} may not hold a glob")
+        # The longest prefix wins: {"tower": ..., "tower.click": ...} renames the click tower
+        # by the second.
+        self.rename = sorted(rename.items(), key=lambda item: -len(item[0]))
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        for old, new in self.rename:
+            if _matches(name, old):
+                self.used.add(old)
+                return new + name[len(old) :]
+        return name
+
+    def unused(self) -> list[str]:
+        return [old for old, _ in self.rename if old not in self.used]
+
+
+def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether a tensor of dtype ``a`` may load into one of ``b``: the same dtype, or both
+    floating point (the value is cast, as ``load_state_dict`` does)."""
+    return a == b or (a.is_floating_point and b.is_floating_point)
+
+
 def _fit_dense(
-    model: nn.Module, saved: dict[str, torch.Tensor], names: list[str], result: WarmStartResult
+    model: nn.Module,
+    saved: dict[str, torch.Tensor],
+    names: dict[str, str],
+    result: WarmStartResult,
 ) -> dict[str, torch.Tensor]:
-    """The selected tensors the model has, checked for shape (others go to ``skipped``)."""
+    """The selected tensors the model has (checkpoint name -> model name in ``names``),
+    checked for shape and dtype (others go to ``skipped``), keyed by model name."""
     own = model.state_dict()
     chosen: dict[str, torch.Tensor] = {}
     misfits = []
-    for key in names:
-        if key not in own:
-            result.skipped.append(key)
-        elif own[key].shape != saved[key].shape:
-            misfits.append(f"{key} {tuple(saved[key].shape)} vs {tuple(own[key].shape)}")
+    for key, target in names.items():
+        label = key if key == target else f"{key} (as {target})"
+        if target not in own:
+            result.skipped.append(target)
+        elif own[target].shape != saved[key].shape:
+            misfits.append(f"{label} {tuple(saved[key].shape)} vs {tuple(own[target].shape)}")
+        elif not _same_kind(saved[key].dtype, own[target].dtype):
+            misfits.append(f"{label} {saved[key].dtype} vs {own[target].dtype}")
         else:
-            chosen[key] = saved[key]
+            chosen[target] = saved[key]
     if misfits:
         raise CheckpointError(
-            f"warm_start: tensors of {result.checkpoint} do not fit the model's shapes "
+            f"warm_start: tensors of {result.checkpoint} do not fit the model's shapes or dtypes "
             f"(checkpoint vs model: {', '.join(misfits)}); exclude them"
         )
     return chosen
@@ -174,31 +216,33 @@ def _parent_of(delta: Any) -> Path:
 def _fit_tables(
     model: nn.Module,
     reader: Any,
-    names: list[str],
+    names: dict[str, str],
     optimizer_state: bool,
     result: WarmStartResult,
-) -> dict[str, tuple[Any, int, Any]]:
-    """The selected tables the model has, checked for dim and optimizer slots."""
+) -> dict[str, tuple[str, tuple[Any, int, Any]]]:
+    """The selected tables the model has (checkpoint name -> model name in ``names``), checked
+    for dim and optimizer slots: model name -> (checkpoint name, the model's table)."""
     own = _model_tables(model)
     chosen = {}
-    for name in names:
-        if name not in own:
-            result.skipped.append(name)
+    for name, target in names.items():
+        if target not in own:
+            result.skipped.append(target)
             continue
-        table = own[name][0]
+        label = repr(name) if name == target else f"{name!r} (as {target!r})"
+        table = own[target][0]
         info = reader.table_info(name)
         if info["dim"] != table.dim:
             raise CheckpointError(
-                f"warm_start: table {name!r} has dim {info['dim']} in {reader.path}, "
+                f"warm_start: table {label} has dim {info['dim']} in {reader.path}, "
                 f"the model's has {table.dim}; exclude it"
             )
         slots = [tuple(s) for s in info["slots"]]
         if optimizer_state and slots != list(table.slots):
             raise CheckpointError(
-                f"warm_start: table {name!r} has optimizer slots {slots} in {reader.path}, the "
+                f"warm_start: table {label} has optimizer slots {slots} in {reader.path}, the "
                 f"model's table has {table.slots}; pass optimizer_state=False"
             )
-        chosen[name] = own[name]
+        chosen[target] = (name, own[target])
     return chosen
 
 
@@ -236,6 +280,7 @@ def warm_start(
     exclude: Sequence[str] = (),
     parts: Iterable[str] | None = None,
     optimizer_state: bool = False,
+    rename: Mapping[str, str] | None = None,
 ) -> WarmStartResult:
     """Initialize a model from another run's checkpoint, choosing what to take by name.
 
@@ -244,7 +289,14 @@ def warm_start(
     with ``*``, ``?`` or ``[...]`` is a glob over the whole name; any other pattern matches
     that name and everything below it (``"body.mlp"`` matches ``"body.mlp.0.weight"``).
     A name is taken when it matches an ``include`` pattern (every name when ``include`` is
-    ``None``) and no ``exclude`` pattern.
+    ``None``) and no ``exclude`` pattern. Patterns name things as the checkpoint does;
+    ``rename`` then maps checkpoint names to the model's by prefix, for a module that moved or
+    was renamed (``{"tower": "towers.click"}`` loads ``tower.0.weight`` into
+    ``towers.click.0.weight``; ``{"user": "user_v2"}`` loads table ``user`` into ``user_v2``).
+
+    A dense tensor must have the model's shape; its dtype may differ only between floating
+    point types (the value is cast to the model's, e.g. a float64 checkpoint into a float32
+    model); an integer or boolean tensor must have the model's dtype exactly.
 
     A selected table replaces the model's rows of that logical table (tables fused with it
     keep theirs); rows get fresh eviction counters, and fresh optimizer state unless
@@ -265,16 +317,19 @@ def warm_start(
             explicitly must be there).
         optimizer_state: also load the sparse optimizer's per-row state (the slots must be
             those of the model's sparse optimizer, which must already exist).
+        rename: checkpoint name prefix -> model name prefix (a prefix matches a name and what
+            lies below it, as plain patterns do; the longest matching prefix wins).
 
     Returns:
         A :class:`WarmStartResult` naming what was loaded and what the model lacked.
 
     Raises:
-        ConfigError: unknown parts, malformed patterns, or an ``include`` pattern that matches
-            nothing in the checkpoint (a typo would otherwise load nothing silently).
+        ConfigError: unknown parts, malformed patterns, or an ``include`` pattern or a
+            ``rename`` prefix that matches nothing in the checkpoint (a typo would otherwise
+            load nothing silently).
         CheckpointNotFoundError: no checkpoint at ``path``.
-        CheckpointError: a selected tensor or table does not fit the model (shape, dim, slots),
-            or the checkpoint is incomplete or corrupt.
+        CheckpointError: a selected tensor or table does not fit the model (shape, dtype, dim,
+            slots), or the checkpoint is incomplete or corrupt.
 
     Example:
         >>> warm_start(model, "pretrain/checkpoints", parts=("sparse",), exclude=["C1"])
@@ -300,25 +355,41 @@ def warm_start(
             "warm_start can read"
         )
     select = _Selection(include, exclude)
+    renamed = _Renaming(rename)
     result = WarmStartResult(checkpoint)
     # Check everything before loading anything: a typo or a misfit leaves the model untouched.
     saved = load_tensors(dense_file) if "dense" in parts and dense_file is not None else {}
-    dense_names = [k for k in sorted(saved) if select(k)]
+    dense_names = {k: renamed(k) for k in sorted(saved) if select(k)}
     chain = _reader_chain(tables_dir) if "sparse" in parts and tables_dir is not None else []
-    table_names = [t for t in chain[-1].tables() if select(t)] if chain else []
+    table_names = {t: renamed(t) for t in chain[-1].tables() if select(t)} if chain else {}
     unused = select.unused()
     if unused:
         raise ConfigError(
             f"warm_start: include pattern(s) {unused} match nothing in the {'/'.join(parts)} "
             f"part(s) of {checkpoint}"
         )
+    unused = renamed.unused()
+    if unused:
+        raise ConfigError(
+            f"warm_start: rename prefix(es) {unused} match nothing selected in the "
+            f"{'/'.join(parts)} part(s) of {checkpoint}"
+        )
+    for kind, names in (("tensor", dense_names), ("table", table_names)):
+        targets: dict[str, str] = {}
+        for name, target in names.items():
+            if target in targets:
+                raise ConfigError(
+                    f"warm_start: rename maps {kind}s {targets[target]!r} and {name!r} of "
+                    f"{checkpoint} both to {target!r}"
+                )
+            targets[target] = name
     dense = _fit_dense(model, saved, dense_names, result)
     tables = _fit_tables(model, chain[-1], table_names, optimizer_state, result) if chain else {}
     model.load_state_dict(dense, strict=False)
     result.dense.extend(dense)
-    for name, (table, index, shard) in tables.items():
+    for target, (name, (table, index, shard)) in tables.items():
         for reader in chain:
             if name in reader.manifest["tables"]:
                 _load_table(reader, name, (table, index, shard), optimizer_state)
-        result.tables[name] = int(table.ids(index).numel())
+        result.tables[target] = int(table.ids(index).numel())
     return result

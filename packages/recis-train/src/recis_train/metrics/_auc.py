@@ -73,7 +73,9 @@ class AUROC(Metric):
     counting one half. ``mode="thresholded"`` keeps only confusion counts at ``num_thresholds``
     fixed thresholds (constant memory) and matches TensorFlow's ``tf.compat.v1.metrics.auc``:
     thresholds ``-1e-7, 1/(n-1), …, (n-2)/(n-1), 1+1e-7``, a prediction is positive iff it is
-    strictly above the threshold, and the curve is integrated with the trapezoid rule.
+    strictly above the threshold (both compared in float32, as TF does), and the curve is
+    integrated with the trapezoid rule. ``tf.keras.metrics.AUC`` counts the same way but
+    divides without TF v1's ``1e-6`` guards; the two differ by less than ``2e-6``.
     Predictions are probabilities in [0, 1] for the thresholded mode (others raise
     :class:`~recis_train.exceptions.MetricInputError`); any real scores for exact. With no data,
     or with labels of one class only (the AUC is undefined), both modes return NaN; there
@@ -100,6 +102,7 @@ class AUROC(Metric):
         self.mode = mode
         self.num_thresholds = num_thresholds
         self._thresholds = tf_thresholds(num_thresholds)
+        self._thresholds32 = self._thresholds.to(torch.float32)
         self._reductions = (
             {"preds": "cat", "labels": "cat"} if mode == "exact" else {"pos": "sum", "neg": "sum"}
         )
@@ -134,7 +137,10 @@ class AUROC(Metric):
                 f"{p[outside][0].item():g}; pass probabilities (e.g. sigmoid of logits) or use "
                 "mode='exact', which takes any real scores"
             )
-        below = torch.searchsorted(self._thresholds, p, side="left")
+        # TF compares float32 predictions with float32 thresholds; in float64 a prediction
+        # equal to a threshold in float32 (e.g. 0.37 against the 0.37 of 101 thresholds) could
+        # land on the other side of it.
+        below = torch.searchsorted(self._thresholds32, p.to(torch.float32), side="left")
         size = self.num_thresholds + 1
         self._state["pos"] += torch.bincount(below, weights=y, minlength=size)
         self._state["neg"] += torch.bincount(below, weights=1.0 - y, minlength=size)

@@ -105,13 +105,31 @@ class Metric:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore a state produced by :meth:`state_dict` of the same metric type."""
-        expected = set(self._initial_state())
-        if set(state) != expected:
+        initial = self._initial_state()
+        if set(state) != set(initial):
             raise MetricInputError(
-                f"{type(self).__name__}: state has keys {sorted(state)}, expected {sorted(expected)}"
+                f"{type(self).__name__}: state has keys {sorted(state)}, expected {sorted(initial)}"
             )
+        loaded = {}
         for name, value in state.items():
-            tensor = torch.as_tensor(value).clone()
+            tensor = torch.as_tensor(value).detach().to("cpu").clone()
+            fresh = initial[name]
+            cat = self._reductions[name] == "cat"
+            # A "sum" state has a fixed shape (e.g. one count per threshold); a "cat" state is
+            # 1-d of any length. Another configuration's state (e.g. other thresholds) is refused.
+            if (tensor.dim() != 1) if cat else (tensor.shape != fresh.shape):
+                wanted = "1-d" if cat else f"shape {tuple(fresh.shape)}"
+                raise MetricInputError(
+                    f"{self!r}: state {name!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{wanted} (a state of a metric configured otherwise?)"
+                )
+            loaded[name] = tensor.to(fresh.dtype)
+        lengths = {name: t.numel() for name, t in loaded.items() if self._reductions[name] == "cat"}
+        if len(set(lengths.values())) > 1:
+            raise MetricInputError(
+                f"{self!r}: state entries hold different numbers of rows {lengths}"
+            )
+        for name, tensor in loaded.items():
             self._state[name] = [tensor] if self._reductions[name] == "cat" else tensor
 
     def _append(self, name: str, value: torch.Tensor) -> None:
