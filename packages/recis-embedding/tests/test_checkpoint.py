@@ -17,6 +17,7 @@ from recis_embedding import (
     SparseAdam,
     load,
     save,
+    tables_saved_separately,
 )
 from recis_kernels import RaggedTensor
 
@@ -74,7 +75,8 @@ def state(model: Model) -> dict[str, torch.Tensor]:
         rows = table.find(ids, index)
         out[f"{name}.ids"] = ids
         out[f"{name}.rows"] = table.read_full(rows)
-    out.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    with tables_saved_separately():  # the rows are read above
+        out.update({k: v.detach().clone() for k, v in model.state_dict().items()})
     return out
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import warnings
 
+import pytest
 import torch
 from _toy import NUM_DENSE, ToyReader
 from torch import nn
@@ -15,6 +17,7 @@ from recis_train import (
     Trainer,
     TrainingArguments,
     seed_everything,
+    warm_start,
 )
 
 
@@ -62,8 +65,9 @@ def test_resume_with_dynamic_tables_is_bit_exact(tmp_path):
     resumed = build(tmp_path / "cut")
     resumed.train()
     assert resumed.global_step == whole.global_step == 40
-    for key, value in whole.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
+    with emb.tables_saved_separately():  # dense tensors here, tables below
+        for key, value in whole.model.state_dict().items():
+            assert torch.equal(resumed.model.state_dict()[key], value), key
     ids_a, rows_a = table_state(whole)
     ids_b, rows_b = table_state(resumed)
     assert torch.equal(ids_a, ids_b)
@@ -88,3 +92,26 @@ def test_tables_no_sparse_optimizer_steps_keep_no_lookup_records(tmp_path):
     assert tables
     assert all(len(table.pending) == 0 for table in tables)
     assert tables[0].stats().rows > 0
+
+
+def test_checkpoints_resume_and_warm_start_take_the_state_dict_without_the_table_warning(
+    tmp_path,
+):
+    # The trainer saves tables through recis_embedding.save, so its own state_dict() calls
+    # (checkpoint, resume, warm start) never raise TablesNotInStateDictWarning, which a
+    # plain state_dict() of the same trained model does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", emb.TablesNotInStateDictWarning)
+        cut = build(tmp_path / "cut", train_steps=8)
+        cut.train()
+        resumed = build(tmp_path / "cut", train_steps=12)
+        resumed.model.embeddings({"ids": torch.tensor([[3]])})  # rows the resume replaces
+        resumed.train()
+        assert resumed.global_step == 12
+        seed_everything(1)
+        fresh = TableModel()
+        fresh.embeddings({"ids": torch.tensor([[-5], [7]])})  # rows warm start replaces
+        result = warm_start(fresh, resumed.checkpoints.latest())
+    assert result.tables["ids"] == len(emb.sparse_parameters(resumed.model)[0]) > 0
+    with pytest.warns(emb.TablesNotInStateDictWarning, match=r"'embeddings'.*'ids': \d+"):
+        resumed.model.state_dict()

@@ -87,7 +87,8 @@ def table_state(model: nn.Module) -> dict[str, torch.Tensor]:
     table, index = model.embeddings.table("ids")
     ids = torch.sort(table.ids(index)).values
     state = {"ids": ids, "rows": table.read_full(table.find(ids, index))}
-    state |= {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with emb.tables_saved_separately():  # the rows are read above
+        state |= {k: v.detach().clone() for k, v in model.state_dict().items()}
     return state
 
 

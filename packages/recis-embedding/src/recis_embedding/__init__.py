@@ -35,6 +35,7 @@ from recis_embedding._policies import (
     make_policy,
     register_policy,
 )
+from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable, TableStats
 from recis_embedding.exceptions import (
     CheckpointError,
@@ -43,6 +44,7 @@ from recis_embedding.exceptions import (
     OptimizerError,
     RecisEmbeddingError,
     TableFullError,
+    TablesNotInStateDictWarning,
 )
 
 __version__ = "0.1.0"
@@ -80,6 +82,7 @@ __all__ = [
     "StaleEviction",
     "TableFullError",
     "TableStats",
+    "TablesNotInStateDictWarning",
     "TruncatedNormal",
     "Uniform",
     "XavierNormal",
@@ -90,4 +93,5 @@ __all__ = [
     "register_policy",
     "save",
     "sparse_parameters",
+    "tables_saved_separately",
 ]

@@ -47,6 +47,7 @@ from torch import nn
 
 from recis_embedding._engine import EmbeddingEngine
 from recis_embedding._optim import SparseOptimizer
+from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import CheckpointError
 
@@ -245,7 +246,9 @@ def _write(
         "optimizer": None,
         "files": files,
     }
-    dense = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with tables_saved_separately():  # the tables are the files written beside it
+        state = model.state_dict()
+    dense = {k: v.detach().contiguous().clone() for k, v in state.items()}
     save_file(dense, str(tmp / "dense.safetensors"))
     files["dense.safetensors"] = _sha256(tmp / "dense.safetensors")
     if sparse_optimizer is not None:

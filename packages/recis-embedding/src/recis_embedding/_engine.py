@@ -14,6 +14,7 @@ from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
 from recis_embedding._pooling import bag_weights, padded_gather, per_bag_scale, pool
 from recis_embedding._sharding import Pending, ShardContext
+from recis_embedding._statedict import warn_tables_not_in_state_dict
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
 from recis_kernels import RaggedTensor
@@ -81,7 +82,9 @@ class EmbeddingEngine(nn.Module):
     :class:`~recis_embedding.ConfigError` naming both features); combiners may differ.
     Tables are neither parameters nor buffers: ``state_dict()`` holds no embeddings (save them
     with :func:`recis_embedding.save`), and ``.to()``/``.double()``/``.half()`` leave each
-    table on the device and in the dtype of its option.
+    table on the device and in the dtype of its option. A ``state_dict()`` taken while the
+    tables hold rows warns with :class:`~recis_embedding.TablesNotInStateDictWarning` (once
+    per call site), except inside :func:`recis_embedding.tables_saved_separately`.
 
     Args:
         options: feature name -> :class:`EmbeddingOption`.
@@ -149,6 +152,8 @@ class EmbeddingEngine(nn.Module):
             self.logical[name] = (table, index)
             self._first_option[name] = option
         self.concat = self._check_concat(concat or {})
+        # Module-level function (not a bound method): copies and pickles keep the hook.
+        self.register_state_dict_pre_hook(warn_tables_not_in_state_dict)
 
     def _check_concat(self, concat: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -197,6 +202,19 @@ class EmbeddingEngine(nn.Module):
     def table_options(self) -> dict[str, EmbeddingOption]:
         """Logical table name -> the option that created it."""
         return dict(self._first_option)
+
+    def rows_per_table(self) -> dict[str, int]:
+        """Logical table name -> rows it holds (on this rank, when sharded)."""
+        rows: dict[str, int] = {}
+        for table in self.physical:
+            if len(table.names) == 1 or len(table) == 0:
+                rows[table.names[0]] = len(table)
+                rows.update(dict.fromkeys(table.names[1:], 0))
+                continue
+            tabs = table._map.export().tables.to(torch.int64)
+            counts = torch.bincount(tabs, minlength=len(table.names)).tolist()
+            rows.update(zip(table.names, counts, strict=True))
+        return rows
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Embed every feature that has an option; other keys pass through."""

@@ -1,4 +1,4 @@
-"""Exception hierarchy of recis-embedding.
+"""Exception and warning classes of recis-embedding.
 
 Every error raised on purpose derives from :class:`RecisEmbeddingError`; the leaves also derive
 from the matching builtin so callers may catch ``ValueError``, ``KeyError`` or ``RuntimeError``.
@@ -13,6 +13,7 @@ __all__ = [
     "OptimizerError",
     "RecisEmbeddingError",
     "TableFullError",
+    "TablesNotInStateDictWarning",
 ]
 
 
@@ -38,3 +39,13 @@ class OptimizerError(RecisEmbeddingError, ValueError):
 
 class CheckpointError(RecisEmbeddingError, ValueError):
     """A checkpoint is missing, corrupt (checksum mismatch) or does not match the model."""
+
+
+class TablesNotInStateDictWarning(UserWarning):
+    """``state_dict()`` was taken of a module whose embedding tables hold rows.
+
+    Tables are neither parameters nor buffers, so the state dict holds none of their rows: a
+    ``load_state_dict`` of it leaves the tables as they are (freshly initialized in a new
+    model). Save tables with :func:`recis_embedding.save`; code that does so wraps its own
+    ``state_dict()`` calls in :func:`recis_embedding.tables_saved_separately`.
+    """

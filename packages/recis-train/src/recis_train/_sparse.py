@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,3 +81,16 @@ def default_sparse_checkpoint(model: nn.Module) -> SparseCheckpoint | None:
         return None
     prefixes = embedding_prefixes(model)
     return EmbeddingCheckpoint(prefixes) if prefixes else None
+
+
+def tables_saved_separately() -> contextlib.AbstractContextManager[Any]:
+    """Silences recis-embedding's warning that ``state_dict()`` holds no embeddings.
+
+    For the trainer's own ``model.state_dict()`` calls: it saves the tables through its
+    :class:`SparseCheckpoint` and otherwise reads the state dict for dense tensors only. A
+    no-op when recis-embedding is not imported (then the model holds no tables) or predates
+    the warning.
+    """
+    module = sys.modules.get(_EMBEDDING_PACKAGE)
+    found = getattr(module, "tables_saved_separately", None)
+    return found() if callable(found) else contextlib.nullcontext()

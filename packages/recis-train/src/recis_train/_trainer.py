@@ -27,7 +27,11 @@ from recis_train._data import DataStream, batch_rows, move_to
 from recis_train._distributed import DistributedContext, own_rank_state
 from recis_train._hooks import Hook, LoggingHook, hook_keys
 from recis_train._outputs import StepOutput, parse_output
-from recis_train._sparse import SparseCheckpoint, default_sparse_checkpoint
+from recis_train._sparse import (
+    SparseCheckpoint,
+    default_sparse_checkpoint,
+    tables_saved_separately,
+)
 from recis_train._state import rng_state, seed_everything, set_rng_state
 from recis_train.exceptions import (
     CheckpointError,
@@ -705,7 +709,8 @@ class Trainer:
         }
 
     def _dense_state(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
+        with tables_saved_separately():  # the sparse checkpoint saves them
+            state = self.model.state_dict()
         if self.sparse_checkpoint is not None:
             state = self.sparse_checkpoint.filter_dense(state)
         return state
@@ -870,7 +875,8 @@ class Trainer:
                 ) from err
 
     def _check_dense_shapes(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
-        own = self.model.state_dict()
+        with tables_saved_separately():  # read for dense shapes only
+            own = self.model.state_dict()
         wrong = [
             f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
             for name, tensor in sorted(tensors.items())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from recis_train._checkpoint import MANIFEST, CheckpointManager, load_tensors
+from recis_train._sparse import tables_saved_separately
 from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, ConfigError
 
 _PARTS = ("dense", "sparse")
@@ -146,7 +147,8 @@ def _fit_dense(
 ) -> dict[str, torch.Tensor]:
     """The selected tensors the model has (checkpoint name -> model name in ``names``),
     checked for shape and dtype (others go to ``skipped``), keyed by model name."""
-    own = model.state_dict()
+    with tables_saved_separately():  # read for dense shapes only; tables load on their own
+        own = model.state_dict()
     chosen: dict[str, torch.Tensor] = {}
     misfits = []
     for key, target in names.items():
