@@ -93,7 +93,8 @@ def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
 
 def check_dtype(op: str, name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
     if tensor.dtype not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        # dict.fromkeys: each dtype named once ("float32, float32" when the rows are float32).
+        names = ", ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(allowed))
         raise UnsupportedDtypeError(
             f"{op}: {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected {names}"
         )

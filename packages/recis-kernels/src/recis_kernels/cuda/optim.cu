@@ -21,10 +21,11 @@ extern "C" __global__ void adagrad_rows(float* param, const float* grad, float* 
     i64 i = t / d;
     float g = grad[t];
     if (weight_decay != 0.0f) g = g + weight_decay * param[t];
-    float clr = (float)(lr / (1.0 + ((double)step[i] - 1.0) * lr_decay));
+    float neg_clr = (float)(-lr / (1.0 + ((double)step[i] - 1.0) * lr_decay));
     float s = state_sum[t] + g * g;
     state_sum[t] = s;
-    param[t] = param[t] - clr * (g / (sqrtf(s) + eps));
+    // torch's addcdiv order: param + (-clr * g) / std.
+    param[t] = param[t] + (neg_clr * g) / (sqrtf(s) + eps);
   }
 }
 
@@ -69,10 +70,11 @@ extern "C" __global__ void adam_rows(float* param, const float* grad, float* exp
     exp_avg[t] = m;
     exp_avg_sq[t] = v;
     double s = (double)step[i];
-    float step_size = (float)(lr / (1.0 - pow(beta1_d, s)));
+    float neg_step_size = (float)(-lr / (1.0 - pow(beta1_d, s)));
     float bc2_sqrt = (float)sqrt(1.0 - pow(beta2_d, s));
     float denom = sqrtf(v) / bc2_sqrt + eps;
-    param[t] = p - step_size * (m / denom);
+    // torch's addcdiv order: param + (-step_size * m) / denom.
+    param[t] = p + (neg_step_size * m) / denom;
   }
 }
 

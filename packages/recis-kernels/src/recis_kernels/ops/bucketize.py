@@ -4,10 +4,11 @@ With boundaries ``[0, 10, 20]``: ``x < 0 -> 0``, ``0 <= x < 10 -> 1``, ``x = 10 
 to a boundary goes to the upper bucket), ``x >= 20 -> 3``; NaN goes to bucket 0. float32 values are
 compared in float32 against floating boundaries rounded up to the next float32 (for a float32
 ``x``, ``x >= b`` exactly when ``x >= roundup32(b)``), which halves the memory traffic of a float64
-comparison and gives the same buckets. Other floating inputs compare in float64, integers in
-int64. Each feature of :func:`fused_bucketize` compares in the dtype it would alone (features
-are grouped by it), and a sequence of boundaries is taken exactly: Python floats as float64,
-ints as int64.
+comparison and gives the same buckets. Other floating inputs compare in float64 (integer
+boundaries rounded up to float64), integers in int64 (floating boundaries rounded up to
+integers), so every combination is exact. Each feature of :func:`fused_bucketize` compares in
+the dtype it would alone (features are grouped by it), and a sequence of boundaries is taken
+exactly: Python floats as float64, ints as int64.
 """
 
 from __future__ import annotations
@@ -172,19 +173,85 @@ def _prepare(
         members.setdefault(_compare_dtype(x.dtype, b.dtype), []).append(k)
     groups, errors = [], []
     for dtype, ks in members.items():
-        # float32 values against wider floating boundaries: checked in float64, then rounded up.
-        wide = dtype == torch.float32 and any(bounds[k].dtype != dtype for k in ks)
-        packed_b, b_sizes = pack([_as(bounds[k], torch.float64 if wide else dtype) for k in ks])
-        error = _order_error(packed_b, b_sizes)
+        error = _group_order_error([bounds[k] for k in ks])
         if error is not None:
             errors.append((ks[error[0]], error[1]))
-        if wide:
-            packed_b = _round_up_to_float32(packed_b)
+        if dtype == torch.float32:
+            # float32 values against wider floating boundaries: rounded up to float32.
+            wide = any(bounds[k].dtype != dtype for k in ks)
+            packed_b, b_sizes = pack([_as(bounds[k], torch.float64 if wide else dtype) for k in ks])
+            if wide:
+                packed_b = _round_up_to_float32(packed_b)
+        else:
+            packed_b, b_sizes = pack([_exact_boundaries(bounds[k], dtype) for k in ks])
         groups.append((ks, packed_b, b_sizes, dtype))
     if errors:
         k, what = min(errors)
         raise ValueError(f"{op}: {wheres[k]} {what}")
     return groups
+
+
+def _group_order_error(bounds: list[torch.Tensor]) -> tuple[int, str] | None:
+    """:func:`_order_error` of the boundary lists of one group, each checked in a dtype that
+    holds it exactly (floating lists in float64, integer ones in int64)."""
+    found = []
+    for floating in (True, False):
+        sub = [k for k, b in enumerate(bounds) if b.is_floating_point() == floating]
+        if sub:
+            wide = torch.float64 if floating else torch.int64
+            error = _order_error(*pack([_as(bounds[k], wide) for k in sub]))
+            if error is not None:
+                found.append((sub[error[0]], error[1]))
+    return min(found) if found else None
+
+
+def _exact_boundaries(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boundaries in the compare dtype ``dtype`` (float64 or int64) with the same counts as
+    exact arithmetic: integer boundaries of floating values are rounded up to float64, floating
+    boundaries of integer values up to integers (see :func:`_round_up_to_float64` and
+    :func:`_ceil_to_int64`)."""
+    if dtype == torch.float64 and not b.is_floating_point():
+        return _round_up_to_float64(b.to(torch.int64))
+    if dtype == torch.int64 and b.is_floating_point():
+        return _ceil_to_int64(b.to(torch.float64))
+    return _as(b, dtype)
+
+
+_TWO_63 = 2.0**63
+
+
+def _round_up_to_float64(b: torch.Tensor) -> torch.Tensor:
+    """Each int64 boundary as the smallest float64 ``>=`` it.
+
+    Above 2**53 an int64 rounds to the nearest float64, maybe below it: ``2**60 + 1`` became
+    ``2**60``, which a float ``x = 2**60`` then counted. For a floating ``x`` and an integer
+    ``b``, ``x >= b`` holds exactly when ``x >= roundup64(b)``.
+    """
+    near = b.to(torch.float64)
+    # An integral float64 below 2**63 converts back to int64 exactly; 2**63 is above every int64.
+    fits = near < _TWO_63
+    low = fits & (torch.where(fits, near, 0.0).to(torch.int64) < b)
+    if torch.compiler.is_compiling() or b.device.type == "meta" or bool(low.any()):
+        near = torch.where(low, torch.nextafter(near, near.new_tensor(torch.inf)), near)
+    return near
+
+
+def _ceil_to_int64(b: torch.Tensor) -> torch.Tensor:
+    """Sorted float64 boundaries of integer values as int64 boundaries with the same counts.
+
+    For an integer ``x``, ``b <= x`` holds exactly when ``ceil(b) <= x``. Boundaries at or below
+    ``-2**63`` (``-inf`` included) count for every int64 and become ``INT64_MIN``; those at or
+    above ``2**63`` (``+inf`` included) count for none and are dropped (they close the sorted
+    list, so the counts of the rest are unchanged). Comparing in float64 instead rounded ``x``:
+    ``2**53 + 3`` counted the boundary ``2**53 + 4``.
+    """
+    c = torch.ceil(b).clamp(min=-_TWO_63)
+    below = c < _TWO_63
+    if torch.compiler.is_compiling() or b.device.type == "meta":
+        # Sizes cannot depend on values while tracing: the boundaries above every int64 become
+        # INT64_MAX there, counted by INT64_MAX itself only.
+        return torch.where(below, c, 0.0).to(torch.int64).masked_fill(~below, 2**63 - 1)
+    return c[: int(below.sum())].to(torch.int64)
 
 
 # Prepared boundaries of recent calls, keyed by the identity of each boundary tensor: a feature
@@ -244,13 +311,13 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _compare_dtype(x: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The dtype values of dtype ``x`` compare in against boundaries of dtype ``b``: float32
-    for float32 values and floating boundaries (rounded up to float32, see
-    :func:`_round_up_to_float32`), float64 when either side is floating point (exact for every
-    float and int32), else int64 (exact for every integer)."""
+    """The dtype values of dtype ``x`` compare in against boundaries of dtype ``b``, each exact:
+    float32 for float32 values and floating boundaries (rounded up to float32, see
+    :func:`_round_up_to_float32`), float64 for other floating values (integer boundaries rounded
+    up to float64), int64 for integer values (floating boundaries rounded up to integers)."""
     if x == torch.float32 and b.is_floating_point:
         return torch.float32
-    if x.is_floating_point or b.is_floating_point:
+    if x.is_floating_point:
         return torch.float64
     return torch.int64
 

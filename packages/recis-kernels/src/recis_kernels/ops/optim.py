@@ -1,6 +1,8 @@
 """Sparse optimizer updates of touched rows, in place, with torch's numerics.
 
 Every function updates ``param`` and its optimizer state for ``N`` touched rows in one pass.
+On the CPU the results are bit for bit those of ``torch.optim`` (its single-tensor code, the
+default for CPU parameters): the same float32 operations in the same order.
 The tensors are usually column views of one gathered ``(N, W)`` float32 buffer holding, per
 row, the embedding followed by its optimizer state (the layout of a recis hash table row), so
 one gather and one scatter move everything an update needs.
@@ -156,10 +158,12 @@ def adagrad_rows_(
         return
     if weight_decay:
         grad = grad.add(param, alpha=weight_decay)
-    clr = _col(lr / (1 + (step.double() - 1) * lr_decay))
+    neg_clr = _col(-lr / (1 + (step.double() - 1) * lr_decay))
     state_sum.addcmul_(grad, grad, value=1)
     std = state_sum.sqrt().add_(eps)
-    param.sub_(clr * (grad / std))
+    # torch's param.addcdiv_(grad, std, value=-clr) rounds param + (-clr * grad) / std in this
+    # order (dividing first, as param - clr * (grad / std), was off by an ulp).
+    param.add_(torch.mul(grad, neg_clr).div_(std))
 
 
 def rowwise_adagrad_rows_(
@@ -272,11 +276,13 @@ def adam_rows_(
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     s = step.double()
-    step_size = _col(lr / (1 - beta1**s))
+    neg_step_size = _col(-lr / (1 - beta1**s))
     bc2_sqrt = _col((1 - beta2**s).sqrt())
-    # The same operations as torch's Adam on per-row scalars, in place on two temporaries.
+    # The same operations as torch's Adam on per-row scalars, in the same order: its
+    # param.addcdiv_(exp_avg, denom, value=-step_size) rounds param + (-step_size * exp_avg) /
+    # denom (dividing first, as param - step_size * (exp_avg / denom), was off by an ulp).
     denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
-    param.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size))
+    param.add_(torch.div(torch.mul(exp_avg, neg_step_size), denom, out=denom))
 
 
 def ftrl_rows_(
