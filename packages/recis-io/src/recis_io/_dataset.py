@@ -230,6 +230,9 @@ class Dataset(IterableDataset):
         # read what the main process set; and the first epoch of the current or last pass.
         self._next_first = torch.zeros((), dtype=torch.int64).share_memory_()
         self._pass_first = 0
+        # Whether set_epoch was called since the last pass started: the next pass then starts
+        # at the beginning of that epoch, which is what state_dict() reports.
+        self._epoch_set = False
         self._shard: tuple[int, int] = (self.rank, self.world_size)
         # A finished iterator's reader, kept for the next pass: its decode buffers are already
         # allocated. Only used in the process that made it (never across a fork or pickle).
@@ -290,6 +293,11 @@ class Dataset(IterableDataset):
             return workers * (rows // self.batch_size)
         return workers * -(-rows // self.batch_size)
 
+    def _epoch_rows(self, shards: int) -> int:
+        # Rows of one epoch of a shard that are read (drop_last drops the last partial batch).
+        rows = self.total_rows // shards
+        return rows - rows % self.batch_size if self.drop_last else rows
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_idle"] = None
@@ -310,7 +318,9 @@ class Dataset(IterableDataset):
         With ``shuffle`` each epoch has its own order of row groups and rows, a function of
         ``seed`` and the epoch only, so ``set_epoch(e)`` then one pass reads exactly what the
         ``e``-th epoch of a single iteration with more ``epochs`` would. A state taken during
-        such a pass resumes within it (:meth:`load_state_dict` restores the epoch range).
+        such a pass resumes within it (:meth:`load_state_dict` restores the epoch range); a
+        state taken after the last batch of epoch ``e`` also resumes with ``set_epoch(e + 1)``,
+        as an epoch loop that checkpoints after each pass calls it.
         The epoch is kept in shared memory, so ``DataLoader`` workers (persistent ones too,
         started with fork or spawn) read it when their next pass starts: call it before
         ``iter(loader)``, as with ``DistributedSampler``.
@@ -319,6 +329,7 @@ class Dataset(IterableDataset):
             InvalidArgumentError: ``epoch`` is not an int in ``[0, 2**62]``.
         """
         self._first_epoch = _positive("set_epoch: epoch", epoch, minimum=0, maximum=2**62)
+        self._epoch_set = True
 
     @property
     def _first_epoch(self) -> int:
@@ -333,6 +344,10 @@ class Dataset(IterableDataset):
         first = self._first_epoch
         end = first + self.epochs
         start = self._resume if self._resume is not None else (first, 0)
+        if start[0] + 1 == first and start[1] >= self._epoch_rows(shards):
+            # A state taken after the last batch of epoch e is where epoch e + 1 starts: an
+            # epoch loop that checkpoints after each pass resumes with set_epoch(e + 1).
+            start = (first, 0)
         if not first <= start[0] <= end:
             raise InvalidArgumentError(
                 f"the state to resume from is in epoch {start[0]}, but this pass reads epochs "
@@ -344,6 +359,7 @@ class Dataset(IterableDataset):
         reader.set_end_epoch(end)
         reader.seek(*start)
         self._pass_first = first
+        self._epoch_set = False
         self._cursor = start
         self._shard = (shard, shards)
         return _BatchIterator(self, reader, (shard, shards))
@@ -351,12 +367,18 @@ class Dataset(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """The cursor after the last batch this object yielded: small and JSON-serializable.
 
+        After ``set_epoch(e)`` and before the next iteration it is the start of epoch ``e``,
+        where that iteration begins.
+
         With a multi-worker ``DataLoader`` the workers iterate copies of the dataset, so this
         object's state does not follow them: use torchdata's ``StatefulDataLoader``, which
         keeps every worker's state, or read with threads in one process (``num_threads``).
         """
         pending = self._resume is not None
         epoch, row = self._resume if self._resume is not None else self._cursor
+        if self._epoch_set and not pending:
+            # set_epoch(e) after the last pass: the next iteration starts epoch e afresh.
+            pending, epoch, row = True, self._first_epoch, 0
         return {
             "version": _STATE_VERSION,
             "epoch": epoch,
@@ -377,7 +399,8 @@ class Dataset(IterableDataset):
 
         Raises:
             InvalidArgumentError: The state is malformed or was taken with different files
-                (names and row counts), shuffle, seed, window, shard or number of shards.
+                (names and row counts), batch size, shuffle, seed, window, shard or number of
+                shards.
         """
         if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
             raise InvalidArgumentError(
@@ -386,6 +409,9 @@ class Dataset(IterableDataset):
         shard, shards = self._current_shard()
         expected: dict[str, Any] = {
             "total_rows": self.total_rows,
+            # The cursor is a row, but batches (and what drop_last drops) are cut from the
+            # start of the epoch: another size would end the epoch with a stray batch.
+            "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "seed": self.seed,
             "shards": shards,
