@@ -15,6 +15,7 @@ from recis_embedding import (
     EmbeddingOption,
     Normal,
     SparseAdam,
+    SparseSGD,
     load,
     save,
     tables_saved_separately,
@@ -342,3 +343,37 @@ def test_a_failed_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch
     monkeypatch.undo()
     assert (tmp_path / "c" / "manifest.json").read_text() == before
     CheckpointReader(tmp_path / "c")
+
+
+def test_strict_load_refuses_tables_the_model_lacks(tmp_path) -> None:
+    both = EmbeddingEngine({"a": EmbeddingOption(DIM), "b": EmbeddingOption(DIM)})
+    both({"a": torch.tensor([1, 2]), "b": torch.tensor([5])})
+    save(tmp_path / "ab", both)
+    only_a = EmbeddingEngine({"a": EmbeddingOption(DIM)})
+    only_a({"a": torch.tensor([9])})
+    with pytest.raises(CheckpointError, match=r"has tables \['b'\] that the model lacks"):
+        load(tmp_path / "ab", only_a)
+    assert only_a.table("a")[0].ids().tolist() == [9]  # refused before any table changed
+    load(tmp_path / "ab", only_a, strict=False)
+    assert only_a.table("a")[0].ids().tolist() == [1, 2]
+
+
+def test_loading_part_of_a_fused_table_sets_one_clock_with_or_without_rows(tmp_path) -> None:
+    # Ranks of a sharded table may receive rows of a table or none: the clock must not
+    # depend on it, or shards age rows (StaleEviction) on different clocks.
+    for ids in ([1, 2], []):
+        small = EmbeddingEngine({"a": EmbeddingOption(DIM)})
+        opt = SparseSGD(small, lr=0.1)
+        small({"a": torch.tensor(ids, dtype=torch.int64)})["a"].sum().backward()
+        opt.step()
+        save(tmp_path / "a", small)
+        big = EmbeddingEngine({"a": EmbeddingOption(DIM), "b": EmbeddingOption(DIM)})
+        opt_big = SparseSGD(big, lr=0.1)
+        for _ in range(4):
+            big({"a": torch.tensor([7]), "b": torch.tensor([10])})["b"].sum().backward()
+            opt_big.step()
+            opt_big.zero_grad()
+        load(tmp_path / "a", big, strict=False)
+        table, index = big.table("a")
+        assert table.ids(index).tolist() == ids
+        assert table.step == 4, ids  # b's later clock stays

@@ -38,7 +38,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import torch
@@ -118,12 +118,14 @@ def save(
     Raises:
         CheckpointError: ``delta=True`` without a previous save of these tables, or the
             previous save is no longer where it was written (and ``parent`` is not given), or
-            ``parent`` is not the previous save.
+            ``parent`` is not the previous save; on the other ranks of a sharded model, when
+            the save failed on one rank (that rank raises its own error). Every rank raises,
+            none waits for the failed one, and the previous checkpoint at ``path`` is left as
+            it was.
     """
     path = Path(path)
     tables = _logical_tables(model)
     physical = {id(t): t for t, _ in tables.values()}.values()
-    previous = _previous_save(physical, path, parent) if delta else None
     shard = _shard_context(model)
     rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
     tmp = (
@@ -131,12 +133,18 @@ def save(
         if shard
         else path.parent / f".{path.name}.tmp-{os.getpid()}"
     )
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "sparse").mkdir(parents=True)
-    _barrier(shard)
-    try:
+    # Each phase ends with every rank learning whether any rank failed in it (one collective
+    # per phase), so a failure on one rank raises on all of them instead of leaving the others
+    # waiting in the next collective, and no rank records a save that did not happen.
+    previous = None
+    with _phase(shard, path, "preparing", tmp if rank == 0 else None):
+        if delta:
+            previous = _previous_save(physical, path, parent)
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "sparse").mkdir(parents=True)
+    with _phase(shard, path, "writing the table files", tmp if rank == 0 else None) as phase:
         infos = {
             name: _save_table(tmp, name, table, index, delta, rank, world)
             for name, (table, index) in sorted(tables.items())
@@ -145,18 +153,13 @@ def save(
             f.relative_to(tmp).as_posix(): _sha256(f)
             for f in sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
         }
-        gathered = _gather(shard, (infos, files, uuid.uuid4().hex))
-        save_id = gathered[0][2]  # rank 0's, the same on every rank
+        phase.result = (infos, files, uuid.uuid4().hex)
+    gathered = phase.gathered
+    save_id = gathered[0][2]  # rank 0's, the same on every rank
+    with _phase(shard, path, "writing the manifest", tmp if rank == 0 else None):
         if rank == 0:
             _write(tmp, model, gathered, sparse_optimizer, previous, path, world, save_id)
-    except BaseException:
-        # A failed save must not leave half-written files next to the previous checkpoint.
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if rank == 0:
-        _replace(tmp, path)
-    _barrier(shard)
+            _replace(tmp, path)
     for table in physical:
         table.mark_saved(_Saved(path.resolve(), save_id))
     return path
@@ -198,12 +201,50 @@ def _shard_context(model: nn.Module):
     return next(iter(contexts.values()))
 
 
-def _barrier(shard) -> None:
-    if shard is not None:
-        torch.distributed.barrier(group=shard.group)
+class _phase:
+    """One phase of a save: runs its body on every rank, then tells every rank whether any
+    rank failed (one ``all_gather_object``), and raises on all of them if one did.
+
+    The failing rank re-raises its own exception; the others raise :class:`CheckpointError`
+    naming the failed ranks and their errors. ``tmp`` (rank 0's temporary directory) is removed
+    on failure. Set ``result`` inside the body to gather it: ``gathered`` holds every rank's.
+    Interrupts (``KeyboardInterrupt``, ``SystemExit``) propagate at once, without the exchange.
+    """
+
+    def __init__(self, shard: Any, path: Path, what: str, tmp: Path | None) -> None:
+        self.shard, self.path, self.what, self.tmp = shard, path, what, tmp
+        self.result: Any = None
+        self.gathered: list[Any] = []
+
+    def __enter__(self) -> _phase:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is not None and not isinstance(exc, Exception):
+            self._cleanup()
+            return False
+        mine = None if exc is None else f"{type(exc).__name__}: {exc}"
+        reports = _gather(self.shard, (mine, self.result))
+        self.gathered = [r for _, r in reports]
+        failed = [(r, m) for r, (m, _) in enumerate(reports) if m is not None]
+        if not failed:
+            return False
+        # A failed save must not leave half-written files next to the previous checkpoint.
+        self._cleanup()
+        if exc is not None:
+            return False  # this rank's own error propagates
+        ranks = ", ".join(f"rank {r} ({m})" for r, m in failed)
+        raise CheckpointError(
+            f"saving checkpoint {self.path} failed while {self.what} on {ranks}; the "
+            f"previous checkpoint at {self.path} is unchanged"
+        )
+
+    def _cleanup(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _gather(shard, item):
+def _gather(shard: Any, item: Any) -> list[Any]:
     if shard is None:
         return [item]
     out: list[Any] = [None] * shard.world_size
@@ -429,7 +470,9 @@ def load(
         path: checkpoint directory.
         model: a module with the same embedding tables (fusion may differ).
         sparse_optimizer: receives the saved hyperparameters; its tables receive optimizer slots.
-        strict: every table of the model must be in the checkpoint, and dense keys must match.
+        strict: the checkpoint's tables must be exactly the model's (none missing, none the
+            model lacks), and dense keys must match. With ``strict=False`` tables the model
+            lacks are skipped, and model tables absent from the checkpoint keep their rows.
 
     Returns:
         The manifest of ``path``.
@@ -438,7 +481,8 @@ def load(
     bfloat16 rounds to nearest; the other way is exact).
 
     Raises:
-        CheckpointError: corrupt files, missing tables, dim or optimizer-slot mismatch, or
+        CheckpointError: corrupt files, missing or unexpected tables (``strict``), dim or
+            optimizer-slot mismatch, or
             saved embeddings too large for the table's dtype (beyond float16's 65504).
     """
     chain = [CheckpointReader(path)]
@@ -536,6 +580,14 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
     missing = sorted(set(tables) - saved)
     if strict and missing:
         raise CheckpointError(f"checkpoint {reader.path} has no tables {missing}")
+    unexpected = sorted(saved - set(tables))
+    if strict and unexpected:
+        # As torch's strict load_state_dict refuses unexpected keys: trained rows that no table
+        # of the model receives would be lost without a word (and from the next save).
+        raise CheckpointError(
+            f"checkpoint {reader.path} has tables {unexpected} that the model lacks (model "
+            f"tables: {sorted(tables)}); pass strict=False to load the others and skip them"
+        )
     for name, (table, _) in tables.items():
         if name not in saved:
             continue
@@ -594,9 +646,12 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
         table.admission.load_state(table, index, admission)
     if "erased" in data and data["erased"].numel():
         table.erase(data["erased"].to(table.device), index)
+    # The table's clock: the checkpoint's step (a cleared table restarts at 0), or the later
+    # clock of the other logical tables of a physical table loaded only in part. The same
+    # whether or not this rank received rows of the table, so every shard keeps one clock.
+    table.step = max(table.step, int(reader.table_info(name)["step"]))
     ids = data["ids"].to(table.device)
     if ids.numel() == 0:
-        table.step = max(table.step, int(reader.table_info(name)["step"]))
         return
     rows, _ = table.find_or_insert(ids, index)
     emb = data["embeddings"].to(device=table.device, dtype=torch.float32)
@@ -615,4 +670,3 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     # ties by id alone.
     inserted = data.get("meta.inserted")
     table.inserted[rows] = 0 if inserted is None else inserted.to(table.device)
-    table.step = int(reader.table_info(name)["step"])

@@ -1,0 +1,115 @@
+"""Contracts of sharded tables met under ``torchrun``: saves that fail on one rank."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import recis_embedding._checkpoint as checkpoint_module
+from recis_embedding import (
+    EmbeddingEngine,
+    EmbeddingOption,
+    SparseAdam,
+    load,
+    save,
+)
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+WORLD = 2
+
+
+def engine() -> EmbeddingEngine:
+    return EmbeddingEngine({"a": EmbeddingOption(2), "b": EmbeddingOption(2)}, shard=True)
+
+
+def train(model: EmbeddingEngine, opt: SparseAdam, ids: torch.Tensor) -> None:
+    out = model({"a": ids[:, None], "b": ids[:, None] * 3})
+    (out["a"].sin().sum() + out["b"].square().sum()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def state(model: EmbeddingEngine) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (table, index) in sorted(model.logical.items()):
+        ids = table.ids(index)
+        out[name] = torch.cat([ids[:, None].double(), table.read_full(table.find(ids, index))], 1)
+    return out
+
+
+def failing(real, rank: int, fail_rank: int):
+    def write(*args, **kwargs):
+        if rank == fail_rank:
+            raise OSError(f"disk full on rank {rank}")
+        return real(*args, **kwargs)
+
+    return write
+
+
+def _save_worker(rank: int, root: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{root}/init",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    model = engine()
+    opt = SparseAdam(model, lr=0.1)
+    train(model, opt, torch.arange(12))
+    save(Path(root) / "ckpt", model, opt)
+    saved = state(model)
+    train(model, opt, torch.arange(6, 30))
+    errors = []
+    # Rank 1 fails writing its table files; then rank 0 fails writing the manifest.
+    for name, fail_rank in (("save_file", 1), ("_write", 0)):
+        real = getattr(checkpoint_module, name)
+        setattr(checkpoint_module, name, failing(real, rank, fail_rank))
+        try:
+            save(Path(root) / "ckpt", model, opt)
+            errors.append(None)
+        except Exception as exc:  # what each rank got is the result
+            errors.append((type(exc).__name__, str(exc)))
+        finally:
+            setattr(checkpoint_module, name, real)
+        dist.barrier()
+        # The previous checkpoint is intact and loads on every rank.
+        fresh = engine()
+        load(Path(root) / "ckpt", fresh, SparseAdam(fresh, lr=0.1))
+        got = state(fresh)
+        errors.append(all(torch.equal(got[k], saved[k]) for k in saved))
+    # No rank recorded the failed saves: a delta builds on the intact checkpoint.
+    save(Path(root) / "delta", model, opt, delta=True)
+    fresh = engine()
+    load(Path(root) / "delta", fresh, SparseAdam(fresh, lr=0.1))
+    got, now = state(fresh), state(model)
+    errors.append(all(torch.equal(got[k], now[k]) for k in now))
+    torch.save(errors, Path(root) / f"errors-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_save_failing_on_one_rank_raises_on_every_rank_and_keeps_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    mp.spawn(_save_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"errors-{r}.pt") for r in range(WORLD)]
+    # The failing rank raises its own error, the others a CheckpointError naming it.
+    assert got[1][0] == ("OSError", "disk full on rank 1")
+    assert got[0][0][0] == "CheckpointError"
+    assert "failed while writing the table files on rank 1 (OSError: disk full" in got[0][0][1]
+    assert got[0][2] == ("OSError", "disk full on rank 0")
+    assert got[1][2][0] == "CheckpointError"
+    assert "failed while writing the manifest on rank 0" in got[1][2][1]
+    for r in range(WORLD):
+        assert got[r][1] is True, r  # previous checkpoint intact
+        assert got[r][3] is True, r
+        assert got[r][4] is True, r  # delta on top of it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
