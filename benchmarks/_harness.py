@@ -1,7 +1,7 @@
 """Shared timing, table and JSON helpers for the benchmarks in this folder.
 
 Every benchmark measures its contenders side by side in one process run and reports ratios
-(see BENCHMARKS.md): absolute times on a shared machine move from run to run, ratios hold.
+(see docs/benchmarks.md): absolute times on a shared machine move from run to run, ratios hold.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Embedding training step: recis dynamic tables vs nn.EmbeddingBag + SparseAdam (and FBGEMM TBE).
 
-Workload (BENCHMARKS.md): 26 single-id Zipf features + 1 behaviour sequence (~30 ids), batch
+Workload (docs/benchmarks.md): 26 single-id Zipf features + 1 behaviour sequence (~30 ids), batch
 4096, dim 16, from the seeded click log of ``benchmarks/data.py``. Each contender runs forward,
 backward of the same loss (a fixed linear head over the concatenated pooled embeddings) and its
 sparse optimizer step on the same batches, cycling over a few pre-built batches.

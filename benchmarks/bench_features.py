@@ -1,6 +1,6 @@
 """Features: the fused FeatureEngine vs the same transforms as one call per feature.
 
-Workload (BENCHMARKS.md): Criteo-like batches of 4096 rows from ``data.py``; 26 categorical
+Workload (docs/benchmarks.md): Criteo-like batches of 4096 rows from ``data.py``; 26 categorical
 features (``mod`` with per-feature moduli), 13 dense features (NaN filled, then ``bucketize`` with
 per-feature boundaries), one behaviour sequence (``truncate`` to its last 50 ids) and 2 crosses
 (``cross`` then ``mod``): 42 features.

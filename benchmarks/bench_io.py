@@ -1,6 +1,6 @@
 """IO: recis_io.Dataset vs what a PyTorch user would use instead to read columnar data.
 
-Workload (BENCHMARKS.md): the Criteo-like click log of ``data.py`` (label, 13 float columns with
+Workload (docs/benchmarks.md): the Criteo-like click log of ``data.py`` (label, 13 float columns with
 ~10% nulls, 26 categoricals, one ``list<int64>`` sequence), zstd Parquet, row groups of 128k
 rows, several files; batch size 8192. Two variants: categoricals as int64 ids, and as strings.
 

@@ -1,6 +1,6 @@
 """Kernels: each fused recis-kernels op vs a per-feature loop and vs the obvious torch code.
 
-Workload: Criteo-like batches of 4096 rows (BENCHMARKS.md) generated here with a fixed seed:
+Workload: Criteo-like batches of 4096 rows (docs/benchmarks.md) generated here with a fixed seed:
 26 sparse id features (Zipf-distributed int64 ids), 13 dense float features, 26 string columns
 (decimal renderings of the ids), one behaviour sequence (length 0-100, mean ~30) and a 16-dim
 embedding row per sequence element for pooling.

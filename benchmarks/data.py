@@ -1,4 +1,4 @@
-"""Seeded Criteo-like click-log generator (BENCHMARKS.md "Workload").
+"""Seeded Criteo-like click-log generator (docs/benchmarks.md, "Workload").
 
 Columns of every generated file:
 
