@@ -73,7 +73,9 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
             found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden_below(p, path))
             found = [p for p in found if _format_of(p, fmt)]
             if not found:
-                raise DataFileNotFoundError(f"directory {text} holds no .parquet or .orc files")
+                raise DataFileNotFoundError(
+                    f"directory {text} holds no .parquet, .pq or .orc files"
+                )
         elif path.is_file():
             # Before globbing: a file named `part[1].parquet` is that file, not a pattern.
             found = [path]
