@@ -269,3 +269,38 @@ def test_bad_mask_configuration_is_refused_when_the_task_is_built():
         Task("t", First(), label="y", mask=3)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="task 't': missing must be a number"):
         Task("t", First(), label="y", missing="nan")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch_size", [400, 50, 7])
+def test_evaluation_total_loss_is_the_weighted_sum_of_task_losses(tmp_path, batch_size):
+    seed_everything(0)
+    model = MultiTask(
+        Body(),
+        [
+            Task("click", nn.Linear(16, 1), label="click"),
+            Task("conv", nn.Linear(16, 1), label="conv", mask="clicked", weight=0.5),
+        ],
+    )
+    reader = ToyReader(400, batch_size, seed=3)
+    reader.rows["clicked"] = reader.rows["click"] == 1
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False),
+        train_data=[],
+        eval_data=reader,
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    results = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        rows = reader.rows
+        rep = model.body(rows)
+        kept = rows["clicked"]
+        click = BCE(model.heads["click"](rep)[:, 0], rows["click"])
+        conv = BCE(model.heads["conv"](rep)[kept, 0], rows["conv"][kept])
+    # Over the whole evaluation, whatever the batches: the conv mean over its kept rows,
+    # weighted as in training; not a row-weighted mean of per-batch totals.
+    assert results["loss"] == pytest.approx(float(click + 0.5 * conv), rel=1e-5)
+    assert results["loss"] == pytest.approx(
+        results["loss/click"] + 0.5 * results["loss/conv"], rel=1e-12
+    )

@@ -23,6 +23,7 @@ class StepOutput:
         groups: (B,) group ids for grouped metrics such as GAUC, shared by every task; or
             task name -> that task's group ids, matching its ``predictions`` (a task whose
             predictions hold only some rows of the batch); or ``None``.
+        weights: task name -> its weight in ``loss`` (1.0 for a task not named).
     """
 
     loss: torch.Tensor
@@ -30,6 +31,7 @@ class StepOutput:
     predictions: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     groups: torch.Tensor | dict[str, torch.Tensor] | None
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def task_groups(self, task: str) -> torch.Tensor | None:
         """The group ids matching ``predictions[task]`` (``None`` when there are none)."""
@@ -73,11 +75,13 @@ def parse_output(output: Any) -> StepOutput:
         if unknown:
             raise ModelOutputError(f"model output 'weights' names unknown task(s) {unknown}")
         losses = {name: _scalar(value, f"losses[{name!r}]") for name, value in losses.items()}
-        total = sum(float(weights.get(name, 1.0)) * value for name, value in losses.items())
+        weights = {name: float(weights.get(name, 1.0)) for name in losses}
+        total = sum(weights[name] * value for name, value in losses.items())
         loss = total if isinstance(total, torch.Tensor) else torch.tensor(total)
     elif "loss" in output:
         loss = _scalar(output["loss"], "loss")
         losses = {"loss": loss}
+        weights = {}
     else:
         raise ModelOutputError(
             f"model output dict needs 'loss' or 'losses', got keys {sorted(output)}"
@@ -90,7 +94,7 @@ def parse_output(output: Any) -> StepOutput:
     groups = output.get("groups")
     if isinstance(groups, Mapping):
         groups = _per_task(groups, "groups")
-    return StepOutput(loss, losses, predictions, labels, groups)
+    return StepOutput(loss, losses, predictions, labels, groups, weights)
 
 
 def _scalar(value: Any, key: str) -> torch.Tensor:

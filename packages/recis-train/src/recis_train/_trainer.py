@@ -550,8 +550,11 @@ class Trainer:
         shard) and the results cover every rank's rows: losses and metrics are synced.
 
         Returns:
-            ``loss`` (row-weighted mean), ``loss/<task>``, and ``<task>/<metric>`` for every
-            task the model predicts (plain ``<metric>`` for a single unnamed prediction).
+            ``loss``, ``loss/<task>`` (each task's mean over the rows it kept), and
+            ``<task>/<metric>`` for every task the model predicts (plain ``<metric>`` for a
+            single unnamed prediction). With per-task losses ``loss`` is their weighted sum
+            ``Σ weight · loss/<task>``, the total of training over the whole evaluation
+            whatever its batches; with one loss, its row-weighted mean over the batches.
         """
         source = eval_data if eval_data is not None else self.eval_data
         if source is None:
@@ -568,6 +571,7 @@ class Trainer:
         metrics: dict[str, dict[str, Metric]] = {}
         sums: dict[str, float] = {}
         task_rows: dict[str, float] = {}  # rows each task's loss is the mean over
+        weighted: dict[str, float] = {}  # per task: sum of weight * loss * kept rows
         rows = 0
         was_training = self.model.training
         self.model.eval()
@@ -589,21 +593,38 @@ class Trainer:
                             key = f"loss/{task}"
                             sums[key] = sums.get(key, 0.0) + float(value.detach()) * kept
                             task_rows[key] = task_rows.get(key, 0) + kept
+                            weighted[key] = (
+                                weighted.get(key, 0.0)
+                                + out.weights.get(task, 1.0) * float(value.detach()) * kept
+                            )
                     self._update_metrics(metrics, out)
         finally:
             self.model.train(was_training)
         if self.distributed is not None:
             keys, tasks = sorted(sums), sorted(task_rows)
             total = self.distributed.reduce(
-                [rows] + [sums[k] for k in keys] + [task_rows[k] for k in tasks]
+                [rows]
+                + [sums[k] for k in keys]
+                + [task_rows[k] for k in tasks]
+                + [weighted[k] for k in tasks]
             )
             rows, sums = int(total[0]), dict(zip(keys, total[1 : 1 + len(keys)], strict=True))
-            task_rows = dict(zip(tasks, total[1 + len(keys) :], strict=True))
+            end = 1 + len(keys) + len(tasks)
+            task_rows = dict(zip(tasks, total[1 + len(keys) : end], strict=True))
+            weighted = dict(zip(tasks, total[end:], strict=True))
         results = (
             {k: _mean(v, task_rows[k]) if k in task_rows else v / rows for k, v in sums.items()}
             if rows
             else {}
         )
+        if rows and task_rows:
+            # The weighted total of the task losses over the whole evaluation, as in training:
+            # each task's mean over the rows it kept (a mean of per-batch totals would weigh a
+            # masked task's batches by rows it left out, and change with the batch size). A
+            # task that kept no row adds nothing, as a batch without kept rows in training.
+            results["loss"] = float(
+                sum(weighted[k] / task_rows[k] for k in sorted(task_rows) if task_rows[k])
+            )
         for task, named in metrics.items():
             for name, metric in named.items():
                 results[f"{task}/{name}" if task else name] = metric.compute()
