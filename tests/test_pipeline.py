@@ -10,6 +10,7 @@ training job of the kill-and-restart test.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import os
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -46,152 +48,26 @@ from recis_train import (
 from recis_train.metrics import AUROC, GAUC
 
 # ---------------------------------------------------------------------------------------------
-# Reference definitions (RESEARCH.md "Hashes and metrics"), written from the published
-# algorithms: FarmHash Fingerprint64 (farmhashna::Hash64), MurmurHash64A with seed 0, the
-# MurmurHash3 64-bit finalizer, and the unsigned remainder.
+# Reference definitions (RESEARCH.md "Hashes and metrics"): the scalar pure-Python FarmHash
+# Fingerprint64 (farmhashna::Hash64), MurmurHash64A and MurmurHash3 64-bit finalizer of
+# recis-kernels' tests, written from the published algorithms; and the unsigned remainder.
 
 M64 = (1 << 64) - 1
-K0, K1, K2 = 0xC3A5C85C97CB3127, 0xB492B66FBE98F273, 0x9AE16A3B2F90404F
 
 
-def _rot(v: int, s: int) -> int:
-    return ((v >> s) | (v << (64 - s))) & M64 if s else v
+def _load_hash_reference() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "packages/recis-kernels/tests/hash_reference.py"
+    spec = importlib.util.spec_from_file_location("recis_hash_reference", path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _fetch(b: bytes, i: int, n: int = 8) -> int:
-    return int.from_bytes(b[i : i + n], "little")
-
-
-def _shift_mix(v: int) -> int:
-    return v ^ (v >> 47)
-
-
-def _len16(u: int, v: int, mul: int) -> int:
-    a = ((u ^ v) * mul) & M64
-    a ^= a >> 47
-    b = ((v ^ a) * mul) & M64
-    b ^= b >> 47
-    return (b * mul) & M64
-
-
-def _weak32(b: bytes, i: int, a: int, c: int) -> tuple[int, int]:
-    w, x, y, z = (_fetch(b, i + 8 * k) for k in range(4))
-    a = (a + w) & M64
-    c = _rot((c + a + z) & M64, 21)
-    t = a
-    a = (a + x + y) & M64
-    c = (c + _rot(a, 44)) & M64
-    return (a + z) & M64, (c + t) & M64
-
-
-def farm_fingerprint64(s: bytes) -> int:
-    """FarmHash Fingerprint64 of ``s`` as an unsigned 64-bit integer."""
-    n = len(s)
-    mul = (K2 + 2 * n) & M64
-    if n == 0:
-        return K2
-    if n < 4:
-        y = (s[0] + (s[n >> 1] << 8)) & 0xFFFFFFFF
-        z = (n + (s[n - 1] << 2)) & 0xFFFFFFFF
-        return (_shift_mix(((y * K2) ^ (z * K0)) & M64) * K2) & M64
-    if n < 8:
-        return _len16((n + (_fetch(s, 0, 4) << 3)) & M64, _fetch(s, n - 4, 4), mul)
-    if n <= 16:
-        a = (_fetch(s, 0) + K2) & M64
-        b = _fetch(s, n - 8)
-        c = (_rot(b, 37) * mul + a) & M64
-        d = ((_rot(a, 25) + b) * mul) & M64
-        return _len16(c, d, mul)
-    if n <= 32:
-        a = (_fetch(s, 0) * K1) & M64
-        b = _fetch(s, 8)
-        c = (_fetch(s, n - 8) * mul) & M64
-        d = (_fetch(s, n - 16) * K2) & M64
-        return _len16(
-            (_rot((a + b) & M64, 43) + _rot(c, 30) + d) & M64,
-            (a + _rot((b + K2) & M64, 18) + c) & M64,
-            mul,
-        )
-    if n <= 64:
-        a = (_fetch(s, 0) * K2) & M64
-        b = _fetch(s, 8)
-        c = (_fetch(s, n - 8) * mul) & M64
-        d = (_fetch(s, n - 16) * K2) & M64
-        y = (_rot((a + b) & M64, 43) + _rot(c, 30) + d) & M64
-        z = _len16(y, (a + _rot((b + K2) & M64, 18) + c) & M64, mul)
-        e = (_fetch(s, 16) * mul) & M64
-        f = _fetch(s, 24)
-        g = ((y + _fetch(s, n - 32)) * mul) & M64
-        h = ((z + _fetch(s, n - 24)) * mul) & M64
-        return _len16(
-            (_rot((e + f) & M64, 43) + _rot(g, 30) + h) & M64,
-            (e + _rot((f + a) & M64, 18) + g) & M64,
-            mul,
-        )
-    x = 81
-    y = (81 * K1 + 113) & M64
-    z = (_shift_mix((y * K2 + 113) & M64) * K2) & M64
-    v0 = v1 = w0 = w1 = 0
-    x = (x * K2 + _fetch(s, 0)) & M64
-    end = ((n - 1) // 64) * 64
-    last64 = end + ((n - 1) & 63) - 63
-    i = 0
-    while True:
-        x = (_rot((x + y + v0 + _fetch(s, i + 8)) & M64, 37) * K1) & M64
-        y = (_rot((y + v1 + _fetch(s, i + 48)) & M64, 42) * K1) & M64
-        x ^= w1
-        y = (y + v0 + _fetch(s, i + 40)) & M64
-        z = (_rot((z + w0) & M64, 33) * K1) & M64
-        v0, v1 = _weak32(s, i, (v1 * K1) & M64, (x + w0) & M64)
-        w0, w1 = _weak32(s, i + 32, (z + w1) & M64, (y + _fetch(s, i + 16)) & M64)
-        z, x = x, z
-        i += 64
-        if i == end:
-            break
-    mul = (K1 + ((z & 0xFF) << 1)) & M64
-    i = last64
-    w0 = (w0 + ((n - 1) & 63)) & M64
-    v0 = (v0 + w0) & M64
-    w0 = (w0 + v0) & M64
-    x = (_rot((x + y + v0 + _fetch(s, i + 8)) & M64, 37) * mul) & M64
-    y = (_rot((y + v1 + _fetch(s, i + 48)) & M64, 42) * mul) & M64
-    x ^= (w1 * 9) & M64
-    y = (y + v0 * 9 + _fetch(s, i + 40)) & M64
-    z = (_rot((z + w0) & M64, 33) * mul) & M64
-    v0, v1 = _weak32(s, i, (v1 * mul) & M64, (x + w0) & M64)
-    w0, w1 = _weak32(s, i + 32, (z + w1) & M64, (y + _fetch(s, i + 16)) & M64)
-    z, x = x, z
-    return _len16(
-        (_len16(v0, w0, mul) + _shift_mix(y) * K0 + z) & M64,
-        (_len16(v1, w1, mul) + x) & M64,
-        mul,
-    )
-
-
-def murmur64a(s: bytes, seed: int = 0) -> int:
-    """MurmurHash64A of ``s`` as an unsigned 64-bit integer."""
-    m = 0xC6A4A7935BD1E995
-    h = (seed ^ (len(s) * m)) & M64
-    blocks = len(s) // 8
-    for i in range(blocks):
-        k = (_fetch(s, 8 * i) * m) & M64
-        k ^= k >> 47
-        k = (k * m) & M64
-        h = ((h ^ k) * m) & M64
-    if len(s) % 8:
-        h = ((h ^ int.from_bytes(s[8 * blocks :], "little")) * m) & M64
-    h ^= h >> 47
-    h = (h * m) & M64
-    return h ^ (h >> 47)
-
-
-def fmix64(k: int) -> int:
-    """MurmurHash3's 64-bit finalizer."""
-    k ^= k >> 33
-    k = (k * 0xFF51AFD7ED558CCD) & M64
-    k ^= k >> 33
-    k = (k * 0xC4CEB9FE1A85EC53) & M64
-    return k ^ (k >> 33)
+_hashes = _load_hash_reference()
+K2 = _hashes.K2
+farm_fingerprint64, murmur64a, fmix64 = _hashes.farm64, _hashes.murmur64a, _hashes.fmix64
 
 
 def signed(u: int) -> int:

@@ -1,13 +1,17 @@
 """Sequences of strings, hashes against their published definitions, casts and column types.
 
-The hash references below are written from the published algorithms (MurmurHash64A of
-Austin Appleby's MurmurHash2, seed 0; FarmHash ``Fingerprint64``, i.e. ``farmhashna::Hash64``;
-MurmurHash3's ``fmix64``), independently of recis-kernels.
+The hash references (MurmurHash64A of Austin Appleby's MurmurHash2, seed 0; FarmHash
+``Fingerprint64``, i.e. ``farmhashna::Hash64``; MurmurHash3's ``fmix64``) are the scalar
+pure-Python ones of recis-kernels' tests, written from the published algorithms independently of
+the library's implementations.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -30,130 +34,27 @@ SETTINGS = settings(max_examples=30, deadline=None)
 M64 = (1 << 64) - 1
 
 # -- reference hashes ----------------------------------------------------------------------------
+# The pure-Python FarmHash Fingerprint64, MurmurHash64A and fmix64 written from the published
+# algorithms for recis-kernels' tests (this monorepo's one copy of them).
+
+
+def _load_hash_reference() -> ModuleType:
+    path = Path(__file__).resolve().parents[2] / "recis-kernels" / "tests" / "hash_reference.py"
+    spec = importlib.util.spec_from_file_location("recis_hash_reference", path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_hashes = _load_hash_reference()
+farm64, fmix64 = _hashes.farm64, _hashes.fmix64
 
 
 def murmur64a(data: bytes) -> int:
     """MurmurHash64A, seed 0, as an unsigned 64-bit integer."""
-    m, r = 0xC6A4A7935BD1E995, 47
-    h = (len(data) * m) & M64
-    full = len(data) // 8 * 8
-    for i in range(0, full, 8):
-        k = (int.from_bytes(data[i : i + 8], "little") * m) & M64
-        k = ((k ^ (k >> r)) * m) & M64
-        h = ((h ^ k) * m) & M64
-    if len(data) > full:
-        h = ((h ^ int.from_bytes(data[full:], "little")) * m) & M64
-    h = ((h ^ (h >> r)) * m) & M64
-    return h ^ (h >> r)
-
-
-_K0, _K1, _K2 = 0xC3A5C85C97CB3127, 0xB492B66FBE98F273, 0x9AE16A3B2F90404F
-
-
-def _rot(v: int, s: int) -> int:
-    return ((v >> s) | (v << (64 - s))) & M64
-
-
-def _u64(s: bytes, i: int) -> int:
-    return int.from_bytes(s[i : i + 8], "little")
-
-
-def _u32(s: bytes, i: int) -> int:
-    return int.from_bytes(s[i : i + 4], "little")
-
-
-def _len16(u: int, v: int, mul: int) -> int:
-    a = ((u ^ v) * mul) & M64
-    a ^= a >> 47
-    b = ((v ^ a) * mul) & M64
-    b ^= b >> 47
-    return (b * mul) & M64
-
-
-def _weak32(s: bytes, i: int, a: int, b: int) -> tuple[int, int]:
-    w, x, y, z = _u64(s, i), _u64(s, i + 8), _u64(s, i + 16), _u64(s, i + 24)
-    a = (a + w) & M64
-    b = _rot((b + a + z) & M64, 21)
-    c = a
-    a = (a + x + y) & M64
-    b = (b + _rot(a, 44)) & M64
-    return (a + z) & M64, (b + c) & M64
-
-
-def farm64(s: bytes) -> int:
-    """FarmHash Fingerprint64 (``farmhashna::Hash64``) as an unsigned 64-bit integer."""
-    n = len(s)
-    mul = (_K2 + 2 * n) & M64
-    if n == 0:
-        return _K2
-    if n < 4:
-        y = (s[0] + (s[n >> 1] << 8)) & 0xFFFFFFFF
-        z = (n + (s[n - 1] << 2)) & 0xFFFFFFFF
-        v = ((y * _K2) ^ (z * _K0)) & M64
-        return ((v ^ (v >> 47)) * _K2) & M64
-    if n < 8:
-        return _len16((n + (_u32(s, 0) << 3)) & M64, _u32(s, n - 4), mul)
-    if n <= 16:
-        a = (_u64(s, 0) + _K2) & M64
-        b = _u64(s, n - 8)
-        return _len16((_rot(b, 37) * mul + a) & M64, ((_rot(a, 25) + b) * mul) & M64, mul)
-    a = (_u64(s, 0) * _K1) & M64 if n <= 32 else (_u64(s, 0) * _K2) & M64
-    b, c = _u64(s, 8), (_u64(s, n - 8) * mul) & M64
-    d = (_u64(s, n - 16) * _K2) & M64
-    if n <= 32:
-        return _len16(
-            (_rot((a + b) & M64, 43) + _rot(c, 30) + d) & M64,
-            (a + _rot((b + _K2) & M64, 18) + c) & M64,
-            mul,
-        )
-    if n <= 64:
-        y = (_rot((a + b) & M64, 43) + _rot(c, 30) + d) & M64
-        z = _len16(y, (a + _rot((b + _K2) & M64, 18) + c) & M64, mul)
-        e, f = (_u64(s, 16) * mul) & M64, _u64(s, 24)
-        g = ((y + _u64(s, n - 32)) * mul) & M64
-        h = ((z + _u64(s, n - 24)) * mul) & M64
-        return _len16(
-            (_rot((e + f) & M64, 43) + _rot(g, 30) + h) & M64,
-            (e + _rot((f + a) & M64, 18) + g) & M64,
-            mul,
-        )
-    x, y = 81, (81 * _K1 + 113) & M64
-    z = (((y * _K2 + 113) & M64) ^ (((y * _K2 + 113) & M64) >> 47)) * _K2 & M64
-    v, w = (0, 0), (0, 0)
-    x = (x * _K2 + _u64(s, 0)) & M64
-    for i in range(0, (n - 1) // 64 * 64, 64):
-        x = (_rot((x + y + v[0] + _u64(s, i + 8)) & M64, 37) * _K1) & M64
-        y = (_rot((y + v[1] + _u64(s, i + 48)) & M64, 42) * _K1) & M64
-        x ^= w[1]
-        y = (y + v[0] + _u64(s, i + 40)) & M64
-        z = (_rot((z + w[0]) & M64, 33) * _K1) & M64
-        v = _weak32(s, i, (v[1] * _K1) & M64, (x + w[0]) & M64)
-        w = _weak32(s, i + 32, (z + w[1]) & M64, (y + _u64(s, i + 16)) & M64)
-        z, x = x, z
-    mul = (_K1 + ((z & 0xFF) << 1)) & M64
-    i = n - 64
-    w0 = (w[0] + ((n - 1) & 63)) & M64
-    v = ((v[0] + w0) & M64, v[1])
-    w = ((w0 + v[0]) & M64, w[1])
-    x = (_rot((x + y + v[0] + _u64(s, i + 8)) & M64, 37) * mul) & M64
-    y = (_rot((y + v[1] + _u64(s, i + 48)) & M64, 42) * mul) & M64
-    x ^= (w[1] * 9) & M64
-    y = (y + v[0] * 9 + _u64(s, i + 40)) & M64
-    z = (_rot((z + w[0]) & M64, 33) * mul) & M64
-    v = _weak32(s, i, (v[1] * mul) & M64, (x + w[0]) & M64)
-    w = _weak32(s, i + 32, (z + w[1]) & M64, (y + _u64(s, i + 16)) & M64)
-    z, x = x, z
-    return _len16(
-        (_len16(v[0], w[0], mul) + (y ^ (y >> 47)) * _K0 + z) & M64,
-        (_len16(v[1], w[1], mul) + x) & M64,
-        mul,
-    )
-
-
-def fmix64(k: int) -> int:
-    k = ((k ^ (k >> 33)) * 0xFF51AFD7ED558CCD) & M64
-    k = ((k ^ (k >> 33)) * 0xC4CEB9FE1A85EC53) & M64
-    return k ^ (k >> 33)
+    return _hashes.murmur64a(data)
 
 
 def as_int64(h: int) -> int:
@@ -177,7 +78,7 @@ STRINGS: list[bytes] = [
 
 def test_reference_hashes_match_published_values() -> None:
     # Fixed points of the definitions: FarmHash of "" is k2; MurmurHash64A of "" is 0.
-    assert farm64(b"") == _K2
+    assert farm64(b"") == _hashes.K2
     assert murmur64a(b"") == 0
 
 
