@@ -169,11 +169,16 @@ class DistributedContext:
         means = {k: v / self.world_size for k, v in zip(keys, reduced[:-1], strict=True)}
         return {k: means[k] for k in logs}, int(reduced[-1])
 
-    def nonfinite_ranks(self, finite: bool) -> list[int]:
-        """Ranks whose loss was not finite (every rank gets the same list)."""
+    def nonfinite_ranks(
+        self, finite: bool, counts: Sequence[float] = ()
+    ) -> tuple[list[int], list[float]]:
+        """Ranks whose loss was not finite (every rank gets the same list), and ``counts``
+        summed over the ranks (e.g. each task's kept rows), with the same all-reduce."""
         flags = [0.0] * self.world_size
         flags[self.rank] = 0.0 if finite else 1.0
-        return [r for r, flag in enumerate(self.reduce(flags)) if flag]
+        reduced = self.reduce(flags + list(counts))
+        bad = [r for r, flag in enumerate(reduced[: self.world_size]) if flag]
+        return bad, reduced[self.world_size :]
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

@@ -474,12 +474,28 @@ class Online:
                 return
             yield _WAIT
 
-    def _data(self, files: list[str]) -> Iterable[Any]:
-        data = self.make_data(list(files))
-        if not isinstance(data, Iterable):
-            raise ConfigError(
-                f"make_data({files}) returned {type(data).__name__}, expected an iterable of batches"
+    def _data(self, files: list[str], purpose: str) -> Iterable[Any]:
+        """``make_data(files)``; under ``torchrun`` the ranks learn whether it failed on any of
+        them (a file one rank cannot open), so that every rank raises instead of the others
+        waiting for it in the evaluation or training that follows."""
+        error: Exception | None = None
+        data: Any = None
+        try:
+            data = self.make_data(list(files))
+            if not isinstance(data, Iterable):
+                raise ConfigError(
+                    f"make_data({files}) returned {type(data).__name__}, expected an iterable "
+                    "of batches"
+                )
+        except Exception as err:
+            error = err
+        ctx = self.trainer.distributed
+        if ctx is not None:
+            ctx.agree_count(
+                0, error, f"make_data of window {len(self.progress.windows)} ({purpose})"
             )
+        if error is not None:
+            raise error
         return data
 
     def _keep_initial_state(self) -> None:
@@ -541,9 +557,9 @@ class Online:
         trainer, index = self.trainer, len(self.progress.windows)
         metrics: dict[str, float] = {}
         if trainer.global_step > 0 or self.evaluate_untrained:
-            metrics = trainer.evaluate(self._data(files))
+            metrics = trainer.evaluate(self._data(files, "evaluation"))
         first = len(trainer.history["train"])
-        trainer.set_train_data(self._data(files), epochs=self.epochs)
+        trainer.set_train_data(self._data(files, "training"), epochs=self.epochs)
         trainer.train()
         logs = [entry for _, entry in trainer.history["train"][first:]]
         result = WindowResult(

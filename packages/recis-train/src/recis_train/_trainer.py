@@ -429,14 +429,16 @@ class Trainer:
             with self._sync(index == len(micro) - 1):
                 with self._autocast():
                     out = parse_output(forward(batch))
-                self._check_finite(out, index, len(micro), cursor)
+                kept = _task_rows(out)
+                union = self._check_finite(out, index, len(micro), cursor, kept)
+                losses, total = _union_losses(out, kept, union, self.world_size)
                 # Gradients are summed over the ranks: dividing by the world size makes the
                 # step that of the mean loss over every rank's rows.
-                loss = out.loss / (len(micro) * self.world_size)
+                loss = total / (len(micro) * self.world_size)
                 (self._scaler.scale(loss) if self._scaler else loss).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach()) / len(micro)
+            totals["loss"] = totals.get("loss", 0.0) + float(total.detach()) / len(micro)
             if len(out.losses) > 1 or "loss" not in out.losses:
-                for task, value in out.losses.items():
+                for task, value in losses.items():
                     key = f"loss/{task}"
                     totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro)
             samples += batch_rows(batch)
@@ -458,8 +460,20 @@ class Trainer:
         return logs
 
     def _check_finite(
-        self, out: StepOutput, index: int, count: int, cursor: Mapping[str, Any]
-    ) -> None:
+        self,
+        out: StepOutput,
+        index: int,
+        count: int,
+        cursor: Mapping[str, Any],
+        kept: Mapping[str, int] | None = None,
+    ) -> dict[str, float]:
+        """Raise if the loss is not finite (or a kernel met a bad index) on any rank.
+
+        Returns:
+            ``kept`` (task -> rows its loss is the mean over) summed over the ranks, taken by
+            the same all-reduce (``kept`` itself in one process).
+        """
+        kept = dict(kept or {})
         finite = bool(torch.isfinite(out.loss.detach()).item())
         index_error = None
         if self.device.type == "cuda":
@@ -473,9 +487,13 @@ class Trainer:
         # Every rank learns of a bad loss (or index) anywhere, so no rank waits in a backward
         # alone.
         ok = finite and index_error is None
-        bad = [] if self.distributed is None else self.distributed.nonfinite_ranks(ok)
+        bad: list[int] = []
+        union: dict[str, float] = {task: float(rows) for task, rows in kept.items()}
+        if self.distributed is not None:
+            bad, summed = self.distributed.nonfinite_ranks(ok, list(union.values()))
+            union = dict(zip(union, summed, strict=True))
         if ok and not bad:
-            return
+            return union
         self._zero_grad()  # gradients of earlier micro-batches must not leak into a retry
         if index_error is not None:
             raise index_error
@@ -962,6 +980,36 @@ def _check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricF
                 "makes its own metrics"
             )
     return factories
+
+
+def _task_rows(out: StepOutput) -> dict[str, int]:
+    """Per-task losses with labels: task -> rows its loss is the mean over (the kept rows of
+    a task that leaves rows out, see :class:`~recis_train.Task`). Empty for a single loss."""
+    if len(out.losses) == 1 and "loss" in out.losses:
+        return {}
+    return {task: out.labels[task].numel() for task in out.losses if task in out.labels}
+
+
+def _union_losses(
+    out: StepOutput, kept: Mapping[str, int], union: Mapping[str, float], world_size: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """This rank's share of each task's loss over every rank's rows, and their weighted sum.
+
+    A task's loss is this rank's mean over its ``kept`` rows; the mean over the ``union`` of
+    every rank's kept rows is the sum over the ranks of ``loss · kept / union``. Scaled by
+    ``world_size`` (the trainer divides every rank's loss by it, and logs the mean over the
+    ranks), ranks that keep different numbers of a task's rows (one none at all) train and log
+    as one process over all their rows. With equal counts on every rank nothing changes.
+    """
+    scales = {
+        task: rows * world_size / union[task] if union[task] else 1.0 for task, rows in kept.items()
+    }
+    if all(scale == 1.0 for scale in scales.values()):
+        return out.losses, out.loss
+    losses = {task: value * scales.get(task, 1.0) for task, value in out.losses.items()}
+    total = sum(out.weights.get(task, 1.0) * value for task, value in losses.items())
+    assert isinstance(total, torch.Tensor)
+    return losses, total
 
 
 def _mean(total: float, count: float) -> float:
