@@ -172,6 +172,18 @@ def test_an_index_a_cuda_kernel_met_out_of_range_ends_the_step(tmp_path, monkeyp
     assert checked == [torch.device("cuda", 0)]
 
 
+def test_an_index_a_cuda_kernel_met_during_evaluation_fails_the_evaluation(tmp_path, monkeypatch):
+    import recis_kernels
+
+    trainer = make_trainer(tmp_path)
+    assert trainer._recorded_index_error() is None  # nothing is recorded on the CPU
+    error = recis_kernels.IndexOutOfRangeError("segment_reduce: offsets[3] = 9 is out of range")
+    monkeypatch.setattr(trainer, "_recorded_index_error", lambda: error)
+    with pytest.raises(recis_kernels.IndexOutOfRangeError, match=r"offsets\[3\] = 9"):
+        trainer.evaluate()
+    assert trainer.history["eval"] == []  # no results computed on the skipped index's zeros
+
+
 class BadModel(nn.Module):
     def __init__(self, output):
         super().__init__()

@@ -475,15 +475,9 @@ class Trainer:
         """
         kept = dict(kept or {})
         finite = bool(torch.isfinite(out.loss.detach()).item())
-        index_error = None
-        if self.device.type == "cuda":
-            # The loss read above waited for this micro-batch's kernels: an out-of-range index
-            # one of them met (e.g. bad ragged offsets; the kernel skipped it and recorded it)
-            # is raised here, naming the op, instead of training on its zeros.
-            try:
-                recis_kernels.check_index_errors(self.device)
-            except recis_kernels.IndexOutOfRangeError as error:
-                index_error = error
+        # The loss read above waited for this micro-batch's kernels: an out-of-range index one
+        # of them met is raised here, naming the op, instead of training on its zeros.
+        index_error = self._recorded_index_error()
         # Every rank learns of a bad loss (or index) anywhere, so no rank waits in a backward
         # alone.
         ok = finite and index_error is None
@@ -510,6 +504,21 @@ class Trainer:
             f"{cursor['epoch'] + 1} of {self.stream.epochs}, batch {cursor['consumed']} of that "
             f"epoch, micro-batch {index + 1} of {count}; counted from 1); task losses: {tasks}"
         )
+
+    def _recorded_index_error(self) -> Exception | None:
+        """The out-of-range index a recis-kernels CUDA kernel recorded since the last read (e.g.
+        bad ragged offsets: the kernel skipped it and wrote zeros), or ``None``.
+
+        Only CUDA kernels record into the buffer; reading it waits for the queued work, so it
+        is read where the trainer waits anyway.
+        """
+        if self.device.type != "cuda":
+            return None
+        try:
+            recis_kernels.check_index_errors(self.device)
+        except recis_kernels.IndexOutOfRangeError as error:
+            return error
+        return None
 
     def _optimizer_step(self) -> None:
         dense = self.dense_optimizer
@@ -618,6 +627,14 @@ class Trainer:
                     self._update_metrics(metrics, out)
         finally:
             self.model.train(was_training)
+        # An out-of-range index a kernel met during the evaluation (its output held zeros
+        # there) fails the evaluation on every rank instead of reaching the results.
+        index_error = self._recorded_index_error()
+        if self.distributed is not None and self.device.type == "cuda":
+            if self.distributed.reduce([float(index_error is not None)], "max")[0]:
+                self.distributed.fail_together(index_error, "evaluation")
+        elif index_error is not None:
+            raise index_error
         if self.distributed is not None:
             keys, tasks = sorted(sums), sorted(task_rows)
             total = self.distributed.reduce(
