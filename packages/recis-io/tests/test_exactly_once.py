@@ -357,6 +357,59 @@ def test_a_state_of_another_batch_size_is_refused(written) -> None:
     assert _ids(same) == []
 
 
+def test_a_state_of_another_drop_last_is_refused(written) -> None:
+    # 24 rows in batches of 10: with drop_last the epoch ends after row 20, so its end-of-epoch
+    # state resumed without drop_last read rows 20..23 as a stray batch.
+    paths, _ = written([("parquet", 24, 5)])
+
+    def make(drop_last: bool, epochs: int = 1) -> Dataset:
+        return Dataset(paths, batch_size=10, columns=["id"], drop_last=drop_last, epochs=epochs)
+
+    ds = make(True)
+    assert _ids(ds) == [list(range(10)), list(range(10, 20))]
+    state = json.loads(json.dumps(ds.state_dict()))
+    assert (state["version"], state["drop_last"]) == (3, True)
+    with pytest.raises(
+        InvalidArgumentError, match="state has drop_last=True, this dataset has False"
+    ):
+        make(False).load_state_dict(state)
+    same = make(True)
+    same.load_state_dict(state)
+    assert _ids(same) == []
+    # The other way round too: the state's epoch ends 4 rows after this dataset's.
+    ds = make(False)
+    _ids(ds)
+    state = ds.state_dict()
+    with pytest.raises(
+        InvalidArgumentError, match="state has drop_last=False, this dataset has True"
+    ):
+        make(True, epochs=2).load_state_dict(state)
+    # A version 2 state does not record drop_last and loads as before.
+    old = {k: v for k, v in state.items() if k != "drop_last"} | {"version": 2}
+    resumed = make(False, epochs=2)
+    resumed.load_state_dict(old)
+    assert _flat(_ids(resumed)) == list(range(24))
+
+
+def test_epochs_and_columns_are_free_to_change_on_resume(written) -> None:
+    # Documented as free: epochs sets where the pass ends and columns what each row holds,
+    # neither which rows an epoch reads nor their order.
+    paths, _ = written([("parquet", 25, 5), ("orc", 12, 4)])
+
+    def make(epochs: int, columns: list[str | Column]) -> Dataset:
+        return Dataset(paths, batch_size=7, columns=columns, shuffle=True, seed=3, epochs=epochs)
+
+    reference = _ids(make(3, ["id"]))
+    first = make(2, ["id", "key"])
+    it = iter(first)
+    head = [next(it)["id"].tolist() for _ in range(8)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = make(3, ["id", Column("name", hash="farm")])
+    resumed.load_state_dict(state)
+    assert head + _ids(resumed) == reference
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_a_state_after_an_epochs_last_batch_resumes_in_the_next_epoch(
     written, drop_last: bool

@@ -138,7 +138,7 @@ def test_state_of_another_rank_is_rejected(files) -> None:
 
 def test_state_of_other_files_is_rejected(tmp_path, files) -> None:
     state = json.loads(json.dumps(Dataset(files, batch_size=10).state_dict()))
-    assert state["version"] == 2
+    assert state["version"] == 3
     assert state["files"] == [[p.name, rows] for p, rows in zip(files, ROWS, strict=True)]
     # The same rows in differently named files, or one file's rows moved to another.
     for name in ("renamed", "moved", "empty", "copy"):

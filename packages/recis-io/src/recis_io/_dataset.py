@@ -16,9 +16,10 @@ from ._paths import PathLike, resolve_paths
 from ._recis_io import Reader
 from .exceptions import ForkedReaderError, InvalidArgumentError
 
-# Version 2 adds "files" (the data set's identity); version 1 states still load without it.
-_STATE_VERSION = 2
-_STATE_VERSIONS = (1, 2)
+# Version 2 adds "files" (the data set's identity), version 3 "drop_last"; states of earlier
+# versions still load, checked on what they record.
+_STATE_VERSION = 3
+_STATE_VERSIONS = (1, 2, 3)
 _DEVICES = ("cpu", "pinned", "cuda")
 
 
@@ -389,6 +390,7 @@ class Dataset(IterableDataset):
             "total_rows": self.total_rows,
             "files": [list(f) for f in self._identity],
             "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
             "shuffle": self.shuffle,
             "seed": self.seed,
             "shuffle_window": self.shuffle_window,
@@ -397,14 +399,20 @@ class Dataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Makes the next iteration continue exactly after the batch the state was taken at.
 
+        The options that decide which rows a pass yields and in what order must be the ones
+        the state was taken with. ``epochs`` (where the pass ends, not what an epoch reads),
+        ``columns`` and their options (the values of each row, not which rows),
+        ``num_threads``, ``prefetch``, ``format`` and ``device`` are free to change.
+
         Raises:
             InvalidArgumentError: The state is malformed or was taken with different files
-                (names and row counts), batch size, shuffle, seed, window, shard or number of
-                shards.
+                (names and row counts), batch size, ``drop_last``, shuffle, seed, window,
+                shard or number of shards.
         """
         if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
             raise InvalidArgumentError(
-                f"not a recis-io state (version {_STATE_VERSION}, or 1 from recis-io 0.1)"
+                f"not a recis-io state (version {_STATE_VERSION}, or 1 from recis-io 0.1, "
+                "or 2 without drop_last)"
             )
         shard, shards = self._current_shard()
         expected: dict[str, Any] = {
@@ -419,6 +427,10 @@ class Dataset(IterableDataset):
         }
         if state["version"] >= 2:
             expected["files"] = self._identity
+        if state["version"] >= 3:
+            # The epoch ends where drop_last says: with another value a state taken at the end
+            # of an epoch resumes with a stray partial batch, or skips it.
+            expected["drop_last"] = self.drop_last
         if self.shuffle:
             expected["shuffle_window"] = self.shuffle_window
         for key, value in expected.items():
