@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from recis_embedding import (
+    ConfigError,
+    DynamicEmbedding,
     EmbeddingEngine,
     EmbeddingOption,
     Normal,
@@ -15,6 +17,8 @@ from recis_embedding import (
     SparseFTRL,
     SparseRowWiseAdagrad,
     SparseSGD,
+    load,
+    save,
     sparse_parameters,
 )
 
@@ -208,3 +212,96 @@ def test_zero_grad_between_forward_and_backward_keeps_the_lookups_gradient() -> 
     out.sum().backward()
     opt.step()
     torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 0.5)
+
+
+class _TwoTowers(torch.nn.Module):
+    def __init__(self, user: torch.nn.Module, item: torch.nn.Module) -> None:
+        super().__init__()
+        self.user = user
+        self.item = item
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        _TwoTowers(
+            EmbeddingEngine({"id": EmbeddingOption(4)}),
+            EmbeddingEngine({"x": EmbeddingOption(8, shared_name="id")}),
+        ),
+        _TwoTowers(DynamicEmbedding(EmbeddingOption(4)), DynamicEmbedding(EmbeddingOption(4))),
+    ],
+    ids=["engines", "dynamic"],
+)
+def test_a_table_name_defined_by_two_modules_is_refused_before_training(model, tmp_path) -> None:
+    name = "'id'" if isinstance(model.user, EmbeddingEngine) else "'embedding'"
+    match = f"'user' and 'item' both define table {name}"
+    with pytest.raises(ConfigError, match=match):
+        sparse_parameters(model)
+    with pytest.raises(ConfigError, match=match):
+        SparseAdam(model)
+    with pytest.raises(ConfigError, match=match):
+        SparseSGD(EmbeddingEngine({"z": EmbeddingOption(4)})).add_param_group({"params": model})
+    with pytest.raises(ConfigError, match=match):
+        save(tmp_path / "ckpt", model)
+    save(tmp_path / "ckpt", EmbeddingEngine({"id": EmbeddingOption(4)}))
+    with pytest.raises(ConfigError, match=match):
+        load(tmp_path / "ckpt", model)
+    # One module in two places of a model is one table, not two.
+    shared = EmbeddingEngine({"id": EmbeddingOption(4)})
+    assert len(sparse_parameters(_TwoTowers(shared, shared))) == 1
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_leaves_rows_without_gradient_alone_like_sparse_adam(set_to_none) -> None:
+    # torch.optim.SparseAdam on a sparse nn.Embedding: after zero_grad(set_to_none=False) the
+    # gradient is an empty sparse tensor and step() changes no row; the sparse tables agree
+    # for either value (no step on zero gradients decaying the moments).
+    weight = torch.nn.Embedding(4, DIM, sparse=True)
+    theirs = torch.optim.SparseAdam(weight.parameters(), lr=0.1)
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+    ours = SparseAdam(engine, lr=0.1)
+    table, _ = engine.table("f")
+    ids = torch.tensor([[1], [2]])
+    for module, opt in ((weight, theirs), (engine, ours)):
+        out = module(ids) if module is weight else module({"f": ids})["f"]
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+    before = (weight.weight.detach().clone(), table.embeddings(ids[:, 0]))
+    rows = table.find(ids[:, 0])
+    state = {s: table.read_slot(rows, s).clone() for s in ("exp_avg", "exp_avg_sq", "step")}
+    theirs.step()
+    ours.step()
+    assert torch.equal(weight.weight.detach(), before[0])
+    assert torch.equal(table.embeddings(ids[:, 0]), before[1])
+    for slot, value in state.items():
+        assert torch.equal(table.read_slot(rows, slot), value), slot
+    # The next backward's gradient alone drives the following step, either way.
+    engine({"f": ids})["f"].sum().backward()
+    ours.step()
+    assert table.read_slot(rows, "step")[:, 0].tolist() == [2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "make", [SparseSGD, SparseAdagrad, SparseRowWiseAdagrad, SparseAdam, SparseAdamW, SparseFTRL]
+)
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("maximize", True),
+        ("foreach", True),
+        ("fused", True),
+        ("capturable", True),
+        ("differentiable", True),
+    ],
+)
+def test_torch_flags_are_refused_by_name_unless_at_their_defaults(make, flag, value) -> None:
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM)})
+    with pytest.raises(OptimizerError, match=f"{flag}=True is not supported for sparse tables"):
+        make(engine, **{flag: value})
+    default = {"maximize": False, "capturable": False, "differentiable": False}.get(flag)
+    opt = make(engine, **{flag: default})
+    engine({"f": torch.tensor([[1]])})["f"].sum().backward()
+    opt.step()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nesterov_like'"):
+        make(EmbeddingEngine({"g": EmbeddingOption(DIM)}), nesterov_like=True)

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recis_embedding._engine import EmbeddingEngine
+from recis_embedding._engine import EmbeddingEngine, logical_tables
 from recis_embedding._optim import SparseOptimizer
 from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable
@@ -72,16 +72,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _engines(model: nn.Module) -> list[EmbeddingEngine]:
     return [m for m in model.modules() if isinstance(m, EmbeddingEngine)]
-
-
-def _logical_tables(model: nn.Module) -> dict[str, tuple[HashTable, int]]:
-    tables: dict[str, tuple[HashTable, int]] = {}
-    for engine in _engines(model):
-        for name, entry in engine.logical.items():
-            if name in tables and tables[name][0] is not entry[0]:
-                raise CheckpointError(f"two embedding modules both define table {name!r}")
-            tables[name] = entry
-    return tables
 
 
 def _sha256(path: Path) -> str:
@@ -122,9 +112,10 @@ def save(
             the save failed on one rank (that rank raises its own error). Every rank raises,
             none waits for the failed one, and the previous checkpoint at ``path`` is left as
             it was.
+        ConfigError: two embedding modules of ``model`` define the same table name.
     """
     path = Path(path)
-    tables = _logical_tables(model)
+    tables = logical_tables(model)
     physical = {id(t): t for t, _ in tables.values()}.values()
     shard = _shard_context(model)
     rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
@@ -484,12 +475,13 @@ def load(
         CheckpointError: corrupt files, missing or unexpected tables (``strict``), dim or
             optimizer-slot mismatch, or
             saved embeddings too large for the table's dtype (beyond float16's 65504).
+        ConfigError: two embedding modules of ``model`` define the same table name.
     """
+    tables = logical_tables(model)
     chain = [CheckpointReader(path)]
     while chain[-1].kind == "delta":
         chain.append(_parent_reader(chain[-1]))
     chain.reverse()
-    tables = _logical_tables(model)
     shard = _shard_context(model)
     _check_optimizer(chain[-1], sparse_optimizer)
     _check_tables(chain[-1], tables, strict)

@@ -807,3 +807,35 @@ class DynamicEmbedding(nn.Module):
         if f"{self.name}_mask" in out:
             return out[self.name], out[f"{self.name}_mask"]
         return out[self.name]
+
+
+def logical_tables(model: nn.Module) -> dict[str, tuple[HashTable, int]]:
+    """Every logical table of the embedding modules inside ``model``: name to (table, index).
+
+    Raises:
+        ConfigError: two embedding modules of ``model`` define the same table name
+            (checkpoints and sparse optimizers know a table by its name, so one would
+            overwrite the other's rows in a checkpoint); the error names both modules.
+    """
+    tables: dict[str, tuple[HashTable, int]] = {}
+    where: dict[str, str] = {}
+    # A DynamicEmbedding is named for its engine: the path users wrote. named_modules visits
+    # a module before its children.
+    owner: dict[int, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, DynamicEmbedding):
+            owner[id(module.engine)] = path
+        if not isinstance(module, EmbeddingEngine):
+            continue
+        path = owner.get(id(module), path) or "(the model itself)"
+        for name, entry in module.logical.items():
+            if name in tables and tables[name][0] is not entry[0]:
+                raise ConfigError(
+                    f"embedding modules {where[name]!r} and {path!r} both define table "
+                    f"{name!r}; a table name must be unique within a model (checkpoints and "
+                    f"optimizers know tables by name): rename one (EmbeddingOption.shared_name, "
+                    f"the feature name, or DynamicEmbedding(name=...))"
+                )
+            tables.setdefault(name, entry)
+            where.setdefault(name, path)
+    return tables

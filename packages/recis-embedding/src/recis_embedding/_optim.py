@@ -43,6 +43,16 @@ __all__ = [
 # model to collect the tables from.
 Tables = Iterable[HashTable] | Iterable[dict[str, Any]] | nn.Module
 
+# Flags of torch's optimizers that the sparse ones do not implement, with torch's defaults
+# (accepted, so code passing the defaults works).
+_UNSUPPORTED_FLAGS: dict[str, bool | None] = {
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "capturable": False,
+    "differentiable": False,
+}
+
 _NON_NEGATIVE = ("lr", "eps", "weight_decay", "lr_decay", "l1", "l2", "beta")
 # Every sparse optimizer's hyperparameters: a saved group naming one this optimizer lacks was
 # written by another optimizer.
@@ -50,9 +60,15 @@ _HYPERPARAMETERS = frozenset({*_NON_NEGATIVE, "betas", "lr_power"})
 
 
 def sparse_parameters(model: nn.Module) -> list[HashTable]:
-    """Every trainable physical :class:`HashTable` of the embedding modules inside ``model``."""
-    from recis_embedding._engine import EmbeddingEngine
+    """Every trainable physical :class:`HashTable` of the embedding modules inside ``model``.
 
+    Raises:
+        ConfigError: two embedding modules of ``model`` define the same table name (found
+            here, before training, rather than at the first checkpoint).
+    """
+    from recis_embedding._engine import EmbeddingEngine, logical_tables
+
+    logical_tables(model)  # refuses a table name defined twice
     tables: dict[int, HashTable] = {}
     for module in model.modules():
         if isinstance(module, EmbeddingEngine):
@@ -74,7 +90,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         self,
         tables: Tables,
         defaults: dict[str, Any],
+        flags: dict[str, Any] | None = None,
     ) -> None:
+        self._check_flags(flags or {})
         if isinstance(tables, nn.Module):
             tables = sparse_parameters(tables)
         groups = list(tables)
@@ -132,6 +150,17 @@ class SparseOptimizer(torch.optim.Optimizer):
             t.configure_state(self.kind, slots, init)
         super().add_param_group({**param_group, "params": [t.handle for t in resolved]})
 
+    def _check_flags(self, flags: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for key, value in flags.items():
+            if key not in _UNSUPPORTED_FLAGS:
+                raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
+            if value is not None and value is not False:
+                raise OptimizerError(
+                    f"{name}: {key}={value!r} is not supported for sparse tables (only "
+                    f"{key}={_UNSUPPORTED_FLAGS[key]!r}, torch's default, is accepted)"
+                )
+
     def _check_hyperparameters(self, values: dict[str, Any], where: str) -> None:
         for key, value in values.items():
             if key in _NON_NEGATIVE and value < 0:
@@ -162,6 +191,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         torch parameter would: ``out = model(x); opt.zero_grad(); loss.backward();
         opt.step()`` updates the rows ``x`` read. Lookups that already have their gradient,
         or that an optimizer step went past, are forgotten.
+
+        Args:
+            set_to_none: accepted for torch compatibility; both values forget the same
+                gradients. A table's gradient is sparse: it names the rows it touches, and
+                a row without a gradient is left alone by ``step()`` (its value, moments and
+                step count), as ``torch.optim.SparseAdam`` leaves the rows of a zero-filled
+                sparse gradient. ``set_to_none=False`` thus does not make a following
+                ``step()`` decay the moments of earlier rows with a zero gradient, as a
+                dense torch optimizer would for a dense parameter.
         """
         for table in self.tables():
             table.pending[:] = awaiting_backward(table.pending)
@@ -291,12 +329,20 @@ class SparseSGD(SparseOptimizer):
             {"params": [t2]}]``: per-group hyperparameters over the defaults).
         lr: learning rate.
         weight_decay: L2 penalty.
+        **flags: torch's ``maximize``, ``foreach``, ``fused``, ``capturable`` and
+            ``differentiable``, accepted at torch's defaults (``False``/``None``) only.
+
+    Raises:
+        OptimizerError: one of those flags set (they are not supported for sparse tables),
+            or a negative hyperparameter.
     """
 
     kind = "sgd"
 
-    def __init__(self, tables: Tables, lr: float = 0.01, weight_decay: float = 0.0) -> None:
-        super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
+    def __init__(
+        self, tables: Tables, lr: float = 0.01, weight_decay: float = 0.0, **flags: Any
+    ) -> None:
+        super().__init__(tables, {"lr": lr, "weight_decay": weight_decay}, flags)
 
     def _slots(self, dim):
         return [], torch.zeros(0)
@@ -315,6 +361,7 @@ class SparseAdagrad(SparseOptimizer):
         weight_decay: L2 penalty.
         initial_accumulator_value: starting value of the squared-gradient sums.
         eps: added to the root of the sum.
+        **flags: torch's flags at their defaults only (see :class:`SparseSGD`).
     """
 
     kind = "adagrad"
@@ -327,10 +374,13 @@ class SparseAdagrad(SparseOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
+        **flags: Any,
     ) -> None:
         self._init_acc = float(initial_accumulator_value)
         super().__init__(
-            tables, {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps}
+            tables,
+            {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps},
+            flags,
         )
 
     def _slots(self, dim):
@@ -358,6 +408,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         lr: learning rate.
         eps: added to the root of the accumulator.
         weight_decay: L2 penalty.
+        **flags: torch's flags at their defaults only (see :class:`SparseSGD`).
     """
 
     kind = "rowwise_adagrad"
@@ -368,8 +419,9 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         lr: float = 0.01,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        **flags: Any,
     ) -> None:
-        super().__init__(tables, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(tables, {"lr": lr, "eps": eps, "weight_decay": weight_decay}, flags)
 
     def _slots(self, dim):
         return [("sum", 1)], torch.zeros(1)
@@ -394,6 +446,7 @@ class SparseAdam(SparseOptimizer):
         betas: moment decays.
         eps: added to the bias-corrected root of the second moment.
         weight_decay: L2 penalty.
+        **flags: torch's flags at their defaults only (see :class:`SparseSGD`).
     """
 
     kind = "adam"
@@ -406,11 +459,14 @@ class SparseAdam(SparseOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        **flags: Any,
     ) -> None:
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise OptimizerError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
         super().__init__(
-            tables, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+            tables,
+            {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
+            flags,
         )
 
     def _slots(self, dim):
@@ -446,8 +502,9 @@ class SparseAdamW(SparseAdam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        **flags: Any,
     ) -> None:
-        super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flags)
 
 
 class SparseFTRL(SparseOptimizer):
@@ -461,6 +518,7 @@ class SparseFTRL(SparseOptimizer):
         l2: L2 strength.
         beta: beta of the per-coordinate rate.
         initial_accumulator_value: starting value of the accumulators (TensorFlow: 0.1).
+        **flags: torch's flags at their defaults only (see :class:`SparseSGD`).
     """
 
     kind = "ftrl"
@@ -474,6 +532,7 @@ class SparseFTRL(SparseOptimizer):
         l2: float = 0.0,
         beta: float = 0.0,
         initial_accumulator_value: float = 0.1,
+        **flags: Any,
     ) -> None:
         if lr_power > 0:
             raise OptimizerError(f"SparseFTRL: lr_power must be <= 0, got {lr_power}")
@@ -484,7 +543,9 @@ class SparseFTRL(SparseOptimizer):
             )
         self._init_acc = float(initial_accumulator_value)
         super().__init__(
-            tables, {"lr": lr, "lr_power": float(lr_power), "l1": l1, "l2": l2, "beta": beta}
+            tables,
+            {"lr": lr, "lr_power": float(lr_power), "l1": l1, "l2": l2, "beta": beta},
+            flags,
         )
 
     def _slots(self, dim):
