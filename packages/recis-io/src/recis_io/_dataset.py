@@ -289,9 +289,7 @@ class Dataset(IterableDataset):
         if get_worker_info() is not None:
             workers = 1
         workers = max(1, workers)
-        rows = self.total_rows // (self._current_shard()[1] * workers)
-        if self.drop_last:
-            return workers * (rows // self.batch_size)
+        rows = self._epoch_rows(self._current_shard()[1] * workers)
         return workers * -(-rows // self.batch_size)
 
     def _epoch_rows(self, shards: int) -> int:

@@ -158,7 +158,7 @@ def _as_mask(value: Any, rows: int, where: str) -> torch.Tensor:
     value = value.reshape(rows)
     if value.dtype == torch.bool:
         return value
-    if value.is_complex() or not (value.is_floating_point() or _is_integer(value.dtype)):
+    if value.is_complex():  # every other non-bool dtype holds numbers, checked to be 0 or 1
         raise LabelError(f"{where} has dtype {value.dtype}, expected bool or numbers 0 and 1")
     bad = (value != 0) & (value != 1)
     if bool(bad.any()):
@@ -167,10 +167,6 @@ def _as_mask(value: Any, rows: int, where: str) -> torch.Tensor:
             f"{where} holds {value[row].item():g} at row {row}, expected bool or numbers 0 and 1"
         )
     return value != 0
-
-
-def _is_integer(dtype: torch.dtype) -> bool:
-    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 class MultiTask(nn.Module):
