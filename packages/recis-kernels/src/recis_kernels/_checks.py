@@ -71,16 +71,29 @@ def index_error(
     )
 
 
-def check_index_range(op: str, name: str, index: torch.Tensor, low: int, high: int) -> None:
-    """Raise :func:`index_error` for the first entry of host int64 ``index`` outside
-    ``[low, high)``; two reductions when every entry is in range."""
+def check_index_range(
+    op: str,
+    name: str,
+    index: torch.Tensor,
+    low: int,
+    high: int,
+    bounds: tuple[int, int] | None = None,
+) -> None:
+    """Raise :func:`index_error` for the first entry of int64 ``index`` outside ``[low, high)``.
+
+    Two reductions of host ``index`` when every entry is in range; a device ``index`` needs
+    ``bounds``, its least and greatest entries, read by the caller where it synchronizes anyway
+    (the search for the bad position runs only when they leave the range).
+    """
     if not index.numel():
         return
-    values = index.numpy()
-    if int(values.min()) >= low and int(values.max()) < high:
+    if bounds is None:
+        values = index.numpy()
+        bounds = int(values.min()), int(values.max())
+    if bounds[0] >= low and bounds[1] < high:
         return
-    pos = int(np.flatnonzero((values < low) | (values >= high))[0])
-    raise index_error(op, name, pos, int(values[pos]), low, high)
+    pos = int(flat_nonzero((index < low) | (index >= high))[0])
+    raise index_error(op, name, pos, int(index[pos]), low, high)
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

@@ -28,9 +28,7 @@ from recis_kernels._checks import (
     check_dtype,
     check_index_range,
     check_tensor,
-    flat_nonzero,
     grid_for,
-    index_error,
 )
 from recis_kernels._cuda import index_errors
 from recis_kernels.exceptions import ShapeError
@@ -96,14 +94,6 @@ class RowStore:
         if can_inspect(rows):
             check_index_range(op, "rows", rows, 0, self.capacity)
 
-    def _check_device_rows(self, op: str, rows: torch.Tensor, low: int, high: int) -> None:
-        """Raise for device ``rows`` (whose least and greatest entries are ``low`` and
-        ``high``, already read) that leave ``[0, capacity)``, naming the first bad position."""
-        if rows.numel() and (low < 0 or high >= self.capacity):
-            bad = (rows < 0) | (rows >= self.capacity)
-            pos = int(flat_nonzero(bad)[0])
-            raise index_error(op, "rows", pos, int(rows[pos]), 0, self.capacity)
-
     def _columns(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.width if stop is None else stop
         if not 0 <= start < stop <= self.width:
@@ -127,7 +117,7 @@ class RowStore:
             order = torch.from_numpy(np.argsort(small, kind="stable"))
         else:
             least, greatest = torch.stack(torch.aminmax(rows)).tolist()
-            self._check_device_rows(op, rows, least, greatest)
+            check_index_range(op, "rows", rows, 0, self.capacity, (least, greatest))
             counts = torch.bincount(blk, minlength=len(self.blocks)).tolist()
             order = torch.argsort(blk, stable=True)
         touched = [b for b, count in enumerate(counts) if count]
@@ -271,7 +261,7 @@ class RowStore:
             # unique synchronized to size its output; its ends, read with the pending kernel
             # errors, bound every row, so a bad row is named at its position in ``rows``.
             least, greatest = index_errors.host_ints(torch.stack((uniq[0], uniq[-1])))
-            self._check_device_rows(op, rows, least, greatest)
+            check_index_range(op, "rows", rows, 0, self.capacity, (least, greatest))
         summed = torch.zeros(uniq.numel(), values.shape[1], dtype=values.dtype, device=self.device)
         summed.scatter_add_(0, inverse[:, None].expand(-1, values.shape[1]), values)
         current = self._gather(op, uniq, start, stop)
