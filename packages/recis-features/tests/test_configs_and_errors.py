@@ -16,6 +16,7 @@ import recis_kernels as rk
 from recis_features import (
     Feature,
     FeatureConflictError,
+    FeatureDefinitionError,
     FeatureEngine,
     FeatureTypeError,
     Lambda,
@@ -238,3 +239,64 @@ def test_the_guide_examples_run_as_written() -> None:
     fused = engine(clip_batch)
     for f in features:
         assert_same(fused[f.name], f(clip_batch))
+
+
+# -- parameters given as NumPy scalars or tensors -------------------------------------------------
+
+
+def _numpy_param_features(np_):
+    return [
+        Feature("m").select("i").mod(np_.int64(7)),
+        Feature("h").select("s").hash(buckets=np_.uint32(100)),
+        Feature("b")
+        .select("x")
+        .fill_missing(np_.float32(0.5))
+        .bucketize([np_.float32(0.25), np_.float64(1.0)]),
+        Feature("t").select("x").bucketize(torch.tensor([0.25, 1.0])),
+        Feature("k").select("i").multi_hash(np_.array([10, 20])),
+        Feature("q").select("seq").truncate(np_.int32(2), side="tail"),
+        Feature("f").select("x").fill_missing(np_.int64(3)),
+    ]
+
+
+def _python_param_features():
+    return [
+        Feature("m").select("i").mod(7),
+        Feature("h").select("s").hash(buckets=100),
+        Feature("b").select("x").fill_missing(0.5).bucketize([0.25, 1.0]),
+        Feature("t").select("x").bucketize([0.25, 1.0]),
+        Feature("k").select("i").multi_hash([10, 20]),
+        Feature("q").select("seq").truncate(2, side="tail"),
+        Feature("f").select("x").fill_missing(3),
+    ]
+
+
+def test_numpy_scalars_and_tensors_are_accepted_as_parameters() -> None:
+    # Vocabulary sizes and boundaries usually come out of NumPy (``arr.max() + 1``,
+    # ``np.quantile``) or torch; they are the same ops as their Python numbers: equal
+    # fingerprints, equal outputs and the same JSON.
+    np_ = pytest.importorskip("numpy")
+    ours = FeatureEngine(_numpy_param_features(np_), passthrough=False)
+    plain = FeatureEngine(_python_param_features(), passthrough=False)
+    assert json.dumps(ours.to_dict()) == json.dumps(plain.to_dict())
+    batch = {
+        "i": torch.tensor([5, -1, 12]),
+        "s": ["a", "bb", ""],
+        "x": torch.tensor([float("nan"), 0.3, 2.0]),
+        "seq": RaggedTensor(torch.arange(7), [torch.tensor([0, 3, 3, 7])]),
+    }
+    got, want = ours(batch), plain(batch)
+    for name in want:
+        assert_same(got[name], want[name])
+    assert type(ours.to_dict()["features"][0]["ops"][1]["n"]) is int
+    assert type(ours.to_dict()["features"][6]["ops"][1]["value"]) is int
+
+
+def test_numpy_bools_and_matrices_are_still_refused() -> None:
+    np_ = pytest.importorskip("numpy")
+    with pytest.raises(FeatureDefinitionError, match=r"mod: n must be an integer"):
+        Feature("a").select("x").mod(np_.True_)
+    with pytest.raises(FeatureDefinitionError, match=r"fill_missing: value must be a finite"):
+        Feature("a").select("x").fill_missing(np_.float32("nan"))
+    with pytest.raises(FeatureDefinitionError, match=r"bucketize: boundaries must be finite"):
+        Feature("a").select("x").bucketize(torch.tensor([[0.5, 1.0]]))

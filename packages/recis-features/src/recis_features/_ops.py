@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -45,11 +46,28 @@ HASH_ALGORITHMS = ("farm", "murmur")
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    # numbers.Integral: Python ints and NumPy integer scalars (``np.int64(5)``, what NumPy
+    # reductions and array items give), never bools.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    # numbers.Real: Python and NumPy scalars (``np.float32(0.5)``); bools are not numbers here
+    # (NumPy's bool is not registered as a number at all).
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _plain(x: Any) -> Any:
+    """A parameter as a plain Python ``int`` or ``float`` (NumPy scalars are stored as Python
+    numbers, so ``Mod(np.int64(5))`` and ``Mod(5)`` are one op and serialize alike)."""
+    return int(x) if _is_int(x) else float(x)
+
+
+def _numbers(values: Any) -> list[Any]:
+    """A sequence parameter as a list; a 1-d torch tensor or NumPy array gives its items."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().reshape(-1).tolist() if values.dim() == 1 else [values]
+    return list(values)
 
 
 class SelectField(SourceOp):
@@ -187,7 +205,7 @@ class Hash(Transform):
             f"buckets must be an integer in [0, 2**63), got {buckets!r}",
         )
         self.algorithm = algorithm
-        self.buckets = buckets
+        self.buckets = int(buckets)
 
     def params(self) -> dict[str, Any]:
         return {"algorithm": self.algorithm, "buckets": self.buckets}
@@ -224,7 +242,7 @@ class Mod(Transform):
             self.kind,
             f"n must be an integer in [1, 2**63), got {n!r}",
         )
-        self.n = n
+        self.n = int(n)
 
     def params(self) -> dict[str, Any]:
         return {"n": self.n}
@@ -253,7 +271,7 @@ class Bucketize(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
 
     def __init__(self, boundaries: Sequence[float]) -> None:
-        b = list(boundaries)
+        b = _numbers(boundaries)
         require(len(b) > 0, self.kind, "boundaries must not be empty")
         require(
             all(_is_number(x) and math.isfinite(x) for x in b),
@@ -362,14 +380,14 @@ class IDMultiHash(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"ids"})
 
     def __init__(self, buckets: Sequence[int]) -> None:
-        b = list(buckets)
+        b = _numbers(buckets)
         require(len(b) > 0, self.kind, "buckets must not be empty")
         require(
             all(_is_int(x) and 0 <= x <= _INT64_MAX for x in b),
             self.kind,
             f"buckets must be integers in [0, 2**63), got {b!r}",
         )
-        self.buckets = tuple(b)
+        self.buckets = tuple(int(x) for x in b)
 
     def params(self) -> dict[str, Any]:
         return {"buckets": list(self.buckets)}
@@ -458,7 +476,7 @@ class SequenceTruncate(Transform):
         require(_is_int(length) and length >= 0, self.kind, f"length must be >= 0, got {length!r}")
         require(side in ("head", "tail"), self.kind, f"side must be 'head' or 'tail', got {side!r}")
         require(levels in (2, 3), self.kind, f"levels must be 2 or 3, got {levels!r}")
-        self.length = length
+        self.length = int(length)
         self.side = side
         self.levels = levels
 
@@ -516,7 +534,7 @@ class FillMissing(Transform):
             self.kind,
             f"value must be a finite number, got {value!r}",
         )
-        self.value = value
+        self.value = _plain(value)
 
     def params(self) -> dict[str, Any]:
         return {"value": self.value}
