@@ -174,3 +174,42 @@ def test_repeated_new_ids_do_not_grow_the_id_map() -> None:
     assert (m.size, m.capacity) == (9, 32)
     assert m.find(torch.arange(8)).tolist() == first[:8].tolist()
     assert m.find(torch.tensor([100])).tolist() == [8]
+
+
+# -- integer parameters given as NumPy scalars --------------------------------------------------
+
+
+def test_numpy_integer_parameters_act_as_python_ints() -> None:
+    # Vocabulary sizes and lengths often come out of NumPy (``arr.max() + 1``); each op gives
+    # what it gives for the Python int.
+    np = pytest.importorskip("numpy")
+    import recis_kernels as rk
+
+    ids = torch.tensor([7, -1, 123456789])
+    r = RaggedTensor(torch.arange(5), [torch.tensor([0, 2, 5])])
+    rows = torch.arange(10, dtype=torch.float32).view(5, 2)
+    offsets = torch.tensor([0, 2, 5])
+    pairs = [
+        (lambda n: rk.mod(ids, n), 10),
+        (lambda n: rk.fused_mod([ids, ids[:1]], [n, n])[0], 10),
+        (lambda n: rk.hash_strings(["a", "bc"], buckets=n), 100),
+        (lambda n: rk.multi_hash(ids, [n, n + 1]), 1000),
+        (lambda n: rk.truncate(r, n, "tail").values.values, 1),
+        (lambda n: rk.fused_truncate([r], [n], ["head"])[0].values.values, 1),
+        (lambda n: r.to_dense(max_len=n), 2),
+        (lambda n: rk.segment_reduce(rows, offsets, None, "tile", n), 1),
+        (lambda n: rk.IdMap().find_or_insert(ids, n)[0], 3),
+    ]
+    for op, n in pairs:
+        for kind in (np.int64, np.int32, np.uint16):
+            assert torch.equal(op(kind(n)), op(n)), (op, kind)
+
+
+def test_numpy_bools_are_not_integer_parameters() -> None:
+    np = pytest.importorskip("numpy")
+    import recis_kernels as rk
+
+    with pytest.raises(ValueError, match=r"mod: n must be an int in \[1, 2\*\*63 - 1\], got"):
+        rk.mod(torch.tensor([1]), np.True_)
+    with pytest.raises(ValueError, match=r"multi_hash: buckets\[0\] must be an int"):
+        rk.multi_hash(torch.tensor([1]), [np.True_])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "flat_nonzero",
     "grid_for",
     "index_error",
+    "is_int",
     "masked_rows",
 ]
 
@@ -94,6 +96,12 @@ def check_index_range(
         return
     pos = int(flat_nonzero((index < low) | (index >= high))[0])
     raise index_error(op, name, pos, int(index[pos]), low, high)
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer parameter: a Python int or a NumPy integer scalar
+    (what NumPy reductions and array items give), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:

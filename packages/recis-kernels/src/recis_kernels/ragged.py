@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recis_kernels._checks import can_inspect
+from recis_kernels._checks import can_inspect, is_int
 from recis_kernels.exceptions import RaggedError
 
 __all__ = ["RaggedTensor"]
@@ -175,7 +175,7 @@ class RaggedTensor:
 
         shape = None
         if max_len is not None:
-            lens = [max_len] if isinstance(max_len, int) else list(max_len)
+            lens = [max_len] if is_int(max_len) else list(max_len)
             if not 1 <= len(lens) <= self.num_levels:
                 wanted = "one length (L)" if self.num_levels == 1 else "one or two lengths (S, L)"
                 raise RaggedError(

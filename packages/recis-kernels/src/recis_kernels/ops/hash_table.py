@@ -48,6 +48,7 @@ from recis_kernels._checks import (
     check_tensor,
     flat_nonzero,
     grid_for,
+    is_int,
 )
 from recis_kernels.exceptions import ShapeError
 
@@ -246,7 +247,8 @@ _TABLE_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _as_tables(op: str, keys: torch.Tensor, tables: torch.Tensor | int) -> torch.Tensor:
-    if isinstance(tables, int) and not isinstance(tables, bool):
+    if is_int(tables):
+        tables = int(tables)
         if not 0 <= tables <= _TABLE_MAX:
             raise ValueError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {tables}")
         return torch.full(keys.shape, tables, dtype=torch.int32, device=keys.device)

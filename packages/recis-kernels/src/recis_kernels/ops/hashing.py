@@ -29,6 +29,7 @@ from recis_kernels._checks import (
     check_tensor,
     grid_for,
     index_error,
+    is_int,
 )
 from recis_kernels.ops import _farm_host
 from recis_kernels.ops._farm import farm_fingerprint64, murmur64a
@@ -40,11 +41,12 @@ _ALGORITHMS = {"farm": 0, "murmur": 1}
 _INT64_MAX = (1 << 63) - 1
 
 
-def _check_args(op: str, algorithm: str, buckets: int) -> None:
+def _check_args(op: str, algorithm: str, buckets: int) -> int:
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"{op}: algorithm must be 'farm' or 'murmur', got {algorithm!r}")
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 0 <= buckets <= _INT64_MAX:
+    if not is_int(buckets) or not 0 <= buckets <= _INT64_MAX:
         raise ValueError(f"{op}: buckets must be an int in [0, 2**63 - 1], got {buckets!r}")
+    return int(buckets)
 
 
 def hash_bytes(
@@ -78,7 +80,7 @@ def hash_bytes(
     check_1d(op, "data", data)
     check_1d(op, "offsets", offsets)
     check_same_device(op, {"data": data, "offsets": offsets})
-    _check_args(op, algorithm, buckets)
+    buckets = _check_args(op, algorithm, buckets)
     if offsets.numel() == 0:
         raise ValueError(f"{op}: offsets must hold at least one entry (S + 1 for S strings)")
     if can_inspect(offsets):
@@ -117,7 +119,7 @@ def hash_strings(strings: Any, algorithm: str = "farm", buckets: int = 0) -> tor
         ``(S,)`` int64 hashes on the CPU.
     """
     op = "hash_strings"
-    _check_args(op, algorithm, buckets)
+    buckets = _check_args(op, algorithm, buckets)
     data, offsets = _to_ragged_bytes(op, strings)
     return hash_bytes(data, offsets, algorithm, buckets)
 

@@ -19,6 +19,7 @@ from recis_kernels._checks import (
     check_tensor,
     common_device,
     grid_for,
+    is_int,
 )
 from recis_kernels.ops._packing import pack, unpack
 from recis_kernels.ops._uint64 import umod, umod_parts, umod_segments
@@ -30,13 +31,13 @@ _INT64_MAX = (1 << 63) - 1
 
 
 def _valid_n(n: object) -> TypeGuard[int]:
-    return not isinstance(n, bool) and isinstance(n, int) and 0 < n <= _INT64_MAX
+    return is_int(n) and 0 < n <= _INT64_MAX
 
 
 def _check_n(op: str, where: str, n: object) -> int:
     if not _valid_n(n):
         raise ValueError(f"{op}: {where} must be an int in [1, 2**63 - 1], got {n!r}")
-    return n
+    return int(n)
 
 
 def mod(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -59,7 +60,7 @@ def mod(ids: torch.Tensor, n: int) -> torch.Tensor:
     """
     check_tensor(_OP, "ids", ids)
     check_dtype(_OP, "ids", ids, (torch.int64,))
-    _check_n(_OP, "n", n)
+    n = _check_n(_OP, "n", n)
     return run_op(_fused_mod_op, _fused_mod_impl, ids.reshape(-1), [ids.numel()], [n]).view(
         ids.shape
     )
@@ -86,6 +87,7 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
             check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
             _check_n(op, f"ns[{k}]", ns[k])
         check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
+    ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
     if on_host(ids_list):
         # Each feature is reduced straight from its own memory into its part of one output:
         # no packed copy of the inputs.

@@ -25,6 +25,7 @@ from recis_kernels._checks import (
     check_same_device,
     check_tensor,
     grid_for,
+    is_int,
 )
 from recis_kernels.exceptions import ShapeError
 
@@ -80,8 +81,9 @@ def segment_reduce(
     if mode not in _MODES:
         raise ValueError(f"{op}: mode must be one of sum, mean, sqrtn, tile, got {mode!r}")
     if mode == "tile":
-        if isinstance(tile_len, bool) or not isinstance(tile_len, int) or tile_len < 1:
+        if not is_int(tile_len) or tile_len < 1:
             raise ValueError(f"{op}: tile mode needs tile_len as an int >= 1, got {tile_len!r}")
+        tile_len = int(tile_len)
     elif tile_len is not None:
         raise ValueError(f"{op}: tile_len only applies to mode 'tile', got mode {mode!r}")
     if can_inspect(offsets) and (int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]):

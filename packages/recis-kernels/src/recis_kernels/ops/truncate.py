@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, grid_for, masked_rows
+from recis_kernels._checks import can_inspect, grid_for, is_int, masked_rows
 from recis_kernels.exceptions import RaggedError
 from recis_kernels.ops._packing import stacked_offsets
 from recis_kernels.ragged import RaggedTensor
@@ -53,7 +53,7 @@ def _check(op, where, r, max_len, side) -> None:
         raise RaggedError(f"{op}: {where} must be a RaggedTensor, got {type(r).__name__}")
     if r.num_levels not in (1, 2):
         raise RaggedError(f"{op}: {where} must have 2 or 3 levels, got {r.num_levels + 1}")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+    if not is_int(max_len) or max_len < 0:
         raise ValueError(f"{op}: max_len for {where} must be an int >= 0, got {max_len!r}")
     if side not in ("head", "tail"):
         raise ValueError(f"{op}: side for {where} must be 'head' or 'tail', got {side!r}")
@@ -105,7 +105,7 @@ def fused_truncate(
     for levels, group in _groups(rs):
         packed = _concat([rs[k] for k in group])
         rows = [len(rs[k]) for k in group]
-        maxes, tails = [max_lens[k] for k in group], [sides[k] == "tail" for k in group]
+        maxes, tails = [int(max_lens[k]) for k in group], [sides[k] == "tail" for k in group]
         if levels == 1 and on_host((packed.values, packed.offsets[0], packed.weights)):
             out, dropped, padded = _truncate2_host(packed, maxes, tails, rows)
         else:
