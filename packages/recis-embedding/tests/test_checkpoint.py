@@ -290,17 +290,17 @@ def test_optimizer_state_loads_only_into_its_own_optimizer(tmp_path) -> None:
 
 
 def test_delta_carries_the_eviction_statistics_of_rows_only_read(tmp_path) -> None:
-    # A frozen table's rows are never written, but lookups change their LFU/LRU statistics.
+    # Rows read without a gradient are never written, but lookups change their LFU/LRU
+    # statistics.
     def make():
-        option = EmbeddingOption(
-            DIM, trainable=False, capacity=10, eviction=CapacityEviction("lfu")
-        )
+        option = EmbeddingOption(DIM, capacity=10, eviction=CapacityEviction("lfu"))
         return EmbeddingEngine({"f": option})
 
     engine = make()
-    engine({"f": torch.tensor([[1], [2], [3]])})
-    save(tmp_path / "base", engine)
-    engine({"f": torch.tensor([[1], [1], [2]])})
+    with torch.no_grad():
+        engine({"f": torch.tensor([[1], [2], [3]])})
+        save(tmp_path / "base", engine)
+        engine({"f": torch.tensor([[1], [1], [2]])})
     save(tmp_path / "delta", engine, delta=True)
     save(tmp_path / "full", engine)
     for name in ("delta", "full"):

@@ -485,7 +485,7 @@ def load(
     shard = _shard_context(model)
     _check_optimizer(chain[-1], sparse_optimizer)
     _check_tables(chain[-1], tables, strict)
-    _warn_unplaced_state(chain[-1], tables)
+    _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
     _check_casts(chain, tables)
     cleared: set[tuple[int, int]] = set()
     for reader in chain:
@@ -554,10 +554,24 @@ def _check_optimizer(reader: CheckpointReader, sparse_optimizer: SparseOptimizer
             )
 
 
-def _warn_unplaced_state(reader: CheckpointReader, tables: dict[str, Any]) -> None:
+def _frozen_tables(model: nn.Module) -> set[str]:
+    """Names of the logical tables of ``trainable=False`` options."""
+    return {
+        name
+        for engine in _engines(model)
+        for name, option in engine.table_options().items()
+        if not option.trainable
+    }
+
+
+def _warn_unplaced_state(
+    reader: CheckpointReader, tables: dict[str, Any], frozen: set[str]
+) -> None:
+    """Warns when saved optimizer state has no table slots to go to; a frozen table needs
+    none (it never trains), so its embeddings alone are what a load is for."""
     for name, (table, _) in tables.items():
         info = reader.manifest["tables"].get(name)
-        if info and info["slots"] and not table.slots:
+        if info and info["slots"] and not table.slots and name not in frozen:
             warnings.warn(
                 f"checkpoint {reader.path}: table {name!r} has {info['optimizer']} optimizer "
                 f"state, but the model's table has no sparse optimizer, so only its embeddings "

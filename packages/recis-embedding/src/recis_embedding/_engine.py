@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -12,6 +12,7 @@ from torch import nn
 from recis_embedding._host import on_host, repeat_values, true_positions
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
+from recis_embedding._policies import ReadOnlyAdmission
 from recis_embedding._pooling import bag_weights, padded_gather, per_bag_scale, pool
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._statedict import warn_tables_not_in_state_dict
@@ -76,15 +77,21 @@ class EmbeddingEngine(nn.Module):
 
     Keys without an option pass through unchanged. In training mode unseen ids are inserted
     (subject to admission); in ``eval()`` mode nothing is inserted and unknown ids read the
-    option's ``default_value``.
+    option's ``default_value``. Tables of ``trainable=False`` options are frozen: they look
+    ids up as in ``eval()`` mode in training too (no insertion, no admission or eviction
+    state, nothing recorded for an optimizer).
 
     Features sharing a table must agree on its storage options (a conflict raises
     :class:`~recis_embedding.ConfigError` naming both features); combiners may differ.
     Tables are neither parameters nor buffers: ``state_dict()`` holds no embeddings (save them
-    with :func:`recis_embedding.save`), and ``.to()``/``.double()``/``.half()`` leave each
-    table on the device and in the dtype of its option. A ``state_dict()`` taken while the
-    tables hold rows warns with :class:`~recis_embedding.TablesNotInStateDictWarning` (once
-    per call site), except inside :func:`recis_embedding.tables_saved_separately`.
+    with :func:`recis_embedding.save`). Each table stays on the device and in the dtype of its
+    option: ``.to(device)``/``.cuda()``/``.cpu()`` to a device other than a table's raises
+    :class:`~recis_embedding.ConfigError` naming the tables (a move to the device they are on
+    works), while dtype casts (``.half()``, ``.double()``, ``.to(torch.bfloat16)``) cast the
+    dense submodules only and leave the tables, and the float32 lookup outputs, as they are.
+    A ``state_dict()`` taken while the tables hold rows warns with
+    :class:`~recis_embedding.TablesNotInStateDictWarning` (once per call site), except inside
+    :func:`recis_embedding.tables_saved_separately`.
 
     Args:
         options: feature name -> :class:`EmbeddingOption`.
@@ -133,6 +140,7 @@ class EmbeddingEngine(nn.Module):
                     f"feature {feature!r}: expected an EmbeddingOption, got {type(option).__name__}"
                 )
             name = option.shared_name or feature
+            _check_frozen(feature, name, option)
             self._table_of[feature] = name
             if name in self.logical:
                 self._check_shared(feature, name, option)
@@ -177,6 +185,44 @@ class EmbeddingEngine(nn.Module):
                 seen[f] = name
             groups[name] = list(features)
         return groups
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> EmbeddingEngine:
+        """Every move and cast of the module (``.to()``, ``.cuda()``, ``.half()``, ...) comes
+        here. Tables are not tensors of the module and stay where their options put them, so
+        a move that would leave one on another device than the dense part is refused before
+        this module (or its submodules) changes."""
+        self._check_move(fn)
+        return super()._apply(fn, recurse)
+
+    def _check_move(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Raises :class:`ConfigError` when ``fn`` would put tensors of a table's device
+        elsewhere; ``fn`` is learned from an empty tensor on each table device (a dtype cast
+        keeps the device and passes)."""
+        stay: dict[str, list[str]] = {}
+        target = None
+        probed: dict[str, bool] = {}
+        for table in self.physical:
+            where = str(table.device)
+            if where not in probed:
+                here = torch.empty(0, device=table.device)
+                with torch.no_grad():
+                    there = fn(here).device
+                probed[where] = there != here.device
+                if probed[where]:
+                    target = there
+            if probed[where]:
+                stay.setdefault(where, []).extend(table.names)
+        if not stay:
+            return
+        left = "; ".join(f"{sorted(names)} on {where}" for where, names in stay.items())
+        raise ConfigError(
+            f"cannot move {type(self).__name__} to {target}: its tables {left} would stay "
+            f"behind (tables are not parameters; each lives on the device of its "
+            f"EmbeddingOption); create them on {target} with EmbeddingOption(..., "
+            f"device={str(target)!r}), or move only the dense submodules"
+        )
 
     def _check_shared(self, feature: str, name: str, option: EmbeddingOption) -> None:
         first = self._first_option[name]
@@ -402,12 +448,12 @@ class EmbeddingEngine(nn.Module):
             exchange, touched, uses = None, rows, inverse
         else:
             rows, emb, exchange, touched, uses = self._serve_sharded(table, keys, key_tabs, inverse)
-        if self.training:
+        if self.training and self._trainable(table):
             if table.eviction is not None:
                 table.eviction.touch(table, touched, uses)
                 # Eviction state changed: the next delta checkpoint must carry these rows.
                 table.mark_changed(touched)
-            if torch.is_grad_enabled() and self._trainable(table):
+            if torch.is_grad_enabled():
                 emb.requires_grad_(True)
                 table.pending.append(Pending(rows, emb, exchange))
         return emb, inverse, grouping
@@ -440,8 +486,9 @@ class EmbeddingEngine(nn.Module):
     def _serve(
         self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows and embeddings of distinct keys this rank owns (inserting in training mode)."""
-        if self.training:
+        """Rows and embeddings of distinct keys this rank owns (inserting in training mode,
+        unless the table is frozen: then unknown keys read the default, as in eval mode)."""
+        if self.training and self._trainable(table):
             admit = None
             if table.admission is not None:
                 admit = table.admission.admit(table, keys, key_tabs)
@@ -759,6 +806,25 @@ def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
         return up[:, 1].contiguous(), up[:, 0].to(torch.int32), inverse, None
     grouping = (order, torch.cat([starts, torch.tensor([n], device=key.device)]))
     return uniq ^ (key_tabs.to(torch.int64) * _TABLE_MIX), key_tabs, inverse, grouping
+
+
+def _check_frozen(feature: str, name: str, option: EmbeddingOption) -> None:
+    """A frozen table never inserts or evicts, so a policy that would do either is refused
+    rather than silently ignored (``ReadOnlyAdmission`` says what freezing does, and passes)."""
+    if option.trainable:
+        return
+    admission = option.admission
+    if admission is not None and not isinstance(admission, ReadOnlyAdmission):
+        policy = f"admission={admission!r}"
+    elif option.eviction is not None:
+        policy = f"eviction={option.eviction!r}"
+    else:
+        return
+    raise ConfigError(
+        f"feature {feature!r}: table {name!r} has trainable=False and {policy}; a frozen table "
+        f"never inserts or evicts rows (unknown ids read default_value), so it takes no "
+        f"admission or eviction policy: drop the policy, or set trainable=True"
+    )
 
 
 def _new_table(name: str, option: EmbeddingOption) -> HashTable:

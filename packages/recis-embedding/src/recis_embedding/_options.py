@@ -35,10 +35,17 @@ class EmbeddingOption:
         initializer: seeded per-id initializer (default ``TruncatedNormal(std=0.01)``).
         dtype: storage dtype of the embeddings: float32, bfloat16 or float16 (optimizer math is
             float32 in every case).
-        device: where the table lives (default CPU).
-        trainable: whether a sparse optimizer updates the table (``False``: left out of
-            :func:`~recis_embedding.sparse_parameters` and of autograd; training lookups still
-            insert unseen ids unless ``admission=ReadOnlyAdmission()``).
+        device: where the table lives (default CPU). Tables are not parameters: moving the
+            module (``.to(device)``, ``.cuda()``, ``.cpu()``) to another device raises
+            :class:`~recis_embedding.ConfigError` naming the tables, and dtype casts
+            (``.half()``, ``.double()``, ``.to(torch.bfloat16)``) leave them in ``dtype``.
+        trainable: whether the table trains. ``False`` freezes it (e.g. pretrained
+            embeddings): lookups insert nothing, in training as in ``eval()`` mode (unseen ids
+            read ``default_value``), the table is left out of
+            :func:`~recis_embedding.sparse_parameters` and of autograd, its rows and eviction
+            statistics never change, and delta checkpoints hold none of its rows. A frozen
+            table takes no ``admission`` (except ``ReadOnlyAdmission()``) and no
+            ``eviction``: the engine raises :class:`~recis_embedding.ConfigError`.
         use_weight: whether per-id weights of a ragged input scale the pooling (``False``:
             every id counts 1).
         admission: admission policy (default: admit every id).
@@ -46,8 +53,8 @@ class EmbeddingOption:
         capacity: maximum rows of the table (default unbounded; of each rank's shard when the
             engine is sharded). A full table with no eviction policy raises
             :class:`~recis_embedding.TableFullError`.
-        default_value: what an id that is not (yet) in the table reads in ``eval()`` mode or
-            while admission holds it back.
+        default_value: what an id that is not (yet) in the table reads in ``eval()`` mode,
+            in a frozen table, or while admission holds it back.
 
     Tables of options with equal *storage* properties (dim, dtype, device, trainable,
     admission, eviction, default value) and no ``capacity`` are fused into one physical table
