@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from recis_embedding import (
     ConfigError,
     Constant,
+    EmbeddingEngine,
+    EmbeddingOption,
     HashTable,
     InputError,
     Normal,
@@ -202,3 +204,27 @@ def test_a_failing_initializer_inserts_nothing() -> None:
     _, is_new = t.find_or_insert(torch.tensor([2]))
     assert is_new.tolist() == [True]
     torch.testing.assert_close(t.embeddings(torch.tensor([1, 2])), torch.ones(2, 2))
+
+
+# -- where a table lives --------------------------------------------------------------------------
+
+
+def test_a_table_device_carries_its_index(device) -> None:
+    # Tensors made on "cuda" report "cuda:0" (the current device); a table declared on "cuda"
+    # must report the same, or every lookup of ids moved to "cuda" is refused as being on
+    # another device.
+    table = HashTable(4, name="user", device=device.type)
+    assert table.device == torch.empty(0, device=device.type).device
+    ids = torch.tensor([3, -1, 3], device=device.type)
+    rows, _ = table.find_or_insert(ids)
+    assert torch.equal(table.find(ids), rows)
+    engine = EmbeddingEngine({"user": EmbeddingOption(4, device=device.type)})
+    assert engine({"user": ids.view(3, 1)})["user"].device == table.device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_table_on_an_unusable_device_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"table 'user': device 'cuda' is not usable here"):
+        HashTable(4, name="user", device="cuda")
+    with pytest.raises(ConfigError, match=r"table 'user': device 'cuda' is not usable here"):
+        EmbeddingEngine({"user": EmbeddingOption(4, device="cuda")})

@@ -50,6 +50,21 @@ class TableStats:
     evictions: int
 
 
+def _placed(name: str, device: torch.device | str | None) -> torch.device:
+    """The device a table lives on, with its index: ``"cuda"`` is the current CUDA device
+    (``cuda:0`` unless ``torch.cuda.set_device`` said otherwise), the device every tensor made
+    on ``"cuda"`` reports, so ids compare equal to it."""
+    where = torch.device(device) if device is not None else torch.device("cpu")
+    if where.index is not None or where.type in ("cpu", "meta"):
+        return where
+    try:
+        return torch.empty(0, device=where).device
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(
+            f"table {name!r}: device {str(where)!r} is not usable here: {err}"
+        ) from err
+
+
 class HashTable:
     """Embedding rows for one or more logical tables, keyed by ``(table, int64 id)``.
 
@@ -98,7 +113,7 @@ class HashTable:
             raise ConfigError(f"default_value must be a number, got {default_value!r}")
         self.dim = int(embedding_dim)
         self.dtype = dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _placed(name, device)
         self.capacity = capacity
         self.default_value = float(default_value)
         elem = torch.empty(0, dtype=dtype).element_size()
