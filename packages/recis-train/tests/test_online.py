@@ -329,3 +329,25 @@ def test_retrying_after_a_failure_in_a_later_window_goes_back_to_its_commit(
     broken[0] = False
     assert [r.index for r in online.run()] == [0, 1, 2]
     assert_same_run(online, whole)
+
+
+def test_a_damaged_export_is_passed_over_on_restart(tmp_path, hours, caplog):
+    whole = build(tmp_path / "whole", hours)
+    expected = whole.run()
+    build(tmp_path / "cut", hours[:3]).run()
+    export = tmp_path / "cut" / "exports" / "window-000002"
+    (table_file,) = (export / "sparse").glob("*.safetensors")
+    data = bytearray(table_file.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size, other bytes
+    table_file.write_bytes(bytes(data))
+    resumed = build(tmp_path / "cut", hours)
+    with caplog.at_level("WARNING", logger="recis_train"):
+        results = resumed.run()
+    # The checkpoint of window 2 points at the damaged export: window 1's is restored instead.
+    assert f"checksum mismatch for sparse/{table_file.name} in checkpoint {export}" in caplog.text
+    assert resumed.trainer.model.log[0] == ("eval", 2)
+    assert [r.files for r in results] == [r.files for r in expected]
+    for got, want in zip(results, expected, strict=True):
+        assert got.metrics == want.metrics
+        assert got.train == want.train
+    assert_same(table_state(resumed.trainer.model), table_state(whole.trainer.model))

@@ -8,21 +8,119 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from recis_train.exceptions import CheckpointError, CheckpointNotFoundError
+from recis_train.exceptions import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: the algorithm of the per-file checksums in the manifest
+CHECKSUM = "crc32"
+_CHUNK = 4 << 20
 _NAME = re.compile(r"^step-(\d{9,})$")
 _log = logging.getLogger("recis_train")
 
 #: writes one part of a checkpoint into the given (temporary) directory
 Writer = Callable[[Path], None]
+#: what is wrong with a checkpoint's files (an empty list: nothing)
+Check = Callable[[Path], list[str]]
+
+
+def file_checksum(path: Path) -> str:
+    """The CRC32 of a file's bytes as 8 hex digits, read in chunks of a few MiB."""
+    crc = 0
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while count := fh.readinto(buffer):
+            crc = zlib.crc32(view[:count], crc)
+    return f"{crc:08x}"
+
+
+def part_files(manifest: Mapping[str, Any], parts: Collection[str] | None = None) -> list[str]:
+    """The files a manifest lists, of the given parts only (every part when ``None``)."""
+    files = manifest.get("files", [])
+    if parts is None:
+        return list(files)
+    return [f for f in files if f.split("/", 1)[0] in parts]
+
+
+def checksum_mismatches(path: Path, manifest: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """The files among ``names`` whose checksum is not the one the manifest recorded, each as
+    ``"dense/model.safetensors (crc32 expected 1c291ca3, found 5d4e3f01)"``.
+
+    Checkpoints written before checksums were recorded have none to check (sizes only).
+
+    Raises:
+        CheckpointError: the manifest's checksums use an algorithm this version does not know.
+    """
+    recorded = manifest.get("checksums")
+    if recorded is None:
+        return []
+    algo = recorded.get("algo")
+    if algo != CHECKSUM:
+        raise CheckpointError(
+            f"{path}: the manifest's checksums use {algo!r}, this version of recis-train "
+            f"verifies {CHECKSUM!r}"
+        )
+    expected = recorded.get("files", {})
+    wrong = []
+    for name in names:
+        if name not in expected:
+            continue  # only the manifest's own files are listed
+        found = file_checksum(path / name)
+        if found != expected[name]:
+            wrong.append(f"{name} ({algo} expected {expected[name]}, found {found})")
+    return wrong
+
+
+def _changed(wrong: Sequence[str]) -> str:
+    return f"checkpoint file(s) changed since they were written: {', '.join(wrong)}"
+
+
+def first_verified(
+    candidates: Sequence[Path], check: Check, *, explicit: bool, root: Path
+) -> Path | None:
+    """The first of ``candidates`` (newest first) whose files ``check`` finds nothing wrong with.
+
+    Args:
+        candidates: checkpoint directories, the preferred one first.
+        check: what is wrong with a checkpoint's files (an empty list: it verifies).
+        explicit: the one candidate was named by the caller: a failed check raises instead of
+            falling back.
+        root: where the candidates were found, for the error message.
+
+    Returns:
+        The checkpoint to restore, or ``None`` when there are no candidates.
+
+    Raises:
+        CheckpointCorruptError: ``explicit`` and the check failed (naming the file, the
+            expected and the found checksum), or no candidate verifies (naming each one tried).
+    """
+    tried = []
+    for path in candidates:
+        wrong = check(path)
+        if not wrong:
+            return path
+        what = _changed(wrong)
+        if explicit:
+            raise CheckpointCorruptError(f"{path}: {what}")
+        _log.warning("skipping checkpoint %s, it fails verification: %s", path, what)
+        tried.append(f"{path.name} ({', '.join(wrong)})")
+    if tried:
+        raise CheckpointCorruptError(
+            f"no checkpoint in {root} passes verification; tried, newest first: " + "; ".join(tried)
+        )
+    return None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -48,6 +146,10 @@ class CheckpointManager:
     ``.replaced-step-...``, the new one renamed in, then the old one deleted; if the process
     dies in between, :meth:`complete` puts the old one back. After a successful save, complete
     checkpoints beyond ``max_to_keep`` are deleted, oldest first.
+
+    The manifest records every file's size and CRC32 checksum. Listing (:meth:`complete`,
+    :meth:`latest`, rotation) checks sizes only; :meth:`verify` and :meth:`choose` read the
+    files and compare their checksums, as a restore does before loading anything.
 
     Args:
         root: directory holding the checkpoints (created on first save).
@@ -86,9 +188,9 @@ class CheckpointManager:
             for part, write in writers.items():
                 (tmp / part).mkdir()
                 write(tmp / part)
-            files = {
-                str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()
-            }
+            paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in paths}
+            sums = {p.relative_to(tmp).as_posix(): file_checksum(p) for p in paths}
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "step": step,
@@ -96,6 +198,7 @@ class CheckpointManager:
                 "parts": sorted(writers),
                 "files": sorted(files),
                 "sizes": dict(sorted(files.items())),
+                "checksums": {"algo": CHECKSUM, "files": sums},
                 "meta": dict(meta),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -152,13 +255,91 @@ class CheckpointManager:
         return [path for _, path in sorted(found)]
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or ``None``."""
+        """The newest complete checkpoint, or ``None`` (checked by sizes only, not checksums)."""
         done = self.complete()
         return done[-1] if done else None
 
+    def choose(
+        self, path: str | Path | None = None, *, parts: Collection[str] | None = None
+    ) -> Path | None:
+        """The checkpoint to restore: ``path``, or the newest complete one that verifies.
+
+        Each candidate's files of ``parts`` are read and their checksums compared with the
+        manifest's. Picking the newest automatically, a checkpoint that fails is skipped with a
+        warning naming the file, and the one before it is tried.
+
+        Args:
+            path: a checkpoint directory named by the caller (no fallback).
+            parts: the parts to verify (every part when ``None``).
+
+        Returns:
+            The checkpoint, or ``None`` when ``path`` is ``None`` and none is complete.
+
+        Raises:
+            CheckpointNotFoundError: ``path`` is not a complete checkpoint.
+            CheckpointCorruptError: ``path`` fails verification (naming the file, the expected
+                and the found checksum), or none of the complete checkpoints verifies.
+        """
+        candidates = [Path(path)] if path is not None else self.complete()[::-1]
+        return first_verified(
+            candidates,
+            lambda p: self.mismatches(p, parts),
+            explicit=path is not None,
+            root=self.root,
+        )
+
+    @classmethod
+    def mismatches(
+        cls,
+        path: str | Path,
+        parts: Collection[str] | None = None,
+        *,
+        share: tuple[int, int] = (0, 1),
+    ) -> list[str]:
+        """The files of ``parts`` in checkpoint ``path`` whose checksum changed since saving.
+
+        Args:
+            path: a checkpoint directory.
+            parts: the parts whose files are read (every part when ``None``).
+            share: ``(index, count)``: read only every ``count``-th file from ``index`` on, so
+                that ``count`` processes verify one checkpoint together.
+
+        Raises:
+            CheckpointNotFoundError: no manifest.
+            CheckpointError: the checkpoint is incomplete (see :meth:`read_manifest`).
+        """
+        path = Path(path)
+        manifest = cls.read_manifest(path)
+        index, count = share
+        return checksum_mismatches(path, manifest, part_files(manifest, parts)[index::count])
+
+    @classmethod
+    def verify(cls, path: str | Path, parts: Collection[str] | None = None) -> dict[str, Any]:
+        """The manifest of checkpoint ``path``, after checking the checksums of its files.
+
+        Checkpoints written before checksums were recorded are checked by size only.
+
+        Args:
+            path: a checkpoint directory.
+            parts: the parts whose files are read (every part when ``None``).
+
+        Raises:
+            CheckpointNotFoundError: no manifest.
+            CheckpointCorruptError: a file's checksum is not the one recorded (names the file,
+                the expected and the found checksum).
+            CheckpointError: the checkpoint is otherwise incomplete.
+        """
+        path = Path(path)
+        manifest = cls.read_manifest(path)
+        wrong = checksum_mismatches(path, manifest, part_files(manifest, parts))
+        if wrong:
+            raise CheckpointCorruptError(f"{path}: {_changed(wrong)}")
+        return manifest
+
     @staticmethod
     def read_manifest(path: str | Path) -> dict[str, Any]:
-        """The manifest of a checkpoint directory, checked for completeness."""
+        """The manifest of a checkpoint directory, checked for completeness: every file it
+        lists is there with the size it was written with (checksums are :meth:`verify`'s)."""
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise CheckpointNotFoundError(f"{path} is not a complete checkpoint (no {MANIFEST})")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from recis_train._checkpoint import CheckpointManager, Writer
+from recis_train._checkpoint import CheckpointManager, Writer, first_verified
 from recis_train.exceptions import CheckpointError, ConfigError, RankFailedError
 
 __all__ = ["DistributedContext", "own_rank_state", "sum_gradients"]
@@ -261,6 +261,50 @@ class DistributedContext:
         """Rank 0's choice of checkpoint, so every rank restores the same one."""
         chosen = self.broadcast(None if found is None else str(found))
         return None if chosen is None else Path(chosen)
+
+    def choose_verified(
+        self,
+        candidates: Sequence[Path],
+        check: Callable[[Path, tuple[int, int]], list[str]],
+        *,
+        explicit: bool,
+        root: Path,
+    ) -> Path | None:
+        """The first of rank 0's ``candidates`` that verifies on every rank (a collective call).
+
+        Each rank runs ``check(path, (rank, world_size))`` on its share of a candidate's files;
+        the ranks exchange what they found, so every rank skips the same candidates and
+        returns the same checkpoint, or raises the same error (see
+        :func:`~recis_train._checkpoint.first_verified`).
+
+        Raises:
+            CheckpointCorruptError: as :func:`~recis_train._checkpoint.first_verified`.
+            RankFailedError: the check raised on another rank (this rank raises its own error
+                when it did).
+        """
+        names = self.broadcast([str(p) for p in candidates] if self.is_main else None)
+
+        def together(path: Path) -> list[str]:
+            wrong: list[str] = []
+            error: Exception | None = None
+            try:
+                wrong = check(path, (self.rank, self.world_size))
+            except Exception as err:
+                error = err
+            reports = self.gather(
+                (wrong, None if error is None else f"{type(error).__name__}: {error}")
+            )
+            failed = [(rank, report) for rank, (_, report) in enumerate(reports) if report]
+            if error is not None:
+                raise error
+            if failed:
+                raise RankFailedError(
+                    f"verifying checkpoint {path} failed on rank(s) {[r for r, _ in failed]}: "
+                    + "; ".join(f"rank {rank}: {report}" for rank, report in failed)
+                )
+            return [item for found, _ in reports for item in found]
+
+        return first_verified([Path(n) for n in names], together, explicit=explicit, root=root)
 
 
 def own_rank_state(state: Mapping[str, Any], rank: int, world_size: int, file: Path) -> Any:

@@ -21,6 +21,7 @@ from recis_train._distributed import DistributedContext
 from recis_train._hooks import Hook
 from recis_train._sparse import EmbeddingCheckpoint, default_sparse_checkpoint
 from recis_train._trainer import MetricFactory, Trainer
+from recis_train._warmstart import reader_chain
 from recis_train.exceptions import CheckpointError, ConfigError, SourceNotFoundError
 
 _log = logging.getLogger("recis_train")
@@ -172,6 +173,17 @@ class _ExportedTables:
         except recis_embedding.CheckpointError as err:
             raise CheckpointError(f"loading the embedding export {export} failed: {err}") from err
         self.current = export
+
+    def verify(self, directory: Path) -> list[str]:
+        """What is wrong with the export a checkpoint points at and the parents its deltas
+        build on (their SHA-256 checksums), checked before a restore loads anything."""
+        pointer = directory / _EXPORT_POINTER
+        try:
+            export = self.output_dir / json.loads(pointer.read_text())["export"]
+            reader_chain(export, "embedding export")
+        except (OSError, ValueError, KeyError, CheckpointError) as err:
+            return [f"sparse/{_EXPORT_POINTER} ({err})"]
+        return []
 
     def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
         return self.inner.filter_dense(state)

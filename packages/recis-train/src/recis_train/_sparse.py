@@ -17,7 +17,13 @@ _EMBEDDING_PACKAGE = "recis_embedding"
 
 
 class SparseCheckpoint(Protocol):
-    """Saves and loads the parts of a model that the dense ``state_dict`` does not carry."""
+    """Saves and loads the parts of a model that the dense ``state_dict`` does not carry.
+
+    An implementation may also define ``verify(directory) -> list[str]``: what is wrong with
+    data its part refers to outside the checkpoint (each item naming a file), checked with the
+    checkpoint's own checksums before a restore loads anything; a non-empty list makes a
+    restore of the latest checkpoint fall back to the one before it.
+    """
 
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
         """Write the tables (and the sparse optimizer's per-row state) into ``directory``."""

@@ -18,6 +18,7 @@ import recis_kernels
 from recis_train._arguments import TrainingArguments
 from recis_train._checkpoint import (
     CheckpointManager,
+    first_verified,
     load_object,
     load_tensors,
     save_object,
@@ -820,6 +821,10 @@ class Trainer:
     ) -> Path | None:
         """Load a checkpoint: the latest complete one in ``output_dir``, or ``path``.
 
+        The files of the parts to load are verified first against the checksums the manifest
+        recorded. A latest checkpoint that fails is skipped with a warning naming the file, and
+        the newest one before it that verifies is loaded; a ``path`` that fails raises.
+
         Args:
             path: a checkpoint directory (e.g. from another run, for a warm start).
             parts: what to load: ``"dense"`` parameters, ``"sparse"`` tables and ``"trainer"``
@@ -832,6 +837,8 @@ class Trainer:
 
         Raises:
             CheckpointNotFoundError: no complete checkpoint (and not ``missing_ok``).
+            CheckpointCorruptError: ``path`` fails verification (the error names the file, the
+                expected and the found checksum), or no complete checkpoint does.
             CheckpointError: the checkpoint is incomplete or does not fit the model; or, loading
                 the ``"trainer"`` part, it was written with another optimizer class, other LR
                 schedulers, another ``gradient_accumulation_steps`` or ``seed``, or by another
@@ -842,9 +849,7 @@ class Trainer:
             raise ConfigError(
                 f"restore: unknown part(s) {unknown}, expected a subset of {list(_PARTS)}"
             )
-        found = Path(path) if path is not None else self.checkpoints.latest()
-        if self.distributed is not None:
-            found = self.distributed.choose_checkpoint(found)
+        found = self._choose_checkpoint(path, parts)
         if found is None:
             if missing_ok:
                 return None
@@ -870,6 +875,36 @@ class Trainer:
         self._zero_grad()
         _log.info("restored checkpoint %s (parts %s)", found, list(parts))
         return found
+
+    def _choose_checkpoint(self, path: str | Path | None, parts: Sequence[str]) -> Path | None:
+        """``path``, or the newest complete checkpoint whose files of ``parts`` verify.
+
+        Distributed, the ranks verify rank 0's candidates together (each reads a share of the
+        files) and so agree on the checkpoint, or all raise.
+        """
+        candidates = [Path(path)] if path is not None else self.checkpoints.complete()[::-1]
+        explicit, root = path is not None, self.checkpoints.root
+        if self.distributed is not None:
+            return self.distributed.choose_verified(
+                candidates,
+                lambda p, share: self._mismatches(p, parts, share),
+                explicit=explicit,
+                root=root,
+            )
+        return first_verified(
+            candidates, lambda p: self._mismatches(p, parts), explicit=explicit, root=root
+        )
+
+    def _mismatches(
+        self, path: Path, parts: Sequence[str], share: tuple[int, int] = (0, 1)
+    ) -> list[str]:
+        """What is wrong with the files of ``parts`` in checkpoint ``path``: their checksums,
+        and what the sparse checkpoint's own ``verify`` (if it has one) finds in its part."""
+        wrong = CheckpointManager.mismatches(path, parts, share=share)
+        verify = getattr(self.sparse_checkpoint, "verify", None)
+        if share[0] == 0 and "sparse" in parts and callable(verify) and (path / "sparse").is_dir():
+            wrong += verify(path / "sparse")
+        return wrong
 
     def _check_resumable(
         self, manifest: Mapping[str, Any], state: Mapping[str, Any], path: Path

@@ -75,28 +75,38 @@ class _Selection:
         return [p for p in self.include or () if p not in self.used]
 
 
-def _resolve(path: str | Path) -> tuple[Path, Path | None, Path | None]:
+def _resolve(
+    path: str | Path, asked: Sequence[str] | None
+) -> tuple[Path, Path | None, Path | None]:
     """(checkpoint dir, dense safetensors file or None, recis-embedding checkpoint or None).
 
     ``path`` may be a trainer checkpoint (``step-…``), a directory of them (the latest complete
-    one is taken; a run's ``output_dir`` works too), or a recis-embedding checkpoint.
+    one whose files of the ``asked`` parts verify is taken; a run's ``output_dir`` works too),
+    or a recis-embedding checkpoint. A trainer checkpoint's files of the ``asked`` parts (all
+    when ``None``) are verified here; a recis-embedding checkpoint's when it is read.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointNotFoundError(f"warm_start: no checkpoint directory at {path}")
+    verified = False
     if not (path / MANIFEST).is_file():
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        latest = CheckpointManager(root).latest()
+        latest = CheckpointManager(root).choose(parts=asked)
         if latest is None:
             raise CheckpointNotFoundError(f"warm_start: no complete checkpoint in {path}")
-        path = latest
+        path, verified = latest, True
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / MANIFEST} is not valid json: {err}") from err
     if manifest.get("format") == _EMBEDDING_FORMAT:
+        if asked is not None and "sparse" not in asked:
+            _verify_embedding(path)  # no chain is read, which would verify the dense file
         return path, path / "dense.safetensors", path
-    parts = CheckpointManager.read_manifest(path)["parts"]
+    if verified:
+        parts = CheckpointManager.read_manifest(path)["parts"]
+    else:
+        parts = CheckpointManager.verify(path, asked)["parts"]
     dense = path / "dense" / "model.safetensors" if "dense" in parts else None
     tables = path / "sparse" / "tables" if "sparse" in parts else None
     if tables is not None and not (tables / MANIFEST).is_file():
@@ -181,8 +191,25 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[Any, int, Any]]:
     return found
 
 
-def _reader_chain(directory: Path) -> list[Any]:
-    """The recis-embedding checkpoint and the parents a delta builds on, oldest first."""
+def _verify_embedding(directory: Path) -> None:
+    """Check a recis-embedding checkpoint's files against its SHA-256 checksums."""
+    from recis_embedding import CheckpointError as EmbeddingCheckpointError
+    from recis_embedding import CheckpointReader
+
+    try:
+        CheckpointReader(directory)
+    except EmbeddingCheckpointError as err:
+        raise CheckpointError(f"warm_start: {err}") from err
+
+
+def reader_chain(directory: Path, what: str = "warm_start") -> list[Any]:
+    """The recis-embedding checkpoint and the parents a delta builds on, oldest first, each
+    verified against its SHA-256 checksums.
+
+    Raises:
+        CheckpointError: a checkpoint of the chain is missing, corrupt or fails verification
+            (the message starts with ``what``).
+    """
     from recis_embedding import CheckpointError as EmbeddingCheckpointError
     from recis_embedding import CheckpointReader
 
@@ -190,8 +217,8 @@ def _reader_chain(directory: Path) -> list[Any]:
         chain = [CheckpointReader(directory)]
         while chain[-1].kind == "delta":
             chain.append(CheckpointReader(_parent_of(chain[-1])))
-    except EmbeddingCheckpointError as err:
-        raise CheckpointError(f"warm_start: {err}") from err
+    except (EmbeddingCheckpointError, CheckpointError) as err:
+        raise CheckpointError(f"{what}: {err}") from err
     return chain[::-1]
 
 
@@ -210,8 +237,7 @@ def _parent_of(delta: Any) -> Path:
         ):
             return candidate
     raise CheckpointError(
-        f"warm_start: delta checkpoint {delta.path} lacks its parent (looked in "
-        f"{[str(c) for c in candidates]})"
+        f"delta checkpoint {delta.path} lacks its parent (looked in {[str(c) for c in candidates]})"
     )
 
 
@@ -345,7 +371,7 @@ def warm_start(
         raise ConfigError(
             f"warm_start: target must be an nn.Module or a Trainer, got {type(target).__name__}"
         )
-    checkpoint, dense_file, tables_dir = _resolve(path)
+    checkpoint, dense_file, tables_dir = _resolve(path, asked)
     present = tuple(p for p, where in (("dense", dense_file), ("sparse", tables_dir)) if where)
     parts = asked if asked is not None else present
     for part in parts:
@@ -360,9 +386,10 @@ def warm_start(
     renamed = _Renaming(rename)
     result = WarmStartResult(checkpoint)
     # Check everything before loading anything: a typo or a misfit leaves the model untouched.
+    # The chain first: reading it verifies a recis-embedding checkpoint's dense file too.
+    chain = reader_chain(tables_dir) if "sparse" in parts and tables_dir is not None else []
     saved = load_tensors(dense_file) if "dense" in parts and dense_file is not None else {}
     dense_names = {k: renamed(k) for k in sorted(saved) if select(k)}
-    chain = _reader_chain(tables_dir) if "sparse" in parts and tables_dir is not None else []
     table_names = {t: renamed(t) for t in chain[-1].tables() if select(t)} if chain else {}
     unused = select.unused()
     if unused:

@@ -7,6 +7,7 @@ caller would naturally catch (``ValueError``, ``FileNotFoundError``, ``RuntimeEr
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
@@ -53,6 +54,11 @@ class RankFailedError(RecisTrainError, RuntimeError):
 
 class CheckpointError(RecisTrainError, RuntimeError):
     """A checkpoint cannot be written, or is incomplete or inconsistent when read."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file's bytes are not the ones written: its checksum differs from the one
+    the manifest recorded (bit rot, a partial overwrite, a copy gone wrong)."""
 
 
 class CheckpointNotFoundError(RecisTrainError, FileNotFoundError):

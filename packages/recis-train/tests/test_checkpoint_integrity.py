@@ -1,0 +1,256 @@
+"""Checkpoint checksums: a file whose bytes changed but whose size did not is caught on restore."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from _toy import NUM_DENSE, ToyModel, ToyReader, make_optimizers
+from torch import nn
+
+import recis_embedding as emb
+from recis_train import CheckpointManager, Trainer, TrainingArguments, seed_everything, warm_start
+from recis_train._checkpoint import file_checksum
+from recis_train.exceptions import CheckpointCorruptError, CheckpointError
+
+SUM = r"\(crc32 expected [0-9a-f]{8}, found [0-9a-f]{8}\)"
+
+
+def build(out, **args):
+    seed_everything(0)
+    model = ToyModel(600)
+    dense, sparse = make_optimizers(model)
+    settings = {"output_dir": str(out), "device": "cpu", "epochs": 2, "deterministic": True}
+    return Trainer(
+        model,
+        TrainingArguments(**(settings | args)),
+        train_data=ToyReader(600, 30),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+    )
+
+
+class TableModel(nn.Module):
+    """A recis-embedding table under an MLP: the checkpoint has a sparse part."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
+        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, batch):
+        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
+        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+
+
+def build_tables(out, **args):
+    seed_everything(0)
+    model = TableModel()
+    return Trainer(
+        model,
+        TrainingArguments(output_dir=str(out), device="cpu", **args),
+        train_data=ToyReader(200, 25),
+        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.02),
+        sparse_optimizer=emb.SparseAdam(model, lr=0.02),
+    )
+
+
+def params_of(model):
+    with emb.tables_saved_separately():  # dense tensors only
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def params(trainer):
+    return params_of(trainer.model)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def flip_middle_byte(file: Path) -> None:
+    """One bit of one byte in the middle of the file's data changes; its size does not."""
+    data = bytearray(file.read_bytes())
+    start = 0
+    if file.suffix == ".safetensors":  # past the JSON header: a tensor's bytes
+        start = 8 + int.from_bytes(data[:8], "little")
+    data[start + (len(data) - start) // 2] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def step(root: Path, number: int) -> Path:
+    return root / f"step-{number:09d}"
+
+
+def test_file_checksum_is_the_crc32_of_the_bytes_across_chunks(tmp_path):
+    data = os.urandom((9 << 20) + 3)  # more than two 4 MiB chunks, the last one short
+    file = tmp_path / "blob"
+    file.write_bytes(data)
+    assert file_checksum(file) == f"{zlib.crc32(data):08x}"
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_checksum(tmp_path / "empty") == "00000000"
+
+
+def test_a_clean_checkpoint_records_every_files_checksum_and_verifies(tmp_path):
+    trainer = build(tmp_path, train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["checksums"]["algo"] == "crc32"
+    assert set(manifest["checksums"]["files"]) == set(manifest["files"])
+    for name, recorded in manifest["checksums"]["files"].items():
+        assert recorded == f"{zlib.crc32((path / name).read_bytes()):08x}", name
+    assert CheckpointManager.verify(path) == manifest
+    assert CheckpointManager.mismatches(path) == []
+    fresh = build(tmp_path)
+    assert fresh.restore() == path
+    assert fresh.global_step == 3
+    assert_same(params(fresh), params(trainer))
+
+
+@pytest.mark.parametrize("damaged", ["dense/model.safetensors", "trainer/state.pt"])
+def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_on_resume(tmp_path, caplog, damaged):
+    whole = build(tmp_path / "whole", train_steps=12)
+    whole.train()
+    trainer = build(tmp_path / "run", train_steps=12, save_every=3, max_to_keep=2)
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    flip_middle_byte(step(root, 12) / damaged)
+    assert trainer.checkpoints.latest() == step(root, 12)  # listing checks sizes only
+    fresh = build(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        assert fresh.restore() == step(root, 9)
+    assert fresh.global_step == 9
+    assert "skipping checkpoint" in caplog.text
+    assert str(step(root, 12)) in caplog.text
+    assert f"{damaged} (crc32 expected" in caplog.text
+    resumed = build(tmp_path / "run", train_steps=12, save_every=3, max_to_keep=2)
+    resumed.train()  # resumes from step 9 and writes step 12 again, replacing the damaged one
+    assert_same(params(resumed), params(whole))
+    assert CheckpointManager.verify(step(root, 12))["step"] == 12
+
+
+@pytest.mark.parametrize("damaged", ["dense/model.safetensors", "trainer/state.pt"])
+def test_restoring_a_damaged_checkpoint_by_path_names_the_file_and_loads_nothing(tmp_path, damaged):
+    trainer = build(tmp_path, train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    flip_middle_byte(path / damaged)
+    fresh = build(tmp_path)
+    before = params(fresh)
+    pattern = rf"step-000000003: checkpoint file\(s\) changed .*: {damaged} {SUM}"
+    with pytest.raises(CheckpointCorruptError, match=pattern) as caught:
+        fresh.restore(path)
+    assert isinstance(caught.value, CheckpointError)
+    assert fresh.global_step == 0
+    assert_same(params(fresh), before)
+    with pytest.raises(CheckpointCorruptError, match=pattern):
+        CheckpointManager.verify(path)
+
+
+def test_when_no_checkpoint_verifies_the_error_lists_every_one_tried(tmp_path, caplog):
+    trainer = build(tmp_path, train_steps=6, save_every=3)
+    trainer.train()
+    root = trainer.checkpoints.root
+    flip_middle_byte(step(root, 6) / "dense" / "model.safetensors")
+    flip_middle_byte(step(root, 3) / "trainer" / "state.pt")
+    pattern = (
+        rf"no checkpoint in {root} passes verification; tried, newest first: "
+        rf"step-000000006 \(dense/model\.safetensors {SUM}\); "
+        rf"step-000000003 \(trainer/state\.pt {SUM}\)"
+    )
+    for missing_ok in (False, True):  # damaged checkpoints are not missing ones
+        with pytest.raises(CheckpointCorruptError, match=pattern):
+            build(tmp_path).restore(missing_ok=missing_ok)
+
+
+def test_only_the_parts_restored_are_verified(tmp_path):
+    donor = build(tmp_path / "donor", train_steps=3)
+    donor.train()
+    path = donor.checkpoints.latest()
+    flip_middle_byte(path / "trainer" / "state.pt")
+    fresh = build(tmp_path / "fresh")
+    assert fresh.restore(path, parts=("dense",)) == path
+    assert torch.equal(fresh.model.mlp[0].weight, donor.model.mlp[0].weight)
+    with pytest.raises(CheckpointCorruptError, match=r"trainer/state\.pt"):
+        fresh.restore(path)
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(tmp_path):
+    trainer = build(tmp_path, train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["checksums"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert CheckpointManager.verify(path) == manifest
+    fresh = build(tmp_path)
+    assert fresh.restore() == path
+    assert fresh.global_step == 3
+    assert_same(params(fresh), params(trainer))
+
+
+def test_an_unknown_checksum_algorithm_is_refused_by_name(tmp_path):
+    trainer = build(tmp_path, train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["checksums"]["algo"] = "xxh3"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"checksums use 'xxh3', .* verifies 'crc32'"):
+        build(tmp_path).restore(path)
+
+
+def test_a_damaged_table_file_falls_back_on_resume_and_is_named_by_path(tmp_path, caplog):
+    trainer = build_tables(tmp_path, train_steps=6, save_every=3)
+    trainer.train()
+    root = trainer.checkpoints.root
+    (table_file,) = (step(root, 6) / "sparse" / "tables" / "sparse").glob("*.safetensors")
+    name = table_file.relative_to(step(root, 6)).as_posix()
+    flip_middle_byte(table_file)
+    with pytest.raises(CheckpointCorruptError, match=rf"{name} {SUM}"):
+        build_tables(tmp_path).restore(step(root, 6))
+    fresh = build_tables(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        assert fresh.restore() == step(root, 3)
+    assert name in caplog.text
+    assert fresh.global_step == 3
+
+
+def test_warm_start_verifies_the_checkpoint_it_reads(tmp_path, caplog):
+    donor = build(tmp_path / "donor", train_steps=6, save_every=3)
+    donor.train()
+    root = donor.checkpoints.root
+    flip_middle_byte(step(root, 6) / "dense" / "model.safetensors")
+    model = ToyModel(600)
+    with pytest.raises(CheckpointCorruptError, match=rf"dense/model\.safetensors {SUM}"):
+        warm_start(model, step(root, 6), parts=("dense",))
+    # A run's directory: the newest checkpoint that verifies is taken.
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        result = warm_start(model, tmp_path / "donor", parts=("dense",))
+    assert result.checkpoint == step(root, 3)
+    assert "dense/model.safetensors (crc32 expected" in caplog.text
+    saved = build(tmp_path / "donor")
+    saved.restore(step(root, 3), parts=("dense",))
+    assert torch.equal(model.mlp[0].weight, saved.model.mlp[0].weight)
+
+
+def test_warm_start_of_dense_tensors_verifies_a_recis_embedding_checkpoint(tmp_path):
+    seed_everything(0)
+    source = TableModel()
+    source.embeddings({"ids": torch.arange(10).reshape(-1, 1)})
+    emb.save(str(tmp_path / "tables"), source)
+    flip_middle_byte(tmp_path / "tables" / "dense.safetensors")
+    target = TableModel()
+    before = params_of(target)
+    with pytest.raises(CheckpointError, match=r"checksum mismatch for dense\.safetensors"):
+        warm_start(target, tmp_path / "tables", parts=("dense",))
+    assert_same(params_of(target), before)
