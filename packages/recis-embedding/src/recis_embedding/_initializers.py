@@ -23,6 +23,7 @@ from dataclasses import KW_ONLY, dataclass
 import torch
 
 from recis_embedding._host import distinct_small, true_positions
+from recis_embedding._numbers import plain_fields
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import fmix64
 
@@ -103,6 +104,7 @@ class Initializer:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         check_seed(f"{type(self).__name__} initializer", self.seed)
 
     def __call__(self, ids: torch.Tensor, dim: int, name: str) -> torch.Tensor:

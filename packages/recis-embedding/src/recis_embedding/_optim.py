@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recis_embedding._numbers import plain
 from recis_embedding._sharding import awaiting_backward
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import OptimizerError
@@ -162,7 +163,10 @@ class SparseOptimizer(torch.optim.Optimizer):
                 )
 
     def _check_hyperparameters(self, values: dict[str, Any], where: str) -> None:
-        for key, value in values.items():
+        for key, value in list(values.items()):
+            if key in _HYPERPARAMETERS:
+                # NumPy scalars as Python numbers: they enter checkpoint manifests (JSON).
+                values[key] = value = plain(value)
             if key in _NON_NEGATIVE and value < 0:
                 raise OptimizerError(
                     f"{type(self).__name__}: {key} must be >= 0{where}, got {value}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
 
 from recis_embedding._initializers import Initializer, TruncatedNormal
+from recis_embedding._numbers import plain
 from recis_embedding._policies import AdmissionPolicy, EvictionPolicy
 from recis_embedding.exceptions import ConfigError
 
@@ -78,7 +80,8 @@ class EmbeddingOption:
     default_value: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
+        self._plain_numbers()
+        if not _positive_int(self.embedding_dim):
             raise ConfigError(f"embedding_dim must be a positive int, got {self.embedding_dim!r}")
         if self.combiner not in COMBINERS:
             raise ConfigError(
@@ -127,10 +130,19 @@ class EmbeddingOption:
         for flag in ("trainable", "use_weight"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if isinstance(self.default_value, bool) or not isinstance(self.default_value, (int, float)):
+        if isinstance(self.default_value, bool) or not isinstance(self.default_value, numbers.Real):
             raise ConfigError(f"default_value must be a number, got {self.default_value!r}")
         self.combiner_kwargs = kwargs
+        self.default_value = float(self.default_value)
         self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+
+    def _plain_numbers(self) -> None:
+        """NumPy scalars (``np.int64(16)``, what NumPy reductions give) as Python numbers,
+        before the checks; anything else is left for them to refuse."""
+        for name in ("embedding_dim", "capacity", "default_value", "trainable", "use_weight"):
+            setattr(self, name, plain(getattr(self, name)))
+        if self.combiner_kwargs:
+            self.combiner_kwargs = {k: plain(v) for k, v in self.combiner_kwargs.items()}
 
     def storage_key(self) -> tuple:
         """What must match for two tables to share one physical table."""

@@ -19,6 +19,7 @@ import torch
 
 from recis_embedding._host import true_positions
 from recis_embedding._initializers import check_seed, int64_bits, table_seed
+from recis_embedding._numbers import plain, plain_fields
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import IdMap, fmix64
 
@@ -102,6 +103,7 @@ class ProbabilityAdmission(AdmissionPolicy):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         check_seed("ProbabilityAdmission", self.seed)
         p = self.p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
@@ -135,9 +137,10 @@ class FrequencyAdmission(AdmissionPolicy):
     """
 
     def __init__(self, threshold: int = 2) -> None:
-        if threshold < 1:
-            raise ConfigError(f"FrequencyAdmission needs threshold >= 1, got {threshold}")
-        self.threshold = int(threshold)
+        threshold = plain(threshold)
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ConfigError(f"FrequencyAdmission needs an int threshold >= 1, got {threshold!r}")
+        self.threshold = threshold
 
     def __repr__(self) -> str:
         return f"FrequencyAdmission(threshold={self.threshold})"
@@ -247,8 +250,10 @@ class StaleEviction(EvictionPolicy):
     steps: int = 1000
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"StaleEviction needs steps >= 1, got {self.steps}")
+        plain_fields(self)
+        steps = self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"StaleEviction needs an int steps >= 1, got {steps!r}")
 
     def after_step(self, table):
         def stale(keys, tabs, rows):
