@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where write_json puts results instead of RESULTS_DIR when set (.ci/gpu collects a run's JSON
+# next to its logs this way).
+RESULTS_DIR_ENV = "RECIS_BENCH_RESULTS_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +116,17 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
     return text
 
 
+def results_dir() -> Path:
+    """``$RECIS_BENCH_RESULTS_DIR`` when set, else ``benchmarks/results``."""
+    override = os.environ.get(RESULTS_DIR_ENV)
+    return Path(override) if override else RESULTS_DIR
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus machine info and a timestamp) to ``results/<name>.json``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    """Write ``payload`` (plus machine info and a timestamp) to ``<results_dir()>/<name>.json``."""
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     doc = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info()}
     doc.update(payload)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
