@@ -111,3 +111,27 @@ def test_python_values_of_a_compatible_type_are_normalized(tmp_path):
     assert isinstance(args.grad_clip, float)
     assert args.grad_clip == 1.0
     assert TrainingArguments.from_dict(args.to_dict()) == args
+
+
+def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold() -> None:
+    np = pytest.importorskip("numpy")
+    args = TrainingArguments(
+        train_steps=np.int64(10),
+        epochs=np.int32(2),
+        grad_clip=np.float32(1.5),
+        seed=np.uint32(3),
+        deterministic=np.True_,
+    )
+    assert args == TrainingArguments(
+        train_steps=10, epochs=2, grad_clip=1.5, seed=3, deterministic=True
+    )
+    assert [type(v) for v in (args.train_steps, args.grad_clip, args.deterministic)] == [
+        int,
+        float,
+        bool,
+    ]
+    json.dumps(args.to_dict())  # what checkpoints record
+    with pytest.raises(ConfigError, match=r"train_steps must be int or None, got 10\.0"):
+        TrainingArguments(train_steps=np.float64(10.0))
+    with pytest.raises(ConfigError, match=r"deterministic must be bool, got 1 \(int\)"):
+        TrainingArguments(deterministic=np.int64(1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import numbers
 import re
 import types
 import typing
@@ -65,6 +66,7 @@ class TrainingArguments:
         if isinstance(self.output_dir, Path):
             self.output_dir = str(self.output_dir)
         for f in dataclasses.fields(self):
+            setattr(self, f.name, _plain(getattr(self, f.name)))
             _check_type(f.name, getattr(self, f.name))
         if not self.output_dir.strip():
             raise ConfigError("output_dir must name a directory, got an empty string")
@@ -222,6 +224,18 @@ def _base_type(name: str) -> type:
 def _optional(name: str) -> bool:
     hint = typing.get_type_hints(TrainingArguments)[name]
     return type(None) in typing.get_args(hint)
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar (``np.int64(1000)``, what NumPy reductions and arrays give) as the Python
+    bool, int or float it holds; anything else unchanged, for :func:`_check_type` to judge."""
+    if type(value) in (bool, int, float, str) or value is None:
+        return value
+    if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
+        return value.item()
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    return value
 
 
 def _check_type(name: str, value: Any) -> None:
