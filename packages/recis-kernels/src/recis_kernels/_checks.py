@@ -18,6 +18,7 @@ from recis_kernels.exceptions import (
 __all__ = [
     "can_inspect",
     "check_1d",
+    "check_device",
     "check_dtype",
     "check_index_range",
     "check_same_device",
@@ -28,6 +29,7 @@ __all__ = [
     "index_error",
     "is_int",
     "masked_rows",
+    "resolve_device",
 ]
 
 
@@ -141,6 +143,27 @@ def common_device(
         elif t.device != device:
             return None
     return device
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` (default CPU) with its index: ``"cuda"`` is the current CUDA device, the
+    device that every tensor made on ``"cuda"`` reports. A structure that keeps its device
+    compares it with its inputs' devices, and ``torch.device("cuda") != torch.device("cuda", 0)``.
+    """
+    where = torch.device(device) if device is not None else torch.device("cpu")
+    if where.type == "cuda" and where.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return where
+
+
+def check_device(op: str, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    """Raise :class:`UnsupportedDeviceError` unless ``tensor`` lives on ``device``.
+
+    The CUDA kernels dereference the addresses they are given: a tensor of another device
+    reaching one (host memory, say) would fault and leave the CUDA context unusable, where the
+    torch implementation raises. Checked before any launch."""
+    if tensor.device != device:
+        raise UnsupportedDeviceError(f"{op}: {name} is on {tensor.device}, expected {device}")
 
 
 def check_same_device(op: str, tensors: Mapping[str, torch.Tensor | None]) -> torch.device:

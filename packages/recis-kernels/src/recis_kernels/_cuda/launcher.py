@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from collections.abc import Sequence
@@ -50,6 +51,10 @@ def _make_current(driver, index: int) -> None:
     """
     ctx = _contexts.get(index)
     if ctx is None:
+        # Idempotent; torch initialized the driver already when CUDA tensors exist, but the
+        # driver API refuses every call of a process that did not call it.
+        (err,) = driver.cuInit(0)
+        _check(driver, err, "cuInit")
         err, dev = driver.cuDeviceGet(index)
         _check(driver, err, f"cuDeviceGet({index})")
         err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
@@ -117,8 +122,22 @@ def launch(
     if grid3[0] == 0:
         return
     driver = cuda_bindings("driver")
-    fn = _function(device, module_name, kernel)
     index = device.index if device.index is not None else torch.cuda.current_device()
+    # Launching on another device than the current one happens under torch's device guard:
+    # making that device's context current by hand would leave it current after the launch,
+    # and torch (which takes its current device from the current context) would then put
+    # every later "cuda" tensor of this thread on that device.
+    guard = (
+        torch.cuda.device(index)
+        if index != torch.cuda.current_device()
+        else contextlib.nullcontext()
+    )
+    with guard:
+        _launch(driver, device, index, module_name, kernel, grid3, block3, args, shared_mem)
+
+
+def _launch(driver, device, index, module_name, kernel, grid3, block3, args, shared_mem) -> None:
+    fn = _function(device, module_name, kernel)
     _make_current(driver, index)
     values = []
     types = []
@@ -127,7 +146,7 @@ def launch(
             value = value.data_ptr()
         values.append(value)
         types.append(_CTYPES[kind])
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = torch.cuda.current_stream(index).cuda_stream
     (err,) = driver.cuLaunchKernel(
         fn, *grid3, *block3, shared_mem, driver.CUstream(stream), (tuple(values), tuple(types)), 0
     )

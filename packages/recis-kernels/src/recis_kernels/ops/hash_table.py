@@ -44,11 +44,13 @@ from recis_kernels._backend import use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_1d,
+    check_device,
     check_dtype,
     check_tensor,
     flat_nonzero,
     grid_for,
     is_int,
+    resolve_device,
 )
 from recis_kernels.exceptions import ShapeError
 
@@ -293,7 +295,7 @@ class IdMap:
     """
 
     def __init__(self, capacity: int = 1024, device: torch.device | str | None = None) -> None:
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self._allocate(max(16, 1 << max(0, int(capacity) - 1).bit_length()))
         self.size = 0
         self.next_row = 0
@@ -327,9 +329,18 @@ class IdMap:
         Returns:
             ``(N,) int64`` row indices.
         """
-        _check_keys("IdMap.find", keys)
-        tabs = _as_tables("IdMap.find", keys, tables)
+        tabs = self._keys_and_tables("IdMap.find", keys, tables)
         return self._rows_of(self._find_slots(keys, tabs))
+
+    def _keys_and_tables(
+        self, op: str, keys: torch.Tensor, tables: torch.Tensor | int
+    ) -> torch.Tensor:
+        """Check ``keys`` (dtype, shape, device) and return ``tables`` as int32 on their device."""
+        _check_keys(op, keys)
+        check_device(op, "keys", keys, self.device)
+        if isinstance(tables, torch.Tensor):
+            check_device(op, "tables", tables, self.device)
+        return _as_tables(op, keys, tables)
 
     def _rows_of(self, slots: torch.Tensor) -> torch.Tensor:
         """Row of each slot, ``-1`` for slot ``-1``."""
@@ -463,8 +474,7 @@ class IdMap:
         Returns:
             ``(rows (N,) int64, is_new (N,) bool)``: ``is_new`` marks keys absent before the call.
         """
-        _check_keys("IdMap.find_or_insert", keys)
-        tabs = _as_tables("IdMap.find_or_insert", keys, tables)
+        tabs = self._keys_and_tables("IdMap.find_or_insert", keys, tables)
         slots = self._find_slots(keys, tabs)
         is_new = slots < 0
         rows = self._rows_of(slots)
@@ -492,8 +502,7 @@ class IdMap:
         Returns:
             ``(N,) int64`` rows (repeated pairs share one).
         """
-        _check_keys("IdMap.insert_absent", keys)
-        tabs = _as_tables("IdMap.insert_absent", keys, tables)
+        tabs = self._keys_and_tables("IdMap.insert_absent", keys, tables)
         if keys.numel() == 0:
             return keys.new_empty(0)
         return self._insert_rows(keys, tabs, distinct=distinct)
@@ -650,8 +659,7 @@ class IdMap:
         Returns:
             ``(E,) int64`` rows that were freed.
         """
-        _check_keys("IdMap.erase", keys)
-        tabs = _as_tables("IdMap.erase", keys, tables)
+        tabs = self._keys_and_tables("IdMap.erase", keys, tables)
         slots = self._find_slots(keys, tabs)
         slots = torch.unique(slots[slots >= 0])
         rows = self.slot_rows[slots]

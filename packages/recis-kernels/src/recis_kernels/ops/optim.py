@@ -67,7 +67,11 @@ def _kernel(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     if not use_cuda_kernels(first.device):
         return False
-    return all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+    # A tensor of another device must not reach the kernel (it would fault on its address);
+    # the torch implementation raises torch's error naming the devices instead.
+    return all(
+        t.device == first.device and t.is_contiguous() and t.dtype == torch.float32 for t in tensors
+    )
 
 
 def _launch(kernel: str, n: int, args: list) -> None:

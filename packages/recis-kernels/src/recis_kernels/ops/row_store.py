@@ -25,10 +25,12 @@ from recis_kernels._backend import use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_1d,
+    check_device,
     check_dtype,
     check_index_range,
     check_tensor,
     grid_for,
+    resolve_device,
 )
 from recis_kernels._cuda import index_errors
 from recis_kernels.exceptions import ShapeError
@@ -67,7 +69,7 @@ class RowStore:
         self.dtype = dtype
         self.block_shift = max(0, int(block_rows) - 1).bit_length()
         self.block_rows = 1 << self.block_shift
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self.blocks: list[torch.Tensor] = []
 
     @property
@@ -91,6 +93,7 @@ class RowStore:
         check_tensor(op, "rows", rows)
         check_dtype(op, "rows", rows, (torch.int64,))
         check_1d(op, "rows", rows)
+        check_device(op, "rows", rows, self.device)
         if can_inspect(rows):
             check_index_range(op, "rows", rows, 0, self.capacity)
 
@@ -313,6 +316,7 @@ class RowStore:
 
     def _check_values(self, op: str, rows: torch.Tensor, values: torch.Tensor, start: int) -> int:
         check_tensor(op, "values", values)
+        check_device(op, "values", values, self.device)
         if values.dim() != 2 or values.shape[0] != rows.numel():
             raise ShapeError(
                 f"{op}: values has shape {tuple(values.shape)}, expected ({rows.numel()}, W)"
