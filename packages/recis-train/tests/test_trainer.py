@@ -473,3 +473,27 @@ def test_a_metric_instance_instead_of_a_factory_is_refused_up_front(tmp_path):
     trainer = make_trainer(tmp_path, metrics={"auc": lambda: AUROC("thresholded")})
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["auc"] == second["auc"]  # each evaluation counts its own rows only
+
+
+def test_rng_state_of_more_gpus_than_visible_restores_those_there(monkeypatch) -> None:
+    # A checkpoint saved with 2 visible GPUs resumed where 1 is visible: the first GPU's state
+    # is restored, the second has nowhere to go (torch's set_rng_state_all raised IndexError).
+    import torch
+
+    from recis_train._state import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((i, s)))
+
+    def refuse(states):
+        raise IndexError("device 1 of 1")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    state = rng_state()
+    saved = [torch.full((8,), 1, dtype=torch.uint8), torch.full((8,), 2, dtype=torch.uint8)]
+    state["cuda"] = saved
+    set_rng_state(state)
+    assert [i for i, _ in restored] == [0]
+    assert torch.equal(restored[0][1], saved[0])
