@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import recis_embedding._checkpoint as checkpoint_module
 from recis_embedding import (
+    ConfigError,
     EmbeddingEngine,
     EmbeddingOption,
     SparseAdam,
@@ -113,3 +114,22 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_and_keeps_the_checkpoin
         assert got[r][3] is True, r
         assert got[r][4] is True, r  # delta on top of it
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_host_tables_sharded_over_nccl_are_refused_naming_them(tmp_path, monkeypatch) -> None:
+    # NCCL exchanges CUDA tensors only: host tables failed at their first lookup inside NCCL.
+    # A one-process gloo group stands in, its backend reported as nccl.
+    assert not dist.is_initialized(), "a process group is already initialized in this process"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        options = {"user": EmbeddingOption(4), "item": EmbeddingOption(4, shared_name="goods")}
+        EmbeddingEngine(options, shard=True)  # gloo: host tables are fine
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        with pytest.raises(
+            ConfigError, match=r"sharded tables \['goods', 'user'\] live on the host"
+        ):
+            EmbeddingEngine(options, shard=True)
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+        EmbeddingEngine(options, shard=True)
+    finally:
+        dist.destroy_process_group()

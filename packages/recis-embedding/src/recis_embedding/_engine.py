@@ -159,6 +159,8 @@ class EmbeddingEngine(nn.Module):
                 index = table.add_table(name, option.initializer)
             self.logical[name] = (table, index)
             self._first_option[name] = option
+        if self.shard is not None:
+            self.shard.check_devices(self.physical)
         self.concat = self._check_concat(concat or {})
         # Module-level function (not a bound method): copies and pickles keep the hook.
         self.register_state_dict_pre_hook(warn_tables_not_in_state_dict)

@@ -15,6 +15,7 @@ Every rank must run the same sequence of lookups and optimizer steps (as with DD
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,23 @@ class ShardContext:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+
+    def check_devices(self, tables: Sequence[Any]) -> None:
+        """Raise :class:`ConfigError` when the group's backend cannot exchange the rows of
+        ``tables`` where they live: NCCL moves CUDA tensors only, so a table on the host would
+        fail at its first lookup inside NCCL with no word of which table or why. (A group of
+        several backends, e.g. ``"cpu:gloo,cuda:nccl"``, serves both.)"""
+        if self.backend != "nccl":
+            return
+        host = sorted(name for t in tables if t.device.type != "cuda" for name in t.names)
+        if host:
+            raise ConfigError(
+                f"sharded tables {host} live on the host, but the process group's backend is "
+                f"nccl, which exchanges CUDA tensors only: declare them with "
+                f"EmbeddingOption(..., device='cuda:<local rank>'), or shard over a gloo group "
+                f"(process_group=dist.new_group(backend='gloo'))"
+            )
 
     def route(
         self, keys: torch.Tensor, tabs: torch.Tensor, uses: torch.Tensor
