@@ -50,6 +50,29 @@ def test_values_that_overflow_the_dtype_are_errors(cast_file, name, dtype, value
         read(cast_file, col)
 
 
+def test_numbers_other_than_0_and_1_cast_to_bool_are_errors(tmp_path) -> None:
+    # Arrow's cast reads every number but 0 as true; a bool holds 0 and 1 only, as a fill of 2
+    # on a bool column is refused.
+    path = tmp_path / "flags.parquet"
+    table = pa.table(
+        {
+            "i": pa.array([0, 1, None, 2], pa.int64()),
+            "neg": pa.array([1, -1], pa.int8()).take([0, 0, 0, 1]),
+            "f": pa.array([0.0, 1.0, None, 0.5]),
+            "nan": pa.array([1.0, 0.0, 0.0, float("nan")], pa.float32()),
+        }
+    )
+    pq.write_table(table, path, row_group_size=2)
+    for name, value in [("i", "2"), ("neg", "-1"), ("f", "0.5"), ("nan", "NaN")]:
+        pattern = rf"column '{name}' has value {value} that overflows bool \(.*row group 1\)"
+        with pytest.raises(SchemaError, match=pattern):
+            read(path, Column(name, dtype="bool", fill=False))
+    small = tmp_path / "small.parquet"
+    pq.write_table(table.slice(0, 2), small)
+    for name in ("i", "f"):
+        assert read(small, Column(name, dtype="bool")) == [False, True]
+
+
 def test_infinite_float_is_an_error_as_integer_not_as_narrower_float(tmp_path) -> None:
     path = tmp_path / "inf.parquet"
     pq.write_table(pa.table({"f": pa.array([float("inf"), -1.0], pa.float64())}), path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from recis_io import Batch, Column, Dataset, ForkedReaderError, Ragged
+from recis_io import Batch, Column, Dataset, ForkedReaderError, InvalidArgumentError, Ragged
 
 from .conftest import write_ids
 
@@ -249,3 +249,24 @@ def test_ragged_columns_pin_like_tensors(tmp_path, monkeypatch: pytest.MonkeyPat
     assert type(whole) is Batch
     assert whole.is_pinned()
     assert _same(whole["h"], col)
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_a_state_loaded_in_the_main_process_is_refused_by_workers(files) -> None:
+    # Each worker got the main process's cursor for its own shard and resumed at that row of
+    # it, silently skipping rows (worker 1 read from row 50 of its shard of 275).
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork")
+    first = Dataset(files, batch_size=10, num_threads=1)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = first.state_dict()
+    del it
+    ds = Dataset(files, batch_size=10, num_threads=1)
+    ds.load_state_dict(state)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    with pytest.raises(InvalidArgumentError, match=r"taken on shard 0 of 1, but this pass reads"):
+        _ids(loader)
+    # Without workers the state is this dataset's to resume.
+    assert _ids(DataLoader(ds, batch_size=None)) == list(range(50, sum(ROWS)))

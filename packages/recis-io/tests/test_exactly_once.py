@@ -544,3 +544,69 @@ def test_stateful_dataloader_resumes_workers_after_set_epoch(written) -> None:
         resumed = loader()
         resumed.load_state_dict(state)
         assert head + _ids(resumed) == full, cut
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+def test_stateful_dataloader_resumes_an_epoch_loop_after_its_last_batch(
+    written, persistent: bool
+) -> None:
+    # A loop that checkpoints the loader after each epoch resumes with set_epoch(next): each
+    # worker loads its end-of-epoch state when the pass starts, after set_epoch, and that load
+    # used to overwrite the epoch every process shares, so the pass read the old epoch again.
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    paths, _ = written([("parquet", 40, 6), ("orc", 23, 5)])
+
+    def loader() -> tuple[Dataset, StatefulDataLoader]:
+        ds = Dataset(paths, batch_size=6, columns=["id"], shuffle=True, seed=4, num_threads=1)
+        return ds, StatefulDataLoader(
+            ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+            persistent_workers=persistent,
+        )  # fmt: skip
+
+    ds, first = loader()
+    orders = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        orders.append(_ids(first))
+    assert orders[0] != orders[1] != orders[2]
+    ds, first = loader()
+    ds.set_epoch(0)
+    _ids(first)
+    state = first.state_dict()
+    del first
+    ds, resumed = loader()
+    resumed.load_state_dict(state)
+    for epoch in (1, 2):
+        ds.set_epoch(epoch)
+        assert _ids(resumed) == orders[epoch], epoch
+
+
+def test_set_epoch_and_load_state_dict_may_come_in_either_order(written) -> None:
+    paths, _ = written([("parquet", 25, 5), ("orc", 12, 4)])
+
+    def make() -> Dataset:
+        return Dataset(paths, batch_size=10, columns=["id"], shuffle=True, seed=6)
+
+    epoch1 = _ids(_at(make(), 1))
+    ended = make()
+    _ids(ended)
+    end_of_0 = json.loads(json.dumps(ended.state_dict()))
+    mid = _at(make(), 1)
+    it = iter(mid)
+    head = [next(it)["id"].tolist()]
+    mid_of_1 = json.loads(json.dumps(mid.state_dict()))
+    del it
+    for state, rest in ((end_of_0, epoch1), (mid_of_1, epoch1[1:])):
+        resumed = _at(make(), 1)
+        resumed.load_state_dict(state)
+        assert resumed.state_dict()["first_epoch"] == 1
+        assert _ids(resumed) == rest
+    assert head + epoch1[1:] == epoch1
+    # A state of another epoch than the one set is still refused, in either order.
+    resumed = _at(make(), 2)
+    resumed.load_state_dict(mid_of_1)
+    with pytest.raises(InvalidArgumentError, match="resume from is in epoch 1, but this pass"):
+        iter(resumed)

@@ -213,6 +213,24 @@ def test_existing_file_with_glob_characters_is_that_file(tmp_path: Path) -> None
     assert read_ids(Dataset(str(tmp_path / "part[0-9].parquet"), batch_size=4)) == [5]
 
 
+def test_paths_that_are_not_paths_are_refused_naming_them(tmp_path: Path) -> None:
+    # bytes were iterated as ints, None and numbers failed with a bare TypeError.
+    a = write(ids(0, 3), tmp_path / "a.parquet", "parquet", 3)
+    for paths, shown in [
+        (bytes(a), repr(bytes(a))),
+        (None, "None"),
+        (3, "3"),
+        ([a, None], "None"),
+        ([str(a).encode()], repr(str(a).encode())),
+    ]:
+        with pytest.raises(InvalidArgumentError, match="paths must") as info:
+            Dataset(paths, batch_size=4)  # type: ignore[arg-type]
+        assert shown in str(info.value)
+    # Any iterable of paths still works, read once.
+    assert read_ids(Dataset(iter([a]), batch_size=4)) == [0, 1, 2]
+    assert read_ids(Dataset((str(a),), batch_size=4)) == [0, 1, 2]
+
+
 def test_a_file_reached_twice_is_refused_naming_it_and_both_entries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

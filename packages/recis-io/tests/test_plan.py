@@ -126,6 +126,26 @@ def test_state_from_another_setup_is_rejected(files) -> None:
         Dataset(files, batch_size=10).load_state_dict({"epoch": 0})
 
 
+def test_seed_and_window_are_free_to_change_on_resume_without_shuffle(files) -> None:
+    # Without shuffle the order is file order whatever the seed and window: only with shuffle
+    # does a state of another seed or window resume into another order.
+    first = Dataset(files, batch_size=10, seed=1, shuffle_window=40)
+    it = iter(first)
+    head = [next(it)["id"].tolist() for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = Dataset(files, batch_size=10, seed=2, shuffle_window=7)
+    resumed.load_state_dict(state)
+    assert head + ids(resumed) == ids(Dataset(files, batch_size=10))
+    shuffled = Dataset(files, batch_size=10, shuffle=True, seed=1, shuffle_window=40).state_dict()
+    for other in ({"seed": 2}, {"shuffle_window": 7}):
+        ((name, value),) = other.items()
+        options = {"seed": 1, "shuffle_window": 40} | other
+        message = rf"state has {name}=\d+, this dataset has {value}"
+        with pytest.raises(InvalidArgumentError, match=message):
+            Dataset(files, batch_size=10, shuffle=True, **options).load_state_dict(shuffled)
+
+
 def test_state_of_another_rank_is_rejected(files) -> None:
     ds = Dataset(files, batch_size=10, world_size=2, rank=0)
     next(iter(ds))

@@ -168,9 +168,10 @@ class Dataset(IterableDataset):
         SchemaError: A column is missing, unsupported, or typed differently across files
             (numbers of different types need the :class:`Column`'s ``dtype``).
         CorruptFileError: A file's metadata cannot be read.
-        InvalidArgumentError: Two entries of ``paths`` reach the same file, an option is out
-            of range (sizes and counts go up to ``2**63 - 1``) or of the wrong type, or the
-            ``RANK``/``WORLD_SIZE`` environment variable is not an integer.
+        InvalidArgumentError: Two entries of ``paths`` reach the same file, an entry is not a
+            ``str`` or ``os.PathLike``, an option is out of range (sizes and counts go up to
+            ``2**63 - 1``) or of the wrong type, or the ``RANK``/``WORLD_SIZE`` environment
+            variable is not an integer.
 
     Example:
         >>> ds = Dataset("data/", batch_size=8192,
@@ -225,11 +226,15 @@ class Dataset(IterableDataset):
         ]
         self._infos = [_ColumnInfo(*t) for t in probe.schema()]
         self._cursor: tuple[int, int] = (0, 0)
-        self._resume: tuple[int, int] | None = None
-        # First epoch of the next iteration (set_epoch), in shared memory so that DataLoader
+        # A loaded state not iterated yet: (first epoch of its pass, epoch, row), and the
+        # (shard, shards) it was taken on. Kept in this object only: a DataLoader worker loads
+        # its own state (StatefulDataLoader).
+        self._resume: tuple[int, int, int] | None = None
+        self._resume_shard: tuple[int, int] = (self.rank, self.world_size)
+        # The epoch set_epoch set, -1 before any call, in shared memory so that DataLoader
         # workers, which iterate copies of this object (persistent ones for the whole run),
         # read what the main process set; and the first epoch of the current or last pass.
-        self._next_first = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._next_first = torch.full((), -1, dtype=torch.int64).share_memory_()
         self._pass_first = 0
         # Whether set_epoch was called since the last pass started: the next pass then starts
         # at the beginning of that epoch, which is what state_dict() reports.
@@ -319,7 +324,9 @@ class Dataset(IterableDataset):
         ``e``-th epoch of a single iteration with more ``epochs`` would. A state taken during
         such a pass resumes within it (:meth:`load_state_dict` restores the epoch range); a
         state taken after the last batch of epoch ``e`` also resumes with ``set_epoch(e + 1)``,
-        as an epoch loop that checkpoints after each pass calls it.
+        as an epoch loop that checkpoints after each pass calls it. Once called, the pass reads
+        from the epoch set, whether the state was loaded before or after the call, so a
+        ``StatefulDataLoader``'s workers (which load their states when a pass starts) follow it.
         The epoch is kept in shared memory, so ``DataLoader`` workers (persistent ones too,
         started with fork or spawn) read it when their next pass starts: call it before
         ``iter(loader)``, as with ``DistributedSampler``.
@@ -327,32 +334,53 @@ class Dataset(IterableDataset):
         Raises:
             InvalidArgumentError: ``epoch`` is not an int in ``[0, 2**62]``.
         """
-        self._first_epoch = _positive("set_epoch: epoch", epoch, minimum=0, maximum=2**62)
+        self._next_first.fill_(_positive("set_epoch: epoch", epoch, minimum=0, maximum=2**62))
         self._epoch_set = True
 
-    @property
-    def _first_epoch(self) -> int:
-        return int(self._next_first)
+    def _set_epoch(self) -> int | None:
+        """The epoch ``set_epoch`` last set, by this process or the one that made this worker's
+        copy; ``None`` before any call."""
+        epoch = int(self._next_first)
+        return None if epoch < 0 else epoch
 
-    @_first_epoch.setter
-    def _first_epoch(self, epoch: int) -> None:
-        self._next_first.fill_(epoch)
+    def _next_pass(self, shards: int) -> tuple[int, tuple[int, int]]:
+        """The first epoch and the cursor of the next pass.
+
+        The epoch ``set_epoch`` set wins over a loaded state's, whichever came first: a
+        ``StatefulDataLoader`` loads each worker's state when the pass starts, after the main
+        process's ``set_epoch``. Without ``set_epoch`` a loaded state resumes its own pass.
+        """
+        set_to = self._set_epoch()
+        if self._resume is None:
+            first = self._pass_first if set_to is None else set_to
+            return first, (first, 0)
+        loaded_first, epoch, row = self._resume
+        first = loaded_first if set_to is None else set_to
+        if epoch + 1 == first and row >= self._epoch_rows(shards):
+            # A state taken after the last batch of epoch e is where epoch e + 1 starts: an
+            # epoch loop that checkpoints after each pass resumes with set_epoch(e + 1).
+            return first, (first, 0)
+        if not first <= epoch <= first + self.epochs:
+            raise InvalidArgumentError(
+                f"the state to resume from is in epoch {epoch}, but this pass reads epochs "
+                f"{first} to {first + self.epochs - 1} (set_epoch({first})); call set_epoch "
+                "with the epoch the state was taken in"
+            )
+        return first, (epoch, row)
 
     def __iter__(self) -> Iterator[Batch]:
         shard, shards = self._current_shard()
-        first = self._first_epoch
-        end = first + self.epochs
-        start = self._resume if self._resume is not None else (first, 0)
-        if start[0] + 1 == first and start[1] >= self._epoch_rows(shards):
-            # A state taken after the last batch of epoch e is where epoch e + 1 starts: an
-            # epoch loop that checkpoints after each pass resumes with set_epoch(e + 1).
-            start = (first, 0)
-        if not first <= start[0] <= end:
+        if self._resume is not None and self._resume_shard != (shard, shards):
+            # A state loaded in the main process reaches DataLoader workers in their copies
+            # of the dataset, but each worker reads a shard of its own.
             raise InvalidArgumentError(
-                f"the state to resume from is in epoch {start[0]}, but this pass reads epochs "
-                f"{first} to {end - 1} (set_epoch({first})); call set_epoch with the epoch the "
-                f"state was taken in, or load the state after set_epoch"
+                f"the loaded state was taken on shard {self._resume_shard[0]} of "
+                f"{self._resume_shard[1]}, but this pass reads shard {shard} of {shards} (a "
+                "DataLoader worker's); load each worker's own state in that worker, as "
+                "torchdata's StatefulDataLoader does"
             )
+        first, start = self._next_pass(shards)
+        end = first + self.epochs
         reader = self._take_reader(shard, shards)
         self._resume = None
         reader.set_end_epoch(end)
@@ -373,18 +401,22 @@ class Dataset(IterableDataset):
         object's state does not follow them: use torchdata's ``StatefulDataLoader``, which
         keeps every worker's state, or read with threads in one process (``num_threads``).
         """
-        pending = self._resume is not None
-        epoch, row = self._resume if self._resume is not None else self._cursor
-        if self._epoch_set and not pending:
-            # set_epoch(e) after the last pass: the next iteration starts epoch e afresh.
-            pending, epoch, row = True, self._first_epoch, 0
+        first, (epoch, row) = self._pass_first, self._cursor
+        shard = self._resume_shard if self._resume is not None else self._shard
+        if self._resume is not None or self._epoch_set:
+            # A loaded state, or set_epoch(e) after the last pass: where the next pass starts.
+            try:
+                first, (epoch, row) = self._next_pass(shard[1])
+            except InvalidArgumentError:
+                # The loaded state does not fit the epoch set: it is still what was loaded.
+                first, epoch, row = self._resume  # type: ignore[misc]
         return {
             "version": _STATE_VERSION,
             "epoch": epoch,
             "row": row,
-            "first_epoch": self._first_epoch if pending else self._pass_first,
-            "shard": self._shard[0],
-            "shards": self._shard[1],
+            "first_epoch": first,
+            "shard": shard[0],
+            "shards": shard[1],
             "total_rows": self.total_rows,
             "files": [list(f) for f in self._identity],
             "batch_size": self.batch_size,
@@ -400,12 +432,17 @@ class Dataset(IterableDataset):
         The options that decide which rows a pass yields and in what order must be the ones
         the state was taken with. ``epochs`` (where the pass ends, not what an epoch reads),
         ``columns`` and their options (the values of each row, not which rows),
-        ``num_threads``, ``prefetch``, ``format`` and ``device`` are free to change.
+        ``num_threads``, ``prefetch``, ``format`` and ``device`` are free to change, and so
+        are ``seed`` and ``shuffle_window`` without shuffle (the order is file order).
+
+        The state is this shard's cursor: with a multi-worker ``DataLoader`` load each
+        worker's own state in that worker (torchdata's ``StatefulDataLoader`` does); workers
+        that find a state loaded in the main process raise when they start iterating.
 
         Raises:
             InvalidArgumentError: The state is malformed or was taken with different files
-                (names and row counts), batch size, ``drop_last``, shuffle, seed, window,
-                shard or number of shards.
+                (names and row counts), batch size, ``drop_last``, shuffle, shard or number of
+                shards, or with shuffle another seed or window.
         """
         if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
             raise InvalidArgumentError(
@@ -419,7 +456,6 @@ class Dataset(IterableDataset):
             # start of the epoch: another size would end the epoch with a stray batch.
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
-            "seed": self.seed,
             "shards": shards,
             "shard": shard,
         }
@@ -430,6 +466,9 @@ class Dataset(IterableDataset):
             # of an epoch resumes with a stray partial batch, or skips it.
             expected["drop_last"] = self.drop_last
         if self.shuffle:
+            # Without shuffle the order is file order, whatever the seed and window: both are
+            # free to change then.
+            expected["seed"] = self.seed
             expected["shuffle_window"] = self.shuffle_window
         for key, value in expected.items():
             if state.get(key) != value:
@@ -442,8 +481,8 @@ class Dataset(IterableDataset):
         first = state.get("first_epoch", 0)
         if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= epoch:
             raise InvalidArgumentError(f"state has invalid first_epoch={first!r} (epoch {epoch})")
-        self._first_epoch = first
-        self._resume = (epoch, row)
+        self._resume = (first, epoch, row)
+        self._resume_shard = (shard, shards)
         self._cursor = (epoch, row)
 
     def __repr__(self) -> str:

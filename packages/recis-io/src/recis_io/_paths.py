@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -62,6 +62,17 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
         raise InvalidArgumentError(f"format must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, Iterable) or isinstance(paths, (bytes, bytearray)):
+        # Iterating bytes would give ints, and None or a number is not iterable at all.
+        raise InvalidArgumentError(
+            f"paths must be a path (str or os.PathLike) or a list of them, got {paths!r}"
+        )
+    paths = list(paths)
+    for raw in paths:
+        if not isinstance(raw, (str, os.PathLike)) or isinstance(os.fspath(raw), bytes):
+            raise InvalidArgumentError(
+                f"paths must hold str or os.PathLike entries, got {raw!r} in {paths!r}"
+            )
     out: list[tuple[str, str]] = []
     # Each file's identity (device and inode, else its resolved path) -> the entry that
     # reached it and the path it was found as.

@@ -251,9 +251,12 @@ fn numbers(
 }
 
 /// Refuses a cast that lost a value: Arrow's cast turns a value the target cannot hold (an
-/// integer out of range, a NaN or infinite float cast to an integer) into a null, and a float
-/// too large for a narrower float into an infinity.
+/// integer out of range, a NaN or infinite float cast to an integer) into a null, a float
+/// too large for a narrower float into an infinity, and every number but 0 into `true`.
 fn check_cast(plan: &ColumnPlan, from: &ArrayRef, to: &ArrayRef, at: &str) -> Result<()> {
+    if plan.out == DType::Bool {
+        return check_bool(plan, from, at);
+    }
     let lost = |i: usize| {
         if from.is_null(i) {
             return false;
@@ -279,12 +282,35 @@ fn check_cast(plan: &ColumnPlan, from: &ArrayRef, to: &ArrayRef, at: &str) -> Re
     let Some(i) = (0..from.len()).find(|&i| lost(i)) else {
         return Ok(());
     };
+    Err(overflow(plan, from, i, at))
+}
+
+/// Refuses numbers other than 0 and 1 cast to bool (2, -1, 0.5 or NaN would read as `true`),
+/// as a fill of 2 is refused for a bool column.
+fn check_bool(plan: &ColumnPlan, from: &ArrayRef, at: &str) -> Result<()> {
+    if from.data_type() == &DataType::Boolean {
+        return Ok(());
+    }
+    // Exact for 0 and 1; every other integer or float stays off both (NaN included).
+    let as_f64 = cast(from, &DataType::Float64).map_err(|e| Error::corrupt(at, e))?;
+    let values = as_f64.as_primitive::<Float64Type>();
+    let bad = (0..from.len()).find(|&i| {
+        let v = values.value(i);
+        !from.is_null(i) && v != 0.0 && v != 1.0
+    });
+    match bad {
+        Some(i) => Err(overflow(plan, from, i, at)),
+        None => Ok(()),
+    }
+}
+
+fn overflow(plan: &ColumnPlan, from: &ArrayRef, i: usize, at: &str) -> Error {
     let value = array_value_to_string(from, i).unwrap_or_else(|_| "?".into());
-    Err(Error::Schema(format!(
+    Error::Schema(format!(
         "column '{}' has value {value} that overflows {} ({at})",
         plan.spec.name,
         plan.out.name()
-    )))
+    ))
 }
 
 /// Whether element `i` of a float array is infinite (an infinity cast to a narrower float is
