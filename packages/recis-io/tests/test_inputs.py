@@ -263,3 +263,30 @@ def test_a_file_reached_twice_is_refused_naming_it_and_both_entries(
     # Distinct files, in whatever spelling, still read every row once.
     ds = Dataset(["./a.parquet", str(data / "b*")], batch_size=4)
     assert sorted(read_ids(ds)) == list(range(9))
+
+
+def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold(tmp_path: Path) -> None:
+    # Sizes, seeds and fills often come out of NumPy; each is the Python number it holds (they
+    # were refused as "must be an integer" / "fill of type int64"), and the state stays JSON.
+    import json
+
+    np = pytest.importorskip("numpy")
+    path = write(pa.table({"a": [1, 2, None, 4]}), tmp_path / "x.parquet", "parquet", 2)
+
+    def read(**kw) -> tuple[list[list[int]], dict]:
+        ds = Dataset(path, **kw)
+        return [b["a"].tolist() for b in ds], ds.state_dict()
+
+    ours = read(
+        batch_size=np.int64(2), shuffle=np.True_, seed=np.uint64(3), prefetch=np.int32(1),
+        rank=np.int64(0), world_size=np.int64(1), columns=[Column("a", fill=np.int64(5))],
+    )  # fmt: skip
+    plain = read(batch_size=2, shuffle=True, seed=3, prefetch=1, rank=0, world_size=1,
+                 columns=[Column("a", fill=5)])  # fmt: skip
+    assert ours == plain
+    json.dumps(ours[1])
+    assert Column("a", fill=np.float32(0.5), buckets=np.uint8(3)) == Column("a", 0.5, buckets=3)
+    with pytest.raises(InvalidArgumentError, match=r"batch_size must be an integer .*got 2\.0"):
+        Dataset(path, batch_size=np.float64(2.0))
+    with pytest.raises(InvalidArgumentError, match=r"shuffle must be True or False, got 1"):
+        Dataset(path, batch_size=2, shuffle=np.int64(1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .exceptions import InvalidArgumentError
@@ -65,6 +66,8 @@ class Column:
     dtype: torch.dtype | str | None = None
 
     def __post_init__(self) -> None:
+        for field in ("fill", "buckets"):
+            object.__setattr__(self, field, plain_number(getattr(self, field)))
         if not isinstance(self.name, str) or not self.name:
             raise InvalidArgumentError(f"column name must be a non-empty string, got {self.name!r}")
         if self.hash is not None and self.hash not in _HASHES:
@@ -86,6 +89,18 @@ class Column:
 
     def _spec(self) -> tuple[str, int | float | str | bytes | None, str | None, int, str | None]:
         return (self.name, self.fill, self.hash, self.buckets, _dtype_name(self))
+
+
+def plain_number(value: object) -> object:
+    """A NumPy scalar (``np.int64(5)``, what NumPy reductions and array items give) as the
+    Python bool, int or float it holds; anything else unchanged, for the checks to judge."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
 def _dtype_name(col: Column) -> str | None:

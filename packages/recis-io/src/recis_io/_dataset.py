@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ._batch import Batch, _ColumnInfo
-from ._column import Column
+from ._column import Column, plain_number
 from ._paths import PathLike, resolve_paths
 from ._recis_io import Reader
 from .exceptions import ForkedReaderError, InvalidArgumentError
@@ -37,6 +37,7 @@ _MAX_THREADS = 4096
 
 
 def _positive(name: str, value: Any, minimum: int = 1, maximum: int = _MAX_INT) -> int:
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise InvalidArgumentError(
             f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}"
@@ -46,6 +47,7 @@ def _positive(name: str, value: Any, minimum: int = 1, maximum: int = _MAX_INT) 
 
 def _flag(name: str, value: Any) -> bool:
     # bool("no") is True: a string or number here is a mistake, not a flag.
+    value = plain_number(value)
     if not isinstance(value, bool):
         raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
     return value
@@ -91,6 +93,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         rank = auto[0] if rank is None else rank
         world_size = auto[1] if world_size is None else world_size
     world_size = _positive("world_size", world_size)
+    rank = plain_number(rank)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise InvalidArgumentError(f"rank must be in [0, {world_size}), got {rank!r}")
     return rank, world_size
@@ -206,6 +209,7 @@ class Dataset(IterableDataset):
         self.prefetch = _positive("prefetch", prefetch, minimum=0)
         self.shuffle_window = _positive("shuffle_window", shuffle_window)
         self.epochs = _positive("epochs", epochs, minimum=0)
+        seed = plain_number(seed)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.seed = seed
