@@ -8,9 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from recis_kernels import RecisKernelsError
-
 from ._feature import (
+    INPUT_ERRORS,
     Feature,
     check_value,
     column_value,
@@ -62,6 +61,14 @@ def _dedup(features: Iterable[Feature]) -> list[Feature]:
                 f"feature {f.name!r} is defined twice differently: {seen!r} and {f!r}"
             )
     return list(by_name.values())
+
+
+def _apply(node: _Node, value: Value) -> Value:
+    """``node.op.apply(value)``, data it refuses reported with the features sharing the node."""
+    try:
+        return node.op.apply(value)  # type: ignore[attr-defined]
+    except INPUT_ERRORS as exc:
+        raise input_error(node.features, node.op, exc) from exc
 
 
 class FeatureEngine(nn.Module):
@@ -211,14 +218,20 @@ class FeatureEngine(nn.Module):
         for node, value in zip(nodes, inputs, strict=True):
             check_value(node.features[0], node.op, node.step, value)
         fused = fused_implementation(group.kind) if self.fused else None
-        try:
-            if fused is not None:
+        if fused is None:
+            outputs = [_apply(n, v) for n, v in zip(nodes, inputs, strict=True)]
+        else:
+            try:
                 outputs = fused([n.op for n in nodes], inputs)
-            else:
-                outputs = [n.op.apply(v) for n, v in zip(nodes, inputs, strict=True)]  # type: ignore[attr-defined]
-        except RecisKernelsError as exc:
-            names = sorted({f for n in nodes for f in n.features})
-            raise input_error(names, nodes[0].op, exc) from exc
+            except INPUT_ERRORS as exc:
+                if len(nodes) == 1:
+                    raise input_error(nodes[0].features, nodes[0].op, exc) from exc
+                # Name the feature whose data was refused, not every feature of the fused call
+                # (nor the kernel's index into it): run the ops alone until one fails.
+                for n, v in zip(nodes, inputs, strict=True):
+                    _apply(n, v)
+                names = sorted({f for n in nodes for f in n.features})
+                raise input_error(names, nodes[0].op, exc) from exc
         for i, value in zip(group.nodes, outputs, strict=True):
             values[i] = value
 

@@ -35,6 +35,10 @@ from .exceptions import (
 
 __all__ = ["Feature", "fingerprint_of"]
 
+INPUT_ERRORS = (RecisKernelsError, UnicodeEncodeError)
+"""What an op raises on data it cannot use: the kernels' refusals, and a ``str`` that is not
+encodable as UTF-8 (a lone surrogate such as ``"\\ud800"``) reaching a hash."""
+
 _KIND_WORDS = {"pair": "a column pair", "any": "an unknown column"}
 
 
@@ -217,7 +221,7 @@ class Feature:
             check_value(self._name, op, step, value)
             try:
                 value = op.apply(value)  # type: ignore[attr-defined]
-            except RecisKernelsError as exc:
+            except INPUT_ERRORS as exc:
                 raise input_error([self._name], op, exc) from exc
         return value
 
@@ -295,6 +299,13 @@ def read_source(feature: str, op: SourceOp, columns: Mapping[str, Value]) -> Val
 def input_error(features: Sequence[str], op: Op, exc: Exception) -> FeatureInputError:
     """The error for an op that the kernels refused on these features' data."""
     who = f"feature {features[0]!r}" if len(features) == 1 else f"features {list(features)}"
+    if isinstance(exc, UnicodeEncodeError):
+        text = repr(exc.object) if len(exc.object) <= 40 else repr(exc.object[:40]) + "..."
+        detail = (
+            f"the string {text} cannot be encoded as UTF-8 ({exc.reason} at position "
+            f"{exc.start}); pass its bytes instead"
+        )
+        return FeatureInputError(f"{who}: op {op.kind}: {detail}")
     return FeatureInputError(f"{who}: op {op.kind}: {exc}")
 
 

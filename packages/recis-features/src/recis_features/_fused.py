@@ -9,6 +9,7 @@ that unsigned remainder.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -181,7 +182,8 @@ def fill_dense_packed(ops: Sequence[FillMissing], xs: Sequence[torch.Tensor]) ->
     masked pass over the packed elements."""
     sizes = [x.numel() for x in xs]
     packed = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1)
-    if len({op.value for op in ops}) == 1:
+    # Fill values compare with their sign: 0.0 == -0.0, yet each feature gets its own zero.
+    if len({(op.value, math.copysign(1.0, op.value)) for op in ops}) == 1:
         filled = packed.nan_to_num(nan=ops[0].value, posinf=torch.inf, neginf=-torch.inf)
     else:
         fills = torch.tensor([op.value for op in ops], dtype=packed.dtype).to(packed.device)

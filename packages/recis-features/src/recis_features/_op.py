@@ -68,7 +68,8 @@ class Op:
             raise SerializationError(f"op config must be a dict with an 'op' key, got {data!r}")
         params = dict(data)
         kind = params.pop("op")
-        cls = _OP_KINDS.get(kind)
+        # An unhashable kind (a list from a hand-edited YAML) is an unknown kind, not a TypeError.
+        cls = _OP_KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
             known = ", ".join(sorted(_OP_KINDS))
             raise SerializationError(f"unknown op kind {kind!r} (known: {known})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -57,16 +57,37 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _is_finite(x: Any) -> bool:
+    """Whether ``x`` is a number a float64 holds as a finite value (an int beyond float range,
+    such as ``10**400``, is not: ``math.isfinite`` would raise ``OverflowError`` on it)."""
+    if not _is_number(x):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _plain(x: Any) -> Any:
     """A parameter as a plain Python ``int`` or ``float`` (NumPy scalars are stored as Python
     numbers, so ``Mod(np.int64(5))`` and ``Mod(5)`` are one op and serialize alike)."""
     return int(x) if _is_int(x) else float(x)
 
 
-def _numbers(values: Any) -> list[Any]:
-    """A sequence parameter as a list; a 1-d torch tensor or NumPy array gives its items."""
+def _numbers(values: Any, kind: str, name: str) -> list[Any]:
+    """A sequence parameter as a list; a 1-d torch tensor or NumPy array gives its items.
+
+    Raises:
+        FeatureDefinitionError: ``values`` is a single number or anything else that is not a
+            sequence (``"<kind>: <name> must be a sequence of numbers, got ..."``).
+    """
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().reshape(-1).tolist() if values.dim() == 1 else [values]
+    require(
+        isinstance(values, Iterable) and getattr(values, "ndim", 1) != 0,
+        kind,
+        f"{name} must be a sequence of numbers, got {values!r}",
+    )
     return list(values)
 
 
@@ -154,6 +175,11 @@ class SelectFields(SourceOp):
     kind = "select_fields"
 
     def __init__(self, columns: Sequence[str]) -> None:
+        require(
+            isinstance(columns, Iterable),
+            self.kind,
+            f"columns must be a list of 2 column names, got {columns!r}",
+        )
         columns = list(columns) if not isinstance(columns, str) else [columns]
         require(len(columns) == 2, self.kind, f"needs exactly 2 columns, got {len(columns)}")
         require(
@@ -271,10 +297,10 @@ class Bucketize(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
 
     def __init__(self, boundaries: Sequence[float]) -> None:
-        b = _numbers(boundaries)
+        b = _numbers(boundaries, self.kind, "boundaries")
         require(len(b) > 0, self.kind, "boundaries must not be empty")
         require(
-            all(_is_number(x) and math.isfinite(x) for x in b),
+            all(_is_finite(x) for x in b),
             self.kind,
             "boundaries must be finite numbers",
         )
@@ -349,6 +375,8 @@ class FeatureCross(Transform):
                 or dtype_kind(flat(part).dtype) != "ids"
             ):
                 return expected
+            if isinstance(part, torch.Tensor) and part.dim() == 0:
+                return expected + " (one or more ids per row, not a single number)"
             if isinstance(part, RaggedTensor) and len(part.offsets) != 1:
                 return expected + " (one ragged level each)"
         return None
@@ -380,7 +408,7 @@ class IDMultiHash(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"ids"})
 
     def __init__(self, buckets: Sequence[int]) -> None:
-        b = _numbers(buckets)
+        b = _numbers(buckets, self.kind, "buckets")
         require(len(b) > 0, self.kind, "buckets must not be empty")
         require(
             all(_is_int(x) and 0 <= x <= _INT64_MAX for x in b),
@@ -475,10 +503,16 @@ class SequenceTruncate(Transform):
     def __init__(self, length: int, side: str = "head", levels: int = 2) -> None:
         require(_is_int(length) and length >= 0, self.kind, f"length must be >= 0, got {length!r}")
         require(side in ("head", "tail"), self.kind, f"side must be 'head' or 'tail', got {side!r}")
-        require(levels in (2, 3), self.kind, f"levels must be 2 or 3, got {levels!r}")
+        # An integer check first: 2.0 == 2 would pass ``in`` and be stored (and fingerprinted)
+        # as a float, and a NumPy integer would break the op's JSON.
+        require(
+            _is_int(levels) and levels in (2, 3),
+            self.kind,
+            f"levels must be 2 or 3, got {levels!r}",
+        )
         self.length = int(length)
-        self.side = side
-        self.levels = levels
+        self.side = str(side)
+        self.levels = int(levels)
 
     def params(self) -> dict[str, Any]:
         return {"length": self.length, "side": self.side, "levels": self.levels}
@@ -530,7 +564,7 @@ class FillMissing(Transform):
 
     def __init__(self, value: float) -> None:
         require(
-            _is_number(value) and math.isfinite(value),
+            _is_finite(value),
             self.kind,
             f"value must be a finite number, got {value!r}",
         )
@@ -606,9 +640,9 @@ class Normalize(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
 
     def __init__(self, mean: float, std: float) -> None:
-        require(_is_number(mean) and math.isfinite(mean), self.kind, f"bad mean {mean!r}")
+        require(_is_finite(mean), self.kind, f"bad mean {mean!r}")
         require(
-            _is_number(std) and math.isfinite(std) and std > 0,
+            _is_finite(std) and std > 0,
             self.kind,
             f"std must be a positive finite number, got {std!r}",
         )
