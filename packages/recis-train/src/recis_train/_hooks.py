@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,11 +88,17 @@ class LoggingHook(Hook):
     prints a plain line every ``every`` steps. Evaluation results always get their own line.
 
     Args:
-        every: steps between lines (default: the trainer's ``log_every``).
+        every: steps between lines, at least 1 (default: the trainer's ``log_every``).
         stream: where to write (default ``sys.stderr``).
     """
 
     def __init__(self, every: int | None = None, *, stream: IO[str] | None = None) -> None:
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1
+        ):
+            raise ConfigError(
+                f"LoggingHook: every must be an int of at least 1 or None, got {every!r}"
+            )
         self.every = every
         self.stream = stream
         self._window_start = 0.0
@@ -155,7 +162,7 @@ class EarlyStopping(Hook):
             ``"click/auc"``, ``"loss"``).
         mode: ``"max"`` (higher is better) or ``"min"``.
         patience: evaluations without improvement tolerated before stopping.
-        min_delta: smallest change that counts as an improvement.
+        min_delta: smallest change that counts as an improvement (0 or more, finite).
 
     A NaN result (e.g. the AUC of an evaluation slice with one class) counts as no improvement
     and never becomes the best value; the first finite result does. A fresh run (a trainer that
@@ -171,6 +178,10 @@ class EarlyStopping(Hook):
             raise ConfigError(f"EarlyStopping: mode must be 'max' or 'min', got {mode!r}")
         if patience < 1:
             raise ConfigError(f"EarlyStopping: patience must be at least 1, got {patience}")
+        if not 0 <= min_delta < math.inf:
+            raise ConfigError(
+                f"EarlyStopping: min_delta must be 0 or more and finite, got {min_delta}"
+            )
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.bad_evaluations = 0

@@ -29,7 +29,8 @@ class Stage:
         train_data: the stage's training batches.
         dense_optimizer: builds the stage's optimizer from its trainable dense parameters.
         eval_data: evaluated at the end of the stage (and every ``eval_every`` steps).
-        args: overrides of the run's :class:`TrainingArguments` (e.g. ``train_steps``).
+        args: overrides of the run's :class:`TrainingArguments` (e.g. ``train_steps``; not
+            ``output_dir``, which is ``output_dir/<name>`` of the run's arguments).
         trainable: module name prefixes that train; every other parameter is frozen.
             ``None`` means all modules not listed in ``frozen``.
         frozen: module name prefixes frozen in this stage. A frozen recis-embedding module
@@ -168,6 +169,12 @@ class MultiStage:
         # Every stage is checked now, not after the stages before it have trained.
         for stage in self.stages:
             _check_prefixes(model, stage)
+            if "output_dir" in stage.args:
+                raise ConfigError(
+                    f"stage {stage.name!r}: args may not set output_dir; every stage writes to "
+                    f"<output_dir>/<stage name> of the run's arguments "
+                    f"({Path(args.output_dir) / stage.name})"
+                )
             if not self._stage_args(stage).save_at_end:
                 raise ConfigError(
                     f"stage {stage.name!r}: save_at_end must be True in a MultiStage run; the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ class Task:
         name: the task's name (keys of losses, predictions and metrics).
         head: maps the shared representation ``(B, H)`` to logits ``(B,)`` or ``(B, 1)``.
         label: the batch column holding the task's 0/1 (or soft) labels.
-        weight: the task's weight in the total loss.
+        weight: the task's weight in the total loss (a finite number).
         loss: ``loss(logits, labels) -> scalar`` (default: binary cross-entropy on logits,
             for which every batch's labels are checked to lie in ``[0, 1]``). With ``mask`` or
             ``missing`` it receives the kept rows only; a batch that keeps no row of the task
@@ -61,6 +62,16 @@ class Task:
                 f"task {self.name!r}: mask must be a batch column name or a function "
                 f"mask(batch) -> (B,) bool tensor, got {type(self.mask).__name__}"
             )
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, numbers.Real)
+            or not math.isfinite(self.weight)
+        ):
+            raise ConfigError(
+                f"task {self.name!r}: weight must be a finite number, got "
+                f"{type(self.weight).__name__} {self.weight!r}"
+            )
+        self.weight = float(self.weight)
         if self.missing is not None and (
             isinstance(self.missing, bool) or not isinstance(self.missing, (int, float))
         ):
@@ -213,6 +224,13 @@ class MultiTask(nn.Module):
         shared = self.body(batch)
         losses, predictions, labels = {}, {}, {}
         kept: dict[str, torch.Tensor | None] = {}
+        if isinstance(shared, Mapping):
+            absent = [t.name for t in self.tasks if t.name not in shared]
+            if absent:
+                raise ModelOutputError(
+                    f"MultiTask body returned representations for {list(shared)} but not for "
+                    f"task(s) {absent}; a body returning a dict gives one (B, H) tensor per task"
+                )
         for task in self.tasks:
             rep = shared[task.name] if isinstance(shared, Mapping) else shared
             logits = self.heads[task.name](rep)

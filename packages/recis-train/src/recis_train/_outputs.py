@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,9 +77,15 @@ def parse_output(output: Any) -> StepOutput:
         if unknown:
             raise ModelOutputError(f"model output 'weights' names unknown task(s) {unknown}")
         losses = {name: _scalar(value, f"losses[{name!r}]") for name, value in losses.items()}
-        weights = {name: float(weights.get(name, 1.0)) for name in losses}
+        weights = {name: _weight(weights.get(name, 1.0), name) for name in losses}
         total = sum(weights[name] * value for name, value in losses.items())
         loss = total if isinstance(total, torch.Tensor) else torch.tensor(total)
+        if "loss" in output:
+            raise ModelOutputError(
+                "model output has both 'loss' and 'losses'; the trainer would differentiate the "
+                "weighted sum of 'losses' and ignore 'loss': return one of them (put an extra "
+                "term such as a regularizer into 'losses' as a task of its own)"
+            )
     elif "loss" in output:
         loss = _scalar(output["loss"], "loss")
         losses = {"loss": loss}
@@ -95,6 +103,21 @@ def parse_output(output: Any) -> StepOutput:
     if isinstance(groups, Mapping):
         groups = _per_task(groups, "groups")
     return StepOutput(loss, losses, predictions, labels, groups, weights)
+
+
+def _weight(value: Any, task: str) -> float:
+    """A task's weight as a float: a finite real number (a 0-d tensor counts as its value)."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, numbers.Real)
+        or not math.isfinite(number)
+    ):
+        raise ModelOutputError(
+            f"model output weights[{task!r}] must be a finite number, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return float(number)
 
 
 def _scalar(value: Any, key: str) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -38,6 +39,7 @@ from recis_train.exceptions import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    ModelOutputError,
     NonFiniteLossError,
 )
 from recis_train.metrics import AUROC, GAUC, Calibration, LogLoss, Metric
@@ -223,16 +225,20 @@ class Trainer:
 
     @property
     def total_steps(self) -> int | None:
-        """Optimizer steps this run will take, when known: ``train_steps``, or the steps of
-        ``epochs`` passes over data with a length, whichever is fewer (training stops at the
-        first of the two)."""
+        """The global step this run will end at, when known: ``train_steps``, or the step at
+        which ``epochs`` passes over data with a length end, whichever is fewer (training stops
+        at the first of the two). The steps the data has left are counted from the cursor, so
+        the total holds after a resume and after :meth:`set_train_data`, whose data the step
+        count carries on over."""
         wanted = self.args.train_steps
         try:
             batches = len(self.train_data)  # type: ignore[arg-type]
         except TypeError:
             return wanted
         # Accumulation runs across epoch boundaries: a step may take batches of two epochs.
-        passes = math.ceil(batches * self.stream.epochs / self.args.gradient_accumulation_steps)
+        taken = int(self._cursor["epoch"]) * batches + int(self._cursor["consumed"])
+        left = max(0, batches * self.stream.epochs - taken)
+        passes = self.global_step + math.ceil(left / self.args.gradient_accumulation_steps)
         return passes if wanted is None else min(wanted, passes)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -432,6 +438,14 @@ class Trainer:
                     out = parse_output(forward(batch))
                 kept = _task_rows(out)
                 union = self._check_finite(out, index, len(micro), cursor, kept)
+                if not out.loss.requires_grad:
+                    self._zero_grad()
+                    raise ModelOutputError(
+                        f"the model's loss at step {self.global_step + 1} (micro-batch "
+                        f"{index + 1} of {len(micro)}) has no gradient: it was computed without "
+                        "an autograd graph (detached, under torch.no_grad(), or from no parameter "
+                        "that requires grad, e.g. with every module frozen)"
+                    )
                 losses, total = _union_losses(out, kept, union, self.world_size)
                 # Gradients are summed over the ranks: dividing by the world size makes the
                 # step that of the mean loss over every rank's rows.
@@ -865,11 +879,24 @@ class Trainer:
         dense = load_tensors(dense_file) if "dense" in parts else None
         if dense is not None:
             self._check_dense_shapes(dense, dense_file)
-            self._load_dense(dense, dense_file)
-        if "sparse" in parts and self.sparse_checkpoint is not None:
-            self.sparse_checkpoint.load(found / "sparse", self.model, self.sparse_optimizer)
+        # A hook may refuse its saved state only when it loads it: that comes first, so a
+        # refusal leaves the hooks as they were and nothing else loaded.
+        hooks_before = (
+            self._load_hooks(trainer_state["hooks"], trainer_file)
+            if trainer_state is not None
+            else None
+        )
+        try:
+            if dense is not None:
+                self._load_dense(dense, dense_file)
+            if "sparse" in parts and self.sparse_checkpoint is not None:
+                self.sparse_checkpoint.load(found / "sparse", self.model, self.sparse_optimizer)
+        except BaseException:
+            if hooks_before is not None:
+                self._set_hook_states(hooks_before)
+            raise
         if trainer_state is not None:
-            self._load_trainer(trainer_state, trainer_file)
+            self._load_trainer(trainer_state, trainer_file, hooks=False)
             self._restored = True
         # Gradients of a step cut short (e.g. by a bad batch) belong to no checkpoint.
         self._zero_grad()
@@ -929,6 +956,12 @@ class Trainer:
             differences.append(
                 f"{len(state['lr_schedulers'])} lr scheduler(s) (now {len(self.lr_schedulers)})"
             )
+        for key, optimizer in (
+            ("dense_optimizer", self.dense_optimizer),
+            ("sparse_optimizer", self.sparse_optimizer),
+        ):
+            if optimizer is not None and key in state:
+                differences += _group_differences(key, state[key], optimizer)
         self._check_hook_states(state.get("hooks", {}), path)
         if differences:
             raise CheckpointError(
@@ -951,19 +984,35 @@ class Trainer:
                 "those hooks again, or use another output_dir"
             )
 
-    def _load_hooks(self, saved: Any, file: Path) -> None:
+    def _load_hooks(self, saved: Any, file: Path) -> list[Any]:
+        """Load each hook's saved state; returns the states the hooks held before.
+
+        Raises:
+            CheckpointError: a hook refused its state; every hook then holds its state from
+                before the call again.
+        """
         if not isinstance(saved, Mapping):
             saved = dict(zip(hook_keys(self.hooks), saved, strict=False))
+        before = [copy.deepcopy(hook.state_dict()) for hook in self.hooks]
         for key, hook in zip(hook_keys(self.hooks), self.hooks, strict=True):
             if key not in saved:
                 continue  # a hook new to this run starts fresh
             try:
                 hook.load_state_dict(saved[key])
             except Exception as err:
+                self._set_hook_states(before)
                 raise CheckpointError(
                     f"{file}: hook {key!r} cannot load its saved state ({type(err).__name__}: "
-                    f"{err})"
+                    f"{err}); nothing of the checkpoint was loaded"
                 ) from err
+        return before
+
+    def _set_hook_states(self, states: Sequence[Any]) -> None:
+        """Give each hook back a state it held (best effort: the hooks are being rolled back
+        after an error, which is the one raised)."""
+        for hook, state in zip(self.hooks, states, strict=True):
+            with contextlib.suppress(Exception):
+                hook.load_state_dict(state)
 
     def _check_dense_shapes(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
         with tables_saved_separately():  # read for dense shapes only
@@ -987,6 +1036,16 @@ class Trainer:
                 f"{file}: dense parameter(s) do not fit the model's shapes or dtypes (checkpoint "
                 f"vs model: {', '.join(wrong)})"
             )
+        missing = [name for name in own if name not in tensors]
+        if self.sparse_checkpoint is not None:
+            # Table entries come back through the sparse part, not the dense file.
+            missing = list(self.sparse_checkpoint.filter_dense(dict.fromkeys(missing)))
+        unexpected = [name for name in tensors if name not in own]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{file}: dense parameters do not fit the model (missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)})"
+            )
 
     def _load_dense(self, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
@@ -999,7 +1058,7 @@ class Trainer:
                 f"unexpected {sorted(unexpected)})"
             )
 
-    def _load_trainer(self, state: Mapping[str, Any], file: Path) -> None:
+    def _load_trainer(self, state: Mapping[str, Any], file: Path, *, hooks: bool = True) -> None:
         own = own_rank_state(state, self.rank, self.world_size, file)
         self.global_step = int(state["global_step"])
         self._cursor = dict(own["cursor"])
@@ -1008,7 +1067,8 @@ class Trainer:
         self.dense_optimizer.load_state_dict(state["dense_optimizer"])
         for scheduler, saved in zip(self.lr_schedulers, state["lr_schedulers"], strict=True):
             scheduler.load_state_dict(saved)
-        self._load_hooks(state["hooks"], file)
+        if hooks:
+            self._load_hooks(state["hooks"], file)
         if self._scaler is not None and "scaler" in state:
             self._scaler.load_state_dict(state["scaler"])
         if self.sparse_optimizer is not None and "sparse_optimizer" in state:
@@ -1032,6 +1092,28 @@ def _check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricF
                 "makes its own metrics"
             )
     return factories
+
+
+def _group_differences(key: str, saved: Any, optimizer: Any) -> list[str]:
+    """How the param groups of ``optimizer`` differ from those of its saved state: their
+    number, and the parameters in each (where the state lists them, as torch optimizers do).
+    Loading such a state raises inside the optimizer, after the dense part was loaded."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    own = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list) or not isinstance(own, list):
+        return []
+    if len(groups) != len(own):
+        return [f"{key} with {len(groups)} param group(s) (now {len(own)})"]
+    sizes = [
+        (index, len(group["params"]), len(mine["params"]))
+        for index, (group, mine) in enumerate(zip(groups, own, strict=True))
+        if isinstance(group, Mapping) and "params" in group
+    ]
+    return [
+        f"{key} param group {index} of {was} parameter(s) (now {now})"
+        for index, was, now in sizes
+        if was != now
+    ]
 
 
 def _task_rows(out: StepOutput) -> dict[str, int]:

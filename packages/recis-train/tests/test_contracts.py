@@ -1,0 +1,302 @@
+"""Promises of the trainer's contracts: refused resumes load nothing, model outputs and
+pipeline settings are checked where they are given, and the progress total counts on."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recis_train import (
+    EarlyStopping,
+    Hook,
+    LoggingHook,
+    MultiStage,
+    MultiTask,
+    Stage,
+    Task,
+    Trainer,
+    TrainingArguments,
+    parse_output,
+)
+from recis_train.exceptions import CheckpointError, ConfigError, ModelOutputError
+
+
+def _batches(rows: int = 40, size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, generator=gen)
+    y = (x[:, 0] > 0).float()
+    return [{"x": x[i : i + size], "y": y[i : i + size]} for i in range(0, rows, size)]
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, batch):
+        logit = self.lin(batch["x"])[:, 0]
+        return {
+            "loss": nn.functional.binary_cross_entropy_with_logits(logit, batch["y"]),
+            "predictions": torch.sigmoid(logit),
+            "labels": batch["y"],
+        }
+
+
+class _Wider(_Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(2, 2)
+
+
+def _trainer(tmp_path, model=None, optimizer=None, **kwargs) -> Trainer:
+    model = model if model is not None else _Model()
+    hooks = kwargs.pop("hooks", ())
+    data = kwargs.pop("train_data", None)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", **kwargs)
+    return Trainer(
+        model,
+        args,
+        train_data=data if data is not None else _batches(),
+        dense_optimizer=optimizer or torch.optim.SGD(model.parameters(), lr=0.1),
+        hooks=hooks,
+    )
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- refused resumes load nothing
+
+
+@pytest.mark.parametrize("layout", ["two groups", "fewer parameters"])
+def test_resume_with_other_optimizer_groups_is_refused_before_loading(tmp_path, layout):
+    _trainer(tmp_path, train_steps=2).train()
+    model = _Model()
+    before = _snapshot(model)
+    if layout == "two groups":
+        optimizer = torch.optim.SGD([{"params": [model.lin.weight]}, {"params": [model.lin.bias]}])
+        expected = r"dense_optimizer with 1 param group\(s\) \(now 2\)"
+    else:
+        optimizer = torch.optim.SGD([model.lin.weight], lr=0.1)
+        expected = r"dense_optimizer param group 0 of 2 parameter\(s\) \(now 1\)"
+    trainer = _trainer(tmp_path, model, optimizer, train_steps=3)
+    with pytest.raises(CheckpointError, match=expected):
+        trainer.restore()
+    assert _unchanged(model, before)
+    assert trainer.global_step == 0
+    assert trainer._cursor == {"epoch": 0, "consumed": 0, "reader": None}
+
+
+class _Counter(Hook):
+    def __init__(self, refuse: bool = False) -> None:
+        self.count, self.refuse = 0, refuse
+
+    def on_step_end(self, trainer, logs) -> None:
+        self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state) -> None:
+        self.count = state["count"]
+        if self.refuse:
+            raise ValueError("state of an older format")
+
+
+class _Refusing(_Counter):
+    pass
+
+
+def test_a_hook_refusing_its_state_leaves_everything_as_it_was(tmp_path):
+    _trainer(tmp_path, train_steps=2, hooks=[_Counter(), _Refusing()]).train()
+    model = _Model()
+    before = _snapshot(model)
+    counter, refusing = _Counter(), _Refusing(refuse=True)
+    trainer = _trainer(tmp_path, model, train_steps=3, hooks=[counter, refusing])
+    with pytest.raises(CheckpointError, match=r"hook '_Refusing' cannot load its saved state"):
+        trainer.restore()
+    assert _unchanged(model, before)
+    assert trainer.global_step == 0
+    assert (counter.count, refusing.count) == (0, 0)  # the one loaded first was put back
+
+
+def test_dense_tensors_the_model_lacks_are_refused_before_loading(tmp_path):
+    _trainer(tmp_path, train_steps=2).train()
+    model = _Wider()
+    before = _snapshot(model)
+    trainer = _trainer(tmp_path, model, torch.optim.SGD(model.lin.parameters(), lr=0.1))
+    with pytest.raises(CheckpointError, match=r"missing \['extra.bias', 'extra.weight'\]"):
+        trainer.restore(parts=("dense",))
+    assert _unchanged(model, before)
+
+
+def test_a_sparse_part_that_fails_puts_the_hooks_back(tmp_path):
+    _trainer(tmp_path, train_steps=2, hooks=[_Counter()]).train()
+
+    class Failing:
+        def save(self, directory, model, optimizer) -> None: ...
+
+        def load(self, directory, model, optimizer) -> None:
+            raise CheckpointError("tables unreadable")
+
+        def filter_dense(self, state):
+            return dict(state)
+
+    counter = _Counter()
+    trainer = _trainer(tmp_path, train_steps=3, hooks=[counter])
+    trainer.sparse_checkpoint = Failing()
+    with pytest.raises(CheckpointError, match="tables unreadable"):
+        trainer.restore()
+    assert counter.count == 0
+    assert trainer.global_step == 0
+
+
+def test_resume_after_the_fixes_still_continues(tmp_path):
+    hook = _Counter()
+    _trainer(tmp_path, train_steps=2, hooks=[hook]).train()
+    again = _Counter()
+    trainer = _trainer(tmp_path, train_steps=4, hooks=[again])
+    trainer.train()
+    assert trainer.global_step == 4
+    assert again.count == 4
+
+
+# ---------------------------------------------------------------- model outputs
+
+
+def _loss() -> torch.Tensor:
+    return torch.tensor(0.5, requires_grad=True)
+
+
+@pytest.mark.parametrize(
+    ("weight", "shown"),
+    [("x", "str 'x'"), (float("nan"), "float nan"), (math.inf, "float inf"), (True, "True")],
+)
+def test_output_weights_must_be_finite_numbers(weight, shown):
+    with pytest.raises(
+        ModelOutputError, match=rf"weights\['a'\] must be a finite number, got .*{shown}"
+    ):
+        parse_output({"losses": {"a": _loss()}, "weights": {"a": weight}})
+
+
+def test_output_weights_take_numbers_of_any_kind():
+    out = parse_output(
+        {
+            "losses": {"a": _loss(), "b": _loss(), "c": _loss()},
+            "weights": {"a": np.float32(0.5), "b": torch.tensor(2.0), "c": 3},
+        }
+    )
+    assert out.weights == {"a": 0.5, "b": 2.0, "c": 3.0}
+    assert float(out.loss.detach()) == pytest.approx(0.5 * 5.5)
+
+
+def test_output_with_loss_and_losses_is_refused():
+    with pytest.raises(ModelOutputError, match="both 'loss' and 'losses'"):
+        parse_output({"loss": _loss(), "losses": {"a": _loss()}})
+
+
+class _Detached(_Model):
+    def forward(self, batch):
+        out = super().forward(batch)
+        out["loss"] = out["loss"].detach()
+        return out
+
+
+def test_a_loss_without_gradient_names_the_step(tmp_path):
+    trainer = _trainer(tmp_path, _Detached(), train_steps=2)
+    with pytest.raises(
+        ModelOutputError, match=r"loss at step 1 \(micro-batch 1 of 1\) has no gradient"
+    ):
+        trainer.train()
+
+
+class _Towers(nn.Module):
+    def __init__(self, names) -> None:
+        super().__init__()
+        self.lin, self.names = nn.Linear(4, 3), names
+
+    def forward(self, batch):
+        hidden = self.lin(batch["x"])
+        return {name: hidden for name in self.names}
+
+
+def test_multitask_body_without_a_task_tower_names_the_task():
+    tasks = [Task("click", nn.Linear(3, 1), label="y"), Task("buy", nn.Linear(3, 1), label="y")]
+    model = MultiTask(_Towers(["click"]), tasks)
+    with pytest.raises(ModelOutputError, match=r"for \['click'\] but not for task\(s\) \['buy'\]"):
+        model(_batches()[0])
+
+
+@pytest.mark.parametrize("weight", ["1", float("nan"), -math.inf, None, False])
+def test_task_weight_must_be_a_finite_number(weight):
+    with pytest.raises(ConfigError, match="task 'click': weight must be a finite number"):
+        Task("click", nn.Linear(3, 1), label="y", weight=weight)
+
+
+def test_task_weight_takes_numpy_numbers():
+    assert Task("click", nn.Linear(3, 1), label="y", weight=np.float32(0.5)).weight == 0.5
+
+
+# ---------------------------------------------------------------- hooks and stages
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.5, True])
+def test_logging_hook_every_is_checked(every):
+    with pytest.raises(ConfigError, match="LoggingHook: every must be an int of at least 1"):
+        LoggingHook(every=every)
+
+
+@pytest.mark.parametrize("min_delta", [-0.1, float("nan"), math.inf])
+def test_early_stopping_min_delta_is_checked(min_delta):
+    with pytest.raises(ConfigError, match="EarlyStopping: min_delta must be 0 or more"):
+        EarlyStopping("auc", min_delta=min_delta)
+
+
+def test_stage_args_may_not_move_the_stage(tmp_path):
+    model = _Model()
+    stage = Stage(
+        "only",
+        _batches(),
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        args={"output_dir": str(tmp_path / "elsewhere")},
+    )
+    with pytest.raises(ConfigError, match="stage 'only': args may not set output_dir"):
+        MultiStage(model, TrainingArguments(output_dir=str(tmp_path), device="cpu"), [stage])
+
+
+# ---------------------------------------------------------------- progress total
+
+
+def test_total_steps_counts_on_over_new_data(tmp_path):
+    stream = io.StringIO()
+    trainer = _trainer(tmp_path, hooks=[LoggingHook(every=1, stream=stream)], save_at_end=False)
+    trainer.train()
+    assert trainer.global_step == 5
+    assert trainer.total_steps == 5
+    trainer.set_train_data(_batches(16, seed=1))
+    assert trainer.total_steps == 7
+    trainer.train()
+    assert trainer.global_step == 7
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == [f"{s}/5" for s in range(1, 6)] + ["6/7", "7/7"]
+
+
+def test_total_steps_after_resuming_an_extended_run(tmp_path):
+    # 5 batches, 2 per step: 3 passes end at step 8 with a step of one batch (the 15th).
+    _trainer(tmp_path, epochs=3, gradient_accumulation_steps=2).train()
+    trainer = _trainer(tmp_path, epochs=4, gradient_accumulation_steps=2)
+    trainer.restore()
+    assert trainer.global_step == 8
+    assert trainer.total_steps == 11  # 5 batches left: steps of 2, 2 and 1
+    trainer.train()
+    assert trainer.global_step == 11
