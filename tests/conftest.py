@@ -12,15 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_data_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "recis_bench_data", ROOT / "benchmarks" / "data.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def load_script(relative: str, name: str | None = None) -> ModuleType:
+    """The script ``relative`` to the repository root (an example or a benchmark) as a module,
+    with its folder importable while it loads (examples import ``_common``, benchmarks
+    ``_harness``)."""
+    path = ROOT / relative
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name or f"recis_{path.stem}_under_test", path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
@@ -32,4 +38,4 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def data() -> ModuleType:
     """``benchmarks/data.py``, the seeded click-log generator."""
-    return _load_data_module()
+    return load_script("benchmarks/data.py", "recis_bench_data")

@@ -7,30 +7,18 @@ behaviour sequence.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load(relative: str) -> ModuleType:
-    path = ROOT / relative
-    sys.path.insert(0, str(path.parent))  # examples import _common, benchmarks _harness
-    try:
-        spec = importlib.util.spec_from_file_location(f"recis_{path.stem}_under_test", path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    return load_script(relative)
 
 
 @pytest.fixture(scope="module")

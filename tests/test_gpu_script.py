@@ -19,6 +19,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench_gpu.py"
@@ -37,17 +38,7 @@ ROW_CONTENDERS = {
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(BENCH.parent))  # bench_gpu imports its neighbour _harness
-    try:
-        spec = importlib.util.spec_from_file_location("recis_bench_gpu_under_test", BENCH)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return module
+    return load_script(str(BENCH.relative_to(ROOT)))
 
 
 def test_bench_gpu_on_the_cpu_checks_times_and_writes_its_json(tmp_path: Path) -> None:
