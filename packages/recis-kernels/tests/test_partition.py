@@ -47,3 +47,17 @@ def test_partition_op_registration() -> None:
     from recis_kernels.ops.partition import _partition_op
 
     torch.library.opcheck(_partition_op, (torch.tensor([3, -1, 3, 0]), 3))
+
+
+@pytest.mark.parametrize("world_size", [1 << 63, (1 << 64) + 1])
+def test_world_size_past_int64_is_refused(world_size: int) -> None:
+    # 2**63 gave wrong ranks (the unsigned remainder needs an int64 modulus), 2**64 + 1 an
+    # OverflowError from torch.
+    for fn in (owner_rank, partition_ids):
+        with pytest.raises(ShapeError, match=r"world_size must be <= 2\*\*63 - 1"):
+            fn(torch.tensor([1, -1]), world_size)
+    largest = (1 << 63) - 1
+    assert owner_rank(torch.tensor([1, -1]), largest).tolist() == [
+        _fmix64_ref(1) % largest,
+        _fmix64_ref(-1) % largest,
+    ]

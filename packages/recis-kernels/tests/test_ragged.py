@@ -138,3 +138,52 @@ def test_pin_memory():
     r = RaggedTensor(torch.tensor([1, 2]), torch.tensor([0, 2])).pin_memory()
     assert r.values.is_pinned()
     assert r.offsets[0].is_pinned()
+
+
+@pytest.mark.parametrize("where", ["offsets", "inner offsets", "weights"])
+@pytest.mark.parametrize("validate", [None, False])
+def test_parts_on_another_device_than_values_are_refused(where: str, validate) -> None:
+    # "meta" stands for another device: CUDA kernels would take host offsets as device
+    # addresses; validation used to fail in Tensor.item() and weights were kept as given.
+    meta = torch.device("meta")
+    outer, inner = torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3])
+    weights = torch.ones(3)
+    if where == "offsets":
+        outer = outer.to(meta)
+    elif where == "inner offsets":
+        inner = inner.to(meta)
+    else:
+        weights = weights.to(meta)
+    name = {"offsets": r"offsets\[0\]", "inner offsets": r"offsets\[1\]", "weights": "weights"}
+    with pytest.raises(
+        rk.RaggedError, match=rf"ragged {name[where]} is on meta but values are on cpu"
+    ):
+        RaggedTensor(torch.arange(3), [outer, inner], weights, validate=validate)
+    r = RaggedTensor(torch.arange(3), [torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3])])
+    with pytest.raises(rk.RaggedError, match="values are on meta"):
+        r.with_values(torch.arange(3, device=meta))
+
+
+def test_bool_row_index_and_level_are_refused() -> None:
+    r = from_rows([[1, 2], [3]])
+    with pytest.raises(rk.RaggedError, match="indexed by int or slice, got bool"):
+        r[True]
+    with pytest.raises(rk.RaggedError, match="level must be in"):
+        r.lengths(False)
+    assert r[np.int64(1)].tolist() == [3]
+    assert r.lengths(np.int64(0)).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("max_len", [True, 2.0, "2", (2.5,), (None, False)])
+def test_to_dense_refuses_max_len_that_is_not_an_int(max_len) -> None:
+    r = RaggedTensor(torch.arange(4), [torch.tensor([0, 2, 3]), torch.tensor([0, 2, 3, 4])])
+    with pytest.raises(rk.RaggedError, match="to_dense: max_len must"):
+        r.to_dense(max_len=max_len)
+    assert r.to_dense(max_len=(None, 1)).tolist() == [[[0], [2]], [[3], [0]]]
+
+
+def test_ragged_to_dense_refuses_shape_entries_that_are_not_ints() -> None:
+    r = from_rows([[1, 2], [3]])
+    for bad in (1.5, True):
+        with pytest.raises(rk.RaggedError, match="shape entries must be ints or None"):
+            rk.ragged_to_dense(r, shape=[None, bad])

@@ -155,3 +155,25 @@ def test_segment_reduce_rejects_decreasing_offsets(offsets, where):
     # Equal neighbours are empty segments, not an error.
     out = rk.segment_reduce(torch.ones(3, 2), torch.tensor([0, 0, 3, 3]))
     assert out.tolist() == [[0.0, 0.0], [3.0, 3.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("mode", "weight"),
+    [("sqrtn", 300.0), ("sqrtn", 1e-4), ("mean", 40000.0), ("mean", 1e-5)],
+)
+def test_half_rows_normalize_in_float32(dtype, mode, weight):
+    # The normalizer was formed in the rows' dtype: 300**2 overflowed float16 and 1e-4**2
+    # underflowed, both pooling to 0; a float16 sum of 40000s overflowed to inf (pooled to 0).
+    rows = torch.tensor([[1.0, -2.0], [1.0, -2.0], [1.0, -2.0]], dtype=dtype, requires_grad=True)
+    weights = torch.full((3,), weight, requires_grad=True)
+    out = rk.segment_reduce(rows, torch.tensor([0, 3]), weights, mode)
+    scale = 3**0.5 if mode == "sqrtn" else 1.0
+    expected = torch.tensor([[scale, -2 * scale]], dtype=dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected_grad = (1 / 3**0.5 if mode == "sqrtn" else 1 / 3) * torch.tensor([[1.0, 1.0]] * 3)
+    torch.testing.assert_close(rows.grad, expected_grad.to(dtype))
+    # Equal weights: the pooled value does not depend on them.
+    torch.testing.assert_close(weights.grad, torch.zeros(3), atol=1e-3 / weight, rtol=0)

@@ -37,6 +37,16 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
     )
 
 
+def _check_device(what: str, tensor: torch.Tensor, values: torch.Tensor) -> None:
+    # Checked always, validate or not: it reads no data. The kernels take the offsets of CUDA
+    # values as device addresses, so host offsets would be dereferenced on the GPU.
+    if tensor.device != values.device:
+        raise RaggedError(
+            f"ragged {what} is on {tensor.device} but values are on {values.device}; values, "
+            f"offsets and weights must share one device"
+        )
+
+
 class RaggedTensor:
     """Packed variable-length rows with one or more levels of nesting.
 
@@ -50,7 +60,8 @@ class RaggedTensor:
             synchronize the stream.
 
     Raises:
-        RaggedError: malformed offsets or weights.
+        RaggedError: malformed offsets or weights, or offsets or weights on another device
+            than ``values`` (checked even with ``validate=False``).
 
     Example:
         >>> r = RaggedTensor(torch.tensor([10, 11, 12]), torch.tensor([0, 2, 2, 3]))
@@ -85,6 +96,8 @@ class RaggedTensor:
                 )
         if values.dim() < 1:
             raise RaggedError("ragged values must have at least one dimension, got a scalar")
+        for k, o in enumerate(offs):
+            _check_device(f"offsets[{k}]", o, values)
         if weights is not None:
             weights = _as_tensor(weights, "weights")
             if weights.dtype != torch.float32:
@@ -94,6 +107,7 @@ class RaggedTensor:
                     f"ragged weights must have shape ({values.shape[0]},) like values, "
                     f"got {tuple(weights.shape)}"
                 )
+            _check_device("weights", weights, values)
         self.values = values
         self.offsets: list[torch.Tensor] = offs
         self.weights = weights
@@ -120,9 +134,9 @@ class RaggedTensor:
 
     def lengths(self, level: int = 0) -> torch.Tensor:
         """``(R,)`` int64 row lengths at ``level`` (0 = outermost)."""
-        if not 0 <= level < self.num_levels:
-            raise RaggedError(f"level must be in [0, {self.num_levels}), got {level}")
-        return self.offsets[level].diff()
+        if not is_int(level) or not 0 <= level < self.num_levels:
+            raise RaggedError(f"level must be in [0, {self.num_levels}), got {level!r}")
+        return self.offsets[int(level)].diff()
 
     def validate(self) -> RaggedTensor:
         """Check every level; return ``self``.
@@ -175,7 +189,17 @@ class RaggedTensor:
 
         shape = None
         if max_len is not None:
-            lens = [max_len] if is_int(max_len) else list(max_len)
+            if is_int(max_len):
+                lens = [max_len]
+            elif isinstance(max_len, Sequence) and not isinstance(max_len, str):
+                lens = list(max_len)
+            else:
+                raise RaggedError(
+                    f"to_dense: max_len must be an int or a sequence of ints, got {max_len!r}"
+                )
+            for length in lens:
+                if length is not None and not is_int(length):
+                    raise RaggedError(f"to_dense: max_len must hold ints (or None), got {length!r}")
             if not 1 <= len(lens) <= self.num_levels:
                 wanted = "one length (L)" if self.num_levels == 1 else "one or two lengths (S, L)"
                 raise RaggedError(
@@ -254,7 +278,7 @@ class RaggedTensor:
             if step != 1:
                 raise RaggedError(f"ragged slicing supports step 1 only, got {step}")
             return self._slice(start, max(start, stop))
-        if isinstance(index, (int, np.integer)):
+        if is_int(index):  # never a bool: r[True] would be row 1
             i = int(index)
             if not -n <= i < n:
                 raise IndexError(f"ragged row index {i} out of range for {n} rows")

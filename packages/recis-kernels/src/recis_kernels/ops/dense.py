@@ -17,7 +17,7 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 import torch
 
 from recis_kernels._backend import run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, check_dtype, check_tensor, grid_for
+from recis_kernels._checks import can_inspect, check_dtype, check_tensor, grid_for, is_int
 from recis_kernels.exceptions import RaggedError, ShapeError
 from recis_kernels.ragged import RaggedTensor
 
@@ -46,11 +46,16 @@ def ragged_to_dense(
             entries (or ``shape=None``) take the longest row of that level. Rows longer than the
             requested length keep their head.
 
+    Differentiable in ``values``: each value receives the gradient of its dense position, and
+    values that a dense length cut off receive zero (``recis::ragged_to_dense_backward``, plain
+    torch on every device).
+
     Returns:
         ``(B, L, *E)`` or ``(B, S, L, *E)`` tensor of the values' dtype.
 
     Raises:
-        RaggedError: more than 3 levels, ``shape`` of the wrong length or batch size, or a
+        RaggedError: more than 3 levels, ``shape`` of the wrong length or batch size, entries
+            that are not ints or ``None``, or a
             ``pad_value`` that integer (or bool) values cannot hold exactly (a fraction, or
             outside the dtype's range).
     """
@@ -116,6 +121,9 @@ def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) 
             lengths = r.lengths(level)
             dims.append(int(lengths.max()) if lengths.numel() else 0)
             continue
+        if not is_int(want):
+            # A float would be truncated and a bool taken as 0 or 1.
+            raise RaggedError(f"{op}: shape entries must be ints or None, got {want!r}")
         if want < 0:
             raise RaggedError(f"{op}: dense lengths must be >= 0, got {want}")
         dims.append(int(want))
@@ -131,29 +139,35 @@ def _ragged_to_dense_cpu(values, offsets, pad, dims):
             mask = torch.arange(dims[0], device=values.device) < lengths[:, None]
             out[mask] = values
             return out
-    n = values.shape[0]
-    # Per value: the index of its row along each dense dimension.
+    batch = offsets[0].numel() - 1
+    index, keep = _dense_positions(offsets, dims, values.shape[0], values.device)
+    out = pad.expand(batch, *dims, *values.shape[1:]).clone()
+    out[index] = values[keep]
+    return out
+
+
+def _dense_positions(
+    offsets: list[torch.Tensor], dims: list[int], n: int, device: torch.device
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Where each of the ``n`` values lands in the dense ``(B, *dims)`` layout: ``keep`` marks
+    the values inside ``dims`` (rows longer than a dense length keep their head) and ``index``
+    holds the dense coordinates of the kept ones, in value order."""
     coords: list[torch.Tensor] = []
-    inner_index = torch.arange(n, device=values.device)
-    keep = torch.ones(n, dtype=torch.bool, device=values.device)
-    owner = inner_index
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    owner = torch.arange(n, device=device)
     for level in range(len(offsets) - 1, -1, -1):
         off = offsets[level]
         rows = off.numel() - 1
         row_of = torch.repeat_interleave(
-            torch.arange(rows, device=values.device),
+            torch.arange(rows, device=device),
             off.diff(),
             output_size=_rows_below(offsets, level, n),
         )
-        pos = torch.arange(row_of.numel(), device=values.device) - off[row_of]
+        pos = torch.arange(row_of.numel(), device=device) - off[row_of]
         coords.insert(0, pos[owner])
         keep &= pos[owner] < dims[level]
         owner = row_of[owner]
-    batch = offsets[0].numel() - 1
-    out = pad.expand(batch, *dims, *values.shape[1:]).clone()
-    index = (owner[keep], *(c[keep] for c in coords))
-    out[index] = values[keep]
-    return out
+    return (owner[keep], *(c[keep] for c in coords)), keep
 
 
 def _rows_below(offsets: list[torch.Tensor], level: int, n: int) -> int:
@@ -215,6 +229,59 @@ _ragged_to_dense_op = torch.library.custom_op("recis::ragged_to_dense", mutates_
 @_ragged_to_dense_op.register_fake
 def _(values, offsets, pad, dims):
     return values.new_empty((offsets[0].shape[0] - 1, *dims, *values.shape[1:]))
+
+
+def _ragged_to_dense_backward_impl(
+    grad: torch.Tensor,
+    offsets: List[torch.Tensor],  # noqa: UP006
+    num_values: int,
+) -> torch.Tensor:
+    """Gradient of the values: each value's dense position, zero for the values a dense length
+    cut off. Plain torch on every device (a gather of the dense gradient)."""
+    grad = grad.contiguous()
+    offsets = [o.contiguous() for o in offsets]
+    levels = len(offsets)
+    dims = list(grad.shape[1 : 1 + levels])
+    out = grad.new_zeros(num_values, *grad.shape[1 + levels :])
+    if num_values:
+        index, keep = _dense_positions(offsets, dims, num_values, grad.device)
+        out[keep] = grad[index]
+    return out
+
+
+_ragged_to_dense_backward_op = torch.library.custom_op(
+    "recis::ragged_to_dense_backward", mutates_args=()
+)(_ragged_to_dense_backward_impl)
+
+
+@_ragged_to_dense_backward_op.register_fake
+def _(grad, offsets, num_values):
+    return grad.new_empty((num_values, *grad.shape[1 + len(offsets) :]))
+
+
+def _ragged_to_dense_setup(ctx, inputs, output) -> None:
+    values, offsets, _, _ = inputs
+    ctx.num_values = values.shape[0]
+    ctx.save_for_backward(*offsets)
+
+
+def _ragged_to_dense_backward(ctx, grad):
+    offsets = list(ctx.saved_tensors)
+    values_grad = None
+    if ctx.needs_input_grad[0]:
+        values_grad = run_op(
+            _ragged_to_dense_backward_op,
+            _ragged_to_dense_backward_impl,
+            grad,
+            offsets,
+            ctx.num_values,
+        )
+    return values_grad, [None] * len(offsets), None, None
+
+
+_ragged_to_dense_op.register_autograd(
+    _ragged_to_dense_backward, setup_context=_ragged_to_dense_setup
+)
 
 
 def dense_to_ragged(

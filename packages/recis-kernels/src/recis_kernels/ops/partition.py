@@ -15,6 +15,8 @@ from recis_kernels.ops.hash_table import fmix64
 
 __all__ = ["PartitionResult", "owner_rank", "partition_ids"]
 
+_INT64_MAX = (1 << 63) - 1
+
 
 class PartitionResult(NamedTuple):
     """Output of :func:`partition_ids`.
@@ -38,7 +40,7 @@ def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
 
     Args:
         ids: int64 tensor of any shape.
-        world_size: number of ranks, an int ``>= 1``.
+        world_size: number of ranks, an int in ``[1, 2**63 - 1]``.
 
     Returns:
         int64 ranks in ``[0, world_size)``, shaped like ``ids``.
@@ -46,7 +48,7 @@ def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
     Raises:
         UnsupportedDtypeError: ``ids`` is not an int64 tensor (the rank of an id must not
             depend on the dtype it arrives in).
-        ShapeError: ``world_size`` is not an int ``>= 1``.
+        ShapeError: ``world_size`` is not an int in ``[1, 2**63 - 1]``.
     """
     check_tensor("owner_rank", "ids", ids)
     check_dtype("owner_rank", "ids", ids, (torch.int64,))
@@ -60,6 +62,10 @@ def _check_world_size(op: str, world_size: object) -> int:
         raise ShapeError(f"{op}: world_size must be an int >= 1, got {world_size!r}")
     if int(world_size) < 1:
         raise ShapeError(f"{op}: world_size must be >= 1, got {world_size}")
+    if int(world_size) > _INT64_MAX:
+        # The unsigned remainder works on int64 moduli: 2**63 gave wrong ranks, larger
+        # values an OverflowError from torch.
+        raise ShapeError(f"{op}: world_size must be <= 2**63 - 1, got {world_size}")
     return int(world_size)
 
 
@@ -101,7 +107,7 @@ def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
 
     Args:
         ids: ``(N,) int64`` ids, duplicates allowed.
-        world_size: number of ranks, ``>= 1``.
+        world_size: number of ranks, in ``[1, 2**63 - 1]``.
 
     Returns:
         ``PartitionResult(ids (U,), counts (world_size,), inverse (N,))``: rank ``r`` owns
@@ -109,7 +115,7 @@ def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
 
     Raises:
         UnsupportedDtypeError: ``ids`` is not int64.
-        ShapeError: ``ids`` is not 1-d or ``world_size < 1``.
+        ShapeError: ``ids`` is not 1-d or ``world_size`` is outside ``[1, 2**63 - 1]``.
     """
     check_tensor("partition_ids", "ids", ids)
     check_dtype("partition_ids", "ids", ids, (torch.int64,))

@@ -45,7 +45,8 @@ def segment_reduce(
     """Weighted sum / mean / sqrtn pooling, or tiling, of ragged row segments.
 
     Args:
-        rows: ``(N, D)`` floating rows.
+        rows: ``(N, D)`` floating rows; float16 and bfloat16 rows are pooled in float32 and
+            the result rounded to their dtype.
         offsets: ``(B+1,)`` int64 segment boundaries (start at 0, end at N).
         weights: optional ``(N,)`` per-row weights (float32, or the rows' dtype).
         mode: ``"sum"``, ``"mean"``, ``"sqrtn"`` or ``"tile"``.
@@ -112,7 +113,17 @@ def _segments(offsets: torch.Tensor, n: int) -> torch.Tensor:
     )
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the torch path computes in: float32 for half rows. Squares of weights above 256
+    overflow float16 (sqrtn pooled to 0), those below 2**-12 vanish, and a float16 sum of
+    weights stops growing past 2048: the normalizers and sums are formed in float32 and only
+    the result is rounded to the rows' dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _scale(offsets, w, seg, mode, dtype) -> torch.Tensor:
+    """Per-segment factor of the pooled sum (1, 1 / sum w or 1 / sqrt(sum w^2)), in ``dtype``
+    (the accumulation dtype), from weights ``w`` already in that dtype."""
     b = offsets.numel() - 1
     if mode in ("sum", "tile"):
         return torch.ones(b, dtype=dtype, device=offsets.device)
@@ -123,44 +134,42 @@ def _scale(offsets, w, seg, mode, dtype) -> torch.Tensor:
     return torch.where(total == 0, torch.zeros_like(total), 1 / total)
 
 
-def _weights(weights, rows) -> torch.Tensor:
+def _weights(weights, n, dtype, device) -> torch.Tensor:
     if weights is None:
-        return torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
-    return weights.to(rows.dtype)
+        return torch.ones(n, dtype=dtype, device=device)
+    return weights.to(dtype)
 
 
 def _forward_cpu(rows, offsets, weights, mode, tile_len):
     n, d = rows.shape
     b = offsets.numel() - 1
     seg = _segments(offsets, n)
-    w = _weights(weights, rows)
-    weighted = rows * w[:, None]
+    acc = _acc_dtype(rows.dtype)
+    w = _weights(weights, n, acc, rows.device)
+    weighted = rows.to(acc) * w[:, None]
     if mode == "tile":
         out = rows.new_zeros(b, tile_len, d)
         pos = torch.arange(n, device=rows.device) - offsets[seg]
         m = pos < tile_len
-        out[seg[m], pos[m]] = weighted[m]
+        out[seg[m], pos[m]] = weighted[m].to(rows.dtype)
         return out.reshape(b, tile_len * d)
-    out = rows.new_zeros(b, d).index_add_(0, seg, weighted)
-    return out * _scale(offsets, w, seg, mode, rows.dtype)[:, None]
+    out = torch.zeros(b, d, dtype=acc, device=rows.device).index_add_(0, seg, weighted)
+    return (out * _scale(offsets, w, seg, mode, acc)[:, None]).to(rows.dtype)
 
 
 def _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows):
     d = grad.shape[1] // (tile_len if mode == "tile" else 1)
     seg = _segments(offsets, num_rows)
-    w = (
-        torch.ones(num_rows, dtype=grad.dtype, device=grad.device)
-        if weights is None
-        else weights.to(grad.dtype)
-    )
+    acc = _acc_dtype(grad.dtype)
+    w = _weights(weights, num_rows, acc, grad.device)
     if mode == "tile":
         out = grad.new_zeros(num_rows, d)
         pos = torch.arange(num_rows, device=grad.device) - offsets[seg]
         m = pos < tile_len
-        out[m] = grad.view(-1, tile_len, d)[seg[m], pos[m]] * w[m, None]
+        out[m] = (grad.view(-1, tile_len, d)[seg[m], pos[m]].to(acc) * w[m, None]).to(grad.dtype)
         return out
-    scale = _scale(offsets, w, seg, mode, grad.dtype)
-    return grad[seg] * (w * scale[seg])[:, None]
+    scale = _scale(offsets, w, seg, mode, acc)
+    return (grad[seg].to(acc) * (w * scale[seg])[:, None]).to(grad.dtype)
 
 
 def _launch(direction, src, offsets, weights, mode, tile_len, d, out):
@@ -288,7 +297,9 @@ def _backward(ctx, grad):
 def _weight_grad(grad, rows, offsets, weights, out, mode, tile_len):
     n = rows.shape[0]
     seg = _segments(offsets, n)
-    w = weights.to(rows.dtype)
+    acc = _acc_dtype(rows.dtype)
+    grad, rows, out = grad.to(acc), rows.to(acc), out.to(acc)
+    w = weights.to(acc)
     if mode == "tile":
         d = rows.shape[1]
         pos = torch.arange(n, device=rows.device) - offsets[seg]
@@ -299,7 +310,7 @@ def _weight_grad(grad, rows, offsets, weights, out, mode, tile_len):
     ge = (grad[seg] * rows).sum(1)
     if mode == "sum":
         return ge
-    scale = _scale(offsets, w, seg, mode, rows.dtype)[seg]
+    scale = _scale(offsets, w, seg, mode, acc)[seg]
     go = (grad * out).sum(1)[seg]
     if mode == "mean":
         return (ge - go) * scale
