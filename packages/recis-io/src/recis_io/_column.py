@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class Column:
         return (self.name, self.fill, self.hash, self.buckets, _dtype_name(self))
 
 
-def plain_number(value: object) -> object:
+def plain_number(value: Any) -> Any:
     """A NumPy scalar (``np.int64(5)``, what NumPy reductions and array items give) as the
     Python bool, int or float it holds; anything else unchanged, for the checks to judge."""
     if isinstance(value, np.bool_):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Mapping, Sequence
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ def check_index_range(
     raise index_error(op, name, pos, int(index[pos]), low, high)
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """Whether ``value`` is an integer parameter: a Python int or a NumPy integer scalar
     (what NumPy reductions and array items give), never a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))

@@ -187,8 +187,9 @@ class RaggedTensor:
         """
         from recis_kernels.ops.dense import ragged_to_dense
 
-        shape = None
+        shape: list[int | None] | None = None
         if max_len is not None:
+            lens: list[int | None]
             if is_int(max_len):
                 lens = [max_len]
             elif isinstance(max_len, Sequence) and not isinstance(max_len, str):
@@ -206,8 +207,11 @@ class RaggedTensor:
                     f"to_dense: max_len of a {self.num_levels + 1}-level ragged tensor must be an "
                     f"int or {wanted}, got {len(lens)} lengths"
                 )
-            shape = [None] * (self.num_levels - len(lens)) + lens
-            shape = [len(self), *shape]
+            shape = [
+                len(self),
+                *([None] * (self.num_levels - len(lens))),
+                *lens,
+            ]
         return ragged_to_dense(self, pad_value=pad_value, shape=shape)
 
     @classmethod

@@ -231,8 +231,10 @@ def _plain(value: Any) -> Any:
     bool, int or float it holds; anything else unchanged, for :func:`_check_type` to judge."""
     if type(value) in (bool, int, float, str) or value is None:
         return value
-    if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
-        return value.item()
+    if type(value).__module__ == "numpy" and isinstance(value, numbers.Integral):
+        return int(value)
+    if type(value).__module__ == "numpy" and isinstance(value, numbers.Real):
+        return float(value)
     if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     return value
