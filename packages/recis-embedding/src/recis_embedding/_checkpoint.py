@@ -42,6 +42,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -64,6 +65,14 @@ class _Saved:
 
     path: Path
     id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unsaved:
+    """Set by a load that left rows in logical tables ``tables`` which the checkpoint lacks:
+    no checkpoint holds them, so the next save must be full."""
+
+    tables: tuple[str, ...]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -106,7 +115,8 @@ def save(
         The checkpoint directory.
 
     Raises:
-        CheckpointError: ``delta=True`` without a previous save of these tables, or the
+        CheckpointError: ``delta=True`` without a previous save of these tables (or after a
+            ``load(..., strict=False)`` that kept rows of tables the checkpoint lacks), or the
             previous save is no longer where it was written (and ``parent`` is not given), or
             ``parent`` is not the previous save; on the other ranks of a sharded model, when
             the save failed on one rank (that rank raises its own error). Every rank raises,
@@ -159,6 +169,13 @@ def save(
 def _previous_save(physical: Any, path: Path, parent: str | os.PathLike[str] | None) -> _Saved:
     """The save a delta builds on, checked to still be where the delta will point."""
     saves = {getattr(t, "last_checkpoint", None) for t in physical}
+    kept = sorted(n for s in saves if isinstance(s, _Unsaved) for n in s.tables)
+    if kept:
+        raise CheckpointError(
+            f"delta checkpoint needs a previous save holding every table, but tables {kept} "
+            f"kept rows that the checkpoint last loaded (strict=False) lacks; save a full "
+            f"checkpoint first"
+        )
     last = next(iter(saves))
     if len(saves) != 1 or not isinstance(last, _Saved):
         raise CheckpointError(
@@ -424,21 +441,31 @@ class CheckpointReader:
     def keys(self, table: str) -> list[str]:
         """Tensor names stored for ``table`` (``ids``, ``embeddings``, ``slot.*``, ``meta.*``)."""
         first = self.path / self.table_info(table)["files"][0]
-        return sorted(load_file(str(first)).keys())
+        with safe_open(str(first), framework="pt") as f:
+            return sorted(f.keys())
 
     def read(self, table: str, key: str = "embeddings") -> torch.Tensor:
         """Tensor ``key`` of ``table``, concatenated over its shard files."""
-        parts = []
-        for rel in self.table_info(table)["files"]:
-            data = load_file(str(self.path / rel))
-            if key not in data:
-                raise CheckpointError(f"table {table!r} has no tensor {key!r} in {rel}")
-            parts.append(data[key])
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self._read(table, [key])[key]
 
     def read_all(self, table: str) -> dict[str, torch.Tensor]:
         """Every tensor of ``table``, concatenated over shards."""
-        return {k: self.read(table, k) for k in self.keys(table)}
+        return self._read(table, None)
+
+    def _read(self, table: str, keys: list[str] | None) -> dict[str, torch.Tensor]:
+        """Tensors ``keys`` of ``table`` (``None``: those of its first file), concatenated over
+        its shard files; each file is opened once and only the tensors asked for are read."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for rel in self.table_info(table)["files"]:
+            with safe_open(str(self.path / rel), framework="pt") as f:
+                present = set(f.keys())
+                if keys is None:
+                    keys = sorted(present)
+                for key in keys:
+                    if key not in present:
+                        raise CheckpointError(f"table {table!r} has no tensor {key!r} in {rel}")
+                    parts.setdefault(key, []).append(f.get_tensor(key))
+        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
 
     def dense(self) -> dict[str, torch.Tensor]:
         """The model's dense ``state_dict`` tensors."""
@@ -473,8 +500,11 @@ def load(
 
     Raises:
         CheckpointError: corrupt files, missing or unexpected tables (``strict``), dim or
-            optimizer-slot mismatch, or
-            saved embeddings too large for the table's dtype (beyond float16's 65504).
+            optimizer-slot mismatch, saved embeddings too large for the table's dtype
+            (beyond float16's 65504), more rows than a table's ``capacity`` (after the base
+            or any delta of a chain), or a dense state that does not fit the model (keys
+            when ``strict``, shapes always). All of these are found before any table
+            changes.
         ConfigError: two embedding modules of ``model`` define the same table name.
     """
     tables = logical_tables(model)
@@ -487,6 +517,9 @@ def load(
     _check_tables(chain[-1], tables, strict)
     _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
     _check_casts(chain, tables)
+    _check_capacities(chain, tables, shard)
+    dense = chain[-1].dense()
+    _check_dense(chain[-1], model, dense, strict)
     cleared: set[tuple[int, int]] = set()
     for reader in chain:
         saved = reader.manifest["tables"]
@@ -507,7 +540,7 @@ def load(
                     cleared.add((id(table), index))
             _load_table(reader, name, table, index, shard)
     try:
-        model.load_state_dict(chain[-1].dense(), strict=strict)
+        model.load_state_dict(dense, strict=strict)
     except RuntimeError as exc:
         raise CheckpointError(
             f"dense state of {chain[-1].path} does not match the model: {exc}"
@@ -518,8 +551,16 @@ def load(
             if "betas" in group:
                 group["betas"] = tuple(group["betas"])
         sparse_optimizer.load_state_dict(state)
-    for table, _ in tables.values():
-        table.mark_saved(_Saved(Path(path).resolve(), chain[-1].manifest.get("id")))
+    loaded = _Saved(Path(path).resolve(), chain[-1].manifest.get("id"))
+    in_checkpoint = set(chain[-1].manifest["tables"])
+    for table in {id(t): t for t, _ in tables.values()}.values():
+        # A delta holds the rows changed since its parent: rows of a logical table the
+        # checkpoint lacks (kept by strict=False) are in no parent, so only a full save may
+        # follow. An empty one is fine: every row it gets later is a change.
+        kept = [
+            n for i, n in enumerate(table.names) if n not in in_checkpoint and len(table.ids(i))
+        ]
+        table.mark_saved(_Unsaved(tuple(kept)) if kept else loaded)
     return chain[-1].manifest
 
 
@@ -633,6 +674,87 @@ def _check_casts(chain: list[CheckpointReader], tables: dict[str, Any]) -> None:
                     f"the table's {_dtype_name(table.dtype)} (max "
                     f"{torch.finfo(table.dtype).max:g}); load into a table of a wider dtype"
                 )
+
+
+def _check_capacities(
+    chain: list[CheckpointReader], tables: dict[str, tuple[HashTable, int]], shard: Any
+) -> None:
+    """A table with a ``capacity`` must hold every row the load gives it (on this rank), after
+    each checkpoint of a delta chain: refuse a checkpoint with more before any table changes,
+    rather than raise :class:`TableFullError` from a table the load has already emptied (or
+    let capacity eviction drop loaded rows)."""
+    for table in {id(t): t for t, _ in tables.values() if t.capacity is not None}.values():
+        counts = {
+            name: _rows_while_loading(chain, name, table, index, shard)
+            for name, (t, index) in tables.items()
+            if t is table
+        }
+        if sum(counts.values()) > (table.capacity or 0):
+            held = ", ".join(f"{n!r}: {c}" for n, c in counts.items())
+            raise CheckpointError(
+                f"table {table.names[0]!r} has capacity {table.capacity}, but loading checkpoint "
+                f"{chain[-1].path} would put {sum(counts.values())} rows in it ({held}"
+                f"{' on this rank' if shard is not None else ''}); load into a table with a "
+                f"capacity of at least that"
+            )
+
+
+def _rows_while_loading(
+    chain: list[CheckpointReader], name: str, table: HashTable, index: int, shard: Any
+) -> int:
+    """The most rows logical table ``name`` holds (on this rank) while ``chain`` loads: after
+    its full checkpoint and after each delta (which erases, then inserts)."""
+    ids = table.ids(index).cpu()  # kept when no full checkpoint of the chain holds the table
+    most = 0
+    for reader in chain:
+        if name not in reader.manifest["tables"]:
+            continue
+        saved = reader.read(name, "ids")
+        if shard is not None:
+            saved = saved[shard.owns(saved.to(table.device)).cpu()]
+        if reader.kind == "full":
+            ids = saved
+        else:
+            erased = reader.read(name, "erased")
+            ids = torch.cat([ids[~torch.isin(ids, erased)], saved]).unique()
+        most = max(most, ids.numel())
+    return most
+
+
+def _check_dense(
+    reader: CheckpointReader, model: nn.Module, dense: dict[str, torch.Tensor], strict: bool
+) -> None:
+    """Torch's checks of ``model.load_state_dict(dense, strict)`` (missing and unexpected
+    keys when ``strict``, shapes always), made before any table changes: a dense state that
+    does not fit must not leave the model with the checkpoint's tables but its own dense
+    part."""
+    with tables_saved_separately():
+        expected = model.state_dict()
+    problems = []
+    if strict:
+        missing = sorted(set(expected) - set(dense))
+        unexpected = sorted(set(dense) - set(expected))
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+    for key in sorted(set(expected) & set(dense)):
+        mine, saved = expected[key], dense[key]
+        if not isinstance(mine, torch.Tensor) or torch.nn.parameter.is_lazy(mine):
+            continue
+        shape = saved.shape
+        if mine.dim() == 0 and shape == (1,):  # torch loads these (1-d from torch 0.3)
+            continue
+        if shape != mine.shape:
+            problems.append(
+                f"size mismatch for {key}: {tuple(shape)} in the checkpoint, "
+                f"{tuple(mine.shape)} in the model"
+            )
+    if problems:
+        raise CheckpointError(
+            f"dense state of {reader.path} does not match the model: {'; '.join(problems)} "
+            f"(nothing was loaded)"
+        )
 
 
 def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int, shard) -> None:

@@ -1,0 +1,218 @@
+"""``load`` refuses a checkpoint that does not fit the model before any table changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recis_embedding import (
+    CapacityEviction,
+    CheckpointError,
+    EmbeddingEngine,
+    EmbeddingOption,
+    Normal,
+    SparseSGD,
+    load,
+    save,
+)
+
+DIM = 3
+
+
+class Model(torch.nn.Module):
+    def __init__(self, out: int = 2, capacity: int | None = None, extra: bool = False) -> None:
+        super().__init__()
+        eviction = CapacityEviction("lfu") if capacity is not None else None
+        option = EmbeddingOption(
+            DIM, initializer=Normal(std=0.5), capacity=capacity, eviction=eviction
+        )
+        self.emb = EmbeddingEngine({"user": option})
+        self.head = torch.nn.Linear(DIM, out)
+        if extra:
+            self.extra = torch.nn.Linear(DIM, 1)
+
+
+def train(model: Model, ids: list[int]) -> SparseSGD:
+    opt = SparseSGD(model, lr=0.1)
+    model.emb({"user": torch.tensor(ids)})["user"].sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+def snapshot(model: Model) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    table, index = model.emb.table("user")
+    ids = table.ids(index)
+    dense = {k: v.clone() for k, v in model.head.state_dict().items()}
+    return ids, table.lookup(ids, index), dense
+
+
+def assert_unchanged(model: Model, before: tuple) -> None:
+    ids, emb, dense = snapshot(model)
+    assert torch.equal(ids, before[0])
+    assert torch.equal(emb, before[1])
+    assert dense.keys() == before[2].keys()
+    for k, v in dense.items():
+        assert torch.equal(v, before[2][k])
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = Model()
+    opt = train(model, list(range(10)))
+    return save(tmp_path / "ckpt", model, opt)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_dense_shape_mismatch_leaves_tables(checkpoint, strict):
+    model = Model(out=4)
+    opt = train(model, [100, 101])
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"size mismatch for head\.weight.*nothing was"):
+        load(checkpoint, model, opt, strict=strict)
+    assert_unchanged(model, before)
+
+
+def test_dense_missing_keys_leave_tables(checkpoint):
+    model = Model(extra=True)
+    opt = train(model, [100, 101])
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"missing keys \['extra\.bias', 'extra\.weight'\]"):
+        load(checkpoint, model, opt)
+    assert_unchanged(model, before)
+    load(checkpoint, model, opt, strict=False)  # strict=False loads the keys there are
+    assert model.emb.table("user")[0].ids().tolist() == list(range(10))
+
+
+def test_checkpoint_beyond_capacity_leaves_table(checkpoint):
+    model = Model(capacity=5)
+    opt = train(model, [100, 101])
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"'user' has capacity 5.*would put 10 rows"):
+        load(checkpoint, model, opt)
+    assert_unchanged(model, before)
+
+
+def test_capacity_counts_rows_of_each_checkpoint_of_a_delta_chain(tmp_path):
+    """The rows the base leaves, then each delta (base, minus erased, plus added), must fit."""
+    model = Model()
+    opt = train(model, [1, 2, 3])
+    save(tmp_path / "base", model, opt)
+    model.emb.table("user")[0].erase(torch.tensor([1, 2]))
+    train(model, [5, 6])
+    save(tmp_path / "delta", model, opt, delta=True)  # holds 3, 5, 6
+    train(model, [7])
+    save(tmp_path / "delta2", model, opt, delta=True)  # holds 3, 5, 6, 7
+
+    fits = Model(capacity=3)
+    fits_opt = train(fits, [100])
+    load(tmp_path / "delta", fits, fits_opt)
+    assert fits.emb.table("user")[0].ids().tolist() == [3, 5, 6]
+    assert fits.emb.table("user")[0].stats().evictions == 0
+    with pytest.raises(CheckpointError, match="would put 4 rows in it"):
+        load(tmp_path / "delta2", fits, fits_opt)
+    assert fits.emb.table("user")[0].ids().tolist() == [3, 5, 6]
+
+    small = Model(capacity=2)
+    small_opt = train(small, [100])
+    with pytest.raises(CheckpointError, match="would put 3 rows in it"):
+        load(tmp_path / "delta", small, small_opt)
+    assert small.emb.table("user")[0].ids().tolist() == [100]
+
+
+def test_capacity_counts_the_base_of_a_delta_chain(tmp_path):
+    """A base larger than the capacity is refused although the chain ends smaller: loading
+    it would raise TableFullError (or evict) halfway through the chain."""
+    model = Model()
+    opt = train(model, [1, 2, 3, 4])
+    save(tmp_path / "base", model, opt)
+    model.emb.table("user")[0].erase(torch.tensor([1, 2]))
+    save(tmp_path / "delta", model, opt, delta=True)  # holds 3, 4
+
+    target = Model(capacity=3)
+    target_opt = train(target, [100])
+    with pytest.raises(CheckpointError, match="would put 4 rows in it"):
+        load(tmp_path / "delta", target, target_opt)
+    assert target.emb.table("user")[0].ids().tolist() == [100]
+
+
+def test_load_reads_each_table_file_once(tmp_path, monkeypatch):
+    """A table file holds ~10 tensors; reading it whole once per tensor read it ~10 times."""
+    import safetensors
+    import safetensors.torch
+
+    import recis_embedding._checkpoint as ckpt_mod
+
+    model = Model()
+    opt = train(model, list(range(10)))
+    path = save(tmp_path / "ckpt", model, opt)
+    opened: list[str] = []
+
+    def counting_load_file(name, *args, **kwargs):
+        opened.append(str(name))
+        return safetensors.torch.load_file(name, *args, **kwargs)
+
+    def counting_safe_open(name, *args, **kwargs):
+        opened.append(str(name))
+        return safetensors.safe_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "load_file", counting_load_file)
+    monkeypatch.setattr(ckpt_mod, "safe_open", counting_safe_open, raising=False)
+    target = Model()
+    load(path, target, train(target, [100]))
+    table_files = [f for f in opened if "/sparse/" in f.replace("\\", "/")]
+    assert len(table_files) == 1, table_files
+    assert target.emb.table("user")[0].ids().tolist() == list(range(10))
+
+
+def _engine(names: list[str]) -> EmbeddingEngine:
+    return EmbeddingEngine({n: EmbeddingOption(DIM, initializer=Normal(std=0.5)) for n in names})
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_delta_after_a_load_that_kept_other_rows_is_refused(tmp_path, fuse):
+    """``strict=False`` keeps the rows of a table the checkpoint lacks; a delta built on that
+    checkpoint would hold only their later changes, and loading it lost the rest silently."""
+    source = _engine(["user"])
+    source({"user": torch.arange(5)})
+    save(tmp_path / "users", source)
+
+    model = EmbeddingEngine(
+        {n: EmbeddingOption(DIM, initializer=Normal(std=0.5)) for n in ("user", "item")},
+        fuse=fuse,
+    )
+    opt = SparseSGD(model, lr=0.1)
+    model({"user": torch.arange(100, 103), "item": torch.arange(10)})
+    load(tmp_path / "users", model, opt, strict=False)
+    model({"user": torch.tensor([0]), "item": torch.tensor([0])})["item"].sum().backward()
+    opt.step()
+    with pytest.raises(CheckpointError, match=r"tables \['item'\] kept rows.*full checkpoint"):
+        save(tmp_path / "delta", model, opt, delta=True)
+    assert not (tmp_path / "delta").exists()
+
+    save(tmp_path / "full", model, opt)  # a full save, then deltas again
+    model({"user": torch.tensor([1]), "item": torch.tensor([11])})
+    save(tmp_path / "delta", model, opt, delta=True)
+    restored = EmbeddingEngine(
+        {n: EmbeddingOption(DIM, initializer=Normal(std=0.5)) for n in ("user", "item")}
+    )
+    load(tmp_path / "delta", restored, SparseSGD(restored, lr=0.1))
+    table, index = restored.table("item")
+    assert table.ids(index).tolist() == [*range(10), 11]
+
+
+def test_delta_after_a_load_that_left_a_table_empty(tmp_path):
+    """A table the checkpoint lacks that held no rows at the load needs no parent: all its
+    rows are later changes, so deltas stay possible and load back whole."""
+    source = _engine(["user"])
+    source({"user": torch.arange(5)})
+    save(tmp_path / "users", source)
+
+    model = _engine(["user", "item"])
+    load(tmp_path / "users", model, strict=False)
+    model({"user": torch.tensor([7]), "item": torch.arange(4)})
+    save(tmp_path / "delta", model, delta=True)
+    restored = _engine(["user", "item"])
+    load(tmp_path / "delta", restored)
+    assert restored.table("item")[0].ids(restored.table("item")[1]).tolist() == [0, 1, 2, 3]
+    assert restored.table("user")[0].ids(restored.table("user")[1]).tolist() == [0, 1, 2, 3, 4, 7]
