@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import recis_embedding as emb
+
 NUM_IDS = 50
 NUM_DENSE = 6
 
@@ -87,3 +89,18 @@ def make_optimizers(model: ToyModel, lr: float = 0.05):
     dense = torch.optim.Adam(model.dense_parameters(), lr=lr)
     sparse = torch.optim.SparseAdam(list(model.embedding.parameters()), lr=lr)
     return dense, sparse
+
+
+class TableModel(nn.Module):
+    """A recis-embedding table under an MLP: checkpoints of it have a sparse part."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
+        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, batch):
+        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
+        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+        return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy import NUM_DENSE, ToyModel, ToyReader, make_optimizers
-from torch import nn
+from _toy import TableModel, ToyModel, ToyReader, make_optimizers
 
 import recis_embedding as emb
 from recis_train import CheckpointManager, Trainer, TrainingArguments, seed_everything, warm_start
@@ -33,20 +32,6 @@ def build(out, **args):
         dense_optimizer=dense,
         sparse_optimizer=sparse,
     )
-
-
-class TableModel(nn.Module):
-    """A recis-embedding table under an MLP: the checkpoint has a sparse part."""
-
-    def __init__(self):
-        super().__init__()
-        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
-        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def forward(self, batch):
-        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
-        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
-        return nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
 
 
 def build_tables(out, **args):

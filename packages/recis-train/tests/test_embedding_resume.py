@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from _toy import NUM_DENSE, ToyReader
-from torch import nn
+from _toy import TableModel, ToyReader
 
 import recis_embedding as emb
 from recis_train import (
@@ -19,19 +18,6 @@ from recis_train import (
     seed_everything,
     warm_start,
 )
-
-
-class TableModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
-        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def forward(self, batch):
-        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
-        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
-        return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
 
 
 def build(out, **args):
