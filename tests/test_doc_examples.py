@@ -603,26 +603,9 @@ def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-# Pages whose examples are known not to run yet, each with what is wrong. Strict: once the page
-# is fixed the test fails until its entry here is removed.
-KNOWN_BROKEN: dict[str, tuple[type[BaseException], str]] = {}
-
-
-def _page_params() -> list[Any]:
-    return [
-        pytest.param(
-            page,
-            marks=pytest.mark.xfail(raises=KNOWN_BROKEN[page][0], reason=KNOWN_BROKEN[page][1]),
-        )
-        if page in KNOWN_BROKEN
-        else page
-        for page in _pages()
-    ]
-
-
 # torchdata's StatefulDataLoader (docs/io/guide.md) calls a torch function torch deprecated.
 @pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
-@pytest.mark.parametrize("page", _page_params())
+@pytest.mark.parametrize("page", _pages())
 def test_page_examples_run_and_do_what_they_say(page: str, in_tmp_dir: Path) -> None:
     run = run_page(page)
     CHECKS.get(page, lambda run: None)(run)
