@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import recis_embedding._checkpoint as ckpt_mod
+import recis_embedding._checkpoint_save as save_mod
 from recis_embedding import (
     CapacityEviction,
     CheckpointError,
@@ -186,7 +186,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", boom)
+    monkeypatch.setattr(save_mod, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path / "c", model, opt)
     assert (tmp_path / "c" / "manifest.json").read_text() == before
@@ -330,14 +330,14 @@ def test_a_failed_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch
     save(tmp_path / "c", model, opt)
     before = (tmp_path / "c" / "manifest.json").read_text()
     train(model, opt, dense, range(1, 2))
-    real = ckpt_mod.os.replace
+    real = save_mod.os.replace
 
     def replace(src, dst):
         if ".tmp" in str(src):
             raise OSError("rename failed")
         real(src, dst)
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    monkeypatch.setattr(save_mod.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         save(tmp_path / "c", model, opt)
     monkeypatch.undo()

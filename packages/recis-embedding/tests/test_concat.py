@@ -170,7 +170,7 @@ def test_inputs_that_cannot_join_are_named() -> None:
 @pytest.mark.parametrize("kind", ["plain", "per bag", "per id"])
 def test_host_and_torch_batch_major_orders_agree(kind) -> None:
     """The CPU reorders ids in NumPy; the torch spelling (other devices) must agree."""
-    from recis_embedding._engine import _batch_major_host, _batch_major_torch
+    from recis_embedding._concat import batch_major_host, batch_major_torch
     from recis_embedding._inputs import as_ids
 
     data = batch(3)
@@ -182,8 +182,8 @@ def test_host_and_torch_batch_major_orders_agree(kind) -> None:
         scales[1] = torch.rand(B)
     if kind == "per id":
         mults[1], scales[1] = torch.rand(parts[1].values.numel()), None
-    host = _batch_major_host(parts, [0, 1, 2, 1], scales, mults, B)
-    other = _batch_major_torch(parts, [0, 1, 2, 1], scales, mults, B)
+    host = batch_major_host(parts, [0, 1, 2, 1], scales, mults, B)
+    other = batch_major_torch(parts, [0, 1, 2, 1], scales, mults, B)
     for a, b in zip(host, other, strict=True):
         assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
     # Row 0 holds user, its two seq ids, three tags and item, in that order.

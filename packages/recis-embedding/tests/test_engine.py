@@ -234,20 +234,20 @@ def test_ragged_sequence_output_keeps_offsets_and_gradients() -> None:
 
 
 def test_dedup_paths_agree() -> None:
-    from recis_embedding._engine import _dedup, _exact_dedup
+    from recis_embedding._dedup import dedup, exact_dedup
 
     k = -7046029254386353131
     values = torch.tensor([5, 5, 12345, 12345 ^ k, -1, 5, 1 << 62])
     tabs = torch.tensor([0, 1, 0, 1, 0, 0, 1], dtype=torch.int32)
-    for fn in (_dedup, _exact_dedup):
+    for fn in (dedup, exact_dedup):
         ids, id_tabs, inverse, _ = fn(values, tabs)
         assert torch.equal(ids[inverse], values)
         assert torch.equal(id_tabs[inverse], tabs)
         assert len(set(zip(ids.tolist(), id_tabs.tolist(), strict=True))) == ids.numel() == 6
     # The CPU path keeps tables apart in its sort key, so the colliding pair keeps a grouping;
     # the exact path resolves it lexicographically, which leaves no grouping to reuse.
-    assert _exact_dedup(values, tabs)[3] is None
-    ids, id_tabs, inverse, grouping = _dedup(values, tabs)
+    assert exact_dedup(values, tabs)[3] is None
+    ids, id_tabs, inverse, grouping = dedup(values, tabs)
     order, offsets = grouping
     assert sorted(inverse[order].tolist()) == inverse[order].tolist()
     assert offsets.tolist()[-1] == values.numel()
@@ -258,17 +258,17 @@ def test_dedup_paths_agree() -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_packed_dedup_matches_the_exact_one_on_random_pairs(seed: int) -> None:
-    from recis_embedding._engine import _exact_dedup, _packed_dedup
+    from recis_embedding._dedup import exact_dedup, packed_dedup
 
     gen = torch.Generator().manual_seed(seed)
     n = 5_000
     pool = torch.cat([torch.randint(-(2**63), 2**63 - 1, (60,), generator=gen), torch.arange(40)])
     values = pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
     tabs = torch.randint(0, 5, (n,), generator=gen)
-    packed = _packed_dedup(values, tabs)
+    packed = packed_dedup(values, tabs)
     assert packed is not None
     ids, id_tabs, inverse, (order, offsets) = packed
-    exact = _exact_dedup(values, tabs)
+    exact = exact_dedup(values, tabs)
     assert ids.numel() == exact[0].numel()
     assert torch.equal(ids[inverse], values)
     assert torch.equal(id_tabs[inverse].to(torch.int64), tabs)
@@ -281,14 +281,14 @@ def test_packed_dedup_matches_the_exact_one_on_random_pairs(seed: int) -> None:
 
 
 def test_dedup_falls_back_when_packed_hashes_collide() -> None:
-    from recis_embedding._engine import _MUL, _dedup, _packed_dedup
+    from recis_embedding._dedup import _MUL, dedup, packed_dedup
 
     inv = pow(_MUL % (1 << 64), -1, 1 << 64)
     other = inv - (1 << 64) if inv >= 1 << 63 else inv  # other * _MUL == 1: same high bits as 0
     values = torch.tensor([0, other, 0, 7])
     tabs = torch.zeros(4, dtype=torch.int64)
-    assert _packed_dedup(values, tabs) is None
-    ids, id_tabs, inverse, _ = _dedup(values, tabs)
+    assert packed_dedup(values, tabs) is None
+    ids, id_tabs, inverse, _ = dedup(values, tabs)
     assert torch.equal(ids[inverse], values)
     assert id_tabs.tolist() == [0, 0, 0]
     assert sorted(ids.tolist()) == sorted({0, other, 7})

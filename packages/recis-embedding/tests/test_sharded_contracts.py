@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import recis_embedding._checkpoint as checkpoint_module
+import recis_embedding._checkpoint_save as checkpoint_save
 from recis_embedding import (
     ConfigError,
     EmbeddingEngine,
@@ -72,15 +72,15 @@ def _save_worker(rank: int, root: str) -> None:
     errors = []
     # Rank 1 fails writing its table files; then rank 0 fails writing the manifest.
     for name, fail_rank in (("save_file", 1), ("_write", 0)):
-        real = getattr(checkpoint_module, name)
-        setattr(checkpoint_module, name, failing(real, rank, fail_rank))
+        real = getattr(checkpoint_save, name)
+        setattr(checkpoint_save, name, failing(real, rank, fail_rank))
         try:
             save(Path(root) / "ckpt", model, opt)
             errors.append(None)
         except Exception as exc:  # what each rank got is the result
             errors.append((type(exc).__name__, str(exc)))
         finally:
-            setattr(checkpoint_module, name, real)
+            setattr(checkpoint_save, name, real)
         dist.barrier()
         # The previous checkpoint is intact and loads on every rank.
         fresh = engine()

@@ -1,6 +1,8 @@
 """recis-embedding: dynamic hash embedding tables, table fusion, sparse optimizers, checkpoints."""
 
-from recis_embedding._checkpoint import FORMAT_VERSION, CheckpointReader, load, save
+from recis_embedding._checkpoint import FORMAT_VERSION, CheckpointReader
+from recis_embedding._checkpoint_load import load
+from recis_embedding._checkpoint_save import save
 from recis_embedding._engine import DynamicEmbedding, EmbeddingEngine
 from recis_embedding._initializers import (
     Constant,

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from recis_embedding._host import on_host, repeat_values, true_positions
+from recis_embedding._concat import Joined, batch_major
+from recis_embedding._dedup import dedup
+from recis_embedding._host import repeat_values
 from recis_embedding._inputs import Ids, as_ids
 from recis_embedding._options import EmbeddingOption
+from recis_embedding._outputs import padded_output, pooled_outputs
 from recis_embedding._policies import ReadOnlyAdmission
-from recis_embedding._pooling import bag_weights, padded_gather, per_bag_scale, pool
+from recis_embedding._pooling import pool
+from recis_embedding._serving import serve, serve_sharded
 from recis_embedding._sharding import Pending, ShardContext
 from recis_embedding._statedict import warn_tables_not_in_state_dict
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
-from recis_kernels import RaggedTensor
 
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
@@ -44,17 +46,6 @@ def _shared_value(option: EmbeddingOption, field: str) -> Any:
     if field == "device":
         return str(value)
     return value
-
-
-class _Joined(NamedTuple):
-    """The ids of a concatenation in batch-major order, ready for one pooled reduce."""
-
-    values: torch.Tensor  # (N,) ids: row 0's of every member, then row 1's, ...
-    tabs: torch.Tensor  # (N,) table index of each id
-    bags: torch.Tensor  # (B * members + 1,) offsets of the (row, member) bags
-    weights: torch.Tensor | None  # (N,) multipliers realizing each member's combiner
-    singles: bool  # one id per bag and no weights: a gather suffices
-    rows: int  # B
 
 
 class EmbeddingEngine(nn.Module):
@@ -363,41 +354,13 @@ class EmbeddingEngine(nn.Module):
         index = torch.tensor([self._table_index(f) for f in features], dtype=torch.int64)
         return repeat_values(index.to(device), torch.tensor(sizes).to(device), sum(sizes))
 
-    def _batch_major(self, name: str, members: list[str], ids: Mapping[str, Ids]) -> _Joined:
+    def _batch_major(self, name: str, members: list[str], ids: Mapping[str, Ids]) -> Joined:
         """The ids of ``members`` reordered row by row: row 0's ids of each member in turn,
         then row 1's, and so on, with bag offsets over ``(row, member)`` and the per-id
         multipliers of each member's combiner."""
-        parts = [ids[f] for f in members]
-        rows = parts[0].bags.numel() - 1
-        for f, i in zip(members, parts, strict=True):
-            if i.outer is not None:
-                raise InputError(
-                    f"concat {name!r}: feature {f!r} has 3-level ids; only (B, D) outputs join"
-                )
-            if i.bags.numel() - 1 != rows:
-                raise InputError(
-                    f"concat {name!r}: feature {f!r} has {i.bags.numel() - 1} rows, "
-                    f"{members[0]!r} has {rows}"
-                )
         options = [self.options[f] for f in members]
         tabs = [self._table_index(f) for f in members]
-        # Each member's combiner as multipliers: one per bag (1, 1/L or 1/sqrt(L)) when it
-        # has no per-id weights, else one per id.
-        scales: list[torch.Tensor | None] = []
-        mults: list[torch.Tensor | None] = []
-        for o, i in zip(options, parts, strict=True):
-            mode = o.combiner or "sum"
-            raw = i.weights if o.use_weight else None
-            if raw is None:
-                plain = mode == "sum"
-                scales.append(None if plain else per_bag_scale(i.bags[1:] - i.bags[:-1], mode))
-                mults.append(None)
-            else:
-                scales.append(None)
-                mults.append(bag_weights(i.bags, raw, mode, i.values.numel()))
-        if on_host(parts[0].values):
-            return _batch_major_host(parts, tabs, scales, mults, rows)
-        return _batch_major_torch(parts, tabs, scales, mults, rows)
+        return batch_major(name, members, ids, options, tabs)
 
     def _lookup_rest(
         self,
@@ -426,7 +389,7 @@ class EmbeddingEngine(nn.Module):
                 else:
                     part = torch.cat([inverse[starts[k] : starts[k + 1]] for k in members])
                 out.update(
-                    self._pooled(
+                    pooled_outputs(
                         option,
                         [features[k] for k in members],
                         [ids[features[k]] for k in members],
@@ -438,19 +401,24 @@ class EmbeddingEngine(nn.Module):
             else:
                 for k in members:
                     part = inverse[starts[k] : starts[k + 1]]
-                    out.update(self._padded(option, features[k], ids[features[k]], part, emb))
+                    out.update(padded_output(option, features[k], ids[features[k]], part, emb))
         return out
 
     def _dedup_and_read(
         self, table: HashTable, values: torch.Tensor, tabs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        keys, key_tabs, inverse, grouping = _dedup(values, tabs)
+        keys, key_tabs, inverse, grouping = dedup(values, tabs)
+        # A frozen table reads as in eval mode in training too: no insertion, no eviction
+        # state, nothing recorded for an optimizer.
+        insert = self.training and self._trainable(table)
         if self.shard is None:
-            rows, emb = self._serve(table, keys, key_tabs)
+            rows, emb = serve(table, keys, key_tabs, insert)
             exchange, touched, uses = None, rows, inverse
         else:
-            rows, emb, exchange, touched, uses = self._serve_sharded(table, keys, key_tabs, inverse)
-        if self.training and self._trainable(table):
+            rows, emb, exchange, touched, uses = serve_sharded(
+                self.shard, table, keys, key_tabs, inverse, insert
+            )
+        if insert:
             if table.eviction is not None:
                 table.eviction.touch(table, touched, uses)
                 # Eviction state changed: the next delta checkpoint must carry these rows.
@@ -460,354 +428,9 @@ class EmbeddingEngine(nn.Module):
                 table.pending.append(Pending(rows, emb, exchange))
         return emb, inverse, grouping
 
-    def _serve_sharded(
-        self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor, inverse: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """:meth:`_serve` of a sharded lookup: the local distinct keys go to their owners, which
-        serve each key once however many ranks asked for it, and the rows come back.
-
-        Returns:
-            ``(rows (R,), emb (U, D), exchange, owned (K,), uses)``: the rows read for the keys
-            this rank received, in received order; the embeddings of the local keys; the
-            routing; the rows of the distinct keys this rank served; and, per use of one of
-            those keys by any rank's batch, its index into ``owned``.
-        """
-        assert self.shard is not None
-        num_local = keys.numel()
-        counts = torch.bincount(inverse, minlength=num_local)
-        served, served_tabs, served_uses, exchange = self.shard.route(keys, key_tabs, counts)
-        # A key asked for by several ranks arrives once per rank; admission, insertion and
-        # the eviction statistics see it once, with all its uses, as one process would.
-        ukeys, utabs, back, _ = _dedup(served, served_tabs)
-        owned, emb = self._serve(table, ukeys, utabs)
-        uses = repeat_values(back, served_uses, int(served_uses.sum()))
-        rows = owned.index_select(0, back)
-        emb = exchange.from_owners(emb.index_select(0, back), num_local)
-        return rows, emb, exchange, owned, uses
-
-    def _serve(
-        self, table: HashTable, keys: torch.Tensor, key_tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows and embeddings of distinct keys this rank owns (inserting in training mode,
-        unless the table is frozen: then unknown keys read the default, as in eval mode)."""
-        if self.training and self._trainable(table):
-            admit = None
-            if table.admission is not None:
-                admit = table.admission.admit(table, keys, key_tabs)
-            rows, _ = table.find_or_insert(keys, key_tabs, admit=admit, distinct=True)
-        else:
-            rows = table.find(keys, key_tabs)
-        present = rows >= 0
-        if bool(present.all()):
-            return rows, table.read(rows)
-        emb = torch.full((rows.numel(), table.dim), table.default_value, device=rows.device)
-        idx = true_positions(present)
-        emb[idx] = table.read(rows[idx])
-        return rows, emb
-
     def _trainable(self, table: HashTable) -> bool:
         name = table.names[0]
         return self._first_option[name].trainable
-
-    def _pooled(
-        self,
-        option: EmbeddingOption,
-        features: list[str],
-        ids: list[Ids],
-        inverse: torch.Tensor,
-        emb: torch.Tensor,
-        grouping: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> dict[str, torch.Tensor]:
-        mode = option.combiner or "sum"
-        any_weights = option.use_weight and any(i.weights is not None for i in ids)
-        singles = all(i.singles for i in ids) and not any_weights and option.combiner == "sum"
-        weights: list[torch.Tensor | None] = []
-        bags: list[torch.Tensor] = []
-        counts: list[int] = []
-        shift = 0
-        for i in ids:
-            n = i.values.numel()
-            if not singles:
-                w = i.weights if option.use_weight else None
-                if w is None and any_weights and mode == "sum":
-                    w = torch.ones(n, device=emb.device)
-                weights.append(bag_weights(i.bags, w, mode, n))
-                bags.append(i.bags[:-1] + shift if shift else i.bags[:-1])
-            counts.append(i.bags.numel() - 1)
-            shift += n
-        if singles:
-            all_bags = torch.arange(shift + 1, device=emb.device)
-            w_all = None
-        else:
-            all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
-            present = [w for w in weights if w is not None]
-            w_all = torch.cat(present) if len(present) == len(weights) else None
-        pooled = pool(emb, inverse, all_bags, None, w_all, singles, grouping)
-        out = {}
-        for f, i, p in zip(features, ids, torch.split(pooled, counts), strict=True):
-            if i.outer is not None:
-                longest = int((i.outer[1:] - i.outer[:-1]).max()) if i.outer.numel() > 1 else 0
-                p = padded_gather(p, torch.arange(p.shape[0], device=p.device), i.outer, longest)[0]
-            out[f] = p
-        return out
-
-    def _padded(
-        self,
-        option: EmbeddingOption,
-        feature: str,
-        ids: Ids,
-        inverse: torch.Tensor,
-        emb: torch.Tensor,
-    ) -> dict[str, Any]:
-        kwargs = option.combiner_kwargs or {}
-        if ids.outer is not None:
-            raise InputError(
-                f"feature {feature!r}: combiner {option.combiner!r} takes 2-level ids, got 3 levels"
-            )
-        lengths = ids.bags[1:] - ids.bags[:-1]
-        if option.combiner == "tile":
-            length = int(kwargs["tile_len"])
-            values, _ = padded_gather(emb, inverse, ids.bags, length)
-            return {feature: values.reshape(values.shape[0], length * emb.shape[1])}
-        if kwargs.get("ragged"):
-            rows = emb.index_select(0, inverse)
-            return {feature: RaggedTensor(rows, ids.bags, validate=False)}
-        max_len = kwargs.get("max_len")
-        if max_len is None:
-            max_len = int(lengths.max()) if lengths.numel() else 0
-        values, mask = padded_gather(emb, inverse, ids.bags, int(max_len))
-        return {feature: values, f"{feature}_mask": mask}
-
-
-def _batch_major_host(
-    parts: list[Ids],
-    tabs: list[int],
-    scales: list[torch.Tensor | None],
-    mults: list[torch.Tensor | None],
-    rows: int,
-) -> _Joined:
-    """:meth:`EmbeddingEngine._batch_major` on the CPU, in NumPy: one permutation of the
-    members' ids laid end to end, applied to ids and table indices; multipliers come per bag
-    (one repeat) unless some member has per-id weights."""
-    m = len(parts)
-    sizes = [i.values.numel() for i in parts]
-    plain = all(s is None for s in scales) and all(w is None for w in mults)
-    if plain and all(i.singles for i in parts):
-        values = np.stack([i.values.numpy() for i in parts], axis=1).reshape(-1)
-        tab = np.tile(np.asarray(tabs, dtype=np.int64), rows)
-        one_each = torch.arange(values.size + 1)
-        return _Joined(torch.from_numpy(values), torch.from_numpy(tab), one_each, None, True, rows)
-    lengths = np.ones((rows, m), dtype=np.int64)
-    first = np.empty((rows, m), dtype=np.int64)  # where each (row, member) bag starts, end to end
-    starts = np.cumsum(sizes) - sizes
-    np.add(np.arange(rows)[:, None], starts, out=first)  # right for single-id members
-    for j, i in enumerate(parts):
-        if not i.singles:
-            own = i.bags.numpy()
-            np.subtract(own[1:], own[:-1], out=lengths[:, j])
-            np.add(own[:-1], starts[j], out=first[:, j])
-    flat = lengths.reshape(-1)
-    bags = torch.zeros(rows * m + 1, dtype=torch.int64)
-    torch.cumsum(torch.from_numpy(flat), 0, out=bags[1:])
-    offsets = bags.numpy()
-    n = int(offsets[-1])
-    # Id k of a bag starting at offsets[q] comes from first[q] + (k - offsets[q]).
-    perm = np.repeat(first.reshape(-1) - offsets[:-1], flat)
-    perm += np.arange(n, dtype=np.int64)
-    values = np.take(np.concatenate([i.values.numpy() for i in parts]), perm)
-    tab = np.take(np.repeat(np.asarray(tabs, dtype=np.int64), sizes), perm)
-    w = None
-    if any(x is not None for x in mults):
-        per_id = [
-            x.numpy()
-            if x is not None
-            else np.repeat(s.numpy(), lengths[:, j])
-            if s is not None
-            else np.ones(sizes[j], dtype=np.float32)
-            for j, (x, s) in enumerate(zip(mults, scales, strict=True))
-        ]
-        w = np.take(np.concatenate(per_id), perm)
-    elif not plain:
-        per_bag = np.ones((rows, m), dtype=np.float32)
-        for j, s in enumerate(scales):
-            if s is not None:
-                per_bag[:, j] = s.numpy()
-        w = np.repeat(per_bag.reshape(-1), flat)
-    return _Joined(
-        torch.from_numpy(values),
-        torch.from_numpy(tab),
-        bags,
-        None if w is None else torch.from_numpy(w),
-        False,
-        rows,
-    )
-
-
-def _batch_major_torch(
-    parts: list[Ids],
-    tabs: list[int],
-    scales: list[torch.Tensor | None],
-    mults: list[torch.Tensor | None],
-    rows: int,
-) -> _Joined:
-    """:func:`_batch_major_host` in torch, for other devices."""
-    m = len(parts)
-    device = parts[0].values.device
-    sizes = [i.values.numel() for i in parts]
-    plain = all(s is None for s in scales) and all(w is None for w in mults)
-    if plain and all(i.singles for i in parts):
-        values = torch.stack([i.values for i in parts], dim=1).reshape(-1)
-        tab = torch.tensor(tabs, dtype=torch.int64, device=device).repeat(rows)
-        bags = torch.arange(values.numel() + 1, device=device)
-        return _Joined(values, tab, bags, None, True, rows)
-    lengths = torch.ones((rows, m), dtype=torch.int64, device=device)
-    first = torch.empty((rows, m), dtype=torch.int64, device=device)
-    at = 0
-    for j, i in enumerate(parts):
-        if i.singles:
-            first[:, j] = torch.arange(at, at + rows, device=device)
-        else:
-            lengths[:, j] = i.bags[1:] - i.bags[:-1]
-            first[:, j] = i.bags[:-1] + at
-        at += sizes[j]
-    flat = lengths.reshape(-1)
-    bags = torch.zeros(rows * m + 1, dtype=torch.int64, device=device)
-    torch.cumsum(flat, 0, out=bags[1:])
-    n = int(bags[-1])
-    perm = repeat_values(first.reshape(-1) - bags[:-1], flat, n)
-    perm += torch.arange(n, device=device)
-    values = torch.cat([i.values for i in parts]).index_select(0, perm)
-    member = torch.tensor(tabs, dtype=torch.int64, device=device)
-    tab = repeat_values(member, torch.tensor(sizes, device=device), n).index_select(0, perm)
-    w = None
-    if any(x is not None for x in mults):
-        per_id = [
-            x
-            if x is not None
-            else repeat_values(s, lengths[:, j], sizes[j])
-            if s is not None
-            else torch.ones(sizes[j], device=device)
-            for j, (x, s) in enumerate(zip(mults, scales, strict=True))
-        ]
-        w = torch.cat(per_id).index_select(0, perm)
-    elif not plain:
-        per_bag = torch.ones((rows, m), device=device)
-        for j, s in enumerate(scales):
-            if s is not None:
-                per_bag[:, j] = s
-        w = repeat_values(per_bag.reshape(-1), flat, n)
-    return _Joined(values, tab, bags, w, False, rows)
-
-
-_TABLE_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15, odd: a bijection on ids per table
-_MUL = -4658895280553007687  # 0xBF58476D1CE4E5B9, odd multiplier of the grouping hash
-
-
-def _dedup(
-    values: torch.Tensor, tabs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Distinct ``(table, id)`` pairs of a fused lookup, with the inverse mapping.
-
-    Args:
-        values: ``(N,) int64`` ids.
-        tabs: ``(N,)`` int32 or int64 table index of every id.
-
-    Returns:
-        ``(ids (U,), tables (U,) int32, inverse (N,), grouping)``: ``grouping`` is
-        ``(order, offsets)``, listing the positions of distinct pair ``u`` in ascending order
-        as ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass), or ``None``.
-    """
-    n = values.numel()
-    if values.device.type == "cpu" and n > 1:
-        found = _packed_dedup(values, tabs)
-        if found is not None:
-            return found
-    return _exact_dedup(values, tabs)
-
-
-_MIN_HASH_BITS = 24  # below this many hash bits per packed value, collisions get likely
-
-
-def _packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
-    """Group equal pairs with one vectorized sort of plain int64 values (CPU, in NumPy).
-
-    Each value packs, from the top, the high bits of a multiplicative hash of the id, the table
-    index and the position, so numpy's sort of values (several times faster than an argsort)
-    makes equal pairs adjacent, each group in ascending position order. Two different ids of
-    one table share a group only when their hashes agree on every kept bit; that is detected
-    and ``None`` sends the caller to the exact path. The passes run in NumPy, whose loops over
-    these index arrays are faster than torch's on one thread (the whole function: about 4.0
-    vs 4.8 ms for the embedding benchmark's 225k ids).
-    """
-    n = values.numel()
-    bits = (n - 1).bit_length()
-    v = values.numpy()
-    t = tabs.numpy().astype(np.int64, copy=False)
-    tab_bits = int(t.max()).bit_length()
-    low_bits = bits + tab_bits
-    if 64 - low_bits < _MIN_HASH_BITS:
-        return None
-    packed = v * np.int64(_MUL)  # wraps modulo 2**64, as intended
-    packed &= np.int64(-(1 << low_bits))
-    if tab_bits:
-        packed |= t << np.int64(bits)
-    packed |= np.arange(n, dtype=np.int64)
-    packed.sort()
-    order = packed & np.int64((1 << bits) - 1)
-    sv = np.take(v, order)
-    group = packed >> np.int64(bits)
-    flags = np.empty(n, dtype=bool)
-    flags[0] = True
-    np.not_equal(group[1:], group[:-1], out=flags[1:])
-    # Sorted neighbours with different ids but one group are two ids whose hashes collide.
-    if np.greater(sv[1:] != sv[:-1], flags[1:]).any():
-        return None
-    starts = np.flatnonzero(flags)
-    flags[0] = False
-    # Ranked and scattered in int32 where they fit: half the bytes, which makes torch's
-    # cumulative sum (faster than NumPy's) and the scatter about twice as fast.
-    small = n < 1 << 31
-    inverse = np.empty(n, dtype=np.int32 if small else np.int64)
-    flags_t = torch.from_numpy(flags)
-    ranks = torch.cumsum(flags_t, 0, dtype=torch.int32 if small else torch.int64)
-    inverse[order] = ranks.numpy()
-    offsets = np.append(starts, n).astype(np.int64, copy=False)
-    key_tabs = (group[starts] & np.int64((1 << tab_bits) - 1)).astype(np.int32)
-    grouping = (torch.from_numpy(order), torch.from_numpy(offsets))
-    return (
-        torch.from_numpy(sv[starts]),
-        torch.from_numpy(key_tabs),
-        torch.from_numpy(inverse.astype(np.int64, copy=False)),
-        grouping,
-    )
-
-
-def _exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
-    """Sort-based dedup on any device.
-
-    Pairs are keyed by ``id ^ (table * K)``. Two different pairs can share a key only with
-    different tables, which the check below detects (each key must map back to one table); the
-    lexicographic ``unique`` over pairs then runs instead, so no ids ever merge.
-    """
-    tabs = tabs.to(torch.int32)
-    key = values ^ (tabs.to(torch.int64) * _TABLE_MIX)
-    n = key.numel()
-    sorted_key, order = torch.sort(key)
-    flags = torch.ones(n, dtype=torch.bool, device=key.device)
-    if n > 1:
-        torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])
-    starts = true_positions(flags)
-    inverse = torch.empty(n, dtype=torch.int64, device=key.device)
-    inverse.index_copy_(0, order, torch.cumsum(flags, 0) - 1)
-    uniq = sorted_key.index_select(0, starts)
-    key_tabs = torch.empty(uniq.numel(), dtype=torch.int32, device=values.device)
-    key_tabs.scatter_(0, inverse, tabs)
-    if not torch.equal(key_tabs.index_select(0, inverse), tabs):
-        pairs = torch.stack([tabs.to(torch.int64), values], dim=1)
-        up, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        return up[:, 1].contiguous(), up[:, 0].to(torch.int32), inverse, None
-    grouping = (order, torch.cat([starts, torch.tensor([n], device=key.device)]))
-    return uniq ^ (key_tabs.to(torch.int64) * _TABLE_MIX), key_tabs, inverse, grouping
 
 
 def _check_frozen(feature: str, name: str, option: EmbeddingOption) -> None:

@@ -27,10 +27,8 @@ from ._ops import (
     IDMultiHash,
     Mod,
     SequenceTruncate,
-    gather_strings,
-    is_string_ragged,
-    string_positions,
 )
+from ._ragged import gather_strings, is_string_ragged, string_positions
 from ._values import Value, as_int64, flat, rebuild
 
 __all__: list[str] = []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -14,6 +12,8 @@ import recis_kernels as rk
 from recis_kernels import RaggedTensor
 
 from ._op import SourceOp, Transform, require
+from ._params import INT64_MAX, is_finite, is_int, number_list, plain
+from ._ragged import cross_side, fill_empty_rows, gather_strings, is_string_ragged, string_positions
 from ._values import (
     Value,
     as_int64,
@@ -41,54 +41,7 @@ __all__ = [
     "SequenceTruncate",
 ]
 
-_INT64_MAX = 2**63 - 1
 HASH_ALGORITHMS = ("farm", "murmur")
-
-
-def _is_int(x: Any) -> bool:
-    # numbers.Integral: Python ints and NumPy integer scalars (``np.int64(5)``, what NumPy
-    # reductions and array items give), never bools.
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    # numbers.Real: Python and NumPy scalars (``np.float32(0.5)``); bools are not numbers here
-    # (NumPy's bool is not registered as a number at all).
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_finite(x: Any) -> bool:
-    """Whether ``x`` is a number a float64 holds as a finite value (an int beyond float range,
-    such as ``10**400``, is not: ``math.isfinite`` would raise ``OverflowError`` on it)."""
-    if not _is_number(x):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
-
-
-def _plain(x: Any) -> Any:
-    """A parameter as a plain Python ``int`` or ``float`` (NumPy scalars are stored as Python
-    numbers, so ``Mod(np.int64(5))`` and ``Mod(5)`` are one op and serialize alike)."""
-    return int(x) if _is_int(x) else float(x)
-
-
-def _numbers(values: Any, kind: str, name: str) -> list[Any]:
-    """A sequence parameter as a list; a 1-d torch tensor or NumPy array gives its items.
-
-    Raises:
-        FeatureDefinitionError: ``values`` is a single number or anything else that is not a
-            sequence (``"<kind>: <name> must be a sequence of numbers, got ..."``).
-    """
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().reshape(-1).tolist() if values.dim() == 1 else [values]
-    require(
-        isinstance(values, Iterable) and getattr(values, "ndim", 1) != 0,
-        kind,
-        f"{name} must be a sequence of numbers, got {values!r}",
-    )
-    return list(values)
 
 
 class SelectField(SourceOp):
@@ -226,7 +179,7 @@ class Hash(Transform):
             f"algorithm must be 'farm' or 'murmur', got {algorithm!r}",
         )
         require(
-            _is_int(buckets) and 0 <= buckets <= _INT64_MAX,
+            is_int(buckets) and 0 <= buckets <= INT64_MAX,
             self.kind,
             f"buckets must be an integer in [0, 2**63), got {buckets!r}",
         )
@@ -264,7 +217,7 @@ class Mod(Transform):
 
     def __init__(self, n: int) -> None:
         require(
-            _is_int(n) and 1 <= n <= _INT64_MAX,
+            is_int(n) and 1 <= n <= INT64_MAX,
             self.kind,
             f"n must be an integer in [1, 2**63), got {n!r}",
         )
@@ -297,10 +250,10 @@ class Bucketize(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
 
     def __init__(self, boundaries: Sequence[float]) -> None:
-        b = _numbers(boundaries, self.kind, "boundaries")
+        b = number_list(boundaries, self.kind, "boundaries")
         require(len(b) > 0, self.kind, "boundaries must not be empty")
         require(
-            all(_is_finite(x) for x in b),
+            all(is_finite(x) for x in b),
             self.kind,
             "boundaries must be finite numbers",
         )
@@ -329,23 +282,6 @@ class Bucketize(Transform):
     def apply(self, value: Value) -> Value:
         x = flat(value)
         return rebuild(value, rk.bucketize(x, self.boundary_tensor(x.device)))
-
-
-def as_rows(value: torch.Tensor | RaggedTensor) -> RaggedTensor:
-    """A dense ``(B,)`` or ``(B, k)`` value as a one-level ragged value (``k`` ids per row)."""
-    if isinstance(value, RaggedTensor):
-        return value
-    rows = value.shape[0]
-    per_row = math.prod(value.shape[1:])
-    offsets = torch.arange(rows + 1, dtype=torch.int64, device=value.device) * per_row
-    return RaggedTensor(value.reshape(-1), [offsets], validate=False)
-
-
-def _cross_side(part: torch.Tensor | RaggedTensor) -> torch.Tensor | RaggedTensor:
-    if isinstance(part, torch.Tensor) and part.dim() == 1:
-        return as_int64(part)
-    r = as_rows(part)
-    return r if r.values.dtype == torch.int64 else r.with_values(as_int64(r.values), r.weights)
 
 
 class FeatureCross(Transform):
@@ -385,7 +321,7 @@ class FeatureCross(Transform):
     def rows(value: Value) -> tuple[torch.Tensor | RaggedTensor, torch.Tensor | RaggedTensor]:
         """The pair as the kernel's int64 id inputs: a ``(B,)`` column as it is (one id per
         row), anything else as one-level ragged rows."""
-        return tuple(_cross_side(part) for part in value)  # type: ignore[return-value]
+        return tuple(cross_side(part) for part in value)  # type: ignore[return-value]
 
     def apply(self, value: Value) -> Value:
         return rk.feature_cross(*self.rows(value))
@@ -408,10 +344,10 @@ class IDMultiHash(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"ids"})
 
     def __init__(self, buckets: Sequence[int]) -> None:
-        b = _numbers(buckets, self.kind, "buckets")
+        b = number_list(buckets, self.kind, "buckets")
         require(len(b) > 0, self.kind, "buckets must not be empty")
         require(
-            all(_is_int(x) and 0 <= x <= _INT64_MAX for x in b),
+            all(is_int(x) and 0 <= x <= INT64_MAX for x in b),
             self.kind,
             f"buckets must be integers in [0, 2**63), got {b!r}",
         )
@@ -428,48 +364,6 @@ class IDMultiHash(Transform):
         if isinstance(value, RaggedTensor):
             return value.with_values(hashed, value.weights)
         return hashed.reshape(*value.shape, len(self.buckets))
-
-
-def is_string_ragged(value: Value) -> bool:
-    """Whether ``value`` is a ragged value of strings (``uint8`` bytes, the last offsets
-    delimiting the strings)."""
-    return isinstance(value, RaggedTensor) and value.values.dtype == torch.uint8
-
-
-def string_positions(value: RaggedTensor) -> RaggedTensor:
-    """The strings of a ragged string value as their positions ``0, 1, ...`` under the outer
-    offsets: the structure a truncation acts on, without the bytes."""
-    outer = list(value.offsets[:-1])
-    count = value.offsets[-1].shape[0] - 1
-    positions = torch.arange(count, dtype=torch.int64, device=value.values.device)
-    return RaggedTensor(positions, outer, validate=False)
-
-
-def gather_strings(value: RaggedTensor, kept: RaggedTensor) -> RaggedTensor:
-    """The strings of ``value`` at the positions ``kept`` holds, whole, under ``kept``'s
-    offsets (the inverse of :func:`string_positions` after a truncation)."""
-    starts_all = value.offsets[-1]
-    index = kept.values
-    starts = starts_all[:-1].index_select(0, index)
-    lengths = starts_all[1:].index_select(0, index) - starts
-    byte_offsets = torch.zeros(index.shape[0] + 1, dtype=torch.int64, device=index.device)
-    torch.cumsum(lengths, 0, out=byte_offsets[1:])
-    total = int(byte_offsets[-1])
-    owner = torch.repeat_interleave(
-        torch.arange(index.shape[0], device=index.device), lengths, output_size=total
-    )
-    byte_index = (
-        starts.index_select(0, owner)
-        + torch.arange(total, device=index.device)
-        - byte_offsets[:-1].index_select(0, owner)
-    )
-    weights = None if value.weights is None else value.weights.index_select(0, byte_index)
-    return RaggedTensor(
-        value.values.index_select(0, byte_index),
-        [*kept.offsets, byte_offsets],
-        weights,
-        validate=False,
-    )
 
 
 class SequenceTruncate(Transform):
@@ -501,12 +395,12 @@ class SequenceTruncate(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"ids", "floats", "strings"})
 
     def __init__(self, length: int, side: str = "head", levels: int = 2) -> None:
-        require(_is_int(length) and length >= 0, self.kind, f"length must be >= 0, got {length!r}")
+        require(is_int(length) and length >= 0, self.kind, f"length must be >= 0, got {length!r}")
         require(side in ("head", "tail"), self.kind, f"side must be 'head' or 'tail', got {side!r}")
         # An integer check first: 2.0 == 2 would pass ``in`` and be stored (and fingerprinted)
         # as a float, and a NumPy integer would break the op's JSON.
         require(
-            _is_int(levels) and levels in (2, 3),
+            is_int(levels) and levels in (2, 3),
             self.kind,
             f"levels must be 2 or 3, got {levels!r}",
         )
@@ -564,11 +458,11 @@ class FillMissing(Transform):
 
     def __init__(self, value: float) -> None:
         require(
-            _is_finite(value),
+            is_finite(value),
             self.kind,
             f"value must be a finite number, got {value!r}",
         )
-        self.value = _plain(value)
+        self.value = plain(value)
 
     def params(self) -> dict[str, Any]:
         return {"value": self.value}
@@ -583,7 +477,7 @@ class FillMissing(Transform):
                 return self.expectation()
             if value.values.dim() != 1:
                 return "a one-level ragged value with one number per element"
-            if kind == "ids" and not _is_int(self.value):
+            if kind == "ids" and not is_int(self.value):
                 return f"floats, since the fill value {self.value!r} is not an integer"
             return self._fits(value.values.dtype)
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
@@ -602,30 +496,7 @@ class FillMissing(Transform):
     def apply(self, value: Value) -> Value:
         if isinstance(value, torch.Tensor):
             return value.masked_fill(value.isnan(), self.value)
-        return _fill_empty_rows(value, self.value)
-
-
-def _fill_empty_rows(r: RaggedTensor, fill: float) -> RaggedTensor:
-    """Give every empty row of a one-level ragged value a single ``fill`` element."""
-    values = r.values
-    if values.dtype.is_floating_point:
-        values = torch.where(values.isnan(), torch.full_like(values, fill), values)
-    offsets = r.offsets[0]
-    lengths = offsets[1:] - offsets[:-1]
-    empty = lengths == 0
-    new_lengths = lengths + empty.to(torch.int64)
-    new_offsets = torch.zeros_like(offsets)
-    torch.cumsum(new_lengths, 0, out=new_offsets[1:])
-    # An old element moves right by the number of empty rows before its own row.
-    shift = torch.repeat_interleave(new_offsets[:-1] - offsets[:-1], lengths)
-    positions = torch.arange(values.shape[0], device=values.device) + shift
-    out = torch.full((int(new_offsets[-1]),), fill, dtype=values.dtype, device=values.device)
-    out[positions] = values
-    weights = None
-    if r.weights is not None:
-        weights = torch.ones(out.shape[0], dtype=r.weights.dtype, device=out.device)
-        weights[positions] = r.weights
-    return RaggedTensor(out, [new_offsets], weights, validate=False)
+        return fill_empty_rows(value, self.value)
 
 
 class Normalize(Transform):
@@ -640,9 +511,9 @@ class Normalize(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"floats"})
 
     def __init__(self, mean: float, std: float) -> None:
-        require(_is_finite(mean), self.kind, f"bad mean {mean!r}")
+        require(is_finite(mean), self.kind, f"bad mean {mean!r}")
         require(
-            _is_finite(std) and std > 0,
+            is_finite(std) and std > 0,
             self.kind,
             f"std must be a positive finite number, got {std!r}",
         )

@@ -1,0 +1,355 @@
+"""Restoring a model from a checkpoint and its delta chain, checked before any table changes."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recis_embedding._checkpoint import (
+    CheckpointReader,
+    _Saved,
+    _Unsaved,
+    dtype_name,
+    engines,
+    shard_context,
+)
+from recis_embedding._engine import logical_tables
+from recis_embedding._optim import SparseOptimizer
+from recis_embedding._statedict import tables_saved_separately
+from recis_embedding._table import HashTable
+from recis_embedding.exceptions import CheckpointError
+
+__all__ = ["load"]
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    sparse_optimizer: SparseOptimizer | None = None,
+    *,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore ``model``'s tables (and dense state, and optimizer hyperparameters) from ``path``.
+
+    A delta checkpoint is applied on top of its parent chain (loaded first). Tables are replaced,
+    not merged: after loading, each table holds exactly the checkpoint's rows.
+
+    Args:
+        path: checkpoint directory.
+        model: a module with the same embedding tables (fusion may differ).
+        sparse_optimizer: receives the saved hyperparameters; its tables receive optimizer slots.
+        strict: the checkpoint's tables must be exactly the model's (none missing, none the
+            model lacks), and dense keys must match. With ``strict=False`` tables the model
+            lacks are skipped, and model tables absent from the checkpoint keep their rows.
+
+    Returns:
+        The manifest of ``path``.
+
+    Embeddings saved in another storage dtype are cast to the table's (float32 to float16 or
+    bfloat16 rounds to nearest; the other way is exact).
+
+    Raises:
+        CheckpointError: corrupt files, missing or unexpected tables (``strict``), dim or
+            optimizer-slot mismatch, saved embeddings too large for the table's dtype
+            (beyond float16's 65504), more rows than a table's ``capacity`` (after the base
+            or any delta of a chain), or a dense state that does not fit the model (keys
+            when ``strict``, shapes always). All of these are found before any table
+            changes.
+        ConfigError: two embedding modules of ``model`` define the same table name.
+    """
+    tables = logical_tables(model)
+    chain = [CheckpointReader(path)]
+    while chain[-1].kind == "delta":
+        chain.append(_parent_reader(chain[-1]))
+    chain.reverse()
+    shard = shard_context(model)
+    _check_optimizer(chain[-1], sparse_optimizer)
+    _check_tables(chain[-1], tables, strict)
+    _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
+    _check_casts(chain, tables)
+    _check_capacities(chain, tables, shard)
+    dense = chain[-1].dense()
+    _check_dense(chain[-1], model, dense, strict)
+    cleared: set[tuple[int, int]] = set()
+    for reader in chain:
+        saved = reader.manifest["tables"]
+        for name, (table, index) in tables.items():
+            if name not in saved:
+                continue
+            if reader.kind == "full" and (id(table), index) not in cleared:
+                # A full checkpoint replaces the logical tables it holds; the other logical
+                # tables fused into the same physical table keep their rows.
+                siblings = {n: i for n, (t, i) in tables.items() if t is table}
+                if all(n in saved for n in siblings):
+                    table.clear()
+                    cleared.update((id(table), i) for i in siblings.values())
+                else:
+                    keys, tabs, _ = table._map.export()
+                    mine = tabs == index
+                    table._erase(keys[mine], tabs[mine])
+                    cleared.add((id(table), index))
+            _load_table(reader, name, table, index, shard)
+    try:
+        model.load_state_dict(dense, strict=strict)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"dense state of {chain[-1].path} does not match the model: {exc}"
+        ) from exc
+    if sparse_optimizer is not None and chain[-1].manifest.get("optimizer"):
+        state = chain[-1].manifest["optimizer"]["state"]
+        for group in state["param_groups"]:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        sparse_optimizer.load_state_dict(state)
+    loaded = _Saved(Path(path).resolve(), chain[-1].manifest.get("id"))
+    in_checkpoint = set(chain[-1].manifest["tables"])
+    for table in {id(t): t for t, _ in tables.values()}.values():
+        # A delta holds the rows changed since its parent: rows of a logical table the
+        # checkpoint lacks (kept by strict=False) are in no parent, so only a full save may
+        # follow. An empty one is fine: every row it gets later is a change.
+        kept = [
+            n for i, n in enumerate(table.names) if n not in in_checkpoint and len(table.ids(i))
+        ]
+        table.mark_saved(_Unsaved(tuple(kept)) if kept else loaded)
+    return chain[-1].manifest
+
+
+def _parent_reader(delta: CheckpointReader) -> CheckpointReader:
+    """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta."""
+    manifest = delta.manifest
+    candidates = [delta.parent] if delta.parent is not None else []
+    if manifest.get("parent_relative"):
+        candidates.append(delta.path / manifest["parent_relative"])
+    found = next((p for p in candidates if (p / "manifest.json").is_file()), None)
+    if found is None:
+        raise CheckpointError(f"delta checkpoint {delta.path} lacks its parent {delta.parent}")
+    reader = CheckpointReader(found)
+    expected = manifest.get("parent_id")
+    if expected is not None and reader.manifest.get("id") != expected:
+        raise CheckpointError(
+            f"delta checkpoint {delta.path} applies to checkpoint {expected}, but its parent "
+            f"{found} now holds checkpoint {reader.manifest.get('id')} (overwritten by a later save?)"
+        )
+    return reader
+
+
+def _check_optimizer(reader: CheckpointReader, sparse_optimizer: SparseOptimizer | None) -> None:
+    """The saved optimizer state must be loaded by the optimizer that saved it."""
+    saved = reader.manifest.get("optimizer")
+    if sparse_optimizer is not None and saved:
+        mine = type(sparse_optimizer).__name__
+        if saved.get("class") != mine:
+            raise CheckpointError(
+                f"checkpoint {reader.path} holds the state of a {saved.get('class')} sparse "
+                f"optimizer; it cannot be loaded into a {mine}"
+            )
+
+
+def _frozen_tables(model: nn.Module) -> set[str]:
+    """Names of the logical tables of ``trainable=False`` options."""
+    return {
+        name
+        for engine in engines(model)
+        for name, option in engine.table_options().items()
+        if not option.trainable
+    }
+
+
+def _warn_unplaced_state(
+    reader: CheckpointReader, tables: dict[str, Any], frozen: set[str]
+) -> None:
+    """Warns when saved optimizer state has no table slots to go to; a frozen table needs
+    none (it never trains), so its embeddings alone are what a load is for."""
+    for name, (table, _) in tables.items():
+        info = reader.manifest["tables"].get(name)
+        if info and info["slots"] and not table.slots and name not in frozen:
+            warnings.warn(
+                f"checkpoint {reader.path}: table {name!r} has {info['optimizer']} optimizer "
+                f"state, but the model's table has no sparse optimizer, so only its embeddings "
+                f"are loaded. To resume training, create the sparse optimizer before load() "
+                f"and pass it as sparse_optimizer.",
+                stacklevel=3,
+            )
+
+
+def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool) -> None:
+    saved = set(reader.manifest["tables"])
+    missing = sorted(set(tables) - saved)
+    if strict and missing:
+        raise CheckpointError(f"checkpoint {reader.path} has no tables {missing}")
+    unexpected = sorted(saved - set(tables))
+    if strict and unexpected:
+        # As torch's strict load_state_dict refuses unexpected keys: trained rows that no table
+        # of the model receives would be lost without a word (and from the next save).
+        raise CheckpointError(
+            f"checkpoint {reader.path} has tables {unexpected} that the model lacks (model "
+            f"tables: {sorted(tables)}); pass strict=False to load the others and skip them"
+        )
+    for name, (table, _) in tables.items():
+        if name not in saved:
+            continue
+        info = reader.manifest["tables"][name]
+        if info["dim"] != table.dim:
+            raise CheckpointError(
+                f"table {name!r}: checkpoint has dim {info['dim']}, model has {table.dim}"
+            )
+        slots = [tuple(s) for s in info["slots"]]
+        if (
+            slots
+            and table.slots
+            and (slots != table.slots or info["optimizer"] != table.optimizer_kind)
+        ):
+            raise CheckpointError(
+                f"table {name!r}: checkpoint optimizer {info['optimizer']!r} slots {slots} do not "
+                f"match the model's {table.optimizer_kind!r} slots {table.slots}"
+            )
+
+
+def _check_casts(chain: list[CheckpointReader], tables: dict[str, Any]) -> None:
+    """Embeddings saved in another dtype are cast to the table's (rounded to nearest); a
+    finite value the table's dtype cannot hold would become infinite: refuse it before any
+    table changes."""
+    for reader in chain:
+        for name, (table, _) in tables.items():
+            info = reader.manifest["tables"].get(name)
+            if not info or info["dtype"] == dtype_name(table.dtype) or not info["rows"]:
+                continue
+            emb = reader.read(name).to(torch.float32)
+            lost = emb.isfinite() & ~emb.to(table.dtype).isfinite()
+            if bool(lost.any()):
+                worst = float(emb[lost].abs().max())
+                raise CheckpointError(
+                    f"table {name!r} of checkpoint {reader.path}: {int(lost.sum())} embedding "
+                    f"values saved as {info['dtype']} (largest magnitude {worst:g}) overflow "
+                    f"the table's {dtype_name(table.dtype)} (max "
+                    f"{torch.finfo(table.dtype).max:g}); load into a table of a wider dtype"
+                )
+
+
+def _check_capacities(
+    chain: list[CheckpointReader], tables: dict[str, tuple[HashTable, int]], shard: Any
+) -> None:
+    """A table with a ``capacity`` must hold every row the load gives it (on this rank), after
+    each checkpoint of a delta chain: refuse a checkpoint with more before any table changes,
+    rather than raise :class:`TableFullError` from a table the load has already emptied (or
+    let capacity eviction drop loaded rows)."""
+    for table in {id(t): t for t, _ in tables.values() if t.capacity is not None}.values():
+        counts = {
+            name: _rows_while_loading(chain, name, table, index, shard)
+            for name, (t, index) in tables.items()
+            if t is table
+        }
+        if sum(counts.values()) > (table.capacity or 0):
+            held = ", ".join(f"{n!r}: {c}" for n, c in counts.items())
+            raise CheckpointError(
+                f"table {table.names[0]!r} has capacity {table.capacity}, but loading checkpoint "
+                f"{chain[-1].path} would put {sum(counts.values())} rows in it ({held}"
+                f"{' on this rank' if shard is not None else ''}); load into a table with a "
+                f"capacity of at least that"
+            )
+
+
+def _rows_while_loading(
+    chain: list[CheckpointReader], name: str, table: HashTable, index: int, shard: Any
+) -> int:
+    """The most rows logical table ``name`` holds (on this rank) while ``chain`` loads: after
+    its full checkpoint and after each delta (which erases, then inserts)."""
+    ids = table.ids(index).cpu()  # kept when no full checkpoint of the chain holds the table
+    most = 0
+    for reader in chain:
+        if name not in reader.manifest["tables"]:
+            continue
+        saved = reader.read(name, "ids")
+        if shard is not None:
+            saved = saved[shard.owns(saved.to(table.device)).cpu()]
+        if reader.kind == "full":
+            ids = saved
+        else:
+            erased = reader.read(name, "erased")
+            ids = torch.cat([ids[~torch.isin(ids, erased)], saved]).unique()
+        most = max(most, ids.numel())
+    return most
+
+
+def _check_dense(
+    reader: CheckpointReader, model: nn.Module, dense: dict[str, torch.Tensor], strict: bool
+) -> None:
+    """Torch's checks of ``model.load_state_dict(dense, strict)`` (missing and unexpected
+    keys when ``strict``, shapes always), made before any table changes: a dense state that
+    does not fit must not leave the model with the checkpoint's tables but its own dense
+    part."""
+    with tables_saved_separately():
+        expected = model.state_dict()
+    problems = []
+    if strict:
+        missing = sorted(set(expected) - set(dense))
+        unexpected = sorted(set(dense) - set(expected))
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+    for key in sorted(set(expected) & set(dense)):
+        mine, saved = expected[key], dense[key]
+        if not isinstance(mine, torch.Tensor) or torch.nn.parameter.is_lazy(mine):
+            continue
+        shape = saved.shape
+        if mine.dim() == 0 and shape == (1,):  # torch loads these (1-d from torch 0.3)
+            continue
+        if shape != mine.shape:
+            problems.append(
+                f"size mismatch for {key}: {tuple(shape)} in the checkpoint, "
+                f"{tuple(mine.shape)} in the model"
+            )
+    if problems:
+        raise CheckpointError(
+            f"dense state of {reader.path} does not match the model: {'; '.join(problems)} "
+            f"(nothing was loaded)"
+        )
+
+
+def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int, shard) -> None:
+    data = reader.read_all(name)
+    admission = {
+        k.removeprefix("admission."): v for k, v in data.items() if k.startswith("admission.")
+    }
+    data = {k: v for k, v in data.items() if not k.startswith("admission.")}
+    if shard is not None:
+        # Resharding: whatever world size wrote the files, keep the ids this rank owns.
+        mine = shard.owns(data["ids"])
+        data = {k: (v if k == "erased" else v[mine]) for k, v in data.items()}
+        if "ids" in admission:
+            held = shard.owns(admission["ids"])
+            admission = {k: v[held] for k, v in admission.items()}
+    if admission and table.admission is not None:
+        table.admission.load_state(table, index, admission)
+    if "erased" in data and data["erased"].numel():
+        table.erase(data["erased"].to(table.device), index)
+    # The table's clock: the checkpoint's step (a cleared table restarts at 0), or the later
+    # clock of the other logical tables of a physical table loaded only in part. The same
+    # whether or not this rank received rows of the table, so every shard keeps one clock.
+    table.step = max(table.step, int(reader.table_info(name)["step"]))
+    ids = data["ids"].to(table.device)
+    if ids.numel() == 0:
+        return
+    rows, _ = table.find_or_insert(ids, index)
+    emb = data["embeddings"].to(device=table.device, dtype=torch.float32)
+    parts = [table._to_words(emb)]
+    for slot, width in table.slots:
+        key = f"slot.{slot}"
+        parts.append(
+            data[key].to(table.device)
+            if key in data
+            else table.state_init(slot).expand(ids.numel(), width)
+        )
+    table.write_full(rows, torch.cat(parts, dim=1))
+    table.frequency[rows] = data["meta.frequency"].to(table.device)
+    table.last_seen[rows] = data["meta.last_seen"].to(table.device)
+    # Files written before rows recorded their insertion step: capacity eviction then breaks
+    # ties by id alone.
+    inserted = data.get("meta.inserted")
+    table.inserted[rows] = 0 if inserted is None else inserted.to(table.device)

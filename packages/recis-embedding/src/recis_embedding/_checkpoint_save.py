@@ -1,0 +1,298 @@
+"""Writing checkpoints: table files per rank, then the manifest and dense state, renamed into place.
+
+The format is described in ``recis_embedding._checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from recis_embedding._checkpoint import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CheckpointReader,
+    _Saved,
+    _Unsaved,
+    dtype_name,
+    manifest_digest,
+    sha256,
+    shard_context,
+)
+from recis_embedding._engine import logical_tables
+from recis_embedding._optim import SparseOptimizer
+from recis_embedding._statedict import tables_saved_separately
+from recis_embedding._table import HashTable
+from recis_embedding.exceptions import CheckpointError
+
+__all__ = ["save"]
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    sparse_optimizer: SparseOptimizer | None = None,
+    *,
+    delta: bool = False,
+    parent: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a checkpoint of ``model``'s tables (and dense state) to directory ``path``.
+
+    Args:
+        path: checkpoint directory (created; an existing one is replaced atomically).
+        model: a module containing :class:`EmbeddingEngine`/``DynamicEmbedding`` modules.
+        sparse_optimizer: its hyperparameters are saved too (row state is in the tables).
+        delta: write only rows changed (and ids erased) since the previous save of these
+            tables; the manifest names that save as ``parent``.
+        parent: where the previous save lives now, when its directory was moved or renamed
+            after saving (e.g. a save into a temporary directory renamed into place); it must
+            be that same save. Default: where the tables were last saved or loaded.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: ``delta=True`` without a previous save of these tables (or after a
+            ``load(..., strict=False)`` that kept rows of tables the checkpoint lacks), or the
+            previous save is no longer where it was written (and ``parent`` is not given), or
+            ``parent`` is not the previous save; on the other ranks of a sharded model, when
+            the save failed on one rank (that rank raises its own error). Every rank raises,
+            none waits for the failed one, and the previous checkpoint at ``path`` is left as
+            it was.
+        ConfigError: two embedding modules of ``model`` define the same table name.
+    """
+    path = Path(path)
+    tables = logical_tables(model)
+    physical = {id(t): t for t, _ in tables.values()}.values()
+    shard = shard_context(model)
+    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
+    tmp = (
+        path.parent / f".{path.name}.tmp"
+        if shard
+        else path.parent / f".{path.name}.tmp-{os.getpid()}"
+    )
+    # Each phase ends with every rank learning whether any rank failed in it (one collective
+    # per phase), so a failure on one rank raises on all of them instead of leaving the others
+    # waiting in the next collective, and no rank records a save that did not happen.
+    previous = None
+    with _phase(shard, path, "preparing", tmp if rank == 0 else None):
+        if delta:
+            previous = _previous_save(physical, path, parent)
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "sparse").mkdir(parents=True)
+    with _phase(shard, path, "writing the table files", tmp if rank == 0 else None) as phase:
+        infos = {
+            name: _save_table(tmp, name, table, index, delta, rank, world)
+            for name, (table, index) in sorted(tables.items())
+        }
+        files = {
+            f.relative_to(tmp).as_posix(): sha256(f)
+            for f in sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
+        }
+        phase.result = (infos, files, uuid.uuid4().hex)
+    gathered = phase.gathered
+    save_id = gathered[0][2]  # rank 0's, the same on every rank
+    with _phase(shard, path, "writing the manifest", tmp if rank == 0 else None):
+        if rank == 0:
+            _write(tmp, model, gathered, sparse_optimizer, previous, path, world, save_id)
+            _replace(tmp, path)
+    for table in physical:
+        table.mark_saved(_Saved(path.resolve(), save_id))
+    return path
+
+
+def _previous_save(physical: Any, path: Path, parent: str | os.PathLike[str] | None) -> _Saved:
+    """The save a delta builds on, checked to still be where the delta will point."""
+    saves = {getattr(t, "last_checkpoint", None) for t in physical}
+    kept = sorted(n for s in saves if isinstance(s, _Unsaved) for n in s.tables)
+    if kept:
+        raise CheckpointError(
+            f"delta checkpoint needs a previous save holding every table, but tables {kept} "
+            f"kept rows that the checkpoint last loaded (strict=False) lacks; save a full "
+            f"checkpoint first"
+        )
+    last = next(iter(saves))
+    if len(saves) != 1 or not isinstance(last, _Saved):
+        raise CheckpointError(
+            "delta checkpoint needs a previous save (or load) of the same tables to build on"
+        )
+    where = Path(parent).resolve() if parent is not None else last.path
+    if where == path.resolve():
+        raise CheckpointError(f"a delta checkpoint cannot replace its own parent {path}")
+    if not (where / "manifest.json").is_file():
+        if parent is not None:
+            raise CheckpointError(f"parent {where} is not a checkpoint (missing manifest.json)")
+        raise CheckpointError(
+            f"the previous save of these tables, {where}, no longer exists (moved or renamed "
+            "after saving?); pass parent= the directory it lives in now, or save a full checkpoint"
+        )
+    found = CheckpointReader(where, verify=False).manifest.get("id")
+    if last.id is not None and found != last.id:
+        raise CheckpointError(
+            f"{where} holds checkpoint {found}, not the previous save of these tables "
+            f"({last.id}); a delta must build on the save its tables were last saved or loaded from"
+        )
+    return _Saved(where, last.id)
+
+
+class _phase:
+    """One phase of a save: runs its body on every rank, then tells every rank whether any
+    rank failed (one ``all_gather_object``), and raises on all of them if one did.
+
+    The failing rank re-raises its own exception; the others raise :class:`CheckpointError`
+    naming the failed ranks and their errors. ``tmp`` (rank 0's temporary directory) is removed
+    on failure. Set ``result`` inside the body to gather it: ``gathered`` holds every rank's.
+    Interrupts (``KeyboardInterrupt``, ``SystemExit``) propagate at once, without the exchange.
+    """
+
+    def __init__(self, shard: Any, path: Path, what: str, tmp: Path | None) -> None:
+        self.shard, self.path, self.what, self.tmp = shard, path, what, tmp
+        self.result: Any = None
+        self.gathered: list[Any] = []
+
+    def __enter__(self) -> _phase:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is not None and not isinstance(exc, Exception):
+            self._cleanup()
+            return False
+        mine = None if exc is None else f"{type(exc).__name__}: {exc}"
+        reports = _gather(self.shard, (mine, self.result))
+        self.gathered = [r for _, r in reports]
+        failed = [(r, m) for r, (m, _) in enumerate(reports) if m is not None]
+        if not failed:
+            return False
+        # A failed save must not leave half-written files next to the previous checkpoint.
+        self._cleanup()
+        if exc is not None:
+            return False  # this rank's own error propagates
+        ranks = ", ".join(f"rank {r} ({m})" for r, m in failed)
+        raise CheckpointError(
+            f"saving checkpoint {self.path} failed while {self.what} on {ranks}; the "
+            f"previous checkpoint at {self.path} is unchanged"
+        )
+
+    def _cleanup(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _gather(shard: Any, item: Any) -> list[Any]:
+    if shard is None:
+        return [item]
+    out: list[Any] = [None] * shard.world_size
+    torch.distributed.all_gather_object(out, item, group=shard.group)
+    return out
+
+
+def _write(
+    tmp: Path,
+    model: nn.Module,
+    gathered: list[tuple[dict[str, Any], dict[str, str], str]],
+    sparse_optimizer: SparseOptimizer | None,
+    previous: _Saved | None,
+    path: Path,
+    world: int,
+    save_id: str,
+) -> None:
+    tables: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for infos, shard_files, _ in gathered:
+        files.update(shard_files)
+        for name, info in infos.items():
+            if name not in tables:
+                tables[name] = dict(info, files=[], rows=0)
+            tables[name]["files"] += info["files"]
+            tables[name]["rows"] += info["rows"]
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "id": save_id,
+        "kind": "delta" if previous is not None else "full",
+        "parent": str(previous.path) if previous is not None else None,
+        # Relative to the delta, so a chain moved or copied as a whole still loads.
+        "parent_relative": (
+            os.path.relpath(previous.path, path.resolve()) if previous is not None else None
+        ),
+        "parent_id": previous.id if previous is not None else None,
+        "world_size": world,
+        "tables": tables,
+        "optimizer": None,
+        "files": files,
+    }
+    with tables_saved_separately():  # the tables are the files written beside it
+        state = model.state_dict()
+    dense = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    save_file(dense, str(tmp / "dense.safetensors"))
+    files["dense.safetensors"] = sha256(tmp / "dense.safetensors")
+    if sparse_optimizer is not None:
+        manifest["optimizer"] = {
+            "class": type(sparse_optimizer).__name__,
+            "state": sparse_optimizer.state_dict(),
+        }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        # The new checkpoint could not take its place: put the previous one back.
+        if old.exists():
+            os.replace(old, path)
+        raise
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _save_table(
+    root: Path, name: str, table: HashTable, index: int, delta: bool, rank: int, world: int
+) -> dict[str, Any]:
+    keys, tabs, rows = table.export()
+    mine = tabs == index
+    ids, rows = keys[mine], rows[mine]
+    tensors: dict[str, torch.Tensor] = {}
+    if delta:
+        changed = table.dirty_rows(rows)
+        ids, rows = ids[changed], rows[changed]
+        tensors["erased"] = table.erased_ids(index)
+    full = table.read_full(rows)
+    emb = table._from_words(full[:, : table.emb_words]).to(table.dtype)
+    tensors.update({"ids": ids, "embeddings": emb})
+    start = table.emb_words
+    for slot, width in table.slots:
+        tensors[f"slot.{slot}"] = full[:, start : start + width].contiguous()
+        start += width
+    tensors["meta.frequency"] = table.frequency[rows].clone()
+    tensors["meta.last_seen"] = table.last_seen[rows].clone()
+    tensors["meta.inserted"] = table.inserted[rows].clone()
+    if table.admission is not None:
+        for key, value in table.admission.state(table, index).items():
+            tensors[f"admission.{key}"] = value
+    fname = f"sparse/{quote(name, safe='')}.shard-{rank:05d}-of-{world:05d}.safetensors"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(root / fname))
+    return {
+        "dim": table.dim,
+        "dtype": dtype_name(table.dtype),
+        "optimizer": table.optimizer_kind,
+        "slots": [[s, w] for s, w in table.slots],
+        "rows": int(ids.numel()),
+        "step": table.step,
+        "files": [fname],
+    }
