@@ -14,12 +14,13 @@ from recis_train._hooks import (
 )
 from recis_train._multistage import MultiStage, Stage
 from recis_train._multitask import MultiTask, Task
-from recis_train._online import Online, WatchDirectory, WindowResult
+from recis_train._online import Online, WindowResult
 from recis_train._outputs import StepOutput, parse_output
 from recis_train._sparse import EmbeddingCheckpoint, SparseCheckpoint
 from recis_train._state import seed_everything
 from recis_train._trainer import Trainer
 from recis_train._warmstart import WarmStartResult, warm_start
+from recis_train._windows import WatchDirectory
 from recis_train.exceptions import RecisTrainError
 
 __all__ = [

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from recis_train._arguments import TrainingArguments
+from recis_train._evaluation import MetricFactory
 from recis_train._hooks import Hook
 from recis_train._sparse import embedding_prefixes as _embedding_prefixes
-from recis_train._trainer import MetricFactory, Trainer
+from recis_train._trainer import Trainer
 from recis_train.exceptions import ConfigError
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]

@@ -18,80 +18,23 @@ from torch import nn
 
 from recis_train._arguments import TrainingArguments
 from recis_train._distributed import DistributedContext
+from recis_train._evaluation import MetricFactory
 from recis_train._hooks import Hook
 from recis_train._sparse import EmbeddingCheckpoint, default_sparse_checkpoint
-from recis_train._trainer import MetricFactory, Trainer
+from recis_train._trainer import Trainer
 from recis_train._warmstart import reader_chain
+from recis_train._windows import WatchDirectory, WindowSource, as_window
 from recis_train.exceptions import CheckpointError, ConfigError, SourceNotFoundError
 
 _log = logging.getLogger("recis_train")
 
 #: builds the batches of one window from its files (called once per pass over the window)
 DataFactory = Callable[[list[str]], Iterable[Any]]
-WindowSource = Iterable["str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"]
 _EXPORT_POINTER = "export.json"
 #: where the tables are kept as they were before the first window, until a window is committed
 _INITIAL_TABLES = ".online-initial"
 #: a watched directory has no new window yet: poll again after ``poll_interval``
 _WAIT = "wait"
-
-
-@dataclasses.dataclass
-class WatchDirectory:
-    """A directory polled for new data files, in sorted name order.
-
-    Names starting with ``.`` or ``_`` are never read (the Hadoop/Spark convention for files still
-    being written or bookkeeping files): a writer should write ``.part-7.parquet`` and rename it
-    to ``part-7.parquet`` when complete, or use a ``marker``.
-
-    Attributes:
-        directory: the directory to watch (it must exist).
-        pattern: glob of data files, relative to ``directory`` (or to a window's subdirectory).
-        marker: ``None``: each new data file is a window. A name (e.g. ``"_SUCCESS"``): each
-            subdirectory holding a file of that name is a window of all its data files (an
-            hourly partition a writer marks complete); unmarked subdirectories wait.
-        poll_interval: seconds between looks when nothing new is there.
-        idle_timeout: stop after this many seconds without a new window (``None``: keep
-            watching until ``max_windows``).
-    """
-
-    directory: str | os.PathLike[str]
-    pattern: str = "*.parquet"
-    marker: str | None = None
-    poll_interval: float = 30.0
-    idle_timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.poll_interval < 0:
-            raise ConfigError(f"poll_interval must be 0 or more, got {self.poll_interval}")
-        if self.idle_timeout is not None and self.idle_timeout < 0:
-            raise ConfigError(f"idle_timeout must be 0 or more or None, got {self.idle_timeout}")
-
-    def ready(self) -> list[list[str]]:
-        """Every complete window present now (absolute paths), in sorted order.
-
-        Raises:
-            SourceNotFoundError: the directory does not exist.
-        """
-        root = Path(self.directory).resolve()
-        if not root.is_dir():
-            raise SourceNotFoundError(f"watched directory {root} does not exist")
-        if self.marker is None:
-            return [[str(p)] for p in _data_files(root, self.pattern)]
-        parts = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
-        return [
-            [str(p) for p in _data_files(d, self.pattern)]
-            for d in parts
-            if (d / self.marker).is_file()
-        ]
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith((".", "_"))
-
-
-def _data_files(directory: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in directory.glob(pattern) if p.is_file() and not _hidden(p.name))
 
 
 @dataclasses.dataclass
@@ -187,26 +130,6 @@ class _ExportedTables:
 
     def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
         return self.inner.filter_dense(state)
-
-
-def _as_window(item: Any, position: int) -> list[str]:
-    """One source item (a path or a sequence of paths) as a list of path strings."""
-    if isinstance(item, (str, os.PathLike)):
-        return [os.fspath(item)]
-    if isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
-        if not item:
-            raise ConfigError(f"window {position} of the source is empty")
-        bad = [p for p in item if not isinstance(p, (str, os.PathLike))]
-        if bad:
-            raise ConfigError(
-                f"window {position} of the source holds {type(bad[0]).__name__} {bad[0]!r}, "
-                "expected file paths"
-            )
-        return [os.fspath(p) for p in item]
-    raise ConfigError(
-        f"window {position} of the source is {type(item).__name__} {item!r}, "
-        "expected a file path or a sequence of file paths"
-    )
 
 
 @dataclasses.dataclass
@@ -468,7 +391,7 @@ class Online:
             return
         for position, item in enumerate(self.source):
             done = self.progress.done_files()
-            files = [f for f in _as_window(item, position) if f not in done]
+            files = [f for f in as_window(item, position) if f not in done]
             if files:
                 yield files
 

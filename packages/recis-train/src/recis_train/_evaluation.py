@@ -1,0 +1,224 @@
+"""Evaluation of :class:`~recis_train.Trainer`: losses and metrics over evaluation batches."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from recis_train._arguments import TrainingArguments
+from recis_train._data import batch_rows, move_to
+from recis_train._distributed import DistributedContext
+from recis_train._outputs import StepOutput, parse_output
+from recis_train.exceptions import ConfigError
+from recis_train.metrics import AUROC, GAUC, Calibration, LogLoss, Metric
+
+MetricFactory = Callable[[], Metric]
+DEFAULT_METRICS: Mapping[str, MetricFactory] = {
+    "auc": AUROC,
+    "logloss": LogLoss,
+    "calibration": Calibration,
+}
+
+
+class EvaluationMixin:
+    """Runs the model over evaluation batches and computes the losses and metrics.
+
+    A part of :class:`~recis_train.Trainer`, which sets the attributes declared here.
+    """
+
+    args: TrainingArguments
+    model: nn.Module
+    device: torch.device
+    distributed: DistributedContext | None
+    eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    metric_factories: dict[str, MetricFactory]
+    global_step: int
+    history: dict[str, list[tuple[int, dict[str, float]]]]
+    _evaluated_iterator: bool
+
+    if TYPE_CHECKING:
+
+        @property
+        def world_size(self) -> int: ...
+
+        def _autocast(self) -> contextlib.AbstractContextManager[Any]: ...
+
+        def _recorded_index_error(self) -> Exception | None: ...
+
+    def _task_metrics(self, task: str) -> dict[str, Metric]:
+        per_task = getattr(self.model, "task_metrics", None)
+        factories = self.metric_factories
+        if callable(per_task):
+            factories = check_factories(
+                dict(per_task().get(task, factories)), f"task_metrics() of task {task!r}"
+            )
+        return {name: make() for name, make in factories.items()}
+
+    def _evaluate(self, eval_data: Iterable[Any] | None) -> dict[str, float]:
+        """The evaluation of :meth:`Trainer.evaluate <recis_train.Trainer.evaluate>`, up to
+        calling the hooks: the results, which it adds to ``history``."""
+        source = eval_data if eval_data is not None else self.eval_data
+        if source is None:
+            raise ConfigError("evaluate needs eval_data (given to the trainer or to evaluate)")
+        if source is self.eval_data and isinstance(source, Iterator):
+            if self._evaluated_iterator:
+                raise ConfigError(
+                    f"eval_data is a one-shot iterator ({type(source).__name__}) that an earlier "
+                    "evaluation consumed; give the trainer a list, another iterable that can be "
+                    "iterated again, or a function returning a fresh iterable"
+                )
+            self._evaluated_iterator = True
+        data = source() if callable(source) and not hasattr(source, "__iter__") else source
+        metrics: dict[str, dict[str, Metric]] = {}
+        sums: dict[str, float] = {}
+        task_rows: dict[str, float] = {}  # rows each task's loss is the mean over
+        weighted: dict[str, float] = {}  # per task: sum of weight * loss * kept rows
+        rows = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch, counts in self._eval_batches(data):
+                    with self._autocast():
+                        out = parse_output(self.model(batch))
+                    if not counts:
+                        continue
+                    n = batch_rows(batch)
+                    rows += n
+                    sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
+                    if len(out.losses) > 1 or "loss" not in out.losses:
+                        for task, value in out.losses.items():
+                            # A task's loss is its mean over the rows it kept (all of them,
+                            # unless it leaves rows with unknown labels out): weigh it by those.
+                            kept = out.labels[task].numel() if task in out.labels else n
+                            key = f"loss/{task}"
+                            sums[key] = sums.get(key, 0.0) + float(value.detach()) * kept
+                            task_rows[key] = task_rows.get(key, 0) + kept
+                            weighted[key] = (
+                                weighted.get(key, 0.0)
+                                + out.weights.get(task, 1.0) * float(value.detach()) * kept
+                            )
+                    self._update_metrics(metrics, out)
+        finally:
+            self.model.train(was_training)
+        # An out-of-range index a kernel met during the evaluation (its output held zeros
+        # there) fails the evaluation on every rank instead of reaching the results.
+        index_error = self._recorded_index_error()
+        if self.distributed is not None and self.device.type == "cuda":
+            if self.distributed.reduce([float(index_error is not None)], "max")[0]:
+                self.distributed.fail_together(index_error, "evaluation")
+        elif index_error is not None:
+            raise index_error
+        if self.distributed is not None:
+            keys, tasks = sorted(sums), sorted(task_rows)
+            total = self.distributed.reduce(
+                [rows]
+                + [sums[k] for k in keys]
+                + [task_rows[k] for k in tasks]
+                + [weighted[k] for k in tasks]
+            )
+            rows, sums = int(total[0]), dict(zip(keys, total[1 : 1 + len(keys)], strict=True))
+            end = 1 + len(keys) + len(tasks)
+            task_rows = dict(zip(tasks, total[1 + len(keys) : end], strict=True))
+            weighted = dict(zip(tasks, total[end:], strict=True))
+        results = (
+            {k: _mean(v, task_rows[k]) if k in task_rows else v / rows for k, v in sums.items()}
+            if rows
+            else {}
+        )
+        if rows and task_rows:
+            # The weighted total of the task losses over the whole evaluation, as in training:
+            # each task's mean over the rows it kept (a mean of per-batch totals would weigh a
+            # masked task's batches by rows it left out, and change with the batch size). A
+            # task that kept no row adds nothing, as a batch without kept rows in training.
+            results["loss"] = float(
+                sum(weighted[k] / task_rows[k] for k in sorted(task_rows) if task_rows[k])
+            )
+        for task, named in metrics.items():
+            for name, metric in named.items():
+                results[f"{task}/{name}" if task else name] = metric.compute()
+        self.history["eval"].append((self.global_step, results))
+        return results
+
+    def _eval_batches(self, data: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+        """Evaluation batches on the device, each with whether its output counts.
+
+        Distributed, the ranks run forward passes in lockstep (sharded lookups are collective)
+        until every rank is out of data; a rank that is out already repeats its last batch, whose
+        output is not counted (in ``eval()`` mode a lookup changes no table).
+        """
+        limit = self.args.eval_steps
+        batches = itertools.islice(data, limit) if limit is not None else iter(data)
+        if self.distributed is None:
+            for batch in batches:
+                yield move_to(batch, self.device), True
+            return
+        last = None
+        taken = 0
+        while True:
+            error = None
+            try:
+                batch = next(batches, None)
+            except Exception as err:
+                batch, error = None, err
+            have = batch is not None
+            ready, started, failed = self.distributed.reduce(
+                [have, have or last is not None, error is not None]
+            )
+            if failed:
+                self.distributed.fail_together(
+                    error, f"reading evaluation batch {taken + 1} (counted from 1)"
+                )
+            if not ready:
+                return
+            taken += 1
+            if started < self.world_size:
+                raise ConfigError(
+                    f"{self.world_size - int(started)} of {self.world_size} ranks have no "
+                    "evaluation batch while others have some; give every rank evaluation data"
+                )
+            if have:
+                last = move_to(batch, self.device)
+            yield last, have
+
+    def _update_metrics(self, metrics: dict[str, dict[str, Metric]], out: StepOutput) -> None:
+        for task, preds in out.predictions.items():
+            named = metrics.setdefault(task, self._task_metrics(task))
+            labels = out.labels[task]
+            for name, metric in named.items():
+                if isinstance(metric, GAUC):
+                    groups = out.task_groups(task)
+                    if groups is None:
+                        raise ConfigError(
+                            f"metric {name!r} (GAUC) needs the model to return 'groups'"
+                            + (f" for task {task!r}" if isinstance(out.groups, dict) else "")
+                        )
+                    metric.update(preds.float(), labels, groups=groups)
+                else:
+                    metric.update(preds.float(), labels)  # type: ignore[attr-defined]
+
+
+def check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricFactory]:
+    """``factories`` if every value makes a fresh metric, else a :class:`ConfigError`.
+
+    A metric instance is refused: every evaluation needs its own, or one evaluation's rows
+    would count in the next.
+    """
+    for name, make in factories.items():
+        if isinstance(make, Metric) or not callable(make):
+            raise ConfigError(
+                f"{where}: {name!r} must be a zero-argument function making a metric (e.g. "
+                f"AUROC, or lambda: AUROC('thresholded')), got {make!r}; each evaluation "
+                "makes its own metrics"
+            )
+    return factories
+
+
+def _mean(total: float, count: float) -> float:
+    """``total / count``, NaN for no rows (a task that kept no row of the evaluation)."""
+    return total / count if count else float("nan")

@@ -1,0 +1,282 @@
+"""The optimizer step of :class:`~recis_train.Trainer`: micro-batches in, one update out."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Generator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import recis_kernels
+from recis_train._arguments import TrainingArguments
+from recis_train._data import DataStream, batch_rows, move_to
+from recis_train._distributed import DistributedContext
+from recis_train._outputs import StepOutput, parse_output
+from recis_train.exceptions import ModelOutputError, NonFiniteLossError
+
+
+class StepMixin:
+    """Takes the batches of a step, runs forward and backward, and steps the optimizers.
+
+    A part of :class:`~recis_train.Trainer`, which sets the attributes declared here.
+    """
+
+    args: TrainingArguments
+    model: nn.Module
+    device: torch.device
+    distributed: DistributedContext | None
+    _ddp: DistributedDataParallel | None
+    stream: DataStream
+    dense_optimizer: torch.optim.Optimizer
+    sparse_optimizer: torch.optim.Optimizer | None
+    lr_schedulers: list[Any]
+    global_step: int
+    should_stop: bool
+    history: dict[str, list[tuple[int, dict[str, float]]]]
+    _cursor: dict[str, Any]
+    _tables: list[Any] | None
+    _scaler: torch.amp.GradScaler | None
+
+    if TYPE_CHECKING:
+
+        @property
+        def rank(self) -> int: ...
+
+        @property
+        def world_size(self) -> int: ...
+
+        def _autocast(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def _batches(self) -> Generator[tuple[Any, dict[str, Any]], None, None]:
+        """(batch on the device, cursor after it), one batch ahead when copying to a GPU."""
+        pending = None
+        for batch in self.stream:
+            item = (move_to(batch, self.device), self.stream.state_dict())
+            if self.device.type == "cpu":
+                yield item
+                continue
+            # The copy of this batch overlaps the compute of the previous one.
+            if pending is not None:
+                yield pending
+            pending = item
+        if pending is not None:
+            yield pending
+
+    def _take(self, batches: Iterator[tuple[Any, dict[str, Any]]]) -> list[Any]:
+        micro = []
+        for _ in range(self.args.gradient_accumulation_steps):
+            try:
+                batch, cursor = next(batches)
+            except StopIteration:
+                break
+            micro.append((batch, cursor))
+        return micro
+
+    def _agree(self, batches: Iterator[tuple[Any, dict[str, Any]]]) -> list[Any]:
+        """The next step's micro-batches every rank has: ranks stop together when one runs out
+        of data (or a hook asked to stop).
+
+        Every rank must run the same number of forward passes (sharded lookups and DDP are
+        collective), so each trains on as many micro-batches as the rank with the fewest; the
+        cursor then points after the last batch trained, and the others are read again. A rank
+        whose data raises tells the others, which raise :class:`RankFailedError` naming it,
+        instead of waiting for it in the next collective.
+        """
+        if self.distributed is None:
+            return self._take(batches) if not self.should_stop else []
+        micro: list[Any] = []
+        error = None
+        try:
+            if not self.should_stop:
+                micro = self._take(batches)
+        except Exception as err:
+            error = err
+        agreed = self.distributed.agree_count(
+            len(micro), error, f"reading the training data for step {self.global_step + 1}"
+        )
+        return micro[:agreed]
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        # Accumulated micro-batches all-reduce their gradients once, with the last backward.
+        if self._ddp is None or last:
+            return contextlib.nullcontext()
+        return self._ddp.no_sync()
+
+    def _step(self, micro: list[tuple[Any, dict[str, Any]]]) -> dict[str, float]:
+        started = time.perf_counter()
+        self.model.train()
+        forward = self._ddp if self._ddp is not None else self.model
+        totals: dict[str, float] = {}
+        samples = 0
+        for index, (batch, cursor) in enumerate(micro):
+            with self._sync(index == len(micro) - 1):
+                with self._autocast():
+                    out = parse_output(forward(batch))
+                kept = _task_rows(out)
+                union = self._check_finite(out, index, len(micro), cursor, kept)
+                if not out.loss.requires_grad:
+                    self._zero_grad()
+                    raise ModelOutputError(
+                        f"the model's loss at step {self.global_step + 1} (micro-batch "
+                        f"{index + 1} of {len(micro)}) has no gradient: it was computed without "
+                        "an autograd graph (detached, under torch.no_grad(), or from no parameter "
+                        "that requires grad, e.g. with every module frozen)"
+                    )
+                losses, total = _union_losses(out, kept, union, self.world_size)
+                # Gradients are summed over the ranks: dividing by the world size makes the
+                # step that of the mean loss over every rank's rows.
+                loss = total / (len(micro) * self.world_size)
+                (self._scaler.scale(loss) if self._scaler else loss).backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(total.detach()) / len(micro)
+            if len(out.losses) > 1 or "loss" not in out.losses:
+                for task, value in losses.items():
+                    key = f"loss/{task}"
+                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro)
+            samples += batch_rows(batch)
+        self._optimizer_step()
+        self._cursor = micro[-1][1]
+        self.global_step += 1
+        if self.distributed is not None:
+            totals, samples = self.distributed.mean_logs(totals, samples)
+        logs = {
+            **totals,
+            "lr": float(self.dense_optimizer.param_groups[0]["lr"]),
+            "samples": float(samples),
+            "step": float(self.global_step),
+            "step_time": time.perf_counter() - started,
+        }
+        self.history["train"].append((self.global_step, logs))
+        return logs
+
+    def _check_finite(
+        self,
+        out: StepOutput,
+        index: int,
+        count: int,
+        cursor: Mapping[str, Any],
+        kept: Mapping[str, int] | None = None,
+    ) -> dict[str, float]:
+        """Raise if the loss is not finite (or a kernel met a bad index) on any rank.
+
+        Returns:
+            ``kept`` (task -> rows its loss is the mean over) summed over the ranks, taken by
+            the same all-reduce (``kept`` itself in one process).
+        """
+        kept = dict(kept or {})
+        finite = bool(torch.isfinite(out.loss.detach()).item())
+        # The loss read above waited for this micro-batch's kernels: an out-of-range index one
+        # of them met is raised here, naming the op, instead of training on its zeros.
+        index_error = self._recorded_index_error()
+        # Every rank learns of a bad loss (or index) anywhere, so no rank waits in a backward
+        # alone.
+        ok = finite and index_error is None
+        bad: list[int] = []
+        union: dict[str, float] = {task: float(rows) for task, rows in kept.items()}
+        if self.distributed is not None:
+            bad, summed = self.distributed.nonfinite_ranks(ok, list(union.values()))
+            union = dict(zip(union, summed, strict=True))
+        if ok and not bad:
+            return union
+        self._zero_grad()  # gradients of earlier micro-batches must not leak into a retry
+        if index_error is not None:
+            raise index_error
+        if finite:
+            raise NonFiniteLossError(
+                f"loss is not finite (or an index was out of range) on rank(s) {bad} at step "
+                f"{self.global_step + 1} (micro-batch {index + 1} of {count}); see the error of "
+                "those ranks"
+            )
+        tasks = ", ".join(f"{k} {float(v.detach()):g}" for k, v in out.losses.items())
+        where = f" on rank {self.rank}" if self.distributed is not None else ""
+        raise NonFiniteLossError(
+            f"loss is {float(out.loss.detach())}{where} at step {self.global_step + 1} (epoch "
+            f"{cursor['epoch'] + 1} of {self.stream.epochs}, batch {cursor['consumed']} of that "
+            f"epoch, micro-batch {index + 1} of {count}; counted from 1); task losses: {tasks}"
+        )
+
+    def _recorded_index_error(self) -> Exception | None:
+        """The out-of-range index a recis-kernels CUDA kernel recorded since the last read (e.g.
+        bad ragged offsets: the kernel skipped it and wrote zeros), or ``None``.
+
+        Only CUDA kernels record into the buffer; reading it waits for the queued work, so it
+        is read where the trainer waits anyway.
+        """
+        if self.device.type != "cuda":
+            return None
+        try:
+            recis_kernels.check_index_errors(self.device)
+        except recis_kernels.IndexOutOfRangeError as error:
+            return error
+        return None
+
+    def _optimizer_step(self) -> None:
+        dense = self.dense_optimizer
+        if self._scaler is not None:
+            self._scaler.unscale_(dense)
+        if self.args.grad_clip is not None:
+            params = [p for g in dense.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
+        if self._scaler is not None:
+            self._scaler.step(dense)
+            self._scaler.update()
+        else:
+            dense.step()
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.step()
+        self._zero_grad()
+        for scheduler in self.lr_schedulers:
+            scheduler.step()
+
+    def _zero_grad(self) -> None:
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.zero_grad(set_to_none=True)
+        # Lookups record the rows they touched on their table until an optimizer consumes them;
+        # a table no sparse optimizer steps (none given, or a stage training other tables)
+        # would keep every step's record, so drop what is left.
+        for table in self._recording_tables():
+            table.pending.clear()
+
+    def _recording_tables(self) -> list[Any]:
+        if self._tables is None:
+            try:
+                from recis_embedding import sparse_parameters
+            except ImportError:  # a model without recis-embedding tables
+                self._tables = []
+            else:
+                self._tables = sparse_parameters(self.model)
+        return self._tables
+
+
+def _task_rows(out: StepOutput) -> dict[str, int]:
+    """Per-task losses with labels: task -> rows its loss is the mean over (the kept rows of
+    a task that leaves rows out, see :class:`~recis_train.Task`). Empty for a single loss."""
+    if len(out.losses) == 1 and "loss" in out.losses:
+        return {}
+    return {task: out.labels[task].numel() for task in out.losses if task in out.labels}
+
+
+def _union_losses(
+    out: StepOutput, kept: Mapping[str, int], union: Mapping[str, float], world_size: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """This rank's share of each task's loss over every rank's rows, and their weighted sum.
+
+    A task's loss is this rank's mean over its ``kept`` rows; the mean over the ``union`` of
+    every rank's kept rows is the sum over the ranks of ``loss · kept / union``. Scaled by
+    ``world_size`` (the trainer divides every rank's loss by it, and logs the mean over the
+    ranks), ranks that keep different numbers of a task's rows (one none at all) train and log
+    as one process over all their rows. With equal counts on every rank nothing changes.
+    """
+    scales = {
+        task: rows * world_size / union[task] if union[task] else 1.0 for task, rows in kept.items()
+    }
+    if all(scale == 1.0 for scale in scales.values()):
+        return out.losses, out.loss
+    losses = {task: value * scales.get(task, 1.0) for task, value in out.losses.items()}
+    total = sum(out.weights.get(task, 1.0) * value for task, value in losses.items())
+    assert isinstance(total, torch.Tensor)
+    return losses, total

@@ -1,0 +1,91 @@
+"""Where ``Online``'s windows come from: a watched directory, or an iterable of file paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from recis_train.exceptions import ConfigError, SourceNotFoundError
+
+WindowSource = Iterable["str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"]
+
+
+@dataclasses.dataclass
+class WatchDirectory:
+    """A directory polled for new data files, in sorted name order.
+
+    Names starting with ``.`` or ``_`` are never read (the Hadoop/Spark convention for files still
+    being written or bookkeeping files): a writer should write ``.part-7.parquet`` and rename it
+    to ``part-7.parquet`` when complete, or use a ``marker``.
+
+    Attributes:
+        directory: the directory to watch (it must exist).
+        pattern: glob of data files, relative to ``directory`` (or to a window's subdirectory).
+        marker: ``None``: each new data file is a window. A name (e.g. ``"_SUCCESS"``): each
+            subdirectory holding a file of that name is a window of all its data files (an
+            hourly partition a writer marks complete); unmarked subdirectories wait.
+        poll_interval: seconds between looks when nothing new is there.
+        idle_timeout: stop after this many seconds without a new window (``None``: keep
+            watching until ``max_windows``).
+    """
+
+    directory: str | os.PathLike[str]
+    pattern: str = "*.parquet"
+    marker: str | None = None
+    poll_interval: float = 30.0
+    idle_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.poll_interval < 0:
+            raise ConfigError(f"poll_interval must be 0 or more, got {self.poll_interval}")
+        if self.idle_timeout is not None and self.idle_timeout < 0:
+            raise ConfigError(f"idle_timeout must be 0 or more or None, got {self.idle_timeout}")
+
+    def ready(self) -> list[list[str]]:
+        """Every complete window present now (absolute paths), in sorted order.
+
+        Raises:
+            SourceNotFoundError: the directory does not exist.
+        """
+        root = Path(self.directory).resolve()
+        if not root.is_dir():
+            raise SourceNotFoundError(f"watched directory {root} does not exist")
+        if self.marker is None:
+            return [[str(p)] for p in _data_files(root, self.pattern)]
+        parts = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
+        return [
+            [str(p) for p in _data_files(d, self.pattern)]
+            for d in parts
+            if (d / self.marker).is_file()
+        ]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _data_files(directory: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in directory.glob(pattern) if p.is_file() and not _hidden(p.name))
+
+
+def as_window(item: Any, position: int) -> list[str]:
+    """One source item (a path or a sequence of paths) as a list of path strings."""
+    if isinstance(item, (str, os.PathLike)):
+        return [os.fspath(item)]
+    if isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
+        if not item:
+            raise ConfigError(f"window {position} of the source is empty")
+        bad = [p for p in item if not isinstance(p, (str, os.PathLike))]
+        if bad:
+            raise ConfigError(
+                f"window {position} of the source holds {type(bad[0]).__name__} {bad[0]!r}, "
+                "expected file paths"
+            )
+        return [os.fspath(p) for p in item]
+    raise ConfigError(
+        f"window {position} of the source is {type(item).__name__} {item!r}, "
+        "expected a file path or a sequence of file paths"
+    )
