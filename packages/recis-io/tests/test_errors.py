@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -198,6 +200,98 @@ def test_orc_footer_with_looping_types_is_corrupt(tmp_path) -> None:
         CorruptFileError, match=r"loop\.orc: malformed footer: type 1 lists subtype 1"
     ):
         Dataset(p, batch_size=2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _message(data: bytes) -> list[tuple[int, int | bytes]]:
+    """The ``(field, value)`` pairs of a protobuf message (varint and length-delimited)."""
+    out: list[tuple[int, int | bytes]] = []
+    at = 0
+
+    def varint() -> int:
+        nonlocal at
+        value = shift = 0
+        while True:
+            byte = data[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while at < len(data):
+        key = varint()
+        if key & 7 == 0:
+            out.append((key >> 3, varint()))
+        else:
+            assert key & 7 == 2, key
+            n = varint()
+            out.append((key >> 3, data[at : at + n]))
+            at += n
+    return out
+
+
+def _orc_stream(data: bytes, column: int, kind: int) -> tuple[int, int]:
+    """Offset and length of column ``column``'s stream of kind ``kind`` in the first stripe
+    of the uncompressed ORC file ``data``."""
+    ps_len = data[-1]
+    postscript = dict(_message(data[-1 - ps_len : -1]))
+    assert postscript.get(2, 0) == 0, "uncompressed files only"
+    end = len(data) - 1 - ps_len
+    footer = _message(data[end - postscript[1] : end])
+    stripe = dict(_message(next(v for f, v in footer if f == 3)))
+    start = stripe[1] + stripe.get(2, 0) + stripe[3]
+    at = stripe[1]
+    for field, value in _message(data[start : start + stripe[4]]):
+        if field == 1:
+            stream = dict(_message(value))
+            if (stream.get(2, 0), stream.get(1, 0)) == (column, kind):
+                return at, stream[3]
+            at += stream[3]
+    raise AssertionError(f"no stream of kind {kind} for column {column}")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_orc_list_lengths_beyond_memory_are_corrupt_not_an_abort(tmp_path, nested: bool) -> None:
+    """A length stream claiming 2**40 values per list made the ORC decoder allocate their
+    sum at once, and the failed allocation aborted the process; it is a corrupt file that
+    names the column and stripe, for a list of lists too."""
+    lists = [list(range(i % 5)) for i in range(512)]
+    if nested:
+        seq = pa.array([[x] for x in lists], pa.list_(pa.list_(pa.int64())))
+    else:
+        seq = pa.array(lists, pa.list_(pa.int64()))
+    p = tmp_path / "len.orc"
+    orc.write_table(pa.table({"seq": seq}), p, compression="uncompressed")
+    data = bytearray(p.read_bytes())
+    offset, length = _orc_stream(bytes(data), 2 if nested else 1, kind=2)
+    # RLE v2 delta run, fixed delta 0: 512 lengths of 2**40; then runs of three zeros.
+    run = bytes([0xC1, 0xFF]) + _varint(1 << 40) + _varint(0)
+    pad = length - len(run)
+    run += (bytes([0x08, 0, 0]) if pad % 2 else b"") + bytes(pad - 3 * (pad % 2))
+    data[offset : offset + length] = run
+    p.write_bytes(bytes(data))
+    script = (
+        "import sys, recis_io\n"
+        "try:\n"
+        "    for _ in recis_io.Dataset(sys.argv[1], batch_size=64): pass\n"
+        "except recis_io.exceptions.CorruptFileError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(p)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "len.orc, stripe 0: column 'seq' claims" in done.stdout, done.stdout
+    assert "so its length stream is corrupt" in done.stdout, done.stdout
 
 
 def test_fill_out_of_range_names_the_file(tmp_path) -> None:

@@ -8,6 +8,7 @@ pub mod column;
 pub mod direct;
 pub mod error;
 pub mod hash;
+pub mod orc_lengths;
 pub mod orc_types;
 pub mod plan;
 pub mod pool;

@@ -79,7 +79,7 @@ fn read_footer(file: &mut File) -> Option<Vec<u8>> {
     decompress(&raw, kind, block.min(MAX_FOOTER) as usize)
 }
 
-fn read_at(file: &mut File, start: u64, len: u64) -> Option<Vec<u8>> {
+pub(super) fn read_at(mut file: &File, start: u64, len: u64) -> Option<Vec<u8>> {
     file.seek(SeekFrom::Start(start)).ok()?;
     let mut buf = Vec::with_capacity(usize::try_from(len).ok()?);
     file.take(len).read_to_end(&mut buf).ok()?;
@@ -152,14 +152,14 @@ fn subtypes(footer: &[u8]) -> Option<Vec<Vec<u64>>> {
     Some(types)
 }
 
-enum Value<'a> {
+pub(super) enum Value<'a> {
     Varint(u64),
     Bytes(&'a [u8]),
     Fixed,
 }
 
 /// The `(field number, value)` pairs of a protobuf message, `None` if it is malformed.
-fn fields(mut data: &[u8]) -> Option<Vec<(u64, Value<'_>)>> {
+pub(super) fn fields(mut data: &[u8]) -> Option<Vec<(u64, Value<'_>)>> {
     let mut out = Vec::new();
     while !data.is_empty() {
         let key = varint(&mut data)?;

@@ -15,10 +15,10 @@ use super::chunks::{Chunks, SharedChunks};
 use super::column::{ColumnPlan, ColumnSpec, Leaf};
 use super::direct::{self, DirectColumn};
 use super::error::{guard, Error, Result};
-use super::orc_types;
 use super::plan::{Segment, Unit};
 use super::prepare::{prepare, DictHashes, PreparedSegment, PreparedUnit};
 use super::ring::Ring;
+use super::{orc_lengths, orc_types};
 
 /// Rows per decoded chunk, `RECIS_IO_DECODE_ROWS` or 8192. Small chunks let the allocator
 /// recycle memory between chunks; large ones lower per-chunk overhead.
@@ -407,9 +407,12 @@ impl Source {
         cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
+        let probe = file.try_clone().map_err(|e| Error::corrupt(&fm.path, e))?;
         let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
             .map_err(|e| Error::corrupt(&fm.path, e))?;
         let names: Vec<&str> = cols.iter().map(|c| c.spec.name.as_str()).collect();
+        let meta = b.file_metadata();
+        orc_lengths::check(&probe, meta, unit.group, &names, chunk_rows(), &fm.path)?;
         let mask = orc_rust::projection::ProjectionMask::named_roots(
             b.file_metadata().root_data_type(),
             &names,
