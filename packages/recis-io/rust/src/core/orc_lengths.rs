@@ -46,18 +46,6 @@ pub fn check(
     batch_rows: usize,
     at: &str,
 ) -> Result<()> {
-    check_with_limit(file, meta, stripe, roots, batch_rows, at, memory_limit())
-}
-
-fn check_with_limit(
-    file: &File,
-    meta: &FileMetadata,
-    stripe: usize,
-    roots: &[&str],
-    batch_rows: usize,
-    at: &str,
-    limit: u128,
-) -> Result<()> {
     let Some(info) = meta.stripe_metadatas().get(stripe) else {
         return Ok(());
     };
@@ -84,7 +72,7 @@ fn check_with_limit(
         file,
         meta,
         footer: &footer,
-        limit,
+        limit: memory_limit(),
         at,
     };
     let rows = Level {
@@ -163,21 +151,12 @@ impl Stripe<'_> {
         };
         let v2 = self.footer.encoding(id).0 == DIRECT_V2;
         let window = parent.batch.min(u128::from(parent.values)).max(1);
-        let sums = match Sums::of(stream, v2, parent.values, window) {
-            Ok(sums) => sums,
-            Err(Malformed::Negative(value)) => {
-                return Err(Error::corrupt(
-                    self.at,
-                    format!("column '{name}' has a list length of {value}, beyond any size"),
-                ))
-            }
-            Err(Malformed::Stream) => {
-                return Ok(Level {
-                    values: 0,
-                    batch: 0,
-                })
-            }
-        };
+        let sums = Sums::of(stream, v2, parent.values, window).map_err(|value| {
+            Error::corrupt(
+                self.at,
+                format!("column '{name}' has a list length of {value}, beyond any size"),
+            )
+        })?;
         let needed = sums.batch * BYTES_PER_VALUE;
         if needed > self.limit {
             return Err(Error::corrupt(
@@ -334,9 +313,10 @@ enum Malformed {
     Stream,
 }
 
-/// The sum of a length stream's values, and a bound of the sum of any `window` consecutive
-/// ones: twice the largest sum of two neighbouring aligned blocks of `window` values would be
-/// exact, one such pair covers every window, so the largest pair sum is at least every window's.
+/// The sum of a length stream's values (`total`), and `batch`, a bound of the sum of any
+/// `window` consecutive ones: each such window lies within two neighbouring aligned blocks of
+/// `window` values, so the largest sum of two neighbouring blocks is at least every window's
+/// sum and at most twice the largest, in constant memory.
 #[derive(Debug, PartialEq)]
 struct Sums {
     total: u128,
@@ -345,12 +325,7 @@ struct Sums {
 
 impl Sums {
     /// Decodes up to `count` unsigned values of `stream` (RLE version 2 if `v2`, else 1).
-    fn of(
-        stream: impl Read,
-        v2: bool,
-        count: u64,
-        window: u128,
-    ) -> std::result::Result<Self, Malformed> {
+    fn of(stream: impl Read, v2: bool, count: u64, window: u128) -> std::result::Result<Self, u64> {
         let (mut total, mut seen) = (0u128, 0u64);
         let (mut block, mut previous, mut in_block, mut batch) = (0u128, 0u128, 0u128, 0u128);
         let mut add = |v: u64| -> std::result::Result<bool, Malformed> {
@@ -376,9 +351,9 @@ impl Sums {
             } else {
                 runs.for_each_v1(&mut add)
             };
-            match more {
-                Ok(()) | Err(Malformed::Stream) => {}
-                Err(e) => return Err(e),
+            // A malformed run ends the values orc-rust would decode too; those before it count.
+            if let Err(Malformed::Negative(value)) = more {
+                return Err(value);
             }
         }
         Ok(Self { total, batch })
@@ -685,7 +660,7 @@ mod tests {
         );
     }
 
-    fn sums(values: &[u64], count: u64, window: u128) -> std::result::Result<Sums, Malformed> {
+    fn sums(values: &[u64], count: u64, window: u128) -> std::result::Result<Sums, u64> {
         // Literal runs of version 1 carry any values.
         let mut bytes = Vec::new();
         for chunk in values.chunks(128) {
@@ -752,9 +727,6 @@ mod tests {
         assert_eq!(sums(&[5, 6, 7], 2, 10).unwrap().total, 11);
         assert_eq!(sums(&[5, 6, 7], 0, 10).unwrap().total, 0);
         // A length orc-rust would read as a negative i64.
-        assert_eq!(
-            sums(&[1, 1 << 63], 2, 10),
-            Err(Malformed::Negative(1 << 63))
-        );
+        assert_eq!(sums(&[1, 1 << 63], 2, 10), Err(1 << 63));
     }
 }
