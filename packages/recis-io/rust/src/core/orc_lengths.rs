@@ -20,7 +20,7 @@ use orc_rust::reader::metadata::FileMetadata;
 use orc_rust::schema::DataType;
 
 use super::error::{Error, Result};
-use super::orc_types::{fields, read_at, Value};
+use super::orc_types::{fields, read_at, varint_from, Value};
 
 /// Largest stripe footer read (decompressed or not).
 const MAX_FOOTER: u64 = 64 << 20;
@@ -378,15 +378,7 @@ impl<R: Read> Runs<R> {
     }
 
     fn varint(&mut self) -> std::result::Result<u64, Malformed> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(Malformed::Stream)
+        varint_from(|| self.bytes.next()?.ok()).ok_or(Malformed::Stream)
     }
 
     /// Big-endian unsigned integer of `n` bytes.

@@ -184,10 +184,19 @@ pub(super) fn fields(mut data: &[u8]) -> Option<Vec<(u64, Value<'_>)>> {
 }
 
 fn varint(data: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
+    varint_from(|| {
         let (&b, rest) = data.split_first()?;
         *data = rest;
+        Some(b)
+    })
+}
+
+/// A base-128 varint (protobuf's, and ORC's unsigned integers) from the bytes `next` yields,
+/// `None` when they end early or run past 64 bits.
+pub(super) fn varint_from(mut next: impl FnMut() -> Option<u8>) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = next()?;
         v |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
             return Some(v);
