@@ -92,15 +92,28 @@ def make_optimizers(model: ToyModel, lr: float = 0.05):
 
 
 class TableModel(nn.Module):
-    """A recis-embedding table under an MLP: checkpoints of it have a sparse part."""
+    """A recis-embedding table of the ``ids`` column (``option``, dimension 4 by default;
+    sharded over the process group with ``shard``) under an MLP with the dense features:
+    checkpoints of it have a sparse part. ``forward`` returns the loss, predictions and labels,
+    or the loss alone with ``loss_only`` (nothing for metrics)."""
 
-    def __init__(self):
+    def __init__(
+        self,
+        *,
+        shard: bool = False,
+        option: emb.EmbeddingOption | None = None,
+        loss_only: bool = False,
+    ) -> None:
         super().__init__()
-        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
+        option = option or emb.EmbeddingOption(4)
+        self.embeddings = emb.EmbeddingEngine({"ids": option}, shard=shard)
         self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.loss_only = loss_only
 
     def forward(self, batch):
         out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
         logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
+        if self.loss_only:
+            return loss
         return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}

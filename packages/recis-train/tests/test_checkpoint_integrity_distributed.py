@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _toy import NUM_DENSE, make_rows
-from torch import nn
+from _toy import TableModel, make_rows
 
 import recis_embedding as emb
 from recis_train import Trainer, TrainingArguments, seed_everything
@@ -26,21 +25,9 @@ WORLD = 2
 DAMAGED = ("dense/model.safetensors", "trainer/state.pt")
 
 
-class ShardedModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)}, shard=True)
-        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def forward(self, batch):
-        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
-        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
-        return nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
-
-
 def build(out: Path, rank: int, **args) -> Trainer:
     seed_everything(0)
-    model = ShardedModel()
+    model = TableModel(shard=True, loss_only=True)
     rows = make_rows(96, seed=rank)
     data = [{k: v[s : s + 8] for k, v in rows.items()} for s in range(0, 96, 8)]
     return Trainer(

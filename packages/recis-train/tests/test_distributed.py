@@ -19,8 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _toy import NUM_DENSE, make_rows
-from torch import nn
+from _toy import TableModel, make_rows
 
 import recis_embedding as emb
 from recis_train import LoggingHook, ProfilerHook, Trainer, TrainingArguments, seed_everything
@@ -37,20 +36,12 @@ EVAL_BATCHES = (3, 2)  # rank 1 runs out first and repeats its last batch uncoun
 STEPS = min(TRAIN_BATCHES)
 
 
-class ShardedModel(nn.Module):
-    """Sharded (or plain) embedding of one id column + an MLP over it and dense features."""
+class ShardedModel(TableModel):
+    """The table model, its table sharded (or not) and initialized from Normal(std=0.3)."""
 
     def __init__(self, shard: bool) -> None:
-        super().__init__()
         option = emb.EmbeddingOption(4, initializer=emb.Normal(std=0.3))
-        self.embeddings = emb.EmbeddingEngine({"ids": option}, shard=shard)
-        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def forward(self, batch):
-        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
-        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
-        return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
+        super().__init__(shard=shard, option=option)
 
 
 def batches(rank: int, count: int, size: int, seed: int) -> list[dict[str, torch.Tensor]]:

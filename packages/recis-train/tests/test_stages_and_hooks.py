@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from _toy import NUM_DENSE, ToyModel, ToyReader, make_optimizers
-from torch import nn
+from _toy import TableModel, ToyModel, ToyReader, make_optimizers
 
 import recis_embedding as emb
 from recis_train import (
@@ -25,20 +24,6 @@ from recis_train.exceptions import CheckpointError, ConfigError
 from recis_train.metrics import AUROC
 
 
-class TableModel(nn.Module):
-    """A recis-embedding table and an MLP."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(4)})
-        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def forward(self, batch):
-        out = self.embeddings({"ids": batch["ids"].reshape(-1, 1)})
-        logits = self.mlp(torch.cat([batch["dense"], out["ids"]], dim=1))[:, 0]
-        return nn.functional.binary_cross_entropy_with_logits(logits, batch["click"])
-
-
 def table_rows(model: TableModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted ids and their full rows (embedding and optimizer slots)."""
     table, index = model.embeddings.table("ids")
@@ -53,7 +38,7 @@ def shifted(reader: ToyReader, offset: int) -> list[dict[str, torch.Tensor]]:
 
 def test_a_frozen_embedding_module_keeps_its_rows_and_optimizer_slots(tmp_path):
     seed_everything(0)
-    model = TableModel()
+    model = TableModel(loss_only=True)
     args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
 
     def adam(params):
@@ -85,7 +70,7 @@ def test_a_frozen_embedding_module_keeps_its_rows_and_optimizer_slots(tmp_path):
 
 def test_a_table_outside_the_trainable_prefixes_is_frozen_too(tmp_path):
     seed_everything(0)
-    model = TableModel()
+    model = TableModel(loss_only=True)
     args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
 
     def sparse(m):
@@ -247,7 +232,7 @@ def test_thresholded_auroc_of_one_class_is_nan_like_exact(label):
 
 
 def test_multistage_checks_every_stage_before_training_any(tmp_path):
-    model = TableModel()
+    model = TableModel(loss_only=True)
     args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
     first = Stage("a", ToyReader(100, 50), lambda ps: torch.optim.SGD(ps, lr=0.1))
     typo = Stage("b", ToyReader(100, 50), first.dense_optimizer, args={"train_step": 5})
@@ -285,7 +270,7 @@ def test_fp16_on_cpu_trains_with_loss_scaling(tmp_path):
 def test_multistage_killed_in_stage_two_resumes_to_the_uninterrupted_result(tmp_path):
     def run(out, crash_at=None):
         seed_everything(0)
-        model = TableModel()
+        model = TableModel(loss_only=True)
         args = TrainingArguments(
             output_dir=str(out), device="cpu", log_every=1000, save_every=2, deterministic=True
         )
@@ -341,7 +326,7 @@ def test_multistage_killed_in_stage_two_resumes_to_the_uninterrupted_result(tmp_
     ],
 )
 def test_stage_prefixes_that_name_nothing_are_refused_up_front(tmp_path, options, message):
-    model = TableModel()
+    model = TableModel(loss_only=True)
     args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
     stage = Stage("s", ToyReader(100, 50), lambda ps: torch.optim.SGD(ps, lr=0.1), **options)
     with pytest.raises(ConfigError, match=r"stage 's': " + message):
