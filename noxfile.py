@@ -174,6 +174,12 @@ def cargo_test(session: nox.Session) -> None:
         )
 
 
+# Every test process, including the ones tests spawn (torch.multiprocessing, DataLoader
+# workers), prints the Python stack of each thread if it dies of a signal (SIGABRT from a
+# native library's abort, SIGSEGV): a crash in a child process names where it happened.
+TEST_ENV = {"PYTHONFAULTHANDLER": "1"}
+
+
 @nox.session
 @nox.parametrize("package", PACKAGES)
 def test(session: nox.Session, package: str) -> None:
@@ -183,9 +189,9 @@ def test(session: nox.Session, package: str) -> None:
     # pyproject as ``[tool.recis] extra-test-runs = [[...], ...]``.
     extra_runs = _pyprojects()[package].get("tool", {}).get("recis", {}).get("extra-test-runs", [])
     with session.chdir(_pyprojects()[package]["_dir"]):
-        session.run("pytest", "tests", *session.posargs)
+        session.run("pytest", "tests", *session.posargs, env=TEST_ENV)
         for options in extra_runs:
-            session.run("pytest", "tests", *options, *session.posargs)
+            session.run("pytest", "tests", *options, *session.posargs, env=TEST_ENV)
 
 
 @nox.session(name="test-integration")
@@ -194,7 +200,7 @@ def test_integration(session: nox.Session) -> None:
     _install(session, PACKAGES, extras=("test",))
     # pip and hatchling: tests/test_gpu_script.py runs .ci/gpu's offline install of packages/*.
     session.install(*SHARED_TEST_TOOLS, "pip", "hatchling>=1.24")
-    session.run("pytest", "tests", *session.posargs)
+    session.run("pytest", "tests", *session.posargs, env=TEST_ENV)
 
 
 @nox.session(name="test-gpu", default=False)
@@ -206,7 +212,9 @@ def test_gpu(session: nox.Session) -> None:
     # cannot be collected in one run. Exit code 5 (nothing selected) is not a failure.
     dirs = [str(_pyprojects()[p]["_dir"] / "tests") for p in PACKAGES] + ["tests"]
     for directory in dirs:
-        session.run("pytest", "-m", "gpu", directory, *session.posargs, success_codes=[0, 5])
+        session.run(
+            "pytest", "-m", "gpu", directory, *session.posargs, success_codes=[0, 5], env=TEST_ENV
+        )
 
 
 @nox.session
