@@ -1,9 +1,11 @@
-"""Checkpoint checksums on 2 CPU ranks (gloo): the ranks verify a checkpoint together, each
-reading a share of its files, and agree on the checkpoint they restore or the error they raise."""
+"""Checkpoint checksums on 2 CPU ranks (gloo): the ranks compute a checkpoint's checksums when
+saving and verify them when restoring together, each reading a share of its files, and agree on
+the checkpoint they restore or the error they raise."""
 
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ import torch.multiprocessing as mp
 from _toy import TableModel, make_rows
 
 import recis_embedding as emb
+import recis_train._distributed as distributed_module
 from recis_train import Trainer, TrainingArguments, seed_everything
+from recis_train._checkpoint import file_checksum, file_checksums
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -72,10 +76,46 @@ def _worker(rank: int, root: str) -> None:
                 result[damaged, "explicit"] = None
             except Exception as err:
                 result[damaged, "explicit"] = (type(err).__name__, str(err))
+        result["shares"] = _saving_shares(Path(root) / "shares", rank)
         dist.barrier()  # both ranks are done before either tears the group down
     finally:
         torch.save(result, Path(root) / f"rank-{rank}.pt")
         dist.destroy_process_group()
+
+
+def _saving_shares(out: Path, rank: int) -> dict:
+    """Which files each rank checksums when a checkpoint is saved, and a save whose checksum
+    reading fails on rank 1."""
+    read: list[str] = []
+
+    def recording(root: Path, names: list[str]) -> dict[str, str]:
+        read.extend(names)
+        return file_checksums(root, names)
+
+    def failing(root: Path, names: list[str]) -> dict[str, str]:
+        raise OSError(f"input/output error reading {names[0]}")
+
+    trainer = build(out, rank, train_steps=3)
+    trainer.train()  # saves step 3 at the end
+    distributed_module.file_checksums = recording
+    try:
+        trainer.save()  # step 3 again, replacing it
+    finally:
+        distributed_module.file_checksums = file_checksums
+    shares: dict = {"read": sorted(read)}
+    trainer.args.train_steps = 4
+    trainer.train()  # saves step 4 at the end
+    trainer.args.train_steps = 5
+    if rank == 1:
+        distributed_module.file_checksums = failing
+    try:
+        trainer.train()  # its save of step 5 fails
+        shares["error"] = None
+    except Exception as err:
+        shares["error"] = (type(err).__name__, str(err))
+    finally:
+        distributed_module.file_checksums = file_checksums
+    return shares
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +149,28 @@ def test_every_rank_refuses_a_damaged_checkpoint_named_by_path(ranks, damaged):
         f"step-000000006: checkpoint file(s) changed since they were written: {damaged} (crc32"
         in message
     )
+
+
+def test_the_ranks_share_the_checksums_of_a_save(ranks):
+    root, results = ranks
+    newest = root / "shares" / "checkpoints" / "step-000000003"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    shares = [r["shares"]["read"] for r in results]
+    # Each rank read every other file of the sorted list, and only those: together all of them.
+    assert shares == [sorted(manifest["files"][r::WORLD]) for r in range(WORLD)]
+    assert all(shares)
+    assert not set(shares[0]) & set(shares[1])
+    sums = manifest["checksums"]["files"]
+    assert sums == {name: file_checksum(newest / name) for name in manifest["files"]}
+
+
+def test_a_rank_that_cannot_read_its_share_fails_the_save_on_every_rank(ranks):
+    root, results = ranks
+    for result in results:
+        kind, message = result["shares"]["error"]
+        assert kind == "CheckpointError"
+        assert "saving checkpoint of step 5" in message
+        assert "rank 1: OSError: input/output error reading" in message
+    # Nothing of the failed save is left; the checkpoint before it is the newest.
+    checkpoints = root / "shares" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000003", "step-000000004"]

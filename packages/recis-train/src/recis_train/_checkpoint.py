@@ -33,6 +33,8 @@ _log = logging.getLogger("recis_train")
 Writer = Callable[[Path], None]
 #: what is wrong with a checkpoint's files (an empty list: nothing)
 Check = Callable[[Path], list[str]]
+#: the checksums of the named files (paths relative to the given directory), by name
+Checksums = Callable[[Path, list[str]], dict[str, str]]
 
 
 def file_checksum(path: Path) -> str:
@@ -44,6 +46,11 @@ def file_checksum(path: Path) -> str:
         while count := fh.readinto(buffer):
             crc = zlib.crc32(view[:count], crc)
     return f"{crc:08x}"
+
+
+def file_checksums(root: Path, names: Sequence[str]) -> dict[str, str]:
+    """:func:`file_checksum` of each of ``names`` (relative to ``root``), by name."""
+    return {name: file_checksum(root / name) for name in names}
 
 
 def part_files(manifest: Mapping[str, Any], parts: Collection[str] | None = None) -> list[str]:
@@ -164,13 +171,22 @@ class CheckpointManager:
         """Where the checkpoint of ``step`` lives."""
         return self.root / f"step-{step:09d}"
 
-    def save(self, step: int, writers: Mapping[str, Writer], meta: Mapping[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        writers: Mapping[str, Writer],
+        meta: Mapping[str, Any],
+        *,
+        checksums: Checksums = file_checksums,
+    ) -> Path:
         """Write a checkpoint of ``step``; each writer fills its own subdirectory.
 
         Args:
             step: the global step it captures.
             writers: part name -> a function writing that part into the directory it is given.
             meta: JSON-serializable facts stored in the manifest (e.g. the training arguments).
+            checksums: computes the manifest's checksums of the written files (a distributed
+                save shares the reading among the ranks); it must return one per file.
 
         Returns:
             The checkpoint's final directory.
@@ -190,7 +206,11 @@ class CheckpointManager:
                 write(tmp / part)
             paths = sorted(p for p in tmp.rglob("*") if p.is_file())
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in paths}
-            sums = {p.relative_to(tmp).as_posix(): file_checksum(p) for p in paths}
+            sums = checksums(tmp, list(files))
+            if sorted(sums) != sorted(files):
+                raise CheckpointError(
+                    f"checksums of {sorted(sums)} returned for the files {sorted(files)}"
+                )
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "step": step,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from recis_train._checkpoint import CheckpointManager, Writer, first_verified
+from recis_train._checkpoint import CheckpointManager, Writer, file_checksums, first_verified
 from recis_train.exceptions import CheckpointError, ConfigError, RankFailedError
 
 __all__ = ["DistributedContext", "own_rank_state", "sum_gradients"]
@@ -211,11 +211,14 @@ class DistributedContext:
         Rank 0 writes ``writers`` (dense and trainer state) through ``manager`` into its
         temporary directory and sends that directory to the others; then every rank runs
         ``sparse`` into its ``sparse/`` part (recis-embedding writes one file per table and shard,
-        each rank its own); then rank 0 writes the manifest and renames the directory into
+        each rank its own); then the ranks compute the manifest's checksums together, each
+        reading every ``world_size``-th file of the sorted list (rank 0 alone would read the
+        whole checkpoint); then rank 0 writes the manifest and renames the directory into
         place. Every rank returns only after that, so the checkpoint is complete for all.
 
         Raises:
-            CheckpointError: the save failed on rank 0 (raised on every rank).
+            CheckpointError: the save failed on rank 0, or a rank could not read its share of
+                the files (raised on every rank).
         """
         if self.is_main:
             return self._save_main(manager, step, writers, sparse, meta)
@@ -223,10 +226,21 @@ class DistributedContext:
             directory = self.broadcast(None)
             if directory is not None:
                 sparse(Path(directory))
+        job = self.broadcast(None)  # the files to checksum, or None when the save failed
+        if job is not None:
+            self.gather(self._checksum_share(Path(job[0]), job[1]))
         error = self.broadcast(None)
         if error is not None:
             raise CheckpointError(f"rank 0 failed to save the checkpoint of step {step}: {error}")
         return manager.path_for(step)
+
+    def _checksum_share(self, root: Path, names: list[str]) -> tuple[bool, Any]:
+        """``(True, checksums)`` of this rank's share of ``names``, or ``(False, why)``: an
+        error is sent to rank 0 rather than raised, so no rank is left waiting for this one."""
+        try:
+            return True, file_checksums(root, names[self.rank :: self.world_size])
+        except Exception as err:
+            return False, f"{type(err).__name__}: {err}"
 
     def _save_main(
         self,
@@ -236,7 +250,7 @@ class DistributedContext:
         sparse: Callable[[Path], None] | None,
         meta: Mapping[str, Any],
     ) -> Path:
-        announced = False
+        announced = sent = False
 
         def write_sparse(directory: Path) -> None:
             nonlocal announced
@@ -244,13 +258,25 @@ class DistributedContext:
             announced = True
             sparse(directory)  # type: ignore[misc]
 
+        def checksums(root: Path, names: list[str]) -> dict[str, str]:
+            nonlocal sent
+            self.broadcast((str(root), names))
+            sent = True
+            shares = self.gather(self._checksum_share(root, names))
+            failed = [f"rank {r}: {why}" for r, (ok, why) in enumerate(shares) if not ok]
+            if failed:
+                raise CheckpointError("reading the written files failed on " + "; ".join(failed))
+            return {name: crc for _, share in shares for name, crc in share.items()}
+
         parts = dict(writers)
         if sparse is not None:
             parts["sparse"] = write_sparse  # last: the other parts are written by then
         try:
-            path = manager.save(step, parts, meta)
+            path = manager.save(step, parts, meta, checksums=checksums)
         except BaseException as err:
             if sparse is not None and not announced:
+                self.broadcast(None)
+            if not sent:
                 self.broadcast(None)
             self.broadcast(str(err) or type(err).__name__)
             raise
