@@ -104,6 +104,8 @@ def check_index_range(
 def is_int(value: object) -> TypeGuard[int]:
     """Whether ``value`` is an integer parameter: a Python int or a NumPy integer scalar
     (what NumPy reductions and array items give), never a bool."""
+    if type(value) is int:  # the common case, without the abstract-class check
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 

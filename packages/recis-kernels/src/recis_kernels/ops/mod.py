@@ -92,7 +92,7 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         # Each feature is reduced straight from its own memory into its part of one output:
         # no packed copy of the inputs.
         sizes = [t.numel() for t in ids_list]
-        out = umod_parts([t.reshape(-1) for t in ids_list], list(ns))
+        out = umod_parts([t if t.dim() == 1 else t.reshape(-1) for t in ids_list], ns)
         return unpack(out, sizes, [t.shape for t in ids_list])
     packed, sizes = pack(ids_list)
     out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
