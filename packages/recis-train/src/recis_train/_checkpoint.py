@@ -207,9 +207,10 @@ class CheckpointManager:
             paths = sorted(p for p in tmp.rglob("*") if p.is_file())
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in paths}
             sums = checksums(tmp, list(files))
-            if sorted(sums) != sorted(files):
+            if sums.keys() != files.keys():
                 raise CheckpointError(
-                    f"checksums of {sorted(sums)} returned for the files {sorted(files)}"
+                    "the checksums computed do not match the files written: missing "
+                    f"{sorted(files.keys() - sums.keys())}, extra {sorted(sums.keys() - files.keys())}"
                 )
             manifest = {
                 "format_version": FORMAT_VERSION,
