@@ -204,3 +204,101 @@ def test_fused_cross_adds_no_weights_to_unweighted_pairs():
     assert rk.feature_cross(u, b).weights is None
     assert out[2].weights.tolist() == [2.0, 3.0]
     assert torch.equal(out[1].values, rk.feature_cross(u, b).values)
+
+
+def ref_weight_grads(a_rows, b_rows, a_w, b_w, grads):
+    """The gradients of ``sum(grads * weights)`` by the definition: a pair's weight is the
+    product of its ids' first occurrences' weights; repeats dropped within a row get none."""
+    ga = [[0.0] * len(r) for r in a_rows]
+    gb = [[0.0] * len(r) for r in b_rows]
+    k = 0
+    for r, (ra, rb) in enumerate(zip(a_rows, b_rows, strict=True)):
+        first_a = [i for i, v in enumerate(ra) if v not in ra[:i]]
+        first_b = [j for j, v in enumerate(rb) if v not in rb[:j]]
+        for i in first_a:
+            for j in first_b:
+                ga[r][i] += grads[k] * b_w[r][j]
+                gb[r][j] += grads[k] * a_w[r][i]
+                k += 1
+    return [g for r in ga for g in r], [g for r in gb for g in r]
+
+
+def _weighted(rows, weights):
+    ragged = ragged_from_rows(rows, weights)
+    ragged.weights.requires_grad_()
+    return ragged
+
+
+def _grad(ragged):
+    g = ragged.weights.grad
+    return torch.zeros_like(ragged.weights) if g is None else g
+
+
+@given(case=pair_st(), sides=st.sampled_from(["a", "b", "both"]))
+def test_cross_weight_gradients_match_reference(case, sides):
+    a, b, aw, bw = case
+    ones_a, ones_b = [[1.0] * len(r) for r in a], [[1.0] * len(r) for r in b]
+    ra = _weighted(a, aw) if sides != "b" else ragged_from_rows(a)
+    rb = _weighted(b, bw) if sides != "a" else ragged_from_rows(b)
+    out = rk.feature_cross(ra, rb)
+    grads = torch.arange(1, out.values.numel() + 1, dtype=torch.float32) / 2
+    (out.weights * grads).sum().backward()
+    exp_a, exp_b = ref_weight_grads(
+        a, b, aw if sides != "b" else ones_a, bw if sides != "a" else ones_b, grads.tolist()
+    )
+    if sides != "b":
+        torch.testing.assert_close(_grad(ra), torch.tensor(exp_a, dtype=torch.float32))
+    if sides != "a":
+        torch.testing.assert_close(_grad(rb), torch.tensor(exp_b, dtype=torch.float32))
+
+
+def test_fused_cross_weight_gradients_add_up_over_pairs():
+    g = torch.Generator().manual_seed(3)
+    a = _weighted([[1, 2, 1], [], [5, 5, 6]], [[0.5, 2.0, 3.0], [], [1.5, 4.0, 0.25]])
+    b = _weighted([[7, 8], [3], [6, 6]], [[1.0, 2.0], [3.0], [5.0, 7.0]])
+    outs = rk.fused_feature_cross([(a, b), (b, a), (a, a)])
+    grads = [torch.rand(o.values.numel(), generator=g) for o in outs]
+    sum((o.weights * w).sum() for o, w in zip(outs, grads, strict=True)).backward()
+    fused = _grad(a).clone(), _grad(b).clone()
+    a.weights.grad = b.weights.grad = None
+    for (x, y), w in zip([(a, b), (b, a), (a, a)], grads, strict=True):
+        (rk.feature_cross(x, y).weights * w).sum().backward()
+    torch.testing.assert_close(fused, (_grad(a), _grad(b)))
+
+
+@pytest.mark.parametrize("longest", [3, 20])  # rows deduplicated by shifts, then by sorting
+def test_cross_weight_gradcheck(longest):
+    g = torch.Generator().manual_seed(longest)
+    lengths = torch.tensor([longest, 0, 2, 1, 4])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    av = torch.randint(0, 4, (n,), generator=g)  # few distinct ids: rows repeat them
+    bv = torch.randint(0, 3, (n,), generator=g)
+    aw = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    bw = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def crossed_weights(aw, bw):
+        return torch.ops.recis.feature_cross(av, offsets, aw, bv, offsets, bw)[2]
+
+    assert torch.autograd.gradcheck(crossed_weights, (aw, bw))
+    assert torch.autograd.gradcheck(lambda w: crossed_weights(w, None), (aw,))
+
+
+def test_cross_weight_gradients_on_device_match_cpu(device):
+    g = torch.Generator().manual_seed(4)
+    rows = 200
+    la = torch.randint(0, 6, (rows,), generator=g)
+    lb = torch.randint(0, 6, (rows,), generator=g)
+    offsets_a = torch.cat([torch.zeros(1, dtype=torch.int64), la.cumsum(0)])
+    offsets_b = torch.cat([torch.zeros(1, dtype=torch.int64), lb.cumsum(0)])
+    ids_a = torch.randint(-3, 3, (int(la.sum()),), generator=g)
+    ids_b = torch.randint(-3, 3, (int(lb.sum()),), generator=g)
+    wa, wb = torch.rand(ids_a.numel(), generator=g), torch.rand(ids_b.numel(), generator=g)
+    grads = []
+    for where in ("cpu", device):
+        leaves = [w.detach().to(where).requires_grad_() for w in (wa, wb)]
+        a = rk.RaggedTensor(ids_a.to(where), offsets_a.to(where), leaves[0])
+        b = rk.RaggedTensor(ids_b.to(where), offsets_b.to(where), leaves[1])
+        rk.feature_cross(a, b).weights.square().sum().backward()
+        grads.append(tuple(w.grad.cpu() for w in leaves))
+    torch.testing.assert_close(grads[0], grads[1])

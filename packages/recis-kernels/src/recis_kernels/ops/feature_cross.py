@@ -159,18 +159,28 @@ def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> lis
 _SHIFT_MAX = 16
 
 
-def _distinct(values, offsets, weights):
-    """Keep the first occurrence of each id within each row, in order."""
+def _first_occurrences(values, offsets) -> torch.Tensor | None:
+    """Per id, whether it is the first occurrence of its value in its row; ``None`` when no
+    row holds two ids (every id is)."""
     n = values.numel()
     lengths = offsets.diff()
     longest = int(lengths.max()) if n else 0
     if longest <= 1:
-        return values, offsets, weights  # no row holds two ids: nothing to drop
+        return None
     starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=n)
     if longest <= _SHIFT_MAX:
-        keep = ~_repeats_by_shifts(values, starts, longest)
-    else:
-        keep = _first_by_sort(values, lengths, n)
+        return ~_repeats_by_shifts(values, starts, longest)
+    return _first_by_sort(values, lengths, n)
+
+
+def _distinct(values, offsets, weights, keep=None):
+    """Keep the first occurrence of each id within each row, in order (``keep``: the mask of
+    :func:`_first_occurrences`, when already known)."""
+    if keep is None:
+        keep = _first_occurrences(values, offsets)
+        if keep is None:
+            return values, offsets, weights  # no row holds two ids: nothing to drop
+    n = values.numel()
     # Kept ids before each position; read at the row boundaries, the new offsets.
     before = torch.zeros(n + 1, dtype=offsets.dtype, device=offsets.device)
     torch.cumsum(keep, 0, out=before[1:])
@@ -266,27 +276,33 @@ def _cross_cpu(av, ao, aw, bv, bo, bw):
     if av.numel() == rows == bv.numel() and _one_per_row(ao) and _one_per_row(bo):
         # One id on each side of every row (single-valued features): pair value by value.
         return _pair_hash(av, bv), ao.clone(), _product(aw, None, bw, None, rows, av.device)
+    ia, ib, out_off = _pair_index(ao, bo, av.numel())
+    pick = torch.Tensor.index_select
+    return (
+        _pair_hash(pick(av, 0, ia), pick(bv, 0, ib)),
+        out_off,
+        _product(aw, ia, bw, ib, ia.numel(), av.device),
+    )
+
+
+def _pair_index(ao, bo, na: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every crossed pair the index of its ``a`` id and of its ``b`` id (a-major within each
+    row), and the offsets of the crossed rows; ``na`` is the number of ``a`` ids."""
+    rows = ao.numel() - 1
     la, lb, out_off = _cross_layout(ao, bo)
     total = int(out_off[-1])
     # a-major pairs without a division per output: each id of a is repeated once per id of b in
     # its row, and the b side runs through that row's ids once per repeat.
-    device = av.device
-    row_of_a = torch.repeat_interleave(
-        torch.arange(rows, device=device), la, output_size=av.numel()
-    )
+    device = ao.device
+    row_of_a = torch.repeat_interleave(torch.arange(rows, device=device), la, output_size=na)
     per_a = lb.index_select(0, row_of_a)
-    ia = torch.repeat_interleave(torch.arange(av.numel(), device=device), per_a, output_size=total)
+    ia = torch.repeat_interleave(torch.arange(na, device=device), per_a, output_size=total)
     block_start = torch.cumsum(per_a, 0) - per_a
     ib = torch.repeat_interleave(
         bo.index_select(0, row_of_a) - block_start, per_a, output_size=total
     )
     ib += torch.arange(total, device=device)
-    pick = torch.Tensor.index_select
-    return (
-        _pair_hash(pick(av, 0, ia), pick(bv, 0, ib)),
-        out_off,
-        _product(aw, ia, bw, ib, total, av.device),
-    )
+    return ia, ib, out_off
 
 
 def _one_per_row(offsets: torch.Tensor) -> bool:
@@ -325,7 +341,12 @@ def _feature_cross_impl(
     """Crossed values, offsets and weights; the weights are empty when neither side has any."""
     av, ao, aw = _distinct(a_values.contiguous(), a_offsets.contiguous(), a_weights)
     bv, bo, bw = _distinct(b_values.contiguous(), b_offsets.contiguous(), b_weights)
-    if not use_cuda_kernels(av.device):
+    if not use_cuda_kernels(av.device) or any(
+        w is not None and w.dtype != torch.float32 for w in (aw, bw)
+    ):
+        # The torch path runs on any device; the kernel takes float32 weights only (what a
+        # RaggedTensor holds; other dtypes reach the op only when it is called directly, e.g.
+        # by gradcheck in float64).
         return _cross_cpu(av, ao, aw, bv, bo, bw)
     weighted = aw is not None or bw is not None
     aw, bw = (
@@ -339,6 +360,51 @@ def _feature_cross_impl(
 _feature_cross_op = torch.library.custom_op("recis::feature_cross", mutates_args=())(
     _feature_cross_impl
 )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a_values, a_offsets, a_weights, b_values, b_offsets, b_weights = inputs
+    ctx.save_for_backward(a_values, a_offsets, a_weights, b_values, b_offsets, b_weights)
+
+
+def _original_pairs(a_values, a_offsets, b_values, b_offsets):
+    """For every crossed pair the positions of its two ids in the inputs (before the repeats
+    within a row were dropped)."""
+    sides = []
+    for values, offsets in ((a_values, a_offsets), (b_values, b_offsets)):
+        keep = _first_occurrences(values, offsets)
+        positions = torch.arange(values.numel(), device=values.device)
+        if keep is not None:
+            positions, offsets, _ = _distinct(positions, offsets, None, keep)
+        sides.append((positions, offsets))
+    (pa, ao), (pb, bo) = sides
+    ia, ib, _ = _pair_index(ao, bo, pa.numel())
+    return pa.index_select(0, ia), pb.index_select(0, ib)
+
+
+def _backward(ctx, grad_values, grad_offsets, grad_weights):
+    """Each pair's weight is ``w_a * w_b`` of the first occurrences of its ids: the gradient of
+    a weight is the sum, over the pairs its id is in, of the pair's gradient times the other
+    side's weight; repeats dropped within a row get none."""
+    a_values, a_offsets, a_weights, b_values, b_offsets, b_weights = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+    grad_a = grad_b = None
+    if grad_weights is None or grad_weights.numel() == 0 or not (need_a or need_b):
+        return None, None, grad_a, None, None, grad_b
+    ia, ib = _original_pairs(
+        a_values.contiguous(), a_offsets.contiguous(), b_values.contiguous(), b_offsets.contiguous()
+    )
+    g = grad_weights
+    if need_a:
+        other = g if b_weights is None else g * b_weights.index_select(0, ib)
+        grad_a = torch.zeros_like(a_weights).index_add_(0, ia, other.to(a_weights.dtype))
+    if need_b:
+        other = g if a_weights is None else g * a_weights.index_select(0, ia)
+        grad_b = torch.zeros_like(b_weights).index_add_(0, ib, other.to(b_weights.dtype))
+    return None, None, grad_a, None, None, grad_b
+
+
+_feature_cross_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @_feature_cross_op.register_fake
