@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_ranks
 from _toy import TableModel, make_rows
 
 import recis_embedding as emb
@@ -120,8 +120,7 @@ def _saving_shares(out: Path, rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
-    root = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+    root = spawn_ranks(_worker, lambda: tmp_path_factory.mktemp("ranks"), WORLD)
     return root, [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_ranks
 from _toy import NUM_DENSE, make_rows
 from test_distributed import WORLD, B, join_gloo, merged
 from test_online_distributed import build as build_online
@@ -203,10 +203,14 @@ def _worker(rank: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    root = tmp_path_factory.mktemp("masks-retry")
-    (root / "data").mkdir()
-    write_hours(root / "data")
-    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+
+    def fresh() -> Path:
+        root = tmp_path_factory.mktemp("masks-retry")
+        (root / "data").mkdir()
+        write_hours(root / "data")
+        return root
+
+    root = spawn_ranks(_worker, fresh, WORLD)
     return [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_ranks
 from test_distributed import WORLD, B, ShardedModel, batches, join_gloo, merged
 
 import recis_embedding as emb
@@ -81,8 +81,7 @@ def _worker(rank: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    root = tmp_path_factory.mktemp("multistage-ranks")
-    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+    root = spawn_ranks(_worker, lambda: tmp_path_factory.mktemp("multistage-ranks"), WORLD)
     return [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_ranks
 from _toy import NUM_DENSE, make_rows
 from test_distributed import WORLD, B, ShardedModel, join_gloo
 
@@ -129,10 +129,14 @@ def _worker(rank: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
-    root = tmp_path_factory.mktemp("online-ranks")
-    (root / "data").mkdir()
-    write_hours(root / "data")
-    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+
+    def fresh() -> Path:
+        root = tmp_path_factory.mktemp("online-ranks")
+        (root / "data").mkdir()
+        write_hours(root / "data")
+        return root
+
+    root = spawn_ranks(_worker, fresh, WORLD)
     return root, [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
