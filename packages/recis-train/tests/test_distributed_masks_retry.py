@@ -22,7 +22,7 @@ from _spawn import spawn_ranks
 from _toy import NUM_DENSE, make_rows
 from test_distributed import WORLD, B, join_gloo, merged
 from test_online_distributed import build as build_online
-from test_online_distributed import reader, summary, write_hours
+from test_online_distributed import reader, roots_with_hours, summary
 from torch import nn
 
 import recis_embedding as emb
@@ -203,14 +203,7 @@ def _worker(rank: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-
-    def fresh() -> Path:
-        root = tmp_path_factory.mktemp("masks-retry")
-        (root / "data").mkdir()
-        write_hours(root / "data")
-        return root
-
-    root = spawn_ranks(_worker, fresh, WORLD)
+    root = spawn_ranks(_worker, roots_with_hours(tmp_path_factory, "masks-retry"), WORLD)
     return [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

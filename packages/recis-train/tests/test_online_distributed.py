@@ -9,6 +9,7 @@ single process up to float summation order (see ``test_distributed.py``).
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +43,18 @@ def write_hours(directory: Path) -> list[str]:
         pq.write_table(pa.table(columns), path)
         paths.append(str(path))
     return paths
+
+
+def roots_with_hours(tmp_path_factory, name: str) -> Callable[[], Path]:
+    """Makes a fresh directory for a 2-rank run, its ``data/`` holding the hourly files."""
+
+    def fresh() -> Path:
+        root = tmp_path_factory.mktemp(name)
+        (root / "data").mkdir()
+        write_hours(root / "data")
+        return root
+
+    return fresh
 
 
 def reader(rank: int, world: int, batch: int):
@@ -129,14 +142,7 @@ def _worker(rank: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
-
-    def fresh() -> Path:
-        root = tmp_path_factory.mktemp("online-ranks")
-        (root / "data").mkdir()
-        write_hours(root / "data")
-        return root
-
-    root = spawn_ranks(_worker, fresh, WORLD)
+    root = spawn_ranks(_worker, roots_with_hours(tmp_path_factory, "online-ranks"), WORLD)
     return root, [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
