@@ -25,13 +25,14 @@ def spawn_ranks(
     second abort, any other signal, a non-zero exit and every exception a worker raises fail
     the test as they did.
     """
-    for attempt in (1, 2):
-        root = fresh_root()
-        try:
-            mp.spawn(worker, args=(str(root),), nprocs=nprocs, join=True)
-            return root
-        except mp.ProcessExitedException as err:
-            if attempt == 2 or err.signal_name != "SIGABRT":
-                raise
-            RETRIED.append(f"{worker.__module__}: {err}")
-    raise AssertionError("unreachable")
+    root = fresh_root()
+    try:
+        mp.spawn(worker, args=(str(root),), nprocs=nprocs, join=True)
+        return root
+    except mp.ProcessExitedException as err:
+        if err.signal_name != "SIGABRT":
+            raise
+        RETRIED.append(f"{worker.__module__}: {err}")
+    root = fresh_root()
+    mp.spawn(worker, args=(str(root),), nprocs=nprocs, join=True)
+    return root
