@@ -377,3 +377,89 @@ def test_loading_part_of_a_fused_table_sets_one_clock_with_or_without_rows(tmp_p
         table, index = big.table("a")
         assert table.ids(index).tolist() == ids
         assert table.step == 4, ids  # b's later clock stays
+
+
+def test_load_without_verify_reads_no_file_for_checksums_but_checks_manifests(
+    tmp_path, monkeypatch
+) -> None:
+    import recis_embedding._checkpoint as checkpoint_mod
+
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "base", model, opt)
+    train(model, opt, dense, range(2, 4))
+    save(tmp_path / "d1", model, opt, delta=True)
+    hashed: list[str] = []
+    real = checkpoint_mod.sha256
+    monkeypatch.setattr(checkpoint_mod, "sha256", lambda p: hashed.append(p.name) or real(p))
+    files = [
+        f
+        for c in ("base", "d1")
+        for f in json.loads((tmp_path / c / "manifest.json").read_text())["files"]
+    ]
+
+    verified, opt_v, _ = build()
+    load(tmp_path / "d1", verified, opt_v)
+    assert sorted(hashed) == sorted(f.split("/")[-1] for f in files)
+    hashed.clear()
+    trusted, opt_t, _ = build()
+    load(tmp_path / "d1", trusted, opt_t, verify=False)
+    assert hashed == []
+    assert_same(state(trusted), state(verified))
+    assert_same(state(trusted), state(model))
+
+    # A manifest's own checksum is still checked, the parent's too.
+    path = tmp_path / "base" / "manifest.json"
+    path.write_text(path.read_text().replace('"lr": 0.05', '"lr": 0.07'))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch for manifest\.json"):
+        load(tmp_path / "d1", build()[0], verify=False)
+
+
+def test_loading_draws_no_initial_vectors(tmp_path, monkeypatch) -> None:
+    # Saved rows go into the tables whole: the initializer (whose vectors would only be
+    # overwritten) is not asked for them.
+    model, opt, dense = build()
+    train(model, opt, dense, range(3))
+    save(tmp_path / "c", model, opt)
+    other, opt2, _ = build()
+    drawn: list[int] = []
+    real = Normal.sample
+    monkeypatch.setattr(
+        Normal, "sample", lambda self, ids, *a: drawn.append(ids.numel()) or real(self, ids, *a)
+    )
+    load(tmp_path / "c", other, opt2)
+    assert drawn == []
+    assert_same(state(other), state(model))
+    other(batch(99))  # new ids afterwards are initialized as before
+    assert drawn
+
+
+@pytest.mark.parametrize(
+    ("runs", "files", "calls"),
+    [
+        ([[-5, 3, 9], [-7, 3, 8]], 2, 2),  # two shard files, an id in both: the later wins
+        ([[1, 2], [0, 4]], 3, 2),
+        ([[4], [3], [2, 6]], 2, 1),  # more runs than files: not as written, one call
+        ([[1, 2, 3]], 1, 1),
+    ],
+)
+def test_saved_rows_go_in_one_call_per_shard_file(monkeypatch, runs, files, calls) -> None:
+    from recis_embedding import HashTable
+    from recis_embedding._checkpoint_load import _insert_saved
+
+    table = HashTable(1)
+    made: list[list[int]] = []
+    real = HashTable.insert_or_assign
+    monkeypatch.setattr(
+        HashTable,
+        "insert_or_assign",
+        lambda self, ids, *a, **k: made.append(ids.tolist()) or real(self, ids, *a, **k),
+    )
+    ids = torch.tensor([x for run in runs for x in run])
+    full = torch.arange(ids.numel(), dtype=torch.float32)[:, None]
+    rows = _insert_saved(table, ids, full, 0, files)
+    assert len(made) == calls
+    expected = {x: float(k) for k, x in enumerate(ids.tolist())}  # the last one of an id
+    assert table.ids().tolist() == sorted(expected)
+    assert table.embeddings(ids)[:, 0].tolist() == [expected[x] for x in ids.tolist()]
+    assert torch.equal(rows, table.find(ids))

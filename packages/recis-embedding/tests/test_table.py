@@ -228,3 +228,87 @@ def test_a_table_on_an_unusable_device_is_refused_naming_it() -> None:
         HashTable(4, name="user", device="cuda")
     with pytest.raises(ConfigError, match=r"table 'user': device 'cuda' is not usable here"):
         EmbeddingEngine({"user": EmbeddingOption(4, device="cuda")})
+
+
+@given(
+    st.lists(st.tuples(IDS, st.booleans(), st.booleans()), max_size=5),
+    st.lists(IDS, max_size=3),
+)
+def test_insert_or_assign_matches_dict_of_rows(
+    calls: list[tuple[list[int], bool, bool]], erases: list[list[int]]
+) -> None:
+    # Rows set whole (the last values of an id given twice win), found rows overwritten, absent
+    # ones inserted with exactly the given values; interleaved with find_or_insert and erase.
+    table = HashTable(2, name="t", initializer=Constant(value=7.0))
+    table.configure_state("adagrad", [("sum", 2)], torch.tensor([0.5, 0.5]))
+    ref: dict[int, list[float]] = {}
+    for k, (batch, assign, sort) in enumerate(calls):
+        ids = torch.tensor(sorted(set(batch)) if sort else batch, dtype=torch.int64)
+        if assign:
+            full = torch.randn(ids.numel(), 4)
+            rows = table.insert_or_assign(ids, full)
+            for x, values in zip(ids.tolist(), full.tolist(), strict=True):
+                ref[x] = values
+        else:
+            rows, _ = table.find_or_insert(ids)
+            for x in ids.tolist():
+                ref.setdefault(x, [7.0, 7.0, 0.5, 0.5])
+        assert [r >= 0 for r in rows.tolist()] == [True] * ids.numel()
+        if k < len(erases):
+            table.erase(torch.tensor(erases[k], dtype=torch.int64))
+            for x in erases[k]:
+                ref.pop(x, None)
+        assert len(table) == len(ref)
+        assert table.ids().tolist() == sorted(ref)
+    if ref:
+        keys = torch.tensor(sorted(ref), dtype=torch.int64)
+        got = table.read_full(table.find(keys))
+        assert got.tolist() == [ref[x] for x in sorted(ref)]
+
+
+def test_insert_or_assign_skips_the_initializer_and_keeps_row_records() -> None:
+    table = HashTable(3, initializer=Failing(value=0.0))
+    table.step = 4
+    ids = torch.tensor(EXTREME_IDS)
+    full = torch.arange(3 * len(EXTREME_IDS), dtype=torch.float32).view(-1, 3)
+    rows = table.insert_or_assign(ids, full)
+    stats = table.stats()
+    assert (stats.inserts, stats.lookups, stats.hits) == (len(EXTREME_IDS), 0, 0)
+    assert len(set(rows.tolist())) == len(EXTREME_IDS)
+    assert torch.equal(table.embeddings(ids), full)
+    assert table.frequency[rows].tolist() == [0] * len(EXTREME_IDS)
+    assert table.inserted[rows].tolist() == [4] * len(EXTREME_IDS)
+    assert table.last_seen[rows].tolist() == [4] * len(EXTREME_IDS)
+    assert bool(table.dirty_rows(rows).all())
+    # Found ids are overwritten in their rows, not counted as inserts again.
+    again = table.insert_or_assign(ids[:2], -full[:2], distinct=True)
+    assert torch.equal(again, rows[:2])
+    assert torch.equal(table.embeddings(ids[:2]), -full[:2])
+    assert table.stats().inserts == len(EXTREME_IDS)
+
+
+def test_insert_or_assign_keeps_logical_tables_apart() -> None:
+    table = HashTable(1, name="a")
+    table.add_table("b", Constant(value=0.0))
+    ids = torch.tensor([5, 5, 6])
+    rows = table.insert_or_assign(ids, torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0, 1, 0]))
+    assert len(set(rows.tolist())) == 3
+    assert table.embeddings(torch.tensor([5, 6]), "a").tolist() == [[1.0], [3.0]]
+    assert table.embeddings(torch.tensor([5]), "b").tolist() == [[2.0]]
+
+
+def test_insert_or_assign_checks_its_input_and_capacity_first() -> None:
+    table = HashTable(2, capacity=3)
+    with pytest.raises(InputError, match=r"full must be a float32 tensor of shape \(2, 2\)"):
+        table.insert_or_assign(torch.tensor([1, 2]), torch.zeros(2, 3))
+    with pytest.raises(InputError, match=r"full must be a float32 tensor .* got torch.float64"):
+        table.insert_or_assign(torch.tensor([1, 2]), torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(InputError, match="ids must be a 1-d int64 tensor"):
+        table.insert_or_assign(torch.tensor([1.0]), torch.zeros(1, 2))
+    with pytest.raises(InputError, match="table index 3 out of range"):
+        table.insert_or_assign(torch.tensor([1]), torch.zeros(1, 2), 3)
+    table.insert_or_assign(torch.tensor([1, 2]), torch.zeros(2, 2))
+    with pytest.raises(TableFullError, match="is full"):
+        table.insert_or_assign(torch.tensor([2, 3, 4]), torch.ones(3, 2))
+    assert table.ids().tolist() == [1, 2]
+    assert table.embeddings(torch.tensor([2])).tolist() == [[0.0, 0.0]]

@@ -153,16 +153,20 @@ class CheckpointReader:
 
     def verify(self) -> None:
         """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest."""
-        if self.manifest.get("manifest_sha256") != manifest_digest(self.manifest):
-            raise CheckpointError(
-                f"checksum mismatch for manifest.json in checkpoint {self.path} (edited or corrupt)"
-            )
+        self.verify_manifest()
         for rel, digest in self.manifest["files"].items():
             f = self.path / rel
             if not f.is_file():
                 raise CheckpointError(f"checkpoint {self.path} is missing file {rel}")
             if sha256(f) != digest:
                 raise CheckpointError(f"checksum mismatch for {rel} in checkpoint {self.path}")
+
+    def verify_manifest(self) -> None:
+        """Check the manifest's own SHA-256 only (reads no other file)."""
+        if self.manifest.get("manifest_sha256") != manifest_digest(self.manifest):
+            raise CheckpointError(
+                f"checksum mismatch for manifest.json in checkpoint {self.path} (edited or corrupt)"
+            )
 
     @property
     def kind(self) -> str:

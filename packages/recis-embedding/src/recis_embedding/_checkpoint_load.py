@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from recis_embedding._checkpoint import (
     shard_context,
 )
 from recis_embedding._engine import logical_tables
+from recis_embedding._host import true_positions
 from recis_embedding._optim import SparseOptimizer
 from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable
@@ -33,6 +35,7 @@ def load(
     sparse_optimizer: SparseOptimizer | None = None,
     *,
     strict: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Restore ``model``'s tables (and dense state, and optimizer hyperparameters) from ``path``.
 
@@ -46,6 +49,11 @@ def load(
         strict: the checkpoint's tables must be exactly the model's (none missing, none the
             model lacks), and dense keys must match. With ``strict=False`` tables the model
             lacks are skipped, and model tables absent from the checkpoint keep their rows.
+        verify: check every file of the checkpoint (and of the parents a delta builds on)
+            against the manifest's SHA-256 checksums before loading. ``False`` checks each
+            manifest's own checksum only, for a caller that has just verified the files itself
+            (recis-train's restore does, with its own checksums): the files are then read once,
+            to load them, instead of once more to hash them.
 
     Returns:
         The manifest of ``path``.
@@ -63,9 +71,9 @@ def load(
         ConfigError: two embedding modules of ``model`` define the same table name.
     """
     tables = logical_tables(model)
-    chain = [CheckpointReader(path)]
+    chain = [_reader(path, verify)]
     while chain[-1].kind == "delta":
-        chain.append(_parent_reader(chain[-1]))
+        chain.append(_parent_reader(chain[-1], verify))
     chain.reverse()
     shard = shard_context(model)
     _check_optimizer(chain[-1], sparse_optimizer)
@@ -119,7 +127,14 @@ def load(
     return chain[-1].manifest
 
 
-def _parent_reader(delta: CheckpointReader) -> CheckpointReader:
+def _reader(path: str | os.PathLike[str], verify: bool) -> CheckpointReader:
+    reader = CheckpointReader(path, verify=verify)
+    if not verify:
+        reader.verify_manifest()
+    return reader
+
+
+def _parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:
     """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta."""
     manifest = delta.manifest
     candidates = [delta.parent] if delta.parent is not None else []
@@ -128,7 +143,7 @@ def _parent_reader(delta: CheckpointReader) -> CheckpointReader:
     found = next((p for p in candidates if (p / "manifest.json").is_file()), None)
     if found is None:
         raise CheckpointError(f"delta checkpoint {delta.path} lacks its parent {delta.parent}")
-    reader = CheckpointReader(found)
+    reader = _reader(found, verify)
     expected = manifest.get("parent_id")
     if expected is not None and reader.manifest.get("id") != expected:
         raise CheckpointError(
@@ -336,7 +351,6 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     ids = data["ids"].to(table.device)
     if ids.numel() == 0:
         return
-    rows, _ = table.find_or_insert(ids, index)
     emb = data["embeddings"].to(device=table.device, dtype=torch.float32)
     parts = [table._to_words(emb)]
     for slot, width in table.slots:
@@ -346,10 +360,34 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
             if key in data
             else table.state_init(slot).expand(ids.numel(), width)
         )
-    table.write_full(rows, torch.cat(parts, dim=1))
+    # The saved rows go in whole: no initial vectors drawn only to be overwritten.
+    rows = _insert_saved(
+        table, ids, torch.cat(parts, dim=1), index, len(reader.table_info(name)["files"])
+    )
     table.frequency[rows] = data["meta.frequency"].to(table.device)
     table.last_seen[rows] = data["meta.last_seen"].to(table.device)
     # Files written before rows recorded their insertion step: capacity eviction then breaks
     # ties by id alone.
     inserted = data.get("meta.inserted")
     table.inserted[rows] = 0 if inserted is None else inserted.to(table.device)
+
+
+def _insert_saved(
+    table: HashTable, ids: torch.Tensor, full: torch.Tensor, index: int, files: int
+) -> torch.Tensor:
+    """``table.insert_or_assign`` of saved rows, one call per shard file.
+
+    Each file's ids were sorted when written, so a run of strictly increasing ids is distinct
+    and inserts without deduplication; the files of a sharded save hold the runs one after
+    another. Ids that fall into more runs than there are files (not as written) go in one call,
+    deduplicated.
+    """
+    starts = [0]
+    if files > 1 and ids.numel() > 1:
+        breaks = true_positions(ids[1:] <= ids[:-1]) + 1
+        if breaks.numel() < files:
+            starts += breaks.tolist()
+    starts.append(ids.numel())
+    return torch.cat(
+        [table.insert_or_assign(ids[a:b], full[a:b], index) for a, b in itertools.pairwise(starts)]
+    )

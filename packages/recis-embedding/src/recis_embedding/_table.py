@@ -421,6 +421,82 @@ class HashTable:
         self._store.scatter(rows, full)
         self._dirty[rows] = True
 
+    def insert_or_assign(
+        self,
+        ids: torch.Tensor,
+        full: torch.Tensor,
+        table: int | str | torch.Tensor = 0,
+        *,
+        distinct: bool = False,
+    ) -> torch.Tensor:
+        """Set the whole rows of ``ids`` to ``full``, inserting absent ids without running the
+        initializer (restoring saved rows, say, whose initial vectors would only be overwritten).
+
+        Inserted rows start with frequency 0 and the current step as insertion and last-seen
+        step, as :meth:`find_or_insert` gives them; every written row counts as changed for the
+        next delta checkpoint.
+
+        Args:
+            ids: ``(N,) int64``. An id given twice takes its last values.
+            full: ``(N, emb_words + state_width) float32`` rows laid out as :meth:`read_full`
+                returns them.
+            table: logical table (index or name), or ``(N,)`` table indices.
+            distinct: no ``(id, table)`` pair repeats in the call, which spares deduplicating
+                (found without asking when ``table`` is one index and ``ids`` strictly increase).
+
+        Returns:
+            ``(N,) int64`` rows.
+
+        Raises:
+            InputError: ``ids``, table indices or ``full`` of the wrong dtype, shape or device,
+                or a table index out of range.
+            TableFullError: inserting would exceed ``capacity`` (nothing is inserted then).
+        """
+        self._check_ids("insert_or_assign", ids)
+        tabs = self._tables("insert_or_assign", ids, table)
+        width = self.emb_words + self.state_width
+        if (
+            not isinstance(full, torch.Tensor)
+            or full.dtype != torch.float32
+            or tuple(full.shape) != (ids.numel(), width)
+            or full.device != self.device
+        ):
+            got = (
+                f"{full.dtype} {tuple(full.shape)} on {full.device}"
+                if isinstance(full, torch.Tensor)
+                else type(full).__name__
+            )
+            raise InputError(
+                f"HashTable.insert_or_assign: full must be a float32 tensor of shape "
+                f"({ids.numel()}, {width}) on {self.device}, got {got}"
+            )
+        if isinstance(tabs, int):
+            distinct = distinct or _strictly_increasing(ids)
+            tabs = torch.full_like(ids, tabs, dtype=torch.int32)
+        rows = self._map.find(ids, tabs)
+        idx = true_positions(rows < 0)
+        if idx.numel():
+            new_ids, new_tabs = ids[idx], tabs[idx]
+            if not on_host(new_tabs):
+                self._check_table_range("insert_or_assign", new_tabs)
+            self._check_capacity(new_ids, new_tabs, rows)
+            new_rows = self._map.insert_absent(new_ids, new_tabs, distinct=distinct)
+            self._store.reserve(self._map.num_rows)
+            self._grow_row_arrays(self._map.num_rows)
+            rows[idx] = new_rows
+            self._counts["inserts"] += idx.numel() if distinct else new_rows.unique().numel()
+            self.frequency[new_rows] = 0
+            self.inserted[new_rows] = self.step
+            self.last_seen[new_rows] = self.step
+        if distinct:
+            self._store.scatter(rows, full)
+        else:
+            # A repeated id's rows are written once, with its last values.
+            last = rows.numel() - 1 - _first_occurrence(rows.flip(0))[1]
+            self._store.scatter(rows[last], full[last])
+        self._dirty[rows] = True
+        return rows
+
     def update_full(
         self,
         rows: torch.Tensor,
@@ -585,3 +661,9 @@ def _first_occurrence(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((uniq.numel(),), rows.numel(), dtype=torch.int64, device=rows.device)
     first.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), "amin")
     return uniq, first
+
+
+def _strictly_increasing(ids: torch.Tensor) -> bool:
+    """Whether ``ids`` strictly increase (and so are distinct): one comparison pass, which
+    saved ids (sorted when written) pass."""
+    return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
