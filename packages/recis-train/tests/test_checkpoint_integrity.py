@@ -239,3 +239,77 @@ def test_warm_start_of_dense_tensors_verifies_a_recis_embedding_checkpoint(tmp_p
     with pytest.raises(CheckpointError, match=r"checksum mismatch for dense\.safetensors"):
         warm_start(target, tmp_path / "tables", parts=("dense",))
     assert_same(params_of(target), before)
+
+
+def hashed_files(monkeypatch) -> list[str]:
+    """Names of the files recis-embedding hashes (SHA-256) from now on."""
+    import recis_embedding._checkpoint as embedding_checkpoint
+
+    names: list[str] = []
+    real = embedding_checkpoint.sha256
+    monkeypatch.setattr(embedding_checkpoint, "sha256", lambda p: names.append(p.name) or real(p))
+    return names
+
+
+def table_rows(trainer):
+    (table,) = emb.sparse_parameters(trainer.model)
+    ids = torch.sort(table.ids()).values
+    return ids, table.read_full(table.find(ids))
+
+
+def test_a_restore_reads_the_table_files_for_checksums_once(tmp_path, monkeypatch):
+    trainer = build_tables(tmp_path, train_steps=6, save_every=3)
+    trainer.train()
+    hashed = hashed_files(monkeypatch)
+    fresh = build_tables(tmp_path)
+    assert fresh.restore() == step(trainer.checkpoints.root, 6)
+    # The trainer's checksums covered the table files: recis-embedding does not hash them again.
+    assert hashed == []
+    for a, b in zip(table_rows(fresh), table_rows(trainer), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_restore_without_recorded_checksums_leaves_the_table_check_to_recis_embedding(
+    tmp_path, monkeypatch
+):
+    trainer = build_tables(tmp_path, train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["checksums"]  # as written before checksums were recorded
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (table_file,) = (path / "sparse" / "tables" / "sparse").glob("*.safetensors")
+    hashed = hashed_files(monkeypatch)
+    fresh = build_tables(tmp_path)
+    assert fresh.restore() == path
+    assert table_file.name in hashed
+    flip_middle_byte(table_file)
+    with pytest.raises(
+        emb.CheckpointError, match=rf"checksum mismatch for sparse/{table_file.name}"
+    ):
+        build_tables(tmp_path).restore(path)
+
+
+def test_a_sparse_part_whose_load_takes_no_verified_keyword_still_loads(tmp_path):
+    from recis_train import EmbeddingCheckpoint
+    from recis_train._sparse import embedding_prefixes
+
+    class Plain(EmbeddingCheckpoint):  # a SparseCheckpoint written to the original protocol
+        loads = 0
+
+        def load(self, directory, model, sparse_optimizer):
+            Plain.loads += 1
+            super().load(directory, model, sparse_optimizer)
+
+    def make(**args):
+        trainer = build_tables(tmp_path, **args)
+        trainer.sparse_checkpoint = Plain(embedding_prefixes(trainer.model))
+        return trainer
+
+    trainer = make(train_steps=3)
+    trainer.train()
+    fresh = make()
+    fresh.restore()
+    assert Plain.loads == 1
+    for a, b in zip(table_rows(fresh), table_rows(trainer), strict=True):
+        assert torch.equal(a, b)

@@ -351,3 +351,22 @@ def test_a_damaged_export_is_passed_over_on_restart(tmp_path, hours, caplog):
         assert got.metrics == want.metrics
         assert got.train == want.train
     assert_same(table_state(resumed.trainer.model), table_state(whole.trainer.model))
+
+
+def test_a_restart_reads_the_export_files_for_checksums_once(tmp_path, hours, monkeypatch):
+    import collections
+
+    import recis_embedding._checkpoint as embedding_checkpoint
+
+    build(tmp_path / "cut", hours[:3]).run()
+    hashed: list[str] = []
+    real = embedding_checkpoint.sha256
+    monkeypatch.setattr(embedding_checkpoint, "sha256", lambda p: hashed.append(str(p)) or real(p))
+    again = build(tmp_path / "cut", hours[:3])
+    again.run()  # every window is done: the restart restores the last one's export only
+    assert again.trainer.model.log == []
+    exports = {str(p) for p in (tmp_path / "cut" / "exports").rglob("*.safetensors")}
+    # The export chain is checked (SHA-256) before the restore loads it, and not again by it.
+    assert hashed
+    assert set(hashed) <= exports
+    assert set(collections.Counter(hashed).values()) == {1}

@@ -61,6 +61,14 @@ def part_files(manifest: Mapping[str, Any], parts: Collection[str] | None = None
     return [f for f in files if f.split("/", 1)[0] in parts]
 
 
+def checksummed(manifest: Mapping[str, Any], part: str) -> bool:
+    """Whether the manifest records a checksum of every file of ``part`` (and lists one at
+    least), so that verifying the part reads each of its files."""
+    files = part_files(manifest, [part])
+    recorded = (manifest.get("checksums") or {}).get("files", {})
+    return bool(files) and all(f in recorded for f in files)
+
+
 def checksum_mismatches(path: Path, manifest: Mapping[str, Any], names: Sequence[str]) -> list[str]:
     """The files among ``names`` whose checksum is not the one the manifest recorded, each as
     ``"dense/model.safetensors (crc32 expected 1c291ca3, found 5d4e3f01)"``.

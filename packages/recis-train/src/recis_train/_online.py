@@ -104,7 +104,11 @@ class _ExportedTables:
         relative = os.path.relpath(self.current, self.output_dir)
         (directory / _EXPORT_POINTER).write_text(json.dumps({"export": relative}))
 
-    def load(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
+    def load(
+        self, directory: Path, model: nn.Module, sparse_optimizer: Any, *, verified: bool = False
+    ) -> None:
+        """Load the export the checkpoint points at; ``verified``: :meth:`verify` has just
+        checked its chain's files, so they are not hashed again."""
         pointer = directory / _EXPORT_POINTER
         if not pointer.is_file():
             raise CheckpointError(f"{directory} has no {_EXPORT_POINTER}: not an online checkpoint")
@@ -112,7 +116,7 @@ class _ExportedTables:
         import recis_embedding
 
         try:
-            recis_embedding.load(str(export), model, sparse_optimizer)
+            recis_embedding.load(str(export), model, sparse_optimizer, verify=not verified)
         except recis_embedding.CheckpointError as err:
             raise CheckpointError(f"loading the embedding export {export} failed: {err}") from err
         self.current = export

@@ -15,6 +15,7 @@ from torch import nn
 from recis_train._arguments import TrainingArguments
 from recis_train._checkpoint import (
     CheckpointManager,
+    checksummed,
     first_verified,
     load_object,
     load_tensors,
@@ -24,7 +25,7 @@ from recis_train._checkpoint import (
 from recis_train._data import DataStream
 from recis_train._distributed import DistributedContext, own_rank_state
 from recis_train._hooks import Hook, hook_keys
-from recis_train._sparse import SparseCheckpoint, tables_saved_separately
+from recis_train._sparse import SparseCheckpoint, load_sparse, tables_saved_separately
 from recis_train._state import rng_state, set_rng_state
 from recis_train.exceptions import CheckpointError, CheckpointNotFoundError
 
@@ -187,7 +188,15 @@ class CheckpointMixin:
             if dense is not None:
                 self._load_dense(dense, dense_file)
             if "sparse" in parts and self.sparse_checkpoint is not None:
-                self.sparse_checkpoint.load(found / "sparse", self.model, self.sparse_optimizer)
+                # Its files were verified while choosing the checkpoint (when the manifest
+                # records their checksums): they are not read again for that.
+                load_sparse(
+                    self.sparse_checkpoint,
+                    found / "sparse",
+                    self.model,
+                    self.sparse_optimizer,
+                    verified=checksummed(manifest, "sparse"),
+                )
         except BaseException:
             if hooks_before is not None:
                 self._set_hook_states(hooks_before)

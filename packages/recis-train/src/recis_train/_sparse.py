@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,10 @@ class SparseCheckpoint(Protocol):
     data its part refers to outside the checkpoint (each item naming a file), checked with the
     checkpoint's own checksums before a restore loads anything; a non-empty list makes a
     restore of the latest checkpoint fall back to the one before it.
+
+    ``load`` may also take a keyword ``verified``: a restore passes ``verified=True`` when it
+    has just checked the part's files against the checkpoint's checksums (and run ``verify``),
+    so the load need not read them once more to check them.
     """
 
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
@@ -59,8 +64,16 @@ class EmbeddingCheckpoint:
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
         _function("save")(str(directory / "tables"), model, sparse_optimizer)
 
-    def load(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
-        _function("load")(str(directory / "tables"), model, sparse_optimizer)
+    def load(
+        self, directory: Path, model: nn.Module, sparse_optimizer: Any, *, verified: bool = False
+    ) -> None:
+        """Load the tables; ``verified``: the restore has checked their files with the trainer
+        checkpoint's checksums, so recis-embedding does not hash them again."""
+        load = _function("load")
+        if verified:
+            load(str(directory / "tables"), model, sparse_optimizer, verify=False)
+        else:
+            load(str(directory / "tables"), model, sparse_optimizer)
 
     def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
         def owned(key: str) -> bool:
@@ -79,6 +92,27 @@ def _function(name: str) -> Any:
             "upgrade recis-embedding or pass sparse_checkpoint= to the Trainer"
         )
     return found
+
+
+def load_sparse(
+    part: SparseCheckpoint,
+    directory: Path,
+    model: nn.Module,
+    sparse_optimizer: Any,
+    *,
+    verified: bool,
+) -> None:
+    """``part.load``, telling it ``verified=True`` (when its ``load`` takes that keyword) if
+    the restore has just checked every file of the part against the checkpoint's checksums."""
+    if verified:
+        try:
+            takes = "verified" in inspect.signature(part.load).parameters
+        except (TypeError, ValueError):  # a callable without a signature Python can read
+            takes = False
+        if takes:
+            part.load(directory, model, sparse_optimizer, verified=True)  # type: ignore[call-arg]
+            return
+    part.load(directory, model, sparse_optimizer)
 
 
 def default_sparse_checkpoint(model: nn.Module) -> SparseCheckpoint | None:
