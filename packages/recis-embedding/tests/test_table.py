@@ -312,3 +312,22 @@ def test_insert_or_assign_checks_its_input_and_capacity_first() -> None:
         table.insert_or_assign(torch.tensor([2, 3, 4]), torch.ones(3, 2))
     assert table.ids().tolist() == [1, 2]
     assert table.embeddings(torch.tensor([2])).tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_full_rows_lay_out_what_read_full_returns(dtype: torch.dtype) -> None:
+    table = HashTable(3, dtype=dtype)
+    table.configure_state("adam", [("exp_avg", 3), ("exp_avg_sq", 3), ("step", 1)], torch.zeros(7))
+    ids = torch.tensor([4, -9])
+    emb = torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.25, -0.125]])
+    avg = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    rows = table.insert_or_assign(ids, table.full_rows(emb, {"exp_avg": avg}))
+    assert torch.equal(table.embeddings(ids), emb)  # exact in every storage dtype
+    assert torch.equal(table.read_slot(rows, "exp_avg"), avg)
+    assert not table.read_slot(rows, "exp_avg_sq").any()
+    with pytest.raises(InputError, match=r"embeddings of shape \(2, 4\), expected \(N, 3\)"):
+        table.full_rows(torch.zeros(2, 4))
+    with pytest.raises(InputError, match=r"no optimizer slot\(s\) \['sum'\]"):
+        table.full_rows(emb, {"sum": avg})
+    with pytest.raises(InputError, match=r"slot 'step' of shape \(2, 3\), expected \(2, 1\)"):
+        table.full_rows(emb, {"step": avg})

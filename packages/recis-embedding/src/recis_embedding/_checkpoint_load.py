@@ -351,19 +351,10 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     ids = data["ids"].to(table.device)
     if ids.numel() == 0:
         return
-    emb = data["embeddings"].to(device=table.device, dtype=torch.float32)
-    parts = [table._to_words(emb)]
-    for slot, width in table.slots:
-        key = f"slot.{slot}"
-        parts.append(
-            data[key].to(table.device)
-            if key in data
-            else table.state_init(slot).expand(ids.numel(), width)
-        )
+    slots = {s: data[f"slot.{s}"] for s, _ in table.slots if f"slot.{s}" in data}
     # The saved rows go in whole: no initial vectors drawn only to be overwritten.
-    rows = _insert_saved(
-        table, ids, torch.cat(parts, dim=1), index, len(reader.table_info(name)["files"])
-    )
+    full = table.full_rows(data["embeddings"], slots)
+    rows = _insert_saved(table, ids, full, index, len(reader.table_info(name)["files"]))
     table.frequency[rows] = data["meta.frequency"].to(table.device)
     table.last_seen[rows] = data["meta.last_seen"].to(table.device)
     # Files written before rows recorded their insertion step: capacity eviction then breaks

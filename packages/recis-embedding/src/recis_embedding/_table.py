@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from recis_embedding._host import on_host, true_positions
@@ -421,6 +422,46 @@ class HashTable:
         self._store.scatter(rows, full)
         self._dirty[rows] = True
 
+    def full_rows(
+        self, embeddings: torch.Tensor, slots: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Whole rows laid out as :meth:`read_full` returns them (for :meth:`insert_or_assign`).
+
+        Args:
+            embeddings: ``(N, dim)`` floating embeddings, stored in the table's dtype.
+            slots: optimizer slot name to its ``(N, width)`` values; a slot not given takes its
+                initial value.
+
+        Raises:
+            InputError: embeddings or a slot of the wrong shape, or a slot the table lacks.
+        """
+        n = embeddings.shape[0] if embeddings.dim() == 2 else -1
+        if n < 0 or embeddings.shape[1] != self.dim:
+            raise InputError(
+                f"HashTable.full_rows: embeddings of shape {tuple(embeddings.shape)}, expected "
+                f"(N, {self.dim})"
+            )
+        given = dict(slots or {})
+        unknown = sorted(set(given) - {name for name, _ in self.slots})
+        if unknown:
+            raise InputError(
+                f"HashTable.full_rows: no optimizer slot(s) {unknown} "
+                f"(slots: {[name for name, _ in self.slots]})"
+            )
+        parts = [self._to_words(embeddings.to(device=self.device, dtype=torch.float32))]
+        for name, width in self.slots:
+            if name not in given:
+                parts.append(self.state_init(name).expand(n, width))
+                continue
+            values = given[name]
+            if tuple(values.shape) != (n, width):
+                raise InputError(
+                    f"HashTable.full_rows: slot {name!r} of shape {tuple(values.shape)}, "
+                    f"expected ({n}, {width})"
+                )
+            parts.append(values.to(device=self.device, dtype=torch.float32))
+        return torch.cat(parts, dim=1)
+
     def insert_or_assign(
         self,
         ids: torch.Tensor,
@@ -613,9 +654,18 @@ class HashTable:
     def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, table indices, rows)`` of every live key, sorted by table then id."""
         keys, tabs, rows = self._map.export()
-        order = torch.argsort(keys, stable=True)
-        order = order[torch.argsort(tabs[order], stable=True)]
-        return keys[order], tabs[order], rows[order]
+        if on_host(keys):
+            # NumPy's sort is vectorized where the CPU allows (AVX-512: about twice torch's).
+            order = torch.from_numpy(np.argsort(keys.numpy()))
+            keys = keys.index_select(0, order)
+        else:
+            keys, order = torch.sort(keys)
+        tabs = tabs.index_select(0, order)
+        if len(self.names) > 1:
+            # Stable by table, so ids stay ascending within each (one table: nothing to do).
+            by_table = _stable_order(tabs)
+            keys, tabs, order = keys[by_table], tabs[by_table], order[by_table]
+        return keys, tabs, rows.index_select(0, order)
 
     def ids(self, table: int | str = 0) -> torch.Tensor:
         """``(K,) int64`` ids of a logical table, ascending."""
@@ -667,3 +717,11 @@ def _strictly_increasing(ids: torch.Tensor) -> bool:
     """Whether ``ids`` strictly increase (and so are distinct): one comparison pass, which
     saved ids (sorted when written) pass."""
     return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+def _stable_order(tabs: torch.Tensor) -> torch.Tensor:
+    """Stable ascending order of table indices: on the host by NumPy's radix sort of 16-bit
+    keys (one linear pass), else by torch's stable sort."""
+    if on_host(tabs) and tabs.numel() and int(tabs.max()) < 1 << 16:
+        return torch.from_numpy(np.argsort(tabs.numpy().astype(np.uint16), kind="stable"))
+    return torch.argsort(tabs, stable=True)
