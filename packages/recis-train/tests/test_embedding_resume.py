@@ -101,3 +101,35 @@ def test_checkpoints_resume_and_warm_start_take_the_state_dict_without_the_table
     assert result.tables["ids"] == len(emb.sparse_parameters(resumed.model)[0]) > 0
     with pytest.warns(emb.TablesNotInStateDictWarning, match=r"'embeddings'.*'ids': \d+"):
         resumed.model.state_dict()
+
+
+def test_warm_start_loads_whole_rows_with_fresh_optimizer_state(tmp_path, monkeypatch):
+    donor = build(tmp_path / "donor", train_steps=8)
+    donor.train()
+    drawn: list[int] = []
+    real = emb.TruncatedNormal.sample
+    monkeypatch.setattr(
+        emb.TruncatedNormal,
+        "sample",
+        lambda self, ids, *a: drawn.append(ids.numel()) or real(self, ids, *a),
+    )
+    fresh = build(tmp_path / "fresh")  # its SparseAdam gives the table Adam's slots
+    (table,) = emb.sparse_parameters(fresh.model)
+    table.configure_state(*_adam_layout(emb.sparse_parameters(donor.model)[0]))
+    result = warm_start(fresh.model, donor.checkpoints.latest())
+    assert drawn == []  # no initial vector is drawn only to be overwritten
+    ids, rows = table_state(donor)
+    assert result.tables["ids"] == len(ids)
+    assert torch.equal(table.embeddings(ids), rows)
+    # The optimizer state of the rows taken is fresh (their slots' initial values).
+    fresh_state = table.read_full(table.find(ids))[:, table.emb_words :]
+    start = 0
+    for slot, width in table.slots:
+        init = table.state_init(slot).expand(len(ids), width)
+        assert torch.equal(fresh_state[:, start : start + width], init), slot
+        start += width
+
+
+def _adam_layout(donor_table):
+    init = torch.cat([donor_table.state_init(s) for s, _ in donor_table.slots])
+    return donor_table.optimizer_kind, donor_table.slots, init

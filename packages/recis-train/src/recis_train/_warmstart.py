@@ -294,10 +294,13 @@ def _load_table(reader: Any, name: str, entry: tuple[Any, int, Any], optimizer_s
     ids = data.pop("ids").to(table.device)
     if ids.numel() == 0:
         return
-    rows, _ = table.find_or_insert(ids, index)
-    table.write(rows, data.pop("embeddings").to(device=table.device, dtype=torch.float32))
-    for key, values in data.items():
-        table.write_slot(rows, key.removeprefix("slot."), values.to(table.device))
+    # Whole rows, without initial vectors drawn only to be overwritten. Slots not taken start
+    # at their initial value, as a row inserted by a lookup would (the rows of this table a
+    # delta overwrites were loaded from its base a moment ago, with those same values).
+    slots = {
+        key.removeprefix("slot."): values for key, values in data.items() if key != "embeddings"
+    }
+    table.insert_or_assign(ids, table.full_rows(data["embeddings"], slots), index)
 
 
 def warm_start(
@@ -344,7 +347,8 @@ def warm_start(
             only embedding tables (default: the parts the checkpoint has; a part asked for
             explicitly must be there).
         optimizer_state: also load the sparse optimizer's per-row state (the slots must be
-            those of the model's sparse optimizer, which must already exist).
+            those of the model's sparse optimizer, which must already exist); otherwise the
+            rows loaded start with fresh optimizer state.
         rename: checkpoint name prefix -> model name prefix (a prefix matches a name and what
             lies below it, as plain patterns do; the longest matching prefix wins).
 
