@@ -219,6 +219,28 @@ class HashTable:
                 f"HashTable.{what}: ids are on {ids.device}, the table lives on {self.device}"
             )
 
+    def _check_tensor(
+        self, what: str, name: str, value: object, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> None:
+        """Raise :class:`InputError` unless ``value`` is a ``dtype`` tensor of ``shape`` on the
+        table's device."""
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dtype == dtype
+            and tuple(value.shape) == shape
+            and value.device == self.device
+        ):
+            return
+        got = (
+            f"{value.dtype} {tuple(value.shape)} on {value.device}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise InputError(
+            f"HashTable.{what}: {name} must be a {str(dtype).removeprefix('torch.')} tensor of "
+            f"shape {shape} on {self.device}, got {got}"
+        )
+
     # ----------------------------------------------------------------- lookups
     def find(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> torch.Tensor:
         """Rows of ``ids`` (``-1`` where absent); never inserts.
@@ -266,21 +288,8 @@ class HashTable:
         """
         self._check_ids("find_or_insert", ids)
         tabs = self._tables("find_or_insert", ids, table)
-        if admit is not None and (
-            not isinstance(admit, torch.Tensor)
-            or admit.dtype != torch.bool
-            or admit.shape != ids.shape
-            or admit.device != self.device
-        ):
-            got = (
-                f"{admit.dtype} {tuple(admit.shape)} on {admit.device}"
-                if isinstance(admit, torch.Tensor)
-                else type(admit).__name__
-            )
-            raise InputError(
-                f"HashTable.find_or_insert: admit must be a bool tensor of shape "
-                f"{tuple(ids.shape)} on {self.device}, got {got}"
-            )
+        if admit is not None:
+            self._check_tensor("find_or_insert", "admit", admit, torch.bool, tuple(ids.shape))
         if isinstance(tabs, int):
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)
         rows = self._map.find(ids, tabs)
@@ -496,21 +505,7 @@ class HashTable:
         self._check_ids("insert_or_assign", ids)
         tabs = self._tables("insert_or_assign", ids, table)
         width = self.emb_words + self.state_width
-        if (
-            not isinstance(full, torch.Tensor)
-            or full.dtype != torch.float32
-            or tuple(full.shape) != (ids.numel(), width)
-            or full.device != self.device
-        ):
-            got = (
-                f"{full.dtype} {tuple(full.shape)} on {full.device}"
-                if isinstance(full, torch.Tensor)
-                else type(full).__name__
-            )
-            raise InputError(
-                f"HashTable.insert_or_assign: full must be a float32 tensor of shape "
-                f"({ids.numel()}, {width}) on {self.device}, got {got}"
-            )
+        self._check_tensor("insert_or_assign", "full", full, torch.float32, (ids.numel(), width))
         if isinstance(tabs, int):
             distinct = distinct or _strictly_increasing(ids)
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)
