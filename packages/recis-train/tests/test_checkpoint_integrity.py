@@ -313,3 +313,28 @@ def test_a_sparse_part_whose_load_takes_no_verified_keyword_still_loads(tmp_path
     assert Plain.loads == 1
     for a, b in zip(table_rows(fresh), table_rows(trainer), strict=True):
         assert torch.equal(a, b)
+
+
+def test_warm_start_reads_the_table_files_for_checksums_once(tmp_path, monkeypatch):
+    donor = build_tables(tmp_path / "donor", train_steps=6, save_every=3)
+    donor.train()
+    root = donor.checkpoints.root
+    hashed = hashed_files(monkeypatch)
+    # A trainer checkpoint (or a run's directory): its CRC32 checksums cover the table files.
+    for source in (step(root, 6), tmp_path / "donor"):
+        model = TableModel()
+        result = warm_start(model, source, parts=("sparse",))
+        assert result.checkpoint == step(root, 6)
+        assert hashed == []
+        (table,) = emb.sparse_parameters(model)
+        ids, rows = table_rows(donor)
+        assert torch.equal(table.embeddings(ids), rows[:, :4])
+    # A damaged table file is still caught, by the trainer's checksum.
+    (table_file,) = (step(root, 6) / "sparse" / "tables" / "sparse").glob("*.safetensors")
+    flip_middle_byte(table_file)
+    with pytest.raises(CheckpointCorruptError, match=rf"{table_file.name} {SUM}"):
+        warm_start(TableModel(), step(root, 6), parts=("sparse",))
+    # A recis-embedding checkpoint on its own is checked against its SHA-256 checksums.
+    emb.save(str(tmp_path / "tables"), donor.model)
+    warm_start(TableModel(), tmp_path / "tables", parts=("sparse",))
+    assert hashed

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recis_train._checkpoint import MANIFEST, CheckpointManager, load_tensors
+from recis_train._checkpoint import MANIFEST, CheckpointManager, checksummed, load_tensors
 from recis_train._sparse import tables_saved_separately
 from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, ConfigError
 
@@ -77,8 +77,9 @@ class _Selection:
 
 def _resolve(
     path: str | Path, asked: Sequence[str] | None
-) -> tuple[Path, Path | None, Path | None]:
-    """(checkpoint dir, dense safetensors file or None, recis-embedding checkpoint or None).
+) -> tuple[Path, Path | None, Path | None, bool]:
+    """(checkpoint dir, dense safetensors file or None, recis-embedding checkpoint or None,
+    whether that recis-embedding checkpoint's files were verified here).
 
     ``path`` may be a trainer checkpoint (``step-…``), a directory of them (the latest complete
     one whose files of the ``asked`` parts verify is taken; a run's ``output_dir`` works too),
@@ -102,7 +103,7 @@ def _resolve(
     if manifest.get("format") == _EMBEDDING_FORMAT:
         if asked is not None and "sparse" not in asked:
             _verify_embedding(path)  # no chain is read, which would verify the dense file
-        return path, path / "dense.safetensors", path
+        return path, path / "dense.safetensors", path, False
     if verified:
         parts = CheckpointManager.read_manifest(path)["parts"]
     else:
@@ -111,7 +112,9 @@ def _resolve(
     tables = path / "sparse" / "tables" if "sparse" in parts else None
     if tables is not None and not (tables / MANIFEST).is_file():
         tables = None  # a custom SparseCheckpoint wrote this part in its own layout
-    return path, dense, tables
+    # The asked parts' files were checked against the manifest's checksums just now.
+    checked = (asked is None or "sparse" in asked) and checksummed(manifest, "sparse")
+    return path, dense, tables, tables is not None and checked
 
 
 class _Renaming:
@@ -202,9 +205,10 @@ def _verify_embedding(directory: Path) -> None:
         raise CheckpointError(f"warm_start: {err}") from err
 
 
-def reader_chain(directory: Path, what: str = "warm_start") -> list[Any]:
+def reader_chain(directory: Path, what: str = "warm_start", *, verified: bool = False) -> list[Any]:
     """The recis-embedding checkpoint and the parents a delta builds on, oldest first, each
-    verified against its SHA-256 checksums.
+    verified against its SHA-256 checksums (``verified``: the files of ``directory`` itself
+    were just checked otherwise; only its manifest's own checksum is checked then).
 
     Raises:
         CheckpointError: a checkpoint of the chain is missing, corrupt or fails verification
@@ -214,7 +218,9 @@ def reader_chain(directory: Path, what: str = "warm_start") -> list[Any]:
     from recis_embedding import CheckpointReader
 
     try:
-        chain = [CheckpointReader(directory)]
+        chain = [CheckpointReader(directory, verify=not verified)]
+        if verified:
+            chain[0].verify_manifest()
         while chain[-1].kind == "delta":
             chain.append(CheckpointReader(_parent_of(chain[-1])))
     except (EmbeddingCheckpointError, CheckpointError) as err:
@@ -375,7 +381,7 @@ def warm_start(
         raise ConfigError(
             f"warm_start: target must be an nn.Module or a Trainer, got {type(target).__name__}"
         )
-    checkpoint, dense_file, tables_dir = _resolve(path, asked)
+    checkpoint, dense_file, tables_dir, tables_verified = _resolve(path, asked)
     present = tuple(p for p, where in (("dense", dense_file), ("sparse", tables_dir)) if where)
     parts = asked if asked is not None else present
     for part in parts:
@@ -391,7 +397,11 @@ def warm_start(
     result = WarmStartResult(checkpoint)
     # Check everything before loading anything: a typo or a misfit leaves the model untouched.
     # The chain first: reading it verifies a recis-embedding checkpoint's dense file too.
-    chain = reader_chain(tables_dir) if "sparse" in parts and tables_dir is not None else []
+    chain = (
+        reader_chain(tables_dir, verified=tables_verified)
+        if "sparse" in parts and tables_dir is not None
+        else []
+    )
     saved = load_tensors(dense_file) if "dense" in parts and dense_file is not None else {}
     dense_names = {k: renamed(k) for k in sorted(saved) if select(k)}
     table_names = {t: renamed(t) for t in chain[-1].tables() if select(t)} if chain else {}
