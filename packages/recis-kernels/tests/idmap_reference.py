@@ -1,5 +1,6 @@
 """The plainest torch implementation of ``IdMap``: lookups one probe distance per round,
-claims walking on one slot at a time in a Python loop over the keys.
+claims walking on one slot at a time in a Python loop over the keys, and claims into a map with
+every slot empty as sequential linear probing, key by key.
 
 Kept as the reference the optimized map must match exactly: same rows, same ``is_new``, same
 slot placement (hence the same export order) and the same capacity after every call.
@@ -99,6 +100,8 @@ class ReferenceIdMap:
         return torch.cat([recycled, fresh])
 
     def _claim(self, keys: torch.Tensor, tabs: torch.Tensor, *, dedup: bool) -> torch.Tensor:
+        if keys.numel() and bool((self.slot_state == EMPTY).all()):
+            return self._claim_blank(keys, tabs)
         mask = self.capacity - 1
         out = torch.empty_like(keys)
         idx = torch.arange(keys.numel())
@@ -141,6 +144,30 @@ class ReferenceIdMap:
                 p[j] = q
         self._last_claimed = torch.cat(claimed) if claimed else keys.new_empty(0)
         return out
+
+    def _claim_blank(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        """Into a map with every slot empty: plain sequential linear probing, one key at a
+        time, in order of home slot then first occurrence; rows in first-occurrence order."""
+        mask = self.capacity - 1
+        pairs = list(zip(keys.tolist(), tabs.tolist(), strict=True))
+        homes = _home(keys, tabs, mask).tolist()
+        first: dict[tuple[int, int], int] = {}
+        for i, pair in enumerate(pairs):
+            first.setdefault(pair, i)
+        state = [EMPTY] * self.capacity
+        slot_of: dict[tuple[int, int], int] = {}
+        for pair, i in sorted(first.items(), key=lambda item: (homes[item[1]], item[1])):
+            q = homes[i]
+            while state[q] == FULL:
+                q = (q + 1) & mask
+            state[q] = FULL
+            slot_of[pair] = q
+        placed = torch.tensor([slot_of[p] for p in first], dtype=torch.int64)
+        self.slot_keys[placed] = torch.tensor([k for k, _ in first], dtype=torch.int64)
+        self.slot_tabs[placed] = torch.tensor([t for _, t in first], dtype=torch.int32)
+        self.slot_state[placed] = FULL
+        self._last_claimed = placed
+        return torch.tensor([slot_of[p] for p in pairs], dtype=torch.int64)
 
     def _holds(self, slot: int, key: torch.Tensor, tab: torch.Tensor) -> bool:
         return bool(

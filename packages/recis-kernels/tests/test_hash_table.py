@@ -234,6 +234,59 @@ def test_torch_home_matches_the_host_one_on_extreme_keys() -> None:
         assert torch.equal(host, ht._home(keys, tabs, mask))
 
 
+def _keys_homed_at_the_end(capacity: int, count: int) -> torch.Tensor:
+    """``count`` distinct keys (table 0) whose home is one of the last two slots."""
+    from recis_kernels.ops import hash_table as ht
+
+    cand = torch.arange(-50_000, 50_000)
+    home = ht._home_torch(cand, torch.zeros_like(cand, dtype=torch.int32), capacity - 1)
+    picked = cand[home >= capacity - 2][:count]
+    assert picked.numel() == count
+    return picked
+
+
+@pytest.mark.parametrize("capacity", [16, 64, 1 << 12])
+@pytest.mark.parametrize("path", ["host", "torch"])
+def test_claims_into_an_empty_map_are_sequential_linear_probing(capacity, path) -> None:
+    """A map with every slot empty (new, rehashed, cleared) places its keys in one pass; the
+    result must be key-by-key linear probing in home order, wrapping past the last slot."""
+    g = torch.Generator().manual_seed(capacity)
+    wrapped = _keys_homed_at_the_end(capacity, min(6, capacity // 4))
+    rest = torch.randint(INT64_MIN, INT64_MAX, (capacity // 2 - wrapped.numel(),), generator=g)
+    keys = torch.cat([rest[: rest.numel() // 2], wrapped, rest[rest.numel() // 2 :]])
+    tabs = torch.zeros(keys.numel(), dtype=torch.int32)
+    tabs[wrapped.numel() + rest.numel() // 2 :] = 3
+    m, ref = IdMap(capacity=capacity), ReferenceIdMap(capacity=capacity)
+    claim = m._claim_blank_host if path == "host" else m._claim_blank_torch
+    slots, claimed = claim(keys, tabs)
+    assert torch.equal(slots, ref._claim(keys, tabs, dedup=False))
+    assert torch.equal(claimed, ref._last_claimed)
+    assert torch.equal(m.slot_state, ref.slot_state)
+    assert torch.equal(m.slot_keys, ref.slot_keys)
+    assert torch.equal(m.slot_tabs, ref.slot_tabs)
+    start = rest.numel() // 2
+    # At most two of the keys homed on the last two slots fit there: the others wrapped.
+    assert bool((slots[start : start + wrapped.numel()] < capacity - 2).any())
+    assert torch.equal(m._find_slots_host(keys, tabs), slots)
+
+
+def test_first_insert_rehash_and_clear_use_the_one_pass_placement() -> None:
+    m, ref = IdMap(capacity=16), ReferenceIdMap(capacity=16)
+    keys = torch.arange(40) * 1_000_003 - 7
+    tabs = torch.zeros(40, dtype=torch.int32)
+    # The first insert fills an empty map, the growth to 128 slots rehashes into empty slots.
+    for part in (keys[:5], keys[5:40]):
+        part_tabs = tabs[: part.numel()]
+        rows, _ = m.find_or_insert(part, part_tabs)
+        assert torch.equal(rows, ref.find_or_insert(part, part_tabs)[0])
+        _assert_same_state(m, ref)
+    assert m.capacity == 128
+    assert torch.equal(m.find(keys[:5], 0), torch.arange(5))  # rows in input order
+    m.clear()
+    rows, _ = m.find_or_insert(keys.flip(0), 0)
+    assert torch.equal(rows, torch.arange(40))
+
+
 @pytest.mark.parametrize("capacity", [64, 1 << 12])
 def test_host_and_torch_claims_place_keys_alike(capacity) -> None:
     """The CPU claims slots in NumPy; the torch spelling must place every key on the same

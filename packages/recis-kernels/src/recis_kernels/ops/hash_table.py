@@ -25,7 +25,11 @@ never once per key.
   empty slot); the queries left scan windows of consecutive slots (4, then 8, 16, ... up to 64)
   per round and stop at the first hit or empty slot, so long probes need a few rounds.
 - Inserts (``find_or_insert``): a lookup first; the missing keys are then reduced to their
-  distinct pairs (first occurrence order) and placed in claim rounds: every key looks at its
+  distinct pairs (first occurrence order). Into a map whose slots are all empty (its first
+  insert, every rehash, a restore into a new table) they are placed in one pass: in order of
+  home slot, each on the first free slot at or after its home (linear probing in that order,
+  computed with a cumulative maximum), new rows in input order. Otherwise they are placed in
+  claim rounds: every key looks at its
   current slot and the earliest key (in input order) on a free slot takes it; every other key
   then moves on to the first free slot among the next 16 (or past them), so a long cluster of
   full slots costs a round per 16 slots, not one per slot. This makes placement
@@ -308,6 +312,8 @@ class IdMap:
         self.slot_rows = torch.zeros(capacity, dtype=torch.int64, device=d)
         self.slot_state = torch.zeros(capacity, dtype=torch.int8, device=d)
         self.erased = 0
+        # Every slot empty (a new map, a rehash, clear()): the next claim places in one pass.
+        self._blank = True
 
     @property
     def capacity(self) -> int:
@@ -566,9 +572,84 @@ class IdMap:
             ``(slots, claimed)``: each key's slot, and the slots in claiming order (round by
             round, input order within a round).
         """
+        if self._blank and keys.numel():
+            self._blank = False
+            if can_inspect(keys):
+                return self._claim_blank_host(keys, tabs)
+            return self._claim_blank_torch(keys, tabs)
         if can_inspect(keys):
             return self._claim_host(keys, tabs)
         return self._claim_torch(keys, tabs)
+
+    def _claim_blank_torch(
+        self, keys: torch.Tensor, tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_claim` into a map whose slots are all empty, in one pass.
+
+        Keys go in order of home slot (input order among equal homes), each to the first free
+        slot at or after its home: the ``i``-th key in that order lands on ``i + max(home_j -
+        j, j <= i)`` (a cumulative maximum), unless that is past the last slot; the keys past it
+        wrap around and take the first free slots from slot 0, in order. This is exactly
+        sequential linear probing in that order, so every probe from a key's home reaches it
+        over full slots only.
+
+        Returns:
+            ``(slots, claimed)``: each key's slot, twice (rows go in input order).
+        """
+        mask = self.capacity - 1
+        n = keys.numel()
+        home = _home(keys, tabs, mask)
+        sorted_home, order = torch.sort(home, stable=True)
+        i = torch.arange(n, device=keys.device)
+        place = torch.cummax(sorted_home - i, 0).values + i
+        past = int(torch.searchsorted(place, mask + 1))
+        if past < n:
+            self.slot_state[place[:past]] = FULL
+            place[past:] = flat_nonzero(self.slot_state[:n] != FULL)[: n - past]
+        self.slot_keys[place] = keys.index_select(0, order)
+        self.slot_tabs[place] = tabs.index_select(0, order)
+        self.slot_state[place] = FULL
+        slots = torch.empty_like(keys)
+        slots[order] = place
+        return slots, slots
+
+    def _claim_blank_host(
+        self, keys: torch.Tensor, tabs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_claim_blank_torch` in NumPy (one plain sort of ``home << bits | position``
+        instead of a stable argsort where those values fit 63 bits)."""
+        mask = self.capacity - 1
+        state, slot_keys = self.slot_state.numpy(), self.slot_keys.numpy()
+        slot_tabs = self.slot_tabs.numpy()
+        k, t = keys.numpy(), tabs.numpy()
+        n = k.size
+        home = _home_host(k, t, mask)
+        bits = max(1, (n - 1).bit_length())
+        if mask.bit_length() + bits <= 63:
+            packed = home << bits
+            packed |= np.arange(n)
+            packed.sort()
+            order = packed & ((1 << bits) - 1)
+            place = packed >> bits
+        else:
+            order = np.argsort(home, kind="stable")
+            place = home[order]
+        i = np.arange(n)
+        place -= i
+        np.maximum.accumulate(place, out=place)
+        place += i
+        past = int(np.searchsorted(place, mask + 1))
+        if past < n:
+            state[place[:past]] = FULL
+            place[past:] = np.flatnonzero(state[:n] != FULL)[: n - past]
+        # Written in slot order (ascending but for the wrapped few): sequential stores.
+        slot_keys[place] = k[order]
+        slot_tabs[place] = t[order]
+        state[place] = FULL
+        slots = np.empty(n, dtype=np.int64)
+        slots[order] = place
+        out = torch.from_numpy(slots)
+        return out, out
 
     def _claim_torch(
         self, keys: torch.Tensor, tabs: torch.Tensor
