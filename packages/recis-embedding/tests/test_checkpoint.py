@@ -448,17 +448,22 @@ def test_saved_rows_go_in_one_call_per_shard_file(monkeypatch, runs, files, call
     from recis_embedding._checkpoint_load import _insert_saved
 
     table = HashTable(1)
-    made: list[list[int]] = []
+    made: list[tuple[list[int], bool]] = []
     real = HashTable.insert_or_assign
     monkeypatch.setattr(
         HashTable,
         "insert_or_assign",
-        lambda self, ids, *a, **k: made.append(ids.tolist()) or real(self, ids, *a, **k),
+        lambda self, ids, *a, **k: (
+            made.append((ids.tolist(), k.get("distinct", False))) or real(self, ids, *a, **k)
+        ),
     )
     ids = torch.tensor([x for run in runs for x in run])
     full = torch.arange(ids.numel(), dtype=torch.float32)[:, None]
     rows = _insert_saved(table, ids, full, 0, files)
     assert len(made) == calls
+    # Runs split at their breaks strictly increase and are passed on as distinct; a single
+    # call leaves insert_or_assign to find that out (or to deduplicate).
+    assert [distinct for _, distinct in made] == [calls > 1] * calls
     expected = {x: float(k) for k, x in enumerate(ids.tolist())}  # the last one of an id
     assert table.ids().tolist() == sorted(expected)
     assert table.embeddings(ids)[:, 0].tolist() == [expected[x] for x in ids.tolist()]

@@ -373,12 +373,17 @@ def _insert_saved(
     another. Ids that fall into more runs than there are files (not as written) go in one call,
     deduplicated.
     """
-    starts = [0]
     if files > 1 and ids.numel() > 1:
         breaks = true_positions(ids[1:] <= ids[:-1]) + 1
         if breaks.numel() < files:
-            starts += breaks.tolist()
-    starts.append(ids.numel())
-    return torch.cat(
-        [table.insert_or_assign(ids[a:b], full[a:b], index) for a, b in itertools.pairwise(starts)]
-    )
+            # Each run strictly increases (the breaks are every place it does not): distinct.
+            starts = [0, *breaks.tolist(), ids.numel()]
+            return torch.cat(
+                [
+                    table.insert_or_assign(ids[a:b], full[a:b], index, distinct=True)
+                    for a, b in itertools.pairwise(starts)
+                ]
+            )
+    # One file, or runs not as written: insert_or_assign finds out itself whether the ids
+    # strictly increase.
+    return table.insert_or_assign(ids, full, index)
