@@ -23,7 +23,8 @@ def _home(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tensor:
 class ReferenceIdMap:
     """Same layout and contract as ``IdMap`` (CPU only)."""
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, max_load_factor: float = MAX_LOAD_FACTOR) -> None:
+        self.max_load_factor = max_load_factor
         self._allocate(max(16, 1 << max(0, int(capacity) - 1).bit_length()))
         self.size = 0
         self.next_row = 0
@@ -81,10 +82,10 @@ class ReferenceIdMap:
         return rows, is_new
 
     def _reserve(self, live: int) -> None:
-        if live + self.erased <= MAX_LOAD_FACTOR * self.capacity:
+        if live + self.erased <= self.max_load_factor * self.capacity:
             return
         capacity = self.capacity
-        while live > MAX_LOAD_FACTOR * capacity:
+        while live > self.max_load_factor * capacity:
             capacity *= 2
         full = self.slot_state == FULL
         keys, tabs, rows = self.slot_keys[full], self.slot_tabs[full], self.slot_rows[full]

@@ -85,6 +85,29 @@ def test_growth_keeps_every_key() -> None:
     assert sorted(rows.tolist()) == list(range(10_000))
 
 
+@pytest.mark.parametrize("load", [0.25, 0.75, 0.9])
+def test_max_load_factor_sets_when_the_map_grows(load) -> None:
+    m = IdMap(capacity=16, max_load_factor=load)
+    keys = torch.arange(20_000, dtype=torch.int64) * 7919 - 5000
+    rows = []
+    for part in keys.split(1_000):
+        rows.append(m.find_or_insert(part)[0])
+        # Never fuller than the bound, and never doubled while the keys fitted under it.
+        assert m.size + m.erased <= load * m.capacity
+        assert m.size > load * m.capacity / 2
+    every = torch.cat(rows)
+    assert sorted(every.tolist()) == list(range(20_000))
+    assert torch.equal(m.find(keys), every)
+    m.erase(keys[::2])
+    assert torch.equal(m.find(keys[1::2]), every[1::2])
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 0.95, 1, float("nan"), "0.5", True, None])
+def test_idmap_rejects_a_load_factor_out_of_range(bad) -> None:
+    with pytest.raises(ValueError, match=r"IdMap: max_load_factor must be a number in \(0, 0\.9\]"):
+        IdMap(max_load_factor=bad)
+
+
 def test_erased_rows_are_recycled() -> None:
     m = IdMap()
     m.find_or_insert(torch.tensor([10, 11, 12]))
@@ -125,9 +148,10 @@ SMALL_OPS = st.lists(
 )
 
 
-@given(SMALL_OPS, st.sampled_from([16, 64]))
-def test_idmap_matches_reference_rounds_exactly(ops, capacity) -> None:
-    m, ref = IdMap(capacity=capacity), ReferenceIdMap(capacity=capacity)
+@given(SMALL_OPS, st.sampled_from([16, 64]), st.sampled_from([0.5, 0.9]))
+def test_idmap_matches_reference_rounds_exactly(ops, capacity, load) -> None:
+    m = IdMap(capacity=capacity, max_load_factor=load)
+    ref = ReferenceIdMap(capacity=capacity, max_load_factor=load)
     for op, pairs in ops:
         keys = torch.tensor([k for k, _ in pairs], dtype=torch.int64)
         tabs = torch.tensor([t for _, t in pairs], dtype=torch.int32)

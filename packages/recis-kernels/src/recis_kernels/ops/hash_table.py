@@ -11,8 +11,9 @@ Occupancy lives in ``slot_state``, not in a reserved key value, so every int64 i
 ``INT64_MIN``, ``INT64_MAX``) is a valid key, and the table index is stored beside the id instead
 of being packed into its bits. A key's home slot is ``fmix64(id + table * 0x9E3779B97F4A7C15) &
 (C - 1)`` (MurmurHash3's 64-bit finalizer); collisions probe linearly. The map grows (doubling,
-rehashing live keys and dropping tombstones) before full plus erased slots would exceed
-:data:`MAX_LOAD_FACTOR` of the capacity, so a probe always ends at an empty slot.
+rehashing live keys and dropping tombstones) before full plus erased slots would exceed its
+``max_load_factor`` (default :data:`MAX_LOAD_FACTOR`) of the capacity, so a probe always ends
+at an empty slot.
 
 On CUDA, lookups (``find``, and the lookup half of ``find_or_insert``) run the
 ``find_slots`` kernel of ``cuda/hash_table.cu``, one thread per query; inserts use the torch
@@ -58,9 +59,17 @@ from recis_kernels._checks import (
 )
 from recis_kernels.exceptions import ShapeError
 
-__all__ = ["MAX_LOAD_FACTOR", "IdMap", "IdMapExport", "fmix64"]
+__all__ = [
+    "LOAD_FACTOR_LIMIT",
+    "MAX_LOAD_FACTOR",
+    "IdMap",
+    "IdMapExport",
+    "check_load_factor",
+    "fmix64",
+]
 
-#: Full plus erased slots never exceed this fraction of the capacity.
+#: Full plus erased slots never exceed this fraction of the capacity (the default of
+#: ``IdMap(max_load_factor=...)``).
 MAX_LOAD_FACTOR = 0.5
 
 EMPTY, FULL, ERASED = 0, 1, 2
@@ -233,6 +242,26 @@ def _first_occurrences(keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Te
     return flat_nonzero(is_first), inverse
 
 
+#: The highest ``max_load_factor`` an :class:`IdMap` takes: linear probing's expected probe
+#: length grows as ``1 / (1 - load)**2`` for absent keys (50 slots at 0.9).
+LOAD_FACTOR_LIMIT = 0.9
+
+
+def check_load_factor(where: str, value: object) -> float:
+    """``value`` as a float in ``(0, LOAD_FACTOR_LIMIT]``, or a ``ValueError`` whose message
+    starts with ``where`` (when not empty)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not 0 < float(value) <= LOAD_FACTOR_LIMIT
+    ):
+        raise ValueError(
+            f"{where + ': ' if where else ''}max_load_factor must be a number in "
+            f"(0, {LOAD_FACTOR_LIMIT}], got {value!r}"
+        )
+    return float(value)
+
+
 class IdMapExport(NamedTuple):
     """Every live key of an :class:`IdMap`, in slot order.
 
@@ -289,6 +318,9 @@ class IdMap:
     Args:
         capacity: initial number of slots (rounded up to a power of two, at least 16).
         device: where the slot arrays live.
+        max_load_factor: the most full plus erased slots may fill before the map doubles, in
+            ``(0, 0.9]`` (default :data:`MAX_LOAD_FACTOR`, 0.5). Higher packs more keys per
+            byte of slot arrays (21 bytes a slot) at the price of longer probes.
 
     Example:
         >>> m = IdMap()
@@ -298,7 +330,14 @@ class IdMap:
         tensor([ 1, -1])
     """
 
-    def __init__(self, capacity: int = 1024, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int = 1024,
+        device: torch.device | str | None = None,
+        *,
+        max_load_factor: float = MAX_LOAD_FACTOR,
+    ) -> None:
+        self.max_load_factor = check_load_factor("IdMap", max_load_factor)
         self.device = resolve_device(device)
         self._allocate(max(16, 1 << max(0, int(capacity) - 1).bit_length()))
         self.size = 0
@@ -528,10 +567,10 @@ class IdMap:
 
     def _reserve(self, live: int) -> None:
         """Grow so ``live`` keys fit under the load factor, counting current tombstones."""
-        if live + self.erased <= MAX_LOAD_FACTOR * self.capacity:
+        if live + self.erased <= self.max_load_factor * self.capacity:
             return
         capacity = self.capacity
-        while live > MAX_LOAD_FACTOR * capacity:
+        while live > self.max_load_factor * capacity:
             capacity *= 2
         self._rehash(capacity)
 
