@@ -107,6 +107,30 @@ def test_dense_inputs_columns_and_passthrough() -> None:
     torch.testing.assert_close(out_dense["a"][1], vec(3, "a").float())
 
 
+def test_tables_of_different_load_factors_are_not_fused() -> None:
+    engine = EmbeddingEngine(
+        {
+            "a": EmbeddingOption(DIM),
+            "b": EmbeddingOption(DIM, max_load_factor=0.75),
+            "c": EmbeddingOption(DIM, max_load_factor=0.75),
+        },
+        fuse=True,
+    )
+    a, b, c = (engine.table(f)[0] for f in "abc")
+    assert a is not b
+    assert b is c
+    assert (a._map.max_load_factor, b._map.max_load_factor) == (0.5, 0.75)
+    with pytest.raises(ConfigError, match=r"share table 'a'.*max_load_factor=0.5 vs 0.75"):
+        EmbeddingEngine(
+            {
+                "a": EmbeddingOption(DIM),
+                "x": EmbeddingOption(DIM, shared_name="a", max_load_factor=0.75),
+            }
+        )
+    with pytest.raises(ConfigError, match=r"max_load_factor must be a number in \(0, 0.9\], got 0"):
+        EmbeddingOption(DIM, max_load_factor=0)
+
+
 def test_fused_and_unfused_tables_give_identical_results() -> None:
     def build(fuse: bool) -> tuple[EmbeddingEngine, SparseSGD]:
         opts = {

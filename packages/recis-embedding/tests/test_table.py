@@ -169,11 +169,27 @@ def test_bad_admit_masks_are_rejected() -> None:
         ({"capacity": True}, "capacity must be an int >= 1 or None, got True"),
         ({"default_value": "x"}, "default_value must be a number, got 'x'"),
         ({"initializer": "normal"}, "initializer must be an Initializer, got 'normal'"),
+        (
+            {"max_load_factor": 0.95},
+            r"table 'table': max_load_factor must be a number in \(0, 0.9\], got 0.95",
+        ),
     ],
 )
 def test_table_arguments_are_checked_up_front(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         HashTable(2, **kw)
+
+
+def test_a_higher_load_factor_holds_the_same_rows_in_fewer_slots() -> None:
+    ids = torch.arange(3_000) * 1_000_003 - 17
+    dense, packed = HashTable(4), HashTable(4, max_load_factor=0.75)
+    for t in (dense, packed):
+        for part in ids.split(500):
+            t.find_or_insert(part)
+    assert (dense.stats().slots, packed.stats().slots) == (8192, 4096)
+    assert packed.stats().bytes < dense.stats().bytes
+    assert torch.equal(packed.embeddings(ids), dense.embeddings(ids))  # per-id initial values
+    assert torch.equal(packed.ids(), dense.ids())
 
 
 def test_table_names_and_indices_are_checked() -> None:

@@ -36,6 +36,7 @@ _SHARED_FIELDS = (
     "eviction",
     "capacity",
     "default_value",
+    "max_load_factor",
 )
 
 
@@ -461,6 +462,7 @@ def _new_table(name: str, option: EmbeddingOption) -> HashTable:
         device=option.device,
         capacity=option.capacity,
         default_value=option.default_value,
+        max_load_factor=option.max_load_factor,
     )
     table.admission = option.admission
     table.eviction = option.eviction

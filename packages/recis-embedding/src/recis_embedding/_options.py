@@ -13,6 +13,7 @@ from recis_embedding._initializers import Initializer, TruncatedNormal
 from recis_embedding._numbers import plain
 from recis_embedding._policies import AdmissionPolicy, EvictionPolicy
 from recis_embedding.exceptions import ConfigError
+from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
 
 __all__ = ["COMBINERS", "EmbeddingOption"]
 
@@ -57,11 +58,15 @@ class EmbeddingOption:
             :class:`~recis_embedding.TableFullError`.
         default_value: what an id that is not (yet) in the table reads in ``eval()`` mode,
             in a frozen table, or while admission holds it back.
+        max_load_factor: how full the table's id map may get before it doubles, in
+            ``(0, 0.9]``. 0.5 (the default) keeps probes short; 0.75 needs a third less map
+            memory per id (21 bytes a slot), for very large tables.
 
     Tables of options with equal *storage* properties (dim, dtype, device, trainable,
-    admission, eviction, default value) and no ``capacity`` are fused into one physical table
-    (a table with a ``capacity`` keeps its own, so the bound is its own); lookups with equal
-    *runtime* properties (combiner and its kwargs, use_weight) are served by one reduce.
+    admission, eviction, default value, max load factor) and no ``capacity`` are fused into one
+    physical table (a table with a ``capacity`` keeps its own, so the bound is its own); lookups
+    with equal *runtime* properties (combiner and its kwargs, use_weight) are served by one
+    reduce.
     """
 
     embedding_dim: int
@@ -78,6 +83,7 @@ class EmbeddingOption:
     eviction: Any = None
     capacity: int | None = None
     default_value: float = 0.0
+    max_load_factor: float = MAX_LOAD_FACTOR
 
     def __post_init__(self) -> None:
         self._plain_numbers()
@@ -132,6 +138,10 @@ class EmbeddingOption:
                 raise ConfigError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.default_value, bool) or not isinstance(self.default_value, numbers.Real):
             raise ConfigError(f"default_value must be a number, got {self.default_value!r}")
+        try:
+            self.max_load_factor = check_load_factor("", self.max_load_factor)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.combiner_kwargs = kwargs
         self.default_value = float(self.default_value)
         self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
@@ -155,6 +165,7 @@ class EmbeddingOption:
             _policy_key(self.eviction),
             self.capacity,
             self.default_value,
+            self.max_load_factor,
         )
 
     def runtime_key(self) -> tuple:
