@@ -55,17 +55,20 @@ def test_bench_gpu_on_the_cpu_checks_times_and_writes_its_json(tmp_path: Path) -
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["benchmark"] == "gpu"
     assert doc["device"] == "cpu"
-    table = doc["hash_table"]
-    assert table["table_keys"] == 1 << 16
-    assert table["load_factor"] <= 0.5
-    for op in ("find", "find_or_insert"):
-        assert set(table[op]) == {"uniform", "zipf"}
-        for dist in table[op].values():
-            assert set(dist) == {"2^10", "2^12"}
-            assert all(e["keys_per_s"] > 0 for e in dist.values())
-    # Zipf batches repeat keys; uniform inserts are all distinct.
-    assert table["find_or_insert"]["zipf"]["2^12"]["distinct_keys"] < 1 << 12
-    assert table["find_or_insert"]["uniform"]["2^12"]["distinct_keys"] == 1 << 12
+    assert set(doc["hash_table"]) == {"0.5", "0.75"}
+    for load, table in doc["hash_table"].items():
+        # Filled to exactly that fraction of the smallest capacity holding 2**16 keys there.
+        assert table["capacity"] == 1 << 17
+        assert table["table_keys"] == int(float(load) * (1 << 17))
+        assert table["load_factor"] == table["table_keys"] / table["capacity"]
+        for op in ("find", "find_or_insert"):
+            assert set(table[op]) == {"uniform", "zipf"}
+            for dist in table[op].values():
+                assert set(dist) == {"2^10", "2^12"}
+                assert all(e["keys_per_s"] > 0 for e in dist.values())
+        # Zipf batches repeat keys; uniform inserts are all distinct.
+        assert table["find_or_insert"]["zipf"]["2^12"]["distinct_keys"] < 1 << 12
+        assert table["find_or_insert"]["uniform"]["2^12"]["distinct_keys"] == 1 << 12
     assert set(doc["rows"]["dims"]) == {"16", "64", "128"}
     for dim in doc["rows"]["dims"].values():
         contenders = dim["contenders"]
@@ -128,6 +131,20 @@ def test_bench_gpu_exits_1_when_a_result_is_wrong(
     assert bench.main(argv) == 1
     assert "check failed" in capsys.readouterr().err
     assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--load-factors", "0"], r"--load-factors must lie in \(0, 0.9\), got \[0.0\]"),
+        (["--load-factors", "0.5", "0.95"], r"got \[0.95\]"),
+        # 0.85 of 2**17 slots plus a batch of 2**14 keys would pass 0.9 of them.
+        (["--load-factors", "0.85", "--batch-log2", "14"], r"lower --load-factors or --batch-log2"),
+    ],
+)
+def test_bench_gpu_refuses_load_factors_it_cannot_measure(bench, argv, message) -> None:
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--device", "cpu", "--quick", "--only", "hash_table", *argv])
 
 
 # ----------------------------------------------------------------------------- .ci/gpu
