@@ -596,7 +596,9 @@ class IdMap:
         self.free_rows = self.free_rows[reuse:]
         fresh = torch.arange(self.next_row, self.next_row + n - reuse, device=self.device)
         self.next_row += n - reuse
-        return torch.cat([recycled, fresh])
+        if reuse == 0:
+            return fresh
+        return torch.cat([recycled, fresh]) if reuse < n else recycled
 
     def _claim(self, keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Place distinct keys, all absent from the map, into free slots.
@@ -664,16 +666,16 @@ class IdMap:
         n = k.size
         home = _home_host(k, t, mask)
         bits = max(1, (n - 1).bit_length())
+        i = np.arange(n)
         if mask.bit_length() + bits <= 63:
             packed = home << bits
-            packed |= np.arange(n)
+            packed |= i
             packed.sort()
             order = packed & ((1 << bits) - 1)
             place = packed >> bits
         else:
             order = np.argsort(home, kind="stable")
             place = home[order]
-        i = np.arange(n)
         place -= i
         np.maximum.accumulate(place, out=place)
         place += i
