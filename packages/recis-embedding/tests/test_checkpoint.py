@@ -435,19 +435,24 @@ def test_loading_draws_no_initial_vectors(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("runs", "files", "calls"),
+    ("runs", "files", "present", "calls", "distinct"),
     [
-        ([[-5, 3, 9], [-7, 3, 8]], 2, 2),  # two shard files, an id in both: the later wins
-        ([[1, 2], [0, 4]], 3, 2),
-        ([[4], [3], [2, 6]], 2, 1),  # more runs than files: not as written, one call
-        ([[1, 2, 3]], 1, 1),
+        ([[-5, 3, 9], [-7, 3, 8]], 2, [], 2, True),  # an id in two files: the later wins
+        ([[1, 2], [0, 4]], 3, [], 1, True),  # shards of one save into an empty table
+        ([[1, 2], [0, 4]], 3, [4], 2, True),  # into a table holding rows: per file
+        ([[4], [3], [2, 6]], 2, [], 1, False),  # more runs than files: not as written
+        ([[1, 2, 3]], 1, [], 1, False),  # one file: insert_or_assign sees the order itself
     ],
 )
-def test_saved_rows_go_in_one_call_per_shard_file(monkeypatch, runs, files, calls) -> None:
+def test_saved_rows_go_in_one_call_or_one_per_shard_file(
+    monkeypatch, runs, files, present, calls, distinct
+) -> None:
     from recis_embedding import HashTable
     from recis_embedding._checkpoint_load import _insert_saved
 
     table = HashTable(1)
+    if present:
+        table.find_or_insert(torch.tensor(present))
     made: list[tuple[list[int], bool]] = []
     real = HashTable.insert_or_assign
     monkeypatch.setattr(
@@ -461,9 +466,8 @@ def test_saved_rows_go_in_one_call_per_shard_file(monkeypatch, runs, files, call
     full = torch.arange(ids.numel(), dtype=torch.float32)[:, None]
     rows = _insert_saved(table, ids, full, 0, files)
     assert len(made) == calls
-    # Runs split at their breaks strictly increase and are passed on as distinct; a single
-    # call leaves insert_or_assign to find that out (or to deduplicate).
-    assert [distinct for _, distinct in made] == [calls > 1] * calls
+    # Runs as written strictly increase and are passed on as distinct, split or joined.
+    assert [d for _, d in made] == [distinct] * calls
     expected = {x: float(k) for k, x in enumerate(ids.tolist())}  # the last one of an id
     assert table.ids().tolist() == sorted(expected)
     assert table.embeddings(ids)[:, 0].tolist() == [expected[x] for x in ids.tolist()]

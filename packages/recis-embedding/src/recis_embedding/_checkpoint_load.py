@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,7 @@ from recis_embedding._checkpoint import (
     shard_context,
 )
 from recis_embedding._engine import logical_tables
-from recis_embedding._host import true_positions
+from recis_embedding._host import on_host, true_positions
 from recis_embedding._optim import SparseOptimizer
 from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable
@@ -366,17 +367,21 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
 def _insert_saved(
     table: HashTable, ids: torch.Tensor, full: torch.Tensor, index: int, files: int
 ) -> torch.Tensor:
-    """``table.insert_or_assign`` of saved rows, one call per shard file.
+    """``table.insert_or_assign`` of saved rows: one call, or one per shard file.
 
     Each file's ids were sorted when written, so a run of strictly increasing ids is distinct
     and inserts without deduplication; the files of a sharded save hold the runs one after
-    another. Ids that fall into more runs than there are files (not as written) go in one call,
-    deduplicated.
+    another. Into an empty table, runs that share no id (the shards of one save) go in one
+    call, which places them all in one pass; otherwise one call per run, so that an id found
+    in two files takes the later file's values. Ids that fall into more runs than there are
+    files (not as written) go in one call, deduplicated.
     """
     if files > 1 and ids.numel() > 1:
         breaks = true_positions(ids[1:] <= ids[:-1]) + 1
         if breaks.numel() < files:
             # Each run strictly increases (the breaks are every place it does not): distinct.
+            if len(table) == 0 and _all_distinct(ids):
+                return table.insert_or_assign(ids, full, index, distinct=True)
             starts = [0, *breaks.tolist(), ids.numel()]
             return torch.cat(
                 [
@@ -387,3 +392,12 @@ def _insert_saved(
     # One file, or runs not as written: insert_or_assign finds out itself whether the ids
     # strictly increase.
     return table.insert_or_assign(ids, full, index)
+
+
+def _all_distinct(ids: torch.Tensor) -> bool:
+    """Whether no id repeats: one sort of a copy (NumPy's on the host, faster than torch's)."""
+    if on_host(ids):
+        ordered = np.sort(ids.numpy())
+        return not bool((ordered[1:] == ordered[:-1]).any())
+    ordered = torch.sort(ids).values
+    return not bool((ordered[1:] == ordered[:-1]).any())

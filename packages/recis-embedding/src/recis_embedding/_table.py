@@ -518,7 +518,8 @@ class HashTable:
         if isinstance(tabs, int):
             distinct = distinct or _strictly_increasing(ids)
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)
-        rows = self._map.find(ids, tabs)
+        # An empty table (a restore into a new model) has nothing to find.
+        rows = self._map.find(ids, tabs) if len(self) else torch.full_like(ids, -1)
         idx = true_positions(rows < 0)
         if idx.numel():
             new_ids, new_tabs = ids[idx], tabs[idx]
