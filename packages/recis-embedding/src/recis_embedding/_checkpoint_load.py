@@ -397,7 +397,7 @@ def _insert_saved(
 def _all_distinct(ids: torch.Tensor) -> bool:
     """Whether no id repeats: one sort of a copy (NumPy's on the host, faster than torch's)."""
     if on_host(ids):
-        ordered = np.sort(ids.numpy())
-        return not bool((ordered[1:] == ordered[:-1]).any())
+        host = np.sort(ids.numpy())
+        return not bool((host[1:] == host[:-1]).any())
     ordered = torch.sort(ids).values
     return not bool((ordered[1:] == ordered[:-1]).any())
