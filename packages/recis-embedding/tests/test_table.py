@@ -106,6 +106,35 @@ def test_stats_count_lookups_inserts_and_hits() -> None:
     assert s.bytes > 0
 
 
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_stats_bytes_count_everything_the_table_holds() -> None:
+    from recis_embedding import FrequencyAdmission
+
+    engine = EmbeddingEngine({"a": EmbeddingOption(4, admission=FrequencyAdmission(3))})
+    table = engine.table("a")[0]
+    engine({"a": torch.arange(1_000).reshape(-1, 1)})  # counted once each, none admitted yet
+    assert len(table) == 0
+    for _ in range(2):
+        engine({"a": torch.arange(600).reshape(-1, 1)})  # the first 600 reach 3 and go in
+    assert len(table) == 600
+    m = table._map
+    expected = (
+        table._store.nbytes
+        + _nbytes(m.slot_keys, m.slot_tabs, m.slot_rows, m.slot_state)
+        + _nbytes(table.inserted, table.last_seen, table.frequency, table._dirty)
+    )
+    # The admission counters: an id map of their own and a count per counted id.
+    counter, counts = table.admission_state
+    admission = _nbytes(
+        counter.slot_keys, counter.slot_tabs, counter.slot_rows, counter.slot_state, counts
+    )
+    assert admission > 0
+    assert table.stats().bytes == expected + admission
+
+
 def test_distinct_ids_insert_like_any_ids() -> None:
     # The engine passes deduplicated ids with distinct=True; rows, vectors and state must not
     # depend on it.

@@ -30,7 +30,8 @@ class TableStats:
         rows: live keys.
         capacity: maximum live keys (``None``: unbounded).
         slots: slots of the id map (grows by rehash).
-        bytes: bytes of row storage plus id map.
+        bytes: bytes the table holds: row storage, id map, the per-row records (insertion
+            and last-seen steps, uses, change flags) and an admission policy's counters.
         lookups: ids passed to :meth:`HashTable.find` and :meth:`HashTable.find_or_insert`
             (training and eval). An id repeated within one call counts each time; the
             embedding engine deduplicates each batch first, so through it this counts the
@@ -692,22 +693,33 @@ class HashTable:
 
     def stats(self) -> TableStats:
         """Current counters; see :class:`TableStats`."""
-        m = self._map
-        map_bytes = sum(
-            t.numel() * t.element_size()
-            for t in (m.slot_keys, m.slot_tabs, m.slot_rows, m.slot_state)
-        )
+        records = (self.inserted, self.last_seen, self.frequency, self._dirty)
+        held = self._store.nbytes + _held_bytes(self._map) + _held_bytes(records)
         return TableStats(
-            rows=m.size,
+            rows=self._map.size,
             capacity=self.capacity,
-            slots=m.capacity,
-            bytes=self._store.nbytes + map_bytes,
+            slots=self._map.capacity,
+            bytes=held + _held_bytes(self.admission_state),
             **self._counts,
         )
 
     def count(self, key: str, n: int) -> None:
         """Add ``n`` to counter ``key`` (used by admission and eviction policies)."""
         self._counts[key] += n
+
+
+def _held_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj``: a tensor, an id map's slot arrays, or a tuple, list or
+    dict of those (what admission policies keep); anything else counts 0."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, IdMap):
+        return _held_bytes((obj.slot_keys, obj.slot_tabs, obj.slot_rows, obj.slot_state))
+    if isinstance(obj, dict):
+        return _held_bytes(list(obj.values()))
+    if isinstance(obj, (tuple, list)):
+        return sum(_held_bytes(x) for x in obj)
+    return 0
 
 
 def _first_occurrence(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
