@@ -102,10 +102,9 @@ def test_stateful_dataloader_resumes_every_worker_exactly(files) -> None:
     head = [next(it)["id"].tolist() for _ in range(5)]
     state = first.state_dict()
     # The first loader is read to its end, not dropped with batches in flight: a spawned
-    # worker shut down while torch's queue feeder thread still sends a batch can die of
-    # SIGABRT as CPython 3.11 finalizes it ("terminate called without an active
-    # exception"), with any dataset (docs/io/guide.md); taking a state must not change the
-    # rest of the pass either.
+    # worker shut down mid-stream can die of SIGABRT as it exits ("terminate called without
+    # an active exception"), with a plain torch dataset too (docs/io/guide.md); taking a
+    # state must not change the rest of the pass either.
     assert head + [b["id"].tolist() for b in it] == full
     resumed = loader()
     resumed.load_state_dict(state)
