@@ -120,16 +120,23 @@ def test_stats_bytes_count_everything_the_table_holds() -> None:
     for _ in range(2):
         engine({"a": torch.arange(600).reshape(-1, 1)})  # the first 600 reach 3 and go in
     assert len(table) == 600
+    assert table.erase(torch.arange(100)) == 100  # their rows wait on the free list for reuse
     m = table._map
+    assert m.free_rows.numel() == 100
     expected = (
         table._store.nbytes
-        + _nbytes(m.slot_keys, m.slot_tabs, m.slot_rows, m.slot_state)
+        + _nbytes(m.slot_keys, m.slot_tabs, m.slot_rows, m.slot_state, m.free_rows)
         + _nbytes(table.inserted, table.last_seen, table.frequency, table._dirty)
     )
     # The admission counters: an id map of their own and a count per counted id.
     counter, counts = table.admission_state
     admission = _nbytes(
-        counter.slot_keys, counter.slot_tabs, counter.slot_rows, counter.slot_state, counts
+        counter.slot_keys,
+        counter.slot_tabs,
+        counter.slot_rows,
+        counter.slot_state,
+        counter.free_rows,  # admitted ids leave the counters; their rows wait for reuse
+        counts,
     )
     assert admission > 0
     assert table.stats().bytes == expected + admission
