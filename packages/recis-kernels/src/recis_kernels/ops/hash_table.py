@@ -609,9 +609,13 @@ class IdMap:
         past them all when every one is full). As the keys are distinct and absent, a full slot
         never holds one of them, so only the slot states are read.
 
+        Into a map whose slots are all empty (its first insert, a rehash, the first insert
+        after :meth:`clear`) the keys are placed in one pass instead, as key-by-key linear
+        probing in order of home slot would place them (see :meth:`_claim_blank_torch`).
+
         Returns:
             ``(slots, claimed)``: each key's slot, and the slots in claiming order (round by
-            round, input order within a round).
+            round, input order within a round; for the one pass, input order).
         """
         if self._blank and keys.numel():
             self._blank = False
