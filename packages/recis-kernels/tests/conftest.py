@@ -96,7 +96,7 @@ def signed64(x: int) -> int:
 # Kernel sources that are plain grid-stride loops; each is launched by the op module of its name.
 # row_store's block pointer table holds the blocks' data pointers, host addresses for CPU blocks.
 EMULATED_KERNELS = ("mod", "hashing", "mix", "bucketize", "dense", "feature_cross", "truncate",
-                    "segment_reduce", "row_store", "optim")  # fmt: skip
+                    "segment_reduce", "row_store", "optim", "hash_table")  # fmt: skip
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

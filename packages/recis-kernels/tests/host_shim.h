@@ -1,7 +1,7 @@
 // Compiles recis-kernels' CUDA sources as host C++ for --emulate-kernels: one "thread" with
 // gridDim = blockDim = 1 walks every iteration of each grid-stride loop in order. Valid for
-// kernels without shared memory, synchronization or warp intrinsics; atomicCAS is the plain
-// compare-and-swap of that single thread.
+// kernels without shared memory, synchronization or warp intrinsics; atomicCAS and atomicAdd are
+// the plain read-modify-writes of that single thread.
 #pragma once
 #include <cmath>
 #define __global__
@@ -20,6 +20,16 @@ inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long co
                                     unsigned long long value) {
   const unsigned long long old = *p;
   if (old == compare) *p = value;
+  return old;
+}
+inline unsigned int atomicCAS(unsigned int* p, unsigned int compare, unsigned int value) {
+  const unsigned int old = *p;
+  if (old == compare) *p = value;
+  return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long value) {
+  const unsigned long long old = *p;
+  *p = old + value;
   return old;
 }
 using std::sqrt;

@@ -3,7 +3,10 @@ claims walking on one slot at a time in a Python loop over the keys, and claims 
 every slot empty as sequential linear probing, key by key.
 
 Kept as the reference the optimized map must match exactly: same rows, same ``is_new``, same
-slot placement (hence the same export order) and the same capacity after every call.
+slot placement (hence the same export order) and the same capacity after every call. With
+``sequential=True`` claims into a map that holds keys are key-by-key linear probing in order of
+first occurrence instead of rounds: what the ``claim_slots`` kernel does when its threads run
+one after another, as they do compiled for the host (``--emulate-kernels``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ def _home(keys: torch.Tensor, tabs: torch.Tensor, mask: int) -> torch.Tensor:
 class ReferenceIdMap:
     """Same layout and contract as ``IdMap`` (CPU only)."""
 
-    def __init__(self, capacity: int = 1024, max_load_factor: float = MAX_LOAD_FACTOR) -> None:
+    def __init__(
+        self,
+        capacity: int = 1024,
+        max_load_factor: float = MAX_LOAD_FACTOR,
+        *,
+        sequential: bool = False,
+    ) -> None:
         self.max_load_factor = max_load_factor
+        self.sequential = sequential
         self._allocate(max(16, 1 << max(0, int(capacity) - 1).bit_length()))
         self.size = 0
         self.next_row = 0
@@ -71,13 +81,14 @@ class ReferenceIdMap:
         miss = is_new.nonzero().squeeze(1)
         if miss.numel():
             # Room for the distinct new pairs: repeats take no slot.
-            distinct = set(zip(keys[miss].tolist(), tabs[miss].tolist(), strict=True))
-            self._reserve(self.size + len(distinct))
-            before = self.size
+            pairs = list(zip(keys[miss].tolist(), tabs[miss].tolist(), strict=True))
+            first = {pair: i for i, pair in reversed(list(enumerate(pairs)))}
+            self._reserve(self.size + len(first))
             slots = self._claim(keys[miss], tabs[miss], dedup=True)
-            fresh = self._last_claimed
+            # Rows in order of first occurrence, whatever slots the keys took.
+            fresh = slots[sorted(first.values())]
             self.slot_rows[fresh] = self._allocate_rows(fresh.numel())
-            self.size = before + fresh.numel()
+            self.size += fresh.numel()
             rows[miss] = self.slot_rows[slots]
         return rows, is_new
 
@@ -103,11 +114,12 @@ class ReferenceIdMap:
     def _claim(self, keys: torch.Tensor, tabs: torch.Tensor, *, dedup: bool) -> torch.Tensor:
         if keys.numel() and bool((self.slot_state == EMPTY).all()):
             return self._claim_blank(keys, tabs)
+        if self.sequential:
+            return self._claim_sequential(keys, tabs)
         mask = self.capacity - 1
         out = torch.empty_like(keys)
         idx = torch.arange(keys.numel())
         k, t, p = keys, tabs, _home(keys, tabs, mask)
-        claimed = []
         while idx.numel():
             st = self.slot_state[p]
             free = st != FULL
@@ -128,7 +140,6 @@ class ReferenceIdMap:
             self.slot_tabs[wp] = t[winners]
             self.slot_state[wp] = FULL
             out[idx[winners]] = wp
-            claimed.append(wp)
             keep = ~winners & ~same
             idx, k, t, p = idx[keep], k[keep], t[keep], p[keep].clone()
             # Everyone left stands on a full slot: walk on, one slot at a time, up to
@@ -143,8 +154,27 @@ class ReferenceIdMap:
                     if self.slot_state[q] != FULL:
                         break
                 p[j] = q
-        self._last_claimed = torch.cat(claimed) if claimed else keys.new_empty(0)
         return out
+
+    def _claim_sequential(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        """Key by key in order of first occurrence: the first slot at or after the home slot
+        that is not full."""
+        mask = self.capacity - 1
+        homes = _home(keys, tabs, mask).tolist()
+        slot_of: dict[tuple[int, int], int] = {}
+        pairs = list(zip(keys.tolist(), tabs.tolist(), strict=True))
+        for i, pair in enumerate(pairs):
+            if pair in slot_of:
+                continue
+            q = homes[i]
+            while self.slot_state[q] == FULL:
+                q = (q + 1) & mask
+            if self.slot_state[q] == ERASED:
+                self.erased -= 1
+            self.slot_keys[q], self.slot_tabs[q] = pair
+            self.slot_state[q] = FULL
+            slot_of[pair] = q
+        return torch.tensor([slot_of[p] for p in pairs], dtype=torch.int64)
 
     def _claim_blank(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         """Into a map with every slot empty: plain sequential linear probing, one key at a
@@ -167,7 +197,6 @@ class ReferenceIdMap:
         self.slot_keys[placed] = torch.tensor([k for k, _ in first], dtype=torch.int64)
         self.slot_tabs[placed] = torch.tensor([t for _, t in first], dtype=torch.int32)
         self.slot_state[placed] = FULL
-        self._last_claimed = placed
         return torch.tensor([slot_of[p] for p in pairs], dtype=torch.int64)
 
     def _holds(self, slot: int, key: torch.Tensor, tab: torch.Tensor) -> bool:
@@ -180,7 +209,7 @@ class ReferenceIdMap:
     def erase(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         slots = self._find_slots(keys, tabs)
         slots = torch.unique(slots[slots >= 0])
-        rows = self.slot_rows[slots]
+        rows = torch.sort(self.slot_rows[slots]).values
         self.slot_state[slots] = ERASED
         self.size -= slots.numel()
         self.erased += slots.numel()

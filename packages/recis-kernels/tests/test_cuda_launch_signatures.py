@@ -7,6 +7,7 @@ its parameters, with matching sizes. A mismatch here would corrupt arguments on 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import cache
 
@@ -21,6 +22,7 @@ from recis_kernels.ops import (
     bucketize,
     dense,
     feature_cross,
+    hash_table,
     hashing,
     mix,
     mod,
@@ -167,6 +169,16 @@ def test_row_store_launches(checker, monkeypatch, width):
     assert checker.launched == ["gather_rows", "scatter_rows"]
 
 
+def test_hash_table_launches(checker, monkeypatch):
+    monkeypatch.setattr(hash_table, "use_cuda_kernels", lambda device: True)
+    m = rk.IdMap(capacity=16)
+    keys, tabs = torch.tensor([5, 9]), torch.tensor([0, 1], dtype=torch.int32)
+    m._find_slots(keys, tabs)
+    with contextlib.suppress(RuntimeError):  # no kernel ran, so its slots are not set
+        m._claim_cuda(keys, tabs)
+    assert checker.launched == ["find_slots", "claim_slots"]
+
+
 def test_every_kernel_is_launched_somewhere():
     """Guard against a kernel with no launch site (dead code that is never checked)."""
     launched_by_ops = {
@@ -186,6 +198,7 @@ def test_every_kernel_is_launched_somewhere():
             f"segment_reduce_{d}_{t}" for d in ("fwd", "bwd") for t in ("f32", "f64")
         },
         "row_store": {"gather_rows", "scatter_rows"},
+        "hash_table": {"find_slots", "claim_slots"},
     }
     for name, kernels in launched_by_ops.items():
         assert set(ptx_signatures(name)) == kernels

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from conftest import gpu, requires_cuda, use_host_kernels
 from hypothesis import given
 from hypothesis import strategies as st
 from idmap_reference import ReferenceIdMap
 
 from recis_kernels import IdMap, ShapeError, UnsupportedDtypeError
+from recis_kernels.ops import hash_table as ht
 from recis_kernels.ops.hash_table import FULL, MAX_LOAD_FACTOR
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -126,6 +130,13 @@ def test_idmap_rejects_bad_input() -> None:
         m.find_or_insert(torch.tensor([1, 2]), torch.tensor([0]))
 
 
+def _reference(capacity: int = 1024, max_load_factor: float = MAX_LOAD_FACTOR) -> ReferenceIdMap:
+    """The reference placing keys as this test's IdMap does: in claim rounds, or key by key
+    where the ``claim_slots`` kernel runs compiled for the host (one thread after another)."""
+    kernel = ht.use_cuda_kernels(torch.device("cpu"))
+    return ReferenceIdMap(capacity, max_load_factor, sequential=kernel)
+
+
 def _assert_same_state(m: IdMap, ref: ReferenceIdMap) -> None:
     assert m.capacity == ref.capacity
     assert (m.size, m.erased, m.next_row) == (ref.size, ref.erased, ref.next_row)
@@ -151,7 +162,7 @@ SMALL_OPS = st.lists(
 @given(SMALL_OPS, st.sampled_from([16, 64]), st.sampled_from([0.5, 0.9]))
 def test_idmap_matches_reference_rounds_exactly(ops, capacity, load) -> None:
     m = IdMap(capacity=capacity, max_load_factor=load)
-    ref = ReferenceIdMap(capacity=capacity, max_load_factor=load)
+    ref = _reference(capacity, load)
     for op, pairs in ops:
         keys = torch.tensor([k for k, _ in pairs], dtype=torch.int64)
         tabs = torch.tensor([t for _, t in pairs], dtype=torch.int32)
@@ -167,9 +178,18 @@ def test_idmap_matches_reference_rounds_exactly(ops, capacity, load) -> None:
         _assert_same_state(m, ref)
 
 
-def test_large_batches_match_reference_rounds_exactly() -> None:
+@pytest.fixture(params=["torch", "kernel"])
+def claims(request, monkeypatch) -> str:
+    """How an IdMap on CPU tensors places new keys: its own claim rounds, or the
+    ``claim_slots`` and ``find_slots`` kernels compiled for the host."""
+    if request.param == "kernel":
+        use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, ("hash_table",))
+    return request.param
+
+
+def test_large_batches_match_reference_rounds_exactly(claims) -> None:
     g = torch.Generator().manual_seed(0)
-    m, ref = IdMap(capacity=16), ReferenceIdMap(capacity=16)
+    m, ref = IdMap(capacity=16), _reference(16)
     pool = torch.randint(INT64_MIN, INT64_MAX, (12_000,), generator=g)
     for step in range(6):
         pick = torch.randint(0, 2_000 * (step + 1), (8_000,), generator=g)
@@ -187,6 +207,60 @@ def test_large_batches_match_reference_rounds_exactly() -> None:
         _assert_same_state(m, ref)
 
 
+@pytest.mark.parametrize("where", ["host", pytest.param("cuda", marks=[gpu, requires_cuda])])
+def test_kernel_placement_hands_out_the_rows_of_claim_rounds(where, request) -> None:
+    """The claim kernel places keys otherwise than the CPU's claim rounds (by thread timing on a
+    GPU, key by key compiled for the host), but rows go by first occurrence and freed rows are
+    reused in ascending order: inserts, erases and growth give the rows of a CPU map."""
+    device = "cuda" if where == "cuda" else "cpu"
+    host = request.getfixturevalue("_host_kernels") if where == "host" else None
+
+    @contextlib.contextmanager
+    def kernels():
+        with pytest.MonkeyPatch.context() as mp:
+            if host is not None:
+                use_host_kernels(host, mp, ("hash_table",))
+            yield
+
+    g = torch.Generator().manual_seed(1)
+    cpu, other = IdMap(capacity=16), IdMap(capacity=16, device=device)
+    pool = torch.randint(INT64_MIN, INT64_MAX, (40_000,), generator=g)
+    placed_alike = True
+    for step in range(8):
+        keys = pool[torch.randint(0, 5_000 * (step + 1), (20_000,), generator=g)]
+        tabs = (keys & 3).to(torch.int32)
+        rows, is_new = cpu.find_or_insert(keys, tabs)
+        with kernels():
+            got_rows, got_new = other.find_or_insert(keys.to(device), tabs.to(device))
+        assert torch.equal(got_rows.cpu(), rows)
+        assert torch.equal(got_new.cpu(), is_new)
+        placed_alike &= torch.equal(other.slot_keys.cpu(), cpu.slot_keys)
+        gone, gone_tabs = keys[:3_000], tabs[:3_000]
+        with kernels():
+            freed = other.erase(gone.to(device), gone_tabs.to(device))
+        assert torch.equal(freed.cpu(), cpu.erase(gone, gone_tabs))
+        # Tombstones reused, hence growth, depend on placement; the keys held do not.
+        assert other.size == cpu.size
+        probe = pool[:10_000]
+        with kernels():
+            assert torch.equal(other.find(probe.to(device), 1).cpu(), cpu.find(probe, 1))
+    if not request.config.getoption("--emulate-kernels"):
+        assert not placed_alike  # the two placements did differ
+
+
+def test_claim_kernel_fails_loudly_when_no_slot_is_free(request, monkeypatch) -> None:
+    """The map grows before it fills, so this cannot happen through the public methods; if the
+    invariant ever broke, the kernel must not write a key to slot -1 (the last slot)."""
+    use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, ("hash_table",))
+    m = IdMap(capacity=16)
+    m.find_or_insert(torch.arange(8))
+    m.slot_state.fill_(FULL)
+    before = m.slot_keys.clone()
+    with pytest.raises(RuntimeError, match=r"IdMap: no free slot for 2 of 2 keys in a map of 16"):
+        m._claim(torch.tensor([100, 101]), torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(m.slot_keys, before)
+
+
 def test_pairs_with_equal_premix_values_stay_distinct() -> None:
     # key + table * 0x9E3779B97F4A7C15 (wrapping) is equal for the three pairs, so they share a
     # home slot and one sort key; they must still get three rows.
@@ -197,7 +271,7 @@ def test_pairs_with_equal_premix_values_stay_distinct() -> None:
     one, two = signed(0x9E3779B97F4A7C15), signed(2 * 0x9E3779B97F4A7C15)
     keys = torch.tensor([two, one, 0, one, two, 0])
     tabs = torch.tensor([0, 1, 2, 1, 0, 2], dtype=torch.int32)
-    m, ref = IdMap(capacity=16), ReferenceIdMap(capacity=16)
+    m, ref = IdMap(capacity=16), _reference(16)
     rows, is_new = m.find_or_insert(keys, tabs)
     assert rows.tolist() == [0, 1, 2, 1, 0, 2]
     assert is_new.tolist() == [True] * 6
@@ -282,9 +356,8 @@ def test_claims_into_an_empty_map_are_sequential_linear_probing(capacity, path) 
     tabs[wrapped.numel() + rest.numel() // 2 :] = 3
     m, ref = IdMap(capacity=capacity), ReferenceIdMap(capacity=capacity)
     claim = m._claim_blank_host if path == "host" else m._claim_blank_torch
-    slots, claimed = claim(keys, tabs)
+    slots = claim(keys, tabs)
     assert torch.equal(slots, ref._claim(keys, tabs, dedup=False))
-    assert torch.equal(claimed, ref._last_claimed)
     assert torch.equal(m.slot_state, ref.slot_state)
     assert torch.equal(m.slot_keys, ref.slot_keys)
     assert torch.equal(m.slot_tabs, ref.slot_tabs)
@@ -295,7 +368,7 @@ def test_claims_into_an_empty_map_are_sequential_linear_probing(capacity, path) 
 
 
 def test_first_insert_rehash_and_clear_use_the_one_pass_placement() -> None:
-    m, ref = IdMap(capacity=16), ReferenceIdMap(capacity=16)
+    m, ref = IdMap(capacity=16), _reference(16)
     keys = torch.arange(40) * 1_000_003 - 7
     tabs = torch.zeros(40, dtype=torch.int32)
     # The first insert fills an empty map, the growth to 128 slots rehashes into empty slots.
@@ -325,10 +398,7 @@ def test_host_and_torch_claims_place_keys_alike(capacity) -> None:
     keys = pool[capacity // 4 : capacity // 4 + capacity // 5]  # distinct and absent
     tabs = (torch.arange(keys.numel()) % 3).to(torch.int32)
     host, torch_map = m, copy.deepcopy(m)
-    a = host._claim_host(keys, tabs)
-    b = torch_map._claim_torch(keys, tabs)
-    assert torch.equal(a[0], b[0])
-    assert torch.equal(a[1], b[1])
+    assert torch.equal(host._claim_host(keys, tabs), torch_map._claim_torch(keys, tabs))
     for name in ("slot_state", "slot_keys", "slot_tabs"):
         assert torch.equal(getattr(host, name), getattr(torch_map, name))
     assert host.erased == torch_map.erased

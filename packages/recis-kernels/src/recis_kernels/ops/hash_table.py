@@ -16,8 +16,9 @@ rehashing live keys and dropping tombstones) before full plus erased slots would
 at an empty slot.
 
 On CUDA, lookups (``find``, and the lookup half of ``find_or_insert``) run the
-``find_slots`` kernel of ``cuda/hash_table.cu``, one thread per query; inserts use the torch
-rounds below on the device.
+``find_slots`` kernel of ``cuda/hash_table.cu``, one thread per query, and inserts into a map
+that already holds keys run its ``claim_slots`` kernel: one thread per new key walks from the
+home slot and takes the first slot that is not full with a compare-and-swap.
 
 The torch implementation is vectorized over the queries; its Python loops run once per *round*,
 never once per key.
@@ -29,13 +30,14 @@ never once per key.
   distinct pairs (first occurrence order). Into a map whose slots are all empty (its first
   insert, every rehash, a restore into a new table) they are placed in one pass: in order of
   home slot, each on the first free slot at or after its home (linear probing in that order,
-  computed with a cumulative maximum), new rows in input order. Otherwise they are placed in
-  claim rounds: every key looks at its
-  current slot and the earliest key (in input order) on a free slot takes it; every other key
-  then moves on to the first free slot among the next 16 (or past them), so a long cluster of
-  full slots costs a round per 16 slots, not one per slot. This makes placement
-  deterministic; new rows are handed out in claiming order (round by round, input order within
-  a round).
+  computed with a cumulative maximum). Otherwise they are placed in claim rounds: every key
+  looks at its current slot and the earliest key (in input order) on a free slot takes it;
+  every other key then moves on to the first free slot among the next 16 (or past them), so a
+  long cluster of full slots costs a round per 16 slots, not one per slot. This makes the CPU's
+  placement deterministic.
+
+Rows do not depend on placement: new keys get rows in order of first occurrence (recycled rows
+of erased keys first, then fresh ones), on every device and path.
 """
 
 from __future__ import annotations
@@ -580,14 +582,14 @@ class IdMap:
         tabs = self.slot_tabs.index_select(0, full)
         rows = self.slot_rows.index_select(0, full)
         self._allocate(capacity)
-        slots, _ = self._claim(keys, tabs)
-        self.slot_rows[slots] = rows
+        self.slot_rows[self._claim(keys, tabs)] = rows
 
     def _insert(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
-        """Place distinct absent keys, give them rows in claiming order; returns their slots."""
-        slots, claimed = self._claim(keys, tabs)
-        self.slot_rows[claimed] = self._allocate_rows(claimed.numel())
-        self.size += claimed.numel()
+        """Place distinct absent keys and give them rows in input order, whatever slots they
+        take (so rows do not depend on how a device places keys); returns their slots."""
+        slots = self._claim(keys, tabs)
+        self.slot_rows[slots] = self._allocate_rows(slots.numel())
+        self.size += slots.numel()
         return slots
 
     def _allocate_rows(self, n: int) -> torch.Tensor:
@@ -600,8 +602,9 @@ class IdMap:
             return fresh
         return torch.cat([recycled, fresh]) if reuse < n else recycled
 
-    def _claim(self, keys: torch.Tensor, tabs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Place distinct keys, all absent from the map, into free slots.
+    def _claim(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        """Place distinct keys, all absent from the map, into free slots; returns each key's
+        slot.
 
         Every round each unplaced key looks at its current slot; of the keys on one free slot
         the earliest (in input order) takes it. Every other key then stands on a full slot and
@@ -612,23 +615,57 @@ class IdMap:
         Into a map whose slots are all empty (its first insert, a rehash, the first insert
         after :meth:`clear`) the keys are placed in one pass instead, as key-by-key linear
         probing in order of home slot would place them (see :meth:`_claim_blank_torch`).
-
-        Returns:
-            ``(slots, claimed)``: each key's slot, and the slots in claiming order (round by
-            round, input order within a round; for the one pass, input order).
         """
         if self._blank and keys.numel():
             self._blank = False
             if can_inspect(keys):
                 return self._claim_blank_host(keys, tabs)
             return self._claim_blank_torch(keys, tabs)
+        if use_cuda_kernels(keys.device):
+            return self._claim_cuda(keys.contiguous(), tabs.contiguous())
         if can_inspect(keys):
             return self._claim_host(keys, tabs)
         return self._claim_torch(keys, tabs)
 
-    def _claim_blank_torch(
-        self, keys: torch.Tensor, tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _claim_cuda(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        """:meth:`_claim` by the ``claim_slots`` kernel: one thread per key walks from its home
+        slot and takes the first slot that is not full with a compare-and-swap. Which key wins a
+        contested slot depends on thread timing, so slots (not rows) may differ from the CPU's
+        placement; every key stays reachable by linear probing from its home slot."""
+        from recis_kernels._cuda import launch
+
+        n = keys.numel()
+        slots = torch.empty_like(keys)
+        reclaimed = torch.zeros(1, dtype=torch.int64, device=keys.device)
+        launch(
+            "hash_table",
+            "claim_slots",
+            grid_for(n),
+            256,
+            [
+                ("ptr", self.slot_keys),
+                ("ptr", self.slot_tabs),
+                ("ptr", self.slot_state),
+                ("i64", self.capacity - 1),
+                ("ptr", keys),
+                ("ptr", tabs),
+                ("i64", n),
+                ("ptr", slots),
+                ("ptr", reclaimed),
+            ],
+            device=keys.device,
+        )
+        if bool((slots < 0).any()):
+            raise RuntimeError(
+                f"IdMap: no free slot for {int((slots < 0).sum())} of {n} keys in a map of "
+                f"{self.capacity} slots holding {self.size} keys and {self.erased} tombstones "
+                "(the map grows before this can happen; please report it)"
+            )
+        if self.erased:
+            self.erased -= int(reclaimed)
+        return slots
+
+    def _claim_blank_torch(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         """:meth:`_claim` into a map whose slots are all empty, in one pass.
 
         Keys go in order of home slot (input order among equal homes), each to the first free
@@ -637,9 +674,6 @@ class IdMap:
         wrap around and take the first free slots from slot 0, in order. This is exactly
         sequential linear probing in that order, so every probe from a key's home reaches it
         over full slots only.
-
-        Returns:
-            ``(slots, claimed)``: each key's slot, twice (rows go in input order).
         """
         mask = self.capacity - 1
         n = keys.numel()
@@ -656,11 +690,9 @@ class IdMap:
         self.slot_state[place] = FULL
         slots = torch.empty_like(keys)
         slots[order] = place
-        return slots, slots
+        return slots
 
-    def _claim_blank_host(
-        self, keys: torch.Tensor, tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _claim_blank_host(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         """:meth:`_claim_blank_torch` in NumPy (one plain sort of ``home << bits | position``
         instead of a stable argsort where those values fit 63 bits)."""
         mask = self.capacity - 1
@@ -693,18 +725,14 @@ class IdMap:
         state[place] = FULL
         slots = np.empty(n, dtype=np.int64)
         slots[order] = place
-        out = torch.from_numpy(slots)
-        return out, out
+        return torch.from_numpy(slots)
 
-    def _claim_torch(
-        self, keys: torch.Tensor, tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _claim_torch(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         mask = self.capacity - 1
         out = torch.empty_like(keys)
         idx = torch.arange(keys.numel(), device=keys.device)
         p = _home(keys, tabs, mask)
         steps = torch.arange(1, _CLAIM_WINDOW + 1, device=keys.device)
-        claimed = []
         while idx.numel():
             st = self.slot_state.index_select(0, p)
             free = st != FULL
@@ -717,7 +745,6 @@ class IdMap:
             self.slot_tabs[wp] = tabs.index_select(0, wi)
             self.slot_state[wp] = FULL
             out[wi] = wp
-            claimed.append(wp)
             if won.numel() == idx.numel():
                 break
             keep = torch.ones_like(free)
@@ -730,12 +757,9 @@ class IdMap:
             first = open_.to(torch.uint8).argmax(1, keepdim=True)
             ahead = win.gather(1, first).squeeze(1)
             p = torch.where(open_.any(1), ahead, win[:, -1])
-        claimed_slots = torch.cat(claimed) if claimed else keys.new_empty(0)
-        return out, claimed_slots
+        return out
 
-    def _claim_host(
-        self, keys: torch.Tensor, tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _claim_host(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
         """:meth:`_claim` in NumPy, round for round the same placement, writing the slot
         arrays through NumPy views (about twice as fast on the host)."""
         mask = self.capacity - 1
@@ -746,7 +770,6 @@ class IdMap:
         idx = np.arange(k.size)
         p = _home_host(k, t, mask)
         steps = np.arange(1, _CLAIM_WINDOW + 1)
-        claimed = []
         while idx.size:
             st = np.take(state, p)
             free = st != FULL
@@ -758,7 +781,6 @@ class IdMap:
             slot_tabs[wp] = t[wi]
             state[wp] = FULL
             out[wi] = wp
-            claimed.append(wp)
             if won.size == idx.size:
                 break
             keep = np.ones(idx.size, dtype=np.bool_)
@@ -772,8 +794,7 @@ class IdMap:
             first = open_.argmax(1)
             row = np.arange(p.size)
             p = np.where(open_[row, first], win[row, first], win[:, -1])
-        claimed_slots = np.concatenate(claimed) if claimed else np.empty(0, dtype=np.int64)
-        return torch.from_numpy(out), torch.from_numpy(claimed_slots)
+        return torch.from_numpy(out)
 
     def erase(self, keys: torch.Tensor, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """Remove keys; their rows go to the free list.
@@ -783,12 +804,14 @@ class IdMap:
             tables: table index in ``[0, 2**31 - 1]``, one int or ``(N,)`` integer tensor.
 
         Returns:
-            ``(E,) int64`` rows that were freed.
+            ``(E,) int64`` rows that were freed, ascending.
         """
         tabs = self._keys_and_tables("IdMap.erase", keys, tables)
         slots = self._find_slots(keys, tabs)
         slots = torch.unique(slots[slots >= 0])
-        rows = self.slot_rows[slots]
+        # Ascending rows, not slot order: later inserts reuse them in this order, and slots
+        # depend on placement (a CUDA map's differ from a CPU map's), rows must not.
+        rows = torch.sort(self.slot_rows[slots]).values
         self.slot_state[slots] = ERASED
         self.size -= slots.numel()
         self.erased += slots.numel()
