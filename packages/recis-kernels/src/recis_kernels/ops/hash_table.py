@@ -616,7 +616,9 @@ class IdMap:
         after :meth:`clear`) the keys are placed in one pass instead, as key-by-key linear
         probing in order of home slot would place them (see :meth:`_claim_blank_torch`).
         """
-        if self._blank and keys.numel():
+        if keys.numel() == 0:
+            return keys.new_empty(0)
+        if self._blank:
             self._blank = False
             if can_inspect(keys):
                 return self._claim_blank_host(keys, tabs)
@@ -635,6 +637,10 @@ class IdMap:
         from recis_kernels._cuda import launch
 
         n = keys.numel()
+        # The kernel swaps 4 state bytes at a time: the array must start on a 4-byte boundary
+        # (torch's allocations do; capacities are powers of two of at least 16 slots).
+        if self.slot_state.data_ptr() % 4 or self.capacity % 4:
+            raise RuntimeError("IdMap: the slot state array is not 4-byte aligned")
         slots = torch.empty_like(keys)
         reclaimed = torch.zeros(1, dtype=torch.int64, device=keys.device)
         launch(
