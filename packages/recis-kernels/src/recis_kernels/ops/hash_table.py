@@ -485,28 +485,29 @@ class IdMap:
             p = (p[go_on] + width) & mask
             width = min(2 * width, _MAX_WINDOW)
 
-    def _find_slots_cuda(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+    def _launch(
+        self, kernel: str, keys: torch.Tensor, tabs: torch.Tensor, *outputs: torch.Tensor
+    ) -> None:
+        """Launch a ``cuda/hash_table.cu`` kernel, one thread per key; every kernel takes the
+        slot arrays, the mask, the keys and their tables, then its outputs."""
         from recis_kernels._cuda import launch
 
-        out = torch.empty_like(keys)
         n = keys.numel()
-        launch(
-            "hash_table",
-            "find_slots",
-            grid_for(n),
-            256,
-            [
-                ("ptr", self.slot_keys),
-                ("ptr", self.slot_tabs),
-                ("ptr", self.slot_state),
-                ("i64", self.capacity - 1),
-                ("ptr", keys),
-                ("ptr", tabs),
-                ("i64", n),
-                ("ptr", out),
-            ],
-            device=keys.device,
-        )
+        args = [
+            ("ptr", self.slot_keys),
+            ("ptr", self.slot_tabs),
+            ("ptr", self.slot_state),
+            ("i64", self.capacity - 1),
+            ("ptr", keys),
+            ("ptr", tabs),
+            ("i64", n),
+        ]
+        args += [("ptr", out) for out in outputs]
+        launch("hash_table", kernel, grid_for(n), 256, args, device=keys.device)
+
+    def _find_slots_cuda(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(keys)
+        self._launch("find_slots", keys, tabs, out)
         return out
 
     def find_or_insert(
@@ -634,8 +635,6 @@ class IdMap:
         slot and takes the first slot that is not full with a compare-and-swap. Which key wins a
         contested slot depends on thread timing, so slots (not rows) may differ from the CPU's
         placement; every key stays reachable by linear probing from its home slot."""
-        from recis_kernels._cuda import launch
-
         n = keys.numel()
         # The kernel swaps 4 state bytes at a time: the array must start on a 4-byte boundary
         # (torch's allocations do; capacities are powers of two of at least 16 slots).
@@ -643,24 +642,7 @@ class IdMap:
             raise RuntimeError("IdMap: the slot state array is not 4-byte aligned")
         slots = torch.empty_like(keys)
         reclaimed = torch.zeros(1, dtype=torch.int64, device=keys.device)
-        launch(
-            "hash_table",
-            "claim_slots",
-            grid_for(n),
-            256,
-            [
-                ("ptr", self.slot_keys),
-                ("ptr", self.slot_tabs),
-                ("ptr", self.slot_state),
-                ("i64", self.capacity - 1),
-                ("ptr", keys),
-                ("ptr", tabs),
-                ("i64", n),
-                ("ptr", slots),
-                ("ptr", reclaimed),
-            ],
-            device=keys.device,
-        )
+        self._launch("claim_slots", keys, tabs, slots, reclaimed)
         if bool((slots < 0).any()):
             raise RuntimeError(
                 f"IdMap: no free slot for {int((slots < 0).sum())} of {n} keys in a map of "
