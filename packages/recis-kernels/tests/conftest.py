@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from recis_kernels.testing import EMULATED_KERNELS, HostKernels, use_host_kernels
+
 settings.register_profile(
     "recis",
     max_examples=int(os.environ.get("RECIS_HYPOTHESIS_EXAMPLES", "60")),
@@ -93,11 +95,6 @@ def signed64(x: int) -> int:
 
 # -- optional host emulation of the CUDA kernels -------------------------------------------------
 
-# Kernel sources that are plain grid-stride loops; each is launched by the op module of its name.
-# row_store's block pointer table holds the blocks' data pointers, host addresses for CPU blocks.
-EMULATED_KERNELS = ("mod", "hashing", "mix", "bucketize", "dense", "feature_cross", "truncate",
-                    "segment_reduce", "row_store", "optim", "hash_table")  # fmt: skip
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -108,59 +105,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-class HostKernels:
-    """The kernel sources compiled as host C++ (``$CXX``, default g++), each on first use."""
-
-    def __init__(self, out) -> None:
-        import shutil
-
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-        if cxx is None:
-            raise pytest.UsageError("host kernels need a C++ compiler (set CXX)")
-        self.cxx, self.out, self.libs = cxx, out, {}
-
-    def __getitem__(self, name: str):
-        import ctypes
-        import subprocess
-        from pathlib import Path
-
-        from recis_kernels._cuda import compiler
-
-        if name not in self.libs:
-            lib = self.out / f"lib{name}.so"
-            shim = Path(__file__).with_name("host_shim.h")
-            src = compiler._source_dir()
-            cmd = [self.cxx, "-x", "c++", "-std=c++17", "-O1", "-w", "-shared", "-fPIC", "-include",
-                   str(shim), "-I", str(src), str(src / f"{name}.cu"), "-o", str(lib)]  # fmt: skip
-            subprocess.run(cmd, check=True)
-            self.libs[name] = ctypes.CDLL(str(lib))
-        return self.libs[name]
-
-    def launch(self, module_name, kernel, grid, block, args, *, device, shared_mem=0):
-        """Stand-in for ``recis_kernels._cuda.launch`` running the kernel on CPU tensors."""
-        from recis_kernels._cuda.launcher import _CTYPES
-
-        fn = getattr(self[module_name], kernel)
-        fn.restype = None
-        fn.argtypes = [_CTYPES[kind] for kind, _ in args]
-        fn(*[v.data_ptr() if isinstance(v, torch.Tensor) else v for _, v in args])
-
-
 @pytest.fixture(scope="session")
 def _host_kernels(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     return HostKernels(tmp_path_factory.mktemp("host-kernels"))
-
-
-def use_host_kernels(kernels: HostKernels, monkeypatch: pytest.MonkeyPatch, modules) -> None:
-    """Send the ops of ``modules`` (names in EMULATED_KERNELS) through their kernels on CPU."""
-    import importlib
-
-    import recis_kernels._cuda as cuda_pkg
-
-    monkeypatch.setattr(cuda_pkg, "launch", kernels.launch)
-    for module in modules:
-        mod = importlib.import_module(f"recis_kernels.ops.{module}")
-        monkeypatch.setattr(mod, "use_cuda_kernels", lambda device: True)
 
 
 @pytest.fixture(autouse=True)

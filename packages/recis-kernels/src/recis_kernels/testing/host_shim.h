@@ -1,4 +1,4 @@
-// Compiles recis-kernels' CUDA sources as host C++ for --emulate-kernels: one "thread" with
+// Compiles recis-kernels' CUDA sources as host C++ (recis_kernels.testing): one "thread" with
 // gridDim = blockDim = 1 walks every iteration of each grid-stride loop in order. Valid for
 // kernels without shared memory, synchronization or warp intrinsics; atomicCAS and atomicAdd are
 // the plain read-modify-writes of that single thread.
