@@ -314,8 +314,9 @@ def _check_keys(op: str, keys: torch.Tensor) -> None:
 class IdMap:
     """Hash map from ``(table, id)`` to a row index with a row allocator that recycles rows.
 
-    Rows are handed out densely from 0; erased keys return their rows to a free list used by
-    later inserts first.
+    Rows are handed out densely from 0, to new keys in order of first occurrence; erased keys
+    return their rows to a free list (ascending) used by later inserts first. Rows never depend
+    on which slots keys take, so a map on CUDA hands out the rows of one on the CPU.
 
     Args:
         capacity: initial number of slots (rounded up to a power of two, at least 16).
