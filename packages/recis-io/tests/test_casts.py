@@ -73,6 +73,14 @@ def test_numbers_other_than_0_and_1_cast_to_bool_are_errors(tmp_path) -> None:
         assert read(small, Column(name, dtype="bool")) == [False, True]
 
 
+def test_overflowing_float32_is_named_by_its_exact_value(tmp_path) -> None:
+    # 2**31 in float32 prints as "2147483600" in shortest form, a number int32 holds.
+    path = tmp_path / "f32.parquet"
+    pq.write_table(pa.table({"f": pa.array([2.0**31], pa.float32())}), path)
+    with pytest.raises(SchemaError, match=r"value 2147483648 that overflows int32"):
+        read(path, Column("f", dtype="int32"))
+
+
 def test_infinite_float_is_an_error_as_integer_not_as_narrower_float(tmp_path) -> None:
     path = tmp_path / "inf.parquet"
     pq.write_table(pa.table({"f": pa.array([float("inf"), -1.0], pa.float64())}), path)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.orc as orc
+import pyarrow.parquet as pq
 import pytest
 
 from recis_io import (
@@ -81,6 +82,30 @@ def test_empty_file_reads_nothing(tmp_path, fmt: str) -> None:
     ds = Dataset(p, batch_size=4)
     assert ds.total_rows == 0
     assert list(ds) == []
+
+
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_files_without_rows_are_not_checked_against_the_others(tmp_path, empty_first) -> None:
+    # Writers type an empty file's column from no values: pyarrow gives an all-None column the
+    # null type. Such a file contributes nothing and must not stop the others from being read.
+    full = pa.table({"a": pa.array([1, 2]), "s": pa.array(["x", "y"])})
+    a = write(full, tmp_path / "a.parquet", "parquet", 10)
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"s": pa.array([], pa.null())}), b)  # no rows, no column 'a'
+    files = [b, a] if empty_first else [a, b]
+    for columns in (None, ["a", Column("s", hash="murmur")]):
+        ds = Dataset(files, batch_size=4, columns=columns)
+        (batch,) = list(ds)
+        assert list(batch) == ["a", "s"]
+        assert batch["a"].tolist() == [1, 2]
+
+
+def test_columns_named_twice_in_a_file_are_schema_errors(tmp_path) -> None:
+    p = tmp_path / "twice.parquet"
+    pq.write_table(pa.table([pa.array([1, 2]), pa.array([3, 4])], names=["x", "x"]), p)
+    for columns in (None, ["x"]):
+        with pytest.raises(SchemaError, match=r"column 'x' appears 2 times in .*twice\.parquet"):
+            Dataset(p, batch_size=4, columns=columns)
 
 
 def test_missing_column_is_schema_error(tmp_path, fmt: str) -> None:

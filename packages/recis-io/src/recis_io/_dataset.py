@@ -145,8 +145,8 @@ class Dataset(IterableDataset):
             link and its target), so every row is read once per epoch.
         batch_size: Rows per batch; batches span row-group boundaries.
         columns: A list of column names or :class:`Column` options, at least one and each
-            name once; ``None`` reads every column of the first file. Each output keeps the
-            order given here.
+            name once; ``None`` reads every column of the first file with rows (of the
+            first file when none has any). Each output keeps the order given here.
         format: ``"auto"`` (by file suffix), ``"parquet"`` or ``"orc"``.
         num_threads: Decode threads, 1 to 4096 (default ``None``: the CPUs this process may
             use).

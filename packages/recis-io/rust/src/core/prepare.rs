@@ -305,7 +305,17 @@ fn check_bool(plan: &ColumnPlan, from: &ArrayRef, at: &str) -> Result<()> {
 }
 
 fn overflow(plan: &ColumnPlan, from: &ArrayRef, i: usize, at: &str) -> Error {
-    let value = array_value_to_string(from, i).unwrap_or_else(|_| "?".into());
+    // A narrow float's shortest text names a nearby decimal (2^31 in float32 reads
+    // "2147483600"), which may fit the target: print its exact value instead.
+    let exact = match from.data_type() {
+        DataType::Float16 | DataType::Float32 => cast(from, &DataType::Float64)
+            .ok()
+            .map(|a| a.as_primitive::<Float64Type>().value(i).to_string()),
+        _ => None,
+    };
+    let value = exact
+        .or_else(|| array_value_to_string(from, i).ok())
+        .unwrap_or_else(|| "?".into());
     Error::Schema(format!(
         "column '{}' has value {value} that overflows {} ({at})",
         plan.spec.name,

@@ -144,15 +144,19 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
 
 impl Source {
     /// Reads every file's metadata and checks the requested columns against each schema.
-    /// `specs` empty means every column of the first file.
+    /// `specs` empty means every column of the first file with rows (of the first file when
+    /// none has any). Files without rows contribute nothing, so their schemas are not checked
+    /// (writers give an empty file's all-null column the `Null` type, for one).
     pub fn open(paths: &[(String, Format)], specs: &[ColumnSpec]) -> Result<Source> {
         if paths.is_empty() {
             return Err(Error::InvalidArgument("no input files".into()));
         }
         let mut files = Vec::with_capacity(paths.len());
         let mut units = Vec::new();
+        let mut has_rows = Vec::with_capacity(paths.len());
         for (i, (path, format)) in paths.iter().enumerate() {
             let (fm, rows) = read_meta(path, *format)?;
+            has_rows.push(rows.iter().any(|&r| r > 0));
             units.extend(rows.into_iter().enumerate().filter(|(_, r)| *r > 0).map(
                 |(group, rows)| Unit {
                     file: i,
@@ -162,7 +166,8 @@ impl Source {
             ));
             files.push(fm);
         }
-        let first = &files[0];
+        let reference = has_rows.iter().position(|&r| r).unwrap_or(0);
+        let first = &files[reference];
         let specs: Vec<ColumnSpec> = if specs.is_empty() {
             first
                 .schema
@@ -182,8 +187,13 @@ impl Source {
             .collect::<Result<Vec<_>>>()?;
         // Each file's own plan of each column: the same layout as the first file's, the leaf
         // type may differ where `dtype` casts every file's numbers to one output type.
-        let mut file_plans = vec![columns.clone()];
-        for f in &files[1..] {
+        let mut file_plans = Vec::with_capacity(files.len());
+        for (i, f) in files.iter().enumerate() {
+            if i == reference || !has_rows[i] {
+                // A file without rows is never decoded: the reference plans stand in.
+                file_plans.push(columns.clone());
+                continue;
+            }
             let plans = columns
                 .iter()
                 .map(|c| {
@@ -193,7 +203,10 @@ impl Source {
                 .collect::<Result<Vec<_>>>()?;
             file_plans.push(plans);
         }
-        for (f, plans) in files.iter_mut().zip(&file_plans) {
+        for ((f, plans), rows) in files.iter_mut().zip(&file_plans).zip(&has_rows) {
+            if !rows {
+                continue;
+            }
             if let Meta::Parquet(m) = &f.meta {
                 f.direct = direct::plan(m.metadata(), plans);
                 if let Some(hinted) = dictionary_hint(m, &columns, &f.path)? {
@@ -540,9 +553,17 @@ fn in_file(e: Error, path: &str) -> Error {
 }
 
 fn find<'a>(schema: &'a Schema, name: &str, path: &str) -> Result<&'a arrow::datatypes::Field> {
-    schema
-        .field_with_name(name)
-        .map_err(|_| Error::Schema(format!("column '{name}' not found in {path}")))
+    let mut matches = schema.fields().iter().filter(|f| f.name() == name);
+    let field = matches
+        .next()
+        .ok_or_else(|| Error::Schema(format!("column '{name}' not found in {path}")))?;
+    match matches.count() {
+        0 => Ok(field.as_ref()),
+        more => Err(Error::Schema(format!(
+            "column '{name}' appears {} times in {path}; columns must have distinct names",
+            more + 1
+        ))),
+    }
 }
 
 #[cfg(test)]
