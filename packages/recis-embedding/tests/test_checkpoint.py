@@ -289,6 +289,65 @@ def test_optimizer_state_loads_only_into_its_own_optimizer(tmp_path) -> None:
         load(tmp_path / "c", bare)
 
 
+def test_optimizer_state_with_other_param_groups_is_refused_before_anything_changes(
+    tmp_path,
+) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "c", model, opt)
+    other, other_opt, other_dense = build(fuse=False)
+    train(other, other_opt, other_dense, range(5, 6))
+    tables = [t for t, _ in {id(t): (t, i) for t, i in other.emb.logical.values()}.values()]
+    two_groups = SparseAdam([{"params": tables[:1], "lr": 0.5}, {"params": tables[1:]}])
+    before = state(other)
+    with pytest.raises(CheckpointError, match=r"state has 1 param groups, optimizer has 2"):
+        load(tmp_path / "c", other, two_groups)
+    after = state(other)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_replaces_only_a_checkpoint_or_an_empty_directory(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    (tmp_path / "file").write_text("someone's data")
+    with pytest.raises(CheckpointError, match=r"file exists and is not a directory"):
+        save(tmp_path / "file", model, opt)
+    assert (tmp_path / "file").read_text() == "someone's data"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.csv").write_text("1,2")
+    with pytest.raises(CheckpointError, match=r"data is a directory that holds no checkpoint"):
+        save(tmp_path / "data", model, opt)
+    assert (tmp_path / "data" / "x.csv").read_text() == "1,2"
+    (tmp_path / "empty").mkdir()
+    save(tmp_path / "empty", model, opt)
+    save(tmp_path / "empty", model, opt)  # now a checkpoint: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "empty", "file"]
+
+
+def test_state_that_is_not_a_tensor_is_refused_and_leaves_the_previous_save(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    save(tmp_path / "c", model, opt)
+    before = sorted(p.name for p in (tmp_path / "c").rglob("*"))
+
+    class Calibration(torch.nn.Module):
+        def get_extra_state(self) -> dict:
+            return {"scale": 1.5}
+
+        def set_extra_state(self, state: dict) -> None:
+            pass
+
+    model.calibration = Calibration()
+    with pytest.raises(
+        CheckpointError,
+        match=r"entries that are not tensors \(\{'calibration\._extra_state': 'dict'\}",
+    ):
+        save(tmp_path / "c", model, opt)
+    assert sorted(p.name for p in (tmp_path / "c").rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_delta_carries_the_eviction_statistics_of_rows_only_read(tmp_path) -> None:
     # Rows read without a gradient are never written, but lookups change their LFU/LRU
     # statistics.

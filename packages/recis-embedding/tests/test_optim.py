@@ -205,13 +205,22 @@ def test_zero_grad_between_forward_and_backward_keeps_the_lookups_gradient() -> 
     opt.zero_grad()
     opt.step()
     torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 0.5)
-    # And a lookup an optimizer step went past is not applied again after zero_grad().
+    # A lookup an optimizer step went past before its backward: no step would apply its
+    # gradient, so the backward raises instead of losing it.
     out = engine({"f": ids})["f"]
     opt.step()
     opt.zero_grad()
-    out.sum().backward()
+    with pytest.raises(RuntimeError, match="arrived after an optimizer step went past"):
+        out.sum().backward()
     opt.step()
     torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 0.5)
+    # A lookup whose output no loss uses is passed by steps quietly.
+    engine({"f": ids})
+    opt.step()
+    opt.zero_grad()
+    engine({"f": ids})["f"].sum().backward()
+    opt.step()
+    torch.testing.assert_close(table.embeddings(ids[:, 0]), before - 1.0)
 
 
 class _TwoTowers(torch.nn.Module):

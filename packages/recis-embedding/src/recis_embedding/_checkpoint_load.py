@@ -25,7 +25,7 @@ from recis_embedding._host import on_host, true_positions
 from recis_embedding._optim import SparseOptimizer
 from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable
-from recis_embedding.exceptions import CheckpointError
+from recis_embedding.exceptions import CheckpointError, OptimizerError
 
 __all__ = ["load"]
 
@@ -110,11 +110,7 @@ def load(
             f"dense state of {chain[-1].path} does not match the model: {exc}"
         ) from exc
     if sparse_optimizer is not None and chain[-1].manifest.get("optimizer"):
-        state = chain[-1].manifest["optimizer"]["state"]
-        for group in state["param_groups"]:
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
-        sparse_optimizer.load_state_dict(state)
+        sparse_optimizer.load_state_dict(chain[-1].manifest["optimizer"]["state"])
     loaded = _Saved(Path(path).resolve(), chain[-1].manifest.get("id"))
     in_checkpoint = set(chain[-1].manifest["tables"])
     for table in {id(t): t for t, _ in tables.values()}.values():
@@ -155,7 +151,8 @@ def _parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:
 
 
 def _check_optimizer(reader: CheckpointReader, sparse_optimizer: SparseOptimizer | None) -> None:
-    """The saved optimizer state must be loaded by the optimizer that saved it."""
+    """The saved optimizer state must be loaded by the optimizer that saved it, with as many
+    param groups: checked here, before any table changes."""
     saved = reader.manifest.get("optimizer")
     if sparse_optimizer is not None and saved:
         mine = type(sparse_optimizer).__name__
@@ -164,6 +161,12 @@ def _check_optimizer(reader: CheckpointReader, sparse_optimizer: SparseOptimizer
                 f"checkpoint {reader.path} holds the state of a {saved.get('class')} sparse "
                 f"optimizer; it cannot be loaded into a {mine}"
             )
+        try:
+            sparse_optimizer._checked_groups(saved["state"])
+        except OptimizerError as exc:
+            raise CheckpointError(
+                f"checkpoint {reader.path}: its sparse optimizer state does not fit: {exc}"
+            ) from exc
 
 
 def _frozen_tables(model: nn.Module) -> set[str]:

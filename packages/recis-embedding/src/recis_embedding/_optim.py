@@ -194,7 +194,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         A lookup whose ``backward()`` has not run yet keeps the gradient it will get, as a
         torch parameter would: ``out = model(x); opt.zero_grad(); loss.backward();
         opt.step()`` updates the rows ``x`` read. Lookups that already have their gradient,
-        or that an optimizer step went past, are forgotten.
+        or that an optimizer step went past, are forgotten; a ``backward()`` that reaches a
+        lookup after a step went past it raises ``RuntimeError`` rather than lose the
+        gradient (run each forward's ``backward()`` before ``step()``).
 
         Args:
             set_to_none: accepted for torch compatibility; both values forget the same
@@ -225,6 +227,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         if collected is not None:
             self._apply(table, group, *collected)
         for pending in table.pending:
+            if not pending.stepped and pending.leaf.grad is None:
+                pending.missed[0] = True
             pending.stepped = True
         # Every optimizer step advances the table's clock, with or without gradients for it,
         # so eviction ages rows by optimizer steps (and every shard keeps the same clock).
@@ -277,14 +281,25 @@ class SparseOptimizer(torch.optim.Optimizer):
             OptimizerError: a different number of groups, or groups written by an optimizer
                 with other hyperparameters (another sparse optimizer class).
         """
+        for mine, saved in zip(self.param_groups, self._checked_groups(state_dict), strict=True):
+            mine.update(saved)
+
+    def _checked_groups(self, state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+        """The hyperparameters of each param group of ``state_dict``, checked to fit this
+        optimizer, as :meth:`load_state_dict` would put them in place (changing nothing).
+
+        Raises:
+            OptimizerError: as :meth:`load_state_dict`.
+        """
         name = type(self).__name__
         groups = state_dict["param_groups"]
+        checked = []
         if len(groups) != len(self.param_groups):
             raise OptimizerError(
                 f"{name}: state has {len(groups)} param groups, optimizer has "
                 f"{len(self.param_groups)}"
             )
-        for k, (mine, saved) in enumerate(zip(self.param_groups, groups, strict=True)):
+        for k, saved in enumerate(groups):
             saved = {key: value for key, value in saved.items() if key != "params"}
             missing = sorted(set(self.defaults) - set(saved))
             foreign = sorted((set(saved) & _HYPERPARAMETERS) - set(self.defaults))
@@ -296,7 +311,8 @@ class SparseOptimizer(torch.optim.Optimizer):
                 )
             if "betas" in saved:
                 saved["betas"] = tuple(saved["betas"])
-            mine.update(saved)
+            checked.append(saved)
+        return checked
 
 
 def _collect(table: HashTable) -> tuple[torch.Tensor, torch.Tensor] | None:

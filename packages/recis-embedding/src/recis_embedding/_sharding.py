@@ -15,8 +15,8 @@ Every rank must run the same sequence of lookups and optimizer steps (as with DD
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,12 +38,20 @@ class Pending:
         leaf: ``(U, D)`` tensor the lookup returned; ``leaf.grad`` is its gradient.
         exchange: for sharded lookups, how to route ``leaf.grad`` back to the owners.
         stepped: an optimizer step has applied (or gone past) this lookup's gradient.
+        missed: shared with a hook on ``leaf``; set when an optimizer step went past this
+            lookup before its ``backward()``, so that a gradient arriving later raises
+            instead of being lost.
     """
 
     rows: torch.Tensor
     leaf: torch.Tensor
     exchange: Exchange | None = None
     stepped: bool = False
+    missed: list[bool] = field(default_factory=lambda: [False])
+
+    def __post_init__(self) -> None:
+        if self.leaf.requires_grad:
+            self.leaf.register_hook(_late_gradient_guard(self.missed))
 
     def gradient(self) -> torch.Tensor | None:
         """Gradient of ``rows`` (``(R, D)``), after the exchange for sharded lookups."""
@@ -138,6 +146,23 @@ class ShardContext:
     def owns(self, ids: torch.Tensor) -> torch.Tensor:
         """``(N,) bool``: which ids this rank owns."""
         return owner_rank(ids, self.world_size) == self.rank
+
+
+def _late_gradient_guard(missed: list[bool]) -> Callable[[torch.Tensor], None]:
+    # Holds the flag only (not the Pending entry, which holds the leaf): no reference cycle,
+    # and the guard works after zero_grad() forgot the entry. A copy of a model (pickle,
+    # deepcopy) drops it with the autograd graph it guards.
+    @torch.utils.hooks.unserializable_hook
+    def guard(grad: torch.Tensor) -> None:
+        if missed[0]:
+            raise RuntimeError(
+                "recis_embedding: the gradient of an embedding lookup arrived after an "
+                "optimizer step went past the lookup (backward() ran after step() for a "
+                "forward made before it), so no step would apply it; run each forward's "
+                "backward() before the optimizer's step()"
+            )
+
+    return guard
 
 
 def awaiting_backward(pending: list[Pending]) -> list[Pending]:
