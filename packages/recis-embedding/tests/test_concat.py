@@ -143,11 +143,24 @@ def test_any_row_lengths_join_like_cat(lengths, combiner) -> None:
         ({"x": ["user"], "y": ["item", "user"]}, "concat 'y': 'user' is already in concat 'x'"),
         ({"x": []}, "concat 'x': expected a non-empty list"),
         ({"x": "user"}, "concat 'x': expected a non-empty list"),
+        ({"hist_mask": ["user"]}, "concat 'hist_mask': the name is also the mask of sequence"),
     ],
 )
 def test_bad_concat_is_named(concat, message) -> None:
     with pytest.raises(ConfigError, match=message):
         EmbeddingEngine(options(), concat=concat)
+
+
+def test_outputs_never_replace_one_another_or_batch_columns() -> None:
+    with pytest.raises(ConfigError, match="'hist': its padded output comes with a mask named"):
+        EmbeddingEngine(options(hist_mask=EmbeddingOption(4)))
+    # A ragged sequence output has no mask: the name is free.
+    ragged = EmbeddingOption(4, combiner=None, combiner_kwargs={"ragged": True})
+    EmbeddingEngine(options(hist=ragged, hist_mask=EmbeddingOption(4)))
+    engine = EmbeddingEngine(options(), concat={"x": ["user", "item"]})
+    for column in ("x", "hist_mask"):
+        with pytest.raises(InputError, match=rf"batch columns \['{column}'\] have the names"):
+            engine(batch() | {column: torch.zeros(B)})
 
 
 def test_inputs_that_cannot_join_are_named() -> None:

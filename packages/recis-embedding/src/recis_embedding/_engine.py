@@ -67,7 +67,10 @@ class EmbeddingEngine(nn.Module):
     - ``None`` (sequence): ``(B, L, D)`` zero-padded, plus ``"<feature>_mask"`` ``(B, L)`` bool;
       with ``combiner_kwargs={"ragged": True}`` a ``RaggedTensor`` of ``(N, D)`` rows.
 
-    Keys without an option pass through unchanged. In training mode unseen ids are inserted
+    Keys without an option pass through unchanged; one output never replaces another: a
+    mask or concat name that is also a feature's raises :class:`~recis_embedding.ConfigError`,
+    and a batch column named like a mask or concat output raises
+    :class:`~recis_embedding.InputError`. In training mode unseen ids are inserted
     (subject to admission); in ``eval()`` mode nothing is inserted and unknown ids read the
     option's ``default_value``. Tables of ``trainable=False`` options are frozen: they look
     ids up as in ``eval()`` mode in training too (no insertion, no admission or eviction
@@ -154,6 +157,7 @@ class EmbeddingEngine(nn.Module):
         if self.shard is not None:
             self.shard.check_devices(self.physical)
         self.concat = self._check_concat(concat or {})
+        self._masks = self._check_masks()
         # Module-level function (not a bound method): copies and pickles keep the hook.
         self.register_state_dict_pre_hook(warn_tables_not_in_state_dict)
 
@@ -179,6 +183,28 @@ class EmbeddingEngine(nn.Module):
                 seen[f] = name
             groups[name] = list(features)
         return groups
+
+    def _check_masks(self) -> dict[str, str]:
+        """The ``"<feature>_mask"`` outputs of padded sequence features (mask name ->
+        feature), each a name no feature or concatenation has: one output may not replace
+        another."""
+        masks = {}
+        for feature, option in self.options.items():
+            if option.combiner is not None or (option.combiner_kwargs or {}).get("ragged"):
+                continue
+            mask = f"{feature}_mask"
+            if mask in self.options:
+                raise ConfigError(
+                    f"feature {feature!r}: its padded output comes with a mask named {mask!r}, "
+                    f"which is also a feature's name; rename one of them"
+                )
+            if mask in self.concat:
+                raise ConfigError(
+                    f"concat {mask!r}: the name is also the mask of sequence feature "
+                    f"{feature!r}; pick another key"
+                )
+            masks[mask] = feature
+        return masks
 
     def _apply(
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
@@ -258,6 +284,12 @@ class EmbeddingEngine(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Embed every feature that has an option; other keys pass through."""
+        made = [k for k in batch if k in self.concat or k in self._masks]
+        if made:
+            raise InputError(
+                f"batch columns {made} have the names of outputs this engine makes (a concat, "
+                "or the mask of a sequence feature) and would be replaced; rename them"
+            )
         out: dict[str, Any] = dict(batch)
         groups: dict[int, list[str]] = {}
         for feature in self.options:
