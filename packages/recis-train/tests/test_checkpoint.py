@@ -137,6 +137,25 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert build(tmp_path).restore() == before
 
 
+def test_state_that_is_not_a_tensor_is_named_and_keeps_the_previous_checkpoint(tmp_path):
+    trainer = build(tmp_path, train_steps=2, save_every=2)
+    trainer.train()
+    before = trainer.checkpoints.latest()
+
+    class Calibration(torch.nn.Module):
+        def get_extra_state(self):
+            return {"scale": 1.5}
+
+        def set_extra_state(self, state):
+            pass
+
+    trainer.model.calibration = Calibration()
+    with pytest.raises(CheckpointError, match=r"not tensors \(\{'calibration\._extra_state'"):
+        trainer.save()
+    assert trainer.checkpoints.latest() == before
+    assert [p.name for p in trainer.checkpoints.root.iterdir()] == [before.name]
+
+
 def test_checkpoint_files_are_open_formats(tmp_path):
     from safetensors.torch import load_file
 

@@ -48,7 +48,8 @@ def save(
     """Write a checkpoint of ``model``'s tables (and dense state) to directory ``path``.
 
     Args:
-        path: checkpoint directory (created; an existing one is replaced atomically).
+        path: checkpoint directory (created; a previous checkpoint or an empty directory
+            there is replaced atomically, anything else refused).
         model: a module containing :class:`EmbeddingEngine`/``DynamicEmbedding`` modules.
         sparse_optimizer: its hyperparameters are saved too (row state is in the tables).
         delta: write only rows changed (and ids erased) since the previous save of these
@@ -64,7 +65,10 @@ def save(
         CheckpointError: ``delta=True`` without a previous save of these tables (or after a
             ``load(..., strict=False)`` that kept rows of tables the checkpoint lacks), or the
             previous save is no longer where it was written (and ``parent`` is not given), or
-            ``parent`` is not the previous save; on the other ranks of a sharded model, when
+            ``parent`` is not the previous save, or ``path`` holds something other than a
+            previous checkpoint or an empty directory (a file, another directory), or the
+            model's ``state_dict`` holds entries that are not tensors (extra state); on the
+            other ranks of a sharded model, when
             the save failed on one rank (that rank raises its own error). Every rank raises,
             none waits for the failed one, and the previous checkpoint at ``path`` is left as
             it was.
@@ -88,6 +92,7 @@ def save(
         if delta:
             previous = _previous_save(physical, path, parent)
         if rank == 0:
+            _check_replaceable(path)
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / "sparse").mkdir(parents=True)
@@ -110,6 +115,23 @@ def save(
     for table in physical:
         table.mark_saved(_Saved(path.resolve(), save_id))
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """A save replaces a previous checkpoint or an empty directory at ``path``, nothing else:
+    a file or another directory there is someone's data."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise CheckpointError(
+            f"{path} exists and is not a directory; a checkpoint is a directory, and save "
+            "does not replace other files"
+        )
+    if not (path / "manifest.json").is_file() and any(path.iterdir()):
+        raise CheckpointError(
+            f"{path} is a directory that holds no checkpoint (no manifest.json); save "
+            "replaces a previous checkpoint or an empty directory only"
+        )
 
 
 def _previous_save(physical: Any, path: Path, parent: str | os.PathLike[str] | None) -> _Saved:
@@ -234,6 +256,13 @@ def _write(
     }
     with tables_saved_separately():  # the tables are the files written beside it
         state = model.state_dict()
+    other = {k: type(v).__name__ for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    if other:
+        raise CheckpointError(
+            f"the model's state_dict holds entries that are not tensors ({other}; e.g. a "
+            "module's get_extra_state()); the dense state is written as safetensors, which "
+            "holds tensors only"
+        )
     dense = {k: v.detach().contiguous().clone() for k, v in state.items()}
     save_file(dense, str(tmp / "dense.safetensors"))
     files["dense.safetensors"] = sha256(tmp / "dense.safetensors")

@@ -118,6 +118,13 @@ class CheckpointMixin:
             state = self.model.state_dict()
         if self.sparse_checkpoint is not None:
             state = self.sparse_checkpoint.filter_dense(state)
+        other = {k: type(v).__name__ for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        if other:
+            raise CheckpointError(
+                f"the model's state_dict holds entries that are not tensors ({other}; e.g. a "
+                "module's get_extra_state()); checkpoints hold the dense state as safetensors, "
+                "tensors only"
+            )
         return state
 
     def _save(self) -> Path:
