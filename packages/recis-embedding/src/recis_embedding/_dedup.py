@@ -102,7 +102,7 @@ def exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
     tabs = tabs.to(torch.int32)
     key = values ^ (tabs.to(torch.int64) * _TABLE_MIX)
     n = key.numel()
-    sorted_key, order = torch.sort(key)
+    sorted_key, order = torch.sort(key, stable=True)  # each group's positions ascending
     flags = torch.ones(n, dtype=torch.bool, device=key.device)
     if n > 1:
         torch.ne(sorted_key[1:], sorted_key[:-1], out=flags[1:])

@@ -82,7 +82,9 @@ def _rows_grad(
         order, offsets = grouping
     else:
         small = num_rows < 2**31
-        order = torch.argsort(inverse.to(torch.int32) if small else inverse)
+        # Stable: each row's gradient is summed in input order, the order a table of its own
+        # (fuse=False) sums it in, so fusion does not change a rounding.
+        order = torch.argsort(inverse.to(torch.int32) if small else inverse, stable=True)
         counts = torch.bincount(inverse, minlength=num_rows)
         offsets = torch.zeros(num_rows + 1, dtype=torch.int64, device=inverse.device)
         torch.cumsum(counts, 0, out=offsets[1:])
