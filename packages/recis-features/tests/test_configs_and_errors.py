@@ -138,6 +138,13 @@ def test_a_select_cast_of_strings_names_the_feature_and_op() -> None:
         with pytest.raises(FeatureTypeError) as info:
             run({"city": ["Hangzhou", "Beijing"]})
         assert str(info.value) == message
+    # The same strings as their UTF-8 bytes (the ragged uint8 form): not cast to byte values.
+    raw = RaggedTensor(torch.tensor(list(b"HZBJ"), dtype=torch.uint8), torch.tensor([0, 2, 4]))
+    for run in (feature, FeatureEngine([feature])):
+        with pytest.raises(
+            FeatureTypeError, match=r"column 'city' holds ragged uint8 .* cannot be"
+        ):
+            run({"city": raw})
 
 
 def test_a_cross_of_a_float_column_says_what_the_pair_held() -> None:

@@ -71,6 +71,19 @@ def test_feature_from_ops_equals_chained_feature() -> None:
             "feature 'a': bucketize: boundaries must not be empty",
         ),
         (
+            lambda: Feature("a").select("x").bucketize([2**53, 2**53 + 1]),
+            FeatureDefinitionError,
+            "feature 'a': bucketize: boundaries must be strictly increasing as float64 values, "
+            "the type they are compared in; 9007199254740992 and 9007199254740993 are one "
+            "float64",
+        ),
+        (
+            lambda: Feature("a").select("x").truncate(2**63),
+            FeatureDefinitionError,
+            "feature 'a': truncate: length must be an integer in [0, 2**63), got "
+            "9223372036854775808",
+        ),
+        (
             lambda: Feature("a").select("x").hash("md5"),
             FeatureDefinitionError,
             "feature 'a': hash: algorithm must be 'farm' or 'murmur', got 'md5'",

@@ -86,7 +86,7 @@ class SelectField(SourceOp):
         dtype = dtype_from_name(self.dtype)
         if isinstance(value, torch.Tensor):
             return self._cast(value, dtype)
-        if isinstance(value, RaggedTensor):
+        if isinstance(value, RaggedTensor) and not is_string_ragged(value):
             return value.with_values(self._cast(value.values, dtype), value.weights)
         raise FeatureTypeError(
             f"column {self.column!r} holds {describe(value)}, which cannot be cast to {self.dtype}"
@@ -242,7 +242,8 @@ class Bucketize(Transform):
     bucket 0.
 
     Args:
-        boundaries: strictly increasing finite numbers (at least one). Output ids are int64 in
+        boundaries: strictly increasing finite numbers (at least one), still distinct as
+            float64 (``2**53`` and ``2**53 + 1`` are not). Output ids are int64 in
             ``[0, len(boundaries)]``.
     """
 
@@ -263,6 +264,22 @@ class Bucketize(Transform):
             "boundaries must be strictly increasing",
         )
         self.boundaries = tuple(float(x) for x in b)
+        # Comparisons run in float64: integers it cannot tell apart would be one boundary.
+        same = [
+            (x, y)
+            for (x, y), (fx, fy) in zip(
+                itertools.pairwise(b), itertools.pairwise(self.boundaries), strict=True
+            )
+            if fx >= fy
+        ]
+        require(
+            not same,
+            self.kind,
+            f"boundaries must be strictly increasing as float64 values, the type they are "
+            f"compared in; {same[0][0]!r} and {same[0][1]!r} are one float64"
+            if same
+            else "",
+        )
         self._tensors: dict[torch.device, torch.Tensor] = {}
 
     def params(self) -> dict[str, Any]:
@@ -385,7 +402,7 @@ class SequenceTruncate(Transform):
     :class:`~recis_features.FeatureTypeError`.
 
     Args:
-        length: the maximum sequence length (``>= 0``).
+        length: the maximum sequence length, ``0 <= length < 2**63``.
         side: ``"head"`` keeps the first items, ``"tail"`` the last.
         levels: ``2`` for ``[B, L]`` ragged values (one offsets array, one more for strings),
             ``3`` for ``[B, L, K]``.
@@ -395,7 +412,11 @@ class SequenceTruncate(Transform):
     accepts: ClassVar[frozenset[str]] = frozenset({"ids", "floats", "strings"})
 
     def __init__(self, length: int, side: str = "head", levels: int = 2) -> None:
-        require(is_int(length) and length >= 0, self.kind, f"length must be >= 0, got {length!r}")
+        require(
+            is_int(length) and 0 <= length <= INT64_MAX,
+            self.kind,
+            f"length must be an integer in [0, 2**63), got {length!r}",
+        )
         require(side in ("head", "tail"), self.kind, f"side must be 'head' or 'tail', got {side!r}")
         # An integer check first: 2.0 == 2 would pass ``in`` and be stored (and fingerprinted)
         # as a float, and a NumPy integer would break the op's JSON.
