@@ -231,3 +231,17 @@ def test_a_cross_of_zero_dimensional_tensors_is_a_type_error() -> None:
         "not a single number), found a pair (dense int64 tensor of shape (), dense int64 tensor "
         "of shape (1,))"
     )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_cross_takes_dense_uint8_ids_as_mod_does(fused: bool) -> None:
+    # Every op reads a dense uint8 column as ids; the cross refused it as bytes.
+    features = [
+        Feature("ux").select_fields(["a", "b"]).cross(),
+        Feature("am").select("a").mod(7),
+    ]
+    a, b = torch.tensor([200, 1], dtype=torch.uint8), torch.tensor([[3, 4], [5, 5]])
+    out = FeatureEngine(features, fused=fused)({"a": a, "b": b})
+    want = FeatureEngine(features, fused=fused)({"a": a.long(), "b": b})
+    assert_same(out["ux"], want["ux"])
+    assert out["am"].tolist() == [200 % 7, 1]

@@ -23,6 +23,7 @@ from ._values import (
     dtype_names,
     flat,
     rebuild,
+    value_kind,
 )
 from .exceptions import FeatureInputError, FeatureTypeError, SerializationError
 
@@ -323,10 +324,8 @@ class FeatureCross(Transform):
         if not isinstance(value, tuple) or len(value) != 2:
             return expected
         for part in value:
-            if (
-                not isinstance(part, (torch.Tensor, RaggedTensor))
-                or dtype_kind(flat(part).dtype) != "ids"
-            ):
+            # Ids as every op takes them: a dense uint8 column too (a ragged one is strings).
+            if not isinstance(part, (torch.Tensor, RaggedTensor)) or value_kind(part) != "ids":
                 return expected
             if isinstance(part, torch.Tensor) and part.dim() == 0:
                 return expected + " (one or more ids per row, not a single number)"
