@@ -307,3 +307,26 @@ def test_numpy_bools_and_matrices_are_still_refused() -> None:
         Feature("a").select("x").fill_missing(np_.float32("nan"))
     with pytest.raises(FeatureDefinitionError, match=r"bucketize: boundaries must be finite"):
         Feature("a").select("x").bucketize(torch.tensor([[0.5, 1.0]]))
+
+
+@pytest.mark.parametrize(
+    ("ops", "message"),
+    [
+        ([{"op": "mod", "n": 3}], "feature 'a': must start with a select op, got op mod"),
+        (
+            [
+                {"op": "select", "column": "x", "dtype": "int64"},
+                {"op": "bucketize", "boundaries": [1]},
+            ],
+            "feature 'a': op bucketize (step 1) expects floats, found ids (output of op select)",
+        ),
+    ],
+)
+def test_a_config_whose_ops_make_no_feature_is_a_serialization_error(ops, message) -> None:
+    for load in (
+        lambda: Feature.from_dict({"name": "a", "ops": ops}),
+        lambda: FeatureEngine.from_dict({"features": [{"name": "a", "ops": ops}]}),
+    ):
+        with pytest.raises(SerializationError) as info:
+            load()
+        assert str(info.value) == message

@@ -241,7 +241,10 @@ class Feature:
         """Rebuild a feature from :meth:`to_dict`'s output.
 
         Raises:
-            SerializationError: the dict lacks ``name`` or ``ops``, or an op is unknown.
+            SerializationError: the dict lacks ``name`` or ``ops``, an op is unknown or has
+                bad parameters, or the ops do not make a feature (the message of the
+                :class:`FeatureDefinitionError` or :class:`FeatureTypeError` building it
+                raised).
         """
         if not isinstance(data, Mapping) or "name" not in data or "ops" not in data:
             raise SerializationError(f"feature config must have 'name' and 'ops', got {data!r}")
@@ -253,7 +256,10 @@ class Feature:
             ops = [Op.from_dict(op) for op in data["ops"]]
         except SerializationError as exc:
             raise SerializationError(f"feature {data['name']!r}: {exc}") from None
-        return cls(data["name"], ops)
+        try:
+            return cls(data["name"], ops)
+        except (FeatureDefinitionError, FeatureTypeError) as exc:
+            raise SerializationError(str(exc)) from exc
 
     def fingerprint(self) -> str:
         """A stable SHA-256 hex digest of :meth:`to_dict` (same config, same fingerprint)."""
