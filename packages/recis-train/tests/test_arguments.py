@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,8 @@ def test_cli_flags_override_the_config_file(tmp_path):
         ({"seed": "abc"}, "dict: seed must be int, got 'abc'"),
         ({"resume": "maybe"}, "dict: resume must be bool, got 'maybe'"),
         ({"save_every": -2}, "save_every must be 0 or more, got -2"),
+        ({"seed": 2**64}, r"seed must be in \[-2\*\*63, 2\*\*64\), got 18446744073709551616"),
+        ({1: 2, "foo": 3}, r"unknown training argument\(s\) \['1', 'foo'\]"),
     ],
 )
 def test_bad_values_are_named(values, message):
@@ -135,3 +138,16 @@ def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold() -> None:
         TrainingArguments(train_steps=np.float64(10.0))
     with pytest.raises(ConfigError, match=r"deterministic must be bool, got 1 \(int\)"):
         TrainingArguments(deterministic=np.int64(1))
+
+    # from_dict takes what the constructor takes.
+    loaded = TrainingArguments.from_dict(
+        {"train_steps": np.int64(10), "grad_clip": np.float32(1.5), "resume": np.False_}
+    )
+    assert (loaded.train_steps, loaded.grad_clip, loaded.resume) == (10, 1.5, False)
+    assert TrainingArguments.from_dict({"output_dir": Path("out")}).output_dir == "out"
+
+
+def test_a_misspelled_flag_is_refused_not_taken_as_an_abbreviation(capsys) -> None:
+    with pytest.raises(SystemExit):
+        TrainingArguments.from_cli(["--train-step", "3"])
+    assert "unrecognized arguments: --train-step 3" in capsys.readouterr().err

@@ -316,3 +316,22 @@ def test_auroc_of_no_data_is_nan_in_both_modes():
         assert math.isnan(auc.compute())
         auc.update(torch.zeros(0), torch.zeros(0))
         assert math.isnan(auc.compute())
+
+
+def test_inputs_and_options_that_do_not_fit_are_named() -> None:
+    calibration = Calibration()
+    with pytest.raises(MetricInputError, match=r"Calibration: preds must be probabilities"):
+        calibration.update(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0]))  # logits
+    gauc = GAUC()
+    for groups in (["u1", "u2"], None):
+        with pytest.raises(MetricInputError, match="GAUC: groups must be integer ids"):
+            gauc.update(torch.tensor([0.2, 0.7]), torch.tensor([0, 1]), groups=groups)
+    with pytest.raises(MetricInputError, match="from_logits must be True or False, got 'no'"):
+        LogLoss(from_logits="no")
+    with pytest.raises(MetricInputError, match=r"eps must be a number in \(0, 0\.5\), got '1e-7'"):
+        LogLoss(eps="1e-7")
+    with pytest.raises(MetricInputError, match=r"num_thresholds must be an integer, got 200\.0"):
+        AUROC("thresholded", num_thresholds=200.0)
+    auc = AUROC("thresholded")
+    with pytest.raises(MetricInputError, match=r"found 1\.000000000001;"):
+        auc.update(torch.tensor([1 + 1e-12], dtype=torch.float64), torch.tensor([1]))

@@ -83,6 +83,9 @@ class TrainingArguments:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        # torch.manual_seed takes [-2**63, 2**64); NumPy and random get it modulo 2**32.
+        if not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if self.mixed_precision not in _PRECISIONS:
             raise ConfigError(
                 f"mixed_precision must be one of {list(_PRECISIONS)}, got {self.mixed_precision!r}"
@@ -109,7 +112,7 @@ class TrainingArguments:
                 f"{source}: expected a mapping of argument names, got {type(values).__name__}"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
             raise ConfigError(f"{source}: unknown training argument(s) {unknown}")
         coerced = {name: _coerce(name, value, source) for name, value in values.items()}
@@ -175,7 +178,9 @@ class TrainingArguments:
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None) -> TrainingArguments:
         """Parse CLI flags; values given as flags override those of ``--config``."""
-        parser = argparse.ArgumentParser(description="recis training arguments")
+        # No abbreviations: a misspelled flag (--train-step) is an error, as an unknown key
+        # of a config file is.
+        parser = argparse.ArgumentParser(description="recis training arguments", allow_abbrev=False)
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv))
 
@@ -258,6 +263,9 @@ def _check_type(name: str, value: Any) -> None:
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert strings from flags/YAML to the field's type; reject what does not fit."""
     target = _base_type(name)
+    value = _plain(value)
+    if name == "output_dir" and isinstance(value, Path):
+        return str(value)
     if name == "mixed_precision" and value is False:
         return "no"  # YAML 1.1 (PyYAML) reads an unquoted `no` as false
     if value is None or (

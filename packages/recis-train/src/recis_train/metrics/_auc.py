@@ -95,6 +95,10 @@ class AUROC(Metric):
     def __init__(self, mode: str = "exact", *, num_thresholds: int = 200) -> None:
         if mode not in ("exact", "thresholded"):
             raise MetricInputError(f"AUROC: mode must be 'exact' or 'thresholded', got {mode!r}")
+        if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, int):
+            raise MetricInputError(
+                f"AUROC: num_thresholds must be an integer, got {num_thresholds!r}"
+            )
         if num_thresholds < 3:
             raise MetricInputError(
                 f"AUROC: num_thresholds must be at least 3, got {num_thresholds}"
@@ -134,7 +138,7 @@ class AUROC(Metric):
         if bool(outside.any()):
             raise MetricInputError(
                 f"AUROC: the thresholded mode needs predictions in [0, 1], found "
-                f"{p[outside][0].item():g}; pass probabilities (e.g. sigmoid of logits) or use "
+                f"{p[outside][0].item()!r}; pass probabilities (e.g. sigmoid of logits) or use "
                 "mode='exact', which takes any real scores"
             )
         # TF compares float32 predictions with float32 thresholds; in float64 a prediction
@@ -203,7 +207,13 @@ class GAUC(Metric):
         p = as_flat(preds, "preds", "GAUC", torch.float64)
         y = as_flat(labels, "labels", "GAUC", torch.float64)
         check_pair(p, y, "GAUC", binary=True)
-        raw = groups if isinstance(groups, torch.Tensor) else torch.as_tensor(groups)
+        try:
+            raw = groups if isinstance(groups, torch.Tensor) else torch.as_tensor(groups)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise MetricInputError(
+                f"GAUC: groups must be integer ids (a tensor, array or list of ints), got "
+                f"{type(groups).__name__}: {exc}; map string user ids to integers first"
+            ) from exc
         if raw.is_floating_point() or raw.is_complex():
             raise MetricInputError(f"GAUC: groups must be integer ids, got dtype {raw.dtype}")
         g = as_flat(raw, "groups", "GAUC", torch.int64)

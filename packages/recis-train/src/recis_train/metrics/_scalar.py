@@ -27,9 +27,13 @@ class LogLoss(Metric):
     _reductions = MappingProxyType({"loss_sum": "sum", "count": "sum"})
 
     def __init__(self, *, eps: float = 1e-7, from_logits: bool = False) -> None:
-        if not 0.0 < eps < 0.5:
-            raise MetricInputError(f"LogLoss: eps must lie in (0, 0.5), got {eps}")
-        self.eps = eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 0.5:
+            raise MetricInputError(f"LogLoss: eps must be a number in (0, 0.5), got {eps!r}")
+        if not isinstance(from_logits, bool):
+            raise MetricInputError(
+                f"LogLoss: from_logits must be True or False, got {from_logits!r}"
+            )
+        self.eps = float(eps)
         self.from_logits = from_logits
         super().__init__()
 
@@ -75,6 +79,10 @@ class Calibration(Metric):
         p = as_flat(preds, "preds", "Calibration", torch.float64)
         y = as_flat(labels, "labels", "Calibration", torch.float64)
         check_pair(p, y, "Calibration", binary=False)
+        if bool(((p < 0) | (p > 1)).any()):
+            raise MetricInputError(
+                "Calibration: preds must be probabilities in [0, 1] (apply a sigmoid to logits)"
+            )
         self._state["pred_sum"] += p.sum()
         self._state["label_sum"] += y.sum()
         self._state["count"] += p.numel()
