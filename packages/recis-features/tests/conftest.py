@@ -9,6 +9,9 @@ import torch
 
 from recis_kernels import RaggedTensor
 
+# --emulate-kernels (every op through its CUDA kernel compiled as host C++) and _host_kernels.
+from recis_kernels.testing.pytest_plugin import *  # noqa: F403
+
 CUDA = torch.cuda.is_available()
 
 
@@ -64,30 +67,3 @@ def rows_of(r: RaggedTensor) -> list[list]:
     offsets = r.offsets[0].tolist()
     values = r.values.tolist()
     return [values[a:b] for a, b in itertools.pairwise(offsets)]
-
-
-# -- optional host emulation of the CUDA kernels -------------------------------------------------
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--emulate-kernels",
-        action="store_true",
-        help="send every recis-kernels op through its CUDA kernel compiled as host C++ "
-        "(recis_kernels.testing) on CPU tensors",
-    )
-
-
-@pytest.fixture(scope="session")
-def _host_kernels(tmp_path_factory: pytest.TempPathFactory):
-    from recis_kernels.testing import HostKernels
-
-    return HostKernels(tmp_path_factory.mktemp("host-kernels"))
-
-
-@pytest.fixture(autouse=True)
-def _emulate_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.config.getoption("--emulate-kernels"):
-        from recis_kernels.testing import use_host_kernels
-
-        use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch)

@@ -8,7 +8,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from recis_kernels.testing import EMULATED_KERNELS, HostKernels, use_host_kernels
+from recis_kernels.testing import use_host_kernels  # noqa: F401 (tests import it from here)
+
+# --emulate-kernels (every op through its CUDA kernel compiled as host C++) and _host_kernels.
+from recis_kernels.testing.pytest_plugin import *  # noqa: F403
 
 settings.register_profile(
     "recis",
@@ -91,27 +94,3 @@ def signed64(x: int) -> int:
     """The int64 with the bit pattern of the unsigned 64-bit ``x``."""
     x &= (1 << 64) - 1
     return x - (1 << 64) if x >= 1 << 63 else x
-
-
-# -- optional host emulation of the CUDA kernels -------------------------------------------------
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--emulate-kernels",
-        action="store_true",
-        help="compile the grid-stride CUDA kernels as host C++ ($CXX, default g++) and run every "
-        "op through its kernel launch path on CPU tensors",
-    )
-
-
-@pytest.fixture(scope="session")
-def _host_kernels(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
-    return HostKernels(tmp_path_factory.mktemp("host-kernels"))
-
-
-@pytest.fixture(autouse=True)
-def _emulate_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    if not request.config.getoption("--emulate-kernels"):
-        return
-    use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, EMULATED_KERNELS)
