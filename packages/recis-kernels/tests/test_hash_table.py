@@ -116,6 +116,8 @@ def test_erased_rows_are_recycled() -> None:
     m = IdMap()
     m.find_or_insert(torch.tensor([10, 11, 12]))
     assert m.erase(torch.tensor([11, 99])).tolist() == [1]
+    # 1024 slots of 8 + 4 + 8 + 1 bytes, and one free row of 8.
+    assert m.nbytes == 1024 * 21 + 8
     rows, is_new = m.find_or_insert(torch.tensor([13, 11]))
     assert rows.tolist() == [1, 3]
     assert is_new.tolist() == [True, True]

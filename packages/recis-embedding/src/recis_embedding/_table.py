@@ -709,14 +709,12 @@ class HashTable:
 
 
 def _held_bytes(obj: Any) -> int:
-    """Bytes of the tensors in ``obj``: a tensor, an id map's slot arrays and free-row list, or
-    a tuple, list or dict of those (what admission policies keep); anything else counts 0."""
+    """Bytes of the tensors in ``obj``: a tensor, an id map (:attr:`IdMap.nbytes`), or a
+    tuple, list or dict of those (what admission policies keep); anything else counts 0."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, IdMap):
-        return _held_bytes(
-            (obj.slot_keys, obj.slot_tabs, obj.slot_rows, obj.slot_state, obj.free_rows)
-        )
+        return obj.nbytes
     if isinstance(obj, dict):
         return _held_bytes(list(obj.values()))
     if isinstance(obj, (tuple, list)):

@@ -367,6 +367,12 @@ class IdMap:
         """Rows handed out so far (live plus free)."""
         return self.next_row
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the slot arrays and the list of free rows."""
+        arrays = (self.slot_keys, self.slot_tabs, self.slot_rows, self.slot_state, self.free_rows)
+        return sum(t.numel() * t.element_size() for t in arrays)
+
     def find(self, keys: torch.Tensor, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """Rows of the given keys, ``-1`` where a key is absent.
 
@@ -644,14 +650,15 @@ class IdMap:
         slots = torch.empty_like(keys)
         reclaimed = torch.zeros(1, dtype=torch.int64, device=keys.device)
         self._launch("claim_slots", keys, tabs, slots, reclaimed)
-        if bool((slots < 0).any()):
+        # Both counts in one read from the device (one synchronization).
+        unplaced, reused = torch.stack(((slots < 0).sum(), reclaimed[0])).tolist()
+        if unplaced:
             raise RuntimeError(
-                f"IdMap: no free slot for {int((slots < 0).sum())} of {n} keys in a map of "
+                f"IdMap: no free slot for {unplaced} of {n} keys in a map of "
                 f"{self.capacity} slots holding {self.size} keys and {self.erased} tombstones "
                 "(the map grows before this can happen; please report it)"
             )
-        if self.erased:
-            self.erased -= int(reclaimed)
+        self.erased -= reused
         return slots
 
     def _claim_blank_torch(self, keys: torch.Tensor, tabs: torch.Tensor) -> torch.Tensor:
