@@ -184,11 +184,10 @@ class EmbeddingEngine(nn.Module):
             groups[name] = list(features)
         return groups
 
-    def _check_masks(self) -> dict[str, str]:
-        """The ``"<feature>_mask"`` outputs of padded sequence features (mask name ->
-        feature), each a name no feature or concatenation has: one output may not replace
-        another."""
-        masks = {}
+    def _check_masks(self) -> set[str]:
+        """The names of the ``"<feature>_mask"`` outputs of padded sequence features, each a
+        name no feature or concatenation has: one output may not replace another."""
+        masks = set()
         for feature, option in self.options.items():
             if option.combiner is not None or (option.combiner_kwargs or {}).get("ragged"):
                 continue
@@ -203,7 +202,7 @@ class EmbeddingEngine(nn.Module):
                     f"concat {mask!r}: the name is also the mask of sequence feature "
                     f"{feature!r}; pick another key"
                 )
-            masks[mask] = feature
+            masks.add(mask)
         return masks
 
     def _apply(

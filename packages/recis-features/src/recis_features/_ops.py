@@ -266,21 +266,15 @@ class Bucketize(Transform):
         )
         self.boundaries = tuple(float(x) for x in b)
         # Comparisons run in float64: integers it cannot tell apart would be one boundary.
-        same = [
-            (x, y)
-            for (x, y), (fx, fy) in zip(
-                itertools.pairwise(b), itertools.pairwise(self.boundaries), strict=True
+        pairs = zip(itertools.pairwise(b), itertools.pairwise(self.boundaries), strict=True)
+        same = next(((x, y) for (x, y), (fx, fy) in pairs if fx >= fy), None)
+        if same is not None:
+            require(
+                False,
+                self.kind,
+                f"boundaries must be strictly increasing as float64 values, the type they are "
+                f"compared in; {same[0]!r} and {same[1]!r} are one float64",
             )
-            if fx >= fy
-        ]
-        require(
-            not same,
-            self.kind,
-            f"boundaries must be strictly increasing as float64 values, the type they are "
-            f"compared in; {same[0][0]!r} and {same[0][1]!r} are one float64"
-            if same
-            else "",
-        )
         self._tensors: dict[torch.device, torch.Tensor] = {}
 
     def params(self) -> dict[str, Any]:
