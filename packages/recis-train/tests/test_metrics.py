@@ -241,6 +241,70 @@ def test_a_state_of_another_configuration_is_refused():
         LogLoss().load_state_dict({"loss_sum": torch.tensor(1.0), "count": torch.ones(2)})
 
 
+@pytest.mark.parametrize(
+    ("make", "state", "message"),
+    [
+        (
+            AUROC,
+            {"preds": torch.tensor([0.2, 0.7]), "labels": torch.tensor([1.0, 5.0])},
+            r"AUROC\(mode='exact', num_thresholds=200\): state 'labels' holds 5.0 at 1, "
+            r"expected 0 or 1",
+        ),
+        (
+            AUROC,
+            {"preds": torch.tensor([0.2, float("nan")]), "labels": torch.tensor([1.0, 0.0])},
+            r"state 'preds' holds nan at 1, expected finite values",
+        ),
+        (
+            lambda: AUROC("thresholded", num_thresholds=3),
+            {"pos": torch.tensor([0.0, 2.0, -1.0, 0.0]), "neg": torch.zeros(4)},
+            r"state 'pos' holds -1.0 at 2, expected counts \(whole numbers >= 0\)",
+        ),
+        (
+            lambda: AUROC("thresholded", num_thresholds=3),
+            {"pos": torch.zeros(4), "neg": torch.tensor([0.0, 0.5, 0.0, 0.0])},
+            r"state 'neg' holds 0.5 at 1, expected counts",
+        ),
+        (
+            GAUC,
+            {
+                "preds": torch.tensor([0.1, 0.4]),
+                "labels": torch.tensor([0.0, 1.0]),
+                "groups": torch.tensor([3.0, 3.5]),
+            },
+            r"GAUC\(\): state 'groups' holds 3.5 at 1, expected integers",
+        ),
+        (
+            LogLoss,
+            {"loss_sum": torch.tensor(-1.0), "count": torch.tensor(4.0)},
+            r"state 'loss_sum' holds -1.0, expected a sum of losses",
+        ),
+        (
+            LogLoss,
+            {"loss_sum": torch.tensor(1.0), "count": torch.tensor(float("inf"))},
+            r"state 'count' holds inf, expected finite values",
+        ),
+        (
+            Calibration,
+            {"pred_sum": torch.tensor(3.0), "label_sum": torch.tensor(1.0), "count": 2.0},
+            r"state 'pred_sum' holds 3.0, expected a sum in \[0, count\]",
+        ),
+        (
+            Calibration,
+            {"pred_sum": 1.0, "label_sum": 1.0, "count": torch.tensor(2.5)},
+            r"state 'count' holds 2.5, expected counts",
+        ),
+    ],
+)
+def test_a_state_update_could_not_have_made_is_refused(make, state, message):
+    # update() refuses such values; a corrupt or hand-edited checkpoint must not slip them in.
+    metric = make()
+    before = metric.state_dict()
+    with pytest.raises(MetricInputError, match=message):
+        metric.load_state_dict(state)
+    assert all(torch.equal(metric.state_dict()[k], v) for k, v in before.items())
+
+
 def _distributed_worker(rank: int, world: int, init_file: str, queue) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     rng = np.random.default_rng(7)

@@ -58,6 +58,10 @@ def grouped_auc(
     return auc, size
 
 
+def _refuse_labels(metric: Metric, labels: torch.Tensor) -> None:
+    metric._refuse("labels", labels, (labels != 0) & (labels != 1), "0 or 1")
+
+
 def tf_thresholds(num_thresholds: int) -> torch.Tensor:
     """TF's thresholds: ``-eps``, ``1/(n-1) … (n-2)/(n-1)``, ``1+eps`` as (num_thresholds,)."""
     inner = torch.arange(1, num_thresholds - 1, dtype=torch.float64) / (num_thresholds - 1)
@@ -167,6 +171,12 @@ class AUROC(Metric):
         fpr = fp / (fp + tn + _TF_EPSILON)
         return float(((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2).sum())
 
+    def _check_loaded(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.mode == "exact":
+            _refuse_labels(self, state["labels"])
+        else:
+            self._refuse_counts(state, "pos", "neg")
+
     def __repr__(self) -> str:
         return f"AUROC(mode={self.mode!r}, num_thresholds={self.num_thresholds})"
 
@@ -223,6 +233,9 @@ class GAUC(Metric):
             )
         for name, value in (("preds", p), ("labels", y), ("groups", g)):
             self._append(name, value)
+
+    def _check_loaded(self, state: Mapping[str, torch.Tensor]) -> None:
+        _refuse_labels(self, state["labels"])
 
     def _compute(self, state: Mapping[str, torch.Tensor]) -> float:
         auc, size = grouped_auc(state["groups"], state["preds"], state["labels"])

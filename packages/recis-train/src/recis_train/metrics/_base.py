@@ -64,6 +64,15 @@ def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary
         raise MetricInputError(f"{metric}: labels must lie in [0, 1]")
 
 
+def _first(tensor: torch.Tensor, bad: torch.Tensor) -> str:
+    """``tensor``'s first entry where ``bad`` holds, with its position unless it is a scalar."""
+    value = tensor[bad][0].item()
+    if tensor.dim() == 0:
+        return repr(value)
+    pos = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{value!r} at {pos[0] if len(pos) == 1 else pos}"
+
+
 class Metric:
     """A streaming metric: ``update`` per batch, ``compute`` at the end, ``reset`` to start over.
 
@@ -114,6 +123,8 @@ class Metric:
         for name, value in state.items():
             tensor = torch.as_tensor(value).detach().to("cpu").clone()
             fresh = initial[name]
+            if tensor.is_complex():
+                raise MetricInputError(f"{self!r}: state {name!r} has complex dtype {tensor.dtype}")
             cat = self._reductions[name] == "cat"
             # A "sum" state has a fixed shape (e.g. one count per threshold); a "cat" state is
             # 1-d of any length. Another configuration's state (e.g. other thresholds) is refused.
@@ -123,14 +134,41 @@ class Metric:
                     f"{self!r}: state {name!r} has shape {tuple(tensor.shape)}, expected "
                     f"{wanted} (a state of a metric configured otherwise?)"
                 )
+            if tensor.is_floating_point():
+                bad = ~torch.isfinite(tensor)
+                if not fresh.is_floating_point():
+                    bad |= tensor != tensor.round()
+                if bool(bad.any()):
+                    raise MetricInputError(
+                        f"{self!r}: state {name!r} holds {_first(tensor, bad)}, expected "
+                        + ("finite values" if fresh.is_floating_point() else "integers")
+                    )
             loaded[name] = tensor.to(fresh.dtype)
         lengths = {name: t.numel() for name, t in loaded.items() if self._reductions[name] == "cat"}
         if len(set(lengths.values())) > 1:
             raise MetricInputError(
                 f"{self!r}: state entries hold different numbers of rows {lengths}"
             )
+        self._check_loaded(loaded)
         for name, tensor in loaded.items():
             self._state[name] = [tensor] if self._reductions[name] == "cat" else tensor
+
+    def _check_loaded(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a loaded state (right keys, shapes, finite) that ``update`` could not have
+        produced, with a :class:`MetricInputError` naming the entry; nothing is loaded then."""
+
+    def _refuse(self, name: str, tensor: torch.Tensor, bad: torch.Tensor, expected: str) -> None:
+        """Raise for the first entry of ``tensor`` where ``bad`` holds, if any."""
+        if bool(bad.any()):
+            raise MetricInputError(
+                f"{self!r}: state {name!r} holds {_first(tensor, bad)}, expected {expected}"
+            )
+
+    def _refuse_counts(self, state: Mapping[str, torch.Tensor], *names: str) -> None:
+        """Counts are whole numbers of rows, at least 0."""
+        for name in names:
+            t = state[name]
+            self._refuse(name, t, (t < 0) | (t != t.round()), "counts (whole numbers >= 0)")
 
     def _append(self, name: str, value: torch.Tensor) -> None:
         # Chunks are concatenated once at compute time, not on every update (quadratic copying).

@@ -56,6 +56,11 @@ class LogLoss(Metric):
         self._state["loss_sum"] += loss
         self._state["count"] += p.numel()
 
+    def _check_loaded(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._refuse_counts(state, "count")
+        loss = state["loss_sum"]
+        self._refuse("loss_sum", loss, loss < 0, "a sum of losses (>= 0)")
+
     def _compute(self, state: Mapping[str, torch.Tensor]) -> float:
         count = float(state["count"])
         return float(state["loss_sum"]) / count if count else float("nan")
@@ -94,6 +99,13 @@ class Calibration(Metric):
         if not count:
             return float("nan"), float("nan")
         return float(state["pred_sum"]) / count, float(state["label_sum"]) / count
+
+    def _check_loaded(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._refuse_counts(state, "count")
+        for name in ("pred_sum", "label_sum"):
+            # Sums of values in [0, 1]: between 0 and the number of rows summed.
+            t = state[name]
+            self._refuse(name, t, (t < 0) | (t > state["count"]), "a sum in [0, count]")
 
     def _compute(self, state: Mapping[str, torch.Tensor]) -> float:
         label_sum = float(state["label_sum"])
