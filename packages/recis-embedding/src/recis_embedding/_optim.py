@@ -227,8 +227,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         if collected is not None:
             self._apply(table, group, *collected)
         for pending in table.pending:
-            if not pending.stepped and pending.leaf.grad is None:
-                pending.missed[0] = True
+            # Applied now or passed without a gradient, the lookup is done with: no later step
+            # applies a gradient that reaches it from now on (a backward() run after this
+            # step, a second one through a retained graph too), so that one raises.
+            pending.missed[0] = True
             pending.stepped = True
         # Every optimizer step advances the table's clock, with or without gradients for it,
         # so eviction ages rows by optimizer steps (and every shard keeps the same clock).

@@ -38,8 +38,8 @@ class Pending:
         leaf: ``(U, D)`` tensor the lookup returned; ``leaf.grad`` is its gradient.
         exchange: for sharded lookups, how to route ``leaf.grad`` back to the owners.
         stepped: an optimizer step has applied (or gone past) this lookup's gradient.
-        missed: shared with a hook on ``leaf``; set when an optimizer step went past this
-            lookup before its ``backward()``, so that a gradient arriving later raises
+        missed: shared with a hook on ``leaf``; set when an optimizer step goes past this
+            lookup (applying its gradient or not), so that a gradient arriving later raises
             instead of being lost.
     """
 
@@ -159,7 +159,8 @@ def _late_gradient_guard(missed: list[bool]) -> Callable[[torch.Tensor], None]:
                 "recis_embedding: the gradient of an embedding lookup arrived after an "
                 "optimizer step went past the lookup (backward() ran after step() for a "
                 "forward made before it), so no step would apply it; run each forward's "
-                "backward() before the optimizer's step()"
+                "backward() before the optimizer's step(), and a forward again for another "
+                "backward after a step"
             )
 
     return guard
