@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
+from conftest import use_host_kernels
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -115,3 +119,21 @@ def test_rows_outside_the_store_are_rejected() -> None:
         with pytest.raises(IndexError, match="RowStore.update: " + msg):
             store.update(rows, lambda cur, which: cur + 1)
     assert torch.equal(store.gather(torch.arange(12)), before)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))])
+def test_a_copy_of_a_store_writes_its_own_blocks(request, monkeypatch, clone) -> None:
+    # Through the kernel, whose block pointer table holds the blocks' addresses: a copy must
+    # not read or write the original's blocks through a table it copied.
+    use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, ("row_store",))
+    for block_rows in (16, 2):  # one block, several
+        store = RowStore(4, block_rows=block_rows)
+        store.reserve(4)
+        store.scatter(torch.tensor([1]), torch.ones(1, 4))  # builds the original's table
+        twin = clone(store)
+        twin.scatter(torch.tensor([2]), torch.full((1, 4), 7.0))
+        assert store.gather(torch.tensor([1, 2])).tolist() == [[1.0] * 4, [0.0] * 4]
+        assert twin.gather(torch.tensor([1, 2])).tolist() == [[1.0] * 4, [7.0] * 4]
+        del store
+        twin.scatter(torch.tensor([3]), torch.full((1, 4), 5.0))
+        assert twin.gather(torch.tensor([3])).tolist() == [[5.0] * 4]

@@ -274,13 +274,22 @@ class RowStore:
         return self.dtype == torch.float32 and use_cuda_kernels(self.device)
 
     def _block_table(self) -> torch.Tensor:
-        """The block pointer table on the device (rebuilt when blocks were added)."""
-        table = getattr(self, "_ptrs", None)
-        if table is None or table.numel() != len(self.blocks):
-            ptrs = [b.data_ptr() for b in self.blocks]
-            table = torch.tensor(ptrs, dtype=torch.int64).to(self.device)
-            self._ptrs = table
-        return table
+        """The block pointer table on the device, rebuilt whenever the blocks' addresses
+        changed: blocks added, or other tensors in their place (a copy of the store, blocks
+        loaded or moved)."""
+        ptrs = tuple(b.data_ptr() for b in self.blocks)
+        cached = getattr(self, "_ptrs", None)
+        if cached is None or cached[0] != ptrs:
+            cached = (ptrs, torch.tensor(ptrs, dtype=torch.int64).to(self.device))
+            self._ptrs = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, object]:
+        # The pointer table holds this process's addresses of these blocks: a copy or an
+        # unpickled store builds its own.
+        state = self.__dict__.copy()
+        state.pop("_ptrs", None)
+        return state
 
     def _launch(
         self,
