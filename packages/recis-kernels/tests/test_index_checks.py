@@ -227,6 +227,34 @@ def test_segment_reduce_kernels_report_bad_offsets(kernels, mode):
     assert got.tolist() == want
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "tile"])
+def test_segment_reduce_kernels_report_rows_outside_every_segment(kernels, monkeypatch, mode):
+    # Offsets not starting at 0 or ending before the last row leave rows in no segment: the
+    # forward would ignore them and the backward give them no gradient (it left them
+    # uninitialized), so the kernels report them.
+    rows = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    tile = 2 if mode == "tile" else None
+    for offsets, pos, value, low, high in (([1, 2, 3], 0, 1, 0, 0), ([0, 2, 2], 2, 2, 3, 3)):
+        with pytest.raises(
+            IndexOutOfRangeError, match=_message("segment_reduce", "offsets", pos, value, low, high)
+        ):
+            rk.segment_reduce(rows, torch.tensor(offsets), mode=mode, tile_len=tile)
+        with monkeypatch.context() as mp:
+            # As on a GPU: the launch returns, the error is read at the next check.
+            mp.setattr(index_errors, "after_launch", lambda device: None)
+            grad = segment_reduce._segment_reduce_backward_impl(
+                torch.ones(2, 4 if tile else 2), torch.tensor(offsets), None, mode, tile or 0, 3
+            )
+        with pytest.raises(
+            IndexOutOfRangeError,
+            match=_message("segment_reduce (backward)", "offsets", pos, value, low, high),
+        ):
+            index_errors.check_index_errors("cpu")
+        # Every row outside the segments gets a zero gradient, not whatever memory held.
+        outside = [i for i in range(3) if not offsets[0] <= i < offsets[-1]]
+        assert not grad[outside].any()
+
+
 def test_feature_cross_kernel_reports_bad_offsets(kernels, monkeypatch):
     b = RaggedTensor(torch.tensor([7, 8]), torch.tensor([0, 1, 2]))
     a = RaggedTensor(torch.tensor([1]), torch.tensor([0, 1, 2]), validate=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import use_host_kernels
 
 from recis_kernels import (
     adagrad_rows_,
@@ -53,6 +54,26 @@ def test_adam_matches_torch(weight_decay: float, decoupled: bool, layout: str) -
     )
     torch.testing.assert_close(param, ref, rtol=1e-6, atol=1e-6)
     assert step.tolist() == [float(STEPS)] * N
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.3])
+def test_adam_kernel_moments_are_torchs_lerp(request, monkeypatch, beta1: float) -> None:
+    # torch's lerp_ starts from the nearer end: beta1 <= 0.5 takes its other formula, which the
+    # kernel took for the first (half of the first moments were an ulp off).
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(64, 16, generator=gen) for _ in range(3)]
+    results = []
+    for through_kernel in (False, True):
+        with monkeypatch.context() as mp:
+            if through_kernel:
+                use_host_kernels(request.getfixturevalue("_host_kernels"), mp, ("optim",))
+            param, grad, m = (t.clone() for t in init)
+            v, step = init[0].abs(), torch.zeros(64)
+            adam_rows_(param, grad, m, v, step, lr=0.01, beta1=beta1)
+            results.append((m, v))
+    (m_torch, v_torch), (m_kernel, v_kernel) = results
+    assert torch.equal(m_kernel, m_torch)
+    assert torch.equal(v_kernel, v_torch)
 
 
 def test_adam_rows_keep_their_own_step() -> None:

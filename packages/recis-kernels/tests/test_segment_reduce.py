@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import use_host_kernels
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -177,3 +178,24 @@ def test_half_rows_normalize_in_float32(dtype, mode, weight):
     torch.testing.assert_close(rows.grad, expected_grad.to(dtype))
     # Equal weights: the pooled value does not depend on them.
     torch.testing.assert_close(weights.grad, torch.zeros(3), atol=1e-3 / weight, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "tile"])
+def test_kernels_round_as_the_torch_path(request, monkeypatch, mode):
+    # The kernels multiply in the torch path's order (the backward: the weight times the scale
+    # first), so both give the same float32 results bit for bit where no sum is involved.
+    gen = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([0, 3, 3, 7, 12])
+    rows = torch.randn(12, 8, generator=gen)
+    weights = torch.rand(12, generator=gen) * 3
+    tile = 4 if mode == "tile" else None
+    grad = torch.randn(4, 8 * (tile or 1), generator=gen)
+    got = []
+    for through_kernel in (False, True):
+        with monkeypatch.context() as mp:
+            if through_kernel:
+                use_host_kernels(request.getfixturevalue("_host_kernels"), mp, ("segment_reduce",))
+            r = rows.clone().requires_grad_()
+            rk.segment_reduce(r, offsets, weights, mode=mode, tile_len=tile).backward(grad)
+            got.append(r.grad)
+    assert torch.equal(got[1], got[0])

@@ -65,8 +65,13 @@ extern "C" __global__ void adam_rows(float* param, const float* grad, float* exp
     float g = grad[t];
     if (l2 != 0.0f) g = g + l2 * param[t];
     float m = exp_avg[t];
-    m = m + one_minus_beta1 * (g - m);
-    float v = exp_avg_sq[t] * beta2 + one_minus_beta2 * g * g;
+    // torch's lerp_(g, w) on CPU and GPU: one fused multiply-add from the nearer end,
+    // m + w (g - m) for |w| < 0.5, else g + (w - 1)(g - m).
+    const float w = one_minus_beta1;
+    const bool near_m = fabsf(w) < 0.5f;
+    m = fmaf(near_m ? w : w - 1.0f, g - m, near_m ? m : g);
+    // torch's mul_(beta2).addcmul_(g, g, value=1 - beta2): one fused multiply-add.
+    float v = fmaf(one_minus_beta2 * g, g, exp_avg_sq[t] * beta2);
     exp_avg[t] = m;
     exp_avg_sq[t] = v;
     double s = (double)step[i];

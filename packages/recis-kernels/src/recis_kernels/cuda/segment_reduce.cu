@@ -5,7 +5,18 @@
 // weights may be null (every weight 1). One thread per (segment, column): consecutive threads
 // read consecutive columns of the same row, so loads coalesce. N is the number of rows of the
 // (N, D) rows (forward) or grad_rows (backward) array; a segment whose offsets are not
-// 0 <= off[b] <= off[b + 1] <= N is reported (argument 0, "offsets") and treated as empty.
+// 0 <= off[b] <= off[b + 1] <= N is reported (argument 0, "offsets") and treated as empty, and
+// so are offsets that do not start at 0 or end at N (rows outside every segment). The backward
+// writes only rows inside a segment: grad_rows must be zeroed.
+// The backward multiplies in the torch path's order (the weight times the scale first).
+
+// Thread 0 reports offsets that leave rows outside every segment: off[0] != 0, or off[B] < N
+// (off[B] > N is reported by the last segment's own check).
+__device__ __forceinline__ void seg_cover(i64 j, const i64* off, i64 B, i64 N, i64* err, i64 site) {
+  if (j != 0) return;
+  if (off[0] != 0) recis_report_index(err, site, 0, 0, off[0], 0, 1);
+  else if (off[B] < N) recis_report_index(err, site, 0, B, off[B], N, N + 1);
+}
 
 template <typename T>
 __device__ __forceinline__ T seg_scale(const float* w, i64 start, i64 end, int mode) {
@@ -23,6 +34,7 @@ template <typename T>
 __device__ void pooled_fwd(const T* rows, i64 N, const i64* off, const float* w, i64 B, i64 D,
                            int mode, T* out, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * D) {
+    seg_cover(j, off, B, N, err, site);
     const i64 b = j / D, d = j % D;
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
@@ -36,6 +48,7 @@ template <typename T>
 __device__ void tile_fwd(const T* rows, i64 N, const i64* off, const float* w, i64 B, i64 D, i64 L,
                          T* out, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * L * D) {
+    seg_cover(j, off, B, N, err, site);
     const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
@@ -51,16 +64,18 @@ __device__ void pooled_bwd(const T* grad, i64 N, const i64* off, const float* w,
     const i64 b = j / D, d = j % D;
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
-    const T g = grad[j] * seg_scale<T>(w, start, end, mode);
-    for (i64 i = start; i < end; ++i) grad_rows[i * D + d] = (w ? (T)w[i] : T(1)) * g;
+    seg_cover(j, off, B, N, err, site);
+    const T g = grad[j], scale = seg_scale<T>(w, start, end, mode);
+    for (i64 i = start; i < end; ++i) grad_rows[i * D + d] = g * ((w ? (T)w[i] : T(1)) * scale);
   }
 }
 
-// grad_rows must be zeroed: rows past the first L of a segment receive no gradient.
+// Rows past the first L of a segment receive no gradient (grad_rows is zeroed).
 template <typename T>
 __device__ void tile_bwd(const T* grad, i64 N, const i64* off, const float* w, i64 B, i64 D, i64 L,
                          T* grad_rows, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * L * D) {
+    seg_cover(j, off, B, N, err, site);
     const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;

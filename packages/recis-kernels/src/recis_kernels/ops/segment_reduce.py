@@ -246,7 +246,8 @@ def _segment_reduce_backward_impl(
     if not _kernel_ok(grad, weights):
         return _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows)
     d = grad.shape[1] // (tile_len if mode == "tile" else 1)
-    out = grad.new_zeros(num_rows, d) if mode == "tile" else grad.new_empty(num_rows, d)
+    # Zeroed: the kernels write only rows inside a segment (with bad offsets, some are not).
+    out = grad.new_zeros(num_rows, d)
     _launch("bwd", grad, offsets, weights, mode, tile_len, d, out)
     return out
 
