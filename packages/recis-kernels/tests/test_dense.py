@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import ragged3_from_rows, ragged3_rows, ragged_from_rows, ragged_rows
@@ -146,6 +147,23 @@ def test_dense_to_ragged_strips_a_nan_pad():
     # An integer tensor holds no NaN: nothing is stripped.
     ri = rk.dense_to_ragged(torch.tensor([[1, 0]]), pad_value=nan)
     assert ri.offsets[0].tolist() == [0, 2]
+    # A NumPy NaN too, not only a Python float's (it stripped nothing).
+    assert rk.dense_to_ragged(d, pad_value=np.float32(nan)).offsets[0].tolist() == [0, 1, 1, 3]
+
+
+def test_dense_to_ragged_compares_the_pad_exactly():
+    # torch compared an int64 with a float pad in float32 (2**40 + 1 equal to 2**40) ...
+    r = rk.dense_to_ragged(torch.tensor([[3, 2**40 + 1, 2**40]]), pad_value=float(2**40))
+    assert r.values.tolist() == [3, 2**40 + 1]
+    # ... and wrapped a pad the dtype cannot hold, stripping real values: now refused, as
+    # ragged_to_dense refuses it.
+    for dense, pad in (
+        (torch.tensor([[7, 255, 255]], dtype=torch.uint8), -1),
+        (torch.tensor([[5, 2**31 - 1]], dtype=torch.int32), 2**31 - 1 + 2**32),
+        (torch.tensor([[5, 0]]), 0.5),
+    ):
+        with pytest.raises(rk.RaggedError, match=rf"dense_to_ragged: pad_value {pad!r} cannot"):
+            rk.dense_to_ragged(dense, pad_value=pad)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import torch
 from conftest import use_host_kernels
 
 from recis_kernels import (
+    ShapeError,
     adagrad_rows_,
     adam_rows_,
     ftrl_rows_,
@@ -160,3 +161,32 @@ def test_state_widths() -> None:
         17,
         16,
     ]
+
+
+def test_wrong_shapes_are_refused_before_anything_is_updated() -> None:
+    # A (1, D) gradient broadcast to every row, and a step of N + 1 rows failed after the step
+    # counts and moments had moved.
+    param, m, v, step = torch.zeros(N, D), torch.zeros(N, D), torch.zeros(N, D), torch.zeros(N)
+    cases = [
+        (lambda: sgd_rows_(param, torch.ones(1, D), lr=1.0), r"sgd_rows_: grad must have shape"
+         rf" \({N}, {D}\) for param of shape \({N}, {D}\), got \(1, {D}\)"),
+        (lambda: sgd_rows_(param, torch.ones(D), lr=1.0), r"grad must have shape"),
+        (lambda: sgd_rows_(param[0], torch.ones(D), lr=1.0),
+         rf"sgd_rows_: param must be \(N, D\) rows, got \({D},\)"),
+        (lambda: adam_rows_(param, torch.ones(N, D), m, v, torch.zeros(N + 1), lr=0.1),
+         rf"adam_rows_: step must have shape \({N},\) for param of shape \({N}, {D}\), "
+         rf"got \({N + 1},\)"),
+        (lambda: adam_rows_(param, torch.ones(N, D), m[:1], v, step, lr=0.1),
+         r"adam_rows_: exp_avg must have shape"),
+        (lambda: adagrad_rows_(param, torch.ones(N, D), torch.zeros(1, D), step, lr=0.1),
+         r"adagrad_rows_: state_sum must have shape"),
+        (lambda: rowwise_adagrad_rows_(param, torch.ones(N, D), torch.zeros(N), lr=0.1),
+         rf"rowwise_adagrad_rows_: state_sum must have shape \({N}, 1\)"),
+        (lambda: ftrl_rows_(param, torch.ones(N, D), m, torch.zeros(N, 1), lr=0.1),
+         r"ftrl_rows_: linear must have shape"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(ShapeError, match=message):
+            call()
+    for t in (param, m, v, step):
+        assert not t.any()  # nothing moved

@@ -56,6 +56,10 @@ def test_world_size_past_int64_is_refused(world_size: int) -> None:
     for fn in (owner_rank, partition_ids):
         with pytest.raises(ShapeError, match=r"world_size must be <= 2\*\*63 - 1"):
             fn(torch.tensor([1, -1]), world_size)
+    # partition_ids' counts hold one entry per rank: 2**40 ranks tried to allocate 8 TiB.
+    with pytest.raises(ShapeError, match=r"partition_ids: world_size must be <= 2\*\*24"):
+        partition_ids(torch.tensor([1, -1]), 2**40)
+    assert partition_ids(torch.tensor([1, -1]), 2**24).counts.numel() == 2**24
     largest = (1 << 63) - 1
     assert owner_rank(torch.tensor([1, -1]), largest).tolist() == [
         _fmix64_ref(1) % largest,

@@ -68,6 +68,11 @@ def test_slicing_matches_python(rows, a, b):
         ([1, 2, 3], r"offsets\[0\] must start at 0, got 1"),
         ([0, 2, 1, 3], r"offsets\[0\] must be non-decreasing, got 2 then 1 at row 1"),
         ([0, 1, 2], r"offsets\[0\] must end at the number of values \(3\), got 2"),
+        # The step from 10 down to -2**63 + 1 wraps around int64 to a positive difference.
+        (
+            [0, 10, -(2**63) + 1, -1, 3],
+            r"offsets\[0\] must be non-decreasing, got 10 then -9223372036854775807 at row 1",
+        ),
     ],
 )
 def test_validation_errors(offsets, message):

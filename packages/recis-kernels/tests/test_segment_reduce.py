@@ -146,7 +146,12 @@ def test_segment_reduce_opcheck():
 
 @pytest.mark.parametrize(
     ("offsets", "where"),
-    [([0, 3, 1, 3], r"offsets\[1\] = 3 > offsets\[2\] = 1"), ([0, -1, 3], r"offsets\[0\] = 0")],
+    [
+        ([0, 3, 1, 3], r"offsets\[1\] = 3 > offsets\[2\] = 1"),
+        ([0, -1, 3], r"offsets\[0\] = 0"),
+        # 10 down to -2**63 + 1: a difference wraps around int64 to a positive step.
+        ([0, 10, -(2**63) + 1, -1, 3], r"offsets\[1\] = 10 > offsets\[2\] = -9223372036854775807"),
+    ],
 )
 def test_segment_reduce_rejects_decreasing_offsets(offsets, where):
     with pytest.raises(

@@ -74,8 +74,14 @@ def test_truncate_errors():
         ValueError, match="truncate: side for r must be 'head' or 'tail', got 'middle'"
     ):
         rk.truncate(r, 1, "middle")
-    with pytest.raises(ValueError, match="truncate: max_len for r must be an int >= 0, got -1"):
-        rk.truncate(r, -1)
+    for bad in (-1, 2**63):
+        with pytest.raises(
+            ValueError,
+            match=rf"truncate: max_len for r must be an int in \[0, 2\*\*63 - 1\], got {bad}",
+        ):
+            rk.truncate(r, bad)
+    with pytest.raises(ValueError, match=r"fused_truncate: max_len for rs\[0\] must be an int"):
+        rk.fused_truncate([r], [2**64], ["head"])
     with pytest.raises(rk.RaggedError, match="truncate: r must be a RaggedTensor"):
         rk.truncate(torch.tensor([1]), 1)
     with pytest.raises(ValueError, match="fused_truncate: got 1 inputs, 2 max_lens and 1 sides"):

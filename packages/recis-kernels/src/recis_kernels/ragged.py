@@ -156,9 +156,11 @@ class RaggedTensor:
             if first != 0:
                 raise RaggedError(f"ragged offsets[{k}] must start at 0, got {first}")
             if o.numel() > 1:
-                steps = o.diff()
-                if bool((steps < 0).any()):
-                    row = int(torch.nonzero(steps < 0)[0, 0])
+                # Neighbours compared, not differenced: a difference can wrap around int64
+                # (0 then -2**63 + 1 looks like a step of 2**63 - 1).
+                down = o[1:] < o[:-1]
+                if bool(down.any()):
+                    row = int(torch.nonzero(down)[0, 0])
                     raise RaggedError(
                         f"ragged offsets[{k}] must be non-decreasing, got {int(o[row])} then "
                         f"{int(o[row + 1])} at row {row}"

@@ -315,7 +315,9 @@ def dense_to_ragged(
 
     Raises:
         ShapeError: ``dense`` is not 2-d or 3-d, or lengths have the wrong shape.
-        RaggedError: a length is negative or exceeds the dense size.
+        RaggedError: a length is negative or exceeds the dense size, or ``pad_value`` is
+            neither NaN nor a number ``dense``'s dtype holds exactly (``-1`` for uint8,
+            ``0.5`` for ids).
     """
     op = "dense_to_ragged"
     check_tensor(op, "dense", dense)
@@ -442,9 +444,21 @@ def _dense_lengths(op, dense, lengths, pad_value) -> list[torch.Tensor]:
                 )
         return [t.to(dense.device) for t in given]
     if pad_value is not None:
-        # NaN equals nothing, itself included: a NaN pad is found by isnan.
-        nan_pad = isinstance(pad_value, float) and math.isnan(pad_value)
-        nonpad = ~dense.isnan() if nan_pad else dense != pad_value
+        nan_pad = isinstance(pad_value, numbers.Real) and math.isnan(float(pad_value))
+        if not nan_pad:
+            # A pad the values cannot hold (-1 for uint8, a fraction for ids) would be wrapped
+            # or rounded by torch's scalar comparison and strip real values: refused, as
+            # ragged_to_dense refuses it.
+            _check_pad(op, pad_value, dense.dtype)
+        if dense.dtype.is_floating_point:
+            # NaN equals nothing, itself included: a NaN pad is found by isnan.
+            nonpad = ~dense.isnan() if nan_pad else dense != float(pad_value)
+        elif nan_pad:
+            nonpad = torch.ones_like(dense, dtype=torch.bool)  # integers hold no NaN
+        else:
+            # Compared in the values' own dtype: an int64 compared with a float scalar is
+            # compared in float32 (2**40 + 1 equal to 2**40).
+            nonpad = dense != torch.tensor(int(pad_value), dtype=dense.dtype, device=dense.device)
         inner = _trailing_length(nonpad)
         if dense.dim() == 2:
             return [inner]

@@ -34,6 +34,7 @@ import torch
 
 from recis_kernels._backend import use_cuda_kernels
 from recis_kernels._checks import grid_for
+from recis_kernels.exceptions import ShapeError
 
 __all__ = [
     "STATE_WIDTH",
@@ -80,6 +81,25 @@ def _launch(kernel: str, n: int, args: list) -> None:
     launch("optim", kernel, grid_for(n), 256, args, device=args[0][1].device)
 
 
+def _check_shapes(
+    op: str, param: torch.Tensor, grad: torch.Tensor, **state: tuple[torch.Tensor, str]
+) -> None:
+    """Refuse before anything is updated: a wrong shape would broadcast (one gradient row
+    applied to every row) or fail half-way, with the step counts and moments already moved.
+    ``state`` maps names to ``(tensor, "rows")`` for ``(N, D)`` and ``(tensor, "count")``
+    for ``(N,)`` (``"sum"``: ``(N, 1)``)."""
+    if not isinstance(param, torch.Tensor) or param.dim() != 2:
+        got = tuple(param.shape) if isinstance(param, torch.Tensor) else type(param).__name__
+        raise ShapeError(f"{op}: param must be (N, D) rows, got {got}")
+    n = param.shape[0]
+    wanted = {"rows": tuple(param.shape), "count": (n,), "sum": (n, 1)}
+    for name, (t, kind) in {"grad": (grad, "rows"), **state}.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != wanted[kind]:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ShapeError(f"{op}: {name} must have shape {wanted[kind]} for param of shape "
+                             f"{tuple(param.shape)}, got {got}")  # fmt: skip
+
+
 def _col(values: torch.Tensor) -> torch.Tensor:
     # Per-row scalars computed in float64 (as torch computes its Python-float scalars), then
     # rounded to float32 the way torch rounds a Python scalar applied to a float32 tensor.
@@ -97,6 +117,7 @@ def sgd_rows_(
         lr: learning rate.
         weight_decay: L2 penalty added to the gradient.
     """
+    _check_shapes("sgd_rows_", param, grad)
     if _kernel(param, grad):
         n, d = param.shape
         _launch(
@@ -140,6 +161,7 @@ def adagrad_rows_(
         weight_decay: L2 penalty added to the gradient.
         eps: added to the root of the sum.
     """
+    _check_shapes("adagrad_rows_", param, grad, state_sum=(state_sum, "rows"), step=(step, "count"))
     step.add_(1)
     if _kernel(param, grad, state_sum, step):
         n, d = param.shape
@@ -191,6 +213,7 @@ def rowwise_adagrad_rows_(
         eps: added to the root of the accumulator.
         weight_decay: L2 penalty added to the gradient.
     """
+    _check_shapes("rowwise_adagrad_rows_", param, grad, state_sum=(state_sum, "sum"))
     if _kernel(param, grad, state_sum):
         n, d = param.shape
         _launch(
@@ -244,6 +267,10 @@ def adam_rows_(
         weight_decay: L2 penalty (Adam) or decoupled decay factor (AdamW).
         decoupled: AdamW's ``param *= 1 - lr * weight_decay`` instead of an L2 gradient term.
     """
+    _check_shapes(
+        "adam_rows_", param, grad, exp_avg=(exp_avg, "rows"), exp_avg_sq=(exp_avg_sq, "rows"),
+        step=(step, "count"),
+    )  # fmt: skip
     step.add_(1)
     if _kernel(param, grad, exp_avg, exp_avg_sq, step):
         n, d = param.shape
@@ -318,6 +345,7 @@ def ftrl_rows_(
         l2: L2 regularization strength.
         beta: the beta of the per-coordinate rate.
     """
+    _check_shapes("ftrl_rows_", param, grad, accum=(accum, "rows"), linear=(linear, "rows"))
     if _kernel(param, grad, accum, linear):
         n, d = param.shape
         _launch(

@@ -57,6 +57,10 @@ def owner_rank(ids: torch.Tensor, world_size: int) -> torch.Tensor:
     return umod_const(fmix64(ids), world_size)
 
 
+#: partition_ids' largest world size: its counts tensor holds one entry per rank.
+_MAX_PARTITIONS = 1 << 24
+
+
 def _check_world_size(op: str, world_size: object) -> int:
     if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)):
         raise ShapeError(f"{op}: world_size must be an int >= 1, got {world_size!r}")
@@ -107,7 +111,7 @@ def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
 
     Args:
         ids: ``(N,) int64`` ids, duplicates allowed.
-        world_size: number of ranks, in ``[1, 2**63 - 1]``.
+        world_size: number of ranks, in ``[1, 2**24]``.
 
     Returns:
         ``PartitionResult(ids (U,), counts (world_size,), inverse (N,))``: rank ``r`` owns
@@ -115,10 +119,16 @@ def partition_ids(ids: torch.Tensor, world_size: int) -> PartitionResult:
 
     Raises:
         UnsupportedDtypeError: ``ids`` is not int64.
-        ShapeError: ``ids`` is not 1-d or ``world_size`` is outside ``[1, 2**63 - 1]``.
+        ShapeError: ``ids`` is not 1-d or ``world_size`` is outside ``[1, 2**24]``.
     """
     check_tensor("partition_ids", "ids", ids)
     check_dtype("partition_ids", "ids", ids, (torch.int64,))
     check_1d("partition_ids", "ids", ids)
     world_size = _check_world_size("partition_ids", world_size)
+    if world_size > _MAX_PARTITIONS:
+        # counts holds one entry per rank.
+        raise ShapeError(
+            f"partition_ids: world_size must be <= 2**24 (counts has one entry per rank), "
+            f"got {world_size}"
+        )
     return PartitionResult(*run_op(_partition_op, _partition_impl, ids, world_size))

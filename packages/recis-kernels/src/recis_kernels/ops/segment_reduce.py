@@ -94,7 +94,8 @@ def segment_reduce(
         )
     if can_inspect(offsets):
         # Host offsets only, like the check above: reading device offsets would synchronize.
-        down = np.flatnonzero(np.diff(offsets.numpy()) < 0)
+        off = offsets.numpy()
+        down = np.flatnonzero(off[1:] < off[:-1])  # not np.diff, which can wrap around int64
         if down.size:
             k = int(down[0])
             raise ShapeError(

@@ -53,8 +53,10 @@ def _check(op, where, r, max_len, side) -> None:
         raise RaggedError(f"{op}: {where} must be a RaggedTensor, got {type(r).__name__}")
     if r.num_levels not in (1, 2):
         raise RaggedError(f"{op}: {where} must have 2 or 3 levels, got {r.num_levels + 1}")
-    if not is_int(max_len) or max_len < 0:
-        raise ValueError(f"{op}: max_len for {where} must be an int >= 0, got {max_len!r}")
+    if not is_int(max_len) or not 0 <= max_len < 1 << 63:
+        raise ValueError(
+            f"{op}: max_len for {where} must be an int in [0, 2**63 - 1], got {max_len!r}"
+        )
     if side not in ("head", "tail"):
         raise ValueError(f"{op}: side for {where} must be 'head' or 'tail', got {side!r}")
 
