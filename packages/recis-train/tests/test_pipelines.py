@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _toy import NUM_DENSE, ToyReader
@@ -226,3 +228,51 @@ def test_soft_labels_evaluate_with_metrics_that_accept_them(tmp_path):
     results = trainer(metrics={"logloss": LogLoss, "calibration": Calibration}).evaluate()
     assert sorted(results) == ["click/calibration", "click/logloss", "loss", "loss/click"]
     assert results["click/logloss"] == pytest.approx(results["loss"], rel=1e-4)
+
+
+def flags(model):
+    return {name: param.requires_grad for name, param in model.named_parameters()}
+
+
+def test_a_stage_that_fails_leaves_no_parameter_frozen(tmp_path):
+    model = MultiTask(Body(), two_tasks())
+    before = flags(model)
+    args = TrainingArguments(output_dir=str(tmp_path / "a"), device="cpu")
+    everything = Stage("x", ToyReader(10, 5), lambda ps: torch.optim.SGD(ps, lr=0.1))
+    frozen = dataclasses.replace(everything, frozen=["body", "heads"])
+    with pytest.raises(ConfigError, match="stage 'x': no trainable parameter is left"):
+        MultiStage(model, args, [frozen]).run()
+    assert flags(model) == before
+
+    def broken():
+        yield from ToyReader(10, 5)
+        raise OSError("the data went away")
+
+    failing = dataclasses.replace(everything, train_data=broken(), frozen=["body"])
+    args = TrainingArguments(output_dir=str(tmp_path / "b"), device="cpu")
+    with pytest.raises(OSError, match="the data went away") as raised:
+        MultiStage(model, args, [failing]).run()
+    # The flags are back while the error's traceback (and the run's frames in it) is alive.
+    assert flags(model) == before
+    assert raised.traceback
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["ft", "ft/"], r"stage name 'ft/' is not a plain directory name"),
+        (["ft", "a\\b"], r"stage name 'a\\\\b' is not a plain directory name"),
+        (["."], r"stage name '\.' is not a plain directory name"),
+        (["..", "x"], r"stage name '\.\.' is not a plain directory name"),
+        (["", "x"], r"stage names must be non-empty strings .* got '' among \['', 'x'\]"),
+        (
+            ["FT", "ft"],
+            r"unique names .*: 'FT' and 'ft' name the same one on a case-insensitive file system",
+        ),
+    ],
+)
+def test_stage_names_must_each_name_a_directory_of_their_own(tmp_path, names, message):
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    stage = Stage("x", ToyReader(10, 5), lambda ps: torch.optim.SGD(ps, lr=0.1))
+    with pytest.raises(ConfigError, match=message):
+        MultiStage(Body(), args, [dataclasses.replace(stage, name=n) for n in names])

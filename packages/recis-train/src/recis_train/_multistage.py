@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ class Stage:
     """One stage of a :class:`MultiStage` run.
 
     Attributes:
-        name: the stage's name (its checkpoints live in ``output_dir/<name>``).
+        name: the stage's name (its checkpoints live in ``output_dir/<name>``): a plain
+            directory name, unique ignoring case (no ``/``, ``\\``, ``.`` or ``..``).
         train_data: the stage's training batches.
         dense_optimizer: builds the stage's optimizer from its trainable dense parameters.
         eval_data: evaluated at the end of the stage (and every ``eval_every`` steps).
@@ -104,6 +106,9 @@ class _Frozen:
             if param.requires_grad:
                 trainable.append(param)
         if not trainable:
+            # A raise in __enter__ skips __exit__: put every flag back first, or the model would
+            # stay frozen for whatever runs next (a corrected stage list, another trainer).
+            self.__exit__(None, None, None)
             raise ConfigError(f"stage {self.stage.name!r}: no trainable parameter is left")
         for name in _embedding_prefixes(self.model):
             if not self._trains(name):
@@ -161,9 +166,9 @@ class MultiStage:
         hooks: Sequence[Hook] = (),
         metrics: Mapping[str, MetricFactory] | None = None,
     ) -> None:
-        names = [s.name for s in stages]
-        if not stages or len(set(names)) != len(names):
-            raise ConfigError(f"MultiStage needs stages with unique names, got {names}")
+        if not stages:
+            raise ConfigError("MultiStage needs at least one stage, got none")
+        _check_names([s.name for s in stages])
         self.model, self.args, self.stages = model, args, list(stages)
         self.hooks, self.metrics = list(hooks), metrics
         self.results: dict[str, dict[str, float]] = {}
@@ -188,7 +193,7 @@ class MultiStage:
         values["output_dir"] = str(Path(self.args.output_dir) / stage.name)
         return TrainingArguments.from_dict(values, source=f"stage {stage.name!r}")
 
-    def _trainers(self) -> Iterator[tuple[Stage, Trainer]]:
+    def _trainers(self) -> Generator[tuple[Stage, Trainer], None, None]:
         previous: Trainer | None = None
         for stage in self.stages:
             args = self._stage_args(stage)
@@ -217,9 +222,19 @@ class MultiStage:
             previous = trainer
 
     def run(self) -> dict[str, dict[str, float]]:
-        """Run every stage; return each stage's final evaluation (empty without eval data)."""
+        """Run every stage; return each stage's final evaluation (empty without eval data).
+
+        The flags a stage changed (frozen modules) are put back when it ends, also when it
+        raises: the model is left as the run found it, ready for a run again.
+        """
+        # Closed on the way out, so a stage that raises ends its freezing (_Frozen.__exit__)
+        # now, not whenever the suspended generator is collected.
+        with contextlib.closing(self._trainers()) as trainers:
+            return self._run(trainers)
+
+    def _run(self, trainers: Iterator[tuple[Stage, Trainer]]) -> dict[str, dict[str, float]]:
         skipped: Trainer | None = None
-        for stage, trainer in self._trainers():
+        for stage, trainer in trainers:
             done = Path(trainer.args.output_dir) / "stage-done.json"
             ctx = trainer.distributed
             # Under torchrun every rank skips the stages rank 0 found finished.
@@ -242,6 +257,39 @@ class MultiStage:
             # Everything had finished before: leave the model as the last stage ended.
             skipped.restore(last, parts=("dense", "sparse"))
         return self.results
+
+
+def _check_names(names: Sequence[Any]) -> None:
+    """Raises :class:`ConfigError` for stage names that do not each name a directory of their
+    own under ``output_dir``: a stage that shares another's directory would find its
+    ``stage-done.json`` and silently never train.
+
+    Refused: a name that is not a non-empty string, ``"."`` or ``".."``, one holding a path
+    separator (``/`` or ``\\``, also ``"ft/"`` beside ``"ft"``), and names equal but for case
+    (one directory on a case-insensitive file system).
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(
+                f"stage names must be non-empty strings (each is a directory under output_dir), "
+                f"got {name!r} among {list(names)}"
+            )
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(
+                f"stage name {name!r} is not a plain directory name: '.', '..' and names with "
+                "'/' or '\\' do not name a directory of the stage's own under output_dir "
+                "(where its checkpoints and stage-done.json go)"
+            )
+        other = seen.get(name.casefold())
+        if other is not None:
+            raise ConfigError(
+                "MultiStage needs stages with unique names (each names a directory under "
+                f"output_dir): {other!r} and {name!r} name the same one"
+                + (" on a case-insensitive file system" if other != name else "")
+                + f", got {list(names)}"
+            )
+        seen[name.casefold()] = name
 
 
 def _latest(trainer: Trainer) -> Path | None:
