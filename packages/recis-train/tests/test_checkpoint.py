@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -472,3 +473,224 @@ def test_a_save_killed_while_replacing_a_step_is_recovered(tmp_path, new_in_plac
     assert manager.latest() == path
     assert (path / "dense" / "a.txt").read_text() == ("new" if new_in_place else "old")
     assert not aside.exists()
+
+
+class Recorder(torch.nn.Module):
+    """A linear model that records the ``"tag"`` of every batch it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 1)
+        self.tags = []
+
+    def forward(self, batch):
+        if self.training:
+            self.tags.append(batch["tag"])
+        logit = self.linear(batch["dense"])[:, 0]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logit, batch["click"])
+
+
+def tagged(count, tag):
+    """``count`` batches of 10 rows, the ``i``-th tagged ``f"{tag}{i}"``."""
+    return [dict(b, tag=f"{tag}{i}") for i, b in enumerate(ToyReader(10 * count, 10, seed=3))]
+
+
+def recorder_trainer(out, data, model=None, **args):
+    model = model or Recorder()
+    settings = {"output_dir": str(out), "device": "cpu"}
+    return Trainer(
+        model,
+        TrainingArguments(**(settings | args)),
+        train_data=data,
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+
+
+def test_train_after_set_train_data_starts_the_new_data_even_after_a_save(tmp_path):
+    # train() saves at its end (save_at_end, resume default): the next call must not restore
+    # that checkpoint, whose data cursor belongs to the old data.
+    trainer = recorder_trainer(tmp_path, tagged(3, "A"))
+    trainer.train()
+    trainer.set_train_data(tagged(5, "B"))
+    trainer.train()
+    assert trainer.model.tags == ["A0", "A1", "A2", "B0", "B1", "B2", "B3", "B4"]
+    assert trainer.global_step == 8
+    trainer.set_train_data(tagged(2, "C"))  # shorter than the cursor of the checkpoint of step 8
+    trainer.train()
+    assert trainer.model.tags[8:] == ["C0", "C1"]
+    assert trainer.global_step == 10
+    assert [p.name for p in trainer.checkpoints.complete()][-1] == "step-000000010"
+
+
+def test_a_second_train_call_continues_from_memory_not_from_the_last_checkpoint(tmp_path):
+    trainer = recorder_trainer(
+        tmp_path, tagged(10, "A"), train_steps=5, save_every=2, save_at_end=False
+    )
+    trainer.train()
+    trainer.dense_optimizer.param_groups[0]["lr"] = 0.01  # set in memory, after the last save
+    trainer.args.train_steps = 6
+    trainer.train()
+    # Step 5 (after the checkpoint of step 4) is not trained again, and nothing is rolled back.
+    assert trainer.model.tags == [f"A{i}" for i in range(6)]
+    assert [step for step, _ in trainer.history["train"]] == [1, 2, 3, 4, 5, 6]
+    assert trainer.dense_optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_set_train_data_before_the_first_train_resumes_all_but_the_cursor(tmp_path):
+    first = recorder_trainer(tmp_path, tagged(5, "A"), train_steps=3)
+    first.train()  # the checkpoint of step 3 has consumed 3 batches of the A data
+    again = recorder_trainer(tmp_path, tagged(5, "A"))
+    again.set_train_data(tagged(2, "B"))
+    again.train()
+    assert again.model.tags == ["B0", "B1"]
+    assert again.global_step == 5
+    assert [step for step, _ in again.history["train"]] == [1, 2, 3, 4, 5]
+
+
+class BestLoss(Hook):
+    """Keeps the best loss as a NumPy scalar once ``numpy_from`` steps are trained."""
+
+    def __init__(self, numpy_from):
+        self.best, self.numpy_from = None, numpy_from
+
+    def on_step_end(self, trainer, logs):
+        best = logs["loss"] if self.best is None else min(self.best, logs["loss"])
+        numpy = pytest.importorskip("numpy")
+        self.best = numpy.float64(best) if trainer.global_step >= self.numpy_from else best
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state["best"]
+
+
+def test_state_a_resume_could_not_load_fails_the_save_and_names_the_entry(tmp_path):
+    trainer = build(tmp_path, train_steps=4, save_every=2, epochs=1)
+    trainer.hooks = [BestLoss(numpy_from=3)]
+    with pytest.raises(
+        CheckpointError,
+        match=r"saving checkpoint of step 4 .* failed: the state written to trainer/state\.pt "
+        r"could not be loaded back: hooks\['BestLoss'\]\['best'\] is a numpy\.float64, which "
+        r"torch\.load\(weights_only=True\) refuses",
+    ):
+        trainer.train()
+    root = trainer.checkpoints.root
+    assert [p.name for p in root.iterdir()] == ["step-000000002"]
+    resumed = build(tmp_path, epochs=1)
+    resumed.hooks = [BestLoss(numpy_from=100)]
+    assert resumed.restore() == root / "step-000000002"
+    assert isinstance(resumed.hooks[0].best, float)
+
+
+def test_a_new_run_is_refused_in_a_directory_of_another_runs_checkpoints(tmp_path):
+    build(tmp_path, train_steps=6, save_every=2, max_to_keep=2).train()
+    root = tmp_path / "checkpoints"
+    before = sorted(p.name for p in root.iterdir())
+    fresh = build(tmp_path, train_steps=2, resume=False, max_to_keep=2)
+    message = r"already holds checkpoints of another run \(step-000000004, step-000000006"
+    with pytest.raises(ConfigError, match=message):
+        fresh.train()
+    with pytest.raises(ConfigError, match=message):
+        fresh.save()
+    assert fresh.global_step == 0
+    assert sorted(p.name for p in root.iterdir()) == before
+    # In a directory of its own a run with resume=False trains, saves and trains on.
+    own = build(tmp_path / "own", train_steps=2, save_every=1, resume=False)
+    own.train()
+    own.args.train_steps = 3
+    own.train()
+    assert [p.name for p in own.checkpoints.complete()][-1] == "step-000000003"
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, caplog):
+    trainer = build(tmp_path, train_steps=8, save_every=2, max_to_keep=2, epochs=1)
+    trainer.train()
+    root = trainer.checkpoints.root
+    assert [p.name for p in trainer.checkpoints.complete()] == ["step-000000006", "step-000000008"]
+    # Going back to step 6 and saving step 7: the lower step is the one just written.
+    back = build(tmp_path, max_to_keep=2, epochs=1)
+    back.restore(root / "step-000000006")
+    with caplog.at_level("WARNING", logger="recis_train"):
+        back.args.train_steps = 7
+        back.train()
+    assert back.global_step == 7
+    assert [p.name for p in back.checkpoints.complete()] == ["step-000000007", "step-000000008"]
+    assert "checkpoint step-000000007 is not the latest" in caplog.text
+    assert "(later: step-000000008)" in caplog.text
+    manager = CheckpointManager(tmp_path / "manager", max_to_keep=1)
+    manager.save(5, {}, {})
+    manager.save(3, {}, {})
+    assert [p.name for p in manager.complete()] == ["step-000000003"]
+
+
+class StopAt(Hook):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, trainer, path):
+        if trainer.global_step == self.step:
+            raise RuntimeError("preempted")
+
+
+class RowModel(torch.nn.Module):
+    """Records the rows of every batch it trains on, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+        self.rows = []
+
+    def forward(self, batch):
+        (x,) = batch
+        if self.training:
+            self.rows += x[:, 0].long().tolist()
+        return self.linear(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_resuming_a_shuffled_dataloader_mid_epoch_trains_the_uninterrupted_order(
+    tmp_path, own_generator
+):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def run(out, hooks=()):
+        model = RowModel()
+        loader = DataLoader(
+            TensorDataset(torch.arange(16.0).reshape(16, 1)),
+            batch_size=2,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(7) if own_generator else None,
+        )
+        trainer = Trainer(
+            model,
+            TrainingArguments(output_dir=str(out), device="cpu", save_every=1, epochs=2),
+            train_data=loader,
+            dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            hooks=hooks,
+        )
+        with contextlib.suppress(RuntimeError):
+            trainer.train()
+        return model.rows
+
+    whole = run(tmp_path / "whole")
+    # Cut in the second epoch: its order follows from the RNG the first one advanced.
+    first = run(tmp_path / "cut", [StopAt(11)])
+    second = run(tmp_path / "cut")
+    assert len(first) == 22
+    assert first + second == whole
+    assert sorted(whole[:16]) == sorted(whole[16:]) == list(range(16))
+
+
+def test_a_call_after_a_hook_stopped_the_run_trains_no_further_until_new_data(tmp_path, caplog):
+    trainer = build_evaluated(tmp_path)
+    trainer.args.save_every, trainer.args.save_at_end = 0, False  # no checkpoint records it
+    trainer.train_and_evaluate()
+    assert trainer.global_step == 4
+    with caplog.at_level("WARNING", logger="recis_train"):
+        trainer.train_and_evaluate()
+    assert trainer.global_step == 4
+    assert "a hook stopped the run at step 4 in an earlier call" in caplog.text
+    trainer.set_train_data(ToyReader(120, 30))
+    trainer.train()
+    assert trainer.global_step == 8

@@ -370,3 +370,14 @@ def test_a_restart_reads_the_export_files_for_checksums_once(tmp_path, hours, mo
     assert hashed
     assert set(hashed) <= exports
     assert set(collections.Counter(hashed).values()) == {1}
+
+
+def test_a_new_stream_is_refused_where_another_run_committed_windows(tmp_path, hours):
+    build(tmp_path / "run", [hours[0]]).run()
+    fresh = build(tmp_path / "run", [hours[1]], arguments={"resume": False})
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of another run \(step-"):
+        fresh.run()
+    assert fresh.trainer.model.log == []  # refused before the first window's evaluation
+    assert [r.files for r in build(tmp_path / "run", [hours[0]]).run()] == [[hours[0]]]
+    # In an output_dir of its own a stream with resume=False runs as before.
+    assert len(build(tmp_path / "new", hours[:2], arguments={"resume": False}).run()) == 2

@@ -220,7 +220,7 @@ def test_cli_help_describes_each_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--gradient-accumulation-steps GRADIENT_ACCUMULATION_STEPS micro-batches" in text
     assert "(default: 1)" in text
-    assert "--resume, --no-resume train() first restores" in text
+    assert "--resume, --no-resume the first train() of a Trainer first restores" in text
 
 
 @pytest.mark.parametrize("label", [0, 1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from recis_train import (
     TrainingArguments,
     seed_everything,
 )
+from recis_train._data import DataStream
 from recis_train._outputs import parse_output
 from recis_train.exceptions import ConfigError, ModelOutputError, NonFiniteLossError
 from recis_train.metrics import AUROC, GAUC, LogLoss
@@ -497,3 +499,86 @@ def test_rng_state_of_more_gpus_than_visible_restores_those_there(monkeypatch) -
     set_rng_state(state)
     assert [i for i, _ in restored] == [0]
     assert torch.equal(restored[0][1], saved[0])
+
+
+class Fixed:
+    """A metric whose ``compute()`` returns ``value`` (sklearn's return NumPy scalars)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def update(self, preds, labels):
+        pass
+
+    def compute(self):
+        return self.value
+
+
+def test_metric_results_are_stored_as_floats_so_their_checkpoints_resume(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    values = {
+        "np64": numpy.float64(0.25),
+        "np32": numpy.float32(0.5),
+        "int": numpy.int64(3),
+        "array": numpy.array([0.125]),
+        "tensor": torch.tensor(0.75),
+    }
+    metrics = {name: (lambda v=v: Fixed(v)) for name, v in values.items()}
+    args = {"train_steps": 2, "save_at_end": True}
+    results = make_trainer(tmp_path, metrics=metrics, args=args).train_and_evaluate()
+    assert {k: results[k] for k in values} == {
+        "np64": 0.25,
+        "np32": 0.5,
+        "int": 3.0,
+        "array": 0.125,
+        "tensor": 0.75,
+    }
+    assert all(type(results[k]) is float for k in values)
+    resumed = make_trainer(tmp_path, metrics=metrics, args=args | {"train_steps": 3})
+    resumed.train()  # the checkpoint of step 2 holds the evaluation in its history
+    assert resumed.global_step == 3
+    assert resumed.history["eval"][0][1]["np64"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("0.5", "str '0.5'"),
+        (1 + 2j, "complex (1+2j)"),
+        (None, "NoneType None"),
+        (torch.tensor([0.1, 0.2]), "torch.Tensor of shape (2,)"),
+    ],
+)
+def test_a_metric_result_that_is_not_a_real_number_is_named(tmp_path, value, shown):
+    trainer = make_trainer(tmp_path, metrics={"odd": lambda: Fixed(value)})
+    expected = f"metric 'odd': compute() returned {shown}, expected a real number"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        trainer.evaluate()
+
+
+def test_a_generator_goes_on_where_it_stands_in_a_second_train_call(tmp_path):
+    batches = list(ToyReader(500, 50))  # 10 batches, rows counted by the model
+    trainer = make_trainer(tmp_path, rows=500, train_data=iter(batches), args={"train_steps": 3})
+    trainer.train()
+    trainer.args.train_steps = 6
+    trainer.train()
+    assert trainer.model.seen.tolist() == [1] * 300 + [0] * 200
+
+
+def test_a_generator_gives_again_the_batches_taken_but_not_trained():
+    stream = DataStream((i for i in range(6)), 1)
+    batches = iter(stream)
+    taken = []
+    for _ in range(3):  # the third is taken ahead, as for the copy to a GPU
+        taken.append((next(batches), stream.state_dict()))
+    stream.trained(taken[1][1])
+    batches.close()
+    stream.load_state_dict(taken[1][1])  # the trainer rewinds to the last batch trained
+    assert list(stream) == [2, 3, 4, 5]
+    stream.load_state_dict({"epoch": 0, "consumed": 1, "reader": None})
+    with pytest.raises(
+        ConfigError,
+        match=r"one-shot iterator \(generator\) that has given 6 batch\(es\); it cannot go back "
+        r"to batch 2",
+    ):
+        list(stream)

@@ -41,7 +41,9 @@ class TrainingArguments:
         seed: seeds torch, numpy and random at the start of a fresh run.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (CUDA when available).
         deterministic: ask torch for deterministic algorithms (bit-exact resume on CPU).
-        resume: ``train()`` first restores the latest checkpoint in ``output_dir`` if one exists.
+        resume: the first ``train()`` of a ``Trainer`` first restores the latest checkpoint in
+            ``output_dir`` if one exists (later calls continue from memory). ``False`` starts a
+            new run, and refuses an ``output_dir`` that already holds checkpoints.
         save_at_end: write a checkpoint when training ends.
     """
 

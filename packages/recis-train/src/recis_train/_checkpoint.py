@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -138,6 +141,13 @@ def first_verified(
     return None
 
 
+def _step_of(path: Path) -> int:
+    """The step of a checkpoint directory named ``step-000000123`` (as
+    :meth:`CheckpointManager.path_for` makes them and :meth:`CheckpointManager.complete` lists
+    them)."""
+    return int(path.name.split("-", 1)[1])
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -160,7 +170,8 @@ class CheckpointManager:
     it without a moment where neither is complete: the old directory is renamed aside to
     ``.replaced-step-...``, the new one renamed in, then the old one deleted; if the process
     dies in between, :meth:`complete` puts the old one back. After a successful save, complete
-    checkpoints beyond ``max_to_keep`` are deleted, oldest first.
+    checkpoints beyond ``max_to_keep`` are deleted, lowest steps first, never the one just
+    written (which a run that went back to an older checkpoint writes below later steps).
 
     The manifest records every file's size and CRC32 checksum. Listing (:meth:`complete`,
     :meth:`latest`, rotation) checks sizes only; :meth:`verify` and :meth:`choose` read the
@@ -240,7 +251,7 @@ class CheckpointManager:
                     f"saving checkpoint of step {step} to {final} failed: {err}"
                 ) from err
             raise
-        self._rotate()
+        self._rotate(final)
         return final
 
     def _move_into_place(self, tmp: Path, final: Path) -> None:
@@ -404,10 +415,28 @@ class CheckpointManager:
             return False
         return True
 
-    def _rotate(self) -> None:
-        done = self.complete()
-        for old in done[: max(0, len(done) - self.max_to_keep)]:
+    def _rotate(self, written: Path) -> None:
+        """Deletes complete checkpoints beyond ``max_to_keep``, the lowest steps first, never
+        ``written`` (the one just saved).
+
+        ``written`` is not always the highest step: after ``restore`` of an older checkpoint
+        the run saves below the steps it went back from. It is kept whatever its step (ordering
+        by step alone would delete it at once), and the later steps are kept too and named in a
+        warning, since a resume takes the latest step: they are the user's to delete.
+        """
+        others = [path for path in self.complete() if path != written]
+        for old in others[: max(0, len(others) + 1 - self.max_to_keep)]:
             shutil.rmtree(old, ignore_errors=True)
+        later = [path.name for path in others if _step_of(path) > _step_of(written)]
+        if later:
+            _log.warning(
+                "checkpoint %s is not the latest in %s (later: %s): restore() and a resumed "
+                "train() take the latest; delete the later ones if they belong to a run you "
+                "went back from",
+                written.name,
+                self.root,
+                ", ".join(later),
+            )
 
     def _remove_stale_temporaries(self) -> None:
         # Left by a process killed mid-save; never picked up by latest().
@@ -439,8 +468,103 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_object(obj: Any, path: Path) -> None:
-    """Save nested state (optimizers, schedulers, RNG) with torch's serializer."""
+    """Save nested state (optimizers, schedulers, RNG) with torch's serializer, checked to load
+    as :func:`load_object` loads it.
+
+    ``torch.save`` takes any picklable value, but ``torch.load(weights_only=True)`` only
+    tensors, Python numbers and strings, plain containers and a few torch types: a NumPy
+    scalar in a hook's ``state_dict()`` would make a checkpoint that saves fine and that no
+    resume can read. So the file is read back weights-only right away (memory-mapped, its
+    tensors' bytes are not read) and an entry that cannot be loaded fails the save.
+
+    Raises:
+        CheckpointError: ``obj`` holds a value that weights-only loading refuses; names the
+            entry (e.g. ``hooks['BestLoss']['best']``) and its type.
+    """
     torch.save(obj, path)
+    try:
+        _load_back(path)
+    except Exception as err:
+        found = _unloadable(obj)
+        if found is not None:
+            what = f"{found[0]} is a {found[1]}, which torch.load(weights_only=True) refuses"
+        else:  # torch's own reason then; its message holds a line naming the global refused
+            lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln]
+            what = f"torch.load(weights_only=True) refuses it ({type(err).__name__}: " + (
+                f"{lines[0]})" if lines else f"{err})"
+            )
+        raise CheckpointError(
+            f"the state written to {path.parent.name}/{path.name} could not be loaded back: "
+            f"{what}, so no resume "
+            "could read the checkpoint; state (a hook's state_dict(), a metric's result) may "
+            "hold tensors, Python numbers, strings and None, in lists, tuples and dicts: convert "
+            "NumPy values with float(x) or x.item() (torch.from_numpy(a) for an array)"
+        ) from err
+
+
+def _load_back(path: Path) -> None:
+    """Loads ``path`` as :func:`load_object` does; memory-mapped, so that its tensors' bytes
+    are not read, where the file system allows it."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise  # what weights-only loading refuses
+    except Exception:  # e.g. no mmap where the file lies: read it in full instead
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+#: leaves weights-only loading always takes (their exact types: a NumPy float64 is a float
+#: subclass, and refused), checked without a round trip
+_PLAIN = (str, bytes, int, float, bool, complex, type(None))
+
+
+def _loads(value: Any) -> bool:
+    """Whether ``value`` alone survives ``torch.save`` and a weights-only ``torch.load``."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def _unloadable(obj: Any, where: str = "") -> tuple[str, str] | None:
+    """The first entry of ``obj`` that weights-only loading refuses, as ``(where, type)``,
+    e.g. ``("hooks['BestLoss']['best']", "numpy.float64")``; ``None`` if none is found.
+
+    Plain dicts, lists and tuples are walked (keys too); every other value is checked alone,
+    so that the entry named is the innermost one (tensors are never round-tripped: a large
+    optimizer state is not copied to find a NumPy scalar beside it).
+    """
+    if type(obj) in (dict, collections.OrderedDict):
+        for key, value in obj.items():
+            inner = f"{where}[{key!r}]" if where else str(key)
+            if type(key) not in _PLAIN and not _loads(key):
+                return f"the key {key!r} of {where or 'the state'}", _type_name(key)
+            found = _unloadable(value, inner)
+            if found is not None:
+                return found
+        return None
+    if type(obj) in (list, tuple):
+        for index, value in enumerate(obj):
+            found = _unloadable(value, f"{where}[{index}]")
+            if found is not None:
+                return found
+        return None
+    if type(obj) in _PLAIN or isinstance(obj, torch.Tensor) or _loads(obj):
+        return None
+    return where or "the state", _type_name(obj)
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 def load_object(path: Path) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +142,8 @@ class EvaluationMixin:
             )
         for task, named in metrics.items():
             for name, metric in named.items():
-                results[f"{task}/{name}" if task else name] = metric.compute()
+                key = f"{task}/{name}" if task else name
+                results[key] = metric_value(metric.compute(), key)
         self.history["eval"].append((self.global_step, results))
         return results
 
@@ -217,6 +219,38 @@ def check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricFa
                 "makes its own metrics"
             )
     return factories
+
+
+def metric_value(value: Any, key: str) -> float:
+    """``value``, a metric's ``compute()`` result, as a Python float.
+
+    Results go into ``history``, which checkpoints hold and a resume loads with
+    ``torch.load(weights_only=True)``: that refuses NumPy scalars (what e.g. sklearn's
+    ``roc_auc_score`` returns), so every result is stored as a plain float. A NumPy scalar, a
+    0-d or one-element array or tensor, an int or a bool are converted.
+
+    Raises:
+        ConfigError: ``value`` is not a real number (a string, a complex number, several
+            values, ``None``), naming the metric.
+    """
+    if not isinstance(value, numbers.Real) and callable(getattr(value, "item", None)):
+        size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
+        if size == 1:
+            value = value.item()
+    if isinstance(value, numbers.Real):
+        return float(value)
+    kind = type(value)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    shape = getattr(value, "shape", None)
+    raise ConfigError(
+        f"metric {key!r}: compute() returned {name}"
+        + (f" of shape {tuple(shape)}" if shape is not None else f" {value!r}")
+        + ", expected a real number (a float, a NumPy scalar or a one-element tensor)"
+    )
 
 
 def _mean(total: float, count: float) -> float:

@@ -332,8 +332,9 @@ class Online:
         (see the class description).
 
         Raises:
-            ConfigError: a source item is not a path or a non-empty sequence of paths, or
-                ``make_data`` returned something that is not iterable.
+            ConfigError: a source item is not a path or a non-empty sequence of paths,
+                ``make_data`` returned something that is not iterable, or (with
+                ``args.resume=False``) ``output_dir`` holds checkpoints of another run.
             SourceNotFoundError: the watched directory does not exist (any more).
         """
         restored = None
@@ -346,6 +347,10 @@ class Online:
                     len(self.progress.windows),
                     restored,
                 )
+        else:
+            # A new stream (resume=False) is refused before its first window in an output_dir
+            # holding another run's checkpoints, which its own would mix with and rotate away.
+            self.trainer._check_output_dir()
         if self._uncommitted and restored is None:
             self._roll_back()
         self._uncommitted = False

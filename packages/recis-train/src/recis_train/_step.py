@@ -139,6 +139,7 @@ class StepMixin:
             samples += batch_rows(batch)
         self._optimizer_step()
         self._cursor = micro[-1][1]
+        self.stream.trained(self._cursor)
         self.global_step += 1
         if self.distributed is not None:
             totals, samples = self.distributed.mean_logs(totals, samples)

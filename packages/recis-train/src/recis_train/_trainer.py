@@ -171,6 +171,16 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         self._cursor = self.stream.state_dict()
         self._restored = False
         self._stopped_at_restore = False
+        # A train() call has begun: later calls continue from the state in memory, they never
+        # restore a checkpoint on their own (it would throw away the steps trained since it).
+        self._started = False
+        # set_train_data was called before the first train(): a resume keeps the new data's
+        # cursor (at its first batch), not the checkpoint's, which belongs to other data.
+        self._data_replaced = False
+        # output_dir was found free of another run's checkpoints (see _check_output_dir).
+        self._output_checked = False
+        # A hook stopped the last call: later calls train no further on this data.
+        self._hook_stopped = False
         self._evaluated_iterator = False  # the trainer's eval_data, if an iterator, is used up
         self._tables: list[Any] | None = None
         self._last_saved_step: int | None = None
@@ -234,7 +244,11 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         """Train the next ``train()`` call on new data (e.g. the next window of a stream).
 
         The data cursor starts over on the new data; the step count, optimizers and
-        everything else carry on.
+        everything else carry on. On a trainer that has not trained yet, the resume of the
+        first ``train()`` (with ``args.resume``) restores the checkpoint's step, weights,
+        optimizers, RNG and hooks, but not its data cursor, which belongs to the data it was
+        trained on: the new data still starts at its first batch. (An explicit :meth:`restore`
+        loads the cursor with the rest.)
 
         Args:
             train_data: the new iterable of batches (see the class's ``train_data``).
@@ -243,12 +257,24 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         self.train_data = train_data
         self.stream = DataStream(train_data, self.args.epochs if epochs is None else epochs)
         self._cursor = self.stream.state_dict()
-        self._stopped_at_restore = False  # a stop asked for on the old data ended that run only
+        # A stop asked for on the old data ended that run only.
+        self._stopped_at_restore = self._hook_stopped = False
+        self._data_replaced = True
 
     def train(self) -> dict[str, float]:
         """Train until ``train_steps``, the end of the data, or a hook asks to stop.
 
-        Resumes from the latest checkpoint in ``output_dir`` first when ``args.resume``.
+        The first call of a trainer resumes from the latest checkpoint in ``output_dir`` when
+        ``args.resume`` (unless :meth:`restore` loaded one already). Later calls (e.g. with
+        ``train_steps`` raised, or after :meth:`set_train_data`) continue from the state in
+        memory, where the previous call stopped: they restore nothing, so no step trained since
+        the last checkpoint is lost. A run a hook asked to stop (e.g. :class:`EarlyStopping`)
+        is finished, as its checkpoint records: later calls train no step until
+        :meth:`set_train_data` gives new data.
+
+        With ``resume=False`` the run starts from step 0 (or from what :meth:`restore`
+        loaded), and an ``output_dir`` that already holds checkpoints of another run is
+        refused before training.
 
         Returns:
             The last step's logs (``loss``, ``loss/<task>``, ``lr``, ``samples``, ``step``).
@@ -278,16 +304,25 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         return dict(self.history["eval"][-1][1])
 
     def _run(self, evaluate_every: int, evaluate_at_end: bool = False) -> dict[str, float]:
-        if self.args.resume and not self._restored:
-            self.restore(missing_ok=True)
+        if not self._started:
+            self._begin()
         if not self._restored and self.global_step == 0:
             seed_everything(self.args.seed)
-        # A run restored from a checkpoint written after a hook asked to stop is finished.
-        self.should_stop, self._stopped_at_restore = self._stopped_at_restore, False
-        if self.should_stop:
+        # A run a hook asked to stop is finished (until set_train_data gives new data): one
+        # restored from a checkpoint written after the stop, as one an earlier call stopped.
+        from_checkpoint, earlier_call = self._stopped_at_restore, self._hook_stopped
+        self._stopped_at_restore = self._hook_stopped = False
+        self.should_stop = from_checkpoint or earlier_call
+        if from_checkpoint:
             _log.warning(
                 "train() runs no step: the checkpoint of step %d records that a hook stopped "
                 "the run there; use another output_dir to train further",
+                self.global_step,
+            )
+        elif earlier_call:
+            _log.warning(
+                "train() runs no step: a hook stopped the run at step %d in an earlier call; "
+                "give new data with set_train_data, or use another output_dir, to train further",
                 self.global_step,
             )
         for hook in self._hooks():
@@ -324,9 +359,66 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             self.evaluate()
         if self.args.save_at_end and self._last_saved_step != self.global_step:
             self.save()
+        self._hook_stopped = self.should_stop  # as the checkpoint of this step records it
         for hook in self._hooks():
             hook.on_train_end(self)
         return logs
+
+    def _begin(self) -> None:
+        """Before the first training of this trainer: the resume (``args.resume``), or the
+        check that a new run does not write into another run's checkpoints.
+
+        Only the first ``train()`` resumes: the trainer's own checkpoints are behind what it
+        holds in memory once it has trained, and a checkpoint's data cursor does not fit data
+        given by :meth:`set_train_data` since. A resume that raises leaves the trainer
+        unstarted, so the next call tries again.
+        """
+        if self.args.resume and not self._restored:
+            restored = self.restore(missing_ok=True)
+            if restored is not None and self._data_replaced:
+                # set_train_data promised the new data from its first batch: the checkpoint's
+                # cursor (and a stop a hook asked for there) belong to the data it trained on.
+                self.stream = DataStream(self.train_data, self.stream.epochs)
+                self._cursor = self.stream.state_dict()
+                self._stopped_at_restore = False
+        self._check_output_dir()
+        self._started = True
+
+    def _check_output_dir(self) -> None:
+        """Refuses a new run (``resume=False``, no trainer state restored, nothing saved yet)
+        in an ``output_dir`` holding complete checkpoints.
+
+        Its checkpoints would mix with the other run's: a resume takes the newest step
+        whichever run wrote it, and rotation deletes the oldest steps of both runs. The
+        checkpoints are the user's to keep or delete, so nothing is deleted here.
+
+        Raises:
+            ConfigError: naming the checkpoints found and the ways out.
+        """
+        if (
+            self._output_checked
+            or self.args.resume
+            or self._restored
+            or self._last_saved_step is not None
+        ):
+            return
+        # Rank 0 lists them and tells the others, so that every rank raises or none does.
+        ctx = self.distributed
+        found = (
+            [p.name for p in self.checkpoints.complete()] if ctx is None or ctx.is_main else None
+        )
+        if ctx is not None:
+            found = ctx.broadcast(found)
+        if found:
+            raise ConfigError(
+                f"output_dir {self.args.output_dir!r} already holds checkpoints of another run "
+                f"({', '.join(found)} in {self.checkpoints.root}) and resume=False starts a new "
+                "run from step 0: its checkpoints would mix with those (a resume takes the newest "
+                "step, whichever run wrote it) and rotation would delete them; choose another "
+                "output_dir, pass resume=True to continue that run, or delete those checkpoints "
+                "if they are no longer needed"
+            )
+        self._output_checked = True
 
     def _warn_if_data_ran_out(self, first_step: int, past_start: bool) -> None:
         """Logs a warning when training stopped for want of data, not by request
@@ -380,7 +472,15 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         """Write a checkpoint of the current step (atomically) and return its directory.
 
         Distributed, every rank must call it; it returns once the checkpoint is complete.
+
+        Raises:
+            ConfigError: ``resume=False``, nothing restored or saved yet, and ``output_dir``
+                holds another run's checkpoints (see :meth:`train`).
+            CheckpointError: writing failed, or the trainer state (e.g. a hook's
+                ``state_dict()``) holds a value a resume could not load; the error names the
+                entry, and the checkpoints written before stay as they were.
         """
+        self._check_output_dir()
         path = self._save()
         for hook in self._hooks():
             hook.on_save(self, str(path))
