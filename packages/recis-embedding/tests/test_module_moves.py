@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -159,3 +161,22 @@ def test_tables_declared_on_cuda_allow_moves_to_cuda_only() -> None:
     model.to(torch.device("cuda", torch.cuda.current_device()))
     with pytest.raises(ConfigError, match=r"cannot move EmbeddingEngine to cpu: its tables"):
         model.cpu()
+
+
+def test_a_model_loaded_with_map_location_has_its_tables_where_their_tensors_went() -> None:
+    # torch.load(map_location=...) moves the tables' tensors; their recorded device (which
+    # device checks and kernel launches go by) said where they were saved.
+    model = Model()
+    model(batch()).backward()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location=META, weights_only=False)
+    tables = list(loaded.emb.physical)
+    assert tables
+    for table in tables:
+        assert table.device == META
+        assert table._map.device == table._map.slot_keys.device == META
+        assert table._store.device == table._store.blocks[0].device == META
+    loaded.to(META)  # its tables are on meta: moving the model there is allowed
+    assert loaded.head.weight.device == META

@@ -160,6 +160,13 @@ class HashTable:
         self.handle._recis_table = self  # type: ignore[attr-defined]
         self.add_table(name, initializer or TruncatedNormal(std=0.01))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch.load(map_location=...) moves the table's tensors but not its recorded device,
+        # which checks and kernel launches go by: the table lives where its tensors are.
+        self.__dict__.update(state)
+        self.device = self.inserted.device
+        self._map.device = self._store.device = self.device
+
     # ----------------------------------------------------------------- logical tables
     def add_table(self, name: str, initializer: Initializer) -> int:
         """Register a logical table in this physical table; returns its table index."""
@@ -723,11 +730,16 @@ def _held_bytes(obj: Any) -> int:
 
 
 def _first_occurrence(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct rows and the index of each one's first occurrence in ``rows``."""
-    uniq, inverse = torch.unique(rows, return_inverse=True)
-    first = torch.full((uniq.numel(),), rows.numel(), dtype=torch.int64, device=rows.device)
-    first.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), "amin")
-    return uniq, first
+    """Distinct rows (ascending) and the index of each one's first occurrence in ``rows``.
+
+    A stable sort puts each row's first occurrence at the head of its run: deterministic on
+    every device (a scatter with ``amin`` is refused on CUDA under
+    ``torch.use_deterministic_algorithms``)."""
+    order = torch.argsort(rows, stable=True)
+    ordered = rows.index_select(0, order)
+    head = torch.ones_like(ordered, dtype=torch.bool)
+    head[1:] = ordered[1:] != ordered[:-1]
+    return ordered[head], order[head]
 
 
 def _strictly_increasing(ids: torch.Tensor) -> bool:

@@ -347,6 +347,11 @@ class IdMap:
         self.next_row = 0
         self.free_rows = torch.empty(0, dtype=torch.int64, device=self.device)
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # torch.load(map_location=...) moves the slot arrays: the map lives where they are.
+        self.__dict__.update(state)
+        self.device = self.slot_keys.device
+
     def _allocate(self, capacity: int) -> None:
         d = self.device
         self.slot_keys = torch.zeros(capacity, dtype=torch.int64, device=d)

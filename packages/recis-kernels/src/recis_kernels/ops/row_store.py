@@ -291,6 +291,13 @@ class RowStore:
         state.pop("_ptrs", None)
         return state
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # torch.load(map_location=...) moves the blocks: the store lives where they are (a
+        # store without blocks keeps its device; a HashTable sets its store's from its own).
+        self.__dict__.update(state)
+        if self.blocks:
+            self.device = self.blocks[0].device
+
     def _launch(
         self,
         op: str,
