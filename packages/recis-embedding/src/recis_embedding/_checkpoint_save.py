@@ -215,7 +215,8 @@ def _gather(shard: Any, item: Any) -> list[Any]:
     if shard is None:
         return [item]
     out: list[Any] = [None] * shard.world_size
-    torch.distributed.all_gather_object(out, item, group=shard.group)
+    with shard.on_device():
+        torch.distributed.all_gather_object(out, item, group=shard.group)
     return out
 
 

@@ -15,6 +15,7 @@ Every rank must run the same sequence of lookups and optimizer steps (as with DD
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,9 @@ class ShardContext:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
+        #: the CUDA device of the tables (NCCL groups): object collectives run on it (they
+        #: use the current device otherwise, cuda:0 on every rank unless set)
+        self.device: torch.device | None = None
 
     def check_devices(self, tables: Sequence[Any]) -> None:
         """Raise :class:`ConfigError` when the group's backend cannot exchange the rows of
@@ -117,6 +121,14 @@ class ShardContext:
                 f"EmbeddingOption(..., device='cuda:<local rank>'), or shard over a gloo group "
                 f"(process_group=dist.new_group(backend='gloo'))"
             )
+        self.device = tables[0].device if tables else None
+
+    def on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Context for an object collective (``all_gather_object``): NCCL runs it on the
+        current CUDA device, which must be this rank's, the tables' device."""
+        if self.device is not None and self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
     def route(
         self, keys: torch.Tensor, tabs: torch.Tensor, uses: torch.Tensor
