@@ -274,3 +274,31 @@ def test_a_state_loaded_in_the_main_process_is_refused_by_workers(files) -> None
         _ids(loader)
     # Without workers the state is this dataset's to resume.
     assert _ids(DataLoader(ds, batch_size=None)) == list(range(50, sum(ROWS)))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "pinned",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_pinned_and_cuda_batches_are_refused_in_workers(files, device: str) -> None:
+    # A forked worker cannot initialize CUDA once its parent has, and a pinned batch sent from
+    # a worker arrives in shared memory, no longer pinned: the loader's pin_memory does it.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork")
+    ds = Dataset(files, batch_size=50, num_threads=1, device=device)
+    loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(
+        InvalidArgumentError,
+        match=rf"device='{device}' cannot be used in DataLoader workers: read with device='cpu'"
+        r" there and give the DataLoader pin_memory=True",
+    ):
+        _ids(loader)
+    # Without workers the dataset reads on (pinned or CUDA where CUDA is, plain memory here).
+    assert len(_ids(DataLoader(ds, batch_size=None))) == sum(ROWS)

@@ -164,7 +164,9 @@ class Dataset(IterableDataset):
         epochs: Passes over the data per iteration.
         device: ``"cpu"``; ``"pinned"`` (page-locked buffers when CUDA is available, plain
             CPU memory otherwise); or ``"cuda"``/``"cuda:N"`` (pinned buffers, each batch
-            moved with one non-blocking copy).
+            moved with one non-blocking copy). In ``DataLoader`` workers only ``"cpu"``
+            (iterating there raises :class:`InvalidArgumentError` otherwise); the loader's
+            ``pin_memory=True`` pins in the main process.
 
     Raises:
         DataFileNotFoundError: A path matched no file.
@@ -373,6 +375,17 @@ class Dataset(IterableDataset):
         return first, (epoch, row)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._device_kind != "cpu" and get_worker_info() is not None:
+            # A forked worker cannot initialize CUDA once its parent has, and a pinned or CUDA
+            # batch sent from a worker reaches the main process in shared memory (no longer
+            # pinned) or through CUDA IPC: DataLoader(pin_memory=True) pins in the main process.
+            raise InvalidArgumentError(
+                f"device={str(self._device or self._device_kind)!r} cannot be used in "
+                "DataLoader workers: read with "
+                "device='cpu' there and give the DataLoader pin_memory=True (it pins each batch "
+                "in the main process), then move batches with batch.to(device, "
+                "non_blocking=True)"
+            )
         shard, shards = self._current_shard()
         if self._resume is not None and self._resume_shard != (shard, shards):
             # A state loaded in the main process reaches DataLoader workers in their copies
