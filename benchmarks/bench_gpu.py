@@ -546,6 +546,9 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device) -> Sizes:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        # The timing events record on the current device's stream: make it the measured one.
+        torch.cuda.set_device(device)
     sizes = resolve_sizes(args, device)
     parts = set(args.only or ("hash_table", "rows"))
     nvrtc = device.type == "cuda" and rk.backend() != "cpu" and rk.cuda_python_available()

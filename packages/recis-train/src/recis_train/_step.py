@@ -59,7 +59,9 @@ class StepMixin:
             if self.device.type == "cpu":
                 yield item
                 continue
-            # The copy of this batch overlaps the compute of the previous one.
+            # One batch ahead: this batch's copy is queued (non_blocking; from pinned memory
+            # the host does not wait for it) before the previous batch's step is. It runs on
+            # the compute stream, so it does not overlap that step's kernels on the device.
             if pending is not None:
                 yield pending
             pending = item
