@@ -140,6 +140,9 @@ class HashTable:
         self._counts = dict.fromkeys(
             ("lookups", "inserts", "hits", "admissions_rejected", "evictions"), 0
         )
+        # Hits of lookups on a GPU, summed there and read by stats(): reading each lookup's
+        # count would synchronize every lookup only for a statistic.
+        self._device_hits: torch.Tensor | None = None
         self.admission = None
         self.eviction = None
         # What the admission policy keeps per table (FrequencyAdmission: its counters); it
@@ -272,7 +275,12 @@ class HashTable:
         self._check_ids("find", ids)
         rows = self._map.find(ids, self._tables("find", ids, table))
         self._counts["lookups"] += ids.numel()
-        self._counts["hits"] += int((rows >= 0).sum())
+        hits = (rows >= 0).sum()
+        if rows.device.type == "cpu":
+            self._counts["hits"] += int(hits)
+        else:
+            pending = getattr(self, "_device_hits", None)  # absent in older pickles
+            self._device_hits = hits if pending is None else pending + hits
         return rows
 
     def find_or_insert(
@@ -313,10 +321,10 @@ class HashTable:
         self._counts["lookups"] += ids.numel()
         miss = rows < 0
         is_new = torch.zeros_like(miss)
-        if not bool(miss.any()):
-            self._counts["hits"] += ids.numel()
+        missing = int(miss.sum())  # one read serves the branch and the statistic
+        self._counts["hits"] += ids.numel() - missing
+        if not missing:
             return rows, is_new
-        self._counts["hits"] += ids.numel() - int(miss.sum())
         if admit is not None:
             miss = miss & admit
         idx = true_positions(miss)
@@ -702,6 +710,10 @@ class HashTable:
         """Current counters; see :class:`TableStats`."""
         records = (self.inserted, self.last_seen, self.frequency, self._dirty)
         held = self._store.nbytes + _held_bytes(self._map) + _held_bytes(records)
+        pending = getattr(self, "_device_hits", None)
+        if pending is not None:
+            self._counts["hits"] += int(pending)
+            self._device_hits = None
         return TableStats(
             rows=self._map.size,
             capacity=self.capacity,
