@@ -547,6 +547,53 @@ def test_set_train_data_before_the_first_train_resumes_all_but_the_cursor(tmp_pa
     assert [step for step, _ in again.history["train"]] == [1, 2, 3, 4, 5]
 
 
+class Flaky(Recorder):
+    """Raises once, in its ``fail_at``-th training forward (a transient error in a step)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, batch):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError("transient failure")
+        return super().forward(batch)
+
+
+def test_a_call_after_a_step_cut_short_does_not_add_its_gradients_twice(tmp_path):
+    # The first micro-batch's gradient of the step that raised was kept, and the next call
+    # (continuing from memory) took that batch again: it counted twice.
+    def run(out, fail_at):
+        torch.manual_seed(0)
+        model = Flaky(fail_at)
+        args = {"train_steps": 4, "save_every": 1, "gradient_accumulation_steps": 2}
+        trainer = recorder_trainer(out, tagged(8, "A"), model, **args)
+        if fail_at:
+            with pytest.raises(RuntimeError, match="transient failure"):
+                trainer.train()
+            assert trainer.global_step == 2
+        trainer.train()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(tmp_path / "a", None), run(tmp_path / "b", 6))  # step 3, batch 2
+
+
+def test_restore_after_a_hook_stopped_the_run_trains_again(tmp_path):
+    stop = EarlyStopping("loss", mode="min", patience=2, min_delta=100.0)
+    data = tagged(6, "A")
+    trainer = recorder_trainer(
+        tmp_path, data, train_steps=6, save_every=1, eval_every=1, max_to_keep=10
+    )
+    trainer.hooks, trainer.eval_data = [stop], data
+    trainer.train_and_evaluate()
+    assert trainer.global_step == 3  # stopped there
+    trainer.restore(trainer.checkpoints.path_for(1))  # written before the stop
+    trainer.train()
+    assert trainer.global_step == 6
+
+
 class BestLoss(Hook):
     """Keeps the best loss as a NumPy scalar once ``numpy_from`` steps are trained."""
 

@@ -582,3 +582,32 @@ def test_a_generator_gives_again_the_batches_taken_but_not_trained():
         r"to batch 2",
     ):
         list(stream)
+
+
+class _PersistentLoader(list):
+    """Batches in a list, with the attributes of a DataLoader keeping its workers."""
+
+    persistent_workers = True
+    num_workers = 2
+
+
+def test_resuming_a_persistent_worker_loader_in_a_later_epoch_warns(caplog):
+    # Its later epochs' orders come from an iterator the first epoch built (which drew a seed
+    # for its workers first): the replayed random state cannot give them again.
+    first = DataStream(_PersistentLoader(range(4)), 3)
+    taken = iter(first)
+    for _ in range(6):  # into epoch 2
+        next(taken)
+    cursor = first.state_dict()
+    assert (cursor["epoch"], cursor["consumed"]) == (1, 2)
+    resumed = DataStream(_PersistentLoader(range(4)), 3)
+    resumed.load_state_dict(cursor)
+    with caplog.at_level("WARNING", logger="recis_train"):
+        assert list(resumed)[:2] == [2, 3]
+    assert "resuming in epoch 2 of a DataLoader with persistent_workers=True" in caplog.text
+    caplog.clear()
+    again = DataStream(_PersistentLoader(range(4)), 3)  # within its first epoch: exact
+    again.load_state_dict({"epoch": 0, "consumed": 1, "reader": None})
+    with caplog.at_level("WARNING", logger="recis_train"):
+        assert list(again)[:3] == [1, 2, 3]
+    assert not caplog.text

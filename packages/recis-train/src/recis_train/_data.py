@@ -5,12 +5,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from recis_train.exceptions import ConfigError
+
+_log = logging.getLogger("recis_train")
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
@@ -67,11 +70,13 @@ class DataStream:
     RNG state (and that of the loader's or its sampler's own ``generator``) from right before
     the epoch's ``iter(data)``, and the re-iteration starts from it, then puts back the global
     RNG state the resume had. An order drawn from other generators (Python's ``random``,
-    NumPy's) or while the epoch runs is not covered: it must not depend on them.
+    NumPy's) or while the epoch runs is not covered: it must not depend on them. Nor is a
+    ``DataLoader`` with ``persistent_workers=True`` resumed in its second epoch or later
+    (its iterator drew a seed for its workers in the first epoch only): a warning says so.
 
     A one-shot iterator (a generator) cannot be iterated again: it simply goes on where it
-    stands, and the batches it gave that the trainer has not trained yet (one taken ahead for
-    the copy to the GPU, the micro-batches of a step cut short) are kept to be given again,
+    stands, and the batches it gave that the trainer has not trained yet (the micro-batches of
+    a step cut short) are kept to be given again,
     until :meth:`trained` reports them trained. Resuming from a checkpoint (a fresh iterator)
     skips the consumed batches, as for other data.
 
@@ -170,6 +175,17 @@ class DataStream:
         replay = self._epoch_rng if skip else None
         if replay is None:
             self._epoch_rng = None if self._stateful else _order_rng(self.data)
+        elif self.epoch > 0 and _persistent_workers(self.data):
+            # Its later epochs draw their order on the iterator the first epoch built, which
+            # drew a seed for its workers first; a resumed run builds its first iterator here.
+            _log.warning(
+                "resuming in epoch %d of a DataLoader with persistent_workers=True: its order "
+                "is drawn from other random numbers than in the interrupted run, so skipping "
+                "the %d batches trained may not land on the rows trained next; use "
+                "persistent_workers=False (or a recis-io Dataset) for an exact resume",
+                self.epoch + 1,
+                skip,
+            )
         with _drawn_from(replay, self.data):
             iterator = iter(self.data)
             skipped = sum(1 for _ in itertools.islice(iterator, skip))
@@ -218,6 +234,14 @@ class DataStream:
             self._untrained.append((self._taken, batch))
             self.consumed += 1
             yield batch
+
+
+def _persistent_workers(data: Any) -> bool:
+    """Whether ``data`` is a ``DataLoader`` keeping its worker processes across epochs."""
+    return (
+        bool(getattr(data, "persistent_workers", False))
+        and (getattr(data, "num_workers", 0) or 0) > 0
+    )
 
 
 def _generators(data: Any) -> list[torch.Generator]:

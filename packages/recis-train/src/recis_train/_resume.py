@@ -63,6 +63,7 @@ class CheckpointMixin:
     _cursor: dict[str, Any]
     _restored: bool
     _stopped_at_restore: bool
+    _hook_stopped: bool
     _last_saved_step: int | None
     _scaler: torch.amp.GradScaler | None
 
@@ -388,6 +389,9 @@ class CheckpointMixin:
             self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._stopped_at_restore = bool(state.get("stopped", False))
+        # The state in memory is the checkpoint's now: a stop an earlier call of this trainer
+        # ended with no longer holds (the checkpoint says whether the run it records stopped).
+        self._hook_stopped = False
         set_rng_state(own["rng"])
 
 

@@ -52,21 +52,16 @@ class StepMixin:
         def _autocast(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def _batches(self) -> Generator[tuple[Any, dict[str, Any]], None, None]:
-        """(batch on the device, cursor after it), one batch ahead when copying to a GPU."""
-        pending = None
+        """(batch on the device, cursor after it).
+
+        The copy is ``non_blocking`` (from pinned memory the host goes on while it runs) and
+        no batch is taken ahead: a batch taken one step early would start the next epoch's
+        iteration, and so draw its order from the RNG, before the step that a checkpoint of
+        the epoch's end records the RNG after (a resume would then draw another order); and
+        on the compute stream an early copy overlaps nothing.
+        """
         for batch in self.stream:
-            item = (move_to(batch, self.device), self.stream.state_dict())
-            if self.device.type == "cpu":
-                yield item
-                continue
-            # One batch ahead: this batch's copy is queued (non_blocking; from pinned memory
-            # the host does not wait for it) before the previous batch's step is. It runs on
-            # the compute stream, so it does not overlap that step's kernels on the device.
-            if pending is not None:
-                yield pending
-            pending = item
-        if pending is not None:
-            yield pending
+            yield move_to(batch, self.device), self.stream.state_dict()
 
     def _take(self, batches: Iterator[tuple[Any, dict[str, Any]]]) -> list[Any]:
         micro = []

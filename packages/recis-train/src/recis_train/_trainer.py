@@ -347,9 +347,15 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                     self.evaluate()
                 if self.args.save_every and self.global_step % self.args.save_every == 0:
                     self.save()
+        except BaseException:
+            # A step cut short (an error in a forward, an interrupt) leaves the gradients of
+            # its first micro-batches: a later call, which continues from memory and takes
+            # those batches again, must not add them twice.
+            self._zero_grad()
+            raise
         finally:
-            # The prefetcher may hold a batch already taken from the data: rewind to the cursor
-            # of the last batch trained on so a later call continues exactly there.
+            # Batches of a step cut short were taken from the data: rewind to the cursor of the
+            # last batch trained on so a later call continues exactly there.
             batches.close()
             self.stream.load_state_dict(self._cursor)
         self._warn_if_data_ran_out(first_step, past_start)
