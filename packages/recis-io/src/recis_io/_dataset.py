@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -399,9 +400,9 @@ class Dataset(IterableDataset):
         first, start = self._next_pass(shards)
         end = first + self.epochs
         reader = self._take_reader(shard, shards)
-        self._resume = None
         reader.set_end_epoch(end)
         reader.seek(*start)
+        self._resume = None  # only once the reader took it: a failure keeps the state
         self._pass_first = first
         self._epoch_set = False
         self._cursor = start
@@ -491,7 +492,7 @@ class Dataset(IterableDataset):
             if state.get(key) != value:
                 raise InvalidArgumentError(_mismatch(key, state.get(key), value))
         epoch, row = state.get("epoch"), state.get("row")
-        if not (isinstance(epoch, int) and isinstance(row, int) and epoch >= 0 and row >= 0):
+        if not (_cursor_int(epoch) and _cursor_int(row) and epoch <= _MAX_EPOCH):
             raise InvalidArgumentError(f"state has invalid cursor epoch={epoch!r} row={row!r}")
         if row > self.total_rows // shards:
             raise InvalidArgumentError(f"state row {row} is past the end of the shard")
@@ -507,6 +508,15 @@ class Dataset(IterableDataset):
             f"Dataset(files={len(self._files)}, rows={self.total_rows}, "
             f"batch_size={self.batch_size}, shuffle={self.shuffle})"
         )
+
+
+#: The largest epoch a state may hold (JSON's exact integers; the reader counts in 64 bits).
+_MAX_EPOCH = 1 << 53
+
+
+def _cursor_int(value: Any) -> TypeGuard[int]:
+    """An int >= 0 that is not a bool (``True`` is an int to Python, not to a cursor)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _mismatch(key: str, got: Any, have: Any) -> str:
@@ -533,6 +543,12 @@ class _BatchIterator(Iterator[Batch]):
         self._reader: Reader | None = reader
         self._key = key
         self._pid = os.getpid()
+        # One next() at a time: the reader is not to be entered by two threads at once.
+        self._lock = threading.Lock()
+        # A batch the reader filled whose next() did not return it (an exception such as a
+        # KeyboardInterrupt raised in between): the next call returns it, and the cursor only
+        # moves past a batch once it is returned.
+        self._filled: tuple[torch.Tensor, Any, tuple[int, ...]] | None = None
 
     def __iter__(self) -> _BatchIterator:
         return self
@@ -543,24 +559,32 @@ class _BatchIterator(Iterator[Batch]):
                 "this iterator was started before the process forked; start iterating in the "
                 "child (DataLoader workers do) or use multiprocessing_context='spawn'"
             )
+        with self._lock:
+            return self._next()
+
+    def _next(self) -> Batch:
         reader = self._reader
         if reader is None:
             raise StopIteration
-        nbytes = reader.prepare()
-        if nbytes is None:
-            self._close()
-            raise StopIteration
         kind = self._ds._device_kind
-        if kind == "cpu" or not torch.cuda.is_available():
-            capsule, layout = reader.fill_owned()
-            buffer = torch.utils.dlpack.from_dlpack(capsule)
-        else:
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            layout = reader.fill_into(buffer.data_ptr(), nbytes)
-        self._ds._cursor = tuple(reader.cursor())  # type: ignore[assignment]
+        if self._filled is None:
+            nbytes = reader.prepare()
+            if nbytes is None:
+                self._close()
+                raise StopIteration
+            if kind == "cpu" or not torch.cuda.is_available():
+                capsule, layout = reader.fill_owned()
+                buffer = torch.utils.dlpack.from_dlpack(capsule)
+            else:
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                layout = reader.fill_into(buffer.data_ptr(), nbytes)
+            self._filled = (buffer, layout, tuple(reader.cursor()))
+        buffer, layout, cursor = self._filled
         batch = Batch(buffer, self._ds._infos, layout)
         if kind == "cuda" and self._ds._device is not None:
             batch = batch.to(self._ds._device, non_blocking=True)
+        self._filled = None
+        self._ds._cursor = cursor  # type: ignore[assignment]
         return batch
 
     def _close(self) -> None:
