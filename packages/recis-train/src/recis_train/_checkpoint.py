@@ -542,7 +542,7 @@ def _unloadable(obj: Any, where: str = "") -> tuple[str, str] | None:
         for key, value in obj.items():
             inner = f"{where}[{key!r}]" if where else str(key)
             if type(key) not in _PLAIN and not _loads(key):
-                return f"the key {key!r} of {where or 'the state'}", _type_name(key)
+                return f"the key {key!r} of {where or 'the state'}", type_name(key)
             found = _unloadable(value, inner)
             if found is not None:
                 return found
@@ -555,10 +555,11 @@ def _unloadable(obj: Any, where: str = "") -> tuple[str, str] | None:
         return None
     if type(obj) in _PLAIN or isinstance(obj, torch.Tensor) or _loads(obj):
         return None
-    return where or "the state", _type_name(obj)
+    return where or "the state", type_name(obj)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """``value``'s type as an error names it: ``int``, ``numpy.float64``."""
     kind = type(value)
     return (
         kind.__qualname__

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from recis_train._arguments import TrainingArguments
+from recis_train._checkpoint import type_name
 from recis_train._data import batch_rows, move_to
 from recis_train._distributed import DistributedContext
 from recis_train._outputs import StepOutput, parse_output
@@ -239,15 +240,9 @@ def metric_value(value: Any, key: str) -> float:
             value = value.item()
     if isinstance(value, numbers.Real):
         return float(value)
-    kind = type(value)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
     shape = getattr(value, "shape", None)
     raise ConfigError(
-        f"metric {key!r}: compute() returned {name}"
+        f"metric {key!r}: compute() returned {type_name(value)}"
         + (f" of shape {tuple(shape)}" if shape is not None else f" {value!r}")
         + ", expected a real number (a float, a NumPy scalar or a one-element tensor)"
     )
