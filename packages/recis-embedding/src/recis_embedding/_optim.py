@@ -231,7 +231,6 @@ class SparseOptimizer(torch.optim.Optimizer):
             # applies a gradient that reaches it from now on (a backward() run after this
             # step, a second one through a retained graph too), so that one raises.
             pending.missed[0] = True
-            pending.stepped = True
         # Every optimizer step advances the table's clock, with or without gradients for it,
         # so eviction ages rows by optimizer steps (and every shard keeps the same clock).
         table.step += 1

@@ -38,7 +38,6 @@ class Pending:
             absent); for a sharded lookup, the rows requested by all ranks, in received order.
         leaf: ``(U, D)`` tensor the lookup returned; ``leaf.grad`` is its gradient.
         exchange: for sharded lookups, how to route ``leaf.grad`` back to the owners.
-        stepped: an optimizer step has applied (or gone past) this lookup's gradient.
         missed: shared with a hook on ``leaf``; set when an optimizer step goes past this
             lookup (applying its gradient or not), so that a gradient arriving later raises
             instead of being lost.
@@ -47,12 +46,16 @@ class Pending:
     rows: torch.Tensor
     leaf: torch.Tensor
     exchange: Exchange | None = None
-    stepped: bool = False
     missed: list[bool] = field(default_factory=lambda: [False])
 
     def __post_init__(self) -> None:
         if self.leaf.requires_grad:
             self.leaf.register_hook(_late_gradient_guard(self.missed))
+
+    @property
+    def stepped(self) -> bool:
+        """An optimizer step has applied (or gone past) this lookup's gradient."""
+        return self.missed[0]
 
     def gradient(self) -> torch.Tensor | None:
         """Gradient of ``rows`` (``(R, D)``), after the exchange for sharded lookups."""

@@ -167,6 +167,7 @@ class HashTable:
         # torch.load(map_location=...) moves the table's tensors but not its recorded device,
         # which checks and kernel launches go by: the table lives where its tensors are.
         self.__dict__.update(state)
+        self.__dict__.setdefault("_device_hits", None)  # pickles from before the count existed
         self.device = self.inserted.device
         self._map.device = self._store.device = self.device
 
@@ -279,7 +280,7 @@ class HashTable:
         if rows.device.type == "cpu":
             self._counts["hits"] += int(hits)
         else:
-            pending = getattr(self, "_device_hits", None)  # absent in older pickles
+            pending = self._device_hits
             self._device_hits = hits if pending is None else pending + hits
         return rows
 
@@ -710,7 +711,7 @@ class HashTable:
         """Current counters; see :class:`TableStats`."""
         records = (self.inserted, self.last_seen, self.frequency, self._dirty)
         held = self._store.nbytes + _held_bytes(self._map) + _held_bytes(records)
-        pending = getattr(self, "_device_hits", None)
+        pending = self._device_hits
         if pending is not None:
             self._counts["hits"] += int(pending)
             self._device_hits = None
