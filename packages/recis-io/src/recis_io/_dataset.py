@@ -497,7 +497,7 @@ class Dataset(IterableDataset):
         if row > self.total_rows // shards:
             raise InvalidArgumentError(f"state row {row} is past the end of the shard")
         first = state.get("first_epoch", 0)
-        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= epoch:
+        if not (_cursor_int(first) and first <= epoch):
             raise InvalidArgumentError(f"state has invalid first_epoch={first!r} (epoch {epoch})")
         self._resume = (first, epoch, row)
         self._resume_shard = (shard, shards)
