@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -76,6 +79,55 @@ def test_iterator_used_across_fork_raises_clearly(files) -> None:
     assert status == 0
     # The parent's iterator keeps working.
     assert next(it)["id"].tolist() == list(range(16, 32))
+
+
+def _wait_for(pid: int, seconds: float) -> int | None:
+    """The exit code of child `pid`, or None when it is still running after `seconds` (it is
+    then killed)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_forked_child_drops_its_copy_of_a_running_reader(files, tmp_path, shuffle: bool) -> None:
+    # A forked child holds copies of the parent's running reader (its iterator, the dataset,
+    # a batch) but none of the threads behind them. Dropping the copies must neither join
+    # those threads nor take their locks: before, the child panicked here ("threads should
+    # not terminate unexpectedly", swallowed as an unraisable error) or could hang.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork")
+    ds = Dataset(files, batch_size=16, shuffle=shuffle, seed=3, num_threads=2, prefetch=4)
+    it = iter(ds)
+    kept = next(it)
+    stderr = tmp_path / "child-stderr"
+    pid = os.fork()
+    if pid == 0:  # child: drop every copy; anything printed on stderr is a failure
+        code = 1
+        try:
+            fd = os.open(stderr, os.O_WRONLY | os.O_CREAT)
+            os.dup2(fd, 2)
+            del it, kept, ds
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    code = _wait_for(pid, 60)
+    assert code is not None, "the child hung dropping its copy of the reader"
+    assert code == 0
+    assert stderr.read_text() == ""
+    # The parent's reader is untouched.
+    expected = list(Dataset(files, batch_size=16, shuffle=shuffle, seed=3))
+    assert kept["id"].tolist() == expected[0]["id"].tolist()
+    assert next(it)["id"].tolist() == expected[1]["id"].tolist()
 
 
 def test_batches_keep_memory_alive_after_iteration_ends(files) -> None:

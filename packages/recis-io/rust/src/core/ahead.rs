@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use super::assemble::BatchLayout;
 use super::error::{Error, Result};
+use super::process::Process;
 use super::reader::Reader;
 use super::ring::SlabRef;
 
@@ -32,6 +33,7 @@ pub struct Ahead {
     rx: Option<Mutex<Receiver<Message>>>,
     handle: Option<JoinHandle<()>>,
     done: bool,
+    process: Process,
 }
 
 impl Ahead {
@@ -54,6 +56,7 @@ impl Ahead {
             rx: Some(Mutex::new(rx)),
             handle: Some(handle),
             done: false,
+            process: Process::current(),
         })
     }
 
@@ -87,6 +90,13 @@ fn next_batch(reader: &mut Reader) -> Message {
 
 impl Drop for Ahead {
     fn drop(&mut self) {
+        if self.process.forked() {
+            // A forked copy: the thread is not in this process, and it may have held the
+            // channel's lock at the fork (see `process`).
+            std::mem::forget(self.rx.take());
+            std::mem::forget(self.handle.take());
+            return;
+        }
         // Dropping the receiver first makes a blocked send fail, so the thread ends (after
         // the batch it is working on) and can be joined.
         drop(self.rx.take());

@@ -13,6 +13,7 @@ pub mod orc_types;
 pub mod plan;
 pub mod pool;
 pub mod prepare;
+pub mod process;
 pub mod reader;
 pub mod ring;
 pub mod source;

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use super::error::{panic_message, Error, Result};
 use super::plan::Segment;
 use super::prepare::PreparedSegment;
+use super::process::Process;
 use super::source::{Packing, Source};
 
 type Decoded = std::result::Result<Arc<PreparedSegment>, Error>;
@@ -45,6 +46,7 @@ pub struct Executor {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     lookahead: usize,
+    process: Process,
 }
 
 impl Executor {
@@ -85,6 +87,7 @@ impl Executor {
             shared,
             threads: handles,
             lookahead,
+            process: Process::current(),
         })
     }
 
@@ -159,6 +162,13 @@ fn work(shared: &Shared) {
 
 impl Drop for Executor {
     fn drop(&mut self) {
+        if self.process.forked() {
+            // A forked copy: the threads are not in this process, and one of them may have
+            // held the state's lock at the fork (see `process`). Their clones of `shared`
+            // are never dropped, so it is leaked with them.
+            std::mem::forget(std::mem::take(&mut self.threads));
+            return;
+        }
         self.shared.lock().stop = true;
         self.shared.wake.notify_all();
         for t in self.threads.drain(..) {

@@ -3,10 +3,13 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
+use super::process::Process;
+
 /// Free buffers, kept up to `keep` of them.
 pub struct Ring {
     free: Mutex<Vec<Vec<u64>>>,
     keep: usize,
+    process: Process,
 }
 
 /// One batch buffer; goes back to its ring on drop.
@@ -21,6 +24,7 @@ impl Ring {
         Arc::new(Ring {
             free: Mutex::new(Vec::new()),
             keep: keep.max(1),
+            process: Process::current(),
         })
     }
 
@@ -81,6 +85,11 @@ impl Slab {
 impl Drop for Slab {
     fn drop(&mut self) {
         if let Some(ring) = self.ring.upgrade() {
+            if ring.process.forked() {
+                // A batch kept across a fork: a thread of the parent may have held the
+                // ring's lock at the fork (see `process`), so the buffer is just freed.
+                return;
+            }
             let mut free = ring.free.lock().unwrap_or_else(|p| p.into_inner());
             if free.len() < ring.keep {
                 free.push(std::mem::take(&mut self.buf));
