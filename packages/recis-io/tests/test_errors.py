@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from recis_io import (
     Column,
     CorruptFileError,
     DataFileNotFoundError,
+    DataFileReadError,
     Dataset,
     InvalidArgumentError,
     RecisIOError,
@@ -30,6 +33,37 @@ def test_missing_file_is_file_not_found(tmp_path) -> None:
         Dataset(str(tmp_path / "*.parquet"), batch_size=4)
     with pytest.raises(DataFileNotFoundError, match="holds no"):
         Dataset(tmp_path, batch_size=4)
+
+
+def test_file_replaced_after_planning_is_an_os_error(tmp_path, fmt: str) -> None:
+    # Planning read the file's metadata; the data is read from whatever is there later. The
+    # operating system's refusal is not a corrupt file.
+    path = write(ids_table(500), tmp_path / f"a.{fmt}", fmt, 100)
+    ds = Dataset(path, batch_size=64)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(
+        DataFileReadError,
+        match=rf"^\[Errno 21\] cannot read .*a\.{fmt}, (row group|stripe) 0: is a directory$",
+    ) as info:
+        list(ds)
+    assert info.value.errno == errno.EISDIR
+    assert isinstance(info.value, OSError)
+    assert isinstance(info.value, RecisIOError)
+    path.rmdir()
+    with pytest.raises(DataFileNotFoundError, match=rf"a\.{fmt}"):
+        list(ds)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may read any file"
+)
+def test_unreadable_file_is_an_os_error(tmp_path) -> None:
+    path = write(ids_table(10), tmp_path / "a.parquet", "parquet", 10)
+    path.chmod(0)
+    with pytest.raises(DataFileReadError, match=r"a\.parquet: permission denied") as info:
+        Dataset(path, batch_size=4)
+    assert info.value.errno == errno.EACCES
 
 
 @pytest.mark.parametrize("keep", [0, 0.5, 0.95])

@@ -11,6 +11,7 @@ from ._recis_io import hash_bytes
 from .exceptions import (
     CorruptFileError,
     DataFileNotFoundError,
+    DataFileReadError,
     ForkedReaderError,
     InvalidArgumentError,
     RecisIOError,
@@ -27,6 +28,7 @@ __all__ = [
     "Column",
     "CorruptFileError",
     "DataFileNotFoundError",
+    "DataFileReadError",
     "Dataset",
     "ForkedReaderError",
     "InvalidArgumentError",

@@ -1,7 +1,8 @@
 """Exceptions raised by recis-io.
 
 Every error derives from :class:`RecisIOError`; the leaves also derive from the builtin a
-caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``RuntimeError``).
+caller would naturally catch (``FileNotFoundError``, ``OSError``, ``ValueError``,
+``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CorruptFileError",
     "DataFileNotFoundError",
+    "DataFileReadError",
     "ForkedReaderError",
     "InvalidArgumentError",
     "RecisIOError",
@@ -22,6 +24,12 @@ class RecisIOError(Exception):
 
 class DataFileNotFoundError(RecisIOError, FileNotFoundError):
     """A path, directory or glob matched no readable data file."""
+
+
+class DataFileReadError(RecisIOError, OSError):
+    """The operating system refused or failed a read of a data file: permission denied, an
+    I/O error, a directory where a file was planned. ``errno`` holds its error number and the
+    message names the file: ``[Errno 13] cannot read /data/a.parquet: permission denied``."""
 
 
 class SchemaError(RecisIOError, ValueError):

@@ -34,7 +34,7 @@ impl Chunks {
         spans: impl Iterator<Item = (u64, u64)>,
         at: &str,
     ) -> Result<Chunks> {
-        let io = |e: std::io::Error| Error::corrupt(at, e);
+        let io = |e: std::io::Error| Error::read(at, &e);
         let file_len = file.metadata().map_err(io)?.len();
         let mut spans: Vec<(u64, u64)> = spans.map(|(start, len)| (start, start + len)).collect();
         spans.sort_unstable();

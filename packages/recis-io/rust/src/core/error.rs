@@ -16,6 +16,14 @@ pub enum Error {
     /// A file that is not a valid Parquet/ORC file, or is truncated.
     #[error("cannot read {path}: {msg}")]
     Corrupt { path: String, msg: String },
+    /// A read the operating system refused or failed (permission denied, an I/O error, a
+    /// directory where a file was planned); `errno` is its error number.
+    #[error("cannot read {path}: {msg}")]
+    Os {
+        path: String,
+        errno: i32,
+        msg: String,
+    },
     /// An option out of range (batch size, shard, cursor).
     #[error("{0}")]
     InvalidArgument(String),
@@ -34,6 +42,32 @@ impl Error {
                 .trim_end_matches('.')
                 .to_string(),
         }
+    }
+
+    /// The error for a failed read of `path`: the operating system's refusal (permission
+    /// denied, an I/O error) when `e` or an error behind it carries one, else a corrupt file.
+    /// Decoders wrap the `io::Error` of the file they read; one without an error number (a
+    /// short read, a bad compressed block) says the data is wrong, not the system.
+    pub(crate) fn read(path: &str, e: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cause = Some(e);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                if let Some(errno) = io.raw_os_error() {
+                    if io.kind() == std::io::ErrorKind::NotFound {
+                        return Error::NotFound(path.to_string());
+                    }
+                    let text = std::io::Error::from_raw_os_error(errno).to_string();
+                    let suffix = format!(" (os error {errno})");
+                    return Error::Os {
+                        path: path.to_string(),
+                        errno,
+                        msg: lower_first_word(text.strip_suffix(&suffix).unwrap_or(&text)),
+                    };
+                }
+            }
+            cause = c.source();
+        }
+        Error::corrupt(path, e)
     }
 }
 
@@ -116,6 +150,30 @@ mod tests {
             "cannot read f.parquet: EOF: file too small"
         );
         assert_eq!(msg(Error::corrupt("f", "")), "cannot read f: ");
+    }
+
+    #[test]
+    fn os_errors_are_told_from_corrupt_data() {
+        let denied = std::io::Error::from_raw_os_error(13);
+        let err = Error::read("f.parquet", &denied);
+        assert!(matches!(&err, Error::Os { errno: 13, .. }));
+        assert_eq!(err.to_string(), "cannot read f.parquet: permission denied");
+        // Found behind the errors that wrap it, as the decoders report it.
+        let wrapped = parquet::errors::ParquetError::from(std::io::Error::from_raw_os_error(21));
+        assert_eq!(
+            Error::read("f", &wrapped).to_string(),
+            "cannot read f: is a directory"
+        );
+        let gone = std::io::Error::from_raw_os_error(2);
+        assert!(matches!(Error::read("f", &gone), Error::NotFound(p) if p == "f"));
+        // An io::Error without an error number is about the data.
+        let short = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read");
+        assert!(matches!(Error::read("f", &short), Error::Corrupt { .. }));
+        let general = parquet::errors::ParquetError::General("bad page".into());
+        assert_eq!(
+            Error::read("f", &general).to_string(),
+            "cannot read f: parquet error: bad page"
+        );
     }
 
     #[test]

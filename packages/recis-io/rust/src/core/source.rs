@@ -93,10 +93,7 @@ pub struct Source {
 }
 
 fn open(path: &str) -> Result<File> {
-    File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound(path.to_string()),
-        _ => Error::corrupt(path, e),
-    })
+    File::open(path).map_err(|e| Error::read(path, &e))
 }
 
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
@@ -111,7 +108,7 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
     let (schema, meta, rows) = match format {
         Format::Parquet => {
             let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-                .map_err(|e| Error::corrupt(path, e))?;
+                .map_err(|e| Error::read(path, &e))?;
             let rows = m
                 .metadata()
                 .row_groups()
@@ -122,7 +119,7 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         }
         Format::Orc => {
             let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
-                .map_err(|e| Error::corrupt(path, e))?;
+                .map_err(|e| Error::read(path, &e))?;
             let stripes = b.file_metadata().stripe_metadatas();
             let rows = stripes
                 .iter()
@@ -359,6 +356,11 @@ impl Source {
                 path: at.to_string(),
                 msg,
             },
+            Error::Os { errno, msg, .. } => Error::Os {
+                path: at.to_string(),
+                errno,
+                msg,
+            },
             other => other,
         })?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -420,9 +422,9 @@ impl Source {
         cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
-        let probe = file.try_clone().map_err(|e| Error::corrupt(&fm.path, e))?;
+        let probe = file.try_clone().map_err(|e| Error::read(&fm.path, &e))?;
         let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
-            .map_err(|e| Error::corrupt(&fm.path, e))?;
+            .map_err(|e| Error::read(&fm.path, &e))?;
         let names: Vec<&str> = cols.iter().map(|c| c.spec.name.as_str()).collect();
         let meta = b.file_metadata();
         orc_lengths::check(&probe, meta, unit.group, &names, chunk_rows(), &fm.path)?;
@@ -438,7 +440,7 @@ impl Source {
             .build();
         let batches = reader
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::corrupt(&fm.path, e))?;
+            .map_err(|e| Error::read(&fm.path, &e))?;
         Ok(slice_rows(batches, seg.start, seg.end))
     }
 }

@@ -10,6 +10,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::NotFound(_) => "DataFileNotFoundError",
         Error::Schema(_) => "SchemaError",
         Error::Corrupt { .. } => "CorruptFileError",
+        Error::Os { .. } => "DataFileReadError",
         Error::InvalidArgument(_) => "InvalidArgumentError",
         Error::Internal(_) => "RecisIOError",
     }
@@ -24,7 +25,11 @@ pub fn to_pyerr(e: Error) -> PyErr {
             .and_then(|m| m.getattr(class_name(&e)))
             .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
         match class {
-            Ok(class) => PyErr::from_type(class, e.to_string()),
+            // OSError's two-argument form sets `errno` (and `strerror`, the message).
+            Ok(class) => match &e {
+                Error::Os { errno, .. } => PyErr::from_type(class, (*errno, e.to_string())),
+                _ => PyErr::from_type(class, e.to_string()),
+            },
             Err(import_error) => import_error,
         }
     })
