@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -531,3 +532,136 @@ def test_saved_rows_go_in_one_call_or_one_per_shard_file(
     assert table.ids().tolist() == sorted(expected)
     assert table.embeddings(ids)[:, 0].tolist() == [expected[x] for x in ids.tolist()]
     assert torch.equal(rows, table.find(ids))
+
+
+def test_a_delta_cannot_replace_a_checkpoint_further_up_its_own_chain(tmp_path) -> None:
+    # Alternating two directories with deltas: the third save would overwrite the base the
+    # second one needs, leaving nothing loadable.
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "p", model, opt)
+    train(model, opt, dense, range(2, 3))
+    save(tmp_path / "q", model, opt, delta=True)
+    train(model, opt, dense, range(3, 4))
+    with pytest.raises(CheckpointError, match=r"cannot replace .*p: the checkpoint it builds on"):
+        save(tmp_path / "p", model, opt, delta=True)
+    for name in ("p", "q"):  # both still load
+        load(tmp_path / name, build()[0], build()[1])
+    save(tmp_path / "r", model, opt, delta=True)  # elsewhere is fine
+    restored, opt_r, _ = build()
+    load(tmp_path / "r", restored, opt_r)
+    assert_same(state(restored), state(model))
+
+
+def test_a_table_first_saved_in_a_delta_is_replaced_when_the_chain_loads(tmp_path) -> None:
+    def make(names: tuple[str, ...]) -> tuple[EmbeddingEngine, SparseSGD]:
+        engine = EmbeddingEngine({n: EmbeddingOption(DIM) for n in names})
+        return engine, SparseSGD(engine, lr=0.1)
+
+    def step(engine: EmbeddingEngine, opt: SparseSGD, ids: dict) -> None:
+        out = engine({k: torch.tensor(v)[:, None] for k, v in ids.items()})
+        sum(o.sum() for o in out.values()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    old, old_opt = make(("a",))
+    step(old, old_opt, {"a": [1, 2]})
+    save(tmp_path / "base", old, old_opt)
+    grown, grown_opt = make(("a", "x"))
+    load(tmp_path / "base", grown, grown_opt, strict=False)  # "x" is new and empty
+    step(grown, grown_opt, {"a": [2, 3], "x": [7, 8]})
+    save(tmp_path / "delta", grown, grown_opt, delta=True)
+
+    used, used_opt = make(("a", "x"))
+    step(used, used_opt, {"a": [5], "x": [9]})  # rows the load must not keep
+    load(tmp_path / "delta", used, used_opt)
+    (x, ix), (a, ia) = used.table("x"), used.table("a")
+    assert x.ids(ix).tolist() == [7, 8]
+    assert a.ids(ia).tolist() == [1, 2, 3]
+    want, want_index = grown.table("x")
+    assert torch.equal(x.embeddings(table=ix), want.embeddings(table=want_index))
+
+
+def test_clear_and_slot_writes_reach_the_next_delta(tmp_path) -> None:
+    model, opt, dense = build(fuse=False)  # clear() empties the whole physical table
+    train(model, opt, dense, range(2))
+    save(tmp_path / "base", model, opt)
+    user, _ = model.emb.table("user")
+    step = user.step
+    user.clear()
+    assert len(user) == 0
+    assert user.step == step  # the clock does not go back
+    item, index = model.emb.table("item")
+    rows = item.find(item.ids(index)[:2], index)
+    item.write_slot(rows, "exp_avg", torch.full((2, DIM), 7.0))
+    save(tmp_path / "delta", model, opt, delta=True)
+    save(tmp_path / "full", model, opt)
+    from_delta, opt_d, _ = build()
+    load(tmp_path / "delta", from_delta, opt_d)
+    from_full, opt_f, _ = build()
+    load(tmp_path / "full", from_full, opt_f)
+    assert_same(state(from_delta), state(from_full))
+    assert_same(state(from_full), state(model))
+    assert from_delta.emb.table("user")[0].step == step
+
+
+def test_loading_a_checkpoint_without_admission_counts_drops_the_models_own(tmp_path) -> None:
+    from recis_embedding import FrequencyAdmission
+
+    plain = EmbeddingEngine({"f": EmbeddingOption(DIM)})
+    plain({"f": torch.tensor([[1]])})
+    save(tmp_path / "c", plain, SparseSGD(plain, lr=0.1))
+
+    def make() -> EmbeddingEngine:
+        return EmbeddingEngine({"f": EmbeddingOption(DIM, admission=FrequencyAdmission(2))})
+
+    used = make()
+    used({"f": torch.tensor([[5]])})  # counted once
+    load(tmp_path / "c", used, SparseSGD(used, lr=0.1))
+    used({"f": torch.tensor([[5]])})  # counted once again, as in a fresh model: not admitted
+    assert used.table("f")[0].ids().tolist() == [1]
+
+
+def test_a_save_interrupted_between_its_renames_is_recovered(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(1))
+    save(tmp_path / "c", model, opt)
+    kept = state(model)
+    # What a crash after moving the previous checkpoint aside leaves (the pid of a restarted
+    # container is often the same, so the next save may run under it).
+    aside = tmp_path / f".c.old-{os.getpid()}"
+    (tmp_path / "c").rename(aside)
+    with pytest.raises(CheckpointError, match=r"interrupted save left the previous checkpoint"):
+        load(tmp_path / "c", build()[0])
+    (aside / "stale").write_text("the directory is not empty")
+    train(model, opt, dense, range(1, 2))
+    with pytest.MonkeyPatch.context() as mp:  # a failing save keeps it, at its place now
+        mp.setattr(save_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
+        with pytest.raises(OSError, match="full"):
+            save(tmp_path / "c", model, opt)
+    restored, opt_r, _ = build()
+    load(tmp_path / "c", restored, opt_r)
+    assert_same(state(restored), kept)
+    save(tmp_path / "c", model, opt)  # a save that succeeds leaves nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_a_manifest_that_is_not_an_object_is_a_checkpoint_error(tmp_path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "manifest.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="not a recis-embedding checkpoint manifest"):
+        CheckpointReader(tmp_path / "c")
+
+
+def test_accumulators_of_new_rows_must_start_as_they_were_saved(tmp_path) -> None:
+    from recis_embedding import SparseAdagrad, SparseFTRL
+
+    for cls in (SparseAdagrad, SparseFTRL):
+        engine = EmbeddingEngine({"f": EmbeddingOption(DIM)})
+        engine({"f": torch.tensor([[1]])})
+        save(tmp_path / cls.__name__, engine, cls(engine, initial_accumulator_value=0.5))
+        other = EmbeddingEngine({"f": EmbeddingOption(DIM)})
+        with pytest.raises(CheckpointError, match=r"initial_accumulator_value=0\.5, this"):
+            load(tmp_path / cls.__name__, other, cls(other, initial_accumulator_value=0.25))
+        same = EmbeddingEngine({"f": EmbeddingOption(DIM)})
+        load(tmp_path / cls.__name__, same, cls(same, initial_accumulator_value=0.5))

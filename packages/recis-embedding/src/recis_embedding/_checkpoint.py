@@ -35,6 +35,7 @@ tables) and :class:`CheckpointReader`; ``_checkpoint_save`` writes checkpoints a
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -114,6 +115,14 @@ def shard_context(model: nn.Module):
     return next(iter(contexts.values()))
 
 
+def interrupted_replaces(path: Path) -> list[Path]:
+    """Complete checkpoints a save moved aside to put a new one at ``path`` and did not get
+    to delete (``.<name>.old-*`` beside it), newest first."""
+    pattern = f".{glob.escape(path.name)}.old-*"
+    found = [p for p in path.parent.glob(pattern) if (p / "manifest.json").is_file()]
+    return sorted(found, key=lambda p: (p / "manifest.json").stat().st_mtime, reverse=True)
+
+
 class CheckpointReader:
     """Reads a checkpoint without building a model.
 
@@ -136,12 +145,19 @@ class CheckpointReader:
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.is_file():
-            raise CheckpointError(f"no checkpoint at {self.path} (missing manifest.json)")
+            left = interrupted_replaces(self.path)
+            hint = (
+                f"; an interrupted save left the previous checkpoint in {left[0]}: rename it "
+                f"to {self.path.name} (the next save to {self.path} does)"
+                if left
+                else ""
+            )
+            raise CheckpointError(f"no checkpoint at {self.path} (missing manifest.json){hint}")
         try:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"corrupt manifest {mpath}: {exc}") from exc
-        if self.manifest.get("format") != FORMAT_NAME:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{mpath} is not a recis-embedding checkpoint manifest")
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(

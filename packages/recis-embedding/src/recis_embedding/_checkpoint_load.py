@@ -74,7 +74,7 @@ def load(
     tables = logical_tables(model)
     chain = [_reader(path, verify)]
     while chain[-1].kind == "delta":
-        chain.append(_parent_reader(chain[-1], verify))
+        chain.append(parent_reader(chain[-1], verify))
     chain.reverse()
     shard = shard_context(model)
     _check_optimizer(chain[-1], sparse_optimizer)
@@ -90,12 +90,15 @@ def load(
         for name, (table, index) in tables.items():
             if name not in saved:
                 continue
-            if reader.kind == "full" and (id(table), index) not in cleared:
-                # A full checkpoint replaces the logical tables it holds; the other logical
-                # tables fused into the same physical table keep their rows.
+            if (id(table), index) not in cleared:
+                # The first checkpoint of the chain holding a logical table replaces it: a
+                # full one always, a delta when the table was empty at its parent (a delta is
+                # refused when a table its parent lacks kept rows). The other logical tables
+                # fused into the same physical table keep their rows.
                 siblings = {n: i for n, (t, i) in tables.items() if t is table}
-                if all(n in saved for n in siblings):
-                    table.clear()
+                fresh = not any((id(table), i) in cleared for i in siblings.values())
+                if fresh and all(n in saved for n in siblings):
+                    table._reset()
                     cleared.update((id(table), i) for i in siblings.values())
                 else:
                     keys, tabs, _ = table._map.export()
@@ -131,8 +134,9 @@ def _reader(path: str | os.PathLike[str], verify: bool) -> CheckpointReader:
     return reader
 
 
-def _parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:
-    """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta."""
+def parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:
+    """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta.
+    ``verify=False`` checks the manifest's own checksum only."""
     manifest = delta.manifest
     candidates = [delta.parent] if delta.parent is not None else []
     if manifest.get("parent_relative"):
@@ -344,8 +348,13 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
         if "ids" in admission:
             held = shard.owns(admission["ids"])
             admission = {k: v[held] for k, v in admission.items()}
-    if admission and table.admission is not None:
-        table.admission.load_state(table, index, admission)
+    if table.admission is not None:
+        # Each checkpoint holds the table's complete admission counts; one without them
+        # (saved without the policy) leaves none, not the counts the model had before.
+        if not admission:
+            admission = {k: v[:0] for k, v in table.admission.state(table, index).items()}
+        if admission:
+            table.admission.load_state(table, index, admission)
     if "erased" in data and data["erased"].numel():
         table.erase(data["erased"].to(table.device), index)
     # The table's clock: the checkpoint's step (a cleared table restarts at 0), or the later

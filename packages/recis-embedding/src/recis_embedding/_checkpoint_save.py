@@ -5,6 +5,7 @@ The format is described in ``recis_embedding._checkpoint``.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -24,10 +25,12 @@ from recis_embedding._checkpoint import (
     _Saved,
     _Unsaved,
     dtype_name,
+    interrupted_replaces,
     manifest_digest,
     sha256,
     shard_context,
 )
+from recis_embedding._checkpoint_load import parent_reader
 from recis_embedding._engine import logical_tables
 from recis_embedding._optim import SparseOptimizer
 from recis_embedding._statedict import tables_saved_separately
@@ -92,6 +95,7 @@ def save(
         if delta:
             previous = _previous_save(physical, path, parent)
         if rank == 0:
+            _recover_interrupted(path)
             _check_replaceable(path)
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -159,12 +163,27 @@ def _previous_save(physical: Any, path: Path, parent: str | os.PathLike[str] | N
             f"the previous save of these tables, {where}, no longer exists (moved or renamed "
             "after saving?); pass parent= the directory it lives in now, or save a full checkpoint"
         )
-    found = CheckpointReader(where, verify=False).manifest.get("id")
+    reader = CheckpointReader(where, verify=False)
+    found = reader.manifest.get("id")
     if last.id is not None and found != last.id:
         raise CheckpointError(
             f"{where} holds checkpoint {found}, not the previous save of these tables "
             f"({last.id}); a delta must build on the save its tables were last saved or loaded from"
         )
+    # Replacing a checkpoint further up the chain would break the chain the delta needs,
+    # leaving no loadable checkpoint at all. (A chain already broken is not this save's to
+    # judge: loading it says what is missing.)
+    target = path.resolve()
+    while (target / "manifest.json").is_file() and reader.kind == "delta":
+        try:
+            reader = parent_reader(reader, verify=False)
+        except CheckpointError:
+            break
+        if reader.path.resolve() == target:
+            raise CheckpointError(
+                f"a delta checkpoint cannot replace {path}: the checkpoint it builds on, "
+                f"{where}, is a delta of it; save to another directory or save a full checkpoint"
+            )
     return _Saved(where, last.id)
 
 
@@ -277,7 +296,9 @@ def _write(
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    # A name of its own (a restarted container often has the same pid): a directory left by
+    # an earlier interrupted replace is never in the way.
+    old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if path.exists():
         os.replace(path, old)
     try:
@@ -287,8 +308,20 @@ def _replace(tmp: Path, path: Path) -> None:
         if old.exists():
             os.replace(old, path)
         raise
-    if old.exists():
-        shutil.rmtree(old)
+    # The previous checkpoint, and any an interrupted replace left: the new one supersedes
+    # them all.
+    for stale in [old, *path.parent.glob(f".{glob.escape(path.name)}.old-*")]:
+        if stale.exists():
+            shutil.rmtree(stale)
+
+
+def _recover_interrupted(path: Path) -> None:
+    """Puts back the previous checkpoint a save interrupted between moving it aside and
+    putting the new one in its place (nothing at ``path``, a ``.<name>.old-*`` beside it), so
+    that it stays at ``path`` should this save fail too."""
+    left = interrupted_replaces(path)
+    if left and not path.exists() and not path.is_symlink():
+        os.replace(left[0], path)
 
 
 def _save_table(

@@ -269,8 +269,14 @@ class SparseOptimizer(torch.optim.Optimizer):
         return {
             "param_groups": [
                 {k: v for k, v in g.items() if k != "params"} for g in self.param_groups
-            ]
+            ],
+            **self._row_init(),
         }
+
+    def _row_init(self) -> dict[str, float]:
+        """Settings that fix the optimizer state of rows inserted later (saved with the
+        hyperparameters, and required to match when they are loaded)."""
+        return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore hyperparameters written by :meth:`state_dict`, group by group.
@@ -293,6 +299,13 @@ class SparseOptimizer(torch.optim.Optimizer):
             OptimizerError: as :meth:`load_state_dict`.
         """
         name = type(self).__name__
+        for key, mine in self._row_init().items():
+            saved = state_dict.get(key, mine)
+            if saved != mine:
+                raise OptimizerError(
+                    f"{name}: the state was written with {key}={saved!r}, this optimizer has "
+                    f"{key}={mine!r}; rows inserted after loading would start from another value"
+                )
         groups = state_dict["param_groups"]
         checked = []
         if len(groups) != len(self.param_groups):
@@ -403,6 +416,9 @@ class SparseAdagrad(SparseOptimizer):
             {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps},
             flags,
         )
+
+    def _row_init(self):
+        return {"initial_accumulator_value": self._init_acc}
 
     def _slots(self, dim):
         init = torch.cat([torch.full((dim,), self._init_acc), torch.zeros(1)])
@@ -568,6 +584,9 @@ class SparseFTRL(SparseOptimizer):
             {"lr": lr, "lr_power": float(lr_power), "l1": l1, "l2": l2, "beta": beta},
             flags,
         )
+
+    def _row_init(self):
+        return {"initial_accumulator_value": self._init_acc}
 
     def _slots(self, dim):
         return [("accum", dim), ("linear", dim)], torch.cat(

@@ -581,6 +581,7 @@ class HashTable:
         """Overwrite optimizer slot ``slot`` of distinct existing rows."""
         start, _ = self._slot_range(slot)
         self._store.scatter(rows, values.to(torch.float32), start)
+        self._dirty[rows] = True
 
     def _slot_range(self, slot: str) -> tuple[int, int]:
         start = self.emb_words
@@ -623,7 +624,16 @@ class HashTable:
 
     # ----------------------------------------------------------------- checkpoint support
     def clear(self) -> None:
-        """Remove every key and row (logical tables, optimizer layout and counters stay)."""
+        """Remove every key and row, as erasing each of them would: the next delta checkpoint
+        records the erasures. The step, logical tables, optimizer layout and counters stay;
+        admission counts of ids not admitted yet are dropped."""
+        keys, tabs, _ = self._map.export()
+        self._erase(keys, tabs)
+        self.admission_state = None
+
+    def _reset(self) -> None:
+        """Forget everything a checkpoint holds, before one is loaded: keys, rows, admission
+        counts and the step (the loaded checkpoint sets it)."""
         self._map.clear()
         self._store = RowStore(
             self.emb_words + self.state_width, torch.float32, _BLOCK_ROWS, self.device
@@ -632,6 +642,7 @@ class HashTable:
             setattr(self, attr, getattr(self, attr)[:0].clone())
         self._erased.clear()
         self.pending.clear()
+        self.admission_state = None
         self.step = 0
 
     def mark_saved(self, path: object) -> None:
