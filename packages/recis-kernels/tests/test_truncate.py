@@ -82,6 +82,17 @@ def test_truncate_errors():
             rk.truncate(r, bad)
     with pytest.raises(ValueError, match=r"fused_truncate: max_len for rs\[0\] must be an int"):
         rk.fused_truncate([r], [2**64], ["head"])
+    # 3 levels pad every row to max_len sub-rows: beyond int64 offsets, the cumulative sum
+    # wrapped into a bare IndexError.
+    three = rk.RaggedTensor(
+        torch.arange(3), [torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])]
+    )
+    with pytest.raises(
+        rk.ShapeError,
+        match=r"padding the 3 rows of rs\[1\] to max_len=4611686018427387904 sub-rows each "
+        r"makes 13835058055282163715 sub-rows in all, more than int64 offsets hold",
+    ):
+        rk.fused_truncate([three, three], [1, 2**62], ["head", "tail"])
     with pytest.raises(rk.RaggedError, match="truncate: r must be a RaggedTensor"):
         rk.truncate(torch.tensor([1]), 1)
     with pytest.raises(ValueError, match="fused_truncate: got 1 inputs, 2 max_lens and 1 sides"):

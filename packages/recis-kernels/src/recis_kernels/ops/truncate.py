@@ -26,7 +26,7 @@ import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import can_inspect, grid_for, is_int, masked_rows
-from recis_kernels.exceptions import RaggedError
+from recis_kernels.exceptions import RaggedError, ShapeError
 from recis_kernels.ops._packing import stacked_offsets
 from recis_kernels.ragged import RaggedTensor
 
@@ -108,6 +108,8 @@ def fused_truncate(
         packed = _concat([rs[k] for k in group])
         rows = [len(rs[k]) for k in group]
         maxes, tails = [int(max_lens[k]) for k in group], [sides[k] == "tail" for k in group]
+        if levels == 2:
+            _check_padded(op, group, rows, maxes)
         if levels == 1 and on_host((packed.values, packed.offsets[0], packed.weights)):
             out, dropped, padded = _truncate2_host(packed, maxes, tails, rows)
         else:
@@ -119,6 +121,19 @@ def fused_truncate(
         for k, part in zip(group, _split(out, dropped, padded, rows), strict=True):
             results[k] = part
     return results  # type: ignore[return-value]
+
+
+def _check_padded(op: str, group: list[int], rows: list[int], maxes: list[int]) -> None:
+    """3 levels pad every row to ``max_len`` sub-rows: their number must fit int64 offsets
+    (a larger one would wrap in the offsets' cumulative sum)."""
+    total = sum(n * m for n, m in zip(rows, maxes, strict=True))
+    if total >= 1 << 63:
+        k = max(range(len(group)), key=lambda i: rows[i] * maxes[i])
+        raise ShapeError(
+            f"{op}: padding the {rows[k]} rows of rs[{group[k]}] to max_len={maxes[k]} sub-rows "
+            f"each makes {total} sub-rows in all, more than int64 offsets hold (2**63 - 1); "
+            f"3-level truncation pads every row to max_len, so max_len must be a real length"
+        )
 
 
 def _groups(rs: Sequence[RaggedTensor]) -> list[tuple[int, list[int]]]:
