@@ -24,6 +24,44 @@ from recis_features import (
 np = pytest.importorskip("numpy")
 
 
+# -- fill_missing: integers beyond int64 are float fills on every path ---------------------------
+
+
+@pytest.mark.parametrize("fill", [10**30, 2**64, -(2**63) - 1])
+def test_a_fill_beyond_int64_fills_floats_alike_on_every_path(fill: int) -> None:
+    # torch takes no integer scalar outside int64/uint64: the per-feature path and the ragged
+    # one raised a bare OverflowError where the fused dense pass filled.
+    from recis_kernels import RaggedTensor
+
+    nan = float("nan")
+    dense = {"x": torch.tensor([nan, 1.0])}
+    ragged = {"x": RaggedTensor(torch.tensor([nan, 2.0]), [torch.tensor([0, 0, 2])])}
+    feature = Feature("f").select("x").fill_missing(fill)
+    other = Feature("g").select("x").fill_missing(3.0)  # a second fill value: packed pass
+    want = torch.tensor([float(fill), 1.0])
+    assert_same(feature(dense), want)
+    for engine in (FeatureEngine([feature]), FeatureEngine([feature], fused=False)):
+        assert_same(engine(dense)["f"], want)
+    assert_same(FeatureEngine([feature, other])(dense)["f"], want)
+    got = FeatureEngine([feature])(ragged)["f"]
+    assert_same(got.values, torch.tensor([float(fill), float(fill), 2.0]))
+    assert_same(feature(ragged).values, got.values)
+
+
+def test_a_three_level_truncation_too_long_to_pad_names_the_feature() -> None:
+    from recis_kernels import RaggedTensor
+
+    sessions = RaggedTensor(
+        torch.arange(3), [torch.tensor([0, 1, 2, 2, 3]), torch.tensor([0, 1, 2, 3])]
+    )
+    for length in (2**62, 2**63 - 1):
+        with pytest.raises(
+            FeatureInputError,
+            match=r"feature 's': op truncate: .*more than int64 offsets hold",
+        ):
+            FeatureEngine([Feature("s").select("r").truncate(length, levels=3)])({"r": sessions})
+
+
 # -- fill_missing: each feature keeps the sign of its own zero ------------------------------------
 
 

@@ -337,6 +337,9 @@ def test_truncate_and_hash_of_recis_io_string_columns(tmp_path) -> None:
         (torch.tensor([1.0, float("nan")]), "int64", "nan"),
         (torch.tensor([1.0, 1e19], dtype=torch.float64), "int64", "1e+19"),
         (torch.tensor([5, 2**40 + 3]), "int32", "1099511627779"),
+        # Wraps to int32 -1 and back to the same uint32: only the sign tells.
+        (torch.tensor([5, 2**32 - 1], dtype=torch.uint32), "int32", "4294967295"),
+        (torch.tensor([5, 2**31], dtype=torch.uint32), "int32", "2147483648"),
     ],
 )
 def test_a_cast_to_integers_that_loses_values_raises(

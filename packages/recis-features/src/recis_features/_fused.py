@@ -182,9 +182,12 @@ def fill_dense_packed(ops: Sequence[FillMissing], xs: Sequence[torch.Tensor]) ->
     packed = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1)
     # Fill values compare with their sign: 0.0 == -0.0, yet each feature gets its own zero.
     if len({(op.value, math.copysign(1.0, op.value)) for op in ops}) == 1:
-        filled = packed.nan_to_num(nan=ops[0].value, posinf=torch.inf, neginf=-torch.inf)
+        filled = packed.nan_to_num(
+            nan=ops[0].fill_for(packed.dtype), posinf=torch.inf, neginf=-torch.inf
+        )
     else:
-        fills = torch.tensor([op.value for op in ops], dtype=packed.dtype).to(packed.device)
+        fills = torch.tensor([op.fill_for(packed.dtype) for op in ops], dtype=packed.dtype)
+        fills = fills.to(packed.device)
         fills = fills.repeat_interleave(
             torch.tensor(sizes, device=packed.device), output_size=packed.shape[0]
         )

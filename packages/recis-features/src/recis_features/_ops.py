@@ -99,6 +99,10 @@ class SelectField(SourceOp):
         if dtype.is_floating_point or t.dtype == dtype or _widens(t.dtype, dtype):
             return out
         lost = out.to(t.dtype) != t
+        if not t.dtype.is_signed and t.dtype not in (torch.bool, torch.uint64):
+            # uint32 2**32 - 1 wraps to int32 -1 and back again: the sign tells. (uint64 ids
+            # are read as the int64 of their bits, as documented.)
+            lost |= out < 0
         if bool(lost.any()):
             first = t[lost][0].item()
             source = str(t.dtype).removeprefix("torch.")
@@ -509,8 +513,14 @@ class FillMissing(Transform):
 
     def apply(self, value: Value) -> Value:
         if isinstance(value, torch.Tensor):
-            return value.masked_fill(value.isnan(), self.value)
-        return fill_empty_rows(value, self.value)
+            return value.masked_fill(value.isnan(), self.fill_for(value.dtype))
+        return fill_empty_rows(value, self.fill_for(value.values.dtype))
+
+    def fill_for(self, dtype: torch.dtype) -> int | float:
+        """The fill value as elements of ``dtype`` take it: a float for float elements (an
+        integer beyond int64, such as ``10**30``, is a float fill that torch cannot take as
+        an integer; the fused pass rounds it through a float the same way)."""
+        return float(self.value) if dtype.is_floating_point else self.value
 
 
 class Normalize(Transform):
