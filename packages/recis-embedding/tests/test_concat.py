@@ -66,6 +66,16 @@ def test_joined_output_is_the_concatenation_and_features_are_views_of_it() -> No
     assert torch.equal(b["label"], a["label"])
 
 
+@pytest.mark.parametrize("join", [JOIN, ["user", "item"]])
+def test_an_empty_batch_joins_to_zero_rows(join) -> None:
+    # Zero rows left view(rows, -1) nothing to infer its width from.
+    empty = {f: torch.zeros(0, 1, dtype=torch.int64) for f in join}
+    opts = {f: o for f, o in options().items() if f in join}
+    out = EmbeddingEngine(opts, concat={"x": join})(empty)
+    assert out["x"].shape == (0, 4 * len(join))
+    assert all(out[f].shape == (0, 4) for f in join)
+
+
 @pytest.mark.parametrize("join", [["user", "item"], ["item", "user", "user2"]])
 def test_single_id_features_join_by_one_gather(join) -> None:
     opts = options(user2=EmbeddingOption(4, initializer=INIT, shared_name="user"))

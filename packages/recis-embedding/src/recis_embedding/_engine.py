@@ -365,9 +365,10 @@ class EmbeddingEngine(nn.Module):
                 part.singles,
                 grouping if whole else None,
             )
-            joined = pooled.view(part.rows, -1)
-            out[name] = joined
             dim = emb.shape[1]
+            # Spelled out: an empty batch has no elements to infer a -1 from.
+            joined = pooled.view(part.rows, len(members) * dim)
+            out[name] = joined
             for j, f in enumerate(members):
                 out[f] = joined[:, j * dim : (j + 1) * dim]
             at += n

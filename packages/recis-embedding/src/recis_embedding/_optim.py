@@ -195,8 +195,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         torch parameter would: ``out = model(x); opt.zero_grad(); loss.backward();
         opt.step()`` updates the rows ``x`` read. Lookups that already have their gradient,
         or that an optimizer step went past, are forgotten; a ``backward()`` that reaches a
-        lookup after a step went past it raises ``RuntimeError`` rather than lose the
-        gradient (run each forward's ``backward()`` before ``step()``).
+        forgotten lookup (after a step, or through a graph retained past ``zero_grad()``)
+        raises ``RuntimeError`` rather than lose the gradient: run a forward again for another
+        backward.
 
         Args:
             set_to_none: accepted for torch compatibility; both values forget the same
@@ -208,7 +209,13 @@ class SparseOptimizer(torch.optim.Optimizer):
                 dense torch optimizer would for a dense parameter.
         """
         for table in self.tables():
-            table.pending[:] = awaiting_backward(table.pending)
+            waiting = awaiting_backward(table.pending)
+            for p in table.pending:
+                if not any(p is w for w in waiting):
+                    # Forgotten with its gradient: another backward() through a retained
+                    # graph would reach a lookup no step applies, so it raises.
+                    p.missed[0] = True
+            table.pending[:] = waiting
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

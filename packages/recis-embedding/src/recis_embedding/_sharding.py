@@ -172,10 +172,11 @@ def _late_gradient_guard(missed: list[bool]) -> Callable[[torch.Tensor], None]:
         if missed[0]:
             raise RuntimeError(
                 "recis_embedding: the gradient of an embedding lookup arrived after an "
-                "optimizer step went past the lookup (backward() ran after step() for a "
-                "forward made before it), so no step would apply it; run each forward's "
-                "backward() before the optimizer's step(), and a forward again for another "
-                "backward after a step"
+                "optimizer step or zero_grad() went past the lookup (backward() ran after "
+                "step(), or again through a retained graph after zero_grad(), for a forward "
+                "made before it), so no step would apply it; run each forward's backward() "
+                "before the optimizer's step(), and a forward again for another backward "
+                "after a step or zero_grad()"
             )
 
     return guard
