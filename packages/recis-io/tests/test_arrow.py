@@ -29,3 +29,18 @@ def test_batches_with_empty_values_convert_to_arrow(tmp_path, fmt: str, name: st
     assert pa.record_batch(batch).equals(rb)
     # Columns with values still share the batch's memory.
     assert rb.column("id").buffers()[1].address == batch["id"].data_ptr()
+
+
+def test_binary_exports_as_binary_whatever_its_fields_are_named(tmp_path) -> None:
+    # Text or bytes was told by searching the printed type for "Utf8", which a list item's
+    # field name can hold: invalid UTF-8 bytes then went out in a string array.
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "b.parquet"
+    kind = pa.list_(pa.field("Utf8_bytes", pa.binary()))
+    table = pa.table({"b": pa.array([[b"\xff\xfe"], [b"ok"]], kind)})
+    pq.write_table(table, path, use_compliant_nested_type=False)
+    out = next(iter(Dataset(path, batch_size=2))).to_arrow()
+    assert out.schema.field("b").type == pa.large_list(pa.large_binary())
+    out.validate(full=True)
+    assert out.column("b").to_pylist() == [[b"\xff\xfe"], [b"ok"]]

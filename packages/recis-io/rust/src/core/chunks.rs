@@ -21,6 +21,9 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The error number of a read from a directory (Linux, macOS and the BSDs alike).
+const EISDIR: i32 = 21;
+
 /// The column chunks one segment decodes.
 pub struct Chunks {
     /// `(file offset, bytes)` of each run, sorted by offset.
@@ -35,7 +38,13 @@ impl Chunks {
         at: &str,
     ) -> Result<Chunks> {
         let io = |e: std::io::Error| Error::read(at, &e);
-        let file_len = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            // Replaced by a directory after planning: its size says nothing of the data, and
+            // the read would fail with EISDIR anyway.
+            return Err(io(std::io::Error::from_raw_os_error(EISDIR)));
+        }
+        let file_len = meta.len();
         let mut spans: Vec<(u64, u64)> = spans.map(|(start, len)| (start, start + len)).collect();
         spans.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());

@@ -149,6 +149,26 @@ impl ColumnPlan {
         self.fixed.unwrap_or(1)
     }
 
+    /// Whether the column's text leaf is UTF-8 strings (not bytes), by its type, whatever its
+    /// fields are named.
+    pub fn text_is_utf8(&self) -> bool {
+        let mut dt = &self.file_type;
+        loop {
+            dt = match dt {
+                DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                    f.data_type()
+                }
+                DataType::Dictionary(_, v) => v,
+                other => {
+                    return matches!(
+                        other,
+                        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                    )
+                }
+            };
+        }
+    }
+
     pub fn resolve(spec: &ColumnSpec, field: &Field) -> Result<ColumnPlan> {
         let name = &spec.name;
         let unsupported = || {

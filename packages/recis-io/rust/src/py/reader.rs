@@ -205,7 +205,7 @@ impl Reader {
             .map(|c| {
                 let fixed = c.fixed.unwrap_or(0);
                 let text = match (c.leaf, c.spec.hash) {
-                    (Leaf::Text, None) if c.file_type.to_string().contains("Utf8") => "string",
+                    (Leaf::Text, None) if c.text_is_utf8() => "string",
                     (Leaf::Text, None) => "binary",
                     _ => "",
                 };
