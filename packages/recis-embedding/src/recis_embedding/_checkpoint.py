@@ -115,11 +115,16 @@ def shard_context(model: nn.Module):
     return next(iter(contexts.values()))
 
 
+def moved_aside(path: Path) -> list[Path]:
+    """What saves moved aside to put a new checkpoint at ``path`` (``.<name>.old-*`` beside
+    it): the previous checkpoint of a save in progress, and any left by interrupted ones."""
+    return list(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+
+
 def interrupted_replaces(path: Path) -> list[Path]:
     """Complete checkpoints a save moved aside to put a new one at ``path`` and did not get
-    to delete (``.<name>.old-*`` beside it), newest first."""
-    pattern = f".{glob.escape(path.name)}.old-*"
-    found = [p for p in path.parent.glob(pattern) if (p / "manifest.json").is_file()]
+    to delete, newest first."""
+    found = [p for p in moved_aside(path) if (p / "manifest.json").is_file()]
     return sorted(found, key=lambda p: (p / "manifest.json").stat().st_mtime, reverse=True)
 
 

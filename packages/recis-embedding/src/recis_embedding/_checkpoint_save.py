@@ -5,7 +5,6 @@ The format is described in ``recis_embedding._checkpoint``.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from recis_embedding._checkpoint import (
     dtype_name,
     interrupted_replaces,
     manifest_digest,
+    moved_aside,
     sha256,
     shard_context,
 )
@@ -308,11 +308,10 @@ def _replace(tmp: Path, path: Path) -> None:
         if old.exists():
             os.replace(old, path)
         raise
-    # The previous checkpoint, and any an interrupted replace left: the new one supersedes
-    # them all.
-    for stale in [old, *path.parent.glob(f".{glob.escape(path.name)}.old-*")]:
-        if stale.exists():
-            shutil.rmtree(stale)
+    # The previous checkpoint (``old``), and any an interrupted replace left: the new one
+    # supersedes them all.
+    for stale in moved_aside(path):
+        shutil.rmtree(stale)
 
 
 def _recover_interrupted(path: Path) -> None:
