@@ -377,3 +377,67 @@ def test_empty_batches_keep_every_output_shape() -> None:
     assert out["k"].shape == (0, 2 * DIM)
     assert out["s"].shape == (0, 0, DIM)
     assert out["m"].shape == (0, DIM)
+
+
+def test_ids_past_tile_len_or_max_len_are_not_looked_up() -> None:
+    # Only the first tile_len (max_len) ids of a row reach the output, so only they may be
+    # inserted, counted or trained: 7, 8 and 9 sit past every feature's length.
+    rows = [[(1, 1.0), (2, 1.0), (7, 1.0)], [(3, 1.0)], [(4, 1.0), (5, 1.0), (8, 1.0), (9, 1.0)]]
+    lengths = {"tile": {"tile_len": 2}, None: {"max_len": 2}}
+    for combiner, kwargs in [*lengths.items(), (None, {"max_len": 2, "ragged": True})]:
+        option = EmbeddingOption(
+            DIM, combiner=combiner, combiner_kwargs=kwargs, initializer=INIT, shared_name="t"
+        )
+        engine = EmbeddingEngine({"s": option})
+        out = engine({"s": ragged(rows)})
+        assert sorted(engine.table("t")[0].ids().tolist()) == [1, 2, 3, 4, 5], kwargs
+        if combiner == "tile":
+            torch.testing.assert_close(out["s"][2], torch.cat([vec(4, "t"), vec(5, "t")]).float())
+        elif kwargs.get("ragged"):
+            assert out["s"].offsets[0].tolist() == [0, 2, 3, 5]
+            torch.testing.assert_close(out["s"].values[3], vec(4, "t").float())
+        else:
+            assert out["s_mask"].tolist() == [[True, True], [True, False], [True, True]]
+    dense = EmbeddingEngine(
+        {"d": EmbeddingOption(DIM, combiner="tile", combiner_kwargs={"tile_len": 1})}
+    )
+    assert dense({"d": torch.tensor([[1, 7], [2, 8]])})["d"].shape == (2, DIM)
+    assert sorted(dense.table("d")[0].ids().tolist()) == [1, 2]
+
+
+def _reference_weight_grads(rows, combiner: str, table: str, grad_out: torch.Tensor):
+    """d(Σ grad_out * pooled) / d w_i, by autograd through the combiner's formula."""
+    w = torch.tensor([w for r in rows for _, w in r], dtype=torch.float64, requires_grad=True)
+    out, at = [], 0
+    for r in rows:
+        ws = w[at : at + len(r)]
+        acc = torch.zeros(DIM, dtype=torch.float64)
+        for k, (x, _) in enumerate(r):
+            acc = acc + ws[k] * vec(x, table)
+        norm = {"sum": None, "mean": ws.sum(), "sqrtn": (ws * ws).sum().sqrt()}[combiner]
+        out.append(acc if norm is None else acc / norm)
+        at += len(r)
+    ((torch.stack(out) * grad_out.double()).sum() + 0 * w.sum()).backward()
+    return w.grad.float()
+
+
+@given(ROWS, st.sampled_from(["sum", "mean", "sqrtn"]), st.booleans(), st.booleans())
+def test_weights_that_need_a_gradient_get_it(rows, combiner, training, concat) -> None:
+    # Weights computed by a model (attention-style pooling) train through the lookup, pooled
+    # alone or in a concatenation, whether or not the table itself trains.
+    option = EmbeddingOption(DIM, combiner=combiner, initializer=INIT, shared_name="t")
+    engine = EmbeddingEngine(
+        {"f": option, "g": option}, concat={"fg": ["f", "g"]} if concat else None
+    )
+    r = ragged(rows)
+    with torch.no_grad():  # insert the ids, so that eval() reads them too
+        engine({"f": r, "g": r})
+    engine.train(training)
+    w = r.weights.clone().requires_grad_(True)
+    out = engine({"f": r.with_values(r.values, w), "g": ragged(rows, weights=False)})["f"]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(len(rows)))
+    (out * grad_out).sum().backward()
+    exp = _reference_weight_grads(rows, combiner, "t", grad_out)
+    if any(abs(x) > 1e4 for x in exp.tolist()):
+        return  # nearly cancelling weights: no meaningful tolerance
+    torch.testing.assert_close(w.grad, exp, atol=1e-4, rtol=1e-4)

@@ -75,7 +75,8 @@ def batch_major(
         else:
             scales.append(None)
             mults.append(bag_weights(i.bags, raw, mode, i.values.numel()))
-    if on_host(parts[0].values):
+    # NumPy cannot carry gradients: multipliers from weights that need one stay in torch.
+    if on_host(parts[0].values) and not any(w is not None and w.requires_grad for w in mults):
         return batch_major_host(parts, tabs, scales, mults, rows)
     return batch_major_torch(parts, tabs, scales, mults, rows)
 

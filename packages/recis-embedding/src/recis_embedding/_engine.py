@@ -11,7 +11,7 @@ from torch import nn
 from recis_embedding._concat import Joined, batch_major
 from recis_embedding._dedup import dedup
 from recis_embedding._host import repeat_values
-from recis_embedding._inputs import Ids, as_ids
+from recis_embedding._inputs import Ids, as_ids, head
 from recis_embedding._options import EmbeddingOption
 from recis_embedding._outputs import padded_output, pooled_outputs
 from recis_embedding._policies import ReadOnlyAdmission
@@ -335,7 +335,7 @@ class EmbeddingEngine(nn.Module):
         first = concat[0][1][0] if concat else features[0]
         table, _ = self.logical[self._table_of[first]]
         ordered = [f for _, members in concat for f in members] + features
-        ids = {f: as_ids(f, batch[f]) for f in ordered}
+        ids = {f: self._ids_used(f, batch[f]) for f in ordered}
         for f, i in ids.items():
             if i.values.device != table.device:
                 raise InputError(
@@ -375,6 +375,17 @@ class EmbeddingEngine(nn.Module):
         if features:
             out.update(self._lookup_rest(features, ids, inverse[at:], emb, grouping, at == 0))
         return out
+
+    def _ids_used(self, feature: str, value: Any) -> Ids:
+        """The ids of ``feature`` that reach its output: a ``tile`` feature, or a sequence
+        with ``max_len``, drops each row's ids past that length before the lookup."""
+        ids = as_ids(feature, value)
+        option = self.options[feature]
+        kwargs = option.combiner_kwargs or {}
+        length = kwargs.get("tile_len") if option.combiner == "tile" else kwargs.get("max_len")
+        if option.combiner in _POOLED or length is None or ids.outer is not None:
+            return ids  # 3-level ids are refused with their output's message
+        return head(ids, int(length))
 
     def _table_index(self, feature: str) -> int:
         return self.logical[self._table_of[feature]][1]

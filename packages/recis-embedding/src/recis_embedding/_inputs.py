@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from recis_embedding._host import repeat_values, true_positions
 from recis_embedding.exceptions import InputError
 from recis_kernels import RaggedTensor
 
-__all__ = ["Ids", "as_ids"]
+__all__ = ["Ids", "as_ids", "head"]
 
 
 @dataclass
@@ -85,3 +86,19 @@ def _ragged(name: str, r: RaggedTensor) -> Ids:
         )
     weights = None if r.weights is None else r.weights.to(torch.float32)
     return Ids(r.values, bags.to(torch.int64), outer, weights, singles=False)
+
+
+def head(ids: Ids, length: int) -> Ids:
+    """The first ``length`` ids of every bag of 2-level ``ids`` (all of ``ids`` when no bag is
+    longer). Features that output only those (``tile``, or a sequence with ``max_len``) look up
+    no others: the ids past them are never inserted, counted by admission or trained."""
+    lengths = ids.bags[1:] - ids.bags[:-1]
+    if lengths.numel() == 0 or int(lengths.max()) <= length:
+        return ids
+    n = ids.values.numel()
+    col = torch.arange(n, device=ids.bags.device) - repeat_values(ids.bags[:-1], lengths, n)
+    keep = true_positions(col < length)
+    bags = torch.zeros_like(ids.bags)
+    torch.cumsum(lengths.clamp(max=length), 0, out=bags[1:])
+    weights = None if ids.weights is None else ids.weights[keep]
+    return Ids(ids.values[keep], bags, ids.outer, weights, singles=False)

@@ -35,6 +35,8 @@ class EmbeddingOption:
         combiner_kwargs: ``{"tile_len": L}`` for ``"tile"``; for ``combiner=None``,
             ``{"max_len": L}`` fixes the padded length (default: the longest row of the batch)
             and ``{"ragged": True}`` returns a ``RaggedTensor`` of ``(N, dim)`` rows instead.
+            A row's ids past ``tile_len`` or ``max_len`` are dropped before the lookup: they
+            are never inserted, counted by admission or trained.
         initializer: seeded per-id initializer (default ``TruncatedNormal(std=0.01)``).
         dtype: storage dtype of the embeddings: float32, bfloat16 or float16 (optimizer math is
             float32 in every case).

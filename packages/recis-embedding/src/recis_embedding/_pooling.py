@@ -107,11 +107,13 @@ class _Pool(torch.autograd.Function):
             ctx.save_for_backward(inverse)
             return emb.index_select(0, inverse)
         empty = torch.empty(0)
+        # Weights that need a gradient (computed by a model) get it from the rows they scale.
         ctx.save_for_backward(
             inverse,
             bags,
             seg if seg is not None else empty,
             weights if weights is not None else empty,
+            emb if weights is not None and weights.requires_grad else empty,
         )
         return F.embedding_bag(
             inverse, emb, bags, mode="sum", per_sample_weights=weights, include_last_offset=True
@@ -120,16 +122,22 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_out = grad_out.contiguous()
+        grad = grad_w = None
         if ctx.singles:
             (inverse,) = ctx.saved_tensors
             grad = _rows_grad(grad_out, None, inverse, None, ctx.num_rows, ctx.grouping)
         else:
-            inverse, bags, seg, weights = ctx.saved_tensors
+            inverse, bags, seg, weights, emb = ctx.saved_tensors
             if not ctx.has_seg:  # only training needs the bag of every id
                 seg = segment_ids(bags, inverse.numel())
             w = weights if ctx.has_weights else None
-            grad = _rows_grad(grad_out, seg, inverse, w, ctx.num_rows, ctx.grouping)
-        return grad, None, None, None, None, None, None
+            if ctx.needs_input_grad[0]:
+                grad = _rows_grad(grad_out, seg, inverse, w, ctx.num_rows, ctx.grouping)
+            if ctx.needs_input_grad[4]:
+                # d out[bag(i)] / d w_i = emb[inverse[i]]
+                rows = emb.index_select(0, inverse).to(grad_out.dtype)
+                grad_w = (grad_out.index_select(0, seg) * rows).sum(1).to(weights.dtype)
+        return grad, None, None, None, grad_w, None, None
 
 
 def pool(
@@ -158,7 +166,9 @@ def pool(
         ``(M, D) float32``.
     """
     if inverse.numel() == 0:
-        return emb.new_zeros(bags.numel() - 1, emb.shape[1]) + 0 * emb.sum()
+        # Still in the graph of the rows and weights, so their gradients are (empty) zeros.
+        zeros = emb.new_zeros(bags.numel() - 1, emb.shape[1]) + 0 * emb.sum()
+        return zeros if weights is None else zeros + 0 * weights.sum()
     singles = singles and weights is None
     return _Pool.apply(emb, inverse, bags, seg, weights, singles, grouping)
 
