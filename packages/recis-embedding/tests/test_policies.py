@@ -210,7 +210,7 @@ def test_policy_registry() -> None:
     assert make_policy("frequency", threshold=4).threshold == 4
     with pytest.raises(ConfigError, match="unknown policy 'nope'"):
         make_policy("nope")
-    with pytest.raises(ConfigError, match="threshold >= 1"):
+    with pytest.raises(ConfigError, match=r"threshold in \[1, 2\*\*63 - 1\]"):
         FrequencyAdmission(threshold=0)
 
 
@@ -328,3 +328,37 @@ def test_each_table_keeps_its_own_capacity_when_tables_could_fuse() -> None:
         assert [len(engine.table(n)[0].ids(engine.table(n)[1])) for n in "ab"] == [3, 3]
         with pytest.raises(TableFullError, match="capacity 3, 1 new ids"):
             engine({"a": torch.tensor([[4]]), "b": ids})
+
+
+def test_a_lookup_refused_by_a_full_table_takes_no_admission_count() -> None:
+    # Capacity 2 with no eviction, full with 1 and 2: id 3's second batch is refused. It
+    # must keep its count, so the first batch after a row frees admits it.
+    engine, opt = engine_with(capacity=2, admission=FrequencyAdmission(threshold=2))
+    table, _ = engine.table("f")
+    for _ in range(2):
+        step(engine, opt, [1, 2])
+    step(engine, opt, [3])  # counted once, rejected
+    state = table.admission.state(table, 0)
+    assert (state["ids"].tolist(), state["counts"].tolist()) == ([3], [1])
+    for _ in range(2):  # refused twice: the count stays at 1
+        with pytest.raises(TableFullError):
+            engine({"f": torch.tensor([[3]])})
+        state = table.admission.state(table, 0)
+        assert (state["ids"].tolist(), state["counts"].tolist()) == ([3], [1])
+    opt.zero_grad()
+    table.erase(torch.tensor([1]))
+    out = step(engine, opt, [3])
+    assert out.tolist() == [[1.0, 1.0]]  # admitted on its second counted batch
+    assert sorted(table.ids().tolist()) == [2, 3]
+    assert table.admission.state(table, 0)["ids"].numel() == 0
+
+
+def test_thresholds_beyond_int64_are_refused() -> None:
+    for bad in (2**63, 2**64 + 5):
+        with pytest.raises(ConfigError, match=r"threshold in \[1, 2\*\*63 - 1\]"):
+            FrequencyAdmission(bad)
+        with pytest.raises(ConfigError, match=r"steps in \[1, 2\*\*63 - 1\]"):
+            StaleEviction(bad)
+    engine, opt = engine_with(admission=FrequencyAdmission(2**63 - 1))
+    step(engine, opt, [1])
+    assert len(engine.table("f")[0]) == 0

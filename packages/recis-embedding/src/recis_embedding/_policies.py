@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type] = {}
+_INT64_MAX = (1 << 63) - 1
 
 
 def register_policy(name: str, cls: type | None = None):
@@ -66,6 +67,12 @@ class AdmissionPolicy:
     def admit(self, table: HashTable, ids: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """``(N,) bool`` for distinct ``(table, id)`` keys: may an absent key be inserted."""
         raise NotImplementedError
+
+    def inserted(self, table: HashTable) -> None:
+        """Called once the keys of the last :meth:`admit` of ``table`` were inserted; not
+        called when that insert failed (:class:`~recis_embedding.TableFullError`). A policy
+        that keeps state commits it here, so a failed lookup changes none (default: nothing).
+        """
 
     def state(self, table: HashTable, index: int) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint for logical table ``index`` (default: none).
@@ -138,8 +145,14 @@ class FrequencyAdmission(AdmissionPolicy):
 
     def __init__(self, threshold: int = 2) -> None:
         threshold = plain(threshold)
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ConfigError(f"FrequencyAdmission needs an int threshold >= 1, got {threshold!r}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int)
+            or not 1 <= threshold <= _INT64_MAX
+        ):
+            raise ConfigError(
+                f"FrequencyAdmission needs an int threshold in [1, 2**63 - 1], got {threshold!r}"
+            )
         self.threshold = threshold
 
     def __repr__(self) -> str:
@@ -186,6 +199,7 @@ class FrequencyAdmission(AdmissionPolicy):
         return grown
 
     def admit(self, table, ids, tables):
+        table._admission_pending = None
         absent = table._map.find(ids, tables) < 0
         idx = true_positions(absent)
         ok = torch.ones_like(absent)
@@ -193,23 +207,28 @@ class FrequencyAdmission(AdmissionPolicy):
             return ok
         counter, counts = table.admission_state or (IdMap(device=table.device), None)
         rows, _ = counter.find_or_insert(ids[idx], tables[idx])
-        if counts is None or counts.numel() < counter.num_rows:
-            grown = torch.zeros(
-                max(counter.num_rows, 16) * 2, dtype=torch.int64, device=table.device
-            )
-            if counts is not None:
-                grown[: counts.numel()] = counts
-            counts = grown
-        counts[rows] += 1
-        ready = counts[rows] >= self.threshold
+        counts = self._grow(counts, counter.num_rows, table.device)
+        table.admission_state = (counter, counts)
+        seen = counts[rows] + 1
+        ready = seen >= self.threshold
         ok[idx] = ready
+        table.count("admissions_rejected", int((~ready).sum()))
+        # The counts change in inserted(), once the insert went through: a lookup that fails
+        # (TableFullError) takes no batch from an id's count.
+        table._admission_pending = (rows, seen, ready, ids[idx], tables[idx])
+        return ok
+
+    def inserted(self, table):
+        pending, table._admission_pending = table._admission_pending, None
+        if pending is None:
+            return
+        rows, seen, ready, ids, tables = pending
+        counter, counts = table.admission_state
+        counts[rows] = seen
         if bool(ready.any()):
             done = true_positions(ready)
             counts[rows[done]] = 0
-            counter.erase(ids[idx][done], tables[idx][done])
-        table.count("admissions_rejected", int((~ready).sum()))
-        table.admission_state = (counter, counts)
-        return ok
+            counter.erase(ids[done], tables[done])
 
 
 class EvictionPolicy:
@@ -252,8 +271,8 @@ class StaleEviction(EvictionPolicy):
     def __post_init__(self) -> None:
         plain_fields(self)
         steps = self.steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"StaleEviction needs an int steps >= 1, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= _INT64_MAX:
+            raise ConfigError(f"StaleEviction needs an int steps in [1, 2**63 - 1], got {steps!r}")
 
     def after_step(self, table):
         def stale(keys, tabs, rows):

@@ -25,6 +25,8 @@ def serve(
         if table.admission is not None:
             admit = table.admission.admit(table, keys, key_tabs)
         rows, _ = table.find_or_insert(keys, key_tabs, admit=admit, distinct=True)
+        if table.admission is not None:
+            table.admission.inserted(table)
     else:
         rows = table.find(keys, key_tabs)
     present = rows >= 0

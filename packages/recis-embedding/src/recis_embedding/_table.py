@@ -148,6 +148,8 @@ class HashTable:
         # What the admission policy keeps per table (FrequencyAdmission: its counters); it
         # lives here so that copies of the table carry it.
         self.admission_state: Any = None
+        # An admission policy's decision on the lookup in progress, until it is inserted.
+        self._admission_pending: Any = None
         self.step = 0
         # Per row, for eviction policies: the step a row was inserted at, the last step
         # training looked it up, and its training uses.
