@@ -213,3 +213,31 @@ def test_numpy_bools_are_not_integer_parameters() -> None:
         rk.mod(torch.tensor([1]), np.True_)
     with pytest.raises(ValueError, match=r"multi_hash: buckets\[0\] must be an int"):
         rk.multi_hash(torch.tensor([1]), [np.True_])
+
+
+def test_bad_argument_values_raise_the_package_s_own_errors() -> None:
+    # Each is also the builtin it used to be (ValueError / TypeError), so old handlers work.
+    import recis_kernels as rk
+    from recis_kernels import ArgumentError, RecisKernelsError
+
+    ids = torch.tensor([1, 2])
+    data = torch.tensor([97], dtype=torch.uint8)
+    cases = [
+        (lambda: rk.mod(ids, 0), ArgumentError, r"mod: n must be an int in \[1, 2\*\*63 - 1\]"),
+        (lambda: rk.fused_mod([ids], [3, 4]), ArgumentError, "1 id tensors but 2 moduli"),
+        (lambda: rk.multi_hash(ids, []), ArgumentError, "at least one hash"),
+        (
+            lambda: rk.truncate(RaggedTensor(ids, torch.tensor([0, 2])), 1, "middle"),
+            ArgumentError,
+            "side",
+        ),
+        (lambda: rk.hash_bytes(data, torch.tensor([0, 1]), "sha1"), ArgumentError, "algorithm"),
+        (lambda: rk.hash_strings([1]), UnsupportedDtypeError, "strings must be str or bytes"),
+        (lambda: rk.compile_kernel("mod", "90"), ArgumentError, "arch must look like 'sm_90'"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            call()
+        assert isinstance(info.value, RecisKernelsError)
+        builtin = TypeError if error is UnsupportedDtypeError else ValueError
+        assert isinstance(info.value, builtin)

@@ -10,6 +10,7 @@ from recis_kernels._cuda.compiler import (
 )
 from recis_kernels._cuda.index_errors import check_index_errors
 from recis_kernels.exceptions import (
+    ArgumentError,
     BackendError,
     CudaUnavailableError,
     IndexOutOfRangeError,
@@ -46,6 +47,7 @@ from recis_kernels.ragged import RaggedTensor
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "BackendError",
     "CompiledKernel",
     "CudaUnavailableError",

@@ -7,6 +7,7 @@ also derive from the matching builtin so callers may catch ``ValueError`` or ``R
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "BackendError",
     "CudaUnavailableError",
     "IndexOutOfRangeError",
@@ -22,6 +23,11 @@ __all__ = [
 
 class RecisKernelsError(Exception):
     """Base class of every error raised by recis-kernels."""
+
+
+class ArgumentError(RecisKernelsError, ValueError):
+    """A non-tensor argument has a value the op does not accept (a modulus, a bucket count, a
+    length, a mode or side name, mismatched list lengths)."""
 
 
 class RaggedError(RecisKernelsError, ValueError):

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from recis_kernels.exceptions import CudaUnavailableError, KernelCompileError
+from recis_kernels.exceptions import ArgumentError, CudaUnavailableError, KernelCompileError
 
 __all__ = ["CompiledKernel", "cache_dir", "compile_all", "compile_kernel", "kernel_names"]
 
@@ -116,15 +116,15 @@ def compile_kernel(name: str, arch: str = "sm_90", options: tuple[str, ...] = ()
         The compiled kernel.
 
     Raises:
-        ValueError: unknown kernel name or malformed arch.
+        ArgumentError: unknown kernel name or malformed arch.
         CudaUnavailableError: cuda-python is not installed.
         KernelCompileError: NVRTC rejected the source; the message carries the full log.
     """
     if not _ARCH_RE.match(arch):
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+        raise ArgumentError(f"arch must look like 'sm_90', got {arch!r}")
     path = _source_dir() / f"{name}.cu"
     if not path.is_file():
-        raise ValueError(f"no kernel source named {name!r}; known: {kernel_names()}")
+        raise ArgumentError(f"no kernel source named {name!r}; known: {kernel_names()}")
     nvrtc = cuda_bindings("nvrtc")
     source = path.read_bytes()
     headers = _headers()

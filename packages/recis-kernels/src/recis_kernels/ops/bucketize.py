@@ -30,7 +30,7 @@ from recis_kernels._checks import (
     common_device,
     grid_for,
 )
-from recis_kernels.exceptions import ShapeError, UnsupportedDtypeError
+from recis_kernels.exceptions import ArgumentError, ShapeError, UnsupportedDtypeError
 from recis_kernels.ops import _bucket_table
 from recis_kernels.ops._packing import pack, unpack
 
@@ -134,7 +134,7 @@ def fused_bucketize(
     """
     op = _op
     if len(xs) != len(boundaries_list):
-        raise ValueError(f"{op}: got {len(xs)} inputs but {len(boundaries_list)} boundary lists")
+        raise ArgumentError(f"{op}: got {len(xs)} inputs but {len(boundaries_list)} boundary lists")
     if not xs:
         return []
     device = common_device(xs, _INTS + _FLOATS)
@@ -187,7 +187,7 @@ def _prepare(
         groups.append((ks, packed_b, b_sizes, dtype))
     if errors:
         k, what = min(errors)
-        raise ValueError(f"{op}: {wheres[k]} {what}")
+        raise ArgumentError(f"{op}: {wheres[k]} {what}")
     return groups
 
 

@@ -59,7 +59,7 @@ from recis_kernels._checks import (
     is_int,
     resolve_device,
 )
-from recis_kernels.exceptions import ShapeError
+from recis_kernels.exceptions import ArgumentError, ShapeError
 
 __all__ = [
     "LOAD_FACTOR_LIMIT",
@@ -257,7 +257,7 @@ def check_load_factor(where: str, value: object) -> float:
         or not isinstance(value, (int, float, np.floating, np.integer))
         or not 0 < float(value) <= LOAD_FACTOR_LIMIT
     ):
-        raise ValueError(
+        raise ArgumentError(
             f"{where + ': ' if where else ''}max_load_factor must be a number in "
             f"(0, {LOAD_FACTOR_LIMIT}], got {value!r}"
         )
@@ -287,7 +287,7 @@ def _as_tables(op: str, keys: torch.Tensor, tables: torch.Tensor | int) -> torch
     if is_int(tables):
         tables = int(tables)
         if not 0 <= tables <= _TABLE_MAX:
-            raise ValueError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {tables}")
+            raise ArgumentError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {tables}")
         return torch.full(keys.shape, tables, dtype=torch.int32, device=keys.device)
     tables = check_tensor(op, "tables", tables)
     check_dtype(op, "tables", tables, _TABLE_DTYPES)
@@ -301,7 +301,7 @@ def _as_tables(op: str, keys: torch.Tensor, tables: torch.Tensor | int) -> torch
         low, high = int(t.min()), int(t.max())
         if low < 0 or high > _TABLE_MAX:
             bad = low if low < 0 else high
-            raise ValueError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {bad}")
+            raise ArgumentError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {bad}")
     return tables.to(torch.int32)
 
 

@@ -31,6 +31,7 @@ from recis_kernels._checks import (
     index_error,
     is_int,
 )
+from recis_kernels.exceptions import ArgumentError, RaggedError, UnsupportedDtypeError
 from recis_kernels.ops import _farm_host
 from recis_kernels.ops._farm import farm_fingerprint64, murmur64a
 from recis_kernels.ops._uint64 import umod_const
@@ -43,9 +44,9 @@ _INT64_MAX = (1 << 63) - 1
 
 def _check_args(op: str, algorithm: str, buckets: int) -> int:
     if algorithm not in _ALGORITHMS:
-        raise ValueError(f"{op}: algorithm must be 'farm' or 'murmur', got {algorithm!r}")
+        raise ArgumentError(f"{op}: algorithm must be 'farm' or 'murmur', got {algorithm!r}")
     if not is_int(buckets) or not 0 <= buckets <= _INT64_MAX:
-        raise ValueError(f"{op}: buckets must be an int in [0, 2**63 - 1], got {buckets!r}")
+        raise ArgumentError(f"{op}: buckets must be an int in [0, 2**63 - 1], got {buckets!r}")
     return int(buckets)
 
 
@@ -66,7 +67,8 @@ def hash_bytes(
     Raises:
         UnsupportedDtypeError: ``data`` is not uint8 or ``offsets`` not int64.
         ShapeError: an argument is not 1-d.
-        ValueError: unknown algorithm, bad bucket count, or malformed offsets.
+        ArgumentError: unknown algorithm or bad bucket count.
+        RaggedError: offsets that do not start at 0 or end at ``len(data)``.
 
     Example:
         >>> hash_bytes(torch.tensor(list(b"alphabet"), dtype=torch.uint8), torch.tensor([0, 8]))
@@ -82,7 +84,7 @@ def hash_bytes(
     check_same_device(op, {"data": data, "offsets": offsets})
     buckets = _check_args(op, algorithm, buckets)
     if offsets.numel() == 0:
-        raise ValueError(f"{op}: offsets must hold at least one entry (S + 1 for S strings)")
+        raise RaggedError(f"{op}: offsets must hold at least one entry (S + 1 for S strings)")
     if can_inspect(offsets):
         _check_offsets(op, offsets, data.numel())
     return run_op(_hash_bytes_op, _hash_bytes_impl, data, offsets, algorithm, buckets)
@@ -98,7 +100,7 @@ def _check_offsets(op: str, offsets: torch.Tensor, n: int) -> None:
         k = int(down[0]) + 1
         raise index_error(op, "offsets", k, int(off[k]), int(off[k - 1]), n + 1)
     if int(off[0]) != 0 or int(off[-1]) != n:
-        raise ValueError(
+        raise RaggedError(
             f"{op}: offsets must start at 0, be non-decreasing and end at len(data) = {n}, got "
             f"first {int(offsets[0])}, last {int(offsets[-1])}"
         )
@@ -129,7 +131,7 @@ def _to_ragged_bytes(op: str, strings: Any) -> tuple[torch.Tensor, torch.Tensor]
     if arrow is not None:
         return arrow
     if isinstance(strings, (str, bytes)):
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"{op}: expected a sequence of strings, got a single {type(strings).__name__}"
         )
     encoded = [_encode(op, s) for s in _iterate(strings)]
@@ -153,7 +155,7 @@ def _encode(op: str, s: Any) -> bytes:
         return s.encode("utf-8")
     if isinstance(s, (bytes, bytearray, memoryview)):
         return bytes(s)
-    raise TypeError(f"{op}: strings must be str or bytes, got {type(s).__name__}")
+    raise UnsupportedDtypeError(f"{op}: strings must be str or bytes, got {type(s).__name__}")
 
 
 def _from_arrow(strings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -177,7 +179,9 @@ def _from_arrow(strings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
         offset_dtype = np.int64
     else:
-        raise TypeError(f"hash_strings: arrow array must hold strings or binary, got {t}")
+        raise UnsupportedDtypeError(
+            f"hash_strings: arrow array must hold strings or binary, got {t}"
+        )
     if strings.null_count:
         # Null slots may carry arbitrary bytes; replace them by empty strings first.
         strings = strings.fill_null(

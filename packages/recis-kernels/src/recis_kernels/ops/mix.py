@@ -18,6 +18,7 @@ import torch
 
 from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import check_dtype, check_tensor, grid_for, is_int
+from recis_kernels.exceptions import ArgumentError
 from recis_kernels.ops._uint64 import const, shr, umod
 
 __all__ = ["mix64", "multi_hash"]
@@ -69,10 +70,10 @@ def multi_hash(ids: torch.Tensor, buckets: Sequence[int]) -> torch.Tensor:
     check_dtype(op, "ids", ids, (torch.int64,))
     buckets = list(buckets)
     if not buckets:
-        raise ValueError(f"{op}: buckets must name at least one hash, got an empty sequence")
+        raise ArgumentError(f"{op}: buckets must name at least one hash, got an empty sequence")
     for k, b in enumerate(buckets):
         if not is_int(b) or not 0 <= b <= _INT64_MAX:
-            raise ValueError(f"{op}: buckets[{k}] must be an int in [0, 2**63 - 1], got {b!r}")
+            raise ArgumentError(f"{op}: buckets[{k}] must be an int in [0, 2**63 - 1], got {b!r}")
         buckets[k] = int(b)
     out = run_op(_multi_hash_op, _multi_hash_impl, ids.reshape(-1), buckets)
     return out.view(*ids.shape, len(buckets))

@@ -21,6 +21,7 @@ from recis_kernels._checks import (
     grid_for,
     is_int,
 )
+from recis_kernels.exceptions import ArgumentError
 from recis_kernels.ops._packing import pack, unpack
 from recis_kernels.ops._uint64 import umod, umod_parts, umod_segments
 
@@ -36,7 +37,7 @@ def _valid_n(n: object) -> TypeGuard[int]:
 
 def _check_n(op: str, where: str, n: object) -> int:
     if not _valid_n(n):
-        raise ValueError(f"{op}: {where} must be an int in [1, 2**63 - 1], got {n!r}")
+        raise ArgumentError(f"{op}: {where} must be an int in [1, 2**63 - 1], got {n!r}")
     return int(n)
 
 
@@ -52,7 +53,7 @@ def mod(ids: torch.Tensor, n: int) -> torch.Tensor:
 
     Raises:
         UnsupportedDtypeError: ``ids`` is not int64.
-        ValueError: ``n`` out of range.
+        ArgumentError: ``n`` out of range.
 
     Example:
         >>> mod(torch.tensor([7, -1]), 10)
@@ -78,7 +79,7 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
     """
     op = "fused_mod"
     if len(ids_list) != len(ns):
-        raise ValueError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
+        raise ArgumentError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
     if not ids_list:
         return []
     if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:

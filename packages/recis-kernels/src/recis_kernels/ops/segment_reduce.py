@@ -27,7 +27,7 @@ from recis_kernels._checks import (
     grid_for,
     is_int,
 )
-from recis_kernels.exceptions import ShapeError
+from recis_kernels.exceptions import ArgumentError, ShapeError
 
 __all__ = ["segment_reduce"]
 
@@ -59,7 +59,7 @@ def segment_reduce(
         UnsupportedDtypeError: rows not floating, offsets not int64.
         ShapeError: wrong dimensions or lengths, or offsets that do not run from 0 to N
             without decreasing (checked for offsets on the host).
-        ValueError: unknown mode or missing/invalid tile_len.
+        ArgumentError: unknown mode or missing/invalid tile_len.
     """
     op = "segment_reduce"
     check_tensor(op, "rows", rows)
@@ -80,13 +80,13 @@ def segment_reduce(
             )
     check_same_device(op, {"rows": rows, "offsets": offsets, "weights": weights})
     if mode not in _MODES:
-        raise ValueError(f"{op}: mode must be one of sum, mean, sqrtn, tile, got {mode!r}")
+        raise ArgumentError(f"{op}: mode must be one of sum, mean, sqrtn, tile, got {mode!r}")
     if mode == "tile":
         if not is_int(tile_len) or tile_len < 1:
-            raise ValueError(f"{op}: tile mode needs tile_len as an int >= 1, got {tile_len!r}")
+            raise ArgumentError(f"{op}: tile mode needs tile_len as an int >= 1, got {tile_len!r}")
         tile_len = int(tile_len)
     elif tile_len is not None:
-        raise ValueError(f"{op}: tile_len only applies to mode 'tile', got mode {mode!r}")
+        raise ArgumentError(f"{op}: tile_len only applies to mode 'tile', got mode {mode!r}")
     if can_inspect(offsets) and (int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]):
         raise ShapeError(
             f"{op}: offsets must start at 0 and end at the number of rows ({rows.shape[0]}), "

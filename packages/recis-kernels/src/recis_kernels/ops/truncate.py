@@ -26,7 +26,7 @@ import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import can_inspect, grid_for, is_int, masked_rows
-from recis_kernels.exceptions import RaggedError, ShapeError
+from recis_kernels.exceptions import ArgumentError, RaggedError, ShapeError
 from recis_kernels.ops._packing import stacked_offsets
 from recis_kernels.ragged import RaggedTensor
 
@@ -54,11 +54,11 @@ def _check(op, where, r, max_len, side) -> None:
     if r.num_levels not in (1, 2):
         raise RaggedError(f"{op}: {where} must have 2 or 3 levels, got {r.num_levels + 1}")
     if not is_int(max_len) or not 0 <= max_len < 1 << 63:
-        raise ValueError(
+        raise ArgumentError(
             f"{op}: max_len for {where} must be an int in [0, 2**63 - 1], got {max_len!r}"
         )
     if side not in ("head", "tail"):
-        raise ValueError(f"{op}: side for {where} must be 'head' or 'tail', got {side!r}")
+        raise ArgumentError(f"{op}: side for {where} must be 'head' or 'tail', got {side!r}")
 
 
 def truncate(r: RaggedTensor, max_len: int, side: str = "head") -> TruncateResult:
@@ -97,7 +97,7 @@ def fused_truncate(
     """
     op = "fused_truncate"
     if not len(rs) == len(max_lens) == len(sides):
-        raise ValueError(
+        raise ArgumentError(
             f"{op}: got {len(rs)} inputs, {len(max_lens)} max_lens and {len(sides)} sides"
         )
     if not _checked:

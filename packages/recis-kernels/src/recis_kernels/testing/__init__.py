@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
+from recis_kernels.exceptions import ArgumentError
+
 __all__ = ["EMULATED_KERNELS", "HostKernels", "use_host_kernels"]
 
 #: Kernel sources that are plain grid-stride loops; each is launched by the op module of its
@@ -114,6 +116,6 @@ def use_host_kernels(
     patcher.setattr(cuda_pkg, "launch", kernels.launch)
     for module in modules:
         if module not in EMULATED_KERNELS:
-            raise ValueError(f"use_host_kernels: {module!r} is not in {EMULATED_KERNELS}")
+            raise ArgumentError(f"use_host_kernels: {module!r} is not in {EMULATED_KERNELS}")
         mod = importlib.import_module(f"recis_kernels.ops.{module}")
         patcher.setattr(mod, "use_cuda_kernels", lambda device: True)
