@@ -362,3 +362,79 @@ def test_thresholds_beyond_int64_are_refused() -> None:
     engine, opt = engine_with(admission=FrequencyAdmission(2**63 - 1))
     step(engine, opt, [1])
     assert len(engine.table("f")[0]) == 0
+
+
+def test_registry_refuses_what_it_cannot_build() -> None:
+    from recis_embedding import AdmissionPolicy, register_policy
+
+    with pytest.raises(ConfigError, match="must be a class subclassing AdmissionPolicy"):
+        register_policy("x", lambda: 0)
+    with pytest.raises(ConfigError, match="must be a class subclassing AdmissionPolicy"):
+        register_policy("x", FrequencyAdmission(2))
+    with pytest.raises(ConfigError, match="non-empty str"):
+        register_policy(3, FrequencyAdmission)
+
+    class Mine(AdmissionPolicy):
+        def admit(self, table, ids, tables):
+            return torch.ones(ids.shape, dtype=torch.bool)
+
+    with pytest.raises(ConfigError, match="'frequency' is a built-in policy's"):
+        register_policy("frequency", Mine)
+    assert make_policy("frequency", threshold=2) == FrequencyAdmission(2)
+    register_policy("frequency", FrequencyAdmission)  # the same class again: a no-op
+    with pytest.raises(ConfigError, match="must be a str, got list"):
+        make_policy(["x"])
+
+
+def test_equal_policies_built_apart_share_a_table() -> None:
+    from dataclasses import dataclass
+
+    from recis_embedding import AdmissionPolicy, register_policy
+
+    @dataclass(frozen=True)
+    class EvenOnly(AdmissionPolicy):
+        modulus: int = 2
+
+        def admit(self, table, ids, tables):
+            return ids % self.modulus == 0
+
+    class Opaque(AdmissionPolicy):  # no __eq__: equal only to itself
+        def admit(self, table, ids, tables):
+            return torch.ones(ids.shape, dtype=torch.bool)
+
+    register_policy("even_only_test", EvenOnly)
+    pairs = [
+        (make_policy("even_only_test", modulus=2), make_policy("even_only_test", modulus=2)),
+        (ProbabilityAdmission(1), ProbabilityAdmission(1.0)),
+        (FrequencyAdmission(3), FrequencyAdmission(3)),
+    ]
+    for a, b in pairs:
+        engine = EmbeddingEngine(
+            {
+                "f": EmbeddingOption(DIM, shared_name="t", admission=a),
+                "g": EmbeddingOption(DIM, shared_name="t", admission=b),
+                "h": EmbeddingOption(DIM, admission=b),
+            }
+        )
+        assert engine.table("t")[0] is engine.table("h")[0], (a, b)  # fused as well
+    opaque = Opaque()
+    EmbeddingEngine(
+        {
+            "f": EmbeddingOption(DIM, shared_name="t", admission=opaque),
+            "g": EmbeddingOption(DIM, shared_name="t", admission=opaque),
+        }
+    )
+    with pytest.raises(ConfigError, match=r"policies agree when equal \(==\)"):
+        EmbeddingEngine(
+            {
+                "f": EmbeddingOption(DIM, shared_name="t", admission=Opaque()),
+                "g": EmbeddingOption(DIM, shared_name="t", admission=Opaque()),
+            }
+        )
+    with pytest.raises(ConfigError, match="differ in admission=FrequencyAdmission"):
+        EmbeddingEngine(
+            {
+                "f": EmbeddingOption(DIM, shared_name="t", admission=FrequencyAdmission(2)),
+                "g": EmbeddingOption(DIM, shared_name="t", admission=FrequencyAdmission(3)),
+            }
+        )

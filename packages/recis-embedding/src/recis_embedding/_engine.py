@@ -14,7 +14,7 @@ from recis_embedding._host import repeat_values
 from recis_embedding._inputs import Ids, as_ids, head
 from recis_embedding._options import EmbeddingOption
 from recis_embedding._outputs import padded_output, pooled_outputs
-from recis_embedding._policies import ReadOnlyAdmission
+from recis_embedding._policies import ReadOnlyAdmission, policy_key
 from recis_embedding._pooling import pool
 from recis_embedding._serving import serve, serve_sharded
 from recis_embedding._sharding import Pending, ShardContext
@@ -43,7 +43,7 @@ _SHARED_FIELDS = (
 def _shared_value(option: EmbeddingOption, field: str) -> Any:
     value = getattr(option, field)
     if field in ("admission", "eviction"):
-        return None if value is None else (type(value).__name__, repr(value))
+        return policy_key(value)
     if field == "device":
         return str(value)
     return value
@@ -256,6 +256,12 @@ class EmbeddingEngine(nn.Module):
                 f"features {owner!r} and {feature!r} share table {name!r} but their options "
                 f"differ in {'; '.join(differ)}; features of one table must agree on its "
                 f"storage (combiner, combiner_kwargs and use_weight may differ)"
+                + (
+                    "; policies agree when equal (==): pass one policy object, or give the "
+                    "policy class __eq__ and __hash__ (a frozen dataclass has both)"
+                    if any(d.startswith(("admission=", "eviction=")) for d in differ)
+                    else ""
+                )
             )
 
     def table(self, name: str) -> tuple[HashTable, int]:

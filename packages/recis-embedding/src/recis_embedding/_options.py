@@ -11,7 +11,7 @@ import torch
 
 from recis_embedding._initializers import Initializer, TruncatedNormal
 from recis_embedding._numbers import plain
-from recis_embedding._policies import AdmissionPolicy, EvictionPolicy
+from recis_embedding._policies import AdmissionPolicy, EvictionPolicy, policy_key
 from recis_embedding.exceptions import ConfigError
 from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
 
@@ -163,8 +163,8 @@ class EmbeddingOption:
             self.dtype,
             str(self.device),
             self.trainable,
-            _policy_key(self.admission),
-            _policy_key(self.eviction),
+            policy_key(self.admission),
+            policy_key(self.eviction),
             self.capacity,
             self.default_value,
             self.max_load_factor,
@@ -182,7 +182,3 @@ class EmbeddingOption:
 
 def _positive_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def _policy_key(policy: Any) -> Any:
-    return None if policy is None else (type(policy).__name__, repr(policy))

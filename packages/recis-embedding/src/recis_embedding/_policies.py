@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type] = {}
+_BUILT_IN: set[str] = set()  # names of the built-in policies, which others may not take
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -46,8 +47,18 @@ def register_policy(name: str, cls: type | None = None):
     """Register a policy class under ``name`` (usable as a decorator)."""
 
     def add(c: type) -> type:
-        if not issubclass(c, (AdmissionPolicy, EvictionPolicy)):
-            raise ConfigError(f"policy {name!r} must subclass AdmissionPolicy or EvictionPolicy")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a policy name must be a non-empty str, got {name!r}")
+        if not isinstance(c, type) or not issubclass(c, (AdmissionPolicy, EvictionPolicy)):
+            raise ConfigError(
+                f"policy {name!r} must be a class subclassing AdmissionPolicy or "
+                f"EvictionPolicy, got {c!r}"
+            )
+        if name in _BUILT_IN and c is not _REGISTRY[name]:
+            raise ConfigError(
+                f"policy name {name!r} is a built-in policy's ({_REGISTRY[name].__name__}); "
+                f"register {c.__name__} under another name"
+            )
         _REGISTRY[name] = c
         return c
 
@@ -56,9 +67,25 @@ def register_policy(name: str, cls: type | None = None):
 
 def make_policy(name: str, **kwargs: Any) -> AdmissionPolicy | EvictionPolicy:
     """Construct the policy registered as ``name``."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a policy name must be a str, got {type(name).__name__} {name!r}")
     if name not in _REGISTRY:
         raise ConfigError(f"unknown policy {name!r} (registered: {sorted(_REGISTRY)})")
     return _REGISTRY[name](**kwargs)
+
+
+def policy_key(policy: Any) -> Any:
+    """What two tables' policies must share to be one table's: equal (``==``) policies of one
+    class. A policy class without ``__eq__`` equals only itself, so separately built
+    instances are different policies; give a custom policy ``__eq__`` and ``__hash__`` (a
+    frozen dataclass has both) to let equal ones share a table."""
+    if policy is None:
+        return None
+    try:
+        hash(policy)
+    except TypeError:
+        return (type(policy), id(policy))  # unhashable: only the same object matches
+    return (type(policy), policy)
 
 
 class AdmissionPolicy:
@@ -157,6 +184,12 @@ class FrequencyAdmission(AdmissionPolicy):
 
     def __repr__(self) -> str:
         return f"FrequencyAdmission(threshold={self.threshold})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.threshold == self.threshold  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.threshold))
 
     def state(self, table, index):
         counter, counts = table.admission_state or (None, None)
@@ -344,3 +377,4 @@ for _name, _cls in {
     "capacity": CapacityEviction,
 }.items():
     register_policy(_name, _cls)
+_BUILT_IN.update(_REGISTRY)
