@@ -300,3 +300,186 @@ def test_total_steps_after_resuming_an_extended_run(tmp_path):
     assert trainer.total_steps == 11  # 5 batches left: steps of 2, 2 and 1
     trainer.train()
     assert trainer.global_step == 11
+
+
+# ---------------------------------------------------------------- trainer parts checked upfront
+
+
+def _parts(model: nn.Module) -> dict:
+    dense = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = torch.optim.lr_scheduler.StepLR
+    import recis_embedding as emb
+
+    return {
+        "sparse_optimizer='adam'": ({"sparse_optimizer": "adam"}, "sparse_optimizer must be"),
+        "the same optimizer twice": ({"sparse_optimizer": dense}, "are the same object"),
+        "a sparse dense optimizer": (
+            {
+                "dense_optimizer": emb.SparseAdam(
+                    emb.DynamicEmbedding(emb.EmbeddingOption(2)), lr=0.1
+                )
+            },
+            "dense_optimizer is a sparse optimizer",
+        ),
+        "one scheduler": ({"lr_schedulers": step(dense, 1)}, "pass \\[scheduler\\]"),
+        "an optimizer as scheduler": ({"lr_schedulers": [dense]}, "must be an LR scheduler"),
+        "ReduceLROnPlateau": (
+            {"lr_schedulers": [torch.optim.lr_scheduler.ReduceLROnPlateau(dense)]},
+            "steps on a metric",
+        ),
+        "a foreign scheduler": (
+            {"lr_schedulers": [step(other, 1)]},
+            "schedules an optimizer the trainer does not step",
+        ),
+        "one hook": ({"hooks": LoggingHook()}, "hooks must be a list"),
+        "a function as hook": ({"hooks": [print]}, "hooks\\[0\\] must be a recis_train.Hook"),
+        "no train_data": ({"train_data": None}, "train_data must be an iterable"),
+        "eval_data=5": ({"eval_data": 5}, "eval_data must be an iterable"),
+    }, dense
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "sparse_optimizer='adam'",
+        "the same optimizer twice",
+        "a sparse dense optimizer",
+        "one scheduler",
+        "an optimizer as scheduler",
+        "ReduceLROnPlateau",
+        "a foreign scheduler",
+        "one hook",
+        "a function as hook",
+        "no train_data",
+        "eval_data=5",
+    ],
+)
+def test_trainer_parts_of_the_wrong_kind_are_refused_before_any_step(tmp_path, case):
+    # Each used to be accepted, then failed mid-step (some after the update was applied, so
+    # a retry trained the batch twice) or misbehaved silently.
+    model = _Model()
+    cases, dense = _parts(model)
+    change, message = cases[case]
+    kwargs = {"train_data": _batches(), "dense_optimizer": dense, **change}
+    before = _snapshot(model)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(model, TrainingArguments(output_dir=str(tmp_path), device="cpu"), **kwargs)
+    assert _unchanged(model, before)
+
+
+def test_a_failing_scheduler_leaves_the_applied_step_counted(tmp_path):
+    # The update is applied when a scheduler fails: the step counts, so a later train() call
+    # does not take its batch again, and the run ends where an uninterrupted one does.
+    class Failing(torch.optim.lr_scheduler.LambdaLR):
+        fail = True
+
+        def step(self, *args, **kwargs):
+            if Failing.fail and self.last_epoch >= 0:
+                Failing.fail = False
+                raise RuntimeError("scheduler broke")
+            return super().step(*args, **kwargs)
+
+    def run(scheduler_class, out):
+        torch.manual_seed(0)
+        model = _Model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        args = TrainingArguments(output_dir=str(out), device="cpu", train_steps=5, save_every=0)
+        trainer = Trainer(
+            model,
+            args,
+            train_data=_batches(),
+            dense_optimizer=optimizer,
+            lr_schedulers=[scheduler_class(optimizer, lambda step: 1.0)],
+        )
+        return model, trainer
+
+    model, trainer = run(Failing, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="scheduler broke"):
+        trainer.train()
+    assert trainer.global_step == 1
+    trainer.train()
+    assert trainer.global_step == 5
+    reference, ref_trainer = run(torch.optim.lr_scheduler.LambdaLR, tmp_path / "b")
+    ref_trainer.train()
+    assert _unchanged(model, _snapshot(reference))
+
+
+def test_evaluation_leaves_the_training_run_s_random_numbers_alone(tmp_path):
+    # A DataLoader draws its seed from torch's global generator when it is iterated; an
+    # evaluation with one in the middle of training must not shift later dropout masks.
+    from torch.utils.data import DataLoader
+
+    def run(evaluate: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+
+        class Wrapped(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = model
+
+            def forward(self, batch):
+                logit = self.net(batch["x"])[:, 0]
+                loss = nn.functional.binary_cross_entropy_with_logits(logit, batch["y"])
+                return {"loss": loss, "predictions": torch.sigmoid(logit), "labels": batch["y"]}
+
+        wrapped = Wrapped()
+        rows = _batches()
+        eval_loader = DataLoader(rows, batch_size=None, shuffle=False)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(evaluate)),
+            device="cpu",
+            train_steps=4,
+            eval_every=2 if evaluate else 0,
+            save_every=0,
+            seed=3,
+        )
+        trainer = Trainer(
+            wrapped,
+            args,
+            train_data=rows,
+            eval_data=eval_loader,
+            dense_optimizer=torch.optim.SGD(wrapped.parameters(), lr=0.1),
+        )
+        trainer.train_and_evaluate() if evaluate else trainer.train()
+        return _snapshot(wrapped)
+
+    plain, evaluated = run(False), run(True)
+    assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
+
+
+def test_tables_no_sparse_optimizer_steps_are_named_once(tmp_path, caplog):
+    import recis_embedding as emb
+
+    class WithTables(_Model):
+        def __init__(self, trainable: bool) -> None:
+            super().__init__()
+            self.emb = emb.EmbeddingEngine({"u": emb.EmbeddingOption(1, trainable=trainable)})
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            looked_up = self.emb({"u": (batch["x"][:, 0] > 0).long()})["u"][:, 0]
+            out["loss"] = out["loss"] + 0.0 * looked_up.sum()
+            return out
+
+    cases = [(True, False, True), (True, True, False), (False, False, False)]
+    for k, (trainable, sparse, warned) in enumerate(cases):
+        model = WithTables(trainable)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(k)), device="cpu", train_steps=3, save_every=0
+        )
+        trainer = Trainer(
+            model,
+            args,
+            train_data=_batches(),
+            dense_optimizer=torch.optim.SGD(model.lin.parameters(), lr=0.1),
+            sparse_optimizer=emb.SparseAdam(model, lr=0.1) if sparse else None,
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recis_train"):
+            trainer.train()
+        said = [r.getMessage() for r in caplog.records if "no sparse_optimizer" in r.getMessage()]
+        assert len(said) == int(warned), (trainable, sparse, said)
+        if warned:
+            assert "['u']" in said[0]

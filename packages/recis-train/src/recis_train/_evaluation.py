@@ -75,7 +75,6 @@ class EvaluationMixin:
                     "iterated again, or a function returning a fresh iterable"
                 )
             self._evaluated_iterator = True
-        data = source() if callable(source) and not hasattr(source, "__iter__") else source
         metrics: dict[str, dict[str, Metric]] = {}
         sums: dict[str, float] = {}
         task_rows: dict[str, float] = {}  # rows each task's loss is the mean over
@@ -84,7 +83,10 @@ class EvaluationMixin:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            # The evaluation draws from forked random states: a DataLoader's seed or a random
+            # layer taken here never shifts the training run's random numbers.
+            with torch.no_grad(), _forked_rng(self.device):
+                data = source() if callable(source) and not hasattr(source, "__iter__") else source
                 for batch, counts in self._eval_batches(data):
                     with self._autocast():
                         out = parse_output(self.model(batch))
@@ -251,3 +253,11 @@ def metric_value(value: Any, key: str) -> float:
 def _mean(total: float, count: float) -> float:
     """``total / count``, NaN for no rows (a task that kept no row of the evaluation)."""
     return total / count if count else float("nan")
+
+
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """torch's CPU random state, and that of ``device`` when it is a GPU, put back on exit."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index])
+    return torch.random.fork_rng(devices=[])

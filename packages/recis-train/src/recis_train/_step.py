@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from recis_train._data import DataStream, batch_rows, move_to
 from recis_train._distributed import DistributedContext
 from recis_train._outputs import StepOutput, parse_output
 from recis_train.exceptions import ModelOutputError, NonFiniteLossError
+
+_log = logging.getLogger("recis_train")
 
 
 class StepMixin:
@@ -135,9 +138,13 @@ class StepMixin:
                     totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro)
             samples += batch_rows(batch)
         self._optimizer_step()
+        # The update is applied: count it before anything else can fail (a scheduler, the
+        # logs), so that a later call never takes these batches again.
         self._cursor = micro[-1][1]
         self.stream.trained(self._cursor)
         self.global_step += 1
+        for scheduler in self.lr_schedulers:
+            scheduler.step()
         if self.distributed is not None:
             totals, samples = self.distributed.mean_logs(totals, samples)
         logs = {
@@ -225,9 +232,8 @@ class StepMixin:
             dense.step()
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.step()
+        self._warn_untrained_tables()
         self._zero_grad()
-        for scheduler in self.lr_schedulers:
-            scheduler.step()
 
     def _zero_grad(self) -> None:
         self.dense_optimizer.zero_grad(set_to_none=True)
@@ -238,6 +244,31 @@ class StepMixin:
         # would keep every step's record, so drop what is left.
         for table in self._recording_tables():
             table.pending.clear()
+
+    def _warn_untrained_tables(self) -> None:
+        """Training lookups no sparse optimizer consumed (none given, or one over other
+        tables): their tables take new ids and never learn. Legitimate at times, easy to get
+        by mistake, so said once per trainer. Lookups a frozen stage runs record nothing."""
+        if getattr(self, "_warned_untrained", False):
+            return
+        # A step marks each lookup it passed ``missed`` (done with); the others it never saw.
+        names = sorted(
+            {
+                n
+                for t in self._recording_tables()
+                if any(not p.missed[0] for p in t.pending)
+                for n in t.names
+            }
+        )
+        if names:
+            self._warned_untrained = True
+            _log.warning(
+                "embedding tables %s were looked up for training but no sparse_optimizer "
+                "steps them: they take new ids and never learn; pass a sparse optimizer over "
+                "them (e.g. SparseAdam(model)), or freeze them with "
+                "EmbeddingOption(trainable=False)",
+                names,
+            )
 
     def _recording_tables(self) -> list[Any]:
         if self._tables is None:

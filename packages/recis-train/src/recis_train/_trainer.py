@@ -133,6 +133,7 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             raise ConfigError(
                 f"dense_optimizer must be a torch.optim.Optimizer, got {type(dense_optimizer).__name__}"
             )
+        _check_parts(train_data, eval_data, dense_optimizer, sparse_optimizer, lr_schedulers, hooks)
         if args.mixed_precision == "fp16" and sparse_optimizer is not None:
             raise ConfigError(
                 "mixed_precision 'fp16' needs loss scaling, which sparse optimizers do not undo; use 'bf16'"
@@ -535,3 +536,80 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
 def _rank_zero_only(hook: Hook) -> bool:
     """Whether ``hook`` runs on rank 0 only: ``LoggingHook``, or ``rank_zero_only = True``."""
     return bool(getattr(hook, "rank_zero_only", isinstance(hook, LoggingHook)))
+
+
+def _check_parts(
+    train_data: object,
+    eval_data: object,
+    dense: torch.optim.Optimizer,
+    sparse: object,
+    schedulers: object,
+    hooks: object,
+) -> None:
+    """Refuses, before anything runs, what would fail or misbehave in the middle of a step
+    (where an update may already be applied): optimizers, schedulers, hooks and data of the
+    wrong kind."""
+    from recis_embedding import SparseOptimizer
+
+    if isinstance(dense, SparseOptimizer):
+        raise ConfigError(
+            f"dense_optimizer is a sparse optimizer ({type(dense).__name__}), which trains "
+            "embedding tables only; pass it as sparse_optimizer and give dense_optimizer a torch "
+            "optimizer over the dense parameters"
+        )
+    if sparse is not None:
+        if not isinstance(sparse, torch.optim.Optimizer):
+            raise ConfigError(
+                f"sparse_optimizer must be a recis_embedding sparse optimizer (e.g. "
+                f"SparseAdam(model)) or None, got {type(sparse).__name__} {sparse!r}"
+            )
+        if sparse is dense:
+            raise ConfigError(
+                "dense_optimizer and sparse_optimizer are the same object, which would step "
+                "twice per step; give each its own optimizer"
+            )
+    if hasattr(schedulers, "step"):  # one scheduler, not a list of them
+        raise ConfigError(
+            f"lr_schedulers must be a list of LR schedulers, got one {type(schedulers).__name__}; "
+            "pass [scheduler]"
+        )
+    if isinstance(schedulers, (str, bytes, Mapping)) or not isinstance(schedulers, Iterable):
+        raise ConfigError(
+            f"lr_schedulers must be a list of LR schedulers, got {type(schedulers).__name__}"
+        )
+    owned = [dense] if sparse is None else [dense, sparse]
+    for k, scheduler in enumerate(list(schedulers)):
+        name = type(scheduler).__name__
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ConfigError(
+                f"lr_schedulers[{k}] is a ReduceLROnPlateau, which steps on a metric, not once "
+                "per optimizer step; step it yourself from a Hook's on_evaluate with the metric"
+            )
+        optimizer = getattr(scheduler, "optimizer", None)
+        if not callable(getattr(scheduler, "step", None)) or optimizer is None:
+            raise ConfigError(
+                f"lr_schedulers[{k}] must be an LR scheduler (with .step() and .optimizer), "
+                f"got {name}"
+            )
+        if not any(optimizer is o for o in owned):
+            raise ConfigError(
+                f"lr_schedulers[{k}] ({name}) schedules an optimizer the trainer does not step; "
+                "build it on dense_optimizer or sparse_optimizer"
+            )
+    if isinstance(hooks, Hook) or not isinstance(hooks, Iterable):
+        raise ConfigError(f"hooks must be a list of Hook objects, got {type(hooks).__name__}")
+    for k, hook in enumerate(list(hooks)):
+        if not isinstance(hook, Hook):
+            raise ConfigError(
+                f"hooks[{k}] must be a recis_train.Hook (subclass it), got {type(hook).__name__}"
+            )
+    if train_data is None or not isinstance(train_data, Iterable):
+        raise ConfigError(
+            f"train_data must be an iterable of batches (a recis-io Dataset, a DataLoader, a "
+            f"list), got {type(train_data).__name__}"
+        )
+    if eval_data is not None and not (isinstance(eval_data, Iterable) or callable(eval_data)):
+        raise ConfigError(
+            "eval_data must be an iterable of batches or a function returning one, got "
+            f"{type(eval_data).__name__}"
+        )
