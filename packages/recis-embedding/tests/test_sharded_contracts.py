@@ -12,13 +12,16 @@ import torch.multiprocessing as mp
 
 import recis_embedding._checkpoint_save as checkpoint_save
 from recis_embedding import (
+    CheckpointError,
     ConfigError,
     EmbeddingEngine,
     EmbeddingOption,
     SparseAdam,
+    TableFullError,
     load,
     save,
 )
+from recis_kernels import owner_rank
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -133,3 +136,70 @@ def test_host_tables_sharded_over_nccl_are_refused_naming_them(tmp_path, monkeyp
         EmbeddingEngine(options, shard=True)
     finally:
         dist.destroy_process_group()
+
+
+def _owned_by(rank: int, count: int, start: int = 0) -> torch.Tensor:
+    ids = torch.arange(start, start + 64 * count)
+    return ids[owner_rank(ids, WORLD) == rank][:count]
+
+
+def _one_rank_worker(rank: int, root: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{root}/init",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    got: dict[str, object] = {}
+    # 1. A table looked up but left out of the loss on every rank: the step leaves its rows
+    # (value, moments, step count) alone, as one process does.
+    model = EmbeddingEngine({"a": EmbeddingOption(2), "c": EmbeddingOption(3)}, shard=True)
+    opt = SparseAdam(model, lr=0.1)
+    ids = torch.arange(8)[:, None] + rank
+    out = model({"a": ids, "c": ids})
+    (out["a"].sum() + out["c"].sum()).backward()
+    opt.step()
+    opt.zero_grad()
+    before = state(model)["c"]
+    model({"a": ids, "c": ids})["a"].sum().backward()
+    opt.step()
+    opt.zero_grad()
+    got["unused table unchanged"] = torch.equal(before, state(model)["c"])
+    # 2. A lookup refused by a full shard raises on every rank, and all go on afterwards.
+    full = EmbeddingEngine({"f": EmbeddingOption(2, capacity=3)}, shard=True)
+    mine = _owned_by(rank, 5 if rank == 0 else 2, start=100)
+    try:
+        full({"f": mine[:, None]})
+        got["full"] = None
+    except TableFullError as exc:
+        got["full"] = str(exc)
+    got["after full"] = tuple(full({"f": _owned_by(rank, 1)[:, None]})["f"].shape)
+    # 3. A load refused on one rank (its share over the capacity) loads nothing anywhere.
+    wide = EmbeddingEngine({"f": EmbeddingOption(2)}, shard=True)
+    wide({"f": torch.cat([_owned_by(0, 2, 500), _owned_by(1, 5, 500)])[:, None]})
+    save(Path(root) / "wide", wide)
+    narrow = EmbeddingEngine({"f": EmbeddingOption(2, capacity=3)}, shard=True)
+    narrow({"f": _owned_by(rank, 1, 900)[:, None]})
+    held = state(narrow)["f"]
+    try:
+        load(Path(root) / "wide", narrow)
+        got["load"] = None
+    except CheckpointError as exc:
+        got["load"] = str(exc)
+    got["kept"] = torch.equal(held, state(narrow)["f"])
+    torch.save(got, Path(root) / f"one-rank-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_what_one_rank_refuses_or_skips_every_rank_does(tmp_path: Path) -> None:
+    mp.spawn(_one_rank_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"one-rank-{r}.pt") for r in range(WORLD)]
+    for r in range(WORLD):
+        assert got[r]["unused table unchanged"] is True, r
+        assert got[r]["after full"] == (1, 2), r
+        assert got[r]["kept"] is True, r
+    assert "table 'f' is full: 0 rows, capacity 3, 5 new ids" in got[0]["full"]
+    assert "table 'f' is full on rank 0, which refused this lookup" in got[1]["full"]
+    assert "would put 5 rows in it ('f': 5 on this rank)" in got[1]["load"]
+    assert "was refused on rank 1 (CheckpointError: table 'f' has capacity 3" in got[0]["load"]

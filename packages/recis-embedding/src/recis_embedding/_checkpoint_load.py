@@ -72,18 +72,37 @@ def load(
         ConfigError: two embedding modules of ``model`` define the same table name.
     """
     tables = logical_tables(model)
-    chain = [_reader(path, verify)]
-    while chain[-1].kind == "delta":
-        chain.append(parent_reader(chain[-1], verify))
-    chain.reverse()
     shard = shard_context(model)
-    _check_optimizer(chain[-1], sparse_optimizer)
-    _check_tables(chain[-1], tables, strict)
-    _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
-    _check_casts(chain, tables)
-    _check_capacities(chain, tables, shard)
-    dense = chain[-1].dense()
-    _check_dense(chain[-1], model, dense, strict)
+    # Every check runs before any table changes; sharded, the ranks then agree, so that a
+    # load refused on one rank (its share over a capacity, a file it cannot read) changes
+    # no rank's tables.
+    refused: Exception | None = None
+    try:
+        chain = [_reader(path, verify)]
+        while chain[-1].kind == "delta":
+            chain.append(parent_reader(chain[-1], verify))
+        chain.reverse()
+        _check_optimizer(chain[-1], sparse_optimizer)
+        _check_tables(chain[-1], tables, strict)
+        _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
+        _check_casts(chain, tables)
+        _check_capacities(chain, tables, shard)
+        dense = chain[-1].dense()
+        _check_dense(chain[-1], model, dense, strict)
+    except Exception as error:
+        refused = error
+    if shard is not None:
+        reports = shard.gather_object(
+            None if refused is None else f"{type(refused).__name__}: {refused}"
+        )
+        failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+        if failed and refused is None:
+            ranks = "; ".join(f"rank {r} ({m})" for r, m in failed)
+            raise CheckpointError(
+                f"loading checkpoint {path} was refused on {ranks}; no rank loaded anything"
+            )
+    if refused is not None:
+        raise refused
     cleared: set[tuple[int, int]] = set()
     for reader in chain:
         saved = reader.manifest["tables"]

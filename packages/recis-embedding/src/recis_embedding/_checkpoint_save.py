@@ -231,12 +231,7 @@ class _phase:
 
 
 def _gather(shard: Any, item: Any) -> list[Any]:
-    if shard is None:
-        return [item]
-    out: list[Any] = [None] * shard.world_size
-    with shard.on_device():
-        torch.distributed.all_gather_object(out, item, group=shard.group)
-    return out
+    return [item] if shard is None else shard.gather_object(item)
 
 
 def _write(

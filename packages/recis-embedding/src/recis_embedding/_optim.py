@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from recis_embedding._numbers import plain
@@ -341,7 +342,7 @@ def _collect(table: HashTable) -> tuple[torch.Tensor, torch.Tensor] | None:
     # gradients collectively and all ranks must take part.
     entries = [
         (p.rows, g, p.exchange is not None)
-        for p in table.pending
+        for p in _with_gradient(table.pending)
         if (g := p.gradient()) is not None
     ]
     if not entries:
@@ -359,6 +360,23 @@ def _collect(table: HashTable) -> tuple[torch.Tensor, torch.Tensor] | None:
     if rows.numel() == 0:
         return None
     return rows, grads
+
+
+def _with_gradient(pending: list[Any]) -> list[Any]:
+    """The lookups a step applies: those with a gradient. A sharded lookup's gradient reaches
+    the owners through a collective exchange, so the ranks agree first (one all-reduce per
+    table) on which of them got a gradient on any rank; one that got none anywhere (a table
+    looked up but left out of the loss) is skipped by every rank, as a single process skips
+    it, instead of exchanging zeros that the step would apply."""
+    sharded = [p for p in pending if p.exchange is not None]
+    if not sharded:
+        return pending
+    flags = torch.tensor(
+        [float(p.leaf.grad is not None) for p in sharded], device=sharded[0].leaf.device
+    )
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
+    anywhere = {id(p) for p, f in zip(sharded, flags.tolist(), strict=True) if f > 0}
+    return [p for p in pending if p.exchange is None or id(p) in anywhere]
 
 
 class SparseSGD(SparseOptimizer):

@@ -10,6 +10,7 @@ from recis_embedding._dedup import dedup
 from recis_embedding._host import repeat_values, true_positions
 from recis_embedding._sharding import ShardContext
 from recis_embedding._table import HashTable
+from recis_embedding.exceptions import TableFullError
 
 __all__ = ["serve", "serve_sharded"]
 
@@ -61,7 +62,26 @@ def serve_sharded(
     # A key asked for by several ranks arrives once per rank; admission, insertion and
     # the eviction statistics see it once, with all its uses, as one process would.
     ukeys, utabs, back, _ = dedup(served, served_tabs)
-    owned, emb = serve(table, ukeys, utabs, insert)
+    if not (insert and table.capacity is not None):
+        owned, emb = serve(table, ukeys, utabs, insert)
+    else:
+        # Only a table with a capacity refuses a lookup, and only on the shard that is full:
+        # the ranks agree before the rows go back, so every rank raises (none waits in the
+        # exchange below for a rank that left it).
+        try:
+            owned, emb = serve(table, ukeys, utabs, insert)
+            full = None
+        except TableFullError as error:
+            full = error
+        failed = shard.failed_ranks(full is not None, table.device)
+        if full is not None:
+            raise full
+        if failed:
+            raise TableFullError(
+                f"table {table.names[0]!r} is full on rank {', '.join(map(str, failed))}, "
+                f"which refused this lookup (sharded: every rank raises; the shards of other "
+                f"ranks keep the batch's new ids, see the rank's own error for the remedy)"
+            )
     uses = repeat_values(back, served_uses, int(served_uses.sum()))
     rows = owned.index_select(0, back)
     emb = exchange.from_owners(emb.index_select(0, back), num_local)

@@ -133,6 +133,21 @@ class ShardContext:
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
 
+    def gather_object(self, item: Any) -> list[Any]:
+        """Every rank's ``item`` (picklable), in rank order."""
+        out: list[Any] = [None] * self.world_size
+        with self.on_device():
+            dist.all_gather_object(out, item, group=self.group)
+        return out
+
+    def failed_ranks(self, failed: bool, device: torch.device) -> list[int]:
+        """The ranks that report ``failed``, agreed by every rank with one small all-reduce
+        (a tensor on ``device``, the tables' device)."""
+        flags = torch.zeros(self.world_size, device=device)
+        flags[self.rank] = float(failed)
+        dist.all_reduce(flags, group=self.group)
+        return [r for r, f in enumerate(flags.tolist()) if f > 0]
+
     def route(
         self, keys: torch.Tensor, tabs: torch.Tensor, uses: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Exchange]:
