@@ -483,3 +483,21 @@ def test_tables_no_sparse_optimizer_steps_are_named_once(tmp_path, caplog):
         assert len(said) == int(warned), (trainable, sparse, said)
         if warned:
             assert "['u']" in said[0]
+
+
+def test_parameters_no_optimizer_steps_are_named(tmp_path, caplog):
+    model = _Wider()  # lin and extra; extra is in no loss, but it takes gradients
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    for optimized, warned in [(model.lin.parameters(), True), (model.parameters(), False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recis_train"):
+            Trainer(
+                model,
+                args,
+                train_data=_batches(),
+                dense_optimizer=torch.optim.SGD(optimized, lr=0.1),
+            )
+        said = [r.getMessage() for r in caplog.records if "never learn" in r.getMessage()]
+        assert len(said) == int(warned)
+        if warned:
+            assert "parameters extra.weight, extra.bias require gradients" in said[0]

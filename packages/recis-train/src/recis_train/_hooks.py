@@ -21,7 +21,8 @@ class Hook:
 
     Hooks run in the order given to the :class:`~recis_train.Trainer`. ``logs`` passed to
     :meth:`on_step_end` holds ``loss`` (the step's weighted total), one ``loss/<task>`` per task,
-    ``lr``, ``samples`` (rows in the step), ``step`` and ``step_time`` (seconds, from taking the
+    ``lr`` (the dense optimizer's first group's learning rate once the step's LR schedulers
+    stepped: the rate of the next step), ``samples`` (rows in the step), ``step`` and ``step_time`` (seconds, from taking the
     first micro-batch's output to the end of the optimizer step).
 
     Checkpoints keep each hook's :meth:`state_dict` under the hook's :attr:`state_key`, not its

@@ -134,6 +134,7 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                 f"dense_optimizer must be a torch.optim.Optimizer, got {type(dense_optimizer).__name__}"
             )
         _check_parts(train_data, eval_data, dense_optimizer, sparse_optimizer, lr_schedulers, hooks)
+        _warn_unstepped_parameters(model, dense_optimizer, sparse_optimizer)
         if args.mixed_precision == "fp16" and sparse_optimizer is not None:
             raise ConfigError(
                 "mixed_precision 'fp16' needs loss scaling, which sparse optimizers do not undo; use 'bf16'"
@@ -612,4 +613,23 @@ def _check_parts(
         raise ConfigError(
             "eval_data must be an iterable of batches or a function returning one, got "
             f"{type(eval_data).__name__}"
+        )
+
+
+def _warn_unstepped_parameters(
+    model: nn.Module, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer | None
+) -> None:
+    """Parameters that take gradients but no optimizer of the trainer steps: they never learn.
+    Legitimate at times (a part stepped by hand), easy to get by mistake (an optimizer built
+    on one submodule), so the trainer says it once."""
+    stepped = {
+        id(p) for o in (dense, sparse) if o is not None for g in o.param_groups for p in g["params"]
+    }
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in stepped]
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        _log.warning(
+            "parameters %s require gradients but no optimizer of the trainer steps them: they "
+            "never learn; add them to dense_optimizer, or set requires_grad=False",
+            shown,
         )
