@@ -58,7 +58,8 @@ def failing(real, rank: int, fail_rank: int):
     return write
 
 
-def _save_worker(rank: int, root: str) -> None:
+def _join(rank: int, root: str) -> None:
+    """Join the gloo group of the test's ``WORLD`` processes (rendezvous through ``root``)."""
     dist.init_process_group(
         "gloo",
         init_method=f"file://{root}/init",
@@ -66,6 +67,10 @@ def _save_worker(rank: int, root: str) -> None:
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=30),
     )
+
+
+def _save_worker(rank: int, root: str) -> None:
+    _join(rank, root)
     model = engine()
     opt = SparseAdam(model, lr=0.1)
     train(model, opt, torch.arange(12))
@@ -144,13 +149,7 @@ def _owned_by(rank: int, count: int, start: int = 0) -> torch.Tensor:
 
 
 def _one_rank_worker(rank: int, root: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{root}/init",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    _join(rank, root)
     got: dict[str, object] = {}
     # 1. A table looked up but left out of the loss on every rank: the step leaves its rows
     # (value, moments, step count) alone, as one process does.
