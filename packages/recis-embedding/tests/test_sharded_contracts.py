@@ -157,8 +157,24 @@ def _one_rank_worker(rank: int, root: str) -> None:
     opt = SparseAdam(model, lr=0.1)
     ids = torch.arange(8)[:, None] + rank
     out = model({"a": ids, "c": ids})
-    (out["a"].sum() + out["c"].sum()).backward()
-    opt.step()
+    # The ranks agree on which lookups got a gradient in one all-reduce per step and one per
+    # zero_grad(), whatever the number of tables.
+    calls: list[str] = []
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append("all_reduce")
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        opt.zero_grad()
+        got["zero_grad all_reduces"] = len(calls)
+        (out["a"].sum() + out["c"].sum()).backward()
+        opt.step()
+        got["step all_reduces"] = len(calls) - got["zero_grad all_reduces"]
+    finally:
+        dist.all_reduce = all_reduce
     opt.zero_grad()
     before = state(model)["c"]
     model({"a": ids, "c": ids})["a"].sum().backward()
@@ -196,6 +212,7 @@ def test_what_one_rank_refuses_or_skips_every_rank_does(tmp_path: Path) -> None:
     got = [torch.load(tmp_path / f"one-rank-{r}.pt") for r in range(WORLD)]
     for r in range(WORLD):
         assert got[r]["unused table unchanged"] is True, r
+        assert (got[r]["step all_reduces"], got[r]["zero_grad all_reduces"]) == (1, 1), r
         assert got[r]["after full"] == (1, 2), r
         assert got[r]["kept"] is True, r
     assert "table 'f' is full: 0 rows, capacity 3, 5 new ids" in got[0]["full"]

@@ -209,14 +209,15 @@ class SparseOptimizer(torch.optim.Optimizer):
                 ``step()`` decay the moments of earlier rows with a zero gradient, as a
                 dense torch optimizer would for a dense parameter.
         """
-        for table in self.tables():
-            waiting = awaiting_backward(table.pending)
+        tables = self.tables()
+        waiting = {id(p) for p in awaiting_backward([p for t in tables for p in t.pending])}
+        for table in tables:
             for p in table.pending:
-                if not any(p is w for w in waiting):
+                if id(p) not in waiting:
                     # Forgotten with its gradient: another backward() through a retained
                     # graph would reach a lookup no step applies, so it raises.
                     p.missed[0] = True
-            table.pending[:] = waiting
+            table.pending[:] = [p for p in table.pending if id(p) in waiting]
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -225,13 +226,18 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for handle in group["params"]:
-                self._step_table(handle._recis_table, group)
+        tables = [
+            (handle._recis_table, group)
+            for group in self.param_groups
+            for handle in group["params"]
+        ]
+        stepped = _with_gradient([p for table, _ in tables for p in table.pending])
+        for table, group in tables:
+            self._step_table(table, group, stepped)
         return loss
 
-    def _step_table(self, table: HashTable, group: dict[str, Any]) -> None:
-        collected = _collect(table)
+    def _step_table(self, table: HashTable, group: dict[str, Any], stepped: set[int]) -> None:
+        collected = _collect(table, stepped)
         if collected is not None:
             self._apply(table, group, *collected)
         for pending in table.pending:
@@ -337,13 +343,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         return checked
 
 
-def _collect(table: HashTable) -> tuple[torch.Tensor, torch.Tensor] | None:
-    # Every pending entry is visited, even without a gradient: sharded entries exchange
-    # gradients collectively and all ranks must take part.
+def _collect(table: HashTable, stepped: set[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows and summed gradients of ``table``'s lookups in ``stepped`` (``id()``s, from
+    :func:`_with_gradient`)."""
+    # Every stepped entry is visited, even without a gradient on this rank: sharded entries
+    # exchange gradients collectively and all ranks must take part.
     entries = [
         (p.rows, g, p.exchange is not None)
-        for p in _with_gradient(table.pending)
-        if (g := p.gradient()) is not None
+        for p in table.pending
+        if id(p) in stepped and (g := p.gradient()) is not None
     ]
     if not entries:
         return None
@@ -362,21 +370,26 @@ def _collect(table: HashTable) -> tuple[torch.Tensor, torch.Tensor] | None:
     return rows, grads
 
 
-def _with_gradient(pending: list[Any]) -> list[Any]:
-    """The lookups a step applies: those with a gradient. A sharded lookup's gradient reaches
-    the owners through a collective exchange, so the ranks agree first (one all-reduce per
-    table) on which of them got a gradient on any rank; one that got none anywhere (a table
-    looked up but left out of the loss) is skipped by every rank, as a single process skips
-    it, instead of exchanging zeros that the step would apply."""
-    sharded = [p for p in pending if p.exchange is not None]
-    if not sharded:
-        return pending
-    flags = torch.tensor(
-        [float(p.leaf.grad is not None) for p in sharded], device=sharded[0].leaf.device
-    )
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
-    anywhere = {id(p) for p, f in zip(sharded, flags.tolist(), strict=True) if f > 0}
-    return [p for p in pending if p.exchange is None or id(p) in anywhere]
+def _with_gradient(pending: list[Any]) -> set[int]:
+    """The ``id()``s of the lookups a step applies: those with a gradient. A sharded lookup's
+    gradient reaches the owners through a collective exchange, so the ranks agree first on
+    which of them got a gradient on any rank: one all-reduce per process group and step, over
+    the lookups of every table in the order the optimizer holds them (the same on every rank).
+    One that got none anywhere (a table looked up but left out of the loss) is skipped by every
+    rank, as a single process skips it, instead of exchanging zeros that the step would apply.
+    """
+    stepped = {id(p) for p in pending if p.exchange is None}
+    by_group: dict[int, list[Any]] = {}
+    for p in pending:
+        if p.exchange is not None:
+            by_group.setdefault(id(p.exchange.group), []).append(p)
+    for sharded in by_group.values():
+        flags = torch.tensor(
+            [float(p.leaf.grad is not None) for p in sharded], device=sharded[0].leaf.device
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
+        stepped.update(id(p) for p, f in zip(sharded, flags.tolist(), strict=True) if f > 0)
+    return stepped
 
 
 class SparseSGD(SparseOptimizer):

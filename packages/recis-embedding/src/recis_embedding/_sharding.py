@@ -205,12 +205,17 @@ def awaiting_backward(pending: list[Pending]) -> list[Pending]:
     same entries and later gradient exchanges still pair up.
     """
     fresh = [p for p in pending if not p.stepped]
-    waiting = [p.leaf.grad is None for p in fresh]
-    sharded = [(p.leaf.device, p.exchange.group) for p in fresh if p.exchange is not None]
-    if sharded:
-        device, group = sharded[0]
+    waiting = {id(p) for p in fresh if p.exchange is None and p.leaf.grad is None}
+    by_group: dict[int, tuple[Any, list[Pending]]] = {}
+    for p in fresh:
+        if p.exchange is not None:
+            by_group.setdefault(id(p.exchange.group), (p.exchange.group, []))[1].append(p)
+    # One all-reduce per process group, over the lookups of every table passed in.
+    for group, sharded in by_group.values():
         # On the leaves' device: NCCL reduces only CUDA tensors.
-        flags = torch.tensor(waiting, dtype=torch.int32, device=device)
+        flags = torch.tensor(
+            [p.leaf.grad is None for p in sharded], dtype=torch.int32, device=sharded[0].leaf.device
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
-        waiting = [bool(w) for w in flags.tolist()]
-    return [p for p, w in zip(fresh, waiting, strict=True) if w]
+        waiting.update(id(p) for p, w in zip(sharded, flags.tolist(), strict=True) if w)
+    return [p for p in fresh if id(p) in waiting]
