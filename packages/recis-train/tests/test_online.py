@@ -13,7 +13,14 @@ from _toy import NUM_DENSE, make_rows
 from torch import nn
 
 import recis_embedding as emb
-from recis_train import Online, TrainingArguments, WatchDirectory, seed_everything
+from recis_train import (
+    EarlyStopping,
+    Hook,
+    Online,
+    TrainingArguments,
+    WatchDirectory,
+    seed_everything,
+)
 from recis_train.exceptions import ConfigError, SourceNotFoundError
 
 ROWS = 48
@@ -381,3 +388,103 @@ def test_a_new_stream_is_refused_where_another_run_committed_windows(tmp_path, h
     assert [r.files for r in build(tmp_path / "run", [hours[0]]).run()] == [[hours[0]]]
     # In an output_dir of its own a stream with resume=False runs as before.
     assert len(build(tmp_path / "new", hours[:2], arguments={"resume": False}).run()) == 2
+
+
+def test_a_one_shot_source_retried_after_a_failure_loses_no_window(tmp_path, hours):
+    whole = build(tmp_path / "whole", hours[:3])
+    whole.run()
+    broken = [True]
+
+    def corrupt_once(paths):
+        for position, batch in enumerate(read(paths)):
+            if broken[0] and paths == [hours[1]] and position == 1:
+                raise OSError(f"{paths[0]}: corrupt row group")
+            yield batch
+
+    online = build(tmp_path / "cut", (h for h in hours[:3]), corrupt_once)
+    with pytest.raises(OSError, match="corrupt row group"):
+        online.run()
+    broken[0] = False
+    # The generator gave hour 1 before the failure: the retry trains it, not only hour 2.
+    assert [r.files for r in online.run()] == [[hours[0]], [hours[1]], [hours[2]]]
+    assert_same_run(online, whole)
+
+
+def test_max_windows_reads_no_item_past_the_last_window(tmp_path, hours):
+    read_items: list[str] = []
+
+    def feed():
+        for hour in hours:
+            read_items.append(hour)
+            yield hour
+
+    online = build(tmp_path / "run", feed(), max_windows=2)
+    assert [r.files for r in online.run()] == [[hours[0]], [hours[1]]]
+    assert read_items == hours[:2]  # a live feed would block waiting for a third
+    online.max_windows = 3
+    assert [r.files for r in online.run()][2:] == [[hours[2]]]
+
+
+class StopAt(Hook):
+    """Asks to stop once, at one global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.fired = step, False
+
+    def on_step_end(self, trainer, logs) -> None:
+        if trainer.global_step == self.step and not self.fired:
+            self.fired = True
+            trainer.should_stop = True
+
+
+def test_a_stop_asked_for_inside_a_window_ends_the_stream_without_committing_it(
+    tmp_path, hours, caplog
+):
+    whole = build(tmp_path / "whole", hours[:3])
+    whole.run()
+    online = build(tmp_path / "cut", hours[:3], hooks=[StopAt(4)])  # window 1's first step
+    assert [r.files for r in online.run()] == [[hours[0]]]
+    assert "asked to stop during training at step 4 of window 1" in caplog.text
+    # A later run trains window 1 in full from the commit of window 0, then goes on.
+    assert [r.index for r in online.run()] == [0, 1, 2]
+    assert_same_run(online, whole)
+
+
+def test_early_stopping_ends_the_stream_and_passes_over_empty_windows(tmp_path, hours):
+    empty = tmp_path / "data" / "empty.parquet"
+    pq.write_table(pq.read_table(hours[0]).slice(0, 0), empty)
+    stopper = EarlyStopping("loss", mode="min", patience=1, min_delta=100.0)
+    online = build(
+        tmp_path / "run",
+        [hours[0], str(empty), hours[1], hours[2], hours[3]],
+        hooks=[stopper],
+        metrics={},
+    )
+    results = online.run()
+    # Window 2 (hour 1) is the first evaluated with a loss: the best. Window 3's evaluation
+    # does not improve by 100, so the stream ends before training on it.
+    assert [r.files for r in results] == [[hours[0]], [str(empty)], [hours[1]]]
+    assert stopper.stopped_at == results[-1].step
+
+
+def test_watched_subdirectories_being_written_are_never_read(tmp_path):
+    watched = tmp_path / "watched"
+    write_hour(watched / "date=01" / "part-0.parquet", 0)
+    write_hour(watched / "_temporary" / "0" / "part-1.parquet", 1)
+    write_hour(watched / ".spark-staging-42" / "part-2.parquet", 2)
+    source = WatchDirectory(watched, pattern="**/*.parquet", poll_interval=0.01, idle_timeout=0.1)
+    assert [[Path(f).relative_to(watched).as_posix() for f in w] for w in source.ready()] == [
+        ["date=01/part-0.parquet"]
+    ]
+    with pytest.raises(SourceNotFoundError, match="is a file; pass \\[path\\] as the source"):
+        WatchDirectory(watched / "date=01" / "part-0.parquet").ready()
+
+
+def test_one_file_named_two_ways_is_trained_once(tmp_path, hours, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = str(Path(hours[0]).relative_to(tmp_path))
+    online = build(tmp_path / "run", [hours[0], "./" + relative, [relative, hours[1], hours[1]]])
+    results = online.run()
+    assert [r.files for r in results] == [[hours[0]], [hours[1]]]
+    assert sorted({h for mode, h in online.trainer.model.log if mode == "train"}) == [0, 1]
+    assert len([1 for mode, h in online.trainer.model.log if mode == "train" and h == 1]) == 3

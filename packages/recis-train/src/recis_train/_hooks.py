@@ -189,6 +189,8 @@ class EarlyStopping(Hook):
         self.stopped_at: int | None = None
 
     def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        if not metrics:
+            return  # an evaluation over no batch (e.g. an empty Online window) judges nothing
         if self.monitor not in metrics:
             raise ConfigError(
                 f"EarlyStopping: metric {self.monitor!r} not in evaluation results {sorted(metrics)}"

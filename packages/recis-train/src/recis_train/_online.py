@@ -35,6 +35,7 @@ _EXPORT_POINTER = "export.json"
 _INITIAL_TABLES = ".online-initial"
 #: a watched directory has no new window yet: poll again after ``poll_interval``
 _WAIT = "wait"
+_END = object()
 
 
 @dataclasses.dataclass
@@ -210,8 +211,10 @@ class Online:
     Rerunning after a crash restores the latest checkpoint (with ``args.resume``, the default)
     and continues with the first window not committed; a window interrupted half way is trained
     again from the state before it, with the same result an uninterrupted run would have had.
-    A file is trained at most once: windows whose files are all committed are skipped, and
-    committed files are dropped from a window that mixes old and new ones.
+    A file is trained at most once (paths are compared made absolute): windows whose files are
+    all committed are skipped, and committed files are dropped from a window that mixes old and
+    new ones. A hook asking to stop (e.g. :class:`EarlyStopping`) ends the stream; a window it
+    stopped during training is not committed (a later :meth:`run` trains it in full).
 
     The same holds for calling :meth:`run` again on the same object after it raised inside a
     window (e.g. reading a corrupt file, which was then fixed or removed): the model, the
@@ -315,6 +318,14 @@ class Online:
         self._initial: _InitialState | None = None
         #: a window began and was not committed (its run raised): roll back before going on
         self._uncommitted = False
+        #: the source's items, read across run() calls: an item is read from the source once,
+        #: so a one-shot iterator (a generator) loses none when a run raises
+        self._items: Iterator[Any] | None = None
+        self._position = 0
+        #: the window last read from an iterable source and not committed yet (a retry trains it)
+        self._pulled: list[str] | None = None
+        #: a hook asked to stop (e.g. EarlyStopping): the stream ends
+        self._stopped = False
 
     @property
     def results(self) -> list[WindowResult]:
@@ -354,14 +365,17 @@ class Online:
         if self._uncommitted and restored is None:
             self._roll_back()
         self._uncommitted = False
+        self._stopped = False
         for files in self._windows():
-            if self._finished():
-                break
             self._process(files)
+            if self._stopped:
+                break
         return self.results
 
     def _finished(self) -> bool:
-        return self.max_windows is not None and len(self.progress.windows) >= self.max_windows
+        return self._stopped or (
+            self.max_windows is not None and len(self.progress.windows) >= self.max_windows
+        )
 
     def _windows(self) -> Iterator[list[str]]:
         """New windows, with committed files left out, read lazily so commits are seen.
@@ -398,11 +412,26 @@ class Online:
         if isinstance(self.source, WatchDirectory):
             yield from self._watch(self.source)
             return
-        for position, item in enumerate(self.source):
+        if self._items is None:
+            self._items = iter(self.source)
+        # Checked before reading the next item: a stream that is done reads no more (a live
+        # feed would block), and every item read is trained before another is read.
+        while not self._finished():
+            if self._pulled is None:
+                item = next(self._items, _END)
+                if item is _END:
+                    # A source that can be iterated again (a list) is read from its start by the
+                    # next run(), with committed files skipped as always.
+                    self._items = None
+                    return
+                position, self._position = self._position, self._position + 1
+                self._pulled = as_window(item, position)
             done = self.progress.done_files()
-            files = [f for f in as_window(item, position) if f not in done]
+            files = [f for f in self._pulled if f not in done]
             if files:
                 yield files
+            # Resumed: the window was committed (a run that raised never resumes this).
+            self._pulled = None
 
     def _watch(self, source: WatchDirectory) -> Iterator[list[str] | str]:
         idle_since = time.monotonic()
@@ -500,11 +529,25 @@ class Online:
         started = time.perf_counter()
         trainer, index = self.trainer, len(self.progress.windows)
         metrics: dict[str, float] = {}
+        # A stop asked for before (the run() that ended the stream) is spent: only this
+        # window's evaluation or training can end the stream now.
+        trainer.should_stop = False
         if trainer.global_step > 0 or self.evaluate_untrained:
             metrics = trainer.evaluate(self._data(files, "evaluation"))
+            if trainer.should_stop:
+                # A hook asked to stop on this window's evaluation (EarlyStopping): the stream
+                # ends before training on it; the window is not committed.
+                self._stop(index, "its evaluation")
+                return
         first = len(trainer.history["train"])
         trainer.set_train_data(self._data(files, "training"), epochs=self.epochs)
         trainer.train()
+        if trainer.should_stop:
+            # Stopped part way through the window: committing it would skip the rest of its
+            # data for good. The stream ends with the window uncommitted; a later run() (or a
+            # restart) goes back to the last committed state and trains the window in full.
+            self._stop(index, f"training at step {trainer.global_step}")
+            return
         logs = [entry for _, entry in trainer.history["train"][first:]]
         result = WindowResult(
             index=index,
@@ -532,6 +575,17 @@ class Online:
             _log.info("online: window %d committed (%s)", index, ", ".join(files))
         if self.on_window is not None:
             self.on_window(result)
+
+    def _stop(self, index: int, where: str) -> None:
+        self._stopped = True
+        if self.trainer.distributed is None or self.trainer.distributed.is_main:
+            _log.warning(
+                "online: a hook asked to stop during %s of window %d; the stream ends with "
+                "that window not committed (a later run() trains it from the last committed "
+                "state)",
+                where,
+                index,
+            )
 
     def _export(self, tables: _ExportedTables, result: WindowResult) -> None:
         import recis_embedding

@@ -51,6 +51,11 @@ class WatchDirectory:
             SourceNotFoundError: the directory does not exist.
         """
         root = Path(self.directory).resolve()
+        if root.is_file():
+            raise SourceNotFoundError(
+                f"watched directory {root} is a file; pass [path] as the source for a window "
+                "of that one file"
+            )
         if not root.is_dir():
             raise SourceNotFoundError(f"watched directory {root} does not exist")
         if self.marker is None:
@@ -68,11 +73,22 @@ def _hidden(name: str) -> bool:
 
 
 def _data_files(directory: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in directory.glob(pattern) if p.is_file() and not _hidden(p.name))
+    # Hidden anywhere below the directory: a pattern reaching into subdirectories (``**/``)
+    # must not read Spark's ``_temporary/`` or a ``.staging/`` directory being written.
+    return sorted(
+        p
+        for p in directory.glob(pattern)
+        if p.is_file() and not any(_hidden(part) for part in p.relative_to(directory).parts)
+    )
 
 
 def as_window(item: Any, position: int) -> list[str]:
-    """One source item (a path or a sequence of paths) as a list of path strings."""
+    """One source item (a path or a sequence of paths) as a list of absolute path strings, each
+    file once: ``a.parquet`` and ``./a.parquet`` are one file, trained at most once."""
+    return list(dict.fromkeys(os.path.abspath(p) for p in _paths(item, position)))
+
+
+def _paths(item: Any, position: int) -> list[str]:
     if isinstance(item, (str, os.PathLike)):
         return [os.fspath(item)]
     if isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
