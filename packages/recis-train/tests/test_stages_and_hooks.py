@@ -333,3 +333,70 @@ def test_stage_prefixes_that_name_nothing_are_refused_up_front(tmp_path, options
         MultiStage(model, args, [stage])
     ok = Stage("s", [], lambda ps: torch.optim.SGD(ps, lr=0.1), frozen=["embeddings", "mlp.0"])
     MultiStage(model, args, [ok])
+
+
+def test_a_frozen_table_with_eviction_keeps_its_rows_and_clock(tmp_path):
+    # The stage's sparse optimizer is built from the whole model; its steps must not age the
+    # frozen table's rows (StaleEviction would erase every one of them).
+    seed_everything(0)
+    model = TableModel(loss_only=True, option=emb.EmbeddingOption(4, eviction=emb.StaleEviction(2)))
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def sparse(m):
+        return emb.SparseAdam(m, lr=0.05)
+
+    def adam(params):
+        return torch.optim.Adam(params, lr=0.05)
+
+    pretrain = Stage("pretrain", ToyReader(200, 50), adam, sparse_optimizer=sparse)
+    MultiStage(model, args, [pretrain]).run()
+    ids, rows = table_rows(model)
+    clock = model.embeddings.table("ids")[0].step
+    finetune = Stage(
+        "finetune", ToyReader(400, 50, seed=1), adam, frozen=["embeddings"], sparse_optimizer=sparse
+    )
+    MultiStage(model, args, [pretrain, finetune]).run()
+    assert len(ids) > 0
+    assert all(torch.equal(a, b) for a, b in zip(table_rows(model), (ids, rows), strict=True))
+    assert model.embeddings.table("ids")[0].step == clock
+
+
+def test_stage_schedulers_are_checked_as_the_trainer_checks_them(tmp_path):
+    model = TableModel(loss_only=True)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    for schedulers, message in [
+        (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1), "got one StepLR"),
+        (lambda opt: [torch.optim.lr_scheduler.ReduceLROnPlateau(opt)], "ReduceLROnPlateau"),
+        (
+            lambda opt: [
+                torch.optim.lr_scheduler.StepLR(sgd([torch.nn.Parameter(torch.ones(1))]), 1)
+            ],
+            "schedules an optimizer the trainer does not step",
+        ),
+    ]:
+        stage = Stage("s", ToyReader(100, 50), sgd, lr_schedulers=schedulers)
+        with pytest.raises(ConfigError, match=message):
+            MultiStage(model, args, [stage]).run()
+
+
+def test_a_prefix_inside_an_embedding_module_is_refused(tmp_path):
+    model = torch.nn.Module()
+    model.user = emb.DynamicEmbedding(emb.EmbeddingOption(4))
+    model.mlp = torch.nn.Linear(4, 1)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    for options in ({"frozen": ["user.engine"]}, {"trainable": ["mlp", "user.engine"]}):
+        stage = Stage("s", [], lambda ps: torch.optim.SGD(ps, lr=0.1), **options)
+        field = next(iter(options))
+        with pytest.raises(
+            ConfigError,
+            match=rf"stage 's': {field} prefix 'user.engine' names a part of the embedding "
+            r"module 'user', whose tables freeze or train as a whole; name 'user' itself",
+        ):
+            MultiStage(model, args, [stage])
+    MultiStage(
+        model, args, [Stage("s", [], lambda ps: torch.optim.SGD(ps, lr=0.1), frozen=["user"])]
+    )

@@ -38,10 +38,14 @@ class Stage:
             ``None`` means all modules not listed in ``frozen``.
         frozen: module name prefixes frozen in this stage. A frozen recis-embedding module
             (e.g. ``"embeddings"``) looks ids up without inserting or updating any row, so
-            its tables and their optimizer slots stay as they were, sparse optimizer or not.
-            Every prefix must name a module or parameter of the model.
+            its tables and their optimizer slots stay as they were, sparse optimizer or not
+            (its tables are taken out of the stage's sparse optimizer). Every prefix must name
+            a module or parameter of the model, and not a part of an embedding module.
         sparse_optimizer: builds the stage's sparse optimizer from the model, or ``None``.
-        lr_schedulers: builds the stage's schedulers from its dense optimizer.
+            Its per-row state lives in the tables and carries over between stages, so every
+            stage training a table uses the same sparse optimizer class.
+        lr_schedulers: builds the stage's list of schedulers from its dense optimizer
+            (checked as :class:`Trainer` checks its ``lr_schedulers``).
     """
 
     name: str
@@ -63,6 +67,7 @@ def _check_prefixes(model: nn.Module, stage: Stage) -> None:
     """Raises :class:`ConfigError` for a ``trainable`` or ``frozen`` prefix naming no module or
     parameter of ``model`` (a typo would otherwise train what was meant to be frozen)."""
     names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    embedding = [e for e in _embedding_prefixes(model) if e]
     for field in ("trainable", "frozen"):
         prefixes = getattr(stage, field) or ()
         if isinstance(prefixes, str):
@@ -77,6 +82,14 @@ def _check_prefixes(model: nn.Module, stage: Stage) -> None:
                 f"stage {stage.name!r}: {field} prefix(es) {unknown} name no module or parameter "
                 f"of the model (its top-level modules: {top})"
             )
+        for p in prefixes:
+            inside = [e for e in embedding if p != e and _matches(p, [e])]
+            if inside:
+                raise ConfigError(
+                    f"stage {stage.name!r}: {field} prefix {p!r} names a part of the embedding "
+                    f"module {inside[0]!r}, whose tables freeze or train as a whole; name "
+                    f"{inside[0]!r} itself"
+                )
 
 
 class _Frozen:
@@ -93,6 +106,7 @@ class _Frozen:
         self.saved: dict[str, bool] = {}
         self.handles: list[Any] = []
         self.modes: dict[int, bool] = {}
+        self.embedding_modules: list[nn.Module] = []
 
     def _trains(self, name: str) -> bool:
         trainable = self.stage.trainable is None or _matches(name, self.stage.trainable)
@@ -115,7 +129,22 @@ class _Frozen:
                 module = self.model.get_submodule(name)
                 self.handles.append(module.register_forward_pre_hook(self._lookup_only))
                 self.handles.append(module.register_forward_hook(self._restore_mode))
+                self.embedding_modules.append(module)
         return trainable
+
+    def leave_out_frozen_tables(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take the frozen embedding modules' tables out of the stage's sparse optimizer (built
+        from the whole model): its steps would otherwise advance their clocks and run their
+        eviction, which erases the rows of a table that no lookup touches in this stage."""
+        if not self.embedding_modules:
+            return
+        from recis_embedding import sparse_parameters
+
+        frozen = {id(t) for m in self.embedding_modules for t in sparse_parameters(m)}
+        for group in optimizer.param_groups:
+            group["params"] = [
+                p for p in group["params"] if id(getattr(p, "_recis_table", None)) not in frozen
+            ]
 
     def _lookup_only(self, module: nn.Module, inputs: Any) -> None:
         # Evaluation mode is the embedding modules' read-only lookup; the trainer sets the whole
@@ -130,6 +159,7 @@ class _Frozen:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.embedding_modules.clear()
         for name, param in self.model.named_parameters():
             param.requires_grad_(self.saved[name])
 
@@ -197,22 +227,24 @@ class MultiStage:
         previous: Trainer | None = None
         for stage in self.stages:
             args = self._stage_args(stage)
-            with _Frozen(self.model, stage) as trainable:
+            freezing = _Frozen(self.model, stage)
+            with freezing as trainable:
+                dense = stage.dense_optimizer(trainable)
+                sparse = stage.sparse_optimizer(self.model) if stage.sparse_optimizer else None
+                if sparse is not None:
+                    freezing.leave_out_frozen_tables(sparse)
                 trainer = Trainer(
                     self.model,
                     args,
                     train_data=stage.train_data,
                     eval_data=stage.eval_data,
-                    dense_optimizer=stage.dense_optimizer(trainable),
-                    sparse_optimizer=stage.sparse_optimizer(self.model)
-                    if stage.sparse_optimizer
-                    else None,
-                    lr_schedulers=(),
+                    dense_optimizer=dense,
+                    sparse_optimizer=sparse,
+                    # Given to the Trainer, which checks them (a list, of this optimizer, ...).
+                    lr_schedulers=stage.lr_schedulers(dense) if stage.lr_schedulers else (),
                     hooks=self.hooks,
                     metrics=self.metrics,
                 )
-                if stage.lr_schedulers is not None:
-                    trainer.lr_schedulers = list(stage.lr_schedulers(trainer.dense_optimizer))
                 if previous is not None and _latest(trainer) is None:
                     # A fresh stage starts from the weights the previous stage ended with.
                     latest = _latest(previous)
