@@ -399,3 +399,61 @@ def test_inputs_and_options_that_do_not_fit_are_named() -> None:
     auc = AUROC("thresholded")
     with pytest.raises(MetricInputError, match=r"found 1\.000000000001;"):
         auc.update(torch.tensor([1 + 1e-12], dtype=torch.float64), torch.tensor([1]))
+
+
+def test_the_trainer_gives_float64_predictions_to_the_metrics_unrounded(tmp_path):
+    from recis_train import Trainer, TrainingArguments
+
+    class Scores(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, batch):
+            # Distinct in float64, all 1.0 in float32.
+            preds = 1.0 - torch.tensor([1e-9, 2e-9, 3e-9, 4e-9], dtype=torch.float64)
+            return {"loss": self.w.sum(), "predictions": preds, "labels": batch["y"]}
+
+    model = Scores()
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu"),
+        train_data=[],
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        metrics={"auc": AUROC},
+    )
+    assert trainer.evaluate([{"y": torch.tensor([1.0, 1.0, 0.0, 0.0])}])["auc"] == 1.0
+
+
+def test_gauc_takes_unsigned_64_bit_ids_as_python_ints():
+    big = [2**64 - 1, 2**63, 2**64 - 1, 2**63]
+    metric = GAUC()
+    metric.update([0.9, 0.2, 0.1, 0.8], [1, 0, 0, 1], groups=big)
+    # Group 2**64-1: AUC 1; group 2**63: AUC 1 (distinct groups, not merged).
+    assert metric.compute() == 1.0
+    with pytest.raises(MetricInputError, match=r"list of ints in \[-2\*\*63, 2\*\*64\)"):
+        GAUC().update([0.5], [1], groups=[2**64])
+
+
+def test_an_integer_state_beyond_int64_is_refused():
+    metric = GAUC()
+    metric.update([0.9, 0.1], [1, 0], groups=[1, 1])
+    state = metric.state_dict()
+    state["groups"] = torch.tensor([1e30, 2e30], dtype=torch.float64)
+    with pytest.raises(
+        MetricInputError, match=r"state 'groups' holds 1e\+30 at 0, expected integers"
+    ):
+        GAUC().load_state_dict(state)
+
+
+def test_logloss_and_calibration_errors_name_the_value_and_where():
+    with pytest.raises(
+        MetricInputError, match=r"found 3.5 at 1; for logits pass LogLoss\(from_logits=True\)"
+    ):
+        LogLoss().update([0.5, 3.5], [0, 1])
+    with pytest.raises(MetricInputError, match=r"labels must be finite, found nan at 0"):
+        Calibration().update([0.5], [float("nan")])
+    with pytest.raises(MetricInputError, match=r"labels must lie in \[0, 1\], found 2.0 at 1"):
+        LogLoss().update([0.5, 0.5], [0, 2])
+    with pytest.raises(MetricInputError, match=r"found -0.5 at 0 \(apply a sigmoid"):
+        Calibration().update([-0.5], [0])

@@ -203,9 +203,9 @@ class EvaluationMixin:
                             f"metric {name!r} (GAUC) needs the model to return 'groups'"
                             + (f" for task {task!r}" if isinstance(out.groups, dict) else "")
                         )
-                    metric.update(preds.float(), labels, groups=groups)
+                    metric.update(preds, labels, groups=groups)
                 else:
-                    metric.update(preds.float(), labels)  # type: ignore[attr-defined]
+                    metric.update(preds, labels)  # type: ignore[attr-defined]
 
 
 def check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricFactory]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -78,8 +79,10 @@ class AUROC(Metric):
     fixed thresholds (constant memory) and matches TensorFlow's ``tf.compat.v1.metrics.auc``:
     thresholds ``-1e-7, 1/(n-1), …, (n-2)/(n-1), 1+1e-7``, a prediction is positive iff it is
     strictly above the threshold (both compared in float32, as TF does), and the curve is
-    integrated with the trapezoid rule. ``tf.keras.metrics.AUC`` counts the same way but
-    divides without TF v1's ``1e-6`` guards; the two differ by less than ``2e-6``.
+    integrated with the trapezoid rule. ``tf.keras.metrics.AUC`` puts scores into threshold
+    buckets with ``ceil(p * (n - 1)) - 1`` instead, which counts some scores that sit exactly on
+    a threshold differently, and divides without TF v1's ``1e-6`` guards: it agrees closely but
+    not exactly.
     Predictions are probabilities in [0, 1] for the thresholded mode (others raise
     :class:`~recis_train.exceptions.MetricInputError`); any real scores for exact. With no data,
     or with labels of one class only (the AUC is undefined), both modes return NaN; there
@@ -220,10 +223,14 @@ class GAUC(Metric):
         try:
             raw = groups if isinstance(groups, torch.Tensor) else torch.as_tensor(groups)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise MetricInputError(
-                f"GAUC: groups must be integer ids (a tensor, array or list of ints), got "
-                f"{type(groups).__name__}: {exc}; map string user ids to integers first"
-            ) from exc
+            unsigned = _unsigned_ids(groups)
+            if unsigned is None:
+                raise MetricInputError(
+                    f"GAUC: groups must be integer ids (a tensor, array or list of ints in "
+                    f"[-2**63, 2**64)), got {type(groups).__name__}: {exc}; map string user ids "
+                    "to integers first"
+                ) from exc
+            raw = unsigned
         if raw.is_floating_point() or raw.is_complex():
             raise MetricInputError(f"GAUC: groups must be integer ids, got dtype {raw.dtype}")
         g = as_flat(raw, "groups", "GAUC", torch.int64)
@@ -243,3 +250,19 @@ class GAUC(Metric):
         if not bool(valid.any()):
             return float("nan")
         return float((auc[valid] * size[valid]).sum() / size[valid].sum())
+
+
+def _unsigned_ids(groups: Any) -> torch.Tensor | None:
+    """A list of Python ints some of which pass int64 (unsigned 64-bit hashed ids) as int64
+    tensors of the same bit patterns, one id to one value; ``None`` if ``groups`` is not that."""
+    if not isinstance(groups, (list, tuple)):
+        return None
+    if any(isinstance(g, bool) for g in groups):
+        return None
+    try:
+        values = [operator.index(g) for g in groups]  # ints and NumPy integers, not floats
+    except TypeError:
+        return None
+    if not all(-(1 << 63) <= g < 1 << 64 for g in values):
+        return None
+    return torch.tensor([g - (1 << 64) if g >= 1 << 63 else g for g in values], dtype=torch.int64)

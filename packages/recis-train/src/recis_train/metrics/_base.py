@@ -44,8 +44,9 @@ def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary
         raise MetricInputError(
             f"{metric}: preds has {preds.numel()} elements but labels has {labels.numel()}"
         )
-    if not bool(torch.isfinite(preds).all()):
-        raise MetricInputError(f"{metric}: preds contain nan or inf")
+    finite = torch.isfinite(preds)
+    if not bool(finite.all()):
+        raise MetricInputError(f"{metric}: preds contain nan or inf: {_first(preds, ~finite)}")
     if labels.numel() == 0:
         return
     if binary:
@@ -60,8 +61,17 @@ def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary
                 else ""
             )
             raise MetricInputError(f"{metric}: labels must be 0 or 1, found {found}{hint}")
-    elif bool(((labels < 0) | (labels > 1) | ~torch.isfinite(labels)).any()):
-        raise MetricInputError(f"{metric}: labels must lie in [0, 1]")
+    else:
+        finite = torch.isfinite(labels)
+        if not bool(finite.all()):
+            raise MetricInputError(
+                f"{metric}: labels must be finite, found {_first(labels, ~finite)}"
+            )
+        outside = (labels < 0) | (labels > 1)
+        if bool(outside.any()):
+            raise MetricInputError(
+                f"{metric}: labels must lie in [0, 1], found {_first(labels, outside)}"
+            )
 
 
 def _first(tensor: torch.Tensor, bad: torch.Tensor) -> str:
@@ -137,7 +147,8 @@ class Metric:
             if tensor.is_floating_point():
                 bad = ~torch.isfinite(tensor)
                 if not fresh.is_floating_point():
-                    bad |= tensor != tensor.round()
+                    # Integers, and within int64: a cast would clamp larger ones together.
+                    bad |= (tensor != tensor.round()) | (tensor < -(2.0**63)) | (tensor >= 2.0**63)
                 if bool(bad.any()):
                     raise MetricInputError(
                         f"{self!r}: state {name!r} holds {_first(tensor, bad)}, expected "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from recis_train.exceptions import MetricInputError
-from recis_train.metrics._base import Metric, as_flat, check_pair
+from recis_train.metrics._base import Metric, _first, as_flat, check_pair
 
 
 class LogLoss(Metric):
@@ -49,8 +49,13 @@ class LogLoss(Metric):
         if self.from_logits:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(p, y, reduction="sum")
         else:
-            if bool(((p < 0) | (p > 1)).any()):
-                raise MetricInputError("LogLoss: preds must be probabilities in [0, 1]")
+            outside = (p < 0) | (p > 1)
+            if bool(outside.any()):
+                raise MetricInputError(
+                    f"LogLoss: preds must be probabilities in [0, 1], found "
+                    f"{_first(p, outside)}; for logits pass LogLoss(from_logits=True), or apply "
+                    "a sigmoid"
+                )
             p = p.clamp(self.eps, 1.0 - self.eps)
             loss = -(y * torch.log(p) + (1.0 - y) * torch.log1p(-p)).sum()
         self._state["loss_sum"] += loss
@@ -84,9 +89,11 @@ class Calibration(Metric):
         p = as_flat(preds, "preds", "Calibration", torch.float64)
         y = as_flat(labels, "labels", "Calibration", torch.float64)
         check_pair(p, y, "Calibration", binary=False)
-        if bool(((p < 0) | (p > 1)).any()):
+        outside = (p < 0) | (p > 1)
+        if bool(outside.any()):
             raise MetricInputError(
-                "Calibration: preds must be probabilities in [0, 1] (apply a sigmoid to logits)"
+                f"Calibration: preds must be probabilities in [0, 1], found {_first(p, outside)} "
+                "(apply a sigmoid to logits)"
             )
         self._state["pred_sum"] += p.sum()
         self._state["label_sum"] += y.sum()
