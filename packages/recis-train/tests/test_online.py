@@ -488,3 +488,18 @@ def test_one_file_named_two_ways_is_trained_once(tmp_path, hours, monkeypatch):
     assert [r.files for r in results] == [[hours[0]], [hours[1]]]
     assert sorted({h for mode, h in online.trainer.model.log if mode == "train"}) == [0, 1]
     assert len([1 for mode, h in online.trainer.model.log if mode == "train" and h == 1]) == 3
+
+
+def test_a_marked_partition_without_matching_files_is_reported_once(tmp_path, caplog):
+    watched = tmp_path / "watched"
+    write_hour(watched / "hour=00" / "part-0.parquet", 0)
+    (watched / "hour=00" / "_SUCCESS").touch()
+    (watched / "hour=01").mkdir()
+    (watched / "hour=01" / "000000_0").write_bytes(b"hive output, no extension")
+    (watched / "hour=01" / "_SUCCESS").touch()
+    source = WatchDirectory(watched, marker="_SUCCESS", poll_interval=0.01, idle_timeout=0.1)
+    results = build(tmp_path / "run", source).run()
+    assert [Path(r.files[0]).parent.name for r in results] == ["hour=00"]
+    reports = [r for r in caplog.records if "holds no file matching '*.parquet'" in r.message]
+    assert len(reports) == 1
+    assert "hour=01 is marked complete (_SUCCESS)" in reports[0].message

@@ -400,3 +400,23 @@ def test_a_prefix_inside_an_embedding_module_is_refused(tmp_path):
     MultiStage(
         model, args, [Stage("s", [], lambda ps: torch.optim.SGD(ps, lr=0.1), frozen=["user"])]
     )
+
+
+def test_one_shot_stage_data_used_twice_is_refused_before_any_stage_trains(tmp_path):
+    model = TableModel(loss_only=True)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    first = Stage("a", ToyReader(100, 50), sgd)
+    for options, message in [
+        ({"train_data": iter(list(ToyReader(100, 50))), "args": {"epochs": 2}}, "epochs=2"),
+        ({"eval_data": iter(list(ToyReader(100, 50))), "args": {"eval_every": 1}}, "eval_every=1"),
+    ]:
+        second = Stage(
+            **({"name": "b", "train_data": ToyReader(100, 50), "dense_optimizer": sgd} | options)
+        )
+        with pytest.raises(ConfigError, match=rf"stage 'b': .* one-shot iterator .*{message}"):
+            MultiStage(model, args, [first, second])
+    assert not (tmp_path / "a").exists()

@@ -211,7 +211,22 @@ class MultiStage:
                     f"<output_dir>/<stage name> of the run's arguments "
                     f"({Path(args.output_dir) / stage.name})"
                 )
-            if not self._stage_args(stage).save_at_end:
+            stage_args = self._stage_args(stage)
+            if stage_args.epochs > 1 and isinstance(stage.train_data, Iterator):
+                raise ConfigError(
+                    f"stage {stage.name!r}: train_data is a one-shot iterator "
+                    f"({type(stage.train_data).__name__}) but epochs={stage_args.epochs} needs "
+                    "to iterate it again; give a list or another iterable that can be iterated "
+                    "again, or set epochs=1"
+                )
+            if stage_args.eval_every and isinstance(stage.eval_data, Iterator):
+                raise ConfigError(
+                    f"stage {stage.name!r}: eval_data is a one-shot iterator "
+                    f"({type(stage.eval_data).__name__}) but eval_every={stage_args.eval_every} "
+                    "evaluates it repeatedly; give a list, another iterable that can be "
+                    "iterated again, or a function returning a fresh iterable"
+                )
+            if not stage_args.save_at_end:
                 raise ConfigError(
                     f"stage {stage.name!r}: save_at_end must be True in a MultiStage run; the "
                     "next stage, and a rerun after an interruption, start from the checkpoint "

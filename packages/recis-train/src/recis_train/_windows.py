@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from recis_train.exceptions import ConfigError, SourceNotFoundError
+
+_log = logging.getLogger("recis_train")
 
 WindowSource = Iterable["str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"]
 
@@ -37,6 +40,9 @@ class WatchDirectory:
     marker: str | None = None
     poll_interval: float = 30.0
     idle_timeout: float | None = None
+    _reported: set[Path] = dataclasses.field(
+        default_factory=set, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.poll_interval < 0:
@@ -61,11 +67,24 @@ class WatchDirectory:
         if self.marker is None:
             return [[str(p)] for p in _data_files(root, self.pattern)]
         parts = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
-        return [
-            [str(p) for p in _data_files(d, self.pattern)]
-            for d in parts
-            if (d / self.marker).is_file()
-        ]
+        windows = []
+        for d in parts:
+            if not (d / self.marker).is_file():
+                continue
+            files = _data_files(d, self.pattern)
+            if not files and d not in self._reported:
+                # Marked complete, yet nothing to read: most likely a pattern that does not fit
+                # the writer's file names (Hive writes 000000_0 without an extension).
+                self._reported.add(d)
+                _log.warning(
+                    "watched partition %s is marked complete (%s) but holds no file matching "
+                    "%r; it is passed over",
+                    d,
+                    self.marker,
+                    self.pattern,
+                )
+            windows.append([str(p) for p in files])
+        return windows
 
 
 def _hidden(name: str) -> bool:
