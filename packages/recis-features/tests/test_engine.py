@@ -162,7 +162,7 @@ def test_missing_column_raises_with_the_feature_and_the_columns() -> None:
         (
             Feature("p").select("user_id").fill_missing(0),
             "feature 'p': op fill_missing (step 1) expects dense floats or a one-level ragged "
-            "value, found dense int64 tensor of shape (4,)",
+            "value of ids or floats, found dense int64 tensor of shape (4,)",
         ),
     ],
 )
@@ -173,6 +173,32 @@ def test_wrong_value_kinds_raise_at_the_first_batch(feature: Feature, message: s
     with pytest.raises(FeatureTypeError) as info:
         feature(_batch())
     assert str(info.value) == message
+
+
+def test_a_mapped_value_is_checked_when_the_batch_runs() -> None:
+    # What a function returns is unknown when the feature is built: the next op checks it.
+    pair = Feature("c").select_fields(["user_id", "label"]).map(lambda p: (p[0] % 10, p[1]))
+    direct = Feature("d").select_fields(["user_id", "label"]).cross()
+    batch = {"user_id": torch.tensor([15, 7]), "label": torch.tensor([0, 1])}
+    for fused in (True, False):
+        out = FeatureEngine([pair.cross(), direct], fused=fused)(batch)
+        expected = FeatureEngine([direct])({**batch, "user_id": torch.tensor([5, 7])})["d"]
+        assert_same(out["c"], expected)
+    wrong = Feature("w").select_fields(["user_id", "label"]).map(lambda p: p[0]).cross()
+    with pytest.raises(FeatureTypeError) as info:
+        FeatureEngine([wrong])(batch)
+    assert str(info.value) == (
+        "feature 'w': op cross (step 2) expects a pair of id columns, found dense int64 tensor "
+        "of shape (2,)"
+    )
+
+
+@pytest.mark.parametrize("flag", ["passthrough", "fused"])
+def test_engine_switches_must_be_bools(flag: str) -> None:
+    # "false" from a hand-written config is truthy: it must not silently mean True.
+    with pytest.raises(FeatureDefinitionError) as info:
+        FeatureEngine([Feature("a").select("x").mod(3)], **{flag: "false"})  # type: ignore[arg-type]
+    assert str(info.value) == f"FeatureEngine: {flag} must be True or False, got 'false' (str)"
 
 
 def test_unsupported_column_type_raises() -> None:
@@ -399,6 +425,15 @@ def test_data_the_kernels_refuse_is_named_by_feature_and_column(fused: bool) -> 
         (
             {"x": torch.tensor([1.0, float("nan")], dtype=torch.float16)},
             r"can hold the fill value 100000\.0",
+        ),
+        (
+            # Ragged bytes are strings, not a ragged value this op fills.
+            {"x": RaggedTensor(torch.tensor(list(b"ab"), dtype=torch.uint8), torch.tensor([0, 2]))},
+            "expects dense floats or a one-level ragged value of ids or floats, found ragged",
+        ),
+        (
+            {"x": RaggedTensor(torch.tensor([True]), torch.tensor([0, 1, 1]))},
+            "expects dense floats or a one-level ragged value of ids or floats, found ragged",
         ),
     ],
 )

@@ -280,3 +280,34 @@ def test_packed_fill_of_dense_floats_equals_each_fill(device: torch.device) -> N
     for got, op, x in zip(fill_dense_packed(ops, xs), ops, xs, strict=True):
         assert_same(got, op.apply(x))
     assert fill_dense_packed(ops, xs)[1].tolist() == [[2.5, 5.0], [6.0, 2.5]]
+
+
+def test_an_op_class_must_have_a_kind_of_its_own() -> None:
+    # A subclass sharing Mod's kind would be merged with Mod ops and run by Mod's fused call.
+    with pytest.raises(RegistrationError) as info:
+
+        class ModPlusOne(Mod):
+            def apply(self, value: torch.Tensor) -> torch.Tensor:
+                return super().apply(value) + 1
+
+    assert str(info.value) == (
+        "op class test_an_op_class_must_have_a_kind_of_its_own.<locals>.ModPlusOne must set "
+        "its own kind (a unique, non-empty name) and would run as 'mod'"
+    )
+    with pytest.raises(RegistrationError, match=r"Nameless must set its own kind \("):
+
+        class Nameless(Transform):
+            def apply(self, value: torch.Tensor) -> torch.Tensor:
+                return value
+
+    # An abstract intermediate class needs no kind; its concrete subclasses do.
+    class Base(Transform):
+        pass
+
+    class Concrete(Base):
+        kind = "test_concrete"
+
+        def apply(self, value: torch.Tensor) -> torch.Tensor:
+            return value * 2
+
+    assert Concrete().apply(torch.tensor([2])).tolist() == [4]

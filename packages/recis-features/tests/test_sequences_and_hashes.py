@@ -360,6 +360,36 @@ def test_a_cast_to_integers_that_loses_values_raises(
         feature({"x": ragged_column})
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "shown"),
+    [
+        (torch.tensor([1.0, 70000.0]), "float16", "70000.0"),
+        (torch.tensor([1, 70000]), "float16", "70000"),
+        (torch.tensor([1.0, -1e300], dtype=torch.float64), "float32", "-1e+300"),
+        (torch.tensor([1.0, 1e300], dtype=torch.float64), "bfloat16", "1e+300"),
+    ],
+)
+def test_a_cast_to_floats_that_overflows_raises(
+    values: torch.Tensor, dtype: str, shown: str
+) -> None:
+    feature = Feature("n").select("x", dtype)
+    source = str(values.dtype).removeprefix("torch.")
+    limit = torch.finfo(getattr(torch, dtype)).max
+    message = (
+        f"feature 'n': op select (step 0): column 'x' holds {source} values beyond the range "
+        f"of {dtype} (such as {shown}; it spans ±{limit}); a cast to floats rounds but never "
+        "overflows to inf"
+    )
+    for run in (feature, FeatureEngine([feature])):
+        with pytest.raises(FeatureInputError) as info:
+            run({"x": values})
+        assert str(info.value) == message
+    # Infinities and NaNs are kept: only a finite value turning into inf is refused.
+    kept = Feature("k").select("x", dtype)({"x": torch.tensor([float("inf"), float("nan"), 2.0])})
+    assert kept.isinf().tolist() == [True, False, False]
+    assert kept.isnan().tolist() == [False, True, False]
+
+
 def test_exact_casts_to_integers_and_casts_to_floats_pass() -> None:
     assert Feature("a").select("x", "int64")(
         {"x": torch.tensor([1.0, -3.0, 2.0**40])}

@@ -87,7 +87,8 @@ class FeatureEngine(nn.Module):
 
     Raises:
         FeatureConflictError: one name with two different definitions.
-        FeatureDefinitionError: an incomplete feature (no ops, or a pair never crossed).
+        FeatureDefinitionError: an incomplete feature (no ops, or a pair never crossed), or
+            ``passthrough``/``fused`` not a bool.
 
     Example:
         >>> engine = FeatureEngine([
@@ -103,6 +104,13 @@ class FeatureEngine(nn.Module):
         self, features: Iterable[Feature], *, passthrough: bool = True, fused: bool = True
     ) -> None:
         super().__init__()
+        for name, flag in (("passthrough", passthrough), ("fused", fused)):
+            # A string such as "false" from a config is truthy: refuse it rather than guess.
+            if not isinstance(flag, bool):
+                raise FeatureDefinitionError(
+                    f"FeatureEngine: {name} must be True or False, got {flag!r} "
+                    f"({type(flag).__name__})"
+                )
         self._features = tuple(_dedup(features))
         self.passthrough = passthrough
         self.fused = fused
@@ -112,11 +120,11 @@ class FeatureEngine(nn.Module):
         self._columns = frozenset(c for f in self._features for c in f.columns)
 
     def _compile(self) -> None:
-        index: dict[tuple[int, str], int] = {}
+        index: dict[tuple[int, type, str], int] = {}
         for f in self._features:
             parent = -1
             for step, op in enumerate(f.ops):
-                key = (parent, op.key())
+                key = (parent, type(op), op.key())
                 node = index.get(key)
                 if node is None:
                     node = index[key] = len(self._nodes)

@@ -49,7 +49,7 @@ def fingerprint_of(config: Any) -> str:
 
 
 def _accepts(op: Op, kind: str) -> bool:
-    if "any" in op.accepts:
+    if "any" in op.accepts or kind == "unknown":
         return True
     if kind == "any":
         return op.accepts != frozenset({"pair"})

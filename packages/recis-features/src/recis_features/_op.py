@@ -20,11 +20,23 @@ def op_kinds() -> dict[str, type[Op]]:
     return dict(_OP_KINDS)
 
 
+def _is_abstract(cls: type) -> bool:
+    """Whether ``cls`` leaves an abstract method unimplemented (``ABCMeta`` records this only
+    after ``__init_subclass__`` has run, so it is worked out here)."""
+    names = {n for n, v in vars(cls).items() if getattr(v, "__isabstractmethod__", False)}
+    for base in cls.__mro__[1:]:
+        for name in getattr(base, "__abstractmethods__", ()):
+            if getattr(getattr(cls, name, None), "__isabstractmethod__", False):
+                names.add(name)
+    return bool(names)
+
+
 class Op:
     """One step of a feature: a :class:`SourceOp` first, then :class:`Transform` ops.
 
-    A subclass sets ``kind`` (a unique, stable name used in serialized configs and to group ops
-    for fusion) and ``accepts`` (the value kinds it takes: ``"ids"``, ``"floats"``,
+    A concrete subclass sets its own ``kind`` (a unique, stable name used in serialized configs
+    and to group ops for fusion; a subclass that leaves it empty or inherits its parent's is
+    refused when defined) and ``accepts`` (the value kinds it takes: ``"ids"``, ``"floats"``,
     ``"strings"``, ``"pair"``, or ``"any"``), and implements :meth:`params` and,
     when its output kind differs from its input's, :meth:`output_kind`. Defining the subclass
     registers its kind, so :meth:`Op.from_dict` can rebuild it.
@@ -41,7 +53,15 @@ class Op:
         super().__init_subclass__(**kwargs)
         kind = cls.__dict__.get("kind")
         if not kind:
-            return
+            if _is_abstract(cls):
+                return
+            # A concrete op without a kind of its own would share its result and its fused
+            # implementation with other ops: the engine groups and merges ops by kind.
+            inherited = f" and would run as {cls.kind!r}" if cls.kind else ""
+            raise RegistrationError(
+                f"op class {cls.__qualname__} must set its own kind (a unique, non-empty "
+                f"name){inherited}"
+            )
         if kind in _OP_KINDS:
             raise RegistrationError(
                 f"op kind {kind!r} is already registered by {_OP_KINDS[kind].__qualname__}"
@@ -98,7 +118,9 @@ class Op:
         return f"{type(self).__name__}({args})"
 
     def output_kind(self, input_kind: str) -> str:
-        """The value kind this op produces from ``input_kind`` (``"any"`` when unknown)."""
+        """The value kind this op produces from ``input_kind``: ``"ids"``, ``"floats"``,
+        ``"strings"``, ``"pair"``, ``"any"`` (a column of a type not yet known) or
+        ``"unknown"`` (whatever a Python function returned: checked only when the batch runs)."""
         return input_kind
 
     def expectation(self) -> str:

@@ -52,8 +52,9 @@ class SelectField(SourceOp):
         column: the column name.
         dtype: ``None`` to keep the column's dtype, else one of ``"int32"``, ``"int64"``,
             ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``. A cast to a float
-            dtype rounds to the nearest value; a cast to an integer dtype must give back every
-            value exactly when cast back (``uint64`` ids keep their 64 bits as ``int64``, the
+            dtype rounds to the nearest value (a finite value beyond its range, such as 70000
+            as ``float16``, raises :class:`~recis_features.FeatureInputError`); a cast to an
+            integer dtype must give back every value exactly when cast back (``uint64`` ids keep their 64 bits as ``int64``, the
             way ``mod`` and ``hash`` read them), else a batch holding a fraction, a NaN
             or an out-of-range value raises :class:`~recis_features.FeatureInputError`.
     """
@@ -96,16 +97,36 @@ class SelectField(SourceOp):
     def _cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``t`` as ``dtype``; a cast to integers must keep every value exactly."""
         out = t.to(dtype)
-        if dtype.is_floating_point or t.dtype == dtype or _widens(t.dtype, dtype):
+        if t.dtype == dtype or _widens(t.dtype, dtype):
             return out
-        lost = out.to(t.dtype) != t
-        if not t.dtype.is_signed and t.dtype not in (torch.bool, torch.uint64):
+        if dtype.is_floating_point:
+            # Rounding is what a float cast does; turning a finite value into inf is not.
+            lost = out.isinf()
+            if t.dtype.is_floating_point:
+                lost &= t.isfinite()
+        else:
+            lost = out.to(t.dtype) != t
+        if (
+            not dtype.is_floating_point
+            and not t.dtype.is_signed
+            and t.dtype
+            not in (
+                torch.bool,
+                torch.uint64,
+            )
+        ):
             # uint32 2**32 - 1 wraps to int32 -1 and back again: the sign tells. (uint64 ids
             # are read as the int64 of their bits, as documented.)
             lost |= out < 0
         if bool(lost.any()):
             first = t[lost][0].item()
             source = str(t.dtype).removeprefix("torch.")
+            if dtype.is_floating_point:
+                raise FeatureInputError(
+                    f"column {self.column!r} holds {source} values beyond the range of "
+                    f"{self.dtype} (such as {first!r}; it spans ±{torch.finfo(dtype).max}); a "
+                    "cast to floats rounds but never overflows to inf"
+                )
             raise FeatureInputError(
                 f"column {self.column!r} holds {source} values that {self.dtype} cannot hold "
                 f"exactly (such as {first!r}); a cast to integers never truncates, rounds or wraps"
@@ -114,10 +135,18 @@ class SelectField(SourceOp):
 
 
 def _widens(source: torch.dtype, target: torch.dtype) -> bool:
-    """Whether every ``source`` value (bool or integer) is a value of the integer ``target``."""
+    """Whether every ``source`` value is a value of ``target`` (for a float ``target``: within
+    its range, rounding aside)."""
     if source == torch.bool:
         return True
-    if source.is_floating_point or source.is_complex or target.is_floating_point:
+    if source.is_complex:
+        return False
+    if target.is_floating_point:
+        src: torch.finfo | torch.iinfo = (
+            torch.finfo(source) if source.is_floating_point else torch.iinfo(source)
+        )
+        return src.max <= torch.finfo(target).max
+    if source.is_floating_point:
         return False
     src, dst = torch.iinfo(source), torch.iinfo(target)
     return src.min >= dst.min and src.max <= dst.max
@@ -486,7 +515,7 @@ class FillMissing(Transform):
         return {"value": self.value}
 
     def expectation(self) -> str:
-        return "dense floats or a one-level ragged value"
+        return "dense floats or a one-level ragged value of ids or floats"
 
     def mismatch(self, value: Value) -> str | None:
         if isinstance(value, RaggedTensor):
@@ -576,7 +605,9 @@ class Lambda(Transform):
     A feature holding a ``Lambda`` cannot be serialized: ``to_dict`` (and so an engine's
     ``to_dict`` and ``fingerprint``) raises :class:`~recis_features.SerializationError`, and
     ``from_dict`` refuses a config naming ``"lambda"``. Two ``Lambda`` ops are equal only when
-    they hold the same function object.
+    they hold the same function object. What the function returns is checked by the next op
+    when the batch runs, so a function may, for example, build the column pair a ``cross``
+    takes.
 
     Args:
         fn: called with the value, returns the new value.
@@ -601,7 +632,8 @@ class Lambda(Transform):
         return f"lambda:{id(self.fn)}"
 
     def output_kind(self, input_kind: str) -> str:
-        return "any"
+        # Whatever the function returns: the next op checks it when the batch runs.
+        return "unknown"
 
     def apply(self, value: Value) -> Value:
         return self.fn(value)
