@@ -501,3 +501,46 @@ def test_parameters_no_optimizer_steps_are_named(tmp_path, caplog):
         assert len(said) == int(warned)
         if warned:
             assert "parameters extra.weight, extra.bias require gradients" in said[0]
+
+
+def test_a_trainer_without_a_dense_optimizer_trains_its_tables_only(tmp_path):
+    from _toy import TableModel, ToyReader
+
+    import recis_embedding as emb
+
+    args = TrainingArguments(output_dir=str(tmp_path / "a"), device="cpu", train_steps=3)
+    model = TableModel(loss_only=True)
+    with pytest.raises(ConfigError) as info:
+        Trainer(model, args, train_data=ToyReader(40, 10), dense_optimizer=None)
+    assert str(info.value) == (
+        "dense_optimizer is None, but parameters mlp.0.weight, mlp.0.bias, mlp.2.weight, "
+        "mlp.2.bias require gradients; give a dense optimizer over them, or set "
+        "requires_grad=False to train the embedding tables only"
+    )
+    model.mlp.requires_grad_(False)
+    with pytest.raises(ConfigError, match="are both None: the trainer would train nothing"):
+        Trainer(model, args, train_data=ToyReader(40, 10), dense_optimizer=None)
+    with pytest.raises(ConfigError, match=r"must be a torch\.optim\.Optimizer or None, got str"):
+        Trainer(model, args, train_data=ToyReader(40, 10), dense_optimizer="adam")  # type: ignore[arg-type]
+
+    mlp = {k: v.clone() for k, v in model.mlp.state_dict().items()}
+    sparse = emb.SparseAdagrad(model, lr=0.25)
+    trainer = Trainer(
+        model, args, train_data=ToyReader(40, 10), dense_optimizer=None, sparse_optimizer=sparse
+    )
+    logs = trainer.train()
+    assert logs["lr"] == 0.25  # the sparse optimizer's rate, with no dense one
+    assert all(torch.equal(v, mlp[k]) for k, v in model.mlp.state_dict().items())
+    table, index = model.embeddings.table("ids")
+    assert len(table.ids(index)) > 0
+    # Resuming it with a dense optimizer is refused: the checkpoint has no state for one.
+    model.mlp.requires_grad_(True)
+    resumed = Trainer(
+        model,
+        args,
+        train_data=ToyReader(40, 10),
+        dense_optimizer=torch.optim.SGD(model.mlp.parameters(), lr=0.1),
+        sparse_optimizer=emb.SparseAdagrad(model, lr=0.25),
+    )
+    with pytest.raises(CheckpointError, match=r"dense_optimizer None \(now torch.optim.sgd.SGD\)"):
+        resumed.train()

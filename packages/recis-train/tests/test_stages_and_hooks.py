@@ -420,3 +420,81 @@ def test_one_shot_stage_data_used_twice_is_refused_before_any_stage_trains(tmp_p
         with pytest.raises(ConfigError, match=rf"stage 'b': .* one-shot iterator .*{message}"):
             MultiStage(model, args, [first, second])
     assert not (tmp_path / "a").exists()
+
+
+def test_a_stage_may_train_embedding_tables_only(tmp_path):
+    seed_everything(0)
+    model = TableModel(loss_only=True)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def sparse(m):
+        return emb.SparseAdam(m, lr=0.05)
+
+    first = Stage(
+        "all", ToyReader(100, 50), lambda ps: torch.optim.Adam(ps, lr=0.05), sparse_optimizer=sparse
+    )
+    MultiStage(model, args, [first]).run()
+    ids, rows = table_rows(model)
+    mlp = {k: v.clone() for k, v in model.mlp.state_dict().items()}
+    tables_only = Stage(
+        "tables", ToyReader(100, 50, seed=3), None, frozen=["mlp"], sparse_optimizer=sparse
+    )
+    results = MultiStage(model, args, [first, tables_only]).run()
+    assert results == {"all": {}, "tables": {}}
+    for key, value in model.mlp.state_dict().items():
+        assert torch.equal(value, mlp[key]), key
+    after_ids, after_rows = table_rows(model)
+    kept = torch.isin(after_ids, ids)
+    assert torch.equal(after_ids[kept], ids)  # the first stage's rows are kept ...
+    assert not torch.equal(after_rows[kept], rows)  # ... and trained further
+    # Rerunning resumes from the stage's checkpoint, written without a dense optimizer.
+    again = TableModel(loss_only=True)
+    MultiStage(again, args, [first, tables_only]).run()
+    assert all(torch.equal(a, b) for a, b in zip(table_rows(again), table_rows(model), strict=True))
+
+
+def test_a_stage_with_nothing_to_train_or_no_optimizer_is_refused(tmp_path):
+    model = TableModel(loss_only=True)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu")
+    data = ToyReader(10, 5)
+
+    def sparse(m):
+        return emb.SparseAdam(m, lr=0.05)
+
+    def sgd(ps):
+        return torch.optim.SGD(ps, lr=0.1)
+
+    cases = [
+        (
+            Stage("x", data, sgd, frozen=["mlp", "embeddings"], sparse_optimizer=sparse),
+            "stage 'x': no trainable parameter is left, and no embedding table to train with a "
+            "sparse optimizer",
+        ),
+        (
+            Stage("x", data, sgd, frozen=["mlp"]),
+            "stage 'x': no trainable parameter is left, and no embedding table to train with a "
+            "sparse optimizer",
+        ),
+        (
+            Stage("x", data, None, sparse_optimizer=sparse),
+            "stage 'x': 4 dense parameter(s) train but the stage has no dense_optimizer; give "
+            "one, or freeze them",
+        ),
+        (
+            Stage(
+                "x",
+                data,
+                sgd,
+                frozen=["mlp"],
+                sparse_optimizer=sparse,
+                lr_schedulers=lambda o: [torch.optim.lr_scheduler.StepLR(o, 1)],
+            ),
+            "stage 'x': trains embedding tables only, so it has no dense optimizer for its "
+            "lr_schedulers to schedule; leave lr_schedulers out",
+        ),
+    ]
+    for stage, message in cases:
+        with pytest.raises(ConfigError) as info:
+            MultiStage(model, args, [stage]).run()
+        assert str(info.value) == message
+        assert all(p.requires_grad for p in model.parameters())

@@ -294,7 +294,7 @@ def test_rejects_what_is_not_a_model_or_optimizer(tmp_path):
         Trainer(lambda b: b, args, train_data=[], dense_optimizer=None)  # type: ignore[arg-type]
     model = ToyModel(0)
     with pytest.raises(
-        ConfigError, match=r"dense_optimizer must be a torch\.optim\.Optimizer, got list"
+        ConfigError, match=r"dense_optimizer must be a torch\.optim\.Optimizer or None, got list"
     ):
         Trainer(model, args, train_data=[], dense_optimizer=[])  # type: ignore[arg-type]
 

@@ -30,7 +30,9 @@ class Stage:
         name: the stage's name (its checkpoints live in ``output_dir/<name>``): a plain
             directory name, unique ignoring case (no ``/``, ``\\``, ``.`` or ``..``).
         train_data: the stage's training batches.
-        dense_optimizer: builds the stage's optimizer from its trainable dense parameters.
+        dense_optimizer: builds the stage's optimizer from its trainable dense parameters;
+            may be ``None`` for a stage that freezes every dense parameter and trains
+            embedding tables only (with a ``sparse_optimizer``).
         eval_data: evaluated at the end of the stage (and every ``eval_every`` steps).
         args: overrides of the run's :class:`TrainingArguments` (e.g. ``train_steps``; not
             ``output_dir``, which is ``output_dir/<name>`` of the run's arguments).
@@ -50,7 +52,7 @@ class Stage:
 
     name: str
     train_data: Iterable[Any]
-    dense_optimizer: OptimizerFactory
+    dense_optimizer: OptimizerFactory | None
     eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None
     args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     trainable: Sequence[str] | None = None
@@ -119,11 +121,6 @@ class _Frozen:
             param.requires_grad_(self._trains(name) and param.requires_grad)
             if param.requires_grad:
                 trainable.append(param)
-        if not trainable:
-            # A raise in __enter__ skips __exit__: put every flag back first, or the model would
-            # stay frozen for whatever runs next (a corrected stage list, another trainer).
-            self.__exit__(None, None, None)
-            raise ConfigError(f"stage {self.stage.name!r}: no trainable parameter is left")
         for name in _embedding_prefixes(self.model):
             if not self._trains(name):
                 module = self.model.get_submodule(name)
@@ -162,6 +159,30 @@ class _Frozen:
         self.embedding_modules.clear()
         for name, param in self.model.named_parameters():
             param.requires_grad_(self.saved[name])
+
+
+def _dense_optimizer(
+    stage: Stage, trainable: list[nn.Parameter], sparse: torch.optim.Optimizer | None
+) -> torch.optim.Optimizer | None:
+    """The stage's dense optimizer, or ``None`` for a stage that trains embedding tables only."""
+    if trainable:
+        if stage.dense_optimizer is None:
+            raise ConfigError(
+                f"stage {stage.name!r}: {len(trainable)} dense parameter(s) train but the stage "
+                "has no dense_optimizer; give one, or freeze them"
+            )
+        return stage.dense_optimizer(trainable)
+    if sparse is None or not any(g["params"] for g in sparse.param_groups):
+        raise ConfigError(
+            f"stage {stage.name!r}: no trainable parameter is left, and no embedding table "
+            "to train with a sparse optimizer"
+        )
+    if stage.lr_schedulers is not None:
+        raise ConfigError(
+            f"stage {stage.name!r}: trains embedding tables only, so it has no dense optimizer "
+            "for its lr_schedulers to schedule; leave lr_schedulers out"
+        )
+    return None
 
 
 class MultiStage:
@@ -244,10 +265,10 @@ class MultiStage:
             args = self._stage_args(stage)
             freezing = _Frozen(self.model, stage)
             with freezing as trainable:
-                dense = stage.dense_optimizer(trainable)
                 sparse = stage.sparse_optimizer(self.model) if stage.sparse_optimizer else None
                 if sparse is not None:
                     freezing.leave_out_frozen_tables(sparse)
+                dense = _dense_optimizer(stage, trainable, sparse)
                 trainer = Trainer(
                     self.model,
                     args,
@@ -256,7 +277,11 @@ class MultiStage:
                     dense_optimizer=dense,
                     sparse_optimizer=sparse,
                     # Given to the Trainer, which checks them (a list, of this optimizer, ...).
-                    lr_schedulers=stage.lr_schedulers(dense) if stage.lr_schedulers else (),
+                    lr_schedulers=(
+                        stage.lr_schedulers(dense)
+                        if stage.lr_schedulers and dense is not None
+                        else ()
+                    ),
                     hooks=self.hooks,
                     metrics=self.metrics,
                 )

@@ -235,7 +235,8 @@ class Online:
             defaults), or an iterable whose items are each a path or a sequence of paths.
         make_data: ``make_data(paths)`` returns an iterable of batches of those files (e.g. a
             ``recis_io.Dataset``); called once for the evaluation and once for training.
-        dense_optimizer: a torch optimizer over the dense parameters.
+        dense_optimizer: a torch optimizer over the dense parameters, or ``None`` when only
+            embedding tables train (as for :class:`Trainer`).
         sparse_optimizer: an optimizer over embedding tables.
         lr_schedulers: torch LR schedulers, stepped once per optimizer step.
         hooks: :class:`Hook` objects for the trainer.
@@ -264,7 +265,7 @@ class Online:
         source: WatchDirectory | str | os.PathLike[str] | WindowSource,
         make_data: DataFactory,
         *,
-        dense_optimizer: torch.optim.Optimizer,
+        dense_optimizer: torch.optim.Optimizer | None,
         sparse_optimizer: torch.optim.Optimizer | None = None,
         lr_schedulers: Sequence[Any] = (),
         hooks: Sequence[Hook] = (),

@@ -51,7 +51,7 @@ class CheckpointMixin:
     model: nn.Module
     distributed: DistributedContext | None
     stream: DataStream
-    dense_optimizer: torch.optim.Optimizer
+    dense_optimizer: torch.optim.Optimizer | None
     sparse_optimizer: torch.optim.Optimizer | None
     lr_schedulers: list[Any]
     hooks: list[Hook]
@@ -81,7 +81,9 @@ class CheckpointMixin:
         state: dict[str, Any] = {
             "global_step": self.global_step,
             "cursor": self._cursor,
-            "dense_optimizer": self.dense_optimizer.state_dict(),
+            "dense_optimizer": (
+                self.dense_optimizer.state_dict() if self.dense_optimizer is not None else None
+            ),
             "lr_schedulers": [s.state_dict() for s in self.lr_schedulers],
             "rng": rng_state(),
             "hooks": dict(
@@ -107,7 +109,9 @@ class CheckpointMixin:
     def _state_classes(self) -> dict[str, Any]:
         """The classes whose state the trainer part holds, checked on resume."""
         return {
-            "dense_optimizer": _class_name(self.dense_optimizer),
+            "dense_optimizer": _class_name(self.dense_optimizer)
+            if self.dense_optimizer is not None
+            else None,
             "sparse_optimizer": _class_name(self.sparse_optimizer)
             if self.sparse_optimizer is not None
             else None,
@@ -274,7 +278,7 @@ class CheckpointMixin:
             ("dense_optimizer", self.dense_optimizer),
             ("sparse_optimizer", self.sparse_optimizer),
         ):
-            if optimizer is not None and key in state:
+            if optimizer is not None and state.get(key) is not None:
                 differences += _group_differences(key, state[key], optimizer)
         self._check_hook_states(state.get("hooks", {}), path)
         if differences:
@@ -378,7 +382,8 @@ class CheckpointMixin:
         self._cursor = dict(own["cursor"])
         self._last_saved_step = self.global_step
         self.stream.load_state_dict(self._cursor)
-        self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.load_state_dict(state["dense_optimizer"])
         for scheduler, saved in zip(self.lr_schedulers, state["lr_schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         if hooks:

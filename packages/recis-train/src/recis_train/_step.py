@@ -34,7 +34,7 @@ class StepMixin:
     distributed: DistributedContext | None
     _ddp: DistributedDataParallel | None
     stream: DataStream
-    dense_optimizer: torch.optim.Optimizer
+    dense_optimizer: torch.optim.Optimizer | None
     sparse_optimizer: torch.optim.Optimizer | None
     lr_schedulers: list[Any]
     global_step: int
@@ -149,7 +149,7 @@ class StepMixin:
             totals, samples = self.distributed.mean_logs(totals, samples)
         logs = {
             **totals,
-            "lr": float(self.dense_optimizer.param_groups[0]["lr"]),
+            "lr": self._logged_lr(),
             "samples": float(samples),
             "step": float(self.global_step),
             "step_time": time.perf_counter() - started,
@@ -218,8 +218,24 @@ class StepMixin:
             return error
         return None
 
+    def _logged_lr(self) -> float:
+        """The dense optimizer's first group's rate; the sparse one's without a dense one."""
+        optimizer = self.dense_optimizer
+        if optimizer is None:
+            optimizer = self.sparse_optimizer
+        assert optimizer is not None  # the trainer refuses to be built without both
+        return float(optimizer.param_groups[0]["lr"])
+
     def _optimizer_step(self) -> None:
         dense = self.dense_optimizer
+        if dense is not None:
+            self._dense_step(dense)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.step()
+        self._warn_untrained_tables()
+        self._zero_grad()
+
+    def _dense_step(self, dense: torch.optim.Optimizer) -> None:
         if self._scaler is not None:
             self._scaler.unscale_(dense)
         if self.args.grad_clip is not None:
@@ -230,13 +246,10 @@ class StepMixin:
             self._scaler.update()
         else:
             dense.step()
-        if self.sparse_optimizer is not None:
-            self.sparse_optimizer.step()
-        self._warn_untrained_tables()
-        self._zero_grad()
 
     def _zero_grad(self) -> None:
-        self.dense_optimizer.zero_grad(set_to_none=True)
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.zero_grad(set_to_none=True)
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.zero_grad(set_to_none=True)
         # Lookups record the rows they touched on their table until an optimizer consumes them;

@@ -94,7 +94,9 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             (a recis-io ``Dataset``) its cursor is checkpointed, else resuming skips consumed
             batches of a re-iteration.
         eval_data: an iterable of evaluation batches, or a function returning a fresh one.
-        dense_optimizer: a torch optimizer over the dense parameters.
+        dense_optimizer: a torch optimizer over the dense parameters; ``None`` when no dense
+            parameter requires a gradient (a model, or a stage, that trains embedding tables
+            only), which then needs a ``sparse_optimizer``.
         sparse_optimizer: an optimizer over embedding tables (stepped after the dense one).
         lr_schedulers: torch LR schedulers, stepped once per optimizer step.
         hooks: :class:`Hook` objects, called in order.
@@ -119,7 +121,7 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         *,
         train_data: Iterable[Any],
         eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
-        dense_optimizer: torch.optim.Optimizer,
+        dense_optimizer: torch.optim.Optimizer | None,
         sparse_optimizer: torch.optim.Optimizer | None = None,
         lr_schedulers: Sequence[Any] = (),
         hooks: Sequence[Hook] = (),
@@ -129,9 +131,12 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(dense_optimizer, torch.optim.Optimizer):
+        if dense_optimizer is None:
+            _check_sparse_only(model, sparse_optimizer)
+        elif not isinstance(dense_optimizer, torch.optim.Optimizer):
             raise ConfigError(
-                f"dense_optimizer must be a torch.optim.Optimizer, got {type(dense_optimizer).__name__}"
+                f"dense_optimizer must be a torch.optim.Optimizer or None, got "
+                f"{type(dense_optimizer).__name__}"
             )
         _check_parts(train_data, eval_data, dense_optimizer, sparse_optimizer, lr_schedulers, hooks)
         _warn_unstepped_parameters(model, dense_optimizer, sparse_optimizer)
@@ -539,10 +544,28 @@ def _rank_zero_only(hook: Hook) -> bool:
     return bool(getattr(hook, "rank_zero_only", isinstance(hook, LoggingHook)))
 
 
+def _check_sparse_only(model: nn.Module, sparse: torch.optim.Optimizer | None) -> None:
+    """``dense_optimizer=None``: the model trains its embedding tables only."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trainable:
+        shown = ", ".join(trainable[:5]) + (
+            f" and {len(trainable) - 5} more" if len(trainable) > 5 else ""
+        )
+        raise ConfigError(
+            f"dense_optimizer is None, but parameters {shown} require gradients; give a dense "
+            "optimizer over them, or set requires_grad=False to train the embedding tables only"
+        )
+    if sparse is None:
+        raise ConfigError(
+            "dense_optimizer and sparse_optimizer are both None: the trainer would train "
+            "nothing; give a sparse optimizer over the embedding tables"
+        )
+
+
 def _check_parts(
     train_data: object,
     eval_data: object,
-    dense: torch.optim.Optimizer,
+    dense: torch.optim.Optimizer | None,
     sparse: object,
     schedulers: object,
     hooks: object,
@@ -564,7 +587,7 @@ def _check_parts(
                 f"sparse_optimizer must be a recis_embedding sparse optimizer (e.g. "
                 f"SparseAdam(model)) or None, got {type(sparse).__name__} {sparse!r}"
             )
-        if sparse is dense:
+        if sparse is dense:  # never both None here: a sparse optimizer was given
             raise ConfigError(
                 "dense_optimizer and sparse_optimizer are the same object, which would step "
                 "twice per step; give each its own optimizer"
@@ -578,7 +601,7 @@ def _check_parts(
         raise ConfigError(
             f"lr_schedulers must be a list of LR schedulers, got {type(schedulers).__name__}"
         )
-    owned = [dense] if sparse is None else [dense, sparse]
+    owned = [o for o in (dense, sparse) if o is not None]
     for k, scheduler in enumerate(list(schedulers)):
         name = type(scheduler).__name__
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -617,7 +640,7 @@ def _check_parts(
 
 
 def _warn_unstepped_parameters(
-    model: nn.Module, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer | None
+    model: nn.Module, dense: torch.optim.Optimizer | None, sparse: torch.optim.Optimizer | None
 ) -> None:
     """Parameters that take gradients but no optimizer of the trainer steps: they never learn.
     Legitimate at times (a part stepped by hand), easy to get by mistake (an optimizer built
