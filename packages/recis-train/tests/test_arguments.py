@@ -77,6 +77,12 @@ def test_bad_values_are_named(values, message):
         TrainingArguments.from_dict(values)
 
 
+def test_bad_values_name_their_source():
+    with pytest.raises(ConfigError) as info:
+        TrainingArguments.from_dict({"train_steps": 0}, source="stage 'warm'")
+    assert str(info.value) == "stage 'warm': train_steps must be at least 1 or None, got 0"
+
+
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     (tmp_path / "list.yaml").write_text("- 1\n")

@@ -118,7 +118,11 @@ class TrainingArguments:
         if unknown:
             raise ConfigError(f"{source}: unknown training argument(s) {unknown}")
         coerced = {name: _coerce(name, value, source) for name, value in values.items()}
-        return cls(**coerced)
+        try:
+            return cls(**coerced)
+        except ConfigError as exc:
+            # Name where the value came from (a file, a stage), as the type checks above do.
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainingArguments:
