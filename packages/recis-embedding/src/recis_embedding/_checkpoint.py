@@ -6,6 +6,10 @@ Layout of a checkpoint directory (format version 1)::
     dense.safetensors                                  the model's state_dict (dense tensors)
     sparse/<table>.shard-<r>-of-<w>.safetensors        one file per logical table and shard
 
+``<table>`` is the table name percent-encoded, shortened (a readable prefix, ``+`` and a hash)
+when that is long (``_checkpoint_save._table_file_stem``); readers take each table's file names
+from the manifest.
+
 A table file holds, for the ``K`` ids it saves (ascending):
 
 - ``ids`` ``(K,) int64``;

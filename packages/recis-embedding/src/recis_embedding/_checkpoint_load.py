@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from recis_embedding._checkpoint import (
@@ -51,10 +52,11 @@ def load(
             model lacks), and dense keys must match. With ``strict=False`` tables the model
             lacks are skipped, and model tables absent from the checkpoint keep their rows.
         verify: check every file of the checkpoint (and of the parents a delta builds on)
-            against the manifest's SHA-256 checksums before loading. ``False`` checks each
-            manifest's own checksum only, for a caller that has just verified the files itself
-            (recis-train's restore does, with its own checksums): the files are then read once,
-            to load them, instead of once more to hash them.
+            against the manifest's SHA-256 checksums before loading. ``False`` checks only each
+            manifest's own checksum and that every file is there and opens, for a caller that
+            has just verified the files itself (recis-train's restore does, with its own
+            checksums): the files are then read once, to load them, instead of once more to
+            hash them.
 
     Returns:
         The manifest of ``path``.
@@ -68,7 +70,9 @@ def load(
             (beyond float16's 65504), more rows than a table's ``capacity`` (after the base
             or any delta of a chain), or a dense state that does not fit the model (keys
             when ``strict``, shapes always). All of these are found before any table
-            changes.
+            changes. Also a failure after the tables began to change (a file changed under
+            the load): the tables then hold part of the checkpoint, and only a full save may
+            follow.
         ConfigError: two embedding modules of ``model`` define the same table name.
     """
     tables = logical_tables(model)
@@ -82,8 +86,13 @@ def load(
         while chain[-1].kind == "delta":
             chain.append(parent_reader(chain[-1], verify))
         chain.reverse()
+        if not verify:
+            for reader in chain:
+                _check_files(reader)
         _check_optimizer(chain[-1], sparse_optimizer)
         _check_tables(chain[-1], tables, strict)
+        for reader in chain[:-1]:
+            _check_dims(reader, tables)
         _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
         _check_casts(chain, tables)
         _check_capacities(chain, tables, shard)
@@ -103,6 +112,43 @@ def load(
             )
     if refused is not None:
         raise refused
+    try:
+        _apply(chain, tables, shard)
+    except Exception as exc:
+        # Not expected after the checks (a file changed under the load, a device out of
+        # memory): the tables now hold part of the chain, which no checkpoint describes, so
+        # no delta may build on them.
+        for table, _ in tables.values():
+            table.last_checkpoint = None
+        raise CheckpointError(
+            f"loading checkpoint {path} failed after the tables began to change ({exc}); they "
+            "hold part of it: load a checkpoint again before training (a delta cannot follow)"
+        ) from exc
+    try:
+        model.load_state_dict(dense, strict=strict)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"dense state of {chain[-1].path} does not match the model: {exc}"
+        ) from exc
+    if sparse_optimizer is not None and chain[-1].manifest.get("optimizer"):
+        sparse_optimizer.load_state_dict(chain[-1].manifest["optimizer"]["state"])
+    loaded = _Saved(Path(path).resolve(), chain[-1].manifest.get("id"))
+    in_checkpoint = set(chain[-1].manifest["tables"])
+    for table in {id(t): t for t, _ in tables.values()}.values():
+        # A delta holds the rows changed since its parent: rows of a logical table the
+        # checkpoint lacks (kept by strict=False) are in no parent, so only a full save may
+        # follow. An empty one is fine: every row it gets later is a change.
+        kept = [
+            n for i, n in enumerate(table.names) if n not in in_checkpoint and len(table.ids(i))
+        ]
+        table.mark_saved(_Unsaved(tuple(kept)) if kept else loaded)
+    return chain[-1].manifest
+
+
+def _apply(
+    chain: list[CheckpointReader], tables: dict[str, tuple[HashTable, int]], shard: Any
+) -> None:
+    """Load the tables of every checkpoint of ``chain`` in order (all checks passed)."""
     cleared: set[tuple[int, int]] = set()
     for reader in chain:
         saved = reader.manifest["tables"]
@@ -125,25 +171,6 @@ def load(
                     table._erase(keys[mine], tabs[mine])
                     cleared.add((id(table), index))
             _load_table(reader, name, table, index, shard)
-    try:
-        model.load_state_dict(dense, strict=strict)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"dense state of {chain[-1].path} does not match the model: {exc}"
-        ) from exc
-    if sparse_optimizer is not None and chain[-1].manifest.get("optimizer"):
-        sparse_optimizer.load_state_dict(chain[-1].manifest["optimizer"]["state"])
-    loaded = _Saved(Path(path).resolve(), chain[-1].manifest.get("id"))
-    in_checkpoint = set(chain[-1].manifest["tables"])
-    for table in {id(t): t for t, _ in tables.values()}.values():
-        # A delta holds the rows changed since its parent: rows of a logical table the
-        # checkpoint lacks (kept by strict=False) are in no parent, so only a full save may
-        # follow. An empty one is fine: every row it gets later is a change.
-        kept = [
-            n for i, n in enumerate(table.names) if n not in in_checkpoint and len(table.ids(i))
-        ]
-        table.mark_saved(_Unsaved(tuple(kept)) if kept else loaded)
-    return chain[-1].manifest
 
 
 def _reader(path: str | os.PathLike[str], verify: bool) -> CheckpointReader:
@@ -154,22 +181,31 @@ def _reader(path: str | os.PathLike[str], verify: bool) -> CheckpointReader:
 
 
 def parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:
-    """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta.
+    """The checkpoint ``delta`` applies to: at its recorded path, else relative to the delta
+    (a chain copied or moved as a whole), whichever holds the checkpoint the delta names.
     ``verify=False`` checks the manifest's own checksum only."""
     manifest = delta.manifest
     candidates = [delta.parent] if delta.parent is not None else []
     if manifest.get("parent_relative"):
         candidates.append(delta.path / manifest["parent_relative"])
-    found = next((p for p in candidates if (p / "manifest.json").is_file()), None)
-    if found is None:
+    found = [p for p in candidates if (p / "manifest.json").is_file()]
+    if not found:
         raise CheckpointError(f"delta checkpoint {delta.path} lacks its parent {delta.parent}")
-    reader = _reader(found, verify)
     expected = manifest.get("parent_id")
-    if expected is not None and reader.manifest.get("id") != expected:
+    readers = [CheckpointReader(p, verify=False) for p in found]
+    reader = next(
+        (r for r in readers if expected is None or r.manifest.get("id") == expected), None
+    )
+    if reader is None:
         raise CheckpointError(
             f"delta checkpoint {delta.path} applies to checkpoint {expected}, but its parent "
-            f"{found} now holds checkpoint {reader.manifest.get('id')} (overwritten by a later save?)"
+            f"{found[0]} now holds checkpoint {readers[0].manifest.get('id')} (overwritten by a "
+            "later save?)"
         )
+    if verify:
+        reader.verify()
+    else:
+        reader.verify_manifest()
     return reader
 
 
@@ -252,6 +288,45 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
             )
 
 
+def _check_dims(reader: CheckpointReader, tables: dict[str, Any]) -> None:
+    """Each checkpoint a delta builds on must have the model's dims too (its optimizer slots
+    may differ: see :func:`_slots_fit`)."""
+    for name, (table, _) in tables.items():
+        info = reader.manifest["tables"].get(name)
+        if info and info["dim"] != table.dim:
+            raise CheckpointError(
+                f"table {name!r}: checkpoint {reader.path} has dim {info['dim']}, model has "
+                f"{table.dim}"
+            )
+
+
+def _check_files(reader: CheckpointReader) -> None:
+    """With ``verify=False``: every file the manifest lists is there and opens as safetensors,
+    so that a missing or truncated file is refused before any table changes."""
+    for rel in reader.manifest["files"]:
+        f = reader.path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {reader.path} is missing file {rel}")
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise CheckpointError(
+                f"checkpoint {reader.path}: file {rel} is not readable safetensors ({exc})"
+            ) from exc
+
+
+def _slots_fit(info: dict[str, Any], table: HashTable) -> bool:
+    """Whether a checkpoint's optimizer state is the table's. A checkpoint before a delta may
+    hold another optimizer's (the table was loaded without its optimizer, or trained by
+    another one, after it): its rows then take only their embeddings, and the deltas after it
+    hold every row with the state it has now."""
+    slots = [tuple(s) for s in info["slots"]]
+    return info["optimizer"] == table.optimizer_kind and slots == table.slots
+
+
 def _check_casts(chain: list[CheckpointReader], tables: dict[str, Any]) -> None:
     """Embeddings saved in another dtype are cast to the table's (rounded to nearest); a
     finite value the table's dtype cannot hold would become infinite: refuse it before any
@@ -300,12 +375,13 @@ def _rows_while_loading(
     chain: list[CheckpointReader], name: str, table: HashTable, index: int, shard: Any
 ) -> int:
     """The most rows logical table ``name`` holds (on this rank) while ``chain`` loads: after
-    its full checkpoint and after each delta (which erases, then inserts)."""
-    ids = table.ids(index).cpu()  # kept when no full checkpoint of the chain holds the table
-    most = 0
-    for reader in chain:
-        if name not in reader.manifest["tables"]:
-            continue
+    each checkpoint holding it (a delta erases, then inserts)."""
+    held = [r for r in chain if name in r.manifest["tables"]]
+    # Kept when no checkpoint of the chain holds the table; else the first one holding it
+    # replaces its rows (see _apply), a full checkpoint or a delta.
+    ids = table.ids(index).cpu() if not held else torch.zeros(0, dtype=torch.int64)
+    most = ids.numel()
+    for reader in held:
         saved = reader.read(name, "ids")
         if shard is not None:
             saved = saved[shard.owns(saved.to(table.device)).cpu()]
@@ -383,7 +459,8 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     ids = data["ids"].to(table.device)
     if ids.numel() == 0:
         return
-    slots = {s: data[f"slot.{s}"] for s, _ in table.slots if f"slot.{s}" in data}
+    fits = _slots_fit(reader.table_info(name), table)
+    slots = {s: data[f"slot.{s}"] for s, _ in table.slots if fits and f"slot.{s}" in data}
     # The saved rows go in whole: no initial vectors drawn only to be overwritten.
     full = table.full_rows(data["embeddings"], slots)
     rows = _insert_saved(table, ids, full, index, len(reader.table_info(name)["files"]))

@@ -5,9 +5,12 @@ The format is described in ``recis_embedding._checkpoint``.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +55,7 @@ def save(
 
     Args:
         path: checkpoint directory (created; a previous checkpoint or an empty directory
-            there is replaced atomically, anything else refused).
+            there is replaced atomically, anything else refused, a symbolic link included).
         model: a module containing :class:`EmbeddingEngine`/``DynamicEmbedding`` modules.
         sparse_optimizer: its hyperparameters are saved too (row state is in the tables).
         delta: write only rows changed (and ids erased) since the previous save of these
@@ -69,7 +72,8 @@ def save(
             ``load(..., strict=False)`` that kept rows of tables the checkpoint lacks), or the
             previous save is no longer where it was written (and ``parent`` is not given), or
             ``parent`` is not the previous save, or ``path`` holds something other than a
-            previous checkpoint or an empty directory (a file, another directory), or the
+            previous checkpoint or an empty directory (a file, another directory, a symbolic
+            link, even one to a checkpoint), or the
             model's ``state_dict`` holds entries that are not tensors (extra state); on the
             other ranks of a sharded model, when
             the save failed on one rank (that rank raises its own error). Every rank raises,
@@ -82,11 +86,10 @@ def save(
     physical = {id(t): t for t, _ in tables.values()}.values()
     shard = shard_context(model)
     rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
-    tmp = (
-        path.parent / f".{path.name}.tmp"
-        if shard
-        else path.parent / f".{path.name}.tmp-{os.getpid()}"
-    )
+    # Every rank of a sharded save writes into rank 0's directory, so its name is the same on
+    # all of them (and the next sharded save to ``path`` removes one a killed save left); one
+    # process names its own after its host and pid (see ``_remove_leftovers``).
+    tmp = path.parent / (f".{path.name}.tmp" if shard else _tmp_name(path.name, os.getpid()))
     # Each phase ends with every rank learning whether any rank failed in it (one collective
     # per phase), so a failure on one rank raises on all of them instead of leaving the others
     # waiting in the next collective, and no rank records a save that did not happen.
@@ -97,6 +100,7 @@ def save(
         if rank == 0:
             _recover_interrupted(path)
             _check_replaceable(path)
+            _remove_leftovers(path)
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / "sparse").mkdir(parents=True)
@@ -123,10 +127,17 @@ def save(
 
 def _check_replaceable(path: Path) -> None:
     """A save replaces a previous checkpoint or an empty directory at ``path``, nothing else:
-    a file or another directory there is someone's data."""
+    a file or another directory there is someone's data, and a symbolic link someone's
+    pointer (a ``latest`` link) that replacing would turn into a directory."""
     if not path.exists() and not path.is_symlink():
         return
-    if not path.is_dir() or path.is_symlink():
+    if path.is_symlink():
+        raise CheckpointError(
+            f"{path} is a symbolic link to {os.readlink(path)}; save does not replace a "
+            f"symbolic link (nor write through one): save to its target, {path.resolve()}, "
+            "or remove the link first"
+        )
+    if not path.is_dir():
         raise CheckpointError(
             f"{path} exists and is not a directory; a checkpoint is a directory, and save "
             "does not replace other files"
@@ -309,6 +320,48 @@ def _replace(tmp: Path, path: Path) -> None:
         shutil.rmtree(stale)
 
 
+def _tmp_prefix(name: str) -> str:
+    """What the temporary directories of this host's saves to checkpoint ``name`` start with."""
+    return f".{name}.tmp-{quote(socket.gethostname(), safe='')}-"
+
+
+def _tmp_name(name: str, pid: int) -> str:
+    """The temporary directory of process ``pid`` of this host saving to checkpoint ``name``."""
+    return f"{_tmp_prefix(name)}{pid}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host (pid namespace) is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Removes the temporary directories that saves to ``path`` killed before their end left
+    beside it (``.<name>.tmp-<host>-<pid>``, the process writing the files gone without
+    cleaning up), each holding a copy of the tables.
+
+    Only this host's, and only those of processes that are no longer running: a temporary
+    directory on a shared file system may be a save in progress on another host (whose pids
+    mean nothing here), or of another process here. A sharded save's ``.<name>.tmp`` is not
+    touched: the next sharded save to ``path`` replaces it.
+    """
+    if os.name != "posix":
+        return  # os.kill(pid, 0) does not test for a process elsewhere
+    prefix = _tmp_prefix(path.name)
+    for left in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = left.name[len(prefix) :]
+        if not (pid.isascii() and pid.isdigit()) or int(pid) <= 0 or int(pid) == os.getpid():
+            continue  # another host's (whose name starts like this one's), or this process's
+        if left.is_dir() and not left.is_symlink() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+
+
 def _recover_interrupted(path: Path) -> None:
     """Puts back the previous checkpoint a save interrupted between moving it aside and
     putting the new one in its place (nothing at ``path``, a ``.<name>.old-*`` beside it), so
@@ -316,6 +369,34 @@ def _recover_interrupted(path: Path) -> None:
     left = interrupted_replaces(path)
     if left and not path.exists() and not path.is_symlink():
         os.replace(left[0], path)
+
+
+#: The longest table part of a file name (bytes): with the shard suffix (33 bytes) a table file
+#: name stays well under the 255 bytes file systems allow.
+_MAX_STEM = 128
+_HASH_CHARS = 16
+
+
+def _table_file_stem(name: str) -> str:
+    """The part of table ``name``'s file names before ``.shard-``: the name percent-encoded
+    (``quote(name, safe="")``), or, when that is longer than 128 bytes, as much of it as fits
+    in whole characters, ``+`` and the first 16 hex digits of the SHA-256 of the name (UTF-8).
+
+    The encoding turns every ``+`` of a name into ``%2B``, so a shortened name never equals
+    another name's encoding. Loading finds the files through the manifest (each table's
+    ``files``); nothing recomputes their names.
+    """
+    encoded = quote(name, safe="")
+    if len(encoded) <= _MAX_STEM:
+        return encoded
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:_HASH_CHARS]
+    prefix = ""
+    for char in name:
+        part = quote(char, safe="")
+        if len(prefix) + len(part) > _MAX_STEM - 1 - _HASH_CHARS:
+            break
+        prefix += part
+    return f"{prefix}+{digest}"
 
 
 def _save_table(
@@ -342,7 +423,7 @@ def _save_table(
     if table.admission is not None:
         for key, value in table.admission.state(table, index).items():
             tensors[f"admission.{key}"] = value
-    fname = f"sparse/{quote(name, safe='')}.shard-{rank:05d}-of-{world:05d}.safetensors"
+    fname = f"sparse/{_table_file_stem(name)}.shard-{rank:05d}-of-{world:05d}.safetensors"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(root / fname))
     return {
         "dim": table.dim,

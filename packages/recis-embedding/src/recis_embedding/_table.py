@@ -599,7 +599,8 @@ class HashTable:
     ) -> None:
         """Lay rows out for optimizer ``kind`` (state columns initialized to ``init``).
 
-        Existing rows keep their embeddings; their new state columns take ``init``.
+        Existing rows keep their embeddings; their new state columns take ``init``, and they
+        count as changed for the next delta checkpoint.
         """
         if self.optimizer_kind == kind and list(slots) == self.slots:
             return
@@ -617,6 +618,9 @@ class HashTable:
             self._store.blocks[i][:, self.emb_words :] = init
         self.optimizer_kind, self.slots, self.state_width = kind, list(slots), width
         self._state_init = init.to(torch.float32).clone()
+        # Every row's state changed (to ``init``): the next delta checkpoint saves them all, or
+        # a chain would give them back the state of an earlier checkpoint.
+        self._dirty.fill_(True)
 
     def state_init(self, slot: str) -> torch.Tensor:
         """Initial value of optimizer slot ``slot`` for a new row, ``(width,) float32``."""
