@@ -278,6 +278,33 @@ def test_list_boundaries_are_exact_python_numbers():
         rk.bucketize(x, ["a"])
 
 
+def test_lists_mixing_ints_and_floats_are_exact():
+    # A list holding ints and floats was made float64 by NumPy, rounding 2**53 + 1 to 2**53.
+    bounds = [0.5, 2**53 + 1]
+    for x in (torch.tensor([2**53, 2**53 + 1]), torch.tensor([2.0**53, 2.0**53 + 2]).double()):
+        assert rk.bucketize(x, bounds).tolist() == ref(x.tolist(), bounds)
+    assert rk.bucketize(torch.tensor([2.0**53, 2.0**54]), bounds).tolist() == [1, 2]
+    assert rk.bucketize(torch.tensor([0.5, 1.0]).half(), [0.5, 1, 2**70 + 1]).tolist() == [1, 2]
+    # The order is checked on the Python numbers, before any rounding.
+    with pytest.raises(rk.ArgumentError, match="boundaries must be sorted in non-decreasing"):
+        rk.bucketize(torch.tensor([2**53]), [2**53 + 1, 2.0**53])
+    with pytest.raises(rk.ArgumentError, match=r"boundaries_list\[1\] must not contain NaN"):
+        rk.fused_bucketize([torch.tensor([1])] * 2, [[1.0, 2.0], [1, math.nan]])
+    # The first bad list is named, whichever way each is checked.
+    with pytest.raises(rk.ArgumentError, match=r"boundaries_list\[0\] must be sorted"):
+        rk.fused_bucketize([torch.tensor([1])] * 2, [torch.tensor([2.0, 1.0]), [2, 1.0]])
+    # Ints at or above 2**63 count as floats there do: for no int64, for floats exactly.
+    top = torch.tensor([2**63 - 1, 0])
+    assert rk.bucketize(top, [2**63]).tolist() == rk.bucketize(top, [2.0**63]).tolist() == [0, 0]
+    assert rk.bucketize(top, [-1, 2**63]).tolist() == [1, 1]
+    assert rk.bucketize(top, [-(2**64), 2**63 + 1]).tolist() == [1, 1]
+    big = torch.tensor([2.0**63, 2.0**64], dtype=torch.float64)
+    assert rk.bucketize(big, [2**63, 2**63 + 1, 2**64]).tolist() == [1, 3]
+    assert rk.bucketize(big, [10**400]).tolist() == [0, 0]
+    # NumPy integer scalars are taken as the ints they hold.
+    assert rk.bucketize(torch.tensor([2**53]), [0.5, np.int64(2**53 + 1)]).tolist() == [1]
+
+
 def test_fused_features_of_mixed_dtypes_bucket_as_alone():
     ids = torch.tensor([2**53, 2**53 + 1, 2**62 + 1, -(2**62)])
     ib = torch.tensor([2**53 + 1, 2**62 + 2])

@@ -132,6 +132,13 @@ def test_hash_errors():
     data, offsets = pack([b"ab"])
     with pytest.raises(ValueError, match="algorithm must be 'farm' or 'murmur', got 'md5'"):
         rk.hash_bytes(data, offsets, "md5")
+    # A list is refused by name (it raised a bare TypeError: unhashable type).
+    with pytest.raises(
+        rk.ArgumentError, match=r"hash_strings: algorithm must be .*, got \['farm'\]"
+    ):
+        rk.hash_strings(["a"], ["farm"])
+    with pytest.raises(rk.ArgumentError, match=r"hash_bytes: algorithm must be .*, got \['farm'\]"):
+        rk.hash_bytes(data, offsets, ["farm"])
     with pytest.raises(ValueError, match=r"buckets must be an int in \[0, 2\*\*63 - 1\], got -1"):
         rk.hash_bytes(data, offsets, "farm", -1)
     with pytest.raises(

@@ -6,6 +6,7 @@ import torch
 from conftest import use_host_kernels
 
 from recis_kernels import (
+    ArgumentError,
     ShapeError,
     adagrad_rows_,
     adam_rows_,
@@ -161,6 +162,13 @@ def test_state_widths() -> None:
         17,
         16,
     ]
+
+
+@pytest.mark.parametrize("bad", ["lamb", ["sgd"], None])
+def test_state_width_rejects_unknown_optimizers(bad) -> None:
+    # A list raised a bare TypeError (unhashable), an unknown name a KeyError.
+    with pytest.raises(ArgumentError, match=r"state_width: optimizer must be one of sgd, .*, got"):
+        state_width(bad, 8)
 
 
 def test_wrong_shapes_are_refused_before_anything_is_updated() -> None:

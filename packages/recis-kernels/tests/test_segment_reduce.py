@@ -92,6 +92,9 @@ def test_segment_reduce_errors():
     off = torch.tensor([0, 3])
     with pytest.raises(ValueError, match="mode must be one of sum, mean, sqrtn, tile, got 'max'"):
         rk.segment_reduce(rows, off, mode="max")
+    # A list is refused by name (it raised a bare TypeError: unhashable type).
+    with pytest.raises(rk.ArgumentError, match=r"mode must be one of .*, got \['sum'\]"):
+        rk.segment_reduce(rows, off, mode=["sum"])
     with pytest.raises(ValueError, match="tile mode needs tile_len as an int >= 1, got None"):
         rk.segment_reduce(rows, off, mode="tile")
     with pytest.raises(ValueError, match="tile_len only applies to mode 'tile', got mode 'sum'"):
@@ -183,6 +186,37 @@ def test_half_rows_normalize_in_float32(dtype, mode, weight):
     torch.testing.assert_close(rows.grad, expected_grad.to(dtype))
     # Equal weights: the pooled value does not depend on them.
     torch.testing.assert_close(weights.grad, torch.zeros(3), atol=1e-3 / weight, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "through_kernel"),
+    # The kernels pool float32 and float64 rows only.
+    [
+        (torch.float32, False),
+        (torch.float32, True),
+        (torch.bfloat16, False),
+        (torch.float16, False),
+    ],
+)
+@pytest.mark.parametrize("weight", [1e-24, 1e-20, 1e20, 1e30, 1e-40])
+def test_sqrtn_of_tiny_and_huge_weights(request, monkeypatch, through_kernel, dtype, weight):
+    # Squares of float32 weights were summed in float32 (in the torch path and the kernel):
+    # 1e-24 squared to 0 and 1e20 to inf, both pooling to 0, and 1e-20 to a subnormal.
+    if through_kernel:
+        use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, ("segment_reduce",))
+    rows = torch.tensor([[1.0, -2.0], [3.0, 4.0], [5.0, 6.0]], dtype=dtype, requires_grad=True)
+    offsets = torch.tensor([0, 2, 2, 3])
+    weights = torch.full((3,), weight, requires_grad=True)
+    out = rk.segment_reduce(rows, offsets, weights, "sqrtn")
+    # Equal weights: segment sums over sqrt(number of rows); the empty segment pools to 0.
+    expected = torch.tensor([[4 / 2**0.5, 2 / 2**0.5], [0.0, 0.0], [5.0, 6.0]])
+    tol = 1e-5 if weight != 1e-40 else 1e-2  # 1e-40 is a float32 subnormal: w e loses digits
+    if dtype != torch.float32:
+        tol = max(tol, 1e-2)
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+    out.backward(torch.ones_like(out))
+    grad = torch.tensor([[2**-0.5] * 2] * 2 + [[1.0, 1.0]])
+    torch.testing.assert_close(rows.grad.float(), grad, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "tile"])

@@ -18,16 +18,19 @@ __device__ __forceinline__ void seg_cover(i64 j, const i64* off, i64 B, i64 N, i
   else if (off[B] < N) recis_report_index(err, site, 0, B, off[B], N, N + 1);
 }
 
-template <typename T>
-__device__ __forceinline__ T seg_scale(const float* w, i64 start, i64 end, int mode) {
-  if (mode == 0 || mode == 3) return T(1);
-  T acc = 0;
+// The factor of the pooled sum, in double whatever T: sum w and sum w^2 are formed there, where
+// the square of a float weight is exact and neither underflows (1e-24) nor overflows (1e20),
+// and the factor is applied there (1 / sqrt(sum w^2) of tiny weights exceeds float's range),
+// as the torch path does (ops/segment_reduce.py::_scale).
+__device__ __forceinline__ double seg_scale(const float* w, i64 start, i64 end, int mode) {
+  if (mode == 0 || mode == 3) return 1.0;
+  double acc = 0;
   for (i64 i = start; i < end; ++i) {
-    const T wi = w ? (T)w[i] : T(1);
+    const double wi = w ? (double)w[i] : 1.0;
     acc += mode == 1 ? wi : wi * wi;
   }
-  if (acc == T(0)) return T(0);
-  return mode == 1 ? T(1) / acc : T(1) / sqrt(acc);
+  if (acc == 0.0) return 0.0;
+  return mode == 1 ? 1.0 / acc : 1.0 / sqrt(acc);
 }
 
 template <typename T>
@@ -40,7 +43,7 @@ __device__ void pooled_fwd(const T* rows, i64 N, const i64* off, const float* w,
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
     T acc = 0;
     for (i64 i = start; i < end; ++i) acc += (w ? (T)w[i] : T(1)) * rows[i * D + d];
-    out[j] = acc * seg_scale<T>(w, start, end, mode);
+    out[j] = (T)((double)acc * seg_scale(w, start, end, mode));
   }
 }
 
@@ -65,8 +68,9 @@ __device__ void pooled_bwd(const T* grad, i64 N, const i64* off, const float* w,
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
     seg_cover(j, off, B, N, err, site);
-    const T g = grad[j], scale = seg_scale<T>(w, start, end, mode);
-    for (i64 i = start; i < end; ++i) grad_rows[i * D + d] = g * ((w ? (T)w[i] : T(1)) * scale);
+    const double g = grad[j], scale = seg_scale(w, start, end, mode);
+    for (i64 i = start; i < end; ++i)
+      grad_rows[i * D + d] = (T)(g * ((w ? (double)w[i] : 1.0) * scale));
   }
 }
 

@@ -8,12 +8,16 @@ comparison and gives the same buckets. Other floating inputs compare in float64 
 boundaries rounded up to float64), integers in int64 (floating boundaries rounded up to
 integers), so every combination is exact. Each feature of :func:`fused_bucketize` compares in
 the dtype it would alone (features are grouped by it), and a sequence of boundaries is taken
-exactly: Python floats as float64, ints as int64.
+exactly: Python floats as float64, ints as int64; a sequence mixing them, or holding ints
+outside int64, is checked on the Python numbers and converted for the dtype ``x`` compares in
+(see :func:`_exact_sequence`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -40,24 +44,96 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _boundaries(op: str, where: str, b: torch.Tensor | Sequence[float], device) -> torch.Tensor:
-    """``b`` as a 1-d numeric tensor on ``device`` (order and NaN are checked by the caller).
+def _boundaries(
+    op: str, where: str, b: torch.Tensor | Sequence[float], device, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, str | None]:
+    """``b`` as a 1-d numeric tensor on ``device`` for values of dtype ``x_dtype``, and what is
+    wrong with it when it is a sequence checked here (see :func:`_exact_sequence`); the order of
+    other boundaries, and NaN, are checked by the caller.
 
     A sequence of Python numbers is taken exactly: ints as int64, and floats as float64 (a
     Python float), never rounded to torch's default float32."""
     if isinstance(b, torch.Tensor):
         t = b
     else:
-        # NumPy infers float64 for Python floats and int64 for ints (torch.tensor: float32).
         try:
-            t = torch.from_numpy(np.asarray(list(b)))
-        except (TypeError, ValueError) as e:
+            values = list(b)
+            exact = _exact_values(values)
+            if exact is not None:
+                error = _sequence_error(exact)
+                t = _exact_sequence([] if error else exact, x_dtype)
+                return (t if t.device == device else t.to(device)), error
+            # NumPy infers float64 for Python floats and int64 for ints (torch.tensor: float32).
+            t = torch.from_numpy(np.asarray(values))
+        except (TypeError, ValueError, OverflowError) as e:
             raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {b!r:.80}") from e
     if t.dtype not in _INTS + _FLOATS:
         raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {t.dtype}")
     if t.dim() != 1:
         raise ShapeError(f"{op}: {where} must be 1-d, got shape {tuple(t.shape)}")
-    return t if t.device == device else t.to(device)
+    return (t if t.device == device else t.to(device)), None
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _exact_values(values: list) -> list[int | float] | None:
+    """``values`` as Python ints and floats where NumPy would not take them exactly: ints mixed
+    with floats (NumPy rounds the ints to float64: ``2**53 + 1`` became ``2**53``) or ints
+    outside int64 (NumPy makes them uint64, objects or float64). None where NumPy is exact (all
+    floats, or all ints in int64) or the values are not all Python or NumPy real numbers."""
+    types = set(map(type, values))
+    if any(issubclass(t, np.generic) for t in types):
+        values = [v.item() if isinstance(v, np.generic) else v for v in values]
+        types = set(map(type, values))
+    if not types or not types <= {int, float, bool}:
+        return None
+    if float in types:
+        return values if len(types) > 1 else None
+    return values if min(values) < _INT64_MIN or max(values) > _INT64_MAX else None
+
+
+def _sequence_error(values: list[int | float]) -> str | None:
+    """What is wrong with a sequence of Python numbers, checked on the numbers themselves:
+    Python compares an int with a float exactly, where converting first could round a step
+    down away (``[2**53 + 1, 2.0**53]`` as float64 is ``[2**53, 2**53]``)."""
+    if any(v != v for v in values):
+        return "must not contain NaN"
+    if any(b < a for a, b in itertools.pairwise(values)):
+        return "must be sorted in non-decreasing order"
+    return None
+
+
+def _exact_sequence(values: list[int | float], x_dtype: torch.dtype) -> torch.Tensor:
+    """Sorted Python ints and floats (see :func:`_exact_values`) as boundaries with the counts
+    of exact arithmetic for values of dtype ``x_dtype``: for floating values each rounded up to
+    the next float64 (no float64 lies between a number and that), for integer values each
+    rounded up to an integer, those above every int64 dropped and those below clamped to
+    ``INT64_MIN`` (as :func:`_ceil_to_int64` does to floating boundaries)."""
+    if x_dtype.is_floating_point:
+        return torch.tensor([_up_to_float64(v) for v in values], dtype=torch.float64)
+    ints = [_ceil(v) for v in values]
+    return torch.tensor([max(v, _INT64_MIN) for v in ints if v <= _INT64_MAX], dtype=torch.int64)
+
+
+def _up_to_float64(v: int | float) -> float:
+    """The smallest float64 ``>= v``."""
+    if isinstance(v, float):
+        return v
+    try:
+        f = float(v)  # the nearest float64, maybe below v
+    except OverflowError:
+        return math.inf if v > 0 else -sys.float_info.max
+    return math.nextafter(f, math.inf) if f < v else f
+
+
+def _ceil(v: int | float) -> int:
+    """The smallest integer ``>= v``; ``+-inf`` as integers beyond int64 on that side."""
+    if isinstance(v, int):
+        return int(v)
+    if math.isinf(v):
+        return _INT64_MAX + 1 if v > 0 else _INT64_MIN
+    return math.ceil(v)
 
 
 def _order_error(packed: torch.Tensor, sizes: list[int]) -> tuple[int, str] | None:
@@ -165,13 +241,17 @@ def _prepare(
         "boundaries" if op == "bucketize" else f"boundaries_list[{k}]"
         for k in range(len(boundaries_list))
     ]
-    bounds = [
-        _boundaries(op, where, b, device) for where, b in zip(wheres, boundaries_list, strict=True)
-    ]
+    bounds: list[torch.Tensor] = []
+    errors: list[tuple[int, str]] = []  # (list, what is wrong with it)
+    for k, (where, b, x) in enumerate(zip(wheres, boundaries_list, xs, strict=True)):
+        t, what = _boundaries(op, where, b, device, x.dtype)
+        bounds.append(t)
+        if what is not None:
+            errors.append((k, what))
     members: dict[torch.dtype, list[int]] = {}
     for k, (x, b) in enumerate(zip(xs, bounds, strict=True)):
         members.setdefault(_compare_dtype(x.dtype, b.dtype), []).append(k)
-    groups, errors = [], []
+    groups = []
     for dtype, ks in members.items():
         error = _group_order_error([bounds[k] for k in ks])
         if error is not None:

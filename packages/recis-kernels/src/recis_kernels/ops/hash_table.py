@@ -315,8 +315,10 @@ class IdMap:
     """Hash map from ``(table, id)`` to a row index with a row allocator that recycles rows.
 
     Rows are handed out densely from 0, to new keys in order of first occurrence; erased keys
-    return their rows to a free list (ascending) used by later inserts first. Rows never depend
-    on which slots keys take, so a map on CUDA hands out the rows of one on the CPU.
+    return their rows to a free list used by later inserts first, in the order they were freed:
+    the rows of each :meth:`erase` call ascending, after those of earlier calls (erasing row 7,
+    then row 2, has the next inserts reuse 7, then 2). Rows never depend on which slots keys
+    take, so a map on CUDA hands out the rows of one on the CPU.
 
     Args:
         capacity: initial number of slots (rounded up to a power of two, at least 16).

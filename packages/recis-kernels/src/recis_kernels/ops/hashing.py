@@ -43,7 +43,7 @@ _INT64_MAX = (1 << 63) - 1
 
 
 def _check_args(op: str, algorithm: str, buckets: int) -> int:
-    if algorithm not in _ALGORITHMS:
+    if not isinstance(algorithm, str) or algorithm not in _ALGORITHMS:
         raise ArgumentError(f"{op}: algorithm must be 'farm' or 'murmur', got {algorithm!r}")
     if not is_int(buckets) or not 0 <= buckets <= _INT64_MAX:
         raise ArgumentError(f"{op}: buckets must be an int in [0, 2**63 - 1], got {buckets!r}")

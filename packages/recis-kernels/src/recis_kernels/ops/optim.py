@@ -34,7 +34,7 @@ import torch
 
 from recis_kernels._backend import use_cuda_kernels
 from recis_kernels._checks import grid_for
-from recis_kernels.exceptions import ShapeError
+from recis_kernels.exceptions import ArgumentError, ShapeError
 
 __all__ = [
     "STATE_WIDTH",
@@ -58,7 +58,15 @@ STATE_WIDTH: dict[str, tuple[int, int]] = {
 
 
 def state_width(optimizer: str, dim: int) -> int:
-    """Optimizer state columns per row for an embedding of ``dim`` columns."""
+    """Optimizer state columns per row for an embedding of ``dim`` columns.
+
+    Raises:
+        ArgumentError: ``optimizer`` is not a name in :data:`STATE_WIDTH`.
+    """
+    if not isinstance(optimizer, str) or optimizer not in STATE_WIDTH:
+        raise ArgumentError(
+            f"state_width: optimizer must be one of {', '.join(STATE_WIDTH)}, got {optimizer!r}"
+        )
     per_dim, extra = STATE_WIDTH[optimizer]
     return per_dim * dim + extra
 

@@ -79,7 +79,7 @@ def segment_reduce(
                 f"{op}: weights must have shape ({rows.shape[0]},), got {tuple(weights.shape)}"
             )
     check_same_device(op, {"rows": rows, "offsets": offsets, "weights": weights})
-    if mode not in _MODES:
+    if not isinstance(mode, str) or mode not in _MODES:
         raise ArgumentError(f"{op}: mode must be one of sum, mean, sqrtn, tile, got {mode!r}")
     if mode == "tile":
         if not is_int(tile_len) or tile_len < 1:
@@ -115,21 +115,27 @@ def _segments(offsets: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype the torch path computes in: float32 for half rows. Squares of weights above 256
+    """Dtype the torch path pools in: float32 for half rows. Squares of weights above 256
     overflow float16 (sqrtn pooled to 0), those below 2**-12 vanish, and a float16 sum of
-    weights stops growing past 2048: the normalizers and sums are formed in float32 and only
-    the result is rounded to the rows' dtype."""
+    weights stops growing past 2048: the sums are formed in float32 (the normalizers in float64,
+    see :func:`_scale`) and only the result is rounded to the rows' dtype."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scale(offsets, w, seg, mode, dtype) -> torch.Tensor:
-    """Per-segment factor of the pooled sum (1, 1 / sum w or 1 / sqrt(sum w^2)), in ``dtype``
-    (the accumulation dtype), from weights ``w`` already in that dtype."""
+def _scale(offsets, w, seg, mode) -> torch.Tensor:
+    """Per-segment factor of the pooled sum (1, 1 / sum w or 1 / sqrt(sum w^2)) from weights
+    ``w`` (in the accumulation dtype), in float64: ``sum w`` and ``sum w^2``
+    are formed there, where the square of a float32 weight is exact and neither underflows nor
+    overflows (in float32, weights of 1e-24 squared to 0 and weights of 1e20 to inf, both
+    pooling to 0; 1e-20 squared to a subnormal, losing digits), and the factor is applied
+    there too (``1 / sqrt(sum w^2)`` of tiny weights exceeds float32's range). The kernels do
+    the same, so both agree."""
     b = offsets.numel() - 1
     if mode in ("sum", "tile"):
-        return torch.ones(b, dtype=dtype, device=offsets.device)
+        return torch.ones(b, dtype=torch.float64, device=offsets.device)
+    w = w.to(torch.float64)
     term = w if mode == "mean" else w * w
-    total = torch.zeros(b, dtype=dtype, device=offsets.device).index_add_(0, seg, term.to(dtype))
+    total = torch.zeros(b, dtype=torch.float64, device=offsets.device).index_add_(0, seg, term)
     if mode == "sqrtn":
         total = total.sqrt()
     return torch.where(total == 0, torch.zeros_like(total), 1 / total)
@@ -155,7 +161,9 @@ def _forward_cpu(rows, offsets, weights, mode, tile_len):
         out[seg[m], pos[m]] = weighted[m].to(rows.dtype)
         return out.reshape(b, tile_len * d)
     out = torch.zeros(b, d, dtype=acc, device=rows.device).index_add_(0, seg, weighted)
-    return (out * _scale(offsets, w, seg, mode, acc)[:, None]).to(rows.dtype)
+    if mode == "sum":
+        return out.to(rows.dtype)
+    return (out * _scale(offsets, w, seg, mode)[:, None]).to(rows.dtype)
 
 
 def _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows):
@@ -169,7 +177,9 @@ def _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows):
         m = pos < tile_len
         out[m] = (grad.view(-1, tile_len, d)[seg[m], pos[m]].to(acc) * w[m, None]).to(grad.dtype)
         return out
-    scale = _scale(offsets, w, seg, mode, acc)
+    if mode == "sum":
+        return (grad[seg].to(acc) * w[:, None]).to(grad.dtype)
+    scale = _scale(offsets, w, seg, mode)
     return (grad[seg].to(acc) * (w * scale[seg])[:, None]).to(grad.dtype)
 
 
@@ -312,7 +322,7 @@ def _weight_grad(grad, rows, offsets, weights, out, mode, tile_len):
     ge = (grad[seg] * rows).sum(1)
     if mode == "sum":
         return ge
-    scale = _scale(offsets, w, seg, mode, acc)[seg]
+    scale = _scale(offsets, w, seg, mode)[seg]
     go = (grad * out).sum(1)[seg]
     if mode == "mean":
         return (ge - go) * scale
