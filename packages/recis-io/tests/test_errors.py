@@ -29,7 +29,7 @@ def test_missing_file_is_file_not_found(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.parquet") as info:
         Dataset(tmp_path / "nope.parquet", batch_size=4)
     assert isinstance(info.value, RecisIOError)
-    with pytest.raises(DataFileNotFoundError, match="matches no files"):
+    with pytest.raises(DataFileNotFoundError, match="matches no data files"):
         Dataset(str(tmp_path / "*.parquet"), batch_size=4)
     with pytest.raises(DataFileNotFoundError, match="holds no"):
         Dataset(tmp_path, batch_size=4)

@@ -431,6 +431,21 @@ def test_a_state_after_an_epochs_last_batch_resumes_in_the_next_epoch(
         iter(resumed)
 
 
+def test_a_state_of_a_later_epoch_is_refused_by_an_earlier_pass(written) -> None:
+    # A state in the middle of epoch 1 with set_epoch(0) (or epochs=1 from epoch 0) read
+    # nothing instead: the rest of epoch 1 was skipped without a word.
+    paths, _ = written([("parquet", 25, 5)])
+
+    def make() -> Dataset:
+        return Dataset(paths, batch_size=4, columns=["id"], shuffle=True)
+
+    _, resumed = _resume(lambda: _at(make(), 1), 1, set_epoch=0)
+    with pytest.raises(InvalidArgumentError, match="resume from is in epoch 1, but this pass"):
+        iter(resumed)
+    _, resumed = _resume(lambda: _at(make(), 1), 1)
+    assert _ids(resumed)  # without set_epoch, the state resumes its own epoch
+
+
 def _at(ds: Dataset, epoch: int) -> Dataset:
     ds.set_epoch(epoch)
     return ds

@@ -55,7 +55,8 @@ def test_directory_skips_hidden_and_underscore_directories(job_output: Path) -> 
 @pytest.mark.parametrize(
     ("pattern", "expected"),
     [
-        ("*", ["part-0.parquet"]),
+        # A matched directory contributes its data files, as a directory entry does.
+        ("*", ["day=1/part-1.orc", "part-0.parquet"]),
         ("**/*.parquet", ["part-0.parquet"]),
         ("**/*", ["day=1/part-1.orc", "part-0.parquet"]),
         ("_temporary/*/*.parquet", ["_temporary/0/part-9.parquet"]),
@@ -73,7 +74,7 @@ def test_glob_skips_hidden_names_it_did_not_spell_out(
 
 
 def test_glob_of_only_hidden_files_matches_nothing(job_output: Path) -> None:
-    with pytest.raises(DataFileNotFoundError, match="matches no files"):
+    with pytest.raises(DataFileNotFoundError, match="matches no data files"):
         Dataset(str(job_output / "**" / "part-9.parquet"), batch_size=4)
 
 
@@ -203,6 +204,16 @@ def test_unsupported_type_names_the_file(tmp_path: Path, fmt: str) -> None:
         SchemaError, match=rf"column 'd' has unsupported type Date32 \(file .*d\.{fmt}\)"
     ):
         Dataset(p, batch_size=4)
+
+
+def test_a_glob_matching_directories_reads_their_files(tmp_path: Path) -> None:
+    for k, day in enumerate(["dt=2024-01-01", "dt=2024-01-02", "dt=2023-12-31"]):
+        (tmp_path / day).mkdir()
+        write(ids(10 * k, 10 * k + 2), tmp_path / day / "part-0.parquet", "parquet", 10)
+        (tmp_path / day / "_SUCCESS").write_text("")
+    assert read_ids(Dataset(str(tmp_path / "dt=2024-*"), batch_size=4)) == [0, 1, 10, 11]
+    # A file matched and also below a matched directory is read once.
+    assert read_ids(Dataset(str(tmp_path / "**"), batch_size=4)) == [20, 21, 0, 1, 10, 11]
 
 
 def test_existing_file_with_glob_characters_is_that_file(tmp_path: Path) -> None:

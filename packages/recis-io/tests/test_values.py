@@ -243,3 +243,11 @@ def test_arrow_pycapsule_interface_shares_the_batch_memory(tmp_path) -> None:
     assert rb.column("l").values.buffers()[1].address == batch["l"].values.data_ptr()
     del batch  # the arrays keep the batch's buffer alive
     assert rb.column("i64").to_pylist() == table.column("i64").to_pylist()[:N]
+
+
+def test_ragged_row_counts_negative_indices_from_the_end() -> None:
+    rows = Ragged(torch.tensor([1, 2, 3]), (torch.tensor([0, 2, 2, 3]),))
+    assert [rows.row(i) for i in (-3, -2, -1, 0, 2)] == [[1, 2], [], [3], [1, 2], [3]]
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=f"row {bad} is out of range for 3 rows"):
+            rows.row(bad)

@@ -94,7 +94,16 @@ class Ragged:
         return self.values.is_pinned() and all(o.is_pinned() for o in self.offsets)
 
     def row(self, i: int) -> Any:
-        """Returns row ``i`` as nested Python lists (handy in tests and debugging)."""
+        """Returns row ``i`` as nested Python lists (handy in tests and debugging); a negative
+        ``i`` counts from the end.
+
+        Raises:
+            IndexError: ``i`` is outside the rows.
+        """
+        rows = len(self)
+        if not -rows <= i < rows:
+            raise IndexError(f"row {i} is out of range for {rows} rows")
+        i %= rows
 
         def level(depth: int, a: int, b: int) -> Any:
             if depth == len(self.offsets):

@@ -125,8 +125,9 @@ class Dataset(IterableDataset):
     :meth:`state_dict` can resume exactly.
 
     Each epoch lays the files' row groups (stripes for ORC) end to end, in file order or in a
-    seeded permutation when ``shuffle`` is set, and gives shard ``s`` of ``S`` the contiguous
-    slice ``[s * n, (s + 1) * n)`` with ``n = total_rows // S``. Shards are therefore disjoint,
+    seeded permutation (started at a seeded row and wrapped around) when ``shuffle`` is set,
+    and gives shard ``s`` of ``S`` the contiguous slice ``[s * n, (s + 1) * n)`` with
+    ``n = total_rows // S``. Shards are therefore disjoint,
     equally sized (every rank sees the same number of batches), and together cover the data
     except the last ``total_rows % S`` rows of each epoch's order (with shuffle these differ
     from epoch to epoch). With ``shuffle`` the shard's rows are also permuted within windows of
@@ -156,7 +157,8 @@ class Dataset(IterableDataset):
             ``num_threads`` (about 4 to 10 decoded row groups, see the guide's Memory section).
         drop_last: Drop each epoch's final batch when it is smaller than ``batch_size``
             (a bool).
-        shuffle: Permute row groups per epoch and rows within windows (a bool).
+        shuffle: Permute row groups per epoch, start each epoch at a seeded row, and permute
+            rows within windows (a bool).
         seed: Seed of every permutation.
         shuffle_window: Rows per in-shard shuffle window (memory holds about one window).
         rank: This process's rank (default: ``torch.distributed`` if initialized, else the
@@ -367,7 +369,10 @@ class Dataset(IterableDataset):
             # A state taken after the last batch of epoch e is where epoch e + 1 starts: an
             # epoch loop that checkpoints after each pass resumes with set_epoch(e + 1).
             return first, (first, 0)
-        if not first <= epoch <= first + self.epochs:
+        # A state at the very start of the epoch after this pass's last (row 0) is a pass
+        # already finished; any later row of it is in an epoch this pass does not read.
+        finished = epoch == first + self.epochs and row == 0
+        if not (first <= epoch < first + self.epochs or finished):
             raise InvalidArgumentError(
                 f"the state to resume from is in epoch {epoch}, but this pass reads epochs "
                 f"{first} to {first + self.epochs - 1} (set_epoch({first})); call set_epoch "

@@ -51,7 +51,8 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
     Directories contribute their data files (recursively, sorted, skipping every file whose
     path below the directory has a hidden or ``_``-prefixed name, such as ``_SUCCESS`` or
     ``_temporary/``); globs are expanded and sorted, skipping the hidden and ``_``-prefixed
-    names the pattern matched with a wildcard; explicit files keep the given order.
+    names the pattern matched with a wildcard, and a directory they match contributes its data
+    files as a directory does; explicit files keep the given order.
 
     Every file may be reached once: a file that two entries reach (a directory and a file
     inside it, one file listed twice, two globs matching it, ``./a.parquet`` and
@@ -81,8 +82,7 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
         text = os.fspath(raw)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden_below(p, path))
-            found = [p for p in found if _format_of(p, fmt)]
+            found = _data_files(path, fmt)
             if not found:
                 raise DataFileNotFoundError(
                     f"directory {text} holds no .parquet, .pq or .orc files"
@@ -91,13 +91,20 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
             # Before globbing: a file named `part[1].parquet` is that file, not a pattern.
             found = [path]
         elif glob.has_magic(text):
-            found = [
-                Path(p)
-                for p in sorted(glob.glob(text, recursive=True))
-                if Path(p).is_file() and not _hidden_match(p, text)
-            ]
+            # A matched directory (a Hive partition, `dt=2024-*`) contributes its data files
+            # as a directory entry does; a file both matched and below a matched directory
+            # (`data/**`) is one file of the pattern.
+            matched: set[Path] = set()
+            for m in glob.glob(text, recursive=True):
+                if _hidden_match(m, text):
+                    continue
+                if Path(m).is_file():
+                    matched.add(Path(m))
+                elif Path(m).is_dir():
+                    matched.update(_data_files(Path(m), fmt))
+            found = sorted(matched)
             if not found:
-                raise DataFileNotFoundError(f"pattern {text} matches no files")
+                raise DataFileNotFoundError(f"pattern {text} matches no data files")
         else:
             raise DataFileNotFoundError(f"file not found: {text}")
         for p in found:
@@ -114,6 +121,16 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
     if not out:
         raise DataFileNotFoundError("no input files given")
     return out
+
+
+def _data_files(directory: Path, fmt: str) -> list[Path]:
+    """The data files below ``directory``, sorted, skipping paths with hidden or
+    ``_``-prefixed names below it and files of no data format."""
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not _hidden_below(p, directory) and _format_of(p, fmt)
+    )
 
 
 def _identity(path: Path) -> object:

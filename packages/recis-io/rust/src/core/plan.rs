@@ -1,10 +1,11 @@
 //! The deterministic reading plan: which rows a shard reads in an epoch, and in what order.
 //!
 //! An epoch orders the units (file, row group / stripe) in file order, or by a permutation
-//! seeded with `(seed, epoch)` when shuffling, and lays their rows end to end. Shard `s` of `S`
-//! takes the contiguous slice `[s * n, (s + 1) * n)` of that sequence with `n = total / S`, so
-//! every shard gets the same number of rows; the last `total % S` rows of the epoch's order are
-//! not read in that epoch. With shuffling, the shard's slice is cut into windows of `window`
+//! seeded with `(seed, epoch)` when shuffling, and lays their rows end to end; when shuffling,
+//! the sequence then starts at a row drawn with `(seed, epoch)` and wraps around. Shard `s` of
+//! `S` takes the contiguous slice `[s * n, (s + 1) * n)` of that sequence with `n = total / S`,
+//! so every shard gets the same number of rows; the last `total % S` rows of the epoch's order
+//! are not read in that epoch (with shuffling, other rows each epoch). With shuffling, the shard's slice is cut into windows of `window`
 //! rows and each window is permuted with a seed of `(seed, epoch, shard, window)`. Positions in
 //! a shard are therefore a pure function of the inputs, which is what makes the cursor exact.
 
@@ -104,20 +105,30 @@ impl ShardPlan {
             Rng::new(&[cfg.seed, epoch, 1]).shuffle(&mut order);
         }
         let total: usize = units.iter().map(|u| u.rows).sum();
+        // The epoch's sequence as pieces of units (unit, first row, end row), in order.
+        let mut pieces: Vec<(usize, usize, usize)> =
+            order.iter().map(|&u| (u, 0, units[u].rows)).collect();
+        if cfg.shuffle && total > 0 {
+            // Start the sequence at a seeded row, so that the rows left over at its end (and
+            // the windows at the shards' ends) are other rows each epoch, not always the
+            // tail of whichever unit comes last.
+            let offset = Rng::new(&[cfg.seed, epoch, 3]).below(total as u64) as usize;
+            pieces = rotated(&pieces, offset);
+        }
         let per = rows_per_shard(total, cfg.shards);
         let (lo, hi) = (cfg.shard * per, (cfg.shard + 1) * per);
         let mut segments = Vec::new();
         let mut starts = Vec::new();
         let mut pos = 0;
-        for &u in &order {
-            let rows = units[u].rows;
+        for &(u, first, last) in &pieces {
+            let rows = last - first;
             let (a, b) = (pos.max(lo), (pos + rows).min(hi));
             if a < b {
                 starts.push(a - lo);
                 segments.push(Segment {
                     unit: u,
-                    start: a - pos,
-                    end: b - pos,
+                    start: first + a - pos,
+                    end: first + b - pos,
                 });
             }
             pos += rows;
@@ -193,6 +204,29 @@ impl ShardPlan {
             }
         }
     }
+}
+
+/// `pieces` (unit, first row, end row) laid end to end, started at row `offset` of the sequence
+/// and wrapped around: the piece holding `offset` is split in two.
+fn rotated(pieces: &[(usize, usize, usize)], offset: usize) -> Vec<(usize, usize, usize)> {
+    let mut head = Vec::with_capacity(pieces.len() + 1);
+    let mut tail = Vec::new();
+    let mut pos = 0;
+    for &(u, first, last) in pieces {
+        let rows = last - first;
+        if pos + rows <= offset {
+            tail.push((u, first, last));
+        } else if pos >= offset {
+            head.push((u, first, last));
+        } else {
+            let cut = first + (offset - pos);
+            head.push((u, cut, last));
+            tail.push((u, first, cut));
+        }
+        pos += rows;
+    }
+    head.extend(tail);
+    head
 }
 
 fn push_run(out: &mut Vec<(usize, usize, usize)>, seg: usize, a: usize, b: usize) {
@@ -280,6 +314,51 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, (0..26).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn shuffled_epochs_leave_out_other_rows_each_epoch() {
+        // One unit of 10 rows over 3 shards: one row a epoch is not read. Shuffled, it is
+        // another row each epoch (it was always the unit's last), so every row is read.
+        let units = [Unit {
+            file: 0,
+            group: 0,
+            rows: 10,
+        }];
+        let mut read = std::collections::BTreeSet::new();
+        let mut left_out = std::collections::BTreeSet::new();
+        for epoch in 0..6 {
+            let mut epoch_rows = Vec::new();
+            for shard in 0..3 {
+                let cfg = Sharding {
+                    shuffle: true,
+                    seed: 11,
+                    window: 4,
+                    shard,
+                    shards: 3,
+                };
+                let mut plan = ShardPlan::new(&units, &cfg, epoch).unwrap();
+                epoch_rows.extend(global_rows(&mut plan, &units));
+            }
+            epoch_rows.sort_unstable();
+            epoch_rows.dedup();
+            assert_eq!(epoch_rows.len(), 9);
+            left_out.extend((0..10).filter(|r| !epoch_rows.contains(r)));
+            read.extend(epoch_rows);
+        }
+        assert_eq!(read.len(), 10);
+        assert!(left_out.len() > 1);
+    }
+
+    #[test]
+    fn a_rotation_splits_the_unit_holding_the_offset() {
+        let pieces = [(0, 0, 5), (1, 0, 7), (2, 0, 3)];
+        assert_eq!(rotated(&pieces, 0), pieces.to_vec());
+        assert_eq!(
+            rotated(&pieces, 8),
+            vec![(1, 3, 7), (2, 0, 3), (0, 0, 5), (1, 0, 3)]
+        );
+        assert_eq!(rotated(&pieces, 5), vec![(1, 0, 7), (2, 0, 3), (0, 0, 5)]);
     }
 
     #[test]
