@@ -102,7 +102,7 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
                     matched.add(Path(m))
                 elif Path(m).is_dir():
                     matched.update(_data_files(Path(m), fmt))
-            found = sorted(matched)
+            found = sorted(matched, key=str)  # as the matches were always sorted
             if not found:
                 raise DataFileNotFoundError(f"pattern {text} matches no data files")
         else:

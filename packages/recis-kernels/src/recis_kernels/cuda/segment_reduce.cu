@@ -68,9 +68,11 @@ __device__ void pooled_bwd(const T* grad, i64 N, const i64* off, const float* w,
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
     seg_cover(j, off, B, N, err, site);
-    const double g = grad[j], scale = seg_scale(w, start, end, mode);
+    const T g = grad[j];
+    const double scale = seg_scale(w, start, end, mode);
+    // The row's factor is formed in double and applied in T, as the torch path does.
     for (i64 i = start; i < end; ++i)
-      grad_rows[i * D + d] = (T)(g * ((w ? (double)w[i] : 1.0) * scale));
+      grad_rows[i * D + d] = g * (T)((w ? (double)w[i] : 1.0) * scale);
   }
 }
 
