@@ -161,26 +161,38 @@ class _Frozen:
             param.requires_grad_(self.saved[name])
 
 
+def _check_dense_parts(stage: Stage, trainable: list[nn.Parameter]) -> None:
+    """What the stage's trainable dense parameters ask of it, checked before its sparse
+    optimizer is built (building one lays out its tables' optimizer state)."""
+    if trainable and stage.dense_optimizer is None:
+        raise ConfigError(
+            f"stage {stage.name!r}: {len(trainable)} dense parameter(s) train but the stage "
+            "has no dense_optimizer; give one, or freeze them"
+        )
+    if not trainable and stage.sparse_optimizer is None:
+        raise ConfigError(
+            f"stage {stage.name!r}: no trainable parameter is left, and no embedding table "
+            "to train with a sparse optimizer"
+        )
+    if not trainable and stage.lr_schedulers is not None:
+        raise ConfigError(
+            f"stage {stage.name!r}: trains embedding tables only, so it has no dense optimizer "
+            "for its lr_schedulers to schedule; leave lr_schedulers out"
+        )
+
+
 def _dense_optimizer(
     stage: Stage, trainable: list[nn.Parameter], sparse: torch.optim.Optimizer | None
 ) -> torch.optim.Optimizer | None:
-    """The stage's dense optimizer, or ``None`` for a stage that trains embedding tables only."""
+    """The stage's dense optimizer, or ``None`` for a stage that trains embedding tables only
+    (after :func:`_check_dense_parts`)."""
     if trainable:
-        if stage.dense_optimizer is None:
-            raise ConfigError(
-                f"stage {stage.name!r}: {len(trainable)} dense parameter(s) train but the stage "
-                "has no dense_optimizer; give one, or freeze them"
-            )
+        assert stage.dense_optimizer is not None
         return stage.dense_optimizer(trainable)
     if sparse is None or not any(g["params"] for g in sparse.param_groups):
         raise ConfigError(
             f"stage {stage.name!r}: no trainable parameter is left, and no embedding table "
             "to train with a sparse optimizer"
-        )
-    if stage.lr_schedulers is not None:
-        raise ConfigError(
-            f"stage {stage.name!r}: trains embedding tables only, so it has no dense optimizer "
-            "for its lr_schedulers to schedule; leave lr_schedulers out"
         )
     return None
 
@@ -265,6 +277,7 @@ class MultiStage:
             args = self._stage_args(stage)
             freezing = _Frozen(self.model, stage)
             with freezing as trainable:
+                _check_dense_parts(stage, trainable)
                 sparse = stage.sparse_optimizer(self.model) if stage.sparse_optimizer else None
                 if sparse is not None:
                     freezing.leave_out_frozen_tables(sparse)
