@@ -54,9 +54,10 @@ class SelectField(SourceOp):
             ``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``. A cast to a float
             dtype rounds to the nearest value (a finite value beyond its range, such as 70000
             as ``float16``, raises :class:`~recis_features.FeatureInputError`); a cast to an
-            integer dtype must give back every value exactly when cast back (``uint64`` ids keep their 64 bits as ``int64``, the
-            way ``mod`` and ``hash`` read them), else a batch holding a fraction, a NaN
-            or an out-of-range value raises :class:`~recis_features.FeatureInputError`.
+            integer dtype must give back every value exactly when cast back (``uint64`` ids
+            keep their 64 bits as ``int64``, the way ``mod`` and ``hash`` read them), else a
+            batch holding a fraction, a NaN or an out-of-range value raises
+            :class:`~recis_features.FeatureInputError`.
     """
 
     kind = "select"
@@ -106,18 +107,10 @@ class SelectField(SourceOp):
                 lost &= t.isfinite()
         else:
             lost = out.to(t.dtype) != t
-        if (
-            not dtype.is_floating_point
-            and not t.dtype.is_signed
-            and t.dtype
-            not in (
-                torch.bool,
-                torch.uint64,
-            )
-        ):
-            # uint32 2**32 - 1 wraps to int32 -1 and back again: the sign tells. (uint64 ids
-            # are read as the int64 of their bits, as documented.)
-            lost |= out < 0
+            if not t.dtype.is_signed and t.dtype not in (torch.bool, torch.uint64):
+                # uint32 2**32 - 1 wraps to int32 -1 and back again: the sign tells. (uint64
+                # ids are read as the int64 of their bits, as documented.)
+                lost |= out < 0
         if bool(lost.any()):
             first = t[lost][0].item()
             source = str(t.dtype).removeprefix("torch.")
