@@ -161,6 +161,13 @@ class _Frozen:
             param.requires_grad_(self.saved[name])
 
 
+def _nothing_to_train(stage: Stage) -> ConfigError:
+    return ConfigError(
+        f"stage {stage.name!r}: no trainable parameter is left, and no embedding table to "
+        "train with a sparse optimizer"
+    )
+
+
 def _check_dense_parts(stage: Stage, trainable: list[nn.Parameter]) -> None:
     """What the stage's trainable dense parameters ask of it, checked before its sparse
     optimizer is built (building one lays out its tables' optimizer state)."""
@@ -170,10 +177,7 @@ def _check_dense_parts(stage: Stage, trainable: list[nn.Parameter]) -> None:
             "has no dense_optimizer; give one, or freeze them"
         )
     if not trainable and stage.sparse_optimizer is None:
-        raise ConfigError(
-            f"stage {stage.name!r}: no trainable parameter is left, and no embedding table "
-            "to train with a sparse optimizer"
-        )
+        raise _nothing_to_train(stage)
     if not trainable and stage.lr_schedulers is not None:
         raise ConfigError(
             f"stage {stage.name!r}: trains embedding tables only, so it has no dense optimizer "
@@ -190,10 +194,7 @@ def _dense_optimizer(
         assert stage.dense_optimizer is not None
         return stage.dense_optimizer(trainable)
     if sparse is None or not any(g["params"] for g in sparse.param_groups):
-        raise ConfigError(
-            f"stage {stage.name!r}: no trainable parameter is left, and no embedding table "
-            "to train with a sparse optimizer"
-        )
+        raise _nothing_to_train(stage)
     return None
 
 

@@ -36,7 +36,10 @@ _log = logging.getLogger("recis_train")
 FIXED_ON_RESUME = ("gradient_accumulation_steps", "seed")
 
 
-def _class_name(obj: Any) -> str:
+def _class_name(obj: Any) -> str | None:
+    """``module.QualName`` of ``obj``'s class; ``None`` for a part the trainer does not have."""
+    if obj is None:
+        return None
     kind = type(obj)
     return f"{kind.__module__}.{kind.__qualname__}"
 
@@ -109,12 +112,8 @@ class CheckpointMixin:
     def _state_classes(self) -> dict[str, Any]:
         """The classes whose state the trainer part holds, checked on resume."""
         return {
-            "dense_optimizer": _class_name(self.dense_optimizer)
-            if self.dense_optimizer is not None
-            else None,
-            "sparse_optimizer": _class_name(self.sparse_optimizer)
-            if self.sparse_optimizer is not None
-            else None,
+            "dense_optimizer": _class_name(self.dense_optimizer),
+            "sparse_optimizer": _class_name(self.sparse_optimizer),
             "lr_schedulers": [_class_name(s) for s in self.lr_schedulers],
         }
 

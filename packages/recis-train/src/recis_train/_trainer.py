@@ -544,16 +544,20 @@ def _rank_zero_only(hook: Hook) -> bool:
     return bool(getattr(hook, "rank_zero_only", isinstance(hook, LoggingHook)))
 
 
+def _first_names(names: list[str]) -> str:
+    """The first five of ``names``, and how many more, for a message."""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
+
+
 def _check_sparse_only(model: nn.Module, sparse: torch.optim.Optimizer | None) -> None:
     """``dense_optimizer=None``: the model trains its embedding tables only."""
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if trainable:
-        shown = ", ".join(trainable[:5]) + (
-            f" and {len(trainable) - 5} more" if len(trainable) > 5 else ""
-        )
         raise ConfigError(
-            f"dense_optimizer is None, but parameters {shown} require gradients; give a dense "
-            "optimizer over them, or set requires_grad=False to train the embedding tables only"
+            f"dense_optimizer is None, but parameters {_first_names(trainable)} require "
+            "gradients; give a dense optimizer over them, or set requires_grad=False to train "
+            "the embedding tables only"
         )
     if sparse is None:
         raise ConfigError(
@@ -650,9 +654,8 @@ def _warn_unstepped_parameters(
     }
     left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in stepped]
     if left:
-        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         _log.warning(
             "parameters %s require gradients but no optimizer of the trainer steps them: they "
             "never learn; add them to dense_optimizer, or set requires_grad=False",
-            shown,
+            _first_names(left),
         )
