@@ -180,11 +180,31 @@ class CheckpointReader:
         """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest."""
         self.verify_manifest()
         for rel, digest in self.manifest["files"].items():
-            f = self.path / rel
-            if not f.is_file():
-                raise CheckpointError(f"checkpoint {self.path} is missing file {rel}")
-            if sha256(f) != digest:
+            if sha256(self._file(rel)) != digest:
                 raise CheckpointError(f"checksum mismatch for {rel} in checkpoint {self.path}")
+
+    def check_files(self) -> None:
+        """Check, without hashing, that every file the manifest lists is there and opens as
+        safetensors (its header reads): a missing or truncated file is found before a load
+        changes any table."""
+        for rel in self.manifest["files"]:
+            f = self._file(rel)
+            if f.suffix != ".safetensors":
+                continue
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as exc:  # safetensors raises its own error type for a bad header
+                raise CheckpointError(
+                    f"checkpoint {self.path}: file {rel} is not readable safetensors ({exc})"
+                ) from exc
+
+    def _file(self, rel: str) -> Path:
+        """The path of file ``rel`` of the checkpoint, which must be there."""
+        f = self.path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {self.path} is missing file {rel}")
+        return f
 
     def verify_manifest(self) -> None:
         """Check the manifest's own SHA-256 only (reads no other file)."""

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from recis_embedding._checkpoint import (
@@ -88,7 +87,7 @@ def load(
         chain.reverse()
         if not verify:
             for reader in chain:
-                _check_files(reader)
+                reader.check_files()
         _check_optimizer(chain[-1], sparse_optimizer)
         _check_tables(chain[-1], tables, strict)
         for reader in chain[:-1]:
@@ -174,8 +173,14 @@ def _apply(
 
 
 def _reader(path: str | os.PathLike[str], verify: bool) -> CheckpointReader:
-    reader = CheckpointReader(path, verify=verify)
-    if not verify:
+    return _checked(CheckpointReader(path, verify=False), verify)
+
+
+def _checked(reader: CheckpointReader, verify: bool) -> CheckpointReader:
+    """``reader`` after checking every file's checksum, or (``verify=False``) the manifest's."""
+    if verify:
+        reader.verify()
+    else:
         reader.verify_manifest()
     return reader
 
@@ -202,11 +207,7 @@ def parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:
             f"{found[0]} now holds checkpoint {readers[0].manifest.get('id')} (overwritten by a "
             "later save?)"
         )
-    if verify:
-        reader.verify()
-    else:
-        reader.verify_manifest()
-    return reader
+    return _checked(reader, verify)
 
 
 def _check_optimizer(reader: CheckpointReader, sparse_optimizer: SparseOptimizer | None) -> None:
@@ -268,14 +269,11 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
             f"checkpoint {reader.path} has tables {unexpected} that the model lacks (model "
             f"tables: {sorted(tables)}); pass strict=False to load the others and skip them"
         )
+    _check_dims(reader, tables)
     for name, (table, _) in tables.items():
         if name not in saved:
             continue
         info = reader.manifest["tables"][name]
-        if info["dim"] != table.dim:
-            raise CheckpointError(
-                f"table {name!r}: checkpoint has dim {info['dim']}, model has {table.dim}"
-            )
         slots = [tuple(s) for s in info["slots"]]
         if (
             slots
@@ -289,8 +287,8 @@ def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool
 
 
 def _check_dims(reader: CheckpointReader, tables: dict[str, Any]) -> None:
-    """Each checkpoint a delta builds on must have the model's dims too (its optimizer slots
-    may differ: see :func:`_slots_fit`)."""
+    """Every checkpoint of a chain must have the model's dims (the optimizer slots of those a
+    delta builds on may differ: see :func:`_slots_fit`)."""
     for name, (table, _) in tables.items():
         info = reader.manifest["tables"].get(name)
         if info and info["dim"] != table.dim:
@@ -298,24 +296,6 @@ def _check_dims(reader: CheckpointReader, tables: dict[str, Any]) -> None:
                 f"table {name!r}: checkpoint {reader.path} has dim {info['dim']}, model has "
                 f"{table.dim}"
             )
-
-
-def _check_files(reader: CheckpointReader) -> None:
-    """With ``verify=False``: every file the manifest lists is there and opens as safetensors,
-    so that a missing or truncated file is refused before any table changes."""
-    for rel in reader.manifest["files"]:
-        f = reader.path / rel
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {reader.path} is missing file {rel}")
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception as exc:  # safetensors raises its own error type for a bad header
-            raise CheckpointError(
-                f"checkpoint {reader.path}: file {rel} is not readable safetensors ({exc})"
-            ) from exc
 
 
 def _slots_fit(info: dict[str, Any], table: HashTable) -> bool:
