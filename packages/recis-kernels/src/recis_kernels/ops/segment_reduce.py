@@ -182,7 +182,8 @@ def _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows):
     # Each row's factor w / sum w (w / sqrt(sum w^2)) is formed in float64 and is at most 1 in
     # size for weights of one sign: in the accumulation dtype it multiplies the (N, D)
     # gradient without an (N, D) float64 temporary. The kernels do the same.
-    factor = (w.to(torch.float64) * _scale(offsets, w, seg, mode)[seg]).to(acc)
+    w64 = w.to(torch.float64)  # _scale takes it as it is (no second conversion)
+    factor = (w64 * _scale(offsets, w64, seg, mode)[seg]).to(acc)
     return (grad[seg].to(acc) * factor[:, None]).to(grad.dtype)
 
 
