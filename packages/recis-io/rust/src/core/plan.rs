@@ -5,9 +5,10 @@
 //! the sequence then starts at a row drawn with `(seed, epoch)` and wraps around. Shard `s` of
 //! `S` takes the contiguous slice `[s * n, (s + 1) * n)` of that sequence with `n = total / S`,
 //! so every shard gets the same number of rows; the last `total % S` rows of the epoch's order
-//! are not read in that epoch (with shuffling, other rows each epoch). With shuffling, the shard's slice is cut into windows of `window`
-//! rows and each window is permuted with a seed of `(seed, epoch, shard, window)`. Positions in
-//! a shard are therefore a pure function of the inputs, which is what makes the cursor exact.
+//! are not read in that epoch (with shuffling, other rows each epoch). With shuffling, the
+//! shard's slice is cut into windows of `window` rows and each window is permuted with a seed
+//! of `(seed, epoch, shard, window)`. Positions in a shard are therefore a pure function of the
+//! inputs, which is what makes the cursor exact.
 
 use super::error::{Error, Result};
 
