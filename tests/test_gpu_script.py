@@ -169,7 +169,7 @@ def _summary(tmp_path: Path) -> dict[str, str]:
     return {line.split()[0]: line.split(None, 1)[1] for line in lines}
 
 
-def test_gpu_script_refuses_wheels_without_the_recis_io_wheel(tmp_path: Path) -> None:
+def test_gpu_script_refuses_wheels_without_the_rust_packages_wheels(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     proc = _run_script(tmp_path, "--cpu-smoke", str(wheels))
@@ -181,16 +181,28 @@ def test_gpu_script_refuses_wheels_without_the_recis_io_wheel(tmp_path: Path) ->
         for s in ("imports", "pytest-gpu", "bench-gpu", "bench-e2e")
     )
     log = (tmp_path / "results" / "check-wheels.log").read_text()
-    assert f"expected one recis-io wheel in {wheels}" in log
-    assert "maturin build --release -m packages/recis-io/rust/Cargo.toml" in log
+    for package in RUST_PACKAGES:
+        assert f"expected one {package} wheel in {wheels}" in log
+        assert f"maturin build --release -m packages/{package}/rust/Cargo.toml" in log
 
 
-def _built_recis_io_wheel() -> Path | None:
-    """A release recis-io wheel built from this checkout (by nox, or for .ci/gpu), if any."""
-    found = [*ROOT.glob("target/wheels/recis-io/recis_io-*.whl"), *ROOT.glob(".whl/recis_io-*.whl")]
+# The packages with a Rust extension: package -> (module, extension module).
+RUST_PACKAGES = {
+    "recis-io": ("recis_io", "_recis_io"),
+    "recis-kernels": ("recis_kernels", "_native"),
+}
+
+
+def _built_wheel(package: str) -> Path | None:
+    """A release wheel of a Rust package built from this checkout (by nox, or for .ci/gpu)."""
+    module, ext = RUST_PACKAGES[package]
+    found = [
+        *ROOT.glob(f"target/wheels/{package}/{module}-*.whl"),
+        *ROOT.glob(f".whl/{module}-*.whl"),
+    ]
     for wheel in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         names = zipfile.ZipFile(wheel).namelist()
-        if any(n.startswith("recis_io/_recis_io") and n.endswith(".so") for n in names):
+        if any(n.startswith(f"{module}/{ext}") and n.endswith(".so") for n in names):
             return wheel
     return None
 
@@ -198,10 +210,11 @@ def _built_recis_io_wheel() -> Path | None:
 def test_gpu_script_cpu_smoke_installs_the_packages_and_collects_the_gpu_tests(
     tmp_path: Path,
 ) -> None:
-    wheel = _built_recis_io_wheel()
-    if wheel is None:
+    built = {package: _built_wheel(package) for package in RUST_PACKAGES}
+    missing = [package for package, wheel in built.items() if wheel is None]
+    if missing:
         pytest.skip(
-            "no recis-io release wheel under target/wheels/recis-io or .whl (nox builds one)"
+            f"no release wheel of {missing} under target/wheels/<package> or .whl (nox builds them)"
         )
     for tool in ("pip", "hatchling"):
         if importlib.util.find_spec(tool) is None:
@@ -210,7 +223,8 @@ def test_gpu_script_cpu_smoke_installs_the_packages_and_collects_the_gpu_tests(
             )
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    shutil.copy2(wheel, wheels)
+    for wheel in built.values():
+        shutil.copy2(wheel, wheels)
     target = tmp_path / "target"
     # Two of the six test directories keep the run short; the others are collected the same way.
     collected = ("pytest-gpu-recis-kernels", "pytest-gpu-tests")
@@ -228,7 +242,8 @@ def test_gpu_script_cpu_smoke_installs_the_packages_and_collects_the_gpu_tests(
     assert summary["bench-e2e"].startswith("skipped (cpu smoke)")
     for module in MODULES:
         assert (target / module / "__init__.py").is_file(), module
-    assert list((target / "recis_io").glob("_recis_io*.so"))
+    for module, ext in RUST_PACKAGES.values():
+        assert list((target / module).glob(f"{ext}*.so")), module
     assert (target / "recis_kernels" / "cuda" / "hash_table.cu").is_file()  # kernel sources ship
     imports = (tmp_path / "results" / "imports.log").read_text()
     for module in MODULES:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from recis_kernels._checks import can_inspect
+from recis_kernels.ops import _cpu_kernels
 
 __all__ = ["const", "rotr", "shr", "umod", "umod_const", "umod_parts", "umod_segments"]
 
@@ -65,22 +66,7 @@ def umod_segments(x: torch.Tensor, sizes: list[int], ns: list[int]) -> torch.Ten
 
 
 def umod_parts(xs: list[torch.Tensor], ns: list[int]) -> torch.Tensor:
-    """``(uint64)xs[k] % ns[k]`` for flat CPU tensors, ``0 < ns[k] < 2**63``, written one
-    after another into one flat int64 tensor.
-
-    NumPy divides an unsigned array by a scalar with a precomputed multiplicative inverse
-    (libdivide) instead of a hardware division per element, so each part is reduced as
-    ``x - (x // n) * n`` with its own scalar: about twice as fast as one broadcast remainder.
-    """
-    out = np.empty(sum(x.numel() for x in xs), dtype=np.uint64)
-    start = 0
-    for x, n in zip(xs, ns, strict=True):
-        xs_ = x.numpy().view(np.uint64)
-        size = xs_.shape[0]
-        divisor = np.uint64(n)
-        q = out[start : start + size]
-        np.floor_divide(xs_, divisor, out=q)
-        np.multiply(q, divisor, out=q)
-        np.subtract(xs_, q, out=q)
-        start += size
-    return torch.from_numpy(out.view(np.int64))
+    """``(uint64)xs[k] % ns[k]`` for CPU tensors, ``0 < ns[k] < 2**63``, written one after
+    another into one flat int64 tensor: one pass of the compiled CPU kernel, which divides by each
+    feature's modulus with a multiplication (see ``rust/src/divide.rs``)."""
+    return _cpu_kernels.umod_parts(xs, ns)

@@ -26,7 +26,7 @@ from typing import List  # noqa: UP035  (torch 2.6 infers schemas from typing.Li
 import numpy as np
 import torch
 
-from recis_kernels._backend import run_op, use_cuda_kernels
+from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_same_device,
@@ -35,7 +35,7 @@ from recis_kernels._checks import (
     grid_for,
 )
 from recis_kernels.exceptions import ArgumentError, ShapeError, UnsupportedDtypeError
-from recis_kernels.ops import _bucket_table
+from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import pack, unpack
 
 __all__ = ["bucketize", "fused_bucketize"]
@@ -221,8 +221,16 @@ def fused_bucketize(
     results: list[torch.Tensor] = [None] * len(xs)  # type: ignore[list-item]
     for members, packed_b, b_sizes, dtype in _prepared_boundaries(op, boundaries_list, xs, device):
         group = [xs[k] for k in members]
-        packed, sizes = pack([_as(x, dtype) for x in group])
-        out = run_op(_fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes)
+        parts = [_as(x, dtype) for x in group]
+        sizes = [x.numel() for x in parts]
+        if on_host(parts) and not use_cuda_kernels(device):
+            # The compiled CPU kernel reads each feature where it lies: no packed copy.
+            out = _cpu_kernels.bucketize_parts(parts, packed_b, b_sizes)
+        else:
+            packed, _ = pack(parts)
+            out = run_op(
+                _fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes
+            )
         for k, part in zip(members, unpack(out, sizes, [x.shape for x in group]), strict=True):
             results[k] = part
     return results
@@ -418,24 +426,15 @@ def _round_up_to_float32(b: torch.Tensor) -> torch.Tensor:
 
 # Up to this many boundaries per feature, counting with comparisons beats binary search.
 _COUNT_MAX = 32
-
-
-# From this many values on, float32 inputs are bucketed through a bucket table (see
-# ``_bucket_table``): its one-time build (about a millisecond per boundary list) is then
-# quickly paid back, and smaller calls keep to a search.
-_TABLE_MIN_VALUES = 1024
+# The dtypes the compiled CPU kernel compares in (every compare dtype, see :func:`_compare_dtype`).
+_HOST_DTYPES = (torch.float32, torch.float64, torch.int64)
 
 
 def _fused_bucketize_cpu(xs, sizes, bounds, b_sizes):
     k = len(sizes)
-    if (
-        can_inspect(xs)
-        and xs.dtype == torch.float32
-        and xs.numel() >= _TABLE_MIN_VALUES
-        and max(b_sizes) <= _bucket_table.MAX_BOUNDARIES
-    ):
-        lut = _bucket_table.table_for(bounds.numpy(), b_sizes)
-        return torch.from_numpy(_bucket_table.lookup(xs.numpy(), sizes, lut))
+    if can_inspect(xs) and xs.dtype == bounds.dtype and xs.dtype in _HOST_DTYPES:
+        return _cpu_kernels.bucketize_parts(xs.split(sizes), bounds, b_sizes)
+    # The torch implementation: while tracing, and on CUDA tensors when the kernels are not used.
     if k == 1:
         out = torch.searchsorted(bounds, xs, right=True)
     elif len(set(sizes)) == 1 and max(b_sizes) <= _COUNT_MAX:
@@ -482,17 +481,8 @@ def _count_at_most(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Per element of row k of ``values``, how many of ``table[k]`` are ``<= `` it, as uint8.
 
     Byte counters (at most _COUNT_MAX) added to in place: a third of the memory traffic of int64
-    counters, and no dtype promotion per column. On the CPU NumPy runs the comparison against a
-    broadcast column two to three times faster than torch, so it does the counting there.
+    counters, and no dtype promotion per column.
     """
-    if can_inspect(values):
-        v, t = values.numpy(), table.numpy()
-        tally = np.zeros(v.shape, dtype=np.uint8)
-        le = np.empty(v.shape, dtype=np.bool_)
-        for j in range(t.shape[1]):
-            np.greater_equal(v, t[:, j : j + 1], out=le)
-            np.add(tally, le.view(np.uint8), out=tally)
-        return torch.from_numpy(tally)
     counts = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
     hit = torch.empty(values.shape, dtype=torch.bool, device=values.device)
     for j in range(table.shape[1]):

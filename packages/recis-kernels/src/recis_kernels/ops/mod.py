@@ -89,9 +89,9 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
             _check_n(op, f"ns[{k}]", ns[k])
         check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
     ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
-    if on_host(ids_list):
-        # Each feature is reduced straight from its own memory into its part of one output:
-        # no packed copy of the inputs.
+    if on_host(ids_list) and not use_cuda_kernels(ids_list[0].device):
+        # The compiled CPU kernel reduces each feature straight from its own memory into its
+        # part of one output: no packed copy of the inputs.
         sizes = [t.numel() for t in ids_list]
         out = umod_parts([t if t.dim() == 1 else t.reshape(-1) for t in ids_list], ns)
         return unpack(out, sizes, [t.shape for t in ids_list])

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, grid_for, is_int, masked_rows
+from recis_kernels._checks import can_inspect, grid_for, is_int
 from recis_kernels.exceptions import ArgumentError, RaggedError, ShapeError
+from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import stacked_offsets
 from recis_kernels.ragged import RaggedTensor
 
@@ -165,8 +166,8 @@ def _per_row(params, rows, device) -> torch.Tensor:
 
 
 def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: list[int]):
-    """:func:`_truncate2` on the host, by deletion: only the truncated rows (usually a few) are
-    visited, and one masked copy keeps everything else, instead of an index per kept value."""
+    """:func:`_truncate2` on the host: the kept range of each row computed from the offsets,
+    then copied by the compiled CPU kernel (a block copy per row, shared between threads)."""
     off = r.offsets[0].numpy()
     lengths = np.diff(off)
     row_max = np.repeat(np.array(maxes, dtype=np.int64), rows)
@@ -175,24 +176,15 @@ def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: 
     new_off[0] = 0
     np.cumsum(kept, out=new_off[1:])
     skip = lengths - kept
-    cut = np.flatnonzero(skip)
-    if cut.size:
-        # Dropped entries of each cut row: its first ``skip`` entries for the tail side, the
-        # ones after the first ``kept`` for the head side; expanded into positions.
-        tail = np.repeat(np.array(tails, dtype=np.bool_), rows)[cut]
-        starts = off[cut] + np.where(tail, 0, kept[cut])
-        counts = skip[cut]
-        before = np.zeros(cut.size, dtype=np.int64)
-        np.cumsum(counts[:-1], out=before[1:])
-        drop = np.repeat(starts - before, counts)
-        drop += np.arange(drop.size, dtype=np.int64)
-        keep = np.ones(off[-1], dtype=np.bool_)
-        keep[drop] = False
-        values = masked_rows(r.values, keep)
-        weights = None if r.weights is None else masked_rows(r.weights, keep)
+    # The tail side keeps a row's last entries: its copy starts after the dropped ones.
+    if all(tails):
+        starts = off[:-1] + skip
+    elif any(tails):
+        starts = off[:-1] + np.where(np.repeat(np.array(tails, dtype=np.bool_), rows), skip, 0)
     else:
-        values = r.values.clone()
-        weights = None if r.weights is None else r.weights.clone()
+        starts = off[:-1]
+    values = _cpu_kernels.copy_rows(r.values, starts, new_off)
+    weights = None if r.weights is None else _cpu_kernels.copy_rows(r.weights, starts, new_off)
     out = RaggedTensor(values, torch.from_numpy(new_off), weights, validate=False)
     dropped = torch.from_numpy(skip)
     padded = torch.from_numpy(row_max - kept)

@@ -1,0 +1,84 @@
+//! Buckets of values against sorted boundaries: the number of boundaries `<= x`.
+//!
+//! NaN compares false with everything, so it counts no boundary and lands in bucket 0. The
+//! boundaries come sorted, NaN-free and already in the values' type (rounded so that the
+//! comparison in that type is exact; see the Python side).
+
+/// Up to this many boundaries, every boundary is compared with a block of values (a loop the
+/// compiler vectorizes across values); longer lists are binary searched per value.
+pub const COUNT_MAX: usize = 32;
+const BLOCK: usize = 256;
+
+/// `out[i]` = the number of `bounds` that are `<= x[i]`.
+pub fn bucketize_into<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i64]) {
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "bucketize_into: input and output lengths differ"
+    );
+    if bounds.len() <= COUNT_MAX {
+        let mut counts = [0u32; BLOCK];
+        for (xs, os) in x.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
+            let counts = &mut counts[..xs.len()];
+            counts.fill(0);
+            for &b in bounds {
+                for (c, &v) in counts.iter_mut().zip(xs) {
+                    *c += u32::from(v >= b);
+                }
+            }
+            for (o, &c) in os.iter_mut().zip(counts.iter()) {
+                *o = i64::from(c);
+            }
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = bounds.partition_point(|&b| b <= v) as i64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{bucketize_into, COUNT_MAX};
+
+    fn reference<T: PartialOrd + Copy>(bounds: &[T], v: T) -> i64 {
+        bounds.iter().filter(|&&b| b <= v).count() as i64
+    }
+
+    #[test]
+    fn short_and_long_lists_agree_with_counting() {
+        for len in [0, 1, 3, COUNT_MAX, COUNT_MAX + 1, 200] {
+            // Repeated boundaries included: every value of a run counts.
+            let bounds: Vec<f32> = (0..len).map(|i| (i / 2) as f32 - 10.0).collect();
+            let mut x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 50.0).collect();
+            x.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -10.0]);
+            let mut out = vec![-1; x.len()];
+            bucketize_into(&bounds, &x, &mut out);
+            for (&v, &o) in x.iter().zip(&out) {
+                assert_eq!(o, reference(&bounds, v), "x = {v}, {len} boundaries");
+            }
+        }
+    }
+
+    #[test]
+    fn nan_lands_in_bucket_zero() {
+        let mut out = [9; 2];
+        bucketize_into(&[f64::NEG_INFINITY, 0.0], &[f64::NAN, -1.0], &mut out);
+        assert_eq!(out, [0, 1]);
+        bucketize_into(
+            &(0..100).map(f64::from).collect::<Vec<_>>(),
+            &[f64::NAN, 50.0],
+            &mut out,
+        );
+        assert_eq!(out, [0, 51]);
+    }
+
+    #[test]
+    fn integers_at_the_extremes() {
+        let bounds = [i64::MIN, -1, 0, i64::MAX];
+        let x = [i64::MIN, -2, -1, 0, 1, i64::MAX];
+        let mut out = [0; 6];
+        bucketize_into(&bounds, &x, &mut out);
+        assert_eq!(out, [1, 1, 2, 3, 3, 4]);
+    }
+}

@@ -1,0 +1,276 @@
+//! The kernels bound to the memory of torch tensors.
+//!
+//! Tensors cross as `(address, length)` pairs from `data_ptr()` and `numel()`: the Python side
+//! (`recis_kernels/ops/_cpu_kernels.py`) passes contiguous CPU tensors of the named element type, keeps
+//! them alive for the call and gives every call a fresh output that overlaps no input. What is
+//! checked here is what that contract cannot promise by construction: matching list lengths,
+//! parameters in range, and addresses that are non-null and aligned for the element type.
+
+use std::mem::align_of;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::bucketize::bucketize_into;
+use crate::divide::Divisor;
+use crate::shares::{share_count, split, Run};
+
+/// Fewest elements worth a thread of their own (a hand-off to a pool thread costs a few
+/// microseconds, waking a sleeping one tens; this many remainders take about a hundred).
+const MIN_SHARE: usize = 1 << 17;
+
+fn value_error(message: String) -> PyErr {
+    PyValueError::new_err(message)
+}
+
+fn check_address<T>(op: &str, what: &str, address: usize, len: usize) -> PyResult<()> {
+    if len > 0 && (address == 0 || address % align_of::<T>() != 0) {
+        return Err(value_error(format!(
+            "{op}: {what} has address {address:#x}, null or not aligned to {} bytes",
+            align_of::<T>()
+        )));
+    }
+    Ok(())
+}
+
+fn check_parts<T>(op: &str, parts: &[(usize, usize)]) -> PyResult<Vec<usize>> {
+    for (k, &(address, len)) in parts.iter().enumerate() {
+        check_address::<T>(op, &format!("parts[{k}]"), address, len)?;
+    }
+    Ok(parts.iter().map(|&(_, len)| len).collect())
+}
+
+/// Offsets of consecutive blocks of lengths `lens`.
+fn starts(lens: &[usize]) -> Vec<usize> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&n| {
+            let s = at;
+            at += n;
+            s
+        })
+        .collect()
+}
+
+/// Runs `work` over every element run of parts of lengths `lens`, shared out between up to
+/// `threads` threads (the calling one included), without the GIL.
+fn run_shared<F>(py: Python<'_>, lens: &[usize], threads: usize, work: F)
+where
+    F: Fn(Run) + Sync,
+{
+    let total = lens.iter().sum();
+    let shares = split(lens, share_count(total, threads, MIN_SHARE));
+    let work = &work;
+    let do_share = move |share: &[Run]| share.iter().for_each(|&r| work(r));
+    py.detach(|| {
+        if let [only] = shares.as_slice() {
+            do_share(only);
+            return;
+        }
+        rayon::in_place_scope(|scope| {
+            for share in &shares[1..] {
+                scope.spawn(move |_| do_share(share));
+            }
+            do_share(&shares[0]);
+        });
+    });
+}
+
+/// `out[part k] = (uint64)parts[k] % divisors[k]`, the parts written one after another.
+#[pyfunction]
+fn umod_parts(
+    py: Python<'_>,
+    parts: Vec<(usize, usize)>,
+    divisors: Vec<u64>,
+    out: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let op = "umod_parts";
+    if parts.len() != divisors.len() {
+        return Err(value_error(format!(
+            "{op}: got {} parts but {} divisors",
+            parts.len(),
+            divisors.len()
+        )));
+    }
+    let divs = divisors
+        .iter()
+        .enumerate()
+        .map(|(k, &d)| {
+            Divisor::new(d).ok_or_else(|| {
+                value_error(format!(
+                    "{op}: divisors[{k}] = {d} is not in [1, 2**63 - 1]"
+                ))
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let lens = check_parts::<u64>(op, &parts)?;
+    let total: usize = lens.iter().sum();
+    check_address::<u64>(op, "out", out, total)?;
+    let at = starts(&lens);
+    run_shared(py, &lens, threads, |r| {
+        let n = r.end - r.start;
+        // SAFETY: the caller's contract (module docs): part r.part holds lens[r.part] u64s
+        // at its address, out holds `total`, and out overlaps no part. Runs are disjoint.
+        let (x, o) = unsafe {
+            (
+                std::slice::from_raw_parts((parts[r.part].0 as *const u64).add(r.start), n),
+                std::slice::from_raw_parts_mut((out as *mut u64).add(at[r.part] + r.start), n),
+            )
+        };
+        divs[r.part].rem_into(x, o);
+    });
+    Ok(())
+}
+
+fn bucketize_typed<T: PartialOrd + Copy + Sync>(
+    py: Python<'_>,
+    parts: &[(usize, usize)],
+    bounds: usize,
+    bound_lens: &[usize],
+    out: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let op = "bucketize_parts";
+    let lens = check_parts::<T>(op, parts)?;
+    let total: usize = lens.iter().sum();
+    check_address::<T>(op, "bounds", bounds, bound_lens.iter().sum())?;
+    check_address::<i64>(op, "out", out, total)?;
+    let at = starts(&lens);
+    let bound_at = starts(bound_lens);
+    run_shared(py, &lens, threads, |r| {
+        let n = r.end - r.start;
+        let b_len = bound_lens[r.part];
+        // SAFETY: as in umod_parts; bounds holds the boundary lists back to back.
+        let (b, x, o) = unsafe {
+            (
+                if b_len == 0 {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts((bounds as *const T).add(bound_at[r.part]), b_len)
+                },
+                std::slice::from_raw_parts((parts[r.part].0 as *const T).add(r.start), n),
+                std::slice::from_raw_parts_mut((out as *mut i64).add(at[r.part] + r.start), n),
+            )
+        };
+        bucketize_into(b, x, o);
+    });
+    Ok(())
+}
+
+/// `out[part k]` = the bucket of each value of `parts[k]` against boundary list k of `bounds`
+/// (the lists back to back, `bound_lens[k]` each, sorted and NaN-free), as int64; the parts and
+/// the boundaries are of `dtype` ("float32", "float64" or "int64").
+#[pyfunction]
+fn bucketize_parts(
+    py: Python<'_>,
+    dtype: &str,
+    parts: Vec<(usize, usize)>,
+    bounds: usize,
+    bound_lens: Vec<usize>,
+    out: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if parts.len() != bound_lens.len() {
+        return Err(value_error(format!(
+            "bucketize_parts: got {} parts but {} boundary lists",
+            parts.len(),
+            bound_lens.len()
+        )));
+    }
+    match dtype {
+        "float32" => bucketize_typed::<f32>(py, &parts, bounds, &bound_lens, out, threads),
+        "float64" => bucketize_typed::<f64>(py, &parts, bounds, &bound_lens, out, threads),
+        "int64" => bucketize_typed::<i64>(py, &parts, bounds, &bound_lens, out, threads),
+        other => Err(value_error(format!(
+            "bucketize_parts: dtype must be float32, float64 or int64, got {other:?}"
+        ))),
+    }
+}
+
+/// Copies rows of `item`-byte items: row i's `dst_offsets[i + 1] - dst_offsets[i]` items from
+/// item `src_starts[i]` of `src` (`src_len` items) to item `dst_offsets[i]` of `dst` (`dst_len`
+/// items); `src_starts` holds `rows` int64s, `dst_offsets` `rows + 1`. Every range is checked to
+/// lie in its buffer before anything is copied.
+#[allow(clippy::too_many_arguments)]
+#[pyfunction]
+fn copy_rows(
+    py: Python<'_>,
+    src: usize,
+    src_len: usize,
+    dst: usize,
+    dst_len: usize,
+    item: usize,
+    src_starts: usize,
+    dst_offsets: usize,
+    rows: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let op = "copy_rows";
+    check_address::<i64>(op, "src_starts", src_starts, rows)?;
+    check_address::<i64>(op, "dst_offsets", dst_offsets, rows + 1)?;
+    // SAFETY: the caller's contract: rows int64 starts and rows + 1 int64 offsets.
+    let (starts, offsets) = unsafe {
+        (
+            if rows == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(src_starts as *const i64, rows)
+            },
+            std::slice::from_raw_parts(dst_offsets as *const i64, rows + 1),
+        )
+    };
+    // Rows whose source ranges follow one another (rows that keep all their items) are merged
+    // into one block copy: (source item, destination item, items).
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::new();
+    for i in 0..rows {
+        let (start, lo, hi) = (starts[i], offsets[i], offsets[i + 1]);
+        let fits = start >= 0
+            && lo >= 0
+            && hi >= lo
+            && (hi as u64) <= dst_len as u64
+            && (start as u64).saturating_add((hi - lo) as u64) <= src_len as u64;
+        if !fits {
+            return Err(value_error(format!(
+                "{op}: row {i} copies items {start}..{} of {src_len} into {lo}..{hi} of {dst_len}",
+                start.saturating_add(hi.saturating_sub(lo).max(0))
+            )));
+        }
+        let (from, to, n) = (start as usize, lo as usize, (hi - lo) as usize);
+        if n == 0 {
+            continue;
+        }
+        match blocks.last_mut() {
+            Some(last) if last.0 + last.2 == from && last.1 + last.2 == to => last.2 += n,
+            _ => blocks.push((from, to, n)),
+        }
+    }
+    if blocks.is_empty() || item == 0 {
+        return Ok(());
+    }
+    check_address::<u8>(op, "src", src, src_len)?;
+    check_address::<u8>(op, "dst", dst, dst_len)?;
+    let lens: Vec<usize> = blocks.iter().map(|b| b.2).collect();
+    run_shared(py, &lens, threads, |r| {
+        let (from, to, _) = blocks[r.part];
+        // SAFETY: every row's ranges were checked to lie in their buffers above (a block spans
+        // whole rows), dst is a fresh output overlapping no input (the module's contract), and
+        // runs are disjoint.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (src as *const u8).add((from + r.start) * item),
+                (dst as *mut u8).add((to + r.start) * item),
+                (r.end - r.start) * item,
+            );
+        }
+    });
+    Ok(())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(bucketize_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_rows, m)?)?;
+    Ok(())
+}

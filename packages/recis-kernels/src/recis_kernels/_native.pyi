@@ -1,0 +1,26 @@
+"""The compiled CPU kernels (private; called through ``recis_kernels.ops._cpu_kernels``)."""
+
+__all__ = ["bucketize_parts", "copy_rows", "umod_parts"]
+
+def umod_parts(
+    parts: list[tuple[int, int]], divisors: list[int], out: int, threads: int
+) -> None: ...
+def bucketize_parts(
+    dtype: str,
+    parts: list[tuple[int, int]],
+    bounds: int,
+    bound_lens: list[int],
+    out: int,
+    threads: int,
+) -> None: ...
+def copy_rows(
+    src: int,
+    src_len: int,
+    dst: int,
+    dst_len: int,
+    item: int,
+    src_starts: int,
+    dst_offsets: int,
+    rows: int,
+    threads: int,
+) -> None: ...

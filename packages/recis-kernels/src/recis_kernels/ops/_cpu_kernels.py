@@ -1,0 +1,99 @@
+"""The compiled CPU kernels (``recis_kernels._native``, built from ``rust/``) on CPU tensors.
+
+Each kernel makes one pass over the elements of several features, every feature with its own
+parameter, read where it lies (no packed copy of the inputs) and written into one fresh output,
+the elements shared out between up to ``torch.get_num_threads()`` threads, without the GIL.
+
+The kernels get raw addresses: the callers pass eager, plain CPU tensors (see
+``recis_kernels._backend.on_host`` / ``_checks.can_inspect``); here they are made contiguous in
+the kernel's dtype, kept alive for the call, and given an output of their own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from recis_kernels import _native
+
+__all__ = ["bucketize_parts", "copy_rows", "umod_parts"]
+
+_BUCKET_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
+
+
+def _parts(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    # reshape(-1) of a non-contiguous tensor copies it into a contiguous one.
+    out = []
+    for x in xs:
+        if x.dtype != dtype:
+            raise TypeError(f"CPU kernel expected {dtype} parts, got {x.dtype}")
+        flat = x.reshape(-1)
+        out.append(flat if flat.is_contiguous() else flat.contiguous())
+    return out
+
+
+def umod_parts(xs: Sequence[torch.Tensor], ns: Sequence[int]) -> torch.Tensor:
+    """``(uint64)xs[k] % ns[k]`` for int64 CPU tensors, ``0 < ns[k] < 2**63``, written one after
+    another into one flat int64 tensor."""
+    parts = _parts(xs, torch.int64)
+    out = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64)
+    _native.umod_parts(
+        [(p.data_ptr(), p.numel()) for p in parts],
+        [int(n) for n in ns],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def bucketize_parts(
+    xs: Sequence[torch.Tensor], bounds: torch.Tensor, b_sizes: Sequence[int]
+) -> torch.Tensor:
+    """The bucket of every element of ``xs[k]`` against boundary list ``k`` of ``bounds`` (the
+    lists back to back, ``b_sizes[k]`` each, sorted, NaN-free and of the parts' dtype: float32,
+    float64 or int64), written one part after another into one flat int64 tensor; NaN lands in
+    bucket 0."""
+    dtype = bounds.dtype
+    if dtype not in _BUCKET_DTYPES:
+        raise TypeError(f"CPU bucketize kernel takes float32, float64 or int64, got {dtype}")
+    parts = _parts(xs, dtype)
+    bounds = bounds if bounds.is_contiguous() else bounds.contiguous()
+    out = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64)
+    _native.bucketize_parts(
+        _BUCKET_DTYPES[dtype],
+        [(p.data_ptr(), p.numel()) for p in parts],
+        bounds.data_ptr(),
+        [int(n) for n in b_sizes],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def copy_rows(src: torch.Tensor, src_starts: np.ndarray, dst_offsets: np.ndarray) -> torch.Tensor:
+    """Rows of ``src`` (a CPU tensor whose rows along dim 0 are the items) gathered into a new
+    tensor: row ``i`` of the result, items ``dst_offsets[i]:dst_offsets[i + 1]``, is a copy of
+    the same number of items of ``src`` from item ``src_starts[i]`` on. ``src_starts`` and
+    ``dst_offsets`` are int64 arrays of ``rows`` and ``rows + 1`` entries; every range is
+    checked to lie in its tensor before anything is copied."""
+    src = src if src.is_contiguous() else src.contiguous()
+    starts = np.ascontiguousarray(src_starts, dtype=np.int64)
+    offsets = np.ascontiguousarray(dst_offsets, dtype=np.int64)
+    total = int(offsets[-1])
+    out = torch.empty((total, *src.shape[1:]), dtype=src.dtype)
+    item = src.element_size() * math.prod(src.shape[1:])
+    _native.copy_rows(
+        src.data_ptr(),
+        src.shape[0],
+        out.data_ptr(),
+        total,
+        item,
+        starts.ctypes.data,
+        offsets.ctypes.data,
+        starts.shape[0],
+        torch.get_num_threads(),
+    )
+    return out

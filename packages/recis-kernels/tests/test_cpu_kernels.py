@@ -1,0 +1,181 @@
+"""The compiled CPU kernels (``recis_kernels._native``) against exact references and against the
+ops' torch implementations, at sizes that share the work between threads, and their checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXTREME_IDS, INT64_MAX
+
+import recis_kernels as rk
+from recis_kernels import _native
+from recis_kernels.ops import _cpu_kernels, _uint64, bucketize, mod
+
+# Above twice the kernels' smallest share (1 << 17 elements): the work is split between threads.
+_SHARED = 300_000
+
+
+@pytest.fixture
+def four_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def _random_ids(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-(1 << 63), INT64_MAX, (n,), generator=g, dtype=torch.int64)
+    k = min(n, len(EXTREME_IDS))
+    ids[:k] = torch.tensor(EXTREME_IDS[:k])
+    return ids
+
+
+def _umod_reference(ids: torch.Tensor, n: int) -> np.ndarray:
+    return (ids.numpy().view(np.uint64) % np.uint64(n)).view(np.int64)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_umod_parts_matches_unsigned_remainders(threads):
+    sizes = [0, 1, 5, _SHARED // 2, 7, _SHARED // 3, 0]
+    moduli = [3, 1, 2, (1 << 40) + 1, INT64_MAX, 1 << 33, 10]
+    parts = [_random_ids(s, k) for k, s in enumerate(sizes)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _cpu_kernels.umod_parts(parts, moduli)
+    finally:
+        torch.set_num_threads(before)
+    want = np.concatenate([_umod_reference(p, n) for p, n in zip(parts, moduli, strict=True)])
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_fused_mod_reads_strided_and_shaped_inputs(four_threads):
+    base = _random_ids(2 * _SHARED, 1)
+    strided = base[::2]
+    shaped = base[:600].view(20, 30).t()  # not contiguous
+    outs = rk.fused_mod([strided, shaped], [1_000_003, 97])
+    assert outs[1].shape == shaped.shape
+    np.testing.assert_array_equal(outs[0].numpy(), _umod_reference(strided.contiguous(), 1_000_003))
+    np.testing.assert_array_equal(
+        outs[1].reshape(-1).numpy(), _umod_reference(shaped.reshape(-1), 97)
+    )
+
+
+def test_fused_mod_kernel_and_torch_implementation_agree(monkeypatch):
+    ids = [_random_ids(1000, 2), _random_ids(333, 3)]
+    moduli = [7, (1 << 62) + 3]
+    kernel = rk.fused_mod(ids, moduli)
+    # Without value access (as while tracing), fused_mod runs its torch implementation.
+    monkeypatch.setattr(mod, "on_host", lambda tensors: False)
+    monkeypatch.setattr(mod, "can_inspect", lambda t: False)
+    monkeypatch.setattr(_uint64, "can_inspect", lambda t: False)
+    torch_impl = rk.fused_mod(ids, moduli)
+    for a, b in zip(kernel, torch_impl, strict=True):
+        assert torch.equal(a, b)
+
+
+def _values(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.int64:
+        x = torch.randint(-1000, 1000, (n,), generator=g)
+        x[:2] = torch.tensor([-(1 << 63), INT64_MAX])
+        return x
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 40).to(dtype)
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0]
+    x[: min(n, 5)] = torch.tensor(specials[: min(n, 5)], dtype=dtype)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_fused_bucketize_kernel_short_and_long_lists(dtype, four_threads):
+    # Short lists are counted, lists over 32 binary searched; repeats and an empty list too.
+    lists = [
+        sorted(float(v) for v in np.linspace(-50, 50, 9)),
+        sorted(float(v) for v in np.repeat(np.linspace(-100, 100, 40), 2)),
+        [],
+        [0.0, 0.0, 0.0],
+    ]
+    if dtype == torch.int64:
+        lists = [[int(v) for v in b] for b in lists]
+    xs = [_values(dtype, n, k) for k, n in enumerate([_SHARED // 2, _SHARED // 2, 100, 3000])]
+    outs = rk.fused_bucketize(xs, lists)
+    for x, b, out in zip(xs, lists, outs, strict=True):
+        if dtype.is_floating_point:  # exact: every float32 and the boundaries are float64s
+            want = torch.searchsorted(torch.tensor(b, dtype=torch.float64), x.double(), right=True)
+            want = torch.where(x.isnan(), 0, want)
+        else:
+            want = torch.searchsorted(torch.tensor(b, dtype=dtype), x, right=True)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_fused_bucketize_kernel_and_torch_implementation_agree(dtype, monkeypatch):
+    lists = [[-3, 0, 2.5, 10], [float(v) for v in np.linspace(-90, 90, 50)]]
+    xs = [_values(dtype, 2000, 5), _values(dtype, 2000, 6)[::2]]
+    kernel = rk.fused_bucketize(xs, lists)
+    monkeypatch.setattr(bucketize, "on_host", lambda tensors: False)
+    monkeypatch.setattr(bucketize, "can_inspect", lambda t: False)
+    torch_impl = rk.fused_bucketize(xs, lists)
+    for a, b in zip(kernel, torch_impl, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_kernel_checks_name_what_is_wrong():
+    x = torch.arange(8, dtype=torch.int64)
+    out = torch.empty(8, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"umod_parts: divisors\[0\] = 0 is not in"):
+        _native.umod_parts([(x.data_ptr(), 8)], [0], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="umod_parts: got 1 parts but 2 divisors"):
+        _native.umod_parts([(x.data_ptr(), 8)], [3, 4], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match=r"umod_parts: parts\[0\] has address .* not aligned"):
+        _native.umod_parts([(x.data_ptr() + 1, 4)], [3], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="umod_parts: out has address 0x0, null"):
+        _native.umod_parts([(x.data_ptr(), 8)], [3], 0, 1)
+    with pytest.raises(ValueError, match="bucketize_parts: dtype must be float32, float64 or"):
+        _native.bucketize_parts("int32", [(x.data_ptr(), 8)], x.data_ptr(), [1], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bucketize_parts: got 1 parts but 0 boundary lists"):
+        _native.bucketize_parts("int64", [(x.data_ptr(), 8)], x.data_ptr(), [], out.data_ptr(), 1)
+    # Empty parts need no memory at all.
+    _native.umod_parts([(0, 0)], [3], 0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bfloat16, torch.bool])
+def test_truncate_copies_rows_of_any_dtype_and_width(dtype, four_threads):
+    # Rows long enough for several threads; 2-d values (8 columns) and weights follow along.
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 400, (3000,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    values = torch.randint(0, 2, (n, 8), generator=g).to(dtype)
+    weights = torch.rand(n, generator=g)
+    r = rk.RaggedTensor(values, offsets, weights)
+    for side in ("head", "tail"):
+        got = rk.truncate(r, 150, side).values
+        rows = [
+            (values[a:b], weights[a:b])
+            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)
+        ]
+        keep = [(v[:150], w[:150]) if side == "head" else (v[-150:], w[-150:]) for v, w in rows]
+        keep = [(v, w) if v.shape[0] else (v[:0], w[:0]) for v, w in keep]
+        assert torch.equal(got.values, torch.cat([v for v, _ in keep]))
+        assert torch.equal(got.weights, torch.cat([w for _, w in keep]))
+        assert got.lengths().tolist() == [min(int(x), 150) for x in lengths]
+
+
+def test_copy_rows_refuses_ranges_outside_the_buffers():
+    src = torch.arange(10, dtype=torch.int64)
+    with pytest.raises(
+        ValueError, match=r"copy_rows: row 1 copies items 8\.\.12 of 10 into 2\.\.6"
+    ):
+        _cpu_kernels.copy_rows(src, np.array([0, 8]), np.array([0, 2, 6]))
+    with pytest.raises(ValueError, match=r"copy_rows: row 0 copies items -1\.\.1 of 10"):
+        _cpu_kernels.copy_rows(src, np.array([-1]), np.array([0, 2]))
+    # Offsets that step down are refused too.
+    with pytest.raises(
+        ValueError, match=r"copy_rows: row 1 copies items 0\.\.0 of 10 into 3\.\.2 of 4"
+    ):
+        _cpu_kernels.copy_rows(src, np.array([0, 0, 0]), np.array([0, 3, 2, 4]))
+    out = _cpu_kernels.copy_rows(src, np.array([7, 0, 3]), np.array([0, 2, 2, 5]))
+    assert out.tolist() == [7, 8, 3, 4, 5]
