@@ -167,3 +167,49 @@ def test_a_symbolic_link_is_not_replaced_and_the_error_says_so(tmp_path: Path) -
     with pytest.raises(CheckpointError, match=r"dangling is a symbolic link to nowhere"):
         save(tmp_path / "dangling", model, opt)
     assert (tmp_path / "dangling").is_symlink()
+
+
+def test_a_save_is_on_the_disk_before_it_replaces_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without fsync a crash soon after the rename could leave the new directory with empty
+    # files and the previous checkpoint already deleted: every file and directory of the new
+    # checkpoint is flushed before the rename, the rename itself before the old one goes.
+    import recis_embedding._checkpoint_save as save_mod
+
+    model, opt = engine("a", "b")
+    save(tmp_path / "c", model, opt)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, save_mod.shutil.rmtree
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs) -> None:
+        events.append(("rmtree", str(path)))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(save_mod.shutil, "rmtree", rmtree)
+    save(tmp_path / "c", model, opt)
+    final = tmp_path / "c"
+    into_place = next(
+        i
+        for i, (kind, what) in enumerate(events)
+        if kind == "replace" and what.endswith(f"-> {final}")
+    )
+    tmp = Path(events[into_place][1].split(" -> ")[0])
+    flushed_before = {what for kind, what in events[:into_place] if kind == "fsync"}
+    written = [tmp / p.relative_to(final) for p in final.rglob("*")] + [tmp]
+    assert {str(p) for p in written} <= flushed_before, sorted(flushed_before)
+    removed = next(i for i, (kind, _) in enumerate(events) if kind == "rmtree" and i > into_place)
+    assert ("fsync", str(tmp_path)) in events[into_place:removed], events[into_place:]
+    loaded, _ = engine("a", "b")
+    load(final, loaded)
+    assert rows(loaded, "b")[0] == rows(model, "b")[0]

@@ -741,3 +741,52 @@ def test_a_call_after_a_hook_stopped_the_run_trains_no_further_until_new_data(tm
     trainer.set_train_data(ToyReader(120, 30))
     trainer.train()
     assert trainer.global_step == 8
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_replaces_or_rotates_out_others(
+    tmp_path, monkeypatch
+):
+    # Every file and directory of a checkpoint is flushed before its rename into place, and
+    # the rename itself (the root directory) before an older checkpoint is deleted: a crash
+    # right after could otherwise leave empty files and no complete checkpoint at all.
+    import recis_train._checkpoint as ckpt_mod
+
+    manager = CheckpointManager(tmp_path, max_to_keep=1)
+
+    def writer(directory: Path) -> None:
+        (directory / "inner").mkdir()
+        (directory / "inner" / "state.bin").write_bytes(b"x" * 100)
+
+    manager.save(1, {"part": writer}, {})
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, ckpt_mod.shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", str(path)))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", rmtree)
+    for step in (2, 2):  # a new step (rotating step 1 out), then the same step replaced
+        events.clear()
+        final = manager.save(step, {"part": writer}, {})
+        into_place = events.index(("replace", str(final)))
+        flushed = {what for kind, what in events[:into_place] if kind == "fsync"}
+        tmp_names = {Path(w).relative_to(tmp_path).parts[0] for w in flushed}
+        assert len(tmp_names) == 1, flushed  # the temporary directory's
+        tmp = tmp_path / tmp_names.pop()
+        written = [tmp / p.relative_to(final) for p in final.rglob("*")] + [tmp]
+        assert {str(p) for p in written} <= flushed, sorted(flushed)
+        removals = [i for i, (kind, _) in enumerate(events) if kind == "rmtree" and i > into_place]
+        assert removals, events
+        assert ("fsync", str(tmp_path)) in events[into_place : removals[0]], events
+    assert [p.name for p in manager.complete()] == ["step-000000002"]

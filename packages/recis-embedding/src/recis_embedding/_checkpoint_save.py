@@ -109,10 +109,10 @@ def save(
             name: _save_table(tmp, name, table, index, delta, rank, world)
             for name, (table, index) in sorted(tables.items())
         }
-        files = {
-            f.relative_to(tmp).as_posix(): sha256(f)
-            for f in sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
-        }
+        mine = sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
+        for f in mine:
+            _fsync(f)  # each rank flushes its own files; rank 0 the directories (``_write``)
+        files = {f.relative_to(tmp).as_posix(): sha256(f) for f in mine}
         phase.result = (infos, files, uuid.uuid4().hex)
     gathered = phase.gathered
     save_id = gathered[0][2]  # rank 0's, the same on every rank
@@ -299,6 +299,19 @@ def _write(
         }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for written in (tmp / "dense.safetensors", tmp / "manifest.json", tmp / "sparse", tmp):
+        _fsync(written)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's data and entries to the disk: a checkpoint is on the disk
+    before it replaces the previous one, which a crash soon after could otherwise leave as
+    empty files while the previous checkpoint is already deleted."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -314,6 +327,7 @@ def _replace(tmp: Path, path: Path) -> None:
         if old.exists():
             os.replace(old, path)
         raise
+    _fsync(path.parent)  # the renames are on the disk before the previous checkpoint goes
     # The previous checkpoint (``old``), and any an interrupted replace left: the new one
     # supersedes them all.
     for stale in moved_aside(path):

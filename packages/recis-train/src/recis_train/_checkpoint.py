@@ -149,11 +149,16 @@ def _step_of(path: Path) -> int:
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
+    """Flush every file and directory under ``root``, and ``root`` itself, to the disk (a
+    directory's fsync makes the names in it durable)."""
+    for path in sorted(root.rglob("*"), reverse=True):  # a directory after its entries
+        if path.is_file() or (path.is_dir() and not path.is_symlink()):
+            _fsync(path)
+    _fsync(root)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -255,8 +260,11 @@ class CheckpointManager:
         return final
 
     def _move_into_place(self, tmp: Path, final: Path) -> None:
+        # The renames are flushed (the root directory's fsync) before anything older is
+        # deleted: the replaced checkpoint here, older steps by ``_rotate``.
         if not final.exists():
             os.replace(tmp, final)
+            _fsync(self.root)
             return
         aside = self.root / f".replaced-{final.name}-{os.getpid()}"
         shutil.rmtree(aside, ignore_errors=True)
@@ -266,6 +274,7 @@ class CheckpointManager:
         except BaseException:
             os.replace(aside, final)
             raise
+        _fsync(self.root)
         shutil.rmtree(aside, ignore_errors=True)
 
     def _recover_replaced(self) -> None:
