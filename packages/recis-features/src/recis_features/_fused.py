@@ -179,7 +179,8 @@ def fill_dense_packed(ops: Sequence[FillMissing], xs: Sequence[torch.Tensor]) ->
     """NaN replaced by each op's value in dense float tensors of one dtype and device, in one
     masked pass over the packed elements."""
     sizes = [x.numel() for x in xs]
-    packed = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1)
+    flat = [x if x.dim() == 1 else x.reshape(-1) for x in xs]
+    packed = torch.cat(flat) if len(flat) > 1 else flat[0]
     # Fill values compare with their sign: 0.0 == -0.0, yet each feature gets its own zero.
     if len({(op.value, math.copysign(1.0, op.value)) for op in ops}) == 1:
         filled = packed.nan_to_num(

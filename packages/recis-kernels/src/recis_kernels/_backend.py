@@ -92,12 +92,13 @@ def run_op(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:
 
 
 def on_host(tensors) -> bool:
-    """Whether an op's CPU path may work on these tensors' memory in NumPy: eager, plain CPU
-    tensors (``None`` entries are skipped) that need no gradient."""
+    """Whether an op's CPU path may work on these tensors' memory directly (NumPy, or the
+    compiled CPU kernels): eager, plain CPU tensors (``None`` entries are skipped) that need no
+    gradient."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return all(
-        type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad
+        type(t) is torch.Tensor and t.is_cpu and not t.requires_grad
         for t in tensors
         if t is not None
     )

@@ -386,7 +386,7 @@ def _prepared_key(op, boundaries_list, xs, device) -> tuple | None:
         return None
     ident = []
     for b in boundaries_list:
-        if type(b) is not torch.Tensor or b.is_inference() or b.device.type == "meta":
+        if type(b) is not torch.Tensor or b.is_inference() or b.is_meta:
             # Lists are converted anew; inference tensors are not held (they may not be used
             # outside inference mode), meta tensors hold no values to compare.
             return None
