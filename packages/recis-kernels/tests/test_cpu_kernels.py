@@ -3,6 +3,10 @@ ops' torch implementations, at sizes that share the work between threads, and th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +183,29 @@ def test_copy_rows_refuses_ranges_outside_the_buffers():
         _cpu_kernels.copy_rows(src, np.array([0, 0, 0]), np.array([0, 3, 2, 4]))
     out = _cpu_kernels.copy_rows(src, np.array([7, 0, 3]), np.array([0, 2, 2, 5]))
     assert out.tolist() == [7, 8, 3, 4, 5]
+
+
+FORK_CHILD = """
+import os, torch
+import recis_kernels as rk
+
+torch.set_num_threads(2)
+ids = torch.arange(1 << 20, dtype=torch.int64)
+rk.fused_mod([ids], [7])  # shared between threads: the parent's pool starts
+pid = os.fork()
+if pid == 0:
+    out = rk.fused_mod([ids], [7])[0]
+    os._exit(0 if int(out[-1]) == ((1 << 20) - 1) % 7 else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_shares_work_between_threads_of_its_own():
+    # The child inherits the parent's thread pool without its threads: handing work to them
+    # waited forever.
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

@@ -7,9 +7,11 @@
 //! parameters in range, and addresses that are non-null and aligned for the element type.
 
 use std::mem::align_of;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::bucketize::bucketize_into;
 use crate::divide::Divisor;
@@ -52,6 +54,33 @@ fn starts(lens: &[usize]) -> Vec<usize> {
         .collect()
 }
 
+/// The thread pool of this process. A forked child inherits the parent's pool object but not
+/// its threads (work handed to them would wait forever), so a pool belongs to the process id
+/// that built it and a child builds its own (the parent's is left alone, never dropped: its
+/// threads cannot be joined there).
+fn pool() -> Arc<ThreadPool> {
+    static POOL: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut guard = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((owner, pool)) = guard.as_ref() {
+        if *owner == pid {
+            return Arc::clone(pool);
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = Arc::new(
+        ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("recis-kernels-{i}"))
+            .build()
+            .expect("building the CPU kernels' thread pool"),
+    );
+    if let Some(inherited) = guard.replace((pid, Arc::clone(&pool))) {
+        std::mem::forget(inherited);
+    }
+    pool
+}
+
 /// Runs `work` over every element run of parts of lengths `lens`, shared out between up to
 /// `threads` threads (the calling one included), without the GIL.
 fn run_shared<F>(py: Python<'_>, lens: &[usize], threads: usize, work: F)
@@ -67,7 +96,7 @@ where
             do_share(only);
             return;
         }
-        rayon::in_place_scope(|scope| {
+        pool().in_place_scope(|scope| {
             for share in &shares[1..] {
                 scope.spawn(move |_| do_share(share));
             }
