@@ -17,9 +17,14 @@ use crate::bucketize::bucketize_into;
 use crate::divide::Divisor;
 use crate::shares::{share_count, split, Run};
 
-/// Fewest elements worth a thread of their own (a hand-off to a pool thread costs a few
-/// microseconds, waking a sleeping one tens; this many remainders take about a hundred).
-const MIN_SHARE: usize = 1 << 17;
+/// Fewest elements worth a thread of their own for the arithmetic kernels (a hand-off to a
+/// pool thread costs a few microseconds, waking a sleeping one tens; this many remainders take
+/// some thirty).
+const MIN_SHARE: usize = 1 << 15;
+
+/// Fewest bytes worth a thread of their own for a copy: memory-bound, a copy gains from a
+/// second thread only when it is large (measured: 800 KB copy faster on one thread than two).
+const MIN_COPY_SHARE_BYTES: usize = 1 << 20;
 
 fn value_error(message: String) -> PyErr {
     PyValueError::new_err(message)
@@ -82,13 +87,14 @@ fn pool() -> Arc<ThreadPool> {
 }
 
 /// Runs `work` over every element run of parts of lengths `lens`, shared out between up to
-/// `threads` threads (the calling one included), without the GIL.
-fn run_shared<F>(py: Python<'_>, lens: &[usize], threads: usize, work: F)
+/// `threads` threads (the calling one included), each share at least `min_share` elements,
+/// without the GIL.
+fn run_shared<F>(py: Python<'_>, lens: &[usize], threads: usize, min_share: usize, work: F)
 where
     F: Fn(Run) + Sync,
 {
     let total = lens.iter().sum();
-    let shares = split(lens, share_count(total, threads, MIN_SHARE));
+    let shares = split(lens, share_count(total, threads, min_share));
     let work = &work;
     let do_share = move |share: &[Run]| share.iter().for_each(|&r| work(r));
     py.detach(|| {
@@ -137,7 +143,7 @@ fn umod_parts(
     let total: usize = lens.iter().sum();
     check_address::<u64>(op, "out", out, total)?;
     let at = starts(&lens);
-    run_shared(py, &lens, threads, |r| {
+    run_shared(py, &lens, threads, MIN_SHARE, |r| {
         let n = r.end - r.start;
         // SAFETY: the caller's contract (module docs): part r.part holds lens[r.part] u64s
         // at its address, out holds `total`, and out overlaps no part. Runs are disjoint.
@@ -167,7 +173,7 @@ fn bucketize_typed<T: PartialOrd + Copy + Sync>(
     check_address::<i64>(op, "out", out, total)?;
     let at = starts(&lens);
     let bound_at = starts(bound_lens);
-    run_shared(py, &lens, threads, |r| {
+    run_shared(py, &lens, threads, MIN_SHARE, |r| {
         let n = r.end - r.start;
         let b_len = bound_lens[r.part];
         // SAFETY: as in umod_parts; bounds holds the boundary lists back to back.
@@ -280,7 +286,7 @@ fn copy_rows(
     check_address::<u8>(op, "src", src, src_len)?;
     check_address::<u8>(op, "dst", dst, dst_len)?;
     let lens: Vec<usize> = blocks.iter().map(|b| b.2).collect();
-    run_shared(py, &lens, threads, |r| {
+    run_shared(py, &lens, threads, MIN_COPY_SHARE_BYTES / item, |r| {
         let (from, to, _) = blocks[r.part];
         // SAFETY: every row's ranges were checked to lie in their buffers above (a block spans
         // whole rows), dst is a fresh output overlapping no input (the module's contract), and

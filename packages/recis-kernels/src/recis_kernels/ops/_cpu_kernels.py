@@ -19,7 +19,7 @@ import torch
 
 from recis_kernels import _native
 
-__all__ = ["bucketize_parts", "copy_rows", "umod_parts"]
+__all__ = ["bucketize_parts", "copy_rows", "host_parts", "umod_flat", "umod_parts"]
 
 _BUCKET_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
 
@@ -36,14 +36,34 @@ def _parts(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]
     return out
 
 
+def host_parts(xs: Sequence[object], dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """``xs`` as flat, contiguous tensors a kernel may read in place, in one pass: ``None``
+    unless every one is an eager, plain CPU tensor of ``dtype`` that needs no gradient (the
+    caller then checks its inputs and reports, or takes its torch path)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    out = []
+    for x in xs:
+        if type(x) is not torch.Tensor or x.dtype != dtype or not x.is_cpu or x.requires_grad:
+            return None
+        flat = x if x.dim() == 1 else x.reshape(-1)
+        out.append(flat if flat.is_contiguous() else flat.contiguous())
+    return out
+
+
 def umod_parts(xs: Sequence[torch.Tensor], ns: Sequence[int]) -> torch.Tensor:
     """``(uint64)xs[k] % ns[k]`` for int64 CPU tensors, ``0 < ns[k] < 2**63``, written one after
     another into one flat int64 tensor."""
-    parts = _parts(xs, torch.int64)
+    return umod_flat(_parts(xs, torch.int64), [int(n) for n in ns])
+
+
+def umod_flat(parts: Sequence[torch.Tensor], ns: list[int]) -> torch.Tensor:
+    """:func:`umod_parts` on parts already flat, contiguous and int64 (:func:`host_parts`), with
+    Python int moduli."""
     out = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64)
     _native.umod_parts(
         [(p.data_ptr(), p.numel()) for p in parts],
-        [int(n) for n in ns],
+        ns,
         out.data_ptr(),
         torch.get_num_threads(),
     )

@@ -22,6 +22,7 @@ from recis_kernels._checks import (
     is_int,
 )
 from recis_kernels.exceptions import ArgumentError
+from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import pack, unpack
 from recis_kernels.ops._uint64 import umod, umod_parts, umod_segments
 
@@ -82,6 +83,20 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         raise ArgumentError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
     if not ids_list:
         return []
+    # The common case first, in one pass over the inputs: plain CPU int64 tensors and Python
+    # int moduli, straight to the compiled kernel (each feature reduced from its own memory into
+    # its part of one output: no packed copy of the inputs).
+    parts = _cpu_kernels.host_parts(ids_list, torch.int64)
+    if (
+        parts is not None
+        and all(type(n) is int and 0 < n <= _INT64_MAX for n in ns)
+        and not use_cuda_kernels(ids_list[0].device)
+    ):
+        return unpack(
+            _cpu_kernels.umod_flat(parts, list(ns)),
+            [p.numel() for p in parts],
+            [t.shape for t in ids_list],
+        )
     if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:
         for k, ids in enumerate(ids_list):
             check_tensor(op, f"ids_list[{k}]", ids)
@@ -90,8 +105,6 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
     ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
     if on_host(ids_list) and not use_cuda_kernels(ids_list[0].device):
-        # The compiled CPU kernel reduces each feature straight from its own memory into its
-        # part of one output: no packed copy of the inputs.
         sizes = [t.numel() for t in ids_list]
         out = umod_parts([t if t.dim() == 1 else t.reshape(-1) for t in ids_list], ns)
         return unpack(out, sizes, [t.shape for t in ids_list])
