@@ -44,6 +44,9 @@ class _Group:
 
     kind: str
     nodes: list[int]
+    # Filled once compiled (the engine runs groups per batch: no lookups on that path).
+    members: list[_Node] = dataclasses.field(default_factory=list)
+    ops: list[Op] = dataclasses.field(default_factory=list)
 
 
 def _dedup(features: Iterable[Feature]) -> list[Feature]:
@@ -140,6 +143,16 @@ class FeatureEngine(nn.Module):
             if group is None:
                 groups.append(group := _Group(n.op.kind, []))
             group.nodes.append(i)
+        for groups in self._steps:
+            for group in groups:
+                group.members = [self._nodes[i] for i in group.nodes]
+                group.ops = [n.op for n in group.members]
+        # Each column converted once, errors naming the first feature that reads it.
+        reads: dict[str, str] = {}
+        for f in self._features:
+            for c in f.columns:
+                reads.setdefault(c, f.name)
+        self._reads = [(c, name) for c, name in reads.items()]
 
     @property
     def features(self) -> tuple[Feature, ...]:
@@ -207,16 +220,14 @@ class FeatureEngine(nn.Module):
 
     def _read_columns(self, batch: Mapping[str, Any]) -> dict[str, Value]:
         columns: dict[str, Value] = {}
-        for f in self._features:
-            for c in f.columns:
-                if c not in columns:
-                    if c not in batch:
-                        raise missing_column_error(f.name, c, batch)
-                    columns[c] = column_value(f.name, c, batch[c])
+        for c, feature in self._reads:
+            if c not in batch:
+                raise missing_column_error(feature, c, batch)
+            columns[c] = column_value(feature, c, batch[c])
         return columns
 
     def _run_group(self, group: _Group, values: list[Value], columns: dict[str, Value]) -> None:
-        nodes = [self._nodes[i] for i in group.nodes]
+        nodes = group.members
         if nodes[0].parent < 0:
             for i, node in zip(group.nodes, nodes, strict=True):
                 assert isinstance(node.op, SourceOp)
@@ -230,7 +241,7 @@ class FeatureEngine(nn.Module):
             outputs = [_apply(n, v) for n, v in zip(nodes, inputs, strict=True)]
         else:
             try:
-                outputs = fused([n.op for n in nodes], inputs)
+                outputs = fused(group.ops, inputs)
             except INPUT_ERRORS as exc:
                 if len(nodes) == 1:
                     raise input_error(nodes[0].features, nodes[0].op, exc) from exc

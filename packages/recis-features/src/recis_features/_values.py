@@ -55,6 +55,10 @@ def dtype_kind(dtype: torch.dtype) -> str:
     return "other"
 
 
+# Dense tensors' kinds by dtype, filled as dtypes are met (the engine asks per op per batch).
+_TENSOR_KINDS: dict[torch.dtype, str] = {}
+
+
 def value_kind(value: Any) -> str:
     """The kind of a value, as ops declare what they accept.
 
@@ -63,8 +67,11 @@ def value_kind(value: Any) -> str:
         value and a list of strings are both ``"strings"``.
     """
     if isinstance(value, torch.Tensor):
-        kind = dtype_kind(value.dtype)
-        return "ids" if kind == "bytes" else kind
+        kind = _TENSOR_KINDS.get(value.dtype)
+        if kind is None:
+            kind = dtype_kind(value.dtype)
+            kind = _TENSOR_KINDS[value.dtype] = "ids" if kind == "bytes" else kind
+        return kind
     if isinstance(value, RaggedTensor):
         kind = dtype_kind(value.values.dtype)
         return "strings" if kind == "bytes" else kind
