@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import EXTREME_IDS, INT64_MAX
+from test_feature_cross import pair_hash
 
 import recis_kernels as rk
 from recis_kernels import _native
@@ -53,6 +54,54 @@ def test_umod_parts_matches_unsigned_remainders(threads):
         torch.set_num_threads(before)
     want = np.concatenate([_umod_reference(p, n) for p, n in zip(parts, moduli, strict=True)])
     np.testing.assert_array_equal(out.numpy(), want)
+
+
+_M64 = np.uint64(0xC6A4A7935BD1E995)
+
+
+def _pair_hash_reference(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """MurmurHash64A of each pair's 16 little-endian bytes in NumPy's unsigned arithmetic."""
+    h = np.full(x.shape, np.uint64((16 * 0xC6A4A7935BD1E995) % (1 << 64)), dtype=np.uint64)
+    for ids in (x.numpy().view(np.uint64), y.numpy().view(np.uint64)):
+        k = ids * _M64
+        k ^= k >> np.uint64(47)
+        k *= _M64
+        h ^= k
+        h *= _M64
+    h ^= h >> np.uint64(47)
+    h *= _M64
+    return (h ^ (h >> np.uint64(47))).view(np.int64)
+
+
+def test_pair_hash_parts_match_murmur_of_the_pairs_bytes(four_threads):
+    # Parts of every size, the long ones shared between threads across part boundaries.
+    sizes = [0, 3, _SHARED // 2, 1, _SHARED // 3]
+    xs = [_random_ids(n, 2 * k) for k, n in enumerate(sizes)]
+    ys = [_random_ids(n, 2 * k + 1) for k, n in enumerate(sizes)]
+    out = _cpu_kernels.pair_hash_flat(xs, ys)
+    want = np.concatenate([_pair_hash_reference(x, y) for x, y in zip(xs, ys, strict=True)])
+    np.testing.assert_array_equal(out.numpy(), want)
+    # The Python definition of the hash agrees on the extremes.
+    x, y = _random_ids(len(EXTREME_IDS), 5), _random_ids(len(EXTREME_IDS), 6).flip(0)
+    got = _cpu_kernels.pair_hash_flat([x], [y]).tolist()
+    assert got == [pair_hash(a, b) for a, b in zip(x.tolist(), y.tolist(), strict=True)]
+
+
+def test_dense_crosses_read_strided_and_shaped_ids(four_threads):
+    base = _random_ids(2 * _SHARED, 3)
+    a, b = base[::2], base[1::2].flip(0)  # strided, and a negative stride
+    crossed = rk.fused_feature_cross([(a, b), (b[:10], a[:10])])
+    assert torch.equal(crossed[0].values, torch.from_numpy(_pair_hash_reference(a, b)))
+    assert torch.equal(crossed[1].values, torch.from_numpy(_pair_hash_reference(b[:10], a[:10])))
+    assert crossed[0].offsets[0].tolist() == list(range(_SHARED + 1))
+
+
+def test_pair_hash_parts_refuses_mismatched_parts():
+    x = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="pair_hash_parts: got 1 a parts but 2 b parts"):
+        _native.pair_hash_parts([(x.data_ptr(), 4)], [(x.data_ptr(), 4)] * 2, x.data_ptr(), 1)
+    with pytest.raises(ValueError, match="pair_hash_parts: part 0 has 4 a ids but 3 b ids"):
+        _native.pair_hash_parts([(x.data_ptr(), 4)], [(x.data_ptr(), 3)], x.data_ptr(), 1)
 
 
 def test_fused_mod_reads_strided_and_shaped_inputs(four_threads):

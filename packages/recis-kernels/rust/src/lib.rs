@@ -7,6 +7,7 @@
 //! to torch tensors' memory.
 
 pub mod bucketize;
+pub mod cross;
 pub mod divide;
 pub mod shares;
 

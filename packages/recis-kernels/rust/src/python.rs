@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::bucketize::bucketize_into;
+use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
 use crate::shares::{share_count, split, Run};
 
@@ -154,6 +155,50 @@ fn umod_parts(
             )
         };
         divs[r.part].rem_into(x, o);
+    });
+    Ok(())
+}
+
+/// `out[part k]` = the hash of each pair `(a[i], b[i])` of `a_parts[k]` and `b_parts[k]` (int64
+/// ids, the parts of a pair equally long), as int64: the crossed ids of single-valued features.
+#[pyfunction]
+fn pair_hash_parts(
+    py: Python<'_>,
+    a_parts: Vec<(usize, usize)>,
+    b_parts: Vec<(usize, usize)>,
+    out: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let op = "pair_hash_parts";
+    if a_parts.len() != b_parts.len() {
+        return Err(value_error(format!(
+            "{op}: got {} a parts but {} b parts",
+            a_parts.len(),
+            b_parts.len()
+        )));
+    }
+    let lens = check_parts::<u64>(op, &a_parts)?;
+    check_parts::<u64>(op, &b_parts)?;
+    if let Some(k) = (0..lens.len()).find(|&k| b_parts[k].1 != lens[k]) {
+        return Err(value_error(format!(
+            "{op}: part {k} has {} a ids but {} b ids",
+            lens[k], b_parts[k].1
+        )));
+    }
+    let total: usize = lens.iter().sum();
+    check_address::<u64>(op, "out", out, total)?;
+    let at = starts(&lens);
+    run_shared(py, &lens, threads, MIN_SHARE, |r| {
+        let n = r.end - r.start;
+        // SAFETY: as in umod_parts, for both sides of each pair.
+        let (a, b, o) = unsafe {
+            (
+                std::slice::from_raw_parts((a_parts[r.part].0 as *const u64).add(r.start), n),
+                std::slice::from_raw_parts((b_parts[r.part].0 as *const u64).add(r.start), n),
+                std::slice::from_raw_parts_mut((out as *mut u64).add(at[r.part] + r.start), n),
+            )
+        };
+        pair_hash_into(a, b, o);
     });
     Ok(())
 }
@@ -307,5 +352,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
     m.add_function(wrap_pyfunction!(bucketize_parts, m)?)?;
     m.add_function(wrap_pyfunction!(copy_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(pair_hash_parts, m)?)?;
     Ok(())
 }

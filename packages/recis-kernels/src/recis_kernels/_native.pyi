@@ -1,6 +1,6 @@
 """The compiled CPU kernels (private; called through ``recis_kernels.ops._cpu_kernels``)."""
 
-__all__ = ["bucketize_parts", "copy_rows", "umod_parts"]
+__all__ = ["bucketize_parts", "copy_rows", "pair_hash_parts", "umod_parts"]
 
 def umod_parts(
     parts: list[tuple[int, int]], divisors: list[int], out: int, threads: int
@@ -23,4 +23,7 @@ def copy_rows(
     dst_offsets: int,
     rows: int,
     threads: int,
+) -> None: ...
+def pair_hash_parts(
+    a_parts: list[tuple[int, int]], b_parts: list[tuple[int, int]], out: int, threads: int
 ) -> None: ...

@@ -19,7 +19,14 @@ import torch
 
 from recis_kernels import _native
 
-__all__ = ["bucketize_parts", "copy_rows", "host_parts", "umod_flat", "umod_parts"]
+__all__ = [
+    "bucketize_parts",
+    "copy_rows",
+    "host_parts",
+    "pair_hash_flat",
+    "umod_flat",
+    "umod_parts",
+]
 
 _BUCKET_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
 
@@ -64,6 +71,21 @@ def umod_flat(parts: Sequence[torch.Tensor], ns: list[int]) -> torch.Tensor:
     _native.umod_parts(
         [(p.data_ptr(), p.numel()) for p in parts],
         ns,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def pair_hash_flat(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The hash of every pair ``(xs[k][i], ys[k][i])`` (MurmurHash64A of the two ids' 16
+    little-endian bytes), the parts one after another in one flat int64 tensor; ``xs`` and
+    ``ys`` flat, contiguous int64 CPU tensors (:func:`host_parts`), ``xs[k]`` as long as
+    ``ys[k]``."""
+    out = torch.empty(sum(x.numel() for x in xs), dtype=torch.int64)
+    _native.pair_hash_parts(
+        [(x.data_ptr(), x.numel()) for x in xs],
+        [(y.data_ptr(), y.numel()) for y in ys],
         out.data_ptr(),
         torch.get_num_threads(),
     )

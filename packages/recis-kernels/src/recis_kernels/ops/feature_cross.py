@@ -19,6 +19,7 @@ import torch
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import can_inspect, check_same_device, grid_for, masked_rows
 from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
+from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import concat_rows, split_rows
 from recis_kernels.ops._uint64 import const, shr
 from recis_kernels.ragged import RaggedTensor
@@ -139,12 +140,16 @@ def _as_ragged(x: Ids) -> RaggedTensor:
 
 
 def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[RaggedTensor]:
-    """Pairs of single-valued features on the host: one hash per row, all pairs at once."""
-    if len(pairs) == 1:
-        av, bv = pairs[0]
+    """Pairs of single-valued features on the host: one hash per row, all pairs at once (read
+    where they lie by the compiled kernel, when the ids are plain tensors)."""
+    xs = _cpu_kernels.host_parts([a for a, _ in pairs], torch.int64)
+    ys = _cpu_kernels.host_parts([b for _, b in pairs], torch.int64)
+    if xs is not None and ys is not None:
+        hashes = _cpu_kernels.pair_hash_flat(xs, ys)
+    elif len(pairs) == 1:
+        hashes = _pair_hash(*pairs[0])
     else:
-        av, bv = (torch.cat([p[j] for p in pairs]) for j in (0, 1))
-    hashes = _pair_hash(av, bv)
+        hashes = _pair_hash(*(torch.cat([p[j] for p in pairs]) for j in (0, 1)))
     out, start = [], 0
     for a, _ in pairs:
         rows = a.shape[0]
@@ -213,8 +218,12 @@ def _first_by_sort(values, lengths, n: int) -> torch.Tensor:
 
 
 def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if can_inspect(x):
-        return torch.from_numpy(_pair_hash_numpy(x.numpy(), y.numpy()))
+    """MurmurHash64A of each pair's 16 little-endian bytes: by the compiled kernel for plain
+    CPU tensors, else in torch ops (int64 wrap-around multiplies give the same bits)."""
+    xs = _cpu_kernels.host_parts([x], torch.int64)
+    ys = _cpu_kernels.host_parts([y], torch.int64)
+    if xs is not None and ys is not None:
+        return _cpu_kernels.pair_hash_flat(xs, ys)
     h = torch.full_like(x, const(16 * 0xC6A4A7935BD1E995))
     for k in (x, y):
         k = k * _M
@@ -223,31 +232,6 @@ def _pair_hash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     h = h ^ shr(h, 47)
     h = h * _M
     return h ^ shr(h, 47)
-
-
-_M_U64 = np.uint64(0xC6A4A7935BD1E995)
-_SEED_U64 = np.uint64((16 * 0xC6A4A7935BD1E995) & ((1 << 64) - 1))
-
-
-def _pair_hash_numpy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """:func:`_pair_hash` on the CPU: NumPy's unsigned arithmetic, in place, without the
-    masking that a logical shift needs on signed torch tensors (the same bits)."""
-    h = np.full(x.shape, _SEED_U64, dtype=np.uint64)
-    k = np.empty_like(h)
-    t = np.empty_like(h)
-    for ids in (x, y):
-        np.multiply(ids.view(np.uint64), _M_U64, out=k)
-        np.right_shift(k, np.uint64(47), out=t)
-        k ^= t
-        k *= _M_U64
-        h ^= k
-        h *= _M_U64
-    np.right_shift(h, np.uint64(47), out=t)
-    h ^= t
-    h *= _M_U64
-    np.right_shift(h, np.uint64(47), out=t)
-    h ^= t
-    return h.view(np.int64)
 
 
 def _cross_layout(ao, bo):
