@@ -249,6 +249,46 @@ def test_fused_bucketize_nan_and_infinities_with_padding():
     assert [o.tolist() for o in outs] == [[0, 1, 0, 1], [0, 3, 0, 2]]
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_nan_buckets_equal_filling_nan_first(path):
+    # Both CPU paths: the compiled kernel for plain tensors, the torch ops for a tensor that
+    # needs gradients (as while tracing); short lists (counted) and long ones (searched).
+    g = torch.Generator().manual_seed(3)
+    xs = []
+    for n, dtype in ((5000, torch.float32), (70_000, torch.float64), (7, torch.float16)):
+        x = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) * 4
+        x[torch.rand(n, generator=g) < 0.3] = float("nan")
+        xs.append(x)
+    xs.append(torch.arange(-5, 5))  # integers: never NaN
+    bounds = [[-1.0, 0.0, 2.5], torch.linspace(-9, 9, 50).tolist(), [0.0], [0, 3]]
+    fills = [0.7, -100.0, 0.0, 0.0]
+    nan_buckets = [
+        rk.bucketize(torch.tensor([f], dtype=x.dtype), b).item()
+        for x, f, b in zip(xs, fills, bounds, strict=True)
+    ]
+    nan_buckets[3] = 9
+    if path == "torch":
+        xs = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
+    got = rk.fused_bucketize(xs, bounds, nan_buckets=nan_buckets)
+    for x, b, f, out in zip(xs, bounds, fills, got, strict=True):
+        filled = x.detach().nan_to_num(nan=f, posinf=math.inf, neginf=-math.inf)
+        assert torch.equal(out, rk.bucketize(filled, b))
+    x = torch.tensor([[float("nan"), 1.0], [3.0, float("nan")]])
+    assert rk.bucketize(x, [0.0, 2.0], nan_bucket=-4).tolist() == [[-4, 1], [2, -4]]
+
+
+def test_nan_buckets_are_checked():
+    x = torch.tensor([1.0])
+    with pytest.raises(rk.ArgumentError, match="fused_bucketize: got 1 inputs but 2 nan_buckets"):
+        rk.fused_bucketize([x], [[0.0]], nan_buckets=[0, 1])
+    with pytest.raises(rk.ArgumentError, match=r"nan_buckets\[0\] must be an int64 integer"):
+        rk.fused_bucketize([x], [[0.0]], nan_buckets=[1.5])
+    with pytest.raises(rk.ArgumentError, match="bucketize: nan_bucket must be an int64 integer"):
+        rk.bucketize(x, [0.0], nan_bucket=1 << 63)
+    with pytest.raises(rk.ArgumentError, match="nan_buckets must be a list of ints"):
+        rk.fused_bucketize([x], [[0.0]], nan_buckets=3)
+
+
 def test_boundary_tensors_changed_in_place_are_checked_and_used_again():
     """Boundaries prepared for one call are reused for the same tensors; an in-place change
     is seen (new buckets, and the order check runs again)."""

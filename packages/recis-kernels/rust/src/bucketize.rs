@@ -1,6 +1,7 @@
 //! Buckets of values against sorted boundaries: the number of boundaries `<= x`.
 //!
-//! NaN compares false with everything, so it counts no boundary and lands in bucket 0. The
+//! NaN compares false with everything, so it counts no boundary: it lands in bucket 0 unless
+//! the caller names another bucket for it (a fill value's bucket, say). The
 //! boundaries come sorted, NaN-free and already in the values' type (rounded so that the
 //! comparison in that type is exact; see the Python side).
 
@@ -9,8 +10,14 @@
 pub const COUNT_MAX: usize = 32;
 const BLOCK: usize = 256;
 
-/// `out[i]` = the number of `bounds` that are `<= x[i]`.
-pub fn bucketize_into<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i64]) {
+/// `out[i]` = the number of `bounds` that are `<= x[i]`, or `nan_bucket` where `x[i]` is NaN
+/// (a value unordered with itself).
+pub fn bucketize_into<T: PartialOrd + Copy>(
+    bounds: &[T],
+    x: &[T],
+    out: &mut [i64],
+    nan_bucket: i64,
+) {
     assert_eq!(
         x.len(),
         out.len(),
@@ -35,6 +42,13 @@ pub fn bucketize_into<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i6
             *o = bounds.partition_point(|&b| b <= v) as i64;
         }
     }
+    if nan_bucket != 0 {
+        for (o, &v) in out.iter_mut().zip(x) {
+            if v.partial_cmp(&v).is_none() {
+                *o = nan_bucket;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -53,7 +67,7 @@ mod tests {
             let mut x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 50.0).collect();
             x.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -10.0]);
             let mut out = vec![-1; x.len()];
-            bucketize_into(&bounds, &x, &mut out);
+            bucketize_into(&bounds, &x, &mut out, 0);
             for (&v, &o) in x.iter().zip(&out) {
                 assert_eq!(o, reference(&bounds, v), "x = {v}, {len} boundaries");
             }
@@ -63,14 +77,31 @@ mod tests {
     #[test]
     fn nan_lands_in_bucket_zero() {
         let mut out = [9; 2];
-        bucketize_into(&[f64::NEG_INFINITY, 0.0], &[f64::NAN, -1.0], &mut out);
+        bucketize_into(&[f64::NEG_INFINITY, 0.0], &[f64::NAN, -1.0], &mut out, 0);
         assert_eq!(out, [0, 1]);
         bucketize_into(
             &(0..100).map(f64::from).collect::<Vec<_>>(),
             &[f64::NAN, 50.0],
             &mut out,
+            0,
         );
         assert_eq!(out, [0, 51]);
+    }
+
+    #[test]
+    fn nan_takes_the_bucket_named_for_it() {
+        // Short lists (counted) and long ones (searched); values in bucket 0 keep it.
+        for len in [3, COUNT_MAX + 5] {
+            let bounds: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            let mut x = vec![f32::NAN, -1.0, 1.5, f32::NAN];
+            x.extend((0..300).map(|i| if i % 7 == 0 { f32::NAN } else { -5.0 }));
+            let mut out = vec![0; x.len()];
+            bucketize_into(&bounds, &x, &mut out, 2);
+            for (&v, &o) in x.iter().zip(&out) {
+                let want = if v.is_nan() { 2 } else { reference(&bounds, v) };
+                assert_eq!(o, want, "x = {v}, {len} boundaries");
+            }
+        }
     }
 
     #[test]
@@ -78,7 +109,7 @@ mod tests {
         let bounds = [i64::MIN, -1, 0, i64::MAX];
         let x = [i64::MIN, -2, -1, 0, 1, i64::MAX];
         let mut out = [0; 6];
-        bucketize_into(&bounds, &x, &mut out);
+        bucketize_into(&bounds, &x, &mut out, 7); // integers are never NaN
         assert_eq!(out, [1, 1, 2, 3, 3, 4]);
     }
 }

@@ -208,6 +208,7 @@ fn bucketize_typed<T: PartialOrd + Copy + Sync>(
     parts: &[(usize, usize)],
     bounds: usize,
     bound_lens: &[usize],
+    nan_buckets: &[i64],
     out: usize,
     threads: usize,
 ) -> PyResult<()> {
@@ -233,15 +234,18 @@ fn bucketize_typed<T: PartialOrd + Copy + Sync>(
                 std::slice::from_raw_parts_mut((out as *mut i64).add(at[r.part] + r.start), n),
             )
         };
-        bucketize_into(b, x, o);
+        bucketize_into(b, x, o, nan_buckets[r.part]);
     });
     Ok(())
 }
 
 /// `out[part k]` = the bucket of each value of `parts[k]` against boundary list k of `bounds`
 /// (the lists back to back, `bound_lens[k]` each, sorted and NaN-free), as int64; the parts and
-/// the boundaries are of `dtype` ("float32", "float64" or "int64").
+/// the boundaries are of `dtype` ("float32", "float64" or "int64"). NaN values of part k land
+/// in bucket `nan_buckets[k]` (0 when `nan_buckets` is not given).
+#[allow(clippy::too_many_arguments)]
 #[pyfunction]
+#[pyo3(signature = (dtype, parts, bounds, bound_lens, out, threads, nan_buckets=None))]
 fn bucketize_parts(
     py: Python<'_>,
     dtype: &str,
@@ -250,6 +254,7 @@ fn bucketize_parts(
     bound_lens: Vec<usize>,
     out: usize,
     threads: usize,
+    nan_buckets: Option<Vec<i64>>,
 ) -> PyResult<()> {
     if parts.len() != bound_lens.len() {
         return Err(value_error(format!(
@@ -258,10 +263,19 @@ fn bucketize_parts(
             bound_lens.len()
         )));
     }
+    let nan = nan_buckets.unwrap_or_else(|| vec![0; parts.len()]);
+    if nan.len() != parts.len() {
+        return Err(value_error(format!(
+            "bucketize_parts: got {} parts but {} NaN buckets",
+            parts.len(),
+            nan.len()
+        )));
+    }
+    let (lens, nan) = (&bound_lens, &nan);
     match dtype {
-        "float32" => bucketize_typed::<f32>(py, &parts, bounds, &bound_lens, out, threads),
-        "float64" => bucketize_typed::<f64>(py, &parts, bounds, &bound_lens, out, threads),
-        "int64" => bucketize_typed::<i64>(py, &parts, bounds, &bound_lens, out, threads),
+        "float32" => bucketize_typed::<f32>(py, &parts, bounds, lens, nan, out, threads),
+        "float64" => bucketize_typed::<f64>(py, &parts, bounds, lens, nan, out, threads),
+        "int64" => bucketize_typed::<i64>(py, &parts, bounds, lens, nan, out, threads),
         other => Err(value_error(format!(
             "bucketize_parts: dtype must be float32, float64 or int64, got {other:?}"
         ))),

@@ -12,6 +12,7 @@ def bucketize_parts(
     bound_lens: list[int],
     out: int,
     threads: int,
+    nan_buckets: list[int] | None = None,
 ) -> None: ...
 def copy_rows(
     src: int,

@@ -93,12 +93,15 @@ def pair_hash_flat(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> to
 
 
 def bucketize_parts(
-    xs: Sequence[torch.Tensor], bounds: torch.Tensor, b_sizes: Sequence[int]
+    xs: Sequence[torch.Tensor],
+    bounds: torch.Tensor,
+    b_sizes: Sequence[int],
+    nan_buckets: list[int] | None = None,
 ) -> torch.Tensor:
     """The bucket of every element of ``xs[k]`` against boundary list ``k`` of ``bounds`` (the
     lists back to back, ``b_sizes[k]`` each, sorted, NaN-free and of the parts' dtype: float32,
-    float64 or int64), written one part after another into one flat int64 tensor; NaN lands in
-    bucket 0."""
+    float64 or int64), written one part after another into one flat int64 tensor; NaN in
+    ``xs[k]`` lands in bucket ``nan_buckets[k]`` (int64; 0 when not given)."""
     dtype = bounds.dtype
     if dtype not in _BUCKET_DTYPES:
         raise TypeError(f"CPU bucketize kernel takes float32, float64 or int64, got {dtype}")
@@ -112,6 +115,7 @@ def bucketize_parts(
         [int(n) for n in b_sizes],
         out.data_ptr(),
         torch.get_num_threads(),
+        nan_buckets,
     )
     return out
 

@@ -33,6 +33,7 @@ from recis_kernels._checks import (
     check_tensor,
     common_device,
     grid_for,
+    is_int,
 )
 from recis_kernels.exceptions import ArgumentError, ShapeError, UnsupportedDtypeError
 from recis_kernels.ops import _cpu_kernels
@@ -176,12 +177,17 @@ def _check_x(op: str, where: str, x: object) -> torch.Tensor:
     return t
 
 
-def bucketize(x: torch.Tensor, boundaries: torch.Tensor | Sequence[float]) -> torch.Tensor:
+def bucketize(
+    x: torch.Tensor, boundaries: torch.Tensor | Sequence[float], *, nan_bucket: int = 0
+) -> torch.Tensor:
     """Bucket index of each value: the number of ``boundaries`` that are ``<= x``.
 
     Args:
         x: integer or float tensor of any shape.
         boundaries: ``(M,)`` sorted (non-decreasing) boundaries, tensor or sequence.
+        nan_bucket: the bucket of NaN values (NaN compares false with every boundary: bucket 0
+            by default); ``bucketize(x, b, nan_bucket=bucketize(v, b))`` equals bucketizing
+            ``x`` with NaN filled by ``v``, in one pass.
 
     Returns:
         int64 tensor shaped like ``x`` with values in ``[0, M]``.
@@ -190,13 +196,14 @@ def bucketize(x: torch.Tensor, boundaries: torch.Tensor | Sequence[float]) -> to
         >>> bucketize(torch.tensor([-1.0, 0.0, 5.0, 10.0]), [0.0, 10.0])
         tensor([0, 1, 1, 2])
     """
-    return fused_bucketize([x], [boundaries], _op="bucketize")[0]
+    return fused_bucketize([x], [boundaries], nan_buckets=[nan_bucket], _op="bucketize")[0]
 
 
 def fused_bucketize(
     xs: Sequence[torch.Tensor],
     boundaries_list: Sequence[torch.Tensor | Sequence[float]],
     *,
+    nan_buckets: Sequence[int] | None = None,
     _op: str = "fused_bucketize",
 ) -> list[torch.Tensor]:
     """:func:`bucketize` of K features, each with its own boundaries, in one pass.
@@ -204,6 +211,7 @@ def fused_bucketize(
     Args:
         xs: K integer or float tensors on one device.
         boundaries_list: K sorted boundary tensors or sequences.
+        nan_buckets: K buckets for the NaN values of each feature (default: all 0).
 
     Returns:
         K int64 tensors shaped like ``xs``.
@@ -211,6 +219,7 @@ def fused_bucketize(
     op = _op
     if len(xs) != len(boundaries_list):
         raise ArgumentError(f"{op}: got {len(xs)} inputs but {len(boundaries_list)} boundary lists")
+    nans = _nan_buckets(op, nan_buckets, len(xs))
     if not xs:
         return []
     device = common_device(xs, _INTS + _FLOATS)
@@ -223,17 +232,44 @@ def fused_bucketize(
         group = [xs[k] for k in members]
         parts = [_as(x, dtype) for x in group]
         sizes = [x.numel() for x in parts]
+        # Integers are never NaN; a float group passes its NaN buckets when one is not 0.
+        group_nans = None
+        if dtype.is_floating_point and any(nans[k] for k in members):
+            group_nans = [nans[k] for k in members]
         if on_host(parts) and not use_cuda_kernels(device):
             # The compiled CPU kernel reads each feature where it lies: no packed copy.
-            out = _cpu_kernels.bucketize_parts(parts, packed_b, b_sizes)
+            out = _cpu_kernels.bucketize_parts(parts, packed_b, b_sizes, group_nans)
+            unpacked = unpack(out, sizes, [x.shape for x in group])
         else:
             packed, _ = pack(parts)
             out = run_op(
                 _fused_bucketize_op, _fused_bucketize_impl, packed, sizes, packed_b, b_sizes
             )
-        for k, part in zip(members, unpack(out, sizes, [x.shape for x in group]), strict=True):
+            unpacked = unpack(out, sizes, [x.shape for x in group])
+            if group_nans is not None:
+                unpacked = [
+                    torch.where(x.isnan(), n, part) if n else part
+                    for x, n, part in zip(group, group_nans, unpacked, strict=True)
+                ]
+        for k, part in zip(members, unpacked, strict=True):
             results[k] = part
     return results
+
+
+def _nan_buckets(op: str, nan_buckets: Sequence[int] | None, count: int) -> list[int]:
+    """The NaN bucket of each of ``count`` features, checked: ints in int64."""
+    name = "nan_bucket" if op == "bucketize" else "nan_buckets"
+    if nan_buckets is None:
+        return [0] * count
+    if isinstance(nan_buckets, (str, bytes)) or not isinstance(nan_buckets, Sequence):
+        raise ArgumentError(f"{op}: {name} must be a list of ints, got {nan_buckets!r}")
+    if len(nan_buckets) != count:
+        raise ArgumentError(f"{op}: got {count} inputs but {len(nan_buckets)} nan_buckets")
+    for k, n in enumerate(nan_buckets):
+        if not is_int(n) or not -(1 << 63) <= int(n) < 1 << 63:
+            where = name if op == "bucketize" else f"nan_buckets[{k}]"
+            raise ArgumentError(f"{op}: {where} must be an int64 integer, got {n!r}")
+    return [int(n) for n in nan_buckets]
 
 
 def _prepare(
