@@ -17,7 +17,7 @@ import recis_kernels as rk
 from recis_kernels import _native
 from recis_kernels.ops import _cpu_kernels, _uint64, bucketize, mod
 
-# Above twice the kernels' smallest share (1 << 15 elements): the work is split between threads.
+# Above twice the kernels' smallest share (1 << 17 elements): the work is split between threads.
 _SHARED = 300_000
 
 

@@ -19,9 +19,10 @@ use crate::divide::Divisor;
 use crate::shares::{share_count, split, Run};
 
 /// Fewest elements worth a thread of their own for the arithmetic kernels (a hand-off to a
-/// pool thread costs a few microseconds, waking a sleeping one tens; this many remainders take
-/// some thirty).
-const MIN_SHARE: usize = 1 << 15;
+/// pool thread costs a few microseconds, waking a sleeping one tens, and between the calls of
+/// a feature pipeline the pool's threads fall asleep; this many remainders take about a
+/// hundred; measured: 2**15 made the features benchmark slower on two threads).
+const MIN_SHARE: usize = 1 << 17;
 
 /// Fewest bytes worth a thread of their own for a copy: memory-bound, a copy gains from a
 /// second thread only when it is large (measured: 800 KB copy faster on one thread than two).
