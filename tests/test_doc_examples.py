@@ -442,12 +442,9 @@ def _check_features_guide(run: PageRun) -> None:
         {(s["kind"], tuple(s["features"])) for s in step} for step in run.namespace["engine"].plan()
     ]
     assert ("mod", ("user", "item")) in steps[1]
-    assert ("fill_missing", ("price", "clicks")) in steps[1]
-    assert {
-        ("bucketize", ("price",)),
-        ("truncate", ("clicks",)),
-        ("mod", ("user_x_item",)),
-    } <= steps[2]
+    assert ("fill_missing", ("clicks",)) in steps[1]
+    assert ("fill_missing+bucketize", ("price",)) in steps[1]
+    assert {("truncate", ("clicks",)), ("mod", ("user_x_item",))} <= steps[2]
     assert steps[3] == {("mod", ("clicks",))}
     ids = run.namespace["ids"]
     expected = recis_kernels.hash_strings(["bb", "ccc", "d"], buckets=10_000)

@@ -215,10 +215,11 @@ def test_the_guide_examples_run_as_written() -> None:
         [
             ("mod", ["user", "item"]),
             ("hash", ["city"]),
-            ("fill_missing", ["price", "clicks"]),
+            ("fill_missing+bucketize", ["price"]),
+            ("fill_missing", ["clicks"]),
             ("cross", ["user_x_item"]),
         ],
-        [("bucketize", ["price"]), ("truncate", ["clicks"]), ("mod", ["user_x_item"])],
+        [("truncate", ["clicks"]), ("mod", ["user_x_item"])],
         [("mod", ["clicks"])],
     ]
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from recis_features import (
     Feature,
     FeatureEngine,
+    FeatureTypeError,
     FillMissing,
     Mod,
     RegistrationError,
@@ -199,7 +200,13 @@ TEMPLATES = [
     "truncate_floats",
     "truncate_nested",
     "multi_hash",
+    "fill_bucketize",
+    "fill_only",
 ]
+# Few fill values, so that generated features share fills (merged with several bucketize ops,
+# or not merged because a feature ends at the fill).
+FILLS = st.sampled_from([0.0, -1.0, 2.5, 1e-3])
+FLOAT_DTYPES = st.sampled_from([None, "float64", "float16"])
 
 
 def _template(draw: st.DrawFn, name: str) -> Feature:
@@ -240,6 +247,11 @@ def _template(draw: st.DrawFn, name: str) -> Feature:
         return f.select("fseq").truncate(draw(st.integers(0, 6)), side)
     if choice == "truncate_nested":
         return f.select("nested").truncate(draw(st.integers(0, 5)), side, levels=3)
+    if choice == "fill_bucketize":
+        column = f.select("floats", dtype=draw(FLOAT_DTYPES))
+        return column.fill_missing(draw(FILLS)).bucketize(draw(BOUNDARIES))
+    if choice == "fill_only":
+        return f.select("floats", dtype=draw(FLOAT_DTYPES)).fill_missing(draw(FILLS))
     widths = draw(st.lists(BUCKETS, min_size=1, max_size=3))
     return f.select(draw(st.sampled_from(["ids", "seq", "ids2d"]))).multi_hash(widths)
 
@@ -311,3 +323,57 @@ def test_an_op_class_must_have_a_kind_of_its_own() -> None:
             return value * 2
 
     assert Concrete().apply(torch.tensor([2])).tolist() == [4]
+
+
+def test_a_fill_read_only_by_bucketize_runs_with_it() -> None:
+    features = [
+        # One fill read by two bucketize ops: both run with it, NaN to the fill's bucket.
+        Feature("a").select("x").fill_missing(2.5).bucketize([0.0, 2.0, 3.0]),
+        Feature("b").select("x").fill_missing(2.5).bucketize([1.0]),
+        # A feature ends at this fill: it runs, and the bucketize reads its result.
+        Feature("c").select("x").fill_missing(-1.0),
+        Feature("d").select("x").fill_missing(-1.0).bucketize([0.0]),
+        # Ragged floats: the fill gives empty rows a value, the bucketize reads them.
+        Feature("e").select("r").fill_missing(7.0).bucketize([5.0]),
+    ]
+    engine = FeatureEngine(features, passthrough=False)
+    plan = [[(g["kind"], g["features"], g["fused"]) for g in step] for step in engine.plan()]
+    assert plan[1] == [
+        ("fill_missing+bucketize", ["a", "b", "e"], True),
+        ("fill_missing", ["c", "d"], True),
+    ]
+    assert plan[2] == [("bucketize", ["d"], True)]
+    batch = {
+        "x": torch.tensor([[math.nan, 0.5], [2.5, 9.0]]),
+        "r": RaggedTensor(torch.tensor([1.0, math.nan, 6.0]), torch.tensor([0, 2, 2, 3])),
+    }
+    out = engine(batch)
+    assert out["a"].tolist() == [[2, 1], [2, 3]]
+    assert out["b"].tolist() == [[1, 0], [1, 1]]
+    assert out["d"].tolist() == [[0, 1], [1, 1]]
+    # The NaN in a row and the empty row both get 7.
+    assert out["e"].values.tolist() == [0, 1, 1, 1]
+    assert out["e"].offsets[0].tolist() == [0, 2, 3, 4]
+    for fused in (True, False):
+        got = FeatureEngine(features, passthrough=False, fused=fused)(batch)
+        for f in features:
+            assert_same(got[f.name], f(batch))
+
+
+def test_a_merged_fill_reports_errors_as_its_own_step() -> None:
+    engine = FeatureEngine([Feature("p").select("x").fill_missing(0).bucketize([1.0])])
+    for fused in (True, False):
+        engine.fused = fused
+        with pytest.raises(
+            FeatureTypeError, match=r"feature 'p': op fill_missing \(step 1\) expects dense floats"
+        ):
+            engine({"x": torch.tensor([1, 2])})
+        # Ragged ids are filled, then refused by the bucketize of step 2.
+        with pytest.raises(
+            FeatureTypeError, match=r"feature 'p': op bucketize \(step 2\) expects floats"
+        ):
+            engine({"x": RaggedTensor(torch.tensor([1, 2]), torch.tensor([0, 2]))})
+        with pytest.raises(FeatureTypeError, match=r"op fill_missing \(step 1\).*can hold"):
+            FeatureEngine([Feature("h").select("x").fill_missing(1e5).bucketize([1.0])])(
+                {"x": torch.tensor([math.nan], dtype=torch.float16)}
+            )

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._feature import (
@@ -18,14 +19,18 @@ from ._feature import (
     missing_column_error,
     read_source,
 )
+from ._fused import fill_then_bucketize
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
+from ._ops import Bucketize, FillMissing
 from ._values import Value
 from .exceptions import FeatureConflictError, FeatureDefinitionError, SerializationError
 
 __all__ = ["FeatureEngine"]
 
 _FORMAT_VERSION = 1
+# The kind of a group of bucketize ops run with the fill_missing each reads.
+_FILL_BUCKETIZE = "fill_missing+bucketize"
 
 
 @dataclasses.dataclass
@@ -36,6 +41,14 @@ class _Node:
     parent: int  # index of the input node; -1 for a source op
     step: int
     features: list[str]
+    # A bucketize whose input comes from a fill_missing that nothing else reads runs with it,
+    # in the fill's step: ``fill`` is that op (at step ``step - 1``), ``parent`` the fill's input.
+    fill: FillMissing | None = None
+
+    @property
+    def run_step(self) -> int:
+        """The step the node runs in."""
+        return self.step - 1 if self.fill is not None else self.step
 
 
 @dataclasses.dataclass
@@ -68,10 +81,22 @@ def _dedup(features: Iterable[Feature]) -> list[Feature]:
 
 def _apply(node: _Node, value: Value) -> Value:
     """``node.op.apply(value)``, data it refuses reported with the features sharing the node."""
+    return _apply_op(node.features, node.op, value)
+
+
+def _apply_op(features: list[str], op: Op, value: Value) -> Value:
     try:
-        return node.op.apply(value)  # type: ignore[attr-defined]
+        return op.apply(value)  # type: ignore[attr-defined]
     except INPUT_ERRORS as exc:
-        raise input_error(node.features, node.op, exc) from exc
+        raise input_error(features, op, exc) from exc
+
+
+def _fill_then_apply(node: _Node, value: Value) -> Value:
+    """A merged node's fill, then its own op, each on its own (checked as in their steps)."""
+    assert node.fill is not None
+    filled = _apply_op(node.features, node.fill, value)
+    check_value(node.features[0], node.op, node.step, filled)
+    return _apply(node, filled)
 
 
 class FeatureEngine(nn.Module):
@@ -81,7 +106,9 @@ class FeatureEngine(nn.Module):
     whose chains start alike share those ops, so an identical op on the same input runs once.
     Within a step, the ops of one kind (with per-feature parameters) go to the kind's fused
     implementation (see :func:`register_fused`) in one call; kinds without one run op by op.
-    Results are exactly those of each :class:`Feature` computed alone.
+    A ``bucketize`` whose input is a ``fill_missing`` that nothing else reads runs in the fill's
+    step, with it: dense floats are bucketed with NaN sent straight to the fill value's bucket
+    (no filled copy). Results are exactly those of each :class:`Feature` computed alone.
 
     Args:
         features: the features; an identical feature listed twice is kept once.
@@ -135,14 +162,19 @@ class FeatureEngine(nn.Module):
                 self._nodes[node].features.append(f.name)
                 parent = node
             self._outputs.append((f.name, parent))
+        merged = self._merge_fills()
         depth = max((n.step for n in self._nodes), default=-1) + 1
-        self._steps: list[list[_Group]] = [[] for _ in range(depth)]
+        steps: list[list[_Group]] = [[] for _ in range(depth)]
         for i, n in enumerate(self._nodes):
-            groups = self._steps[n.step]
-            group = next((g for g in groups if g.kind == n.op.kind), None)
+            if i in merged:
+                continue
+            kind = _FILL_BUCKETIZE if n.fill is not None else n.op.kind
+            groups = steps[n.run_step]
+            group = next((g for g in groups if g.kind == kind), None)
             if group is None:
-                groups.append(group := _Group(n.op.kind, []))
+                groups.append(group := _Group(kind, []))
             group.nodes.append(i)
+        self._steps = [groups for groups in steps if groups]
         for groups in self._steps:
             for group in groups:
                 group.members = [self._nodes[i] for i in group.nodes]
@@ -153,6 +185,29 @@ class FeatureEngine(nn.Module):
             for c in f.columns:
                 reads.setdefault(c, f.name)
         self._reads = [(c, name) for c, name in reads.items()]
+
+    def _merge_fills(self) -> set[int]:
+        """Run each ``bucketize`` of a ``fill_missing`` result with the fill, when nothing but
+        bucketize ops reads that result (no feature ends there): NaN then goes straight to the
+        fill value's bucket, with no filled copy. Returns the fill nodes no longer run."""
+        children: dict[int, list[int]] = {}
+        for i, n in enumerate(self._nodes):
+            children.setdefault(n.parent, []).append(i)
+        ends = {node for _, node in self._outputs}
+        merged = set()
+        for i, n in enumerate(self._nodes):
+            readers = children.get(i, [])
+            if (
+                type(n.op) is FillMissing
+                and i not in ends
+                and readers
+                and all(type(self._nodes[c].op) is Bucketize for c in readers)
+            ):
+                for c in readers:
+                    self._nodes[c].fill = n.op
+                    self._nodes[c].parent = n.parent
+                merged.add(i)
+        return merged
 
     @property
     def features(self) -> tuple[Feature, ...]:
@@ -166,7 +221,9 @@ class FeatureEngine(nn.Module):
 
     def plan(self) -> list[list[dict[str, Any]]]:
         """The compiled steps: per step, one entry per op kind with its features and whether
-        it runs as one fused call.
+        it runs as one fused call. A ``bucketize`` reading a ``fill_missing`` result that
+        nothing else reads runs with the fill, in its step, as kind
+        ``"fill_missing+bucketize"`` (``ops`` counts the bucketize ops).
 
         Returns:
             ``plan[k]`` lists ``{"kind", "ops", "features", "fused"}`` for step ``k``.
@@ -177,7 +234,8 @@ class FeatureEngine(nn.Module):
                     "kind": g.kind,
                     "ops": len(g.nodes),
                     "features": [name for i in g.nodes for name in self._nodes[i].features],
-                    "fused": self.fused and fused_implementation(g.kind) is not None,
+                    "fused": self.fused
+                    and (g.kind == _FILL_BUCKETIZE or fused_implementation(g.kind) is not None),
                 }
                 for g in groups
             ]
@@ -234,6 +292,11 @@ class FeatureEngine(nn.Module):
                 values[i] = read_source(node.features[0], node.op, columns)
             return
         inputs = [values[node.parent] for node in nodes]
+        if group.kind == _FILL_BUCKETIZE:
+            outputs = self._fill_bucketize(nodes, inputs)
+            for i, value in zip(group.nodes, outputs, strict=True):
+                values[i] = value
+            return
         for node, value in zip(nodes, inputs, strict=True):
             check_value(node.features[0], node.op, node.step, value)
         fused = fused_implementation(group.kind) if self.fused else None
@@ -253,6 +316,37 @@ class FeatureEngine(nn.Module):
                 raise input_error(names, nodes[0].op, exc) from exc
         for i, value in zip(group.nodes, outputs, strict=True):
             values[i] = value
+
+    def _fill_bucketize(self, nodes: list[_Node], inputs: list[Value]) -> list[Value]:
+        """A fill_missing and the bucketize reading it, for each node: dense floats in one
+        fused call, other values (ragged ones) op by op, every error as the ops alone give it."""
+        outputs: list[Value] = [None] * len(nodes)
+        dense = []
+        for k, (node, value) in enumerate(zip(nodes, inputs, strict=True)):
+            fill = node.fill
+            assert fill is not None
+            check_value(node.features[0], fill, node.step - 1, value)
+            if self.fused and type(value) is torch.Tensor and value.is_floating_point():
+                dense.append(k)
+            else:
+                outputs[k] = _fill_then_apply(node, value)
+        if dense:
+            group = [nodes[k] for k in dense]
+            xs = [inputs[k] for k in dense]
+            try:
+                fused = fill_then_bucketize(
+                    [n.fill for n in group],  # type: ignore[misc]
+                    [n.op for n in group],  # type: ignore[misc]
+                    xs,
+                )
+            except INPUT_ERRORS as exc:
+                for n, x in zip(group, xs, strict=True):
+                    _fill_then_apply(n, x)
+                names = sorted({f for n in group for f in n.features})
+                raise input_error(names, group[0].op, exc) from exc
+            for k, out in zip(dense, fused, strict=True):
+                outputs[k] = out
+        return outputs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data config (JSON/YAML-able) that :meth:`from_dict` rebuilds."""

@@ -51,6 +51,24 @@ def fused_bucketize(ops: Sequence[Bucketize], values: Sequence[Value]) -> list[V
     return [rebuild(v, o) for v, o in zip(values, outs, strict=True)]
 
 
+def fill_then_bucketize(
+    fills: Sequence[FillMissing], buckets: Sequence[Bucketize], xs: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``bucketize(fill_missing(x))`` of dense float tensors in one ``fused_bucketize`` call:
+    NaN goes straight to the bucket of the fill value (as an element of ``x``'s dtype), with no
+    filled copy of ``x``."""
+    flats = [x if x.dim() == 1 else x.reshape(-1) for x in xs]
+    outs = rk.fused_bucketize(
+        flats,
+        [b.boundary_tensor(x.device) for b, x in zip(buckets, xs, strict=True)],
+        nan_buckets=[
+            b.bucket_of(f.fill_for(x.dtype), x.dtype)
+            for f, b, x in zip(fills, buckets, xs, strict=True)
+        ],
+    )
+    return [o if o.shape == x.shape else o.view(x.shape) for o, x in zip(outs, xs, strict=True)]
+
+
 def _reduce(hashes: list[torch.Tensor], buckets: list[int]) -> list[torch.Tensor]:
     """Unsigned remainders of the hashes whose bucket count is non-zero, in one call."""
     todo = [k for k, b in enumerate(buckets) if b > 0]

@@ -302,9 +302,20 @@ class Bucketize(Transform):
                 f"compared in; {same[0]!r} and {same[1]!r} are one float64",
             )
         self._tensors: dict[torch.device, torch.Tensor] = {}
+        self._buckets: dict[tuple[float | int, torch.dtype], int] = {}
 
     def params(self) -> dict[str, Any]:
         return {"boundaries": list(self.boundaries)}
+
+    def bucket_of(self, value: float | int, dtype: torch.dtype) -> int:
+        """The bucket of one ``value`` held as an element of ``dtype`` (rounded as a tensor of
+        that dtype rounds it), exactly as :meth:`apply` buckets it; cached."""
+        key = (value, dtype)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            x = torch.tensor([value], dtype=dtype)
+            bucket = self._buckets[key] = int(rk.bucketize(x, self.boundary_tensor(x.device)))
+        return bucket
 
     def output_kind(self, input_kind: str) -> str:
         return "ids"
