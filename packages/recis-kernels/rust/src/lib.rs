@@ -9,6 +9,7 @@
 pub mod bucketize;
 pub mod cross;
 pub mod divide;
+pub mod radix;
 pub mod shares;
 
 #[cfg(feature = "python")]

@@ -16,6 +16,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 use crate::bucketize::bucketize_into;
 use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
+use crate::radix::sort_by_high_bits;
 use crate::shares::{share_count, split, Run};
 
 /// Fewest elements worth a thread of their own for the arithmetic kernels (a hand-off to a
@@ -362,11 +363,32 @@ fn copy_rows(
     Ok(())
 }
 
+/// Sorts the `len` int64 values at `data` in place, stably by the signed value of their bits
+/// above the lowest `low_bits` (0 to 63; 0 sorts the whole values), without the GIL.
+#[pyfunction]
+fn sort_int64_by_high_bits(py: Python<'_>, data: usize, len: usize, low_bits: u32) -> PyResult<()> {
+    let op = "sort_int64_by_high_bits";
+    if low_bits > 63 {
+        return Err(value_error(format!(
+            "{op}: low_bits must be 0 to 63, got {low_bits}"
+        )));
+    }
+    check_address::<i64>(op, "data", data, len)?;
+    if len < 2 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract: len int64 values at data, not read elsewhere meanwhile.
+    let values = unsafe { std::slice::from_raw_parts_mut(data as *mut i64, len) };
+    py.detach(|| sort_by_high_bits(values, low_bits));
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
     m.add_function(wrap_pyfunction!(bucketize_parts, m)?)?;
     m.add_function(wrap_pyfunction!(copy_rows, m)?)?;
     m.add_function(wrap_pyfunction!(pair_hash_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(sort_int64_by_high_bits, m)?)?;
     Ok(())
 }

@@ -40,6 +40,7 @@ from recis_kernels.ops.optim import (
 from recis_kernels.ops.partition import PartitionResult, owner_rank, partition_ids
 from recis_kernels.ops.row_store import RowStore
 from recis_kernels.ops.segment_reduce import segment_reduce
+from recis_kernels.ops.sort import sort_by_high_bits_
 from recis_kernels.ops.truncate import TruncateResult, fused_truncate, truncate
 from recis_kernels.ops.unique import UniqueResult, unique
 from recis_kernels.ragged import RaggedTensor
@@ -96,6 +97,7 @@ __all__ = [
     "rowwise_adagrad_rows_",
     "segment_reduce",
     "sgd_rows_",
+    "sort_by_high_bits_",
     "state_width",
     "truncate",
     "unique",

@@ -1,6 +1,12 @@
 """The compiled CPU kernels (private; called through ``recis_kernels.ops._cpu_kernels``)."""
 
-__all__ = ["bucketize_parts", "copy_rows", "pair_hash_parts", "umod_parts"]
+__all__ = [
+    "bucketize_parts",
+    "copy_rows",
+    "pair_hash_parts",
+    "sort_int64_by_high_bits",
+    "umod_parts",
+]
 
 def umod_parts(
     parts: list[tuple[int, int]], divisors: list[int], out: int, threads: int
@@ -28,3 +34,4 @@ def copy_rows(
 def pair_hash_parts(
     a_parts: list[tuple[int, int]], b_parts: list[tuple[int, int]], out: int, threads: int
 ) -> None: ...
+def sort_int64_by_high_bits(data: int, len: int, low_bits: int) -> None: ...
