@@ -121,7 +121,7 @@ def test_fused_mod_kernel_and_torch_implementation_agree(monkeypatch):
     moduli = [7, (1 << 62) + 3]
     kernel = rk.fused_mod(ids, moduli)
     # Without value access (as while tracing), fused_mod runs its torch implementation.
-    monkeypatch.setattr(mod, "on_host", lambda tensors: False)
+    monkeypatch.setattr(_cpu_kernels, "on_host", lambda tensors: False)
     monkeypatch.setattr(mod, "can_inspect", lambda t: False)
     monkeypatch.setattr(_uint64, "can_inspect", lambda t: False)
     torch_impl = rk.fused_mod(ids, moduli)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from recis_kernels import _native
+from recis_kernels._backend import on_host
 
 __all__ = [
     "bucketize_parts",
@@ -44,18 +45,12 @@ def _parts(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]
 
 
 def host_parts(xs: Sequence[object], dtype: torch.dtype) -> list[torch.Tensor] | None:
-    """``xs`` as flat, contiguous tensors a kernel may read in place, in one pass: ``None``
-    unless every one is an eager, plain CPU tensor of ``dtype`` that needs no gradient (the
-    caller then checks its inputs and reports, or takes its torch path)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """``xs`` as flat, contiguous tensors a kernel may read in place: ``None`` unless every one
+    is of ``dtype`` and :func:`~recis_kernels._backend.on_host` (the caller then checks its
+    inputs and reports, or takes its torch path)."""
+    if not on_host(xs) or any(x.dtype != dtype for x in xs):  # type: ignore[attr-defined]
         return None
-    out = []
-    for x in xs:
-        if type(x) is not torch.Tensor or x.dtype != dtype or not x.is_cpu or x.requires_grad:
-            return None
-        flat = x if x.dim() == 1 else x.reshape(-1)
-        out.append(flat if flat.is_contiguous() else flat.contiguous())
-    return out
+    return _parts(xs, dtype)  # type: ignore[arg-type]
 
 
 def umod_parts(xs: Sequence[torch.Tensor], ns: Sequence[int]) -> torch.Tensor:

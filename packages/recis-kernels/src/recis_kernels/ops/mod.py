@@ -11,7 +11,7 @@ from typing import List, TypeGuard  # noqa: UP035  (torch 2.6 infers schemas fro
 
 import torch
 
-from recis_kernels._backend import on_host, run_op, use_cuda_kernels
+from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_dtype,
@@ -24,7 +24,7 @@ from recis_kernels._checks import (
 from recis_kernels.exceptions import ArgumentError
 from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import pack, unpack
-from recis_kernels.ops._uint64 import umod, umod_parts, umod_segments
+from recis_kernels.ops._uint64 import umod, umod_segments
 
 __all__ = ["fused_mod", "mod"]
 
@@ -83,31 +83,24 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
         raise ArgumentError(f"{op}: got {len(ids_list)} id tensors but {len(ns)} moduli")
     if not ids_list:
         return []
-    # The common case first, in one pass over the inputs: plain CPU int64 tensors and Python
-    # int moduli, straight to the compiled kernel (each feature reduced from its own memory into
-    # its part of one output: no packed copy of the inputs).
+    # Plain CPU int64 tensors go straight to the compiled kernel (each feature reduced from its
+    # own memory into its part of one output: no packed copy of the inputs); with Python int
+    # moduli in range, as is usual, without the checks below.
     parts = _cpu_kernels.host_parts(ids_list, torch.int64)
-    if (
-        parts is not None
-        and all(type(n) is int and 0 < n <= _INT64_MAX for n in ns)
-        and not use_cuda_kernels(ids_list[0].device)
-    ):
+    if parts is None or not all(type(n) is int and 0 < n <= _INT64_MAX for n in ns):
+        if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:
+            for k, ids in enumerate(ids_list):
+                check_tensor(op, f"ids_list[{k}]", ids)
+                check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
+                _check_n(op, f"ns[{k}]", ns[k])
+            check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
+        ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
+    if parts is not None and not use_cuda_kernels(ids_list[0].device):
         return unpack(
             _cpu_kernels.umod_flat(parts, list(ns)),
             [p.numel() for p in parts],
             [t.shape for t in ids_list],
         )
-    if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:
-        for k, ids in enumerate(ids_list):
-            check_tensor(op, f"ids_list[{k}]", ids)
-            check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
-            _check_n(op, f"ns[{k}]", ns[k])
-        check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
-    ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
-    if on_host(ids_list) and not use_cuda_kernels(ids_list[0].device):
-        sizes = [t.numel() for t in ids_list]
-        out = umod_parts([t if t.dim() == 1 else t.reshape(-1) for t in ids_list], ns)
-        return unpack(out, sizes, [t.shape for t in ids_list])
     packed, sizes = pack(ids_list)
     out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
     return unpack(out, sizes, [t.shape for t in ids_list])
