@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,12 @@ from ._fusion import fused_implementation
 from ._op import Op, SourceOp
 from ._ops import Bucketize, FillMissing
 from ._values import Value
-from .exceptions import FeatureConflictError, FeatureDefinitionError, SerializationError
+from .exceptions import (
+    FeatureConflictError,
+    FeatureDefinitionError,
+    FeatureInputError,
+    SerializationError,
+)
 
 __all__ = ["FeatureEngine"]
 
@@ -97,6 +102,20 @@ def _fill_then_apply(node: _Node, value: Value) -> Value:
     filled = _apply_op(node.features, node.fill, value)
     check_value(node.features[0], node.op, node.step, filled)
     return _apply(node, filled)
+
+
+def _refused(
+    nodes: list[_Node],
+    inputs: list[Value],
+    exc: Exception,
+    run: Callable[[_Node, Value], Value],
+) -> FeatureInputError:
+    """The error for a fused call that refused its data. It names the feature whose data was
+    refused, not every feature of the call (nor the kernel's index into it): each node runs
+    alone (``run``) until one raises; if none does, every feature of the call is named."""
+    for n, v in zip(nodes, inputs, strict=True):
+        run(n, v)
+    return input_error(sorted({f for n in nodes for f in n.features}), nodes[0].op, exc)
 
 
 class FeatureEngine(nn.Module):
@@ -308,12 +327,7 @@ class FeatureEngine(nn.Module):
             except INPUT_ERRORS as exc:
                 if len(nodes) == 1:
                     raise input_error(nodes[0].features, nodes[0].op, exc) from exc
-                # Name the feature whose data was refused, not every feature of the fused call
-                # (nor the kernel's index into it): run the ops alone until one fails.
-                for n, v in zip(nodes, inputs, strict=True):
-                    _apply(n, v)
-                names = sorted({f for n in nodes for f in n.features})
-                raise input_error(names, nodes[0].op, exc) from exc
+                raise _refused(nodes, inputs, exc, _apply) from exc
         for i, value in zip(group.nodes, outputs, strict=True):
             values[i] = value
 
@@ -340,10 +354,7 @@ class FeatureEngine(nn.Module):
                     xs,
                 )
             except INPUT_ERRORS as exc:
-                for n, x in zip(group, xs, strict=True):
-                    _fill_then_apply(n, x)
-                names = sorted({f for n in group for f in n.features})
-                raise input_error(names, group[0].op, exc) from exc
+                raise _refused(group, xs, exc, _fill_then_apply) from exc
             for k, out in zip(dense, fused, strict=True):
                 outputs[k] = out
         return outputs
