@@ -175,6 +175,39 @@ def test_wrong_value_kinds_raise_at_the_first_batch(feature: Feature, message: s
     assert str(info.value) == message
 
 
+def test_each_batch_is_checked_after_good_ones() -> None:
+    # The engine remembers the dtypes a group's ops accepted; a later batch of another dtype is
+    # still checked, on either path, as are the fill of a fill+bucketize group and a bad fill.
+    features = [
+        Feature("m").select("x").mod(7),
+        Feature("b").select("y").fill_missing(0.0).bucketize([1.0]),
+        Feature("f").select("z").fill_missing(1e6),
+        Feature("g").select("w").fill_missing(1e6).bucketize([1.0]),
+    ]
+    good = {
+        "x": torch.tensor([3, 9]),
+        "y": torch.tensor([0.5, float("nan")]),
+        "w": torch.tensor([0.5, 2.0]),
+        "z": torch.tensor([float("nan"), 2.0]),
+    }
+    for fused in (True, False):
+        engine = FeatureEngine(features, fused=fused)
+        for _ in range(2):
+            out = engine(good)
+            assert out["m"].tolist() == [3, 2]
+            assert out["b"].tolist() == [0, 0]
+        with pytest.raises(FeatureTypeError, match=r"feature 'm': op mod \(step 1\) expects"):
+            engine({**good, "x": torch.tensor([1.5, 2.0])})
+        with pytest.raises(FeatureTypeError, match=r"feature 'b': op fill_missing \(step 1\)"):
+            engine({**good, "y": torch.tensor([1, 2])})
+        with pytest.raises(FeatureTypeError, match=r"feature 'f': op fill_missing .* float16"):
+            engine({**good, "z": torch.tensor([1.0], dtype=torch.float16)})
+        # float16 suits the fill of 'b' (0.0), not that of 'g' (1e6, beyond float16's range).
+        half = {c: good[c].half() for c in ("y", "w")}
+        with pytest.raises(FeatureTypeError, match=r"feature 'g': op fill_missing .* float16"):
+            engine({**good, **half})
+
+
 def test_a_mapped_value_is_checked_when_the_batch_runs() -> None:
     # What a function returns is unknown when the feature is built: the next op checks it.
     pair = Feature("c").select_fields(["user_id", "label"]).map(lambda p: (p[0] % 10, p[1]))

@@ -22,7 +22,7 @@ from ._feature import (
 from ._fused import fill_then_bucketize
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
-from ._ops import Bucketize, FillMissing
+from ._ops import Bucketize, FillMissing, SelectField
 from ._values import Value
 from .exceptions import (
     FeatureConflictError,
@@ -65,6 +65,13 @@ class _Group:
     # Filled once compiled (the engine runs groups per batch: no lookups on that path).
     members: list[_Node] = dataclasses.field(default_factory=list)
     ops: list[Op] = dataclasses.field(default_factory=list)
+    # Source groups: (node, column) of every select that passes its column through unchanged.
+    plain_reads: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    # Dtypes every op of the group was seen to accept as a dense tensor: a dense input of one
+    # of these dtypes needs no further check. Kept only where an op judges a dense tensor by
+    # its dtype alone (ops of one class with the base ``Op.mismatch``; the fills of a
+    # fill_missing+bucketize group, where a dtype is recorded once every fill accepted it).
+    tensor_dtypes: set[torch.dtype] | None = None
 
 
 def _dedup(features: Iterable[Feature]) -> list[Feature]:
@@ -102,6 +109,20 @@ def _fill_then_apply(node: _Node, value: Value) -> Value:
     filled = _apply_op(node.features, node.fill, value)
     check_value(node.features[0], node.op, node.step, filled)
     return _apply(node, filled)
+
+
+def _check_inputs(group: _Group, inputs: list[Value]) -> None:
+    """``check_value`` of each input of the group; dense tensors of a dtype the group's ops
+    were already seen to accept skip it (a dense tensor's kind depends on its dtype alone)."""
+    seen = group.tensor_dtypes
+    for node, value in zip(group.members, inputs, strict=True):
+        if seen is not None and type(value) is torch.Tensor:
+            if value.dtype in seen:
+                continue
+            check_value(node.features[0], node.op, node.step, value)
+            seen.add(value.dtype)
+        else:
+            check_value(node.features[0], node.op, node.step, value)
 
 
 def _refused(
@@ -198,6 +219,17 @@ class FeatureEngine(nn.Module):
             for group in groups:
                 group.members = [self._nodes[i] for i in group.nodes]
                 group.ops = [n.op for n in group.members]
+                group.plain_reads = [
+                    (i, n.op.column)
+                    for i, n in zip(group.nodes, group.members, strict=True)
+                    if type(n.op) is SelectField and n.op.dtype is None
+                ]
+                kinds = {type(op) for op in group.ops}
+                if group.kind == _FILL_BUCKETIZE or (
+                    len(kinds) == 1 and kinds.pop().mismatch is Op.mismatch
+                ):
+                    # (A fill_missing judges a dense tensor by its dtype and its fill value.)
+                    group.tensor_dtypes = set()
         # Each column converted once, errors naming the first feature that reads it.
         reads: dict[str, str] = {}
         for f in self._features:
@@ -306,18 +338,21 @@ class FeatureEngine(nn.Module):
     def _run_group(self, group: _Group, values: list[Value], columns: dict[str, Value]) -> None:
         nodes = group.members
         if nodes[0].parent < 0:
+            if len(group.plain_reads) == len(nodes):
+                for i, column in group.plain_reads:
+                    values[i] = columns[column]
+                return
             for i, node in zip(group.nodes, nodes, strict=True):
                 assert isinstance(node.op, SourceOp)
                 values[i] = read_source(node.features[0], node.op, columns)
             return
         inputs = [values[node.parent] for node in nodes]
         if group.kind == _FILL_BUCKETIZE:
-            outputs = self._fill_bucketize(nodes, inputs)
+            outputs = self._fill_bucketize(group, inputs)
             for i, value in zip(group.nodes, outputs, strict=True):
                 values[i] = value
             return
-        for node, value in zip(nodes, inputs, strict=True):
-            check_value(node.features[0], node.op, node.step, value)
+        _check_inputs(group, inputs)
         fused = fused_implementation(group.kind) if self.fused else None
         if fused is None:
             outputs = [_apply(n, v) for n, v in zip(nodes, inputs, strict=True)]
@@ -331,30 +366,39 @@ class FeatureEngine(nn.Module):
         for i, value in zip(group.nodes, outputs, strict=True):
             values[i] = value
 
-    def _fill_bucketize(self, nodes: list[_Node], inputs: list[Value]) -> list[Value]:
+    def _fill_bucketize(self, group: _Group, inputs: list[Value]) -> list[Value]:
         """A fill_missing and the bucketize reading it, for each node: dense floats in one
         fused call, other values (ragged ones) op by op, every error as the ops alone give it."""
+        nodes = group.members
+        seen = group.tensor_dtypes
+        assert seen is not None
+        dtypes = {v.dtype if type(v) is torch.Tensor else None for v in inputs}
+        checked = len(dtypes) == 1 and dtypes <= seen
         outputs: list[Value] = [None] * len(nodes)
         dense = []
         for k, (node, value) in enumerate(zip(nodes, inputs, strict=True)):
             fill = node.fill
             assert fill is not None
-            check_value(node.features[0], fill, node.step - 1, value)
+            if not checked:
+                check_value(node.features[0], fill, node.step - 1, value)
             if self.fused and type(value) is torch.Tensor and value.is_floating_point():
                 dense.append(k)
             else:
                 outputs[k] = _fill_then_apply(node, value)
+        (dtype,) = dtypes if len(dtypes) == 1 else (None,)
+        if not checked and dtype is not None:
+            seen.add(dtype)  # every fill accepted dense tensors of this one dtype
         if dense:
-            group = [nodes[k] for k in dense]
+            members = [nodes[k] for k in dense]
             xs = [inputs[k] for k in dense]
             try:
                 fused = fill_then_bucketize(
-                    [n.fill for n in group],  # type: ignore[misc]
-                    [n.op for n in group],  # type: ignore[misc]
+                    [n.fill for n in members],  # type: ignore[misc]
+                    [n.op for n in members],  # type: ignore[misc]
                     xs,
                 )
             except INPUT_ERRORS as exc:
-                raise _refused(group, xs, exc, _fill_then_apply) from exc
+                raise _refused(members, xs, exc, _fill_then_apply) from exc
             for k, out in zip(dense, fused, strict=True):
                 outputs[k] = out
         return outputs

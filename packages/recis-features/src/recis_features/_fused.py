@@ -37,8 +37,12 @@ __all__: list[str] = []
 @register_fused("mod")
 def fused_mod(ops: Sequence[Mod], values: Sequence[Value]) -> list[Value]:
     """All ``mod`` ops of a step as one ``recis_kernels.fused_mod`` call."""
+    ns = [op.n for op in ops]
+    if all(type(v) is torch.Tensor and v.dtype == torch.int64 for v in values):
+        # Dense int64 ids (the usual case): fused_mod keeps each input's shape.
+        return rk.fused_mod(values, ns)  # type: ignore[arg-type]
     ids = [as_int64(flat(v)) for v in values]
-    outs = rk.fused_mod(ids, [op.n for op in ops])
+    outs = rk.fused_mod(ids, ns)
     return [rebuild(v, o) for v, o in zip(values, outs, strict=True)]
 
 
