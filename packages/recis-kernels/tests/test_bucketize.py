@@ -375,6 +375,27 @@ def test_boundaries_changed_without_a_version_bump_are_not_served_stale():
         rk.bucketize(x, b)
 
 
+def test_tuple_boundaries_are_prepared_once_and_exact():
+    from recis_kernels.ops import bucketize as module
+
+    x = torch.tensor([0.5, 1.5, 2.5, float("nan")])
+    b = (1.0, 2.0)
+    module._prepared.clear()
+    assert rk.fused_bucketize([x, x], [b, (2,)], nan_buckets=[7, 0])[0].tolist() == [0, 1, 2, 7]
+    (entry,) = module._prepared.values()
+    assert entry[1][0] is b  # held, not copied
+    assert rk.fused_bucketize([x, x], [b, (2,)])[1].tolist() == [0, 0, 1, 0]
+    assert len(module._prepared) == 1  # served from the entry
+    # A tuple holding a tensor may change under the same identity: never kept.
+    t = torch.tensor(1.0)
+    held = (t, 2.0)
+    assert rk.bucketize(x, held).tolist() == [0, 1, 2, 0]
+    t.fill_(3.0)
+    with pytest.raises(ValueError, match="boundaries must be sorted"):
+        rk.bucketize(x, held)
+    assert len(module._prepared) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
 def test_bucketize_on_meta_tensors(dtype):
     x = torch.empty(2, 3, dtype=dtype, device="meta")

@@ -50,8 +50,8 @@ def fused_mod(ops: Sequence[Mod], values: Sequence[Value]) -> list[Value]:
 def fused_bucketize(ops: Sequence[Bucketize], values: Sequence[Value]) -> list[Value]:
     """All ``bucketize`` ops of a step as one ``recis_kernels.fused_bucketize`` call."""
     xs = [flat(v) for v in values]
-    bounds = [op.boundary_tensor(x.device) for op, x in zip(ops, xs, strict=True)]
-    outs = rk.fused_bucketize(xs, bounds)
+    # The boundaries as the op's tuple of floats: prepared once by the kernels, then reused.
+    outs = rk.fused_bucketize(xs, [op.boundaries for op in ops])
     return [rebuild(v, o) for v, o in zip(values, outs, strict=True)]
 
 
@@ -64,7 +64,7 @@ def fill_then_bucketize(
     flats = [x if x.dim() == 1 else x.reshape(-1) for x in xs]
     outs = rk.fused_bucketize(
         flats,
-        [b.boundary_tensor(x.device) for b, x in zip(buckets, xs, strict=True)],
+        [b.boundaries for b in buckets],
         nan_buckets=[
             b.bucket_of(f.fill_for(x.dtype), x.dtype)
             for f, b, x in zip(fills, buckets, xs, strict=True)

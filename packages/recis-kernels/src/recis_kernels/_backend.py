@@ -97,8 +97,10 @@ def on_host(tensors) -> bool:
     gradient."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return all(
-        type(t) is torch.Tensor and t.is_cpu and not t.requires_grad
-        for t in tensors
-        if t is not None
-    )
+    return all(plain_host(t) for t in tensors if t is not None)
+
+
+def plain_host(t: object) -> bool:
+    """Whether ``t`` is a plain (not a subclass) CPU tensor that needs no gradient: the
+    per-tensor half of :func:`on_host`, which also rules out tracing."""
+    return type(t) is torch.Tensor and t.is_cpu and not t.requires_grad

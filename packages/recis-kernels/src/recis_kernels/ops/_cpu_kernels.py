@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from recis_kernels import _native
-from recis_kernels._backend import on_host
+from recis_kernels._backend import on_host, plain_host
 
 __all__ = [
+    "bucketize_flat",
     "bucketize_parts",
     "copy_rows",
     "host_parts",
@@ -29,7 +30,7 @@ __all__ = [
     "umod_parts",
 ]
 
-_BUCKET_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
+BUCKET_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
 
 
 def _parts(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -47,10 +48,19 @@ def _parts(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]
 def host_parts(xs: Sequence[object], dtype: torch.dtype) -> list[torch.Tensor] | None:
     """``xs`` as flat, contiguous tensors a kernel may read in place: ``None`` unless every one
     is of ``dtype`` and :func:`~recis_kernels._backend.on_host` (the caller then checks its
-    inputs and reports, or takes its torch path)."""
-    if not on_host(xs) or any(x.dtype != dtype for x in xs):  # type: ignore[attr-defined]
-        return None
-    return _parts(xs, dtype)  # type: ignore[arg-type]
+    inputs and reports, or takes its torch path). One pass: fused calls take dozens of parts."""
+    if not on_host(()):
+        return None  # tracing
+    parts: list[torch.Tensor] = []
+    for x in xs:
+        if not plain_host(x):
+            return None
+        assert isinstance(x, torch.Tensor)
+        if x.dtype != dtype:
+            return None
+        flat = x if x.dim() == 1 else x.reshape(-1)
+        parts.append(flat if flat.is_contiguous() else flat.contiguous())
+    return parts
 
 
 def umod_parts(xs: Sequence[torch.Tensor], ns: Sequence[int]) -> torch.Tensor:
@@ -98,16 +108,26 @@ def bucketize_parts(
     float64 or int64), written one part after another into one flat int64 tensor; NaN in
     ``xs[k]`` lands in bucket ``nan_buckets[k]`` (int64; 0 when not given)."""
     dtype = bounds.dtype
-    if dtype not in _BUCKET_DTYPES:
+    if dtype not in BUCKET_DTYPES:
         raise TypeError(f"CPU bucketize kernel takes float32, float64 or int64, got {dtype}")
-    parts = _parts(xs, dtype)
+    return bucketize_flat(_parts(xs, dtype), bounds, [int(n) for n in b_sizes], nan_buckets)
+
+
+def bucketize_flat(
+    parts: Sequence[torch.Tensor],
+    bounds: torch.Tensor,
+    b_sizes: list[int],
+    nan_buckets: list[int] | None = None,
+) -> torch.Tensor:
+    """:func:`bucketize_parts` on parts already flat, contiguous and of the boundaries' dtype
+    (:func:`host_parts`), with Python int list sizes."""
     bounds = bounds if bounds.is_contiguous() else bounds.contiguous()
     out = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64)
     _native.bucketize_parts(
-        _BUCKET_DTYPES[dtype],
+        BUCKET_DTYPES[bounds.dtype],
         [(p.data_ptr(), p.numel()) for p in parts],
         bounds.data_ptr(),
-        [int(n) for n in b_sizes],
+        b_sizes,
         out.data_ptr(),
         torch.get_num_threads(),
         nan_buckets,
