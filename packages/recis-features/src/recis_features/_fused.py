@@ -61,16 +61,15 @@ def fill_then_bucketize(
     """``bucketize(fill_missing(x))`` of dense float tensors in one ``fused_bucketize`` call:
     NaN goes straight to the bucket of the fill value (as an element of ``x``'s dtype), with no
     filled copy of ``x``."""
-    flats = [x if x.dim() == 1 else x.reshape(-1) for x in xs]
-    outs = rk.fused_bucketize(
-        flats,
+    # fused_bucketize keeps each input's shape.
+    return rk.fused_bucketize(
+        xs,
         [b.boundaries for b in buckets],
         nan_buckets=[
             b.bucket_of(f.fill_for(x.dtype), x.dtype)
             for f, b, x in zip(fills, buckets, xs, strict=True)
         ],
     )
-    return [o if o.shape == x.shape else o.view(x.shape) for o, x in zip(outs, xs, strict=True)]
 
 
 def _reduce(hashes: list[torch.Tensor], buckets: list[int]) -> list[torch.Tensor]:

@@ -2,17 +2,31 @@
 //!
 //! A hardware 64-bit division takes tens of cycles; dividing by an invariant divisor is a
 //! multiplication instead (Granlund and Montgomery, "Division by invariant integers using
-//! multiplication", 1994, figure 4.1): with `l = ceil(log2 d)` and
-//! `m = floor(2^64 * (2^l - d) / d) + 1`, for every 64-bit `n`,
-//! `n / d = (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0)` where `t = (m * n) >> 64`.
+//! multiplication", 1994). With `l = ceil(log2 d)`: when `m = ceil(2^(63+l) / d)` misses
+//! `2^(63+l) / d` by little enough (theorem 4.2), `n / d = (m * n) >> (63 + l)`; otherwise
+//! `m' = floor(2^(63+l) / d)` gives `n / d = (m' * (n + 1)) >> (63 + l)` (Robison, 2005).
+//! Powers of two mask.
+
+/// How a prepared divisor finds its quotients.
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    /// `d` is a power of two: the remainder is `n & (d - 1)`.
+    Mask,
+    /// `q = mulhi(n, m) >> shift`: a 64-bit magic number is exact for every `n` (about half
+    /// of all divisors; Granlund and Montgomery, theorem 4.2).
+    Multiply { m: u64, shift: u32 },
+    /// `q = mulhi(n + 1, m) >> shift` with `m` rounded down instead of up, for the other
+    /// divisors (where rounding up misses by too much, rounding down with the increment is
+    /// exact: Robison, "N-bit unsigned division via N-bit multiply-add", 2005). `n + 1` is
+    /// taken in 128 bits, as `m * n + m`: no overflow at `n = 2^64 - 1`.
+    MultiplyIncrement { m: u64, shift: u32 },
+}
 
 /// A divisor `1 <= d < 2^63` prepared for repeated remainders.
 #[derive(Clone, Copy, Debug)]
 pub struct Divisor {
     d: u64,
-    m: u64,
-    shift1: u32,
-    shift2: u32,
+    method: Method,
 }
 
 impl Divisor {
@@ -21,23 +35,41 @@ impl Divisor {
         if d == 0 || d >= 1 << 63 {
             return None;
         }
-        // ceil(log2 d): 0 for d = 1.
+        if d.is_power_of_two() {
+            return Some(Divisor {
+                d,
+                method: Method::Mask,
+            });
+        }
+        // l = ceil(log2 d) >= 2, so 2^(l-1) < d < 2^l.
         let l = 64 - (d - 1).leading_zeros();
-        let m = ((((1u128 << l) - d as u128) << 64) / d as u128 + 1) as u64;
-        Some(Divisor {
-            d,
-            m,
-            shift1: l.min(1),
-            shift2: l.saturating_sub(1),
-        })
+        let d128 = d as u128;
+        // m = ceil(2^(63+l) / d) lies in [2^63, 2^64); it is exact for every 64-bit n when its
+        // error m*d - 2^(63+l) is at most 2^(l-1).
+        let m = (1u128 << (63 + l)).div_ceil(d128);
+        let method = if m * d128 - (1u128 << (63 + l)) <= 1u128 << (l - 1) {
+            Method::Multiply {
+                m: m as u64,
+                shift: l - 1,
+            }
+        } else {
+            // floor(2^(63+l) / d): d is no power of two, so one below the rounded-up value.
+            Method::MultiplyIncrement {
+                m: (m - 1) as u64,
+                shift: l - 1,
+            }
+        };
+        Some(Divisor { d, method })
     }
 
     /// `n % d`.
     #[inline(always)]
     pub fn rem(&self, n: u64) -> u64 {
-        let t = ((self.m as u128 * n as u128) >> 64) as u64;
-        let q = (t + ((n - t) >> self.shift1)) >> self.shift2;
-        n - q * self.d
+        match self.method {
+            Method::Mask => n & (self.d - 1),
+            Method::Multiply { m, shift } => n - (mulhi(n, m) >> shift) * self.d,
+            Method::MultiplyIncrement { m, shift } => n - (mulhi_inc(n, m) >> shift) * self.d,
+        }
     }
 
     /// `out[i] = x[i] % d`.
@@ -47,15 +79,46 @@ impl Divisor {
             out.len(),
             "rem_into: input and output lengths differ"
         );
-        for (o, &n) in out.iter_mut().zip(x) {
-            *o = self.rem(n);
+        let d = self.d;
+        // One loop per method: the choice is made once, not per value.
+        match self.method {
+            Method::Mask => {
+                for (o, &n) in out.iter_mut().zip(x) {
+                    *o = n & (d - 1);
+                }
+            }
+            Method::Multiply { m, shift } => {
+                for (o, &n) in out.iter_mut().zip(x) {
+                    *o = n - (mulhi(n, m) >> shift) * d;
+                }
+            }
+            Method::MultiplyIncrement { m, shift } => {
+                for (o, &n) in out.iter_mut().zip(x) {
+                    *o = n - (mulhi_inc(n, m) >> shift) * d;
+                }
+            }
         }
     }
 }
 
+/// The high 64 bits of the 128-bit product.
+#[inline(always)]
+fn mulhi(a: u64, b: u64) -> u64 {
+    ((a as u128 * b as u128) >> 64) as u64
+}
+
+/// The high 64 bits of `(n + 1) * m`, as `n * m + m` in 128 bits: the carry of adding `m` to
+/// the low half goes to the high half (one multiplication; `n + 1` itself may overflow).
+#[inline(always)]
+fn mulhi_inc(n: u64, m: u64) -> u64 {
+    let p = n as u128 * m as u128;
+    let (_, carry) = (p as u64).overflowing_add(m);
+    ((p >> 64) as u64) + u64::from(carry)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Divisor;
+    use super::{Divisor, Method};
 
     fn numerators() -> Vec<u64> {
         let mut n = vec![
@@ -119,11 +182,41 @@ mod tests {
     }
 
     #[test]
+    fn every_method_is_tested() {
+        // The divisors above reach each way of dividing, so each is checked against `%`.
+        let (mut mask, mut multiply, mut increment) = (0, 0, 0);
+        for d in divisors() {
+            match Divisor::new(d).unwrap().method {
+                Method::Mask => mask += 1,
+                Method::Multiply { .. } => multiply += 1,
+                Method::MultiplyIncrement { .. } => increment += 1,
+            }
+        }
+        assert!(
+            mask > 0 && multiply > 10 && increment > 10,
+            "{mask} {multiply} {increment}"
+        );
+    }
+
+    #[test]
     fn refuses_zero_and_large_divisors() {
         assert!(Divisor::new(0).is_none());
         assert!(Divisor::new(1 << 63).is_none());
         assert!(Divisor::new(u64::MAX).is_none());
         assert!(Divisor::new((1 << 63) - 1).is_some());
+    }
+
+    #[test]
+    fn rem_into_matches_rem_for_every_method() {
+        let ns = numerators();
+        for d in [8u64, 100, 103, 158_629, 1_000_003, (1 << 62) + 1] {
+            let div = Divisor::new(d).unwrap();
+            let mut out = vec![0u64; ns.len()];
+            div.rem_into(&ns, &mut out);
+            for (&n, &r) in ns.iter().zip(&out) {
+                assert_eq!(r, n % d, "{n} % {d}");
+            }
+        }
     }
 
     #[test]

@@ -150,13 +150,14 @@ def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> lis
         hashes = _pair_hash(*pairs[0])
     else:
         hashes = _pair_hash(*(torch.cat([p[j] for p in pairs]) for j in (0, 1)))
-    out, start = [], 0
-    for a, _ in pairs:
-        rows = a.shape[0]
-        part = hashes[start : start + rows]
-        out.append(RaggedTensor(part, [_unit_offsets(rows, a.device)], validate=False))
-        start += rows
-    return out
+    sizes = [a.shape[0] for a, _ in pairs]
+    # One id per row: the offsets 0..rows, made once per row count (pairs of one batch share
+    # them, as a ragged value and its with_values copy share theirs).
+    units = {rows: _unit_offsets(rows, pairs[0][0].device) for rows in set(sizes)}
+    return [
+        RaggedTensor._trusted(part, [units[rows]], None)
+        for part, rows in zip(hashes.split(sizes), sizes, strict=True)
+    ]
 
 
 # Rows up to this long find their repeated ids by comparing each id with the ones 1, 2, ...
