@@ -183,8 +183,10 @@ def test_each_batch_is_checked_after_good_ones() -> None:
         Feature("b").select("y").fill_missing(0.0).bucketize([1.0]),
         Feature("f").select("z").fill_missing(1e6),
         Feature("g").select("w").fill_missing(1e6).bucketize([1.0]),
+        Feature("r").select("s").mod(5),
     ]
     good = {
+        "s": RaggedTensor(torch.tensor([6, 7, 8]), torch.tensor([0, 2, 3])),
         "x": torch.tensor([3, 9]),
         "y": torch.tensor([0.5, float("nan")]),
         "w": torch.tensor([0.5, 2.0]),
@@ -202,6 +204,9 @@ def test_each_batch_is_checked_after_good_ones() -> None:
             engine({**good, "y": torch.tensor([1, 2])})
         with pytest.raises(FeatureTypeError, match=r"feature 'f': op fill_missing .* float16"):
             engine({**good, "z": torch.tensor([1.0], dtype=torch.float16)})
+        floats = RaggedTensor(torch.tensor([6.0, 7.0, 8.0]), torch.tensor([0, 2, 3]))
+        with pytest.raises(FeatureTypeError, match=r"feature 'r': op mod \(step 1\) expects"):
+            engine({**good, "s": floats})
         # float16 suits the fill of 'b' (0.0), not that of 'g' (1e6, beyond float16's range).
         half = {c: good[c].half() for c in ("y", "w")}
         with pytest.raises(FeatureTypeError, match=r"feature 'g': op fill_missing .* float16"):

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from recis_kernels import RaggedTensor
+
 from ._feature import (
     INPUT_ERRORS,
     Feature,
@@ -67,11 +69,12 @@ class _Group:
     ops: list[Op] = dataclasses.field(default_factory=list)
     # Source groups: (node, column) of every select that passes its column through unchanged.
     plain_reads: list[tuple[int, str]] = dataclasses.field(default_factory=list)
-    # Dtypes every op of the group was seen to accept as a dense tensor: a dense input of one
-    # of these dtypes needs no further check. Kept only where an op judges a dense tensor by
-    # its dtype alone (ops of one class with the base ``Op.mismatch``; the fills of a
-    # fill_missing+bucketize group, where a dtype is recorded once every fill accepted it).
-    tensor_dtypes: set[torch.dtype] | None = None
+    # What every op of the group was seen to accept: dense tensors by dtype, ragged values by
+    # ``(RaggedTensor, values dtype)``; such an input needs no further check. Kept only where
+    # an op judges those by dtype alone (ops of one class with the base ``Op.mismatch``; the
+    # fills of a fill_missing+bucketize group, which record dense dtypes once every fill
+    # accepted one).
+    tensor_dtypes: set[object] | None = None
 
 
 def _dedup(features: Iterable[Feature]) -> list[Feature]:
@@ -112,17 +115,22 @@ def _fill_then_apply(node: _Node, value: Value) -> Value:
 
 
 def _check_inputs(group: _Group, inputs: list[Value]) -> None:
-    """``check_value`` of each input of the group; dense tensors of a dtype the group's ops
-    were already seen to accept skip it (a dense tensor's kind depends on its dtype alone)."""
+    """``check_value`` of each input of the group; dense tensors and ragged values of a dtype
+    the group's ops were already seen to accept skip it."""
     seen = group.tensor_dtypes
     for node, value in zip(group.members, inputs, strict=True):
-        if seen is not None and type(value) is torch.Tensor:
-            if value.dtype in seen:
+        key: object = None
+        if seen is not None:
+            # A value's kind (what the base mismatch judges) follows from its dtype alone.
+            if type(value) is torch.Tensor:
+                key = value.dtype
+            elif type(value) is RaggedTensor:
+                key = (RaggedTensor, value.values.dtype)
+            if key in seen:
                 continue
-            check_value(node.features[0], node.op, node.step, value)
-            seen.add(value.dtype)
-        else:
-            check_value(node.features[0], node.op, node.step, value)
+        check_value(node.features[0], node.op, node.step, value)
+        if key is not None:
+            seen.add(key)  # type: ignore[union-attr]
 
 
 def _refused(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from recis_kernels._backend import on_host, run_op, use_cuda_kernels
+from recis_kernels._backend import on_host, plain_host, run_op, use_cuda_kernels
 from recis_kernels._checks import can_inspect, check_same_device, grid_for, masked_rows
 from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
 from recis_kernels.ops import _cpu_kernels
@@ -90,6 +90,8 @@ def fused_feature_cross(
     op = _op
     if not pairs:
         return []
+    if _plain_dense_pairs(pairs):
+        return _cross_dense_host(pairs)  # type: ignore[arg-type]
     for k, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise RaggedError(f"{op}: pairs[{k}] must be an (a, b) pair of id features")
@@ -122,6 +124,29 @@ def fused_feature_cross(
         RaggedTensor(v, o, w if has else None, validate=False)
         for (v, o, w), has in zip(parts, own, strict=True)
     ]
+
+
+def _plain_dense_pairs(pairs: Sequence[object]) -> bool:
+    """Whether every pair is two plain 1-d int64 CPU tensors of one length (the usual cross
+    of single-valued features), checked in one pass; anything else takes the checked path,
+    which names what is wrong."""
+    if not on_host(()):
+        return False  # tracing
+    for pair in pairs:
+        if type(pair) not in (tuple, list) or len(pair) != 2:  # type: ignore[arg-type]
+            return False
+        a, b = pair  # type: ignore[misc]
+        if not (plain_host(a) and plain_host(b)):
+            return False
+        if (
+            a.dtype != torch.int64
+            or b.dtype != torch.int64
+            or a.dim() != 1
+            or b.dim() != 1
+            or a.shape[0] != b.shape[0]
+        ):
+            return False
+    return True
 
 
 def _ids(x: Ids) -> torch.Tensor:
