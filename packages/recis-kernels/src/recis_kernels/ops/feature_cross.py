@@ -133,11 +133,13 @@ def _plain_dense_pairs(pairs: Sequence[object]) -> bool:
     if not on_host(()):
         return False  # tracing
     for pair in pairs:
-        if type(pair) not in (tuple, list) or len(pair) != 2:  # type: ignore[arg-type]
+        if type(pair) not in (tuple, list):
             return False
-        a, b = pair  # type: ignore[misc]
-        if not (plain_host(a) and plain_host(b)):
+        sides: Sequence[object] = pair  # type: ignore[assignment]
+        if len(sides) != 2 or not (plain_host(sides[0]) and plain_host(sides[1])):
             return False
+        a: torch.Tensor = sides[0]  # type: ignore[assignment]
+        b: torch.Tensor = sides[1]  # type: ignore[assignment]
         if (
             a.dtype != torch.int64
             or b.dtype != torch.int64
