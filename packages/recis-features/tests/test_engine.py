@@ -180,7 +180,7 @@ def test_each_batch_is_checked_after_good_ones() -> None:
     # still checked, on either path, as are the fill of a fill+bucketize group and a bad fill.
     features = [
         Feature("m").select("x").mod(7),
-        Feature("b").select("y").fill_missing(0.0).bucketize([1.0]),
+        Feature("b").select("y").fill_missing(5.0).bucketize([1.0]),
         Feature("f").select("z").fill_missing(1e6),
         Feature("g").select("w").fill_missing(1e6).bucketize([1.0]),
         Feature("r").select("s").mod(5),
@@ -197,7 +197,7 @@ def test_each_batch_is_checked_after_good_ones() -> None:
         for _ in range(2):
             out = engine(good)
             assert out["m"].tolist() == [3, 2]
-            assert out["b"].tolist() == [0, 0]
+            assert out["b"].tolist() == [0, 1]  # NaN filled with 5.0: above the boundary
         with pytest.raises(FeatureTypeError, match=r"feature 'm': op mod \(step 1\) expects"):
             engine({**good, "x": torch.tensor([1.5, 2.0])})
         with pytest.raises(FeatureTypeError, match=r"feature 'b': op fill_missing \(step 1\)"):
@@ -207,7 +207,7 @@ def test_each_batch_is_checked_after_good_ones() -> None:
         floats = RaggedTensor(torch.tensor([6.0, 7.0, 8.0]), torch.tensor([0, 2, 3]))
         with pytest.raises(FeatureTypeError, match=r"feature 'r': op mod \(step 1\) expects"):
             engine({**good, "s": floats})
-        # float16 suits the fill of 'b' (0.0), not that of 'g' (1e6, beyond float16's range).
+        # float16 suits the fill of 'b' (5.0), not that of 'g' (1e6, beyond float16's range).
         half = {c: good[c].half() for c in ("y", "w")}
         with pytest.raises(FeatureTypeError, match=r"feature 'g': op fill_missing .* float16"):
             engine({**good, **half})

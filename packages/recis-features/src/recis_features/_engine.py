@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import recis_kernels as rk
 from recis_kernels import RaggedTensor
 
 from ._feature import (
@@ -21,7 +22,7 @@ from ._feature import (
     missing_column_error,
     read_source,
 )
-from ._fused import fill_then_bucketize
+from ._fused import fill_bucketize_args, fill_then_bucketize
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
 from ._ops import Bucketize, FillMissing, SelectField
@@ -75,6 +76,9 @@ class _Group:
     # fills of a fill_missing+bucketize group, which record dense dtypes once every fill
     # accepted one).
     tensor_dtypes: set[object] | None = None
+    # fill_missing+bucketize groups: per input dtype, the boundaries and NaN buckets of the
+    # fused bucketize call (see ``fill_bucketize_args``).
+    fill_args: dict[torch.dtype, tuple[list, list[int]]] = dataclasses.field(default_factory=dict)
 
 
 def _dedup(features: Iterable[Feature]) -> list[Feature]:
@@ -382,6 +386,22 @@ class FeatureEngine(nn.Module):
         assert seen is not None
         dtypes = {v.dtype if type(v) is torch.Tensor else None for v in inputs}
         checked = len(dtypes) == 1 and dtypes <= seen
+        if checked and self.fused:
+            # The usual batch: dense floats of one dtype every fill accepted before, all fused
+            # with the boundaries and NaN buckets worked out for that dtype once.
+            (dtype,) = dtypes
+            assert dtype is not None
+            args = group.fill_args.get(dtype)
+            if args is None:
+                args = group.fill_args[dtype] = fill_bucketize_args(
+                    [n.fill for n in nodes],  # type: ignore[misc]
+                    group.ops,  # type: ignore[arg-type]
+                    dtype,
+                )
+            try:
+                return rk.fused_bucketize(inputs, args[0], nan_buckets=args[1])  # type: ignore[arg-type]
+            except INPUT_ERRORS as exc:
+                raise _refused(nodes, inputs, exc, _fill_then_apply) from exc
         outputs: list[Value] = [None] * len(nodes)
         dense = []
         for k, (node, value) in enumerate(zip(nodes, inputs, strict=True)):

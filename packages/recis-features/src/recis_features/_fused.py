@@ -72,6 +72,16 @@ def fill_then_bucketize(
     )
 
 
+def fill_bucketize_args(
+    fills: Sequence[FillMissing], buckets: Sequence[Bucketize], dtype: torch.dtype
+) -> tuple[list[tuple[float, ...]], list[int]]:
+    """The boundaries and NaN buckets :func:`fill_then_bucketize` passes for inputs that are
+    all of ``dtype``: what a caller running the same features batch after batch keeps."""
+    return [b.boundaries for b in buckets], [
+        b.bucket_of(f.fill_for(dtype), dtype) for f, b in zip(fills, buckets, strict=True)
+    ]
+
+
 def _reduce(hashes: list[torch.Tensor], buckets: list[int]) -> list[torch.Tensor]:
     """Unsigned remainders of the hashes whose bucket count is non-zero, in one call."""
     todo = [k for k, b in enumerate(buckets) if b > 0]
