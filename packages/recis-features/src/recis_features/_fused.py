@@ -38,7 +38,7 @@ __all__: list[str] = []
 def fused_mod(ops: Sequence[Mod], values: Sequence[Value]) -> list[Value]:
     """All ``mod`` ops of a step as one ``recis_kernels.fused_mod`` call."""
     ns = [op.n for op in ops]
-    if all(type(v) is torch.Tensor and v.dtype == torch.int64 for v in values):
+    if all(type(v) is torch.Tensor and v.dtype is torch.int64 for v in values):
         # Dense int64 ids (the usual case): fused_mod keeps each input's shape.
         return rk.fused_mod(values, ns)  # type: ignore[arg-type]
     ids = [as_int64(flat(v)) for v in values]

@@ -53,11 +53,9 @@ def host_parts(xs: Sequence[object], dtype: torch.dtype) -> list[torch.Tensor] |
         return None  # tracing
     parts: list[torch.Tensor] = []
     for x in xs:
-        if not plain_host(x):
+        if not plain_host(x) or x.dtype is not dtype:  # type: ignore[attr-defined]
             return None
         assert isinstance(x, torch.Tensor)
-        if x.dtype != dtype:
-            return None
         flat = x if x.dim() == 1 else x.reshape(-1)
         parts.append(flat if flat.is_contiguous() else flat.contiguous())
     return parts
@@ -69,12 +67,16 @@ def umod_parts(xs: Sequence[torch.Tensor], ns: Sequence[int]) -> torch.Tensor:
     return umod_flat(_parts(xs, torch.int64), [int(n) for n in ns])
 
 
-def umod_flat(parts: Sequence[torch.Tensor], ns: list[int]) -> torch.Tensor:
+def umod_flat(
+    parts: Sequence[torch.Tensor], ns: list[int], sizes: list[int] | None = None
+) -> torch.Tensor:
     """:func:`umod_parts` on parts already flat, contiguous and int64 (:func:`host_parts`), with
-    Python int moduli."""
-    out = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64)
+    Python int moduli (``sizes``: the parts' lengths, when the caller has them)."""
+    if sizes is None:
+        sizes = [p.shape[0] for p in parts]
+    out = torch.empty(sum(sizes), dtype=torch.int64)
     _native.umod_parts(
-        [(p.data_ptr(), p.numel()) for p in parts],
+        [(p.data_ptr(), n) for p, n in zip(parts, sizes, strict=True)],
         ns,
         out.data_ptr(),
         torch.get_num_threads(),

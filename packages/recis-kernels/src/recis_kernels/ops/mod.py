@@ -96,11 +96,11 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
             check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
         ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
     if parts is not None and not use_cuda_kernels(ids_list[0].device):
-        return unpack(
-            _cpu_kernels.umod_flat(parts, list(ns)),
-            [p.numel() for p in parts],
-            [t.shape for t in ids_list],
-        )
+        sizes = [p.shape[0] for p in parts]
+        out = _cpu_kernels.umod_flat(parts, list(ns), sizes)
+        if all(p is t for p, t in zip(parts, ids_list, strict=True)):
+            return list(out.split(sizes))  # flat inputs, read as they were
+        return unpack(out, sizes, [t.shape for t in ids_list])
     packed, sizes = pack(ids_list)
     out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
     return unpack(out, sizes, [t.shape for t in ids_list])
