@@ -344,7 +344,14 @@ class FeatureEngine(nn.Module):
         for c, feature in self._reads:
             if c not in batch:
                 raise missing_column_error(feature, c, batch)
-            columns[c] = column_value(feature, c, batch[c])
+            raw = batch[c]
+            # Tensors and ragged tensors are values as they are (as_value returns them).
+            kind = type(raw)
+            columns[c] = (
+                raw
+                if kind is torch.Tensor or kind is RaggedTensor
+                else column_value(feature, c, raw)
+            )
         return columns
 
     def _run_group(self, group: _Group, values: list[Value], columns: dict[str, Value]) -> None:
