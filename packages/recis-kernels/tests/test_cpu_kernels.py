@@ -217,21 +217,43 @@ def test_truncate_copies_rows_of_any_dtype_and_width(dtype, four_threads):
         assert got.lengths().tolist() == [min(int(x), 150) for x in lengths]
 
 
+def _copy_rows(src, starts, offsets):
+    offsets = torch.tensor(offsets)
+    return _cpu_kernels.copy_rows(src, torch.tensor(starts), offsets, int(offsets[-1]))
+
+
 def test_copy_rows_refuses_ranges_outside_the_buffers():
     src = torch.arange(10, dtype=torch.int64)
     with pytest.raises(
         ValueError, match=r"copy_rows: row 1 copies items 8\.\.12 of 10 into 2\.\.6"
     ):
-        _cpu_kernels.copy_rows(src, np.array([0, 8]), np.array([0, 2, 6]))
+        _copy_rows(src, [0, 8], [0, 2, 6])
     with pytest.raises(ValueError, match=r"copy_rows: row 0 copies items -1\.\.1 of 10"):
-        _cpu_kernels.copy_rows(src, np.array([-1]), np.array([0, 2]))
+        _copy_rows(src, [-1], [0, 2])
     # Offsets that step down are refused too.
     with pytest.raises(
         ValueError, match=r"copy_rows: row 1 copies items 0\.\.0 of 10 into 3\.\.2 of 4"
     ):
-        _cpu_kernels.copy_rows(src, np.array([0, 0, 0]), np.array([0, 3, 2, 4]))
-    out = _cpu_kernels.copy_rows(src, np.array([7, 0, 3]), np.array([0, 2, 2, 5]))
+        _copy_rows(src, [0, 0, 0], [0, 3, 2, 4])
+    out = _copy_rows(src, [7, 0, 3], [0, 2, 2, 5])
     assert out.tolist() == [7, 8, 3, 4, 5]
+
+
+def test_truncate_plan_gives_each_rows_kept_range():
+    # Part 0: three rows kept to 2 from the head; part 1: two rows kept to 3 from the tail.
+    offsets = torch.tensor([0, 3, 3, 8, 9, 14])
+    total, new_off, starts, dropped, padded = _cpu_kernels.truncate_plan(
+        offsets, [(3, 2, False), (2, 3, True)]
+    )
+    assert total == 8
+    assert new_off.tolist() == [0, 2, 2, 4, 5, 8]
+    assert starts.tolist() == [0, 3, 3, 8, 11]
+    assert dropped.tolist() == [1, 0, 3, 0, 2]
+    assert padded.tolist() == [0, 2, 0, 2, 0]
+    with pytest.raises(ValueError, match="truncate_plan: the parts' rows do not add up to 5"):
+        _cpu_kernels.truncate_plan(offsets, [(3, 2, False)])
+    with pytest.raises(ValueError, match="truncate_plan: a max_len is negative"):
+        _cpu_kernels.truncate_plan(offsets, [(5, -1, False)])
 
 
 FORK_CHILD = """

@@ -11,6 +11,7 @@ pub mod cross;
 pub mod divide;
 pub mod radix;
 pub mod shares;
+pub mod truncate;
 
 #[cfg(feature = "python")]
 mod python;

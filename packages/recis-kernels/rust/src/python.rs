@@ -18,6 +18,7 @@ use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
 use crate::radix::sort_by_high_bits;
 use crate::shares::{share_count, split, Run};
+use crate::truncate::{plan, Part};
 
 /// Fewest elements worth a thread of their own for the arithmetic kernels (a hand-off to a
 /// pool thread costs a few microseconds, waking a sleeping one tens, and between the calls of
@@ -284,6 +285,50 @@ fn bucketize_parts(
     }
 }
 
+/// The ranges a 2-level truncation keeps (see `truncate::plan`): rows `offsets[i]..offsets[i +
+/// 1]` (`rows + 1` int64s at `offsets`) in consecutive parts `(rows, max_len, tail)`; `out`
+/// holds `4 * rows + 1` int64s, written as the new offsets (`rows + 1`), then the rows' first
+/// kept items, dropped counts and padded counts (`rows` each). Returns the kept items' count.
+#[pyfunction]
+fn truncate_plan(
+    offsets: usize,
+    rows: usize,
+    parts: Vec<(usize, i64, bool)>,
+    out: usize,
+) -> PyResult<i64> {
+    let op = "truncate_plan";
+    if parts.iter().map(|p| p.0).sum::<usize>() != rows {
+        return Err(value_error(format!(
+            "{op}: the parts' rows do not add up to {rows}"
+        )));
+    }
+    if parts.iter().any(|p| p.1 < 0) {
+        return Err(value_error(format!("{op}: a max_len is negative")));
+    }
+    check_address::<i64>(op, "offsets", offsets, rows + 1)?;
+    check_address::<i64>(op, "out", out, 4 * rows + 1)?;
+    let parts: Vec<Part> = parts
+        .into_iter()
+        .map(|(rows, max_len, tail)| Part {
+            rows,
+            max_len,
+            tail,
+        })
+        .collect();
+    // SAFETY: the caller's contract: rows + 1 int64 offsets, and 4 * rows + 1 int64s at out,
+    // a fresh buffer overlapping the offsets nowhere.
+    let (offsets, out) = unsafe {
+        (
+            std::slice::from_raw_parts(offsets as *const i64, rows + 1),
+            std::slice::from_raw_parts_mut(out as *mut i64, 4 * rows + 1),
+        )
+    };
+    let (new_offsets, rest) = out.split_at_mut(rows + 1);
+    let (starts, rest) = rest.split_at_mut(rows);
+    let (dropped, padded) = rest.split_at_mut(rows);
+    Ok(plan(offsets, &parts, new_offsets, starts, dropped, padded))
+}
+
 /// Copies rows of `item`-byte items: row i's `dst_offsets[i + 1] - dst_offsets[i]` items from
 /// item `src_starts[i]` of `src` (`src_len` items) to item `dst_offsets[i]` of `dst` (`dst_len`
 /// items); `src_starts` holds `rows` int64s, `dst_offsets` `rows + 1`. Every range is checked to
@@ -388,6 +433,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
     m.add_function(wrap_pyfunction!(bucketize_parts, m)?)?;
     m.add_function(wrap_pyfunction!(copy_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(truncate_plan, m)?)?;
     m.add_function(wrap_pyfunction!(pair_hash_parts, m)?)?;
     m.add_function(wrap_pyfunction!(sort_int64_by_high_bits, m)?)?;
     Ok(())

@@ -5,6 +5,7 @@ __all__ = [
     "copy_rows",
     "pair_hash_parts",
     "sort_int64_by_high_bits",
+    "truncate_plan",
     "umod_parts",
 ]
 
@@ -35,3 +36,4 @@ def pair_hash_parts(
     a_parts: list[tuple[int, int]], b_parts: list[tuple[int, int]], out: int, threads: int
 ) -> None: ...
 def sort_int64_by_high_bits(data: int, len: int, low_bits: int) -> None: ...
+def truncate_plan(offsets: int, rows: int, parts: list[tuple[int, int, bool]], out: int) -> int: ...

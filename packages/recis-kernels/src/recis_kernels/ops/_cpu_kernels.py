@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from recis_kernels import _native
@@ -26,6 +25,7 @@ __all__ = [
     "copy_rows",
     "host_parts",
     "pair_hash_flat",
+    "truncate_plan",
     "umod_flat",
     "umod_parts",
 ]
@@ -137,16 +137,16 @@ def bucketize_flat(
     return out
 
 
-def copy_rows(src: torch.Tensor, src_starts: np.ndarray, dst_offsets: np.ndarray) -> torch.Tensor:
+def copy_rows(
+    src: torch.Tensor, src_starts: torch.Tensor, dst_offsets: torch.Tensor, total: int
+) -> torch.Tensor:
     """Rows of ``src`` (a CPU tensor whose rows along dim 0 are the items) gathered into a new
-    tensor: row ``i`` of the result, items ``dst_offsets[i]:dst_offsets[i + 1]``, is a copy of
-    the same number of items of ``src`` from item ``src_starts[i]`` on. ``src_starts`` and
-    ``dst_offsets`` are int64 arrays of ``rows`` and ``rows + 1`` entries; every range is
-    checked to lie in its tensor before anything is copied."""
+    tensor of ``total`` items: row ``i`` of the result, items ``dst_offsets[i]:dst_offsets[i +
+    1]``, is a copy of the same number of items of ``src`` from item ``src_starts[i]`` on.
+    ``src_starts`` and ``dst_offsets`` are contiguous int64 CPU tensors of ``rows`` and ``rows +
+    1`` entries, ``dst_offsets[-1] == total``; every range is checked to lie in its tensor
+    before anything is copied."""
     src = src if src.is_contiguous() else src.contiguous()
-    starts = np.ascontiguousarray(src_starts, dtype=np.int64)
-    offsets = np.ascontiguousarray(dst_offsets, dtype=np.int64)
-    total = int(offsets[-1])
     out = torch.empty((total, *src.shape[1:]), dtype=src.dtype)
     item = src.element_size() * math.prod(src.shape[1:])
     _native.copy_rows(
@@ -155,9 +155,23 @@ def copy_rows(src: torch.Tensor, src_starts: np.ndarray, dst_offsets: np.ndarray
         out.data_ptr(),
         total,
         item,
-        starts.ctypes.data,
-        offsets.ctypes.data,
-        starts.shape[0],
+        src_starts.data_ptr(),
+        dst_offsets.data_ptr(),
+        src_starts.shape[0],
         torch.get_num_threads(),
     )
     return out
+
+
+def truncate_plan(
+    offsets: torch.Tensor, parts: list[tuple[int, int, bool]]
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ranges a 2-level truncation keeps of the rows of ``offsets`` (a contiguous int64 CPU
+    tensor), in consecutive parts ``(rows, max_len, tail)``: the kept items' count, the new
+    offsets, each row's first kept item, and its dropped and padded counts (views of one
+    buffer)."""
+    rows = offsets.shape[0] - 1
+    buf = torch.empty(4 * rows + 1, dtype=torch.int64)
+    total = _native.truncate_plan(offsets.data_ptr(), rows, parts, buf.data_ptr())
+    new_offsets, starts, dropped, padded = buf.split([rows + 1, rows, rows, rows])
+    return total, new_offsets, starts, dropped, padded

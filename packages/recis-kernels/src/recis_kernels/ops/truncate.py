@@ -166,29 +166,19 @@ def _per_row(params, rows, device) -> torch.Tensor:
 
 
 def _truncate2_host(r: RaggedTensor, maxes: list[int], tails: list[bool], rows: list[int]):
-    """:func:`_truncate2` on the host: the kept range of each row computed from the offsets,
-    then copied by the compiled CPU kernel (a block copy per row, shared between threads)."""
-    off = r.offsets[0].numpy()
-    lengths = np.diff(off)
-    row_max = np.repeat(np.array(maxes, dtype=np.int64), rows)
-    kept = np.minimum(lengths, row_max)
-    new_off = np.empty_like(off)
-    new_off[0] = 0
-    np.cumsum(kept, out=new_off[1:])
-    skip = lengths - kept
-    # The tail side keeps a row's last entries: its copy starts after the dropped ones.
-    if all(tails):
-        starts = off[:-1] + skip
-    elif any(tails):
-        starts = off[:-1] + np.where(np.repeat(np.array(tails, dtype=np.bool_), rows), skip, 0)
-    else:
-        starts = off[:-1]
-    values = _cpu_kernels.copy_rows(r.values, starts, new_off)
-    weights = None if r.weights is None else _cpu_kernels.copy_rows(r.weights, starts, new_off)
-    out = RaggedTensor(values, torch.from_numpy(new_off), weights, validate=False)
-    dropped = torch.from_numpy(skip)
-    padded = torch.from_numpy(row_max - kept)
-    return out, dropped, padded
+    """:func:`_truncate2` on the host: the kept range of each row worked out from the offsets
+    in one compiled pass, then copied by the compiled CPU kernel (a block copy per run of
+    rows, shared between threads)."""
+    off = r.offsets[0]
+    off = off if off.is_contiguous() else off.contiguous()
+    total, new_off, starts, dropped, padded = _cpu_kernels.truncate_plan(
+        off, list(zip(rows, maxes, tails, strict=True))
+    )
+    values = _cpu_kernels.copy_rows(r.values, starts, new_off, total)
+    weights = (
+        None if r.weights is None else _cpu_kernels.copy_rows(r.weights, starts, new_off, total)
+    )
+    return RaggedTensor._trusted(values, [new_off], weights), dropped, padded
 
 
 def _truncate2(r: RaggedTensor, row_max, row_tail):
