@@ -98,8 +98,6 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
     if parts is not None and not use_cuda_kernels(ids_list[0].device):
         sizes = [p.shape[0] for p in parts]
         out = _cpu_kernels.umod_flat(parts, list(ns), sizes)
-        if all(p is t for p, t in zip(parts, ids_list, strict=True)):
-            return list(out.split(sizes))  # flat inputs, read as they were
         return unpack(out, sizes, [t.shape for t in ids_list])
     packed, sizes = pack(ids_list)
     out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
