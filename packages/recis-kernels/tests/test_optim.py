@@ -198,3 +198,44 @@ def test_wrong_shapes_are_refused_before_anything_is_updated() -> None:
             call()
     for t in (param, m, v, step):
         assert not t.any()  # nothing moved
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.3])
+@pytest.mark.parametrize(("weight_decay", "decoupled"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_compiled_adam_is_the_torch_spelling_bit_for_bit(
+    monkeypatch, beta1: float, weight_decay: float, decoupled: bool
+) -> None:
+    """On CPU tensors adam_rows_ runs compiled; it must round every operation as the torch
+    spelling does (which is torch.optim's single-tensor Adam)."""
+    from recis_kernels.ops import optim
+
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(200, 3 * D + 1, generator=gen) * 0.1
+    init[:, 2 * D : 3 * D].abs_()
+    init[:, 3 * D] = torch.randint(0, 50, (200,), generator=gen).float()
+    grads = [torch.randn(200, D, generator=gen) * 10 ** float(k - 2) for k in range(4)]
+    results = []
+    for compiled in (True, False):
+        buf = init.clone()
+        param, m, v, step = buf[:, :D], buf[:, D : 2 * D], buf[:, 2 * D : 3 * D], buf[:, 3 * D]
+        with monkeypatch.context() as mp:
+            if not compiled:
+                mp.setattr(optim, "_host_rows", lambda *tensors: False)
+            for g in grads:
+                adam_rows_(
+                    param, g, m, v, step, lr=0.003, beta1=beta1, beta2=0.99, eps=1e-7,
+                    weight_decay=weight_decay, decoupled=decoupled,
+                )  # fmt: skip
+        results.append(buf)
+    assert torch.equal(results[0], results[1])
+
+
+def test_adam_takes_an_expanded_gradient() -> None:
+    """One gradient row repeated for every row (stride 0) goes through the torch operations."""
+    param, m, v, step = torch.ones(4, D), torch.zeros(4, D), torch.zeros(4, D), torch.zeros(4)
+    grad = torch.arange(D, dtype=torch.float32)[None].expand(4, D)
+    adam_rows_(param, grad, m, v, step, lr=0.1)
+    ref_m = torch.zeros(4, D)
+    ref_m.lerp_(grad.contiguous(), 0.1)
+    assert torch.equal(m, ref_m)
+    assert step.tolist() == [1.0] * 4

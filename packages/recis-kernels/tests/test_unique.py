@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recis_kernels import ShapeError, UnsupportedDtypeError, unique
+from recis_kernels import (
+    ArgumentError,
+    ShapeError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+    unique,
+    unique_pairs,
+)
+from recis_kernels.ops import unique as unique_module
 
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
 EXTREMES = st.sampled_from([0, -1, 1, -(1 << 63), (1 << 63) - 1])
@@ -40,3 +50,85 @@ def test_unique_op_registration() -> None:
     from recis_kernels.ops.unique import _unique_op
 
     torch.library.opcheck(_unique_op, (torch.tensor([3, -1, 3, 0]),))
+
+
+def _expected_pairs(values: list[int], tables: list[int]):
+    """Distinct pairs in order of first occurrence, each position's group, each group's
+    positions: the definition, one pair at a time."""
+    groups: dict[tuple[int, int], int] = {}
+    inverse = [groups.setdefault(p, len(groups)) for p in zip(values, tables, strict=True)]
+    members: list[list[int]] = [[] for _ in groups]
+    for i, g in enumerate(inverse):
+        members[g].append(i)
+    return list(groups), inverse, members
+
+
+@given(
+    st.lists(
+        st.tuples(st.one_of(INT64, EXTREMES, st.integers(-3, 3)), st.integers(0, 3)),
+        max_size=300,
+    )
+)
+def test_unique_pairs_matches_python(pairs: list[tuple[int, int]]) -> None:
+    values = [v for v, _ in pairs]
+    tables = [t for _, t in pairs]
+    ids = torch.tensor(values, dtype=torch.int64)
+    tabs = torch.tensor(tables, dtype=torch.int32)
+    firsts, inverse, members = _expected_pairs(values, tables)
+    # The compiled CPU path and the torch path of other devices give one result.
+    for got in (unique_pairs(ids, tabs), unique_module._unique_pairs_torch(ids, tabs)):
+        assert list(zip(got.ids.tolist(), got.tables.tolist(), strict=True)) == firsts
+        assert got.tables.dtype == torch.int32
+        assert got.inverse.tolist() == inverse
+        offsets = got.offsets.tolist()
+        assert offsets[0] == 0
+        assert len(offsets) == len(firsts) + 1
+        assert [got.order[a:b].tolist() for a, b in itertools.pairwise(offsets)] == members
+
+
+def test_unique_pairs_keeps_pairs_with_equal_premix_values_apart() -> None:
+    # id + table * 0x9E3779B97F4A7C15 is one value for (golden, 0) and (0, 1): one home slot
+    # in the set, two pairs; many more pairs than the set starts with make it grow.
+    golden = -7046029254386353131
+    ids = torch.tensor([golden, 0, golden, 0, *list(range(5000))], dtype=torch.int64)
+    tabs = torch.tensor([0, 1, 0, 1] + [2] * 5000, dtype=torch.int32)
+    got = unique_pairs(ids, tabs)
+    assert got.ids[:2].tolist() == [golden, 0]
+    assert got.tables[:2].tolist() == [0, 1]
+    assert got.inverse[:4].tolist() == [0, 1, 0, 1]
+    assert got.ids.numel() == 5002
+    assert torch.equal(got.ids[got.inverse], ids)
+
+
+def test_unique_pairs_takes_int64_tables_in_range_only() -> None:
+    ids = torch.tensor([4, 4, 9])
+    got = unique_pairs(ids, torch.tensor([1, 1, 2**31 - 1]))
+    assert got.tables.tolist() == [1, 2**31 - 1]
+    for bad in (-1, 2**31):
+        with pytest.raises(ArgumentError, match=f"tables must be in .*got {bad}"):
+            unique_pairs(ids, torch.tensor([1, bad, 0]))
+
+
+def test_unique_pairs_on_device(device: torch.device) -> None:
+    got = unique_pairs(
+        torch.tensor([5, -(1 << 63), 5, 5], device=device),
+        torch.tensor([0, 0, 1, 0], device=device),
+    )
+    assert got.ids.tolist() == [5, -(1 << 63), 5]
+    assert got.inverse.tolist() == [0, 1, 2, 0]
+    assert got.order.tolist() == [0, 3, 1, 2]
+    assert got.offsets.tolist() == [0, 2, 3, 4]
+
+
+def test_unique_pairs_rejects_bad_input() -> None:
+    ids = torch.tensor([1, 2])
+    with pytest.raises(UnsupportedDtypeError, match="unique_pairs: ids"):
+        unique_pairs(ids.int(), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(UnsupportedDtypeError, match="unique_pairs: tables"):
+        unique_pairs(ids, torch.zeros(2))
+    with pytest.raises(ShapeError, match="tables has shape"):
+        unique_pairs(ids, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ShapeError, match="ids must be 1-d"):
+        unique_pairs(ids.view(1, 2), torch.zeros((1, 2), dtype=torch.int32))
+    with pytest.raises(UnsupportedDeviceError, match="one device"):
+        unique_pairs(ids, torch.zeros(2, dtype=torch.int32, device="meta"))

@@ -9,6 +9,9 @@
 pub mod bucketize;
 pub mod cross;
 pub mod divide;
+pub mod group;
+pub mod idmap;
+pub mod optim;
 pub mod radix;
 pub mod shares;
 pub mod truncate;

@@ -9,13 +9,16 @@
 use std::mem::align_of;
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::bucketize::bucketize_into;
 use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
+use crate::group::{group_pairs as group_pairs_into, Groups};
+use crate::idmap::{claim, find, Slots, SlotsMut};
+use crate::optim::{adam_apply as adam_apply_into, adam_moments as adam_moments_into, Adam, Rows};
 use crate::radix::sort_by_high_bits;
 use crate::shares::{share_count, split, Run};
 use crate::truncate::{plan, Part};
@@ -428,6 +431,231 @@ fn sort_int64_by_high_bits(py: Python<'_>, data: usize, len: usize, low_bits: u3
     Ok(())
 }
 
+/// Slices over the slot arrays of an `IdMap` of `capacity` slots (a power of two): int64 ids,
+/// int32 tables, int8 states.
+fn check_slots(op: &str, slots: (usize, usize, usize), capacity: usize) -> PyResult<()> {
+    if !capacity.is_power_of_two() {
+        return Err(value_error(format!(
+            "{op}: capacity must be a power of two, got {capacity}"
+        )));
+    }
+    check_address::<i64>(op, "slot_keys", slots.0, capacity)?;
+    check_address::<i32>(op, "slot_tabs", slots.1, capacity)?;
+    check_address::<i8>(op, "slot_state", slots.2, capacity)
+}
+
+/// The `n` queries: int64 ids at `keys`, int32 tables at `tabs`, and `n` int64s at `out`.
+fn check_queries(op: &str, keys: usize, tabs: usize, out: usize, n: usize) -> PyResult<()> {
+    check_address::<i64>(op, "keys", keys, n)?;
+    check_address::<i32>(op, "tabs", tabs, n)?;
+    check_address::<i64>(op, "out", out, n)
+}
+
+/// # Safety
+///
+/// `n` elements of `T` at `address`, checked non-null and aligned unless `n == 0`.
+unsafe fn slice<'a, T>(address: usize, n: usize) -> &'a [T] {
+    if n == 0 {
+        &[]
+    } else {
+        std::slice::from_raw_parts(address as *const T, n)
+    }
+}
+
+/// # Safety
+///
+/// As `slice`, and nothing else reads or writes the memory meanwhile.
+unsafe fn slice_mut<'a, T>(address: usize, n: usize) -> &'a mut [T] {
+    if n == 0 {
+        &mut []
+    } else {
+        std::slice::from_raw_parts_mut(address as *mut T, n)
+    }
+}
+
+/// The slot of each of `n` pairs in the map's slot arrays `slots` (ids, tables, states), or
+/// -1 where absent, written to `out`, without the GIL.
+#[pyfunction]
+fn idmap_find(
+    py: Python<'_>,
+    slots: (usize, usize, usize),
+    capacity: usize,
+    keys: usize,
+    tabs: usize,
+    n: usize,
+    out: usize,
+) -> PyResult<()> {
+    let op = "idmap_find";
+    check_slots(op, slots, capacity)?;
+    check_queries(op, keys, tabs, out, n)?;
+    // SAFETY: the caller's contract: the map's slot arrays of `capacity` slots, `n` queries and
+    // a fresh output of `n` int64s; addresses checked above.
+    let (map, keys, tabs, out) = unsafe {
+        (
+            Slots {
+                keys: slice(slots.0, capacity),
+                tabs: slice(slots.1, capacity),
+                state: slice(slots.2, capacity),
+            },
+            slice::<i64>(keys, n),
+            slice::<i32>(tabs, n),
+            slice_mut::<i64>(out, n),
+        )
+    };
+    py.detach(|| find(&map, keys, tabs, out));
+    Ok(())
+}
+
+/// Places `n` distinct pairs absent from the map into its slot arrays `slots` in claim rounds
+/// (see `idmap::claim`), writing their slots to `out`; returns how many tombstones they took.
+#[pyfunction]
+fn idmap_claim(
+    py: Python<'_>,
+    slots: (usize, usize, usize),
+    capacity: usize,
+    keys: usize,
+    tabs: usize,
+    n: usize,
+    out: usize,
+) -> PyResult<usize> {
+    let op = "idmap_claim";
+    check_slots(op, slots, capacity)?;
+    check_queries(op, keys, tabs, out, n)?;
+    // SAFETY: as in idmap_find; the slot arrays are the map's own, written by this call only.
+    let (mut map, keys_in, tabs_in, out) = unsafe {
+        (
+            SlotsMut {
+                keys: slice_mut(slots.0, capacity),
+                tabs: slice_mut(slots.1, capacity),
+                state: slice_mut(slots.2, capacity),
+            },
+            slice::<i64>(keys, n),
+            slice::<i32>(tabs, n),
+            slice_mut::<i64>(out, n),
+        )
+    };
+    py.detach(|| claim(&mut map, keys_in, tabs_in, out))
+        .map_err(|i| {
+            PyRuntimeError::new_err(format!(
+                "{op}: no free slot for pair {i} of {n} in a map of {capacity} slots (the map \
+                 grows before this can happen; please report it)"
+            ))
+        })
+}
+
+/// Groups `n` pairs (int64 ids at `keys`, int32 tables at `tabs`) by equal pair; `out` is
+/// `(keys, tabs, inverse, order, offsets)`: `n` int64s, `n` int32s, `n` int64s, `n` int64s and
+/// `n + 1` int64s (see `group::Groups`). Returns the number of distinct pairs.
+#[pyfunction]
+fn group_pairs(
+    py: Python<'_>,
+    keys: usize,
+    tabs: usize,
+    n: usize,
+    out: (usize, usize, usize, usize, usize),
+) -> PyResult<usize> {
+    let op = "group_pairs";
+    if n >= u32::MAX as usize {
+        return Err(value_error(format!("{op}: {n} pairs, more than it groups")));
+    }
+    check_address::<i64>(op, "keys", keys, n)?;
+    check_address::<i32>(op, "tabs", tabs, n)?;
+    check_address::<i64>(op, "out keys", out.0, n)?;
+    check_address::<i32>(op, "out tabs", out.1, n)?;
+    check_address::<i64>(op, "inverse", out.2, n)?;
+    check_address::<i64>(op, "order", out.3, n)?;
+    check_address::<i64>(op, "offsets", out.4, n + 1)?;
+    // SAFETY: the caller's contract: the inputs, and five fresh outputs overlapping nothing.
+    let (keys, tabs, mut groups) = unsafe {
+        (
+            slice::<i64>(keys, n),
+            slice::<i32>(tabs, n),
+            Groups {
+                keys: slice_mut(out.0, n),
+                tabs: slice_mut(out.1, n),
+                inverse: slice_mut(out.2, n),
+                order: slice_mut(out.3, n),
+                offsets: std::slice::from_raw_parts_mut(out.4 as *mut i64, n + 1),
+            },
+        )
+    };
+    Ok(py.detach(|| group_pairs_into(keys, tabs, &mut groups)))
+}
+
+/// Checks rows of float32s given as `(address, row stride in floats)`: non-null and aligned,
+/// each stride at least its row's width (`widths`).
+fn check_float_rows<const K: usize>(
+    op: &str,
+    rows: [(usize, usize); K],
+    widths: [usize; K],
+    n: usize,
+) -> PyResult<()> {
+    for (k, (&(address, stride), &width)) in rows.iter().zip(&widths).enumerate() {
+        if n > 1 && stride < width {
+            return Err(value_error(format!(
+                "{op}: rows[{k}] has stride {stride}, narrower than its rows of {width}"
+            )));
+        }
+        check_address::<f32>(op, &format!("rows[{k}]"), address, n * width)?;
+    }
+    Ok(())
+}
+
+/// The first half of `torch.optim.Adam`/`AdamW` on `n` rows of `d` float32s (see
+/// `optim::adam_moments`): `rows` is `(param, grad, exp_avg, exp_avg_sq, step)`, each
+/// `(address, row stride in floats)` (`step` one float per row); `hyper` is `(beta1, beta2, l2,
+/// decay)`. Without the GIL.
+#[pyfunction]
+fn adam_moments(
+    py: Python<'_>,
+    rows: [(usize, usize); 5],
+    n: usize,
+    d: usize,
+    hyper: (f64, f64, f32, f32),
+) -> PyResult<()> {
+    check_float_rows("adam_moments", rows, [d, d, d, d, 1], n)?;
+    let (beta1, beta2, l2, decay) = hyper;
+    let h = Adam {
+        beta1,
+        beta2,
+        l2,
+        decay,
+    };
+    // Raw pointers are not Send: the addresses cross into the GIL-free closure as integers.
+    py.detach(move || {
+        let [param, grad, exp_avg, exp_avg_sq, step] = rows.map(|(address, stride)| Rows {
+            ptr: address as *mut f32,
+            stride,
+        });
+        // SAFETY: the caller's contract: five views of n rows of valid float32s, sharing no
+        // element (columns of one gathered buffer, or separate tensors); addresses checked.
+        unsafe { adam_moments_into(param, grad, exp_avg, exp_avg_sq, step, n, d, &h) }
+    });
+    Ok(())
+}
+
+/// The second half (see `optim::adam_apply`): `rows` is `(param, exp_avg, root, step_size,
+/// bc2_sqrt)`, `root` the square roots of the second moments, the last two one float per row.
+#[pyfunction]
+fn adam_apply(
+    py: Python<'_>,
+    rows: [(usize, usize); 5],
+    n: usize,
+    d: usize,
+    eps: f32,
+) -> PyResult<()> {
+    check_float_rows("adam_apply", rows, [d, d, d, 1, 1], n)?;
+    py.detach(move || {
+        let [param, exp_avg, root, step_size, bc2] = rows.map(|(address, stride)| Rows {
+            ptr: address as *mut f32,
+            stride,
+        });
+        // SAFETY: as in adam_moments.
+        unsafe { adam_apply_into(param, exp_avg, root, [step_size, bc2], n, d, eps) }
+    });
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
@@ -436,5 +664,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(truncate_plan, m)?)?;
     m.add_function(wrap_pyfunction!(pair_hash_parts, m)?)?;
     m.add_function(wrap_pyfunction!(sort_int64_by_high_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(idmap_find, m)?)?;
+    m.add_function(wrap_pyfunction!(idmap_claim, m)?)?;
+    m.add_function(wrap_pyfunction!(group_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(adam_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(adam_apply, m)?)?;
     Ok(())
 }

@@ -42,7 +42,7 @@ from recis_kernels.ops.row_store import RowStore
 from recis_kernels.ops.segment_reduce import segment_reduce
 from recis_kernels.ops.sort import sort_by_high_bits_
 from recis_kernels.ops.truncate import TruncateResult, fused_truncate, truncate
-from recis_kernels.ops.unique import UniqueResult, unique
+from recis_kernels.ops.unique import UniquePairsResult, UniqueResult, unique, unique_pairs
 from recis_kernels.ragged import RaggedTensor
 
 __version__ = "0.1.0"
@@ -64,6 +64,7 @@ __all__ = [
     "RowStore",
     "ShapeError",
     "TruncateResult",
+    "UniquePairsResult",
     "UniqueResult",
     "UnsupportedDeviceError",
     "UnsupportedDtypeError",
@@ -101,4 +102,5 @@ __all__ = [
     "state_width",
     "truncate",
     "unique",
+    "unique_pairs",
 ]

@@ -1,8 +1,13 @@
 """The compiled CPU kernels (private; called through ``recis_kernels.ops._cpu_kernels``)."""
 
 __all__ = [
+    "adam_apply",
+    "adam_moments",
     "bucketize_parts",
     "copy_rows",
+    "group_pairs",
+    "idmap_claim",
+    "idmap_find",
     "pair_hash_parts",
     "sort_int64_by_high_bits",
     "truncate_plan",
@@ -37,3 +42,14 @@ def pair_hash_parts(
 ) -> None: ...
 def sort_int64_by_high_bits(data: int, len: int, low_bits: int) -> None: ...
 def truncate_plan(offsets: int, rows: int, parts: list[tuple[int, int, bool]], out: int) -> int: ...
+def idmap_find(
+    slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int
+) -> None: ...
+def idmap_claim(
+    slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int
+) -> int: ...
+def group_pairs(keys: int, tabs: int, n: int, out: tuple[int, int, int, int, int]) -> int: ...
+def adam_moments(
+    rows: list[tuple[int, int]], n: int, d: int, hyper: tuple[float, float, float, float]
+) -> None: ...
+def adam_apply(rows: list[tuple[int, int]], n: int, d: int, eps: float) -> None: ...

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels import _native
+from recis_kernels._backend import on_host, use_cuda_kernels
 from recis_kernels._checks import grid_for
 from recis_kernels.exceptions import ArgumentError, ShapeError
 
@@ -81,6 +82,30 @@ def _kernel(*tensors: torch.Tensor) -> bool:
     return all(
         t.device == first.device and t.is_contiguous() and t.dtype == torch.float32 for t in tensors
     )
+
+
+def _adam_scalars(
+    step: torch.Tensor, lr: float, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``-lr / (1 - beta1**step)`` and ``sqrt(1 - beta2**step)`` as ``(N, 1)`` float32
+    columns (computed in float64, as torch computes them from its Python-float step)."""
+    s = step.double()
+    return _col(-lr / (1 - beta1**s)), _col((1 - beta2**s).sqrt())
+
+
+def _host_rows(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled CPU update can run: eager, plain float32 CPU tensors, each row's
+    elements consecutive (the column views of a gathered buffer are), no two the same."""
+    if not on_host(tensors):
+        return False
+    for t in tensors:
+        if t.dtype != torch.float32:
+            return False
+        rows, width = t.shape[0], t.shape[1] if t.dim() == 2 else 1
+        # Rows must not overlap (an expanded gradient repeats one row with stride 0).
+        if (width > 1 and t.stride(-1) != 1) or (rows > 1 and t.stride(0) < width):
+            return False
+    return len({t.data_ptr() for t in tensors}) == len(tensors)
 
 
 def _launch(kernel: str, n: int, args: list) -> None:
@@ -279,6 +304,19 @@ def adam_rows_(
         "adam_rows_", param, grad, exp_avg=(exp_avg, "rows"), exp_avg_sq=(exp_avg_sq, "rows"),
         step=(step, "count"),
     )  # fmt: skip
+    if _host_rows(param, grad, exp_avg, exp_avg_sq, step):
+        # Compiled: the torch operations below, fused per element, in the same order, but for
+        # the square roots of the second moments, which torch takes (its vectorized sqrt is
+        # not correctly rounded on every CPU).
+        n, d = param.shape
+        l2 = 0.0 if decoupled else weight_decay
+        hyper = (beta1, beta2, l2, 1 - lr * weight_decay if decoupled else 1.0)
+        views = (param, grad, exp_avg, exp_avg_sq, step)
+        _native.adam_moments([(t.data_ptr(), t.stride(0)) for t in views], n, d, hyper)
+        neg_step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
+        views = (param, exp_avg, exp_avg_sq.sqrt(), neg_step_size, bc2_sqrt)
+        _native.adam_apply([(t.data_ptr(), t.stride(0)) for t in views], n, d, eps)
+        return
     step.add_(1)
     if _kernel(param, grad, exp_avg, exp_avg_sq, step):
         n, d = param.shape
@@ -314,9 +352,7 @@ def adam_rows_(
             grad = grad.add(param, alpha=weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    s = step.double()
-    neg_step_size = _col(-lr / (1 - beta1**s))
-    bc2_sqrt = _col((1 - beta2**s).sqrt())
+    neg_step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
     # The same operations as torch's Adam on per-row scalars, in the same order: its
     # param.addcdiv_(exp_avg, denom, value=-step_size) rounds param + (-step_size * exp_avg) /
     # denom (dividing first, as param - step_size * (exp_avg / denom), was off by an ulp).

@@ -1,0 +1,206 @@
+//! The distinct `(id, table)` pairs of a lookup, in order of first occurrence, with the group of
+//! every position and the positions of every group.
+//!
+//! One pass over the pairs with an open-addressing set of the groups seen so far (sized from a
+//! quarter of the pairs, doubled whenever it is half full), then a counting pass that lists each
+//! group's positions in ascending order. Pairs are compared whole, so no two distinct pairs ever
+//! share a group, whatever their ids.
+
+use crate::idmap::home;
+
+const VACANT: u32 = u32::MAX;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    key: i64,
+    tab: i32,
+    group: u32,
+}
+
+const EMPTY_ENTRY: Entry = Entry {
+    key: 0,
+    tab: 0,
+    group: VACANT,
+};
+
+/// Where the groups of `group_pairs` go.
+pub struct Groups<'a> {
+    /// The first pair of each group: its id ...
+    pub keys: &'a mut [i64],
+    /// ... and its table (both as long as the input; the first `U` are written).
+    pub tabs: &'a mut [i32],
+    /// The group of every position.
+    pub inverse: &'a mut [i64],
+    /// Every group's positions, ascending, one group after another ...
+    pub order: &'a mut [i64],
+    /// ... group `g`'s at `order[offsets[g]..offsets[g + 1]]` (`U + 1` written, room for one
+    /// more than the input's length).
+    pub offsets: &'a mut [i64],
+}
+
+fn empty_set(capacity: usize) -> Vec<Entry> {
+    vec![EMPTY_ENTRY; capacity]
+}
+
+/// Groups the pairs `(keys[i], tabs[i])`; returns `U`, the number of distinct pairs.
+///
+/// # Panics
+///
+/// If the lengths disagree, or there are `u32::MAX` pairs or more.
+pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
+    let n = keys.len();
+    assert!(
+        tabs.len() == n
+            && out.keys.len() == n
+            && out.tabs.len() == n
+            && out.inverse.len() == n
+            && out.order.len() == n
+            && out.offsets.len() == n + 1,
+        "group_pairs: lengths differ"
+    );
+    assert!(n < VACANT as usize, "group_pairs: too many pairs");
+    out.offsets[0] = 0;
+    let mut capacity = 1024;
+    let mut set = empty_set(capacity);
+    let mut groups = 0usize;
+    for i in 0..n {
+        let (key, tab) = (keys[i], tabs[i]);
+        let mask = capacity - 1;
+        let mut p = home(key, tab, mask);
+        let group = loop {
+            let e = set[p];
+            if e.group == VACANT {
+                let g = groups;
+                set[p] = Entry {
+                    key,
+                    tab,
+                    group: g as u32,
+                };
+                out.keys[g] = key;
+                out.tabs[g] = tab;
+                out.offsets[g + 1] = 0;
+                groups += 1;
+                if 2 * groups > capacity {
+                    capacity *= 2;
+                    set = rebuilt(&out.keys[..groups], &out.tabs[..groups], capacity);
+                }
+                break g;
+            }
+            if e.key == key && e.tab == tab {
+                break e.group as usize;
+            }
+            p = (p + 1) & mask;
+        };
+        out.inverse[i] = group as i64;
+        out.offsets[group + 1] += 1;
+    }
+    // Counts to offsets, then each group's positions in ascending order.
+    for g in 0..groups {
+        out.offsets[g + 1] += out.offsets[g];
+    }
+    let mut next: Vec<i64> = out.offsets[..groups].to_vec();
+    for i in 0..n {
+        let g = out.inverse[i] as usize;
+        out.order[next[g] as usize] = i as i64;
+        next[g] += 1;
+    }
+    groups
+}
+
+/// A set of `capacity` slots holding the groups `0..keys.len()`.
+fn rebuilt(keys: &[i64], tabs: &[i32], capacity: usize) -> Vec<Entry> {
+    let mut set = empty_set(capacity);
+    let mask = capacity - 1;
+    for (g, (&key, &tab)) in keys.iter().zip(tabs).enumerate() {
+        let mut p = home(key, tab, mask);
+        while set[p].group != VACANT {
+            p = (p + 1) & mask;
+        }
+        set[p] = Entry {
+            key,
+            tab,
+            group: g as u32,
+        };
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// The groups' ids, tables, inverse, order and offsets.
+    type Grouped = (Vec<i64>, Vec<i32>, Vec<i64>, Vec<i64>, Vec<i64>);
+
+    fn grouped(keys: &[i64], tabs: &[i32]) -> Grouped {
+        let n = keys.len();
+        let (mut k, mut t, mut inv, mut ord, mut off) = (
+            vec![0; n],
+            vec![0; n],
+            vec![0; n],
+            vec![0; n],
+            vec![-7; n + 1],
+        );
+        let u = group_pairs(
+            keys,
+            tabs,
+            &mut Groups {
+                keys: &mut k,
+                tabs: &mut t,
+                inverse: &mut inv,
+                order: &mut ord,
+                offsets: &mut off,
+            },
+        );
+        k.truncate(u);
+        t.truncate(u);
+        off.truncate(u + 1);
+        (k, t, inv, ord, off)
+    }
+
+    #[test]
+    fn groups_follow_first_occurrence_and_list_positions_ascending() {
+        // Enough distinct pairs to grow the set twice; ids repeat across tables.
+        let n = 3000;
+        let keys: Vec<i64> = (0..n).map(|i| ((i * 7) % 700) as i64 - 350).collect();
+        let tabs: Vec<i32> = (0..n).map(|i| (i % 3) as i32).collect();
+        let (k, t, inv, ord, off) = grouped(&keys, &tabs);
+        let mut first: HashMap<(i64, i32), usize> = HashMap::new();
+        let mut expect = Vec::new();
+        for i in 0..n {
+            let g = *first.entry((keys[i], tabs[i])).or_insert_with(|| {
+                expect.push((keys[i], tabs[i]));
+                expect.len() - 1
+            });
+            assert_eq!(inv[i], g as i64);
+        }
+        assert_eq!(k.len(), expect.len());
+        for (g, &(key, tab)) in expect.iter().enumerate() {
+            assert_eq!((k[g], t[g]), (key, tab));
+            let positions = &ord[off[g] as usize..off[g + 1] as usize];
+            assert!(positions.windows(2).all(|w| w[0] < w[1]));
+            assert!(positions.iter().all(|&i| inv[i as usize] == g as i64));
+        }
+        assert_eq!(off[k.len()], n as i64);
+    }
+
+    #[test]
+    fn extreme_ids_and_pairs_with_equal_premix_values_stay_apart() {
+        // id + table * golden agrees for (golden, 0) and (0, 1): one home, two pairs.
+        let golden = 0x9E37_79B9_7F4A_7C15u64 as i64;
+        let keys = [golden, 0, i64::MIN, i64::MAX, -1, golden, 0];
+        let tabs = [0, 1, 0, 0, 0, 0, 1];
+        let (k, t, inv, _, _) = grouped(&keys, &tabs);
+        assert_eq!(k, [golden, 0, i64::MIN, i64::MAX, -1]);
+        assert_eq!(t, [0, 1, 0, 0, 0]);
+        assert_eq!(inv, [0, 1, 2, 3, 4, 0, 1]);
+    }
+
+    #[test]
+    fn empty_input_has_no_group() {
+        let (k, _, _, _, off) = grouped(&[], &[]);
+        assert!(k.is_empty());
+        assert_eq!(off, [0]);
+    }
+}
