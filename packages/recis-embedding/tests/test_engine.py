@@ -306,41 +306,30 @@ def test_dedup_paths_agree() -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_packed_dedup_matches_the_exact_one_on_random_pairs(seed: int) -> None:
-    from recis_embedding._dedup import exact_dedup, packed_dedup
+def test_cpu_dedup_matches_the_exact_one_on_random_pairs(seed: int) -> None:
+    from recis_embedding._dedup import dedup, exact_dedup
 
     gen = torch.Generator().manual_seed(seed)
     n = 5_000
     pool = torch.cat([torch.randint(-(2**63), 2**63 - 1, (60,), generator=gen), torch.arange(40)])
     values = pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
     tabs = torch.randint(0, 5, (n,), generator=gen)
-    packed = packed_dedup(values, tabs)
-    assert packed is not None
-    ids, id_tabs, inverse, (order, offsets) = packed
+    ids, id_tabs, inverse, grouping = dedup(values, tabs)
+    assert grouping is not None
+    order, offsets = grouping
     exact = exact_dedup(values, tabs)
     assert ids.numel() == exact[0].numel()
     assert torch.equal(ids[inverse], values)
     assert torch.equal(id_tabs[inverse].to(torch.int64), tabs)
     assert inverse.dtype == order.dtype == offsets.dtype == torch.int64
     assert id_tabs.dtype == torch.int32
+    # Distinct pairs in order of first occurrence: each one's first position is increasing.
+    firsts = order[offsets[:-1]]
+    assert bool((firsts[1:] > firsts[:-1]).all())
     for u in range(0, ids.numel(), 37):  # groups list their positions in ascending order
         group = order[offsets[u] : offsets[u + 1]]
         assert torch.equal(inverse[group], torch.full_like(group, u))
         assert group.tolist() == sorted(group.tolist())
-
-
-def test_dedup_falls_back_when_packed_hashes_collide() -> None:
-    from recis_embedding._dedup import _MUL, dedup, packed_dedup
-
-    inv = pow(_MUL % (1 << 64), -1, 1 << 64)
-    other = inv - (1 << 64) if inv >= 1 << 63 else inv  # other * _MUL == 1: same high bits as 0
-    values = torch.tensor([0, other, 0, 7])
-    tabs = torch.zeros(4, dtype=torch.int64)
-    assert packed_dedup(values, tabs) is None
-    ids, id_tabs, inverse, _ = dedup(values, tabs)
-    assert torch.equal(ids[inverse], values)
-    assert id_tabs.tolist() == [0, 0, 0]
-    assert sorted(ids.tolist()) == sorted({0, other, 7})
 
 
 def test_device_results_match_cpu(device: torch.device) -> None:

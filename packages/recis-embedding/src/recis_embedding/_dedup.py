@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import recis_kernels as rk
 from recis_embedding._host import true_positions
 
-__all__ = ["dedup", "exact_dedup", "packed_dedup"]
+__all__ = ["dedup", "exact_dedup"]
 
 _TABLE_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15, odd: a bijection on ids per table
-_MUL = -4658895280553007687  # 0xBF58476D1CE4E5B9, odd multiplier of the grouping hash
 
 
 def dedup(
@@ -27,71 +25,13 @@ def dedup(
         ``(ids (U,), tables (U,) int32, inverse (N,), grouping)``: ``grouping`` is
         ``(order, offsets)``, listing the positions of distinct pair ``u`` in ascending order
         as ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass), or ``None``.
+        On the CPU the pairs come in order of first occurrence (recis-kernels'
+        ``unique_pairs``: one compiled pass with a hash set), elsewhere in sorted order.
     """
-    n = values.numel()
-    if values.device.type == "cpu" and n > 1:
-        found = packed_dedup(values, tabs)
-        if found is not None:
-            return found
+    if values.device.type == "cpu":
+        found = rk.unique_pairs(values, tabs)
+        return found.ids, found.tables, found.inverse, (found.order, found.offsets)
     return exact_dedup(values, tabs)
-
-
-_MIN_HASH_BITS = 24  # below this many hash bits per packed value, collisions get likely
-
-
-def packed_dedup(values: torch.Tensor, tabs: torch.Tensor):
-    """Group equal pairs with one vectorized sort of plain int64 values (CPU, in NumPy).
-
-    Each value packs, from the top, the high bits of a multiplicative hash of the id, the table
-    index and the position, so one sort of plain values makes equal pairs adjacent, each group
-    in ascending position order: recis-kernels' radix sort by the bits above the position
-    (229k values: about 2 ms, where NumPy's sort takes about 9). Two different ids of one
-    table share a group only when their hashes agree on every kept bit; that is detected and
-    ``None`` sends the caller to the exact path. The other passes run in NumPy, whose loops
-    over these index arrays are faster than torch's on one thread.
-    """
-    n = values.numel()
-    bits = (n - 1).bit_length()
-    v = values.numpy()
-    t = tabs.numpy().astype(np.int64, copy=False)
-    tab_bits = int(t.max()).bit_length()
-    low_bits = bits + tab_bits
-    if 64 - low_bits < _MIN_HASH_BITS:
-        return None
-    packed = v * np.int64(_MUL)  # wraps modulo 2**64, as intended
-    packed &= np.int64(-(1 << low_bits))
-    if tab_bits:
-        packed |= t << np.int64(bits)
-    packed |= np.arange(n, dtype=np.int64)
-    # The positions in the low bits make a stable sort by the bits above them the full sort.
-    rk.sort_by_high_bits_(torch.from_numpy(packed), bits)
-    order = packed & np.int64((1 << bits) - 1)
-    sv = np.take(v, order)
-    group = packed >> np.int64(bits)
-    flags = np.empty(n, dtype=bool)
-    flags[0] = True
-    np.not_equal(group[1:], group[:-1], out=flags[1:])
-    # Sorted neighbours with different ids but one group are two ids whose hashes collide.
-    if np.greater(sv[1:] != sv[:-1], flags[1:]).any():
-        return None
-    starts = np.flatnonzero(flags)
-    flags[0] = False
-    # Ranked and scattered in int32 where they fit: half the bytes, which makes torch's
-    # cumulative sum (faster than NumPy's) and the scatter about twice as fast.
-    small = n < 1 << 31
-    inverse = np.empty(n, dtype=np.int32 if small else np.int64)
-    flags_t = torch.from_numpy(flags)
-    ranks = torch.cumsum(flags_t, 0, dtype=torch.int32 if small else torch.int64)
-    inverse[order] = ranks.numpy()
-    offsets = np.append(starts, n).astype(np.int64, copy=False)
-    key_tabs = (group[starts] & np.int64((1 << tab_bits) - 1)).astype(np.int32)
-    grouping = (torch.from_numpy(order), torch.from_numpy(offsets))
-    return (
-        torch.from_numpy(sv[starts]),
-        torch.from_numpy(key_tabs),
-        torch.from_numpy(inverse.astype(np.int64, copy=False)),
-        grouping,
-    )
 
 
 def exact_dedup(values: torch.Tensor, tabs: torch.Tensor):
