@@ -11,6 +11,7 @@ pub mod cross;
 pub mod divide;
 pub mod group;
 pub mod idmap;
+pub mod interleave;
 pub mod optim;
 pub mod radix;
 pub mod shares;

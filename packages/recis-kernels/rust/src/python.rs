@@ -18,6 +18,7 @@ use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
 use crate::group::{group_pairs as group_pairs_into, Groups};
 use crate::idmap::{claim, find, Slots, SlotsMut};
+use crate::interleave::{count_items, interleave, Interleaved, Member};
 use crate::optim::{adam_apply as adam_apply_into, adam_moments as adam_moments_into, Adam, Rows};
 use crate::radix::sort_by_high_bits;
 use crate::shares::{share_count, split, Run};
@@ -656,6 +657,70 @@ fn adam_apply(
     Ok(())
 }
 
+/// A member of `interleave_bags` as Python passes it: `(values, len, offsets, label, scale)`.
+type MemberArgs = (usize, usize, Option<usize>, i32, Option<usize>);
+
+/// Lays ragged members out row by row (see `interleave::interleave`). Each member is
+/// `(values, len, offsets, label, scale)`: `len` int64 values, `rows + 1` int64 offsets or
+/// `None` for one value per row, its label, and `rows` float32 scales or `None`; `out` is
+/// `(values, labels, weights, bags)` for `n` int64s, `n` int32s, `n` float32s or `None`, and
+/// `rows * members + 1` int64s. The members are checked first: a bad one raises, naming it,
+/// and so does an `n` that is not their item count. Without the GIL.
+#[pyfunction]
+fn interleave_bags(
+    py: Python<'_>,
+    members: Vec<MemberArgs>,
+    rows: usize,
+    n: usize,
+    out: (usize, usize, Option<usize>, usize),
+) -> PyResult<()> {
+    let op = "interleave_bags";
+    for (k, &(values, len, offsets, _, scale)) in members.iter().enumerate() {
+        check_address::<i64>(op, &format!("members[{k}] values"), values, len)?;
+        if let Some(offsets) = offsets {
+            check_address::<i64>(op, &format!("members[{k}] offsets"), offsets, rows + 1)?;
+        }
+        if let Some(scale) = scale {
+            check_address::<f32>(op, &format!("members[{k}] scale"), scale, rows)?;
+        }
+    }
+    check_address::<i64>(op, "values", out.0, n)?;
+    check_address::<i32>(op, "labels", out.1, n)?;
+    if let Some(weights) = out.2 {
+        check_address::<f32>(op, "weights", weights, n)?;
+    }
+    check_address::<i64>(op, "bags", out.3, rows * members.len() + 1)?;
+    // SAFETY: the caller's contract: each member's buffers hold the lengths given, and the
+    // outputs are fresh buffers of the lengths above, overlapping nothing.
+    let views: Vec<Member<'_>> = members
+        .iter()
+        .map(|&(values, len, offsets, label, scale)| unsafe {
+            Member {
+                values: slice(values, len),
+                offsets: offsets.map(|o| std::slice::from_raw_parts(o as *const i64, rows + 1)),
+                label,
+                scale: scale.map(|s| slice(s, rows)),
+            }
+        })
+        .collect();
+    let total = count_items(&views, rows).map_err(|e| value_error(format!("{op}: {e}")))?;
+    if total != n {
+        return Err(value_error(format!(
+            "{op}: the members hold {total} items, the outputs {n}"
+        )));
+    }
+    let mut target = unsafe {
+        Interleaved {
+            values: slice_mut(out.0, n),
+            labels: slice_mut(out.1, n),
+            weights: out.2.map(|w| slice_mut(w, n)),
+            bags: std::slice::from_raw_parts_mut(out.3 as *mut i64, rows * members.len() + 1),
+        }
+    };
+    py.detach(|| interleave(&views, rows, &mut target));
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
@@ -667,6 +732,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(idmap_find, m)?)?;
     m.add_function(wrap_pyfunction!(idmap_claim, m)?)?;
     m.add_function(wrap_pyfunction!(group_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(interleave_bags, m)?)?;
     m.add_function(wrap_pyfunction!(adam_moments, m)?)?;
     m.add_function(wrap_pyfunction!(adam_apply, m)?)?;
     Ok(())

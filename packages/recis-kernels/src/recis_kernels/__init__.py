@@ -27,6 +27,7 @@ from recis_kernels.ops.dense import dense_to_ragged, ragged_to_dense
 from recis_kernels.ops.feature_cross import feature_cross, fused_feature_cross
 from recis_kernels.ops.hash_table import IdMap, IdMapExport, fmix64
 from recis_kernels.ops.hashing import hash_bytes, hash_strings
+from recis_kernels.ops.interleave import InterleaveResult, interleave_bags
 from recis_kernels.ops.mix import mix64, multi_hash
 from recis_kernels.ops.mod import fused_mod, mod
 from recis_kernels.ops.optim import (
@@ -55,6 +56,7 @@ __all__ = [
     "IdMap",
     "IdMapExport",
     "IndexOutOfRangeError",
+    "InterleaveResult",
     "KernelCompileError",
     "KernelLaunchError",
     "PartitionResult",
@@ -88,6 +90,7 @@ __all__ = [
     "fused_truncate",
     "hash_bytes",
     "hash_strings",
+    "interleave_bags",
     "kernel_names",
     "mix64",
     "mod",

@@ -8,6 +8,7 @@ __all__ = [
     "group_pairs",
     "idmap_claim",
     "idmap_find",
+    "interleave_bags",
     "pair_hash_parts",
     "sort_int64_by_high_bits",
     "truncate_plan",
@@ -53,3 +54,9 @@ def adam_moments(
     rows: list[tuple[int, int]], n: int, d: int, hyper: tuple[float, float, float, float]
 ) -> None: ...
 def adam_apply(rows: list[tuple[int, int]], n: int, d: int, eps: float) -> None: ...
+def interleave_bags(
+    members: list[tuple[int, int, int | None, int, int | None]],
+    rows: int,
+    n: int,
+    out: tuple[int, int, int | None, int],
+) -> None: ...
