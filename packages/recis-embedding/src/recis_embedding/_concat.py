@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+import recis_kernels as rk
 from recis_embedding._host import on_host, repeat_values
 from recis_embedding._inputs import Ids
 from recis_embedding._options import EmbeddingOption
@@ -99,6 +100,15 @@ def batch_major_host(
         tab = np.tile(np.asarray(tabs, dtype=np.int64), rows)
         one_each = torch.arange(values.size + 1)
         return Joined(torch.from_numpy(values), torch.from_numpy(tab), one_each, None, True, rows)
+    if all(w is None for w in mults):
+        # Compiled: one pass writes the ids, their table indices and bag weights row by row.
+        laid = rk.interleave_bags(
+            [i.values for i in parts],
+            [None if i.singles else i.bags for i in parts],
+            tabs,
+            None if plain else scales,
+        )
+        return Joined(laid.values, laid.labels, laid.bags, laid.weights, False, rows)
     lengths = np.ones((rows, m), dtype=np.int64)
     first = np.empty((rows, m), dtype=np.int64)  # where each (row, member) bag starts, end to end
     starts = np.cumsum(sizes) - sizes
