@@ -137,3 +137,29 @@ def test_a_copy_of_a_store_writes_its_own_blocks(request, monkeypatch, clone) ->
         del store
         twin.scatter(torch.tensor([3]), torch.full((1, 4), 5.0))
         assert twin.gather(torch.tensor([3])).tolist() == [[5.0] * 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("block_rows", [4, 64])
+def test_compiled_host_copies_match_the_block_by_block_path(monkeypatch, dtype, block_rows):
+    """On CPU tensors rows are copied by one compiled pass in the order asked; the torch path
+    groups them by block. Gathers (duplicates too), scatters and updates of column ranges
+    must agree, for any element size."""
+    g = torch.Generator().manual_seed(block_rows)
+    rows = torch.randperm(40, generator=g)[:25]
+    asked = torch.cat([rows, rows[:5]])  # duplicates in a gather
+    values = (torch.randn(25, 3, generator=g) * 100).to(dtype)
+    results = []
+    for compiled in (True, False):
+        with monkeypatch.context() as mp:
+            if not compiled:
+                mp.setattr(RowStore, "_host", lambda self, rows: False)
+            store = RowStore(7, dtype=dtype, block_rows=block_rows)
+            store.reserve(40)
+            store.scatter(torch.arange(40), torch.arange(280).reshape(40, 7).to(dtype))
+            store.scatter(rows, values, start=2)
+            gathered = store.gather(asked, 1, 6)
+            store.update(rows, lambda cur, which: cur * 2, 3, 7)
+            results.append((gathered, store.gather(torch.arange(40))))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

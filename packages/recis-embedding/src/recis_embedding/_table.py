@@ -570,7 +570,7 @@ class HashTable:
         """Update whole rows (distinct) in place: ``fn(full, which)`` gets rows laid out as
         :meth:`read_full` returns, in the order ``rows[which]`` (``which`` ``None``: the order
         of ``rows``), and returns their new values in that order. Cheaper than a read and a
-        write: the rows are visited in storage order and never put back in the asked order."""
+        write: the row store picks the order that costs least (see ``RowStore.update``)."""
         self._store.update(rows, fn)
         self._dirty[rows] = True
 

@@ -6,6 +6,7 @@
 //! the features' sizes. The kernels work on slices; `python` (the `python` feature) binds them
 //! to torch tensors' memory.
 
+pub mod block_rows;
 pub mod bucketize;
 pub mod cross;
 pub mod divide;

@@ -13,6 +13,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
+use crate::block_rows::{copy_rows as copy_block_rows_into, Blocks, Direction};
 use crate::bucketize::bucketize_into;
 use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
@@ -721,6 +722,65 @@ fn interleave_bags(
     Ok(())
 }
 
+/// Copies bytes `[start, start + len)` of the rows `rows` (`n` int64s) of a blocked row store
+/// (`blocks`: each block's address, `1 << shift` rows of `row_bytes` bytes) to consecutive
+/// rows of `stride` bytes at `data` (`gather`) or back (`!gather`), in the order listed,
+/// without the GIL. A row outside the store raises before anything is copied.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn copy_block_rows(
+    py: Python<'_>,
+    blocks: Vec<usize>,
+    shift: u32,
+    row_bytes: usize,
+    rows: usize,
+    n: usize,
+    start: usize,
+    len: usize,
+    data: usize,
+    stride: usize,
+    gather: bool,
+) -> PyResult<()> {
+    let op = "copy_block_rows";
+    if shift > 40 || start.checked_add(len).is_none_or(|end| end > row_bytes) || stride < len {
+        return Err(value_error(format!(
+            "{op}: bytes {start}..{} of rows of {row_bytes} into rows of {stride} (shift {shift})",
+            start.saturating_add(len)
+        )));
+    }
+    check_address::<i64>(op, "rows", rows, n)?;
+    for (k, &b) in blocks.iter().enumerate() {
+        check_address::<u8>(op, &format!("blocks[{k}]"), b, 1)?;
+    }
+    check_address::<u8>(op, "data", data, n * len)?;
+    // SAFETY: the caller's contract: n int64 rows.
+    let rows = unsafe { slice::<i64>(rows, n) };
+    let store = Blocks {
+        ptrs: &blocks,
+        shift,
+        row_bytes,
+    };
+    if let Some(i) = store.first_bad(rows) {
+        return Err(value_error(format!(
+            "{op}: rows[{i}] = {} is outside the {} rows of the store",
+            rows[i],
+            blocks.len() << shift
+        )));
+    }
+    let direction = if gather {
+        Direction::Gather
+    } else {
+        Direction::Scatter
+    };
+    // SAFETY: blocks of 1 << shift rows of row_bytes bytes and a buffer of n rows of stride
+    // bytes overlapping no block (the caller's contract); the byte range and every row were
+    // checked above.
+    py.detach(|| unsafe {
+        copy_block_rows_into(&store, rows, start, len, data as *mut u8, stride, direction)
+    });
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
@@ -732,6 +792,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(idmap_find, m)?)?;
     m.add_function(wrap_pyfunction!(idmap_claim, m)?)?;
     m.add_function(wrap_pyfunction!(group_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(interleave_bags, m)?)?;
     m.add_function(wrap_pyfunction!(adam_moments, m)?)?;
     m.add_function(wrap_pyfunction!(adam_apply, m)?)?;

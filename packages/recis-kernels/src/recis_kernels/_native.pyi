@@ -4,6 +4,7 @@ __all__ = [
     "adam_apply",
     "adam_moments",
     "bucketize_parts",
+    "copy_block_rows",
     "copy_rows",
     "group_pairs",
     "idmap_claim",
@@ -59,4 +60,16 @@ def interleave_bags(
     rows: int,
     n: int,
     out: tuple[int, int, int | None, int],
+) -> None: ...
+def copy_block_rows(
+    blocks: list[int],
+    shift: int,
+    row_bytes: int,
+    rows: int,
+    n: int,
+    start: int,
+    len: int,
+    data: int,
+    stride: int,
+    gather: bool,
 ) -> None: ...

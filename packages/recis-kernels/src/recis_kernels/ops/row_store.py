@@ -3,8 +3,10 @@
 Row ``r`` lives in block ``r >> block_shift`` at offset ``r & (block_rows - 1)``. ``blocks`` is
 the block pointer table (a Python list of ``(block_rows, width)`` tensors on the CPU path).
 Adding rows appends blocks; existing rows never move, so a table can grow while views of its
-rows stay valid. On CUDA (float32 rows) gathers and scatters are single launches of
-``cuda/row_store.cu`` that read the block pointer table on the device and move 16-byte
+rows stay valid. On CPU tensors gathers and scatters copy each row's column range with one
+compiled pass in the order asked (``_native.copy_block_rows``), any dtype; the torch path
+(tensors that are traced or need gradients) groups rows by block. On CUDA (float32 rows)
+gathers and scatters are single launches of ``cuda/row_store.cu`` that read the block pointer table on the device and move 16-byte
 ``float4`` groups when the row width and column range are multiples of 4; ``scatter_add``
 reduces duplicate rows first, so every row is written by exactly one thread (no atomics).
 
@@ -21,7 +23,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from recis_kernels._backend import use_cuda_kernels
+from recis_kernels import _native
+from recis_kernels._backend import on_host, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_1d,
@@ -150,6 +153,9 @@ class RowStore:
         if self._kernel():
             self._launch(op, "gather_rows", rows, start, stop - start, out, None)
             return out
+        if self._host(rows):
+            self._copy_host(rows, start, stop, out, gather=True)
+            return out
         if len(self.blocks) == 1:
             torch.index_select(self._block(0, start, stop), 0, rows, out=out)
             return out
@@ -178,9 +184,11 @@ class RowStore:
 
         ``fn(current, which)`` gets the ``(N, stop - start)`` current values of the rows in
         some order and returns their new values in that order: row ``k`` of ``current`` is
-        ``rows[which[k]]`` (``which`` is ``None`` when the order is that of ``rows``). Rows are
-        visited block by block on the CPU, so neither the read nor the write pays to put rows
-        back in the asked order: an optimizer permutes its gradients by ``which`` instead.
+        ``rows[which[k]]`` (``which`` is ``None`` when the order is that of ``rows``). On CPU
+        tensors the rows are copied out and back by one compiled pass each, in the order of
+        ``rows`` (``which`` is ``None``); the torch path of other CPU inputs visits them block
+        by block, so neither the read nor the write pays to put rows back in the asked order:
+        an optimizer permutes its gradients by ``which`` instead.
 
         Args:
             rows: ``(N,) int64`` distinct row indices below :attr:`capacity`.
@@ -193,7 +201,7 @@ class RowStore:
         start, stop = self._columns(start, stop)
         if rows.numel() == 0:
             return
-        whole = self._kernel() or len(self.blocks) == 1
+        whole = self._kernel() or len(self.blocks) == 1 or self._host(rows)
         if whole:
             groups, which = [], None
             current = self._gather(op, rows, start, stop)
@@ -238,6 +246,9 @@ class RowStore:
             return
         if rows.numel() == 0:
             return
+        if self._host(rows):
+            self._copy_host(rows, start, stop, values.to(self.dtype).contiguous(), gather=False)
+            return
         if len(self.blocks) == 1:
             self._block(0, start, stop).index_copy_(0, rows, values.to(self.dtype))
             return
@@ -272,6 +283,36 @@ class RowStore:
 
     def _kernel(self) -> bool:
         return self.dtype == torch.float32 and use_cuda_kernels(self.device)
+
+    def _host(self, rows: torch.Tensor) -> bool:
+        """Whether the compiled CPU copy can move the rows: plain CPU rows (checked in range
+        by the caller) and dense blocks (a store loaded from strided tensors keeps the torch
+        path)."""
+        return (
+            self.device.type == "cpu"
+            and on_host((rows,))
+            and all(b.is_contiguous() for b in self.blocks)
+        )
+
+    def _copy_host(
+        self, rows: torch.Tensor, start: int, stop: int, data: torch.Tensor, *, gather: bool
+    ) -> None:
+        """Columns ``[start, stop)`` of ``rows`` to (``gather``) or from the contiguous
+        ``(N, stop - start)`` ``data``, one compiled pass in the order of ``rows``."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        rows = rows.contiguous()
+        _native.copy_block_rows(
+            [b.data_ptr() for b in self.blocks],
+            self.block_shift,
+            self.width * item,
+            rows.data_ptr(),
+            rows.numel(),
+            start * item,
+            (stop - start) * item,
+            data.data_ptr(),
+            (stop - start) * item,
+            gather,
+        )
 
     def _block_table(self) -> torch.Tensor:
         """The block pointer table on the device, rebuilt whenever the blocks' addresses
