@@ -1,9 +1,9 @@
 //! The distinct `(id, table)` pairs of a lookup, in order of first occurrence, with the group of
 //! every position and the positions of every group.
 //!
-//! One pass over the pairs with an open-addressing set of the groups seen so far (sized from a
-//! quarter of the pairs, doubled whenever it is half full), then a counting pass that lists each
-//! group's positions in ascending order. Pairs are compared whole, so no two distinct pairs ever
+//! One pass over the pairs with an open-addressing set of the groups seen so far (as large as
+//! the last call's on this thread, doubled whenever it is half full), then a counting pass that
+//! lists each group's positions in ascending order. Pairs are compared whole, so no two distinct pairs ever
 //! share a group, whatever their ids.
 
 use crate::idmap::home;
@@ -38,6 +38,15 @@ pub struct Groups<'a> {
     pub offsets: &'a mut [i64],
 }
 
+/// The smallest set: 16 KiB.
+const MIN_CAPACITY: usize = 1024;
+
+thread_local! {
+    /// The set last used on this thread, kept for the next call (at most as large as its
+    /// distinct pairs needed).
+    static SPARE: std::cell::RefCell<Vec<Entry>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn empty_set(capacity: usize) -> Vec<Entry> {
     vec![EMPTY_ENTRY; capacity]
 }
@@ -60,8 +69,18 @@ pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
     );
     assert!(n < VACANT as usize, "group_pairs: too many pairs");
     out.offsets[0] = 0;
-    let mut capacity = 1024;
-    let mut set = empty_set(capacity);
+    // The set of the previous call on this thread, emptied: a pipeline groups batches of
+    // similar sizes, and a set that starts as large as the last one needed neither regrows
+    // nor touches fresh pages.
+    let mut set = SPARE.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
+    let mut capacity = set
+        .len()
+        .clamp(MIN_CAPACITY, (2 * n).next_power_of_two().max(MIN_CAPACITY));
+    if set.capacity() > 4 * capacity {
+        set = Vec::new(); // a much larger call's set: not kept for small ones
+    }
+    set.clear();
+    set.resize(capacity, EMPTY_ENTRY);
     let mut groups = 0usize;
     for i in 0..n {
         let (key, tab) = (keys[i], tabs[i]);
@@ -94,6 +113,7 @@ pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
         out.inverse[i] = group as i64;
         out.offsets[group + 1] += 1;
     }
+    SPARE.with(|spare| *spare.borrow_mut() = set);
     // Counts to offsets, then each group's positions in ascending order.
     for g in 0..groups {
         out.offsets[g + 1] += out.offsets[g];
