@@ -93,6 +93,14 @@ def _adam_scalars(
     return _col(-lr / (1 - beta1**s)), _col((1 - beta2**s).sqrt())
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``x.sqrt()`` as a new tensor, taken on a contiguous copy: the column view of a gathered
+    row buffer takes torch's strided loop, about five times slower (26.7k rows of 8: 1.04 ms
+    against 0.22 ms with the copy) for the same values."""
+    c = x.contiguous()
+    return c.sqrt_() if c is not x else c.sqrt()
+
+
 def _host_rows(*tensors: torch.Tensor) -> bool:
     """Whether the compiled CPU update can run: eager, plain float32 CPU tensors, each row's
     elements consecutive (the column views of a gathered buffer are), no two the same."""
@@ -314,7 +322,7 @@ def adam_rows_(
         views = (param, grad, exp_avg, exp_avg_sq, step)
         _native.adam_moments([(t.data_ptr(), t.stride(0)) for t in views], n, d, hyper)
         neg_step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
-        views = (param, exp_avg, exp_avg_sq.sqrt(), neg_step_size, bc2_sqrt)
+        views = (param, exp_avg, _sqrt(exp_avg_sq), neg_step_size, bc2_sqrt)
         _native.adam_apply([(t.data_ptr(), t.stride(0)) for t in views], n, d, eps)
         return
     step.add_(1)
@@ -356,7 +364,7 @@ def adam_rows_(
     # The same operations as torch's Adam on per-row scalars, in the same order: its
     # param.addcdiv_(exp_avg, denom, value=-step_size) rounds param + (-step_size * exp_avg) /
     # denom (dividing first, as param - step_size * (exp_avg / denom), was off by an ulp).
-    denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
+    denom = _sqrt(exp_avg_sq).div_(bc2_sqrt).add_(eps)
     param.add_(torch.div(torch.mul(exp_avg, neg_step_size), denom, out=denom))
 
 
