@@ -6,7 +6,10 @@
 //! lists each group's positions in ascending order. Pairs are compared whole, so no two distinct pairs ever
 //! share a group, whatever their ids.
 
-use crate::idmap::home;
+use crate::idmap::{home, prefetch};
+
+/// Pairs whose home slots are computed and prefetched before the first of them is probed.
+const AHEAD: usize = 16;
 
 const VACANT: u32 = u32::MAX;
 
@@ -82,36 +85,52 @@ pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
     set.clear();
     set.resize(capacity, EMPTY_ENTRY);
     let mut groups = 0usize;
-    for i in 0..n {
-        let (key, tab) = (keys[i], tabs[i]);
-        let mask = capacity - 1;
-        let mut p = home(key, tab, mask);
-        let group = loop {
-            let e = set[p];
-            if e.group == VACANT {
-                let g = groups;
-                set[p] = Entry {
-                    key,
-                    tab,
-                    group: g as u32,
-                };
-                out.keys[g] = key;
-                out.tabs[g] = tab;
-                out.offsets[g + 1] = 0;
-                groups += 1;
-                if 2 * groups > capacity {
-                    capacity *= 2;
-                    set = rebuilt(&out.keys[..groups], &out.tabs[..groups], capacity);
+    // Home slots are computed and prefetched a block of pairs ahead of their probes, so the
+    // cache misses of a set larger than the caches overlap.
+    let mut homes = [0usize; AHEAD];
+    for base in (0..n).step_by(AHEAD) {
+        let end = (base + AHEAD).min(n);
+        let block_mask = capacity - 1;
+        for (h, i) in homes.iter_mut().zip(base..end) {
+            *h = home(keys[i], tabs[i], block_mask);
+            prefetch(&set[*h]);
+        }
+        for i in base..end {
+            let (key, tab) = (keys[i], tabs[i]);
+            let mask = capacity - 1;
+            // The set may have grown since this block's homes were computed.
+            let mut p = if mask == block_mask {
+                homes[i - base]
+            } else {
+                home(key, tab, mask)
+            };
+            let group = loop {
+                let e = set[p];
+                if e.group == VACANT {
+                    let g = groups;
+                    set[p] = Entry {
+                        key,
+                        tab,
+                        group: g as u32,
+                    };
+                    out.keys[g] = key;
+                    out.tabs[g] = tab;
+                    out.offsets[g + 1] = 0;
+                    groups += 1;
+                    if 2 * groups > capacity {
+                        capacity *= 2;
+                        set = rebuilt(&out.keys[..groups], &out.tabs[..groups], capacity);
+                    }
+                    break g;
                 }
-                break g;
-            }
-            if e.key == key && e.tab == tab {
-                break e.group as usize;
-            }
-            p = (p + 1) & mask;
-        };
-        out.inverse[i] = group as i64;
-        out.offsets[group + 1] += 1;
+                if e.key == key && e.tab == tab {
+                    break e.group as usize;
+                }
+                p = (p + 1) & mask;
+            };
+            out.inverse[i] = group as i64;
+            out.offsets[group + 1] += 1;
+        }
     }
     SPARE.with(|spare| *spare.borrow_mut() = set);
     // Counts to offsets, then each group's positions in ascending order.

@@ -40,8 +40,9 @@ pub fn home(key: i64, tab: i32, mask: usize) -> usize {
     (fmix64(premix) as usize) & mask
 }
 
+/// Asks the CPU to bring the cache line at `p` close (a hint: never faults).
 #[inline]
-fn prefetch<T>(p: *const T) {
+pub fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint: it never faults, whatever the address.
     unsafe {
