@@ -603,6 +603,14 @@ fn check_float_rows<const K: usize>(
     Ok(())
 }
 
+/// `(address, row stride)` pairs as row views.
+fn float_rows<const K: usize>(rows: [(usize, usize); K]) -> [Rows; K] {
+    rows.map(|(address, stride)| Rows {
+        ptr: address as *mut f32,
+        stride,
+    })
+}
+
 /// The first half of `torch.optim.Adam`/`AdamW` on `n` rows of `d` float32s (see
 /// `optim::adam_moments`): `rows` is `(param, grad, exp_avg, exp_avg_sq, step)`, each
 /// `(address, row stride in floats)` (`step` one float per row); `hyper` is `(beta1, beta2, l2,
@@ -625,10 +633,7 @@ fn adam_moments(
     };
     // Raw pointers are not Send: the addresses cross into the GIL-free closure as integers.
     py.detach(move || {
-        let [param, grad, exp_avg, exp_avg_sq, step] = rows.map(|(address, stride)| Rows {
-            ptr: address as *mut f32,
-            stride,
-        });
+        let [param, grad, exp_avg, exp_avg_sq, step] = float_rows(rows);
         // SAFETY: the caller's contract: five views of n rows of valid float32s, sharing no
         // element (columns of one gathered buffer, or separate tensors); addresses checked.
         unsafe { adam_moments_into(param, grad, exp_avg, exp_avg_sq, step, n, d, &h) }
@@ -648,10 +653,7 @@ fn adam_apply(
 ) -> PyResult<()> {
     check_float_rows("adam_apply", rows, [d, d, d, 1, 1], n)?;
     py.detach(move || {
-        let [param, exp_avg, root, step_size, bc2] = rows.map(|(address, stride)| Rows {
-            ptr: address as *mut f32,
-            stride,
-        });
+        let [param, exp_avg, root, step_size, bc2] = float_rows(rows);
         // SAFETY: as in adam_moments.
         unsafe { adam_apply_into(param, exp_avg, root, [step_size, bc2], n, d, eps) }
     });
