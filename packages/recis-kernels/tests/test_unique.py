@@ -132,3 +132,17 @@ def test_unique_pairs_rejects_bad_input() -> None:
         unique_pairs(ids.view(1, 2), torch.zeros((1, 2), dtype=torch.int32))
     with pytest.raises(UnsupportedDeviceError, match="one device"):
         unique_pairs(ids, torch.zeros(2, dtype=torch.int32, device="meta"))
+
+
+def test_unique_pairs_gives_the_same_groups_after_larger_and_smaller_calls() -> None:
+    """The hash set is kept between calls on a thread and sized from the last one: calls of
+    very different sizes, one after another, must not see each other's pairs."""
+    g = torch.Generator().manual_seed(11)
+    big = torch.randint(-(2**62), 2**62, (60_000,), generator=g)
+    small = torch.tensor([5, 5, -3])
+    for ids in (big, small, big[:100], big, small):
+        tabs = (ids & 3).to(torch.int32)
+        got = unique_pairs(ids, tabs)
+        want = unique_module._unique_pairs_torch(ids, tabs)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
