@@ -388,6 +388,11 @@ EVERY_OP = [
 ]
 
 
+# Features whose values a device's math library computes (log1p): equal across devices to within
+# rounding, exactly equal fused and unfused on one device.
+LIBM_FEATURES = {"n"}
+
+
 def test_every_op_fused_matches_unfused_and_the_cpu(device: torch.device) -> None:
     batch = _every_op_batch(device)
     fused = FeatureEngine(EVERY_OP, passthrough=False)(batch)
@@ -399,7 +404,14 @@ def test_every_op_fused_matches_unfused_and_the_cpu(device: torch.device) -> Non
         assert_same(fused[f.name], unfused[f.name])
         value = fused[f.name]
         assert value.device.type == device.type
-        assert_same(value.to("cpu"), on_cpu[f.name])
+        if f.name in LIBM_FEATURES and device.type != "cpu":
+            # log1p comes from each device's math library: CUDA's and the CPU's agree to an
+            # ulp or two, not bit for bit (torch.log1p alone differs the same way).
+            torch.testing.assert_close(
+                value.to("cpu"), on_cpu[f.name], rtol=3e-7, atol=0, equal_nan=True
+            )
+        else:
+            assert_same(value.to("cpu"), on_cpu[f.name])
     assert fused["m"].tolist() == [5, (2**64 - 1) % 1000, 123, 7]
     assert fused["t3"].offsets[0].tolist() == [0, 2, 4, 6, 8]
     assert fused["t4"].offsets[0].tolist() == [0, 1, 1, 2, 2]
