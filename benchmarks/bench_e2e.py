@@ -466,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         help="learning rate of TorchRec's fused row-wise Adagrad on the embeddings",
     )
     ap.add_argument("--reps", type=int, default=1, help="training runs per contender")
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=5,
+        help="steps of an untimed first run per contender (kernel compiles and loads, "
+        "allocator and library set-up; 0: none)",
+    )
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     ap.add_argument(
         "--data", default=None, help="directory for the data (default: a temporary one)"
@@ -489,6 +496,21 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict[str, float]]] = {"recis": [], "PyTorch": []}
         if torchrec is None:
             runs["TorchRec"] = []
+        if args.warmup_steps > 0:
+            warm = min(args.warmup_steps, steps)
+            train_recis(demo, train, held_out, warm, args.batch, device, Path(tmp) / "warmup")
+            train_torch(train, held_out, warm, args.batch, device, args.table_rows, args.workers)
+            if torchrec is None:
+                train_torchrec(
+                    train,
+                    held_out,
+                    warm,
+                    args.batch,
+                    device,
+                    args.table_rows,
+                    args.workers,
+                    args.torchrec_lr,
+                )
         for rep in range(args.reps):  # alternated, so a busy spell hits all alike
             runs["recis"].append(
                 train_recis(demo, train, held_out, steps, args.batch, device, Path(tmp) / f"{rep}")
@@ -532,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(["TorchRec", "", "not measured", "", "", "", "", ""])
     print_table(
         f"end to end, demo DeepFM: {args.rows:,} training rows, batch {args.batch}, "
-        f"{steps} steps, median of {args.reps} run(s), {device}, torch threads {torch.get_num_threads()}, "
+        f"{steps} steps, median of {args.reps} run(s) after a {args.warmup_steps}-step warm-up, "
+        f"{device}, torch threads {torch.get_num_threads()}, "
         f"DataLoader workers {args.workers}, PyTorch/TorchRec rows/table {args.table_rows:,}",
         [
             "contender",
@@ -572,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             "torchrec": torchrec,
             "torchrec_lr": args.torchrec_lr,
             "reps": args.reps,
+            "warmup_steps": args.warmup_steps,
             "results": results,
         },
     )
