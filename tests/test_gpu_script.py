@@ -178,7 +178,7 @@ def test_gpu_script_refuses_wheels_without_the_rust_packages_wheels(tmp_path: Pa
     assert summary["check-wheels"].startswith("FAILED")
     assert all(
         summary[s].startswith("skipped (the install failed)")
-        for s in ("imports", "pytest-gpu", "bench-gpu", "bench-e2e")
+        for s in ("imports", "pytest-gpu", "bench-gpu", "bench-e2e", "demo")
     )
     log = (tmp_path / "results" / "check-wheels.log").read_text()
     for package in RUST_PACKAGES:
@@ -240,6 +240,7 @@ def test_gpu_script_cpu_smoke_installs_the_packages_and_collects_the_gpu_tests(
     for step in ("check-wheels", "install-wheels", "install-packages", "imports", "bench-gpu"):
         assert summary[step].startswith("ok"), summary
     assert summary["bench-e2e"].startswith("skipped (cpu smoke)")
+    assert summary["demo"].startswith("skipped (cpu smoke)")
     for module in MODULES:
         assert (target / module / "__init__.py").is_file(), module
     for module, ext in RUST_PACKAGES.values():
