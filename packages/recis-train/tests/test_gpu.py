@@ -43,6 +43,17 @@ def dense_state(trainer: Trainer) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
 
 
+def assert_same_state(actual: Trainer, expected: Trainer, *, rtol: float, atol: float) -> None:
+    """The same ids in the table, and rows and dense tensors equal to the tolerances."""
+    ids_a, rows_a = table_state(actual)
+    ids_e, rows_e = table_state(expected)
+    assert torch.equal(ids_a, ids_e)
+    torch.testing.assert_close(rows_a, rows_e, rtol=rtol, atol=atol)
+    dense = dense_state(actual)
+    for key, value in dense_state(expected).items():
+        torch.testing.assert_close(dense[key], value, rtol=rtol, atol=atol)
+
+
 def test_trains_on_the_gpu_with_tables_there(tmp_path) -> None:
     trainer = build(tmp_path, epochs=3)
     before = trainer.evaluate()
@@ -64,13 +75,8 @@ def test_gpu_training_matches_the_cpu_to_rounding(tmp_path) -> None:
     gpu.train()
     cpu.train()
     assert gpu.global_step == cpu.global_step == 40
-    ids_g, rows_g = table_state(gpu)
-    ids_c, rows_c = table_state(cpu)
-    assert torch.equal(ids_g, ids_c)
     # 40 Adam steps from the same start: float32 kernels of the two devices round differently.
-    torch.testing.assert_close(rows_g, rows_c, rtol=1e-3, atol=1e-4)
-    for key, value in dense_state(cpu).items():
-        torch.testing.assert_close(dense_state(gpu)[key], value, rtol=1e-3, atol=1e-4)
+    assert_same_state(gpu, cpu, rtol=1e-3, atol=1e-4)
     assert gpu.evaluate()["auc"] == pytest.approx(cpu.evaluate()["auc"], abs=0.01)
 
 
@@ -83,14 +89,8 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path) -> None:
     resumed = build(tmp_path / "cut")
     resumed.train()
     assert resumed.global_step == whole.global_step == 40
-    ids_a, rows_a = table_state(whole)
-    ids_b, rows_b = table_state(resumed)
-    assert torch.equal(ids_a, ids_b)
     # Same kernels, same order of work: equal up to the order of atomic additions at most.
-    torch.testing.assert_close(rows_b, rows_a, rtol=1e-5, atol=1e-6)
-    resumed_dense = dense_state(resumed)
-    for key, value in dense_state(whole).items():
-        torch.testing.assert_close(resumed_dense[key], value, rtol=1e-5, atol=1e-6)
+    assert_same_state(resumed, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_trains_on_the_gpu(tmp_path) -> None:
