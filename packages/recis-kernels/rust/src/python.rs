@@ -40,7 +40,7 @@ fn value_error(message: String) -> PyErr {
 }
 
 fn check_address<T>(op: &str, what: &str, address: usize, len: usize) -> PyResult<()> {
-    if len > 0 && (address == 0 || address % align_of::<T>() != 0) {
+    if len > 0 && (address == 0 || !address.is_multiple_of(align_of::<T>())) {
         return Err(value_error(format!(
             "{op}: {what} has address {address:#x}, null or not aligned to {} bytes",
             align_of::<T>()
