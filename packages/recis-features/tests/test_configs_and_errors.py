@@ -217,9 +217,9 @@ def test_the_guide_examples_run_as_written() -> None:
             ("hash", ["city"]),
             ("fill_missing+bucketize", ["price"]),
             ("fill_missing", ["clicks"]),
-            ("cross", ["user_x_item"]),
+            ("cross+mod", ["user_x_item"]),
         ],
-        [("truncate", ["clicks"]), ("mod", ["user_x_item"])],
+        [("truncate", ["clicks"])],
         [("mod", ["clicks"])],
     ]
 

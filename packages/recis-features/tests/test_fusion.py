@@ -13,9 +13,11 @@ from conftest import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import recis_kernels as rk
 from recis_features import (
     Feature,
     FeatureEngine,
+    FeatureInputError,
     FeatureTypeError,
     FillMissing,
     Mod,
@@ -196,6 +198,7 @@ TEMPLATES = [
     "hash_bytes",
     "cross",
     "cross_dense",
+    "cross_dense_mod",
     "truncate",
     "truncate_floats",
     "truncate_nested",
@@ -239,6 +242,9 @@ def _template(draw: st.DrawFn, name: str) -> Feature:
         return f.select_fields(cols).cross().mod(draw(n))
     if choice == "cross_dense":
         return f.select_fields(["ids", "ids2d"]).cross()
+    if choice == "cross_dense_mod":
+        # Two single-valued columns: hashed and reduced in one pass when merged.
+        return f.select_fields(["ids", draw(st.sampled_from(["ids", "seq"]))]).cross().mod(draw(n))
     if choice == "truncate":
         return f.select(draw(st.sampled_from(["seq", "seq_w"]))).truncate(
             draw(st.integers(0, 6)), side
@@ -358,6 +364,74 @@ def test_a_fill_read_only_by_bucketize_runs_with_it() -> None:
         got = FeatureEngine(features, passthrough=False, fused=fused)(batch)
         for f in features:
             assert_same(got[f.name], f(batch))
+
+
+def test_a_cross_read_only_by_one_mod_runs_with_it() -> None:
+    features = [
+        # Dense single-valued sides: hashed and reduced in one pass.
+        Feature("a").select_fields(["u", "i"]).cross().mod(1000),
+        Feature("b").select_fields(["i", "u"]).cross().mod((1 << 63) - 1),
+        # Weighted ragged sides: crossed, then reduced in the same call.
+        Feature("c").select_fields(["r", "u"]).cross().mod(7),
+        # Two mods read one cross: it runs once, then each mod in the next step.
+        Feature("d").select_fields(["u", "r"]).cross().mod(5),
+        Feature("e").select_fields(["u", "r"]).cross().mod(11),
+        # A feature ends at this cross: it runs, and the mod reads its result.
+        Feature("f").select_fields(["i", "i"]).cross(),
+        Feature("g").select_fields(["i", "i"]).cross().mod(3),
+    ]
+    engine = FeatureEngine(features, passthrough=False)
+    plan = [[(g["kind"], g["features"], g["fused"]) for g in step] for step in engine.plan()]
+    assert plan[1] == [
+        ("cross+mod", ["a", "b", "c"], True),
+        ("cross", ["d", "e", "f", "g"], True),
+    ]
+    assert plan[2] == [("mod", ["d", "e", "g"], True)]
+    batch = {
+        "u": torch.tensor([1, -1, 1 << 62]),
+        "i": torch.tensor([7, 7, -(1 << 63)]),
+        "r": RaggedTensor(
+            torch.tensor([3, 3, 4, 5]),
+            torch.tensor([0, 2, 2, 4]),
+            torch.tensor([0.5, 2.0, 1.0, 3.0]),
+        ),
+    }
+    for fused in (True, False):
+        got = FeatureEngine(features, passthrough=False, fused=fused)(batch)
+        for f in features:
+            assert_same(got[f.name], f(batch))
+    out = engine(batch)
+    crossed = rk.feature_cross(batch["u"], batch["i"])
+    assert out["a"].values.tolist() == rk.mod(crossed.values, 1000).tolist()
+    assert out["a"].offsets[0].tolist() == [0, 1, 2, 3]
+    assert out["c"].weights.tolist() == [0.5, 1.0, 3.0]
+
+
+def test_a_merged_cross_reports_errors_as_its_own_step() -> None:
+    engine = FeatureEngine(
+        [
+            Feature("ok").select_fields(["u", "u"]).cross().mod(10),
+            Feature("p").select_fields(["u", "x"]).cross().mod(10),
+        ]
+    )
+    for fused in (True, False):
+        engine.fused = fused
+        with pytest.raises(
+            FeatureTypeError,
+            match=r"feature 'p': op cross \(step 1\) expects a pair of id columns",
+        ):
+            engine({"u": torch.tensor([1, 2]), "x": torch.tensor([1.0, 2.0])})
+        # Rows that do not pair up: the kernel refuses them, the error names the feature.
+        with pytest.raises(
+            FeatureInputError,
+            match=r"^feature 'p': op cross: feature_cross: pairs\[0\] has 2 rows in a but 1 in b$",
+        ):
+            engine(
+                {
+                    "u": torch.tensor([1, 2]),
+                    "x": RaggedTensor(torch.tensor([1]), torch.tensor([0, 1])),
+                }
+            )
 
 
 def test_a_merged_fill_reports_errors_as_its_own_step() -> None:

@@ -144,6 +144,52 @@ def test_fused_cross_matches_per_pair(cases):
         assert torch.equal(got.weights, single.weights)
 
 
+@given(
+    cases=st.lists(pair_st(), max_size=3),
+    dense=st.lists(st.tuples(id_st, id_st), max_size=6),
+    buckets=st.lists(st.integers(0, (1 << 63) - 1) | st.integers(0, 9), min_size=5, max_size=5),
+)
+def test_buckets_reduce_each_cross_like_mod(cases, dense, buckets):
+    """With bucket counts, each crossed id is its unsigned remainder (``mod``), whatever the
+    layout: dense pairs (hashed and reduced in one pass), ragged weighted ones, mixed."""
+    pairs = [(ragged_from_rows(a, aw), ragged_from_rows(b, bw)) for a, b, aw, bw in cases]
+    x = torch.tensor([p[0] for p in dense], dtype=torch.int64)
+    y = torch.tensor([p[1] for p in dense], dtype=torch.int64)
+    pairs += [(x, y), (x, ragged_from_rows([[v] for v in y.tolist()]))]
+    ns = buckets[: len(pairs)]
+    got = rk.fused_feature_cross(pairs, buckets=ns)
+    for g, (a, b), n in zip(got, pairs, ns, strict=True):
+        want = rk.feature_cross(a, b)
+        assert torch.equal(g.values, rk.mod(want.values, n) if n else want.values)
+        assert torch.equal(g.offsets[0], want.offsets[0])
+        assert (g.weights is None) == (want.weights is None)
+        if want.weights is not None:
+            assert torch.equal(g.weights, want.weights)
+        single = rk.feature_cross(a, b, buckets=n)
+        assert torch.equal(single.values, g.values)
+
+
+def test_bucket_errors():
+    x = torch.tensor([1, 2])
+    with pytest.raises(
+        rk.ArgumentError,
+        match=r"^feature_cross: buckets must be an int in \[0, 2\*\*63 - 1\], got -1$",
+    ):
+        rk.feature_cross(x, x, buckets=-1)
+    with pytest.raises(
+        rk.ArgumentError,
+        match=r"^fused_feature_cross: buckets\[1\] must be an int in \[0, 2\*\*63 - 1\], "
+        r"got 9223372036854775808$",
+    ):
+        rk.fused_feature_cross([(x, x), (x, x)], buckets=[3, 1 << 63])
+    with pytest.raises(
+        rk.ArgumentError, match=r"^fused_feature_cross: got 1 pairs but 2 bucket counts$"
+    ):
+        rk.fused_feature_cross([(x, x)], buckets=[3, 4])
+    with pytest.raises(rk.ArgumentError, match=r"buckets must be a list of ints, got 3"):
+        rk.fused_feature_cross([(x, x)], buckets=3)
+
+
 def test_cross_errors():
     a = ragged_from_rows([[1]])
     with pytest.raises(
@@ -186,12 +232,15 @@ def test_cross_device_matches_cpu(device):
         torch.cat([torch.zeros(1, dtype=torch.int64), lb.cumsum(0)]),
         torch.rand(int(lb.sum()), generator=g),
     )
-    cpu = rk.fused_feature_cross([(a, b), (b, a)])
-    dev = rk.fused_feature_cross([(a.to(device), b.to(device)), (b.to(device), a.to(device))])
-    for c, d in zip(cpu, dev, strict=True):
-        assert torch.equal(c.values, d.values.cpu())
-        assert torch.equal(c.offsets[0], d.offsets[0].cpu())
-        assert torch.equal(c.weights, d.weights.cpu())
+    for buckets in (None, [(1 << 22) + 15, 0]):
+        cpu = rk.fused_feature_cross([(a, b), (b, a)], buckets=buckets)
+        dev = rk.fused_feature_cross(
+            [(a.to(device), b.to(device)), (b.to(device), a.to(device))], buckets=buckets
+        )
+        for c, d in zip(cpu, dev, strict=True):
+            assert torch.equal(c.values, d.values.cpu())
+            assert torch.equal(c.offsets[0], d.offsets[0].cpu())
+            assert torch.equal(c.weights, d.weights.cpu())
 
 
 def test_fused_cross_adds_no_weights_to_unweighted_pairs():

@@ -22,10 +22,10 @@ from ._feature import (
     missing_column_error,
     read_source,
 )
-from ._fused import fill_bucketize_args, fill_then_bucketize
+from ._fused import cross_then_mod, fill_bucketize_args, fill_then_bucketize
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
-from ._ops import Bucketize, FillMissing, SelectField
+from ._ops import Bucketize, FeatureCross, FillMissing, Mod, SelectField
 from ._values import Value
 from .exceptions import (
     FeatureConflictError,
@@ -39,6 +39,8 @@ __all__ = ["FeatureEngine"]
 _FORMAT_VERSION = 1
 # The kind of a group of bucketize ops run with the fill_missing each reads.
 _FILL_BUCKETIZE = "fill_missing+bucketize"
+# The kind of a group of mod ops run with the cross each reads.
+_CROSS_MOD = "cross+mod"
 
 
 @dataclasses.dataclass
@@ -52,11 +54,13 @@ class _Node:
     # A bucketize whose input comes from a fill_missing that nothing else reads runs with it,
     # in the fill's step: ``fill`` is that op (at step ``step - 1``), ``parent`` the fill's input.
     fill: FillMissing | None = None
+    # Likewise a mod whose input is a cross that nothing else reads: ``cross`` is that op.
+    cross: FeatureCross | None = None
 
     @property
     def run_step(self) -> int:
         """The step the node runs in."""
-        return self.step - 1 if self.fill is not None else self.step
+        return self.step - 1 if self.fill is not None or self.cross is not None else self.step
 
 
 @dataclasses.dataclass
@@ -118,6 +122,14 @@ def _fill_then_apply(node: _Node, value: Value) -> Value:
     return _apply(node, filled)
 
 
+def _cross_then_apply(node: _Node, value: Value) -> Value:
+    """A merged node's cross, then its own op (a mod), each on its own."""
+    assert node.cross is not None
+    crossed = _apply_op(node.features, node.cross, value)
+    check_value(node.features[0], node.op, node.step, crossed)
+    return _apply(node, crossed)
+
+
 def _check_inputs(group: _Group, inputs: list[Value]) -> None:
     """``check_value`` of each input of the group; dense tensors and ragged values of a dtype
     the group's ops were already seen to accept skip it."""
@@ -160,7 +172,9 @@ class FeatureEngine(nn.Module):
     implementation (see :func:`register_fused`) in one call; kinds without one run op by op.
     A ``bucketize`` whose input is a ``fill_missing`` that nothing else reads runs in the fill's
     step, with it: dense floats are bucketed with NaN sent straight to the fill value's bucket
-    (no filled copy). Results are exactly those of each :class:`Feature` computed alone.
+    (no filled copy). Likewise a ``mod`` of a ``cross`` that nothing else reads: the crossed
+    ids are hashed and reduced in one pass (one call for every such feature). Results are
+    exactly those of each :class:`Feature` computed alone.
 
     Args:
         features: the features; an identical feature listed twice is kept once.
@@ -214,13 +228,19 @@ class FeatureEngine(nn.Module):
                 self._nodes[node].features.append(f.name)
                 parent = node
             self._outputs.append((f.name, parent))
-        merged = self._merge_fills()
+        merged = self._merge_fills() | self._merge_crosses()
         depth = max((n.step for n in self._nodes), default=-1) + 1
         steps: list[list[_Group]] = [[] for _ in range(depth)]
         for i, n in enumerate(self._nodes):
             if i in merged:
                 continue
-            kind = _FILL_BUCKETIZE if n.fill is not None else n.op.kind
+            kind = (
+                _FILL_BUCKETIZE
+                if n.fill is not None
+                else _CROSS_MOD
+                if n.cross is not None
+                else n.op.kind
+            )
             groups = steps[n.run_step]
             group = next((g for g in groups if g.kind == kind), None)
             if group is None:
@@ -272,6 +292,29 @@ class FeatureEngine(nn.Module):
                 merged.add(i)
         return merged
 
+    def _merge_crosses(self) -> set[int]:
+        """Run a ``mod`` of a ``cross`` result with the cross, when that mod is the only
+        reader of the result (no feature ends there): the crossed ids are then reduced in the
+        pass that hashes them. Returns the cross nodes no longer run."""
+        readers: dict[int, list[int]] = {}
+        for i, n in enumerate(self._nodes):
+            readers.setdefault(n.parent, []).append(i)
+        ends = {node for _, node in self._outputs}
+        merged = set()
+        for i, n in enumerate(self._nodes):
+            children = readers.get(i, [])
+            if (
+                type(n.op) is FeatureCross
+                and i not in ends
+                and len(children) == 1
+                and type(self._nodes[children[0]].op) is Mod
+            ):
+                child = self._nodes[children[0]]
+                child.cross = n.op
+                child.parent = n.parent
+                merged.add(i)
+        return merged
+
     @property
     def features(self) -> tuple[Feature, ...]:
         """The engine's features (duplicates removed), in the order given."""
@@ -286,7 +329,9 @@ class FeatureEngine(nn.Module):
         """The compiled steps: per step, one entry per op kind with its features and whether
         it runs as one fused call. A ``bucketize`` reading a ``fill_missing`` result that
         nothing else reads runs with the fill, in its step, as kind
-        ``"fill_missing+bucketize"`` (``ops`` counts the bucketize ops).
+        ``"fill_missing+bucketize"`` (``ops`` counts the bucketize ops); a ``mod`` reading a
+        ``cross`` result that nothing else reads runs with the cross as kind ``"cross+mod"``
+        (``ops`` counts the mods).
 
         Returns:
             ``plan[k]`` lists ``{"kind", "ops", "features", "fused"}`` for step ``k``.
@@ -298,7 +343,10 @@ class FeatureEngine(nn.Module):
                     "ops": len(g.nodes),
                     "features": [name for i in g.nodes for name in self._nodes[i].features],
                     "fused": self.fused
-                    and (g.kind == _FILL_BUCKETIZE or fused_implementation(g.kind) is not None),
+                    and (
+                        g.kind in (_FILL_BUCKETIZE, _CROSS_MOD)
+                        or fused_implementation(g.kind) is not None
+                    ),
                 }
                 for g in groups
             ]
@@ -366,8 +414,9 @@ class FeatureEngine(nn.Module):
                 values[i] = read_source(node.features[0], node.op, columns)
             return
         inputs = [values[node.parent] for node in nodes]
-        if group.kind == _FILL_BUCKETIZE:
-            outputs = self._fill_bucketize(group, inputs)
+        if group.kind == _FILL_BUCKETIZE or group.kind == _CROSS_MOD:
+            merged = self._fill_bucketize if group.kind == _FILL_BUCKETIZE else self._cross_mod
+            outputs = merged(group, inputs)
             for i, value in zip(group.nodes, outputs, strict=True):
                 values[i] = value
             return
@@ -437,6 +486,26 @@ class FeatureEngine(nn.Module):
             for k, out in zip(dense, fused, strict=True):
                 outputs[k] = out
         return outputs
+
+    def _cross_mod(self, group: _Group, inputs: list[Value]) -> list[Value]:
+        """A cross and the mod reading it, for each node: one crossing call with every mod's
+        modulus as its bucket count (hash and remainder in one pass), errors as the ops alone
+        give them."""
+        nodes = group.members
+        for node, value in zip(nodes, inputs, strict=True):
+            check_value(node.features[0], node.cross, node.step - 1, value)  # type: ignore[arg-type]
+        if not self.fused:
+            return [_cross_then_apply(n, v) for n, v in zip(nodes, inputs, strict=True)]
+        try:
+            return cross_then_mod(
+                [n.cross for n in nodes],  # type: ignore[misc]
+                group.ops,  # type: ignore[arg-type]
+                inputs,
+            )
+        except INPUT_ERRORS as exc:
+            if len(nodes) == 1:
+                raise input_error(nodes[0].features, nodes[0].cross, exc) from exc  # type: ignore[arg-type]
+            raise _refused(nodes, inputs, exc, _cross_then_apply) from exc
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data config (JSON/YAML-able) that :meth:`from_dict` rebuilds."""

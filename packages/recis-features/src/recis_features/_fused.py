@@ -166,6 +166,20 @@ def fused_cross(ops: Sequence[FeatureCross], values: Sequence[Value]) -> list[Va
     return list(rk.fused_feature_cross([FeatureCross.rows(v) for v in values]))
 
 
+def cross_then_mod(
+    crosses: Sequence[FeatureCross], mods: Sequence[Mod], values: Sequence[Value]
+) -> list[Value]:
+    """``mod(cross(v))`` for each value in one ``recis_kernels.fused_feature_cross`` call, each
+    mod's modulus its bucket count: the kernels define it as exactly that unsigned remainder
+    (dense pairs on the host are hashed and reduced in one pass)."""
+    del crosses  # a cross has no parameters: every one hashes its pair alike
+    return list(
+        rk.fused_feature_cross(
+            [FeatureCross.rows(v) for v in values], buckets=[op.n for op in mods]
+        )
+    )
+
+
 def _element_shape(value: Value) -> torch.Size:
     """Shape of a dense value, or of a ragged value's elements."""
     return value.values.shape if isinstance(value, RaggedTensor) else value.shape

@@ -168,14 +168,18 @@ fn umod_parts(
 }
 
 /// `out[part k]` = the hash of each pair `(a[i], b[i])` of `a_parts[k]` and `b_parts[k]` (int64
-/// ids, the parts of a pair equally long), as int64: the crossed ids of single-valued features.
+/// ids, the parts of a pair equally long), as int64: the crossed ids of single-valued features;
+/// with `divisors`, each part's hashes reduced to their unsigned remainder by `divisors[k]` (0:
+/// kept whole) in the same pass.
 #[pyfunction]
+#[pyo3(signature = (a_parts, b_parts, out, threads, divisors=None))]
 fn pair_hash_parts(
     py: Python<'_>,
     a_parts: Vec<(usize, usize)>,
     b_parts: Vec<(usize, usize)>,
     out: usize,
     threads: usize,
+    divisors: Option<Vec<u64>>,
 ) -> PyResult<()> {
     let op = "pair_hash_parts";
     if a_parts.len() != b_parts.len() {
@@ -185,6 +189,29 @@ fn pair_hash_parts(
             b_parts.len()
         )));
     }
+    let divs: Vec<Option<Divisor>> = match &divisors {
+        None => vec![None; a_parts.len()],
+        Some(ds) => {
+            if ds.len() != a_parts.len() {
+                return Err(value_error(format!(
+                    "{op}: got {} parts but {} divisors",
+                    a_parts.len(),
+                    ds.len()
+                )));
+            }
+            ds.iter()
+                .enumerate()
+                .map(|(k, &d)| match d {
+                    0 => Ok(None),
+                    _ => Divisor::new(d).map(Some).ok_or_else(|| {
+                        value_error(format!(
+                            "{op}: divisors[{k}] = {d} is not 0 or in [1, 2**63 - 1]"
+                        ))
+                    }),
+                })
+                .collect::<PyResult<_>>()?
+        }
+    };
     let lens = check_parts::<u64>(op, &a_parts)?;
     check_parts::<u64>(op, &b_parts)?;
     if let Some(k) = (0..lens.len()).find(|&k| b_parts[k].1 != lens[k]) {
@@ -206,7 +233,18 @@ fn pair_hash_parts(
                 std::slice::from_raw_parts_mut((out as *mut u64).add(at[r.part] + r.start), n),
             )
         };
-        pair_hash_into(a, b, o);
+        match &divs[r.part] {
+            None => pair_hash_into(a, b, o),
+            Some(div) => {
+                // Hashed a block at a time into the cache, then reduced into the output.
+                let mut block = [0u64; 256];
+                for ((a, b), o) in a.chunks(256).zip(b.chunks(256)).zip(o.chunks_mut(256)) {
+                    let h = &mut block[..a.len()];
+                    pair_hash_into(a, b, h);
+                    div.rem_into(h, o);
+                }
+            }
+        }
     });
     Ok(())
 }

@@ -84,17 +84,21 @@ def umod_flat(
     return out
 
 
-def pair_hash_flat(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+def pair_hash_flat(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], ns: list[int] | None = None
+) -> torch.Tensor:
     """The hash of every pair ``(xs[k][i], ys[k][i])`` (MurmurHash64A of the two ids' 16
     little-endian bytes), the parts one after another in one flat int64 tensor; ``xs`` and
     ``ys`` flat, contiguous int64 CPU tensors (:func:`host_parts`), ``xs[k]`` as long as
-    ``ys[k]``."""
+    ``ys[k]``. With ``ns`` (Python ints in ``[0, 2**63 - 1]``), part ``k``'s hashes are
+    reduced to their unsigned remainder by ``ns[k]`` in the same pass (0: kept whole)."""
     out = torch.empty(sum(x.numel() for x in xs), dtype=torch.int64)
     _native.pair_hash_parts(
         [(x.data_ptr(), x.numel()) for x in xs],
         [(y.data_ptr(), y.numel()) for y in ys],
         out.data_ptr(),
         torch.get_num_threads(),
+        ns,
     )
     return out
 

@@ -7,6 +7,10 @@ first occurrence; a missing weight counts as 1)::
 
     a = [[1, 2, 1], [],  [5]]          out row 0: h(1,7) h(1,8) h(2,7) h(2,8)
     b = [[7, 8],    [3], [6, 6]]       out row 1: (empty)    out row 2: h(5,6)
+
+With ``buckets`` (a crossed column's hash bucket size), each hash is then reduced to its
+unsigned 64-bit remainder, exactly as :func:`~recis_kernels.mod` of the crossed ids, in the
+same pass where the compiled kernel runs.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import numpy as np
 import torch
 
 from recis_kernels._backend import on_host, plain_host, run_op, use_cuda_kernels
-from recis_kernels._checks import can_inspect, check_same_device, grid_for, masked_rows
-from recis_kernels.exceptions import RaggedError, UnsupportedDtypeError
+from recis_kernels._checks import can_inspect, check_same_device, grid_for, is_int, masked_rows
+from recis_kernels.exceptions import ArgumentError, RaggedError, UnsupportedDtypeError
 from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import concat_rows, split_rows
 from recis_kernels.ops._uint64 import const, shr
+from recis_kernels.ops.mod import fused_mod
 from recis_kernels.ragged import RaggedTensor
 
 __all__ = ["feature_cross", "fused_feature_cross"]
@@ -55,13 +60,15 @@ def _check(op: str, name: str, r: object) -> Ids:
     return r
 
 
-def feature_cross(a: Ids, b: Ids) -> RaggedTensor:
+def feature_cross(a: Ids, b: Ids, *, buckets: int = 0) -> RaggedTensor:
     """Cross two id features row by row (see the module docstring for the exact rule).
 
     Args:
         a: 2-level ragged int64 ids, ``B`` rows, optional weights; or a ``(B,)`` int64 tensor,
             one id per row (a single-valued feature).
         b: the same for the other side.
+        buckets: when not 0, each hash is reduced to its unsigned remainder by ``buckets``
+            (``mod(hashes, buckets)``), in ``[1, 2**63 - 1]``.
 
     Returns:
         2-level ragged int64 hashes with ``B`` rows; row ``i`` has
@@ -70,12 +77,16 @@ def feature_cross(a: Ids, b: Ids) -> RaggedTensor:
     Raises:
         RaggedError: not 2-level ragged tensors, or different row counts.
         UnsupportedDtypeError: ids that are not int64 (or a dense side that is not 1-d).
+        ArgumentError: ``buckets`` not an int in ``[0, 2**63 - 1]``.
     """
-    return fused_feature_cross([(a, b)], _op="feature_cross")[0]
+    return fused_feature_cross([(a, b)], buckets=[buckets], _op="feature_cross")[0]
 
 
 def fused_feature_cross(
-    pairs: Sequence[tuple[Ids, Ids]], *, _op: str = "fused_feature_cross"
+    pairs: Sequence[tuple[Ids, Ids]],
+    *,
+    buckets: Sequence[int] | None = None,
+    _op: str = "fused_feature_cross",
 ) -> list[RaggedTensor]:
     """:func:`feature_cross` of K feature pairs in one pass (one kernel launch on CUDA).
 
@@ -83,15 +94,23 @@ def fused_feature_cross(
         pairs: K ``(a, b)`` pairs of 2-level ragged int64 ids or ``(B,)`` int64 tensors (one id
             per row), on one device. Pairs of two dense tensors, the cross of two
             single-valued features, are hashed value by value without any row bookkeeping.
+        buckets: optional K bucket counts: pair ``k``'s hashes reduced to their unsigned
+            remainder by ``buckets[k]`` (0 keeps them whole). Pairs of dense host tensors are
+            hashed and reduced in one pass; otherwise one :func:`~recis_kernels.fused_mod`
+            follows the crossing.
 
     Returns:
         K ragged tensors of crossed ids.
+
+    Raises:
+        ArgumentError: ``buckets`` not K ints in ``[0, 2**63 - 1]``.
     """
     op = _op
+    ns = _buckets(op, buckets, len(pairs))
     if not pairs:
         return []
     if _plain_dense_pairs(pairs):
-        return _cross_dense_host(pairs)  # type: ignore[arg-type]
+        return _cross_dense_host(pairs, ns)  # type: ignore[arg-type]
     for k, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise RaggedError(f"{op}: pairs[{k}] must be an (a, b) pair of id features")
@@ -108,7 +127,7 @@ def fused_feature_cross(
     check_same_device(op, tensors)
     dense = all(isinstance(x, torch.Tensor) for pair in pairs for x in pair)
     if dense and on_host(tensors.values()):
-        return _cross_dense_host(pairs)  # type: ignore[arg-type]
+        return _cross_dense_host(pairs, ns)  # type: ignore[arg-type]
     ragged = [(_as_ragged(a), _as_ragged(b)) for a, b in pairs]
     av, ao, aw, rows = concat_rows([(a.values, a.offsets[0], a.weights) for a, _ in ragged])
     bv, bo, bw, _ = concat_rows([(b.values, b.offsets[0], b.weights) for _, b in ragged])
@@ -120,10 +139,44 @@ def fused_feature_cross(
     # The packed weights count a missing side as 1, so a pair with no weighted side gets ones
     # there; like the unfused op, its result has no weights.
     own = [a.weights is not None or b.weights is not None for a, b in ragged]
-    return [
-        RaggedTensor(v, o, w if has else None, validate=False)
-        for (v, o, w), has in zip(parts, own, strict=True)
-    ]
+    return _reduce(
+        [
+            RaggedTensor(v, o, w if has else None, validate=False)
+            for (v, o, w), has in zip(parts, own, strict=True)
+        ],
+        ns,
+    )
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _buckets(op: str, buckets: Sequence[int] | None, count: int) -> list[int] | None:
+    """The checked bucket counts as Python ints, or ``None`` when no hash is reduced."""
+    if buckets is None:
+        return None
+    name = "buckets" if op == "feature_cross" else "buckets[{k}]"
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence):
+        raise ArgumentError(f"{op}: buckets must be a list of ints, got {buckets!r}")
+    if len(buckets) != count:
+        raise ArgumentError(f"{op}: got {count} pairs but {len(buckets)} bucket counts")
+    for k, n in enumerate(buckets):
+        if not is_int(n) or not 0 <= n <= _INT64_MAX:
+            where = name.format(k=k)
+            raise ArgumentError(f"{op}: {where} must be an int in [0, 2**63 - 1], got {n!r}")
+    ns = [int(n) for n in buckets]
+    return ns if any(ns) else None
+
+
+def _reduce(crossed: list[RaggedTensor], ns: list[int] | None) -> list[RaggedTensor]:
+    """Each crossed result with a bucket count reduced by it, all in one ``fused_mod``."""
+    todo = [k for k in range(len(crossed)) if ns is not None and ns[k] > 0]
+    if not todo:
+        return crossed
+    reduced = fused_mod([crossed[k].values for k in todo], [ns[k] for k in todo])  # type: ignore[index]
+    for k, values in zip(todo, reduced, strict=True):
+        crossed[k] = crossed[k].with_values(values, crossed[k].weights)
+    return crossed
 
 
 def _plain_dense_pairs(pairs: Sequence[object]) -> bool:
@@ -166,13 +219,18 @@ def _as_ragged(x: Ids) -> RaggedTensor:
     return RaggedTensor(x, [_unit_offsets(x.shape[0], x.device)], validate=False)
 
 
-def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[RaggedTensor]:
+def _cross_dense_host(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], ns: list[int] | None
+) -> list[RaggedTensor]:
     """Pairs of single-valued features on the host: one hash per row, all pairs at once (read
-    where they lie by the compiled kernel, when the ids are plain tensors)."""
+    where they lie, hashed and reduced by ``ns`` in one pass by the compiled kernel, when the
+    ids are plain tensors)."""
     xs = _cpu_kernels.host_parts([a for a, _ in pairs], torch.int64)
     ys = _cpu_kernels.host_parts([b for _, b in pairs], torch.int64)
+    reduced = False
     if xs is not None and ys is not None:
-        hashes = _cpu_kernels.pair_hash_flat(xs, ys)
+        hashes = _cpu_kernels.pair_hash_flat(xs, ys, ns)
+        reduced = True
     elif len(pairs) == 1:
         hashes = _pair_hash(*pairs[0])
     else:
@@ -181,10 +239,11 @@ def _cross_dense_host(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> lis
     # One id per row: the offsets 0..rows, made once per row count (pairs of one batch share
     # them, as a ragged value and its with_values copy share theirs).
     units = {rows: _unit_offsets(rows, pairs[0][0].device) for rows in set(sizes)}
-    return [
+    crossed = [
         RaggedTensor._trusted(part, [units[rows]], None)
         for part, rows in zip(hashes.split(sizes), sizes, strict=True)
     ]
+    return crossed if reduced else _reduce(crossed, ns)
 
 
 # Rows up to this long find their repeated ids by comparing each id with the ones 1, 2, ...
