@@ -96,6 +96,51 @@ def test_dense_crosses_read_strided_and_shaped_ids(four_threads):
     assert crossed[0].offsets[0].tolist() == list(range(_SHARED + 1))
 
 
+def test_pair_hash_parts_reduce_each_part_by_its_divisor(four_threads):
+    # Parts shared between threads across part boundaries, every divisor method (mask,
+    # multiply, multiply with increment), 0 keeping the hashes whole.
+    sizes = [3, _SHARED // 2, 0, 700, _SHARED // 3]
+    ns = [7, 1 << 24, 5, 0, INT64_MAX]
+    xs = [_random_ids(n, 2 * k) for k, n in enumerate(sizes)]
+    ys = [_random_ids(n, 2 * k + 1) for k, n in enumerate(sizes)]
+    out = _cpu_kernels.pair_hash_flat(xs, ys, ns)
+    want = []
+    for x, y, n in zip(xs, ys, ns, strict=True):
+        h = torch.from_numpy(_pair_hash_reference(x, y))
+        want.append(h.numpy() if n == 0 else _umod_reference(h, n))
+    np.testing.assert_array_equal(out.numpy(), np.concatenate(want))
+    x = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="pair_hash_parts: got 1 parts but 2 divisors"):
+        _native.pair_hash_parts([(x.data_ptr(), 4)], [(x.data_ptr(), 4)], x.data_ptr(), 1, [3, 4])
+    with pytest.raises(
+        ValueError, match=r"pair_hash_parts: divisors\[0\] = 9223372036854775808 is not 0"
+    ):
+        _native.pair_hash_parts(
+            [(x.data_ptr(), 4)], [(x.data_ptr(), 4)], x.data_ptr(), 1, [1 << 63]
+        )
+
+
+def test_host_spans_read_plain_host_tensors_in_place():
+    a, b = torch.arange(6), torch.arange(12).view(3, 4).t()  # 1-d; 2-d and strided
+    spans = _cpu_kernels.host_spans([a, a], torch.int64)
+    assert spans is not None
+    assert spans.shapes is None
+    assert spans.spans == [(a.data_ptr(), 6)] * 2
+    assert spans.sizes == [6, 6]
+    spans = _cpu_kernels.host_spans([a, b], torch.int64)
+    assert spans is not None
+    assert spans.shapes == [a.shape, b.shape]
+    assert torch.equal(spans.keep[1], b.reshape(-1))  # a contiguous copy, kept for the call
+    parts = _cpu_kernels.split_spans(torch.cat(spans.keep), spans)
+    assert torch.equal(parts[0], a)
+    assert torch.equal(parts[1], b)
+    for bad in (a.float(), [1, 2], a.to(torch.int32), a.to("meta")):
+        assert _cpu_kernels.host_spans([a, bad], torch.int64) is None
+    w = torch.ones(3)
+    assert _cpu_kernels.host_spans([w], torch.float32) is not None
+    assert _cpu_kernels.host_spans([w.requires_grad_()], torch.float32) is None
+
+
 def test_pair_hash_parts_refuses_mismatched_parts():
     x = torch.zeros(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="pair_hash_parts: got 1 a parts but 2 b parts"):

@@ -40,15 +40,28 @@ pub fn bucketize_into<T: PartialOrd + Copy>(
     }
 }
 
-/// [`count_into`] compiled for AVX2 where the CPU has it (twice the lanes of the SSE2 every
-/// x86-64 has), else for the build's baseline.
+/// [`count_into`] compiled for AVX-512 or AVX2 where the CPU has them (four or twice the
+/// lanes of the SSE2 every x86-64 has), else for the build's baseline.
 fn count_dispatch<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i64], nan: i64) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { count_avx2(bounds, x, out, nan) };
-        return;
+    {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU supports AVX-512 F and BW (checked just above).
+            unsafe { count_avx512(bounds, x, out, nan) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { count_avx2(bounds, x, out, nan) };
+            return;
+        }
     }
+    count_into(bounds, x, out, nan);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn count_avx512<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i64], nan: i64) {
     count_into(bounds, x, out, nan);
 }
 

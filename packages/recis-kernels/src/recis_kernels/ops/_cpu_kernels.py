@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -20,14 +21,20 @@ from recis_kernels import _native
 from recis_kernels._backend import on_host, plain_host
 
 __all__ = [
+    "Spans",
     "bucketize_flat",
     "bucketize_parts",
+    "bucketize_spans",
     "copy_rows",
     "host_parts",
+    "host_spans",
     "pair_hash_flat",
+    "pair_hash_spans",
+    "split_spans",
     "truncate_plan",
     "umod_flat",
     "umod_parts",
+    "umod_spans",
 ]
 
 BUCKET_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.int64: "int64"}
@@ -61,6 +68,57 @@ def host_parts(xs: Sequence[object], dtype: torch.dtype) -> list[torch.Tensor] |
     return parts
 
 
+class Spans(NamedTuple):
+    """Inputs a kernel reads where they lie (:func:`host_spans`)."""
+
+    keep: list[torch.Tensor]  # the flat, contiguous tensors read: alive for the call
+    spans: list[tuple[int, int]]  # each one's (address, element count), as the kernels take
+    sizes: list[int]  # each one's element count
+    shapes: list[torch.Size] | None  # the inputs' shapes; None when every input is 1-d
+
+
+def host_spans(xs: Sequence[object], dtype: torch.dtype) -> Spans | None:
+    """:func:`host_parts` with what a kernel call needs of them, in the same single pass:
+    addresses, element counts and (unless every input is 1-d) shapes to give the results.
+    ``None`` unless every input is a plain CPU tensor of ``dtype`` that needs no gradient,
+    outside tracing. Fused calls take dozens of inputs per batch: each attribute read counts."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    keep: list[torch.Tensor] = []
+    spans: list[tuple[int, int]] = []
+    sizes: list[int] = []
+    flat = True
+    for x in xs:
+        if type(x) is not torch.Tensor or x.dtype is not dtype or not x.is_cpu or x.requires_grad:
+            return None
+        if x.dim() != 1:
+            flat = False
+            x = x.reshape(-1)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        n = x.shape[0]
+        keep.append(x)
+        spans.append((x.data_ptr(), n))
+        sizes.append(n)
+    return Spans(keep, spans, sizes, None if flat else [x.shape for x in xs])  # type: ignore[attr-defined]
+
+
+def split_spans(out: torch.Tensor, spans: Spans) -> list[torch.Tensor]:
+    """A kernel's flat output cut into one result per input of ``spans``, shaped like it."""
+    parts = out.split_with_sizes(spans.sizes)
+    if spans.shapes is None:
+        return list(parts)
+    return [p if p.shape == s else p.view(s) for p, s in zip(parts, spans.shapes, strict=True)]
+
+
+def umod_spans(spans: Spans, ns: list[int]) -> list[torch.Tensor]:
+    """``(uint64)x % n`` of every input of ``spans`` (int64) by its Python int modulus in
+    ``[1, 2**63 - 1]``, one result per input, shaped like it."""
+    out = torch.empty(sum(spans.sizes), dtype=torch.int64)
+    _native.umod_parts(spans.spans, ns, out.data_ptr(), torch.get_num_threads())
+    return split_spans(out, spans)
+
+
 def umod_parts(xs: Sequence[torch.Tensor], ns: Sequence[int]) -> torch.Tensor:
     """``(uint64)xs[k] % ns[k]`` for int64 CPU tensors, ``0 < ns[k] < 2**63``, written one after
     another into one flat int64 tensor."""
@@ -81,6 +139,13 @@ def umod_flat(
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    return out
+
+
+def pair_hash_spans(xs: Spans, ys: Spans, ns: list[int] | None = None) -> torch.Tensor:
+    """:func:`pair_hash_flat` of the int64 inputs of ``xs`` and ``ys`` (of equal sizes)."""
+    out = torch.empty(sum(xs.sizes), dtype=torch.int64)
+    _native.pair_hash_parts(xs.spans, ys.spans, out.data_ptr(), torch.get_num_threads(), ns)
     return out
 
 
@@ -117,6 +182,25 @@ def bucketize_parts(
     if dtype not in BUCKET_DTYPES:
         raise TypeError(f"CPU bucketize kernel takes float32, float64 or int64, got {dtype}")
     return bucketize_flat(_parts(xs, dtype), bounds, [int(n) for n in b_sizes], nan_buckets)
+
+
+def bucketize_spans(
+    spans: Spans, bounds: torch.Tensor, b_sizes: list[int], nan_buckets: list[int] | None
+) -> list[torch.Tensor]:
+    """:func:`bucketize_flat` of the inputs of ``spans`` (of the boundaries' dtype), one
+    result per input, shaped like it."""
+    bounds = bounds if bounds.is_contiguous() else bounds.contiguous()
+    out = torch.empty(sum(spans.sizes), dtype=torch.int64)
+    _native.bucketize_parts(
+        BUCKET_DTYPES[bounds.dtype],
+        spans.spans,
+        bounds.data_ptr(),
+        b_sizes,
+        out.data_ptr(),
+        torch.get_num_threads(),
+        nan_buckets,
+    )
+    return split_spans(out, spans)
 
 
 def bucketize_flat(

@@ -273,16 +273,15 @@ def _host_one_pass(
     if use_cuda_kernels(_CPU):
         return None  # host tensors sent through the CUDA kernels (their host emulation)
     dtype = xs[0].dtype
-    parts = _cpu_kernels.host_parts(xs, dtype)
-    if parts is None:
+    spans = _cpu_kernels.host_spans(xs, dtype)
+    if spans is None:
         return None
     prepared = _prepared_boundaries(op, boundaries_list, xs, _CPU)
     if len(prepared) != 1 or prepared[0][3] != dtype:
         return None
     _, packed_b, b_sizes, _ = prepared[0]
     group_nans = nans if dtype.is_floating_point and any(nans) else None
-    out = _cpu_kernels.bucketize_flat(parts, packed_b, b_sizes, group_nans)
-    return unpack(out, [p.shape[0] for p in parts], [x.shape for x in xs])
+    return _cpu_kernels.bucketize_spans(spans, packed_b, b_sizes, group_nans)
 
 
 def _nan_buckets(op: str, nan_buckets: Sequence[int] | None, count: int) -> list[int]:

@@ -225,11 +225,11 @@ def _cross_dense_host(
     """Pairs of single-valued features on the host: one hash per row, all pairs at once (read
     where they lie, hashed and reduced by ``ns`` in one pass by the compiled kernel, when the
     ids are plain tensors)."""
-    xs = _cpu_kernels.host_parts([a for a, _ in pairs], torch.int64)
-    ys = _cpu_kernels.host_parts([b for _, b in pairs], torch.int64)
+    xs = _cpu_kernels.host_spans([a for a, _ in pairs], torch.int64)
+    ys = _cpu_kernels.host_spans([b for _, b in pairs], torch.int64)
     reduced = False
     if xs is not None and ys is not None:
-        hashes = _cpu_kernels.pair_hash_flat(xs, ys, ns)
+        hashes = _cpu_kernels.pair_hash_spans(xs, ys, ns)
         reduced = True
     elif len(pairs) == 1:
         hashes = _pair_hash(*pairs[0])

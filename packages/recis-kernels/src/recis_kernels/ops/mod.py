@@ -86,19 +86,19 @@ def fused_mod(ids_list: Sequence[torch.Tensor], ns: Sequence[int]) -> list[torch
     # Plain CPU int64 tensors go straight to the compiled kernel (each feature reduced from its
     # own memory into its part of one output: no packed copy of the inputs); with Python int
     # moduli in range, as is usual, without the checks below.
-    parts = _cpu_kernels.host_parts(ids_list, torch.int64)
-    if parts is None or not all(type(n) is int and 0 < n <= _INT64_MAX for n in ns):
-        if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:
-            for k, ids in enumerate(ids_list):
-                check_tensor(op, f"ids_list[{k}]", ids)
-                check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
-                _check_n(op, f"ns[{k}]", ns[k])
-            check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
-        ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
-    if parts is not None and not use_cuda_kernels(ids_list[0].device):
-        sizes = [p.shape[0] for p in parts]
-        out = _cpu_kernels.umod_flat(parts, list(ns), sizes)
-        return unpack(out, sizes, [t.shape for t in ids_list])
+    spans = _cpu_kernels.host_spans(ids_list, torch.int64)
+    host = spans is not None and not use_cuda_kernels(ids_list[0].device)
+    if host and type(ns) is list and all(type(n) is int and 0 < n <= _INT64_MAX for n in ns):
+        return _cpu_kernels.umod_spans(spans, ns)  # type: ignore[arg-type]
+    if not all(_valid_n(n) for n in ns) or common_device(ids_list, (torch.int64,)) is None:
+        for k, ids in enumerate(ids_list):
+            check_tensor(op, f"ids_list[{k}]", ids)
+            check_dtype(op, f"ids_list[{k}]", ids, (torch.int64,))
+            _check_n(op, f"ns[{k}]", ns[k])
+        check_same_device(op, {f"ids_list[{k}]": t for k, t in enumerate(ids_list)})
+    ns = [int(n) for n in ns]  # NumPy integers as Python ints, for the op schema
+    if host:
+        return _cpu_kernels.umod_spans(spans, ns)  # type: ignore[arg-type]
     packed, sizes = pack(ids_list)
     out = run_op(_fused_mod_op, _fused_mod_impl, packed, sizes, list(ns))
     return unpack(out, sizes, [t.shape for t in ids_list])
