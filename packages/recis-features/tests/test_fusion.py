@@ -451,3 +451,32 @@ def test_a_merged_fill_reports_errors_as_its_own_step() -> None:
             FeatureEngine([Feature("h").select("x").fill_missing(1e5).bucketize([1.0])])(
                 {"x": torch.tensor([math.nan], dtype=torch.float16)}
             )
+
+
+def test_a_long_truncation_overlaps_the_other_groups_of_its_step() -> None:
+    """With more than one thread, a truncation large enough to copy in the background runs
+    first in its step while the step's other groups run: the results are those of each
+    feature alone, including a later step reading the truncated sequence."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 90, (8000,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    batch = {
+        "seq": RaggedTensor(torch.randint(-50, 50, (int(offsets[-1]),), generator=g), [offsets]),
+        "ids": torch.randint(-(1 << 62), 1 << 62, (8000,), generator=g),
+    }
+    features = [
+        Feature("ids").select("ids").mod(1_000_003),
+        Feature("seq").select("seq").truncate(40, side="tail").mod(97),
+        Feature("head").select("seq").truncate(30),
+    ]
+    engine = FeatureEngine(features, passthrough=False)
+    assert [g["kind"] for g in engine.plan()[1]] == ["truncate", "mod"]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = engine(batch)
+            for f in features:
+                assert_same(out[f.name], f(batch))
+    finally:
+        torch.set_num_threads(before)

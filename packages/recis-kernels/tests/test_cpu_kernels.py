@@ -284,6 +284,33 @@ def test_copy_rows_refuses_ranges_outside_the_buffers():
     assert out.tolist() == [7, 8, 3, 4, 5]
 
 
+def test_background_row_copies_check_first_and_finish_on_wait():
+    src = torch.arange(10, dtype=torch.int64)
+    starts, offsets = torch.tensor([7, 0, 3]), torch.tensor([0, 2, 2, 5])
+    out = torch.zeros(5, dtype=torch.int64)
+    args = (src.data_ptr(), 10, out.data_ptr(), 5, 8, starts.data_ptr(), offsets.data_ptr(), 3, 1)
+    job = _native.copy_rows(*args, True)
+    assert job is not None
+    job.wait()
+    assert job.done
+    assert out.tolist() == [7, 8, 3, 4, 5]
+    assert _native.copy_rows(*args) is None  # in place
+    # A bad range raises before anything starts.
+    bad = torch.tensor([9, 0, 3])
+    with pytest.raises(ValueError, match=r"copy_rows: row 0 copies items 9\.\.11"):
+        _native.copy_rows(*args[:5], bad.data_ptr(), *args[6:], True)
+    # Dropping a running copy waits for it (the buffers stay valid meanwhile).
+    big = torch.arange(1 << 20, dtype=torch.int64)
+    dst = torch.empty_like(big)
+    one, ends = torch.tensor([0]), torch.tensor([0, 1 << 20])
+    job = _native.copy_rows(
+        big.data_ptr(), 1 << 20, dst.data_ptr(), 1 << 20, 8, one.data_ptr(), ends.data_ptr(), 1, 1,
+        True,
+    )  # fmt: skip
+    del job
+    assert torch.equal(dst, big)
+
+
 def test_truncate_plan_gives_each_rows_kept_range():
     # Part 0: three rows kept to 2 from the head; part 1: two rows kept to 3 from the tail.
     offsets = torch.tensor([0, 3, 3, 8, 9, 14])

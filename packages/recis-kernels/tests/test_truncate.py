@@ -176,3 +176,44 @@ def test_fused_truncate_adds_no_weights_to_unweighted_inputs():
     assert out[1].values.weights is None
     assert out[2].values.weights.tolist() == [0.5]
     assert out[3].values.weights is None
+
+
+def test_overlapped_truncations_equal_in_place_ones():
+    """Inside ``overlap`` a large row copy runs on a pool thread; once the block ends (or
+    ``finish_overlapped`` returns) the result equals the copy made in place, also when the
+    block raises, in nested blocks, and with one thread (no copy deferred)."""
+    from recis_kernels import _overlap
+
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 120, (20_000,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    r = rk.RaggedTensor(torch.randint(-9, 9, (int(offsets[-1]),), generator=g), [offsets])
+    want = rk.truncate(r, 50, "tail").values
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            with rk.overlap():
+                with rk.overlap():  # nested: the outer block waits
+                    got = rk.fused_truncate([r, r], [50, 50], ["tail", "tail"])
+                assert len(_overlap._local.pending) == (0 if threads == 1 else 1)
+                rk.finish_overlapped()
+                assert not _overlap._local.pending
+                late = rk.fused_truncate([r], [50], ["tail"])[0]
+            for t in (*got, late):
+                assert torch.equal(t.values.values, want.values)
+                assert torch.equal(t.values.offsets[0], want.offsets[0])
+            kept: list = []
+            with pytest.raises(RuntimeError, match="stop"):
+                _truncate_then_raise(r, kept)
+            assert getattr(_overlap._local, "pending", None) is None
+            assert torch.equal(kept[0].values.values, want.values)
+    finally:
+        torch.set_num_threads(before)
+    rk.finish_overlapped()  # outside a block: nothing to wait for
+
+
+def _truncate_then_raise(r, kept: list) -> None:
+    with rk.overlap():
+        kept.append(rk.fused_truncate([r], [50], ["tail"])[0])
+        raise RuntimeError("stop")

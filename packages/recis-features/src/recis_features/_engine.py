@@ -41,6 +41,8 @@ _FORMAT_VERSION = 1
 _FILL_BUCKETIZE = "fill_missing+bucketize"
 # The kind of a group of mod ops run with the cross each reads.
 _CROSS_MOD = "cross+mod"
+# Op kinds whose fused call ends in a large host copy, which may overlap later groups.
+_COPY_KINDS = frozenset({"truncate"})
 
 
 @dataclasses.dataclass
@@ -246,7 +248,11 @@ class FeatureEngine(nn.Module):
             if group is None:
                 groups.append(group := _Group(kind, []))
             group.nodes.append(i)
-        self._steps = [groups for groups in steps if groups]
+        # Kinds whose fused call may leave a host copy running (see recis_kernels.overlap) go
+        # first in their step, so the step's other groups overlap it.
+        self._steps = [
+            sorted(groups, key=lambda g: g.kind not in _COPY_KINDS) for groups in steps if groups
+        ]
         for groups in self._steps:
             for group in groups:
                 group.members = [self._nodes[i] for i in group.nodes]
@@ -371,9 +377,17 @@ class FeatureEngine(nn.Module):
         """
         values: list[Value] = [None] * len(self._nodes)
         columns = self._read_columns(batch)
+        threads = torch.get_num_threads()
         for groups in self._steps:
-            for group in groups:
-                self._run_group(group, values, columns)
+            if len(groups) == 1 or threads == 1:
+                for group in groups:
+                    self._run_group(group, values, columns)
+                continue
+            # A large host copy (a truncation's) may run on another core while the step's
+            # other groups run; the block's end waits for it, before the next step reads it.
+            with rk.overlap():
+                for group in groups:
+                    self._run_group(group, values, columns)
         out: dict[str, Any] = {name: values[node] for name, node in self._outputs}
         if self.passthrough:
             for name, column in batch.items():

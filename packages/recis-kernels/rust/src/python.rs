@@ -7,7 +7,7 @@
 //! parameters in range, and addresses that are non-null and aligned for the element type.
 
 use std::mem::align_of;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -372,12 +372,55 @@ fn truncate_plan(
     Ok(plan(offsets, &parts, new_offsets, starts, dropped, padded))
 }
 
+/// A copy running on a pool thread (`copy_rows(..., background=True)`): `wait()` returns once
+/// it is done. Dropping it waits too, so the buffers it reads and writes, which the caller
+/// keeps alive until then, are never freed under it.
+#[pyclass(frozen, module = "recis_kernels._native")]
+struct Pending {
+    state: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Pending {
+    fn block(&self) {
+        let (done, signal) = &*self.state;
+        let mut done = done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while !*done {
+            done = signal
+                .wait(done)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+#[pymethods]
+impl Pending {
+    /// Blocks, without the GIL, until the copy is done.
+    fn wait(&self, py: Python<'_>) {
+        py.detach(|| self.block());
+    }
+
+    /// Whether the copy is done.
+    #[getter]
+    fn done(&self) -> bool {
+        *self.state.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.block();
+    }
+}
+
 /// Copies rows of `item`-byte items: row i's `dst_offsets[i + 1] - dst_offsets[i]` items from
 /// item `src_starts[i]` of `src` (`src_len` items) to item `dst_offsets[i]` of `dst` (`dst_len`
 /// items); `src_starts` holds `rows` int64s, `dst_offsets` `rows + 1`. Every range is checked to
-/// lie in its buffer before anything is copied.
+/// lie in its buffer before anything is copied. With `background`, the copy itself runs on a
+/// pool thread and a `Pending` is returned: the caller keeps `src` and `dst` alive and leaves
+/// `dst` unread until its `wait()` returns.
 #[allow(clippy::too_many_arguments)]
 #[pyfunction]
+#[pyo3(signature = (src, src_len, dst, dst_len, item, src_starts, dst_offsets, rows, threads, background=false))]
 fn copy_rows(
     py: Python<'_>,
     src: usize,
@@ -389,7 +432,8 @@ fn copy_rows(
     dst_offsets: usize,
     rows: usize,
     threads: usize,
-) -> PyResult<()> {
+    background: bool,
+) -> PyResult<Option<Pending>> {
     let op = "copy_rows";
     check_address::<i64>(op, "src_starts", src_starts, rows)?;
     check_address::<i64>(op, "dst_offsets", dst_offsets, rows + 1)?;
@@ -430,10 +474,30 @@ fn copy_rows(
         }
     }
     if blocks.is_empty() || item == 0 {
-        return Ok(());
+        return Ok(None);
     }
     check_address::<u8>(op, "src", src, src_len)?;
     check_address::<u8>(op, "dst", dst, dst_len)?;
+    if background {
+        let state = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = Arc::clone(&state);
+        pool().spawn(move || {
+            for (from, to, n) in blocks {
+                // SAFETY: as below; the caller keeps both buffers alive until the copy is done.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (src as *const u8).add(from * item),
+                        (dst as *mut u8).add(to * item),
+                        n * item,
+                    );
+                }
+            }
+            let (done, wake) = &*signal;
+            *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            wake.notify_all();
+        });
+        return Ok(Some(Pending { state }));
+    }
     let lens: Vec<usize> = blocks.iter().map(|b| b.2).collect();
     run_shared(py, &lens, threads, MIN_COPY_SHARE_BYTES / item, |r| {
         let (from, to, _) = blocks[r.part];
@@ -448,7 +512,7 @@ fn copy_rows(
             );
         }
     });
-    Ok(())
+    Ok(None)
 }
 
 /// Sorts the `len` int64 values at `data` in place, stably by the signed value of their bits
@@ -826,6 +890,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
     m.add_function(wrap_pyfunction!(bucketize_parts, m)?)?;
     m.add_function(wrap_pyfunction!(copy_rows, m)?)?;
+    m.add_class::<Pending>()?;
     m.add_function(wrap_pyfunction!(truncate_plan, m)?)?;
     m.add_function(wrap_pyfunction!(pair_hash_parts, m)?)?;
     m.add_function(wrap_pyfunction!(sort_int64_by_high_bits, m)?)?;

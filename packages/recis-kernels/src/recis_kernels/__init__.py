@@ -9,6 +9,7 @@ from recis_kernels._cuda.compiler import (
     kernel_names,
 )
 from recis_kernels._cuda.index_errors import check_index_errors
+from recis_kernels._overlap import finish_overlapped, overlap
 from recis_kernels.exceptions import (
     ArgumentError,
     BackendError,
@@ -82,6 +83,7 @@ __all__ = [
     "cuda_python_available",
     "dense_to_ragged",
     "feature_cross",
+    "finish_overlapped",
     "fmix64",
     "ftrl_rows_",
     "fused_bucketize",
@@ -95,6 +97,7 @@ __all__ = [
     "mix64",
     "mod",
     "multi_hash",
+    "overlap",
     "owner_rank",
     "partition_ids",
     "ragged_to_dense",

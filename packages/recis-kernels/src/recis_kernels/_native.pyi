@@ -1,6 +1,9 @@
 """The compiled CPU kernels (private; called through ``recis_kernels.ops._cpu_kernels``)."""
 
+from typing import final
+
 __all__ = [
+    "Pending",
     "adam_apply",
     "adam_moments",
     "bucketize_parts",
@@ -38,7 +41,15 @@ def copy_rows(
     dst_offsets: int,
     rows: int,
     threads: int,
-) -> None: ...
+    background: bool = False,
+) -> Pending | None: ...
+
+@final
+class Pending:
+    def wait(self) -> None: ...
+    @property
+    def done(self) -> bool: ...
+
 def pair_hash_parts(
     a_parts: list[tuple[int, int]],
     b_parts: list[tuple[int, int]],

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from recis_kernels import _native
+from recis_kernels import _native, _overlap
 from recis_kernels._backend import on_host, plain_host
 
 __all__ = [
@@ -233,11 +233,13 @@ def copy_rows(
     1]``, is a copy of the same number of items of ``src`` from item ``src_starts[i]`` on.
     ``src_starts`` and ``dst_offsets`` are contiguous int64 CPU tensors of ``rows`` and ``rows +
     1`` entries, ``dst_offsets[-1] == total``; every range is checked to lie in its tensor
-    before anything is copied."""
+    before anything is copied. Inside :func:`recis_kernels.overlap`, a large copy may still be
+    running on a pool thread when this returns (see there)."""
     src = src if src.is_contiguous() else src.contiguous()
     out = torch.empty((total, *src.shape[1:]), dtype=src.dtype)
     item = src.element_size() * math.prod(src.shape[1:])
-    _native.copy_rows(
+    background = _overlap.deferring(total * item)
+    job = _native.copy_rows(
         src.data_ptr(),
         src.shape[0],
         out.data_ptr(),
@@ -247,7 +249,10 @@ def copy_rows(
         dst_offsets.data_ptr(),
         src_starts.shape[0],
         torch.get_num_threads(),
+        background,
     )
+    if job is not None:
+        _overlap.defer(job, src, out)
     return out
 
 
