@@ -17,6 +17,11 @@ Before timing, every contender's outputs are checked equal; the contenders are t
 turns, each timed pass right after an untimed pass of its own (see ``_harness.measure``'s
 ``settle``), so a pass is timed in the steady state a training loop runs it in. Run:
 ``python benchmarks/bench_features.py [--threads 1]``.
+
+``--device cuda`` runs the same on a GPU (batches copied there first; each timed pass ends with
+a synchronization) and also reports the kernel launches per batch of the fused engine and of
+the loop, counted by ``torch.profiler`` (every kernel the device ran, the ops' own and torch's
+glue alike; copies and memsets aside).
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ def _modulus(j: int) -> int:
     return int(VOCAB_SIZES[j]) + 7 * j
 
 
-def make_batches(count: int, batch_size: int) -> list[dict[str, object]]:
+def make_batches(
+    count: int, batch_size: int, device: torch.device | str = "cpu"
+) -> list[dict[str, object]]:
     table = generate_table(count * batch_size, seed=0)
     batches = []
     for k in range(count):
@@ -90,6 +97,8 @@ def make_batches(count: int, batch_size: int) -> list[dict[str, object]]:
         offsets -= offsets[0].clone()
         values = torch.from_numpy(seq.flatten().to_numpy().copy())
         batch["seq"] = RaggedTensor(values, [offsets])
+        if torch.device(device).type != "cpu":
+            batch = {k: v.to(device) for k, v in batch.items()}  # type: ignore[attr-defined]
         batches.append(batch)
     return batches
 
@@ -100,9 +109,10 @@ def loop_categorical(batch: dict[str, Any], out: dict[str, Any]) -> None:
 
 
 def loop_dense(batch: dict[str, Any], out: dict[str, Any]) -> None:
+    bounds = _boundaries_on(batch["I1"].device)
     for j in range(NUM_DENSE):
         x = batch[f"I{j + 1}"].nan_to_num(nan=0.0)
-        out[f"I{j + 1}"] = torch.bucketize(x, BOUNDARIES[j], right=True)
+        out[f"I{j + 1}"] = torch.bucketize(x, bounds[j], right=True)
 
 
 def loop_sequence(batch: dict[str, Any], out: dict[str, Any]) -> None:
@@ -116,6 +126,16 @@ def loop_crosses(batch: dict[str, Any], out: dict[str, Any]) -> None:
 
 
 BOUNDARIES = [torch.tensor(_boundaries(j), dtype=torch.float32) for j in range(NUM_DENSE)]
+_BOUNDARIES_BY_DEVICE: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _boundaries_on(device: torch.device) -> list[torch.Tensor]:
+    """The loop's boundary tensors on ``device``, copied there once."""
+    bounds = _BOUNDARIES_BY_DEVICE.get(device)
+    if bounds is None:
+        bounds = _BOUNDARIES_BY_DEVICE[device] = [b.to(device) for b in BOUNDARIES]
+    return bounds
+
 
 # (workload, its features, its per-feature loop); the first is the full 42-feature set.
 _PARTS = [
@@ -168,6 +188,36 @@ def _interleaved(contenders: dict[str, Callable[[], Any]], reps: int) -> dict[st
     }
 
 
+def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` followed, on a GPU, by a wait for the work it queued."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def kernel_launches(fn: Callable[[], Any], device: torch.device) -> int:
+    """The device kernels one call of ``fn`` runs (copies and memsets aside), counted by
+    ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(
+        1
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not e.name.lower().startswith(("memcpy", "memset"))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -176,11 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: torch sees no CUDA device", file=sys.stderr)
+        return 2
 
-    batches = make_batches(args.batches, args.batch_size)
+    batches = make_batches(args.batches, args.batch_size, device)
     rows_total = args.batches * args.batch_size
     table, results = [], {}
     for name, features, loop in workloads():
@@ -194,27 +249,23 @@ def main(argv: list[str] | None = None) -> int:
                 if bad:
                     print(f"{name}: outputs differ from the loop for {bad}", file=sys.stderr)
                     return 1
-        stats = _interleaved(
-            {
-                "fused": lambda e=fused: [e(b) for b in batches],
-                "loop": lambda f=loop: [f(b) for b in batches],
-                "unfused": lambda e=unfused: [e(b) for b in batches],
-            },
-            args.reps,
-        )
+        contenders = {
+            "fused": lambda e=fused: [e(b) for b in batches],
+            "loop": lambda f=loop: [f(b) for b in batches],
+            "unfused": lambda e=unfused: [e(b) for b in batches],
+        }
+        stats = _interleaved({k: _synced(fn, device) for k, fn in contenders.items()}, args.reps)
         per_batch = {k: s.median_s / args.batches * 1e3 for k, s in stats.items()}
         calls = sum(len(step) for step in fused.plan())
-        table.append(
-            [
-                name,
-                calls,
-                per_batch["fused"],
-                per_batch["loop"],
-                per_batch["unfused"],
-                per_batch["loop"] / per_batch["fused"],
-                per_batch["unfused"] / per_batch["fused"],
-            ]
-        )
+        row = [
+            name,
+            calls,
+            per_batch["fused"],
+            per_batch["loop"],
+            per_batch["unfused"],
+            per_batch["loop"] / per_batch["fused"],
+            per_batch["unfused"] / per_batch["fused"],
+        ]
         results[name] = {
             "features": len(features),
             "engine_calls_per_batch": calls,
@@ -223,18 +274,28 @@ def main(argv: list[str] | None = None) -> int:
             "fused_speedup_vs_loop": per_batch["loop"] / per_batch["fused"],
             "fused_speedup_vs_unfused_engine": per_batch["unfused"] / per_batch["fused"],
         }
+        if device.type == "cuda":
+            launches = {
+                k: kernel_launches(contenders[k], device) / args.batches for k in ("fused", "loop")
+            }
+            row += [launches["fused"], launches["loop"]]
+            results[name]["kernel_launches_per_batch"] = launches
+        table.append(row)
+    columns = [
+        "workload",
+        "engine calls",
+        "fused engine",
+        "per-feature loop",
+        "engine fused=False",
+        "speed-up vs loop",
+        "speed-up vs fused=False",
+    ]
+    if device.type == "cuda":
+        columns += ["kernels/batch fused", "kernels/batch loop"]
     print_table(
-        f"features: batch {args.batch_size}, {args.batches} batches, "
+        f"features on {device}: batch {args.batch_size}, {args.batches} batches, "
         f"{torch.get_num_threads()} thread(s); ms per batch (median of {args.reps})",
-        [
-            "workload",
-            "engine calls",
-            "fused engine",
-            "per-feature loop",
-            "engine fused=False",
-            "speed-up vs loop",
-            "speed-up vs fused=False",
-        ],
+        columns,
         table,
     )
     write_json(
@@ -243,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "batches": args.batches,
             "threads": torch.get_num_threads(),
+            "device": str(device),
             "target_speedup_vs_loop": 3.0,
             "workloads": results,
         },

@@ -233,12 +233,16 @@ def test_gpu_script_cpu_smoke_installs_the_packages_and_collects_the_gpu_tests(
         "--cpu-smoke",
         str(wheels),
         RECIS_GPU_TARGET=str(target),
-        RECIS_GPU_ONLY=" ".join([*collected, "bench-gpu"]),
+        RECIS_GPU_ONLY=" ".join([*collected, "bench-gpu", "bench-features"]),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = _summary(tmp_path)
-    for step in ("check-wheels", "install-wheels", "install-packages", "imports", "bench-gpu"):
+    steps = ("check-wheels", "install-wheels", "install-packages", "imports", "bench-gpu")
+    for step in (*steps, "bench-features"):
         assert summary[step].startswith("ok"), summary
+    features = json.loads((tmp_path / "results" / "features.json").read_text())
+    assert features["device"] == "cpu"
+    assert features["batches"] == 2
     assert summary["bench-e2e"].startswith("skipped (cpu smoke)")
     assert summary["demo"].startswith("skipped (cpu smoke)")
     for module in MODULES:
