@@ -230,7 +230,7 @@ class FeatureEngine(nn.Module):
                 self._nodes[node].features.append(f.name)
                 parent = node
             self._outputs.append((f.name, parent))
-        merged = self._merge_fills() | self._merge_crosses()
+        merged = self._merge_chains()
         depth = max((n.step for n in self._nodes), default=-1) + 1
         steps: list[list[_Group]] = [[] for _ in range(depth)]
         for i, n in enumerate(self._nodes):
@@ -275,50 +275,31 @@ class FeatureEngine(nn.Module):
                 reads.setdefault(c, f.name)
         self._reads = [(c, name) for c, name in reads.items()]
 
-    def _merge_fills(self) -> set[int]:
-        """Run each ``bucketize`` of a ``fill_missing`` result with the fill, when nothing but
-        bucketize ops reads that result (no feature ends there): NaN then goes straight to the
-        fill value's bucket, with no filled copy. Returns the fill nodes no longer run."""
-        children: dict[int, list[int]] = {}
-        for i, n in enumerate(self._nodes):
-            children.setdefault(n.parent, []).append(i)
-        ends = {node for _, node in self._outputs}
-        merged = set()
-        for i, n in enumerate(self._nodes):
-            readers = children.get(i, [])
-            if (
-                type(n.op) is FillMissing
-                and i not in ends
-                and readers
-                and all(type(self._nodes[c].op) is Bucketize for c in readers)
-            ):
-                for c in readers:
-                    self._nodes[c].fill = n.op
-                    self._nodes[c].parent = n.parent
-                merged.add(i)
-        return merged
-
-    def _merge_crosses(self) -> set[int]:
-        """Run a ``mod`` of a ``cross`` result with the cross, when that mod is the only
-        reader of the result (no feature ends there): the crossed ids are then reduced in the
-        pass that hashes them. Returns the cross nodes no longer run."""
+    def _merge_chains(self) -> set[int]:
+        """Run an op with the ops reading its result, when nothing else reads that result (no
+        feature ends there): a ``fill_missing`` read only by ``bucketize`` ops runs with them
+        (NaN goes straight to the fill value's bucket, with no filled copy), and a ``cross``
+        read by a single ``mod`` runs with it (the crossed ids reduced in the pass that hashes
+        them). Returns the nodes no longer run on their own."""
         readers: dict[int, list[int]] = {}
         for i, n in enumerate(self._nodes):
             readers.setdefault(n.parent, []).append(i)
         ends = {node for _, node in self._outputs}
         merged = set()
         for i, n in enumerate(self._nodes):
-            children = readers.get(i, [])
-            if (
-                type(n.op) is FeatureCross
-                and i not in ends
-                and len(children) == 1
-                and type(self._nodes[children[0]].op) is Mod
-            ):
-                child = self._nodes[children[0]]
-                child.cross = n.op
-                child.parent = n.parent
-                merged.add(i)
+            children = [self._nodes[c] for c in readers.get(i, [])]
+            if i in ends or not children:
+                continue
+            if type(n.op) is FillMissing and all(type(c.op) is Bucketize for c in children):
+                for c in children:
+                    c.fill = n.op
+            elif type(n.op) is FeatureCross and len(children) == 1 and type(children[0].op) is Mod:
+                children[0].cross = n.op
+            else:
+                continue
+            for c in children:
+                c.parent = n.parent
+            merged.add(i)
         return merged
 
     @property
