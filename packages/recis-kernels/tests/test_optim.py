@@ -7,11 +7,15 @@ from conftest import use_host_kernels
 
 from recis_kernels import (
     ArgumentError,
+    IndexOutOfRangeError,
+    RowStore,
     ShapeError,
+    UnsupportedDtypeError,
     adagrad_rows_,
     adam_rows_,
     ftrl_rows_,
     rowwise_adagrad_rows_,
+    rowwise_adagrad_store_,
     sgd_rows_,
     state_width,
 )
@@ -239,3 +243,91 @@ def test_adam_takes_an_expanded_gradient() -> None:
     ref_m.lerp_(grad.contiguous(), 0.1)
     assert torch.equal(m, ref_m)
     assert step.tolist() == [1.0] * 4
+
+
+def _store_with_state(rows: int, d: int, seed: int) -> RowStore:
+    """A store of ``rows`` rows in blocks of 4: ``d`` parameters, a spare column, the
+    accumulator (positive), another spare column."""
+    store = RowStore(d + 3, block_rows=4)
+    store.reserve(rows)
+    gen = torch.Generator().manual_seed(seed)
+    for block in store.blocks:
+        block.copy_(torch.randn(block.shape, generator=gen))
+        block[:, d + 1].abs_()
+    return store
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("dense_blocks", [True, False])
+def test_rowwise_adagrad_store_updates_rows_where_they_live(
+    weight_decay: float, dense_blocks: bool
+) -> None:
+    # Rows across three blocks, out of order; on blocks that are not dense the update goes
+    # through RowStore.update and the torch spelling.
+    d = 5
+    store = _store_with_state(12, d, seed=3)
+    if not dense_blocks:
+        store.blocks = [torch.cat([b, b], dim=1)[:, : b.shape[1]] for b in store.blocks]
+    before = torch.cat(list(store.blocks))
+    rows = torch.tensor([9, 2, 5, 11, 0])
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(rows.numel(), d, generator=gen) for _ in range(3)]
+    param, acc = before[rows, :d].clone(), before[rows, d + 1 :].narrow(1, 0, 1).clone()
+    for g in grads:
+        rowwise_adagrad_store_(
+            store, rows, g, start=0, state=d + 1, lr=0.1, weight_decay=weight_decay
+        )
+        rowwise_adagrad_rows_(param, g, acc, lr=0.1, weight_decay=weight_decay)
+    after = torch.cat(list(store.blocks))
+    torch.testing.assert_close(after[rows, :d], param, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after[rows, d + 1 : d + 2], acc, rtol=1e-6, atol=1e-6)
+    # The spare columns and the rows not listed are untouched.
+    assert torch.equal(after[:, d], before[:, d])
+    assert torch.equal(after[:, d + 2], before[:, d + 2])
+    others = torch.tensor([r for r in range(12) if r not in rows.tolist()])
+    assert torch.equal(after[others], before[others])
+
+
+def test_rowwise_adagrad_store_refuses_bad_input_before_updating() -> None:
+    d = 4
+    store = _store_with_state(8, d, seed=5)
+    before = [b.clone() for b in store.blocks]
+    rows, grad = torch.tensor([1, 2]), torch.ones(2, d)
+    cases = [
+        (
+            lambda: rowwise_adagrad_store_(store, rows, grad.double(), state=d + 1, lr=0.1),
+            UnsupportedDtypeError,
+            "rowwise_adagrad_store_: grad",
+        ),
+        (
+            lambda: rowwise_adagrad_store_(store, rows, torch.ones(3, d), state=d + 1, lr=0.1),
+            ShapeError,
+            r"grad has shape \(3, 4\), expected \(2, D\)",
+        ),
+        (
+            lambda: rowwise_adagrad_store_(store, rows, grad, state=2, lr=0.1),
+            ShapeError,
+            r"columns \[0, 4\) and the accumulator in column 2",
+        ),
+        (
+            lambda: rowwise_adagrad_store_(store, rows, grad, start=4, state=0, lr=0.1),
+            ShapeError,
+            r"columns \[4, 8\)",
+        ),
+        (
+            lambda: rowwise_adagrad_store_(store, torch.tensor([1, 8]), grad, state=d + 1, lr=0.1),
+            IndexOutOfRangeError,
+            "rowwise_adagrad_store_",
+        ),
+        (
+            lambda: rowwise_adagrad_store_(
+                RowStore(d + 3, torch.float64), rows, grad, state=d + 1, lr=0.1
+            ),
+            UnsupportedDtypeError,
+            "the store holds torch.float64",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(store.blocks, before, strict=True))

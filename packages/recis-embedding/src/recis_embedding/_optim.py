@@ -26,6 +26,7 @@ from recis_kernels import (
     adam_rows_,
     ftrl_rows_,
     rowwise_adagrad_rows_,
+    rowwise_adagrad_store_,
     sgd_rows_,
 )
 
@@ -509,6 +510,27 @@ class SparseRowWiseAdagrad(SparseOptimizer):
             lr=group["lr"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+        )
+
+    def _apply(
+        self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor
+    ) -> None:
+        if table.dtype != torch.float32 or rows.device.type != "cpu":
+            super()._apply(table, group, rows, grads)
+            return
+        # Float32 rows on the CPU are updated where they live, in one compiled pass, instead of
+        # being gathered into a buffer, updated and scattered back.
+        table.update_in_store(
+            rows,
+            lambda store, state: rowwise_adagrad_store_(
+                store,
+                rows,
+                grads,
+                state=state["sum"],
+                lr=group["lr"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            ),
         )
 
 

@@ -574,6 +574,20 @@ class HashTable:
         self._store.update(rows, fn)
         self._dirty[rows] = True
 
+    def update_in_store(
+        self, rows: torch.Tensor, fn: Callable[[RowStore, dict[str, int]], None]
+    ) -> None:
+        """Update distinct ``rows`` where they live: ``fn(store, columns)`` gets the row store
+        (rows laid out as :meth:`read_full` returns them) and the first column of each
+        optimizer slot, and changes those rows in place (an in-place optimizer kernel). The
+        rows count as changed for the next delta checkpoint."""
+        columns, at = {}, self.emb_words
+        for name, width in self.slots:
+            columns[name] = at
+            at += width
+        fn(self._store, columns)
+        self._dirty[rows] = True
+
     def read_slot(self, rows: torch.Tensor, slot: str) -> torch.Tensor:
         """``(N, width)`` float32 optimizer slot ``slot`` of existing rows."""
         start, stop = self._slot_range(slot)

@@ -26,7 +26,7 @@ impl Blocks<'_> {
     }
 
     #[inline]
-    fn row_ptr(&self, r: i64) -> *mut u8 {
+    pub(crate) fn row_ptr(&self, r: i64) -> *mut u8 {
         let r = r as usize;
         let block = self.ptrs[r >> self.shift] as *mut u8;
         // SAFETY (for the callers): the row was checked to lie in a block.

@@ -1,11 +1,15 @@
-//! `torch.optim.Adam` / `AdamW` on rows, with torch's float32 numerics on the CPU.
+//! Sparse optimizer updates of rows on the CPU: `torch.optim.Adam` / `AdamW` with torch's
+//! float32 numerics, and row-wise Adagrad in place in a blocked row store.
 //!
-//! The same operations in the same order as the torch spelling of `adam_rows_` (and the
+//! Adam: the same operations in the same order as the torch spelling of `adam_rows_` (and the
 //! `adam_rows` CUDA kernel): `lerp_` as one fused multiply-add from the nearer end,
 //! `mul_(beta2).addcmul_` as one fused multiply-add, the per-row step sizes in float64 rounded
 //! to float32, and `param + (-step_size * m) / denom`. Fused multiply-adds are exact
 //! (`f32::mul_add`), compiled to the FMA instruction where the CPU has it. The square roots
 //! between the two halves are torch's own (see [`adam_moments`]).
+
+use crate::block_rows::Blocks;
+use crate::idmap::prefetch;
 
 /// The hyperparameters the moments take, as `adam_rows_` derives them from its arguments.
 #[derive(Clone, Copy, Debug)]
@@ -143,6 +147,72 @@ pub unsafe fn adam_apply(
     }
 }
 
+/// Row-wise Adagrad's hyperparameters (FBGEMM's `EXACT_ROWWISE_ADAGRAD`).
+#[derive(Clone, Copy, Debug)]
+pub struct RowwiseAdagrad {
+    pub lr: f32,
+    pub eps: f32,
+    /// The L2 penalty added to the gradient.
+    pub weight_decay: f32,
+}
+
+/// Rows between the one updated and the one whose lines are prefetched.
+const AHEAD: usize = 8;
+
+/// Row-wise Adagrad on rows of a blocked row store, in place: for `i` in `0..rows.len()`, the
+/// `d` parameters at float `param` of store row `rows[i]` and its accumulator at float
+/// `state` take the gradient `grad[i * d..(i + 1) * d]`:
+/// `g += weight_decay * p; G += sum(g * g) / d; p += -lr * (g / (sqrt(G) + eps))`, in float32,
+/// the operations of the torch spelling of `rowwise_adagrad_rows_` (its sum of squares is
+/// accumulated in order, where torch's vectorized mean may pair the terms differently).
+///
+/// One pass over the rows, with no gather into a buffer and no scatter back: the update reads
+/// and writes each row where it lives.
+///
+/// # Safety
+///
+/// Every block holds `1 << shift` rows of `row_bytes` bytes of float32s, every row is in range
+/// (see [`Blocks::first_bad`]) and listed once, `param + d` and `state + 1` floats fit in a row,
+/// the two ranges do not overlap, and `grad` overlaps no block.
+pub unsafe fn rowwise_adagrad_block_rows(
+    blocks: &Blocks<'_>,
+    rows: &[i64],
+    grad: &[f32],
+    d: usize,
+    param: usize,
+    state: usize,
+    h: &RowwiseAdagrad,
+) {
+    debug_assert_eq!(grad.len(), rows.len() * d);
+    let mut g = vec![0.0f32; d];
+    for (i, &r) in rows.iter().enumerate() {
+        if let Some(&next) = rows.get(i + AHEAD) {
+            let row = blocks.row_ptr(next);
+            prefetch(row.add(param * 4));
+            prefetch(row.add(state * 4));
+        }
+        let row = blocks.row_ptr(r) as *mut f32;
+        let p = std::slice::from_raw_parts_mut(row.add(param), d);
+        let acc = &mut *row.add(state);
+        let gi = &grad[i * d..(i + 1) * d];
+        let mut sum = 0.0f32;
+        for ((gj, &gij), &pj) in g.iter_mut().zip(gi).zip(p.iter()) {
+            *gj = if h.weight_decay != 0.0 {
+                gij + h.weight_decay * pj
+            } else {
+                gij
+            };
+            sum += *gj * *gj;
+        }
+        *acc += sum / d as f32;
+        let denom = acc.sqrt() + h.eps;
+        let step = -h.lr;
+        for (pj, &gj) in p.iter_mut().zip(&g) {
+            *pj += step * (gj / denom);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +268,59 @@ mod tests {
                 (moved + 0.01 * grad[k].signum()).abs() < 1e-5,
                 "element {k}: {moved}"
             );
+        }
+    }
+
+    #[test]
+    fn rowwise_adagrad_updates_rows_in_place_across_blocks() {
+        // Two blocks of 4 rows of 6 floats: 4 parameters, the accumulator, one spare column.
+        let (d, width, shift) = (4usize, 6usize, 2u32);
+        let mut store: Vec<Vec<f32>> = (0..2)
+            .map(|b| {
+                (0..4 * width)
+                    .map(|k| (b * 100 + k) as f32 * 0.01)
+                    .collect()
+            })
+            .collect();
+        let before = store.clone();
+        let rows = [6i64, 1];
+        let grad: Vec<f32> = (0..rows.len() * d).map(|k| k as f32 - 3.0).collect();
+        let ptrs: Vec<usize> = store.iter_mut().map(|b| b.as_mut_ptr() as usize).collect();
+        let blocks = Blocks {
+            ptrs: &ptrs,
+            shift,
+            row_bytes: width * 4,
+        };
+        let h = RowwiseAdagrad {
+            lr: 0.1,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        unsafe { rowwise_adagrad_block_rows(&blocks, &rows, &grad, d, 0, d, &h) };
+        for (i, &r) in rows.iter().enumerate() {
+            let (b, at) = ((r >> shift) as usize, (r as usize & 3) * width);
+            let old = &before[b][at..at + width];
+            let g: Vec<f64> = (0..d)
+                .map(|j| grad[i * d + j] as f64 + 0.01 * old[j] as f64)
+                .collect();
+            let acc = old[d] as f64 + g.iter().map(|x| x * x).sum::<f64>() / d as f64;
+            let new = &store[b][at..at + width];
+            assert!((new[d] as f64 - acc).abs() < 1e-5 * acc.max(1.0));
+            for j in 0..d {
+                let want = old[j] as f64 - 0.1 * g[j] / (acc.sqrt() + 1e-8);
+                assert!((new[j] as f64 - want).abs() < 1e-5, "row {r} column {j}");
+            }
+            assert_eq!(new[d + 1], old[d + 1], "the spare column stays");
+        }
+        // Rows not listed are untouched.
+        for (b, block) in store.iter().enumerate() {
+            for row in 0..4 {
+                let r = (b << shift) + row;
+                if !rows.contains(&(r as i64)) {
+                    let at = row * width;
+                    assert_eq!(block[at..at + width], before[b][at..at + width]);
+                }
+            }
         }
     }
 }

@@ -20,7 +20,10 @@ use crate::divide::Divisor;
 use crate::group::{group_pairs as group_pairs_into, Groups};
 use crate::idmap::{claim, find, Slots, SlotsMut};
 use crate::interleave::{count_items, interleave, Interleaved, Member};
-use crate::optim::{adam_apply as adam_apply_into, adam_moments as adam_moments_into, Adam, Rows};
+use crate::optim::{
+    adam_apply as adam_apply_into, adam_moments as adam_moments_into,
+    rowwise_adagrad_block_rows as rowwise_adagrad_into, Adam, Rows, RowwiseAdagrad,
+};
 use crate::radix::sort_by_high_bits;
 use crate::shares::{share_count, split, Run};
 use crate::truncate::{plan, Part};
@@ -885,6 +888,68 @@ fn copy_block_rows(
     Ok(())
 }
 
+/// Row-wise Adagrad (see `optim::rowwise_adagrad_block_rows`) on `n` distinct rows (int64 at
+/// `rows`) of a blocked row store of float32 rows (`blocks`: each block's address, `1 << shift`
+/// rows of `width` floats): the `d` parameters from column `param` and the accumulator in
+/// column `state` of each take the `(n, d)` float32 gradient at `grad`, where the rows live,
+/// without the GIL. A row outside the store raises before anything is updated.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rowwise_adagrad_block_rows(
+    py: Python<'_>,
+    blocks: Vec<usize>,
+    shift: u32,
+    width: usize,
+    rows: usize,
+    n: usize,
+    grad: usize,
+    d: usize,
+    columns: (usize, usize),
+    hyper: (f32, f32, f32),
+) -> PyResult<()> {
+    let op = "rowwise_adagrad_block_rows";
+    let (param, state) = columns;
+    let overlap = state >= param && state < param + d;
+    if shift > 40 || d == 0 || param + d > width || state >= width || overlap {
+        return Err(value_error(format!(
+            "{op}: parameters {param}..{} and accumulator {state} in rows of {width} floats \
+             (shift {shift})",
+            param + d
+        )));
+    }
+    check_address::<i64>(op, "rows", rows, n)?;
+    check_address::<f32>(op, "grad", grad, n * d)?;
+    for (k, &b) in blocks.iter().enumerate() {
+        check_address::<f32>(op, &format!("blocks[{k}]"), b, 1)?;
+    }
+    // SAFETY: the caller's contract: n int64 rows and n * d float32 gradients.
+    let rows = unsafe { slice::<i64>(rows, n) };
+    let grad = unsafe { slice::<f32>(grad, n * d) };
+    let store = Blocks {
+        ptrs: &blocks,
+        shift,
+        row_bytes: width * 4,
+    };
+    if let Some(i) = store.first_bad(rows) {
+        return Err(value_error(format!(
+            "{op}: rows[{i}] = {} is outside the {} rows of the store",
+            rows[i],
+            blocks.len() << shift
+        )));
+    }
+    let (lr, eps, weight_decay) = hyper;
+    let h = RowwiseAdagrad {
+        lr,
+        eps,
+        weight_decay,
+    };
+    // SAFETY: blocks of 1 << shift rows of width float32s and a gradient overlapping no block
+    // (the caller's contract); the columns and every row were checked above, the rows are
+    // distinct (the caller's contract).
+    py.detach(|| unsafe { rowwise_adagrad_into(&store, rows, grad, d, param, state, &h) });
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
@@ -901,5 +966,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(interleave_bags, m)?)?;
     m.add_function(wrap_pyfunction!(adam_moments, m)?)?;
     m.add_function(wrap_pyfunction!(adam_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(rowwise_adagrad_block_rows, m)?)?;
     Ok(())
 }

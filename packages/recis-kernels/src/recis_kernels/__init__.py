@@ -36,6 +36,7 @@ from recis_kernels.ops.optim import (
     adam_rows_,
     ftrl_rows_,
     rowwise_adagrad_rows_,
+    rowwise_adagrad_store_,
     sgd_rows_,
     state_width,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "partition_ids",
     "ragged_to_dense",
     "rowwise_adagrad_rows_",
+    "rowwise_adagrad_store_",
     "segment_reduce",
     "sgd_rows_",
     "sort_by_high_bits_",

@@ -14,6 +14,7 @@ __all__ = [
     "idmap_find",
     "interleave_bags",
     "pair_hash_parts",
+    "rowwise_adagrad_block_rows",
     "sort_int64_by_high_bits",
     "truncate_plan",
     "umod_parts",
@@ -70,6 +71,17 @@ def adam_moments(
     rows: list[tuple[int, int]], n: int, d: int, hyper: tuple[float, float, float, float]
 ) -> None: ...
 def adam_apply(rows: list[tuple[int, int]], n: int, d: int, eps: float) -> None: ...
+def rowwise_adagrad_block_rows(
+    blocks: list[int],
+    shift: int,
+    width: int,
+    rows: int,
+    n: int,
+    grad: int,
+    d: int,
+    columns: tuple[int, int],
+    hyper: tuple[float, float, float],
+) -> None: ...
 def interleave_bags(
     members: list[tuple[int, int, int | None, int, int | None]],
     rows: int,

@@ -34,8 +34,9 @@ import torch
 
 from recis_kernels import _native
 from recis_kernels._backend import on_host, use_cuda_kernels
-from recis_kernels._checks import grid_for
-from recis_kernels.exceptions import ArgumentError, ShapeError
+from recis_kernels._checks import check_device, check_dtype, check_tensor, grid_for
+from recis_kernels.exceptions import ArgumentError, ShapeError, UnsupportedDtypeError
+from recis_kernels.ops.row_store import RowStore
 
 __all__ = [
     "STATE_WIDTH",
@@ -43,6 +44,7 @@ __all__ = [
     "adam_rows_",
     "ftrl_rows_",
     "rowwise_adagrad_rows_",
+    "rowwise_adagrad_store_",
     "sgd_rows_",
     "state_width",
 ]
@@ -277,6 +279,95 @@ def rowwise_adagrad_rows_(
     state_sum.add_(grad.square().mean(dim=1, keepdim=True))
     # param + (-lr * grad) / denom: the same roundings as param - lr * grad / denom, in one pass.
     param.addcdiv_(grad, state_sum.sqrt().add_(eps), value=-lr)
+
+
+def rowwise_adagrad_store_(
+    store: RowStore,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    state: int,
+    start: int = 0,
+    lr: float,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """:func:`rowwise_adagrad_rows_` on rows of a :class:`RowStore`, where they live.
+
+    Row ``rows[i]`` holds its ``D`` parameters in columns ``[start, start + D)`` and its
+    accumulator in column ``state``, and takes the gradient ``grad[i]``. On the CPU one compiled
+    pass updates each row in place in its block (``_native.rowwise_adagrad_block_rows``): no
+    gather of the rows into a buffer and no scatter back, which is what an update through
+    :meth:`RowStore.update` pays for. Its sum of squares is accumulated in order, so results
+    can differ from torch's vectorized mean in the last bit. Elsewhere (CUDA, or blocks that
+    are not dense) the rows go through :meth:`RowStore.update` and
+    :func:`rowwise_adagrad_rows_`.
+
+    Args:
+        store: a float32 row store.
+        rows: ``(N,) int64`` distinct rows below ``store.capacity``.
+        grad: ``(N, D) float32`` gradients.
+        state: the accumulator's column.
+        start: the first parameter column.
+        lr: learning rate.
+        eps: added to the root of the accumulator.
+        weight_decay: L2 penalty added to the gradient.
+
+    Raises:
+        UnsupportedDtypeError: the store or ``grad`` is not float32, or ``rows`` not int64.
+        ShapeError: ``grad`` is not ``(N, D)``, or the columns fall outside a row or overlap.
+        UnsupportedDeviceError: ``rows`` or ``grad`` live on another device than the store.
+        IndexOutOfRangeError: a row outside the store (nothing is updated).
+    """
+    op = "rowwise_adagrad_store_"
+    check_tensor(op, "grad", grad)
+    check_dtype(op, "grad", grad, (torch.float32,))
+    check_device(op, "grad", grad, store.device)
+    if store.dtype != torch.float32:
+        raise UnsupportedDtypeError(f"{op}: the store holds {store.dtype}, expected torch.float32")
+    store._check_rows(op, rows)
+    if grad.dim() != 2 or grad.shape[0] != rows.numel():
+        raise ShapeError(
+            f"{op}: grad has shape {tuple(grad.shape)}, expected ({rows.numel()}, D) for "
+            f"{rows.numel()} rows"
+        )
+    d = grad.shape[1]
+    if (
+        start < 0
+        or start + d > store.width
+        or not 0 <= state < store.width
+        or (start <= state < start + d)
+    ):
+        raise ShapeError(
+            f"{op}: parameters in columns [{start}, {start + d}) and the accumulator in column "
+            f"{state} must be separate columns of a row of {store.width}"
+        )
+    if rows.numel() == 0 or d == 0:
+        return
+    if store._host(rows) and on_host((grad,)):
+        rows, grad = rows.contiguous(), grad.contiguous()
+        _native.rowwise_adagrad_block_rows(
+            [b.data_ptr() for b in store.blocks],
+            store.block_shift,
+            store.width,
+            rows.data_ptr(),
+            rows.numel(),
+            grad.data_ptr(),
+            d,
+            (start, state),
+            (lr, eps, weight_decay),
+        )
+        return
+    low, high = min(start, state), max(start + d, state + 1)
+
+    def update(current: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
+        g = grad if which is None else grad.index_select(0, which)
+        param = current[:, start - low : start - low + d]
+        acc = current[:, state - low : state - low + 1]
+        rowwise_adagrad_rows_(param, g, acc, lr=lr, eps=eps, weight_decay=weight_decay)
+        return current
+
+    store.update(rows, update, low, high)
 
 
 def adam_rows_(
