@@ -76,14 +76,22 @@ def test_unique_pairs_matches_python(pairs: list[tuple[int, int]]) -> None:
     tabs = torch.tensor(tables, dtype=torch.int32)
     firsts, inverse, members = _expected_pairs(values, tables)
     # The compiled CPU path and the torch path of other devices give one result.
-    for got in (unique_pairs(ids, tabs), unique_module._unique_pairs_torch(ids, tabs)):
-        assert list(zip(got.ids.tolist(), got.tables.tolist(), strict=True)) == firsts
-        assert got.tables.dtype == torch.int32
-        assert got.inverse.tolist() == inverse
-        offsets = got.offsets.tolist()
-        assert offsets[0] == 0
-        assert len(offsets) == len(firsts) + 1
-        assert [got.order[a:b].tolist() for a, b in itertools.pairwise(offsets)] == members
+    for positions in (True, False):
+        for got in (
+            unique_pairs(ids, tabs, positions=positions),
+            unique_module._unique_pairs_torch(ids, tabs, positions),
+        ):
+            assert list(zip(got.ids.tolist(), got.tables.tolist(), strict=True)) == firsts
+            assert got.tables.dtype == torch.int32
+            assert got.inverse.tolist() == inverse
+            if not positions:
+                assert got.order is None
+                assert got.offsets is None
+                continue
+            offsets = got.offsets.tolist()
+            assert offsets[0] == 0
+            assert len(offsets) == len(firsts) + 1
+            assert [got.order[a:b].tolist() for a, b in itertools.pairwise(offsets)] == members
 
 
 def test_unique_pairs_keeps_pairs_with_equal_premix_values_apart() -> None:

@@ -24,13 +24,16 @@ def dedup(
     Returns:
         ``(ids (U,), tables (U,) int32, inverse (N,), grouping)``: ``grouping`` is
         ``(order, offsets)``, listing the positions of distinct pair ``u`` in ascending order
-        as ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass), or ``None``.
+        as ``order[offsets[u]:offsets[u + 1]]`` (reused by the backward pass off the CPU), or
+        ``None`` (on the CPU, and where the sort-based dedup falls back to ``torch.unique``).
         On the CPU the pairs come in order of first occurrence (recis-kernels'
         ``unique_pairs``: one compiled pass with a hash set), elsewhere in sorted order.
     """
     if values.device.type == "cpu":
-        found = rk.unique_pairs(values, tabs)
-        return found.ids, found.tables, found.inverse, (found.order, found.offsets)
+        # The backward pass on the CPU adds each id's gradient into its row in one pass, with
+        # no grouping of the ids by row: none is listed.
+        found = rk.unique_pairs(values, tabs, positions=False)
+        return found.ids, found.tables, found.inverse, None
     return exact_dedup(values, tabs)
 
 

@@ -366,7 +366,6 @@ class EmbeddingEngine(nn.Module):
                 emb,
                 inverse[at : at + n],
                 part.bags,
-                None,
                 part.weights,
                 part.singles,
                 grouping if whole else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,28 @@ def _dense(name: str, ids: torch.Tensor) -> Ids:
             f"feature {name!r}: dense ids must be [B] or [B, k], got shape {tuple(ids.shape)}"
         )
     b, k = ids.shape
-    bags = torch.arange(0, b * k + 1, k, device=ids.device) if k else ids.new_zeros(b + 1)
+    if torch.compiler.is_compiling():
+        bags = _make_even_offsets(b, k, ids.device)
+    else:
+        bags = _even_offsets(b, k, ids.device)
     return Ids(ids.reshape(-1), bags, None, None, singles=k == 1)
+
+
+def _make_even_offsets(b: int, k: int, device: torch.device) -> torch.Tensor:
+    """``(b + 1,) int64`` offsets of ``b`` bags of ``k`` ids."""
+    if k == 0:
+        return torch.zeros(b + 1, dtype=torch.int64, device=device)
+    return torch.arange(0, b * k + 1, k, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _even_offsets(b: int, k: int, device: torch.device) -> torch.Tensor:
+    """:func:`_make_even_offsets`, kept per shape: every batch of a pipeline has the same
+    shape, and offsets are only read, never written in place. Made outside inference mode,
+    so offsets first made in an ``inference_mode`` evaluation can be saved for a training
+    step's backward pass."""
+    with torch.inference_mode(False):
+        return _make_even_offsets(b, k, device)
 
 
 def _ragged(name: str, r: RaggedTensor) -> Ids:

@@ -50,7 +50,7 @@ def pooled_outputs(
         all_bags = torch.cat([*bags, torch.tensor([shift], device=emb.device)])
         present = [w for w in weights if w is not None]
         w_all = torch.cat(present) if len(present) == len(weights) else None
-    pooled = pool(emb, inverse, all_bags, None, w_all, singles, grouping)
+    pooled = pool(emb, inverse, all_bags, w_all, singles, grouping)
     out = {}
     for f, i, p in zip(features, ids, torch.split(pooled, counts), strict=True):
         if i.outer is not None:

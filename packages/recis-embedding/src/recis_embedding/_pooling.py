@@ -1,8 +1,9 @@
 """Reductions from deduplicated embedding rows to per-bag outputs, with hand-written backward.
 
 The forward reads rows ``emb[inverse]``; the backward accumulates gradients straight into the
-``(U, D)`` gradient of the distinct rows with one ``scatter_add`` (duplicates reduced there),
-so no per-occurrence gradient tensor outlives the call and no dense table gradient exists.
+``(U, D)`` gradient of the distinct rows (on the CPU one compiled pass over the ids,
+recis-kernels' ``pooled_rows_grad``; elsewhere a pooled gather over the ids grouped by row), so
+no per-occurrence gradient tensor outlives the call and no dense table gradient exists.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recis_embedding._host import repeat_values, true_positions
+import recis_kernels as rk
+from recis_embedding._host import on_host, repeat_values, true_positions
 
 __all__ = ["bag_weights", "padded_gather", "per_bag_scale", "pool", "segment_ids"]
 
@@ -67,17 +69,23 @@ def segment_ids(bags: torch.Tensor, n: int) -> torch.Tensor:
 
 def _rows_grad(
     grad_out: torch.Tensor,
-    out_rows: torch.Tensor | None,
+    bags: torch.Tensor | None,
     inverse: torch.Tensor,
     weights: torch.Tensor | None,
     num_rows: int,
     grouping: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """``grad[u] = Σ_{i: inverse[i] = u} w_i * grad_out[out_rows[i]]`` as one pooled gather.
+    """``grad[u] = Σ_{i: inverse[i] = u} w_i * grad_out[bag(i)]``, summed in ascending ``i``
+    (``bags`` ``None``: id ``i`` is bag ``i``).
 
-    Occurrences are grouped by distinct row with one sort of ``inverse``; the sum per row is then
-    an ``embedding_bag`` over ``grad_out``, which reduces duplicates without atomics.
+    On the CPU one compiled pass adds each id's term into its row. Elsewhere the ids are
+    grouped by distinct row (the dedup's ``grouping``, or one stable sort of ``inverse``) and
+    the sum per row is an ``embedding_bag`` over ``grad_out``, which reduces duplicates without
+    atomics and sums in the same order.
     """
+    if all(t is None or on_host(t) for t in (grad_out, inverse, bags, weights)):
+        return rk.pooled_rows_grad(grad_out, inverse, num_rows, bags=bags, weights=weights)
+    out_rows = None if bags is None else segment_ids(bags, inverse.numel())
     if grouping is not None:
         order, offsets = grouping
     else:
@@ -97,12 +105,11 @@ def _rows_grad(
 
 class _Pool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, emb, inverse, bags, seg, weights, singles, grouping):  # type: ignore[override]
+    def forward(ctx, emb, inverse, bags, weights, singles, grouping):  # type: ignore[override]
         ctx.num_rows = emb.shape[0]
         ctx.grouping = grouping
         ctx.singles = singles
         ctx.has_weights = weights is not None
-        ctx.has_seg = seg is not None
         if singles:
             ctx.save_for_backward(inverse)
             return emb.index_select(0, inverse)
@@ -111,7 +118,6 @@ class _Pool(torch.autograd.Function):
         ctx.save_for_backward(
             inverse,
             bags,
-            seg if seg is not None else empty,
             weights if weights is not None else empty,
             emb if weights is not None and weights.requires_grad else empty,
         )
@@ -127,24 +133,22 @@ class _Pool(torch.autograd.Function):
             (inverse,) = ctx.saved_tensors
             grad = _rows_grad(grad_out, None, inverse, None, ctx.num_rows, ctx.grouping)
         else:
-            inverse, bags, seg, weights, emb = ctx.saved_tensors
-            if not ctx.has_seg:  # only training needs the bag of every id
-                seg = segment_ids(bags, inverse.numel())
+            inverse, bags, weights, emb = ctx.saved_tensors
             w = weights if ctx.has_weights else None
             if ctx.needs_input_grad[0]:
-                grad = _rows_grad(grad_out, seg, inverse, w, ctx.num_rows, ctx.grouping)
-            if ctx.needs_input_grad[4]:
+                grad = _rows_grad(grad_out, bags, inverse, w, ctx.num_rows, ctx.grouping)
+            if ctx.needs_input_grad[3]:
                 # d out[bag(i)] / d w_i = emb[inverse[i]]
+                seg = segment_ids(bags, inverse.numel())
                 rows = emb.index_select(0, inverse).to(grad_out.dtype)
                 grad_w = (grad_out.index_select(0, seg) * rows).sum(1).to(weights.dtype)
-        return grad, None, None, None, grad_w, None, None
+        return grad, None, None, grad_w, None, None
 
 
 def pool(
     emb: torch.Tensor,
     inverse: torch.Tensor,
     bags: torch.Tensor,
-    seg: torch.Tensor | None,
     weights: torch.Tensor | None,
     singles: bool,
     grouping: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -155,12 +159,10 @@ def pool(
         emb: ``(U, D) float32`` distinct rows.
         inverse: ``(N,) int64`` row of each id in ``emb``.
         bags: ``(M+1,) int64`` bag offsets over the ids.
-        seg: ``(N,) int64`` bag of each id (see :func:`segment_ids`), or ``None`` to compute
-            it in the backward pass when a gradient is needed; unused when ``singles``.
         weights: ``(N,) float32`` multipliers or ``None``.
         singles: every bag holds exactly one id and there are no weights (a gather suffices).
         grouping: optional ``(order, offsets)`` grouping the ids by row of ``emb`` (from the
-            dedup sort), so the backward pass needs no sort of its own.
+            dedup sort), so the backward pass off the CPU needs no sort of its own.
 
     Returns:
         ``(M, D) float32``.
@@ -170,7 +172,7 @@ def pool(
         zeros = emb.new_zeros(bags.numel() - 1, emb.shape[1]) + 0 * emb.sum()
         return zeros if weights is None else zeros + 0 * weights.sum()
     singles = singles and weights is None
-    return _Pool.apply(emb, inverse, bags, seg, weights, singles, grouping)
+    return _Pool.apply(emb, inverse, bags, weights, singles, grouping)
 
 
 def padded_gather(

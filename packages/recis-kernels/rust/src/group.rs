@@ -2,9 +2,9 @@
 //! every position and the positions of every group.
 //!
 //! One pass over the pairs with an open-addressing set of the groups seen so far (as large as
-//! the last call's on this thread, doubled whenever it is half full), then a counting pass that
-//! lists each group's positions in ascending order. Pairs are compared whole, so no two distinct pairs ever
-//! share a group, whatever their ids.
+//! the last call's on this thread, doubled whenever it is half full), then, when they are asked
+//! for, a counting pass that lists each group's positions in ascending order. Pairs are
+//! compared whole, so no two distinct pairs ever share a group, whatever their ids.
 
 use crate::idmap::{home, prefetch};
 
@@ -34,6 +34,12 @@ pub struct Groups<'a> {
     pub tabs: &'a mut [i32],
     /// The group of every position.
     pub inverse: &'a mut [i64],
+    /// Optionally, the positions of every group, listed when given.
+    pub positions: Option<Positions<'a>>,
+}
+
+/// Where the positions of the groups go.
+pub struct Positions<'a> {
     /// Every group's positions, ascending, one group after another ...
     pub order: &'a mut [i64],
     /// ... group `g`'s at `order[offsets[g]..offsets[g + 1]]` (`U + 1` written, room for one
@@ -66,12 +72,13 @@ pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
             && out.keys.len() == n
             && out.tabs.len() == n
             && out.inverse.len() == n
-            && out.order.len() == n
-            && out.offsets.len() == n + 1,
+            && out
+                .positions
+                .as_ref()
+                .is_none_or(|p| p.order.len() == n && p.offsets.len() == n + 1),
         "group_pairs: lengths differ"
     );
     assert!(n < VACANT as usize, "group_pairs: too many pairs");
-    out.offsets[0] = 0;
     // The set of the previous call on this thread, emptied: a pipeline groups batches of
     // similar sizes, and a set that starts as large as the last one needed neither regrows
     // nor touches fresh pages.
@@ -115,7 +122,6 @@ pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
                     };
                     out.keys[g] = key;
                     out.tabs[g] = tab;
-                    out.offsets[g + 1] = 0;
                     groups += 1;
                     if 2 * groups > capacity {
                         capacity *= 2;
@@ -129,21 +135,32 @@ pub fn group_pairs(keys: &[i64], tabs: &[i32], out: &mut Groups<'_>) -> usize {
                 p = (p + 1) & mask;
             };
             out.inverse[i] = group as i64;
-            out.offsets[group + 1] += 1;
         }
     }
     SPARE.with(|spare| *spare.borrow_mut() = set);
-    // Counts to offsets, then each group's positions in ascending order.
-    for g in 0..groups {
-        out.offsets[g + 1] += out.offsets[g];
+    if let Some(positions) = out.positions.as_mut() {
+        list_positions(&out.inverse[..], groups, positions);
     }
-    let mut next: Vec<i64> = out.offsets[..groups].to_vec();
-    for i in 0..n {
-        let g = out.inverse[i] as usize;
+    groups
+}
+
+/// Each group's positions in ascending order: counts, their running sums, then one pass
+/// placing every position.
+fn list_positions(inverse: &[i64], groups: usize, out: &mut Positions<'_>) {
+    let offsets = &mut out.offsets[..groups + 1];
+    offsets.fill(0);
+    for &g in inverse {
+        offsets[g as usize + 1] += 1;
+    }
+    for g in 0..groups {
+        offsets[g + 1] += offsets[g];
+    }
+    let mut next: Vec<i64> = offsets[..groups].to_vec();
+    for (i, &g) in inverse.iter().enumerate() {
+        let g = g as usize;
         out.order[next[g] as usize] = i as i64;
         next[g] += 1;
     }
-    groups
 }
 
 /// A set of `capacity` slots holding the groups `0..keys.len()`.
@@ -188,8 +205,10 @@ mod tests {
                 keys: &mut k,
                 tabs: &mut t,
                 inverse: &mut inv,
-                order: &mut ord,
-                offsets: &mut off,
+                positions: Some(Positions {
+                    order: &mut ord,
+                    offsets: &mut off,
+                }),
             },
         );
         k.truncate(u);
@@ -234,6 +253,30 @@ mod tests {
         assert_eq!(k, [golden, 0, i64::MIN, i64::MAX, -1]);
         assert_eq!(t, [0, 1, 0, 0, 0]);
         assert_eq!(inv, [0, 1, 2, 3, 4, 0, 1]);
+    }
+
+    #[test]
+    fn positions_are_listed_only_when_asked_for() {
+        let keys = [5i64, 9, 5, 5, 9, 1];
+        let tabs = [0i32; 6];
+        let (mut k, mut t, mut inv) = (vec![0; 6], vec![0; 6], vec![0; 6]);
+        let u = group_pairs(
+            &keys,
+            &tabs,
+            &mut Groups {
+                keys: &mut k,
+                tabs: &mut t,
+                inverse: &mut inv,
+                positions: None,
+            },
+        );
+        assert_eq!(u, 3);
+        assert_eq!(&k[..u], [5, 9, 1]);
+        assert_eq!(inv, [0, 1, 0, 0, 1, 2]);
+        let (_, _, inv2, ord, off) = grouped(&keys, &tabs);
+        assert_eq!(inv2, inv);
+        assert_eq!(ord, [0, 2, 3, 1, 4, 5]);
+        assert_eq!(off, [0, 3, 5, 6]);
     }
 
     #[test]

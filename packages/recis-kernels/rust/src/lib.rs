@@ -15,6 +15,7 @@ pub mod idmap;
 pub mod interleave;
 pub mod optim;
 pub mod radix;
+pub mod rows_grad;
 pub mod shares;
 pub mod truncate;
 

@@ -17,7 +17,7 @@ use crate::block_rows::{copy_rows as copy_block_rows_into, Blocks, Direction};
 use crate::bucketize::bucketize_into;
 use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
-use crate::group::{group_pairs as group_pairs_into, Groups};
+use crate::group::{group_pairs as group_pairs_into, Groups, Positions};
 use crate::idmap::{claim, find, Slots, SlotsMut};
 use crate::interleave::{count_items, interleave, Interleaved, Member};
 use crate::optim::{
@@ -25,6 +25,7 @@ use crate::optim::{
     rowwise_adagrad_block_rows as rowwise_adagrad_into, Adam, Rows, RowwiseAdagrad,
 };
 use crate::radix::sort_by_high_bits;
+use crate::rows_grad::{rows_grad as rows_grad_into, Pooled};
 use crate::shares::{share_count, split, Run};
 use crate::truncate::{plan, Part};
 
@@ -651,15 +652,18 @@ fn idmap_claim(
 }
 
 /// Groups `n` pairs (int64 ids at `keys`, int32 tables at `tabs`) by equal pair; `out` is
-/// `(keys, tabs, inverse, order, offsets)`: `n` int64s, `n` int32s, `n` int64s, `n` int64s and
-/// `n + 1` int64s (see `group::Groups`). Returns the number of distinct pairs.
+/// `(keys, tabs, inverse)`: `n` int64s, `n` int32s and `n` int64s, and `positions`, when given,
+/// `(order, offsets)`: `n` and `n + 1` int64s (see `group::Groups`). Returns the number of
+/// distinct pairs.
 #[pyfunction]
+#[pyo3(signature = (keys, tabs, n, out, positions=None))]
 fn group_pairs(
     py: Python<'_>,
     keys: usize,
     tabs: usize,
     n: usize,
-    out: (usize, usize, usize, usize, usize),
+    out: (usize, usize, usize),
+    positions: Option<(usize, usize)>,
 ) -> PyResult<usize> {
     let op = "group_pairs";
     if n >= u32::MAX as usize {
@@ -670,9 +674,11 @@ fn group_pairs(
     check_address::<i64>(op, "out keys", out.0, n)?;
     check_address::<i32>(op, "out tabs", out.1, n)?;
     check_address::<i64>(op, "inverse", out.2, n)?;
-    check_address::<i64>(op, "order", out.3, n)?;
-    check_address::<i64>(op, "offsets", out.4, n + 1)?;
-    // SAFETY: the caller's contract: the inputs, and five fresh outputs overlapping nothing.
+    if let Some((order, offsets)) = positions {
+        check_address::<i64>(op, "order", order, n)?;
+        check_address::<i64>(op, "offsets", offsets, n + 1)?;
+    }
+    // SAFETY: the caller's contract: the inputs, and fresh outputs overlapping nothing.
     let (keys, tabs, mut groups) = unsafe {
         (
             slice::<i64>(keys, n),
@@ -681,8 +687,10 @@ fn group_pairs(
                 keys: slice_mut(out.0, n),
                 tabs: slice_mut(out.1, n),
                 inverse: slice_mut(out.2, n),
-                order: slice_mut(out.3, n),
-                offsets: std::slice::from_raw_parts_mut(out.4 as *mut i64, n + 1),
+                positions: positions.map(|(order, offsets)| Positions {
+                    order: slice_mut(order, n),
+                    offsets: std::slice::from_raw_parts_mut(offsets as *mut i64, n + 1),
+                }),
             },
         )
     };
@@ -950,6 +958,88 @@ fn rowwise_adagrad_block_rows(
     Ok(())
 }
 
+/// The gradient of a sum-pooled lookup for its `rows` distinct rows (see
+/// `rows_grad::rows_grad`), added into the zeroed `rows * d` float32s at `out`, without the
+/// GIL: `grad_out` holds `m * d` float32s (`bags`: `m + 1` int64 offsets from 0 to `n`) or
+/// `n * d` (no bags), `inverse` `n` int64 rows, `weights` `n` float32s or none. Malformed bags
+/// raise before anything is added, a row out of range when it is met.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn pooled_rows_grad(
+    py: Python<'_>,
+    grad_out: usize,
+    m: usize,
+    d: usize,
+    bags: Option<usize>,
+    inverse: usize,
+    n: usize,
+    weights: Option<usize>,
+    out: usize,
+    rows: usize,
+) -> PyResult<()> {
+    let op = "pooled_rows_grad";
+    if d == 0 || (bags.is_none() && m != n) {
+        return Err(value_error(format!(
+            "{op}: {m} bags of {d} floats for {n} ids"
+        )));
+    }
+    check_address::<f32>(op, "grad_out", grad_out, m * d)?;
+    check_address::<i64>(op, "inverse", inverse, n)?;
+    check_address::<f32>(op, "out", out, rows * d)?;
+    // SAFETY: the caller's contract: valid inputs of these lengths and a fresh output.
+    let (grad_out, inverse, out) = unsafe {
+        (
+            slice::<f32>(grad_out, m * d),
+            slice::<i64>(inverse, n),
+            slice_mut::<f32>(out, rows * d),
+        )
+    };
+    let bags = match bags {
+        None => None,
+        Some(address) => {
+            check_address::<i64>(op, "bags", address, m + 1)?;
+            // SAFETY: the caller's contract: m + 1 int64 offsets.
+            let b = unsafe { slice::<i64>(address, m + 1) };
+            if b[0] != 0 || b[m] != n as i64 {
+                return Err(value_error(format!(
+                    "{op}: bag offsets run from {} to {}, expected 0 to {n}",
+                    b[0], b[m]
+                )));
+            }
+            if let Some(k) = b.windows(2).position(|w| w[1] < w[0]) {
+                return Err(value_error(format!(
+                    "{op}: bag offsets decrease at {}: {} then {}",
+                    k + 1,
+                    b[k],
+                    b[k + 1]
+                )));
+            }
+            Some(b)
+        }
+    };
+    let weights = match weights {
+        None => None,
+        Some(address) => {
+            check_address::<f32>(op, "weights", address, n)?;
+            // SAFETY: the caller's contract: n float32 weights.
+            Some(unsafe { slice::<f32>(address, n) })
+        }
+    };
+    let pooled = Pooled {
+        grad_out,
+        d,
+        bags,
+        inverse,
+        weights,
+    };
+    py.detach(|| rows_grad_into(&pooled, out)).map_err(|i| {
+        value_error(format!(
+            "{op}: inverse[{i}] = {} is outside the {rows} rows",
+            inverse[i]
+        ))
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
@@ -967,5 +1057,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_moments, m)?)?;
     m.add_function(wrap_pyfunction!(adam_apply, m)?)?;
     m.add_function(wrap_pyfunction!(rowwise_adagrad_block_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(pooled_rows_grad, m)?)?;
     Ok(())
 }

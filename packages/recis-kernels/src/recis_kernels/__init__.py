@@ -41,6 +41,7 @@ from recis_kernels.ops.optim import (
     state_width,
 )
 from recis_kernels.ops.partition import PartitionResult, owner_rank, partition_ids
+from recis_kernels.ops.pooled_grad import pooled_rows_grad
 from recis_kernels.ops.row_store import RowStore
 from recis_kernels.ops.segment_reduce import segment_reduce
 from recis_kernels.ops.sort import sort_by_high_bits_
@@ -101,6 +102,7 @@ __all__ = [
     "overlap",
     "owner_rank",
     "partition_ids",
+    "pooled_rows_grad",
     "ragged_to_dense",
     "rowwise_adagrad_rows_",
     "rowwise_adagrad_store_",

@@ -14,6 +14,7 @@ __all__ = [
     "idmap_find",
     "interleave_bags",
     "pair_hash_parts",
+    "pooled_rows_grad",
     "rowwise_adagrad_block_rows",
     "sort_int64_by_high_bits",
     "truncate_plan",
@@ -66,7 +67,13 @@ def idmap_find(
 def idmap_claim(
     slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int
 ) -> int: ...
-def group_pairs(keys: int, tabs: int, n: int, out: tuple[int, int, int, int, int]) -> int: ...
+def group_pairs(
+    keys: int,
+    tabs: int,
+    n: int,
+    out: tuple[int, int, int],
+    positions: tuple[int, int] | None = None,
+) -> int: ...
 def adam_moments(
     rows: list[tuple[int, int]], n: int, d: int, hyper: tuple[float, float, float, float]
 ) -> None: ...
@@ -99,4 +106,15 @@ def copy_block_rows(
     data: int,
     stride: int,
     gather: bool,
+) -> None: ...
+def pooled_rows_grad(
+    grad_out: int,
+    m: int,
+    d: int,
+    bags: int | None,
+    inverse: int,
+    n: int,
+    weights: int | None,
+    out: int,
+    rows: int,
 ) -> None: ...

@@ -80,21 +80,24 @@ class UniquePairsResult(NamedTuple):
         tables: ``(U,) int32`` its table.
         inverse: ``(N,) int64`` the distinct pair of each input position.
         order: ``(N,) int64`` the input positions grouped by distinct pair, each group's in
-            ascending order: pair ``u``'s are ``order[offsets[u]:offsets[u + 1]]``.
-        offsets: ``(U + 1,) int64`` where each group starts in ``order``.
+            ascending order: pair ``u``'s are ``order[offsets[u]:offsets[u + 1]]`` (``None``
+            when called with ``positions=False``).
+        offsets: ``(U + 1,) int64`` where each group starts in ``order`` (or ``None``).
     """
 
     ids: torch.Tensor
     tables: torch.Tensor
     inverse: torch.Tensor
-    order: torch.Tensor
-    offsets: torch.Tensor
+    order: torch.Tensor | None
+    offsets: torch.Tensor | None
 
 
 _TABLE_DTYPES = (torch.int32, torch.int64)
 
 
-def unique_pairs(ids: torch.Tensor, tables: torch.Tensor) -> UniquePairsResult:
+def unique_pairs(
+    ids: torch.Tensor, tables: torch.Tensor, *, positions: bool = True
+) -> UniquePairsResult:
     """Distinct ``(id, table)`` pairs in order of first occurrence, with the group of every
     position and the positions of every group (the grouping a pooled lookup's backward pass
     sums gradients by).
@@ -108,6 +111,8 @@ def unique_pairs(ids: torch.Tensor, tables: torch.Tensor) -> UniquePairsResult:
     Args:
         ids: ``(N,) int64`` ids, any values.
         tables: ``(N,)`` int32 or int64 table indices in ``[0, 2**31 - 1]``.
+        positions: list each group's positions (``order`` and ``offsets``); without them the
+            CPU pass skips its counting pass.
 
     Returns:
         :class:`UniquePairsResult` ``(ids, tables, inverse, order, offsets)`` with
@@ -145,46 +150,53 @@ def unique_pairs(ids: torch.Tensor, tables: torch.Tensor) -> UniquePairsResult:
             raise ArgumentError(f"{op}: tables must be in [0, {2**31 - 1}], got {bad}")
     tabs = tables.to(torch.int32)
     if host and ids.numel() < 2**32 - 1:
-        return _unique_pairs_host(ids.contiguous(), tabs.contiguous())
-    return _unique_pairs_torch(ids, tabs)
+        return _unique_pairs_host(ids.contiguous(), tabs.contiguous(), positions)
+    return _unique_pairs_torch(ids, tabs, positions)
 
 
-def _unique_pairs_host(ids: torch.Tensor, tabs: torch.Tensor) -> UniquePairsResult:
+def _unique_pairs_host(
+    ids: torch.Tensor, tabs: torch.Tensor, positions: bool = True
+) -> UniquePairsResult:
     n = ids.numel()
     keys, key_tabs = torch.empty_like(ids), torch.empty_like(tabs)
-    inverse, order = torch.empty_like(ids), torch.empty_like(ids)
-    offsets = torch.empty(n + 1, dtype=torch.int64)
+    inverse = torch.empty_like(ids)
+    order = offsets = None
+    if positions:
+        order, offsets = torch.empty_like(ids), torch.empty(n + 1, dtype=torch.int64)
     u = _native.group_pairs(
         ids.data_ptr(),
         tabs.data_ptr(),
         n,
-        (
-            keys.data_ptr(),
-            key_tabs.data_ptr(),
-            inverse.data_ptr(),
-            order.data_ptr(),
-            offsets.data_ptr(),
-        ),
+        (keys.data_ptr(), key_tabs.data_ptr(), inverse.data_ptr()),
+        None if order is None or offsets is None else (order.data_ptr(), offsets.data_ptr()),
     )
-    return UniquePairsResult(keys[:u], key_tabs[:u], inverse, order, offsets[: u + 1])
+    return UniquePairsResult(
+        keys[:u], key_tabs[:u], inverse, order, None if offsets is None else offsets[: u + 1]
+    )
 
 
-def _unique_pairs_torch(ids: torch.Tensor, tabs: torch.Tensor) -> UniquePairsResult:
+def _unique_pairs_torch(
+    ids: torch.Tensor, tabs: torch.Tensor, positions: bool = True
+) -> UniquePairsResult:
     n = ids.numel()
     pairs = torch.stack([tabs.to(torch.int64), ids], dim=1)
     sorted_pairs, inv = torch.unique(pairs, dim=0, return_inverse=True)
     u = sorted_pairs.shape[0]
-    positions = torch.arange(n, device=ids.device)
+    at = torch.arange(n, device=ids.device)
     first = torch.full((u,), n, dtype=torch.int64, device=ids.device)
-    first.scatter_reduce_(0, inv, positions, reduce="amin")
+    first.scatter_reduce_(0, inv, at, reduce="amin")
     by_first = torch.argsort(first)
     rank = torch.empty_like(by_first)
     rank[by_first] = torch.arange(u, device=ids.device)
     inverse = rank.index_select(0, inv)
+    firsts = sorted_pairs.index_select(0, by_first)
+    if not positions:
+        return UniquePairsResult(
+            firsts[:, 1].contiguous(), firsts[:, 0].to(torch.int32), inverse, None, None
+        )
     order = torch.sort(inverse, stable=True).indices
     offsets = torch.zeros(u + 1, dtype=torch.int64, device=ids.device)
     torch.cumsum(torch.bincount(inverse, minlength=u), 0, out=offsets[1:])
-    firsts = sorted_pairs.index_select(0, by_first)
     return UniquePairsResult(
         firsts[:, 1].contiguous(), firsts[:, 0].to(torch.int32), inverse, order, offsets
     )
