@@ -582,8 +582,11 @@ unsafe fn slice_mut<'a, T>(address: usize, n: usize) -> &'a mut [T] {
 }
 
 /// The slot of each of `n` pairs in the map's slot arrays `slots` (ids, tables, states), or
-/// -1 where absent, written to `out`, without the GIL.
+/// -1 where absent, written to `out`, without the GIL; given the map's slot rows (`rows`,
+/// `capacity` int64s), the row of each found pair instead of its slot.
 #[pyfunction]
+#[pyo3(signature = (slots, capacity, keys, tabs, n, out, rows=None))]
+#[allow(clippy::too_many_arguments)]
 fn idmap_find(
     py: Python<'_>,
     slots: (usize, usize, usize),
@@ -592,10 +595,14 @@ fn idmap_find(
     tabs: usize,
     n: usize,
     out: usize,
+    rows: Option<usize>,
 ) -> PyResult<()> {
     let op = "idmap_find";
     check_slots(op, slots, capacity)?;
     check_queries(op, keys, tabs, out, n)?;
+    if let Some(address) = rows {
+        check_address::<i64>(op, "rows", address, capacity)?;
+    }
     // SAFETY: the caller's contract: the map's slot arrays of `capacity` slots, `n` queries and
     // a fresh output of `n` int64s; addresses checked above.
     let (map, keys, tabs, out) = unsafe {
@@ -610,7 +617,18 @@ fn idmap_find(
             slice_mut::<i64>(out, n),
         )
     };
-    py.detach(|| find(&map, keys, tabs, out));
+    // SAFETY: the caller's contract: the map's `capacity` slot rows.
+    let rows = rows.map(|address| unsafe { slice::<i64>(address, capacity) });
+    py.detach(|| {
+        find(&map, keys, tabs, out);
+        if let Some(rows) = rows {
+            for o in out.iter_mut() {
+                if *o >= 0 {
+                    *o = rows[*o as usize];
+                }
+            }
+        }
+    });
     Ok(())
 }
 

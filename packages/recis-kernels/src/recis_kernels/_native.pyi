@@ -62,7 +62,13 @@ def pair_hash_parts(
 def sort_int64_by_high_bits(data: int, len: int, low_bits: int) -> None: ...
 def truncate_plan(offsets: int, rows: int, parts: list[tuple[int, int, bool]], out: int) -> int: ...
 def idmap_find(
-    slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int
+    slots: tuple[int, int, int],
+    capacity: int,
+    keys: int,
+    tabs: int,
+    n: int,
+    out: int,
+    rows: int | None = None,
 ) -> None: ...
 def idmap_claim(
     slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int

@@ -368,6 +368,17 @@ class IdMap:
             ``(N,) int64`` row indices.
         """
         tabs = self._keys_and_tables("IdMap.find", keys, tables)
+        if keys.numel() and not use_cuda_kernels(keys.device) and can_inspect(keys):
+            # Compiled: the probe reads each found slot's row too (no second pass).
+            rows = torch.empty_like(keys)
+            k, t = keys.contiguous(), tabs.contiguous()
+            if not self.slot_rows.is_contiguous():
+                self.slot_rows = self.slot_rows.contiguous()
+            _native.idmap_find(
+                self._slot_addresses(), self.capacity, k.data_ptr(), t.data_ptr(), k.numel(),
+                rows.data_ptr(), self.slot_rows.data_ptr(),
+            )  # fmt: skip
+            return rows
         return self._rows_of(self._find_slots(keys, tabs))
 
     def _keys_and_tables(
