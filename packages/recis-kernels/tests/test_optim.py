@@ -258,16 +258,17 @@ def _store_with_state(rows: int, d: int, seed: int) -> RowStore:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-@pytest.mark.parametrize("dense_blocks", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 def test_rowwise_adagrad_store_updates_rows_where_they_live(
-    weight_decay: float, dense_blocks: bool
+    weight_decay: float, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Rows across three blocks, out of order; on blocks that are not dense the update goes
-    # through RowStore.update and the torch spelling.
+    # Rows across three blocks, out of order. Without the compiled pass (a store it cannot
+    # take, such as one of strided blocks) the update goes through RowStore.update and
+    # rowwise_adagrad_rows_.
     d = 5
     store = _store_with_state(12, d, seed=3)
-    if not dense_blocks:
-        store.blocks = [torch.cat([b, b], dim=1)[:, : b.shape[1]] for b in store.blocks]
+    if not compiled:
+        monkeypatch.setattr(store, "_host", lambda rows: False)
     before = torch.cat(list(store.blocks))
     rows = torch.tensor([9, 2, 5, 11, 0])
     gen = torch.Generator().manual_seed(4)
