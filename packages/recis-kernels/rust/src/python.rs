@@ -18,7 +18,7 @@ use crate::bucketize::bucketize_into;
 use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
 use crate::group::{group_pairs as group_pairs_into, Groups, Positions};
-use crate::idmap::{claim, find, Slots, SlotsMut};
+use crate::idmap::{claim, find, find_rows, Slots, SlotsMut};
 use crate::interleave::{count_items, interleave, Interleaved, Member};
 use crate::optim::{
     adam_apply as adam_apply_into, adam_moments as adam_moments_into,
@@ -619,15 +619,9 @@ fn idmap_find(
     };
     // SAFETY: the caller's contract: the map's `capacity` slot rows.
     let rows = rows.map(|address| unsafe { slice::<i64>(address, capacity) });
-    py.detach(|| {
-        find(&map, keys, tabs, out);
-        if let Some(rows) = rows {
-            for o in out.iter_mut() {
-                if *o >= 0 {
-                    *o = rows[*o as usize];
-                }
-            }
-        }
+    py.detach(|| match rows {
+        Some(rows) => find_rows(&map, rows, keys, tabs, out),
+        None => find(&map, keys, tabs, out),
     });
     Ok(())
 }
