@@ -74,9 +74,11 @@ def _rows_grad(
     weights: torch.Tensor | None,
     num_rows: int,
     grouping: tuple[torch.Tensor, torch.Tensor] | None,
+    seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grad[u] = Σ_{i: inverse[i] = u} w_i * grad_out[bag(i)]``, summed in ascending ``i``
-    (``bags`` ``None``: id ``i`` is bag ``i``).
+    (``bags`` ``None``: id ``i`` is bag ``i``; ``seg``: the bag of every id when the caller
+    has it).
 
     On the CPU one compiled pass adds each id's term into its row. Elsewhere the ids are
     grouped by distinct row (the dedup's ``grouping``, or one stable sort of ``inverse``) and
@@ -85,7 +87,7 @@ def _rows_grad(
     """
     if all(t is None or on_host(t) for t in (grad_out, inverse, bags, weights)):
         return rk.pooled_rows_grad(grad_out, inverse, num_rows, bags=bags, weights=weights)
-    out_rows = None if bags is None else segment_ids(bags, inverse.numel())
+    out_rows = seg if seg is not None or bags is None else segment_ids(bags, inverse.numel())
     if grouping is not None:
         order, offsets = grouping
     else:
@@ -135,11 +137,13 @@ class _Pool(torch.autograd.Function):
         else:
             inverse, bags, weights, emb = ctx.saved_tensors
             w = weights if ctx.has_weights else None
+            # The bag of every id, when the weights' gradient needs it (the rows' gradient
+            # then reuses it off the CPU).
+            seg = segment_ids(bags, inverse.numel()) if ctx.needs_input_grad[3] else None
             if ctx.needs_input_grad[0]:
-                grad = _rows_grad(grad_out, bags, inverse, w, ctx.num_rows, ctx.grouping)
+                grad = _rows_grad(grad_out, bags, inverse, w, ctx.num_rows, ctx.grouping, seg)
             if ctx.needs_input_grad[3]:
                 # d out[bag(i)] / d w_i = emb[inverse[i]]
-                seg = segment_ids(bags, inverse.numel())
                 rows = emb.index_select(0, inverse).to(grad_out.dtype)
                 grad_w = (grad_out.index_select(0, seg) * rows).sum(1).to(weights.dtype)
         return grad, None, None, grad_w, None, None

@@ -581,11 +581,7 @@ class HashTable:
         (rows laid out as :meth:`read_full` returns them) and the first column of each
         optimizer slot, and changes those rows in place (an in-place optimizer kernel). The
         rows count as changed for the next delta checkpoint."""
-        columns, at = {}, self.emb_words
-        for name, width in self.slots:
-            columns[name] = at
-            at += width
-        fn(self._store, columns)
+        fn(self._store, {name: self._slot_range(name)[0] for name, _ in self.slots})
         self._dirty[rows] = True
 
     def read_slot(self, rows: torch.Tensor, slot: str) -> torch.Tensor:

@@ -85,6 +85,20 @@ impl Slots<'_> {
 
 /// `out[i]` = the slot holding `(keys[i], tabs[i])`, or -1 where the pair is absent.
 pub fn find(slots: &Slots<'_>, keys: &[i64], tabs: &[i32], out: &mut [i64]) {
+    probe_all(slots, None, keys, tabs, out);
+}
+
+/// `out[i]` = the row of `(keys[i], tabs[i])` (`rows[slot]`), or -1 where the pair is absent:
+/// [`find`] with each found slot's row read in the same pass, the next queries' home slots
+/// prefetched in all four arrays.
+pub fn find_rows(slots: &Slots<'_>, rows: &[i64], keys: &[i64], tabs: &[i32], out: &mut [i64]) {
+    assert!(rows.len() == slots.keys.len(), "find_rows: lengths differ");
+    probe_all(slots, Some(rows), keys, tabs, out);
+}
+
+/// The probes of [`find`] and [`find_rows`]: the home slots of a block of queries computed and
+/// prefetched (also in the table and row arrays when rows are read), then each query probed.
+fn probe_all(slots: &Slots<'_>, rows: Option<&[i64]>, keys: &[i64], tabs: &[i32], out: &mut [i64]) {
     assert!(
         keys.len() == tabs.len() && keys.len() == out.len(),
         "find: lengths differ"
@@ -97,35 +111,17 @@ pub fn find(slots: &Slots<'_>, keys: &[i64], tabs: &[i32], out: &mut [i64]) {
             *h = home(keys[base + j], tabs[base + j], mask);
             prefetch(&slots.state[*h]);
             prefetch(&slots.keys[*h]);
-        }
-        for (j, o) in chunk.iter_mut().enumerate() {
-            *o = slots.probe(keys[base + j], tabs[base + j], homes[j], mask);
-        }
-    }
-}
-
-/// `out[i]` = the row of `(keys[i], tabs[i])` (`rows[slot]`), or -1 where the pair is absent:
-/// [`find`] with each found slot's row read in the same pass, the next queries' home slots
-/// prefetched in all four arrays.
-pub fn find_rows(slots: &Slots<'_>, rows: &[i64], keys: &[i64], tabs: &[i32], out: &mut [i64]) {
-    assert!(
-        keys.len() == tabs.len() && keys.len() == out.len() && rows.len() == slots.keys.len(),
-        "find_rows: lengths differ"
-    );
-    let mask = slots.mask();
-    let mut homes = [0usize; AHEAD];
-    for (c, chunk) in out.chunks_mut(AHEAD).enumerate() {
-        let base = c * AHEAD;
-        for (j, h) in homes.iter_mut().enumerate().take(chunk.len()) {
-            *h = home(keys[base + j], tabs[base + j], mask);
-            prefetch(&slots.state[*h]);
-            prefetch(&slots.keys[*h]);
-            prefetch(&slots.tabs[*h]);
-            prefetch(&rows[*h]);
+            if let Some(rows) = rows {
+                prefetch(&slots.tabs[*h]);
+                prefetch(&rows[*h]);
+            }
         }
         for (j, o) in chunk.iter_mut().enumerate() {
             let slot = slots.probe(keys[base + j], tabs[base + j], homes[j], mask);
-            *o = if slot >= 0 { rows[slot as usize] } else { -1 };
+            *o = match rows {
+                Some(rows) if slot >= 0 => rows[slot as usize],
+                _ => slot,
+            };
         }
     }
 }

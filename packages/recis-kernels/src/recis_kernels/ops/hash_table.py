@@ -370,15 +370,9 @@ class IdMap:
         tabs = self._keys_and_tables("IdMap.find", keys, tables)
         if keys.numel() and not use_cuda_kernels(keys.device) and can_inspect(keys):
             # Compiled: the probe reads each found slot's row too (no second pass).
-            rows = torch.empty_like(keys)
-            k, t = keys.contiguous(), tabs.contiguous()
             if not self.slot_rows.is_contiguous():
                 self.slot_rows = self.slot_rows.contiguous()
-            _native.idmap_find(
-                self._slot_addresses(), self.capacity, k.data_ptr(), t.data_ptr(), k.numel(),
-                rows.data_ptr(), self.slot_rows.data_ptr(),
-            )  # fmt: skip
-            return rows
+            return self._compiled(_native.idmap_find, keys, tabs, self.slot_rows.data_ptr())[0]
         return self._rows_of(self._find_slots(keys, tabs))
 
     def _keys_and_tables(
@@ -411,15 +405,17 @@ class IdMap:
         return self._compiled(_native.idmap_find, keys, tabs)[0]
 
     def _compiled(
-        self, kernel: Callable[..., Any], keys: torch.Tensor, tabs: torch.Tensor
+        self, kernel: Callable[..., Any], keys: torch.Tensor, tabs: torch.Tensor, *extra: Any
     ) -> tuple[torch.Tensor, Any]:
         """Run ``kernel`` (``idmap_find`` or ``idmap_claim``) on this map's slot arrays for
-        ``keys`` and their int32 ``tabs``: ``(slot of each key, what the kernel returned)``."""
+        ``keys`` and their int32 ``tabs``: ``(slot of each key, what the kernel returned)``
+        (``extra`` arguments go last: ``idmap_find`` given the slot rows' address writes each
+        key's row instead of its slot)."""
         out = torch.empty_like(keys)
         k, t = keys.contiguous(), tabs.contiguous()
         result = kernel(
             self._slot_addresses(), self.capacity, k.data_ptr(), t.data_ptr(), k.numel(),
-            out.data_ptr(),
+            out.data_ptr(), *extra,
         )  # fmt: skip
         return out, result
 

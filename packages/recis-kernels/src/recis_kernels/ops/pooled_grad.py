@@ -17,6 +17,7 @@ from recis_kernels import _native
 from recis_kernels._backend import on_host
 from recis_kernels._checks import check_1d, check_dtype, check_same_device, check_tensor
 from recis_kernels.exceptions import ArgumentError, IndexOutOfRangeError, ShapeError
+from recis_kernels.ops.segment_reduce import _segments
 
 __all__ = ["pooled_rows_grad"]
 
@@ -128,11 +129,7 @@ def _host(op, grad_out, inverse, num_rows, bags, weights) -> torch.Tensor:
 
 
 def _torch(grad_out, inverse, num_rows, bags, weights) -> torch.Tensor:
-    src = grad_out
-    if bags is not None:
-        lengths = bags[1:] - bags[:-1]
-        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=bags.device), lengths)
-        src = grad_out.index_select(0, seg)
+    src = grad_out if bags is None else grad_out.index_select(0, _segments(bags, inverse.numel()))
     if weights is not None:
         src = src * weights[:, None]
     out = grad_out.new_zeros(num_rows, grad_out.shape[1])

@@ -190,13 +190,11 @@ def _unique_pairs_torch(
     rank[by_first] = torch.arange(u, device=ids.device)
     inverse = rank.index_select(0, inv)
     firsts = sorted_pairs.index_select(0, by_first)
-    if not positions:
-        return UniquePairsResult(
-            firsts[:, 1].contiguous(), firsts[:, 0].to(torch.int32), inverse, None, None
-        )
-    order = torch.sort(inverse, stable=True).indices
-    offsets = torch.zeros(u + 1, dtype=torch.int64, device=ids.device)
-    torch.cumsum(torch.bincount(inverse, minlength=u), 0, out=offsets[1:])
+    order = offsets = None
+    if positions:
+        order = torch.sort(inverse, stable=True).indices
+        offsets = torch.zeros(u + 1, dtype=torch.int64, device=ids.device)
+        torch.cumsum(torch.bincount(inverse, minlength=u), 0, out=offsets[1:])
     return UniquePairsResult(
         firsts[:, 1].contiguous(), firsts[:, 0].to(torch.int32), inverse, order, offsets
     )
