@@ -219,3 +219,37 @@ def test_what_one_rank_refuses_or_skips_every_rank_does(tmp_path: Path) -> None:
     assert "table 'f' is full on rank 0, which refused this lookup" in got[1]["full"]
     assert "would put 5 rows in it ('f': 5 on this rank)" in got[1]["load"]
     assert "was refused on rank 1 (CheckpointError: table 'f' has capacity 3" in got[0]["load"]
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
+def _teardown_worker(rank: int, root: str) -> None:
+    _join(rank, root)
+    model = engine()
+    # Creating a torch optimizer imports torch.distributed.nn.functional (through
+    # torch._dynamo) unless something imported it before the group existed.
+    opt = SparseAdam(model, lr=0.1)
+    train(model, opt, torch.arange(4) + rank)
+    dist.destroy_process_group()
+    torch.save(_gloo_threads(), Path(root) / f"threads-{rank}.pt")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_destroying_the_group_ends_its_threads(tmp_path: Path) -> None:
+    """A sharded run's group is gone after destroy_process_group: nothing recis imports keeps
+    it alive, so no gloo thread is left to race the interpreter's shutdown (which aborts the
+    process at exit)."""
+    mp.spawn(_teardown_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        assert torch.load(tmp_path / f"threads-{r}.pt") == [], r

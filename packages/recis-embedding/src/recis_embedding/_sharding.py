@@ -26,6 +26,16 @@ import torch.distributed as dist
 from recis_embedding.exceptions import ConfigError
 from recis_kernels import owner_rank
 
+if dist.is_available():
+    # torch.distributed.nn.functional binds ``group.WORLD`` as the default argument of its
+    # collectives when it is first imported. torch imports it lazily (creating any torch
+    # optimizer does, through torch._dynamo); if that happens after init_process_group, its
+    # defaults keep the default group alive after destroy_process_group, and the group's gloo
+    # threads, still running when the interpreter shuts down, can abort the process at exit
+    # ("terminate called without an active exception") after a run that succeeded. Imported
+    # here, before a training script creates its group, the defaults bind no group.
+    import torch.distributed.nn.functional
+
 __all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward"]
 
 
