@@ -102,8 +102,9 @@ def _extras(package: str, names: tuple[str, ...]) -> list[str]:
 _BUILT: dict[str, Path] = {}
 
 
-def _build_wheel(session: nox.Session, package: str) -> Path:
-    """Build a Rust package's release wheel (abi3) once per nox run and return its path."""
+def _build_wheel(session: nox.Session, package: str) -> Path | None:
+    """Build a Rust package's release wheel (abi3) once per nox run and return its path; None
+    when ``-R`` / ``--no-install`` reuses the session's environment (nothing is installed then)."""
     built = _BUILT.get(package)
     if built is not None and built.is_file():
         return built
@@ -111,7 +112,10 @@ def _build_wheel(session: nox.Session, package: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     session.install("maturin>=1.7,<2")
     with session.chdir(_pyprojects()[package]["_dir"]):
-        session.run("maturin", "build", "--release", "--out", str(out), env=CARGO_ENV)
+        # Part of installing: it runs under --install-only too (which skips session.run).
+        ran = session.run_install("maturin", "build", "--release", "--out", str(out), env=CARGO_ENV)
+    if ran is None:
+        return None
     wheels = sorted(out.glob("*.whl"))
     if len(wheels) != 1:
         session.error(f"expected one wheel for {package} in {out}, found {wheels}")
@@ -124,10 +128,15 @@ def _install(session: nox.Session, packages: list[str], extras: tuple[str, ...] 
     closure: list[str] = []
     for package in packages:
         closure += [p for p in _siblings(package) if p not in closure]
-    specs = [
-        str(_build_wheel(session, p)) if _is_rust(p) else str(_pyprojects()[p]["_dir"])
-        for p in closure
-    ]
+    specs = []
+    for p in closure:
+        if not _is_rust(p):
+            specs.append(str(_pyprojects()[p]["_dir"]))
+            continue
+        wheel = _build_wheel(session, p)
+        if wheel is None:
+            return  # -R / --no-install: the reused environment keeps what it has
+        specs.append(str(wheel))
     requirements = [r for p in packages for r in _extras(p, extras)]
     # --no-sources: siblings come from exactly these paths and wheels, not the workspace's
     # editable sources (which would clash with the freshly built Rust wheel).
