@@ -94,6 +94,41 @@ def test_matches_torch_optimizer_on_touched_rows(ours, theirs) -> None:
     torch.testing.assert_close(_run_recis(ours, 5), _run_torch(theirs, 5), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [SparseAdam, SparseAdamW])
+def test_adam_updates_cpu_rows_where_they_live_as_the_gathered_update_does(
+    cls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float32 tables on the CPU: Adam runs in the row store (no gather and scatter of whole
+    rows), its moments and counts bit for bit those of the update through a gathered buffer,
+    its parameters within the roundings of the square roots (see ``adam_store_``)."""
+    from recis_embedding._optim import SparseOptimizer
+    from recis_kernels import RowStore
+
+    def run(in_store: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
+        opt = cls(engine, lr=0.05, weight_decay=0.1)
+        with monkeypatch.context() as mp:
+            if in_store:
+
+                def refuse(*args, **kwargs):
+                    raise AssertionError("whole rows gathered and scattered back")
+
+                mp.setattr(RowStore, "update", refuse)
+            else:
+                mp.setattr(cls, "_apply", SparseOptimizer._apply)
+            for k, ids in enumerate(_batches(4)):
+                _loss(engine({"f": ids})["f"], k).backward()
+                opt.step()
+                opt.zero_grad()
+        table = engine.table("f")[0]
+        return table.read_full(table.find(IDS))
+
+    got, want = run(True), run(False)
+    assert torch.equal(got[:, DIM:], want[:, DIM:])
+    assert not torch.equal(got[:, :DIM], INIT(IDS, DIM, "f"))
+    torch.testing.assert_close(got[:, :DIM], want[:, :DIM], rtol=1e-6, atol=1e-7)
+
+
 def test_untouched_rows_and_state_stay_put() -> None:
     engine = EmbeddingEngine({"f": EmbeddingOption(DIM, initializer=INIT)})
     opt = SparseAdam(engine, lr=0.1)

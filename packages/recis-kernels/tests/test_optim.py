@@ -13,6 +13,7 @@ from recis_kernels import (
     UnsupportedDtypeError,
     adagrad_rows_,
     adam_rows_,
+    adam_store_,
     ftrl_rows_,
     rowwise_adagrad_rows_,
     rowwise_adagrad_store_,
@@ -287,6 +288,83 @@ def test_rowwise_adagrad_store_updates_rows_where_they_live(
     assert torch.equal(after[:, d + 2], before[:, d + 2])
     others = torch.tensor([r for r in range(12) if r not in rows.tolist()])
     assert torch.equal(after[others], before[others])
+
+
+def _adam_store(rows: int, d: int, seed: int, *, adjacent: bool) -> tuple[RowStore, dict]:
+    """A store of ``rows`` rows in blocks of 4 with Adam's columns: parameters, first moments,
+    a spare column, second moments (positive), then the count (right after them or after one
+    more spare column); counts are small whole numbers, as rows touched a few times have."""
+    cols = {"start": 0, "exp_avg": d, "exp_avg_sq": 2 * d + 1}
+    cols["step"] = 3 * d + 1 if adjacent else 3 * d + 2
+    store = RowStore(cols["step"] + 2, block_rows=4)
+    store.reserve(rows)
+    gen = torch.Generator().manual_seed(seed)
+    for block in store.blocks:
+        block.copy_(torch.randn(block.shape, generator=gen) * 0.1)
+        block[:, cols["exp_avg_sq"] : cols["exp_avg_sq"] + d].abs_()
+        block[:, cols["step"]] = torch.randint(0, 5, (block.shape[0],), generator=gen).float()
+    return store, cols
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+@pytest.mark.parametrize(("weight_decay", "decoupled"), [(0.0, False), (0.1, False), (0.1, True)])
+@pytest.mark.parametrize("beta1", [0.9, 0.3])
+def test_adam_store_updates_rows_where_they_live(
+    adjacent: bool, weight_decay: float, decoupled: bool, beta1: float
+) -> None:
+    # The compiled in-store pass against the same update through RowStore.update (rows
+    # gathered, adam_rows_ on their column views, scattered back), across blocks, rows out of
+    # order: moments and counts bit for bit, parameters within the roundings in which the two
+    # differ (each root correctly rounded in the pass, torch's vectorized one in adam_rows_).
+    d = 5
+    store, cols = _adam_store(14, d, seed=6, adjacent=adjacent)
+    reference = RowStore(store.width, block_rows=4)
+    reference.reserve(14)
+    for mine, theirs in zip(store.blocks, reference.blocks, strict=True):
+        theirs.copy_(mine)
+    reference._host = lambda rows: False  # type: ignore[method-assign]
+    before = torch.cat(list(store.blocks))
+    rows = torch.tensor([9, 2, 13, 5, 11, 0])
+    gen = torch.Generator().manual_seed(7)
+    kw = {"lr": 0.01, "beta1": beta1, "beta2": 0.99, "eps": 1e-7, "weight_decay": weight_decay,
+          "decoupled": decoupled}  # fmt: skip
+    for k in range(3):
+        g = torch.randn(rows.numel(), d, generator=gen) * 10.0 ** (k - 1)
+        adam_store_(store, rows, g, **cols, **kw)
+        adam_store_(reference, rows, g, **cols, **kw)
+    after, want = torch.cat(list(store.blocks)), torch.cat(list(reference.blocks))
+    assert torch.equal(after[:, d:], want[:, d:])
+    torch.testing.assert_close(after[:, :d], want[:, :d], rtol=1e-6, atol=1e-7)
+    assert torch.equal(after[rows, cols["step"]], before[rows, cols["step"]] + 3)
+    assert not torch.equal(after[rows, :d], before[rows, :d])
+    others = torch.tensor([r for r in range(14) if r not in rows.tolist()])
+    assert torch.equal(after[others], before[others])
+    assert torch.equal(after[:, 2 * d], before[:, 2 * d])  # the spare column
+
+
+def test_adam_store_refuses_bad_input_before_updating() -> None:
+    d = 3
+    store, cols = _adam_store(8, d, seed=8, adjacent=True)
+    before = [b.clone() for b in store.blocks]
+    rows, grad = torch.tensor([1, 2]), torch.ones(2, d)
+    cases = [
+        (lambda: adam_store_(store, rows, grad.double(), **cols, lr=0.1),
+         UnsupportedDtypeError, "adam_store_: grad"),
+        (lambda: adam_store_(store, rows, torch.ones(3, d), **cols, lr=0.1),
+         ShapeError, r"grad has shape \(3, 3\), expected \(2, D\)"),
+        (lambda: adam_store_(store, rows, grad, **(cols | {"exp_avg": 2}), lr=0.1),
+         ShapeError, r"parameters \[0, 3\), exp_avg \[2, 5\), exp_avg_sq \[7, 10\), step "
+                     r"\[10, 11\) must be separate columns of a row of 12"),
+        (lambda: adam_store_(store, rows, grad, **(cols | {"step": 12}), lr=0.1),
+         ShapeError, r"step \[12, 13\) must be separate columns of a row of 12"),
+        (lambda: adam_store_(store, torch.tensor([1, 8]), grad, **cols, lr=0.1),
+         IndexOutOfRangeError, "adam_store_"),
+    ]  # fmt: skip
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    for b, was in zip(store.blocks, before, strict=True):
+        assert torch.equal(b, was)  # nothing moved
 
 
 def test_rowwise_adagrad_store_refuses_bad_input_before_updating() -> None:

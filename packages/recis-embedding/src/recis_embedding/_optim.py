@@ -24,6 +24,7 @@ from recis_embedding.exceptions import OptimizerError
 from recis_kernels import (
     adagrad_rows_,
     adam_rows_,
+    adam_store_,
     ftrl_rows_,
     rowwise_adagrad_rows_,
     rowwise_adagrad_store_,
@@ -568,6 +569,33 @@ class SparseAdam(SparseOptimizer):
 
     def _slots(self, dim):
         return [("exp_avg", dim), ("exp_avg_sq", dim), ("step", 1)], torch.zeros(2 * dim + 1)
+
+    def _apply(
+        self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor
+    ) -> None:
+        if table.dtype != torch.float32 or rows.device.type != "cpu":
+            super()._apply(table, group, rows, grads)
+            return
+        # Float32 rows on the CPU are updated where they live (two compiled passes, the same
+        # numerics) instead of being gathered into a buffer, updated and scattered back.
+        beta1, beta2 = group["betas"]
+        table.update_in_store(
+            rows,
+            lambda store, state: adam_store_(
+                store,
+                rows,
+                grads,
+                exp_avg=state["exp_avg"],
+                exp_avg_sq=state["exp_avg_sq"],
+                step=state["step"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=self._decoupled,
+            ),
+        )
 
     def _update(self, param, grad, state, group):
         beta1, beta2 = group["betas"]

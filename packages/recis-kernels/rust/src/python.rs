@@ -21,8 +21,9 @@ use crate::group::{group_pairs as group_pairs_into, Groups, Positions};
 use crate::idmap::{claim, find, find_rows, Slots, SlotsMut};
 use crate::interleave::{count_items, interleave, Interleaved, Member};
 use crate::optim::{
-    adam_apply as adam_apply_into, adam_moments as adam_moments_into,
-    rowwise_adagrad_block_rows as rowwise_adagrad_into, Adam, Rows, RowwiseAdagrad,
+    adam_apply as adam_apply_into, adam_block_rows as adam_block_rows_into,
+    adam_moments as adam_moments_into, rowwise_adagrad_block_rows as rowwise_adagrad_into, Adam,
+    AdamColumns, Rows, RowwiseAdagrad,
 };
 use crate::radix::sort_by_high_bits;
 use crate::rows_grad::{rows_grad as rows_grad_into, Pooled};
@@ -908,6 +909,100 @@ fn copy_block_rows(
     Ok(())
 }
 
+/// The store rows an in-place update takes, checked: `columns` (each `(first column, width)`)
+/// inside rows of `width` floats and apart, `n` int64 rows at `rows` in range, every block an
+/// address. Returns the rows and the blocks (`1 << shift` rows of `width` floats each).
+fn store_rows<'a>(
+    op: &str,
+    blocks: &'a [usize],
+    shift: u32,
+    width: usize,
+    rows: usize,
+    n: usize,
+    columns: &[(usize, usize)],
+) -> PyResult<(&'a [i64], Blocks<'a>)> {
+    let outside = columns.iter().any(|&(c, w)| w == 0 || c + w > width);
+    let overlap = columns.iter().enumerate().any(|(k, &(c, w))| {
+        columns[..k]
+            .iter()
+            .any(|&(c2, w2)| c < c2 + w2 && c2 < c + w)
+    });
+    if shift > 40 || outside || overlap {
+        return Err(value_error(format!(
+            "{op}: columns (first, width) {columns:?} must lie apart in rows of {width} floats \
+             (shift {shift})"
+        )));
+    }
+    check_address::<i64>(op, "rows", rows, n)?;
+    for (k, &b) in blocks.iter().enumerate() {
+        check_address::<f32>(op, &format!("blocks[{k}]"), b, 1)?;
+    }
+    // SAFETY: the caller's contract: n int64 rows.
+    let rows = unsafe { slice::<i64>(rows, n) };
+    let store = Blocks {
+        ptrs: blocks,
+        shift,
+        row_bytes: width * 4,
+    };
+    if let Some(i) = store.first_bad(rows) {
+        return Err(value_error(format!(
+            "{op}: rows[{i}] = {} is outside the {} rows of the store",
+            rows[i],
+            blocks.len() << shift
+        )));
+    }
+    Ok((rows, store))
+}
+
+/// `torch.optim.Adam` / `AdamW` (see `optim::adam_block_rows`) on `n` distinct rows (int64 at
+/// `rows`) of a blocked row store of float32 rows (`blocks`: each block's address, `1 << shift`
+/// rows of `width` floats), in one pass where they live: `columns` are the first columns of
+/// the `d` parameters, the `d` first and `d` second moments and the update count; the `(n, d)`
+/// float32 gradient is at `grad`; `hyper` is `(beta1, beta2, l2, decay)`. A row outside the
+/// store raises before anything is updated. Without the GIL.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn adam_block_rows(
+    py: Python<'_>,
+    blocks: Vec<usize>,
+    shift: u32,
+    width: usize,
+    rows: usize,
+    n: usize,
+    grad: usize,
+    d: usize,
+    columns: (usize, usize, usize, usize),
+    hyper: (f64, f64, f32, f32),
+    lr: f64,
+    eps: f32,
+) -> PyResult<()> {
+    let op = "adam_block_rows";
+    let (param, exp_avg, exp_avg_sq, step) = columns;
+    let spans = [(param, d), (exp_avg, d), (exp_avg_sq, d), (step, 1)];
+    let (rows, store) = store_rows(op, &blocks, shift, width, rows, n, &spans)?;
+    check_address::<f32>(op, "grad", grad, n * d)?;
+    // SAFETY: the caller's contract: n * d float32 gradients.
+    let grad = unsafe { slice::<f32>(grad, n * d) };
+    let (beta1, beta2, l2, decay) = hyper;
+    let h = Adam {
+        beta1,
+        beta2,
+        l2,
+        decay,
+    };
+    let cols = AdamColumns {
+        param,
+        exp_avg,
+        exp_avg_sq,
+        step,
+    };
+    // SAFETY: every row in range and (the caller's contract) listed once, the columns inside
+    // a row and apart (checked above), the gradient overlapping no block (the caller's
+    // contract).
+    py.detach(|| unsafe { adam_block_rows_into(&store, rows, grad, d, cols, &h, lr, eps) });
+    Ok(())
+}
+
 /// Row-wise Adagrad (see `optim::rowwise_adagrad_block_rows`) on `n` distinct rows (int64 at
 /// `rows`) of a blocked row store of float32 rows (`blocks`: each block's address, `1 << shift`
 /// rows of `width` floats): the `d` parameters from column `param` and the accumulator in
@@ -929,34 +1024,11 @@ fn rowwise_adagrad_block_rows(
 ) -> PyResult<()> {
     let op = "rowwise_adagrad_block_rows";
     let (param, state) = columns;
-    let overlap = state >= param && state < param + d;
-    if shift > 40 || d == 0 || param + d > width || state >= width || overlap {
-        return Err(value_error(format!(
-            "{op}: parameters {param}..{} and accumulator {state} in rows of {width} floats \
-             (shift {shift})",
-            param + d
-        )));
-    }
-    check_address::<i64>(op, "rows", rows, n)?;
+    let spans = [(param, d), (state, 1)];
+    let (rows, store) = store_rows(op, &blocks, shift, width, rows, n, &spans)?;
     check_address::<f32>(op, "grad", grad, n * d)?;
-    for (k, &b) in blocks.iter().enumerate() {
-        check_address::<f32>(op, &format!("blocks[{k}]"), b, 1)?;
-    }
-    // SAFETY: the caller's contract: n int64 rows and n * d float32 gradients.
-    let rows = unsafe { slice::<i64>(rows, n) };
+    // SAFETY: the caller's contract: n * d float32 gradients.
     let grad = unsafe { slice::<f32>(grad, n * d) };
-    let store = Blocks {
-        ptrs: &blocks,
-        shift,
-        row_bytes: width * 4,
-    };
-    if let Some(i) = store.first_bad(rows) {
-        return Err(value_error(format!(
-            "{op}: rows[{i}] = {} is outside the {} rows of the store",
-            rows[i],
-            blocks.len() << shift
-        )));
-    }
     let (lr, eps, weight_decay) = hyper;
     let h = RowwiseAdagrad {
         lr,
@@ -1057,6 +1129,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(umod_parts, m)?)?;
     m.add_function(wrap_pyfunction!(bucketize_parts, m)?)?;
     m.add_function(wrap_pyfunction!(copy_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(adam_block_rows, m)?)?;
     m.add_class::<Pending>()?;
     m.add_function(wrap_pyfunction!(truncate_plan, m)?)?;
     m.add_function(wrap_pyfunction!(pair_hash_parts, m)?)?;

@@ -34,6 +34,7 @@ from recis_kernels.ops.mod import fused_mod, mod
 from recis_kernels.ops.optim import (
     adagrad_rows_,
     adam_rows_,
+    adam_store_,
     ftrl_rows_,
     rowwise_adagrad_rows_,
     rowwise_adagrad_store_,
@@ -76,6 +77,7 @@ __all__ = [
     "__version__",
     "adagrad_rows_",
     "adam_rows_",
+    "adam_store_",
     "backend",
     "bucketize",
     "cache_dir",

@@ -5,6 +5,7 @@ from typing import final
 __all__ = [
     "Pending",
     "adam_apply",
+    "adam_block_rows",
     "adam_moments",
     "bucketize_parts",
     "copy_block_rows",
@@ -84,6 +85,19 @@ def adam_moments(
     rows: list[tuple[int, int]], n: int, d: int, hyper: tuple[float, float, float, float]
 ) -> None: ...
 def adam_apply(rows: list[tuple[int, int]], n: int, d: int, eps: float) -> None: ...
+def adam_block_rows(
+    blocks: list[int],
+    shift: int,
+    width: int,
+    rows: int,
+    n: int,
+    grad: int,
+    d: int,
+    columns: tuple[int, int, int, int],
+    hyper: tuple[float, float, float, float],
+    lr: float,
+    eps: float,
+) -> None: ...
 def rowwise_adagrad_block_rows(
     blocks: list[int],
     shift: int,

@@ -5,7 +5,10 @@ On the CPU the results are bit for bit those of ``torch.optim`` (its single-tens
 default for CPU parameters): the same float32 operations in the same order.
 The tensors are usually column views of one gathered ``(N, W)`` float32 buffer holding, per
 row, the embedding followed by its optimizer state (the layout of a recis hash table row), so
-one gather and one scatter move everything an update needs.
+one gather and one scatter move everything an update needs. Row-wise Adagrad and Adam also
+update rows of a :class:`RowStore` where they live (``rowwise_adagrad_store_``,
+``adam_store_``), with no gather and no scatter (``adam_store_`` then rounds its square roots
+and per-row scalars as ``torch.optim.Adam``'s scalar code does: see there).
 
 On CUDA tensors (contiguous float32) each update is one NVRTC kernel from ``cuda/optim.cu``;
 elsewhere it is the torch code below, the reference in tests.
@@ -30,6 +33,8 @@ optimizer              state columns                            initial values
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from recis_kernels import _native
@@ -42,6 +47,7 @@ __all__ = [
     "STATE_WIDTH",
     "adagrad_rows_",
     "adam_rows_",
+    "adam_store_",
     "ftrl_rows_",
     "rowwise_adagrad_rows_",
     "rowwise_adagrad_store_",
@@ -320,18 +326,7 @@ def rowwise_adagrad_store_(
         IndexOutOfRangeError: a row outside the store (nothing is updated).
     """
     op = "rowwise_adagrad_store_"
-    check_tensor(op, "grad", grad)
-    check_dtype(op, "grad", grad, (torch.float32,))
-    check_device(op, "grad", grad, store.device)
-    if store.dtype != torch.float32:
-        raise UnsupportedDtypeError(f"{op}: the store holds {store.dtype}, expected torch.float32")
-    store._check_rows(op, rows)
-    if grad.dim() != 2 or grad.shape[0] != rows.numel():
-        raise ShapeError(
-            f"{op}: grad has shape {tuple(grad.shape)}, expected ({rows.numel()}, D) for "
-            f"{rows.numel()} rows"
-        )
-    d = grad.shape[1]
+    d = _check_store_update(op, store, rows, grad)
     if (
         start < 0
         or start + d > store.width
@@ -408,8 +403,7 @@ def adam_rows_(
         # the square roots of the second moments, which torch takes (its vectorized sqrt is
         # not correctly rounded on every CPU).
         n, d = param.shape
-        l2 = 0.0 if decoupled else weight_decay
-        hyper = (beta1, beta2, l2, 1 - lr * weight_decay if decoupled else 1.0)
+        hyper = _adam_hyper(lr, beta1, beta2, weight_decay, decoupled)
         views = (param, grad, exp_avg, exp_avg_sq, step)
         _native.adam_moments([(t.data_ptr(), t.stride(0)) for t in views], n, d, hyper)
         neg_step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
@@ -457,6 +451,137 @@ def adam_rows_(
     # denom (dividing first, as param - step_size * (exp_avg / denom), was off by an ulp).
     denom = _sqrt(exp_avg_sq).div_(bc2_sqrt).add_(eps)
     param.add_(torch.div(torch.mul(exp_avg, neg_step_size), denom, out=denom))
+
+
+def _check_store_update(op: str, store: RowStore, rows: torch.Tensor, grad: torch.Tensor) -> int:
+    """Check an in-store update's store, rows and ``(N, D)`` float32 gradient; returns ``D``."""
+    check_tensor(op, "grad", grad)
+    check_dtype(op, "grad", grad, (torch.float32,))
+    check_device(op, "grad", grad, store.device)
+    if store.dtype != torch.float32:
+        raise UnsupportedDtypeError(f"{op}: the store holds {store.dtype}, expected torch.float32")
+    store._check_rows(op, rows)
+    if grad.dim() != 2 or grad.shape[0] != rows.numel():
+        raise ShapeError(
+            f"{op}: grad has shape {tuple(grad.shape)}, expected ({rows.numel()}, D) for "
+            f"{rows.numel()} rows"
+        )
+    return grad.shape[1]
+
+
+def _check_columns(op: str, width: int, spans: dict[str, tuple[int, int]]) -> None:
+    """Raise :class:`ShapeError` unless every ``name: (first column, count)`` lies in a row of
+    ``width`` columns, apart from the others."""
+    ranges = sorted((c, c + w) for c, w in spans.values() if w)
+    inside = all(c >= 0 and c + w <= width for c, w in spans.values())
+    apart = all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
+    if not (inside and apart):
+        listed = ", ".join(f"{name} [{c}, {c + w})" for name, (c, w) in spans.items())
+        raise ShapeError(f"{op}: {listed} must be separate columns of a row of {width}")
+
+
+def _adam_hyper(
+    lr: float, beta1: float, beta2: float, weight_decay: float, decoupled: bool
+) -> tuple[float, float, float, float]:
+    """``(beta1, beta2, l2, decay)`` as the compiled first half of Adam takes them."""
+    l2 = 0.0 if decoupled else weight_decay
+    return (beta1, beta2, l2, 1 - lr * weight_decay if decoupled else 1.0)
+
+
+def adam_store_(
+    store: RowStore,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    exp_avg: int,
+    exp_avg_sq: int,
+    step: int,
+    start: int = 0,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> None:
+    """:func:`adam_rows_` on rows of a :class:`RowStore`, where they live.
+
+    Row ``rows[i]`` holds its ``D`` parameters in columns ``[start, start + D)``, its first and
+    second moments in ``D`` columns from ``exp_avg`` and from ``exp_avg_sq``, and its update count
+    in column ``step``, and takes the gradient ``grad[i]``.
+
+    On the CPU one compiled pass updates each row in place in its block
+    (``_native.adam_block_rows``), with no gather of the rows into a buffer and no scatter
+    back: the operations of :func:`adam_rows_` in the same order, but for two roundings that
+    follow ``torch.optim.Adam``'s scalar arithmetic rather than torch's vectorized kernels. The
+    square roots of the second moments are correctly rounded (torch's vectorized float32
+    ``sqrt`` is not on every CPU: with AVX-512 some of its roots are an ulp apart), and each
+    row's step size and bias correction come from C's ``pow`` on its count, as Python computes
+    ``beta ** step``. So a parameter can be an ulp or so from what :func:`adam_rows_` gives on
+    the same rows (moments and counts are bit for bit the same). Elsewhere (CUDA, or blocks
+    that are not dense) the rows go through :meth:`RowStore.update` and :func:`adam_rows_`.
+
+    Args:
+        store: a float32 row store.
+        rows: ``(N,) int64`` distinct rows below ``store.capacity``.
+        grad: ``(N, D) float32`` gradients.
+        exp_avg: the first column of the first moments.
+        exp_avg_sq: the first column of the second moments.
+        step: the update count's column.
+        start: the first parameter column.
+        lr: learning rate.
+        beta1: first-moment decay.
+        beta2: second-moment decay.
+        eps: added to the bias-corrected root of the second moment.
+        weight_decay: L2 penalty (Adam) or decoupled decay factor (AdamW).
+        decoupled: AdamW's ``param *= 1 - lr * weight_decay`` instead of an L2 gradient term.
+
+    Raises:
+        UnsupportedDtypeError: the store or ``grad`` is not float32, or ``rows`` not int64.
+        ShapeError: ``grad`` is not ``(N, D)``, or the columns fall outside a row or overlap.
+        UnsupportedDeviceError: ``rows`` or ``grad`` live on another device than the store.
+        IndexOutOfRangeError: a row outside the store (nothing is updated).
+    """
+    op = "adam_store_"
+    d = _check_store_update(op, store, rows, grad)
+    spans = {"parameters": (start, d), "exp_avg": (exp_avg, d), "exp_avg_sq": (exp_avg_sq, d)}
+    spans["step"] = (step, 1)
+    _check_columns(op, store.width, spans)
+    if rows.numel() == 0 or d == 0:
+        return
+    if store._host(rows) and on_host((grad,)):
+        rows, grad = rows.contiguous(), grad.contiguous()
+        _native.adam_block_rows(
+            [b.data_ptr() for b in store.blocks],
+            store.block_shift,
+            store.width,
+            rows.data_ptr(),
+            rows.numel(),
+            grad.data_ptr(),
+            d,
+            (start, exp_avg, exp_avg_sq, step),
+            _adam_hyper(lr, beta1, beta2, weight_decay, decoupled),
+            lr,
+            eps,
+        )
+        return
+    cols = [c for c, _ in spans.values()]
+    low, high = min(cols), max(c + w for c, w in spans.values())
+
+    def update(current: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
+        g = grad if which is None else grad.index_select(0, which)
+
+        def part(first: int, width: int) -> torch.Tensor:
+            return current[:, first - low : first - low + width]
+
+        adam_rows_(
+            part(start, d), g, part(exp_avg, d), part(exp_avg_sq, d), part(step, 1)[:, 0],
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled=decoupled,
+        )  # fmt: skip
+        return current
+
+    store.update(rows, update, low, high)
 
 
 def ftrl_rows_(
