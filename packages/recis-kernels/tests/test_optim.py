@@ -386,12 +386,13 @@ def test_rowwise_adagrad_store_refuses_bad_input_before_updating() -> None:
         (
             lambda: rowwise_adagrad_store_(store, rows, grad, state=2, lr=0.1),
             ShapeError,
-            r"columns \[0, 4\) and the accumulator in column 2",
+            r"rowwise_adagrad_store_: parameters \[0, 4\), accumulator \[2, 3\) must be "
+            r"separate columns of a row of 7",
         ),
         (
             lambda: rowwise_adagrad_store_(store, rows, grad, start=4, state=0, lr=0.1),
             ShapeError,
-            r"columns \[4, 8\)",
+            r"parameters \[4, 8\), accumulator \[0, 1\) must be separate columns of a row of 7",
         ),
         (
             lambda: rowwise_adagrad_store_(store, torch.tensor([1, 8]), grad, state=d + 1, lr=0.1),

@@ -10,7 +10,7 @@ Learning rates live in ``param_groups`` so torch LR schedulers drive them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -191,6 +191,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     ) -> None:
         raise NotImplementedError
 
+    #: The optimizer's update of float32 rows where they live in a table's row store, when it
+    #: has one: ``(store, rows, grads, columns, group)``, ``columns`` the first column of each
+    #: state slot; used on the CPU instead of :meth:`_update` on gathered rows.
+    _in_store: Callable[..., None] | None = None
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the gradients computed so far, as ``torch.optim.Optimizer.zero_grad`` does.
 
@@ -256,6 +261,18 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _apply(
         self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor
     ) -> None:
+        if (
+            self._in_store is not None
+            and table.dtype == torch.float32
+            and rows.device.type == "cpu"
+        ):
+            # Float32 rows on the CPU are updated where they live, in one compiled pass,
+            # instead of being gathered into a buffer, updated and scattered back.
+            update_in_store = self._in_store
+            table.update_in_store(
+                rows, lambda store, columns: update_in_store(store, rows, grads, columns, group)
+            )
+            return
         widths = [table.emb_words] + [w for _, w in table.slots]
 
         # On the CPU the update works in place on column views of the rows read (fewer
@@ -513,25 +530,15 @@ class SparseRowWiseAdagrad(SparseOptimizer):
             weight_decay=group["weight_decay"],
         )
 
-    def _apply(
-        self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor
-    ) -> None:
-        if table.dtype != torch.float32 or rows.device.type != "cpu":
-            super()._apply(table, group, rows, grads)
-            return
-        # Float32 rows on the CPU are updated where they live, in one compiled pass, instead of
-        # being gathered into a buffer, updated and scattered back.
-        table.update_in_store(
+    def _in_store(self, store, rows, grads, columns, group):
+        rowwise_adagrad_store_(
+            store,
             rows,
-            lambda store, state: rowwise_adagrad_store_(
-                store,
-                rows,
-                grads,
-                state=state["sum"],
-                lr=group["lr"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            ),
+            grads,
+            state=columns["sum"],
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
         )
 
 
@@ -570,31 +577,21 @@ class SparseAdam(SparseOptimizer):
     def _slots(self, dim):
         return [("exp_avg", dim), ("exp_avg_sq", dim), ("step", 1)], torch.zeros(2 * dim + 1)
 
-    def _apply(
-        self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor
-    ) -> None:
-        if table.dtype != torch.float32 or rows.device.type != "cpu":
-            super()._apply(table, group, rows, grads)
-            return
-        # Float32 rows on the CPU are updated where they live (two compiled passes, the same
-        # numerics) instead of being gathered into a buffer, updated and scattered back.
+    def _in_store(self, store, rows, grads, columns, group):
         beta1, beta2 = group["betas"]
-        table.update_in_store(
+        adam_store_(
+            store,
             rows,
-            lambda store, state: adam_store_(
-                store,
-                rows,
-                grads,
-                exp_avg=state["exp_avg"],
-                exp_avg_sq=state["exp_avg_sq"],
-                step=state["step"],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled=self._decoupled,
-            ),
+            grads,
+            exp_avg=columns["exp_avg"],
+            exp_avg_sq=columns["exp_avg_sq"],
+            step=columns["step"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=self._decoupled,
         )
 
     def _update(self, param, grad, state, group):

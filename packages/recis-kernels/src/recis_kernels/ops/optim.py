@@ -327,30 +327,13 @@ def rowwise_adagrad_store_(
     """
     op = "rowwise_adagrad_store_"
     d = _check_store_update(op, store, rows, grad)
-    if (
-        start < 0
-        or start + d > store.width
-        or not 0 <= state < store.width
-        or (start <= state < start + d)
-    ):
-        raise ShapeError(
-            f"{op}: parameters in columns [{start}, {start + d}) and the accumulator in column "
-            f"{state} must be separate columns of a row of {store.width}"
-        )
+    _check_columns(op, store.width, {"parameters": (start, d), "accumulator": (state, 1)})
     if rows.numel() == 0 or d == 0:
         return
     if store._host(rows) and on_host((grad,)):
         rows, grad = rows.contiguous(), grad.contiguous()
         _native.rowwise_adagrad_block_rows(
-            [b.data_ptr() for b in store.blocks],
-            store.block_shift,
-            store.width,
-            rows.data_ptr(),
-            rows.numel(),
-            grad.data_ptr(),
-            d,
-            (start, state),
-            (lr, eps, weight_decay),
+            *_in_store_args(store, rows, grad), (start, state), (lr, eps, weight_decay)
         )
         return
     low, high = min(start, state), max(start + d, state + 1)
@@ -469,6 +452,17 @@ def _check_store_update(op: str, store: RowStore, rows: torch.Tensor, grad: torc
     return grad.shape[1]
 
 
+def _in_store_args(
+    store: RowStore, rows: torch.Tensor, grad: torch.Tensor
+) -> tuple[list[int], int, int, int, int, int, int]:
+    """What a compiled in-store update takes first: the blocks' addresses, rows per block as a
+    power of two, the row width, and the addresses and sizes of the contiguous rows and
+    ``(N, D)`` gradient (which the caller keeps alive through the call)."""
+    blocks = [b.data_ptr() for b in store.blocks]
+    n, d = grad.shape
+    return (blocks, store.block_shift, store.width, rows.data_ptr(), n, grad.data_ptr(), d)
+
+
 def _check_columns(op: str, width: int, spans: dict[str, tuple[int, int]]) -> None:
     """Raise :class:`ShapeError` unless every ``name: (first column, count)`` lies in a row of
     ``width`` columns, apart from the others."""
@@ -552,13 +546,7 @@ def adam_store_(
     if store._host(rows) and on_host((grad,)):
         rows, grad = rows.contiguous(), grad.contiguous()
         _native.adam_block_rows(
-            [b.data_ptr() for b in store.blocks],
-            store.block_shift,
-            store.width,
-            rows.data_ptr(),
-            rows.numel(),
-            grad.data_ptr(),
-            d,
+            *_in_store_args(store, rows, grad),
             (start, exp_avg, exp_avg_sq, step),
             _adam_hyper(lr, beta1, beta2, weight_decay, decoupled),
             lr,
