@@ -367,6 +367,27 @@ def test_adam_store_refuses_bad_input_before_updating() -> None:
         assert torch.equal(b, was)  # nothing moved
 
 
+def test_compiled_store_updates_refuse_columns_that_wrap_around() -> None:
+    # The bindings check their columns themselves (the Python checks stand in front of them):
+    # a first column near 2**64 must not wrap into the row and write outside it.
+    from recis_kernels import _native
+
+    d = 3
+    store, _ = _adam_store(8, d, seed=9, adjacent=True)
+    before = [b.clone() for b in store.blocks]
+    rows, grad = torch.tensor([1, 2]), torch.ones(2, d)
+    layout = ([b.data_ptr() for b in store.blocks], store.block_shift, store.width)
+    args = (*layout, rows.data_ptr(), 2, grad.data_ptr(), d)
+    far = (1 << 64) - 2
+    with pytest.raises(ValueError, match="adam_block_rows: columns"):
+        _native.adam_block_rows(*args, (far, d, 2 * d + 1, 3 * d + 1), (0.9, 0.99, 0.0, 1.0),
+                                0.1, 1e-8)  # fmt: skip
+    with pytest.raises(ValueError, match="rowwise_adagrad_block_rows: columns"):
+        _native.rowwise_adagrad_block_rows(*args, (0, far), (0.1, 1e-8, 0.0))
+    for b, was in zip(store.blocks, before, strict=True):
+        assert torch.equal(b, was)
+
+
 def test_rowwise_adagrad_store_refuses_bad_input_before_updating() -> None:
     d = 4
     store = _store_with_state(8, d, seed=5)

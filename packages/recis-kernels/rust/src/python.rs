@@ -909,36 +909,48 @@ fn copy_block_rows(
     Ok(())
 }
 
-/// The store rows an in-place update takes, checked: `columns` (each `(first column, width)`)
-/// inside rows of `width` floats and apart, `n` int64 rows at `rows` in range, every block an
-/// address. Returns the rows and the blocks (`1 << shift` rows of `width` floats each).
-fn store_rows<'a>(
+/// What an in-place update of store rows takes, checked: `columns` (each `(first column,
+/// width)`) inside rows of `width` floats and apart, `n` int64 rows at `rows` in range, every
+/// block an address, and the `(n, d)` float32 gradient at `grad`. Returns the rows, the
+/// gradient and the blocks (`1 << shift` rows of `width` floats each).
+#[allow(clippy::too_many_arguments)]
+fn store_update<'a>(
     op: &str,
     blocks: &'a [usize],
     shift: u32,
     width: usize,
     rows: usize,
     n: usize,
+    (grad, d): (usize, usize),
     columns: &[(usize, usize)],
-) -> PyResult<(&'a [i64], Blocks<'a>)> {
-    let outside = columns.iter().any(|&(c, w)| w == 0 || c + w > width);
-    let overlap = columns.iter().enumerate().any(|(k, &(c, w))| {
-        columns[..k]
-            .iter()
-            .any(|&(c2, w2)| c < c2 + w2 && c2 < c + w)
-    });
-    if shift > 40 || outside || overlap {
+) -> PyResult<(&'a [i64], &'a [f32], Blocks<'a>)> {
+    // Checked sums: columns near usize::MAX must not wrap into range.
+    let end = |c: usize, w: usize| c.checked_add(w).filter(|&e| w > 0 && e <= width);
+    let inside = columns.iter().all(|&(c, w)| end(c, w).is_some());
+    let apart = inside
+        && columns.iter().enumerate().all(|(k, &(c, w))| {
+            columns[..k]
+                .iter()
+                .all(|&(c2, w2)| c + w <= c2 || c2 + w2 <= c)
+        });
+    if shift > 40 || !apart {
         return Err(value_error(format!(
             "{op}: columns (first, width) {columns:?} must lie apart in rows of {width} floats \
              (shift {shift})"
         )));
     }
     check_address::<i64>(op, "rows", rows, n)?;
+    let len = n.checked_mul(d).ok_or_else(|| {
+        value_error(format!(
+            "{op}: a gradient of {n} rows of {d} floats is too large"
+        ))
+    })?;
+    check_address::<f32>(op, "grad", grad, len)?;
     for (k, &b) in blocks.iter().enumerate() {
         check_address::<f32>(op, &format!("blocks[{k}]"), b, 1)?;
     }
-    // SAFETY: the caller's contract: n int64 rows.
-    let rows = unsafe { slice::<i64>(rows, n) };
+    // SAFETY: the caller's contract: n int64 rows and n * d float32 gradients.
+    let (rows, grad) = unsafe { (slice::<i64>(rows, n), slice::<f32>(grad, len)) };
     let store = Blocks {
         ptrs: blocks,
         shift,
@@ -951,7 +963,7 @@ fn store_rows<'a>(
             blocks.len() << shift
         )));
     }
-    Ok((rows, store))
+    Ok((rows, grad, store))
 }
 
 /// `torch.optim.Adam` / `AdamW` (see `optim::adam_block_rows`) on `n` distinct rows (int64 at
@@ -979,10 +991,7 @@ fn adam_block_rows(
     let op = "adam_block_rows";
     let (param, exp_avg, exp_avg_sq, step) = columns;
     let spans = [(param, d), (exp_avg, d), (exp_avg_sq, d), (step, 1)];
-    let (rows, store) = store_rows(op, &blocks, shift, width, rows, n, &spans)?;
-    check_address::<f32>(op, "grad", grad, n * d)?;
-    // SAFETY: the caller's contract: n * d float32 gradients.
-    let grad = unsafe { slice::<f32>(grad, n * d) };
+    let (rows, grad, store) = store_update(op, &blocks, shift, width, rows, n, (grad, d), &spans)?;
     let (beta1, beta2, l2, decay) = hyper;
     let h = Adam {
         beta1,
@@ -1025,10 +1034,7 @@ fn rowwise_adagrad_block_rows(
     let op = "rowwise_adagrad_block_rows";
     let (param, state) = columns;
     let spans = [(param, d), (state, 1)];
-    let (rows, store) = store_rows(op, &blocks, shift, width, rows, n, &spans)?;
-    check_address::<f32>(op, "grad", grad, n * d)?;
-    // SAFETY: the caller's contract: n * d float32 gradients.
-    let grad = unsafe { slice::<f32>(grad, n * d) };
+    let (rows, grad, store) = store_update(op, &blocks, shift, width, rows, n, (grad, d), &spans)?;
     let (lr, eps, weight_decay) = hyper;
     let h = RowwiseAdagrad {
         lr,
