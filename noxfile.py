@@ -109,13 +109,20 @@ def _build_wheel(session: nox.Session, package: str) -> Path | None:
     if built is not None and built.is_file():
         return built
     out = TARGET_DIR / "wheels" / package
-    shutil.rmtree(out, ignore_errors=True)
+    # Built beside the last wheel, which stays until this build has replaced it (a skipped
+    # build leaves it for the GPU checks that carry it).
+    fresh = out.with_name(f"{package}.building")
+    shutil.rmtree(fresh, ignore_errors=True)
     session.install("maturin>=1.7,<2")
     with session.chdir(_pyprojects()[package]["_dir"]):
         # Part of installing: it runs under --install-only too (which skips session.run).
-        ran = session.run_install("maturin", "build", "--release", "--out", str(out), env=CARGO_ENV)
+        ran = session.run_install(
+            "maturin", "build", "--release", "--out", str(fresh), env=CARGO_ENV
+        )
     if ran is None:
         return None
+    shutil.rmtree(out, ignore_errors=True)
+    fresh.rename(out)
     wheels = sorted(out.glob("*.whl"))
     if len(wheels) != 1:
         session.error(f"expected one wheel for {package} in {out}, found {wheels}")
