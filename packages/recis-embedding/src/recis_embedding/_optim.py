@@ -521,25 +521,15 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         return [("sum", 1)], torch.zeros(1)
 
     def _update(self, param, grad, state, group):
-        rowwise_adagrad_rows_(
-            param,
-            grad,
-            state["sum"],
-            lr=group["lr"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        rowwise_adagrad_rows_(param, grad, state["sum"], **self._options(group))
 
     def _in_store(self, store, rows, grads, columns, group):
-        rowwise_adagrad_store_(
-            store,
-            rows,
-            grads,
-            state=columns["sum"],
-            lr=group["lr"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        rowwise_adagrad_store_(store, rows, grads, state=columns["sum"], **self._options(group))
+
+    @staticmethod
+    def _options(group: dict[str, Any]) -> dict[str, Any]:
+        """The update's keyword arguments from a param group."""
+        return {"lr": group["lr"], "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
 class SparseAdam(SparseOptimizer):
@@ -578,37 +568,24 @@ class SparseAdam(SparseOptimizer):
         return [("exp_avg", dim), ("exp_avg_sq", dim), ("step", 1)], torch.zeros(2 * dim + 1)
 
     def _in_store(self, store, rows, grads, columns, group):
-        beta1, beta2 = group["betas"]
-        adam_store_(
-            store,
-            rows,
-            grads,
-            exp_avg=columns["exp_avg"],
-            exp_avg_sq=columns["exp_avg_sq"],
-            step=columns["step"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled=self._decoupled,
-        )
+        slots = {k: columns[k] for k in ("exp_avg", "exp_avg_sq", "step")}
+        adam_store_(store, rows, grads, **slots, **self._options(group))
 
     def _update(self, param, grad, state, group):
+        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"][:, 0]
+        adam_rows_(param, grad, m, v, step, **self._options(group))
+
+    def _options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The update's keyword arguments from a param group."""
         beta1, beta2 = group["betas"]
-        adam_rows_(
-            param,
-            grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            state["step"][:, 0],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled=self._decoupled,
-        )
+        return {
+            "lr": group["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "decoupled": self._decoupled,
+        }
 
 
 class SparseAdamW(SparseAdam):
