@@ -99,7 +99,8 @@ def test_mix_launches(checker, monkeypatch):
     monkeypatch.setattr(mix, "use_cuda_kernels", lambda device: True)
     mix._mix64_op(torch.tensor([1, 2]))
     mix._multi_hash_op(torch.tensor([1, 2]), [3, 0])
-    assert checker.launched == ["mix64", "multi_hash"]
+    mix._hashed_uniform_op(torch.tensor([1, 2]), torch.tensor([5]), 3)
+    assert checker.launched == ["mix64", "multi_hash", "hashed_uniform"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
@@ -184,7 +185,7 @@ def test_every_kernel_is_launched_somewhere():
     launched_by_ops = {
         "mod": {"fused_mod"},
         "hashing": {"hash_bytes"},
-        "mix": {"mix64", "multi_hash"},
+        "mix": {"mix64", "multi_hash", "hashed_uniform"},
         "bucketize": {"fused_bucketize_f64", "fused_bucketize_i64"},
         "dense": {
             f"{kind}{n}_w{w}"

@@ -25,7 +25,7 @@ import torch
 from recis_embedding._host import distinct_small, true_positions
 from recis_embedding._numbers import plain_fields
 from recis_embedding.exceptions import ConfigError
-from recis_kernels import fmix64
+from recis_kernels import fmix64, hashed_uniform
 
 __all__ = [
     "Constant",
@@ -40,8 +40,6 @@ __all__ = [
     "init_rows",
     "table_seed",
 ]
-
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 
 
 def int64_bits(x: int) -> int:
@@ -70,19 +68,15 @@ def table_seed(seed: int, name: str) -> int:
 def _uniform01(
     ids: torch.Tensor, dim: int, seed: int | torch.Tensor, stream: int = 0
 ) -> torch.Tensor:
-    """``(N, dim)`` float64 uniforms in (0, 1) from the ids' bits (``seed``: int or ``(N,)``)."""
-    salt = seed + stream * 0x5851F42D4C957F2D
-    base = fmix64(ids ^ (int64_bits(salt) if isinstance(salt, int) else salt))
-    cols = (torch.arange(1, dim + 1, dtype=torch.int64, device=ids.device) * _GOLDEN)[None, :]
-    bits = fmix64(base[:, None] + cols)
-    top53 = (bits >> 11) & ((1 << 53) - 1)
-    return (top53.to(torch.float64) + 0.5) / float(1 << 53)
+    """``(N, dim)`` float64 uniforms in (0, 1) from the ids' bits (``seed``: int or ``(N,)``),
+    a fresh tensor the samplers below transform in place."""
+    return hashed_uniform(ids, seed + stream * 0x5851F42D4C957F2D, dim)
 
 
 def _normal(ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
-    # Box-Muller on two independent uniform streams.
+    # Box-Muller on two independent uniform streams: sqrt(-2 log u1) * cos(2 pi u2).
     u1, u2 = _uniform01(ids, dim, seed, 0), _uniform01(ids, dim, seed, 1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return u1.log_().mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * math.pi).cos_())
 
 
 @dataclass(frozen=True)
@@ -139,7 +133,7 @@ class Uniform(Initializer):
             raise ConfigError(f"Uniform initializer needs low < high, got {self.low}, {self.high}")
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
-        return self.low + (self.high - self.low) * _uniform01(ids, dim, seed)
+        return _uniform01(ids, dim, seed).mul_(self.high - self.low).add_(self.low)
 
 
 @dataclass(frozen=True)
@@ -155,7 +149,7 @@ class Normal(Initializer):
             raise ConfigError(f"Normal initializer needs std > 0, got {self.std}")
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
-        return self.mean + self.std * _normal(ids, dim, seed)
+        return _normal(ids, dim, seed).mul_(self.std).add_(self.mean)
 
 
 @dataclass(frozen=True)
@@ -181,9 +175,10 @@ class TruncatedNormal(Initializer):
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         cdf_a = 0.5 * (1 + math.erf(self.a / math.sqrt(2)))
         cdf_b = 0.5 * (1 + math.erf(self.b / math.sqrt(2)))
-        u = cdf_a + (cdf_b - cdf_a) * _uniform01(ids, dim, seed)
-        z = math.sqrt(2) * torch.erfinv(2 * u - 1)
-        return self.mean + self.std * z.clamp(self.a, self.b)
+        # u in (cdf(a), cdf(b)), then z = sqrt(2) erfinv(2u - 1): the normal quantile of u.
+        u = _uniform01(ids, dim, seed).mul_(cdf_b - cdf_a).add_(cdf_a)
+        z = u.mul_(2).sub_(1).erfinv_().mul_(math.sqrt(2))
+        return z.clamp_(self.a, self.b).mul_(self.std).add_(self.mean)
 
 
 @dataclass(frozen=True)
@@ -194,7 +189,7 @@ class XavierUniform(Initializer):
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         bound = self.gain * math.sqrt(3.0 / dim)
-        return bound * (2 * _uniform01(ids, dim, seed) - 1)
+        return _uniform01(ids, dim, seed).mul_(2).sub_(1).mul_(bound)
 
 
 @dataclass(frozen=True)
@@ -204,7 +199,7 @@ class XavierNormal(Initializer):
     gain: float = 1.0
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
-        return self.gain * math.sqrt(1.0 / dim) * _normal(ids, dim, seed)
+        return _normal(ids, dim, seed).mul_(self.gain * math.sqrt(1.0 / dim))
 
 
 @dataclass(frozen=True)
@@ -215,7 +210,7 @@ class KaimingUniform(Initializer):
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         bound = self.gain * math.sqrt(3.0 / dim)
-        return bound * (2 * _uniform01(ids, dim, seed) - 1)
+        return _uniform01(ids, dim, seed).mul_(2).sub_(1).mul_(bound)
 
 
 @dataclass(frozen=True)
@@ -225,7 +220,7 @@ class KaimingNormal(Initializer):
     gain: float = math.sqrt(2.0)
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
-        return self.gain / math.sqrt(dim) * _normal(ids, dim, seed)
+        return _normal(ids, dim, seed).mul_(self.gain / math.sqrt(dim))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -280,11 +275,12 @@ def init_rows(
             sel = true_positions(tabs == members[0])
             out[sel] = init(ids[sel], dim, names[members[0]]).to(out.device)
             continue
-        seeds = torch.zeros(len(initializers), dtype=torch.int64, device=ids.device)
+        table_seeds = [0] * len(initializers)
         for t in members:
-            seeds[t] = table_seed(initializers[t].seed, names[t])
+            table_seeds[t] = table_seed(initializers[t].seed, names[t])
+        seeds = torch.tensor(table_seeds, dtype=torch.int64, device=ids.device)
         if len(members) == len(present):
-            out[:] = sample(ids, dim, seeds[tabs.to(torch.int64)]).to(torch.float32)
+            out.copy_(sample(ids, dim, seeds[tabs.to(torch.int64)]))  # float64 -> float32
             continue
         mask = torch.zeros(len(initializers), dtype=torch.bool, device=ids.device)
         mask[members] = True

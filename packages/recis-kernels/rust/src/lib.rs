@@ -18,6 +18,7 @@ pub mod radix;
 pub mod rows_grad;
 pub mod shares;
 pub mod truncate;
+pub mod uniform;
 
 #[cfg(feature = "python")]
 mod python;

@@ -29,6 +29,7 @@ use crate::radix::sort_by_high_bits;
 use crate::rows_grad::{rows_grad as rows_grad_into, Pooled};
 use crate::shares::{share_count, split, Run};
 use crate::truncate::{plan, Part};
+use crate::uniform::hashed_uniform_into;
 
 /// Fewest elements worth a thread of their own for the arithmetic kernels (a hand-off to a
 /// pool thread costs a few microseconds, waking a sleeping one tens, and between the calls of
@@ -375,6 +376,57 @@ fn truncate_plan(
     let (starts, rest) = rest.split_at_mut(rows);
     let (dropped, padded) = rest.split_at_mut(rows);
     Ok(plan(offsets, &parts, new_offsets, starts, dropped, padded))
+}
+
+/// `out` (`n` rows of `dim` float64s) = the uniforms of `ids` (`n` int64s), column `j` of id
+/// `i` under `seeds[i]`, or under `seeds[0]` for every id when `seed_count` is 1 (see
+/// `uniform`): the random draws of the embedding initializers.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn hashed_uniform(
+    py: Python<'_>,
+    ids: usize,
+    n: usize,
+    seeds: usize,
+    seed_count: usize,
+    dim: usize,
+    out: usize,
+    threads: usize,
+) -> PyResult<()> {
+    let op = "hashed_uniform";
+    if seed_count != 1 && seed_count != n {
+        return Err(value_error(format!(
+            "{op}: got {seed_count} seeds for {n} ids: one seed, or one per id"
+        )));
+    }
+    let total = n
+        .checked_mul(dim)
+        .ok_or_else(|| value_error(format!("{op}: {n} ids of {dim} columns overflow")))?;
+    check_address::<i64>(op, "ids", ids, n)?;
+    check_address::<i64>(op, "seeds", seeds, seed_count)?;
+    check_address::<f64>(op, "out", out, total)?;
+    if total == 0 {
+        return Ok(());
+    }
+    run_shared(py, &[n], threads, (MIN_SHARE / dim).max(1), |r| {
+        let count = r.end - r.start;
+        let (first, seeds_len) = if seed_count == 1 {
+            (0, 1)
+        } else {
+            (r.start, count)
+        };
+        // SAFETY: the caller's contract (module docs): n int64 ids, seed_count int64 seeds and
+        // n * dim float64s at out, which overlaps neither. Runs are disjoint row ranges.
+        let (ids, seeds, out) = unsafe {
+            (
+                std::slice::from_raw_parts((ids as *const i64).add(r.start), count),
+                std::slice::from_raw_parts((seeds as *const i64).add(first), seeds_len),
+                std::slice::from_raw_parts_mut((out as *mut f64).add(r.start * dim), count * dim),
+            )
+        };
+        hashed_uniform_into(ids, seeds, dim, out);
+    });
+    Ok(())
 }
 
 /// A copy running on a pool thread (`copy_rows(..., background=True)`): `wait()` returns once
@@ -1149,5 +1201,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_apply, m)?)?;
     m.add_function(wrap_pyfunction!(rowwise_adagrad_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(pooled_rows_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(hashed_uniform, m)?)?;
     Ok(())
 }

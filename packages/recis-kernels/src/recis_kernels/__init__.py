@@ -29,7 +29,7 @@ from recis_kernels.ops.feature_cross import feature_cross, fused_feature_cross
 from recis_kernels.ops.hash_table import IdMap, IdMapExport, fmix64
 from recis_kernels.ops.hashing import hash_bytes, hash_strings
 from recis_kernels.ops.interleave import InterleaveResult, interleave_bags
-from recis_kernels.ops.mix import mix64, multi_hash
+from recis_kernels.ops.mix import hashed_uniform, mix64, multi_hash
 from recis_kernels.ops.mod import fused_mod, mod
 from recis_kernels.ops.optim import (
     adagrad_rows_,
@@ -96,6 +96,7 @@ __all__ = [
     "fused_truncate",
     "hash_bytes",
     "hash_strings",
+    "hashed_uniform",
     "interleave_bags",
     "kernel_names",
     "mix64",

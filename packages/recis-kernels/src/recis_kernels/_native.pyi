@@ -11,6 +11,7 @@ __all__ = [
     "copy_block_rows",
     "copy_rows",
     "group_pairs",
+    "hashed_uniform",
     "idmap_claim",
     "idmap_find",
     "interleave_bags",
@@ -137,4 +138,13 @@ def pooled_rows_grad(
     weights: int | None,
     out: int,
     rows: int,
+) -> None: ...
+def hashed_uniform(
+    ids: int,
+    n: int,
+    seeds: int,
+    seed_count: int,
+    dim: int,
+    out: int,
+    threads: int,
 ) -> None: ...
