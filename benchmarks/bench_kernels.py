@@ -13,6 +13,8 @@ Contenders per op:
 - torch: the obvious torch implementation (``torch.remainder``, ``torch.bucketize``,
   ``F.embedding_bag`` / ``index_add_``, per-row slicing for truncate and cross, ...), where one
   exists.
+- hashed_uniform: one step's new ids (8,320, dim 16, a seed per table) against the same
+  formula in torch operations (``mix64``, shifts, a float conversion).
 - id map: ``IdMap.find`` / ``find_or_insert`` for one step's 110k ids (40k distinct) over a map of
   1M ``(id, table)`` pairs, vs a Python ``dict`` and vs ``torch.unique`` + ``searchsorted`` over a
   sorted key array.
@@ -139,6 +141,26 @@ def bench_multi_hash(x):
             rk.mod(rk.mix64(ids + _golden(k)), b) for k, b in enumerate(buckets)
         ],
     }, BATCH * len(buckets)
+
+
+def bench_hashed_uniform(x):
+    # One training step's new ids at dim 16 (the embedding benchmark's dim), each with its
+    # table's seed, as the embedding initializers draw them.
+    ids = torch.cat([c[:320] for c in x["sparse"]])
+    seeds = torch.repeat_interleave(torch.arange(NUM_SPARSE) * 0x2545F491 - 7, 320)
+    dim = DIM
+
+    def torch_spelling():
+        base = rk.mix64(ids ^ seeds)
+        cols = torch.tensor([_golden(j) for j in range(dim)])
+        top53 = (rk.mix64((base[:, None] + cols).reshape(-1)).view(-1, dim) >> 11) & ((1 << 53) - 1)
+        return (top53.to(torch.float64) + 0.5) / float(1 << 53)
+
+    assert torch.equal(rk.hashed_uniform(ids, seeds, dim), torch_spelling())
+    return {
+        "recis hashed_uniform": lambda: rk.hashed_uniform(ids, seeds, dim),
+        "torch (mix64 + shifts)": torch_spelling,
+    }, ids.numel() * dim
 
 
 def _cross_rows_torch(a: rk.RaggedTensor, b: rk.RaggedTensor) -> list[torch.Tensor]:
@@ -298,6 +320,7 @@ BENCHES = {
     "bucketize": bench_bucketize,
     "hash": bench_hash,
     "multi_hash": bench_multi_hash,
+    "hashed_uniform": bench_hashed_uniform,
     "feature_cross": bench_cross,
     "truncate": bench_truncate,
     "segment_reduce": bench_segment_reduce,
