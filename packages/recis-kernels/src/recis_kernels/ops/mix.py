@@ -133,7 +133,7 @@ def hashed_uniform(ids: torch.Tensor, seeds: int | torch.Tensor, dim: int) -> to
                 f"got shape {tuple(seed.shape)}"
             )
         check_same_device(op, {"ids": ids, "seeds": seed})
-    if on_host((ids, seed)):
+    if on_host((ids, seed)) and not use_cuda_kernels(ids.device):
         return _hashed_uniform_host(ids.contiguous(), seed.contiguous(), dim)
     return run_op(_hashed_uniform_op, _hashed_uniform_impl, ids, seed, dim)
 

@@ -32,4 +32,7 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long va
   *p = old + value;
   return old;
 }
+// Correctly rounded double arithmetic, as CUDA's intrinsics (ISO C++ contracts no products).
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 using std::sqrt;
