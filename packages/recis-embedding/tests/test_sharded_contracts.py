@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,10 @@ def _one_rank_worker(rank: int, root: str) -> None:
     opt.zero_grad()
     got["unused table unchanged"] = torch.equal(before, state(model)["c"])
     # 2. A lookup refused by a full shard raises on every rank, and all go on afterwards.
+    # Garbage collection is off until both refusals are over: their errors must leave no
+    # reference cycle holding the model (and its process group) past its last use.
+    gc.collect()
+    gc.disable()
     full = EmbeddingEngine({"f": EmbeddingOption(2, capacity=3)}, shard=True)
     mine = _owned_by(rank, 5 if rank == 0 else 2, start=100)
     try:
@@ -203,6 +209,10 @@ def _one_rank_worker(rank: int, root: str) -> None:
     except CheckpointError as exc:
         got["load"] = str(exc)
     got["kept"] = torch.equal(held, state(narrow)["f"])
+    dropped = weakref.ref(full), weakref.ref(narrow)
+    del full, narrow
+    got["refusing models freed"] = [ref() is None for ref in dropped]
+    gc.enable()
     torch.save(got, Path(root) / f"one-rank-{rank}.pt")
     dist.destroy_process_group()
 
@@ -215,6 +225,7 @@ def test_what_one_rank_refuses_or_skips_every_rank_does(tmp_path: Path) -> None:
         assert (got[r]["step all_reduces"], got[r]["zero_grad all_reduces"]) == (1, 1), r
         assert got[r]["after full"] == (1, 2), r
         assert got[r]["kept"] is True, r
+        assert got[r]["refusing models freed"] == [True, True], r
     assert "table 'f' is full: 0 rows, capacity 3, 5 new ids" in got[0]["full"]
     assert "table 'f' is full on rank 0, which refused this lookup" in got[1]["full"]
     assert "would put 5 rows in it ('f': 5 on this rank)" in got[1]["load"]

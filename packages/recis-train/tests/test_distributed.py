@@ -11,8 +11,11 @@ values and the dense model from the same seed, so only float summation order dif
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import io
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -165,12 +168,23 @@ def _worker(rank: int, root: str) -> None:
         result["resumed"] = snapshot(resumed)
 
         # Rank 1's data fails at its third training batch, then at its second evaluation batch.
-        bad_train = FailingData(train, 2) if rank == 1 else train
-        failing = build(out / "failing", bad_train, evals, shard=True)
-        result["train_error"] = error_of(failing.train)
-        result["train_error_step"] = failing.global_step
-        bad_evals = FailingData(evals, 1) if rank == 1 else evals
-        result["eval_error"] = error_of(lambda: failing.evaluate(bad_evals))
+        # The failures leave no reference cycle through their errors: dropped, the trainer
+        # (with its model's process group) is freed at once, not by a garbage collection
+        # after destroy_process_group(), which could abort the process at exit.
+        gc.collect()
+        gc.disable()
+        try:
+            bad_train = FailingData(train, 2) if rank == 1 else train
+            failing = build(out / "failing", bad_train, evals, shard=True)
+            result["train_error"] = error_of(failing.train)
+            result["train_error_step"] = failing.global_step
+            bad_evals = FailingData(evals, 1) if rank == 1 else evals
+            result["eval_error"] = error_of(functools.partial(failing.evaluate, bad_evals))
+            dropped = weakref.ref(failing)
+            del failing
+            result["failed_trainer_freed"] = dropped() is None
+        finally:
+            gc.enable()
     finally:
         torch.save(result, out / f"rank-{rank}.pt")
         dist.destroy_process_group()
@@ -313,6 +327,7 @@ def test_a_data_error_on_one_rank_ends_every_rank_naming_it(ranks):
     assert "training data for step 3 failed on rank(s) [1]" in message
     assert "rank 1: OSError: corrupt file part-00001.parquet" in message
     assert [r["train_error_step"] for r in results] == [2, 2]
+    assert [r["failed_trainer_freed"] for r in results] == [True, True]
     assert results[1]["eval_error"] == ("OSError", "corrupt file part-00001.parquet")
     kind, message = results[0]["eval_error"]
     assert kind == "RankFailedError"

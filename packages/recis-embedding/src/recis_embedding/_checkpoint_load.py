@@ -110,7 +110,12 @@ def load(
                 f"loading checkpoint {path} was refused on {ranks}; no rank loaded anything"
             )
     if refused is not None:
-        raise refused
+        try:
+            raise refused
+        finally:
+            # This frame is in the error's traceback: keeping the error would make a cycle
+            # holding the model, its tables and the shard's process group until a collection.
+            del refused
     try:
         _apply(chain, tables, shard)
     except Exception as exc:

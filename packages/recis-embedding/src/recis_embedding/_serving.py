@@ -75,7 +75,12 @@ def serve_sharded(
             full = error
         failed = shard.failed_ranks(full is not None, table.device)
         if full is not None:
-            raise full
+            try:
+                raise full
+            finally:
+                # This frame is in the error's traceback: keeping the error would make a
+                # cycle holding the table and the shard's process group until a collection.
+                del full
         if failed:
             raise TableFullError(
                 f"table {table.names[0]!r} is full on rank {', '.join(map(str, failed))}, "

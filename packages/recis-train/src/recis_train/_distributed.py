@@ -143,7 +143,10 @@ class DistributedContext:
         """
         lowest, failed = self.reduce([-count, float(error is not None)], "max")
         if failed:
-            self.fail_together(error, what)
+            try:
+                self.fail_together(error, what)
+            finally:
+                del error  # see fail_together
         return int(-lowest)
 
     def fail_together(self, error: Exception | None, what: str) -> None:
@@ -152,10 +155,20 @@ class DistributedContext:
         Every rank learned already (from a collective) that some rank failed; here they
         exchange the errors. A rank that failed raises its own ``error``; the others raise
         :class:`RankFailedError` naming the failed ranks and their errors.
+
+        A frame that keeps the error it raises (or caught) is in the error's traceback: the
+        error, its traceback and the frames' locals (a trainer, its model and process group)
+        would form a cycle that lives until the next garbage collection, past
+        ``destroy_process_group()``, and a process group destroyed that late can abort the
+        process at exit. So this function, and every caller that holds the error, drops its
+        reference before the error leaves the frame.
         """
         reports = self.gather(None if error is None else f"{type(error).__name__}: {error}")
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                del error
         failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
         raise RankFailedError(
             f"{what} failed on rank(s) {[rank for rank, _ in failed]}: "
@@ -322,7 +335,10 @@ class DistributedContext:
             )
             failed = [(rank, report) for rank, (_, report) in enumerate(reports) if report]
             if error is not None:
-                raise error
+                try:
+                    raise error
+                finally:
+                    del error  # see fail_together
             if failed:
                 raise RankFailedError(
                     f"verifying checkpoint {path} failed on rank(s) {[r for r, _ in failed]}: "

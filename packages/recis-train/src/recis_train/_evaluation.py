@@ -113,11 +113,14 @@ class EvaluationMixin:
         # An out-of-range index a kernel met during the evaluation (its output held zeros
         # there) fails the evaluation on every rank instead of reaching the results.
         index_error = self._recorded_index_error()
-        if self.distributed is not None and self.device.type == "cuda":
-            if self.distributed.reduce([float(index_error is not None)], "max")[0]:
-                self.distributed.fail_together(index_error, "evaluation")
-        elif index_error is not None:
-            raise index_error
+        try:
+            if self.distributed is not None and self.device.type == "cuda":
+                if self.distributed.reduce([float(index_error is not None)], "max")[0]:
+                    self.distributed.fail_together(index_error, "evaluation")
+            elif index_error is not None:
+                raise index_error
+        finally:
+            del index_error  # see DistributedContext.fail_together
         if self.distributed is not None:
             keys, tasks = sorted(sums), sorted(task_rows)
             total = self.distributed.reduce(
@@ -176,9 +179,12 @@ class EvaluationMixin:
                 [have, have or last is not None, error is not None]
             )
             if failed:
-                self.distributed.fail_together(
-                    error, f"reading evaluation batch {taken + 1} (counted from 1)"
-                )
+                try:
+                    self.distributed.fail_together(
+                        error, f"reading evaluation batch {taken + 1} (counted from 1)"
+                    )
+                finally:
+                    del error  # see DistributedContext.fail_together
             if not ready:
                 return
             taken += 1

@@ -464,12 +464,15 @@ class Online:
         except Exception as err:
             error = err
         ctx = self.trainer.distributed
-        if ctx is not None:
-            ctx.agree_count(
-                0, error, f"make_data of window {len(self.progress.windows)} ({purpose})"
-            )
-        if error is not None:
-            raise error
+        try:
+            if ctx is not None:
+                ctx.agree_count(
+                    0, error, f"make_data of window {len(self.progress.windows)} ({purpose})"
+                )
+            if error is not None:
+                raise error
+        finally:
+            del error  # see DistributedContext.fail_together
         return data
 
     def _keep_initial_state(self) -> None:

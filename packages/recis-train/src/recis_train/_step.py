@@ -95,9 +95,12 @@ class StepMixin:
                 micro = self._take(batches)
         except Exception as err:
             error = err
-        agreed = self.distributed.agree_count(
-            len(micro), error, f"reading the training data for step {self.global_step + 1}"
-        )
+        try:
+            agreed = self.distributed.agree_count(
+                len(micro), error, f"reading the training data for step {self.global_step + 1}"
+            )
+        finally:
+            del error  # see DistributedContext.fail_together
         return micro[:agreed]
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
@@ -188,7 +191,10 @@ class StepMixin:
             return union
         self._zero_grad()  # gradients of earlier micro-batches must not leak into a retry
         if index_error is not None:
-            raise index_error
+            try:
+                raise index_error
+            finally:
+                del index_error  # see DistributedContext.fail_together
         if finite:
             raise NonFiniteLossError(
                 f"loss is not finite (or an index was out of range) on rank(s) {bad} at step "
