@@ -10,7 +10,8 @@ pub const EMPTY: i8 = 0;
 pub const FULL: i8 = 1;
 pub const ERASED: i8 = 2;
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+/// The golden-ratio constant (2**64 / phi) that offsets ids before mixing.
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// Slots a key that found its slot full looks ahead for a free one per claim round (the
 /// `_CLAIM_WINDOW` of the torch spelling, which must place keys alike).

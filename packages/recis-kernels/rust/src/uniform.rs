@@ -6,15 +6,14 @@
 //! it is finite. The arithmetic is that of the torch spelling of the same formula (an exact
 //! conversion, one rounded addition, an exact scaling), so both give the same bits.
 
-use crate::idmap::fmix64;
+use crate::idmap::{fmix64, GOLDEN};
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// 2**-53: scaling by it is exact.
 const TWO_POW_MINUS_53: f64 = 1.0 / 9_007_199_254_740_992.0;
 
 /// The uniform of one column of a mixed id, `base = fmix64(id ^ seed)`.
 #[inline]
-pub fn column_uniform(base: u64, column: usize) -> f64 {
+fn column_uniform(base: u64, column: usize) -> f64 {
     let bits = fmix64(base.wrapping_add((column as u64).wrapping_add(1).wrapping_mul(GOLDEN)));
     ((bits >> 11) as f64 + 0.5) * TWO_POW_MINUS_53
 }
