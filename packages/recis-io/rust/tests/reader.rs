@@ -137,3 +137,66 @@ fn missing_and_corrupt_files_are_reported() {
     assert!(matches!(err, Error::Corrupt { .. }));
     assert!(err.to_string().contains("bad.parquet"));
 }
+
+/// `ids` and `seq` values of a batch's buffer, as bytes.
+fn batch_bytes(buf: &[u8], layout: &_recis_io::core::assemble::BatchLayout) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for c in &layout.columns {
+        out.push(buf[c.values_at..c.values_at + c.values_len * 8].to_vec());
+        for &(at, n) in &c.offsets {
+            out.push(buf[at..at + n * 8].to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn grouped_batches_equal_batches_one_by_one() {
+    // Enough rows that shuffled batches are read in source order (more than 64 pieces), so
+    // groups take the joint gather; window 8 of `options` gives room for multi-row pieces.
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("a.parquet"), 0, 1500, 400);
+    write_file(&dir.path().join("b.parquet"), 1500, 1001, 333);
+    let paths = ["a.parquet", "b.parquet"].map(|n| {
+        (
+            dir.path().join(n).to_string_lossy().into_owned(),
+            Format::Parquet,
+        )
+    });
+    let src = Arc::new(
+        Source::open(&paths, &[ColumnSpec::plain("id"), ColumnSpec::plain("seq")]).unwrap(),
+    );
+    for shuffle in [true, false] {
+        let mut opts = options(150, shuffle, 0, 1, 2);
+        opts.sharding.window = 1000;
+        opts.epochs = 2;
+        let mut one = Reader::new(src.clone(), opts).unwrap();
+        let mut want = Vec::new();
+        while let Some((buf, layout)) = one.next_buffer().unwrap() {
+            let bytes = &buf.slab().as_bytes()[..layout.nbytes];
+            want.push((batch_bytes(bytes, &layout), one.cursor()));
+        }
+        assert_eq!(want.len(), 2 * 2501usize.div_ceil(150));
+        // Groups of 1, 3 and 8 batches, and of 8 capped by bytes to two batches (of about 3.7 kB).
+        for (max, max_bytes) in [(1, usize::MAX), (3, usize::MAX), (8, usize::MAX), (8, 8000)] {
+            let mut grouped = Reader::new(src.clone(), opts).unwrap();
+            let mut got = Vec::new();
+            let mut out = Vec::new();
+            loop {
+                grouped.next_buffers(max, max_bytes, &mut out).unwrap();
+                if out.is_empty() {
+                    break;
+                }
+                assert!(out.len() <= max);
+                for (buf, layout, cursor) in out.drain(..) {
+                    let bytes = &buf.slab().as_bytes()[..layout.nbytes];
+                    got.push((batch_bytes(bytes, &layout), cursor));
+                }
+            }
+            assert_eq!(
+                got, want,
+                "shuffle {shuffle}, groups of {max} up to {max_bytes} bytes"
+            );
+        }
+    }
+}

@@ -24,6 +24,18 @@ pub struct Assembled {
     pub cursor: (u64, usize),
 }
 
+/// Batches gathered together (see [`Reader::next_buffers`]). A shuffled batch of 4096 rows
+/// from a 65,536-row window reads one value of 8 bytes from about 40% of the cache lines of
+/// each flat column of the window; eight batches gathered in one pass read each line about
+/// once for all of them instead of about three times. The reader's CPU time a batch on the
+/// end-to-end benchmark's data (41 columns, a list column among them, 4096-row shuffled
+/// batches, one decode thread, a 2-core AMD EPYC; medians of five passes): 4.81 ms one batch
+/// at a time, 4.65 in pairs, 4.34 by four, 4.16 by eight, 4.00 by sixteen.
+const GROUP: usize = 8;
+/// A group holds at most this many bytes of batches (its first batch always goes in), so
+/// large batches are not held eight at a time.
+const GROUP_BYTES: usize = 32 << 20;
+
 /// `Ok(None)` marks the end of the last epoch.
 type Message = Result<Option<Assembled>>;
 
@@ -43,12 +55,33 @@ impl Ahead {
         let (tx, rx) = sync_channel::<Message>(depth.max(1));
         let handle = std::thread::Builder::new()
             .name("recis-io-assemble".into())
-            .spawn(move || loop {
-                let message = next_batch(&mut reader);
-                let last = !matches!(message, Ok(Some(_)));
-                // A send fails once the receiver is gone: the caller stopped reading.
-                if tx.send(message).is_err() || last {
-                    break;
+            .spawn(move || {
+                let mut group = Vec::with_capacity(GROUP);
+                loop {
+                    let result = reader.next_buffers(GROUP, GROUP_BYTES, &mut group);
+                    let end = group.is_empty();
+                    for (buffer, layout, cursor) in group.drain(..) {
+                        let batch = Assembled {
+                            buffer,
+                            layout,
+                            cursor,
+                        };
+                        // A send fails once the receiver is gone: the caller stopped reading.
+                        if tx.send(Ok(Some(batch))).is_err() {
+                            return;
+                        }
+                    }
+                    match result {
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                        Ok(()) if end => {
+                            let _ = tx.send(Ok(None));
+                            return;
+                        }
+                        Ok(()) => {}
+                    }
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the assembling thread: {e}")))?;
@@ -77,15 +110,6 @@ impl Ahead {
         }
         message
     }
-}
-
-fn next_batch(reader: &mut Reader) -> Message {
-    let next = reader.next_buffer()?;
-    Ok(next.map(|(buffer, layout)| Assembled {
-        buffer,
-        layout,
-        cursor: reader.cursor(),
-    }))
 }
 
 impl Drop for Ahead {

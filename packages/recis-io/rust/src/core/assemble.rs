@@ -199,44 +199,161 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
     dst: &mut [u8],
 ) {
     assert!(dst.len() >= layout.nbytes, "batch buffer too small");
-    // With an order: each piece's first row in the batch, and per list column each piece's
-    // (first value in its chunk, value count, first value in the batch).
-    let mut first_row = Vec::new();
-    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
-    let mut runs = Runs::default();
-    if let Some(order) = order {
-        first_row.reserve(pieces.len());
-        let mut at = 0;
-        for (_, a, b) in pieces {
-            first_row.push(at);
-            at += b - a;
-        }
-        spans.resize(pieces.len(), (0, 0, 0));
-        runs = Runs::of(pieces, order, &first_row);
+    let mut own = Owned::new(pieces, order);
+    for c in 0..plans.len() {
+        fill_column(plans, c, pieces, order, &mut own, layout, dst);
     }
-    for (c, (plan, cl)) in plans.iter().zip(&layout.columns).enumerate() {
-        let size = plan.out.size() * plan.width();
-        let v = cl.values_at;
-        match (order, cl.offsets.len()) {
-            (Some(order), 0) => {
-                let region = &mut dst[v..v + cl.values_len * plan.out.size()];
-                runs.fill_flat(c, pieces, order, &first_row, size, region);
+}
+
+/// What [`fill_column`] needs of a batch read in an order: each piece's first row in the
+/// batch, per list column each piece's (first value in its chunk, value count, first value in
+/// the batch), and the runs of its flat columns.
+struct Owned {
+    first_row: Vec<usize>,
+    spans: Vec<(usize, usize, usize)>,
+    runs: Runs,
+}
+
+impl Owned {
+    fn new<U: Deref<Target = PreparedUnit>>(
+        pieces: &[(U, usize, usize)],
+        order: Option<&[u32]>,
+    ) -> Owned {
+        let mut own = Owned {
+            first_row: Vec::new(),
+            spans: Vec::new(),
+            runs: Runs::default(),
+        };
+        if let Some(order) = order {
+            own.first_row = first_rows(pieces);
+            own.spans.resize(pieces.len(), (0, 0, 0));
+            own.runs = Runs::of(pieces, order, &own.first_row);
+        }
+        own
+    }
+}
+
+/// Each piece's first row in its batch.
+fn first_rows<U: Deref<Target = PreparedUnit>>(pieces: &[(U, usize, usize)]) -> Vec<usize> {
+    let mut at = 0;
+    pieces
+        .iter()
+        .map(|(_, a, b)| {
+            let here = at;
+            at += b - a;
+            here
+        })
+        .collect()
+}
+
+/// Column `c` of one batch (see [`fill_in`]).
+fn fill_column<U: Deref<Target = PreparedUnit>>(
+    plans: &[ColumnPlan],
+    c: usize,
+    pieces: &[(U, usize, usize)],
+    order: Option<&[u32]>,
+    own: &mut Owned,
+    layout: &BatchLayout,
+    dst: &mut [u8],
+) {
+    let (plan, cl) = (&plans[c], &layout.columns[c]);
+    let size = plan.out.size() * plan.width();
+    let v = cl.values_at;
+    match (order, cl.offsets.len()) {
+        (Some(order), 0) => {
+            let region = &mut dst[v..v + cl.values_len * plan.out.size()];
+            own.runs
+                .fill_flat(c, pieces, order, &own.first_row, size, &mut [region], false);
+        }
+        (None, 0) => {
+            let mut at = v;
+            for (unit, a, b) in pieces {
+                copy_rows(
+                    &mut dst[at..],
+                    unit.columns[c].values.as_slice(),
+                    *a,
+                    *b,
+                    size,
+                );
+                at += (b - a) * size;
             }
-            (None, 0) => {
-                let mut at = v;
-                for (unit, a, b) in pieces {
-                    copy_rows(
-                        &mut dst[at..],
-                        unit.columns[c].values.as_slice(),
-                        *a,
-                        *b,
-                        size,
-                    );
-                    at += (b - a) * size;
-                }
+        }
+        (Some(order), 1) => fill_list(c, pieces, order, &mut own.spans, cl, size, dst),
+        _ => fill_nested(c, pieces, order, cl, size, dst),
+    }
+}
+
+/// Most batches [`fill_group`] gathers together.
+pub const GROUP_MAX: usize = 1 << 8;
+/// A grouped gather's destination: batch `g`, row `r` is `(g << GROUP_SHIFT) | r`.
+const GROUP_SHIFT: u32 = 24;
+
+/// One batch of a group (see [`fill_group`]): its pieces, their order, layout and buffer.
+pub struct GroupBatch<'a, U> {
+    pub pieces: &'a [(U, usize, usize)],
+    pub order: Option<&'a [u32]>,
+    pub layout: &'a BatchLayout,
+    pub dst: &'a mut [u8],
+}
+
+/// Fills several batches, each exactly as [`fill_in`] fills it. Batches of a shuffled epoch
+/// draw their rows at random from the same decoded chunks: each batch's flat column touches
+/// most cache lines of that column in its chunks for a few values each, so gathering a flat
+/// column for several batches in one pass (all their rows in source order) reads each line
+/// once for all of them. List columns are filled batch by batch. Falls back to one batch at a
+/// time where a batch has no order (few pieces) or the batches are too many or too large to
+/// be addressed together.
+pub fn fill_group<U: Deref<Target = PreparedUnit>>(
+    plans: &[ColumnPlan],
+    batches: &mut [GroupBatch<'_, U>],
+) {
+    for b in batches.iter() {
+        assert!(b.dst.len() >= b.layout.nbytes, "batch buffer too small");
+    }
+    let joint = batches.len() > 1
+        && batches.len() <= GROUP_MAX
+        && batches
+            .iter()
+            .all(|b| b.order.is_some() && b.layout.rows < 1 << GROUP_SHIFT);
+    // Every piece of the group, and where its first row goes (batch and row, packed).
+    let mut all: Vec<(&PreparedUnit, usize, usize)> = Vec::new();
+    let mut dest: Vec<usize> = Vec::new();
+    if joint {
+        let n = batches.iter().map(|b| b.pieces.len()).sum();
+        all.reserve(n);
+        dest.reserve(n);
+        for (g, b) in batches.iter().enumerate() {
+            for ((unit, a, end), r) in b.pieces.iter().zip(first_rows(b.pieces)) {
+                all.push((&**unit, *a, *end));
+                dest.push((g << GROUP_SHIFT) | r);
             }
-            (Some(order), 1) => fill_list(c, pieces, order, &mut spans, cl, size, dst),
-            _ => fill_nested(c, pieces, order, cl, size, dst),
+        }
+    }
+    let order = if joint { source_order(&all) } else { None };
+    let Some(order) = order else {
+        for b in batches.iter_mut() {
+            fill_in(plans, b.pieces, b.order, b.layout, b.dst);
+        }
+        return;
+    };
+    let runs = Runs::of(&all, &order, &dest);
+    let mut owns: Vec<Option<Owned>> = batches.iter().map(|_| None).collect();
+    for (c, plan) in plans.iter().enumerate() {
+        if batches[0].layout.columns[c].offsets.is_empty() {
+            let size = plan.out.size() * plan.width();
+            let mut regions: Vec<&mut [u8]> = batches
+                .iter_mut()
+                .map(|b| {
+                    let cl = &b.layout.columns[c];
+                    &mut b.dst[cl.values_at..cl.values_at + cl.values_len * plan.out.size()]
+                })
+                .collect();
+            runs.fill_flat(c, &all, &order, &dest, size, &mut regions, true);
+            continue;
+        }
+        for (b, own) in batches.iter_mut().zip(owns.iter_mut()) {
+            let own = own.get_or_insert_with(|| Owned::new(b.pieces, b.order));
+            fill_column(plans, c, b.pieces, b.order, own, b.layout, b.dst);
         }
     }
 }
@@ -292,8 +409,10 @@ impl Runs {
         out
     }
 
-    /// Copies flat column `c` (elements of `size` bytes) of every piece into `region`, the
-    /// column's values in the batch.
+    /// Copies flat column `c` (elements of `size` bytes) of every piece into `regions`, the
+    /// column's values in the batch (`grouped`: in each batch of a group, `first_row` holding
+    /// the batch and row packed, see [`fill_group`]; else `regions` is the one batch's).
+    #[allow(clippy::too_many_arguments)]
     fn fill_flat<U: Deref<Target = PreparedUnit>>(
         &self,
         c: usize,
@@ -301,7 +420,8 @@ impl Runs {
         order: &[u32],
         first_row: &[usize],
         size: usize,
-        region: &mut [u8],
+        regions: &mut [&mut [u8]],
+        grouped: bool,
     ) {
         for &Run {
             piece,
@@ -312,16 +432,20 @@ impl Runs {
         {
             let src = pieces[piece].0.columns[c].values.as_slice();
             let rows = &self.rows[start..end];
-            match (single, size) {
-                (true, 8) => gather::<8>(region, src, rows),
-                (true, 4) => gather::<4>(region, src, rows),
-                (true, 2) => gather::<2>(region, src, rows),
-                (true, 1) => gather::<1>(region, src, rows),
+            match (single, size, grouped) {
+                (true, 8, false) => gather::<8, false>(regions, src, rows),
+                (true, 4, false) => gather::<4, false>(regions, src, rows),
+                (true, 2, false) => gather::<2, false>(regions, src, rows),
+                (true, 1, false) => gather::<1, false>(regions, src, rows),
+                (true, 8, true) => gather::<8, true>(regions, src, rows),
+                (true, 4, true) => gather::<4, true>(regions, src, rows),
+                (true, 2, true) => gather::<2, true>(regions, src, rows),
+                (true, 1, true) => gather::<1, true>(regions, src, rows),
                 _ => {
                     for &i in &order[start..end] {
                         let (_, a, b) = &pieces[i as usize];
-                        let at = first_row[i as usize] * size;
-                        copy_rows(&mut region[at..], src, *a, *b, size);
+                        let (g, r) = destination(first_row[i as usize], grouped);
+                        copy_rows(&mut regions[g][r * size..], src, *a, *b, size);
                     }
                 }
             }
@@ -329,10 +453,25 @@ impl Runs {
     }
 }
 
-/// `dst` element `to` = `src` element `from` for each `(from, to)` of `rows`, elements of `N`
-/// bytes.
+/// `(batch, row)` of a destination (see [`fill_group`]).
+#[inline(always)]
+fn destination(to: usize, grouped: bool) -> (usize, usize) {
+    if grouped {
+        (to >> GROUP_SHIFT, to & ((1 << GROUP_SHIFT) - 1))
+    } else {
+        (0, to)
+    }
+}
+
+/// Element `to` of `dst` = element `from` of `src` for each `(from, to)` of `rows`, elements
+/// of `N` bytes; `dst` is one batch's region, or with `GROUPED` one per batch of a group and
+/// `to` the packed batch and row (see [`fill_group`]).
 #[inline]
-fn gather<const N: usize>(dst: &mut [u8], src: &[u8], rows: &[(u32, u32)]) {
+fn gather<const N: usize, const GROUPED: bool>(
+    dst: &mut [&mut [u8]],
+    src: &[u8],
+    rows: &[(u32, u32)],
+) {
     // The source rows ascend with gaps, so nearly every one is a cache miss the hardware does
     // not foresee: ask for the row `AHEAD` places on while copying this one.
     const AHEAD: usize = 16;
@@ -340,8 +479,9 @@ fn gather<const N: usize>(dst: &mut [u8], src: &[u8], rows: &[(u32, u32)]) {
         if let Some(&(next, _)) = rows.get(k + AHEAD) {
             prefetch(src, next as usize * N);
         }
-        let (from, to) = (from as usize * N, to as usize * N);
-        dst[to..to + N].copy_from_slice(&src[from..from + N]);
+        let (g, to) = destination(to as usize, GROUPED);
+        let (from, to) = (from as usize * N, to * N);
+        dst[g][to..to + N].copy_from_slice(&src[from..from + N]);
     }
 }
 
@@ -578,9 +718,9 @@ mod tests {
         }
     }
 
-    fn source_order_case(chunks: usize) {
-        // Chunks with an int64 and an int32 column and a list column; a batch of single-row
-        // pieces in random order plus a few multi-row pieces, as shuffled batches are made.
+    /// Chunks with an int64 and an int32 column and a list column, and `n` pieces of them: single
+    /// rows in random order plus a few multi-row pieces, as shuffled batches are made.
+    fn shuffled_pieces(chunks: usize, n: usize, seed: u64) -> (Vec<ColumnPlan>, Vec<Piece>) {
         let plans = vec![flat_plan(DType::I64), flat_plan(DType::I32), list_plan()];
         let units: Vec<Arc<PreparedUnit>> = (0..chunks)
             .map(|u| {
@@ -613,14 +753,19 @@ mod tests {
                 })
             })
             .collect();
-        let mut rng = crate::core::plan::Rng::new(&[7]);
+        let mut rng = crate::core::plan::Rng::new(&[seed]);
         let mut pieces: Vec<Piece> = Vec::new();
-        for k in 0..900 {
+        for k in 0..n {
             let u = &units[rng.below(chunks as u64) as usize];
             let a = rng.below(u.rows as u64 - 3) as usize;
             let len = if k % 97 == 0 { 3 } else { 1 };
             pieces.push((u.clone(), a, a + len));
         }
+        (plans, pieces)
+    }
+
+    fn source_order_case(chunks: usize) {
+        let (plans, pieces) = shuffled_pieces(chunks, 900, 7);
         let order = source_order(&pieces).expect("many pieces are ordered");
         let lay = layout_in(&plans, &pieces, Some(&order));
         assert_eq!(lay, layout_in(&plans, &pieces, None));
@@ -645,6 +790,56 @@ mod tests {
                     "a chunk visited twice ({chunks} chunks)"
                 );
                 seen.push(p.0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_fills_each_batch_as_fill_in_does() {
+        // Batches sizes per case: all read in order (one joint gather), one of few pieces among
+        // them (read in batch order: each batch alone), a lone batch; over few chunks and over
+        // more than 64 (whose joint order is the tuple sort).
+        let cases: [(usize, &[usize]); 4] = [
+            (5, &[300, 300, 211, 97]),
+            (5, &[300, 40, 300]),
+            (5, &[500]),
+            (70, &[400, 400, 400]),
+        ];
+        for (case, (chunks, sizes)) in cases.into_iter().enumerate() {
+            let total = sizes.iter().sum();
+            let (plans, pieces) = shuffled_pieces(chunks, total, 11 + case as u64);
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &n in sizes {
+                let part = &pieces[at..at + n];
+                at += n;
+                let order = source_order(part);
+                let lay = layout_in(&plans, part, order.as_deref());
+                // Padding between regions is not written: the same marks on both sides.
+                let mut want = vec![0xa5u8; lay.nbytes];
+                fill_in(&plans, part, None, &lay, &mut want);
+                parts.push((part, order, lay, want));
+            }
+            // Buffers larger than the batches, their tails marked: they must stay as they are.
+            let mut bufs: Vec<Vec<u8>> =
+                parts.iter().map(|p| vec![0xa5; p.2.nbytes + 64]).collect();
+            let mut group: Vec<GroupBatch<'_, Arc<PreparedUnit>>> = parts
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|((part, order, lay, _), buf)| GroupBatch {
+                    pieces: part,
+                    order: order.as_deref(),
+                    layout: lay,
+                    dst: buf,
+                })
+                .collect();
+            fill_group(&plans, &mut group);
+            for (k, ((_, _, lay, want), buf)) in parts.iter().zip(&bufs).enumerate() {
+                assert_eq!(&buf[..lay.nbytes], &want[..], "case {case}, batch {k}");
+                assert!(
+                    buf[lay.nbytes..].iter().all(|&b| b == 0xa5),
+                    "case {case}, batch {k}"
+                );
             }
         }
     }

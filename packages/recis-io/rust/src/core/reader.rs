@@ -286,6 +286,66 @@ impl Reader {
         let layout = self.fill_pending(slab.as_mut_bytes())?;
         Ok(Some((SlabRef::Own(slab), layout)))
     }
+
+    /// Up to `max` next batches into `out`, each in a buffer of its own with the cursor after
+    /// it, as [`Reader::next_buffer`] gives them one by one, but filled together (see
+    /// [`assemble::fill_group`]): what [`Ahead`](super::ahead::Ahead) asks for. The group
+    /// stops before it would hold more than `max_bytes` (its first batch always goes in), at
+    /// a batch that is one whole packed chunk (given alone), and at the end. An error comes
+    /// after the batches prepared before it, which are in `out`.
+    pub fn next_buffers(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        out: &mut Vec<(SlabRef, BatchLayout, (u64, usize))>,
+    ) -> Result<()> {
+        let mut group: Vec<(Pending, (u64, usize))> = Vec::new();
+        let mut bytes = 0;
+        let mut failed = None;
+        while group.len() < max.clamp(1, assemble::GROUP_MAX) {
+            let need = match self.prepare_next() {
+                Ok(Some(layout)) => layout.nbytes,
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let packed = self.pending.as_ref().is_some_and(|p| p.packed.is_some());
+            if !group.is_empty() && (packed || bytes + need > max_bytes) {
+                break; // stays prepared for the next call
+            }
+            if packed {
+                let (slab, layout) = self.take_packed().expect("a packed batch is prepared");
+                out.push((SlabRef::Shared(slab), layout, self.cursor()));
+                return Ok(());
+            }
+            let p = self.pending.take().expect("a batch is prepared");
+            self.pos = p.end;
+            bytes += need;
+            group.push((p, self.cursor()));
+        }
+        let mut slabs: Vec<Slab> = group
+            .iter()
+            .map(|(p, _)| self.ring.take(p.layout.nbytes))
+            .collect();
+        let mut batches: Vec<assemble::GroupBatch<'_, _>> = group
+            .iter()
+            .zip(slabs.iter_mut())
+            .map(|((p, _), slab)| assemble::GroupBatch {
+                pieces: &p.pieces,
+                order: p.order.as_deref(),
+                layout: &p.layout,
+                dst: slab.as_mut_bytes(),
+            })
+            .collect();
+        assemble::fill_group(&self.source.columns, &mut batches);
+        drop(batches);
+        for ((p, cursor), slab) in group.into_iter().zip(slabs) {
+            out.push((SlabRef::Own(slab), p.layout, cursor));
+        }
+        failed.map_or(Ok(()), Err)
+    }
 }
 
 /// An error unless `dst` holds a batch of `need` bytes.
