@@ -27,7 +27,8 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// commits an arena's memory as it is used instead of all at once.
 const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
-pub(crate) fn keep_freed_memory() {
+/// Sets the options above: freed memory kept for reuse, arenas committed as used.
+pub(crate) fn configure_allocator() {
     // SAFETY: setting an option is allowed at any time; it only changes when freed pages are
     // decommitted, and how arenas reserved from now on are committed.
     unsafe {

@@ -31,7 +31,7 @@ fn hash_bytes(data: &[u8], kind: &str, buckets: u64) -> PyResult<i64> {
 
 #[pymodule]
 fn _recis_io(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    memory::keep_freed_memory();
+    memory::configure_allocator();
     m.add_class::<reader::Reader>()?;
     m.add_function(wrap_pyfunction!(hash_bytes, m)?)?;
     Ok(())
