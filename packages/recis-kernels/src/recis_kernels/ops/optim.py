@@ -512,7 +512,9 @@ def adam_store_(
     ``sqrt`` is not on every CPU: with AVX-512 some of its roots are an ulp apart), and each
     row's step size and bias correction come from C's ``pow`` on its count, as Python computes
     ``beta ** step``. So a parameter can be an ulp or so from what :func:`adam_rows_` gives on
-    the same rows (moments and counts are bit for bit the same). Elsewhere (CUDA, or blocks
+    the same rows (moments and counts are bit for bit the same for the same inputs; with Adam's
+    L2 weight decay a later update adds those parameters to its gradients, so its moments can
+    then be as far apart). Elsewhere (CUDA, or blocks
     that are not dense) the rows go through :meth:`RowStore.update` and :func:`adam_rows_`.
 
     Args:
