@@ -6,6 +6,8 @@
 //! slot empty (it grows first), so every probe ends; a probe that would still visit all slots
 //! stops there, so a corrupt map cannot hang a lookup.
 
+use crate::radix::sort_by_high_bits;
+
 pub const EMPTY: i8 = 0;
 pub const FULL: i8 = 1;
 pub const ERASED: i8 = 2;
@@ -197,6 +199,80 @@ pub fn claim(
     Ok(reused)
 }
 
+/// Places distinct pairs into a map whose slots are all empty (a new map, a rehash, a cleared
+/// map) as key-by-key linear probing in order of home slot would, ties in input order: in that
+/// order each pair takes the first slot at or after both its home and the slot of the pair
+/// before it; the pairs that would run past the last slot then take the first free slots from
+/// slot 0 on, in the same order. This is the placement of `IdMap._claim_blank_torch`, slot for
+/// slot, with one radix sort of the pairs by home instead of a probe each: the slots are then
+/// written in ascending order. Writes each pair's slot to `out`.
+pub fn claim_blank(slots: &mut SlotsMut<'_>, keys: &[i64], tabs: &[i32], out: &mut [i64]) {
+    let n = keys.len();
+    assert!(
+        tabs.len() == n && out.len() == n,
+        "claim_blank: lengths differ"
+    );
+    let cap = slots.keys.len();
+    assert!(
+        cap.is_power_of_two() && slots.tabs.len() == cap && slots.state.len() == cap,
+        "slot arrays must share one power-of-two length"
+    );
+    assert!(n <= cap, "claim_blank: {n} pairs for {cap} slots");
+    if n == 0 {
+        return;
+    }
+    let mask = cap - 1;
+    let mask_bits = usize::BITS - mask.leading_zeros();
+    let bits = (usize::BITS - (n - 1).leading_zeros()).max(1);
+    let order = by_home(keys, tabs, mask, mask_bits + bits <= 63);
+    let mut place = |slot: usize, i: usize, slots: &mut SlotsMut<'_>| {
+        slots.state[slot] = FULL;
+        slots.keys[slot] = keys[i];
+        slots.tabs[slot] = tabs[i];
+        out[i] = slot as i64;
+    };
+    let mut next = 0;
+    let mut wrapped = Vec::new();
+    for (h, i) in order {
+        let slot = h.max(next);
+        if slot > mask {
+            wrapped.push(i); // and every pair after it: `next` only grows
+            continue;
+        }
+        place(slot, i, slots);
+        next = slot + 1;
+    }
+    let mut slot = 0;
+    for i in wrapped {
+        while slots.state[slot] == FULL {
+            slot += 1;
+        }
+        place(slot, i, slots);
+    }
+}
+
+/// `(home, input position)` of every pair, in that order: with `packed`, as
+/// `home << bits | position` (which must fit 63 bits) sorted by radix (positions ascend in the
+/// low bits, so a stable sort by the high bits gives that order), else as sorted tuples.
+fn by_home(keys: &[i64], tabs: &[i32], mask: usize, packed: bool) -> Vec<(usize, usize)> {
+    let n = keys.len();
+    if !packed || n < 2 {
+        let mut pairs: Vec<(usize, usize)> =
+            (0..n).map(|i| (home(keys[i], tabs[i], mask), i)).collect();
+        pairs.sort_unstable();
+        return pairs;
+    }
+    let bits = (usize::BITS - (n - 1).leading_zeros()).max(1);
+    let mut all: Vec<i64> = (0..n)
+        .map(|i| ((home(keys[i], tabs[i], mask) << bits) | i) as i64)
+        .collect();
+    sort_by_high_bits(&mut all, bits);
+    let low = (1usize << bits) - 1;
+    all.into_iter()
+        .map(|p| (p as usize >> bits, p as usize & low))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +404,57 @@ mod tests {
             &mut found,
         );
         assert_eq!(found, out, "every claimed key is reachable from its home");
+    }
+
+    #[test]
+    fn claim_blank_places_as_linear_probing_in_order_of_home() {
+        let mut rng = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            rng = fmix64(rng.wrapping_add(GOLDEN));
+            rng
+        };
+        // Few pairs, half full, nearly full (pairs wrap past the last slot), full.
+        for (cap, n) in [(16, 3), (64, 32), (64, 60), (256, 250), (32, 32), (8, 0)] {
+            let keys: Vec<i64> = (0..n).map(|_| next() as i64).collect();
+            let tabs: Vec<i32> = (0..n).map(|_| (next() % 4) as i32).collect();
+            let (mut k, mut t, mut st) = (vec![0i64; cap], vec![0i32; cap], vec![EMPTY; cap]);
+            let mut out = vec![-1i64; n];
+            let mut slots = SlotsMut {
+                keys: &mut k,
+                tabs: &mut t,
+                state: &mut st,
+            };
+            claim_blank(&mut slots, &keys, &tabs, &mut out);
+            // The reference: pair by pair in order of (home, position), each probing from its
+            // home to the first empty slot.
+            let mask = cap - 1;
+            let mut order: Vec<(usize, usize)> =
+                (0..n).map(|i| (home(keys[i], tabs[i], mask), i)).collect();
+            order.sort();
+            let (mut rk, mut rt, mut rs) = (vec![0i64; cap], vec![0i32; cap], vec![EMPTY; cap]);
+            let mut want = vec![-1i64; n];
+            for (h, i) in order {
+                let mut p = h;
+                while rs[p] == FULL {
+                    p = (p + 1) & mask;
+                }
+                (rk[p], rt[p], rs[p]) = (keys[i], tabs[i], FULL);
+                want[i] = p as i64;
+            }
+            assert_eq!(out, want, "{n} pairs in {cap} slots");
+            assert_eq!((k, t, st), (rk, rt, rs), "{n} pairs in {cap} slots");
+        }
+    }
+
+    #[test]
+    fn by_home_sorts_alike_packed_and_as_tuples() {
+        let keys: Vec<i64> = (0..3000).map(|i| fmix64(i) as i64).collect();
+        let tabs: Vec<i32> = (0..3000).map(|i| i % 5).collect();
+        for mask in [0, 63, 4095, (1 << 20) - 1] {
+            let packed = by_home(&keys, &tabs, mask, true);
+            assert_eq!(packed, by_home(&keys, &tabs, mask, false), "mask {mask}");
+            assert!(packed.windows(2).all(|w| w[0] < w[1]));
+        }
     }
 
     #[test]

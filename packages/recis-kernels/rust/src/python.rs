@@ -18,7 +18,7 @@ use crate::bucketize::bucketize_into;
 use crate::cross::pair_hash_into;
 use crate::divide::Divisor;
 use crate::group::{group_pairs as group_pairs_into, Groups, Positions};
-use crate::idmap::{claim, find, find_rows, Slots, SlotsMut};
+use crate::idmap::{claim, claim_blank, find, find_rows, Slots, SlotsMut};
 use crate::interleave::{count_items, interleave, Interleaved, Member};
 use crate::optim::{
     adam_apply as adam_apply_into, adam_block_rows as adam_block_rows_into,
@@ -716,6 +716,43 @@ fn idmap_claim(
         })
 }
 
+/// Places `n` distinct pairs into the slot arrays `slots` of a map whose slots are all empty
+/// (see `idmap::claim_blank`), writing their slots to `out`.
+#[pyfunction]
+fn idmap_claim_blank(
+    py: Python<'_>,
+    slots: (usize, usize, usize),
+    capacity: usize,
+    keys: usize,
+    tabs: usize,
+    n: usize,
+    out: usize,
+) -> PyResult<()> {
+    let op = "idmap_claim_blank";
+    check_slots(op, slots, capacity)?;
+    check_queries(op, keys, tabs, out, n)?;
+    if n > capacity {
+        return Err(value_error(format!(
+            "{op}: {n} pairs do not fit a map of {capacity} slots"
+        )));
+    }
+    // SAFETY: as in idmap_claim.
+    let (mut map, keys_in, tabs_in, out) = unsafe {
+        (
+            SlotsMut {
+                keys: slice_mut(slots.0, capacity),
+                tabs: slice_mut(slots.1, capacity),
+                state: slice_mut(slots.2, capacity),
+            },
+            slice::<i64>(keys, n),
+            slice::<i32>(tabs, n),
+            slice_mut::<i64>(out, n),
+        )
+    };
+    py.detach(|| claim_blank(&mut map, keys_in, tabs_in, out));
+    Ok(())
+}
+
 /// Groups `n` pairs (int64 ids at `keys`, int32 tables at `tabs`) by equal pair; `out` is
 /// `(keys, tabs, inverse)`: `n` int64s, `n` int32s and `n` int64s, and `positions`, when given,
 /// `(order, offsets)`: `n` and `n + 1` int64s (see `group::Groups`). Returns the number of
@@ -1194,6 +1231,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sort_int64_by_high_bits, m)?)?;
     m.add_function(wrap_pyfunction!(idmap_find, m)?)?;
     m.add_function(wrap_pyfunction!(idmap_claim, m)?)?;
+    m.add_function(wrap_pyfunction!(idmap_claim_blank, m)?)?;
     m.add_function(wrap_pyfunction!(group_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(copy_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(interleave_bags, m)?)?;

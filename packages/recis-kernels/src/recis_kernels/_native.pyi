@@ -13,6 +13,7 @@ __all__ = [
     "group_pairs",
     "hashed_uniform",
     "idmap_claim",
+    "idmap_claim_blank",
     "idmap_find",
     "interleave_bags",
     "pair_hash_parts",
@@ -75,6 +76,9 @@ def idmap_find(
 def idmap_claim(
     slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int
 ) -> int: ...
+def idmap_claim_blank(
+    slots: tuple[int, int, int], capacity: int, keys: int, tabs: int, n: int, out: int
+) -> None: ...
 def group_pairs(
     keys: int,
     tabs: int,
