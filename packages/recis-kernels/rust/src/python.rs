@@ -679,6 +679,35 @@ fn idmap_find(
     Ok(())
 }
 
+/// The pairs a claim kernel places and where it writes: the map's slot arrays `slots` of
+/// `capacity` slots, `n` int64 ids at `keys` and int32 tables at `tabs`, and `n` int64 slots at
+/// `out`, checked.
+///
+/// # Safety
+///
+/// The caller's contract of the claim kernels: the slot arrays are the map's own, written by
+/// this call only, and `out` is a fresh output of `n` int64s.
+#[allow(clippy::type_complexity)]
+unsafe fn claim_args<'a>(
+    op: &str,
+    slots: (usize, usize, usize),
+    capacity: usize,
+    (keys, tabs, n, out): (usize, usize, usize, usize),
+) -> PyResult<(SlotsMut<'a>, &'a [i64], &'a [i32], &'a mut [i64])> {
+    check_slots(op, slots, capacity)?;
+    check_queries(op, keys, tabs, out, n)?;
+    Ok((
+        SlotsMut {
+            keys: slice_mut(slots.0, capacity),
+            tabs: slice_mut(slots.1, capacity),
+            state: slice_mut(slots.2, capacity),
+        },
+        slice::<i64>(keys, n),
+        slice::<i32>(tabs, n),
+        slice_mut::<i64>(out, n),
+    ))
+}
+
 /// Places `n` distinct pairs absent from the map into its slot arrays `slots` in claim rounds
 /// (see `idmap::claim`), writing their slots to `out`; returns how many tombstones they took.
 #[pyfunction]
@@ -692,21 +721,9 @@ fn idmap_claim(
     out: usize,
 ) -> PyResult<usize> {
     let op = "idmap_claim";
-    check_slots(op, slots, capacity)?;
-    check_queries(op, keys, tabs, out, n)?;
     // SAFETY: as in idmap_find; the slot arrays are the map's own, written by this call only.
-    let (mut map, keys_in, tabs_in, out) = unsafe {
-        (
-            SlotsMut {
-                keys: slice_mut(slots.0, capacity),
-                tabs: slice_mut(slots.1, capacity),
-                state: slice_mut(slots.2, capacity),
-            },
-            slice::<i64>(keys, n),
-            slice::<i32>(tabs, n),
-            slice_mut::<i64>(out, n),
-        )
-    };
+    let (mut map, keys_in, tabs_in, out) =
+        unsafe { claim_args(op, slots, capacity, (keys, tabs, n, out))? };
     py.detach(|| claim(&mut map, keys_in, tabs_in, out))
         .map_err(|i| {
             PyRuntimeError::new_err(format!(
@@ -729,26 +746,14 @@ fn idmap_claim_blank(
     out: usize,
 ) -> PyResult<()> {
     let op = "idmap_claim_blank";
-    check_slots(op, slots, capacity)?;
-    check_queries(op, keys, tabs, out, n)?;
     if n > capacity {
         return Err(value_error(format!(
             "{op}: {n} pairs do not fit a map of {capacity} slots"
         )));
     }
     // SAFETY: as in idmap_claim.
-    let (mut map, keys_in, tabs_in, out) = unsafe {
-        (
-            SlotsMut {
-                keys: slice_mut(slots.0, capacity),
-                tabs: slice_mut(slots.1, capacity),
-                state: slice_mut(slots.2, capacity),
-            },
-            slice::<i64>(keys, n),
-            slice::<i32>(tabs, n),
-            slice_mut::<i64>(out, n),
-        )
-    };
+    let (mut map, keys_in, tabs_in, out) =
+        unsafe { claim_args(op, slots, capacity, (keys, tabs, n, out))? };
     py.detach(|| claim_blank(&mut map, keys_in, tabs_in, out));
     Ok(())
 }
