@@ -205,13 +205,13 @@ pub fn fill_in<U: Deref<Target = PreparedUnit>>(
     }
 }
 
-/// What [`fill_column`] needs of a batch read in an order: each piece's first row in the
-/// batch, per list column each piece's (first value in its chunk, value count, first value in
-/// the batch), and the runs of its flat columns.
+/// What [`fill_column`] needs of a batch read in an order: per list column each piece's
+/// (first value in its chunk, value count, first value in the batch), and for its flat columns
+/// each piece's first row in the batch and their runs, made by the first flat column (a group
+/// gathers its flat columns together and never asks for them).
 struct Owned {
-    first_row: Vec<usize>,
     spans: Vec<(usize, usize, usize)>,
-    runs: Runs,
+    flat: Option<(Vec<usize>, Runs)>,
 }
 
 impl Owned {
@@ -219,17 +219,11 @@ impl Owned {
         pieces: &[(U, usize, usize)],
         order: Option<&[u32]>,
     ) -> Owned {
-        let mut own = Owned {
-            first_row: Vec::new(),
-            spans: Vec::new(),
-            runs: Runs::default(),
+        let spans = match order {
+            Some(_) => vec![(0, 0, 0); pieces.len()],
+            None => Vec::new(),
         };
-        if let Some(order) = order {
-            own.first_row = first_rows(pieces);
-            own.spans.resize(pieces.len(), (0, 0, 0));
-            own.runs = Runs::of(pieces, order, &own.first_row);
-        }
-        own
+        Owned { spans, flat: None }
     }
 }
 
@@ -262,8 +256,12 @@ fn fill_column<U: Deref<Target = PreparedUnit>>(
     match (order, cl.offsets.len()) {
         (Some(order), 0) => {
             let region = &mut dst[v..v + cl.values_len * plan.out.size()];
-            own.runs
-                .fill_flat(c, pieces, order, &own.first_row, size, &mut [region], false);
+            let (first_row, runs) = own.flat.get_or_insert_with(|| {
+                let first_row = first_rows(pieces);
+                let runs = Runs::of(pieces, order, &first_row);
+                (first_row, runs)
+            });
+            runs.fill_flat(c, pieces, order, first_row, size, &mut [region], false);
         }
         (None, 0) => {
             let mut at = v;

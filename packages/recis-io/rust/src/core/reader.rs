@@ -276,15 +276,9 @@ impl Reader {
     /// itself when the batch is one, else a ring buffer packed now. `None` after the last
     /// epoch.
     pub fn next_buffer(&mut self) -> Result<Option<(SlabRef, BatchLayout)>> {
-        let Some(need) = self.prepare_next()?.map(|l| l.nbytes) else {
-            return Ok(None);
-        };
-        if let Some((slab, layout)) = self.take_packed() {
-            return Ok(Some((SlabRef::Shared(slab), layout)));
-        }
-        let mut slab = self.ring.take(need);
-        let layout = self.fill_pending(slab.as_mut_bytes())?;
-        Ok(Some((SlabRef::Own(slab), layout)))
+        let mut out = Vec::with_capacity(1);
+        self.next_buffers(1, usize::MAX, &mut out)?;
+        Ok(out.pop().map(|(buffer, layout, _)| (buffer, layout)))
     }
 
     /// Up to `max` next batches into `out`, each in a buffer of its own with the cursor after
