@@ -222,9 +222,7 @@ pub fn claim_blank(slots: &mut SlotsMut<'_>, keys: &[i64], tabs: &[i32], out: &m
         return;
     }
     let mask = cap - 1;
-    let mask_bits = usize::BITS - mask.leading_zeros();
-    let bits = (usize::BITS - (n - 1).leading_zeros()).max(1);
-    let order = by_home(keys, tabs, mask, mask_bits + bits <= 63);
+    let order = by_home(keys, tabs, mask, true);
     let mut place = |slot: usize, i: usize, slots: &mut SlotsMut<'_>| {
         slots.state[slot] = FULL;
         slots.keys[slot] = keys[i];
@@ -251,18 +249,19 @@ pub fn claim_blank(slots: &mut SlotsMut<'_>, keys: &[i64], tabs: &[i32], out: &m
     }
 }
 
-/// `(home, input position)` of every pair, in that order: with `packed`, as
-/// `home << bits | position` (which must fit 63 bits) sorted by radix (positions ascend in the
-/// low bits, so a stable sort by the high bits gives that order), else as sorted tuples.
+/// `(home, input position)` of every pair, in that order: with `packed` where it fits 63 bits,
+/// as `home << bits | position` sorted by radix (positions ascend in the low bits, so a stable
+/// sort by the high bits gives that order), else as sorted tuples.
 fn by_home(keys: &[i64], tabs: &[i32], mask: usize, packed: bool) -> Vec<(usize, usize)> {
     let n = keys.len();
-    if !packed || n < 2 {
+    let bits = (usize::BITS - n.saturating_sub(1).leading_zeros()).max(1);
+    let mask_bits = usize::BITS - mask.leading_zeros();
+    if !packed || n < 2 || mask_bits + bits > 63 {
         let mut pairs: Vec<(usize, usize)> =
             (0..n).map(|i| (home(keys[i], tabs[i], mask), i)).collect();
         pairs.sort_unstable();
         return pairs;
     }
-    let bits = (usize::BITS - (n - 1).leading_zeros()).max(1);
     let mut all: Vec<i64> = (0..n)
         .map(|i| ((home(keys[i], tabs[i], mask) << bits) | i) as i64)
         .collect();
