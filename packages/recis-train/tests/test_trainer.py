@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -242,6 +243,41 @@ def test_logging_hook_prints_plain_lines_when_not_a_tty(tmp_path):
     assert "eta" in lines[0]
     assert "\r" not in stream.getvalue()
     assert lines[2].startswith("eval at step 6: loss ")
+
+
+def test_logging_hook_leaves_evaluation_and_saving_out_of_samples_per_s(monkeypatch):
+    """The rate covers training time only; the ETA is the run's wall clock per step."""
+    clock = [0.0]
+    monkeypatch.setattr("recis_train._hooks.time.perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    hook = LoggingHook(every=4, stream=stream)
+    trainer = SimpleNamespace(global_step=0, total_steps=8, args=SimpleNamespace(log_every=4))
+    logs = {"loss": 0.5, "lr": 0.1, "samples": 100}
+
+    def step(at):
+        clock[0] = at
+        trainer.global_step += 1
+        hook.on_step_end(trainer, logs)
+
+    hook.on_train_begin(trainer)
+    step(1.0)
+    step(2.0)
+    clock[0] = 12.0  # ten seconds of evaluation after step 2 ...
+    hook.on_evaluate(trainer, {"auc": 0.7})
+    clock[0] = 14.0  # ... then two of writing a checkpoint
+    hook.on_save(trainer, "ckpt")
+    step(15.0)
+    step(16.0)
+    line = stream.getvalue().splitlines()[1]
+    # 400 rows in 4 s of training (16 s of wall clock); 4 steps left at 16 s / 4 steps.
+    assert "samples/s 100 " in line
+    assert line.endswith("eta 0m16s")
+    # The next window starts clean: 4 steps of 2 s each, no pause.
+    for at in (18.0, 20.0, 22.0, 24.0):
+        step(at)
+    line = stream.getvalue().splitlines()[2]
+    assert "samples/s 50 " in line
+    assert line.endswith("eta 0m00s")
 
 
 def test_table_stats_hook_reports_growth_and_hit_rate(tmp_path):

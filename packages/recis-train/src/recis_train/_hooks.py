@@ -88,6 +88,11 @@ class LoggingHook(Hook):
     On an interactive terminal it redraws one progress line; otherwise (files, CI logs) it
     prints a plain line every ``every`` steps. Evaluation results always get their own line.
 
+    ``samples/s`` is the training rate since the last line: the time the trainer spent
+    evaluating or writing checkpoints in between is left out, so a line after an evaluation
+    does not drop. The ETA is the wall-clock time of this ``train()`` call so far per step,
+    evaluations and checkpoints included (they recur), times the steps left.
+
     Args:
         every: steps between lines, at least 1 (default: the trainer's ``log_every``).
         stream: where to write (default ``sys.stderr``).
@@ -104,6 +109,12 @@ class LoggingHook(Hook):
         self.stream = stream
         self._window_start = 0.0
         self._window_samples = 0
+        # Seconds of the window spent evaluating or saving, and when the last step (or
+        # evaluation, or save) ended: both run right after a step's hooks.
+        self._paused = 0.0
+        self._mark = 0.0
+        self._run_start = 0.0
+        self._run_steps = 0
 
     @property
     def _out(self) -> IO[str]:
@@ -114,17 +125,27 @@ class LoggingHook(Hook):
         return bool(isatty and isatty())
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        self._window_start = time.perf_counter()
+        now = time.perf_counter()
+        self._window_start = self._mark = self._run_start = now
         self._window_samples = 0
+        self._paused = 0.0
+        self._run_steps = 0
+
+    def _pause_ended(self) -> None:
+        """An evaluation or a save, which began when the last step (or the other) ended."""
+        now = time.perf_counter()
+        self._paused += now - self._mark
+        self._mark = now
 
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        now = self._mark = time.perf_counter()
         self._window_samples += int(logs.get("samples", 0))
+        self._run_steps += 1
         every = self.every or trainer.args.log_every
         step = trainer.global_step
         if step % every and not self._interactive():
             return
-        now = time.perf_counter()
-        rate = self._window_samples / max(now - self._window_start, 1e-9)
+        rate = self._window_samples / max(now - self._window_start - self._paused, 1e-9)
         total = trainer.total_steps
         line = f"step {step}" + (f"/{total}" if total else "")
         line += f" loss {logs['loss']:.5f}"
@@ -133,21 +154,25 @@ class LoggingHook(Hook):
             line += " (" + ", ".join(tasks) + ")"
         line += f" lr {logs['lr']:.3g} samples/s {rate:,.0f}"
         if total and step % every == 0:
-            steps_per_s = rate / max(logs.get("samples", 1), 1)
-            line += f" eta {_duration((total - step) / max(steps_per_s, 1e-9))}"
+            per_step = (now - self._run_start) / self._run_steps
+            line += f" eta {_duration(max(total - step, 0) * per_step)}"
         if self._interactive():
             self._out.write("\r" + line.ljust(100))
         else:
             self._out.write(line + "\n")
         self._out.flush()
         if step % every == 0:
-            self._window_start, self._window_samples = now, 0
+            self._window_start, self._window_samples, self._paused = now, 0, 0.0
 
     def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        self._pause_ended()
         text = " ".join(f"{k} {v:.5f}" for k, v in metrics.items())
         prefix = "\n" if self._interactive() else ""
         self._out.write(f"{prefix}eval at step {trainer.global_step}: {text}\n")
         self._out.flush()
+
+    def on_save(self, trainer: Trainer, path: str) -> None:
+        self._pause_ended()
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._interactive():
