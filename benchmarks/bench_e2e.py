@@ -582,6 +582,16 @@ def main(argv: list[str] | None = None) -> int:
             f"click AUC {ours['click_auc'] / theirs['click_auc']:.3f}x, "
             f"conversion AUC {ours['conversion_auc'] / theirs['conversion_auc']:.3f}x"
         )
+    # Each rep ran the contenders back to back: its ratio shows how much the machine moved.
+    pairs = ", ".join(
+        f"{ours / theirs:.2f}x"
+        for ours, theirs in zip(
+            results["recis"]["all_samples_per_s"],
+            results["PyTorch"]["all_samples_per_s"],
+            strict=True,
+        )
+    )
+    print(f"recis / PyTorch samples/s in each rep (run back to back): {pairs}")
     print(f"TorchRec: {torchrec}")
     write_json(
         "e2e",
