@@ -273,12 +273,13 @@ def _linear_batches(batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _setup_root_readme(ns: dict[str, Any]) -> None:
+    # The columns of the demo's click log (benchmarks/data.py), where the README reads them.
     _write_parquet(
-        "data/clicks/part-0.parquet",
+        "demo-output/data/train/part-00000.parquet",
         {
             "label": [0, 1, 0, 1, 1],
-            "I1": [0.5, 1.5, 1.0, 2.0, 3.0],
-            "C1": ["u1", "u2", "u3", "u2", "u5"],
+            "I1": pa.array([0.5, None, 1.0, 2.0, 3.0], pa.float32()),
+            "C1": pa.array([-7, 12, 2**62, 12, 5], pa.int64()),
             "seq": pa.array([[1, 2], [], [3], [7], [4, 5, 6]], pa.list_(pa.int64())),
         },
     )
@@ -456,6 +457,10 @@ def _check_features_guide(run: PageRun) -> None:
 def _check_root_readme(run: PageRun) -> None:
     ns = run.namespace
     assert ns["label"].shape == (5,)
+    batch = ns["batch"]
+    assert sorted(batch["I1"].tolist()) == [0.0, 0.5, 1.0, 2.0, 3.0]  # the null read as 0
+    assert batch["C1"].dtype == torch.int64
+    assert sorted(batch["C1"].tolist()) == [-7, 5, 12, 12, 2**62]
     seq = ns["seq"]
     assert seq.offsets[0].dtype == torch.int64
     assert seq.offsets[0].shape == (6,)
