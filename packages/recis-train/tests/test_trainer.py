@@ -278,6 +278,18 @@ def test_logging_hook_leaves_evaluation_and_saving_out_of_samples_per_s(monkeypa
     line = stream.getvalue().splitlines()[2]
     assert "samples/s 50 " in line
     assert line.endswith("eta 0m00s")
+    # An evaluation that a hook earlier in the list ran within step 9, before this hook saw
+    # the step, began at an unknown point of it: it counts as training time, not as a pause.
+    trainer.total_steps = 12
+    hook.on_train_begin(trainer)  # at 24 s
+    for at in (25.0, 26.0, 27.0):
+        step(at)
+    trainer.global_step += 1
+    clock[0] = 38.0
+    hook.on_evaluate(trainer, {"auc": 0.7})
+    trainer.global_step -= 1
+    step(39.0)
+    assert "samples/s 27 " in stream.getvalue().splitlines()[-1]  # 400 rows in 15 s
 
 
 def test_table_stats_hook_reports_growth_and_hit_rate(tmp_path):

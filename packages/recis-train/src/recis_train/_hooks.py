@@ -113,6 +113,7 @@ class LoggingHook(Hook):
         # evaluation, or save) ended: both run right after a step's hooks.
         self._paused = 0.0
         self._mark = 0.0
+        self._mark_step = -1
         self._run_start = 0.0
         self._run_steps = 0
 
@@ -127,18 +128,25 @@ class LoggingHook(Hook):
     def on_train_begin(self, trainer: Trainer) -> None:
         now = time.perf_counter()
         self._window_start = self._mark = self._run_start = now
+        self._mark_step = trainer.global_step
         self._window_samples = 0
         self._paused = 0.0
         self._run_steps = 0
 
-    def _pause_ended(self) -> None:
-        """An evaluation or a save, which began when the last step (or the other) ended."""
+    def _pause_ended(self, trainer: Trainer) -> None:
+        """An evaluation or a save, which began when this step's hooks (or the other) ended.
+
+        One that ran before this hook saw the step (a hook earlier in the list evaluating) is
+        counted as training time: it began at an unknown point of the step.
+        """
         now = time.perf_counter()
-        self._paused += now - self._mark
+        if trainer.global_step == self._mark_step:
+            self._paused += now - self._mark
         self._mark = now
 
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
         now = self._mark = time.perf_counter()
+        self._mark_step = trainer.global_step
         self._window_samples += int(logs.get("samples", 0))
         self._run_steps += 1
         every = self.every or trainer.args.log_every
@@ -165,14 +173,14 @@ class LoggingHook(Hook):
             self._window_start, self._window_samples, self._paused = now, 0, 0.0
 
     def on_evaluate(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
-        self._pause_ended()
+        self._pause_ended(trainer)
         text = " ".join(f"{k} {v:.5f}" for k, v in metrics.items())
         prefix = "\n" if self._interactive() else ""
         self._out.write(f"{prefix}eval at step {trainer.global_step}: {text}\n")
         self._out.flush()
 
     def on_save(self, trainer: Trainer, path: str) -> None:
-        self._pause_ended()
+        self._pause_ended(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._interactive():
