@@ -231,12 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {train_rows:,} training and {eval_rows:,} held-out rows to {out / 'data'}")
 
     steps = math.ceil(train_rows / batch_size)
+    # Evaluations and checkpoints every quarter (rounded up, so that the last one before the
+    # end is not one step short of the evaluation at the end); the first run stops on the
+    # second of them.
+    every = max(math.ceil(steps / 4), 1)
+    half = 2 * every if 2 * every < steps else max(steps // 2, 1)
     args = TrainingArguments(
         output_dir=str(out / "run"),
         train_steps=steps,
-        eval_every=max(steps // 4, 1),
+        eval_every=every,
         log_every=max(steps // 10, 1),
-        save_every=max(steps // 4, 1),
+        save_every=every,
         max_to_keep=2,
         device="cuda" if torch.cuda.is_available() else "cpu",
         resume=True,
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # First run: stop half way, as if the job had been preempted.
     first = build(
         out,
-        TrainingArguments.from_dict(args.to_dict() | {"train_steps": steps // 2}),
+        TrainingArguments.from_dict(args.to_dict() | {"train_steps": half}),
         train_files,
         eval_files,
         batch_size,
