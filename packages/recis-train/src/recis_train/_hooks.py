@@ -109,8 +109,9 @@ class LoggingHook(Hook):
         self.stream = stream
         self._window_start = 0.0
         self._window_samples = 0
-        # Seconds of the window spent evaluating or saving, and when the last step (or
-        # evaluation, or save) ended: both run right after a step's hooks.
+        # Seconds of the window spent evaluating or saving, and when (and at which global
+        # step) this hook last saw a step, an evaluation or a save end: the trainer evaluates
+        # and saves right after a step's hooks.
         self._paused = 0.0
         self._mark = 0.0
         self._mark_step = -1
