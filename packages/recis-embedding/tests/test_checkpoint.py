@@ -158,6 +158,31 @@ def test_files_are_plain_safetensors_with_sorted_ids(tmp_path) -> None:
     assert CheckpointReader(tmp_path / "c").tables() == ["item", "user"]
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_save_exports_each_physical_table_once(tmp_path, monkeypatch, fuse) -> None:
+    # An export sorts every key of the physical table: the logical tables fused into one
+    # share a single export, each file holding its own run of it.
+    from recis_embedding import HashTable
+
+    model, opt, dense = build(fuse)
+    train(model, opt, dense, range(3))
+    exported: list[int] = []
+    real = HashTable.export
+    monkeypatch.setattr(HashTable, "export", lambda self: exported.append(id(self)) or real(self))
+    save(tmp_path / "c", model, opt)
+    physical = {id(t) for t, _ in model.emb.logical.values()}
+    assert len(physical) == (1 if fuse else 2)
+    assert sorted(exported) == sorted(physical)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    for name in ("user", "item"):
+        table, index = model.emb.table(name)
+        data = load_file(str(tmp_path / "c" / manifest["tables"][name]["files"][0]))
+        assert data["ids"].numel() > 0
+        assert torch.equal(data["ids"], real(table)[0][real(table)[1] == index])
+        assert torch.equal(data["embeddings"], table.embeddings(data["ids"], index))
+        assert manifest["tables"][name]["rows"] == data["ids"].numel()
+
+
 def test_corrupt_and_mismatched_checkpoints_raise(tmp_path) -> None:
     model, opt, dense = build()
     train(model, opt, dense, range(1))

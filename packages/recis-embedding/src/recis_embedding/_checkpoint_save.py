@@ -105,10 +105,7 @@ def save(
                 shutil.rmtree(tmp)
             (tmp / "sparse").mkdir(parents=True)
     with _phase(shard, path, "writing the table files", tmp if rank == 0 else None) as phase:
-        infos = {
-            name: _save_table(tmp, name, table, index, delta, rank, world)
-            for name, (table, index) in sorted(tables.items())
-        }
+        infos = _save_tables(tmp, tables, delta, rank, world)
         mine = sorted((tmp / "sparse").glob(f"*.shard-{rank:05d}-of-{world:05d}.safetensors"))
         for f in mine:
             _fsync(f)  # each rank flushes its own files; rank 0 the directories (``_write``)
@@ -413,12 +410,48 @@ def _table_file_stem(name: str) -> str:
     return f"{prefix}+{digest}"
 
 
+def _save_tables(
+    root: Path, tables: dict[str, tuple[HashTable, int]], delta: bool, rank: int, world: int
+) -> dict[str, dict[str, Any]]:
+    """Writes every logical table's file and returns their manifest entries, by name.
+
+    Each physical table is exported once for all the logical tables fused into it: an export
+    sorts every live key of the physical table, so one per logical table would sort it again
+    for each (26 sorts of a million keys for the demo's fused table, most of a save's time).
+    """
+    fused: dict[int, list[str]] = {}
+    for name, (table, _) in tables.items():
+        fused.setdefault(id(table), []).append(name)
+    infos: dict[str, dict[str, Any]] = {}
+    for names in fused.values():
+        table = tables[names[0]][0]
+        keys, tabs, rows = table.export()
+        # Sorted by table index, so each logical table's keys are one run of the export.
+        counts = torch.bincount(tabs.to(torch.int64), minlength=len(table.names))
+        ends = counts.cumsum(0).tolist()
+        for name in names:
+            index = tables[name][1]
+            run = slice(ends[index - 1] if index else 0, ends[index])
+            infos[name] = _save_table(
+                root, name, table, index, keys[run], rows[run], delta, rank, world
+            )
+        del keys, tabs, rows
+    return dict(sorted(infos.items()))
+
+
 def _save_table(
-    root: Path, name: str, table: HashTable, index: int, delta: bool, rank: int, world: int
+    root: Path,
+    name: str,
+    table: HashTable,
+    index: int,
+    ids: torch.Tensor,
+    rows: torch.Tensor,
+    delta: bool,
+    rank: int,
+    world: int,
 ) -> dict[str, Any]:
-    keys, tabs, rows = table.export()
-    mine = tabs == index
-    ids, rows = keys[mine], rows[mine]
+    """Writes logical table ``index`` of ``table`` (its ``ids``, ascending, and their
+    ``rows``) and returns its manifest entry."""
     tensors: dict[str, torch.Tensor] = {}
     if delta:
         changed = table.dirty_rows(rows)
