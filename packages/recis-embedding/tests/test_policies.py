@@ -94,6 +94,74 @@ def test_stale_eviction_removes_ids_not_seen_for_n_steps() -> None:
     torch.testing.assert_close(table.embeddings(torch.tensor([1])), torch.full((1, DIM), 0.9))
 
 
+class _ScanEveryStep(StaleEviction):
+    """The definition of StaleEviction, checked on every row after every step."""
+
+    def after_step(self, table: HashTable) -> None:
+        for index in range(len(table.names)):
+            ids = table.ids(index)
+            rows = table.find(ids, index)
+            stale = (table.step - table.last_seen[rows]) > self.steps
+            if bool(stale.any()):
+                table.count("evictions", table.erase(ids[stale], index))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("steps", [1, 2, 3, 7])
+def test_stale_eviction_erases_what_a_scan_of_every_row_erases(tmp_path, seed, steps) -> None:
+    # Random lookups into two fused tables, steps without lookups, ids erased by hand and a
+    # checkpoint loaded back (which sets last-seen steps): after every step both engines hold
+    # the same ids with the same vectors and have counted the same evictions.
+    gen = torch.Generator().manual_seed(seed)
+    engines = []
+    for policy in (StaleEviction(steps), _ScanEveryStep(steps)):
+        options = {
+            name: EmbeddingOption(DIM, initializer=Constant(value=1.0), eviction=policy)
+            for name in ("f", "g")
+        }
+        engine = EmbeddingEngine(options)
+        engines.append((engine, SparseSGD(engine, lr=0.1)))
+    assert len({id(t) for t, _ in engines[0][0].logical.values()}) == 1  # fused
+    for k in range(60):
+        batch = {
+            name: torch.randint(
+                0, 30, (int(torch.randint(0, 6, (), generator=gen)), 1), generator=gen
+            )
+            for name in ("f", "g")
+        }
+        erase = torch.randint(0, 30, (2,), generator=gen) if k % 9 == 4 else None
+        for n, (engine, opt) in enumerate(engines):
+            out = engine(batch)
+            (out["f"].sum() + 2 * out["g"].sum()).backward()
+            opt.step()
+            opt.zero_grad()
+            if erase is not None:
+                engine.table("g")[0].erase(erase, "g")
+            if k == 30:
+                save(tmp_path / f"c{n}", engine, opt)
+                load(tmp_path / f"c{n}", engine, opt)
+        (a, _), (b, _) = engines
+        for name in ("f", "g"):
+            (ta, ia), (tb, ib) = a.table(name), b.table(name)
+            assert ta.ids(ia).tolist() == tb.ids(ib).tolist(), (k, name)
+            assert torch.equal(ta.embeddings(table=ia), tb.embeddings(table=ib)), (k, name)
+        assert ta.stats().evictions == tb.stats().evictions, k
+
+
+def test_stale_eviction_scans_the_table_once_in_steps_plus_one_steps(monkeypatch) -> None:
+    engine, opt = engine_with(eviction=StaleEviction(steps=4))
+    table, _ = engine.table("f")
+    scans = []
+    real = type(table._map).export
+    monkeypatch.setattr(type(table._map), "export", lambda m: scans.append(1) or real(m))
+    for k in range(20):
+        step(engine, opt, [k, k + 1, 100])
+    assert len(scans) == 4  # after steps 1, 6, 11 and 16
+    # Id j was last looked up at step j (20 at 19): after step 20, those before 16 are gone.
+    assert table.ids().tolist() == [*range(16, 21), 100]
+    assert table.stats().evictions == 16
+
+
 @pytest.mark.parametrize(("policy", "survivor"), [("lfu", 1), ("lru", 3)])
 def test_capacity_eviction_makes_room(policy: str, survivor: int) -> None:
     engine, opt = engine_with(capacity=3, eviction=CapacityEviction(policy=policy))

@@ -157,6 +157,9 @@ class HashTable:
         self.last_seen = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.frequency = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
+        # StaleEviction's note of the ids that may turn stale before its next scan (see there);
+        # dropped wherever rows' last-seen steps are set other than by a training lookup.
+        self._stale_scan: Any = None
         self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending: list = []  # recis_embedding._sharding.Pending entries
         self.last_checkpoint: object = None
@@ -170,6 +173,7 @@ class HashTable:
         # which checks and kernel launches go by: the table lives where its tensors are.
         self.__dict__.update(state)
         self.__dict__.setdefault("_device_hits", None)  # pickles from before the count existed
+        self.__dict__.setdefault("_stale_scan", None)  # and from before eviction kept a note
         self.device = self.inserted.device
         self._map.device = self._store.device = self.device
 
@@ -553,6 +557,8 @@ class HashTable:
             self.frequency[new_rows] = 0
             self.inserted[new_rows] = self.step
             self.last_seen[new_rows] = self.step
+        # The caller may set these rows' last-seen steps next (a checkpoint load does).
+        self._stale_scan = None
         if distinct:
             self._store.scatter(rows, full)
         else:
@@ -659,6 +665,7 @@ class HashTable:
         self._erased.clear()
         self.pending.clear()
         self.admission_state = None
+        self._stale_scan = None
         self.step = 0
 
     def mark_saved(self, path: object) -> None:
