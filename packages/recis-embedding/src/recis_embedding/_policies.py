@@ -12,6 +12,7 @@ Custom policies subclass :class:`AdmissionPolicy` or :class:`EvictionPolicy`;
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -401,33 +402,51 @@ class CapacityEviction(EvictionPolicy):
 
     def make_room(self, table, needed, protect):
         def coldest(keys, tabs, rows):
-            candidates = true_positions(~torch.isin(rows, protect))
-            rows = rows[candidates]
-            primary = table.frequency[rows] if self.policy == "lfu" else table.last_seen[rows]
-            order = (primary, table.inserted[rows], keys[candidates], tabs[candidates])
-            return candidates[_smallest(order, needed)]
+            # The protected rows rank last (no row's uses or step reach int64's maximum), so
+            # the first level of the order is one gather over the table and the later levels
+            # gather for its ties only.
+            guarded = torch.zeros(table.last_seen.numel(), dtype=torch.bool, device=rows.device)
+            guarded[protect] = True
+            guarded = guarded[rows]
+            free = rows.numel() - int(guarded.sum())
+            if free <= needed:
+                return true_positions(~guarded)
+            primary = (table.frequency if self.policy == "lfu" else table.last_seen)[rows]
+            primary.masked_fill_(guarded, _INT64_MAX)
+            later = (
+                lambda at: table.inserted[rows[at]],
+                lambda at: keys[at],
+                lambda at: tabs[at],
+            )
+            return _smallest(primary, later, needed)
 
         return _evict(table, coldest) >= needed
 
 
-def _smallest(keys: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
-    """Positions of the ``k`` smallest entries in the lexicographic order of ``keys`` (equal
-    length tensors, most significant first; together they must tell every entry apart), in no
-    particular order. Costs a linear selection per key instead of sorting."""
-    n = keys[0].numel()
+def _smallest(
+    first: torch.Tensor, later: Sequence[Callable[[torch.Tensor], torch.Tensor]], k: int
+) -> torch.Tensor:
+    """Positions of the ``k`` smallest entries in the lexicographic order of ``first`` and then
+    the ``later`` levels (each gives its values at the positions it is passed; together they
+    must tell every entry apart), in no particular order. Costs a linear selection per level
+    instead of sorting, the later levels only over the entries tied before them."""
+    n = first.numel()
     if k >= n:
-        return torch.arange(n, device=keys[0].device)
-    chosen = []
-    tied = torch.arange(n, device=keys[0].device)
-    for key in keys:
-        values = key[tied]
+        return torch.arange(n, device=first.device)
+    # Fewer than k entries lie strictly below the k-th value, so k stays positive.
+    bound = torch.kthvalue(first, k).values
+    chosen = [true_positions(first < bound)]
+    tied = true_positions(first == bound)
+    k -= chosen[0].numel()
+    for level in later:
+        if tied.numel() <= k:
+            break
+        values = level(tied)
         bound = torch.kthvalue(values, k).values
         below = true_positions(values < bound)
         chosen.append(tied[below])
-        k -= below.numel()
         tied = tied[true_positions(values == bound)]
-        if tied.numel() <= k:
-            break
+        k -= below.numel()
     chosen.append(tied[:k])
     return torch.cat(chosen)
 

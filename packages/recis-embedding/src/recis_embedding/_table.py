@@ -340,7 +340,7 @@ class HashTable:
         new_ids, new_tabs = ids[idx], tabs[idx]
         if not on_host(new_tabs):
             self._check_table_range("find_or_insert", new_tabs)
-        self._check_capacity(new_ids, new_tabs, rows)
+        self._check_capacity(new_ids, new_tabs, rows, distinct)
         # The map just reported these absent: insert them without a second lookup.
         new_rows = self._map.insert_absent(new_ids, new_tabs, distinct=distinct)
         try:
@@ -353,9 +353,11 @@ class HashTable:
         is_new[idx] = True
         return rows, is_new
 
-    def _check_capacity(self, ids: torch.Tensor, tabs: torch.Tensor, rows: torch.Tensor) -> None:
+    def _check_capacity(
+        self, ids: torch.Tensor, tabs: torch.Tensor, rows: torch.Tensor, distinct: bool
+    ) -> None:
         """Make room for the absent ``ids`` (evicting, but never the found ``rows >= 0``) or
-        raise :class:`TableFullError`."""
+        raise :class:`TableFullError`; ``distinct``: no ``(id, table)`` pair repeats."""
         if self.capacity is None:
             return
         # Rows read by earlier lookups whose gradients are still pending (gradient
@@ -363,8 +365,10 @@ class HashTable:
         # its row, and the gradient waiting for it, to a new id.
         protect = torch.cat([rows, *(p.rows for p in self.pending)])
         protect = protect[protect >= 0]
-        pairs = torch.stack([ids, tabs.to(torch.int64)], dim=1)
-        needed = torch.unique(pairs, dim=0).shape[0]
+        if distinct:
+            needed = ids.numel()
+        else:
+            needed = torch.unique(torch.stack([ids, tabs.to(torch.int64)], dim=1), dim=0).shape[0]
         over = self._map.size + needed - self.capacity
         if (
             over > 0
@@ -548,7 +552,7 @@ class HashTable:
             new_ids, new_tabs = ids[idx], tabs[idx]
             if not on_host(new_tabs):
                 self._check_table_range("insert_or_assign", new_tabs)
-            self._check_capacity(new_ids, new_tabs, rows)
+            self._check_capacity(new_ids, new_tabs, rows, distinct)
             new_rows = self._map.insert_absent(new_ids, new_tabs, distinct=distinct)
             self._store.reserve(self._map.num_rows)
             self._grow_row_arrays(self._map.num_rows)
