@@ -162,6 +162,39 @@ def test_stale_eviction_scans_the_table_once_in_steps_plus_one_steps(monkeypatch
     assert table.stats().evictions == 16
 
 
+def test_capacity_eviction_with_headroom_frees_the_next_coldest_rows_too() -> None:
+    # Capacity 10, headroom 0.3: a full table evicts the rows it needs and then, in the same
+    # order, 3 more, so the next inserts fit without evicting.
+    engine, opt = engine_with(capacity=10, eviction=CapacityEviction("lru", headroom=0.3))
+    table, _ = engine.table("f")
+    for k in range(10):
+        step(engine, opt, [k])  # last seen at step k
+    step(engine, opt, [9, 100])  # needs 1 row: 0 goes, then 1, 2 and 3
+    assert table.ids().tolist() == [*range(4, 10), 100]
+    assert table.stats().evictions == 4
+    step(engine, opt, [101, 102, 103])  # fits: nothing evicted
+    assert table.stats().evictions == 4
+    step(engine, opt, [104, 4])  # full again: 5 goes, then 6, 7, 8 (4 is in use)
+    assert table.ids().tolist() == [4, 9, 100, 101, 102, 103, 104]
+    assert table.stats().evictions == 8
+
+
+def test_capacity_eviction_headroom_never_takes_a_row_in_use() -> None:
+    # Only two rows are free to go: the headroom asks for more, the rows in use stay.
+    engine, opt = engine_with(capacity=4, eviction=CapacityEviction("lfu", headroom=0.9))
+    table, _ = engine.table("f")
+    step(engine, opt, [1, 2, 3, 4])
+    step(engine, opt, [3, 4, 5, 6])
+    assert table.ids().tolist() == [3, 4, 5, 6]
+    assert table.stats().evictions == 2
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, float("nan"), "0.1", True, None])
+def test_capacity_eviction_headroom_must_be_a_fraction(bad) -> None:
+    with pytest.raises(ConfigError, match=r"headroom must be a number in \[0, 1\)"):
+        CapacityEviction("lfu", headroom=bad)
+
+
 @pytest.mark.parametrize(("policy", "survivor"), [("lfu", 1), ("lru", 3)])
 def test_capacity_eviction_makes_room(policy: str, survivor: int) -> None:
     engine, opt = engine_with(capacity=3, eviction=CapacityEviction(policy=policy))

@@ -390,17 +390,38 @@ class CapacityEviction(EvictionPolicy):
     checkpoints save, never on where a row sits in the hash map: it is the same in every run,
     after a save and load, and on each shard of a sharded table (a shard evicts among its own
     rows).
+
+    Choosing the victims takes a pass over every row of the table. With ``headroom`` 0 (the
+    default) a full table evicts exactly the rows each inserting lookup needs, so a table kept
+    full pays that pass on every step that inserts. A ``headroom`` ``h`` evicts, whenever the
+    table must evict, the rows needed and then, in the same order, the next ones until a
+    fraction ``h`` of ``capacity`` is free as well (never a row in use): a table of capacity
+    ``C`` receiving ``n`` new ids a step then evicts about once every ``h * C / n`` steps, at
+    the price of holding up to ``h * C`` rows fewer (TFRA's ``restrict`` and HugeCTR's
+    eviction to a watermark do the same).
     """
 
     policy: str = "lfu"
+    headroom: float = 0.0
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         if self.policy not in ("lfu", "lru"):
             raise ConfigError(
                 f"CapacityEviction policy must be 'lfu' or 'lru', got {self.policy!r}"
             )
+        h = self.headroom
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 1:
+            raise ConfigError(
+                f"CapacityEviction headroom must be a number in [0, 1) (a fraction of the "
+                f"capacity), got {h!r}"
+            )
+        object.__setattr__(self, "headroom", float(h))
 
     def make_room(self, table, needed, protect):
+        # Rows freed beyond the needed ones (a fraction of the capacity; see the class).
+        wanted = needed + int(self.headroom * table.capacity)
+
         def coldest(keys, tabs, rows):
             # The protected rows rank last (no row's uses or step reach int64's maximum), so
             # the first level of the order is one gather over the table and the later levels
@@ -409,7 +430,7 @@ class CapacityEviction(EvictionPolicy):
             guarded[protect] = True
             guarded = guarded[rows]
             free = rows.numel() - int(guarded.sum())
-            if free <= needed:
+            if free <= wanted:
                 return true_positions(~guarded)
             primary = (table.frequency if self.policy == "lfu" else table.last_seen)[rows]
             primary.masked_fill_(guarded, _INT64_MAX)
@@ -418,7 +439,7 @@ class CapacityEviction(EvictionPolicy):
                 lambda at: keys[at],
                 lambda at: tabs[at],
             )
-            return _smallest(primary, later, needed)
+            return _smallest(primary, later, wanted)
 
         return _evict(table, coldest) >= needed
 
