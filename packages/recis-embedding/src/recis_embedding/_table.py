@@ -730,8 +730,12 @@ class HashTable:
     def ids(self, table: int | str = 0) -> torch.Tensor:
         """``(K,) int64`` ids of a logical table, ascending."""
         t = self.table_index(table)
-        keys, tabs, _ = self.export()
-        return keys[tabs == t]
+        keys, tabs, _ = self._map.export()
+        if len(self.names) > 1:
+            keys = keys[tabs == t]  # then only this table's ids are sorted
+        if on_host(keys):
+            return torch.from_numpy(np.sort(keys.numpy()))
+        return torch.sort(keys).values
 
     def embeddings(self, ids: torch.Tensor | None = None, table: int | str = 0) -> torch.Tensor:
         """``(K, dim) float32`` embeddings of ``ids`` (default: all ids of the table, ascending).
