@@ -237,6 +237,35 @@ def test_frequency_admission_counters_survive_a_checkpoint(tmp_path) -> None:
     assert restored.table("f")[0].ids().tolist() == [2]
 
 
+def test_fused_tables_save_the_admission_counts_of_each_from_one_pass(tmp_path) -> None:
+    # FrequencyAdmission.states() serves every logical table of a physical table from one
+    # export of the counters; each file holds what state() gives for its table alone.
+    from recis_embedding import FrequencyAdmission, SparseSGD
+
+    names = ("a", "b", "c")
+    policy = FrequencyAdmission(threshold=3)
+    engine = EmbeddingEngine({n: EmbeddingOption(DIM, admission=policy) for n in names})
+    opt = SparseSGD(engine, lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        engine({n: torch.randint(-20, 20, (16, 1), generator=gen) * (1 << 59) for n in names})
+    table, _ = engine.table("a")
+    assert {id(engine.table(n)[0]) for n in names} == {id(table)}  # fused
+    together = policy.states(table, [2, 0])
+    assert sorted(together) == [0, 2]
+    save(tmp_path / "c", engine, opt)
+    reader = CheckpointReader(tmp_path / "c")
+    for name in names:
+        index = engine.table(name)[1]
+        alone = policy.state(table, index)
+        assert alone["ids"].numel() > 0
+        if index in together:
+            assert torch.equal(together[index]["ids"], alone["ids"])
+            assert torch.equal(together[index]["counts"], alone["counts"])
+        assert torch.equal(reader.read(name, "admission.ids"), alone["ids"])
+        assert torch.equal(reader.read(name, "admission.counts"), alone["counts"])
+
+
 def test_delta_after_its_parent_was_renamed_needs_and_checks_the_new_place(tmp_path) -> None:
     model, opt, dense = build()
     train(model, opt, dense, range(1))

@@ -429,13 +429,25 @@ def _save_tables(
         # Sorted by table index, so each logical table's keys are one run of the export.
         counts = torch.bincount(tabs.to(torch.int64), minlength=len(table.names))
         ends = counts.cumsum(0).tolist()
-        for name in names:
-            index = tables[name][1]
+        indices = [tables[name][1] for name in names]
+        admission: dict[int, dict[str, torch.Tensor]] = (
+            {} if table.admission is None else table.admission.states(table, indices)
+        )
+        for name, index in zip(names, indices, strict=True):
             run = slice(ends[index - 1] if index else 0, ends[index])
             infos[name] = _save_table(
-                root, name, table, index, keys[run], rows[run], delta, rank, world
+                root,
+                name,
+                table,
+                index,
+                keys[run],
+                rows[run],
+                admission.get(index),
+                delta,
+                rank,
+                world,
             )
-        del keys, tabs, rows
+        del keys, tabs, rows, admission
     return dict(sorted(infos.items()))
 
 
@@ -446,12 +458,13 @@ def _save_table(
     index: int,
     ids: torch.Tensor,
     rows: torch.Tensor,
+    admission: dict[str, torch.Tensor] | None,
     delta: bool,
     rank: int,
     world: int,
 ) -> dict[str, Any]:
-    """Writes logical table ``index`` of ``table`` (its ``ids``, ascending, and their
-    ``rows``) and returns its manifest entry."""
+    """Writes logical table ``index`` of ``table`` (its ``ids``, ascending, their ``rows``
+    and its admission policy's state, if it has a policy) and returns its manifest entry."""
     tensors: dict[str, torch.Tensor] = {}
     if delta:
         changed = table.dirty_rows(rows)
@@ -467,9 +480,8 @@ def _save_table(
     tensors["meta.frequency"] = table.frequency[rows].clone()
     tensors["meta.last_seen"] = table.last_seen[rows].clone()
     tensors["meta.inserted"] = table.inserted[rows].clone()
-    if table.admission is not None:
-        for key, value in table.admission.state(table, index).items():
-            tensors[f"admission.{key}"] = value
+    for key, value in (admission or {}).items():
+        tensors[f"admission.{key}"] = value
     fname = f"sparse/{_table_file_stem(name)}.shard-{rank:05d}-of-{world:05d}.safetensors"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(root / fname))
     return {

@@ -110,6 +110,14 @@ class AdmissionPolicy:
         """
         return {}
 
+    def states(
+        self, table: HashTable, indices: Sequence[int]
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """:meth:`state` of each of the logical tables ``indices`` of ``table``, by index: a
+        checkpoint asks for those of a physical table together. Override it where one pass
+        over the policy's state serves them all (default: :meth:`state` of each)."""
+        return {index: self.state(table, index) for index in indices}
+
     def load_state(self, table: HashTable, index: int, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state` returned (default: nothing)."""
 
@@ -204,6 +212,24 @@ class FrequencyAdmission(AdmissionPolicy):
         ids, seen = keys[mine], counts[rows[mine]]
         order = torch.argsort(ids)
         return {"ids": ids[order], "counts": seen[order]}
+
+    def states(self, table, indices):
+        counter, counts = table.admission_state or (None, None)
+        if counter is None or counts is None:
+            return super().states(table, indices)
+        # One export of the counters for all the tables (each state() exports them all).
+        keys, tabs, rows = counter.export()
+        live = true_positions(counts[rows] > 0)
+        keys, tabs, seen = keys[live], tabs[live].to(torch.int64), counts[rows[live]]
+        from recis_embedding._table import _ascending, _stable_order
+
+        order = _ascending(keys)
+        keys, tabs, seen = keys[order], tabs[order], seen[order]
+        by_table = _stable_order(tabs)  # ids stay ascending within each table
+        keys, tabs, seen = keys[by_table], tabs[by_table], seen[by_table]
+        ends = torch.bincount(tabs, minlength=len(table.names)).cumsum(0).tolist()
+        runs = {i: slice(ends[i - 1] if i else 0, ends[i]) for i in indices}
+        return {i: {"ids": keys[run], "counts": seen[run]} for i, run in runs.items()}
 
     def load_state(self, table, index, state):
         # Each checkpoint holds the complete counters of the table: replace, do not merge.
