@@ -264,6 +264,58 @@ def test_fused_tables_save_the_admission_counts_of_each_from_one_pass(tmp_path) 
             assert torch.equal(together[index]["counts"], alone["counts"])
         assert torch.equal(reader.read(name, "admission.ids"), alone["ids"])
         assert torch.equal(reader.read(name, "admission.counts"), alone["counts"])
+    saved = policy.states(table, [0, 1, 2])
+    # Loaded together (load_states) into the model that counted on, and into a new one: the
+    # counts are the saved ones, not merged with those counted since.
+    engine({n: torch.randint(-20, 20, (16, 1), generator=gen) * (1 << 59) for n in names})
+    fresh = EmbeddingEngine({n: EmbeddingOption(DIM, admission=policy) for n in names})
+    for model in (engine, fresh):
+        load(tmp_path / "c", model, SparseSGD(model, lr=0.1))
+        loaded = policy.states(model.table("a")[0], [0, 1, 2])
+        for index in range(3):
+            assert torch.equal(loaded[index]["ids"], saved[index]["ids"])
+            assert torch.equal(loaded[index]["counts"], saved[index]["counts"])
+
+
+def test_a_custom_admission_policys_state_round_trips_per_logical_table(tmp_path) -> None:
+    # A policy with only state() and load_state(): the default states() and load_states()
+    # call them per logical table; a checkpoint saved without the policy loads as no state.
+    from dataclasses import dataclass
+
+    from recis_embedding import AdmissionPolicy
+
+    @dataclass(frozen=True)
+    class Remembers(AdmissionPolicy):
+        def admit(self, table, ids, tables):
+            return torch.ones_like(ids, dtype=torch.bool)
+
+        def state(self, table, index):
+            kept = (table.admission_state or {}).get(index, torch.zeros(0, dtype=torch.int64))
+            return {"ids": kept, "twice": 2 * kept}
+
+        def load_state(self, table, index, state):
+            table.admission_state = {**(table.admission_state or {}), index: state["ids"]}
+
+    def make(policy):
+        e = EmbeddingEngine({n: EmbeddingOption(DIM, admission=policy) for n in ("a", "b")})
+        e({"a": torch.tensor([[1]]), "b": torch.tensor([[2]])})
+        return e, SparseSGD(e, lr=0.1)
+
+    engine, opt = make(Remembers())
+    table, _ = engine.table("a")
+    table.admission_state = {0: torch.tensor([7, 9]), 1: torch.tensor([-3])}
+    save(tmp_path / "c", engine, opt)
+    reader = CheckpointReader(tmp_path / "c")
+    assert reader.read("a", "admission.twice").tolist() == [14, 18]
+    other, other_opt = make(Remembers())
+    load(tmp_path / "c", other, other_opt)
+    kept = other.table("a")[0].admission_state
+    assert {i: v.tolist() for i, v in kept.items()} == {0: [7, 9], 1: [-3]}
+    plain, plain_opt = make(None)
+    save(tmp_path / "plain", plain, plain_opt)
+    load(tmp_path / "plain", other, other_opt)
+    kept = other.table("a")[0].admission_state
+    assert {i: v.tolist() for i, v in kept.items()} == {0: [], 1: []}
 
 
 def test_delta_after_its_parent_was_renamed_needs_and_checks_the_new_place(tmp_path) -> None:

@@ -156,6 +156,7 @@ def _apply(
     cleared: set[tuple[int, int]] = set()
     for reader in chain:
         saved = reader.manifest["tables"]
+        admitting: dict[int, tuple[HashTable, dict[int, dict[str, torch.Tensor] | None]]] = {}
         for name, (table, index) in tables.items():
             if name not in saved:
                 continue
@@ -174,7 +175,14 @@ def _apply(
                     mine = tabs == index
                     table._erase(keys[mine], tabs[mine])
                     cleared.add((id(table), index))
-            _load_table(reader, name, table, index, shard)
+            admission = _load_table(reader, name, table, index, shard)
+            if table.admission is not None:
+                admitting.setdefault(id(table), (table, {}))[1][index] = admission
+        # The admission states of a physical table's logical tables go in together (one pass
+        # over the policy's state for all of them, see AdmissionPolicy.load_states).
+        for table, states in admitting.values():
+            assert table.admission is not None
+            table.admission.load_states(table, states)
 
 
 def _reader(path: str | os.PathLike[str], verify: bool) -> CheckpointReader:
@@ -415,7 +423,11 @@ def _check_dense(
         )
 
 
-def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: int, shard) -> None:
+def _load_table(
+    reader: CheckpointReader, name: str, table: HashTable, index: int, shard
+) -> dict[str, torch.Tensor] | None:
+    """Loads logical table ``name``'s rows from ``reader`` and returns the admission state it
+    holds for them (``None``: none), which the caller loads with the other logical tables'."""
     data = reader.read_all(name)
     admission = {
         k.removeprefix("admission."): v for k, v in data.items() if k.startswith("admission.")
@@ -428,13 +440,6 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
         if "ids" in admission:
             held = shard.owns(admission["ids"])
             admission = {k: v[held] for k, v in admission.items()}
-    if table.admission is not None:
-        # Each checkpoint holds the table's complete admission counts; one without them
-        # (saved without the policy) leaves none, not the counts the model had before.
-        if not admission:
-            admission = {k: v[:0] for k, v in table.admission.state(table, index).items()}
-        if admission:
-            table.admission.load_state(table, index, admission)
     if "erased" in data and data["erased"].numel():
         table.erase(data["erased"].to(table.device), index)
     # The table's clock: the checkpoint's step (a cleared table restarts at 0), or the later
@@ -443,7 +448,7 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     table.step = max(table.step, int(reader.table_info(name)["step"]))
     ids = data["ids"].to(table.device)
     if ids.numel() == 0:
-        return
+        return admission or None
     fits = _slots_fit(reader.table_info(name), table)
     slots = {s: data[f"slot.{s}"] for s, _ in table.slots if fits and f"slot.{s}" in data}
     # The saved rows go in whole: no initial vectors drawn only to be overwritten.
@@ -455,6 +460,7 @@ def _load_table(reader: CheckpointReader, name: str, table: HashTable, index: in
     # ties by id alone.
     inserted = data.get("meta.inserted")
     table.inserted[rows] = 0 if inserted is None else inserted.to(table.device)
+    return admission or None
 
 
 def _insert_saved(

@@ -12,7 +12,7 @@ Custom policies subclass :class:`AdmissionPolicy` or :class:`EvictionPolicy`;
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +120,21 @@ class AdmissionPolicy:
 
     def load_state(self, table: HashTable, index: int, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state` returned (default: nothing)."""
+
+    def load_states(
+        self, table: HashTable, states: Mapping[int, dict[str, torch.Tensor] | None]
+    ) -> None:
+        """:meth:`load_state` of several logical tables of ``table`` (by index), as a load
+        restores a physical table's together; ``None``: the checkpoint holds no state for
+        that table (saved without the policy), so it keeps none, not what it had before.
+        Override it where one pass over the policy's state serves them all (default:
+        :meth:`load_state` of each, a missing state given as :meth:`state`'s tensors emptied).
+        """
+        for index, state in states.items():
+            if not state:
+                state = {k: v[:0] for k, v in self.state(table, index).items()}
+            if state:
+                self.load_state(table, index, state)
 
 
 @dataclass(frozen=True)
@@ -247,6 +262,29 @@ class FrequencyAdmission(AdmissionPolicy):
         rows, _ = counter.find_or_insert(ids, tabs)
         counts = self._grow(counts, counter.num_rows, table.device)
         counts[rows] = seen
+        table.admission_state = (counter, counts)
+
+    def load_states(self, table, states):
+        # Each checkpoint holds the complete counters of its tables: replace, do not merge.
+        # One export finds the old counts of all of them, one insert places the new ones.
+        counter, counts = table.admission_state or (IdMap(device=table.device), None)
+        if counter.size:
+            keys, tabs, rows = counter.export()
+            loading = torch.tensor(sorted(states), dtype=tabs.dtype, device=tabs.device)
+            old = torch.isin(tabs, loading)
+            counter.erase(keys[old], tabs[old])
+            if counts is not None:
+                counts[rows[old]] = 0
+        given = [(i, s) for i, s in states.items() if s and s["ids"].numel()]
+        if given:
+            ids = torch.cat([s["ids"] for _, s in given]).to(table.device)
+            seen = torch.cat([s["counts"] for _, s in given]).to(table.device)
+            tabs = torch.cat(
+                [torch.full((s["ids"].numel(),), i, dtype=torch.int32) for i, s in given]
+            ).to(table.device)
+            rows, _ = counter.find_or_insert(ids, tabs)
+            counts = self._grow(counts, counter.num_rows, table.device)
+            counts[rows] = seen
         table.admission_state = (counter, counts)
 
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from recis_embedding._initializers import Initializer, TruncatedNormal, init_row
 from recis_embedding.exceptions import ConfigError, InputError, TableFullError
 from recis_kernels import IdMap, RowStore
 from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
+
+if TYPE_CHECKING:
+    from recis_embedding._policies import AdmissionPolicy, EvictionPolicy
 
 __all__ = ["HashTable", "TableStats"]
 
@@ -143,8 +146,8 @@ class HashTable:
         # Hits of lookups on a GPU, summed there and read by stats(): reading each lookup's
         # count would synchronize every lookup only for a statistic.
         self._device_hits: torch.Tensor | None = None
-        self.admission = None
-        self.eviction = None
+        self.admission: AdmissionPolicy | None = None
+        self.eviction: EvictionPolicy | None = None
         # What the admission policy keeps per table (FrequencyAdmission: its counters); it
         # lives here so that copies of the table carry it.
         self.admission_state: Any = None
