@@ -106,6 +106,18 @@ class _ScanEveryStep(StaleEviction):
                 table.count("evictions", table.erase(ids[stale], index))
 
 
+def test_stale_evictions_note_counts_in_the_tables_bytes() -> None:
+    engine, opt = engine_with(eviction=StaleEviction(steps=5))
+    table, _ = engine.table("f")
+    step(engine, opt, [1, 2, 3])
+    step(engine, opt, [4])  # the scan after step 1 noted 1, 2 and 3 (last seen at step 0)
+    assert sorted(table._stale_scan.keys.tolist()) == [1, 2, 3]
+    held = table.stats().bytes
+    table._stale_scan = None
+    # 12 bytes an id, and a last-seen step with its end position per distinct step.
+    assert held - table.stats().bytes == 3 * 12 + 2 * 8
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("steps", [1, 2, 3, 7])
 def test_stale_eviction_erases_what_a_scan_of_every_row_erases(tmp_path, seed, steps) -> None:

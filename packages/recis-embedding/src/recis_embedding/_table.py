@@ -34,7 +34,8 @@ class TableStats:
         capacity: maximum live keys (``None``: unbounded).
         slots: slots of the id map (grows by rehash).
         bytes: bytes the table holds: row storage, id map, the per-row records (insertion
-            and last-seen steps, uses, change flags) and an admission policy's counters.
+            and last-seen steps, uses, change flags), an admission policy's counters and
+            :class:`StaleEviction`'s note of the ids due before its next scan.
         lookups: ids passed to :meth:`HashTable.find` and :meth:`HashTable.find_or_insert`
             (training and eval). An id repeated within one call counts each time; the
             embedding engine deduplicates each batch first, so through it this counts the
@@ -759,7 +760,7 @@ class HashTable:
             rows=self._map.size,
             capacity=self.capacity,
             slots=self._map.capacity,
-            bytes=held + _held_bytes(self.admission_state),
+            bytes=held + _held_bytes(self.admission_state) + _held_bytes(self._stale_scan),
             **self._counts,
         )
 
@@ -770,13 +771,16 @@ class HashTable:
 
 def _held_bytes(obj: Any) -> int:
     """Bytes of the tensors in ``obj``: a tensor, an id map (:attr:`IdMap.nbytes`), or a
-    tuple, list or dict of those (what admission policies keep); anything else counts 0."""
+    tuple, list, dict or dataclass of those (what admission policies keep, stale eviction's
+    note); anything else counts 0."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, IdMap):
         return obj.nbytes
     if isinstance(obj, dict):
         return _held_bytes(list(obj.values()))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _held_bytes([getattr(obj, f.name) for f in dataclasses.fields(obj)])
     if isinstance(obj, (tuple, list)):
         return sum(_held_bytes(x) for x in obj)
     return 0
