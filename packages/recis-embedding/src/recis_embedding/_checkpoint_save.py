@@ -37,7 +37,7 @@ from recis_embedding._checkpoint_load import parent_reader
 from recis_embedding._engine import logical_tables
 from recis_embedding._optim import SparseOptimizer
 from recis_embedding._statedict import tables_saved_separately
-from recis_embedding._table import HashTable
+from recis_embedding._table import HashTable, _table_runs
 from recis_embedding.exceptions import CheckpointError
 
 __all__ = ["save"]
@@ -427,14 +427,13 @@ def _save_tables(
         table = tables[names[0]][0]
         keys, tabs, rows = table.export()
         # Sorted by table index, so each logical table's keys are one run of the export.
-        counts = torch.bincount(tabs.to(torch.int64), minlength=len(table.names))
-        ends = counts.cumsum(0).tolist()
+        runs = _table_runs(tabs, len(table.names))
         indices = [tables[name][1] for name in names]
         admission: dict[int, dict[str, torch.Tensor]] = (
             {} if table.admission is None else table.admission.states(table, indices)
         )
         for name, index in zip(names, indices, strict=True):
-            run = slice(ends[index - 1] if index else 0, ends[index])
+            run = runs[index]
             infos[name] = _save_table(
                 root,
                 name,

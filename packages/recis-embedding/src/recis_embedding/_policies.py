@@ -216,53 +216,31 @@ class FrequencyAdmission(AdmissionPolicy):
         return hash((type(self), self.threshold))
 
     def state(self, table, index):
-        counter, counts = table.admission_state or (None, None)
-        if counter is None or counts is None:
-            return {
-                "ids": torch.empty(0, dtype=torch.int64),
-                "counts": torch.empty(0, dtype=torch.int64),
-            }
-        keys, tabs, rows = counter.export()
-        mine = (tabs == index) & (counts[rows] > 0)
-        ids, seen = keys[mine], counts[rows[mine]]
-        order = torch.argsort(ids)
-        return {"ids": ids[order], "counts": seen[order]}
+        return self.states(table, [index])[index]
 
     def states(self, table, indices):
         counter, counts = table.admission_state or (None, None)
         if counter is None or counts is None:
-            return super().states(table, indices)
-        # One export of the counters for all the tables (each state() exports them all).
+            return {
+                i: {
+                    "ids": torch.empty(0, dtype=torch.int64),
+                    "counts": torch.empty(0, dtype=torch.int64),
+                }
+                for i in indices
+            }
+        from recis_embedding._table import _by_table_then_id, _table_runs
+
+        # One export of the counters serves all the tables asked for.
         keys, tabs, rows = counter.export()
         live = true_positions(counts[rows] > 0)
-        keys, tabs, seen = keys[live], tabs[live].to(torch.int64), counts[rows[live]]
-        from recis_embedding._table import _ascending, _stable_order
-
-        order = _ascending(keys)
-        keys, tabs, seen = keys[order], tabs[order], seen[order]
-        by_table = _stable_order(tabs)  # ids stay ascending within each table
-        keys, tabs, seen = keys[by_table], tabs[by_table], seen[by_table]
-        ends = torch.bincount(tabs, minlength=len(table.names)).cumsum(0).tolist()
-        runs = {i: slice(ends[i - 1] if i else 0, ends[i]) for i in indices}
-        return {i: {"ids": keys[run], "counts": seen[run]} for i, run in runs.items()}
+        keys, tabs, seen = keys[live], tabs[live], counts[rows[live]]
+        order = _by_table_then_id(keys, tabs, len(table.names))
+        keys, tabs, seen = (x.index_select(0, order) for x in (keys, tabs, seen))
+        runs = _table_runs(tabs, len(table.names))
+        return {i: {"ids": keys[runs[i]], "counts": seen[runs[i]]} for i in indices}
 
     def load_state(self, table, index, state):
-        # Each checkpoint holds the complete counters of the table: replace, do not merge.
-        counter, counts = table.admission_state or (IdMap(device=table.device), None)
-        keys, tabs, rows = counter.export()
-        old = tabs == index
-        counter.erase(keys[old], tabs[old])
-        if counts is not None:
-            counts[rows[old]] = 0
-        ids, seen = state["ids"].to(table.device), state["counts"].to(table.device)
-        if ids.numel() == 0:
-            table.admission_state = (counter, counts)
-            return
-        tabs = torch.full_like(ids, index, dtype=torch.int32)
-        rows, _ = counter.find_or_insert(ids, tabs)
-        counts = self._grow(counts, counter.num_rows, table.device)
-        counts[rows] = seen
-        table.admission_state = (counter, counts)
+        self.load_states(table, {index: state})
 
     def load_states(self, table, states):
         # Each checkpoint holds the complete counters of its tables: replace, do not merge.
@@ -352,10 +330,14 @@ class EvictionPolicy:
 def _evict(table: HashTable, victims_fn) -> int:
     """Erase the keys ``victims_fn(keys, tabs, rows)`` picks (positions into the map's export)."""
     keys, tabs, rows = table._map.export()
-    victims = victims_fn(keys, tabs, rows)
-    if victims.numel() == 0:
+    return _evict_at(table, keys, tabs, victims_fn(keys, tabs, rows))
+
+
+def _evict_at(table: HashTable, keys: torch.Tensor, tabs: torch.Tensor, at: torch.Tensor) -> int:
+    """Erase the keys at positions ``at`` of ``keys``/``tabs`` as evictions; how many went."""
+    if at.numel() == 0:
         return 0
-    n = table._erase(keys[victims], tabs[victims])
+    n = table._erase(keys[at], tabs[at])
     table.count("evictions", n)
     return n
 
@@ -403,9 +385,7 @@ class StaleEviction(EvictionPolicy):
         scan.done = end
         rows = table._map.find(keys, tabs)
         present = true_positions(rows >= 0)
-        stale = present[(t - table.last_seen[rows[present]]) > self.steps]
-        if stale.numel():
-            table.count("evictions", table._erase(keys[stale], tabs[stale]))
+        _evict_at(table, keys, tabs, present[(t - table.last_seen[rows[present]]) > self.steps])
 
 
 @dataclass
@@ -430,9 +410,7 @@ def _scan_stale(table: HashTable, steps: int) -> _StaleScan:
     t = table.step
     keys, tabs, rows = table._map.export()
     last = table.last_seen[rows]
-    stale = true_positions((t - last) > steps)
-    if stale.numel():
-        table.count("evictions", table._erase(keys[stale], tabs[stale]))
+    _evict_at(table, keys, tabs, true_positions((t - last) > steps))
     noted = true_positions((last < t) & ((t - last) <= steps))
     keys, tabs, last = keys[noted], tabs[noted], last[noted]
     # Stable: the ids due at one step keep the order of the map at the scan.

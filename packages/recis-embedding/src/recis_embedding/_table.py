@@ -718,13 +718,8 @@ class HashTable:
     def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, table indices, rows)`` of every live key, sorted by table then id."""
         keys, tabs, rows = self._map.export()
-        order = _ascending(keys)
-        keys, tabs = keys.index_select(0, order), tabs.index_select(0, order)
-        if len(self.names) > 1:
-            # Stable by table, so ids stay ascending within each (one table: nothing to do).
-            by_table = _stable_order(tabs)
-            keys, tabs, order = keys[by_table], tabs[by_table], order[by_table]
-        return keys, tabs, rows.index_select(0, order)
+        order = _by_table_then_id(keys, tabs, len(self.names))
+        return keys.index_select(0, order), tabs.index_select(0, order), rows.index_select(0, order)
 
     def ids(self, table: int | str = 0) -> torch.Tensor:
         """``(K,) int64`` ids of a logical table, ascending."""
@@ -813,9 +808,26 @@ def _ascending(keys: torch.Tensor) -> torch.Tensor:
     return torch.argsort(keys)
 
 
+def _by_table_then_id(keys: torch.Tensor, tabs: torch.Tensor, tables: int) -> torch.Tensor:
+    """An order sorting ``(id, table index)`` keys by table, then id (``tables``: how many
+    logical tables there are; with one, by id alone)."""
+    order = _ascending(keys)
+    if tables > 1:
+        # Stable by table, so ids stay ascending within each.
+        order = order.index_select(0, _stable_order(tabs.index_select(0, order)))
+    return order
+
+
+def _table_runs(tabs: torch.Tensor, tables: int) -> list[slice]:
+    """Per logical table index, the run of ``tabs`` (sorted ascending) holding it."""
+    ends = torch.bincount(tabs.to(torch.int64), minlength=tables).cumsum(0).tolist()
+    return [slice(ends[i - 1] if i else 0, ends[i]) for i in range(tables)]
+
+
 def _stable_order(tabs: torch.Tensor) -> torch.Tensor:
-    """Stable ascending order of table indices: on the host by NumPy's radix sort of 16-bit
-    keys (one linear pass), else by torch's stable sort."""
+    """Stable ascending order of small non-negative integers (table indices, or step
+    offsets): on the host by NumPy's radix sort of 16-bit keys (one linear pass) when they
+    fit, else by torch's stable sort."""
     if on_host(tabs) and tabs.numel() and int(tabs.max()) < 1 << 16:
         return torch.from_numpy(np.argsort(tabs.numpy().astype(np.uint16), kind="stable"))
     return torch.argsort(tabs, stable=True)
