@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -111,9 +113,9 @@ def test_stale_evictions_note_counts_in_the_tables_bytes() -> None:
     table, _ = engine.table("f")
     step(engine, opt, [1, 2, 3])
     step(engine, opt, [4])  # the scan after step 1 noted 1, 2 and 3 (last seen at step 0)
-    assert sorted(table._stale_scan.keys.tolist()) == [1, 2, 3]
+    assert sorted(table._eviction_note.keys.tolist()) == [1, 2, 3]
     held = table.stats().bytes
-    table._stale_scan = None
+    table._eviction_note = None
     # 12 bytes an id, and a last-seen step with its end position per distinct step.
     assert held - table.stats().bytes == 3 * 12 + 2 * 8
 
@@ -307,6 +309,129 @@ def test_capacity_eviction_follows_the_documented_order(keys, new: int, policy: 
         expected = sorted([i for i, tab in kept if tab == t] + ([*range(100, 100 + new)] * t))
         assert table.ids(t).tolist() == expected
     assert table.stats().evictions == len(victims)
+
+
+class _OrderEveryRow(CapacityEviction):
+    """The definition of CapacityEviction: every row ordered on every eviction."""
+
+    def make_room(self, table: HashTable, needed: int, protect: torch.Tensor) -> bool:
+        ids, tabs, rows = table.export()
+        use = table.frequency if self.policy == "lfu" else table.last_seen
+        in_use = set(protect.tolist())
+        free = sorted(
+            (int(use[r]), int(table.inserted[r]), int(i), int(t))
+            for i, t, r in zip(ids.tolist(), tabs.tolist(), rows.tolist(), strict=True)
+            if r not in in_use
+        )
+        victims = free[: needed + int(self.headroom * table.capacity)]
+        for _, _, i, t in victims:
+            table.count("evictions", table.erase(torch.tensor([i]), t))
+        return len(victims) >= needed
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("policy", "headroom"), [("lru", 0.0), ("lru", 0.2), ("lfu", 0.0)])
+def test_capacity_eviction_evicts_what_ordering_every_row_evicts(
+    tmp_path, seed: int, policy: str, headroom: float
+) -> None:
+    # Two features sharing one table of capacity 24, two micro-batches a step (the first's
+    # rows stay in use until the optimizer step), ids erased by hand, a checkpoint loaded
+    # back (which sets last-seen steps) and steps whose lookup the full table refuses: after
+    # every step both engines hold the same ids with the same vectors and counted the same
+    # evictions. lru keeps a note of its coldest rows between passes over the table.
+    gen = torch.Generator().manual_seed(seed)
+    engines = []
+    for cls in (CapacityEviction, _OrderEveryRow):
+        kw = {"capacity": 24, "eviction": cls(policy, headroom=headroom)}
+        options = {
+            "f": EmbeddingOption(DIM, initializer=Constant(1.0), **kw),
+            "g": EmbeddingOption(DIM, shared_name="f", initializer=Constant(1.0), **kw),
+        }
+        engine = EmbeddingEngine(options)
+        engines.append((engine, SparseSGD(engine, lr=0.1)))
+    refused = 0
+    for k in range(80):
+        micro = [
+            {
+                name: torch.randint(
+                    -20, 20 + k, (int(torch.randint(0, 5, (), generator=gen)), 1), generator=gen
+                )
+                for name in ("f", "g")
+            }
+            for _ in range(2)
+        ]
+        erase = torch.randint(-20, 20 + k, (3,), generator=gen) if k % 11 == 5 else None
+        outcomes = []
+        for n, (engine, opt) in enumerate(engines):
+            try:
+                for batch in micro:
+                    out = engine(batch)
+                    (out["f"].sum() + 2 * out["g"].sum()).backward()
+                outcomes.append("ok")
+            except TableFullError:
+                outcomes.append("full")
+            opt.step()
+            opt.zero_grad()
+            if erase is not None:
+                engine.table("f")[0].erase(erase)
+            if k == 40:
+                save(tmp_path / f"c{n}", engine, opt)
+                load(tmp_path / f"c{n}", engine, opt)
+        assert outcomes[0] == outcomes[1], k
+        refused += outcomes[0] == "full"
+        (ta, _), (tb, _) = engines[0][0].table("f"), engines[1][0].table("f")
+        assert ta.ids().tolist() == tb.ids().tolist(), k
+        assert torch.equal(ta.embeddings(), tb.embeddings()), k
+        assert ta.stats().evictions == tb.stats().evictions, k
+    assert ta.stats().evictions > 100
+
+
+def test_lru_capacity_eviction_passes_over_the_table_only_when_its_note_runs_out(
+    monkeypatch,
+) -> None:
+    # Capacity 64: a pass notes max(8 * 2, 64 // 8) = 16 coldest rows; each step inserts 2
+    # new ids, so a pass serves 8 evictions.
+    engine, opt = engine_with(capacity=64, eviction=CapacityEviction("lru"))
+    table, _ = engine.table("f")
+    for k in range(32):
+        step(engine, opt, [2 * k, 2 * k + 1])
+    passes = []
+    real = type(table._map).export
+    monkeypatch.setattr(type(table._map), "export", lambda m: passes.append(1) or real(m))
+    for k in range(32, 64):
+        step(engine, opt, [2 * k, 2 * k + 1])
+    assert len(passes) == 4
+    assert table.ids().tolist() == list(range(64, 128))
+    assert table.stats().evictions == 64
+
+
+@dataclass(frozen=True)
+class _RefusesId(Constant):
+    """Constant 1.0, but raises for one id: an insert that fails after room was made."""
+
+    refused: int = 100
+
+    def sample(self, ids: torch.Tensor, dim: int, seed) -> torch.Tensor:
+        if bool((ids == self.refused).any()):
+            raise RuntimeError(f"no initial vector for {self.refused}")
+        return super().sample(ids, dim, seed)
+
+
+def test_lru_capacity_eviction_keeps_a_row_in_use_by_a_failed_lookup_the_coldest() -> None:
+    # Ids 1 to 4 last seen at steps 0 to 3. A lookup of 1 and 100 makes room by evicting 2
+    # (1 is in use), then 100's initializer fails: 1 was not looked up after all, so it is
+    # still the coldest row and the next eviction takes it.
+    table = HashTable(DIM, capacity=4, initializer=_RefusesId(value=1.0))
+    table.eviction = CapacityEviction("lru")
+    for k in range(1, 5):
+        table.find_or_insert(torch.tensor([k]))
+        table.step += 1
+    with pytest.raises(RuntimeError, match="no initial vector for 100"):
+        table.find_or_insert(torch.tensor([1, 100]))
+    assert table.ids().tolist() == [1, 3, 4]
+    table.find_or_insert(torch.tensor([200]))  # fits
+    table.find_or_insert(torch.tensor([201]))
+    assert table.ids().tolist() == [3, 4, 200, 201]
 
 
 def test_full_table_without_room_raises() -> None:

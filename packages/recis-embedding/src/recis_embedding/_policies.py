@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from recis_embedding._host import true_positions
+from recis_embedding._host import on_host, true_positions
 from recis_embedding._initializers import check_seed, int64_bits, table_seed
 from recis_embedding._numbers import plain, plain_fields
 from recis_embedding.exceptions import ConfigError
@@ -370,10 +371,14 @@ class StaleEviction(EvictionPolicy):
             raise ConfigError(f"StaleEviction needs an int steps in [1, 2**63 - 1], got {steps!r}")
 
     def after_step(self, table):
-        t, scan = table.step, table._stale_scan
-        if scan is None or scan.steps != self.steps or not scan.step < t <= scan.step + self.steps:
-            table._stale_scan = None  # freed before the scan builds the next one
-            table._stale_scan = _scan_stale(table, self.steps)
+        t, scan = table.step, table._eviction_note
+        if (
+            not isinstance(scan, _StaleScan)
+            or scan.steps != self.steps
+            or not scan.step < t <= scan.step + self.steps
+        ):
+            table._eviction_note = None  # freed before the scan builds the next one
+            table._eviction_note = _scan_stale(table, self.steps)
             return
         # The noted ids last seen before t - steps are due now; those looked up since the
         # scan were seen at its step or later, so they stay (the next scan notes them again).
@@ -433,14 +438,21 @@ class CapacityEviction(EvictionPolicy):
     after a save and load, and on each shard of a sharded table (a shard evicts among its own
     rows).
 
-    Choosing the victims takes a pass over every row of the table. With ``headroom`` 0 (the
-    default) a full table evicts exactly the rows each inserting lookup needs, so a table kept
-    full pays that pass on every step that inserts. A ``headroom`` ``h`` evicts, whenever the
-    table must evict, the rows needed and then, in the same order, the next ones until a
-    fraction ``h`` of ``capacity`` is free as well (never a row in use): a table of capacity
-    ``C`` receiving ``n`` new ids a step then evicts about once every ``h * C / n`` steps, at
-    the price of holding up to ``h * C`` rows fewer (TFRA's ``restrict`` and HugeCTR's
-    eviction to a watermark do the same).
+    ``"lfu"`` chooses its victims by a pass over every row of the table, so a table kept full
+    pays that pass on every step that inserts. ``"lru"`` passes over the table only now and
+    then: a pass notes the coldest rows in order (at least an eighth of the capacity, 20
+    bytes a row, until the next pass), and the evictions after it take the noted rows not
+    looked up since, which are still the coldest: a row looked up or inserted later was seen
+    at a later step than every noted one. The victims are the same as a pass on every
+    eviction would choose. A checkpoint load or :meth:`HashTable.insert_or_assign` drops the
+    note.
+
+    With ``headroom`` 0 (the default) a full table evicts exactly the rows each inserting
+    lookup needs. A ``headroom`` ``h`` evicts, whenever the table must evict, the rows needed
+    and then, in the same order, the next ones until a fraction ``h`` of ``capacity`` is free
+    as well (never a row in use): a table of capacity ``C`` receiving ``n`` new ids a step
+    then evicts about once every ``h * C / n`` steps, at the price of holding up to ``h * C``
+    rows fewer (TFRA's ``restrict`` and HugeCTR's eviction to a watermark do the same).
     """
 
     policy: str = "lfu"
@@ -463,14 +475,18 @@ class CapacityEviction(EvictionPolicy):
     def make_room(self, table, needed, protect):
         # Rows freed beyond the needed ones (a fraction of the capacity; see the class).
         wanted = needed + int(self.headroom * table.capacity)
+        in_use = torch.zeros(table.last_seen.numel(), dtype=torch.bool, device=protect.device)
+        in_use[protect] = True
+        if self.policy == "lru":
+            evicted = _evict_least_recent(table, wanted, in_use)
+            if evicted is not None:
+                return evicted >= needed
 
         def coldest(keys, tabs, rows):
             # The protected rows rank last (no row's uses or step reach int64's maximum), so
             # the first level of the order is one gather over the table and the later levels
             # gather for its ties only.
-            guarded = torch.zeros(table.last_seen.numel(), dtype=torch.bool, device=rows.device)
-            guarded[protect] = True
-            guarded = guarded[rows]
+            guarded = in_use[rows]
             free = rows.numel() - int(guarded.sum())
             if free <= wanted:
                 return true_positions(~guarded)
@@ -484,6 +500,101 @@ class CapacityEviction(EvictionPolicy):
             return _smallest(primary, later, wanted)
 
         return _evict(table, coldest) >= needed
+
+
+@dataclass
+class _LruNote:
+    """What a pass over a table by ``CapacityEviction("lru")`` leaves for the evictions after
+    it: the coldest rows of the table then, in eviction order."""
+
+    step: int  # the table's step at the pass; every noted row was last seen before it
+    keys: torch.Tensor  # the noted rows' ids, coldest first
+    tabs: torch.Tensor  # their logical tables
+    last_seen: torch.Tensor  # their last-seen steps at the pass
+    done: int = 0  # the rows noted before this position are gone or were looked up since
+
+
+# A pass notes at least this many times the rows an eviction wants, and an eighth of the
+# capacity: a table taking n new ids a step passes over its rows about once every C / 8n steps.
+_NOTE_TIMES, _NOTE_SHARE = 8, 8
+
+
+def _evict_least_recent(table: HashTable, wanted: int, in_use: torch.Tensor) -> int | None:
+    """Evicts the ``wanted`` least recently used rows not ``in_use`` (a bool per row) and says
+    how many went; ``None`` (nothing evicted) when the rows last seen before the current step
+    are too few for them, and the caller then orders every row."""
+    note = table._eviction_note
+    if isinstance(note, _LruNote):
+        at = _take_noted(table, note, wanted, in_use)
+        if at is not None:
+            return _evict_at(table, note.keys, note.tabs, at)
+    table._eviction_note = None  # freed before the pass builds the next one
+    note = table._eviction_note = _note_least_recent(table, wanted)
+    at = _take_noted(table, note, wanted, in_use)
+    if at is None:
+        table._eviction_note = None
+        return None
+    return _evict_at(table, note.keys, note.tabs, at)
+
+
+def _note_least_recent(table: HashTable, wanted: int) -> _LruNote:
+    """A pass over every row: notes, coldest first, the rows that lead the eviction order
+    among those last seen before the current step (their order can only change by their
+    leaving it: a lookup or an insert sets a row's last-seen step to the current one)."""
+    t = table.step
+    keys, tabs, rows = table._map.export()
+    last = table.last_seen[rows]
+    before = last < t
+    first = last.masked_fill(~before, _INT64_MAX)
+    later = (
+        lambda at: table.inserted[rows[at]],
+        lambda at: keys[at],
+        lambda at: tabs[at],
+    )
+    noted = max(_NOTE_TIMES * wanted, (table.capacity or 0) // _NOTE_SHARE)
+    at = _smallest(first, later, noted)
+    at = at[before[at]]
+    order = _lexicographic([last[at], table.inserted[rows[at]], keys[at], tabs[at]])
+    at = at[order]
+    return _LruNote(t, keys[at], tabs[at], last[at])
+
+
+def _take_noted(
+    table: HashTable, note: _LruNote, wanted: int, in_use: torch.Tensor
+) -> torch.Tensor | None:
+    """Positions in ``note`` of the first ``wanted`` noted rows still live, not looked up
+    since the note and not ``in_use``; ``None`` if the note holds fewer."""
+    chosen: list[torch.Tensor] = []
+    need, pos, n = wanted, note.done, note.keys.numel()
+    held = n  # the first noted row still due but in use: the note resumes there
+    while need > 0 and pos < n:
+        end = min(n, pos + max(2 * need, 1024))
+        rows = table._map.find(note.keys[pos:end], note.tabs[pos:end])
+        safe = rows.clamp(min=0)
+        due = (rows >= 0) & (table.last_seen[safe] == note.last_seen[pos:end])
+        used = due & in_use[safe]
+        if held == n and bool(used.any()):
+            held = pos + int(true_positions(used)[0])
+        free = true_positions(due & ~used)[:need]
+        chosen.append(free + pos)
+        need -= free.numel()
+        pos = end
+    if need > 0:
+        return None
+    at = torch.cat(chosen)
+    if at.numel():
+        note.done = min(held, int(at[-1]) + 1)
+    return at
+
+
+def _lexicographic(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The order sorting entries by ``levels[0]``, then ``levels[1]``, and so on."""
+    if levels[0].numel() and on_host(levels[0]):
+        return torch.from_numpy(np.lexsort([x.numpy() for x in reversed(levels)]))
+    order = torch.arange(levels[0].numel(), device=levels[0].device)
+    for level in reversed(levels):
+        order = order[torch.argsort(level[order], stable=True)]
+    return order
 
 
 def _smallest(

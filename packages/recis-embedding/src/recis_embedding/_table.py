@@ -35,7 +35,8 @@ class TableStats:
         slots: slots of the id map (grows by rehash).
         bytes: bytes the table holds: row storage, id map, the per-row records (insertion
             and last-seen steps, uses, change flags), an admission policy's counters and
-            :class:`StaleEviction`'s note of the ids due before its next scan.
+            the notes eviction policies keep between calls (:class:`StaleEviction`'s ids due
+            before its next scan, ``CapacityEviction("lru")``'s coldest rows).
         lookups: ids passed to :meth:`HashTable.find` and :meth:`HashTable.find_or_insert`
             (training and eval). An id repeated within one call counts each time; the
             embedding engine deduplicates each batch first, so through it this counts the
@@ -161,9 +162,10 @@ class HashTable:
         self.last_seen = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.frequency = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
-        # StaleEviction's note of the ids that may turn stale before its next scan (see there);
+        # What the eviction policy keeps between calls (StaleEviction: the ids that may turn
+        # stale before its next scan; CapacityEviction("lru"): the coldest rows, in order);
         # dropped wherever rows' last-seen steps are set other than by a training lookup.
-        self._stale_scan: Any = None
+        self._eviction_note: Any = None
         self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending: list = []  # recis_embedding._sharding.Pending entries
         self.last_checkpoint: object = None
@@ -177,7 +179,8 @@ class HashTable:
         # which checks and kernel launches go by: the table lives where its tensors are.
         self.__dict__.update(state)
         self.__dict__.setdefault("_device_hits", None)  # pickles from before the count existed
-        self.__dict__.setdefault("_stale_scan", None)  # and from before eviction kept a note
+        # Pickles from before eviction kept a note, or when only stale eviction did.
+        self.__dict__.setdefault("_eviction_note", self.__dict__.pop("_stale_scan", None))
         self.device = self.inserted.device
         self._map.device = self._store.device = self.device
 
@@ -566,7 +569,7 @@ class HashTable:
             self.inserted[new_rows] = self.step
             self.last_seen[new_rows] = self.step
         # The caller may set these rows' last-seen steps next (a checkpoint load does).
-        self._stale_scan = None
+        self._eviction_note = None
         if distinct:
             self._store.scatter(rows, full)
         else:
@@ -673,7 +676,7 @@ class HashTable:
         self._erased.clear()
         self.pending.clear()
         self.admission_state = None
-        self._stale_scan = None
+        self._eviction_note = None
         self.step = 0
 
     def mark_saved(self, path: object) -> None:
@@ -755,7 +758,7 @@ class HashTable:
             rows=self._map.size,
             capacity=self.capacity,
             slots=self._map.capacity,
-            bytes=held + _held_bytes(self.admission_state) + _held_bytes(self._stale_scan),
+            bytes=held + _held_bytes(self.admission_state) + _held_bytes(self._eviction_note),
             **self._counts,
         )
 
@@ -766,8 +769,8 @@ class HashTable:
 
 def _held_bytes(obj: Any) -> int:
     """Bytes of the tensors in ``obj``: a tensor, an id map (:attr:`IdMap.nbytes`), or a
-    tuple, list, dict or dataclass of those (what admission policies keep, stale eviction's
-    note); anything else counts 0."""
+    tuple, list, dict or dataclass of those (what admission policies keep, eviction
+    policies' notes); anything else counts 0."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, IdMap):
