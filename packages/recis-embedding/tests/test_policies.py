@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import pytest
 import torch
@@ -193,6 +194,16 @@ def test_capacity_eviction_with_headroom_frees_the_next_coldest_rows_too() -> No
     assert table.stats().evictions == 8
 
 
+@pytest.mark.parametrize(("headroom", "free"), [(0.29, 29), (0.57, 57), (0.295, 29), (0.3, 30)])
+def test_capacity_eviction_headroom_is_the_fraction_as_written(headroom, free) -> None:
+    # 0.29 * 100 is 28.999... in floats: the headroom frees 29 rows all the same.
+    table = HashTable(DIM, capacity=100)
+    table.eviction = CapacityEviction("lfu", headroom=headroom)
+    table.find_or_insert(torch.arange(100))
+    table.find_or_insert(torch.tensor([10**6]))
+    assert table.capacity - len(table) == free
+
+
 def test_capacity_eviction_headroom_never_takes_a_row_in_use() -> None:
     # Only two rows are free to go: the headroom asks for more, the rows in use stay.
     engine, opt = engine_with(capacity=4, eviction=CapacityEviction("lfu", headroom=0.9))
@@ -323,7 +334,7 @@ class _OrderEveryRow(CapacityEviction):
             for i, t, r in zip(ids.tolist(), tabs.tolist(), rows.tolist(), strict=True)
             if r not in in_use
         )
-        victims = free[: needed + int(self.headroom * table.capacity)]
+        victims = free[: needed + int(Fraction(repr(self.headroom)) * table.capacity)]
         for _, _, i, t in victims:
             table.count("evictions", table.erase(torch.tensor([i]), t))
         return len(victims) >= needed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -450,9 +451,10 @@ class CapacityEviction(EvictionPolicy):
     With ``headroom`` 0 (the default) a full table evicts exactly the rows each inserting
     lookup needs. A ``headroom`` ``h`` evicts, whenever the table must evict, the rows needed
     and then, in the same order, the next ones until a fraction ``h`` of ``capacity`` is free
-    as well (never a row in use): a table of capacity ``C`` receiving ``n`` new ids a step
-    then evicts about once every ``h * C / n`` steps, at the price of holding up to ``h * C``
-    rows fewer (TFRA's ``restrict`` and HugeCTR's eviction to a watermark do the same).
+    as well (``h * capacity`` rounded down to whole rows; never a row in use): a table of
+    capacity ``C`` receiving ``n`` new ids a step then evicts about once every ``h * C / n``
+    steps, at the price of holding up to ``h * C`` rows fewer (TFRA's ``restrict`` and
+    HugeCTR's eviction to a watermark do the same).
     """
 
     policy: str = "lfu"
@@ -473,8 +475,9 @@ class CapacityEviction(EvictionPolicy):
         object.__setattr__(self, "headroom", float(h))
 
     def make_room(self, table, needed, protect):
-        # Rows freed beyond the needed ones (a fraction of the capacity; see the class).
-        wanted = needed + int(self.headroom * table.capacity)
+        # Rows freed beyond the needed ones: the fraction of the capacity as its decimal reads
+        # (0.29 of 100 is 29 rows, where the float product is 28.999...), whole rows only.
+        wanted = needed + int(Fraction(repr(self.headroom)) * table.capacity)
         in_use = torch.zeros(table.last_seen.numel(), dtype=torch.bool, device=protect.device)
         in_use[protect] = True
         if self.policy == "lru":
