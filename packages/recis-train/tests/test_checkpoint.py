@@ -310,15 +310,14 @@ class CrashInEvaluation(Hook):
             raise RuntimeError(f"crash in the evaluation of step {self.at}")
 
 
-def build_evaluated(out, crash_at=None):
+def build_evaluated(out, crash_at=None, **settings):
     """Evaluates every 2 steps, saves every 2; stops at the second evaluation (step 4)."""
     seed_everything(0)
     model = ToyModel(600)
     dense, sparse = make_optimizers(model)
     stop = EarlyStopping("auc", patience=1, min_delta=1.0)  # nothing improves by a whole unit
-    args = TrainingArguments(
-        output_dir=str(out), device="cpu", eval_every=2, save_every=2, deterministic=True
-    )
+    settings = {"eval_every": 2, "save_every": 2} | settings
+    args = TrainingArguments(output_dir=str(out), device="cpu", deterministic=True, **settings)
     return Trainer(
         model,
         args,
@@ -355,6 +354,32 @@ def test_running_an_early_stopped_run_again_trains_no_further(tmp_path, caplog):
     assert again.global_step == 4
     assert again.hooks[1].stopped_at == 4
     assert [step for step, _ in again.history["eval"]] == [2, 4]
+    assert_same(params(again), params(first))
+
+
+@pytest.mark.parametrize(
+    ("settings", "last"),
+    [
+        # The last of train_steps is saved by save_every, and evaluated only as the end.
+        ({"train_steps": 6, "save_every": 3, "eval_every": 4}, 6),
+        # The data runs out (20 batches, one epoch) at a step save_every saved.
+        ({"epochs": 1, "save_every": 10, "eval_every": 0}, 20),
+    ],
+)
+def test_the_final_evaluation_is_in_the_checkpoint_of_the_last_step(tmp_path, settings, last):
+    first = build_evaluated(tmp_path, **settings)
+    final = first.train_and_evaluate()
+    assert first.global_step == last
+    evaluated = [step for step, _ in first.history["eval"]]
+    assert evaluated[-1] == last
+    # A second run finds the evaluation (and the hooks' reaction to it) in the checkpoint:
+    # it neither evaluates the last step again (which would crash here) nor trains past it.
+    again = build_evaluated(tmp_path, crash_at=last, **settings)
+    assert again.train_and_evaluate() == final
+    assert again.global_step == last
+    assert [step for step, _ in again.history["eval"]] == evaluated
+    assert again.hooks[1].best == first.hooks[1].best
+    assert again.hooks[1].bad_evaluations == first.hooks[1].bad_evaluations
     assert_same(params(again), params(first))
 
 
@@ -460,6 +485,28 @@ def test_a_failed_save_over_the_same_step_keeps_the_old_checkpoint(tmp_path, mon
     manager.save(7, write("new"), {})
     assert (path / "dense" / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_save_that_cannot_make_its_directories_raises_checkpoint_error(tmp_path, monkeypatch):
+    # The root under a regular file, then a temporary directory refused: each is the save's
+    # CheckpointError, and the checkpoint written before stays.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"saving checkpoint of step 1 .* failed"):
+        CheckpointManager(tmp_path / "file" / "checkpoints").save(1, write("x"), {})
+    manager = CheckpointManager(tmp_path / "ok", max_to_keep=1)
+    path = manager.save(1, write("old"), {})
+    real = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.name.startswith(".tmp-"):
+            raise PermissionError(f"[Errno 1] Operation not permitted: '{self}'")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(CheckpointError, match=r"step 2 .* failed: \[Errno 1\] Operation not"):
+        manager.save(2, write("new"), {})
+    monkeypatch.undo()
+    assert manager.complete() == [path]
 
 
 @pytest.mark.parametrize("new_in_place", [False, True])

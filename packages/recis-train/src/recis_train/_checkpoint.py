@@ -218,13 +218,13 @@ class CheckpointManager:
         Raises:
             CheckpointError: a writer failed; nothing of this save is left behind.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
         final = self.path_for(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temporaries()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             for part, write in writers.items():
                 (tmp / part).mkdir()
                 write(tmp / part)

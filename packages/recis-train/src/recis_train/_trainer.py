@@ -350,7 +350,13 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                     hook.on_step_end(self, logs)
                 # Evaluate before saving: the checkpoint of this step then holds the evaluation
                 # and what the hooks made of it (EarlyStopping's count, a request to stop).
-                if evaluate_every and self.global_step % evaluate_every == 0:
+                # The last of train_steps takes its evaluation at the end here too.
+                last = (
+                    self.args.train_steps is not None and self.global_step >= self.args.train_steps
+                )
+                if (evaluate_every and self.global_step % evaluate_every == 0) or (
+                    evaluate_at_end and last
+                ):
                     self.evaluate()
                 if self.args.save_every and self.global_step % self.args.save_every == 0:
                     self.save()
@@ -366,11 +372,16 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             batches.close()
             self.stream.load_state_dict(self._cursor)
         self._warn_if_data_ran_out(first_step, past_start)
+        saved = self._last_saved_step == self.global_step
         if evaluate_at_end and not (
             self.history["eval"] and self.history["eval"][-1][0] == self.global_step
         ):
             self.evaluate()
-        if self.args.save_at_end and self._last_saved_step != self.global_step:
+            # A checkpoint of this step written before the data ran out lacks the evaluation
+            # (and the hooks' reaction to it): it is written again.
+            if saved:
+                self.save()
+        if self.args.save_at_end and not saved:
             self.save()
         self._hook_stopped = self.should_stop  # as the checkpoint of this step records it
         for hook in self._hooks():
