@@ -147,6 +147,23 @@ def test_an_include_pattern_matching_nothing_changes_nothing(source):
     assert len(rows(model, "item")[0]) == 0
 
 
+def test_an_include_pattern_whose_matches_are_all_excluded_is_named_as_such(source):
+    # "mlp.0" matches, but exclude takes out every name it matches: not "match nothing".
+    model = fresh()
+    before = dense_state(model)
+    with pytest.raises(
+        ConfigError, match=r"\['mlp.0'\] match only names the exclude patterns \['mlp.0'\] take out"
+    ):
+        warm_start(model, source.checkpoints.latest(), include=["user", "mlp.0"], exclude=["mlp.0"])
+    for key, value in before.items():
+        assert torch.equal(dense_state(model)[key], value), key
+    # An include pattern with some match left is fine.
+    result = warm_start(
+        model, source.checkpoints.latest(), include=["mlp.0"], exclude=["mlp.0.bias"]
+    )
+    assert sorted(result.dense) == ["mlp.0.weight"]
+
+
 def test_a_table_of_another_dim_is_an_error_unless_excluded(source):
     model = fresh(item_dim=6)
     before = model.mlp[2].weight.clone()

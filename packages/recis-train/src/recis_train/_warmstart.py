@@ -51,7 +51,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 class _Selection:
-    """Applies include/exclude patterns and remembers which include patterns matched."""
+    """Applies include/exclude patterns and remembers which include patterns matched a name,
+    and which of those a name that was not excluded."""
 
     def __init__(self, include: Sequence[str] | None, exclude: Sequence[str]) -> None:
         for label, patterns in (("include", include or ()), ("exclude", exclude)):
@@ -60,19 +61,24 @@ class _Selection:
                     f"warm_start: {label} must be a sequence of name patterns, got {patterns!r}"
                 )
         self.include, self.exclude = include, tuple(exclude)
+        self.matched: set[str] = set()
         self.used: set[str] = set()
 
     def __call__(self, name: str) -> bool:
+        hits = [p for p in self.include or () if _matches(name, p)]
+        self.matched.update(hits)
         if any(_matches(name, p) for p in self.exclude):
             return False
-        if self.include is None:
-            return True
-        hits = [p for p in self.include if _matches(name, p)]
         self.used.update(hits)
-        return bool(hits)
+        return self.include is None or bool(hits)
 
     def unused(self) -> list[str]:
-        return [p for p in self.include or () if p not in self.used]
+        """Include patterns matching no name."""
+        return [p for p in self.include or () if p not in self.matched]
+
+    def excluded(self) -> list[str]:
+        """Include patterns whose every match was excluded."""
+        return [p for p in self.include or () if p in self.matched and p not in self.used]
 
 
 def _resolve(
@@ -410,6 +416,12 @@ def warm_start(
         raise ConfigError(
             f"warm_start: include pattern(s) {unused} match nothing in the {'/'.join(parts)} "
             f"part(s) of {checkpoint}"
+        )
+    excluded = select.excluded()
+    if excluded:
+        raise ConfigError(
+            f"warm_start: include pattern(s) {excluded} match only names the exclude patterns "
+            f"{list(select.exclude)} take out, in the {'/'.join(parts)} part(s) of {checkpoint}"
         )
     unused = renamed.unused()
     if unused:
