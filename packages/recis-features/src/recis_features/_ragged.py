@@ -6,6 +6,7 @@ import math
 
 import torch
 
+import recis_kernels as rk
 from recis_kernels import RaggedTensor
 
 from ._values import Value, as_int64
@@ -54,7 +55,11 @@ def string_positions(value: RaggedTensor) -> RaggedTensor:
 
 def gather_strings(value: RaggedTensor, kept: RaggedTensor) -> RaggedTensor:
     """The strings of ``value`` at the positions ``kept`` holds, whole, under ``kept``'s
-    offsets (the inverse of :func:`string_positions` after a truncation)."""
+    offsets (the inverse of :func:`string_positions` after a truncation).
+
+    ``kept`` comes from a truncation, whose copy may still be running in the background
+    inside an engine step's ``recis_kernels.overlap()`` block: it is waited for first."""
+    rk.finish_overlapped()
     starts_all = value.offsets[-1]
     index = kept.values
     starts = starts_all[:-1].index_select(0, index)
