@@ -508,9 +508,9 @@ class CapacityEviction(EvictionPolicy):
 @dataclass
 class _LruNote:
     """What a pass over a table by ``CapacityEviction("lru")`` leaves for the evictions after
-    it: the coldest rows of the table then, in eviction order."""
+    it: the coldest rows of the table then, in eviction order, all last seen before the
+    table's step at the pass."""
 
-    step: int  # the table's step at the pass; every noted row was last seen before it
     keys: torch.Tensor  # the noted rows' ids, coldest first
     tabs: torch.Tensor  # their logical tables
     last_seen: torch.Tensor  # their last-seen steps at the pass
@@ -544,10 +544,9 @@ def _note_least_recent(table: HashTable, wanted: int) -> _LruNote:
     """A pass over every row: notes, coldest first, the rows that lead the eviction order
     among those last seen before the current step (their order can only change by their
     leaving it: a lookup or an insert sets a row's last-seen step to the current one)."""
-    t = table.step
     keys, tabs, rows = table._map.export()
     last = table.last_seen[rows]
-    before = last < t
+    before = last < table.step
     first = last.masked_fill(~before, _INT64_MAX)
     later = (
         lambda at: table.inserted[rows[at]],
@@ -559,7 +558,7 @@ def _note_least_recent(table: HashTable, wanted: int) -> _LruNote:
     at = at[before[at]]
     order = _lexicographic([last[at], table.inserted[rows[at]], keys[at], tabs[at]])
     at = at[order]
-    return _LruNote(t, keys[at], tabs[at], last[at])
+    return _LruNote(keys[at], tabs[at], last[at])
 
 
 def _take_noted(
