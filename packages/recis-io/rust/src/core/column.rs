@@ -207,14 +207,36 @@ impl ColumnPlan {
         };
         let out = check_options(spec, leaf, fixed)?;
         check_fill(spec, out)?;
-        Ok(ColumnPlan {
+        let plan = ColumnPlan {
             spec: spec.clone(),
             file_type: field.data_type().clone(),
             list_levels,
             fixed,
             leaf,
             out,
-        })
+        };
+        plan.check_text_fill()?;
+        Ok(plan)
+    }
+
+    /// Refuses a fill that is not UTF-8 for a column of UTF-8 strings: its nulls would read as
+    /// bytes no string column may hold (a bytes column takes any fill).
+    fn check_text_fill(&self) -> Result<()> {
+        let Some(Fill::Text(bytes)) = &self.spec.fill else {
+            return Ok(());
+        };
+        if self.leaf != Leaf::Text || self.spec.hash.is_some() || !self.text_is_utf8() {
+            return Ok(());
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::InvalidArgument(format!(
+                "column '{}' holds UTF-8 strings, its fill is not UTF-8 (invalid byte at \
+                 offset {}): give a str, or bytes that are UTF-8",
+                self.spec.name,
+                e.valid_up_to()
+            ))),
+        }
     }
 }
 
@@ -462,5 +484,25 @@ mod tests {
         )
         .is_ok());
         assert!(case(DataType::Float64, None, Fill::Float(1e300)).is_ok());
+    }
+
+    #[test]
+    fn string_fills_must_be_utf8_for_utf8_columns() {
+        let case = |dt: DataType, fill: &[u8]| {
+            let mut spec = ColumnSpec::plain("s");
+            spec.fill = Some(Fill::Text(fill.to_vec()));
+            plan_of(dt, &spec).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let err = case(DataType::Utf8, b"ok\xff").unwrap_err();
+        assert_eq!(
+            err,
+            "column 's' holds UTF-8 strings, its fill is not UTF-8 (invalid byte at offset 2): \
+             give a str, or bytes that are UTF-8"
+        );
+        let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::LargeUtf8));
+        assert!(case(list(dict), b"\xff").is_err());
+        assert!(case(DataType::Utf8, "caf\u{e9}".as_bytes()).is_ok());
+        assert!(case(DataType::Binary, b"\xff").is_ok());
+        assert!(case(list(DataType::LargeBinary), b"\xff\xfe").is_ok());
     }
 }
