@@ -368,7 +368,7 @@ def test_a_state_of_another_drop_last_is_refused(written) -> None:
     ds = make(True)
     assert _ids(ds) == [list(range(10)), list(range(10, 20))]
     state = json.loads(json.dumps(ds.state_dict()))
-    assert (state["version"], state["drop_last"]) == (3, True)
+    assert (state["version"], state["drop_last"]) == (4, True)
     with pytest.raises(
         InvalidArgumentError, match="state has drop_last=True, this dataset has False"
     ):

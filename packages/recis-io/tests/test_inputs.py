@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from recis_io import Column, Dataset, SchemaError
-from recis_io.exceptions import DataFileNotFoundError, InvalidArgumentError
+from recis_io.exceptions import CorruptFileError, DataFileNotFoundError, InvalidArgumentError
 
 from .conftest import write
 
@@ -214,6 +214,53 @@ def test_a_glob_matching_directories_reads_their_files(tmp_path: Path) -> None:
     assert read_ids(Dataset(str(tmp_path / "dt=2024-*"), batch_size=4)) == [0, 1, 10, 11]
     # A file matched and also below a matched directory is read once.
     assert read_ids(Dataset(str(tmp_path / "**"), batch_size=4)) == [20, 21, 0, 1, 10, 11]
+
+
+def test_a_glob_orders_files_as_their_directory_does(tmp_path: Path) -> None:
+    # "-" sorts before "/": comparing whole paths put a-b/x before a/x, a directory a/ first.
+    data = tmp_path / "data"
+    for k, part in enumerate(["a", "a-b", "a/c", "b"]):
+        (data / part).mkdir(parents=True, exist_ok=True)
+        write(ids(10 * k, 10 * k + 2), data / part / "x.parquet", "parquet", 10)
+    expected = ["a/c/x.parquet", "a/x.parquet", "a-b/x.parquet", "b/x.parquet"]
+    for spelled in (data, str(data / "*"), str(data / "**" / "*.parquet")):
+        ds = Dataset(spelled, batch_size=4)
+        assert [Path(f).relative_to(data).as_posix() for f in ds.files] == expected, spelled
+        assert read_ids(ds) == [20, 21, 0, 1, 10, 11, 30, 31]
+
+
+def test_a_glob_skips_matched_files_of_no_data_format(tmp_path: Path) -> None:
+    write(ids(0, 3), tmp_path / "part-0.parquet", "parquet", 3)
+    (tmp_path / "README.md").write_text("what these files hold")
+    (tmp_path / "schema.json").write_text("{}")
+    assert read_ids(Dataset(str(tmp_path / "*"), batch_size=4)) == read_ids(
+        Dataset(tmp_path, batch_size=4)
+    )
+    with pytest.raises(
+        DataFileNotFoundError,
+        match=r"pattern .*\*\.\[mj\]\* matches no \.parquet, \.pq or \.orc files \(it matches "
+        r".*README\.md and others\); pass format='parquet' or 'orc'",
+    ):
+        Dataset(str(tmp_path / "*.[mj]*"), batch_size=4)
+    # With a format given, names are not looked at: every matched file is read as that format.
+    with pytest.raises(CorruptFileError, match=r"cannot read .*README\.md: parquet error"):
+        Dataset(str(tmp_path / "*"), batch_size=4, format="parquet")
+
+
+def test_a_string_fill_must_be_utf8_for_a_string_column(tmp_path: Path) -> None:
+    table = pa.table(
+        {"s": pa.array(["a", None], pa.string()), "b": pa.array([b"\x00", None], pa.binary())}
+    )
+    p = write(table, tmp_path / "s.parquet", "parquet", 2)
+    # Its nulls would have read as bytes no string array may hold (to_arrow() made one).
+    with pytest.raises(
+        InvalidArgumentError, match=r"column 's' holds UTF-8 strings, its fill is not UTF-8"
+    ):
+        Dataset(p, batch_size=2, columns=[Column("s", fill=b"ok\xff")])
+    ds = Dataset(p, batch_size=2, columns=[Column("s", fill="é"), Column("b", fill=b"\xff")])
+    arrow = next(iter(ds)).to_arrow()
+    assert arrow.column("s").to_pylist() == ["a", "é"]
+    assert arrow.column("b").to_pylist() == [b"\x00", b"\xff"]
 
 
 def test_existing_file_with_glob_characters_is_that_file(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ def test_state_of_another_rank_is_rejected(files) -> None:
 
 def test_state_of_other_files_is_rejected(tmp_path, files) -> None:
     state = json.loads(json.dumps(Dataset(files, batch_size=10).state_dict()))
-    assert state["version"] == 3
+    assert state["version"] == 4
     assert state["files"] == [[p.name, rows] for p, rows in zip(files, ROWS, strict=True)]
     # The same rows in differently named files, or one file's rows moved to another.
     for name in ("renamed", "moved", "empty", "copy"):
@@ -183,6 +183,57 @@ def test_state_of_other_files_is_rejected(tmp_path, files) -> None:
     # The same files copied elsewhere resume.
     copy = write_ids(tmp_path / "copy", "parquet", ROWS, 32)
     Dataset(copy, batch_size=10).load_state_dict(state)
+
+
+def test_state_names_files_by_their_path_below_the_common_directory(tmp_path) -> None:
+    # Two partitions of same-named files with the same row counts: base names cannot tell
+    # them apart, so a state taken over one order loaded over the other read a partition
+    # twice and skipped the other.
+    parts = []
+    for day in ("dt=1", "dt=2"):
+        (tmp_path / "data" / day).mkdir(parents=True)
+        parts += write_ids(tmp_path / "data" / day, "parquet", [20], 8)
+    ds = Dataset(tmp_path / "data", batch_size=10)
+    it = iter(ds)
+    first = next(it)["id"].tolist()
+    state = json.loads(json.dumps(ds.state_dict()))
+    assert state["files"] == [["dt=1/part-0.parquet", 20], ["dt=2/part-0.parquet", 20]]
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"state file 0 is \['dt=1/part-0\.parquet', 20\] \(\[path, rows\]\), "
+        r"this dataset has \['dt=2/part-0\.parquet', 20\]",
+    ):
+        Dataset(parts[::-1], batch_size=10).load_state_dict(state)
+    # The same files in the same order resume, spelled as a list, a glob, or copied elsewhere.
+    copy = tmp_path / "copy"
+    (copy / "nested").mkdir(parents=True)
+    (tmp_path / "data").rename(copy / "nested" / "data")
+    for spelled in (
+        sorted((copy / "nested" / "data").rglob("*.parquet")),
+        str(copy / "nested" / "data" / "dt=*"),
+    ):
+        resumed = Dataset(spelled, batch_size=10)
+        resumed.load_state_dict(state)
+        rest = [i for b in ids(resumed) for i in b]
+        assert sorted(first + rest) == sorted(2 * list(range(20)))
+        assert len(first + rest) == 40
+
+
+def test_state_of_version_three_checks_base_names(tmp_path) -> None:
+    parts = []
+    for day in ("dt=1", "dt=2"):
+        (tmp_path / day).mkdir()
+        parts += write_ids(tmp_path / day, "parquet", [20], 8)
+    ds = Dataset(parts, batch_size=10)
+    next(iter(ds))
+    state = ds.state_dict() | {"version": 3}
+    state["files"] = [["part-0.parquet", 20], ["part-0.parquet", 20]]
+    resumed = Dataset(parts, batch_size=10)
+    resumed.load_state_dict(state)
+    assert next(iter(resumed))["id"].tolist() == list(range(10, 20))
+    state["files"] = [["part-1.parquet", 20], ["part-0.parquet", 20]]
+    with pytest.raises(InvalidArgumentError, match=r"state file 0 is \['part-1\.parquet', 20\]"):
+        Dataset(parts, batch_size=10).load_state_dict(state)
 
 
 def test_state_of_version_one_still_loads(files) -> None:

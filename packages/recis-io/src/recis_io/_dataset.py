@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import PurePath
 from typing import Any, TypeGuard
 
 import torch
@@ -17,10 +18,11 @@ from ._paths import PathLike, resolve_paths
 from ._recis_io import Reader
 from .exceptions import ForkedReaderError, InvalidArgumentError
 
-# Version 2 adds "files" (the data set's identity), version 3 "drop_last"; states of earlier
-# versions still load, checked on what they record.
-_STATE_VERSION = 3
-_STATE_VERSIONS = (1, 2, 3)
+# Version 2 adds "files" (the data set's identity), version 3 "drop_last", version 4 names
+# each file by its path below the data set's common directory (its base name before); states
+# of earlier versions still load, checked on what they record.
+_STATE_VERSION = 4
+_STATE_VERSIONS = (1, 2, 3, 4)
 _DEVICES = ("cpu", "pinned", "cuda")
 
 
@@ -227,11 +229,13 @@ class Dataset(IterableDataset):
         # Opening a reader once validates every file and column now rather than mid-training.
         probe = self._reader(0, 1)
         self.total_rows: int = probe.total_rows
-        # What a state checks the files against: names (not directories, so a copied data set
-        # resumes) and row counts, in plan order.
+        # What a state checks the files against, in plan order: each file's path below the
+        # directory all files share (not that directory, so a copied data set resumes; the
+        # partition directories, so `dt=1/part-0` and `dt=2/part-0` are two files) and its row
+        # count. States before version 4 recorded base names.
         self._identity = [
-            [os.path.basename(p), rows]
-            for (p, _), rows in zip(self._files, probe.file_rows, strict=True)
+            [name, rows]
+            for name, rows in zip(_relative_names(self._files), probe.file_rows, strict=True)
         ]
         self._infos = [_ColumnInfo(*t) for t in probe.schema()]
         self._cursor: tuple[int, int] = (0, 0)
@@ -464,7 +468,7 @@ class Dataset(IterableDataset):
 
         Raises:
             InvalidArgumentError: The state is malformed or was taken with different files
-                (names and row counts), batch size, ``drop_last``, shuffle, shard or number of
+                (paths below their common directory, and row counts), batch size, ``drop_last``, shuffle, shard or number of
                 shards, or with shuffle another seed or window.
         """
         if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
@@ -482,8 +486,10 @@ class Dataset(IterableDataset):
             "shards": shards,
             "shard": shard,
         }
-        if state["version"] >= 2:
+        if state["version"] >= 4:
             expected["files"] = self._identity
+        elif state["version"] >= 2:
+            expected["files"] = [[os.path.basename(n), rows] for n, rows in self._identity]
         if state["version"] >= 3:
             # The epoch ends where drop_last says: with another value a state taken at the end
             # of an epoch resumes with a stray partial batch, or skips it.
@@ -531,7 +537,14 @@ def _mismatch(key: str, got: Any, have: Any) -> str:
         n = len(got) if isinstance(got, list) else got
         return f"state was taken over {n!r} files, this dataset has {len(have)}"
     i, (a, b) = next((i, p) for i, p in enumerate(zip(got, have, strict=True)) if p[0] != p[1])
-    return f"state file {i} is {a!r} ([name, rows]), this dataset has {b!r}"
+    return f"state file {i} is {a!r} ([path, rows]), this dataset has {b!r}"
+
+
+def _relative_names(files: list[tuple[str, str]]) -> list[str]:
+    """Each file's path below the directory all of them share, with ``/`` separators."""
+    paths = [os.path.abspath(p) for p, _ in files]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return [PurePath(os.path.relpath(p, root)).as_posix() for p in paths]
 
 
 def _as_column(c: str | Column) -> Column:

@@ -48,11 +48,13 @@ def _hidden_match(match: str, pattern: str) -> bool:
 def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[str, str]]:
     """Expands ``paths`` into ``(file, format)`` pairs in a stable order.
 
-    Directories contribute their data files (recursively, sorted, skipping every file whose
-    path below the directory has a hidden or ``_``-prefixed name, such as ``_SUCCESS`` or
-    ``_temporary/``); globs are expanded and sorted, skipping the hidden and ``_``-prefixed
-    names the pattern matched with a wildcard, and a directory they match contributes its data
-    files as a directory does; explicit files keep the given order.
+    Directories contribute their data files (recursively, sorted name by name from the
+    directory, skipping every file whose path below the directory has a hidden or
+    ``_``-prefixed name, such as ``_SUCCESS`` or ``_temporary/``, and files of other formats);
+    globs are expanded and sorted the same way, skipping the hidden and ``_``-prefixed names
+    the pattern matched with a wildcard and, with ``fmt="auto"``, matched files of no data
+    format (``README.md``), and a directory they match contributes its data files as a
+    directory does; explicit files keep the given order.
 
     Every file may be reached once: a file that two entries reach (a directory and a file
     inside it, one file listed twice, two globs matching it, ``./a.parquet`` and
@@ -95,14 +97,28 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
             # as a directory entry does; a file both matched and below a matched directory
             # (`data/**`) is one file of the pattern.
             matched: set[Path] = set()
+            # Files the pattern matched whose names are of no data format (a README.md next
+            # to the parts): skipped as a directory skips them, named if nothing else matched.
+            other: list[str] = []
             for m in glob.glob(text, recursive=True):
                 if _hidden_match(m, text):
                     continue
                 if Path(m).is_file():
-                    matched.add(Path(m))
+                    if _format_of(Path(m), fmt) is None:
+                        other.append(m)
+                    else:
+                        matched.add(Path(m))
                 elif Path(m).is_dir():
                     matched.update(_data_files(Path(m), fmt))
-            found = sorted(matched, key=str)  # as the matches were always sorted
+            # The order a directory of the same files has, so that a state taken with one
+            # spelling of the data set resumes with the other.
+            found = sorted(matched, key=_tree_order)
+            if not found and other:
+                raise DataFileNotFoundError(
+                    f"pattern {text} matches no .parquet, .pq or .orc files (it matches "
+                    f"{min(other)}{' and others' if len(other) > 1 else ''}); pass "
+                    "format='parquet' or 'orc' to read files named otherwise"
+                )
             if not found:
                 raise DataFileNotFoundError(f"pattern {text} matches no data files")
         else:
@@ -127,10 +143,20 @@ def _data_files(directory: Path, fmt: str) -> list[Path]:
     """The data files below ``directory``, sorted, skipping paths with hidden or
     ``_``-prefixed names below it and files of no data format."""
     return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file() and not _hidden_below(p, directory) and _format_of(p, fmt)
+        (
+            p
+            for p in directory.rglob("*")
+            if p.is_file() and not _hidden_below(p, directory) and _format_of(p, fmt)
+        ),
+        key=_tree_order,
     )
+
+
+def _tree_order(path: Path) -> tuple[str, ...]:
+    """Sort key of a data file: name by name from the root, so a directory's files come
+    together (``a/x`` before ``a-b/x``, which comparing whole strings puts first, as ``-``
+    sorts before ``/``)."""
+    return path.parts
 
 
 def _identity(path: Path) -> object:
