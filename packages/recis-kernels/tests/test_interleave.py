@@ -71,6 +71,10 @@ def test_interleave_names_bad_members() -> None:
         interleave_bags([ids], [None], [0], [torch.ones(2)])
     with pytest.raises(ArgumentError, match="outside int32"):
         interleave_bags([ids], [None], [2**31])
+    with pytest.raises(ArgumentError, match=r"labels\[0\] is 1\.7, expected an int"):
+        interleave_bags([ids], [None], [1.7])
+    with pytest.raises(ShapeError, match=r"offsets\[1\] is empty, expected R \+ 1 >= 1"):
+        interleave_bags([ids[:0], ids[:0]], [None, torch.zeros(0, dtype=torch.int64)], [0, 1])
     with pytest.raises(ArgumentError, match="same members"):
         interleave_bags([ids], [None, None], [0])
     with pytest.raises(UnsupportedDtypeError, match=r"offsets\[0\]"):

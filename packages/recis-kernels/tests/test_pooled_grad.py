@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recis_kernels import (
+    ArgumentError,
     IndexOutOfRangeError,
     ShapeError,
     UnsupportedDtypeError,
@@ -132,6 +133,44 @@ def test_pooled_rows_grad_refuses_bad_input() -> None:
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+@pytest.mark.parametrize("variant", ["plain", "grad_out needs grad", "weights need grad", "D=0"])
+def test_pooled_rows_grad_checks_alike_on_every_cpu_path(variant: str) -> None:
+    # Tensors needing a gradient take the torch spelling, rows of width 0 no pass at all:
+    # both failed with torch's errors (or none) where the compiled pass names the problem.
+    d = 0 if variant == "D=0" else 3
+
+    def call(inverse, bags, n_rows=2):
+        g = torch.ones(bags.numel() - 1, d, requires_grad=variant == "grad_out needs grad")
+        w = torch.ones(inverse.numel(), requires_grad=variant == "weights need grad")
+        return pooled_rows_grad(g, inverse, n_rows, bags=bags, weights=w)
+
+    inv = torch.tensor([0, 1, 1])
+    assert call(inv, torch.tensor([0, 2, 3])).shape == (2, d)
+    cases = [
+        (inv, torch.tensor([0, 1, 2]), ShapeError, "bag offsets run from 0 to 2, expected 0 to 3"),
+        (inv, torch.tensor([0, 4, 3]), ShapeError, "bag offsets decrease at 2: 4 then 3"),
+        (inv, torch.tensor([1, 1, 3]), ShapeError, "bag offsets run from 1 to 3, expected 0 to 3"),
+        (
+            torch.tensor([0, 0, 5]),
+            torch.tensor([0, 2, 3]),
+            IndexOutOfRangeError,
+            r"pooled_rows_grad: inverse\[2\] = 5 is outside the 2 rows",
+        ),
+    ]
+    for inverse, bags, error, message in cases:
+        with pytest.raises(error, match=message):
+            call(inverse, bags)
+
+
+def test_pooled_rows_grad_takes_numpy_row_counts_and_refuses_bools() -> None:
+    import numpy as np
+
+    g, inv = torch.ones(3, 2), torch.tensor([0, 1, 1])
+    assert pooled_rows_grad(g, inv, np.int64(2)).shape == (2, 2)
+    with pytest.raises(ArgumentError, match="num_rows must be an int >= 0, got True"):
+        pooled_rows_grad(g, inv, True)
 
 
 def test_pooled_rows_grad_of_no_ids_is_zeros() -> None:

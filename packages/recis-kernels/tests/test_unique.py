@@ -115,6 +115,8 @@ def test_unique_pairs_takes_int64_tables_in_range_only() -> None:
     for bad in (-1, 2**31):
         with pytest.raises(ArgumentError, match=f"tables must be in .*got {bad}"):
             unique_pairs(ids, torch.tensor([1, bad, 0]))
+    with pytest.raises(ArgumentError, match=r"tables must be in .*got -1"):
+        unique_pairs(ids, torch.tensor([1, -1, 0], dtype=torch.int32))
 
 
 def test_unique_pairs_on_device(device: torch.device) -> None:

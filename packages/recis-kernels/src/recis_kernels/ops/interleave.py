@@ -14,7 +14,7 @@ import torch
 
 from recis_kernels import _native
 from recis_kernels._backend import on_host
-from recis_kernels._checks import check_1d, check_dtype, check_tensor
+from recis_kernels._checks import check_1d, check_dtype, check_tensor, is_int
 from recis_kernels.exceptions import ArgumentError, ShapeError
 
 __all__ = ["InterleaveResult", "interleave_bags"]
@@ -93,6 +93,10 @@ def interleave_bags(
             check_tensor(op, f"offsets[{k}]", o)
             check_dtype(op, f"offsets[{k}]", o, (torch.int64,))
             check_1d(op, f"offsets[{k}]", o)
+            if o.numel() == 0:
+                raise ShapeError(
+                    f"{op}: offsets[{k}] is empty, expected R + 1 >= 1 row offsets (0 for no rows)"
+                )
         if s is not None:
             check_tensor(op, f"scales[{k}]", s)
             check_dtype(op, f"scales[{k}]", s, (torch.float32,))
@@ -105,6 +109,8 @@ def interleave_bags(
         if s is not None and s.numel() != rows:
             raise ShapeError(f"{op}: scales[{k}] has {s.numel()} values for {rows} rows")
         label = labels[k]
+        if not is_int(label):
+            raise ArgumentError(f"{op}: labels[{k}] is {label!r}, expected an int")
         if not _INT32[0] <= int(label) <= _INT32[1]:
             raise ArgumentError(f"{op}: labels[{k}] is {label}, outside int32")
     rows = max(rows, 0)

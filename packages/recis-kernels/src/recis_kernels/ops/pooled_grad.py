@@ -15,7 +15,14 @@ import torch
 
 from recis_kernels import _native
 from recis_kernels._backend import on_host
-from recis_kernels._checks import check_1d, check_dtype, check_same_device, check_tensor
+from recis_kernels._checks import (
+    check_1d,
+    check_dtype,
+    check_same_device,
+    check_tensor,
+    flat_nonzero,
+    is_int,
+)
 from recis_kernels.exceptions import ArgumentError, IndexOutOfRangeError, ShapeError
 from recis_kernels.ops.segment_reduce import _segments
 
@@ -72,8 +79,9 @@ def pooled_rows_grad(
     check_1d(op, "inverse", inverse)
     if grad_out.dim() != 2:
         raise ShapeError(f"{op}: grad_out must be (M, D), got shape {tuple(grad_out.shape)}")
-    if not isinstance(num_rows, int) or num_rows < 0:
+    if not is_int(num_rows) or num_rows < 0:
         raise ArgumentError(f"{op}: num_rows must be an int >= 0, got {num_rows!r}")
+    num_rows = int(num_rows)
     n, m = inverse.numel(), grad_out.shape[0]
     if bags is not None:
         check_tensor(op, "bags", bags)
@@ -95,7 +103,34 @@ def pooled_rows_grad(
     )
     if on_host((grad_out, inverse, bags, weights)):
         return _host(op, grad_out, inverse, num_rows, bags, weights)
+    if inverse.device.type == "cpu":
+        # The compiled pass checks these as it goes; the torch spelling would fail on them
+        # with torch's own errors, or not at all.
+        _check_host(op, inverse, num_rows, bags)
     return _torch(grad_out, inverse, num_rows, bags, weights)
+
+
+def _check_host(op: str, inverse: torch.Tensor, num_rows: int, bags: torch.Tensor | None) -> None:
+    """The compiled pass's checks of CPU ``bags`` and ``inverse``, with its messages."""
+    n = inverse.numel()
+    if bags is not None:
+        b = bags.detach()
+        if int(b[0]) != 0 or int(b[-1]) != n:
+            raise ShapeError(
+                f"{op}: bag offsets run from {int(b[0])} to {int(b[-1])}, expected 0 to {n}"
+            )
+        down = flat_nonzero(b[1:] < b[:-1])
+        if down.numel():
+            k = int(down[0])
+            raise ShapeError(
+                f"{op}: bag offsets decrease at {k + 1}: {int(b[k])} then {int(b[k + 1])}"
+            )
+    bad = flat_nonzero((inverse < 0) | (inverse >= num_rows))
+    if bad.numel():
+        i = int(bad[0])
+        raise IndexOutOfRangeError(
+            f"{op}: inverse[{i}] = {int(inverse[i])} is outside the {num_rows} rows"
+        )
 
 
 def _host(op, grad_out, inverse, num_rows, bags, weights) -> torch.Tensor:
@@ -105,8 +140,8 @@ def _host(op, grad_out, inverse, num_rows, bags, weights) -> torch.Tensor:
     weights = None if weights is None else weights.contiguous()
     out = torch.zeros(num_rows, d, dtype=torch.float32)
     if inverse.numel() == 0 or d == 0:
-        if bags is not None and bags.numel() and (int(bags[0]) != 0 or int(bags[-1]) != 0):
-            raise ShapeError(f"{op}: bag offsets must run from 0 to 0 for no ids")
+        # Nothing to add, but the ids and their bags must be valid all the same.
+        _check_host(op, inverse, num_rows, bags)
         return out
     try:
         _native.pooled_rows_grad(

@@ -143,7 +143,7 @@ def unique_pairs(
         )
     check_same_device(op, {"ids": ids, "tables": tables})
     host = on_host((ids, tables))
-    if tables.dtype == torch.int64 and host and tables.numel():
+    if host and tables.numel():
         low, high = torch.aminmax(tables)
         if int(low) < 0 or int(high) > 2**31 - 1:
             bad = int(low) if int(low) < 0 else int(high)
