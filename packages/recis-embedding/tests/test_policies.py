@@ -341,7 +341,9 @@ class _OrderEveryRow(CapacityEviction):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize(("policy", "headroom"), [("lru", 0.0), ("lru", 0.2), ("lfu", 0.0)])
+@pytest.mark.parametrize(
+    ("policy", "headroom"), [("lru", 0.0), ("lru", 0.2), ("lfu", 0.0), ("lfu", 0.2)]
+)
 def test_capacity_eviction_evicts_what_ordering_every_row_evicts(
     tmp_path, seed: int, policy: str, headroom: float
 ) -> None:
@@ -395,6 +397,62 @@ def test_capacity_eviction_evicts_what_ordering_every_row_evicts(
         assert torch.equal(ta.embeddings(), tb.embeddings()), k
         assert ta.stats().evictions == tb.stats().evictions, k
     assert ta.stats().evictions > 100
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("headroom", [0.0, 0.05])
+def test_capacity_eviction_notes_serve_many_evictions_with_the_same_victims(
+    monkeypatch, policy: str, headroom: float
+) -> None:
+    # A table of capacity 200 taking up to 24 new ids a lookup, half of them from a hot set
+    # (uses and last-seen steps spread), two micro-batches a step and hand erasures: a pass
+    # over the table notes more rows than one eviction takes, so most evictions are served
+    # by the note (with lfu, the rows inserted since and those passed over kept aside), and
+    # they take what ordering every row takes.
+    gen = torch.Generator().manual_seed(7)
+    engines = []
+    for cls in (CapacityEviction, _OrderEveryRow):
+        kw = {"capacity": 200, "eviction": cls(policy, headroom=headroom)}
+        options = {
+            "f": EmbeddingOption(DIM, initializer=Constant(1.0), **kw),
+            "g": EmbeddingOption(DIM, shared_name="f", initializer=Constant(1.0), **kw),
+        }
+        engine = EmbeddingEngine(options)
+        engines.append((engine, SparseSGD(engine, lr=0.1)))
+    (table, _), (reference, _) = engines[0][0].table("f"), engines[1][0].table("f")
+    passes = []
+    real = type(table._map).export
+    monkeypatch.setattr(
+        type(table._map), "export", lambda m: passes.append(m is table._map) or real(m)
+    )
+    evicting = 0
+    for k in range(100):
+        micro = []
+        for _ in range(2):
+            batch = {}
+            for name in ("f", "g"):
+                n = int(torch.randint(0, 12, (), generator=gen))
+                hot = torch.randint(0, 40, (n,), generator=gen)
+                new = torch.randint(0, 60 + 20 * k, (n,), generator=gen)
+                batch[name] = torch.where(torch.rand(n, generator=gen) < 0.5, hot, new)[:, None]
+            micro.append(batch)
+        erase = torch.randint(0, 60 + 20 * k, (5,), generator=gen) if k % 13 == 7 else None
+        before = table.stats().evictions
+        for engine, opt in engines:
+            for batch in micro:
+                out = engine(batch)
+                (out["f"].sum() + 2 * out["g"].sum()).backward()
+            opt.step()
+            opt.zero_grad()
+            if erase is not None:
+                engine.table("f")[0].erase(erase)
+        evicting += table.stats().evictions > before
+        assert table.ids().tolist() == reference.ids().tolist(), k
+        assert torch.equal(table.embeddings(), reference.embeddings()), k
+        assert table.stats().evictions == reference.stats().evictions, k
+    own = sum(passes) - 2 * 100  # table.ids() and embeddings() export too
+    assert evicting > 40
+    assert own < evicting / 3, (own, evicting)
 
 
 def test_lru_capacity_eviction_passes_over_the_table_only_when_its_note_runs_out(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["distinct_small", "on_host", "repeat_values", "true_positions"]
+__all__ = ["distinct_small", "first_occurrence", "on_host", "repeat_values", "true_positions"]
 
 
 def on_host(t: torch.Tensor) -> bool:
@@ -46,3 +46,16 @@ def true_positions(mask: torch.Tensor) -> torch.Tensor:
     if on_host(mask):
         return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
     return mask.nonzero().squeeze(1)
+
+
+def first_occurrence(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows (ascending) and the index of each one's first occurrence in ``rows``.
+
+    A stable sort puts each row's first occurrence at the head of its run: deterministic on
+    every device (a scatter with ``amin`` is refused on CUDA under
+    ``torch.use_deterministic_algorithms``)."""
+    order = torch.argsort(rows, stable=True)
+    ordered = rows.index_select(0, order)
+    head = torch.ones_like(ordered, dtype=torch.bool)
+    head[1:] = ordered[1:] != ordered[:-1]
+    return ordered[head], order[head]

@@ -13,14 +13,14 @@ Custom policies subclass :class:`AdmissionPolicy` or :class:`EvictionPolicy`;
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from recis_embedding._host import on_host, true_positions
+from recis_embedding._host import first_occurrence, on_host, true_positions
 from recis_embedding._initializers import check_seed, int64_bits, table_seed
 from recis_embedding._numbers import plain, plain_fields
 from recis_embedding.exceptions import ConfigError
@@ -439,12 +439,16 @@ class CapacityEviction(EvictionPolicy):
     after a save and load, and on each shard of a sharded table (a shard evicts among its own
     rows).
 
-    ``"lfu"`` chooses its victims by a pass over every row of the table, so a table kept full
-    pays that pass on every step that inserts. ``"lru"`` passes over the table only now and
-    then: a pass notes the coldest rows in order (at least an eighth of the capacity, 20
-    bytes a row, until the next pass), and the evictions after it take the noted rows not
-    looked up since, which are still the coldest: a row looked up or inserted later was seen
-    at a later step than every noted one. The victims are the same as a pass on every
+    Neither policy passes over the whole table on every evicting step. A pass notes the rows
+    leading the order (at least an eighth of the capacity, 20 bytes a row with ``"lru"``, 28
+    with ``"lfu"``, until the next pass), and the evictions after it choose among them.
+    ``"lru"`` takes the noted rows not looked up since, which are still the coldest: a row
+    looked up or inserted later was seen at a later step than every noted one. ``"lfu"``
+    also keeps aside the rows inserted since the pass (with the fewest uses they may come
+    first) and the noted rows an eviction passed over, and orders those with the noted rows
+    up to the needed number of unchanged ones: a row's uses only grow, so every other row
+    still follows them. A new pass runs when the note runs out (with ``"lfu"``, also when
+    more rows are kept aside than were noted). The victims are the same as a pass on every
     eviction would choose. A checkpoint load or :meth:`HashTable.insert_or_assign` drops the
     note.
 
@@ -480,10 +484,10 @@ class CapacityEviction(EvictionPolicy):
         wanted = needed + int(Fraction(repr(self.headroom)) * table.capacity)
         in_use = torch.zeros(table.last_seen.numel(), dtype=torch.bool, device=protect.device)
         in_use[protect] = True
-        if self.policy == "lru":
-            evicted = _evict_least_recent(table, wanted, in_use)
-            if evicted is not None:
-                return evicted >= needed
+        evict_noted = _evict_least_recent if self.policy == "lru" else _evict_least_frequent
+        evicted = evict_noted(table, wanted, in_use)
+        if evicted is not None:
+            return evicted >= needed
 
         def coldest(keys, tabs, rows):
             # The protected rows rank last (no row's uses or step reach int64's maximum), so
@@ -587,6 +591,134 @@ def _take_noted(
     if at.numel():
         note.done = min(held, int(at[-1]) + 1)
     return at
+
+
+@dataclass
+class _LfuNote:
+    """What a pass over a table by ``CapacityEviction("lfu")`` leaves for the evictions after
+    it: the rows leading the eviction order then, in that order, with the uses and insertion
+    step each had; and the rows that may since have moved ahead of noted ones (inserted after
+    the pass, or noted ones passed over, looked up or in use, by an eviction).
+
+    A row's uses only grow and its insertion step stays while it lives, so a row never moves
+    ahead of where the pass put it; only rows inserted since (fewest uses) move ahead of
+    noted ones. The rows after the note's last one at the pass therefore stay behind every
+    noted row whose values did not change, and an eviction's victims are among the noted rows
+    up to the ``wanted``-th unchanged one and the rows kept aside."""
+
+    keys: torch.Tensor  # the noted rows' ids, first to be evicted first
+    tabs: torch.Tensor  # their logical tables
+    frequency: torch.Tensor  # their uses at the pass
+    inserted: torch.Tensor  # their insertion steps
+    done: int = 0  # the noted rows before this position are gone or kept aside
+    aside_keys: list[torch.Tensor] = field(default_factory=list)
+    aside_tabs: list[torch.Tensor] = field(default_factory=list)
+    aside: int = 0  # entries in aside_keys (a row may be there twice)
+
+    def record_inserts(self, keys: torch.Tensor, tabs: torch.Tensor) -> None:
+        """Called by the table with the ids it inserted (after their rows are initialized)."""
+        self.keep_aside(keys, tabs)
+
+    def keep_aside(self, keys: torch.Tensor, tabs: torch.Tensor) -> None:
+        if keys.numel():
+            self.aside_keys.append(keys)
+            self.aside_tabs.append(tabs)
+            self.aside += keys.numel()
+
+
+def _evict_least_frequent(table: HashTable, wanted: int, in_use: torch.Tensor) -> int | None:
+    """Evicts the ``wanted`` least frequently used rows not ``in_use`` and says how many went;
+    ``None`` (nothing evicted) when the note of a new pass cannot tell them, and the caller
+    then orders every row."""
+    note = table._eviction_note
+    if isinstance(note, _LfuNote) and note.aside <= note.keys.numel():
+        evicted = _take_least_frequent(table, note, wanted, in_use)
+        if evicted is not None:
+            return evicted
+    table._eviction_note = None  # freed before the pass builds the next one
+    note = table._eviction_note = _note_least_frequent(table, wanted)
+    evicted = _take_least_frequent(table, note, wanted, in_use)
+    if evicted is None:
+        table._eviction_note = None
+    return evicted
+
+
+def _note_least_frequent(table: HashTable, wanted: int) -> _LfuNote:
+    """A pass over every row (those in use too: they may be evicted once free): notes, in
+    order, the rows leading the eviction order."""
+    keys, tabs, rows = table._map.export()
+    uses = table.frequency[rows]
+    later = (
+        lambda at: table.inserted[rows[at]],
+        lambda at: keys[at],
+        lambda at: tabs[at],
+    )
+    noted = max(_NOTE_TIMES * wanted, (table.capacity or 0) // _NOTE_SHARE)
+    at = _smallest(uses, later, noted)
+    inserted = table.inserted[rows[at]]
+    at = at[_lexicographic([uses[at], inserted, keys[at], tabs[at]])]
+    return _LfuNote(keys[at], tabs[at], uses[at], table.inserted[rows[at]])
+
+
+def _take_least_frequent(
+    table: HashTable, note: _LfuNote, wanted: int, in_use: torch.Tensor
+) -> int | None:
+    """Evicts the first ``wanted`` rows not ``in_use`` in the order of uses, insertion step,
+    id and table, choosing among the noted rows up to the ``wanted``-th one that is free and
+    unchanged since the pass, and the rows kept aside; ``None`` (nothing evicted, the note
+    unchanged) if the note holds fewer such rows."""
+    # Noted positions [note.done, end) hold `wanted` free unchanged rows, the last at end - 1.
+    found: list[torch.Tensor] = []
+    need, pos, n = wanted, note.done, note.keys.numel()
+    while need > 0 and pos < n:
+        stop = min(n, pos + max(2 * need, 1024))
+        rows = table._map.find(note.keys[pos:stop], note.tabs[pos:stop])
+        safe = rows.clamp(min=0)
+        same = (
+            (rows >= 0)
+            & (table.frequency[safe] == note.frequency[pos:stop])
+            & (table.inserted[safe] == note.inserted[pos:stop])
+            & ~in_use[safe]
+        )
+        hits = true_positions(same)
+        if hits.numel() >= need:
+            stop = pos + int(hits[need - 1]) + 1
+            rows = rows[: stop - pos]
+        found.append(rows)
+        need -= min(need, hits.numel())
+        pos = stop
+    if need > 0:
+        return None
+    end = pos
+    last = end - 1
+    bound = (note.frequency[last], note.inserted[last], note.keys[last], note.tabs[last])
+    # Candidates: the live noted rows scanned and the live rows kept aside, once each.
+    keys = torch.cat([note.keys[note.done : end], *note.aside_keys])
+    tabs = torch.cat([note.tabs[note.done : end], *note.aside_tabs])
+    rows = torch.cat([*found, table._map.find(keys[end - note.done :], tabs[end - note.done :])])
+    live = true_positions(rows >= 0)
+    rows, first = first_occurrence(rows[live])
+    keys, tabs = keys[live[first]], tabs[live[first]]
+    uses, inserted = table.frequency[rows], table.inserted[rows]
+    # A row behind the wanted-th free unchanged noted row cannot be among the victims.
+    can = _not_after((uses, inserted, keys, tabs), bound) & ~in_use[rows]
+    at = true_positions(can)
+    at = at[_lexicographic([uses[at], inserted[at], keys[at], tabs[at]])][:wanted]
+    evicted = _evict_at(table, keys, tabs, at)
+    kept = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
+    kept[at] = False
+    note.done = end
+    note.aside_keys, note.aside_tabs, note.aside = [], [], 0
+    note.keep_aside(keys[kept], tabs[kept])
+    return evicted
+
+
+def _not_after(levels: Sequence[torch.Tensor], bound: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether each entry's ``levels`` are lexicographically at most ``bound``."""
+    result = levels[-1] <= bound[-1]
+    for level, b in zip(reversed(levels[:-1]), reversed(bound[:-1]), strict=True):
+        result = (level < b) | ((level == b) & result)
+    return result
 
 
 def _lexicographic(levels: Sequence[torch.Tensor]) -> torch.Tensor:

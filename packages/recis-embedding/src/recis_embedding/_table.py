@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from recis_embedding._host import on_host, true_positions
+from recis_embedding._host import first_occurrence, on_host, true_positions
 from recis_embedding._initializers import Initializer, TruncatedNormal, init_rows
 from recis_embedding.exceptions import ConfigError, InputError, TableFullError
 from recis_kernels import IdMap, RowStore
@@ -356,6 +356,10 @@ class HashTable:
             # An initializer failed: the keys must not stay in the map without their rows.
             self._map.erase(new_ids, new_tabs)
             raise
+        # An eviction policy's note that follows inserts (CapacityEviction("lfu")'s).
+        record = getattr(self._eviction_note, "record_inserts", None)
+        if record is not None:
+            record(new_ids, new_tabs)
         rows[idx] = new_rows
         is_new[idx] = True
         return rows, is_new
@@ -401,7 +405,7 @@ class HashTable:
         self, rows: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor, *, distinct: bool = False
     ) -> None:
         if not distinct:
-            rows, first = _first_occurrence(rows)
+            rows, first = first_occurrence(rows)
             ids, tabs = ids[first], tabs[first]
         self._store.reserve(self._map.num_rows)
         self._grow_row_arrays(self._map.num_rows)
@@ -574,7 +578,7 @@ class HashTable:
             self._store.scatter(rows, full)
         else:
             # A repeated id's rows are written once, with its last values.
-            last = rows.numel() - 1 - _first_occurrence(rows.flip(0))[1]
+            last = rows.numel() - 1 - first_occurrence(rows.flip(0))[1]
             self._store.scatter(rows[last], full[last])
         self._dirty[rows] = True
         return rows
@@ -782,19 +786,6 @@ def _held_bytes(obj: Any) -> int:
     if isinstance(obj, (tuple, list)):
         return sum(_held_bytes(x) for x in obj)
     return 0
-
-
-def _first_occurrence(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct rows (ascending) and the index of each one's first occurrence in ``rows``.
-
-    A stable sort puts each row's first occurrence at the head of its run: deterministic on
-    every device (a scatter with ``amin`` is refused on CUDA under
-    ``torch.use_deterministic_algorithms``)."""
-    order = torch.argsort(rows, stable=True)
-    ordered = rows.index_select(0, order)
-    head = torch.ones_like(ordered, dtype=torch.bool)
-    head[1:] = ordered[1:] != ordered[:-1]
-    return ordered[head], order[head]
 
 
 def _strictly_increasing(ids: torch.Tensor) -> bool:
