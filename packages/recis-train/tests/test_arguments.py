@@ -77,6 +77,21 @@ def test_bad_values_are_named(values, message):
         TrainingArguments.from_dict(values)
 
 
+def test_cli_flags_replace_a_bad_value_of_the_config_file(tmp_path):
+    # The file was checked alone before the flags applied: a flag could not mend it.
+    (tmp_path / "c.yaml").write_text("train_steps: 0\nmixed_precision: fp8\n")
+    config = ["--config", str(tmp_path / "c.yaml")]
+    args = TrainingArguments.from_cli(
+        [*config, "--train-steps", "100", "--mixed-precision", "bf16"]
+    )
+    assert (args.train_steps, args.mixed_precision) == (100, "bf16")
+    with pytest.raises(ConfigError, match=r"c\.yaml and the command line: mixed_precision must be"):
+        TrainingArguments.from_cli([*config, "--train-steps", "100"])
+    (tmp_path / "u.yaml").write_text("train_step: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown training argument\(s\) \['train_step'\]"):
+        TrainingArguments.from_cli(["--config", str(tmp_path / "u.yaml"), "--train-steps", "3"])
+
+
 def test_bad_values_name_their_source():
     with pytest.raises(ConfigError) as info:
         TrainingArguments.from_dict({"train_steps": 0}, source="stage 'warm'")

@@ -17,13 +17,16 @@ from recis_train import (
     LoggingHook,
     MultiStage,
     MultiTask,
+    ProfilerHook,
     Stage,
+    TableStatsHook,
     Task,
     Trainer,
     TrainingArguments,
     parse_output,
 )
 from recis_train.exceptions import CheckpointError, ConfigError, ModelOutputError
+from recis_train.metrics import AUROC
 
 
 def _batches(rows: int = 40, size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -256,10 +259,99 @@ def test_logging_hook_every_is_checked(every):
         LoggingHook(every=every)
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: EarlyStopping("auc", patience=1.5), "EarlyStopping: patience must be an int"),
+        (lambda: EarlyStopping("auc", patience="2"), "EarlyStopping: patience must be an int"),
+        (lambda: EarlyStopping("auc", min_delta="0.1"), "EarlyStopping: min_delta must be 0"),
+        (lambda: EarlyStopping(3), "EarlyStopping: monitor must be a result key"),
+        (lambda: TableStatsHook(2.5), "TableStatsHook: every must be an int of at least 1"),
+        (lambda: TableStatsHook("5"), "TableStatsHook: every must be an int of at least 1"),
+        (lambda: ProfilerHook(".", start=2.5), "ProfilerHook: start must be an int of at least 1"),
+        (lambda: ProfilerHook(".", steps="3"), "ProfilerHook: steps must be an int of at least 1"),
+        (lambda: ProfilerHook(".", row_limit=0), "ProfilerHook: row_limit must be an int"),
+    ],
+)
+def test_hook_counts_of_the_wrong_type_are_refused_naming_them(make, message):
+    # A float start never profiled, a float every snapshotted at its multiples, a string
+    # raised a bare TypeError.
+    with pytest.raises(ConfigError, match=message):
+        make()
+    assert TableStatsHook(np.int64(5)).every == 5
+
+
 @pytest.mark.parametrize("min_delta", [-0.1, float("nan"), math.inf])
 def test_early_stopping_min_delta_is_checked(min_delta):
     with pytest.raises(ConfigError, match="EarlyStopping: min_delta must be 0 or more"):
         EarlyStopping("auc", min_delta=min_delta)
+
+
+def test_a_task_metric_instance_is_refused_before_training(tmp_path):
+    # It passed every check and failed at the first evaluation: with train_and_evaluate that is
+    # the end of training, before the last checkpoint, and the run was lost.
+    with pytest.raises(ConfigError, match=r"task 'click' metrics: 'auc' must be a zero-argument"):
+        Task("click", nn.Identity(), "y", metrics={"auc": AUROC()})
+    with pytest.raises(ConfigError, match="task 'click': metrics must map metric names"):
+        Task("click", nn.Identity(), "y", metrics=[AUROC])
+
+    class OwnTasks(_Model):
+        def task_metrics(self):
+            return {"click": {"auc": AUROC()}}
+
+    with pytest.raises(ConfigError, match=r"task_metrics\(\) of task 'click': 'auc' must be"):
+        _trainer(tmp_path, model=OwnTasks())
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("clicks.parquet", r"got str \(a path: read its files with recis_io\.Dataset"),
+        ({"x": torch.zeros(2, 4)}, r"got dict \(one batch: give a list of batches\)"),
+    ],
+)
+def test_a_path_or_one_batch_is_not_taken_as_data(tmp_path, data, message):
+    # Both iterate (over characters, over keys) and failed in the model's first step.
+    with pytest.raises(ConfigError, match="train_data must be an iterable of batches .*" + message):
+        _trainer(tmp_path, train_data=data)
+    model = _Model()
+    with pytest.raises(ConfigError, match="eval_data must be an iterable .*" + message):
+        Trainer(
+            model,
+            TrainingArguments(output_dir=str(tmp_path), device="cpu"),
+            train_data=_batches(),
+            eval_data=data,
+            dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        )
+    with pytest.raises(ConfigError, match="train_data must be an iterable of batches"):
+        _trainer(tmp_path).set_train_data(data)
+
+
+@pytest.mark.parametrize("epochs", [0, 2.5, "2", True])
+def test_set_train_data_checks_its_epochs(tmp_path, epochs):
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ConfigError, match="set_train_data: epochs must be an int of at least 1"):
+        trainer.set_train_data(_batches(), epochs=epochs)
+    trainer.set_train_data(_batches(), epochs=np.int64(2))
+    assert trainer.stream.epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"weights": 0.5}, r"'weights' must be a dict of task -> weight \(a number\), got float"),
+        ({"weights": torch.tensor([1.0, 2.0])}, r"'weights' must be a dict .* got Tensor"),
+        ({"weights": [0.5]}, r"'weights' must be a dict .* got list"),
+        ({"labels": {"a": [1.0]}}, r"model output labels\['a'\] must be a tensor, got list"),
+        ({"predictions": {"a": None}}, r"predictions\['a'\] must be a tensor, got NoneType"),
+    ],
+)
+def test_model_output_weights_and_labels_of_the_wrong_kind_are_named(extra, message):
+    output = {"losses": {"a": torch.tensor(1.0, requires_grad=True)}} | extra
+    if "labels" in extra:
+        output["predictions"] = {"a": torch.zeros(1)}
+    with pytest.raises(ModelOutputError, match=message):
+        parse_output(output)
 
 
 def test_stage_args_may_not_move_the_stage(tmp_path):

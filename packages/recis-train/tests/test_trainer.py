@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -355,8 +356,76 @@ def test_profiler_hook_writes_a_trace_of_the_chosen_steps(tmp_path):
     names = {event.get("name", "") for event in trace["traceEvents"]}
     assert any("addmm" in name or "linear" in name for name in names)
     assert "Name" in hook.table
-    with pytest.raises(ConfigError, match="start and steps must be at least 1, got 0, 2"):
+    with pytest.raises(
+        ConfigError, match="ProfilerHook: start must be an int of at least 1, got 0"
+    ):
         ProfilerHook(str(tmp_path), start=0, steps=2)
+
+
+class _Labelled(nn.Module):
+    """Marks its training and evaluation forwards in profiler traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, batch):
+        with torch.profiler.record_function("TRAIN_FORWARD" if self.training else "EVAL_FORWARD"):
+            logit = self.lin(batch["x"])[:, 0]
+        loss = nn.functional.binary_cross_entropy_with_logits(logit, batch["y"])
+        return {"loss": loss, "predictions": torch.sigmoid(logit).detach(), "labels": batch["y"]}
+
+
+def _labelled_batches(n: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(8, 4, generator=gen), "y": torch.tensor([0.0, 1.0] * 4)}] * n
+
+
+@pytest.mark.parametrize(("batches", "start", "expected"), [(10, 5, (3, 0)), (5, 6, None)])
+def test_profiler_hook_traces_its_steps_only(tmp_path, batches, start, expected):
+    # The window opened after step start - 1's hooks, before its evaluation and checkpoint,
+    # which the trace then held; a start past the data's end wrote a trace of no step.
+    model = _Labelled()
+    hook = ProfilerHook(str(tmp_path / "prof"), start=start, steps=3)
+    trainer = Trainer(
+        model,
+        TrainingArguments(
+            output_dir=str(tmp_path / "run"), device="cpu", eval_every=4, save_every=4
+        ),
+        train_data=_labelled_batches(batches),
+        eval_data=_labelled_batches(1),
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        hooks=[hook],
+    )
+    trainer.train_and_evaluate()
+    if expected is None:
+        assert hook.trace_path is None
+        assert not (tmp_path / "prof").exists()
+        return
+    events = json.loads(Path(hook.trace_path).read_text())["traceEvents"]
+    counts = tuple(
+        sum(e.get("name") == name for e in events) for name in ("TRAIN_FORWARD", "EVAL_FORWARD")
+    )
+    assert counts == expected
+
+
+def test_deterministic_algorithms_are_asked_for_during_the_run_only(tmp_path):
+    # The setting is the process's: a deterministic run left it on for every later run (the
+    # next stage, another trainer) that did not ask for it.
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+
+    class Probe(Hook):
+        def on_step_end(self, trainer, logs):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    for flag in (True, False):
+        trainer = make_trainer(
+            tmp_path / str(flag), args={"train_steps": 1, "deterministic": flag}, hooks=[Probe()]
+        )
+        trainer.train()
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert seen == [True, False]
 
 
 def test_set_train_data_trains_the_next_call_on_new_data_from_its_start(tmp_path):

@@ -127,11 +127,7 @@ class TrainingArguments:
     @classmethod
     def from_json(cls, path: str | Path) -> TrainingArguments:
         """Load from a JSON file holding one object."""
-        try:
-            values = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid json ({err})") from err
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(_read_json(path), source=str(path))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainingArguments:
@@ -139,23 +135,12 @@ class TrainingArguments:
 
         YAML 1.1 reads an unquoted ``no`` as false; ``mixed_precision: no`` means ``"no"``.
         """
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid yaml ({err})") from err
-        return cls.from_dict(values or {}, source=str(path))
+        return cls.from_dict(_read_yaml(path), source=str(path))
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainingArguments:
         """Load from ``.json``, ``.yaml`` or ``.yml`` by the file's suffix."""
-        suffix = Path(path).suffix.lower()
-        if suffix == ".json":
-            return cls.from_json(path)
-        if suffix in (".yaml", ".yml"):
-            return cls.from_yaml(path)
-        raise ConfigError(f"{path}: expected a .json, .yaml or .yml file")
+        return cls.from_dict(_read_file(path), source=str(path))
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -193,15 +178,47 @@ class TrainingArguments:
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> TrainingArguments:
         """Build from a namespace filled by a parser that :meth:`add_arguments` extended."""
-        values: dict[str, Any] = {}
-        config = getattr(namespace, "config", None)
-        if config:
-            values.update(cls.from_file(config).to_dict())
+        flags: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             given = getattr(namespace, f.name, None)
             if given is not None:
-                values[f.name] = given
-        return cls.from_dict(values, source="command line")
+                flags[f.name] = given
+        config = getattr(namespace, "config", None)
+        if not config:
+            return cls.from_dict(flags, source="command line")
+        # The flags override the file's values before anything is checked, so a flag may
+        # replace a value the file got wrong.
+        values = _read_file(config)
+        if not isinstance(values, Mapping):
+            return cls.from_dict(values, source=str(config))  # raises, naming the file
+        return cls.from_dict({**values, **flags}, source=f"{config} and the command line")
+
+
+def _read_file(path: str | Path) -> Any:
+    """The values of a ``.json``, ``.yaml`` or ``.yml`` file, by its suffix, unchecked."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix in (".yaml", ".yml"):
+        return _read_yaml(path)
+    raise ConfigError(f"{path}: expected a .json, .yaml or .yml file")
+
+
+def _read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid json ({err})") from err
+
+
+def _read_yaml(path: str | Path) -> Any:
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid yaml ({err})") from err
+    return values or {}
 
 
 def _field_help() -> dict[str, str]:

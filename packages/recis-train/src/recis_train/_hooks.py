@@ -43,6 +43,10 @@ class Hook:
     def on_train_begin(self, trainer: Trainer) -> None:
         """Before the first step (after a restore)."""
 
+    def on_step_begin(self, trainer: Trainer) -> None:
+        """Before each optimizer step takes its first batch (``trainer.global_step`` is still
+        the previous step's; a step the data turns out too short for does not follow)."""
+
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
         """After every optimizer step."""
 
@@ -80,6 +84,14 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _count(hook: str, name: str, value: Any, least: int) -> int:
+    """``value`` as an int of at least ``least`` (a NumPy integer counts), else a
+    :class:`ConfigError` naming the hook and the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ConfigError(f"{hook}: {name} must be an int of at least {least}, got {value!r}")
+    return int(value)
 
 
 class LoggingHook(Hook):
@@ -209,15 +221,26 @@ class EarlyStopping(Hook):
     def __init__(
         self, monitor: str, *, mode: str = "max", patience: int = 2, min_delta: float = 0.0
     ):
+        if not isinstance(monitor, str):
+            raise ConfigError(
+                f"EarlyStopping: monitor must be a result key such as 'auc', got {monitor!r}"
+            )
         if mode not in ("max", "min"):
             raise ConfigError(f"EarlyStopping: mode must be 'max' or 'min', got {mode!r}")
-        if patience < 1:
-            raise ConfigError(f"EarlyStopping: patience must be at least 1, got {patience}")
-        if not 0 <= min_delta < math.inf:
+        patience = _count("EarlyStopping", "patience", patience, 1)
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float))
+            or not 0 <= min_delta < math.inf
+        ):
             raise ConfigError(
-                f"EarlyStopping: min_delta must be 0 or more and finite, got {min_delta}"
+                f"EarlyStopping: min_delta must be 0 or more and finite (a number), got "
+                f"{min_delta!r}"
             )
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.monitor: str = monitor
+        self.mode: str = mode
+        self.patience: int = patience
+        self.min_delta: float = float(min_delta)
         self.best: float | None = None
         self.bad_evaluations = 0
         self.stopped_at: int | None = None
@@ -315,8 +338,7 @@ class TableStatsHook(Hook):
         stream: IO[str] | None = None,
         tables: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
-        if every < 1:
-            raise ConfigError(f"TableStatsHook: every must be at least 1, got {every}")
+        every = _count("TableStatsHook", "every", every, 1)
         self.every, self.stream, self._tables = every, stream, tables
         self.history: list[tuple[int, dict[str, dict[str, float]]]] = []
 
@@ -365,30 +387,18 @@ class ProfilerHook(Hook):
     """
 
     def __init__(self, output_dir: str, *, start: int = 5, steps: int = 3, row_limit: int = 15):
-        if start < 1 or steps < 1:
-            raise ConfigError(
-                f"ProfilerHook: start and steps must be at least 1, got {start}, {steps}"
-            )
-        self.output_dir, self.start, self.steps, self.row_limit = (
-            output_dir,
-            start,
-            steps,
-            row_limit,
-        )
+        self.start = _count("ProfilerHook", "start", start, 1)
+        self.steps = _count("ProfilerHook", "steps", steps, 1)
+        self.row_limit = _count("ProfilerHook", "row_limit", row_limit, 1)
+        self.output_dir = output_dir
         self.trace_path: str | None = None
         self.table = ""
         self._profiler: Any = None
+        self._profiled = 0  # steps recorded by the open profiler
 
-    def on_train_begin(self, trainer: Trainer) -> None:
-        self._start_if_due(trainer)  # start=1: the window opens before the first step
-
-    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
-        if trainer.global_step == self.start + self.steps - 1 and self._profiler is not None:
-            self._finish(trainer)
-        else:
-            self._start_if_due(trainer)
-
-    def _start_if_due(self, trainer: Trainer) -> None:
+    def on_step_begin(self, trainer: Trainer) -> None:
+        # The window opens as step `start` begins: the evaluation and checkpoint of the step
+        # before it, which run after that step's hooks, stay out of it.
         import torch.profiler as tp
 
         if trainer.global_step != self.start - 1 or self._profiler is not None:
@@ -398,10 +408,24 @@ class ProfilerHook(Hook):
             activities.append(tp.ProfilerActivity.CUDA)
         self._profiler = tp.profile(activities=activities, record_shapes=False)
         self._profiler.__enter__()
+        self._profiled = 0
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        if self._profiler is None:
+            return
+        self._profiled += 1
+        if trainer.global_step == self.start + self.steps - 1:
+            self._finish(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if self._profiler is not None:
+        if self._profiler is None:
+            return
+        if self._profiled:
             self._finish(trainer)  # training ended inside the window: keep what was recorded
+        else:
+            # The data ended before step `start`: no trace of a step to write.
+            profiler, self._profiler = self._profiler, None
+            profiler.__exit__(None, None, None)
 
     def _finish(self, trainer: Trainer) -> None:
         from pathlib import Path
@@ -457,8 +481,8 @@ class TensorBoardHook(Hook):
                 "TensorBoardHook needs the tensorboard package: "
                 "pip install 'recis-train[tensorboard]'"
             ) from err
-        if stats_every is not None and stats_every < 0:
-            raise ConfigError(f"TensorBoardHook: stats_every must be 0 or more, got {stats_every}")
+        if stats_every is not None:
+            stats_every = _count("TensorBoardHook", "stats_every", stats_every, 0)
         self._writer_class = SummaryWriter
         self.log_dir, self.stats_every = log_dir, stats_every
         self.writer: Any = None

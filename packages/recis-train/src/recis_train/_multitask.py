@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recis_train._evaluation import check_factories
 from recis_train.exceptions import ConfigError, LabelError, ModelOutputError
 from recis_train.metrics import Metric
 
@@ -57,6 +58,14 @@ class Task:
     missing: float | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics is not None:
+            if not isinstance(self.metrics, Mapping):
+                raise ConfigError(
+                    f"task {self.name!r}: metrics must map metric names to zero-argument "
+                    f"functions making a metric, got {type(self.metrics).__name__}"
+                )
+            # Refused now, not at the first evaluation (which may come after all the steps).
+            check_factories(dict(self.metrics), f"task {self.name!r} metrics")
         if self.mask is not None and not isinstance(self.mask, str) and not callable(self.mask):
             raise ConfigError(
                 f"task {self.name!r}: mask must be a batch column name or a function "

@@ -48,6 +48,11 @@ def _per_task(value: Any, key: str) -> dict[str, torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return {"": value}
     if isinstance(value, Mapping):
+        for task, tensor in value.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ModelOutputError(
+                    f"model output {key}[{task!r}] must be a tensor, got {type(tensor).__name__}"
+                )
         return dict(value)
     raise ModelOutputError(
         f"model output {key!r} must be a tensor or a dict of tensors, got {type(value).__name__}"
@@ -72,7 +77,14 @@ def parse_output(output: Any) -> StepOutput:
         losses = output["losses"]
         if not isinstance(losses, Mapping) or not losses:
             raise ModelOutputError("model output 'losses' must be a non-empty dict of task -> loss")
-        weights = output.get("weights") or {}
+        weights = output.get("weights")
+        if weights is None:
+            weights = {}
+        elif not isinstance(weights, Mapping):
+            raise ModelOutputError(
+                f"model output 'weights' must be a dict of task -> weight (a number), got "
+                f"{type(weights).__name__} {weights!r}"
+            )
         unknown = sorted(set(weights) - set(losses))
         if unknown:
             raise ModelOutputError(f"model output 'weights' names unknown task(s) {unknown}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,12 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         self.metric_factories = check_factories(
             dict(metrics if metrics is not None else DEFAULT_METRICS), "metrics"
         )
+        # A model's own per-task metrics are checked now too, not at the first evaluation
+        # (which may come at the end of training, before its checkpoint).
+        per_task = getattr(model, "task_metrics", None)
+        if callable(per_task):
+            for task, factories in per_task().items():
+                check_factories(dict(factories), f"task_metrics() of task {task!r}")
         self.sparse_checkpoint = (
             sparse_checkpoint if sparse_checkpoint is not None else default_sparse_checkpoint(model)
         )
@@ -194,8 +202,6 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         self._scaler = (
             torch.amp.GradScaler(self.device.type) if args.mixed_precision == "fp16" else None
         )
-        if args.deterministic:
-            torch.use_deterministic_algorithms(True)
 
     # ------------------------------------------------------------------ properties
 
@@ -238,6 +244,22 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         passes = self.global_step + math.ceil(left / self.args.gradient_accumulation_steps)
         return passes if wanted is None else min(wanted, passes)
 
+    @contextlib.contextmanager
+    def _deterministic(self) -> Iterator[None]:
+        """With ``args.deterministic``, torch's deterministic algorithms for the call; the
+        process's setting before it is restored after (the next trainer, or stage, may not
+        want them)."""
+        if not self.args.deterministic:
+            yield
+            return
+        before = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         precision = self.args.mixed_precision
         if precision == "no":
@@ -261,8 +283,15 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             train_data: the new iterable of batches (see the class's ``train_data``).
             epochs: passes over it (default: ``args.epochs``).
         """
+        check_train_data(train_data)
+        if epochs is not None and (
+            not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1
+        ):
+            raise ConfigError(
+                f"set_train_data: epochs must be an int of at least 1, got {epochs!r}"
+            )
         self.train_data = train_data
-        self.stream = DataStream(train_data, self.args.epochs if epochs is None else epochs)
+        self.stream = DataStream(train_data, self.args.epochs if epochs is None else int(epochs))
         self._cursor = self.stream.state_dict()
         # A stop asked for on the old data ended that run only.
         self._stopped_at_restore = self._hook_stopped = False
@@ -286,7 +315,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         Returns:
             The last step's logs (``loss``, ``loss/<task>``, ``lr``, ``samples``, ``step``).
         """
-        return self._run(evaluate_every=0)
+        with self._deterministic():
+            return self._run(evaluate_every=0)
 
     def train_and_evaluate(self) -> dict[str, float]:
         """Train, evaluating every ``eval_every`` steps and at the end.
@@ -307,7 +337,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                 f"eval_every={self.args.eval_every} evaluates it repeatedly; give a list, another "
                 "iterable that can be iterated again, or a function returning a fresh iterable"
             )
-        self._run(evaluate_every=self.args.eval_every, evaluate_at_end=True)
+        with self._deterministic():
+            self._run(evaluate_every=self.args.eval_every, evaluate_at_end=True)
         return dict(self.history["eval"][-1][1])
 
     def _run(self, evaluate_every: int, evaluate_at_end: bool = False) -> dict[str, float]:
@@ -342,6 +373,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             while True:
                 if self.args.train_steps is not None and self.global_step >= self.args.train_steps:
                     break
+                for hook in self._hooks():
+                    hook.on_step_begin(self)
                 micro = self._agree(batches)
                 if not micro:
                     break
@@ -485,7 +518,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             ``Σ weight · loss/<task>``, the total of training over the whole evaluation
             whatever its batches; with one loss, its row-weighted mean over the batches.
         """
-        results = self._evaluate(eval_data)
+        with self._deterministic():
+            results = self._evaluate(eval_data)
         for hook in self._hooks():
             hook.on_evaluate(self, results)
         return results
@@ -642,16 +676,38 @@ def _check_parts(
             raise ConfigError(
                 f"hooks[{k}] must be a recis_train.Hook (subclass it), got {type(hook).__name__}"
             )
-    if train_data is None or not isinstance(train_data, Iterable):
-        raise ConfigError(
-            f"train_data must be an iterable of batches (a recis-io Dataset, a DataLoader, a "
-            f"list), got {type(train_data).__name__}"
-        )
-    if eval_data is not None and not (isinstance(eval_data, Iterable) or callable(eval_data)):
+    check_train_data(train_data)
+    # A path or one batch (a dict) iterates, over characters or keys, and would fail in the
+    # model's first step.
+    if eval_data is not None and (
+        isinstance(eval_data, (str, bytes, os.PathLike, Mapping))
+        or not (isinstance(eval_data, Iterable) or callable(eval_data))
+    ):
         raise ConfigError(
             "eval_data must be an iterable of batches or a function returning one, got "
-            f"{type(eval_data).__name__}"
+            f"{type(eval_data).__name__}{_data_hint(eval_data)}"
         )
+
+
+def check_train_data(train_data: object) -> None:
+    """Refuses training data that is not an iterable of batches."""
+    if (
+        train_data is None
+        or isinstance(train_data, (str, bytes, os.PathLike, Mapping))
+        or not isinstance(train_data, Iterable)
+    ):
+        raise ConfigError(
+            f"train_data must be an iterable of batches (a recis-io Dataset, a DataLoader, a "
+            f"list), got {type(train_data).__name__}{_data_hint(train_data)}"
+        )
+
+
+def _data_hint(data: object) -> str:
+    if isinstance(data, (str, bytes, os.PathLike)):
+        return " (a path: read its files with recis_io.Dataset(path, batch_size=...))"
+    if isinstance(data, Mapping):
+        return " (one batch: give a list of batches)"
+    return ""
 
 
 def _warn_unstepped_parameters(
