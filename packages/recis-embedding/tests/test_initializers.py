@@ -173,3 +173,25 @@ def _formula(init: Initializer, ids: torch.Tensor, dim: int, name: str) -> torch
 def test_rows_follow_the_documented_formula_bit_for_bit(init: Initializer) -> None:
     ids = torch.cat([IDS, torch.tensor([0, -1, (1 << 63) - 1, -(1 << 63)])])
     assert torch.equal(init(ids, 8, "items"), _formula(init, ids, 8, "items"))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Constant("a"), r"Constant initializer: value must be a finite number, got 'a'"),
+        (lambda: Normal(std=float("nan")), r"Normal initializer: std must be a finite number"),
+        (lambda: Normal(mean=math.inf), r"Normal initializer: mean must be a finite number"),
+        (lambda: Normal(std="1"), r"Normal initializer: std must be a finite number, got '1'"),
+        (lambda: Uniform(0.0, math.inf), r"Uniform initializer: high must be a finite number"),
+        (lambda: TruncatedNormal(std=math.nan), r"TruncatedNormal initializer: std must be"),
+        (lambda: TruncatedNormal(a=math.nan), r"TruncatedNormal initializer: a must be a number"),
+        (lambda: KaimingNormal(gain="x"), r"KaimingNormal initializer: gain must be a finite"),
+        (lambda: XavierUniform(gain=math.inf), r"XavierUniform initializer: gain must be"),
+    ],
+)
+def test_initializer_values_are_checked_when_made(make, message) -> None:
+    # Each made rows of NaN or inf, or failed at the first lookup.
+    with pytest.raises(ConfigError, match=message):
+        make()
+    # A one-sided truncation is a number too.
+    TruncatedNormal(a=0.0, b=math.inf)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from recis_embedding import (
     ConfigError,
+    Constant,
     DynamicEmbedding,
     EmbeddingEngine,
     EmbeddingOption,
@@ -376,3 +377,76 @@ def test_torch_flags_are_refused_by_name_unless_at_their_defaults(make, flag, va
     opt.step()
     with pytest.raises(TypeError, match="unexpected keyword argument 'nesterov_like'"):
         make(EmbeddingEngine({"g": EmbeddingOption(DIM)}), nesterov_like=True)
+
+
+def _table_module() -> DynamicEmbedding:
+    return DynamicEmbedding(EmbeddingOption(2, initializer=Constant(0.5)))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda e: SparseSGD(e, lr=float("nan")), r"SparseSGD: lr must be >= 0, got nan"),
+        (lambda e: SparseAdam(e, eps=float("inf")), r"SparseAdam: eps must be finite, got inf"),
+        (lambda e: SparseSGD(e, lr="0.1"), r"SparseSGD: lr must be a real number, got str '0\.1'"),
+        (lambda e: SparseAdam(e, betas=0.9), r"betas must be two numbers in \[0, 1\), got 0\.9"),
+        (
+            lambda e: SparseAdam([{"params": sparse_parameters(e), "betas": (1.0, 0.999)}]),
+            r"betas must be two numbers in \[0, 1\) in a param group, got \(1\.0, 0\.999\)",
+        ),
+        (lambda e: SparseFTRL(e, lr=0.0), r"SparseFTRL: lr must be > 0, got 0\.0"),
+        (
+            lambda e: SparseFTRL([{"params": sparse_parameters(e), "lr_power": 0.5}]),
+            r"SparseFTRL: lr_power must be <= 0 in a param group, got 0\.5",
+        ),
+        (
+            lambda e: SparseAdagrad(e, initial_accumulator_value=-1.0),
+            r"SparseAdagrad: initial_accumulator_value must be >= 0 and finite, got -1\.0",
+        ),
+        (
+            lambda e: SparseAdam([{"params": sparse_parameters(e), "maximize": True}]),
+            r"SparseAdam: maximize=True in a param group is not supported",
+        ),
+        (
+            lambda e: SparseSGD([{"params": sparse_parameters(e), "momentum": 0.9}]),
+            r"SparseSGD: momentum=0\.9 in a param group is not supported",
+        ),
+    ],
+)
+def test_hyperparameters_are_checked_wherever_they_come_from(make, message) -> None:
+    # Each was accepted and then wrote NaN/inf into the rows, or was ignored (a group's
+    # maximize or momentum), or failed with a bare TypeError.
+    with pytest.raises(OptimizerError, match=message):
+        make(_table_module())
+
+
+def test_a_loaded_state_is_checked_like_given_hyperparameters() -> None:
+    e = _table_module()
+    opt = SparseAdam(e, lr=0.1)
+    good = opt.state_dict()
+    for bad, message in [
+        ({"lr": -1.0}, r"lr must be >= 0 in param group 0 of the state, got -1\.0"),
+        ({"betas": (1.0, 0.999)}, r"betas must be two numbers in \[0, 1\) in param group 0"),
+        ({"amsgrad": True}, r"amsgrad=True in param group 0 of the state is not supported"),
+    ]:
+        state = {**good, "param_groups": [good["param_groups"][0] | bad]}
+        with pytest.raises(OptimizerError, match=message):
+            opt.load_state_dict(state)
+        assert opt.param_groups[0]["lr"] == 0.1  # nothing loaded
+
+
+def test_ftrl_refuses_a_scheduled_zero_learning_rate_before_updating() -> None:
+    e = _table_module()
+    opt = SparseFTRL(e, lr=0.1)
+    schedule = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=2)
+    for _ in range(2):
+        e(torch.tensor([1])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    before = e.table.lookup(torch.tensor([1])).clone()
+    e(torch.tensor([1])).sum().backward()
+    with pytest.raises(OptimizerError, match=r"SparseFTRL: lr must be > 0, got 0\.0 at this step"):
+        opt.step()
+    assert torch.equal(e.table.lookup(torch.tensor([1])), before)
+    assert torch.isfinite(before).all()

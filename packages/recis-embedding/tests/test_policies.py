@@ -12,6 +12,7 @@ from recis_embedding import (
     CapacityEviction,
     ConfigError,
     Constant,
+    DynamicEmbedding,
     EmbeddingEngine,
     EmbeddingOption,
     FrequencyAdmission,
@@ -591,11 +592,16 @@ def test_probability_admission_takes_any_int_seed(seed: int) -> None:
         ({"admission": StaleEviction(3)}, "admission must be an AdmissionPolicy"),
         ({"eviction": FrequencyAdmission(2)}, "eviction must be an EvictionPolicy"),
         ({"capacity": 2.5}, "capacity must be an int"),
-        ({"default_value": "x"}, "default_value must be a number"),
+        ({"default_value": "x"}, "default_value must be a finite number"),
         ({"combiner": "tile", "combiner_kwargs": {"tile_len": 2.5}}, "int L >= 1, got 2.5"),
         ({"combiner": None, "combiner_kwargs": {"max_len": -1}}, "'max_len' must be an int"),
         ({"combiner": None, "combiner_kwargs": {"ragged": 1}}, "'ragged' must be a bool"),
         ({"trainable": "yes"}, "trainable must be a bool"),
+        # Each failed at the first lookup with a bare error, or (NaN) made two equal options
+        # differ from each other.
+        ({"default_value": float("nan")}, "default_value must be a finite number, got nan"),
+        ({"shared_name": 3}, "shared_name must be a non-empty str"),
+        ({"combiner_kwargs": [("max_len", 2)]}, "combiner_kwargs must be a dict"),
     ],
 )
 def test_option_values_are_checked_up_front(kw: dict, match: str) -> None:
@@ -745,3 +751,12 @@ def test_equal_policies_built_apart_share_a_table() -> None:
                 "g": EmbeddingOption(DIM, shared_name="t", admission=FrequencyAdmission(3)),
             }
         )
+
+
+def test_feature_and_module_names_must_be_strings() -> None:
+    with pytest.raises(
+        ConfigError, match=r"feature names must be non-empty strs \(batch keys\), got 1"
+    ):
+        EmbeddingEngine({1: EmbeddingOption(DIM)})
+    with pytest.raises(ConfigError, match="DynamicEmbedding: name must be a non-empty str"):
+        DynamicEmbedding(EmbeddingOption(DIM), name=5)

@@ -130,6 +130,10 @@ class EmbeddingEngine(nn.Module):
         self._first_option: dict[str, EmbeddingOption] = {}
         by_storage: dict[Any, HashTable] = {}
         for feature, option in self.options.items():
+            if not isinstance(feature, str) or not feature:
+                raise ConfigError(
+                    f"feature names must be non-empty strs (batch keys), got {feature!r}"
+                )
             if not isinstance(option, EmbeddingOption):
                 raise ConfigError(
                     f"feature {feature!r}: expected an EmbeddingOption, got {type(option).__name__}"
@@ -535,6 +539,10 @@ class DynamicEmbedding(nn.Module):
 
     def __init__(self, option: EmbeddingOption, name: str | None = None) -> None:
         super().__init__()
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError(
+                f"DynamicEmbedding: name must be a non-empty str or None, got {name!r}"
+            )
         self.name = name or option.shared_name or "embedding"
         self.engine = EmbeddingEngine({self.name: option.replace(shared_name=self.name)})
 

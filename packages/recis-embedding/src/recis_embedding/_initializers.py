@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass
@@ -110,11 +111,30 @@ class Initializer:
         raise NotImplementedError(f"{type(self).__name__} must implement sample()")
 
 
+def _check_numbers(init: Initializer, *names: str, infinite: tuple[str, ...] = ()) -> None:
+    """Refuses a field of ``names`` that is not a real number, or is NaN or infinite (those in
+    ``infinite`` may be infinite): it made rows of NaN or inf, or failed at the first lookup."""
+    for name in names:
+        value = getattr(init, name)
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+        if ok and not math.isfinite(value):
+            ok = name in infinite and not math.isnan(value)
+        if not ok:
+            finite = "a number" if name in infinite else "a finite number"
+            raise ConfigError(
+                f"{type(init).__name__} initializer: {name} must be {finite}, got {value!r}"
+            )
+
+
 @dataclass(frozen=True)
 class Constant(Initializer):
     """Every value equals ``value``."""
 
     value: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_numbers(self, "value")
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return torch.full((ids.numel(), dim), float(self.value), device=ids.device)
@@ -129,6 +149,7 @@ class Uniform(Initializer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_numbers(self, "low", "high")
         if not self.low < self.high:
             raise ConfigError(f"Uniform initializer needs low < high, got {self.low}, {self.high}")
 
@@ -145,6 +166,7 @@ class Normal(Initializer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_numbers(self, "mean", "std")
         if self.std <= 0:
             raise ConfigError(f"Normal initializer needs std > 0, got {self.std}")
 
@@ -166,6 +188,7 @@ class TruncatedNormal(Initializer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_numbers(self, "mean", "std", "a", "b", infinite=("a", "b"))
         if self.std <= 0 or not self.a < self.b:
             raise ConfigError(
                 f"TruncatedNormal initializer needs std > 0 and a < b, got std={self.std}, "
@@ -187,6 +210,10 @@ class XavierUniform(Initializer):
 
     gain: float = 1.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_numbers(self, "gain")
+
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         bound = self.gain * math.sqrt(3.0 / dim)
         return _uniform01(ids, dim, seed).mul_(2).sub_(1).mul_(bound)
@@ -198,6 +225,10 @@ class XavierNormal(Initializer):
 
     gain: float = 1.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_numbers(self, "gain")
+
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return _normal(ids, dim, seed).mul_(self.gain * math.sqrt(1.0 / dim))
 
@@ -207,6 +238,10 @@ class KaimingUniform(Initializer):
     """Uniform with bound ``gain * sqrt(3 / dim)``, ``gain = sqrt(2)`` (ReLU) by default."""
 
     gain: float = math.sqrt(2.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_numbers(self, "gain")
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         bound = self.gain * math.sqrt(3.0 / dim)
@@ -218,6 +253,10 @@ class KaimingNormal(Initializer):
     """Normal with ``std = gain / sqrt(dim)``, ``gain = sqrt(2)`` (ReLU) by default."""
 
     gain: float = math.sqrt(2.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_numbers(self, "gain")
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
         return _normal(ids, dim, seed).mul_(self.gain / math.sqrt(dim))

@@ -10,6 +10,8 @@ Learning rates live in ``param_groups`` so torch LR schedulers drive them.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,6 +57,17 @@ _UNSUPPORTED_FLAGS: dict[str, bool | None] = {
     "fused": None,
     "capturable": False,
     "differentiable": False,
+}
+
+# Options of torch's optimizers that no sparse optimizer implements, with torch's defaults:
+# a param group or a loaded state holding another value is refused, not silently ignored.
+_TORCH_OPTIONS: dict[str, Any] = {
+    "momentum": 0,
+    "dampening": 0,
+    "nesterov": False,
+    "amsgrad": False,
+    "decoupled_weight_decay": False,
+    "centered": False,
 }
 
 _NON_NEGATIVE = ("lr", "eps", "weight_decay", "lr_decay", "l1", "l2", "beta")
@@ -165,15 +178,44 @@ class SparseOptimizer(torch.optim.Optimizer):
                     f"{key}={_UNSUPPORTED_FLAGS[key]!r}, torch's default, is accepted)"
                 )
 
+    #: Hyperparameters this optimizer needs above 0, not only at 0 or more.
+    _POSITIVE: tuple[str, ...] = ()
+
     def _check_hyperparameters(self, values: dict[str, Any], where: str) -> None:
+        """Checks (in place: NumPy scalars become Python numbers, which enter checkpoint
+        manifests) the hyperparameters among ``values``, and refuses torch options these
+        optimizers do not implement at other than their defaults: in the constructor, in an
+        added param group and in a loaded state alike."""
+        name = type(self).__name__
         for key, value in list(values.items()):
-            if key in _HYPERPARAMETERS:
-                # NumPy scalars as Python numbers: they enter checkpoint manifests (JSON).
-                values[key] = value = plain(value)
-            if key in _NON_NEGATIVE and value < 0:
+            if key in _UNSUPPORTED_FLAGS or key in _TORCH_OPTIONS:
+                default = _UNSUPPORTED_FLAGS.get(key, _TORCH_OPTIONS.get(key))
+                if value is not None and value is not False and value != default:
+                    raise OptimizerError(
+                        f"{name}: {key}={value!r}{where} is not supported for sparse tables "
+                        f"(only {key}={default!r}, torch's default, is accepted)"
+                    )
+            if key not in _HYPERPARAMETERS:
+                continue
+            values[key] = value = plain(value)
+            if key == "betas":
+                values[key] = _betas(name, value, where)
+                continue
+            number = _real(value)
+            if number is None:
                 raise OptimizerError(
-                    f"{type(self).__name__}: {key} must be >= 0{where}, got {value}"
+                    f"{name}: {key} must be a real number{where}, got {type(value).__name__} "
+                    f"{value!r}"
                 )
+            if key == "lr_power":
+                if not (math.isfinite(number) and number <= 0):
+                    raise OptimizerError(f"{name}: lr_power must be <= 0{where}, got {value!r}")
+            elif key in self._POSITIVE:
+                if not (math.isfinite(number) and number > 0):
+                    raise OptimizerError(f"{name}: {key} must be > 0{where}, got {value!r}")
+            elif not (math.isfinite(number) and number >= 0):
+                need = "finite" if number >= 0 else ">= 0"
+                raise OptimizerError(f"{name}: {key} must be {need}{where}, got {value!r}")
 
     def tables(self) -> list[HashTable]:
         """The tables this optimizer updates."""
@@ -233,6 +275,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            for key in self._POSITIVE:
+                # An LR scheduler may have set it since the checks (LinearLR down to 0):
+                # refused before any table is updated.
+                value = _real(group[key])
+                if value is None or not value > 0:
+                    raise OptimizerError(
+                        f"{type(self).__name__}: {key} must be > 0, got {group[key]!r} at "
+                        f"this step (set by an LR scheduler? end its schedule above 0)"
+                    )
         tables = [
             (handle._recis_table, group)
             for group in self.param_groups
@@ -356,10 +408,28 @@ class SparseOptimizer(torch.optim.Optimizer):
                     f"(missing {missing}, not hyperparameters of {name}: {foreign}); was it "
                     f"written by another optimizer?"
                 )
-            if "betas" in saved:
-                saved["betas"] = tuple(saved["betas"])
+            self._check_hyperparameters(saved, f" in param group {k} of the state")
             checked.append(saved)
         return checked
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (a one-element tensor counts, as torch's
+    schedulers take tensor learning rates), else ``None``."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 and value.is_floating_point() else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _betas(name: str, value: Any, where: str) -> tuple[float, float]:
+    """``value`` as two moment decays in ``[0, 1)``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else None
+    numbers_ = None if pair is None or len(pair) != 2 else [_real(plain(b)) for b in pair]
+    if numbers_ is None or any(b is None or not 0 <= b < 1 for b in numbers_):
+        raise OptimizerError(f"{name}: betas must be two numbers in [0, 1){where}, got {value!r}")
+    return (float(numbers_[0]), float(numbers_[1]))  # type: ignore[arg-type]
 
 
 def _collect(table: HashTable, stepped: set[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -467,7 +537,13 @@ class SparseAdagrad(SparseOptimizer):
         eps: float = 1e-10,
         **flags: Any,
     ) -> None:
-        self._init_acc = float(initial_accumulator_value)
+        init = _real(plain(initial_accumulator_value))
+        if init is None or not (math.isfinite(init) and init >= 0):
+            raise OptimizerError(
+                f"SparseAdagrad: initial_accumulator_value must be >= 0 and finite, got "
+                f"{initial_accumulator_value!r}"
+            )
+        self._init_acc = init
         super().__init__(
             tables,
             {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps},
@@ -556,11 +632,9 @@ class SparseAdam(SparseOptimizer):
         weight_decay: float = 0.0,
         **flags: Any,
     ) -> None:
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise OptimizerError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
         super().__init__(
             tables,
-            {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
+            {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
             flags,
         )
 
@@ -633,17 +707,16 @@ class SparseFTRL(SparseOptimizer):
         initial_accumulator_value: float = 0.1,
         **flags: Any,
     ) -> None:
-        if lr_power > 0:
-            raise OptimizerError(f"SparseFTRL: lr_power must be <= 0, got {lr_power}")
-        if initial_accumulator_value <= 0:
+        init = _real(plain(initial_accumulator_value))
+        if init is None or not (math.isfinite(init) and init > 0):
             raise OptimizerError(
-                f"SparseFTRL: initial_accumulator_value must be > 0, got "
-                f"{initial_accumulator_value}"
+                f"SparseFTRL: initial_accumulator_value must be > 0 and finite, got "
+                f"{initial_accumulator_value!r}"
             )
-        self._init_acc = float(initial_accumulator_value)
+        self._init_acc = init
         super().__init__(
             tables,
-            {"lr": lr, "lr_power": float(lr_power), "l1": l1, "l2": l2, "beta": beta},
+            {"lr": lr, "lr_power": lr_power, "l1": l1, "l2": l2, "beta": beta},
             flags,
         )
 
@@ -654,6 +727,9 @@ class SparseFTRL(SparseOptimizer):
         return [("accum", dim), ("linear", dim)], torch.cat(
             [torch.full((dim,), self._init_acc), torch.zeros(dim)]
         )
+
+    # FTRL divides by the learning rate.
+    _POSITIVE = ("lr",)
 
     def _update(self, param, grad, state, group):
         ftrl_rows_(

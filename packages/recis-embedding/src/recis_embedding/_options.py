@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -138,8 +140,20 @@ class EmbeddingOption:
         for flag in ("trainable", "use_weight"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if isinstance(self.default_value, bool) or not isinstance(self.default_value, numbers.Real):
-            raise ConfigError(f"default_value must be a number, got {self.default_value!r}")
+        if (
+            isinstance(self.default_value, bool)
+            or not isinstance(self.default_value, numbers.Real)
+            or not math.isfinite(self.default_value)
+        ):
+            # NaN would also differ from itself wherever two options are compared.
+            raise ConfigError(f"default_value must be a finite number, got {self.default_value!r}")
+        if self.shared_name is not None and (
+            not isinstance(self.shared_name, str) or not self.shared_name
+        ):
+            raise ConfigError(
+                f"shared_name must be a non-empty str (a table name) or None, got "
+                f"{self.shared_name!r}"
+            )
         try:
             self.max_load_factor = check_load_factor("", self.max_load_factor)
         except ValueError as err:
@@ -153,6 +167,11 @@ class EmbeddingOption:
         before the checks; anything else is left for them to refuse."""
         for name in ("embedding_dim", "capacity", "default_value", "trainable", "use_weight"):
             setattr(self, name, plain(getattr(self, name)))
+        if self.combiner_kwargs is not None and not isinstance(self.combiner_kwargs, Mapping):
+            raise ConfigError(
+                f"combiner_kwargs must be a dict (e.g. {{'tile_len': 4}}) or None, got "
+                f"{type(self.combiner_kwargs).__name__} {self.combiner_kwargs!r}"
+            )
         if self.combiner_kwargs:
             self.combiner_kwargs = {k: plain(v) for k, v in self.combiner_kwargs.items()}
 
