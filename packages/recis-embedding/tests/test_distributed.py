@@ -104,6 +104,7 @@ def _worker(rank: int, world: int, root: str) -> None:
             torch.testing.assert_close(loaded[key], mine[key], rtol=1e-6, atol=1e-6)
         policy_training(rank, pair, root)
         eviction_training(rank, pair, root)
+        unused_training(rank, pair, root)
     dist.barrier()
     # Phase 2: all 3 ranks load the 2-shard checkpoint and save it as 3 shards.
     engine = make_engine(shard=True)
@@ -132,6 +133,7 @@ def test_sharded_training_and_resharding_match_one_process(tmp_path: Path) -> No
     mp.spawn(_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
     check_policy_training(tmp_path)
     check_eviction_training(tmp_path)
+    check_unused_training(tmp_path)
 
     ranks = [torch.load(tmp_path / f"train-{r}.pt") for r in range(2)]
     for k in range(STEPS):
@@ -293,3 +295,52 @@ def check_eviction_training(root: Path) -> None:
         over = max(0, len(aged) + len(new) - capacity)
         expected = sorted(aged[over:] + new)
         assert torch.load(root / f"evict-{rank}.pt").tolist() == expected, rank
+
+
+# Features the loss uses at each step: a fused lookup whose other feature the loss left out
+# steps none of the rows only that feature read (the mark travels with the gradients).
+UNUSED_PLAN = [("user", "hist"), ("user",), ("hist",), ("user",)]
+
+
+def unused_engine(shard: bool, group: object = None) -> EmbeddingEngine:
+    init = Constant(0.5)
+    return EmbeddingEngine(
+        {
+            "user": EmbeddingOption(DIM, initializer=init),
+            "hist": EmbeddingOption(DIM, initializer=init, combiner="mean"),
+        },
+        shard=shard,
+        process_group=group,
+    )
+
+
+def unused_steps(engine: EmbeddingEngine, batches: list[dict]) -> None:
+    from recis_embedding import SparseAdamW
+
+    opt = SparseAdamW(engine, lr=0.05, weight_decay=0.5)
+    for used, data in zip(UNUSED_PLAN, batches, strict=True):
+        out = engine(data)
+        sum((out[f] * out[f]).sum() for f in used).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def unused_training(rank: int, group: object, root: str) -> None:
+    engine = unused_engine(shard=True, group=group)
+    unused_steps(engine, [rank_batch(k, rank) for k in range(len(UNUSED_PLAN))])
+    torch.save(table_state(engine), Path(root) / f"unused-{rank}.pt")
+
+
+def check_unused_training(root: Path) -> None:
+    ref = unused_engine(shard=False)
+    unused_steps(ref, [global_batch(k, 2) for k in range(len(UNUSED_PLAN))])
+    expected = table_state(ref)
+    shards = [torch.load(root / f"unused-{r}.pt") for r in range(2)]
+    for name in ("user", "hist"):
+        ids = torch.cat([s[f"{name}.ids"] for s in shards])
+        rows = torch.cat([s[f"{name}.rows"] for s in shards])
+        order = torch.argsort(ids)
+        assert torch.equal(ids[order], expected[f"{name}.ids"]), name
+        torch.testing.assert_close(rows[order], expected[f"{name}.rows"], rtol=1e-6, atol=1e-6)
+    # The plan left some rows unstepped: they still hold their initial value.
+    assert bool((expected["hist.rows"][:, :DIM] == 0.5).all(dim=1).any())

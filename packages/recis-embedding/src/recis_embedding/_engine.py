@@ -17,10 +17,11 @@ from recis_embedding._outputs import padded_output, pooled_outputs
 from recis_embedding._policies import ReadOnlyAdmission, policy_key
 from recis_embedding._pooling import pool
 from recis_embedding._serving import serve, serve_sharded
-from recis_embedding._sharding import Pending, ShardContext
+from recis_embedding._sharding import Pending, ShardContext, Use
 from recis_embedding._statedict import warn_tables_not_in_state_dict
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import ConfigError, InputError
+from recis_kernels import RaggedTensor
 
 __all__ = ["DynamicEmbedding", "EmbeddingEngine"]
 
@@ -356,13 +357,16 @@ class EmbeddingEngine(nn.Module):
         tabs = [p.tabs for p in parts]
         if features:
             tabs.append(self._tabs_of(features, ids, table.device))
-        emb, inverse, grouping = self._dedup_and_read(
+        emb, inverse, grouping, pending = self._dedup_and_read(
             table,
             torch.cat(values) if len(values) > 1 else values[0],
             torch.cat(tabs) if len(tabs) > 1 else tabs[0],
         )
         out: dict[str, Any] = {}
         at = 0
+        # Where each feature's ids lie in `inverse`, for the optimizer to tell the rows of
+        # outputs that received a gradient from those of outputs left out of the loss.
+        uses: dict[str, Use] = {}
         for (name, members), part in zip(concat, parts, strict=True):
             n = part.values.numel()
             whole = n == inverse.numel()
@@ -377,12 +381,22 @@ class EmbeddingEngine(nn.Module):
             dim = emb.shape[1]
             # Spelled out: an empty batch has no elements to infer a -1 from.
             joined = pooled.view(part.rows, len(members) * dim)
-            out[name] = joined
+            # The members are views of `joined`, not of the output: a gradient reaching one
+            # member does not pass through the joined output (so their gradients tell apart
+            # which of them the loss used).
+            out[name] = joined.view(joined.shape)
             for j, f in enumerate(members):
                 out[f] = joined[:, j * dim : (j + 1) * dim]
+                uses[f] = Use(at, at + n, part.bags, len(members), j)
             at += n
         if features:
+            starts = [at]
+            for f in features:
+                starts.append(starts[-1] + ids[f].values.numel())
+                uses[f] = Use(starts[-2], starts[-1], device=inverse.device)
             out.update(self._lookup_rest(features, ids, inverse[at:], emb, grouping, at == 0))
+        if pending is not None and len(uses) > 1:
+            _track_uses(pending, inverse, uses, out, concat)
         return out
 
     def _ids_used(self, feature: str, value: Any) -> Ids:
@@ -459,7 +473,9 @@ class EmbeddingEngine(nn.Module):
 
     def _dedup_and_read(
         self, table: HashTable, values: torch.Tensor, tabs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, Pending | None
+    ]:
         keys, key_tabs, inverse, grouping = dedup(values, tabs)
         # A frozen table reads as in eval mode in training too: no insertion, no eviction
         # state, nothing recorded for an optimizer.
@@ -471,6 +487,7 @@ class EmbeddingEngine(nn.Module):
             rows, emb, exchange, touched, uses = serve_sharded(
                 self.shard, table, keys, key_tabs, inverse, insert
             )
+        pending = None
         if insert:
             if table.eviction is not None:
                 table.eviction.touch(table, touched, uses)
@@ -478,12 +495,40 @@ class EmbeddingEngine(nn.Module):
                 table.mark_changed(touched)
             if torch.is_grad_enabled():
                 emb.requires_grad_(True)
-                table.pending.append(Pending(rows, emb, exchange))
-        return emb, inverse, grouping
+                pending = Pending(rows, emb, exchange)
+                table.pending.append(pending)
+        return emb, inverse, grouping, pending
 
     def _trainable(self, table: HashTable) -> bool:
         name = table.names[0]
         return self._first_option[name].trainable
+
+
+def _track_uses(
+    pending: Pending,
+    inverse: torch.Tensor,
+    uses: dict[str, Use],
+    out: Mapping[str, Any],
+    concat: list[tuple[str, list[str]]],
+) -> None:
+    """Marks, through gradient hooks on the outputs, which features of one lookup received a
+    gradient; a concatenation's joined output marks all its members."""
+    pending.uses = list(uses.values())
+    pending.inverse = inverse
+    for name, members in concat:
+        for tensor in _grad_tensors(out[name]):
+            for f in members:
+                tensor.register_hook(uses[f].mark)
+    for f, use in uses.items():
+        for tensor in _grad_tensors(out[f]):
+            tensor.register_hook(use.mark)
+
+
+def _grad_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of an output that carry gradients (a ragged output's values)."""
+    if isinstance(value, RaggedTensor):
+        value = value.values
+    return [value] if isinstance(value, torch.Tensor) and value.requires_grad else []
 
 
 def _check_frozen(feature: str, name: str, option: EmbeddingOption) -> None:

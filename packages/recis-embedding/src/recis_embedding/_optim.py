@@ -295,7 +295,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._step_table(table, group, stepped)
         return loss
 
-    def _step_table(self, table: HashTable, group: dict[str, Any], stepped: set[int]) -> None:
+    def _step_table(
+        self, table: HashTable, group: dict[str, Any], stepped: dict[int, bool]
+    ) -> None:
         collected = _collect(table, stepped)
         if collected is not None:
             self._apply(table, group, *collected)
@@ -432,15 +434,17 @@ def _betas(name: str, value: Any, where: str) -> tuple[float, float]:
     return (float(numbers_[0]), float(numbers_[1]))  # type: ignore[arg-type]
 
 
-def _collect(table: HashTable, stepped: set[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows and summed gradients of ``table``'s lookups in ``stepped`` (``id()``s, from
-    :func:`_with_gradient`)."""
+def _collect(
+    table: HashTable, stepped: dict[int, bool]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows and summed gradients of ``table``'s lookups in ``stepped`` (``id()`` -> whether
+    to keep only the rows an output with a gradient read, from :func:`_with_gradient`)."""
     # Every stepped entry is visited, even without a gradient on this rank: sharded entries
     # exchange gradients collectively and all ranks must take part.
     entries = [
-        (p.rows, g, p.exchange is not None)
+        (*got, p.exchange is not None)
         for p in table.pending
-        if id(p) in stepped and (g := p.gradient()) is not None
+        if id(p) in stepped and (got := p.gradient(stepped[id(p)])) is not None
     ]
     if not entries:
         return None
@@ -459,25 +463,32 @@ def _collect(table: HashTable, stepped: set[int]) -> tuple[torch.Tensor, torch.T
     return rows, grads
 
 
-def _with_gradient(pending: list[Any]) -> set[int]:
+def _with_gradient(pending: list[Any]) -> dict[int, bool]:
     """The ``id()``s of the lookups a step applies: those with a gradient. A sharded lookup's
     gradient reaches the owners through a collective exchange, so the ranks agree first on
     which of them got a gradient on any rank: one all-reduce per process group and step, over
     the lookups of every table in the order the optimizer holds them (the same on every rank).
     One that got none anywhere (a table looked up but left out of the loss) is skipped by every
     rank, as a single process skips it, instead of exchanging zeros that the step would apply.
+
+    Each is mapped to whether only the rows read by outputs that received a gradient are
+    applied (the lookup fed several outputs and some got none); for a sharded lookup the ranks
+    agree on it in the same all-reduce, since the mark then travels with the gradients.
     """
-    stepped = {id(p) for p in pending if p.exchange is None}
+    stepped = {id(p): p.partial for p in pending if p.exchange is None}
     by_group: dict[int, list[Any]] = {}
     for p in pending:
         if p.exchange is not None:
             by_group.setdefault(id(p.exchange.group), []).append(p)
     for sharded in by_group.values():
         flags = torch.tensor(
-            [float(p.leaf.grad is not None) for p in sharded], device=sharded[0].leaf.device
+            [[float(p.leaf.grad is not None), float(p.partial)] for p in sharded],
+            device=sharded[0].leaf.device,
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
-        stepped.update(id(p) for p, f in zip(sharded, flags.tolist(), strict=True) if f > 0)
+        for p, (got, partial) in zip(sharded, flags.tolist(), strict=True):
+            if got > 0:
+                stepped[id(p)] = partial > 0
     return stepped
 
 

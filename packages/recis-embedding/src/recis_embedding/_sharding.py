@@ -57,6 +57,12 @@ class Pending:
     leaf: torch.Tensor
     exchange: Exchange | None = None
     missed: list[bool] = field(default_factory=lambda: [False])
+    #: The outputs read from ``leaf`` when there are several (the features of a fused or
+    #: shared table, looked up together), and ``inverse``, the leaf row of each id they read:
+    #: a row only outputs that received no gradient read is left out of the step, as it would
+    #: be were each output's table looked up alone.
+    uses: list[Use] | None = None
+    inverse: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.leaf.requires_grad:
@@ -67,12 +73,72 @@ class Pending:
         """An optimizer step has applied (or gone past) this lookup's gradient."""
         return self.missed[0]
 
-    def gradient(self) -> torch.Tensor | None:
-        """Gradient of ``rows`` (``(R, D)``), after the exchange for sharded lookups."""
+    @property
+    def partial(self) -> bool:
+        """Some of the outputs read from ``leaf`` received no gradient."""
+        return self.uses is not None and not all(u.reached for u in self.uses)
+
+    def reached(self) -> torch.Tensor:
+        """``(U,) bool``: the rows of ``leaf`` an output that received a gradient read."""
+        mask = torch.zeros(self.leaf.shape[0], dtype=torch.bool, device=self.leaf.device)
+        if self.uses is None or self.inverse is None:
+            mask[:] = self.leaf.grad is not None
+            return mask
+        for use in self.uses:
+            if use.reached:
+                mask[self.inverse[use.positions()]] = True
+        return mask
+
+    def gradient(self, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``rows`` and their gradient (``(R, D)``), after the exchange for sharded lookups;
+        ``None`` without a gradient. ``masked``: only the rows an output that received a
+        gradient read (a sharded lookup sends that mark along with its gradient, so every
+        rank of the group must pass the same ``masked``)."""
         if self.exchange is None:
-            return self.leaf.grad
+            grad = self.leaf.grad
+            if grad is None:
+                return None
+            if not (masked and self.partial):
+                return self.rows, grad
+            keep = self.reached().nonzero().squeeze(1)
+            return self.rows[keep], grad[keep]
         grad = self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
-        return self.exchange.to_owners(grad.detach())
+        if not masked:
+            return self.rows, self.exchange.to_owners(grad.detach())
+        marked = torch.cat([grad.detach(), self.reached()[:, None].to(grad.dtype)], dim=1)
+        owned = self.exchange.to_owners(marked)
+        keep = (owned[:, -1] > 0).nonzero().squeeze(1)
+        return self.rows[keep], owned[keep, :-1]
+
+
+@dataclass
+class Use:
+    """One output read from a lookup's rows, its ids at positions ``[start, stop)`` of the
+    lookup's ``inverse``; with ``bags``, those of member ``member`` of ``members`` joined
+    batch-major there (bag ``r * members + member`` holds row ``r``'s ids of the member).
+    ``reached`` is set once the output receives a gradient; ``device`` is where ``inverse``
+    lives."""
+
+    start: int
+    stop: int
+    bags: torch.Tensor | None = None
+    members: int = 1
+    member: int = 0
+    reached: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def positions(self) -> torch.Tensor:
+        """Positions in the lookup's ``inverse`` of the ids this output read."""
+        if self.bags is None:
+            return torch.arange(self.start, self.stop, device=self.device)
+        lengths = self.bags[1:] - self.bags[:-1]
+        member = torch.arange(lengths.numel(), device=self.bags.device) % self.members
+        of_id = torch.repeat_interleave(member, lengths)
+        return (of_id == self.member).nonzero().squeeze(1) + self.start
+
+    def mark(self, grad: torch.Tensor) -> None:
+        """A gradient hook: the output received a gradient (left as it is)."""
+        self.reached = True
 
 
 @dataclass
