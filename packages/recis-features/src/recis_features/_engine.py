@@ -15,6 +15,7 @@ from recis_kernels import RaggedTensor
 from ._feature import (
     INPUT_ERRORS,
     Feature,
+    check_batch,
     check_value,
     column_value,
     fingerprint_of,
@@ -31,6 +32,7 @@ from .exceptions import (
     FeatureConflictError,
     FeatureDefinitionError,
     FeatureInputError,
+    RecisFeaturesError,
     SerializationError,
 )
 
@@ -353,9 +355,11 @@ class FeatureEngine(nn.Module):
 
         Raises:
             MissingColumnError: a feature reads a column the batch lacks.
-            FeatureTypeError: an op got a value of the wrong kind.
+            FeatureTypeError: an op got a value of the wrong kind, or the batch is not a
+                mapping of columns.
             FeatureConflictError: a pass-through column has a feature's name.
         """
+        check_batch(batch)
         values: list[Value] = [None] * len(self._nodes)
         columns = self._read_columns(batch)
         threads = torch.get_num_threads()
@@ -520,8 +524,15 @@ class FeatureEngine(nn.Module):
         """
         if not isinstance(data, Mapping) or "features" not in data:
             raise SerializationError("engine config must be a dict with a 'features' list")
+        extra = sorted(map(str, set(data) - {"format", "passthrough", "features"}))
+        if extra:
+            # A misspelled "passthrough" would silently keep the default.
+            raise SerializationError(
+                f"engine config has unknown key(s) {extra} (it has 'format', 'passthrough' "
+                "and 'features')"
+            )
         version = data.get("format", _FORMAT_VERSION)
-        if version != _FORMAT_VERSION:
+        if type(version) is not int or version != _FORMAT_VERSION:
             raise SerializationError(
                 f"engine config has format {version!r}, this version reads {_FORMAT_VERSION}"
             )
@@ -535,7 +546,11 @@ class FeatureEngine(nn.Module):
         if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
             raise SerializationError(f"engine config 'features' must be a list, got {raw!r}")
         features = [Feature.from_dict(f) for f in raw]
-        return cls(features, passthrough=passthrough, fused=fused)
+        try:
+            return cls(features, passthrough=passthrough, fused=fused)
+        except RecisFeaturesError as exc:
+            # Two definitions under one name, say: the config is what is wrong.
+            raise SerializationError(str(exc)) from exc
 
     def fingerprint(self) -> str:
         """Stable SHA-256 hex digest of the transforms (feature order and pass-through aside):

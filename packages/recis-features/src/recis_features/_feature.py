@@ -108,7 +108,7 @@ class Feature:
             raise FeatureDefinitionError(f"feature name must be a non-empty string, got {name!r}")
         ops = tuple(ops)
         _check_chain(name, ops)
-        self._name = name
+        self._name = str(name)  # a plain str (not NumPy's): configs are plain data
         self._ops = ops
 
     @property
@@ -209,6 +209,7 @@ class Feature:
     def __call__(self, batch: Mapping[str, Any]) -> Value:
         """Compute this feature alone, op by op (the unfused reference path)."""
         self.check_complete()
+        check_batch(batch)
         source = self._ops[0]
         assert isinstance(source, SourceOp)
         missing = [c for c in source.columns if c not in batch]
@@ -248,6 +249,12 @@ class Feature:
         """
         if not isinstance(data, Mapping) or "name" not in data or "ops" not in data:
             raise SerializationError(f"feature config must have 'name' and 'ops', got {data!r}")
+        extra = sorted(map(str, set(data) - {"name", "ops"}))
+        if extra:
+            raise SerializationError(
+                f"feature {data['name']!r}: unknown key(s) {extra} (a feature config has 'name' "
+                "and 'ops')"
+            )
         if not isinstance(data["ops"], Sequence) or isinstance(data["ops"], (str, bytes)):
             raise SerializationError(
                 f"feature {data['name']!r}: 'ops' must be a list of op configs, got {data['ops']!r}"
@@ -257,9 +264,11 @@ class Feature:
         except SerializationError as exc:
             raise SerializationError(f"feature {data['name']!r}: {exc}") from None
         try:
-            return cls(data["name"], ops)
+            feature = cls(data["name"], ops)
+            feature.check_complete()  # a config is a whole feature, not a start of one
         except (FeatureDefinitionError, FeatureTypeError) as exc:
             raise SerializationError(str(exc)) from exc
+        return feature
 
     def fingerprint(self) -> str:
         """A stable SHA-256 hex digest of :meth:`to_dict` (same config, same fingerprint)."""
@@ -325,9 +334,18 @@ def check_value(feature: str, op: Op, step: int, value: Value) -> None:
         )
 
 
+def check_batch(batch: Any) -> None:
+    """Refuses a batch that is not a mapping of column names to values."""
+    if not isinstance(batch, Mapping):
+        raise FeatureTypeError(
+            f"a batch must be a mapping of column names to values (a dict), got "
+            f"{type(batch).__name__}"
+        )
+
+
 def missing_column_error(feature: str, column: str, batch: Mapping[str, Any]) -> MissingColumnError:
     """The error for a feature reading a column the batch lacks (names the columns it has)."""
-    names = sorted(batch)
+    names = sorted(k if isinstance(k, str) else repr(k) for k in batch)
     shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
     return MissingColumnError(
         f"feature {feature!r}: column {column!r} is not in the batch (columns: {shown or 'none'})"

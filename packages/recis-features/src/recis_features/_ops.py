@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, ClassVar
 
 import torch
@@ -69,8 +69,9 @@ class SelectField(SourceOp):
             self.kind,
             f"dtype must be one of {', '.join(dtype_names())}, got {dtype!r}",
         )
-        self.column = column
-        self.dtype = dtype
+        # Plain strs (not NumPy's): the config is plain data for JSON and YAML.
+        self.column = str(column)
+        self.dtype = None if dtype is None else str(dtype)
 
     def params(self) -> dict[str, Any]:
         return {"column": self.column, "dtype": self.dtype}
@@ -107,9 +108,13 @@ class SelectField(SourceOp):
                 lost &= t.isfinite()
         else:
             lost = out.to(t.dtype) != t
-            if not t.dtype.is_signed and t.dtype not in (torch.bool, torch.uint64):
+            if (
+                not t.dtype.is_signed
+                and t.dtype != torch.bool
+                and (t.dtype != torch.uint64 or dtype != torch.int64)
+            ):
                 # uint32 2**32 - 1 wraps to int32 -1 and back again: the sign tells. (uint64
-                # ids are read as the int64 of their bits, as documented.)
+                # ids are read as the int64 of their bits, as documented; as int32 they wrap.)
                 lost |= out < 0
         if bool(lost.any()):
             first = t[lost][0].item()
@@ -155,17 +160,25 @@ class SelectFields(SourceOp):
     kind = "select_fields"
 
     def __init__(self, columns: Sequence[str]) -> None:
+        # An unordered collection (a set) would cross in an order that changes with the
+        # process's string hashing: the ids and the fingerprint with it.
         require(
             isinstance(columns, Iterable),
             self.kind,
             f"columns must be a list of 2 column names, got {columns!r}",
+        )
+        require(
+            not isinstance(columns, (Set, Mapping)),
+            self.kind,
+            f"columns must be a list of 2 column names in cross order, got the unordered "
+            f"{type(columns).__name__} {columns!r}",
         )
         columns = list(columns) if not isinstance(columns, str) else [columns]
         require(len(columns) == 2, self.kind, f"needs exactly 2 columns, got {len(columns)}")
         require(
             all(isinstance(c, str) and c for c in columns), self.kind, f"bad columns {columns!r}"
         )
-        self._columns = tuple(columns)
+        self._columns = tuple(str(c) for c in columns)
 
     def params(self) -> dict[str, Any]:
         return {"columns": list(self._columns)}
@@ -210,7 +223,7 @@ class Hash(Transform):
             self.kind,
             f"buckets must be an integer in [0, 2**63), got {buckets!r}",
         )
-        self.algorithm = algorithm
+        self.algorithm = str(algorithm)
         self.buckets = int(buckets)
 
     def params(self) -> dict[str, Any]:
@@ -290,7 +303,8 @@ class Bucketize(Transform):
             self.kind,
             "boundaries must be strictly increasing",
         )
-        self.boundaries = tuple(float(x) for x in b)
+        # + 0.0 makes -0.0 the 0.0 it buckets as: one op, one fingerprint.
+        self.boundaries = tuple(float(x) + 0.0 for x in b)
         # Comparisons run in float64: integers it cannot tell apart would be one boundary.
         pairs = zip(itertools.pairwise(b), itertools.pairwise(self.boundaries), strict=True)
         same = next(((x, y) for (x, y), (fx, fy) in pairs if fx >= fy), None)
@@ -587,6 +601,10 @@ class Normalize(Transform):
 
     def apply(self, value: Value) -> Value:
         x = flat(value)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # x - mean can leave the half type's range where the result does not (30000 -
+            # -40000 in float16): computed in float32 and rounded once.
+            return rebuild(value, ((x.float() - self.mean) / self.std).to(x.dtype))
         return rebuild(value, (x - self.mean) / self.std)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
 import torch
@@ -58,5 +58,11 @@ def number_list(values: Any, kind: str, name: str) -> list[Any]:
         isinstance(values, Iterable) and getattr(values, "ndim", 1) != 0,
         kind,
         f"{name} must be a sequence of numbers, got {values!r}",
+    )
+    require(
+        not isinstance(values, (Set, Mapping, str, bytes)),
+        kind,
+        f"{name} must be an ordered sequence of numbers (a list, tuple, array or tensor), "
+        f"got {type(values).__name__} {values!r}",
     )
     return list(values)

@@ -76,7 +76,8 @@ def value_kind(value: Any) -> str:
         kind = dtype_kind(value.values.dtype)
         return "strings" if kind == "bytes" else kind
     if isinstance(value, list):
-        return "strings"
+        # A list of anything else (a Lambda's ints) is no string column.
+        return "strings" if _is_string_list(value) else "other"
     if isinstance(value, tuple):
         return "pair"
     return "other"
@@ -91,7 +92,10 @@ def describe(value: Any) -> str:
         dtype = str(value.values.dtype).removeprefix("torch.")
         return f"ragged {dtype} with {len(value.offsets)} offset level(s)"
     if isinstance(value, list):
-        return f"strings (list of {len(value)})"
+        if _is_string_list(value):
+            return f"strings (list of {len(value)})"
+        first = next(v for v in value if not isinstance(v, (str, bytes)))
+        return f"a list of {len(value)} holding {type(first).__name__} (not only strings)"
     if isinstance(value, tuple):
         parts = ", ".join(describe(v) for v in value)
         return f"a pair ({parts})" if len(value) == 2 else f"a tuple of {len(value)} ({parts})"
