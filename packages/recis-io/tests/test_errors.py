@@ -120,6 +120,18 @@ def test_empty_file_reads_nothing(tmp_path, fmt: str) -> None:
     assert list(ds) == []
 
 
+def test_a_data_set_of_empty_files_typed_null_reads_nothing(tmp_path) -> None:
+    # Its only file typed a column null (no values to type it by): every column was planned
+    # from it and the data set raised SchemaError instead of being empty.
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"x": pa.array([], pa.null()), "y": pa.array([], pa.int64())}), path)
+    ds = Dataset(path, batch_size=4)
+    assert list(ds) == []
+    assert ds.batches_per_epoch() == 0
+    with pytest.raises(SchemaError, match="column 'x' has unsupported type Null"):
+        Dataset(path, batch_size=4, columns=["x"])  # asked for by name: its type is unknown
+
+
 @pytest.mark.parametrize("empty_first", [True, False])
 def test_files_without_rows_are_not_checked_against_the_others(tmp_path, empty_first) -> None:
     # Writers type an empty file's column from no values: pyarrow gives an all-None column the

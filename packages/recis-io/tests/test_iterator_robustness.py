@@ -57,6 +57,57 @@ def test_a_batch_interrupted_in_next_is_given_by_the_next_call(files, monkeypatc
     assert sorted(whole) == list(range(sum(ROWS)))
 
 
+class _LosesOneFill:
+    """A reader whose ``fill_owned`` result is lost once on its way back (an exception raised
+    after the call returned, before Python stored the batch)."""
+
+    def __init__(self, reader, lose_at: int) -> None:
+        self._reader, self._lose_at, self._calls = reader, lose_at, 0
+
+    def fill_owned(self):
+        got = self._reader.fill_owned()
+        self._calls += 1
+        if self._calls == self._lose_at:
+            raise KeyboardInterrupt
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+
+@pytest.mark.parametrize("where", ["fill_owned returned", "from_dlpack converted"])
+def test_a_batch_lost_on_its_way_out_of_the_reader_is_given_again(files, monkeypatch, where):
+    # The reader had moved on: the batch was gone, and the iteration ended a batch short
+    # without a word (a Ctrl-C landing there in a notebook lost 25 rows).
+    ds = Dataset(files, batch_size=25, num_threads=2)
+    whole = [i for b in ds for i in b["id"].tolist()]
+    it = iter(ds)
+    if where == "fill_owned returned":
+        it._reader = _LosesOneFill(it._reader, lose_at=3)
+    else:
+        real, calls = dataset_module.torch.utils.dlpack.from_dlpack, {"n": 0}
+
+        def convert(capsule):
+            tensor = real(capsule)  # the capsule is consumed: only the reader can give it again
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return tensor
+
+        monkeypatch.setattr(dataset_module.torch.utils.dlpack, "from_dlpack", convert)
+    got, interrupts = [], 0
+    while True:
+        try:
+            got += next(it)["id"].tolist()
+        except KeyboardInterrupt:
+            interrupts += 1
+            assert ds.state_dict()["row"] == 50  # the cursor stays after batch 2
+        except StopIteration:
+            break
+    assert interrupts == 1
+    assert got == whole
+
+
 def test_one_iterator_shared_by_two_threads_gives_every_row_once(files):
     # PyO3 refused the second thread's call with a bare "RuntimeError: Already borrowed".
     ds = Dataset(files, batch_size=10, num_threads=2)

@@ -196,6 +196,7 @@ def _stream(ds: Dataset, reader, stop_after: int | None = None) -> list[tuple[di
     out = []
     while reader.prepare() is not None:
         capsule, layout = reader.fill_owned()
+        reader.release_held()  # stored: the next prepare reads on
         batch = Batch(torch.utils.dlpack.from_dlpack(capsule), ds._infos, layout)
         columns = {name: rows_of([batch], name) for name in ("id", "f", "n", "seq", "d")}
         out.append((columns, tuple(reader.cursor())))

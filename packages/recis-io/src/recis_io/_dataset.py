@@ -489,7 +489,7 @@ class Dataset(IterableDataset):
         if state["version"] >= 4:
             expected["files"] = self._identity
         elif state["version"] >= 2:
-            expected["files"] = [[os.path.basename(n), rows] for n, rows in self._identity]
+            expected["files"] = [[os.path.basename(str(n)), rows] for n, rows in self._identity]
         if state["version"] >= 3:
             # The epoch ends where drop_last says: with another value a state taken at the end
             # of an epoch resumes with a stray partial batch, or skips it.
@@ -586,6 +586,9 @@ class _BatchIterator(Iterator[Batch]):
             raise StopIteration
         kind = self._ds._device_kind
         if self._filled is None:
+            # A batch fill_owned handed out stays held by the reader until it is stored here:
+            # if an exception (a Ctrl-C) lost it on the way, prepare and fill_owned give it
+            # again rather than the next one.
             nbytes = reader.prepare()
             if nbytes is None:
                 self._close()
@@ -597,6 +600,8 @@ class _BatchIterator(Iterator[Batch]):
                 buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
                 layout = reader.fill_into(buffer.data_ptr(), nbytes)
             self._filled = (buffer, layout, tuple(reader.cursor()))
+        # Stored (now or by an interrupted call): the reader may read on.
+        reader.release_held()
         buffer, layout, cursor = self._filled
         batch = Batch(buffer, self._ds._infos, layout)
         if kind == "cuda" and self._ds._device is not None:

@@ -66,4 +66,9 @@ class Reader:
     def fill_into(self, ptr: int, nbytes: int) -> _Layout:
         """Packs the prepared batch into caller-owned memory at ``ptr``."""
     def fill_owned(self) -> tuple[Any, _Layout]:
-        """The prepared batch as a DLPack capsule: a packed chunk, or a reused buffer packed now."""
+        """The prepared batch as a DLPack capsule: a packed chunk, or a reused buffer packed now.
+
+        The batch stays held until :meth:`release_held`: ``prepare`` and ``fill_owned`` give it
+        again meanwhile."""
+    def release_held(self) -> None:
+        """The batch ``fill_owned`` handed out is stored: the next ``prepare`` reads on."""

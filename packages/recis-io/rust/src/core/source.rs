@@ -165,11 +165,15 @@ impl Source {
         }
         let reference = has_rows.iter().position(|&r| r).unwrap_or(0);
         let first = &files[reference];
+        let any_rows = has_rows.iter().any(|&r| r);
         let specs: Vec<ColumnSpec> = if specs.is_empty() {
             first
                 .schema
                 .fields()
                 .iter()
+                // A data set of empty files only may type a column `null` (a writer with no
+                // values to type it by): it has no rows to read, so such columns are left out.
+                .filter(|f| any_rows || f.data_type() != &DataType::Null)
                 .map(|f| ColumnSpec::plain(f.name()))
                 .collect()
         } else {

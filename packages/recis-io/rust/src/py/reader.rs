@@ -14,6 +14,7 @@ use crate::core::assemble::BatchLayout;
 use crate::core::column::{ColumnSpec, DType, Fill, Leaf};
 use crate::core::plan::Sharding;
 use crate::core::reader::{check_fits, Options, Reader as CoreReader};
+use crate::core::ring::{Slab, SlabRef};
 use crate::core::source::{Format, Source};
 use crate::core::Error;
 
@@ -92,6 +93,10 @@ pub struct Reader {
     ahead: Option<Ahead>,
     /// The next batch, received from `ahead` by `prepare` and not handed out yet.
     ready: Option<Assembled>,
+    /// The batch `fill_owned` handed out last, until Python has it (`release_held`): an
+    /// exception (a Ctrl-C) raised after the call returned and before Python stored the batch
+    /// would lose it, so `prepare` and `fill_owned` give it again instead of the next one.
+    held: Option<(Arc<Slab>, BatchLayout)>,
 }
 
 impl Reader {
@@ -134,6 +139,7 @@ impl Reader {
     fn stop_ahead(&mut self) {
         self.ready = None;
         self.ahead = None;
+        self.held = None;
     }
 }
 
@@ -192,6 +198,7 @@ impl Reader {
             inner,
             ahead: None,
             ready: None,
+            held: None,
         })
     }
 
@@ -266,6 +273,9 @@ impl Reader {
 
     /// Decodes the next batch (GIL released); returns its size in bytes, `None` at the end.
     fn prepare(&mut self, py: Python<'_>) -> PyResult<Option<usize>> {
+        if let Some((_, layout)) = &self.held {
+            return Ok(Some(layout.nbytes));
+        }
         if self.inner.assembles_ahead() {
             return py.detach(|| self.receive()).py();
         }
@@ -288,6 +298,11 @@ impl Reader {
                 // SAFETY: the caller passes the address and size of a live, writable buffer
                 // (a torch tensor it keeps alive across this call).
                 let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, nbytes) };
+                if let Some((slab, layout)) = &self.held {
+                    check_fits(dst, layout.nbytes)?;
+                    dst[..layout.nbytes].copy_from_slice(&slab.as_bytes()[..layout.nbytes]);
+                    return Ok(layout.clone());
+                }
                 if !self.inner.assembles_ahead() {
                     return self.inner.fill_pending(dst);
                 }
@@ -304,7 +319,13 @@ impl Reader {
 
     /// Returns the prepared batch as a DLPack capsule with its layout: the packed chunk itself
     /// when the batch is one (see `pack`), else a buffer from the ring packed now.
+    /// The batch stays held (given again by `prepare` and `fill_owned`) until
+    /// `release_held`.
     fn fill_owned<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Layout)> {
+        if let Some((slab, layout)) = &self.held {
+            let shown = layout_tuple(layout);
+            return Ok((slab_capsule(py, SlabRef::Shared(Arc::clone(slab)))?, shown));
+        }
         let (slab, layout) = py
             .detach(|| {
                 let none = || Error::Internal("no batch is prepared".into());
@@ -316,6 +337,19 @@ impl Reader {
                 self.inner.next_buffer()?.ok_or_else(none)
             })
             .py()?;
-        Ok((slab_capsule(py, slab)?, layout_tuple(&layout)))
+        let slab = match slab {
+            SlabRef::Own(s) => Arc::new(s),
+            SlabRef::Shared(s) => s,
+        };
+        self.held = Some((Arc::clone(&slab), layout.clone()));
+        Ok((
+            slab_capsule(py, SlabRef::Shared(slab))?,
+            layout_tuple(&layout),
+        ))
+    }
+
+    /// Python holds the batch `fill_owned` handed out: the next `prepare` reads on.
+    fn release_held(&mut self) {
+        self.held = None;
     }
 }
