@@ -499,11 +499,7 @@ class CapacityEviction(EvictionPolicy):
                 return true_positions(~guarded)
             primary = (table.frequency if self.policy == "lfu" else table.last_seen)[rows]
             primary.masked_fill_(guarded, _INT64_MAX)
-            later = (
-                lambda at: table.inserted[rows[at]],
-                lambda at: keys[at],
-                lambda at: tabs[at],
-            )
+            later = _later_levels(table, keys, tabs, rows)
             return _smallest(primary, later, wanted)
 
         return _evict(table, coldest) >= needed
@@ -552,11 +548,7 @@ def _note_least_recent(table: HashTable, wanted: int) -> _LruNote:
     last = table.last_seen[rows]
     before = last < table.step
     first = last.masked_fill(~before, _INT64_MAX)
-    later = (
-        lambda at: table.inserted[rows[at]],
-        lambda at: keys[at],
-        lambda at: tabs[at],
-    )
+    later = _later_levels(table, keys, tabs, rows)
     noted = max(_NOTE_TIMES * wanted, (table.capacity or 0) // _NOTE_SHARE)
     at = _smallest(first, later, noted)
     at = at[before[at]]
@@ -648,11 +640,7 @@ def _note_least_frequent(table: HashTable, wanted: int) -> _LfuNote:
     order, the rows leading the eviction order."""
     keys, tabs, rows = table._map.export()
     uses = table.frequency[rows]
-    later = (
-        lambda at: table.inserted[rows[at]],
-        lambda at: keys[at],
-        lambda at: tabs[at],
-    )
+    later = _later_levels(table, keys, tabs, rows)
     noted = max(_NOTE_TIMES * wanted, (table.capacity or 0) // _NOTE_SHARE)
     at = _smallest(uses, later, noted)
     inserted = table.inserted[rows[at]]
@@ -719,6 +707,18 @@ def _not_after(levels: Sequence[torch.Tensor], bound: Sequence[torch.Tensor]) ->
     for level, b in zip(reversed(levels[:-1]), reversed(bound[:-1]), strict=True):
         result = (level < b) | ((level == b) & result)
     return result
+
+
+def _later_levels(
+    table: HashTable, keys: torch.Tensor, tabs: torch.Tensor, rows: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+    """The levels of the eviction order after the first, for :func:`_smallest` over a map
+    export: insertion step, then id, then logical table."""
+    return (
+        lambda at: table.inserted[rows[at]],
+        lambda at: keys[at],
+        lambda at: tabs[at],
+    )
 
 
 def _lexicographic(levels: Sequence[torch.Tensor]) -> torch.Tensor:
