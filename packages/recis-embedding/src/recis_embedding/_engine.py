@@ -518,10 +518,21 @@ def _track_uses(
     for name, members in concat:
         for tensor in _grad_tensors(out[name]):
             for f in members:
-                tensor.register_hook(uses[f].mark)
+                _on_gradient(tensor, uses[f].mark)
     for f, use in uses.items():
         for tensor in _grad_tensors(out[f]):
-            tensor.register_hook(use.mark)
+            _on_gradient(tensor, use.mark)
+
+
+def _on_gradient(tensor: torch.Tensor, mark: Callable[..., None]) -> None:
+    """Calls ``mark`` when ``tensor`` receives a gradient: a pre-hook of the node that made it
+    (a view or gather of the lookup's rows, whose one output is ``tensor``), cheaper than a
+    tensor hook."""
+    node = tensor.grad_fn
+    if node is None:
+        tensor.register_hook(mark)
+    else:
+        node.register_prehook(mark)
 
 
 def _grad_tensors(value: Any) -> list[torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -53,11 +52,11 @@ def pooled_outputs(
         w_all = torch.cat(present) if len(present) == len(weights) else None
     pooled = pool(emb, inverse, all_bags, w_all, singles, grouping)
     out = {}
-    # One slice (its own autograd node) per feature, not torch.split: the outputs of one split
-    # node all receive a gradient, zeros for those the loss did not use, and the engine tells
-    # which features the loss used by the gradients their outputs receive.
-    ends = list(itertools.accumulate(counts))
-    parts = [pooled[end - count : end] for count, end in zip(counts, ends, strict=True)]
+    # Each feature's output is a view of its split part, an autograd node of its own: the
+    # parts of one split node all receive a gradient (zeros for those the loss did not use),
+    # and the engine tells which features the loss used by the gradients their outputs
+    # receive. (Slices instead of the split would each send back a gradient of the whole.)
+    parts = [p.view(p.shape) for p in torch.split(pooled, counts)]
     for f, i, p in zip(features, ids, parts, strict=True):
         if i.outer is not None:
             longest = int((i.outer[1:] - i.outer[:-1]).max()) if i.outer.numel() > 1 else 0

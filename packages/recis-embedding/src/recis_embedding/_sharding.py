@@ -136,7 +136,7 @@ class Use:
         of_id = torch.repeat_interleave(member, lengths)
         return (of_id == self.member).nonzero().squeeze(1) + self.start
 
-    def mark(self, grad: torch.Tensor) -> None:
+    def mark(self, *grads: Any) -> None:
         """A gradient hook: the output received a gradient (left as it is)."""
         self.reached = True
 
