@@ -172,11 +172,17 @@ class SparseOptimizer(torch.optim.Optimizer):
         for key, value in flags.items():
             if key not in _UNSUPPORTED_FLAGS:
                 raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
-            if value is not None and value is not False:
-                raise OptimizerError(
-                    f"{name}: {key}={value!r} is not supported for sparse tables (only "
-                    f"{key}={_UNSUPPORTED_FLAGS[key]!r}, torch's default, is accepted)"
-                )
+            self._refuse_unsupported(key, value, "")
+
+    def _refuse_unsupported(self, key: str, value: Any, where: str) -> None:
+        """Refuses a torch flag or option the sparse optimizers do not implement at other than
+        torch's default (``None`` and ``False`` mean "not asked for" too)."""
+        default = _UNSUPPORTED_FLAGS.get(key, _TORCH_OPTIONS.get(key))
+        if value is not None and value is not False and value != default:
+            raise OptimizerError(
+                f"{type(self).__name__}: {key}={value!r}{where} is not supported for sparse "
+                f"tables (only {key}={default!r}, torch's default, is accepted)"
+            )
 
     #: Hyperparameters this optimizer needs above 0, not only at 0 or more.
     _POSITIVE: tuple[str, ...] = ()
@@ -189,12 +195,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for key, value in list(values.items()):
             if key in _UNSUPPORTED_FLAGS or key in _TORCH_OPTIONS:
-                default = _UNSUPPORTED_FLAGS.get(key, _TORCH_OPTIONS.get(key))
-                if value is not None and value is not False and value != default:
-                    raise OptimizerError(
-                        f"{name}: {key}={value!r}{where} is not supported for sparse tables "
-                        f"(only {key}={default!r}, torch's default, is accepted)"
-                    )
+                self._refuse_unsupported(key, value, where)
             if key not in _HYPERPARAMETERS:
                 continue
             values[key] = value = plain(value)

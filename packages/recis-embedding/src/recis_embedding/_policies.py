@@ -516,6 +516,9 @@ class _LruNote:
     last_seen: torch.Tensor  # their last-seen steps at the pass
     done: int = 0  # the rows noted before this position are gone or were looked up since
 
+    def usable(self) -> bool:
+        return True
+
 
 # A pass notes at least this many times the rows an eviction wants, and an eighth of the
 # capacity: a table taking n new ids a step passes over its rows about once every C / 8n steps.
@@ -526,18 +529,39 @@ def _evict_least_recent(table: HashTable, wanted: int, in_use: torch.Tensor) -> 
     """Evicts the ``wanted`` least recently used rows not ``in_use`` (a bool per row) and says
     how many went; ``None`` (nothing evicted) when the rows last seen before the current step
     are too few for them, and the caller then orders every row."""
-    note = table._eviction_note
-    if isinstance(note, _LruNote):
-        at = _take_noted(table, note, wanted, in_use)
-        if at is not None:
-            return _evict_at(table, note.keys, note.tabs, at)
-    table._eviction_note = None  # freed before the pass builds the next one
-    note = table._eviction_note = _note_least_recent(table, wanted)
+    return _evict_by_note(table, wanted, in_use, _LruNote, _note_least_recent, _take_least_recent)
+
+
+def _take_least_recent(
+    table: HashTable, note: _LruNote, wanted: int, in_use: torch.Tensor
+) -> int | None:
     at = _take_noted(table, note, wanted, in_use)
-    if at is None:
+    return None if at is None else _evict_at(table, note.keys, note.tabs, at)
+
+
+def _evict_by_note(
+    table: HashTable,
+    wanted: int,
+    in_use: torch.Tensor,
+    kind: type[_LruNote] | type[_LfuNote],
+    make_note: Callable[[HashTable, int], Any],
+    take: Callable[[HashTable, Any, int, torch.Tensor], int | None],
+) -> int | None:
+    """Evicts with the table's note of ``kind`` if it still tells the ``wanted`` rows, else
+    with the note of a new pass (``make_note``); ``None`` if neither does, and the table then
+    keeps no note. ``take(table, note, wanted, in_use)`` evicts, or returns ``None`` having
+    changed nothing."""
+    note = table._eviction_note
+    if isinstance(note, kind) and note.usable():
+        evicted = take(table, note, wanted, in_use)
+        if evicted is not None:
+            return evicted
+    table._eviction_note = None  # freed before the pass builds the next one
+    note = table._eviction_note = make_note(table, wanted)
+    evicted = take(table, note, wanted, in_use)
+    if evicted is None:
         table._eviction_note = None
-        return None
-    return _evict_at(table, note.keys, note.tabs, at)
+    return evicted
 
 
 def _note_least_recent(table: HashTable, wanted: int) -> _LruNote:
@@ -607,6 +631,10 @@ class _LfuNote:
     aside_tabs: list[torch.Tensor] = field(default_factory=list)
     aside: int = 0  # entries in aside_keys (a row may be there twice)
 
+    def usable(self) -> bool:
+        # Once more rows are kept aside than noted, a new pass costs less than ordering them.
+        return self.aside <= self.keys.numel()
+
     def record_inserts(self, keys: torch.Tensor, tabs: torch.Tensor) -> None:
         """Called by the table with the ids it inserted (after their rows are initialized)."""
         self.keep_aside(keys, tabs)
@@ -622,17 +650,9 @@ def _evict_least_frequent(table: HashTable, wanted: int, in_use: torch.Tensor) -
     """Evicts the ``wanted`` least frequently used rows not ``in_use`` and says how many went;
     ``None`` (nothing evicted) when the note of a new pass cannot tell them, and the caller
     then orders every row."""
-    note = table._eviction_note
-    if isinstance(note, _LfuNote) and note.aside <= note.keys.numel():
-        evicted = _take_least_frequent(table, note, wanted, in_use)
-        if evicted is not None:
-            return evicted
-    table._eviction_note = None  # freed before the pass builds the next one
-    note = table._eviction_note = _note_least_frequent(table, wanted)
-    evicted = _take_least_frequent(table, note, wanted, in_use)
-    if evicted is None:
-        table._eviction_note = None
-    return evicted
+    return _evict_by_note(
+        table, wanted, in_use, _LfuNote, _note_least_frequent, _take_least_frequent
+    )
 
 
 def _note_least_frequent(table: HashTable, wanted: int) -> _LfuNote:
