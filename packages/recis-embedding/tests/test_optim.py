@@ -18,6 +18,7 @@ from recis_embedding import (
     SparseFTRL,
     SparseRowWiseAdagrad,
     SparseSGD,
+    leaving_out,
     load,
     save,
     sparse_parameters,
@@ -230,6 +231,34 @@ def test_sparse_parameters_and_errors() -> None:
     SparseSGD(tables[:1])
     with pytest.raises(Exception, match="one sparse optimizer per table"):
         SparseAdam(tables[:1])
+
+
+def test_optimizers_built_while_leaving_tables_out_give_them_no_state_or_steps() -> None:
+    user = EmbeddingEngine({"u": EmbeddingOption(4, initializer=INIT)})
+    item = EmbeddingEngine({"i": EmbeddingOption(4, initializer=INIT)})
+    model = torch.nn.ModuleDict({"user": user, "item": item})
+    user({"u": IDS.view(2, 2)})
+    item({"i": IDS.view(2, 2)})
+    frozen = item.table("i")[0]
+    before = frozen.read_full(frozen.find(IDS, 0)).clone()
+    with leaving_out(item):
+        adagrad = SparseAdagrad(model, lr=0.1)
+        # A group of left-out tables only stays, empty.
+        adagrad.add_param_group({"params": [frozen], "lr": 0.5})
+    assert adagrad.tables() == [user.table("u")[0]]
+    assert frozen.optimizer_kind is None
+    assert frozen.state_width == 0
+    out = user({"u": IDS.view(2, 2)})["u"].sum() + item({"i": IDS.view(2, 2)})["i"].sum()
+    out.backward()
+    adagrad.step()
+    assert torch.equal(frozen.read_full(frozen.find(IDS, 0)), before)
+    SparseAdam(item, lr=0.1)  # the table's first optimizer, of another kind than the user's
+    assert frozen.optimizer_kind == "adam"
+    with (
+        pytest.raises(OptimizerError, match="HashTables or a module"),
+        leaving_out([torch.zeros(2)]),
+    ):
+        pass
 
 
 def test_zero_grad_between_forward_and_backward_keeps_the_lookups_gradient() -> None:

@@ -23,6 +23,7 @@ from recis_embedding._optim import (
     SparseOptimizer,
     SparseRowWiseAdagrad,
     SparseSGD,
+    leaving_out,
     sparse_parameters,
 )
 from recis_embedding._options import EmbeddingOption
@@ -90,6 +91,7 @@ __all__ = [
     "XavierNormal",
     "XavierUniform",
     "__version__",
+    "leaving_out",
     "load",
     "make_policy",
     "register_policy",

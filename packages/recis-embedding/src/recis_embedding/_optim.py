@@ -10,9 +10,11 @@ Learning rates live in ``param_groups`` so torch LR schedulers drive them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +97,39 @@ def sparse_parameters(model: nn.Module) -> list[HashTable]:
     return list(tables.values())
 
 
+# Ids of the tables that sparse optimizers built inside `leaving_out` leave out.
+_LEFT_OUT: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "recis_embedding_left_out", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def leaving_out(tables: Tables) -> Iterator[None]:
+    """Sparse optimizers built (or given param groups) inside the block leave ``tables`` out:
+    those tables get no state columns and no steps, exactly as if they had not been passed.
+
+    For code that builds an optimizer from a whole model while part of it is frozen (a
+    multi-stage pipeline's frozen embedding modules): a table's layout is fixed by the first
+    optimizer given it, so an optimizer that only removed the frozen tables from its groups
+    afterwards would already have laid them out for its kind, and they would refuse the
+    optimizer of a later stage that trains them.
+
+    Args:
+        tables: tables, or a module whose tables (see :func:`sparse_parameters`) are left out.
+    """
+    found = sparse_parameters(tables) if isinstance(tables, nn.Module) else list(tables)
+    for t in found:
+        if not isinstance(t, HashTable):
+            raise OptimizerError(
+                f"leaving_out takes HashTables or a module, got {type(t).__name__}"
+            )
+    token = _LEFT_OUT.set(_LEFT_OUT.get() | {id(t) for t in found})
+    try:
+        yield
+    finally:
+        _LEFT_OUT.reset(token)
+
+
 class SparseOptimizer(torch.optim.Optimizer):
     """Base class: an optimizer over :class:`HashTable` rows.
 
@@ -161,6 +196,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             resolved.append(t)
         if not resolved:
             raise OptimizerError(f"{name}: param group has no tables to optimize")
+        left_out = _LEFT_OUT.get()
+        # A group of left-out tables only stays, empty, so its place and hyperparameters do.
+        resolved = [t for t in resolved if id(t) not in left_out]
         self._check_hyperparameters(param_group, " in a param group")
         for t in resolved:
             slots, init = self._slots(t.dim)
