@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from _toy import TableModel, ToyModel, ToyReader, make_optimizers
+from _toy import NUM_DENSE, TableModel, ToyModel, ToyReader, make_optimizers
+from torch import nn
 
 import recis_embedding as emb
 from recis_train import (
@@ -66,6 +67,88 @@ def test_a_frozen_embedding_module_keeps_its_rows_and_optimizer_slots(tmp_path):
     assert torch.equal(after_rows, rows)  # embeddings and Adam slots untouched
     assert not torch.equal(model.mlp.state_dict()["0.weight"], mlp["0.weight"])
     assert model.embeddings.training  # the module's mode is restored after each lookup
+
+
+class TwoTables(nn.Module):
+    """A user and an item engine, each its own table, over the toy batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user = emb.EmbeddingEngine({"u": emb.EmbeddingOption(4)})
+        self.item = emb.EmbeddingEngine({"i": emb.EmbeddingOption(4)})
+        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + 8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = self.user({"u": batch["ids"].reshape(-1, 1)})["u"]
+        i = self.item({"i": (batch["ids"] * 7 % 50).reshape(-1, 1)})["i"]
+        logit = self.mlp(torch.cat([batch["dense"], u, i], 1))[:, 0]
+        return nn.functional.binary_cross_entropy_with_logits(logit, batch["click"])
+
+
+def test_a_frozen_table_gets_no_state_from_the_stage_optimizer_and_a_later_one_may_train_it(
+    tmp_path,
+):
+    seed_everything(0)
+    model = TwoTables()
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+
+    def adam(params):
+        return torch.optim.Adam(params, lr=0.05)
+
+    warm = Stage("warm", list(ToyReader(100, 50)), adam)  # inserts ids, no optimizer state
+    user_only = Stage(
+        "user-only",
+        list(ToyReader(100, 50, seed=1)),
+        adam,
+        frozen=["item"],
+        sparse_optimizer=lambda m: emb.SparseAdagrad(m, lr=0.1),
+    )
+    MultiStage(model, args, [warm]).run()
+    table, index = model.item.table("i")
+    ids = torch.sort(table.ids(index)).values
+    rows = table.read_full(table.find(ids, index)).clone()
+    MultiStage(model, args, [warm, user_only]).run()
+    assert model.user.table("u")[0].optimizer_kind == "adagrad"
+    assert table.optimizer_kind is None  # the frozen table was not laid out for Adagrad
+    assert torch.equal(table.read_full(table.find(ids, index)), rows)
+    # A later stage trains the item table, with another optimizer than the user table's.
+    item_only = Stage(
+        "item-only",
+        list(ToyReader(100, 50, seed=2)),
+        adam,
+        frozen=["user"],
+        sparse_optimizer=lambda m: emb.SparseAdam(m.item, lr=0.05),
+    )
+    MultiStage(model, args, [warm, user_only, item_only]).run()
+    assert table.optimizer_kind == "adam"
+    assert not torch.equal(table.read_full(table.find(ids, index))[:, :4], rows)
+
+
+def test_a_stage_trains_its_tables_with_its_own_sparse_hyperparameters(tmp_path):
+    # The previous stage's weights are loaded into a fresh stage; its sparse optimizer's
+    # hyperparameters are trainer state and stay the ones the stage built it with.
+    seed_everything(0)
+    model = TableModel(loss_only=True)
+    args = TrainingArguments(output_dir=str(tmp_path), device="cpu", log_every=1000)
+    rates: list[tuple[str, float]] = []
+
+    class Rates(Hook):
+        def on_step_end(self, trainer, logs):
+            rates.append((trainer.args.output_dir, trainer.sparse_optimizer.param_groups[0]["lr"]))
+
+    def stage(name: str, lr: float, seed: int) -> Stage:
+        return Stage(
+            name,
+            list(ToyReader(100, 50, seed=seed)),
+            lambda params: torch.optim.Adam(params, lr=0.05),
+            sparse_optimizer=lambda m: emb.SparseAdam(m, lr=lr),
+        )
+
+    MultiStage(
+        model, args, [stage("pretrain", 0.05, 0), stage("finetune", 0.001, 1)], hooks=[Rates()]
+    ).run()
+    assert {lr for d, lr in rates if d.endswith("pretrain")} == {0.05}
+    assert {lr for d, lr in rates if d.endswith("finetune")} == {0.001}
 
 
 def test_a_table_outside_the_trainable_prefixes_is_frozen_too(tmp_path):

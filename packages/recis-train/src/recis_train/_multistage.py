@@ -129,19 +129,17 @@ class _Frozen:
                 self.embedding_modules.append(module)
         return trainable
 
-    def leave_out_frozen_tables(self, optimizer: torch.optim.Optimizer) -> None:
-        """Take the frozen embedding modules' tables out of the stage's sparse optimizer (built
-        from the whole model): its steps would otherwise advance their clocks and run their
-        eviction, which erases the rows of a table that no lookup touches in this stage."""
+    def building_optimizer(self) -> contextlib.AbstractContextManager[None]:
+        """The block the stage's sparse optimizer (built from the whole model) is built in: it
+        leaves the frozen embedding modules' tables out. Their layout is the first optimizer's
+        that takes them, and optimizing them would advance their clocks and run their eviction,
+        which erases the rows of a table that no lookup touches in this stage."""
         if not self.embedding_modules:
-            return
-        from recis_embedding import sparse_parameters
+            return contextlib.nullcontext()
+        from recis_embedding import leaving_out, sparse_parameters
 
-        frozen = {id(t) for m in self.embedding_modules for t in sparse_parameters(m)}
-        for group in optimizer.param_groups:
-            group["params"] = [
-                p for p in group["params"] if id(getattr(p, "_recis_table", None)) not in frozen
-            ]
+        frozen = {id(t): t for m in self.embedding_modules for t in sparse_parameters(m)}
+        return leaving_out(frozen.values())
 
     def _lookup_only(self, module: nn.Module, inputs: Any) -> None:
         # Evaluation mode is the embedding modules' read-only lookup; the trainer sets the whole
@@ -279,9 +277,8 @@ class MultiStage:
             freezing = _Frozen(self.model, stage)
             with freezing as trainable:
                 _check_dense_parts(stage, trainable)
-                sparse = stage.sparse_optimizer(self.model) if stage.sparse_optimizer else None
-                if sparse is not None:
-                    freezing.leave_out_frozen_tables(sparse)
+                with freezing.building_optimizer():
+                    sparse = stage.sparse_optimizer(self.model) if stage.sparse_optimizer else None
                 dense = _dense_optimizer(stage, trainable, sparse)
                 trainer = Trainer(
                     self.model,

@@ -200,12 +200,14 @@ class CheckpointMixin:
                 self._load_dense(dense, dense_file)
             if "sparse" in parts and self.sparse_checkpoint is not None:
                 # Its files were verified while choosing the checkpoint (when the manifest
-                # records their checksums): they are not read again for that.
+                # records their checksums): they are not read again for that. The sparse
+                # optimizer's hyperparameters are trainer state: a warm start (or a stage
+                # starting from the previous one's weights) keeps the ones it was built with.
                 load_sparse(
                     self.sparse_checkpoint,
                     found / "sparse",
                     self.model,
-                    self.sparse_optimizer,
+                    self.sparse_optimizer if trainer_state is not None else None,
                     verified=checksummed(manifest, "sparse"),
                 )
         except BaseException:

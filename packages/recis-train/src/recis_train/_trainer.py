@@ -559,9 +559,11 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
 
         Args:
             path: a checkpoint directory (e.g. from another run, for a warm start).
-            parts: what to load: ``"dense"`` parameters, ``"sparse"`` tables and ``"trainer"``
-                state (optimizers, schedulers, RNG, step, data cursor). A warm start from
-                another run's weights passes ``parts=("dense", "sparse")``.
+            parts: what to load: ``"dense"`` parameters, ``"sparse"`` tables (their rows with
+                the optimizer slots they hold) and ``"trainer"`` state (optimizers' and
+                schedulers' state, the sparse optimizer's hyperparameters, RNG, step, data
+                cursor). A warm start from another run's weights passes
+                ``parts=("dense", "sparse")`` and keeps the optimizers it was built with.
             missing_ok: return ``None`` instead of raising when there is no checkpoint.
 
         Returns:
