@@ -297,9 +297,17 @@ def check_eviction_training(root: Path) -> None:
         assert torch.load(root / f"evict-{rank}.pt").tolist() == expected, rank
 
 
-# Features the loss uses at each step: a fused lookup whose other feature the loss left out
-# steps none of the rows only that feature read (the mark travels with the gradients).
-UNUSED_PLAN = [("user", "hist"), ("user",), ("hist",), ("user",)]
+# Features each rank's loss uses at each step: a fused lookup whose other feature no rank's
+# loss used steps none of the rows only that feature read (the mark travels with the
+# gradients); one that some rank's loss used steps every row it read, as one process does
+# with the output of the concatenated batches.
+UNUSED_PLAN = [
+    (("user", "hist"), ("user", "hist")),
+    (("user",), ("user",)),
+    (("hist",), ("user",)),
+    (("user",), ("user", "hist")),
+    (("user",), ("user",)),
+]
 
 
 def unused_engine(shard: bool, group: object = None) -> EmbeddingEngine:
@@ -314,26 +322,32 @@ def unused_engine(shard: bool, group: object = None) -> EmbeddingEngine:
     )
 
 
-def unused_steps(engine: EmbeddingEngine, batches: list[dict]) -> None:
+def unused_steps(engine: EmbeddingEngine, batches: list[dict], ranks: list[int]) -> None:
+    """Steps on ``batches``: the batches of ``ranks`` (all, in one process), each rank's
+    loss over its rows of the features the plan gives it."""
     from recis_embedding import SparseAdamW
 
     opt = SparseAdamW(engine, lr=0.05, weight_decay=0.5)
-    for used, data in zip(UNUSED_PLAN, batches, strict=True):
+    for plan, data in zip(UNUSED_PLAN, batches, strict=True):
         out = engine(data)
-        sum((out[f] * out[f]).sum() for f in used).backward()
+        total = 0
+        for k, rank in enumerate(ranks):
+            rows = slice(k * B, (k + 1) * B)
+            total = total + sum((out[f][rows] * out[f][rows]).sum() for f in plan[rank])
+        total.backward()
         opt.step()
         opt.zero_grad()
 
 
 def unused_training(rank: int, group: object, root: str) -> None:
     engine = unused_engine(shard=True, group=group)
-    unused_steps(engine, [rank_batch(k, rank) for k in range(len(UNUSED_PLAN))])
+    unused_steps(engine, [rank_batch(k, rank) for k in range(len(UNUSED_PLAN))], [rank])
     torch.save(table_state(engine), Path(root) / f"unused-{rank}.pt")
 
 
 def check_unused_training(root: Path) -> None:
     ref = unused_engine(shard=False)
-    unused_steps(ref, [global_batch(k, 2) for k in range(len(UNUSED_PLAN))])
+    unused_steps(ref, [global_batch(k, 2) for k in range(len(UNUSED_PLAN))], [0, 1])
     expected = table_state(ref)
     shards = [torch.load(root / f"unused-{r}.pt") for r in range(2)]
     for name in ("user", "hist"):

@@ -511,8 +511,11 @@ def _with_gradient(pending: list[Any]) -> dict[int, bool]:
     rank, as a single process skips it, instead of exchanging zeros that the step would apply.
 
     Each is mapped to whether only the rows read by outputs that received a gradient are
-    applied (the lookup fed several outputs and some got none); for a sharded lookup the ranks
-    agree on it in the same all-reduce, since the mark then travels with the gradients.
+    applied (the lookup fed several outputs and some got none). For a sharded lookup the same
+    all-reduce tells every rank which outputs received a gradient on any rank, and those count
+    as reached on all: one process training on the concatenated batches has one tensor per
+    output, which receives a gradient (zero on the rows of ranks whose loss left it out) when
+    any rank's loss uses it; and the mark then travels with the gradients, so the ranks agree.
     """
     stepped = {id(p): p.partial for p in pending if p.exchange is None}
     by_group: dict[int, list[Any]] = {}
@@ -520,14 +523,23 @@ def _with_gradient(pending: list[Any]) -> dict[int, bool]:
         if p.exchange is not None:
             by_group.setdefault(id(p.exchange.group), []).append(p)
     for sharded in by_group.values():
-        flags = torch.tensor(
-            [[float(p.leaf.grad is not None), float(p.partial)] for p in sharded],
-            device=sharded[0].leaf.device,
-        )
+        # Per lookup: whether it got a gradient, then whether each of its outputs did (the
+        # same outputs in the same order on every rank: the engines' features).
+        local = []
+        for p in sharded:
+            local.append(float(p.leaf.grad is not None))
+            local.extend(float(u.reached) for u in p.uses or ())
+        flags = torch.tensor(local, device=sharded[0].leaf.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
-        for p, (got, partial) in zip(sharded, flags.tolist(), strict=True):
-            if got > 0:
-                stepped[id(p)] = partial > 0
+        at, merged = 0, flags.tolist()
+        for p in sharded:
+            got = merged[at] > 0
+            uses = p.uses or []
+            for k, use in enumerate(uses):
+                use.reached = merged[at + 1 + k] > 0
+            at += 1 + len(uses)
+            if got:
+                stepped[id(p)] = p.partial
     return stepped
 
 
