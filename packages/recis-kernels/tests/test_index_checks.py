@@ -195,6 +195,12 @@ def test_hash_bytes_kernel_reports_bad_offsets(kernels):
         rk.hash_bytes(data, torch.tensor([-4, 3]))
     with pytest.raises(IndexOutOfRangeError, match=_message("hash_bytes", "offsets", 2, 1, 2, 3)):
         rk.hash_bytes(data, torch.tensor([0, 2, 1, 3]))
+    # Offsets that leave bytes outside every string, refused by the CPU path too.
+    for offsets, pos, value, low, high in (([1, 3], 0, 1, 0, 0), ([0, 2], 1, 2, 3, 3)):
+        with pytest.raises(
+            IndexOutOfRangeError, match=_message("hash_bytes", "offsets", pos, value, low, high)
+        ):
+            rk.hash_bytes(data, torch.tensor(offsets))
     good = torch.tensor([0, 2, 3])
     assert rk.hash_bytes(data, good, "murmur").tolist() == [
         rk.hash_strings(["ab"], "murmur").item(),

@@ -139,6 +139,32 @@ def test_a_copy_of_a_store_writes_its_own_blocks(request, monkeypatch, clone) ->
         assert twin.gather(torch.tensor([3])).tolist() == [[5.0] * 4]
 
 
+@pytest.mark.parametrize("view", ["strided", "strided, off alignment", "off alignment"])
+def test_the_kernels_read_and_write_blocks_that_are_strided_or_off_alignment_views(
+    request, monkeypatch, view
+) -> None:
+    # A store whose block is a view (loaded or unpickled from one): strided (columns of a
+    # wider tensor), or starting 8 bytes off the 16 bytes four-float loads need. The same rows
+    # as the torch path reads and writes.
+    use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, ("row_store",))
+    store = RowStore(4, block_rows=4)
+    base = torch.arange(34, dtype=torch.float32)
+    block = {
+        "strided": base[:32].view(4, 8)[:, 4:],
+        "strided, off alignment": base[:32].view(4, 8)[:, 2:6],
+        "off alignment": base[2:18].view(4, 4),
+    }[view]
+    expected = block.clone()
+    store.blocks = [block]
+    rows = torch.tensor([0, 1, 3])
+    assert store.gather(rows).tolist() == expected[rows].tolist()
+    before = base.clone()
+    store.scatter(torch.tensor([2]), torch.full((1, 4), -1.0))
+    assert block[2].tolist() == [-1.0] * 4
+    changed = (base != before).nonzero().squeeze(1)
+    assert changed.numel() == 4  # nothing outside the block's row moved
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 @pytest.mark.parametrize("block_rows", [4, 64])
 def test_compiled_host_copies_match_the_block_by_block_path(monkeypatch, dtype, block_rows):

@@ -164,13 +164,17 @@ __device__ u64 murmur64a(const u8* s, u64 len) {
 // algorithm: 0 = farm, 1 = murmur. buckets > 0 takes the unsigned remainder. String i is
 // data[offsets[i] : offsets[i + 1]] of num_bytes; a string whose offsets are not
 // 0 <= offsets[i] <= offsets[i + 1] <= num_bytes is reported (argument 0, "offsets") and hashes
-// to 0 without reading data.
+// to 0 without reading data; offsets not covering data (off[0] != 0 or
+// off[num_strings] < num_bytes) are reported too, as the CPU path refuses them.
 extern "C" __global__ void hash_bytes(const u8* data, i64 num_bytes, const i64* offsets,
                                       i64 num_strings, int algorithm, i64 buckets, i64* out,
                                       RECIS_ERR_PARAMS) {
   RECIS_GRID_STRIDE(i, num_strings) {
     const i64 start = offsets[i], end = offsets[i + 1];
-    if (!recis_row_in_range(err, err_site, 0, i, start, end, num_bytes)) {
+    const bool ok = recis_row_in_range(err, err_site, 0, i, start, end, num_bytes);
+    // After the string's own check, so that an error both report reads as the CPU path's.
+    recis_offsets_cover(i, offsets, num_strings, num_bytes, err, err_site, 0);
+    if (!ok) {
       out[i] = 0;
       continue;
     }

@@ -84,5 +84,15 @@ __device__ __forceinline__ bool recis_row_in_range(i64* err, i64 site, int arg, 
          recis_in_range(err, site, arg, b + 1, end, start, bound + 1);
 }
 
+// Called by every thread of a grid-stride loop with its index j: thread 0 reports (as argument
+// `arg`) offsets that leave elements outside every row, off[0] != 0 or off[B] < N (off[B] > N
+// is reported by the last row's own range check).
+__device__ __forceinline__ void recis_offsets_cover(i64 j, const i64* off, i64 B, i64 N, i64* err,
+                                                    i64 site, int arg) {
+  if (j != 0) return;
+  if (off[0] != 0) recis_report_index(err, site, arg, 0, off[0], 0, 1);
+  else if (off[B] < N) recis_report_index(err, site, arg, B, off[B], N, N + 1);
+}
+
 // The arguments every checked kernel takes last, after its own.
 #define RECIS_ERR_PARAMS i64 *err, i64 err_site

@@ -10,14 +10,6 @@
 // writes only rows inside a segment: grad_rows must be zeroed.
 // The backward multiplies in the torch path's order (the weight times the scale first).
 
-// Thread 0 reports offsets that leave rows outside every segment: off[0] != 0, or off[B] < N
-// (off[B] > N is reported by the last segment's own check).
-__device__ __forceinline__ void seg_cover(i64 j, const i64* off, i64 B, i64 N, i64* err, i64 site) {
-  if (j != 0) return;
-  if (off[0] != 0) recis_report_index(err, site, 0, 0, off[0], 0, 1);
-  else if (off[B] < N) recis_report_index(err, site, 0, B, off[B], N, N + 1);
-}
-
 // The factor of the pooled sum, in double whatever T: sum w and sum w^2 are formed there, where
 // the square of a float weight is exact and neither underflows (1e-24) nor overflows (1e20),
 // and the factor is applied there (1 / sqrt(sum w^2) of tiny weights exceeds float's range),
@@ -37,7 +29,7 @@ template <typename T>
 __device__ void pooled_fwd(const T* rows, i64 N, const i64* off, const float* w, i64 B, i64 D,
                            int mode, T* out, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * D) {
-    seg_cover(j, off, B, N, err, site);
+    recis_offsets_cover(j, off, B, N, err, site, 0);
     const i64 b = j / D, d = j % D;
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
@@ -51,7 +43,7 @@ template <typename T>
 __device__ void tile_fwd(const T* rows, i64 N, const i64* off, const float* w, i64 B, i64 D, i64 L,
                          T* out, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * L * D) {
-    seg_cover(j, off, B, N, err, site);
+    recis_offsets_cover(j, off, B, N, err, site, 0);
     const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
@@ -67,7 +59,7 @@ __device__ void pooled_bwd(const T* grad, i64 N, const i64* off, const float* w,
     const i64 b = j / D, d = j % D;
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
-    seg_cover(j, off, B, N, err, site);
+    recis_offsets_cover(j, off, B, N, err, site, 0);
     const T g = grad[j];
     const double scale = seg_scale(w, start, end, mode);
     // The row's factor is formed in double and applied in T, as the torch path does.
@@ -81,7 +73,7 @@ template <typename T>
 __device__ void tile_bwd(const T* grad, i64 N, const i64* off, const float* w, i64 B, i64 D, i64 L,
                          T* grad_rows, i64* err, i64 site) {
   RECIS_GRID_STRIDE(j, B * L * D) {
-    seg_cover(j, off, B, N, err, site);
+    recis_offsets_cover(j, off, B, N, err, site, 0);
     const i64 d = j % D, t = (j / D) % L, b = j / (D * L);
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;

@@ -282,7 +282,13 @@ class RowStore:
         self._scatter(op, uniq, current + summed.to(self.dtype), start, stop)
 
     def _kernel(self) -> bool:
-        return self.dtype == torch.float32 and use_cuda_kernels(self.device)
+        """Whether the CUDA kernels move the rows: float32 dense blocks (a store loaded from
+        strided tensors keeps the torch path, as on the CPU)."""
+        return (
+            self.dtype == torch.float32
+            and use_cuda_kernels(self.device)
+            and all(b.is_contiguous() for b in self.blocks)
+        )
 
     def _host(self, rows: torch.Tensor) -> bool:
         """Whether the compiled CPU copy can move the rows: plain CPU rows (checked in range
@@ -321,9 +327,15 @@ class RowStore:
         ptrs = tuple(b.data_ptr() for b in self.blocks)
         cached = getattr(self, "_ptrs", None)
         if cached is None or cached[0] != ptrs:
-            cached = (ptrs, torch.tensor(ptrs, dtype=torch.int64).to(self.device))
+            table = torch.tensor(ptrs, dtype=torch.int64).to(self.device)
+            cached = (ptrs, table, all(p % 16 == 0 for p in ptrs))
             self._ptrs = cached
         return cached[1]
+
+    def _blocks_aligned(self) -> bool:
+        """Whether every block starts on 16 bytes (a block loaded as a view may not)."""
+        self._block_table()
+        return self._ptrs[2]
 
     def __getstate__(self) -> dict[str, object]:
         # The pointer table holds this process's addresses of these blocks: a copy or an
@@ -353,7 +365,8 @@ class RowStore:
 
         rows = rows.contiguous()
         aligned = self.width % 4 == 0 and start % 4 == 0 and cols % 4 == 0
-        vec4 = int(aligned and data.data_ptr() % 16 == 0)
+        # Four floats a load: the rows of every block and of data must start on 16 bytes.
+        vec4 = int(aligned and data.data_ptr() % 16 == 0 and self._blocks_aligned())
         n = rows.numel() * ((cols + 3) // 4)
         args = [
             ("ptr", self._block_table()),
