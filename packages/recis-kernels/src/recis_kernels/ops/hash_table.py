@@ -480,6 +480,8 @@ class IdMap:
         from recis_kernels._cuda import launch
 
         n = keys.numel()
+        self._slot_addresses()  # makes strided slot arrays (an unpickled map's) contiguous
+        keys, tabs = keys.contiguous(), tabs.contiguous()
         args = [
             ("ptr", self.slot_keys),
             ("ptr", self.slot_tabs),
