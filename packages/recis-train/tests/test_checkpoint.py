@@ -583,6 +583,27 @@ def test_a_second_train_call_continues_from_memory_not_from_the_last_checkpoint(
     assert trainer.dense_optimizer.param_groups[0]["lr"] == 0.01
 
 
+def test_epochs_raised_between_train_calls_go_on_from_the_cursor(tmp_path):
+    trainer = recorder_trainer(tmp_path, tagged(3, "A"), epochs=1)
+    trainer.train()
+    assert trainer.global_step == 3
+    trainer.args.epochs = 3
+    assert trainer.total_steps == 9
+    trainer.train()
+    assert trainer.model.tags == [f"A{i}" for i in range(3)] * 3
+    assert trainer.global_step == 9
+    # Epochs named by set_train_data are the new data's, whatever args.epochs reads.
+    trainer.set_train_data(tagged(2, "B"), epochs=2)
+    trainer.args.epochs = 1
+    trainer.train()
+    assert trainer.model.tags[9:] == ["B0", "B1", "B0", "B1"]
+    # A one-shot iterator takes one pass: raising epochs for it is refused when train() starts.
+    trainer.set_train_data(iter(tagged(2, "C")))
+    trainer.args.epochs = 2
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        trainer.train()
+
+
 def test_set_train_data_before_the_first_train_resumes_all_but_the_cursor(tmp_path):
     first = recorder_trainer(tmp_path, tagged(5, "A"), train_steps=3)
     first.train()  # the checkpoint of step 3 has consumed 3 batches of the A data
@@ -712,10 +733,26 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, caplog):
     assert [p.name for p in back.checkpoints.complete()] == ["step-000000007", "step-000000008"]
     assert "checkpoint step-000000007 is not the latest" in caplog.text
     assert "(later: step-000000008)" in caplog.text
+    # The later steps stay whatever max_to_keep, and the warning names only steps that exist.
     manager = CheckpointManager(tmp_path / "manager", max_to_keep=1)
     manager.save(5, {}, {})
+    manager.save(2, {}, {})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recis_train"):
+        manager.save(3, {}, {})
+    assert [p.name for p in manager.complete()] == ["step-000000003", "step-000000005"]
+    assert "(later: step-000000005)" in caplog.text
+    # Back to step 2 of 2, 4 and 6 with max_to_keep=2: step 2 goes, 4 and 6 stay.
+    manager = CheckpointManager(tmp_path / "back", max_to_keep=3)
+    for step in (2, 4, 6):
+        manager.save(step, {}, {})
+    manager.max_to_keep = 2
     manager.save(3, {}, {})
-    assert [p.name for p in manager.complete()] == ["step-000000003"]
+    assert [p.name for p in manager.complete()] == [
+        "step-000000003",
+        "step-000000004",
+        "step-000000006",
+    ]
 
 
 class StopAt(Hook):

@@ -431,12 +431,15 @@ class CheckpointManager:
         ``written`` is not always the highest step: after ``restore`` of an older checkpoint
         the run saves below the steps it went back from. It is kept whatever its step (ordering
         by step alone would delete it at once), and the later steps are kept too and named in a
-        warning, since a resume takes the latest step: they are the user's to delete.
+        warning, since a resume takes the latest step: they are the user's to delete. Only
+        steps below ``written`` are deleted, so more than ``max_to_keep`` may stay then.
         """
         others = [path for path in self.complete() if path != written]
-        for old in others[: max(0, len(others) + 1 - self.max_to_keep)]:
+        step = _step_of(written)
+        earlier = [path for path in others if _step_of(path) < step]
+        for old in earlier[: max(0, len(others) + 1 - self.max_to_keep)]:
             shutil.rmtree(old, ignore_errors=True)
-        later = [path.name for path in others if _step_of(path) > _step_of(written)]
+        later = [path.name for path in others if _step_of(path) > step]
         if later:
             _log.warning(
                 "checkpoint %s is not the latest in %s (later: %s): restore() and a resumed "

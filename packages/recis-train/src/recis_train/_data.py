@@ -95,14 +95,8 @@ class DataStream:
     """
 
     def __init__(self, data: Iterable[Any], epochs: int) -> None:
-        if epochs > 1 and isinstance(data, Iterator):
-            raise ConfigError(
-                f"train_data is a one-shot iterator ({type(data).__name__}) but epochs={epochs} "
-                "passes over it were asked for; give a list or another iterable that can be "
-                "iterated again (e.g. a DataLoader), or set epochs=1"
-            )
         self.data = data
-        self.epochs = epochs
+        self.set_epochs(epochs)
         self.epoch = 0
         self.consumed = 0  # batches taken in the current epoch
         self._reader_state: Any = None
@@ -116,6 +110,19 @@ class DataStream:
         self._one_shot = isinstance(data, Iterator) and not self._stateful
         self._taken = 0  # batches taken from a one-shot iterator so far
         self._untrained: collections.deque[tuple[int, Any]] = collections.deque()
+
+    def set_epochs(self, epochs: int) -> None:
+        """The passes over the data (``args.epochs`` raised between ``train()`` calls goes on
+        from the cursor; one-shot iterators allow one pass)."""
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ConfigError(f"epochs must be an int of at least 1, got {epochs!r}")
+        if epochs > 1 and isinstance(self.data, Iterator):
+            raise ConfigError(
+                f"train_data is a one-shot iterator ({type(self.data).__name__}) but "
+                f"epochs={epochs} passes over it were asked for; give a list or another "
+                "iterable that can be iterated again (e.g. a DataLoader), or set epochs=1"
+            )
+        self.epochs = epochs
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self.epoch, "consumed": self.consumed, "reader": self._reader_state}

@@ -180,6 +180,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             Path(args.output_dir) / "checkpoints", max_to_keep=args.max_to_keep
         )
         self.stream = DataStream(train_data, args.epochs)
+        # The passes set_train_data named for its data; None: args.epochs, read by each train().
+        self._data_epochs: int | None = None
         self.global_step = 0
         self.should_stop = False
         self.history: dict[str, list[tuple[int, dict[str, float]]]] = {"train": [], "eval": []}
@@ -240,9 +242,14 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             return wanted
         # Accumulation runs across epoch boundaries: a step may take batches of two epochs.
         taken = int(self._cursor["epoch"]) * batches + int(self._cursor["consumed"])
-        left = max(0, batches * self.stream.epochs - taken)
+        left = max(0, batches * self._epochs() - taken)
         passes = self.global_step + math.ceil(left / self.args.gradient_accumulation_steps)
         return passes if wanted is None else min(wanted, passes)
+
+    def _epochs(self) -> int:
+        """The passes over the training data: those ``set_train_data`` named, else
+        ``args.epochs`` as it reads now (raised between ``train()`` calls, the run goes on)."""
+        return self.args.epochs if self._data_epochs is None else self._data_epochs
 
     @contextlib.contextmanager
     def _deterministic(self) -> Iterator[None]:
@@ -291,7 +298,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                 f"set_train_data: epochs must be an int of at least 1, got {epochs!r}"
             )
         self.train_data = train_data
-        self.stream = DataStream(train_data, self.args.epochs if epochs is None else int(epochs))
+        self._data_epochs = None if epochs is None else int(epochs)
+        self.stream = DataStream(train_data, self._epochs())
         self._cursor = self.stream.state_dict()
         # A stop asked for on the old data ended that run only.
         self._stopped_at_restore = self._hook_stopped = False
@@ -344,6 +352,7 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
     def _run(self, evaluate_every: int, evaluate_at_end: bool = False) -> dict[str, float]:
         if not self._started:
             self._begin()
+        self.stream.set_epochs(self._epochs())  # args.epochs may have been raised since
         if not self._restored and self.global_step == 0:
             seed_everything(self.args.seed)
         # A run a hook asked to stop is finished (until set_train_data gives new data): one
