@@ -164,7 +164,7 @@ def test_bad_input_is_rejected() -> None:
         table.find(torch.tensor([1.0]))
     with pytest.raises(InputError, match="no table 'x'"):
         table.find(torch.tensor([1]), "x")
-    with pytest.raises(ConfigError, match="embedding_dim must be >= 1"):
+    with pytest.raises(ConfigError, match="embedding_dim must be an int >= 1"):
         HashTable(0)
 
 
@@ -203,7 +203,9 @@ def test_bad_admit_masks_are_rejected() -> None:
         ({"capacity": 0}, "capacity must be an int >= 1 or None, got 0"),
         ({"capacity": 2.5}, "capacity must be an int >= 1 or None, got 2.5"),
         ({"capacity": True}, "capacity must be an int >= 1 or None, got True"),
-        ({"default_value": "x"}, "default_value must be a number, got 'x'"),
+        ({"default_value": "x"}, "default_value must be a finite number, got 'x'"),
+        ({"default_value": float("nan")}, "default_value must be a finite number"),
+        ({"default_value": 1e39}, "beyond float32's range"),
         ({"initializer": "normal"}, "initializer must be an Initializer, got 'normal'"),
         (
             {"max_load_factor": 0.95},

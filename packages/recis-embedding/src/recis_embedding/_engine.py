@@ -478,8 +478,9 @@ class EmbeddingEngine(nn.Module):
     ]:
         keys, key_tabs, inverse, grouping = dedup(values, tabs)
         # A frozen table reads as in eval mode in training too: no insertion, no eviction
-        # state, nothing recorded for an optimizer.
-        insert = self.training and self._trainable(table)
+        # state, nothing recorded for an optimizer; and so does any table under
+        # torch.inference_mode(), whose tensors could never be updated in place afterwards.
+        insert = self.training and self._trainable(table) and not torch.is_inference_mode_enabled()
         if self.shard is None:
             rows, emb = serve(table, keys, key_tabs, insert)
             exchange, touched, uses = None, rows, inverse
@@ -601,6 +602,8 @@ class DynamicEmbedding(nn.Module):
             )
         self.name = name or option.shared_name or "embedding"
         self.engine = EmbeddingEngine({self.name: option.replace(shared_name=self.name)})
+        # Messages about the engine name this module, the path users wrote.
+        setattr(self.engine, "_wrapped_by", type(self).__name__)  # noqa: B010
 
     @property
     def table(self) -> HashTable:

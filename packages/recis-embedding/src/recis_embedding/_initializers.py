@@ -103,8 +103,20 @@ class Initializer:
         check_seed(f"{type(self).__name__} initializer", self.seed)
 
     def __call__(self, ids: torch.Tensor, dim: int, name: str) -> torch.Tensor:
-        """Initial vectors of ``ids``: ``(N,) int64`` -> ``(N, dim) float32``."""
-        return self.sample(ids, dim, table_seed(self.seed, name)).to(torch.float32)
+        """Initial vectors of ``ids``: ``(N,) int64`` -> ``(N, dim) float32``.
+
+        Raises:
+            ConfigError: :meth:`sample` returned something else than an ``(N, dim)`` tensor
+                (it would be broadcast: every id the same row, or one value a row).
+        """
+        out = self.sample(ids, dim, table_seed(self.seed, name))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (ids.numel(), dim):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"table {name!r}: initializer {type(self).__name__}.sample returned {got}, "
+                f"expected a tensor of shape ({ids.numel()}, {dim}) (one row per id)"
+            )
+        return out.to(torch.float32)
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
         """``(N, dim)`` values for ``ids`` under the 64-bit table seed ``seed``."""
@@ -196,12 +208,24 @@ class TruncatedNormal(Initializer):
             )
 
     def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
-        cdf_a = 0.5 * (1 + math.erf(self.a / math.sqrt(2)))
-        cdf_b = 0.5 * (1 + math.erf(self.b / math.sqrt(2)))
-        # u in (cdf(a), cdf(b)), then z = sqrt(2) erfinv(2u - 1): the normal quantile of u.
-        u = _uniform01(ids, dim, seed).mul_(cdf_b - cdf_a).add_(cdf_a)
-        z = u.mul_(2).sub_(1).erfinv_().mul_(math.sqrt(2))
-        return z.clamp_(self.a, self.b).mul_(self.std).add_(self.mean)
+        if self.a < 0 < self.b:
+            cdf_a = 0.5 * (1 + math.erf(self.a / math.sqrt(2)))
+            cdf_b = 0.5 * (1 + math.erf(self.b / math.sqrt(2)))
+            # u in (cdf(a), cdf(b)), then z = sqrt(2) erfinv(2u - 1): the normal quantile of u.
+            u = _uniform01(ids, dim, seed).mul_(cdf_b - cdf_a).add_(cdf_a)
+            z = u.mul_(2).sub_(1).erfinv_().mul_(math.sqrt(2))
+            return z.clamp_(self.a, self.b).mul_(self.std).add_(self.mean)
+        # An interval on one side of 0 (a tail): sampled below 0 (an interval above is the
+        # mirror of one below), where the CDF's small values keep their precision and ndtri
+        # inverts them; near 1 they round to 1 from about 8 standard deviations out.
+        flip = self.a >= 0
+        lo, hi = (-self.b, -self.a) if flip else (self.a, self.b)
+        cdf_lo, cdf_hi = (0.5 * math.erfc(-x / math.sqrt(2)) for x in (lo, hi))
+        u = _uniform01(ids, dim, seed).mul_(cdf_hi - cdf_lo).add_(cdf_lo)
+        z = torch.special.ndtri(u).clamp_(lo, hi)
+        if flip:
+            z.neg_()
+        return z.mul_(self.std).add_(self.mean)
 
 
 @dataclass(frozen=True)

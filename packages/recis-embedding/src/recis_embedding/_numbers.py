@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plain", "plain_fields"]
+__all__ = ["default_value_error", "plain", "plain_fields"]
 
 
 def plain(value: Any) -> Any:
@@ -41,3 +41,25 @@ def plain_fields(obj: Any) -> None:
         converted = plain(value)
         if converted is not value:
             object.__setattr__(obj, field.name, converted)
+
+
+# What absent ids read is materialised as float32 (torch.full's default dtype).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def default_value_error(value: Any) -> str | None:
+    """Why ``value`` cannot be a table's ``default_value`` (a finite real number within
+    float32's range, which absent ids read), or ``None`` if it can."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"default_value must be a finite number, got {value!r}"
+    if not math.isfinite(value):
+        # NaN would also differ from itself wherever two options are compared.
+        return f"default_value must be a finite number, got {value!r}"
+    if abs(float(value)) > _FLOAT32_MAX:
+        return (
+            f"default_value {value!r} is beyond float32's range (absent ids read it as float32, "
+            f"max {_FLOAT32_MAX:.6g})"
+        )
+    return None

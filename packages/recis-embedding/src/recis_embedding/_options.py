@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import torch
 
 from recis_embedding._initializers import Initializer, TruncatedNormal
-from recis_embedding._numbers import plain
+from recis_embedding._numbers import default_value_error, plain
 from recis_embedding._policies import AdmissionPolicy, EvictionPolicy, policy_key
 from recis_embedding.exceptions import ConfigError
 from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
@@ -140,13 +138,9 @@ class EmbeddingOption:
         for flag in ("trainable", "use_weight"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if (
-            isinstance(self.default_value, bool)
-            or not isinstance(self.default_value, numbers.Real)
-            or not math.isfinite(self.default_value)
-        ):
-            # NaN would also differ from itself wherever two options are compared.
-            raise ConfigError(f"default_value must be a finite number, got {self.default_value!r}")
+        wrong = default_value_error(self.default_value)
+        if wrong is not None:
+            raise ConfigError(wrong)
         if self.shared_name is not None and (
             not isinstance(self.shared_name, str) or not self.shared_name
         ):
@@ -160,7 +154,9 @@ class EmbeddingOption:
             raise ConfigError(str(err)) from None
         self.combiner_kwargs = kwargs
         self.default_value = float(self.default_value)
-        self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        # "cpu:0" is "cpu", the device every CPU tensor reports (and one fusion key).
+        self.device = torch.device("cpu") if device.type == "cpu" else device
 
     def _plain_numbers(self) -> None:
         """NumPy scalars (``np.int64(16)``, what NumPy reductions give) as Python numbers,

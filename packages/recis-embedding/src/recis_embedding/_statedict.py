@@ -67,7 +67,11 @@ def warn_tables_not_in_state_dict(module: nn.Module, prefix: str, keep_vars: boo
     if not held:
         return
     frame = _call_site()
-    where = f"module {prefix[:-1]!r}" if prefix else f"the {type(module).__name__}"
+    kind = type(module).__name__
+    wrapper = getattr(module, "_wrapped_by", None)
+    if wrapper is not None:  # a DynamicEmbedding's engine: named for the DynamicEmbedding
+        kind, prefix = wrapper, prefix.removesuffix("engine.")
+    where = f"module {prefix[:-1]!r}" if prefix else f"the {kind}"
     if frame is None:
         site = ("<unknown>", 0, prefix)
         filename, lineno, name, module_globals = "<unknown>", 0, "<unknown>", None
@@ -81,7 +85,7 @@ def warn_tables_not_in_state_dict(module: nn.Module, prefix: str, keep_vars: boo
     tables = ", ".join(f"{t!r}: {n:,}" for t, n in sorted(held.items()))
     message = (
         f"state_dict() holds no embeddings: the tables of {where}{shard} hold {total:,} "
-        f"row{'s' if total != 1 else ''} that are not in it ({tables}), and a "
+        f"{'rows that are' if total != 1 else 'row that is'} not in it ({tables}), and a "
         "load_state_dict() of it leaves the tables as they are (freshly initialized in a new "
         "model). Save and load the tables with recis_embedding.save(path, model, "
         "sparse_optimizer) and recis_embedding.load(...), as recis-train's checkpoints do; "

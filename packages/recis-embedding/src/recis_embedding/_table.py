@@ -12,6 +12,7 @@ import torch
 
 from recis_embedding._host import first_occurrence, on_host, true_positions
 from recis_embedding._initializers import Initializer, TruncatedNormal, init_rows
+from recis_embedding._numbers import default_value_error
 from recis_embedding.exceptions import ConfigError, InputError, TableFullError
 from recis_kernels import IdMap, RowStore
 from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
@@ -61,9 +62,12 @@ class TableStats:
 def _placed(name: str, device: torch.device | str | None) -> torch.device:
     """The device a table lives on, with its index: ``"cuda"`` is the current CUDA device
     (``cuda:0`` unless ``torch.cuda.set_device`` said otherwise), the device every tensor made
-    on ``"cuda"`` reports, so ids compare equal to it."""
+    on ``"cuda"`` reports, so ids compare equal to it; ``"cpu:0"`` is ``"cpu"``, the device
+    every CPU tensor reports."""
     where = torch.device(device) if device is not None else torch.device("cpu")
-    if where.index is not None or where.type in ("cpu", "meta"):
+    if where.type in ("cpu", "meta"):
+        return torch.device(where.type)
+    if where.index is not None:
         return where
     try:
         return torch.empty(0, device=where).device
@@ -113,16 +117,21 @@ class HashTable:
         default_value: float = 0.0,
         max_load_factor: float = MAX_LOAD_FACTOR,
     ) -> None:
-        if embedding_dim < 1:
-            raise ConfigError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if (
+            isinstance(embedding_dim, bool)
+            or not isinstance(embedding_dim, (int, np.integer))
+            or embedding_dim < 1
+        ):
+            raise ConfigError(f"embedding_dim must be an int >= 1, got {embedding_dim!r}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         if capacity is not None and (
             isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1
         ):
             raise ConfigError(f"capacity must be an int >= 1 or None, got {capacity!r}")
-        if isinstance(default_value, bool) or not isinstance(default_value, (int, float)):
-            raise ConfigError(f"default_value must be a number, got {default_value!r}")
+        wrong = default_value_error(default_value)
+        if wrong is not None:
+            raise ConfigError(f"table {name!r}: {wrong}")
         try:
             load_factor = check_load_factor(f"table {name!r}", max_load_factor)
         except ValueError as err:
@@ -410,6 +419,7 @@ class HashTable:
         self._store.reserve(self._map.num_rows)
         self._grow_row_arrays(self._map.num_rows)
         emb = init_rows(ids, tabs, self.dim, self.initializers, self.names)
+        self._check_initial(emb, ids, tabs)
         full = torch.empty(rows.numel(), self.emb_words + self.state_width, device=self.device)
         full[:, : self.emb_words] = self._to_words(emb)
         if self.state_width:
@@ -420,6 +430,26 @@ class HashTable:
         self.inserted[rows] = self.step
         self.last_seen[rows] = self.step
         self._dirty[rows] = True
+
+    def _check_initial(self, emb: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor) -> None:
+        """Refuses initial rows that are not finite or that the table's dtype cannot hold
+        (beyond float16's 65504 they would be stored as inf), as a load refuses such rows."""
+        limit = 65504.0 if self.dtype == torch.float16 else math.inf
+        bad = ~(emb.abs() <= limit).all(dim=1)  # NaN compares False
+        if not bool(bad.any()):
+            return
+        at = int(true_positions(bad)[0])
+        t = int(tabs[at])
+        values = emb[at].tolist()
+        reason = (
+            "not finite"
+            if not all(math.isfinite(v) for v in values)
+            else f"beyond the table's {str(self.dtype).removeprefix('torch.')} (max 65504)"
+        )
+        raise ConfigError(
+            f"table {self.names[t]!r}: initializer {type(self.initializers[t]).__name__} gave id "
+            f"{int(ids[at])} the values {values}, {reason}; nothing was inserted"
+        )
 
     def _grow_row_arrays(self, n: int) -> None:
         if self.last_seen.numel() >= n:
