@@ -421,6 +421,13 @@ def test_read_only_numpy_columns_are_used_without_a_warning() -> None:
     assert out["m"].tolist() == [0, 1, 2, 0, 1]
 
 
+class _Ragged:
+    """A ragged column as a reader hands it: ``.values`` and ``.offsets`` NumPy arrays."""
+
+    def __init__(self, values: np.ndarray, offsets: object) -> None:
+        self.values, self.offsets = values, offsets
+
+
 @pytest.mark.parametrize(
     ("column", "message"),
     [
@@ -432,6 +439,18 @@ def test_read_only_numpy_columns_are_used_without_a_warning() -> None:
         ),
         (
             np.arange(4, dtype=">i8"),
+            "feature 'm': column 'x' is a NumPy array torch cannot share (dtype >i8, strides "
+            "(8,)): it needs a numeric or bool dtype in native byte order and no negative "
+            "strides; pass np.ascontiguousarray(column, dtype=...)",
+        ),
+        (
+            _Ragged(np.arange(4)[::-1], np.array([0, 1, 4])),
+            "feature 'm': column 'x' is a NumPy array torch cannot share (dtype int64, strides "
+            "(-8,)): it needs a numeric or bool dtype in native byte order and no negative "
+            "strides; pass np.ascontiguousarray(column, dtype=...)",
+        ),
+        (
+            _Ragged(np.arange(4), [np.array([0, 1, 4], dtype=">i8")]),
             "feature 'm': column 'x' is a NumPy array torch cannot share (dtype >i8, strides "
             "(8,)): it needs a numeric or bool dtype in native byte order and no negative "
             "strides; pass np.ascontiguousarray(column, dtype=...)",

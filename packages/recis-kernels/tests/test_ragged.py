@@ -89,6 +89,21 @@ def test_inner_level_validation_error():
         RaggedTensor(torch.tensor([1, 2]), [torch.tensor([0, 3]), torch.tensor([0, 1, 2])])
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        (np.arange(3)[::-1], "int64"),
+        (np.arange(3, dtype=">i8"), ">i8"),
+        (np.array([1, 2, 3], dtype=object), "object"),
+    ],
+)
+def test_numpy_arrays_torch_cannot_share_raise_a_ragged_error(values, dtype):
+    with pytest.raises(
+        rk.RaggedError, match=rf"ragged values is a NumPy array torch cannot share \(dtype {dtype}"
+    ):
+        RaggedTensor(values, np.array([0, 1, 3]))
+
+
 def test_construction_errors():
     with pytest.raises(rk.RaggedError, match=r"offsets\[0\] must be int64, got torch.int32"):
         RaggedTensor(torch.tensor([1]), torch.tensor([0, 1], dtype=torch.int32))

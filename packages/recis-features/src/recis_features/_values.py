@@ -123,6 +123,13 @@ def as_value(column: Any, column_name: str) -> Value:
     if isinstance(column, (torch.Tensor, RaggedTensor)):
         return column
     if hasattr(column, "values") and hasattr(column, "offsets"):
+        # Its NumPy arrays are checked as a dense column's are (torch may not share them).
+        offsets = column.offsets
+        parts = [column.values, getattr(column, "weights", None)]
+        parts += list(offsets) if isinstance(offsets, (list, tuple)) else [offsets]
+        for part in parts:
+            if hasattr(part, "__array_interface__") and hasattr(part, "ndim"):
+                _from_numpy(part, column_name)
         return RaggedTensor.from_column(column)
     if isinstance(column, (list, tuple)):
         if _is_string_list(column):

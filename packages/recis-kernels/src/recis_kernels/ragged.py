@@ -31,7 +31,14 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+        try:
+            return torch.from_numpy(value)
+        except (TypeError, ValueError) as exc:
+            raise RaggedError(
+                f"ragged {what} is a NumPy array torch cannot share (dtype {value.dtype}, "
+                f"strides {value.strides}): it needs a numeric or bool dtype in native byte "
+                "order and no negative strides; pass np.ascontiguousarray(array, dtype=...)"
+            ) from exc
     raise RaggedError(
         f"ragged {what} must be a torch.Tensor or numpy array, got {type(value).__name__}"
     )
