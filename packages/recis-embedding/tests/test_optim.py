@@ -394,13 +394,27 @@ def test_zero_grad_leaves_rows_without_gradient_alone_like_sparse_adam(set_to_no
         ("fused", True),
         ("capturable", True),
         ("differentiable", True),
+        ("momentum", 0.9),
+        ("nesterov", True),
+        ("amsgrad", True),
+        ("centered", True),
+        ("decoupled_weight_decay", True),
     ],
 )
 def test_torch_flags_are_refused_by_name_unless_at_their_defaults(make, flag, value) -> None:
     engine = EmbeddingEngine({"f": EmbeddingOption(DIM)})
-    with pytest.raises(OptimizerError, match=f"{flag}=True is not supported for sparse tables"):
+    with pytest.raises(OptimizerError, match=f"{flag}={value} is not supported for sparse tables"):
         make(engine, **{flag: value})
-    default = {"maximize": False, "capturable": False, "differentiable": False}.get(flag)
+    default = {
+        "maximize": False,
+        "capturable": False,
+        "differentiable": False,
+        "momentum": 0,
+        "nesterov": False,
+        "amsgrad": False,
+        "centered": False,
+        "decoupled_weight_decay": False,
+    }.get(flag)
     opt = make(engine, **{flag: default})
     engine({"f": torch.tensor([[1]])})["f"].sum().backward()
     opt.step()

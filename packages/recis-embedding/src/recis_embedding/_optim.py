@@ -208,7 +208,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _check_flags(self, flags: dict[str, Any]) -> None:
         name = type(self).__name__
         for key, value in flags.items():
-            if key not in _UNSUPPORTED_FLAGS:
+            if key not in _UNSUPPORTED_FLAGS and key not in _TORCH_OPTIONS:
                 raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
             self._refuse_unsupported(key, value, "")
 
@@ -553,7 +553,9 @@ class SparseSGD(SparseOptimizer):
         lr: learning rate.
         weight_decay: L2 penalty.
         **flags: torch's ``maximize``, ``foreach``, ``fused``, ``capturable`` and
-            ``differentiable``, accepted at torch's defaults (``False``/``None``) only.
+            ``differentiable``, and the options of torch's optimizers no sparse one implements
+            (``momentum``, ``dampening``, ``nesterov``, ``amsgrad``, ``centered``,
+            ``decoupled_weight_decay``), accepted at torch's defaults only.
 
     Raises:
         OptimizerError: one of those flags set (they are not supported for sparse tables),
