@@ -60,6 +60,11 @@ def mod(ids: torch.Tensor, n: int) -> torch.Tensor:
         >>> mod(torch.tensor([7, -1]), 10)
         tensor([7, 5])
     """
+    if type(n) is int and 0 < n <= _INT64_MAX:
+        # A plain CPU int64 tensor goes straight to the compiled kernel, as fused_mod's do.
+        spans = _cpu_kernels.host_spans([ids], torch.int64)
+        if spans is not None and not use_cuda_kernels(ids.device):
+            return _cpu_kernels.umod_spans(spans, [n])[0]
     check_tensor(_OP, "ids", ids)
     check_dtype(_OP, "ids", ids, (torch.int64,))
     n = _check_n(_OP, "n", n)
