@@ -115,7 +115,7 @@ def build(out: Path, landing: Landing, batch_size: int, max_windows: int | None)
         args,
         WatchDirectory(landing.root, marker="_SUCCESS", poll_interval=0.05, idle_timeout=0.5),
         lambda paths: reader(paths, batch_size),
-        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=2e-3),
+        dense_optimizer=torch.optim.Adam(model.parameters(), lr=2e-3),
         sparse_optimizer=emb.SparseAdam(model, lr=1e-2),
         max_windows=max_windows,
         on_window=next_hour,
@@ -162,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
 
     half = hours // 2
     build(out, landing, batch_size, max_windows=half).run()
-    print(f"-- stopped after {half} windows, as if preempted; resuming in a fresh process --")
+    print(f"-- stopped after {half} windows, as if preempted; resuming with all built afresh --")
     online = build(out, landing, batch_size, max_windows=None)
     results = online.run()
 
     live = table_state(online.trainer.model)
     fresh = ClickModel()
-    emb.load(results[-1].export, fresh)  # the first full export plus every delta after it
+    # The first full export plus every delta after it; the optimizer takes the rows' Adam state.
+    emb.load(results[-1].export, fresh, emb.SparseAdam(fresh, lr=1e-2))
     chain_ok = all(torch.equal(live[k], v) for k, v in table_state(fresh).items())
     aucs = [r.metrics["auc"] for r in results if "auc" in r.metrics]
     deltas = [r.export_rows for r in results if r.export_kind == "delta"]
