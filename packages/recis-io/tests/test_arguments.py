@@ -49,7 +49,8 @@ def test_bad_columns_are_refused(path, columns, message) -> None:
             2**64,
             r"shuffle_window must be an integer in \[1, 9223372036854775807\]",
         ),
-        ("prefetch", 2**63, r"prefetch must be an integer in \[0, 9223372036854775807\]"),
+        ("prefetch", 2**62, r"prefetch must be an integer in \[0, 4096\]"),
+        ("prefetch", 4097, r"prefetch must be an integer in \[0, 4096\]"),
         ("epochs", 2**64, r"epochs must be an integer in \[0, 9223372036854775807\]"),
     ],
 )

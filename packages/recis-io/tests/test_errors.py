@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -375,3 +376,102 @@ def test_fill_out_of_range_names_the_file(tmp_path) -> None:
         InvalidArgumentError, match=r"out of range for bool: .*\(file .*b\.parquet\)"
     ):
         Dataset(p, batch_size=2, columns=[Column("b", fill=2)])
+
+
+def _encode(fields: list[tuple[int, int | bytes]]) -> bytes:
+    """A protobuf message of ``(field, value)`` pairs (varints and length-delimited bytes)."""
+    out = bytearray()
+    for field, value in fields:
+        if isinstance(value, int):
+            out += _varint(field << 3) + _varint(value)
+        else:
+            out += _varint(field << 3 | 2) + _varint(len(value)) + value
+    return bytes(out)
+
+
+def _set(fields: list[tuple[int, int | bytes]], field: int, value: int) -> list:
+    return [(f, value if f == field else v) for f, v in fields]
+
+
+def _damaged_orc(tmp_path: Path, damage: str, compression: str = "uncompressed") -> Path:
+    """A one-stripe ORC file with one length in its metadata damaged: ``"footer"`` (the
+    stripe footer's length), ``"stream"`` (a data stream's length in the stripe footer),
+    ``"block"`` (the postscript's compression block size) or ``"rows"`` (the stripe's row
+    count, 0)."""
+    p = tmp_path / f"{damage}.orc"
+    table = pa.table(
+        {"i": pa.array(range(1000), pa.int64()), "s": [f"x{k % 7}" for k in range(1000)]}
+    )
+    orc.write_table(table, p, compression=compression)
+    data = p.read_bytes()
+    ps_len = data[-1]
+    postscript = _message(data[-1 - ps_len : -1])
+    if damage == "block":
+        new_ps = _encode(_set(postscript, 3, 1 << 62))
+        p.write_bytes(data[: -1 - ps_len] + new_ps + bytes([len(new_ps)]))
+        return p
+    end = len(data) - 1 - ps_len
+    footer_len = dict(postscript)[1]
+    footer = _message(data[end - footer_len : end])
+    stripe = _message(next(v for f, v in footer if f == 3))
+    info = dict(stripe)
+    start = info[1] + info.get(2, 0) + info[3]
+    body, stripe_footer = data[:start], data[start : start + info[4]]
+    if damage == "stream":
+        streams = _message(stripe_footer)
+        first_data = next(
+            k for k, (f, v) in enumerate(streams) if f == 1 and dict(_message(v)).get(1) == 1
+        )
+        stream = _set(_message(streams[first_data][1]), 3, 1 << 60)
+        streams[first_data] = (1, _encode(stream))
+        stripe_footer = _encode(streams)
+        stripe = _set(stripe, 4, len(stripe_footer))
+    elif damage == "footer":
+        stripe = _set(stripe, 4, 1 << 60)
+    else:
+        stripe = _set(stripe, 5, 0)
+    footer = [(f, _encode(stripe) if f == 3 else v) for f, v in footer]
+    new_footer = _encode(footer)
+    new_ps = _encode(_set(postscript, 1, len(new_footer)))
+    rest = data[start + info[4] : end - footer_len]
+    p.write_bytes(body + stripe_footer + rest + new_footer + new_ps + bytes([len(new_ps)]))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("damage", "compression", "message"),
+    [
+        (
+            "footer",
+            "uncompressed",
+            r"stripe 0 claims .* footer bytes from byte 3, beyond the file's",
+        ),
+        (
+            "stream",
+            "uncompressed",
+            r"stripe 0: a stream of column 1 claims 1152921504606846976 bytes",
+        ),
+        ("block", "lz4", r"compression block size 4611686018427387904 bytes"),
+        ("rows", "uncompressed", r"the stripes hold 0 rows, the file footer says 1000"),
+    ],
+)
+def test_orc_metadata_lengths_beyond_the_file_are_corrupt_not_an_abort(
+    tmp_path, damage: str, compression: str, message: str
+) -> None:
+    """orc-rust reads a stripe's footer and streams, and decompresses blocks, into buffers
+    of the sizes the file claims: a damaged length of exabytes aborted the process, and a
+    stripe row count damaged to 0 read no rows without a word. Each is a corrupt file."""
+    p = _damaged_orc(tmp_path, damage, compression)
+    script = (
+        "import sys, recis_io\n"
+        "try:\n"
+        "    for _ in recis_io.Dataset(sys.argv[1], batch_size=100): pass\n"
+        "except recis_io.exceptions.CorruptFileError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(p)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{damage}.orc" in done.stdout, done.stdout
+    assert re.search(message, done.stdout), done.stdout

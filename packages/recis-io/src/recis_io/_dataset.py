@@ -37,6 +37,8 @@ def _default_threads() -> int:
 _MAX_INT = 2**63 - 1
 # Each decode thread is an OS thread with its own buffers.
 _MAX_THREADS = 4096
+# Row groups and batches kept ready: far past what any pipeline can use, and each costs memory.
+_MAX_PREFETCH = 4096
 
 
 def _positive(name: str, value: Any, minimum: int = 1, maximum: int = _MAX_INT) -> int:
@@ -155,7 +157,7 @@ class Dataset(IterableDataset):
         num_threads: Decode threads, 1 to 4096 (default ``None``: the CPUs this process may
             use).
         prefetch: Decoded row groups kept ready beyond those the current batch needs, and the
-            number of spare batch buffers kept for reuse; memory stays bounded by it and
+            number of spare batch buffers kept for reuse, 0 to 4096; memory stays bounded by it and
             ``num_threads`` (about 4 to 10 decoded row groups, see the guide's Memory section).
         drop_last: Drop each epoch's final batch when it is smaller than ``batch_size``
             (a bool).
@@ -213,7 +215,7 @@ class Dataset(IterableDataset):
         self.batch_size = _positive("batch_size", batch_size)
         threads = _default_threads() if num_threads is None else num_threads
         self.num_threads = _positive("num_threads", threads, maximum=_MAX_THREADS)
-        self.prefetch = _positive("prefetch", prefetch, minimum=0)
+        self.prefetch = _positive("prefetch", prefetch, minimum=0, maximum=_MAX_PREFETCH)
         self.shuffle_window = _positive("shuffle_window", shuffle_window)
         self.epochs = _positive("epochs", epochs, minimum=0)
         seed = plain_number(seed)

@@ -35,9 +35,47 @@ const DICTIONARY: u64 = 1;
 const DICTIONARY_V2: u64 = 3;
 const DIRECT_V2: u64 = 2;
 
+/// Fails when a stripe of `meta` lies outside the file's `len` bytes, or the stripes' rows do
+/// not add up to the file's: orc-rust reads a stripe's parts into buffers of the lengths
+/// the file claims (a corrupt length of exabytes aborts the process), and skips a stripe
+/// whose row count was damaged to 0. `path` names the file in the error.
+pub fn check_layout(meta: &FileMetadata, len: u64, path: &str) -> Result<()> {
+    let mut rows: u64 = 0;
+    for (i, s) in meta.stripe_metadatas().iter().enumerate() {
+        let end = [s.index_length(), s.data_length(), s.footer_length()]
+            .into_iter()
+            .try_fold(s.offset(), u64::checked_add);
+        if end.is_none_or(|end| end > len) {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "stripe {i} claims {} index, {} data and {} footer bytes from byte {}, \
+                     beyond the file's {len} bytes",
+                    s.index_length(),
+                    s.data_length(),
+                    s.footer_length(),
+                    s.offset()
+                ),
+            ));
+        }
+        rows = rows.saturating_add(s.number_of_rows());
+    }
+    if rows != meta.number_of_rows() {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "the stripes hold {rows} rows, the file footer says {}",
+                meta.number_of_rows()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Fails when a list, map or dictionary column of `roots` in stripe `stripe` of `meta` claims
-/// more values in one batch of `batch_rows` rows than this machine's memory can hold. `at`
-/// names the file and stripe in the error.
+/// more values in one batch of `batch_rows` rows than this machine's memory can hold, or a
+/// stream of the stripe claims more bytes than the stripe holds. `at` names the file in the
+/// error.
 pub fn check(
     file: &File,
     meta: &FileMetadata,
@@ -53,9 +91,6 @@ pub fn check(
         .filter(|c| roots.contains(&c.name()))
         .map(|c| (c.name(), c.data_type()))
         .collect();
-    if !columns.iter().any(|(_, t)| sizes_from_file(t)) {
-        return Ok(());
-    }
     if info.footer_length() > MAX_FOOTER {
         return Ok(());
     }
@@ -68,6 +103,25 @@ pub fn check(
     let Some(footer) = StripeFooter::parse(&footer, info.offset()) else {
         return Ok(());
     };
+    // The streams lie end to end over the stripe's index and data bytes.
+    let body = info.index_length().saturating_add(info.data_length());
+    let mut used: u64 = 0;
+    for s in &footer.streams {
+        used = used.saturating_add(s.length);
+        if used > body {
+            return Err(Error::corrupt(
+                at,
+                format!(
+                    "a stream of column {} claims {} bytes, beyond the \
+                     stripe's {body} bytes of index and data",
+                    s.column, s.length
+                ),
+            ));
+        }
+    }
+    if !columns.iter().any(|(_, t)| sizes_from_file(t)) {
+        return Ok(());
+    }
     let stripe = Stripe {
         file,
         meta,

@@ -18,9 +18,26 @@ pub const MAX_DEPTH: usize = 256;
 /// Largest footer read (decompressed or not).
 const MAX_FOOTER: u64 = 64 << 20;
 
-/// Fails when the footer of the ORC file `file` holds a type tree orc-rust cannot parse
-/// safely.
+/// Largest compression block size accepted. A compression chunk's 3-byte header holds its
+/// length in 23 bits, so writers keep blocks within 8 MiB (orc-rust's and ORC's default is
+/// 256 KiB); orc-rust allocates a whole block up front for some codecs (LZ4), and a corrupt
+/// postscript claiming exabytes would abort the process.
+const MAX_BLOCK: u64 = 1 << 30;
+
+/// Fails when the postscript of the ORC file `file` claims an impossible compression block
+/// size, or its footer holds a type tree orc-rust cannot parse safely.
 pub fn check(file: &mut File, path: &str) -> Result<()> {
+    if let Some((kind, block)) = compression(file) {
+        if kind != 0 && block > MAX_BLOCK {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "malformed postscript: compression block size {block} bytes, beyond \
+                     {MAX_BLOCK} (chunk headers hold at most 8 MiB)"
+                ),
+            ));
+        }
+    }
     let Some(footer) = read_footer(file) else {
         return Ok(());
     };
@@ -52,13 +69,32 @@ fn check_tree(types: &[Vec<u64>]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The decompressed footer bytes, `None` when the tail does not parse.
-fn read_footer(file: &mut File) -> Option<Vec<u8>> {
+/// The postscript's compression kind and block size, `None` when the tail does not parse.
+fn compression(file: &File) -> Option<(u64, u64)> {
+    let (_, postscript) = read_postscript(file)?;
+    let (mut kind, mut block) = (0, 256 * 1024);
+    for (field, value) in fields(&postscript)? {
+        match (field, value) {
+            (2, Value::Varint(v)) => kind = v,
+            (3, Value::Varint(v)) => block = v,
+            _ => {}
+        }
+    }
+    Some((kind, block))
+}
+
+/// Where the postscript starts, and its bytes.
+fn read_postscript(file: &File) -> Option<(u64, Vec<u8>)> {
     let len = file.metadata().ok()?.len();
     let last = read_at(file, len.checked_sub(1)?, 1)?;
     let ps_len = u64::from(last[0]);
     let ps_start = len.checked_sub(1 + ps_len)?;
-    let postscript = read_at(file, ps_start, ps_len)?;
+    Some((ps_start, read_at(file, ps_start, ps_len)?))
+}
+
+/// The decompressed footer bytes, `None` when the tail does not parse.
+fn read_footer(file: &mut File) -> Option<Vec<u8>> {
+    let (ps_start, postscript) = read_postscript(file)?;
     let (mut footer_len, mut kind, mut block) = (None, 0, 256 * 1024);
     for (field, value) in fields(&postscript)? {
         match (field, value) {

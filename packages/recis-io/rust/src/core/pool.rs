@@ -74,21 +74,23 @@ impl Executor {
             starts,
             packing,
         });
-        let mut handles = Vec::with_capacity(threads);
+        // Built before the threads start: when one cannot start, dropping it on the way out
+        // stops and joins those already running.
+        let mut executor = Executor {
+            shared,
+            threads: Vec::with_capacity(threads.max(1)),
+            lookahead,
+            process: Process::current(),
+        };
         for i in 0..threads.max(1) {
-            let shared = shared.clone();
+            let shared = executor.shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("recis-io-decode-{i}"))
                 .spawn(move || work(&shared))
                 .map_err(|e| Error::Internal(format!("cannot start a decode thread: {e}")))?;
-            handles.push(handle);
+            executor.threads.push(handle);
         }
-        Ok(Executor {
-            shared,
-            threads: handles,
-            lookahead,
-            process: Process::current(),
-        })
+        Ok(executor)
     }
 
     /// Waits for segments `lo..=hi` and returns them in order.

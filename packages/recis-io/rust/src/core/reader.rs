@@ -104,7 +104,8 @@ impl Reader {
 
     /// Batches the assembling thread keeps ready.
     pub fn ahead_depth(&self) -> usize {
-        self.opts.prefetch.max(1)
+        // The channel holding them allocates its slots up front (Python allows up to 4096).
+        self.opts.prefetch.clamp(1, 4096)
     }
 
     pub fn source(&self) -> &Source {

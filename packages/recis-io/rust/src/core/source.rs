@@ -118,8 +118,10 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
             (m.schema().clone(), Meta::Parquet(m), rows)
         }
         Format::Orc => {
+            let len = file.metadata().map_err(|e| Error::read(path, &e))?.len();
             let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
                 .map_err(|e| Error::read(path, &e))?;
+            orc_lengths::check_layout(b.file_metadata(), len, path)?;
             let stripes = b.file_metadata().stripe_metadatas();
             let rows = stripes
                 .iter()
