@@ -396,8 +396,8 @@ def _set(fields: list[tuple[int, int | bytes]], field: int, value: int) -> list:
 def _damaged_orc(tmp_path: Path, damage: str, compression: str = "uncompressed") -> Path:
     """A one-stripe ORC file with one length in its metadata damaged: ``"footer"`` (the
     stripe footer's length), ``"stream"`` (a data stream's length in the stripe footer),
-    ``"block"`` (the postscript's compression block size) or ``"rows"`` (the stripe's row
-    count, 0)."""
+    ``"block"`` (the postscript's compression block size), ``"metadata"`` (the postscript's
+    metadata length) or ``"rows"`` (the stripe's row count, 0)."""
     p = tmp_path / f"{damage}.orc"
     table = pa.table(
         {"i": pa.array(range(1000), pa.int64()), "s": [f"x{k % 7}" for k in range(1000)]}
@@ -406,8 +406,9 @@ def _damaged_orc(tmp_path: Path, damage: str, compression: str = "uncompressed")
     data = p.read_bytes()
     ps_len = data[-1]
     postscript = _message(data[-1 - ps_len : -1])
-    if damage == "block":
-        new_ps = _encode(_set(postscript, 3, 1 << 62))
+    if damage in ("block", "metadata"):
+        field, value = (3, 1 << 62) if damage == "block" else (5, 1 << 40)
+        new_ps = _encode(_set(postscript, field, value))
         p.write_bytes(data[: -1 - ps_len] + new_ps + bytes([len(new_ps)]))
         return p
     end = len(data) - 1 - ps_len
@@ -453,6 +454,7 @@ def _damaged_orc(tmp_path: Path, damage: str, compression: str = "uncompressed")
         ),
         ("block", "lz4", r"compression block size 4611686018427387904 bytes"),
         ("rows", "uncompressed", r"the stripes hold 0 rows, the file footer says 1000"),
+        ("metadata", "zstd", r"and 1099511627776 bytes of metadata claimed before byte"),
     ],
 )
 def test_orc_metadata_lengths_beyond_the_file_are_corrupt_not_an_abort(
@@ -475,3 +477,27 @@ def test_orc_metadata_lengths_beyond_the_file_are_corrupt_not_an_abort(
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{damage}.orc" in done.stdout, done.stdout
     assert re.search(message, done.stdout), done.stdout
+
+
+def test_parquet_row_group_rows_beyond_its_values_are_corrupt_not_an_abort(tmp_path) -> None:
+    """Reading sizes its work by a row group's row count: one damaged to 2**40 aborted the
+    process (a failed allocation). No row group holds more rows than its column chunks hold
+    values, and the row groups' rows add up to the file's."""
+    p = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"i": pa.array(range(1000), pa.int64())}), p, compression="snappy")
+    data = p.read_bytes()
+    length = int.from_bytes(data[-8:-4], "little")
+    footer = data[-8 - length : -8]
+    # FileMetaData.num_rows, the column chunk's num_values, then RowGroup.num_rows, the last:
+    # each a compact-protocol i64 one field after the one before it, 1000.
+    field = bytes([0x16]) + _varint(2000)  # zigzag(1000)
+    assert footer.count(field) == 3
+    at = footer.rindex(field)
+    for value, message in (
+        (1 << 40, r"row group 0 claims 1099511627776 rows, more than its column chunks hold"),
+        (999, r"the row groups hold 999 rows, the file footer says 1000"),
+    ):
+        edited = footer[:at] + bytes([0x16]) + _varint(2 * value) + footer[at + len(field) :]
+        p.write_bytes(data[: -8 - length] + edited + len(edited).to_bytes(4, "little") + b"PAR1")
+        with pytest.raises(CorruptFileError, match=message):
+            Dataset(p, batch_size=100)

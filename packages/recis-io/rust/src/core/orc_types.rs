@@ -27,6 +27,29 @@ const MAX_BLOCK: u64 = 1 << 30;
 /// Fails when the postscript of the ORC file `file` claims an impossible compression block
 /// size, or its footer holds a type tree orc-rust cannot parse safely.
 pub fn check(file: &mut File, path: &str) -> Result<()> {
+    if let Some((ps_start, postscript)) = read_postscript(file) {
+        let length = |field| {
+            fields(&postscript)
+                .into_iter()
+                .flatten()
+                .find_map(|(f, v)| match (f == field, v) {
+                    (true, Value::Varint(v)) => Some(v),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        };
+        // The footer and the metadata section lie just before the postscript.
+        let (footer, metadata) = (length(1), length(5));
+        if footer.checked_add(metadata).is_none_or(|n| n > ps_start) {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "malformed postscript: a {footer}-byte footer and {metadata} bytes of \
+                     metadata claimed before byte {ps_start}"
+                ),
+            ));
+        }
+    }
     if let Some((kind, block)) = compression(file) {
         if kind != 0 && block > MAX_BLOCK {
             return Err(Error::corrupt(

@@ -109,6 +109,7 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         Format::Parquet => {
             let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
                 .map_err(|e| Error::read(path, &e))?;
+            check_parquet_rows(m.metadata(), path)?;
             let rows = m
                 .metadata()
                 .row_groups()
@@ -139,6 +140,37 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         direct: Vec::new(),
     };
     Ok((fm, rows))
+}
+
+/// Fails when a Parquet row group's row count is impossible: every row puts at least one
+/// value (or null) into each leaf column, so no row group holds more rows than any of its
+/// column chunks holds values, and the row groups' rows add up to the file's. Reading sizes
+/// its work by the row count: a damaged count of exabytes would abort the process.
+fn check_parquet_rows(meta: &parquet::file::metadata::ParquetMetaData, path: &str) -> Result<()> {
+    let mut total: i64 = 0;
+    for (i, g) in meta.row_groups().iter().enumerate() {
+        let values = g.columns().iter().map(|c| c.num_values()).min();
+        if g.num_rows() < 0 || values.is_some_and(|v| g.num_rows() > v) {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "row group {i} claims {} rows, more than its column chunks hold values \
+                     ({})",
+                    g.num_rows(),
+                    values.unwrap_or(0)
+                ),
+            ));
+        }
+        total = total.saturating_add(g.num_rows());
+    }
+    let claimed = meta.file_metadata().num_rows();
+    if total != claimed {
+        return Err(Error::corrupt(
+            path,
+            format!("the row groups hold {total} rows, the file footer says {claimed}"),
+        ));
+    }
+    Ok(())
 }
 
 impl Source {
