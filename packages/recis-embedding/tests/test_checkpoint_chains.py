@@ -162,3 +162,30 @@ def test_the_capacity_check_counts_rows_a_chain_replaces_once(tmp_path):
     _step(used, used_optimizer, a=[5], x=[10, 11, 12])  # the load replaces these 3 rows
     load(tmp_path / "delta", used, used_optimizer)
     assert _rows(used, "x")[0] == [7, 8, 9]
+
+
+def test_deltas_naming_each_other_as_parents_are_refused_not_followed_forever(tmp_path):
+    import json
+
+    from recis_embedding._checkpoint import manifest_digest
+
+    model = _engine()
+    optimizer = SparseAdam(model, lr=0.1)
+    _step(model, optimizer, f=[1, 2])
+    save(tmp_path / "base", model, optimizer)
+    _step(model, optimizer, f=[2, 3])
+    save(tmp_path / "d1", model, optimizer, delta=True)
+    _step(model, optimizer, f=[3, 4])
+    save(tmp_path / "d2", model, optimizer, delta=True)
+    fresh = _engine()
+    ids = _rows(fresh)[0]
+    # d1 made to build on d2 (and d2 builds on d1): a loop, as a hand edit could write.
+    path = tmp_path / "d1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    d2 = json.loads((tmp_path / "d2" / "manifest.json").read_text())
+    manifest.update(parent=str(tmp_path / "d2"), parent_relative="../d2", parent_id=d2["id"])
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="delta checkpoints name each other as parents"):
+        load(tmp_path / "d2", fresh, SparseAdam(fresh, lr=0.1))
+    assert _rows(fresh)[0] == ids

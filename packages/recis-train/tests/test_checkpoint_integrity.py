@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -338,3 +339,78 @@ def test_warm_start_reads_the_table_files_for_checksums_once(tmp_path, monkeypat
     emb.save(str(tmp_path / "tables"), donor.model)
     warm_start(TableModel(), tmp_path / "tables", parts=("sparse",))
     assert hashed
+
+
+def rewrite(path: Path, name: str, data: bytes) -> None:
+    """Replace file ``name`` of checkpoint ``path`` and record its size and checksum, as a
+    hand edit that passes the integrity checks would."""
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["sizes"][name] = len(data)
+    manifest["checksums"]["files"][name] = file_checksum(path / name)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(global_step="abc"), r"entry 'global_step' is str, expected int"),
+        (lambda s: s.pop("cursor"), r"holds no data cursor \(a dict\) for this rank"),
+        (lambda s: s.pop("rng"), r"holds no RNG states \(a dict\) for this rank"),
+        (lambda s: s.update(history=None), r"entry 'history' is NoneType"),
+        (
+            lambda s: s["sparse_optimizer"]["param_groups"][0].pop("lr"),
+            r"its sparse optimizer state does not fit",
+        ),
+    ],
+)
+def test_a_trainer_state_of_the_wrong_shape_is_refused_before_anything_loads(
+    tmp_path, edit, message
+):
+    trainer = build_tables(tmp_path / "run", train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    state = torch.load(path / "trainer" / "state.pt", weights_only=True)
+    edit(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    rewrite(path, "trainer/state.pt", buffer.getvalue())
+    fresh = build_tables(tmp_path / "run")
+    before, (ids, rows) = params(fresh), table_rows(fresh)
+    with pytest.raises(CheckpointError, match=r"trainer/state\.pt: .*" + message):
+        fresh.restore(path)
+    assert fresh.global_step == 0
+    assert_same(params(fresh), before)
+    after_ids, after_rows = table_rows(fresh)
+    assert torch.equal(after_ids, ids)
+    assert torch.equal(after_rows, rows)
+
+
+def test_a_table_load_refused_by_recis_embedding_leaves_the_dense_weights(tmp_path):
+    trainer = build_tables(tmp_path / "run", train_steps=3)
+    trainer.train()
+    path = trainer.checkpoints.latest()
+    seed_everything(1)
+    other = build_tables(tmp_path / "other")
+    other.model.embeddings = emb.EmbeddingEngine({"ids": emb.EmbeddingOption(5)})
+    before = params(other)
+    with pytest.raises(emb.CheckpointError, match="has dim 4, model has 5"):
+        other.restore(path, parts=("dense", "sparse"))
+    assert_same(params(other), before)
+
+
+@pytest.mark.parametrize("damage", ["list", "not utf-8", "sizes"])
+def test_a_damaged_manifest_of_the_latest_checkpoint_is_passed_over(tmp_path, caplog, damage):
+    trainer = build(tmp_path, train_steps=6, save_every=3)
+    trainer.train()
+    manifest = trainer.checkpoints.latest() / "manifest.json"
+    text = {
+        "list": b"[1, 2]",
+        "not utf-8": b"{\xff}",
+        "sizes": json.dumps(json.loads(manifest.read_text()) | {"sizes": [1]}).encode(),
+    }[damage]
+    manifest.write_bytes(text)
+    fresh = build(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        assert fresh.restore() == step(trainer.checkpoints.root, 3)
+    assert "skipping incomplete checkpoint" in caplog.text

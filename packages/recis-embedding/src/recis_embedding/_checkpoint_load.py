@@ -84,6 +84,7 @@ def load(
         chain = [_reader(path, verify)]
         while chain[-1].kind == "delta":
             chain.append(parent_reader(chain[-1], verify))
+            check_no_loop(chain)
         chain.reverse()
         if not verify:
             for reader in chain:
@@ -196,6 +197,17 @@ def _checked(reader: CheckpointReader, verify: bool) -> CheckpointReader:
     else:
         reader.verify_manifest()
     return reader
+
+
+def check_no_loop(chain: list[CheckpointReader]) -> None:
+    """Raises :class:`CheckpointError` when the last checkpoint of ``chain`` (a delta and the
+    parents found so far) is one the chain already holds: a delta naming itself, or deltas
+    naming each other, as parents (hand-edited or damaged manifests) would be followed
+    forever."""
+    last = chain[-1].path.resolve()
+    if any(r.path.resolve() == last for r in chain[:-1]):
+        names = " -> ".join(str(r.path) for r in chain)
+        raise CheckpointError(f"delta checkpoints name each other as parents: {names}")
 
 
 def parent_reader(delta: CheckpointReader, verify: bool) -> CheckpointReader:

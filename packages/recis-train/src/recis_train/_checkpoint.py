@@ -393,9 +393,25 @@ class CheckpointManager:
         if not (path / MANIFEST).is_file():
             raise CheckpointNotFoundError(f"{path} is not a complete checkpoint (no {MANIFEST})")
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except json.JSONDecodeError as err:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path / MANIFEST} is not valid json: {err}") from err
+        if not isinstance(manifest, dict):
+            raise CheckpointError(
+                f"{path / MANIFEST} is not a checkpoint manifest (a JSON object), got "
+                f"{type(manifest).__name__}"
+            )
+        files, sizes = manifest.get("files", []), manifest.get("sizes", {})
+        if not (
+            isinstance(files, (list, dict))
+            and all(isinstance(f, str) for f in files)
+            and isinstance(sizes, dict)
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in sizes.values())
+        ):
+            raise CheckpointError(
+                f"{path / MANIFEST}: 'files' must list file names and 'sizes' map them to byte "
+                "counts"
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"{path}: checkpoint format {manifest.get('format_version')}, expected {FORMAT_VERSION}"

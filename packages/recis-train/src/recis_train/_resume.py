@@ -182,8 +182,13 @@ class CheckpointMixin:
         trainer_file = found / "trainer" / "state.pt"
         trainer_state = load_object(trainer_file) if "trainer" in parts else None
         if trainer_state is not None:
+            _check_trainer_state(trainer_state, trainer_file)
             self._check_resumable(manifest, trainer_state, found)
-            own_rank_state(trainer_state, self.rank, self.world_size, trainer_file)
+            _check_rank_state(
+                own_rank_state(trainer_state, self.rank, self.world_size, trainer_file),
+                trainer_file,
+            )
+            self._check_sparse_hyperparameters(trainer_state, trainer_file)
         dense_file = found / "dense" / "model.safetensors"
         dense = load_tensors(dense_file) if "dense" in parts else None
         if dense is not None:
@@ -196,8 +201,9 @@ class CheckpointMixin:
             else None
         )
         try:
-            if dense is not None:
-                self._load_dense(dense, dense_file)
+            # The tables first: recis-embedding checks everything it loads before any table
+            # changes, so a refusal there leaves the dense weights as they were too (theirs
+            # were checked above).
             if "sparse" in parts and self.sparse_checkpoint is not None:
                 # Its files were verified while choosing the checkpoint (when the manifest
                 # records their checksums): they are not read again for that. The sparse
@@ -210,6 +216,8 @@ class CheckpointMixin:
                     self.sparse_optimizer if trainer_state is not None else None,
                     verified=checksummed(manifest, "sparse"),
                 )
+            if dense is not None:
+                self._load_dense(dense, dense_file)
         except BaseException:
             if hooks_before is not None:
                 self._set_hook_states(hooks_before)
@@ -289,6 +297,19 @@ class CheckpointMixin:
                 + "; keep them as they were, use another output_dir, or restore "
                 "parts=('dense', 'sparse') to start a new run from its weights"
             )
+
+    def _check_sparse_hyperparameters(self, state: Mapping[str, Any], file: Path) -> None:
+        """A recis sparse optimizer checks saved hyperparameters without loading them: done
+        before anything loads, so a state of another optimizer changes nothing."""
+        check = getattr(self.sparse_optimizer, "_checked_groups", None)
+        if check is None or state.get("sparse_optimizer") is None:
+            return
+        try:
+            check(state["sparse_optimizer"])
+        except Exception as err:
+            raise CheckpointError(
+                f"{file}: its sparse optimizer state does not fit: {err}"
+            ) from err
 
     def _check_hook_states(self, saved: Any, path: Path) -> None:
         """Raises :class:`CheckpointError` when hook state in ``path`` has no hook to go to."""
@@ -399,6 +420,45 @@ class CheckpointMixin:
         # ended with no longer holds (the checkpoint says whether the run it records stopped).
         self._hook_stopped = False
         set_rng_state(own["rng"])
+
+
+def _check_trainer_state(state: Any, file: Path) -> None:
+    """Raises :class:`CheckpointError` naming ``file`` and the entry when the trainer state
+    lacks an entry a resume loads or holds one of the wrong kind (a damaged or hand-edited
+    file): checked before anything loads, so a refused resume changes nothing."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{file}: not a trainer state (a dict), got {type(state).__name__}")
+    kinds: dict[str, tuple[type, ...]] = {
+        "global_step": (int,),
+        "lr_schedulers": (list, tuple),
+        "history": (Mapping,),
+        "hooks": (Mapping, list, tuple),
+    }
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"{file}: trainer state entry {key!r} is {type(value).__name__}, expected "
+                f"{' or '.join(k.__name__ for k in kind)}"
+            )
+    if state["global_step"] < 0:
+        raise CheckpointError(f"{file}: trainer state global_step {state['global_step']} < 0")
+    if not all(isinstance(v, (list, tuple)) for v in state["history"].values()):
+        raise CheckpointError(f"{file}: trainer state entry 'history' must map names to lists")
+    for key in ("dense_optimizer", "sparse_optimizer"):
+        if state.get(key) is not None and not isinstance(state[key], Mapping):
+            raise CheckpointError(
+                f"{file}: trainer state entry {key!r} is {type(state[key]).__name__}, "
+                "expected an optimizer state (a dict)"
+            )
+
+
+def _check_rank_state(own: Any, file: Path) -> None:
+    """This rank's part of the trainer state: its data cursor and RNG states."""
+    if not isinstance(own, Mapping) or not isinstance(own.get("cursor"), Mapping):
+        raise CheckpointError(f"{file}: trainer state holds no data cursor (a dict) for this rank")
+    if not isinstance(own.get("rng"), Mapping):
+        raise CheckpointError(f"{file}: trainer state holds no RNG states (a dict) for this rank")
 
 
 def _group_differences(key: str, saved: Any, optimizer: Any) -> list[str]:

@@ -228,7 +228,11 @@ def reader_chain(directory: Path, what: str = "warm_start", *, verified: bool = 
         if verified:
             chain[0].verify_manifest()
         while chain[-1].kind == "delta":
-            chain.append(CheckpointReader(_parent_of(chain[-1])))
+            parent = _parent_of(chain[-1])
+            if any(r.path.resolve() == parent.resolve() for r in chain):
+                names = " -> ".join(str(r.path) for r in [*chain, CheckpointReader(parent)])
+                raise CheckpointError(f"delta checkpoints name each other as parents: {names}")
+            chain.append(CheckpointReader(parent))
     except (EmbeddingCheckpointError, CheckpointError) as err:
         raise CheckpointError(f"{what}: {err}") from err
     return chain[::-1]
