@@ -501,3 +501,33 @@ def test_parquet_row_group_rows_beyond_its_values_are_corrupt_not_an_abort(tmp_p
         p.write_bytes(data[: -8 - length] + edited + len(edited).to_bytes(4, "little") + b"PAR1")
         with pytest.raises(CorruptFileError, match=message):
             Dataset(p, batch_size=100)
+
+
+def test_a_parquet_footer_list_claiming_more_entries_than_bytes_is_corrupt_not_an_abort(
+    tmp_path,
+) -> None:
+    """The footer decoder reserves a list's entries before reading them: a row-group list
+    claiming 2**31 - 1 entries asked for hundreds of gigabytes and aborted the process."""
+    p = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"i": pa.array(range(1000), pa.int64())}), p)
+    data = p.read_bytes()
+    length = int.from_bytes(data[-8:-4], "little")
+    footer = data[-8 - length : -8]
+    # FileMetaData.num_rows (field 3, 1000), then field 4, the row groups: a list of 1 struct.
+    rows = bytes([0x16]) + _varint(2000)
+    at = footer.index(rows) + len(rows)
+    assert footer[at : at + 2] == bytes([0x19, 0x1C])
+    edited = footer[: at + 1] + bytes([0xFC]) + _varint((1 << 31) - 1) + footer[at + 2 :]
+    p.write_bytes(data[: -8 - length] + edited + len(edited).to_bytes(4, "little") + b"PAR1")
+    script = (
+        "import sys, recis_io\n"
+        "try:\n"
+        "    recis_io.Dataset(sys.argv[1], batch_size=100)\n"
+        "except recis_io.exceptions.CorruptFileError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(p)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "list.parquet: malformed footer: a list claims 2147483647 entries" in done.stdout

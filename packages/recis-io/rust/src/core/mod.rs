@@ -10,6 +10,7 @@ pub mod error;
 pub mod hash;
 pub mod orc_lengths;
 pub mod orc_types;
+pub mod parquet_footer;
 pub mod plan;
 pub mod pool;
 pub mod prepare;

@@ -18,7 +18,7 @@ use super::error::{guard, Error, Result};
 use super::plan::{Segment, Unit};
 use super::prepare::{prepare, DictHashes, PreparedSegment, PreparedUnit};
 use super::ring::Ring;
-use super::{orc_lengths, orc_types};
+use super::{orc_lengths, orc_types, parquet_footer};
 
 /// Rows per decoded chunk, `RECIS_IO_DECODE_ROWS` or 8192. Small chunks let the allocator
 /// recycle memory between chunks; large ones lower per-chunk overhead.
@@ -98,8 +98,9 @@ fn open(path: &str) -> Result<File> {
 
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let mut file = open(path)?;
-    if format == Format::Orc {
-        orc_types::check(&mut file, path)?;
+    match format {
+        Format::Orc => orc_types::check(&mut file, path)?,
+        Format::Parquet => parquet_footer::check(&file, path)?,
     }
     guard(path, || read_meta_of(file, path, format))
 }

@@ -1,0 +1,222 @@
+//! A check of a Parquet footer's list sizes before the parquet crate decodes it.
+//!
+//! The footer is a Thrift message in the compact protocol. The decoder reserves room for a
+//! list's elements from the count in the list's header before reading them, so a corrupt
+//! footer whose row-group list claims two billion entries asks for hundreds of gigabytes and a
+//! failed allocation aborts the process. Every element of every Thrift type takes at least one
+//! byte, so no list can hold more elements than the bytes after its header: this module walks
+//! the footer and rejects one that claims more. Anything it cannot make sense of is left for
+//! the decoder to report, so this check only ever adds an error.
+
+use std::fs::File;
+
+use super::error::{Error, Result};
+use super::orc_types::read_at;
+
+/// Deepest nesting of structs and lists walked (the footer's own is a few levels).
+const MAX_DEPTH: usize = 64;
+
+/// Fails when the footer of the Parquet file `file` holds a list claiming more elements than
+/// the footer has bytes left.
+pub fn check(file: &File, path: &str) -> Result<()> {
+    let Some(footer) = read_footer(file) else {
+        return Ok(());
+    };
+    let mut walk = Walk {
+        data: &footer,
+        at: 0,
+    };
+    match walk.value(STRUCT, 0) {
+        Err(Found::Oversized { count, left }) => Err(Error::corrupt(
+            path,
+            format!("malformed footer: a list claims {count} entries in the {left} bytes after it"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The footer's bytes, `None` when the tail is not a plain (unencrypted) Parquet footer.
+fn read_footer(file: &File) -> Option<Vec<u8>> {
+    let len = file.metadata().ok()?.len();
+    let tail = read_at(file, len.checked_sub(8)?, 8)?;
+    if &tail[4..] != b"PAR1" {
+        return None;
+    }
+    let footer_len = u64::from(u32::from_le_bytes(tail[..4].try_into().ok()?));
+    let start = len.checked_sub(8)?.checked_sub(footer_len)?;
+    read_at(file, start, footer_len)
+}
+
+// Compact-protocol type ids.
+const BOOL_TRUE: u8 = 1;
+const BOOL_FALSE: u8 = 2;
+const BYTE: u8 = 3;
+const I16: u8 = 4;
+const I32: u8 = 5;
+const I64: u8 = 6;
+const DOUBLE: u8 = 7;
+const BINARY: u8 = 8;
+const LIST: u8 = 9;
+const SET: u8 = 10;
+const MAP: u8 = 11;
+const STRUCT: u8 = 12;
+
+/// Why a walk stopped early.
+#[derive(Debug, PartialEq)]
+enum Found {
+    /// A list or map claims more elements than bytes follow it.
+    Oversized { count: u64, left: usize },
+    /// Something else the walk cannot read: left to the decoder.
+    Unreadable,
+}
+
+struct Walk<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Walk<'_> {
+    fn byte(&mut self) -> std::result::Result<u8, Found> {
+        let b = *self.data.get(self.at).ok_or(Found::Unreadable)?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> std::result::Result<u64, Found> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            value |= u64::from(b & 0x7F) << shift;
+            if b < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(Found::Unreadable)
+    }
+
+    fn skip(&mut self, n: u64) -> std::result::Result<(), Found> {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.at.checked_add(n))
+            .filter(|&end| end <= self.data.len())
+            .ok_or(Found::Unreadable)?;
+        self.at = end;
+        Ok(())
+    }
+
+    /// Refuses `count` elements when fewer bytes than that follow.
+    fn fits(&self, count: u64) -> std::result::Result<(), Found> {
+        let left = self.data.len() - self.at;
+        if count > left as u64 {
+            return Err(Found::Oversized { count, left });
+        }
+        Ok(())
+    }
+
+    /// Walks one value of compact type `kind` (`depth` levels down).
+    fn value(&mut self, kind: u8, depth: usize) -> std::result::Result<(), Found> {
+        if depth > MAX_DEPTH {
+            return Err(Found::Unreadable);
+        }
+        match kind {
+            BOOL_TRUE | BOOL_FALSE | BYTE => self.skip(1),
+            I16 | I32 | I64 => self.varint().map(|_| ()),
+            DOUBLE => self.skip(8),
+            BINARY => {
+                let n = self.varint()?;
+                self.skip(n)
+            }
+            LIST | SET => {
+                let header = self.byte()?;
+                let element = header & 0x0F;
+                let count = match header >> 4 {
+                    15 => self.varint()?,
+                    n => u64::from(n),
+                };
+                self.fits(count)?;
+                for _ in 0..count {
+                    // A bool element of a list is one byte, not folded into a field header.
+                    if matches!(element, BOOL_TRUE | BOOL_FALSE) {
+                        self.skip(1)?;
+                    } else {
+                        self.value(element, depth + 1)?;
+                    }
+                }
+                Ok(())
+            }
+            MAP => {
+                let count = self.varint()?;
+                if count == 0 {
+                    return Ok(());
+                }
+                self.fits(count)?;
+                let kinds = self.byte()?;
+                for _ in 0..count {
+                    self.value(kinds >> 4, depth + 1)?;
+                    self.value(kinds & 0x0F, depth + 1)?;
+                }
+                Ok(())
+            }
+            STRUCT => loop {
+                let header = self.byte()?;
+                if header == 0 {
+                    return Ok(());
+                }
+                let field = header & 0x0F;
+                if header >> 4 == 0 {
+                    self.varint()?; // the field id, zigzag i16, when not a delta
+                }
+                // A bool field's value is its type id.
+                if !matches!(field, BOOL_TRUE | BOOL_FALSE) {
+                    self.value(field, depth + 1)?;
+                }
+            },
+            _ => Err(Found::Unreadable),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(data: &[u8]) -> std::result::Result<(), Found> {
+        Walk { data, at: 0 }.value(STRUCT, 0)
+    }
+
+    #[test]
+    fn a_list_of_structs_that_fits_is_walked() {
+        // field 1: list of 2 structs, each with field 1 = i32 5; then stop.
+        let msg = [0x19, 0x2C, 0x15, 0x0A, 0x00, 0x15, 0x0A, 0x00, 0x00];
+        assert_eq!(walk(&msg), Ok(()));
+    }
+
+    #[test]
+    fn a_list_claiming_more_elements_than_bytes_is_found() {
+        // field 4 (delta 4): list of structs, long count 2**31 - 1, then one struct.
+        let mut msg = vec![0x49, 0xFC, 0xFF, 0xFF, 0xFF, 0xFF, 0x07];
+        msg.extend([0x15, 0x0A, 0x00, 0x00]);
+        assert_eq!(
+            walk(&msg),
+            Err(Found::Oversized {
+                count: (1 << 31) - 1,
+                left: 4
+            })
+        );
+    }
+
+    #[test]
+    fn bool_fields_and_list_elements_and_binaries_are_skipped() {
+        // field 1 bool true (header only), field 2 binary "ab", field 3 list of 2 bools,
+        // field 4 double, stop.
+        let mut msg = vec![0x11, 0x18, 0x02, b'a', b'b', 0x19, 0x21, 0x01, 0x02, 0x17];
+        msg.extend([0u8; 8]);
+        msg.push(0x00);
+        assert_eq!(walk(&msg), Ok(()));
+    }
+
+    #[test]
+    fn a_truncated_message_is_left_to_the_decoder() {
+        assert_eq!(walk(&[0x18, 0x05, b'a']), Err(Found::Unreadable));
+    }
+}
