@@ -137,7 +137,8 @@ def test_capacity_counts_the_base_of_a_delta_chain(tmp_path):
 
 
 def test_load_reads_each_table_file_once(tmp_path, monkeypatch):
-    """A table file holds ~10 tensors; reading it whole once per tensor read it ~10 times."""
+    """A table file holds ~10 tensors; reading it whole once per tensor read it ~10 times.
+    It is opened twice: its header is checked before any table changes, then it is read."""
     import safetensors
     import safetensors.torch
 
@@ -161,7 +162,8 @@ def test_load_reads_each_table_file_once(tmp_path, monkeypatch):
     target = Model()
     load(path, target, train(target, [100]))
     table_files = [f for f in opened if "/sparse/" in f.replace("\\", "/")]
-    assert len(table_files) == 1, table_files
+    assert len(table_files) == 2, table_files
+    assert len(set(table_files)) == 1, table_files
     assert target.emb.table("user")[0].ids().tolist() == list(range(10))
 
 
@@ -216,3 +218,57 @@ def test_delta_after_a_load_that_left_a_table_empty(tmp_path):
     load(tmp_path / "delta", restored)
     assert restored.table("item")[0].ids(restored.table("item")[1]).tolist() == [0, 1, 2, 3]
     assert restored.table("user")[0].ids(restored.table("user")[1]).tolist() == [0, 1, 2, 3, 4, 7]
+
+
+def _edit_table_file(path, edit) -> None:
+    """Rewrite the table file of checkpoint ``path`` with ``edit(tensors)`` applied and record
+    its new checksum, as a hand edit that passes the checksums would."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from recis_embedding._checkpoint import manifest_digest, sha256
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    (rel,) = manifest["tables"]["user"]["files"]
+    tensors = load_file(str(path / rel))
+    edit(tensors, manifest)
+    save_file(tensors, str(path / rel))
+    if rel in manifest["files"]:
+        manifest["files"][rel] = sha256(path / rel)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t, m: t.update(ids=t["ids"].int()), r"'ids' is I32 of shape \[10\]"),
+        (
+            lambda t, m: t.update(embeddings=t["embeddings"][:-2].clone()),
+            r"'embeddings' is F32 of shape \[8, 3\], expected F32 of shape \[10, 3\]",
+        ),
+        (lambda t, m: t.pop("meta.frequency"), r"no tensor 'meta.frequency'"),
+        (
+            lambda t, m: m["tables"]["user"].update(dtype="float16"),
+            r"'embeddings' is F32 of shape \[10, 3\], expected F16",
+        ),
+        (
+            lambda t, m: m["files"].pop(m["tables"]["user"]["files"][0]),
+            r"names file .* which has no checksum in the manifest",
+        ),
+    ],
+)
+def test_table_files_that_do_not_fit_their_manifest_are_refused_before_any_table_changes(
+    tmp_path, edit, message
+) -> None:
+    model = Model()
+    opt = train(model, list(range(10)))
+    path = save(tmp_path / "ckpt", model, opt)
+    _edit_table_file(path, edit)
+    target = Model()
+    target_opt = train(target, [100, 101])
+    before = target.emb.table("user")[0].ids().tolist()
+    with pytest.raises(CheckpointError, match=message):
+        load(path, target, target_opt)
+    assert target.emb.table("user")[0].ids().tolist() == before

@@ -43,6 +43,7 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +178,27 @@ class CheckpointReader:
             self.verify()
 
     def verify(self) -> None:
-        """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest."""
+        """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest,
+        and that every file a table names has one and lies inside the checkpoint."""
         self.verify_manifest()
+        files = self.manifest.get("files")
+        tables = self.manifest.get("tables")
+        if not isinstance(files, dict) or not isinstance(tables, dict):
+            raise CheckpointError(
+                f"checkpoint {self.path}: manifest 'files' and 'tables' must be objects"
+            )
+        for name, info in tables.items():
+            named = info.get("files") if isinstance(info, dict) else None
+            if not isinstance(named, list):
+                raise CheckpointError(
+                    f"checkpoint {self.path}: manifest table {name!r} lists no files"
+                )
+            for rel in named:
+                if rel not in files or not _inside(self.path, rel):
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: table {name!r} names file {rel!r}, which has "
+                        "no checksum in the manifest or lies outside the checkpoint"
+                    )
         for rel, digest in self.manifest["files"].items():
             if sha256(self._file(rel)) != digest:
                 raise CheckpointError(f"checksum mismatch for {rel} in checkpoint {self.path}")
@@ -198,6 +218,30 @@ class CheckpointReader:
                 raise CheckpointError(
                     f"checkpoint {self.path}: file {rel} is not readable safetensors ({exc})"
                 ) from exc
+
+    def check_tensors(self, tables: Iterable[str]) -> None:
+        """Check, from the files' headers only, that each of ``tables`` holds the tensors a
+        load reads, with the manifest's dtype and dim and one length per table file: found
+        before a load changes any table, not half way through it.
+
+        Raises:
+            CheckpointError: naming the table, the file and the tensor.
+        """
+        for name in tables:
+            info = self.table_info(name)
+            dim, dtype = info.get("dim"), info.get("dtype")
+            slots = {str(s[0]): int(s[1]) for s in info.get("slots") or []}
+            for rel in info["files"]:
+                f = self._file(rel)
+                try:
+                    with safe_open(str(f), framework="pt") as handle:
+                        slices = {k: handle.get_slice(k) for k in set(handle.keys())}
+                        found = {k: (v.get_dtype(), v.get_shape()) for k, v in slices.items()}
+                except Exception as exc:  # safetensors raises its own error type
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: file {rel} is not readable safetensors ({exc})"
+                    ) from exc
+                _check_table_file(self.path, name, rel, found, dim, dtype, slots)
 
     def _file(self, rel: str) -> Path:
         """The path of file ``rel`` of the checkpoint, which must be there."""
@@ -266,3 +310,58 @@ class CheckpointReader:
     def dense(self) -> dict[str, torch.Tensor]:
         """The model's dense ``state_dict`` tensors."""
         return load_file(str(self.path / "dense.safetensors"))
+
+
+# safetensors' dtype names of the manifest's.
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """Whether file ``rel`` of a checkpoint at ``root`` lies inside it."""
+    if not isinstance(rel, str) or Path(rel).is_absolute():
+        return False
+    return (root / rel).resolve().is_relative_to(root.resolve())
+
+
+def _check_table_file(
+    path: Path,
+    name: str,
+    rel: str,
+    found: dict[str, tuple[str, list[int]]],
+    dim: Any,
+    dtype: Any,
+    slots: dict[str, int],
+) -> None:
+    """The tensors of one file of table ``name``: ``found`` maps each to (dtype, shape)."""
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: table {name!r}, file {rel}: {what}")
+
+    if "ids" not in found:
+        raise refuse("no tensor 'ids'")
+    ids_dtype, ids_shape = found["ids"]
+    if ids_dtype != "I64" or len(ids_shape) != 1:
+        raise refuse(f"'ids' is {ids_dtype} of shape {ids_shape}, expected int64 (N,)")
+    rows = ids_shape[0]
+    want = {
+        "embeddings": (_SAFETENSORS_DTYPES.get(str(dtype)), [rows, dim]),
+        "meta.frequency": (None, [rows]),
+        "meta.last_seen": (None, [rows]),
+    }
+    for slot, width in slots.items():
+        want[f"slot.{slot}"] = ("F32", [rows, width])
+    for key, (kind, shape) in want.items():
+        if key not in found:
+            raise refuse(f"no tensor {key!r}")
+        got_kind, got_shape = found[key]
+        if list(got_shape) != shape or (kind is not None and got_kind != kind):
+            raise refuse(
+                f"{key!r} is {got_kind} of shape {got_shape}, expected "
+                f"{kind or 'any dtype'} of shape {shape} (the manifest's dtype {dtype} and dim "
+                f"{dim}, one row per id)"
+            )
+    for key in ("meta.inserted", "erased"):
+        if key in found and len(found[key][1]) != 1:
+            raise refuse(f"{key!r} has shape {found[key][1]}, expected 1-d")
+    if "meta.inserted" in found and found["meta.inserted"][1][0] != rows:
+        raise refuse(f"'meta.inserted' has {found['meta.inserted'][1][0]} rows, ids {rows}")

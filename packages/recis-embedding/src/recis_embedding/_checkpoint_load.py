@@ -91,6 +91,8 @@ def load(
                 reader.check_files()
         _check_optimizer(chain[-1], sparse_optimizer)
         _check_tables(chain[-1], tables, strict)
+        for reader in chain:
+            reader.check_tensors(sorted(set(tables) & set(reader.manifest["tables"])))
         for reader in chain[:-1]:
             _check_dims(reader, tables)
         _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
