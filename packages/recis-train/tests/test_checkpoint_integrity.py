@@ -414,3 +414,31 @@ def test_a_damaged_manifest_of_the_latest_checkpoint_is_passed_over(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="recis_train"):
         assert fresh.restore() == step(trainer.checkpoints.root, 3)
     assert "skipping incomplete checkpoint" in caplog.text
+
+
+def test_warm_start_from_table_files_that_do_not_fit_leaves_the_model_untouched(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from recis_embedding._checkpoint import manifest_digest, sha256
+
+    trainer = build_tables(tmp_path / "run", train_steps=3)
+    trainer.train()
+    path = tmp_path / "tables"
+    emb.save(path, trainer.model, trainer.sparse_optimizer)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (rel,) = manifest["tables"]["ids"]["files"]
+    tensors = load_file(str(path / rel))
+    tensors["embeddings"] = tensors["embeddings"][:-2].clone()  # two rows short of the ids
+    save_file(tensors, str(path / rel))
+    manifest["files"][rel] = sha256(path / rel)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    fresh = build_tables(tmp_path / "fresh")
+    fresh.model.embeddings({"ids": torch.arange(5)[:, None]})  # rows a misfit must keep
+    before, (ids, rows) = params(fresh), table_rows(fresh)
+    with pytest.raises(CheckpointError, match=r"warm_start: .*'embeddings' is F32 of shape"):
+        warm_start(fresh.model, path)
+    assert_same(params(fresh), before)
+    after_ids, after_rows = table_rows(fresh)
+    assert torch.equal(after_ids, ids)
+    assert torch.equal(after_rows, rows)

@@ -211,6 +211,27 @@ def _verify_embedding(directory: Path) -> None:
         raise CheckpointError(f"warm_start: {err}") from err
 
 
+def _check_chain_files(chain: list[Any], tables: dict[str, Any]) -> None:
+    """Every checkpoint of ``chain`` holds the selected tables with the model's dims, in files
+    whose tensors fit their manifests (checked from their headers): before anything loads, so
+    a misfit leaves the model untouched."""
+    from recis_embedding import CheckpointError as EmbeddingCheckpointError
+
+    for reader in chain:
+        saved = reader.manifest["tables"]
+        names = {name: table for name, (table, _, _) in tables.values() if name in saved}
+        for name, table in names.items():
+            if saved[name].get("dim") != table.dim:
+                raise CheckpointError(
+                    f"warm_start: table {name!r} has dim {saved[name].get('dim')} in "
+                    f"{reader.path}, the model's has {table.dim}"
+                )
+        try:
+            reader.check_tensors(sorted(names))
+        except EmbeddingCheckpointError as err:
+            raise CheckpointError(f"warm_start: {err}") from err
+
+
 def reader_chain(directory: Path, what: str = "warm_start", *, verified: bool = False) -> list[Any]:
     """The recis-embedding checkpoint and the parents a delta builds on, oldest first, each
     verified against its SHA-256 checksums (``verified``: the files of ``directory`` itself
@@ -444,6 +465,7 @@ def warm_start(
             targets[target] = name
     dense = _fit_dense(model, saved, dense_names, result)
     tables = _fit_tables(model, chain[-1], table_names, optimizer_state, result) if chain else {}
+    _check_chain_files(chain, tables)
     model.load_state_dict(dense, strict=False)
     result.dense.extend(dense)
     for target, (name, (table, index, shard)) in tables.items():
