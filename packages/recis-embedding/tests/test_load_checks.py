@@ -272,3 +272,36 @@ def test_table_files_that_do_not_fit_their_manifest_are_refused_before_any_table
     with pytest.raises(CheckpointError, match=message):
         load(path, target, target_opt)
     assert target.emb.table("user")[0].ids().tolist() == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(kind="bogus"), r"kind must be 'full' or 'delta', got 'bogus'"),
+        (
+            lambda m: m["tables"]["user"].update(dim="3"),
+            r"table 'user': dim must be a non-negative",
+        ),
+        (lambda m: m["tables"]["user"].pop("slots"), r"table 'user': slots must list"),
+        (
+            lambda m: m["tables"]["user"].update(rows=-3),
+            r"table 'user': rows must be a non-negative",
+        ),
+        (lambda m: m.update(files=[]), r"'files' must map file names to checksums"),
+    ],
+)
+def test_manifest_entries_of_the_wrong_shape_are_refused_by_name(tmp_path, edit, message):
+    import json
+
+    from recis_embedding._checkpoint import manifest_digest
+
+    model = Model()
+    path = save(tmp_path / "ckpt", model, train(model, [1, 2]))
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    target = Model()
+    with pytest.raises(CheckpointError, match=r"manifest\.json: " + message):
+        load(path, target, train(target, [5]))
+    assert target.emb.table("user")[0].ids().tolist() == [5]

@@ -164,8 +164,8 @@ class CheckpointReader:
             )
             raise CheckpointError(f"no checkpoint at {self.path} (missing manifest.json){hint}")
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"corrupt manifest {mpath}: {exc}") from exc
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{mpath} is not a recis-embedding checkpoint manifest")
@@ -174,6 +174,9 @@ class CheckpointReader:
                 f"checkpoint {self.path} has format version {self.manifest.get('format_version')}, "
                 f"this recis-embedding reads version {FORMAT_VERSION}"
             )
+        wrong = _manifest_error(self.manifest)
+        if wrong is not None:
+            raise CheckpointError(f"{mpath}: {wrong}")
         if verify:
             self.verify()
 
@@ -181,19 +184,9 @@ class CheckpointReader:
         """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest,
         and that every file a table names has one and lies inside the checkpoint."""
         self.verify_manifest()
-        files = self.manifest.get("files")
-        tables = self.manifest.get("tables")
-        if not isinstance(files, dict) or not isinstance(tables, dict):
-            raise CheckpointError(
-                f"checkpoint {self.path}: manifest 'files' and 'tables' must be objects"
-            )
-        for name, info in tables.items():
-            named = info.get("files") if isinstance(info, dict) else None
-            if not isinstance(named, list):
-                raise CheckpointError(
-                    f"checkpoint {self.path}: manifest table {name!r} lists no files"
-                )
-            for rel in named:
+        files = self.manifest["files"]  # the entries' shapes were checked on reading
+        for name, info in self.manifest["tables"].items():
+            for rel in info["files"]:
                 if rel not in files or not _inside(self.path, rel):
                     raise CheckpointError(
                         f"checkpoint {self.path}: table {name!r} names file {rel!r}, which has "
@@ -365,3 +358,38 @@ def _check_table_file(
             raise refuse(f"{key!r} has shape {found[key][1]}, expected 1-d")
     if "meta.inserted" in found and found["meta.inserted"][1][0] != rows:
         raise refuse(f"'meta.inserted' has {found['meta.inserted'][1][0]} rows, ids {rows}")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_error(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a manifest's entries a load reads (a damaged or
+    hand-edited file), or ``None``."""
+    if manifest.get("kind") not in ("full", "delta"):
+        return f"kind must be 'full' or 'delta', got {manifest.get('kind')!r}"
+    if not isinstance(manifest.get("files"), dict):
+        return "'files' must map file names to checksums"
+    tables = manifest.get("tables")
+    if not isinstance(tables, dict):
+        return "'tables' must map table names to their entries"
+    for name, info in tables.items():
+        if not isinstance(info, dict):
+            return f"table {name!r}: its entry must be an object"
+        for key in ("dim", "rows", "step"):
+            value = info.get(key)
+            if not _count(value) or (key == "dim" and value == 0):
+                return f"table {name!r}: {key} must be a non-negative int, got {value!r}"
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            return f"table {name!r}: dtype must be one of {sorted(_SAFETENSORS_DTYPES)}"
+        slots = info.get("slots")
+        if not isinstance(slots, list) or not all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and _count(s[1])
+            for s in slots
+        ):
+            return f"table {name!r}: slots must list [name, width] pairs, got {slots!r}"
+        files = info.get("files")
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            return f"table {name!r}: files must list its file names, got {files!r}"
+    return None
