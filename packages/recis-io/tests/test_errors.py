@@ -333,6 +333,29 @@ def _orc_stream(data: bytes, column: int, kind: int) -> tuple[int, int]:
     raise AssertionError(f"no stream of kind {kind} for column {column}")
 
 
+def _corrupt_file_error(
+    path: Path, batch_size: int, iterate: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Opens ``path`` with recis-io (and reads it, with ``iterate``) in a child process, which
+    an abort cannot take the tests down with, and returns it finished: it prints the
+    ``CorruptFileError`` raised, and must exit normally."""
+    read = f"recis_io.Dataset(sys.argv[1], batch_size={batch_size})"
+    if iterate:
+        read = f"for _ in {read}: pass"
+    script = (
+        "import sys, recis_io\n"
+        "try:\n"
+        f"    {read}\n"
+        "except recis_io.exceptions.CorruptFileError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_orc_list_lengths_beyond_memory_are_corrupt_not_an_abort(tmp_path, nested: bool) -> None:
     """A length stream claiming 2**40 values per list made the ORC decoder allocate their
@@ -353,17 +376,7 @@ def test_orc_list_lengths_beyond_memory_are_corrupt_not_an_abort(tmp_path, neste
     run += (bytes([0x08, 0, 0]) if pad % 2 else b"") + bytes(pad - 3 * (pad % 2))
     data[offset : offset + length] = run
     p.write_bytes(bytes(data))
-    script = (
-        "import sys, recis_io\n"
-        "try:\n"
-        "    for _ in recis_io.Dataset(sys.argv[1], batch_size=64): pass\n"
-        "except recis_io.exceptions.CorruptFileError as e:\n"
-        "    print(e)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(p)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _corrupt_file_error(p, batch_size=64)
     assert "len.orc, stripe 0: column 'seq' claims" in done.stdout, done.stdout
     assert "so its length stream is corrupt" in done.stdout, done.stdout
 
@@ -464,17 +477,7 @@ def test_orc_metadata_lengths_beyond_the_file_are_corrupt_not_an_abort(
     of the sizes the file claims: a damaged length of exabytes aborted the process, and a
     stripe row count damaged to 0 read no rows without a word. Each is a corrupt file."""
     p = _damaged_orc(tmp_path, damage, compression)
-    script = (
-        "import sys, recis_io\n"
-        "try:\n"
-        "    for _ in recis_io.Dataset(sys.argv[1], batch_size=100): pass\n"
-        "except recis_io.exceptions.CorruptFileError as e:\n"
-        "    print(e)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(p)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _corrupt_file_error(p, batch_size=100)
     assert f"{damage}.orc" in done.stdout, done.stdout
     assert re.search(message, done.stdout), done.stdout
 
@@ -519,15 +522,5 @@ def test_a_parquet_footer_list_claiming_more_entries_than_bytes_is_corrupt_not_a
     assert footer[at : at + 2] == bytes([0x19, 0x1C])
     edited = footer[: at + 1] + bytes([0xFC]) + _varint((1 << 31) - 1) + footer[at + 2 :]
     p.write_bytes(data[: -8 - length] + edited + len(edited).to_bytes(4, "little") + b"PAR1")
-    script = (
-        "import sys, recis_io\n"
-        "try:\n"
-        "    recis_io.Dataset(sys.argv[1], batch_size=100)\n"
-        "except recis_io.exceptions.CorruptFileError as e:\n"
-        "    print(e)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(p)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _corrupt_file_error(p, batch_size=100, iterate=False)
     assert "list.parquet: malformed footer: a list claims 2147483647 entries" in done.stdout

@@ -201,16 +201,8 @@ class CheckpointReader:
         safetensors (its header reads): a missing or truncated file is found before a load
         changes any table."""
         for rel in self.manifest["files"]:
-            f = self._file(rel)
-            if f.suffix != ".safetensors":
-                continue
-            try:
-                with safe_open(str(f), framework="pt"):
-                    pass
-            except Exception as exc:  # safetensors raises its own error type for a bad header
-                raise CheckpointError(
-                    f"checkpoint {self.path}: file {rel} is not readable safetensors ({exc})"
-                ) from exc
+            if rel.endswith(".safetensors"):
+                self._header(rel)
 
     def check_tensors(self, tables: Iterable[str]) -> None:
         """Check, from the files' headers only, that each of ``tables`` holds the tensors a
@@ -225,16 +217,21 @@ class CheckpointReader:
             dim, dtype = info.get("dim"), info.get("dtype")
             slots = {str(s[0]): int(s[1]) for s in info.get("slots") or []}
             for rel in info["files"]:
-                f = self._file(rel)
-                try:
-                    with safe_open(str(f), framework="pt") as handle:
-                        slices = {k: handle.get_slice(k) for k in set(handle.keys())}
-                        found = {k: (v.get_dtype(), v.get_shape()) for k, v in slices.items()}
-                except Exception as exc:  # safetensors raises its own error type
-                    raise CheckpointError(
-                        f"checkpoint {self.path}: file {rel} is not readable safetensors ({exc})"
-                    ) from exc
-                _check_table_file(self.path, name, rel, found, dim, dtype, slots)
+                _check_table_file(self.path, name, rel, self._header(rel), dim, dtype, slots)
+
+    def _header(self, rel: str) -> dict[str, tuple[str, list[int]]]:
+        """The dtype and shape of every tensor of safetensors file ``rel``, from its header
+        (no tensor data is read)."""
+        try:
+            with safe_open(str(self._file(rel)), framework="pt") as handle:
+                slices = {k: handle.get_slice(k) for k in set(handle.keys())}
+                return {k: (v.get_dtype(), v.get_shape()) for k, v in slices.items()}
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise CheckpointError(
+                f"checkpoint {self.path}: file {rel} is not readable safetensors ({exc})"
+            ) from exc
 
     def _file(self, rel: str) -> Path:
         """The path of file ``rel`` of the checkpoint, which must be there."""

@@ -243,17 +243,15 @@ def reader_chain(directory: Path, what: str = "warm_start", *, verified: bool = 
     """
     from recis_embedding import CheckpointError as EmbeddingCheckpointError
     from recis_embedding import CheckpointReader
+    from recis_embedding._checkpoint_load import check_no_loop
 
     try:
         chain = [CheckpointReader(directory, verify=not verified)]
         if verified:
             chain[0].verify_manifest()
         while chain[-1].kind == "delta":
-            parent = _parent_of(chain[-1])
-            if any(r.path.resolve() == parent.resolve() for r in chain):
-                names = " -> ".join(str(r.path) for r in [*chain, CheckpointReader(parent)])
-                raise CheckpointError(f"delta checkpoints name each other as parents: {names}")
-            chain.append(CheckpointReader(parent))
+            chain.append(CheckpointReader(_parent_of(chain[-1])))
+            check_no_loop(chain)
     except (EmbeddingCheckpointError, CheckpointError) as err:
         raise CheckpointError(f"{what}: {err}") from err
     return chain[::-1]

@@ -24,44 +24,36 @@ const MAX_FOOTER: u64 = 64 << 20;
 /// postscript claiming exabytes would abort the process.
 const MAX_BLOCK: u64 = 1 << 30;
 
-/// Fails when the postscript of the ORC file `file` claims an impossible compression block
-/// size, or its footer holds a type tree orc-rust cannot parse safely.
+/// Fails when the postscript of the ORC file `file` claims a footer and metadata section
+/// larger than the file holds before it or an impossible compression block size, or its
+/// footer holds a type tree orc-rust cannot parse safely.
 pub fn check(file: &mut File, path: &str) -> Result<()> {
-    if let Some((ps_start, postscript)) = read_postscript(file) {
-        let length = |field| {
-            fields(&postscript)
-                .into_iter()
-                .flatten()
-                .find_map(|(f, v)| match (f == field, v) {
-                    (true, Value::Varint(v)) => Some(v),
-                    _ => None,
-                })
-                .unwrap_or(0)
-        };
-        // The footer and the metadata section lie just before the postscript.
-        let (footer, metadata) = (length(1), length(5));
-        if footer.checked_add(metadata).is_none_or(|n| n > ps_start) {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "malformed postscript: a {footer}-byte footer and {metadata} bytes of \
-                     metadata claimed before byte {ps_start}"
-                ),
-            ));
-        }
+    let Some(ps) = Postscript::read(file) else {
+        return Ok(());
+    };
+    // The footer and the metadata section lie just before the postscript.
+    let (footer, metadata) = (ps.footer.unwrap_or(0), ps.metadata);
+    if footer.checked_add(metadata).is_none_or(|n| n > ps.start) {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "malformed postscript: a {footer}-byte footer and {metadata} bytes of \
+                 metadata claimed before byte {}",
+                ps.start
+            ),
+        ));
     }
-    if let Some((kind, block)) = compression(file) {
-        if kind != 0 && block > MAX_BLOCK {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "malformed postscript: compression block size {block} bytes, beyond \
-                     {MAX_BLOCK} (chunk headers hold at most 8 MiB)"
-                ),
-            ));
-        }
+    if ps.kind != 0 && ps.block > MAX_BLOCK {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "malformed postscript: compression block size {} bytes, beyond {MAX_BLOCK} \
+                 (chunk headers hold at most 8 MiB)",
+                ps.block
+            ),
+        ));
     }
-    let Some(footer) = read_footer(file) else {
+    let Some(footer) = read_footer(file, &ps) else {
         return Ok(());
     };
     let Some(types) = subtypes(&footer) else {
@@ -92,50 +84,56 @@ fn check_tree(types: &[Vec<u64>]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The postscript's compression kind and block size, `None` when the tail does not parse.
-fn compression(file: &File) -> Option<(u64, u64)> {
-    let (_, postscript) = read_postscript(file)?;
-    let (mut kind, mut block) = (0, 256 * 1024);
-    for (field, value) in fields(&postscript)? {
-        match (field, value) {
-            (2, Value::Varint(v)) => kind = v,
-            (3, Value::Varint(v)) => block = v,
-            _ => {}
-        }
-    }
-    Some((kind, block))
+/// The fields of an ORC postscript this module reads.
+struct Postscript {
+    /// Where it starts in the file.
+    start: u64,
+    /// Footer length (field 1), metadata length (5), compression kind (2) and block size (3).
+    footer: Option<u64>,
+    metadata: u64,
+    kind: u64,
+    block: u64,
 }
 
-/// Where the postscript starts, and its bytes.
-fn read_postscript(file: &File) -> Option<(u64, Vec<u8>)> {
-    let len = file.metadata().ok()?.len();
-    let last = read_at(file, len.checked_sub(1)?, 1)?;
-    let ps_len = u64::from(last[0]);
-    let ps_start = len.checked_sub(1 + ps_len)?;
-    Some((ps_start, read_at(file, ps_start, ps_len)?))
+impl Postscript {
+    /// `None` when the tail does not parse.
+    fn read(file: &File) -> Option<Postscript> {
+        let len = file.metadata().ok()?.len();
+        let last = read_at(file, len.checked_sub(1)?, 1)?;
+        let ps_len = u64::from(last[0]);
+        let start = len.checked_sub(1 + ps_len)?;
+        let bytes = read_at(file, start, ps_len)?;
+        let mut ps = Postscript {
+            start,
+            footer: None,
+            metadata: 0,
+            kind: 0,
+            block: 256 * 1024,
+        };
+        for (field, value) in fields(&bytes)? {
+            match (field, value) {
+                (1, Value::Varint(v)) => ps.footer = Some(v),
+                (2, Value::Varint(v)) => ps.kind = v,
+                (3, Value::Varint(v)) => ps.block = v,
+                (5, Value::Varint(v)) => ps.metadata = v,
+                _ => {}
+            }
+        }
+        Some(ps)
+    }
 }
 
 /// The decompressed footer bytes, `None` when the tail does not parse.
-fn read_footer(file: &mut File) -> Option<Vec<u8>> {
-    let (ps_start, postscript) = read_postscript(file)?;
-    let (mut footer_len, mut kind, mut block) = (None, 0, 256 * 1024);
-    for (field, value) in fields(&postscript)? {
-        match (field, value) {
-            (1, Value::Varint(v)) => footer_len = Some(v),
-            (2, Value::Varint(v)) => kind = v,
-            (3, Value::Varint(v)) => block = v,
-            _ => {}
-        }
-    }
-    let footer_len = footer_len?;
+fn read_footer(file: &File, ps: &Postscript) -> Option<Vec<u8>> {
+    let footer_len = ps.footer?;
     if footer_len > MAX_FOOTER {
         return None;
     }
-    let raw = read_at(file, ps_start.checked_sub(footer_len)?, footer_len)?;
-    if kind == 0 {
+    let raw = read_at(file, ps.start.checked_sub(footer_len)?, footer_len)?;
+    if ps.kind == 0 {
         return Some(raw);
     }
-    decompress(&raw, kind, block.min(MAX_FOOTER) as usize)
+    decompress(&raw, ps.kind, ps.block.min(MAX_FOOTER) as usize)
 }
 
 pub(super) fn read_at(mut file: &File, start: u64, len: u64) -> Option<Vec<u8>> {
