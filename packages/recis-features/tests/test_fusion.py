@@ -480,3 +480,75 @@ def test_a_long_truncation_overlaps_the_other_groups_of_its_step() -> None:
                 assert_same(out[f.name], f(batch))
     finally:
         torch.set_num_threads(before)
+
+
+class ModPlusOne(Transform):
+    """``mod(n) + 1`` of dense ids: a kind whose fused implementation reads what it computes."""
+
+    kind = "test_mod_plus_one"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def params(self) -> dict[str, int]:
+        return {"n": self.n}
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        return rk.mod(value, self.n) + 1
+
+
+@register_fused("test_mod_plus_one")
+def _fused_mod_plus_one(
+    ops: Sequence[ModPlusOne], values: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    return [r + 1 for r in rk.fused_mod(list(values), [op.n for op in ops])]
+
+
+def _reading_mod(ops: Sequence[Mod], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    # A replacement of the built-in mod that reads its remainders (adding 0 copies them).
+    return [r + 0 for r in rk.fused_mod(list(values), [op.n for op in ops])]
+
+
+def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
+    """The built-in fused truncate and mod of a step may leave their host work running while
+    the step's other groups run. Those groups (a map's function, a registered kind, a
+    replacement of the built-in mod) run their ops in place, so what they compute and read is
+    complete: every output equals the feature alone, batch after batch, on two threads."""
+    g = torch.Generator().manual_seed(11)
+    batches = []
+    for _ in range(3):
+        lengths = torch.randint(0, 90, (8000,), generator=g)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        values = torch.randint(-(1 << 62), 1 << 62, (int(offsets[-1]),), generator=g)
+        ids = torch.randint(-(1 << 62), 1 << 62, (40_000,), generator=g)
+        batches.append({"seq": RaggedTensor(values, [offsets]), "ids": ids})
+
+    def last_mod(r: RaggedTensor) -> torch.Tensor:
+        # 320 KB of copy and of remainders: both would be deferred in an enabled block.
+        return rk.mod(rk.truncate(r, 40, "tail").values.values, 97) + 1
+
+    features = [
+        Feature("seq").select("seq").truncate(40, side="tail"),
+        Feature("ids").select("ids").mod(1_000_003),
+        Feature("mapped").select("seq").map(last_mod),
+        Feature("plus").select("ids").then(ModPlusOne(1_000_033)),
+    ]
+    before = torch.get_num_threads()
+    builtin = fused_implementation("mod")
+    assert builtin is not None
+    try:
+        torch.set_num_threads(2)
+        for replaced in (False, True):
+            if replaced:
+                register_fused("mod", _reading_mod, replace=True)
+            engine = FeatureEngine(features, passthrough=False)
+            kinds = [g["kind"] for g in engine.plan()[1]]
+            assert kinds == ["truncate", "mod", "lambda", "test_mod_plus_one"]
+            for _ in range(5):
+                for batch in batches:
+                    out = engine(batch)
+                    for f in features:
+                        assert_same(out[f.name], f(batch))
+    finally:
+        register_fused("mod", builtin, replace=True)
+        torch.set_num_threads(before)

@@ -80,3 +80,37 @@ def test_fused_mod_equal_sized_features(data, ns):
     moduli = [ns.draw(n_st) for _ in data]
     outs = rk.fused_mod([torch.tensor(i, dtype=torch.int64) for i in data], moduli)
     assert [o.tolist() for o in outs] == [ref_mod(i, n) for i, n in zip(data, moduli, strict=True)]
+
+
+def test_overlapped_fused_mod_equals_in_place_and_overlap_false_runs_in_place():
+    """Inside ``overlap`` with more than one thread, the remainders of large int64 CPU inputs
+    are computed on a pool thread; once the block ends they equal the in-place ones. Inside
+    ``overlap(False)`` (nested in an enabled block) they are computed in place, readable at
+    once, while work started before it goes on."""
+    from recis_kernels import _overlap
+
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(7)
+    ids = [torch.randint(-(1 << 62), 1 << 62, (20_000,), generator=g) for _ in range(3)]
+    ns = [1_000_003, 97, (1 << 40) + 15]  # 480 KB of output: above the 256 KiB threshold
+    want = [
+        torch.tensor([(int(v) % (1 << 64)) % n for v in x]) for x, n in zip(ids, ns, strict=True)
+    ]
+    try:
+        torch.set_num_threads(2)
+        with rk.overlap():
+            got = rk.fused_mod(ids, ns)
+            assert len(_overlap._local.pending) == 1
+            with rk.overlap(False):
+                now = rk.fused_mod(ids, ns)
+                assert len(_overlap._local.pending) == 1  # nothing more deferred
+                assert all(torch.equal(a, b) for a, b in zip(now, want, strict=True))
+            later = rk.fused_mod(ids, ns)  # the outer block defers again
+            assert len(_overlap._local.pending) == 2
+        assert getattr(_overlap._local, "pending", None) is None
+        for out in (got, later):
+            assert all(torch.equal(a, b) for a, b in zip(out, want, strict=True))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(TypeError, match="overlap: enabled must be a bool, got 'no'"):
+        rk.overlap("no")  # type: ignore[arg-type]

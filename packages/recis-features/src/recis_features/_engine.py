@@ -23,7 +23,13 @@ from ._feature import (
     missing_column_error,
     read_source,
 )
-from ._fused import cross_then_mod, fill_bucketize_args, fill_then_bucketize
+from ._fused import (
+    cross_then_mod,
+    fill_bucketize_args,
+    fill_then_bucketize,
+    fused_mod,
+    fused_truncate,
+)
 from ._fusion import fused_implementation
 from ._op import Op, SourceOp
 from ._ops import Bucketize, FeatureCross, FillMissing, Mod, SelectField
@@ -43,8 +49,12 @@ _FORMAT_VERSION = 1
 _FILL_BUCKETIZE = "fill_missing+bucketize"
 # The kind of a group of mod ops run with the cross each reads.
 _CROSS_MOD = "cross+mod"
-# Op kinds whose fused call ends in a large host copy, which may overlap later groups.
-_COPY_KINDS = frozenset({"truncate"})
+# The built-in fused implementations whose large host work (a truncation's row copy, the
+# remainders of a mod) may go on in the background while the step's later groups run
+# (recis_kernels.overlap); they read nothing of what they return. Their groups go first in a
+# step, in this order (the longest work first).
+_DEFERRING: dict[str, Callable[..., Any]] = {"truncate": fused_truncate, "mod": fused_mod}
+_DEFER_ORDER = {kind: k for k, kind in enumerate(_DEFERRING)}
 
 
 @dataclasses.dataclass
@@ -250,10 +260,12 @@ class FeatureEngine(nn.Module):
             if group is None:
                 groups.append(group := _Group(kind, []))
             group.nodes.append(i)
-        # Kinds whose fused call may leave a host copy running (see recis_kernels.overlap) go
+        # Kinds whose fused call may leave host work running (see recis_kernels.overlap) go
         # first in their step, so the step's other groups overlap it.
         self._steps = [
-            sorted(groups, key=lambda g: g.kind not in _COPY_KINDS) for groups in steps if groups
+            sorted(groups, key=lambda g: _DEFER_ORDER.get(g.kind, len(_DEFER_ORDER)))
+            for groups in steps
+            if groups
         ]
         for groups in self._steps:
             for group in groups:
@@ -368,11 +380,22 @@ class FeatureEngine(nn.Module):
                 for group in groups:
                     self._run_group(group, values, columns)
                 continue
-            # A large host copy (a truncation's) may run on another core while the step's
-            # other groups run; the block's end waits for it, before the next step reads it.
+            # Large host work of the built-in fused truncate and mod may run on another core
+            # while the step's other groups run; the block's end waits for it, before the next
+            # step reads it. Every other group (a map's function, say, or a registered
+            # implementation) may read what it computes: its ops run in place.
             with rk.overlap():
                 for group in groups:
-                    self._run_group(group, values, columns)
+                    builtin = _DEFERRING.get(group.kind)
+                    if (
+                        builtin is not None
+                        and self.fused
+                        and builtin is fused_implementation(group.kind)
+                    ):
+                        self._run_group(group, values, columns)
+                        continue
+                    with rk.overlap(False):
+                        self._run_group(group, values, columns)
         out: dict[str, Any] = {name: values[node] for name, node in self._outputs}
         if self.passthrough:
             for name, column in batch.items():

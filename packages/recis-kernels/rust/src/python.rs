@@ -126,15 +126,55 @@ where
     });
 }
 
-/// `out[part k] = (uint64)parts[k] % divisors[k]`, the parts written one after another.
+/// Runs `job` on a pool thread; the returned [`Pending`] says when it is done (and waits for
+/// it when dropped).
+fn in_background(job: impl FnOnce() + Send + 'static) -> Pending {
+    let state = Arc::new((Mutex::new(false), Condvar::new()));
+    let signal = Arc::clone(&state);
+    pool().spawn(move || {
+        job();
+        let (done, wake) = &*signal;
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        wake.notify_all();
+    });
+    Pending { state }
+}
+
+/// [`run_shared`], or with `background` every run on one pool thread while the caller goes on
+/// (the caller keeps the memory `work` reads and writes alive and unread until the returned
+/// [`Pending`] is done).
+fn run_parts<F>(
+    py: Python<'_>,
+    lens: &[usize],
+    threads: usize,
+    min_share: usize,
+    background: bool,
+    work: F,
+) -> Option<Pending>
+where
+    F: Fn(Run) + Send + Sync + 'static,
+{
+    if !background {
+        run_shared(py, lens, threads, min_share, work);
+        return None;
+    }
+    let runs: Vec<Run> = split(lens, 1).into_iter().flatten().collect();
+    Some(in_background(move || runs.into_iter().for_each(work)))
+}
+
+/// `out[part k] = (uint64)parts[k] % divisors[k]`, the parts written one after another. With
+/// `background`, the work runs on a pool thread and a `Pending` is returned (as for
+/// `copy_rows`).
 #[pyfunction]
+#[pyo3(signature = (parts, divisors, out, threads, background=false))]
 fn umod_parts(
     py: Python<'_>,
     parts: Vec<(usize, usize)>,
     divisors: Vec<u64>,
     out: usize,
     threads: usize,
-) -> PyResult<()> {
+    background: bool,
+) -> PyResult<Option<Pending>> {
     let op = "umod_parts";
     if parts.len() != divisors.len() {
         return Err(value_error(format!(
@@ -158,19 +198,25 @@ fn umod_parts(
     let total: usize = lens.iter().sum();
     check_address::<u64>(op, "out", out, total)?;
     let at = starts(&lens);
-    run_shared(py, &lens, threads, MIN_SHARE, |r| {
-        let n = r.end - r.start;
-        // SAFETY: the caller's contract (module docs): part r.part holds lens[r.part] u64s
-        // at its address, out holds `total`, and out overlaps no part. Runs are disjoint.
-        let (x, o) = unsafe {
-            (
-                std::slice::from_raw_parts((parts[r.part].0 as *const u64).add(r.start), n),
-                std::slice::from_raw_parts_mut((out as *mut u64).add(at[r.part] + r.start), n),
-            )
-        };
-        divs[r.part].rem_into(x, o);
-    });
-    Ok(())
+    Ok(run_parts(
+        py,
+        &lens,
+        threads,
+        MIN_SHARE,
+        background,
+        move |r| {
+            let n = r.end - r.start;
+            // SAFETY: the caller's contract (module docs): part r.part holds lens[r.part] u64s
+            // at its address, out holds `total`, and out overlaps no part. Runs are disjoint.
+            let (x, o) = unsafe {
+                (
+                    std::slice::from_raw_parts((parts[r.part].0 as *const u64).add(r.start), n),
+                    std::slice::from_raw_parts_mut((out as *mut u64).add(at[r.part] + r.start), n),
+                )
+            };
+            divs[r.part].rem_into(x, o);
+        },
+    ))
 }
 
 /// `out[part k]` = the hash of each pair `(a[i], b[i])` of `a_parts[k]` and `b_parts[k]` (int64
@@ -536,9 +582,7 @@ fn copy_rows(
     check_address::<u8>(op, "src", src, src_len)?;
     check_address::<u8>(op, "dst", dst, dst_len)?;
     if background {
-        let state = Arc::new((Mutex::new(false), Condvar::new()));
-        let signal = Arc::clone(&state);
-        pool().spawn(move || {
+        return Ok(Some(in_background(move || {
             for (from, to, n) in blocks {
                 // SAFETY: as below; the caller keeps both buffers alive until the copy is done.
                 unsafe {
@@ -549,11 +593,7 @@ fn copy_rows(
                     );
                 }
             }
-            let (done, wake) = &*signal;
-            *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            wake.notify_all();
-        });
-        return Ok(Some(Pending { state }));
+        })));
     }
     let lens: Vec<usize> = blocks.iter().map(|b| b.2).collect();
     run_shared(py, &lens, threads, MIN_COPY_SHARE_BYTES / item, |r| {

@@ -25,8 +25,12 @@ __all__ = [
 ]
 
 def umod_parts(
-    parts: list[tuple[int, int]], divisors: list[int], out: int, threads: int
-) -> None: ...
+    parts: list[tuple[int, int]],
+    divisors: list[int],
+    out: int,
+    threads: int,
+    background: bool = False,
+) -> Pending | None: ...
 def bucketize_parts(
     dtype: str,
     parts: list[tuple[int, int]],

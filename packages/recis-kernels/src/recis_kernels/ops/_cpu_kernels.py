@@ -114,8 +114,12 @@ def split_spans(out: torch.Tensor, spans: Spans) -> list[torch.Tensor]:
 def umod_spans(spans: Spans, ns: list[int]) -> list[torch.Tensor]:
     """``(uint64)x % n`` of every input of ``spans`` (int64) by its Python int modulus in
     ``[1, 2**63 - 1]``, one result per input, shaped like it."""
-    out = torch.empty(sum(spans.sizes), dtype=torch.int64)
-    _native.umod_parts(spans.spans, ns, out.data_ptr(), torch.get_num_threads())
+    total = sum(spans.sizes)
+    out = torch.empty(total, dtype=torch.int64)
+    background = _overlap.deferring(8 * total)
+    job = _native.umod_parts(spans.spans, ns, out.data_ptr(), torch.get_num_threads(), background)
+    if job is not None:
+        _overlap.defer(job, out, *spans.keep)
     return split_spans(out, spans)
 
 
