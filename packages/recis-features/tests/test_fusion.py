@@ -552,3 +552,41 @@ def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
     finally:
         register_fused("mod", builtin, replace=True)
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_engine_run_inside_the_callers_overlap_block(enabled: bool) -> None:
+    """Inside a caller's ``recis_kernels.overlap()`` (or ``overlap(False)``) block the engine's
+    step blocks are nested: each still waits for its own work, so a step never reads the
+    unfinished truncation of the step before."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 90, (20_000,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = torch.randint(-(1 << 62), 1 << 62, (int(offsets[-1]),), generator=g)
+    batch = {
+        "seq": RaggedTensor(values, [offsets]),
+        "ids": torch.randint(-(1 << 62), 1 << 62, (40_000,), generator=g),
+    }
+    features = [
+        Feature("ids").select("ids").mod(1_000_003),
+        Feature("seq").select("seq").truncate(40, side="tail").mod(97),
+    ]
+    engine = FeatureEngine(features, passthrough=False)
+    assert [[g["kind"] for g in step] for step in engine.plan()] == [
+        ["select"],
+        ["truncate", "mod"],
+        ["mod"],
+    ]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(5):
+            with rk.overlap(enabled):
+                out = engine(batch)
+                if not enabled:
+                    for f in features:
+                        assert_same(out[f.name], f(batch))
+            for f in features:
+                assert_same(out[f.name], f(batch))
+    finally:
+        torch.set_num_threads(before)

@@ -179,7 +179,7 @@ def test_fused_truncate_adds_no_weights_to_unweighted_inputs():
 
 
 def test_overlapped_truncations_equal_in_place_ones():
-    """Inside ``overlap`` a large row copy runs on a pool thread; once the block ends (or
+    """Inside ``overlap`` a large row copy runs on a pool thread; once its block ends (or
     ``finish_overlapped`` returns) the result equals the copy made in place, also when the
     block raises, in nested blocks, and with one thread (no copy deferred)."""
     from recis_kernels import _overlap
@@ -194,19 +194,22 @@ def test_overlapped_truncations_equal_in_place_ones():
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             with rk.overlap():
-                with rk.overlap():  # nested: the outer block waits
+                first = rk.fused_truncate([r], [50], ["tail"])[0]
+                with rk.overlap():  # nested: waits for its own copy, not the outer one
                     got = rk.fused_truncate([r, r], [50, 50], ["tail", "tail"])
-                assert len(_overlap._local.pending) == (0 if threads == 1 else 1)
+                    outer = _overlap._current().parent
+                    assert len(_overlap._current().pending) == (0 if threads == 1 else 1)
+                assert len(outer.pending) == (0 if threads == 1 else 1)
                 rk.finish_overlapped()
-                assert not _overlap._local.pending
+                assert not _overlap._current().pending
                 late = rk.fused_truncate([r], [50], ["tail"])[0]
-            for t in (*got, late):
+            for t in (first, *got, late):
                 assert torch.equal(t.values.values, want.values)
                 assert torch.equal(t.values.offsets[0], want.offsets[0])
             kept: list = []
             with pytest.raises(RuntimeError, match="stop"):
                 _truncate_then_raise(r, kept)
-            assert getattr(_overlap._local, "pending", None) is None
+            assert _overlap._current() is None
             assert torch.equal(kept[0].values.values, want.values)
     finally:
         torch.set_num_threads(before)

@@ -137,7 +137,7 @@ fn in_background(job: impl FnOnce() + Send + 'static) -> Pending {
         *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
         wake.notify_all();
     });
-    Pending { state }
+    Pending::new(state)
 }
 
 /// [`run_shared`], or with `background` every run on one pool thread while the caller goes on
@@ -475,15 +475,30 @@ fn hashed_uniform(
     Ok(())
 }
 
-/// A copy running on a pool thread (`copy_rows(..., background=True)`): `wait()` returns once
-/// it is done. Dropping it waits too, so the buffers it reads and writes, which the caller
-/// keeps alive until then, are never freed under it.
+/// Work running on a pool thread (`copy_rows(..., background=True)`, `umod_parts(...,
+/// background=True)`): `wait()` returns once it is done. The buffers the work reads and writes
+/// are handed to `hold()` and released only once it is done, and dropping the object waits for
+/// the work first, so they are never freed under it whatever order the caller lets go of
+/// things in. A forked child inherits the object but not the pool thread: there `wait()` raises
+/// (the work never runs in the child) and dropping it does not wait.
 #[pyclass(frozen, module = "recis_kernels._native")]
 struct Pending {
     state: Arc<(Mutex<bool>, Condvar)>,
+    /// The process whose pool runs the work.
+    pid: u32,
+    /// What the work reads and writes, kept alive until it is done (and this is dropped).
+    held: Mutex<Vec<Py<PyAny>>>,
 }
 
 impl Pending {
+    fn new(state: Arc<(Mutex<bool>, Condvar)>) -> Pending {
+        Pending {
+            state,
+            pid: std::process::id(),
+            held: Mutex::new(Vec::new()),
+        }
+    }
+
     fn block(&self) {
         let (done, signal) = &*self.state;
         let mut done = done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -497,12 +512,30 @@ impl Pending {
 
 #[pymethods]
 impl Pending {
-    /// Blocks, without the GIL, until the copy is done.
-    fn wait(&self, py: Python<'_>) {
+    /// Blocks, without the GIL, until the work is done.
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        let here = std::process::id();
+        if here != self.pid {
+            return Err(PyRuntimeError::new_err(format!(
+                "this work was started in process {} before it forked; it never runs in this \
+                 process ({here}), so its results are never complete here",
+                self.pid
+            )));
+        }
         py.detach(|| self.block());
+        Ok(())
     }
 
-    /// Whether the copy is done.
+    /// Keeps `objects` (the buffers the work reads and writes) alive until the work is done.
+    #[pyo3(signature = (*objects))]
+    fn hold(&self, objects: Vec<Py<PyAny>>) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(objects);
+    }
+
+    /// Whether the work is done.
     #[getter]
     fn done(&self) -> bool {
         *self.state.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -511,7 +544,12 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.block();
+        // In a forked child the work never runs: waiting would never end, and the buffers
+        // held are the child's copies, which nothing writes to.
+        if std::process::id() == self.pid {
+            self.block();
+        }
+        // `held` is released after this, once the work is done.
     }
 }
 

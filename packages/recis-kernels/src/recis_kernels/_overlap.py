@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import threading
+import os
+from contextvars import ContextVar, Token
 from typing import Any
 
 import torch
@@ -12,7 +13,31 @@ __all__ = ["defer", "deferring", "finish_overlapped", "overlap"]
 # Work smaller than this runs in place: handing it to a pool thread costs microseconds.
 MIN_BYTES = 1 << 18
 
-_local = threading.local()
+
+class _Block:
+    """One entered :class:`overlap` block: the work started in it, not yet waited for."""
+
+    __slots__ = ("enabled", "open", "parent", "pending", "pid")
+
+    def __init__(self, enabled: bool, parent: _Block | None) -> None:
+        self.enabled = enabled
+        self.parent = parent
+        self.pending: list[Any] = []  # native ``Pending`` jobs, each holding its buffers
+        self.pid = os.getpid()
+        self.open = True
+
+
+# The innermost block of the running context: a thread's, or an asyncio task's of its own.
+_BLOCK: ContextVar[_Block | None] = ContextVar("recis_kernels_overlap", default=None)
+
+
+def _current() -> _Block | None:
+    """The innermost open block of this context that this process entered (a forked child
+    inherits its parent's blocks, whose work never runs in it)."""
+    block = _BLOCK.get()
+    while block is not None and (not block.open or block.pid != os.getpid()):
+        block = block.parent
+    return block
 
 
 class overlap:  # lower case: used as a function, ``with overlap():``
@@ -23,13 +48,19 @@ class overlap:  # lower case: used as a function, ``with overlap():``
     core. Today: the row copy of 2-level ``truncate`` / ``fused_truncate`` and the remainders of
     ``mod`` / ``fused_mod`` on int64 CPU tensors, each from 256 KiB of output. Such a result
     must not be read, on the host or by another op, until :func:`finish_overlapped` returns or
-    the block ends (both wait for everything started in it); everything else is unchanged.
-    With ``torch.get_num_threads() == 1`` every op runs in place, as outside a block. Blocks
-    nest: the outermost one waits at its end, also when the block raises.
+    the block ends; everything else is unchanged. With ``torch.get_num_threads() == 1`` every
+    op runs in place, as outside a block.
 
-    ``overlap(False)`` inside a block runs its ops in place again, for code that reads what it
-    computes straight away (work started before it goes on; the outer block still waits for
-    it).
+    Every block waits at its end for the work started in it, also when it raises or is
+    interrupted; a block inside another waits for its own work only. ``overlap(False)`` runs
+    the ops inside it in place again, for code that reads what it computes straight away (work
+    started before it goes on; the block around it still waits for it).
+
+    A block belongs to the thread, or the asyncio task, that entered it, and to the process: in
+    a child forked inside a block, ops run in place and the parent's work is not waited for
+    (it never runs there). Code run while a block is open in the same context counts as inside
+    it, so keep a block from staying open across a ``yield``: a generator's consumer would run
+    in it.
 
     ``FeatureEngine`` runs the groups of a step in such a block, the groups of its own fused
     ``mod`` and ``truncate`` calls deferring and every other group (``map`` functions, other
@@ -39,6 +70,9 @@ class overlap:  # lower case: used as a function, ``with overlap():``
     Args:
         enabled: whether ops in the block may defer their work (``False``: they run in place).
 
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
     Example:
         >>> with overlap():
         ...     kept = fused_truncate([seq], [50], ["tail"])  # the copy may still run
@@ -47,51 +81,66 @@ class overlap:  # lower case: used as a function, ``with overlap():``
         ...     use(kept)
     """
 
-    __slots__ = ("_enabled", "_outer", "_was_enabled")
+    __slots__ = ("_enabled", "_entered")
 
     def __init__(self, enabled: bool = True) -> None:
         if not isinstance(enabled, bool):
             raise TypeError(f"overlap: enabled must be a bool, got {enabled!r}")
         self._enabled = enabled
+        # One entry per time this object is entered and not yet left (it may be reused).
+        self._entered: list[tuple[Token[_Block | None], _Block]] = []
 
     def __enter__(self) -> None:
-        self._outer = getattr(_local, "pending", None) is not None
-        self._was_enabled = getattr(_local, "enabled", False)
-        if not self._outer:
-            _local.pending = []
-        _local.enabled = self._enabled
+        block = _Block(self._enabled, _current())
+        self._entered.append((_BLOCK.set(block), block))
 
     def __exit__(self, *exc: object) -> None:
-        _local.enabled = self._was_enabled
-        if self._outer:
-            return
+        token, block = self._entered.pop()
         try:
-            finish_overlapped()
+            _finish(block)
         finally:
-            _local.pending = None
+            block.open = False
+            try:
+                _BLOCK.reset(token)
+            except ValueError:  # left in another context than it was entered in
+                _BLOCK.set(_current())
+
+
+def _finish(block: _Block) -> None:
+    """Wait for the work started in ``block``; each job is let go of only once it is done, so
+    an interruption leaves the rest listed (and their drop waits for them)."""
+    pending = block.pending
+    if block.pid != os.getpid():
+        pending.clear()  # started before a fork: never runs here (dropping it does not wait)
+        return
+    while pending:
+        pending[-1].wait()
+        pending.pop()
 
 
 def finish_overlapped() -> None:
-    """Wait for all work started in the current :func:`overlap` block (none outside one)."""
-    pending: list[tuple[Any, tuple[torch.Tensor, ...]]] | None = getattr(_local, "pending", None)
-    while pending:
-        job, _ = pending.pop()
-        job.wait()
+    """Wait for all work started in the current :func:`overlap` block and the blocks around it
+    (none outside a block)."""
+    block = _current()
+    while block is not None:
+        _finish(block)
+        block = block.parent
 
 
 def deferring(nbytes: int) -> bool:
     """Whether host work writing ``nbytes`` may run in the background here: inside an
     enabled :func:`overlap` block, with more than one torch thread, and large enough to be
     worth it."""
-    return (
-        nbytes >= MIN_BYTES
-        and getattr(_local, "enabled", False)
-        and getattr(_local, "pending", None) is not None
-        and torch.get_num_threads() > 1
-    )
+    if nbytes < MIN_BYTES:
+        return False
+    block = _current()
+    return block is not None and block.enabled and torch.get_num_threads() > 1
 
 
 def defer(job: Any, *keep: torch.Tensor) -> None:
-    """Record started work (``job.wait()`` finishes it) with the tensors it reads and writes,
-    kept alive until it is done."""
-    _local.pending.append((job, keep))
+    """Record started work (a native ``Pending``: ``job.wait()`` finishes it) in the current
+    block, with the tensors it reads and writes, which it keeps alive until it is done."""
+    job.hold(*keep)
+    block = _current()
+    assert block is not None, "defer() outside an overlap block (deferring() said no)"
+    block.pending.append(job)
