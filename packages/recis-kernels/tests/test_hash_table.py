@@ -440,3 +440,46 @@ def test_idmap_rejects_tables_it_cannot_store(tables, error, match):
     assert m.find(torch.tensor([1]), 0).tolist() == [-1]
     rows, _ = m.find_or_insert(torch.tensor([1, 1]), torch.tensor([2**31 - 1, 0]))
     assert rows.tolist() == [0, 1]
+
+
+def test_an_idmap_looked_up_on_one_thread_while_another_inserts():
+    """A lookup thread reads the slot arrays without the GIL while inserts on another thread
+    rehash (replace and free them): the calls run one at a time, so every lookup finds the
+    rows it was given. Run in a child process: a regression reads freed memory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import pickle, threading, torch
+        from recis_kernels import IdMap
+        torch.manual_seed(0)
+        m = IdMap(capacity=16)
+        base = torch.randperm(1 << 22)[:100_000].to(torch.int64)
+        rows, _ = m.find_or_insert(base)
+        stop, wrong, lookups = False, 0, 0
+        def reader():
+            global wrong, lookups
+            while not stop:
+                wrong += int((m.find(base) != rows).sum())
+                lookups += 1
+        t = threading.Thread(target=reader)
+        t.start()
+        start = 1 << 40
+        for i in range(14):  # each batch makes the map double: a rehash after another
+            n = 20_000 * (i + 1)
+            m.find_or_insert(torch.arange(start, start + n))
+            start += n
+        stop = True
+        t.join()
+        copy = pickle.loads(pickle.dumps(m))  # the lock is not pickled; the copy has its own
+        assert torch.equal(copy.find(base), rows)
+        print(lookups, wrong)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    lookups, wrong = map(int, done.stdout.split())
+    assert lookups > 0
+    assert wrong == 0

@@ -45,8 +45,10 @@ of erased keys first, then fresh ones), on every device and path.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -288,6 +290,21 @@ def _check_keys(op: str, keys: torch.Tensor) -> None:
     check_1d(op, "keys", keys)
 
 
+_M = TypeVar("_M", bound=Callable[..., Any])
+
+
+def _one_at_a_time(method: _M) -> _M:
+    """Run ``method`` under the map's lock: a compiled probe runs without the GIL on the slot
+    arrays, which an insert on another thread may replace (a rehash) and free under it."""
+
+    @functools.wraps(method)
+    def locked(self: IdMap, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class IdMap:
     """Hash map from ``(table, id)`` to a row index with a row allocator that recycles rows.
 
@@ -319,6 +336,7 @@ class IdMap:
         *,
         max_load_factor: float = MAX_LOAD_FACTOR,
     ) -> None:
+        self._lock = threading.RLock()
         self.max_load_factor = check_load_factor("IdMap", max_load_factor)
         self.device = resolve_device(device)
         self._allocate(max(16, 1 << max(0, int(capacity) - 1).bit_length()))
@@ -326,9 +344,15 @@ class IdMap:
         self.next_row = 0
         self.free_rows = torch.empty(0, dtype=torch.int64, device=self.device)
 
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock cannot be pickled; a loaded map gets its own
+        return state
+
     def __setstate__(self, state: dict[str, object]) -> None:
         # torch.load(map_location=...) moves the slot arrays: the map lives where they are.
         self.__dict__.update(state)
+        self._lock = threading.RLock()
         self.device = self.slot_keys.device
 
     def _allocate(self, capacity: int) -> None:
@@ -357,6 +381,7 @@ class IdMap:
         arrays = (self.slot_keys, self.slot_tabs, self.slot_rows, self.slot_state, self.free_rows)
         return sum(t.numel() * t.element_size() for t in arrays)
 
+    @_one_at_a_time
     def find(self, keys: torch.Tensor, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """Rows of the given keys, ``-1`` where a key is absent.
 
@@ -499,6 +524,7 @@ class IdMap:
         self._launch("find_slots", keys, tabs, out)
         return out
 
+    @_one_at_a_time
     def find_or_insert(
         self, keys: torch.Tensor, tables: torch.Tensor | int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,6 +547,7 @@ class IdMap:
             rows[miss] = self._insert_rows(mk, mt, distinct=False)
         return rows, is_new
 
+    @_one_at_a_time
     def insert_absent(
         self, keys: torch.Tensor, tables: torch.Tensor | int = 0, *, distinct: bool = False
     ) -> torch.Tensor:
@@ -717,6 +744,7 @@ class IdMap:
         self.erased -= reused
         return slots
 
+    @_one_at_a_time
     def erase(self, keys: torch.Tensor, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """Remove keys; their rows go to the free list.
 
@@ -739,11 +767,13 @@ class IdMap:
         self.free_rows = torch.cat([self.free_rows, rows])
         return rows
 
+    @_one_at_a_time
     def export(self) -> IdMapExport:
         """All live keys with their table indices and rows (slot order)."""
         full = self.slot_state == FULL
         return IdMapExport(self.slot_keys[full], self.slot_tabs[full], self.slot_rows[full])
 
+    @_one_at_a_time
     def clear(self) -> None:
         """Remove every key and forget all rows."""
         self._allocate(16)
