@@ -13,6 +13,18 @@ __all__ = ["defer", "deferring", "finish_overlapped", "overlap"]
 # Work smaller than this runs in place: handing it to a pool thread costs microseconds.
 MIN_BYTES = 1 << 18
 
+# This process's id, kept current in forked children (os.getpid() is a system call).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 
 class _Block:
     """One entered :class:`overlap` block: the work started in it, not yet waited for."""
@@ -23,7 +35,7 @@ class _Block:
         self.enabled = enabled
         self.parent = parent
         self.pending: list[Any] = []  # native ``Pending`` jobs, each holding its buffers
-        self.pid = os.getpid()
+        self.pid = _pid
         self.open = True
 
 
@@ -35,7 +47,7 @@ def _current() -> _Block | None:
     """The innermost open block of this context that this process entered (a forked child
     inherits its parent's blocks, whose work never runs in it)."""
     block = _BLOCK.get()
-    while block is not None and (not block.open or block.pid != os.getpid()):
+    while block is not None and (not block.open or block.pid != _pid):
         block = block.parent
     return block
 
@@ -110,7 +122,7 @@ def _finish(block: _Block) -> None:
     """Wait for the work started in ``block``; each job is let go of only once it is done, so
     an interruption leaves the rest listed (and their drop waits for them)."""
     pending = block.pending
-    if block.pid != os.getpid():
+    if block.pid != _pid:
         pending.clear()  # started before a fork: never runs here (dropping it does not wait)
         return
     while pending:
