@@ -238,10 +238,18 @@ def test_configuration_and_input_errors() -> None:
             {"a": EmbeddingOption(4, shared_name="t"), "b": EmbeddingOption(8, shared_name="t")}
         )
     engine = EmbeddingEngine({"a": EmbeddingOption(4)})
-    with pytest.raises(InputError, match="batch has no column for feature 'a'"):
-        engine({"b": torch.tensor([1])})
-    with pytest.raises(InputError, match="feature 'a': ids must be int64"):
+    with pytest.raises(
+        InputError, match=r"^batch has no column for feature 'a' \(columns: b, c\)$"
+    ):
+        engine({"c": torch.tensor([1]), "b": torch.tensor([1])})
+    with pytest.raises(
+        InputError,
+        match=r"feature 'a': ids must be integers \(int64, or int32/int16/int8/uint8, widened "
+        r"to int64\), got torch.float32",
+    ):
         engine({"a": torch.tensor([1.0])})
+    with pytest.raises(InputError, match=r"ids must be integers .* got torch.bool"):
+        engine({"a": torch.tensor([True])})
     with pytest.raises(InputError, match="feature 'a': ids must be a tensor"):
         engine({"a": [1, 2]})
 
@@ -431,3 +439,24 @@ def test_weights_that_need_a_gradient_get_it(rows, combiner, training, concat) -
     if any(abs(x) > 1e4 for x in exp.tolist()):
         return  # nearly cancelling weights: no meaningful tolerance
     torch.testing.assert_close(w.grad, exp, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_narrower_integer_ids_look_up_as_the_same_int64_ids(dtype: torch.dtype) -> None:
+    """recis-io hands out int32 id columns (TorchRec takes int32 ids too): narrower integer ids
+    are widened, dense and ragged, and find the rows of the same int64 ids."""
+    engine = EmbeddingEngine(
+        {
+            "a": EmbeddingOption(DIM, initializer=INIT),
+            "s": EmbeddingOption(DIM, initializer=INIT, combiner="mean"),
+        }
+    )
+    ids = torch.tensor([[3], [0], [100], [3]])
+    offsets = torch.tensor([0, 2, 2, 4])
+    values = torch.tensor([7, 1, 100, 7])
+    want = engine({"a": ids, "s": RaggedTensor(values, [offsets])})
+    got = engine({"a": ids.to(dtype), "s": RaggedTensor(values.to(dtype), [offsets])})
+    torch.testing.assert_close(got["a"], want["a"])
+    torch.testing.assert_close(got["s"], want["s"])
+    table, _ = engine.table("a")
+    assert table.stats().rows == 6  # 3, 0, 100 of "a" and 7, 1, 100 of "s": no others

@@ -304,7 +304,13 @@ class EmbeddingEngine(nn.Module):
         groups: dict[int, list[str]] = {}
         for feature in self.options:
             if feature not in batch:
-                raise InputError(f"batch has no column for feature {feature!r}")
+                names = sorted(k if isinstance(k, str) else repr(k) for k in batch)
+                shown = ", ".join(names[:10]) + (
+                    f", ... ({len(names)} in all)" if len(names) > 10 else ""
+                )
+                raise InputError(
+                    f"batch has no column for feature {feature!r} (columns: {shown or 'none'})"
+                )
             table, _ = self.logical[self._table_of[feature]]
             groups.setdefault(id(table), []).append(feature)
         for features in groups.values():

@@ -55,13 +55,24 @@ def as_ids(name: str, value: Any) -> Ids:
     return _ragged(name, value)
 
 
-def _check_values(name: str, values: torch.Tensor) -> None:
-    if values.dtype != torch.int64:
-        raise InputError(f"feature {name!r}: ids must be int64, got {values.dtype}")
+# Integer ids narrower than int64 (recis-io's int32 columns, say) widen exactly.
+_WIDENED = frozenset({torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def _int64_ids(name: str, values: torch.Tensor) -> torch.Tensor:
+    """``values`` as int64 ids: int64 as it is, narrower integers widened (the same ids)."""
+    if values.dtype == torch.int64:
+        return values
+    if values.dtype in _WIDENED:
+        return values.to(torch.int64)
+    raise InputError(
+        f"feature {name!r}: ids must be integers (int64, or int32/int16/int8/uint8, widened "
+        f"to int64), got {values.dtype}"
+    )
 
 
 def _dense(name: str, ids: torch.Tensor) -> Ids:
-    _check_values(name, ids)
+    ids = _int64_ids(name, ids)
     if ids.dim() == 1:
         ids = ids[:, None]
     if ids.dim() != 2:
@@ -94,8 +105,8 @@ def _even_offsets(b: int, k: int, device: torch.device) -> torch.Tensor:
 
 
 def _ragged(name: str, r: RaggedTensor) -> Ids:
-    _check_values(name, r.values)
-    if r.values.dim() != 1:
+    values = _int64_ids(name, r.values)
+    if values.dim() != 1:
         raise InputError(f"feature {name!r}: ragged ids must have 1-d values")
     if r.num_levels == 1:
         outer, bags = None, r.offsets[0]
@@ -106,7 +117,7 @@ def _ragged(name: str, r: RaggedTensor) -> Ids:
             f"feature {name!r}: ragged ids must have 2 or 3 levels, got {r.num_levels + 1}"
         )
     weights = None if r.weights is None else r.weights.to(torch.float32)
-    return Ids(r.values, bags.to(torch.int64), outer, weights, singles=False)
+    return Ids(values, bags.to(torch.int64), outer, weights, singles=False)
 
 
 def head(ids: Ids, length: int) -> Ids:
