@@ -31,7 +31,8 @@ class TrainingArguments:
             ``epochs`` passes (with a warning that the data ran out).
         eval_steps: batches per evaluation (``None``: the whole evaluation data).
         eval_every: evaluate every N optimizer steps in ``train_and_evaluate`` (0: at the end).
-        log_every: the logging hook prints every N optimizer steps.
+        log_every: steps between the lines of a ``LoggingHook`` among the trainer's hooks
+            (the trainer adds none itself).
         save_every: checkpoint every N optimizer steps (0: only at the end of training).
         max_to_keep: complete checkpoints kept on disk (older ones are deleted).
         gradient_accumulation_steps: micro-batches summed into one optimizer step.
