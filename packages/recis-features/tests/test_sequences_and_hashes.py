@@ -271,7 +271,9 @@ def test_truncate_of_lists_of_lists_of_strings_pads_with_empty_lists_only() -> N
 def test_truncating_a_string_column_with_one_string_per_row_raises(column: object) -> None:
     feature = Feature("city").select("city").truncate(1)
     found = (
-        "strings (list of 2)" if isinstance(column, list) else "ragged uint8 with 1 offset level(s)"
+        "strings (list of 2)"
+        if isinstance(column, list)
+        else "ragged uint8 with 1 offset level(s) (strings)"
     )
     message = (
         "feature 'city': op truncate (step 1) expects a sequence of strings per row (ragged "
@@ -290,7 +292,7 @@ def test_truncate_levels_3_on_a_list_of_strings_raises() -> None:
         feature({"w": _string_rows([[b"a", b"b"]])})
     assert str(info.value) == (
         "feature 'w': op truncate (step 1) expects rows of lists of lists of strings (ragged "
-        "bytes with 3 offset levels), found ragged uint8 with 2 offset level(s)"
+        "bytes with 3 offset levels), found ragged uint8 with 2 offset level(s) (strings)"
     )
 
 
@@ -518,3 +520,26 @@ def test_string_sequences_truncated_beside_another_op_on_two_threads(fused) -> N
             assert torch.equal(got.offsets[0], expected.offsets[0])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        ["ab", "cde"],
+        RaggedTensor(torch.tensor(list(b"abcde"), dtype=torch.uint8), [torch.tensor([0, 2, 5])]),
+    ],
+)
+def test_an_id_op_on_strings_says_to_hash_them_first(column: object) -> None:
+    feature = Feature("city").select("city").mod(1000)
+    found = (
+        "strings (list of 2)"
+        if isinstance(column, list)
+        else "ragged uint8 with 1 offset level(s) (strings)"
+    )
+    for run in (feature, FeatureEngine([feature]), FeatureEngine([feature], fused=False)):
+        with pytest.raises(FeatureTypeError) as info:
+            run({"city": column})
+        assert str(info.value) == (
+            f"feature 'city': op mod (step 1) expects ids, found {found}; strings become ids "
+            "with a hash op first (.hash('farm'))"
+        )

@@ -24,7 +24,7 @@ from ._ops import (
     SelectFields,
     SequenceTruncate,
 )
-from ._values import Value, as_value, describe
+from ._values import Value, as_value, describe, value_kind
 from .exceptions import (
     FeatureDefinitionError,
     FeatureInputError,
@@ -328,9 +328,15 @@ def check_value(feature: str, op: Op, step: int, value: Value) -> None:
     """Raise :class:`FeatureTypeError` naming the feature and op when ``op`` cannot take ``value``."""
     expected = op.mismatch(value)
     if expected is not None:
+        accepts: frozenset[str] = getattr(op, "accepts", frozenset())
+        hint = (
+            "; strings become ids with a hash op first (.hash('farm'))"
+            if value_kind(value) == "strings" and "ids" in accepts and "strings" not in accepts
+            else ""
+        )
         raise FeatureTypeError(
             f"feature {feature!r}: op {op.kind} (step {step}) expects {expected}, "
-            f"found {describe(value)}"
+            f"found {describe(value)}{hint}"
         )
 
 

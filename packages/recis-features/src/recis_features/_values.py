@@ -90,7 +90,8 @@ def describe(value: Any) -> str:
         return f"dense {dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, RaggedTensor):
         dtype = str(value.values.dtype).removeprefix("torch.")
-        return f"ragged {dtype} with {len(value.offsets)} offset level(s)"
+        strings = " (strings)" if dtype_kind(value.values.dtype) == "bytes" else ""
+        return f"ragged {dtype} with {len(value.offsets)} offset level(s){strings}"
     if isinstance(value, list):
         if _is_string_list(value):
             return f"strings (list of {len(value)})"
