@@ -392,8 +392,12 @@ def test_optimizer_state_loads_only_into_its_own_optimizer(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="SparseAdam sparse optimizer; it cannot be loaded"):
         load(tmp_path / "c", other, SparseAdamW(other, lr=0.05))
     bare = Model()
-    with pytest.warns(UserWarning, match="create the sparse optimizer before load"):
+    with pytest.warns(UserWarning, match="create the sparse optimizer before load") as caught:
         load(tmp_path / "c", bare)
+    # One warning for the load, naming every table, not one per table.
+    (warning,) = [w for w in caught if "sparse optimizer" in str(w.message)]
+    for name in CheckpointReader(tmp_path / "c").manifest["tables"]:
+        assert repr(name) in str(warning.message)
 
 
 def test_optimizer_state_with_other_param_groups_is_refused_before_anything_changes(

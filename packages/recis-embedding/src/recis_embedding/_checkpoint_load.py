@@ -269,18 +269,24 @@ def _frozen_tables(model: nn.Module) -> set[str]:
 def _warn_unplaced_state(
     reader: CheckpointReader, tables: dict[str, Any], frozen: set[str]
 ) -> None:
-    """Warns when saved optimizer state has no table slots to go to; a frozen table needs
-    none (it never trains), so its embeddings alone are what a load is for."""
+    """Warns, once for the whole load, when saved optimizer state has no table slots to go
+    to; a frozen table needs none (it never trains), so its embeddings alone are what a load
+    is for."""
+    unplaced: dict[str, list[str]] = {}
     for name, (table, _) in tables.items():
         info = reader.manifest["tables"].get(name)
         if info and info["slots"] and not table.slots and name not in frozen:
-            warnings.warn(
-                f"checkpoint {reader.path}: table {name!r} has {info['optimizer']} optimizer "
-                f"state, but the model's table has no sparse optimizer, so only its embeddings "
-                f"are loaded. To resume training, create the sparse optimizer before load() "
-                f"and pass it as sparse_optimizer.",
-                stacklevel=3,
-            )
+            unplaced.setdefault(str(info["optimizer"]), []).append(name)
+    if unplaced:
+        held = "; ".join(
+            f"{opt} state of tables {sorted(names)}" for opt, names in unplaced.items()
+        )
+        warnings.warn(
+            f"checkpoint {reader.path} holds optimizer state ({held}), but the model's tables "
+            "have no sparse optimizer, so only their embeddings are loaded. To resume training, "
+            "create the sparse optimizer before load() and pass it as sparse_optimizer.",
+            stacklevel=3,
+        )
 
 
 def _check_tables(reader: CheckpointReader, tables: dict[str, Any], strict: bool) -> None:
