@@ -162,3 +162,24 @@ def test_a_child_forked_inside_a_block_runs_its_own_blocks() -> None:
 def test_enabled_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="overlap: enabled must be a bool, got 1"):
         rk.overlap(1)  # type: ignore[arg-type]
+
+
+def test_tasks_and_threads_started_inside_a_block_run_in_place(want) -> None:
+    # They see the block (asyncio copies the context into them) but do not run in it: what
+    # they compute is complete when they read it.
+    async def reads_its_own() -> bool:
+        out = rk.mod(IDS, N)
+        return torch.equal(out, want)
+
+    def reads_on_a_thread() -> bool:
+        out = rk.mod(IDS, N)
+        return torch.equal(out, want)
+
+    async def main() -> list[bool]:
+        with rk.overlap():
+            first = await asyncio.create_task(reads_its_own())
+            second = await asyncio.to_thread(reads_on_a_thread)
+            assert not _overlap._current().pending  # nothing of theirs landed here
+        return [first, second]
+
+    assert asyncio.run(main()) == [True, True]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -26,28 +28,48 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
 
+def _owner() -> tuple[int, object]:
+    """Who enters and runs a block: this thread, and the asyncio task running on it (if any)."""
+    task = None
+    aio = sys.modules.get("asyncio")
+    if aio is not None and aio._get_running_loop() is not None:
+        task = aio.current_task()
+    return threading.get_ident(), task
+
+
 class _Block:
     """One entered :class:`overlap` block: the work started in it, not yet waited for."""
 
-    __slots__ = ("enabled", "open", "parent", "pending", "pid")
+    __slots__ = ("enabled", "open", "owner", "parent", "pending", "pid")
 
-    def __init__(self, enabled: bool, parent: _Block | None) -> None:
+    def __init__(self, enabled: bool, parent: _Block | None, owner: tuple[int, object]) -> None:
         self.enabled = enabled
         self.parent = parent
         self.pending: list[Any] = []  # native ``Pending`` jobs, each holding its buffers
         self.pid = _pid
+        self.owner = owner
         self.open = True
 
 
-# The innermost block of the running context: a thread's, or an asyncio task's of its own.
+# The innermost block of the running context. Contexts are copied into asyncio tasks and
+# ``asyncio.to_thread`` calls started inside a block: those see it, and skip it by its owner.
 _BLOCK: ContextVar[_Block | None] = ContextVar("recis_kernels_overlap", default=None)
 
 
 def _current() -> _Block | None:
-    """The innermost open block of this context that this process entered (a forked child
-    inherits its parent's blocks, whose work never runs in it)."""
+    """The innermost open block of this context that this process, thread and asyncio task
+    entered (a forked child inherits its parent's blocks, whose work never runs in it; a task
+    or thread started inside a block inherits it but does not run in it)."""
     block = _BLOCK.get()
-    while block is not None and (not block.open or block.pid != _pid):
+    if block is None:
+        return None
+    owner = _owner()
+    while block is not None and (
+        not block.open
+        or block.pid != _pid
+        or block.owner[0] != owner[0]
+        or block.owner[1] is not owner[1]
+    ):
         block = block.parent
     return block
 
@@ -68,11 +90,11 @@ class overlap:  # lower case: used as a function, ``with overlap():``
     the ops inside it in place again, for code that reads what it computes straight away (work
     started before it goes on; the block around it still waits for it).
 
-    A block belongs to the thread, or the asyncio task, that entered it, and to the process: in
-    a child forked inside a block, ops run in place and the parent's work is not waited for
-    (it never runs there). Code run while a block is open in the same context counts as inside
-    it, so keep a block from staying open across a ``yield``: a generator's consumer would run
-    in it.
+    A block belongs to the thread, or the asyncio task, that entered it, and to the process:
+    a task or thread started inside it, and a child forked inside it, run their ops in place
+    (the fork's child does not wait for the parent's work, which never runs there). Other code
+    run by the same thread or task while the block is open counts as inside it, so keep a block
+    from staying open across a ``yield``: a generator's consumer would run in it.
 
     ``FeatureEngine`` runs the groups of a step in such a block, the groups of its own fused
     ``mod`` and ``truncate`` calls deferring and every other group (``map`` functions, other
@@ -103,7 +125,7 @@ class overlap:  # lower case: used as a function, ``with overlap():``
         self._entered: list[tuple[Token[_Block | None], _Block]] = []
 
     def __enter__(self) -> None:
-        block = _Block(self._enabled, _current())
+        block = _Block(self._enabled, _current(), _owner())
         self._entered.append((_BLOCK.set(block), block))
 
     def __exit__(self, *exc: object) -> None:
