@@ -59,20 +59,21 @@ const BINARY: u8 = 8;
 const LIST: u8 = 9;
 const SET: u8 = 10;
 const MAP: u8 = 11;
-const STRUCT: u8 = 12;
+pub(super) const STRUCT: u8 = 12;
 
 /// Why a walk stopped early.
 #[derive(Debug, PartialEq)]
-enum Found {
+pub(super) enum Found {
     /// A list or map claims more elements than bytes follow it.
     Oversized { count: u64, left: usize },
     /// Something else the walk cannot read: left to the decoder.
     Unreadable,
 }
 
-struct Walk<'a> {
-    data: &'a [u8],
-    at: usize,
+/// A walk over a compact-protocol message in `data`, now at byte `at`.
+pub(super) struct Walk<'a> {
+    pub data: &'a [u8],
+    pub at: usize,
 }
 
 impl Walk<'_> {
@@ -113,8 +114,45 @@ impl Walk<'_> {
         Ok(())
     }
 
+    /// Walks the fields of a struct (`depth` levels down), handing each to `field` with its
+    /// id and compact type: `field` reads the value and returns `true`, or returns `false` and
+    /// the value is skipped. A bool field's value is its type ([`BOOL_TRUE`], [`BOOL_FALSE`]),
+    /// with nothing to read.
+    pub fn fields(
+        &mut self,
+        depth: usize,
+        mut field: impl FnMut(&mut Self, i16, u8) -> std::result::Result<bool, Found>,
+    ) -> std::result::Result<(), Found> {
+        if depth > MAX_DEPTH {
+            return Err(Found::Unreadable);
+        }
+        let mut id: i16 = 0;
+        loop {
+            let header = self.byte()?;
+            if header == 0 {
+                return Ok(());
+            }
+            let kind = header & 0x0F;
+            id = match header >> 4 {
+                0 => i16::try_from(zigzag(self.varint()?)).map_err(|_| Found::Unreadable)?,
+                delta => id.checked_add(i16::from(delta)).ok_or(Found::Unreadable)?,
+            };
+            if !field(self, id, kind)? && !matches!(kind, BOOL_TRUE | BOOL_FALSE) {
+                self.value(kind, depth + 1)?;
+            }
+        }
+    }
+
+    /// An integer value of compact type `kind` that must fit an `i32`.
+    pub fn i32(&mut self, kind: u8) -> std::result::Result<i32, Found> {
+        if !matches!(kind, I16 | I32) {
+            return Err(Found::Unreadable);
+        }
+        i32::try_from(zigzag(self.varint()?)).map_err(|_| Found::Unreadable)
+    }
+
     /// Walks one value of compact type `kind` (`depth` levels down).
-    fn value(&mut self, kind: u8, depth: usize) -> std::result::Result<(), Found> {
+    pub fn value(&mut self, kind: u8, depth: usize) -> std::result::Result<(), Found> {
         if depth > MAX_DEPTH {
             return Err(Found::Unreadable);
         }
@@ -157,23 +195,15 @@ impl Walk<'_> {
                 }
                 Ok(())
             }
-            STRUCT => loop {
-                let header = self.byte()?;
-                if header == 0 {
-                    return Ok(());
-                }
-                let field = header & 0x0F;
-                if header >> 4 == 0 {
-                    self.varint()?; // the field id, zigzag i16, when not a delta
-                }
-                // A bool field's value is its type id.
-                if !matches!(field, BOOL_TRUE | BOOL_FALSE) {
-                    self.value(field, depth + 1)?;
-                }
-            },
+            STRUCT => self.fields(depth, |_, _, _| Ok(false)),
             _ => Err(Found::Unreadable),
         }
     }
+}
+
+/// The signed value of a zigzag-encoded varint.
+fn zigzag(n: u64) -> i64 {
+    (n >> 1) as i64 ^ -((n & 1) as i64)
 }
 
 #[cfg(test)]
