@@ -106,6 +106,13 @@ impl Chunks {
         }
     }
 
+    /// The `len` bytes at file offset `start`, `None` when they were not read.
+    pub fn bytes(&self, start: u64, len: u64) -> Option<Bytes> {
+        let rest = self.from(start).ok()?;
+        let len = usize::try_from(len).ok()?;
+        (len <= rest.len()).then(|| rest.slice(..len))
+    }
+
     /// The bytes from file offset `start` to the end of the run holding it.
     fn from(&self, start: u64) -> parquet::errors::Result<Bytes> {
         let i = self.runs.partition_point(|(base, _)| *base <= start);

@@ -21,6 +21,7 @@ use super::assemble::{layout_of_counts, view_slab, write_offsets, Packed};
 use super::chunks::Chunks;
 use super::column::{ColumnPlan, DType, Leaf};
 use super::error::{Error, Result};
+use super::parquet_pages;
 use super::prepare::{null_bytes, Prepared};
 use super::ring::Ring;
 
@@ -165,6 +166,7 @@ pub fn decode(
         .iter()
         .map(|(c, _)| group_meta.column(c.leaf).byte_range());
     let chunks = Arc::new(Chunks::read(file, spans, at)?);
+    parquet_pages::check(&chunks, group_meta, cols.iter().map(|(c, _)| c.leaf), at)?;
     let rg =
         SerializedRowGroupReader::new(chunks.clone(), group_meta, None, props).map_err(corrupt)?;
     let mut readers = Vec::with_capacity(cols.len());

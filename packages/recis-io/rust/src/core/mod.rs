@@ -11,6 +11,7 @@ pub mod hash;
 pub mod orc_lengths;
 pub mod orc_types;
 pub mod parquet_footer;
+pub mod parquet_pages;
 pub mod plan;
 pub mod pool;
 pub mod prepare;

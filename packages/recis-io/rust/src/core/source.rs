@@ -18,7 +18,7 @@ use super::error::{guard, Error, Result};
 use super::plan::{Segment, Unit};
 use super::prepare::{prepare, DictHashes, PreparedSegment, PreparedUnit};
 use super::ring::Ring;
-use super::{orc_lengths, orc_types, parquet_footer};
+use super::{orc_lengths, orc_types, parquet_footer, parquet_pages};
 
 /// Rows per decoded chunk, `RECIS_IO_DECODE_ROWS` or 8192. Small chunks let the allocator
 /// recycle memory between chunks; large ones lower per-chunk overhead.
@@ -427,10 +427,12 @@ impl Source {
             .collect();
         let schema = m.parquet_schema();
         let group = m.metadata().row_group(unit.group);
-        let spans = (0..schema.num_columns())
+        let leaves: Vec<usize> = (0..schema.num_columns())
             .filter(|&leaf| roots.contains(&schema.get_column_root_idx(leaf)))
-            .map(|leaf| group.column(leaf).byte_range());
+            .collect();
+        let spans = leaves.iter().map(|&leaf| group.column(leaf).byte_range());
         let chunks = SharedChunks(Arc::new(Chunks::read(file, spans, &fm.path)?));
+        parquet_pages::check(&chunks.0, group, leaves, &fm.path)?;
         let mask = ProjectionMask::roots(schema, roots);
         let mut builder =
             ParquetRecordBatchReaderBuilder::new_with_metadata(chunks.clone(), m.clone())
