@@ -524,3 +524,256 @@ def test_a_parquet_footer_list_claiming_more_entries_than_bytes_is_corrupt_not_a
     p.write_bytes(data[: -8 - length] + edited + len(edited).to_bytes(4, "little") + b"PAR1")
     done = _corrupt_file_error(p, batch_size=100, iterate=False)
     assert "list.parquet: malformed footer: a list claims 2147483647 entries" in done.stdout
+
+
+# Thrift compact-protocol types of the fields of a Parquet page header.
+_BOOL_TRUE, _BOOL_FALSE, _I32, _I64, _BINARY, _STRUCT = 1, 2, 5, 6, 8, 12
+
+
+def _thrift_struct(data: bytes, at: int) -> tuple[list, int]:
+    """The fields ``[id, type, value]`` of the compact-protocol struct at ``data[at:]`` (a
+    struct's value is its fields, an integer's is decoded) and the offset after it."""
+
+    def varint() -> int:
+        nonlocal at
+        value = shift = 0
+        while True:
+            byte = data[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    fields: list = []
+    last = 0
+    while True:
+        header = data[at]
+        at += 1
+        if header == 0:
+            return fields, at
+        kind = header & 0x0F
+        if header >> 4:
+            last += header >> 4
+        else:
+            z = varint()
+            last = (z >> 1) ^ -(z & 1)
+        if kind in (_BOOL_TRUE, _BOOL_FALSE):
+            value: int | bytes | list = kind == _BOOL_TRUE
+        elif kind in (4, _I32, _I64):
+            z = varint()
+            value = (z >> 1) ^ -(z & 1)
+        elif kind == _BINARY:
+            n = varint()
+            value, at = data[at : at + n], at + n
+        elif kind == _STRUCT:
+            value, at = _thrift_struct(data, at)
+        else:
+            raise AssertionError(f"unexpected compact type {kind} in a page header")
+        fields.append([last, kind, value])
+
+
+def _thrift_encode(fields: list) -> bytes:
+    """A compact-protocol struct of ``[id, type, value]`` fields (ids ascending)."""
+    out = bytearray()
+    last = 0
+    for fid, kind, value in fields:
+        if 0 < fid - last <= 15:
+            out.append((fid - last) << 4 | kind)
+        else:
+            out += bytes([kind]) + _varint((fid << 1) ^ (fid >> 15))
+        last = fid
+        if kind in (4, _I32, _I64):
+            out += _varint((value << 1) ^ (value >> 63))
+        elif kind == _BINARY:
+            out += _varint(len(value)) + value
+        elif kind == _STRUCT:
+            out += _thrift_encode(value)
+    return bytes(out + b"\x00")
+
+
+def _field(fields: list, fid: int) -> list:
+    return next(f for f in fields if f[0] == fid)
+
+
+def _damaged_page(path: Path, column: int, page: int, damage) -> int:
+    """Applies ``damage`` to the header fields of page ``page`` of column ``column`` of row
+    group 0 of the Parquet file ``path``, and returns the page's offset. The damaged header is
+    re-encoded in the bytes of the old one: a longer header takes bytes from the end of the
+    page's body (whose compressed size shrinks to match), a shorter one is padded with a field
+    readers skip, so the column chunk keeps its length and the footer stays valid."""
+    meta = pq.ParquetFile(path).metadata.row_group(0).column(column)
+    at = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    data = bytearray(path.read_bytes())
+    for _ in range(page):
+        fields, end = _thrift_struct(bytes(data), at)
+        at = end + _field(fields, 3)[2]
+    fields, end = _thrift_struct(bytes(data), at)
+    body = _field(fields, 3)[2]
+    damage(fields)
+    keep_size = _field(fields, 3)[2] != body  # the damage is to the size itself
+    cut = 0
+    while True:
+        if not keep_size:
+            _field(fields, 3)[2] = body - cut
+        new = _thrift_encode(fields)
+        gap = (end - at) - len(new) + cut
+        if gap == 0:
+            break
+        if gap >= 4:
+            new = _thrift_encode([*fields, [100, _BINARY, bytes(gap - 4)]])
+            assert len(new) == end - at + cut
+            break
+        cut += 4 - gap if gap > 0 else -gap
+    data[at : end + body] = new + data[end : end + body - cut]
+    path.write_bytes(bytes(data))
+    return at
+
+
+def _set_page_field(*path_and_value: int):
+    """A damage setting the field at the ids ``path_and_value[:-1]`` to the last value."""
+
+    def damage(fields: list) -> None:
+        *ids, value = path_and_value
+        for fid in ids[:-1]:
+            fields = _field(fields, fid)[2]
+        _field(fields, ids[-1])[2] = value
+
+    return damage
+
+
+def _pages_table(rows: int = 4000) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array([i % 500 for i in range(rows)], pa.int64()),
+            "s": pa.array([f"v{i % 300}" for i in range(rows)]),
+        }
+    )
+
+
+def _peak_rss(path: Path, batch_size: int) -> tuple[str, int]:
+    """Reads ``path`` in a child process (see ``_corrupt_file_error``): the
+    ``CorruptFileError`` it raised and its peak resident memory in bytes."""
+    script = (
+        "import resource, sys, recis_io\n"
+        "try:\n"
+        f"    for _ in recis_io.Dataset(sys.argv[1], batch_size={batch_size}): pass\n"
+        "except recis_io.exceptions.CorruptFileError as e:\n"
+        "    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    *error, rss = done.stdout.strip().splitlines()
+    return "\n".join(error), int(rss) * 1024
+
+
+@pytest.mark.parametrize(("column", "name"), [(0, "id"), (1, "s")])
+def test_parquet_dictionary_page_values_beyond_its_bytes_are_corrupt_not_an_abort(
+    tmp_path, column: int, name: str
+) -> None:
+    """The dictionary decoders make room for as many values as the dictionary page header
+    claims before reading them: 2**31 - 1 int64 values filled 16 GiB, and aborted the process
+    where that much could not be had. Each value takes at least 8 bytes (an int64) or 4 (the
+    length of a string), so the page's size bounds its count."""
+    p = tmp_path / "dict.parquet"
+    pq.write_table(_pages_table(), p, compression="none")
+    at = _damaged_page(p, column, 0, _set_page_field(7, 1, (1 << 31) - 1))
+    error, rss = _peak_rss(p, batch_size=100)
+    assert (
+        f"dict.parquet, row group 0: column '{name}': the dictionary page at byte {at} claims "
+        "2147483647 values, more than its" in error
+    ), error
+    assert rss < 1 << 30, rss
+
+
+@pytest.mark.parametrize("column", [0, 1])
+def test_parquet_page_uncompressed_size_beyond_the_column_chunk_is_corrupt(
+    tmp_path, column: int
+) -> None:
+    """A page is decompressed into a buffer of the size its header claims: a size damaged to
+    2**31 - 1 zero-filled 2 GiB (snappy) before the decompressor found the page short. No page
+    is larger uncompressed than its whole column chunk, so it is refused before any of that
+    memory."""
+    p = tmp_path / "size.parquet"
+    pq.write_table(_pages_table(), p, compression="snappy")
+    at = _damaged_page(p, column, 1, _set_page_field(2, (1 << 31) - 1))
+    error, rss = _peak_rss(p, batch_size=100)
+    assert re.search(
+        rf"size\.parquet, row group 0: column '(id|s)': the page at byte {at} claims 2147483647 "
+        r"bytes uncompressed, the whole column chunk has \d+$",
+        error,
+    ), error
+    assert rss < 1 << 30, rss
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        # A data page's value count off by one: the pages no longer add up to the chunk's.
+        (
+            lambda f: _field(_field(f, 5)[2], 1).__setitem__(2, _field(_field(f, 5)[2], 1)[2] + 1),
+            r"the data page at byte \d+ claims \d+ values, more than the \d+ the column chunk's "
+            r"metadata leaves for it \(of 4000\)",
+        ),
+        (
+            lambda f: _field(_field(f, 5)[2], 1).__setitem__(2, _field(_field(f, 5)[2], 1)[2] - 1),
+            r"the data pages hold 3999 values, the column chunk's metadata says 4000",
+        ),
+        (
+            _set_page_field(5, 1, -5),
+            r"the data page at byte \d+ claims -5 values",
+        ),
+        (
+            _set_page_field(3, 1 << 30),
+            r"the page at byte \d+ claims 1073741824 bytes, the column chunk has \d+ left",
+        ),
+        (_set_page_field(1, 9), r"the page at byte \d+ has unknown type 9"),
+        (
+            lambda f: f.remove(_field(f, 5)),
+            r"the page header at byte \d+ does not parse within the column chunk",
+        ),
+    ],
+)
+def test_parquet_damaged_data_page_headers_name_the_column(tmp_path, damage, message) -> None:
+    """A data page header that cannot be right is refused before decoding, naming the file,
+    row group, column and page, whatever the damage."""
+    p = tmp_path / "data.parquet"
+    table = pa.table({"x": pa.array(range(4000), pa.int64())})
+    pq.write_table(table, p, compression="none", use_dictionary=False, data_page_size=4096)
+    _damaged_page(p, 0, 1, damage)
+    with pytest.raises(
+        CorruptFileError, match=r"data\.parquet, row group 0: column 'x': " + message
+    ):
+        list(Dataset(p, batch_size=100))
+
+
+def test_parquet_v2_data_page_counts_are_checked(tmp_path) -> None:
+    """A v2 data page claiming more nulls than values is refused, naming the column."""
+    p = tmp_path / "v2.parquet"
+    table = pa.table({"x": pa.array([None if i % 3 else i for i in range(4000)], pa.float64())})
+    pq.write_table(table, p, compression="snappy", data_page_version="2.0", use_dictionary=False)
+    _damaged_page(p, 0, 0, _set_page_field(8, 2, 1 << 20))
+    with pytest.raises(
+        CorruptFileError,
+        match=r"v2\.parquet, row group 0: column 'x': the data page at byte 4 claims 1048576 "
+        r"nulls and \d+ rows in \d+ values",
+    ):
+        list(Dataset(p, batch_size=100))
+
+
+def test_parquet_pages_padded_with_unknown_fields_read_as_before(tmp_path) -> None:
+    """The damage above re-encodes page headers in place; undamaged, the file reads as it was
+    written, so each error comes from the damage alone."""
+    p = tmp_path / "same.parquet"
+    table = _pages_table()
+    pq.write_table(table, p, compression="zstd")
+    for column in (0, 1):
+        _damaged_page(p, column, 0, lambda f: None)
+        # The data page's statistics dropped: the header is padded to its old length.
+        _damaged_page(p, column, 1, lambda f: _field(f, 5)[2].remove(_field(_field(f, 5)[2], 5)))
+    ids = [v for b in Dataset(p, batch_size=1000, columns=["id"]) for v in b["id"].tolist()]
+    assert ids == table["id"].to_pylist()
+    assert pq.read_table(p).equals(table)
