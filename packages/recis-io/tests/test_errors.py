@@ -694,8 +694,8 @@ def test_parquet_page_uncompressed_size_beyond_the_column_chunk_is_corrupt(
     tmp_path, column: int
 ) -> None:
     """A page is decompressed into a buffer of the size its header claims: a size damaged to
-    2**31 - 1 zero-filled 2 GiB (snappy) before the decompressor found the page short. No page
-    is larger uncompressed than its whole column chunk, so it is refused before any of that
+    2**31 - 1 zero-filled 2 GiB (snappy) before the decompressor found the page short. A page
+    beyond four times its whole column chunk and 256 MiB is refused before any of that
     memory."""
     p = tmp_path / "size.parquet"
     pq.write_table(_pages_table(), p, compression="snappy")
@@ -703,7 +703,8 @@ def test_parquet_page_uncompressed_size_beyond_the_column_chunk_is_corrupt(
     error, rss = _peak_rss(p, batch_size=100)
     assert re.search(
         rf"size\.parquet, row group 0: column '(id|s)': the page at byte {at} claims 2147483647 "
-        r"bytes uncompressed, the whole column chunk has \d+$",
+        r"bytes uncompressed, more than four times the whole column chunk's \d+ and than "
+        r"268435456$",
         error,
     ), error
     assert rss < 1 << 30, rss

@@ -11,8 +11,10 @@
 //!
 //! - a header that does not parse, or runs past the end of the chunk;
 //! - a page whose compressed size is negative or runs past the end of the chunk;
-//! - a page whose uncompressed size is negative or larger than the whole chunk's
-//!   (`total_uncompressed_size` of the column chunk's metadata, headers included);
+//! - a page whose uncompressed size is negative, or larger than both four times the whole
+//!   chunk's (`total_uncompressed_size` of the column chunk's metadata, headers included) and
+//!   [`PAGE_BYTES_TRUSTED`]: some writers record that total short (fastparquet leaves the
+//!   dictionary page out) or as 0 (DuckDB before 0.6), so it bounds only what is far beyond it;
 //! - a data page with a negative value count, or data pages whose value counts do not add up
 //!   to the column chunk's `num_values`; a v2 data page with more nulls or rows than values, or
 //!   more level bytes than page bytes;
@@ -139,6 +141,10 @@ fn num_values(walk: &mut Walk) -> std::result::Result<i32, Found> {
     values.ok_or(Found::Unreadable)
 }
 
+/// Uncompressed page sizes up to this are taken as they are, whatever the column chunk's
+/// metadata says of its total (pages are about 1 MiB in the writers' defaults).
+const PAGE_BYTES_TRUSTED: i64 = 256 << 20;
+
 /// What a column chunk's metadata says of its pages.
 #[derive(Clone, Copy, Debug)]
 struct Expect {
@@ -200,10 +206,11 @@ fn check_chunk(expect: Expect, start: u64, data: &[u8]) -> std::result::Result<(
                  left after its header"
             ));
         }
-        if uncompressed < 0 || i64::from(uncompressed) > whole {
+        let limit = whole.saturating_mul(4).max(PAGE_BYTES_TRUSTED);
+        if uncompressed < 0 || i64::from(uncompressed) > limit {
             return Err(format!(
-                "the page at byte {byte} claims {uncompressed} bytes uncompressed, the whole \
-                 column chunk has {whole}"
+                "the page at byte {byte} claims {uncompressed} bytes uncompressed, more than \
+                 four times the whole column chunk's {whole} and than {PAGE_BYTES_TRUSTED}"
             ));
         }
         let page_values = match kind {
@@ -389,9 +396,15 @@ mod tests {
         );
         assert_eq!(
             check(&[(header(DATA_PAGE, i32::MAX, 12, 5, 30), 12)]),
-            "the page at byte 4 claims 2147483647 bytes uncompressed, the whole column chunk \
-             has 1000"
+            "the page at byte 4 claims 2147483647 bytes uncompressed, more than four times \
+             the whole column chunk's 1000 and than 268435456"
         );
+        // A chunk total recorded short (or as 0) still takes pages up to the trusted size.
+        for whole in [1000, 0] {
+            let short = Expect { whole, ..INT64 };
+            let pages = chunk(&[(header(DATA_PAGE, 1 << 20, 12, 5, 30), 12)]);
+            assert_eq!(check_chunk(short, 4, &pages), Ok(()));
+        }
         assert!(check(&[(header(DATA_PAGE, -1, 12, 5, 30), 12)]).contains("claims -1 bytes"));
         assert_eq!(
             check(&[(header(DATA_PAGE, 20, 13, 5, 30), 12)]),
