@@ -775,3 +775,150 @@ def test_accumulators_of_new_rows_must_start_as_they_were_saved(tmp_path) -> Non
             load(tmp_path / cls.__name__, other, cls(other, initial_accumulator_value=0.25))
         same = EmbeddingEngine({"f": EmbeddingOption(DIM)})
         load(tmp_path / cls.__name__, same, cls(same, initial_accumulator_value=0.5))
+
+
+# Checkpoints of the tables alone: save(..., dense=False) and load(..., dense=False).
+
+
+def table_rows(model: Model) -> dict[str, torch.Tensor]:
+    """The rows of every logical table (``state`` without the dense tensors)."""
+    return {k: v for k, v in state(model).items() if k.split(".")[0] in model.emb.logical}
+
+
+def dense_of(model: Model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+
+
+def scrambled() -> tuple[Model, SparseAdam]:
+    """A fresh model whose dense weights differ from any trained one's, and an optimizer with
+    other hyperparameters than the saved ones."""
+    model, _, _ = build()
+    with torch.no_grad():
+        model.head.weight.fill_(7.0)
+        model.head.bias.fill_(-3.0)
+    return model, SparseAdam(model, lr=0.5)
+
+
+def manifest_files(path) -> dict[str, str]:
+    return json.loads((path / "manifest.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_tables_only_checkpoint_restores_tables_and_leaves_the_dense_state(
+    tmp_path, verify
+) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(3))
+    save(tmp_path / "c", model, opt, dense=False)
+
+    assert not (tmp_path / "c" / "dense.safetensors").exists()
+    assert "dense.safetensors" not in manifest_files(tmp_path / "c")
+    assert manifest_files(tmp_path / "c")  # the table files are listed
+
+    other, opt2 = scrambled()
+    before = dense_of(other)
+    load(tmp_path / "c", other, opt2, verify=verify)
+    assert_same(table_rows(other), table_rows(model))
+    assert_same(dense_of(other), before)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05
+    # The same tables as a checkpoint with the dense state gives.
+    save(tmp_path / "with", model, opt)
+    full, opt3, _ = build()
+    load(tmp_path / "with", full, opt3, verify=verify)
+    assert_same(table_rows(other), table_rows(full))
+    assert_same(dense_of(full), dense_of(model))
+
+
+def test_reader_tells_whether_a_checkpoint_has_the_dense_state(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "with", model, opt)
+    save(tmp_path / "without", model, opt, dense=False)
+
+    with_dense = CheckpointReader(tmp_path / "with")
+    assert with_dense.has_dense
+    assert_same(with_dense.dense(), head_state(model))
+    without = CheckpointReader(tmp_path / "without")
+    assert not without.has_dense
+    with pytest.raises(CheckpointError, match=r"saved with dense=False"):
+        without.dense()
+    assert without.tables() == with_dense.tables()
+    for name in without.tables():
+        assert torch.equal(without.read(name), with_dense.read(name))
+
+
+def head_state(model: Model) -> dict[str, torch.Tensor]:
+    return {f"head.{k}": v for k, v in dense_of(model).items()}
+
+
+def test_a_dense_file_the_manifest_names_but_that_is_gone_is_a_checkpoint_error(
+    tmp_path,
+) -> None:
+    model, opt, _ = build()
+    save(tmp_path / "c", model, opt)
+    (tmp_path / "c" / "dense.safetensors").unlink()
+    reader = CheckpointReader(tmp_path / "c", verify=False)
+    assert reader.has_dense
+    with pytest.raises(CheckpointError, match=r"missing file dense\.safetensors"):
+        reader.dense()
+
+
+def test_a_tables_only_checkpoint_loads_into_a_model_with_another_dense_part(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "c", model, opt, dense=False)
+
+    class Wider(Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = torch.nn.Linear(2, 2)
+
+    other = Wider()
+    load(tmp_path / "c", other, SparseAdam(other, lr=0.5))  # strict: the tables must match
+    assert_same(table_rows(other), table_rows(model))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_deltas_without_the_dense_state(tmp_path, verify) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "base", model, opt)  # with the dense state
+    train(model, opt, dense, range(2, 4))
+    save(tmp_path / "d1", model, opt, delta=True, dense=False)
+    at_d1 = dense_of(model)
+    train(model, opt, dense, range(4, 6))
+    save(tmp_path / "d2", model, opt, delta=True)  # the dense state again
+    at_d2 = dense_of(model)
+    train(model, opt, dense, range(6, 8))
+    save(tmp_path / "d3", model, opt, delta=True, dense=False)
+
+    assert "dense.safetensors" not in manifest_files(tmp_path / "d1")
+    assert not (tmp_path / "d1" / "dense.safetensors").exists()
+    assert not CheckpointReader(tmp_path / "d3").has_dense
+    assert CheckpointReader(tmp_path / "d2").has_dense
+
+    # A delta without the dense state leaves it as it is, not as its parent saved it.
+    other, opt2 = scrambled()
+    before = dense_of(other)
+    load(tmp_path / "d3", other, opt2, verify=verify)
+    assert_same(table_rows(other), table_rows(model))
+    assert_same(dense_of(other), before)
+    # A delta with the dense state loads its own, whatever its parents hold.
+    other, opt2 = scrambled()
+    load(tmp_path / "d2", other, opt2, verify=verify)
+    assert not torch.equal(dense_of(other)["weight"], at_d1["weight"])
+    assert_same(dense_of(other), at_d2)
+
+
+def test_load_can_leave_the_dense_state_of_a_checkpoint_that_holds_one(tmp_path) -> None:
+    model, opt, dense = build()
+    train(model, opt, dense, range(2))
+    save(tmp_path / "c", model, opt)
+
+    other, opt2 = scrambled()
+    before = dense_of(other)
+    load(tmp_path / "c", other, opt2, dense=False)
+    assert_same(table_rows(other), table_rows(model))
+    assert_same(dense_of(other), before)
+    load(tmp_path / "c", other, opt2)
+    assert_same(dense_of(other), dense_of(model))

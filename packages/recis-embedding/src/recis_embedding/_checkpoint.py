@@ -3,7 +3,8 @@
 Layout of a checkpoint directory (format version 1)::
 
     manifest.json
-    dense.safetensors                                  the model's state_dict (dense tensors)
+    dense.safetensors                                  the model's state_dict (dense tensors);
+                                                       absent when saved with ``dense=False``
     sparse/<table>.shard-<r>-of-<w>.safetensors        one file per logical table and shard
 
 ``<table>`` is the table name percent-encoded, shortened (a readable prefix, ``+`` and a hash)
@@ -56,6 +57,7 @@ from recis_embedding._engine import EmbeddingEngine
 from recis_embedding.exceptions import CheckpointError
 
 __all__ = [
+    "DENSE_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "CheckpointReader",
@@ -68,6 +70,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "recis-embedding-checkpoint"
+#: The dense state's file; a checkpoint saved with ``dense=False`` has none.
+DENSE_FILE = "dense.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -297,9 +301,25 @@ class CheckpointReader:
                     parts.setdefault(key, []).append(f.get_tensor(key))
         return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
 
+    @property
+    def has_dense(self) -> bool:
+        """Whether the checkpoint holds the model's dense state (``dense.safetensors``):
+        ``False`` for one saved with ``dense=False``."""
+        return DENSE_FILE in self.manifest["files"]
+
     def dense(self) -> dict[str, torch.Tensor]:
-        """The model's dense ``state_dict`` tensors."""
-        return load_file(str(self.path / "dense.safetensors"))
+        """The model's dense ``state_dict`` tensors.
+
+        Raises:
+            CheckpointError: the checkpoint holds no dense state (saved with ``dense=False``,
+                see :attr:`has_dense`), or its dense file is missing.
+        """
+        if not self.has_dense:
+            raise CheckpointError(
+                f"checkpoint {self.path} holds no dense state: it was saved with dense=False "
+                "(its tables only; the dense state was kept elsewhere)"
+            )
+        return load_file(str(self._file(DENSE_FILE)))
 
 
 # safetensors' dtype names of the manifest's.

@@ -37,11 +37,15 @@ def load(
     *,
     strict: bool = True,
     verify: bool = True,
+    dense: bool = True,
 ) -> dict[str, Any]:
     """Restore ``model``'s tables (and dense state, and optimizer hyperparameters) from ``path``.
 
     A delta checkpoint is applied on top of its parent chain (loaded first). Tables are replaced,
-    not merged: after loading, each table holds exactly the checkpoint's rows.
+    not merged: after loading, each table holds exactly the checkpoint's rows. The dense state
+    is that of ``path`` itself (not of the parents of a delta); a checkpoint saved with
+    ``save(..., dense=False)`` holds none, and loading it restores the tables and the optimizer's
+    hyperparameters and leaves the model's dense state as it is.
 
     Args:
         path: checkpoint directory.
@@ -56,6 +60,10 @@ def load(
             has just verified the files itself (recis-train's restore does, with its own
             checksums): the files are then read once, to load them, instead of once more to
             hash them.
+        dense: load the checkpoint's dense state (when it has one). ``False`` leaves the
+            model's dense state as it is, for a caller that keeps it elsewhere (recis-train's
+            checkpoints do); the checkpoint's dense file is then not read (``verify`` still
+            checks its checksum).
 
     Returns:
         The manifest of ``path``.
@@ -98,8 +106,9 @@ def load(
         _warn_unplaced_state(chain[-1], tables, _frozen_tables(model))
         _check_casts(chain, tables)
         _check_capacities(chain, tables, shard)
-        dense = chain[-1].dense()
-        _check_dense(chain[-1], model, dense, strict)
+        state = chain[-1].dense() if dense and chain[-1].has_dense else None
+        if state is not None:
+            _check_dense(chain[-1], model, state, strict)
     except Exception as error:
         refused = error
     if shard is not None:
@@ -131,12 +140,13 @@ def load(
             f"loading checkpoint {path} failed after the tables began to change ({exc}); they "
             "hold part of it: load a checkpoint again before training (a delta cannot follow)"
         ) from exc
-    try:
-        model.load_state_dict(dense, strict=strict)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"dense state of {chain[-1].path} does not match the model: {exc}"
-        ) from exc
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"dense state of {chain[-1].path} does not match the model: {exc}"
+            ) from exc
     if sparse_optimizer is not None and chain[-1].manifest.get("optimizer"):
         sparse_optimizer.load_state_dict(chain[-1].manifest["optimizer"]["state"])
     loaded = _Saved(Path(path).resolve(), chain[-1].manifest.get("id"))

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from recis_embedding._checkpoint import (
+    DENSE_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     CheckpointReader,
@@ -50,6 +51,7 @@ def save(
     *,
     delta: bool = False,
     parent: str | os.PathLike[str] | None = None,
+    dense: bool = True,
 ) -> Path:
     """Write a checkpoint of ``model``'s tables (and dense state) to directory ``path``.
 
@@ -63,6 +65,11 @@ def save(
         parent: where the previous save lives now, when its directory was moved or renamed
             after saving (e.g. a save into a temporary directory renamed into place); it must
             be that same save. Default: where the tables were last saved or loaded.
+        dense: also write the model's dense ``state_dict`` (``dense.safetensors``). ``False``
+            writes the tables (and the optimizer's hyperparameters) only, for a caller that
+            keeps the dense state elsewhere (recis-train's checkpoints do): the checkpoint
+            then has no ``dense.safetensors`` (nor an entry for it in the manifest's
+            ``files``), and :func:`load` of it leaves the model's dense state as it is.
 
     Returns:
         The checkpoint directory.
@@ -73,7 +80,7 @@ def save(
             previous save is no longer where it was written (and ``parent`` is not given), or
             ``parent`` is not the previous save, or ``path`` holds something other than a
             previous checkpoint or an empty directory (a file, another directory, a symbolic
-            link, even one to a checkpoint), or the
+            link, even one to a checkpoint), or (``dense=True``) the
             model's ``state_dict`` holds entries that are not tensors (extra state); on the
             other ranks of a sharded model, when
             the save failed on one rank (that rank raises its own error). Every rank raises,
@@ -115,7 +122,7 @@ def save(
     save_id = gathered[0][2]  # rank 0's, the same on every rank
     with _phase(shard, path, "writing the manifest", tmp if rank == 0 else None):
         if rank == 0:
-            _write(tmp, model, gathered, sparse_optimizer, previous, path, world, save_id)
+            _write(tmp, model, gathered, sparse_optimizer, previous, path, world, save_id, dense)
             _replace(tmp, path)
     for table in physical:
         table.mark_saved(_Saved(path.resolve(), save_id))
@@ -251,6 +258,7 @@ def _write(
     path: Path,
     world: int,
     save_id: str,
+    dense: bool,
 ) -> None:
     tables: dict[str, Any] = {}
     files: dict[str, str] = {}
@@ -277,7 +285,26 @@ def _write(
         "optimizer": None,
         "files": files,
     }
-    with tables_saved_separately():  # the tables are the files written beside it
+    written = [tmp / "manifest.json", tmp / "sparse", tmp]
+    if dense:
+        save_file(_dense_state(model), str(tmp / DENSE_FILE))
+        files[DENSE_FILE] = sha256(tmp / DENSE_FILE)
+        written.insert(0, tmp / DENSE_FILE)
+    if sparse_optimizer is not None:
+        manifest["optimizer"] = {
+            "class": type(sparse_optimizer).__name__,
+            "state": sparse_optimizer.state_dict(),
+        }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for done in written:
+        _fsync(done)
+
+
+def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's ``state_dict`` tensors, copied (the tables are the files written beside
+    them)."""
+    with tables_saved_separately():
         state = model.state_dict()
     other = {k: type(v).__name__ for k, v in state.items() if not isinstance(v, torch.Tensor)}
     if other:
@@ -286,18 +313,7 @@ def _write(
             "module's get_extra_state()); the dense state is written as safetensors, which "
             "holds tensors only"
         )
-    dense = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    save_file(dense, str(tmp / "dense.safetensors"))
-    files["dense.safetensors"] = sha256(tmp / "dense.safetensors")
-    if sparse_optimizer is not None:
-        manifest["optimizer"] = {
-            "class": type(sparse_optimizer).__name__,
-            "state": sparse_optimizer.state_dict(),
-        }
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    for written in (tmp / "dense.safetensors", tmp / "manifest.json", tmp / "sparse", tmp):
-        _fsync(written)
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
 def _fsync(path: Path) -> None:
