@@ -69,7 +69,8 @@ def save(
             writes the tables (and the optimizer's hyperparameters) only, for a caller that
             keeps the dense state elsewhere (recis-train's checkpoints do): the checkpoint
             then has no ``dense.safetensors`` (nor an entry for it in the manifest's
-            ``files``), and :func:`load` of it leaves the model's dense state as it is.
+            ``files``), and :func:`recis_embedding.load` of it leaves the model's dense state as
+            it is.
 
     Returns:
         The checkpoint directory.
