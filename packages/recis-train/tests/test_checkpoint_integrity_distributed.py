@@ -24,9 +24,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD = 2
-# The checkpoint's files in sorted order; rank r verifies files r, r + 2, r + 4: the dense file
-# is rank 0's to read, the trainer state rank 1's.
-DAMAGED = ("dense/model.safetensors", "trainer/state.pt")
+# The checkpoint's files in sorted order (dense/model.safetensors, sparse/tables/manifest.json,
+# the two table shards, trainer/state.pt); rank r verifies files r, r + 2, r + 4: the dense file
+# is rank 0's to read, rank 1's table shard rank 1's.
+DAMAGED = ("dense/model.safetensors", "sparse/tables/sparse/ids.shard-00001-of-00002.safetensors")
 
 
 def build(out: Path, rank: int, **args) -> Trainer:

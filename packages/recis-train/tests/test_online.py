@@ -157,6 +157,7 @@ def test_base_and_deltas_load_to_the_live_state_after_every_window(tmp_path, hou
     total = len(live[2]["ids"])
     assert 0 < results[2].export_rows < total  # a delta holds only this window's rows
     for result, state in zip(results, live, strict=True):
+        assert emb.CheckpointReader(result.export).has_dense  # exports serve the dense part too
         fresh = Model()
         emb.load(result.export, fresh, emb.SparseAdam(fresh, lr=0.02))
         assert_same(table_state(fresh), state)

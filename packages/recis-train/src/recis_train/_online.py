@@ -117,7 +117,11 @@ class _ExportedTables:
         import recis_embedding
 
         try:
-            recis_embedding.load(str(export), model, sparse_optimizer, verify=not verified)
+            # The dense state comes from the checkpoint's dense part (the export holds it too,
+            # for serving).
+            recis_embedding.load(
+                str(export), model, sparse_optimizer, verify=not verified, dense=False
+            )
         except recis_embedding.CheckpointError as err:
             raise CheckpointError(f"loading the embedding export {export} failed: {err}") from err
         self.current = export
@@ -483,7 +487,8 @@ class Online:
             import recis_embedding
 
             tables = self.output_dir / _INITIAL_TABLES
-            recis_embedding.save(str(tables), trainer.model, trainer.sparse_optimizer)  # type: ignore[arg-type]
+            # The dense state is kept in memory (``dense`` below).
+            recis_embedding.save(str(tables), trainer.model, trainer.sparse_optimizer, dense=False)  # type: ignore[arg-type]
         self._initial = _InitialState(
             trainer=copy.deepcopy(trainer._trainer_state()),
             dense={k: v.detach().clone() for k, v in trainer._dense_state().items()},

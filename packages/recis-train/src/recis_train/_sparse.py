@@ -55,14 +55,18 @@ class EmbeddingCheckpoint:
     """Checkpoints recis-embedding tables with ``recis_embedding.save`` / ``load``.
 
     The tables' entries (if any appear in the model's ``state_dict``) are left out of the
-    dense file, so each row is stored once, in recis-embedding's open format.
+    dense file, so each row is stored once, in recis-embedding's open format; the tables are
+    saved with ``dense=False``, so the dense state is stored once too, in the checkpoint's
+    dense part. A load leaves the dense state to that part, also from a checkpoint whose
+    tables were saved with it (written before).
     """
 
     def __init__(self, prefixes: list[str]) -> None:
         self.prefixes = prefixes
 
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
-        _function("save")(str(directory / "tables"), model, sparse_optimizer)
+        save = _function("save")
+        save(str(directory / "tables"), model, sparse_optimizer, **_without_dense(save))
 
     def load(
         self, directory: Path, model: nn.Module, sparse_optimizer: Any, *, verified: bool = False
@@ -70,10 +74,10 @@ class EmbeddingCheckpoint:
         """Load the tables; ``verified``: the restore has checked their files with the trainer
         checkpoint's checksums, so recis-embedding does not hash them again."""
         load = _function("load")
+        options = _without_dense(load)
         if verified:
-            load(str(directory / "tables"), model, sparse_optimizer, verify=False)
-        else:
-            load(str(directory / "tables"), model, sparse_optimizer)
+            options["verify"] = False
+        load(str(directory / "tables"), model, sparse_optimizer, **options)
 
     def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
         def owned(key: str) -> bool:
@@ -92,6 +96,17 @@ def _function(name: str) -> Any:
             "upgrade recis-embedding or pass sparse_checkpoint= to the Trainer"
         )
     return found
+
+
+def _without_dense(function: Any) -> dict[str, Any]:
+    """``{"dense": False}`` for a recis-embedding ``save``/``load`` that takes it (the tables
+    without the dense state, which the trainer's checkpoint holds in its dense part), else
+    nothing (an older recis-embedding writes and loads the dense state with the tables)."""
+    try:
+        takes = "dense" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"dense": False} if takes else {}
 
 
 def load_sparse(

@@ -22,6 +22,7 @@ from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, Con
 
 _PARTS = ("dense", "sparse")
 _EMBEDDING_FORMAT = "recis-embedding-checkpoint"
+_EMBEDDING_DENSE = "dense.safetensors"
 _GLOB = frozenset("*?[")
 
 
@@ -84,7 +85,8 @@ class _Selection:
 def _resolve(
     path: str | Path, asked: Sequence[str] | None
 ) -> tuple[Path, Path | None, Path | None, bool]:
-    """(checkpoint dir, dense safetensors file or None, recis-embedding checkpoint or None,
+    """(checkpoint dir, dense safetensors file or None (a recis-embedding checkpoint saved with
+    ``dense=False`` has none), recis-embedding checkpoint or None,
     whether that recis-embedding checkpoint's files were verified here).
 
     ``path`` may be a trainer checkpoint (``step-…``), a directory of them (the latest complete
@@ -109,7 +111,15 @@ def _resolve(
     if manifest.get("format") == _EMBEDDING_FORMAT:
         if asked is not None and "sparse" not in asked:
             _verify_embedding(path)  # no chain is read, which would verify the dense file
-        return path, path / "dense.safetensors", path, False
+        # One saved with dense=False holds the tables only (a malformed ``files`` is refused
+        # when the checkpoint is read).
+        files = manifest.get("files")
+        dense = (
+            path / _EMBEDDING_DENSE
+            if isinstance(files, dict) and _EMBEDDING_DENSE in files
+            else None
+        )
+        return path, dense, path, False
     if verified:
         parts = CheckpointManager.read_manifest(path)["parts"]
     else:
