@@ -55,7 +55,10 @@ def layout(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "old":
             # recis_embedding.save as the trainer called it before: with the dense state.
-            patch.setattr(sparse_mod, "_without_dense", lambda function: {}, raising=False)
+            def save_with_dense(self, directory, model, sparse_optimizer) -> None:
+                emb.save(str(directory / "tables"), model, sparse_optimizer)
+
+            patch.setattr(sparse_mod.EmbeddingCheckpoint, "save", save_with_dense)
         cut = build(out, train_steps=12)
         cut.train()
     step = cut.checkpoints.latest()

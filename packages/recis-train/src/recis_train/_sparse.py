@@ -65,19 +65,16 @@ class EmbeddingCheckpoint:
         self.prefixes = prefixes
 
     def save(self, directory: Path, model: nn.Module, sparse_optimizer: Any) -> None:
-        save = _function("save")
-        save(str(directory / "tables"), model, sparse_optimizer, **_without_dense(save))
+        _function("save")(str(directory / "tables"), model, sparse_optimizer, dense=False)
 
     def load(
         self, directory: Path, model: nn.Module, sparse_optimizer: Any, *, verified: bool = False
     ) -> None:
         """Load the tables; ``verified``: the restore has checked their files with the trainer
         checkpoint's checksums, so recis-embedding does not hash them again."""
-        load = _function("load")
-        options = _without_dense(load)
-        if verified:
-            options["verify"] = False
-        load(str(directory / "tables"), model, sparse_optimizer, **options)
+        _function("load")(
+            str(directory / "tables"), model, sparse_optimizer, dense=False, verify=not verified
+        )
 
     def filter_dense(self, state: Mapping[str, Any]) -> dict[str, Any]:
         def owned(key: str) -> bool:
@@ -96,17 +93,6 @@ def _function(name: str) -> Any:
             "upgrade recis-embedding or pass sparse_checkpoint= to the Trainer"
         )
     return found
-
-
-def _without_dense(function: Any) -> dict[str, Any]:
-    """``{"dense": False}`` for a recis-embedding ``save``/``load`` that takes it (the tables
-    without the dense state, which the trainer's checkpoint holds in its dense part), else
-    nothing (an older recis-embedding writes and loads the dense state with the tables)."""
-    try:
-        takes = "dense" in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return {"dense": False} if takes else {}
 
 
 def load_sparse(
