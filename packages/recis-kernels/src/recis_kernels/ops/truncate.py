@@ -202,9 +202,11 @@ def _truncate3(r: RaggedTensor, row_max, row_tail):
     # Values of the kept sub-rows, in order: expand each kept sub-row into its value range.
     # No branch on the number of kept sub-rows: it is data-dependent under torch.compile.
     total = int(kept_len.sum())
-    owner = torch.repeat_interleave(
-        torch.arange(kept_len.numel(), device=r.device), kept_len, output_size=total
-    )
+    # The repeats-only overload: arange(n).repeat_interleave(kept_len) without the arange. The
+    # (input, repeats) overload branches on len(repeats) == 1 (broadcast repeats); torch 2.6
+    # evaluates that branch as a guard, which fails under torch.compile as len(kept_len) is
+    # data-dependent (later releases treat it as size-oblivious).
+    owner = torch.repeat_interleave(kept_len, output_size=total)
     kept_base = torch.cumsum(kept_len, 0) - kept_len
     value_index = (
         sub_starts[sub_index][owner] + torch.arange(total, device=r.device) - kept_base[owner]
