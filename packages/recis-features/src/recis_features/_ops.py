@@ -117,7 +117,9 @@ class SelectField(SourceOp):
                 # ids are read as the int64 of their bits, as documented; as int32 they wrap.)
                 lost |= out < 0
         if bool(lost.any()):
-            first = t[lost][0].item()
+            # Found by position, not by t[lost]: torch 2.6 has no boolean-mask indexing of
+            # uint32/uint64 tensors on CPU ("index_cpu" not implemented).
+            first = t.flatten()[int(lost.flatten().nonzero()[0])].item()
             source = str(t.dtype).removeprefix("torch.")
             if dtype.is_floating_point:
                 raise FeatureInputError(
