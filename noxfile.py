@@ -201,6 +201,40 @@ TEST_ENV = {"PYTHONFAULTHANDLER": "1"}
 def test(session: nox.Session, package: str) -> None:
     """One package's tests, in a fresh environment holding only it and its dependencies."""
     _install(session, [package], extras=("test", "cuda"))
+    _run_tests(session, package)
+
+
+def _oldest_torch() -> str:
+    """``torch==X.Y.*`` for the highest ``torch>=X.Y`` that a package under packages/ declares:
+    the oldest torch release every package claims to support."""
+    floors = []
+    for doc in _pyprojects().values():
+        for req in doc["project"].get("dependencies", []):
+            if _requirement_name(req) == "torch":
+                floor = req.split(";")[0].partition(">=")[2].split(",")[0].strip()
+                floors.append(tuple(int(part) for part in floor.split(".")[:2]))
+    major, minor = max(floors)
+    return f"torch=={major}.{minor}.*"
+
+
+@nox.session(name="test-torch-oldest", default=False)
+@nox.parametrize("package", PACKAGES)
+def test_torch_oldest(session: nox.Session, package: str) -> None:
+    """One package's tests, as in ``test``, against the oldest torch the packages declare."""
+    pin = _oldest_torch()
+    # torch first: the packages' ``torch>=`` is then met and uv leaves it as it is.
+    session.install(pin)
+    _install(session, [package], extras=("test", "cuda"))
+    release = pin.removeprefix("torch==").removesuffix("*")
+    check = (
+        "import sys, torch; print('torch', torch.__version__); "
+        f"sys.exit(0 if torch.__version__.startswith({release!r}) else 'not {pin}')"
+    )
+    session.run("python", "-c", check)
+    _run_tests(session, package)
+
+
+def _run_tests(session: nox.Session, package: str) -> None:
     # A package may ask for more runs of its suite with extra pytest options, listed in its
     # pyproject as ``[tool.recis] extra-test-runs = [[...], ...]``.
     extra_runs = _pyprojects()[package].get("tool", {}).get("recis", {}).get("extra-test-runs", [])
