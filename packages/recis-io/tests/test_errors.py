@@ -285,6 +285,19 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """The unsigned LEB128 varint (protobuf's and Thrift compact's) at ``data[at:]`` and the
+    offset after it."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
+
+
 def _message(data: bytes) -> list[tuple[int, int | bytes]]:
     """The ``(field, value)`` pairs of a protobuf message (varint and length-delimited)."""
     out: list[tuple[int, int | bytes]] = []
@@ -292,14 +305,8 @@ def _message(data: bytes) -> list[tuple[int, int | bytes]]:
 
     def varint() -> int:
         nonlocal at
-        value = shift = 0
-        while True:
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
+        value, at = _read_varint(data, at)
+        return value
 
     while at < len(data):
         key = varint()
@@ -536,14 +543,8 @@ def _thrift_struct(data: bytes, at: int) -> tuple[list, int]:
 
     def varint() -> int:
         nonlocal at
-        value = shift = 0
-        while True:
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
+        value, at = _read_varint(data, at)
+        return value
 
     fields: list = []
     last = 0
