@@ -383,8 +383,10 @@ class FeatureEngine(nn.Module):
             # Large host work of the built-in fused truncate and mod may run on another core
             # while the step's other groups run; the block's end waits for it, before the next
             # step reads it. Every other group (a map's function, say, or a registered
-            # implementation) may read what it computes: its ops run in place.
+            # implementation) may read what it computes: its ops run in place. The groups of
+            # one step read only earlier steps' values, so their order within it is free.
             with rk.overlap():
+                in_place = []
                 for group in groups:
                     builtin = _DEFERRING.get(group.kind)
                     if (
@@ -393,9 +395,12 @@ class FeatureEngine(nn.Module):
                         and builtin is fused_implementation(group.kind)
                     ):
                         self._run_group(group, values, columns)
-                        continue
+                    else:
+                        in_place.append(group)
+                if in_place:
                     with rk.overlap(False):
-                        self._run_group(group, values, columns)
+                        for group in in_place:
+                            self._run_group(group, values, columns)
         out: dict[str, Any] = {name: values[node] for name, node in self._outputs}
         if self.passthrough:
             for name, column in batch.items():
