@@ -82,15 +82,12 @@ def test_fused_mod_equal_sized_features(data, ns):
     assert [o.tolist() for o in outs] == [ref_mod(i, n) for i, n in zip(data, moduli, strict=True)]
 
 
-def test_overlapped_fused_mod_equals_in_place_and_overlap_false_runs_in_place(request):
+def test_overlapped_fused_mod_equals_in_place_and_overlap_false_runs_in_place(mod_defers):
     """Inside ``overlap`` with more than one thread, the remainders of large int64 CPU inputs
     are computed on a pool thread; once the block ends they equal the in-place ones. Inside
     ``overlap(False)`` (nested in an enabled block) they are computed in place, readable at
     once, while work started before it goes on."""
     from recis_kernels import _overlap
-
-    if request.config.getoption("--emulate-kernels"):
-        pytest.skip("mod runs through its emulated kernel, which defers nothing")
 
     before = torch.get_num_threads()
     g = torch.Generator().manual_seed(7)

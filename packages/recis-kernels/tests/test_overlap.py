@@ -34,14 +34,6 @@ def want() -> torch.Tensor:
     return rk.mod(IDS, N)
 
 
-@pytest.fixture
-def mod_defers(request: pytest.FixtureRequest) -> None:
-    """Skips a test that counts deferred work under ``--emulate-kernels``: ``mod`` then runs
-    through its emulated CUDA kernel, which defers nothing."""
-    if request.config.getoption("--emulate-kernels"):
-        pytest.skip("mod runs through its emulated kernel, which defers nothing")
-
-
 def test_a_block_inside_another_waits_for_its_own_work(want, mod_defers) -> None:
     # A library running its own block inside the caller's (FeatureEngine's steps, say) reads
     # its results right after its block: they must be complete then, not only at the outer end.
