@@ -117,3 +117,29 @@ class TableModel(nn.Module):
         if self.loss_only:
             return loss
         return {"loss": loss, "predictions": torch.sigmoid(logits), "labels": batch["click"]}
+
+
+def table_trainer(out: Any, hooks: Any = (), **args: Any) -> Any:
+    """A seeded CPU trainer of a :class:`TableModel` over ``ToyReader(500, 25)`` (2 epochs,
+    20 steps each; a checkpoint every 6 steps) writing to ``out``; ``args`` override its
+    ``TrainingArguments``."""
+    from recis_train import Trainer, TrainingArguments, seed_everything
+
+    seed_everything(0)
+    model = TableModel()
+    settings = {"output_dir": str(out), "device": "cpu", "epochs": 2, "save_every": 6}
+    return Trainer(
+        model,
+        TrainingArguments(**(settings | args)),
+        train_data=ToyReader(500, 25),
+        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.02),
+        sparse_optimizer=emb.SparseAdam(model, lr=0.02),
+        hooks=hooks,
+    )
+
+
+def table_rows(trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids of the trainer's table, sorted, and their embeddings."""
+    table = emb.sparse_parameters(trainer.model)[0]
+    ids = torch.sort(table.ids()).values
+    return ids, table.embeddings(ids)

@@ -9,38 +9,21 @@ import shutil
 
 import pytest
 import torch
-from _toy import TableModel, ToyReader
+from _toy import TableModel
+from _toy import table_rows as rows_of
+from _toy import table_trainer as build
 from safetensors.torch import load_file
 
 import recis_embedding as emb
 import recis_train._sparse as sparse_mod
-from recis_train import Trainer, TrainingArguments, seed_everything, warm_start
+from recis_train import Trainer, seed_everything, warm_start
 from recis_train.exceptions import CheckpointError
 
 ALL_PARTS = ("dense", "sparse", "trainer")
 
 
-def build(out, **args) -> Trainer:
-    seed_everything(0)
-    model = TableModel()
-    settings = {"output_dir": str(out), "device": "cpu", "epochs": 2, "save_every": 6}
-    return Trainer(
-        model,
-        TrainingArguments(**(settings | args)),
-        train_data=ToyReader(500, 25),
-        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.02),
-        sparse_optimizer=emb.SparseAdam(model, lr=0.02),
-    )
-
-
 def dense_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.mlp.state_dict().items()}
-
-
-def rows_of(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-    table = emb.sparse_parameters(trainer.model)[0]
-    ids = torch.sort(table.ids()).values
-    return ids, table.embeddings(ids)
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 import torch
-from _toy import TableModel, ToyReader
+from _toy import TableModel, ToyReader, table_trainer
+from _toy import table_rows as rows_of
 
 import recis_embedding as emb
 from recis_train import (
@@ -21,24 +22,7 @@ from recis_train import (
 
 
 def build(out, **args):
-    seed_everything(0)
-    model = TableModel()
-    settings = {"output_dir": str(out), "device": "cpu", "epochs": 2, "save_every": 6}
-    stream = io.StringIO()
-    return Trainer(
-        model,
-        TrainingArguments(**(settings | args)),
-        train_data=ToyReader(500, 25),
-        dense_optimizer=torch.optim.Adam(model.mlp.parameters(), lr=0.02),
-        sparse_optimizer=emb.SparseAdam(model, lr=0.02),
-        hooks=[TableStatsHook(every=5, stream=stream)],
-    )
-
-
-def table_state(trainer):
-    table = emb.sparse_parameters(trainer.model)[0]
-    ids = torch.sort(table.ids()).values
-    return ids, table.embeddings(ids)
+    return table_trainer(out, hooks=[TableStatsHook(every=5, stream=io.StringIO())], **args)
 
 
 def test_resume_with_dynamic_tables_is_bit_exact(tmp_path):
@@ -54,8 +38,8 @@ def test_resume_with_dynamic_tables_is_bit_exact(tmp_path):
     with emb.tables_saved_separately():  # dense tensors here, tables below
         for key, value in whole.model.state_dict().items():
             assert torch.equal(resumed.model.state_dict()[key], value), key
-    ids_a, rows_a = table_state(whole)
-    ids_b, rows_b = table_state(resumed)
+    ids_a, rows_a = rows_of(whole)
+    ids_b, rows_b = rows_of(resumed)
     assert torch.equal(ids_a, ids_b)
     assert torch.equal(rows_a, rows_b)
     stats = resumed.hooks[0].history[-1][1]
@@ -118,7 +102,7 @@ def test_warm_start_loads_whole_rows_with_fresh_optimizer_state(tmp_path, monkey
     table.configure_state(*_adam_layout(emb.sparse_parameters(donor.model)[0]))
     result = warm_start(fresh.model, donor.checkpoints.latest())
     assert drawn == []  # no initial vector is drawn only to be overwritten
-    ids, rows = table_state(donor)
+    ids, rows = rows_of(donor)
     assert result.tables["ids"] == len(ids)
     assert torch.equal(table.embeddings(ids), rows)
     # The optimizer state of the rows taken is fresh (their slots' initial values).
