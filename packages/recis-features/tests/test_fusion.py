@@ -554,6 +554,46 @@ def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
         torch.set_num_threads(before)
 
 
+def test_in_place_groups_leave_a_core_to_the_steps_deferred_work() -> None:
+    """While a step's truncation copies in the background, the step's in-place groups run
+    torch on one thread fewer (not splitting small ops over a thread that must share a core
+    with that work); the thread count is restored after the step, and is left alone in a
+    step that defers nothing."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 90, (20_000,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = torch.randint(-(1 << 62), 1 << 62, (int(offsets[-1]),), generator=g)
+    seen: list[tuple[int, bool]] = []
+
+    def log1p_seen(x: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.get_num_threads(), rk.overlap_pending()))
+        return torch.log1p(x)
+
+    features = [
+        Feature("seq").select("seq").truncate(40, side="tail"),
+        Feature("price").select("price").map(log1p_seen),
+    ]
+    engine = FeatureEngine(features, passthrough=False)
+    assert [g["kind"] for g in engine.plan()[1]] == ["truncate", "lambda"]
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            for rows in (offsets, offsets[:3]):  # a long truncation, then a short one
+                seen.clear()
+                seq = RaggedTensor(values[: int(rows[-1])], [rows])
+                batch = {"seq": seq, "price": torch.rand(len(rows) - 1)}
+                out = engine(batch)
+                assert torch.get_num_threads() == threads
+                ((count, pending),) = seen
+                assert count == (threads - 1 if pending else threads)
+                assert pending == (len(rows) > 3)
+                for f in features:
+                    assert_same(out[f.name], f(batch))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_an_engine_run_inside_the_callers_overlap_block(enabled: bool) -> None:
     """Inside a caller's ``recis_kernels.overlap()`` (or ``overlap(False)``) block the engine's

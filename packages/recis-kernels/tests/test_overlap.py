@@ -48,6 +48,25 @@ def test_a_block_inside_another_waits_for_its_own_work(want, mod_defers) -> None
     assert _overlap._current() is None
 
 
+def test_overlap_pending_tells_whether_work_is_still_listed(want, mod_defers) -> None:
+    assert not rk.overlap_pending()
+    with rk.overlap():
+        assert not rk.overlap_pending()
+        rk.mod(IDS[:1000], N)  # small: runs in place
+        assert not rk.overlap_pending()
+        out = rk.mod(IDS, N)
+        assert rk.overlap_pending()
+        with rk.overlap(False):
+            assert rk.overlap_pending()  # the block around it still has work
+        with rk.overlap():
+            assert rk.overlap_pending()
+        rk.finish_overlapped()
+        assert not rk.overlap_pending()
+        assert torch.equal(out, want)
+        rk.mod(IDS, N)
+    assert not rk.overlap_pending()
+
+
 def test_overlap_false_at_the_top_runs_in_place(want) -> None:
     with rk.overlap(False):
         out = rk.mod(IDS, N)

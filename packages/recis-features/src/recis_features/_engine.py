@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -97,6 +98,20 @@ class _Group:
     # fill_missing+bucketize groups: per input dtype, the boundaries and NaN buckets of the
     # fused bucketize call (see ``fill_bucketize_args``).
     fill_args: dict[torch.dtype, tuple[list, list[int]]] = dataclasses.field(default_factory=dict)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` in the block (nothing done when already ``n``)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _dedup(features: Iterable[Feature]) -> list[Feature]:
@@ -398,7 +413,11 @@ class FeatureEngine(nn.Module):
                     else:
                         in_place.append(group)
                 if in_place:
-                    with rk.overlap(False):
+                    # Deferred work occupies a core until the block ends: the in-place groups'
+                    # torch ops leave it to that work rather than split over a thread it
+                    # would share (on two cores, a small op waits milliseconds for it).
+                    spare = threads - 1 if rk.overlap_pending() else threads
+                    with rk.overlap(False), _torch_threads(spare):
                         for group in in_place:
                             self._run_group(group, values, columns)
         out: dict[str, Any] = {name: values[node] for name, node in self._outputs}

@@ -9,7 +9,7 @@ from recis_kernels._cuda.compiler import (
     kernel_names,
 )
 from recis_kernels._cuda.index_errors import check_index_errors
-from recis_kernels._overlap import finish_overlapped, overlap
+from recis_kernels._overlap import finish_overlapped, overlap, overlap_pending
 from recis_kernels.exceptions import (
     ArgumentError,
     BackendError,
@@ -103,6 +103,7 @@ __all__ = [
     "mod",
     "multi_hash",
     "overlap",
+    "overlap_pending",
     "owner_rank",
     "partition_ids",
     "pooled_rows_grad",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["defer", "deferring", "finish_overlapped", "overlap"]
+__all__ = ["defer", "deferring", "finish_overlapped", "overlap", "overlap_pending"]
 
 # Work smaller than this runs in place: handing it to a pool thread costs microseconds.
 MIN_BYTES = 1 << 18
@@ -159,6 +159,23 @@ def finish_overlapped() -> None:
     while block is not None:
         _finish(block)
         block = block.parent
+
+
+def overlap_pending() -> bool:
+    """Whether work started in the current :func:`overlap` block, or a block around it, has
+    not been waited for yet (it may be running on a pool thread, occupying a core).
+
+    Code that runs its own parallel work meanwhile may leave that core to it: on two cores,
+    a small torch op split over two threads waits for a thread that must share the core with
+    the pool thread, milliseconds where it computes microseconds. ``FeatureEngine`` runs a
+    step's in-place groups on one torch thread fewer while this holds.
+    """
+    block = _current()
+    while block is not None:
+        if block.pending:
+            return True
+        block = block.parent
+    return False
 
 
 def deferring(nbytes: int) -> bool:
