@@ -31,7 +31,7 @@ from ._fused import (
     fused_mod,
     fused_truncate,
 )
-from ._fusion import fused_implementation
+from ._fusion import fused_implementation, fused_kinds
 from ._op import Op, SourceOp
 from ._ops import Bucketize, FeatureCross, FillMissing, Mod, SelectField
 from ._values import Value
@@ -56,6 +56,11 @@ _CROSS_MOD = "cross+mod"
 # step, in this order (the longest work first).
 _DEFERRING: dict[str, Callable[..., Any]] = {"truncate": fused_truncate, "mod": fused_mod}
 _DEFER_ORDER = {kind: k for k, kind in enumerate(_DEFERRING)}
+# The fused implementations recis-features registers itself, by kind (a registration replacing
+# one is the user's code).
+_BUILTIN: dict[str, Callable[..., Any]] = {
+    kind: fn for kind in fused_kinds() if (fn := fused_implementation(kind)) is not None
+}
 
 
 @dataclasses.dataclass
@@ -401,25 +406,28 @@ class FeatureEngine(nn.Module):
             # implementation) may read what it computes: its ops run in place. The groups of
             # one step read only earlier steps' values, so their order within it is free.
             with rk.overlap():
-                in_place = []
+                own: list[_Group] = []  # run by the engine's own fused implementations
+                other: list[_Group] = []
                 for group in groups:
-                    builtin = _DEFERRING.get(group.kind)
-                    if (
-                        builtin is not None
-                        and self.fused
-                        and builtin is fused_implementation(group.kind)
-                    ):
+                    if self._defers(group):
                         self._run_group(group, values, columns)
                     else:
-                        in_place.append(group)
-                if in_place:
-                    # Deferred work occupies a core until the block ends: the in-place groups'
-                    # torch ops leave it to that work rather than split over a thread it
-                    # would share (on two cores, a small op waits milliseconds for it).
-                    spare = threads - 1 if rk.overlap_pending() else threads
-                    with rk.overlap(False), _torch_threads(spare):
-                        for group in in_place:
+                        (own if self._builtin(group) else other).append(group)
+                if own or other:
+                    with rk.overlap(False):
+                        for group in own:
                             self._run_group(group, values, columns)
+                        if other:
+                            # Deferred work occupies a core until the block ends. torch splits
+                            # an op in fixed parts, so an op split over a thread that shares
+                            # that core waits for it (milliseconds for a 4096-float log1p on
+                            # two cores): these groups leave the core to the work. recis-kernels'
+                            # passes of the engine's own groups hand out parts as threads come
+                            # free (a late thread finds none left), and keep every thread.
+                            spare = threads - 1 if rk.overlap_pending() else threads
+                            with _torch_threads(spare):
+                                for group in other:
+                                    self._run_group(group, values, columns)
         out: dict[str, Any] = {name: values[node] for name, node in self._outputs}
         if self.passthrough:
             for name, column in batch.items():
@@ -447,6 +455,20 @@ class FeatureEngine(nn.Module):
                 else column_value(feature, c, raw)
             )
         return columns
+
+    def _defers(self, group: _Group) -> bool:
+        """Whether ``group`` runs the built-in fused ``truncate`` or ``mod``, whose host work
+        may be deferred."""
+        builtin = _DEFERRING.get(group.kind)
+        return builtin is not None and self.fused and builtin is fused_implementation(group.kind)
+
+    def _builtin(self, group: _Group) -> bool:
+        """Whether ``group`` runs one of the engine's own fused implementations (not replaced
+        by a registration) or one of its merged groups."""
+        if group.kind == _FILL_BUCKETIZE or group.kind == _CROSS_MOD:
+            return True
+        builtin = _BUILTIN.get(group.kind)
+        return builtin is not None and self.fused and builtin is fused_implementation(group.kind)
 
     def _run_group(self, group: _Group, values: list[Value], columns: dict[str, Value]) -> None:
         nodes = group.members
