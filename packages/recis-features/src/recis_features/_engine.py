@@ -28,8 +28,6 @@ from ._fused import (
     cross_then_mod,
     fill_bucketize_args,
     fill_then_bucketize,
-    fused_mod,
-    fused_truncate,
 )
 from ._fusion import fused_implementation, fused_kinds
 from ._op import Op, SourceOp
@@ -54,8 +52,7 @@ _CROSS_MOD = "cross+mod"
 # remainders of a mod) may go on in the background while the step's later groups run
 # (recis_kernels.overlap); they read nothing of what they return. Their groups go first in a
 # step, in this order (the longest work first).
-_DEFERRING: dict[str, Callable[..., Any]] = {"truncate": fused_truncate, "mod": fused_mod}
-_DEFER_ORDER = {kind: k for k, kind in enumerate(_DEFERRING)}
+_DEFER_ORDER = {"truncate": 0, "mod": 1}
 # The fused implementations recis-features registers itself, by kind (a registration replacing
 # one is the user's code).
 _BUILTIN: dict[str, Callable[..., Any]] = {
@@ -459,8 +456,7 @@ class FeatureEngine(nn.Module):
     def _defers(self, group: _Group) -> bool:
         """Whether ``group`` runs the built-in fused ``truncate`` or ``mod``, whose host work
         may be deferred."""
-        builtin = _DEFERRING.get(group.kind)
-        return builtin is not None and self.fused and builtin is fused_implementation(group.kind)
+        return group.kind in _DEFER_ORDER and self._builtin(group)
 
     def _builtin(self, group: _Group) -> bool:
         """Whether ``group`` runs one of the engine's own fused implementations (not replaced
