@@ -251,3 +251,109 @@ fn writer_variants_read_back_what_was_written() {
         }
     }
 }
+
+/// Per column of `names` (each a list of int64), the rows read, in batches of `batch` rows.
+fn read_lists(path: &Path, names: &[&str], batch: usize) -> Vec<Vec<Vec<i64>>> {
+    let specs: Vec<ColumnSpec> = names.iter().map(|n| ColumnSpec::plain(n)).collect();
+    let src = Source::open(
+        &[(path.to_string_lossy().into_owned(), Format::Parquet)],
+        &specs,
+    )
+    .unwrap();
+    let options = Options {
+        batch_size: batch,
+        drop_last: false,
+        sharding: Sharding {
+            shuffle: false,
+            seed: 0,
+            window: 8,
+            shard: 0,
+            shards: 1,
+        },
+        epochs: 1,
+        pack: false,
+        threads: 1,
+        prefetch: 1,
+    };
+    let mut reader = Reader::new(Arc::new(src), options).unwrap();
+    let mut out = vec![Vec::new(); names.len()];
+    while let Some(layout) = reader.prepare_next().unwrap() {
+        let mut buf = vec![0u8; layout.nbytes];
+        let layout = reader.fill_pending(&mut buf).unwrap();
+        for (c, rows) in layout.columns.iter().zip(&mut out) {
+            let items = i64s(&buf[c.values_at..][..c.values_len * 8]);
+            let at = i64s(&buf[c.offsets[0].0..][..c.offsets[0].1 * 8]);
+            rows.extend(
+                (0..layout.rows).map(|r| items[at[r] as usize..at[r + 1] as usize].to_vec()),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn legacy_list_layouts_read_as_lists() {
+    use parquet::data_type::Int64Type as Int64;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+
+    // Two-level lists (older parquet-mr, Hive), a bare repeated field (protobuf and Thrift
+    // writers) and a three-level list with other names (Spark's legacy format).
+    let schema = parse_message_type(
+        "message m {
+            optional group two (LIST) { repeated int64 array; }
+            repeated int64 bare;
+            optional group spark (LIST) { repeated group bag { optional int64 array; } }
+        }",
+    )
+    .unwrap();
+    let rows = 50i64;
+    let list = |i: i64| (0..i % 4).map(|j| i * 10 + j).collect::<Vec<_>>();
+    let null = |i: i64| i % 7 == 3;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("legacy.parquet");
+    let mut w = SerializedFileWriter::new(
+        File::create(&path).unwrap(),
+        Arc::new(schema),
+        Arc::new(WriterProperties::builder().build()),
+    )
+    .unwrap();
+    let mut group = w.next_row_group().unwrap();
+    // (definition level of an empty list, of a value, whether rows can be null).
+    for (empty, value, nullable) in [(1i16, 2i16, true), (0, 1, false), (1, 3, true)] {
+        let (mut values, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..rows {
+            let items = list(i);
+            if nullable && null(i) {
+                def.push(0);
+                rep.push(0);
+            } else if items.is_empty() {
+                def.push(empty);
+                rep.push(0);
+            } else {
+                for (k, &v) in items.iter().enumerate() {
+                    values.push(v);
+                    def.push(value);
+                    rep.push(i16::from(k > 0));
+                }
+            }
+        }
+        let mut col = group.next_column().unwrap().unwrap();
+        col.typed::<Int64>()
+            .write_batch(&values, Some(&def), Some(&rep))
+            .unwrap();
+        col.close().unwrap();
+    }
+    group.close().unwrap();
+    w.close().unwrap();
+    let want: Vec<Vec<i64>> = (0..rows)
+        .map(|i| if null(i) { Vec::new() } else { list(i) })
+        .collect();
+    let bare: Vec<Vec<i64>> = (0..rows).map(list).collect();
+    for batch in [7, 1000] {
+        let got = read_lists(&path, &["two", "bare", "spark"], batch);
+        assert_eq!(got[0], want, "two-level list, batch {batch}");
+        assert_eq!(got[1], bare, "bare repeated field, batch {batch}");
+        assert_eq!(got[2], want, "legacy three-level list, batch {batch}");
+    }
+}
