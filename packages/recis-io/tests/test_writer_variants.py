@@ -258,3 +258,57 @@ def test_orc_list_lengths_of_every_run_kind(tmp_path, version: str) -> None:
     path = tmp_path / "t.orc"
     orc.write_table(table, path, file_version=version, dictionary_key_size_threshold=0)
     check_reads_like_pyarrow(path, table, batch_sizes=(100, 1024))
+
+
+def write_encrypted(path: Path, table: pa.Table, plaintext_footer: bool) -> None:
+    """Writes `table` with Parquet modular encryption of column "b" (keys from a stand-in KMS)."""
+    pe = pytest.importorskip("pyarrow.parquet.encryption")
+    import base64
+
+    class Kms(pe.KmsClient):
+        def __init__(self, config: Any) -> None:
+            super().__init__()
+
+        def wrap_key(self, key: bytes, master: str) -> bytes:
+            return base64.b64encode(key)
+
+        def unwrap_key(self, wrapped: bytes, master: str) -> bytes:
+            return base64.b64decode(wrapped)
+
+    keys = {"footer": "0123456789012345", "col": "1234567890123450"}
+    config = pe.EncryptionConfiguration(
+        footer_key="footer",
+        column_keys={"col": ["b"]},
+        plaintext_footer=plaintext_footer,
+        double_wrapping=False,
+    )
+    props = pe.CryptoFactory(Kms).file_encryption_properties(
+        pe.KmsConnectionConfig(custom_kms_conf=keys), config
+    )
+    with pq.ParquetWriter(path, table.schema, encryption_properties=props) as w:
+        w.write_table(table)
+
+
+def test_encrypted_columns_are_named_not_reported_as_damage(tmp_path) -> None:
+    """A column encrypted with Parquet modular encryption cannot be decrypted: with a plaintext
+    footer the error names the column and the encryption (not a page header that does not
+    parse), and the columns left plain still read."""
+    from recis_io import SchemaError
+
+    table = pa.table({"a": list(range(10)), "b": [f"x{i}" for i in range(10)]})
+    path = tmp_path / "t.parquet"
+    write_encrypted(path, table, plaintext_footer=True)
+    for columns in (None, ["a", "b"]):
+        with pytest.raises(SchemaError, match=r"column 'b' is encrypted .*t\.parquet"):
+            Dataset(path, batch_size=4, columns=columns)
+    check_reads_like_pyarrow(path, table.select(["a"]))
+
+
+def test_encrypted_footer_is_named(tmp_path) -> None:
+    from recis_io import SchemaError
+
+    table = pa.table({"a": list(range(10)), "b": [f"x{i}" for i in range(10)]})
+    path = tmp_path / "t.parquet"
+    write_encrypted(path, table, plaintext_footer=False)
+    with pytest.raises(SchemaError, match=r"t\.parquet has an encrypted footer"):
+        Dataset(path, batch_size=4, columns=["a"])

@@ -7,6 +7,12 @@
 //! byte, so no list can hold more elements than the bytes after its header: this module walks
 //! the footer and rejects one that claims more. Anything it cannot make sense of is left for
 //! the decoder to report, so this check only ever adds an error.
+//!
+//! The same walk finds the column chunks encrypted with Parquet modular encryption in a file
+//! whose footer is plaintext (their `crypto_metadata`): the parquet crate is built without
+//! decryption, so their pages cannot be read, and telling them apart here gives an error that
+//! names them instead of one about page headers that do not parse. A file whose footer itself
+//! is encrypted (magic `PARE`) is refused as a whole.
 
 use std::fs::File;
 
@@ -17,10 +23,18 @@ use super::orc_types::read_at;
 const MAX_DEPTH: usize = 64;
 
 /// Fails when the footer of the Parquet file `file` holds a list claiming more elements than
-/// the footer has bytes left.
-pub fn check(file: &File, path: &str) -> Result<()> {
-    let Some(footer) = read_footer(file) else {
-        return Ok(());
+/// the footer has bytes left, or is encrypted. Returns the leaf columns (indexes in the file's
+/// schema) whose chunks are encrypted in some row group.
+pub fn check(file: &File, path: &str) -> Result<Vec<usize>> {
+    let footer = match read_footer(file) {
+        Tail::Plain(footer) => footer,
+        Tail::Encrypted => {
+            return Err(Error::Schema(format!(
+                "{path} has an encrypted footer (Parquet modular encryption), which recis-io \
+                 does not read"
+            )))
+        }
+        Tail::Unknown => return Ok(Vec::new()),
     };
     let mut walk = Walk {
         data: &footer,
@@ -31,20 +45,81 @@ pub fn check(file: &File, path: &str) -> Result<()> {
             path,
             format!("malformed footer: a list claims {count} entries in the {left} bytes after it"),
         )),
-        _ => Ok(()),
+        // A footer the walk cannot read is left to the decoder, which reports it.
+        Err(Found::Unreadable) => Ok(Vec::new()),
+        Ok(()) => Ok(encrypted_columns(&footer).unwrap_or_default()),
     }
 }
 
-/// The footer's bytes, `None` when the tail is not a plain (unencrypted) Parquet footer.
-fn read_footer(file: &File) -> Option<Vec<u8>> {
-    let len = file.metadata().ok()?.len();
-    let tail = read_at(file, len.checked_sub(8)?, 8)?;
-    if &tail[4..] != b"PAR1" {
-        return None;
-    }
-    let footer_len = u64::from(u32::from_le_bytes(tail[..4].try_into().ok()?));
-    let start = len.checked_sub(8)?.checked_sub(footer_len)?;
-    read_at(file, start, footer_len)
+/// What the last bytes of a file say of its footer.
+enum Tail {
+    /// A plain footer: its bytes.
+    Plain(Vec<u8>),
+    /// An encrypted footer (magic `PARE`).
+    Encrypted,
+    /// Neither, or unreadable: left to the decoder.
+    Unknown,
+}
+
+fn read_footer(file: &File) -> Tail {
+    let plain = || {
+        let len = file.metadata().ok()?.len();
+        let tail = read_at(file, len.checked_sub(8)?, 8)?;
+        match &tail[4..] {
+            b"PAR1" => {}
+            b"PARE" => return Some(Tail::Encrypted),
+            _ => return None,
+        }
+        let footer_len = u64::from(u32::from_le_bytes(tail[..4].try_into().ok()?));
+        let start = len.checked_sub(8)?.checked_sub(footer_len)?;
+        read_at(file, start, footer_len).map(Tail::Plain)
+    };
+    plain().unwrap_or(Tail::Unknown)
+}
+
+/// The leaf columns whose chunk carries `crypto_metadata` (field 8 of `ColumnChunk`) in some
+/// row group (field 4 of `FileMetaData`, its chunks in field 1 of `RowGroup`, in the order of
+/// the schema's leaves).
+fn encrypted_columns(footer: &[u8]) -> std::result::Result<Vec<usize>, Found> {
+    let mut found = Vec::new();
+    let mut walk = Walk {
+        data: footer,
+        at: 0,
+    };
+    walk.fields(0, |w, id, kind| {
+        if (id, kind) != (4, LIST) {
+            return Ok(false);
+        }
+        w.list(1, |w, kind| {
+            if kind != STRUCT {
+                return Err(Found::Unreadable);
+            }
+            w.fields(2, |w, id, kind| {
+                if (id, kind) != (1, LIST) {
+                    return Ok(false);
+                }
+                let mut leaf = 0;
+                w.list(3, |w, kind| {
+                    if kind != STRUCT {
+                        return Err(Found::Unreadable);
+                    }
+                    let mut encrypted = false;
+                    w.fields(4, |_, id, _| {
+                        encrypted |= id == 8;
+                        Ok(false)
+                    })?;
+                    if encrypted && !found.contains(&leaf) {
+                        found.push(leaf);
+                    }
+                    leaf += 1;
+                    Ok(())
+                })?;
+                Ok(true)
+            })
+        })?;
+        Ok(true)
+    })?;
+    Ok(found)
 }
 
 // Compact-protocol type ids.
@@ -114,6 +189,28 @@ impl Walk<'_> {
         Ok(())
     }
 
+    /// Walks a list or set (`depth` levels down), handing each element's compact type to
+    /// `element`, which reads the element.
+    fn list(
+        &mut self,
+        depth: usize,
+        mut element: impl FnMut(&mut Self, u8) -> std::result::Result<(), Found>,
+    ) -> std::result::Result<(), Found> {
+        if depth > MAX_DEPTH {
+            return Err(Found::Unreadable);
+        }
+        let header = self.byte()?;
+        let count = match header >> 4 {
+            15 => self.varint()?,
+            n => u64::from(n),
+        };
+        self.fits(count)?;
+        for _ in 0..count {
+            element(self, header & 0x0F)?;
+        }
+        Ok(())
+    }
+
     /// Walks the fields of a struct (`depth` levels down), handing each to `field` with its
     /// id and compact type: `field` reads the value and returns `true`, or returns `false` and
     /// the value is skipped. A bool field's value is its type ([`BOOL_TRUE`], [`BOOL_FALSE`]),
@@ -164,24 +261,14 @@ impl Walk<'_> {
                 let n = self.varint()?;
                 self.skip(n)
             }
-            LIST | SET => {
-                let header = self.byte()?;
-                let element = header & 0x0F;
-                let count = match header >> 4 {
-                    15 => self.varint()?,
-                    n => u64::from(n),
-                };
-                self.fits(count)?;
-                for _ in 0..count {
-                    // A bool element of a list is one byte, not folded into a field header.
-                    if matches!(element, BOOL_TRUE | BOOL_FALSE) {
-                        self.skip(1)?;
-                    } else {
-                        self.value(element, depth + 1)?;
-                    }
+            LIST | SET => self.list(depth, |w, element| {
+                // A bool element of a list is one byte, not folded into a field header.
+                if matches!(element, BOOL_TRUE | BOOL_FALSE) {
+                    w.skip(1)
+                } else {
+                    w.value(element, depth + 1)
                 }
-                Ok(())
-            }
+            }),
             MAP => {
                 let count = self.varint()?;
                 if count == 0 {
@@ -243,6 +330,25 @@ mod tests {
         msg.extend([0u8; 8]);
         msg.push(0x00);
         assert_eq!(walk(&msg), Ok(()));
+    }
+
+    #[test]
+    fn encrypted_column_chunks_are_found_by_their_crypto_metadata() {
+        // FileMetaData field 4: one row group, whose field 1 lists two column chunks (each
+        // with field 2, file_offset 0); the second has field 8, crypto_metadata (the union's
+        // field 1, encryption with the footer key: an empty struct).
+        let msg = [
+            0x49, 0x1C, // field 4: list of 1 struct
+            0x19, 0x2C, // field 1: list of 2 structs
+            0x26, 0x00, 0x00, // file_offset 0, stop
+            0x26, 0x00, 0x6C, 0x1C, 0x00, 0x00, 0x00, // file_offset 0, crypto_metadata, stop
+            0x00, 0x00, // row group, file metadata: stop
+        ];
+        assert_eq!(walk(&msg), Ok(()));
+        assert_eq!(encrypted_columns(&msg), Ok(vec![1]));
+        // Without field 8 nothing is encrypted.
+        let plain = [0x49, 0x1C, 0x19, 0x1C, 0x26, 0x00, 0x00, 0x00, 0x00];
+        assert_eq!(encrypted_columns(&plain), Ok(vec![]));
     }
 
     #[test]

@@ -83,6 +83,9 @@ struct FileMeta {
     /// Per requested column, how it is decoded without the Arrow reader, when it can be
     /// (Parquet only; empty for ORC).
     direct: Vec<Option<DirectColumn>>,
+    /// Leaf columns (indexes in the Parquet schema) whose chunks are encrypted with Parquet
+    /// modular encryption, which this reader cannot decrypt.
+    encrypted: Vec<usize>,
 }
 
 /// The data set: files, their units, and the columns to read.
@@ -98,11 +101,16 @@ fn open(path: &str) -> Result<File> {
 
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let mut file = open(path)?;
-    match format {
-        Format::Orc => orc_types::check(&mut file, path)?,
+    let encrypted = match format {
+        Format::Orc => {
+            orc_types::check(&mut file, path)?;
+            Vec::new()
+        }
         Format::Parquet => parquet_footer::check(&file, path)?,
-    }
-    guard(path, || read_meta_of(file, path, format))
+    };
+    let (mut fm, rows) = guard(path, || read_meta_of(file, path, format))?;
+    fm.encrypted = encrypted;
+    Ok((fm, rows))
 }
 
 fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
@@ -139,8 +147,26 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         schema,
         meta,
         direct: Vec::new(),
+        encrypted: Vec::new(),
     };
     Ok((fm, rows))
+}
+
+/// Fails when a column of `plans` is stored (in some row group of the Parquet file `f`) in
+/// chunks encrypted with Parquet modular encryption, which this reader cannot decrypt.
+fn refuse_encrypted(f: &FileMeta, m: &ArrowReaderMetadata, plans: &[ColumnPlan]) -> Result<()> {
+    let schema = m.parquet_schema();
+    for &leaf in f.encrypted.iter().filter(|&&l| l < schema.num_columns()) {
+        let root = schema.get_column_root(leaf).name();
+        if plans.iter().any(|p| p.spec.name == root) {
+            return Err(Error::Schema(format!(
+                "column '{root}' is encrypted (Parquet modular encryption), which recis-io does \
+                 not read (file {})",
+                f.path
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Fails when a Parquet row group's row count is impossible: every row puts at least one
@@ -244,6 +270,7 @@ impl Source {
                 continue;
             }
             if let Meta::Parquet(m) = &f.meta {
+                refuse_encrypted(f, m, plans)?;
                 f.direct = direct::plan(m.metadata(), plans);
                 if let Some(hinted) = dictionary_hint(m, &columns, &f.path)? {
                     f.meta = Meta::Parquet(hinted);
