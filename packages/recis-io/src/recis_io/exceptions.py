@@ -33,8 +33,9 @@ class DataFileReadError(RecisIOError, OSError):
 
 
 class SchemaError(RecisIOError, ValueError):
-    """A missing column, an unsupported type, files whose types disagree, or nulls in a
-    column that has no ``fill`` value."""
+    """A missing column, an unsupported type, a Parquet column or footer encrypted with
+    modular encryption (not decrypted), files whose types disagree, or nulls in a column that
+    has no ``fill`` value."""
 
 
 class CorruptFileError(RecisIOError):
