@@ -87,8 +87,12 @@ def required_table() -> pa.Table:
     return pa.table({name: values for name, (_, values) in cols.items()}, schema=schema)
 
 
+def is_list(t: pa.DataType) -> bool:
+    return pt.is_list(t) or pt.is_large_list(t) or pt.is_list_view(t) or pt.is_large_list_view(t)
+
+
 def leaf_type(t: pa.DataType) -> pa.DataType:
-    while pt.is_list(t) or pt.is_large_list(t) or pt.is_fixed_size_list(t):
+    while is_list(t) or pt.is_fixed_size_list(t):
         t = t.value_type
     return t.value_type if pt.is_dictionary(t) else t
 
@@ -108,7 +112,7 @@ def expected(value: Any, t: pa.DataType) -> Any:
     if pt.is_fixed_size_list(t):
         items = value if value is not None else [None] * t.list_size
         return [expected(v, t.value_type) for v in items]
-    if pt.is_list(t) or pt.is_large_list(t):
+    if is_list(t):
         return [expected(v, t.value_type) for v in value or []]
     leaf = leaf_type(t)
     if value is None:
@@ -258,6 +262,26 @@ def test_orc_list_lengths_of_every_run_kind(tmp_path, version: str) -> None:
     path = tmp_path / "t.orc"
     orc.write_table(table, path, file_version=version, dictionary_key_size_threshold=0)
     check_reads_like_pyarrow(path, table, batch_sizes=(100, 1024))
+
+
+def test_parquet_list_views_read_as_lists(tmp_path) -> None:
+    """pyarrow writes list views as Parquet lists and records the view types in the Arrow schema
+    it stores in the file: they read as the lists they are (they were refused as unsupported
+    types)."""
+    rows = [None if i % 9 == 4 else list(range(i % 5)) for i in range(N)]
+    words = [[f"w{j}" for j in range(i % 3)] for i in range(N)]
+    table = pa.table(
+        {
+            "lv": pa.array(rows, pa.list_view(pa.int64())),
+            "llv": pa.array(rows, pa.large_list_view(pa.float32())),
+            "lvs": pa.array(words, pa.list_view(pa.string())),
+            "llvv": pa.array([[r or []] for r in rows], pa.list_(pa.list_view(pa.int32()))),
+        }
+    )
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path)
+    assert pq.read_schema(path).field("lv").type == pa.list_view(pa.int64())
+    check_reads_like_pyarrow(path, table)
 
 
 def write_encrypted(path: Path, table: pa.Table, plaintext_footer: bool) -> None:

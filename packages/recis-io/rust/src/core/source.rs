@@ -118,6 +118,7 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         Format::Parquet => {
             let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
                 .map_err(|e| Error::read(path, &e))?;
+            let m = without_list_views(m, path)?;
             check_parquet_rows(m.metadata(), path)?;
             let rows = m
                 .metadata()
@@ -150,6 +151,51 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         encrypted: Vec::new(),
     };
     Ok((fm, rows))
+}
+
+/// The reader metadata of a Parquet file, with list views read as lists. pyarrow writes a
+/// `list_view` column as a plain Parquet LIST and records the view type in the Arrow schema it
+/// stores in the file, from which the parquet crate takes its Arrow types: such columns are
+/// lists in the file, and read as lists.
+fn without_list_views(m: ArrowReaderMetadata, path: &str) -> Result<ArrowReaderMetadata> {
+    let schema = m.schema();
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| plain_lists(f.data_type()).is_some())
+    {
+        return Ok(m);
+    }
+    let fields: Vec<Field> = (schema.fields().iter())
+        .map(|f| match plain_lists(f.data_type()) {
+            Some(t) => f.as_ref().clone().with_data_type(t),
+            None => f.as_ref().clone(),
+        })
+        .collect();
+    let plain = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    ArrowReaderMetadata::try_new(
+        m.metadata().clone(),
+        ArrowReaderOptions::new().with_schema(plain),
+    )
+    .map_err(|e| Error::corrupt(path, e))
+}
+
+/// `dt` with every list view in it (at any list level) made the list of the same offset
+/// width; `None` when it holds none.
+fn plain_lists(dt: &DataType) -> Option<DataType> {
+    let item = |f: &FieldRef| {
+        plain_lists(f.data_type()).map(|t| Arc::new(f.as_ref().clone().with_data_type(t)))
+    };
+    match dt {
+        DataType::ListView(f) => Some(DataType::List(item(f).unwrap_or_else(|| f.clone()))),
+        DataType::LargeListView(f) => {
+            Some(DataType::LargeList(item(f).unwrap_or_else(|| f.clone())))
+        }
+        DataType::List(f) => item(f).map(DataType::List),
+        DataType::LargeList(f) => item(f).map(DataType::LargeList),
+        DataType::FixedSizeList(f, k) => item(f).map(|f| DataType::FixedSizeList(f, *k)),
+        _ => None,
+    }
 }
 
 /// Fails when a column of `plans` is stored (in some row group of the Parquet file `f`) in
