@@ -77,6 +77,25 @@ fn i64s(b: &[u8]) -> Vec<i64> {
         .collect()
 }
 
+/// One unshuffled, unsharded epoch in batches of `batch` rows, decoded by `threads` threads.
+fn in_order(batch: usize, threads: usize) -> Options {
+    Options {
+        batch_size: batch,
+        drop_last: false,
+        sharding: Sharding {
+            shuffle: false,
+            seed: 0,
+            window: 8,
+            shard: 0,
+            shards: 1,
+        },
+        epochs: 1,
+        pack: false,
+        threads,
+        prefetch: 1,
+    }
+}
+
 fn read(path: &Path, batch: usize) -> (Vec<Row>, Vec<usize>) {
     let mut s = ColumnSpec::plain("s");
     s.fill = Some(Fill::Text(Vec::new()));
@@ -91,22 +110,7 @@ fn read(path: &Path, batch: usize) -> (Vec<Row>, Vec<usize>) {
         &specs,
     )
     .unwrap();
-    let options = Options {
-        batch_size: batch,
-        drop_last: false,
-        sharding: Sharding {
-            shuffle: false,
-            seed: 0,
-            window: 8,
-            shard: 0,
-            shards: 1,
-        },
-        epochs: 1,
-        pack: false,
-        threads: 2,
-        prefetch: 1,
-    };
-    let mut reader = Reader::new(Arc::new(src), options).unwrap();
+    let mut reader = Reader::new(Arc::new(src), in_order(batch, 2)).unwrap();
     let (mut rows, mut sizes) = (Vec::new(), Vec::new());
     while let Some(layout) = reader.prepare_next().unwrap() {
         let mut buf = vec![0u8; layout.nbytes];
@@ -260,22 +264,7 @@ fn read_lists(path: &Path, names: &[&str], batch: usize) -> Vec<Vec<Vec<i64>>> {
         &specs,
     )
     .unwrap();
-    let options = Options {
-        batch_size: batch,
-        drop_last: false,
-        sharding: Sharding {
-            shuffle: false,
-            seed: 0,
-            window: 8,
-            shard: 0,
-            shards: 1,
-        },
-        epochs: 1,
-        pack: false,
-        threads: 1,
-        prefetch: 1,
-    };
-    let mut reader = Reader::new(Arc::new(src), options).unwrap();
+    let mut reader = Reader::new(Arc::new(src), in_order(batch, 1)).unwrap();
     let mut out = vec![Vec::new(); names.len()];
     while let Some(layout) = reader.prepare_next().unwrap() {
         let mut buf = vec![0u8; layout.nbytes];
