@@ -167,8 +167,9 @@ def overlap_pending() -> bool:
 
     Code that runs its own parallel work meanwhile may leave that core to it: on two cores,
     a small torch op split over two threads waits for a thread that must share the core with
-    the pool thread, milliseconds where it computes microseconds. ``FeatureEngine`` runs a
-    step's in-place groups on one torch thread fewer while this holds.
+    the pool thread, milliseconds where it computes microseconds. ``FeatureEngine`` runs the
+    groups of a step that call torch op by op (and registered implementations) on one torch
+    thread fewer while this holds.
     """
     block = _current()
     while block is not None:
