@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -67,3 +68,22 @@ def rows_of(r: RaggedTensor) -> list[list]:
     offsets = r.offsets[0].tolist()
     values = r.values.tolist()
     return [values[a:b] for a, b in itertools.pairwise(offsets)]
+
+
+def random_sequences(
+    rows: int, generator: torch.Generator, low: int = -(1 << 62), high: int = 1 << 62
+) -> RaggedTensor:
+    """``rows`` random int64 sequences of 0 to 89 values in ``[low, high)`` each: from 8000
+    rows on, large enough a batch that its truncation copies in the background."""
+    lengths = torch.randint(0, 90, (rows,), generator=generator)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = torch.randint(low, high, (int(offsets[-1]),), generator=generator)
+    return RaggedTensor(values, [offsets])
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """torch's intra-op thread count restored after the test, which may set its own."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

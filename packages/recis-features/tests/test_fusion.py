@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, random_sequences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from recis_features import (
     Mod,
     RegistrationError,
     Transform,
+    _engine,
     fused_implementation,
     fused_kinds,
     register_fused,
@@ -453,15 +455,14 @@ def test_a_merged_fill_reports_errors_as_its_own_step() -> None:
             )
 
 
+@pytest.mark.usefixtures("torch_threads")
 def test_a_long_truncation_overlaps_the_other_groups_of_its_step() -> None:
     """With more than one thread, a truncation large enough to copy in the background runs
     first in its step while the step's other groups run: the results are those of each
     feature alone, including a later step reading the truncated sequence."""
     g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(0, 90, (8000,), generator=g)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     batch = {
-        "seq": RaggedTensor(torch.randint(-50, 50, (int(offsets[-1]),), generator=g), [offsets]),
+        "seq": random_sequences(8000, g, -50, 50),
         "ids": torch.randint(-(1 << 62), 1 << 62, (8000,), generator=g),
     }
     features = [
@@ -471,15 +472,11 @@ def test_a_long_truncation_overlaps_the_other_groups_of_its_step() -> None:
     ]
     engine = FeatureEngine(features, passthrough=False)
     assert [g["kind"] for g in engine.plan()[1]] == ["truncate", "mod"]
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out = engine(batch)
-            for f in features:
-                assert_same(out[f.name], f(batch))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = engine(batch)
+        for f in features:
+            assert_same(out[f.name], f(batch))
 
 
 class ModPlusOne(Transform):
@@ -509,6 +506,7 @@ def _reading_mod(ops: Sequence[Mod], values: Sequence[torch.Tensor]) -> list[tor
     return [r + 0 for r in rk.fused_mod(list(values), [op.n for op in ops])]
 
 
+@pytest.mark.usefixtures("torch_threads")
 def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
     """The built-in fused truncate and mod of a step may leave their host work running while
     the step's other groups run. Those groups (a map's function, a registered kind, a
@@ -517,11 +515,10 @@ def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
     g = torch.Generator().manual_seed(11)
     batches = []
     for _ in range(3):
-        lengths = torch.randint(0, 90, (8000,), generator=g)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        values = torch.randint(-(1 << 62), 1 << 62, (int(offsets[-1]),), generator=g)
-        ids = torch.randint(-(1 << 62), 1 << 62, (40_000,), generator=g)
-        batches.append({"seq": RaggedTensor(values, [offsets]), "ids": ids})
+        seq = random_sequences(8000, g)
+        batches.append(
+            {"seq": seq, "ids": torch.randint(-(1 << 62), 1 << 62, (40_000,), generator=g)}
+        )
 
     def last_mod(r: RaggedTensor) -> torch.Tensor:
         # 320 KB of copy and of remainders: both would be deferred in an enabled block.
@@ -533,11 +530,10 @@ def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
         Feature("mapped").select("seq").map(last_mod),
         Feature("plus").select("ids").then(ModPlusOne(1_000_033)),
     ]
-    before = torch.get_num_threads()
     builtin = fused_implementation("mod")
     assert builtin is not None
+    torch.set_num_threads(2)
     try:
-        torch.set_num_threads(2)
         for replaced in (False, True):
             if replaced:
                 register_fused("mod", _reading_mod, replace=True)
@@ -551,18 +547,22 @@ def test_other_groups_of_an_overlapped_step_read_complete_results() -> None:
                         assert_same(out[f.name], f(batch))
     finally:
         register_fused("mod", builtin, replace=True)
-        torch.set_num_threads(before)
 
 
-def test_in_place_groups_leave_a_core_to_the_steps_deferred_work() -> None:
+@pytest.mark.usefixtures("torch_threads")
+@pytest.mark.parametrize("per_caller", [True, False])
+def test_in_place_groups_leave_a_core_to_the_steps_deferred_work(
+    per_caller: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While a step's truncation copies in the background, the step's in-place groups run
     torch on one thread fewer (not splitting small ops over a thread that must share a core
     with that work); the thread count is restored after the step, and is left alone in a
-    step that defers nothing."""
+    step that defers nothing, and where torch's thread count is not the calling thread's
+    own (its native backend: one pool for the process)."""
+    monkeypatch.setattr(_engine, "_threads_per_caller", lambda: per_caller)
     g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(0, 90, (20_000,), generator=g)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    values = torch.randint(-(1 << 62), 1 << 62, (int(offsets[-1]),), generator=g)
+    sequences = random_sequences(20_000, g)
+    values, offsets = sequences.values, sequences.offsets[0]
     seen: list[tuple[int, bool]] = []
 
     def log1p_seen(x: torch.Tensor) -> torch.Tensor:
@@ -575,36 +575,66 @@ def test_in_place_groups_leave_a_core_to_the_steps_deferred_work() -> None:
     ]
     engine = FeatureEngine(features, passthrough=False)
     assert [g["kind"] for g in engine.plan()[1]] == ["truncate", "lambda"]
-    before = torch.get_num_threads()
-    try:
-        for threads in (2, 3):
-            torch.set_num_threads(threads)
-            for rows in (offsets, offsets[:3]):  # a long truncation, then a short one
-                seen.clear()
-                seq = RaggedTensor(values[: int(rows[-1])], [rows])
-                batch = {"seq": seq, "price": torch.rand(len(rows) - 1)}
-                out = engine(batch)
-                assert torch.get_num_threads() == threads
-                ((count, pending),) = seen
-                assert count == (threads - 1 if pending else threads)
-                assert pending == (len(rows) > 3)
-                for f in features:
-                    assert_same(out[f.name], f(batch))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (2, 3):
+        torch.set_num_threads(threads)
+        for rows in (offsets, offsets[:3]):  # a long truncation, then a short one
+            seen.clear()
+            seq = RaggedTensor(values[: int(rows[-1])], [rows])
+            batch = {"seq": seq, "price": torch.rand(len(rows) - 1)}
+            out = engine(batch)
+            assert torch.get_num_threads() == threads
+            ((count, pending),) = seen
+            assert count == (threads - 1 if pending and per_caller else threads)
+            assert pending == (len(rows) > 3)
+            for f in features:
+                assert_same(out[f.name], f(batch))
+
+
+@pytest.mark.usefixtures("torch_threads")
+def test_leaving_a_core_to_deferred_work_leaves_other_threads_counts_alone() -> None:
+    """The engine lowers the torch thread count of the thread calling it only: a thread that
+    already ran an op torch splits keeps its count while the engine's in-place groups run on fewer
+    (torch's OpenMP backend keeps the count per thread, which the engine relies on)."""
+    if not _engine._threads_per_caller():
+        pytest.skip("torch's parallel backend has one thread count for the process")
+    torch.set_num_threads(2)
+    counts: dict[str, int] = {}
+    inside, read = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        torch.ones(1 << 17).add_(1)  # an op torch splits: the thread takes the count of 2
+        inside.wait(timeout=60)
+        counts["other"] = torch.get_num_threads()
+        read.set()
+
+    def log1p_looked_at(x: torch.Tensor) -> torch.Tensor:
+        counts["engine"] = torch.get_num_threads()
+        inside.set()
+        read.wait(timeout=60)
+        return torch.log1p(x)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    features = [
+        Feature("seq").select("seq").truncate(40, side="tail"),
+        Feature("price").select("price").map(log1p_looked_at),
+    ]
+    sequences = random_sequences(20_000, torch.Generator().manual_seed(5))
+    FeatureEngine(features)({"seq": sequences, "price": torch.rand(20_000)})
+    worker.join(timeout=60)
+    assert counts == {"engine": 1, "other": 2}
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.usefixtures("torch_threads")
 def test_an_engine_run_inside_the_callers_overlap_block(enabled: bool) -> None:
     """Inside a caller's ``recis_kernels.overlap()`` (or ``overlap(False)``) block the engine's
     step blocks are nested: each still waits for its own work, so a step never reads the
     unfinished truncation of the step before."""
     g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(0, 90, (20_000,), generator=g)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    values = torch.randint(-(1 << 62), 1 << 62, (int(offsets[-1]),), generator=g)
     batch = {
-        "seq": RaggedTensor(values, [offsets]),
+        "seq": random_sequences(20_000, g),
         "ids": torch.randint(-(1 << 62), 1 << 62, (40_000,), generator=g),
     }
     features = [
@@ -617,16 +647,12 @@ def test_an_engine_run_inside_the_callers_overlap_block(enabled: bool) -> None:
         ["truncate", "mod"],
         ["mod"],
     ]
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for _ in range(5):
-            with rk.overlap(enabled):
-                out = engine(batch)
-                if not enabled:
-                    for f in features:
-                        assert_same(out[f.name], f(batch))
-            for f in features:
-                assert_same(out[f.name], f(batch))
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    for _ in range(5):
+        with rk.overlap(enabled):
+            out = engine(batch)
+            if not enabled:
+                for f in features:
+                    assert_same(out[f.name], f(batch))
+        for f in features:
+            assert_same(out[f.name], f(batch))

@@ -497,29 +497,26 @@ def test_a_lambda_is_refused_both_ways_by_configs() -> None:
     )
 
 
+@pytest.mark.usefixtures("torch_threads")
 @pytest.mark.parametrize("fused", [True, False])
 def test_string_sequences_truncated_beside_another_op_on_two_threads(fused) -> None:
     # Two op kinds in one step run their groups overlapped on two threads, where a large
     # truncation copy finishes in the background: the strings must be gathered after it.
-    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        rows, per_row = 8192, 6  # 49,152 kept positions: a copy of 384 KiB
-        outer = torch.arange(rows + 1, dtype=torch.int64) * per_row
-        inner = torch.arange(rows * per_row + 1, dtype=torch.int64) * 3
-        data = torch.randint(97, 123, (int(inner[-1]),), dtype=torch.uint8)
-        batch = {"queries": RaggedTensor(data, [outer, inner]), "user_id": torch.arange(rows)}
-        recent = Feature("recent").select("queries").truncate(50, side="tail").hash("farm")
-        user = Feature("user").select("user_id").mod(1_000_003)
-        engine = FeatureEngine([recent, user], fused=fused)
-        expected = recent(batch)
-        for _ in range(4):
-            got = engine(batch)["recent"]
-            assert torch.equal(got.values, expected.values)
-            assert torch.equal(got.offsets[0], expected.offsets[0])
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rows, per_row = 8192, 6  # 49,152 kept positions: a copy of 384 KiB
+    outer = torch.arange(rows + 1, dtype=torch.int64) * per_row
+    inner = torch.arange(rows * per_row + 1, dtype=torch.int64) * 3
+    data = torch.randint(97, 123, (int(inner[-1]),), dtype=torch.uint8)
+    batch = {"queries": RaggedTensor(data, [outer, inner]), "user_id": torch.arange(rows)}
+    recent = Feature("recent").select("queries").truncate(50, side="tail").hash("farm")
+    user = Feature("user").select("user_id").mod(1_000_003)
+    engine = FeatureEngine([recent, user], fused=fused)
+    expected = recent(batch)
+    for _ in range(4):
+        got = engine(batch)["recent"]
+        assert torch.equal(got.values, expected.values)
+        assert torch.equal(got.offsets[0], expected.offsets[0])
 
 
 @pytest.mark.parametrize(
