@@ -233,12 +233,19 @@ def test_corrupt_orc_footer_is_corrupt_not_a_panic(tmp_path) -> None:
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_corrupt_orc_stripe_is_corrupt_not_a_panic(tmp_path, shuffle: bool) -> None:
     """Zeroed bytes inside the first stripe's compressed streams make the ORC decoder panic on
-    a decode thread; the error names the file and stripe, shuffled or not."""
+    a decode thread; the error names the file, stripe and column, shuffled or not (the
+    column read alone fails too; the other one reads)."""
     good = write(ids_table(500), tmp_path / "good.orc", "orc", 100)
     bad = _zeroed(write(ids_table(500), tmp_path / "s.orc", "orc", 100), 100, 40)
     ds = Dataset([good, bad], batch_size=64, shuffle=shuffle, num_threads=2)
-    with pytest.raises(CorruptFileError, match=r"s\.orc, stripe 0: the decoder failed"):
+    with pytest.raises(
+        CorruptFileError, match=r"s\.orc, stripe 0: column 'seq': the decoder failed: \S"
+    ):
         list(ds)
+    with pytest.raises(CorruptFileError, match=r"s\.orc, stripe 0: the decoder failed: \S"):
+        list(Dataset(bad, batch_size=64, columns=["seq"]))
+    ids = [v for b in Dataset(bad, batch_size=64, columns=["id"]) for v in b["id"].tolist()]
+    assert ids == list(range(500))
 
 
 def test_caught_decoder_panics_print_nothing(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -252,7 +259,7 @@ def test_caught_decoder_panics_print_nothing(tmp_path, capfd: pytest.CaptureFixt
     capfd.readouterr()
     with pytest.raises(CorruptFileError, match=r"f\.orc: the decoder failed: \S"):
         Dataset(footer, batch_size=64)
-    with pytest.raises(CorruptFileError, match=r"s\.orc, stripe 0: the decoder failed: \S"):
+    with pytest.raises(CorruptFileError, match=r"s\.orc, stripe 0: column 'seq': the decoder"):
         list(Dataset(stripe, batch_size=64, num_threads=2))
     err = capfd.readouterr().err
     assert "panicked" not in err, err
@@ -750,6 +757,51 @@ def test_parquet_damaged_data_page_headers_name_the_column(tmp_path, damage, mes
         CorruptFileError, match=r"data\.parquet, row group 0: column 'x': " + message
     ):
         list(Dataset(p, batch_size=100))
+
+
+def _damaged_data(path: Path, column: int, at: float, data: bytes) -> None:
+    """``data`` written over the bytes of column chunk ``column`` of row group 0 from the
+    fraction ``at`` of its length: the page headers stay whole, the encoded values do not."""
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    offset = start + int(chunk.total_compressed_size * at)
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("column", "at", "data", "name", "message"),
+    [
+        # Dictionary indices past the dictionary (ids read by the direct decoder).
+        (0, 0.9, b"\xff" * 32, "id", "dictionary index out of bounds"),
+        # A plain string's length prefix cut into its bytes (strings read through Arrow).
+        (2, 0.5, b"\xff\xff\xff\x7f", "s", "non UTF-8 data"),
+    ],
+)
+def test_parquet_damaged_values_name_the_column(
+    tmp_path, column: int, at: float, data: bytes, name: str, message: str
+) -> None:
+    """Values that do not decode are refused naming the file, row group and column, whether
+    the column is read with others or alone, and the other columns still read."""
+    p = tmp_path / "values.parquet"
+    n = 10_000
+    table = pa.table(
+        {
+            "id": pa.array([i % 1000 for i in range(n)], pa.int64()),
+            "x": pa.array([i / 7 for i in range(n)], pa.float64()),
+            "s": pa.array([str(i) for i in range(n)]),
+        }
+    )
+    pq.write_table(table, p, compression="none", use_dictionary=["id"])
+    _damaged_data(p, column, at, data)
+    pattern = rf"values\.parquet, row group 0: column '{name}': .*{message}"
+    for columns in (None, [name]):
+        with pytest.raises(CorruptFileError, match=pattern):
+            list(Dataset(p, batch_size=1000, columns=columns))
+    others = [c for c in table.column_names if c != name]
+    read = list(Dataset(p, batch_size=n, columns=others))
+    assert read[0]["x"].tolist() == table["x"].to_pylist()
 
 
 def test_parquet_v2_data_page_counts_are_checked(tmp_path) -> None:

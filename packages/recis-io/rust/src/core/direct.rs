@@ -170,7 +170,8 @@ pub fn decode(
     let rg =
         SerializedRowGroupReader::new(chunks.clone(), group_meta, None, props).map_err(corrupt)?;
     let mut readers = Vec::with_capacity(cols.len());
-    for (c, _) in cols {
+    for (c, plan) in cols {
+        let corrupt = |e| corrupt(e).in_column(|| Some(&plan.spec.name));
         let mut r = match rg.get_column_reader(c.leaf).map_err(corrupt)? {
             ColumnReader::Int32ColumnReader(r) => Typed::I32(r),
             ColumnReader::Int64ColumnReader(r) => Typed::I64(r),
@@ -189,7 +190,10 @@ pub fn decode(
             if skipped != start {
                 return Err(Error::corrupt(
                     at,
-                    format!("expected to skip {start} rows, skipped {skipped}"),
+                    format!(
+                        "column '{}': expected to skip {start} rows, skipped {skipped}",
+                        plan.spec.name
+                    ),
                 ));
             }
         }
@@ -220,6 +224,7 @@ fn decode_chunks(
             Typed::F32(r) => read_column(r, c, plan, lv, rows, at),
             Typed::F64(r) => read_column(r, c, plan, lv, rows, at),
         }
+        .map_err(|e| e.in_column(|| Some(&plan.spec.name)))
     };
     for &rows in sizes {
         match pack {
@@ -290,6 +295,7 @@ fn decode_packed(
     Ok((columns, Some(packed)))
 }
 
+/// Decodes `rows` rows of one direct column (its caller names the column in the errors).
 fn read_column<T>(
     reader: &mut ColumnReaderImpl<T>,
     col: &DirectColumn,
@@ -326,10 +332,7 @@ where
     if got != rows {
         return Err(Error::corrupt(
             at,
-            format!(
-                "column '{}': expected {rows} rows, decoded {got}",
-                plan.spec.name
-            ),
+            format!("expected {rows} rows, decoded {got}"),
         ));
     }
     lv.values = lv.def.len().max(values.len());
@@ -360,10 +363,7 @@ where
             if k != rows {
                 return Err(Error::corrupt(
                     at,
-                    format!(
-                        "column '{}': expected {rows} lists, decoded {k}",
-                        plan.spec.name
-                    ),
+                    format!("expected {rows} lists, decoded {k}"),
                 ));
             }
             offsets[k] = n;

@@ -44,6 +44,24 @@ impl Error {
         }
     }
 
+    /// A corrupt-data error said of the column `name` gives, when it gives one; other errors,
+    /// and those that name their column already, as they are, without asking.
+    pub(crate) fn in_column<'a>(self, name: impl FnOnce() -> Option<&'a str>) -> Self {
+        match self {
+            Error::Corrupt { path, msg } if msg.starts_with("column '") => {
+                Error::Corrupt { path, msg }
+            }
+            Error::Corrupt { path, msg } => match name() {
+                Some(name) => Error::Corrupt {
+                    path,
+                    msg: format!("column '{name}': {msg}"),
+                },
+                None => Error::Corrupt { path, msg },
+            },
+            e => e,
+        }
+    }
+
     /// The error for a failed read of `path`: the operating system's refusal (permission
     /// denied, an I/O error) when `e` or an error behind it carries one, else a corrupt file.
     /// Decoders wrap the `io::Error` of the file they read; one without an error number (a

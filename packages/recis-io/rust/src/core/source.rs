@@ -494,40 +494,75 @@ impl Source {
         cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
-        let roots: Vec<usize> = cols
-            .iter()
-            .filter_map(|c| fm.schema.index_of(&c.spec.name).ok())
+        let roots: Vec<(usize, &str)> = (cols.iter())
+            .filter_map(|c| {
+                let name = c.spec.name.as_str();
+                fm.schema.index_of(name).ok().map(|root| (root, name))
+            })
             .collect();
         let schema = m.parquet_schema();
         let group = m.metadata().row_group(unit.group);
         let leaves: Vec<usize> = (0..schema.num_columns())
-            .filter(|&leaf| roots.contains(&schema.get_column_root_idx(leaf)))
+            .filter(|&leaf| {
+                roots
+                    .iter()
+                    .any(|r| r.0 == schema.get_column_root_idx(leaf))
+            })
             .collect();
         let spans = leaves.iter().map(|&leaf| group.column(leaf).byte_range());
         let chunks = SharedChunks(Arc::new(Chunks::read(file, spans, &fm.path)?));
         parquet_pages::check(&chunks.0, group, leaves, &fm.path)?;
-        let mask = ProjectionMask::roots(schema, roots);
-        let mut builder =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(chunks.clone(), m.clone())
-                .with_row_groups(vec![unit.group])
-                .with_projection(mask)
-                .with_batch_size(chunk_rows());
-        if seg.start > 0 || seg.end < unit.rows {
-            let sel = vec![
-                RowSelector::skip(seg.start),
-                RowSelector::select(seg.end - seg.start),
-            ];
-            builder = builder.with_row_selection(RowSelection::from(sel));
-        }
-        let reader = builder.build().map_err(|e| Error::corrupt(&fm.path, e))?;
-        let batches = reader
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::corrupt(&fm.path, e));
+        let decode = |roots: &[(usize, &str)]| -> Result<Vec<RecordBatch>> {
+            let mask = ProjectionMask::roots(schema, roots.iter().map(|r| r.0));
+            let mut builder =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(chunks.clone(), m.clone())
+                    .with_row_groups(vec![unit.group])
+                    .with_projection(mask)
+                    .with_batch_size(chunk_rows());
+            if seg.start > 0 || seg.end < unit.rows {
+                let sel = vec![
+                    RowSelector::skip(seg.start),
+                    RowSelector::select(seg.end - seg.start),
+                ];
+                builder = builder.with_row_selection(RowSelection::from(sel));
+            }
+            let reader = builder.build().map_err(|e| Error::corrupt(&fm.path, e))?;
+            reader
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::corrupt(&fm.path, e))
+        };
+        let batches = guard(&fm.path, || decode(&roots)).map_err(|e| {
+            e.in_column(|| {
+                let alone = |&root: &(usize, &str)| guard(&fm.path, || decode(&[root])).is_err();
+                blame(&roots, false, alone).map(|r| r.1)
+            })
+        });
         chunks.recycle();
         batches
     }
 
     fn decode_orc(
+        &self,
+        fm: &FileMeta,
+        offsets: &[u64],
+        unit: Unit,
+        seg: &Segment,
+        cols: &[&ColumnPlan],
+    ) -> Result<Vec<RecordBatch>> {
+        let decode = |cols: &[&ColumnPlan]| {
+            guard(&fm.path, || {
+                self.decode_orc_columns(fm, offsets, unit, seg, cols)
+            })
+        };
+        decode(cols).map_err(|e| {
+            e.in_column(|| {
+                let alone = |c: &&ColumnPlan| decode(&[c]).is_err();
+                blame(cols, true, alone).map(|c| c.spec.name.as_str())
+            })
+        })
+    }
+
+    fn decode_orc_columns(
         &self,
         fm: &FileMeta,
         offsets: &[u64],
@@ -556,6 +591,23 @@ impl Source {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::read(&fm.path, &e))?;
         Ok(slice_rows(batches, seg.start, seg.end))
+    }
+}
+
+/// The column to name in the error of a decode of `parts` that failed: the first part whose
+/// decode alone fails, as `fails` says. A part alone is that part, when the decode reads only
+/// its own bytes (a Parquet column chunk). Parts that share bytes (an ORC stripe's footer)
+/// are named only when another part decodes alone: damage every part fails on is not one
+/// column's.
+fn blame<P>(parts: &[P], shared: bool, fails: impl Fn(&P) -> bool) -> Option<&P> {
+    match (parts, shared) {
+        ([one], false) => Some(one),
+        ([_], true) => None,
+        (_, false) => parts.iter().find(|p| fails(p)),
+        (_, true) => {
+            let failing: Vec<&P> = parts.iter().filter(|p| fails(p)).collect();
+            (failing.len() < parts.len()).then(|| failing.first().copied())?
+        }
     }
 }
 
@@ -695,6 +747,35 @@ mod tests {
         let mut spec = ColumnSpec::plain("x");
         spec.dtype = dtype;
         ColumnPlan::resolve(&spec, &Field::new("x", dt, true)).unwrap()
+    }
+
+    #[test]
+    fn blame_names_the_column_that_fails_alone() {
+        let bad = |names: &'static [&'static str]| move |p: &&str| names.contains(p);
+        // A column chunk of its own: the only one, or the first failing.
+        assert_eq!(blame(&["a"], false, |_| unreachable!()), Some(&"a"));
+        assert_eq!(blame(&["a", "b", "c"], false, bad(&["b", "c"])), Some(&"b"));
+        assert_eq!(blame(&["a", "b"], false, bad(&[])), None);
+        // Shared bytes: named only when another column decodes alone; one alone is not tried.
+        assert_eq!(blame(&["a"], true, |_| unreachable!()), None);
+        assert_eq!(blame(&["a", "b", "c"], true, bad(&["c"])), Some(&"c"));
+        assert_eq!(blame(&["a", "b"], true, bad(&["a", "b"])), None);
+        let e = Error::corrupt("f.orc", "Bad stream").in_column(|| Some("id"));
+        assert_eq!(e.to_string(), "cannot read f.orc: column 'id': bad stream");
+        let os = Error::Os {
+            path: "f".into(),
+            errno: 5,
+            msg: "i/o error".into(),
+        };
+        assert_eq!(
+            os.in_column(|| unreachable!()).to_string(),
+            "cannot read f: i/o error"
+        );
+        let named = Error::corrupt("f.orc", "column 's' claims 9 values").in_column(|| None);
+        assert_eq!(
+            named.to_string(),
+            "cannot read f.orc: column 's' claims 9 values"
+        );
     }
 
     #[test]
