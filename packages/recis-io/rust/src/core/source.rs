@@ -549,37 +549,47 @@ impl Source {
         seg: &Segment,
         cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
-        let decode = |cols: &[&ColumnPlan]| {
+        let names: Vec<&str> = cols.iter().map(|c| c.spec.name.as_str()).collect();
+        let decode = |names: &[&str]| {
             guard(&fm.path, || {
-                self.decode_orc_columns(fm, offsets, unit, seg, cols)
+                self.decode_orc_columns(fm, offsets, unit, seg, names)
             })
         };
-        decode(cols).map_err(|e| {
+        decode(&names).map_err(|e| {
             e.in_column(|| {
-                let alone = |c: &&ColumnPlan| decode(&[c]).is_err();
-                blame(cols, true, alone).map(|c| c.spec.name.as_str())
+                // A column read alone is told from damage to the whole stripe by another
+                // column of the file, decoded as a witness.
+                let witness = match names[..] {
+                    [only] => (fm.schema.fields().iter())
+                        .map(|f| f.name().as_str())
+                        .find(|&name| name != only),
+                    _ => None,
+                };
+                let parts: Vec<&str> = names.iter().copied().chain(witness).collect();
+                let blamed = blame(&parts, true, |name| decode(&[name]).is_err());
+                blamed.copied().filter(|&name| Some(name) != witness)
             })
         })
     }
 
+    /// The batches of rows `[seg.start, seg.end)` of stripe `unit.group`, root columns `names`.
     fn decode_orc_columns(
         &self,
         fm: &FileMeta,
         offsets: &[u64],
         unit: Unit,
         seg: &Segment,
-        cols: &[&ColumnPlan],
+        names: &[&str],
     ) -> Result<Vec<RecordBatch>> {
         let file = open(&fm.path)?;
         let probe = file.try_clone().map_err(|e| Error::read(&fm.path, &e))?;
         let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
             .map_err(|e| Error::read(&fm.path, &e))?;
-        let names: Vec<&str> = cols.iter().map(|c| c.spec.name.as_str()).collect();
         let meta = b.file_metadata();
-        orc_lengths::check(&probe, meta, unit.group, &names, chunk_rows(), &fm.path)?;
+        orc_lengths::check(&probe, meta, unit.group, names, chunk_rows(), &fm.path)?;
         let mask = orc_rust::projection::ProjectionMask::named_roots(
             b.file_metadata().root_data_type(),
-            &names,
+            names,
         );
         let offset = offsets[unit.group] as usize;
         let reader = b
@@ -598,7 +608,7 @@ impl Source {
 /// decode alone fails, as `fails` says. A part alone is that part, when the decode reads only
 /// its own bytes (a Parquet column chunk). Parts that share bytes (an ORC stripe's footer)
 /// are named only when another part decodes alone: damage every part fails on is not one
-/// column's.
+/// column's (the ORC decode adds a witness column to a column read alone).
 fn blame<P>(parts: &[P], shared: bool, fails: impl Fn(&P) -> bool) -> Option<&P> {
     match (parts, shared) {
         ([one], false) => Some(one),
