@@ -107,12 +107,12 @@ class _Group:
 def _threads_per_caller() -> bool:
     """Whether ``torch.set_num_threads`` sets the count of the calling thread alone.
 
-    So it does with torch's OpenMP backend (its builds for Linux, Windows and macOS): the count
-    is the calling thread's OpenMP setting, so another thread's torch ops keep theirs; only a
-    thread whose first op that torch splits (or first ``torch.get_num_threads()``) falls inside
-    the block takes the block's count, and keeps it. torch's
-    native backend sizes one pool for the process once and warns at later changes; there the
-    engine leaves the count alone.
+    So it does with torch's OpenMP backend (``torch.__config__.parallel_info()`` names a
+    build's backend): the count is the calling thread's OpenMP setting, so another thread's
+    torch ops keep theirs; only a thread whose first op that torch splits (or first
+    ``torch.get_num_threads()``) falls inside the block takes the block's count, and keeps it.
+    torch's native backend sizes one pool for the process once and warns at later changes;
+    there the engine leaves the count alone.
     """
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
