@@ -158,26 +158,33 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
 /// stores in the file, from which the parquet crate takes its Arrow types: such columns are
 /// lists in the file, and read as lists.
 fn without_list_views(m: ArrowReaderMetadata, path: &str) -> Result<ArrowReaderMetadata> {
+    Ok(retyped(&m, path, |f| plain_lists(f.data_type()))?.unwrap_or(m))
+}
+
+/// Reader metadata `m` with the Arrow type of each root field that `retype` gives a type for
+/// replaced by it (the parquet crate decodes to the types of the schema it is given); `None`
+/// when `retype` replaces none.
+fn retyped(
+    m: &ArrowReaderMetadata,
+    path: &str,
+    retype: impl Fn(&Field) -> Option<DataType>,
+) -> Result<Option<ArrowReaderMetadata>> {
     let schema = m.schema();
-    if !schema
-        .fields()
-        .iter()
-        .any(|f| plain_lists(f.data_type()).is_some())
-    {
-        return Ok(m);
+    let types: Vec<Option<DataType>> = schema.fields().iter().map(|f| retype(f)).collect();
+    if types.iter().all(Option::is_none) {
+        return Ok(None);
     }
-    let fields: Vec<Field> = (schema.fields().iter())
-        .map(|f| match plain_lists(f.data_type()) {
+    let fields: Vec<Field> = (schema.fields().iter().zip(types))
+        .map(|(f, t)| match t {
             Some(t) => f.as_ref().clone().with_data_type(t),
             None => f.as_ref().clone(),
         })
         .collect();
-    let plain = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-    ArrowReaderMetadata::try_new(
-        m.metadata().clone(),
-        ArrowReaderOptions::new().with_schema(plain),
-    )
-    .map_err(|e| Error::corrupt(path, e))
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let options = ArrowReaderOptions::new().with_schema(schema);
+    ArrowReaderMetadata::try_new(m.metadata().clone(), options)
+        .map(Some)
+        .map_err(|e| Error::corrupt(path, e))
 }
 
 /// `dt` with every list view in it (at any list level) made the list of the same offset
@@ -634,31 +641,15 @@ fn dictionary_hint(
             c.spec.name == name && c.spec.hash.is_some() && c.list_levels == 0 && c.fixed.is_none()
         })
     };
-    let schema = m.schema();
-    let mut changed = false;
-    let fields: Vec<Field> = (schema.fields().iter())
-        .map(|f| match f.data_type() {
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary | DataType::LargeBinary
-                if hashed(f.name()) =>
-            {
-                changed = true;
-                let dict = DataType::Dictionary(
-                    Box::new(DataType::Int32),
-                    Box::new(f.data_type().clone()),
-                );
-                f.as_ref().clone().with_data_type(dict)
-            }
-            _ => f.as_ref().clone(),
-        })
-        .collect();
-    if !changed {
-        return Ok(None);
-    }
-    let hinted = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-    let options = ArrowReaderOptions::new().with_schema(hinted);
-    ArrowReaderMetadata::try_new(m.metadata().clone(), options)
-        .map(Some)
-        .map_err(|e| Error::corrupt(path, e))
+    retyped(m, path, |f| match f.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary | DataType::LargeBinary
+            if hashed(f.name()) =>
+        {
+            let value = Box::new(f.data_type().clone());
+            Some(DataType::Dictionary(Box::new(DataType::Int32), value))
+        }
+        _ => None,
+    })
 }
 
 /// How column `c` (planned from the first file, `first`) is read from a later file whose field
