@@ -150,9 +150,11 @@ def _bucket_ref(x: float | int, bounds: list[float | int]) -> int:
     return sum(1 for b in bounds if b <= x)
 
 
+# Inputs up to 150 values: the compiled kernel counts blocks of 64 values, then the rest one
+# by one; both paths are drawn.
 @PROPS
 @given(
-    st.lists(_FLOAT, max_size=30),
+    st.lists(_FLOAT, max_size=150),
     st.lists(_BOUND, max_size=8).map(sorted),
     st.sampled_from([torch.float32, torch.float64]),
     st.booleans(),
@@ -168,7 +170,7 @@ def test_bucketize_floats_match_reference(xs, bounds, dtype, as_tensor) -> None:
 
 @PROPS
 @given(
-    st.lists(st.one_of(st.integers(-(1 << 60), 1 << 60), st.sampled_from([0, -1])), max_size=20),
+    st.lists(st.one_of(st.integers(-(1 << 60), 1 << 60), st.sampled_from([0, -1])), max_size=150),
     st.lists(
         st.one_of(st.integers(-(1 << 60), 1 << 60), st.sampled_from([0, -1, 2**53 + 1])),
         max_size=6,

@@ -8,8 +8,13 @@
 /// Up to this many boundaries, every boundary is compared with a block of values (a loop the
 /// compiler vectorizes across values); longer lists are binary searched per value.
 pub const COUNT_MAX: usize = 32;
-/// Values counted together against each boundary in turn.
-const BLOCK: usize = 256;
+/// Values counted together against each boundary in turn: the block and its counts stay in
+/// vector registers while the boundaries stream past (64 float32 values and their counts fill
+/// 8 + 8 AVX2 registers; 8-byte values and counts, 8 + 8 AVX-512 ones). Measured on the 13 dense
+/// features of the features benchmark (4096 rows, 8 to 20 boundaries, AVX-512): 23 against 45
+/// us (float32) and 37 against 80 us (float64) for blocks of 256 counted through memory;
+/// blocks of 32 were slower still, the compiler no longer vectorizing them.
+const BLOCK: usize = 64;
 
 /// `out[i]` = the number of `bounds` that are `<= x[i]`, or `nan_bucket` where `x[i]` is NaN
 /// (a value unordered with itself).
@@ -72,26 +77,81 @@ unsafe fn count_avx2<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i64
 }
 
 /// `out[i]` = the number of `bounds` that are `<= x[i]`, or `nan` where `x[i]` is NaN: every
-/// boundary against a block of values, whose counts stay in the L1 cache.
+/// boundary against a block of values at a time, counted in lanes as wide as the values (no
+/// narrowing of the comparison masks); a last partial block one value at a time.
 #[inline(always)]
 fn count_into<T: PartialOrd + Copy>(bounds: &[T], x: &[T], out: &mut [i64], nan: i64) {
-    let mut counts = [0u32; BLOCK];
-    for (xs, os) in x.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
-        let counts = &mut counts[..xs.len()];
-        counts.fill(0);
+    if std::mem::size_of::<T>() == 8 {
+        count_blocks::<T, u64>(bounds, x, out, nan);
+    } else {
+        count_blocks::<T, u32>(bounds, x, out, nan);
+    }
+}
+
+/// An unsigned count of boundaries, as wide as the values compared.
+trait Count: Copy + std::ops::AddAssign {
+    const ZERO: Self;
+    fn of(below: bool) -> Self;
+    fn get(self) -> i64;
+}
+
+impl Count for u32 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn of(below: bool) -> Self {
+        u32::from(below)
+    }
+    #[inline(always)]
+    fn get(self) -> i64 {
+        i64::from(self)
+    }
+}
+
+impl Count for u64 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn of(below: bool) -> Self {
+        u64::from(below)
+    }
+    #[inline(always)]
+    fn get(self) -> i64 {
+        // At most COUNT_MAX (or a slice's length): always fits.
+        self as i64
+    }
+}
+
+#[inline(always)]
+fn count_blocks<T: PartialOrd + Copy, C: Count>(bounds: &[T], x: &[T], out: &mut [i64], nan: i64) {
+    let full = x.len() - x.len() % BLOCK;
+    let (x_full, x_rest) = x.split_at(full);
+    let (out_full, out_rest) = out.split_at_mut(full);
+    for (xs, os) in x_full
+        .chunks_exact(BLOCK)
+        .zip(out_full.chunks_exact_mut(BLOCK))
+    {
+        // Arrays of a fixed size: the compiler unrolls the lanes into registers.
+        let xs: &[T; BLOCK] = xs.try_into().expect("a chunk of BLOCK values");
+        let mut counts = [C::ZERO; BLOCK];
         for &b in bounds {
             for (c, &v) in counts.iter_mut().zip(xs) {
-                *c += u32::from(v >= b);
+                *c += C::of(v >= b);
             }
         }
-        for ((o, &c), &v) in os.iter_mut().zip(counts.iter()).zip(xs) {
+        for ((o, &c), &v) in os.iter_mut().zip(&counts).zip(xs) {
             // NaN is unordered with itself (and counted no boundary).
             *o = if v.partial_cmp(&v).is_none() {
                 nan
             } else {
-                i64::from(c)
+                c.get()
             };
         }
+    }
+    for (o, &v) in out_rest.iter_mut().zip(x_rest) {
+        *o = if v.partial_cmp(&v).is_none() {
+            nan
+        } else {
+            bounds.iter().filter(|&&b| v >= b).count() as i64
+        };
     }
 }
 
@@ -173,8 +233,17 @@ mod tests {
     fn integers_at_the_extremes() {
         let bounds = [i64::MIN, -1, 0, i64::MAX];
         let x = [i64::MIN, -2, -1, 0, 1, i64::MAX];
-        let mut out = [0; 6];
-        bucketize_into(&bounds, &x, &mut out, 7); // integers are never NaN
-        assert_eq!(out, [1, 1, 2, 3, 3, 4]);
+        // Alone (the values after the last full block) and repeated over full blocks.
+        for copies in [1, 3 * BLOCK / x.len() + 1] {
+            let xs: Vec<i64> = x.iter().copied().cycle().take(copies * x.len()).collect();
+            let mut out = vec![0; xs.len()];
+            count_dispatch(&bounds, &xs, &mut out, 7); // integers are never NaN
+            let want: Vec<i64> = [1, 1, 2, 3, 3, 4]
+                .into_iter()
+                .cycle()
+                .take(xs.len())
+                .collect();
+            assert_eq!(out, want, "{copies} copies");
+        }
     }
 }
