@@ -58,6 +58,35 @@ def test_file_replaced_after_planning_is_an_os_error(tmp_path, fmt: str) -> None
         list(ds)
 
 
+def test_file_rewritten_after_planning_is_refused_not_misread(tmp_path, fmt: str) -> None:
+    # A Dataset keeps the footers it planned with (and reuses its reader across passes): a
+    # file rewritten since then would be decoded at the old offsets, another column's bytes
+    # read as this one's, or blamed as corrupt. Every read checks the file is the one planned.
+    path = tmp_path / f"a.{fmt}"
+    first = pa.table({"a": pa.array([1, 2, 3]), "b": pa.array([10, 20, 30])})
+    write(first, path, fmt, 3)
+    ds = Dataset(path, batch_size=10, columns=["a"])
+    assert next(iter(ds))["a"].tolist() == [1, 2, 3]
+    # The same schema, the columns stored the other way round: same size, other layout.
+    write(pa.table({"b": pa.array([7, 8, 9]), "a": pa.array([4, 5, 6])}), path, fmt, 3)
+    planned = os.stat(path)
+    os.utime(path, ns=(planned.st_atime_ns, planned.st_mtime_ns + 10**9))  # a later tick
+    with pytest.raises(
+        DataFileReadError,
+        match=rf"cannot read .*a\.{fmt}, (row group|stripe) 0: the file changed after the "
+        r"Dataset read its metadata \((its size was \d+ bytes, now \d+|its modification time "
+        r"changed)\); create a new Dataset to read it as it is now$",
+    ) as info:
+        list(ds)
+    assert info.value.errno == errno.ESTALE
+    assert next(iter(Dataset(path, batch_size=10, columns=["a"])))["a"].tolist() == [4, 5, 6]
+    # More rows: not silently left unread.
+    ds = Dataset(path, batch_size=10, columns=["a"])
+    write(pa.table({"a": pa.array(range(100)), "b": pa.array(range(100))}), path, fmt, 50)
+    with pytest.raises(DataFileReadError, match=r"its size was \d+ bytes, now \d+"):
+        list(ds)
+
+
 @pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may read any file"
 )

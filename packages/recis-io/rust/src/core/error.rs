@@ -62,6 +62,23 @@ impl Error {
         }
     }
 
+    /// A corrupt-file or operating-system error said of `at` (the file with its row group or
+    /// stripe) instead of the bare path; other errors as they are.
+    pub(crate) fn at(self, at: &str) -> Self {
+        match self {
+            Error::Corrupt { msg, .. } => Error::Corrupt {
+                path: at.to_string(),
+                msg,
+            },
+            Error::Os { errno, msg, .. } => Error::Os {
+                path: at.to_string(),
+                errno,
+                msg,
+            },
+            other => other,
+        }
+    }
+
     /// The error for a failed read of `path`: the operating system's refusal (permission
     /// denied, an I/O error) when `e` or an error behind it carries one, else a corrupt file.
     /// Decoders wrap the `io::Error` of the file they read; one without an error number (a

@@ -86,7 +86,35 @@ struct FileMeta {
     /// Leaf columns (indexes in the Parquet schema) whose chunks are encrypted with Parquet
     /// modular encryption, which this reader cannot decrypt.
     encrypted: Vec<usize>,
+    /// The file as planned: every later read checks that it is still the same.
+    stamp: Stamp,
 }
+
+/// A file's size and modification time: what tells that it was rewritten after planning (its
+/// footer, row groups and column offsets then describe other bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    dir: bool,
+}
+
+impl Stamp {
+    fn of(file: &File, path: &str) -> Result<Stamp> {
+        let m = file.metadata().map_err(|e| Error::read(path, &e))?;
+        Ok(Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            dir: m.is_dir(),
+        })
+    }
+}
+
+/// `ESTALE` ("stale file handle"), the error number of a read whose file changed under it.
+#[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+const ESTALE: i32 = 70;
+#[cfg(not(any(target_os = "macos", target_os = "ios", target_os = "freebsd")))]
+const ESTALE: i32 = 116;
 
 /// The data set: files, their units, and the columns to read.
 pub struct Source {
@@ -99,8 +127,33 @@ fn open(path: &str) -> Result<File> {
     File::open(path).map_err(|e| Error::read(path, &e))
 }
 
+/// A planned file opened again to read its data, refused when it is no longer the file that
+/// was planned: decoded with the old footer, a rewritten file gives another column's values,
+/// or fails as if it were corrupt.
+fn open_planned(fm: &FileMeta) -> Result<File> {
+    let file = open(&fm.path)?;
+    let now = Stamp::of(&file, &fm.path)?;
+    if now == fm.stamp || now.dir {
+        return Ok(file); // a directory now: its read fails with the system's own error
+    }
+    let what = if now.len != fm.stamp.len {
+        format!("its size was {} bytes, now {}", fm.stamp.len, now.len)
+    } else {
+        "its modification time changed".to_string()
+    };
+    Err(Error::Os {
+        path: fm.path.clone(),
+        errno: ESTALE,
+        msg: format!(
+            "the file changed after the Dataset read its metadata ({what}); create a new \
+             Dataset to read it as it is now"
+        ),
+    })
+}
+
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let mut file = open(path)?;
+    let stamp = Stamp::of(&file, path)?;
     let encrypted = match format {
         Format::Orc => {
             orc_types::check(&mut file, path)?;
@@ -108,12 +161,17 @@ fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
         }
         Format::Parquet => parquet_footer::check(&file, path)?,
     };
-    let (mut fm, rows) = guard(path, || read_meta_of(file, path, format))?;
+    let (mut fm, rows) = guard(path, || read_meta_of(file, path, format, stamp))?;
     fm.encrypted = encrypted;
     Ok((fm, rows))
 }
 
-fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
+fn read_meta_of(
+    file: File,
+    path: &str,
+    format: Format,
+    stamp: Stamp,
+) -> Result<(FileMeta, Vec<usize>)> {
     let (schema, meta, rows) = match format {
         Format::Parquet => {
             let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
@@ -149,6 +207,7 @@ fn read_meta_of(file: File, path: &str, format: Format) -> Result<(FileMeta, Vec
         meta,
         direct: Vec::new(),
         encrypted: Vec::new(),
+        stamp,
     };
     Ok((fm, rows))
 }
@@ -414,7 +473,7 @@ impl Source {
         let mut decoded = match (&fm.meta, direct.is_empty()) {
             (_, true) => Vec::new(),
             (Meta::Parquet(m), false) => direct::decode(
-                open(&fm.path)?,
+                open_planned(fm).map_err(|e| e.at(at))?,
                 m.metadata(),
                 unit.group,
                 &direct,
@@ -470,18 +529,7 @@ impl Source {
             Meta::Parquet(m) => self.decode_parquet(fm, m, unit, seg, cols),
             Meta::Orc(offsets) => self.decode_orc(fm, offsets, unit, seg, cols),
         }
-        .map_err(|e| match e {
-            Error::Corrupt { msg, .. } => Error::Corrupt {
-                path: at.to_string(),
-                msg,
-            },
-            Error::Os { errno, msg, .. } => Error::Os {
-                path: at.to_string(),
-                errno,
-                msg,
-            },
-            other => other,
-        })?;
+        .map_err(|e| e.at(at))?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         if rows != seg.end - seg.start {
             return Err(Error::corrupt(
@@ -500,7 +548,7 @@ impl Source {
         seg: &Segment,
         cols: &[&ColumnPlan],
     ) -> Result<Vec<RecordBatch>> {
-        let file = open(&fm.path)?;
+        let file = open_planned(fm)?;
         let roots: Vec<(usize, &str)> = (cols.iter())
             .filter_map(|c| {
                 let name = c.spec.name.as_str();
@@ -588,7 +636,7 @@ impl Source {
         seg: &Segment,
         names: &[&str],
     ) -> Result<Vec<RecordBatch>> {
-        let file = open(&fm.path)?;
+        let file = open_planned(fm)?;
         let probe = file.try_clone().map_err(|e| Error::read(&fm.path, &e))?;
         let b = orc_rust::arrow_reader::ArrowReaderBuilder::try_new(file)
             .map_err(|e| Error::read(&fm.path, &e))?;
