@@ -656,3 +656,26 @@ def test_an_engine_run_inside_the_callers_overlap_block(enabled: bool) -> None:
                     assert_same(out[f.name], f(batch))
         for f in features:
             assert_same(out[f.name], f(batch))
+
+
+@pytest.mark.usefixtures("torch_threads")
+def test_chained_steps_inside_the_callers_overlap_block_read_finished_results() -> None:
+    """A step of one group runs outside any block of the engine's own: inside a caller's
+    enabled ``overlap()`` block its large ``mod`` would defer into that block and the next
+    step read the unfinished remainders. The engine and ``Feature.__call__`` run their ops
+    in place there (``overlap(False)``)."""
+    ids = torch.randint(-(1 << 62), 1 << 62, (1 << 20,), generator=torch.Generator().manual_seed(3))
+    feature = Feature("a").select("ids").mod(1_000_003).mod(7)
+    want = rk.mod(rk.mod(ids, 1_000_003), 7)  # outside any block
+    engines = [FeatureEngine([feature]), FeatureEngine([feature], fused=False)]
+    assert [[g["kind"] for g in step] for step in engines[0].plan()] == [
+        ["select"],
+        ["mod"],
+        ["mod"],
+    ]
+    torch.set_num_threads(2)
+    for _ in range(5):
+        with rk.overlap():
+            outs = [e({"ids": ids})["a"] for e in engines] + [feature({"ids": ids})]
+        for out in outs:
+            assert torch.equal(out, want)

@@ -406,7 +406,26 @@ class FeatureEngine(nn.Module):
         """
         check_batch(batch)
         values: list[Value] = [None] * len(self._nodes)
-        columns = self._read_columns(batch)
+        # Called inside a caller's overlap() block, the ops of a step would defer their work
+        # into that block and the next step read unfinished results: the steps run in place
+        # but for the engine's own blocks, each of which waits before the next step.
+        with rk.overlap(False):
+            self._run_steps(values, self._read_columns(batch))
+        out: dict[str, Any] = {name: values[node] for name, node in self._outputs}
+        if self.passthrough:
+            for name, column in batch.items():
+                if name in self._columns:
+                    continue
+                if name in out:
+                    raise FeatureConflictError(
+                        f"feature {name!r} has the name of a pass-through column; rename the "
+                        "feature or build the engine with passthrough=False"
+                    )
+                out[name] = column
+        return out
+
+    def _run_steps(self, values: list[Value], columns: dict[str, Value]) -> None:
+        """Every step's groups in turn, each node's value written into ``values``."""
         threads = torch.get_num_threads()
         for groups in self._steps:
             if len(groups) == 1 or threads == 1:
@@ -445,18 +464,6 @@ class FeatureEngine(nn.Module):
                             with _torch_threads(spare):
                                 for group in other:
                                     self._run_group(group, values, columns)
-        out: dict[str, Any] = {name: values[node] for name, node in self._outputs}
-        if self.passthrough:
-            for name, column in batch.items():
-                if name in self._columns:
-                    continue
-                if name in out:
-                    raise FeatureConflictError(
-                        f"feature {name!r} has the name of a pass-through column; rename the "
-                        "feature or build the engine with passthrough=False"
-                    )
-                out[name] = column
-        return out
 
     def _read_columns(self, batch: Mapping[str, Any]) -> dict[str, Value]:
         columns: dict[str, Value] = {}

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from recis_kernels import RecisKernelsError
+from recis_kernels import RecisKernelsError, overlap
 
 from ._op import Op, SourceOp
 from ._ops import (
@@ -215,15 +215,19 @@ class Feature:
         missing = [c for c in source.columns if c not in batch]
         if missing:
             raise missing_column_error(self._name, missing[0], batch)
-        value = read_source(
-            self._name, source, {c: column_value(self._name, c, batch[c]) for c in source.columns}
-        )
-        for step, op in enumerate(self._ops[1:], start=1):
-            check_value(self._name, op, step, value)
-            try:
-                value = op.apply(value)  # type: ignore[attr-defined]
-            except INPUT_ERRORS as exc:
-                raise input_error([self._name], op, exc) from exc
+        # Each op reads the one before: inside a caller's overlap() block none may defer.
+        with overlap(False):
+            value = read_source(
+                self._name,
+                source,
+                {c: column_value(self._name, c, batch[c]) for c in source.columns},
+            )
+            for step, op in enumerate(self._ops[1:], start=1):
+                check_value(self._name, op, step, value)
+                try:
+                    value = op.apply(value)  # type: ignore[attr-defined]
+                except INPUT_ERRORS as exc:
+                    raise input_error([self._name], op, exc) from exc
         return value
 
     def to_dict(self) -> dict[str, Any]:
