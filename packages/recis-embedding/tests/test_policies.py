@@ -237,6 +237,49 @@ def test_capacity_eviction_makes_room(policy: str, survivor: int) -> None:
     assert table.stats().evictions == 2
 
 
+def tutorial_step(engine: EmbeddingEngine, opt: SparseSGD, ids: list[int]) -> None:
+    """One step in the order of torch's tutorials: forward, ``zero_grad()``, backward, step.
+    The lookups of the step before are still listed at the forward (``zero_grad()`` forgets
+    them after it)."""
+    out = engine({"f": torch.tensor(ids)[:, None]})["f"]
+    opt.zero_grad()
+    out.sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(("policy", "survivor"), [("lfu", 1), ("lru", 3)])
+def test_capacity_eviction_makes_room_in_the_tutorials_order(policy: str, survivor: int) -> None:
+    # Rows read by a lookup an optimizer step already applied are not in use: they counted as
+    # such until the next zero_grad(), which picked the wrong rows or refused for want of room.
+    engine, opt = engine_with(capacity=3, eviction=CapacityEviction(policy=policy))
+    table, _ = engine.table("f")
+    for ids in ([1, 1, 1, 1, 1, 2, 3], [2, 3], [3], [4, 5]):
+        tutorial_step(engine, opt, ids)
+    assert table.ids().tolist() == sorted([survivor, 4, 5])
+    engine, opt = engine_with(capacity=3, eviction=CapacityEviction(policy=policy))
+    table, _ = engine.table("f")
+    tutorial_step(engine, opt, [10, 11])
+    tutorial_step(engine, opt, [12, 13])  # two rows free to go, one needed
+    assert len(table) == 3
+    assert {12, 13} <= set(table.ids().tolist())
+
+
+def test_an_evicted_row_of_an_applied_lookup_takes_none_of_its_gradient() -> None:
+    # Without zero_grad() a second step applies the first lookup's gradient again (as a torch
+    # optimizer steps twice on one .grad); the row of an id evicted meanwhile went to a new
+    # id, which must get only its own gradient.
+    engine, opt = engine_with(capacity=2, eviction=CapacityEviction("lru"))
+    table, _ = engine.table("f")
+    engine({"f": torch.tensor([[10], [11]])})["f"].sum().backward()
+    opt.step()
+    out = engine({"f": torch.tensor([[11], [12]])})["f"]  # evicts 10; 12 takes its row
+    out.sum().backward()
+    opt.step()
+    assert table.ids().tolist() == [11, 12]
+    # 11: 1 - 3 * 0.1 (the first lookup's gradient twice, the second's once); 12: 1 - 0.1.
+    assert table.lookup(table.ids()).flatten().tolist() == pytest.approx([0.7, 0.7, 0.9, 0.9])
+
+
 def tied_history(engine: EmbeddingEngine, opt: SparseSGD) -> None:
     """Ids 100..109 inserted at step 0, ids 0..9 at step 1, then all 20 used once more at step
     2: every row has 2 uses and was last seen at step 2, so only the insertion step and the id

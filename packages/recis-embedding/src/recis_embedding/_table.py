@@ -382,8 +382,10 @@ class HashTable:
             return
         # Rows read by earlier lookups whose gradients are still pending (gradient
         # accumulation, or several lookups per step) are in use too: evicting one would hand
-        # its row, and the gradient waiting for it, to a new id.
-        protect = torch.cat([rows, *(p.rows for p in self.pending)])
+        # its row, and the gradient waiting for it, to a new id. A lookup an optimizer step
+        # already went past (kept until zero_grad(), which the usual loop calls after the next
+        # forward) is not: its rows may go, and erasing them unlinks them from it.
+        protect = torch.cat([rows, *(p.rows for p in self.pending if not p.stepped)])
         protect = protect[protect >= 0]
         if distinct:
             needed = ids.numel()
