@@ -146,6 +146,18 @@ def test_a_cast_of_uint64_to_int32_never_wraps() -> None:
     assert got.tolist() == [-1, -(2**31)]
 
 
+def test_a_cast_of_complex_values_to_floats_never_drops_the_imaginary_part() -> None:
+    x = torch.tensor([1 + 0j, 3 + 2j])
+    with pytest.raises(FeatureInputError, match=r"imaginary part \(such as \(3\+2j\)\)"):
+        Feature("c").select("x", dtype="float32")({"x": x})
+    with pytest.raises(FeatureInputError, match=r"imaginary part .* which int64 cannot hold"):
+        Feature("c").select("x", dtype="int64")({"x": x})
+    # Real values cast as the real numbers they are.
+    got = Feature("c").select("x", dtype="float64")({"x": torch.tensor([1 + 0j, -2.5 + 0j])})
+    assert got.dtype == torch.float64
+    assert got.tolist() == [1.0, -2.5]
+
+
 def test_a_negative_zero_boundary_is_zero() -> None:
     a = Feature("b").select("x").bucketize([-0.0, 1.0])
     b = Feature("b").select("x").bucketize([0.0, 1.0])

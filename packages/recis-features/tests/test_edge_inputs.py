@@ -134,6 +134,21 @@ def test_truncate_levels_must_be_an_integer() -> None:
             lambda f: f.multi_hash(1000),
             "feature 'f': multi_hash: buckets must be a sequence of numbers, got 1000",
         ),
+        (
+            lambda f: f.bucketize(torch.tensor(2.5)),
+            "feature 'f': bucketize: boundaries must be a sequence of numbers, got tensor(2.5000)",
+        ),
+        # A 2-d table of boundaries was taken as one non-number ("must be finite numbers").
+        (
+            lambda f: f.bucketize(torch.tensor([[1.0, 2.0]])),
+            "feature 'f': bucketize: boundaries must be a 1-d sequence of numbers, got a 2-d "
+            "Tensor of shape (1, 2)",
+        ),
+        (
+            lambda f: f.bucketize(np.zeros((2, 3))),
+            "feature 'f': bucketize: boundaries must be a 1-d sequence of numbers, got a 2-d "
+            "ndarray of shape (2, 3)",
+        ),
     ],
 )
 def test_a_single_number_for_a_list_parameter_names_the_feature_and_op(

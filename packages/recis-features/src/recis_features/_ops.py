@@ -57,7 +57,8 @@ class SelectField(SourceOp):
             integer dtype must give back every value exactly when cast back (``uint64`` ids
             keep their 64 bits as ``int64``, the way ``mod`` and ``hash`` read them), else a
             batch holding a fraction, a NaN or an out-of-range value raises
-            :class:`~recis_features.FeatureInputError`.
+            :class:`~recis_features.FeatureInputError`. Complex values cast as their real
+            part when it is all they have; one with an imaginary part raises.
     """
 
     kind = "select"
@@ -98,6 +99,16 @@ class SelectField(SourceOp):
 
     def _cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``t`` as ``dtype``; a cast to integers must keep every value exactly."""
+        if t.dtype.is_complex and not dtype.is_complex:
+            # torch's cast drops the imaginary part (with only a warning): a value lost.
+            imaginary = t.imag != 0
+            if bool(imaginary.any()):
+                first = t.flatten()[int(imaginary.flatten().nonzero()[0])].item()
+                raise FeatureInputError(
+                    f"column {self.column!r} holds complex values with an imaginary part "
+                    f"(such as {first!r}), which {self.dtype} cannot hold; a cast never drops it"
+                )
+            t = t.real
         out = t.to(dtype)
         if t.dtype == dtype or _widens(t.dtype, dtype):
             return out

@@ -50,15 +50,25 @@ def number_list(values: Any, kind: str, name: str) -> list[Any]:
 
     Raises:
         FeatureDefinitionError: ``values`` is a single number or anything else that is not a
-            sequence (``"<kind>: <name> must be a sequence of numbers, got ..."``).
+            sequence (``"<kind>: <name> must be a sequence of numbers, got ..."``), or a
+            tensor or array of more than one dimension.
     """
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().reshape(-1).tolist() if values.dim() == 1 else [values]
+    # A tensor's or array's ndim; 1 for anything else (a list of lists fails as numbers).
+    ndim = getattr(values, "ndim", 1)
     require(
-        isinstance(values, Iterable) and getattr(values, "ndim", 1) != 0,
+        isinstance(values, Iterable) and ndim != 0,
         kind,
         f"{name} must be a sequence of numbers, got {values!r}",
     )
+    if ndim != 1:
+        require(
+            False,
+            kind,
+            f"{name} must be a 1-d sequence of numbers, got a {ndim}-d "
+            f"{type(values).__name__} of shape {tuple(values.shape)}",
+        )
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().tolist()
     require(
         not isinstance(values, (Set, Mapping, str, bytes)),
         kind,
