@@ -74,3 +74,18 @@ def test_non_integer_rank_environment_names_the_variable(path, monkeypatch, vari
     monkeypatch.setenv(variable, "abc")
     with pytest.raises(InvalidArgumentError, match=rf"environment variable {variable}='abc'"):
         Dataset(path, batch_size=2)
+
+
+def test_a_rank_outside_the_world_names_where_each_value_came_from(path, monkeypatch) -> None:
+    # RANK exported without WORLD_SIZE: the message must point at the environment, not at an
+    # argument the caller never passed.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"got 1 \(rank from environment variable RANK=1, world_size from the default 1 "
+        r"\(WORLD_SIZE is not set\)\)",
+    ):
+        Dataset(path, batch_size=2)
+    with pytest.raises(InvalidArgumentError, match="world_size from the world_size argument"):
+        Dataset(path, batch_size=2, world_size=1)

@@ -139,8 +139,21 @@ def test_corrupt_pages_surface_through_shuffled_batches(tmp_path) -> None:
 def test_garbage_file_is_corrupt(tmp_path, fmt: str) -> None:
     p = tmp_path / f"g.{fmt}"
     p.write_bytes(b"this is not a columnar file at all" * 10)
-    with pytest.raises(CorruptFileError, match=r"g\."):
+    name = {"parquet": "a Parquet", "orc": "an ORC"}[fmt]
+    with pytest.raises(CorruptFileError, match=rf"g\.{fmt}: not {name} file: it does not begin"):
         Dataset(p, batch_size=2)
+
+
+def test_a_file_of_the_other_format_is_named_as_such(tmp_path, fmt: str) -> None:
+    other = {"parquet": "orc", "orc": "parquet"}[fmt]
+    data = write(ids_table(10), tmp_path / f"d.{fmt}", fmt, 10).read_bytes()
+    p = tmp_path / f"d.{other}"
+    p.write_bytes(data)
+    with pytest.raises(
+        CorruptFileError, match=rf"it begins like an? \w+ file: pass format='{fmt}'"
+    ):
+        Dataset(p, batch_size=2)
+    assert len(list(Dataset(p, batch_size=2, format=fmt))) == 5
 
 
 def test_empty_file_reads_nothing(tmp_path, fmt: str) -> None:

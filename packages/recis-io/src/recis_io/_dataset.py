@@ -90,17 +90,33 @@ def _as_columns(columns: Sequence[str | Column] | None) -> list[Column] | None:
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    # Where each value came from, named when they do not fit together: a RANK exported
+    # without WORLD_SIZE (or a launcher's leftovers) otherwise reads as a bad argument.
+    sources = {"rank": "the rank argument", "world_size": "the world_size argument"}
     if rank is None or world_size is None:
         if dist.is_available() and dist.is_initialized():
             auto = (dist.get_rank(), dist.get_world_size())
+            found = ("torch.distributed's rank", "torch.distributed's world size")
         else:
             auto = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1))
-        rank = auto[0] if rank is None else rank
-        world_size = auto[1] if world_size is None else world_size
+            env = [
+                f"environment variable {v}={os.environ[v]}"
+                if v in os.environ
+                else f"the default {d} ({v} is not set)"
+                for v, d in (("RANK", 0), ("WORLD_SIZE", 1))
+            ]
+            found = (env[0], env[1])
+        if rank is None:
+            rank, sources["rank"] = auto[0], found[0]
+        if world_size is None:
+            world_size, sources["world_size"] = auto[1], found[1]
     world_size = _positive("world_size", world_size)
     rank = plain_number(rank)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise InvalidArgumentError(f"rank must be in [0, {world_size}), got {rank!r}")
+        raise InvalidArgumentError(
+            f"rank must be in [0, {world_size}), got {rank!r} (rank from {sources['rank']}, "
+            f"world_size from {sources['world_size']})"
+        )
     return rank, world_size
 
 

@@ -154,6 +154,7 @@ fn open_planned(fm: &FileMeta) -> Result<File> {
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let mut file = open(path)?;
     let stamp = Stamp::of(&file, path)?;
+    check_magic(&file, path, format)?;
     let encrypted = match format {
         Format::Orc => {
             orc_types::check(&mut file, path)?;
@@ -164,6 +165,39 @@ fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let (mut fm, rows) = guard(path, || read_meta_of(file, path, format, stamp))?;
     fm.encrypted = encrypted;
     Ok((fm, rows))
+}
+
+/// Fails when a non-empty file does not begin with its format's magic bytes (`PAR1` or `PARE`,
+/// `ORC`):
+/// a file of the other format, or no data file at all, named as such rather than as whatever
+/// the decoder stumbles on in its tail. An empty file is left to the decoder ("empty file").
+fn check_magic(file: &File, path: &str, format: Format) -> Result<()> {
+    // An encrypted Parquet file (encrypted footer) begins with `PARE`; its footer check names it.
+    let (magic, also, name): (&[u8], &[u8], &str) = match format {
+        Format::Parquet => (b"PAR1", b"PARE", "a Parquet"),
+        Format::Orc => (b"ORC", b"ORC", "an ORC"),
+    };
+    let len = file.metadata().map_err(|e| Error::read(path, &e))?.len();
+    let head = orc_types::read_at(file, 0, len.min(4)).unwrap_or_default();
+    if head.is_empty() || head.starts_with(magic) || head.starts_with(also) {
+        return Ok(());
+    }
+    let other = match format {
+        Format::Parquet if head.starts_with(b"ORC") => {
+            "; it begins like an ORC file: pass format='orc' or give it the .orc suffix"
+        }
+        Format::Orc if head.starts_with(b"PAR1") => {
+            "; it begins like a Parquet file: pass format='parquet' or give it the .parquet suffix"
+        }
+        _ => "",
+    };
+    Err(Error::corrupt(
+        path,
+        format!(
+            "not {name} file: it does not begin with the magic bytes '{}'{other}",
+            String::from_utf8_lossy(magic)
+        ),
+    ))
 }
 
 fn read_meta_of(
