@@ -105,6 +105,13 @@ def test_bad_files_are_named(tmp_path):
         TrainingArguments.from_file(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
         TrainingArguments.from_file(tmp_path / "list.yaml")
+    # Falsy documents that are not a mapping loaded as the defaults; an empty file does.
+    for text, kind in (("[]", "list"), ("0", "int"), ("false", "bool")):
+        (tmp_path / "falsy.yaml").write_text(text + "\n")
+        with pytest.raises(ConfigError, match=rf"falsy\.yaml: expected a mapping .*got {kind}"):
+            TrainingArguments.from_file(tmp_path / "falsy.yaml")
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert TrainingArguments.from_file(tmp_path / "empty.yaml") == TrainingArguments()
     with pytest.raises(ConfigError, match=r"expected a \.json, \.yaml or \.yml file"):
         TrainingArguments.from_file(tmp_path / "args.toml")
 

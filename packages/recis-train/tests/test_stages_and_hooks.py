@@ -330,6 +330,21 @@ def test_multistage_checks_every_stage_before_training_any(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_multistage_with_resume_false_refuses_a_finished_stage(tmp_path):
+    # It returned the finished run's results and trained nothing, where a Trainer refuses.
+    def run(resume: bool) -> dict:
+        seed_everything(0)
+        model = TableModel(loss_only=True)
+        args = TrainingArguments(output_dir=str(tmp_path), device="cpu", resume=resume)
+        stage = Stage("a", ToyReader(100, 50), lambda ps: torch.optim.SGD(ps, lr=0.1))
+        return MultiStage(model, args, [stage]).run()
+
+    run(False)
+    with pytest.raises(ConfigError, match=r"stage 'a' already finished in .*resume=False starts"):
+        run(False)
+    assert run(True) == {"a": {}}
+
+
 def test_fp16_on_cpu_trains_with_loss_scaling(tmp_path):
     seed_everything(0)
     model = ToyModel()

@@ -25,7 +25,12 @@ from recis_train import (
 )
 from recis_train._data import DataStream
 from recis_train._outputs import parse_output
-from recis_train.exceptions import ConfigError, ModelOutputError, NonFiniteLossError
+from recis_train.exceptions import (
+    ConfigError,
+    MetricInputError,
+    ModelOutputError,
+    NonFiniteLossError,
+)
 from recis_train.metrics import AUROC, GAUC, LogLoss
 
 
@@ -497,6 +502,31 @@ def test_a_one_shot_iterable_is_an_error_when_its_second_epoch_is_empty(tmp_path
     with pytest.raises(ConfigError, match="no batch in epoch 2 of 2 after giving some in epoch 1"):
         trainer.train()
     assert trainer.global_step == 4
+
+
+def test_an_evaluation_batch_without_rows_weighs_nothing(tmp_path):
+    # Its mean loss is NaN (a mean over no rows): times 0 rows it made the evaluation's NaN.
+    trainer = make_trainer(tmp_path, tasks=("click", "conv"))
+    data = list(ToyReader(400, 100, seed=1))
+    empty = {k: v[:0] for k, v in data[0].items()}
+    want = trainer.evaluate(data)
+    got = trainer.evaluate([*data[:2], empty, *data[2:]])
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_a_metric_refusing_an_evaluation_batch_names_the_batch_and_result(tmp_path):
+    trainer = make_trainer(tmp_path, tasks=("click", "conv"))
+    data = list(ToyReader(400, 100, seed=1))
+    data[2]["conv"] = data[2]["conv"].clone()
+    data[2]["conv"][5] = float("nan")  # an unknown label left in, not masked
+    with pytest.raises(
+        MetricInputError,
+        match=r"evaluation batch 2 \(counting from 0\), metric 'conv/auc': AUROC: labels must "
+        r"be 0 or 1, found nan",
+    ):
+        trainer.evaluate(data)
 
 
 def test_a_one_shot_eval_iterator_is_refused_for_a_second_evaluation(tmp_path):

@@ -147,6 +147,17 @@ def test_an_include_pattern_matching_nothing_changes_nothing(source):
     assert len(rows(model, "item")[0]) == 0
 
 
+def test_an_exclude_pattern_matching_nothing_changes_nothing(source):
+    # A misspelt exclude ("users" for the table "user") loaded the table it meant to keep.
+    model = fresh()
+    before = dense_state(model)
+    with pytest.raises(ConfigError, match=r"exclude pattern\(s\) \['users'\] match nothing"):
+        warm_start(model, source.checkpoints.latest(), exclude=["users", "mlp.2"])
+    for key, value in before.items():
+        assert torch.equal(dense_state(model)[key], value), key
+    assert len(rows(model, "user")[0]) == 0
+
+
 def test_an_include_pattern_whose_matches_are_all_excluded_is_named_as_such(source):
     # "mlp.0" matches, but exclude takes out every name it matches: not "match nothing".
     model = fresh()

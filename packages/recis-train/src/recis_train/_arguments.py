@@ -219,7 +219,9 @@ def _read_yaml(path: str | Path) -> Any:
         values = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid yaml ({err})") from err
-    return values or {}
+    # An empty file (or one of comments only) loads as None: no values. Anything else that is
+    # not a mapping ([], 0, false) is refused by the caller, as in JSON.
+    return {} if values is None else values
 
 
 def _field_help() -> dict[str, str]:

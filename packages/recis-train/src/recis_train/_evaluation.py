@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -16,7 +17,7 @@ from recis_train._checkpoint import type_name
 from recis_train._data import batch_rows, move_to
 from recis_train._distributed import DistributedContext
 from recis_train._outputs import StepOutput, parse_output
-from recis_train.exceptions import ConfigError
+from recis_train.exceptions import ConfigError, MetricInputError
 from recis_train.metrics import AUROC, GAUC, Calibration, LogLoss, Metric
 
 MetricFactory = Callable[[], Metric]
@@ -87,27 +88,28 @@ class EvaluationMixin:
             # layer taken here never shifts the training run's random numbers.
             with torch.no_grad(), _forked_rng(self.device):
                 data = source() if callable(source) and not hasattr(source, "__iter__") else source
-                for batch, counts in self._eval_batches(data):
+                for index, (batch, counts) in enumerate(self._eval_batches(data)):
                     with self._autocast():
                         out = parse_output(self.model(batch))
                     if not counts:
                         continue
                     n = batch_rows(batch)
                     rows += n
-                    sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
+                    # A batch without rows weighs nothing: its mean loss is NaN (0 / 0), and
+                    # NaN * 0 would poison the sum. The keys stay, the same on every rank.
+                    sums["loss"] = sums.get("loss", 0.0) + _weighed(out.loss, n)
                     if len(out.losses) > 1 or "loss" not in out.losses:
                         for task, value in out.losses.items():
                             # A task's loss is its mean over the rows it kept (all of them,
                             # unless it leaves rows with unknown labels out): weigh it by those.
                             kept = out.labels[task].numel() if task in out.labels else n
                             key = f"loss/{task}"
-                            sums[key] = sums.get(key, 0.0) + float(value.detach()) * kept
+                            sums[key] = sums.get(key, 0.0) + _weighed(value, kept)
                             task_rows[key] = task_rows.get(key, 0) + kept
-                            weighted[key] = (
-                                weighted.get(key, 0.0)
-                                + out.weights.get(task, 1.0) * float(value.detach()) * kept
-                            )
-                    self._update_metrics(metrics, out)
+                            weighted[key] = weighted.get(key, 0.0) + out.weights.get(
+                                task, 1.0
+                            ) * _weighed(value, kept)
+                    self._update_metrics(metrics, out, index)
         finally:
             self.model.train(was_training)
         # An out-of-range index a kernel met during the evaluation (its output held zeros
@@ -197,7 +199,9 @@ class EvaluationMixin:
                 last = move_to(batch, self.device)
             yield last, have
 
-    def _update_metrics(self, metrics: dict[str, dict[str, Metric]], out: StepOutput) -> None:
+    def _update_metrics(
+        self, metrics: dict[str, dict[str, Metric]], out: StepOutput, index: int
+    ) -> None:
         for task, preds in out.predictions.items():
             named = metrics.setdefault(task, self._task_metrics(task))
             labels = out.labels[task]
@@ -209,9 +213,17 @@ class EvaluationMixin:
                             f"metric {name!r} (GAUC) needs the model to return 'groups'"
                             + (f" for task {task!r}" if isinstance(out.groups, dict) else "")
                         )
-                    metric.update(preds, labels, groups=groups)
+                    update = functools.partial(metric.update, preds, labels, groups=groups)
                 else:
-                    metric.update(preds, labels)  # type: ignore[attr-defined]
+                    update = functools.partial(metric.update, preds, labels)  # type: ignore[attr-defined]
+                try:
+                    update()
+                except MetricInputError as e:
+                    # The metric names what it found; which result and batch fed it is ours.
+                    key = f"{task}/{name}" if task else name
+                    raise MetricInputError(
+                        f"evaluation batch {index} (counting from 0), metric {key!r}: {e}"
+                    ) from e
 
 
 def check_factories(factories: dict[str, Any], where: str) -> dict[str, MetricFactory]:
@@ -254,6 +266,12 @@ def metric_value(value: Any, key: str) -> float:
         + (f" of shape {tuple(shape)}" if shape is not None else f" {value!r}")
         + ", expected a real number (a float, a NumPy scalar or a one-element tensor)"
     )
+
+
+def _weighed(loss: torch.Tensor, rows: int) -> float:
+    """``loss * rows``: a batch's (or a task's) mean loss times the rows it is the mean over;
+    0 for no rows, whatever the loss of no rows is (NaN for a mean over nothing)."""
+    return float(loss.detach()) * rows if rows else 0.0
 
 
 def _mean(total: float, count: float) -> float:

@@ -322,6 +322,15 @@ class MultiStage:
             ctx = trainer.distributed
             # Under torchrun every rank skips the stages rank 0 found finished.
             if done.is_file() if ctx is None else ctx.broadcast(done.is_file()):
+                if not trainer.args.resume:
+                    # As a Trainer refuses a directory holding another run's checkpoints: a
+                    # new run from step 0 must not pass for one that trained.
+                    raise ConfigError(
+                        f"stage {stage.name!r} already finished in {trainer.args.output_dir!r} "
+                        f"({done.name} there) and resume=False starts a new run: pass "
+                        "resume=True to skip finished stages, choose another output_dir, or "
+                        "delete that stage's directory if it is no longer needed"
+                    )
                 self.results[stage.name] = json.loads(done.read_text())
                 skipped = trainer
                 continue

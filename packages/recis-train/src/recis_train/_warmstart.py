@@ -64,11 +64,14 @@ class _Selection:
         self.include, self.exclude = include, tuple(exclude)
         self.matched: set[str] = set()
         self.used: set[str] = set()
+        self.excluding: set[str] = set()
 
     def __call__(self, name: str) -> bool:
         hits = [p for p in self.include or () if _matches(name, p)]
         self.matched.update(hits)
-        if any(_matches(name, p) for p in self.exclude):
+        excluded_by = [p for p in self.exclude if _matches(name, p)]
+        if excluded_by:
+            self.excluding.update(excluded_by)
             return False
         self.used.update(hits)
         return self.include is None or bool(hits)
@@ -76,6 +79,10 @@ class _Selection:
     def unused(self) -> list[str]:
         """Include patterns matching no name."""
         return [p for p in self.include or () if p not in self.matched]
+
+    def unused_exclude(self) -> list[str]:
+        """Exclude patterns matching no name: a typo there would load what was to be kept."""
+        return [p for p in self.exclude if p not in self.excluding]
 
     def excluded(self) -> list[str]:
         """Include patterns whose every match was excluded."""
@@ -401,9 +408,9 @@ def warm_start(
         A :class:`WarmStartResult` naming what was loaded and what the model lacked.
 
     Raises:
-        ConfigError: unknown parts, malformed patterns, or an ``include`` pattern or a
-            ``rename`` prefix that matches nothing in the checkpoint (a typo would otherwise
-            load nothing silently).
+        ConfigError: unknown parts, malformed patterns, or an ``include`` or ``exclude``
+            pattern or a ``rename`` prefix that matches nothing in the checkpoint (a typo
+            would otherwise load nothing, or what was to be kept, silently).
         CheckpointNotFoundError: no checkpoint at ``path``.
         CheckpointError: a selected tensor or table does not fit the model (shape, dtype, dim,
             slots), or the checkpoint is incomplete or corrupt.
@@ -449,6 +456,12 @@ def warm_start(
         raise ConfigError(
             f"warm_start: include pattern(s) {unused} match nothing in the {'/'.join(parts)} "
             f"part(s) of {checkpoint}"
+        )
+    unused = select.unused_exclude()
+    if unused:
+        raise ConfigError(
+            f"warm_start: exclude pattern(s) {unused} match nothing in the {'/'.join(parts)} "
+            f"part(s) of {checkpoint}; a misspelt one would load what it was meant to keep"
         )
     excluded = select.excluded()
     if excluded:
