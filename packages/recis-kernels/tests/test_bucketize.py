@@ -316,6 +316,10 @@ def test_list_boundaries_are_exact_python_numbers():
     assert rk.bucketize(torch.tensor([2**60 + 1, 2**60]), [2**60 + 1]).tolist() == [1, 0]
     with pytest.raises(rk.UnsupportedDtypeError, match="bucketize: boundaries must be numeric"):
         rk.bucketize(x, ["a"])
+    # A uint64 tensor is refused, saying how such boundaries are given (a NumPy array is taken).
+    wide = torch.tensor([1, -1], dtype=torch.int64).view(torch.uint64)
+    with pytest.raises(rk.UnsupportedDtypeError, match="as a list or a NumPy array"):
+        rk.bucketize(x, wide)
 
 
 def test_lists_mixing_ints_and_floats_are_exact():

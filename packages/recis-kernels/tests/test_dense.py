@@ -208,3 +208,33 @@ def test_to_dense_backward_opcheck():
     torch.library.opcheck(
         torch.ops.recis.ragged_to_dense_backward.default, (torch.randn(3, 2, 3), offsets, 5)
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "signed"),
+    [(torch.uint16, torch.int16), (torch.uint32, torch.int32), (torch.uint64, torch.int64)],
+)
+def test_unsigned_values_pad_and_round_trip(dtype, signed) -> None:
+    # torch has no index_put for these dtypes: to_dense raised NotImplementedError. Values are
+    # built and compared as the signed integers of their bits (-1: the dtype's largest value).
+    values = torch.tensor([1, -1, 3], dtype=signed).view(dtype)
+    r = rk.RaggedTensor(values, torch.tensor([0, 2, 2, 3]))
+
+    def bits(t: torch.Tensor) -> list:
+        assert t.dtype == dtype
+        return t.view(signed).tolist()
+
+    assert bits(r.to_dense(pad_value=7)) == [[1, -1], [7, 7], [3, 7]]
+    assert bits(r.to_dense(pad_value=0, max_len=1)) == [[1], [0], [3]]  # a row cut
+    assert bits(rk.dense_to_ragged(r.to_dense(pad_value=0), pad_value=0).values) == [1, -1, 3]
+    r3 = rk.RaggedTensor(values, [torch.tensor([0, 2, 2]), torch.tensor([0, 1, 3])])
+    assert bits(r3.to_dense(pad_value=0)) == [[[1, 0], [-1, 3]], [[0, 0], [0, 0]]]
+
+
+def test_complex_values_pad_with_a_real_number() -> None:
+    # The pad check asked torch.iinfo of a complex dtype (a TypeError naming neither op nor dtype).
+    r = rk.RaggedTensor(torch.tensor([1 + 1j, 2j]), torch.tensor([0, 2, 2]))
+    assert r.to_dense(pad_value=0).tolist() == [[1 + 1j, 2j], [0j, 0j]]
+    back = rk.dense_to_ragged(torch.tensor([[1j, 0j], [2 + 0j, 3j]]), pad_value=0)
+    assert back.values.tolist() == [1j, 2 + 0j, 3j]
+    assert back.offsets[0].tolist() == [0, 1, 3]

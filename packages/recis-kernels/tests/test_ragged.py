@@ -150,6 +150,9 @@ def test_with_values_and_to(device):
     assert moved.values.device.type == device.type
     assert moved.offsets[0].device.type == device.type
     assert moved.to("cpu").values.tolist() == [1.0, 2.0, 3.0]
+    # A dtype is not a device: the offsets' dtype was blamed ("offsets[0] must be int64").
+    with pytest.raises(rk.RaggedError, match=r"to\(\) moves to a device, got the dtype"):
+        r.to(torch.float32)
 
 
 @pytest.mark.gpu

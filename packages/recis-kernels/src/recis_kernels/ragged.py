@@ -280,7 +280,17 @@ class RaggedTensor:
         return RaggedTensor(values, self.offsets, weights, validate=False)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedTensor:
-        """Copy values, offsets and weights to ``device``."""
+        """Copy values, offsets and weights to ``device``.
+
+        Raises:
+            RaggedError: ``device`` is a dtype (offsets stay int64: cast the values with
+                ``r.with_values(r.values.to(dtype))``).
+        """
+        if isinstance(device, torch.dtype):
+            raise RaggedError(
+                f"RaggedTensor.to() moves to a device, got the dtype {device}; offsets stay "
+                "int64: cast the values with r.with_values(r.values.to(dtype))"
+            )
         return RaggedTensor(
             self.values.to(device, non_blocking=non_blocking),
             [o.to(device, non_blocking=non_blocking) for o in self.offsets],

@@ -69,7 +69,11 @@ def _boundaries(
         except (TypeError, ValueError, OverflowError) as e:
             raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {b!r:.80}") from e
     if t.dtype not in _INTS + _FLOATS:
-        raise UnsupportedDtypeError(f"{op}: {where} must be numeric, got {t.dtype}")
+        names = ", ".join(str(d).removeprefix("torch.") for d in _INTS + _FLOATS)
+        raise UnsupportedDtypeError(
+            f"{op}: {where} must be numeric ({names}; wider unsigned integers as a list or a "
+            f"NumPy array), got {t.dtype}"
+        )
     if t.dim() != 1:
         raise ShapeError(f"{op}: {where} must be 1-d, got shape {tuple(t.shape)}")
     return (t if t.device == device else t.to(device)), None

@@ -78,7 +78,7 @@ def _check_pad(op: str, pad_value: object, dtype: torch.dtype) -> None:
     padding could equal a real value (``0.5`` padding ids as ``0``, ``-1`` as uint8 ``255``)."""
     if not isinstance(pad_value, numbers.Real):
         raise RaggedError(f"{op}: pad_value must be a number, got {type(pad_value).__name__}")
-    if dtype.is_floating_point:
+    if dtype.is_floating_point or dtype.is_complex:
         return
     if dtype == torch.bool:
         low, high = 0, 1
@@ -130,7 +130,16 @@ def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) 
     return dims
 
 
+# torch has no index_put (masked or indexed assignment) for these: their bits move as the
+# signed integers of their width.
+_SIGNED_OF = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
 def _ragged_to_dense_cpu(values, offsets, pad, dims):
+    signed = _SIGNED_OF.get(values.dtype)
+    if signed is not None:
+        out = _ragged_to_dense_cpu(values.view(signed), offsets, pad.view(signed), dims)
+        return out.view(values.dtype)
     if len(offsets) == 1:
         lengths = offsets[0].diff()
         if lengths.numel() == 0 or int(lengths.max()) <= dims[0]:
