@@ -105,6 +105,15 @@ def _even_offsets(b: int, k: int, device: torch.device) -> torch.Tensor:
 
 
 def _ragged(name: str, r: RaggedTensor) -> Ids:
+    if r.values.dtype == torch.uint8:
+        # recis-io and recis-features lay strings out this way: a string column whose hash
+        # step was forgotten would train one row per byte value, pooled over each string.
+        raise InputError(
+            f"feature {name!r}: ragged uint8 values are a column of strings (their UTF-8 bytes, "
+            "as recis-io reads strings), not ids: hash them first (recis_io.Column(..., "
+            "hash='farm') or a recis-features hash op); for uint8 ids, widen the values "
+            "(r.with_values(r.values.long()))"
+        )
     values = _int64_ids(name, r.values)
     if values.dim() != 1:
         raise InputError(f"feature {name!r}: ragged ids must have 1-d values")
