@@ -441,6 +441,21 @@ def test_weights_that_need_a_gradient_get_it(rows, combiner, training, concat) -
     torch.testing.assert_close(w.grad, exp, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_a_bag_whose_weights_are_all_zero_passes_finite_gradients(combiner: str) -> None:
+    # Such a bag reads 0 (mean, sqrtn); sqrtn's square root of its zero total gave the
+    # weights NaN gradients (0 * inf), which a model computing them (ReLU-gated attention,
+    # masked padding) would spread into its parameters.
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, combiner=combiner, initializer=INIT)})
+    w = torch.tensor([1.0, 0.0, 0.0], requires_grad=True)
+    out = engine({"f": RaggedTensor(torch.tensor([1, 2, 3]), [torch.tensor([0, 1, 3])], w)})["f"]
+    out.sum().backward()
+    assert torch.isfinite(w.grad).all()
+    if combiner != "sum":
+        assert out[1].abs().sum() == 0
+        assert w.grad.tolist() == [0.0, 0.0, 0.0]  # d(w e / |w|) / dw = 0; the empty bag: 0
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
 def test_narrower_integer_ids_look_up_as_the_same_int64_ids(dtype: torch.dtype) -> None:
     """recis-io hands out int32 id columns (TorchRec takes int32 ids too): narrower integer ids

@@ -41,10 +41,13 @@ def bag_weights(
     seg = segment_ids(bags, n)
     terms = weights if mode == "mean" else weights * weights
     total = torch.zeros(lengths.numel(), device=bags.device).index_add_(0, seg, terms)
+    nonzero = total != 0
+    # The square root of the safe total: sqrt's gradient at a zero total is inf, and 0 * inf
+    # gave weights a model computed NaN gradients wherever a bag's weights were all 0.
+    safe = torch.where(nonzero, total, torch.ones_like(total))
     if mode == "sqrtn":
-        total = total.sqrt()
-    safe = torch.where(total != 0, total, torch.ones_like(total))
-    return torch.where(total[seg] != 0, weights / safe[seg], torch.zeros_like(weights))
+        safe = safe.sqrt()
+    return torch.where(nonzero[seg], weights / safe[seg], torch.zeros_like(weights))
 
 
 def per_bag_scale(lengths: torch.Tensor, mode: str) -> torch.Tensor:
