@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -218,6 +219,21 @@ def test_watched_directory_takes_new_files_in_order(tmp_path, hours):
     again = build(tmp_path / "run", source)
     assert [Path(r.files[0]).name for r in again.run()][3:] == ["hour-03.parquet"]
     assert {hour for _, hour in again.trainer.model.log} == {3}
+
+
+def test_an_idle_timeout_shorter_than_the_poll_interval_ends_the_run_on_time(tmp_path, monkeypatch):
+    # The timeout was checked only after a whole poll interval's sleep: idle_timeout=5 with
+    # the default poll_interval=30 waited 30 s. Sleeps are recorded instead of slept.
+    slept: list[float] = []
+    monkeypatch.setattr("recis_train._online.time.sleep", slept.append)
+    clock = itertools.count()  # each look at the clock: one second later
+    monkeypatch.setattr("recis_train._online.time.monotonic", lambda: float(next(clock)))
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    source = WatchDirectory(watched, poll_interval=30, idle_timeout=5)
+    assert build(tmp_path / "run", source).run() == []
+    assert slept
+    assert all(0 < s <= 5 for s in slept)
 
 
 def test_watched_directory_with_markers_and_max_windows(tmp_path):

@@ -377,7 +377,8 @@ class ProfilerHook(Hook):
     written to ``output_dir/trace-step<start>.json`` (open it in ``chrome://tracing`` or
     https://ui.perfetto.dev), and :attr:`table` keeps the top operators by self time. In a
     distributed run every rank profiles its own steps and writes
-    ``trace-step<start>-rank<r>.json``.
+    ``trace-step<start>-rank<r>.json``. A ``train()`` ending inside the window writes the steps
+    recorded so far (in :class:`Online`, every window is a ``train()``: a trace ends with it).
 
     Args:
         output_dir: where the trace goes.

@@ -33,8 +33,8 @@ DataFactory = Callable[[list[str]], Iterable[Any]]
 _EXPORT_POINTER = "export.json"
 #: where the tables are kept as they were before the first window, until a window is committed
 _INITIAL_TABLES = ".online-initial"
-#: a watched directory has no new window yet: poll again after ``poll_interval``
-_WAIT = "wait"
+# A watched directory has no new window yet: its decision is the seconds to wait (a float)
+# before looking again, ``poll_interval`` or the time left before ``idle_timeout``.
 _END = object()
 
 
@@ -164,8 +164,8 @@ class _InitialState:
 
 
 def _reporting_errors(
-    decisions: Iterator[list[str] | str], ctx: DistributedContext
-) -> Iterator[list[str] | str]:
+    decisions: Iterator[list[str] | float], ctx: DistributedContext
+) -> Iterator[list[str] | float]:
     """Rank 0's decisions; an error reading the source is sent to the other ranks (which raise
     it too) before it is raised here, so that no rank is left waiting for a decision."""
     while True:
@@ -218,7 +218,9 @@ class Online:
     A file is trained at most once (paths are compared made absolute): windows whose files are
     all committed are skipped, and committed files are dropped from a window that mixes old and
     new ones. A hook asking to stop (e.g. :class:`EarlyStopping`) ends the stream; a window it
-    stopped during training is not committed (a later :meth:`run` trains it in full).
+    stopped during training is not committed (a later :meth:`run` trains it in full). A later
+    :meth:`run` starts from the last committed state, so a stop decided on a window's
+    evaluation (EarlyStopping's) is decided again: the stream stays ended.
 
     The same holds for calling :meth:`run` again on the same object after it raised inside a
     window (e.g. reading a corrupt file, which was then fixed or removed): the model, the
@@ -406,14 +408,14 @@ class Online:
                     raise error.get(kind, RuntimeError)(f"on rank 0: {message}")
             if decision is None:
                 return
-            if decision == _WAIT:
-                assert isinstance(self.source, WatchDirectory)
-                time.sleep(self.source.poll_interval)
+            if isinstance(decision, float):
+                time.sleep(decision)
                 continue
             yield list(decision)
 
-    def _decisions(self) -> Iterator[list[str] | str]:
-        """The next window, or :data:`_WAIT` when a watched directory has nothing new yet."""
+    def _decisions(self) -> Iterator[list[str] | float]:
+        """The next window, or the seconds to wait when a watched directory has nothing new
+        yet."""
         if isinstance(self.source, WatchDirectory):
             yield from self._watch(self.source)
             return
@@ -438,7 +440,7 @@ class Online:
             # Resumed: the window was committed (a run that raised never resumes this).
             self._pulled = None
 
-    def _watch(self, source: WatchDirectory) -> Iterator[list[str] | str]:
+    def _watch(self, source: WatchDirectory) -> Iterator[list[str] | float]:
         idle_since = time.monotonic()
         while not self._finished():
             done = self.progress.done_files()
@@ -448,9 +450,13 @@ class Online:
                 idle_since = time.monotonic()
                 continue
             idle = time.monotonic() - idle_since
-            if source.idle_timeout is not None and idle >= source.idle_timeout:
-                return
-            yield _WAIT
+            wait = float(source.poll_interval)
+            if source.idle_timeout is not None:
+                if idle >= source.idle_timeout:
+                    return
+                # The last look comes when the timeout is up, not a whole interval after it.
+                wait = min(wait, source.idle_timeout - idle)
+            yield wait
 
     def _data(self, files: list[str], purpose: str) -> Iterable[Any]:
         """``make_data(files)``; under ``torchrun`` the ranks learn whether it failed on any of
@@ -590,8 +596,9 @@ class Online:
         if self.trainer.distributed is None or self.trainer.distributed.is_main:
             _log.warning(
                 "online: a hook asked to stop during %s of window %d; the stream ends with "
-                "that window not committed (a later run() trains it from the last committed "
-                "state)",
+                "that window not committed (a later run() goes back to the last committed "
+                "state and evaluates, then trains, it again; a hook that stopped on the same "
+                "evaluation, as EarlyStopping does, stops there again)",
                 where,
                 index,
             )
