@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Sequence
 from typing import ClassVar
@@ -23,10 +24,12 @@ from recis_features import (
     FillMissing,
     Mod,
     RegistrationError,
+    SourceOp,
     Transform,
     _engine,
     fused_implementation,
     fused_kinds,
+    op_kinds,
     register_fused,
 )
 from recis_kernels import RaggedTensor
@@ -99,6 +102,66 @@ def test_registration_errors() -> None:
                 return value
 
     assert str(info.value) == "op kind 'mod' is already registered by Mod"
+
+
+def test_kinds_named_like_the_engines_merged_groups_are_refused() -> None:
+    # A user op of kind "cross+mod" was taken for the engine's merged cross and mod group
+    # (an AttributeError on the first batch, or fused with a real cross).
+    for kind in ("cross+mod", "fill_missing+bucketize", "a+b"):
+        with pytest.raises(RegistrationError, match=rf"op kind '{re.escape(kind)}' may not"):
+            type("Plus", (Transform,), {"kind": kind, "apply": lambda self, v: v + 1})
+        with pytest.raises(RegistrationError, match=r"may not contain '\+'"):
+            register_fused(kind, _fused_clip)
+    assert "cross+mod" not in op_kinds()
+
+
+def test_a_fused_implementation_returning_the_wrong_outputs_is_named() -> None:
+    class Twice(Transform):
+        kind = "test_twice"
+
+        def apply(self, value: torch.Tensor) -> torch.Tensor:
+            return value * 2
+
+    def short(ops: Sequence[Twice], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [values[0] * 2]
+
+    register_fused("test_twice", short)
+    engine = FeatureEngine([Feature(f"t{c}").select(c).then(Twice()) for c in "xy"])
+    batch = {"x": torch.tensor([1, 2]), "y": torch.tensor([3])}
+    with pytest.raises(
+        RegistrationError,
+        match=r"fused implementation of op kind 'test_twice' \(.*short\) returned 1 outputs "
+        r"for 2 ops",
+    ):
+        engine(batch)
+    register_fused("test_twice", lambda ops, values: None, replace=True)
+    with pytest.raises(RegistrationError, match=r"returned NoneType for 2 ops"):
+        engine(batch)
+
+
+def test_a_source_kind_registered_before_its_class_is_planned_as_unfused() -> None:
+    # Sources always read op by op; plan() said fused when the registration came first.
+    register_fused("test_select_late", lambda ops, values: list(values))
+
+    class SelectLate(SourceOp):
+        kind = "test_select_late"
+
+        def __init__(self, column: str) -> None:
+            self.column = column
+
+        def params(self) -> dict[str, str]:
+            return {"column": self.column}
+
+        @property
+        def columns(self) -> tuple[str, ...]:
+            return (self.column,)
+
+        def read(self, columns):  # type: ignore[no-untyped-def]
+            return columns[self.column] + 1
+
+    engine = FeatureEngine([Feature("s", [SelectLate("x")])])
+    assert engine({"x": torch.tensor([3, 0])})["s"].tolist() == [4, 1]
+    assert engine.plan()[0][0]["fused"] is False
 
 
 def test_replacing_an_implementation_is_explicit() -> None:

@@ -39,6 +39,7 @@ from .exceptions import (
     FeatureDefinitionError,
     FeatureInputError,
     RecisFeaturesError,
+    RegistrationError,
     SerializationError,
 )
 
@@ -376,7 +377,9 @@ class FeatureEngine(nn.Module):
                     "kind": g.kind,
                     "ops": len(g.nodes),
                     "features": [name for i in g.nodes for name in self._nodes[i].features],
+                    # Sources always read op by op, whatever is registered under their kind.
                     "fused": self.fused
+                    and not isinstance(g.ops[0], SourceOp)
                     and (
                         g.kind in (_FILL_BUCKETIZE, _CROSS_MOD)
                         or fused_implementation(g.kind) is not None
@@ -522,6 +525,18 @@ class FeatureEngine(nn.Module):
                 if len(nodes) == 1:
                     raise input_error(nodes[0].features, nodes[0].op, exc) from exc
                 raise _refused(nodes, inputs, exc, _apply) from exc
+            if not isinstance(outputs, (list, tuple)) or len(outputs) != len(nodes):
+                got = (
+                    f"{len(outputs)} outputs"
+                    if isinstance(outputs, (list, tuple))
+                    else type(outputs).__name__
+                )
+                name = getattr(fused, "__qualname__", repr(fused))
+                raise RegistrationError(
+                    f"the fused implementation of op kind {group.kind!r} ({name}) returned "
+                    f"{got} for {len(nodes)} ops; it must return a list of one output per op, "
+                    "in order"
+                )
         for i, value in zip(group.nodes, outputs, strict=True):
             values[i] = value
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
-from ._op import SourceOp, op_kinds
+from ._op import SourceOp, check_kind_name, op_kinds
 from ._values import Value
 from .exceptions import RegistrationError
 
@@ -52,8 +52,9 @@ def register_fused(
 
     Raises:
         RegistrationError: ``kind`` already has an implementation and ``replace`` is false,
-            ``fn`` is not callable, or ``kind`` is ``"lambda"`` or a source op's kind (those
-            always run op by op).
+            ``fn`` is not callable, ``kind`` is ``"lambda"`` or a source op's kind (those
+            always run op by op), or ``kind`` holds ``"+"`` (the engine's names of the groups
+            it merges, such as ``"cross+mod"``).
     """
 
     def register(f: _F) -> _F:
@@ -70,6 +71,7 @@ def register_fused(
         raise RegistrationError(f"op kind must be a non-empty string, got {kind!r}")
     if kind == "lambda":
         raise RegistrationError("op kind 'lambda' runs op by op and cannot be fused")
+    check_kind_name(kind)
     source = op_kinds().get(kind)
     if source is not None and issubclass(source, SourceOp):
         raise RegistrationError(

@@ -20,6 +20,20 @@ def op_kinds() -> dict[str, type[Op]]:
     return dict(_OP_KINDS)
 
 
+def check_kind_name(kind: object) -> None:
+    """Refuse an op kind the engine could mistake for one of its own group names.
+
+    Raises:
+        RegistrationError: ``kind`` holds ``"+"``: the engine names the groups it merges so
+            (``"cross+mod"``, ``"fill_missing+bucketize"``).
+    """
+    if isinstance(kind, str) and "+" in kind:
+        raise RegistrationError(
+            f"op kind {kind!r} may not contain '+': the engine names the groups it merges so "
+            "('cross+mod', 'fill_missing+bucketize')"
+        )
+
+
 def _is_abstract(cls: type) -> bool:
     """Whether ``cls`` leaves an abstract method unimplemented (``ABCMeta`` records this only
     after ``__init_subclass__`` has run, so it is worked out here)."""
@@ -62,6 +76,7 @@ class Op:
                 f"op class {cls.__qualname__} must set its own kind (a unique, non-empty "
                 f"name){inherited}"
             )
+        check_kind_name(kind)
         if kind in _OP_KINDS:
             raise RegistrationError(
                 f"op kind {kind!r} is already registered by {_OP_KINDS[kind].__qualname__}"
