@@ -440,10 +440,29 @@ def test_a_state_of_a_later_epoch_is_refused_by_an_earlier_pass(written) -> None
         return Dataset(paths, batch_size=4, columns=["id"], shuffle=True)
 
     _, resumed = _resume(lambda: _at(make(), 1), 1, set_epoch=0)
-    with pytest.raises(InvalidArgumentError, match="resume from is in epoch 1, but this pass"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"resume from is in epoch 1, but this pass reads epochs 0 to 0 \(set_epoch\(0\), "
+        r"epochs=1\)",
+    ):
         iter(resumed)
     _, resumed = _resume(lambda: _at(make(), 1), 1)
     assert _ids(resumed)  # without set_epoch, the state resumes its own epoch
+    # A state of epoch 1 of a pass of 3 epochs from 0, loaded with epochs=1 and no set_epoch:
+    # the message named a set_epoch(0) never called.
+    ds = Dataset(paths, batch_size=4, columns=["id"], shuffle=True, epochs=3)
+    it = iter(ds)
+    for _ in range(9):  # 25 rows: 7 batches an epoch, so 2 into epoch 1
+        next(it)
+    state = ds.state_dict()
+    shorter = Dataset(paths, batch_size=4, columns=["id"], shuffle=True, epochs=1)
+    shorter.load_state_dict(state)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"\(the loaded state's pass began at epoch 0, epochs=1\); call set_epoch with the "
+        r"epoch the state was taken in, or read with epochs=2 or more",
+    ):
+        iter(shorter)
 
 
 def _at(ds: Dataset, epoch: int) -> Dataset:

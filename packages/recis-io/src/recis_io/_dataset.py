@@ -395,10 +395,20 @@ class Dataset(IterableDataset):
         # already finished; any later row of it is in an epoch this pass does not read.
         finished = epoch == first + self.epochs and row == 0
         if not (first <= epoch < first + self.epochs or finished):
+            began = (
+                f"set_epoch({first})"
+                if set_to is not None
+                else f"the loaded state's pass began at epoch {first}"
+            )
+            more = (
+                f", or read with epochs={epoch - first + 1} or more"
+                if epoch >= first + self.epochs
+                else ""
+            )
             raise InvalidArgumentError(
                 f"the state to resume from is in epoch {epoch}, but this pass reads epochs "
-                f"{first} to {first + self.epochs - 1} (set_epoch({first})); call set_epoch "
-                "with the epoch the state was taken in"
+                f"{first} to {first + self.epochs - 1} ({began}, epochs={self.epochs}); call "
+                f"set_epoch with the epoch the state was taken in{more}"
             )
         return first, (epoch, row)
 
