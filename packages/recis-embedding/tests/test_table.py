@@ -188,6 +188,21 @@ def test_bad_table_indices_are_rejected_and_change_nothing(table: torch.Tensor, 
     assert t.stats().lookups == 0
 
 
+def test_an_id_admitted_at_one_position_reads_its_row_at_every_position() -> None:
+    # Duplicates with mixed admission: the refused positions read -1 though the call had
+    # inserted their id, two answers for one id.
+    t = HashTable(4)
+    rows, is_new = t.find_or_insert(
+        torch.tensor([5, 5, 6, 6, 7]), admit=torch.tensor([True, False, False, True, False])
+    )
+    assert rows.tolist() == [rows[0].item()] * 2 + [rows[2].item()] * 2 + [-1]
+    assert rows[0] >= 0
+    assert rows[2] >= 0
+    assert is_new.tolist() == [True, True, True, True, False]
+    assert sorted(t.ids().tolist()) == [5, 6]
+    assert t.stats().inserts == 2
+
+
 def test_bad_admit_masks_are_rejected() -> None:
     t = HashTable(2)
     with pytest.raises(InputError, match=r"admit must be a bool tensor of shape \(2,\)"):

@@ -319,7 +319,9 @@ class HashTable:
         Args:
             ids: ``(N,) int64``, duplicates allowed.
             table: logical table (index or name), or ``(N,)`` table indices.
-            admit: optional ``(N,) bool``: absent ids with ``False`` are not inserted (row ``-1``).
+            admit: optional ``(N,) bool``: absent ids with ``False`` are not inserted (row
+                ``-1``), unless the same id is admitted at another position of the call: every
+                position of an id reads the one answer.
             distinct: no ``(id, table)`` pair repeats in the call (deduplicated ids, as the
                 embedding engine passes), which spares deduplicating the new ones.
 
@@ -348,7 +350,10 @@ class HashTable:
         self._counts["hits"] += ids.numel() - missing
         if not missing:
             return rows, is_new
+        refused = None
         if admit is not None:
+            if not distinct:
+                refused = miss & ~admit
             miss = miss & admit
         idx = true_positions(miss)
         if idx.numel() == 0:
@@ -371,6 +376,14 @@ class HashTable:
             record(new_ids, new_tabs)
         rows[idx] = new_rows
         is_new[idx] = True
+        if refused is not None:
+            # A position refused admission whose id another position of this call inserted
+            # reads that row too (one answer per id); the others stay -1.
+            again = true_positions(refused)
+            if again.numel():
+                found = self._map.find(ids[again], tabs[again])
+                rows[again] = found
+                is_new[again] = found >= 0
         return rows, is_new
 
     def _check_capacity(
