@@ -429,6 +429,11 @@ def test_host_and_torch_claims_place_keys_alike(capacity) -> None:
         (torch.tensor([-1]), ValueError, r"tables must be in \[0, 2147483647\], got -1"),
         (2**31, ValueError, r"tables must be in \[0, 2147483647\], got 2147483648"),
         (torch.tensor([0.7]), UnsupportedDtypeError, r"IdMap\.\w+: tables has dtype float32"),
+        (
+            True,
+            UnsupportedDtypeError,
+            r"IdMap\.\w+: tables must be an int or an integer tensor shaped like keys, got bool",
+        ),
     ],
 )
 def test_idmap_rejects_tables_it_cannot_store(tables, error, match):

@@ -159,7 +159,11 @@ def test_hashed_uniform_errors():
         rk.hashed_uniform(ids, torch.tensor([1, 2, 3]), 2)
     with pytest.raises(rk.UnsupportedDtypeError, match="hashed_uniform: seeds has dtype float32"):
         rk.hashed_uniform(ids, torch.tensor([1.0, 2.0]), 2)
-    with pytest.raises(rk.UnsupportedDtypeError, match="hashed_uniform: seeds must be a torch"):
+    with pytest.raises(
+        rk.UnsupportedDtypeError,
+        match=r"hashed_uniform: seeds must be an int or an int64 tensor of one seed per id, got "
+        "float",
+    ):
         rk.hashed_uniform(ids, 1.5, 2)
 
 

@@ -205,6 +205,32 @@ def test_wrong_shapes_are_refused_before_anything_is_updated() -> None:
         assert not t.any()  # nothing moved
 
 
+def test_wrong_dtypes_are_refused_before_anything_is_updated() -> None:
+    # A float64 gradient failed in Adam's lerp_ after the step counts had moved (a retry then
+    # bias-corrected for one step too many); other updates rounded it silently.
+    param, m, v, step = torch.zeros(N, D), torch.zeros(N, D), torch.zeros(N, D), torch.zeros(N)
+    wide, ints = torch.ones(N, D, dtype=torch.float64), torch.ones(N, D, dtype=torch.int64)
+    cases = [
+        (lambda: adam_rows_(param, wide, m, v, step, lr=0.1),
+         r"adam_rows_: grad must have the dtype of param \(torch.float32\), got torch.float64"),
+        (lambda: adam_rows_(param, ints, m, v, step, lr=0.1), r"got torch.int64"),
+        (lambda: adam_rows_(param, torch.ones(N, D), m, v, step.double(), lr=0.1),
+         r"adam_rows_: step must have the dtype of param"),
+        (lambda: adagrad_rows_(param, wide, torch.zeros(N, D), step, lr=0.1),
+         r"adagrad_rows_: grad must have the dtype"),
+        (lambda: rowwise_adagrad_rows_(param, wide, torch.zeros(N, 1), lr=0.1),
+         r"rowwise_adagrad_rows_: grad must have the dtype"),
+        (lambda: ftrl_rows_(param, wide, m, v, lr=0.1), r"ftrl_rows_: grad must have the dtype"),
+        (lambda: sgd_rows_(param.long(), ints, lr=1.0),
+         r"sgd_rows_: param must be float32 rows, got torch.int64"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(UnsupportedDtypeError, match=message):
+            call()
+    for t in (param, m, v, step):
+        assert not t.any()  # nothing moved
+
+
 @pytest.mark.parametrize("beta1", [0.9, 0.3])
 @pytest.mark.parametrize(("weight_decay", "decoupled"), [(0.0, False), (0.1, False), (0.1, True)])
 def test_compiled_adam_is_the_torch_spelling_bit_for_bit(

@@ -119,6 +119,9 @@ def test_rows_outside_the_store_are_rejected() -> None:
         with pytest.raises(IndexError, match="RowStore.update: " + msg):
             store.update(rows, lambda cur, which: cur + 1)
     assert torch.equal(store.gather(torch.arange(12)), before)
+    # Before any reserve there is nothing to index ("expected a value in [0, -1]" before).
+    with pytest.raises(IndexError, match=r"rows\[0\] = 0 is out of range: there is nothing to "):
+        RowStore(2).gather(torch.tensor([0]))
 
 
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))])

@@ -71,6 +71,11 @@ def index_error(
 ) -> IndexOutOfRangeError:
     """The error for ``name[pos] = value`` outside ``[low, high)``; the kernels' device-side
     checks report theirs with the same message."""
+    if high <= low:  # nothing to index yet (a row store before its first reserve)
+        return IndexOutOfRangeError(
+            f"{op}: {name}[{pos}] = {value} is out of range: there is nothing to index (size "
+            f"{max(high - low, 0)})"
+        )
     return IndexOutOfRangeError(
         f"{op}: {name}[{pos}] = {value} is out of range, expected a value in [{low}, {high - 1}]"
     )

@@ -66,7 +66,7 @@ from recis_kernels._checks import (
     is_int,
     resolve_device,
 )
-from recis_kernels.exceptions import ArgumentError, ShapeError
+from recis_kernels.exceptions import ArgumentError, ShapeError, UnsupportedDtypeError
 
 __all__ = [
     "LOAD_FACTOR_LIMIT",
@@ -268,7 +268,11 @@ def _as_tables(op: str, keys: torch.Tensor, tables: torch.Tensor | int) -> torch
         if not 0 <= tables <= _TABLE_MAX:
             raise ArgumentError(f"{op}: tables must be in [0, {_TABLE_MAX}], got {tables}")
         return torch.full(keys.shape, tables, dtype=torch.int32, device=keys.device)
-    tables = check_tensor(op, "tables", tables)
+    if not isinstance(tables, torch.Tensor):
+        raise UnsupportedDtypeError(
+            f"{op}: tables must be an int or an integer tensor shaped like keys, got "
+            f"{type(tables).__name__}"
+        )
     check_dtype(op, "tables", tables, _TABLE_DTYPES)
     if tables.shape != keys.shape:
         raise ShapeError(

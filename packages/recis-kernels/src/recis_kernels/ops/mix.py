@@ -30,7 +30,7 @@ from recis_kernels._checks import (
     grid_for,
     is_int,
 )
-from recis_kernels.exceptions import ArgumentError
+from recis_kernels.exceptions import ArgumentError, UnsupportedDtypeError
 from recis_kernels.ops._uint64 import const, shr, umod
 
 __all__ = ["hashed_uniform", "mix64", "multi_hash"]
@@ -125,7 +125,12 @@ def hashed_uniform(ids: torch.Tensor, seeds: int | torch.Tensor, dim: int) -> to
     if is_int(seeds):
         seed = torch.tensor([const(int(seeds))], dtype=torch.int64, device=ids.device)
     else:
-        seed = check_tensor(op, "seeds", seeds)
+        if not isinstance(seeds, torch.Tensor):
+            raise UnsupportedDtypeError(
+                f"{op}: seeds must be an int or an int64 tensor of one seed per id, got "
+                f"{type(seeds).__name__}"
+            )
+        seed = seeds
         check_dtype(op, "seeds", seed, (torch.int64,))
         if seed.shape != ids.shape:
             raise ArgumentError(

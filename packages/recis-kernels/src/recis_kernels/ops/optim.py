@@ -147,6 +147,15 @@ def _check_shapes(
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ShapeError(f"{op}: {name} must have shape {wanted[kind]} for param of shape "
                              f"{tuple(param.shape)}, got {got}")  # fmt: skip
+    # A float64 or integer gradient failed half-way (step counts already moved) or was
+    # silently rounded: every tensor must be of the rows' floating dtype.
+    if not param.is_floating_point():
+        raise UnsupportedDtypeError(f"{op}: param must be float32 rows, got {param.dtype}")
+    for name, (t, _) in {"grad": (grad, "rows"), **state}.items():
+        if t.dtype != param.dtype:
+            raise UnsupportedDtypeError(
+                f"{op}: {name} must have the dtype of param ({param.dtype}), got {t.dtype}"
+            )
 
 
 def _col(values: torch.Tensor) -> torch.Tensor:
