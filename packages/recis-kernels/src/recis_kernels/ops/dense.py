@@ -130,8 +130,8 @@ def _resolve_dims(op: str, r: RaggedTensor, shape: Sequence[int | None] | None) 
     return dims
 
 
-# torch has no index_put (masked or indexed assignment) for these: their bits move as the
-# signed integers of their width.
+# torch has no index_put (masked or indexed assignment) for these, and older releases no
+# boolean-mask indexing either: their bits move as the signed integers of their width.
 _SIGNED_OF = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
@@ -346,6 +346,9 @@ def dense_to_ragged(
 
 
 def _dense_to_ragged_cpu(dense: torch.Tensor, offsets: list[torch.Tensor]) -> torch.Tensor:
+    signed = _SIGNED_OF.get(dense.dtype)
+    if signed is not None:  # no boolean-mask indexing of these in older torch releases
+        return _dense_to_ragged_cpu(dense.view(signed), offsets).view(dense.dtype)
     rows = torch.arange(dense.shape[1], device=dense.device) < offsets[0].diff()[:, None]
     if len(offsets) == 1:
         return dense[rows]
