@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import recis_embedding._checkpoint_save as save_mod
 from recis_embedding import (
     CapacityEviction,
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointReader,
     EmbeddingEngine,
@@ -193,7 +194,12 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path) -> None:
     raw = bytearray(f.read_bytes())
     raw[-1] ^= 0xFF
     f.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="checksum mismatch for sparse/"):
+    # Its own subclass, with both digests' heads, for callers that react to damaged files.
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=r"checksum mismatch for sparse/.* \(SHA-256 [0-9a-f]{16}\.\.\., the manifest "
+        r"records [0-9a-f]{16}\.\.\.\)",
+    ):
         load(tmp_path / "c", build()[0])
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         CheckpointReader(tmp_path / "nothing")

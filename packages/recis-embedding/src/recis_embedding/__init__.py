@@ -41,6 +41,7 @@ from recis_embedding._policies import (
 from recis_embedding._statedict import tables_saved_separately
 from recis_embedding._table import HashTable, TableStats
 from recis_embedding.exceptions import (
+    CheckpointCorruptError,
     CheckpointError,
     ConfigError,
     InputError,
@@ -56,6 +57,7 @@ __all__ = [
     "FORMAT_VERSION",
     "AdmissionPolicy",
     "CapacityEviction",
+    "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointReader",
     "ConfigError",

@@ -54,7 +54,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recis_embedding._engine import EmbeddingEngine
-from recis_embedding.exceptions import CheckpointError
+from recis_embedding.exceptions import CheckpointCorruptError, CheckpointError
 
 __all__ = [
     "DENSE_FILE",
@@ -197,8 +197,12 @@ class CheckpointReader:
                         "no checksum in the manifest or lies outside the checkpoint"
                     )
         for rel, digest in self.manifest["files"].items():
-            if sha256(self._file(rel)) != digest:
-                raise CheckpointError(f"checksum mismatch for {rel} in checkpoint {self.path}")
+            found = sha256(self._file(rel))
+            if found != digest:
+                raise CheckpointCorruptError(
+                    f"checksum mismatch for {rel} in checkpoint {self.path} (SHA-256 "
+                    f"{found[:16]}..., the manifest records {str(digest)[:16]}...)"
+                )
 
     def check_files(self) -> None:
         """Check, without hashing, that every file the manifest lists is there and opens as
@@ -247,7 +251,7 @@ class CheckpointReader:
     def verify_manifest(self) -> None:
         """Check the manifest's own SHA-256 only (reads no other file)."""
         if self.manifest.get("manifest_sha256") != manifest_digest(self.manifest):
-            raise CheckpointError(
+            raise CheckpointCorruptError(
                 f"checksum mismatch for manifest.json in checkpoint {self.path} (edited or corrupt)"
             )
 

@@ -41,6 +41,11 @@ class CheckpointError(RecisEmbeddingError, ValueError):
     """A checkpoint is missing, corrupt (checksum mismatch) or does not match the model."""
 
 
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file's bytes (or the manifest's) are not the ones written: its SHA-256
+    differs from the one recorded (bit rot, a partial overwrite, a copy gone wrong)."""
+
+
 class TablesNotInStateDictWarning(UserWarning):
     """``state_dict()`` was taken of a module whose embedding tables hold rows.
 

@@ -18,7 +18,12 @@ from torch import nn
 
 from recis_train._checkpoint import MANIFEST, CheckpointManager, checksummed, load_tensors
 from recis_train._sparse import tables_saved_separately
-from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, ConfigError
+from recis_train.exceptions import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+)
 
 _PARTS = ("dense", "sparse")
 _EMBEDDING_FORMAT = "recis-embedding-checkpoint"
@@ -217,6 +222,15 @@ def _model_tables(model: nn.Module) -> dict[str, tuple[Any, int, Any]]:
     return found
 
 
+def _wrapped(err: Exception, what: str) -> CheckpointError:
+    """recis-embedding's checkpoint error ``err`` as this package's: a checksum mismatch as
+    :class:`CheckpointCorruptError`, as the trainer's own checks raise it."""
+    from recis_embedding import CheckpointCorruptError as EmbeddingCorruptError
+
+    kind = CheckpointCorruptError if isinstance(err, EmbeddingCorruptError) else CheckpointError
+    return kind(f"{what}: {err}")
+
+
 def _verify_embedding(directory: Path) -> None:
     """Check a recis-embedding checkpoint's files against its SHA-256 checksums."""
     from recis_embedding import CheckpointError as EmbeddingCheckpointError
@@ -225,7 +239,7 @@ def _verify_embedding(directory: Path) -> None:
     try:
         CheckpointReader(directory)
     except EmbeddingCheckpointError as err:
-        raise CheckpointError(f"warm_start: {err}") from err
+        raise _wrapped(err, "warm_start") from err
 
 
 def _check_chain_files(chain: list[Any], tables: dict[str, Any]) -> None:
@@ -246,7 +260,7 @@ def _check_chain_files(chain: list[Any], tables: dict[str, Any]) -> None:
         try:
             reader.check_tensors(sorted(names))
         except EmbeddingCheckpointError as err:
-            raise CheckpointError(f"warm_start: {err}") from err
+            raise _wrapped(err, "warm_start") from err
 
 
 def reader_chain(directory: Path, what: str = "warm_start", *, verified: bool = False) -> list[Any]:
@@ -269,8 +283,10 @@ def reader_chain(directory: Path, what: str = "warm_start", *, verified: bool = 
         while chain[-1].kind == "delta":
             chain.append(CheckpointReader(_parent_of(chain[-1])))
             check_no_loop(chain)
-    except (EmbeddingCheckpointError, CheckpointError) as err:
-        raise CheckpointError(f"{what}: {err}") from err
+    except CheckpointError as err:
+        raise type(err)(f"{what}: {err}") from err
+    except EmbeddingCheckpointError as err:
+        raise _wrapped(err, what) from err
     return chain[::-1]
 
 
