@@ -8,6 +8,7 @@ import torch
 from conftest import EXTREME_IDS
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from recis_embedding import (
     ConfigError,
@@ -439,6 +440,25 @@ def test_weights_that_need_a_gradient_get_it(rows, combiner, training, concat) -
     if any(abs(x) > 1e4 for x in exp.tolist()):
         return  # nearly cancelling weights: no meaningful tolerance
     torch.testing.assert_close(w.grad, exp, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lookup_recomputed_by_activation_checkpointing_is_refused() -> None:
+    # torch.utils.checkpoint reruns the forward in the backward pass: the lookup inserted and
+    # counted again (an id admitted by the recount, its row trained though the loss read the
+    # default).
+    from torch.utils.checkpoint import checkpoint
+
+    engine = EmbeddingEngine({"u": EmbeddingOption(DIM, initializer=INIT)})
+    out = checkpoint(lambda b: engine(b)["u"] * 2, {"u": torch.tensor([[7]])}, use_reentrant=False)
+    with pytest.raises(ConfigError, match=r"called during a backward pass, as activation "):
+        out.sum().backward()
+    # Checkpointing the dense layers only is fine, and eval lookups may be recomputed.
+    dense = nn.Linear(DIM, 1)
+    x = engine({"u": torch.tensor([[7]])})["u"]
+    checkpoint(dense, x, use_reentrant=False).sum().backward()
+    engine.eval()
+    with torch.no_grad():
+        checkpoint(lambda b: engine(b)["u"], {"u": torch.tensor([[7]])}, use_reentrant=False)
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])

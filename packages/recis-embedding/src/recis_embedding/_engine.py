@@ -294,6 +294,22 @@ class EmbeddingEngine(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Embed every feature that has an option; other keys pass through."""
+        if (
+            self.training
+            and not torch.compiler.is_compiling()
+            and torch._C._current_graph_task_id() != -1
+        ):
+            # A training lookup run by a backward pass: activation checkpointing
+            # (torch.utils.checkpoint) recomputing its forward. The recomputed lookup would
+            # insert ids and count admission and use a second time, and train rows the loss
+            # never read (an id admitted only by the recount).
+            raise ConfigError(
+                "an EmbeddingEngine in training mode was called during a backward pass, as "
+                "activation checkpointing (torch.utils.checkpoint) recomputes a forward: its "
+                "lookups insert ids and count admission and use, and must run once per step; "
+                "call the engine outside the checkpointed function and checkpoint the dense "
+                "layers only"
+            )
         made = [k for k in batch if k in self.concat or k in self._masks]
         if made:
             raise InputError(
