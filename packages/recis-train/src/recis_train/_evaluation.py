@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -103,12 +102,11 @@ class EvaluationMixin:
                             # A task's loss is its mean over the rows it kept (all of them,
                             # unless it leaves rows with unknown labels out): weigh it by those.
                             kept = out.labels[task].numel() if task in out.labels else n
-                            key = f"loss/{task}"
-                            sums[key] = sums.get(key, 0.0) + _weighed(value, kept)
+                            key, part = f"loss/{task}", _weighed(value, kept)
+                            sums[key] = sums.get(key, 0.0) + part
                             task_rows[key] = task_rows.get(key, 0) + kept
-                            weighted[key] = weighted.get(key, 0.0) + out.weights.get(
-                                task, 1.0
-                            ) * _weighed(value, kept)
+                            weight = out.weights.get(task, 1.0)
+                            weighted[key] = weighted.get(key, 0.0) + weight * part
                     self._update_metrics(metrics, out, index)
         finally:
             self.model.train(was_training)
@@ -206,18 +204,17 @@ class EvaluationMixin:
             named = metrics.setdefault(task, self._task_metrics(task))
             labels = out.labels[task]
             for name, metric in named.items():
-                if isinstance(metric, GAUC):
-                    groups = out.task_groups(task)
-                    if groups is None:
-                        raise ConfigError(
-                            f"metric {name!r} (GAUC) needs the model to return 'groups'"
-                            + (f" for task {task!r}" if isinstance(out.groups, dict) else "")
-                        )
-                    update = functools.partial(metric.update, preds, labels, groups=groups)
-                else:
-                    update = functools.partial(metric.update, preds, labels)  # type: ignore[attr-defined]
                 try:
-                    update()
+                    if isinstance(metric, GAUC):
+                        groups = out.task_groups(task)
+                        if groups is None:
+                            raise ConfigError(
+                                f"metric {name!r} (GAUC) needs the model to return 'groups'"
+                                + (f" for task {task!r}" if isinstance(out.groups, dict) else "")
+                            )
+                        metric.update(preds, labels, groups=groups)
+                    else:
+                        metric.update(preds, labels)  # type: ignore[attr-defined]
                 except MetricInputError as e:
                     # The metric names what it found; which result and batch fed it is ours.
                     key = f"{task}/{name}" if task else name
