@@ -154,7 +154,7 @@ fn open_planned(fm: &FileMeta) -> Result<File> {
 fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     let mut file = open(path)?;
     let stamp = Stamp::of(&file, path)?;
-    check_magic(&file, path, format)?;
+    check_magic(&file, stamp.len, path, format)?;
     let encrypted = match format {
         Format::Orc => {
             orc_types::check(&mut file, path)?;
@@ -167,19 +167,18 @@ fn read_meta(path: &str, format: Format) -> Result<(FileMeta, Vec<usize>)> {
     Ok((fm, rows))
 }
 
-/// Fails when a non-empty file does not begin with its format's magic bytes (`PAR1` or `PARE`,
-/// `ORC`):
-/// a file of the other format, or no data file at all, named as such rather than as whatever
-/// the decoder stumbles on in its tail. An empty file is left to the decoder ("empty file").
-fn check_magic(file: &File, path: &str, format: Format) -> Result<()> {
+/// Fails when the file `file` of `len` bytes is not empty and does not begin with its format's
+/// magic bytes (`PAR1` or `PARE`, `ORC`): a file of the other format, or no data file at all,
+/// named as such rather than as whatever the decoder stumbles on in its tail. An empty file is
+/// left to the decoder ("empty file").
+fn check_magic(file: &File, len: u64, path: &str, format: Format) -> Result<()> {
     // An encrypted Parquet file (encrypted footer) begins with `PARE`; its footer check names it.
-    let (magic, also, name): (&[u8], &[u8], &str) = match format {
-        Format::Parquet => (b"PAR1", b"PARE", "a Parquet"),
-        Format::Orc => (b"ORC", b"ORC", "an ORC"),
+    let (magics, name): (&[&[u8]], &str) = match format {
+        Format::Parquet => (&[b"PAR1", b"PARE"], "a Parquet"),
+        Format::Orc => (&[b"ORC"], "an ORC"),
     };
-    let len = file.metadata().map_err(|e| Error::read(path, &e))?.len();
     let head = orc_types::read_at(file, 0, len.min(4)).unwrap_or_default();
-    if head.is_empty() || head.starts_with(magic) || head.starts_with(also) {
+    if head.is_empty() || magics.iter().any(|m| head.starts_with(m)) {
         return Ok(());
     }
     let other = match format {
@@ -195,7 +194,7 @@ fn check_magic(file: &File, path: &str, format: Format) -> Result<()> {
         path,
         format!(
             "not {name} file: it does not begin with the magic bytes '{}'{other}",
-            String::from_utf8_lossy(magic)
+            String::from_utf8_lossy(magics[0])
         ),
     ))
 }
