@@ -103,3 +103,19 @@ def test_hashed_columns_while_reading(tmp_path, fmt: str, kind: str) -> None:
     flat = [h(x, 1000) for row in lists if row for x in row]
     assert batch["l"].values.tolist() == flat
     assert batch["l"].offsets[0].tolist() == [0, 2, 2, 2, 4, 5, 6]
+
+
+@pytest.mark.parametrize("kind", ["farm", "murmur"])
+def test_hashed_fixed_size_string_lists_read_as_id_matrices(tmp_path, kind: str) -> None:
+    rows = [["a", "b"], ["", None], None, ["hello", "x" * 70]]
+    table = pa.table({"s": pa.array(rows, pa.list_(pa.string(), 2))})
+    path = write(table, tmp_path / "f.parquet", "parquet", 2)
+    (batch,) = list(Dataset(path, batch_size=10, columns=[Column("s", hash=kind, fill=-1)]))
+
+    def h(s: str | None) -> int:
+        return -1 if s is None else recis_io.hash_bytes(s.encode(), kind)
+
+    assert batch["s"].shape == (4, 2)
+    assert batch["s"].tolist() == [[h(x) for x in row] if row else [-1, -1] for row in rows]
+    with pytest.raises(recis_io.InvalidArgumentError, match=r"column 's' holds strings.*hash="):
+        next(iter(Dataset(path, batch_size=10, columns=["s"])))
