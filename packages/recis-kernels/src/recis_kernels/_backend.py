@@ -3,10 +3,14 @@
 ``RECIS_KERNELS_BACKEND`` selects it:
 
 - ``auto`` (default): NVRTC kernels for CUDA tensors when cuda-python is installed, otherwise the
-  torch implementation (which also runs on CUDA tensors, more slowly); CPU tensors always use torch.
-- ``cpu``: the torch implementation everywhere (useful to compare against the kernels).
+  torch implementation (which also runs on CUDA tensors, more slowly).
+- ``cpu``: no CUDA kernels; CUDA tensors take the torch implementation too (useful to compare
+  against the kernels).
 - ``cuda``: NVRTC kernels for CUDA tensors, and a :class:`CudaUnavailableError` naming the
   ``recis-kernels[cuda]`` extra when cuda-python is missing.
+
+The choice only concerns CUDA tensors: CPU tensors always take the CPU path (the compiled CPU
+kernels of :mod:`recis_kernels._native` where an op has one, torch otherwise).
 """
 
 from __future__ import annotations
