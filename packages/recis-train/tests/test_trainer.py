@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -514,6 +516,22 @@ def test_an_evaluation_batch_without_rows_weighs_nothing(tmp_path):
     assert set(got) == set(want)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_an_evaluation_without_rows_warns_that_its_results_are_empty(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, tasks=("click", "conv"))
+    empty = {k: v[:0] for k, v in next(iter(ToyReader(100, 100))).items()}
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        assert trainer.evaluate([]) == {}
+        got = trainer.evaluate([empty, empty])  # metrics of no rows are NaN, no loss
+        assert "loss" not in got
+        assert all(math.isnan(v) for v in got.values())
+    warned = [r.getMessage() for r in caplog.records if "read no rows" in r.getMessage()]
+    assert warned == ["evaluation at step 0 read no rows from list: no loss or metrics"] * 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        assert "loss" in trainer.evaluate(list(ToyReader(100, 50)))
+    assert not [r for r in caplog.records if "read no rows" in r.getMessage()]
 
 
 def test_a_metric_refusing_an_evaluation_batch_names_the_batch_and_result(tmp_path):

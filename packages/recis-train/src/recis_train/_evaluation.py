@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from recis_train._distributed import DistributedContext
 from recis_train._outputs import StepOutput, parse_output
 from recis_train.exceptions import ConfigError, MetricInputError
 from recis_train.metrics import AUROC, GAUC, Calibration, LogLoss, Metric
+
+_log = logging.getLogger("recis_train")
 
 MetricFactory = Callable[[], Metric]
 DEFAULT_METRICS: Mapping[str, MetricFactory] = {
@@ -138,6 +141,14 @@ class EvaluationMixin:
             if rows
             else {}
         )
+        if not rows:
+            # Empty results would otherwise pass for an evaluation (a hook or a report finds
+            # no key), e.g. when the evaluation files hold no rows.
+            _log.warning(
+                "evaluation at step %d read no rows from %s: no loss or metrics",
+                self.global_step,
+                type(source).__name__,
+            )
         if rows and task_rows:
             # The weighted total of the task losses over the whole evaluation, as in training:
             # each task's mean over the rows it kept (a mean of per-batch totals would weigh a

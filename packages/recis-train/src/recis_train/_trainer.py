@@ -526,6 +526,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             single unnamed prediction). With per-task losses ``loss`` is their weighted sum
             ``Σ weight · loss/<task>``, the total of training over the whole evaluation
             whatever its batches; with one loss, its row-weighted mean over the batches.
+            Evaluation data without rows gives no loss (metrics fed only empty batches are
+            NaN, metrics never fed are left out) and logs a warning.
         """
         with self._deterministic():
             results = self._evaluate(eval_data)
