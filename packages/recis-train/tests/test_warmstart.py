@@ -15,10 +15,13 @@ from recis_train.exceptions import CheckpointError, CheckpointNotFoundError, Con
 class TwoTables(nn.Module):
     """A user and an item table (fused into one physical table) under an MLP."""
 
-    def __init__(self, hidden: int = 8, item_dim: int = 4):
+    def __init__(self, hidden: int = 8, item_dim: int = 4, capacity: int | None = None):
         super().__init__()
         self.embeddings = emb.EmbeddingEngine(
-            {"user": emb.EmbeddingOption(4), "item": emb.EmbeddingOption(item_dim)}
+            {
+                "user": emb.EmbeddingOption(4, capacity=capacity),
+                "item": emb.EmbeddingOption(item_dim),
+            }
         )
         self.mlp = nn.Sequential(
             nn.Linear(NUM_DENSE + 4 + item_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1)
@@ -184,6 +187,20 @@ def test_a_table_of_another_dim_is_an_error_unless_excluded(source):
     assert len(rows(model, "user")[0]) == 0
     result = warm_start(model, source.checkpoints.latest(), parts=("sparse",), exclude=["item"])
     assert set(result.tables) == {"user"}
+
+
+def test_more_rows_than_a_tables_capacity_is_an_error_before_anything_loads(source):
+    latest = source.checkpoints.latest()
+    saved = {n: len(rows(source.model, n)[0]) for n in ("user", "item")}
+    model = fresh(capacity=saved["user"] - 1)  # the user table's
+    before = dense_state(model)
+    want = rf"'user' has capacity {saved['user'] - 1}, but loading .* put {saved['user']} rows"
+    with pytest.raises(CheckpointError, match=want):
+        warm_start(model, latest)
+    assert all(torch.equal(v, before[k]) for k, v in dense_state(model).items())
+    assert len(rows(model, "user")[0]) == len(rows(model, "item")[0]) == 0
+    result = warm_start(fresh(capacity=saved["user"]), latest)
+    assert result.tables == saved
 
 
 def test_a_tensor_of_another_shape_is_an_error(source):

@@ -342,6 +342,47 @@ def _fit_tables(
     return chosen
 
 
+def _check_capacities(
+    chain: list[Any], tables: dict[str, tuple[str, tuple[Any, int, Any]]]
+) -> None:
+    """A table with a ``capacity`` (alone in its physical table: the embedding engine fuses
+    none) must hold the rows loading gives it (on this rank): checked before anything loads,
+    rather than a ``TableFullError`` once other tensors and tables are loaded."""
+    for target, (name, (table, index, shard)) in tables.items():
+        if table.capacity is None:
+            continue
+        most = _rows_while_loading(chain, name, table, index, shard)
+        if most > table.capacity:
+            label = repr(name) if name == target else f"{name!r} (as {target!r})"
+            raise CheckpointError(
+                f"warm_start: table {label} has capacity {table.capacity}, but loading "
+                f"{chain[-1].path} would put {most} rows in it"
+                f"{' on this rank' if shard is not None else ''}; exclude the table or build "
+                "it with a capacity of at least that"
+            )
+
+
+def _rows_while_loading(chain: list[Any], name: str, table: Any, index: int, shard: Any) -> int:
+    """The most rows logical table ``name`` holds (on this rank) while :func:`_load_table`
+    applies ``chain`` to it: a full checkpoint replaces its rows, a delta erases, then
+    inserts."""
+    ids = table.ids(index).cpu()
+    most = ids.numel()
+    for reader in chain:
+        if name not in reader.manifest["tables"]:
+            continue
+        saved = reader.read(name, "ids")
+        if shard is not None:
+            saved = saved[shard.owns(saved.to(table.device)).cpu()]
+        if reader.kind == "full":
+            ids = saved
+        else:
+            erased = reader.read(name, "erased")
+            ids = torch.cat([ids[~torch.isin(ids, erased)], saved]).unique()
+        most = max(most, ids.numel())
+    return most
+
+
 def _load_table(reader: Any, name: str, entry: tuple[Any, int, Any], optimizer_state: bool) -> None:
     table, index, shard = entry
     keys = ["ids", "embeddings"]
@@ -429,7 +470,8 @@ def warm_start(
             would otherwise load nothing, or what was to be kept, silently).
         CheckpointNotFoundError: no checkpoint at ``path``.
         CheckpointError: a selected tensor or table does not fit the model (shape, dtype, dim,
-            slots), or the checkpoint is incomplete or corrupt.
+            slots, more rows than a table's ``capacity``), or the checkpoint is incomplete or
+            corrupt.
 
     Example:
         >>> warm_start(model, "pretrain/checkpoints", parts=("sparse",), exclude=["C1"])
@@ -503,6 +545,7 @@ def warm_start(
     dense = _fit_dense(model, saved, dense_names, result)
     tables = _fit_tables(model, chain[-1], table_names, optimizer_state, result) if chain else {}
     _check_chain_files(chain, tables)
+    _check_capacities(chain, tables)
     model.load_state_dict(dense, strict=False)
     result.dense.extend(dense)
     for target, (name, (table, index, shard)) in tables.items():
