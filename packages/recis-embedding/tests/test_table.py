@@ -400,3 +400,32 @@ def test_full_rows_lay_out_what_read_full_returns(dtype: torch.dtype) -> None:
         table.full_rows(emb, {"sum": avg})
     with pytest.raises(InputError, match=r"slot 'step' of shape \(2, 3\), expected \(2, 1\)"):
         table.full_rows(emb, {"step": avg})
+
+
+def test_checkpoint_loads_add_nothing_to_the_counters(tmp_path) -> None:
+    from recis_embedding import load, save
+
+    def model() -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.emb = EmbeddingEngine({"user": EmbeddingOption(4), "item": EmbeddingOption(4)})
+        return m
+
+    trained = model()
+    trained.emb({"user": torch.tensor([1, 2, 3]), "item": torch.tensor([7, 8])})
+    save(tmp_path / "ckpt", trained)
+    (table,) = trained.emb.physical
+    before = table.stats()
+    assert (before.rows, before.inserts) == (5, 5)
+    load(tmp_path / "ckpt", trained)  # the same keys again
+    after = table.stats()
+    assert (after.rows, after.lookups, after.inserts, after.hits) == (5, 5, 5, 0)
+    fresh = model()
+    load(tmp_path / "ckpt", fresh)
+    (loaded,) = fresh.emb.physical
+    s = loaded.stats()
+    assert (s.rows, s.lookups, s.inserts, s.hits) == (5, 0, 0, 0)
+    # insert_or_assign called by a user still counts what it inserts.
+    loaded.insert_or_assign(
+        torch.tensor([9]), torch.zeros(1, loaded.emb_words + loaded.state_width)
+    )
+    assert loaded.stats().inserts == 1

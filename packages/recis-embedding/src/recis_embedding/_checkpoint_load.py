@@ -510,17 +510,17 @@ def _insert_saved(
         if breaks.numel() < files:
             # Each run strictly increases (the breaks are every place it does not): distinct.
             if len(table) == 0 and _all_distinct(ids):
-                return table.insert_or_assign(ids, full, index, distinct=True)
+                return table.insert_or_assign(ids, full, index, distinct=True, counted=False)
             starts = [0, *breaks.tolist(), ids.numel()]
             return torch.cat(
                 [
-                    table.insert_or_assign(ids[a:b], full[a:b], index, distinct=True)
+                    table.insert_or_assign(ids[a:b], full[a:b], index, distinct=True, counted=False)
                     for a, b in itertools.pairwise(starts)
                 ]
             )
     # One file, or runs not as written: insert_or_assign finds out itself whether the ids
     # strictly increase.
-    return table.insert_or_assign(ids, full, index)
+    return table.insert_or_assign(ids, full, index, counted=False)
 
 
 def _all_distinct(ids: torch.Tensor) -> bool:

@@ -30,6 +30,10 @@ _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 class TableStats:
     """Counters of one physical table (all its logical tables together).
 
+    The counters (``lookups`` to ``evictions``) count from the table's creation in this process:
+    checkpoints do not hold them, so a resumed run counts from 0 again, and loading one adds
+    nothing to them. ``rows``, ``slots`` and ``bytes`` describe the table as it is.
+
     Attributes:
         rows: live keys.
         capacity: maximum live keys (``None``: unbounded).
@@ -42,7 +46,8 @@ class TableStats:
             (training and eval). An id repeated within one call counts each time; the
             embedding engine deduplicates each batch first, so through it this counts the
             distinct ``(table, id)`` keys of each batch.
-        inserts: keys inserted.
+        inserts: keys inserted by lookups and :meth:`HashTable.insert_or_assign` (not the
+            keys a checkpoint load restores).
         hits: of those lookups, the ids found in the table.
         admissions_rejected: ids an admission policy kept out.
         evictions: keys removed by an eviction policy.
@@ -570,6 +575,7 @@ class HashTable:
         table: int | str | torch.Tensor = 0,
         *,
         distinct: bool = False,
+        counted: bool = True,
     ) -> torch.Tensor:
         """Set the whole rows of ``ids`` to ``full``, inserting absent ids without running the
         initializer (restoring saved rows, say, whose initial vectors would only be overwritten).
@@ -585,6 +591,8 @@ class HashTable:
             table: logical table (index or name), or ``(N,)`` table indices.
             distinct: no ``(id, table)`` pair repeats in the call, which spares deduplicating
                 (found without asking when ``table`` is one index and ``ids`` strictly increase).
+            counted: add the absent ids to :meth:`stats`' ``inserts`` (checkpoint loads pass
+                ``False``: they restore keys the table held, they insert no new ones).
 
         Returns:
             ``(N,) int64`` rows.
@@ -613,7 +621,8 @@ class HashTable:
             self._store.reserve(self._map.num_rows)
             self._grow_row_arrays(self._map.num_rows)
             rows[idx] = new_rows
-            self._counts["inserts"] += idx.numel() if distinct else new_rows.unique().numel()
+            if counted:
+                self._counts["inserts"] += idx.numel() if distinct else new_rows.unique().numel()
             self.frequency[new_rows] = 0
             self.inserted[new_rows] = self.step
             self.last_seen[new_rows] = self.step

@@ -323,7 +323,9 @@ class TableStatsHook(Hook):
     """Logs embedding-table statistics (size, growth, hit rate, evictions) every N steps.
 
     Any object found by :func:`find_tables` is reported; the latest snapshot is kept in
-    :attr:`history` as ``(step, {table: stats})`` for reports and plots.
+    :attr:`history` as ``(step, {table: stats})`` for reports and plots. The counters (lookups,
+    inserts, hits, evictions) are the tables' own since this process built them: checkpoints
+    do not keep them, so after a restore they count from 0 again.
 
     Args:
         every: steps between snapshots.

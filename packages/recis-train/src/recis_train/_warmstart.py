@@ -409,7 +409,7 @@ def _load_table(reader: Any, name: str, entry: tuple[Any, int, Any], optimizer_s
     slots = {
         key.removeprefix("slot."): values for key, values in data.items() if key != "embeddings"
     }
-    table.insert_or_assign(ids, table.full_rows(data["embeddings"], slots), index)
+    table.insert_or_assign(ids, table.full_rows(data["embeddings"], slots), index, counted=False)
 
 
 def warm_start(
