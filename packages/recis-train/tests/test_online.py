@@ -497,6 +497,18 @@ def test_watched_subdirectories_being_written_are_never_read(tmp_path):
         WatchDirectory(watched / "date=01" / "part-0.parquet").ready()
 
 
+def test_a_marker_the_pattern_matches_is_not_a_data_file(tmp_path):
+    # Hive writes 000000_0 without an extension: a loose pattern also matches a marker that
+    # is not hidden by a leading "_".
+    watched = tmp_path / "watched"
+    write_hour(watched / "hour=00" / "000000_0", 0)
+    (watched / "hour=00" / "DONE").touch()
+    source = WatchDirectory(watched, pattern="*", marker="DONE")
+    assert [[Path(f).relative_to(watched).as_posix() for f in w] for w in source.ready()] == [
+        ["hour=00/000000_0"]
+    ]
+
+
 def test_one_file_named_two_ways_is_trained_once(tmp_path, hours, monkeypatch):
     monkeypatch.chdir(tmp_path)
     relative = str(Path(hours[0]).relative_to(tmp_path))

@@ -44,7 +44,8 @@ class WindowResult:
 
     Attributes:
         index: the window's position among all windows trained (0 first), across restarts.
-        files: the window's files, as the source named them.
+        files: the window's files as absolute paths, less those an earlier window already
+            trained (a file is trained once).
         metrics: evaluation of the model on this window *before* training on it (``{}`` when
             skipped: the first window of an untrained model, see ``evaluate_untrained``).
         train: ``loss`` (mean over the window's steps), ``steps`` and ``samples``.

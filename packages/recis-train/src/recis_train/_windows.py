@@ -29,7 +29,8 @@ class WatchDirectory:
         pattern: glob of data files, relative to ``directory`` (or to a window's subdirectory).
         marker: ``None``: each new data file is a window. A name (e.g. ``"_SUCCESS"``): each
             subdirectory holding a file of that name is a window of all its data files (an
-            hourly partition a writer marks complete); unmarked subdirectories wait.
+            hourly partition a writer marks complete); unmarked subdirectories wait. The marker
+            itself is never read, even where ``pattern`` matches it.
         poll_interval: seconds between looks when nothing new is there.
         idle_timeout: stop after this many seconds without a new window (``None``: keep
             watching until ``max_windows``).
@@ -71,7 +72,9 @@ class WatchDirectory:
         for d in parts:
             if not (d / self.marker).is_file():
                 continue
-            files = _data_files(d, self.pattern)
+            # The marker is bookkeeping, never data, whatever the pattern matches (a loose
+            # "*" for Hive's 000000_0 would take a marker named DONE).
+            files = [p for p in _data_files(d, self.pattern) if p != d / self.marker]
             if not files and d not in self._reported:
                 # Marked complete, yet nothing to read: most likely a pattern that does not fit
                 # the writer's file names (Hive writes 000000_0 without an extension).
