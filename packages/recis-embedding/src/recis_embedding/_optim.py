@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recis_embedding._numbers import plain
-from recis_embedding._sharding import awaiting_backward
+from recis_embedding._sharding import awaiting_backward, handed_over
 from recis_embedding._table import HashTable
 from recis_embedding.exceptions import OptimizerError
 from recis_kernels import (
@@ -530,7 +530,8 @@ def _with_gradient(pending: list[Any]) -> dict[int, bool]:
             local.append(float(p.leaf.grad is not None))
             local.extend(float(u.reached) for u in p.uses or ())
         flags = torch.tensor(local, device=sharded[0].leaf.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
+        with handed_over(flags):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=sharded[0].exchange.group)
         at, merged = 0, flags.tolist()
         for p in sharded:
             got = merged[at] > 0

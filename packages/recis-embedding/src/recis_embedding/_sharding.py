@@ -16,7 +16,9 @@ Every rank must run the same sequence of lookups and optimizer steps (as with DD
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import pickle
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,48 @@ if dist.is_available():
     # here, before a training script creates its group, the defaults bind no group.
     import torch.distributed.nn.functional
 
-__all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward"]
+__all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward", "handed_over"]
+
+# The tensors of finished collectives that the backend may still hold, each with its use count
+# before the collective (see handed_over).
+_handed: list[tuple[torch.Tensor, int]] = []
+_handed_lock = threading.Lock()
+# Tensor._use_count (the C++ references to a tensor) is private torch API, there from 2.6 on.
+_COUNTS_USES = hasattr(torch.Tensor, "_use_count")
+
+
+@contextlib.contextmanager
+def handed_over(*tensors: torch.Tensor) -> Iterator[None]:
+    """Context for a blocking collective over ``tensors``: they stay referenced from Python
+    until the backend has let go of them.
+
+    Gloo runs a collective on a worker thread of the group, which signals completion first and
+    drops its references to the tensors afterwards. A tensor whose Python object is freed
+    before that is left to the worker thread to free, and freeing it takes the GIL. Should the
+    program destroy the process group meanwhile (the end of a step, then
+    ``dist.destroy_process_group()``), the group's destructor, which runs with the GIL held on
+    torch releases that do not shut the backend down first, waits for that worker thread: a
+    deadlock. Kept here instead, such a tensor is released by a later collective (or at exit)
+    once the worker thread has let go of it.
+    """
+    if not _COUNTS_USES:  # a torch without the count: nothing to tell, nothing kept
+        yield
+        return
+    _let_go()
+    before = [t._use_count() for t in tensors]
+    try:
+        yield
+    finally:
+        with _handed_lock:
+            _handed.extend(zip(tensors, before, strict=True))
+        _let_go()
+
+
+def _let_go() -> None:
+    """Release the handed-over tensors that no backend holds anymore."""
+    with _handed_lock:
+        if _handed:
+            _handed[:] = [(t, n) for t, n in _handed if t._use_count() > n]
 
 
 @dataclass
@@ -154,15 +197,16 @@ class Exchange:
         """``(U, D)`` per-local-key rows -> ``(R, D)`` rows in the owners' received order."""
         send = local.index_select(0, self.order).contiguous()
         out = local.new_empty(sum(self.recv_splits), *local.shape[1:])
-        dist.all_to_all_single(out, send, self.recv_splits, self.send_splits, group=self.group)
+        with handed_over(out, send):
+            dist.all_to_all_single(out, send, self.recv_splits, self.send_splits, group=self.group)
         return out
 
     def from_owners(self, owned: torch.Tensor, num_local: int) -> torch.Tensor:
         """``(R, D)`` rows read by the owners -> ``(U, D)`` rows in local key order."""
         back = owned.new_empty(num_local, *owned.shape[1:])
-        dist.all_to_all_single(
-            back, owned.contiguous(), self.send_splits, self.recv_splits, group=self.group
-        )
+        send = owned.contiguous()
+        with handed_over(back, send):
+            dist.all_to_all_single(back, send, self.send_splits, self.recv_splits, group=self.group)
         out = torch.empty_like(back)
         out[self.order] = back
         return out
@@ -211,17 +255,36 @@ class ShardContext:
 
     def gather_object(self, item: Any) -> list[Any]:
         """Every rank's ``item`` (picklable), in rank order."""
+        if self.backend == "gloo" or "cpu:gloo" in self.backend:
+            # Host objects go through gloo, with tensors kept until its threads let go of them
+            # (see handed_over), which ``dist.all_gather_object`` frees on return.
+            return self._gather_on_host(item)
         out: list[Any] = [None] * self.world_size
         with self.on_device():
             dist.all_gather_object(out, item, group=self.group)
         return out
+
+    def _gather_on_host(self, item: Any) -> list[Any]:
+        data = torch.frombuffer(bytearray(pickle.dumps(item)), dtype=torch.uint8)
+        sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        sizes[self.rank] = data.numel()
+        with handed_over(sizes):
+            dist.all_reduce(sizes, group=self.group)
+        lengths = sizes.tolist()
+        # Each rank fills its own row, zeros elsewhere: the sum is every rank's bytes.
+        rows = torch.zeros(self.world_size, max(lengths), dtype=torch.uint8)
+        rows[self.rank, : data.numel()] = data
+        with handed_over(rows):
+            dist.all_reduce(rows, group=self.group)
+        return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(lengths)]
 
     def failed_ranks(self, failed: bool, device: torch.device) -> list[int]:
         """The ranks that report ``failed``, agreed by every rank with one small all-reduce
         (a tensor on ``device``, the tables' device)."""
         flags = torch.zeros(self.world_size, device=device)
         flags[self.rank] = float(failed)
-        dist.all_reduce(flags, group=self.group)
+        with handed_over(flags):
+            dist.all_reduce(flags, group=self.group)
         return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
     def route(
@@ -243,7 +306,8 @@ class ShardContext:
         order = torch.argsort(owner, stable=True)
         counts = torch.bincount(owner, minlength=self.world_size)
         recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self.group)
+        with handed_over(recv, counts):
+            dist.all_to_all_single(recv, counts, group=self.group)
         ex = Exchange(order, counts.tolist(), recv.tolist(), self.group)
         packed = torch.stack([keys, tabs.to(torch.int64), uses.to(torch.int64)], dim=1)
         served = ex.to_owners(packed)
@@ -292,6 +356,7 @@ def awaiting_backward(pending: list[Pending]) -> list[Pending]:
         flags = torch.tensor(
             [p.leaf.grad is None for p in sharded], dtype=torch.int32, device=sharded[0].leaf.device
         )
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        with handed_over(flags):
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
         waiting.update(id(p) for p, w in zip(sharded, flags.tolist(), strict=True) if w)
     return [p for p in fresh if id(p) in waiting]
