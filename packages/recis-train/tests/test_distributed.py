@@ -25,7 +25,14 @@ from _spawn import spawn_ranks
 from _toy import TableModel, make_rows
 
 import recis_embedding as emb
-from recis_train import LoggingHook, ProfilerHook, Trainer, TrainingArguments, seed_everything
+from recis_train import (
+    Hook,
+    LoggingHook,
+    ProfilerHook,
+    Trainer,
+    TrainingArguments,
+    seed_everything,
+)
 from recis_train.exceptions import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.skipif(
@@ -118,6 +125,17 @@ class FailingData:
             yield batch
 
 
+class StopAfter(Hook):
+    """Asks the trainer to stop after step ``step``, where ``here`` (on one rank, say)."""
+
+    def __init__(self, step: int, here: bool) -> None:
+        self.step, self.here = step, here
+
+    def on_step_end(self, trainer: Trainer, logs) -> None:
+        if self.here and trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 def error_of(call) -> tuple[str, str] | None:
     """The type name and message of what ``call()`` raised, or ``None``."""
     try:
@@ -166,6 +184,15 @@ def _worker(rank: int, root: str) -> None:
         result["restored_step"] = resumed.global_step
         resumed.train()
         result["resumed"] = snapshot(resumed)
+
+        # A hook on rank 1 alone asks to stop after step 2: both ranks stop there, rank 0's
+        # checkpoint records the stop, and the same run started again trains no further.
+        stopping = build(out / "stop", train, evals, shard=True)
+        stopping.hooks.append(StopAfter(2, rank == 1))
+        stopping.train()
+        again = build(out / "stop", train, evals, shard=True)
+        again.train()
+        result["stop"] = (stopping.global_step, stopping.should_stop, again.global_step)
 
         # Rank 1's data fails at its third training batch, then at its second evaluation batch.
         # The failures leave no reference cycle through their errors: dropped, the trainer
@@ -220,6 +247,11 @@ def assert_same_training(got: list[dict], expected: dict) -> None:
     assert torch.equal(ids[order], expected["ids"])
     assert set(got[0]["ids"].tolist()).isdisjoint(got[1]["ids"].tolist())
     torch.testing.assert_close(rows[order], expected["rows"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stop_asked_on_one_rank_stops_all_and_is_recorded(ranks):
+    _, results = ranks
+    assert [r["stop"] for r in results] == [(2, True, 2), (2, True, 2)]
 
 
 def test_ranks_stop_together_when_one_runs_out(ranks):

@@ -141,13 +141,25 @@ class DistributedContext:
         Raises:
             RankFailedError: another rank passed an ``error`` (see :meth:`fail_together`).
         """
-        lowest, failed = self.reduce([-count, float(error is not None)], "max")
+        try:
+            return self.agree_step(count, False, error, what)[0]
+        finally:
+            del error  # see fail_together
+
+    def agree_step(
+        self, count: int, stop: bool, error: Exception | None = None, what: str = ""
+    ) -> tuple[int, bool]:
+        """:meth:`agree_count`, and whether any rank's hooks asked to stop (``stop``): in one
+        collective, so that every rank stops, and records the stop, when one asked to."""
+        lowest, failed, stopped = self.reduce(
+            [-count, float(error is not None), float(stop)], "max"
+        )
         if failed:
             try:
                 self.fail_together(error, what)
             finally:
                 del error  # see fail_together
-        return int(-lowest)
+        return int(-lowest), bool(stopped)
 
     def fail_together(self, error: Exception | None, what: str) -> None:
         """Raise on every rank after one or more ranks failed (a collective call).

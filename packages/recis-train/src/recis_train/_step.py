@@ -96,11 +96,19 @@ class StepMixin:
         except Exception as err:
             error = err
         try:
-            agreed = self.distributed.agree_count(
-                len(micro), error, f"reading the training data for step {self.global_step + 1}"
+            agreed, stopped = self.distributed.agree_step(
+                len(micro),
+                self.should_stop,
+                error,
+                f"reading the training data for step {self.global_step + 1}",
             )
         finally:
             del error  # see DistributedContext.fail_together
+        if stopped:
+            # A hook of one rank asked to stop: every rank stops, and their checkpoints (rank
+            # 0 writes the trainer state) record the stop.
+            self.should_stop = True
+            return []
         return micro[:agreed]
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
