@@ -44,6 +44,7 @@ WORLD = 2
 TRAIN_BATCHES = (5, 7)  # uneven shares: rank 1 has two batches more, which nobody trains
 EVAL_BATCHES = (3, 2)  # rank 1 runs out first and repeats its last batch uncounted
 STEPS = min(TRAIN_BATCHES)
+SIZES = (B, 2)  # rows per batch of each rank, where the ranks' batches differ in size
 
 
 class ShardedModel(TableModel):
@@ -185,6 +186,12 @@ def _worker(rank: int, root: str) -> None:
         resumed.train()
         result["resumed"] = snapshot(resumed)
 
+        # Batches of B rows on rank 0 and of 2 on rank 1: each rank's single loss (its mean)
+        # is weighed by its rows, so the ranks train as one process over both ranks' rows.
+        sized = build(out / "sized", batches(rank, 3, SIZES[rank], seed=2), [], shard=True)
+        sized.train()
+        result["sized"] = snapshot(sized)
+
         # A hook on rank 1 alone asks to stop after step 2: both ranks stop there, rank 0's
         # checkpoint records the stop, and the same run started again trains no further.
         stopping = build(out / "stop", train, evals, shard=True)
@@ -270,6 +277,15 @@ def test_two_ranks_train_like_one_process_on_both_shares(ranks, single):
     assert_same_training([r["whole"] for r in results], expected)
     for result in results:
         assert result["whole"]["samples"] == [float(WORLD * B)] * STEPS
+
+
+def test_a_single_loss_over_batches_of_different_sizes_trains_like_one_process(ranks, tmp_path):
+    _, results = ranks
+    trainer = build(
+        tmp_path, merged([batches(r, 3, SIZES[r], seed=2) for r in range(WORLD)]), [], shard=False
+    )
+    trainer.train()
+    assert_same_training([r["sized"] for r in results], snapshot(trainer))
 
 
 def test_gradient_accumulation_matches_one_process(ranks, tmp_path):

@@ -127,7 +127,7 @@ class StepMixin:
             with self._sync(index == len(micro) - 1):
                 with self._autocast():
                     out = parse_output(forward(batch))
-                kept = _task_rows(out)
+                kept = _task_rows(out, batch)
                 union = self._check_finite(out, index, len(micro), cursor, kept)
                 if not out.loss.requires_grad:
                     self._zero_grad()
@@ -308,11 +308,13 @@ class StepMixin:
         return self._tables
 
 
-def _task_rows(out: StepOutput) -> dict[str, int]:
+def _task_rows(out: StepOutput, batch: Any) -> dict[str, int]:
     """Per-task losses with labels: task -> rows its loss is the mean over (the kept rows of
-    a task that leaves rows out, see :class:`~recis_train.Task`). Empty for a single loss."""
+    a task that leaves rows out, see :class:`~recis_train.Task`). A single loss is the mean
+    over its labels, else over the batch's rows."""
     if len(out.losses) == 1 and "loss" in out.losses:
-        return {}
+        labels = next(iter(out.labels.values()), None)
+        return {"loss": labels.numel() if labels is not None else batch_rows(batch)}
     return {task: out.labels[task].numel() for task in out.losses if task in out.labels}
 
 
