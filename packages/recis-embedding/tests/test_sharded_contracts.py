@@ -232,6 +232,44 @@ def test_what_one_rank_refuses_or_skips_every_rank_does(tmp_path: Path) -> None:
     assert "was refused on rank 1 (CheckpointError: table 'f' has capacity 3" in got[0]["load"]
 
 
+def _mismatch_worker(rank: int, root: str) -> None:
+    _join(rank, root)
+    got: dict[str, object] = {}
+    ids = torch.arange(4)[:, None]
+    declared = {
+        # Options built from a set: the order differs between processes.
+        "order": {"t": EmbeddingOption(2), "z": EmbeddingOption(2)},
+        "dim": {"t": EmbeddingOption(2 + rank), "z": EmbeddingOption(2)},
+    }
+    for case, options in declared.items():
+        if case == "order" and rank == 1:
+            options = dict(reversed(options.items()))
+        model = EmbeddingEngine(options, shard=True)
+        try:
+            model({"t": ids, "z": ids})
+            got[case] = None
+        except ConfigError as exc:
+            got[case] = str(exc)
+    same = EmbeddingEngine({"t": EmbeddingOption(2), "z": EmbeddingOption(2)}, shard=True)
+    got["after"] = tuple(same({"t": ids, "z": ids})["t"].shape)
+    torch.save(got, Path(root) / f"mismatch-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_declaring_other_tables_are_refused_on_every_rank(tmp_path: Path) -> None:
+    mp.spawn(_mismatch_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"mismatch-{r}.pt") for r in range(WORLD)]
+    for r in range(WORLD):
+        assert (
+            "rank 1 declares other tables than rank 0 (tables of rank 0: ['t', 'z']; of "
+            "rank 1: ['z', 't'])" in got[r]["order"]
+        ), r
+        assert "not from a set" in got[r]["order"]
+        assert "physical table 0 is ['t' (dim 2, TruncatedNormal(" in got[r]["dim"], r
+        assert "on rank 0 and ['t' (dim 3, " in got[r]["dim"], r
+        assert got[r]["after"] == (4, 2), r
+
+
 def _gloo_threads() -> list[str]:
     """Names of this process's gloo threads (Linux)."""
     names = []

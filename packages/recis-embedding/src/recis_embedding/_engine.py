@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -161,10 +162,69 @@ class EmbeddingEngine(nn.Module):
             self._first_option[name] = option
         if self.shard is not None:
             self.shard.check_devices(self.physical)
+        # Whether the ranks were found to declare the same tables (see _agree_on_tables).
+        self._tables_agreed = False
         self.concat = self._check_concat(concat or {})
         self._masks = self._check_masks()
         # Module-level function (not a bound method): copies and pickles keep the hook.
         self.register_state_dict_pre_hook(warn_tables_not_in_state_dict)
+
+    def _table_layout(self) -> list[tuple[Any, ...]]:
+        """What every rank of a sharded engine must declare alike, in order: each physical
+        table's logical tables (name, dim, dtype, initializer) and what its rows share (capacity,
+        policies, default value, load factor, trainable). The device is left out: each rank
+        has its own."""
+        layout = []
+        for table in self.physical:
+            option = self._first_option[table.names[0]]
+            layout.append(
+                (
+                    tuple(
+                        (name, self._first_option[name].embedding_dim, _described(init))
+                        for name, init in zip(table.names, table.initializers, strict=True)
+                    ),
+                    str(option.dtype),
+                    option.capacity,
+                    _described(option.admission),
+                    _described(option.eviction),
+                    option.default_value,
+                    option.max_load_factor,
+                    option.trainable,
+                )
+            )
+        return layout
+
+    def _agree_on_tables(self) -> None:
+        """Before the first sharded lookup, check (one object gather) that every rank built
+        the engine alike: keys travel between the ranks with their table's position, so ranks
+        whose tables differ in order, name or layout would read and train each other's rows
+        silently, or fail inside a collective with no word of why.
+
+        Raises:
+            ConfigError: on every rank, naming the first rank whose tables differ from rank
+                0's and the first difference.
+        """
+        assert self.shard is not None
+        mine = self._table_layout()
+        layouts = self.shard.gather_object(mine)
+        for rank, layout in enumerate(layouts):
+            if layout == layouts[0]:
+                continue
+            first = next(
+                (i for i, (a, b) in enumerate(zip(layouts[0], layout, strict=False)) if a != b),
+                min(len(layout), len(layouts[0])),
+            )
+            theirs = _shown(layout[first]) if first < len(layout) else "missing"
+            ours = _shown(layouts[0][first]) if first < len(layouts[0]) else "missing"
+            raise ConfigError(
+                f"sharded EmbeddingEngine: rank {rank} declares other tables than rank 0 "
+                f"(tables of rank 0: {_names(layouts[0])}; of rank {rank}: {_names(layout)}); "
+                f"physical table {first} is [{ours}] on rank 0 and [{theirs}] on rank {rank}. "
+                "Every rank must build the engine with the same options in the same order "
+                "(build them from a sorted list of features, not from a set, whose order "
+                "differs between processes)"
+            )
+        self._tables_agreed = True
 
     def _check_concat(self, concat: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -310,6 +370,8 @@ class EmbeddingEngine(nn.Module):
                 "call the engine outside the checkpointed function and checkpoint the dense "
                 "layers only"
             )
+        if self.shard is not None and not self._tables_agreed:
+            self._agree_on_tables()
         made = [k for k in batch if k in self.concat or k in self._masks]
         if made:
             raise InputError(
@@ -669,3 +731,27 @@ def logical_tables(model: nn.Module) -> dict[str, tuple[HashTable, int]]:
             tables.setdefault(name, entry)
             where.setdefault(name, path)
     return tables
+
+
+def _described(thing: Any) -> str | None:
+    """A policy or initializer as every process describes it: a dataclass by its fields, any
+    other object by its class (its default repr would hold a per-process address)."""
+    if thing is None:
+        return None
+    if dataclasses.is_dataclass(thing):
+        return repr(thing)
+    return type(thing).__qualname__
+
+
+def _names(layout: list[tuple[Any, ...]]) -> list[str]:
+    return [name for table in layout for name, _, _ in table[0]]
+
+
+def _shown(table: tuple[Any, ...]) -> str:
+    """One physical table of `EmbeddingEngine._table_layout`, in words."""
+    logical, dtype, capacity, admission, eviction, default, load, trainable = table
+    names = ", ".join(f"{name!r} (dim {dim}, {init})" for name, dim, init in logical)
+    return (
+        f"{names}; {dtype}, capacity {capacity}, admission {admission}, eviction {eviction}, "
+        f"default value {default}, max load factor {load}, trainable {trainable}"
+    )
