@@ -238,3 +238,18 @@ def test_kernels_round_as_the_torch_path(request, monkeypatch, mode):
             rk.segment_reduce(r, offsets, weights, mode=mode, tile_len=tile).backward(grad)
             got.append(r.grad)
     assert torch.equal(got[1], got[0])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "tile"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_zero_width_rows_have_zero_width_gradients(mode, weighted):
+    rows = torch.zeros(4, 0, requires_grad=True)
+    weights = torch.ones(4, requires_grad=True) if weighted else None
+    tile_len = 3 if mode == "tile" else None
+    out = rk.segment_reduce(rows, torch.tensor([0, 2, 4]), weights, mode, tile_len)
+    assert out.shape == (2, 0)
+    out.sum().backward()
+    assert rows.grad is not None
+    assert rows.grad.shape == (4, 0)
+    if weighted:
+        assert torch.equal(weights.grad, torch.zeros(4))

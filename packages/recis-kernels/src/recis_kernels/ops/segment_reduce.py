@@ -175,7 +175,9 @@ def _backward_cpu(grad, offsets, weights, mode, tile_len, num_rows):
         out = grad.new_zeros(num_rows, d)
         pos = torch.arange(num_rows, device=grad.device) - offsets[seg]
         m = pos < tile_len
-        out[m] = (grad.view(-1, tile_len, d)[seg[m], pos[m]].to(acc) * w[m, None]).to(grad.dtype)
+        out[m] = (grad.view(grad.shape[0], tile_len, d)[seg[m], pos[m]].to(acc) * w[m, None]).to(
+            grad.dtype
+        )
         return out
     if mode == "sum":
         return (grad[seg].to(acc) * w[:, None]).to(grad.dtype)
@@ -321,7 +323,7 @@ def _weight_grad(grad, rows, offsets, weights, out, mode, tile_len):
         pos = torch.arange(n, device=rows.device) - offsets[seg]
         m = pos < tile_len
         g = torch.zeros_like(rows)
-        g[m] = grad.view(-1, tile_len, d)[seg[m], pos[m]]
+        g[m] = grad.view(grad.shape[0], tile_len, d)[seg[m], pos[m]]
         return (g * rows).sum(1)
     ge = (grad[seg] * rows).sum(1)
     if mode == "sum":
