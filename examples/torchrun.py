@@ -76,10 +76,16 @@ def ensure_data(out: Path, train_rows: int, eval_rows: int) -> None:
 
 
 def reader(out: Path, split: str, batch_size: int, *, shuffle: bool) -> recis_io.Dataset:
-    """This rank's shard of a split: rank and world size come from torch.distributed."""
+    """This rank's shard of a split: rank and world size come from torch.distributed. The
+    evaluation's shards take every row (even_shards=False), so its AUC is over all of them."""
     columns = [recis_io.Column(c, fill=0.0) for c in DENSE] + [*SPARSE, "seq", "label"]
     return recis_io.Dataset(
-        out / "data" / split, batch_size=batch_size, columns=columns, shuffle=shuffle, seed=0
+        out / "data" / split,
+        batch_size=batch_size,
+        columns=columns,
+        shuffle=shuffle,
+        seed=0,
+        even_shards=split != "eval",
     )
 
 

@@ -148,9 +148,10 @@ def _ids(ds: Any) -> list[list[int]]:
     window=st.integers(1, 50),
     drop_last=st.booleans(),
     world=st.integers(1, 3),
+    even=st.booleans(),
 )
 def test_each_epoch_reads_every_row_once(
-    written, spec, batch, shuffle, seed, window, drop_last, world
+    written, spec, batch, shuffle, seed, window, drop_last, world, even
 ) -> None:
     paths, expected = written(spec)
     total = len(expected)
@@ -168,6 +169,7 @@ def test_each_epoch_reads_every_row_once(
             world_size=world,
             num_threads=2,
             epochs=2,
+            even_shards=even,
         )
         batches = list(ds)
         got = [b["id"].tolist() for b in batches]
@@ -178,7 +180,8 @@ def test_each_epoch_reads_every_row_once(
         epoch0 = got[:per_epoch]
         # Every batch is full but the last of an epoch (dropped by drop_last).
         assert all(len(b) == batch for b in epoch0[:-1])
-        shard = total // world
+        # Uneven shards: the first total % world ranks read a row more.
+        shard = total // world + (not even and rank < total % world)
         kept = shard - shard % batch if drop_last else shard
         assert sum(map(len, epoch0)) == kept
         per_rank.append(_flat(epoch0))
@@ -197,6 +200,7 @@ def test_each_epoch_reads_every_row_once(
                     world_size=world,
                     num_threads=1,
                     epochs=2,
+                    even_shards=even,
                 )
             )
             == got
@@ -211,6 +215,7 @@ def test_each_epoch_reads_every_row_once(
             drop_last=drop_last,
             rank=rank,
             world_size=world,
+            even_shards=even,
         )
         one.set_epoch(1)
         assert _ids(one) == got[per_epoch:]
@@ -225,6 +230,7 @@ def test_each_epoch_reads_every_row_once(
                 rank=rank,
                 world_size=world,
                 epochs=2,
+                even_shards=even,
             )
             assert _flat(_ids(other)) == _flat(got)
         if shuffle and window >= 8 and kept >= 8:
@@ -235,10 +241,11 @@ def test_each_epoch_reads_every_row_once(
     assert len(everything) == len(set(everything))
     assert set(everything) <= set(expected)
     if not drop_last:
-        assert len(everything) == total - total % world
+        assert len(everything) == (total - total % world if even else total)
         if not shuffle:  # in file order the unread remainder is the data's tail
-            assert sorted(everything) == list(range(total - total % world))
-    assert len({len(ids) for ids in per_rank}) == 1
+            assert sorted(everything) == list(range(len(everything)))
+    if even:
+        assert len({len(ids) for ids in per_rank}) == 1
 
 
 @SETTINGS
@@ -255,6 +262,7 @@ def test_each_epoch_reads_every_row_once(
     cut=st.floats(0, 1),
     threads=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     prefetch=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    even=st.booleans(),
 )
 def test_resume_continues_with_exactly_the_rest(
     written,
@@ -270,9 +278,10 @@ def test_resume_continues_with_exactly_the_rest(
     cut,
     threads,
     prefetch,
+    even,
 ) -> None:
     paths, expected = written(spec)
-    rank = world - 1
+    rank = (world - 1) if even else 0  # uneven: rank 0 may read a row more
 
     def make(which: int) -> Dataset:
         ds = Dataset(
@@ -288,6 +297,7 @@ def test_resume_continues_with_exactly_the_rest(
             epochs=epochs,
             num_threads=threads[which],
             prefetch=prefetch[which],
+            even_shards=even,
         )
         ds.set_epoch(first_epoch)
         return ds
@@ -355,6 +365,44 @@ def test_a_state_of_another_batch_size_is_refused(written) -> None:
     same = Dataset(paths, batch_size=10, columns=["id"], drop_last=True)
     same.load_state_dict(state)
     assert _ids(same) == []
+
+
+def test_a_state_of_other_shards_is_refused_and_older_states_had_even_shards(written) -> None:
+    # 10 rows over 3 ranks: uneven, rank 0 reads rows 0..3; even, rows 0..2.
+    paths, _ = written([("parquet", 10, 5)])
+
+    def make(even: bool) -> Dataset:
+        return Dataset(
+            paths, batch_size=2, columns=["id"], rank=0, world_size=3, even_shards=even
+        )
+
+    ds = make(False)
+    assert _ids(ds) == [[0, 1], [2, 3]]
+    assert ds.batches_per_epoch() == 2
+    assert make(True).batches_per_epoch() == 2
+    assert _ids(make(True)) == [[0, 1], [2]]
+    ds = make(False)
+    it = iter(ds)
+    next(it)
+    state = json.loads(json.dumps(ds.state_dict()))
+    assert state["even_shards"] is False
+    with pytest.raises(
+        InvalidArgumentError, match="state has even_shards=False, this dataset has True"
+    ):
+        make(True).load_state_dict(state)
+    resumed = make(False)
+    resumed.load_state_dict(state)
+    assert _ids(resumed) == [[2, 3]]
+    # A state from before the option (no even_shards) was taken on even shards.
+    even = make(True)
+    it = iter(even)
+    next(it)
+    old = {k: v for k, v in even.state_dict().items() if k != "even_shards"}
+    with pytest.raises(InvalidArgumentError, match="state has even_shards=True"):
+        make(False).load_state_dict(old)
+    resumed = make(True)
+    resumed.load_state_dict(old)
+    assert _ids(resumed) == [[2]]
 
 
 def test_a_state_of_another_drop_last_is_refused(written) -> None:
@@ -480,14 +528,18 @@ def _at(ds: Dataset, epoch: int) -> Dataset:
     drop_last=st.booleans(),
     world=st.integers(1, 3),
     workers=st.integers(1, 2),
+    even=st.booleans(),
 )
 def test_dataloader_workers_split_each_epoch_exactly_once(
-    written, spec, batch, shuffle, drop_last, world, workers
+    written, spec, batch, shuffle, drop_last, world, workers, even
 ) -> None:
     paths, expected = written(spec)
     shards = world * workers
-    per_shard = len(expected) // shards
-    kept = per_shard - per_shard % batch if drop_last else per_shard
+
+    def kept(shard: int) -> int:
+        rows = len(expected) // shards + (not even and shard < len(expected) % shards)
+        return rows - rows % batch if drop_last else rows
+
     seen: list[int] = []
     for rank in range(world):
         ds = Dataset(
@@ -501,6 +553,7 @@ def test_dataloader_workers_split_each_epoch_exactly_once(
             rank=rank,
             world_size=world,
             num_threads=1,
+            even_shards=even,
         )
         ds.set_epoch(1)
         loader = DataLoader(
@@ -511,10 +564,12 @@ def test_dataloader_workers_split_each_epoch_exactly_once(
             _check_values(b, expected)
         assert len(batches) == ds.batches_per_epoch(num_workers=workers)
         ids = [i for b in batches for i in b["id"].tolist()]
-        assert len(ids) == workers * kept
+        assert len(ids) == sum(kept(rank * workers + w) for w in range(workers))
         seen += ids
     assert len(seen) == len(set(seen))
     assert set(seen) <= set(expected)
+    if even is False and not drop_last:
+        assert sorted(seen) == sorted(expected)
 
 
 def test_a_state_taken_after_set_epoch_starts_that_epoch(written) -> None:

@@ -39,6 +39,7 @@ fn options(batch: usize, shuffle: bool, shard: usize, shards: usize, threads: us
             window: 8,
             shard,
             shards,
+            even: true,
         },
         epochs: 1,
         pack: false,

@@ -88,6 +88,7 @@ fn in_order(batch: usize, threads: usize) -> Options {
             window: 8,
             shard: 0,
             shards: 1,
+            even: true,
         },
         epochs: 1,
         pack: false,

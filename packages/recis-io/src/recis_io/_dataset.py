@@ -150,7 +150,10 @@ class Dataset(IterableDataset):
     ``n = total_rows // S``. Shards are therefore disjoint,
     equally sized (every rank sees the same number of batches), and together cover the data
     except the last ``total_rows % S`` rows of each epoch's order (with shuffle these differ
-    from epoch to epoch). With ``shuffle`` the shard's rows are also permuted within windows of
+    from epoch to epoch). With ``even_shards=False`` the first ``total_rows % S`` shards take
+    one row more instead, so that the shards cover every row (for an evaluation, whose metrics
+    should count every row; ranks then may see different numbers of batches, which
+    recis-train's evaluation handles). With ``shuffle`` the shard's rows are also permuted within windows of
     ``shuffle_window`` rows. Under a ``DataLoader`` with workers, shards are
     ``rank * num_workers + worker_id`` out of ``world_size * num_workers``.
 
@@ -185,6 +188,9 @@ class Dataset(IterableDataset):
             ``RANK`` environment variable, else 0).
         world_size: Number of ranks (same defaults, ``WORLD_SIZE``, else 1).
         epochs: Passes over the data per iteration.
+        even_shards: Every shard ``total_rows // S`` rows, the remainder left out (the
+            default); ``False``: the first ``total_rows % S`` shards one row more, so every
+            row is read (a bool).
         device: ``"cpu"``; ``"pinned"`` (page-locked buffers when CUDA is available, plain
             CPU memory otherwise); or ``"cuda"``/``"cuda:N"`` (pinned buffers, each batch
             moved with one non-blocking copy). In ``DataLoader`` workers only ``"cpu"``
@@ -226,6 +232,7 @@ class Dataset(IterableDataset):
         world_size: int | None = None,
         epochs: int = 1,
         device: str | torch.device = "cpu",
+        even_shards: bool = True,
     ) -> None:
         super().__init__()
         self.batch_size = _positive("batch_size", batch_size)
@@ -240,6 +247,7 @@ class Dataset(IterableDataset):
         self.seed = seed
         self.drop_last = _flag("drop_last", drop_last)
         self.shuffle = _flag("shuffle", shuffle)
+        self.even_shards = _flag("even_shards", even_shards)
         self.rank, self.world_size = _rank_world(rank, world_size)
         self._device_kind, self._device = _device_kind(device)
         self.columns = _as_columns(columns)
@@ -292,6 +300,7 @@ class Dataset(IterableDataset):
             prefetch=self.prefetch,
             # Batches in reader-owned CPU memory can be decoded chunks themselves.
             pack=self._device_kind == "cpu" or not torch.cuda.is_available(),
+            even=self.even_shards,
         )
 
     @property
@@ -309,7 +318,8 @@ class Dataset(IterableDataset):
         )
 
     def batches_per_epoch(self, num_workers: int = 0) -> int:
-        """Batches this rank yields per epoch (the same on every rank).
+        """Batches this rank yields per epoch (the same on every rank, unless
+        ``even_shards=False`` gives some shards a row more).
 
         Args:
             num_workers: The ``num_workers`` of the ``DataLoader`` that reads this dataset:
@@ -323,14 +333,22 @@ class Dataset(IterableDataset):
         """
         workers = _positive("num_workers", num_workers, minimum=0, maximum=_MAX_THREADS)
         if get_worker_info() is not None:
-            workers = 1
+            return -(-self._epoch_rows(*self._current_shard()) // self.batch_size)
         workers = max(1, workers)
-        rows = self._epoch_rows(self._current_shard()[1] * workers)
-        return workers * -(-rows // self.batch_size)
+        shards = self.world_size * workers
+        return sum(
+            -(-self._epoch_rows(self.rank * workers + w, shards) // self.batch_size)
+            for w in range(workers)
+        )
 
-    def _epoch_rows(self, shards: int) -> int:
+    def _shard_rows(self, shard: int, shards: int) -> int:
+        """Rows of one epoch of shard ``shard`` of ``shards``."""
+        rows, extra = divmod(self.total_rows, shards)
+        return rows + (shard < extra and not self.even_shards)
+
+    def _epoch_rows(self, shard: int, shards: int) -> int:
         # Rows of one epoch of a shard that are read (drop_last drops the last partial batch).
-        rows = self.total_rows // shards
+        rows = self._shard_rows(shard, shards)
         return rows - rows % self.batch_size if self.drop_last else rows
 
     def __getstate__(self) -> dict[str, Any]:
@@ -374,7 +392,7 @@ class Dataset(IterableDataset):
         epoch = int(self._next_first)
         return None if epoch < 0 else epoch
 
-    def _next_pass(self, shards: int) -> tuple[int, tuple[int, int]]:
+    def _next_pass(self, shard: int, shards: int) -> tuple[int, tuple[int, int]]:
         """The first epoch and the cursor of the next pass.
 
         The epoch ``set_epoch`` set wins over a loaded state's, whichever came first: a
@@ -387,7 +405,7 @@ class Dataset(IterableDataset):
             return first, (first, 0)
         loaded_first, epoch, row = self._resume
         first = loaded_first if set_to is None else set_to
-        if epoch + 1 == first and row >= self._epoch_rows(shards):
+        if epoch + 1 == first and row >= self._epoch_rows(shard, shards):
             # A state taken after the last batch of epoch e is where epoch e + 1 starts: an
             # epoch loop that checkpoints after each pass resumes with set_epoch(e + 1).
             return first, (first, 0)
@@ -434,7 +452,7 @@ class Dataset(IterableDataset):
                 "DataLoader worker's); load each worker's own state in that worker, as "
                 "torchdata's StatefulDataLoader does"
             )
-        first, start = self._next_pass(shards)
+        first, start = self._next_pass(shard, shards)
         end = first + self.epochs
         reader = self._take_reader(shard, shards)
         reader.set_end_epoch(end)
@@ -461,7 +479,7 @@ class Dataset(IterableDataset):
         if self._resume is not None or self._epoch_set:
             # A loaded state, or set_epoch(e) after the last pass: where the next pass starts.
             try:
-                first, (epoch, row) = self._next_pass(shard[1])
+                first, (epoch, row) = self._next_pass(*shard)
             except InvalidArgumentError:
                 # The loaded state does not fit the epoch set: it is still what was loaded.
                 first, epoch, row = self._resume  # type: ignore[misc]
@@ -479,6 +497,7 @@ class Dataset(IterableDataset):
             "shuffle": self.shuffle,
             "seed": self.seed,
             "shuffle_window": self.shuffle_window,
+            "even_shards": self.even_shards,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -527,13 +546,17 @@ class Dataset(IterableDataset):
             # free to change then.
             expected["seed"] = self.seed
             expected["shuffle_window"] = self.shuffle_window
+        # The shards' slices of the epoch differ with even_shards (states from before it was an
+        # option had even shards).
+        got = {**state, "even_shards": state.get("even_shards", True)}
+        expected["even_shards"] = self.even_shards
         for key, value in expected.items():
-            if state.get(key) != value:
-                raise InvalidArgumentError(_mismatch(key, state.get(key), value))
+            if got.get(key) != value:
+                raise InvalidArgumentError(_mismatch(key, got.get(key), value))
         epoch, row = state.get("epoch"), state.get("row")
         if not (_cursor_int(epoch) and _cursor_int(row) and epoch <= _MAX_EPOCH):
             raise InvalidArgumentError(f"state has invalid cursor epoch={epoch!r} row={row!r}")
-        if row > self.total_rows // shards:
+        if row > self._shard_rows(shard, shards):
             raise InvalidArgumentError(f"state row {row} is past the end of the shard")
         first = state.get("first_epoch", 0)
         if not (_cursor_int(first) and first <= epoch):

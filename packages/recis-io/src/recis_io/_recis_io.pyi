@@ -42,6 +42,7 @@ class Reader:
         num_threads: int,
         prefetch: int,
         pack: bool = False,
+        even: bool = True,
     ) -> Reader: ...
     def schema(self) -> list[tuple[str, str, int, int, str]]:
         """``(name, dtype, fixed width or 0, ragged levels, text kind)`` per output column."""

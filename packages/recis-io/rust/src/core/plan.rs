@@ -36,6 +36,10 @@ pub struct Sharding {
     pub window: usize,
     pub shard: usize,
     pub shards: usize,
+    /// Every shard `total / shards` rows (the last `total % shards` rows of the epoch's order
+    /// left out), or the first `total % shards` shards one row more, so the shards cover
+    /// every row.
+    pub even: bool,
 }
 
 /// The rows of one shard in one epoch.
@@ -89,8 +93,17 @@ impl Rng {
     }
 }
 
-pub fn rows_per_shard(total: usize, shards: usize) -> usize {
-    total / shards.max(1)
+/// The positions `[lo, hi)` of the epoch's sequence of `total` rows that shard `shard` of
+/// `shards` reads (see [`Sharding::even`]).
+pub fn shard_bounds(total: usize, shard: usize, shards: usize, even: bool) -> (usize, usize) {
+    let shards = shards.max(1);
+    let per = total / shards;
+    if even {
+        return (shard * per, (shard + 1) * per);
+    }
+    let extra = total % shards;
+    let lo = shard * per + shard.min(extra);
+    (lo, lo + per + usize::from(shard < extra))
 }
 
 impl ShardPlan {
@@ -116,8 +129,8 @@ impl ShardPlan {
             let offset = Rng::new(&[cfg.seed, epoch, 3]).below(total as u64) as usize;
             pieces = rotated(&pieces, offset);
         }
-        let per = rows_per_shard(total, cfg.shards);
-        let (lo, hi) = (cfg.shard * per, (cfg.shard + 1) * per);
+        let (lo, hi) = shard_bounds(total, cfg.shard, cfg.shards, cfg.even);
+        let per = hi - lo;
         let mut segments = Vec::new();
         let mut starts = Vec::new();
         let mut pos = 0;
@@ -287,6 +300,7 @@ mod tests {
                     window: 4,
                     shard,
                     shards: 3,
+                    even: true,
                 };
                 let mut plan = ShardPlan::new(&units, &cfg, 1).unwrap();
                 let rows = global_rows(&mut plan, &units);
@@ -300,6 +314,36 @@ mod tests {
     }
 
     #[test]
+    fn uneven_shards_are_disjoint_and_cover_every_row() {
+        let units = units();
+        for shuffle in [false, true] {
+            let mut all = Vec::new();
+            let mut sizes = Vec::new();
+            for shard in 0..4 {
+                let cfg = Sharding {
+                    shuffle,
+                    seed: 7,
+                    window: 4,
+                    shard,
+                    shards: 4,
+                    even: false,
+                };
+                let mut plan = ShardPlan::new(&units, &cfg, 1).unwrap();
+                let rows = global_rows(&mut plan, &units);
+                sizes.push(rows.len());
+                all.extend(rows);
+            }
+            assert_eq!(sizes, vec![7, 7, 6, 6]); // 26 rows: 2 shards one row more
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(all, (0..26).collect::<Vec<_>>());
+        }
+        assert_eq!(shard_bounds(5, 4, 8, false), (4, 5)); // more shards than rows
+        assert_eq!(shard_bounds(5, 5, 8, false), (5, 5));
+        assert_eq!(shard_bounds(26, 1, 3, true), (8, 16));
+    }
+
+    #[test]
     fn shuffle_depends_on_seed_and_epoch_only() {
         let units = units();
         let cfg = Sharding {
@@ -308,6 +352,7 @@ mod tests {
             window: 6,
             shard: 0,
             shards: 1,
+            even: true,
         };
         let a = global_rows(&mut ShardPlan::new(&units, &cfg, 0).unwrap(), &units);
         let b = global_rows(&mut ShardPlan::new(&units, &cfg, 0).unwrap(), &units);
@@ -337,6 +382,7 @@ mod tests {
                     window: 4,
                     shard,
                     shards: 3,
+                    even: true,
                 };
                 let mut plan = ShardPlan::new(&units, &cfg, epoch).unwrap();
                 epoch_rows.extend(global_rows(&mut plan, &units));
@@ -370,6 +416,7 @@ mod tests {
             window: 1,
             shard: 2,
             shards: 2,
+            even: true,
         };
         assert!(ShardPlan::new(&units(), &cfg, 0).is_err());
     }

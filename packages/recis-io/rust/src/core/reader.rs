@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::assemble::{self, BatchLayout, Piece};
 use super::error::{Error, Result};
-use super::plan::{rows_per_shard, ShardPlan, Sharding};
+use super::plan::{shard_bounds, ShardPlan, Sharding};
 use super::pool::Executor;
 use super::ring::{Ring, Slab, SlabRef};
 use super::source::{Packing, Source};
@@ -114,7 +114,9 @@ impl Reader {
 
     /// Rows this shard reads per epoch.
     pub fn shard_rows(&self) -> usize {
-        rows_per_shard(self.source.total_rows(), self.opts.sharding.shards)
+        let s = &self.opts.sharding;
+        let (lo, hi) = shard_bounds(self.source.total_rows(), s.shard, s.shards, s.even);
+        hi - lo
     }
 
     fn epoch_end(&self) -> usize {

@@ -148,7 +148,7 @@ impl Reader {
     #[new]
     #[pyo3(signature = (
         paths, columns, *, batch_size, drop_last, shuffle, seed, window, shard, shards,
-        epochs, num_threads, prefetch, pack = false
+        epochs, num_threads, prefetch, pack = false, even = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -166,6 +166,7 @@ impl Reader {
         num_threads: usize,
         prefetch: usize,
         pack: bool,
+        even: bool,
     ) -> PyResult<Reader> {
         let specs = columns
             .unwrap_or_default()
@@ -187,6 +188,7 @@ impl Reader {
                 window,
                 shard,
                 shards,
+                even,
             },
             epochs,
             threads: num_threads,
