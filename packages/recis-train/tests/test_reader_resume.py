@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from _toy import NUM_DENSE, ToyModel, make_optimizers, make_rows
 
 import recis_io
 from recis_train import Trainer, TrainingArguments, seed_everything
+from recis_train.exceptions import NonFiniteLossError
 
 ROWS = 900
 
@@ -88,3 +90,26 @@ def test_trainer_epochs_read_a_new_order_each_and_resume_exactly(tmp_path):
     assert resumed.global_step == whole.global_step
     for key, value in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_a_nan_loss_names_the_readers_own_epoch_and_row(tmp_path):
+    # The reader runs 2 epochs of 23 batches in the trainer's one: the 30th batch is the 7th
+    # of the reader's second epoch, ending at row 280 of its shard.
+    write_parquet(tmp_path / "data.parquet")
+    trainer = build(tmp_path / "out", tmp_path / "data.parquet")
+    forward = trainer.model.forward
+    calls = []
+
+    def poisoned(batch):
+        calls.append(1)
+        if len(calls) == 30:
+            batch = {**batch, "d0": batch["d0"] * float("nan")}
+        return forward(batch)
+
+    trainer.model.forward = poisoned
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"at step 30 \(epoch 1 of 1, batch 30 of that epoch; the reader's own epoch 2 of "
+        r"that pass, up to row 280 of its shard, micro-batch 1 of 1",
+    ):
+        trainer.train()

@@ -212,9 +212,9 @@ class StepMixin:
         tasks = ", ".join(f"{k} {float(v.detach()):g}" for k, v in out.losses.items())
         where = f" on rank {self.rank}" if self.distributed is not None else ""
         raise NonFiniteLossError(
-            f"loss is {float(out.loss.detach())}{where} at step {self.global_step + 1} (epoch "
-            f"{cursor['epoch'] + 1} of {self.stream.epochs}, batch {cursor['consumed']} of that "
-            f"epoch, micro-batch {index + 1} of {count}; counted from 1); task losses: {tasks}"
+            f"loss is {float(out.loss.detach())}{where} at step {self.global_step + 1} ("
+            f"{_position(cursor, self.stream.epochs)}, micro-batch {index + 1} of {count}; "
+            f"counted from 1); task losses: {tasks}"
         )
 
     def _recorded_index_error(self) -> Exception | None:
@@ -338,3 +338,19 @@ def _union_losses(
     total = sum(out.weights.get(task, 1.0) * value for task, value in losses.items())
     assert isinstance(total, torch.Tensor)
     return losses, total
+
+
+def _position(cursor: Mapping[str, Any], epochs: int) -> str:
+    """Where the batch just taken lies: the trainer's epoch and batch, and for a reader that
+    runs epochs of its own within the trainer's (a recis-io ``Dataset(epochs=n)``, whose state
+    the cursor holds) the reader's epoch and the row of its shard the batch ended at."""
+    where = f"epoch {cursor['epoch'] + 1} of {epochs}, batch {cursor['consumed']} of that epoch"
+    reader = cursor.get("reader")
+    if isinstance(reader, Mapping) and {"epoch", "row", "first_epoch"} <= reader.keys():
+        epoch, first = int(reader["epoch"]), int(reader["first_epoch"])
+        if epoch != first:
+            where += (
+                f"; the reader's own epoch {epoch - first + 1} of that pass, up to row "
+                f"{reader['row']} of its shard"
+            )
+    return where
