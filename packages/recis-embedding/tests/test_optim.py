@@ -493,3 +493,36 @@ def test_ftrl_refuses_a_scheduled_zero_learning_rate_before_updating() -> None:
         opt.step()
     assert torch.equal(e.table.lookup(torch.tensor([1])), before)
     assert torch.isfinite(before).all()
+
+
+def test_an_optimizer_built_again_keeps_rows_state_and_gives_new_rows_its_initial_values():
+    eng = EmbeddingEngine({"f": EmbeddingOption(2)})
+    table, index = eng.table("f")
+    first = SparseAdagrad(eng, lr=0.1, initial_accumulator_value=0.1)
+    eng({"f": torch.tensor([1])})["f"].sum().backward()
+    first.step()
+    first.zero_grad()
+    (row,) = table.find(torch.tensor([1]), index)
+    trained = table.read_slot(row[None], "sum").clone()
+    again = SparseAdagrad(eng, lr=0.1, initial_accumulator_value=5.0)
+    assert torch.equal(table.read_slot(row[None], "sum"), trained)  # kept
+    eng({"f": torch.tensor([7])})["f"].sum().backward()
+    (new,) = table.find(torch.tensor([7]), index)
+    assert table.read_slot(new[None], "sum").tolist() == [[5.0, 5.0]]
+    again.zero_grad()
+
+
+def test_a_tensor_learning_rate_is_saved_as_its_value_and_loads_into_the_tensor(tmp_path):
+    eng = EmbeddingEngine({"f": EmbeddingOption(2)})
+    opt = SparseAdam(eng, lr=torch.tensor(0.01))
+    eng({"f": torch.tensor([1])})["f"].sum().backward()
+    opt.step()
+    opt.zero_grad()
+    opt.param_groups[0]["lr"].fill_(0.02)  # as a scheduler sets it
+    save(tmp_path / "ckpt", eng, opt)
+    other = EmbeddingEngine({"f": EmbeddingOption(2)})
+    rate = torch.tensor(0.5)
+    resumed = SparseAdam(other, lr=rate)
+    load(tmp_path / "ckpt", other, resumed)
+    assert resumed.param_groups[0]["lr"] is rate
+    assert float(rate) == pytest.approx(0.02)

@@ -294,12 +294,24 @@ def _write(
     if sparse_optimizer is not None:
         manifest["optimizer"] = {
             "class": type(sparse_optimizer).__name__,
-            "state": sparse_optimizer.state_dict(),
+            "state": _json_numbers(sparse_optimizer.state_dict()),
         }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for done in written:
         _fsync(done)
+
+
+def _json_numbers(value: Any) -> Any:
+    """``value`` with its tensors as numbers (a one-element tensor) or lists, for the manifest:
+    torch's schedulers take tensor learning rates, which JSON cannot hold."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_numbers(v) for v in value]
+    return value
 
 
 def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -415,7 +415,14 @@ class SparseOptimizer(torch.optim.Optimizer):
                 with other hyperparameters (another sparse optimizer class).
         """
         for mine, saved in zip(self.param_groups, self._checked_groups(state_dict), strict=True):
-            mine.update(saved)
+            for key, value in saved.items():
+                held = mine.get(key)
+                if isinstance(held, torch.Tensor) and held.numel() == 1 and _is_number(value):
+                    # A tensor learning rate (a scheduler's) stays a tensor; checkpoints hold
+                    # its value as a number.
+                    held.fill_(value)
+                else:
+                    mine[key] = value
 
     def _checked_groups(self, state_dict: dict[str, Any]) -> list[dict[str, Any]]:
         """The hyperparameters of each param group of ``state_dict``, checked to fit this
@@ -808,3 +815,7 @@ class SparseFTRL(SparseOptimizer):
             l2=group["l2"],
             beta=group["beta"],
         )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -685,9 +685,12 @@ class HashTable:
         """Lay rows out for optimizer ``kind`` (state columns initialized to ``init``).
 
         Existing rows keep their embeddings; their new state columns take ``init``, and they
-        count as changed for the next delta checkpoint.
+        count as changed for the next delta checkpoint. A later optimizer of the same kind (one
+        built again, say for the next stage) keeps every row's state, and rows inserted from
+        then on start from its ``init``.
         """
         if self.optimizer_kind == kind and list(slots) == self.slots:
+            self._state_init = init.to(torch.float32).clone()
             return
         if self.optimizer_kind is not None:
             raise ConfigError(
