@@ -14,7 +14,7 @@ import importlib.util
 import itertools
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,22 @@ def load_data_module() -> Any:
     return module
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, refused with its flag's name
+    otherwise (``--rows 0`` would otherwise read as "not given")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     """``--small`` (CI size), ``--out DIR``, ``--rows N``, ``--threads N``; adds ``train_rows``,
     ``eval_rows``, ``batch_size`` and ``device`` (CUDA when there is one).
@@ -56,7 +72,9 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--small", action="store_true", help="a small data set (CI)")
     parser.add_argument("--out", default="example-output", help="where data and checkpoints go")
-    parser.add_argument("--rows", type=int, default=None, help="training rows (overrides --small)")
+    parser.add_argument(
+        "--rows", type=at_least(1), default=None, help="training rows (overrides --small)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: 1 with --small)"
     )
@@ -173,3 +191,12 @@ def print_results(title: str, results: Mapping[str, float], keys: Sequence[str])
     width = max(len(k) for k in keys)
     for key in keys:
         print(f"{key:<{width}}  {results[key]:.4f}")
+
+
+def outcome(checks: dict[str, bool]) -> int:
+    """The example's exit status: 0 when every check holds, else 1 after naming the failed
+    ones on stderr (CI runs the examples and reads the status)."""
+    failed = [what for what, held in checks.items() if not held]
+    if failed:
+        print(f"example checks failed: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

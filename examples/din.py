@@ -40,6 +40,7 @@ from _common import (
     dense_matrix,
     feature_engine,
     mlp,
+    outcome,
     parse_args,
     print_results,
     reader,
@@ -154,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"total time {time.perf_counter() - started:.1f}s")
     learned = results["attention on the candidate / others"] > 1.2
-    return 0 if final["click/auc"] > 0.6 and learned else 1
+    return outcome(
+        {
+            f"held-out click AUC {final['click/auc']:.4f} above 0.6": final["click/auc"] > 0.6,
+            "attention on the candidate above 1.2x the others": learned,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from _common import (
     dense_matrix,
     feature_engine,
     mlp,
+    outcome,
     parse_args,
     print_results,
     reader,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = sum(t.stats().rows for t in find_tables(model).values())
     print(f"{trained / busy:,.0f} samples/s in training steps; {rows:,} embedding rows")
     print(f"total time {time.perf_counter() - started:.1f}s")
-    return 0 if final["auc"] > 0.6 else 1
+    return outcome({f"held-out AUC {final['auc']:.4f} above 0.6": final["auc"] > 0.6})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from _common import (
     dense_matrix,
     feature_engine,
     mlp,
+    outcome,
     parse_args,
     print_results,
     reader,
@@ -127,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         share = " ".join(f"{v:.2f}" for v in (sums / sums.sum()).tolist())
         print(f"{task} gate, mean weight per expert: {share}")
     print(f"total time {time.perf_counter() - started:.1f}s")
-    return 0 if min(final[f"{t}/auc"] for t in TASKS) > 0.6 else 1
+    return outcome(
+        {
+            f"held-out {t} AUC {final[f'{t}/auc']:.4f} above 0.6": final[f"{t}/auc"] > 0.6
+            for t in TASKS
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 ``recis_train.MultiStage`` runs the stages one after another on one model, each a full
 ``Trainer`` run with its own data, optimizers, frozen modules, evaluation and checkpoints
-(``<out>/run/<stage>/``); rerunning the command after an interruption skips finished stages and
-resumes the interrupted one.
+(``<out>/run/<stage>/``). This script starts over on every run (it clears ``<out>/run``); a
+``MultiStage`` whose stages resume (``resume=True``, the default) skips finished stages when run
+again and resumes the interrupted one (see the multi-stage guide).
 
 1. ``pretrain``: the embeddings, the shared bottom MLP and the click tower learn the click
    (the reader gives only the ``label`` column, so only the click loss is computed);
@@ -42,6 +43,7 @@ from _common import (
     dense_matrix,
     feature_engine,
     mlp,
+    outcome,
     parse_args,
     reader,
     training_arguments,
@@ -150,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoints under {opts.out / 'run'}; total time {time.perf_counter() - started:.1f}s")
     before, after = results["pretrain"], results["finetune"]
     improved = after["conversion/auc"] > max(before["conversion/auc"], 0.6)
-    return 0 if before["click/auc"] > 0.6 and improved else 1
+    return outcome(
+        {
+            f"pretrain click AUC {before['click/auc']:.4f} above 0.6": before["click/auc"] > 0.6,
+            "finetune conversion AUC above pretrain's and 0.6": improved,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from recis_train import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DENSE, SPARSE, load_data_module
+from _common import DENSE, SPARSE, at_least, load_data_module, outcome
 
 DIM = 8
 
@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small hours (CI)")
     parser.add_argument("--out", default="online-output", help="where data and exports go")
-    parser.add_argument("--hours", type=int, default=None, help="hourly windows to train")
+    parser.add_argument(
+        "--hours",
+        type=at_least(2),
+        default=None,
+        help="hourly windows to train (at least 2: the run stops after half, then resumes)",
+    )
     opts = parser.parse_args(argv)
     out = Path(opts.out)
     hours = opts.hours or (6 if opts.small else 12)
@@ -182,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"full export + deltas load to the live tables: {'yes' if chain_ok else 'NO'}")
     print(f"total time {time.perf_counter() - started:.1f}s")
-    ok = chain_ok and len(results) == hours and aucs[-1] > 0.6
-    return 0 if ok else 1
+    return outcome(
+        {
+            "the export chain loads to the live tables": chain_ok,
+            f"{len(results)} windows trained of {hours}": len(results) == hours,
+            f"last window's AUC {aucs[-1]:.4f} above 0.6": aucs[-1] > 0.6,
+        }
+    )
 
 
 if __name__ == "__main__":

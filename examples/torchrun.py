@@ -37,7 +37,7 @@ from recis_train import LoggingHook, Trainer, TrainingArguments, find_tables, se
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DENSE, load_data_module
+from _common import DENSE, at_least, load_data_module, outcome
 from _common import SPARSE as ALL_SPARSE
 
 SPARSE = ALL_SPARSE[:8]  # a smaller model: 8 categorical fields
@@ -48,7 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a small data set (CI)")
     parser.add_argument("--out", default="torchrun-output", help="data and checkpoints")
-    parser.add_argument("--rows", type=int, default=None, help="training rows (overrides --small)")
+    parser.add_argument(
+        "--rows", type=at_least(1), default=None, help="training rows (overrides --small)"
+    )
     parser.add_argument("--nproc", type=int, default=2, help="ranks when starting itself")
     parser.add_argument("--device", default="cpu", help="'cpu' (gloo) or 'cuda' (NCCL)")
     return parser.parse_args(argv)
@@ -169,7 +171,7 @@ def train(opts: argparse.Namespace) -> int:
         )
         print(f"checkpoint {trainer.checkpoints.latest()} (one table file per rank)")
     dist.destroy_process_group()
-    return 0 if ok else 1
+    return outcome({f"held-out AUC {final['auc']:.4f} above 0.6": ok})
 
 
 def main(argv: list[str] | None = None) -> int:
