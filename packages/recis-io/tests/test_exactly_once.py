@@ -372,9 +372,7 @@ def test_a_state_of_other_shards_is_refused_and_older_states_had_even_shards(wri
     paths, _ = written([("parquet", 10, 5)])
 
     def make(even: bool) -> Dataset:
-        return Dataset(
-            paths, batch_size=2, columns=["id"], rank=0, world_size=3, even_shards=even
-        )
+        return Dataset(paths, batch_size=2, columns=["id"], rank=0, world_size=3, even_shards=even)
 
     ds = make(False)
     assert _ids(ds) == [[0, 1], [2, 3]]
