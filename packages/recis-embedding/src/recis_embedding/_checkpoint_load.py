@@ -395,14 +395,24 @@ def _check_capacities(
 
 
 def _rows_while_loading(
-    chain: list[CheckpointReader], name: str, table: HashTable, index: int, shard: Any
+    chain: list[CheckpointReader],
+    name: str,
+    table: HashTable,
+    index: int,
+    shard: Any,
+    *,
+    keep_rows: bool = False,
 ) -> int:
     """The most rows logical table ``name`` holds (on this rank) while ``chain`` loads: after
-    each checkpoint holding it (a delta erases, then inserts)."""
+    each checkpoint holding it (a full one replaces its rows; a delta erases, then inserts).
+
+    ``keep_rows``: a delta first holding the table applies over the table's rows (as
+    recis-train's ``warm_start`` loads), not in place of them (as :func:`load` does).
+    """
     held = [r for r in chain if name in r.manifest["tables"]]
     # Kept when no checkpoint of the chain holds the table; else the first one holding it
-    # replaces its rows (see _apply), a full checkpoint or a delta.
-    ids = table.ids(index).cpu() if not held else torch.zeros(0, dtype=torch.int64)
+    # replaces its rows (see _apply), a full checkpoint or a delta, unless keep_rows.
+    ids = table.ids(index).cpu() if keep_rows or not held else torch.zeros(0, dtype=torch.int64)
     most = ids.numel()
     for reader in held:
         saved = reader.read(name, "ids")

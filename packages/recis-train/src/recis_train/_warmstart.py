@@ -348,10 +348,12 @@ def _check_capacities(
     """A table with a ``capacity`` (alone in its physical table: the embedding engine fuses
     none) must hold the rows loading gives it (on this rank): checked before anything loads,
     rather than a ``TableFullError`` once other tensors and tables are loaded."""
+    from recis_embedding._checkpoint_load import _rows_while_loading
+
     for target, (name, (table, index, shard)) in tables.items():
         if table.capacity is None:
             continue
-        most = _rows_while_loading(chain, name, table, index, shard)
+        most = _rows_while_loading(chain, name, table, index, shard, keep_rows=True)
         if most > table.capacity:
             label = repr(name) if name == target else f"{name!r} (as {target!r})"
             raise CheckpointError(
@@ -360,27 +362,6 @@ def _check_capacities(
                 f"{' on this rank' if shard is not None else ''}; exclude the table or build "
                 "it with a capacity of at least that"
             )
-
-
-def _rows_while_loading(chain: list[Any], name: str, table: Any, index: int, shard: Any) -> int:
-    """The most rows logical table ``name`` holds (on this rank) while :func:`_load_table`
-    applies ``chain`` to it: a full checkpoint replaces its rows, a delta erases, then
-    inserts."""
-    ids = table.ids(index).cpu()
-    most = ids.numel()
-    for reader in chain:
-        if name not in reader.manifest["tables"]:
-            continue
-        saved = reader.read(name, "ids")
-        if shard is not None:
-            saved = saved[shard.owns(saved.to(table.device)).cpu()]
-        if reader.kind == "full":
-            ids = saved
-        else:
-            erased = reader.read(name, "erased")
-            ids = torch.cat([ids[~torch.isin(ids, erased)], saved]).unique()
-        most = max(most, ids.numel())
-    return most
 
 
 def _load_table(reader: Any, name: str, entry: tuple[Any, int, Any], optimizer_state: bool) -> None:
