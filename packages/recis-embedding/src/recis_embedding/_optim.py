@@ -417,10 +417,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         for mine, saved in zip(self.param_groups, self._checked_groups(state_dict), strict=True):
             for key, value in saved.items():
                 held = mine.get(key)
-                if isinstance(held, torch.Tensor) and held.numel() == 1 and _is_number(value):
+                number = None if isinstance(value, torch.Tensor) else _real(value)
+                if isinstance(held, torch.Tensor) and held.numel() == 1 and number is not None:
                     # A tensor learning rate (a scheduler's) stays a tensor; checkpoints hold
                     # its value as a number.
-                    held.fill_(value)
+                    held.fill_(number)
                 else:
                     mine[key] = value
 
@@ -815,7 +816,3 @@ class SparseFTRL(SparseOptimizer):
             l2=group["l2"],
             beta=group["beta"],
         )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
