@@ -662,10 +662,11 @@ def test_leaving_a_core_to_deferred_work_leaves_other_threads_counts_alone() -> 
         pytest.skip("torch's parallel backend has one thread count for the process")
     torch.set_num_threads(2)
     counts: dict[str, int] = {}
-    inside, read = threading.Event(), threading.Event()
+    split, inside, read = threading.Event(), threading.Event(), threading.Event()
 
     def other_thread() -> None:
         torch.ones(1 << 17).add_(1)  # an op torch splits: the thread takes the count of 2
+        split.set()
         inside.wait(timeout=60)
         counts["other"] = torch.get_num_threads()
         read.set()
@@ -678,6 +679,9 @@ def test_leaving_a_core_to_deferred_work_leaves_other_threads_counts_alone() -> 
 
     worker = threading.Thread(target=other_thread)
     worker.start()
+    # A thread takes torch's process-wide count at its first split op, so the engine (which
+    # lowers that count while it runs) starts only once the other thread has taken its own.
+    assert split.wait(timeout=60)
     features = [
         Feature("seq").select("seq").truncate(40, side="tail"),
         Feature("price").select("price").map(log1p_looked_at),
