@@ -183,14 +183,51 @@ def test_logloss_from_logits_matches_probabilities():
     [
         (AUROC, ([0.1, 0.2], [1]), "preds has 2 elements but labels has 1"),
         (AUROC, ([0.1, float("nan")], [1, 0]), "preds contain nan or inf"),
-        (AUROC, ([0.1, 0.2], [1, 2]), "labels must be 0 or 1, found 2.0"),
+        (AUROC, ([0.1, 0.2], [1, 2]), "labels must be 0 or 1, found 2.0 at 1"),
         (LogLoss, ([1.5], [1]), "preds must be probabilities in [0, 1]"),
         (Calibration, ([0.5], [-1]), "labels must lie in [0, 1]"),
+        (lambda: AUROC("thresholded"), ([0.1, 1.5], [1, 0]), "[0, 1], found 1.5 at 1"),
     ],
 )
 def test_bad_input_is_named(make, args, message):
     with pytest.raises(MetricInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make().update(*args)
+
+
+@pytest.mark.parametrize("source", ["numpy", "tensor"])
+def test_metrics_that_keep_rows_copy_them(source):
+    """Exact AUROC and GAUC keep every row until compute: a caller refilling its buffers (a
+    float64 / int64 batch buffer reused per step, as their dtypes need no conversion) must not
+    change what they saw."""
+    preds = np.array([0.9, 0.1], dtype=np.float64)
+    labels = np.array([1.0, 0.0], dtype=np.float64)
+    groups = np.array([7, 7], dtype=np.int64)
+    if source == "tensor":
+        preds, labels, groups = map(torch.from_numpy, (preds, labels, groups))
+    auc, gauc = AUROC(), GAUC()
+    for batch in ((0.9, 0.1), (0.8, 0.2)):  # both batches rank the positive first
+        preds[:] = torch.tensor(batch) if source == "tensor" else np.array(batch)
+        auc.update(preds, labels)
+        gauc.update(preds, labels, groups=groups)
+    preds[:] = 0.0  # the buffer refilled before compute
+    groups[:] = torch.tensor([1, 2]) if source == "tensor" else np.array([1, 2])
+    assert auc.compute() == 1.0
+    assert gauc.compute() == 1.0
+
+
+def test_empty_batches_as_lists_are_accepted():
+    gauc = GAUC()
+    gauc.update([], [], groups=[])
+    gauc.update(np.array([]), np.array([]), groups=np.array([]))
+    gauc.update([0.2, 0.7], [0, 1], groups=[3, 3])
+    assert gauc.compute() == 1.0
+
+
+def test_a_state_that_is_not_a_mapping_of_tensors_is_named():
+    with pytest.raises(MetricInputError, match=r"a state is a mapping .* got NoneType"):
+        LogLoss().load_state_dict(None)
+    with pytest.raises(MetricInputError, match=r"state 'count' must be a tensor, got str"):
+        LogLoss().load_state_dict({"loss_sum": 0.0, "count": "x"})
 
 
 def test_bad_configuration_and_groups():
@@ -278,6 +315,11 @@ def test_a_state_of_another_configuration_is_refused():
             LogLoss,
             {"loss_sum": torch.tensor(-1.0), "count": torch.tensor(4.0)},
             r"state 'loss_sum' holds -1.0, expected a sum of losses",
+        ),
+        (
+            LogLoss,
+            {"loss_sum": torch.tensor(5.0), "count": torch.tensor(0.0)},
+            r"state 'loss_sum' holds 5.0, expected 0 with a count of 0",
         ),
         (
             LogLoss,
@@ -394,10 +436,16 @@ def test_inputs_and_options_that_do_not_fit_are_named() -> None:
         LogLoss(from_logits="no")
     with pytest.raises(MetricInputError, match=r"eps must be a number in \(0, 0\.5\), got '1e-7'"):
         LogLoss(eps="1e-7")
+    # 1 - eps would round to 1: a confident mistake would cost infinity.
+    with pytest.raises(MetricInputError, match=r"eps 1e-17 is too small: 1 - eps rounds to 1"):
+        LogLoss(eps=1e-17)
+    tiny = LogLoss(eps=2.0**-53)
+    tiny.update(torch.tensor([1.0]), torch.tensor([0.0]))
+    assert math.isfinite(tiny.compute())
     with pytest.raises(MetricInputError, match=r"num_thresholds must be an integer, got 200\.0"):
         AUROC("thresholded", num_thresholds=200.0)
     auc = AUROC("thresholded")
-    with pytest.raises(MetricInputError, match=r"found 1\.000000000001;"):
+    with pytest.raises(MetricInputError, match=r"found 1\.000000000001 at 0;"):
         auc.update(torch.tensor([1 + 1e-12], dtype=torch.float64), torch.tensor([1]))
 
 

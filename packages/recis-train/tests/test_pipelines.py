@@ -222,7 +222,8 @@ def test_soft_labels_evaluate_with_metrics_that_accept_them(tmp_path):
         )
 
     with pytest.raises(
-        MetricInputError, match=r"labels must be 0 or 1, found 0\.\d+; soft labels need metrics"
+        MetricInputError,
+        match=r"labels must be 0 or 1, found 0\.\d+ at \d+; soft labels need metrics",
     ):
         trainer().evaluate()
     results = trainer(metrics={"logloss": LogLoss, "calibration": Calibration}).evaluate()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from recis_train.exceptions import MetricInputError
-from recis_train.metrics._base import Metric, as_flat, check_pair
+from recis_train.metrics._base import Metric, _first, as_flat, check_pair
 
 _TF_KEPSILON = 1e-7  # how far TF puts its first and last threshold outside [0, 1]
 _TF_EPSILON = 1e-6  # TF's guard against 0/0 in the recall and false-positive rate
@@ -134,10 +134,11 @@ class AUROC(Metric):
             preds: (B,) or any shape with B elements: scores (probabilities for thresholded).
             labels: same number of elements, 0 or 1.
         """
-        p = as_flat(preds, "preds", "AUROC", torch.float64)
-        y = as_flat(labels, "labels", "AUROC", torch.float64)
+        exact = self.mode == "exact"  # kept until compute: copies, never the caller's buffers
+        p = as_flat(preds, "preds", "AUROC", torch.float64, keep=exact)
+        y = as_flat(labels, "labels", "AUROC", torch.float64, keep=exact)
         check_pair(p, y, "AUROC", binary=True)
-        if self.mode == "exact":
+        if exact:
             self._append("preds", p)
             self._append("labels", y)
             return
@@ -145,7 +146,7 @@ class AUROC(Metric):
         if bool(outside.any()):
             raise MetricInputError(
                 f"AUROC: the thresholded mode needs predictions in [0, 1], found "
-                f"{p[outside][0].item()!r}; pass probabilities (e.g. sigmoid of logits) or use "
+                f"{_first(p, outside)}; pass probabilities (e.g. sigmoid of logits) or use "
                 "mode='exact', which takes any real scores"
             )
         # TF compares float32 predictions with float32 thresholds; in float64 a prediction
@@ -217,8 +218,9 @@ class GAUC(Metric):
             labels: (B,) 0 or 1.
             groups: (B,) integer group ids (e.g. user ids).
         """
-        p = as_flat(preds, "preds", "GAUC", torch.float64)
-        y = as_flat(labels, "labels", "GAUC", torch.float64)
+        # Kept until compute: copies, never the caller's buffers.
+        p = as_flat(preds, "preds", "GAUC", torch.float64, keep=True)
+        y = as_flat(labels, "labels", "GAUC", torch.float64, keep=True)
         check_pair(p, y, "GAUC", binary=True)
         try:
             raw = groups if isinstance(groups, torch.Tensor) else torch.as_tensor(groups)
@@ -231,9 +233,11 @@ class GAUC(Metric):
                     "to integers first"
                 ) from exc
             raw = unsigned
+        if raw.numel() == 0 and not isinstance(groups, torch.Tensor):
+            raw = raw.to(torch.int64)  # an empty list or array reads as float
         if raw.is_floating_point() or raw.is_complex():
             raise MetricInputError(f"GAUC: groups must be integer ids, got dtype {raw.dtype}")
-        g = as_flat(raw, "groups", "GAUC", torch.int64)
+        g = as_flat(raw, "groups", "GAUC", torch.int64, keep=True)
         if g.numel() != p.numel():
             raise MetricInputError(
                 f"GAUC: groups has {g.numel()} elements but preds has {p.numel()}"

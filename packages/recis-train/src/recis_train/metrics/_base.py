@@ -24,8 +24,14 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def as_flat(value: Any, what: str, metric: str, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` as a detached 1-d CPU tensor of ``dtype``, or a clear error naming it."""
+def as_flat(
+    value: Any, what: str, metric: str, dtype: torch.dtype, *, keep: bool = False
+) -> torch.Tensor:
+    """``value`` as a detached 1-d CPU tensor of ``dtype``, or a clear error naming it.
+
+    ``keep``: the metric keeps the result past this call, so it is always a copy; otherwise it
+    may share memory with ``value`` (a CPU tensor or array of ``dtype`` already), which the
+    caller may refill before ``compute``."""
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value)
@@ -35,7 +41,7 @@ def as_flat(value: Any, what: str, metric: str, dtype: torch.dtype) -> torch.Ten
             ) from err
     if value.is_complex():
         raise MetricInputError(f"{metric}: {what} must be real, got dtype {value.dtype}")
-    return value.detach().reshape(-1).to("cpu", dtype)
+    return value.detach().reshape(-1).to("cpu", dtype, copy=keep)
 
 
 def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary: bool) -> None:
@@ -60,7 +66,9 @@ def check_pair(preds: torch.Tensor, labels: torch.Tensor, metric: str, *, binary
                 if 0 < found < 1
                 else ""
             )
-            raise MetricInputError(f"{metric}: labels must be 0 or 1, found {found}{hint}")
+            raise MetricInputError(
+                f"{metric}: labels must be 0 or 1, found {_first(labels, bad)}{hint}"
+            )
     else:
         finite = torch.isfinite(labels)
         if not bool(finite.all()):
@@ -125,13 +133,23 @@ class Metric:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore a state produced by :meth:`state_dict` of the same metric type."""
         initial = self._initial_state()
+        if not isinstance(state, Mapping):
+            raise MetricInputError(
+                f"{type(self).__name__}: a state is a mapping of names to tensors (what "
+                f"state_dict() returns), got {type(state).__name__}"
+            )
         if set(state) != set(initial):
             raise MetricInputError(
                 f"{type(self).__name__}: state has keys {sorted(state)}, expected {sorted(initial)}"
             )
         loaded = {}
         for name, value in state.items():
-            tensor = torch.as_tensor(value).detach().to("cpu").clone()
+            try:
+                tensor = torch.as_tensor(value).detach().to("cpu").clone()
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise MetricInputError(
+                    f"{self!r}: state {name!r} must be a tensor, got {type(value).__name__}: {exc}"
+                ) from exc
             fresh = initial[name]
             if tensor.is_complex():
                 raise MetricInputError(f"{self!r}: state {name!r} has complex dtype {tensor.dtype}")

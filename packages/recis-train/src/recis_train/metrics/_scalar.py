@@ -29,6 +29,12 @@ class LogLoss(Metric):
     def __init__(self, *, eps: float = 1e-7, from_logits: bool = False) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 0.5:
             raise MetricInputError(f"LogLoss: eps must be a number in (0, 0.5), got {eps!r}")
+        if 1.0 - float(eps) == 1.0:
+            # p clipped to 1 - eps would still be 1: a confident mistake would cost infinity.
+            raise MetricInputError(
+                f"LogLoss: eps {eps!r} is too small: 1 - eps rounds to 1 in float64; use at "
+                "least 2**-53 (about 1.1e-16)"
+            )
         if not isinstance(from_logits, bool):
             raise MetricInputError(
                 f"LogLoss: from_logits must be True or False, got {from_logits!r}"
@@ -65,6 +71,7 @@ class LogLoss(Metric):
         self._refuse_counts(state, "count")
         loss = state["loss_sum"]
         self._refuse("loss_sum", loss, loss < 0, "a sum of losses (>= 0)")
+        self._refuse("loss_sum", loss, (loss != 0) & (state["count"] == 0), "0 with a count of 0")
 
     def _compute(self, state: Mapping[str, torch.Tensor]) -> float:
         count = float(state["count"])
