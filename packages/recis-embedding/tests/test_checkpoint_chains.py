@@ -72,6 +72,41 @@ def test_a_chain_over_another_optimizer_s_base_loads_as_the_full_save(tmp_path, 
     assert torch.equal(chain_rows, _rows(model)[1])
 
 
+@pytest.mark.parametrize("later_optimizer", [False, True])
+def test_a_chain_never_gives_back_state_its_table_lost_after_the_base(tmp_path, later_optimizer):
+    """Base saved with Adam; loaded without a sparse optimizer (embeddings only), so its rows
+    no longer have that state; a delta then holds only the rows changed since. The chain must
+    load as the full save of the same moment, also when a later delta records Adam again."""
+    pretrained = _engine()
+    adam = SparseAdam(pretrained, lr=0.1)
+    _step(pretrained, adam, f=[1, 2])
+    save(tmp_path / "base", pretrained, adam)
+    model = _engine()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "only its embeddings are loaded"
+        load(tmp_path / "base", model)
+    model({"f": torch.tensor([[7]])})  # a training lookup inserts a row
+    save(tmp_path / "delta", model, delta=True)
+    last = "delta"
+    if later_optimizer:
+        model = _engine()
+        load(tmp_path / "delta", model)
+        adam = SparseAdam(model, lr=0.1)
+        _step(model, adam, f=[8])
+        save(tmp_path / "delta2", model, adam, delta=True)
+        last = "delta2"
+    save(tmp_path / "full", model, adam if later_optimizer else None)
+
+    from_chain, from_full = _engine(), _engine()
+    chain_optimizer, full_optimizer = SparseAdam(from_chain, lr=0.1), SparseAdam(from_full, lr=0.1)
+    load(tmp_path / last, from_chain, chain_optimizer)
+    load(tmp_path / "full", from_full, full_optimizer)
+    chain_ids, chain_rows = _rows(from_chain)
+    full_ids, full_rows = _rows(from_full)
+    assert chain_ids == full_ids == ([1, 2, 7, 8] if later_optimizer else [1, 2, 7])
+    assert torch.equal(chain_rows, full_rows)  # embeddings and optimizer slots
+
+
 def test_a_missing_or_truncated_file_is_refused_before_any_table_changes(tmp_path):
     model = _engine(a=None, b=None)
     optimizer = SparseSGD(model, lr=0.1)

@@ -348,6 +348,37 @@ def test_a_delta_checkpoint_is_applied_over_its_parent(tmp_path):
     assert 0 not in rows(target, "user")[0].tolist()
 
 
+def test_optimizer_state_of_a_chain_over_another_optimizer_s_base(tmp_path):
+    """Base trained by Adagrad, then loaded (embeddings only) and trained by Adam, saved as a
+    delta: with ``optimizer_state=True`` the rows take the state the delta's Adam tables hold,
+    as recis-embedding's load of the chain gives them, never a slot of the base's Adagrad."""
+    pretrained = fresh()
+    adagrad = emb.SparseAdagrad(pretrained, lr=0.1)
+    batch = {"ids": torch.arange(10), "dense": torch.ones(10, NUM_DENSE), "click": torch.ones(10)}
+    pretrained(batch).backward()
+    adagrad.step()
+    emb.save(tmp_path / "base", pretrained, adagrad)
+    model = fresh()
+    with pytest.warns(UserWarning, match="only their embeddings"):
+        emb.load(tmp_path / "base", model)
+    adam = emb.SparseAdam(model, lr=0.1)
+    model({**batch, "ids": torch.arange(5, 15)}).backward()
+    adam.step()
+    emb.save(tmp_path / "delta", model, adam, delta=True)
+
+    target, loaded = fresh(), fresh()
+    emb.SparseAdam(target, lr=0.1)
+    warm_start(target, tmp_path / "delta", parts=("sparse",), optimizer_state=True)
+    emb.load(tmp_path / "delta", loaded, emb.SparseAdam(loaded, lr=0.1), dense=False)
+    for name in ("user", "item"):
+        table, index = target.embeddings.table(name)
+        want_table, want_index = loaded.embeddings.table(name)
+        ids = torch.sort(want_table.ids(want_index)).values
+        assert torch.equal(torch.sort(table.ids(index)).values, ids)
+        got = table.read_full(table.find(ids, index))
+        assert torch.equal(got, want_table.read_full(want_table.find(ids, want_index)))
+
+
 def test_bad_arguments(source, tmp_path):
     with pytest.raises(CheckpointNotFoundError):
         warm_start(fresh(), tmp_path)

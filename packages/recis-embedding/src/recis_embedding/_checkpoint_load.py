@@ -167,7 +167,7 @@ def _apply(
 ) -> None:
     """Load the tables of every checkpoint of ``chain`` in order (all checks passed)."""
     cleared: set[tuple[int, int]] = set()
-    for reader in chain:
+    for position, reader in enumerate(chain):
         saved = reader.manifest["tables"]
         admitting: dict[int, tuple[HashTable, dict[int, dict[str, torch.Tensor] | None]]] = {}
         for name, (table, index) in tables.items():
@@ -188,7 +188,8 @@ def _apply(
                     mine = tabs == index
                     table._erase(keys[mine], tabs[mine])
                     cleared.add((id(table), index))
-            admission = _load_table(reader, name, table, index, shard)
+            current = _state_kept(chain[position:], name)
+            admission = _load_table(reader, name, table, index, shard, current)
             if table.admission is not None:
                 admitting.setdefault(id(table), (table, {}))[1][index] = admission
         # The admission states of a physical table's logical tables go in together (one pass
@@ -463,11 +464,33 @@ def _check_dense(
         )
 
 
+def _state_kept(chain: list[CheckpointReader], name: str) -> bool:
+    """Whether the optimizer state ``chain[0]`` holds for table ``name`` is still its rows' at
+    the end of ``chain``: every later checkpoint holding the table records the same optimizer
+    and slots. A delta written after the table lost that state (loaded without its optimizer,
+    or given another) holds only the rows changed since; the others' saved state is no longer
+    theirs, and a full save at that point would hold none of it."""
+
+    def recorded(reader: CheckpointReader) -> tuple[Any, list[tuple[Any, ...]]]:
+        info = reader.table_info(name)
+        return info["optimizer"], [tuple(s) for s in info["slots"]]
+
+    first = recorded(chain[0])
+    return all(recorded(r) == first for r in chain[1:] if name in r.manifest["tables"])
+
+
 def _load_table(
-    reader: CheckpointReader, name: str, table: HashTable, index: int, shard
+    reader: CheckpointReader,
+    name: str,
+    table: HashTable,
+    index: int,
+    shard: Any,
+    state_kept: bool = True,
 ) -> dict[str, torch.Tensor] | None:
     """Loads logical table ``name``'s rows from ``reader`` and returns the admission state it
-    holds for them (``None``: none), which the caller loads with the other logical tables'."""
+    holds for them (``None``: none), which the caller loads with the other logical tables'.
+    ``state_kept``: whether the optimizer state saved in ``reader`` is still the rows' at the
+    end of the chain (see :func:`_state_kept`); their slots are loaded only then."""
     data = reader.read_all(name)
     admission = {
         k.removeprefix("admission."): v for k, v in data.items() if k.startswith("admission.")
@@ -489,7 +512,7 @@ def _load_table(
     ids = data["ids"].to(table.device)
     if ids.numel() == 0:
         return admission or None
-    fits = _slots_fit(reader.table_info(name), table)
+    fits = state_kept and _slots_fit(reader.table_info(name), table)
     slots = {s: data[f"slot.{s}"] for s, _ in table.slots if fits and f"slot.{s}" in data}
     # The saved rows go in whole: no initial vectors drawn only to be overwritten.
     full = table.full_rows(data["embeddings"], slots)

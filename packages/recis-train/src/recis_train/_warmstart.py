@@ -529,9 +529,14 @@ def warm_start(
     _check_capacities(chain, tables)
     model.load_state_dict(dense, strict=False)
     result.dense.extend(dense)
+    if optimizer_state:
+        from recis_embedding._checkpoint_load import _state_kept
     for target, (name, (table, index, shard)) in tables.items():
-        for reader in chain:
+        for position, reader in enumerate(chain):
             if name in reader.manifest["tables"]:
-                _load_table(reader, name, (table, index, shard), optimizer_state)
+                # A checkpoint's slots only where they are still its rows' at the chain's end
+                # (the chain's last checkpoint holds the model table's slots, checked above).
+                kept = optimizer_state and _state_kept(chain[position:], name)
+                _load_table(reader, name, (table, index, shard), kept)
         result.tables[target] = int(table.ids(index).numel())
     return result
