@@ -70,10 +70,14 @@ def rows(model: EmbeddingEngine, name: str) -> tuple[list[int], torch.Tensor]:
 
 
 def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+    """A pid no process has: above the kernel's largest (an exited child's pid could be given
+    to another process before the test looks, on a busy machine)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    except (OSError, ValueError):  # not Linux: an exited (and reaped) child's
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        return proc.pid
 
 
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def _join(rank: int, root: str) -> None:
         init_method=f"file://{root}/init",
         rank=rank,
         world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
+        timeout=datetime.timedelta(seconds=120),  # a loaded machine may start a rank late
     )
 
 

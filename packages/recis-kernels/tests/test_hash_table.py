@@ -464,13 +464,16 @@ def test_an_idmap_looked_up_on_one_thread_while_another_inserts():
         base = torch.randperm(1 << 22)[:100_000].to(torch.int64)
         rows, _ = m.find_or_insert(base)
         stop, wrong, lookups = False, 0, 0
+        looked = threading.Event()
         def reader():
             global wrong, lookups
             while not stop:
                 wrong += int((m.find(base) != rows).sum())
                 lookups += 1
+                looked.set()
         t = threading.Thread(target=reader)
         t.start()
+        assert looked.wait(timeout=60)  # the reader runs while the inserts start
         start = 1 << 40
         for i in range(14):  # each batch makes the map double: a rehash after another
             n = 20_000 * (i + 1)

@@ -1,11 +1,15 @@
 """Trains the toy model with checkpoints; run twice after a SIGKILL, it must finish identically.
 
-Usage: python _resume_script.py OUT_DIR RESULT_FILE
+Usage: python _resume_script.py OUT_DIR RESULT_FILE [KILL_AT]
+
+With ``KILL_AT`` the run prints that step and then waits (to be killed there), so the kill lands
+at that step however late the killing process gets to run.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from _toy import ToyModel, ToyReader, make_optimizers
@@ -16,11 +20,16 @@ NUM_ROWS, BATCH = 1_200, 20
 
 
 class PrintStep(Hook):
+    def __init__(self, kill_at: int | None) -> None:
+        self.kill_at = kill_at
+
     def on_step_end(self, trainer, logs):
         print(f"step {trainer.global_step}", flush=True)
+        if trainer.global_step == self.kill_at:
+            time.sleep(600)  # the test kills the process here
 
 
-def main(out_dir: str, result_file: str) -> None:
+def main(out_dir: str, result_file: str, kill_at: int | None = None) -> None:
     seed_everything(0)
     model = ToyModel(NUM_ROWS)
     dense, sparse = make_optimizers(model)
@@ -42,7 +51,7 @@ def main(out_dir: str, result_file: str) -> None:
         dense_optimizer=dense,
         sparse_optimizer=sparse,
         lr_schedulers=[schedule],
-        hooks=[PrintStep()],
+        hooks=[PrintStep(kill_at)],
     )
     trainer.train()
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, result_file)
@@ -50,4 +59,4 @@ def main(out_dir: str, result_file: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

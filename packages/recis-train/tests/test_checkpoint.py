@@ -203,17 +203,26 @@ def test_checkpoint_manager_lists_in_step_order(tmp_path):
 def run_script(out, result, *, kill_at=None):
     cmd = [sys.executable, str(HERE / "_resume_script.py"), str(out), str(result)]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if kill_at is None:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
         return
-    for line in proc.stdout:
-        if line.strip() == f"step {kill_at}":
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    # The script waits after printing step ``kill_at``, so the kill lands at that step however
+    # late this process runs; its stderr goes to a file (an unread pipe could fill and block it).
+    with open(f"{out}.stderr", "w") as err:
+        proc = subprocess.Popen(
+            [*cmd, str(kill_at)], stdout=subprocess.PIPE, stderr=err, text=True, env=env
+        )
+        try:
+            for line in proc.stdout:
+                if line.strip() == f"step {kill_at}":
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == -signal.SIGKILL, Path(f"{out}.stderr").read_text()
 
 
 @pytest.mark.slow
