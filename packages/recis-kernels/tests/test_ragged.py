@@ -210,3 +210,30 @@ def test_ragged_to_dense_refuses_shape_entries_that_are_not_ints() -> None:
     for bad in (1.5, True):
         with pytest.raises(rk.RaggedError, match="shape entries must be ints or None"):
             rk.ragged_to_dense(r, shape=[None, bad])
+
+
+def test_clone_detach_and_equal() -> None:
+    values = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    r = RaggedTensor(values * 2, [torch.tensor([0, 2, 2, 3])], torch.tensor([0.5, 1.0, 2.0]))
+    copy = r.clone()
+    assert copy.equal(r)
+    assert r.equal(copy)
+    assert copy.values.data_ptr() != r.values.data_ptr()
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(copy.offsets, r.offsets, strict=True))
+    assert copy.weights.data_ptr() != r.weights.data_ptr()
+    assert copy.values.requires_grad  # clone keeps the autograd history, as torch's does
+    copy.offsets[0][1] = 1  # a change to the copy leaves the original alone
+    assert not copy.equal(r)
+    assert int(r.offsets[0][1]) == 2
+    detached = r.detach()
+    assert not detached.values.requires_grad
+    assert detached.equal(r)
+    assert detached.values.data_ptr() == r.values.data_ptr()
+    # Same values, other rows / weights / dtype / levels: not equal.
+    assert not r.equal(RaggedTensor(r.values, [torch.tensor([0, 1, 2, 3])], r.weights))
+    assert not r.equal(RaggedTensor(r.values, r.offsets))
+    assert not r.equal(RaggedTensor(r.values.double(), r.offsets, r.weights))
+    assert not r.equal(RaggedTensor(r.values, [torch.tensor([0, 3]), r.offsets[0]], r.weights))
+    assert not r.equal(r.values)
+    nan = RaggedTensor(torch.tensor([float("nan")]), torch.tensor([0, 1]))
+    assert not nan.equal(nan.clone())  # as torch.equal

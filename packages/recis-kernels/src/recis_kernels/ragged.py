@@ -307,6 +307,38 @@ class RaggedTensor:
             validate=False,
         )
 
+    def clone(self) -> RaggedTensor:
+        """A copy whose values, offsets and weights share no memory with these (as
+        ``torch.Tensor.clone``: the values' autograd history is kept)."""
+        return RaggedTensor._trusted(
+            self.values.clone(),
+            [o.clone() for o in self.offsets],
+            None if self.weights is None else self.weights.clone(),
+        )
+
+    def detach(self) -> RaggedTensor:
+        """The same rows with values (and weights) detached from autograd; memory is shared."""
+        return RaggedTensor._trusted(
+            self.values.detach(),
+            list(self.offsets),
+            None if self.weights is None else self.weights.detach(),
+        )
+
+    def equal(self, other: RaggedTensor) -> bool:
+        """Whether ``other`` has the same rows: equal offsets at every level, equal values (as
+        ``torch.equal``: same shape and entries, so NaN never equals) and equal weights (both
+        absent, or equal). False for anything that is not a ``RaggedTensor``."""
+        if not isinstance(other, RaggedTensor) or len(self.offsets) != len(other.offsets):
+            return False
+        if (self.weights is None) != (other.weights is None):
+            return False
+        pairs = [*zip(self.offsets, other.offsets, strict=True), (self.values, other.values)]
+        if self.weights is not None and other.weights is not None:
+            pairs.append((self.weights, other.weights))
+        return all(
+            a.dtype == b.dtype and a.device == b.device and torch.equal(a, b) for a, b in pairs
+        )
+
     # -- indexing --------------------------------------------------------------------------
 
     def __getitem__(self, index: int | slice) -> torch.Tensor | RaggedTensor:
