@@ -106,7 +106,7 @@ class Op:
         # An unhashable kind (a list from a hand-edited YAML) is an unknown kind, not a TypeError.
         cls = _OP_KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
-            known = ", ".join(sorted(_OP_KINDS))
+            known = ", ".join(sorted(k for k, c in _OP_KINDS.items() if c.serializable))
             raise SerializationError(f"unknown op kind {kind!r} (known: {known})")
         if not cls.serializable:
             raise SerializationError(
