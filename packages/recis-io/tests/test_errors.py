@@ -191,6 +191,19 @@ def test_files_without_rows_are_not_checked_against_the_others(tmp_path, empty_f
         assert batch["a"].tolist() == [1, 2]
 
 
+def test_a_column_typed_null_in_a_file_with_rows_is_refused_by_name(tmp_path) -> None:
+    # pyarrow types a column that is None in every row as null (one day's partition, say):
+    # its values have no type to read them as, fill or not.
+    day1, day2 = tmp_path / "day1.parquet", tmp_path / "day2.parquet"
+    pq.write_table(pa.table({"s": ["a", "b"], "x": [1.0, 2.0]}), day1)
+    pq.write_table(pa.table({"s": pa.array([None, None]), "x": [3.0, 4.0]}), day2)
+    for column in (Column("s", fill=""), Column("s", hash="farm", fill=0)):
+        with pytest.raises(SchemaError, match=r"column 's' has type Null in .*day2\.parquet"):
+            Dataset([day1, day2], batch_size=4, columns=[column, "x"])
+    (batch,) = list(Dataset([day1, day2], batch_size=4, columns=["x"]))
+    assert batch["x"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_columns_named_twice_in_a_file_are_schema_errors(tmp_path) -> None:
     p = tmp_path / "twice.parquet"
     pq.write_table(pa.table([pa.array([1, 2]), pa.array([3, 4])], names=["x", "x"]), p)

@@ -78,6 +78,18 @@ def test_buckets_take_unsigned_remainder(data: bytes, buckets: int) -> None:
     assert recis_io.hash_bytes(data, "farm", buckets) == full % buckets
 
 
+def test_buckets_above_2_63_read_as_int64_bits(tmp_path, fmt: str) -> None:
+    """With ``buckets`` above 2**63 an id at or above 2**63 reads as its int64 bits."""
+    words = [f"w{i}" for i in range(64)]
+    path = write(pa.table({"w": pa.array(words)}), tmp_path / f"b.{fmt}", fmt, 64)
+    n = 2**64 - 1
+    (batch,) = list(Dataset(path, batch_size=64, columns=[Column("w", hash="farm", buckets=n)]))
+    unsigned = [(recis_io.hash_bytes(w.encode(), "farm") % 2**64) % n for w in words]
+    assert any(u >= 2**63 for u in unsigned)
+    assert batch["w"].tolist() == [signed(u) for u in unsigned]
+    assert [recis_io.hash_bytes(w.encode(), "farm", n) for w in words] == batch["w"].tolist()
+
+
 def test_unknown_hash_is_rejected() -> None:
     with pytest.raises(recis_io.InvalidArgumentError, match="hash must be"):
         recis_io.hash_bytes(b"x", "md5")

@@ -48,7 +48,8 @@ class Column:
         hash: ``"farm"`` (FarmHash Fingerprint64) or ``"murmur"`` (MurmurHash64A, seed 0)
             turns a string column, or a list of strings, into int64 ids while reading.
         buckets: With ``hash``, ids become the unsigned hash modulo ``buckets`` (0 keeps the
-            full 64 bits, reinterpreted as int64).
+            full 64 bits, reinterpreted as int64). Ids are int64: with ``buckets`` above
+            2**63, an id at or above 2**63 reads as its bits, ``id - 2**64``.
         dtype: Output element type (``torch.dtype`` or its name such as ``"float32"``,
             ``"uint16"``); numeric columns are cast while decoding, and a value the dtype
             cannot hold raises :class:`~recis_io.exceptions.SchemaError`. With a dtype,
