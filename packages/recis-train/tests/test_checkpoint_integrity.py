@@ -158,6 +158,34 @@ def test_when_no_checkpoint_verifies_the_error_lists_every_one_tried(tmp_path, c
             build(tmp_path).restore(missing_ok=missing_ok)
 
 
+def test_a_run_whose_checkpoints_are_all_truncated_does_not_start_over(tmp_path):
+    """A truncated file makes a checkpoint incomplete (passed over for the one before it); when
+    every checkpoint is, the run raises instead of training from step 0 over them."""
+    build(tmp_path, train_steps=6, save_every=3).train()
+    root = tmp_path / "checkpoints"
+    for number in (3, 6):
+        dense = step(root, number) / "dense" / "model.safetensors"
+        dense.write_bytes(dense.read_bytes()[:-3])
+    pattern = (
+        rf"no checkpoint in {root} passes verification; incomplete although their manifest is "
+        r"there \(files truncated or missing since they were saved\): step-000000006 \(.*; "
+        r"step-000000003 \("
+    )
+    for missing_ok in (False, True):
+        with pytest.raises(CheckpointCorruptError, match=pattern):
+            build(tmp_path).restore(missing_ok=missing_ok)
+    rerun = build(tmp_path, train_steps=6, save_every=3)
+    with pytest.raises(CheckpointCorruptError, match=pattern):
+        rerun.train()
+    assert rerun.global_step == 0
+    # One complete checkpoint left: it is taken, the damaged newer one passed over.
+    (tmp_path / "fresh").mkdir()
+    build(tmp_path / "fresh", train_steps=3).train()
+    step(root, 3).rename(tmp_path / "old-3")
+    step(tmp_path / "fresh" / "checkpoints", 3).rename(step(root, 3))
+    assert build(tmp_path).restore() == step(root, 3)
+
+
 def test_only_the_parts_restored_are_verified(tmp_path):
     donor = build(tmp_path / "donor", train_steps=3)
     donor.train()

@@ -401,6 +401,7 @@ def _parts(model: nn.Module) -> dict:
     dense = torch.optim.SGD(model.parameters(), lr=0.1)
     other = torch.optim.SGD(model.parameters(), lr=0.1)
     step = torch.optim.lr_scheduler.StepLR
+    scheduler = step(dense, 1)
     import recis_embedding as emb
 
     return {
@@ -415,6 +416,14 @@ def _parts(model: nn.Module) -> dict:
             "dense_optimizer is a sparse optimizer",
         ),
         "one scheduler": ({"lr_schedulers": step(dense, 1)}, "pass \\[scheduler\\]"),
+        "a scheduler twice": (
+            {"lr_schedulers": [scheduler, scheduler]},
+            "lr_schedulers\\[1\\] is lr_schedulers\\[0\\] again \\(StepLR\\)",
+        ),
+        "a parameter in both optimizers": (
+            {"sparse_optimizer": torch.optim.SGD(model.lin.parameters(), lr=0.1)},
+            "parameters lin.weight, lin.bias are in both dense_optimizer and sparse_optimizer",
+        ),
         "an optimizer as scheduler": ({"lr_schedulers": [dense]}, "must be an LR scheduler"),
         "ReduceLROnPlateau": (
             {"lr_schedulers": [torch.optim.lr_scheduler.ReduceLROnPlateau(dense)]},
@@ -438,6 +447,8 @@ def _parts(model: nn.Module) -> dict:
         "the same optimizer twice",
         "a sparse dense optimizer",
         "one scheduler",
+        "a scheduler twice",
+        "a parameter in both optimizers",
         "an optimizer as scheduler",
         "ReduceLROnPlateau",
         "a foreign scheduler",
@@ -458,6 +469,25 @@ def test_trainer_parts_of_the_wrong_kind_are_refused_before_any_step(tmp_path, c
     with pytest.raises(ConfigError, match=message):
         Trainer(model, TrainingArguments(output_dir=str(tmp_path), device="cpu"), **kwargs)
     assert _unchanged(model, before)
+
+
+def test_arguments_and_an_output_dir_that_cannot_be_used_are_refused_before_any_step(tmp_path):
+    model = _Model()
+    dense = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"args must be TrainingArguments, got dict \(build"):
+        Trainer(model, {"output_dir": str(tmp_path)}, train_data=_batches(), dense_optimizer=dense)
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for out in (taken, taken / "run"):  # the whole run trained, then its first save failed
+        with pytest.raises(
+            ConfigError, match=r"output_dir .* cannot be a directory: .*taken' is a file"
+        ):
+            Trainer(
+                model,
+                TrainingArguments(output_dir=str(out), device="cpu"),
+                train_data=_batches(),
+                dense_optimizer=dense,
+            )
 
 
 def test_a_failing_scheduler_leaves_the_applied_step_counted(tmp_path):

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from _toy import ToyModel, ToyReader, make_optimizers
@@ -534,6 +535,43 @@ def test_an_evaluation_without_rows_warns_that_its_results_are_empty(tmp_path, c
     assert not [r for r in caplog.records if "read no rows" in r.getMessage()]
 
 
+@pytest.mark.parametrize("kind", ["numpy", "list"])
+def test_batches_of_numpy_arrays_or_lists_count_their_rows(tmp_path, kind, caplog):
+    # A batch with no tensor column counted 0 rows: evaluations lost their loss and warned
+    # that they read no rows, training logged 0 samples.
+    class Converting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, batch):
+            x = torch.as_tensor(np.asarray(batch["x"]), dtype=torch.float32)
+            y = torch.as_tensor(np.asarray(batch["y"]), dtype=torch.float32)
+            logit = self.lin(x)[:, 0]
+            loss = nn.functional.binary_cross_entropy_with_logits(logit, y)
+            return {"loss": loss, "predictions": torch.sigmoid(logit), "labels": y}
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        x = rng.standard_normal((4, 2))
+        y = (x[:, 0] > 0).astype(np.float64)
+        batches.append({"x": x, "y": y} if kind == "numpy" else {"x": x.tolist(), "y": y.tolist()})
+    model = Converting()
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False, log_every=4),
+        train_data=batches,
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    with caplog.at_level(logging.WARNING, logger="recis_train"):
+        trainer.train()
+        results = trainer.evaluate(batches)
+    assert "loss" in results
+    assert not [r for r in caplog.records if "read no rows" in r.getMessage()]
+    assert trainer.history["train"][-1][1]["samples"] == 4
+
+
 def test_a_metric_refusing_an_evaluation_batch_names_the_batch_and_result(tmp_path):
     trainer = make_trainer(tmp_path, tasks=("click", "conv"))
     data = list(ToyReader(400, 100, seed=1))
@@ -776,3 +814,25 @@ def test_resuming_a_persistent_worker_loader_in_a_later_epoch_warns(caplog):
     with caplog.at_level("WARNING", logger="recis_train"):
         assert list(again)[:3] == [1, 2, 3]
     assert not caplog.text
+
+
+def test_batches_are_moved_to_a_cpu_device_when_a_column_is_elsewhere():
+    """``device="cpu"`` leaves host batches as they are (no copy), and moves a batch holding a
+    tensor elsewhere (a CUDA column from the caller's own loader) rather than hand the model
+    mixed devices. Checked with meta tensors, which stand for a device that is not the host."""
+    from recis_kernels import RaggedTensor
+    from recis_train._data import _off_host, move_to
+
+    host = {"x": torch.ones(3), "seq": RaggedTensor(torch.arange(3), torch.tensor([0, 1, 3]))}
+    assert move_to(host, torch.device("cpu")) is host
+    elsewhere = torch.empty(3, device="meta")
+    for batch in ({"x": elsewhere}, [torch.ones(1), (elsewhere,)], elsewhere):
+        assert _off_host(batch)
+    ragged = RaggedTensor(
+        torch.empty(3, device="meta"),
+        torch.empty(3, dtype=torch.int64, device="meta"),
+        validate=False,
+    )
+    assert _off_host({"seq": ragged})
+    assert not _off_host(host)
+    assert not _off_host({"n": 3, "names": ["a", "b"]})

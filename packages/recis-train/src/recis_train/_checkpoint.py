@@ -106,7 +106,12 @@ def _changed(wrong: Sequence[str]) -> str:
 
 
 def first_verified(
-    candidates: Sequence[Path], check: Check, *, explicit: bool, root: Path
+    candidates: Sequence[Path],
+    check: Check,
+    *,
+    explicit: bool,
+    root: Path,
+    damaged: Sequence[str] = (),
 ) -> Path | None:
     """The first of ``candidates`` (newest first) whose files ``check`` finds nothing wrong with.
 
@@ -116,13 +121,18 @@ def first_verified(
         explicit: the one candidate was named by the caller: a failed check raises instead of
             falling back.
         root: where the candidates were found, for the error message.
+        damaged: checkpoints of ``root`` left out of ``candidates`` as incomplete although
+            their manifest is there (see :meth:`CheckpointManager.damaged`).
 
     Returns:
-        The checkpoint to restore, or ``None`` when there are no candidates.
+        The checkpoint to restore, or ``None`` when there are no candidates and none is
+        damaged.
 
     Raises:
         CheckpointCorruptError: ``explicit`` and the check failed (naming the file, the
-            expected and the found checksum), or no candidate verifies (naming each one tried).
+            expected and the found checksum), or no candidate verifies (naming each one tried,
+            and each damaged one): a run whose checkpoints are all damaged does not start over
+            (and overwrite them).
     """
     tried = []
     for path in candidates:
@@ -134,9 +144,15 @@ def first_verified(
             raise CheckpointCorruptError(f"{path}: {what}")
         _log.warning("skipping checkpoint %s, it fails verification: %s", path, what)
         tried.append(f"{path.name} ({', '.join(wrong)})")
-    if tried:
+    found = [f"tried, newest first: {'; '.join(tried)}"] if tried else []
+    if damaged:
+        found.append(
+            "incomplete although their manifest is there (files truncated or missing since "
+            f"they were saved): {'; '.join(damaged)}"
+        )
+    if found:
         raise CheckpointCorruptError(
-            f"no checkpoint in {root} passes verification; tried, newest first: " + "; ".join(tried)
+            f"no checkpoint in {root} passes verification; {'; '.join(found)}"
         )
     return None
 
@@ -303,6 +319,24 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return [path for _, path in sorted(found)]
 
+    def damaged(self) -> list[str]:
+        """Checkpoints passed over as incomplete although their manifest is there, newest
+        first, each as ``"step-... (what is wrong)"``. A save writes the manifest last, into a
+        directory renamed into place, so such a checkpoint was complete once: a file of it was
+        truncated or removed since (a copy cut short, a full disk)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = _NAME.match(path.name)
+            if not (match and path.is_dir() and (path / MANIFEST).is_file()):
+                continue
+            try:
+                self.read_manifest(path)
+            except (CheckpointError, OSError) as err:
+                found.append((int(match.group(1)), f"{path.name} ({err})"))
+        return [what for _, what in sorted(found, reverse=True)]
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or ``None`` (checked by sizes only, not checksums)."""
         done = self.complete()
@@ -335,6 +369,7 @@ class CheckpointManager:
             lambda p: self.mismatches(p, parts),
             explicit=path is not None,
             root=self.root,
+            damaged=self.damaged() if path is None else (),
         )
 
     @classmethod

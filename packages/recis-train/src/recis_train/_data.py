@@ -18,7 +18,7 @@ _log = logging.getLogger("recis_train")
 
 def move_to(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor on ``device`` (non-blocking; batches keep their own type)."""
-    if device.type == "cpu":
+    if device.type == "cpu" and not _off_host(obj):
         return obj  # readers produce host memory; a no-op .to() could still copy
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
@@ -37,6 +37,18 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _off_host(obj: Any) -> bool:
+    """Whether ``obj`` (a batch) holds a tensor outside host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type != "cpu"
+    if isinstance(obj, Mapping):
+        return any(_off_host(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_off_host(v) for v in obj)
+    device = getattr(obj, "device", None)  # a ragged tensor or column
+    return isinstance(device, torch.device) and device.type != "cpu"
+
+
 def batch_rows(batch: Any) -> int:
     """Rows in a batch: a tensor's first dim, a mapping's first column, or ``len``."""
     if isinstance(batch, torch.Tensor):
@@ -52,6 +64,13 @@ def batch_rows(batch: Any) -> int:
             if offsets is not None:
                 first = offsets[0] if isinstance(offsets, (list, tuple)) else offsets
                 return int(first.shape[0]) - 1
+        # No tensor column: NumPy arrays or lists (the model converts them).
+        for value in batch.values():
+            shape = getattr(value, "shape", None)
+            if isinstance(shape, tuple) and shape:
+                return int(shape[0])
+            if isinstance(value, (list, tuple)):
+                return len(value)
         return 0
     if isinstance(batch, (list, tuple)) and batch:
         return batch_rows(batch[0])

@@ -320,8 +320,10 @@ class DistributedContext:
         *,
         explicit: bool,
         root: Path,
+        damaged: Sequence[str] = (),
     ) -> Path | None:
-        """The first of rank 0's ``candidates`` that verifies on every rank (a collective call).
+        """The first of rank 0's ``candidates`` that verifies on every rank (a collective call);
+        rank 0's ``damaged`` checkpoints count for every rank.
 
         Each rank runs ``check(path, (rank, world_size))`` on its share of a candidate's files;
         the ranks exchange what they found, so every rank skips the same candidates and
@@ -333,7 +335,9 @@ class DistributedContext:
             RankFailedError: the check raised on another rank (this rank raises its own error
                 when it did).
         """
-        names = self.broadcast([str(p) for p in candidates] if self.is_main else None)
+        names, damaged = self.broadcast(
+            ([str(p) for p in candidates], list(damaged)) if self.is_main else None
+        )
 
         def together(path: Path) -> list[str]:
             wrong: list[str] = []
@@ -358,7 +362,9 @@ class DistributedContext:
                 )
             return [item for found, _ in reports for item in found]
 
-        return first_verified([Path(n) for n in names], together, explicit=explicit, root=root)
+        return first_verified(
+            [Path(n) for n in names], together, explicit=explicit, root=root, damaged=damaged
+        )
 
 
 def own_rank_state(state: Mapping[str, Any], rank: int, world_size: int, file: Path) -> Any:

@@ -238,15 +238,21 @@ class CheckpointMixin:
         """
         candidates = [Path(path)] if path is not None else self.checkpoints.complete()[::-1]
         explicit, root = path is not None, self.checkpoints.root
+        damaged = self.checkpoints.damaged() if path is None else []
         if self.distributed is not None:
             return self.distributed.choose_verified(
                 candidates,
                 lambda p, share: self._mismatches(p, parts, share),
                 explicit=explicit,
                 root=root,
+                damaged=damaged,
             )
         return first_verified(
-            candidates, lambda p: self._mismatches(p, parts), explicit=explicit, root=root
+            candidates,
+            lambda p: self._mismatches(p, parts),
+            explicit=explicit,
+            root=root,
+            damaged=damaged,
         )
 
     def _mismatches(

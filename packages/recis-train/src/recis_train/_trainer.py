@@ -133,6 +133,11 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(args, TrainingArguments):
+            hint = (
+                " (build it with TrainingArguments.from_dict)" if isinstance(args, Mapping) else ""
+            )
+            raise ConfigError(f"args must be TrainingArguments, got {type(args).__name__}{hint}")
         if dense_optimizer is None:
             _check_sparse_only(model, sparse_optimizer)
         elif not isinstance(dense_optimizer, torch.optim.Optimizer):
@@ -141,7 +146,9 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                 f"{type(dense_optimizer).__name__}"
             )
         _check_parts(train_data, eval_data, dense_optimizer, sparse_optimizer, lr_schedulers, hooks)
+        _refuse_parameters_stepped_twice(model, dense_optimizer, sparse_optimizer)
         _warn_unstepped_parameters(model, dense_optimizer, sparse_optimizer)
+        _check_output_path(args.output_dir)
         if args.mixed_precision == "fp16" and sparse_optimizer is not None:
             raise ConfigError(
                 "mixed_precision 'fp16' needs loss scaling, which sparse optimizers do not undo; use 'bf16'"
@@ -664,8 +671,15 @@ def _check_parts(
             f"lr_schedulers must be a list of LR schedulers, got {type(schedulers).__name__}"
         )
     owned = [o for o in (dense, sparse) if o is not None]
+    seen: dict[int, int] = {}
     for k, scheduler in enumerate(list(schedulers)):
         name = type(scheduler).__name__
+        if id(scheduler) in seen:
+            raise ConfigError(
+                f"lr_schedulers[{k}] is lr_schedulers[{seen[id(scheduler)]}] again ({name}), "
+                "which would step it twice per optimizer step; list each scheduler once"
+            )
+        seen[id(scheduler)] = k
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ConfigError(
                 f"lr_schedulers[{k}] is a ReduceLROnPlateau, which steps on a metric, not once "
@@ -721,6 +735,37 @@ def _data_hint(data: object) -> str:
     if isinstance(data, Mapping):
         return " (one batch: give a list of batches)"
     return ""
+
+
+def _refuse_parameters_stepped_twice(
+    model: nn.Module, dense: torch.optim.Optimizer | None, sparse: torch.optim.Optimizer | None
+) -> None:
+    """A parameter in both optimizers would be updated twice per step (e.g. a torch
+    ``SGD(model.parameters())`` next to a sparse optimizer over an ``nn.Embedding``)."""
+    if dense is None or sparse is None:
+        return
+    in_dense = {id(p) for g in dense.param_groups for p in g["params"]}
+    both = {id(p) for g in sparse.param_groups for p in g["params"] if id(p) in in_dense}
+    if both:
+        names = [n for n, p in model.named_parameters() if id(p) in both]
+        what = _first_names(names) if names else f"{len(both)} parameter(s) outside the model"
+        raise ConfigError(
+            f"parameters {what} are in both dense_optimizer and sparse_optimizer, which would "
+            "update them twice per step; give each parameter to one optimizer (e.g. the dense "
+            "optimizer over the parameters outside the embeddings)"
+        )
+
+
+def _check_output_path(output_dir: str) -> None:
+    """An ``output_dir`` that is a file fails at the first checkpoint, after training."""
+    path = Path(output_dir)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(
+                    f"output_dir {output_dir!r} cannot be a directory: {str(part)!r} is a file"
+                )
+            return
 
 
 def _warn_unstepped_parameters(
