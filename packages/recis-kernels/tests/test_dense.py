@@ -3,7 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ragged3_from_rows, ragged3_rows, ragged_from_rows, ragged_rows
+from conftest import (
+    ragged3_from_rows,
+    ragged3_rows,
+    ragged_from_rows,
+    ragged_rows,
+    use_host_kernels,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -238,3 +244,32 @@ def test_complex_values_pad_with_a_real_number() -> None:
     back = rk.dense_to_ragged(torch.tensor([[1j, 0j], [2 + 0j, 3j]]), pad_value=0)
     assert back.values.tolist() == [1j, 2 + 0j, 3j]
     assert back.offsets[0].tolist() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_dense_to_ragged_kernel_leaves_zeros_where_a_length_is_out_of_range(
+    levels, request, monkeypatch
+) -> None:
+    """On a GPU the lengths are not checked on the host (that would synchronize): the kernel
+    skips a row whose length is out of range and records it, and the op returns before that
+    record is read. The values of that row are zeros, not the memory the output was given."""
+    from recis_kernels._cuda import index_errors
+    from recis_kernels.ops.dense import _dense_to_ragged_cuda
+
+    use_host_kernels(request.getfixturevalue("_host_kernels"), monkeypatch, ("dense",))
+    monkeypatch.setattr(index_errors, "after_launch", lambda device: None)  # as on a GPU
+    real_empty = torch.empty
+    # Memory a GPU allocator hands out holds whatever was there: stand-in values.
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(-777))
+    if levels == 2:
+        dense = torch.arange(1, 7, dtype=torch.int64).reshape(2, 3)
+        offsets = [torch.tensor([0, 5, 6])]  # row 0 claims 5 values of 3
+        want = [0, 0, 0, 0, 0, 4]
+    else:
+        dense = torch.arange(1, 9, dtype=torch.int64).reshape(2, 2, 2)
+        offsets = [torch.tensor([0, 1, 2]), torch.tensor([0, 3, 4])]  # sub-row 0 claims 3 of 2
+        want = [0, 0, 0, 5]
+    out = _dense_to_ragged_cuda(dense, offsets)
+    assert out.tolist() == want
+    with pytest.raises(rk.IndexOutOfRangeError):
+        index_errors.check_index_errors("cpu")

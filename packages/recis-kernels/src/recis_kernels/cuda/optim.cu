@@ -89,10 +89,10 @@ extern "C" __global__ void ftrl_rows(float* param, const float* grad, float* acc
   RECIS_GRID_STRIDE(t, n * d) {
     float g = grad[t];
     float a = accum[t];
-    float a_new = a + g * g;
+    float a_new = recis_add_rn(a, recis_mul_rn(g, g));  // torch: accum + g * g, two roundings
     float root_new = lr_power == -0.5f ? sqrtf(a_new) : powf(a_new, -lr_power);
     float root_old = lr_power == -0.5f ? sqrtf(a) : powf(a, -lr_power);
-    float z = linear[t] + (g - (root_new - root_old) / lr * param[t]);
+    float z = linear[t] + recis_add_rn(g, -recis_mul_rn((root_new - root_old) / lr, param[t]));
     linear[t] = z;
     float quadratic = (beta + root_new) / lr + 2.0f * l2;
     float sign = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : 0.0f);

@@ -7,6 +7,14 @@ typedef long long i64;
 typedef unsigned int u32;
 typedef unsigned char u8;
 
+// Separately rounded products and sums. NVRTC contracts `a + b * c` into one fused
+// multiply-add (one rounding); torch's CPU ops round the product, then the sum, so kernels that
+// must give the CPU path's bits spell the two roundings out.
+__device__ __forceinline__ float recis_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double recis_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float recis_add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double recis_add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 #define RECIS_GRID_STRIDE(i, n)                                                       \
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                   \
        i += (i64)blockDim.x * gridDim.x)

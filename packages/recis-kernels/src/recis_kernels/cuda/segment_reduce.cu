@@ -34,7 +34,9 @@ __device__ void pooled_fwd(const T* rows, i64 N, const i64* off, const float* w,
     i64 start = off[b], end = off[b + 1];
     if (!recis_row_in_range(err, site, 0, b, start, end, N)) start = end = 0;
     T acc = 0;
-    for (i64 i = start; i < end; ++i) acc += (w ? (T)w[i] : T(1)) * rows[i * D + d];
+    // rows * w, then a sum in row order, each rounded (the CPU path's index_add_).
+    for (i64 i = start; i < end; ++i)
+      acc = recis_add_rn(acc, recis_mul_rn(w ? (T)w[i] : T(1), rows[i * D + d]));
     out[j] = (T)((double)acc * seg_scale(w, start, end, mode));
   }
 }

@@ -363,7 +363,9 @@ def _dense_to_ragged_cuda(dense: torch.Tensor, offsets: list[torch.Tensor]) -> t
     total = index_errors.host_int(offsets[-1][-1])
     if total < 0:
         raise RaggedError(f"dense_to_ragged: lengths must be >= 0, got a total length of {total}")
-    out = torch.empty(total, dtype=dense.dtype, device=dense.device)
+    # Zeros: the kernel writes no value of a row whose length is out of range (and records
+    # the error), and the output is returned before that record is read.
+    out = torch.zeros(total, dtype=dense.dtype, device=dense.device)
     if total == 0:
         return out
     src, dst = dense.view(word_dtype), out.view(word_dtype)

@@ -368,8 +368,13 @@ class RowStore:
         # Four floats a load: the rows of every block and of data must start on 16 bytes.
         vec4 = int(aligned and data.data_ptr() % 16 == 0 and self._blocks_aligned())
         n = rows.numel() * ((cols + 3) // 4)
+        table = self._block_table()
+        # The table may have been built on another stream: a new one (blocks added) replaces it
+        # while this launch may still read it, so its memory waits for this stream too.
+        if table.is_cuda:
+            table.record_stream(torch.cuda.current_stream(self.device))
         args = [
-            ("ptr", self._block_table()),
+            ("ptr", table),
             ("i32", self.block_shift),
             ("i64", self.width),
             ("i64", self.capacity),

@@ -35,4 +35,6 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long va
 // Correctly rounded double arithmetic, as CUDA's intrinsics (ISO C++ contracts no products).
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 using std::sqrt;
