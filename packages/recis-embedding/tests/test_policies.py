@@ -107,7 +107,7 @@ class _ScanEveryStep(StaleEviction):
             rows = table.find(ids, index)
             stale = (table.step - table.last_seen[rows]) > self.steps
             if bool(stale.any()):
-                table.count("evictions", table.erase(ids[stale], index))
+                table.erase(ids[stale], index)  # the table counts the evictions
 
 
 def test_stale_evictions_note_counts_in_the_tables_bytes() -> None:
@@ -380,7 +380,7 @@ class _OrderEveryRow(CapacityEviction):
         )
         victims = free[: needed + int(Fraction(repr(self.headroom)) * table.capacity)]
         for _, _, i, t in victims:
-            table.count("evictions", table.erase(torch.tensor([i]), t))
+            table.erase(torch.tensor([i]), t)  # the table counts the evictions
         return len(victims) >= needed
 
 
@@ -803,3 +803,69 @@ def test_feature_and_module_names_must_be_strings() -> None:
         EmbeddingEngine({1: EmbeddingOption(DIM)})
     with pytest.raises(ConfigError, match="DynamicEmbedding: name must be a non-empty str"):
         DynamicEmbedding(EmbeddingOption(DIM), name=5)
+
+
+def test_custom_policies_rejections_and_evictions_are_counted() -> None:
+    """The table counts what any policy keeps out or removes, as the built-in ones' are."""
+    from recis_embedding import AdmissionPolicy, EvictionPolicy
+
+    class EvenOnly(AdmissionPolicy):
+        def admit(self, table, ids, tables):
+            return ids % 2 == 0
+
+    class DropOdd(EvictionPolicy):
+        def after_step(self, table):
+            ids = table.ids()
+            table.erase(ids[ids % 2 == 1])
+
+    engine, opt = engine_with(admission=EvenOnly())
+    step(engine, opt, [1, 2, 3, 3])
+    stats = engine.table("f")[0].stats()
+    assert (stats.rows, stats.admissions_rejected, stats.evictions) == (1, 2, 0)
+    engine, opt = engine_with(eviction=DropOdd())
+    step(engine, opt, [1, 2, 3])
+    stats = engine.table("f")[0].stats()
+    assert (stats.rows, stats.admissions_rejected, stats.evictions) == (1, 0, 2)
+    # A hand-made erase outside a policy is no eviction.
+    engine.table("f")[0].erase(torch.tensor([2]))
+    assert engine.table("f")[0].stats().evictions == 2
+
+
+def test_an_eviction_policy_that_makes_no_room_or_evicts_a_row_in_use_is_refused() -> None:
+    from recis_embedding import EvictionPolicy
+
+    class Liar(EvictionPolicy):  # reports room, frees nothing
+        def make_room(self, table, needed, protect):
+            return True
+
+    class IgnoresProtect(EvictionPolicy):  # evicts the oldest rows, in use or not
+        def make_room(self, table, needed, protect):
+            keys, tabs, rows = table.export()
+            order = torch.argsort(table.inserted[rows] * 1_000 + keys, stable=True)[:needed]
+            return table.erase(keys[order], tabs[order]) >= needed
+
+    engine, opt = engine_with(capacity=3, eviction=Liar())
+    step(engine, opt, [1, 2, 3])
+    with pytest.raises(TableFullError, match=r"Liar.make_room reported room for 3 new ids but"):
+        step(engine, opt, [4, 5, 6])
+    assert len(engine.table("f")[0]) == 3
+    engine, opt = engine_with(capacity=3, eviction=IgnoresProtect())
+    step(engine, opt, [1, 2, 3])
+    # Id 1 is read by this lookup and the oldest: its row would go to id 4, gradient and all.
+    with pytest.raises(TableFullError, match="tried to evict a row in use by this lookup"):
+        step(engine, opt, [1, 4])
+    assert engine.table("f")[0].ids().tolist() == [1, 2, 3]
+    step(engine, opt, [4])  # no row in use: the oldest, id 1, goes
+    assert engine.table("f")[0].ids().tolist() == [2, 3, 4]
+    assert engine.table("f")[0].stats().evictions == 1
+
+
+def test_policy_configurations_that_do_nothing_or_do_not_fit_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"evicts only from a full table, and this option sets"):
+        EmbeddingOption(DIM, eviction=CapacityEviction("lfu"))
+    with pytest.raises(ConfigError, match=r"policy 'frequency' does not take \['thresh'\]"):
+        make_policy("frequency", thresh=3)
+    engine, opt = engine_with(capacity=2, eviction=StaleEviction(5))
+    step(engine, opt, [1, 2])
+    with pytest.raises(TableFullError, match="StaleEviction does not evict to make room"):
+        step(engine, opt, [3])

@@ -349,7 +349,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         # so eviction ages rows by optimizer steps (and every shard keeps the same clock).
         table.step += 1
         if table.eviction is not None:
-            table.eviction.after_step(table)
+            eviction = table.eviction
+            table._evicting(lambda: eviction.after_step(table))
 
     def _apply(
         self, table: HashTable, group: dict[str, Any], rows: torch.Tensor, grads: torch.Tensor

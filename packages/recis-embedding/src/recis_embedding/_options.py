@@ -11,7 +11,7 @@ import torch
 
 from recis_embedding._initializers import Initializer, TruncatedNormal
 from recis_embedding._numbers import default_value_error, plain
-from recis_embedding._policies import AdmissionPolicy, EvictionPolicy, policy_key
+from recis_embedding._policies import AdmissionPolicy, CapacityEviction, EvictionPolicy, policy_key
 from recis_embedding.exceptions import ConfigError
 from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
 
@@ -134,6 +134,11 @@ class EmbeddingOption:
             raise ConfigError(
                 f"eviction must be an EvictionPolicy (e.g. StaleEviction(10), or "
                 f"make_policy('stale', steps=10)) or None, got {self.eviction!r}"
+            )
+        if isinstance(self.eviction, CapacityEviction) and self.capacity is None:
+            raise ConfigError(
+                f"{self.eviction!r} evicts only from a full table, and this option sets no "
+                "capacity: give it capacity=N, or use StaleEviction to age rows out"
             )
         for flag in ("trainable", "use_weight"):
             if not isinstance(getattr(self, flag), bool):

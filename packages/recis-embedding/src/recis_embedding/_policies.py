@@ -74,7 +74,10 @@ def make_policy(name: str, **kwargs: Any) -> AdmissionPolicy | EvictionPolicy:
         raise ConfigError(f"a policy name must be a str, got {type(name).__name__} {name!r}")
     if name not in _REGISTRY:
         raise ConfigError(f"unknown policy {name!r} (registered: {sorted(_REGISTRY)})")
-    return _REGISTRY[name](**kwargs)
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"policy {name!r} does not take {sorted(kwargs)}: {exc}") from exc
 
 
 def policy_key(policy: Any) -> Any:
@@ -145,7 +148,6 @@ class ReadOnlyAdmission(AdmissionPolicy):
 
     def admit(self, table, ids, tables):
         absent = table._map.find(ids, tables) < 0
-        table.count("admissions_rejected", int(absent.sum()))
         return torch.zeros_like(absent)
 
 
@@ -170,7 +172,6 @@ class ProbabilityAdmission(AdmissionPolicy):
             raise ConfigError(f"ProbabilityAdmission needs 0 <= p <= 1, got {self.p}")
 
     def admit(self, table, ids, tables):
-        absent = table._map.find(ids, tables) < 0
         salt = int64_bits((self.seed * 0x2545F4914F6CDD1D) ^ (table.step * 0x9E3779B1))
         names = torch.tensor(
             [table_seed(self.seed, name) for name in table.names],
@@ -179,9 +180,7 @@ class ProbabilityAdmission(AdmissionPolicy):
         )
         h = fmix64(ids ^ salt ^ names[tables.to(torch.int64)])
         u = ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
-        ok = u < self.p
-        table.count("admissions_rejected", int((absent & ~ok).sum()))
-        return ok
+        return u < self.p
 
 
 class FrequencyAdmission(AdmissionPolicy):
@@ -290,7 +289,6 @@ class FrequencyAdmission(AdmissionPolicy):
         seen = counts[rows] + 1
         ready = seen >= self.threshold
         ok[idx] = ready
-        table.count("admissions_rejected", int((~ready).sum()))
         # The counts change in inserted(), once the insert went through: a lookup that fails
         # (TableFullError) takes no batch from an id's count.
         table._admission_pending = (rows, seen, ready, ids[idx], tables[idx])
@@ -339,9 +337,7 @@ def _evict_at(table: HashTable, keys: torch.Tensor, tabs: torch.Tensor, at: torc
     """Erase the keys at positions ``at`` of ``keys``/``tabs`` as evictions; how many went."""
     if at.numel() == 0:
         return 0
-    n = table._erase(keys[at], tabs[at])
-    table.count("evictions", n)
-    return n
+    return table._erase(keys[at], tabs[at])  # counted by the table as evictions
 
 
 @dataclass(frozen=True)

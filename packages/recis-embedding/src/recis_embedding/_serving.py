@@ -28,6 +28,9 @@ def serve(
         rows, _ = table.find_or_insert(keys, key_tabs, admit=admit, distinct=True)
         if table.admission is not None:
             table.admission.inserted(table)
+            # Every policy's rejections count, a custom one's too: the distinct keys left
+            # without a row.
+            table.count("admissions_rejected", int((rows < 0).sum()))
     else:
         rows = table.find(keys, key_tabs)
     present = rows >= 0

@@ -180,6 +180,8 @@ class HashTable:
         # stale before its next scan; CapacityEviction("lru"): the coldest rows, in order);
         # dropped wherever rows' last-seen steps are set other than by a training lookup.
         self._eviction_note: Any = None
+        # While an eviction policy makes room: the rows it must not evict (see _evicting).
+        self._protected: torch.Tensor | None = None
         self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending: list = []  # recis_embedding._sharding.Pending entries
         self.last_checkpoint: object = None
@@ -410,25 +412,42 @@ class HashTable:
         else:
             needed = torch.unique(torch.stack([ids, tabs.to(torch.int64)], dim=1), dim=0).shape[0]
         over = self._map.size + needed - self.capacity
-        if (
-            over > 0
-            and self.eviction is not None
-            and needed <= self.capacity - protect.unique().numel()
-            and self.eviction.make_room(self, over, protect)
-        ):
+        if over <= 0:
             return
-        if self._map.size + needed > self.capacity:
+        eviction, policy = self.eviction, type(self.eviction).__name__
+        if eviction is None:
+            advice = "set an eviction policy or a larger capacity"
+        elif needed > self.capacity - protect.unique().numel():
             advice = (
-                "set an eviction policy or a larger capacity"
-                if self.eviction is None
-                else f"the rows {type(self.eviction).__name__} may not evict (read by this "
-                f"lookup or by earlier lookups of this optimizer step) leave too little room; "
-                f"set a larger capacity"
+                f"the rows {policy} may not evict (read by this lookup or by earlier lookups "
+                "of this optimizer step) leave too little room; set a larger capacity"
             )
+        elif not self._evicting(lambda: eviction.make_room(self, over, protect), protect):
+            advice = (
+                f"{policy} does not evict to make room; set a larger capacity, or use "
+                "CapacityEviction"
+            )
+        elif self._map.size + needed > self.capacity:
             raise TableFullError(
-                f"table {self.names[0]!r} is full: {self._map.size} rows, capacity "
-                f"{self.capacity}, {needed} new ids; {advice}"
+                f"table {self.names[0]!r}: {policy}.make_room reported room for {needed} new "
+                f"ids but left {self._map.size} rows of capacity {self.capacity}"
             )
+        else:
+            return
+        raise TableFullError(
+            f"table {self.names[0]!r} is full: {self._map.size} rows, capacity "
+            f"{self.capacity}, {needed} new ids; {advice}"
+        )
+
+    def _evicting(self, evict: Callable[[], Any], protect: torch.Tensor | None = None) -> Any:
+        """Run an eviction policy's ``evict()``: the keys it erases count as evictions, and
+        erasing a row of ``protect`` (in use by the current lookup) raises before any key goes."""
+        before, self._protected = self._map.size, protect
+        try:
+            return evict()
+        finally:
+            self._protected = None
+            self.count("evictions", before - self._map.size)
 
     def _initialize(
         self, rows: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor, *, distinct: bool = False
@@ -769,7 +788,16 @@ class HashTable:
     def _erase(self, ids: torch.Tensor, tabs: torch.Tensor | int) -> int:
         if isinstance(tabs, int):
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)
-        present = self._map.find(ids, tabs) >= 0
+        rows = self._map.find(ids, tabs)
+        present = rows >= 0
+        protected = getattr(self, "_protected", None)
+        if protected is not None and bool(torch.isin(rows[present], protected).any()):
+            raise TableFullError(
+                f"table {self.names[0]!r}: {type(self.eviction).__name__}.make_room tried to "
+                "evict a row in use by this lookup (or an earlier one of this optimizer step), "
+                "which the new ids would take over; a policy must leave the rows it is given "
+                "as protect"
+            )
         ids, tabs = ids[present], tabs[present]
         freed = self._map.erase(ids, tabs)
         if freed.numel():
@@ -824,7 +852,9 @@ class HashTable:
         )
 
     def count(self, key: str, n: int) -> None:
-        """Add ``n`` to counter ``key`` (used by admission and eviction policies)."""
+        """Add ``n`` to counter ``key``. The table counts admission rejections (keys a lookup
+        left without a row) and evictions (keys erased while an eviction policy's
+        ``after_step`` or ``make_room`` runs) itself: a policy does not count them again."""
         self._counts[key] += n
 
 
