@@ -302,3 +302,23 @@ def test_destroying_the_group_ends_its_threads(tmp_path: Path) -> None:
     mp.spawn(_teardown_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     for r in range(WORLD):
         assert torch.load(tmp_path / f"threads-{r}.pt") == [], r
+
+
+@pytest.mark.parametrize(
+    ("backend", "cuda"),
+    [
+        ("nccl", True),
+        ("cuda:nccl", True),
+        ("NCCL", True),
+        ("gloo", False),
+        ("cpu:gloo", False),
+        ("cpu:gloo,cuda:nccl", False),  # host tensors go through gloo
+        ("cuda:nccl,cpu:gloo", False),
+        ("mpi", False),
+    ],
+)
+def test_which_backends_take_cuda_tensors_only(backend: str, cuda: bool) -> None:
+    # dist.get_backend() returns the string the group was made with: "cuda:nccl" is NCCL too.
+    from recis_embedding._sharding import cuda_only
+
+    assert cuda_only(backend) is cuda

@@ -38,7 +38,7 @@ if dist.is_available():
     # here, before a training script creates its group, the defaults bind no group.
     import torch.distributed.nn.functional
 
-__all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward", "handed_over"]
+__all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward", "cuda_only", "handed_over"]
 
 # The tensors of finished collectives that the backend may still hold, each with its use count
 # before the collective (see handed_over).
@@ -234,7 +234,7 @@ class ShardContext:
         ``tables`` where they live: NCCL moves CUDA tensors only, so a table on the host would
         fail at its first lookup inside NCCL with no word of which table or why. (A group of
         several backends, e.g. ``"cpu:gloo,cuda:nccl"``, serves both.)"""
-        if self.backend != "nccl":
+        if not cuda_only(self.backend):
             return
         host = sorted(name for t in tables if t.device.type != "cuda" for name in t.names)
         if host:
@@ -255,7 +255,7 @@ class ShardContext:
 
     def gather_object(self, item: Any) -> list[Any]:
         """Every rank's ``item`` (picklable), in rank order."""
-        if self.backend == "gloo" or "cpu:gloo" in self.backend:
+        if not cuda_only(self.backend):
             # Host objects go through gloo, with tensors kept until its threads let go of them
             # (see handed_over), which ``dist.all_gather_object`` frees on return.
             return self._gather_on_host(item)
@@ -316,6 +316,15 @@ class ShardContext:
     def owns(self, ids: torch.Tensor) -> torch.Tensor:
         """``(N,) bool``: which ids this rank owns."""
         return owner_rank(ids, self.world_size) == self.rank
+
+
+def cuda_only(backend: str) -> bool:
+    """Whether a process group of ``backend`` (``dist.get_backend(group)``: ``"nccl"``,
+    ``"cuda:nccl"``, ``"gloo"``, ``"cpu:gloo,cuda:nccl"``, ...) takes CUDA tensors only: NCCL,
+    with no backend for host tensors beside it."""
+    parts = [p.strip() for p in str(backend).lower().split(",") if p.strip()]
+    host = any(p.startswith("cpu:") or (":" not in p and p != "nccl") for p in parts)
+    return not host and any(p.rsplit(":", 1)[-1] == "nccl" for p in parts)
 
 
 def _late_gradient_guard(missed: list[bool]) -> Callable[[torch.Tensor], None]:

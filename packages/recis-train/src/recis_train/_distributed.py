@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from recis_embedding._sharding import cuda_only
 from recis_train._checkpoint import CheckpointManager, Writer, file_checksums, first_verified
 from recis_train.exceptions import CheckpointError, ConfigError, RankFailedError
 
@@ -119,7 +120,7 @@ class DistributedContext:
 
     def _collective_device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo and the others take CPU tensors.
-        if dist.get_backend() == "nccl":
+        if cuda_only(dist.get_backend()):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

@@ -138,15 +138,18 @@ class StepMixin:
                         "that requires grad, e.g. with every module frozen)"
                     )
                 losses, total = _union_losses(out, kept, union, self.world_size)
+                # The logged values are read before backward, in one transfer: on a GPU a read
+                # after it would wait for the whole backward pass.
+                per_task = len(out.losses) > 1 or "loss" not in out.losses
+                names = ["loss", *(f"loss/{task}" for task in losses)] if per_task else ["loss"]
+                parts = [total, *losses.values()] if per_task else [total]
+                read = torch.stack([v.detach().to(torch.float64) for v in parts]).tolist()
                 # Gradients are summed over the ranks: dividing by the world size makes the
                 # step that of the mean loss over every rank's rows.
                 loss = total / (len(micro) * self.world_size)
                 (self._scaler.scale(loss) if self._scaler else loss).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(total.detach()) / len(micro)
-            if len(out.losses) > 1 or "loss" not in out.losses:
-                for task, value in losses.items():
-                    key = f"loss/{task}"
-                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro)
+            for key, value in zip(names, read, strict=True):
+                totals[key] = totals.get(key, 0.0) + value / len(micro)
             samples += batch_rows(batch)
         self._optimizer_step()
         # The update is applied: count it before anything else can fail (a scheduler, the

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from recis_embedding._sharding import cuda_only
 from recis_train.exceptions import MetricInputError
 
 
@@ -19,7 +20,7 @@ def _world_size() -> int:
 
 def _collective_device() -> torch.device:
     # NCCL reduces only CUDA tensors; gloo and others take CPU tensors.
-    if dist.get_backend() == "nccl":
+    if cuda_only(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
