@@ -49,6 +49,7 @@ TorchRec: ``nox -s bench-fbgemm -- e2e [--threads N]``.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import math
 import sys
@@ -131,6 +132,7 @@ def train_recis(
         sparse_optimizer=SparseAdam(model, lr=SPARSE_LR),
         metrics={"auc": AUROC},
     )
+    gc.collect()  # garbage of an earlier run is not billed to this one
     start = time.perf_counter()
     trainer.train()
     if trainer.device.type == "cuda":
@@ -275,6 +277,7 @@ def fit(
         num_workers=workers,
         pin_memory=device == "cuda",
     )
+    gc.collect()  # garbage of an earlier run is not billed to this one
     start = time.perf_counter()
     samples = done = 0
     model.train()
@@ -483,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default=None, help="directory for the data (default: a temporary one)"
     )
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps must be at least 1, got {args.reps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device

@@ -3,13 +3,17 @@
 Workload (docs/benchmarks.md): 26 single-id Zipf features + 1 behaviour sequence (~30 ids), batch
 4096, dim 16, from the seeded click log of ``benchmarks/data.py``. Each contender runs forward,
 backward of the same loss (a fixed linear head over the concatenated pooled embeddings) and its
-sparse optimizer step on the same batches, cycling over a few pre-built batches.
+sparse optimizer step on the same stream of batches, none repeated: ``--warmup-batches`` untimed
+steps first (the dynamic tables then hold every id of those batches, the static tables'
+optimizer state is allocated), then the timed steps on later batches, whose ids the dynamic
+tables meet partly for the first time and insert, as in training.
 
 - recis: one ``EmbeddingEngine`` (all 27 tables fuse into one physical dynamic hash table: no
   modulo, no fixed size) with ``SparseAdam`` and with ``SparseRowWiseAdagrad``; the head reads
   its ``concat`` output, the 27 pooled features as one ``(B, 27 * 16)`` tensor (what TBE
   returns; the ``nn.EmbeddingBag`` contender concatenates its 27 outputs with ``torch.cat``).
-- anchor (a): one ``nn.EmbeddingBag(sparse=True)`` per feature, ids modulo its vocabulary size,
+- anchor (a): one ``nn.EmbeddingBag(sparse=True)`` per feature (and one for the sequence), ids
+  modulo ``--static-rows`` (1M, as RESEARCH.md's anchor; 0: each feature's vocabulary size),
   ``torch.optim.SparseAdam``.
 - anchor (b): FBGEMM table-batched embeddings on CPU (``SplitTableBatchedEmbeddingBagsCodegen``,
   one fp32 table per feature sized to its vocabulary, ids modulo it, the sequence sum-pooled over
@@ -17,12 +21,13 @@ sparse optimizer step on the same batches, cycling over a few pre-built batches.
   Adagrad contender's learning rate. Only when ``fbgemm_gpu`` imports (``nox -s bench-fbgemm``
   makes an environment with matching torch and fbgemm-gpu-cpu); otherwise not measured.
 
-Contenders are timed in interleaved rounds (one step of each per round), each after one warm-up
-pass over the batch cycle. On a shared 2-core machine use ``--threads 1``: with torch's default
+Contenders are timed in interleaved rounds (one step of each per round, after an untimed step
+of the same contender), each contender taking the batches of the stream in the same order. On a
+shared 2-core machine use ``--threads 1``: with torch's default
 two OpenMP threads and other work on the cores, every contender slows down by an order of
 magnitude (spinning threads wait for a descheduled sibling).
 
-Run: ``python benchmarks/bench_embedding.py [--batches 6] [--reps 15] [--threads N]``.
+Run: ``python benchmarks/bench_embedding.py [--warmup-batches 30] [--reps 15] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def recis_step_factory(batches, optimizer: str):
     state = {"i": 0}
 
     def step() -> None:
-        batch = inputs[state["i"] % len(inputs)]
+        batch = inputs[state["i"]]
         state["i"] += 1
         x = engine(batch)["all"]
         loss = (x @ head).square().mean()
@@ -116,7 +121,7 @@ def embedding_bag_step_factory(batches, static_rows: int):
     state = {"i": 0}
 
     def step() -> None:
-        feats = inputs[state["i"] % len(inputs)]
+        feats = inputs[state["i"]]
         state["i"] += 1
         x = torch.cat([bag(ids, off) for bag, (ids, off) in zip(bags, feats, strict=True)], dim=1)
         loss = (x @ head).square().mean()
@@ -176,7 +181,7 @@ def fbgemm_step_factory(batches, lr: float):
     state = {"i": 0}
 
     def step() -> None:
-        indices, offsets = inputs[state["i"] % len(inputs)]
+        indices, offsets = inputs[state["i"]]
         state["i"] += 1
         x = tbe(indices, offsets)
         loss = (x @ head).square().mean()
@@ -208,7 +213,12 @@ def interleaved(contenders: dict, reps: int) -> dict[str, Stats]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument(
+        "--warmup-batches",
+        type=int,
+        default=30,
+        help="untimed steps before the timed ones, on batches of their own",
+    )
     ap.add_argument("--reps", type=int, default=15, help="timed rounds (one step each)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument(
@@ -219,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         "0: each feature's vocabulary size",
     )
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.warmup_batches < 1:
+        ap.error("--reps and --warmup-batches must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = make_batches(args.batches)
+    # Every contender takes the stream in order: the warm-up batches, then two a timed round
+    # (the untimed step before each timed one, see interleaved); no batch is seen twice.
+    batches = make_batches(args.warmup_batches + 2 * args.reps)
     ids_per_batch = sum(b[f].numel() for b in batches for f in FEATURES) / len(batches) + sum(
         b["seq_values"].numel() for b in batches
     ) / len(batches)
@@ -242,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fbgemm = f"fbgemm_gpu {getattr(fbgemm_gpu, '__version__', '?')}, torch {torch.__version__}"
         contenders[fbgemm_name] = fbgemm_step_factory(batches, ROWWISE_ADAGRAD_LR)
-    # Warm-up: one pass over the batch cycle, so dynamic tables hold the cycle's ids and the
-    # static tables' optimizer state is allocated.
+    # Warm-up: the dynamic tables take the ids of the first batches, the static tables'
+    # optimizer state is allocated (one step fewer: measure's one timed call ends it).
     for fn in contenders.values():
-        measure(fn, reps=1, warmup=len(batches))
+        measure(fn, reps=1, warmup=args.warmup_batches - 1)
+    rows_before = len(engine.physical[0])
     results = interleaved(contenders, args.reps)
     rows_adam = len(engine.physical[0])
 
@@ -258,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([fbgemm_name, fbgemm, "", ""])
     print_table(
         f"embedding train step: batch {BATCH}, 26 single-id + 1 sequence feature, dim {DIM}, "
-        f"{ids_per_batch:,.0f} ids/batch, EmbeddingBag rows/table "
+        f"{ids_per_batch:,.0f} ids/batch, {args.warmup_batches} warm-up batches, recis table "
+        f"{rows_before:,} rows before the timed steps and {rows_adam:,} after, "
+        f"EmbeddingBag rows/table "
         f"{args.static_rows or 'vocabulary'}, torch threads {torch.get_num_threads()}",
         ["contender", "samples/s", "median ms/step", "x EmbeddingBag+SparseAdam"],
         rows,
@@ -276,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             "dim": DIM,
             "ids_per_batch": ids_per_batch,
             "static_rows": args.static_rows,
+            "warmup_batches": args.warmup_batches,
+            "recis_table_rows_before": rows_before,
             "recis_table_rows": rows_adam,
             "fbgemm": fbgemm,
             "recis_rowwise_vs_fbgemm_tbe": recis_vs_tbe,

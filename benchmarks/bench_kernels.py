@@ -196,9 +196,21 @@ def bench_truncate(x):
     def torch_rows():
         return torch.cat([r[-50:] for r in seq.values.split(lengths)])
 
-    assert torch.equal(rk.truncate(seq, 50, "tail").values.values, torch_rows())
+    off = seq.offsets[0]
+
+    def torch_vectorized():
+        # Each row's last min(length, 50) values, gathered by one index over every row.
+        keep = off.diff().clamp(max=50)
+        row = torch.repeat_interleave(torch.arange(keep.numel()), keep)
+        starts = torch.cumsum(keep, 0) - keep
+        return seq.values[off[1:][row] - keep[row] + torch.arange(row.numel()) - starts[row]]
+
+    want = rk.truncate(seq, 50, "tail").values.values
+    assert torch.equal(want, torch_rows())
+    assert torch.equal(want, torch_vectorized())
     return {
         "recis truncate (tail 50)": lambda: rk.truncate(seq, 50, "tail"),
+        "torch vectorized (repeat_interleave + gather)": torch_vectorized,
         "torch split + slice per row": torch_rows,
     }, BATCH
 
@@ -247,9 +259,21 @@ def bench_to_dense(x):
     def torch_dense():
         return pad(list(seq.values.split(lengths)), batch_first=True)
 
+    off = seq.offsets[0]
+
+    def torch_vectorized():
+        # One indexed assignment of every value into a zero (B, longest row) tensor.
+        length = off.diff()
+        row = torch.repeat_interleave(torch.arange(length.numel()), length)
+        out = seq.values.new_zeros(length.numel(), int(length.max()))
+        out[row, torch.arange(row.numel()) - off[:-1][row]] = seq.values
+        return out
+
     assert torch.equal(seq.to_dense(), torch_dense())
+    assert torch.equal(seq.to_dense(), torch_vectorized())
     return {
         "recis ragged_to_dense": lambda: seq.to_dense(),
+        "torch vectorized (repeat_interleave + index_put)": torch_vectorized,
         "torch split + pad_sequence": torch_dense,
     }, BATCH
 
