@@ -143,10 +143,14 @@ def _ragged_to_dense_cpu(values, offsets, pad, dims):
     if len(offsets) == 1:
         lengths = offsets[0].diff()
         if lengths.numel() == 0 or int(lengths.max()) <= dims[0]:
-            # No row is cut: a row-major boolean mask places the values in one scatter.
+            # No row is cut: each value's (row, position) places it, in one indexed scatter
+            # (a (B, L) boolean mask costs B * L, more than the values where rows are short).
             out = pad.expand(lengths.numel(), dims[0], *values.shape[1:]).clone()
-            mask = torch.arange(dims[0], device=values.device) < lengths[:, None]
-            out[mask] = values
+            n = values.shape[0]
+            row = torch.repeat_interleave(
+                torch.arange(lengths.numel(), device=values.device), lengths, output_size=n
+            )
+            out[row, torch.arange(n, device=values.device) - offsets[0][:-1][row]] = values
             return out
     batch = offsets[0].numel() - 1
     index, keep = _dense_positions(offsets, dims, values.shape[0], values.device)
