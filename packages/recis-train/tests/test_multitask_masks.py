@@ -304,3 +304,77 @@ def test_evaluation_total_loss_is_the_weighted_sum_of_task_losses(tmp_path, batc
     assert results["loss"] == pytest.approx(
         results["loss/click"] + 0.5 * results["loss/conv"], rel=1e-12
     )
+
+
+def test_an_evaluation_batch_of_no_rows_weighs_nothing_in_a_multitask_model(tmp_path):
+    # Its heads' (0, 1) logits could not be reshaped to (0, -1): the evaluation failed.
+    seed_everything(0)
+    model = MultiTask(
+        Body(),
+        [
+            Task("click", nn.Linear(16, 1), label="click"),
+            Task("conv", nn.Linear(16, 1), label="conv", mask="clicked"),
+        ],
+    )
+    data = list(ToyReader(200, 50, seed=3))
+    for batch in data:
+        batch["clicked"] = batch["click"] == 1
+    empty = {k: v[:0] for k, v in data[0].items()}
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False),
+        train_data=[],
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    want = trainer.evaluate(data)
+    got = trainer.evaluate([data[0], empty, *data[1:]])
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_a_single_loss_is_evaluated_as_the_mean_over_its_labels(tmp_path):
+    """A model returning one loss over the rows it kept (and those rows' labels) is weighed by
+    them, as in training: weighing its batches by all their rows skewed the evaluation loss."""
+
+    class Kept(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(NUM_DENSE, 1)
+
+        def forward(self, batch):
+            keep = batch["clicked"]
+            logit = self.lin(batch["dense"])[:, 0][keep]
+            label = batch["conv"][keep]
+            return {"loss": BCE(logit, label), "predictions": torch.sigmoid(logit), "labels": label}
+
+    seed_everything(0)
+    model = Kept()
+    data = list(ToyReader(300, 70, seed=3))  # uneven kept counts per batch
+    for batch in data:
+        batch["clicked"] = batch["click"] == 1
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False),
+        train_data=[],
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        metrics={"logloss": LogLoss},
+    )
+    results = trainer.evaluate(data)
+    with torch.no_grad():
+        rows = {k: torch.cat([b[k] for b in data]) for k in data[0]}
+        keep = rows["clicked"]
+        want = float(BCE(model.lin(rows["dense"])[:, 0][keep], rows["conv"][keep]))
+    assert results["loss"] == pytest.approx(want, rel=1e-5)
+    assert results["loss"] == pytest.approx(results["logloss"], rel=1e-5)
+
+
+def test_task_names_and_weights_the_trainer_cannot_use_are_refused():
+    for name in ("ctr.v2", "", "loss"):
+        with pytest.raises(ConfigError, match="task"):
+            Task(name, nn.Linear(16, 1), label="click")
+    from recis_train._outputs import parse_output
+    from recis_train.exceptions import ModelOutputError
+
+    s = torch.zeros((), requires_grad=True)
+    loss = torch.ones((), requires_grad=True)
+    with pytest.raises(ModelOutputError, match=r"weights\['click'\] requires grad"):
+        parse_output({"losses": {"click": loss}, "weights": {"click": torch.exp(-s)}})

@@ -83,6 +83,7 @@ class EvaluationMixin:
         task_rows: dict[str, float] = {}  # rows each task's loss is the mean over
         weighted: dict[str, float] = {}  # per task: sum of weight * loss * kept rows
         rows = 0
+        loss_rows = 0.0  # rows the "loss" of a single-loss model is the mean over
         was_training = self.model.training
         self.model.eval()
         try:
@@ -97,9 +98,14 @@ class EvaluationMixin:
                         continue
                     n = batch_rows(batch)
                     rows += n
+                    # A single loss is the mean over its labels, as in training (a model that
+                    # leaves unlabelled rows out weighs its batches by the rows it kept).
+                    single = len(out.losses) == 1 and "loss" in out.losses and out.labels
+                    counted = next(iter(out.labels.values())).numel() if single else n
+                    loss_rows += counted
                     # A batch without rows weighs nothing: its mean loss is NaN (0 / 0), and
                     # NaN * 0 would poison the sum. The keys stay, the same on every rank.
-                    sums["loss"] = sums.get("loss", 0.0) + _weighed(out.loss, n)
+                    sums["loss"] = sums.get("loss", 0.0) + _weighed(out.loss, counted)
                     if len(out.losses) > 1 or "loss" not in out.losses:
                         for task, value in out.losses.items():
                             # A task's loss is its mean over the rows it kept (all of them,
@@ -127,19 +133,18 @@ class EvaluationMixin:
         if self.distributed is not None:
             keys, tasks = sorted(sums), sorted(task_rows)
             total = self.distributed.reduce(
-                [rows]
+                [rows, loss_rows]
                 + [sums[k] for k in keys]
                 + [task_rows[k] for k in tasks]
                 + [weighted[k] for k in tasks]
             )
-            rows, sums = int(total[0]), dict(zip(keys, total[1 : 1 + len(keys)], strict=True))
-            end = 1 + len(keys) + len(tasks)
-            task_rows = dict(zip(tasks, total[1 + len(keys) : end], strict=True))
+            rows, loss_rows = int(total[0]), total[1]
+            sums = dict(zip(keys, total[2 : 2 + len(keys)], strict=True))
+            end = 2 + len(keys) + len(tasks)
+            task_rows = dict(zip(tasks, total[2 + len(keys) : end], strict=True))
             weighted = dict(zip(tasks, total[end:], strict=True))
         results = (
-            {k: _mean(v, task_rows[k]) if k in task_rows else v / rows for k, v in sums.items()}
-            if rows
-            else {}
+            {k: _mean(v, task_rows.get(k, loss_rows)) for k, v in sums.items()} if rows else {}
         )
         if not rows:
             # Empty results would otherwise pass for an evaluation (a hook or a report finds

@@ -58,6 +58,12 @@ class Task:
     missing: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "." in self.name:
+            # The heads are kept in an nn.ModuleDict under the task names.
+            raise ConfigError(f"a task name must be a non-empty str without '.', got {self.name!r}")
+        if self.name == "loss":
+            # Its results would read as the total loss's ("loss", "loss/auc").
+            raise ConfigError("a task cannot be named 'loss', the name of the total loss")
         if self.metrics is not None:
             if not isinstance(self.metrics, Mapping):
                 raise ConfigError(
@@ -243,7 +249,8 @@ class MultiTask(nn.Module):
         for task in self.tasks:
             rep = shared[task.name] if isinstance(shared, Mapping) else shared
             logits = self.heads[task.name](rep)
-            logits = logits.reshape(logits.shape[0], -1)
+            # flatten, not reshape(B, -1): a batch of no rows has no size to infer.
+            logits = logits.flatten(1) if logits.dim() > 1 else logits[:, None]
             if logits.shape[1] != 1:
                 raise ModelOutputError(
                     f"task {task.name!r}: head must give one logit per row, got shape {tuple(logits.shape)}"

@@ -119,6 +119,12 @@ def parse_output(output: Any) -> StepOutput:
 
 def _weight(value: Any, task: str) -> float:
     """A task's weight as a float: a finite real number (a 0-d tensor counts as its value)."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        # Taken as its value, it would train nothing (uncertainty weighting, say).
+        raise ModelOutputError(
+            f"model output weights[{task!r}] requires grad, but weights are taken as numbers "
+            "and get no gradient; put a learnable weighting into the task's loss instead"
+        )
     number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     if (
         isinstance(number, bool)
