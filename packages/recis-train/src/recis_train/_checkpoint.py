@@ -309,33 +309,45 @@ class CheckpointManager:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        self._recover_replaced()
-        found = []
-        for path in self.root.iterdir():
-            match = _NAME.match(path.name)
-            if match and path.is_dir() and self._is_complete(path):
-                found.append((int(match.group(1)), path))
-        return [path for _, path in sorted(found)]
+        return self._survey()[0]
 
     def damaged(self) -> list[str]:
         """Checkpoints passed over as incomplete although their manifest is there, newest
         first, each as ``"step-... (what is wrong)"``. A save writes the manifest last, into a
         directory renamed into place, so such a checkpoint was complete once: a file of it was
         truncated or removed since (a copy cut short, a full disk)."""
+        return self._survey()[1]
+
+    def _candidates(self, path: str | Path | None = None) -> tuple[list[Path], list[str]]:
+        """What a restore chooses from: ``path`` alone when given, else the complete
+        checkpoints newest first; and (``path`` not given) the :meth:`damaged` ones, from the
+        same look at the directory (each manifest is read once)."""
+        if path is not None:
+            return [Path(path)], []
+        done, damaged = self._survey()
+        return done[::-1], damaged
+
+    def _survey(self) -> tuple[list[Path], list[str]]:
+        """One pass over the checkpoint directories: the complete ones, oldest first, and the
+        :meth:`damaged` ones, newest first. Incomplete ones are passed over with a warning."""
         if not self.root.is_dir():
-            return []
-        found = []
+            return [], []
+        self._recover_replaced()
+        done, damaged = [], []
         for path in self.root.iterdir():
             match = _NAME.match(path.name)
-            if not (match and path.is_dir() and (path / MANIFEST).is_file()):
+            if not (match and path.is_dir()):
                 continue
+            step = int(match.group(1))
             try:
                 self.read_manifest(path)
             except (CheckpointError, OSError) as err:
-                found.append((int(match.group(1)), f"{path.name} ({err})"))
-        return [what for _, what in sorted(found, reverse=True)]
+                _log.warning("skipping incomplete checkpoint %s: %s", path, err)
+                if (path / MANIFEST).is_file():
+                    damaged.append((step, f"{path.name} ({err})"))
+                continue
+            done.append((step, path))
+        return [p for _, p in sorted(done)], [what for _, what in sorted(damaged, reverse=True)]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or ``None`` (checked by sizes only, not checksums)."""
@@ -363,13 +375,13 @@ class CheckpointManager:
             CheckpointCorruptError: ``path`` fails verification (naming the file, the expected
                 and the found checksum), or none of the complete checkpoints verifies.
         """
-        candidates = [Path(path)] if path is not None else self.complete()[::-1]
+        candidates, damaged = self._candidates(path)
         return first_verified(
             candidates,
             lambda p: self.mismatches(p, parts),
             explicit=path is not None,
             root=self.root,
-            damaged=self.damaged() if path is None else (),
+            damaged=damaged,
         )
 
     @classmethod
@@ -466,14 +478,6 @@ class CheckpointManager:
                 f"overwritten: {', '.join(wrong)}"
             )
         return manifest
-
-    def _is_complete(self, path: Path) -> bool:
-        try:
-            self.read_manifest(path)
-        except (CheckpointError, OSError) as err:
-            _log.warning("skipping incomplete checkpoint %s: %s", path, err)
-            return False
-        return True
 
     def _rotate(self, written: Path) -> None:
         """Deletes complete checkpoints beyond ``max_to_keep``, the lowest steps first, never

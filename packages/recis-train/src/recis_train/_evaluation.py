@@ -17,6 +17,7 @@ from recis_train._checkpoint import type_name
 from recis_train._data import batch_rows, move_to
 from recis_train._distributed import DistributedContext
 from recis_train._outputs import StepOutput, parse_output
+from recis_train._step import _task_rows
 from recis_train.exceptions import ConfigError, MetricInputError
 from recis_train.metrics import AUROC, GAUC, Calibration, LogLoss, Metric
 
@@ -98,10 +99,11 @@ class EvaluationMixin:
                         continue
                     n = batch_rows(batch)
                     rows += n
-                    # A single loss is the mean over its labels, as in training (a model that
-                    # leaves unlabelled rows out weighs its batches by the rows it kept).
-                    single = len(out.losses) == 1 and "loss" in out.losses and out.labels
-                    counted = next(iter(out.labels.values())).numel() if single else n
+                    # The rows each loss is the mean over, as in training: a task's kept rows,
+                    # a single loss's labels (a model that leaves unlabelled rows out weighs
+                    # its batches by the rows it kept).
+                    kept_rows = _task_rows(out, batch)
+                    counted = kept_rows.get("loss", n)
                     loss_rows += counted
                     # A batch without rows weighs nothing: its mean loss is NaN (0 / 0), and
                     # NaN * 0 would poison the sum. The keys stay, the same on every rank.
@@ -110,7 +112,7 @@ class EvaluationMixin:
                         for task, value in out.losses.items():
                             # A task's loss is its mean over the rows it kept (all of them,
                             # unless it leaves rows with unknown labels out): weigh it by those.
-                            kept = out.labels[task].numel() if task in out.labels else n
+                            kept = kept_rows.get(task, n)
                             key, part = f"loss/{task}", _weighed(value, kept)
                             sums[key] = sums.get(key, 0.0) + part
                             task_rows[key] = task_rows.get(key, 0) + kept

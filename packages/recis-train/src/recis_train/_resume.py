@@ -236,9 +236,8 @@ class CheckpointMixin:
         Distributed, the ranks verify rank 0's candidates together (each reads a share of the
         files) and so agree on the checkpoint, or all raise.
         """
-        candidates = [Path(path)] if path is not None else self.checkpoints.complete()[::-1]
+        candidates, damaged = self.checkpoints._candidates(path)
         explicit, root = path is not None, self.checkpoints.root
-        damaged = self.checkpoints.damaged() if path is None else []
         if self.distributed is not None:
             return self.distributed.choose_verified(
                 candidates,
