@@ -73,6 +73,23 @@ def test_initial_rows_a_float16_table_cannot_hold_are_refused_and_nothing_is_ins
     assert fits({"f": torch.tensor([[1]])})["f"].tolist() == [[65504.0, 65504.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_initial_rows_that_are_not_finite_are_refused_in_every_dtype(
+    dtype: torch.dtype, value: float
+) -> None:
+    class Broken(Initializer):
+        def sample(self, ids: torch.Tensor, dim: int, seed: int | torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(ids.numel(), dim)
+            out[-1, -1] = value  # one value of the batch's last row
+            return out
+
+    engine = EmbeddingEngine({"f": EmbeddingOption(2, dtype=dtype, initializer=Broken())})
+    with pytest.raises(ConfigError, match=r"initializer Broken gave id 2 .*not finite"):
+        engine({"f": torch.tensor([[1], [2]])})
+    assert engine.rows_per_table() == {"f": 0}
+
+
 class _Fixed(Initializer):
     """Returns whatever shape it was built with."""
 

@@ -288,6 +288,23 @@ def test_a_cross_of_zero_dimensional_tensors_is_a_type_error() -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False])
+def test_a_cross_of_ragged_vectors_is_a_type_error(fused: bool) -> None:
+    from recis_kernels import RaggedTensor
+
+    # Ragged values of shape (N, 2) passed the type check and the kernel refused them as a
+    # data error, in its own words (and in other words fused and alone).
+    pairs = RaggedTensor(torch.arange(12).reshape(6, 2), [torch.tensor([0, 2, 2, 6])])
+    engine = FeatureEngine([Feature("x").select_fields(["r", "d"]).cross()], fused=fused)
+    with pytest.raises(FeatureTypeError) as info:
+        engine({"r": pairs, "d": torch.tensor([1, 2, 3])})
+    assert str(info.value) == (
+        "feature 'x': op cross (step 1) expects a pair of id columns (one id per ragged value, "
+        "not vectors), found a pair (ragged int64 with 1 offset level(s), dense int64 tensor "
+        "of shape (3,))"
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False])
 def test_a_cross_takes_dense_uint8_ids_as_mod_does(fused: bool) -> None:
     # Every op reads a dense uint8 column as ids; the cross refused it as bytes.
     features = [

@@ -478,18 +478,24 @@ class HashTable:
 
     def _check_initial(self, emb: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor) -> None:
         """Refuses initial rows that are not finite or that the table's dtype cannot hold
-        (beyond float16's 65504 they would be stored as inf), as a load refuses such rows."""
-        limit = 65504.0 if self.dtype == torch.float16 else math.inf
-        bad = ~(emb.abs() <= limit).all(dim=1)  # NaN compares False
-        if not bool(bad.any()):
+        (beyond float16's 65504 they would be stored as inf), as a load refuses such rows.
+
+        One ``aminmax`` pass decides (NaN propagates to both ends); only a refused batch looks
+        for its first bad row."""
+        limit = torch.finfo(self.dtype).max if self.dtype != torch.float32 else math.inf
+        if not emb.numel():
             return
+        low, high = (float(v) for v in torch.aminmax(emb))
+        if math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit:
+            return
+        bad = ~(torch.isfinite(emb) & (emb.abs() <= limit)).all(dim=1)
         at = int(true_positions(bad)[0])
         t = int(tabs[at])
         values = emb[at].tolist()
         reason = (
             "not finite"
             if not all(math.isfinite(v) for v in values)
-            else f"beyond the table's {str(self.dtype).removeprefix('torch.')} (max 65504)"
+            else f"beyond the table's {str(self.dtype).removeprefix('torch.')} (max {limit:g})"
         )
         raise ConfigError(
             f"table {self.names[t]!r}: initializer {type(self.initializers[t]).__name__} gave id "

@@ -389,6 +389,8 @@ class FeatureCross(Transform):
                 return expected + " (one or more ids per row, not a single number)"
             if isinstance(part, RaggedTensor) and len(part.offsets) != 1:
                 return expected + " (one ragged level each)"
+            if isinstance(part, RaggedTensor) and part.values.dim() != 1:
+                return expected + " (one id per ragged value, not vectors)"
         return None
 
     @staticmethod
