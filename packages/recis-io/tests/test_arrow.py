@@ -44,3 +44,13 @@ def test_binary_exports_as_binary_whatever_its_fields_are_named(tmp_path) -> Non
     assert out.schema.field("b").type == pa.large_list(pa.large_binary())
     out.validate(full=True)
     assert out.column("b").to_pylist() == [[b"\xff\xfe"], [b"ok"]]
+
+
+def test_to_arrow_without_pyarrow_names_the_extra(tmp_path, monkeypatch) -> None:
+    import sys
+
+    path = write(pa.table({"id": pa.array([1, 2, 3])}), tmp_path / "p.parquet", "parquet", 3)
+    batch = next(iter(Dataset(path, batch_size=3)))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'recis-io\[arrow\]'"):
+        batch.to_arrow()

@@ -38,7 +38,15 @@ if dist.is_available():
     # here, before a training script creates its group, the defaults bind no group.
     import torch.distributed.nn.functional
 
-__all__ = ["Exchange", "Pending", "ShardContext", "awaiting_backward", "cuda_only", "handed_over"]
+__all__ = [
+    "Exchange",
+    "Pending",
+    "ShardContext",
+    "awaiting_backward",
+    "cuda_only",
+    "gather_objects_on_host",
+    "handed_over",
+]
 
 # The tensors of finished collectives that the backend may still hold, each with its use count
 # before the collective (see handed_over).
@@ -73,6 +81,24 @@ def handed_over(*tensors: torch.Tensor) -> Iterator[None]:
         with _handed_lock:
             _handed.extend(zip(tensors, before, strict=True))
         _let_go()
+
+
+def gather_objects_on_host(item: Any, rank: int, world_size: int, group: Any = None) -> list[Any]:
+    """Every rank's ``item`` (picklable), in rank order, through two all-reduces of CPU tensors
+    (``dist.all_gather_object`` on a gloo group, with its tensors kept until the group's
+    threads let go of them: see :func:`handed_over`)."""
+    data = torch.frombuffer(bytearray(pickle.dumps(item)), dtype=torch.uint8)
+    sizes = torch.zeros(world_size, dtype=torch.int64)
+    sizes[rank] = data.numel()
+    with handed_over(sizes):
+        dist.all_reduce(sizes, group=group)
+    lengths = sizes.tolist()
+    # Each rank fills its own row, zeros elsewhere: the sum is every rank's bytes.
+    rows = torch.zeros(world_size, max(lengths), dtype=torch.uint8)
+    rows[rank, : data.numel()] = data
+    with handed_over(rows):
+        dist.all_reduce(rows, group=group)
+    return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(lengths)]
 
 
 def _let_go() -> None:
@@ -265,18 +291,7 @@ class ShardContext:
         return out
 
     def _gather_on_host(self, item: Any) -> list[Any]:
-        data = torch.frombuffer(bytearray(pickle.dumps(item)), dtype=torch.uint8)
-        sizes = torch.zeros(self.world_size, dtype=torch.int64)
-        sizes[self.rank] = data.numel()
-        with handed_over(sizes):
-            dist.all_reduce(sizes, group=self.group)
-        lengths = sizes.tolist()
-        # Each rank fills its own row, zeros elsewhere: the sum is every rank's bytes.
-        rows = torch.zeros(self.world_size, max(lengths), dtype=torch.uint8)
-        rows[self.rank, : data.numel()] = data
-        with handed_over(rows):
-            dist.all_reduce(rows, group=self.group)
-        return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(lengths)]
+        return gather_objects_on_host(item, self.rank, self.world_size, self.group)
 
     def failed_ranks(self, failed: bool, device: torch.device) -> list[int]:
         """The ranks that report ``failed``, agreed by every rank with one small all-reduce

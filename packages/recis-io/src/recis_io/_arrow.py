@@ -69,7 +69,13 @@ def _flat(pa_mod, info: _ColumnInfo, t: torch.Tensor) -> pa.Array:
 
 
 def to_record_batch(batch: Batch) -> pa.RecordBatch:
-    import pyarrow as pa_mod
+    try:
+        import pyarrow as pa_mod
+    except ImportError as err:
+        raise ImportError(
+            "Batch.to_arrow needs pyarrow, which recis-io does not install itself: "
+            "pip install 'recis-io[arrow]'"
+        ) from err
 
     if batch.device.type != "cpu":
         raise InvalidArgumentError(f"to_arrow needs a cpu batch, this one is on {batch.device}")

@@ -24,17 +24,47 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from recis_embedding._sharding import cuda_only
+from recis_embedding._sharding import cuda_only, gather_objects_on_host, handed_over
 from recis_train._checkpoint import CheckpointManager, Writer, file_checksums, first_verified
 from recis_train.exceptions import CheckpointError, ConfigError, RankFailedError
 
-__all__ = ["DistributedContext", "own_rank_state", "sum_gradients"]
+__all__ = [
+    "DistributedContext",
+    "all_reduce",
+    "gather_objects",
+    "own_rank_state",
+    "sum_gradients",
+]
 
 
 def sum_gradients(group: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: all-reduce a gradient bucket as a sum (no division by the world)."""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> None:
+    """``dist.all_reduce`` over the default group, in place. A CPU tensor (gloo) stays
+    referenced until the group's worker thread lets go of it: freed first by Python, it is
+    left to that thread to free, which takes the GIL, and a process group destroyed meanwhile
+    (``destroy_process_group()`` after the run) waits for that thread with the GIL held on
+    torch releases before 2.8, a deadlock (see recis_embedding's ``handed_over``)."""
+    if tensor.device.type == "cpu":
+        with handed_over(tensor):
+            dist.all_reduce(tensor, op=op)
+    else:
+        dist.all_reduce(tensor, op=op)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank: over gloo through CPU
+    tensors kept as in :func:`all_reduce` (``dist.all_gather_object`` frees its own on
+    return), over NCCL by ``dist.all_gather_object``."""
+    if cuda_only(dist.get_backend()):
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return gather_objects_on_host(obj, dist.get_rank(), dist.get_world_size())
 
 
 class DistributedContext:
@@ -128,7 +158,7 @@ class DistributedContext:
         """``values`` combined elementwise over the ranks (``"sum"``, ``"min"`` or ``"max"``)."""
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
         tensor = torch.tensor(list(values), dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor, op=ops[op])
+        all_reduce(tensor, ops[op])
         return [float(v) for v in tensor.cpu()]
 
     def agree_count(self, count: int, error: Exception | None = None, what: str = "") -> int:
@@ -208,15 +238,17 @@ class DistributedContext:
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_objects(obj)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        if cuda_only(dist.get_backend()):
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        # Over gloo as a gather in which only rank 0's object is sent (the others send None):
+        # the collective's tensors are kept as in all_reduce.
+        return gather_objects(obj if self.rank == 0 else None)[0]
 
     def barrier(self) -> None:
         """Wait until every rank got here."""

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from recis_embedding._sharding import cuda_only
+from recis_train._distributed import all_reduce, gather_objects
 from recis_train.exceptions import MetricInputError
 
 
@@ -220,13 +221,11 @@ class Metric:
         for name, tensor in local.items():
             if self._reductions[name] == "sum":
                 reduced = tensor.to(_collective_device(), copy=True)
-                dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+                all_reduce(reduced)
                 synced[name] = reduced.cpu()
             else:
                 # Ranks hold different lengths; object gather avoids a pad-and-trim protocol.
-                gathered: list[Any] = [None] * _world_size()
-                dist.all_gather_object(gathered, tensor)
-                synced[name] = torch.cat(gathered)
+                synced[name] = torch.cat(gather_objects(tensor))
         return synced
 
     def __repr__(self) -> str:
