@@ -526,3 +526,56 @@ def test_a_tensor_learning_rate_is_saved_as_its_value_and_loads_into_the_tensor(
     load(tmp_path / "ckpt", other, resumed)
     assert resumed.param_groups[0]["lr"] is rate
     assert float(rate) == pytest.approx(0.02)
+
+
+# -- what keeps a table alive ---------------------------------------------------------------------
+
+
+def _trained(shard: bool = False) -> tuple[EmbeddingEngine, SparseAdam]:
+    engine = EmbeddingEngine({"a": EmbeddingOption(4)}, shard=shard)
+    opt = SparseAdam(engine, lr=0.1)
+    engine({"a": torch.tensor([[1], [2]])})["a"].sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return engine, opt
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_table_nothing_uses_is_freed_at_once(shard: bool, tmp_path) -> None:
+    # Its handle led back to it: table and handle formed a cycle, freed only by a later
+    # garbage collection (a sharded table's process group with it, destroyed that late).
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    if shard:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    gc.collect()
+    gc.disable()
+    try:
+        engine, opt = _trained(shard)
+        table = weakref.ref(engine.physical[0])
+        del engine
+        assert table() is not None  # the optimizer keeps its tables
+        del opt
+        assert table() is None
+    finally:
+        gc.enable()
+        if shard:
+            dist.destroy_process_group()
+
+
+def test_a_copied_or_saved_optimizer_keeps_its_tables() -> None:
+    import copy
+    import io
+
+    engine, opt = _trained()
+    twin = copy.deepcopy(opt)
+    assert [t.ids().tolist() for t in twin.tables()] == [[1, 2]]
+    assert twin.tables()[0] is not engine.physical[0]
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)  # torch.save drops the handles' attributes; this lost the tables
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [t.ids().tolist() for t in loaded.tables()] == [[1, 2]]

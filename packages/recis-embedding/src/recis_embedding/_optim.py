@@ -23,7 +23,7 @@ from torch import nn
 
 from recis_embedding._numbers import plain
 from recis_embedding._sharding import awaiting_backward, handed_over
-from recis_embedding._table import HashTable
+from recis_embedding._table import HashTable, TableOf
 from recis_embedding.exceptions import OptimizerError
 from recis_kernels import (
     adagrad_rows_,
@@ -186,7 +186,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             tables = list(params)
         resolved = []
         for t in tables:
-            owner = getattr(t, "_recis_table", None)
+            back = getattr(t, "_recis_table", None)
+            owner = back() if isinstance(back, TableOf) else None
             if isinstance(t, torch.Tensor) and isinstance(owner, HashTable):
                 t = owner  # a table's handle, as param_groups hold them
             if not isinstance(t, HashTable):
@@ -203,6 +204,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         for t in resolved:
             slots, init = self._slots(t.dim)
             t.configure_state(self.kind, slots, init)
+        # The optimizer keeps its tables: their handles in param_groups lead back weakly.
+        self.__dict__.setdefault("_tables_held", []).extend(resolved)
         super().add_param_group({**param_group, "params": [t.handle for t in resolved]})
 
     def _check_flags(self, flags: dict[str, Any]) -> None:
@@ -258,7 +261,17 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def tables(self) -> list[HashTable]:
         """The tables this optimizer updates."""
-        return [p._recis_table for g in self.param_groups for p in g["params"]]
+        held = self._held()
+        return [_table_of(p, held) for g in self.param_groups for p in g["params"]]
+
+    def _held(self) -> dict[int, HashTable]:
+        """The tables this optimizer keeps, by their handles' ids."""
+        return {id(t.handle): t for t in self.__dict__.get("_tables_held", ())}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer keeps only defaults, state and param_groups: a copy or a pickle
+        # of the optimizer keeps its tables too.
+        return {**super().__getstate__(), "_tables_held": self.__dict__.get("_tables_held", [])}
 
     def _slots(self, dim: int) -> tuple[list[tuple[str, int]], torch.Tensor]:
         raise NotImplementedError
@@ -324,8 +337,9 @@ class SparseOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__}: {key} must be > 0, got {group[key]!r} at "
                         f"this step (set by an LR scheduler? end its schedule above 0)"
                     )
+        held = self._held()
         tables = [
-            (handle._recis_table, group)
+            (_table_of(handle, held), group)
             for group in self.param_groups
             for handle in group["params"]
         ]
@@ -817,3 +831,19 @@ class SparseFTRL(SparseOptimizer):
             l2=group["l2"],
             beta=group["beta"],
         )
+
+
+def _table_of(handle: torch.Tensor, held: dict[int, HashTable]) -> HashTable:
+    """The table a param group's handle stands for: where the handle leads back (weakly, see
+    :class:`~recis_embedding._table.TableOf`), else the optimizer's own table of that handle
+    (``torch.save`` drops a tensor's attributes; the handle object itself stays the table's)."""
+    back = getattr(handle, "_recis_table", None)
+    table = back() if isinstance(back, TableOf) else None
+    if table is None:
+        table = held.get(id(handle))
+    if table is None:
+        raise OptimizerError(
+            "a param group holds a tensor that stands for no table this optimizer keeps "
+            "(param groups hold the handles of their tables: add tables with add_param_group)"
+        )
+    return table

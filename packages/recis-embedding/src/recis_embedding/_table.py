@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from recis_kernels.ops.hash_table import MAX_LOAD_FACTOR, check_load_factor
 if TYPE_CHECKING:
     from recis_embedding._policies import AdmissionPolicy, EvictionPolicy
 
-__all__ = ["HashTable", "TableStats"]
+__all__ = ["HashTable", "TableOf", "TableStats"]
 
 _BLOCK_ROWS = 1 << 16
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -80,6 +81,28 @@ def _placed(name: str, device: torch.device | str | None) -> torch.device:
         raise ConfigError(
             f"table {name!r}: device {str(where)!r} is not usable here: {err}"
         ) from err
+
+
+class TableOf:
+    """How a table's handle (the tensor an optimizer holds for it) leads back to the table:
+    weakly, so that a table and its handle form no reference cycle and a table nothing uses
+    any more is freed at once, not at some later garbage collection (with its rows, and for
+    a sharded table its process group: destroyed that late, a gloo group can abort or hang
+    the process). Whatever holds a handle holds its table too (a sparse optimizer keeps its
+    tables). Pickled and copied, it takes the table along, as the plain reference did.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, table: HashTable) -> None:
+        self._ref = weakref.ref(table)
+
+    def __call__(self) -> HashTable | None:
+        """The table, or ``None`` once it is gone."""
+        return self._ref()
+
+    def __reduce__(self) -> tuple[Any, tuple[HashTable | None]]:
+        return (TableOf, (self._ref(),))
 
 
 class HashTable:
@@ -185,9 +208,10 @@ class HashTable:
         self._erased: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending: list = []  # recis_embedding._sharding.Pending entries
         self.last_checkpoint: object = None
-        # torch optimizers only accept tensors; this empty leaf stands for the table.
+        # torch optimizers only accept tensors; this empty leaf stands for the table, and
+        # leads back to it weakly (see TableOf).
         self.handle = torch.empty(0)
-        self.handle._recis_table = self  # type: ignore[attr-defined]
+        self.handle._recis_table = TableOf(self)  # type: ignore[attr-defined]
         self.add_table(name, initializer or TruncatedNormal(std=0.01))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
