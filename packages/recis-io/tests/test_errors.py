@@ -30,6 +30,7 @@ def test_missing_file_is_file_not_found(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.parquet") as info:
         Dataset(tmp_path / "nope.parquet", batch_size=4)
     assert isinstance(info.value, RecisIOError)
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, str(tmp_path / "nope.parquet"))
     with pytest.raises(DataFileNotFoundError, match="matches no data files"):
         Dataset(str(tmp_path / "*.parquet"), batch_size=4)
     with pytest.raises(DataFileNotFoundError, match="holds no"):
@@ -54,8 +55,10 @@ def test_file_replaced_after_planning_is_an_os_error(tmp_path, fmt: str) -> None
     assert isinstance(info.value, OSError)
     assert isinstance(info.value, RecisIOError)
     path.rmdir()
-    with pytest.raises(DataFileNotFoundError, match=rf"a\.{fmt}"):
+    with pytest.raises(DataFileNotFoundError, match=rf"a\.{fmt}") as gone:
         list(ds)
+    # errno and filename set, as open() sets them (both were None)
+    assert (gone.value.errno, gone.value.filename) == (errno.ENOENT, str(path))
 
 
 def test_file_rewritten_after_planning_is_refused_not_misread(tmp_path, fmt: str) -> None:

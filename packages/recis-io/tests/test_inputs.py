@@ -73,6 +73,48 @@ def test_glob_skips_hidden_names_it_did_not_spell_out(
     assert [Path(f).relative_to(job_output).as_posix() for f in ds.files] == expected
 
 
+def test_a_pattern_with_two_double_stars_keeps_the_names_it_spells_out(tmp_path: Path) -> None:
+    # Only the first `**` was lined up; the spelled-out `_keep` was paired with the second
+    # one and taken for a hidden name, dropping two of the three files.
+    for where in ("_keep", "x/_keep", "x/_keep/y", "x/_skip/_keep"):
+        (tmp_path / where).mkdir(parents=True)
+        write(ids(0, 2), tmp_path / where / "f.parquet", "parquet", 2)
+    ds = Dataset(str(tmp_path / "**" / "_keep" / "**" / "*.parquet"), batch_size=4)
+    assert [Path(f).relative_to(tmp_path).as_posix() for f in ds.files] == [
+        "_keep/f.parquet",
+        "x/_keep/f.parquet",
+        "x/_keep/y/f.parquet",
+    ]
+
+
+def test_a_directory_follows_linked_directories_as_its_glob_does(tmp_path: Path) -> None:
+    # A linked partition (`dt=latest` pointing elsewhere) was read by `data/*` and silently
+    # left out by `data/`.
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    write(ids(0, 2), data / "a" / "x.parquet", "parquet", 2)
+    write(ids(2, 4), elsewhere / "y.parquet", "parquet", 2)
+    (data / "b").symlink_to(elsewhere, target_is_directory=True)
+    spellings = [str(data), str(data / "*"), str(data / "**" / "*.parquet")]
+    for spelling in spellings:
+        ds = Dataset(spelling, batch_size=4)
+        assert [Path(f).relative_to(data).as_posix() for f in ds.files] == [
+            "a/x.parquet",
+            "b/y.parquet",
+        ], spelling
+        assert sorted(read_ids(ds)) == [0, 1, 2, 3]
+
+
+def test_a_link_back_to_a_directory_above_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    write(ids(0, 2), data / "a" / "x.parquet", "parquet", 2)
+    (data / "a" / "up").symlink_to(data, target_is_directory=True)
+    with pytest.raises(InvalidArgumentError, match=r"leads back to a directory above it"):
+        Dataset(str(data), batch_size=4)
+
+
 def test_glob_of_only_hidden_files_matches_nothing(job_output: Path) -> None:
     with pytest.raises(DataFileNotFoundError, match="matches no data files"):
         Dataset(str(job_output / "**" / "part-9.parquet"), batch_size=4)

@@ -47,3 +47,14 @@ def test_fullgraph_backward():
     assert torch.allclose(
         rows.grad, torch.tensor([[0.5] * 2] * 2 + [[1 / 3] * 2] * 3, dtype=torch.float64)
     )
+
+
+def test_hashing_python_strings_inside_a_compiled_function() -> None:
+    # The strings are packed outside the graph; tracing the packing's NumPy calls failed
+    # under torch 2.6 (an AssertionError in Dynamo's wrap_numpy_ndarray).
+    def hashed(words: list[str]) -> torch.Tensor:
+        return rk.hash_strings(words, "farm", 100) + 1
+
+    words = ["ab", "xyz", ""]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(hashed, backend="eager")(words), hashed(words))

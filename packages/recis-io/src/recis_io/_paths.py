@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
 import os
 from collections.abc import Iterable, Sequence
@@ -25,24 +27,39 @@ def _hidden_name(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def _hidden_below(path: Path, root: Path) -> bool:
-    # Any name under the root counts: Spark's `_temporary/` or a `.git/` hold no data files.
-    return any(_hidden_name(part) for part in path.relative_to(root).parts)
-
-
 def _hidden_match(match: str, pattern: str) -> bool:
     """Whether a glob match passes through a hidden or ``_``-prefixed name the pattern did
-    not spell out (``data/*`` skips ``data/_SUCCESS``, ``data/_part*`` still matches)."""
+    not spell out (``data/*`` skips ``data/_SUCCESS``, ``data/_part*`` still matches).
+
+    The pattern's names are lined up with the match's: each ``**`` takes zero or more names
+    (never spelling one out), every other part one name. The match is hidden when some lining
+    up exists and every one passes such a name through a wildcard; where none lines up (a
+    spelling this matcher does not follow), the match is kept, as glob found it."""
     got, pat = Path(match).parts, Path(pattern).parts
-    # Names matched by `**` were not spelled out; the pattern's other parts match one name each,
-    # those before `**` from the start, those after it from the end.
-    cut = pat.index("**") if "**" in pat else len(pat)
-    tail = len(pat) - cut - 1 if cut < len(pat) else 0
-    spelled = list(zip(got[:cut], pat[:cut], strict=False))
-    spelled += list(zip(got[len(got) - tail :], pat[len(pat) - tail :], strict=False))
-    if any(_hidden_name(part) for part in got[cut : len(got) - tail]):
-        return True
-    return any(_hidden_name(g) and not p.startswith(g[0]) for g, p in spelled)
+    memo: dict[tuple[int, int, bool], bool] = {}
+
+    def fits(i: int, j: int, strict: bool) -> bool:
+        # Whether got[i:] lines up with pat[j:] (strict: without an unspelled hidden name).
+        key = (i, j, strict)
+        if key not in memo:
+            if j == len(pat):
+                memo[key] = i == len(got)
+            elif pat[j] == "**":
+                memo[key] = fits(i, j + 1, strict) or (
+                    i < len(got)
+                    and not (strict and _hidden_name(got[i]))
+                    and fits(i + 1, j, strict)
+                )
+            else:
+                memo[key] = (
+                    i < len(got)
+                    and fnmatch.fnmatchcase(got[i], pat[j])
+                    and not (strict and _hidden_name(got[i]) and not pat[j].startswith(got[i][0]))
+                    and fits(i + 1, j + 1, strict)
+                )
+        return memo[key]
+
+    return fits(0, 0, strict=False) and not fits(0, 0, strict=True)
 
 
 def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[str, str]]:
@@ -122,7 +139,8 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
             if not found:
                 raise DataFileNotFoundError(f"pattern {text} matches no data files")
         else:
-            raise DataFileNotFoundError(f"file not found: {text}")
+            # As the reader raises it: errno and filename set, as open() sets them.
+            raise DataFileNotFoundError(errno.ENOENT, "file not found", text)
         for p in found:
             f = _format_of(p, fmt)
             if f is None:
@@ -141,15 +159,31 @@ def resolve_paths(paths: PathLike | Sequence[PathLike], fmt: str) -> list[tuple[
 
 def _data_files(directory: Path, fmt: str) -> list[Path]:
     """The data files below ``directory``, sorted, skipping paths with hidden or
-    ``_``-prefixed names below it and files of no data format."""
-    return sorted(
-        (
-            p
-            for p in directory.rglob("*")
-            if p.is_file() and not _hidden_below(p, directory) and _format_of(p, fmt)
-        ),
-        key=_tree_order,
-    )
+    ``_``-prefixed names below it and files of no data format. Linked directories are
+    followed, as a glob follows them (``data/`` and ``data/*`` reach the same files); a link
+    back to a directory above it raises :class:`InvalidArgumentError`."""
+    found: list[Path] = []
+
+    def visit(folder: Path, above: tuple[object, ...]) -> None:
+        here = _identity(folder)
+        if here in above:
+            raise InvalidArgumentError(
+                f"directory {directory}: {folder} leads back to a directory above it (a link "
+                "cycle); its files would be read without end"
+            )
+        with os.scandir(folder) as entries:
+            listed = sorted(entries, key=lambda e: e.name)
+        for entry in listed:
+            if _hidden_name(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():  # a link to a directory too
+                visit(path, (*above, here))
+            elif entry.is_file() and _format_of(path, fmt):
+                found.append(path)
+
+    visit(directory, ())
+    return sorted(found, key=_tree_order)
 
 
 def _tree_order(path: Path) -> tuple[str, ...]:

@@ -23,7 +23,9 @@ class RecisIOError(Exception):
 
 
 class DataFileNotFoundError(RecisIOError, FileNotFoundError):
-    """A path, directory or glob matched no readable data file."""
+    """A path, directory or glob matched no readable data file, or a planned file was gone
+    when read. A missing file carries ``errno`` (``ENOENT``) and ``filename``, as ``open()``
+    sets them: ``[Errno 2] file not found: '/data/a.parquet'``."""
 
 
 class DataFileReadError(RecisIOError, OSError):

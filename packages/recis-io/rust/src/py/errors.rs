@@ -28,11 +28,24 @@ pub fn to_pyerr(e: Error) -> PyErr {
             // OSError's two-argument form sets `errno` (and `strerror`, the message).
             Ok(class) => match &e {
                 Error::Os { errno, .. } => PyErr::from_type(class, (*errno, e.to_string())),
+                // A FileNotFoundError with its errno and file, as `open()` gives one, so
+                // `e.errno == errno.ENOENT` and `e.filename` hold.
+                Error::NotFound(path) => not_found(&class, path),
                 _ => PyErr::from_type(class, e.to_string()),
             },
             Err(import_error) => import_error,
         }
     })
+}
+
+/// `class(ENOENT, "file not found", path)`: OSError's three-argument form sets `errno`,
+/// `strerror` and `filename`, and reads `[Errno 2] file not found: '<path>'`.
+fn not_found(class: &Bound<'_, PyType>, path: &str) -> PyErr {
+    const ENOENT: i32 = 2; // the same number wherever Python runs
+    match class.call1((ENOENT, "file not found", path)) {
+        Ok(value) => PyErr::from_value(value),
+        Err(err) => err,
+    }
 }
 
 pub trait IntoPyResult<T> {

@@ -126,6 +126,9 @@ def hash_strings(strings: Any, algorithm: str = "farm", buckets: int = 0) -> tor
     return hash_bytes(data, offsets, algorithm, buckets)
 
 
+# Packing Python strings is host-side work with nothing to trace: Dynamo runs it as it is
+# (tracing its NumPy calls failed under torch 2.6's compile).
+@torch.compiler.disable
 def _to_ragged_bytes(op: str, strings: Any) -> tuple[torch.Tensor, torch.Tensor]:
     arrow = _from_arrow(strings)
     if arrow is not None:
