@@ -598,3 +598,103 @@ def test_a_stage_with_nothing_to_train_or_no_optimizer_is_refused(tmp_path):
         assert all(p.requires_grad for p in model.parameters())
         if k >= 2:  # refused before the sparse optimizer laid out the tables' state
             assert model.embeddings.table("ids")[0].optimizer_kind is None
+
+
+# -- hooks, schedulers and the checkpoints around a stop ---------------------------------------
+
+
+class Calls(Hook):
+    """Records the hook calls with the step they came at; stops the run where asked."""
+
+    def __init__(self, stop_at: int | None = None, stop_in: str = "on_step_end") -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.stop_at, self.stop_in = stop_at, stop_in
+
+    def _note(self, name: str, trainer) -> None:
+        self.calls.append((name, trainer.global_step))
+        if name == self.stop_in and trainer.global_step == self.stop_at:
+            trainer.should_stop = True
+
+    def on_step_begin(self, trainer):
+        self._note("on_step_begin", trainer)
+
+    def on_step_end(self, trainer, logs):
+        self._note("on_step_end", trainer)
+
+    def on_save(self, trainer, path):
+        self._note("on_save", trainer)
+
+    def on_train_end(self, trainer):
+        self._note("on_train_end", trainer)
+
+
+def saved_stop(trainer) -> tuple[str, bool]:
+    newest = max(trainer.checkpoints.complete())
+    return newest.name, torch.load(newest / "trainer" / "state.pt", weights_only=False)["stopped"]
+
+
+def test_schedulers_and_hooks_given_as_generators_are_kept(tmp_path):
+    # The checks listed them once and the trainer listed them again, from used-up generators:
+    # both were silently dropped.
+    seed_everything(0)
+    model = ToyModel()
+    dense, sparse = make_optimizers(model)
+    calls = Calls()
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", train_steps=3, log_every=1000),
+        train_data=ToyReader(400, 20),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+        lr_schedulers=(s for s in [torch.optim.lr_scheduler.StepLR(dense, 1, 0.5)]),
+        hooks=iter([calls]),
+    )
+    trainer.train()
+    assert len(trainer.lr_schedulers) == 1
+    assert trainer.hooks == [calls]
+    assert [logs["lr"] for _, logs in trainer.history["train"]] == pytest.approx(
+        [0.025, 0.0125, 0.00625]
+    )
+    assert ("on_step_end", 3) in calls.calls
+
+
+def test_a_stop_asked_for_after_the_steps_checkpoint_is_written_to_it(tmp_path):
+    # The step's checkpoint was written before the stop; the end of the run kept it as it was,
+    # and a resumed run trained on past the stop.
+    calls = Calls(stop_at=2, stop_in="on_save")
+    trainer = toy_trainer(tmp_path, [calls], train_steps=6)
+    trainer.args.save_every = 2
+    trainer.train()
+    assert trainer.global_step == 2
+    assert saved_stop(trainer) == ("step-000000002", True)
+    again = toy_trainer(tmp_path, [Calls()], train_steps=6)
+    again.train()
+    assert again.global_step == 2
+
+
+def test_a_stop_begins_no_step_and_a_hooks_save_is_not_written_twice(tmp_path):
+    class SaveEvery3(Calls):
+        def on_step_end(self, trainer, logs):
+            super().on_step_end(trainer, logs)
+            if trainer.global_step % 3 == 0:
+                trainer.save()
+
+    calls = SaveEvery3(stop_at=3)
+    trainer = toy_trainer(tmp_path, [calls], train_steps=6)
+    trainer.args.save_every = 2
+    trainer.train()
+    # No on_step_begin after the stop at step 3 (a begin no step followed), and step 3's
+    # checkpoint, which the hook wrote after asking to stop, not written again at the end.
+    assert calls.calls[-4:] == [
+        ("on_step_begin", 2),
+        ("on_step_end", 3),
+        ("on_save", 3),
+        ("on_train_end", 3),
+    ]
+    assert saved_stop(trainer) == ("step-000000003", True)
+    # Without a stop, a step the hook saved is not saved again by save_every.
+    plain = SaveEvery3()
+    trainer = toy_trainer(tmp_path / "plain", [plain], train_steps=6)
+    trainer.args.save_every = 2
+    trainer.train()
+    assert [step for name, step in plain.calls if name == "on_save"] == [2, 3, 4, 6]

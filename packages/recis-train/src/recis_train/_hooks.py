@@ -45,7 +45,8 @@ class Hook:
 
     def on_step_begin(self, trainer: Trainer) -> None:
         """Before each optimizer step takes its first batch (``trainer.global_step`` is still
-        the previous step's; a step the data turns out too short for does not follow)."""
+        the previous step's). Not called once the run is asked to stop; a step the data turns
+        out too short for, or that another rank's stop ends, does not follow."""
 
     def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
         """After every optimizer step."""

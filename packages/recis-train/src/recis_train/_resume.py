@@ -68,6 +68,7 @@ class CheckpointMixin:
     _stopped_at_restore: bool
     _hook_stopped: bool
     _last_saved_step: int | None
+    _last_saved_key: tuple[int, bool, int] | None
     _scaler: torch.amp.GradScaler | None
 
     if TYPE_CHECKING:
@@ -147,7 +148,17 @@ class CheckpointMixin:
         else:
             path = self._save_distributed(sparse, meta)
         self._last_saved_step = self.global_step
+        self._last_saved_key = self._save_key()
         return path
+
+    def _save_key(self) -> tuple[int, bool, int]:
+        """What a checkpoint of the trainer as it stands records that changes within a step:
+        the step, the stop flag and the evaluations."""
+        return (self.global_step, self.should_stop, len(self.history["eval"]))
+
+    def _saved_current(self) -> bool:
+        """Whether the last checkpoint written (or restored) holds the trainer as it stands."""
+        return self._last_saved_key == self._save_key()
 
     def _save_sparse(self, directory: Path) -> None:
         self.sparse_checkpoint.save(directory, self.model, self.sparse_optimizer)  # type: ignore[union-attr]
@@ -421,6 +432,12 @@ class CheckpointMixin:
             self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._stopped_at_restore = bool(state.get("stopped", False))
+        # train() then takes the checkpoint's stop flag as its own (should_stop).
+        self._last_saved_key = (
+            self.global_step,
+            self._stopped_at_restore,
+            len(self.history.get("eval", [])),
+        )
         # The state in memory is the checkpoint's now: a stop an earlier call of this trainer
         # ended with no longer holds (the checkpoint says whether the run it records stopped).
         self._hook_stopped = False

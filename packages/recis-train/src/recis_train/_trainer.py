@@ -145,6 +145,12 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                 f"dense_optimizer must be a torch.optim.Optimizer or None, got "
                 f"{type(dense_optimizer).__name__}"
             )
+        # Listed once: a generator checked, then listed again, would be used up (its schedulers
+        # or hooks silently dropped).
+        if isinstance(lr_schedulers, Iterator):
+            lr_schedulers = list(lr_schedulers)
+        if isinstance(hooks, Iterator):
+            hooks = list(hooks)
         _check_parts(train_data, eval_data, dense_optimizer, sparse_optimizer, lr_schedulers, hooks)
         _refuse_parameters_stepped_twice(model, dense_optimizer, sparse_optimizer)
         _warn_unstepped_parameters(model, dense_optimizer, sparse_optimizer)
@@ -208,6 +214,8 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         self._evaluated_iterator = False  # the trainer's eval_data, if an iterator, is used up
         self._tables: list[Any] | None = None
         self._last_saved_step: int | None = None
+        # What the last checkpoint written or restored holds (see _saved_current).
+        self._last_saved_key: tuple[int, bool, int] | None = None
         self._scaler = (
             torch.amp.GradScaler(self.device.type) if args.mixed_precision == "fp16" else None
         )
@@ -389,8 +397,11 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             while True:
                 if self.args.train_steps is not None and self.global_step >= self.args.train_steps:
                     break
-                for hook in self._hooks():
-                    hook.on_step_begin(self)
+                # A stop asked for already (by a hook, or by the checkpoint resumed) begins no
+                # step; a stop asked for on another rank is learned in the agreement below.
+                if not self.should_stop:
+                    for hook in self._hooks():
+                        hook.on_step_begin(self)
                 micro = self._agree(batches)
                 if not micro:
                     break
@@ -407,8 +418,12 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
                     evaluate_at_end and last
                 ):
                     self.evaluate()
-                if self.args.save_every and self.global_step % self.args.save_every == 0:
-                    self.save()
+                if (
+                    self.args.save_every
+                    and self.global_step % self.args.save_every == 0
+                    and not self._saved_current()
+                ):
+                    self.save()  # unless a hook saved this step as it stands
         except BaseException:
             # A step cut short (an error in a forward, an interrupt) leaves the gradients of
             # its first micro-batches: a later call, which continues from memory and takes
@@ -421,16 +436,15 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             batches.close()
             self.stream.load_state_dict(self._cursor)
         self._warn_if_data_ran_out(first_step, past_start)
-        saved = self._last_saved_step == self.global_step
+        checkpointed = self._last_saved_step == self.global_step
         if evaluate_at_end and not (
             self.history["eval"] and self.history["eval"][-1][0] == self.global_step
         ):
             self.evaluate()
-            # A checkpoint of this step written before the data ran out lacks the evaluation
-            # (and the hooks' reaction to it): it is written again.
-            if saved:
-                self.save()
-        if self.args.save_at_end and not saved:
+        # A checkpoint of this step written before the end lacks what came after it (the
+        # evaluation at the end and the hooks' reaction to it, a stop asked for after it was
+        # written): it is written again.
+        if (self.args.save_at_end or checkpointed) and not self._saved_current():
             self.save()
         self._hook_stopped = self.should_stop  # as the checkpoint of this step records it
         for hook in self._hooks():
@@ -672,7 +686,7 @@ def _check_parts(
         )
     owned = [o for o in (dense, sparse) if o is not None]
     seen: dict[int, int] = {}
-    for k, scheduler in enumerate(list(schedulers)):
+    for k, scheduler in enumerate(schedulers):
         name = type(scheduler).__name__
         if id(scheduler) in seen:
             raise ConfigError(
@@ -698,7 +712,7 @@ def _check_parts(
             )
     if isinstance(hooks, Hook) or not isinstance(hooks, Iterable):
         raise ConfigError(f"hooks must be a list of Hook objects, got {type(hooks).__name__}")
-    for k, hook in enumerate(list(hooks)):
+    for k, hook in enumerate(hooks):
         if not isinstance(hook, Hook):
             raise ConfigError(
                 f"hooks[{k}] must be a recis_train.Hook (subclass it), got {type(hook).__name__}"
