@@ -7,6 +7,7 @@ from the matching builtin so callers may catch ``ValueError``, ``KeyError`` or `
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointError",
     "ConfigError",
     "InputError",
