@@ -116,3 +116,35 @@ def test_overlapped_fused_mod_equals_in_place_and_overlap_false_runs_in_place(mo
         torch.set_num_threads(before)
     with pytest.raises(TypeError, match="overlap: enabled must be a bool, got 'no'"):
         rk.overlap("no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: torch.ops.recis.fused_mod(torch.tensor([1, 2, 3]), [1 << 40], [7]),
+            r"fused_mod: sizes must be non-negative part sizes adding up to the 3 elements",
+        ),
+        (
+            lambda: torch.ops.recis.fused_mod(torch.tensor([1, 2, 3]), [3], [7, 9]),
+            r"fused_mod: 1 id parts but 2 moduli",
+        ),
+        (
+            # Boundary sizes beyond the boundaries: the compiled kernel read past them (SIGSEGV).
+            lambda: torch.ops.recis.fused_bucketize(
+                torch.tensor([1.0, 2.0, 3.0]), [3], torch.tensor([0.5]), [1 << 40]
+            ),
+            r"fused_bucketize: b_sizes must be non-negative part sizes adding up to the 1",
+        ),
+        (
+            lambda: torch.ops.recis.fused_bucketize(
+                torch.tensor([1.0, 2.0, 3.0]), [2, 1], torch.tensor([0.5]), [1]
+            ),
+            r"fused_bucketize: 2 value parts but 1 boundary lists",
+        ),
+    ],
+)
+def test_the_registered_ops_check_their_part_sizes(call, message) -> None:
+    # torch.ops.recis.* are public too, and take the sizes the wrappers otherwise build.
+    with pytest.raises(rk.ShapeError, match=message):
+        call()

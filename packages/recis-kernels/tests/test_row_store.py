@@ -192,3 +192,14 @@ def test_compiled_host_copies_match_the_block_by_block_path(monkeypatch, dtype, 
             results.append((gathered, store.gather(torch.arange(40))))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_scatter_of_the_stores_own_rows_writes_their_old_values() -> None:
+    # Values viewing a block: the compiled copy read rows it had just written (rows 1-4 all
+    # became row 0); torch's index_copy_ refuses such overlap.
+    store = RowStore(4, torch.float32, 8)
+    store.reserve(8)
+    store.scatter(torch.arange(8), torch.arange(32, dtype=torch.float32).view(8, 4))
+    before = store.gather(torch.arange(4))
+    store.scatter(torch.tensor([1, 2, 3, 4]), store.blocks[0][0:4])
+    assert torch.equal(store.gather(torch.tensor([1, 2, 3, 4])), before)

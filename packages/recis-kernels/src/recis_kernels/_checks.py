@@ -183,6 +183,18 @@ def check_same_device(op: str, tensors: Mapping[str, torch.Tensor | None]) -> to
     return next(iter(devices)) if devices else torch.device("cpu")
 
 
+def check_parts(op: str, name: str, sizes: Sequence[int], total: int, of: str) -> None:
+    """Refuses part sizes (``sizes``, the lengths of consecutive parts of a packed tensor
+    ``of``) that are negative or do not add up to its ``total`` elements: the kernels walk the
+    parts by these sizes. The public wrappers build them right; a direct call of the
+    registered op (``torch.ops.recis.*``) may not."""
+    if any(s < 0 for s in sizes) or sum(sizes) != total:
+        raise ShapeError(
+            f"{op}: {name} must be non-negative part sizes adding up to the {total} elements of "
+            f"{of}, got {list(sizes)}"
+        )
+
+
 def grid_for(n: int, block: int = 256, cap: int = 65535 * 8) -> int:
     """Grid size of a grid-stride loop over ``n`` elements."""
     return max(0, min((n + block - 1) // block, cap))

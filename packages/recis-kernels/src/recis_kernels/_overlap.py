@@ -81,8 +81,9 @@ class overlap:  # lower case: used as a function, ``with overlap():``
     as that pass has started, so that the caller's next ops run while it proceeds on another
     core. Today: the row copy of 2-level ``truncate`` / ``fused_truncate`` and the remainders of
     ``mod`` / ``fused_mod`` on int64 CPU tensors, each from 256 KiB of output. Such a result
-    must not be read, on the host or by another op, until :func:`finish_overlapped` returns or
-    the block ends; everything else is unchanged. With ``torch.get_num_threads() == 1`` every
+    must not be read, on the host or by another op, and the op's inputs must not be written
+    (the pool thread still reads them), until :func:`finish_overlapped` returns or the block
+    ends; everything else is unchanged. With ``torch.get_num_threads() == 1`` every
     op runs in place, as outside a block.
 
     Every block waits at its end for the work started in it, also when it raises or is

@@ -29,6 +29,7 @@ import torch
 from recis_kernels._backend import on_host, run_op, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
+    check_parts,
     check_same_device,
     check_tensor,
     common_device,
@@ -617,6 +618,13 @@ def _fused_bucketize_impl(
     b_sizes: List[int],  # noqa: UP006
 ) -> torch.Tensor:
     xs, bounds = xs.contiguous(), bounds.contiguous()
+    op = "fused_bucketize"
+    if len(b_sizes) != len(sizes):
+        raise ShapeError(
+            f"{op}: {len(sizes)} value parts but {len(b_sizes)} boundary lists (b_sizes)"
+        )
+    check_parts(op, "sizes", sizes, xs.numel(), "xs")
+    check_parts(op, "b_sizes", b_sizes, bounds.numel(), "bounds")
     if use_cuda_kernels(xs.device):
         return _fused_bucketize_cuda(xs, sizes, bounds, b_sizes)
     return _fused_bucketize_cpu(xs, sizes, bounds, b_sizes)

@@ -15,13 +15,14 @@ from recis_kernels._backend import run_op, use_cuda_kernels
 from recis_kernels._checks import (
     can_inspect,
     check_dtype,
+    check_parts,
     check_same_device,
     check_tensor,
     common_device,
     grid_for,
     is_int,
 )
-from recis_kernels.exceptions import ArgumentError
+from recis_kernels.exceptions import ArgumentError, ShapeError
 from recis_kernels.ops import _cpu_kernels
 from recis_kernels.ops._packing import pack, unpack
 from recis_kernels.ops._uint64 import umod, umod_segments
@@ -146,6 +147,9 @@ def _fused_mod_cuda(ids: torch.Tensor, sizes: list[int], ns: list[int]) -> torch
 
 def _fused_mod_impl(ids: torch.Tensor, sizes: List[int], ns: List[int]) -> torch.Tensor:  # noqa: UP006
     ids = ids.contiguous()
+    if len(ns) != len(sizes):
+        raise ShapeError(f"fused_mod: {len(sizes)} id parts but {len(ns)} moduli")
+    check_parts("fused_mod", "sizes", sizes, ids.numel(), "ids")
     if use_cuda_kernels(ids.device):
         return _fused_mod_cuda(ids, sizes, ns)
     return _fused_mod_cpu(ids, sizes, ns)

@@ -235,7 +235,19 @@ class RowStore:
         op = "RowStore.scatter"
         self._check_rows(op, rows)
         stop = self._check_values(op, rows, values, start)
+        if self._shares_a_block(values):
+            # Rows of the store itself (a view of a block): copied first, or rows written
+            # early would be read back as the source of later ones (the kernels copy row by
+            # row; torch's index_copy_ refuses overlapping memory).
+            values = values.clone()
         self._scatter(op, rows, values, start, stop)
+
+    def _shares_a_block(self, values: torch.Tensor) -> bool:
+        """Whether ``values`` lies in the memory of one of the blocks."""
+        if values.device != self.device or values.numel() == 0:
+            return False
+        memory = values.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == memory for b in self.blocks)
 
     def _scatter(
         self, op: str, rows: torch.Tensor, values: torch.Tensor, start: int, stop: int
