@@ -328,7 +328,7 @@ class IdMap:
     Example:
         >>> m = IdMap()
         >>> m.find_or_insert(torch.tensor([5, -1, 5]))
-        (tensor([0, 1, 0]), tensor([ True,  True,  True]))
+        (tensor([0, 1, 0]), tensor([True, True, True]))
         >>> m.find(torch.tensor([-1, 9]))
         tensor([ 1, -1])
     """

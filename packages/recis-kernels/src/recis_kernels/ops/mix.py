@@ -61,7 +61,7 @@ def mix64(ids: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> mix64(torch.tensor([0, 1]))
-        tensor([0, -5451962507482445012])
+        tensor([                   0, -5451962507482445012])
     """
     check_tensor("mix64", "ids", ids)
     check_dtype("mix64", "ids", ids, (torch.int64,))
