@@ -73,7 +73,10 @@ def _arrow_to_torch(batch: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, col in zip(batch.schema.names, batch.columns, strict=False):
         if pa.types.is_list(col.type):
+            # A batch's list column may be a slice: its offsets start where it starts in the
+            # values, and flatten() returns only its own values.
             offsets = col.offsets.to_numpy().astype(np.int64)
+            offsets -= offsets[0]
             out[name] = (torch.from_numpy(col.flatten().to_numpy()), torch.from_numpy(offsets))
         elif pa.types.is_string(col.type):
             _, offs, data = col.buffers()
