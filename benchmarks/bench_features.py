@@ -27,17 +27,10 @@ glue alike; copies and memsets aside).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
-
-# OpenMP threads that wait passively: the loop's torch.bucketize is split over torch's threads
-# while recis-kernels' own threads are busy, and spinning OpenMP threads on a loaded machine
-# slowed the loop by up to 100x (a ratio in recis's favour that measured the load). Set before
-# torch loads OpenMP; the fused engine is not affected either way.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
