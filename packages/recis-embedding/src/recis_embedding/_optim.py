@@ -186,9 +186,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             tables = list(params)
         resolved = []
         for t in tables:
-            back = getattr(t, "_recis_table", None)
-            owner = back() if isinstance(back, TableOf) else None
-            if isinstance(t, torch.Tensor) and isinstance(owner, HashTable):
+            owner = _owner_of(t) if isinstance(t, torch.Tensor) else None
+            if owner is not None:
                 t = owner  # a table's handle, as param_groups hold them
             if not isinstance(t, HashTable):
                 raise OptimizerError(
@@ -833,12 +832,18 @@ class SparseFTRL(SparseOptimizer):
         )
 
 
+def _owner_of(handle: torch.Tensor) -> HashTable | None:
+    """The live table ``handle`` leads back to (weakly), or ``None``."""
+    back = getattr(handle, "_recis_table", None)
+    table = back() if isinstance(back, TableOf) else None
+    return table if isinstance(table, HashTable) else None
+
+
 def _table_of(handle: torch.Tensor, held: dict[int, HashTable]) -> HashTable:
     """The table a param group's handle stands for: where the handle leads back (weakly, see
     :class:`~recis_embedding._table.TableOf`), else the optimizer's own table of that handle
     (``torch.save`` drops a tensor's attributes; the handle object itself stays the table's)."""
-    back = getattr(handle, "_recis_table", None)
-    table = back() if isinstance(back, TableOf) else None
+    table = _owner_of(handle)
     if table is None:
         table = held.get(id(handle))
     if table is None:

@@ -13,6 +13,7 @@ through their all-to-all, which adds the gradients every rank computed for a row
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -49,10 +50,7 @@ def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> None:
     left to that thread to free, which takes the GIL, and a process group destroyed meanwhile
     (``destroy_process_group()`` after the run) waits for that thread with the GIL held on
     torch releases before 2.8, a deadlock (see recis_embedding's ``handed_over``)."""
-    if tensor.device.type == "cpu":
-        with handed_over(tensor):
-            dist.all_reduce(tensor, op=op)
-    else:
+    with handed_over(tensor) if tensor.device.type == "cpu" else contextlib.nullcontext():
         dist.all_reduce(tensor, op=op)
 
 

@@ -153,7 +153,8 @@ class _InitialState:
         tables: where the embedding tables were saved (``None``: the model has none).
         export: the export the checkpoints pointed at then.
         restored: whether the trainer had been restored from a checkpoint.
-        last_saved_step: the step the trainer had last saved or restored.
+        last_saved_key: what the trainer's last checkpoint written or restored held (see
+            ``Trainer._saved_current``).
     """
 
     trainer: dict[str, Any]
@@ -161,7 +162,7 @@ class _InitialState:
     tables: Path | None
     export: Path | None
     restored: bool
-    last_saved_step: int | None
+    last_saved_key: tuple[int, bool, int] | None
 
 
 def _reporting_errors(
@@ -502,7 +503,7 @@ class Online:
             tables=tables,
             export=self.tables.current if self.tables is not None else None,
             restored=trainer._restored,
-            last_saved_step=trainer._last_saved_step,
+            last_saved_key=trainer._last_saved_key,
         )
 
     def _drop_initial_state(self) -> None:
@@ -533,7 +534,7 @@ class Online:
         trainer._load_dense(initial.dense, where)
         trainer._load_trainer(copy.deepcopy(initial.trainer), where)
         trainer._restored = initial.restored
-        trainer._last_saved_step = initial.last_saved_step
+        trainer._last_saved_key = initial.last_saved_key
         if self.tables is not None:
             self.tables.current = initial.export
         trainer._zero_grad()

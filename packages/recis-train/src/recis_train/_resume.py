@@ -67,7 +67,6 @@ class CheckpointMixin:
     _restored: bool
     _stopped_at_restore: bool
     _hook_stopped: bool
-    _last_saved_step: int | None
     _last_saved_key: tuple[int, bool, int] | None
     _scaler: torch.amp.GradScaler | None
 
@@ -147,14 +146,20 @@ class CheckpointMixin:
             path = self.checkpoints.save(self.global_step, writers, meta)
         else:
             path = self._save_distributed(sparse, meta)
-        self._last_saved_step = self.global_step
         self._last_saved_key = self._save_key()
         return path
 
-    def _save_key(self) -> tuple[int, bool, int]:
+    @property
+    def _last_saved_step(self) -> int | None:
+        """The step of the last checkpoint written (or restored), if any."""
+        key = self._last_saved_key
+        return None if key is None else key[0]
+
+    def _save_key(self, stopped: bool | None = None) -> tuple[int, bool, int]:
         """What a checkpoint of the trainer as it stands records that changes within a step:
-        the step, the stop flag and the evaluations."""
-        return (self.global_step, self.should_stop, len(self.history["eval"]))
+        the step, the stop flag (``should_stop`` unless given) and the evaluations."""
+        stop = self.should_stop if stopped is None else stopped
+        return (self.global_step, stop, len(self.history.get("eval", ())))
 
     def _saved_current(self) -> bool:
         """Whether the last checkpoint written (or restored) holds the trainer as it stands."""
@@ -418,7 +423,6 @@ class CheckpointMixin:
         own = own_rank_state(state, self.rank, self.world_size, file)
         self.global_step = int(state["global_step"])
         self._cursor = dict(own["cursor"])
-        self._last_saved_step = self.global_step
         self.stream.load_state_dict(self._cursor)
         if self.dense_optimizer is not None:
             self.dense_optimizer.load_state_dict(state["dense_optimizer"])
@@ -433,11 +437,7 @@ class CheckpointMixin:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._stopped_at_restore = bool(state.get("stopped", False))
         # train() then takes the checkpoint's stop flag as its own (should_stop).
-        self._last_saved_key = (
-            self.global_step,
-            self._stopped_at_restore,
-            len(self.history.get("eval", [])),
-        )
+        self._last_saved_key = self._save_key(stopped=self._stopped_at_restore)
         # The state in memory is the checkpoint's now: a stop an earlier call of this trainer
         # ended with no longer holds (the checkpoint says whether the run it records stopped).
         self._hook_stopped = False

@@ -213,7 +213,6 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
         self._hook_stopped = False
         self._evaluated_iterator = False  # the trainer's eval_data, if an iterator, is used up
         self._tables: list[Any] | None = None
-        self._last_saved_step: int | None = None
         # What the last checkpoint written or restored holds (see _saved_current).
         self._last_saved_key: tuple[int, bool, int] | None = None
         self._scaler = (
