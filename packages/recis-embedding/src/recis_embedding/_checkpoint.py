@@ -148,11 +148,13 @@ class CheckpointReader:
         CheckpointError: missing or unreadable manifest, unknown format version, bad checksum.
 
     Example:
-        >>> r = CheckpointReader("ckpt/step-100")
-        >>> r.tables()
-        ['item', 'user']
-        >>> r.read("user", "embeddings").shape
-        torch.Size([5123, 16])
+        ```python
+        r = CheckpointReader("ckpt/step-100")
+        r.tables()
+        # ['item', 'user']
+        r.read("user", "embeddings").shape
+        # torch.Size([5123, 16])
+        ```
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:

@@ -208,11 +208,13 @@ class Dataset(IterableDataset):
             variable is not an integer.
 
     Example:
-        >>> ds = Dataset("data/", batch_size=8192,
-        ...              columns=["label", Column("user", hash="farm", fill=0)])
-        >>> for batch in ds:
-        ...     batch["label"]           # (B,) tensor
-        ...     batch["user"]            # (B,) int64 ids
+        ```python
+        ds = Dataset("data/", batch_size=8192,
+                     columns=["label", Column("user", hash="farm", fill=0)])
+        for batch in ds:
+            batch["label"]           # (B,) tensor
+            batch["user"]            # (B,) int64 ids
+        ```
     """
 
     def __init__(

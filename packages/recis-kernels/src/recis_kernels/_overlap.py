@@ -109,11 +109,13 @@ class overlap:  # lower case: used as a function, ``with overlap():``
         TypeError: ``enabled`` is not a bool.
 
     Example:
-        >>> with overlap():
-        ...     kept = fused_truncate([seq], [50], ["tail"])  # the copy may still run
-        ...     other = fused_bucketize(xs, bounds)  # meanwhile, on this thread
-        ...     finish_overlapped()
-        ...     use(kept)
+        ```python
+        with overlap():
+            kept = fused_truncate([seq], [50], ["tail"])  # the copy may still run
+            other = fused_bucketize(xs, bounds)  # meanwhile, on this thread
+            finish_overlapped()
+            use(kept)
+        ```
     """
 
     __slots__ = ("_enabled", "_entered")

@@ -212,11 +212,13 @@ class MultiStage:
         metrics: metric factories for evaluation (as for :class:`Trainer`).
 
     Example:
-        >>> MultiStage(model, args, [
-        ...     Stage("pretrain", clicks, lambda ps: torch.optim.Adam(ps), args={"epochs": 1}),
-        ...     Stage("finetune", recent, lambda ps: torch.optim.SGD(ps, lr=1e-3),
-        ...           frozen=["embedding"], eval_data=holdout),
-        ... ]).run()
+        ```python
+        MultiStage(model, args, [
+            Stage("pretrain", clicks, lambda ps: torch.optim.Adam(ps), args={"epochs": 1}),
+            Stage("finetune", recent, lambda ps: torch.optim.SGD(ps, lr=1e-3),
+                  frozen=["embedding"], eval_data=holdout),
+        ]).run()
+        ```
     """
 
     def __init__(

@@ -214,9 +214,11 @@ class MultiTask(nn.Module):
         group_column: batch column of group ids (e.g. user) passed on as ``groups``.
 
     Example:
-        >>> model = MultiTask(body, [Task("click", nn.Linear(64, 1), label="label"),
-        ...                          Task("conversion", nn.Linear(64, 1), label="conversion",
-        ...                               weight=0.5, mask="label")])  # conversions of clicks
+        ```python
+        model = MultiTask(body, [Task("click", nn.Linear(64, 1), label="label"),
+                                 Task("conversion", nn.Linear(64, 1), label="conversion",
+                                      weight=0.5, mask="label")])  # conversions of clicks
+        ```
     """
 
     def __init__(self, body: nn.Module, tasks: Sequence[Task], *, group_column: str | None = None):

@@ -257,13 +257,15 @@ class Online:
         on_window: called with each window's :class:`WindowResult` once it is committed.
 
     Example:
-        >>> online = Online(model, TrainingArguments(output_dir="online"),
-        ...                 WatchDirectory("/data/clicks", marker="_SUCCESS", poll_interval=60),
-        ...                 lambda paths: recis_io.Dataset(paths, batch_size=4096),
-        ...                 dense_optimizer=torch.optim.Adam(dense_params),
-        ...                 sparse_optimizer=recis_embedding.SparseAdam(model))
-        >>> for window in online.run():
-        ...     print(window.index, window.metrics.get("auc"), window.export)
+        ```python
+        online = Online(model, TrainingArguments(output_dir="online"),
+                        WatchDirectory("/data/clicks", marker="_SUCCESS", poll_interval=60),
+                        lambda paths: recis_io.Dataset(paths, batch_size=4096),
+                        dense_optimizer=torch.optim.Adam(dense_params),
+                        sparse_optimizer=recis_embedding.SparseAdam(model))
+        for window in online.run():
+            print(window.index, window.metrics.get("auc"), window.export)
+        ```
     """
 
     def __init__(

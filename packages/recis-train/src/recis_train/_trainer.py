@@ -111,9 +111,11 @@ class Trainer(StepMixin, EvaluationMixin, CheckpointMixin):
             ``find_unused_parameters=True``) when running distributed.
 
     Example:
-        >>> trainer = Trainer(model, TrainingArguments(output_dir="out", train_steps=100),
-        ...                   train_data=loader, dense_optimizer=torch.optim.Adam(model.parameters()))
-        >>> trainer.train()
+        ```python
+        trainer = Trainer(model, TrainingArguments(output_dir="out", train_steps=100),
+                          train_data=loader, dense_optimizer=torch.optim.Adam(model.parameters()))
+        trainer.train()
+        ```
     """
 
     def __init__(

@@ -455,8 +455,10 @@ def warm_start(
             corrupt.
 
     Example:
-        >>> warm_start(model, "pretrain/checkpoints", parts=("sparse",), exclude=["C1"])
-        WarmStartResult(checkpoint=..., dense=[], tables={'C2': 5123, ...}, skipped=[])
+        ```python
+        warm_start(model, "pretrain/checkpoints", parts=("sparse",), exclude=["C1"])
+        # WarmStartResult(checkpoint=..., dense=[], tables={'C2': 5123, ...}, skipped=[])
+        ```
     """
     asked = tuple(parts) if parts is not None else None
     if asked is not None and (not asked or set(asked) - set(_PARTS)):
