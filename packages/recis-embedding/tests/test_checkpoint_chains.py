@@ -224,3 +224,30 @@ def test_deltas_naming_each_other_as_parents_are_refused_not_followed_forever(tm
     with pytest.raises(CheckpointError, match="delta checkpoints name each other as parents"):
         load(tmp_path / "d2", fresh, SparseAdam(fresh, lr=0.1))
     assert _rows(fresh)[0] == ids
+
+
+class _Recorded:
+    """A checkpoint of a chain as far as ``_states_kept`` reads it."""
+
+    def __init__(self, tables: dict[str, str]) -> None:
+        self.manifest = {"tables": tables}
+
+    def table_info(self, name: str) -> dict[str, object]:
+        return {"optimizer": self.manifest["tables"][name], "slots": [("m", 4)]}
+
+
+def test_saved_optimizer_state_counts_only_where_every_later_save_agrees() -> None:
+    from recis_embedding._checkpoint_load import _states_kept
+
+    # Adam, SGD, (table absent), Adam, Adam: an Adam state before the SGD save is not the
+    # rows' at the end, though the chain ends with Adam again.
+    chain = [
+        _Recorded({"f": "adam"}),
+        _Recorded({"f": "sgd"}),
+        _Recorded({"g": "adam"}),
+        _Recorded({"f": "adam"}),
+        _Recorded({"f": "adam", "g": "sgd"}),
+    ]
+    assert _states_kept(chain, "f") == [False, False, False, True, True]  # type: ignore[arg-type]
+    assert _states_kept(chain, "g") == [False, False, False, False, True]  # type: ignore[arg-type]
+    assert _states_kept([], "f") == []

@@ -167,6 +167,7 @@ def _apply(
 ) -> None:
     """Load the tables of every checkpoint of ``chain`` in order (all checks passed)."""
     cleared: set[tuple[int, int]] = set()
+    kept = {name: _states_kept(chain, name) for name in tables}
     for position, reader in enumerate(chain):
         saved = reader.manifest["tables"]
         admitting: dict[int, tuple[HashTable, dict[int, dict[str, torch.Tensor] | None]]] = {}
@@ -188,8 +189,7 @@ def _apply(
                     mine = tabs == index
                     table._erase(keys[mine], tabs[mine])
                     cleared.add((id(table), index))
-            current = _state_kept(chain[position:], name)
-            admission = _load_table(reader, name, table, index, shard, current)
+            admission = _load_table(reader, name, table, index, shard, kept[name][position])
             if table.admission is not None:
                 admitting.setdefault(id(table), (table, {}))[1][index] = admission
         # The admission states of a physical table's logical tables go in together (one pass
@@ -464,19 +464,28 @@ def _check_dense(
         )
 
 
-def _state_kept(chain: list[CheckpointReader], name: str) -> bool:
-    """Whether the optimizer state ``chain[0]`` holds for table ``name`` is still its rows' at
-    the end of ``chain``: every later checkpoint holding the table records the same optimizer
-    and slots. A delta written after the table lost that state (loaded without its optimizer,
-    or given another) holds only the rows changed since; the others' saved state is no longer
-    theirs, and a full save at that point would hold none of it."""
-
-    def recorded(reader: CheckpointReader) -> tuple[Any, list[tuple[Any, ...]]]:
+def _states_kept(chain: list[CheckpointReader], name: str) -> list[bool]:
+    """For each checkpoint of ``chain``, whether the optimizer state it holds for table
+    ``name`` is still its rows' at the end of ``chain`` (``False`` where it lacks the table):
+    every later checkpoint holding the table records the same optimizer and slots. A delta
+    written after the table lost that state (loaded without its optimizer, or given another)
+    holds only the rows changed since; the others' saved state is no longer theirs, and a full
+    save at that point would hold none of it. One pass from the end of the chain."""
+    kept = [False] * len(chain)
+    later: Any = None  # what every later checkpoint holding the table records, if they agree
+    mixed = False  # later checkpoints record different optimizers or slots
+    for position in range(len(chain) - 1, -1, -1):
+        reader = chain[position]
+        if name not in reader.manifest["tables"]:
+            continue
         info = reader.table_info(name)
-        return info["optimizer"], [tuple(s) for s in info["slots"]]
-
-    first = recorded(chain[0])
-    return all(recorded(r) == first for r in chain[1:] if name in r.manifest["tables"])
+        mine = (info["optimizer"], [tuple(s) for s in info["slots"]])
+        kept[position] = not mixed and (later is None or later == mine)
+        if later is None:
+            later = mine
+        elif later != mine:
+            mixed = True
+    return kept
 
 
 def _load_table(
@@ -490,7 +499,7 @@ def _load_table(
     """Loads logical table ``name``'s rows from ``reader`` and returns the admission state it
     holds for them (``None``: none), which the caller loads with the other logical tables'.
     ``state_kept``: whether the optimizer state saved in ``reader`` is still the rows' at the
-    end of the chain (see :func:`_state_kept`); their slots are loaded only then."""
+    end of the chain (see :func:`_states_kept`); their slots are loaded only then."""
     data = reader.read_all(name)
     admission = {
         k.removeprefix("admission."): v for k, v in data.items() if k.startswith("admission.")

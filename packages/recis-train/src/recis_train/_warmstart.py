@@ -531,14 +531,14 @@ def warm_start(
     _check_capacities(chain, tables)
     model.load_state_dict(dense, strict=False)
     result.dense.extend(dense)
-    if optimizer_state:
-        from recis_embedding._checkpoint_load import _state_kept
+    if tables:
+        from recis_embedding._checkpoint_load import _states_kept
     for target, (name, (table, index, shard)) in tables.items():
+        # A checkpoint's slots only where they are still its rows' at the chain's end (the
+        # chain's last checkpoint holds the model table's slots, checked above).
+        kept = _states_kept(chain, name) if optimizer_state else [False] * len(chain)
         for position, reader in enumerate(chain):
             if name in reader.manifest["tables"]:
-                # A checkpoint's slots only where they are still its rows' at the chain's end
-                # (the chain's last checkpoint holds the model table's slots, checked above).
-                kept = optimizer_state and _state_kept(chain[position:], name)
-                _load_table(reader, name, (table, index, shard), kept)
+                _load_table(reader, name, (table, index, shard), kept[position])
         result.tables[target] = int(table.ids(index).numel())
     return result
