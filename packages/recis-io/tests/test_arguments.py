@@ -8,6 +8,8 @@ import pytest
 
 from recis_io import Column, Dataset, InvalidArgumentError
 
+from .conftest import write
+
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory: pytest.TempPathFactory):
@@ -67,6 +69,18 @@ def test_columns_none_reads_every_column_and_num_threads_none_uses_the_cpus(path
     ds = Dataset(path, batch_size=3, num_threads=None)
     assert ds.num_threads >= 1
     assert list(next(iter(ds))) == ["label", "x"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+def test_a_column_with_an_empty_name_is_selected_like_any_other(tmp_path, fmt) -> None:
+    p = write(pa.table({"": [1, 2, 3], "a": [4, 5, 6]}), tmp_path / f"empty.{fmt}", fmt, 3)
+    assert list(next(iter(Dataset(p, batch_size=3)))) == ["", "a"]
+    for columns in ([""], [Column("", fill=0)], ["a", ""]):
+        batch = next(iter(Dataset(p, batch_size=3, columns=columns)))
+        assert list(batch) == [c if isinstance(c, str) else c.name for c in columns]
+        assert batch[""].tolist() == [1, 2, 3]
+    with pytest.raises(InvalidArgumentError, match=r"column name must be a string, got 1"):
+        Column(1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("variable", ["RANK", "WORLD_SIZE"])

@@ -70,8 +70,10 @@ class Column:
     def __post_init__(self) -> None:
         for field in ("fill", "buckets"):
             object.__setattr__(self, field, plain_number(getattr(self, field)))
-        if not isinstance(self.name, str) or not self.name:
-            raise InvalidArgumentError(f"column name must be a non-empty string, got {self.name!r}")
+        # Any string: Parquet and ORC allow an empty column name, and reading every column
+        # gives it as "".
+        if not isinstance(self.name, str):
+            raise InvalidArgumentError(f"column name must be a string, got {self.name!r}")
         if self.hash is not None and self.hash not in _HASHES:
             raise InvalidArgumentError(
                 f"column '{self.name}' has hash={self.hash!r}, expected 'farm' or 'murmur'"
