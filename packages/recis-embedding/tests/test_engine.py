@@ -512,3 +512,26 @@ def test_a_string_column_whose_hash_was_forgotten_is_refused() -> None:
         engine({"city": strings})
     table, _ = engine.table("city")
     assert table.stats().rows == 0
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e20])
+def test_weighted_sqrtn_pools_tiny_and_huge_weights_as_their_ratios(scale: float) -> None:
+    # Σw² is formed in float64, as recis_kernels.segment_reduce forms it: in float32, squares
+    # of 1e-24 underflowed to 0 (the bag pooled to 0) and squares of 1e20 overflowed to inf.
+    engine = EmbeddingEngine({"f": EmbeddingOption(DIM, combiner="sqrtn", initializer=INIT)})
+    values, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])
+    w = torch.tensor([1.0, 1.0, 3.0])
+    want = engine({"f": RaggedTensor(values, [offsets], w)})["f"]
+    got = engine({"f": RaggedTensor(values, [offsets], w * scale)})["f"]
+    torch.testing.assert_close(got, want)
+    assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("combiner", "option"), [(None, "max_len"), ("tile", "tile_len")])
+def test_a_padded_output_too_large_to_count_names_the_feature_and_option(combiner, option) -> None:
+    engine = EmbeddingEngine(
+        {"h": EmbeddingOption(4, combiner=combiner, combiner_kwargs={option: 2**62})}
+    )
+    ids = RaggedTensor(torch.tensor([1, 2, 3]), [torch.tensor([0, 3, 3])])
+    with pytest.raises(InputError, match=rf"feature 'h': combiner_kwargs {option}={2**62} gives a"):
+        engine({"h": ids})

@@ -82,6 +82,7 @@ def padded_output(
     lengths = ids.bags[1:] - ids.bags[:-1]
     if option.combiner == "tile":
         length = int(kwargs["tile_len"])
+        _check_output_size(feature, "tile_len", lengths.numel(), length, emb.shape[1])
         values, _ = padded_gather(emb, inverse, ids.bags, length)
         return {feature: values.reshape(values.shape[0], length * emb.shape[1])}
     if kwargs.get("ragged"):
@@ -90,5 +91,17 @@ def padded_output(
     max_len = kwargs.get("max_len")
     if max_len is None:
         max_len = int(lengths.max()) if lengths.numel() else 0
+    else:
+        _check_output_size(feature, "max_len", lengths.numel(), int(max_len), emb.shape[1])
     values, mask = padded_gather(emb, inverse, ids.bags, int(max_len))
     return {feature: values, f"{feature}_mask": mask}
+
+
+def _check_output_size(feature: str, option: str, rows: int, length: int, dim: int) -> None:
+    """Refuses a padded ``(rows, length, dim)`` output whose element count int64 cannot hold
+    (torch would fail unpacking the size, naming neither the feature nor the option)."""
+    if rows * length * dim >= 1 << 63:
+        raise InputError(
+            f"feature {feature!r}: combiner_kwargs {option}={length} gives a padded output of "
+            f"{rows} x {length} x {dim} elements for this batch, more than a tensor can hold"
+        )

@@ -39,15 +39,21 @@ def bag_weights(
     if weights is None:  # one multiplier per bag, 1/L or 1/sqrt(L): no per-id sums needed
         return repeat_values(per_bag_scale(lengths, mode), lengths, n)
     seg = segment_ids(bags, n)
-    terms = weights if mode == "mean" else weights * weights
-    total = torch.zeros(lengths.numel(), device=bags.device).index_add_(0, seg, terms)
+    # Σw and Σw² in float64, as recis_kernels.segment_reduce forms them: a float32 total stops
+    # growing at 2**24 unit weights (every id of a longer bag then got too large a share), and
+    # squares of tiny or huge float32 weights underflow or overflow there.
+    wide = weights.to(torch.float64)
+    terms = wide if mode == "mean" else wide * wide
+    total = torch.zeros(lengths.numel(), dtype=torch.float64, device=bags.device)
+    total = total.index_add_(0, seg, terms)
     nonzero = total != 0
     # The square root of the safe total: sqrt's gradient at a zero total is inf, and 0 * inf
     # gave weights a model computed NaN gradients wherever a bag's weights were all 0.
     safe = torch.where(nonzero, total, torch.ones_like(total))
     if mode == "sqrtn":
         safe = safe.sqrt()
-    return torch.where(nonzero[seg], weights / safe[seg], torch.zeros_like(weights))
+    share = torch.where(nonzero[seg], wide / safe[seg], torch.zeros_like(wide))
+    return share.to(weights.dtype)
 
 
 def per_bag_scale(lengths: torch.Tensor, mode: str) -> torch.Tensor:
@@ -56,10 +62,10 @@ def per_bag_scale(lengths: torch.Tensor, mode: str) -> torch.Tensor:
     :func:`bag_weights` with unit weights; empty bags get a value no id uses)."""
     if mode == "sum":
         return torch.ones(lengths.numel(), device=lengths.device)
-    total = lengths.to(torch.float32)
+    total = lengths.to(torch.float64)
     if mode == "sqrtn":
         total = total.sqrt()
-    return 1.0 / torch.where(total != 0, total, torch.ones_like(total))
+    return (1.0 / torch.where(total != 0, total, torch.ones_like(total))).to(torch.float32)
 
 
 def segment_ids(bags: torch.Tensor, n: int) -> torch.Tensor:
