@@ -145,12 +145,15 @@ def _ragged_to_dense_cpu(values, offsets, pad, dims):
         if lengths.numel() == 0 or int(lengths.max()) <= dims[0]:
             # No row is cut: each value's (row, position) places it, in one indexed scatter
             # (a (B, L) boolean mask costs B * L, more than the values where rows are short).
-            out = pad.expand(lengths.numel(), dims[0], *values.shape[1:]).clone()
-            n = values.shape[0]
-            row = torch.repeat_interleave(
-                torch.arange(lengths.numel(), device=values.device), lengths, output_size=n
-            )
-            out[row, torch.arange(n, device=values.device) - offsets[0][:-1][row]] = values
+            batch, n, device = lengths.numel(), values.shape[0], values.device
+            out = pad.expand(batch, dims[0], *values.shape[1:]).clone()
+            # The flat position of each value is its index plus its row's shift (row * L minus
+            # the row's start): one (n,) int64 tensor and its addend, where an assignment
+            # indexed by row and column tensors took about five and ran several times slower.
+            shift = torch.arange(batch, device=device) * dims[0] - offsets[0][:-1]
+            pos = torch.repeat_interleave(shift, lengths, output_size=n)
+            pos += torch.arange(n, device=device)
+            out.view(batch * dims[0], *values.shape[1:]).index_copy_(0, pos, values)
             return out
     batch = offsets[0].numel() - 1
     index, keep = _dense_positions(offsets, dims, values.shape[0], values.device)
