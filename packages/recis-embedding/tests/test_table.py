@@ -429,3 +429,45 @@ def test_checkpoint_loads_add_nothing_to_the_counters(tmp_path) -> None:
         torch.tensor([9]), torch.zeros(1, loaded.emb_words + loaded.state_width)
     )
     assert loaded.stats().inserts == 1
+
+
+def _insert_from_two_threads(seed: int) -> tuple[HashTable, list[dict[int, int]]]:
+    import threading
+
+    table = HashTable(4, name="t")
+    start = threading.Barrier(2)
+    rows_seen: list[dict[int, int]] = [{}, {}]
+
+    def insert(k: int) -> None:
+        g = torch.Generator().manual_seed(seed + k)
+        start.wait()
+        for _ in range(20):
+            ids = torch.randint(0, 20_000, (2000,), generator=g)
+            rows, _ = table.find_or_insert(ids)
+            rows_seen[k].update(zip(ids[:100].tolist(), rows[:100].tolist(), strict=True))
+
+    threads = [threading.Thread(target=insert, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return table, rows_seen
+
+
+def test_two_threads_inserting_the_same_ids_give_each_id_one_row() -> None:
+    # find_or_insert finds the absent ids, then inserts them: two threads doing so at once
+    # each inserted an id both found absent, two rows for one id (every round of this test).
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for attempt in range(3):
+            table, rows_seen = _insert_from_two_threads(10 * attempt)
+            ids = table.ids()
+            assert ids.numel() == ids.unique().numel() == len(table)
+            for seen in rows_seen:
+                for i, row in seen.items():
+                    assert int(table.find(torch.tensor([i]))[0]) == row
+    finally:
+        sys.setswitchinterval(old)

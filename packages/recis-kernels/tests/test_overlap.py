@@ -86,6 +86,65 @@ def test_one_instance_entered_twice_leaves_no_block_behind(want) -> None:
     assert not _overlap.deferring(1 << 30)  # later ops run in place
 
 
+class _Job:
+    """Deferred work as ``defer`` takes it, recording whether it was waited for."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def hold(self, *keep: torch.Tensor) -> None:
+        pass
+
+    def wait(self) -> None:
+        self.waited = True
+
+
+def test_one_instance_shared_by_two_threads_waits_for_each_thread_s_own_work() -> None:
+    # Thread A enters the shared block, thread B enters it too, A leaves: A's block ended, and
+    # waited for A's work, not for B's (A left B's entry, waiting for nothing of its own, and
+    # read a half-written result).
+    import threading
+
+    shared = rk.overlap()
+    jobs = {"a": _Job(), "b": _Job()}
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def a() -> None:
+        with shared:
+            _overlap.defer(jobs["a"])
+            a_in.set()
+            b_in.wait(10)
+        seen["a done at a's end"] = jobs["a"].waited
+        seen["b done at a's end"] = jobs["b"].waited
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(10)
+        with shared:
+            _overlap.defer(jobs["b"])
+            b_in.set()
+            a_out.wait(10)
+            seen["b still in its block"] = _overlap.overlap_pending()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {
+        "a done at a's end": True,
+        "b done at a's end": False,
+        "b still in its block": True,
+    }
+    assert jobs["b"].waited
+
+
+def test_leaving_a_block_never_entered_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="never entered"):
+        rk.overlap().__exit__(None, None, None)
+
+
 def test_asyncio_tasks_have_blocks_of_their_own(want) -> None:
     async def waits_in_its_block() -> None:
         with rk.overlap():
@@ -128,7 +187,8 @@ def test_dropping_unfinished_work_waits_before_freeing_its_buffers(want, mod_def
         block.__enter__()
         results.append(rk.mod(IDS.clone(), N))
         pending = _overlap._current().pending
-        state = block._entered.pop()
+        (entries,) = block._entered.values()
+        state = entries.pop()
         _overlap._BLOCK.reset(state[0])
         pending.clear()  # no wait() here: the drop must wait
     gc.collect()

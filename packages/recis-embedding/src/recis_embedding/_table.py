@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -105,6 +107,23 @@ class TableOf:
         return (TableOf, (self._ref(),))
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _exclusive(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Runs a method that may insert or erase keys under the table's lock: it finds which ids
+    are absent, then inserts them, and two threads doing so at once would each insert the same
+    id (two rows for one id). Reads need no lock (the id map serializes its own calls)."""
+
+    @functools.wraps(method)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with args[0]._mutex:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return locked
+
+
 class HashTable:
     """Embedding rows for one or more logical tables, keyed by ``(table, int64 id)``.
 
@@ -177,6 +196,7 @@ class HashTable:
         self.slots: list[tuple[str, int]] = []
         self.state_width = 0
         self._state_init = torch.empty(0)
+        self._mutex = threading.RLock()  # see _exclusive
         self._map = IdMap(device=self.device, max_load_factor=load_factor)
         self._store = RowStore(self.emb_words, torch.float32, _BLOCK_ROWS, self.device)
         self._counts = dict.fromkeys(
@@ -214,10 +234,16 @@ class HashTable:
         self.handle._recis_table = TableOf(self)  # type: ignore[attr-defined]
         self.add_table(name, initializer or TruncatedNormal(std=0.01))
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_mutex", None)  # a lock does not pickle; a copy gets its own
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch.load(map_location=...) moves the table's tensors but not its recorded device,
         # which checks and kernel launches go by: the table lives where its tensors are.
         self.__dict__.update(state)
+        self._mutex = threading.RLock()
         self.__dict__.setdefault("_device_hits", None)  # pickles from before the count existed
         # Pickles from before eviction kept a note, or when only stale eviction did.
         self.__dict__.setdefault("_eviction_note", self.__dict__.pop("_stale_scan", None))
@@ -337,6 +363,7 @@ class HashTable:
             self._device_hits = hits if pending is None else pending + hits
         return rows
 
+    @_exclusive
     def find_or_insert(
         self,
         ids: torch.Tensor,
@@ -623,6 +650,7 @@ class HashTable:
             parts.append(values.to(device=self.device, dtype=torch.float32))
         return torch.cat(parts, dim=1)
 
+    @_exclusive
     def insert_or_assign(
         self,
         ids: torch.Tensor,
@@ -772,6 +800,7 @@ class HashTable:
         return self._state_init[start - off : stop - off].to(self.device)
 
     # ----------------------------------------------------------------- checkpoint support
+    @_exclusive
     def clear(self) -> None:
         """Remove every key and row, as erasing each of them would: the next delta checkpoint
         records the erasures. The step, logical tables, optimizer layout and counters stay;
@@ -780,6 +809,7 @@ class HashTable:
         self._erase(keys, tabs)
         self.admission_state = None
 
+    @_exclusive
     def _reset(self) -> None:
         """Forget everything a checkpoint holds, before one is loaded: keys, rows, admission
         counts and the step (the loaded checkpoint sets it)."""
@@ -816,11 +846,13 @@ class HashTable:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     # ----------------------------------------------------------------- erase and export
+    @_exclusive
     def erase(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> int:
         """Remove ids (absent ones are ignored); returns how many were removed."""
         self._check_ids("erase", ids)
         return self._erase(ids, self._tables("erase", ids, table))
 
+    @_exclusive
     def _erase(self, ids: torch.Tensor, tabs: torch.Tensor | int) -> int:
         if isinstance(tabs, int):
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)

@@ -124,15 +124,28 @@ class overlap:  # lower case: used as a function, ``with overlap():``
         if not isinstance(enabled, bool):
             raise TypeError(f"overlap: enabled must be a bool, got {enabled!r}")
         self._enabled = enabled
-        # One entry per time this object is entered and not yet left (it may be reused).
-        self._entered: list[tuple[Token[_Block | None], _Block]] = []
+        # One entry per time this object is entered and not yet left (it may be reused, also
+        # by several threads or tasks at once), by who entered it: a block left must be the
+        # one its owner entered, not another thread's entered since (whose work it would wait
+        # for instead of its own).
+        self._entered: dict[tuple[int, object], list[tuple[Token[_Block | None], _Block]]] = {}
 
     def __enter__(self) -> None:
-        block = _Block(self._enabled, _current(), _owner())
-        self._entered.append((_BLOCK.set(block), block))
+        owner = _owner()
+        block = _Block(self._enabled, _current(), owner)
+        self._entered.setdefault(owner, []).append((_BLOCK.set(block), block))
 
     def __exit__(self, *exc: object) -> None:
-        token, block = self._entered.pop()
+        owner = _owner()
+        if not self._entered:
+            raise RuntimeError("overlap: a block was left that was never entered")
+        if owner not in self._entered:
+            # Left by another thread or task than entered it: the entry made last.
+            owner = next(reversed(self._entered))
+        stack = self._entered[owner]
+        token, block = stack.pop()
+        if not stack:
+            del self._entered[owner]
         try:
             _finish(block)
         finally:
