@@ -141,20 +141,31 @@ def _ragged_to_dense_cpu(values, offsets, pad, dims):
         out = _ragged_to_dense_cpu(values.view(signed), offsets, pad.view(signed), dims)
         return out.view(values.dtype)
     if len(offsets) == 1:
-        lengths = offsets[0].diff()
-        if lengths.numel() == 0 or int(lengths.max()) <= dims[0]:
-            # No row is cut: each value's (row, position) places it, in one indexed scatter
-            # (a (B, L) boolean mask costs B * L, more than the values where rows are short).
-            batch, n, device = lengths.numel(), values.shape[0], values.device
-            out = pad.expand(batch, dims[0], *values.shape[1:]).clone()
-            # The flat position of each value is its index plus its row's shift (row * L minus
-            # the row's start): one (n,) int64 tensor and its addend, where an assignment
-            # indexed by row and column tensors took about five and ran several times slower.
-            shift = torch.arange(batch, device=device) * dims[0] - offsets[0][:-1]
-            pos = torch.repeat_interleave(shift, lengths, output_size=n)
-            pos += torch.arange(n, device=device)
-            out.view(batch * dims[0], *values.shape[1:]).index_copy_(0, pos, values)
-            return out
+        off = offsets[0]
+        batch, length, device = off.numel() - 1, dims[0], values.device
+        rest = values.shape[1:]
+        lengths = off.diff()
+        out = pad.expand(batch, length, *rest).clone()
+        starts, counts, n = off, lengths, values.shape[0]
+        if batch and int(lengths.max()) > length:
+            # Rows longer than the dense length keep their head: gather the kept values first
+            # (each at its index plus its row's shift from its start in the kept layout).
+            counts = lengths.clamp(max=length)
+            starts = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+            torch.cumsum(counts, 0, out=starts[1:])
+            n = int(starts[-1])
+            src = torch.repeat_interleave(off[:-1] - starts[:-1], counts, output_size=n)
+            src += torch.arange(n, device=device)
+            values = values.index_select(0, src)
+            del src
+        # The flat position of each value is its index plus its row's shift (row * L minus
+        # the row's start): one (n,) int64 tensor and its addend, where an assignment indexed
+        # by row and column tensors took about five and ran several times slower.
+        shift = torch.arange(batch, device=device) * length - starts[:-1]
+        pos = torch.repeat_interleave(shift, counts, output_size=n)
+        pos += torch.arange(n, device=device)
+        out.view(batch * length, *rest).index_copy_(0, pos, values)
+        return out
     batch = offsets[0].numel() - 1
     index, keep = _dense_positions(offsets, dims, values.shape[0], values.device)
     out = pad.expand(batch, *dims, *values.shape[1:]).clone()
