@@ -19,6 +19,7 @@ from recis_train import (
     seed_everything,
     warm_start,
 )
+from recis_train.exceptions import ConfigError
 
 
 def build(out, **args):
@@ -117,3 +118,17 @@ def test_warm_start_loads_whole_rows_with_fresh_optimizer_state(tmp_path, monkey
 def _adam_layout(donor_table):
     init = torch.cat([donor_table.state_init(s) for s, _ in donor_table.slots])
     return donor_table.optimizer_kind, donor_table.slots, init
+
+
+def test_table_stats_keep_bounds_the_snapshots_it_holds(tmp_path):
+    every = build(tmp_path / "all")
+    every.train()
+    bounded = table_trainer(
+        tmp_path / "bounded", hooks=[TableStatsHook(every=5, stream=io.StringIO(), keep=2)]
+    )
+    bounded.train()
+    steps = [step for step, _ in every.hooks[0].history]
+    assert steps == list(range(5, 41, 5))
+    assert bounded.hooks[0].history == every.hooks[0].history[-2:]
+    with pytest.raises(ConfigError, match="TableStatsHook: keep must be an int of at least 1"):
+        TableStatsHook(keep=0)

@@ -323,8 +323,9 @@ def _numbers(raw: Any) -> dict[str, float]:
 class TableStatsHook(Hook):
     """Logs embedding-table statistics (size, growth, hit rate, evictions) every N steps.
 
-    Any object found by :func:`find_tables` is reported; the latest snapshot is kept in
-    :attr:`history` as ``(step, {table: stats})`` for reports and plots. The counters (lookups,
+    Any object found by :func:`find_tables` is reported; the snapshots are kept in
+    :attr:`history` as ``(step, {table: stats})`` for reports and plots, every one of them
+    unless ``keep`` bounds them (a snapshot of 1,000 tables holds about 0.5 MB). The counters (lookups,
     inserts, hits, evictions) are the tables' own since this process built them: checkpoints
     do not keep them, so after a restore they count from 0 again.
 
@@ -332,6 +333,7 @@ class TableStatsHook(Hook):
         every: steps between snapshots.
         stream: where to write lines (``None``: keep snapshots without printing).
         tables: a function returning ``{name: table}`` (default: :func:`find_tables` of the model).
+        keep: how many of the latest snapshots :attr:`history` keeps (``None``: all).
     """
 
     def __init__(
@@ -340,9 +342,12 @@ class TableStatsHook(Hook):
         *,
         stream: IO[str] | None = None,
         tables: Callable[[], Mapping[str, Any]] | None = None,
+        keep: int | None = None,
     ) -> None:
         every = _count("TableStatsHook", "every", every, 1)
-        self.every, self.stream, self._tables = every, stream, tables
+        if keep is not None:
+            keep = _count("TableStatsHook", "keep", keep, 1)
+        self.every, self.stream, self._tables, self.keep = every, stream, tables, keep
         self.history: list[tuple[int, dict[str, dict[str, float]]]] = []
 
     def snapshot(self, trainer: Trainer) -> dict[str, dict[str, float]]:
@@ -358,6 +363,8 @@ class TableStatsHook(Hook):
         stats = self.snapshot(trainer)
         previous = self.history[-1][1] if self.history else {}
         self.history.append((trainer.global_step, stats))
+        if self.keep is not None and len(self.history) > self.keep:
+            del self.history[: len(self.history) - self.keep]
         if self.stream is None:
             return
         for name, values in stats.items():
