@@ -40,6 +40,7 @@ tables) and :class:`CheckpointReader`; ``_checkpoint_save`` writes checkpoints a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -185,6 +186,12 @@ class CheckpointReader:
             raise CheckpointError(f"{mpath}: {wrong}")
         if verify:
             self.verify()
+
+    @functools.cached_property
+    def _resolved(self) -> str:
+        """This checkpoint's directory with links resolved, worked out once: a delta chain is
+        checked for loops after each parent is found (see ``check_no_loop``)."""
+        return str(self.path.resolve())
 
     def verify(self) -> None:
         """Check the manifest's own SHA-256 and every file's SHA-256 against the manifest,

@@ -212,24 +212,15 @@ def _checked(reader: CheckpointReader, verify: bool) -> CheckpointReader:
     return reader
 
 
-def _resolved(reader: CheckpointReader) -> str:
-    """``reader``'s directory with links resolved, worked out once per reader: a chain of L
-    deltas is checked after each parent is found, which resolved every path again (L²/2
-    resolutions, seconds for a chain of hundreds)."""
-    found = getattr(reader, "_resolved_path", None)
-    if found is None:
-        found = str(reader.path.resolve())
-        reader._resolved_path = found  # type: ignore[attr-defined]
-    return found
-
-
 def check_no_loop(chain: list[CheckpointReader]) -> None:
     """Raises :class:`CheckpointError` when the last checkpoint of ``chain`` (a delta and the
     parents found so far) is one the chain already holds: a delta naming itself, or deltas
     naming each other, as parents (hand-edited or damaged manifests) would be followed
     forever."""
-    last = _resolved(chain[-1])
-    if any(_resolved(r) == last for r in chain[:-1]):
+    # Each reader resolves its path once: resolving every path of the chain again for each
+    # parent found took L²/2 resolutions, seconds for a chain of hundreds of deltas.
+    last = chain[-1]._resolved
+    if any(r._resolved == last for r in chain[:-1]):
         names = " -> ".join(str(r.path) for r in chain)
         raise CheckpointError(f"delta checkpoints name each other as parents: {names}")
 

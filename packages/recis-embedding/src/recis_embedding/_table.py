@@ -846,7 +846,6 @@ class HashTable:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     # ----------------------------------------------------------------- erase and export
-    @_exclusive
     def erase(self, ids: torch.Tensor, table: int | str | torch.Tensor = 0) -> int:
         """Remove ids (absent ones are ignored); returns how many were removed."""
         self._check_ids("erase", ids)

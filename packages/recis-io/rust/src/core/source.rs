@@ -390,7 +390,7 @@ impl Source {
         let columns = specs
             .iter()
             .map(|s| {
-                let field = names.find(&first.schema, &s.name, &first.path)?;
+                let field = names.find(&s.name, &first.path)?;
                 ColumnPlan::resolve(s, field).map_err(|e| in_file(e, &first.path))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -407,7 +407,7 @@ impl Source {
             let plans = columns
                 .iter()
                 .map(|c| {
-                    let field = names.find(&f.schema, &c.spec.name, &f.path)?;
+                    let field = names.find(&c.spec.name, &f.path)?;
                     file_plan(c, field, &f.path, &first.path)
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -805,10 +805,11 @@ fn in_file(e: Error, path: &str) -> Error {
     }
 }
 
-/// A schema's field positions by name, built once per file: looking each requested column up
-/// by a scan of every field made a file of C columns cost C² comparisons to plan (seconds per
-/// file at thousands of columns).
+/// A schema's fields by name, indexed once per file: looking each requested column up by a
+/// scan of every field made a file of C columns cost C² comparisons to plan (seconds per file
+/// at thousands of columns).
 struct FieldNames<'s> {
+    schema: &'s Schema,
     /// Each name's first position and how many fields carry it.
     by_name: HashMap<&'s str, (usize, usize)>,
 }
@@ -820,20 +821,15 @@ impl<'s> FieldNames<'s> {
         for (i, f) in schema.fields().iter().enumerate() {
             by_name.entry(f.name().as_str()).or_insert((i, 0)).1 += 1;
         }
-        FieldNames { by_name }
+        FieldNames { schema, by_name }
     }
 
-    fn find<'a>(
-        &self,
-        schema: &'a Schema,
-        name: &str,
-        path: &str,
-    ) -> Result<&'a arrow::datatypes::Field> {
+    fn find(&self, name: &str, path: &str) -> Result<&'s arrow::datatypes::Field> {
         match self.by_name.get(name) {
             None => Err(Error::Schema(format!(
                 "column '{name}' not found in {path}"
             ))),
-            Some(&(i, 1)) => Ok(schema.field(i)),
+            Some(&(i, 1)) => Ok(self.schema.field(i)),
             Some(&(_, n)) => Err(Error::Schema(format!(
                 "column '{name}' appears {n} times in {path}; columns must have distinct names"
             ))),
