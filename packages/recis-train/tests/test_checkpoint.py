@@ -76,6 +76,56 @@ def test_resume_in_process_is_bit_exact(tmp_path, stateful):
         assert second.train_data.loads == [{"position": 390}]
 
 
+def test_history_comes_back_from_a_checkpoint_as_it_was(tmp_path):
+    trainer = build(tmp_path, train_steps=12, save_every=6)
+    trainer.train()
+    trainer.evaluate([])  # an evaluation of no rows: empty results
+    trainer.history["train"][3][1]["extra"] = 1.5  # a log only some steps have
+    trainer.history["mine"] = [(1, {"note": 2.0})]
+    trainer.save()
+    again = build(tmp_path)
+    again.restore()
+    assert again.history == trainer.history
+    assert all(type(v) is float for _, logs in again.history["train"] for v in logs.values())
+    # Held in columns: the steps and each key's values are tensors, not 12 dicts.
+    state = torch.load(again.checkpoints.latest() / "trainer" / "state.pt", weights_only=True)
+    train = state["history"]["train"]
+    assert train["steps"].tolist() == list(range(1, 13))
+    assert train["values"].shape == (12, len(train["keys"]))
+    assert train["present"].sum() == 12 * (len(train["keys"]) - 1) + 1
+    # A log holding anything but floats (an int a user put there) is kept as it is.
+    trainer.history["train"][0][1]["count"] = 3
+    trainer.save()
+    again = build(tmp_path)
+    again.restore()
+    assert again.history["train"][0][1]["count"] == 3
+    assert type(again.history["train"][0][1]["count"]) is int
+
+
+def test_history_size_keeps_the_latest_steps_in_memory_and_checkpoints(tmp_path):
+    every = build(tmp_path / "every", train_steps=34)
+    every.train()
+    bounded = build(tmp_path / "bounded", train_steps=30, history_size=8)
+    bounded.train()
+    held = bounded.history["train"]
+    # Dropped an eighth of the limit at a time (one here): 8 or 9 held, the latest.
+    assert 8 <= len(held) <= 9
+
+    def losses(entries):
+        return [(step, logs["loss"]) for step, logs in entries]
+
+    assert losses(held) == losses(every.history["train"][30 - len(held) : 30])
+    again = build(tmp_path / "bounded", train_steps=34, history_size=8)
+    again.train()
+    # Resumed, it holds what a run that was never stopped holds.
+    whole = build(tmp_path / "whole", train_steps=34, history_size=8)
+    whole.train()
+    assert losses(again.history["train"]) == losses(whole.history["train"])
+    assert losses(whole.history["train"]) == losses(every.history["train"][-8:])
+    with pytest.raises(ConfigError, match="history_size must be at least 1 or None, got 0"):
+        TrainingArguments(history_size=0)
+
+
 def test_restore_picks_latest_complete_and_rotates(tmp_path):
     trainer = build(tmp_path, train_steps=12, save_every=3, max_to_keep=2)
     trainer.train()

@@ -388,6 +388,26 @@ def rewrite(path: Path, name: str, data: bytes) -> None:
         (lambda s: s.pop("rng"), r"holds no RNG states \(a dict\) for this rank"),
         (lambda s: s.update(history=None), r"entry 'history' is NoneType"),
         (
+            lambda s: s["history"]["train"].update(steps=s["history"]["train"]["steps"].float()),
+            r"history\['train'\]: 'steps' is not a 1-d int64 tensor \(a torch.float32",
+        ),
+        (
+            lambda s: s["history"]["train"].update(keys=["loss", *s["history"]["train"]["keys"]]),
+            r"history\['train'\]: 'keys' names a key twice",
+        ),
+        (
+            lambda s: s["history"]["train"].update(values=s["history"]["train"]["values"][1:]),
+            r"'values' is not a float64 tensor of shape \(3, \d+\)",
+        ),
+        (
+            lambda s: s["history"]["train"].update(present=torch.ones(3)),
+            r"'present' is not None or a bool tensor",
+        ),
+        (
+            lambda s: s["history"]["train"].pop("keys"),
+            r"must map names to lists or to columns .*; 'train' is a dict",
+        ),
+        (
             lambda s: s["sparse_optimizer"]["param_groups"][0].pop("lr"),
             r"its sparse optimizer state does not fit",
         ),

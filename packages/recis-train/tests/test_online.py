@@ -111,6 +111,16 @@ def hours(tmp_path: Path) -> list[str]:
     return [write_hour(tmp_path / "data" / f"hour-{h:02d}.parquet", h) for h in range(4)]
 
 
+def test_window_figures_do_not_depend_on_the_history_kept(tmp_path, hours):
+    windows = [hours[0], [hours[1], hours[2]], hours[3]]
+    every = build(tmp_path / "every", windows).run()
+    bounded = build(tmp_path / "bounded", windows, arguments={"history_size": 1})
+    results = bounded.run()
+    assert [r.train for r in results] == [r.train for r in every]
+    assert [r.train["steps"] for r in results] == [3, 6, 3]
+    assert len(bounded.trainer.history["train"]) == 1
+
+
 def test_iterator_windows_are_evaluated_before_training(tmp_path, hours):
     online = build(tmp_path / "run", [hours[0], [hours[1], hours[2]], Path(hours[3])])
     results = online.run()

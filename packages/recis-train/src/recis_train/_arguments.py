@@ -46,6 +46,11 @@ class TrainingArguments:
             ``output_dir`` if one exists (later calls continue from memory). ``False`` starts a
             new run, and refuses an ``output_dir`` that already holds checkpoints.
         save_at_end: write a checkpoint when training ends.
+        history_size: keep only the latest this many training steps' logs in
+            ``Trainer.history["train"]``, and so in each checkpoint (``None``: every step's).
+            The older ones are dropped an eighth of this at a time, so up to that many more
+            are held in between. A long or never-ending run (online training) bounds its
+            memory and checkpoints with it; evaluations are all kept either way.
     """
 
     output_dir: str = "recis-output"
@@ -64,6 +69,7 @@ class TrainingArguments:
     deterministic: bool = False
     resume: bool = True
     save_at_end: bool = True
+    history_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, Path):
@@ -79,7 +85,7 @@ class TrainingArguments:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("train_steps", "eval_steps"):
+        for name in ("train_steps", "eval_steps", "history_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1 or None, got {value}")

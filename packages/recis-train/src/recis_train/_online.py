@@ -74,6 +74,15 @@ class _Progress(Hook):
 
     def __init__(self) -> None:
         self.windows: list[WindowResult] = []
+        # The training figures of the window in training: summed here step by step, as the
+        # trainer's history may hold fewer steps than a window (``history_size``).
+        self.training: dict[str, float] | None = None
+
+    def on_step_end(self, trainer: Trainer, logs: Mapping[str, float]) -> None:
+        if self.training is not None:
+            self.training["loss"] += logs["loss"]
+            self.training["steps"] += 1.0
+            self.training["samples"] += logs["samples"]
 
     def done_files(self) -> set[str]:
         return {f for w in self.windows for f in w.files}
@@ -558,24 +567,27 @@ class Online:
                 # ends before training on it; the window is not committed.
                 self._stop(index, "its evaluation")
                 return
-        first = len(trainer.history["train"])
+        self.progress.training = {"loss": 0.0, "steps": 0.0, "samples": 0.0}
         trainer.set_train_data(self._data(files, "training"), epochs=self.epochs)
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            sums, self.progress.training = self.progress.training, None
         if trainer.should_stop:
             # Stopped part way through the window: committing it would skip the rest of its
             # data for good. The stream ends with the window uncommitted; a later run() (or a
             # restart) goes back to the last committed state and trains the window in full.
             self._stop(index, f"training at step {trainer.global_step}")
             return
-        logs = [entry for _, entry in trainer.history["train"][first:]]
+        steps = sums["steps"]
         result = WindowResult(
             index=index,
             files=list(files),
             metrics=metrics,
             train={
-                "loss": sum(e["loss"] for e in logs) / len(logs) if logs else float("nan"),
-                "steps": float(len(logs)),
-                "samples": float(sum(e["samples"] for e in logs)),
+                "loss": sums["loss"] / steps if steps else float("nan"),
+                "steps": steps,
+                "samples": sums["samples"],
             },
             step=trainer.global_step,
         )

@@ -24,6 +24,7 @@ from recis_train._checkpoint import (
 )
 from recis_train._data import DataStream
 from recis_train._distributed import DistributedContext, own_rank_state
+from recis_train._history import check_history, pack_history, unpack_history
 from recis_train._hooks import Hook, hook_keys
 from recis_train._sparse import SparseCheckpoint, load_sparse, tables_saved_separately
 from recis_train._state import rng_state, set_rng_state
@@ -92,7 +93,7 @@ class CheckpointMixin:
             "hooks": dict(
                 zip(hook_keys(self.hooks), (h.state_dict() for h in self.hooks), strict=True)
             ),
-            "history": self.history,
+            "history": pack_history(self.history),
             "stopped": self.should_stop,
             "classes": self._state_classes(),
         }
@@ -434,7 +435,7 @@ class CheckpointMixin:
             self._scaler.load_state_dict(state["scaler"])
         if self.sparse_optimizer is not None and "sparse_optimizer" in state:
             self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
-        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.history = unpack_history(state["history"])
         self._stopped_at_restore = bool(state.get("stopped", False))
         # train() then takes the checkpoint's stop flag as its own (should_stop).
         self._last_saved_key = self._save_key(stopped=self._stopped_at_restore)
@@ -465,8 +466,7 @@ def _check_trainer_state(state: Any, file: Path) -> None:
             )
     if state["global_step"] < 0:
         raise CheckpointError(f"{file}: trainer state global_step {state['global_step']} < 0")
-    if not all(isinstance(v, (list, tuple)) for v in state["history"].values()):
-        raise CheckpointError(f"{file}: trainer state entry 'history' must map names to lists")
+    check_history(state["history"], file)
     for key in ("dense_optimizer", "sparse_optimizer"):
         if state.get(key) is not None and not isinstance(state[key], Mapping):
             raise CheckpointError(

@@ -168,7 +168,13 @@ class StepMixin:
             "step": float(self.global_step),
             "step_time": time.perf_counter() - started,
         }
-        self.history["train"].append((self.global_step, logs))
+        train = self.history["train"]
+        train.append((self.global_step, logs))
+        limit = self.args.history_size
+        # The oldest logs go an eighth of the limit at a time, not one per step (each drop
+        # moves the whole list).
+        if limit is not None and len(train) > limit + limit // 8:
+            del train[: len(train) - limit]
         return logs
 
     def _check_finite(
