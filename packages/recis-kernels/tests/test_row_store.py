@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import numpy as np
@@ -203,3 +204,40 @@ def test_scatter_of_the_stores_own_rows_writes_their_old_values() -> None:
     before = store.gather(torch.arange(4))
     store.scatter(torch.tensor([1, 2, 3, 4]), store.blocks[0][0:4])
     assert torch.equal(store.gather(torch.tensor([1, 2, 3, 4])), before)
+
+
+def _resident_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of ``tensor``'s pages that are in RAM (Linux's /proc/self/pagemap: 8 bytes a
+    page, bit 63 set for a page present)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = tensor.data_ptr() // page
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("clone", [None, copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))])
+def test_a_cpu_block_takes_memory_as_its_rows_are_written(clone) -> None:
+    # 65,536 rows of 32 floats: an 8 MiB block; a store of a few rows holds the pages of
+    # those rows (a huge page at most), not the whole block.
+    store = RowStore(32, block_rows=1 << 16)
+    store.reserve(3)
+    store.scatter(torch.tensor([0, 2]), torch.ones(2, 32))
+    store = store if clone is None else clone(store)
+    block = store.blocks[0]
+    assert block.shape == (1 << 16, 32)
+    if clone is None:
+        assert _resident_bytes(block) <= 2 << 20
+    assert store.gather(torch.tensor([0, 1, 2, 65_535])).sum(1).tolist() == [32.0, 0, 32.0, 0]
+    store.scatter(torch.tensor([65_535]), torch.full((1, 32), 2.0))
+    assert store.gather(torch.tensor([65_535])).sum().item() == 64.0
+    # A process forked after it writes its own copy, never the parent's rows.
+    pid = os.fork()
+    if pid == 0:
+        block[1] = 9.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert store.gather(torch.tensor([1])).sum().item() == 0.0

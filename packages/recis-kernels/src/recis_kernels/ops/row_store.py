@@ -3,7 +3,9 @@
 Row ``r`` lives in block ``r >> block_shift`` at offset ``r & (block_rows - 1)``. ``blocks`` is
 the block pointer table (a Python list of ``(block_rows, width)`` tensors on the CPU path).
 Adding rows appends blocks; existing rows never move, so a table can grow while views of its
-rows stay valid. On CPU tensors gathers and scatters copy each row's column range with one
+rows stay valid. A CPU block of 1 MiB or more is anonymous memory the operating system maps on
+first touch (zero pages): its memory is taken as rows are written, a page at a time, so a table
+of a few rows holds a few pages, not a whole block of ``block_rows`` rows. On CPU tensors gathers and scatters copy each row's column range with one
 compiled pass in the order asked (``_native.copy_block_rows``), any dtype; the torch path
 (tensors that are traced or need gradients) groups rows by block. On CUDA (float32 rows)
 gathers and scatters are single launches of ``cuda/row_store.cu`` that read the block pointer table on the device and move 16-byte
@@ -18,6 +20,7 @@ is raised where the package next reads the device (see :func:`recis_kernels.chec
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +42,14 @@ from recis_kernels._cuda import index_errors
 from recis_kernels.exceptions import ShapeError
 
 __all__ = ["RowStore"]
+
+#: CPU blocks of this many bytes or more are mapped lazily (see the module docstring)
+_LAZY_BYTES = 1 << 20
+#: private: a process forked after the blocks were made (a data loader's worker) writes to
+#: its own copy of a page, never to the parent's rows
+_PRIVATE = (
+    {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+)
 
 
 class RowStore:
@@ -88,9 +99,17 @@ class RowStore:
     def reserve(self, num_rows: int) -> None:
         """Add zero-filled blocks until rows ``[0, num_rows)`` exist."""
         while self.capacity < num_rows:
-            self.blocks.append(
-                torch.zeros(self.block_rows, self.width, dtype=self.dtype, device=self.device)
-            )
+            self.blocks.append(self._zeros())
+
+    def _zeros(self) -> torch.Tensor:
+        """A new zero-filled block."""
+        shape = (self.block_rows, self.width)
+        nbytes = self.block_rows * self.width * torch.empty(0, dtype=self.dtype).element_size()
+        if self.device.type != "cpu" or nbytes < _LAZY_BYTES:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Pages of zeros mapped as they are first touched (torch.zeros writes every page).
+        memory = mmap.mmap(-1, nbytes, **_PRIVATE)
+        return torch.frombuffer(memory, dtype=self.dtype).view(shape)
 
     def _check_rows(self, op: str, rows: torch.Tensor) -> None:
         check_tensor(op, "rows", rows)
