@@ -18,8 +18,12 @@ offsets, each run in its own fresh process so peak memory is its own:
 - (c) ``torch.utils.data.DataLoader(num_workers=2)`` over an IterableDataset doing (b) per row
   group, the workers splitting row groups.
 
-Throughput is rows/s of one full pass, median of ``--reps`` passes after a warm-up pass.
-Run: ``python benchmarks/bench_io.py [--rows 1000000] [--reps 3]``; writes ``results/io.json``.
+Throughput is rows/s of one full pass: the median of every timed pass of ``--rounds`` rounds;
+each round runs every contender once, in a fresh process (a warm-up pass, then ``--reps`` timed
+passes), in the order of the round before reversed, so that no contender always runs first
+(with a cold page cache) or last. Peak memory is the largest of its rounds.
+Run: ``python benchmarks/bench_io.py [--rows 1000000] [--reps 3] [--rounds 2]``; writes
+``results/io.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +149,20 @@ def _pass_fn(name: str, files: list[str], strings: bool):
     return lambda: sum(len(b["label"]) for b in loader)
 
 
+def _own_peak_mib() -> float:
+    """This process's peak resident memory in MiB. Linux's ``ru_maxrss`` is carried over
+    ``exec`` from the forked parent (the benchmark's main process, which made the data), so it
+    is read from ``VmHWM``, the peak of this program's own memory, where there is one."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_one(name: str, directory: str, strings: bool, reps: int) -> dict[str, Any]:
     """Times one contender in this process and reports rows/s and peak memory."""
     from _harness import measure
@@ -152,14 +171,28 @@ def run_one(name: str, directory: str, strings: bool, reps: int) -> dict[str, An
     fn = _pass_fn(name, files, strings)
     rows = fn()
     stats = measure(fn, reps=reps, warmup=0)
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = _own_peak_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "rows": rows,
-        "median_s": stats.median_s,
-        "rows_per_s": stats.rate(rows),
+        "times_s": list(stats.times_s),
         "peak_rss_mib": own,
         "peak_child_rss_mib": kids,
+    }
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender's results over its rounds: the median of every timed pass, the largest
+    peak memory."""
+    times = [t for r in rounds for t in r["times_s"]]
+    median = statistics.median(times)
+    return {
+        "rows": rounds[0]["rows"],
+        "median_s": median,
+        "rows_per_s": rounds[0]["rows"] / median,
+        "times_s": times,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in rounds),
+        "peak_child_rss_mib": max(r["peak_child_rss_mib"] for r in rounds),
     }
 
 
@@ -167,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=("ids", "strings"), default=None)
     parser.add_argument("--_one", nargs=3, metavar=("NAME", "DIR", "STRINGS"), help="internal")
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.rounds < 1:
+        parser.error(f"--reps and --rounds must be at least 1, got {args.reps} and {args.rounds}")
     sys.path.insert(0, str(ROOT))
     if args._one:
         name, directory, strings = args._one
@@ -183,14 +219,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         strings = variant == "strings"
         directory = _dataset_dir(args.rows, strings)
-        measured: dict[str, Any] = {}
-        for name in CONTENDERS:
-            if name == "recis_hash" and not strings:
-                continue
-            cmd = [sys.executable, __file__, "--reps", str(args.reps), "--_one", name,
-                   str(directory), "1" if strings else "0"]  # fmt: skip
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
-            measured[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        names = [n for n in CONTENDERS if strings or n != "recis_hash"]
+        rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for index in range(args.rounds):
+            for name in names if index % 2 == 0 else names[::-1]:
+                cmd = [sys.executable, __file__, "--reps", str(args.reps), "--_one", name,
+                       str(directory), "1" if strings else "0"]  # fmt: skip
+                out = subprocess.run(
+                    cmd, check=True, capture_output=True, text=True, env=os.environ
+                )
+                rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        measured = {n: combine(r) for n, r in rounds.items()}
         results["variants"][variant] = measured
         recis = measured["recis"]["rows_per_s"]
         rows = [
