@@ -149,29 +149,15 @@ def _pass_fn(name: str, files: list[str], strings: bool):
     return lambda: sum(len(b["label"]) for b in loader)
 
 
-def _own_peak_mib() -> float:
-    """This process's peak resident memory in MiB. Linux's ``ru_maxrss`` is carried over
-    ``exec`` from the forked parent (the benchmark's main process, which made the data), so it
-    is read from ``VmHWM``, the peak of this program's own memory, where there is one."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_one(name: str, directory: str, strings: bool, reps: int) -> dict[str, Any]:
     """Times one contender in this process and reports rows/s and peak memory."""
-    from _harness import measure
+    from _harness import measure, peak_rss_mib
 
     files = _files(Path(directory))
     fn = _pass_fn(name, files, strings)
     rows = fn()
     stats = measure(fn, reps=reps, warmup=0)
-    own = _own_peak_mib()
+    own = peak_rss_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "rows": rows,

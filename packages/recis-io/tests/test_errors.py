@@ -23,6 +23,7 @@ from recis_io import (
     SchemaError,
 )
 
+from ._peak import PRINT_PEAK_KIB
 from .conftest import ids_table, write
 
 
@@ -723,13 +724,12 @@ def _peak_rss(path: Path, batch_size: int) -> tuple[str, int]:
     """Reads ``path`` in a child process (see ``_corrupt_file_error``): the
     ``CorruptFileError`` it raised and its peak resident memory in bytes."""
     script = (
-        "import resource, sys, recis_io\n"
+        "import sys, recis_io\n"
         "try:\n"
         f"    for _ in recis_io.Dataset(sys.argv[1], batch_size={batch_size}): pass\n"
         "except recis_io.exceptions.CorruptFileError as e:\n"
         "    print(e)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    )
+    ) + PRINT_PEAK_KIB
     done = subprocess.run(
         [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
     )

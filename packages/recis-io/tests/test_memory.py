@@ -10,22 +10,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# The peak is read from VmHWM, this program's own high-water mark: Linux's ru_maxrss carries
-# the forking process's peak over exec (here the test runner's, which may hold far more than
-# the reader ever does, and would hide any growth).
-_READ = """
-import resource, sys
+from ._peak import PRINT_PEAK_KIB
+
+_READ = (
+    """
+import sys
 import recis_io
 rows = 0
 for batch in recis_io.Dataset(sys.argv[1], batch_size=8192, num_threads=2, prefetch=2):
     rows += len(batch)
-try:
-    with open("/proc/self/status") as status:
-        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-except OSError:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(rows, peak)
+print(rows)
 """
+    + PRINT_PEAK_KIB
+)
 
 
 def _write(directory: Path, files: int, rows_per_file: int) -> None:
