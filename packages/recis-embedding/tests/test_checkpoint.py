@@ -440,6 +440,25 @@ def test_save_replaces_only_a_checkpoint_or_an_empty_directory(tmp_path) -> None
     save(tmp_path / "empty", model, opt)
     save(tmp_path / "empty", model, opt)  # now a checkpoint: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "empty", "file"]
+    # A manifest.json of something else (a data set's) does not make a directory a checkpoint.
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "manifest.json").write_text('{"files": ["part-0.parquet"]}')
+    (tmp_path / "dataset" / "part-0.parquet").write_text("rows")
+    with pytest.raises(CheckpointError, match=r"dataset holds a manifest.json that is not a rec"):
+        save(tmp_path / "dataset", model, opt)
+    (tmp_path / "dataset" / "manifest.json").write_text("not json")
+    with pytest.raises(CheckpointError, match=r"not a recis-embedding checkpoint's \(Expecting"):
+        save(tmp_path / "dataset", model, opt)
+    assert (tmp_path / "dataset" / "part-0.parquet").read_text() == "rows"
+    # Nor is anything saved inside a checkpoint deleted with it: a checkpoint saved in it, notes.
+    save(tmp_path / "empty" / "best", model, opt)
+    (tmp_path / "empty" / "notes.txt").write_text("step 1")
+    with pytest.raises(
+        CheckpointError, match=r"empty is a checkpoint that also holds best, notes.txt, which a "
+    ):
+        save(tmp_path / "empty", model, opt)
+    assert CheckpointReader(tmp_path / "empty" / "best").manifest["tables"]
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "step 1"
 
 
 def test_state_that_is_not_a_tensor_is_refused_and_leaves_the_previous_save(tmp_path) -> None:
@@ -485,6 +504,37 @@ def test_delta_carries_the_eviction_statistics_of_rows_only_read(tmp_path) -> No
         table, _ = loaded.table("f")
         rows = table.find(torch.tensor([1, 2, 3]))
         assert table.frequency[rows].tolist() == [3, 2, 1], name
+
+
+def test_erasures_are_kept_only_for_the_next_delta(tmp_path) -> None:
+    # A table with a capacity evicts every step of a long run; only the erasure of an id the
+    # last save holds is news to a delta. Recording every one grew without bound between
+    # saves (a run that never saves never shrank it).
+    def make():
+        option = EmbeddingOption(DIM, capacity=8, eviction=CapacityEviction("lru"))
+        return EmbeddingEngine({"f": option})
+
+    def step(engine, ids):
+        with torch.no_grad():
+            engine({"f": torch.tensor(ids)[:, None]})
+        table.step += 1
+
+    engine = make()
+    table, _ = engine.table("f")
+    for k in range(50):  # never saved: no delta can come, nothing to keep
+        step(engine, [4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3])
+    assert table._erased == []
+    save(tmp_path / "base", engine)
+    base = set(table.ids().tolist())
+    for k in range(50, 100):  # evicts the saved ids, then ids inserted since
+        step(engine, [4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3])
+    assert set(table.erased_ids(0).tolist()) == base
+    save(tmp_path / "delta", engine, delta=True)
+    save(tmp_path / "full", engine)
+    for name in ("delta", "full"):  # the delta erased what the base held
+        loaded = make()
+        load(tmp_path / name, loaded)
+        assert torch.equal(loaded.table("f")[0].ids(), table.ids()), name
 
 
 def test_a_changed_manifest_fails_its_checksum(tmp_path) -> None:
@@ -749,7 +799,7 @@ def test_a_save_interrupted_between_its_renames_is_recovered(tmp_path) -> None:
     (tmp_path / "c").rename(aside)
     with pytest.raises(CheckpointError, match=r"interrupted save left the previous checkpoint"):
         load(tmp_path / "c", build()[0])
-    (aside / "stale").write_text("the directory is not empty")
+    (aside / "sparse" / "stale").write_text("the directory is not empty")
     train(model, opt, dense, range(1, 2))
     with pytest.MonkeyPatch.context() as mp:  # a failing save keeps it, at its place now
         mp.setattr(save_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))

@@ -184,10 +184,12 @@ def test_inputs_that_cannot_join_are_named() -> None:
     wide = EmbeddingEngine(
         options(wide=EmbeddingOption(8)), concat={"x": ["user", "wide"]}
     )  # two tables: joined after pooling
-    with pytest.raises(InputError, match="concat 'x': feature 'wide' gives shape \\(2, 1, 8\\)"):
+    with pytest.raises(InputError, match="concat 'x': feature 'wide' has 3-level ids"):
         wide(batch() | {"user": torch.arange(2), "wide": three})
     with pytest.raises(InputError, match="concat 'x': feature 'wide' has 3 rows, 'user' has 2"):
         wide(batch() | {"user": torch.arange(2), "wide": torch.arange(3)})
+    # Refused before any lookup: no table took the batch's ids.
+    assert set(wide.rows_per_table().values()) == {0}
 
 
 @pytest.mark.parametrize("kind", ["plain", "per bag", "per id"])

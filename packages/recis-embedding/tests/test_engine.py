@@ -501,6 +501,36 @@ def test_narrower_integer_ids_look_up_as_the_same_int64_ids(dtype: torch.dtype) 
     assert table.stats().rows == 6  # 3, 0, 100 of "a" and 7, 1, 100 of "s": no others
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.tensor([[1.0, 2.0, 3.0]]), r"feature 'item': ids must be integers"),
+        (
+            RaggedTensor(torch.arange(4), [torch.tensor([0, 2]), torch.tensor([0, 1, 4])]),
+            r"feature 'item': combiner None takes 2-level ids, got 3 levels",
+        ),
+        (
+            torch.zeros(2, 1, dtype=torch.int64),
+            r"feature 'item': combiner_kwargs max_len=4611686018427387904 gives a padded",
+        ),
+    ],
+)
+def test_a_batch_refused_for_one_feature_leaves_every_table_as_it_was(bad, match) -> None:
+    # Tables of several dims: several physical tables, looked up one after the other. A
+    # feature refused in a later one must not leave the ids of an earlier one inserted.
+    engine = EmbeddingEngine(
+        {
+            "user": EmbeddingOption(4, initializer=INIT),
+            "item": EmbeddingOption(8, combiner=None, combiner_kwargs={"max_len": 2**62}),
+        }
+    )
+    assert len(engine.physical) == 2
+    with pytest.raises(InputError, match=match):
+        engine({"user": torch.tensor([1, 2]), "item": bad})
+    assert engine.rows_per_table() == {"user": 0, "item": 0}
+    assert all(t.stats().inserts == 0 for t in engine.physical)
+
+
 def test_a_string_column_whose_hash_was_forgotten_is_refused() -> None:
     """recis-io reads strings as ragged uint8 bytes: taken as ids, each byte value became a
     row and each string the pool of its bytes, trained without a word."""

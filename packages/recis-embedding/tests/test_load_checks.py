@@ -73,6 +73,28 @@ def test_dense_shape_mismatch_leaves_tables(checkpoint, strict):
     assert_unchanged(model, before)
 
 
+def test_dense_values_that_would_change_kind_leave_tables(tmp_path):
+    saved = Model()
+    saved.register_buffer("calibration", torch.tensor([0.25, 1.75, -2.5]))
+    opt = train(saved, list(range(10)))
+    save(tmp_path / "ckpt", saved, opt)
+    model = Model()
+    model.register_buffer("calibration", torch.zeros(3, dtype=torch.int64))
+    opt = train(model, [100, 101])
+    before = snapshot(model)
+    with pytest.raises(
+        CheckpointError,
+        match=r"dtype mismatch for calibration: torch.float32 in the checkpoint, torch.int64 in",
+    ):
+        load(tmp_path / "ckpt", model, opt)
+    assert_unchanged(model, before)
+    assert model.calibration.tolist() == [0, 0, 0]
+    # Floating point values are cast to the model's precision, as torch casts them.
+    model.calibration = torch.zeros(3, dtype=torch.float64)
+    load(tmp_path / "ckpt", model, opt)
+    assert model.calibration.tolist() == [0.25, 1.75, -2.5]
+
+
 def test_dense_missing_keys_leave_tables(checkpoint):
     model = Model(extra=True)
     opt = train(model, [100, 101])

@@ -126,7 +126,7 @@ def test_stats_bytes_count_everything_the_table_holds() -> None:
     expected = (
         table._store.nbytes
         + _nbytes(m.slot_keys, m.slot_tabs, m.slot_rows, m.slot_state, m.free_rows)
-        + _nbytes(table.inserted, table.last_seen, table.frequency, table._dirty)
+        + _nbytes(table.inserted, table.last_seen, table.frequency, table._dirty, table._saved)
     )
     # The admission counters: an id map of their own and a count per counted id.
     counter, counts = table.admission_state

@@ -16,6 +16,7 @@ import torch
 from _toy import ToyModel, ToyReader, make_optimizers
 from torch import nn
 
+from recis_embedding import OptimizerError
 from recis_train import (
     EarlyStopping,
     Hook,
@@ -159,6 +160,41 @@ def test_nan_loss_names_step_and_batch_and_keeps_parameters(tmp_path):
     for name, value in trainer.model.named_parameters():
         assert torch.equal(value, snapshots[-1][name]), name
         assert value.grad is None, name
+
+
+def test_a_sparse_step_refused_for_its_rate_leaves_the_dense_weights(tmp_path):
+    # A scheduler takes the sparse rate to 0 after two steps; SparseFTRL needs lr > 0. The
+    # dense optimizer steps first: it must not have moved the weights of a step that is then
+    # refused and not counted (a checkpoint would label them with the step before).
+    from _toy import TableModel
+
+    import recis_embedding as emb
+
+    seed_everything(0)
+    model = TableModel()
+    dense = torch.optim.SGD(model.mlp.parameters(), lr=0.1)
+    sparse = emb.SparseFTRL(model, lr=0.1)
+    schedule = torch.optim.lr_scheduler.LinearLR(sparse, 1.0, 0.0, total_iters=2)
+    snapshots = []
+
+    class Snapshot(Hook):
+        def on_step_end(self, trainer, logs):
+            snapshots.append({k: v.clone() for k, v in trainer.model.mlp.state_dict().items()})
+
+    trainer = Trainer(
+        model,
+        TrainingArguments(output_dir=str(tmp_path), device="cpu", save_at_end=False),
+        train_data=ToyReader(500, 25),
+        dense_optimizer=dense,
+        sparse_optimizer=sparse,
+        lr_schedulers=[schedule],
+        hooks=[Snapshot()],
+    )
+    with pytest.raises(OptimizerError, match=r"SparseFTRL: lr must be > 0, got 0.0 at this step"):
+        trainer.train()
+    assert trainer.global_step == len(snapshots) == 2
+    for key, value in trainer.model.mlp.state_dict().items():
+        assert torch.equal(value, snapshots[-1][key]), key
 
 
 def test_an_index_a_cuda_kernel_met_out_of_range_ends_the_step(tmp_path, monkeypatch):

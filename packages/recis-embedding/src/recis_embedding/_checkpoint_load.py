@@ -434,9 +434,9 @@ def _check_dense(
     reader: CheckpointReader, model: nn.Module, dense: dict[str, torch.Tensor], strict: bool
 ) -> None:
     """Torch's checks of ``model.load_state_dict(dense, strict)`` (missing and unexpected
-    keys when ``strict``, shapes always), made before any table changes: a dense state that
-    does not fit must not leave the model with the checkpoint's tables but its own dense
-    part."""
+    keys when ``strict``, shapes always), and that no value changes kind (only floating point
+    values are cast), made before any table changes: a dense state that does not fit must not
+    leave the model with the checkpoint's tables but its own dense part."""
     with tables_saved_separately():
         expected = model.state_dict()
     problems = []
@@ -458,6 +458,15 @@ def _check_dense(
             problems.append(
                 f"size mismatch for {key}: {tuple(shape)} in the checkpoint, "
                 f"{tuple(mine.shape)} in the model"
+            )
+        # Floating point values are cast to the model's precision, as torch does; other kinds
+        # would change silently (a float cut to an integer buffer, a counter saved as float).
+        elif saved.dtype != mine.dtype and not (
+            saved.dtype.is_floating_point and mine.dtype.is_floating_point
+        ):
+            problems.append(
+                f"dtype mismatch for {key}: {saved.dtype} in the checkpoint, {mine.dtype} in "
+                "the model"
             )
     if problems:
         raise CheckpointError(

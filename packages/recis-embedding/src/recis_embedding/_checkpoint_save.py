@@ -130,6 +130,10 @@ def save(
     return path
 
 
+#: what a checkpoint directory holds (see ``_write``)
+_CHECKPOINT_ENTRIES = frozenset({"manifest.json", "sparse", DENSE_FILE})
+
+
 def _check_replaceable(path: Path) -> None:
     """A save replaces a previous checkpoint or an empty directory at ``path``, nothing else:
     a file or another directory there is someone's data, and a symbolic link someone's
@@ -147,10 +151,32 @@ def _check_replaceable(path: Path) -> None:
             f"{path} exists and is not a directory; a checkpoint is a directory, and save "
             "does not replace other files"
         )
-    if not (path / "manifest.json").is_file() and any(path.iterdir()):
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    if "manifest.json" not in entries:
         raise CheckpointError(
             f"{path} is a directory that holds no checkpoint (no manifest.json); save "
             "replaces a previous checkpoint or an empty directory only"
+        )
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+        manifest = exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        why = f" ({manifest})" if isinstance(manifest, Exception) else ""
+        raise CheckpointError(
+            f"{path} holds a manifest.json that is not a recis-embedding checkpoint's{why}; "
+            "save replaces a previous checkpoint or an empty directory only"
+        )
+    # Replacing the checkpoint removes the whole directory: anything else put in it (another
+    # checkpoint saved inside, a user's notes) would go with it.
+    other = [name for name in entries if name not in _CHECKPOINT_ENTRIES]
+    if other:
+        listed = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise CheckpointError(
+            f"{path} is a checkpoint that also holds {listed}, which a save in its place would "
+            "delete with it: move them out, or save elsewhere"
         )
 
 

@@ -15,7 +15,7 @@ from recis_embedding._options import EmbeddingOption
 from recis_embedding._pooling import bag_weights, per_bag_scale
 from recis_embedding.exceptions import InputError
 
-__all__ = ["Joined", "batch_major", "batch_major_host", "batch_major_torch"]
+__all__ = ["Joined", "batch_major", "batch_major_host", "batch_major_torch", "check_joinable"]
 
 
 class Joined(NamedTuple):
@@ -27,6 +27,28 @@ class Joined(NamedTuple):
     weights: torch.Tensor | None  # (N,) multipliers realizing each member's combiner
     singles: bool  # one id per bag and no weights: a gather suffices
     rows: int  # B
+
+
+def check_joinable(name: str, members: list[str], ids: Mapping[str, Ids]) -> int:
+    """The rows ``B`` of concatenation ``name``'s pooled ``members``.
+
+    Raises:
+        InputError: a member has 3-level ids (a ``(B, S, D)`` output), or members differ in
+            their number of rows.
+    """
+    rows = ids[members[0]].bags.numel() - 1
+    for f in members:
+        i = ids[f]
+        if i.outer is not None:
+            raise InputError(
+                f"concat {name!r}: feature {f!r} has 3-level ids; only (B, D) outputs join"
+            )
+        if i.bags.numel() - 1 != rows:
+            raise InputError(
+                f"concat {name!r}: feature {f!r} has {i.bags.numel() - 1} rows, "
+                f"{members[0]!r} has {rows}"
+            )
+    return rows
 
 
 def batch_major(
@@ -51,17 +73,7 @@ def batch_major(
         InputError: a member has 3-level ids, or members differ in their number of rows.
     """
     parts = [ids[f] for f in members]
-    rows = parts[0].bags.numel() - 1
-    for f, i in zip(members, parts, strict=True):
-        if i.outer is not None:
-            raise InputError(
-                f"concat {name!r}: feature {f!r} has 3-level ids; only (B, D) outputs join"
-            )
-        if i.bags.numel() - 1 != rows:
-            raise InputError(
-                f"concat {name!r}: feature {f!r} has {i.bags.numel() - 1} rows, "
-                f"{members[0]!r} has {rows}"
-            )
+    rows = check_joinable(name, members, ids)
     # Each member's combiner as multipliers: one per bag (1, 1/L or 1/sqrt(L)) when it
     # has no per-id weights, else one per id.
     scales: list[torch.Tensor | None] = []

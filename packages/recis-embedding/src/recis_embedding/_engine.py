@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from recis_embedding._concat import Joined, batch_major
+from recis_embedding._concat import Joined, batch_major, check_joinable
 from recis_embedding._dedup import dedup
 from recis_embedding._host import repeat_values
 from recis_embedding._inputs import Ids, as_ids, head
 from recis_embedding._options import EmbeddingOption
-from recis_embedding._outputs import padded_output, pooled_outputs
+from recis_embedding._outputs import check_padded, padded_output, pooled_outputs
 from recis_embedding._policies import ReadOnlyAdmission, policy_key
 from recis_embedding._pooling import pool
 from recis_embedding._serving import serve, serve_sharded
@@ -391,6 +391,9 @@ class EmbeddingEngine(nn.Module):
                 )
             table, _ = self.logical[self._table_of[feature]]
             groups.setdefault(id(table), []).append(feature)
+        # Every feature's ids are taken and checked before the first lookup inserts any: a
+        # batch refused for one feature leaves every table as it was.
+        plans = []
         for features in groups.values():
             # Concatenations whose features all live in this table are pooled batch-major,
             # straight into their (B, sum of dims) output.
@@ -401,32 +404,30 @@ class EmbeddingEngine(nn.Module):
             ]
             taken = {f for _, members in mine for f in members}
             rest = [f for f in features if f not in taken]
-            out.update(self._lookup_group(mine, rest, batch))
-        for name, members in self.concat.items():
-            if name not in out:  # features of several tables: joined after pooling
-                rows = out[members[0]].shape[0]
-                for f in members:
-                    if out[f].dim() != 2:
-                        raise InputError(
-                            f"concat {name!r}: feature {f!r} gives shape "
-                            f"{tuple(out[f].shape)}; only (B, D) outputs join"
-                        )
-                    if out[f].shape[0] != rows:
-                        raise InputError(
-                            f"concat {name!r}: feature {f!r} has {out[f].shape[0]} rows, "
-                            f"{members[0]!r} has {rows}"
-                        )
-                out[name] = torch.cat([out[f] for f in members], dim=1)
+            plans.append(self._plan_group(mine, rest, batch))
+        ids = {f: i for plan in plans for f, i in plan.ids.items()}
+        joined = {name for plan in plans for name, _ in plan.concat}
+        apart = [(n, m) for n, m in self.concat.items() if n not in joined]
+        for name, members in apart:  # features of several tables: joined after pooling
+            check_joinable(name, members, ids)
+        for plan in plans:
+            out.update(self._lookup_group(plan))
+        for name, members in apart:
+            out[name] = torch.cat([out[f] for f in members], dim=1)
         return out
 
-    def _lookup_group(
+    def _plan_group(
         self,
         concat: list[tuple[str, list[str]]],
         features: list[str],
         batch: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        """Lookups of one physical table: the batch-major concatenations ``concat`` and the
-        other ``features``, all through one dedup and one read."""
+    ) -> _Plan:
+        """The lookup of one physical table, checked: the ids of the batch-major
+        concatenations ``concat`` and of the other ``features``, as their outputs take them.
+
+        Raises:
+            InputError: naming the feature whose ids its table or output cannot take.
+        """
         first = concat[0][1][0] if concat else features[0]
         table, _ = self.logical[self._table_of[first]]
         ordered = [f for _, members in concat for f in members] + features
@@ -436,7 +437,16 @@ class EmbeddingEngine(nn.Module):
                 raise InputError(
                     f"feature {f!r}: ids are on {i.values.device}, its table on {table.device}"
                 )
+        for f in features:
+            if self.options[f].combiner not in _POOLED:
+                check_padded(self.options[f], f, ids[f])
         parts = [self._batch_major(name, members, ids) for name, members in concat]
+        return _Plan(table, concat, features, ids, parts)
+
+    def _lookup_group(self, plan: _Plan) -> dict[str, Any]:
+        """Lookups of one physical table: the batch-major concatenations and the other
+        features of ``plan``, all through one dedup and one read."""
+        table, concat, features, ids, parts = plan
         values = [p.values for p in parts] + [ids[f].values for f in features]
         tabs = [p.tabs for p in parts]
         if features:
@@ -587,6 +597,16 @@ class EmbeddingEngine(nn.Module):
     def _trainable(self, table: HashTable) -> bool:
         name = table.names[0]
         return self._first_option[name].trainable
+
+
+class _Plan(NamedTuple):
+    """One physical table's share of a lookup, its ids checked (see ``_plan_group``)."""
+
+    table: HashTable
+    concat: list[tuple[str, list[str]]]
+    features: list[str]
+    ids: dict[str, Ids]
+    parts: list[Joined]
 
 
 def _track_uses(

@@ -319,6 +319,24 @@ class SparseOptimizer(torch.optim.Optimizer):
                     p.missed[0] = True
             table.pending[:] = [p for p in table.pending if id(p) in waiting]
 
+    def check_step(self) -> None:
+        """Raises :class:`OptimizerError` when the next :meth:`step` would be refused for its
+        hyperparameters as they are now: an LR scheduler may have set one since the
+        constructor checked it (``LinearLR`` down to 0, where the optimizer needs ``lr > 0``).
+
+        :meth:`step` checks it before any table changes. A training loop that steps a dense
+        optimizer first calls it before that step (``recis_train.Trainer`` does), so that a
+        refused step leaves the dense weights as they were too.
+        """
+        for group in self.param_groups:
+            for key in self._POSITIVE:
+                value = _real(group[key])
+                if value is None or not value > 0:
+                    raise OptimizerError(
+                        f"{type(self).__name__}: {key} must be > 0, got {group[key]!r} at "
+                        f"this step (set by an LR scheduler? end its schedule above 0)"
+                    )
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """Update every row touched since the last ``zero_grad()``; returns ``closure()``."""
@@ -326,16 +344,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for key in self._POSITIVE:
-                # An LR scheduler may have set it since the checks (LinearLR down to 0):
-                # refused before any table is updated.
-                value = _real(group[key])
-                if value is None or not value > 0:
-                    raise OptimizerError(
-                        f"{type(self).__name__}: {key} must be > 0, got {group[key]!r} at "
-                        f"this step (set by an LR scheduler? end its schedule above 0)"
-                    )
+        self.check_step()
         held = self._held()
         tables = [
             (_table_of(handle, held), group)

@@ -12,7 +12,7 @@ from recis_embedding._pooling import bag_weights, padded_gather, pool
 from recis_embedding.exceptions import InputError
 from recis_kernels import RaggedTensor
 
-__all__ = ["padded_output", "pooled_outputs"]
+__all__ = ["check_padded", "padded_output", "pooled_outputs"]
 
 
 def pooled_outputs(
@@ -73,16 +73,12 @@ def padded_output(
     emb: torch.Tensor,
 ) -> dict[str, Any]:
     """Output of a sequence (``combiner=None``) or ``tile`` feature: padded ``(B, L, D)`` with
-    its ``"<feature>_mask"``, a ``RaggedTensor`` of rows, or ``(B, tile_len * D)``."""
+    its ``"<feature>_mask"``, a ``RaggedTensor`` of rows, or ``(B, tile_len * D)``; ``ids``
+    passed :func:`check_padded`."""
     kwargs = option.combiner_kwargs or {}
-    if ids.outer is not None:
-        raise InputError(
-            f"feature {feature!r}: combiner {option.combiner!r} takes 2-level ids, got 3 levels"
-        )
     lengths = ids.bags[1:] - ids.bags[:-1]
     if option.combiner == "tile":
         length = int(kwargs["tile_len"])
-        _check_output_size(feature, "tile_len", lengths.numel(), length, emb.shape[1])
         values, _ = padded_gather(emb, inverse, ids.bags, length)
         return {feature: values.reshape(values.shape[0], length * emb.shape[1])}
     if kwargs.get("ragged"):
@@ -91,10 +87,26 @@ def padded_output(
     max_len = kwargs.get("max_len")
     if max_len is None:
         max_len = int(lengths.max()) if lengths.numel() else 0
-    else:
-        _check_output_size(feature, "max_len", lengths.numel(), int(max_len), emb.shape[1])
     values, mask = padded_gather(emb, inverse, ids.bags, int(max_len))
     return {feature: values, f"{feature}_mask": mask}
+
+
+def check_padded(option: EmbeddingOption, feature: str, ids: Ids) -> None:
+    """What :func:`padded_output` of ``feature`` would refuse in ``ids``, checked before the
+    lookup (which inserts ids): 3-level ids, and a padded output too large to count.
+
+    Raises:
+        InputError: naming the feature (and the option that sizes the output).
+    """
+    if ids.outer is not None:
+        raise InputError(
+            f"feature {feature!r}: combiner {option.combiner!r} takes 2-level ids, got 3 levels"
+        )
+    kwargs = option.combiner_kwargs or {}
+    name = "tile_len" if option.combiner == "tile" else "max_len"
+    if kwargs.get(name) is not None:
+        rows = ids.bags.numel() - 1
+        _check_output_size(feature, name, rows, int(kwargs[name]), option.embedding_dim)
 
 
 def _check_output_size(feature: str, option: str, rows: int, length: int, dim: int) -> None:

@@ -219,6 +219,10 @@ class HashTable:
         self.last_seen = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.frequency = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._dirty = torch.zeros(0, dtype=torch.bool, device=self.device)
+        # Per row: whether it held its id at the last save (or load). Only the erasure of such
+        # a row is news to the next delta; one inserted since (and evicted again) is not, and
+        # recording it would grow ``_erased`` with every eviction of a long run.
+        self._saved = torch.zeros(0, dtype=torch.bool, device=self.device)
         # What the eviction policy keeps between calls (StaleEviction: the ids that may turn
         # stale before its next scan; CapacityEviction("lru"): the coldest rows, in order);
         # dropped wherever rows' last-seen steps are set other than by a training lookup.
@@ -247,6 +251,8 @@ class HashTable:
         self.__dict__.setdefault("_device_hits", None)  # pickles from before the count existed
         # Pickles from before eviction kept a note, or when only stale eviction did.
         self.__dict__.setdefault("_eviction_note", self.__dict__.pop("_stale_scan", None))
+        if "_saved" not in self.__dict__:  # pickles from before it: every row counts as saved
+            self._saved = torch.ones_like(self._dirty)
         self.device = self.inserted.device
         self._map.device = self._store.device = self.device
 
@@ -526,6 +532,7 @@ class HashTable:
         self.inserted[rows] = self.step
         self.last_seen[rows] = self.step
         self._dirty[rows] = True
+        self._saved[rows] = False
 
     def _check_initial(self, emb: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor) -> None:
         """Refuses initial rows that are not finite or that the table's dtype cannot hold
@@ -557,7 +564,7 @@ class HashTable:
         if self.last_seen.numel() >= n:
             return
         size = max(n, 2 * self.last_seen.numel())
-        for attr in ("inserted", "last_seen", "frequency", "_dirty"):
+        for attr in ("inserted", "last_seen", "frequency", "_dirty", "_saved"):
             old = getattr(self, attr)
             new = torch.zeros(size, dtype=old.dtype, device=self.device)
             new[: old.numel()] = old
@@ -817,7 +824,7 @@ class HashTable:
         self._store = RowStore(
             self.emb_words + self.state_width, torch.float32, _BLOCK_ROWS, self.device
         )
-        for attr in ("inserted", "last_seen", "frequency", "_dirty"):
+        for attr in ("inserted", "last_seen", "frequency", "_dirty", "_saved"):
             setattr(self, attr, getattr(self, attr)[:0].clone())
         self._erased.clear()
         self.pending.clear()
@@ -829,6 +836,9 @@ class HashTable:
         """Record a save (or load) at ``path``: later deltas hold changes made after it."""
         self.last_checkpoint = path
         self._dirty.zero_()
+        # Every row holding an id now is in the save; a free row is marked too, harmlessly:
+        # an insert clears its mark before it can hold an id to erase.
+        self._saved.fill_(True)
         self._erased.clear()
 
     def mark_changed(self, rows: torch.Tensor) -> None:
@@ -868,7 +878,11 @@ class HashTable:
         ids, tabs = ids[present], tabs[present]
         freed = self._map.erase(ids, tabs)
         if freed.numel():
-            self._erased.append((ids, tabs))
+            # The next delta must erase the ids the last save holds; an id inserted since is
+            # in no save (and a table never saved has no delta to come).
+            news = self._saved[rows[present]]
+            if bool(news.any()):
+                self._erased.append((ids[news], tabs[news]))
             # A pending gradient of a freed row must not reach the id that reuses the row.
             for p in self.pending:
                 p.rows = torch.where(torch.isin(p.rows, freed), -1, p.rows)
@@ -904,8 +918,13 @@ class HashTable:
 
     def stats(self) -> TableStats:
         """Current counters; see :class:`TableStats`."""
-        records = (self.inserted, self.last_seen, self.frequency, self._dirty)
-        held = self._store.nbytes + _held_bytes(self._map) + _held_bytes(records)
+        records = (self.inserted, self.last_seen, self.frequency, self._dirty, self._saved)
+        held = (
+            self._store.nbytes
+            + _held_bytes(self._map)
+            + _held_bytes(records)
+            + _held_bytes(self._erased)
+        )
         pending = self._device_hits
         if pending is not None:
             self._counts["hits"] += int(pending)
