@@ -450,6 +450,9 @@ def test_save_replaces_only_a_checkpoint_or_an_empty_directory(tmp_path) -> None
     with pytest.raises(CheckpointError, match=r"not a recis-embedding checkpoint's \(Expecting"):
         save(tmp_path / "dataset", model, opt)
     assert (tmp_path / "dataset" / "part-0.parquet").read_text() == "rows"
+    # Hidden names are the file system's (.DS_Store, NFS's .nfsXXXX): replaced with it.
+    (tmp_path / "empty" / ".DS_Store").write_text("finder")
+    save(tmp_path / "empty", model, opt)
     # Nor is anything saved inside a checkpoint deleted with it: a checkpoint saved in it, notes.
     save(tmp_path / "empty" / "best", model, opt)
     (tmp_path / "empty" / "notes.txt").write_text("step 1")

@@ -93,6 +93,17 @@ def test_dense_values_that_would_change_kind_leave_tables(tmp_path):
     model.calibration = torch.zeros(3, dtype=torch.float64)
     load(tmp_path / "ckpt", model, opt)
     assert model.calibration.tolist() == [0.25, 1.75, -2.5]
+    # Integers may widen, not narrow.
+    saved.calibration = torch.tensor([1, -2, 2**40])
+    save(tmp_path / "ints", saved, train(saved, [1]))
+    model.calibration = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(CheckpointError, match=r"dtype mismatch for calibration: torch.int64 in"):
+        load(tmp_path / "ints", model, opt)
+    saved.calibration = torch.tensor([1, -2, 3], dtype=torch.int16)
+    save(tmp_path / "ints", saved, train(saved, [1]))
+    model.calibration = torch.zeros(3, dtype=torch.int64)
+    load(tmp_path / "ints", model, opt)
+    assert model.calibration.tolist() == [1, -2, 3]
 
 
 def test_dense_missing_keys_leave_tables(checkpoint):

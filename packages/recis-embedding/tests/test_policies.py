@@ -56,37 +56,6 @@ def test_frequency_admission_waits_for_the_threshold() -> None:
     assert table.stats().admissions_rejected == 4
 
 
-def test_frequency_admission_with_max_counted_ages_its_counts() -> None:
-    # A stream of ids seen once each kept a count each for good; max_counted halves every
-    # count (forgetting those at 0) whenever more ids than it are counted.
-    engine, opt = engine_with(admission=FrequencyAdmission(3, max_counted=6), default_value=0.0)
-    table, _ = engine.table("f")
-    counts = lambda: dict(  # noqa: E731
-        zip(*(v.tolist() for v in table.admission.state(table, 0).values()), strict=True)
-    )
-    step(engine, opt, [7, 8])
-    step(engine, opt, [7, 8, 100, 101, 102])
-    assert counts() == {7: 2, 8: 2, 100: 1, 101: 1, 102: 1}
-    step(engine, opt, [103, 104])  # 7 counted: halved once, the ids seen once forgotten
-    assert counts() == {7: 1, 8: 1}
-    counter, _ = table.admission_state
-    slots = counter.capacity
-    for k in range(2000):  # a long tail: never more than 6 ids counted
-        step(engine, opt, [1000 + 3 * k, 1001 + 3 * k, 1002 + 3 * k])
-        assert len(counts()) <= 6
-    assert counter.capacity == slots  # the side map never grew
-    step(engine, opt, [7, 7])  # a batch counts an id once: 7 is at 1 after the aging
-    assert 7 not in table.ids().tolist()
-    assert (
-        repr(FrequencyAdmission(3, max_counted=6))
-        == "FrequencyAdmission(threshold=3, max_counted=6)"
-    )
-    assert FrequencyAdmission(3, max_counted=6) != FrequencyAdmission(3)
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ConfigError, match=r"max_counted to be an int of at least 1 or None"):
-            FrequencyAdmission(2, max_counted=bad)
-
-
 def test_read_only_admission_updates_known_rows_only() -> None:
     engine, opt = engine_with()
     step(engine, opt, [1])

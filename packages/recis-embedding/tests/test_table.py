@@ -356,6 +356,56 @@ def test_insert_or_assign_skips_the_initializer_and_keeps_row_records() -> None:
     assert table.stats().inserts == len(EXTREME_IDS)
 
 
+def _resident_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of ``tensor``'s pages in RAM (Linux's /proc/self/pagemap, bit 63: present)."""
+    import os
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = tensor.data_ptr() // page
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+
+
+@pytest.mark.skipif(
+    not __import__("os").path.exists("/proc/self/pagemap"), reason="reads Linux's /proc"
+)
+def test_optimizer_state_laid_out_after_rows_exist_writes_only_those_rows() -> None:
+    # Rows take memory as they are written (RowStore's lazily mapped blocks); laying out the
+    # state columns of a table with a few rows wrote whole blocks (6 MiB at dim 8 for Adam).
+    table = HashTable(8)
+    table.find_or_insert(torch.arange(10))
+    before = table.embeddings(torch.arange(10))
+    table.configure_state("adam", [("m", 8), ("v", 8)], torch.full((16,), 0.5))
+    block = table._store.blocks[0]
+    assert block.shape == (1 << 16, 24)
+    assert _resident_bytes(block) <= 2 << 20  # a few pages (a huge page at most) of 6 MiB
+    assert torch.equal(table.embeddings(torch.arange(10)), before)
+    rows = table.find(torch.arange(10))
+    assert torch.equal(table.read_full(rows)[:, 8:], torch.full((10, 16), 0.5))
+    new = table.find_or_insert(torch.tensor([99]))[0]
+    assert torch.equal(table.read_full(new)[:, 8:], torch.full((1, 16), 0.5))
+
+
+def test_only_erasures_of_ids_the_last_save_holds_are_kept() -> None:
+    table = HashTable(4)
+    table.find_or_insert(torch.tensor([1, 2, 3]))
+    table.erase(torch.tensor([1]))  # never saved: no delta to come
+    assert table.erased_ids(0).tolist() == []
+    table.mark_saved("a save")
+    table.erase(torch.tensor([3]))
+    assert table.erased_ids(0).tolist() == [3]
+    # Ids put in since, in rows the save held free or held, are in no save: not kept.
+    table.insert_or_assign(torch.tensor([100, 101]), torch.zeros(2, 4))
+    table.find_or_insert(torch.tensor([102]))
+    table.erase(torch.tensor([100, 101, 102]))
+    assert table.erased_ids(0).tolist() == [3]
+
+
 def test_insert_or_assign_keeps_logical_tables_apart() -> None:
     table = HashTable(1, name="a")
     table.add_table("b", Constant(value=0.0))

@@ -100,6 +100,12 @@ def test_history_comes_back_from_a_checkpoint_as_it_was(tmp_path):
     again.restore()
     assert again.history["train"][0][1]["count"] == 3
     assert type(again.history["train"][0][1]["count"]) is int
+    # A part of the user's own holding other entries comes back as it was.
+    trainer.history["notes"] = ["hello", [3, {"a": 1.0}], 5]
+    trainer.save()
+    again = build(tmp_path)
+    again.restore()
+    assert again.history["notes"] == ["hello", [3, {"a": 1.0}], 5]
 
 
 def test_history_size_keeps_the_latest_steps_in_memory_and_checkpoints(tmp_path):

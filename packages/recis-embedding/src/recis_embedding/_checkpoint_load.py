@@ -434,8 +434,8 @@ def _check_dense(
     reader: CheckpointReader, model: nn.Module, dense: dict[str, torch.Tensor], strict: bool
 ) -> None:
     """Torch's checks of ``model.load_state_dict(dense, strict)`` (missing and unexpected
-    keys when ``strict``, shapes always), and that no value changes kind (only floating point
-    values are cast), made before any table changes: a dense state that does not fit must not
+    keys when ``strict``, shapes always), and that no value changes (floating point values are
+    cast to the model's precision, integers only widened), made before any table changes: a dense state that does not fit must not
     leave the model with the checkpoint's tables but its own dense part."""
     with tables_saved_separately():
         expected = model.state_dict()
@@ -459,11 +459,10 @@ def _check_dense(
                 f"size mismatch for {key}: {tuple(shape)} in the checkpoint, "
                 f"{tuple(mine.shape)} in the model"
             )
-        # Floating point values are cast to the model's precision, as torch does; other kinds
-        # would change silently (a float cut to an integer buffer, a counter saved as float).
-        elif saved.dtype != mine.dtype and not (
-            saved.dtype.is_floating_point and mine.dtype.is_floating_point
-        ):
+        # Floating point values are cast to the model's precision, as torch does, and integers
+        # widened; other casts would change values silently (a float cut to an integer
+        # buffer, a counter saved as float, an int64 cut to int32).
+        elif not _casts_faithfully(saved.dtype, mine.dtype):
             problems.append(
                 f"dtype mismatch for {key}: {saved.dtype} in the checkpoint, {mine.dtype} in "
                 "the model"
@@ -473,6 +472,17 @@ def _check_dense(
             f"dense state of {reader.path} does not match the model: {'; '.join(problems)} "
             f"(nothing was loaded)"
         )
+
+
+def _casts_faithfully(saved: torch.dtype, mine: torch.dtype) -> bool:
+    """Whether loading ``saved`` values into a ``mine`` tensor keeps them what they were: the
+    same dtype, floating point to floating point (cast to the model's precision), or an
+    integer to a wider integer."""
+    if saved == mine or (saved.is_floating_point and mine.is_floating_point):
+        return True
+    integers = not (saved.is_floating_point or saved.is_complex or saved == torch.bool)
+    integers = integers and not (mine.is_floating_point or mine.is_complex or mine == torch.bool)
+    return integers and torch.promote_types(saved, mine) == mine
 
 
 def _states_kept(chain: list[CheckpointReader], name: str) -> list[bool]:

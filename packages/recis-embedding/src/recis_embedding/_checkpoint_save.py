@@ -171,7 +171,9 @@ def _check_replaceable(path: Path) -> None:
         )
     # Replacing the checkpoint removes the whole directory: anything else put in it (another
     # checkpoint saved inside, a user's notes) would go with it.
-    other = [name for name in entries if name not in _CHECKPOINT_ENTRIES]
+    # Hidden names are the file system's own (.DS_Store, NFS's .nfsXXXX of a file deleted
+    # while open), not someone's data.
+    other = [n for n in entries if n not in _CHECKPOINT_ENTRIES and not n.startswith(".")]
     if other:
         listed = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
         raise CheckpointError(

@@ -189,22 +189,16 @@ class FrequencyAdmission(AdmissionPolicy):
     Until then it reads the default value and is counted in a side map, so the table itself
     holds only ids that proved frequent. The counts live with the table
     (``table.admission_state``), so a copy of a model (``copy.deepcopy``, ``pickle``) keeps
-    counting where the original was, and one policy object may serve several tables.
-
-    A long tail of ids seen once each (most ids of a real stream) would keep a count each for
-    good: ``max_counted`` bounds the side map as TinyLFU ages its counters. When a batch leaves
-    more than ``max_counted`` ids counted, every count is halved (rounding down) and ids whose
-    count falls to 0 are forgotten, as often as it takes to get back under: an id must then
-    appear ``threshold`` times within a stretch of the stream, not at any time in the run.
+    counting where the original was, and one policy object may serve several tables. A count
+    is kept until its id is admitted or the table is cleared: nothing bounds the side map (50
+    to 100 bytes an id), so a long tail of ids seen once grows it for the whole run.
 
     Args:
         threshold: batches an id must appear in before it is admitted (1 admits at once).
-        max_counted: the most ids counted at once, per table (``None``: no bound; each counted
-            id holds a slot of its id map and a count, 50 to 100 bytes).
     """
 
-    def __init__(self, threshold: int = 2, max_counted: int | None = None) -> None:
-        threshold, max_counted = plain(threshold), plain(max_counted)
+    def __init__(self, threshold: int = 2) -> None:
+        threshold = plain(threshold)
         if (
             isinstance(threshold, bool)
             or not isinstance(threshold, int)
@@ -213,33 +207,16 @@ class FrequencyAdmission(AdmissionPolicy):
             raise ConfigError(
                 f"FrequencyAdmission needs an int threshold in [1, 2**63 - 1], got {threshold!r}"
             )
-        if max_counted is not None and (
-            isinstance(max_counted, bool) or not isinstance(max_counted, int) or max_counted < 1
-        ):
-            raise ConfigError(
-                f"FrequencyAdmission needs max_counted to be an int of at least 1 or None, got "
-                f"{max_counted!r}"
-            )
         self.threshold = threshold
-        self.max_counted = max_counted
 
     def __repr__(self) -> str:
-        bound = "" if self.max_counted is None else f", max_counted={self.max_counted}"
-        return f"FrequencyAdmission(threshold={self.threshold}{bound})"
+        return f"FrequencyAdmission(threshold={self.threshold})"
 
     def __eq__(self, other: object) -> bool:
-        return (
-            type(other) is type(self)
-            and other.threshold == self.threshold  # type: ignore[attr-defined]
-            and other.max_counted == self.max_counted  # type: ignore[attr-defined]
-        )
+        return type(other) is type(self) and other.threshold == self.threshold  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self), self.threshold, self.max_counted))
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("max_counted", None)  # pickles from before the bound
+        return hash((type(self), self.threshold))
 
     def state(self, table, index):
         return self.states(table, [index])[index]
@@ -330,17 +307,6 @@ class FrequencyAdmission(AdmissionPolicy):
             done = true_positions(ready)
             counts[rows[done]] = 0
             counter.erase(ids[done], tables[done])
-        if self.max_counted is not None:
-            self._age(counter, counts, self.max_counted)
-
-    @staticmethod
-    def _age(counter: IdMap, counts: torch.Tensor, most: int) -> None:
-        """Halve every count until at most ``most`` ids are counted, forgetting those at 0."""
-        while counter.size > most:
-            keys, tabs, rows = counter.export()
-            counts[rows] //= 2
-            gone = true_positions(counts[rows] == 0)
-            counter.erase(keys[gone], tabs[gone])
 
 
 class EvictionPolicy:

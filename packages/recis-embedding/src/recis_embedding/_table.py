@@ -251,8 +251,11 @@ class HashTable:
         self.__dict__.setdefault("_device_hits", None)  # pickles from before the count existed
         # Pickles from before eviction kept a note, or when only stale eviction did.
         self.__dict__.setdefault("_eviction_note", self.__dict__.pop("_stale_scan", None))
-        if "_saved" not in self.__dict__:  # pickles from before it: every row counts as saved
-            self._saved = torch.ones_like(self._dirty)
+        if "_saved" not in self.__dict__:
+            # A pickle from before the flag: every row counts as saved where the table was
+            # saved or loaded (erasures then kept as before), none where it never was.
+            saved = self.__dict__.get("last_checkpoint") is not None
+            self._saved = torch.full_like(self._dirty, saved)
         self.device = self.inserted.device
         self._map.device = self._store.device = self.device
 
@@ -716,6 +719,7 @@ class HashTable:
             self.frequency[new_rows] = 0
             self.inserted[new_rows] = self.step
             self.last_seen[new_rows] = self.step
+            self._saved[new_rows] = False
         # The caller may set these rows' last-seen steps next (a checkpoint load does).
         self._eviction_note = None
         if distinct:
@@ -791,9 +795,15 @@ class HashTable:
         old = self._store
         self._store = RowStore(self.emb_words + width, torch.float32, _BLOCK_ROWS, self.device)
         self._store.reserve(old.capacity)
+        # Only the rows ever used: an insert writes a whole row, state included, and a CPU
+        # block's pages past them take no memory until written (see RowStore).
+        used = self._map.num_rows
         for i, block in enumerate(old.blocks):
-            self._store.blocks[i][:, : self.emb_words] = block
-            self._store.blocks[i][:, self.emb_words :] = init
+            n = min(block.shape[0], used - i * old.block_rows)
+            if n <= 0:
+                break
+            self._store.blocks[i][:n, : self.emb_words] = block[:n]
+            self._store.blocks[i][:n, self.emb_words :] = init
         self.optimizer_kind, self.slots, self.state_width = kind, list(slots), width
         self._state_init = init.to(torch.float32).clone()
         # Every row's state changed (to ``init``): the next delta checkpoint saves them all, or

@@ -105,11 +105,11 @@ def check_history(history: Any, file: Path) -> None:
 
 def unpack_history(history: Mapping[str, Any]) -> History:
     """The history :func:`pack_history` packed (checked by :func:`check_history`); parts held
-    as lists come back as lists of their entries."""
+    as lists come back as lists of their entries, each as it was saved."""
     out: History = {}
     for name, part in history.items():
         if isinstance(part, (list, tuple)):
-            out[name] = [tuple(entry) for entry in part]  # type: ignore[misc]
+            out[name] = list(part)  # entries as they were saved (a user's own, too)
             continue
         keys = list(part["keys"])
         steps = part["steps"].tolist()
