@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pytest
 import torch
 from conftest import EXTREME_IDS
@@ -358,10 +361,6 @@ def test_insert_or_assign_skips_the_initializer_and_keeps_row_records() -> None:
 
 def _resident_bytes(tensor: torch.Tensor) -> int:
     """Bytes of ``tensor``'s pages in RAM (Linux's /proc/self/pagemap, bit 63: present)."""
-    import os
-
-    import numpy as np
-
     page = os.sysconf("SC_PAGE_SIZE")
     first = tensor.data_ptr() // page
     last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page
@@ -371,9 +370,7 @@ def _resident_bytes(tensor: torch.Tensor) -> int:
     return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
 
 
-@pytest.mark.skipif(
-    not __import__("os").path.exists("/proc/self/pagemap"), reason="reads Linux's /proc"
-)
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="reads Linux's /proc")
 def test_optimizer_state_laid_out_after_rows_exist_writes_only_those_rows() -> None:
     # Rows take memory as they are written (RowStore's lazily mapped blocks); laying out the
     # state columns of a table with a few rows wrote whole blocks (6 MiB at dim 8 for Adam).

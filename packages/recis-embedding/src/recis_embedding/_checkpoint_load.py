@@ -435,8 +435,9 @@ def _check_dense(
 ) -> None:
     """Torch's checks of ``model.load_state_dict(dense, strict)`` (missing and unexpected
     keys when ``strict``, shapes always), and that no value changes (floating point values are
-    cast to the model's precision, integers only widened), made before any table changes: a dense state that does not fit must not
-    leave the model with the checkpoint's tables but its own dense part."""
+    cast to the model's precision, integers only widened), made before any table changes: a
+    dense state that does not fit must not leave the model with the checkpoint's tables but
+    its own dense part."""
     with tables_saved_separately():
         expected = model.state_dict()
     problems = []
@@ -480,9 +481,11 @@ def _casts_faithfully(saved: torch.dtype, mine: torch.dtype) -> bool:
     integer to a wider integer."""
     if saved == mine or (saved.is_floating_point and mine.is_floating_point):
         return True
-    integers = not (saved.is_floating_point or saved.is_complex or saved == torch.bool)
-    integers = integers and not (mine.is_floating_point or mine.is_complex or mine == torch.bool)
-    return integers and torch.promote_types(saved, mine) == mine
+
+    def integer(dtype: torch.dtype) -> bool:
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+    return integer(saved) and integer(mine) and torch.promote_types(saved, mine) == mine
 
 
 def _states_kept(chain: list[CheckpointReader], name: str) -> list[bool]:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["HashTable", "TableOf", "TableStats"]
 
 _BLOCK_ROWS = 1 << 16
+#: the per-row record arrays of a table (see ``HashTable.__init__``), grown and reset together
+_RECORDS = ("inserted", "last_seen", "frequency", "_dirty", "_saved")
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -531,10 +533,15 @@ class HashTable:
             full[:, self.emb_words :] = self._state_init.to(self.device)
         self._store.scatter(rows, full)
         self._counts["inserts"] += rows.numel()
+        self._start_records(rows)
+        self._dirty[rows] = True
+
+    def _start_records(self, rows: torch.Tensor) -> None:
+        """The records of rows that now hold new ids: inserted and last seen at this step, no
+        uses yet, and in no save (their erasure is no news to the next delta)."""
         self.frequency[rows] = 0
         self.inserted[rows] = self.step
         self.last_seen[rows] = self.step
-        self._dirty[rows] = True
         self._saved[rows] = False
 
     def _check_initial(self, emb: torch.Tensor, ids: torch.Tensor, tabs: torch.Tensor) -> None:
@@ -567,7 +574,7 @@ class HashTable:
         if self.last_seen.numel() >= n:
             return
         size = max(n, 2 * self.last_seen.numel())
-        for attr in ("inserted", "last_seen", "frequency", "_dirty", "_saved"):
+        for attr in _RECORDS:
             old = getattr(self, attr)
             new = torch.zeros(size, dtype=old.dtype, device=self.device)
             new[: old.numel()] = old
@@ -716,10 +723,7 @@ class HashTable:
             rows[idx] = new_rows
             if counted:
                 self._counts["inserts"] += idx.numel() if distinct else new_rows.unique().numel()
-            self.frequency[new_rows] = 0
-            self.inserted[new_rows] = self.step
-            self.last_seen[new_rows] = self.step
-            self._saved[new_rows] = False
+            self._start_records(new_rows)
         # The caller may set these rows' last-seen steps next (a checkpoint load does).
         self._eviction_note = None
         if distinct:
@@ -834,7 +838,7 @@ class HashTable:
         self._store = RowStore(
             self.emb_words + self.state_width, torch.float32, _BLOCK_ROWS, self.device
         )
-        for attr in ("inserted", "last_seen", "frequency", "_dirty", "_saved"):
+        for attr in _RECORDS:
             setattr(self, attr, getattr(self, attr)[:0].clone())
         self._erased.clear()
         self.pending.clear()
@@ -877,8 +881,9 @@ class HashTable:
             tabs = torch.full_like(ids, tabs, dtype=torch.int32)
         rows = self._map.find(ids, tabs)
         present = rows >= 0
+        rows = rows[present]
         protected = getattr(self, "_protected", None)
-        if protected is not None and bool(protected[rows[present]].any()):
+        if protected is not None and bool(protected[rows].any()):
             raise TableFullError(
                 f"table {self.names[0]!r}: {type(self.eviction).__name__}.make_room tried to "
                 "evict a row in use by this lookup (or an earlier one of this optimizer step), "
@@ -890,7 +895,7 @@ class HashTable:
         if freed.numel():
             # The next delta must erase the ids the last save holds; an id inserted since is
             # in no save (and a table never saved has no delta to come).
-            news = self._saved[rows[present]]
+            news = self._saved[rows]
             if bool(news.any()):
                 self._erased.append((ids[news], tabs[news]))
             # A pending gradient of a freed row must not reach the id that reuses the row.
@@ -928,7 +933,7 @@ class HashTable:
 
     def stats(self) -> TableStats:
         """Current counters; see :class:`TableStats`."""
-        records = (self.inserted, self.last_seen, self.frequency, self._dirty, self._saved)
+        records = [getattr(self, attr) for attr in _RECORDS]
         held = (
             self._store.nbytes
             + _held_bytes(self._map)

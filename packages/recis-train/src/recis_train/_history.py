@@ -58,13 +58,10 @@ def _pack(entries: Sequence[tuple[int, Mapping[str, float]]]) -> Any:
     return {"steps": steps, "keys": names, "values": values, "present": present}
 
 
-def check_history(history: Any, file: Path) -> None:
-    """Raises :class:`CheckpointError` naming ``file`` and the part when the checkpoint's history
-    is neither lists of entries nor columns :func:`pack_history` could have written."""
-    if not isinstance(history, Mapping):
-        raise CheckpointError(
-            f"{file}: trainer state entry 'history' is {type(history).__name__}, expected Mapping"
-        )
+def check_history(history: Mapping[str, Any], file: Path) -> None:
+    """Raises :class:`CheckpointError` naming ``file`` and the part when a part of the
+    checkpoint's history (a mapping, as the trainer state's checks found it) is neither a list
+    of entries nor columns :func:`pack_history` could have written."""
     for name, part in history.items():
         if isinstance(part, (list, tuple)):
             continue

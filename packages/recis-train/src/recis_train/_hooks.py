@@ -325,9 +325,9 @@ class TableStatsHook(Hook):
 
     Any object found by :func:`find_tables` is reported; the snapshots are kept in
     :attr:`history` as ``(step, {table: stats})`` for reports and plots, every one of them
-    unless ``keep`` bounds them (a snapshot of 1,000 tables holds about 0.5 MB). The counters (lookups,
-    inserts, hits, evictions) are the tables' own since this process built them: checkpoints
-    do not keep them, so after a restore they count from 0 again.
+    unless ``keep`` bounds them (a snapshot of 1,000 tables holds about 0.5 MB). The counters
+    (lookups, inserts, hits, evictions) are the tables' own since this process built them:
+    checkpoints do not keep them, so after a restore they count from 0 again.
 
     Args:
         every: steps between snapshots.

@@ -251,13 +251,13 @@ class StepMixin:
 
     def _optimizer_step(self) -> None:
         dense = self.dense_optimizer
-        sparse_check = getattr(self.sparse_optimizer, "check_step", None)
-        if dense is not None and callable(sparse_check):
+        if dense is not None:
             # A sparse step refused for its hyperparameters (an LR scheduler took its rate to
             # 0) raises before the dense weights change: the step is not counted, and must
             # not leave them a step ahead of the tables and of the step count.
-            sparse_check()
-        if dense is not None:
+            sparse_check = getattr(self.sparse_optimizer, "check_step", None)
+            if callable(sparse_check):
+                sparse_check()
             self._dense_step(dense)
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.step()

@@ -5,12 +5,14 @@ the block pointer table (a Python list of ``(block_rows, width)`` tensors on the
 Adding rows appends blocks; existing rows never move, so a table can grow while views of its
 rows stay valid. A CPU block of 1 MiB or more is anonymous memory the operating system maps on
 first touch (zero pages): its memory is taken as rows are written, a page at a time, so a table
-of a few rows holds a few pages, not a whole block of ``block_rows`` rows. On CPU tensors gathers and scatters copy each row's column range with one
-compiled pass in the order asked (``_native.copy_block_rows``), any dtype; the torch path
-(tensors that are traced or need gradients) groups rows by block. On CUDA (float32 rows)
-gathers and scatters are single launches of ``cuda/row_store.cu`` that read the block pointer table on the device and move 16-byte
-``float4`` groups when the row width and column range are multiples of 4; ``scatter_add``
-reduces duplicate rows first, so every row is written by exactly one thread (no atomics).
+of a few rows holds a few pages, not a whole block of ``block_rows`` rows. On CPU tensors
+gathers and scatters copy each row's column range with one compiled pass in the order asked
+(``_native.copy_block_rows``), any dtype; the torch path (tensors that are traced or need
+gradients) groups rows by block. On CUDA (float32 rows) gathers and scatters are single
+launches of ``cuda/row_store.cu`` that read the block pointer table on the device and move
+16-byte ``float4`` groups when the row width and column range are multiples of 4;
+``scatter_add`` reduces duplicate rows first, so every row is written by exactly one thread
+(no atomics).
 
 Rows outside ``[0, capacity)`` raise :class:`~recis_kernels.IndexOutOfRangeError` naming the op,
 the position and the row. Host rows are checked before any work; the CUDA kernels check each
@@ -101,10 +103,15 @@ class RowStore:
         while self.capacity < num_rows:
             self.blocks.append(self._zeros())
 
+    @property
+    def _item_size(self) -> int:
+        """Bytes of one element of :attr:`dtype`."""
+        return torch.empty(0, dtype=self.dtype).element_size()
+
     def _zeros(self) -> torch.Tensor:
         """A new zero-filled block."""
         shape = (self.block_rows, self.width)
-        nbytes = self.block_rows * self.width * torch.empty(0, dtype=self.dtype).element_size()
+        nbytes = self.block_rows * self.width * self._item_size
         if self.device.type != "cpu" or nbytes < _LAZY_BYTES:
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         # Pages of zeros mapped as they are first touched (torch.zeros writes every page).
@@ -336,7 +343,7 @@ class RowStore:
     ) -> None:
         """Columns ``[start, stop)`` of ``rows`` to (``gather``) or from the contiguous
         ``(N, stop - start)`` ``data``, one compiled pass in the order of ``rows``."""
-        item = torch.empty(0, dtype=self.dtype).element_size()
+        item = self._item_size
         rows = rows.contiguous()
         _native.copy_block_rows(
             [b.data_ptr() for b in self.blocks],
